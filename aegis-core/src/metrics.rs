@@ -1,0 +1,74 @@
+//! The metric names of the whole workspace, in one place.
+//!
+//! Aegis records through the [`metrics`] facade: install any recorder
+//! (`metrics-exporter-prometheus`, for example) and these series appear. Every label
+//! value comes from a fixed set of strings; no client address, client id or other input
+//! is ever a label.
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `aegis_connections_total` | counter | `outcome`: `ok`, `rejected`, `error`, `over_capacity`, `aborted` | connections by how they ended (`over_capacity`: closed at accept by the connection cap; `aborted`: cut at the end of a shutdown drain) |
+//! | `aegis_active_connections` | gauge | | connections being served now |
+//! | `aegis_accept_errors_total` | counter | `kind`: `emfile`, `enfile`, `nobufs`, `nomem`, `connection`, `other` | failed `accept()` calls; the loop backs off and keeps serving |
+//! | `aegis_rejections_total` | counter | `layer`, `reason` | typed rejections, see [`crate::error`]; each layer documents its reasons |
+//! | `aegis_upstream_errors_total` | counter | `reason`: `connect_timeout`, `connect_refused`, `connect_error` | upstream connection failures of the proxy |
+//! | `aegis_proxy_bytes_total` | counter | `direction`: `client_to_upstream`, `upstream_to_client` | bytes copied by the proxy, recorded when a direction goes idle or ends |
+//! | `aegis_connection_duration_seconds` | histogram | `outcome` | how long each served connection lasted |
+//!
+//! Layers in `aegis-layers` and `aegis-mqtt` add their own series under the same
+//! `aegis_` prefix and document them in their module docs; rejections always go through
+//! `aegis_rejections_total`.
+
+/// `aegis_connections_total{outcome}`.
+pub const CONNECTIONS_TOTAL: &str = "aegis_connections_total";
+/// `aegis_active_connections`.
+pub const ACTIVE_CONNECTIONS: &str = "aegis_active_connections";
+/// `aegis_accept_errors_total{kind}`.
+pub const ACCEPT_ERRORS_TOTAL: &str = "aegis_accept_errors_total";
+/// `aegis_rejections_total{layer, reason}`.
+pub const REJECTIONS_TOTAL: &str = "aegis_rejections_total";
+/// `aegis_upstream_errors_total{reason}`.
+pub const UPSTREAM_ERRORS_TOTAL: &str = "aegis_upstream_errors_total";
+/// `aegis_proxy_bytes_total{direction}`.
+pub const PROXY_BYTES_TOTAL: &str = "aegis_proxy_bytes_total";
+/// `aegis_connection_duration_seconds{outcome}`.
+pub const CONNECTION_DURATION_SECONDS: &str = "aegis_connection_duration_seconds";
+
+/// Helpers that read a [`metrics_util`] debugging recorder, for tests of this workspace
+/// and of users' stacks.
+#[cfg(feature = "test-util")]
+pub mod testing {
+    use metrics_util::debugging::{DebugValue, Snapshotter};
+
+    /// The sum of all counters named `name` whose labels include every `(key, value)` of
+    /// `labels`.
+    pub fn counter(snap: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
+        snap.snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                let key = k.key();
+                key.name() == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| key.labels().any(|l| l.key() == *lk && l.value() == *lv))
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => c,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The value of the gauge named `name`, if it was ever set.
+    pub fn gauge(snap: &Snapshotter, name: &str) -> Option<f64> {
+        snap.snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(k, ..)| k.key().name() == name)
+            .and_then(|(.., v)| match v {
+                DebugValue::Gauge(g) => Some(g.into_inner()),
+                _ => None,
+            })
+    }
+}

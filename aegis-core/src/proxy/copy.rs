@@ -1,0 +1,361 @@
+//! Bidirectional copy that holds no buffer while a connection is idle.
+//!
+//! Each direction reads into a small stack buffer first. If everything read can be
+//! written at once (the usual case for request/response traffic) no heap memory is ever
+//! allocated. A heap buffer is allocated only when the writer cannot take all the bytes
+//! (they must be kept), or when a read fills the whole stack buffer (data is streaming,
+//! and a larger buffer moves it with fewer system calls). The heap buffer is freed as soon
+//! as the reader has nothing more to give and the buffer is drained: an idle proxied
+//! connection costs its sockets and its task, nothing more.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::ProxyError;
+
+/// Bytes read onto the stack per read while no heap buffer is held.
+///
+/// Large enough for a typical MQTT or HTTP message in one read, small enough to live on
+/// a worker thread's stack.
+pub(crate) const STACK_BUF: usize = 8 * 1024;
+
+/// Bytes copied by each direction of a finished proxied connection.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes read from the client and written to the upstream.
+    pub client_to_upstream: u64,
+    /// Bytes read from the upstream and written to the client.
+    pub upstream_to_client: u64,
+}
+
+/// Which end of a copy failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Read,
+    Write,
+}
+
+/// One direction of the copy.
+#[derive(Debug)]
+pub(crate) struct Half {
+    /// Heap buffer, present only while bytes wait to be written or data streams.
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    end: usize,
+    /// Size of the heap buffer while streaming.
+    bulk: usize,
+    read_done: bool,
+    done: bool,
+    need_flush: bool,
+    total: u64,
+    unreported: u64,
+    direction: &'static str,
+}
+
+impl Half {
+    pub(crate) fn new(bulk: usize, direction: &'static str) -> Self {
+        Self {
+            buf: None,
+            pos: 0,
+            end: 0,
+            bulk: bulk.max(STACK_BUF),
+            read_done: false,
+            done: false,
+            need_flush: false,
+            total: 0,
+            unreported: 0,
+            direction,
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether this direction holds heap memory now.
+    #[cfg(test)]
+    pub(crate) fn holds_buffer(&self) -> bool {
+        self.buf.is_some()
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.total += n as u64;
+        self.unreported += n as u64;
+        self.need_flush = true;
+    }
+
+    /// Records the bytes copied since the last report in `aegis_proxy_bytes_total`.
+    pub(crate) fn report(&mut self) {
+        if self.unreported > 0 {
+            metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => self.direction)
+                .increment(self.unreported);
+            self.unreported = 0;
+        }
+    }
+
+    /// The reader has nothing now: release the heap buffer, flush what was written, and
+    /// wait.
+    fn idle<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), (Side, io::Error)>> {
+        self.buf = None;
+        if self.need_flush {
+            ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Write, e))?;
+            self.need_flush = false;
+        }
+        self.report();
+        Poll::Pending
+    }
+
+    /// Copies from `r` to `w` until `r` reaches EOF, then shuts `w` down.
+    pub(crate) fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), (Side, io::Error)>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Write out whatever waits in the heap buffer.
+            if let Some(buf) = self.buf.as_deref() {
+                if self.pos < self.end {
+                    let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.end]))
+                        .map_err(|e| (Side::Write, e))?;
+                    if n == 0 {
+                        return Poll::Ready(Err((Side::Write, io::ErrorKind::WriteZero.into())));
+                    }
+                    self.pos += n;
+                    self.wrote(n);
+                    continue;
+                }
+            }
+
+            if self.read_done {
+                self.buf = None;
+                if self.need_flush {
+                    ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Write, e))?;
+                    self.need_flush = false;
+                }
+                match ready!(w.as_mut().poll_shutdown(cx)) {
+                    // The peer may already be gone; its half is closed either way.
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => return Poll::Ready(Err((Side::Write, e))),
+                }
+                self.done = true;
+                self.report();
+                return Poll::Ready(Ok(()));
+            }
+
+            if let Some(buf) = self.buf.as_deref_mut() {
+                // Streaming: read straight into the heap buffer.
+                let mut rb = ReadBuf::new(buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => return self.idle(cx, w),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Read, e))),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.pos = 0;
+                        self.end = n;
+                        if n == 0 {
+                            self.read_done = true;
+                        }
+                    }
+                }
+                continue;
+            }
+
+            // No heap buffer: read onto the stack.
+            let mut stack = [0u8; STACK_BUF];
+            let mut rb = ReadBuf::new(&mut stack);
+            let n = match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return self.idle(cx, w),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Read, e))),
+                Poll::Ready(Ok(())) => rb.filled().len(),
+            };
+            if n == 0 {
+                self.read_done = true;
+                continue;
+            }
+            let mut off = 0;
+            while off < n {
+                match w.as_mut().poll_write(cx, &stack[off..n]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err((Side::Write, io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(k)) => {
+                        off += k;
+                        self.wrote(k);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Write, e))),
+                    Poll::Pending => break,
+                }
+            }
+            let streaming = n == STACK_BUF;
+            if off < n || streaming {
+                // Keep the unwritten bytes; when a full stack buffer came in, data is
+                // streaming and the larger buffer serves the next reads.
+                let cap = if streaming { self.bulk } else { STACK_BUF };
+                let mut buf = vec![0u8; cap].into_boxed_slice();
+                let left = n - off;
+                buf[..left].copy_from_slice(&stack[off..n]);
+                self.buf = Some(buf);
+                self.pos = 0;
+                self.end = left;
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Copies both directions between a client and an upstream until both have ended.
+    ///
+    /// One side's EOF is forwarded as a write shutdown to the other side, and the other
+    /// direction goes on until its own EOF (half-close).
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    #[derive(Debug)]
+    pub struct Transfer<A, B> {
+        #[pin]
+        client: A,
+        #[pin]
+        upstream: B,
+        up: Half,
+        down: Half,
+    }
+}
+
+impl<A, B> Transfer<A, B> {
+    /// Copies between `client` and `upstream`; `bulk` is the size of the heap buffer
+    /// each direction uses while data streams (at least 8 KiB).
+    pub fn new(client: A, upstream: B, bulk: usize) -> Self {
+        Self {
+            client,
+            upstream,
+            up: Half::new(bulk, "client_to_upstream"),
+            down: Half::new(bulk, "upstream_to_client"),
+        }
+    }
+}
+
+impl<A, B> Future for Transfer<A, B>
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    type Output = Result<Transferred, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(Err((side, source))) =
+            this.up
+                .poll_copy(cx, this.client.as_mut(), this.upstream.as_mut())
+        {
+            return Poll::Ready(Err(if side == Side::Read {
+                ProxyError::ClientIo(source)
+            } else {
+                ProxyError::UpstreamIo(source)
+            }));
+        }
+        if let Poll::Ready(Err((side, source))) =
+            this.down
+                .poll_copy(cx, this.upstream.as_mut(), this.client.as_mut())
+        {
+            return Poll::Ready(Err(if side == Side::Write {
+                ProxyError::ClientIo(source)
+            } else {
+                ProxyError::UpstreamIo(source)
+            }));
+        }
+        if this.up.is_done() && this.down.is_done() {
+            Poll::Ready(Ok(Transferred {
+                client_to_upstream: this.up.total(),
+                upstream_to_client: this.down.total(),
+            }))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        // A connection cut short (error, abort at shutdown) still reports its bytes.
+        self.report();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_half_holds_no_buffer_and_streaming_releases_it() {
+        let (mut a_far, a) = tokio::io::duplex(1 << 20);
+        let (b, mut b_far) = tokio::io::duplex(1 << 20);
+        let mut half = Half::new(64 * 1024, "client_to_upstream");
+        let (mut a, mut b) = (Box::pin(a), Box::pin(b));
+        let mut cx = Context::from_waker(Waker::noop());
+
+        // Idle: nothing to read, no buffer.
+        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(!half.holds_buffer());
+
+        // A small message goes through from the stack.
+        a_far.write_all(b"hello").await.unwrap();
+        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(!half.holds_buffer());
+        let mut got = [0u8; 5];
+        b_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+
+        // A large burst streams through a heap buffer, freed once drained.
+        let data = vec![0xA5u8; 300 * 1024];
+        a_far.write_all(&data).await.unwrap();
+        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(!half.holds_buffer());
+        let mut got = vec![0u8; data.len()];
+        b_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        assert_eq!(half.total(), 5 + data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn blocked_writer_keeps_exactly_the_unwritten_bytes() {
+        let (mut a_far, a) = tokio::io::duplex(1 << 16);
+        // The upstream pipe takes only 16 bytes before it blocks.
+        let (b, mut b_far) = tokio::io::duplex(16);
+        let mut half = Half::new(64 * 1024, "client_to_upstream");
+        let (mut a, mut b) = (Box::pin(a), Box::pin(b));
+        let mut cx = Context::from_waker(Waker::noop());
+        a_far.write_all(b"0123456789abcdefXYZ").await.unwrap();
+        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(half.holds_buffer(), "unwritten bytes must be kept");
+        let mut got = [0u8; 16];
+        b_far.read_exact(&mut got).await.unwrap();
+        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(!half.holds_buffer());
+        let mut rest = [0u8; 3];
+        b_far.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&got, b"0123456789abcdef");
+        assert_eq!(&rest, b"XYZ");
+    }
+}

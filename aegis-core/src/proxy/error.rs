@@ -1,0 +1,70 @@
+//! Errors of the upstream proxy.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a proxied connection failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The upstream did not accept the connection within the connect timeout.
+    #[error("upstream {addr} did not accept within {timeout:?}")]
+    ConnectTimeout {
+        /// The upstream address.
+        addr: SocketAddr,
+        /// The configured connect timeout.
+        timeout: Duration,
+    },
+    /// The upstream refused the connection.
+    #[error("upstream {addr} refused the connection")]
+    ConnectRefused {
+        /// The upstream address.
+        addr: SocketAddr,
+        /// The error from `connect()`.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting to the upstream failed for another reason.
+    #[error("connecting to upstream {addr} failed")]
+    Connect {
+        /// The upstream address.
+        addr: SocketAddr,
+        /// The error from `connect()`.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from or writing to the client failed.
+    #[error("client side of the proxied connection failed")]
+    ClientIo(#[source] io::Error),
+    /// Reading from or writing to the upstream failed.
+    #[error("upstream side of the proxied connection failed")]
+    UpstreamIo(#[source] io::Error),
+}
+
+impl ProxyError {
+    /// A stable, low-cardinality label: `connect_timeout`, `connect_refused`,
+    /// `connect_error`, `client_io` or `upstream_io`.
+    pub const fn label(&self) -> &'static str {
+        match self {
+            Self::ConnectTimeout { .. } => "connect_timeout",
+            Self::ConnectRefused { .. } => "connect_refused",
+            Self::Connect { .. } => "connect_error",
+            Self::ClientIo(_) => "client_io",
+            Self::UpstreamIo(_) => "upstream_io",
+        }
+    }
+
+    /// Whether connecting to the upstream failed (timeout, refusal or other error).
+    pub const fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            Self::ConnectTimeout { .. } | Self::ConnectRefused { .. } | Self::Connect { .. }
+        )
+    }
+
+    /// Whether the upstream did not accept in time.
+    pub const fn is_timeout(&self) -> bool {
+        matches!(self, Self::ConnectTimeout { .. })
+    }
+}

@@ -1,0 +1,62 @@
+//! What the accept loop accepts from.
+
+use std::io;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Conn;
+
+/// A source of accepted connections for [`serve`](super::serve).
+///
+/// Implemented for [`tokio::net::TcpListener`]. Implement it for other listeners, or skip
+/// the accept loop entirely: every layer works on any [`Conn`].
+pub trait Listener: Send + 'static {
+    /// The accepted stream.
+    type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+
+    /// Accepts one connection, with its addresses.
+    ///
+    /// # Errors
+    ///
+    /// The error of the underlying `accept()`; the loop counts it, backs off where that
+    /// helps (out of descriptors or memory) and keeps serving.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<Self::Io>>>;
+
+    /// The address the listener is bound to.
+    ///
+    /// # Errors
+    ///
+    /// When the socket cannot tell.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// Sets `TCP_NODELAY` on an accepted stream, where that means anything.
+    ///
+    /// # Errors
+    ///
+    /// When the option cannot be set.
+    fn set_nodelay(_io: &Self::Io, _nodelay: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<Self::Io>>> {
+        let (io, peer) = std::task::ready!(tokio::net::TcpListener::poll_accept(self, cx))?;
+        // The listener may be bound to a wildcard address: the connection's own local
+        // address is the one the client dialled.
+        let local = io.local_addr()?;
+        Poll::Ready(Ok(Conn::new(io, peer, local)))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        tokio::net::TcpListener::local_addr(self)
+    }
+
+    fn set_nodelay(io: &Self::Io, nodelay: bool) -> io::Result<()> {
+        io.set_nodelay(nodelay)
+    }
+}

@@ -1,0 +1,341 @@
+//! The accept loop.
+//!
+//! [`serve`] accepts connections from a [`Listener`] and spawns one task per connection
+//! that drives a byte-stream service (a `tower::Service<Conn<Io>>`) to the end.
+//!
+//! - **Connection cap.** At most [`Serve::max_connections`] connections are served at
+//!   once (10,000 by default). A connection over the cap is closed at once and counted
+//!   as `aegis_connections_total{outcome="over_capacity"}`.
+//! - **Accept errors never stop the loop.** Running out of descriptors (`EMFILE`,
+//!   `ENFILE`) or memory (`ENOBUFS`, `ENOMEM`) backs off (1 ms, doubling up to 1 s) so the
+//!   loop neither exits nor spins; errors about one connection (`ECONNABORTED`, ...) are
+//!   skipped at once. Each is counted in `aegis_accept_errors_total{kind}`.
+//! - **Readiness per connection.** The service's `poll_ready` is awaited inside the
+//!   connection's task, so one slow decision never blocks the accept loop.
+//! - **Graceful shutdown.** With [`Serve::with_graceful_shutdown`], the loop stops
+//!   accepting when the signal fires (the listener is closed), waits for open connections
+//!   to finish for up to [`Serve::drain_timeout`] (30 s by default), then aborts those
+//!   still open. The returned [`Shutdown`] says whether the drain finished.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! use std::time::Duration;
+//! use aegis_core::{serve, proxy::Proxy};
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let upstream = "127.0.0.1:1884".parse().unwrap();
+//! let report = serve(listener, Proxy::new(upstream))
+//!     .max_connections(5_000)
+//!     .nodelay(true)
+//!     .drain_timeout(Duration::from_secs(10))
+//!     .with_graceful_shutdown(async { /* e.g. tokio::signal::ctrl_c() */ })
+//!     .await;
+//! assert!(report.drained());
+//! # Ok(())
+//! # }
+//! ```
+
+mod listener;
+
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tower_service::Service;
+
+pub use self::listener::Listener;
+use crate::error::{BoxError, Rejected, find, label_of};
+use crate::metrics as m;
+use crate::Conn;
+
+/// Accepts connections from `listener` and serves each with a clone of `service`.
+///
+/// See the [module docs](self) for the behaviour and an example.
+pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
+    Serve {
+        listener,
+        service,
+        max_connections: Serve::<L, S>::DEFAULT_MAX_CONNECTIONS,
+        nodelay: false,
+        drain_timeout: Serve::<L, S>::DEFAULT_DRAIN_TIMEOUT,
+    }
+}
+
+/// The accept loop, configured. Await it to serve forever, or call
+/// [`with_graceful_shutdown`](Self::with_graceful_shutdown).
+#[must_use = "the server does nothing unless you `.await` it"]
+#[derive(Debug)]
+pub struct Serve<L, S> {
+    listener: L,
+    service: S,
+    max_connections: usize,
+    nodelay: bool,
+    drain_timeout: Duration,
+}
+
+/// The result of a graceful shutdown.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Shutdown {
+    aborted: usize,
+}
+
+impl Shutdown {
+    /// Whether every connection ended by itself within the drain timeout.
+    pub const fn drained(&self) -> bool {
+        self.aborted == 0
+    }
+
+    /// How many connections were still open at the drain deadline and were aborted.
+    pub const fn aborted(&self) -> usize {
+        self.aborted
+    }
+}
+
+impl<L, S> Serve<L, S> {
+    /// The default connection cap. The open-files limit must leave room for two
+    /// descriptors per proxied connection.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// How long a graceful shutdown waits for open connections by default.
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Caps the connections served at once; one over the cap is closed at accept.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 or above `u32::MAX`.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        assert!(
+            max > 0 && u32::try_from(max).is_ok(),
+            "max_connections must be in 1..=u32::MAX"
+        );
+        self.max_connections = max;
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on accepted connections (off by default).
+    pub fn nodelay(mut self, nodelay: bool) -> Self {
+        self.nodelay = nodelay;
+        self
+    }
+
+    /// How long a graceful shutdown waits for open connections before aborting them.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves until `signal` completes, then stops accepting and drains.
+    pub fn with_graceful_shutdown<F>(self, signal: F) -> WithGracefulShutdown<L, S, F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        WithGracefulShutdown { serve: self, signal }
+    }
+}
+
+/// [`Serve`] with a shutdown signal; await it to get the [`Shutdown`] report.
+#[must_use = "the server does nothing unless you `.await` it"]
+#[derive(Debug)]
+pub struct WithGracefulShutdown<L, S, F> {
+    serve: Serve<L, S>,
+    signal: F,
+}
+
+/// The boxed future of a server: one per process, so the box costs nothing that matters.
+pub type ServeFuture = Pin<Box<dyn Future<Output = Shutdown> + Send>>;
+
+impl<L, S, F> IntoFuture for WithGracefulShutdown<L, S, F>
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    type Output = Shutdown;
+    type IntoFuture = ServeFuture;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(run(self.serve, self.signal))
+    }
+}
+
+impl<L, S> IntoFuture for Serve<L, S>
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Output = Shutdown;
+    type IntoFuture = ServeFuture;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(run(self, std::future::pending()))
+    }
+}
+
+/// The first back-off after an accept error that a retry cannot fix at once.
+const BACKOFF_MIN: Duration = Duration::from_millis(1);
+/// The longest back-off: the loop retries at least once a second.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+async fn run<L, S, F>(serve: Serve<L, S>, signal: F) -> Shutdown
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let Serve {
+        mut listener,
+        service,
+        max_connections,
+        nodelay,
+        drain_timeout,
+    } = serve;
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let mut backoff = BACKOFF_MIN;
+    tokio::pin!(signal);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, max_connections, "accepting connections");
+    }
+
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut signal => break,
+            res = std::future::poll_fn(|cx| listener.poll_accept(cx)) => res,
+        };
+        let conn = match accepted {
+            Ok(conn) => {
+                backoff = BACKOFF_MIN;
+                conn
+            }
+            Err(e) => {
+                let kind = accept_error_kind(&e);
+                metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "kind" => kind).increment(1);
+                if is_connection_error(&e) {
+                    tracing::debug!(error = %e, "accept: connection failed before it was accepted");
+                    continue;
+                }
+                tracing::warn!(error = %e, kind, ?backoff, "accept failed; backing off");
+                tokio::select! {
+                    biased;
+                    () = &mut signal => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);
+            tracing::debug!(peer = %crate::Param::<crate::PeerAddr>::param(&conn), "connection cap reached; closing");
+            drop(conn);
+            continue;
+        };
+        if nodelay {
+            if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        }
+        let mut svc = service.clone();
+        let mut abort = abort_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1);
+            let start = Instant::now();
+            let served = async {
+                std::future::poll_fn(|cx| svc.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+                svc.call(conn).await.map_err(Into::into)
+            };
+            let outcome = tokio::select! {
+                res = served => outcome_of(res.map(drop)),
+                _ = abort.wait_for(|aborted| *aborted) => "aborted",
+            };
+            metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1);
+            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome)
+                .record(Instant::now().saturating_duration_since(start).as_secs_f64());
+        });
+    }
+
+    // Stop accepting: closing the listener refuses new connections at once.
+    drop(listener);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let in_flight = max_connections - permits.available_permits();
+    tracing::info!(in_flight, ?drain_timeout, "shutting down; draining connections");
+    let drained = tokio::time::timeout(drain_timeout, permits.acquire_many(all)).await;
+    let aborted = if drained.is_ok() {
+        0
+    } else {
+        let open = max_connections - permits.available_permits();
+        tracing::warn!(open, "drain deadline reached; aborting open connections");
+        let _ = abort_tx.send(true);
+        // Tasks see the abort at their next poll and release their permits.
+        let _ = permits.acquire_many(all).await;
+        open
+    };
+    Shutdown { aborted }
+}
+
+fn outcome_of(res: Result<(), BoxError>) -> &'static str {
+    match res {
+        Ok(()) => "ok",
+        Err(e) => {
+            let (layer, reason) = label_of(&*e);
+            if find::<Rejected>(&*e).is_some() {
+                tracing::debug!(layer, reason, error = %e, "connection rejected");
+                "rejected"
+            } else {
+                tracing::debug!(layer, reason, error = %e, "connection failed");
+                "error"
+            }
+        }
+    }
+}
+
+/// Errors that concern one connection, not the listener: retry at once.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A fixed label for an accept error.
+fn accept_error_kind(e: &io::Error) -> &'static str {
+    // errno values on Linux and the BSDs.
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOMEM: i32 = 12;
+    #[cfg(target_os = "linux")]
+    const ENOBUFS: i32 = 105;
+    #[cfg(not(target_os = "linux"))]
+    const ENOBUFS: i32 = 55;
+    match e.raw_os_error() {
+        Some(EMFILE) => "emfile",
+        Some(ENFILE) => "enfile",
+        Some(ENOBUFS) => "nobufs",
+        Some(ENOMEM) => "nomem",
+        _ if is_connection_error(e) => "connection",
+        _ => "other",
+    }
+}

@@ -1,0 +1,29 @@
+//! Connection-hardening layers for Aegis byte-stream services.
+//!
+//! Each layer is its own module and Cargo feature, works alone around any byte-stream
+//! service (a `tower::Service<I>` whose request is a connection implementing the
+//! [`aegis_core::ConnParams`] params), and composes with `tower::ServiceBuilder`.
+//!
+//! | module | feature | what it stops |
+//! |---|---|---|
+//! | [`rate_limit`] | `rate-limit` | connection floods: global and per-client rates, concurrent connections per client |
+//! | [`slowloris`] | `slowloris` | slow clients: first-byte, idle, total-handshake and minimum-rate deadlines |
+//! | [`sniff`] | `sniff` | the wrong protocol on a port: classify the first bytes, filter or route |
+//! | [`proxy_protocol`] | `proxy-protocol` | spoofed client addresses: PROXY v1/v2 headers only from trusted networks |
+//!
+//! The `full` feature (default) enables all of them.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "proxy-protocol")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+pub mod proxy_protocol;
+#[cfg(feature = "rate-limit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
+pub mod rate_limit;
+#[cfg(feature = "slowloris")]
+#[cfg_attr(docsrs, doc(cfg(feature = "slowloris")))]
+pub mod slowloris;
+#[cfg(feature = "sniff")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sniff")))]
+pub mod sniff;

@@ -1,0 +1,1 @@
+//! Criterion benches live beside this crate as `[[bench]]` targets.
