@@ -178,7 +178,11 @@ impl<I: AsyncRead> AsyncRead for Conn<I> {
 
 impl<I: AsyncWrite> AsyncWrite for Conn<I> {
     #[inline]
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
 

@@ -218,8 +218,18 @@ mod tests {
             .into_iter()
             .filter(|(k, ..)| k.key().name() == crate::metrics::REJECTIONS_TOTAL)
             .map(|(k, _, _, v)| {
-                let labels: Vec<_> = k.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
-                assert_eq!(labels, vec![("layer".into(), "demo".into()), ("reason".into(), "over".into())]);
+                let labels: Vec<_> = k
+                    .key()
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                assert_eq!(
+                    labels,
+                    vec![
+                        ("layer".into(), "demo".into()),
+                        ("reason".into(), "over".into())
+                    ]
+                );
                 match v {
                     metrics_util::debugging::DebugValue::Counter(c) => c,
                     _ => 0,

@@ -41,7 +41,9 @@ impl Handshake {
     /// Whether [`complete`](Self::complete) was called on this handle or a clone. An
     /// untracked handle always reports `false`.
     pub fn is_complete(&self) -> bool {
-        self.done.as_ref().is_some_and(|d| d.load(Ordering::Acquire))
+        self.done
+            .as_ref()
+            .is_some_and(|d| d.load(Ordering::Acquire))
     }
 
     /// Whether this handle is tracked by some layer.

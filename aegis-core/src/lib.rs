@@ -74,8 +74,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod addr;
-mod handshake;
 pub mod error;
+mod handshake;
 pub mod metrics;
 mod rewind;
 

@@ -36,39 +36,71 @@ pub const CONNECTION_DURATION_SECONDS: &str = "aegis_connection_duration_seconds
 
 /// Helpers that read a [`metrics_util`] debugging recorder, for tests of this workspace
 /// and of users' stacks.
+///
+/// A debugging snapshot *drains* what it reads: counters and gauges read back as 0 until
+/// they change again. Each call below takes one snapshot, so a counter read twice returns
+/// the increase since the previous read; sum the results when polling.
 #[cfg(feature = "test-util")]
 pub mod testing {
+    use metrics_util::CompositeKey;
     use metrics_util::debugging::{DebugValue, Snapshotter};
 
-    /// The sum of all counters named `name` whose labels include every `(key, value)` of
-    /// `labels`.
-    pub fn counter(snap: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
-        snap.snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(k, ..)| {
-                let key = k.key();
-                key.name() == name
-                    && labels
-                        .iter()
-                        .all(|(lk, lv)| key.labels().any(|l| l.key() == *lk && l.value() == *lv))
-            })
-            .map(|(.., v)| match v {
-                DebugValue::Counter(c) => c,
-                _ => 0,
-            })
-            .sum()
+    /// Every series of one snapshot, to read several values that belong together.
+    #[derive(Debug)]
+    pub struct Captured(Vec<(CompositeKey, DebugValue)>);
+
+    /// Takes one snapshot (which drains the recorder) and keeps all of it.
+    pub fn capture(snap: &Snapshotter) -> Captured {
+        Captured(
+            snap.snapshot()
+                .into_vec()
+                .into_iter()
+                .map(|(k, _, _, v)| (k, v))
+                .collect(),
+        )
     }
 
-    /// The value of the gauge named `name`, if it was ever set.
+    impl Captured {
+        /// The sum of all counters named `name` whose labels include every
+        /// `(key, value)` of `labels`.
+        pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+            self.0
+                .iter()
+                .filter(|(k, _)| {
+                    let key = k.key();
+                    key.name() == name
+                        && labels.iter().all(|(lk, lv)| {
+                            key.labels().any(|l| l.key() == *lk && l.value() == *lv)
+                        })
+                })
+                .map(|(_, v)| match v {
+                    DebugValue::Counter(c) => *c,
+                    _ => 0,
+                })
+                .sum()
+        }
+
+        /// The value of the gauge named `name`, if it was set since the last snapshot.
+        pub fn gauge(&self, name: &str) -> Option<f64> {
+            self.0
+                .iter()
+                .find(|(k, _)| k.key().name() == name)
+                .and_then(|(_, v)| match v {
+                    DebugValue::Gauge(g) => Some(g.into_inner()),
+                    _ => None,
+                })
+        }
+    }
+
+    /// One counter from a fresh snapshot: `capture(snap).counter(name, labels)`.
+    ///
+    /// The snapshot drains *every* series, so read several values with [`capture`].
+    pub fn counter(snap: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
+        capture(snap).counter(name, labels)
+    }
+
+    /// One gauge from a fresh snapshot: `capture(snap).gauge(name)`.
     pub fn gauge(snap: &Snapshotter, name: &str) -> Option<f64> {
-        snap.snapshot()
-            .into_vec()
-            .into_iter()
-            .find(|(k, ..)| k.key().name() == name)
-            .and_then(|(.., v)| match v {
-                DebugValue::Gauge(g) => Some(g.into_inner()),
-                _ => None,
-            })
+        capture(snap).gauge(name)
     }
 }

@@ -103,7 +103,11 @@ impl<I: AsyncRead> AsyncRead for Rewind<I> {
 
 impl<I: AsyncWrite> AsyncWrite for Rewind<I> {
     #[inline]
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
 
@@ -140,7 +144,10 @@ mod tests {
 
     #[tokio::test]
     async fn serves_prefix_then_inner_in_small_reads() {
-        let io = tokio_test::io::Builder::new().read(b"cd").read(b"ef").build();
+        let io = tokio_test::io::Builder::new()
+            .read(b"cd")
+            .read(b"ef")
+            .build();
         let mut rw = Rewind::new(Bytes::from_static(b"ab"), io);
         let mut one = [0u8; 1];
         let mut out = Vec::new();

@@ -51,9 +51,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 pub use self::listener::Listener;
+use crate::Conn;
 use crate::error::{BoxError, Rejected, find, label_of};
 use crate::metrics as m;
-use crate::Conn;
 
 /// Accepts connections from `listener` and serves each with a clone of `service`.
 ///
@@ -136,7 +136,10 @@ impl<L, S> Serve<L, S> {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        WithGracefulShutdown { serve: self, signal }
+        WithGracefulShutdown {
+            serve: self,
+            signal,
+        }
     }
 }
 
@@ -268,8 +271,11 @@ where
             };
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1);
             metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
-            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome)
-                .record(Instant::now().saturating_duration_since(start).as_secs_f64());
+            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome).record(
+                Instant::now()
+                    .saturating_duration_since(start)
+                    .as_secs_f64(),
+            );
         });
     }
 
@@ -277,7 +283,11 @@ where
     drop(listener);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     let in_flight = max_connections - permits.available_permits();
-    tracing::info!(in_flight, ?drain_timeout, "shutting down; draining connections");
+    tracing::info!(
+        in_flight,
+        ?drain_timeout,
+        "shutting down; draining connections"
+    );
     let drained = tokio::time::timeout(drain_timeout, permits.acquire_many(all)).await;
     let aborted = if drained.is_ok() {
         0

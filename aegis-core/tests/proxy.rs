@@ -1,0 +1,229 @@
+//! The upstream proxy over real loopback sockets.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aegis_core::error::label_of;
+use aegis_core::metrics::{self as m, testing};
+use aegis_core::proxy::{Proxy, ProxyError, Transferred};
+use aegis_core::{BoxError, Conn};
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+
+/// Runs `f` on a current-thread runtime with a local metrics recorder.
+fn run<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
+    if paused {
+        b.start_paused(true);
+    }
+    let rt = b.build().unwrap();
+    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
+    (out, snap)
+}
+
+/// Accepts one client on a loopback listener and proxies it to `upstream`.
+async fn proxied_pair(
+    upstream: SocketAddr,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<Transferred, BoxError>>,
+) {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let client = TcpStream::connect(front_addr).await.unwrap();
+    let (io, peer) = front.accept().await.unwrap();
+    let conn = Conn::new(io, peer, front_addr);
+    let task = tokio::spawn(Proxy::new(upstream).oneshot(conn));
+    (client, task)
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+#[test]
+fn large_random_payloads_arrive_exactly_in_both_directions() {
+    const LEN: usize = 8 * 1024 * 1024 + 13;
+    let ((up_got, down_got, up_sent, down_sent, t), snap) = run(false, || async {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        let down_sent = random(LEN);
+        let to_client = down_sent.clone();
+        let up_task = tokio::spawn(async move {
+            let (s, _) = upstream.accept().await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                w.write_all(&to_client).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            writer.await.unwrap();
+            got
+        });
+        let (client, task) = proxied_pair(up_addr).await;
+        let up_sent = random(LEN);
+        let (mut r, mut w) = client.into_split();
+        let payload = up_sent.clone();
+        let writer = tokio::spawn(async move {
+            // Uneven chunks, so reads and writes split at arbitrary points.
+            for chunk in payload.chunks(7919) {
+                w.write_all(chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut down_got = Vec::new();
+        r.read_to_end(&mut down_got).await.unwrap();
+        writer.await.unwrap();
+        let up_got = up_task.await.unwrap();
+        let t = task.await.unwrap().unwrap();
+        (up_got, down_got, up_sent, down_sent, t)
+    });
+    assert_eq!(up_got.len(), LEN);
+    assert!(up_got == up_sent, "client to upstream bytes differ");
+    assert!(down_got == down_sent, "upstream to client bytes differ");
+    assert_eq!(t.client_to_upstream, LEN as u64);
+    assert_eq!(t.upstream_to_client, LEN as u64);
+    let got = testing::capture(&snap);
+    let up = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "client_to_upstream")]);
+    let down = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "upstream_to_client")]);
+    assert_eq!((up, down), (LEN as u64, LEN as u64));
+}
+
+#[tokio::test]
+async fn client_half_close_does_not_cut_the_upstream_reply() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let up_task = tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        // Read the whole request: this only ends if the client's FIN was forwarded.
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        // Only then answer, on the direction that is still open.
+        let reply = [b"got ".as_slice(), &req].concat();
+        s.write_all(&reply).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let (mut client, task) = proxied_pair(up_addr).await;
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"got request");
+    up_task.await.unwrap();
+    let t = task.await.unwrap().unwrap();
+    assert_eq!(
+        t,
+        Transferred {
+            client_to_upstream: 7,
+            upstream_to_client: 11
+        }
+    );
+}
+
+#[tokio::test]
+async fn upstream_half_close_does_not_cut_the_client_upload() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let up_task = tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        s.write_all(b"banner").await.unwrap();
+        s.shutdown().await.unwrap();
+        // The upstream has finished sending but still reads what the client uploads.
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let (mut client, task) = proxied_pair(up_addr).await;
+    let mut banner = Vec::new();
+    // EOF reaches the client: the upstream's FIN was forwarded.
+    client.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner");
+    let upload = random(300 * 1024);
+    client.write_all(&upload).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert!(up_task.await.unwrap() == upload);
+    let t = task.await.unwrap().unwrap();
+    assert_eq!(t.upstream_to_client, 6);
+    assert_eq!(t.client_to_upstream, upload.len() as u64);
+}
+
+#[test]
+fn refused_upstream_is_a_typed_error_and_counted() {
+    let (err, snap) = run(false, || async {
+        // A port nobody listens on: bind, read the port, close.
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead);
+        let (_client, task) = proxied_pair(addr).await;
+        task.await.unwrap().unwrap_err()
+    });
+    let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
+    assert!(matches!(pe, ProxyError::ConnectRefused { .. }), "{pe:?}");
+    assert_eq!(label_of(&*err), ("proxy", "connect_refused"));
+    assert_eq!(
+        testing::counter(
+            &snap,
+            m::UPSTREAM_ERRORS_TOTAL,
+            &[("reason", "connect_refused")]
+        ),
+        1
+    );
+}
+
+#[test]
+fn upstream_that_never_accepts_times_out_with_a_typed_error() {
+    let (err, snap) = run(true, || async {
+        // A listener with a full accept queue: the kernel drops further SYNs, so a
+        // connect hangs until its timeout.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = sock.listen(0).unwrap();
+        let addr = full.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+            assert!(fillers.len() < 64, "accept queue never filled");
+        }
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let _client = TcpStream::connect(front_addr).await.unwrap();
+        let (io, peer) = front.accept().await.unwrap();
+        let proxy = Proxy::new(addr).connect_timeout(Duration::from_secs(3));
+        let start = tokio::time::Instant::now();
+        let err = proxy
+            .oneshot(Conn::new(io, peer, front_addr))
+            .await
+            .unwrap_err();
+        // Paused clock: exactly the configured timeout elapsed.
+        assert_eq!(
+            tokio::time::Instant::now().saturating_duration_since(start),
+            Duration::from_secs(3)
+        );
+        drop((full, fillers));
+        err
+    });
+    let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
+    assert!(pe.is_timeout() && pe.is_connect(), "{pe:?}");
+    assert_eq!(label_of(&*err), ("proxy", "connect_timeout"));
+    assert_eq!(
+        testing::counter(
+            &snap,
+            m::UPSTREAM_ERRORS_TOTAL,
+            &[("reason", "connect_timeout")]
+        ),
+        1
+    );
+}

@@ -1,0 +1,205 @@
+//! The accept loop over real loopback sockets.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use aegis_core::metrics::{self as m, testing};
+use aegis_core::{Conn, serve};
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+fn run<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
+    if paused {
+        b.start_paused(true);
+    }
+    let rt = b.build().unwrap();
+    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
+    (out, snap)
+}
+
+/// Echoes until the client closes its side.
+async fn echo(conn: Conn<TcpStream>) -> io::Result<()> {
+    let (mut r, mut w) = tokio::io::split(conn);
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).await.unwrap();
+    got
+}
+
+#[test]
+fn connection_over_the_cap_is_closed_at_once_and_serving_goes_on() {
+    let ((), snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = tower::service_fn(echo);
+        tokio::spawn(serve(listener, svc).max_connections(2).into_future());
+
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        // Both are served (the round trip proves each holds a slot).
+        assert_eq!(roundtrip(&mut first, b"a").await, b"a");
+        assert_eq!(roundtrip(&mut second, b"b").await, b"b");
+
+        // The third is over the cap: closed without being served.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let _ = third.write_all(b"c").await;
+        let mut buf = [0u8; 1];
+        let n = third.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "the connection over the cap must be closed, not served"
+        );
+
+        // A slot frees up when a connection ends, and the loop keeps serving.
+        first.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        first.read_to_end(&mut rest).await.unwrap();
+        drop(first);
+        let mut fourth = loop {
+            // The finished task releases its slot asynchronously: retry until served.
+            let mut fourth = TcpStream::connect(addr).await.unwrap();
+            fourth.write_all(b"d").await.unwrap();
+            let mut buf = [0u8; 1];
+            if fourth.read(&mut buf).await.unwrap_or(0) == 1 {
+                assert_eq!(&buf, b"d");
+                break fourth;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(roundtrip(&mut fourth, b"again").await, b"again");
+        assert_eq!(roundtrip(&mut second, b"still").await, b"still");
+    });
+    let got = testing::capture(&snap);
+    assert!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "over_capacity")]) >= 1);
+    assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]), 1);
+}
+
+#[test]
+fn shutdown_stops_accepting_and_waits_for_open_connections() {
+    let ((report, refused), _snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, tower::service_fn(echo))
+                .drain_timeout(Duration::from_secs(30))
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut open = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut open, b"x").await, b"x");
+
+        stop_tx.send(()).unwrap();
+        // The open connection is still served while the server drains.
+        assert_eq!(roundtrip(&mut open, b"during drain").await, b"during drain");
+        assert!(!server.is_finished());
+        // New connections are refused: the listener is closed.
+        let refused = loop {
+            match TcpStream::connect(addr).await {
+                Err(e) => break e.kind(),
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        };
+        open.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        open.read_to_end(&mut rest).await.unwrap();
+        (server.await.unwrap(), refused)
+    });
+    assert_eq!(refused, io::ErrorKind::ConnectionRefused);
+    assert!(report.drained());
+    assert_eq!(report.aborted(), 0);
+}
+
+#[test]
+fn drain_deadline_aborts_connections_that_do_not_end() {
+    let ((report, waited, eof), snap) = run(true, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, tower::service_fn(echo))
+                .drain_timeout(Duration::from_secs(5))
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut stuck, b"x").await, b"x");
+        let start = tokio::time::Instant::now();
+        stop_tx.send(()).unwrap();
+        let report = server.await.unwrap();
+        let waited = tokio::time::Instant::now().saturating_duration_since(start);
+        // The aborted connection was closed by the server.
+        let mut buf = [0u8; 1];
+        let eof = stuck.read(&mut buf).await.map_or(true, |n| n == 0);
+        (report, waited, eof)
+    });
+    assert!(!report.drained());
+    assert_eq!(report.aborted(), 1);
+    assert_eq!(
+        waited,
+        Duration::from_secs(5),
+        "drain waits exactly its deadline"
+    );
+    assert!(eof);
+    assert_eq!(
+        testing::counter(&snap, m::CONNECTIONS_TOTAL, &[("outcome", "aborted")]),
+        1
+    );
+}
+
+#[test]
+fn active_connections_gauge_and_outcomes_are_recorded() {
+    let ((), snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
+            let mut conn = conn;
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).await?;
+            if b[0] == b'!' {
+                return Err(io::Error::other("client asked for an error"));
+            }
+            Ok(())
+        });
+        let server = tokio::spawn(
+            serve(listener, svc)
+                .nodelay(true)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        for msg in [b"k", b"!"] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(msg).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        }
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+    });
+    let got = testing::capture(&snap);
+    assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]), 1);
+    assert_eq!(
+        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "error")]),
+        1
+    );
+    assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
+}
