@@ -41,35 +41,36 @@ pub(crate) enum Side {
 }
 
 /// One direction of the copy.
+///
+/// Kept small (48 bytes): it lives in every proxied connection's task.
 #[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // four independent flags; a bitset saves nothing here
 pub(crate) struct Half {
     /// Heap buffer, present only while bytes wait to be written or data streams.
     buf: Option<Box<[u8]>>,
-    pos: usize,
-    end: usize,
-    /// Size of the heap buffer while streaming.
-    bulk: usize,
+    pos: u32,
+    end: u32,
+    total: u64,
+    reported: u64,
     read_done: bool,
     done: bool,
     need_flush: bool,
-    total: u64,
-    unreported: u64,
-    direction: &'static str,
+    /// Whether this half copies from the client to the upstream (for the metric label).
+    to_upstream: bool,
 }
 
 impl Half {
-    pub(crate) fn new(bulk: usize, direction: &'static str) -> Self {
+    pub(crate) fn new(to_upstream: bool) -> Self {
         Self {
             buf: None,
             pos: 0,
             end: 0,
-            bulk: bulk.max(STACK_BUF),
+            total: 0,
+            reported: 0,
             read_done: false,
             done: false,
             need_flush: false,
-            total: 0,
-            unreported: 0,
-            direction,
+            to_upstream,
         }
     }
 
@@ -89,16 +90,21 @@ impl Half {
 
     fn wrote(&mut self, n: usize) {
         self.total += n as u64;
-        self.unreported += n as u64;
         self.need_flush = true;
     }
 
     /// Records the bytes copied since the last report in `aegis_proxy_bytes_total`.
     pub(crate) fn report(&mut self) {
-        if self.unreported > 0 {
-            metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => self.direction)
-                .increment(self.unreported);
-            self.unreported = 0;
+        let unreported = self.total - self.reported;
+        if unreported > 0 {
+            let direction = if self.to_upstream {
+                "client_to_upstream"
+            } else {
+                "upstream_to_client"
+            };
+            metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => direction)
+                .increment(unreported);
+            self.reported = self.total;
         }
     }
 
@@ -122,6 +128,7 @@ impl Half {
     pub(crate) fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
+        bulk: usize,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
     ) -> Poll<Result<(), (Side, io::Error)>>
@@ -136,12 +143,14 @@ impl Half {
             // Write out whatever waits in the heap buffer.
             if let Some(buf) = self.buf.as_deref() {
                 if self.pos < self.end {
-                    let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.end]))
+                    let (pos, end) = (self.pos as usize, self.end as usize);
+                    let n = ready!(w.as_mut().poll_write(cx, &buf[pos..end]))
                         .map_err(|e| (Side::Write, e))?;
                     if n == 0 {
                         return Poll::Ready(Err((Side::Write, io::ErrorKind::WriteZero.into())));
                     }
-                    self.pos += n;
+                    // n <= end - pos, so it fits.
+                    self.pos += u32::try_from(n).unwrap_or(u32::MAX);
                     self.wrote(n);
                     continue;
                 }
@@ -173,7 +182,7 @@ impl Half {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
                         self.pos = 0;
-                        self.end = n;
+                        self.end = u32::try_from(n).unwrap_or(u32::MAX);
                         if n == 0 {
                             self.read_done = true;
                         }
@@ -212,13 +221,13 @@ impl Half {
             if off < n || streaming {
                 // Keep the unwritten bytes; when a full stack buffer came in, data is
                 // streaming and the larger buffer serves the next reads.
-                let cap = if streaming { self.bulk } else { STACK_BUF };
+                let cap = if streaming { bulk } else { STACK_BUF };
                 let mut buf = vec![0u8; cap].into_boxed_slice();
                 let left = n - off;
                 buf[..left].copy_from_slice(&stack[off..n]);
                 self.buf = Some(buf);
                 self.pos = 0;
-                self.end = left;
+                self.end = u32::try_from(left).unwrap_or(u32::MAX);
             }
         }
     }
@@ -238,6 +247,7 @@ pin_project! {
         upstream: B,
         up: Half,
         down: Half,
+        bulk: u32,
     }
 }
 
@@ -248,8 +258,10 @@ impl<A, B> Transfer<A, B> {
         Self {
             client,
             upstream,
-            up: Half::new(bulk, "client_to_upstream"),
-            down: Half::new(bulk, "upstream_to_client"),
+            up: Half::new(true),
+            down: Half::new(false),
+            // Clamped to what a u32 offset can address; 8 KiB at least.
+            bulk: u32::try_from(bulk.max(STACK_BUF)).unwrap_or(u32::MAX),
         }
     }
 }
@@ -263,9 +275,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let bulk = *this.bulk as usize;
         if let Poll::Ready(Err((side, source))) =
             this.up
-                .poll_copy(cx, this.client.as_mut(), this.upstream.as_mut())
+                .poll_copy(cx, bulk, this.client.as_mut(), this.upstream.as_mut())
         {
             return Poll::Ready(Err(if side == Side::Read {
                 ProxyError::ClientIo(source)
@@ -275,7 +288,7 @@ where
         }
         if let Poll::Ready(Err((side, source))) =
             this.down
-                .poll_copy(cx, this.upstream.as_mut(), this.client.as_mut())
+                .poll_copy(cx, bulk, this.upstream.as_mut(), this.client.as_mut())
         {
             return Poll::Ready(Err(if side == Side::Write {
                 ProxyError::ClientIo(source)
@@ -311,17 +324,23 @@ mod tests {
     async fn idle_half_holds_no_buffer_and_streaming_releases_it() {
         let (mut a_far, a) = tokio::io::duplex(1 << 20);
         let (b, mut b_far) = tokio::io::duplex(1 << 20);
-        let mut half = Half::new(64 * 1024, "client_to_upstream");
+        let mut half = Half::new(true);
         let (mut a, mut b) = (Box::pin(a), Box::pin(b));
         let mut cx = Context::from_waker(Waker::noop());
 
         // Idle: nothing to read, no buffer.
-        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+                .is_pending()
+        );
         assert!(!half.holds_buffer());
 
         // A small message goes through from the stack.
         a_far.write_all(b"hello").await.unwrap();
-        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+                .is_pending()
+        );
         assert!(!half.holds_buffer());
         let mut got = [0u8; 5];
         b_far.read_exact(&mut got).await.unwrap();
@@ -330,7 +349,10 @@ mod tests {
         // A large burst streams through a heap buffer, freed once drained.
         let data = vec![0xA5u8; 300 * 1024];
         a_far.write_all(&data).await.unwrap();
-        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+                .is_pending()
+        );
         assert!(!half.holds_buffer());
         let mut got = vec![0u8; data.len()];
         b_far.read_exact(&mut got).await.unwrap();
@@ -343,15 +365,21 @@ mod tests {
         let (mut a_far, a) = tokio::io::duplex(1 << 16);
         // The upstream pipe takes only 16 bytes before it blocks.
         let (b, mut b_far) = tokio::io::duplex(16);
-        let mut half = Half::new(64 * 1024, "client_to_upstream");
+        let mut half = Half::new(true);
         let (mut a, mut b) = (Box::pin(a), Box::pin(b));
         let mut cx = Context::from_waker(Waker::noop());
         a_far.write_all(b"0123456789abcdefXYZ").await.unwrap();
-        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+                .is_pending()
+        );
         assert!(half.holds_buffer(), "unwritten bytes must be kept");
         let mut got = [0u8; 16];
         b_far.read_exact(&mut got).await.unwrap();
-        assert!(half.poll_copy(&mut cx, a.as_mut(), b.as_mut()).is_pending());
+        assert!(
+            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+                .is_pending()
+        );
         assert!(!half.holds_buffer());
         let mut rest = [0u8; 3];
         b_far.read_exact(&mut rest).await.unwrap();

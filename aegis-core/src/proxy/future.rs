@@ -16,14 +16,13 @@ pin_project! {
     pub struct ResponseFuture<F, I, U> {
         #[pin]
         state: State<F, I, U>,
-        max_buffer: usize,
     }
 }
 
 pin_project! {
     #[project = StateProj]
     enum State<F, I, U> {
-        Connecting { #[pin] fut: F, io: Option<I> },
+        Connecting { #[pin] fut: F, io: Option<I>, max_buffer: usize },
         Copying { #[pin] transfer: Transfer<I, U> },
     }
 }
@@ -31,8 +30,11 @@ pin_project! {
 impl<F, I, U> ResponseFuture<F, I, U> {
     pub(crate) fn new(fut: F, io: I, max_buffer: usize) -> Self {
         Self {
-            state: State::Connecting { fut, io: Some(io) },
-            max_buffer,
+            state: State::Connecting {
+                fut,
+                io: Some(io),
+                max_buffer,
+            },
         }
     }
 }
@@ -56,10 +58,14 @@ where
         loop {
             let this = self.as_mut().project();
             match this.state.project() {
-                StateProj::Connecting { fut, io } => {
+                StateProj::Connecting {
+                    fut,
+                    io,
+                    max_buffer,
+                } => {
                     let upstream = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let io = io.take().expect("polled after completion");
-                    let transfer = Transfer::new(io, upstream, *this.max_buffer);
+                    let transfer = Transfer::new(io, upstream, *max_buffer);
                     self.as_mut()
                         .project()
                         .state

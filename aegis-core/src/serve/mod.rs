@@ -39,20 +39,19 @@
 //! ```
 
 mod listener;
+mod task;
 
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
-use tokio::time::Instant;
 use tower_service::Service;
 
 pub use self::listener::Listener;
+use self::task::{ConnTask, Registry};
 use crate::Conn;
-use crate::error::{BoxError, Rejected, find, label_of};
+use crate::error::BoxError;
 use crate::metrics as m;
 
 /// Accepts connections from `listener` and serves each with a clone of `service`.
@@ -205,8 +204,7 @@ where
         nodelay,
         drain_timeout,
     } = serve;
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let (abort_tx, abort_rx) = watch::channel(false);
+    let registry = Registry::new(max_connections);
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(signal);
     if let Ok(addr) = listener.local_addr() {
@@ -242,80 +240,41 @@ where
             }
         };
 
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);
-            tracing::debug!(peer = %crate::Param::<crate::PeerAddr>::param(&conn), "connection cap reached; closing");
-            drop(conn);
-            continue;
-        };
         if nodelay {
             if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY");
             }
         }
-        let mut svc = service.clone();
-        let mut abort = abort_rx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1);
-            let start = Instant::now();
-            let served = async {
-                std::future::poll_fn(|cx| svc.poll_ready(cx))
-                    .await
-                    .map_err(Into::into)?;
-                svc.call(conn).await.map_err(Into::into)
-            };
-            let outcome = tokio::select! {
-                res = served => outcome_of(res.map(drop)),
-                _ = abort.wait_for(|aborted| *aborted) => "aborted",
-            };
-            metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1);
-            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
-            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome).record(
-                Instant::now()
-                    .saturating_duration_since(start)
-                    .as_secs_f64(),
-            );
-        });
+        let svc = service.clone();
+        let mut conn = Some(conn);
+        let spawned = registry.spawn(|slot| ConnTask::new(svc, conn.take().expect("once"), slot));
+        if spawned.is_none() {
+            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);
+            if let Some(conn) = conn {
+                tracing::debug!(peer = %crate::Param::<crate::PeerAddr>::param(&conn), "connection cap reached; closing");
+            }
+        }
     }
 
     // Stop accepting: closing the listener refuses new connections at once.
     drop(listener);
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    let in_flight = max_connections - permits.available_permits();
     tracing::info!(
-        in_flight,
+        in_flight = registry.open(),
         ?drain_timeout,
         "shutting down; draining connections"
     );
-    let drained = tokio::time::timeout(drain_timeout, permits.acquire_many(all)).await;
+    let drained = tokio::time::timeout(drain_timeout, registry.closed()).await;
     let aborted = if drained.is_ok() {
         0
     } else {
-        let open = max_connections - permits.available_permits();
+        let open = registry.open();
         tracing::warn!(open, "drain deadline reached; aborting open connections");
-        let _ = abort_tx.send(true);
-        // Tasks see the abort at their next poll and release their permits.
-        let _ = permits.acquire_many(all).await;
+        registry.abort_all();
+        // Aborted tasks drop their futures (closing the sockets) and free their slots.
+        registry.closed().await;
         open
     };
     Shutdown { aborted }
-}
-
-fn outcome_of(res: Result<(), BoxError>) -> &'static str {
-    match res {
-        Ok(()) => "ok",
-        Err(e) => {
-            let (layer, reason) = label_of(&*e);
-            if find::<Rejected>(&*e).is_some() {
-                tracing::debug!(layer, reason, error = %e, "connection rejected");
-                "rejected"
-            } else {
-                tracing::debug!(layer, reason, error = %e, "connection failed");
-                "error"
-            }
-        }
-    }
 }
 
 /// Errors that concern one connection, not the listener: retry at once.
@@ -347,5 +306,24 @@ fn accept_error_kind(e: &io::Error) -> &'static str {
         Some(ENOMEM) => "nomem",
         _ if is_connection_error(e) => "connection",
         _ => "other",
+    }
+}
+
+#[cfg(all(test, feature = "proxy"))]
+mod tests {
+    use super::*;
+    use crate::proxy::{ConnectFuture, Proxy};
+    use tokio::net::TcpStream;
+
+    /// The connection task's future lives for the connection's whole life inside a
+    /// 128-byte-aligned task cell; keep it small enough for a 384-byte cell.
+    #[test]
+    fn connection_task_stays_small() {
+        type Io = Conn<TcpStream>;
+        type Task =
+            ConnTask<Proxy, Io, crate::proxy::future::ResponseFuture<ConnectFuture, Io, TcpStream>>;
+        let size = std::mem::size_of::<Task>();
+        assert!(size <= 288, "connection task future grew to {size} bytes");
+        eprintln!("connection task future: {size} bytes");
     }
 }

@@ -1,0 +1,220 @@
+//! The task that serves one connection, and the registry of open connections.
+//!
+//! Both are written for size: the task's future lives in every connection's task
+//! allocation for the connection's whole life, so it holds only the service (until it
+//! is called), the service's future and a 16-byte [`Slot`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use parking_lot::Mutex;
+use pin_project_lite::pin_project;
+use slab::Slab;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::error::{BoxError, Rejected, find, label_of};
+use crate::metrics as m;
+
+/// Open connections: the cap's permits and an abort handle per connection task.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    permits: Semaphore,
+    max: usize,
+    tasks: Mutex<Slab<AbortHandle>>,
+    epoch: Instant,
+}
+
+impl Registry {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Semaphore::new(max),
+            max,
+            tasks: Mutex::new(Slab::new()),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// Spawns `fut` as a connection task if the cap allows; `None` when it is full.
+    pub(crate) fn spawn<F>(self: &Arc<Self>, make: impl FnOnce(Slot) -> F) -> Option<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.permits.try_acquire().ok()?.forget();
+        metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1);
+        let started_ms = self.now_ms();
+        // The lock is held across the spawn so that a task that ends at once removes
+        // its entry only after it was inserted.
+        let mut tasks = self.tasks.lock();
+        let entry = tasks.vacant_entry();
+        let Ok(key) = u32::try_from(entry.key()) else {
+            // More than 4 billion open connections cannot happen below the cap.
+            drop(tasks);
+            self.release();
+            return None;
+        };
+        let slot = Slot {
+            reg: Arc::clone(self),
+            key,
+            started_ms,
+        };
+        let handle = tokio::spawn(make(slot));
+        entry.insert(handle.abort_handle());
+        Some(())
+    }
+
+    /// Waits until every connection has ended.
+    pub(crate) async fn closed(&self) {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        let _ = self.permits.acquire_many(all).await;
+    }
+
+    /// Aborts every connection task still open.
+    pub(crate) fn abort_all(&self) {
+        let handles: Vec<AbortHandle> = self.tasks.lock().iter().map(|(_, h)| h.clone()).collect();
+        for h in handles {
+            h.abort();
+        }
+    }
+
+    fn release(&self) {
+        metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1);
+        self.permits.add_permits(1);
+    }
+
+    /// Milliseconds since the registry was created, wrapping after 49 days: enough for
+    /// a duration histogram, in four bytes.
+    #[allow(clippy::cast_possible_truncation)] // wrapping is the point
+    fn now_ms(&self) -> u32 {
+        Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u32
+    }
+}
+
+/// One open connection's place in the [`Registry`]; dropping it frees the place.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    reg: Arc<Registry>,
+    key: u32,
+    started_ms: u32,
+}
+
+impl Slot {
+    /// Records how the connection ended.
+    fn record(&self, outcome: &'static str) {
+        let ms = self.reg.now_ms().wrapping_sub(self.started_ms);
+        metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome)
+            .record(f64::from(ms) / 1000.0);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.reg.tasks.lock().try_remove(self.key as usize);
+        self.reg.release();
+    }
+}
+
+pin_project! {
+    /// Drives one connection through the service: readiness, then the call.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub(crate) struct ConnTask<S, I, F> {
+        #[pin]
+        state: State<S, I, F>,
+        slot: Slot,
+    }
+
+    impl<S, I, F> PinnedDrop for ConnTask<S, I, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !matches!(this.state.as_ref().get_ref(), State::Done) {
+                // Dropped before it finished: aborted at the end of a drain (or the
+                // runtime shut down).
+                this.slot.record("aborted");
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, I, F> {
+        Ready { svc: S, conn: Option<I> },
+        Calling { #[pin] fut: F },
+        Done,
+    }
+}
+
+impl<S, I> ConnTask<S, I, S::Future>
+where
+    S: Service<I>,
+{
+    pub(crate) fn new(svc: S, conn: I, slot: Slot) -> Self {
+        Self {
+            state: State::Ready {
+                svc,
+                conn: Some(conn),
+            },
+            slot,
+        }
+    }
+}
+
+impl<S, I> Future for ConnTask<S, I, S::Future>
+where
+    S: Service<I>,
+    S::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let res = loop {
+            let mut this = self.as_mut().project();
+            match this.state.as_mut().project() {
+                StateProj::Ready { svc, conn } => {
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        break Err(e.into());
+                    }
+                    let conn = conn.take().expect("polled after completion");
+                    let fut = svc.call(conn);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    break ready!(fut.poll(cx)).map(drop).map_err(Into::into);
+                }
+                StateProj::Done => return Poll::Ready(()),
+            }
+        };
+        let mut this = self.project();
+        this.slot.record(outcome_of(&res));
+        this.state.set(State::Done);
+        Poll::Ready(())
+    }
+}
+
+fn outcome_of(res: &Result<(), BoxError>) -> &'static str {
+    match res {
+        Ok(()) => "ok",
+        Err(e) => {
+            let (layer, reason) = label_of(&**e);
+            if find::<Rejected>(&**e).is_some() {
+                tracing::debug!(layer, reason, error = %e, "connection rejected");
+                "rejected"
+            } else {
+                tracing::debug!(layer, reason, error = %e, "connection failed");
+                "error"
+            }
+        }
+    }
+}
