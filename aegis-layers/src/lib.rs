@@ -10,11 +10,19 @@
 //! | [`slowloris`] | `slowloris` | slow clients: first-byte, idle, total-handshake and minimum-rate deadlines |
 //! | [`sniff`] | `sniff` | the wrong protocol on a port: classify the first bytes, filter or route |
 //! | [`proxy_protocol`] | `proxy-protocol` | spoofed client addresses: PROXY v1/v2 headers only from trusted networks |
+//! | [`circuit_breaker`] | `circuit-breaker` | piling onto a failing upstream: fail fast while it recovers (any tower `Service`) |
+//! | [`adaptive`] | `adaptive` | overload: lowers the admitted rate when P95 latency rises (any tower `Service`) |
 //!
 //! The `full` feature (default) enables all of them.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "adaptive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
+pub mod adaptive;
+#[cfg(feature = "circuit-breaker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
+pub mod circuit_breaker;
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub mod proxy_protocol;
