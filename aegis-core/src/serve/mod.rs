@@ -240,19 +240,21 @@ where
             }
         };
 
-        if nodelay {
-            if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        }
+        let peer = crate::Param::<crate::PeerAddr>::param(&conn);
         let svc = service.clone();
-        let mut conn = Some(conn);
-        let spawned = registry.spawn(|slot| ConnTask::new(svc, conn.take().expect("once"), slot));
+        // Over the cap the closure, and the connection in it, is dropped: the socket
+        // closes at once.
+        let spawned = registry.spawn(move |slot| {
+            if nodelay {
+                if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            }
+            ConnTask::new(svc, conn, slot)
+        });
         if spawned.is_none() {
             metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);
-            if let Some(conn) = conn {
-                tracing::debug!(peer = %crate::Param::<crate::PeerAddr>::param(&conn), "connection cap reached; closing");
-            }
+            tracing::debug!(%peer, "connection cap reached; closing");
         }
     }
 
