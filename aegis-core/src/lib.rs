@@ -28,6 +28,28 @@
 //! }
 //! ```
 //!
+//! # Without the accept loop
+//!
+//! Bring your own listener or acceptor (TLS, Unix sockets, an existing server): wrap each
+//! accepted stream in a [`Conn`] and call the service yourself.
+//!
+//! ```no_run
+//! use aegis_core::{Conn, proxy::Proxy};
+//! use tower::ServiceExt;
+//!
+//! # async fn run() -> Result<(), aegis_core::BoxError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:1883").await?;
+//! let local = listener.local_addr()?;
+//! let proxy = Proxy::new("127.0.0.1:1884".parse()?);
+//! loop {
+//!     let (stream, peer) = listener.accept().await?;
+//!     // A TLS acceptor would run here and hand over its stream instead.
+//!     let svc = proxy.clone();
+//!     tokio::spawn(svc.oneshot(Conn::new(stream, peer, local)));
+//! }
+//! # }
+//! ```
+//!
 //! # The connection contract
 //!
 //! A layer may ask any connection for three addresses, each a distinct type so that
