@@ -1,1 +1,179 @@
-//! Placeholder: being written.
+//! Deadlines against slow clients (slowloris), after Apache's `mod_reqtimeout` and
+//! Kestrel's limits.
+//!
+//! A slowloris client opens a connection and then sends its handshake as slowly as the
+//! server allows: one byte every few seconds, or nothing at all. Each such connection
+//! costs a descriptor, a task and buffers, and a few thousand of them fill a server.
+//! [`SlowlorisLayer`] wraps a byte-stream service and gives every connection a set of
+//! separate clocks while its handshake is in progress, and an optional idle clock
+//! afterwards. When a clock runs out, the connection is cut: the response future
+//! resolves with an [`error::Elapsed`] rejection and drops the inner future and the
+//! stream, which closes the socket.
+//!
+//! # The clocks
+//!
+//! Every clock is off until set. During the handshake:
+//!
+//! | clock | setter | runs from | label | `mod_reqtimeout` / Kestrel |
+//! |---|---|---|---|---|
+//! | first byte | [`first_byte_timeout`](SlowlorisLayer::first_byte_timeout) | the call, until the first byte | `first_byte` | - |
+//! | idle | [`idle_timeout`](SlowlorisLayer::idle_timeout) | the last byte received | `idle` | the socket timeout between reads |
+//! | total | [`handshake_timeout`](SlowlorisLayer::handshake_timeout) | the call, until the handshake completes | `total` | `header=20` / `RequestHeadersTimeout` |
+//! | minimum rate | [`min_rate`](SlowlorisLayer::min_rate) | the call, growing with the bytes | `min_rate` | `header=20-40,MinRate=500` / `MinRequestBodyDataRate` |
+//!
+//! After the handshake only one clock runs, and it is off by default:
+//!
+//! | clock | setter | runs from | label | Kestrel |
+//! |---|---|---|---|---|
+//! | idle after handshake | [`idle_timeout_after_handshake`](SlowlorisLayer::idle_timeout_after_handshake) | the end of the handshake, then the last byte received | `idle` | `KeepAliveTimeout` |
+//!
+//! # Which clock to use, and how they compose
+//!
+//! As with tower-http's `TimeoutBody` (reset after every frame) and `DeadlineBody` (never
+//! reset), the clocks fall into two kinds that stack:
+//!
+//! - The **idle** clocks (first byte, idle) are reset by progress. They catch a client
+//!   that stops, and cost a healthy client nothing however long its handshake is, but
+//!   **one byte every few seconds keeps them happy forever**. Use them alone only where
+//!   the handshake is not delimited (a plain TCP proxy, see below).
+//! - The **total** clock never resets: one byte every few seconds cannot keep a
+//!   connection alive past it. It is the clock that actually stops slowloris, and it
+//!   needs the inner service to say when the handshake is over.
+//! - The **minimum rate** moves the total deadline later as bytes arrive, so that a
+//!   large but steady handshake is not cut while a trickle is: `mod_reqtimeout`'s
+//!   `MinRate`. With a total deadline set, that deadline is its cap.
+//!
+//! All clocks that are set run at once and the earliest deadline cuts, so a typical
+//! setting uses one of each kind: a first-byte or idle timeout of a few seconds to shed
+//! silent connections early, and a total deadline (with or without a minimum rate) to
+//! bound the whole handshake. `mod_reqtimeout`'s default, `header=20-40,MinRate=500`, is
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
+//! let layer = SlowlorisLayer::new()
+//!     .handshake_timeout(Duration::from_secs(40))
+//!     .min_rate(MinRate::new(500, Duration::from_secs(20)));
+//! ```
+//!
+//! # The minimum-rate formula
+//!
+//! With `MinRate::new(N, grace)` and `received` bytes read from the client so far, the
+//! connection is cut at
+//!
+//! ```text
+//! rate_deadline = start + grace + received / N seconds   (to the nanosecond)
+//! deadline      = min(rate_deadline, start + total)      (when a total deadline is set)
+//! ```
+//!
+//! which is `mod_reqtimeout`'s rule: the deadline starts `grace` after the connection and
+//! grows by one second per `N` bytes received (in `1/N` s steps per byte, as
+//! `mod_reqtimeout` extends its timeout by `len × 1 s / MinRate` on every read), up to the
+//! cap. Put differently, after the grace period a client must have averaged `N` bytes
+//! per second since the connection started. A cut before the cap is labelled
+//! `min_rate`; a cut at the cap is labelled `total`. Example: with
+//! `MinRate::new(500, 20 s)` and a 40 s total, a client trickling 1 byte per second is
+//! cut after about 20.04 s (`min_rate`); one sending 1 kB/s but never finishing is cut
+//! at 40 s (`total`).
+//!
+//! # Ending the handshake
+//!
+//! The layer does not understand any protocol: the inner service tells it when the
+//! handshake is done. The stream it receives, a [`SlowlorisIo`], answers
+//! `Param<Handshake>` with a tracked [`aegis_core::Handshake`] that the layer watches;
+//! the inner layer calls [`complete`](aegis_core::Handshake::complete) on it (the MQTT
+//! layer once CONNECT is complete, an HTTP server once the request headers are read)
+//! with `Param::<Handshake>::param(&io).complete()`, as in the [example](#example).
+//!
+//! From then on only the idle-after-handshake clock runs. If a deadline layer further
+//! out already tracks the handshake, the same handle is shared, so one `complete()` ends
+//! both phases. With an inner service that never completes the handshake (a plain
+//! `aegis_core::proxy::Proxy`, say), use only the first-byte and idle clocks:
+//! the total and minimum-rate clocks would cut every connection.
+//!
+//! # Metrics
+//!
+//! Every cut is counted once, through [`aegis_core::error::reject`]:
+//!
+//! | name | labels | meaning |
+//! |---|---|---|
+//! | `aegis_rejections_total` | `layer="slowloris"`, `reason="first_byte"` | no byte within the first-byte timeout |
+//! | `aegis_rejections_total` | `layer="slowloris"`, `reason="idle"` | silent for the idle timeout, during or after the handshake ([`Elapsed::after_handshake`](error::Elapsed::after_handshake) tells which) |
+//! | `aegis_rejections_total` | `layer="slowloris"`, `reason="total"` | handshake not complete by the total deadline (or the minimum-rate cap) |
+//! | `aegis_rejections_total` | `layer="slowloris"`, `reason="min_rate"` | fewer bytes than the minimum rate allows for the time taken |
+//!
+//! # Cost
+//!
+//! Per connection, the layer allocates the state it shares with its stream (one `Arc`
+//! of 32 bytes: the byte count and the handshake handle) and the tracked handshake
+//! handle (an `Arc<AtomicBool>`, 24 bytes). Its response future adds about 250 bytes to
+//! the inner future, most of it the one `tokio::time::Sleep` (see the
+//! `response_future_stays_small` test for the exact bound). The timer is created when
+//! the first deadline is armed and then reset in place: reads only move deadlines
+//! later, so the timer is left where it is and re-armed when it fires early; it moves
+//! earlier only at the first byte and at the end of the handshake. A read costs one
+//! relaxed load and store; a poll of the future that saw new bytes reads the clock once
+//! when an idle clock is on. The bench `benches/slowloris.rs` measures the added CPU
+//! per connection.
+//!
+//! The clocks are re-armed whenever the response future is polled, which includes each
+//! time the inner future is, so they are exact when the inner future drives the stream
+//! (as byte-stream services do). An inner service that moves the stream to another
+//! task escapes the cut, and its reads are only seen when the timer fires.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! use std::time::Duration;
+//! use aegis_core::{Conn, Handshake, Param};
+//! use aegis_layers::slowloris::{MinRate, SlowlorisIo, SlowlorisLayer};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! let layer = SlowlorisLayer::new()
+//!     .first_byte_timeout(Duration::from_secs(5))
+//!     .idle_timeout(Duration::from_secs(10))
+//!     .handshake_timeout(Duration::from_secs(40))
+//!     .min_rate(MinRate::new(500, Duration::from_secs(20)));
+//!
+//! // The inner service reads a 5-byte greeting, ends the handshake, then echoes.
+//! let svc = layer.layer(service_fn(
+//!     |mut io: SlowlorisIo<Conn<DuplexStream>>| async move {
+//!         let mut hello = [0; 5];
+//!         io.read_exact(&mut hello).await?;
+//!         Param::<Handshake>::param(&io).complete();
+//!         let (mut rd, mut wr) = tokio::io::split(io);
+//!         tokio::io::copy(&mut rd, &mut wr).await?;
+//!         Ok::<_, std::io::Error>(())
+//!     },
+//! ));
+//!
+//! let (mut client, server) = tokio::io::duplex(64);
+//! let conn = Conn::new(server, "192.0.2.7:40000".parse()?, "127.0.0.1:1883".parse()?);
+//! let served = tokio::spawn(svc.oneshot(conn));
+//! client.write_all(b"hello ping").await?;
+//! let mut pong = [0; 5];
+//! client.read_exact(&mut pong).await?;
+//! assert_eq!(&pong, b" ping");
+//! drop(client);
+//! served.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+mod clock;
+pub mod error;
+pub mod future;
+mod io;
+mod layer;
+mod service;
+
+pub use self::clock::MinRate;
+pub use self::io::SlowlorisIo;
+pub use self::layer::SlowlorisLayer;
+pub use self::service::Slowloris;
+
+/// The `layer` label of this module's rejections.
+const LAYER: &str = "slowloris";

@@ -1,0 +1,256 @@
+//! The deadline arithmetic, kept apart from polling so that it can be tested alone.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::error::Clock;
+
+/// How fast a client must send once its grace period is over (`mod_reqtimeout`'s
+/// `MinRate`). See the [module docs](super#the-minimum-rate-formula) for the formula.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MinRate {
+    bytes_per_sec: NonZeroU32,
+    grace: Duration,
+}
+
+impl MinRate {
+    /// At least `bytes_per_sec` bytes per second on average, after a `grace` period.
+    ///
+    /// `mod_reqtimeout`'s `header=20-40,MinRate=500` is
+    /// `MinRate::new(500, Duration::from_secs(20))` with a total deadline of 40 s.
+    ///
+    /// # Panics
+    ///
+    /// If `bytes_per_sec` is 0.
+    pub const fn new(bytes_per_sec: u32, grace: Duration) -> Self {
+        let Some(bytes_per_sec) = NonZeroU32::new(bytes_per_sec) else {
+            panic!("MinRate::new: bytes_per_sec must be at least 1");
+        };
+        Self {
+            bytes_per_sec,
+            grace,
+        }
+    }
+
+    /// The required rate in bytes per second.
+    pub const fn bytes_per_sec(&self) -> u32 {
+        self.bytes_per_sec.get()
+    }
+
+    /// The time allowed before the rate rule starts to bite.
+    pub const fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// How long after the start a client that has sent `received` bytes may still take:
+    /// `grace + received / bytes_per_sec` seconds, to the nanosecond.
+    pub(crate) fn allowance(&self, received: u64) -> Duration {
+        let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.bytes_per_sec.get());
+        self.grace.saturating_add(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
+    }
+}
+
+/// The configured clocks; `None` means off. Copied into every response future.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Clocks {
+    pub(crate) first_byte: Option<Duration>,
+    pub(crate) idle: Option<Duration>,
+    pub(crate) total: Option<Duration>,
+    pub(crate) min_rate: Option<MinRate>,
+    pub(crate) idle_after_handshake: Option<Duration>,
+}
+
+/// What a connection has done so far, as the response future last saw it.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct Progress {
+    /// When the layer was called.
+    pub(crate) start: Instant,
+    /// When the future last saw new bytes (or the handshake end); `start` before that.
+    pub(crate) last_read: Instant,
+    /// Bytes read from the client so far.
+    pub(crate) received: u64,
+    /// Whether the handshake is complete.
+    pub(crate) handshake_done: bool,
+}
+
+impl Clocks {
+    /// Whether the idle clock that applies in this phase needs the time of each read.
+    pub(crate) const fn tracks_reads(&self, handshake_done: bool) -> bool {
+        if handshake_done {
+            self.idle_after_handshake.is_some()
+        } else {
+            self.idle.is_some()
+        }
+    }
+
+    /// The earliest deadline that applies now, and the clock it belongs to. On a tie the
+    /// more specific clock wins: first byte, then idle, then minimum rate, then total.
+    pub(crate) fn next(&self, p: &Progress) -> Option<(Instant, Clock)> {
+        fn at(from: Instant, d: Option<Duration>, clock: Clock) -> Option<(Instant, Clock)> {
+            d.and_then(|d| from.checked_add(d)).map(|t| (t, clock))
+        }
+        fn earliest(
+            a: Option<(Instant, Clock)>,
+            b: Option<(Instant, Clock)>,
+        ) -> Option<(Instant, Clock)> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                (a, b) => a.or(b),
+            }
+        }
+
+        if p.handshake_done {
+            return at(p.last_read, self.idle_after_handshake, Clock::Idle);
+        }
+        let mut next = None;
+        if p.received == 0 && self.first_byte.is_some() {
+            // Before the first byte, the first-byte clock stands in for the idle clock.
+            next = at(p.start, self.first_byte, Clock::FirstByte);
+        } else {
+            next = earliest(next, at(p.last_read, self.idle, Clock::Idle));
+        }
+        let total = at(p.start, self.total, Clock::Total);
+        let rate = self
+            .min_rate
+            .and_then(|r| at(p.start, Some(r.allowance(p.received)), Clock::MinRate))
+            // At or past the cap, the total deadline is the one that cuts.
+            .filter(|r| total.is_none_or(|t| r.0 < t.0));
+        earliest(earliest(next, rate), total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn progress(received: u64, last_read_secs: u32, done: bool) -> Progress {
+        let start = Instant::now();
+        Progress {
+            start,
+            last_read: start + last_read_secs * S,
+            received,
+            handshake_done: done,
+        }
+    }
+
+    fn next_rel(c: &Clocks, p: &Progress) -> Option<(Duration, Clock)> {
+        c.next(p)
+            .map(|(t, k)| (t.saturating_duration_since(p.start), k))
+    }
+
+    #[test]
+    fn min_rate_allowance_is_grace_plus_bytes_over_rate() {
+        let r = MinRate::new(500, 20 * S);
+        assert_eq!(r.allowance(0), 20 * S);
+        assert_eq!(r.allowance(500), 21 * S);
+        assert_eq!(r.allowance(250), Duration::from_millis(20_500));
+        assert_eq!(r.allowance(1), Duration::from_millis(20_002));
+        // No overflow at the extremes.
+        assert!(r.allowance(u64::MAX) >= Duration::from_nanos(u64::MAX));
+    }
+
+    #[test]
+    #[should_panic(expected = "bytes_per_sec must be at least 1")]
+    fn min_rate_of_zero_panics() {
+        let _ = MinRate::new(0, S);
+    }
+
+    #[test]
+    fn first_byte_then_idle_then_total() {
+        let c = Clocks {
+            first_byte: Some(5 * S),
+            idle: Some(3 * S),
+            total: Some(10 * S),
+            ..Clocks::default()
+        };
+        assert_eq!(
+            next_rel(&c, &progress(0, 0, false)),
+            Some((5 * S, Clock::FirstByte))
+        );
+        // After the first byte the idle clock runs from the last read.
+        assert_eq!(
+            next_rel(&c, &progress(1, 1, false)),
+            Some((4 * S, Clock::Idle))
+        );
+        // Reads keep idle away, never the total.
+        assert_eq!(
+            next_rel(&c, &progress(9, 8, false)),
+            Some((10 * S, Clock::Total))
+        );
+    }
+
+    #[test]
+    fn idle_covers_the_first_byte_when_that_clock_is_off() {
+        let c = Clocks {
+            idle: Some(3 * S),
+            ..Clocks::default()
+        };
+        assert_eq!(
+            next_rel(&c, &progress(0, 0, false)),
+            Some((3 * S, Clock::Idle))
+        );
+    }
+
+    #[test]
+    fn min_rate_below_the_cap_then_total_at_the_cap() {
+        let c = Clocks {
+            total: Some(40 * S),
+            min_rate: Some(MinRate::new(500, 20 * S)),
+            ..Clocks::default()
+        };
+        assert_eq!(
+            next_rel(&c, &progress(1000, 0, false)),
+            Some((22 * S, Clock::MinRate))
+        );
+        assert_eq!(
+            next_rel(&c, &progress(20_000, 0, false)),
+            Some((40 * S, Clock::Total))
+        );
+        // Exactly at the cap (20 s + 10,000 B / 500 B/s), the total clock cuts.
+        assert_eq!(
+            next_rel(&c, &progress(10_000, 0, false)),
+            Some((40 * S, Clock::Total))
+        );
+        // Without a cap the rate deadline keeps growing.
+        let uncapped = Clocks { total: None, ..c };
+        assert_eq!(
+            next_rel(&uncapped, &progress(100_000, 0, false)),
+            Some((220 * S, Clock::MinRate))
+        );
+    }
+
+    #[test]
+    fn after_the_handshake_only_the_idle_clock_runs_and_it_is_off_by_default() {
+        let mut c = Clocks {
+            first_byte: Some(S),
+            idle: Some(S),
+            total: Some(S),
+            min_rate: Some(MinRate::new(1, S)),
+            idle_after_handshake: None,
+        };
+        assert_eq!(next_rel(&c, &progress(5, 0, true)), None);
+        c.idle_after_handshake = Some(60 * S);
+        assert_eq!(
+            next_rel(&c, &progress(5, 2, true)),
+            Some((62 * S, Clock::Idle))
+        );
+        assert!(!Clocks::default().tracks_reads(true));
+        assert!(c.tracks_reads(true) && c.tracks_reads(false));
+    }
+
+    #[test]
+    fn no_clock_means_no_deadline_and_huge_ones_do_not_overflow() {
+        assert_eq!(Clocks::default().next(&progress(0, 0, false)), None);
+        let c = Clocks {
+            total: Some(Duration::MAX),
+            ..Clocks::default()
+        };
+        assert_eq!(c.next(&progress(0, 0, false)), None);
+    }
+}

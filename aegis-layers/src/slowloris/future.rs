@@ -1,0 +1,160 @@
+//! Future types.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use aegis_core::BoxError;
+use aegis_core::error::reject;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
+
+use super::clock::{Clocks, Progress};
+use super::error::Elapsed;
+use super::io::Shared;
+
+pin_project! {
+    /// Response future of [`Slowloris`](super::Slowloris): drives the inner future and
+    /// races it against the connection's clocks.
+    ///
+    /// The clocks fire even while nobody reads the stream. When one runs out, the inner
+    /// future and the stream are dropped at once (closing the socket) and the future
+    /// resolves to an [`Elapsed`] rejection.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+        // One timer per connection, created on first need and reset in place: it is
+        // always at or before the earliest deadline, and re-armed when it fires early.
+        #[pin]
+        sleep: Option<Sleep>,
+        clocks: Clocks,
+        progress: Progress,
+        shared: Arc<Shared>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        Running { #[pin] fut: F },
+        Finished,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(fut: F, clocks: Clocks, shared: Arc<Shared>, start: Instant) -> Self {
+        Self {
+            state: State::Running { fut },
+            sleep: None,
+            clocks,
+            progress: Progress {
+                start,
+                last_read: start,
+                received: 0,
+                handshake_done: shared.handshake.is_complete(),
+            },
+            shared,
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let StateProj::Running { fut } = this.state.as_mut().project() else {
+            panic!("slowloris ResponseFuture polled after completion");
+        };
+        if let Poll::Ready(res) = fut.poll(cx) {
+            this.state.set(State::Finished);
+            return Poll::Ready(res.map_err(Into::into));
+        }
+
+        // Whatever the inner future read or completed during that poll moves the clocks.
+        let p = this.progress;
+        let mut changed = this.sleep.is_none();
+        let received = this.shared.received();
+        if received != p.received {
+            p.received = received;
+            if this.clocks.tracks_reads(p.handshake_done) {
+                p.last_read = Instant::now();
+            }
+            changed = true;
+        }
+        if !p.handshake_done && this.shared.handshake.is_complete() {
+            p.handshake_done = true;
+            // The idle clock after the handshake counts from its end.
+            if this.clocks.tracks_reads(true) {
+                p.last_read = Instant::now();
+            }
+            changed = true;
+        }
+
+        loop {
+            let Some((deadline, clock)) = this.clocks.next(p) else {
+                // No clock applies any more (the handshake is over, idle is off).
+                this.sleep.set(None);
+                return Poll::Pending;
+            };
+            match this.sleep.as_mut().as_pin_mut() {
+                // Deadlines only move later, except at the first byte and the end of the
+                // handshake: only then can the timer need to move earlier.
+                Some(sleep) if changed && deadline < sleep.deadline() => sleep.reset(deadline),
+                Some(_) => {}
+                None => this.sleep.set(Some(sleep_until(deadline))),
+            }
+            let sleep = this.sleep.as_mut().as_pin_mut().expect("armed above");
+            if sleep.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The timer fired: either a deadline passed, or the timer was early (reads
+            // moved the deadline later since it was set) and is re-armed in place.
+            let now = Instant::now();
+            if deadline <= now {
+                this.state.set(State::Finished); // drops the inner future and the stream
+                this.sleep.set(None);
+                let err = Elapsed::new(
+                    clock,
+                    now.saturating_duration_since(p.start),
+                    p.received,
+                    p.handshake_done,
+                );
+                return Poll::Ready(Err(reject(err).into()));
+            }
+            this.sleep
+                .as_mut()
+                .as_pin_mut()
+                .expect("armed above")
+                .reset(deadline);
+            changed = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Ready;
+    use std::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn response_future_stays_small() {
+        type Inner = Ready<Result<(), std::io::Error>>;
+        let added = size_of::<ResponseFuture<Inner>>() - size_of::<Inner>();
+        let sleep = size_of::<Sleep>();
+        println!("ResponseFuture adds {added} bytes, Sleep is {sleep} bytes");
+        assert!(added <= sleep + 144, "adds {added} bytes (Sleep: {sleep})");
+        // The state shared with the stream: a byte count and the handshake handle.
+        assert_eq!(size_of::<Shared>(), 16);
+    }
+}

@@ -1,0 +1,141 @@
+//! The IO wrapper that counts the client's bytes and hands out the handshake handle.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use aegis_core::{ClientAddr, Handshake, LocalAddr, Param, PeerAddr};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The state the IO wrapper and the response future share: one allocation per
+/// connection (32 bytes with the `Arc` counts), plus the handshake handle's own.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Bytes read from the client. Only the IO wrapper writes it (through `Pin<&mut>`,
+    /// so one writer at a time), which lets it add with a plain load and store.
+    received: AtomicU64,
+    /// The handle the inner layer completes; the future watches it.
+    pub(crate) handshake: Handshake,
+}
+
+impl Shared {
+    pub(crate) const fn new(handshake: Handshake) -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            handshake,
+        }
+    }
+
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        // Single writer: no read-modify-write (and no locked instruction) is needed.
+        let total = self.received().saturating_add(n as u64);
+        self.received.store(total, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// The stream the inner service of a [`Slowloris`](super::Slowloris) receives.
+    ///
+    /// It counts the bytes read from the client for the layer's clocks and answers
+    /// `Param<Handshake>` with the handle the layer watches: call
+    /// [`Handshake::complete`] on it when the protocol's handshake is done. Writes,
+    /// vectored writes and the address params go straight to the inner stream.
+    #[derive(Debug)]
+    pub struct SlowlorisIo<I> {
+        #[pin]
+        io: I,
+        shared: Arc<Shared>,
+    }
+}
+
+impl<I> SlowlorisIo<I> {
+    pub(crate) const fn new(io: I, shared: Arc<Shared>) -> Self {
+        Self { io, shared }
+    }
+
+    /// The bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.shared.received()
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The wrapped stream, mutably.
+    pub fn get_mut(&mut self) -> &mut I {
+        &mut self.io
+    }
+}
+
+aegis_core::forward_params!(SlowlorisIo<I>.io: PeerAddr, LocalAddr, ClientAddr);
+
+impl<I> Param<Handshake> for SlowlorisIo<I> {
+    /// The handle the layer watches (not the inner stream's): completing it ends the
+    /// handshake phase, and completes the outer layer's too when one is tracking.
+    #[inline]
+    fn param(&self) -> Handshake {
+        self.shared.handshake.clone()
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for SlowlorisIo<I> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.io.poll_read(cx, buf))?;
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.shared.add(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for SlowlorisIo<I> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}

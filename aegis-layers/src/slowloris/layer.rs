@@ -1,0 +1,81 @@
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::Slowloris;
+use super::clock::{Clocks, MinRate};
+
+/// Applies the [`Slowloris`] deadlines to a byte-stream service.
+///
+/// Every clock is off until set; the layer is a few `Duration`s and cheap to copy.
+/// See the [module docs](super) for how the clocks compose and an example.
+#[derive(Debug, Clone, Copy, Default)]
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct SlowlorisLayer {
+    clocks: Clocks,
+}
+
+impl SlowlorisLayer {
+    /// A layer with every clock off.
+    pub const fn new() -> Self {
+        Self {
+            clocks: Clocks {
+                first_byte: None,
+                idle: None,
+                total: None,
+                min_rate: None,
+                idle_after_handshake: None,
+            },
+        }
+    }
+
+    /// Cuts a connection whose first byte has not arrived `timeout` after the layer was
+    /// called (label `first_byte`).
+    pub const fn first_byte_timeout(mut self, timeout: Duration) -> Self {
+        self.clocks.first_byte = Some(timeout);
+        self
+    }
+
+    /// During the handshake, cuts a connection that sends nothing for `timeout` (label
+    /// `idle`). Before the first byte this clock runs from the start, unless the
+    /// first-byte timeout is set, which then applies instead.
+    pub const fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.clocks.idle = Some(timeout);
+        self
+    }
+
+    /// Cuts a connection whose handshake has not completed `timeout` after the layer was
+    /// called (label `total`). With [`min_rate`](Self::min_rate), this is the cap of the
+    /// growing deadline.
+    ///
+    /// Only set it if the inner service completes the [`Handshake`](aegis_core::Handshake)
+    /// (see the [module docs](super#ending-the-handshake)); otherwise every connection
+    /// is cut at this deadline.
+    pub const fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.clocks.total = Some(timeout);
+        self
+    }
+
+    /// During the handshake, cuts a client that sends too slowly (label `min_rate`): see
+    /// [the formula](super#the-minimum-rate-formula).
+    pub const fn min_rate(mut self, rate: MinRate) -> Self {
+        self.clocks.min_rate = Some(rate);
+        self
+    }
+
+    /// After the handshake, cuts a connection that sends nothing for `timeout` (label
+    /// `idle`). Off by default: once a client has completed its handshake, its protocol
+    /// (an MQTT keep-alive, for example) usually decides when it is dead.
+    pub const fn idle_timeout_after_handshake(mut self, timeout: Duration) -> Self {
+        self.clocks.idle_after_handshake = Some(timeout);
+        self
+    }
+}
+
+impl<S> Layer<S> for SlowlorisLayer {
+    type Service = Slowloris<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Slowloris::new(inner, self.clocks)
+    }
+}
