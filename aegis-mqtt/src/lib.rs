@@ -1,8 +1,278 @@
-//! Strict MQTT validation for Aegis.
+//! Strict MQTT 3.1 / 3.1.1 / 5.0 framing and validation for Aegis.
 //!
-//! This crate is a placeholder in this release: the MQTT layer (strict 3.1 / 3.1.1 / 5.0
-//! validation, per-packet policy and version-correct rejections) is tracked as its own
-//! piece of work and lands in a later release. It is a workspace member now so that the
-//! layout, the lints and CI cover it from the start.
+//! A gateway in front of a broker reads each client packet, checks it against the
+//! specification and forwards the client's **original bytes**; nothing is re-encoded.
+//! This crate is the pure-library half of that job:
+//!
+//! - [`Framer`] splits a byte stream into packets from the fixed header alone, with a size
+//!   cap applied before anything is buffered;
+//! - [`validate_connect`] and [`Session`] validate the CONNECT and every later
+//!   client packet and return zero-copy views ([`Connect`], [`Packet`]);
+//! - [`MqttError`] is a typed rejection (an [`aegis_core::error::Reject`] with layer
+//!   `"mqtt"`) whose [`answer`](MqttError::answer) is the version-correct CONNACK or
+//!   DISCONNECT, and [`encode`] holds the encoders for those answers and for SUBACK and
+//!   PUBACK refusals.
+//!
+//! # Example
+//!
+//! ```
+//! use aegis_mqtt::{Answer, Config, MqttError, Session};
+//!
+//! let mut session = Session::new(Config::new());
+//! // An MQTT 3.1.1 CONNECT with an empty client id and clean session 0.
+//! let connect = [0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 60, 0, 0];
+//! let err = session.next(&connect).unwrap_err();
+//! assert_eq!(err, MqttError::ClientId("empty client identifier without clean session"));
+//! // The answer is a 3.1.1 CONNACK "identifier rejected", then close.
+//! assert_eq!(session.answer(&err), Answer::ConnackV3(0x02));
+//! assert_eq!(session.answer(&err).bytes(), [0x20, 0x02, 0x00, 0x02]);
+//! ```
+//!
+//! # Why not mqttbytes
+//!
+//! mqttbytes 0.6 is a fine codec for a client, but it is not a validator: it accepts
+//! reserved fixed-header flags, the CONNECT reserved bit, a password without a user name,
+//! bytes after the CONNECT payload, non-minimal Remaining Lengths, SUBSCRIBE with packet
+//! identifier 0 or reserved option bits, PUBLISH topics with wildcards, U+0000 or no
+//! characters, and DUP on `QoS` 0; it refuses MQTT 3.1, a zero-length v5 DISCONNECT and
+//! AUTH; its UNSUBSCRIBE parser writes to stderr; and it copies every string into a
+//! `String`. Each of these is proven by a test in `tests/mqttbytes_gaps.rs`. This crate
+//! therefore frames and validates on its own over `&[u8]`, with no allocation, and uses
+//! mqttbytes only as the baseline of the benchmarks and tests (it is re-exported, hidden,
+//! for `benches/mqtt.rs`).
+//!
+//! # Answers
+//!
+//! | Rejection | 3.1 / 3.1.1 at CONNECT | 5.0 at CONNECT | 3.x later | 5.0 later |
+//! |---|---|---|---|---|
+//! | `malformed` | close, no CONNACK [MQTT-3.1.4-1] | CONNACK 0x81 | close | DISCONNECT 0x81 |
+//! | `protocol_error` | close | CONNACK 0x82 | close | DISCONNECT 0x82 |
+//! | `unsupported_version` | CONNACK 0x01 [MQTT-3.1.2-2] | CONNACK `20 02 00 01` (the level is not 5) | - | - |
+//! | `unknown_protocol` | close [MQTT-3.1.2-1] | close | - | - |
+//! | `client_id` | CONNACK 0x02 [MQTT-3.1.3-9] | CONNACK 0x85 | - | - |
+//! | `packet_too_large` | close | CONNACK 0x95 | close | DISCONNECT 0x95 |
+//! | `keep_alive` | close [MQTT-3.2.2-6] | CONNACK 0x83 | - | - |
+//! | `topic_name` | close | CONNACK 0x90 | close | DISCONNECT 0x90 |
+//! | `topic_filter` | - | - | close | DISCONNECT 0x8F |
+//! | `not_authorized` | CONNACK 0x05 | CONNACK 0x87 | close | DISCONNECT 0x87 |
+//! | `server_unavailable` | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
+//! | `server_busy` | CONNACK 0x03 | CONNACK 0x89 | close | DISCONNECT 0x89 |
+//! | `quota_exceeded` | CONNACK 0x03 | CONNACK 0x97 | close | DISCONNECT 0x97 |
+//! | `connection_rate` | CONNACK 0x03 | CONNACK 0x9F | close | DISCONNECT 0x9F |
+//! | `message_rate` | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
+//! | `keep_alive_timeout` | close | close | close | DISCONNECT 0x8D |
+//!
+//! Proven by `tests/answers.rs`.
+#![doc = include_str!("conformance.md")]
 #![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod connect;
+pub mod encode;
+mod error;
+mod framer;
+mod packet;
+mod properties;
+mod reader;
+mod session;
+pub mod topic;
+
+pub use self::connect::{Connect, Will, connect_version, validate_connect};
+pub use self::error::{Answer, MqttError, Phase};
+pub use self::framer::{Decoded, Frame, Framer, MAX_REMAINING_LENGTH};
+pub use self::packet::{Filters, Packet, Publish};
+pub use self::session::{Next, Session};
+
+#[doc(hidden)]
+pub use mqttbytes as __mqttbytes;
+
+/// The protocol version a CONNECT chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Version {
+    /// MQTT 3.1 (`MQIsdp`, level 3).
+    V3_1,
+    /// MQTT 3.1.1 (`MQTT`, level 4).
+    V3_1_1,
+    /// MQTT 5.0 (`MQTT`, level 5).
+    V5,
+}
+
+/// Which characters a client identifier may hold.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum ClientIdChars {
+    /// `0-9a-zA-Z` only, the set every server must accept ([MQTT-3.1.3-5]).
+    Alphanumeric,
+    /// Printable ASCII without space (0x21 to 0x7E): the default.
+    AsciiGraphic,
+    /// Any valid MQTT string (well-formed UTF-8 without U+0000).
+    Any,
+    /// A custom predicate over each character.
+    Custom(fn(char) -> bool),
+}
+
+impl ClientIdChars {
+    fn allows(self, id: &str) -> bool {
+        match self {
+            Self::Alphanumeric => id.bytes().all(|b| b.is_ascii_alphanumeric()),
+            Self::AsciiGraphic => id.bytes().all(|b| b.is_ascii_graphic()),
+            Self::Any => true,
+            Self::Custom(f) => id.chars().all(f),
+        }
+    }
+}
+
+/// Validation limits: cheap, `Copy` configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    max_connect_size: usize,
+    max_packet_size: usize,
+    max_keep_alive: Option<u16>,
+    client_id_max_len: usize,
+    client_id_chars: ClientIdChars,
+    allow_empty_client_id: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Config {
+    /// The defaults: CONNECT up to 8 KiB, later packets up to 256 KiB, any keep-alive,
+    /// client identifiers of at most 128 bytes of printable ASCII, empty identifiers
+    /// allowed where the version allows them.
+    pub const fn new() -> Self {
+        Self {
+            max_connect_size: 8 * 1024,
+            max_packet_size: 256 * 1024,
+            max_keep_alive: None,
+            client_id_max_len: 128,
+            client_id_chars: ClientIdChars::AsciiGraphic,
+            allow_empty_client_id: true,
+        }
+    }
+
+    /// The size cap, in bytes, of the first packet (the CONNECT), before the client is
+    /// known.
+    #[must_use]
+    pub const fn max_connect_size(mut self, bytes: usize) -> Self {
+        self.max_connect_size = bytes;
+        self
+    }
+
+    /// The size cap, in bytes, of every packet after the CONNECT.
+    #[must_use]
+    pub const fn max_packet_size(mut self, bytes: usize) -> Self {
+        self.max_packet_size = bytes;
+        self
+    }
+
+    /// Refuse keep-alives over `seconds`, and 0 (no keep-alive at all).
+    #[must_use]
+    pub const fn max_keep_alive(mut self, seconds: u16) -> Self {
+        self.max_keep_alive = Some(seconds);
+        self
+    }
+
+    /// The longest client identifier accepted, in bytes.
+    #[must_use]
+    pub const fn client_id_max_len(mut self, bytes: usize) -> Self {
+        self.client_id_max_len = bytes;
+        self
+    }
+
+    /// The characters a client identifier may hold.
+    #[must_use]
+    pub const fn client_id_chars(mut self, chars: ClientIdChars) -> Self {
+        self.client_id_chars = chars;
+        self
+    }
+
+    /// Whether an empty client identifier is accepted where the version allows one
+    /// (3.1.1 with clean session 1, 5.0); MQTT 3.1 never allows one.
+    #[must_use]
+    pub const fn allow_empty_client_id(mut self, allow: bool) -> Self {
+        self.allow_empty_client_id = allow;
+        self
+    }
+}
+
+/// Splits a whole frame into its first byte and body, checking the Remaining Length.
+fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
+    match Framer::new(usize::MAX).decode(frame)? {
+        Decoded::Frame(f) if f.len() == frame.len() => Ok((frame[0], &frame[f.header_len()..])),
+        _ => Err(MqttError::Malformed(
+            "remaining length does not match the frame",
+        )),
+    }
+}
+
+/// The fuzz entry points, as plain functions so that tests can replay the corpora.
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::{Config, Next, Session, validate_connect};
+
+    /// Runs the CONNECT validator on `data`, and the session on the same bytes.
+    pub fn connect(data: &[u8]) {
+        let config = Config::new().max_keep_alive(600);
+        let _ = validate_connect(data, &config);
+        let mut s = Session::new(config);
+        if let Err(e) = s.validate(data) {
+            let _ = s.answer(&e).bytes();
+        }
+    }
+
+    /// Feeds `data` into a framer and session in chunks whose sizes come from the first
+    /// bytes of `data`, as a layer reading from a socket would.
+    pub fn stream(data: &[u8]) {
+        let Some((&n, data)) = data.split_first() else {
+            return;
+        };
+        let (sizes, data) = data.split_at(usize::from(n % 8).min(data.len()));
+        let config = Config::new().max_connect_size(512).max_packet_size(4096);
+        let mut session = Session::new(config);
+        let mut buf = Vec::new();
+        let mut pos = 0;
+        let mut i = 0;
+        while pos < data.len() {
+            let size = sizes
+                .get(i % sizes.len().max(1))
+                .map_or(7, |&s| usize::from(s % 64) + 1);
+            i += 1;
+            let end = (pos + size).min(data.len());
+            buf.extend_from_slice(&data[pos..end]);
+            pos = end;
+            loop {
+                match session.next(&buf) {
+                    Ok(Next::NeedMore(_)) => break,
+                    Ok(Next::Packet { len, .. }) => {
+                        buf.drain(..len);
+                    }
+                    Err(e) => {
+                        let answer = session.answer(&e).bytes();
+                        assert!(answer.len() <= 5, "answers are short");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fuzz entry points for `cargo fuzz` (see `fuzz/`).
+#[cfg(fuzzing)]
+pub mod fuzz_logic {
+    /// Runs the CONNECT validator on arbitrary bytes.
+    pub fn connect(data: &[u8]) {
+        crate::__fuzz::connect(data);
+    }
+
+    /// Feeds arbitrary chunks into the framer and session validator.
+    pub fn stream(data: &[u8]) {
+        crate::__fuzz::stream(data);
+    }
+}

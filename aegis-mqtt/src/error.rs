@@ -1,0 +1,216 @@
+//! Typed rejections and the answer each one calls for.
+
+use crate::Version;
+use crate::encode;
+
+/// Why a packet or a connection was refused.
+///
+/// The `&'static str` fields name the rule that was broken; they never hold client input,
+/// so `Display` is safe to log and [`label`](aegis_core::error::Reject::label) is a fixed
+/// string. Use [`MqttError::answer`] (or [`Session::answer`](crate::Session::answer)) for
+/// the bytes the gateway must send before closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttError {
+    /// The bytes do not form a valid packet (v5 reason 0x81).
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+    /// A well-formed packet that breaks the protocol (v5 reason 0x82).
+    #[error("protocol error: {0}")]
+    ProtocolError(&'static str),
+    /// A known protocol name with a level that does not go with it.
+    #[error("unsupported protocol level {level}")]
+    UnsupportedVersion {
+        /// The protocol level the client sent.
+        level: u8,
+    },
+    /// A protocol name that is neither `MQTT` nor `MQIsdp`.
+    #[error("unknown protocol name")]
+    UnknownProtocol,
+    /// The client identifier is refused.
+    #[error("client identifier rejected: {0}")]
+    ClientId(&'static str),
+    /// A packet over the size limit, refused from its fixed header alone.
+    #[error("packet of at least {size} bytes is over the limit of {max}")]
+    PacketTooLarge {
+        /// The packet's size (a lower bound when refused before the header was complete).
+        size: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The requested keep-alive is outside the configured limit (0 means "none").
+    #[error("keep-alive of {requested} s is outside the limit of {max} s")]
+    KeepAlive {
+        /// The keep-alive the client asked for, in seconds.
+        requested: u16,
+        /// The configured maximum, in seconds.
+        max: u16,
+    },
+    /// A Topic Name that is empty or holds a wildcard (v5 reason 0x90).
+    #[error("invalid topic name: {0}")]
+    TopicName(&'static str),
+    /// A Topic Filter that breaks the wildcard rules (v5 reason 0x8F).
+    #[error("invalid topic filter: {0}")]
+    TopicFilter(&'static str),
+    /// Refused by policy (authentication or authorization).
+    #[error("not authorized")]
+    NotAuthorized,
+    /// The broker behind the gateway cannot be reached.
+    #[error("server unavailable")]
+    ServerUnavailable,
+    /// The gateway is shedding load.
+    #[error("server busy")]
+    ServerBusy,
+    /// A quota (connections, subscriptions, bytes) is exhausted.
+    #[error("quota exceeded")]
+    QuotaExceeded,
+    /// Too many connection attempts.
+    #[error("connection rate exceeded")]
+    ConnectionRate,
+    /// Too many packets or bytes per second from this client.
+    #[error("message rate too high")]
+    MessageRate,
+    /// Nothing arrived within 1.5 times the keep-alive.
+    #[error("keep-alive timeout")]
+    KeepAliveTimeout,
+}
+
+impl aegis_core::error::Reject for MqttError {
+    fn layer(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::ProtocolError(_) => "protocol_error",
+            Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::UnknownProtocol => "unknown_protocol",
+            Self::ClientId(_) => "client_id",
+            Self::PacketTooLarge { .. } => "packet_too_large",
+            Self::KeepAlive { .. } => "keep_alive",
+            Self::TopicName(_) => "topic_name",
+            Self::TopicFilter(_) => "topic_filter",
+            Self::NotAuthorized => "not_authorized",
+            Self::ServerUnavailable => "server_unavailable",
+            Self::ServerBusy => "server_busy",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::ConnectionRate => "connection_rate",
+            Self::MessageRate => "message_rate",
+            Self::KeepAliveTimeout => "keep_alive_timeout",
+        }
+    }
+}
+
+/// Where in the connection a rejection happens, which decides the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// While reading the CONNECT; the version, if the CONNECT got that far.
+    Connect(Option<Version>),
+    /// After the CONNECT was accepted.
+    Connected(Version),
+}
+
+/// What the gateway sends before it closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Close without sending anything.
+    Close,
+    /// An MQTT 3.1 / 3.1.1 CONNACK with this return code, then close.
+    ConnackV3(u8),
+    /// An MQTT 5 CONNACK with this reason code, then close.
+    ConnackV5(u8),
+    /// An MQTT 5 DISCONNECT with this reason code, then close.
+    DisconnectV5(u8),
+}
+
+impl Answer {
+    /// The bytes to send, empty for [`Answer::Close`].
+    pub fn bytes(&self) -> Vec<u8> {
+        match *self {
+            Self::Close => Vec::new(),
+            Self::ConnackV3(rc) => encode::connack_v3(rc).to_vec(),
+            Self::ConnackV5(rc) => encode::connack_v5(rc).to_vec(),
+            Self::DisconnectV5(rc) => encode::disconnect_v5(rc).to_vec(),
+        }
+    }
+}
+
+impl MqttError {
+    /// The version-correct answer to this rejection.
+    ///
+    /// MQTT 3.1 and 3.1.1 only know CONNACK return codes 1 to 5: a malformed CONNECT or
+    /// one that no return code fits closes without a CONNACK ([MQTT-3.1.4-1],
+    /// [MQTT-3.2.2-6]), and every rejection after the CONNECT just closes. MQTT 5 answers
+    /// a CONNECT with a CONNACK reason code and later packets with a DISCONNECT.
+    pub fn answer(&self, phase: Phase) -> Answer {
+        use crate::encode::reason as r;
+        match phase {
+            Phase::Connect(version) => {
+                if let Self::UnsupportedVersion { .. } = self {
+                    return Answer::ConnackV3(r::V3_UNACCEPTABLE_VERSION);
+                }
+                match version {
+                    None => Answer::Close,
+                    Some(Version::V5) => match self.v5_connack_code() {
+                        Some(rc) => Answer::ConnackV5(rc),
+                        None => Answer::Close,
+                    },
+                    Some(_) => match self {
+                        Self::ClientId(_) => Answer::ConnackV3(r::V3_IDENTIFIER_REJECTED),
+                        Self::NotAuthorized => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
+                        Self::ServerUnavailable
+                        | Self::ServerBusy
+                        | Self::QuotaExceeded
+                        | Self::ConnectionRate => Answer::ConnackV3(r::V3_SERVER_UNAVAILABLE),
+                        _ => Answer::Close,
+                    },
+                }
+            }
+            Phase::Connected(Version::V5) => Answer::DisconnectV5(self.v5_disconnect_code()),
+            Phase::Connected(_) => Answer::Close,
+        }
+    }
+
+    fn v5_connack_code(&self) -> Option<u8> {
+        use crate::encode::reason as r;
+        Some(match self {
+            Self::Malformed(_) => r::MALFORMED_PACKET,
+            Self::ProtocolError(_) | Self::TopicFilter(_) => r::PROTOCOL_ERROR,
+            Self::UnsupportedVersion { .. } => r::UNSUPPORTED_PROTOCOL_VERSION,
+            Self::ClientId(_) => r::CLIENT_IDENTIFIER_NOT_VALID,
+            Self::PacketTooLarge { .. } => r::PACKET_TOO_LARGE,
+            // "The CONNECT packet is valid but is not accepted by this Server."
+            Self::KeepAlive { .. } => r::IMPLEMENTATION_SPECIFIC_ERROR,
+            Self::TopicName(_) => r::TOPIC_NAME_INVALID,
+            Self::NotAuthorized => r::NOT_AUTHORIZED,
+            Self::ServerUnavailable => r::SERVER_UNAVAILABLE,
+            Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
+            Self::QuotaExceeded => r::QUOTA_EXCEEDED,
+            Self::ConnectionRate => r::CONNECTION_RATE_EXCEEDED,
+            Self::UnknownProtocol | Self::KeepAliveTimeout => return None,
+        })
+    }
+
+    fn v5_disconnect_code(&self) -> u8 {
+        use crate::encode::reason as r;
+        match self {
+            Self::Malformed(_) => r::MALFORMED_PACKET,
+            Self::ProtocolError(_)
+            | Self::UnsupportedVersion { .. }
+            | Self::UnknownProtocol
+            | Self::ClientId(_)
+            | Self::KeepAlive { .. } => r::PROTOCOL_ERROR,
+            Self::PacketTooLarge { .. } => r::PACKET_TOO_LARGE,
+            Self::TopicName(_) => r::TOPIC_NAME_INVALID,
+            Self::TopicFilter(_) => r::TOPIC_FILTER_INVALID,
+            Self::NotAuthorized => r::NOT_AUTHORIZED,
+            // 0x88 (server unavailable) is not a DISCONNECT reason code.
+            Self::ServerUnavailable | Self::ServerBusy => r::SERVER_BUSY,
+            Self::QuotaExceeded => r::QUOTA_EXCEEDED,
+            Self::ConnectionRate => r::CONNECTION_RATE_EXCEEDED,
+            Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,
+            Self::KeepAliveTimeout => r::KEEP_ALIVE_TIMEOUT,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Validation of every client packet after the CONNECT.
+
+use crate::properties::{self, Ctx};
+use crate::reader::Reader;
+use crate::topic::{FilterKind, check_topic_filter, check_topic_name};
+use crate::{MqttError, Version};
+
+/// A validated client packet, borrowing the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Packet<'a> {
+    /// The CONNECT (only ever the first packet).
+    Connect(crate::Connect<'a>),
+    /// PUBLISH.
+    Publish(Publish<'a>),
+    /// PUBACK with its packet identifier.
+    PubAck(u16),
+    /// PUBREC with its packet identifier.
+    PubRec(u16),
+    /// PUBREL with its packet identifier.
+    PubRel(u16),
+    /// PUBCOMP with its packet identifier.
+    PubComp(u16),
+    /// SUBSCRIBE.
+    Subscribe(Filters<'a>),
+    /// UNSUBSCRIBE.
+    Unsubscribe(Filters<'a>),
+    /// PINGREQ.
+    PingReq,
+    /// DISCONNECT with its reason code (0 for 3.x).
+    Disconnect(u8),
+    /// MQTT 5 AUTH with its reason code.
+    Auth(u8),
+}
+
+/// A validated PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Publish<'a> {
+    /// The DUP flag.
+    pub dup: bool,
+    /// `QoS` 0 to 2.
+    pub qos: u8,
+    /// The RETAIN flag.
+    pub retain: bool,
+    /// The Topic Name (empty only with an MQTT 5 Topic Alias).
+    pub topic: &'a str,
+    /// The packet identifier (0 for `QoS` 0).
+    pub packet_id: u16,
+    /// MQTT 5 Topic Alias.
+    pub topic_alias: Option<u16>,
+    /// The application payload.
+    pub payload: &'a [u8],
+}
+
+/// The validated filters of a SUBSCRIBE or UNSUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filters<'a> {
+    packet_id: u16,
+    with_options: bool,
+    payload: &'a [u8],
+}
+
+impl<'a> Filters<'a> {
+    /// The packet identifier.
+    pub const fn packet_id(&self) -> u16 {
+        self.packet_id
+    }
+
+    /// Each filter with its subscription options byte (0 for UNSUBSCRIBE).
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, u8)> + 'a {
+        let mut r = Reader::new(self.payload);
+        let with_options = self.with_options;
+        std::iter::from_fn(move || {
+            if r.is_empty() {
+                return None;
+            }
+            // Validated already: these reads cannot fail.
+            let filter = r.string().ok()?;
+            let options = if with_options { r.u8().ok()? } else { 0 };
+            Some((filter, options))
+        })
+    }
+}
+
+/// What the validators need to know about the connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx5 {
+    pub(crate) version: Version,
+    pub(crate) session_expiry_zero: bool,
+    pub(crate) auth_method: bool,
+}
+
+const ACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
+const REL_CODES: &[u8] = &[0x00, 0x92];
+const AUTH_CODES: &[u8] = &[0x00, 0x18, 0x19];
+const DISCONNECT_CODES: &[u8] = &[
+    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95,
+    0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+];
+
+/// Validates a packet after the CONNECT, given its fixed header byte and body.
+pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, MqttError> {
+    let v5 = ctx.version == Version::V5;
+    let flags = first & 0x0F;
+    let kind = first >> 4;
+    let expected_flags = match kind {
+        3 => return publish(flags, body, v5),
+        6 | 8 | 10 => 0b0010,
+        4 | 5 | 7 | 12 | 14 => 0,
+        15 if v5 => 0,
+        1 => return Err(MqttError::ProtocolError("second CONNECT")),
+        2 | 9 | 11 | 13 => {
+            return Err(MqttError::ProtocolError(
+                "server-to-client packet type from a client",
+            ));
+        }
+        _ => return Err(MqttError::Malformed("reserved packet type")),
+    };
+    if flags != expected_flags {
+        return Err(MqttError::Malformed("reserved fixed-header flags set"));
+    }
+    let mut r = Reader::new(body);
+    match kind {
+        4..=7 => {
+            let id = packet_id(&mut r)?;
+            if v5 {
+                let codes = if matches!(kind, 4 | 5) {
+                    ACK_CODES
+                } else {
+                    REL_CODES
+                };
+                reason_and_props(&mut r, codes, Ctx::Ack)?;
+            }
+            end(&r)?;
+            Ok(match kind {
+                4 => Packet::PubAck(id),
+                5 => Packet::PubRec(id),
+                6 => Packet::PubRel(id),
+                _ => Packet::PubComp(id),
+            })
+        }
+        8 => subscribe(r, v5).map(Packet::Subscribe),
+        10 => unsubscribe(r, v5).map(Packet::Unsubscribe),
+        12 => end(&r).map(|()| Packet::PingReq),
+        14 => {
+            let mut code = 0;
+            if v5 {
+                let (c, props) = reason_and_props(&mut r, DISCONNECT_CODES, Ctx::Disconnect)?;
+                if ctx.session_expiry_zero && props.session_expiry.is_some_and(|s| s != 0) {
+                    return Err(MqttError::ProtocolError(
+                        "non-zero session expiry in DISCONNECT after 0 in CONNECT",
+                    ));
+                }
+                code = c;
+            }
+            end(&r)?;
+            Ok(Packet::Disconnect(code))
+        }
+        _ => {
+            // AUTH, MQTT 5 only.
+            if !ctx.auth_method {
+                return Err(MqttError::ProtocolError(
+                    "AUTH without an authentication method in CONNECT",
+                ));
+            }
+            let (code, props) = reason_and_props(&mut r, AUTH_CODES, Ctx::Auth)?;
+            end(&r)?;
+            if !body.is_empty() && props.auth_method.is_none() {
+                return Err(MqttError::ProtocolError(
+                    "AUTH without an authentication method",
+                ));
+            }
+            Ok(Packet::Auth(code))
+        }
+    }
+}
+
+fn packet_id(r: &mut Reader<'_>) -> Result<u16, MqttError> {
+    match r.u16()? {
+        0 => Err(MqttError::ProtocolError("packet identifier 0")),
+        id => Ok(id),
+    }
+}
+
+fn end(r: &Reader<'_>) -> Result<(), MqttError> {
+    if r.is_empty() {
+        Ok(())
+    } else {
+        Err(MqttError::Malformed(
+            "remaining length does not match the packet",
+        ))
+    }
+}
+
+/// MQTT 5 reason code and properties, both optional at the end of a packet.
+fn reason_and_props<'a>(
+    r: &mut Reader<'a>,
+    codes: &[u8],
+    ctx: Ctx,
+) -> Result<(u8, properties::Props<'a>), MqttError> {
+    if r.is_empty() {
+        return Ok((0, properties::Props::default()));
+    }
+    let code = r.u8()?;
+    if !codes.contains(&code) {
+        return Err(MqttError::ProtocolError(
+            "reason code not valid for this packet",
+        ));
+    }
+    let props = if r.is_empty() {
+        properties::Props::default()
+    } else {
+        properties::read(r, ctx)?
+    };
+    Ok((code, props))
+}
+
+fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Packet<'_>, MqttError> {
+    let qos = (flags >> 1) & 0x03;
+    let dup = flags & 0x08 != 0;
+    if qos == 3 {
+        return Err(MqttError::Malformed("PUBLISH QoS 3"));
+    }
+    if dup && qos == 0 {
+        return Err(MqttError::Malformed("DUP set on a QoS 0 PUBLISH"));
+    }
+    let mut r = Reader::new(body);
+    let topic = r.string()?;
+    let packet_id = if qos > 0 { packet_id(&mut r)? } else { 0 };
+    let topic_alias = if v5 {
+        properties::read(&mut r, Ctx::Publish)?.topic_alias
+    } else {
+        None
+    };
+    if !(topic.is_empty() && topic_alias.is_some()) {
+        check_topic_name(topic)?;
+    }
+    Ok(Packet::Publish(Publish {
+        dup,
+        qos,
+        retain: flags & 0x01 != 0,
+        topic,
+        packet_id,
+        topic_alias,
+        payload: r.rest(),
+    }))
+}
+
+fn subscribe(mut r: Reader<'_>, v5: bool) -> Result<Filters<'_>, MqttError> {
+    let packet_id = packet_id(&mut r)?;
+    if v5 {
+        properties::read(&mut r, Ctx::Subscribe)?;
+    }
+    let payload = r;
+    if r.is_empty() {
+        return Err(MqttError::ProtocolError("SUBSCRIBE without a topic filter"));
+    }
+    while !r.is_empty() {
+        let filter = r.string()?;
+        let kind = check_topic_filter(filter, v5)?;
+        let options = r.u8()?;
+        if v5 {
+            if options & 0xC0 != 0 {
+                return Err(MqttError::Malformed(
+                    "reserved subscription option bits set",
+                ));
+            }
+            if options & 0x03 == 3 {
+                return Err(MqttError::Malformed("subscription QoS 3"));
+            }
+            if (options >> 4) & 0x03 == 3 {
+                return Err(MqttError::ProtocolError("retain handling 3"));
+            }
+            if kind == FilterKind::Shared && options & 0x04 != 0 {
+                return Err(MqttError::ProtocolError(
+                    "no local on a shared subscription",
+                ));
+            }
+        } else if options > 2 {
+            return Err(MqttError::Malformed(
+                "requested QoS over 2 or reserved bits set",
+            ));
+        }
+    }
+    Ok(Filters {
+        packet_id,
+        with_options: true,
+        payload: payload.rest_view(),
+    })
+}
+
+fn unsubscribe(mut r: Reader<'_>, v5: bool) -> Result<Filters<'_>, MqttError> {
+    let packet_id = packet_id(&mut r)?;
+    if v5 {
+        properties::read(&mut r, Ctx::Unsubscribe)?;
+    }
+    let payload = r;
+    if r.is_empty() {
+        return Err(MqttError::ProtocolError(
+            "UNSUBSCRIBE without a topic filter",
+        ));
+    }
+    while !r.is_empty() {
+        check_topic_filter(r.string()?, v5)?;
+    }
+    Ok(Filters {
+        packet_id,
+        with_options: false,
+        payload: payload.rest_view(),
+    })
+}

@@ -1,0 +1,180 @@
+//! The per-connection validator a layer feeds frames to.
+
+use crate::error::{Answer, Phase};
+use crate::framer::{Decoded, Framer};
+use crate::packet::{self, Ctx5, Packet};
+use crate::{Config, MqttError, Version, connect, split_frame};
+
+/// Validates the client-to-broker direction of one connection.
+///
+/// Feed it the bytes read from the client: [`Session::next`] frames the next packet with
+/// the size cap of the current phase (small until the CONNECT is accepted) and validates
+/// it. The first packet must be a valid CONNECT ([MQTT-3.1.0-1]); every later packet is
+/// checked against the version the CONNECT chose. After the first error the session is
+/// closed and every further call fails with the same error: the caller must send
+/// [`Session::answer`] and close.
+///
+/// ```
+/// use aegis_mqtt::{Config, Next, Packet, Session};
+///
+/// let mut session = Session::new(Config::new());
+/// let bytes = [
+///     0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a', // CONNECT
+///     0x30, 0x05, 0, 1, b't', b'h', b'i', // PUBLISH "t" "hi"
+/// ];
+/// let Next::Packet { len, packet: Packet::Connect(c) } = session.next(&bytes).unwrap() else {
+///     panic!()
+/// };
+/// assert_eq!(c.client_id, "a");
+/// let Next::Packet { packet: Packet::Publish(p), .. } = session.next(&bytes[len..]).unwrap()
+/// else {
+///     panic!()
+/// };
+/// assert_eq!((p.topic, p.payload), ("t", &b"hi"[..]));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Session {
+    config: Config,
+    state: State,
+    version: Option<Version>,
+    expiry_zero: bool,
+    auth_method: bool,
+    connected: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingConnect,
+    Connected,
+    Disconnected,
+    Failed(MqttError),
+}
+
+/// The result of [`Session::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next<'a> {
+    /// At least this many more bytes are needed.
+    NeedMore(usize),
+    /// A valid packet of `len` bytes at the start of the buffer.
+    Packet {
+        /// The packet's total length: forward exactly these bytes.
+        len: usize,
+        /// The validated view.
+        packet: Packet<'a>,
+    },
+}
+
+impl Session {
+    /// A session waiting for its CONNECT.
+    pub const fn new(config: Config) -> Self {
+        Self {
+            config,
+            state: State::AwaitingConnect,
+            version: None,
+            expiry_zero: true,
+            auth_method: false,
+            connected: false,
+        }
+    }
+
+    /// The protocol version, once the CONNECT has shown it (even a refused one).
+    pub const fn version(&self) -> Option<Version> {
+        self.version
+    }
+
+    /// Whether a CONNECT has been accepted.
+    pub const fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The framer for the current phase: the CONNECT cap until a CONNECT is accepted.
+    pub const fn framer(&self) -> Framer {
+        if self.connected {
+            Framer::new(self.config.max_packet_size)
+        } else {
+            Framer::new(self.config.max_connect_size)
+        }
+    }
+
+    /// Frames and validates the next packet at the start of `buf`.
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken; the session is then closed.
+    pub fn next<'a>(&mut self, buf: &'a [u8]) -> Result<Next<'a>, MqttError> {
+        if let State::Failed(e) = self.state {
+            return Err(e);
+        }
+        let frame = match self.framer().decode(buf) {
+            Ok(Decoded::NeedMore(n)) => return Ok(Next::NeedMore(n)),
+            Ok(Decoded::Frame(f)) => f,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let len = frame.len();
+        let packet = self.validate(&buf[..len])?;
+        Ok(Next::Packet { len, packet })
+    }
+
+    /// Validates one whole packet (as framed by [`Session::framer`]).
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken; the session is then closed.
+    pub fn validate<'a>(&mut self, frame: &'a [u8]) -> Result<Packet<'a>, MqttError> {
+        let result = match self.state {
+            State::Failed(e) => return Err(e),
+            State::AwaitingConnect => {
+                let r = connect::validate_connect(frame, &self.config);
+                match r {
+                    Ok(c) => {
+                        self.version = Some(c.version);
+                        self.expiry_zero = c.session_expiry == 0;
+                        self.auth_method = c.auth_method.is_some();
+                        self.state = State::Connected;
+                        self.connected = true;
+                        Ok(Packet::Connect(c))
+                    }
+                    Err(e) => {
+                        self.version = connect::connect_version(frame);
+                        Err(e)
+                    }
+                }
+            }
+            State::Disconnected => Err(MqttError::ProtocolError("packet after DISCONNECT")),
+            State::Connected => {
+                let ctx = Ctx5 {
+                    version: self.version.unwrap_or(Version::V3_1_1),
+                    session_expiry_zero: self.expiry_zero,
+                    auth_method: self.auth_method,
+                };
+                let r =
+                    split_frame(frame).and_then(|(first, body)| packet::validate(first, body, ctx));
+                if let Ok(Packet::Disconnect(_)) = r {
+                    self.state = State::Disconnected;
+                }
+                r
+            }
+        };
+        result.map_err(|e| self.fail(e))
+    }
+
+    fn fail(&mut self, e: MqttError) -> MqttError {
+        if !matches!(self.state, State::Failed(_)) {
+            self.state = State::Failed(e);
+        }
+        e
+    }
+
+    /// The version-correct answer to `err` in this session's phase.
+    pub fn answer(&self, err: &MqttError) -> Answer {
+        err.answer(self.phase())
+    }
+
+    /// The phase for [`MqttError::answer`].
+    pub fn phase(&self) -> Phase {
+        match (self.is_connected(), self.version) {
+            (true, Some(v)) => Phase::Connected(v),
+            (_, v) => Phase::Connect(v),
+        }
+    }
+}
