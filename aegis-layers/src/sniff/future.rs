@@ -1,0 +1,184 @@
+//! Futures of the sniffing layer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::{BoxError, Rewind};
+use bytes::Bytes;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::{Classification, Detection, Protocol, Protocols, SniffError, Sniffed, classify};
+
+/// Reads and classifies the first bytes of a connection.
+///
+/// Reads into a buffer of at most `max_prefix` bytes, as many times as needed until
+/// [`classify`] decides or the buffer is full (then [`Protocol::Unknown`]), under one
+/// total deadline (then [`Protocol::Timeout`], a result and not an error). EOF and read
+/// errors are [`SniffError`]s. Resolves to the detection, the bytes read and the stream.
+///
+/// The timer is only armed if a read has to wait: a client whose first bytes are
+/// already in the socket costs no timer registration.
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+#[derive(Debug)]
+pub struct Detect<I> {
+    io: Option<I>,
+    /// Zero-filled to its full length once; `filled` bytes of it hold data.
+    buf: Vec<u8>,
+    filled: usize,
+    deadline: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> Detect<I> {
+    /// Starts detection on `io`: read at most `max_prefix` bytes within `timeout`.
+    pub fn new(io: I, max_prefix: usize, timeout: Duration) -> Self {
+        Self {
+            io: Some(io),
+            buf: vec![0; max_prefix],
+            filled: 0,
+            deadline: Instant::now() + timeout,
+            sleep: None,
+        }
+    }
+
+    fn finish(&mut self, detection: Detection) -> (Detection, Bytes, I) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.truncate(self.filled);
+        let io = self.io.take().expect("Detect polled after completion");
+        (detection, Bytes::from(buf), io)
+    }
+}
+
+impl<I: AsyncRead + Unpin> Future for Detect<I> {
+    type Output = Result<(Detection, Bytes, I), SniffError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            let io = this.io.as_mut().expect("Detect polled after completion");
+            let mut rb = ReadBuf::new(&mut this.buf[this.filled..]);
+            match Pin::new(io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        this.io = None;
+                        return Poll::Ready(Err(SniffError::Eof(this.filled)));
+                    }
+                    this.filled += n;
+                    match classify(&this.buf[..this.filled]) {
+                        Classification::Decided(d) => return Poll::Ready(Ok(this.finish(d))),
+                        // The cap is reached without a decision (a cap below
+                        // `MAX_DECISION_LEN`): whatever it is, it is not known.
+                        Classification::NeedMore if this.filled == this.buf.len() => {
+                            let d = Detection::new(Protocol::Unknown);
+                            return Poll::Ready(Ok(this.finish(d)));
+                        }
+                        Classification::NeedMore => {}
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    this.io = None;
+                    return Poll::Ready(Err(SniffError::Io(e)));
+                }
+                Poll::Pending => {
+                    let deadline = this.deadline;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        let d = Detection::new(Protocol::Timeout);
+                        return Poll::Ready(Ok(this.finish(d)));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Sniff`](super::Sniff) and
+    /// [`SniffRouter`](super::SniffRouter): detection, then the inner service's future.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<I, S, F> {
+        #[pin]
+        state: State<I, S, F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<I, S, F> {
+        Detecting { detect: Detect<I>, svc: Option<S>, allowed: Protocols },
+        Calling { #[pin] fut: F },
+    }
+}
+
+impl<I, S, F> ResponseFuture<I, S, F> {
+    pub(crate) fn new(detect: Detect<I>, svc: S, allowed: Protocols) -> Self {
+        Self {
+            state: State::Detecting {
+                detect,
+                svc: Some(svc),
+                allowed,
+            },
+        }
+    }
+}
+
+impl<I, S, F> std::fmt::Debug for ResponseFuture<I, S, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Detecting { .. } => "detecting",
+            State::Calling { .. } => "calling",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<I, S, F, R, E> Future for ResponseFuture<I, S, F>
+where
+    I: AsyncRead + Unpin,
+    S: Service<Sniffed<I>, Future = F, Response = R, Error = E>,
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let fut = match self.as_mut().project().state.project() {
+                StateProj::Calling { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Detecting {
+                    detect,
+                    svc,
+                    allowed,
+                } => {
+                    let detected = std::task::ready!(Pin::new(detect).poll(cx));
+                    let (detection, prefix, io) = match detected {
+                        Ok(ok) => ok,
+                        Err(e) => return Poll::Ready(Err(aegis_core::error::reject(e).into())),
+                    };
+                    let protocol = detection.protocol();
+                    metrics::counter!(super::SNIFF_TOTAL, "protocol" => protocol.label())
+                        .increment(1);
+                    if !allowed.contains(protocol) {
+                        // `io` and the prefix are dropped here: the socket closes.
+                        let err = aegis_core::error::reject(SniffError::NotAllowed(protocol));
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    let mut svc = svc.take().expect("ResponseFuture polled after completion");
+                    svc.call(Sniffed::new(Rewind::new(prefix, io), detection))
+                }
+            };
+            self.as_mut().project().state.set(State::Calling { fut });
+        }
+    }
+}
