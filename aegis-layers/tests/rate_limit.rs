@@ -510,3 +510,24 @@ fn over_real_sockets_a_burst_from_one_address_is_closed_while_others_are_served(
     assert!(results[3..6].iter().all(Vec::is_empty));
     assert_eq!(rejections(&capture(&snap), "per_client"), 3);
 }
+
+#[test]
+fn racing_threads_on_the_same_new_keys_take_one_slot_per_key() {
+    // No tokio runtime: no eviction task, and `check` still works.
+    let limiter: KeyedLimiter<u32> = KeyedLimiter::new(Quota::per_second(nz(1)), 150, "race");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for k in 0..100 {
+                    let _ = limiter.check(&k);
+                }
+            });
+        }
+    });
+    assert_eq!(limiter.len(), 100);
+    // The 50 slots left are all still free.
+    for k in 100..150 {
+        assert!(limiter.check(&k).is_ok());
+    }
+    assert_eq!(limiter.len(), 150);
+}

@@ -1,6 +1,7 @@
 //! Client keys: an address truncated to its network prefix.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The key a client is limited under: its effective address truncated to a network
@@ -9,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 ///
 /// `Display` shows the network (`2001:db8:1:2::/64`); it is meant for logs, never for
 /// metric labels.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClientKey {
     net: IpAddr,
     prefix: u8,
@@ -24,6 +25,19 @@ impl ClientKey {
     /// The prefix length.
     pub const fn prefix_len(&self) -> u8 {
         self.prefix
+    }
+}
+
+impl Hash for ClientKey {
+    /// One write of the address bits: keys are hashed on every connection (`SipHash`
+    /// per write adds up), and equal keys have equal bits. The prefix length follows from
+    /// the family, so it need not be hashed.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(match self.net {
+            IpAddr::V4(v4) => u128::from(v4.to_bits()) | (1 << 127),
+            IpAddr::V6(v6) => v6.to_bits(),
+        });
     }
 }
 

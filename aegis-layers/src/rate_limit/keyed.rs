@@ -2,185 +2,24 @@
 
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
-use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use super::clock::{GovClock, TokioClock, since};
-use super::metrics;
+use super::store::SharedStore;
 
 /// How often idle keys are evicted by default.
 pub const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(30);
 
 /// How many keys a limiter tracks at most by default (about 10 MB for IP keys).
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
-
-/// One GCRA state: the theoretical arrival time (TAT) in nanoseconds since the store's
-/// epoch, 0 meaning "never seen". Updated with a compare-and-swap loop, as governor's
-/// own `InMemoryState` does.
-#[derive(Default)]
-pub(super) struct Cell(AtomicU64);
-
-impl Cell {
-    #[inline]
-    fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let read = |v: u64| (v != 0).then(|| Nanos::new(v));
-        let mut prev = self.0.load(Ordering::Acquire);
-        loop {
-            let (out, next) = f(read(prev))?;
-            match self.0.compare_exchange_weak(
-                prev,
-                next.as_u64(),
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(out),
-                Err(actual) => prev = actual,
-            }
-        }
-    }
-
-    /// Whether the state is fully replenished at `now`: a TAT at or before `now` decides
-    /// exactly like no state at all, so dropping it changes no decision.
-    #[inline]
-    fn is_idle(&self, now: Nanos) -> bool {
-        self.0.load(Ordering::Relaxed) <= now.as_u64()
-    }
-}
-
-/// The state of one direct (unkeyed) limiter, shared by every limiter built over it.
-#[derive(Clone, Default)]
-pub(super) struct SharedCell(Arc<Cell>);
-
-impl StateStore for SharedCell {
-    type Key = NotKeyed;
-
-    #[inline]
-    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        self.0.measure_and_replace(f)
-    }
-}
-
-impl fmt::Debug for SharedCell {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("SharedCell").finish()
-    }
-}
-
-/// The bounded keyed store: at most `max_keys` entries, then one shared overflow cell.
-pub(super) struct Store<K> {
-    map: DashMap<K, Cell>,
-    /// Entries in `map`, kept here so that the cap check does not lock every shard.
-    len: AtomicUsize,
-    max_keys: usize,
-    overflow: Cell,
-    name: &'static str,
-}
-
-impl<K: Hash + Eq + Clone> Store<K> {
-    fn new(max_keys: usize, name: &'static str) -> Self {
-        Self {
-            map: DashMap::new(),
-            len: AtomicUsize::new(0),
-            max_keys,
-            overflow: Cell::default(),
-            name,
-        }
-    }
-
-    /// Takes one of the `max_keys` slots, if any is left.
-    fn reserve(&self) -> bool {
-        self.len
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_keys).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn evict_idle(&self, now: Nanos) -> usize {
-        let mut evicted = 0;
-        self.map.retain(|_, cell| {
-            let idle = cell.is_idle(now);
-            evicted += usize::from(idle);
-            !idle
-        });
-        self.len.fetch_sub(evicted, Ordering::AcqRel);
-        let len = self.len.load(Ordering::Acquire);
-        // Give memory back after a flood has drained away.
-        if evicted > 0 && len < self.map.capacity() / 4 {
-            self.map.shrink_to_fit();
-        }
-        metrics::keys(self.name, len);
-        if evicted > 0 {
-            metrics::evicted(self.name, evicted);
-        }
-        evicted
-    }
-}
-
-impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
-    type Key = K;
-
-    #[inline]
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let store = &*self.0;
-        if let Some(cell) = store.map.get(key) {
-            return cell.measure_and_replace(f);
-        }
-        if !store.reserve() {
-            metrics::overflow(store.name);
-            return store.overflow.measure_and_replace(f);
-        }
-        match store.map.entry(key.clone()) {
-            Entry::Occupied(e) => {
-                // Another caller inserted this key meanwhile: give the slot back.
-                store.len.fetch_sub(1, Ordering::AcqRel);
-                e.get().measure_and_replace(f)
-            }
-            Entry::Vacant(e) => {
-                let cell = e.insert(Cell::default());
-                metrics::keys(store.name, store.len.load(Ordering::Relaxed));
-                cell.measure_and_replace(f)
-            }
-        }
-    }
-}
-
-/// A shared handle on a [`Store`], the state store of every `RateLimiter` swapped in.
-pub(super) struct SharedStore<K>(Arc<Store<K>>);
-
-impl<K> Clone for SharedStore<K> {
-    fn clone(&self) -> Self {
-        Self(Arc::clone(&self.0))
-    }
-}
-
-impl<K> fmt::Debug for SharedStore<K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedStore")
-            .field("keys", &self.0.len.load(Ordering::Relaxed))
-            .field("max_keys", &self.0.max_keys)
-            .finish_non_exhaustive()
-    }
-}
 
 type Gov<K, C> = RateLimiter<K, SharedStore<K>, GovClock<C>, NoOpMiddleware<Nanos>>;
 
@@ -255,7 +94,7 @@ where
     /// A limiter over an injected clock.
     pub fn with_clock(quota: Quota, max_keys: usize, name: &'static str, clock: C) -> Self {
         let epoch = clock.now();
-        let store = SharedStore(Arc::new(Store::new(max_keys, name)));
+        let store = SharedStore::new(max_keys, name);
         let current = Current::new(quota, &store, &clock, epoch);
         Self {
             inner: Arc::new(Inner {
@@ -328,7 +167,7 @@ where
 
     /// How many keys are tracked (the overflow bucket not counted).
     pub fn len(&self) -> usize {
-        self.inner.store.0.len.load(Ordering::Acquire)
+        self.inner.store.len()
     }
 
     /// Whether no key is tracked.
@@ -338,7 +177,7 @@ where
 
     /// The most keys tracked at once.
     pub fn max_keys(&self) -> usize {
-        self.inner.store.0.max_keys
+        self.inner.store.max_keys()
     }
 
     /// Evicts every key whose burst is fully replenished now and returns how many.
@@ -349,7 +188,6 @@ where
     pub fn evict_idle(&self) -> usize {
         self.inner
             .store
-            .0
             .evict_idle(since(&self.inner.clock, self.inner.epoch))
     }
 
@@ -373,7 +211,7 @@ where
                 tick.tick().await;
                 // Ends once the limiter and every clone of it are gone.
                 let Some(inner) = weak.upgrade() else { break };
-                inner.store.0.evict_idle(since(&inner.clock, inner.epoch));
+                inner.store.evict_idle(since(&inner.clock, inner.epoch));
             }
         });
     }
@@ -392,65 +230,11 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> Current<K, C> {
 impl<K: Hash + Eq + Clone, C: Clock> fmt::Debug for KeyedLimiter<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedLimiter")
-            .field("name", &self.inner.store.0.name)
+            .field("name", &self.inner.store.name())
             .field("quota", &self.inner.current.load().quota)
-            .field("keys", &self.inner.store.0.len.load(Ordering::Relaxed))
-            .field("max_keys", &self.inner.store.0.max_keys)
+            .field("keys", &self.inner.store.len())
+            .field("max_keys", &self.inner.store.max_keys())
             .field("evict_every", &self.inner.evict_every)
-            .finish_non_exhaustive()
-    }
-}
-
-/// An unkeyed limiter (the global tier) whose quota can change without losing state.
-pub(super) struct DirectLimiter {
-    cell: SharedCell,
-    current: ArcSwap<DirectCurrent>,
-    clock: TokioClock,
-}
-
-struct DirectCurrent {
-    quota: Quota,
-    limiter: RateLimiter<NotKeyed, SharedCell, GovClock<TokioClock>, NoOpMiddleware<Nanos>>,
-}
-
-impl DirectLimiter {
-    pub(super) fn new(quota: Quota, clock: TokioClock) -> Self {
-        let cell = SharedCell::default();
-        let current = ArcSwap::from_pointee(Self::build(quota, &cell, clock));
-        Self {
-            cell,
-            current,
-            clock,
-        }
-    }
-
-    fn build(quota: Quota, cell: &SharedCell, clock: TokioClock) -> DirectCurrent {
-        // TokioClock reads from its own creation: that is the epoch.
-        DirectCurrent {
-            quota,
-            limiter: RateLimiter::new(quota, cell.clone(), GovClock::new(clock, Nanos::new(0))),
-        }
-    }
-
-    #[inline]
-    pub(super) fn check(&self) -> bool {
-        self.current.load().limiter.check().is_ok()
-    }
-
-    pub(super) fn set_quota(&self, quota: Quota) {
-        let next = Self::build(quota, &self.cell, self.clock);
-        self.current.store(Arc::new(next));
-    }
-
-    pub(super) fn quota(&self) -> Quota {
-        self.current.load().quota
-    }
-}
-
-impl fmt::Debug for DirectLimiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectLimiter")
-            .field("quota", &self.quota())
             .finish_non_exhaustive()
     }
 }

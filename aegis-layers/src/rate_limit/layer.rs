@@ -9,7 +9,8 @@ use tower_layer::Layer;
 
 use super::clock::TokioClock;
 use super::concurrency::Concurrency;
-use super::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, DirectLimiter, KeyedLimiter};
+use super::direct::DirectLimiter;
+use super::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter};
 use super::{ClientKey, KeyBy, RateLimit, RateLimitHandle};
 
 /// The `limiter` label of the per-client tier's metrics.

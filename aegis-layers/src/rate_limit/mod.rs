@@ -137,6 +137,7 @@
 
 mod clock;
 mod concurrency;
+mod direct;
 mod error;
 pub mod future;
 mod handle;
@@ -144,6 +145,7 @@ mod key;
 mod keyed;
 mod layer;
 mod service;
+mod store;
 
 pub use self::clock::TokioClock;
 pub use self::error::RateLimited;

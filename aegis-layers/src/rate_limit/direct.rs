@@ -1,0 +1,67 @@
+//! The global tier's unkeyed limiter.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::NotKeyed;
+use governor::{Quota, RateLimiter};
+
+use super::clock::{GovClock, TokioClock};
+use super::store::SharedCell;
+
+/// An unkeyed limiter (the global tier) whose quota can change without losing state.
+pub(super) struct DirectLimiter {
+    cell: SharedCell,
+    current: ArcSwap<DirectCurrent>,
+    clock: TokioClock,
+}
+
+struct DirectCurrent {
+    quota: Quota,
+    limiter: RateLimiter<NotKeyed, SharedCell, GovClock<TokioClock>, NoOpMiddleware<Nanos>>,
+}
+
+impl DirectLimiter {
+    pub(super) fn new(quota: Quota, clock: TokioClock) -> Self {
+        let cell = SharedCell::default();
+        let current = ArcSwap::from_pointee(Self::build(quota, &cell, clock));
+        Self {
+            cell,
+            current,
+            clock,
+        }
+    }
+
+    fn build(quota: Quota, cell: &SharedCell, clock: TokioClock) -> DirectCurrent {
+        // TokioClock reads from its own creation: that is the epoch.
+        DirectCurrent {
+            quota,
+            limiter: RateLimiter::new(quota, cell.clone(), GovClock::new(clock, Nanos::new(0))),
+        }
+    }
+
+    #[inline]
+    pub(super) fn check(&self) -> bool {
+        self.current.load().limiter.check().is_ok()
+    }
+
+    pub(super) fn set_quota(&self, quota: Quota) {
+        let next = Self::build(quota, &self.cell, self.clock);
+        self.current.store(Arc::new(next));
+    }
+
+    pub(super) fn quota(&self) -> Quota {
+        self.current.load().quota
+    }
+}
+
+impl fmt::Debug for DirectLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectLimiter")
+            .field("quota", &self.quota())
+            .finish_non_exhaustive()
+    }
+}

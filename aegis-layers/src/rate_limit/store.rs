@@ -1,0 +1,196 @@
+//! The state stores: GCRA state (a TAT per key) kept apart from the quota, so limiters
+//! rebuilt for a new quota share it.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use governor::nanos::Nanos;
+use governor::state::{NotKeyed, StateStore};
+
+use super::metrics;
+
+/// One GCRA state: the theoretical arrival time (TAT) in nanoseconds since the store's
+/// epoch, 0 meaning "never seen". Updated with a compare-and-swap loop, as governor's
+/// own `InMemoryState` does.
+#[derive(Default)]
+pub(super) struct Cell(AtomicU64);
+
+impl Cell {
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let read = |v: u64| (v != 0).then(|| Nanos::new(v));
+        let mut prev = self.0.load(Ordering::Acquire);
+        loop {
+            let (out, next) = f(read(prev))?;
+            match self.0.compare_exchange_weak(
+                prev,
+                next.as_u64(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(out),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+
+    /// Whether the state is fully replenished at `now`: a TAT at or before `now` decides
+    /// exactly like no state at all, so dropping it changes no decision.
+    #[inline]
+    fn is_idle(&self, now: Nanos) -> bool {
+        self.0.load(Ordering::Relaxed) <= now.as_u64()
+    }
+}
+
+/// The state of one direct (unkeyed) limiter, shared by every limiter built over it.
+#[derive(Clone, Default)]
+pub(super) struct SharedCell(Arc<Cell>);
+
+impl StateStore for SharedCell {
+    type Key = NotKeyed;
+
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(f)
+    }
+}
+
+impl fmt::Debug for SharedCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedCell").finish()
+    }
+}
+
+/// The bounded keyed store: at most `max_keys` entries, then one shared overflow cell.
+struct Store<K> {
+    map: DashMap<K, Cell>,
+    /// Entries in `map`, kept here so that the cap check does not lock every shard.
+    len: AtomicUsize,
+    max_keys: usize,
+    overflow: Cell,
+    name: &'static str,
+}
+
+impl<K: Hash + Eq + Clone> Store<K> {
+    fn new(max_keys: usize, name: &'static str) -> Self {
+        Self {
+            map: DashMap::new(),
+            len: AtomicUsize::new(0),
+            max_keys,
+            overflow: Cell::default(),
+            name,
+        }
+    }
+
+    /// Takes one of the `max_keys` slots, if any is left.
+    fn reserve(&self) -> bool {
+        self.len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_keys).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn evict_idle(&self, now: Nanos) -> usize {
+        let mut evicted = 0;
+        self.map.retain(|_, cell| {
+            let idle = cell.is_idle(now);
+            evicted += usize::from(idle);
+            !idle
+        });
+        self.len.fetch_sub(evicted, Ordering::AcqRel);
+        let len = self.len.load(Ordering::Acquire);
+        // Give memory back after a flood has drained away.
+        if evicted > 0 && len < self.map.capacity() / 4 {
+            self.map.shrink_to_fit();
+        }
+        metrics::keys(self.name, len);
+        if evicted > 0 {
+            metrics::evicted(self.name, evicted);
+        }
+        evicted
+    }
+}
+
+impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
+    type Key = K;
+
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let store = &*self.0;
+        if let Some(cell) = store.map.get(key) {
+            return cell.measure_and_replace(f);
+        }
+        if !store.reserve() {
+            metrics::overflow(store.name);
+            return store.overflow.measure_and_replace(f);
+        }
+        match store.map.entry(key.clone()) {
+            Entry::Occupied(e) => {
+                // Another caller inserted this key meanwhile: give the slot back.
+                store.len.fetch_sub(1, Ordering::AcqRel);
+                e.get().measure_and_replace(f)
+            }
+            Entry::Vacant(e) => {
+                let cell = e.insert(Cell::default());
+                metrics::keys(store.name, store.len.load(Ordering::Relaxed));
+                cell.measure_and_replace(f)
+            }
+        }
+    }
+}
+
+/// A shared handle on a [`Store`], the state store of every `RateLimiter` swapped in.
+pub(super) struct SharedStore<K>(Arc<Store<K>>);
+
+impl<K: Hash + Eq + Clone> SharedStore<K> {
+    pub(super) fn new(max_keys: usize, name: &'static str) -> Self {
+        Self(Arc::new(Store::new(max_keys, name)))
+    }
+
+    /// Keys tracked, the overflow cell not counted.
+    pub(super) fn len(&self) -> usize {
+        self.0.len.load(Ordering::Acquire)
+    }
+
+    pub(super) fn max_keys(&self) -> usize {
+        self.0.max_keys
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        self.0.name
+    }
+
+    /// Drops every key whose state is fully replenished at `now`; returns how many.
+    pub(super) fn evict_idle(&self, now: Nanos) -> usize {
+        self.0.evict_idle(now)
+    }
+}
+
+impl<K> Clone for SharedStore<K> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<K> fmt::Debug for SharedStore<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedStore")
+            .field("keys", &self.0.len.load(Ordering::Relaxed))
+            .field("max_keys", &self.0.max_keys)
+            .finish_non_exhaustive()
+    }
+}
