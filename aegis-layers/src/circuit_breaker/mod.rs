@@ -1,1 +1,108 @@
-//! Placeholder: being written.
+//! A circuit breaker for any `tower::Service`: stop piling onto a failing backend and
+//! fail fast while it recovers.
+//!
+//! [`CircuitBreakerLayer`] wraps any service (a byte-stream service, an upstream
+//! connector `Service<()>`, an HTTP client): it is generic over the request and asks
+//! nothing of it. The breaker has three states:
+//!
+//! - **closed**: calls go to the inner service and a [classifier](Classify) marks each
+//!   completed call a success, a failure, or neither. The circuit *trips* (opens) after
+//!   [`consecutive_failures`](Builder::consecutive_failures) failures in a row (default
+//!   5), or, if set, when the [`failure_rate`](Builder::failure_rate) over a
+//!   **count-based** sliding window of the last calls reaches a ratio, once a minimum
+//!   number of calls is in the window.
+//! - **open**: every call fails at once with an [`error::CircuitOpen`] rejection
+//!   (`aegis_rejections_total{layer="circuit_breaker", reason="open"}`); the inner
+//!   service is neither polled nor called. After [`open_for`](Builder::open_for) the
+//!   circuit goes half-open.
+//! - **half-open**: at most [`half_open_permits`](Builder::half_open_permits) probe
+//!   calls are in flight at once, across all clones (the permit is reserved under the
+//!   circuit's lock in `poll_ready`); further calls fail fast. A probe that succeeds or
+//!   is cancelled returns its permit.
+//!   [`success_threshold`](Builder::success_threshold) successful probes close the
+//!   circuit; any failed probe re-opens it for another `open_for`.
+//!
+//! A call whose response future is dropped before it completes (the client went away,
+//! a timeout above the breaker fired) is a **cancellation**: it is never counted as a
+//! failure. Outcomes of calls admitted under an earlier state (a slow call started
+//! while closed that ends after the circuit opened) are ignored.
+//!
+//! The circuit is checked *before* the inner service's readiness, as tower's `LoadShed`
+//! does: when open, `poll_ready` returns ready without touching the inner service, so
+//! `call` can fail fast even when the backend would make callers wait.
+//!
+//! # Classifiers
+//!
+//! | classifier | success | failure | ignored |
+//! |---|---|---|---|
+//! | [`DefaultClassifier`] | every `Ok` | errors, including tokio's `Elapsed` and upstream [`ProxyError`](aegis_core::proxy::ProxyError)s (connect timeout/refused/error, upstream IO) | client-side `ProxyError::ClientIo`; an `aegis_core` [`Rejected`](aegis_core::error::Rejected) from a layer below |
+//! | [`HttpClassifier`] | `http::Response` with a status below 500 | `5xx` responses, and errors as above | as above |
+//!
+//! Write your own by implementing [`Classify`].
+//!
+//! # One circuit per backend
+//!
+//! One [`CircuitBreakerLayer`] is one circuit: every service it builds and every clone
+//! shares it, so build one layer per backend. Each breaker has a `name`, the `name`
+//! label of its metrics: a **fixed string** such as `"upstream"`, never a value derived
+//! from input.
+//!
+//! A [`CircuitHandle`] (from [`CircuitBreakerLayer::handle`]) reads the state and can
+//! [force it open](CircuitHandle::force_open), [force it
+//! closed](CircuitHandle::force_closed) and [release](CircuitHandle::release) the
+//! forced state (the circuit is then closed with fresh counts).
+//!
+//! # Metrics
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `aegis_circuit_state` | gauge | `name` | 0 closed, 1 half-open, 2 open (forced states included) |
+//! | `aegis_circuit_transitions_total` | counter | `name`, `to`: `closed`, `half_open`, `open` | state changes |
+//! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls failed fast |
+//!
+//! Every state change is also a tracing event (`warn` when opening, `info` otherwise).
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState, error::CircuitOpen};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let breaker = CircuitBreakerLayer::builder("upstream")
+//!     .consecutive_failures(Some(3))
+//!     .open_for(Duration::from_secs(10))
+//!     .build();
+//! let handle = breaker.handle();
+//!
+//! // An upstream connector that always fails.
+//! let mut connect = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .service(service_fn(|(): ()| async {
+//!         Err::<(), std::io::Error>(std::io::ErrorKind::ConnectionRefused.into())
+//!     }));
+//!
+//! for _ in 0..3 {
+//!     let err = connect.ready().await.unwrap().call(()).await.unwrap_err();
+//!     assert!(err.is::<std::io::Error>());
+//! }
+//! assert_eq!(handle.state(), CircuitState::Open);
+//! // Now calls fail fast, without reaching the connector.
+//! let err = connect.ready().await.unwrap().call(()).await.unwrap_err();
+//! assert!(aegis_core::error::find::<CircuitOpen>(&*err).is_some());
+//! # }
+//! ```
+
+mod classify;
+pub mod error;
+pub mod future;
+mod layer;
+mod service;
+mod state;
+
+pub use self::classify::{Classify, DefaultClassifier, HttpClassifier, Outcome, classify_error};
+pub use self::layer::{Builder, CircuitBreakerLayer};
+pub use self::service::CircuitBreaker;
+pub use self::state::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState};

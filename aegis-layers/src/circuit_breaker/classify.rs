@@ -1,0 +1,84 @@
+//! What counts as a failure.
+
+use std::error::Error;
+
+use aegis_core::error::Rejected;
+use aegis_core::proxy::ProxyError;
+
+/// What one completed call tells the breaker about the inner service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The service worked.
+    Success,
+    /// The service failed: counts towards tripping the breaker.
+    Failure,
+    /// Says nothing about the service's health (for example, a request the client
+    /// got wrong, or a rejection by a layer below): not counted at all.
+    Ignore,
+}
+
+/// Decides whether a completed call was a success or a failure of the inner service.
+///
+/// A call whose response future is dropped before it completes (the client went away)
+/// is never classified: cancellation is never a failure.
+///
+/// Implementations should be cheap to clone (a unit struct, or an `Arc` inside): the
+/// service clones its classifier into every response future.
+pub trait Classify<Res>: Clone + Send + Sync + 'static {
+    /// Classifies the result of one call. Errors are passed as the boxed error the
+    /// breaker returns, so [`aegis_core::error::find`] can look through them.
+    fn classify(&self, result: Result<&Res, &(dyn Error + 'static)>) -> Outcome;
+}
+
+/// The default classifier: every `Ok` is a success, errors are failures except the
+/// ones that say nothing about the inner service (see [`classify_error`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultClassifier;
+
+impl<Res> Classify<Res> for DefaultClassifier {
+    fn classify(&self, result: Result<&Res, &(dyn Error + 'static)>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) => classify_error(e),
+        }
+    }
+}
+
+/// Counts `5xx` responses as failures, on top of the errors [`DefaultClassifier`]
+/// counts. Any other status (including `4xx`, the client's fault) is a success.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpClassifier;
+
+impl<B> Classify<http::Response<B>> for HttpClassifier {
+    fn classify(&self, result: Result<&http::Response<B>, &(dyn Error + 'static)>) -> Outcome {
+        match result {
+            Ok(res) if res.status().is_server_error() => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+            Err(e) => classify_error(e),
+        }
+    }
+}
+
+/// How the built-in classifiers treat an error, walking its `source()` chain:
+///
+/// - an [`aegis_core::proxy::ProxyError`] is a failure when the upstream is at fault
+///   (connect timeout, refusal, connect error, upstream IO) and ignored when the
+///   client side failed ([`ProxyError::ClientIo`]);
+/// - an [`aegis_core::error::Rejected`] from a layer below (a rate limit, another
+///   breaker) is ignored: it is a local policy decision, not the backend's health;
+/// - anything else, tokio's `Elapsed` timeout and IO errors included, is a failure.
+pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
+    for e in std::iter::successors(Some(err), |&e| e.source()) {
+        if let Some(p) = e.downcast_ref::<ProxyError>() {
+            return if matches!(p, ProxyError::ClientIo(_)) {
+                Outcome::Ignore
+            } else {
+                Outcome::Failure
+            };
+        }
+        if e.is::<Rejected>() {
+            return Outcome::Ignore;
+        }
+    }
+    Outcome::Failure
+}

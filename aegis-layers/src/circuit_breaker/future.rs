@@ -1,0 +1,88 @@
+//! The response future of [`CircuitBreaker`](super::CircuitBreaker).
+
+use std::error::Error;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use aegis_core::error::{BoxError, Rejected};
+use pin_project_lite::pin_project;
+
+use super::classify::Classify;
+use super::state::Guard;
+
+pin_project! {
+    /// The response future of [`CircuitBreaker`](super::CircuitBreaker): the inner
+    /// future, whose outcome is recorded when it completes, or an immediate
+    /// [`CircuitOpen`](super::error::CircuitOpen) error.
+    ///
+    /// Dropping it before it completes is a cancellation: nothing is counted, and a
+    /// half-open probe permit goes back to the circuit.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        state: State<F, C>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, C> {
+        Called { #[pin] fut: F, guard: Option<Guard>, classifier: C },
+        Open { err: Option<Rejected> },
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn called(fut: F, guard: Guard, classifier: C) -> Self {
+        Self {
+            state: State::Called {
+                fut,
+                guard: Some(guard),
+                classifier,
+            },
+        }
+    }
+
+    pub(crate) fn open(err: Rejected) -> Self {
+        Self {
+            state: State::Open { err: Some(err) },
+        }
+    }
+}
+
+impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E, C> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Called {
+                fut,
+                guard,
+                classifier,
+            } => {
+                let res = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(guard) = guard.take() {
+                    let outcome = classifier
+                        .classify(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)));
+                    guard.record(outcome);
+                }
+                Poll::Ready(res)
+            }
+            StateProj::Open { err } => {
+                Poll::Ready(Err(err.take().expect("polled after completion").into()))
+            }
+        }
+    }
+}

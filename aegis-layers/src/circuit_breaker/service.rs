@@ -1,0 +1,117 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use aegis_core::error::{BoxError, reject};
+use tower_service::Service;
+
+use super::classify::{Classify, DefaultClassifier};
+use super::error::CircuitOpen;
+use super::future::ResponseFuture;
+use super::state::{CircuitHandle, Shared, Ticket};
+
+/// A circuit breaker around any `tower::Service`: fails fast with [`CircuitOpen`]
+/// while the inner service is failing.
+///
+/// Clones share the circuit. See the [module docs](super) for an example.
+pub struct CircuitBreaker<S, C = DefaultClassifier> {
+    inner: S,
+    shared: Arc<Shared>,
+    classifier: C,
+    ticket: Option<Ticket>,
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, classifier: C) -> Self {
+        Self {
+            inner,
+            shared,
+            classifier,
+            ticket: None,
+        }
+    }
+
+    /// A handle to read and force this service's circuit.
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the breaker and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+// By hand, so that a clone does not inherit a reserved admission (a probe permit).
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self::from_parts(
+            self.inner.clone(),
+            Arc::clone(&self.shared),
+            self.classifier.clone(),
+        )
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("circuit", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    /// Checks the circuit *before* the inner service: when the call is to be rejected,
+    /// returns ready at once (without polling the inner service) so that `call` can fail
+    /// fast, as tower's `LoadShed` does. Otherwise reserves the admission (a probe permit
+    /// when half-open) and waits for the inner service.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let ticket = self.ticket.get_or_insert_with(|| self.shared.admit());
+        if matches!(ticket, Ticket::Reject) {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                self.ticket = None; // returns a probe permit
+                Poll::Ready(Err(e.into()))
+            }
+            other => other.map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self
+            .ticket
+            .take()
+            .expect("service not ready; poll_ready must be called first")
+        {
+            Ticket::Reject => ResponseFuture::open(reject(CircuitOpen::new(self.shared.name()))),
+            Ticket::Admit(guard) => {
+                ResponseFuture::called(self.inner.call(req), guard, self.classifier.clone())
+            }
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The state machine shared by every clone of one breaker.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::classify::Outcome;
+
+/// `aegis_circuit_state{name}`: 0 closed, 1 half-open, 2 open.
+pub const CIRCUIT_STATE: &str = "aegis_circuit_state";
+/// `aegis_circuit_transitions_total{name, to}`.
+pub const CIRCUIT_TRANSITIONS_TOTAL: &str = "aegis_circuit_transitions_total";
+
+/// The state of a circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Calls flow to the inner service and their outcomes are counted.
+    Closed,
+    /// A few probe calls are let through to test the inner service.
+    HalfOpen,
+    /// Calls fail fast with [`CircuitOpen`](super::error::CircuitOpen).
+    Open,
+}
+
+impl CircuitState {
+    /// The stable label of the state: `closed`, `half_open` or `open`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::HalfOpen => "half_open",
+            Self::Open => "open",
+        }
+    }
+
+    const fn gauge(self) -> f64 {
+        match self {
+            Self::Closed => 0.0,
+            Self::HalfOpen => 1.0,
+            Self::Open => 2.0,
+        }
+    }
+}
+
+/// Trip on a failure rate over the last `window` classified calls (a count-based
+/// sliding window), once at least `min_calls` of them were seen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateTrip {
+    pub(crate) ratio: f64,
+    pub(crate) window: usize,
+    pub(crate) min_calls: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) name: &'static str,
+    pub(crate) consecutive: Option<u32>,
+    pub(crate) rate: Option<RateTrip>,
+    pub(crate) open_for: Duration,
+    pub(crate) permits: u32,
+    pub(crate) success_threshold: u32,
+}
+
+// The fast-path word: `generation << 2 | code`.
+const CODE_CLOSED: u64 = 0; // closed and counting: admit without the lock
+const CODE_FORCED_CLOSED: u64 = 1; // forced closed: admit, count nothing
+const CODE_LOCKED: u64 = 2; // open or half-open: take the lock to decide
+
+#[derive(Debug)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { available: u32, successes: u32 },
+}
+
+#[derive(Debug)]
+struct Machine {
+    phase: Phase,
+    forced: Option<CircuitState>,
+    generation: u64,
+    consecutive: u32,
+    // true = failure, newest at the back
+    window: VecDeque<bool>,
+    window_failures: usize,
+}
+
+pub(crate) struct Shared {
+    cfg: Config,
+    word: AtomicU64,
+    machine: Mutex<Machine>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("name", &self.cfg.name)
+            .field("state", &self.machine.lock().phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `poll_ready` decided for the next call.
+#[derive(Debug)]
+pub(crate) enum Ticket {
+    Admit(Guard),
+    Reject,
+}
+
+/// Travels with one admitted call; records its outcome, or returns its probe permit
+/// when dropped unrecorded (the call was cancelled).
+pub(crate) struct Guard {
+    shared: Arc<Shared>,
+    generation: u64,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counted,
+    Probe,
+    Uncounted,
+    Done,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("generation", &self.generation)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: Config) -> Arc<Self> {
+        metrics::gauge!(CIRCUIT_STATE, "name" => cfg.name).set(CircuitState::Closed.gauge());
+        let window = VecDeque::with_capacity(cfg.rate.map_or(0, |r| r.window));
+        Arc::new(Self {
+            cfg,
+            word: AtomicU64::new(CODE_CLOSED),
+            machine: Mutex::new(Machine {
+                phase: Phase::Closed,
+                forced: None,
+                generation: 0,
+                consecutive: 0,
+                window,
+                window_failures: 0,
+            }),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        self.cfg.name
+    }
+
+    /// Decides whether the next call may go to the inner service.
+    pub(crate) fn admit(self: &Arc<Self>) -> Ticket {
+        let word = self.word.load(Ordering::Acquire);
+        let kind = match word & 0b11 {
+            CODE_CLOSED => Kind::Counted,
+            CODE_FORCED_CLOSED => Kind::Uncounted,
+            _ => return self.admit_locked(),
+        };
+        Ticket::Admit(Guard {
+            shared: Arc::clone(self),
+            generation: word >> 2,
+            kind,
+        })
+    }
+
+    fn admit_locked(self: &Arc<Self>) -> Ticket {
+        let mut guard = self.machine.lock();
+        let m = &mut *guard;
+        self.poll_timer(m);
+        let kind = match (&mut m.phase, m.forced) {
+            (_, Some(CircuitState::Open)) | (Phase::Open { .. }, _) => return Ticket::Reject,
+            (_, Some(_)) => Kind::Uncounted,
+            (Phase::Closed, None) => Kind::Counted,
+            (Phase::HalfOpen { available, .. }, None) => {
+                if *available == 0 {
+                    return Ticket::Reject;
+                }
+                *available -= 1;
+                Kind::Probe
+            }
+        };
+        Ticket::Admit(Guard {
+            shared: Arc::clone(self),
+            generation: m.generation,
+            kind,
+        })
+    }
+
+    /// Moves an expired open circuit to half-open.
+    fn poll_timer(&self, m: &mut Machine) {
+        let expired = match m.phase {
+            Phase::Open { until } => m.forced.is_none() && Instant::now() >= until,
+            _ => false,
+        };
+        if expired {
+            self.transition(
+                m,
+                Phase::HalfOpen {
+                    available: self.cfg.permits,
+                    successes: 0,
+                },
+            );
+        }
+    }
+
+    fn transition(&self, m: &mut Machine, phase: Phase) {
+        let from = state_of(&m.phase);
+        m.phase = phase;
+        m.generation += 1;
+        m.consecutive = 0;
+        m.window.clear();
+        m.window_failures = 0;
+        let to = match m.forced {
+            Some(forced) => forced,
+            None => state_of(&m.phase),
+        };
+        let code = match (m.forced, &m.phase) {
+            (Some(CircuitState::Closed), _) => CODE_FORCED_CLOSED,
+            (None, Phase::Closed) => CODE_CLOSED,
+            _ => CODE_LOCKED,
+        };
+        self.word
+            .store((m.generation << 2) | code, Ordering::Release);
+        let name = self.cfg.name;
+        metrics::gauge!(CIRCUIT_STATE, "name" => name).set(to.gauge());
+        metrics::counter!(CIRCUIT_TRANSITIONS_TOTAL, "name" => name, "to" => to.label())
+            .increment(1);
+        if to == CircuitState::Open {
+            tracing::warn!(
+                circuit = name,
+                from = from.label(),
+                to = to.label(),
+                forced = m.forced.is_some(),
+                "circuit breaker state changed"
+            );
+        } else {
+            tracing::info!(
+                circuit = name,
+                from = from.label(),
+                to = to.label(),
+                forced = m.forced.is_some(),
+                "circuit breaker state changed"
+            );
+        }
+    }
+
+    fn open(&self, m: &mut Machine) {
+        let until = Instant::now() + self.cfg.open_for;
+        self.transition(m, Phase::Open { until });
+    }
+
+    fn record(&self, generation: u64, kind: Kind, outcome: Option<Outcome>) {
+        let mut m = self.machine.lock();
+        if m.generation != generation || m.forced.is_some() {
+            return; // a call from an earlier state, or the circuit is forced
+        }
+        match (kind, outcome) {
+            (Kind::Counted, Some(Outcome::Failure)) if matches!(m.phase, Phase::Closed) => {
+                m.consecutive += 1;
+                self.push(&mut m, true);
+                if self.should_trip(&m) {
+                    self.open(&mut m);
+                }
+            }
+            (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
+                m.consecutive = 0;
+                self.push(&mut m, false);
+            }
+            (Kind::Probe, outcome) => {
+                let Phase::HalfOpen {
+                    available,
+                    successes,
+                } = &mut m.phase
+                else {
+                    return;
+                };
+                // A probe that succeeds, is ignored or is cancelled returns its permit.
+                *available += 1;
+                match outcome {
+                    Some(Outcome::Failure) => self.open(&mut m),
+                    Some(Outcome::Success) => {
+                        *successes += 1;
+                        if *successes >= self.cfg.success_threshold {
+                            self.transition(&mut m, Phase::Closed);
+                        }
+                    }
+                    Some(Outcome::Ignore) | None => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn push(&self, m: &mut Machine, failed: bool) {
+        let Some(rate) = self.cfg.rate else { return };
+        if m.window.len() == rate.window {
+            let old = m.window.pop_front().unwrap_or(false);
+            m.window_failures -= usize::from(old);
+        }
+        m.window.push_back(failed);
+        m.window_failures += usize::from(failed);
+    }
+
+    fn should_trip(&self, m: &Machine) -> bool {
+        if self.cfg.consecutive.is_some_and(|n| m.consecutive >= n) {
+            return true;
+        }
+        self.cfg.rate.is_some_and(|r| {
+            let n = m.window.len();
+            #[allow(clippy::cast_precision_loss)] // window sizes are small
+            let failed = m.window_failures as f64 / n as f64;
+            n >= r.min_calls && n > 0 && failed >= r.ratio
+        })
+    }
+
+    pub(crate) fn state(&self) -> CircuitState {
+        let mut m = self.machine.lock();
+        self.poll_timer(&mut m);
+        m.forced.unwrap_or_else(|| state_of(&m.phase))
+    }
+
+    fn force(&self, forced: Option<CircuitState>) {
+        let mut m = self.machine.lock();
+        if forced.is_none() && m.forced.is_none() {
+            return; // nothing to release
+        }
+        m.forced = forced;
+        self.transition(&mut m, Phase::Closed);
+    }
+}
+
+fn state_of(phase: &Phase) -> CircuitState {
+    match phase {
+        Phase::Closed => CircuitState::Closed,
+        Phase::Open { .. } => CircuitState::Open,
+        Phase::HalfOpen { .. } => CircuitState::HalfOpen,
+    }
+}
+
+impl Guard {
+    /// Records the outcome of the completed call.
+    pub(crate) fn record(mut self, outcome: Outcome) {
+        let kind = std::mem::replace(&mut self.kind, Kind::Done);
+        if matches!(kind, Kind::Counted | Kind::Probe) {
+            self.shared.record(self.generation, kind, Some(outcome));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Only a probe holds something to give back; a cancelled counted call is simply
+        // not counted.
+        if self.kind == Kind::Probe {
+            self.shared.record(self.generation, Kind::Probe, None);
+        }
+    }
+}
+
+/// A handle to one circuit: read its state, force it open or closed.
+///
+/// Get it from [`CircuitBreakerLayer::handle`](super::CircuitBreakerLayer::handle) or
+/// [`CircuitBreaker::handle`](super::CircuitBreaker::handle). Cheap to clone.
+#[derive(Clone)]
+pub struct CircuitHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for CircuitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitHandle")
+            .field("name", &self.shared.name())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl CircuitHandle {
+    /// The current state; a forced state reads as the state it forces.
+    pub fn state(&self) -> CircuitState {
+        self.shared.state()
+    }
+
+    /// The forced state, if the circuit is forced.
+    pub fn forced(&self) -> Option<CircuitState> {
+        self.shared.machine.lock().forced
+    }
+
+    /// The breaker's name, its metric label.
+    pub fn name(&self) -> &'static str {
+        self.shared.name()
+    }
+
+    /// Forces the circuit open: every call fails fast until [`release`](Self::release)
+    /// or [`force_closed`](Self::force_closed). For maintenance or a known-bad backend.
+    pub fn force_open(&self) {
+        self.shared.force(Some(CircuitState::Open));
+    }
+
+    /// Forces the circuit closed: every call goes through and nothing is counted until
+    /// [`release`](Self::release). To override a breaker that trips wrongly.
+    pub fn force_closed(&self) {
+        self.shared.force(Some(CircuitState::Closed));
+    }
+
+    /// Releases a forced state: the circuit is closed again with fresh counts.
+    pub fn release(&self) {
+        self.shared.force(None);
+    }
+}

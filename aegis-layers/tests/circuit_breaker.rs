@@ -1,0 +1,446 @@
+//! Circuit breaker: trips, fails fast, probes, cancellation, forcing and metrics.
+#![cfg(feature = "circuit-breaker")]
+
+use std::error::Error;
+use std::io;
+use std::time::Duration;
+
+use aegis_core::error::{BoxError, find, label_of};
+use aegis_core::metrics::testing::capture;
+use aegis_layers::circuit_breaker::{
+    CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitBreaker, CircuitBreakerLayer, CircuitState,
+    Classify, DefaultClassifier, HttpClassifier, Outcome, error::CircuitOpen,
+};
+use metrics_util::debugging::DebuggingRecorder;
+use tokio_test::{assert_pending, assert_ready, task};
+use tower::{Layer, Service, ServiceExt};
+use tower_test::mock::{self, Handle, Mock};
+
+type Svc = CircuitBreaker<Mock<(), ()>>;
+
+fn refused() -> io::Error {
+    io::ErrorKind::ConnectionRefused.into()
+}
+
+fn breaker(layer: &CircuitBreakerLayer) -> (Svc, Handle<(), ()>) {
+    let (mock, handle) = mock::pair::<(), ()>();
+    (layer.layer(mock), handle)
+}
+
+/// One call that reaches the inner service, which answers `ok` or fails.
+async fn call(svc: &mut Svc, handle: &mut Handle<(), ()>, ok: bool) -> Result<(), BoxError> {
+    let fut = svc.ready().await.unwrap().call(());
+    let ((), send) = handle.next_request().await.expect("inner service called");
+    if ok {
+        send.send_response(());
+    } else {
+        send.send_error(refused());
+    }
+    fut.await
+}
+
+/// One call that must fail fast without reaching the inner service.
+async fn assert_fails_fast(svc: &mut Svc, handle: &mut Handle<(), ()>) {
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
+    assert_eq!(label_of(&*err), ("circuit_breaker", "open"));
+    let mut next = task::spawn(handle.next_request());
+    assert_pending!(next.poll(), "the inner service must not be called");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failing_backend_opens_after_consecutive_failures_then_fails_fast() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(3))
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    call(&mut svc, &mut handle, true).await.unwrap();
+    // Two failures, a success (resets the run), then three failures.
+    for _ in 0..2 {
+        call(&mut svc, &mut handle, false).await.unwrap_err();
+    }
+    call(&mut svc, &mut handle, true).await.unwrap();
+    for _ in 0..2 {
+        let err = call(&mut svc, &mut handle, false).await.unwrap_err();
+        assert!(err.is::<io::Error>(), "inner errors pass through: {err}");
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    assert_fails_fast(&mut svc, &mut handle).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn open_circuit_is_ready_even_when_the_inner_service_is_not() {
+    let layer = CircuitBreakerLayer::builder("upstream").build();
+    let (svc, mut handle) = breaker(&layer);
+    let mut svc = mock::Spawn::new(svc);
+    handle.allow(0);
+    layer.handle().force_open();
+    assert_ready!(svc.poll_ready()).unwrap();
+    let err = svc.call(()).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some());
+    layer.handle().release();
+    assert_pending!(svc.poll_ready(), "closed: waits for the inner service");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failure_rate_trips_only_after_the_minimum_number_of_calls() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(None)
+        .failure_rate(0.5, 6, 4)
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    // 3 failures out of 3 calls: 100 %, but below the minimum of 4 calls.
+    for _ in 0..3 {
+        call(&mut svc, &mut handle, false).await.unwrap_err();
+    }
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // 4th call, a success: 3/4 = 75 % >= 50 % over 4 calls: no trip on a success...
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // ...the next failure trips it: 4/5 = 80 %.
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failure_rate_window_slides() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(None)
+        .failure_rate(0.5, 4, 4)
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    // 3 failures in 10 calls never reach 50 % of the last 4...
+    for ok in [false, true, true, true, true, true, true, true, false] {
+        let _ = call(&mut svc, &mut handle, ok).await;
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+    // ...but the window is [T, T, T, F]: old successes leave it, and one more failure
+    // makes 2 of the last 4 (cumulatively 3 of 10 would not trip).
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+async fn open_then_wait(layer: &CircuitBreakerLayer, svc: &mut Svc, handle: &mut Handle<(), ()>) {
+    call(svc, handle, false).await.unwrap_err();
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        layer.handle().state(),
+        CircuitState::Open,
+        "still open before open_for"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+}
+
+fn probing_layer(permits: u32, successes: u32) -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::from_secs(10))
+        .half_open_permits(permits)
+        .success_threshold(successes)
+        .build()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn half_open_admits_exactly_n_probes_across_clones_and_a_cancelled_probe_returns_its_permit()
+{
+    let layer = probing_layer(2, 1);
+    let (mut svc, mut handle) = breaker(&layer);
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+
+    let mut a = svc.clone();
+    let mut b = svc.clone();
+    let mut c = svc.clone();
+    let fa = a.ready().await.unwrap().call(());
+    let fb = b.ready().await.unwrap().call(());
+    let _ = handle.next_request().await.unwrap();
+    let _ = handle.next_request().await.unwrap();
+    // The third clone is refused: both permits are in flight.
+    let err = c.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some());
+    let mut next = task::spawn(handle.next_request());
+    assert_pending!(next.poll());
+    drop(next);
+
+    // Cancel one probe: its permit comes back, and the next call is a probe.
+    drop(fa);
+    let fc = c.ready().await.unwrap().call(());
+    let _ = handle
+        .next_request()
+        .await
+        .expect("a probe after the cancelled one");
+    // Still two in flight (fb, fc): refused again.
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some());
+    assert_eq!(
+        layer.handle().state(),
+        CircuitState::HalfOpen,
+        "cancellation is no failure"
+    );
+    drop((fb, fc));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn permit_reserved_in_poll_ready_is_returned_when_the_service_is_dropped() {
+    let layer = probing_layer(1, 1);
+    let (mut svc, mut handle) = breaker(&layer);
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+    let mut a = svc.clone();
+    a.ready().await.unwrap(); // reserves the only permit
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some());
+    drop(a);
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(layer.handle().state(), CircuitState::Closed);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn probe_successes_up_to_the_threshold_close_the_circuit() {
+    let layer = probing_layer(1, 3);
+    let (mut svc, mut handle) = breaker(&layer);
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+    for _ in 0..2 {
+        call(&mut svc, &mut handle, true).await.unwrap();
+        assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+    }
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(layer.handle().state(), CircuitState::Closed);
+    // Closed again with fresh counts: one failure trips (threshold 1).
+    call(&mut svc, &mut handle, true).await.unwrap();
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn any_probe_failure_reopens_for_another_period() {
+    let layer = probing_layer(2, 2);
+    let (mut svc, mut handle) = breaker(&layer);
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+    call(&mut svc, &mut handle, true).await.unwrap();
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+    assert_fails_fast(&mut svc, &mut handle).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn client_aborts_never_trip_the_breaker() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(2))
+        .failure_rate(0.5, 4, 2)
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    for _ in 0..10 {
+        let fut = svc.ready().await.unwrap().call(());
+        let ((), send) = handle.next_request().await.unwrap();
+        drop(fut); // the client gave up
+        send.send_error(refused()); // the answer arrives too late to matter
+    }
+    // A timeout above the breaker is a cancellation too.
+    for _ in 0..10 {
+        let fut = svc.ready().await.unwrap().call(());
+        let _pending = handle.next_request().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), fut)
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(layer.handle().state(), CircuitState::Closed);
+    call(&mut svc, &mut handle, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn outcomes_from_an_earlier_state_are_ignored() {
+    let layer = probing_layer(1, 1);
+    let (mut svc, mut handle) = breaker(&layer);
+    let mut slow = svc.clone();
+    let slow_fut = slow.ready().await.unwrap().call(());
+    let ((), slow_send) = handle.next_request().await.unwrap();
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+    // The slow call admitted while closed now fails: it must not re-open half-open.
+    slow_send.send_error(refused());
+    slow_fut.await.unwrap_err();
+    assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn handle_forces_open_and_closed_and_releases() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    circuit.force_open();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    assert_eq!(circuit.forced(), Some(CircuitState::Open));
+    assert_fails_fast(&mut svc, &mut handle).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        circuit.state(),
+        CircuitState::Open,
+        "a forced open never times out"
+    );
+
+    circuit.force_closed();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    for _ in 0..5 {
+        call(&mut svc, &mut handle, false).await.unwrap_err();
+    }
+    assert_eq!(
+        circuit.state(),
+        CircuitState::Closed,
+        "forced closed counts nothing"
+    );
+
+    circuit.release();
+    assert_eq!(circuit.forced(), None);
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(
+        circuit.state(),
+        CircuitState::Open,
+        "released: counting again"
+    );
+    circuit.release(); // not forced: no-op
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+#[test]
+fn state_changes_and_fast_failures_are_metrics() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || {
+        rt.block_on(async {
+            let layer = probing_layer(1, 1);
+            let (mut svc, mut handle) = breaker(&layer);
+            assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(0.0));
+
+            call(&mut svc, &mut handle, false).await.unwrap_err();
+            let m = capture(&snap);
+            assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
+            assert_eq!(
+                m.counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "upstream"), ("to", "open")]
+                ),
+                1
+            );
+            assert_fails_fast(&mut svc, &mut handle).await;
+            assert_fails_fast(&mut svc, &mut handle).await;
+            let m = capture(&snap);
+            assert_eq!(
+                m.counter(
+                    aegis_core::metrics::REJECTIONS_TOTAL,
+                    &[("layer", "circuit_breaker"), ("reason", "open")]
+                ),
+                2
+            );
+
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            call(&mut svc, &mut handle, true).await.unwrap();
+            let m = capture(&snap);
+            assert_eq!(
+                m.counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "upstream"), ("to", "half_open")]
+                ),
+                1
+            );
+            assert_eq!(
+                m.counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "upstream"), ("to", "closed")]
+                ),
+                1
+            );
+            assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0));
+
+            layer.handle().force_open();
+            assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(2.0));
+        });
+    });
+}
+
+#[test]
+fn default_classifier_counts_errors_and_timeouts_but_not_client_side_or_rejections() {
+    let c = DefaultClassifier;
+    let classify = |e: &(dyn Error + 'static)| Classify::<()>::classify(&c, Err(e));
+    assert_eq!(Classify::<()>::classify(&c, Ok(&())), Outcome::Success);
+    assert_eq!(classify(&refused()), Outcome::Failure);
+
+    let elapsed: BoxError = Box::new(tokio_test::block_on(async {
+        tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+            .await
+            .unwrap_err()
+    }));
+    assert_eq!(classify(&*elapsed), Outcome::Failure);
+
+    let rejected: BoxError = aegis_core::error::reject(Dummy).into();
+    assert_eq!(classify(&*rejected), Outcome::Ignore);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("dummy")]
+struct Dummy;
+impl aegis_core::error::Reject for Dummy {
+    fn layer(&self) -> &'static str {
+        "dummy"
+    }
+    fn label(&self) -> &'static str {
+        "dummy"
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn proxy_errors_count_only_when_the_upstream_is_at_fault() {
+    use aegis_core::proxy::ProxyError;
+    // Build real ProxyErrors by connecting to a closed port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let connect_err = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    let refused = ProxyError::ConnectRefused {
+        addr,
+        source: connect_err,
+    };
+    let client = ProxyError::ClientIo(io::ErrorKind::ConnectionReset.into());
+    let up = ProxyError::UpstreamIo(io::ErrorKind::ConnectionReset.into());
+    let c = DefaultClassifier;
+    assert_eq!(
+        Classify::<()>::classify(&c, Err(&refused)),
+        Outcome::Failure
+    );
+    assert_eq!(Classify::<()>::classify(&c, Err(&up)), Outcome::Failure);
+    assert_eq!(Classify::<()>::classify(&c, Err(&client)), Outcome::Ignore);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn http_classifier_trips_on_5xx_only() {
+    let layer = CircuitBreakerLayer::builder("api")
+        .consecutive_failures(Some(2))
+        .classifier(HttpClassifier)
+        .build();
+    let circuit = layer.handle();
+    let mut client = layer.layer(tower::service_fn(|status: u16| async move {
+        Ok::<_, io::Error>(http::Response::builder().status(status).body(()).unwrap())
+    }));
+    for status in [404, 200, 429, 503, 201, 500] {
+        client.ready().await.unwrap().call(status).await.unwrap();
+        assert_eq!(circuit.state(), CircuitState::Closed, "after {status}");
+    }
+    client.ready().await.unwrap().call(502).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
