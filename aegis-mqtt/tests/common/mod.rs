@@ -1,5 +1,10 @@
 //! Packet builders shared by the tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::cast_possible_truncation,
+    clippy::needless_pass_by_value
+)]
 
 use aegis_mqtt::{Config, MqttError, Packet, Session};
 

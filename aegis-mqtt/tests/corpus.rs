@@ -1,0 +1,56 @@
+//! Replays the committed fuzz seed corpora through the fuzz entry points.
+//!
+//! Seeds named `bad_*` must be refused and all others accepted, so the corpora stay
+//! meaningful as the validators change.
+
+use std::path::PathBuf;
+
+use aegis_mqtt::{Config, Next, Session, validate_connect};
+
+fn corpus(name: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "{name}: {} seeds", files.len());
+    files
+}
+
+#[test]
+fn connect_corpus() {
+    for (name, data) in corpus("mqtt_connect") {
+        aegis_mqtt::__fuzz::connect(&data);
+        let ok = validate_connect(&data, &Config::new()).is_ok();
+        assert_eq!(ok, !name.starts_with("bad_"), "{name}");
+    }
+}
+
+/// Whether the whole stream (after the chunk-size prefix) validates.
+fn stream_ok(data: &[u8]) -> bool {
+    let (&n, rest) = data.split_first().unwrap();
+    let mut buf = &rest[usize::from(n % 8)..];
+    let mut s = Session::new(Config::new().max_connect_size(512).max_packet_size(4096));
+    loop {
+        match s.next(buf) {
+            Ok(Next::Packet { len, .. }) => buf = &buf[len..],
+            Ok(Next::NeedMore(_)) => return buf.is_empty(),
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn stream_corpus() {
+    for (name, data) in corpus("mqtt_stream") {
+        aegis_mqtt::__fuzz::stream(&data);
+        assert_eq!(stream_ok(&data), !name.starts_with("bad_"), "{name}");
+    }
+}

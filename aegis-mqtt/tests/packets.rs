@@ -1,0 +1,567 @@
+//! Every client packet after the CONNECT, one test per rule.
+
+mod common;
+
+use aegis_mqtt::{Config, MqttError, Next, Packet, Session};
+use common::{B, connect_v3, connect_v4, connect_v5, head, label, session_after, v4, v5};
+
+const MAL_FLAGS: MqttError = MqttError::Malformed("reserved fixed-header flags set");
+const ID0: MqttError = MqttError::ProtocolError("packet identifier 0");
+
+#[test]
+fn publish_valid_qos_0_1_2() {
+    let mut s = session_after(&connect_v4());
+    let f = B::new().s("a/b").raw(b"hello").frame(0x31);
+    let Packet::Publish(p) = s.validate(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.topic, p.qos, p.retain, p.packet_id, p.payload),
+        ("a/b", 0, true, 0, &b"hello"[..])
+    );
+    let f = B::new().s("a").u16(7).raw(b"x").frame(0x3A); // DUP, QoS 1
+    let Packet::Publish(p) = s.validate(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.dup, p.qos, p.packet_id, p.payload),
+        (true, 1, 7, &b"x"[..])
+    );
+    let f = B::new().s("a").u16(8).frame(0x34);
+    assert!(matches!(s.validate(&f), Ok(Packet::Publish(p)) if p.qos == 2 && p.payload.is_empty()));
+}
+
+#[test]
+fn publish_flags() {
+    // [MQTT-3.3.1-4] QoS 3; [MQTT-3.3.1-2] DUP on QoS 0 (same numbers in 5.0)
+    let f = B::new().s("a").u16(1).frame(0x36);
+    assert_eq!(v4(&f), Err(MqttError::Malformed("PUBLISH QoS 3")));
+    assert_eq!(v5(&f), Err(MqttError::Malformed("PUBLISH QoS 3")));
+    let f = B::new().s("a").frame(0x38);
+    assert_eq!(
+        v4(&f),
+        Err(MqttError::Malformed("DUP set on a QoS 0 PUBLISH"))
+    );
+    assert_eq!(
+        v5(&f),
+        Err(MqttError::Malformed("DUP set on a QoS 0 PUBLISH"))
+    );
+}
+
+#[test]
+fn publish_topic_name() {
+    // [MQTT-3.3.2-2] / [MQTT-4.7.1-1] no wildcards
+    for t in ["a/+", "#", "a/#", "+"] {
+        let f = B::new().s(t).frame(0x30);
+        assert_eq!(
+            v4(&f),
+            Err(MqttError::TopicName("wildcard in a topic name")),
+            "{t}"
+        );
+        assert_eq!(
+            label(v5(&B::new().s(t).props(&[]).frame(0x30))),
+            "topic_name"
+        );
+    }
+    // [MQTT-4.7.3-1] at least one character
+    assert_eq!(
+        v4(&B::new().s("").frame(0x30)),
+        Err(MqttError::TopicName("empty topic name"))
+    );
+    assert_eq!(
+        v5(&B::new().s("").props(&[]).frame(0x30)),
+        Err(MqttError::TopicName("empty topic name"))
+    );
+    // [MQTT-4.7.3-2] / [MQTT-1.5.3-2] no U+0000
+    assert_eq!(
+        v4(&B::new().s("a\0").frame(0x30)),
+        Err(MqttError::Malformed("U+0000 in a UTF-8 string"))
+    );
+    // [MQTT-3.3.2-1] UTF-8
+    assert_eq!(label(v4(&B::new().s(b"\xc3").frame(0x30))), "malformed");
+    // '$' topics and spaces are valid names
+    assert_eq!(v4(&B::new().s("$SYS/x y").frame(0x30)), Ok(()));
+}
+
+#[test]
+fn publish_packet_id_nonzero() {
+    // [MQTT-2.3.1-1] / v5 [MQTT-2.2.1-3]
+    assert_eq!(v4(&B::new().s("a").u16(0).frame(0x32)), Err(ID0));
+    assert_eq!(v5(&B::new().s("a").u16(0).props(&[]).frame(0x34)), Err(ID0));
+    // QoS 1 without room for the id
+    assert_eq!(label(v4(&B::new().s("a").u8(1).frame(0x32))), "malformed");
+}
+
+#[test]
+fn v5_publish_properties() {
+    let mut s = session_after(&connect_v5());
+    let props = [
+        0x01, 1, 0x02, 0, 0, 0, 9, 0x03, 0, 1, b'j', 0x08, 0, 1, b'r', 0x09, 0, 1, 5, 0x23, 0, 3,
+    ];
+    let f = B::new().s("a").u16(1).props(&props).raw(b"p").frame(0x32);
+    let Packet::Publish(p) = s.validate(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!((p.topic_alias, p.payload), (Some(3), &b"p"[..]));
+    // an empty topic is allowed with a topic alias
+    let f = B::new().s("").props(&[0x23, 0, 3]).frame(0x30);
+    assert!(matches!(s.validate(&f), Ok(Packet::Publish(p)) if p.topic.is_empty()));
+}
+
+#[test]
+fn v5_publish_property_rules() {
+    // [MQTT-3.3.2-8] topic alias 0
+    assert_eq!(
+        v5(&B::new().s("a").props(&[0x23, 0, 0]).frame(0x30)),
+        Err(MqttError::ProtocolError("topic alias of 0"))
+    );
+    // [MQTT-3.3.4-6] no subscription identifier from a client
+    assert_eq!(
+        v5(&B::new().s("a").props(&[0x0B, 1]).frame(0x30)),
+        Err(MqttError::ProtocolError(
+            "subscription identifier in a PUBLISH from a client"
+        ))
+    );
+    // [MQTT-3.3.2-14] response topic without wildcards
+    assert_eq!(
+        v5(&B::new().s("a").props(&[0x08, 0, 1, b'#']).frame(0x30)),
+        Err(MqttError::TopicName("wildcard in a topic name"))
+    );
+    // payload format indicator 0 or 1; a CONNECT-only property
+    assert_eq!(
+        label(v5(&B::new().s("a").props(&[0x01, 2]).frame(0x30))),
+        "protocol_error"
+    );
+    assert_eq!(
+        label(v5(&B::new().s("a").props(&[0x11, 0, 0, 0, 1]).frame(0x30))),
+        "malformed"
+    );
+    // duplicate
+    assert_eq!(
+        v5(&B::new()
+            .s("a")
+            .props(&[0x02, 0, 0, 0, 1, 0x02, 0, 0, 0, 1])
+            .frame(0x30)),
+        Err(MqttError::ProtocolError("property included more than once"))
+    );
+    // a property length past the end
+    assert_eq!(
+        label(v5(&B::new().s("a").raw(&[9, 1]).frame(0x30))),
+        "malformed"
+    );
+}
+
+#[test]
+fn acks_v4() {
+    for first in [0x40, 0x50, 0x62, 0x70] {
+        assert_eq!(v4(&B::new().u16(5).frame(first)), Ok(()), "{first:#x}");
+        // remaining length must be 2
+        assert_eq!(
+            v4(&B::new().u16(5).u8(0).frame(first)),
+            Err(MqttError::Malformed(
+                "remaining length does not match the packet"
+            ))
+        );
+        assert_eq!(label(v4(&B::new().u8(5).frame(first))), "malformed");
+        // packet id 0
+        assert_eq!(v4(&B::new().u16(0).frame(first)), Err(ID0));
+    }
+    // [MQTT-2.2.2-1] flags: PUBACK/PUBREC/PUBCOMP 0, PUBREL 0b0010 ([MQTT-3.6.1-1])
+    for first in [0x41, 0x58, 0x60, 0x63, 0x72] {
+        assert_eq!(
+            v4(&B::new().u16(5).frame(first)),
+            Err(MAL_FLAGS),
+            "{first:#x}"
+        );
+    }
+}
+
+#[test]
+fn acks_v5() {
+    for first in [0x40, 0x50, 0x62, 0x70] {
+        assert_eq!(v5(&B::new().u16(5).frame(first)), Ok(()));
+        assert_eq!(v5(&B::new().u16(5).u8(0).frame(first)), Ok(()));
+        assert_eq!(
+            v5(&B::new()
+                .u16(5)
+                .u8(0)
+                .props(&[0x1F, 0, 1, b'r'])
+                .frame(first)),
+            Ok(())
+        );
+        assert_eq!(v5(&B::new().u16(0).u8(0).frame(first)), Err(ID0));
+        // [MQTT-3.4.2-1] [MQTT-3.5.2-1] [MQTT-3.6.2-1] [MQTT-3.7.2-1] reason codes
+        assert_eq!(
+            v5(&B::new().u16(5).u8(0x01).frame(first)),
+            Err(MqttError::ProtocolError(
+                "reason code not valid for this packet"
+            ))
+        );
+        assert_eq!(
+            label(v5(&B::new().u16(5).u8(0).props(&[0x26]).frame(first))),
+            "malformed"
+        );
+        assert_eq!(
+            label(v5(&B::new().u16(5).u8(0).props(&[0x0B, 1]).frame(first))),
+            "malformed"
+        );
+    }
+    assert_eq!(v5(&B::new().u16(5).u8(0x10).frame(0x40)), Ok(()));
+    assert_eq!(
+        label(v5(&B::new().u16(5).u8(0x10).frame(0x62))),
+        "protocol_error"
+    );
+    assert_eq!(v5(&B::new().u16(5).u8(0x92).frame(0x62)), Ok(()));
+}
+
+#[test]
+fn subscribe_v4() {
+    let mut s = session_after(&connect_v4());
+    let f = B::new().u16(3).s("a/+/b").u8(1).s("#").u8(2).frame(0x82);
+    let Packet::Subscribe(subs) = s.validate(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!(subs.packet_id(), 3);
+    assert_eq!(subs.iter().collect::<Vec<_>>(), [("a/+/b", 1), ("#", 2)]);
+    // [MQTT-3.8.1-1] flags 0b0010
+    assert_eq!(
+        v4(&B::new().u16(3).s("a").u8(0).frame(0x80)),
+        Err(MAL_FLAGS)
+    );
+    // [MQTT-2.3.1-1] packet id 0
+    assert_eq!(v4(&B::new().u16(0).s("a").u8(0).frame(0x82)), Err(ID0));
+    // [MQTT-3.8.3-3] at least one filter
+    assert_eq!(
+        v4(&B::new().u16(1).frame(0x82)),
+        Err(MqttError::ProtocolError("SUBSCRIBE without a topic filter"))
+    );
+    // [MQTT-3-8.3-4] requested QoS 3 or reserved bits
+    for opt in [3, 4, 0x80] {
+        assert_eq!(
+            v4(&B::new().u16(1).s("a").u8(opt).frame(0x82)),
+            Err(MqttError::Malformed(
+                "requested QoS over 2 or reserved bits set"
+            ))
+        );
+    }
+    // a filter without its options byte
+    assert_eq!(label(v4(&B::new().u16(1).s("a").frame(0x82))), "malformed");
+}
+
+#[test]
+fn topic_filters() {
+    // [MQTT-4.7.1-2] '#' last and alone; [MQTT-4.7.1-3] '+' alone; [MQTT-4.7.3-1] not empty
+    let cases = [
+        ("a/#/b", "'#' not the last level"),
+        ("a#", "'#' not alone in its level"),
+        ("a/b#", "'#' not alone in its level"),
+        ("a+", "'+' not alone in its level"),
+        ("a/+b/c", "'+' not alone in its level"),
+        ("", "empty topic filter"),
+    ];
+    for (filter, why) in cases {
+        assert_eq!(
+            v4(&B::new().u16(1).s(filter).u8(0).frame(0x82)),
+            Err(MqttError::TopicFilter(why)),
+            "{filter}"
+        );
+        assert_eq!(
+            v4(&B::new().u16(1).s(filter).frame(0xA2)),
+            Err(MqttError::TopicFilter(why)),
+            "{filter}"
+        );
+    }
+    for ok in ["#", "+", "+/+", "a/+/#", "/", "//", "$SYS/#", "a/b"] {
+        assert_eq!(v4(&B::new().u16(1).s(ok).u8(0).frame(0x82)), Ok(()), "{ok}");
+    }
+}
+
+#[test]
+fn subscribe_v5_options() {
+    let f = B::new()
+        .u16(1)
+        .props(&[0x0B, 5])
+        .s("a/#")
+        .u8(0x2E)
+        .s("$share/g/b")
+        .u8(0x02)
+        .frame(0x82);
+    assert_eq!(v5(&f), Ok(()));
+    // [MQTT-3.8.3-5] reserved bits
+    assert_eq!(
+        v5(&B::new().u16(1).props(&[]).s("a").u8(0x40).frame(0x82)),
+        Err(MqttError::Malformed(
+            "reserved subscription option bits set"
+        ))
+    );
+    // QoS 3 (§3.8.3.1 "It is a Protocol Error"... treated as malformed like 3.1.1)
+    assert_eq!(
+        v5(&B::new().u16(1).props(&[]).s("a").u8(3).frame(0x82)),
+        Err(MqttError::Malformed("subscription QoS 3"))
+    );
+    // §3.8.3.1 retain handling 3 is a protocol error
+    assert_eq!(
+        v5(&B::new().u16(1).props(&[]).s("a").u8(0x30).frame(0x82)),
+        Err(MqttError::ProtocolError("retain handling 3"))
+    );
+    // [MQTT-3.8.3-4] no local on a shared subscription
+    assert_eq!(
+        v5(&B::new()
+            .u16(1)
+            .props(&[])
+            .s("$share/g/a")
+            .u8(0x04)
+            .frame(0x82)),
+        Err(MqttError::ProtocolError(
+            "no local on a shared subscription"
+        ))
+    );
+    // v4 has no shared subscriptions: the same bytes are a plain filter there
+    assert_eq!(
+        v4(&B::new().u16(1).s("$share/g/a").u8(0x00).frame(0x82)),
+        Ok(())
+    );
+    // [MQTT-3.8.3-2] at least one filter; subscription identifier 0
+    assert_eq!(
+        label(v5(&B::new().u16(1).props(&[]).frame(0x82))),
+        "protocol_error"
+    );
+    assert_eq!(
+        v5(&B::new().u16(1).props(&[0x0B, 0]).s("a").u8(0).frame(0x82)),
+        Err(MqttError::ProtocolError("subscription identifier of 0"))
+    );
+}
+
+#[test]
+fn shared_subscription_names() {
+    // [MQTT-4.8.2-1] share name non-empty without wildcards; [MQTT-4.8.2-2] then '/' and a filter
+    for (f, why) in [
+        ("$share//a", "invalid share name"),
+        ("$share/g+/a", "invalid share name"),
+        ("$share/#/a", "invalid share name"),
+        ("$share/g", "shared subscription without a filter"),
+        ("$share/g/", "empty topic filter"),
+        ("$share/g/a#", "'#' not alone in its level"),
+    ] {
+        assert_eq!(
+            v5(&B::new().u16(1).props(&[]).s(f).u8(0).frame(0x82)),
+            Err(MqttError::TopicFilter(why)),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn unsubscribe() {
+    let mut s = session_after(&connect_v4());
+    let f = B::new().u16(9).s("a/+").s("b").frame(0xA2);
+    let Packet::Unsubscribe(u) = s.validate(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (u.packet_id(), u.iter().collect::<Vec<_>>()),
+        (9, vec![("a/+", 0), ("b", 0)])
+    );
+    // [MQTT-3.10.1-1] flags
+    assert_eq!(v4(&B::new().u16(9).s("a").frame(0xA0)), Err(MAL_FLAGS));
+    // packet id 0; [MQTT-3.10.3-2] at least one filter
+    assert_eq!(v4(&B::new().u16(0).s("a").frame(0xA2)), Err(ID0));
+    assert_eq!(
+        v4(&B::new().u16(1).frame(0xA2)),
+        Err(MqttError::ProtocolError(
+            "UNSUBSCRIBE without a topic filter"
+        ))
+    );
+    // v5: user properties only
+    assert_eq!(
+        v5(&B::new()
+            .u16(1)
+            .props(&[0x26, 0, 1, b'k', 0, 0])
+            .s("a")
+            .frame(0xA2)),
+        Ok(())
+    );
+    assert_eq!(
+        label(v5(&B::new().u16(1).props(&[0x0B, 1]).s("a").frame(0xA2))),
+        "malformed"
+    );
+    assert_eq!(
+        label(v5(&B::new().u16(1).props(&[]).frame(0xA2))),
+        "protocol_error"
+    );
+}
+
+#[test]
+fn pingreq() {
+    assert_eq!(v4(&[0xC0, 0x00]), Ok(()));
+    assert_eq!(v5(&[0xC0, 0x00]), Ok(()));
+    assert_eq!(v4(&[0xC1, 0x00]), Err(MAL_FLAGS));
+    assert_eq!(
+        v4(&[0xC0, 0x01, 0x00]),
+        Err(MqttError::Malformed(
+            "remaining length does not match the packet"
+        ))
+    );
+}
+
+#[test]
+fn disconnect_v4() {
+    assert_eq!(v4(&[0xE0, 0x00]), Ok(()));
+    // [MQTT-3.14.1-1]
+    assert_eq!(v4(&[0xE2, 0x00]), Err(MAL_FLAGS));
+    assert_eq!(label(v4(&[0xE0, 0x01, 0x00])), "malformed");
+}
+
+#[test]
+fn disconnect_v5() {
+    assert_eq!(v5(&[0xE0, 0x00]), Ok(()));
+    assert_eq!(v5(&[0xE0, 0x01, 0x04]), Ok(()));
+    assert_eq!(
+        v5(&B::new().u8(0).props(&[0x1F, 0, 1, b'x']).frame(0xE0)),
+        Ok(())
+    );
+    // [MQTT-3.14.2-1] reason codes
+    assert_eq!(label(v5(&[0xE0, 0x01, 0x05])), "protocol_error");
+    // server reference is server-only
+    assert_eq!(
+        v5(&B::new().u8(0x9C).props(&[0x1C, 0, 1, b's']).frame(0xE0)),
+        Err(MqttError::ProtocolError("server reference from a client"))
+    );
+    // §3.14.2.2.2: session expiry 0 in CONNECT, non-zero in DISCONNECT
+    let f = B::new().u8(0).props(&[0x11, 0, 0, 0, 5]).frame(0xE0);
+    assert_eq!(
+        v5(&f),
+        Err(MqttError::ProtocolError(
+            "non-zero session expiry in DISCONNECT after 0 in CONNECT"
+        ))
+    );
+    let c = head("MQTT", 5, 2)
+        .props(&[0x11, 0, 0, 0, 9])
+        .s("c")
+        .frame(0x10);
+    assert!(session_after(&c).validate(&f).is_ok());
+}
+
+#[test]
+fn nothing_after_disconnect() {
+    // [MQTT-3.14.4-1]
+    let mut s = session_after(&connect_v4());
+    assert_eq!(s.validate(&[0xE0, 0x00]), Ok(Packet::Disconnect(0)));
+    assert_eq!(
+        s.validate(&[0xC0, 0x00]),
+        Err(MqttError::ProtocolError("packet after DISCONNECT"))
+    );
+}
+
+#[test]
+fn auth_v5() {
+    let c = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10);
+    let mut s = session_after(&c);
+    let f = B::new()
+        .u8(0x18)
+        .props(&[0x15, 0, 1, b'm', 0x16, 0, 1, 1])
+        .frame(0xF0);
+    assert_eq!(s.validate(&f), Ok(Packet::Auth(0x18)));
+    // [MQTT-3.15.1-1] flags
+    let mut bad = f.clone();
+    bad[0] = 0xF1;
+    assert_eq!(session_after(&c).validate(&bad), Err(MAL_FLAGS));
+    // [MQTT-3.15.2-1] reason codes
+    let f = B::new().u8(0x01).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    assert_eq!(label(session_after(&c).validate(&f)), "protocol_error");
+    // §3.15.2.2.2 the method must be there
+    let f = B::new().u8(0x18).props(&[]).frame(0xF0);
+    assert_eq!(
+        session_after(&c).validate(&f),
+        Err(MqttError::ProtocolError(
+            "AUTH without an authentication method"
+        ))
+    );
+    // §4.12 no AUTH unless the CONNECT chose an authentication method
+    let f = B::new().u8(0x18).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    assert_eq!(
+        v5(&f),
+        Err(MqttError::ProtocolError(
+            "AUTH without an authentication method in CONNECT"
+        ))
+    );
+    // type 15 is reserved before 5.0
+    assert_eq!(v4(&f), Err(MqttError::Malformed("reserved packet type")));
+}
+
+#[test]
+fn packet_types_from_a_client() {
+    // [MQTT-3.1.0-2] a second CONNECT
+    assert_eq!(
+        v4(&connect_v4()),
+        Err(MqttError::ProtocolError("second CONNECT"))
+    );
+    assert_eq!(
+        v5(&connect_v5()),
+        Err(MqttError::ProtocolError("second CONNECT"))
+    );
+    // server-to-client types
+    for first in [0x20, 0x90, 0xB0, 0xD0] {
+        assert_eq!(
+            v4(&[first, 0x00]),
+            Err(MqttError::ProtocolError(
+                "server-to-client packet type from a client"
+            ))
+        );
+    }
+    // type 0 is reserved
+    assert_eq!(
+        v4(&[0x00, 0x00]),
+        Err(MqttError::Malformed("reserved packet type"))
+    );
+}
+
+#[test]
+fn mqtt_3_1_sessions_follow_3_1_1_packet_rules() {
+    let mut s = session_after(&connect_v3());
+    assert!(
+        s.validate(&B::new().u16(1).s("a").u8(1).frame(0x82))
+            .is_ok()
+    );
+    assert_eq!(
+        s.validate(&B::new().s("a/#").frame(0x30)),
+        Err(MqttError::TopicName("wildcard in a topic name"))
+    );
+}
+
+#[test]
+fn a_failed_session_stays_failed() {
+    let mut s = session_after(&connect_v4());
+    assert!(s.validate(&[0xC1, 0x00]).is_err());
+    assert_eq!(s.validate(&[0xC0, 0x00]), Err(MAL_FLAGS));
+    assert_eq!(s.next(&[0xC0, 0x00]), Err(MAL_FLAGS));
+}
+
+#[test]
+fn size_caps_before_and_after_connect() {
+    let mut s = Session::new(Config::new().max_connect_size(20).max_packet_size(40));
+    // a CONNECT over 20 bytes is refused from its header
+    let big = head("MQTT", 4, 2).s("0123456789abc").frame(0x10);
+    assert_eq!(
+        s.clone().next(&big[..2]),
+        Err(MqttError::PacketTooLarge { size: 27, max: 20 })
+    );
+    let c = connect_v4();
+    assert!(matches!(
+        s.next(&c),
+        Ok(Next::Packet {
+            packet: Packet::Connect(_),
+            ..
+        })
+    ));
+    let p = B::new().s("t").raw(&[0; 30]).frame(0x30); // 35 bytes
+    assert!(matches!(
+        s.clone().next(&p),
+        Ok(Next::Packet { len: 35, .. })
+    ));
+    let p = B::new().s("t").raw(&[0; 40]).frame(0x30);
+    assert_eq!(label(s.next(&p[..2])), "packet_too_large");
+}
