@@ -531,3 +531,23 @@ fn racing_threads_on_the_same_new_keys_take_one_slot_per_key() {
     }
     assert_eq!(limiter.len(), 150);
 }
+
+#[test]
+fn keyed_limiter_takes_an_injected_clock() {
+    let clock = governor::clock::FakeRelativeClock::default();
+    clock.advance(Duration::from_secs(100));
+    let limiter = KeyedLimiter::with_clock(Quota::per_second(nz(2)), 10, "fake", clock.clone());
+    assert!(limiter.check(&1_u8).is_ok());
+    assert!(limiter.check(&1_u8).is_ok());
+    assert_eq!(
+        limiter.check(&1_u8).unwrap_err().wait(),
+        Duration::from_millis(500)
+    );
+    clock.advance(Duration::from_millis(500));
+    assert!(limiter.check(&1_u8).is_ok());
+    // Idle by the injected clock's reading, not tokio's.
+    assert_eq!(limiter.evict_idle(), 0);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(limiter.evict_idle(), 1);
+    assert!(limiter.is_empty());
+}
