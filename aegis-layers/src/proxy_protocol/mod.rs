@@ -1,1 +1,151 @@
-//! Placeholder: being written.
+//! PROXY protocol v1/v2: the real client address behind a load balancer, believed only
+//! from trusted proxies.
+//!
+//! A TCP load balancer (`HAProxy`, AWS NLB, a Kubernetes ingress) hides the client: the
+//! server sees the balancer's address. With the [PROXY protocol] the balancer starts
+//! each connection with a short header that carries the original source and
+//! destination. This layer reads that header, consumes it, and hands the inner service
+//! a [`ProxiedIo`] whose [`ClientAddr`](aegis_core::ClientAddr) is the original client,
+//! so that rate limits, bans and logs outside *and* inside apply to the real client.
+//! The bytes after the header reach the inner service byte for byte.
+//!
+//! [PROXY protocol]: https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt
+//!
+//! # Trust model
+//!
+//! A PROXY header is a claim written by whoever opened the connection. Believing it
+//! from anyone would let every client pick its own address (and dodge per-client
+//! limits or frame another client). So the header is only ever read from peers inside
+//! the configured trusted networks ([`ProxyProtocolLayer::new`]), matched against the
+//! socket's [`PeerAddr`](aegis_core::PeerAddr) with IPv4-mapped IPv6 folded to IPv4:
+//!
+//! | peer | first bytes | result |
+//! |---|---|---|
+//! | trusted | a valid header | accepted; client = header source (`LOCAL`/`UNKNOWN`: the peer) |
+//! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`]) |
+//! | trusted | a bad, long, slow or cut-off header | rejected `invalid`, `too_long`, `timeout` or `eof` |
+//! | untrusted | a PROXY signature (`PROXY ` or the v2 signature) | rejected `untrusted`, never parsed |
+//! | untrusted | anything else, or silence, or EOF | passed on untouched, client = peer |
+//!
+//! `LOCAL` commands (v2) and `UNKNOWN` lines (v1), which balancers send for their own
+//! health checks, are accepted and keep the peer as the client; so are v2 headers of
+//! the `UNSPEC` and `UNIX` families, which carry no IP address. A source written as an
+//! IPv4-mapped IPv6 address is folded to IPv4.
+//!
+//! The layer reads the first bytes of every connection, so it suits protocols where the
+//! client speaks first (MQTT, HTTP, TLS). Put it outermost, before anything that keys
+//! on the client address.
+//!
+//! # Limits
+//!
+//! - **Deadline**: a trusted peer has 3 s ([`timeout`](ProxyProtocolLayer::timeout)) to
+//!   deliver its header, counted from the first read that has to wait. An untrusted
+//!   peer is never cut off by this layer; use the slowloris layer for client deadlines.
+//! - **Length**: a v1 header is at most 107 bytes (the specification's maximum); a v2
+//!   header at most 512 bytes in total ([`max_header_len`](ProxyProtocolLayer::max_header_len)),
+//!   checked from its 16-byte fixed part before the rest is read. The read buffer
+//!   starts at 128 bytes and never grows beyond the cap.
+//! - **Strictness**: a v2 `PROXY` header must have well-formed TLVs; they are exposed
+//!   through [`ProxyHeader::tlvs`] and [`ProxyHeader::tlv`].
+//!
+//! # Rejections and metrics
+//!
+//! Rejections are counted in `aegis_rejections_total{layer="proxy_protocol", reason}`:
+//!
+//! | reason | meaning |
+//! |---|---|
+//! | `untrusted` | a peer outside the trusted networks sent a PROXY header |
+//! | `missing` | a trusted peer sent no header ([`HeaderMode::Required`]) |
+//! | `timeout` | a trusted peer's header was not complete within the deadline |
+//! | `too_long` | the header is longer than the cap |
+//! | `invalid` | the header is malformed |
+//! | `eof` | a trusted peer closed before a complete header (plain TCP health checks land here) |
+//! | `io` | reading the header failed |
+//!
+//! Accepted connections are counted in `aegis_proxy_protocol_connections_total{outcome}`
+//! ([`CONNECTIONS_TOTAL`]): `proxied_v1` and `proxied_v2` (client address replaced),
+//! `local` (a header without a client address: `LOCAL`, `UNKNOWN`, `UNSPEC`, `UNIX`),
+//! `passthrough` (no header).
+//!
+//! # Example
+//!
+//! ```
+//! use aegis_core::{ClientAddr, Conn, Param};
+//! use aegis_layers::proxy_protocol::{ProxiedIo, ProxyProtocolLayer};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! // Trust the load balancers' subnet, and nobody else.
+//! let layer = ProxyProtocolLayer::new(["10.0.0.0/8".parse()?]);
+//! let svc = layer.layer(service_fn(|mut io: ProxiedIo<Conn<DuplexStream>>| async move {
+//!     let client = Param::<ClientAddr>::param(&io);
+//!     let mut data = String::new();
+//!     io.read_to_string(&mut data).await?;
+//!     Ok::<_, std::io::Error>((client, data))
+//! }));
+//!
+//! // A connection from the balancer at 10.1.2.3, carrying a v1 header, then data.
+//! let (mut lb, server) = tokio::io::duplex(256);
+//! lb.write_all(b"PROXY TCP4 203.0.113.7 10.1.2.3 51000 1883\r\nhello").await?;
+//! drop(lb);
+//! let conn = Conn::new(server, "10.1.2.3:40000".parse()?, "10.1.2.4:1883".parse()?);
+//! let (client, data) = svc.oneshot(conn).await?;
+//! assert_eq!(client.to_string(), "203.0.113.7:51000");
+//! assert_eq!(data, "hello");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::time::Duration;
+
+pub mod error;
+pub mod future;
+mod header;
+mod io;
+mod layer;
+mod service;
+
+pub use self::error::ProxyProtocolError;
+pub use self::header::{ProxyHeader, Tlvs};
+pub use self::io::ProxiedIo;
+pub use self::layer::{HeaderMode, ProxyProtocolLayer};
+pub use self::service::ProxyProtocol;
+
+/// The layer name in `aegis_rejections_total{layer}`.
+pub const LAYER: &str = "proxy_protocol";
+
+/// `aegis_proxy_protocol_connections_total{outcome}`: accepted connections by outcome.
+pub const CONNECTIONS_TOTAL: &str = "aegis_proxy_protocol_connections_total";
+
+/// The default deadline for a trusted peer's header: a balancer writes it at once, in
+/// the first segment, so seconds are generous.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The default cap on a v2 header, fixed part included: room for IPv6 addresses (36
+/// bytes) and the TLVs balancers send (AWS NLB's VPC endpoint id, GCP's PSC ids, an
+/// authority), with a margin.
+pub const DEFAULT_MAX_HEADER_LEN: usize = 512;
+
+fn count(header: Option<&ProxyHeader>) {
+    let outcome = match header {
+        None => "passthrough",
+        Some(h) if h.source().is_none() => "local",
+        Some(h) if h.version() == 1 => "proxied_v1",
+        Some(_) => "proxied_v2",
+    };
+    metrics::counter!(CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// The entry point of the `proxy_protocol` fuzz target: the pure header parser.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz_logic {
+    /// Parses `data` with a few caps; must never panic.
+    pub fn fuzz_entry(data: &[u8]) {
+        for max in [0, 107, super::DEFAULT_MAX_HEADER_LEN, usize::MAX] {
+            let _ = super::header::parse(data, max);
+        }
+    }
+}

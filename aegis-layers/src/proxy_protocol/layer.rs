@@ -1,0 +1,104 @@
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tower_layer::Layer;
+
+use super::header::{V1_MAX_LEN, V2_MAX_LEN};
+use super::{DEFAULT_MAX_HEADER_LEN, DEFAULT_TIMEOUT, ProxyProtocol};
+
+/// Whether a trusted peer must send a PROXY header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeaderMode {
+    /// A trusted peer without a header is rejected (`missing`). The default: a load
+    /// balancer configured for the PROXY protocol always sends one.
+    #[default]
+    Required,
+    /// A trusted peer may also connect without a header (its client address is then the
+    /// peer), for example while a load balancer is being switched over.
+    Optional,
+}
+
+/// What the layer and its services share; cloning it clones an `Arc`.
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub(super) trusted: Arc<[IpNet]>,
+    pub(super) mode: HeaderMode,
+    pub(super) timeout: Duration,
+    pub(super) max_header_len: usize,
+}
+
+impl Config {
+    /// Whether `ip` is in a trusted network, with IPv4-mapped IPv6 folded to IPv4 (a
+    /// dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`).
+    pub(super) fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Applies [`ProxyProtocol`] to a byte-stream service: reads PROXY v1/v2 headers from
+/// trusted networks only. See the [module docs](super) for an example.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ProxyProtocolLayer {
+    config: Config,
+}
+
+impl ProxyProtocolLayer {
+    /// Trusts the proxies in `trusted` (only them: an empty list trusts no one), with a
+    /// required header, a 3 s deadline and a 512-byte cap.
+    ///
+    /// Write IPv4 networks as IPv4 (`10.0.0.0/8`): peers are matched after folding
+    /// IPv4-mapped IPv6 addresses to IPv4.
+    pub fn new<T: IntoIterator<Item = IpNet>>(trusted: T) -> Self {
+        let trusted: Arc<[IpNet]> = trusted.into_iter().map(|net| net.trunc()).collect();
+        Self {
+            config: Config {
+                trusted,
+                mode: HeaderMode::Required,
+                timeout: DEFAULT_TIMEOUT,
+                max_header_len: DEFAULT_MAX_HEADER_LEN,
+            },
+        }
+    }
+
+    /// Whether trusted peers must send a header (default [`HeaderMode::Required`]).
+    pub fn mode(mut self, mode: HeaderMode) -> Self {
+        self.config.mode = mode;
+        self
+    }
+
+    /// How long a trusted peer has to deliver its complete header (default 3 s),
+    /// counted from the first read that has to wait.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// The longest v2 header accepted, fixed 16 bytes included (default 512). Raised to
+    /// at least 107 (the v1 maximum) and capped at 65 551 (the v2 maximum). The read
+    /// buffer never grows beyond it.
+    pub fn max_header_len(mut self, len: usize) -> Self {
+        self.config.max_header_len = len.clamp(V1_MAX_LEN, V2_MAX_LEN);
+        self
+    }
+
+    /// The trusted networks.
+    pub fn trusted(&self) -> &[IpNet] {
+        &self.config.trusted
+    }
+}
+
+impl<S> Layer<S> for ProxyProtocolLayer {
+    type Service = ProxyProtocol<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ProxyProtocol {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
