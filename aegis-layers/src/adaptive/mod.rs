@@ -1,1 +1,110 @@
-//! Placeholder: being written.
+//! Adaptive overload control: measure the latency of a service and lower the admitted
+//! rate (or the concurrency limit) when its P95 rises.
+//!
+//! [`Adaptive`] (built by [`AdaptiveLayer`]) wraps any `tower::Service` and records the
+//! latency of each call, from `call` to the completion of the response future, into a
+//! rotating [`HdrHistogram`](hdrhistogram) (the current window and the previous one,
+//! rotated on each control interval). Calls whose future is dropped before completion
+//! (cancelled) are not recorded, nor are rejections: the [`DefaultClassifier`] skips
+//! any error holding an [`aegis_core::error::Rejected`], since a fast "no" says nothing
+//! about the backend's latency. Write your own [`Classify`] for other rules.
+//!
+//! A controller runs as its own tokio task, started by [`RateConfig::spawn`] or
+//! [`GradientConfig::spawn`]. On each interval it closes the window, computes the
+//! latency quantile (when the window holds at least `min_samples` samples, or the last
+//! two windows together do; otherwise it holds) and drives a sink. The task ends when
+//! every [`AdaptiveHandle`], layer and service is dropped, or on
+//! [`AdaptiveHandle::shutdown`]. The layer itself never rejects anything: it only
+//! measures. The sink does the limiting.
+//!
+//! # The two modes
+//!
+//! **Rate mode** ([`RateConfig`]) keeps P95 under a threshold by scaling an admitted
+//! rate, fed to a [`RateSink`] (such as a connection rate limiter):
+//!
+//! - `P95 > threshold`: `rate × 0.8` (the reduction factor), but never twice in a row:
+//!   the interval right after a reduction holds (hysteresis), so the reduced rate has a
+//!   whole window to show its effect before the next cut;
+//! - `P95 < 0.7 × threshold`: `rate × 1.1` (the recovery factor);
+//! - in between: hold. The rate stays within `[min_rate, max_rate]`.
+//!
+//! **Gradient mode** ([`GradientConfig`]), after Envoy's adaptive concurrency filter,
+//! sets a concurrency limit, fed to a [`LimitSink`]:
+//! `limit = limit × gradient + sqrt(limit × gradient)` with
+//! `gradient = clamp(min_rtt × (1 + buffer) / sample_rtt, 0.5, 2.0)`, clamped to
+//! `[min_limit, max_limit]`. `min_rtt` is re-measured periodically with the limit pinned
+//! to `min_limit`.
+//!
+//! # Which mode to use
+//!
+//! - **Rate mode for connection admission.** New connections arrive at a rate, and the
+//!   cost of a connection (handshake, TLS, authentication) is paid up front: a rate
+//!   limiter in front of the accept path is the natural actuator, and a latency
+//!   threshold (an SLO) is what operators can state. Wrap the connection service (or the
+//!   handshake) with the layer, and give the controller the rate limiter's handle as
+//!   its sink.
+//! - **Gradient mode for concurrency.** For requests in flight to a backend (calls
+//!   through an upstream connector or HTTP client), the limit that matters is how many
+//!   are outstanding at once. The gradient needs no threshold: it finds the queueing
+//!   point itself from the ratio of the unloaded latency (`min_rtt`) to the current
+//!   one. It needs steady traffic to measure `min_rtt`, and it briefly cuts the limit
+//!   to `min_limit` for each re-measurement.
+//!
+//! # Metrics
+//!
+//! Every decision is counted and logged (tracing: `info` for a change, `debug` for a
+//! hold). `name` is the fixed string given with `.name(..)` (default `"default"`).
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `aegis_adaptive_rate` | gauge | `name` | the admitted rate per second (rate mode) |
+//! | `aegis_adaptive_limit` | gauge | `name` | the concurrency limit (gradient mode) |
+//! | `aegis_adaptive_p95_seconds` | gauge | `name` | the latency quantile of the last window (P95 in rate mode; the configured quantile in gradient mode); not set when too few samples |
+//! | `aegis_adaptive_min_rtt_seconds` | gauge | `name` | the last minimum-RTT measurement (gradient mode) |
+//! | `aegis_adaptive_decisions_total` | counter | `name`, `direction`: `down`, `up`, `hold` | decisions, one per interval |
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use aegis_layers::adaptive::RateConfig;
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! # tokio::time::pause();
+//! // The sink would be a rate limiter's handle; here, a closure.
+//! let control = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+//!     .interval(Duration::from_secs(1))
+//!     .min_samples(3)
+//!     .spawn(|per_second: f64| println!("admit {per_second:.0}/s"));
+//!
+//! // A slow backend: 300 ms per call.
+//! let svc = control.layer().layer(service_fn(|()| async {
+//!     tokio::time::sleep(Duration::from_millis(300)).await;
+//!     Ok::<_, std::io::Error>(())
+//! }));
+//! for _ in 0..3 {
+//!     svc.clone().oneshot(()).await.unwrap(); // 0.9 s in all
+//! }
+//! tokio::time::sleep(Duration::from_millis(200)).await; // the controller decides at 1 s
+//! assert_eq!(control.value(), 800.0); // P95 300 ms > 100 ms: 1000 × 0.8
+//! # }
+//! ```
+
+mod classify;
+mod control;
+pub mod future;
+mod layer;
+mod service;
+mod sink;
+mod window;
+
+pub use self::classify::{Classify, DefaultClassifier, Sample};
+pub use self::control::{
+    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_LIMIT, ADAPTIVE_MIN_RTT_SECONDS, ADAPTIVE_P95_SECONDS,
+    ADAPTIVE_RATE, AdaptiveHandle, Direction, GradientConfig, RateConfig,
+};
+pub use self::layer::AdaptiveLayer;
+pub use self::service::Adaptive;
+pub use self::sink::{LimitSink, RateSink};

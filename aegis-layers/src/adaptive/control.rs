@@ -1,0 +1,614 @@
+//! The control loops: rate mode and gradient mode.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::AdaptiveLayer;
+use super::classify::DefaultClassifier;
+use super::sink::{LimitSink, RateSink};
+use super::window::{Measured, Shared};
+
+/// `aegis_adaptive_rate{name}`: the admitted rate (rate mode), per second.
+pub const ADAPTIVE_RATE: &str = "aegis_adaptive_rate";
+/// `aegis_adaptive_limit{name}`: the concurrency limit (gradient mode).
+pub const ADAPTIVE_LIMIT: &str = "aegis_adaptive_limit";
+/// `aegis_adaptive_p95_seconds{name}`: the measured latency quantile of the last window.
+pub const ADAPTIVE_P95_SECONDS: &str = "aegis_adaptive_p95_seconds";
+/// `aegis_adaptive_min_rtt_seconds{name}`: the measured minimum RTT (gradient mode).
+pub const ADAPTIVE_MIN_RTT_SECONDS: &str = "aegis_adaptive_min_rtt_seconds";
+/// `aegis_adaptive_decisions_total{name, direction}`.
+pub const ADAPTIVE_DECISIONS_TOTAL: &str = "aegis_adaptive_decisions_total";
+
+/// The way one decision moved the rate or limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Lowered.
+    Down,
+    /// Raised.
+    Up,
+    /// Kept.
+    Hold,
+}
+
+impl Direction {
+    /// The stable label: `down`, `up` or `hold`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Down => "down",
+            Self::Up => "up",
+            Self::Hold => "hold",
+        }
+    }
+}
+
+/// Rate mode: keeps the P95 latency under a threshold by scaling an admitted rate.
+///
+/// On every [`interval`](Self::interval), with `p95` the 95th percentile latency of the
+/// window that just closed:
+///
+/// | condition | decision |
+/// |---|---|
+/// | fewer than [`min_samples`](Self::min_samples) samples, even with the window before | hold |
+/// | `p95 > threshold`, and the previous decision was **not** a reduction | `rate × reduction` (down) |
+/// | `p95 > threshold` right after a reduction | hold (hysteresis: the reduced rate gets one full interval to show its effect) |
+/// | `p95 < 0.7 × threshold` | `rate × recovery` (up) |
+/// | otherwise | hold |
+///
+/// The rate is clamped to `[min_rate, max_rate]` and starts at
+/// [`initial_rate`](Self::initial_rate) (default `max_rate`).
+#[derive(Debug, Clone)]
+#[must_use = "a config does nothing until `spawn` is called"]
+pub struct RateConfig {
+    name: &'static str,
+    threshold: Duration,
+    min_rate: f64,
+    max_rate: f64,
+    initial: Option<f64>,
+    interval: Duration,
+    min_samples: u64,
+    reduction: f64,
+    recovery: f64,
+}
+
+impl RateConfig {
+    /// Keeps P95 under `threshold`, with the rate between `min_rate` and `max_rate`
+    /// per second. Defaults: 1 s interval, 20 samples minimum, reduction 0.8, recovery
+    /// 1.1, name `"default"`.
+    ///
+    /// # Panics
+    ///
+    /// If `threshold` is zero or the rates are not `0 < min_rate <= max_rate` (finite).
+    pub fn new(threshold: Duration, min_rate: f64, max_rate: f64) -> Self {
+        assert!(!threshold.is_zero(), "threshold must be positive");
+        assert!(
+            min_rate > 0.0 && min_rate <= max_rate && max_rate.is_finite(),
+            "rates must satisfy 0 < min_rate <= max_rate"
+        );
+        Self {
+            name: "default",
+            threshold,
+            min_rate,
+            max_rate,
+            initial: None,
+            interval: Duration::from_secs(1),
+            min_samples: 20,
+            reduction: 0.8,
+            recovery: 1.1,
+        }
+    }
+
+    /// The `name` label of the metrics: a fixed string per controller (`"mqtt"`),
+    /// never a value derived from input.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The control interval: the length of a measurement window and the time between
+    /// two decisions.
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "interval must be positive");
+        self.interval = interval;
+        self
+    }
+
+    /// The fewest samples a decision needs. When the last window has fewer, the window
+    /// before is added; when both together still have fewer, the rate holds.
+    pub fn min_samples(mut self, n: u64) -> Self {
+        self.min_samples = n.max(1);
+        self
+    }
+
+    /// The factor applied when P95 is over the threshold.
+    ///
+    /// # Panics
+    ///
+    /// If `factor` is not in `(0, 1)`.
+    pub fn reduction(mut self, factor: f64) -> Self {
+        assert!(factor > 0.0 && factor < 1.0, "reduction must be in (0, 1)");
+        self.reduction = factor;
+        self
+    }
+
+    /// The factor applied when P95 is under 0.7 × the threshold.
+    ///
+    /// # Panics
+    ///
+    /// If `factor` is not greater than 1 (and finite).
+    pub fn recovery(mut self, factor: f64) -> Self {
+        assert!(factor > 1.0 && factor.is_finite(), "recovery must be > 1");
+        self.recovery = factor;
+        self
+    }
+
+    /// The starting rate (clamped); default `max_rate`.
+    pub fn initial_rate(mut self, rate: f64) -> Self {
+        self.initial = Some(rate);
+        self
+    }
+
+    /// One decision of the control law (see the table above): the next rate and the
+    /// direction, from the current `rate`, the measured `p95` and whether the previous
+    /// decision was a reduction.
+    pub fn decide(&self, rate: f64, p95: Duration, after_reduction: bool) -> (f64, Direction) {
+        let (next, dir) = if p95 > self.threshold {
+            if after_reduction {
+                (rate, Direction::Hold)
+            } else {
+                (rate * self.reduction, Direction::Down)
+            }
+        } else if p95.as_secs_f64() < 0.7 * self.threshold.as_secs_f64() {
+            (rate * self.recovery, Direction::Up)
+        } else {
+            (rate, Direction::Hold)
+        };
+        let next = next.clamp(self.min_rate, self.max_rate);
+        // At a clamp, a "move" that changes nothing is a hold.
+        #[allow(clippy::float_cmp, reason = "clamp returns its bound exactly")]
+        let dir = if next == rate { Direction::Hold } else { dir };
+        (next, dir)
+    }
+
+    /// Starts the controller on the current tokio runtime, driving `sink`; returns the
+    /// handle that gives the [`AdaptiveLayer`] to measure with.
+    ///
+    /// The controller's task ends when every handle, layer and service is dropped, or
+    /// on [`AdaptiveHandle::shutdown`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(self, sink: impl RateSink) -> AdaptiveHandle {
+        let rate = self
+            .initial
+            .unwrap_or(self.max_rate)
+            .clamp(self.min_rate, self.max_rate);
+        let shared = Shared::new(rate);
+        sink.set_rate(rate);
+        metrics::gauge!(ADAPTIVE_RATE, "name" => self.name).set(rate);
+        let interval = self.interval;
+        let law = RateLaw {
+            cfg: self,
+            sink,
+            rate,
+            after_reduction: false,
+        };
+        spawn_loop(&shared, interval, law);
+        AdaptiveHandle { shared }
+    }
+}
+
+/// Gradient mode, after Envoy's adaptive concurrency filter: a concurrency limit that
+/// follows the ratio of the minimum RTT to the sampled RTT.
+///
+/// On every [`interval`](Self::interval), with `sample` the
+/// [`quantile`](Self::quantile) latency of the window that just closed:
+///
+/// ```text
+/// gradient  = clamp(min_rtt × (1 + buffer) / sample, 0.5, 2.0)
+/// limit'    = limit × gradient
+/// new_limit = clamp(limit' + sqrt(limit'), min_limit, max_limit)   // sqrt: burst headroom
+/// ```
+///
+/// `min_rtt` is measured at start and then every
+/// [`min_rtt_interval`](Self::min_rtt_interval): the limit is pinned to `min_limit`
+/// (so queueing does not inflate the measurement), the samples are cleared, and after
+/// [`min_rtt_samples`](Self::min_rtt_samples) samples the quantile of that window
+/// becomes the new `min_rtt` and the limit goes back to its previous value.
+#[derive(Debug, Clone)]
+#[must_use = "a config does nothing until `spawn` is called"]
+pub struct GradientConfig {
+    name: &'static str,
+    min_limit: usize,
+    max_limit: usize,
+    initial: Option<usize>,
+    interval: Duration,
+    quantile: f64,
+    min_samples: u64,
+    buffer: f64,
+    min_rtt_interval: Duration,
+    min_rtt_samples: u64,
+}
+
+impl GradientConfig {
+    /// A limit between `min_limit` and `max_limit`. Defaults (Envoy's where it has
+    /// one): 1 s interval, quantile 0.95, 20 samples minimum, buffer 0.25, minimum RTT
+    /// re-measured every 60 s over at least 50 samples, initial limit `min_limit`, name
+    /// `"default"`.
+    ///
+    /// # Panics
+    ///
+    /// If not `0 < min_limit <= max_limit`.
+    pub fn new(min_limit: usize, max_limit: usize) -> Self {
+        assert!(
+            min_limit > 0 && min_limit <= max_limit,
+            "limits must satisfy 0 < min_limit <= max_limit"
+        );
+        Self {
+            name: "default",
+            min_limit,
+            max_limit,
+            initial: None,
+            interval: Duration::from_secs(1),
+            quantile: 0.95,
+            min_samples: 20,
+            buffer: 0.25,
+            min_rtt_interval: Duration::from_secs(60),
+            min_rtt_samples: 50,
+        }
+    }
+
+    /// The `name` label of the metrics: a fixed string per controller.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The time between two decisions (and the length of a window).
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "interval must be positive");
+        self.interval = interval;
+        self
+    }
+
+    /// The latency quantile used as the sampled RTT (and as the minimum RTT).
+    ///
+    /// # Panics
+    ///
+    /// If `q` is not in `(0, 1]`.
+    pub fn quantile(mut self, q: f64) -> Self {
+        assert!(q > 0.0 && q <= 1.0, "quantile must be in (0, 1]");
+        self.quantile = q;
+        self
+    }
+
+    /// The fewest samples a decision needs (see [`RateConfig::min_samples`]).
+    pub fn min_samples(mut self, n: u64) -> Self {
+        self.min_samples = n.max(1);
+        self
+    }
+
+    /// The tolerance added to the minimum RTT before comparing (0.25 = 25 %).
+    ///
+    /// # Panics
+    ///
+    /// If `buffer` is negative or not finite.
+    pub fn buffer(mut self, buffer: f64) -> Self {
+        assert!(buffer >= 0.0 && buffer.is_finite(), "buffer must be >= 0");
+        self.buffer = buffer;
+        self
+    }
+
+    /// How often the minimum RTT is measured again.
+    pub fn min_rtt_interval(mut self, every: Duration) -> Self {
+        self.min_rtt_interval = every;
+        self
+    }
+
+    /// How many samples a minimum-RTT measurement needs.
+    pub fn min_rtt_samples(mut self, n: u64) -> Self {
+        self.min_rtt_samples = n.max(1);
+        self
+    }
+
+    /// The starting limit (clamped); default `min_limit`.
+    pub fn initial_limit(mut self, limit: usize) -> Self {
+        self.initial = Some(limit);
+        self
+    }
+
+    /// One gradient step (the formula above), from the current `limit`, the minimum RTT
+    /// and the sampled RTT.
+    #[allow(clippy::cast_precision_loss)] // limits are far below 2^52
+    pub fn next_limit(&self, limit: f64, min_rtt: Duration, sample: Duration) -> f64 {
+        let buffered = min_rtt.as_secs_f64() * (1.0 + self.buffer);
+        let sample = sample.as_secs_f64();
+        let gradient = if sample > 0.0 {
+            (buffered / sample).clamp(0.5, 2.0)
+        } else {
+            2.0
+        };
+        let scaled = limit * gradient;
+        (scaled + scaled.sqrt()).clamp(self.min_limit as f64, self.max_limit as f64)
+    }
+
+    /// Starts the controller on the current tokio runtime, driving `sink`; returns the
+    /// handle that gives the [`AdaptiveLayer`] to measure with. It starts by measuring
+    /// the minimum RTT, with the limit at `min_limit`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[allow(clippy::cast_precision_loss)] // limits are far below 2^52
+    pub fn spawn(self, sink: impl LimitSink) -> AdaptiveHandle {
+        let limit = self
+            .initial
+            .unwrap_or(self.min_limit)
+            .clamp(self.min_limit, self.max_limit) as f64;
+        let shared = Shared::new(self.min_limit as f64);
+        let interval = self.interval;
+        let mut law = GradientLaw {
+            cfg: self,
+            sink,
+            limit,
+            min_rtt: None,
+            phase: Phase::Measuring,
+        };
+        law.start_measuring(&shared, limit);
+        spawn_loop(&shared, interval, law);
+        AdaptiveHandle { shared }
+    }
+}
+
+trait Law: Send + 'static {
+    fn tick(&mut self, shared: &Shared, now: Instant);
+}
+
+fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let control = Arc::clone(&shared.control);
+    tokio::spawn(async move {
+        let mut next = Instant::now() + interval;
+        loop {
+            if tokio::time::timeout_at(next, control.notify.notified())
+                .await
+                .is_ok()
+            {
+                break; // shutdown, or the last handle was dropped
+            }
+            let Some(shared) = weak.upgrade() else { break };
+            let now = Instant::now();
+            law.tick(&shared, now);
+            // Skip missed ticks rather than bursting decisions.
+            next += interval;
+            while next <= now {
+                next += interval;
+            }
+        }
+        control.stopped.store(true, Ordering::Release);
+        tracing::debug!("adaptive controller stopped");
+    });
+}
+
+fn decision(name: &'static str, dir: Direction) {
+    metrics::counter!(ADAPTIVE_DECISIONS_TOTAL, "name" => name, "direction" => dir.label())
+        .increment(1);
+}
+
+struct RateLaw<K> {
+    cfg: RateConfig,
+    sink: K,
+    rate: f64,
+    after_reduction: bool,
+}
+
+impl<K: RateSink> Law for RateLaw<K> {
+    fn tick(&mut self, shared: &Shared, _now: Instant) {
+        let name = self.cfg.name;
+        let (next, dir, p95) = match shared.rotate(0.95, self.cfg.min_samples) {
+            Measured::TooFew(samples) => {
+                tracing::debug!(
+                    controller = name,
+                    samples,
+                    "adaptive: too few samples, hold"
+                );
+                (self.rate, Direction::Hold, None)
+            }
+            Measured::Latency(p95) => {
+                metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(p95.as_secs_f64());
+                let (next, dir) = self.cfg.decide(self.rate, p95, self.after_reduction);
+                (next, dir, Some(p95))
+            }
+        };
+        self.after_reduction = dir == Direction::Down;
+        decision(name, dir);
+        metrics::gauge!(ADAPTIVE_RATE, "name" => name).set(next);
+        if dir == Direction::Hold {
+            tracing::debug!(controller = name, rate = next, ?p95, "adaptive: hold");
+        } else {
+            tracing::info!(
+                controller = name,
+                from = self.rate,
+                rate = next,
+                ?p95,
+                direction = dir.label(),
+                "adaptive: rate changed"
+            );
+        }
+        if dir != Direction::Hold {
+            self.rate = next;
+            shared.set_value(next);
+            self.sink.set_rate(next);
+        }
+    }
+}
+
+impl<K> fmt::Debug for RateLaw<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLaw")
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Phase {
+    /// The limit is pinned to `min_limit` while the minimum RTT is measured.
+    Measuring,
+    Running {
+        remeasure_at: Instant,
+    },
+}
+
+struct GradientLaw<K> {
+    cfg: GradientConfig,
+    sink: K,
+    /// The limit outside measurements (restored after each).
+    limit: f64,
+    min_rtt: Option<Duration>,
+    phase: Phase,
+}
+
+impl<K: LimitSink> GradientLaw<K> {
+    #[allow(clippy::cast_precision_loss)]
+    fn start_measuring(&mut self, shared: &Shared, limit: f64) {
+        self.limit = limit;
+        self.phase = Phase::Measuring;
+        shared.clear();
+        self.publish(shared, self.cfg.min_limit as f64);
+        tracing::debug!(
+            controller = self.cfg.name,
+            "adaptive: measuring the minimum RTT"
+        );
+    }
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped, positive
+    fn publish(&self, shared: &Shared, limit: f64) {
+        metrics::gauge!(ADAPTIVE_LIMIT, "name" => self.cfg.name).set(limit);
+        shared.set_value(limit);
+        self.sink.set_limit(limit.round() as usize);
+    }
+}
+
+impl<K: LimitSink> Law for GradientLaw<K> {
+    fn tick(&mut self, shared: &Shared, now: Instant) {
+        let name = self.cfg.name;
+        match self.phase {
+            Phase::Measuring => {
+                match shared.rotate(self.cfg.quantile, self.cfg.min_rtt_samples) {
+                    Measured::Latency(min_rtt) => {
+                        self.min_rtt = Some(min_rtt);
+                        metrics::gauge!(ADAPTIVE_MIN_RTT_SECONDS, "name" => name)
+                            .set(min_rtt.as_secs_f64());
+                        tracing::info!(
+                            controller = name,
+                            ?min_rtt,
+                            "adaptive: minimum RTT measured"
+                        );
+                        self.phase = Phase::Running {
+                            remeasure_at: now + self.cfg.min_rtt_interval,
+                        };
+                        shared.clear();
+                        self.publish(shared, self.limit);
+                    }
+                    Measured::TooFew(_) => {}
+                }
+                decision(name, Direction::Hold);
+            }
+            Phase::Running { remeasure_at } => {
+                if now >= remeasure_at {
+                    decision(name, Direction::Hold);
+                    self.start_measuring(shared, self.limit);
+                    return;
+                }
+                let min_rtt = self.min_rtt.unwrap_or_default();
+                let dir = match shared.rotate(self.cfg.quantile, self.cfg.min_samples) {
+                    Measured::TooFew(_) => Direction::Hold,
+                    Measured::Latency(sample) => {
+                        metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name)
+                            .set(sample.as_secs_f64());
+                        let next = self.cfg.next_limit(self.limit, min_rtt, sample);
+                        let dir = if next < self.limit {
+                            Direction::Down
+                        } else if next > self.limit {
+                            Direction::Up
+                        } else {
+                            Direction::Hold
+                        };
+                        tracing::debug!(
+                            controller = name,
+                            from = self.limit,
+                            limit = next,
+                            ?sample,
+                            ?min_rtt,
+                            "adaptive: gradient step"
+                        );
+                        if dir != Direction::Hold {
+                            self.limit = next;
+                            self.publish(shared, next);
+                        }
+                        dir
+                    }
+                };
+                decision(name, dir);
+            }
+        }
+    }
+}
+
+/// A handle to a running controller: the layer to measure with, the current value,
+/// shutdown. Cheap to clone.
+#[derive(Clone)]
+pub struct AdaptiveHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AdaptiveHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdaptiveHandle")
+            .field("value", &self.value())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl AdaptiveHandle {
+    /// The layer that measures latency for this controller, with the
+    /// [`DefaultClassifier`]. Every service it builds feeds the same histogram.
+    pub fn layer(&self) -> AdaptiveLayer {
+        AdaptiveLayer::new(Arc::clone(&self.shared), DefaultClassifier)
+    }
+
+    /// The layer with another classifier.
+    pub fn layer_with<C>(&self, classifier: C) -> AdaptiveLayer<C> {
+        AdaptiveLayer::new(Arc::clone(&self.shared), classifier)
+    }
+
+    /// The current admitted rate (rate mode) or concurrency limit (gradient mode; the
+    /// pinned `min_limit` while the minimum RTT is measured).
+    pub fn value(&self) -> f64 {
+        self.shared.value()
+    }
+
+    /// Stops the controller: it makes no more decisions and the sink keeps the last
+    /// value. Layers and services keep working (their samples are no longer read).
+    pub fn shutdown(&self) {
+        self.shared.control.notify.notify_one();
+    }
+
+    /// Whether the controller's task is still running.
+    pub fn is_running(&self) -> bool {
+        !self.shared.control.stopped.load(Ordering::Acquire)
+    }
+}

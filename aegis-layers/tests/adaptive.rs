@@ -1,0 +1,337 @@
+//! Adaptive control: the rate law with hysteresis and clamps, minimum samples, ignored
+//! rejections and cancellations, the gradient mode, the controller's lifetime, metrics.
+#![cfg(feature = "adaptive")]
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aegis_core::error::{Reject, reject};
+use aegis_core::metrics::testing::capture;
+use aegis_layers::adaptive::{
+    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveLayer, Direction,
+    GradientConfig, RateConfig,
+};
+use metrics_util::debugging::DebuggingRecorder;
+use parking_lot::Mutex;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until};
+use tower::{Layer, ServiceExt, service_fn};
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+#[error("rejected by a layer below")]
+struct Shed;
+impl Reject for Shed {
+    fn layer(&self) -> &'static str {
+        "test"
+    }
+    fn label(&self) -> &'static str {
+        "shed"
+    }
+}
+
+// A concrete error type rather than `BoxError`: a `BoxError` inner error inside
+// `tokio::spawn` hits rustc's "implementation of `From` is not general enough" (the same
+// happens with tower's own `E: Into<BoxError>` futures).
+#[derive(Debug, thiserror::Error)]
+enum TestError {
+    #[error("shed")]
+    Shed(#[source] aegis_core::error::Rejected),
+    #[error("io")]
+    Io(#[source] io::Error),
+}
+
+/// What one test call does.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    /// Answers after the backend's current latency.
+    Ok,
+    /// Answers after 500 ms with a rejection.
+    SlowReject,
+    /// Answers after 500 ms with an ordinary error.
+    SlowError,
+    /// Takes 500 ms but is cancelled by the caller after 20 ms.
+    Cancelled,
+}
+
+/// Fires `n` concurrent calls of `kind` through `layer` around a backend whose latency
+/// is `latency_ms`, and waits for all of them.
+async fn burst(layer: &AdaptiveLayer, latency_ms: &Arc<AtomicU64>, kind: Call, n: usize) {
+    let lat = Arc::clone(latency_ms);
+    let svc = layer.layer(service_fn(move |call: Call| {
+        let ms = lat.load(Ordering::Relaxed);
+        let (wait, result): (u64, Result<(), TestError>) = match call {
+            Call::Ok => (ms, Ok(())),
+            Call::SlowReject => (500, Err(TestError::Shed(reject(Shed)))),
+            Call::SlowError | Call::Cancelled => {
+                (500, Err(TestError::Io(io::ErrorKind::TimedOut.into())))
+            }
+        };
+        async move {
+            sleep(Duration::from_millis(wait)).await;
+            result
+        }
+    }));
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let svc = svc.clone();
+        set.spawn(async move {
+            let fut = svc.oneshot(kind);
+            if matches!(kind, Call::Cancelled) {
+                assert!(
+                    tokio::time::timeout(Duration::from_millis(20), fut)
+                        .await
+                        .is_err()
+                );
+            } else {
+                let _ = fut.await;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+}
+
+fn rate_log() -> (Arc<Mutex<Vec<f64>>>, impl Fn(f64) + Send + Sync + 'static) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = Arc::clone(&log);
+    (log, move |r| l.lock().push(r))
+}
+
+fn assert_close(got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn rising_latency_drives_the_rate_down_not_twice_in_a_row_then_back_up_within_clamps() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || {
+        rt.block_on(async {
+            let (log, sink) = rate_log();
+            let t0 = Instant::now();
+            let handle = RateConfig::new(Duration::from_millis(100), 600.0, 1000.0)
+                .name("edge")
+                .min_samples(5)
+                .spawn(sink);
+            let layer = handle.layer();
+            let latency = Arc::new(AtomicU64::new(150));
+            let mut values = Vec::new();
+            for k in 1..=13u32 {
+                if k == 7 {
+                    latency.store(50, Ordering::Relaxed); // recovered: under 0.7 x 100 ms
+                }
+                burst(&layer, &latency, Call::Ok, 10).await;
+                sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+                values.push(handle.value());
+            }
+            assert_close(
+                &values,
+                &[
+                    800.0, 800.0, // down, then hold: no two reductions in a row
+                    640.0, 640.0, // down, hold
+                    600.0, 600.0, // down to the floor (512 clamped), hold
+                    660.0, 726.0, 798.6, 878.46, 966.306, // up by 1.1
+                    1000.0, 1000.0, // clamped to the ceiling, then hold
+                ],
+            );
+            // The sink saw the start and every change, nothing else.
+            assert_close(
+                &log.lock(),
+                &[
+                    1000.0, 800.0, 640.0, 600.0, 660.0, 726.0, 798.6, 878.46, 966.306, 1000.0,
+                ],
+            );
+            let m = capture(&snap);
+            let dir = |d: Direction| {
+                m.counter(
+                    ADAPTIVE_DECISIONS_TOTAL,
+                    &[("name", "edge"), ("direction", d.label())],
+                )
+            };
+            assert_eq!(
+                (
+                    dir(Direction::Down),
+                    dir(Direction::Hold),
+                    dir(Direction::Up)
+                ),
+                (3, 4, 6)
+            );
+            assert_eq!(m.gauge(ADAPTIVE_RATE), Some(1000.0));
+            let p95 = m.gauge(ADAPTIVE_P95_SECONDS).unwrap();
+            assert!((p95 - 0.050).abs() < 0.001, "p95 {p95}");
+        });
+    });
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn decisions_wait_for_the_minimum_sample_count_over_two_windows() {
+    let (log, sink) = rate_log();
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(5)
+        .spawn(sink);
+    let layer = handle.layer();
+    let latency = Arc::new(AtomicU64::new(300));
+    // 2 samples, then 2 more: 4 over two windows, still fewer than 5.
+    for k in 1..=2u32 {
+        burst(&layer, &latency, Call::Ok, 2).await;
+        sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+        assert_close(&[handle.value()], &[1000.0]); // held with too few samples
+    }
+    // 3 more: this window and the one before make 5.
+    burst(&layer, &latency, Call::Ok, 3).await;
+    sleep_until(t0 + SEC * 3 + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[800.0]);
+    assert_close(&log.lock(), &[1000.0, 800.0]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn rejected_and_cancelled_calls_are_not_samples() {
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(5)
+        .initial_rate(500.0)
+        .spawn(|_| {});
+    let layer = handle.layer();
+    let latency = Arc::new(AtomicU64::new(10));
+    // 5 fast answers, and 20 slow rejections and 20 slow cancelled calls: if either were
+    // recorded, P95 would be 500 ms and the rate would go down.
+    burst(&layer, &latency, Call::Ok, 5).await;
+    burst(&layer, &latency, Call::SlowReject, 20).await;
+    burst(&layer, &latency, Call::Cancelled, 20).await;
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[550.0]); // only the fast answers count: up
+
+    // Control: ordinary slow errors are samples (a timing-out backend is slow).
+    burst(&layer, &latency, Call::Ok, 5).await;
+    burst(&layer, &latency, Call::SlowError, 20).await;
+    sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[440.0]);
+}
+
+#[test]
+fn gradient_math_follows_envoy() {
+    let cfg = GradientConfig::new(5, 1000).buffer(0.0);
+    let ms = Duration::from_millis;
+    // Sample equal to min RTT: gradient 1, plus sqrt headroom.
+    assert!((cfg.next_limit(100.0, ms(10), ms(10)) - 110.0).abs() < 1e-9);
+    // Twice the min RTT: gradient 0.5 -> 50 + sqrt(50).
+    assert!((cfg.next_limit(100.0, ms(10), ms(20)) - (50.0 + 50f64.sqrt())).abs() < 1e-9);
+    // Gradient clamped to [0.5, 2.0].
+    assert!((cfg.next_limit(100.0, ms(10), ms(1000)) - (50.0 + 50f64.sqrt())).abs() < 1e-9);
+    assert!((cfg.next_limit(100.0, ms(10), ms(1)) - (200.0 + 200f64.sqrt())).abs() < 1e-9);
+    // The buffer tolerates latency above min RTT: 10 ms x 1.25 / 12.5 ms = 1.
+    let buffered = GradientConfig::new(3, 1000).buffer(0.25);
+    assert!(
+        (buffered.next_limit(100.0, ms(10), Duration::from_micros(12_500)) - 110.0).abs() < 1e-9
+    );
+    // Limits clamp.
+    assert!((cfg.next_limit(900.0, ms(10), ms(1)) - 1000.0).abs() < 1e-9);
+    assert!((cfg.next_limit(4.0, ms(10), ms(100)) - 5.0).abs() < 1e-9); // 2 + sqrt(2) < 5
+}
+
+#[test]
+fn rate_decisions_follow_the_table() {
+    let cfg = RateConfig::new(Duration::from_millis(100), 1.0, 1000.0);
+    let ms = Duration::from_millis;
+    assert_eq!(cfg.decide(500.0, ms(101), false), (400.0, Direction::Down));
+    assert_eq!(cfg.decide(500.0, ms(101), true), (500.0, Direction::Hold));
+    assert_eq!(cfg.decide(500.0, ms(100), false), (500.0, Direction::Hold));
+    assert_eq!(cfg.decide(500.0, ms(70), false), (500.0, Direction::Hold));
+    assert_eq!(cfg.decide(500.0, ms(69), false).1, Direction::Up);
+    assert_eq!(cfg.decide(1000.0, ms(1), false), (1000.0, Direction::Hold));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn gradient_mode_measures_min_rtt_then_follows_the_gradient_and_remeasures() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = Arc::clone(&log);
+    let t0 = Instant::now();
+    let handle = GradientConfig::new(2, 100)
+        .initial_limit(50)
+        .buffer(0.0)
+        .min_samples(5)
+        .min_rtt_samples(5)
+        .min_rtt_interval(Duration::from_secs(10))
+        .spawn(move |limit: usize| l.lock().push(limit));
+    let layer = handle.layer();
+    let latency = Arc::new(AtomicU64::new(10));
+    let tick = |k: u32| {
+        let (layer, latency) = (layer.clone(), Arc::clone(&latency));
+        async move {
+            burst(&layer, &latency, Call::Ok, 10).await;
+            sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+        }
+    };
+    assert_eq!(*log.lock(), [2], "pinned to min_limit while measuring");
+    tick(1).await; // min RTT = 10 ms; the limit goes back to 50
+    tick(2).await; // sample 10 ms: gradient 1, 50 + sqrt(50)
+    latency.store(40, Ordering::Relaxed);
+    tick(3).await; // sample 40 ms: gradient 0.25 -> 0.5, 28.5 + sqrt(28.5)
+    assert_eq!(*log.lock(), [2, 50, 57, 34]);
+
+    for k in 4..=10 {
+        tick(k).await;
+    }
+    let before = handle.value();
+    tick(11).await; // 10 s after the first measurement: measure again, pinned
+    assert_close(&[handle.value()], &[2.0]);
+    tick(12).await; // min RTT = 40 ms now; the limit comes back
+    assert!(
+        (handle.value() - before).abs() < 1e-9,
+        "{} vs {before}",
+        handle.value()
+    );
+    tick(13).await; // sample 40 ms = min RTT: gradient 1, the limit grows again
+    assert!(handle.value() > before, "{} vs {before}", handle.value());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn controller_stops_on_shutdown_and_when_every_handle_is_dropped() {
+    let alive = Arc::new(());
+    let watch = Arc::downgrade(&alive);
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0).spawn(move |_| {
+        let _ = &alive;
+    });
+    let layer = handle.layer();
+    sleep(SEC * 3).await;
+    assert!(handle.is_running());
+    assert!(watch.upgrade().is_some());
+    drop(handle);
+    sleep(SEC * 3).await;
+    assert!(
+        watch.upgrade().is_some(),
+        "the layer keeps the controller alive"
+    );
+    drop(layer);
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    assert!(
+        watch.upgrade().is_none(),
+        "the task ended and dropped its sink"
+    );
+
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(1)
+        .spawn(|_| {});
+    handle.shutdown();
+    tokio::task::yield_now().await;
+    assert!(!handle.is_running());
+    burst(&handle.layer(), &Arc::new(AtomicU64::new(300)), Call::Ok, 5).await;
+    sleep_until(t0 + SEC * 2).await;
+    assert_close(&[handle.value()], &[1000.0]); // no decisions after shutdown
+}
