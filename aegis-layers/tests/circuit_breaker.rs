@@ -78,6 +78,8 @@ async fn open_circuit_is_ready_even_when_the_inner_service_is_not() {
     let (svc, mut handle) = breaker(&layer);
     let mut svc = mock::Spawn::new(svc);
     handle.allow(0);
+    assert_pending!(svc.poll_ready(), "closed: waits for the inner service");
+    // The circuit opens while this service waits: the next poll fails fast.
     layer.handle().force_open();
     assert_ready!(svc.poll_ready()).unwrap();
     let err = svc.call(()).await.unwrap_err();

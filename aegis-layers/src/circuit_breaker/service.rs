@@ -89,6 +89,11 @@ where
     /// fast, as tower's `LoadShed` does. Otherwise reserves the admission (a probe permit
     /// when half-open) and waits for the inner service.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // An admission made before the circuit changed state (while the inner service
+        // kept us waiting) is made again: the circuit may have opened meanwhile.
+        if matches!(&self.ticket, Some(Ticket::Admit(guard)) if guard.is_stale()) {
+            self.ticket = None;
+        }
         let ticket = self.ticket.get_or_insert_with(|| self.shared.admit());
         if matches!(ticket, Ticket::Reject) {
             return Poll::Ready(Ok(()));

@@ -347,6 +347,11 @@ fn state_of(phase: &Phase) -> CircuitState {
 }
 
 impl Guard {
+    /// Whether the circuit changed state since this admission was made.
+    pub(crate) fn is_stale(&self) -> bool {
+        self.shared.word.load(Ordering::Acquire) >> 2 != self.generation
+    }
+
     /// Records the outcome of the completed call.
     pub(crate) fn record(mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, Kind::Done);
