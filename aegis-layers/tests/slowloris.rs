@@ -19,7 +19,7 @@ use metrics_util::debugging::DebuggingRecorder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};
-use tower::{Layer, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 
 const S: Duration = Duration::from_secs(1);
 
@@ -202,6 +202,39 @@ async fn the_total_deadline_fires_even_when_nobody_reads_the_stream() {
     let err = svc.oneshot(conn(server)).await.unwrap_err();
     assert_eq!(Instant::now().saturating_duration_since(start), 10 * S);
     assert_eq!(elapsed(&err).clock(), Clock::Total);
+    assert_closed(&mut client).await;
+}
+
+/// Sets its flag when dropped.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cut_drops_the_inner_future_before_the_caller_drops_the_layer_future() {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = dropped.clone();
+    let mut svc = SlowlorisLayer::new()
+        .first_byte_timeout(5 * S)
+        .layer(service_fn(move |io: SlowlorisIo<Conn<DuplexStream>>| {
+            let guard = DropFlag(flag.clone());
+            async move {
+                let _guard = guard;
+                drain(io).await
+            }
+        }));
+    let (mut client, server) = tokio::io::duplex(64);
+    let mut fut = std::pin::pin!(svc.ready().await.unwrap().call(conn(server)));
+    let err = std::future::poll_fn(|cx| fut.as_mut().poll(cx))
+        .await
+        .unwrap_err();
+    assert_eq!(elapsed(&err).clock(), Clock::FirstByte);
+    // The layer's future is still alive here, but the inner one and the stream are gone.
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
     assert_closed(&mut client).await;
 }
 

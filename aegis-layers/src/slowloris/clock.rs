@@ -12,7 +12,7 @@ use super::error::Clock;
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct MinRate {
     bytes_per_sec: NonZeroU32,
-    grace: Duration,
+    grace: Limit,
 }
 
 impl MinRate {
@@ -30,7 +30,7 @@ impl MinRate {
         };
         Self {
             bytes_per_sec,
-            grace,
+            grace: Limit::new(grace),
         }
     }
 
@@ -41,27 +41,61 @@ impl MinRate {
 
     /// The time allowed before the rate rule starts to bite.
     pub const fn grace(&self) -> Duration {
-        self.grace
+        Duration::from_nanos(self.grace.0)
     }
 
     /// How long after the start a client that has sent `received` bytes may still take:
     /// `grace + received / bytes_per_sec` seconds, to the nanosecond.
     pub(crate) fn allowance(&self, received: u64) -> Duration {
         let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.bytes_per_sec.get());
-        self.grace.saturating_add(Duration::from_nanos(
+        self.grace().saturating_add(Duration::from_nanos(
             u64::try_from(nanos).unwrap_or(u64::MAX),
         ))
     }
 }
 
-/// The configured clocks; `None` means off. Copied into every response future.
+/// A duration in nanoseconds, or off: 8 bytes where an `Option<Duration>` takes 16,
+/// which keeps the copy of the clocks in every response future at 48 bytes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Limit(u64);
+
+impl Limit {
+    pub(crate) const OFF: Self = Self(u64::MAX);
+
+    /// `d` to the nanosecond; 584 years or more (`u64::MAX` ns) count as off.
+    pub(crate) const fn new(d: Duration) -> Self {
+        let nanos = d.as_nanos();
+        if nanos >= u64::MAX as u128 {
+            Self::OFF
+        } else {
+            #[allow(clippy::cast_possible_truncation)] // checked just above
+            Self(nanos as u64)
+        }
+    }
+
+    pub(crate) const fn get(self) -> Option<Duration> {
+        if self.0 == u64::MAX {
+            None
+        } else {
+            Some(Duration::from_nanos(self.0))
+        }
+    }
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Self::OFF
+    }
+}
+
+/// The configured clocks; `Limit::OFF` and `None` mean off. Copied into every response future.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Clocks {
-    pub(crate) first_byte: Option<Duration>,
-    pub(crate) idle: Option<Duration>,
-    pub(crate) total: Option<Duration>,
+    pub(crate) first_byte: Limit,
+    pub(crate) idle: Limit,
+    pub(crate) total: Limit,
     pub(crate) min_rate: Option<MinRate>,
-    pub(crate) idle_after_handshake: Option<Duration>,
+    pub(crate) idle_after_handshake: Limit,
 }
 
 /// What a connection has done so far, as the response future last saw it.
@@ -81,9 +115,9 @@ impl Clocks {
     /// Whether the idle clock that applies in this phase needs the time of each read.
     pub(crate) const fn tracks_reads(&self, handshake_done: bool) -> bool {
         if handshake_done {
-            self.idle_after_handshake.is_some()
+            self.idle_after_handshake.0 != Limit::OFF.0
         } else {
-            self.idle.is_some()
+            self.idle.0 != Limit::OFF.0
         }
     }
 
@@ -103,17 +137,18 @@ impl Clocks {
             }
         }
 
+        let (first_byte, idle, total) = (self.first_byte.get(), self.idle.get(), self.total.get());
+
         if p.handshake_done {
-            return at(p.last_read, self.idle_after_handshake, Clock::Idle);
+            return at(p.last_read, self.idle_after_handshake.get(), Clock::Idle);
         }
-        let mut next = None;
-        if p.received == 0 && self.first_byte.is_some() {
+        let next = if p.received == 0 && first_byte.is_some() {
             // Before the first byte, the first-byte clock stands in for the idle clock.
-            next = at(p.start, self.first_byte, Clock::FirstByte);
+            at(p.start, first_byte, Clock::FirstByte)
         } else {
-            next = earliest(next, at(p.last_read, self.idle, Clock::Idle));
-        }
-        let total = at(p.start, self.total, Clock::Total);
+            at(p.last_read, idle, Clock::Idle)
+        };
+        let total = at(p.start, total, Clock::Total);
         let rate = self
             .min_rate
             .and_then(|r| at(p.start, Some(r.allowance(p.received)), Clock::MinRate))
@@ -164,9 +199,9 @@ mod tests {
     #[test]
     fn first_byte_then_idle_then_total() {
         let c = Clocks {
-            first_byte: Some(5 * S),
-            idle: Some(3 * S),
-            total: Some(10 * S),
+            first_byte: Limit::new(5 * S),
+            idle: Limit::new(3 * S),
+            total: Limit::new(10 * S),
             ..Clocks::default()
         };
         assert_eq!(
@@ -188,7 +223,7 @@ mod tests {
     #[test]
     fn idle_covers_the_first_byte_when_that_clock_is_off() {
         let c = Clocks {
-            idle: Some(3 * S),
+            idle: Limit::new(3 * S),
             ..Clocks::default()
         };
         assert_eq!(
@@ -200,7 +235,7 @@ mod tests {
     #[test]
     fn min_rate_below_the_cap_then_total_at_the_cap() {
         let c = Clocks {
-            total: Some(40 * S),
+            total: Limit::new(40 * S),
             min_rate: Some(MinRate::new(500, 20 * S)),
             ..Clocks::default()
         };
@@ -218,7 +253,10 @@ mod tests {
             Some((40 * S, Clock::Total))
         );
         // Without a cap the rate deadline keeps growing.
-        let uncapped = Clocks { total: None, ..c };
+        let uncapped = Clocks {
+            total: Limit::OFF,
+            ..c
+        };
         assert_eq!(
             next_rel(&uncapped, &progress(100_000, 0, false)),
             Some((220 * S, Clock::MinRate))
@@ -228,14 +266,14 @@ mod tests {
     #[test]
     fn after_the_handshake_only_the_idle_clock_runs_and_it_is_off_by_default() {
         let mut c = Clocks {
-            first_byte: Some(S),
-            idle: Some(S),
-            total: Some(S),
+            first_byte: Limit::new(S),
+            idle: Limit::new(S),
+            total: Limit::new(S),
             min_rate: Some(MinRate::new(1, S)),
-            idle_after_handshake: None,
+            idle_after_handshake: Limit::OFF,
         };
         assert_eq!(next_rel(&c, &progress(5, 0, true)), None);
-        c.idle_after_handshake = Some(60 * S);
+        c.idle_after_handshake = Limit::new(60 * S);
         assert_eq!(
             next_rel(&c, &progress(5, 2, true)),
             Some((62 * S, Clock::Idle))
@@ -248,9 +286,19 @@ mod tests {
     fn no_clock_means_no_deadline_and_huge_ones_do_not_overflow() {
         assert_eq!(Clocks::default().next(&progress(0, 0, false)), None);
         let c = Clocks {
-            total: Some(Duration::MAX),
+            total: Limit::new(Duration::MAX),
             ..Clocks::default()
         };
         assert_eq!(c.next(&progress(0, 0, false)), None);
+        // Just under the limit of the representation, and past what an Instant holds.
+        let c = Clocks {
+            total: Limit::new(Duration::from_nanos(u64::MAX - 1)),
+            ..Clocks::default()
+        };
+        assert_eq!(c.total.get(), Some(Duration::from_nanos(u64::MAX - 1)));
+        assert!(
+            c.next(&progress(0, 0, false))
+                .is_none_or(|n| n.1 == Clock::Total)
+        );
     }
 }

@@ -153,7 +153,7 @@ mod tests {
         let added = size_of::<ResponseFuture<Inner>>() - size_of::<Inner>();
         let sleep = size_of::<Sleep>();
         println!("ResponseFuture adds {added} bytes, Sleep is {sleep} bytes");
-        assert!(added <= sleep + 144, "adds {added} bytes (Sleep: {sleep})");
+        assert!(added <= sleep + 104, "adds {added} bytes (Sleep: {sleep})");
         // The state shared with the stream: a byte count and the handshake handle.
         assert_eq!(size_of::<Shared>(), 16);
     }

@@ -3,7 +3,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::Slowloris;
-use super::clock::{Clocks, MinRate};
+use super::clock::{Clocks, Limit, MinRate};
 
 /// Applies the [`Slowloris`] deadlines to a byte-stream service.
 ///
@@ -20,11 +20,11 @@ impl SlowlorisLayer {
     pub const fn new() -> Self {
         Self {
             clocks: Clocks {
-                first_byte: None,
-                idle: None,
-                total: None,
+                first_byte: Limit::OFF,
+                idle: Limit::OFF,
+                total: Limit::OFF,
                 min_rate: None,
-                idle_after_handshake: None,
+                idle_after_handshake: Limit::OFF,
             },
         }
     }
@@ -32,7 +32,7 @@ impl SlowlorisLayer {
     /// Cuts a connection whose first byte has not arrived `timeout` after the layer was
     /// called (label `first_byte`).
     pub const fn first_byte_timeout(mut self, timeout: Duration) -> Self {
-        self.clocks.first_byte = Some(timeout);
+        self.clocks.first_byte = Limit::new(timeout);
         self
     }
 
@@ -40,7 +40,7 @@ impl SlowlorisLayer {
     /// `idle`). Before the first byte this clock runs from the start, unless the
     /// first-byte timeout is set, which then applies instead.
     pub const fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.clocks.idle = Some(timeout);
+        self.clocks.idle = Limit::new(timeout);
         self
     }
 
@@ -52,7 +52,7 @@ impl SlowlorisLayer {
     /// (see the [module docs](super#ending-the-handshake)); otherwise every connection
     /// is cut at this deadline.
     pub const fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.clocks.total = Some(timeout);
+        self.clocks.total = Limit::new(timeout);
         self
     }
 
@@ -67,7 +67,7 @@ impl SlowlorisLayer {
     /// `idle`). Off by default: once a client has completed its handshake, its protocol
     /// (an MQTT keep-alive, for example) usually decides when it is dead.
     pub const fn idle_timeout_after_handshake(mut self, timeout: Duration) -> Self {
-        self.clocks.idle_after_handshake = Some(timeout);
+        self.clocks.idle_after_handshake = Limit::new(timeout);
         self
     }
 }
