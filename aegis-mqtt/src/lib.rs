@@ -72,6 +72,9 @@ mod connect;
 pub mod encode;
 mod error;
 mod framer;
+#[cfg(feature = "layer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "layer")))]
+pub mod layer;
 mod packet;
 mod properties;
 mod reader;

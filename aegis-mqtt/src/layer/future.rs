@@ -1,0 +1,201 @@
+//! Futures of the MQTT layer.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use aegis_core::error::reject;
+use aegis_core::{BoxError, Handshake, Param};
+use bytes::Bytes;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::MqttIo;
+use crate::{Config, MqttError, Next, Session};
+
+/// One read while waiting for the CONNECT. The framer caps what is kept at the CONNECT
+/// size limit (plus at most one read), whatever the client declares.
+const READ_CHUNK: usize = 1024;
+
+/// An accepted CONNECT: the session, the CONNECT's bytes, the bytes read after it (not
+/// validated yet) and the stream.
+type Accepted<I> = (Session, Bytes, Bytes, I);
+
+/// Reads the CONNECT, and writes the answer to a refused one.
+#[derive(Debug)]
+pub(super) struct ReadConnect<I> {
+    io: Option<I>,
+    session: Session,
+    buf: Vec<u8>,
+    /// A refusal being answered: the error, the answer and how much of it is written.
+    answer: Option<(MqttError, Vec<u8>, usize)>,
+    timeout: Duration,
+    /// Armed on the first wait: a CONNECT already in the socket costs no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+enum Step {
+    Accepted(usize),
+    Read,
+    Refused(MqttError),
+}
+
+impl<I> ReadConnect<I> {
+    pub(super) fn new(io: I, config: Config, timeout: Duration) -> Self {
+        Self {
+            io: Some(io),
+            session: Session::new(config),
+            buf: Vec::new(),
+            answer: None,
+            timeout,
+            sleep: None,
+        }
+    }
+
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<Accepted<I>, BoxError>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.io = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete MQTT CONNECT in time",
+            )
+            .into()));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
+    type Output = Result<Accepted<I>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            let io = this
+                .io
+                .as_mut()
+                .expect("ReadConnect polled after completion");
+            if let Some((err, bytes, written)) = &mut this.answer {
+                let err = *err;
+                while *written < bytes.len() {
+                    match Pin::new(&mut *io).poll_write(cx, &bytes[*written..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                        // A client that cannot take the answer is closed all the same.
+                        Poll::Ready(_) => break,
+                        Poll::Pending => return this.wait(cx),
+                    }
+                }
+                if Pin::new(&mut *io).poll_flush(cx).is_pending() {
+                    return this.wait(cx);
+                }
+                this.io = None;
+                return Poll::Ready(Err(reject(err).into()));
+            }
+            let step = match this.session.next(&this.buf) {
+                Ok(Next::Packet { len, .. }) => Step::Accepted(len),
+                Ok(Next::NeedMore(_)) => Step::Read,
+                Err(e) => Step::Refused(e),
+            };
+            match step {
+                Step::Accepted(len) => {
+                    let io = this.io.take().expect("ReadConnect polled after completion");
+                    let mut all = Bytes::from(std::mem::take(&mut this.buf));
+                    let connect = all.split_to(len);
+                    let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
+                    return Poll::Ready(Ok((session, connect, all, io)));
+                }
+                Step::Refused(e) => {
+                    let answer = this.session.answer(&e).bytes();
+                    this.answer = Some((e, answer, 0));
+                }
+                Step::Read => {
+                    let mut chunk = [0u8; READ_CHUNK];
+                    let mut rb = ReadBuf::new(&mut chunk);
+                    match Pin::new(io).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                            this.io = None;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed before a complete MQTT CONNECT",
+                            )
+                            .into()));
+                        }
+                        Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                        Poll::Ready(Err(e)) => {
+                            this.io = None;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        Poll::Pending => return this.wait(cx),
+                    }
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Mqtt`](super::Mqtt): reads the CONNECT, then runs the inner
+    /// service's future.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<I, S, F> {
+        #[pin]
+        state: State<I, S, F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<I, S, F> {
+        Connect { read: ReadConnect<I>, svc: Option<S> },
+        Inner { #[pin] fut: F },
+    }
+}
+
+impl<I, S, F> std::fmt::Debug for ResponseFuture<I, S, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<I, S, F> ResponseFuture<I, S, F> {
+    pub(super) fn new(read: ReadConnect<I>, svc: S) -> Self {
+        Self {
+            state: State::Connect {
+                read,
+                svc: Some(svc),
+            },
+        }
+    }
+}
+
+impl<I, S> Future for ResponseFuture<I, S, S::Future>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Param<Handshake>,
+    S: Service<MqttIo<I>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().state.project() {
+                StateProj::Connect { read, svc } => {
+                    let (session, connect, rest, io) = ready!(Pin::new(read).poll(cx))?;
+                    Param::<Handshake>::param(&io).complete();
+                    let mut svc = svc.take().expect("ResponseFuture polled after completion");
+                    let fut = svc.call(MqttIo::new(io, session, connect, rest));
+                    self.as_mut().project().state.set(State::Inner { fut });
+                }
+                StateProj::Inner { fut } => return fut.poll(cx).map_err(Into::into),
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! A tower layer that puts the strict validator in front of any MQTT broker.
+//!
+//! [`MqttLayer`] wraps a byte-stream service (typically a proxy to the broker). For each
+//! connection it:
+//!
+//! 1. reads the first packet under the CONNECT size cap and a deadline, and validates it
+//!    as a CONNECT;
+//! 2. refuses an invalid one with the answer its protocol version expects (a 3.1.1
+//!    CONNACK `20 02 00 02` for a refused client id, a 5.0 CONNACK `20 03 00 81 00` for a
+//!    malformed CONNECT, nothing at all for a malformed 3.1.1 CONNECT, ...), counts it in
+//!    `aegis_rejections_total{layer="mqtt"}` and closes, never calling the inner service;
+//! 3. accepts a valid one: marks the connection's [`Handshake`](aegis_core::Handshake)
+//!    complete (so a slowloris layer outside switches to its idle clock) and calls the
+//!    inner service with an [`MqttIo`], which replays the CONNECT's original bytes and
+//!    then returns only whole, validated packets. The first invalid packet fails the read
+//!    instead of reaching the broker.
+//!
+//! Nothing is re-encoded: the broker sees exactly the client's bytes.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! use aegis_core::Conn;
+//! use aegis_mqtt::Config;
+//! use aegis_mqtt::layer::{MqttIo, MqttLayer};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! // The inner service stands for a proxy to the broker: it reads what the client sent.
+//! let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+//!     let mut seen = Vec::new();
+//!     io.read_to_end(&mut seen).await?;
+//!     Ok::<_, std::io::Error>(seen)
+//! });
+//! let mut svc = MqttLayer::new(Config::new().max_keep_alive(300)).layer(broker);
+//!
+//! let (mut client, server) = tokio::io::duplex(1024);
+//! let connect = [0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'];
+//! client.write_all(&connect).await?;
+//! client.write_all(&[0xC0, 0x00]).await?; // PINGREQ
+//! drop(client);
+//!
+//! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
+//! let seen = svc.ready().await?.call(io).await?;
+//! assert_eq!(seen, [&connect[..], &[0xC0, 0x00]].concat());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::time::Duration;
+
+mod future;
+mod io;
+#[allow(clippy::module_inception)] // the house split: `layer.rs` holds the `Layer`
+mod layer;
+mod service;
+
+pub use self::future::ResponseFuture;
+pub use self::io::MqttIo;
+pub use self::layer::MqttLayer;
+pub use self::service::Mqtt;
+
+/// The default time a client has to send its CONNECT.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,261 @@
+//! The tower layer over real loopback sockets (and paused time for the deadline).
+#![cfg(feature = "layer")]
+
+mod common;
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::error::{BoxError, Rejected};
+use aegis_core::{Conn, Handshake, Param};
+use aegis_mqtt::layer::{MqttIo, MqttLayer};
+use aegis_mqtt::{Config, MqttError};
+use common::{B, connect_v4, connect_v5, head};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// A stream with a tracked handshake, as a slowloris layer outside would give.
+struct Tracked<I> {
+    io: I,
+    hs: Handshake,
+}
+
+impl<I> Param<Handshake> for Tracked<I> {
+    fn param(&self) -> Handshake {
+        self.hs.clone()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// What the inner service saw: the bytes it could read, and how its reading ended.
+type Seen = (Vec<u8>, Result<(), io::ErrorKind>);
+
+/// Serves one loopback connection through the layer; returns the client side, the
+/// service's result, what the inner service saw (if it was called) and the handshake.
+async fn serve(
+    layer: MqttLayer,
+    client_bytes: Vec<u8>,
+) -> (Vec<u8>, Result<(), BoxError>, Option<Seen>, bool) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&client_bytes).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer).await;
+        answer
+    });
+    let (stream, peer) = listener.accept().await.unwrap();
+    let hs = Handshake::tracked();
+    let io = Tracked {
+        io: Conn::new(stream, peer, addr),
+        hs: hs.clone(),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let inner = service_fn(move |mut io: MqttIo<Tracked<Conn<TcpStream>>>| {
+        let tx = tx.clone();
+        async move {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 7]; // small reads: packets come out in pieces
+            let end = loop {
+                match io.read(&mut chunk).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                    Err(e) => break Err(e.kind()),
+                }
+            };
+            tx.send((seen, end)).unwrap();
+            Ok::<_, BoxError>(())
+        }
+    });
+    let mut svc = layer.layer(inner);
+    let result = svc.ready().await.unwrap().call(io).await;
+    let answer = client.await.unwrap();
+    (answer, result, rx.try_recv().ok(), hs.is_complete())
+}
+
+fn rejected_label(r: &Result<(), BoxError>) -> (&'static str, &'static str) {
+    let e = r.as_ref().unwrap_err();
+    let r = aegis_core::error::find::<Rejected>(&**e).expect("a counted rejection");
+    (r.layer(), r.label())
+}
+
+#[tokio::test]
+async fn accepted_connect_forwards_the_original_bytes_and_completes_the_handshake() {
+    let mut bytes = connect_v4();
+    let publish = B::new().s("a/b").u16(1).raw(&[9; 300]).frame(0x32);
+    bytes.extend_from_slice(&publish);
+    bytes.extend_from_slice(&[0xC0, 0x00, 0xE0, 0x00]);
+    let (answer, result, seen, handshake) = serve(MqttLayer::default(), bytes.clone()).await;
+    assert!(result.is_ok());
+    assert!(answer.is_empty());
+    assert_eq!(seen, Some((bytes, Ok(()))));
+    assert!(handshake);
+}
+
+#[tokio::test]
+async fn v3_refused_client_id_gets_connack_0x02_and_the_inner_service_never_runs() {
+    let bytes = head("MQTT", 4, 0x00).s("").frame(0x10);
+    let (answer, result, seen, handshake) = serve(MqttLayer::default(), bytes).await;
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x02]);
+    assert_eq!(rejected_label(&result), ("mqtt", "client_id"));
+    assert!(seen.is_none());
+    assert!(!handshake);
+}
+
+#[tokio::test]
+async fn v3_malformed_connect_closes_without_connack() {
+    let bytes = head("MQTT", 4, 0x03).s("c").frame(0x10);
+    let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
+    assert!(answer.is_empty());
+    assert_eq!(rejected_label(&result), ("mqtt", "malformed"));
+    assert!(seen.is_none());
+}
+
+#[tokio::test]
+async fn v5_malformed_connect_gets_connack_0x81() {
+    let bytes = head("MQTT", 5, 0x03).props(&[]).s("c").frame(0x10);
+    let (answer, result, _, _) = serve(MqttLayer::default(), bytes).await;
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x81, 0x00]);
+    assert_eq!(rejected_label(&result), ("mqtt", "malformed"));
+}
+
+#[tokio::test]
+async fn unsupported_level_gets_connack_0x01() {
+    let bytes = head("MQTT", 6, 0x02).s("c").frame(0x10);
+    let (answer, result, _, _) = serve(MqttLayer::default(), bytes).await;
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x01]);
+    assert_eq!(rejected_label(&result), ("mqtt", "unsupported_version"));
+}
+
+#[tokio::test]
+async fn oversized_connect_is_refused_from_its_header() {
+    // Declares ~2 MB; only the header is sent, and the layer decides at once.
+    let layer = MqttLayer::new(Config::new().max_connect_size(256));
+    let (answer, result, seen, _) = serve(layer, vec![0x10, 0xFF, 0xFF, 0x7F]).await;
+    assert!(answer.is_empty());
+    assert_eq!(rejected_label(&result), ("mqtt", "packet_too_large"));
+    assert!(seen.is_none());
+}
+
+#[tokio::test]
+async fn invalid_later_packet_never_reaches_the_inner_service() {
+    let good = B::new().s("a/b").raw(b"ok").frame(0x30);
+    let bad = B::new().s("a/#").raw(b"no").frame(0x30);
+    let after = vec![0xC0, 0x00];
+    let bytes = [connect_v4(), good.clone(), bad, after].concat();
+    let (_, result, seen, handshake) = serve(MqttLayer::default(), bytes).await;
+    assert!(result.is_ok() && handshake);
+    let (got, end) = seen.unwrap();
+    assert_eq!(got, [connect_v4(), good].concat());
+    assert_eq!(end, Err(io::ErrorKind::InvalidData));
+}
+
+#[test]
+fn later_rejections_are_counted() {
+    let rec = metrics_util::debugging::DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || {
+        rt.block_on(async {
+            let bytes = [
+                connect_v5(),
+                B::new().s("x").props(&[0x23, 0, 0]).frame(0x30),
+            ]
+            .concat();
+            let (_, _, seen, _) = serve(MqttLayer::default(), bytes).await;
+            assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
+            let bytes = head("MQTT", 4, 0x00).s("").frame(0x10);
+            let (answer, ..) = serve(MqttLayer::default(), bytes).await;
+            assert_eq!(answer, [0x20, 0x02, 0x00, 0x02]);
+        });
+    });
+    // One snapshot: reading drains every series.
+    let captured = aegis_core::metrics::testing::capture(&snap);
+    let count = |reason| {
+        captured.counter(
+            aegis_core::metrics::REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", reason)],
+        )
+    };
+    assert_eq!(count("protocol_error"), 1);
+    assert_eq!(count("client_id"), 1);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn connect_deadline() {
+    let (mut client, server) = tokio::io::duplex(64);
+    let connect = connect_v4();
+    client.write_all(&connect[..5]).await.unwrap(); // and then nothing
+    let inner =
+        service_fn(|_: MqttIo<Conn<tokio::io::DuplexStream>>| async { Ok::<_, BoxError>(()) });
+    let mut svc = MqttLayer::default()
+        .connect_timeout(Duration::from_secs(3))
+        .layer(inner);
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let start = tokio::time::Instant::now();
+    let err = svc.ready().await.unwrap().call(io).await.unwrap_err();
+    assert_eq!(
+        tokio::time::Instant::now().saturating_duration_since(start),
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        err.downcast_ref::<io::Error>().unwrap().kind(),
+        io::ErrorKind::TimedOut
+    );
+    drop(client);
+}
+
+#[tokio::test]
+async fn eof_before_connect_is_an_io_error() {
+    let (answer, result, seen, _) = serve(MqttLayer::default(), connect_v4()[..4].to_vec()).await;
+    assert!(answer.is_empty() && seen.is_none());
+    let e = result.unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<io::Error>().unwrap().kind(),
+        io::ErrorKind::UnexpectedEof
+    );
+}
+
+#[test]
+fn rejection_labels_map_through_aegis_core() {
+    let e: BoxError = aegis_core::error::reject(MqttError::ClientId("x")).into();
+    assert_eq!(aegis_core::error::label_of(&*e), ("mqtt", "client_id"));
+}
