@@ -327,6 +327,27 @@ fn classify_mqtt(buf: &[u8]) -> Option<Classification> {
     }
 }
 
+/// Checks the classifier's invariants on one input and panics if one breaks: the
+/// fuzz target's logic, also run over random inputs by the unit tests.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_invariants(data: &[u8]) {
+    let whole = classify(data);
+    if data.len() >= MAX_DECISION_LEN {
+        assert_ne!(
+            whole,
+            Classification::NeedMore,
+            "undecided at {} bytes",
+            data.len()
+        );
+    }
+    // A decision, once reached, never changes as more bytes arrive.
+    if let Some(at) = (0..=data.len()).find(|&n| classify(&data[..n]) != Classification::NeedMore) {
+        for n in at..=data.len() {
+            assert_eq!(classify(&data[..n]), whole, "decision changed at {n} bytes");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,7 +357,7 @@ mod tests {
     }
 
     /// Every header the classifier knows, with its expected decision.
-    pub(crate) fn samples() -> Vec<(&'static [u8], Classification)> {
+    fn samples() -> Vec<(&'static [u8], Classification)> {
         vec![
             (
                 b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00".as_slice(),
@@ -385,6 +406,7 @@ mod tests {
     fn every_known_header_is_decided_only_when_complete() {
         for (bytes, want) in samples() {
             assert_eq!(classify(bytes), want, "{bytes:?}");
+            check_invariants(bytes);
             // The decision is reached at some length and never changes after it.
             let at = (1..=bytes.len())
                 .find(|&n| classify(&bytes[..n]) != Classification::NeedMore)
@@ -431,9 +453,9 @@ mod tests {
     #[test]
     fn never_panics_and_decides_at_the_cap_all_short_and_random_inputs() {
         for a in 0..=255u8 {
-            let _ = classify(&[a]);
+            check_invariants(&[a]);
             for b in 0..=255u8 {
-                let _ = classify(&[a, b]);
+                check_invariants(&[a, b]);
             }
         }
         // A tiny xorshift: deterministic, no dependency.
@@ -454,10 +476,7 @@ mod tests {
             if len > 0 {
                 buf[0] = [0x10, 0x16, b'P', b'\r', b'G', buf[0]][i % 6];
             }
-            let c = classify(&buf[..len]);
-            if len >= MAX_DECISION_LEN {
-                assert_ne!(c, Classification::NeedMore, "{:?}", &buf[..len]);
-            }
+            check_invariants(&buf[..len]);
         }
     }
 

@@ -122,6 +122,17 @@ pub use self::layer::SniffLayer;
 pub use self::router::{RouteFuture, Routes, SniffRouter};
 pub use self::service::Sniff;
 
+/// The fuzz target's entry point (`cargo fuzz`, built with `--cfg fuzzing`): classifies
+/// `data` and checks the classifier's invariants (total, decided at
+/// [`MAX_DECISION_LEN`] bytes, a decision never changes as bytes arrive).
+#[cfg(fuzzing)]
+pub mod fuzz_logic {
+    /// Runs one fuzz input; panics if an invariant breaks.
+    pub fn fuzz_entry(data: &[u8]) {
+        super::classify::check_invariants(data);
+    }
+}
+
 /// The layer name in `aegis_rejections_total{layer}`.
 pub const LAYER: &str = "sniff";
 
