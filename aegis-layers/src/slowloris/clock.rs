@@ -47,10 +47,16 @@ impl MinRate {
     /// How long after the start a client that has sent `received` bytes may still take:
     /// `grace + received / bytes_per_sec` seconds, to the nanosecond.
     pub(crate) fn allowance(&self, received: u64) -> Duration {
-        let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.bytes_per_sec.get());
-        self.grace().saturating_add(Duration::from_nanos(
-            u64::try_from(nanos).unwrap_or(u64::MAX),
-        ))
+        let rate = u64::from(self.bytes_per_sec.get());
+        // u64 arithmetic up to 18 GB received; u128 (a slow division) beyond.
+        let nanos = received.checked_mul(1_000_000_000).map_or_else(
+            || {
+                let n = u128::from(received) * 1_000_000_000 / u128::from(rate);
+                u64::try_from(n).unwrap_or(u64::MAX)
+            },
+            |n| n / rate,
+        );
+        self.grace().saturating_add(Duration::from_nanos(nanos))
     }
 }
 
@@ -188,6 +194,11 @@ mod tests {
         assert_eq!(r.allowance(1), Duration::from_millis(20_002));
         // No overflow at the extremes.
         assert!(r.allowance(u64::MAX) >= Duration::from_nanos(u64::MAX));
+        // Both sides of the switch to 128-bit arithmetic agree.
+        let edge = u64::MAX / 1_000_000_000;
+        let r = MinRate::new(1_000, Duration::ZERO);
+        assert_eq!(r.allowance(edge), Duration::from_millis(edge));
+        assert_eq!(r.allowance(edge + 1), Duration::from_millis(edge + 1));
     }
 
     #[test]
