@@ -179,6 +179,8 @@ fn rising_latency_drives_the_rate_down_not_twice_in_a_row_then_back_up_within_cl
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn decisions_wait_for_the_minimum_sample_count_over_two_windows() {
     let (log, sink) = rate_log();
+    // Also: a shared `Arc<dyn Fn(f64)>` is a sink.
+    let sink: Arc<dyn Fn(f64) + Send + Sync> = Arc::new(sink);
     let t0 = Instant::now();
     let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
         .min_samples(5)

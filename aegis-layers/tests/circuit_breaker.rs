@@ -30,13 +30,20 @@ fn breaker(layer: &CircuitBreakerLayer) -> (Svc, Handle<(), ()>) {
 /// One call that reaches the inner service, which answers `ok` or fails.
 async fn call(svc: &mut Svc, handle: &mut Handle<(), ()>, ok: bool) -> Result<(), BoxError> {
     let fut = svc.ready().await.unwrap().call(());
-    let ((), send) = handle.next_request().await.expect("inner service called");
+    let ((), send) = next_request(handle);
     if ok {
         send.send_response(());
     } else {
         send.send_error(refused());
     }
     fut.await
+}
+
+/// The request the inner service just received; fails (rather than hangs) if the
+/// breaker did not call it.
+fn next_request(handle: &mut Handle<(), ()>) -> ((), tower_test::mock::SendResponse<()>) {
+    let mut next = task::spawn(handle.next_request());
+    assert_ready!(next.poll()).expect("the inner service was called")
 }
 
 /// One call that must fail fast without reaching the inner service.
@@ -163,8 +170,8 @@ async fn half_open_admits_exactly_n_probes_across_clones_and_a_cancelled_probe_r
     let mut c = svc.clone();
     let fa = a.ready().await.unwrap().call(());
     let fb = b.ready().await.unwrap().call(());
-    let _ = handle.next_request().await.unwrap();
-    let _ = handle.next_request().await.unwrap();
+    let _ = next_request(&mut handle);
+    let _ = next_request(&mut handle);
     // The third clone is refused: both permits are in flight.
     let err = c.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(find::<CircuitOpen>(&*err).is_some());
@@ -175,10 +182,7 @@ async fn half_open_admits_exactly_n_probes_across_clones_and_a_cancelled_probe_r
     // Cancel one probe: its permit comes back, and the next call is a probe.
     drop(fa);
     let fc = c.ready().await.unwrap().call(());
-    let _ = handle
-        .next_request()
-        .await
-        .expect("a probe after the cancelled one");
+    let _ = next_request(&mut handle); // a probe after the cancelled one
     // Still two in flight (fb, fc): refused again.
     let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(find::<CircuitOpen>(&*err).is_some());
@@ -243,14 +247,14 @@ async fn client_aborts_never_trip_the_breaker() {
     let (mut svc, mut handle) = breaker(&layer);
     for _ in 0..10 {
         let fut = svc.ready().await.unwrap().call(());
-        let ((), send) = handle.next_request().await.unwrap();
+        let ((), send) = next_request(&mut handle);
         drop(fut); // the client gave up
         send.send_error(refused()); // the answer arrives too late to matter
     }
     // A timeout above the breaker is a cancellation too.
     for _ in 0..10 {
         let fut = svc.ready().await.unwrap().call(());
-        let _pending = handle.next_request().await.unwrap();
+        let _pending = next_request(&mut handle);
         tokio::time::timeout(Duration::from_secs(1), fut)
             .await
             .unwrap_err();
@@ -265,7 +269,7 @@ async fn outcomes_from_an_earlier_state_are_ignored() {
     let (mut svc, mut handle) = breaker(&layer);
     let mut slow = svc.clone();
     let slow_fut = slow.ready().await.unwrap().call(());
-    let ((), slow_send) = handle.next_request().await.unwrap();
+    let ((), slow_send) = next_request(&mut handle);
     open_then_wait(&layer, &mut svc, &mut handle).await;
     // The slow call admitted while closed now fails: it must not re-open half-open.
     slow_send.send_error(refused());

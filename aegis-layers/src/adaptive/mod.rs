@@ -33,7 +33,7 @@
 //! `limit = limit × gradient + sqrt(limit × gradient)` with
 //! `gradient = clamp(min_rtt × (1 + buffer) / sample_rtt, 0.5, 2.0)`, clamped to
 //! `[min_limit, max_limit]`. `min_rtt` is re-measured periodically with the limit pinned
-//! to `min_limit`.
+//! to `min_limit`; the intervals spent measuring count as `hold` decisions.
 //!
 //! # Which mode to use
 //!
