@@ -181,6 +181,72 @@ async fn invalid_later_packet_never_reaches_the_inner_service() {
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
 }
 
+#[tokio::test]
+async fn v5_later_violation_gets_a_disconnect_then_close() {
+    // topic alias 0: a protocol error, DISCONNECT 0x82
+    let bad = B::new().s("x").props(&[0x23, 0, 0]).frame(0x30);
+    let bytes = [connect_v5(), bad].concat();
+    let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
+    assert!(result.is_ok());
+    assert_eq!(
+        seen.unwrap(),
+        (connect_v5(), Err(io::ErrorKind::InvalidData))
+    );
+    assert_eq!(answer, [0xE0, 0x02, 0x82, 0x00]);
+}
+
+#[tokio::test]
+async fn v3_later_violation_just_closes() {
+    let bytes = [connect_v4(), vec![0xC1, 0x00]].concat();
+    let (answer, _, seen, _) = serve(MqttLayer::default(), bytes).await;
+    assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
+    assert!(answer.is_empty());
+}
+
+/// A broker that writes `out` to the client, then reads until the stream fails, then
+/// tries to write once more; returns what the client received.
+async fn broker_writes(out: Vec<u8>, client_bytes: Vec<u8>) -> (Vec<u8>, io::ErrorKind) {
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(&client_bytes).await.unwrap();
+    let inner = service_fn(move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| {
+        let out = out.clone();
+        async move {
+            io.write_all(&out).await.unwrap();
+            let mut sink = Vec::new();
+            let err = io.read_to_end(&mut sink).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            let again = io.write_all(b"late").await.err().map(|e| e.kind());
+            Ok::<_, BoxError>(again)
+        }
+    });
+    let mut svc = MqttLayer::default().layer(inner);
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let again = svc.ready().await.unwrap().call(io).await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    (got, again.unwrap_or(io::ErrorKind::Other))
+}
+
+#[tokio::test]
+async fn disconnect_waits_for_a_packet_boundary_on_the_broker_side() {
+    let bad = [connect_v5(), B::new().s("#").props(&[]).frame(0x30)].concat();
+    // after a whole CONNACK and a whole 200-byte PUBLISH: DISCONNECT 0x90, then nothing
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let publish = B::new().s("t").props(&[]).raw(&[1; 200]).frame(0x30);
+    let out = [connack.clone(), publish].concat();
+    let (got, late) = broker_writes(out.clone(), bad.clone()).await;
+    assert_eq!(got, [out, vec![0xE0, 0x02, 0x90, 0x00]].concat());
+    assert_eq!(late, io::ErrorKind::BrokenPipe);
+    // in the middle of a broker packet: no DISCONNECT (it would corrupt the stream)
+    let partial = [connack, vec![0x30, 0x10, 0x00]].concat();
+    let (got, _) = broker_writes(partial.clone(), bad).await;
+    assert_eq!(got, [partial, b"late".to_vec()].concat());
+}
+
 #[test]
 fn later_rejections_are_counted() {
     let rec = metrics_util::debugging::DebuggingRecorder::new();

@@ -17,9 +17,15 @@ const READ_CHUNK: usize = 4096;
 /// The inner service reads the client's original bytes: first the CONNECT, then every
 /// later packet once it is complete and valid. Bytes of a packet still arriving are held
 /// (at most the configured packet size, plus one read). The first invalid packet is never
-/// returned: the read fails with [`io::ErrorKind::InvalidData`] wrapping a counted
-/// [`Rejected`](aegis_core::error::Rejected) (`aegis_rejections_total{layer="mqtt"}`),
-/// and so does every read after it. Writes (broker to client) pass through untouched.
+/// returned: the read fails with [`io::ErrorKind::InvalidData`] wrapping the
+/// [`MqttError`] (counted once in `aegis_rejections_total{layer="mqtt"}`), and so does
+/// every read after it.
+///
+/// Writes (broker to client) pass through untouched, but their packet boundaries are
+/// followed: when an MQTT 5 client's packet is refused and the broker's stream is between
+/// two packets, the read first writes a server DISCONNECT with the reason code
+/// ([`MqttError::answer`]), and later writes fail with [`io::ErrorKind::BrokenPipe`] so
+/// nothing follows the DISCONNECT. MQTT 3.x has no such packet: the read just fails.
 #[derive(Debug)]
 pub struct MqttIo<I> {
     io: Rewind<I>,
@@ -29,6 +35,54 @@ pub struct MqttIo<I> {
     buf: BytesMut,
     session: Session,
     failed: Option<MqttError>,
+    /// Where the broker-to-client stream is, to answer only between two packets.
+    out: OutBoundary,
+    /// A DISCONNECT being written and how much of it is out; `None` once done or skipped.
+    answer: Option<(Vec<u8>, usize)>,
+    /// Set once the DISCONNECT is out: the broker may send nothing more.
+    writes_closed: bool,
+}
+
+/// Follows packet boundaries in the bytes written to the client.
+#[derive(Debug, Default, Clone, Copy)]
+struct OutBoundary {
+    /// Bytes of the current packet's body still to come.
+    remaining: usize,
+    /// Fixed-header bytes seen of the next packet (0 = at a boundary).
+    header_len: u8,
+    /// The Remaining Length decoded so far.
+    value: usize,
+}
+
+impl OutBoundary {
+    const fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.header_len == 0
+    }
+
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let b = data[0];
+            data = &data[1..];
+            if self.header_len == 0 {
+                // The packet type byte.
+                self.header_len = 1;
+                self.value = 0;
+                continue;
+            }
+            self.value |= usize::from(b & 0x7F) << (7 * u32::from(self.header_len - 1));
+            self.header_len += 1;
+            if b & 0x80 == 0 || self.header_len > 4 {
+                self.remaining = self.value;
+                self.header_len = 0;
+            }
+        }
+    }
 }
 
 aegis_core::forward_params!(MqttIo<I>.io: PeerAddr, LocalAddr, ClientAddr, Handshake);
@@ -41,6 +95,20 @@ impl<I> MqttIo<I> {
             buf: BytesMut::new(),
             session,
             failed: None,
+            out: OutBoundary::default(),
+            answer: None,
+            writes_closed: false,
+        }
+    }
+
+    /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT, if one may be
+    /// sent now.
+    fn fail(&mut self, e: MqttError) {
+        self.failed = Some(e);
+        drop(reject(e));
+        let answer = self.session.answer(&e).bytes();
+        if !answer.is_empty() && self.out.at_boundary() {
+            self.answer = Some((answer, 0));
         }
     }
 
@@ -65,7 +133,8 @@ impl<I> MqttIo<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for MqttIo<I> {
+// Reads may write: the MQTT 5 DISCONNECT goes out from the read that refuses a packet.
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -80,6 +149,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for MqttIo<I> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = this.failed {
+                if let Some((answer, written)) = &mut this.answer {
+                    while *written < answer.len() {
+                        match Pin::new(&mut this.io).poll_write(cx, &answer[*written..]) {
+                            Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                            Poll::Ready(_) => break,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    if Pin::new(&mut this.io).poll_flush(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.answer = None;
+                    this.writes_closed = true;
+                }
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
             // Release every whole, valid packet buffered, in one piece.
@@ -89,21 +172,18 @@ impl<I: AsyncRead + Unpin> AsyncRead for MqttIo<I> {
                     Ok(Next::Packet { len, .. }) => valid += len,
                     Ok(Next::NeedMore(_)) => break,
                     Err(e) => {
-                        this.failed = Some(e);
-                        if valid == 0 {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                reject(e),
-                            )));
-                        }
-                        // Counted now; returned once the valid packets before it are read.
-                        drop(reject(e));
+                        // Counted now; answered and returned once the valid packets
+                        // before it are read.
+                        this.fail(e);
                         break;
                     }
                 }
             }
             if valid > 0 {
                 this.ready = this.buf.split_to(valid).freeze();
+                continue;
+            }
+            if this.failed.is_some() {
                 continue;
             }
             let start = this.buf.len();
@@ -122,22 +202,43 @@ impl<I: AsyncRead + Unpin> AsyncRead for MqttIo<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
-    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.writes_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            this.out.advance(&buf[..n.min(buf.len())]);
+        }
+        res
     }
 
-    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.writes_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = res {
+            for b in bufs {
+                let k = n.min(b.len());
+                this.out.advance(&b[..k]);
+                n -= k;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        res
     }
 
     #[inline]

@@ -13,7 +13,8 @@
 //!    complete (so a slowloris layer outside switches to its idle clock) and calls the
 //!    inner service with an [`MqttIo`], which replays the CONNECT's original bytes and
 //!    then returns only whole, validated packets. The first invalid packet fails the read
-//!    instead of reaching the broker.
+//!    instead of reaching the broker; an MQTT 5 client first gets a server DISCONNECT
+//!    with the reason code, written between two of the broker's packets.
 //!
 //! Nothing is re-encoded: the broker sees exactly the client's bytes.
 //!
