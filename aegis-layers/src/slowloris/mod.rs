@@ -104,17 +104,30 @@
 //!
 //! # Cost
 //!
-//! Per connection, the layer allocates the state it shares with its stream (one `Arc`
-//! of 32 bytes: the byte count and the handshake handle) and the tracked handshake
-//! handle (an `Arc<AtomicBool>`, 24 bytes). Its response future adds about 250 bytes to
-//! the inner future, most of it the one `tokio::time::Sleep` (see the
-//! `response_future_stays_small` test for the exact bound). The timer is created when
-//! the first deadline is armed and then reset in place: reads only move deadlines
-//! later, so the timer is left where it is and re-armed when it fires early; it moves
-//! earlier only at the first byte and at the end of the handshake. A read costs one
-//! relaxed load and store; a poll of the future that saw new bytes reads the clock once
-//! when an idle clock is on. The bench `benches/slowloris.rs` measures the added CPU
-//! per connection.
+//! Memory, per connection (x86_64):
+//!
+//! - the response future adds 216 bytes to the inner future: the one
+//!   `tokio::time::Sleep` (112), a copy of the clocks (48, each limit in 8 bytes), the
+//!   progress seen so far (start, last read, byte count: 48) and a pointer (the
+//!   `response_future_stays_small` test holds the bound);
+//! - two small heap blocks: the state shared with the stream (an `Arc` of 32 bytes: the
+//!   byte count and the handshake handle) and the tracked handshake flag (an
+//!   `Arc<AtomicBool>`, 24 bytes), unless an outer layer already tracks the handshake.
+//!
+//! CPU: a read costs one relaxed load and store. A poll of the future that saw new
+//! bytes reads the clock once if an idle clock is on. The timer is created when the
+//! first deadline is armed and then reset in place: reads only move deadlines later, so
+//! it is left where it is and re-armed when it fires early; it moves earlier only at
+//! the first byte and at the end of the handshake, and is dropped when no clock is left.
+//! `benches/slowloris.rs` measures a whole connection over an in-memory pipe (read a
+//! 16-byte greeting, complete the handshake, end), with every clock on. Counted with
+//! callgrind, the layer adds about 2,100 instructions per connection when the service
+//! has to wait for the greeting (a plain `tokio::time::timeout` adds 1,300 there: most
+//! of the cost is registering and removing a tokio timer) and 850 when the greeting is
+//! already there (no timer is registered). Criterion medians on a shared 2-core
+//! machine at a quiet moment: +0.63 µs per connection when waiting (a plain tokio
+//! timeout: +0.52 µs), +0.12 µs when the greeting is already there; runs under heavy
+//! load from other processes varied up to +1.7 µs.
 //!
 //! The clocks are re-armed whenever the response future is polled, which includes each
 //! time the inner future is, so they are exact when the inner future drives the stream
