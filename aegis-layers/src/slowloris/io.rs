@@ -74,6 +74,11 @@ impl<I> SlowlorisIo<I> {
     pub fn get_mut(&mut self) -> &mut I {
         &mut self.io
     }
+
+    /// Unwraps the stream; the layer sees no more reads from it.
+    pub fn into_inner(self) -> I {
+        self.io
+    }
 }
 
 aegis_core::forward_params!(SlowlorisIo<I>.io: PeerAddr, LocalAddr, ClientAddr);

@@ -12,7 +12,8 @@
 //!
 //! # The clocks
 //!
-//! Every clock is off until set. During the handshake:
+//! Every clock is off until set, and only bytes read from the client count as progress
+//! (writes to it do not). During the handshake:
 //!
 //! | clock | setter | runs from | label | `mod_reqtimeout` / Kestrel |
 //! |---|---|---|---|---|
@@ -69,8 +70,9 @@
 //! which is `mod_reqtimeout`'s rule: the deadline starts `grace` after the connection and
 //! grows by one second per `N` bytes received (in `1/N` s steps per byte, as
 //! `mod_reqtimeout` extends its timeout by `len × 1 s / MinRate` on every read), up to the
-//! cap. Put differently, after the grace period a client must have averaged `N` bytes
-//! per second since the connection started. A cut before the cap is labelled
+//! cap. Put differently, at every moment `t` a client must have sent at least
+//! `N × (t − grace)` bytes: `N` bytes per second for all the time past the grace
+//! period. A cut before the cap is labelled
 //! `min_rate`; a cut at the cap is labelled `total`. Example: with
 //! `MinRate::new(500, 20 s)` and a 40 s total, a client trickling 1 byte per second is
 //! cut after about 20.04 s (`min_rate`); one sending 1 kB/s but never finishing is cut
