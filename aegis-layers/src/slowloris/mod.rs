@@ -106,7 +106,7 @@
 //!
 //! # Cost
 //!
-//! Memory, per connection (x86_64):
+//! Memory, per connection (`x86_64`):
 //!
 //! - the response future adds 216 bytes to the inner future: the one
 //!   `tokio::time::Sleep` (112), a copy of the clocks (48, each limit in 8 bytes), the
