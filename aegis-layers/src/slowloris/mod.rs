@@ -93,6 +93,10 @@
 //! `aegis_core::proxy::Proxy`, say), use only the first-byte and idle clocks:
 //! the total and minimum-rate clocks would cut every connection.
 //!
+//! Put the layer outermost, right inside the accept loop, so that a PROXY protocol
+//! header, protocol sniffing and the handshake itself all run under its clocks and every
+//! byte the client sends counts.
+//!
 //! # Metrics
 //!
 //! Every cut is counted once, through [`aegis_core::error::reject`]:
