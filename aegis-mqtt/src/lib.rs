@@ -185,10 +185,11 @@ impl Config {
         self
     }
 
-    /// The longest client identifier accepted, in bytes.
+    /// The longest client identifier accepted, in bytes; never below 23, since every
+    /// server must accept 1 to 23 alphanumerics ([MQTT-3.1.3-5]).
     #[must_use]
     pub const fn client_id_max_len(mut self, bytes: usize) -> Self {
-        self.client_id_max_len = bytes;
+        self.client_id_max_len = if bytes < 23 { 23 } else { bytes };
         self
     }
 

@@ -33,6 +33,7 @@ use crate::{Config, MqttError, Version, connect, split_frame};
 /// assert_eq!((p.topic, p.payload), ("t", &b"hi"[..]));
 /// ```
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent facts about the connection
 pub struct Session {
     config: Config,
     state: State,
@@ -40,6 +41,8 @@ pub struct Session {
     expiry_zero: bool,
     auth_method: bool,
     connected: bool,
+    /// An MQTT 5 CONNECT with an Authentication Method, and no CONNACK seen yet.
+    awaiting_connack: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +77,7 @@ impl Session {
             expiry_zero: true,
             auth_method: false,
             connected: false,
+            awaiting_connack: false,
         }
     }
 
@@ -85,6 +89,16 @@ impl Session {
     /// Whether a CONNECT has been accepted.
     pub const fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    /// Tells the session that the broker's CONNACK went to the client.
+    ///
+    /// Only matters to an MQTT 5 client that chose an Authentication Method: until its
+    /// CONNACK it may send nothing but AUTH and DISCONNECT ([MQTT-3.1.2-30]), so such a
+    /// session refuses other packets until this is called. The layer's `MqttIo` calls it
+    /// when it sees the CONNACK written.
+    pub fn connack_sent(&mut self) {
+        self.awaiting_connack = false;
     }
 
     /// The framer for the current phase: the CONNECT cap until a CONNECT is accepted.
@@ -130,6 +144,7 @@ impl Session {
                         self.version = Some(c.version);
                         self.expiry_zero = c.session_expiry == 0;
                         self.auth_method = c.auth_method.is_some();
+                        self.awaiting_connack = self.auth_method;
                         self.state = State::Connected;
                         self.connected = true;
                         Ok(Packet::Connect(c))
@@ -149,8 +164,15 @@ impl Session {
                 };
                 let r =
                     split_frame(frame).and_then(|(first, body)| packet::validate(first, body, ctx));
-                if let Ok(Packet::Disconnect(_)) = r {
-                    self.state = State::Disconnected;
+                match r {
+                    Ok(Packet::Disconnect(_)) => self.state = State::Disconnected,
+                    Ok(Packet::Auth(_)) | Err(_) => {}
+                    Ok(_) if self.awaiting_connack => {
+                        return Err(self.fail(MqttError::ProtocolError(
+                            "packet other than AUTH or DISCONNECT before CONNACK",
+                        )));
+                    }
+                    Ok(_) => {}
                 }
                 r
             }

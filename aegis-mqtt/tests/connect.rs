@@ -289,6 +289,10 @@ fn client_id_length_and_characters() {
         validate_connect(&dash, &strict).unwrap_err(),
         MqttError::ClientId("character not allowed in a client identifier")
     );
+    // the length limit never goes below 23
+    let tight = Config::new().client_id_max_len(4);
+    assert!(validate_connect(&ok, &tight).is_ok());
+    assert_eq!(label(validate_connect(&long, &tight)), "client_id");
     // default: printable ASCII
     assert!(check(&dash).is_ok());
     let space = head("MQTT", 4, 2).s("a b").frame(0x10);

@@ -247,6 +247,56 @@ async fn disconnect_waits_for_a_packet_boundary_on_the_broker_side() {
     assert_eq!(got, [partial, b"late".to_vec()].concat());
 }
 
+#[tokio::test]
+async fn enhanced_auth_client_waits_for_the_connack_the_broker_writes() {
+    let c = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10);
+    let publish = B::new().s("a").props(&[]).raw(b"x").frame(0x30);
+    let run = |connack_first: bool| {
+        let (c, publish) = (c.clone(), publish.clone());
+        async move {
+            let (mut client, server) = tokio::io::duplex(4096);
+            client
+                .write_all(&[c.clone(), publish.clone()].concat())
+                .await
+                .unwrap();
+            // EOF for the layer; the client still reads what the broker writes.
+            client.shutdown().await.unwrap();
+            let inner = service_fn(
+                move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
+                    if connack_first {
+                        io.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await?;
+                    }
+                    let mut seen = Vec::new();
+                    let end = io
+                        .read_to_end(&mut seen)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.kind());
+                    Ok::<_, BoxError>((seen, end))
+                },
+            );
+            let io = Conn::new(
+                server,
+                "192.0.2.1:1".parse().unwrap(),
+                "127.0.0.1:1883".parse().unwrap(),
+            );
+            let seen = MqttLayer::default().layer(inner).oneshot(io).await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            (seen, got)
+        }
+    };
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let accepted = ([c.clone(), publish.clone()].concat(), Ok(()));
+    assert_eq!(run(true).await, (accepted, connack));
+    // PUBLISH before the CONNACK: refused with DISCONNECT 0x82
+    let refused = (c.clone(), Err(io::ErrorKind::InvalidData));
+    assert_eq!(run(false).await, (refused, vec![0xE0, 0x02, 0x82, 0x00]));
+}
+
 #[test]
 fn later_rejections_are_counted() {
     let rec = metrics_util::debugging::DebuggingRecorder::new();

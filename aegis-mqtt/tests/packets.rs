@@ -493,6 +493,34 @@ fn auth_v5() {
 }
 
 #[test]
+fn only_auth_or_disconnect_before_connack_with_enhanced_auth() {
+    // v5 [MQTT-3.1.2-30]
+    let c = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10);
+    let auth = B::new().u8(0x18).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    let publish = B::new().s("a").props(&[]).frame(0x30);
+    let mut s = session_after(&c);
+    assert_eq!(s.validate(&auth), Ok(Packet::Auth(0x18)));
+    assert_eq!(
+        s.validate(&publish),
+        Err(MqttError::ProtocolError(
+            "packet other than AUTH or DISCONNECT before CONNACK"
+        ))
+    );
+    let mut s = session_after(&c);
+    assert_eq!(s.validate(&[0xE0, 0x00]), Ok(Packet::Disconnect(0)));
+    let mut s = session_after(&c);
+    s.connack_sent();
+    assert!(s.validate(&publish).is_ok());
+    // re-authentication after CONNACK
+    assert_eq!(s.validate(&auth), Ok(Packet::Auth(0x18)));
+    // without an authentication method, nothing waits for the CONNACK
+    assert!(session_after(&connect_v5()).validate(&publish).is_ok());
+}
+
+#[test]
 fn packet_types_from_a_client() {
     // [MQTT-3.1.0-2] a second CONNECT
     assert_eq!(

@@ -59,7 +59,9 @@ impl OutBoundary {
         self.remaining == 0 && self.header_len == 0
     }
 
-    fn advance(&mut self, mut data: &[u8]) {
+    /// Follows `data` as written; whether a CONNACK began in it.
+    fn advance(&mut self, mut data: &[u8]) -> bool {
+        let mut connack = false;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
@@ -71,6 +73,7 @@ impl OutBoundary {
             data = &data[1..];
             if self.header_len == 0 {
                 // The packet type byte.
+                connack |= b >> 4 == 2;
                 self.header_len = 1;
                 self.value = 0;
                 continue;
@@ -82,6 +85,7 @@ impl OutBoundary {
                 self.header_len = 0;
             }
         }
+        connack
     }
 }
 
@@ -213,7 +217,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         }
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            this.out.advance(&buf[..n.min(buf.len())]);
+            if this.out.advance(&buf[..n.min(buf.len())]) {
+                this.session.connack_sent();
+            }
         }
         res
     }
@@ -231,7 +237,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         if let Poll::Ready(Ok(mut n)) = res {
             for b in bufs {
                 let k = n.min(b.len());
-                this.out.advance(&b[..k]);
+                if this.out.advance(&b[..k]) {
+                    this.session.connack_sent();
+                }
                 n -= k;
                 if n == 0 {
                     break;
