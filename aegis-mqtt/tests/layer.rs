@@ -297,6 +297,38 @@ async fn enhanced_auth_client_waits_for_the_connack_the_broker_writes() {
     assert_eq!(run(false).await, (refused, vec![0xE0, 0x02, 0x82, 0x00]));
 }
 
+#[tokio::test]
+async fn mqtt_io_forwards_params_and_vectored_writes() {
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(&connect_v4()).await.unwrap();
+    let peer: std::net::SocketAddr = "198.51.100.7:5555".parse().unwrap();
+    let local: std::net::SocketAddr = "127.0.0.1:1883".parse().unwrap();
+    let inner = service_fn(
+        move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
+            assert_eq!(Param::<aegis_core::PeerAddr>::param(&io).0, peer);
+            assert_eq!(Param::<aegis_core::LocalAddr>::param(&io).0, local);
+            assert_eq!(Param::<aegis_core::ClientAddr>::param(&io).0, peer);
+            assert!(!Param::<Handshake>::param(&io).is_tracked());
+            assert_eq!(io.is_write_vectored(), io.get_ref().is_write_vectored());
+            let bufs = [
+                io::IoSlice::new(&[0x20, 0x02]),
+                io::IoSlice::new(&[0x00, 0x00]),
+            ];
+            let n = io.write_vectored(&bufs).await?;
+            io.flush().await?;
+            Ok::<_, BoxError>(n)
+        },
+    );
+    let n = MqttLayer::default()
+        .layer(inner)
+        .oneshot(Conn::new(server, peer, local))
+        .await
+        .unwrap();
+    let mut got = vec![0; n];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, [0x20, 0x02, 0x00, 0x00][..n]);
+}
+
 #[test]
 fn later_rejections_are_counted() {
     let rec = metrics_util::debugging::DebuggingRecorder::new();
