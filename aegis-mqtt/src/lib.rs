@@ -149,7 +149,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults: CONNECT up to 8 KiB, later packets up to 256 KiB, any keep-alive,
+    /// The defaults: packets up to 8 KiB before the CONNACK and 256 KiB after, any keep-alive,
     /// client identifiers of at most 128 bytes of printable ASCII, empty identifiers
     /// allowed where the version allows them.
     pub const fn new() -> Self {
@@ -163,15 +163,15 @@ impl Config {
         }
     }
 
-    /// The size cap, in bytes, of the first packet (the CONNECT), before the client is
-    /// known.
+    /// The size cap, in bytes, of every packet before the broker's CONNACK (the CONNECT
+    /// and anything pipelined after it), while the client is not known yet.
     #[must_use]
     pub const fn max_connect_size(mut self, bytes: usize) -> Self {
         self.max_connect_size = bytes;
         self
     }
 
-    /// The size cap, in bytes, of every packet after the CONNECT.
+    /// The size cap, in bytes, of every packet after the broker's CONNACK.
     #[must_use]
     pub const fn max_packet_size(mut self, bytes: usize) -> Self {
         self.max_packet_size = bytes;

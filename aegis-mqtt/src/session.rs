@@ -8,7 +8,7 @@ use crate::{Config, MqttError, Version, connect, split_frame};
 /// Validates the client-to-broker direction of one connection.
 ///
 /// Feed it the bytes read from the client: [`Session::next`] frames the next packet with
-/// the size cap of the current phase (small until the CONNECT is accepted) and validates
+/// the size cap of the current phase (small until [`Session::connack_sent`]) and validates
 /// it. The first packet must be a valid CONNECT ([MQTT-3.1.0-1]); every later packet is
 /// checked against the version the CONNECT chose. After the first error the session is
 /// closed and every further call fails with the same error: the caller must send
@@ -41,8 +41,8 @@ pub struct Session {
     expiry_zero: bool,
     auth_method: bool,
     connected: bool,
-    /// An MQTT 5 CONNECT with an Authentication Method, and no CONNACK seen yet.
-    awaiting_connack: bool,
+    /// Whether the broker's CONNACK went out ([`Session::connack_sent`]).
+    connack_sent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl Session {
             expiry_zero: true,
             auth_method: false,
             connected: false,
-            awaiting_connack: false,
+            connack_sent: false,
         }
     }
 
@@ -91,19 +91,20 @@ impl Session {
         self.connected
     }
 
-    /// Tells the session that the broker's CONNACK went to the client.
+    /// Tells the session that the broker's CONNACK went to the client (the layer's
+    /// `MqttIo` calls it when it sees the CONNACK written).
     ///
-    /// Only matters to an MQTT 5 client that chose an Authentication Method: until its
-    /// CONNACK it may send nothing but AUTH and DISCONNECT ([MQTT-3.1.2-30]), so such a
-    /// session refuses other packets until this is called. The layer's `MqttIo` calls it
-    /// when it sees the CONNACK written.
+    /// Until then the client is not known to the broker, so its packets stay under the
+    /// small CONNECT size cap; and an MQTT 5 client that chose an Authentication Method
+    /// may send nothing but AUTH and DISCONNECT ([MQTT-3.1.2-30]).
     pub fn connack_sent(&mut self) {
-        self.awaiting_connack = false;
+        self.connack_sent = true;
     }
 
-    /// The framer for the current phase: the CONNECT cap until a CONNECT is accepted.
+    /// The framer for the current phase: the CONNECT size cap until the CONNACK went out
+    /// ([`Session::connack_sent`]), the packet size cap after.
     pub const fn framer(&self) -> Framer {
-        if self.connected {
+        if self.connack_sent {
             Framer::new(self.config.max_packet_size)
         } else {
             Framer::new(self.config.max_connect_size)
@@ -144,7 +145,6 @@ impl Session {
                         self.version = Some(c.version);
                         self.expiry_zero = c.session_expiry == 0;
                         self.auth_method = c.auth_method.is_some();
-                        self.awaiting_connack = self.auth_method;
                         self.state = State::Connected;
                         self.connected = true;
                         Ok(Packet::Connect(c))
@@ -167,7 +167,7 @@ impl Session {
                 match r {
                     Ok(Packet::Disconnect(_)) => self.state = State::Disconnected,
                     Ok(Packet::Auth(_)) | Err(_) => {}
-                    Ok(_) if self.awaiting_connack => {
+                    Ok(_) if self.auth_method && !self.connack_sent => {
                         return Err(self.fail(MqttError::ProtocolError(
                             "packet other than AUTH or DISCONNECT before CONNACK",
                         )));

@@ -329,6 +329,55 @@ async fn mqtt_io_forwards_params_and_vectored_writes() {
     assert_eq!(got, [0x20, 0x02, 0x00, 0x00][..n]);
 }
 
+/// A broker that may write a CONNACK first, then reads all it can; returns what it read,
+/// how its reading ended, and what the client received.
+async fn connack_then_read(
+    layer: MqttLayer,
+    client_bytes: Vec<u8>,
+    connack_first: bool,
+) -> (Seen, Vec<u8>) {
+    let (mut client, server) = tokio::io::duplex(8192);
+    client.write_all(&client_bytes).await.unwrap();
+    client.shutdown().await.unwrap();
+    let inner = service_fn(
+        move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
+            if connack_first {
+                io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
+            }
+            let mut seen = Vec::new();
+            let end = io
+                .read_to_end(&mut seen)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind());
+            Ok::<_, BoxError>((seen, end))
+        },
+    );
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let seen = layer.layer(inner).oneshot(io).await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    (seen, got)
+}
+
+#[tokio::test]
+async fn the_small_cap_holds_until_the_connack() {
+    let layer = MqttLayer::new(Config::new().max_connect_size(100).max_packet_size(1000));
+    let big = B::new().s("t").raw(&[5; 500]).frame(0x30);
+    let bytes = [connect_v4(), big].concat();
+    let (seen, got) = connack_then_read(layer, bytes.clone(), true).await;
+    assert_eq!(
+        (seen, got),
+        ((bytes.clone(), Ok(())), vec![0x20, 0x02, 0x00, 0x00])
+    );
+    let (seen, _) = connack_then_read(layer, bytes, false).await;
+    assert_eq!(seen, (connect_v4(), Err(io::ErrorKind::InvalidData)));
+}
+
 #[test]
 fn later_rejections_are_counted() {
     let rec = metrics_util::debugging::DebuggingRecorder::new();

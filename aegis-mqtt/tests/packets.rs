@@ -569,7 +569,7 @@ fn a_failed_session_stays_failed() {
 }
 
 #[test]
-fn size_caps_before_and_after_connect() {
+fn size_caps_before_and_after_connack() {
     let mut s = Session::new(Config::new().max_connect_size(20).max_packet_size(40));
     // a CONNECT over 20 bytes is refused from its header
     let big = head("MQTT", 4, 2).s("0123456789abc").frame(0x10);
@@ -586,6 +586,12 @@ fn size_caps_before_and_after_connect() {
         })
     ));
     let p = B::new().s("t").raw(&[0; 30]).frame(0x30); // 35 bytes
+    // before the CONNACK, the small cap still holds
+    assert_eq!(
+        s.clone().next(&p[..2]),
+        Err(MqttError::PacketTooLarge { size: 35, max: 20 })
+    );
+    s.connack_sent();
     assert!(matches!(
         s.clone().next(&p),
         Ok(Next::Packet { len: 35, .. })

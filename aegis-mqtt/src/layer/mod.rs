@@ -16,6 +16,11 @@
 //!    instead of reaching the broker; an MQTT 5 client first gets a server DISCONNECT
 //!    with the reason code, written between two of the broker's packets.
 //!
+//! [`MqttIo`] also watches the broker's CONNACK go out: until then the client is unknown
+//! to the broker, so its packets stay under the small CONNECT size cap
+//! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
+//! that chose an Authentication Method may only send AUTH or DISCONNECT.
+//!
 //! Nothing is re-encoded: the broker sees exactly the client's bytes.
 //!
 //! # Example
