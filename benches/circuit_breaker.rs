@@ -10,6 +10,8 @@
 //! - **closed**: the same behind a closed `CircuitBreakerLayer` with both trips on
 //!   (consecutive failures and a failure-rate window), so every call takes the fast
 //!   admission path and records its outcome under the circuit's lock.
+//! - **closed_consecutive_only**: the default breaker (5 consecutive failures, no
+//!   window): a success on a healthy backend skips the lock.
 //! - **open**: a forced-open breaker: the call fails fast with a counted `CircuitOpen`
 //!   rejection (two small allocations, no recorder installed).
 
@@ -42,6 +44,10 @@ fn main() {
         .failure_rate(0.5, 100, 20)
         .build();
     g.bench_function("closed", |b| per_call(b, closed.layer(bare), true));
+    let consecutive = CircuitBreakerLayer::builder("bench_consecutive").build();
+    g.bench_function("closed_consecutive_only", |b| {
+        per_call(b, consecutive.layer(bare), true)
+    });
     let open = CircuitBreakerLayer::builder("bench_open").build();
     open.handle().force_open();
     g.bench_function("open_fail_fast", |b| per_call(b, open.layer(bare), false));

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -91,6 +91,10 @@ struct Machine {
 pub(crate) struct Shared {
     cfg: Config,
     word: AtomicU64,
+    /// Set (under the lock) while a success in the closed state would change nothing:
+    /// no failure run to reset and no failure-rate window to feed. Successes then skip
+    /// the lock, the common case of a healthy backend.
+    success_is_noop: AtomicBool,
     machine: Mutex<Machine>,
 }
 
@@ -139,9 +143,11 @@ impl Shared {
     pub(crate) fn new(cfg: Config) -> Arc<Self> {
         metrics::gauge!(CIRCUIT_STATE, "name" => cfg.name).set(CircuitState::Closed.gauge());
         let window = VecDeque::with_capacity(cfg.rate.map_or(0, |r| r.window));
+        let no_window = cfg.rate.is_none();
         Arc::new(Self {
             cfg,
             word: AtomicU64::new(CODE_CLOSED),
+            success_is_noop: AtomicBool::new(no_window),
             machine: Mutex::new(Machine {
                 phase: Phase::Closed,
                 forced: None,
@@ -217,6 +223,8 @@ impl Shared {
         m.phase = phase;
         m.generation += 1;
         m.consecutive = 0;
+        self.success_is_noop
+            .store(self.cfg.rate.is_none(), Ordering::Relaxed);
         m.window.clear();
         m.window_failures = 0;
         let to = match m.forced {
@@ -266,6 +274,7 @@ impl Shared {
         match (kind, outcome) {
             (Kind::Counted, Some(Outcome::Failure)) if matches!(m.phase, Phase::Closed) => {
                 m.consecutive += 1;
+                self.success_is_noop.store(false, Ordering::Relaxed);
                 self.push(&mut m, true);
                 if self.should_trip(&m) {
                     self.open(&mut m);
@@ -273,6 +282,8 @@ impl Shared {
             }
             (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
                 m.consecutive = 0;
+                self.success_is_noop
+                    .store(self.cfg.rate.is_none(), Ordering::Relaxed);
                 self.push(&mut m, false);
             }
             (Kind::Probe, outcome) => {
@@ -355,7 +366,10 @@ impl Guard {
     /// Records the outcome of the completed call.
     pub(crate) fn record(mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, Kind::Done);
-        if matches!(kind, Kind::Counted | Kind::Probe) {
+        let noop = kind == Kind::Counted
+            && outcome == Outcome::Success
+            && self.shared.success_is_noop.load(Ordering::Relaxed);
+        if matches!(kind, Kind::Counted | Kind::Probe) && !noop {
             self.shared.record(self.generation, kind, Some(outcome));
         }
     }
