@@ -376,6 +376,26 @@ fn state_changes_and_fast_failures_are_metrics() {
 
             layer.handle().force_open();
             assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(2.0));
+
+            // Two breakers in one process: each counts under its own name.
+            let other = CircuitBreakerLayer::builder("auth_backend")
+                .consecutive_failures(Some(1))
+                .build();
+            let (mut svc2, mut handle2) = breaker(&other);
+            call(&mut svc2, &mut handle2, false).await.unwrap_err();
+            let m = capture(&snap);
+            assert_eq!(
+                m.counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "auth_backend"), ("to", "open")]
+                ),
+                1
+            );
+            assert_eq!(
+                m.counter(CIRCUIT_TRANSITIONS_TOTAL, &[("name", "upstream")]),
+                0,
+                "the first breaker did not move"
+            );
         });
     });
 }
