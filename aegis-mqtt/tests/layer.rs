@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use aegis_core::error::{BoxError, Rejected};
 use aegis_core::{Conn, Handshake, Param};
-use aegis_mqtt::layer::{MqttIo, MqttLayer};
+use aegis_mqtt::layer::{MqttIo, MqttLayer, PacketRate};
 use aegis_mqtt::{Config, MqttError};
 use common::{B, connect_v4, connect_v5, head};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -376,6 +376,84 @@ async fn the_small_cap_holds_until_the_connack() {
     );
     let (seen, _) = connack_then_read(layer, bytes, false).await;
     assert_eq!(seen, (connect_v4(), Err(io::ErrorKind::InvalidData)));
+}
+
+/// Runs the client's writes (with pauses) against a broker that reads everything;
+/// returns what the broker read, how its reading ended, what the client got, and how
+/// long the reading took.
+async fn rate_run(layer: MqttLayer, writes: Vec<(Duration, Vec<u8>)>) -> (Seen, Vec<u8>, Duration) {
+    let (mut client, server) = tokio::io::duplex(8192);
+    let client_task = tokio::spawn(async move {
+        for (pause, bytes) in writes {
+            tokio::time::sleep(pause).await;
+            client.write_all(&bytes).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let inner = service_fn(|mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
+        let mut seen = Vec::new();
+        let end = io
+            .read_to_end(&mut seen)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        Ok::<_, BoxError>((seen, end))
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let start = tokio::time::Instant::now();
+    let seen = layer.layer(inner).oneshot(io).await.unwrap();
+    let took = tokio::time::Instant::now().saturating_duration_since(start);
+    (seen, client_task.await.unwrap(), took)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn packet_rate_throttles_by_default() {
+    let pings: Vec<u8> = [0xC0, 0x00].repeat(10);
+    let bytes = [connect_v4(), pings].concat();
+    let layer = MqttLayer::default().packet_rate(PacketRate::new(2, 2));
+    let (seen, got, took) = rate_run(layer, vec![(Duration::ZERO, bytes.clone())]).await;
+    // all delivered, none refused; 8 packets over the burst at 2 a second: 4 s
+    assert_eq!(seen, (bytes, Ok(())));
+    assert!(got.is_empty());
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_millis(4100),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn packet_rate_disconnect_refuses_with_0x96_and_refills() {
+    let layer = MqttLayer::default().packet_rate(PacketRate::new(1, 2).disconnect());
+    let ping = vec![0xC0, 0x00];
+    // a burst of 2 passes, a 3rd one second later passes too (refilled)...
+    let writes = vec![
+        (
+            Duration::ZERO,
+            [connect_v5(), ping.clone(), ping.clone()].concat(),
+        ),
+        (Duration::from_secs(1), ping.clone()),
+    ];
+    let (seen, got, _) = rate_run(layer, writes).await;
+    assert_eq!(seen, ([connect_v5(), ping.repeat(3)].concat(), Ok(())));
+    assert!(got.is_empty());
+    // ...but 3 at once do not
+    let writes = vec![(Duration::ZERO, [connect_v5(), ping.repeat(3)].concat())];
+    let (seen, got, _) = rate_run(layer, writes).await;
+    assert_eq!(
+        seen,
+        (
+            [connect_v5(), ping.repeat(2)].concat(),
+            Err(io::ErrorKind::InvalidData)
+        )
+    );
+    assert_eq!(got, [0xE0, 0x02, 0x96, 0x00]);
 }
 
 #[test]

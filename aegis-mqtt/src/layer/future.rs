@@ -15,6 +15,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::MqttIo;
+use super::rate::PacketRate;
 use crate::{Config, MqttError, Next, Session};
 
 /// One read while waiting for the CONNECT. The framer caps what is kept at the CONNECT
@@ -23,7 +24,7 @@ const READ_CHUNK: usize = 1024;
 
 /// An accepted CONNECT: the session, the CONNECT's bytes, the bytes read after it (not
 /// validated yet) and the stream.
-type Accepted<I> = (Session, Bytes, Bytes, I);
+type Accepted<I> = (Session, Bytes, Bytes, I, Option<PacketRate>);
 
 /// Reads the CONNECT, and writes the answer to a refused one.
 #[derive(Debug)]
@@ -34,6 +35,7 @@ pub(super) struct ReadConnect<I> {
     /// A refusal being answered: the error, the answer and how much of it is written.
     answer: Option<(MqttError, Vec<u8>, usize)>,
     timeout: Duration,
+    rate: Option<PacketRate>,
     /// Armed on the first wait: a CONNECT already in the socket costs no timer.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -45,13 +47,14 @@ enum Step {
 }
 
 impl<I> ReadConnect<I> {
-    pub(super) fn new(io: I, config: Config, timeout: Duration) -> Self {
+    pub(super) fn new(io: I, config: Config, timeout: Duration, rate: Option<PacketRate>) -> Self {
         Self {
             io: Some(io),
             session: Session::new(config),
             buf: Vec::new(),
             answer: None,
             timeout,
+            rate,
             sleep: None,
         }
     }
@@ -110,7 +113,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     let mut all = Bytes::from(std::mem::take(&mut this.buf));
                     let connect = all.split_to(len);
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
-                    return Poll::Ready(Ok((session, connect, all, io)));
+                    return Poll::Ready(Ok((session, connect, all, io, this.rate)));
                 }
                 Step::Refused(e) => {
                     let answer = this.session.answer(&e).bytes();
@@ -188,10 +191,10 @@ where
         loop {
             match self.as_mut().project().state.project() {
                 StateProj::Connect { read, svc } => {
-                    let (session, connect, rest, io) = ready!(Pin::new(read).poll(cx))?;
+                    let (session, connect, rest, io, rate) = ready!(Pin::new(read).poll(cx))?;
                     Param::<Handshake>::param(&io).complete();
                     let mut svc = svc.take().expect("ResponseFuture polled after completion");
-                    let fut = svc.call(MqttIo::new(io, session, connect, rest));
+                    let fut = svc.call(MqttIo::new(io, session, connect, rest, rate));
                     self.as_mut().project().state.set(State::Inner { fut });
                 }
                 StateProj::Inner { fut } => return fut.poll(cx).map_err(Into::into),

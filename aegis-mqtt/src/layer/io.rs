@@ -7,7 +7,8 @@ use aegis_core::{ClientAddr, Handshake, LocalAddr, PeerAddr, Rewind};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::{MqttError, Next, Session};
+use super::rate::{Bucket, PacketRate};
+use crate::{Decoded, MqttError, Next, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
@@ -41,6 +42,8 @@ pub struct MqttIo<I> {
     answer: Option<(Vec<u8>, usize)>,
     /// Set once the DISCONNECT is out: the broker may send nothing more.
     writes_closed: bool,
+    /// The packet rate limit, if any.
+    bucket: Option<Bucket>,
 }
 
 /// Follows packet boundaries in the bytes written to the client.
@@ -92,8 +95,15 @@ impl OutBoundary {
 aegis_core::forward_params!(MqttIo<I>.io: PeerAddr, LocalAddr, ClientAddr, Handshake);
 
 impl<I> MqttIo<I> {
-    pub(super) fn new(io: I, session: Session, connect: Bytes, rest: Bytes) -> Self {
+    pub(super) fn new(
+        io: I,
+        session: Session,
+        connect: Bytes,
+        rest: Bytes,
+        rate: Option<PacketRate>,
+    ) -> Self {
         Self {
+            bucket: rate.map(Bucket::new),
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
@@ -169,9 +179,27 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 }
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
-            // Release every whole, valid packet buffered, in one piece.
+            // Release every whole, valid packet buffered (and within the rate), in one
+            // piece.
             let mut valid = 0;
             while valid < this.buf.len() {
+                if let Some(bucket) = &mut this.bucket {
+                    // Only a whole packet takes a token; framing errors fall through to
+                    // the session below.
+                    if let Ok(Decoded::Frame(_)) = this.session.framer().decode(&this.buf[valid..])
+                    {
+                        match bucket.poll_take(cx) {
+                            Poll::Ready(true) => {}
+                            Poll::Ready(false) => {
+                                this.fail(MqttError::MessageRate);
+                                break;
+                            }
+                            // Throttled: release what is ready, or wait for a token.
+                            Poll::Pending if valid > 0 => break,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                }
                 match this.session.next(&this.buf[valid..]) {
                     Ok(Next::Packet { len, .. }) => valid += len,
                     Ok(Next::NeedMore(_)) => break,

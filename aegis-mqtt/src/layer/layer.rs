@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{DEFAULT_CONNECT_TIMEOUT, Mqtt};
+use super::{DEFAULT_CONNECT_TIMEOUT, Mqtt, PacketRate};
 use crate::Config;
 
 /// Applies [`Mqtt`] to a byte-stream service: validates the CONNECT and every later
@@ -12,15 +12,24 @@ use crate::Config;
 pub struct MqttLayer {
     pub(super) config: Config,
     pub(super) connect_timeout: Duration,
+    pub(super) packet_rate: Option<PacketRate>,
 }
 
 impl MqttLayer {
-    /// Validates with `config`, and gives a client 10 s to send its CONNECT.
+    /// Validates with `config`, gives a client 10 s to send its CONNECT, and does not
+    /// limit the packet rate.
     pub const fn new(config: Config) -> Self {
         Self {
             config,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            packet_rate: None,
         }
+    }
+
+    /// Limits each connection's packets after the CONNECT (none by default).
+    pub const fn packet_rate(mut self, rate: PacketRate) -> Self {
+        self.packet_rate = Some(rate);
+        self
     }
 
     /// How long a client has to send a complete CONNECT (and to take the answer to a

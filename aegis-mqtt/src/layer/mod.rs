@@ -16,6 +16,11 @@
 //!    instead of reaching the broker; an MQTT 5 client first gets a server DISCONNECT
 //!    with the reason code, written between two of the broker's packets.
 //!
+//! With [`MqttLayer::packet_rate`], each connection also gets a token bucket over its
+//! packets after the CONNECT: a client over it is slowed down (its packets are held and
+//! the layer stops reading) or, with [`PacketRate::disconnect`], refused as
+//! `message_rate` (MQTT 5: DISCONNECT 0x96).
+//!
 //! [`MqttIo`] also watches the broker's CONNACK go out: until then the client is unknown
 //! to the broker, so its packets stay under the small CONNECT size cap
 //! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
@@ -61,11 +66,13 @@ mod future;
 mod io;
 #[allow(clippy::module_inception)] // the house split: `layer.rs` holds the `Layer`
 mod layer;
+mod rate;
 mod service;
 
 pub use self::future::ResponseFuture;
 pub use self::io::MqttIo;
 pub use self::layer::MqttLayer;
+pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
 
 /// The default time a client has to send its CONNECT.

@@ -55,7 +55,12 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::new(
-            ReadConnect::new(io, self.layer.config, self.layer.connect_timeout),
+            ReadConnect::new(
+                io,
+                self.layer.config,
+                self.layer.connect_timeout,
+                self.layer.packet_rate,
+            ),
             ready,
         )
     }
