@@ -12,6 +12,8 @@
 //!   `"mqtt"`) whose [`answer`](MqttError::answer) is the version-correct CONNACK or
 //!   DISCONNECT, and [`encode`] holds the encoders for those answers and for SUBACK and
 //!   PUBACK refusals.
+//! - `layer` (feature `layer`, on by default) puts all of this in front of a broker as a
+//!   tower layer, `MqttLayer`, with an optional per-connection packet rate.
 //!
 //! # Example
 //!
