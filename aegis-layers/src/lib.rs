@@ -6,12 +6,12 @@
 //!
 //! | module | feature | what it stops |
 //! |---|---|---|
-//! | [`rate_limit`] | `rate-limit` | connection floods: global and per-client rates, concurrent connections per client |
-//! | [`slowloris`] | `slowloris` | slow clients: first-byte, idle, total-handshake and minimum-rate deadlines |
-//! | [`sniff`] | `sniff` | the wrong protocol on a port: classify the first bytes, filter or route |
-//! | [`proxy_protocol`] | `proxy-protocol` | spoofed client addresses: PROXY v1/v2 headers only from trusted networks |
-//! | [`circuit_breaker`] | `circuit-breaker` | piling onto a failing upstream: fail fast while it recovers (any tower `Service`) |
-//! | [`adaptive`] | `adaptive` | overload: lowers the admitted rate when P95 latency rises (any tower `Service`) |
+//! | `rate_limit` | `rate-limit` | connection floods: global and per-client rates, concurrent connections per client |
+//! | `slowloris` | `slowloris` | slow clients: first-byte, idle, total-handshake and minimum-rate deadlines |
+//! | `sniff` | `sniff` | the wrong protocol on a port: classify the first bytes, filter or route |
+//! | `proxy_protocol` | `proxy-protocol` | spoofed client addresses: PROXY v1/v2 headers only from trusted networks |
+//! | `circuit_breaker` | `circuit-breaker` | piling onto a failing upstream: fail fast while it recovers (any tower `Service`) |
+//! | `adaptive` | `adaptive` | overload: lowers the admitted rate when P95 latency rises (any tower `Service`) |
 //!
 //! The `full` feature (default) enables all of them.
 #![forbid(unsafe_code)]

@@ -107,4 +107,6 @@ pub use self::control::{
 };
 pub use self::layer::AdaptiveLayer;
 pub use self::service::Adaptive;
+#[cfg(feature = "rate-limit")]
+pub use self::sink::{GlobalRate, PerClientRate};
 pub use self::sink::{LimitSink, RateSink};
