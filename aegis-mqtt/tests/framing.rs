@@ -192,7 +192,12 @@ fn random_input_never_panics() {
     let (valid, _) = stream();
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut outcomes = [0usize; 2];
-    for i in 0..4000 {
+    // MQTT_RANDOM_INPUTS=2000000 for a deeper run.
+    let inputs = std::env::var("MQTT_RANDOM_INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    for i in 0..inputs {
         let data: Vec<u8> = if i % 2 == 0 {
             let n = usize::from(rng.byte() % 64);
             (0..n).map(|_| rng.byte()).collect()
