@@ -160,6 +160,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
+                if this.ready.is_empty() {
+                    // Let go of the shared allocation so `buf` can reuse it.
+                    this.ready = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = this.failed {
