@@ -8,7 +8,7 @@
 //! - **CONNECT**: a typical MQTT 3.1.1 CONNECT (client id, keep-alive, user name and
 //!   password, 61 bytes). Goal: under 200 ns. mqttbytes is measured on a fresh `BytesMut`
 //!   per iteration (built outside the timing), since `read` consumes it.
-//! - **PUBLISH stream**: 1,000 QoS 0 PUBLISH packets of 36 bytes (topic `sensors/0042/temp`,
+//! - **PUBLISH stream**: 1,000 `QoS` 0 PUBLISH packets of 36 bytes (topic `sensors/0042/temp`,
 //!   15-byte payload) back to back in one buffer, framed and validated by a connected
 //!   [`Session`]; throughput in packets per second. Goal: at least 5 million per second
 //!   per core.
