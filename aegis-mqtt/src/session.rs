@@ -43,6 +43,7 @@ pub struct Session {
     connected: bool,
     /// Whether the broker's CONNACK went out ([`Session::connack_sent`]).
     connack_sent: bool,
+    keep_alive: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,12 +79,18 @@ impl Session {
             auth_method: false,
             connected: false,
             connack_sent: false,
+            keep_alive: 0,
         }
     }
 
     /// The protocol version, once the CONNECT has shown it (even a refused one).
     pub const fn version(&self) -> Option<Version> {
         self.version
+    }
+
+    /// The keep-alive the accepted CONNECT asked for, in seconds (0: none).
+    pub const fn keep_alive(&self) -> u16 {
+        self.keep_alive
     }
 
     /// Whether a CONNECT has been accepted.
@@ -144,6 +151,7 @@ impl Session {
                     Ok(c) => {
                         self.version = Some(c.version);
                         self.expiry_zero = c.session_expiry == 0;
+                        self.keep_alive = c.keep_alive;
                         self.auth_method = c.auth_method.is_some();
                         self.state = State::Connected;
                         self.connected = true;

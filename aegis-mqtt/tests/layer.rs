@@ -386,9 +386,10 @@ async fn rate_run(layer: MqttLayer, writes: Vec<(Duration, Vec<u8>)>) -> (Seen, 
     let client_task = tokio::spawn(async move {
         for (pause, bytes) in writes {
             tokio::time::sleep(pause).await;
-            client.write_all(&bytes).await.unwrap();
+            // The layer may have closed by now (a refused client).
+            let _ = client.write_all(&bytes).await;
         }
-        client.shutdown().await.unwrap();
+        let _ = client.shutdown().await;
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         got
@@ -454,6 +455,70 @@ async fn packet_rate_disconnect_refuses_with_0x96_and_refills() {
         )
     );
     assert_eq!(got, [0xE0, 0x02, 0x96, 0x00]);
+}
+
+fn connect_v5_keep_alive(seconds: u16) -> Vec<u8> {
+    B::new()
+        .s("MQTT")
+        .u8(5)
+        .u8(2)
+        .u16(seconds)
+        .props(&[])
+        .s("c")
+        .frame(0x10)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn keep_alive_enforced_after_one_and_a_half_times() {
+    let layer = MqttLayer::default().enforce_keep_alive();
+    let c = connect_v5_keep_alive(10);
+    // silent after the CONNECT: refused after 15 s with DISCONNECT 0x8D
+    let writes = vec![
+        (Duration::ZERO, c.clone()),
+        (Duration::from_secs(1000), vec![]),
+    ];
+    let (seen, got, took) = rate_run(layer, writes).await;
+    assert_eq!(seen, (c.clone(), Err(io::ErrorKind::InvalidData)));
+    assert_eq!(got, [0xE0, 0x02, 0x8D, 0x00]);
+    assert_eq!(took, Duration::from_secs(15));
+    // each packet restarts the clock: PINGREQs at 14 s and 28 s, then silence until 43 s
+    let ping = vec![0xC0, 0x00];
+    let writes = vec![
+        (Duration::ZERO, c.clone()),
+        (Duration::from_secs(14), ping.clone()),
+        (Duration::from_secs(14), ping.clone()),
+        (Duration::from_secs(1000), vec![]),
+    ];
+    let (seen, _, took) = rate_run(layer, writes).await;
+    assert_eq!(
+        seen,
+        (
+            [c, ping.repeat(2)].concat(),
+            Err(io::ErrorKind::InvalidData)
+        )
+    );
+    assert_eq!(took, Duration::from_secs(43));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn keep_alive_not_enforced_by_default_or_when_zero() {
+    let ping = vec![0xC0, 0x00];
+    for (layer, c) in [
+        (MqttLayer::default(), connect_v5_keep_alive(10)),
+        (
+            MqttLayer::default().enforce_keep_alive(),
+            connect_v5_keep_alive(0),
+        ),
+    ] {
+        let writes = vec![
+            (Duration::ZERO, c.clone()),
+            (Duration::from_secs(100), ping.clone()),
+        ];
+        let (seen, got, took) = rate_run(layer, writes).await;
+        assert_eq!(seen, ([c, ping.clone()].concat(), Ok(())));
+        assert!(got.is_empty());
+        assert_eq!(took, Duration::from_secs(100));
+    }
 }
 
 #[test]

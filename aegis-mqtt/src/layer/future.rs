@@ -14,8 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::MqttIo;
-use super::rate::PacketRate;
+use super::{IoOptions, MqttIo};
 use crate::{Config, MqttError, Next, Session};
 
 /// One read while waiting for the CONNECT. The framer caps what is kept at the CONNECT
@@ -24,7 +23,7 @@ const READ_CHUNK: usize = 1024;
 
 /// An accepted CONNECT: the session, the CONNECT's bytes, the bytes read after it (not
 /// validated yet) and the stream.
-type Accepted<I> = (Session, Bytes, Bytes, I, Option<PacketRate>);
+type Accepted<I> = (Session, Bytes, Bytes, I, IoOptions);
 
 /// Reads the CONNECT, and writes the answer to a refused one.
 #[derive(Debug)]
@@ -35,7 +34,7 @@ pub(super) struct ReadConnect<I> {
     /// A refusal being answered: the error, the answer and how much of it is written.
     answer: Option<(MqttError, Vec<u8>, usize)>,
     timeout: Duration,
-    rate: Option<PacketRate>,
+    opts: IoOptions,
     /// Armed on the first wait: a CONNECT already in the socket costs no timer.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -47,14 +46,14 @@ enum Step {
 }
 
 impl<I> ReadConnect<I> {
-    pub(super) fn new(io: I, config: Config, timeout: Duration, rate: Option<PacketRate>) -> Self {
+    pub(super) fn new(io: I, config: Config, timeout: Duration, opts: IoOptions) -> Self {
         Self {
             io: Some(io),
             session: Session::new(config),
             buf: Vec::new(),
             answer: None,
             timeout,
-            rate,
+            opts,
             sleep: None,
         }
     }
@@ -113,7 +112,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     let mut all = Bytes::from(std::mem::take(&mut this.buf));
                     let connect = all.split_to(len);
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
-                    return Poll::Ready(Ok((session, connect, all, io, this.rate)));
+                    return Poll::Ready(Ok((session, connect, all, io, this.opts)));
                 }
                 Step::Refused(e) => {
                     let answer = this.session.answer(&e).bytes();
@@ -191,10 +190,10 @@ where
         loop {
             match self.as_mut().project().state.project() {
                 StateProj::Connect { read, svc } => {
-                    let (session, connect, rest, io, rate) = ready!(Pin::new(read).poll(cx))?;
+                    let (session, connect, rest, io, opts) = ready!(Pin::new(read).poll(cx))?;
                     Param::<Handshake>::param(&io).complete();
                     let mut svc = svc.take().expect("ResponseFuture polled after completion");
-                    let fut = svc.call(MqttIo::new(io, session, connect, rest, rate));
+                    let fut = svc.call(MqttIo::new(io, session, connect, rest, opts));
                     self.as_mut().project().state.set(State::Inner { fut });
                 }
                 StateProj::Inner { fut } => return fut.poll(cx).map_err(Into::into),

@@ -1,13 +1,17 @@
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use aegis_core::error::reject;
 use aegis_core::{ClientAddr, Handshake, LocalAddr, PeerAddr, Rewind};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
-use super::rate::{Bucket, PacketRate};
+use super::IoOptions;
+use super::rate::Bucket;
 use crate::{Decoded, MqttError, Next, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
@@ -44,6 +48,12 @@ pub struct MqttIo<I> {
     writes_closed: bool,
     /// The packet rate limit, if any.
     bucket: Option<Bucket>,
+    /// One and a half times the keep-alive, when enforced.
+    keep_alive: Option<Duration>,
+    /// When the last packet was released.
+    last_packet: Instant,
+    /// The keep-alive timer: created on the first wait, reset in place after that.
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
 /// Follows packet boundaries in the bytes written to the client.
@@ -100,10 +110,15 @@ impl<I> MqttIo<I> {
         session: Session,
         connect: Bytes,
         rest: Bytes,
-        rate: Option<PacketRate>,
+        opts: IoOptions,
     ) -> Self {
+        let keep_alive = (opts.enforce_keep_alive && session.keep_alive() > 0)
+            .then(|| Duration::from_millis(u64::from(session.keep_alive()) * 1500));
         Self {
-            bucket: rate.map(Bucket::new),
+            bucket: opts.rate.map(Bucket::new),
+            keep_alive,
+            last_packet: Instant::now(),
+            idle: None,
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
@@ -124,6 +139,26 @@ impl<I> MqttIo<I> {
         if !answer.is_empty() && self.out.at_boundary() {
             self.answer = Some((answer, 0));
         }
+    }
+
+    /// Whether the keep-alive ran out while waiting for the client (arms the timer).
+    fn keep_alive_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(keep_alive) = self.keep_alive else {
+            return false;
+        };
+        let deadline = self.last_packet + keep_alive;
+        let idle = match &mut self.idle {
+            Some(idle) => {
+                if idle.deadline() != deadline {
+                    idle.as_mut().reset(deadline);
+                }
+                idle
+            }
+            None => self
+                .idle
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        idle.as_mut().poll(cx).is_ready()
     }
 
     /// The session: the client's protocol version and state.
@@ -217,6 +252,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             }
             if valid > 0 {
                 this.ready = this.buf.split_to(valid).freeze();
+                if this.keep_alive.is_some() {
+                    this.last_packet = Instant::now();
+                }
                 continue;
             }
             if this.failed.is_some() {
@@ -231,6 +269,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             match res {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // EOF
                 Poll::Ready(Ok(())) => {}
+                Poll::Pending if this.keep_alive_expired(cx) => {
+                    this.fail(MqttError::KeepAliveTimeout);
+                }
                 other => return other,
             }
         }

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{DEFAULT_CONNECT_TIMEOUT, Mqtt, PacketRate};
+use super::{DEFAULT_CONNECT_TIMEOUT, IoOptions, Mqtt, PacketRate};
 use crate::Config;
 
 /// Applies [`Mqtt`] to a byte-stream service: validates the CONNECT and every later
@@ -12,7 +12,7 @@ use crate::Config;
 pub struct MqttLayer {
     pub(super) config: Config,
     pub(super) connect_timeout: Duration,
-    pub(super) packet_rate: Option<PacketRate>,
+    pub(super) io: IoOptions,
 }
 
 impl MqttLayer {
@@ -22,13 +22,26 @@ impl MqttLayer {
         Self {
             config,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            packet_rate: None,
+            io: IoOptions {
+                rate: None,
+                enforce_keep_alive: false,
+            },
         }
     }
 
     /// Limits each connection's packets after the CONNECT (none by default).
     pub const fn packet_rate(mut self, rate: PacketRate) -> Self {
-        self.packet_rate = Some(rate);
+        self.io.rate = Some(rate);
+        self
+    }
+
+    /// Closes a connection that sends no packet for one and a half times the keep-alive
+    /// of its CONNECT (`keep_alive_timeout`; MQTT 5: DISCONNECT 0x8D), as the broker
+    /// itself must ([MQTT-3.1.2-24], v5 [MQTT-3.1.2-22]). Off by default: a broker that
+    /// answers an MQTT 5 client with a longer Server Keep Alive in its CONNACK would see
+    /// the gateway cut that client off early.
+    pub const fn enforce_keep_alive(mut self) -> Self {
+        self.io.enforce_keep_alive = true;
         self
     }
 

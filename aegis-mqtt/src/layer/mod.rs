@@ -21,6 +21,9 @@
 //! the layer stops reading) or, with [`PacketRate::disconnect`], refused as
 //! `message_rate` (MQTT 5: DISCONNECT 0x96).
 //!
+//! With [`MqttLayer::enforce_keep_alive`], a client silent for one and a half times its
+//! keep-alive is refused as `keep_alive_timeout` (MQTT 5: DISCONNECT 0x8D).
+//!
 //! [`MqttIo`] also watches the broker's CONNACK go out: until then the client is unknown
 //! to the broker, so its packets stay under the small CONNECT size cap
 //! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
@@ -74,6 +77,13 @@ pub use self::io::MqttIo;
 pub use self::layer::MqttLayer;
 pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
+
+/// What the layer hands to each connection's [`MqttIo`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IoOptions {
+    pub(crate) rate: Option<PacketRate>,
+    pub(crate) enforce_keep_alive: bool,
+}
 
 /// The default time a client has to send its CONNECT.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

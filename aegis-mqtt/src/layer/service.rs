@@ -59,7 +59,7 @@ where
                 io,
                 self.layer.config,
                 self.layer.connect_timeout,
-                self.layer.packet_rate,
+                self.layer.io,
             ),
             ready,
         )
