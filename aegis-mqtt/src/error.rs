@@ -52,6 +52,9 @@ pub enum MqttError {
     /// A Topic Filter that breaks the wildcard rules (v5 reason 0x8F).
     #[error("invalid topic filter: {0}")]
     TopicFilter(&'static str),
+    /// A packet beyond what the broker's CONNACK announced (MQTT 5).
+    #[error("beyond the server's announced limits: {0}")]
+    ServerLimit(Limit),
     /// Refused by policy (authentication or authorization).
     #[error("not authorized")]
     NotAuthorized,
@@ -91,6 +94,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::KeepAlive { .. } => "keep_alive",
             Self::TopicName(_) => "topic_name",
             Self::TopicFilter(_) => "topic_filter",
+            Self::ServerLimit(_) => "server_limit",
             Self::NotAuthorized => "not_authorized",
             Self::ServerUnavailable => "server_unavailable",
             Self::ServerBusy => "server_busy",
@@ -98,6 +102,43 @@ impl aegis_core::error::Reject for MqttError {
             Self::ConnectionRate => "connection_rate",
             Self::MessageRate => "message_rate",
             Self::KeepAliveTimeout => "keep_alive_timeout",
+        }
+    }
+}
+
+/// A capability or limit the broker announced in its MQTT 5 CONNACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Limit {
+    /// PUBLISH above Maximum `QoS` ([MQTT-3.2.2-11]; reason 0x9B).
+    #[error("QoS above the server's maximum")]
+    QoS,
+    /// RETAIN while Retain Available is 0 ([MQTT-3.2.2-14]; reason 0x9A).
+    #[error("retain not available")]
+    Retain,
+    /// A Topic Alias above Topic Alias Maximum ([MQTT-3.2.2-17], [MQTT-3.2.2-18]; 0x94).
+    #[error("topic alias above the server's maximum")]
+    TopicAlias,
+    /// A wildcard filter while Wildcard Subscription Available is 0 (reason 0xA2).
+    #[error("wildcard subscriptions not available")]
+    Wildcard,
+    /// A Subscription Identifier while they are not available (reason 0xA1).
+    #[error("subscription identifiers not available")]
+    SubscriptionId,
+    /// A shared subscription while they are not available (reason 0x9E).
+    #[error("shared subscriptions not available")]
+    Shared,
+}
+
+impl Limit {
+    const fn reason(self) -> u8 {
+        match self {
+            Self::QoS => 0x9B,
+            Self::Retain => 0x9A,
+            Self::TopicAlias => 0x94,
+            Self::Wildcard => 0xA2,
+            Self::SubscriptionId => 0xA1,
+            Self::Shared => 0x9E,
         }
     }
 }
@@ -176,7 +217,9 @@ impl MqttError {
         use crate::encode::reason as r;
         Some(match self {
             Self::Malformed(_) => r::MALFORMED_PACKET,
-            Self::ProtocolError(_) | Self::TopicFilter(_) => r::PROTOCOL_ERROR,
+            Self::ProtocolError(_) | Self::TopicFilter(_) | Self::ServerLimit(_) => {
+                r::PROTOCOL_ERROR
+            }
             Self::UnsupportedVersion { .. } => r::UNSUPPORTED_PROTOCOL_VERSION,
             Self::ClientId(_) => r::CLIENT_IDENTIFIER_NOT_VALID,
             Self::PacketTooLarge { .. } => r::PACKET_TOO_LARGE,
@@ -204,6 +247,7 @@ impl MqttError {
             Self::PacketTooLarge { .. } => r::PACKET_TOO_LARGE,
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
             Self::TopicFilter(_) => r::TOPIC_FILTER_INVALID,
+            Self::ServerLimit(limit) => limit.reason(),
             Self::NotAuthorized => r::NOT_AUTHORIZED,
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
             Self::ServerUnavailable | Self::ServerBusy => r::SERVER_BUSY,

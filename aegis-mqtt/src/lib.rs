@@ -56,6 +56,7 @@
 //! | `keep_alive` | close [MQTT-3.2.2-6] | CONNACK 0x83 | - | - |
 //! | `topic_name` | close | CONNACK 0x90 | close | DISCONNECT 0x90 |
 //! | `topic_filter` | - | - | close | DISCONNECT 0x8F |
+//! | `server_limit` | - | - | - | DISCONNECT 0x9B, 0x9A, 0x94, 0xA2, 0xA1 or 0x9E ([`Limit`]) |
 //! | `not_authorized` | CONNACK 0x05 | CONNACK 0x87 | close | DISCONNECT 0x87 |
 //! | `server_unavailable` | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
 //! | `server_busy` | CONNACK 0x03 | CONNACK 0x89 | close | DISCONNECT 0x89 |
@@ -84,7 +85,7 @@ mod session;
 pub mod topic;
 
 pub use self::connect::{Connect, Will, connect_version, validate_connect};
-pub use self::error::{Answer, MqttError, Phase};
+pub use self::error::{Answer, Limit, MqttError, Phase};
 pub use self::framer::{Decoded, Frame, Framer, MAX_REMAINING_LENGTH};
 pub use self::packet::{Filters, Packet, Publish};
 pub use self::session::{Next, Session};

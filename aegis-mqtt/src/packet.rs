@@ -1,6 +1,7 @@
 //! Validation of every client packet after the CONNECT.
 
-use crate::properties::{self, Ctx};
+use crate::error::Limit;
+use crate::properties::{self, Ctx, ServerLimits};
 use crate::reader::Reader;
 use crate::topic::{FilterKind, check_topic_filter, check_topic_name};
 use crate::{MqttError, Version};
@@ -89,6 +90,8 @@ pub(crate) struct Ctx5 {
     pub(crate) version: Version,
     pub(crate) session_expiry_zero: bool,
     pub(crate) auth_method: bool,
+    /// What the broker's CONNACK announced, once seen.
+    pub(crate) limits: Option<ServerLimits>,
 }
 
 const ACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
@@ -105,7 +108,7 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
     let flags = first & 0x0F;
     let kind = first >> 4;
     let expected_flags = match kind {
-        3 => return publish(flags, body, v5),
+        3 => return publish(flags, body, v5, ctx.limits),
         6 | 8 | 10 => 0b0010,
         4 | 5 | 7 | 12 | 14 => 0,
         15 if v5 => 0,
@@ -140,7 +143,7 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
                 _ => Packet::PubComp(id),
             })
         }
-        8 => subscribe(r, v5).map(Packet::Subscribe),
+        8 => subscribe(r, v5, ctx.limits).map(Packet::Subscribe),
         10 => unsubscribe(r, v5).map(Packet::Unsubscribe),
         12 => end(&r).map(|()| Packet::PingReq),
         14 => {
@@ -216,7 +219,12 @@ fn reason_and_props<'a>(
     Ok((code, props))
 }
 
-fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Packet<'_>, MqttError> {
+fn publish(
+    flags: u8,
+    body: &[u8],
+    v5: bool,
+    limits: Option<ServerLimits>,
+) -> Result<Packet<'_>, MqttError> {
     let qos = (flags >> 1) & 0x03;
     let dup = flags & 0x08 != 0;
     if qos == 3 {
@@ -236,6 +244,17 @@ fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Packet<'_>, MqttError> {
     if !(topic.is_empty() && topic_alias.is_some()) {
         check_topic_name(topic)?;
     }
+    if let Some(l) = limits {
+        if qos > l.max_qos {
+            return Err(MqttError::ServerLimit(Limit::QoS));
+        }
+        if flags & 0x01 != 0 && !l.retain {
+            return Err(MqttError::ServerLimit(Limit::Retain));
+        }
+        if topic_alias.is_some_and(|a| a > l.topic_alias_max) {
+            return Err(MqttError::ServerLimit(Limit::TopicAlias));
+        }
+    }
     Ok(Packet::Publish(Publish {
         dup,
         qos,
@@ -247,10 +266,17 @@ fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Packet<'_>, MqttError> {
     }))
 }
 
-fn subscribe(mut r: Reader<'_>, v5: bool) -> Result<Filters<'_>, MqttError> {
+fn subscribe(
+    mut r: Reader<'_>,
+    v5: bool,
+    limits: Option<ServerLimits>,
+) -> Result<Filters<'_>, MqttError> {
     let packet_id = packet_id(&mut r)?;
     if v5 {
-        properties::read(&mut r, Ctx::Subscribe)?;
+        let props = properties::read(&mut r, Ctx::Subscribe)?;
+        if props.subscription_id.is_some() && limits.is_some_and(|l| !l.subscription_ids) {
+            return Err(MqttError::ServerLimit(Limit::SubscriptionId));
+        }
     }
     let payload = r;
     if r.is_empty() {
@@ -259,6 +285,14 @@ fn subscribe(mut r: Reader<'_>, v5: bool) -> Result<Filters<'_>, MqttError> {
     while !r.is_empty() {
         let filter = r.string()?;
         let kind = check_topic_filter(filter, v5)?;
+        if let Some(l) = limits {
+            if kind == FilterKind::Shared && !l.shared {
+                return Err(MqttError::ServerLimit(Limit::Shared));
+            }
+            if !l.wildcard && filter.bytes().any(|b| b == b'+' || b == b'#') {
+                return Err(MqttError::ServerLimit(Limit::Wildcard));
+            }
+        }
         let options = r.u8()?;
         if v5 {
             if options & 0xC0 != 0 {

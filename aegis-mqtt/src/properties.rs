@@ -167,3 +167,73 @@ pub(crate) fn read<'a>(r: &mut Reader<'a>, ctx: Ctx) -> Result<Props<'a>, MqttEr
     }
     Ok(props)
 }
+
+/// What an MQTT 5 CONNACK announces that binds the client (§3.2.2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // one flag per CONNACK property
+pub(crate) struct ServerLimits {
+    pub(crate) max_qos: u8,
+    pub(crate) retain: bool,
+    pub(crate) topic_alias_max: u16,
+    pub(crate) max_packet_size: Option<u32>,
+    pub(crate) wildcard: bool,
+    pub(crate) subscription_ids: bool,
+    pub(crate) shared: bool,
+    pub(crate) keep_alive: Option<u16>,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_qos: 2,
+            retain: true,
+            topic_alias_max: 0,
+            max_packet_size: None,
+            wildcard: true,
+            subscription_ids: true,
+            shared: true,
+            keep_alive: None,
+        }
+    }
+}
+
+/// Reads the limits from a CONNACK's body (after the fixed header); `None` if the body
+/// is not a well-formed MQTT 5 CONNACK, in which case nothing is enforced.
+pub(crate) fn connack_limits(body: &[u8]) -> Option<ServerLimits> {
+    let mut r = Reader::new(body);
+    let _flags = r.u8().ok()?;
+    let _reason = r.u8().ok()?;
+    let len = r.varint().ok()? as usize;
+    let mut list = Reader::new(r.bytes(len).ok()?);
+    let mut l = ServerLimits::default();
+    while !list.is_empty() {
+        match list.varint().ok()? {
+            0x11 => {
+                list.u32().ok()?;
+            }
+            0x27 => l.max_packet_size = Some(list.u32().ok()?),
+            0x13 => l.keep_alive = Some(list.u16().ok()?),
+            0x21 => {
+                list.u16().ok()?;
+            }
+            0x22 => l.topic_alias_max = list.u16().ok()?,
+            0x24 => l.max_qos = list.u8().ok()?.min(2),
+            0x25 => l.retain = list.u8().ok()? != 0,
+            0x28 => l.wildcard = list.u8().ok()? != 0,
+            0x29 => l.subscription_ids = list.u8().ok()? != 0,
+            0x2A => l.shared = list.u8().ok()? != 0,
+            0x12 | 0x15 | 0x1A | 0x1C | 0x1F => {
+                list.string().ok()?;
+            }
+            0x16 => {
+                list.binary().ok()?;
+            }
+            0x26 => {
+                list.binary().ok()?;
+                list.binary().ok()?;
+            }
+            _ => return None,
+        }
+    }
+    Some(l)
+}

@@ -3,6 +3,7 @@
 use crate::error::{Answer, Phase};
 use crate::framer::{Decoded, Framer};
 use crate::packet::{self, Ctx5, Packet};
+use crate::properties::{ServerLimits, connack_limits};
 use crate::{Config, MqttError, Version, connect, split_frame};
 
 /// Validates the client-to-broker direction of one connection.
@@ -44,6 +45,8 @@ pub struct Session {
     /// Whether the broker's CONNACK went out ([`Session::connack_sent`]).
     connack_sent: bool,
     keep_alive: u16,
+    /// What the broker's MQTT 5 CONNACK announced ([`Session::on_connack`]).
+    limits: Option<ServerLimits>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,7 @@ impl Session {
             connected: false,
             connack_sent: false,
             keep_alive: 0,
+            limits: None,
         }
     }
 
@@ -88,9 +92,16 @@ impl Session {
         self.version
     }
 
-    /// The keep-alive the accepted CONNECT asked for, in seconds (0: none).
+    /// The keep-alive in force, in seconds (0: none): the MQTT 5 Server Keep Alive of the
+    /// broker's CONNACK if it sent one ([MQTT-3.2.2-21]), else the CONNECT's.
     pub const fn keep_alive(&self) -> u16 {
-        self.keep_alive
+        match self.limits {
+            Some(ServerLimits {
+                keep_alive: Some(k),
+                ..
+            }) => k,
+            _ => self.keep_alive,
+        }
     }
 
     /// Whether a CONNECT has been accepted.
@@ -108,14 +119,33 @@ impl Session {
         self.connack_sent = true;
     }
 
-    /// The framer for the current phase: the CONNECT size cap until the CONNACK went out
-    /// ([`Session::connack_sent`]), the packet size cap after.
-    pub const fn framer(&self) -> Framer {
-        if self.connack_sent {
-            Framer::new(self.config.max_packet_size)
-        } else {
-            Framer::new(self.config.max_connect_size)
+    /// Like [`Session::connack_sent`], given the broker's whole CONNACK packet: for an
+    /// MQTT 5 session, its limits then bind the client (Maximum `QoS`, Retain Available,
+    /// Topic Alias Maximum, Maximum Packet Size, Server Keep Alive, and Wildcard,
+    /// Subscription Identifier and Shared Subscription availability). A CONNACK that
+    /// cannot be read announces nothing.
+    pub fn on_connack(&mut self, connack: &[u8]) {
+        self.connack_sent = true;
+        if self.version == Some(Version::V5) {
+            self.limits = split_frame(connack)
+                .ok()
+                .filter(|&(first, _)| first == 0x20)
+                .and_then(|(_, body)| connack_limits(body));
         }
+    }
+
+    /// The framer for the current phase: the CONNECT size cap until the CONNACK went out
+    /// ([`Session::connack_sent`]), the packet size cap after (or the broker's Maximum
+    /// Packet Size, if smaller).
+    pub fn framer(&self) -> Framer {
+        if !self.connack_sent {
+            return Framer::new(self.config.max_connect_size);
+        }
+        let broker = self
+            .limits
+            .and_then(|l| l.max_packet_size)
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        Framer::new(self.config.max_packet_size.min(broker))
     }
 
     /// Frames and validates the next packet at the start of `buf`.
@@ -169,6 +199,7 @@ impl Session {
                     version: self.version.unwrap_or(Version::V3_1_1),
                     session_expiry_zero: self.expiry_zero,
                     auth_method: self.auth_method,
+                    limits: self.limits,
                 };
                 let r =
                     split_frame(frame).and_then(|(first, body)| packet::validate(first, body, ctx));

@@ -4,7 +4,7 @@ mod common;
 
 use aegis_core::error::Reject;
 use aegis_mqtt::encode::{self, reason};
-use aegis_mqtt::{Answer, Config, MqttError, Phase, Session, Version};
+use aegis_mqtt::{Answer, Config, Limit, MqttError, Phase, Session, Version};
 use common::{B, connect_v4, connect_v5, head, session_after};
 
 #[test]
@@ -170,6 +170,12 @@ fn answers_after_connect() {
         (MqttError::QuotaExceeded, 0x97),
         (MqttError::NotAuthorized, 0x87),
         (MqttError::ServerBusy, 0x89),
+        (MqttError::ServerLimit(Limit::QoS), 0x9B),
+        (MqttError::ServerLimit(Limit::Retain), 0x9A),
+        (MqttError::ServerLimit(Limit::TopicAlias), 0x94),
+        (MqttError::ServerLimit(Limit::Wildcard), 0xA2),
+        (MqttError::ServerLimit(Limit::SubscriptionId), 0xA1),
+        (MqttError::ServerLimit(Limit::Shared), 0x9E),
     ];
     for (e, rc) in cases {
         assert_eq!(
@@ -214,7 +220,8 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 16] = [
+    let cases: [(MqttError, &str); 17] = [
+        (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
         (

@@ -334,15 +334,16 @@ async fn mqtt_io_forwards_params_and_vectored_writes() {
 async fn connack_then_read(
     layer: MqttLayer,
     client_bytes: Vec<u8>,
-    connack_first: bool,
+    connack: Option<Vec<u8>>,
 ) -> (Seen, Vec<u8>) {
     let (mut client, server) = tokio::io::duplex(8192);
     client.write_all(&client_bytes).await.unwrap();
     client.shutdown().await.unwrap();
-    let inner = service_fn(
-        move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
-            if connack_first {
-                io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
+    let inner = service_fn(move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| {
+        let connack = connack.clone();
+        async move {
+            if let Some(connack) = connack {
+                io.write_all(&connack).await?;
             }
             let mut seen = Vec::new();
             let end = io
@@ -351,8 +352,8 @@ async fn connack_then_read(
                 .map(|_| ())
                 .map_err(|e| e.kind());
             Ok::<_, BoxError>((seen, end))
-        },
-    );
+        }
+    });
     let io = Conn::new(
         server,
         "192.0.2.1:1".parse().unwrap(),
@@ -369,12 +370,13 @@ async fn the_small_cap_holds_until_the_connack() {
     let layer = MqttLayer::new(Config::new().max_connect_size(100).max_packet_size(1000));
     let big = B::new().s("t").raw(&[5; 500]).frame(0x30);
     let bytes = [connect_v4(), big].concat();
-    let (seen, got) = connack_then_read(layer, bytes.clone(), true).await;
+    let (seen, got) =
+        connack_then_read(layer, bytes.clone(), Some(vec![0x20, 0x02, 0x00, 0x00])).await;
     assert_eq!(
         (seen, got),
         ((bytes.clone(), Ok(())), vec![0x20, 0x02, 0x00, 0x00])
     );
-    let (seen, _) = connack_then_read(layer, bytes, false).await;
+    let (seen, _) = connack_then_read(layer, bytes, None).await;
     assert_eq!(seen, (connect_v4(), Err(io::ErrorKind::InvalidData)));
 }
 
@@ -519,6 +521,17 @@ async fn keep_alive_not_enforced_by_default_or_when_zero() {
         assert!(got.is_empty());
         assert_eq!(took, Duration::from_secs(100));
     }
+}
+
+#[tokio::test]
+async fn the_brokers_connack_limits_bind_the_client() {
+    // Maximum QoS 0 and Server Keep Alive 30 s
+    let connack = vec![0x20, 0x08, 0x00, 0x00, 0x05, 0x24, 0x00, 0x13, 0x00, 0x1E];
+    let qos1 = B::new().s("a").u16(1).props(&[]).frame(0x32);
+    let bytes = [connect_v5(), qos1].concat();
+    let (seen, got) = connack_then_read(MqttLayer::default(), bytes, Some(connack.clone())).await;
+    assert_eq!(seen, (connect_v5(), Err(io::ErrorKind::InvalidData)));
+    assert_eq!(got, [connack, vec![0xE0, 0x02, 0x9B, 0x00]].concat());
 }
 
 #[test]

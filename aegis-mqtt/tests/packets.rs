@@ -2,7 +2,7 @@
 
 mod common;
 
-use aegis_mqtt::{Config, MqttError, Next, Packet, Session};
+use aegis_mqtt::{Config, Limit, MqttError, Next, Packet, Session};
 use common::{B, connect_v3, connect_v4, connect_v5, head, label, session_after, v4, v5};
 
 const MAL_FLAGS: MqttError = MqttError::Malformed("reserved fixed-header flags set");
@@ -518,6 +518,103 @@ fn only_auth_or_disconnect_before_connack_with_enhanced_auth() {
     assert_eq!(s.validate(&auth), Ok(Packet::Auth(0x18)));
     // without an authentication method, nothing waits for the CONNACK
     assert!(session_after(&connect_v5()).validate(&publish).is_ok());
+}
+
+/// A v5 session whose broker answered with this CONNACK property list.
+fn after_connack(props: &[u8]) -> Session {
+    let mut s = session_after(&connect_v5());
+    s.on_connack(&B::new().u8(0).u8(0).props(props).frame(0x20));
+    s
+}
+
+#[test]
+fn connack_limits_bind_the_client() {
+    let props = [
+        0x24, 1, // Maximum QoS 1
+        0x25, 0, // Retain Available 0
+        0x22, 0, 5, // Topic Alias Maximum 5
+        0x28, 0, 0x29, 0, 0x2A, 0, // no wildcard, subscription id or shared subscriptions
+        0x27, 0, 0, 0, 100, // Maximum Packet Size 100
+        0x13, 0, 30, // Server Keep Alive 30
+        0x1F, 0, 2, b'o', b'k', 0x26, 0, 1, b'k', 0, 1, b'v', // reason string, user property
+    ];
+    let s = after_connack(&props);
+    assert_eq!(s.keep_alive(), 30);
+    let check = |p: &[u8]| after_connack(&props).validate(p).map(|_| ());
+    // [MQTT-3.2.2-11]
+    assert_eq!(
+        check(&B::new().s("a").u16(1).props(&[]).frame(0x34)),
+        Err(MqttError::ServerLimit(Limit::QoS))
+    );
+    assert_eq!(
+        check(&B::new().s("a").u16(1).props(&[]).frame(0x32)),
+        Ok(())
+    );
+    // [MQTT-3.2.2-14]
+    assert_eq!(
+        check(&B::new().s("a").props(&[]).frame(0x31)),
+        Err(MqttError::ServerLimit(Limit::Retain))
+    );
+    // [MQTT-3.2.2-17]
+    assert_eq!(
+        check(&B::new().s("a").props(&[0x23, 0, 6]).frame(0x30)),
+        Err(MqttError::ServerLimit(Limit::TopicAlias))
+    );
+    assert_eq!(
+        check(&B::new().s("a").props(&[0x23, 0, 5]).frame(0x30)),
+        Ok(())
+    );
+    // §3.2.2.3.11 to §3.2.2.3.13
+    let sub = |f: &str, props: &[u8]| B::new().u16(1).props(props).s(f).u8(0).frame(0x82);
+    assert_eq!(
+        check(&sub("a/+", &[])),
+        Err(MqttError::ServerLimit(Limit::Wildcard))
+    );
+    assert_eq!(
+        check(&sub("#", &[])),
+        Err(MqttError::ServerLimit(Limit::Wildcard))
+    );
+    assert_eq!(
+        check(&sub("$share/g/a", &[])),
+        Err(MqttError::ServerLimit(Limit::Shared))
+    );
+    assert_eq!(
+        check(&sub("a", &[0x0B, 1])),
+        Err(MqttError::ServerLimit(Limit::SubscriptionId))
+    );
+    assert_eq!(check(&sub("a/b", &[])), Ok(()));
+    // §3.2.2.3.6 Maximum Packet Size: the smaller cap wins
+    assert_eq!(s.framer().max_packet_size(), 100);
+    let big = B::new().s("a").props(&[]).raw(&[0; 100]).frame(0x30);
+    assert_eq!(label(after_connack(&props).next(&big)), "packet_too_large");
+}
+
+#[test]
+fn connack_defaults_and_what_announces_nothing() {
+    // [MQTT-3.2.2-18]: no Topic Alias Maximum means no topic alias at all
+    let alias = B::new().s("a").props(&[0x23, 0, 1]).frame(0x30);
+    assert_eq!(
+        after_connack(&[]).validate(&alias),
+        Err(MqttError::ServerLimit(Limit::TopicAlias))
+    );
+    // defaults allow QoS 2, retain, wildcards
+    assert!(
+        after_connack(&[])
+            .validate(&B::new().s("a").u16(1).props(&[]).frame(0x35))
+            .is_ok()
+    );
+    assert_eq!(after_connack(&[]).keep_alive(), 60);
+    // a CONNACK that cannot be read, or none seen: nothing is enforced
+    let mut s = session_after(&connect_v5());
+    s.on_connack(&[0x20, 0x05, 0x00, 0x00, 0x02, 0x7F, 0x00]);
+    assert!(s.validate(&alias).is_ok());
+    let mut s = session_after(&connect_v5());
+    s.connack_sent();
+    assert!(s.validate(&alias).is_ok());
+    // 3.1.1 CONNACKs carry no limits
+    let mut s = session_after(&connect_v4());
+    s.on_connack(&[0x20, 0x02, 0x00, 0x00]);
+    assert!(s.validate(&B::new().s("a").u16(1).frame(0x35)).is_ok());
 }
 
 #[test]

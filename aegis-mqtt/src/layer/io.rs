@@ -48,16 +48,20 @@ pub struct MqttIo<I> {
     writes_closed: bool,
     /// The packet rate limit, if any.
     bucket: Option<Bucket>,
-    /// One and a half times the keep-alive, when enforced.
-    keep_alive: Option<Duration>,
+    /// Whether the keep-alive is enforced.
+    enforce_keep_alive: bool,
     /// When the last packet was released.
     last_packet: Instant,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
 }
 
-/// Follows packet boundaries in the bytes written to the client.
-#[derive(Debug, Default, Clone, Copy)]
+/// The largest CONNACK kept to read its properties; a longer one announces nothing.
+const MAX_CONNACK: usize = 4096;
+
+/// Follows packet boundaries in the bytes written to the client, and keeps a copy of the
+/// first CONNACK.
+#[derive(Debug, Default)]
 struct OutBoundary {
     /// Bytes of the current packet's body still to come.
     remaining: usize,
@@ -65,6 +69,19 @@ struct OutBoundary {
     header_len: u8,
     /// The Remaining Length decoded so far.
     value: usize,
+    /// The CONNACK being written, until it is complete.
+    connack: Option<Vec<u8>>,
+    /// Whether the first CONNACK has been seen.
+    connack_seen: bool,
+}
+
+/// What following a write found.
+enum Seen {
+    Nothing,
+    /// A whole CONNACK, for its properties.
+    Connack(Vec<u8>),
+    /// A CONNACK too long to keep.
+    LongConnack,
 }
 
 impl OutBoundary {
@@ -72,21 +89,33 @@ impl OutBoundary {
         self.remaining == 0 && self.header_len == 0
     }
 
-    /// Follows `data` as written; whether a CONNACK began in it.
-    fn advance(&mut self, mut data: &[u8]) -> bool {
-        let mut connack = false;
+    /// Follows `data` as written.
+    fn advance(&mut self, mut data: &[u8]) -> Seen {
+        let mut seen = Seen::Nothing;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
+                if let Some(c) = &mut self.connack {
+                    c.extend_from_slice(&data[..n]);
+                }
                 self.remaining -= n;
                 data = &data[n..];
+                if self.remaining == 0 {
+                    seen = self.connack_done();
+                }
                 continue;
             }
             let b = data[0];
             data = &data[1..];
+            if let Some(c) = &mut self.connack {
+                c.push(b);
+            }
             if self.header_len == 0 {
                 // The packet type byte.
-                connack |= b >> 4 == 2;
+                if b >> 4 == 2 && !self.connack_seen {
+                    self.connack_seen = true;
+                    self.connack = Some(vec![b]);
+                }
                 self.header_len = 1;
                 self.value = 0;
                 continue;
@@ -96,9 +125,19 @@ impl OutBoundary {
             if b & 0x80 == 0 || self.header_len > 4 {
                 self.remaining = self.value;
                 self.header_len = 0;
+                if self.connack.is_some() && self.value > MAX_CONNACK {
+                    self.connack = None;
+                    seen = Seen::LongConnack;
+                } else if self.remaining == 0 {
+                    seen = self.connack_done();
+                }
             }
         }
-        connack
+        seen
+    }
+
+    fn connack_done(&mut self) -> Seen {
+        self.connack.take().map_or(Seen::Nothing, Seen::Connack)
     }
 }
 
@@ -112,11 +151,9 @@ impl<I> MqttIo<I> {
         rest: Bytes,
         opts: IoOptions,
     ) -> Self {
-        let keep_alive = (opts.enforce_keep_alive && session.keep_alive() > 0)
-            .then(|| Duration::from_millis(u64::from(session.keep_alive()) * 1500));
         Self {
             bucket: opts.rate.map(Bucket::new),
-            keep_alive,
+            enforce_keep_alive: opts.enforce_keep_alive,
             last_packet: Instant::now(),
             idle: None,
             io: Rewind::new(rest, io),
@@ -141,11 +178,23 @@ impl<I> MqttIo<I> {
         }
     }
 
+    /// Tells the session what the broker's writes showed.
+    fn on_written(&mut self, seen: Seen) {
+        match seen {
+            Seen::Nothing => {}
+            Seen::Connack(connack) => self.session.on_connack(&connack),
+            Seen::LongConnack => self.session.connack_sent(),
+        }
+    }
+
     /// Whether the keep-alive ran out while waiting for the client (arms the timer).
     fn keep_alive_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(keep_alive) = self.keep_alive else {
+        let seconds = self.session.keep_alive();
+        if !self.enforce_keep_alive || seconds == 0 {
             return false;
-        };
+        }
+        // One and a half times the keep-alive in force.
+        let keep_alive = Duration::from_millis(u64::from(seconds) * 1500);
         let deadline = self.last_packet + keep_alive;
         let idle = match &mut self.idle {
             Some(idle) => {
@@ -252,7 +301,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             }
             if valid > 0 {
                 this.ready = this.buf.split_to(valid).freeze();
-                if this.keep_alive.is_some() {
+                if this.enforce_keep_alive {
                     this.last_packet = Instant::now();
                 }
                 continue;
@@ -290,9 +339,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         }
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            if this.out.advance(&buf[..n.min(buf.len())]) {
-                this.session.connack_sent();
-            }
+            let seen = this.out.advance(&buf[..n.min(buf.len())]);
+            this.on_written(seen);
         }
         res
     }
@@ -310,9 +358,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         if let Poll::Ready(Ok(mut n)) = res {
             for b in bufs {
                 let k = n.min(b.len());
-                if this.out.advance(&b[..k]) {
-                    this.session.connack_sent();
-                }
+                let seen = this.out.advance(&b[..k]);
+                this.on_written(seen);
                 n -= k;
                 if n == 0 {
                     break;

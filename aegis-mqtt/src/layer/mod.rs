@@ -24,10 +24,14 @@
 //! With [`MqttLayer::enforce_keep_alive`], a client silent for one and a half times its
 //! keep-alive is refused as `keep_alive_timeout` (MQTT 5: DISCONNECT 0x8D).
 //!
-//! [`MqttIo`] also watches the broker's CONNACK go out: until then the client is unknown
-//! to the broker, so its packets stay under the small CONNECT size cap
+//! [`MqttIo`] also reads the broker's CONNACK as it goes out: until then the client is
+//! unknown to the broker, so its packets stay under the small CONNECT size cap
 //! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
-//! that chose an Authentication Method may only send AUTH or DISCONNECT.
+//! that chose an Authentication Method may only send AUTH or DISCONNECT; after it, an
+//! MQTT 5 client is held to what the CONNACK announced (Maximum `QoS`, Retain Available,
+//! Topic Alias Maximum, Maximum Packet Size, Server Keep Alive, wildcard, subscription
+//! identifier and shared subscription availability; see
+//! [`Session::on_connack`](crate::Session::on_connack)).
 //!
 //! Nothing is re-encoded: the broker sees exactly the client's bytes.
 //!
