@@ -35,11 +35,11 @@ impl MqttLayer {
         self
     }
 
-    /// Closes a connection that sends no packet for one and a half times the keep-alive
-    /// of its CONNECT (`keep_alive_timeout`; MQTT 5: DISCONNECT 0x8D), as the broker
-    /// itself must ([MQTT-3.1.2-24], v5 [MQTT-3.1.2-22]). Off by default: a broker that
-    /// answers an MQTT 5 client with a longer Server Keep Alive in its CONNACK would see
-    /// the gateway cut that client off early.
+    /// Closes a connection that sends no packet for one and a half times its keep-alive
+    /// (`keep_alive_timeout`; MQTT 5: DISCONNECT 0x8D), as the broker itself must
+    /// ([MQTT-3.1.2-24], v5 [MQTT-3.1.2-22]). The keep-alive is the CONNECT's, or the
+    /// Server Keep Alive of an MQTT 5 CONNACK ([MQTT-3.2.2-21]). Off by default, since the
+    /// broker enforces it too; turn it on to spare the broker idle connections.
     pub const fn enforce_keep_alive(mut self) -> Self {
         self.io.enforce_keep_alive = true;
         self
