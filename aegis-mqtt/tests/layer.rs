@@ -503,6 +503,44 @@ async fn keep_alive_enforced_after_one_and_a_half_times() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn keep_alive_follows_the_connacks_server_keep_alive() {
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(&connect_v5_keep_alive(10)).await.unwrap();
+    // Server Keep Alive 2 s: refused after 3 s, not 15 s
+    let connack = vec![0x20, 0x06, 0x00, 0x00, 0x03, 0x13, 0x00, 0x02];
+    let sent = connack.clone();
+    let inner = service_fn(move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| {
+        let connack = connack.clone();
+        async move {
+            io.write_all(&connack).await?;
+            let mut seen = Vec::new();
+            let err = io.read_to_end(&mut seen).await.unwrap_err();
+            Ok::<_, BoxError>(err.kind())
+        }
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let start = tokio::time::Instant::now();
+    let kind = MqttLayer::default()
+        .enforce_keep_alive()
+        .layer(inner)
+        .oneshot(io)
+        .await
+        .unwrap();
+    assert_eq!(kind, io::ErrorKind::InvalidData);
+    assert_eq!(
+        tokio::time::Instant::now().saturating_duration_since(start),
+        Duration::from_secs(3)
+    );
+    let mut got = vec![0; sent.len() + 4];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, [sent, vec![0xE0, 0x02, 0x8D, 0x00]].concat());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn keep_alive_not_enforced_by_default_or_when_zero() {
     let ping = vec![0xC0, 0x00];
     for (layer, c) in [
