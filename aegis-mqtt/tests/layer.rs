@@ -572,6 +572,42 @@ async fn the_brokers_connack_limits_bind_the_client() {
     assert_eq!(got, [connack, vec![0xE0, 0x02, 0x9B, 0x00]].concat());
 }
 
+#[tokio::test]
+async fn the_boundary_is_checked_when_the_disconnect_would_go_out() {
+    // The bad packet is found while the good one before it is released; by the time the
+    // refusal is returned, the broker is inside a packet: no DISCONNECT may follow.
+    let good = B::new().s("a").props(&[]).frame(0x30);
+    let bad = B::new().s("#").props(&[]).frame(0x30);
+    let (mut client, server) = tokio::io::duplex(4096);
+    client
+        .write_all(&[connect_v5(), good.clone(), bad].concat())
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let expected = [connect_v5(), good].concat();
+    let inner = service_fn(move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| {
+        let expected = expected.clone();
+        async move {
+            let mut seen = vec![0; expected.len()];
+            io.read_exact(&mut seen).await?;
+            assert_eq!(seen, expected);
+            io.write_all(&[0x30, 0x10, 0x00]).await?; // part of a PUBLISH
+            let err = io.read_u8().await.unwrap_err();
+            Ok::<_, BoxError>(err.kind())
+        }
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let kind = MqttLayer::default().layer(inner).oneshot(io).await.unwrap();
+    assert_eq!(kind, io::ErrorKind::InvalidData);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, [0x30, 0x10, 0x00]);
+}
+
 #[test]
 fn later_rejections_are_counted() {
     let rec = metrics_util::debugging::DebuggingRecorder::new();

@@ -167,13 +167,13 @@ impl<I> MqttIo<I> {
         }
     }
 
-    /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT, if one may be
-    /// sent now.
+    /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent only if the
+    /// broker's stream is between two packets when its turn comes).
     fn fail(&mut self, e: MqttError) {
         self.failed = Some(e);
         drop(reject(e));
         let answer = self.session.answer(&e).bytes();
-        if !answer.is_empty() && self.out.at_boundary() {
+        if !answer.is_empty() {
             self.answer = Some((answer, 0));
         }
     }
@@ -251,6 +251,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = this.failed {
+                let not_started = matches!(this.answer, Some((_, 0)));
+                if not_started && !this.out.at_boundary() {
+                    // The broker is inside one of its packets: a DISCONNECT now would
+                    // corrupt it, so the connection just closes.
+                    this.answer = None;
+                }
                 if let Some((answer, written)) = &mut this.answer {
                     while *written < answer.len() {
                         match Pin::new(&mut this.io).poll_write(cx, &answer[*written..]) {
