@@ -238,12 +238,24 @@ pub mod __fuzz {
     }
 
     /// Feeds `data` into a framer and session in chunks whose sizes come from the first
-    /// bytes of `data`, as a layer reading from a socket would.
+    /// bytes of `data`, as a layer reading from a socket would. The first byte holds the
+    /// number of chunk sizes (its low three bits) and, in bit 3, whether the next 32 bytes
+    /// are the body of a broker CONNACK given to the session once its CONNECT is accepted.
     pub fn stream(data: &[u8]) {
         let Some((&n, data)) = data.split_first() else {
             return;
         };
         let (sizes, data) = data.split_at(usize::from(n % 8).min(data.len()));
+        let (connack, data) = if n & 8 == 0 {
+            (None, data)
+        } else {
+            let (body, rest) = data.split_at(32.min(data.len()));
+            let len = u8::try_from(body.len()).unwrap_or(0);
+            let mut c = vec![0x20, len];
+            c.extend_from_slice(body);
+            (Some(c), rest)
+        };
+        let mut connack = connack.as_deref();
         let config = Config::new().max_connect_size(512).max_packet_size(4096);
         let mut session = Session::new(config);
         let mut buf = Vec::new();
@@ -262,6 +274,9 @@ pub mod __fuzz {
                     Ok(Next::NeedMore(_)) => break,
                     Ok(Next::Packet { len, .. }) => {
                         buf.drain(..len);
+                        if let Some(c) = connack.take() {
+                            session.on_connack(c);
+                        }
                     }
                     Err(e) => {
                         let answer = session.answer(&e).bytes();
