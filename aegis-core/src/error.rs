@@ -112,9 +112,24 @@ pub fn reject<E: Reject>(err: E) -> Rejected {
     }
 }
 
-/// The first error of type `T` in `err`'s `source()` chain, `err` included.
+/// The first error of type `T` in `err`'s chain, `err` included.
+///
+/// The chain is `source()`, except that an [`std::io::Error`] that wraps another error
+/// (as IO wrappers do to report a rejection from `poll_read`) leads to that error:
+/// `io::Error::source()` would skip it.
 pub fn find<'a, T: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'a T> {
-    std::iter::successors(Some(err), |&e| e.source()).find_map(|e| e.downcast_ref::<T>())
+    chain(err).find_map(|e| e.downcast_ref::<T>())
+}
+
+/// `err`, then its causes; see [`find`].
+fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(err), |&e| match e.downcast_ref::<std::io::Error>() {
+        Some(io) => match io.get_ref() {
+            Some(inner) => Some(inner as &(dyn Error + 'static)),
+            None => io.source(),
+        },
+        None => e.source(),
+    })
 }
 
 /// Maps any error to its `(layer, reason)` labels.
@@ -124,14 +139,11 @@ pub fn find<'a, T: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'
 /// (a fixed set of kinds), `("timeout", "elapsed")` for a tokio timeout, and
 /// `("unknown", "unexpected")` otherwise.
 pub fn label_of(err: &(dyn Error + 'static)) -> (&'static str, &'static str) {
-    for e in std::iter::successors(Some(err), |&e| e.source()) {
-        if let Some(r) = e.downcast_ref::<Rejected>() {
-            return (r.layer(), r.label());
-        }
-        #[cfg(feature = "proxy")]
-        if let Some(p) = e.downcast_ref::<crate::proxy::ProxyError>() {
-            return ("proxy", p.label());
-        }
+    // A typed error anywhere in the chain wins over the IO error that carries it.
+    if let Some(known) = chain(err).find_map(known_labels) {
+        return known;
+    }
+    for e in chain(err) {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return ("io", io_kind_label(io.kind()));
         }
@@ -140,6 +152,17 @@ pub fn label_of(err: &(dyn Error + 'static)) -> (&'static str, &'static str) {
         }
     }
     ("unknown", "unexpected")
+}
+
+fn known_labels(e: &(dyn Error + 'static)) -> Option<(&'static str, &'static str)> {
+    if let Some(r) = e.downcast_ref::<Rejected>() {
+        return Some((r.layer(), r.label()));
+    }
+    #[cfg(feature = "proxy")]
+    if let Some(p) = e.downcast_ref::<crate::proxy::ProxyError>() {
+        return Some(("proxy", p.label()));
+    }
+    None
 }
 
 /// A fixed label for an IO error kind.
@@ -193,6 +216,20 @@ mod tests {
         let outer: BoxError = Box::new(Outer(e));
         assert_eq!(label_of(&*outer), ("demo", "over"));
         assert!(find::<Demo>(&*outer).is_some());
+    }
+
+    #[test]
+    fn label_of_sees_through_io_errors_that_carry_a_rejection() {
+        // What an IO wrapper returns from poll_read when it rejects mid-stream.
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            reject(Demo::Over("x".into())),
+        );
+        assert_eq!(label_of(&io), ("demo", "over"));
+        assert!(find::<Demo>(&io).is_some());
+        let boxed: BoxError = Box::new(Outer(Box::new(io)));
+        assert_eq!(label_of(&*boxed), ("demo", "over"));
+        assert!(find::<Rejected>(&*boxed).is_some());
     }
 
     #[test]
