@@ -674,3 +674,31 @@ async fn refusers_answer_and_close() {
     assert!(reply.contains("upgrade: MQTT\r\n"), "{reply}");
     conn.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn poll_ready_is_the_inner_services_and_the_ready_one_is_called() {
+    let (mut svc, mut handle) =
+        tower_test::mock::spawn_layer::<Sniffed<Conn<tokio_test::io::Mock>>, (), _>(
+            SniffLayer::new(Protocols::MQTT),
+        );
+    handle.allow(0);
+    tokio_test::assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    tokio_test::assert_ready_ok!(svc.poll_ready());
+    let mock = tokio_test::io::Builder::new().read(MQTT4).build();
+    // `call` without another `poll_ready`: the mock panics if the clone that was polled
+    // ready is not the one called once detection is done.
+    let served = tokio::spawn(svc.call(conn(mock)));
+    let (io, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the service that was polled ready was not called")
+        .unwrap();
+    assert_eq!(io.detection(), Detection::mqtt(4));
+    assert_eq!(io.get_ref().prefix(), MQTT4);
+    // Drain the replayed prefix so the mock sees its script consumed.
+    let mut io = io;
+    let mut buf = vec![0u8; MQTT4.len()];
+    io.read_exact(&mut buf).await.unwrap();
+    respond.send_response(());
+    served.await.unwrap().unwrap();
+}

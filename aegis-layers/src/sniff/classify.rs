@@ -62,8 +62,21 @@ impl std::fmt::Display for Protocol {
 /// A set of [`Protocol`]s: what a filter allows, or what one route serves.
 ///
 /// Build it with the constants and `|`: `Protocols::MQTT | Protocols::HTTP1`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Protocols(u8);
+
+impl std::fmt::Debug for Protocols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries(
+                Protocol::ALL
+                    .iter()
+                    .filter(|p| self.contains(**p))
+                    .map(|p| p.label()),
+            )
+            .finish()
+    }
+}
 
 impl Protocols {
     /// No protocol.
@@ -486,6 +499,7 @@ mod tests {
         assert!(set.contains(Protocol::Mqtt) && set.contains(Protocol::Http2));
         assert!(!set.contains(Protocol::Tls) && !set.contains(Protocol::Timeout));
         assert!(Protocols::NONE.is_empty());
+        assert_eq!(format!("{set:?}"), r#"{"mqtt", "http1", "http2"}"#);
         let labels: Vec<_> = Protocol::ALL.iter().map(|p| p.label()).collect();
         assert_eq!(
             labels,
