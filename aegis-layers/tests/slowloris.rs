@@ -1,6 +1,6 @@
-#![cfg(feature = "slowloris")]
 //! Behaviour of the slowloris layer: each clock and its label, trickling clients, the
 //! handshake switch, healthy clients, params, and cuts over real loopback sockets.
+#![cfg(feature = "slowloris")]
 
 use std::future::Future;
 use std::io;
