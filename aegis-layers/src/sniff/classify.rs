@@ -365,6 +365,19 @@ pub(crate) fn check_invariants(data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// The fuzz target's seed corpus, replayed so that CI (stable, no fuzzer) covers it.
+    #[test]
+    fn fuzz_seed_corpus_keeps_the_invariants() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sniff");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/sniff") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            check_invariants(&data);
+            seeds += 1;
+        }
+        assert!(seeds >= 10, "only {seeds} seeds in {}", dir.display());
+    }
+
     fn decided(p: Protocol) -> Classification {
         Classification::Decided(Detection::new(p))
     }
