@@ -11,6 +11,8 @@ use std::ops::Range;
 use bytes::Bytes;
 use ppp::v2;
 
+use super::ProxyProtocolError;
+
 /// The v1 (text) signature: `PROXY` and a space.
 pub(crate) const V1_SIGNATURE: &[u8] = b"PROXY ";
 /// The v2 (binary) signature, 12 bytes.
@@ -264,6 +266,54 @@ pub struct ProxyHeader {
 }
 
 impl ProxyHeader {
+    /// Parses a PROXY header (v1 or v2) at the start of `buf`, as the layer does for a
+    /// trusted peer, for users who read the stream themselves.
+    ///
+    /// Returns the header and its length in bytes (the connection's data starts there),
+    /// or `Ok(None)` if `buf` is a valid beginning that needs more bytes. `max_len` caps a
+    /// v2 header, fixed part included; a v1 header is at most 107 bytes. Never panics.
+    ///
+    /// # Errors
+    ///
+    /// [`TooLong`](ProxyProtocolError::TooLong) for a header over its cap, and
+    /// [`Invalid`](ProxyProtocolError::Invalid) for a malformed header or for bytes that
+    /// are not a PROXY header at all.
+    ///
+    /// ```
+    /// use aegis_layers::proxy_protocol::ProxyHeader;
+    ///
+    /// let buf = b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 1883\r\nhello";
+    /// let (header, len) = ProxyHeader::parse(buf, 512).unwrap().unwrap();
+    /// assert_eq!(header.source(), Some("203.0.113.7:51000".parse().unwrap()));
+    /// assert_eq!(&buf[len..], b"hello");
+    /// assert!(ProxyHeader::parse(&buf[..20], 512).unwrap().is_none());
+    /// ```
+    pub fn parse(buf: &[u8], max_len: usize) -> Result<Option<(Self, usize)>, ProxyProtocolError> {
+        match parse(buf, max_len) {
+            Parse::Incomplete { .. } => Ok(None),
+            Parse::NotProxy => Err(ProxyProtocolError::Invalid("no PROXY signature")),
+            Parse::Refused(Refused::TooLong) => Err(ProxyProtocolError::TooLong(
+                if buf.starts_with(V1_SIGNATURE) {
+                    V1_MAX_LEN.min(max_len)
+                } else {
+                    max_len
+                },
+            )),
+            Parse::Refused(Refused::Invalid(why)) => Err(ProxyProtocolError::Invalid(why)),
+            Parse::Header(raw) => {
+                let tlvs = buf.get(raw.tlvs.clone()).unwrap_or_default();
+                let header = Self {
+                    version: raw.version,
+                    local: raw.local,
+                    source: raw.source,
+                    destination: raw.destination,
+                    tlvs: Bytes::copy_from_slice(tlvs),
+                };
+                Ok(Some((header, raw.len)))
+            }
+        }
+    }
+
     /// Builds the public header from a parse of `buf` (which holds the header).
     pub(crate) fn from_raw(raw: &RawHeader, buf: &Bytes) -> Self {
         let tlvs = if raw.tlvs.is_empty() || raw.tlvs.end > buf.len() {
