@@ -96,6 +96,70 @@ macro_rules! forward_params {
     };
 }
 
+/// Forwards every `AsyncWrite` method of a `pin_project!` IO wrapper to one pinned field,
+/// vectored writes included.
+///
+/// Use it as the whole body of the wrapper's `AsyncWrite` impl; the field must be
+/// `#[pin]`. A wrapper that forgets `poll_write_vectored` or `is_write_vectored` silently
+/// turns every vectored write above it into single writes, so no wrapper in Aegis writes
+/// these by hand.
+///
+/// ```
+/// use aegis_core::forward_async_write;
+/// use pin_project_lite::pin_project;
+/// use tokio::io::AsyncWrite;
+///
+/// pin_project! {
+///     struct Counted<I> { #[pin] io: I, reads: u64 }
+/// }
+/// impl<I: AsyncWrite> AsyncWrite for Counted<I> {
+///     forward_async_write!(io);
+/// }
+/// ```
+#[macro_export]
+macro_rules! forward_async_write {
+    ($field:ident) => {
+        #[inline]
+        fn poll_write(
+            self: ::core::pin::Pin<&mut Self>,
+            cx: &mut ::core::task::Context<'_>,
+            buf: &[u8],
+        ) -> ::core::task::Poll<::std::io::Result<usize>> {
+            $crate::__private::AsyncWrite::poll_write(self.project().$field, cx, buf)
+        }
+
+        #[inline]
+        fn poll_write_vectored(
+            self: ::core::pin::Pin<&mut Self>,
+            cx: &mut ::core::task::Context<'_>,
+            bufs: &[::std::io::IoSlice<'_>],
+        ) -> ::core::task::Poll<::std::io::Result<usize>> {
+            $crate::__private::AsyncWrite::poll_write_vectored(self.project().$field, cx, bufs)
+        }
+
+        #[inline]
+        fn is_write_vectored(&self) -> bool {
+            $crate::__private::AsyncWrite::is_write_vectored(&self.$field)
+        }
+
+        #[inline]
+        fn poll_flush(
+            self: ::core::pin::Pin<&mut Self>,
+            cx: &mut ::core::task::Context<'_>,
+        ) -> ::core::task::Poll<::std::io::Result<()>> {
+            $crate::__private::AsyncWrite::poll_flush(self.project().$field, cx)
+        }
+
+        #[inline]
+        fn poll_shutdown(
+            self: ::core::pin::Pin<&mut Self>,
+            cx: &mut ::core::task::Context<'_>,
+        ) -> ::core::task::Poll<::std::io::Result<()>> {
+            $crate::__private::AsyncWrite::poll_shutdown(self.project().$field, cx)
+        }
+    };
+}
+
 pin_project! {
     /// An accepted connection: a byte stream plus the addresses read once at accept.
     ///
@@ -177,38 +241,7 @@ impl<I: AsyncRead> AsyncRead for Conn<I> {
 }
 
 impl<I: AsyncWrite> AsyncWrite for Conn<I> {
-    #[inline]
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    #[inline]
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    #[inline]
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    #[inline]
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    #[inline]
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
+    crate::forward_async_write!(io);
 }
 
 #[cfg(test)]

@@ -110,5 +110,11 @@ pub use self::addr::{ClientAddr, Conn, ConnParams, LocalAddr, Param, PeerAddr};
 pub use self::error::BoxError;
 pub use self::handshake::Handshake;
 pub use self::rewind::Rewind;
+
+/// Paths the exported macros use; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use tokio::io::AsyncWrite;
+}
 #[cfg(feature = "serve")]
 pub use self::serve::serve;
