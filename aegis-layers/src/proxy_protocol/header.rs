@@ -473,6 +473,22 @@ mod tests {
     }
 
     #[test]
+    fn v2_proxy_without_ip_addresses_keeps_the_peer() {
+        // UNSPEC and UNIX families carry no IP address: accepted, no source.
+        let unspec = header(&v2(1, 0x00, &[]));
+        assert!(!unspec.local && unspec.source.is_none());
+        let unix = header(&v2(1, 0x31, &[b'/'; 216]));
+        assert!(!unix.local && unix.source.is_none() && unix.destination.is_none());
+        // An IPv4-mapped source in an IPv6 header is folded to IPv4.
+        let mut p = [0u8; 36];
+        p[10..12].copy_from_slice(&[0xFF, 0xFF]);
+        p[12..16].copy_from_slice(&[203, 0, 113, 7]);
+        p[32..34].copy_from_slice(&80u16.to_be_bytes());
+        let mapped = header(&v2(1, 0x21, &p));
+        assert_eq!(mapped.source, Some("203.0.113.7:80".parse().unwrap()));
+    }
+
+    #[test]
     fn refuses_garbage_and_oversize() {
         let bad = Parse::Refused(Refused::Invalid("v1 protocol is not TCP4, TCP6 or UNKNOWN"));
         assert_eq!(parse(b"PROXY TCP5 1 2 3 4\r\n", MAX), bad);
