@@ -67,26 +67,8 @@ impl<I: Param<ClientAddr>> Param<ClientAddr> for ProxiedIo<I> {
     }
 }
 
-impl<I: Param<PeerAddr>> Param<PeerAddr> for ProxiedIo<I> {
-    #[inline]
-    fn param(&self) -> PeerAddr {
-        self.io.param()
-    }
-}
-
-impl<I: Param<LocalAddr>> Param<LocalAddr> for ProxiedIo<I> {
-    #[inline]
-    fn param(&self) -> LocalAddr {
-        self.io.param()
-    }
-}
-
-impl<I: Param<Handshake>> Param<Handshake> for ProxiedIo<I> {
-    #[inline]
-    fn param(&self) -> Handshake {
-        self.io.param()
-    }
-}
+// Only the client address is replaced; the other params are the inner stream's.
+aegis_core::forward_params!(ProxiedIo<I>.io: PeerAddr, LocalAddr, Handshake);
 
 impl<I: AsyncRead> AsyncRead for ProxiedIo<I> {
     #[inline]
@@ -100,36 +82,5 @@ impl<I: AsyncRead> AsyncRead for ProxiedIo<I> {
 }
 
 impl<I: AsyncWrite> AsyncWrite for ProxiedIo<I> {
-    #[inline]
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    #[inline]
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    #[inline]
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    #[inline]
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    #[inline]
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
+    aegis_core::forward_async_write!(io);
 }
