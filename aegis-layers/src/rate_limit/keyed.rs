@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::hash::Hash;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -149,6 +150,30 @@ where
             })
     }
 
+    /// Counts `n` cells at once for `key` (bytes of a message, say): `Ok` if all `n`
+    /// conform to the quota, or how long to wait. Keys take slots as in
+    /// [`check`](Self::check).
+    ///
+    /// # Errors
+    ///
+    /// [`Throttled`] if the `n` cells are over the key's quota; none was counted. When
+    /// `n` is larger than the burst size, the cells can never conform: the error's
+    /// [`wait`](Throttled::wait) is [`Duration::MAX`].
+    #[inline]
+    pub fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Throttled> {
+        self.ensure_sweeper();
+        let current = self.inner.current.load();
+        match current.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Throttled {
+                wait: not_until.wait_time_from(since(&self.inner.clock, self.inner.epoch)),
+            }),
+            Err(_) => Err(Throttled {
+                wait: Duration::MAX,
+            }),
+        }
+    }
+
     /// Replaces the quota. Every key keeps the burst it has used: the state store is
     /// kept, only the GCRA parameters change (see the module docs).
     pub fn set_quota(&self, quota: Quota) {
@@ -237,5 +262,44 @@ impl<K: Hash + Eq + Clone, C: Clock> fmt::Debug for KeyedLimiter<K, C> {
             .field("max_keys", &self.inner.store.max_keys())
             .field("evict_every", &self.inner.evict_every)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use governor::Quota;
+    use governor::clock::FakeRelativeClock;
+
+    use super::KeyedLimiter;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn check_n_counts_cells_and_refuses_more_than_the_burst() {
+        let clock = FakeRelativeClock::default();
+        clock.advance(Duration::from_secs(100));
+        // 100 cells a second, bursts of 100.
+        let limiter = KeyedLimiter::with_clock(Quota::per_second(nz(100)), 10, "n", clock.clone());
+        assert!(limiter.check_n(&1_u8, nz(60)).is_ok());
+        // 40 left: 50 more must wait for 10 cells, 100 ms.
+        assert_eq!(
+            limiter.check_n(&1_u8, nz(50)).unwrap_err().wait(),
+            Duration::from_millis(100)
+        );
+        assert!(limiter.check_n(&1_u8, nz(40)).is_ok());
+        // Other keys keep their own budget.
+        assert!(limiter.check_n(&2_u8, nz(100)).is_ok());
+        // More than the burst never conforms, however long one waits.
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(
+            limiter.check_n(&1_u8, nz(101)).unwrap_err().wait(),
+            Duration::MAX
+        );
+        assert!(limiter.check_n(&1_u8, nz(100)).is_ok());
     }
 }
