@@ -163,7 +163,7 @@ macro_rules! forward_async_write {
 pin_project! {
     /// An accepted connection: a byte stream plus the addresses read once at accept.
     ///
-    /// This is the request type of a byte-stream service built on [`serve`](crate::serve).
+    /// This is the request type of a byte-stream service built on [`serve`](fn@crate::serve).
     /// Users who run their own listener or acceptor (TLS, Unix sockets, QUIC streams)
     /// wrap their stream with [`Conn::new`] and can use every Aegis layer without the
     /// accept loop.

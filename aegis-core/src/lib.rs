@@ -5,7 +5,7 @@
 //! service**: a `tower::Service<I>` whose request `I` is one accepted connection (an
 //! `AsyncRead + AsyncWrite` stream that carries its addresses) and whose future drives
 //! that connection to its end. Layers from `aegis-layers` and `aegis-mqtt` wrap such a
-//! service; [`serve`] runs one behind a listener; [`proxy::Proxy`] is the innermost one.
+//! service; [`serve()`] runs one behind a listener; [`proxy::Proxy`] is the innermost one.
 //!
 //! [`tower`]: https://docs.rs/tower
 //!
