@@ -1,6 +1,6 @@
-#![cfg(feature = "proxy-protocol")]
 //! The PROXY protocol layer: headers over scripted streams (every split point, paused
 //! time) and over real loopback sockets.
+#![cfg(feature = "proxy-protocol")]
 
 use std::future::Future;
 use std::io;
