@@ -142,10 +142,98 @@ fn count(header: Option<&ProxyHeader>) {
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzz_logic {
-    /// Parses `data` with a few caps; must never panic.
+    /// Parses `data` under a few caps and panics if an invariant breaks.
     pub fn fuzz_entry(data: &[u8]) {
-        for max in [0, 107, super::DEFAULT_MAX_HEADER_LEN, usize::MAX] {
-            let _ = super::header::parse(data, max);
+        super::check_invariants(data);
+    }
+}
+
+/// The caps the invariants are checked under: none, the v1 limit, the default, no cap.
+#[cfg(any(test, fuzzing))]
+const FUZZ_CAPS: [usize; 4] = [0, 107, DEFAULT_MAX_HEADER_LEN, usize::MAX];
+
+/// Checks the header parser's invariants on one input and panics if one breaks: the
+/// fuzz target's logic, also run over the seed corpus by the unit tests.
+///
+/// - it never panics, whatever the input and the cap;
+/// - a parsed header lies within the input and within its cap, and parsing exactly its
+///   bytes gives the same header;
+/// - a decision (a header or an error), once reached on a prefix, never changes as more
+///   bytes arrive, and a strict prefix of a parsed header is never refused.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_invariants(data: &[u8]) {
+    /// Checks every prefix only for inputs this short (quadratic work).
+    const PREFIX_LIMIT: usize = 2048;
+    for max in FUZZ_CAPS {
+        let whole = ProxyHeader::parse(data, max);
+        if let Ok(Some((header, len))) = &whole {
+            assert!(
+                *len <= data.len(),
+                "header of {len} bytes in {}",
+                data.len()
+            );
+            let cap = if data.starts_with(header::V1_SIGNATURE) {
+                header::V1_MAX_LEN
+            } else {
+                max
+            };
+            assert!(*len <= cap, "header of {len} bytes over the cap {cap}");
+            match ProxyHeader::parse(&data[..*len], max) {
+                Ok(Some((again, n))) => assert!(again == *header && n == *len),
+                other => panic!("the header's own bytes parse as {other:?}"),
+            }
+        }
+        if data.len() > PREFIX_LIMIT {
+            continue;
+        }
+        let decided =
+            |r: &Result<Option<(ProxyHeader, usize)>, ProxyProtocolError>| !matches!(r, Ok(None));
+        if let Some(at) = (0..=data.len()).find(|&n| decided(&ProxyHeader::parse(&data[..n], max)))
+        {
+            let first = ProxyHeader::parse(&data[..at], max);
+            match (&first, &whole) {
+                (Ok(Some(a)), Ok(Some(b))) => assert!(a == b, "header changed: {a:?} then {b:?}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "error changed"),
+                (a, b) => panic!(
+                    "decision changed: {a:?} at {at} bytes, {b:?} at {}",
+                    data.len()
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fuzz target's seed corpus, replayed so that CI (stable, no fuzzer) covers it.
+    #[test]
+    fn fuzz_seed_corpus_keeps_the_invariants() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/proxy_protocol");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/proxy_protocol") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            super::check_invariants(&data);
+            seeds += 1;
+        }
+        assert!(seeds >= 10, "only {seeds} seeds in {}", dir.display());
+    }
+
+    /// The invariants hold on every prefix and every one-byte corruption of each seed: a
+    /// stable stand-in for a short fuzzing run.
+    #[test]
+    fn invariants_hold_on_mutated_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/proxy_protocol");
+        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/proxy_protocol") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            for i in 0..data.len().min(64) {
+                for flip in [0x01, 0x20, 0x80, 0xFF] {
+                    let mut m = data.clone();
+                    m[i] ^= flip;
+                    super::check_invariants(&m);
+                }
+            }
         }
     }
 }
