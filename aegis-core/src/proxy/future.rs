@@ -7,50 +7,62 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::OnConnectError;
 use super::copy::{Transfer, Transferred};
 use crate::BoxError;
 
 pin_project! {
-    /// Connects to the upstream, then copies both directions until both have ended.
+    /// Connects to the upstream, then copies both directions until both have ended; if
+    /// the connect fails, first lets the [`OnConnectError`] responder answer the client.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<F, I, U> {
+    pub struct ResponseFuture<F, I, U, R = ()>
+    where
+        R: OnConnectError<I>,
+    {
         #[pin]
-        state: State<F, I, U>,
+        state: State<F, I, U, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, I, U> {
-        Connecting { #[pin] fut: F, io: Option<I>, max_buffer: usize },
+    enum State<F, I, U, R>
+    where
+        R: OnConnectError<I>,
+    {
+        Connecting { #[pin] fut: F, io: Option<I>, max_buffer: usize, responder: R },
         Copying { #[pin] transfer: Transfer<I, U> },
+        // Only after a failed connect: the answer to the client, then the connect error.
+        Responding { #[pin] fut: R::Future, err: Option<BoxError> },
     }
 }
 
-impl<F, I, U> ResponseFuture<F, I, U> {
-    pub(crate) fn new(fut: F, io: I, max_buffer: usize) -> Self {
+impl<F, I, U, R: OnConnectError<I>> ResponseFuture<F, I, U, R> {
+    pub(crate) fn new(fut: F, io: I, max_buffer: usize, responder: R) -> Self {
         Self {
             state: State::Connecting {
                 fut,
                 io: Some(io),
                 max_buffer,
+                responder,
             },
         }
     }
 }
 
-impl<F, I, U> std::fmt::Debug for ResponseFuture<F, I, U> {
+impl<F, I, U, R: OnConnectError<I>> std::fmt::Debug for ResponseFuture<F, I, U, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, E, I, U> Future for ResponseFuture<F, I, U>
+impl<F, E, I, U, R> Future for ResponseFuture<F, I, U, R>
 where
     F: Future<Output = Result<U, E>>,
     E: Into<BoxError>,
     I: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
+    R: OnConnectError<I>,
 {
     type Output = Result<Transferred, BoxError>;
 
@@ -62,17 +74,30 @@ where
                     fut,
                     io,
                     max_buffer,
+                    responder,
                 } => {
-                    let upstream = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let res = ready!(fut.poll(cx));
                     let io = io.take().expect("polled after completion");
-                    let transfer = Transfer::new(io, upstream, *max_buffer);
-                    self.as_mut()
-                        .project()
-                        .state
-                        .set(State::Copying { transfer });
+                    let next = match res {
+                        Ok(upstream) => State::Copying {
+                            transfer: Transfer::new(io, upstream, *max_buffer),
+                        },
+                        Err(e) => {
+                            let err: BoxError = e.into();
+                            State::Responding {
+                                fut: responder.respond(io, &*err),
+                                err: Some(err),
+                            }
+                        }
+                    };
+                    self.as_mut().project().state.set(next);
                 }
                 StateProj::Copying { transfer } => {
                     return transfer.poll(cx).map_err(Into::into);
+                }
+                StateProj::Responding { fut, err } => {
+                    ready!(fut.poll(cx));
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
             }
         }

@@ -14,6 +14,11 @@
 //!   the sockets and the task.
 //! - **Failures are typed**: [`ProxyError`] with a stable `label()`; connect failures are
 //!   also counted in `aegis_upstream_errors_total{reason}`.
+//! - **A client whose upstream is down can get an answer.** By default a failed connect
+//!   just closes the client's connection; [`Proxy::on_connect_error`] sets an
+//!   [`OnConnectError`] responder that gets the client's IO and the connector's error
+//!   first (an MQTT gateway answers "server unavailable" this way). Either way the
+//!   service returns the connector's error.
 //!
 //! # Example
 //!
@@ -53,6 +58,7 @@ mod connect;
 mod copy;
 mod error;
 pub mod future;
+mod respond;
 
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
@@ -64,13 +70,17 @@ use tower_service::Service;
 pub use self::connect::{ConnectFuture, TcpConnect};
 pub use self::copy::{Transfer, Transferred};
 pub use self::error::ProxyError;
+pub use self::respond::OnConnectError;
 use crate::BoxError;
 
 /// Proxies each connection to an upstream. See the [module docs](self).
+///
+/// `C` is the connector, `R` the [`OnConnectError`] responder (`()`: close the client).
 #[derive(Clone, Debug)]
-pub struct Proxy<C = TcpConnect> {
+pub struct Proxy<C = TcpConnect, R = ()> {
     connect: C,
     max_buffer: usize,
+    on_connect_error: R,
 }
 
 impl Proxy<TcpConnect> {
@@ -81,7 +91,9 @@ impl Proxy<TcpConnect> {
     pub const fn new(upstream: SocketAddr) -> Self {
         Self::with_connector(TcpConnect::new(upstream))
     }
+}
 
+impl<R> Proxy<TcpConnect, R> {
     /// Sets the upstream connect timeout.
     #[must_use]
     pub const fn connect_timeout(mut self, timeout: Duration) -> Self {
@@ -97,7 +109,30 @@ impl<C> Proxy<C> {
         Self {
             connect,
             max_buffer: Proxy::DEFAULT_MAX_BUFFER,
+            on_connect_error: (),
         }
+    }
+}
+
+impl<C, R> Proxy<C, R> {
+    /// Answers a client whose upstream could not be reached with `responder` before its
+    /// connection closes; see [`OnConnectError`]. It gets the connector's error as is:
+    /// a [`ProxyError`] from [`TcpConnect`], or what a layer around the connector
+    /// returned (a circuit breaker's fast-fail rejection, for example).
+    ///
+    /// The responder is cloned into each connection's future.
+    #[must_use]
+    pub fn on_connect_error<R2>(self, responder: R2) -> Proxy<C, R2> {
+        Proxy {
+            connect: self.connect,
+            max_buffer: self.max_buffer,
+            on_connect_error: responder,
+        }
+    }
+
+    /// The responder to failed connects.
+    pub fn connect_error_responder(&self) -> &R {
+        &self.on_connect_error
     }
 
     /// Sets the size of the heap buffer each direction holds while data streams (at
@@ -125,22 +160,28 @@ impl<C> Proxy<C> {
     }
 }
 
-impl<I, C, U> Service<I> for Proxy<C>
+impl<I, C, U, R> Service<I> for Proxy<C, R>
 where
     I: AsyncRead + AsyncWrite,
     C: Service<(), Response = U>,
     C::Error: Into<BoxError>,
     U: AsyncRead + AsyncWrite,
+    R: OnConnectError<I> + Clone,
 {
     type Response = Transferred;
     type Error = BoxError;
-    type Future = future::ResponseFuture<C::Future, I, U>;
+    type Future = future::ResponseFuture<C::Future, I, U, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.connect.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, io: I) -> Self::Future {
-        future::ResponseFuture::new(self.connect.call(()), io, self.max_buffer)
+        future::ResponseFuture::new(
+            self.connect.call(()),
+            io,
+            self.max_buffer,
+            self.on_connect_error.clone(),
+        )
     }
 }
