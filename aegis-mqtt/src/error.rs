@@ -70,6 +70,11 @@ pub enum MqttError {
     /// Too many connection attempts.
     #[error("connection rate exceeded")]
     ConnectionRate,
+    /// Too many CONNECTs from this client address under the layer's
+    /// `Policy` (`layer::Policy`, a brute-force brake): MQTT 3.x gets CONNACK 0x05
+    /// "not authorized", which a client does not retry blindly, MQTT 5 gets 0x9F.
+    #[error("CONNECT rate of this client address exceeded")]
+    ConnectRate,
     /// Too many packets or bytes per second from this client.
     #[error("message rate too high")]
     MessageRate,
@@ -100,6 +105,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::ServerBusy => "server_busy",
             Self::QuotaExceeded => "quota_exceeded",
             Self::ConnectionRate => "connection_rate",
+            Self::ConnectRate => "connect_rate",
             Self::MessageRate => "message_rate",
             Self::KeepAliveTimeout => "keep_alive_timeout",
         }
@@ -199,7 +205,9 @@ impl MqttError {
                     },
                     Some(_) => match self {
                         Self::ClientId(_) => Answer::ConnackV3(r::V3_IDENTIFIER_REJECTED),
-                        Self::NotAuthorized => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
+                        Self::NotAuthorized | Self::ConnectRate => {
+                            Answer::ConnackV3(r::V3_NOT_AUTHORIZED)
+                        }
                         Self::ServerUnavailable
                         | Self::ServerBusy
                         | Self::QuotaExceeded
@@ -230,7 +238,7 @@ impl MqttError {
             Self::ServerUnavailable => r::SERVER_UNAVAILABLE,
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
-            Self::ConnectionRate => r::CONNECTION_RATE_EXCEEDED,
+            Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::UnknownProtocol | Self::KeepAliveTimeout => return None,
         })
     }
@@ -252,7 +260,7 @@ impl MqttError {
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
             Self::ServerUnavailable | Self::ServerBusy => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
-            Self::ConnectionRate => r::CONNECTION_RATE_EXCEEDED,
+            Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,
             Self::KeepAliveTimeout => r::KEEP_ALIVE_TIMEOUT,
         }

@@ -14,16 +14,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tower_service::Service;
 
+use super::policy::ConnPolicy;
 use super::{IoOptions, MqttIo};
-use crate::{Config, MqttError, Next, Session};
+use crate::{Config, MqttError, Next, Packet, Phase, Session};
 
 /// One read while waiting for the CONNECT. The framer caps what is kept at the CONNECT
 /// size limit (plus at most one read), whatever the client declares.
 const READ_CHUNK: usize = 1024;
 
 /// An accepted CONNECT: the session, the CONNECT's bytes, the bytes read after it (not
-/// validated yet) and the stream.
-type Accepted<I> = (Session, Bytes, Bytes, I, IoOptions);
+/// validated yet), the stream, and the connection's options and policy.
+type Accepted<I> = (Session, Bytes, Bytes, I, IoOptions, Option<ConnPolicy>);
 
 /// Reads the CONNECT, and writes the answer to a refused one.
 #[derive(Debug)]
@@ -35,6 +36,7 @@ pub(super) struct ReadConnect<I> {
     answer: Option<(MqttError, Vec<u8>, usize)>,
     timeout: Duration,
     opts: IoOptions,
+    policy: Option<ConnPolicy>,
     /// Armed on the first wait: a CONNECT already in the socket costs no timer.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -42,11 +44,18 @@ pub(super) struct ReadConnect<I> {
 enum Step {
     Accepted(usize),
     Read,
-    Refused(MqttError),
+    /// A refusal and its answer.
+    Refused(MqttError, Vec<u8>),
 }
 
 impl<I> ReadConnect<I> {
-    pub(super) fn new(io: I, config: Config, timeout: Duration, opts: IoOptions) -> Self {
+    pub(super) fn new(
+        io: I,
+        config: Config,
+        timeout: Duration,
+        opts: IoOptions,
+        policy: Option<ConnPolicy>,
+    ) -> Self {
         Self {
             io: Some(io),
             session: Session::new(config),
@@ -54,6 +63,7 @@ impl<I> ReadConnect<I> {
             answer: None,
             timeout,
             opts,
+            policy,
             sleep: None,
         }
     }
@@ -102,9 +112,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 return Poll::Ready(Err(reject(err).into()));
             }
             let step = match this.session.next(&this.buf) {
+                Ok(Next::Packet {
+                    len,
+                    packet: Packet::Connect(c),
+                }) => match this
+                    .policy
+                    .as_mut()
+                    .map(|p| p.on_connect(c.client_id, c.version))
+                {
+                    // Over the policy's connect rate: answered as a CONNECT, not as a
+                    // later packet (the session has accepted it already).
+                    Some(Err(e)) => {
+                        Step::Refused(e, e.answer(Phase::Connect(Some(c.version))).bytes())
+                    }
+                    _ => Step::Accepted(len),
+                },
                 Ok(Next::Packet { len, .. }) => Step::Accepted(len),
                 Ok(Next::NeedMore(_)) => Step::Read,
-                Err(e) => Step::Refused(e),
+                Err(e) => Step::Refused(e, this.session.answer(&e).bytes()),
             };
             match step {
                 Step::Accepted(len) => {
@@ -112,10 +137,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     let mut all = Bytes::from(std::mem::take(&mut this.buf));
                     let connect = all.split_to(len);
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
-                    return Poll::Ready(Ok((session, connect, all, io, this.opts)));
+                    let policy = this.policy.take();
+                    return Poll::Ready(Ok((session, connect, all, io, this.opts, policy)));
                 }
-                Step::Refused(e) => {
-                    let answer = this.session.answer(&e).bytes();
+                Step::Refused(e, answer) => {
                     this.answer = Some((e, answer, 0));
                 }
                 Step::Read => {
@@ -190,10 +215,11 @@ where
         loop {
             match self.as_mut().project().state.project() {
                 StateProj::Connect { read, svc } => {
-                    let (session, connect, rest, io, opts) = ready!(Pin::new(read).poll(cx))?;
+                    let (session, connect, rest, io, opts, policy) =
+                        ready!(Pin::new(read).poll(cx))?;
                     Param::<Handshake>::param(&io).complete();
                     let mut svc = svc.take().expect("ResponseFuture polled after completion");
-                    let fut = svc.call(MqttIo::new(io, session, connect, rest, opts));
+                    let fut = svc.call(MqttIo::new(io, session, connect, rest, opts, policy));
                     self.as_mut().project().state.set(State::Inner { fut });
                 }
                 StateProj::Inner { fut } => return fut.poll(cx).map_err(Into::into),

@@ -10,8 +10,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::IoOptions;
+use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
+use super::{IoOptions, Verdict};
 use crate::{Decoded, MqttError, Next, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
@@ -54,6 +55,9 @@ pub struct MqttIo<I> {
     last_packet: Instant,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
+    /// The per-packet policy, if the layer has one; it also queues the gateway's own
+    /// answers (SUBACK, PUBACK, PUBREC), written only between two broker packets.
+    policy: Option<ConnPolicy>,
 }
 
 /// The largest CONNACK kept to read its properties; a longer one announces nothing.
@@ -150,8 +154,10 @@ impl<I> MqttIo<I> {
         connect: Bytes,
         rest: Bytes,
         opts: IoOptions,
+        policy: Option<ConnPolicy>,
     ) -> Self {
         Self {
+            policy,
             bucket: opts.rate.map(Bucket::new),
             enforce_keep_alive: opts.enforce_keep_alive,
             last_packet: Instant::now(),
@@ -231,6 +237,61 @@ impl<I> MqttIo<I> {
     }
 }
 
+impl<I: AsyncWrite + Unpin> MqttIo<I> {
+    /// Writes the gateway's queued answers, if the broker's stream is between two
+    /// packets. `Pending` only while answers are going out: the broker's bytes and a
+    /// DISCONNECT must wait for them; a failed write drops them.
+    fn poll_answers(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(policy) = &mut self.policy else {
+            return Poll::Ready(());
+        };
+        let answers = policy.answers();
+        // Answers start only at a boundary, and the broker writes nothing until they
+        // are out, so a started answer is never cut by the broker's bytes.
+        if answers.is_empty() || !self.out.at_boundary() || self.writes_closed {
+            return Poll::Ready(());
+        }
+        while !answers.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, answers) {
+                Poll::Ready(Ok(n)) if n > 0 => policy::written(answers, n),
+                Poll::Ready(_) => {
+                    // The client is gone or not taking anything: its reads will say.
+                    answers.clear();
+                    break;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Writes the MQTT 5 DISCONNECT of a refusal (if the broker's stream is between two
+    /// packets), then fails the read with `e`.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>, e: MqttError) -> Poll<io::Result<()>> {
+        let not_started = matches!(self.answer, Some((_, 0)));
+        if not_started && !self.out.at_boundary() {
+            // The broker is inside one of its packets: a DISCONNECT now would
+            // corrupt it, so the connection just closes.
+            self.answer = None;
+        }
+        if let Some((answer, written)) = &mut self.answer {
+            while *written < answer.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &answer[*written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                    Poll::Ready(_) => break,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if Pin::new(&mut self.io).poll_flush(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.answer = None;
+            self.writes_closed = true;
+        }
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+    }
+}
+
 // Reads may write: the MQTT 5 DISCONNECT goes out from the read that refuses a packet.
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
     fn poll_read(
@@ -240,6 +301,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            // Gateway answers first; a pending write does not hold up the reads.
+            let answers = this.poll_answers(cx);
             if !this.ready.is_empty() {
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
@@ -251,31 +314,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = this.failed {
-                let not_started = matches!(this.answer, Some((_, 0)));
-                if not_started && !this.out.at_boundary() {
-                    // The broker is inside one of its packets: a DISCONNECT now would
-                    // corrupt it, so the connection just closes.
-                    this.answer = None;
+                if answers.is_pending() {
+                    // A DISCONNECT may not cut into an answer being written.
+                    return Poll::Pending;
                 }
-                if let Some((answer, written)) = &mut this.answer {
-                    while *written < answer.len() {
-                        match Pin::new(&mut this.io).poll_write(cx, &answer[*written..]) {
-                            Poll::Ready(Ok(n)) if n > 0 => *written += n,
-                            Poll::Ready(_) => break,
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
-                    if Pin::new(&mut this.io).poll_flush(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    this.answer = None;
-                    this.writes_closed = true;
-                }
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                return this.poll_refusal(cx, e);
             }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
             let mut valid = 0;
+            // A packet the policy keeps from the broker, after the `valid` bytes.
+            let mut dropped = 0;
             while valid < this.buf.len() {
                 if let Some(bucket) = &mut this.bucket {
                     // Only a whole packet takes a token; framing errors fall through to
@@ -295,7 +344,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                     }
                 }
                 match this.session.next(&this.buf[valid..]) {
-                    Ok(Next::Packet { len, .. }) => valid += len,
+                    Ok(Next::Packet { len, packet }) => {
+                        match this.policy.as_mut().map(|p| p.check(&packet, len)) {
+                            None | Some(Verdict::Forward) => valid += len,
+                            Some(Verdict::Drop) => {
+                                dropped = len;
+                                break;
+                            }
+                            Some(Verdict::Refuse(e)) => {
+                                this.fail(e);
+                                break;
+                            }
+                        }
+                    }
                     Ok(Next::NeedMore(_)) => break,
                     Err(e) => {
                         // Counted now; answered and returned once the valid packets
@@ -305,8 +366,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                     }
                 }
             }
-            if valid > 0 {
-                this.ready = this.buf.split_to(valid).freeze();
+            if valid > 0 || dropped > 0 {
+                if valid > 0 {
+                    this.ready = this.buf.split_to(valid).freeze();
+                }
+                // The dropped packet's bytes go nowhere.
+                this.buf.advance(dropped);
                 if this.enforce_keep_alive {
                     this.last_packet = Instant::now();
                 }
@@ -343,10 +408,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         if this.writes_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        std::task::ready!(this.poll_answers(cx));
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             let seen = this.out.advance(&buf[..n.min(buf.len())]);
             this.on_written(seen);
+            // At a boundary now: answers waiting for it go out if the client takes them.
+            let _ = this.poll_answers(cx);
         }
         res
     }
@@ -360,6 +428,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         if this.writes_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        std::task::ready!(this.poll_answers(cx));
         let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(mut n)) = res {
             for b in bufs {
@@ -371,6 +440,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
                     break;
                 }
             }
+            let _ = this.poll_answers(cx);
         }
         res
     }
@@ -382,7 +452,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
 
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_answers(cx));
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     #[inline]

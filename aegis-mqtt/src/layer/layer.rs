@@ -7,13 +7,22 @@ use crate::Config;
 
 /// Applies [`Mqtt`] to a byte-stream service: validates the CONNECT and every later
 /// client packet. See the [module docs](super) for an example.
+///
+/// `P` is the per-packet policy: [`NoPolicy`] until one is attached with
+/// [`MqttLayer::policy`]. A layer without a policy is `Copy`.
 #[derive(Debug, Clone, Copy)]
 #[must_use]
-pub struct MqttLayer {
+pub struct MqttLayer<P = NoPolicy> {
     pub(super) config: Config,
     pub(super) connect_timeout: Duration,
     pub(super) io: IoOptions,
+    #[cfg_attr(not(feature = "policy"), allow(dead_code))] // `NoPolicy` is never read
+    pub(super) policy: P,
 }
+
+/// The policy parameter of an [`MqttLayer`] without a per-packet policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPolicy;
 
 impl MqttLayer {
     /// Validates with `config`, gives a client 10 s to send its CONNECT, and does not
@@ -26,9 +35,12 @@ impl MqttLayer {
                 rate: None,
                 enforce_keep_alive: false,
             },
+            policy: NoPolicy,
         }
     }
+}
 
+impl<P> MqttLayer<P> {
     /// Limits each connection's packets after the CONNECT (none by default).
     pub const fn packet_rate(mut self, rate: PacketRate) -> Self {
         self.io.rate = Some(rate);
@@ -51,6 +63,20 @@ impl MqttLayer {
         self.connect_timeout = timeout;
         self
     }
+
+    /// Applies `policy` (rate tiers per client address and client id) to every
+    /// connection; the stream then needs the [`ClientAddr`](aegis_core::ClientAddr)
+    /// param. See the [`policy` module](super::policy).
+    #[cfg(feature = "policy")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "policy")))]
+    pub fn policy(self, policy: super::Policy) -> MqttLayer<super::Policy> {
+        MqttLayer {
+            config: self.config,
+            connect_timeout: self.connect_timeout,
+            io: self.io,
+            policy,
+        }
+    }
 }
 
 impl Default for MqttLayer {
@@ -59,13 +85,13 @@ impl Default for MqttLayer {
     }
 }
 
-impl<S> Layer<S> for MqttLayer {
-    type Service = Mqtt<S>;
+impl<S, P: Clone> Layer<S> for MqttLayer<P> {
+    type Service = Mqtt<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Mqtt {
             inner,
-            layer: *self,
+            layer: self.clone(),
         }
     }
 }

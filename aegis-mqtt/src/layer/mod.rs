@@ -73,12 +73,17 @@ mod future;
 mod io;
 #[allow(clippy::module_inception)] // the house split: `layer.rs` holds the `Layer`
 mod layer;
+#[cfg(feature = "policy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "policy")))]
+pub mod policy;
 mod rate;
 mod service;
 
 pub use self::future::ResponseFuture;
 pub use self::io::MqttIo;
-pub use self::layer::MqttLayer;
+pub use self::layer::{MqttLayer, NoPolicy};
+#[cfg(feature = "policy")]
+pub use self::policy::{Policy, PolicyBuilder};
 pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
 
@@ -87,6 +92,46 @@ pub use self::service::Mqtt;
 pub(crate) struct IoOptions {
     pub(crate) rate: Option<PacketRate>,
     pub(crate) enforce_keep_alive: bool,
+}
+
+/// What a connection's policy decided about one packet.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "policy"), allow(dead_code))] // only a policy decides
+pub(crate) enum Verdict {
+    /// Forward it to the inner service.
+    Forward,
+    /// Keep it from the inner service (any answer is queued).
+    Drop,
+    /// Refuse the connection.
+    Refuse(crate::MqttError),
+}
+
+/// Without the `policy` feature no connection has a policy: an uninhabited stand-in keeps
+/// the layer's code free of `cfg`s.
+#[cfg(not(feature = "policy"))]
+mod policy {
+    use bytes::BytesMut;
+
+    use crate::{MqttError, Packet, Version};
+
+    #[derive(Debug)]
+    pub(crate) enum ConnPolicy {}
+
+    impl ConnPolicy {
+        pub(crate) fn on_connect(&mut self, _: &str, _: Version) -> Result<(), MqttError> {
+            match *self {}
+        }
+
+        pub(crate) fn check(&mut self, _: &Packet<'_>, _: usize) -> super::Verdict {
+            match *self {}
+        }
+
+        pub(crate) fn answers(&mut self) -> &mut BytesMut {
+            match *self {}
+        }
+    }
+
+    pub(crate) fn written(_: &mut BytesMut, _: usize) {}
 }
 
 /// The default time a client has to send its CONNECT.

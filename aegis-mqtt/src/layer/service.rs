@@ -6,7 +6,8 @@ use tower_service::Service;
 
 use super::MqttIo;
 use super::future::{ReadConnect, ResponseFuture};
-use super::layer::MqttLayer;
+use super::layer::{MqttLayer, NoPolicy};
+use super::policy::ConnPolicy;
 
 /// Reads and validates a connection's CONNECT, answers a refusal the way the client's
 /// protocol version expects, and hands an accepted connection to the inner service as an
@@ -14,13 +15,16 @@ use super::layer::MqttLayer;
 ///
 /// `poll_ready` is the inner service's; the ready service moves into the connection's
 /// future (a clone stays behind) and is called once the CONNECT is accepted.
+///
+/// With a [`Policy`](super::Policy) (`P`), the stream must also give its
+/// [`ClientAddr`](aegis_core::ClientAddr).
 #[derive(Debug, Clone)]
-pub struct Mqtt<S> {
+pub struct Mqtt<S, P = NoPolicy> {
     pub(super) inner: S,
-    pub(super) layer: MqttLayer,
+    pub(super) layer: MqttLayer<P>,
 }
 
-impl<S> Mqtt<S> {
+impl<S, P> Mqtt<S, P> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -35,9 +39,26 @@ impl<S> Mqtt<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// Starts a connection: the ready service moves into its future.
+    fn start<I>(&mut self, io: I, policy: Option<ConnPolicy>) -> ResponseFuture<I, S, S::Future>
+    where
+        S: Service<MqttIo<I>> + Clone,
+    {
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let read = ReadConnect::new(
+            io,
+            self.layer.config,
+            self.layer.connect_timeout,
+            self.layer.io,
+            policy,
+        );
+        ResponseFuture::new(read, ready)
+    }
 }
 
-impl<S, I> Service<I> for Mqtt<S>
+impl<S, I> Service<I> for Mqtt<S, NoPolicy>
 where
     I: AsyncRead + AsyncWrite + Unpin + Param<Handshake>,
     S: Service<MqttIo<I>> + Clone,
@@ -52,16 +73,28 @@ where
     }
 
     fn call(&mut self, io: I) -> Self::Future {
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(
-            ReadConnect::new(
-                io,
-                self.layer.config,
-                self.layer.connect_timeout,
-                self.layer.io,
-            ),
-            ready,
-        )
+        self.start(io, None)
+    }
+}
+
+#[cfg(feature = "policy")]
+impl<S, I> Service<I> for Mqtt<S, super::Policy>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Param<Handshake> + Param<aegis_core::ClientAddr>,
+    S: Service<MqttIo<I>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<I, S, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, io: I) -> Self::Future {
+        let addr = Param::<aegis_core::ClientAddr>::param(&io);
+        let policy = ConnPolicy::new(self.layer.policy.clone(), addr);
+        self.start(io, Some(policy))
     }
 }

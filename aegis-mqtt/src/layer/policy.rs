@@ -1,0 +1,598 @@
+//! Per-packet policy: rate tiers per client address and per client id, with the answer
+//! MQTT expects for each packet over a limit.
+//!
+//! A [`Policy`] is a set of optional tiers, each a GCRA [`Quota`] over
+//! [`KeyedLimiter`]s (the machinery of `aegis_layers::rate_limit`: bounded keys, idle
+//! keys evicted, tokio's clock). Attach it with
+//! [`MqttLayer::policy`](super::MqttLayer::policy); its limiters are shared by every
+//! connection of the layer, so a client id that reconnects keeps what it has used.
+//!
+//! | tier | builder | key | counts | over the limit |
+//! |---|---|---|---|---|
+//! | `connect` | [`connect_per_addr`](PolicyBuilder::connect_per_addr) | client address ([`KeyBy`]) | valid CONNECTs | CONNACK `20 02 00 05` (3.x) / `20 03 00 9F 00` (5.0), close (`connect_rate`) |
+//! | `publish` | [`publish_per_client`](PolicyBuilder::publish_per_client) | client id | PUBLISH | dropped (see below) |
+//! | `subscribe` | [`subscribe_per_client`](PolicyBuilder::subscribe_per_client) | client id | SUBSCRIBE | SUBACK from the gateway, 0x80 (3.x) / 0x97 (5.0) per filter, not forwarded |
+//! | `packets` | [`packets_per_client`](PolicyBuilder::packets_per_client) | client id | PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ | as above; UNSUBSCRIBE and PINGREQ: close (`message_rate`, 5.0: DISCONNECT 0x96) |
+//! | `bytes` | [`bytes_per_client`](PolicyBuilder::bytes_per_client) | client id | the whole packet's length, in cells | as for `packets` |
+//!
+//! A PUBLISH over a limit never reaches the inner service: `QoS` 0 is just dropped;
+//! `QoS` 1 and 2 are dropped without acknowledgement (the client sends it again, with
+//! DUP, after it reconnects), or, for MQTT 5 with
+//! [`v5_publish_answer`](PolicyBuilder::v5_publish_answer), answered by the gateway with
+//! PUBACK `40 03 ID ID 97` (`QoS` 1) or PUBREC `50 03 ID ID 97` (`QoS` 2), reason 0x97
+//! "quota exceeded", which ends that message's flow. Every other packet is forwarded
+//! byte-exact. Acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP), DISCONNECT and AUTH
+//! are never limited and count in no tier: they answer the broker or end the session.
+//!
+//! A packet is checked against its type's tier, then `packets`, then `bytes`; the first
+//! tier over its limit decides, and the tiers checked before it have counted the packet.
+//! A packet larger than the `bytes` burst is always over the limit. The CONNECT counts
+//! only in the `connect` tier.
+//!
+//! # Keys
+//!
+//! The `connect` tier keys on the effective client address
+//! ([`aegis_core::ClientAddr`]: the peer, or what a trusted PROXY header said), folded
+//! and truncated exactly as the connection rate limiter does ([`KeyBy`]: IPv4-mapped IPv6
+//! folded to IPv4, IPv6 by `/64`). The other tiers key on the CONNECT's client id; a
+//! client with an empty id (which the broker names) is keyed on its address instead.
+//!
+//! Each tier tracks at most [`max_keys`](PolicyBuilder::max_keys) keys (100,000 by
+//! default); a new key beyond the cap shares one overflow budget until idle keys are
+//! evicted (every 30 s), as in `aegis_layers::rate_limit`.
+//!
+//! # Answers from the gateway
+//!
+//! The gateway's own SUBACK, PUBACK and PUBREC go out between two of the broker's
+//! packets, as the layer's DISCONNECT does: they wait in a queue of at most
+//! [`MAX_QUEUED_ANSWERS`] bytes while the broker is inside a packet, and are written at
+//! the connection's next read or write. A client whose answers overflow the queue is over
+//! any sane limit: its packet is dropped without an answer and counted in
+//! `aegis_mqtt_unanswered_total`.
+//!
+//! # Metrics
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `aegis_rejections_total` | counter | `layer="mqtt"`, `reason`: `connect_rate`, `message_rate` | connections refused by the policy |
+//! | `aegis_mqtt_dropped_total` | counter | `packet`: `publish`, `subscribe`; `reason`: `publish_rate`, `subscribe_rate`, `packet_rate`, `byte_rate` | packets kept from the broker |
+//! | `aegis_mqtt_synthesized_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers written by the gateway |
+//! | `aegis_mqtt_unanswered_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers not sent because the queue was full |
+//! | `aegis_rate_limit_keys` and friends | | `limiter`: `mqtt_connect`, `mqtt_publish`, `mqtt_subscribe`, `mqtt_packets`, `mqtt_bytes` | the tiers' state, see `aegis_layers::rate_limit` |
+//!
+//! Each refusal and drop is also a `tracing` event at debug level with the client id and
+//! client address, which are never metric labels.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use aegis_core::ClientAddr;
+use aegis_layers::rate_limit::{ClientKey, DEFAULT_MAX_KEYS, KeyedLimiter};
+use bytes::{Buf, BytesMut};
+
+pub use aegis_layers::rate_limit::{KeyBy, Quota};
+
+use super::Verdict;
+use crate::{MqttError, Packet, Version, encode};
+
+/// The most bytes of gateway answers (SUBACK, PUBACK, PUBREC) one connection queues
+/// while the broker is inside a packet: hundreds of small answers, or one SUBACK for
+/// 16,000 filters.
+pub const MAX_QUEUED_ANSWERS: usize = 16 * 1024;
+
+/// Rate tiers per client address and per client id, shared by every connection of the
+/// layer. See the [module docs](self).
+///
+/// Cheap to clone: clones share the limiters.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    tiers: Arc<Tiers>,
+}
+
+#[derive(Debug)]
+struct Tiers {
+    key_by: KeyBy,
+    connect: Option<KeyedLimiter<ClientKey>>,
+    publish: Option<KeyedLimiter<IdKey>>,
+    subscribe: Option<KeyedLimiter<IdKey>>,
+    packets: Option<KeyedLimiter<IdKey>>,
+    bytes: Option<KeyedLimiter<IdKey>>,
+    v5_publish_answer: bool,
+}
+
+/// What the per-client tiers key on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IdKey {
+    Id(Arc<str>),
+    /// An empty client id: the client's address.
+    Anonymous(ClientKey),
+}
+
+/// Builds a [`Policy`]; every tier is off until set.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PolicyBuilder {
+    key_by: KeyBy,
+    connect: Option<Quota>,
+    publish: Option<Quota>,
+    subscribe: Option<Quota>,
+    packets: Option<Quota>,
+    bytes: Option<Quota>,
+    max_keys: usize,
+    v5_publish_answer: bool,
+}
+
+/// A tier of a [`Policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tier {
+    /// CONNECTs per client address.
+    Connect,
+    /// PUBLISH packets per client id.
+    Publish,
+    /// SUBSCRIBE packets per client id.
+    Subscribe,
+    /// Packets per client id.
+    Packets,
+    /// Bytes per client id.
+    Bytes,
+}
+
+impl Tier {
+    /// The stable reason label of a packet over this tier: `connect_rate`,
+    /// `publish_rate`, `subscribe_rate`, `packet_rate` or `byte_rate`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect_rate",
+            Self::Publish => "publish_rate",
+            Self::Subscribe => "subscribe_rate",
+            Self::Packets => "packet_rate",
+            Self::Bytes => "byte_rate",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::Publish => "publish",
+            Self::Subscribe => "subscribe",
+            Self::Packets => "packets",
+            Self::Bytes => "bytes",
+        })
+    }
+}
+
+/// A packet over one of the policy's tiers, dropped (and perhaps answered by the
+/// gateway) rather than forwarded.
+///
+/// [`label`](Self::label) is its reason in `aegis_mqtt_dropped_total`; `Display` names
+/// the packet and the tier, never the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{packet} over the {tier} limit")]
+pub struct OverLimit {
+    tier: Tier,
+    packet: &'static str,
+}
+
+impl OverLimit {
+    /// The tier whose limit the packet was over.
+    pub const fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The packet's label: `publish` or `subscribe`.
+    pub const fn packet(&self) -> &'static str {
+        self.packet
+    }
+
+    /// The stable reason label (the tier's [`label`](Tier::label)).
+    pub const fn label(&self) -> &'static str {
+        self.tier.label()
+    }
+}
+
+impl Policy {
+    /// A builder with every tier off.
+    pub fn builder() -> PolicyBuilder {
+        PolicyBuilder {
+            key_by: KeyBy::default(),
+            connect: None,
+            publish: None,
+            subscribe: None,
+            packets: None,
+            bytes: None,
+            max_keys: DEFAULT_MAX_KEYS,
+            v5_publish_answer: false,
+        }
+    }
+
+    /// The keys `tier` tracks now (0 for a tier that is off).
+    pub fn tracked_keys(&self, tier: Tier) -> usize {
+        let t = &*self.tiers;
+        match tier {
+            Tier::Connect => t.connect.as_ref().map_or(0, KeyedLimiter::len),
+            Tier::Publish => t.publish.as_ref().map_or(0, KeyedLimiter::len),
+            Tier::Subscribe => t.subscribe.as_ref().map_or(0, KeyedLimiter::len),
+            Tier::Packets => t.packets.as_ref().map_or(0, KeyedLimiter::len),
+            Tier::Bytes => t.bytes.as_ref().map_or(0, KeyedLimiter::len),
+        }
+    }
+
+    /// The quota of `tier`, `None` when it is off.
+    pub fn quota(&self, tier: Tier) -> Option<Quota> {
+        let t = &*self.tiers;
+        match tier {
+            Tier::Connect => t.connect.as_ref().map(KeyedLimiter::quota),
+            Tier::Publish => t.publish.as_ref().map(KeyedLimiter::quota),
+            Tier::Subscribe => t.subscribe.as_ref().map(KeyedLimiter::quota),
+            Tier::Packets => t.packets.as_ref().map(KeyedLimiter::quota),
+            Tier::Bytes => t.bytes.as_ref().map(KeyedLimiter::quota),
+        }
+    }
+}
+
+impl PolicyBuilder {
+    /// Limits valid CONNECTs per client address (a brute-force brake); a client over
+    /// it gets CONNACK 0x05 (3.x) or 0x9F (5.0) and is closed, its CONNECT never reaching
+    /// the inner service.
+    pub fn connect_per_addr(mut self, quota: Quota) -> Self {
+        self.connect = Some(quota);
+        self
+    }
+
+    /// How client addresses map to keys of the `connect` tier (default: IPv4 by `/32`,
+    /// IPv6 by `/64`); also the key of a client with an empty client id.
+    pub fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.key_by = key_by;
+        self
+    }
+
+    /// Limits PUBLISH packets per client id.
+    pub fn publish_per_client(mut self, quota: Quota) -> Self {
+        self.publish = Some(quota);
+        self
+    }
+
+    /// Limits SUBSCRIBE packets per client id.
+    pub fn subscribe_per_client(mut self, quota: Quota) -> Self {
+        self.subscribe = Some(quota);
+        self
+    }
+
+    /// Limits PUBLISH, SUBSCRIBE, UNSUBSCRIBE and PINGREQ packets together, per client
+    /// id.
+    pub fn packets_per_client(mut self, quota: Quota) -> Self {
+        self.packets = Some(quota);
+        self
+    }
+
+    /// Limits the bytes of the same packets as
+    /// [`packets_per_client`](Self::packets_per_client), per client id: one cell per
+    /// byte of the whole packet. A packet larger than the burst is always over.
+    pub fn bytes_per_client(mut self, quota: Quota) -> Self {
+        self.bytes = Some(quota);
+        self
+    }
+
+    /// Whether an MQTT 5 `QoS` 1 or 2 PUBLISH over a limit gets a PUBACK or PUBREC with
+    /// reason 0x97 from the gateway (default `false`: dropped without acknowledgement).
+    pub fn v5_publish_answer(mut self, answer: bool) -> Self {
+        self.v5_publish_answer = answer;
+        self
+    }
+
+    /// The most keys each tier tracks (default 100,000).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Builds the policy; its limiters start on first use.
+    pub fn build(self) -> Policy {
+        let keyed = |q: Option<Quota>, name| q.map(|q| KeyedLimiter::new(q, self.max_keys, name));
+        Policy {
+            tiers: Arc::new(Tiers {
+                key_by: self.key_by,
+                connect: self
+                    .connect
+                    .map(|q| KeyedLimiter::new(q, self.max_keys, "mqtt_connect")),
+                publish: keyed(self.publish, "mqtt_publish"),
+                subscribe: keyed(self.subscribe, "mqtt_subscribe"),
+                packets: keyed(self.packets, "mqtt_packets"),
+                bytes: keyed(self.bytes, "mqtt_bytes"),
+                v5_publish_answer: self.v5_publish_answer,
+            }),
+        }
+    }
+}
+
+/// The metric names of the policy (see the [module docs](self#metrics)).
+pub mod metrics {
+    /// `aegis_mqtt_dropped_total{packet, reason}`: packets kept from the broker.
+    pub const DROPPED_TOTAL: &str = "aegis_mqtt_dropped_total";
+    /// `aegis_mqtt_synthesized_total{packet}`: answers written by the gateway.
+    pub const SYNTHESIZED_TOTAL: &str = "aegis_mqtt_synthesized_total";
+    /// `aegis_mqtt_unanswered_total{packet}`: answers not sent, the queue being full.
+    pub const UNANSWERED_TOTAL: &str = "aegis_mqtt_unanswered_total";
+
+    pub(super) fn dropped(packet: &'static str, reason: &'static str) {
+        metrics::counter!(DROPPED_TOTAL, "packet" => packet, "reason" => reason).increment(1);
+    }
+
+    pub(super) fn synthesized(packet: &'static str) {
+        metrics::counter!(SYNTHESIZED_TOTAL, "packet" => packet).increment(1);
+    }
+
+    pub(super) fn unanswered(packet: &'static str) {
+        metrics::counter!(UNANSWERED_TOTAL, "packet" => packet).increment(1);
+    }
+}
+
+/// The policy bound to one connection: its client address, then its client id.
+#[derive(Debug)]
+pub(crate) struct ConnPolicy {
+    policy: Policy,
+    addr: ClientAddr,
+    /// Set once the CONNECT is accepted.
+    key: Option<IdKey>,
+    version: Version,
+    /// Gateway answers not written yet: whole packets, at most [`MAX_QUEUED_ANSWERS`].
+    answers: BytesMut,
+}
+
+/// The client address with IPv4-mapped IPv6 folded, for logs.
+fn fold(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+impl ConnPolicy {
+    pub(crate) fn new(policy: Policy, addr: ClientAddr) -> Self {
+        Self {
+            policy,
+            addr,
+            key: None,
+            version: Version::V3_1_1,
+            answers: BytesMut::new(),
+        }
+    }
+
+    /// Checks an accepted CONNECT against the `connect` tier and learns the client id.
+    pub(crate) fn on_connect(
+        &mut self,
+        client_id: &str,
+        version: Version,
+    ) -> Result<(), MqttError> {
+        let tiers = &*self.policy.tiers;
+        let ip = self.addr.0.ip();
+        self.version = version;
+        if let Some(limiter) = &tiers.connect {
+            if limiter.check(&tiers.key_by.key(ip)).is_err() {
+                tracing::debug!(
+                    client_id = ?client_id,
+                    client_addr = %fold(ip),
+                    reason = Tier::Connect.label(),
+                    "mqtt CONNECT over the policy's connect rate"
+                );
+                return Err(MqttError::ConnectRate);
+            }
+        }
+        self.key = Some(if client_id.is_empty() {
+            IdKey::Anonymous(tiers.key_by.key(ip))
+        } else {
+            IdKey::Id(Arc::from(client_id))
+        });
+        Ok(())
+    }
+
+    /// Checks a validated packet of `len` bytes after the CONNECT: forward it, drop it
+    /// (queueing the gateway's answer, if any), or refuse the connection.
+    pub(crate) fn check(&mut self, packet: &Packet<'_>, len: usize) -> Verdict {
+        let Some(key) = &self.key else {
+            return Verdict::Forward;
+        };
+        let tiers = &*self.policy.tiers;
+        let (name, own) = match packet {
+            Packet::Publish(_) => ("publish", Some((Tier::Publish, &tiers.publish))),
+            Packet::Subscribe(_) => ("subscribe", Some((Tier::Subscribe, &tiers.subscribe))),
+            Packet::Unsubscribe(_) => ("unsubscribe", None),
+            Packet::PingReq => ("pingreq", None),
+            _ => return Verdict::Forward,
+        };
+        let own_over = own.and_then(|(tier, limiter)| {
+            limiter
+                .as_ref()
+                .is_some_and(|l| l.check(key).is_err())
+                .then_some(tier)
+        });
+        let over = if let Some(tier) = own_over {
+            tier
+        } else if tiers
+            .packets
+            .as_ref()
+            .is_some_and(|l| l.check(key).is_err())
+        {
+            Tier::Packets
+        } else if tiers.bytes.as_ref().is_some_and(|l| {
+            let n = u32::try_from(len).ok().and_then(NonZeroU32::new);
+            n.is_none_or(|n| l.check_n(key, n).is_err())
+        }) {
+            Tier::Bytes
+        } else {
+            return Verdict::Forward;
+        };
+        let (client_id, client_addr) = match key {
+            IdKey::Id(id) => (&**id, fold(self.addr.0.ip())),
+            IdKey::Anonymous(_) => ("", fold(self.addr.0.ip())),
+        };
+        let answer = match packet {
+            Packet::Publish(p) => {
+                let v5_answer = tiers.v5_publish_answer && self.version == Version::V5;
+                match p.qos {
+                    1 if v5_answer => Some(("puback", pub_refusal(0x40, p.packet_id).to_vec())),
+                    2 if v5_answer => Some(("pubrec", pub_refusal(0x50, p.packet_id).to_vec())),
+                    _ => None,
+                }
+            }
+            Packet::Subscribe(filters) => {
+                let code = if self.version == Version::V5 {
+                    encode::reason::QUOTA_EXCEEDED
+                } else {
+                    encode::reason::V3_SUBACK_FAILURE
+                };
+                let codes = vec![code; filters.iter().count()];
+                let mut suback = Vec::with_capacity(codes.len() + 8);
+                encode::suback(&mut suback, self.version, filters.packet_id(), &codes);
+                Some(("suback", suback))
+            }
+            _ => {
+                tracing::debug!(
+                    client_id = ?client_id,
+                    client_addr = %client_addr,
+                    packet = name,
+                    reason = over.label(),
+                    "mqtt client over the policy's packet limits"
+                );
+                return Verdict::Refuse(MqttError::MessageRate);
+            }
+        };
+        let over = OverLimit {
+            tier: over,
+            packet: name,
+        };
+        metrics::dropped(name, over.label());
+        tracing::debug!(
+            client_id = ?client_id,
+            client_addr = %client_addr,
+            error = %over,
+            reason = over.label(),
+            "mqtt packet dropped by policy"
+        );
+        if let Some((kind, bytes)) = answer {
+            if self.answers.len() + bytes.len() <= MAX_QUEUED_ANSWERS {
+                self.answers.extend_from_slice(&bytes);
+                metrics::synthesized(kind);
+            } else {
+                metrics::unanswered(kind);
+            }
+        }
+        Verdict::Drop
+    }
+
+    /// The gateway's answers waiting to be written.
+    pub(crate) fn answers(&mut self) -> &mut BytesMut {
+        &mut self.answers
+    }
+}
+
+/// An MQTT 5 PUBACK (`0x40`) or PUBREC (`0x50`) with reason 0x97 (quota exceeded) and no
+/// property length (a Remaining Length of 3, [MQTT-3.4.2.1]).
+const fn pub_refusal(first: u8, packet_id: u16) -> [u8; 5] {
+    let id = packet_id.to_be_bytes();
+    [first, 0x03, id[0], id[1], encode::reason::QUOTA_EXCEEDED]
+}
+
+/// Consumes `n` written bytes of the answers, letting go of the buffer once empty.
+pub(crate) fn written(answers: &mut BytesMut, n: usize) {
+    answers.advance(n);
+    if answers.is_empty() {
+        *answers = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn labels_are_stable() {
+        let labels = [
+            Tier::Connect,
+            Tier::Publish,
+            Tier::Subscribe,
+            Tier::Packets,
+            Tier::Bytes,
+        ]
+        .map(Tier::label);
+        assert_eq!(
+            labels,
+            [
+                "connect_rate",
+                "publish_rate",
+                "subscribe_rate",
+                "packet_rate",
+                "byte_rate"
+            ]
+        );
+        let over = OverLimit {
+            tier: Tier::Bytes,
+            packet: "publish",
+        };
+        assert_eq!(over.to_string(), "publish over the bytes limit");
+        assert_eq!(over.label(), "byte_rate");
+    }
+
+    #[test]
+    fn pub_refusals_have_remaining_length_3() {
+        assert_eq!(pub_refusal(0x40, 0x1234), [0x40, 0x03, 0x12, 0x34, 0x97]);
+        assert_eq!(pub_refusal(0x50, 7), [0x50, 0x03, 0x00, 0x07, 0x97]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_client_ids_key_on_the_address_and_mapped_v6_folds() {
+        let policy = Policy::builder()
+            .connect_per_addr(Quota::per_minute(nz(1)))
+            .packets_per_client(Quota::per_minute(nz(1)))
+            .build();
+        let v4 = ClientAddr("192.0.2.9:1000".parse().unwrap());
+        let mapped = ClientAddr("[::ffff:192.0.2.9]:2000".parse().unwrap());
+        let mut a = ConnPolicy::new(policy.clone(), v4);
+        assert_eq!(a.on_connect("", Version::V5), Ok(()));
+        // The same address through an IPv4-mapped IPv6 socket is the same key.
+        let mut b = ConnPolicy::new(policy.clone(), mapped);
+        assert_eq!(b.on_connect("", Version::V5), Err(MqttError::ConnectRate));
+        assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));
+        // Another anonymous connection from that address shares the budget.
+        let mut c = ConnPolicy::new(policy.clone(), v4);
+        c.version = Version::V5;
+        c.key = Some(IdKey::Anonymous(KeyBy::default().key(v4.0.ip())));
+        assert!(matches!(
+            c.check(&Packet::PingReq, 2),
+            Verdict::Refuse(MqttError::MessageRate)
+        ));
+        assert_eq!(policy.tracked_keys(Tier::Connect), 1);
+        assert_eq!(policy.tracked_keys(Tier::Packets), 1);
+        assert_eq!(policy.tracked_keys(Tier::Publish), 0);
+        assert_eq!(policy.quota(Tier::Publish), None);
+    }
+
+    #[test]
+    fn acks_and_disconnect_are_never_limited() {
+        let policy = Policy::builder()
+            .packets_per_client(Quota::per_hour(nz(1)))
+            .bytes_per_client(Quota::per_hour(nz(1)))
+            .build();
+        let mut p = ConnPolicy::new(policy, ClientAddr("192.0.2.1:1".parse().unwrap()));
+        p.key = Some(IdKey::Id(Arc::from("c")));
+        for packet in [
+            Packet::PubAck(1),
+            Packet::PubRec(1),
+            Packet::PubRel(1),
+            Packet::PubComp(1),
+            Packet::Disconnect(0),
+            Packet::Auth(0),
+        ] {
+            assert!(matches!(p.check(&packet, 4), Verdict::Forward));
+        }
+    }
+}

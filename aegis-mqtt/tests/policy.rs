@@ -1,0 +1,502 @@
+//! The per-packet policy of the MQTT layer, over in-process duplex streams with tokio's
+//! clock paused.
+#![cfg(feature = "policy")]
+
+mod common;
+
+use std::io;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use aegis_core::error::{BoxError, label_of};
+use aegis_core::metrics::REJECTIONS_TOTAL;
+use aegis_core::{Conn, metrics::testing};
+use aegis_mqtt::Config;
+use aegis_mqtt::layer::policy::{KeyBy, Quota, Tier, metrics as m};
+use aegis_mqtt::layer::{MqttIo, MqttLayer, Policy};
+use common::{B, head};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tower::{Layer, ServiceExt, service_fn};
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+fn connect_v4(id: &str) -> Vec<u8> {
+    head("MQTT", 4, 0x02).s(id).frame(0x10)
+}
+
+fn connect_v5(id: &str) -> Vec<u8> {
+    head("MQTT", 5, 0x02).props(&[]).s(id).frame(0x10)
+}
+
+/// A 3.1.1 `QoS` 0 PUBLISH to "t" with `payload`.
+fn publish_v4(payload: &[u8]) -> Vec<u8> {
+    B::new().s("t").raw(payload).frame(0x30)
+}
+
+/// An MQTT 5 PUBLISH to "t" with `QoS` `qos` and packet id `id` (none for `QoS` 0).
+fn publish_v5(qos: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+    let b = B::new().s("t");
+    let b = if qos > 0 { b.u16(id) } else { b };
+    b.props(&[]).raw(payload).frame(0x30 | (qos << 1))
+}
+
+/// A SUBSCRIBE with packet id `id` and two filters.
+fn subscribe(v5: bool, id: u16) -> Vec<u8> {
+    let b = B::new().u16(id);
+    let b = if v5 { b.props(&[]) } else { b };
+    b.s("a/b").u8(0).s("c/#").u8(1).frame(0x82)
+}
+
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// What the inner service saw: the bytes it could read, and how its reading ended.
+type Seen = (Vec<u8>, Result<(), io::ErrorKind>);
+
+/// One connection through the layer.
+struct Run {
+    /// The inner service's result: what it saw, or the layer's error if it was never
+    /// called.
+    seen: Result<Seen, BoxError>,
+    /// Everything the client received.
+    got: Vec<u8>,
+}
+
+/// Serves one duplex connection from `peer`. The client writes `writes` (each after its
+/// pause) and closes its side; the broker writes `broker.0`, reads until the client's
+/// end, then writes `broker.1`.
+async fn run(
+    layer: &MqttLayer<Policy>,
+    peer: &str,
+    writes: Vec<(Duration, Vec<u8>)>,
+    broker: (Vec<u8>, Vec<u8>),
+) -> Run {
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let client_task = tokio::spawn(async move {
+        for (pause, bytes) in writes {
+            tokio::time::sleep(pause).await;
+            // A refused client may be closed already.
+            let _ = client.write_all(&bytes).await;
+        }
+        let _ = client.shutdown().await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        got
+    });
+    let inner = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
+        let (before, after) = broker.clone();
+        async move {
+            io.write_all(&before).await?;
+            let mut seen = Vec::new();
+            let end = io.read_to_end(&mut seen).await.map(|_| ());
+            if end.is_ok() {
+                io.write_all(&after).await?;
+            }
+            Ok::<_, BoxError>((seen, end.map_err(|e| e.kind())))
+        }
+    });
+    let io = Conn::new(
+        server,
+        peer.parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let seen = layer.clone().layer(inner).oneshot(io).await;
+    Run {
+        seen,
+        got: client_task.await.unwrap(),
+    }
+}
+
+/// All at once, no broker output.
+async fn send(layer: &MqttLayer<Policy>, peer: &str, bytes: Vec<u8>) -> Run {
+    run(layer, peer, vec![(Duration::ZERO, bytes)], (vec![], vec![])).await
+}
+
+fn layer(policy: Policy) -> MqttLayer<Policy> {
+    MqttLayer::new(Config::new()).policy(policy)
+}
+
+/// What the inner service read, asserting that it was called and read to a clean end.
+fn forwarded(r: &Run) -> &[u8] {
+    let (seen, end) = r.seen.as_ref().expect("the inner service ran");
+    assert_eq!(*end, Ok(()), "the inner service read to a clean end");
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_over_the_per_address_limit_gets_connack_and_never_reaches_the_inner_service() {
+    let layer = layer(
+        Policy::builder()
+            .connect_per_addr(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let first = send(&layer, "192.0.2.1:1000", connect_v4("a")).await;
+    assert_eq!(forwarded(&first), connect_v4("a"));
+    // The same address again, from another port: 3.1.1 CONNACK 0x05 "not authorized".
+    let v3 = send(&layer, "192.0.2.1:1001", connect_v4("b")).await;
+    assert_eq!(v3.got, [0x20, 0x02, 0x00, 0x05]);
+    let err = v3.seen.expect_err("the inner service never ran");
+    assert_eq!(label_of(&*err), ("mqtt", "connect_rate"));
+    // MQTT 5: CONNACK 0x9F "connection rate exceeded"; IPv4-mapped IPv6 is the same key.
+    let v5 = send(&layer, "[::ffff:192.0.2.1]:1002", connect_v5("c")).await;
+    assert_eq!(v5.got, [0x20, 0x03, 0x00, 0x9F, 0x00]);
+    assert_eq!(label_of(&*v5.seen.unwrap_err()), ("mqtt", "connect_rate"));
+    // Another address has its own budget, and the budget refills.
+    let other = send(&layer, "192.0.2.2:1000", connect_v4("d")).await;
+    assert_eq!(forwarded(&other), connect_v4("d"));
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let again = send(&layer, "192.0.2.1:1003", connect_v4("e")).await;
+    assert_eq!(forwarded(&again), connect_v4("e"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_addresses_are_keyed_by_prefix() {
+    // One IPv6 /64 is one client by default; a /24 for IPv4 when asked.
+    let layer = layer(
+        Policy::builder()
+            .connect_per_addr(Quota::per_minute(nz(1)))
+            .key_by(KeyBy::new(24, 64))
+            .build(),
+    );
+    assert!(
+        send(&layer, "[2001:db8::1]:1", connect_v4("a"))
+            .await
+            .seen
+            .is_ok()
+    );
+    let r = send(&layer, "[2001:db8::ffff:2]:1", connect_v4("a")).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+    assert!(
+        send(&layer, "192.0.2.1:1", connect_v4("a"))
+            .await
+            .seen
+            .is_ok()
+    );
+    let r = send(&layer, "192.0.2.200:1", connect_v4("a")).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn qos0_publish_over_the_limit_is_dropped_and_the_rest_forwarded_byte_exact() {
+    let layer = layer(
+        Policy::builder()
+            .publish_per_client(Quota::per_second(nz(1)))
+            .build(),
+    );
+    let (p1, p2, p3) = (publish_v4(b"one"), publish_v4(b"two"), publish_v4(b"three"));
+    let writes = vec![
+        (
+            Duration::ZERO,
+            [connect_v4("c1"), p1.clone(), p2, PINGREQ.to_vec()].concat(),
+        ),
+        // One second later the budget has refilled.
+        (Duration::from_secs(1), p3.clone()),
+    ];
+    let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4("c1"), p1, PINGREQ.to_vec(), p3].concat()
+    );
+    assert!(r.got.is_empty(), "nothing is answered to a QoS 0 PUBLISH");
+}
+
+#[tokio::test(start_paused = true)]
+async fn qos1_and_qos2_over_the_limit_are_dropped_silently_by_default() {
+    let layer = layer(
+        Policy::builder()
+            .publish_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let ok = publish_v5(1, 1, b"a");
+    let bytes = [
+        connect_v5("c1"),
+        ok.clone(),
+        publish_v5(1, 2, b"b"),
+        publish_v5(2, 3, b"c"),
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(forwarded(&r), [connect_v5("c1"), ok].concat());
+    assert!(r.got.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
+    let policy = Policy::builder()
+        .publish_per_client(Quota::per_minute(nz(1)))
+        .v5_publish_answer(true)
+        .build();
+    let layer = layer(policy);
+    let ok = publish_v5(0, 0, b"a");
+    let bytes = [
+        connect_v5("c1"),
+        ok.clone(),
+        publish_v5(1, 0x1234, b"b"),
+        publish_v5(2, 7, b"c"),
+        publish_v5(0, 0, b"d"),
+        PINGREQ.to_vec(),
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v5("c1"), ok, PINGREQ.to_vec()].concat()
+    );
+    assert_eq!(
+        r.got,
+        [0x40, 0x03, 0x12, 0x34, 0x97, 0x50, 0x03, 0x00, 0x07, 0x97]
+    );
+    // MQTT 3.1.1 has no such reason code: dropped silently even with the answer on.
+    let bytes = [
+        connect_v4("c2"),
+        publish_v4(b"a"),
+        B::new().s("t").u16(5).raw(b"b").frame(0x32),
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(forwarded(&r), [connect_v4("c2"), publish_v4(b"a")].concat());
+    assert!(r.got.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    // 3.1.1: one 0x80 per filter.
+    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4("c1"), subscribe(false, 1)].concat()
+    );
+    assert_eq!(r.got, [0x90, 0x04, 0x00, 0x02, 0x80, 0x80]);
+    // 5.0: an empty property list, then one 0x97 per filter.
+    let bytes = [
+        connect_v5("c2"),
+        subscribe(true, 1),
+        subscribe(true, 0x0102),
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v5("c2"), subscribe(true, 1)].concat()
+    );
+    assert_eq!(r.got, [0x90, 0x05, 0x01, 0x02, 0x00, 0x97, 0x97]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_wait_for_a_packet_boundary_of_the_broker() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let connack = vec![0x20, 0x02, 0x00, 0x00];
+    let broker_publish = publish_v4(b"from the broker");
+    let (head, tail) = broker_publish.split_at(5);
+    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    // The broker is inside its PUBLISH while the SUBSCRIBE is dropped: the SUBACK goes
+    // out only after the PUBLISH is complete.
+    let broker = ([connack.clone(), head.to_vec()].concat(), tail.to_vec());
+    let r = run(&layer, "192.0.2.1:1", vec![(Duration::ZERO, bytes)], broker).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4("c1"), subscribe(false, 1)].concat()
+    );
+    assert_eq!(
+        r.got,
+        [
+            connack,
+            broker_publish,
+            vec![0x90, 0x04, 0x00, 0x02, 0x80, 0x80]
+        ]
+        .concat()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_is_per_client_id_and_shared_across_its_connections() {
+    let layer = layer(
+        Policy::builder()
+            .publish_per_client(Quota::per_minute(nz(2)))
+            .build(),
+    );
+    let p = publish_v4(b"x");
+    let one = send(
+        &layer,
+        "192.0.2.1:1",
+        [connect_v4("c1"), p.clone()].concat(),
+    )
+    .await;
+    assert_eq!(forwarded(&one), [connect_v4("c1"), p.clone()].concat());
+    // "c1" reconnects (from elsewhere): one PUBLISH left of its two.
+    let bytes = [connect_v4("c1"), p.clone(), p.clone()].concat();
+    let two = send(&layer, "192.0.2.9:1", bytes).await;
+    assert_eq!(forwarded(&two), [connect_v4("c1"), p.clone()].concat());
+    // "c2" has its own budget, even from the first client's address.
+    let bytes = [connect_v4("c2"), p.clone(), p.clone()].concat();
+    let other = send(&layer, "192.0.2.1:2", bytes.clone()).await;
+    assert_eq!(forwarded(&other), bytes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_tier_counts_whole_packets_and_refuses_more_than_the_burst() {
+    // 100 bytes a second, bursts of 100.
+    let layer = layer(
+        Policy::builder()
+            .bytes_per_client(Quota::per_second(nz(100)))
+            .build(),
+    );
+    let sixty = publish_v4(&[7; 55]);
+    assert_eq!(sixty.len(), 60);
+    let big = publish_v4(&[8; 100]); // 105 bytes: over the burst, always
+    let writes = vec![
+        (
+            Duration::ZERO,
+            [connect_v4("c1"), sixty.clone(), sixty.clone()].concat(),
+        ),
+        (Duration::from_secs(1), big),
+        (Duration::ZERO, sixty.clone()),
+    ];
+    let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
+    // The second 60 find 40 left; a second later the 105 never fit, the 60 do.
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4("c1"), sixty.clone(), sixty].concat()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
+    let layer = layer(
+        Policy::builder()
+            .packets_per_client(Quota::per_minute(nz(2)))
+            .build(),
+    );
+    let bytes = [connect_v5("c1"), PINGREQ.repeat(3)].concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    let (seen, end) = r.seen.unwrap();
+    assert_eq!(seen, [connect_v5("c1"), PINGREQ.repeat(2)].concat());
+    assert_eq!(end, Err(io::ErrorKind::InvalidData));
+    assert_eq!(r.got, [0xE0, 0x02, 0x96, 0x00]);
+    // A PUBLISH over the same tier is dropped, not refused; acks are never limited.
+    let puback = vec![0x40, 0x02, 0x00, 0x01];
+    let bytes = [
+        connect_v4("c2"),
+        PINGREQ.to_vec(),
+        publish_v4(b"a"),
+        publish_v4(b"b"),
+        puback.clone(),
+        B::new().u16(3).s("a").frame(0xA2), // UNSUBSCRIBE: refused
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    let (seen, end) = r.seen.unwrap();
+    assert_eq!(
+        seen,
+        [connect_v4("c2"), PINGREQ.to_vec(), publish_v4(b"a"), puback].concat()
+    );
+    assert_eq!(end, Err(io::ErrorKind::InvalidData));
+    assert!(r.got.is_empty(), "3.1.1 has no DISCONNECT from the server");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_key_cap_bounds_the_state_and_new_clients_share_the_overflow_budget() {
+    let policy = Policy::builder()
+        .publish_per_client(Quota::per_hour(nz(1)))
+        .max_keys(2)
+        .build();
+    let layer = layer(policy.clone());
+    let p = publish_v4(b"x");
+    let mut forwarded_publishes = Vec::new();
+    for id in ["c0", "c1", "c2", "c3", "c4"] {
+        let r = send(&layer, "192.0.2.1:1", [connect_v4(id), p.clone()].concat()).await;
+        forwarded_publishes.push(forwarded(&r).len() > connect_v4(id).len());
+    }
+    // c0 and c1 are tracked; c2 takes the one overflow budget, c3 and c4 find it spent.
+    assert_eq!(forwarded_publishes, [true, true, true, false, false]);
+    assert_eq!(policy.tracked_keys(Tier::Publish), 2);
+    // Tracked clients keep their own budget.
+    let r = send(
+        &layer,
+        "192.0.2.1:1",
+        [connect_v4("c0"), p.clone()].concat(),
+    )
+    .await;
+    assert_eq!(forwarded(&r), connect_v4("c0"));
+}
+
+#[test]
+fn drops_answers_and_refusals_are_counted() {
+    let rec = metrics_util::debugging::DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || {
+        rt.block_on(async {
+            let policy = Policy::builder()
+                .connect_per_addr(Quota::per_hour(nz(2)))
+                .publish_per_client(Quota::per_hour(nz(1)))
+                .subscribe_per_client(Quota::per_hour(nz(1)))
+                .bytes_per_client(Quota::per_hour(nz(10_000)))
+                .v5_publish_answer(true)
+                .build();
+            let layer = layer(policy);
+            let bytes = [
+                connect_v5("c1"),
+                publish_v5(0, 0, b"a"),
+                publish_v5(0, 0, b"b"),
+                publish_v5(1, 1, b"c"),
+                subscribe(true, 1),
+                subscribe(true, 2),
+            ]
+            .concat();
+            let r = send(&layer, "192.0.2.1:1", bytes).await;
+            assert_eq!(r.got.len(), 5 + 7);
+            // A SUBSCRIBE whose SUBACK is over the answer queue's bound: dropped without
+            // an answer (the CONNACK lifts the small cap before the CONNACK).
+            let filters = (0..17_000).fold(B::new().u16(9).props(&[]), |b, _| b.s("a").u8(0));
+            let bytes = [connect_v5("c2"), subscribe(true, 1), filters.frame(0x82)].concat();
+            let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+            let r = run(
+                &layer,
+                "192.0.2.1:1",
+                vec![(Duration::ZERO, bytes)],
+                (connack.clone(), vec![]),
+            )
+            .await;
+            assert_eq!(r.got, connack);
+            assert_eq!(
+                forwarded(&r),
+                [connect_v5("c2"), subscribe(true, 1)].concat()
+            );
+            let r = send(&layer, "192.0.2.1:1", connect_v4("c3")).await;
+            assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+        });
+    });
+    let c = testing::capture(&snap);
+    let dropped =
+        |packet, reason| c.counter(m::DROPPED_TOTAL, &[("packet", packet), ("reason", reason)]);
+    assert_eq!(dropped("publish", "publish_rate"), 2);
+    assert_eq!(dropped("subscribe", "subscribe_rate"), 2);
+    assert_eq!(c.counter(m::DROPPED_TOTAL, &[]), 4);
+    assert_eq!(c.counter(m::SYNTHESIZED_TOTAL, &[("packet", "puback")]), 1);
+    assert_eq!(c.counter(m::SYNTHESIZED_TOTAL, &[("packet", "suback")]), 1);
+    assert_eq!(c.counter(m::SYNTHESIZED_TOTAL, &[]), 2);
+    assert_eq!(c.counter(m::UNANSWERED_TOTAL, &[("packet", "suback")]), 1);
+    assert_eq!(
+        c.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "connect_rate")]
+        ),
+        1
+    );
+}
