@@ -9,7 +9,7 @@ use crate::Config;
 /// client packet. See the [module docs](super) for an example.
 ///
 /// `P` is the per-packet policy: [`NoPolicy`] until one is attached with
-/// [`MqttLayer::policy`]. A layer without a policy is `Copy`.
+/// `MqttLayer::policy` (feature `policy`). A layer without a policy is `Copy`.
 #[derive(Debug, Clone, Copy)]
 #[must_use]
 pub struct MqttLayer<P = NoPolicy> {

@@ -66,6 +66,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
 use std::time::Duration;
 

@@ -16,7 +16,7 @@ use super::policy::ConnPolicy;
 /// `poll_ready` is the inner service's; the ready service moves into the connection's
 /// future (a clone stays behind) and is called once the CONNECT is accepted.
 ///
-/// With a [`Policy`](super::Policy) (`P`), the stream must also give its
+/// With a `Policy` (`P`, feature `policy`), the stream must also give its
 /// [`ClientAddr`](aegis_core::ClientAddr).
 #[derive(Debug, Clone)]
 pub struct Mqtt<S, P = NoPolicy> {
