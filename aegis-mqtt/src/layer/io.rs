@@ -226,6 +226,12 @@ impl<I> MqttIo<I> {
         self.failed
     }
 
+    /// Whether a CONNACK has started going out to the client (from the broker or the
+    /// gateway): after it, the gateway may no longer answer the CONNECT itself.
+    pub fn connack_sent(&self) -> bool {
+        self.out.connack_seen
+    }
+
     /// The inner stream.
     pub fn get_ref(&self) -> &I {
         self.io.get_ref()

@@ -66,6 +66,51 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # When the broker is down
+//!
+//! By default a [`Proxy`](aegis_core::proxy::Proxy) that cannot reach the broker just
+//! closes the client's connection, and the client retries blindly. Give the proxy
+//! [`Unavailable`] with [`Proxy::on_connect_error`](aegis_core::proxy::Proxy::on_connect_error)
+//! and the client gets the CONNACK its version expects, at once: `20 02 00 03` (3.1 /
+//! 3.1.1, server unavailable) or `20 03 00 88 00` (5.0, reason 0x88), counted as
+//! `aegis_rejections_total{layer="mqtt", reason="server_unavailable"}`. It answers
+//! whatever the connector's error: refused, the proxy's connect timeout, or a circuit
+//! breaker around the connector failing fast (`aegis_layers::circuit_breaker`, wrapped
+//! with [`Proxy::with_connector`](aegis_core::proxy::Proxy::with_connector)), which
+//! spares the broker the connects while it recovers.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! use aegis_core::{Conn, proxy::Proxy};
+//! use aegis_mqtt::layer::{MqttLayer, Unavailable};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tower::{Layer, ServiceExt};
+//!
+//! // A broker address nobody listens on.
+//! let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let broker = gone.local_addr()?;
+//! drop(gone);
+//!
+//! let proxy = Proxy::new(broker).on_connect_error(Unavailable::new());
+//! let svc = MqttLayer::default().layer(proxy);
+//!
+//! let (mut client, server) = tokio::io::duplex(1024);
+//! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
+//! let conn = tokio::spawn(svc.oneshot(io));
+//! // A 3.1.1 CONNECT, client id "a".
+//! client.write_all(&[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a']).await?;
+//! let mut answer = Vec::new();
+//! client.read_to_end(&mut answer).await?;
+//! assert_eq!(answer, [0x20, 0x02, 0x00, 0x03]); // CONNACK: server unavailable
+//!
+//! // The connection's error still names the cause.
+//! let err = conn.await?.unwrap_err();
+//! assert_eq!(aegis_core::error::label_of(&*err), ("proxy", "connect_refused"));
+//! # Ok(())
+//! # }
+//! ```
 #![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
 use std::time::Duration;
@@ -79,6 +124,7 @@ mod layer;
 pub mod policy;
 mod rate;
 mod service;
+mod unavailable;
 
 pub use self::future::ResponseFuture;
 pub use self::io::MqttIo;
@@ -87,6 +133,7 @@ pub use self::layer::{MqttLayer, NoPolicy};
 pub use self::policy::{Policy, PolicyBuilder};
 pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
+pub use self::unavailable::{Unavailable, UnavailableFuture};
 
 /// What the layer hands to each connection's [`MqttIo`].
 #[derive(Debug, Clone, Copy)]

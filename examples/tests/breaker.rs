@@ -1,0 +1,333 @@
+//! A broker that goes away and comes back, behind the circuit breaker: real loopback
+//! sockets, a real mosquitto.
+//!
+//! `serve` -> strict MQTT validation -> the upstream proxy, whose connector is wrapped in
+//! a circuit breaker and which answers failed connects with `Unavailable` -> mosquitto.
+//! While mosquitto is down, clients get the "server unavailable" CONNACK at once (first
+//! from refused connects, then from the open circuit without any connect); once it is
+//! back and the circuit lets a probe through, they connect normally.
+//! Needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::error::label_of;
+use aegis_core::proxy::{ConnectFuture, Proxy, ProxyError, TcpConnect};
+use aegis_core::{Conn, Param, PeerAddr, serve};
+use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+use aegis_mqtt::layer::{MqttLayer, Unavailable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tower::{Layer, Service, ServiceExt};
+
+/// Generous: a real broker and a real scheduler are involved.
+const WAIT: Duration = Duration::from_secs(5);
+const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
+
+/// A mosquitto broker on one loopback port; stopped (killed and waited) on drop.
+struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free port.
+    async fn start() -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let conf = std::env::temp_dir().join(format!("aegis-breaker-mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut broker = Self {
+            child: None,
+            port,
+            conf,
+        };
+        broker.run().await;
+        broker
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts the broker process on `self.port` and waits until it listens.
+    async fn run(&mut self) {
+        assert!(self.child.is_none(), "mosquitto is already running");
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+            .unwrap();
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start mosquitto ({e}): install it (apt-get install -y mosquitto) or run .ci/run")
+            });
+        let addr = self.addr();
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                self.child = Some(child);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("mosquitto did not start listening on {addr}");
+    }
+
+    /// Kills the broker and waits for it: its port refuses connects from here on.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
+/// Counts the connects that reach the TCP connector (inside the breaker).
+#[derive(Clone)]
+struct Counting {
+    inner: TcpConnect,
+    connects: Arc<AtomicUsize>,
+}
+
+impl Service<()> for Counting {
+    type Response = TcpStream;
+    type Error = ProxyError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, (): ()) -> ConnectFuture {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        self.inner.call(())
+    }
+}
+
+/// An MQTT 3.1.1 (`level` 4) or 5.0 (`level` 5) CONNECT, clean start, keep-alive 60 s.
+fn connect(level: u8, client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x3c];
+    if level == 5 {
+        body.push(0x00); // no properties
+    }
+    body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, u8::try_from(body.len()).unwrap()];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Reads one MQTT packet: (first byte, body).
+async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let first = s.read_u8().await?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok((first, body))
+}
+
+/// The outcome of each connection the gateway served: the client's address and the
+/// labels of its error, if it failed.
+type Outcomes = mpsc::UnboundedReceiver<(SocketAddr, Option<(&'static str, &'static str)>)>;
+
+/// Waits for the outcome of the connection from `client` (others are skipped).
+async fn outcome_of(
+    outcomes: &mut Outcomes,
+    client: SocketAddr,
+) -> Option<(&'static str, &'static str)> {
+    timeout(WAIT, async {
+        loop {
+            let (peer, labels) = outcomes.recv().await.expect("the gateway is running");
+            if peer == client {
+                return labels;
+            }
+        }
+    })
+    .await
+    .expect("the gateway finished the connection")
+}
+
+/// One client that the gateway must refuse: sends `connect`, reads everything until
+/// EOF. Returns the bytes and the labels of the connection's error.
+async fn refused_client(
+    gateway: SocketAddr,
+    outcomes: &mut Outcomes,
+    connect: &[u8],
+) -> (Vec<u8>, (&'static str, &'static str)) {
+    let mut s = TcpStream::connect(gateway).await.unwrap();
+    let me = s.local_addr().unwrap();
+    s.write_all(connect).await.unwrap();
+    let mut answer = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("the answer comes at once, then EOF")
+        .unwrap();
+    let labels = outcome_of(outcomes, me)
+        .await
+        .expect("a refused connection ends with an error");
+    (answer, labels)
+}
+
+#[tokio::test]
+async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_after_recovery() {
+    let mut broker = Mosquitto::start().await;
+    let connects = Arc::new(AtomicUsize::new(0));
+    let breaker = CircuitBreakerLayer::builder("mosquitto")
+        .consecutive_failures(Some(2))
+        .open_for(Duration::from_millis(200))
+        .build();
+    let circuit = breaker.handle();
+    let connector = breaker.layer(Counting {
+        inner: TcpConnect::new(broker.addr()).timeout(Duration::from_secs(2)),
+        connects: Arc::clone(&connects),
+    });
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
+    // Reports each connection's outcome, keyed by the client's address.
+    let (tx, mut outcomes) = mpsc::unbounded_channel();
+    let stack = tower::service_fn(move |conn: Conn<TcpStream>| {
+        let (gateway, tx) = (gateway.clone(), tx.clone());
+        async move {
+            let peer = Param::<PeerAddr>::param(&conn).0;
+            let res = gateway.oneshot(conn).await;
+            let _ = tx.send((peer, res.as_ref().err().map(|e| label_of(&**e))));
+            res
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, stack).into_future());
+
+    // Broker up: a client connects through the gateway and gets mosquitto's CONNACK 0.
+    let mut live = TcpStream::connect(addr).await.unwrap();
+    live.write_all(&connect(4, "live")).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut live))
+            .await
+            .unwrap()
+            .unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    assert_eq!(connects.load(Ordering::SeqCst), 1);
+
+    // The broker dies: the live session ends.
+    broker.stop();
+    let mut rest = Vec::new();
+    let ended = timeout(WAIT, live.read_to_end(&mut rest)).await.unwrap();
+    assert!(ended.is_err() || rest.is_empty(), "{ended:?} {rest:?}");
+    drop(live);
+
+    // Refused connects: each client gets the CONNACK at once; two in a row trip the
+    // circuit.
+    for n in 1..=2 {
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        let (answer, labels) = refused_client(addr, &mut outcomes, &connect(4, "down")).await;
+        assert_eq!(answer, V3_UNAVAILABLE);
+        assert_eq!(labels, ("proxy", "connect_refused"));
+        assert_eq!(connects.load(Ordering::SeqCst), 1 + n);
+    }
+    assert_eq!(circuit.state(), CircuitState::Open);
+
+    // Open circuit: each version gets its CONNACK from the gateway without a connect
+    // attempt (the breaker's `open` rejection, and the connect count stands still). The
+    // circuit is open for only 200 ms: if a slow machine let it go half-open before the
+    // client arrived, that client was a refused probe (answered all the same, and the
+    // circuit re-opened); try again, a bounded number of times.
+    for (level, expected) in [(4, &V3_UNAVAILABLE[..]), (5, &V5_UNAVAILABLE[..])] {
+        let mut answered_open = false;
+        for _ in 0..20 {
+            let before = connects.load(Ordering::SeqCst);
+            let open_before = circuit.state() == CircuitState::Open;
+            let (answer, labels) =
+                refused_client(addr, &mut outcomes, &connect(level, "open")).await;
+            assert_eq!(answer, expected, "MQTT level {level}");
+            match labels {
+                ("circuit_breaker", "open") => {
+                    assert!(open_before, "the circuit was open");
+                    assert_eq!(connects.load(Ordering::SeqCst), before, "no connect");
+                    answered_open = true;
+                    break;
+                }
+                ("proxy", "connect_refused") => {
+                    assert_eq!(connects.load(Ordering::SeqCst), before + 1, "one probe");
+                    // The failed probe re-opened it (and it may be half-open again).
+                    assert_ne!(circuit.state(), CircuitState::Closed);
+                }
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        assert!(answered_open, "no client was answered by the open circuit");
+    }
+
+    // The broker comes back on the same port. Once the open period is over the circuit
+    // lets a probe through (half-open), and clients reach the broker again.
+    broker.run().await;
+    let mut half_open = false;
+    for _ in 0..500 {
+        if circuit.state() == CircuitState::HalfOpen {
+            half_open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(half_open, "the circuit never went half-open");
+    let before = connects.load(Ordering::SeqCst);
+    for (level, client_id) in [(5, "back5"), (4, "back4")] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect(level, client_id)).await.unwrap();
+        let (first, body) = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+        assert_eq!(first, 0x20, "a CONNACK from the broker (level {level})");
+        assert_eq!(
+            body[1], 0x00,
+            "CONNACK 0: accepted (level {level}) {body:?}"
+        );
+        if level == 4 {
+            assert_eq!(body, [0x00, 0x00]);
+        }
+        // PINGREQ / PINGRESP through the proxy, then a clean DISCONNECT.
+        s.write_all(&[0xC0, 0x00]).await.unwrap();
+        assert_eq!(
+            timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+            (0xD0, vec![])
+        );
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+        assert_eq!(circuit.state(), CircuitState::Closed, "the probe closed it");
+    }
+    assert_eq!(connects.load(Ordering::SeqCst), before + 2);
+}
