@@ -15,7 +15,9 @@
 //! - **Layer read path**: the same 1,000 PUBLISH packets after a CONNECT, read to the end
 //!   by an inner service through `MqttLayer` and its `MqttIo` over a `tokio::io::duplex`
 //!   (64 KiB), against the same service reading the bare duplex: the cost of the layer
-//!   per packet, IO included.
+//!   per packet, IO included. `mqtt_layer_policy` adds a per-packet `Policy` (PUBLISH,
+//!   packets and bytes per client id, quotas never reached): the cost of its three
+//!   keyed-limiter checks per packet.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use std::time::Duration;
 use aegis_core::Conn;
 use aegis_mqtt::__baseline::bytes::BytesMut;
 use aegis_mqtt::__baseline::mqttbytes;
+use aegis_mqtt::layer::policy::{Policy, Quota};
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::{Config, Next, Session, validate_connect};
 use criterion::{BatchSize, Criterion, Throughput};
@@ -123,30 +126,52 @@ fn main() {
     let mut g = c.benchmark_group("mqtt_layer_read");
     g.throughput(Throughput::Elements(PUBLISHES as u64));
     g.bench_function("bare_duplex", |b| {
-        b.iter(|| rt.block_on(read_all(&session_bytes, false)));
+        b.iter(|| rt.block_on(read_all(&session_bytes, Through::Bare)));
     });
     g.bench_function("mqtt_layer", |b| {
-        b.iter(|| rt.block_on(read_all(&session_bytes, true)));
+        b.iter(|| {
+            rt.block_on(read_all(
+                &session_bytes,
+                Through::Layer(&MqttLayer::default()),
+            ))
+        });
+    });
+    // Built once: its limiters are shared by every connection, as in a server.
+    let lots = std::num::NonZeroU32::new(u32::MAX).unwrap();
+    let policy = Policy::builder()
+        .publish_per_client(Quota::per_second(lots))
+        .packets_per_client(Quota::per_second(lots))
+        .bytes_per_client(Quota::per_second(lots))
+        .build();
+    let with_policy = MqttLayer::default().policy(policy);
+    g.bench_function("mqtt_layer_policy", |b| {
+        b.iter(|| rt.block_on(read_all(&session_bytes, Through::Policy(&with_policy))));
     });
     g.finish();
     c.final_summary();
 }
 
-/// Writes `bytes` into a duplex and reads them all back, through the layer or not.
-async fn read_all(bytes: &[u8], layered: bool) {
+/// How `read_all` reads.
+enum Through<'a> {
+    Bare,
+    Layer(&'a MqttLayer),
+    Policy(&'a MqttLayer<Policy>),
+}
+
+/// Writes `bytes` into a duplex and reads them all back, through a layer or not.
+async fn read_all(bytes: &[u8], through: Through<'_>) {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     client.write_all(bytes).await.unwrap();
     drop(client);
     let addr = "127.0.0.1:1883".parse().unwrap();
-    let io = Conn::new(server, addr, addr);
-    let n = if layered {
-        let inner = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
-            drain(&mut io, &mut vec![0u8; 16 * 1024]).await
-        });
-        MqttLayer::default().layer(inner).oneshot(io).await.unwrap()
-    } else {
-        let mut io = io;
-        drain(&mut io, &mut vec![0u8; 16 * 1024]).await.unwrap()
+    let mut io = Conn::new(server, addr, addr);
+    let inner = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+        drain(&mut io, &mut vec![0u8; 16 * 1024]).await
+    });
+    let n = match through {
+        Through::Bare => drain(&mut io, &mut vec![0u8; 16 * 1024]).await.unwrap(),
+        Through::Layer(layer) => layer.layer(inner).oneshot(io).await.unwrap(),
+        Through::Policy(layer) => layer.layer(inner).oneshot(io).await.unwrap(),
     };
     assert_eq!(n, bytes.len());
 }
