@@ -500,3 +500,22 @@ fn drops_answers_and_refusals_are_counted() {
         1
     );
 }
+
+#[test]
+fn the_layer_with_a_policy_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let policy = Policy::builder()
+        .publish_per_client(Quota::per_hour(nz(1)))
+        .build();
+    let layer = layer(policy.clone());
+    let inner = service_fn(|_: MqttIo<Conn<DuplexStream>>| async { Ok::<_, BoxError>(()) });
+    let (_client, server) = tokio::io::duplex(64);
+    let addr = "192.0.2.1:1".parse().unwrap();
+    let fut = layer
+        .clone()
+        .layer(inner)
+        .oneshot(Conn::new(server, addr, addr));
+    assert_send(&fut);
+    assert_eq!(policy.quota(Tier::Publish), Some(Quota::per_hour(nz(1))));
+    assert_eq!(policy.quota(Tier::Connect), None);
+}

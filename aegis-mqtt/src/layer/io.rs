@@ -32,6 +32,11 @@ const READ_CHUNK: usize = 4096;
 /// two packets, the read first writes a server DISCONNECT with the reason code
 /// ([`MqttError::answer`]), and later writes fail with [`io::ErrorKind::BrokenPipe`] so
 /// nothing follows the DISCONNECT. MQTT 3.x has no such packet: the read just fails.
+///
+/// With a [policy](super#per-packet-policy), a packet over one of its limits is never
+/// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
+/// between two of the broker's packets, at the next read or write; the broker's next
+/// bytes wait until it is written.
 #[derive(Debug)]
 pub struct MqttIo<I> {
     io: Rewind<I>,

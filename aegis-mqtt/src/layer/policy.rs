@@ -64,7 +64,6 @@
 //! client address, which are never metric labels.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -344,14 +343,6 @@ pub(crate) struct ConnPolicy {
     answers: BytesMut,
 }
 
-/// The client address with IPv4-mapped IPv6 folded, for logs.
-fn fold(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 @ IpAddr::V4(_) => v4,
-    }
-}
-
 impl ConnPolicy {
     pub(crate) fn new(policy: Policy, addr: ClientAddr) -> Self {
         Self {
@@ -376,7 +367,7 @@ impl ConnPolicy {
             if limiter.check(&tiers.key_by.key(ip)).is_err() {
                 tracing::debug!(
                     client_id = ?client_id,
-                    client_addr = %fold(ip),
+                    client_addr = %self.addr,
                     reason = Tier::Connect.label(),
                     "mqtt CONNECT over the policy's connect rate"
                 );
@@ -427,10 +418,11 @@ impl ConnPolicy {
         } else {
             return Verdict::Forward;
         };
-        let (client_id, client_addr) = match key {
-            IdKey::Id(id) => (&**id, fold(self.addr.0.ip())),
-            IdKey::Anonymous(_) => ("", fold(self.addr.0.ip())),
+        let client_id = match key {
+            IdKey::Id(id) => &**id,
+            IdKey::Anonymous(_) => "",
         };
+        let client_addr = self.addr;
         let answer = match packet {
             Packet::Publish(p) => {
                 let v5_answer = tiers.v5_publish_answer && self.version == Version::V5;
@@ -492,7 +484,8 @@ impl ConnPolicy {
 }
 
 /// An MQTT 5 PUBACK (`0x40`) or PUBREC (`0x50`) with reason 0x97 (quota exceeded) and no
-/// property length (a Remaining Length of 3, [MQTT-3.4.2.1]).
+/// Property Length: a Remaining Length under 4 means no properties (5.0 §3.4.2.2,
+/// §3.5.2.2).
 const fn pub_refusal(first: u8, packet_id: u16) -> [u8; 5] {
     let id = packet_id.to_be_bytes();
     [first, 0x03, id[0], id[1], encode::reason::QUOTA_EXCEEDED]
@@ -540,6 +533,23 @@ mod tests {
         };
         assert_eq!(over.to_string(), "publish over the bytes limit");
         assert_eq!(over.label(), "byte_rate");
+    }
+
+    #[test]
+    fn connect_rate_answers_per_version_and_phase() {
+        use aegis_core::error::Reject;
+
+        use crate::Phase;
+        let e = MqttError::ConnectRate;
+        assert_eq!(e.label(), "connect_rate");
+        let at_connect = |v| e.answer(Phase::Connect(Some(v))).bytes();
+        assert_eq!(at_connect(Version::V3_1), [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(at_connect(Version::V3_1_1), [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(at_connect(Version::V5), [0x20, 0x03, 0x00, 0x9F, 0x00]);
+        assert!(e.answer(Phase::Connect(None)).bytes().is_empty());
+        let later = |v| e.answer(Phase::Connected(v)).bytes();
+        assert_eq!(later(Version::V5), [0xE0, 0x02, 0x9F, 0x00]);
+        assert!(later(Version::V3_1_1).is_empty());
     }
 
     #[test]
