@@ -1,0 +1,930 @@
+//! The gateway's configuration: the TOML file, its defaults and its validation.
+//!
+//! Every key, its default and its meaning are listed in `CONFIG.md` beside this file;
+//! `gateway.example.toml` holds every key set to its default. Durations are humantime
+//! strings (`"250ms"`, `"10s"`, `"1m 30s"`); `"0s"` turns an optional clock off where
+//! `CONFIG.md` says so. Unknown keys are errors everywhere.
+//!
+//! Loading has two steps, both of which name the key on failure:
+//!
+//! 1. [`Config::parse`]: TOML syntax, types and unknown keys (serde, with the path of the
+//!    offending key from `serde_path_to_error`);
+//! 2. [`Config::validate`]: ranges and combinations, into a [`Settings`] whose values
+//!    the layers' builders accept without panicking.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use aegis_layers::rate_limit::Quota;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A configuration error: the dotted key and what is wrong with it.
+#[derive(Debug)]
+pub(crate) struct ConfigError {
+    key: String,
+    message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config error: {}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Deserializes a humantime duration (`"10s"`).
+mod duration {
+    pub(super) use humantime_serde::deserialize;
+}
+
+/// The whole file. Every section and key is optional; a missing one takes its default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) server: Server,
+    pub(crate) metrics: Metrics,
+    pub(crate) log: Log,
+    pub(crate) proxy_protocol: ProxyProtocol,
+    pub(crate) limits: Limits,
+    pub(crate) slowloris: Slowloris,
+    pub(crate) sniff: Sniff,
+    pub(crate) mqtt: Mqtt,
+    pub(crate) circuit_breaker: CircuitBreaker,
+    pub(crate) adaptive: Adaptive,
+}
+
+/// `[server]`: the listener, the upstream and the accept loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Server {
+    pub(crate) listen: String,
+    pub(crate) upstream: String,
+    #[serde(with = "duration")]
+    pub(crate) upstream_connect_timeout: Duration,
+    pub(crate) max_connections: u64,
+    #[serde(with = "duration")]
+    pub(crate) drain_timeout: Duration,
+    pub(crate) nodelay: bool,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:1883".into(),
+            upstream: "embedded".into(),
+            upstream_connect_timeout: Duration::from_secs(3),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            nodelay: true,
+        }
+    }
+}
+
+/// `[metrics]`: the HTTP endpoint with `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Metrics {
+    pub(crate) enabled: bool,
+    pub(crate) listen: String,
+    #[serde(with = "duration")]
+    pub(crate) readiness_timeout: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9090".into(),
+            readiness_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Log {
+    pub(crate) format: LogFormat,
+    pub(crate) level: String,
+    pub(crate) mask_client_addresses: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            level: "info".into(),
+            mask_client_addresses: false,
+        }
+    }
+}
+
+/// `proxy_protocol.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum HeaderMode {
+    Required,
+    Optional,
+}
+
+/// `[proxy_protocol]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ProxyProtocol {
+    pub(crate) enabled: bool,
+    pub(crate) trusted: Vec<String>,
+    pub(crate) mode: HeaderMode,
+    #[serde(with = "duration")]
+    pub(crate) timeout: Duration,
+    pub(crate) max_header_len: usize,
+}
+
+impl Default for ProxyProtocol {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            trusted: Vec::new(),
+            mode: HeaderMode::Required,
+            timeout: Duration::from_secs(3),
+            max_header_len: 512,
+        }
+    }
+}
+
+/// `[limits]`: the connection rate limiter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Limits {
+    pub(crate) enabled: bool,
+    pub(crate) max_keys: usize,
+    #[serde(with = "duration")]
+    pub(crate) evict_every: Duration,
+    pub(crate) ipv4_prefix: u8,
+    pub(crate) ipv6_prefix: u8,
+    pub(crate) global: RateTier,
+    pub(crate) per_ip: RateTier,
+    pub(crate) concurrent_per_ip: Concurrent,
+    pub(crate) connect_per_ip: RateTier,
+    pub(crate) publish_per_client: RateTier,
+    pub(crate) subscribe_per_client: RateTier,
+    pub(crate) packets_per_client: RateTier,
+    pub(crate) bytes_per_client: RateTier,
+    pub(crate) v5_publish_answer: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_keys: 100_000,
+            evict_every: Duration::from_secs(30),
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            global: RateTier {
+                enabled: false,
+                rate: "1000/s".into(),
+                burst: 1000,
+            },
+            per_ip: RateTier {
+                enabled: true,
+                rate: "5/s".into(),
+                burst: 10,
+            },
+            concurrent_per_ip: Concurrent {
+                enabled: true,
+                max: 64,
+            },
+            connect_per_ip: off("30/m", 10),
+            publish_per_client: off("100/s", 200),
+            subscribe_per_client: off("30/m", 30),
+            packets_per_client: off("200/s", 400),
+            bytes_per_client: off("1048576/s", 1_048_576),
+            v5_publish_answer: false,
+        }
+    }
+}
+
+/// A rate tier: `rate` is `"N/s"`, `"N/m"`, `"N/h"` or `"N/<duration>"` (`"1/10s"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateTier {
+    #[serde(default = "yes")]
+    pub(crate) enabled: bool,
+    pub(crate) rate: String,
+    pub(crate) burst: u32,
+}
+
+/// `[limits.concurrent_per_ip]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Concurrent {
+    #[serde(default = "yes")]
+    pub(crate) enabled: bool,
+    pub(crate) max: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A tier that is off by default, with the values it takes when turned on alone.
+fn off(rate: &str, burst: u32) -> RateTier {
+    RateTier {
+        enabled: false,
+        rate: rate.into(),
+        burst,
+    }
+}
+
+/// `[slowloris]`: the handshake clocks. `"0s"` turns a clock off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Slowloris {
+    pub(crate) enabled: bool,
+    #[serde(with = "duration")]
+    pub(crate) first_byte: Duration,
+    #[serde(with = "duration")]
+    pub(crate) idle: Duration,
+    #[serde(with = "duration")]
+    pub(crate) handshake: Duration,
+    pub(crate) min_rate_bytes_per_sec: u32,
+    #[serde(with = "duration")]
+    pub(crate) min_rate_grace: Duration,
+    #[serde(with = "duration")]
+    pub(crate) idle_after_handshake: Duration,
+}
+
+impl Default for Slowloris {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            first_byte: Duration::from_secs(5),
+            idle: Duration::ZERO,
+            handshake: Duration::from_secs(10),
+            min_rate_bytes_per_sec: 0,
+            min_rate_grace: Duration::from_secs(5),
+            idle_after_handshake: Duration::ZERO,
+        }
+    }
+}
+
+/// What the sniffer does with a protocol that is not MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Refuse {
+    /// Close at once, counted as `aegis_rejections_total{layer="sniff",reason=<protocol>}`.
+    Reject,
+}
+
+/// What the sniffer does with HTTP/1 on the MQTT port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum HttpPolicy {
+    /// Close at once, as [`Refuse::Reject`].
+    Reject,
+    /// Answer `400 Bad Request` (bounded hyper server) and close.
+    BadRequest,
+}
+
+/// `[sniff]`: only MQTT on the MQTT port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Sniff {
+    pub(crate) enabled: bool,
+    #[serde(with = "duration")]
+    pub(crate) timeout: Duration,
+    pub(crate) max_prefix: usize,
+    pub(crate) http: HttpPolicy,
+    pub(crate) http2: Refuse,
+    pub(crate) tls: Refuse,
+    pub(crate) unknown: Refuse,
+}
+
+impl Default for Sniff {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout: Duration::from_secs(5),
+            max_prefix: 1024,
+            http: HttpPolicy::Reject,
+            http2: Refuse::Reject,
+            tls: Refuse::Reject,
+            unknown: Refuse::Reject,
+        }
+    }
+}
+
+/// `mqtt.client_id_chars`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ClientIdChars {
+    Alphanumeric,
+    AsciiGraphic,
+    Any,
+}
+
+/// `mqtt.packet_rate.over`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OverRate {
+    Throttle,
+    Disconnect,
+}
+
+/// `[mqtt]`: strict MQTT validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Mqtt {
+    pub(crate) enabled: bool,
+    #[serde(with = "duration")]
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_connect_size: usize,
+    pub(crate) max_packet_size: usize,
+    #[serde(with = "duration")]
+    pub(crate) max_keep_alive: Duration,
+    pub(crate) client_id_max_len: usize,
+    pub(crate) client_id_chars: ClientIdChars,
+    pub(crate) allow_empty_client_id: bool,
+    pub(crate) enforce_keep_alive: bool,
+    pub(crate) unavailable_answer: bool,
+    #[serde(with = "duration")]
+    pub(crate) unavailable_timeout: Duration,
+    pub(crate) packet_rate: PacketRate,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            connect_timeout: aegis_mqtt::layer::DEFAULT_CONNECT_TIMEOUT,
+            max_connect_size: 8 * 1024,
+            max_packet_size: 256 * 1024,
+            max_keep_alive: Duration::ZERO,
+            client_id_max_len: 128,
+            client_id_chars: ClientIdChars::AsciiGraphic,
+            allow_empty_client_id: true,
+            enforce_keep_alive: false,
+            unavailable_answer: true,
+            unavailable_timeout: aegis_mqtt::layer::Unavailable::DEFAULT_TIMEOUT,
+            packet_rate: PacketRate::default(),
+        }
+    }
+}
+
+/// `[mqtt.packet_rate]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct PacketRate {
+    pub(crate) enabled: bool,
+    pub(crate) per_second: u32,
+    pub(crate) burst: u32,
+    pub(crate) over: OverRate,
+}
+
+impl Default for PacketRate {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            per_second: 100,
+            burst: 200,
+            over: OverRate::Throttle,
+        }
+    }
+}
+
+/// `[circuit_breaker]` around the upstream connector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct CircuitBreaker {
+    pub(crate) enabled: bool,
+    pub(crate) consecutive_failures: u32,
+    #[serde(with = "duration")]
+    pub(crate) open_for: Duration,
+    pub(crate) half_open_permits: u32,
+    pub(crate) success_threshold: u32,
+    pub(crate) failure_rate: FailureRate,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: 5,
+            open_for: Duration::from_secs(10),
+            half_open_permits: 1,
+            success_threshold: 1,
+            failure_rate: FailureRate::default(),
+        }
+    }
+}
+
+/// `[circuit_breaker.failure_rate]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct FailureRate {
+    pub(crate) enabled: bool,
+    pub(crate) ratio: f64,
+    pub(crate) window: usize,
+    pub(crate) min_calls: usize,
+}
+
+impl Default for FailureRate {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ratio: 0.5,
+            window: 20,
+            min_calls: 10,
+        }
+    }
+}
+
+/// `adaptive.drives`: which rate-limiter tier the controller sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Drives {
+    Global,
+    PerIp,
+}
+
+/// `[adaptive]`: lowers the admitted connection rate when the upstream's connect P95
+/// rises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Adaptive {
+    pub(crate) enabled: bool,
+    pub(crate) drives: Drives,
+    #[serde(with = "duration")]
+    pub(crate) threshold: Duration,
+    pub(crate) min_rate: u32,
+    pub(crate) max_rate: u32,
+    #[serde(with = "duration")]
+    pub(crate) interval: Duration,
+    pub(crate) min_samples: u64,
+    pub(crate) reduction: f64,
+    pub(crate) recovery: f64,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            drives: Drives::Global,
+            threshold: Duration::from_millis(100),
+            min_rate: 10,
+            max_rate: 1000,
+            interval: Duration::from_secs(1),
+            min_samples: 20,
+            reduction: 0.8,
+            recovery: 1.1,
+        }
+    }
+}
+
+/// Where the gateway proxies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upstream {
+    /// The in-process broker, on a free loopback port chosen at start-up.
+    Embedded,
+    /// A broker at this address.
+    Addr(SocketAddr),
+}
+
+/// The per-packet policy's tiers (enforced by the MQTT layer), each `None` when off.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PolicyQuotas {
+    pub(crate) connect_per_ip: Option<Quota>,
+    pub(crate) publish_per_client: Option<Quota>,
+    pub(crate) subscribe_per_client: Option<Quota>,
+    pub(crate) packets_per_client: Option<Quota>,
+    pub(crate) bytes_per_client: Option<Quota>,
+}
+
+impl PolicyQuotas {
+    pub(crate) fn any(&self) -> bool {
+        self.connect_per_ip.is_some()
+            || self.publish_per_client.is_some()
+            || self.subscribe_per_client.is_some()
+            || self.packets_per_client.is_some()
+            || self.bytes_per_client.is_some()
+    }
+}
+
+/// The validated configuration: everything the stack needs, in the layers' types.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) upstream: Upstream,
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) trusted: Vec<IpNet>,
+    pub(crate) global: Option<Quota>,
+    pub(crate) per_ip: Option<Quota>,
+    pub(crate) policy: PolicyQuotas,
+    pub(crate) max_keep_alive: Option<u16>,
+    pub(crate) raw: Config,
+}
+
+impl Config {
+    /// Parses a TOML document; `origin` names it in errors (the file path).
+    pub(crate) fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new(origin, one_line(&e, text)))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                origin.to_string()
+            } else {
+                path
+            };
+            ConfigError::new(key, one_line(e.inner(), text))
+        })
+    }
+
+    /// Checks every range and combination; returns the layers' settings.
+    pub(crate) fn validate(self) -> Result<Settings, ConfigError> {
+        let s = &self.server;
+        let listen = resolve("server.listen", &s.listen)?;
+        let upstream = if s.upstream == "embedded" {
+            Upstream::Embedded
+        } else {
+            Upstream::Addr(resolve("server.upstream", &s.upstream)?)
+        };
+        positive(
+            "server.upstream_connect_timeout",
+            s.upstream_connect_timeout,
+        )?;
+        if s.max_connections == 0 || s.max_connections > u64::from(u32::MAX) {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                format!("must be between 1 and {}", u32::MAX),
+            ));
+        }
+
+        let metrics_listen = if self.metrics.enabled {
+            Some(resolve("metrics.listen", &self.metrics.listen)?)
+        } else {
+            None
+        };
+        positive("metrics.readiness_timeout", self.metrics.readiness_timeout)?;
+
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::new(
+                "log.level",
+                format!("not a tracing filter (\"info\", \"debug,rumqttd=warn\"): {e}"),
+            )
+        })?;
+
+        let pp = &self.proxy_protocol;
+        let trusted = pp
+            .trusted
+            .iter()
+            .enumerate()
+            .map(|(i, net)| {
+                net.parse::<IpNet>().map_err(|_| {
+                    ConfigError::new(
+                        format!("proxy_protocol.trusted[{i}]"),
+                        format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if pp.enabled {
+            if trusted.is_empty() {
+                return Err(ConfigError::new(
+                    "proxy_protocol.trusted",
+                    "must list at least one network when proxy_protocol.enabled = true",
+                ));
+            }
+            positive("proxy_protocol.timeout", pp.timeout)?;
+            if !(107..=512).contains(&pp.max_header_len) {
+                return Err(ConfigError::new(
+                    "proxy_protocol.max_header_len",
+                    "must be between 107 (a v1 header) and 512",
+                ));
+            }
+        }
+
+        let l = &self.limits;
+        let (mut global, mut per_ip, mut policy) = (None, None, PolicyQuotas::default());
+        if l.enabled {
+            at_least("limits.max_keys", l.max_keys, 1)?;
+            positive("limits.evict_every", l.evict_every)?;
+            if l.ipv4_prefix > 32 {
+                return Err(ConfigError::new("limits.ipv4_prefix", "must be at most 32"));
+            }
+            if l.ipv6_prefix > 128 {
+                return Err(ConfigError::new(
+                    "limits.ipv6_prefix",
+                    "must be at most 128",
+                ));
+            }
+            global = tier("limits.global", &l.global)?;
+            per_ip = tier("limits.per_ip", &l.per_ip)?;
+            policy = PolicyQuotas {
+                connect_per_ip: tier("limits.connect_per_ip", &l.connect_per_ip)?,
+                publish_per_client: tier("limits.publish_per_client", &l.publish_per_client)?,
+                subscribe_per_client: tier("limits.subscribe_per_client", &l.subscribe_per_client)?,
+                packets_per_client: tier("limits.packets_per_client", &l.packets_per_client)?,
+                bytes_per_client: tier("limits.bytes_per_client", &l.bytes_per_client)?,
+            };
+            if policy.any() && !self.mqtt.enabled {
+                return Err(ConfigError::new(
+                    "limits",
+                    "the per-packet tiers (connect_per_ip, publish_per_client, ...) need mqtt.enabled = true",
+                ));
+            }
+            if l.concurrent_per_ip.enabled {
+                at_least("limits.concurrent_per_ip.max", l.concurrent_per_ip.max, 1)?;
+            }
+        }
+
+        let sl = &self.slowloris;
+        if sl.enabled && !self.mqtt.enabled {
+            // Only the MQTT layer marks the handshake complete: these clocks would cut
+            // every connection.
+            if !sl.handshake.is_zero() {
+                return Err(ConfigError::new(
+                    "slowloris.handshake",
+                    "needs mqtt.enabled = true (nothing else ends the handshake); set \"0s\"",
+                ));
+            }
+            if sl.min_rate_bytes_per_sec > 0 {
+                return Err(ConfigError::new(
+                    "slowloris.min_rate_bytes_per_sec",
+                    "needs mqtt.enabled = true (nothing else ends the handshake); set 0",
+                ));
+            }
+        }
+
+        let sn = &self.sniff;
+        if sn.enabled {
+            positive("sniff.timeout", sn.timeout)?;
+            let min = aegis_layers::sniff::MAX_DECISION_LEN;
+            if !(min..=65_536).contains(&sn.max_prefix) {
+                return Err(ConfigError::new(
+                    "sniff.max_prefix",
+                    format!("must be between {min} and 65536"),
+                ));
+            }
+        }
+
+        let m = &self.mqtt;
+        let mut max_keep_alive = None;
+        if m.enabled {
+            positive("mqtt.connect_timeout", m.connect_timeout)?;
+            let max_packet = aegis_mqtt::MAX_REMAINING_LENGTH + 5;
+            if !(64..=max_packet).contains(&m.max_packet_size) {
+                return Err(ConfigError::new(
+                    "mqtt.max_packet_size",
+                    format!("must be between 64 and {max_packet}"),
+                ));
+            }
+            if !(64..=m.max_packet_size).contains(&m.max_connect_size) {
+                return Err(ConfigError::new(
+                    "mqtt.max_connect_size",
+                    "must be between 64 and mqtt.max_packet_size",
+                ));
+            }
+            if !m.max_keep_alive.is_zero() {
+                let secs = m.max_keep_alive.as_secs();
+                if m.max_keep_alive.subsec_nanos() != 0 || secs > u64::from(u16::MAX) {
+                    return Err(ConfigError::new(
+                        "mqtt.max_keep_alive",
+                        "must be whole seconds, at most 65535s (\"0s\": no cap)",
+                    ));
+                }
+                max_keep_alive = u16::try_from(secs).ok();
+            }
+            if m.unavailable_answer {
+                positive("mqtt.unavailable_timeout", m.unavailable_timeout)?;
+            }
+            if !(23..=65_535).contains(&m.client_id_max_len) {
+                return Err(ConfigError::new(
+                    "mqtt.client_id_max_len",
+                    "must be between 23 (every server accepts 1 to 23 characters) and 65535",
+                ));
+            }
+            if m.packet_rate.enabled {
+                at_least("mqtt.packet_rate.per_second", m.packet_rate.per_second, 1)?;
+                at_least("mqtt.packet_rate.burst", m.packet_rate.burst, 1)?;
+            }
+        }
+
+        let cb = &self.circuit_breaker;
+        if cb.enabled {
+            if cb.consecutive_failures == 0 && !cb.failure_rate.enabled {
+                return Err(ConfigError::new(
+                    "circuit_breaker.consecutive_failures",
+                    "must be at least 1 (0 turns it off, allowed only with circuit_breaker.failure_rate.enabled = true)",
+                ));
+            }
+            positive("circuit_breaker.open_for", cb.open_for)?;
+            at_least("circuit_breaker.half_open_permits", cb.half_open_permits, 1)?;
+            at_least("circuit_breaker.success_threshold", cb.success_threshold, 1)?;
+            let fr = &cb.failure_rate;
+            if fr.enabled {
+                if !(fr.ratio > 0.0 && fr.ratio <= 1.0) {
+                    return Err(ConfigError::new(
+                        "circuit_breaker.failure_rate.ratio",
+                        "must be in (0, 1]",
+                    ));
+                }
+                at_least("circuit_breaker.failure_rate.window", fr.window, 1)?;
+                if fr.min_calls == 0 || fr.min_calls > fr.window {
+                    return Err(ConfigError::new(
+                        "circuit_breaker.failure_rate.min_calls",
+                        "must be between 1 and circuit_breaker.failure_rate.window",
+                    ));
+                }
+            }
+        }
+
+        let a = &self.adaptive;
+        if a.enabled {
+            if !l.enabled {
+                return Err(ConfigError::new(
+                    "adaptive.enabled",
+                    "needs limits.enabled = true: the controller drives the rate limiter",
+                ));
+            }
+            positive("adaptive.threshold", a.threshold)?;
+            at_least("adaptive.min_rate", a.min_rate, 1)?;
+            if a.max_rate < a.min_rate {
+                return Err(ConfigError::new(
+                    "adaptive.max_rate",
+                    "must be at least adaptive.min_rate",
+                ));
+            }
+            positive("adaptive.interval", a.interval)?;
+            at_least("adaptive.min_samples", a.min_samples, 1)?;
+            if !(a.reduction > 0.0 && a.reduction < 1.0) {
+                return Err(ConfigError::new("adaptive.reduction", "must be in (0, 1)"));
+            }
+            if !(a.recovery > 1.0 && a.recovery.is_finite()) {
+                return Err(ConfigError::new(
+                    "adaptive.recovery",
+                    "must be greater than 1",
+                ));
+            }
+        }
+
+        Ok(Settings {
+            listen,
+            upstream,
+            metrics_listen,
+            trusted,
+            global,
+            per_ip,
+            policy,
+            max_keep_alive,
+            raw: self,
+        })
+    }
+}
+
+/// A TOML error on one line: its message and where it is, without the source snippet.
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim_end().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{msg} (line {line})")
+        }
+        None => msg,
+    }
+}
+
+/// An address: `IP:port`, or `host:port` resolved once at start-up.
+fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            ConfigError::new(
+                key,
+                format!("{value:?} is not an address like \"127.0.0.1:1883\""),
+            )
+        })
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::new(key, "must be longer than 0s"))
+    } else {
+        Ok(())
+    }
+}
+
+fn at_least(key: &str, value: impl TryInto<u64>, min: u64) -> Result<(), ConfigError> {
+    let value = value.try_into().unwrap_or(u64::MAX);
+    if value < min {
+        Err(ConfigError::new(key, format!("must be at least {min}")))
+    } else {
+        Ok(())
+    }
+}
+
+/// A rate tier's quota, `None` when the tier is off.
+fn tier(key: &str, t: &RateTier) -> Result<Option<Quota>, ConfigError> {
+    if !t.enabled {
+        return Ok(None);
+    }
+    let Some(burst) = NonZeroU32::new(t.burst) else {
+        return Err(ConfigError::new(
+            format!("{key}.burst"),
+            "must be at least 1",
+        ));
+    };
+    let period = parse_rate(&t.rate).map_err(|m| ConfigError::new(format!("{key}.rate"), m))?;
+    let quota = Quota::with_period(period).ok_or_else(|| {
+        ConfigError::new(
+            format!("{key}.rate"),
+            "must be slower than 1 per nanosecond",
+        )
+    })?;
+    Ok(Some(quota.allow_burst(burst)))
+}
+
+/// `"N/s"`, `"N/m"`, `"N/h"` or `"N/<humantime>"` into the interval between two
+/// connections.
+pub(crate) fn parse_rate(rate: &str) -> Result<Duration, String> {
+    let bad = || format!("{rate:?} is not a rate like \"5/s\", \"100/m\" or \"1/10s\"");
+    let (n, per) = rate.split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err("the count must be at least 1".into());
+    }
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => humantime::parse_duration(other).map_err(|_| bad())?,
+    };
+    if per.is_zero() {
+        return Err(bad());
+    }
+    Ok(per / n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("5/s"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_rate("60/m"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_rate("1/10s"), Ok(Duration::from_secs(10)));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("5").is_err());
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let text = include_str!("gateway.example.toml");
+        let c = Config::parse(text, "gateway.example.toml").unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("[limits.per_ip]\nburst = \"x\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("limits.per_ip.burst"), "{e}");
+        let e = Config::parse("[limits.per_ip]\nbrust = 1\n", "f").unwrap_err();
+        assert!(e.to_string().contains("brust"), "{e}");
+        let e = Config::parse("[limits.per_ip]\nburst = 0\nrate = \"1/s\"\n", "f")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error: limits.per_ip.burst: must be at least 1"
+        );
+    }
+}

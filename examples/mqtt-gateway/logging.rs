@@ -1,0 +1,85 @@
+//! Logs: plain or JSON lines on stderr, and client addresses masked on request.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Log, LogFormat};
+
+/// Installs the global subscriber. The filter is `RUST_LOG` when set, else `log.level`;
+/// rumqttd's own lines are off unless the filter names it (it logs every
+/// readiness probe as an error).
+pub(crate) fn init(log: &Log) {
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| log.level.clone());
+    let directives = if directives.contains("rumqttd") {
+        directives
+    } else {
+        format!("{directives},rumqttd=off")
+    };
+    // `log.level` was validated; a bad RUST_LOG falls back to `info`.
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// A client address as the gateway logs it: whole, or masked to its network (`/24` of
+/// IPv4, `/48` of IPv6, without the port) with `log.mask_client_addresses = true`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Client {
+    pub(crate) addr: SocketAddr,
+    pub(crate) masked: bool,
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.masked {
+            return write!(f, "{}", self.addr);
+        }
+        match self.addr.ip() {
+            IpAddr::V4(v4) => {
+                let [a, b, c, _] = v4.octets();
+                write!(f, "{a}.{b}.{c}.0/24")
+            }
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => {
+                    let [a, b, c, _] = v4.octets();
+                    write!(f, "{a}.{b}.{c}.0/24")
+                }
+                None => {
+                    let s = v6.segments();
+                    let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0);
+                    write!(f, "{net}/48")
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Client;
+
+    #[test]
+    fn masks_to_the_network() {
+        let show = |a: &str, masked| {
+            Client {
+                addr: a.parse().unwrap(),
+                masked,
+            }
+            .to_string()
+        };
+        assert_eq!(show("203.0.113.7:4000", true), "203.0.113.0/24");
+        assert_eq!(show("203.0.113.7:4000", false), "203.0.113.7:4000");
+        assert_eq!(show("[2001:db8:1:2::7]:4000", true), "2001:db8:1::/48");
+        assert_eq!(show("[::ffff:198.51.100.9]:1", true), "198.51.100.0/24");
+    }
+}

@@ -1,0 +1,167 @@
+//! The observability endpoint: `/metrics`, `/healthz` and `/readyz` over HTTP/1.1.
+//!
+//! A small hyper 1 server, bounded like everything else the gateway exposes: at most
+//! [`MAX_CONNECTIONS`] connections at once (more are closed at accept), 5 s to send the
+//! request headers, no keep-alive. It binds to loopback by default.
+//!
+//! - `/metrics`: the Prometheus text format, rendered from the global recorder
+//!   (`metrics-exporter-prometheus`, installed with no HTTP listener of its own).
+//! - `/healthz`: `200 ok` while the process runs.
+//! - `/readyz`: `200 ready` when the circuit breaker (if on) is not open and a TCP
+//!   connect to the upstream succeeds within `metrics.readiness_timeout`; else `503`
+//!   with the reason. Also `503` once a shutdown has begun, so a balancer stops sending.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aegis_core::metrics as m;
+use aegis_layers::circuit_breaker::{CircuitHandle, CircuitState};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connections the endpoint serves at once; a scraper and a probe or two need few.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Bucket bounds (seconds) of `aegis_connection_duration_seconds`, so that it renders as
+/// a Prometheus histogram (P95 with `histogram_quantile`) rather than a summary: MQTT
+/// sessions last from milliseconds (refused) to days.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21_600.0, 86_400.0,
+];
+
+/// Installs the Prometheus recorder as the global `metrics` recorder, and starts its
+/// upkeep task.
+pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(m::CONNECTION_DURATION_SECONDS.to_string()),
+            DURATION_BUCKETS,
+        )
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// What `/readyz` checks.
+#[derive(Clone, Debug)]
+pub(crate) struct Readiness {
+    pub(crate) upstream: SocketAddr,
+    pub(crate) timeout: Duration,
+    pub(crate) breaker: Option<CircuitHandle>,
+    pub(crate) stopping: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// `Ok` when ready, else why not.
+    async fn check(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err("shutting down");
+        }
+        if self
+            .breaker
+            .as_ref()
+            .is_some_and(|b| b.state() == CircuitState::Open)
+        {
+            return Err("upstream circuit open");
+        }
+        match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(self.upstream))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err("upstream refused the connection"),
+            Err(_) => Err("upstream connect timed out"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+async fn route(
+    req: Request<Incoming>,
+    prometheus: PrometheusHandle,
+    ready: Readiness,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => {
+            let mut res = text(StatusCode::OK, prometheus.render());
+            res.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            res
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match ready.check().await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+/// Serves the endpoint on `listener` until the process ends.
+pub(crate) async fn serve(listener: TcpListener, prometheus: PrometheusHandle, ready: Readiness) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .keep_alive(false)
+        .max_buf_size(16 * 1024);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            continue; // over the cap: dropping the stream closes it
+        };
+        let (prometheus, ready) = (prometheus.clone(), ready.clone());
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| route(req, prometheus.clone(), ready.clone())),
+        );
+        tokio::spawn(async move {
+            // A client that never finishes is cut by the header timeout; one that reads
+            // its answer slowly is bounded here.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,420 @@
+//! The layer stack, built from the validated configuration.
+//!
+//! Outermost first, as in the README and `examples/tests/stack.rs`:
+//!
+//! ```text
+//! serve (cap, nodelay)
+//!  -> PROXY protocol        [proxy_protocol]
+//!  -> rate limit            [limits]            <- adaptive controller sets its rate
+//!  -> slowloris deadlines   [slowloris]
+//!  -> sniff: MQTT only      [sniff]
+//!  -> MQTT validation       [mqtt]
+//!  -> Proxy(Adaptive(CircuitBreaker(TcpConnect(upstream))))   [adaptive], [circuit_breaker]
+//! ```
+//!
+//! # Why the stream type is erased between layers
+//!
+//! Every layer has an `enabled` toggle, so each is a `tower::util::Either` of "the layer
+//! around the rest" and "the rest". A layer that wraps the stream (PROXY protocol,
+//! slowloris, sniff) hands the rest a different stream type than the one it would get
+//! without the layer, so the rest would be compiled once per combination: 2^n copies of
+//! the proxy for n toggles. Instead, after each of those layers the stream becomes a
+//! [`BoxIo`] (one allocation per layer per connection, and a virtual call per read),
+//! and every stage below is compiled once. The connector is boxed for the same reason.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use aegis_core::proxy::{Proxy, TcpConnect, Transferred};
+use aegis_core::{BoxError, ClientAddr, Conn, ConnParams, Handshake, LocalAddr, Param, PeerAddr};
+use aegis_layers::adaptive::{AdaptiveHandle, GlobalRate, PerClientRate, RateConfig};
+use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitHandle};
+use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
+use aegis_layers::rate_limit::{KeyBy, RateLimitHandle, RateLimitLayer};
+use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
+use aegis_layers::sniff::{Http1, Protocols, SniffRouter};
+use aegis_mqtt::layer::{MqttLayer, PacketRate, Policy, Unavailable};
+use std::net::SocketAddr;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tower::util::{BoxCloneSyncService, Either};
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::config::{self, Settings};
+use crate::logging::Client;
+
+/// What every stream in the stack is: bytes both ways, the four connection params.
+pub(crate) trait Io: AsyncRead + AsyncWrite + ConnParams + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + ConnParams + Send + Unpin + 'static> Io for T {}
+
+/// A stream with its type erased; forwards all of `AsyncWrite` and every param.
+pub(crate) struct BoxIo(Box<dyn Io>);
+
+impl AsyncRead for BoxIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoxIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+macro_rules! forward_param {
+    ($($t:ty),+) => {$(
+        impl Param<$t> for BoxIo {
+            fn param(&self) -> $t {
+                <dyn Io as Param<$t>>::param(&*self.0)
+            }
+        }
+    )+};
+}
+forward_param!(PeerAddr, LocalAddr, ClientAddr, Handshake);
+
+/// Erases the stream type before calling the inner service.
+#[derive(Clone, Debug)]
+pub(crate) struct Erase<S>(S);
+
+impl<S: Service<BoxIo>, I: Io> Service<I> for Erase<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, io: I) -> S::Future {
+        self.0.call(BoxIo(Box::new(io)))
+    }
+}
+
+/// The proxy's response is not needed: its bytes are in `aegis_proxy_bytes_total`.
+fn done(_: Transferred) {}
+
+/// The boxed future of one connection.
+pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// The outermost service: logs how each connection ended, with the client address
+/// masked when `log.mask_client_addresses` is on. Rejections are logged at `debug`
+/// (they are counted in `aegis_rejections_total` anyway; a flood must not flood the log).
+#[derive(Clone, Debug)]
+pub(crate) struct Observe<S> {
+    inner: S,
+    masked: bool,
+}
+
+impl<S> Service<Conn<TcpStream>> for Observe<S>
+where
+    S: Service<Conn<TcpStream>, Response = (), Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, conn: Conn<TcpStream>) -> ConnFuture {
+        let client = Client {
+            addr: Param::<PeerAddr>::param(&conn).0,
+            masked: self.masked,
+        };
+        let fut = self.inner.call(conn);
+        Box::pin(async move {
+            let res = fut.await;
+            match &res {
+                Ok(()) => tracing::debug!(%client, "connection closed"),
+                Err(e) => {
+                    let (layer, reason) = aegis_core::error::label_of(&**e);
+                    tracing::debug!(%client, layer, reason, "connection refused or failed");
+                }
+            }
+            res
+        })
+    }
+}
+
+/// The built stack and the handles the rest of the gateway needs.
+pub(crate) struct Built<S> {
+    pub(crate) service: S,
+    pub(crate) breaker: Option<CircuitHandle>,
+    /// Kept so the controller's task lives as long as the gateway.
+    pub(crate) adaptive: Option<AdaptiveHandle>,
+    pub(crate) rate_limit: Option<RateLimitHandle>,
+    /// The layers that are on, outermost first, for the start-up line.
+    pub(crate) layers: Vec<&'static str>,
+}
+
+/// Builds the stack in front of `upstream`. Must run inside the tokio runtime (the
+/// adaptive controller spawns its task).
+#[allow(clippy::too_many_lines)] // one straight pass, outermost layer last
+pub(crate) fn build(
+    settings: &Settings,
+    upstream: SocketAddr,
+) -> Built<
+    impl Service<Conn<TcpStream>, Response = (), Error = BoxError, Future = ConnFuture>
+    + Clone
+    + Send
+    + 'static,
+> {
+    let c = &settings.raw;
+    let mut layers = Vec::new();
+
+    // The rate limiter is built first: the adaptive controller needs its handle.
+    let rate_limit = c.limits.enabled.then(|| {
+        let l = &c.limits;
+        let mut b = RateLimitLayer::builder()
+            .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
+            .max_keys(l.max_keys)
+            .evict_every(l.evict_every);
+        if let Some(q) = settings.global {
+            b = b.global(q);
+        }
+        if let Some(q) = settings.per_ip {
+            b = b.per_client(q);
+        }
+        if l.concurrent_per_ip.enabled {
+            b = b.max_concurrent_per_client(l.concurrent_per_ip.max);
+        }
+        b.build()
+    });
+    let rate_handle = rate_limit.as_ref().map(RateLimitLayer::handle);
+
+    // The upstream connector: TcpConnect, then the breaker, then the latency probe.
+    let breaker = c.circuit_breaker.enabled.then(|| {
+        let cb = &c.circuit_breaker;
+        let mut b = CircuitBreakerLayer::builder("upstream")
+            .consecutive_failures((cb.consecutive_failures > 0).then_some(cb.consecutive_failures))
+            .open_for(cb.open_for)
+            .half_open_permits(cb.half_open_permits)
+            .success_threshold(cb.success_threshold);
+        if cb.failure_rate.enabled {
+            let fr = &cb.failure_rate;
+            b = b.failure_rate(fr.ratio, fr.window, fr.min_calls);
+        }
+        b.build()
+    });
+    let breaker_handle = breaker.as_ref().map(CircuitBreakerLayer::handle);
+    let adaptive = match (&rate_handle, c.adaptive.enabled) {
+        (Some(rate), true) => {
+            let a = &c.adaptive;
+            let control =
+                RateConfig::new(a.threshold, f64::from(a.min_rate), f64::from(a.max_rate))
+                    .name("upstream")
+                    .interval(a.interval)
+                    .min_samples(a.min_samples)
+                    .reduction(a.reduction)
+                    .recovery(a.recovery);
+            Some(match a.drives {
+                config::Drives::Global => control.spawn(GlobalRate(rate.clone())),
+                config::Drives::PerIp => control.spawn(PerClientRate(rate.clone())),
+            })
+        }
+        _ => None,
+    };
+    let connector = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .option_layer(adaptive.as_ref().map(AdaptiveHandle::layer))
+            .option_layer(breaker)
+            .map_err(BoxError::from)
+            .service(TcpConnect::new(upstream).timeout(c.server.upstream_connect_timeout)),
+    );
+    // The proxy; behind the MQTT layer, a client whose broker cannot be reached (refused,
+    // timed out, the breaker open) gets CONNACK 0x03 (3.x) / 0x88 (5.0) from the gateway.
+    let proxy = Proxy::with_connector(connector);
+    let unavailable = c
+        .mqtt
+        .unavailable_answer
+        .then(|| Unavailable::new().timeout(c.mqtt.unavailable_timeout));
+
+    // MQTT validation, with the per-packet policy (its tiers are all off unless set).
+    let mqtt = c.mqtt.enabled.then(|| {
+        let m = &c.mqtt;
+        let mut config = aegis_mqtt::Config::new()
+            .max_connect_size(m.max_connect_size)
+            .max_packet_size(m.max_packet_size)
+            .client_id_max_len(m.client_id_max_len)
+            .client_id_chars(match m.client_id_chars {
+                config::ClientIdChars::Alphanumeric => aegis_mqtt::ClientIdChars::Alphanumeric,
+                config::ClientIdChars::AsciiGraphic => aegis_mqtt::ClientIdChars::AsciiGraphic,
+                config::ClientIdChars::Any => aegis_mqtt::ClientIdChars::Any,
+            })
+            .allow_empty_client_id(m.allow_empty_client_id);
+        if let Some(secs) = settings.max_keep_alive {
+            config = config.max_keep_alive(secs);
+        }
+        let mut layer = MqttLayer::new(config).connect_timeout(m.connect_timeout);
+        if m.packet_rate.enabled {
+            let r = PacketRate::new(m.packet_rate.per_second, m.packet_rate.burst);
+            layer = layer.packet_rate(match m.packet_rate.over {
+                config::OverRate::Throttle => r,
+                config::OverRate::Disconnect => r.disconnect(),
+            });
+        }
+        if m.enforce_keep_alive {
+            layer = layer.enforce_keep_alive();
+        }
+        let l = &c.limits;
+        let q = &settings.policy;
+        let mut policy = Policy::builder()
+            .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
+            .max_keys(l.max_keys)
+            .v5_publish_answer(l.v5_publish_answer);
+        if let Some(q) = q.connect_per_ip {
+            policy = policy.connect_per_addr(q);
+        }
+        if let Some(q) = q.publish_per_client {
+            policy = policy.publish_per_client(q);
+        }
+        if let Some(q) = q.subscribe_per_client {
+            policy = policy.subscribe_per_client(q);
+        }
+        if let Some(q) = q.packets_per_client {
+            policy = policy.packets_per_client(q);
+        }
+        if let Some(q) = q.bytes_per_client {
+            policy = policy.bytes_per_client(q);
+        }
+        layer.policy(policy.build())
+    });
+    let done = done as fn(Transferred);
+    let after_sniff = match (mqtt, unavailable) {
+        (Some(layer), Some(answer)) => Either::Left(
+            layer.layer(Either::Left(
+                ServiceBuilder::new()
+                    .map_response(done)
+                    .service(proxy.on_connect_error(answer)),
+            )),
+        ),
+        (Some(layer), None) => Either::Left(layer.layer(Either::Right(
+            ServiceBuilder::new().map_response(done).service(proxy),
+        ))),
+        (None, _) => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
+    };
+
+    // Protocol sniffing: MQTT goes on; HTTP/1 gets a 400 if asked; the rest is refused
+    // and counted as aegis_rejections_total{layer="sniff",reason=<protocol>}.
+    let after_slowloris = if c.sniff.enabled {
+        let mut router = SniffRouter::new()
+            .timeout(c.sniff.timeout)
+            .max_prefix(c.sniff.max_prefix)
+            .route(Protocols::MQTT, Erase(after_sniff));
+        if c.sniff.http == config::HttpPolicy::BadRequest {
+            router = router.route(Protocols::HTTP1, Http1::bad_request());
+        }
+        Either::Left(router)
+    } else {
+        Either::Right(after_sniff)
+    };
+
+    let slowloris = c.slowloris.enabled.then(|| {
+        let s = &c.slowloris;
+        let mut l = SlowlorisLayer::new();
+        if !s.first_byte.is_zero() {
+            l = l.first_byte_timeout(s.first_byte);
+        }
+        if !s.idle.is_zero() {
+            l = l.idle_timeout(s.idle);
+        }
+        if !s.handshake.is_zero() {
+            l = l.handshake_timeout(s.handshake);
+        }
+        if s.min_rate_bytes_per_sec > 0 {
+            l = l.min_rate(MinRate::new(s.min_rate_bytes_per_sec, s.min_rate_grace));
+        }
+        if !s.idle_after_handshake.is_zero() {
+            l = l.idle_timeout_after_handshake(s.idle_after_handshake);
+        }
+        l
+    });
+    let after_rate = match slowloris {
+        Some(l) => Either::Left(
+            ServiceBuilder::new()
+                .layer(l)
+                .service(Erase(after_slowloris)),
+        ),
+        None => Either::Right(after_slowloris),
+    };
+
+    let after_proxy_protocol = ServiceBuilder::new()
+        .option_layer(rate_limit)
+        .service(after_rate);
+
+    let top = if c.proxy_protocol.enabled {
+        let p = &c.proxy_protocol;
+        let layer = ProxyProtocolLayer::new(settings.trusted.iter().copied())
+            .mode(match p.mode {
+                config::HeaderMode::Required => proxy_protocol::HeaderMode::Required,
+                config::HeaderMode::Optional => proxy_protocol::HeaderMode::Optional,
+            })
+            .timeout(p.timeout)
+            .max_header_len(p.max_header_len);
+        Either::Left(
+            ServiceBuilder::new()
+                .layer(layer)
+                .service(Erase(after_proxy_protocol)),
+        )
+    } else {
+        Either::Right(Erase(after_proxy_protocol))
+    };
+
+    for (on, name) in [
+        (c.proxy_protocol.enabled, "proxy_protocol"),
+        (c.limits.enabled, "rate_limit"),
+        (c.slowloris.enabled, "slowloris"),
+        (c.sniff.enabled, "sniff"),
+        (c.mqtt.enabled && !settings.policy.any(), "mqtt"),
+        (c.mqtt.enabled && settings.policy.any(), "mqtt+policy"),
+        (c.circuit_breaker.enabled, "circuit_breaker"),
+        (adaptive.is_some(), "adaptive"),
+    ] {
+        if on {
+            layers.push(name);
+        }
+    }
+
+    Built {
+        service: Observe {
+            inner: top,
+            masked: c.log.mask_client_addresses,
+        },
+        breaker: breaker_handle,
+        adaptive,
+        rate_limit: rate_handle,
+        layers,
+    }
+}
