@@ -79,7 +79,7 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start mosquitto ({e}): install it (apt-get install -y mosquitto) or run .ci/run")
+                panic!("cannot start mosquitto ({e}): apt-get install -y mosquitto, or .ci/run")
             });
         let addr = self.addr();
         for _ in 0..200 {

@@ -100,7 +100,8 @@
 //! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
 //! let conn = tokio::spawn(svc.oneshot(io));
 //! // A 3.1.1 CONNECT, client id "a".
-//! client.write_all(&[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a']).await?;
+//! let connect = [0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'];
+//! client.write_all(&connect).await?;
 //! let mut answer = Vec::new();
 //! client.read_to_end(&mut answer).await?;
 //! assert_eq!(answer, [0x20, 0x02, 0x00, 0x03]); // CONNACK: server unavailable
