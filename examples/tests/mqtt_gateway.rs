@@ -1,0 +1,863 @@
+//! The `mqtt-gateway` example as a user runs it: the built binary, started as a child
+//! process on free loopback ports with a config file, poked with a real MQTT client
+//! (rumqttc), raw bytes and raw HTTP, and stopped with SIGTERM.
+//!
+//! `cargo test -p examples` builds the example before running this file; the binary is
+//! found beside the test binary (`target/<profile>/examples/mqtt-gateway`). The MQTT 5
+//! test needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it): the
+//! embedded broker (rumqttd 0.20) speaks MQTT 3.1.1 only.
+//!
+//! Every child process is killed and waited for on every path (a guard's `Drop`), and
+//! every wait is a poll with a deadline.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{Instant, sleep, timeout};
+
+/// The bound on every single wait for an event.
+const WAIT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------
+// The gateway process
+// ---------------------------------------------------------------------------------
+
+/// `target/<profile>/examples/mqtt-gateway`, from this test binary's
+/// `target/<profile>/deps/mqtt_gateway-<hash>`.
+fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("examples").join("mqtt-gateway");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p examples --example mqtt-gateway` \
+         (cargo test -p examples builds it first)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A scratch directory for one test's config file and the gateway's stderr.
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("aegis-mqtt-gateway-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The gateway running as a child process; killed and waited for when dropped.
+struct Gateway {
+    child: Option<Child>,
+    mqtt: SocketAddr,
+    metrics: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway with `config` (TOML) and extra flags, and waits until
+    /// `/healthz` answers.
+    async fn start(name: &str, config: &str, extra: &[&str]) -> Self {
+        let dir = scratch(name);
+        let conf = dir.join("gateway.toml");
+        std::fs::write(&conf, config).unwrap();
+        let (mqtt, metrics) = (free_port(), free_port());
+        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let child = Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&conf)
+            .args(["--listen", &mqtt.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info,mqtt_gateway=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut gw = Self {
+            child: Some(child),
+            mqtt,
+            metrics,
+            dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the gateway exited at start-up ({status}):\n{}", gw.log());
+            }
+            // The gateway binds the MQTT port before the metrics port, so a healthy
+            // endpoint means both listen (and no probe eats a client's rate budget).
+            if let Ok((200, _)) = http_get(metrics, "/healthz").await {
+                return gw;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not start within {WAIT:?}:\n{}",
+                gw.log()
+            );
+            sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM.
+    fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits (bounded) for the process to exit.
+    async fn exit_status(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit within {WAIT:?}"
+            );
+            sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// One Prometheus sample: the value of the line that starts with `series`.
+    async fn metric(&self, series: &str) -> Option<f64> {
+        let (status, body) = http_get(self.metrics, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// Waits (bounded) until `series` reads at least `min`.
+    async fn wait_metric(&self, series: &str, min: f64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await;
+            if v.is_some_and(|v| v >= min) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {v:?}, not >= {min}, after {WAIT:?}; /metrics:\n{}",
+                http_get(self.metrics, "/metrics").await.unwrap().1
+            );
+            sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- gateway stderr ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the gateway with `config` to its exit (bounded); returns the status and stderr.
+fn run_to_exit(name: &str, config: &str) -> (ExitStatus, String) {
+    let dir = scratch(name);
+    let conf = dir.join("gateway.toml");
+    std::fs::write(&conf, config).unwrap();
+    let mut child = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(&conf)
+        .args(["--listen", &free_port().to_string()])
+        .args(["--metrics", &free_port().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway kept running with a bad config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status, stderr)
+}
+
+/// A GET over a fresh connection (HTTP/1.1, `Connection: close`): status and body.
+async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    timeout(Duration::from_secs(5), async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await?;
+        let status = raw
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Ok((status, body))
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+// ---------------------------------------------------------------------------------
+// Raw MQTT
+// ---------------------------------------------------------------------------------
+
+/// An MQTT 3.1.1 CONNECT with clean session, keep-alive 60 s and `client_id`.
+fn connect_311(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
+    body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, u8::try_from(body.len()).unwrap()];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Reads one MQTT packet: (first byte, body).
+async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let first = s.read_u8().await?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok((first, body))
+}
+
+/// Whether the gateway closed the connection without sending a byte (bounded).
+async fn closed_silently(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(timeout(WAIT, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// Connects from `source` (a loopback address) to `to`.
+async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// CONNECT with `client_id` over a fresh connection; returns the connection if the
+/// gateway relayed the broker's CONNACK 0 (accepted).
+async fn mqtt_session(from: &str, gw: SocketAddr, client_id: &str) -> Option<TcpStream> {
+    let mut s = connect_from(from, gw).await;
+    s.write_all(&connect_311(client_id)).await.ok()?;
+    match timeout(WAIT, read_packet(&mut s)).await {
+        Ok(Ok((0x20, body))) if body == [0x00, 0x00] => Some(s),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A real client: rumqttc (3.1.1 and 5.0)
+// ---------------------------------------------------------------------------------
+
+/// A received PUBLISH: (topic, QoS, payload).
+type Msg = (String, u8, Vec<u8>);
+
+/// What the tests need of a client event loop.
+#[derive(Debug)]
+enum Ev {
+    ConnAck,
+    SubAck,
+    Publish(Msg),
+    Acked,
+    Closed(String),
+}
+
+/// Publishes (topic, `QoS`, payload) on a task.
+type PublishFn = Box<dyn Fn(&str, u8, Vec<u8>) -> tokio::task::JoinHandle<()> + Send>;
+/// Subscribes (filter, `QoS`) on a task.
+type SubscribeFn = Box<dyn Fn(&str, u8) -> tokio::task::JoinHandle<()> + Send>;
+
+/// Drives a rumqttc event loop on a task, forwarding the events the tests look at.
+struct Client {
+    publish: PublishFn,
+    subscribe: SubscribeFn,
+    events: tokio::sync::mpsc::UnboundedReceiver<Ev>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    async fn v311(gw: SocketAddr, id: &str) -> Self {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+        let mut o = MqttOptions::new(id, gw.ip().to_string(), gw.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 16);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ev::ConnAck,
+                    Ok(Event::Incoming(Packet::SubAck(_))) => Ev::SubAck,
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        Ev::Publish((p.topic, p.qos as u8, p.payload.to_vec()))
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Ev::Acked,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(Ev::Closed(e.to_string()));
+                        break;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+        let (pc, sc) = (client.clone(), client);
+        let mut c = Self {
+            publish: Box::new(move |t, q, p| {
+                let (c, t) = (pc.clone(), t.to_string());
+                tokio::spawn(async move {
+                    c.publish(t, rumqttc::qos(q).unwrap(), false, p)
+                        .await
+                        .unwrap();
+                })
+            }),
+            subscribe: Box::new(move |f, q| {
+                let (c, f) = (sc.clone(), f.to_string());
+                tokio::spawn(async move {
+                    c.subscribe(f, rumqttc::qos(q).unwrap()).await.unwrap();
+                })
+            }),
+            events,
+            task,
+        };
+        c.expect("CONNACK", |e| matches!(e, Ev::ConnAck).then_some(()))
+            .await;
+        c
+    }
+
+    async fn v5(gw: SocketAddr, id: &str) -> Self {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let mut o = MqttOptions::new(id, gw.ip().to_string(), gw.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 16);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ev::ConnAck,
+                    Ok(Event::Incoming(Packet::SubAck(_))) => Ev::SubAck,
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ev::Publish((
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        p.qos as u8,
+                        p.payload.to_vec(),
+                    )),
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Ev::Acked,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(Ev::Closed(e.to_string()));
+                        break;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+        let (pc, sc) = (client.clone(), client);
+        let mut c = Self {
+            publish: Box::new(move |t, q, p| {
+                let (c, t) = (pc.clone(), t.to_string());
+                tokio::spawn(async move {
+                    let q = rumqttc::v5::mqttbytes::qos(q).unwrap();
+                    c.publish(t, q, false, p).await.unwrap();
+                })
+            }),
+            subscribe: Box::new(move |f, q| {
+                let (c, f) = (sc.clone(), f.to_string());
+                tokio::spawn(async move {
+                    let q = rumqttc::v5::mqttbytes::qos(q).unwrap();
+                    c.subscribe(f, q).await.unwrap();
+                })
+            }),
+            events,
+            task,
+        };
+        c.expect("CONNACK", |e| matches!(e, Ev::ConnAck).then_some(()))
+            .await;
+        c
+    }
+
+    /// Skips events until `f` picks one; panics on a close or after [`WAIT`].
+    async fn expect<T>(&mut self, what: &str, mut f: impl FnMut(Ev) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, self.events.recv()).await {
+                Ok(Some(Ev::Closed(why))) => panic!("closed ({why}) while waiting for {what}"),
+                Ok(Some(e)) => {
+                    if let Some(t) = f(e) {
+                        return t;
+                    }
+                }
+                Ok(None) => panic!("event loop gone while waiting for {what}"),
+                Err(_) => panic!("no {what} within {WAIT:?}"),
+            }
+        }
+    }
+}
+
+/// Subscribes with `sub` at `QoS` 2, then publishes one message at each `QoS` with
+/// `publ`, and checks that `sub` receives each, in order, at the `QoS` it was sent with
+/// (`exact_qos`) or at least at that `QoS`: rumqttd 0.20 delivers at the subscription's
+/// `QoS`, not at min(publication, subscription) as MQTT-3.8.4-6 asks.
+async fn pub_sub_all_qos(sub: &mut Client, publ: &mut Client, topic: &str, exact_qos: bool) {
+    let _ = (sub.subscribe)(topic, 2).await;
+    sub.expect("SUBACK", |e| matches!(e, Ev::SubAck).then_some(()))
+        .await;
+    for qos in 0..=2u8 {
+        let payload = format!("hello at qos {qos}").into_bytes();
+        let _ = (publ.publish)(topic, qos, payload.clone()).await;
+        if qos > 0 {
+            publ.expect("PUBACK/PUBCOMP", |e| matches!(e, Ev::Acked).then_some(()))
+                .await;
+        }
+        let got = sub
+            .expect("PUBLISH", |e| match e {
+                Ev::Publish(m) => Some(m),
+                _ => None,
+            })
+            .await;
+        assert_eq!((got.0.as_str(), &got.2), (topic, &payload), "QoS {qos}");
+        if exact_qos {
+            assert_eq!(got.1, qos, "delivered QoS");
+        } else {
+            assert!(got.1 >= qos, "delivered at QoS {} for QoS {qos}", got.1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
+    let gw = Gateway::start("embedded", "", &[]).await;
+    assert_eq!(http_get(gw.metrics, "/healthz").await.unwrap().0, 200);
+    let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+
+    let mut sub = Client::v311(gw.mqtt, "sub-311").await;
+    let mut publ = Client::v311(gw.mqtt, "pub-311").await;
+    pub_sub_all_qos(&mut sub, &mut publ, "gateway/v311", false).await;
+
+    gw.wait_metric("aegis_sniff_total{protocol=\"mqtt\"}", 2.0)
+        .await;
+    assert!(gw.log().contains("mqtt-gateway listening"), "{}", gw.log());
+}
+
+/// A mosquitto broker on a free loopback port; killed and waited for when dropped.
+struct Mosquitto {
+    child: Child,
+    addr: SocketAddr,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    async fn start() -> Self {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap();
+        let addr = free_port();
+        let conf =
+            std::env::temp_dir().join(format!("aegis-mqtt-gateway-mosquitto-{}.conf", addr.port()));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                addr.port()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start mosquitto ({e}): apt-get install -y mosquitto, or run .ci/run")
+            });
+        let m = Self { child, addr, conf };
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {addr}"
+            );
+            sleep(Duration::from_millis(25)).await;
+        }
+        m
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
+#[tokio::test]
+async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
+    let broker = Mosquitto::start().await;
+    let upstream = broker.addr.to_string();
+    let gw = Gateway::start("mosquitto", "", &["--upstream", &upstream]).await;
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+
+    let mut sub = Client::v5(gw.mqtt, "sub-v5").await;
+    let mut publ = Client::v5(gw.mqtt, "pub-v5").await;
+    pub_sub_all_qos(&mut sub, &mut publ, "gateway/v5", true).await;
+
+    let mut sub = Client::v311(gw.mqtt, "sub-v311").await;
+    let mut publ = Client::v311(gw.mqtt, "pub-v311").await;
+    pub_sub_all_qos(&mut sub, &mut publ, "gateway/v311", true).await;
+}
+
+#[tokio::test]
+async fn http_tls_and_garbage_are_refused_and_counted_under_their_own_labels() {
+    let config = "[log]\nmask_client_addresses = true\n";
+    let gw = Gateway::start("sniff", config, &[]).await;
+    // A minimal TLS 1.2 record header and ClientHello start: enough to classify.
+    let client_hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let probes: [(&[u8], &str); 3] = [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http1"),
+        (client_hello, "tls"),
+        (b"\xff\xfe garbage", "unknown"),
+    ];
+    for (bytes, label) in probes {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        assert!(
+            closed_silently(&mut s).await,
+            "{label}: not closed silently"
+        );
+        gw.wait_metric(
+            &format!("aegis_rejections_total{{layer=\"sniff\",reason=\"{label}\"}}"),
+            1.0,
+        )
+        .await;
+        gw.wait_metric(&format!("aegis_sniff_total{{protocol=\"{label}\"}}"), 1.0)
+            .await;
+    }
+    gw.wait_metric("aegis_connections_total{outcome=\"rejected\"}", 3.0)
+        .await;
+    // The gateway's own lines name the client by its /24 only.
+    let log = gw.log();
+    assert!(
+        log.contains("client=127.0.0.0/24 layer=\"sniff\" reason=\"tls\""),
+        "{log}"
+    );
+    assert!(!log.contains("client=127.0.0.1:"), "{log}");
+}
+
+#[tokio::test]
+async fn silent_and_stalled_clients_are_cut_at_their_deadlines() {
+    let config = r#"
+        [slowloris]
+        first_byte = "300ms"
+        idle = "600ms"
+        handshake = "5s"
+        [sniff]
+        timeout = "10s"
+    "#;
+    let gw = Gateway::start("slowloris", config, &[]).await;
+
+    // Silent: cut at the first-byte deadline.
+    let mut silent = TcpStream::connect(gw.mqtt).await.unwrap();
+    let start = Instant::now();
+    assert!(closed_silently(&mut silent).await);
+    let took = Instant::now().saturating_duration_since(start);
+    assert!(took >= Duration::from_millis(250), "cut after {took:?}");
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"slowloris\",reason=\"first_byte\"}",
+        1.0,
+    )
+    .await;
+
+    // One byte of a CONNECT, then nothing: cut by the idle clock, long before the
+    // sniffer's 10 s.
+    let mut stalled = TcpStream::connect(gw.mqtt).await.unwrap();
+    stalled.write_all(&[0x10]).await.unwrap();
+    let start = Instant::now();
+    assert!(closed_silently(&mut stalled).await);
+    let took = Instant::now().saturating_duration_since(start);
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "cut after {took:?}"
+    );
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"slowloris\",reason=\"idle\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_from_one_address_is_limited_while_another_address_connects() {
+    let config = r#"
+        [limits.per_ip]
+        rate = "1/m"
+        burst = 3
+    "#;
+    let gw = Gateway::start("rate", config, &[]).await;
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let s = mqtt_session("127.0.0.1", gw.mqtt, &format!("burst-{i}")).await;
+        open.push(s.unwrap_or_else(|| panic!("connection {i} within the burst refused")));
+    }
+    let mut over = connect_from("127.0.0.1", gw.mqtt).await;
+    let _ = over.write_all(&connect_311("burst-over")).await;
+    assert!(
+        closed_silently(&mut over).await,
+        "over the burst, not refused"
+    );
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"rate_limit\",reason=\"per_client\"}",
+        1.0,
+    )
+    .await;
+
+    // Another source address has its own budget.
+    let other = mqtt_session("127.0.0.2", gw.mqtt, "other-address").await;
+    assert!(other.is_some(), "127.0.0.2 was refused");
+}
+
+#[tokio::test]
+async fn malformed_connects_get_the_answer_the_spec_gives() {
+    let gw = Gateway::start("malformed", "", &[]).await;
+
+    // 3.1.1, reserved flag bit set: [MQTT-3.1.2-3] close without a CONNACK.
+    let mut bad = connect_311("bad");
+    bad[9] |= 0x01;
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&bad).await.unwrap();
+    assert!(closed_silently(&mut s).await);
+
+    // An unsupported protocol level: CONNACK 0x01 [MQTT-3.1.2-2], then close.
+    let mut v9 = connect_311("v9");
+    v9[8] = 9;
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&v9).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(answer, (0x20, vec![0x00, 0x01]));
+    assert!(closed_silently(&mut s).await);
+
+    // MQTT 5, a CONNECT whose properties run past the packet: CONNACK 0x81.
+    let v5_bad = [
+        0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x09, 0x00, 0x00,
+        0x00,
+    ];
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&v5_bad).await.unwrap();
+    let (first, body) = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!((first, body[1]), (0x20, 0x81), "{body:?}");
+
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"malformed\"}",
+        2.0,
+    )
+    .await;
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"unsupported_version\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_open_sessions_and_exits_0() {
+    let mut gw = Gateway::start("drain", "", &[]).await;
+    let mut session = mqtt_session("127.0.0.1", gw.mqtt, "draining")
+        .await
+        .unwrap();
+
+    gw.terminate();
+    // The gateway says it is going away, then stops accepting.
+    let deadline = Instant::now() + WAIT;
+    while http_get(gw.metrics, "/readyz").await.map(|r| r.0).ok() != Some(503) {
+        assert!(Instant::now() < deadline, "/readyz never said 503");
+        sleep(Duration::from_millis(25)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(gw.mqtt).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        sleep(Duration::from_millis(25)).await;
+    }
+    // The open session still works during the drain: PINGREQ / PINGRESP.
+    session.write_all(&[0xC0, 0x00]).await.unwrap();
+    let pong = timeout(WAIT, read_packet(&mut session))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, (0xD0, vec![]));
+    // It ends (DISCONNECT), and with it the drain.
+    session.write_all(&[0xE0, 0x00]).await.unwrap();
+    drop(session);
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("drained=true"), "{}", gw.log());
+}
+
+#[tokio::test]
+async fn a_drain_that_runs_out_of_time_exits_1() {
+    let config = r#"
+        [server]
+        drain_timeout = "300ms"
+    "#;
+    let mut gw = Gateway::start("abort", config, &[]).await;
+    let _session = mqtt_session("127.0.0.1", gw.mqtt, "stays").await.unwrap();
+    gw.terminate();
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(1), "{}", gw.log());
+}
+
+#[test]
+fn config_errors_exit_2_and_name_the_key() {
+    let cases = [
+        (
+            "wrong type",
+            "[server]\nmax_connections = \"many\"\n",
+            "server.max_connections",
+        ),
+        (
+            "out of range",
+            "[limits.per_ip]\nrate = \"5/s\"\nburst = 0\n",
+            "limits.per_ip.burst",
+        ),
+        (
+            "unknown key",
+            "[slowloris]\nfirst_bite = \"5s\"\n",
+            "slowloris.first_bite",
+        ),
+        (
+            "bad duration",
+            "[mqtt]\nconnect_timeout = \"soon\"\n",
+            "mqtt.connect_timeout",
+        ),
+        (
+            "bad network",
+            "[proxy_protocol]\nenabled = true\ntrusted = [\"10.0.0.0/8\", \"nope\"]\n",
+            "proxy_protocol.trusted[1]",
+        ),
+    ];
+    for (what, config, key) in cases {
+        let (status, stderr) = run_to_exit(&what.replace(' ', "-"), config);
+        assert_eq!(status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!("config error: {key}")),
+            "{what}: stderr does not name {key}: {stderr}"
+        );
+    }
+}
+
+/// `--check` prints the effective configuration: the shipped example file (every key)
+/// gives exactly the defaults.
+#[test]
+fn the_shipped_example_config_is_the_defaults() {
+    let dir = scratch("check");
+    let example = dir.join("gateway.example.toml");
+    std::fs::write(
+        &example,
+        include_str!("../mqtt-gateway/gateway.example.toml"),
+    )
+    .unwrap();
+    let check = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(gateway_bin())
+            .arg("--check")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let from_file = check(&["--config".as_ref(), example.as_os_str()]);
+    let defaults = check(&[]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(from_file, defaults);
+    assert!(defaults.contains("upstream: \"embedded\""), "{defaults}");
+}
+
+/// The shipped example file starts the gateway as is.
+#[tokio::test]
+async fn the_shipped_example_config_starts() {
+    let example = include_str!("../mqtt-gateway/gateway.example.toml");
+    let gw = Gateway::start("example-config", example, &[]).await;
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+    let mut s = mqtt_session("127.0.0.1", gw.mqtt, "example").await.unwrap();
+    s.write_all(&[0xE0, 0x00]).await.unwrap();
+}
