@@ -62,6 +62,7 @@
 //! | `server_busy` | CONNACK 0x03 | CONNACK 0x89 | close | DISCONNECT 0x89 |
 //! | `quota_exceeded` | CONNACK 0x03 | CONNACK 0x97 | close | DISCONNECT 0x97 |
 //! | `connection_rate` | CONNACK 0x03 | CONNACK 0x9F | close | DISCONNECT 0x9F |
+//! | `connect_rate` | CONNACK 0x05 (the per-packet policy's CONNECT brake) | CONNACK 0x9F | close | DISCONNECT 0x9F |
 //! | `message_rate` | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
 //! | `keep_alive_timeout` | close | close | close | DISCONNECT 0x8D |
 //!
