@@ -1,0 +1,923 @@
+//! End-to-end tests of `MqttLayer` over real loopback sockets: a real mosquitto behind
+//! the gateway and a real client (rumqttc) or hand-built bytes in front of it, for MQTT
+//! 3.1.1 and 5.0.
+//!
+//! The stack is `serve(listener, MqttLayer -> Proxy -> mosquitto)`. Every test starts
+//! its own broker on a free loopback port (so the broker's log, which the tests read to
+//! prove what reached the broker, holds only that test's clients) and its own gateway.
+//! Needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it).
+//!
+//! Every wait is bounded; the tests assert events (packets, EOF, broker log lines), and
+//! durations only where the duration is the point (the keep-alive cut).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aegis_core::{proxy::Proxy, serve};
+use aegis_mqtt::Config;
+use aegis_mqtt::layer::MqttLayer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tower::ServiceBuilder;
+
+/// The bound on every single wait for an event.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------
+// The broker and the gateway
+// ---------------------------------------------------------------------------------
+
+/// A mosquitto broker on a free loopback port, logging everything to a file in its own
+/// temporary directory. Killed and waited on when dropped (and on every startup failure).
+struct Mosquitto {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    async fn start() -> Self {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir =
+            std::env::temp_dir().join(format!("aegis-mqtt-e2e-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        // `log_dest stderr` is unbuffered, and stderr is our file: opened here, so it
+        // stays writable after mosquitto drops root privileges.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 log_dest stderr\nlog_type all\nconnection_messages true\n"
+            ),
+        )
+        .unwrap();
+        let log = File::create(dir.join("broker.log")).unwrap();
+        let spawned = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!(
+                    "cannot start mosquitto ({e}): install it \
+                     (apt-get install -y mosquitto) or run .ci/run"
+                );
+            }
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // Ready once it logs "running" (after opening its listener): probing the port
+        // would add a connection to the log the tests count.
+        let mut exited = None;
+        for _ in 0..400 {
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => {
+                    exited = Some(status);
+                    break;
+                }
+                Err(e) => panic!("cannot wait on mosquitto: {e}"),
+            }
+            if log_of(&dir).contains(" running") {
+                return Self { child, addr, dir };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = log_of(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        match exited {
+            Some(status) => panic!("mosquitto exited at startup ({status}):\n{log}"),
+            None => panic!("mosquitto did not start listening on {addr}:\n{log}"),
+        }
+    }
+
+    /// Everything the broker logged so far.
+    fn log(&self) -> String {
+        log_of(&self.dir)
+    }
+
+    /// Waits (bounded) until the broker logs a line containing `needle`.
+    async fn wait_for_log(&self, needle: &str) {
+        let found = timeout(WAIT, async {
+            while !self.log().contains(needle) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "the broker never logged {needle:?}; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// How many times the broker logged `needle`.
+    fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default()
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- mosquitto log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The gateway under test on a free loopback port: strict validation with keep-alive
+/// enforcement, in front of the broker.
+async fn gateway(broker: SocketAddr) -> SocketAddr {
+    let svc = ServiceBuilder::new()
+        .layer(MqttLayer::new(Config::new()).enforce_keep_alive())
+        .service(Proxy::new(broker));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, svc).into_future());
+    addr
+}
+
+// ---------------------------------------------------------------------------------
+// A real client: rumqttc, both APIs behind one small interface
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum V {
+    V311,
+    V5,
+}
+
+/// A received PUBLISH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Msg {
+    topic: Vec<u8>,
+    qos: u8,
+    payload: Vec<u8>,
+}
+
+/// What a rumqttc event loop reported, the same for both protocol versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ev {
+    ConnAck(String),
+    SubAck(Vec<String>),
+    Publish(Msg),
+    /// An outgoing PUBLISH left with this packet id (0 for `QoS` 0).
+    Sent(u16),
+    PubAck(u16),
+    PubRec(u16),
+    PubComp(u16),
+    PingResp,
+    Disconnect(String),
+    /// The event loop failed (connection closed or refused); it is not polled again.
+    Closed(String),
+}
+
+enum Handle {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+#[derive(Default)]
+struct Opts {
+    keep_alive: Option<u64>,
+    will: Option<(&'static str, Vec<u8>)>,
+}
+
+/// A rumqttc client connected through the gateway, its event loop driven by a task that
+/// forwards every event. Dropping it aborts the task, which drops the socket.
+struct Client {
+    handle: Handle,
+    events: mpsc::UnboundedReceiver<Ev>,
+    task: JoinHandle<()>,
+    /// Events received but not yet picked by [`Client::expect`].
+    backlog: VecDeque<Ev>,
+    name: String,
+}
+
+const MAX_PACKET: usize = 256 * 1024;
+
+fn v4_event(e: rumqttc::Event) -> Option<Ev> {
+    use rumqttc::{Event, Outgoing, Packet};
+    Some(match e {
+        Event::Incoming(Packet::ConnAck(c)) => Ev::ConnAck(format!("{:?}", c.code)),
+        Event::Incoming(Packet::SubAck(s)) => {
+            Ev::SubAck(s.return_codes.iter().map(|c| format!("{c:?}")).collect())
+        }
+        Event::Incoming(Packet::Publish(p)) => Ev::Publish(Msg {
+            topic: p.topic.into_bytes(),
+            qos: p.qos as u8,
+            payload: p.payload.to_vec(),
+        }),
+        Event::Incoming(Packet::PubAck(a)) => Ev::PubAck(a.pkid),
+        Event::Incoming(Packet::PubRec(a)) => Ev::PubRec(a.pkid),
+        Event::Incoming(Packet::PubComp(a)) => Ev::PubComp(a.pkid),
+        Event::Incoming(Packet::PingResp) => Ev::PingResp,
+        Event::Incoming(Packet::Disconnect) => Ev::Disconnect(String::new()),
+        Event::Outgoing(Outgoing::Publish(id)) => Ev::Sent(id),
+        _ => return None,
+    })
+}
+
+fn v5_event(e: rumqttc::v5::Event) -> Option<Ev> {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    Some(match e {
+        Event::Incoming(Packet::ConnAck(c)) => Ev::ConnAck(format!("{:?}", c.code)),
+        Event::Incoming(Packet::SubAck(s)) => {
+            Ev::SubAck(s.return_codes.iter().map(|c| format!("{c:?}")).collect())
+        }
+        Event::Incoming(Packet::Publish(p)) => Ev::Publish(Msg {
+            topic: p.topic.to_vec(),
+            qos: p.qos as u8,
+            payload: p.payload.to_vec(),
+        }),
+        Event::Incoming(Packet::PubAck(a)) => Ev::PubAck(a.pkid),
+        Event::Incoming(Packet::PubRec(a)) => Ev::PubRec(a.pkid),
+        Event::Incoming(Packet::PubComp(a)) => Ev::PubComp(a.pkid),
+        Event::Incoming(Packet::PingResp(_)) => Ev::PingResp,
+        Event::Incoming(Packet::Disconnect(d)) => Ev::Disconnect(format!("{:?}", d.reason_code)),
+        Event::Outgoing(Outgoing::Publish(id)) => Ev::Sent(id),
+        _ => return None,
+    })
+}
+
+fn qos4(qos: u8) -> rumqttc::QoS {
+    rumqttc::qos(qos).unwrap()
+}
+
+fn qos5(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+    rumqttc::v5::mqttbytes::qos(qos).unwrap()
+}
+
+impl Client {
+    /// Connects through the gateway and waits for a successful CONNACK.
+    async fn connect(v: V, gw: SocketAddr, id: &str, opts: Opts) -> Self {
+        let (tx, events) = mpsc::unbounded_channel();
+        let keep_alive = Duration::from_secs(opts.keep_alive.unwrap_or(60));
+        let (handle, task) = match v {
+            V::V311 => {
+                let mut o = rumqttc::MqttOptions::new(id, gw.ip().to_string(), gw.port());
+                o.set_keep_alive(keep_alive)
+                    .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+                if let Some((topic, payload)) = opts.will {
+                    o.set_last_will(rumqttc::LastWill::new(topic, payload, qos4(1), false));
+                }
+                let (client, mut el) = rumqttc::AsyncClient::new(o, 16);
+                let task = tokio::spawn(async move {
+                    loop {
+                        match el.poll().await {
+                            Ok(e) => {
+                                if let Some(e) = v4_event(e) {
+                                    if tx.send(e).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Ev::Closed(e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                });
+                (Handle::V4(client), task)
+            }
+            V::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(id, gw.ip().to_string(), gw.port());
+                o.set_keep_alive(keep_alive)
+                    .set_max_packet_size(Some(u32::try_from(MAX_PACKET).unwrap()));
+                if let Some((topic, payload)) = opts.will {
+                    o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        topic,
+                        payload,
+                        qos5(1),
+                        false,
+                        None,
+                    ));
+                }
+                let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 16);
+                let task = tokio::spawn(async move {
+                    loop {
+                        match el.poll().await {
+                            Ok(e) => {
+                                if let Some(e) = v5_event(e) {
+                                    if tx.send(e).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Ev::Closed(e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                });
+                (Handle::V5(client), task)
+            }
+        };
+        let mut c = Self {
+            handle,
+            events,
+            task,
+            backlog: VecDeque::new(),
+            name: id.to_owned(),
+        };
+        let code = c
+            .expect("CONNACK", |e| match e {
+                Ev::ConnAck(code) => Some(code.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(code, "Success", "{id}: CONNACK");
+        c
+    }
+
+    /// The first event, in arrival order, that `f` picks, within [`WAIT`]. Events it
+    /// does not pick stay queued for later calls; a closed connection fails the wait.
+    async fn expect<T>(&mut self, what: &str, mut f: impl FnMut(&Ev) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = 0;
+        loop {
+            if let Some(i) = self.backlog.iter().skip(seen).position(|e| f(e).is_some()) {
+                let e = self.backlog.remove(seen + i).unwrap();
+                return f(&e).unwrap();
+            }
+            seen = self.backlog.len();
+            if let Some(Ev::Closed(why)) = self.backlog.back() {
+                panic!("{}: closed ({why}) while waiting for {what}", self.name);
+            }
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => self.backlog.push_back(e),
+                Ok(None) => panic!("{}: event loop gone while waiting for {what}", self.name),
+                Err(_) => panic!(
+                    "{}: no {what} within {WAIT:?}; other events: {:?}",
+                    self.name, self.backlog
+                ),
+            }
+        }
+    }
+
+    /// The next PUBLISH this client receives.
+    async fn expect_publish(&mut self) -> Msg {
+        self.expect("PUBLISH", |e| match e {
+            Ev::Publish(m) => Some(m.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Subscribes and returns the SUBACK's return codes.
+    async fn subscribe(&mut self, filter: &str, qos: u8) -> Vec<String> {
+        match &self.handle {
+            Handle::V4(c) => c.subscribe(filter, qos4(qos)).await.unwrap(),
+            Handle::V5(c) => c.subscribe(filter, qos5(qos)).await.unwrap(),
+        }
+        self.expect("SUBACK", |e| match e {
+            Ev::SubAck(codes) => Some(codes.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Publishes and waits until it has gone out and is acknowledged as its `QoS` asks
+    /// (nothing for 0, PUBACK for 1, PUBREC then PUBCOMP for 2); returns the packet id.
+    async fn publish(&mut self, topic: &str, qos: u8, payload: Vec<u8>) -> u16 {
+        match &self.handle {
+            Handle::V4(c) => c.publish(topic, qos4(qos), false, payload).await.unwrap(),
+            Handle::V5(c) => c.publish(topic, qos5(qos), false, payload).await.unwrap(),
+        }
+        let id = self
+            .expect("the outgoing PUBLISH", |e| match e {
+                Ev::Sent(id) => Some(*id),
+                _ => None,
+            })
+            .await;
+        match qos {
+            0 => assert_eq!(id, 0, "a QoS 0 PUBLISH has no packet id"),
+            1 => {
+                self.expect("PUBACK", |e| (*e == Ev::PubAck(id)).then_some(()))
+                    .await;
+            }
+            _ => {
+                self.expect("PUBREC", |e| (*e == Ev::PubRec(id)).then_some(()))
+                    .await;
+                self.expect("PUBCOMP", |e| (*e == Ev::PubComp(id)).then_some(()))
+                    .await;
+            }
+        }
+        id
+    }
+
+    /// Sends DISCONNECT and waits until the event loop reports the connection over.
+    async fn disconnect(&mut self) {
+        match &self.handle {
+            Handle::V4(c) => c.disconnect().await.unwrap(),
+            Handle::V5(c) => c.disconnect().await.unwrap(),
+        }
+        self.expect("the end of the connection", |e| {
+            matches!(e, Ev::Closed(_)).then_some(())
+        })
+        .await;
+    }
+
+    /// Drops the connection without a DISCONNECT: the event loop (and with it the
+    /// socket) is dropped mid-session, as when a device loses power.
+    async fn vanish(&mut self) {
+        self.task.abort();
+        let ended = timeout(WAIT, &mut self.task).await.expect("the task ends");
+        assert!(ended.unwrap_err().is_cancelled());
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Hand-built packets for the raw-socket clients
+// ---------------------------------------------------------------------------------
+
+/// A packet: first byte, Remaining Length (variable-length encoded), body.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = u8::try_from(len % 128).unwrap();
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
+fn string(s: &str) -> Vec<u8> {
+    let mut v = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// A clean-session CONNECT with this client id and keep-alive.
+fn connect(v: V, id: &str, keep_alive: u16) -> Vec<u8> {
+    let level = if v == V::V5 { 5 } else { 4 };
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if v == V::V5 {
+        body.push(0x00); // no properties
+    }
+    body.extend_from_slice(&string(id));
+    packet(0x10, &body)
+}
+
+/// A SUBSCRIBE of one filter.
+fn subscribe(v: V, packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    if v == V::V5 {
+        body.push(0x00);
+    }
+    body.extend_from_slice(&string(filter));
+    body.push(qos);
+    packet(0x82, &body)
+}
+
+/// A `QoS` 0 PUBLISH.
+fn publish0(v: V, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    if v == V::V5 {
+        body.push(0x00);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+/// Reads one MQTT packet, within [`WAIT`]: (first byte, body).
+async fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let first = s.read_u8().await?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = s.read_u8().await?;
+            len |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>((first, body))
+    };
+    match timeout(WAIT, read).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => panic!("connection ended while a packet was expected: {e}"),
+        Err(_) => panic!("no packet within {WAIT:?}"),
+    }
+}
+
+/// Asserts that the peer closes the connection (EOF or reset) without sending anything
+/// more, within [`WAIT`].
+async fn expect_closed(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 64];
+    match timeout(WAIT, s.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => panic!("{what}: expected the close, got {:02x?}", &buf[..n]),
+        Err(_) => panic!("{what}: still open after {WAIT:?}"),
+    }
+}
+
+/// Opens a raw connection through the gateway and completes the CONNECT / CONNACK.
+async fn raw_session(v: V, gw: SocketAddr, id: &str, keep_alive: u16) -> TcpStream {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(&connect(v, id, keep_alive)).await.unwrap();
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!(first, 0x20, "{id}: a CONNACK");
+    assert_eq!(body[1], 0x00, "{id}: CONNACK success");
+    s
+}
+
+/// Payload bytes no text encoding would preserve: every byte value, NUL and invalid
+/// UTF-8 included, then `tag`.
+fn binary_payload(tag: &str, len: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..=255u8).cycle().take(len).collect();
+    p.extend_from_slice(tag.as_bytes());
+    p
+}
+
+// ---------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------
+
+/// Connect, subscribe, and publish at `QoS` 0, 1 and 2 through the gateway, both clients
+/// real: the subscriber gets each payload byte-exact at the `QoS` asked for, and the
+/// publisher gets PUBACK (`QoS` 1) and PUBREC / PUBCOMP (`QoS` 2). The last message is
+/// 100 KB, so it crosses the gateway in many reads.
+async fn publish_at_each_qos(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut sub = Client::connect(v, gw, "qossub", Opts::default()).await;
+    assert_eq!(
+        sub.subscribe("e2e/qos/#", 2).await,
+        ["Success(ExactlyOnce)"]
+    );
+    let mut publ = Client::connect(v, gw, "qospub", Opts::default()).await;
+
+    let messages = [
+        (0, binary_payload("qos0", 256)),
+        (1, binary_payload("qos1", 300)),
+        (2, binary_payload("qos2", 1000)),
+        (1, binary_payload("large", 100_000)),
+        (0, Vec::new()),
+    ];
+    for (i, (qos, payload)) in messages.into_iter().enumerate() {
+        let topic = format!("e2e/qos/{i}");
+        let id = publ.publish(&topic, qos, payload.clone()).await;
+        assert_eq!(id == 0, qos == 0, "packet id {id} for QoS {qos}");
+        let got = sub.expect_publish().await;
+        assert_eq!(got.topic, topic.as_bytes(), "message {i}");
+        assert_eq!(
+            got.qos, qos,
+            "message {i}: delivered at the QoS it was sent with"
+        );
+        assert!(
+            got.payload == payload,
+            "message {i}: payload of {} bytes differs from the {} sent",
+            got.payload.len(),
+            payload.len()
+        );
+    }
+    // Both sessions went through intact; the broker saw one connection from each.
+    assert_eq!(broker.count("New client connected from"), 2);
+}
+
+#[tokio::test]
+async fn v311_publish_at_each_qos() {
+    publish_at_each_qos(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_publish_at_each_qos() {
+    publish_at_each_qos(V::V5).await;
+}
+
+/// Will messages: a client that vanishes (TCP dropped, no DISCONNECT) has its will
+/// published to a subscriber through the gateway; one that sends DISCONNECT does not.
+async fn will_message(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut watcher = Client::connect(v, gw, "willwatcher", Opts::default()).await;
+    assert_eq!(
+        watcher.subscribe("e2e/will/#", 1).await,
+        ["Success(AtLeastOnce)"]
+    );
+
+    // A clean DISCONNECT discards the will ([MQTT-3.1.2-10], v5 [MQTT-3.1.2-10]).
+    let will = |tag: &str| binary_payload(tag, 64);
+    let mut polite = Client::connect(
+        v,
+        gw,
+        "willpolite",
+        Opts {
+            will: Some(("e2e/will/polite", will("polite"))),
+            ..Opts::default()
+        },
+    )
+    .await;
+    polite.disconnect().await;
+    broker.wait_for_log("Client willpolite disconnected").await;
+
+    // An abrupt drop publishes it.
+    let mut gone = Client::connect(
+        v,
+        gw,
+        "willgone",
+        Opts {
+            will: Some(("e2e/will/gone", will("gone"))),
+            ..Opts::default()
+        },
+    )
+    .await;
+    gone.vanish().await;
+
+    let got = watcher.expect_publish().await;
+    assert_eq!(
+        (got.topic.as_slice(), got.qos),
+        (&b"e2e/will/gone"[..], 1),
+        "the first will is the vanished client's: the polite one's was discarded"
+    );
+    assert!(got.payload == will("gone"), "the will payload, byte-exact");
+    assert!(
+        broker
+            .log()
+            .contains("Client willgone closed its connection"),
+        "the broker saw the TCP close, not a DISCONNECT"
+    );
+}
+
+#[tokio::test]
+async fn v311_will_message() {
+    will_message(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_will_message() {
+    will_message(V::V5).await;
+}
+
+/// With `enforce_keep_alive` on, a real client with a 5 s keep-alive stays connected
+/// well past 1.5 x its keep-alive: its PINGREQs pass the gateway and PINGRESPs come
+/// back, and the session still works afterwards.
+async fn pings_keep_a_session_alive(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut c = Client::connect(
+        v,
+        gw,
+        "pinger",
+        Opts {
+            keep_alive: Some(5),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let start = Instant::now();
+    let mut pongs = 0;
+    while Instant::now().saturating_duration_since(start) < Duration::from_secs(8) {
+        c.expect("PINGRESP", |e| (*e == Ev::PingResp).then_some(()))
+            .await;
+        pongs += 1;
+    }
+    assert!(pongs >= 1);
+    assert_eq!(c.subscribe("e2e/ka", 1).await, ["Success(AtLeastOnce)"]);
+    c.publish("e2e/ka", 1, b"still here".to_vec()).await;
+    assert_eq!(c.expect_publish().await.payload, b"still here");
+    assert_eq!(broker.count("has exceeded timeout"), 0);
+}
+
+#[tokio::test]
+async fn v311_pings_keep_a_session_alive() {
+    pings_keep_a_session_alive(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_pings_keep_a_session_alive() {
+    pings_keep_a_session_alive(V::V5).await;
+}
+
+/// A client that sends a valid CONNECT with a keep-alive of 1 s and then stays silent is
+/// cut by the gateway after 1.5 s (5.0: DISCONNECT 0x8D first). The broker's log shows
+/// the gateway closed it, not mosquitto's own keep-alive check (which, in mosquitto 2.0,
+/// fires seconds later).
+async fn silent_client_is_cut(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let start = Instant::now();
+    let mut s = raw_session(v, gw, "silent", 1).await;
+    if v == V::V5 {
+        assert_eq!(
+            read_packet(&mut s).await,
+            (0xE0, vec![0x8D, 0x00]),
+            "DISCONNECT Keep Alive timeout"
+        );
+    }
+    expect_closed(&mut s, "silent client").await;
+    let after = Instant::now().saturating_duration_since(start);
+    assert!(
+        after >= Duration::from_secs(1) && after <= Duration::from_secs(5),
+        "cut after {after:?}, expected about 1.5 s"
+    );
+    broker
+        .wait_for_log("Client silent closed its connection")
+        .await;
+    assert_eq!(broker.count("has exceeded timeout"), 0);
+}
+
+#[tokio::test]
+async fn v311_silent_client_is_cut_after_one_and_a_half_keep_alives() {
+    silent_client_is_cut(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_silent_client_is_cut_after_one_and_a_half_keep_alives() {
+    silent_client_is_cut(V::V5).await;
+}
+
+/// A raw client connects, subscribes and publishes a valid message that a real
+/// subscriber receives; then it sends an invalid packet followed by a valid PUBLISH in
+/// the same write. The gateway forwards neither: 3.1.1 closes, 5.0 sends DISCONNECT with
+/// the reason the layer documents for the violation, then closes. The broker's log
+/// shows one SUBSCRIBE and one PUBLISH from the client and a plain close (mosquitto
+/// would have logged a protocol error had it seen the packet). A real session on
+/// another connection is unaffected throughout.
+async fn rejected_packet_mid_session(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
+    assert_eq!(
+        watcher.subscribe("e2e/#", 1).await,
+        ["Success(AtLeastOnce)"]
+    );
+
+    let qos3 = {
+        let mut body = string("e2e/raw/qos3");
+        body.extend_from_slice(&[0x00, 0x09]);
+        if v == V::V5 {
+            body.push(0x00);
+        }
+        body.extend_from_slice(b"never");
+        packet(0x36, &body)
+    };
+    // (client id, the invalid packet, the MQTT 5 DISCONNECT reason the layer documents)
+    let cases = [
+        // [MQTT-3.3.2-2]: no wildcard in a Topic Name; TopicName -> 0x90.
+        ("rawwildcard", publish0(v, "e2e/+/never", b"never"), 0x90),
+        // [MQTT-2.3.1-1] / [MQTT-2.2.1-3]: SUBSCRIBE needs a packet id; -> 0x82.
+        ("rawsubid0", subscribe(v, 0, "e2e/never", 0), 0x82),
+        // [MQTT-3.3.1-4]: PUBLISH QoS 3 is malformed; -> 0x81.
+        ("rawqos3", qos3, 0x81),
+    ];
+    for (id, invalid, reason) in cases {
+        let topic = format!("e2e/raw/{id}");
+        let mut s = raw_session(v, gw, id, 60).await;
+        s.write_all(&subscribe(v, 1, &topic, 0)).await.unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!((first, body.last()), (0x90, Some(&0x00)), "{id}: SUBACK");
+
+        s.write_all(&publish0(v, &topic, b"valid")).await.unwrap();
+        let (first, _) = read_packet(&mut s).await;
+        assert_eq!(first, 0x30, "{id}: its own message comes back");
+        let got = watcher.expect_publish().await;
+        assert_eq!(
+            (got.topic, got.payload),
+            (topic.clone().into_bytes(), b"valid".to_vec())
+        );
+
+        let trailing = publish0(v, &topic, b"after");
+        s.write_all(&[invalid, trailing].concat()).await.unwrap();
+        if v == V::V5 {
+            assert_eq!(
+                read_packet(&mut s).await,
+                (0xE0, vec![reason, 0x00]),
+                "{id}: server DISCONNECT"
+            );
+        }
+        expect_closed(&mut s, id).await;
+
+        broker
+            .wait_for_log(&format!("Client {id} closed its connection"))
+            .await;
+        assert_eq!(broker.count(&format!("Received SUBSCRIBE from {id}\n")), 1);
+        assert_eq!(broker.count(&format!("Received PUBLISH from {id} ")), 1);
+    }
+
+    // The watcher's session went on: the next message it gets is its own, sent now,
+    // after every raw client is gone; nothing rejected or after it arrived in between.
+    watcher
+        .publish("e2e/sentinel", 1, b"sentinel".to_vec())
+        .await;
+    let got = watcher.expect_publish().await;
+    assert_eq!(
+        (got.topic, got.payload),
+        (b"e2e/sentinel".to_vec(), b"sentinel".to_vec())
+    );
+    assert_eq!(broker.count("Received PUBLISH from watcher "), 1);
+}
+
+#[tokio::test]
+async fn v311_rejected_packet_mid_session() {
+    rejected_packet_mid_session(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_rejected_packet_mid_session() {
+    rejected_packet_mid_session(V::V5).await;
+}
+
+/// Refused CONNECTs get the spec's answer from the gateway and never reach the broker:
+/// a malformed one (reserved flag set) closes without CONNACK in 3.1.1 and gets CONNACK
+/// 0x81 in 5.0; an unsupported protocol level gets the 3.1.1 CONNACK `20 02 00 01`
+/// (MQTT 5 §3.1.2.2: a server may answer a level it does not support that way). Then a
+/// real client connects, and it is the only connection the broker ever saw.
+async fn connect_refusals(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+
+    let mut malformed = connect(v, "badflags", 60);
+    malformed[9] |= 0x01; // the reserved connect flag ([MQTT-3.1.2-3])
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(&malformed).await.unwrap();
+    if v == V::V5 {
+        assert_eq!(
+            read_packet(&mut s).await,
+            (0x20, vec![0x00, 0x81, 0x00]),
+            "CONNACK Malformed Packet"
+        );
+    }
+    expect_closed(&mut s, "malformed CONNECT").await;
+
+    // "MQTT" with level 3 (3.1's level under 3.1.1's name) or 6 (no such version yet).
+    let mut unsupported = connect(v, "badlevel", 60);
+    unsupported[8] = if v == V::V5 { 6 } else { 3 };
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(&unsupported).await.unwrap();
+    assert_eq!(
+        read_packet(&mut s).await,
+        (0x20, vec![0x00, 0x01]),
+        "CONNACK unacceptable protocol version"
+    );
+    expect_closed(&mut s, "unsupported version").await;
+
+    let _ok = Client::connect(v, gw, "afterwards", Opts::default()).await;
+    assert_eq!(
+        broker.count("New connection from"),
+        1,
+        "only the real client"
+    );
+    assert_eq!(broker.count("New client connected from"), 1);
+    assert!(broker.log().contains(" as afterwards "));
+}
+
+#[tokio::test]
+async fn v311_connect_refusals() {
+    connect_refusals(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_connect_refusals() {
+    connect_refusals(V::V5).await;
+}
