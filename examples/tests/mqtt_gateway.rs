@@ -861,3 +861,50 @@ async fn the_shipped_example_config_starts() {
     let mut s = mqtt_session("127.0.0.1", gw.mqtt, "example").await.unwrap();
     s.write_all(&[0xE0, 0x00]).await.unwrap();
 }
+
+/// The Grafana dashboard is valid JSON, and every series it queries is one the
+/// workspace defines (by its constant), so a renamed metric breaks this test.
+#[test]
+fn the_grafana_dashboard_queries_only_known_series() {
+    use aegis_core::metrics as core;
+    use aegis_layers::{adaptive, circuit_breaker, sniff};
+    let known = [
+        core::CONNECTIONS_TOTAL,
+        core::ACTIVE_CONNECTIONS,
+        core::REJECTIONS_TOTAL,
+        core::UPSTREAM_ERRORS_TOTAL,
+        core::PROXY_BYTES_TOTAL,
+        core::CONNECTION_DURATION_SECONDS,
+        circuit_breaker::CIRCUIT_STATE,
+        adaptive::ADAPTIVE_RATE,
+        adaptive::ADAPTIVE_P95_SECONDS,
+        sniff::SNIFF_TOTAL,
+        aegis_mqtt::layer::policy::metrics::DROPPED_TOTAL,
+    ];
+    let text = include_str!("../mqtt-gateway/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(text).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 7, "{} panels", panels.len());
+    let mut queried = 0;
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("aegis_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                assert!(
+                    known.contains(&base),
+                    "{:?} queries unknown {name}",
+                    panel["title"]
+                );
+                queried += 1;
+                rest = &rest[at + name.len()..];
+            }
+        }
+    }
+    assert!(queried >= known.len(), "{queried} queries");
+}
