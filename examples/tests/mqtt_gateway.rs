@@ -908,3 +908,123 @@ fn the_grafana_dashboard_queries_only_known_series() {
     }
     assert!(queried >= known.len(), "{queried} queries");
 }
+
+#[tokio::test]
+async fn with_the_broker_down_readyz_is_503_and_clients_get_server_unavailable() {
+    let dead = free_port(); // nothing listens there
+    let config = "[circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"1m\"\n";
+    let gw = Gateway::start("down", config, &["--upstream", &dead.to_string()]).await;
+    let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+
+    for i in 0..3 {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect_311(&format!("down-{i}")))
+            .await
+            .unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+        assert_eq!(
+            answer,
+            (0x20, vec![0x00, 0x03]),
+            "CONNACK 3: server unavailable"
+        );
+        assert!(closed_silently(&mut s).await);
+    }
+    // Two refused connects opened the circuit; the third failed fast.
+    gw.wait_metric("aegis_circuit_state{name=\"upstream\"}", 2.0)
+        .await;
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"server_unavailable\"}",
+        3.0,
+    )
+    .await;
+    let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: upstream circuit open\n")
+    );
+}
+
+#[tokio::test]
+async fn every_layer_on_carries_a_session_and_logs_json() {
+    let config = r#"
+        [log]
+        format = "json"
+        [proxy_protocol]
+        enabled = true
+        trusted = ["127.0.0.0/8"]
+        mode = "optional"
+        [limits.global]
+        rate = "100/s"
+        burst = 100
+        [limits.connect_per_ip]
+        rate = "10/m"
+        burst = 5
+        [limits.publish_per_client]
+        rate = "10/s"
+        burst = 10
+        [slowloris]
+        idle = "2s"
+        min_rate_bytes_per_sec = 10
+        idle_after_handshake = "60s"
+        [sniff]
+        http = "bad_request"
+        [mqtt]
+        enforce_keep_alive = true
+        max_keep_alive = "600s"
+        [mqtt.packet_rate]
+        enabled = true
+        [circuit_breaker.failure_rate]
+        enabled = true
+        [adaptive]
+        enabled = true
+    "#;
+    let gw = Gateway::start("all-layers", config, &[]).await;
+    let listening = gw
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "mqtt-gateway listening")
+        .unwrap_or_else(|| panic!("no JSON start-up line:\n{}", gw.log()));
+    assert_eq!(
+        listening["layers"],
+        "proxy_protocol -> rate_limit -> slowloris -> sniff -> mqtt+policy -> circuit_breaker -> adaptive"
+    );
+
+    // A balancer's PROXY header, then a session: CONNACK, PINGREQ / PINGRESP.
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    let header = format!(
+        "PROXY TCP4 203.0.113.9 {} 40000 {}\r\n",
+        gw.mqtt.ip(),
+        gw.mqtt.port()
+    );
+    s.write_all(&[header.into_bytes(), connect_311("all-on")].concat())
+        .await
+        .unwrap();
+    let connack = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(connack, (0x20, vec![0x00, 0x00]));
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    let pong = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(pong, (0xD0, vec![]));
+    gw.wait_metric(
+        "aegis_proxy_protocol_connections_total{outcome=\"proxied_v1\"}",
+        1.0,
+    )
+    .await;
+
+    // HTTP gets a 400 from the bounded refuser.
+    let mut http = TcpStream::connect(gw.mqtt).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    timeout(WAIT, http.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    // The adaptive controller started at its max rate.
+    gw.wait_metric("aegis_adaptive_rate{name=\"upstream\"}", 1000.0)
+        .await;
+}
