@@ -78,6 +78,7 @@ pub(crate) struct Server {
     #[serde(with = "duration")]
     pub(crate) drain_timeout: Duration,
     pub(crate) nodelay: bool,
+    pub(crate) proxy_buffer: usize,
 }
 
 impl Default for Server {
@@ -89,6 +90,7 @@ impl Default for Server {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             nodelay: true,
+            proxy_buffer: 64 * 1024,
         }
     }
 }
@@ -578,6 +580,13 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 format!("must be between 1 and {}", u32::MAX),
+            ));
+        }
+
+        if !(8 * 1024..=16 * 1024 * 1024).contains(&s.proxy_buffer) {
+            return Err(ConfigError::new(
+                "server.proxy_buffer",
+                "must be between 8192 and 16777216 bytes",
             ));
         }
 

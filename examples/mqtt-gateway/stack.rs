@@ -255,7 +255,7 @@ pub(crate) fn build(
     );
     // The proxy; behind the MQTT layer, a client whose broker cannot be reached (refused,
     // timed out, the breaker open) gets CONNACK 0x03 (3.x) / 0x88 (5.0) from the gateway.
-    let proxy = Proxy::with_connector(connector);
+    let proxy = Proxy::with_connector(connector).max_buffer(c.server.proxy_buffer);
     let unavailable = c
         .mqtt
         .unavailable_answer
