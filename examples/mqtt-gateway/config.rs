@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use aegis_layers::rate_limit::Quota;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration error: the dotted key and what is wrong with it.
 #[derive(Debug)]
@@ -45,13 +45,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Deserializes a humantime duration (`"10s"`).
+/// A humantime duration (`"10s"`) in and out.
 mod duration {
-    pub(super) use humantime_serde::deserialize;
+    pub(super) use humantime_serde::{deserialize, serialize};
 }
 
 /// The whole file. Every section and key is optional; a missing one takes its default.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Config {
     pub(crate) server: Server,
@@ -67,7 +67,7 @@ pub(crate) struct Config {
 }
 
 /// `[server]`: the listener, the upstream and the accept loop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Server {
     pub(crate) listen: String,
@@ -96,7 +96,7 @@ impl Default for Server {
 }
 
 /// `[metrics]`: the HTTP endpoint with `/metrics`, `/healthz` and `/readyz`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Metrics {
     pub(crate) enabled: bool,
@@ -116,7 +116,7 @@ impl Default for Metrics {
 }
 
 /// `log.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum LogFormat {
     Plain,
@@ -124,7 +124,7 @@ pub(crate) enum LogFormat {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Log {
     pub(crate) format: LogFormat,
@@ -143,7 +143,7 @@ impl Default for Log {
 }
 
 /// `proxy_protocol.mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum HeaderMode {
     Required,
@@ -151,7 +151,7 @@ pub(crate) enum HeaderMode {
 }
 
 /// `[proxy_protocol]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct ProxyProtocol {
     pub(crate) enabled: bool,
@@ -175,7 +175,7 @@ impl Default for ProxyProtocol {
 }
 
 /// `[limits]`: the connection rate limiter.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Limits {
     pub(crate) enabled: bool,
@@ -228,7 +228,7 @@ impl Default for Limits {
 }
 
 /// A rate tier: `rate` is `"N/s"`, `"N/m"`, `"N/h"` or `"N/<duration>"` (`"1/10s"`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RateTier {
     #[serde(default = "yes")]
@@ -238,7 +238,7 @@ pub(crate) struct RateTier {
 }
 
 /// `[limits.concurrent_per_ip]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Concurrent {
     #[serde(default = "yes")]
@@ -260,7 +260,7 @@ fn off(rate: &str, burst: u32) -> RateTier {
 }
 
 /// `[slowloris]`: the handshake clocks. `"0s"` turns a clock off.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Slowloris {
     pub(crate) enabled: bool,
@@ -292,7 +292,7 @@ impl Default for Slowloris {
 }
 
 /// What the sniffer does with a protocol that is not MQTT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Refuse {
     /// Close at once, counted as `aegis_rejections_total{layer="sniff",reason=<protocol>}`.
@@ -300,7 +300,7 @@ pub(crate) enum Refuse {
 }
 
 /// What the sniffer does with HTTP/1 on the MQTT port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum HttpPolicy {
     /// Close at once, as [`Refuse::Reject`].
@@ -310,7 +310,7 @@ pub(crate) enum HttpPolicy {
 }
 
 /// `[sniff]`: only MQTT on the MQTT port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Sniff {
     pub(crate) enabled: bool,
@@ -338,7 +338,7 @@ impl Default for Sniff {
 }
 
 /// `mqtt.client_id_chars`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum ClientIdChars {
     Alphanumeric,
@@ -347,7 +347,7 @@ pub(crate) enum ClientIdChars {
 }
 
 /// `mqtt.packet_rate.over`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum OverRate {
     Throttle,
@@ -355,7 +355,7 @@ pub(crate) enum OverRate {
 }
 
 /// `[mqtt]`: strict MQTT validation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Mqtt {
     pub(crate) enabled: bool,
@@ -395,7 +395,7 @@ impl Default for Mqtt {
 }
 
 /// `[mqtt.packet_rate]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct PacketRate {
     pub(crate) enabled: bool,
@@ -416,7 +416,7 @@ impl Default for PacketRate {
 }
 
 /// `[circuit_breaker]` around the upstream connector.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct CircuitBreaker {
     pub(crate) enabled: bool,
@@ -442,7 +442,7 @@ impl Default for CircuitBreaker {
 }
 
 /// `[circuit_breaker.failure_rate]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct FailureRate {
     pub(crate) enabled: bool,
@@ -463,7 +463,7 @@ impl Default for FailureRate {
 }
 
 /// `adaptive.drives`: which rate-limiter tier the controller sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Drives {
     Global,
@@ -472,7 +472,7 @@ pub(crate) enum Drives {
 
 /// `[adaptive]`: lowers the admitted connection rate when the upstream's connect P95
 /// rises.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Adaptive {
     pub(crate) enabled: bool,
@@ -561,6 +561,11 @@ impl Config {
             };
             ConfigError::new(key, one_line(e.inner(), text))
         })
+    }
+
+    /// The configuration as a TOML document (what `--check` prints).
+    pub(crate) fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
     /// Checks every range and combination; returns the layers' settings.

@@ -72,7 +72,8 @@ struct Cli {
     /// 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Check the configuration, print the effective settings and exit (0 if valid).
+    /// Check the configuration, print the effective settings as TOML and exit (0 if
+    /// valid).
     #[arg(long)]
     check: bool,
 }
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        println!("{:#?}", settings.raw);
+        print!("{}", settings.raw.to_toml());
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.raw.log);

@@ -849,7 +849,15 @@ fn the_shipped_example_config_is_the_defaults() {
     let defaults = check(&[]);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(from_file, defaults);
-    assert!(defaults.contains("upstream: \"embedded\""), "{defaults}");
+    assert!(defaults.contains("upstream = \"embedded\""), "{defaults}");
+    assert!(defaults.contains("first_byte = \"5s\""), "{defaults}");
+    // What --check prints is itself a valid configuration file.
+    let dir = scratch("check-again");
+    let printed = dir.join("printed.toml");
+    std::fs::write(&printed, &defaults).unwrap();
+    let again = check(&["--config".as_ref(), printed.as_os_str()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(again, defaults);
 }
 
 /// The shipped example file starts the gateway as is.
