@@ -196,7 +196,8 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         "mqtt-gateway listening"
     );
 
-    let _keep = (built.adaptive, built.rate_limit);
+    // Held for the life of the server: shutting the controller down is the handle's.
+    let _adaptive = built.adaptive;
     let shutdown = {
         let stopping = Arc::clone(&stopping);
         async move {

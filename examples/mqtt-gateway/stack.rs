@@ -31,7 +31,7 @@ use aegis_core::{BoxError, ClientAddr, Conn, ConnParams, Handshake, LocalAddr, P
 use aegis_layers::adaptive::{AdaptiveHandle, GlobalRate, PerClientRate, RateConfig};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitHandle};
 use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
-use aegis_layers::rate_limit::{KeyBy, RateLimitHandle, RateLimitLayer};
+use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
 use aegis_layers::sniff::{Http1, Protocols, SniffRouter};
 use aegis_mqtt::layer::{MqttLayer, PacketRate, Policy, Unavailable};
@@ -172,9 +172,8 @@ where
 pub(crate) struct Built<S> {
     pub(crate) service: S,
     pub(crate) breaker: Option<CircuitHandle>,
-    /// Kept so the controller's task lives as long as the gateway.
+    /// The adaptive controller (its task also lives while the connector does).
     pub(crate) adaptive: Option<AdaptiveHandle>,
-    pub(crate) rate_limit: Option<RateLimitHandle>,
     /// The layers that are on, outermost first, for the start-up line.
     pub(crate) layers: Vec<&'static str>,
 }
@@ -414,7 +413,6 @@ pub(crate) fn build(
         },
         breaker: breaker_handle,
         adaptive,
-        rate_limit: rate_handle,
         layers,
     }
 }
