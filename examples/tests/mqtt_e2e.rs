@@ -681,12 +681,11 @@ async fn will_message(v: V) {
         "the first will is the vanished client's: the polite one's was discarded"
     );
     assert!(got.payload == will("gone"), "the will payload, byte-exact");
-    assert!(
-        broker
-            .log()
-            .contains("Client willgone closed its connection"),
-        "the broker saw the TCP close, not a DISCONNECT"
-    );
+    // The broker saw the TCP close, not a DISCONNECT.
+    broker
+        .wait_for_log("Client willgone closed its connection")
+        .await;
+    assert_eq!(broker.count("Received DISCONNECT from willgone"), 0);
 }
 
 #[tokio::test]
@@ -920,4 +919,120 @@ async fn v311_connect_refusals() {
 #[tokio::test]
 async fn v5_connect_refusals() {
     connect_refusals(V::V5).await;
+}
+
+/// What a raw client that stopped reading got from the gateway after a refusal.
+struct Flooded {
+    /// Whole PUBLISH packets of the flood, each checked intact.
+    delivered: usize,
+    /// The bytes after them, up to the close.
+    rest: Vec<u8>,
+    /// The bytes of one PUBLISH of the flood.
+    publish: Vec<u8>,
+}
+
+/// A raw client subscribes and stops reading while a real publisher floods its topic
+/// with far more than the loopback socket buffers hold (2000 x 10 KB), so that the
+/// gateway's broker-to-client direction is stuck inside a packet; then the client sends
+/// an invalid SUBSCRIBE (packet id 0) and reads everything until the gateway closes.
+async fn flood_then_refuse(v: V) -> Flooded {
+    const MESSAGES: usize = 2000;
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut s = raw_session(v, gw, "flooded", 60).await;
+    s.write_all(&subscribe(v, 1, "e2e/flood", 0)).await.unwrap();
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!((first, body.last()), (0x90, Some(&0x00)), "SUBACK");
+
+    let payload = binary_payload("flood", 10_000);
+    let mut publ = Client::connect(v, gw, "flooder", Opts::default()).await;
+    for _ in 0..MESSAGES {
+        publ.publish("e2e/flood", 0, payload.clone()).await;
+    }
+    // In order on one connection: once this is acknowledged, the broker has taken
+    // the whole flood (and queued for the client what its limits let it queue).
+    publ.publish("e2e/flood-done", 1, Vec::new()).await;
+
+    s.write_all(&subscribe(v, 0, "e2e/never", 0)).await.unwrap();
+    let mut stream = Vec::new();
+    let read = timeout(WAIT, s.read_to_end(&mut stream)).await;
+    assert!(read.is_ok(), "the gateway did not close within {WAIT:?}");
+    let publish = publish0(v, "e2e/flood", &payload);
+    let mut rest = stream.as_slice();
+    let mut delivered = 0;
+    while rest.len() >= publish.len() && rest[0] == 0x30 {
+        assert!(
+            rest[..publish.len()] == publish[..],
+            "message {delivered} arrived damaged"
+        );
+        rest = &rest[publish.len()..];
+        delivered += 1;
+    }
+    broker
+        .wait_for_log("Client flooded closed its connection")
+        .await;
+    assert_eq!(broker.count("Received SUBSCRIBE from flooded\n"), 1);
+    // The flooder is unaffected.
+    publ.publish("e2e/flood-done", 1, Vec::new()).await;
+    Flooded {
+        delivered,
+        rest: rest.to_vec(),
+        publish,
+    }
+}
+
+/// A refusal while the broker's stream to the client is backed up never corrupts that
+/// stream: the client gets whole, intact PUBLISH packets, then either (5.0 only) the
+/// DISCONNECT `E0 02 82 00`, or, when the broker was inside a packet, the start of that
+/// packet; then EOF. Never a DISCONNECT spliced into a packet, never bytes after it.
+async fn refusal_under_backpressure(v: V) {
+    let Flooded {
+        delivered,
+        rest,
+        publish,
+    } = flood_then_refuse(v).await;
+    assert!(delivered > 0, "the client got part of the flood");
+    let disconnect = [0xE0, 0x02, 0x82, 0x00];
+    let ok = (v == V::V5 && rest == disconnect)
+        || (rest.len() < publish.len() && publish.starts_with(&rest))
+            && !(v == V::V5 && rest.is_empty());
+    assert!(
+        ok,
+        "after {delivered} whole messages, {} bytes that are neither a DISCONNECT nor \
+         the start of the next message: {:02x?}...",
+        rest.len(),
+        &rest[..rest.len().min(16)]
+    );
+}
+
+#[tokio::test]
+async fn v311_refusal_under_backpressure_keeps_the_brokers_stream_whole() {
+    refusal_under_backpressure(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_refusal_under_backpressure_keeps_the_brokers_stream_whole() {
+    refusal_under_backpressure(V::V5).await;
+}
+
+/// What the layer's docs promise an MQTT 5 client ("first gets a server DISCONNECT with
+/// the reason code, written between two of the broker's packets"), under backpressure:
+/// the gateway would finish the broker's packet in flight, then send the DISCONNECT.
+/// Today it closes inside that packet without a DISCONNECT (see `MqttIo::poll_refusal`:
+/// a refusal that finds the broker's stream inside a packet drops the answer). The spec
+/// only says SHOULD for that DISCONNECT ([MQTT-4.13.1-1]), so this is a gap, not a
+/// violation.
+#[tokio::test]
+#[ignore = "bug: under backpressure an MQTT 5 refusal closes inside the broker's packet \
+            without the DISCONNECT (MqttIo::poll_refusal drops it)"]
+async fn v5_refusal_under_backpressure_still_sends_the_disconnect() {
+    let Flooded {
+        delivered, rest, ..
+    } = flood_then_refuse(V::V5).await;
+    assert!(
+        rest == [0xE0, 0x02, 0x82, 0x00],
+        "after {delivered} whole messages, {} bytes instead of the DISCONNECT: {:02x?}...",
+        rest.len(),
+        &rest[..rest.len().min(16)]
+    );
 }
