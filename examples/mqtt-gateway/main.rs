@@ -19,7 +19,9 @@
 //! curl -i 127.0.0.1:9090/readyz                # 200 while the broker is reachable
 //! ```
 //!
-//! With a real broker (MQTT 5 too): `mosquitto -p 1884 &` then `--upstream 127.0.0.1:1884`.
+//! The embedded broker speaks MQTT 3.1.1 only (the gateway answers MQTT 5 and 3.1
+//! clients with an "unsupported version" CONNACK). For those, use a real broker:
+//! `mosquitto -p 1884 &` then `--upstream 127.0.0.1:1884`.
 //!
 //! The stack, outermost first: the accept loop (connection cap, `TCP_NODELAY`) -> PROXY
 //! protocol -> connection rate limit -> slowloris deadlines -> sniffing (MQTT only) ->
@@ -156,7 +158,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         Upstream::Embedded => broker::start(c.mqtt.max_packet_size).await?,
         Upstream::Addr(addr) => addr,
     };
-    let built = stack::build(&settings, upstream);
+    let built = stack::build(&settings, upstream, settings.upstream == Upstream::Embedded);
 
     // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
     let listener = TcpListener::bind(settings.listen)

@@ -5,7 +5,8 @@
 //! `cargo test -p examples` builds the example before running this file; the binary is
 //! found beside the test binary (`target/<profile>/examples/mqtt-gateway`). The MQTT 5
 //! test needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it): the
-//! embedded broker (rumqttd 0.20) speaks MQTT 3.1.1 only.
+//! embedded broker (rumqttd 0.20) speaks MQTT 3.1.1 only, and the gateway answers other
+//! versions with an "unsupported version" CONNACK.
 //!
 //! Every child process is killed and waited for on every path (a guard's `Drop`), and
 //! every wait is a poll with a deadline.
@@ -508,6 +509,26 @@ async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     gw.wait_metric("aegis_sniff_total{protocol=\"mqtt\"}", 2.0)
         .await;
     assert!(gw.log().contains("mqtt-gateway listening"), "{}", gw.log());
+
+    // rumqttd speaks 3.1.1 only: the gateway answers other versions itself.
+    let v5: &[u8] = &[
+        0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0x00, 0, 1, b'a',
+    ];
+    let v31: &[u8] = &[
+        0x10, 0x0f, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 1, b'b',
+    ];
+    for (connect, connack) in [(v5, vec![0x00, 0x84, 0x00]), (v31, vec![0x00, 0x01])] {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(connect).await.unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+        assert_eq!(answer, (0x20, connack));
+        assert!(closed_silently(&mut s).await);
+    }
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"unsupported_version\"}",
+        2.0,
+    )
+    .await;
 }
 
 /// A mosquitto broker on a free loopback port; killed and waited for when dropped.
@@ -694,7 +715,11 @@ async fn a_burst_from_one_address_is_limited_while_another_address_connects() {
 
 #[tokio::test]
 async fn malformed_connects_get_the_answer_the_spec_gives() {
-    let gw = Gateway::start("malformed", "", &[]).await;
+    // Refused CONNECTs never reach the broker; any upstream will do, and a non-embedded
+    // one leaves every answer to the MQTT layer (the embedded mode answers MQTT 5 with
+    // 0x84 before validation: that broker does not speak it).
+    let nowhere = free_port().to_string();
+    let gw = Gateway::start("malformed", "", &["--upstream", &nowhere]).await;
 
     // 3.1.1, reserved flag bit set: [MQTT-3.1.2-3] close without a CONNACK.
     let mut bad = connect_311("bad");
