@@ -585,8 +585,8 @@ fn binary_payload(tag: &str, len: usize) -> Vec<u8> {
 
 /// Connect, subscribe, and publish at `QoS` 0, 1 and 2 through the gateway, both clients
 /// real: the subscriber gets each payload byte-exact at the `QoS` asked for, and the
-/// publisher gets PUBACK (`QoS` 1) and PUBREC / PUBCOMP (`QoS` 2). The last message is
-/// 100 KB, so it crosses the gateway in many reads.
+/// publisher gets PUBACK (`QoS` 1) and PUBREC / PUBCOMP (`QoS` 2). One message is
+/// 100 KB, so it crosses the gateway in many reads; the last one is empty.
 async fn publish_at_each_qos(v: V) {
     let broker = Mosquitto::start().await;
     let gw = gateway(broker.addr).await;
@@ -869,9 +869,10 @@ async fn v5_rejected_packet_mid_session() {
 
 /// Refused CONNECTs get the spec's answer from the gateway and never reach the broker:
 /// a malformed one (reserved flag set) closes without CONNACK in 3.1.1 and gets CONNACK
-/// 0x81 in 5.0; an unsupported protocol level gets the 3.1.1 CONNACK `20 02 00 01`
-/// (MQTT 5 §3.1.2.2: a server may answer a level it does not support that way). Then a
-/// real client connects, and it is the only connection the broker ever saw.
+/// 0x81 in 5.0; an unsupported protocol level gets CONNACK `20 02 00 01` ([MQTT-3.1.2-2]:
+/// 0x01 "unacceptable protocol level", in the 3.1.1 format, since a client of an unknown
+/// version cannot be assumed to read a 5.0 CONNACK). Then a real client connects, and it
+/// is the only connection the broker ever saw.
 async fn connect_refusals(v: V) {
     let broker = Mosquitto::start().await;
     let gw = gateway(broker.addr).await;
@@ -1035,4 +1036,72 @@ async fn v5_refusal_under_backpressure_still_sends_the_disconnect() {
         rest.len(),
         &rest[..rest.len().min(16)]
     );
+}
+
+/// Writes `bytes` one at a time, each in its own TCP segment (`TCP_NODELAY`, a pause
+/// between), so the gateway sees every split point of every packet.
+async fn write_byte_by_byte(s: &mut TcpStream, bytes: &[u8]) {
+    for b in bytes {
+        s.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Every packet sent one byte per TCP segment: the CONNECT, a SUBSCRIBE and a PUBLISH
+/// reach the broker whole (its answers and the real subscriber's copy come back), and a
+/// refused packet sent the same way is still refused as the spec says (3.1.1: closed;
+/// 5.0: DISCONNECT 0x90, then EOF) without reaching the broker.
+async fn packets_split_byte_by_byte(v: V) {
+    let broker = Mosquitto::start().await;
+    let gw = gateway(broker.addr).await;
+    let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
+    assert_eq!(
+        watcher.subscribe("e2e/#", 1).await,
+        ["Success(AtLeastOnce)"]
+    );
+
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    write_byte_by_byte(&mut s, &connect(v, "trickle", 60)).await;
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!((first, body[1]), (0x20, 0x00), "CONNACK success");
+    write_byte_by_byte(&mut s, &subscribe(v, 7, "e2e/trickle", 0)).await;
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!(
+        (first, &body[..2], body.last()),
+        (0x90, &[0, 7][..], Some(&0))
+    );
+    let payload = binary_payload("trickle", 40);
+    write_byte_by_byte(&mut s, &publish0(v, "e2e/trickle", &payload)).await;
+    assert_eq!(
+        read_packet(&mut s).await,
+        (0x30, publish0(v, "e2e/trickle", &payload)[2..].to_vec()),
+        "its own message, whole"
+    );
+    let got = watcher.expect_publish().await;
+    assert_eq!((got.topic, got.payload), (b"e2e/trickle".to_vec(), payload));
+
+    write_byte_by_byte(&mut s, &publish0(v, "e2e/+/never", b"never")).await;
+    if v == V::V5 {
+        assert_eq!(
+            read_packet(&mut s).await,
+            (0xE0, vec![0x90, 0x00]),
+            "DISCONNECT Topic Name invalid"
+        );
+    }
+    expect_closed(&mut s, "after the refused PUBLISH").await;
+    broker
+        .wait_for_log("Client trickle closed its connection")
+        .await;
+    assert_eq!(broker.count("Received PUBLISH from trickle "), 1);
+}
+
+#[tokio::test]
+async fn v311_packets_split_byte_by_byte() {
+    packets_split_byte_by_byte(V::V311).await;
+}
+
+#[tokio::test]
+async fn v5_packets_split_byte_by_byte() {
+    packets_split_byte_by_byte(V::V5).await;
 }
