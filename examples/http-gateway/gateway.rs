@@ -1,0 +1,271 @@
+//! The gateway assembled from its [`Config`]: the connection stack, the backends and
+//! their breakers, the balancer, the health checks and the latency controller.
+//!
+//! ```text
+//! serve (max connections)
+//!  └─ ProxyProtocolLayer      only with trusted proxies: the client address from their PROXY header
+//!      └─ RateLimitLayer      per client address, rate driven by the adaptive controller
+//!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle after
+//!              └─ HttpServer  hyper HTTP/1 + the per-request stack (see `server`)
+//!                  └─ Proxy   pool pick -> CircuitBreaker -> hyper-util Client -> backend
+//! ```
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_core::serve;
+use aegis_layers::adaptive::{AdaptiveHandle, PerClientRate, RateConfig};
+use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitHandle};
+use aegis_layers::proxy_protocol::ProxyProtocolLayer;
+use aegis_layers::rate_limit::{Quota, RateLimitHandle, RateLimitLayer};
+use aegis_layers::slowloris::SlowlorisLayer;
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tower::{Layer, ServiceBuilder};
+
+use crate::balance::{Member, Pool};
+use crate::proxy::{GatewayClassifier, Proxy, Upstream};
+use crate::sanitize::Limits;
+use crate::server::{BackendLatency, HttpServer, Stack};
+
+/// A backend address and its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its share relative to the others.
+    pub weight: u32,
+}
+
+impl std::str::FromStr for BackendSpec {
+    type Err = String;
+
+    /// `ADDR` (weight 1) or `ADDR@WEIGHT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, weight) = s.split_once('@').unwrap_or((s, "1"));
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("backend address {addr:?}: {e}"))?;
+        let weight = weight
+            .parse::<u32>()
+            .ok()
+            .filter(|w| *w > 0)
+            .ok_or_else(|| format!("backend weight {weight:?}: a whole number from 1"))?;
+        Ok(Self { addr, weight })
+    }
+}
+
+/// Everything the gateway can be told. [`Config::new`] has the defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The backends.
+    pub backends: Vec<BackendSpec>,
+    /// Networks whose PROXY protocol header is believed; empty: none (and no PROXY
+    /// layer at all).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Connections admitted at once.
+    pub max_connections: usize,
+    /// New connections per client address and second: the ceiling of the adaptive
+    /// controller.
+    pub per_client_rate: NonZeroU32,
+    /// The per-client burst.
+    pub per_client_burst: NonZeroU32,
+    /// The floor of the adaptive controller.
+    pub min_per_client_rate: NonZeroU32,
+    /// P95 latency above which the controller lowers the per-client rate.
+    pub latency_target: Duration,
+    /// How often the controller decides.
+    pub control_interval: Duration,
+    /// The most bytes of request body.
+    pub max_body: usize,
+    /// Header count and size limits (`431`).
+    pub limits: Limits,
+    /// hyper's read buffer cap (request line and headers must fit).
+    pub max_buf_size: usize,
+    /// hyper: the time to read each request's headers.
+    pub header_read_timeout: Duration,
+    /// Slowloris: the time to the first byte.
+    pub first_byte_timeout: Duration,
+    /// Slowloris: the time to the end of the first request's headers.
+    pub handshake_timeout: Duration,
+    /// Slowloris: the most silence from the client after that (keep-alive idle; also
+    /// bounds a long download by a client that sends nothing meanwhile).
+    pub idle_timeout: Duration,
+    /// `Strict-Transport-Security` max-age; only set it behind TLS.
+    pub hsts: Option<Duration>,
+    /// Breaker: consecutive failures that open it.
+    pub breaker_failures: u32,
+    /// Breaker: how long it stays open before probing.
+    pub breaker_open_for: Duration,
+    /// Health checks: every so often.
+    pub health_interval: Duration,
+    /// Health checks: the time a probe has.
+    pub health_timeout: Duration,
+    /// The ramp of a backend that comes back.
+    pub warmup: Duration,
+    /// Connecting to a backend.
+    pub connect_timeout: Duration,
+    /// A backend's response headers.
+    pub backend_timeout: Duration,
+}
+
+impl Config {
+    /// The defaults, for `backends`.
+    pub fn new(backends: Vec<BackendSpec>) -> Self {
+        Self {
+            backends,
+            trusted_proxies: Vec::new(),
+            max_connections: 10_000,
+            per_client_rate: NonZeroU32::new(20).expect("non-zero"),
+            per_client_burst: NonZeroU32::new(40).expect("non-zero"),
+            min_per_client_rate: NonZeroU32::MIN,
+            latency_target: Duration::from_millis(500),
+            control_interval: Duration::from_secs(1),
+            max_body: 1024 * 1024,
+            limits: Limits {
+                max_headers: 64,
+                max_header_bytes: 8 * 1024,
+            },
+            max_buf_size: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(75),
+            hsts: None,
+            breaker_failures: 5,
+            breaker_open_for: Duration::from_secs(10),
+            health_interval: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(2),
+            warmup: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+            backend_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running gateway. Dropping it stops the accept loop, the health checks and the
+/// controller.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The balancer (health verdicts, weights).
+    pub pool: Arc<Pool>,
+    /// The backends' breakers, in the order given.
+    pub breakers: Vec<CircuitHandle>,
+    /// The rate limiter's handle.
+    pub rate: RateLimitHandle,
+    /// The latency controller.
+    pub control: AdaptiveHandle,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.control.shutdown();
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway from `config` and serves on `listener` (on a spawned task).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or with no backend.
+    pub fn start(config: &Config, listener: TcpListener) -> std::io::Result<Self> {
+        assert!(!config.backends.is_empty(), "at least one backend");
+        let addr = listener.local_addr()?;
+
+        let mut members = Vec::new();
+        let mut backends = Vec::new();
+        for (i, spec) in config.backends.iter().enumerate() {
+            // The metric label: from the configuration, bounded by its length.
+            let name: &'static str = Box::leak(format!("backend{i}").into_boxed_str());
+            let breaker = CircuitBreakerLayer::builder(name)
+                .consecutive_failures(Some(config.breaker_failures.max(1)))
+                .open_for(config.breaker_open_for)
+                .classifier(GatewayClassifier)
+                .build();
+            members.push(Member {
+                addr: spec.addr,
+                weight: spec.weight,
+                breaker: breaker.handle(),
+            });
+            backends.push(breaker.layer(Upstream::new(
+                config.connect_timeout,
+                config.backend_timeout,
+            )));
+        }
+        let breakers = members.iter().map(|m| m.breaker.clone()).collect();
+        let pool = Arc::new(Pool::new(members, config.warmup));
+        let health = crate::health::spawn(
+            &pool,
+            config.health_interval,
+            config.health_timeout,
+            crate::health::http_probe(config.connect_timeout),
+        );
+
+        let rate_limit = RateLimitLayer::builder()
+            .per_client(
+                Quota::per_second(config.per_client_rate).allow_burst(config.per_client_burst),
+            )
+            .build();
+        let rate = rate_limit.handle();
+        let max = f64::from(config.per_client_rate.get());
+        let control = RateConfig::new(
+            config.latency_target,
+            f64::from(config.min_per_client_rate.get()).min(max),
+            max,
+        )
+        .name("http_gateway")
+        .interval(config.control_interval)
+        .spawn(PerClientRate(rate.clone()));
+
+        let stack = Stack {
+            max_body: config.max_body,
+            limits: config.limits,
+            hsts: config.hsts,
+            adaptive: control.layer_with(BackendLatency),
+            proxy: Proxy::new(Arc::clone(&pool), backends),
+        };
+        let http = HttpServer::new(stack, config.header_read_timeout, config.max_buf_size);
+        let slowloris = SlowlorisLayer::new()
+            .first_byte_timeout(config.first_byte_timeout)
+            .handshake_timeout(config.handshake_timeout)
+            .idle_timeout_after_handshake(config.idle_timeout);
+        let conn_stack = ServiceBuilder::new()
+            .layer(rate_limit)
+            .layer(slowloris)
+            .service(http);
+        let max_connections = config.max_connections;
+        let server = if config.trusted_proxies.is_empty() {
+            tokio::spawn(async move {
+                serve(listener, conn_stack)
+                    .max_connections(max_connections)
+                    .await;
+            })
+        } else {
+            let proxied =
+                ProxyProtocolLayer::new(config.trusted_proxies.iter().copied()).layer(conn_stack);
+            tokio::spawn(async move {
+                serve(listener, proxied)
+                    .max_connections(max_connections)
+                    .await;
+            })
+        };
+        Ok(Self {
+            addr,
+            pool,
+            breakers,
+            rate,
+            control,
+            tasks: vec![server, health],
+        })
+    }
+}

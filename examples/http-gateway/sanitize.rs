@@ -1,0 +1,129 @@
+//! [`Sanitize`]: the request side of the proxy's header rules, as a tower service.
+//!
+//! Before the request goes on: headers over the limits are answered `431` without
+//! calling the inner service; hop-by-hop headers are removed; `X-Forwarded-For` is set
+//! to the connection's effective client address (see [`crate::headers`]). The layer is
+//! built per connection, since it carries that connection's client address.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::headers::{check_limits, set_forwarded_for, strip_hop_by_hop};
+use crate::proxy::{GatewayBody, local_response};
+
+/// Header limits of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The most header fields.
+    pub max_headers: usize,
+    /// The most bytes of header names and values.
+    pub max_header_bytes: usize,
+}
+
+/// Applies [`Sanitize`] for one connection's client.
+#[derive(Debug, Clone, Copy)]
+pub struct SanitizeLayer {
+    client: IpAddr,
+    limits: Limits,
+}
+
+impl SanitizeLayer {
+    /// Sanitizes the requests of `client` with `limits`.
+    pub const fn new(client: IpAddr, limits: Limits) -> Self {
+        Self { client, limits }
+    }
+}
+
+impl<S> Layer<S> for SanitizeLayer {
+    type Service = Sanitize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Sanitize {
+            inner,
+            client: self.client,
+            limits: self.limits,
+        }
+    }
+}
+
+/// Refuses oversized headers with `431`, strips hop-by-hop headers and sets
+/// `X-Forwarded-For`. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Sanitize<S> {
+    inner: S,
+    client: IpAddr,
+    limits: Limits,
+}
+
+impl<S, B> Service<Request<B>> for Sanitize<S>
+where
+    S: Service<Request<B>, Response = Response<GatewayBody>>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let limits = self.limits;
+        if let Err(too_large) =
+            check_limits(req.headers(), limits.max_headers, limits.max_header_bytes)
+        {
+            tracing::debug!(?too_large, "request headers refused");
+            let res = local_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request headers too large\n",
+            );
+            return ResponseFuture {
+                state: State::Refused { res: Some(res) },
+            };
+        }
+        strip_hop_by_hop(req.headers_mut());
+        set_forwarded_for(req.headers_mut(), self.client);
+        ResponseFuture {
+            state: State::Inner {
+                fut: self.inner.call(req),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Sanitize`].
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] fut: F },
+        Refused { res: Option<Response<GatewayBody>> },
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<GatewayBody>, E>>,
+{
+    type Output = Result<Response<GatewayBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { fut } => fut.poll(cx),
+            StateProj::Refused { res } => Poll::Ready(Ok(res.take().expect("polled after ready"))),
+        }
+    }
+}

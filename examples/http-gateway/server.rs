@@ -1,0 +1,200 @@
+//! [`HttpServer`]: the byte-stream service at the bottom of the connection stack. It
+//! runs hyper's HTTP/1 server over each connection, with the tower HTTP stack of
+//! [`Stack::build`] per request.
+//!
+//! Per request, outermost first:
+//!
+//! 1. security response headers (tower-http `SetResponseHeader`, overriding the
+//!    backend's): `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
+//!    `Referrer-Policy: no-referrer`, and `Strict-Transport-Security` when configured;
+//! 2. the body limit (tower-http `RequestBodyLimit`: `413` on a `Content-Length` over
+//!    the limit; a streamed body is cut there and the proxy answers `413`);
+//! 3. [`Sanitize`](crate::sanitize::Sanitize): `431` on too many or too large headers,
+//!    hop-by-hop stripping, `X-Forwarded-For` from the connection's client address;
+//! 4. the adaptive controller's latency measurement (backend answers only);
+//! 5. the [`Proxy`].
+//!
+//! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
+//! which hyper ignores it), `max_buf_size`, and a `max_headers` backstop above the
+//! stack's own count limit. When hyper has read the first request's headers, the
+//! connection's [`Handshake`] is marked complete, which ends the slowloris layer's
+//! handshake clocks.
+
+use std::error::Error;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::{BoxError, ClientAddr, Handshake, Param};
+use aegis_layers::adaptive::{self, AdaptiveLayer, Sample};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder};
+use tower_http::limit::{RequestBodyLimitLayer, ResponseBody};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::proxy::{GatewayBody, LocalAnswer, Proxy};
+use crate::sanitize::{Limits, SanitizeLayer};
+
+/// The per-request stack, boxed once per connection.
+pub type RequestStack =
+    BoxCloneService<Request<Incoming>, Response<ResponseBody<GatewayBody>>, BoxError>;
+
+/// The latency controller's classifier: records the backends' answers, not the
+/// gateway's own (`503` with no backend, `431`: they are fast and say nothing about
+/// the backends).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackendLatency;
+
+impl<B> adaptive::Classify<Response<B>> for BackendLatency {
+    fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Sample {
+        match result {
+            Ok(res) if res.extensions().get::<LocalAnswer>().is_some() => Sample::Ignore,
+            _ => Sample::Record,
+        }
+    }
+}
+
+/// What every connection's request stack is built from.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    /// The most bytes of request body.
+    pub max_body: usize,
+    /// Header count and size limits.
+    pub limits: Limits,
+    /// `Strict-Transport-Security: max-age=...`, when set (only behind TLS).
+    pub hsts: Option<Duration>,
+    /// The latency measurement of the adaptive controller.
+    pub adaptive: AdaptiveLayer<BackendLatency>,
+    /// The proxy.
+    pub proxy: Proxy,
+}
+
+impl Stack {
+    /// The request stack of one connection from `client`.
+    pub fn build(&self, client: IpAddr) -> RequestStack {
+        let hsts = self.hsts.map(|age| {
+            let value = HeaderValue::from_str(&format!("max-age={}", age.as_secs()))
+                .expect("digits are a valid header value");
+            SetResponseHeaderLayer::overriding(header::STRICT_TRANSPORT_SECURITY, value)
+        });
+        let svc = ServiceBuilder::new()
+            .layer(SetResponseHeaderLayer::overriding(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::X_FRAME_OPTIONS,
+                HeaderValue::from_static("DENY"),
+            ))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ))
+            .option_layer(hsts)
+            .layer(RequestBodyLimitLayer::new(self.max_body))
+            .layer(SanitizeLayer::new(client, self.limits))
+            .layer(self.adaptive.clone())
+            .service(self.proxy.clone());
+        BoxCloneService::new(svc)
+    }
+}
+
+/// Serves each connection as HTTP/1 with hyper over the [`Stack`]. See the
+/// [module docs](self).
+#[derive(Clone, Debug)]
+pub struct HttpServer {
+    http: http1::Builder,
+    stack: Stack,
+}
+
+impl HttpServer {
+    /// hyper's bounds: `header_read_timeout`, `max_buf_size` (at least 8 KiB), and a
+    /// `max_headers` backstop of twice the stack's limit (at least 100, hyper's
+    /// default), so that the stack's `431` is the one clients see.
+    pub fn new(stack: Stack, header_read_timeout: Duration, max_buf_size: usize) -> Self {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(max_buf_size.max(8 * 1024))
+            .max_headers((stack.limits.max_headers * 2).max(100));
+        Self { http, stack }
+    }
+}
+
+impl<I> Service<I> for HttpServer
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static + Param<ClientAddr> + Param<Handshake>,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, io: I) -> Self::Future {
+        let ClientAddr(client) = io.param();
+        let service = CompleteOnRequest {
+            inner: TowerToHyperService::new(self.stack.build(client.ip())),
+            handshake: io.param(),
+        };
+        let conn = self.http.serve_connection(TokioIo::new(io), service);
+        // A named future, not an `async` block: rustc cannot prove an `async` block
+        // over hyper's connection `Send` for every lifetime of the boxed error.
+        Box::pin(ConnFuture { conn })
+    }
+}
+
+pin_project! {
+    /// One connection served by hyper, its error boxed.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    struct ConnFuture<F> {
+        #[pin]
+        conn: F,
+    }
+}
+
+impl<F, E> Future for ConnFuture<F>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().conn.poll(cx).map_err(Into::into)
+    }
+}
+
+/// Marks the connection's handshake complete when hyper has read a request's headers
+/// (hyper calls the service then).
+#[derive(Clone, Debug)]
+struct CompleteOnRequest<S> {
+    inner: S,
+    handshake: Handshake,
+}
+
+impl<S, R> hyper::service::Service<R> for CompleteOnRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.handshake.complete();
+        self.inner.call(req)
+    }
+}

@@ -1,0 +1,630 @@
+//! The `http-gateway` example in-process: its modules are compiled into this test (the
+//! examples package has no library), the gateway serves on a loopback port, and real
+//! hyper backends started here count requests, record what they received, and can be
+//! switched to fail with `500` or stopped and started again on the same port.
+//!
+//! The modules' own unit tests (balancer and warm-up math, health-check intervals under
+//! paused time, header rules) run as part of this test binary too.
+//!
+//! Every wait on a socket or a background task is a poll with a deadline ([`WAIT`]).
+
+#[allow(dead_code)]
+#[path = "../http-gateway/balance.rs"]
+mod balance;
+#[allow(dead_code)]
+#[path = "../http-gateway/gateway.rs"]
+mod gateway;
+#[allow(dead_code)]
+#[path = "../http-gateway/headers.rs"]
+mod headers;
+#[allow(dead_code)]
+#[path = "../http-gateway/health.rs"]
+mod health;
+#[allow(dead_code)]
+#[path = "../http-gateway/proxy.rs"]
+mod proxy;
+#[allow(dead_code)]
+#[path = "../http-gateway/sanitize.rs"]
+mod sanitize;
+#[allow(dead_code)]
+#[path = "../http-gateway/server.rs"]
+mod server;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aegis_core::BoxError;
+use aegis_layers::circuit_breaker::CircuitState;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::gateway::{BackendSpec, Config, Gateway};
+
+/// The bound on every single wait for an event.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------
+
+/// What a test backend shares with the test.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Requests served, `/healthz` excluded.
+    hits: AtomicUsize,
+    /// Answer `500` to every request but `/healthz`.
+    fail: AtomicBool,
+    /// The headers of the last request, `/healthz` excluded.
+    last_headers: Mutex<Option<HeaderMap>>,
+}
+
+/// A hyper backend on a fixed loopback port that can be stopped and started again.
+struct Backend {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut b = Self {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+            task: None,
+        };
+        b.serve(listener);
+        b
+    }
+
+    fn hits(&self) -> usize {
+        self.seen.hits.load(Ordering::SeqCst)
+    }
+
+    fn fail(&self, fail: bool) {
+        self.seen.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Closes the listener and every open connection.
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort(); // drops the JoinSet of connections, which aborts them
+        }
+    }
+
+    /// Listens again on the same port.
+    async fn restart(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {}: {e}", self.addr);
+                    sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot rebind {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let seen = Arc::clone(&self.seen);
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = Arc::clone(&seen);
+                let svc = hyper::service::service_fn(move |req| answer(Arc::clone(&seen), req));
+                conns.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `/healthz`: `200`. Anything else: counted, headers recorded, body read in full, then
+/// `500` when failing or `200` with hop-by-hop and framing headers a proxy must drop.
+async fn answer(
+    seen: Arc<Seen>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
+    }
+    seen.hits.fetch_add(1, Ordering::SeqCst);
+    *seen.last_headers.lock() = Some(req.headers().clone());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let mut res = Response::new(Full::new(Bytes::from(format!("read {body} bytes"))));
+    if seen.fail.load(Ordering::SeqCst) {
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(res);
+    }
+    let h = res.headers_mut();
+    h.insert("connection", "x-hop".parse().unwrap());
+    h.insert("x-hop", "1".parse().unwrap());
+    h.insert("keep-alive", "timeout=5".parse().unwrap());
+    h.insert("proxy-authenticate", "Basic".parse().unwrap());
+    h.insert("x-frame-options", "SAMEORIGIN".parse().unwrap());
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------------
+// The gateway and its clients
+// ---------------------------------------------------------------------------------
+
+/// Fast timers, generous rates and limits: each test changes what it exercises.
+fn config(backends: &[&Backend]) -> Config {
+    let mut c = Config::new(
+        backends
+            .iter()
+            .map(|b| BackendSpec {
+                addr: b.addr,
+                weight: 1,
+            })
+            .collect(),
+    );
+    c.per_client_rate = NonZeroU32::new(10_000).unwrap();
+    c.per_client_burst = NonZeroU32::new(10_000).unwrap();
+    c.latency_target = Duration::from_secs(5);
+    c.health_interval = Duration::from_millis(100);
+    c.health_timeout = Duration::from_millis(500);
+    c.warmup = Duration::ZERO;
+    c.breaker_failures = 1_000;
+    c.breaker_open_for = Duration::from_secs(600);
+    c.backend_timeout = Duration::from_secs(5);
+    c
+}
+
+async fn start(config: &Config) -> Gateway {
+    Gateway::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap()
+}
+
+/// One request on a new connection; the whole response within [`WAIT`].
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Response<Bytes>, BoxError> {
+    timeout(WAIT, async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let res = tx.send_request(req).await?;
+        let (parts, body) = res.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            body.collect().await?.to_bytes(),
+        ))
+    })
+    .await?
+}
+
+async fn get(addr: SocketAddr) -> Response<Bytes> {
+    let req = Request::get("/")
+        .header("host", "gw.test")
+        .body(Full::default())
+        .unwrap();
+    send(addr, req).await.unwrap()
+}
+
+/// The time since `t0`.
+fn since(t0: Instant) -> Duration {
+    Instant::now().saturating_duration_since(t0)
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after [`WAIT`].
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `bytes` on a new connection and reads until the gateway closes it; panics if
+/// it is still open after [`WAIT`].
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned()
+}
+
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        match timeout(WAIT, stream.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {WAIT:?}; got {out:?}"),
+            Ok(Ok(0) | Err(_)) => return out, // closed, or reset
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Balancing, breakers, health
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn requests_spread_across_backends_by_weight() {
+    let (b0, b1) = (Backend::start().await, Backend::start().await);
+    let gw = start(&config(&[&b0, &b1])).await;
+    for _ in 0..20 {
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    assert_eq!((b0.hits(), b1.hits()), (10, 10), "round-robin");
+
+    let (c0, c1) = (Backend::start().await, Backend::start().await);
+    let mut cfg = config(&[&c0, &c1]);
+    cfg.backends[1].weight = 3;
+    let gw = start(&cfg).await;
+    for _ in 0..20 {
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    assert_eq!((c0.hits(), c1.hits()), (5, 15), "weights 1:3");
+}
+
+#[tokio::test]
+async fn a_backend_answering_500_opens_its_breaker_and_traffic_moves() {
+    let (b0, b1) = (Backend::start().await, Backend::start().await);
+    let mut cfg = config(&[&b0, &b1]);
+    cfg.breaker_failures = 3;
+    let gw = start(&cfg).await;
+    b0.fail(true);
+
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get(gw.addr).await.status());
+    }
+    let errors = statuses.iter().filter(|s| s.is_server_error()).count();
+    assert_eq!(
+        errors, 3,
+        "the backend's 500s are relayed until its breaker opens: {statuses:?}"
+    );
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+    assert_eq!(gw.breakers[1].state(), CircuitState::Closed);
+    assert_eq!((b0.hits(), b1.hits()), (3, 17));
+    assert!(
+        statuses[6..].iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert!(
+        gw.pool.is_healthy(0),
+        "/healthz still answers: the breaker did it"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_backend_is_marked_unhealthy_skipped_and_warmed_up_after_recovery() {
+    let (mut b0, b1) = (Backend::start().await, Backend::start().await);
+    let mut cfg = config(&[&b0, &b1]);
+    cfg.warmup = Duration::from_secs(4);
+    let gw = start(&cfg).await;
+    until("both healthy", || {
+        gw.pool.is_healthy(0) && gw.pool.is_healthy(1)
+    })
+    .await;
+
+    b0.stop();
+    until("backend 0 marked unhealthy", || !gw.pool.is_healthy(0)).await;
+    for _ in 0..10 {
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        (b0.hits(), b1.hits()),
+        (0, 10),
+        "the unhealthy backend is skipped"
+    );
+
+    b0.restart().await;
+    until("backend 0 healthy again", || gw.pool.is_healthy(0)).await;
+    let weight = gw.pool.weight_now(0, Instant::now());
+    assert!(weight < 50, "warming up from 10 % of 100: {weight}");
+    let (a, b) = (b0.hits(), b1.hits());
+    for _ in 0..22 {
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    let (cold0, cold1) = (b0.hits() - a, b1.hits() - b);
+    assert!(
+        (1..=6).contains(&cold0),
+        "some traffic, a small share while cold: {cold0} vs {cold1}"
+    );
+
+    until("backend 0 warm", || {
+        gw.pool.weight_now(0, Instant::now()) == balance::SCALE
+    })
+    .await;
+    let (a, b) = (b0.hits(), b1.hits());
+    for _ in 0..20 {
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    let (warm0, warm1) = (b0.hits() - a, b1.hits() - b);
+    assert!(
+        (8..=12).contains(&warm0),
+        "an even share once warm: {warm0} vs {warm1}"
+    );
+}
+
+#[tokio::test]
+async fn no_backend_available_is_503_with_security_headers() {
+    let (mut b0, mut b1) = (Backend::start().await, Backend::start().await);
+    let gw = start(&config(&[&b0, &b1])).await;
+    b0.stop();
+    b1.stop();
+    until("both unhealthy", || {
+        !gw.pool.is_healthy(0) && !gw.pool.is_healthy(1)
+    })
+    .await;
+    let res = get(gw.addr).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(res.headers()["x-frame-options"], "DENY");
+}
+
+// ---------------------------------------------------------------------------------
+// Headers and limits
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_xff_is_the_socket_and_security_headers_are_set() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.hsts = Some(Duration::from_secs(86_400));
+    let gw = start(&cfg).await;
+
+    let req = Request::get("/page?q=1")
+        .header("host", "gw.test")
+        .header("connection", "keep-alive, X-Secret")
+        .header("x-secret", "1")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-kept", "yes")
+        .body(Full::default())
+        .unwrap();
+    let res = send(gw.addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let seen = b0
+        .seen
+        .last_headers
+        .lock()
+        .clone()
+        .expect("the backend got the request");
+    for name in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "forwarded",
+    ] {
+        assert!(
+            seen.get(name).is_none(),
+            "{name} reached the backend: {seen:?}"
+        );
+    }
+    assert!(
+        seen.get("connection").is_none_or(|v| v == "keep-alive"),
+        "only the gateway's own connection header: {seen:?}"
+    );
+    let xff: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(xff, ["127.0.0.1"], "from the socket, the client's replaced");
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(seen["host"], "gw.test", "the client's Host is kept");
+
+    let h = res.headers();
+    for name in ["x-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(h.get(name).is_none(), "{name} reached the client: {h:?}");
+    }
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(
+        h["x-frame-options"], "DENY",
+        "overrides the backend's SAMEORIGIN"
+    );
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert_eq!(h["strict-transport-security"], "max-age=86400");
+    assert_eq!(res.body().as_ref(), b"read 0 bytes");
+
+    // Without HSTS configured, none is sent.
+    let gw = start(&config(&[&b0])).await;
+    assert!(
+        get(gw.addr)
+            .await
+            .headers()
+            .get("strict-transport-security")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.max_body = 1024;
+    cfg.limits.max_headers = 32;
+    cfg.limits.max_header_bytes = 4096;
+    cfg.breaker_failures = 1; // one counted failure would open it
+    let gw = start(&cfg).await;
+
+    // Declared too large: refused before the backend is called.
+    let out = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert_eq!(b0.hits(), 0);
+
+    // Within the limit: through.
+    let req = Request::post("/")
+        .body(Full::new(Bytes::from(vec![b'x'; 1000])))
+        .unwrap();
+    let res = send(gw.addr, req).await.unwrap();
+    assert_eq!(res.body().as_ref(), b"read 1000 bytes");
+
+    let hits = b0.hits();
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let out = raw(gw.addr, many.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "40 headers: {out}");
+    assert!(out.contains("x-content-type-options: nosniff"), "{out}");
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nx-big: {}\r\n\r\n",
+        "z".repeat(5000)
+    );
+    let out = raw(gw.addr, big.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "5 kB of headers: {out}");
+    assert_eq!(b0.hits(), hits, "refused headers never reach the backend");
+
+    // Streamed past the limit: cut, 413, and not the backend's failure.
+    let mut chunked =
+        b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&[b'y'; 0x200]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let out = raw(gw.addr, &chunked).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert_eq!(
+        gw.breakers[0].state(),
+        CircuitState::Closed,
+        "the client's fault"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Connection layers: rate limit, slowloris
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_per_ip_burst_beyond_the_rate_is_refused() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.per_client_rate = NonZeroU32::new(1).unwrap();
+    cfg.per_client_burst = NonZeroU32::new(3).unwrap();
+    let gw = start(&cfg).await;
+    let quota = gw.rate.per_client().expect("per-client tier on");
+    assert_eq!(
+        quota.burst_size().get(),
+        3,
+        "the controller keeps the burst"
+    );
+
+    for i in 0..3 {
+        assert_eq!(
+            get(gw.addr).await.status(),
+            StatusCode::OK,
+            "connection {i}"
+        );
+    }
+    let req = Request::get("/")
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    let refused = send(gw.addr, req).await;
+    assert!(
+        refused.is_err(),
+        "the 4th connection within a second is closed: {refused:?}"
+    );
+    assert_eq!(b0.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_partial_request_line_is_cut_by_hypers_header_timeout() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.header_read_timeout = Duration::from_millis(500);
+    cfg.handshake_timeout = Duration::from_secs(60); // only hyper's clock can cut
+    let gw = start(&cfg).await;
+    let t0 = Instant::now();
+    raw(gw.addr, b"GET / HT").await;
+    let took = since(t0);
+    assert!(
+        took >= Duration::from_millis(450),
+        "cut by the timeout, not at once: {took:?}"
+    );
+    assert_eq!(b0.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_trickled_request_is_cut_by_the_slowloris_total_deadline() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.header_read_timeout = Duration::from_secs(60); // only the slowloris clock can cut
+    cfg.handshake_timeout = Duration::from_millis(800);
+    let gw = start(&cfg).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let t0 = Instant::now();
+    // One byte every 100 ms: an idle clock would never fire.
+    let mut cut = false;
+    for b in b"GET / HTTP/1.1\r\nHost: gw\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if stream.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        sleep(Duration::from_millis(100)).await;
+        if since(t0) > Duration::from_secs(3) {
+            break;
+        }
+    }
+    if !cut {
+        read_to_close(&mut stream).await;
+    }
+    let took = since(t0);
+    assert!(
+        took >= Duration::from_millis(750) && took < Duration::from_secs(3),
+        "cut at the 800 ms total deadline: {took:?}"
+    );
+    assert_eq!(b0.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_silent_client_is_cut_by_the_first_byte_timeout() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.header_read_timeout = Duration::from_secs(60);
+    cfg.handshake_timeout = Duration::from_secs(60);
+    cfg.first_byte_timeout = Duration::from_millis(300);
+    let gw = start(&cfg).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let t0 = Instant::now();
+    let out = read_to_close(&mut stream).await;
+    let took = since(t0);
+    assert!(out.is_empty(), "closed without an answer: {out:?}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+}
