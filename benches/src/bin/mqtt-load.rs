@@ -1,0 +1,786 @@
+//! `mqtt-load`: an MQTT 3.1.1 load generator for `benches/compare.sh`.
+//!
+//! ```text
+//! mqtt-load churn              --target ADDR [--duration S] [--concurrency C]
+//! mqtt-load hold N             --target ADDR [--duration S] [--rss-pid PID]
+//! mqtt-load publish            --target ADDR [--qos 0|1] [--payload BYTES] [--duration S]
+//! mqtt-load slowloris N        --target ADDR [--deadline-ms D] [--interval-ms I] [--duration S]
+//! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--duration S]
+//! mqtt-load stall              --target ADDR --stop-pid PID [--stop-after-ms T] [--stop-for-ms T]
+//! common: [--label NAME] [--cpu-pid PID] (CPU ticks of that process over the run)
+//! ```
+//!
+//! Every run prints one JSON object on one line on stdout. Source addresses are spread
+//! over 127.0.1.1 ..= 127.0.1.250 (each socket is bound before `connect`), so a per-IP
+//! limiter sees many clients; the legitimate client of `flood`, `slowloris` and `stall`
+//! connects from 127.0.2.1. Only loopback targets are accepted.
+//!
+//! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
+//! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
+//! binding picks the port per source address, which gives 250 x ~28,000 ports.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const TOPIC: &str = "bench/t";
+const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 1);
+
+#[derive(Debug, Clone)]
+struct Args {
+    mode: String,
+    n: usize,
+    target: SocketAddr,
+    label: String,
+    duration: Duration,
+    concurrency: usize,
+    qos: u8,
+    payload: usize,
+    deadline: Duration,
+    interval: Duration,
+    attackers: u8,
+    cpu_pid: Option<u32>,
+    rss_pid: Option<u32>,
+    stop_pid: Option<u32>,
+    stop_after: Duration,
+    stop_for: Duration,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: mqtt-load churn|hold N|publish|slowloris N|flood|stall --target ADDR [options]; see the source header"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mode = it.next().unwrap_or_else(|| usage());
+    let mut args = Args {
+        mode,
+        n: 1000,
+        target: "127.0.0.1:1883".parse().expect("literal"),
+        label: String::new(),
+        duration: Duration::from_secs(5),
+        concurrency: 32,
+        qos: 0,
+        payload: 64,
+        deadline: Duration::from_secs(3),
+        interval: Duration::from_millis(500),
+        attackers: 20,
+        cpu_pid: None,
+        rss_pid: None,
+        stop_pid: None,
+        stop_after: Duration::from_secs(1),
+        stop_for: Duration::from_secs(4),
+    };
+    let rest: Vec<String> = it.collect();
+    let mut i = 0;
+    while i < rest.len() {
+        let key = rest[i].as_str();
+        if !key.starts_with("--") {
+            args.n = key.parse().unwrap_or_else(|_| usage());
+            i += 1;
+            continue;
+        }
+        let val = rest.get(i + 1).cloned().unwrap_or_else(|| usage());
+        let num = || val.parse::<u64>().unwrap_or_else(|_| usage());
+        match key {
+            "--target" => args.target = val.parse().unwrap_or_else(|_| usage()),
+            "--label" => args.label.clone_from(&val),
+            "--duration" => {
+                args.duration = Duration::from_secs_f64(val.parse().unwrap_or_else(|_| usage()));
+            }
+            "--concurrency" => args.concurrency = usize::try_from(num()).unwrap_or(1).max(1),
+            "--qos" => args.qos = u8::try_from(num()).unwrap_or(0).min(1),
+            "--payload" => args.payload = usize::try_from(num()).unwrap_or(64),
+            "--deadline-ms" => args.deadline = Duration::from_millis(num()),
+            "--interval-ms" => args.interval = Duration::from_millis(num()),
+            "--attackers" => args.attackers = u8::try_from(num()).unwrap_or(250).clamp(1, 250),
+            "--cpu-pid" => args.cpu_pid = u32::try_from(num()).ok(),
+            "--rss-pid" => args.rss_pid = u32::try_from(num()).ok(),
+            "--stop-pid" => args.stop_pid = u32::try_from(num()).ok(),
+            "--stop-after-ms" => args.stop_after = Duration::from_millis(num()),
+            "--stop-for-ms" => args.stop_for = Duration::from_millis(num()),
+            _ => usage(),
+        }
+        i += 2;
+    }
+    if !args.target.ip().is_loopback() {
+        eprintln!("mqtt-load: only loopback targets may be load-tested");
+        std::process::exit(2);
+    }
+    args
+}
+
+fn main() {
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let cpu_before = args.cpu_pid.and_then(cpu_ticks);
+    let started = Instant::now();
+    let mut fields = rt.block_on(async {
+        match args.mode.as_str() {
+            "churn" => churn(&args).await,
+            "hold" => hold(&args).await,
+            "publish" => publish(&args).await,
+            "slowloris" => slowloris(&args).await,
+            "flood" => flood(&args).await,
+            "stall" => stall(&args).await,
+            _ => usage(),
+        }
+    });
+    let wall = since(started);
+    if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before) {
+        if let Some(after) = cpu_ticks(pid) {
+            let ticks = after.saturating_sub(before);
+            fields.push(("cpu_ticks", ticks.to_string()));
+            fields.push(("clk_tck", clk_tck().to_string()));
+        }
+    }
+    fields.push(("wall_s", format!("{:.3}", wall.as_secs_f64())));
+    let mut out = format!(
+        "{{\"mode\":\"{}\",\"label\":\"{}\",\"target\":\"{}\"",
+        args.mode, args.label, args.target
+    );
+    for (k, v) in fields {
+        out.push_str(&format!(",\"{k}\":{v}"));
+    }
+    out.push('}');
+    println!("{out}");
+    // Idle sessions and stragglers end with the process.
+    rt.shutdown_background();
+}
+
+type Fields = Vec<(&'static str, String)>;
+
+// ---------------------------------------------------------------------------------------
+// MQTT 3.1.1 encoding and reading.
+
+fn remaining_length(buf: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = u8::try_from(len % 128).expect("< 128");
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        buf.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn mqtt_str(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+    buf.extend_from_slice(s);
+}
+
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32);
+    mqtt_str(&mut body, b"MQTT");
+    body.push(4); // 3.1.1
+    body.push(0x02); // clean session
+    body.extend_from_slice(&0u16.to_be_bytes()); // keep alive off
+    mqtt_str(&mut body, client_id.as_bytes());
+    let mut p = vec![0x10];
+    remaining_length(&mut p, body.len());
+    p.extend_from_slice(&body);
+    p
+}
+
+fn publish_packet(buf: &mut Vec<u8>, qos: u8, id: u16, payload: &[u8]) {
+    let id_len = if qos > 0 { 2 } else { 0 };
+    buf.push(0x30 | (qos << 1));
+    remaining_length(buf, 2 + TOPIC.len() + id_len + payload.len());
+    mqtt_str(buf, TOPIC.as_bytes());
+    if qos > 0 {
+        buf.extend_from_slice(&id.to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
+}
+
+const DISCONNECT: [u8; 2] = [0xE0, 0x00];
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// Reads one packet; returns its first byte and its body.
+async fn read_packet(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let first = s.read_u8().await?;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad length"));
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok((first, body))
+}
+
+fn spread(i: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 1, u8::try_from(i % 250).expect("< 250") + 1)
+}
+
+async fn connect_from(src: Ipv4Addr, target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(src.into(), 0))?;
+    let stream = socket.connect(target).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// How one MQTT session attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// CONNACK 0.
+    Accepted,
+    /// A CONNACK with a non-zero code, or the connection closed or reset.
+    Refused,
+    /// No answer in time.
+    TimedOut,
+}
+
+/// TCP connect + CONNECT until the CONNACK. Returns the stream when accepted.
+async fn session(
+    src: Ipv4Addr,
+    target: SocketAddr,
+    id: &str,
+    limit: Duration,
+) -> (Outcome, Option<TcpStream>) {
+    let attempt = async {
+        let mut s = connect_from(src, target).await?;
+        s.write_all(&connect_packet(id)).await?;
+        let (first, body) = read_packet(&mut s).await?;
+        if first == 0x20 && body.len() == 2 && body[1] == 0 {
+            Ok::<_, io::Error>(Some(s))
+        } else {
+            Ok(None)
+        }
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(Some(s))) => (Outcome::Accepted, Some(s)),
+        Ok(Ok(None) | Err(_)) => (Outcome::Refused, None),
+        Err(_) => (Outcome::TimedOut, None),
+    }
+}
+
+/// DISCONNECT, then wait (briefly) for the broker to close first: the server side keeps
+/// the TIME_WAIT, not our source ports.
+async fn disconnect(mut s: TcpStream) {
+    let _ = s.write_all(&DISCONNECT).await;
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Time since `t`; never panics.
+fn since(t: Instant) -> Duration {
+    Instant::now().saturating_duration_since(t)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+fn f3(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "null".into()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc readers.
+
+fn clk_tck() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// utime + stime of a process, in clock ticks (all its threads).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// `VmRSS` in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+// ---------------------------------------------------------------------------------------
+// Modes.
+
+/// CONNECT, CONNACK, DISCONNECT cycles from `concurrency` workers.
+async fn churn(a: &Args) -> Fields {
+    let end = Instant::now() + a.duration;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..a.concurrency {
+        let (next, target) = (next.clone(), a.target);
+        set.spawn(async move {
+            let (mut h, mut ok, mut failed) = (new_hist(), 0u64, 0u64);
+            while Instant::now() < end {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let t0 = Instant::now();
+                match session(spread(i), target, &format!("c{i}"), Duration::from_secs(3)).await {
+                    (Outcome::Accepted, Some(s)) => {
+                        let _ = h.record(micros(since(t0)));
+                        disconnect(s).await;
+                        ok += 1;
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (h, ok, failed)
+        });
+    }
+    let (mut h, mut ok, mut failed) = (new_hist(), 0, 0);
+    while let Some(Ok((wh, wok, wf))) = set.join_next().await {
+        let _ = h.add(&wh);
+        ok += wok;
+        failed += wf;
+    }
+    let secs = a.duration.as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = ok as f64 / secs;
+    vec![
+        ("concurrency", a.concurrency.to_string()),
+        ("ok", ok.to_string()),
+        ("failed", failed.to_string()),
+        ("ops", ok.to_string()),
+        ("per_s", f3(rate)),
+        ("p50_us", pct(&h, 0.5).to_string()),
+        ("p99_us", pct(&h, 0.99).to_string()),
+    ]
+}
+
+/// N idle sessions; RSS of `--rss-pid` before and while they are held.
+async fn hold(a: &Args) -> Fields {
+    let before = a.rss_pid.and_then(rss);
+    let next = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(Mutex::new(Vec::with_capacity(a.n)));
+    let n = a.n as u64;
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..a.concurrency.max(64) {
+        let (next, held, failed, target) = (next.clone(), held.clone(), failed.clone(), a.target);
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                match session(spread(i), target, &format!("h{i}"), Duration::from_secs(5)).await {
+                    (Outcome::Accepted, Some(s)) => held.lock().await.push(s),
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let count = held.lock().await.len();
+    eprintln!("mqtt-load: holding {count} sessions");
+    // Let the proxy settle, then read its RSS; then hold for the rest of the duration
+    // (or until SIGINT / SIGTERM) so that it can also be read from outside.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = a.rss_pid.and_then(rss);
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+    tokio::select! {
+        () = tokio::time::sleep(a.duration.saturating_sub(Duration::from_secs(1))) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let mut fields = vec![
+        ("requested", a.n.to_string()),
+        ("held", count.to_string()),
+        ("failed", failed.load(Ordering::Relaxed).to_string()),
+    ];
+    if let (Some(b), Some(d)) = (before, during) {
+        #[allow(clippy::cast_precision_loss)]
+        let per = (d.saturating_sub(b)) as f64 / count.max(1) as f64;
+        fields.push(("rss_before", b.to_string()));
+        fields.push(("rss_during", d.to_string()));
+        fields.push(("bytes_per_conn", f3(per)));
+    }
+    fields
+}
+
+/// Publishes as fast as the target takes them: QoS 0 in batches closed by a PINGREQ
+/// (its PINGRESP proves the broker read the batch), QoS 1 in windows of PUBACKs.
+async fn publish(a: &Args) -> Fields {
+    let end = Instant::now() + a.duration;
+    let mut set = JoinSet::new();
+    for w in 0..a.concurrency.min(64) {
+        let (qos, size, target) = (a.qos, a.payload, a.target);
+        set.spawn(async move {
+            let (_, s) = session(
+                spread(w as u64),
+                target,
+                &format!("p{w}"),
+                Duration::from_secs(5),
+            )
+            .await;
+            let Some(mut s) = s else { return (0u64, 1u64) };
+            let payload = vec![b'x'; size];
+            let batch: u16 = if qos == 0 {
+                u16::try_from((256 * 1024 / (size + 16)).clamp(1, 1000)).expect("<= 1000")
+            } else {
+                64
+            };
+            let mut buf = Vec::new();
+            let mut sent = 0u64;
+            let mut id: u16 = 0;
+            while Instant::now() < end {
+                buf.clear();
+                for _ in 0..batch {
+                    id = id.wrapping_add(1).max(1);
+                    publish_packet(&mut buf, qos, id, &payload);
+                }
+                if qos == 0 {
+                    buf.extend_from_slice(&PINGREQ);
+                }
+                if s.write_all(&buf).await.is_err() {
+                    return (sent, 1);
+                }
+                let want = if qos == 0 { 1 } else { batch };
+                let mut got = 0;
+                while got < want {
+                    match read_packet(&mut s).await {
+                        Ok((0xD0 | 0x40, _)) => got += 1,
+                        Ok(_) => {}
+                        Err(_) => return (sent, 1),
+                    }
+                }
+                sent += u64::from(batch);
+            }
+            disconnect(s).await;
+            (sent, 0)
+        });
+    }
+    let (mut sent, mut errors) = (0, 0);
+    while let Some(Ok((s, e))) = set.join_next().await {
+        sent += s;
+        errors += e;
+    }
+    let secs = a.duration.as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let (msgs, bytes) = (sent as f64 / secs, (sent * a.payload as u64) as f64 / secs);
+    vec![
+        ("qos", a.qos.to_string()),
+        ("payload", a.payload.to_string()),
+        ("clients", a.concurrency.min(64).to_string()),
+        ("msgs", sent.to_string()),
+        ("ops", sent.to_string()),
+        ("errors", errors.to_string()),
+        ("per_s", f3(msgs)),
+        ("mib_per_s", f3(bytes / 1_048_576.0)),
+    ]
+}
+
+/// A legitimate client: one session every `every`, from 127.0.2.1, until `end`.
+async fn legit(target: SocketAddr, every: Duration, end: Instant) -> (Histogram<u64>, u64, u64) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut set = JoinSet::new();
+    let mut i = 0u64;
+    while Instant::now() < end {
+        tick.tick().await;
+        i += 1;
+        set.spawn(async move {
+            let t0 = Instant::now();
+            match session(LEGIT, target, &format!("legit{i}"), Duration::from_secs(3)).await {
+                (Outcome::Accepted, Some(s)) => {
+                    let took = since(t0);
+                    disconnect(s).await;
+                    Some(took)
+                }
+                _ => None,
+            }
+        });
+    }
+    let (mut h, mut ok, mut total) = (new_hist(), 0, 0);
+    while let Some(Ok(r)) = set.join_next().await {
+        total += 1;
+        if let Some(d) = r {
+            ok += 1;
+            let _ = h.record(micros(d));
+        }
+    }
+    (h, ok, total)
+}
+
+/// N connections trickling a CONNECT, one byte per interval; when was each cut?
+async fn slowloris(a: &Args) -> Fields {
+    // Baseline: the legitimate client alone for one second.
+    let every = Duration::from_millis(20);
+    let (base, base_ok, base_total) =
+        legit(a.target, every, Instant::now() + Duration::from_secs(1)).await;
+    let end = Instant::now() + a.duration;
+    let legit_task = tokio::spawn(legit(a.target, every, end));
+    let mut set = JoinSet::new();
+    let packet = connect_packet("slowloris-client-with-a-long-id");
+    for i in 0..a.n {
+        let (target, interval, packet) = (a.target, a.interval, packet.clone());
+        set.spawn(async move {
+            let Ok(s) = connect_from(spread(i as u64), target).await else {
+                return Err(());
+            };
+            let t0 = Instant::now();
+            let (mut r, mut w) = s.into_split();
+            let trickle = async move {
+                for b in packet {
+                    if w.write_all(&[b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+                std::future::pending::<()>().await;
+            };
+            let closed = async move {
+                let mut buf = [0u8; 16];
+                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+            };
+            let cut = tokio::select! {
+                () = closed => true,
+                () = trickle => false,
+                () = tokio::time::sleep_until(end) => false,
+            };
+            Ok(cut.then(|| since(t0)))
+        });
+    }
+    let (mut cut_at, mut uncut, mut connect_failed) = (Vec::new(), 0u64, 0u64);
+    while let Some(Ok(r)) = set.join_next().await {
+        match r {
+            Ok(Some(d)) => cut_at.push(d),
+            Ok(None) => uncut += 1,
+            Err(()) => connect_failed += 1,
+        }
+    }
+    let (lh, lok, ltotal) = legit_task.await.unwrap_or((new_hist(), 0, 0));
+    // Lateness of each cut relative to the deadline, in ms (negative: early).
+    #[allow(clippy::cast_possible_truncation)]
+    let mut late: Vec<i64> = cut_at
+        .iter()
+        .map(|d| d.as_millis() as i64 - a.deadline.as_millis() as i64)
+        .collect();
+    late.sort_unstable();
+    let within = late.iter().filter(|&&l| (-100..=100).contains(&l)).count();
+    let q = |p: f64| -> String {
+        if late.is_empty() {
+            "null".into()
+        } else {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            let idx = ((late.len() - 1) as f64 * p).round() as usize;
+            late[idx].to_string()
+        }
+    };
+    vec![
+        ("n", a.n.to_string()),
+        ("deadline_ms", a.deadline.as_millis().to_string()),
+        ("interval_ms", a.interval.as_millis().to_string()),
+        ("cut", cut_at.len().to_string()),
+        ("uncut", uncut.to_string()),
+        ("connect_failed", connect_failed.to_string()),
+        ("cut_within_100ms", within.to_string()),
+        (
+            "late_min_ms",
+            late.first().map_or("null".into(), ToString::to_string),
+        ),
+        ("late_p50_ms", q(0.5)),
+        ("late_p99_ms", q(0.99)),
+        (
+            "late_max_ms",
+            late.last().map_or("null".into(), ToString::to_string),
+        ),
+        ("legit_base_p99_us", pct(&base, 0.99).to_string()),
+        ("legit_base_ok", base_ok.to_string()),
+        ("legit_base_total", base_total.to_string()),
+        ("legit_p99_us", pct(&lh, 0.99).to_string()),
+        ("legit_ok", lok.to_string()),
+        ("legit_total", ltotal.to_string()),
+    ]
+}
+
+/// Attackers from `--attackers` addresses connect as fast as they can (CONNECT, then
+/// drop); one legitimate client from its own address measures success and latency.
+async fn flood(a: &Args) -> Fields {
+    let end = Instant::now() + a.duration;
+    let legit_task = tokio::spawn(legit(a.target, Duration::from_millis(20), end));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut set = JoinSet::new();
+    let attackers = u64::from(a.attackers);
+    for _ in 0..a.concurrency {
+        let (next, target) = (next.clone(), a.target);
+        set.spawn(async move {
+            let (mut acc, mut rej, mut to) = (0u64, 0u64, 0u64);
+            while Instant::now() < end {
+                let i = next.fetch_add(1, Ordering::Relaxed) % attackers;
+                match session(spread(i), target, "flood", Duration::from_millis(500)).await {
+                    (Outcome::Accepted, Some(s)) => {
+                        acc += 1;
+                        disconnect(s).await;
+                    }
+                    (Outcome::TimedOut, _) => to += 1,
+                    _ => rej += 1,
+                }
+            }
+            (acc, rej, to)
+        });
+    }
+    let (mut acc, mut rej, mut to) = (0, 0, 0);
+    while let Some(Ok((x, y, z))) = set.join_next().await {
+        acc += x;
+        rej += y;
+        to += z;
+    }
+    let (lh, lok, ltotal) = legit_task.await.unwrap_or((new_hist(), 0, 0));
+    let secs = a.duration.as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let (rej_rate, success) = (rej as f64 / secs, 100.0 * lok as f64 / ltotal.max(1) as f64);
+    vec![
+        ("attackers", a.attackers.to_string()),
+        ("concurrency", a.concurrency.to_string()),
+        ("accepted", acc.to_string()),
+        ("rejected", rej.to_string()),
+        ("timed_out", to.to_string()),
+        ("ops", rej.to_string()),
+        ("rejected_per_s", f3(rej_rate)),
+        ("legit_ok", lok.to_string()),
+        ("legit_total", ltotal.to_string()),
+        ("legit_success_pct", f3(success)),
+        ("legit_p99_us", pct(&lh, 0.99).to_string()),
+    ]
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status();
+}
+
+/// The broker stalls (SIGSTOP) and comes back (SIGCONT) while a client tries a session
+/// every 50 ms: how soon are clients refused fast, and how soon served again?
+async fn stall(a: &Args) -> Fields {
+    let Some(pid) = a.stop_pid else { usage() };
+    let t0 = Instant::now();
+    let total = a.stop_after + a.stop_for + a.duration;
+    let mut set = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut stopped = false;
+    let mut resumed = false;
+    while since(t0) < total {
+        tick.tick().await;
+        if !stopped && since(t0) >= a.stop_after {
+            signal_pid(pid, "-STOP");
+            stopped = true;
+        }
+        if !resumed && since(t0) >= a.stop_after + a.stop_for {
+            signal_pid(pid, "-CONT");
+            resumed = true;
+        }
+        let target = a.target;
+        set.spawn(async move {
+            let start = since(t0);
+            let (o, s) = session(LEGIT, target, "stall-probe", Duration::from_secs(3)).await;
+            let took = since(t0).saturating_sub(start);
+            if let Some(s) = s {
+                disconnect(s).await;
+            }
+            (start, took, o)
+        });
+    }
+    if !resumed {
+        signal_pid(pid, "-CONT");
+    }
+    let mut results = Vec::new();
+    while let Some(Ok(r)) = set.join_next().await {
+        results.push(r);
+    }
+    results.sort_by_key(|r| r.0);
+    let (stop, cont) = (a.stop_after, a.stop_after + a.stop_for);
+    // First attempt, started after SIGSTOP, that was refused within 250 ms.
+    let fast = results
+        .iter()
+        .find(|(s, took, o)| {
+            *s >= stop && *o == Outcome::Refused && *took < Duration::from_millis(250)
+        })
+        .map(|(s, took, _)| (*s + *took).saturating_sub(stop));
+    // First attempt that succeeded after SIGCONT (end time, from SIGCONT).
+    let recovered = results
+        .iter()
+        .filter(|(s, took, o)| *o == Outcome::Accepted && *s + *took >= cont)
+        .map(|(s, took, _)| (*s + *took).saturating_sub(cont))
+        .min();
+    let during = |o: Outcome| {
+        results
+            .iter()
+            .filter(|(s, _, oo)| *s >= stop && *s < cont && *oo == o)
+            .count()
+    };
+    let slow = results
+        .iter()
+        .filter(|(s, took, _)| *s >= stop && *s < cont && *took >= Duration::from_secs(1))
+        .count();
+    let ms = |d: Option<Duration>| d.map_or("null".into(), |d| d.as_millis().to_string());
+    vec![
+        ("stop_ms", a.stop_for.as_millis().to_string()),
+        ("attempts", results.len().to_string()),
+        ("stalled_accepted", during(Outcome::Accepted).to_string()),
+        ("stalled_answered_after_1s", slow.to_string()),
+        ("stalled_refused", during(Outcome::Refused).to_string()),
+        ("stalled_timed_out", during(Outcome::TimedOut).to_string()),
+        ("fast_refusal_after_ms", ms(fast)),
+        ("recovery_after_cont_ms", ms(recovered)),
+    ]
+}
