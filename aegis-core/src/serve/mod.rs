@@ -16,6 +16,11 @@
 //!   accepting when the signal fires (the listener is closed), waits for open connections
 //!   to finish for up to [`Serve::drain_timeout`] (30 s by default), then aborts those
 //!   still open. The returned [`Shutdown`] says whether the drain finished.
+//! - **A tracing span per connection.** Each connection's task runs in a `conn` span
+//!   (debug level) with the `peer` address and an empty `client_id` field that a protocol
+//!   layer records once it knows it (the MQTT layer does, from the CONNECT). Every event
+//!   of the connection, each layer's rejection included, carries them; neither is ever a
+//!   metric label.
 //!
 //! # Example
 //!
@@ -47,6 +52,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use tower_service::Service;
+use tracing::Instrument;
 
 pub use self::listener::Listener;
 use self::task::{ConnTask, Registry};
@@ -250,7 +256,10 @@ where
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             }
-            ConnTask::new(svc, conn, slot)
+            // Every event of the connection (a layer's rejection, say) carries its peer
+            // address; a protocol layer records `client_id` once it knows it.
+            let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
+            ConnTask::new(svc, conn, slot).instrument(span)
         });
         if spawned.is_none() {
             metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);

@@ -1,0 +1,93 @@
+//! The per-connection tracing span of the accept loop, over a real loopback socket.
+//!
+//! Alone in its own test binary: tracing caches each callsite's interest process-wide,
+//! and a test running in parallel without a subscriber could make the span's callsite
+//! look disabled to this one.
+
+use std::future::IntoFuture;
+use std::io;
+
+use aegis_core::{Conn, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// A `Write` into a shared buffer, for a test's log lines.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the test")]
+struct Refused;
+
+impl aegis_core::error::Reject for Refused {
+    fn layer(&self) -> &'static str {
+        "test"
+    }
+    fn label(&self) -> &'static str {
+        "refused"
+    }
+}
+
+#[test]
+fn each_connection_runs_in_a_span_with_its_peer_and_client_id() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = tower::service_fn(|mut conn: Conn<TcpStream>| async move {
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b)
+                .await
+                .map_err(aegis_core::BoxError::from)?;
+            // What a protocol layer does once it knows the client.
+            tracing::Span::current().record("client_id", tracing::field::debug("sensor-7"));
+            Err::<(), aegis_core::BoxError>(aegis_core::error::reject(Refused).into())
+        });
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, svc)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let client = s.local_addr().unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+        client
+    });
+    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("connection rejected"))
+        .unwrap_or_else(|| panic!("no rejection event in:\n{text}"));
+    assert!(line.contains(&format!("peer={client}")), "{text}");
+    assert!(line.contains("client_id=\"sensor-7\""), "{line}");
+    assert!(line.contains("reason=\"refused\""), "{line}");
+}
