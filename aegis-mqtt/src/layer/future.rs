@@ -115,18 +115,25 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 Ok(Next::Packet {
                     len,
                     packet: Packet::Connect(c),
-                }) => match this
-                    .policy
-                    .as_mut()
-                    .map(|p| p.on_connect(c.client_id, c.version))
-                {
-                    // Over the policy's connect rate: answered as a CONNECT, not as a
-                    // later packet (the session has accepted it already).
-                    Some(Err(e)) => {
-                        Step::Refused(e, e.answer(Phase::Connect(Some(c.version))).bytes())
+                }) => {
+                    // Names the client in every later event of the connection (the
+                    // `conn` span of `aegis_core::serve` has the field; elsewhere this
+                    // does nothing). Debug-quoted: the id is the client's own text.
+                    tracing::Span::current()
+                        .record("client_id", tracing::field::debug(c.client_id));
+                    match this
+                        .policy
+                        .as_mut()
+                        .map(|p| p.on_connect(c.client_id, c.version))
+                    {
+                        // Over the policy's connect rate: answered as a CONNECT, not as a
+                        // later packet (the session has accepted it already).
+                        Some(Err(e)) => {
+                            Step::Refused(e, e.answer(Phase::Connect(Some(c.version))).bytes())
+                        }
+                        _ => Step::Accepted(len),
                     }
-                    _ => Step::Accepted(len),
-                },
+                }
                 Ok(Next::Packet { len, .. }) => Step::Accepted(len),
                 Ok(Next::NeedMore(_)) => Step::Read,
                 Err(e) => Step::Refused(e, this.session.answer(&e).bytes()),
