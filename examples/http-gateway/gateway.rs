@@ -79,6 +79,8 @@ pub struct Config {
     pub latency_target: Duration,
     /// How often the controller decides.
     pub control_interval: Duration,
+    /// The fewest latency samples a decision needs (fewer: hold).
+    pub control_min_samples: u64,
     /// The most bytes of request body.
     pub max_body: usize,
     /// Header count and size limits (`431`).
@@ -124,6 +126,7 @@ impl Config {
             min_per_client_rate: NonZeroU32::MIN,
             latency_target: Duration::from_millis(500),
             control_interval: Duration::from_secs(1),
+            control_min_samples: 20,
             max_body: 1024 * 1024,
             limits: Limits {
                 max_headers: 64,
@@ -225,6 +228,7 @@ impl Gateway {
         )
         .name("http_gateway")
         .interval(config.control_interval)
+        .min_samples(config.control_min_samples)
         .spawn(PerClientRate(rate.clone()));
 
         let stack = Stack {

@@ -69,6 +69,8 @@ struct Seen {
     fail: AtomicBool,
     /// The headers of the last request, `/healthz` excluded.
     last_headers: Mutex<Option<HeaderMap>>,
+    /// Milliseconds to wait before answering a request (not `/healthz`).
+    delay_ms: AtomicUsize,
 }
 
 /// A hyper backend on a fixed loopback port that can be stopped and started again.
@@ -158,6 +160,8 @@ async fn answer(
     }
     seen.hits.fetch_add(1, Ordering::SeqCst);
     *seen.last_headers.lock() = Some(req.headers().clone());
+    let delay = seen.delay_ms.load(Ordering::SeqCst);
+    sleep(Duration::from_millis(u64::try_from(delay).unwrap())).await;
     let body = req
         .into_body()
         .collect()
@@ -530,6 +534,79 @@ async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
 // ---------------------------------------------------------------------------------
 // Connection layers: rate limit, slowloris
 // ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
+    let b0 = Backend::start().await;
+    b0.seen.delay_ms.store(60, Ordering::SeqCst);
+    let mut cfg = config(&[&b0]);
+    cfg.per_client_rate = NonZeroU32::new(1_000).unwrap();
+    cfg.latency_target = Duration::from_millis(20);
+    cfg.control_interval = Duration::from_millis(300);
+    cfg.control_min_samples = 3;
+    let gw = start(&cfg).await;
+    let interval = |gw: &Gateway| gw.rate.per_client().unwrap().replenish_interval();
+    assert_eq!(interval(&gw), Duration::from_millis(1), "starts at 1000/s");
+
+    // Local answers are not samples: 431s alone never move the rate.
+    let deadline = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < deadline {
+        let req = Request::get("/")
+            .header("x-big", "z".repeat(9000))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(
+            send(gw.addr, req).await.unwrap().status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
+    assert_eq!(
+        interval(&gw),
+        Duration::from_millis(1),
+        "no backend latency yet"
+    );
+
+    // 60 ms answers against a 20 ms target: 1000/s × 0.8 at the next decision.
+    let deadline = Instant::now() + WAIT;
+    while interval(&gw) == Duration::from_millis(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never lowered the rate"
+        );
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    assert_eq!(interval(&gw), Duration::from_micros(1250), "800/s");
+    assert!(
+        (gw.control.value() - 800.0).abs() < 1e-9,
+        "{}",
+        gw.control.value()
+    );
+}
+
+#[tokio::test]
+async fn the_client_address_comes_from_a_trusted_proxy_header_only() {
+    let b0 = Backend::start().await;
+    let proxied = b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n\
+        GET / HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+
+    // Trusted: the header's source is the client.
+    let mut cfg = config(&[&b0]);
+    cfg.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let gw = start(&cfg).await;
+    let out = raw(gw.addr, proxied).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = b0.seen.last_headers.lock().take().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9");
+
+    // Not trusted (no trusted proxies): a PROXY header is refused, never believed.
+    let gw = start(&config(&[&b0])).await;
+    let out = raw(gw.addr, proxied).await;
+    assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        b0.seen.last_headers.lock().is_none(),
+        "the request never reached the backend"
+    );
+}
 
 #[tokio::test]
 async fn a_per_ip_burst_beyond_the_rate_is_refused() {
