@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Side by side: mosquitto direct, a naive copy_bidirectional proxy, HAProxy plain and
+# hardened, and the mqtt-gateway with no layers and with all layers, under the same
+# MQTT loads (benches/src/bin/mqtt-load.rs). A manual benchmark: not part of
+# `cargo test` or .ci/run.
+#
+#   bash benches/compare.sh
+#
+# Environment: DUR (seconds per timed run, default 3), REPS (default 3), HOLD (idle
+# sessions for the memory run, default 4000), OUT (results directory, default a new
+# one under target/), CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
+# GATEWAY (path of a prebuilt mqtt-gateway). Needs root for apt-get only when mosquitto or
+# haproxy is missing, and python3 for the summary.
+#
+# Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
+# on exit. All traffic stays on loopback; clients come from 127.0.1.1..250 and 127.0.2.1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DUR=${DUR:-3}
+REPS=${REPS:-3}
+HOLD=${HOLD:-4000}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${OUT:-$TARGET_DIR/compare-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+
+MOSQ_PORT=21883
+declare -A ADDR=(
+    [direct]=127.0.0.1:21883
+    [haproxy_plain]=127.0.0.1:21884
+    [haproxy_hard]=127.0.0.1:21885
+    [naive]=127.0.0.1:21886
+    [gw_off]=127.0.0.1:21887
+    [gw_all]=127.0.0.1:21888
+)
+declare -A PID=()
+TARGETS=(direct naive haproxy_plain haproxy_hard gw_off gw_all)
+STARTED=()
+
+log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -CONT "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+# --- tools -----------------------------------------------------------------------------
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+if ! have mosquitto || ! have haproxy; then
+    log "installing mosquitto and haproxy from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto haproxy
+fi
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+for port in 21883 21884 21885 21886 21887 21888 21889; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        log "port $port is in use; stop what listens there first"
+        exit 1
+    fi
+done
+
+log "building release binaries into $TARGET_DIR"
+export CARGO_TARGET_DIR=$TARGET_DIR
+if [ "${NO_BUILD:-0}" != 1 ]; then
+    cargo build --release -q -p benches --bins
+    cargo build --release -q -p examples --example mqtt-gateway
+fi
+LOAD=$TARGET_DIR/release/mqtt-load
+NAIVE=$TARGET_DIR/release/naive-proxy
+GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
+
+# --- start everything --------------------------------------------------------------------
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    log "nothing listens on $port"
+    exit 1
+}
+
+cat >"$OUT/mosquitto.conf" <<EOF
+listener $MOSQ_PORT 127.0.0.1
+allow_anonymous true
+max_connections -1
+persistence false
+log_dest none
+EOF
+"$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
+MOSQ_PID=$!
+STARTED+=("$MOSQ_PID")
+PID[direct]=$MOSQ_PID
+wait_port $MOSQ_PORT
+
+"$HAPROXY" -db -f benches/haproxy/plain.cfg >"$OUT/haproxy-plain.log" 2>&1 &
+PID[haproxy_plain]=$!
+STARTED+=("$!")
+"$HAPROXY" -db -f benches/haproxy/hardened.cfg >"$OUT/haproxy-hardened.log" 2>&1 &
+PID[haproxy_hard]=$!
+STARTED+=("$!")
+"$NAIVE" "${ADDR[naive]}" 127.0.0.1:$MOSQ_PORT >"$OUT/naive.log" 2>&1 &
+PID[naive]=$!
+STARTED+=("$!")
+"$GATEWAY" --config benches/gateway/no-layers.toml --listen "${ADDR[gw_off]}" \
+    --upstream 127.0.0.1:$MOSQ_PORT >"$OUT/gw-off.log" 2>&1 &
+PID[gw_off]=$!
+STARTED+=("$!")
+"$GATEWAY" --config benches/gateway/all-layers.toml --listen "${ADDR[gw_all]}" \
+    --upstream 127.0.0.1:$MOSQ_PORT >"$OUT/gw-all.log" 2>&1 &
+PID[gw_all]=$!
+STARTED+=("$!")
+for port in 21884 21885 21886 21887 21888; do wait_port "$port"; done
+sleep 1 # let the probes of wait_port leave the per-IP windows
+
+# --- scenarios ---------------------------------------------------------------------------
+# run SCENARIO TARGET REP ARGS...: one mqtt-load run, its JSON line tagged and stored.
+run() {
+    local scenario=$1 target=$2 rep=$3
+    shift 3
+    local line
+    if ! line=$("$LOAD" "$@" --target "${ADDR[$target]}" --label "$target" \
+        --cpu-pid "${PID[$target]}" 2>>"$OUT/mqtt-load.err"); then
+        log "$scenario $target rep $rep failed"
+        return 0
+    fi
+    line="{\"scenario\":\"$scenario\",\"rep\":$rep,${line#\{}"
+    echo "$line" >>"$RESULTS"
+    log "$line"
+}
+
+HARDENED=(direct haproxy_hard gw_all)
+for rep in $(seq 1 "$REPS"); do
+    log "repetition $rep of $REPS"
+    for t in "${TARGETS[@]}"; do run latency "$t" "$rep" churn --concurrency 1 --duration 2; done
+    for t in "${TARGETS[@]}"; do run churn "$t" "$rep" churn --concurrency 32 --duration "$DUR"; done
+    for t in "${TARGETS[@]}"; do run pub_qos0 "$t" "$rep" publish --qos 0 --payload 64 --concurrency 4 --duration "$DUR"; done
+    for t in "${TARGETS[@]}"; do run pub_qos1 "$t" "$rep" publish --qos 1 --payload 64 --concurrency 4 --duration "$DUR"; done
+    for t in "${TARGETS[@]}"; do run bytes "$t" "$rep" publish --qos 0 --payload 65536 --concurrency 4 --duration "$DUR"; done
+    for t in "${TARGETS[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2; done
+    for t in "${HARDENED[@]}"; do run flood "$t" "$rep" flood --attackers 10 --concurrency 64 --duration "$DUR"; done
+    for t in "${HARDENED[@]}"; do
+        run slowloris "$t" "$rep" slowloris 500 --deadline-ms 3000 --interval-ms 400 --duration 4.5
+    done
+done
+# The broker stalls last (once per target): it leaves mosquitto with a backlog to drain.
+for t in haproxy_hard gw_all; do
+    run stall "$t" 1 stall --stop-pid "$MOSQ_PID" --stop-after-ms 1000 --stop-for-ms 3000 --duration 2
+    sleep 1
+done
+
+log "results: $RESULTS"
+python3 benches/compare_summary.py "$RESULTS" | tee "$OUT/summary.md"

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Summary of benches/compare.sh: medians over the repetitions, one Markdown table.
+
+    python3 benches/compare_summary.py RESULTS.jsonl
+"""
+import json
+import statistics
+import sys
+
+TARGETS = ["direct", "naive", "haproxy_plain", "haproxy_hard", "gw_off", "gw_all"]
+
+
+def load(path):
+    runs = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                runs.setdefault((r["scenario"], r["label"]), []).append(r)
+    return runs
+
+
+def cpu_us(r, denom_key):
+    if "cpu_ticks" not in r or not r.get(denom_key):
+        return None
+    return r["cpu_ticks"] / r["clk_tck"] * 1e6 / r[denom_key]
+
+
+def median(runs, scenario, target, f):
+    vals = []
+    for r in runs.get((scenario, target), []):
+        try:
+            v = f(r)
+        except (KeyError, TypeError, ZeroDivisionError):
+            v = None
+        if v is not None:
+            vals.append(v)
+    return statistics.median(vals) if vals else None
+
+
+# (row label, scenario, function of one run, higher is better?)
+ROWS = [
+    ("latency p50, connect->CONNACK, 1 client (us)", "latency", lambda r: r["p50_us"], False),
+    ("latency p99, connect->CONNACK, 1 client (us)", "latency", lambda r: r["p99_us"], False),
+    ("churn: sessions/s (32 clients)", "churn", lambda r: r["per_s"], True),
+    ("churn: process CPU per session (us)", "churn", lambda r: cpu_us(r, "ops"), False),
+    ("churn: p99 connect->CONNACK under load (us)", "churn", lambda r: r["p99_us"], False),
+    ("publish QoS 0, 64 B: msgs/s (4 clients)", "pub_qos0", lambda r: r["per_s"], True),
+    ("publish QoS 0: process CPU per msg (us)", "pub_qos0", lambda r: cpu_us(r, "ops"), False),
+    ("publish QoS 1, 64 B: msgs/s (4 clients)", "pub_qos1", lambda r: r["per_s"], True),
+    ("raw bytes, QoS 0 64 KiB: MiB/s (4 clients)", "bytes", lambda r: r["mib_per_s"], True),
+    ("idle session: RSS bytes per connection", "hold", lambda r: r.get("bytes_per_conn"), False),
+    ("flood: rejected conns/s", "flood", lambda r: r["rejected_per_s"], True),
+    ("flood: attacker conns accepted", "flood", lambda r: r["accepted"], False),
+    ("flood: process CPU per rejection (us)", "flood", lambda r: cpu_us(r, "rejected"), False),
+    ("flood: legit success (%)", "flood", lambda r: r["legit_success_pct"], True),
+    ("flood: legit p99 connect->CONNACK (us)", "flood", lambda r: r["legit_p99_us"], False),
+    ("slowloris: cut within 100 ms of 3 s deadline (of 500)", "slowloris", lambda r: r["cut_within_100ms"], True),
+    ("slowloris: never cut within 4.5 s", "slowloris", lambda r: r["uncut"], False),
+    ("slowloris: cut lateness p50 (ms)", "slowloris", lambda r: r["late_p50_ms"], False),
+    ("slowloris: cut lateness max (ms)", "slowloris", lambda r: r["late_max_ms"], False),
+    ("slowloris: legit p99 before attack (us)", "slowloris", lambda r: r["legit_base_p99_us"], False),
+    ("slowloris: legit p99 under attack (us)", "slowloris", lambda r: r["legit_p99_us"], False),
+    ("slowloris: legit success (%)", "slowloris", lambda r: 100.0 * r["legit_ok"] / max(r["legit_total"], 1), True),
+    ("stall: first fast refusal after SIGSTOP (ms)", "stall", lambda r: r["fast_refusal_after_ms"], False),
+    ("stall: attempts while stopped", "stall", lambda r: r["stalled_accepted"] + r["stalled_refused"] + r["stalled_timed_out"], False),
+    ("stall: of those, refused", "stall", lambda r: r["stalled_refused"], False),
+    ("stall: of those, timed out (3 s)", "stall", lambda r: r["stalled_timed_out"], False),
+    ("stall: of those, answered only after >= 1 s", "stall", lambda r: r["stalled_answered_after_1s"], False),
+    ("stall: first success after SIGCONT (ms)", "stall", lambda r: r["recovery_after_cont_ms"], False),
+]
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.2f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def main():
+    runs = load(sys.argv[1])
+    reps = max((r["rep"] for rs in runs.values() for r in rs), default=0)
+    print(f"Medians of {reps} repetition(s); CPU is the target process's utime+stime "
+          "(for `direct`, mosquitto itself).\n")
+    head = ["metric"] + TARGETS + ["gw_all / haproxy_hard", "gw_off / haproxy_plain", "gw_all / direct"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for label, scenario, f, _ in ROWS:
+        vals = {t: median(runs, scenario, t, f) for t in TARGETS}
+        if all(v is None for v in vals.values()):
+            continue
+        cells = [label] + [fmt(vals[t]) for t in TARGETS]
+        cells += [ratio(vals["gw_all"], vals["haproxy_hard"]),
+                  ratio(vals["gw_off"], vals["haproxy_plain"]),
+                  ratio(vals["gw_all"], vals["direct"])]
+        print("| " + " | ".join(cells) + " |")
+    # Added latency over direct.
+    print()
+    for q in ("p50_us", "p99_us"):
+        d = median(runs, "latency", "direct", lambda r: r[q])
+        parts = []
+        for t in TARGETS[1:]:
+            v = median(runs, "latency", t, lambda r: r[q])
+            parts.append(f"{t} {fmt(None if v is None or d is None else v - d)}")
+        print(f"- added latency {q[:3]} over direct (us): " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
