@@ -337,3 +337,26 @@ async fn controller_stops_on_shutdown_and_when_every_handle_is_dropped() {
     sleep_until(t0 + SEC * 2).await;
     assert_close(&[handle.value()], &[1000.0]); // no decisions after shutdown
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn latencies_recorded_through_the_handle_drive_the_rate() {
+    let (log, sink) = rate_log();
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(5)
+        .spawn(sink);
+    // No layer at all: a handshake timer outside any service reports to the handle.
+    for _ in 0..5 {
+        handle.record(Duration::from_millis(300));
+    }
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[800.0]);
+    // Hysteresis holds the next interval; then fast handshakes raise the rate again.
+    sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
+    for _ in 0..5 {
+        handle.record(Duration::from_millis(10));
+    }
+    sleep_until(t0 + SEC * 3 + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[880.0]);
+    assert_close(&log.lock(), &[1000.0, 800.0, 880.0]);
+}

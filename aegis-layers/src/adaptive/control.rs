@@ -595,6 +595,24 @@ impl AdaptiveHandle {
         AdaptiveLayer::new(Arc::clone(&self.shared), classifier)
     }
 
+    /// Records one latency measured outside a wrapped service, into the same window the
+    /// layer feeds: for a byte-stream stack, where one call lasts a whole connection,
+    /// measure the handshake instead (for MQTT, the CONNECT to CONNACK round trip through
+    /// the upstream: `aegis_mqtt::layer::MqttLayer::connack_latency`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # use std::time::Duration;
+    /// # use aegis_layers::adaptive::RateConfig;
+    /// let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0).spawn(|_rate: f64| {});
+    /// handle.record(Duration::from_millis(12));
+    /// # }
+    /// ```
+    pub fn record(&self, latency: Duration) {
+        self.shared.record(latency);
+    }
+
     /// The current admitted rate (rate mode) or concurrency limit (gradient mode; the
     /// pinned `min_limit` while the minimum RTT is measured).
     pub fn value(&self) -> f64 {
