@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tower::{Layer, ServiceBuilder};
 
 use crate::balance::{Member, Pool};
+use crate::health::Thresholds;
 use crate::proxy::{GatewayClassifier, Proxy, Upstream};
 use crate::sanitize::Limits;
 use crate::server::{BackendLatency, HttpServer, Stack};
@@ -106,6 +107,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// Health checks: the time a probe has.
     pub health_timeout: Duration,
+    /// Health checks: failed and passed probes in a row that change a verdict.
+    pub health_thresholds: Thresholds,
     /// The ramp of a backend that comes back.
     pub warmup: Duration,
     /// Connecting to a backend.
@@ -142,6 +145,7 @@ impl Config {
             breaker_open_for: Duration::from_secs(10),
             health_interval: Duration::from_secs(5),
             health_timeout: Duration::from_secs(2),
+            health_thresholds: Thresholds { fall: 2, rise: 1 },
             warmup: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             backend_timeout: Duration::from_secs(30),
@@ -211,6 +215,7 @@ impl Gateway {
             &pool,
             config.health_interval,
             config.health_timeout,
+            config.health_thresholds,
             crate::health::http_probe(config.connect_timeout),
         );
 

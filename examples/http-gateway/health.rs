@@ -1,9 +1,11 @@
 //! Active health checks: probe every backend on a fixed interval and tell the pool.
 //!
 //! Every `interval` (the first round at once), each backend is probed concurrently
-//! under `timeout`; a probe that answers `true` in time marks it healthy, anything else
-//! (a `false`, an error folded into `false`, the timeout) unhealthy. The verdict goes
-//! to [`Pool::set_healthy`], which starts the warm-up of a backend that comes back. The
+//! under `timeout`; a probe passes when it answers `true` in time, and fails otherwise
+//! (a `false`, an error folded into `false`, the timeout). [`Thresholds::fall`] failures
+//! in a row mark a healthy backend unhealthy, [`Thresholds::rise`] passes in a row mark
+//! it healthy again (one lost probe does not flap a backend). The verdict goes to
+//! [`Pool::set_healthy`], which starts the warm-up of a backend that comes back. The
 //! probe is a function of the backend's address, so tests can script it; the gateway's
 //! is [`http_probe`], a `GET /healthz` that wants a `2xx`.
 //!
@@ -29,13 +31,28 @@ use crate::balance::Pool;
 /// A probe's answer.
 pub type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
+/// How many probes in a row change a verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    /// Failed probes in a row that mark a healthy backend unhealthy (at least 1).
+    pub fall: u32,
+    /// Passed probes in a row that mark an unhealthy backend healthy (at least 1).
+    pub rise: u32,
+}
+
 /// Starts the health checks of `pool`'s backends.
-pub fn spawn<P>(pool: &Arc<Pool>, interval: Duration, timeout: Duration, probe: P) -> JoinHandle<()>
+pub fn spawn<P>(
+    pool: &Arc<Pool>,
+    interval: Duration,
+    timeout: Duration,
+    thresholds: Thresholds,
+    probe: P,
+) -> JoinHandle<()>
 where
     P: Fn(SocketAddr) -> ProbeFuture + Send + Sync + 'static,
 {
+    let mut streaks = vec![0_u32; pool.members().len()];
     let pool = Arc::downgrade(pool);
-    let probe = Arc::new(probe);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -46,21 +63,32 @@ where
             for (i, member) in pool.members().iter().enumerate() {
                 let answer = probe(member.addr);
                 round.spawn(async move {
-                    (
-                        i,
-                        tokio::time::timeout(timeout, answer).await.unwrap_or(false),
-                    )
+                    let passed = tokio::time::timeout(timeout, answer).await.unwrap_or(false);
+                    (i, passed)
                 });
             }
             while let Some(done) = round.join_next().await {
-                let Ok((i, healthy)) = done else { continue };
-                if pool.set_healthy(i, healthy, Instant::now()) {
-                    let addr = pool.members()[i].addr;
-                    if healthy {
-                        tracing::info!(%addr, "backend healthy again; warming up");
-                    } else {
-                        tracing::warn!(%addr, "backend unhealthy");
-                    }
+                let Ok((i, passed)) = done else { continue };
+                if passed == pool.is_healthy(i) {
+                    streaks[i] = 0; // agrees with the verdict
+                    continue;
+                }
+                streaks[i] += 1;
+                let needed = if passed {
+                    thresholds.rise
+                } else {
+                    thresholds.fall
+                };
+                if streaks[i] < needed.max(1) {
+                    continue;
+                }
+                streaks[i] = 0;
+                pool.set_healthy(i, passed, Instant::now());
+                let addr = pool.members()[i].addr;
+                if passed {
+                    tracing::info!(%addr, "backend healthy again; warming up");
+                } else {
+                    tracing::warn!(%addr, "backend unhealthy");
                 }
             }
         }
@@ -99,32 +127,37 @@ mod tests {
     use super::*;
     use crate::balance::Member;
 
+    fn pool_of(ports: &[u16]) -> Arc<Pool> {
+        let members = ports
+            .iter()
+            .map(|&port| Member {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                weight: 1,
+                breaker: CircuitBreakerLayer::builder("test").build().handle(),
+            })
+            .collect();
+        Arc::new(Pool::new(members, Duration::ZERO))
+    }
+
+    const ONE: Thresholds = Thresholds { fall: 1, rise: 1 };
+
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn probes_every_interval_and_marks_by_answer_or_timeout() {
-        let member = |port| Member {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            weight: 1,
-            breaker: CircuitBreakerLayer::builder("test").build().handle(),
-        };
-        let pool = Arc::new(Pool::new(vec![member(1), member(2)], Duration::ZERO));
+        let pool = pool_of(&[1, 2]);
         let probes = Arc::new(AtomicUsize::new(0));
         let first_ok = Arc::new(AtomicBool::new(true));
         let (p, ok) = (Arc::clone(&probes), Arc::clone(&first_ok));
-        let task = spawn(
-            &pool,
-            Duration::from_secs(5),
-            Duration::from_secs(1),
-            move |addr| {
-                p.fetch_add(1, Ordering::SeqCst);
-                let ok = ok.load(Ordering::SeqCst);
-                Box::pin(async move {
-                    if addr.port() == 2 {
-                        std::future::pending::<()>().await; // backend 2 never answers
-                    }
-                    ok
-                })
-            },
-        );
+        let every = Duration::from_secs(5);
+        let task = spawn(&pool, every, Duration::from_secs(1), ONE, move |addr| {
+            p.fetch_add(1, Ordering::SeqCst);
+            let ok = ok.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if addr.port() == 2 {
+                    std::future::pending::<()>().await; // backend 2 never answers
+                }
+                ok
+            })
+        });
 
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(probes.load(Ordering::SeqCst), 2, "one round at once");
@@ -146,5 +179,38 @@ mod tests {
         drop(pool);
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(task.is_finished(), "ends once the pool is gone");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn verdicts_change_only_after_fall_or_rise_probes_in_a_row() {
+        let pool = pool_of(&[1]);
+        let script = Arc::new(parking_lot::Mutex::new(vec![
+            false, true, false, false, true, true, false, true, true,
+        ]));
+        let s = Arc::clone(&script);
+        let thresholds = Thresholds { fall: 2, rise: 2 };
+        let _task = spawn(
+            &pool,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            thresholds,
+            move |_| {
+                let mut s = s.lock();
+                let answer = if s.is_empty() { true } else { s.remove(0) };
+                Box::pin(std::future::ready(answer))
+            },
+        );
+        let mut verdicts = Vec::new();
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_millis(10)).await; // the round at t = n s
+            verdicts.push(pool.is_healthy(0));
+            tokio::time::sleep(Duration::from_millis(990)).await;
+        }
+        // probes:  F     T     F     F      T      T     F     T     T
+        assert_eq!(
+            verdicts,
+            [true, true, true, false, false, true, true, true, true]
+        );
+        assert!(script.lock().is_empty());
     }
 }

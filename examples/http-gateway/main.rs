@@ -13,8 +13,9 @@
 //! header read timeout of 10 s for every request). Each request then passes header limits
 //! (`431`), a body limit (`413`), hop-by-hop header stripping, `X-Forwarded-For` set to
 //! the client, security response headers, and a smooth weighted round-robin over the
-//! backends that skips open circuit breakers and backends failing `GET /healthz` (checked
-//! every 5 s), and ramps a recovered backend up over 30 s. With no backend left: `503`.
+//! backends that skips open circuit breakers and backends failing `GET /healthz` twice in
+//! a row (checked every 5 s), and ramps a recovered backend up over 30 s. With no backend
+//! left: `503`.
 //!
 //! To poke it, start two backends (anything answering HTTP with a `/healthz`), then:
 //!

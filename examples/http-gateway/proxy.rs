@@ -197,10 +197,12 @@ where
     Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
 }
 
-/// The backend's answer as relayed: hop-by-hop headers removed, the body boxed.
+/// The backend's answer as relayed: hop-by-hop headers removed, HTTP/1.1 (the
+/// backend's version is its own hop's), the body boxed.
 fn from_backend(res: Response<Incoming>) -> Response<GatewayBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11; // hyper answers a 1.0 client in 1.0 itself
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
 }
 

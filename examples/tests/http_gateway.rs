@@ -295,10 +295,12 @@ async fn requests_spread_across_backends_by_weight() {
 }
 
 #[tokio::test]
-async fn a_backend_answering_500_opens_its_breaker_and_traffic_moves() {
+async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_warming_up() {
     let (b0, b1) = (Backend::start().await, Backend::start().await);
     let mut cfg = config(&[&b0, &b1]);
     cfg.breaker_failures = 3;
+    cfg.breaker_open_for = Duration::from_secs(2);
+    cfg.warmup = Duration::from_secs(30);
     let gw = start(&cfg).await;
     b0.fail(true);
 
@@ -322,6 +324,22 @@ async fn a_backend_answering_500_opens_its_breaker_and_traffic_moves() {
         gw.pool.is_healthy(0),
         "/healthz still answers: the breaker did it"
     );
+
+    // Fixed: after `open_for` the breaker lets a probe through, the probe succeeds, the
+    // circuit closes and the backend starts at a low weight.
+    b0.fail(false);
+    until("half-open", || {
+        gw.breakers[0].state() == CircuitState::HalfOpen
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while b0.hits() == 3 {
+        assert!(Instant::now() < deadline, "no probe reached the backend");
+        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    }
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    let weight = gw.pool.weight_now(0, Instant::now());
+    assert!(weight < 20, "warming up after the breaker closed: {weight}");
 }
 
 #[tokio::test]
