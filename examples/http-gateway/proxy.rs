@@ -16,7 +16,12 @@
 //! | any other upstream failure (refused, reset) | `502` |
 //!
 //! A request is never retried on another backend: it may not be idempotent, and its
-//! body has been consumed.
+//! body has been consumed. So when a half-open backend's probe permit is already taken,
+//! a request the balancer sent there is answered `503` (the balancer gives a half-open
+//! backend only its warm-up start weight, which keeps this rare).
+//!
+//! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
+//! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
 
 use std::error::Error;
 use std::future::Future;

@@ -198,3 +198,24 @@ where
         self.inner.call(req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aegis_layers::adaptive::Classify;
+
+    use super::*;
+
+    #[test]
+    fn the_gateways_own_answers_are_not_latency_samples() {
+        let backend = Response::new(());
+        let mut local = Response::new(());
+        local.extensions_mut().insert(LocalAnswer);
+        let err = std::io::Error::other("reset");
+        assert_eq!(BackendLatency.classify(Ok(&backend)), Sample::Record);
+        assert_eq!(BackendLatency.classify(Ok(&local)), Sample::Ignore);
+        assert_eq!(
+            Classify::<Response<()>>::classify(&BackendLatency, Err(&err)),
+            Sample::Record
+        );
+    }
+}
