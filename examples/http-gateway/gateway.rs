@@ -278,3 +278,25 @@ impl Gateway {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BackendSpec;
+
+    #[test]
+    fn backends_parse_as_addr_or_addr_at_weight() {
+        let b: BackendSpec = "127.0.0.1:9001".parse().unwrap();
+        assert_eq!((b.addr.port(), b.weight), (9001, 1));
+        let b: BackendSpec = "[::1]:9002@3".parse().unwrap();
+        assert_eq!((b.addr.port(), b.weight), (9002, 3));
+        assert!(
+            "127.0.0.1:9001@0".parse::<BackendSpec>().is_err(),
+            "weight 0"
+        );
+        assert!(
+            "localhost:9001".parse::<BackendSpec>().is_err(),
+            "an address, not a name"
+        );
+        assert!("127.0.0.1:9001@x".parse::<BackendSpec>().is_err());
+    }
+}
