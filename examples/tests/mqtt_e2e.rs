@@ -1018,14 +1018,9 @@ async fn v5_refusal_under_backpressure_keeps_the_brokers_stream_whole() {
 
 /// What the layer's docs promise an MQTT 5 client ("first gets a server DISCONNECT with
 /// the reason code, written between two of the broker's packets"), under backpressure:
-/// the gateway would finish the broker's packet in flight, then send the DISCONNECT.
-/// Today it closes inside that packet without a DISCONNECT (see `MqttIo::poll_refusal`:
-/// a refusal that finds the broker's stream inside a packet drops the answer). The spec
-/// only says SHOULD for that DISCONNECT ([MQTT-4.13.1-1]), so this is a gap, not a
-/// violation.
+/// the gateway finishes the broker's packet in flight (the client reads it), then sends
+/// the DISCONNECT ([MQTT-4.13.1-1] says SHOULD).
 #[tokio::test]
-#[ignore = "bug: under backpressure an MQTT 5 refusal closes inside the broker's packet \
-            without the DISCONNECT (MqttIo::poll_refusal drops it)"]
 async fn v5_refusal_under_backpressure_still_sends_the_disconnect() {
     let Flooded {
         delivered, rest, ..

@@ -1,7 +1,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use aegis_core::error::reject;
@@ -18,6 +18,12 @@ use crate::{Decoded, MqttError, Next, Session};
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
 
+/// How long a refusal waits for the broker's packet in flight to reach the client (and
+/// then for its DISCONNECT to go out) before the connection is cut without one: a client
+/// that is reading takes the rest of a packet in far less, and one that is not must not
+/// hold a refused connection open for long.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A client connection whose reads only ever return whole, validated MQTT packets.
 ///
 /// The inner service reads the client's original bytes: first the CONNECT, then every
@@ -28,10 +34,17 @@ const READ_CHUNK: usize = 4096;
 /// every read after it.
 ///
 /// Writes (broker to client) pass through untouched, but their packet boundaries are
-/// followed: when an MQTT 5 client's packet is refused and the broker's stream is between
-/// two packets, the read first writes a server DISCONNECT with the reason code
-/// ([`MqttError::answer`]), and later writes fail with [`io::ErrorKind::BrokenPipe`] so
-/// nothing follows the DISCONNECT. MQTT 3.x has no such packet: the read just fails.
+/// followed, so that the client only ever sees whole packets. When the read reaches a
+/// refusal while the broker is inside a packet (the client is slow to read, say), the
+/// read stays pending and reads nothing more from the client; writes go on, but each
+/// takes only the bytes up to the end of that packet (a write crossing it is cut short
+/// there) and then waits. Once the packet is whole, the read writes, for MQTT 5, a server
+/// DISCONNECT with the reason code ([`MqttError::answer`]), then fails; from then on
+/// writes fail with [`io::ErrorKind::BrokenPipe`], so nothing follows the DISCONNECT.
+/// MQTT 3.x has no such packet: the read fails once the packet is whole. The client
+/// thus gets whole packets, the DISCONNECT (5.0), then EOF. If the packet cannot be
+/// finished and the DISCONNECT written within 5 seconds (the client is not reading), the
+/// read fails at once without a DISCONNECT, and writes fail after it all the same.
 ///
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
@@ -50,8 +63,14 @@ pub struct MqttIo<I> {
     out: OutBoundary,
     /// A DISCONNECT being written and how much of it is out; `None` once done or skipped.
     answer: Option<(Vec<u8>, usize)>,
-    /// Set once the DISCONNECT is out: the broker may send nothing more.
-    writes_closed: bool,
+    /// What the broker may still write.
+    writes: Writes,
+    /// The refusal's deadline: created when the read reaches the refusal.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The read waiting for the broker's packet to be whole.
+    read_waker: Option<Waker>,
+    /// A write waiting for the refusal to end the connection.
+    write_waker: Option<Waker>,
     /// The packet rate limit, if any.
     bucket: Option<Bucket>,
     /// Whether the keep-alive is enforced.
@@ -63,6 +82,32 @@ pub struct MqttIo<I> {
     /// The per-packet policy, if the layer has one; it also queues the gateway's own
     /// answers (SUBACK, PUBACK, PUBREC), written only between two broker packets.
     policy: Option<ConnPolicy>,
+}
+
+/// What the broker may still write to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// Anything.
+    Open,
+    /// A refusal is due: only the rest of the packet in flight, then nothing.
+    ToBoundary,
+    /// Nothing: the refusal was returned (after its DISCONNECT, if any).
+    Closed,
+}
+
+/// Stores `cx`'s waker in `slot`, unless it is already there.
+fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+/// Wakes the task parked in `slot`, if any.
+fn unpark(slot: &mut Option<Waker>) {
+    if let Some(w) = slot.take() {
+        w.wake();
+    }
 }
 
 /// The largest CONNACK kept to read its properties; a longer one announces nothing.
@@ -96,6 +141,37 @@ enum Seen {
 impl OutBoundary {
     const fn at_boundary(&self) -> bool {
         self.remaining == 0 && self.header_len == 0
+    }
+
+    /// How many bytes of `data` end the packet in progress: 0 at a boundary, all of
+    /// `data` if the packet goes on after it. Follows the same steps as
+    /// [`advance`](Self::advance), without moving.
+    fn to_boundary(&self, data: &[u8]) -> usize {
+        let (mut remaining, mut header_len, mut value) =
+            (self.remaining, self.header_len, self.value);
+        let mut i = 0;
+        while i < data.len() {
+            if remaining > 0 {
+                let n = remaining.min(data.len() - i);
+                remaining -= n;
+                i += n;
+            } else if header_len == 0 {
+                break;
+            } else {
+                let b = data[i];
+                i += 1;
+                value |= usize::from(b & 0x7F) << (7 * u32::from(header_len - 1));
+                header_len += 1;
+                if b & 0x80 == 0 || header_len > 4 {
+                    remaining = value;
+                    header_len = 0;
+                }
+            }
+            if remaining == 0 && header_len == 0 {
+                break;
+            }
+        }
+        i
     }
 
     /// Follows `data` as written.
@@ -174,12 +250,15 @@ impl<I> MqttIo<I> {
             failed: None,
             out: OutBoundary::default(),
             answer: None,
-            writes_closed: false,
+            writes: Writes::Open,
+            deadline: None,
+            read_waker: None,
+            write_waker: None,
         }
     }
 
-    /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent only if the
-    /// broker's stream is between two packets when its turn comes).
+    /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent once the
+    /// broker's stream is between two packets, within [`REFUSAL_DEADLINE`]).
     fn fail(&mut self, e: MqttError) {
         self.failed = Some(e);
         drop(reject(e));
@@ -259,7 +338,7 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
         let answers = policy.answers();
         // Answers start only at a boundary, and the broker writes nothing until they
         // are out, so a started answer is never cut by the broker's bytes.
-        if answers.is_empty() || !self.out.at_boundary() || self.writes_closed {
+        if answers.is_empty() || !self.out.at_boundary() || self.writes == Writes::Closed {
             return Poll::Ready(());
         }
         while !answers.is_empty() {
@@ -276,30 +355,71 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
         Poll::Ready(())
     }
 
-    /// Writes the MQTT 5 DISCONNECT of a refusal (if the broker's stream is between two
-    /// packets), then fails the read with `e`.
-    fn poll_refusal(&mut self, cx: &mut Context<'_>, e: MqttError) -> Poll<io::Result<()>> {
-        let not_started = matches!(self.answer, Some((_, 0)));
-        if not_started && !self.out.at_boundary() {
-            // The broker is inside one of its packets: a DISCONNECT now would
-            // corrupt it, so the connection just closes.
-            self.answer = None;
-        }
-        if let Some((answer, written)) = &mut self.answer {
-            while *written < answer.len() {
-                match Pin::new(&mut self.io).poll_write(cx, &answer[*written..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => *written += n,
-                    Poll::Ready(_) => break,
-                    Poll::Pending => return Poll::Pending,
+    /// Ends the connection for the refusal `e` once the broker's stream is between two
+    /// packets: writes the gateway's queued answers, then the MQTT 5 DISCONNECT, then
+    /// fails the read with `e`. Pending (and reading nothing from the client) until then,
+    /// or until [`REFUSAL_DEADLINE`], when it fails at once.
+    fn poll_refusal(
+        &mut self,
+        cx: &mut Context<'_>,
+        e: MqttError,
+        answers: Poll<()>,
+    ) -> Poll<io::Result<()>> {
+        if self.writes != Writes::Closed {
+            // From now on the broker may only finish the packet it is in.
+            self.writes = Writes::ToBoundary;
+            // Created once, when the refusal is reached.
+            let deadline = self
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(REFUSAL_DEADLINE)));
+            if deadline.as_mut().poll(cx).is_pending() {
+                // The writes wake this read once the broker's packet is whole.
+                park(&mut self.read_waker, cx);
+                if answers.is_pending() || !self.out.at_boundary() {
+                    return Poll::Pending;
+                }
+                if let Some((answer, written)) = &mut self.answer {
+                    while *written < answer.len() {
+                        match Pin::new(&mut self.io).poll_write(cx, &answer[*written..]) {
+                            Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                            Poll::Ready(_) => break,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    if Pin::new(&mut self.io).poll_flush(cx).is_pending() {
+                        return Poll::Pending;
+                    }
                 }
             }
-            if Pin::new(&mut self.io).poll_flush(cx).is_pending() {
-                return Poll::Pending;
-            }
+            // Done, or out of time (the client is not reading): whatever is left of the
+            // packet, the answers and the DISCONNECT never goes out.
             self.answer = None;
-            self.writes_closed = true;
+            self.deadline = None;
+            self.read_waker = None;
+            self.writes = Writes::Closed;
+            unpark(&mut self.write_waker);
         }
         Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+    }
+
+    /// Where a write may go while a refusal is due: `Some(n)` for the bytes up to the end
+    /// of the broker's packet, `None` once it is whole (the write must wait for the read
+    /// to end the connection).
+    fn writable(&mut self, cx: &Context<'_>, buf: &[u8]) -> Option<usize> {
+        if self.out.at_boundary() {
+            park(&mut self.write_waker, cx);
+            unpark(&mut self.read_waker);
+            None
+        } else {
+            Some(self.out.to_boundary(buf))
+        }
+    }
+
+    /// After a write: wakes the read waiting for the broker's packet to be whole.
+    fn after_write(&mut self) {
+        if self.writes == Writes::ToBoundary && self.out.at_boundary() {
+            unpark(&mut self.read_waker);
+        }
     }
 }
 
@@ -325,11 +445,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = this.failed {
-                if answers.is_pending() {
-                    // A DISCONNECT may not cut into an answer being written.
-                    return Poll::Pending;
-                }
-                return this.poll_refusal(cx, e);
+                // A DISCONNECT may not cut into an answer being written.
+                return this.poll_refusal(cx, e, answers);
             }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
@@ -413,17 +530,24 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        mut buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.writes_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        match this.writes {
+            Writes::Open => {}
+            Writes::ToBoundary => match this.writable(cx, buf) {
+                // A write crossing the end of the packet is cut short there.
+                Some(n) => buf = &buf[..n],
+                None => return Poll::Pending,
+            },
+            Writes::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
         std::task::ready!(this.poll_answers(cx));
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             let seen = this.out.advance(&buf[..n.min(buf.len())]);
             this.on_written(seen);
+            this.after_write();
             // At a boundary now: answers waiting for it go out if the client takes them.
             let _ = this.poll_answers(cx);
         }
@@ -436,8 +560,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.writes_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        if this.writes != Writes::Open {
+            // One slice at a time, each cut at the packet's end.
+            let buf = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return Pin::new(this).poll_write(cx, buf);
         }
         std::task::ready!(this.poll_answers(cx));
         let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
