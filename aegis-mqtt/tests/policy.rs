@@ -519,3 +519,68 @@ fn the_layer_with_a_policy_is_send() {
     assert_eq!(policy.quota(Tier::Publish), Some(Quota::per_hour(nz(1))));
     assert_eq!(policy.quota(Tier::Connect), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_inside_a_broker_packet_sends_the_queued_answer_then_the_disconnect() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    // The second SUBSCRIBE is dropped (its SUBACK queued), then a PUBLISH to "#" is
+    // refused (DISCONNECT 0x90), all while the broker is inside its PUBLISH.
+    let bad = B::new().s("#").props(&[]).frame(0x30);
+    let bytes = [
+        connect_v5("c1"),
+        subscribe(true, 1),
+        subscribe(true, 2),
+        bad,
+    ]
+    .concat();
+    client.write_all(&bytes).await.unwrap();
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let broker_publish = publish_v5(0, 0, b"from the broker");
+    let (head, tail) = broker_publish.split_at(5);
+    let before = [connack.clone(), head.to_vec()].concat();
+    // The rest of the PUBLISH and one more, in one write, a second later.
+    let after = [tail, &publish_v5(0, 0, b"never")[..]].concat();
+    let inner = service_fn(move |io: MqttIo<Conn<DuplexStream>>| {
+        let (before, after) = (before.clone(), after.clone());
+        async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            w.write_all(&before).await?;
+            let read = async {
+                let mut seen = Vec::new();
+                let end = r.read_to_end(&mut seen).await.unwrap_err().kind();
+                (seen, end)
+            };
+            let write = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.write_all(&after).await.unwrap_err().kind()
+            };
+            Ok::<_, BoxError>(tokio::join!(read, write))
+        }
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let ((seen, end), write) = layer.layer(inner).oneshot(io).await.unwrap();
+    assert_eq!(seen, [connect_v5("c1"), subscribe(true, 1)].concat());
+    assert_eq!(end, io::ErrorKind::InvalidData);
+    assert_eq!(write, io::ErrorKind::BrokenPipe);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(
+        got,
+        [
+            connack,
+            broker_publish,
+            vec![0x90, 0x05, 0x00, 0x02, 0x00, 0x97, 0x97],
+            vec![0xE0, 0x02, 0x90, 0x00],
+        ]
+        .concat()
+    );
+}
