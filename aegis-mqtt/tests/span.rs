@@ -65,10 +65,14 @@ fn a_refused_packet_is_logged_with_the_peer_and_the_client_id() {
         let client = s.local_addr().unwrap();
         // CONNECT (3.1.1, client id `dev"42`: the log must quote it), then a SUBSCRIBE
         // with packet id 0, which [MQTT-2.3.1-1] forbids.
-        let mut connect = vec![0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 6];
+        let mut connect = vec![
+            0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 6,
+        ];
         connect.extend_from_slice(b"dev\"42");
         s.write_all(&connect).await.unwrap();
-        s.write_all(&[0x82, 0x06, 0, 0, 0, 1, b'a', 0]).await.unwrap();
+        s.write_all(&[0x82, 0x06, 0, 0, 0, 1, b'a', 0])
+            .await
+            .unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest).await;
         stop_tx.send(()).unwrap();
