@@ -373,7 +373,7 @@ async fn the_small_cap_holds_until_the_connack() {
     let big = B::new().s("t").raw(&[5; 500]).frame(0x30);
     let bytes = [connect_v4(), big].concat();
     let (seen, got) =
-        connack_then_read(layer, bytes.clone(), Some(vec![0x20, 0x02, 0x00, 0x00])).await;
+        connack_then_read(layer.clone(), bytes.clone(), Some(vec![0x20, 0x02, 0x00, 0x00])).await;
     assert_eq!(
         (seen, got),
         ((bytes.clone(), Ok(())), vec![0x20, 0x02, 0x00, 0x00])
@@ -445,7 +445,7 @@ async fn packet_rate_disconnect_refuses_with_0x96_and_refills() {
         ),
         (Duration::from_secs(1), ping.clone()),
     ];
-    let (seen, got, _) = rate_run(layer, writes).await;
+    let (seen, got, _) = rate_run(layer.clone(), writes).await;
     assert_eq!(seen, ([connect_v5(), ping.repeat(3)].concat(), Ok(())));
     assert!(got.is_empty());
     // ...but 3 at once do not
@@ -481,7 +481,7 @@ async fn keep_alive_enforced_after_one_and_a_half_times() {
         (Duration::ZERO, c.clone()),
         (Duration::from_secs(1000), vec![]),
     ];
-    let (seen, got, took) = rate_run(layer, writes).await;
+    let (seen, got, took) = rate_run(layer.clone(), writes).await;
     assert_eq!(seen, (c.clone(), Err(io::ErrorKind::InvalidData)));
     assert_eq!(got, [0xE0, 0x02, 0x8D, 0x00]);
     assert_eq!(took, Duration::from_secs(15));

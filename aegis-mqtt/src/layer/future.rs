@@ -145,7 +145,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     let connect = all.split_to(len);
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
                     let policy = this.policy.take();
-                    return Poll::Ready(Ok((session, connect, all, io, this.opts, policy)));
+                    return Poll::Ready(Ok((session, connect, all, io, this.opts.clone(), policy)));
                 }
                 Step::Refused(e, answer) => {
                     this.answer = Some((e, answer, 0));

@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
-use super::{IoOptions, Verdict};
+use super::{ConnackLatency, IoOptions, Verdict};
 use crate::{Decoded, MqttError, Next, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
@@ -77,6 +77,8 @@ pub struct MqttIo<I> {
     enforce_keep_alive: bool,
     /// When the last packet was released.
     last_packet: Instant,
+    /// Where the CONNECT to CONNACK round trip goes, and when the CONNECT went in.
+    connack_latency: Option<(ConnackLatency, Instant)>,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
     /// The per-packet policy, if the layer has one; it also queues the gateway's own
@@ -242,6 +244,7 @@ impl<I> MqttIo<I> {
             bucket: opts.rate.map(Bucket::new),
             enforce_keep_alive: opts.enforce_keep_alive,
             last_packet: Instant::now(),
+            connack_latency: opts.connack_latency.map(|l| (l, Instant::now())),
             idle: None,
             io: Rewind::new(rest, io),
             ready: connect,
@@ -270,11 +273,23 @@ impl<I> MqttIo<I> {
 
     /// Tells the session what the broker's writes showed.
     fn on_written(&mut self, seen: Seen) {
+        if matches!(seen, Seen::Nothing) {
+            return;
+        }
+        if let Some((latency, since)) = self.connack_latency.take() {
+            latency.report(Instant::now().saturating_duration_since(since));
+        }
         match seen {
             Seen::Nothing => {}
             Seen::Connack(connack) => self.session.on_connack(&connack),
             Seen::LongConnack => self.session.connack_sent(),
         }
+    }
+
+    /// Forgets the round-trip report: the CONNACK about to be written is the gateway's
+    /// own, not the broker's.
+    pub(super) fn skip_connack_latency(&mut self) {
+        self.connack_latency = None;
     }
 
     /// Whether the keep-alive ran out while waiting for the client (arms the timer).

@@ -2,15 +2,15 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{DEFAULT_CONNECT_TIMEOUT, IoOptions, Mqtt, PacketRate};
+use super::{ConnackLatency, DEFAULT_CONNECT_TIMEOUT, IoOptions, Mqtt, PacketRate};
 use crate::Config;
 
 /// Applies [`Mqtt`] to a byte-stream service: validates the CONNECT and every later
 /// client packet. See the [module docs](super) for an example.
 ///
 /// `P` is the per-packet policy: [`NoPolicy`] until one is attached with
-/// `MqttLayer::policy` (feature `policy`). A layer without a policy is `Copy`.
-#[derive(Debug, Clone, Copy)]
+/// `MqttLayer::policy` (feature `policy`). A layer is cheap to clone.
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct MqttLayer<P = NoPolicy> {
     pub(super) config: Config,
@@ -34,6 +34,7 @@ impl MqttLayer {
             io: IoOptions {
                 rate: None,
                 enforce_keep_alive: false,
+                connack_latency: None,
             },
             policy: NoPolicy,
         }
@@ -54,6 +55,29 @@ impl<P> MqttLayer<P> {
     /// broker enforces it too; turn it on to spare the broker idle connections.
     pub const fn enforce_keep_alive(mut self) -> Self {
         self.io.enforce_keep_alive = true;
+        self
+    }
+
+    /// Reports each connection's CONNECT to CONNACK round trip through the broker to
+    /// `latency` (none by default); see [`ConnackLatency`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use aegis_mqtt::Config;
+    /// use aegis_mqtt::layer::{ConnackLatency, MqttLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use aegis_layers::adaptive::RateConfig;
+    /// let control = RateConfig::new(Duration::from_millis(50), 10.0, 1000.0).spawn(|_rate: f64| {});
+    /// let handle = control.clone();
+    /// let layer = MqttLayer::new(Config::new())
+    ///     .connack_latency(ConnackLatency::new(move |rtt| handle.record(rtt)));
+    /// # let _ = layer;
+    /// # }
+    /// ```
+    pub fn connack_latency(mut self, latency: ConnackLatency) -> Self {
+        self.io.connack_latency = Some(latency);
         self
     }
 

@@ -114,6 +114,7 @@
 //! ```
 #![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 mod future;
@@ -137,10 +138,39 @@ pub use self::service::Mqtt;
 pub use self::unavailable::{Unavailable, UnavailableFuture};
 
 /// What the layer hands to each connection's [`MqttIo`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct IoOptions {
     pub(crate) rate: Option<PacketRate>,
     pub(crate) enforce_keep_alive: bool,
+    pub(crate) connack_latency: Option<ConnackLatency>,
+}
+
+/// Receives the CONNECT to CONNACK round trip of each accepted connection: from the
+/// moment the inner service is called with the validated CONNECT (it connects to the
+/// broker and forwards it) to the moment the broker's CONNACK is written to the client.
+///
+/// Set with [`MqttLayer::connack_latency`]. This is the latency an adaptive controller
+/// should watch in a byte-stream stack, where one call lasts a whole connection: feed it
+/// to `aegis_layers::adaptive::AdaptiveHandle::record`. A CONNACK the gateway writes
+/// itself (such as [`Unavailable`]'s) is not a round trip and is not reported.
+#[derive(Clone)]
+pub struct ConnackLatency(Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl ConnackLatency {
+    /// Calls `f` with each round trip.
+    pub fn new(f: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    pub(crate) fn report(&self, latency: Duration) {
+        (self.0)(latency);
+    }
+}
+
+impl std::fmt::Debug for ConnackLatency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnackLatency(..)")
+    }
 }
 
 /// What a connection's policy decided about one packet.

@@ -51,7 +51,7 @@ impl<S, P> Mqtt<S, P> {
             io,
             self.layer.config,
             self.layer.connect_timeout,
-            self.layer.io,
+            self.layer.io.clone(),
             policy,
         );
         ResponseFuture::new(read, ready)

@@ -71,7 +71,8 @@ where
 {
     type Future = UnavailableFuture<J>;
 
-    fn respond(&self, io: MqttIo<J>, error: &(dyn Error + 'static)) -> Self::Future {
+    fn respond(&self, mut io: MqttIo<J>, error: &(dyn Error + 'static)) -> Self::Future {
+        io.skip_connack_latency();
         let err = MqttError::ServerUnavailable;
         // Only a client still waiting for its CONNACK can be answered: after one, the
         // connection just closes.
