@@ -9,7 +9,8 @@
 //!  -> slowloris deadlines   [slowloris]
 //!  -> sniff: MQTT only      [sniff]
 //!  -> MQTT validation       [mqtt]
-//!  -> Proxy(Adaptive(CircuitBreaker(TcpConnect(upstream))))   [adaptive], [circuit_breaker]
+//!  -> Proxy(CircuitBreaker(TcpConnect(upstream)))   [circuit_breaker]; [adaptive] watches the
+//!     MQTT layer's CONNECT to CONNACK round trip (the upstream connect without it)
 //! ```
 //!
 //! # Why the stream type is erased between layers
@@ -34,7 +35,7 @@ use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
 use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
 use aegis_layers::sniff::{Detection, Http1, Protocols, SniffRouter, Sniffed};
-use aegis_mqtt::layer::{MqttLayer, PacketRate, Policy, Unavailable};
+use aegis_mqtt::layer::{ConnackLatency, MqttLayer, PacketRate, Policy, Unavailable};
 use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -298,7 +299,14 @@ pub(crate) fn build(
     };
     let connector = BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .option_layer(adaptive.as_ref().map(AdaptiveHandle::layer))
+            // Without the MQTT layer the controller watches the upstream connect; with
+            // it, the CONNECT to CONNACK round trip (set on the MQTT layer below).
+            .option_layer(
+                adaptive
+                    .as_ref()
+                    .filter(|_| !c.mqtt.enabled)
+                    .map(AdaptiveHandle::layer),
+            )
             .option_layer(breaker)
             .map_err(BoxError::from)
             .service(TcpConnect::new(upstream).timeout(c.server.upstream_connect_timeout)),
@@ -337,6 +345,11 @@ pub(crate) fn build(
         }
         if m.enforce_keep_alive {
             layer = layer.enforce_keep_alive();
+        }
+        if let Some(control) = adaptive.clone() {
+            // The broker's CONNECT to CONNACK round trip is the latency that matters to
+            // a connecting client; the gateway's own refusals are not samples.
+            layer = layer.connack_latency(ConnackLatency::new(move |rtt| control.record(rtt)));
         }
         let l = &c.limits;
         let q = &settings.policy;

@@ -1011,6 +1011,8 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
         enabled = true
         [adaptive]
         enabled = true
+        interval = "200ms"
+        min_samples = 1
     "#;
     let gw = Gateway::start("all-layers", config, &[]).await;
     let listening = gw
@@ -1057,7 +1059,10 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
-    // The adaptive controller started at its max rate.
+    // The adaptive controller started at its max rate, and the session's CONNECT to
+    // CONNACK round trip gave it a P95 (the gauge is unset until a window has samples).
     gw.wait_metric("aegis_adaptive_rate{name=\"upstream\"}", 1000.0)
+        .await;
+    gw.wait_metric("aegis_adaptive_p95_seconds{name=\"upstream\"}", 0.0)
         .await;
 }
