@@ -8,9 +8,9 @@
 //! back and the circuit lets a probe through, they connect normally.
 //! Needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it).
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -21,6 +21,7 @@ use aegis_core::proxy::{ConnectFuture, Proxy, ProxyError, TcpConnect};
 use aegis_core::{Conn, Param, PeerAddr, serve};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use aegis_mqtt::layer::{MqttLayer, Unavailable};
+use common::{Mosquitto, connect, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -31,84 +32,6 @@ use tower::{Layer, Service, ServiceExt};
 const WAIT: Duration = Duration::from_secs(5);
 const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
 const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
-
-/// A mosquitto broker on one loopback port; stopped (killed and waited) on drop.
-struct Mosquitto {
-    child: Option<Child>,
-    port: u16,
-    conf: PathBuf,
-}
-
-impl Mosquitto {
-    /// Starts a broker on a free port.
-    async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let conf = std::env::temp_dir().join(format!("aegis-breaker-mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let mut broker = Self {
-            child: None,
-            port,
-            conf,
-        };
-        broker.run().await;
-        broker
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// Starts the broker process on `self.port` and waits until it listens.
-    async fn run(&mut self) {
-        assert!(self.child.is_none(), "mosquitto is already running");
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
-            .into_iter()
-            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
-            .unwrap();
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start mosquitto ({e}): apt-get install -y mosquitto, or .ci/run")
-            });
-        let addr = self.addr();
-        for _ in 0..200 {
-            if TcpStream::connect(addr).await.is_ok() {
-                self.child = Some(child);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("mosquitto did not start listening on {addr}");
-    }
-
-    /// Kills the broker and waits for it: its port refuses connects from here on.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_file(&self.conf);
-    }
-}
 
 /// Counts the connects that reach the TCP connector (inside the breaker).
 #[derive(Clone)]
@@ -130,36 +53,6 @@ impl Service<()> for Counting {
         self.connects.fetch_add(1, Ordering::SeqCst);
         self.inner.call(())
     }
-}
-
-/// An MQTT 3.1.1 (`level` 4) or 5.0 (`level` 5) CONNECT, clean start, keep-alive 60 s.
-fn connect(level: u8, client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x3c];
-    if level == 5 {
-        body.push(0x00); // no properties
-    }
-    body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10, u8::try_from(body.len()).unwrap()];
-    p.extend_from_slice(&body);
-    p
-}
-
-/// Reads one MQTT packet: (first byte, body).
-async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let first = s.read_u8().await?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = s.read_u8().await?;
-        len |= usize::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await?;
-    Ok((first, body))
 }
 
 /// The outcome of each connection the gateway served: the client's address and the
@@ -236,7 +129,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
 
     // Broker up: a client connects through the gateway and gets mosquitto's CONNACK 0.
     let mut live = TcpStream::connect(addr).await.unwrap();
-    live.write_all(&connect(4, "live")).await.unwrap();
+    live.write_all(&connect(4, "live", 60)).await.unwrap();
     assert_eq!(
         timeout(WAIT, read_packet(&mut live))
             .await
@@ -257,7 +150,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
     // circuit.
     for n in 1..=2 {
         assert_eq!(circuit.state(), CircuitState::Closed);
-        let (answer, labels) = refused_client(addr, &mut outcomes, &connect(4, "down")).await;
+        let (answer, labels) = refused_client(addr, &mut outcomes, &connect(4, "down", 60)).await;
         assert_eq!(answer, V3_UNAVAILABLE);
         assert_eq!(labels, ("proxy", "connect_refused"));
         assert_eq!(connects.load(Ordering::SeqCst), 1 + n);
@@ -275,7 +168,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
             let before = connects.load(Ordering::SeqCst);
             let open_before = circuit.state() == CircuitState::Open;
             let (answer, labels) =
-                refused_client(addr, &mut outcomes, &connect(level, "open")).await;
+                refused_client(addr, &mut outcomes, &connect(level, "open", 60)).await;
             assert_eq!(answer, expected, "MQTT level {level}");
             match labels {
                 ("circuit_breaker", "open") => {
@@ -297,7 +190,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
 
     // The broker comes back on the same port. Once the open period is over the circuit
     // lets a probe through (half-open), and clients reach the broker again.
-    broker.run().await;
+    broker.restart().await;
     let mut half_open = false;
     for _ in 0..500 {
         if circuit.state() == CircuitState::HalfOpen {
@@ -310,7 +203,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
     let before = connects.load(Ordering::SeqCst);
     for (level, client_id) in [(5, "back5"), (4, "back4")] {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&connect(level, client_id)).await.unwrap();
+        s.write_all(&connect(level, client_id, 60)).await.unwrap();
         let (first, body) = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
         assert_eq!(first, 0x20, "a CONNACK from the broker (level {level})");
         assert_eq!(

@@ -10,16 +10,16 @@
 //! Every wait is bounded; the tests assert events (packets, EOF, broker log lines), and
 //! durations only where the duration is the point (the keep-alive cut).
 
+mod common;
+
 use std::collections::VecDeque;
-use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use aegis_core::{proxy::Proxy, serve};
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::MqttLayer;
+use common::{Mosquitto, packet, string};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -33,124 +33,6 @@ const WAIT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------
 // The broker and the gateway
 // ---------------------------------------------------------------------------------
-
-/// A mosquitto broker on a free loopback port, logging everything to a file in its own
-/// temporary directory. Killed and waited on when dropped (and on every startup failure).
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Mosquitto {
-    async fn start() -> Self {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
-            .into_iter()
-            .find(|p| !p.starts_with('/') || Path::new(p).exists())
-            .unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let dir =
-            std::env::temp_dir().join(format!("aegis-mqtt-e2e-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("mosquitto.conf");
-        // `log_dest stderr` is unbuffered, and stderr is our file: opened here, so it
-        // stays writable after mosquitto drops root privileges.
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type all\nconnection_messages true\n"
-            ),
-        )
-        .unwrap();
-        let log = File::create(dir.join("broker.log")).unwrap();
-        let spawned = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                panic!(
-                    "cannot start mosquitto ({e}): install it \
-                     (apt-get install -y mosquitto) or run .ci/run"
-                );
-            }
-        };
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        // Ready once it logs "running" (after opening its listener): probing the port
-        // would add a connection to the log the tests count.
-        let mut exited = None;
-        for _ in 0..400 {
-            match child.try_wait() {
-                Ok(None) => {}
-                Ok(Some(status)) => {
-                    exited = Some(status);
-                    break;
-                }
-                Err(e) => panic!("cannot wait on mosquitto: {e}"),
-            }
-            if log_of(&dir).contains(" running") {
-                return Self { child, addr, dir };
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let log = log_of(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        match exited {
-            Some(status) => panic!("mosquitto exited at startup ({status}):\n{log}"),
-            None => panic!("mosquitto did not start listening on {addr}:\n{log}"),
-        }
-    }
-
-    /// Everything the broker logged so far.
-    fn log(&self) -> String {
-        log_of(&self.dir)
-    }
-
-    /// Waits (bounded) until the broker logs a line containing `needle`.
-    async fn wait_for_log(&self, needle: &str) {
-        let found = timeout(WAIT, async {
-            while !self.log().contains(needle) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(
-            found.is_ok(),
-            "the broker never logged {needle:?}; its log:\n{}",
-            self.log()
-        );
-    }
-
-    /// How many times the broker logged `needle`.
-    fn count(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-}
-
-fn log_of(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default()
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- mosquitto log ---\n{}", self.log());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The gateway under test on a free loopback port: strict validation with keep-alive
 /// enforcement, in front of the broker.
@@ -172,6 +54,16 @@ async fn gateway(broker: SocketAddr) -> SocketAddr {
 enum V {
     V311,
     V5,
+}
+
+impl V {
+    /// The protocol level byte of its CONNECT.
+    fn level(self) -> u8 {
+        match self {
+            V::V311 => 4,
+            V::V5 => 5,
+        }
+    }
 }
 
 /// A received PUBLISH.
@@ -468,41 +360,9 @@ impl Drop for Client {
 // Hand-built packets for the raw-socket clients
 // ---------------------------------------------------------------------------------
 
-/// A packet: first byte, Remaining Length (variable-length encoded), body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = u8::try_from(len % 128).unwrap();
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend_from_slice(body);
-    p
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut v = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
 /// A clean-session CONNECT with this client id and keep-alive.
 fn connect(v: V, id: &str, keep_alive: u16) -> Vec<u8> {
-    let level = if v == V::V5 { 5 } else { 4 };
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    if v == V::V5 {
-        body.push(0x00); // no properties
-    }
-    body.extend_from_slice(&string(id));
-    packet(0x10, &body)
+    common::connect(v.level(), id, keep_alive)
 }
 
 /// A SUBSCRIBE of one filter.
@@ -528,22 +388,7 @@ fn publish0(v: V, topic: &str, payload: &[u8]) -> Vec<u8> {
 
 /// Reads one MQTT packet, within [`WAIT`]: (first byte, body).
 async fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let read = async {
-        let first = s.read_u8().await?;
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let b = s.read_u8().await?;
-            len |= usize::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-        }
-        let mut body = vec![0; len];
-        s.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((first, body))
-    };
-    match timeout(WAIT, read).await {
+    match timeout(WAIT, common::read_packet(s)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => panic!("connection ended while a packet was expected: {e}"),
         Err(_) => panic!("no packet within {WAIT:?}"),
@@ -588,8 +433,8 @@ fn binary_payload(tag: &str, len: usize) -> Vec<u8> {
 /// publisher gets PUBACK (`QoS` 1) and PUBREC / PUBCOMP (`QoS` 2). One message is
 /// 100 KB, so it crosses the gateway in many reads; the last one is empty.
 async fn publish_at_each_qos(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut sub = Client::connect(v, gw, "qossub", Opts::default()).await;
     assert_eq!(
         sub.subscribe("e2e/qos/#", 2).await,
@@ -638,8 +483,8 @@ async fn v5_publish_at_each_qos() {
 /// Will messages: a client that vanishes (TCP dropped, no DISCONNECT) has its will
 /// published to a subscriber through the gateway; one that sends DISCONNECT does not.
 async fn will_message(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut watcher = Client::connect(v, gw, "willwatcher", Opts::default()).await;
     assert_eq!(
         watcher.subscribe("e2e/will/#", 1).await,
@@ -702,8 +547,8 @@ async fn v5_will_message() {
 /// well past 1.5 x its keep-alive: its PINGREQs pass the gateway and PINGRESPs come
 /// back, and the session still works afterwards.
 async fn pings_keep_a_session_alive(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut c = Client::connect(
         v,
         gw,
@@ -743,8 +588,8 @@ async fn v5_pings_keep_a_session_alive() {
 /// the gateway closed it, not mosquitto's own keep-alive check (which, in mosquitto 2.0,
 /// fires seconds later).
 async fn silent_client_is_cut(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let start = Instant::now();
     let mut s = raw_session(v, gw, "silent", 1).await;
     if v == V::V5 {
@@ -784,8 +629,8 @@ async fn v5_silent_client_is_cut_after_one_and_a_half_keep_alives() {
 /// would have logged a protocol error had it seen the packet). A real session on
 /// another connection is unaffected throughout.
 async fn rejected_packet_mid_session(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
     assert_eq!(
         watcher.subscribe("e2e/#", 1).await,
@@ -874,8 +719,8 @@ async fn v5_rejected_packet_mid_session() {
 /// version cannot be assumed to read a 5.0 CONNACK). Then a real client connects, and it
 /// is the only connection the broker ever saw.
 async fn connect_refusals(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
 
     let mut malformed = connect(v, "badflags", 60);
     malformed[9] |= 0x01; // the reserved connect flag ([MQTT-3.1.2-3])
@@ -938,8 +783,8 @@ struct Flooded {
 /// an invalid SUBSCRIBE (packet id 0) and reads everything until the gateway closes.
 async fn flood_then_refuse(v: V) -> Flooded {
     const MESSAGES: usize = 2000;
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut s = raw_session(v, gw, "flooded", 60).await;
     s.write_all(&subscribe(v, 1, "e2e/flood", 0)).await.unwrap();
     let (first, body) = read_packet(&mut s).await;
@@ -1047,8 +892,8 @@ async fn write_byte_by_byte(s: &mut TcpStream, bytes: &[u8]) {
 /// refused packet sent the same way is still refused as the spec says (3.1.1: closed;
 /// 5.0: DISCONNECT 0x90, then EOF) without reaching the broker.
 async fn packets_split_byte_by_byte(v: V) {
-    let broker = Mosquitto::start().await;
-    let gw = gateway(broker.addr).await;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
     let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
     assert_eq!(
         watcher.subscribe("e2e/#", 1).await,

@@ -11,12 +11,15 @@
 //! Every child process is killed and waited for on every path (a guard's `Drop`), and
 //! every wait is a poll with a deadline.
 
+mod common;
+
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use common::{Mosquitto, connect, free_port, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
@@ -41,11 +44,6 @@ fn gateway_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// A scratch directory for one test's config file and the gateway's stderr.
@@ -253,35 +251,12 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
 
 /// An MQTT 3.1.1 CONNECT with clean session, keep-alive 60 s and `client_id`.
 fn connect_311(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
-    body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10, u8::try_from(body.len()).unwrap()];
-    p.extend_from_slice(&body);
-    p
-}
-
-/// Reads one MQTT packet: (first byte, body).
-async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let first = s.read_u8().await?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = s.read_u8().await?;
-        len |= usize::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await?;
-    Ok((first, body))
+    connect(4, client_id, 60)
 }
 
 /// Whether the gateway closed the connection without sending a byte (bounded).
 async fn closed_silently(s: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(timeout(WAIT, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    common::closed_silently(s, WAIT).await
 }
 
 /// Connects from `source` (a loopback address) to `to`.
@@ -531,64 +506,10 @@ async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     .await;
 }
 
-/// A mosquitto broker on a free loopback port; killed and waited for when dropped.
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    conf: PathBuf,
-}
-
-impl Mosquitto {
-    async fn start() -> Self {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
-            .into_iter()
-            .find(|p| !p.starts_with('/') || Path::new(p).exists())
-            .unwrap();
-        let addr = free_port();
-        let conf =
-            std::env::temp_dir().join(format!("aegis-mqtt-gateway-mosquitto-{}.conf", addr.port()));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                addr.port()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start mosquitto ({e}): apt-get install -y mosquitto, or run .ci/run")
-            });
-        let m = Self { child, addr, conf };
-        let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(addr).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on {addr}"
-            );
-            sleep(Duration::from_millis(25)).await;
-        }
-        m
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.conf);
-    }
-}
-
 #[tokio::test]
 async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
     let broker = Mosquitto::start().await;
-    let upstream = broker.addr.to_string();
+    let upstream = broker.addr().to_string();
     let gw = Gateway::start("mosquitto", "", &["--upstream", &upstream]).await;
     assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
 

@@ -1,0 +1,247 @@
+//! What the tests that talk to a real mosquitto share: the broker as a child process,
+//! and raw MQTT bytes over a socket.
+//!
+//! Each test binary that uses it says `mod common;`. Items only some of them use are
+//! marked `#[allow(dead_code)]`, with the tests that use them named.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, timeout};
+
+/// The bound on the broker's start-up, and on [`Mosquitto::wait_for_log`].
+const BROKER_WAIT: Duration = Duration::from_secs(10);
+
+/// A free loopback port (free when this returns: the listener is closed again).
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------------
+// The broker
+// ---------------------------------------------------------------------------------
+
+/// A mosquitto broker on a loopback port, with its config and its log (its stderr) in
+/// its own temporary directory. The process is killed and waited on wherever it ends:
+/// on a failed start-up, in [`Mosquitto::stop`], and on drop.
+pub struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free port, logging what mosquitto logs by default.
+    #[allow(dead_code)] // stack, breaker, mqtt_gateway
+    pub async fn start() -> Self {
+        Self::start_on(free_port().port(), false).await
+    }
+
+    /// Starts a broker on a free port that logs everything (`log_type all`: each
+    /// connection and each packet it receives), for tests that read [`Mosquitto::log`].
+    #[allow(dead_code)] // mqtt_e2e
+    pub async fn start_logging_everything() -> Self {
+        Self::start_on(free_port().port(), true).await
+    }
+
+    async fn start_on(port: u16, everything: bool) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("aegis-mosquitto-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // `log_dest stderr` is unbuffered, and stderr is a file opened by us, so it stays
+        // writable after mosquitto drops root privileges.
+        let log_types = if everything {
+            "log_type all\nconnection_messages true\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 log_dest stderr\n{log_types}"
+            ),
+        )
+        .unwrap();
+        let mut broker = Self {
+            child: None,
+            port,
+            dir,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts the broker process on its port (again, after [`Mosquitto::stop`]) with a
+    /// fresh log, and waits until it listens.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "mosquitto is already running");
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap();
+        let log = File::create(self.dir.join("broker.log")).unwrap();
+        let spawned = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => panic!(
+                "cannot start mosquitto ({e}): install it (apt-get install -y mosquitto) \
+                 or run .ci/run"
+            ),
+        };
+        // Ready once it logs "running", which it does after opening its listener:
+        // probing the port would add a connection to the log that tests count.
+        let deadline = Instant::now() + BROKER_WAIT;
+        let failure = loop {
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => break format!("mosquitto exited at start-up ({status})"),
+                Err(e) => break format!("cannot wait on mosquitto: {e}"),
+            }
+            if self.log().contains(" running") {
+                self.child = Some(child);
+                return;
+            }
+            if Instant::now() >= deadline {
+                break format!("mosquitto did not start listening on {}", self.addr());
+            }
+            sleep(Duration::from_millis(25)).await;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{failure}; its log:\n{}", self.log());
+    }
+
+    /// Kills the broker and waits for it: its port refuses connects from here on.
+    #[allow(dead_code)] // breaker
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Everything the broker logged since it last started.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the broker logs a line containing `needle`.
+    #[allow(dead_code)] // mqtt_e2e
+    pub async fn wait_for_log(&self, needle: &str) {
+        let found = timeout(BROKER_WAIT, async {
+            while !self.log().contains(needle) {
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "the broker never logged {needle:?}; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// How many times the broker logged `needle`.
+    #[allow(dead_code)] // mqtt_e2e
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- mosquitto log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Raw MQTT
+// ---------------------------------------------------------------------------------
+
+/// A packet: first byte, Remaining Length (variable-length encoded), body.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = u8::try_from(len % 128).unwrap();
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
+/// A length-prefixed UTF-8 string.
+pub fn string(s: &str) -> Vec<u8> {
+    let mut v = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// A clean-session CONNECT of protocol `level` (4: 3.1.1, 5: 5.0, no properties) with
+/// `client_id` and `keep_alive` seconds. Its connect flags are at index 9.
+pub fn connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0x00); // no properties
+    }
+    body.extend_from_slice(&string(client_id));
+    packet(0x10, &body)
+}
+
+/// Reads one MQTT packet: (first byte, body).
+pub async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let first = s.read_u8().await?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok((first, body))
+}
+
+/// Whether the peer closed the connection (EOF or reset) within `within`, without
+/// sending anything.
+#[allow(dead_code)] // stack, mqtt_gateway
+pub async fn closed_silently(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(timeout(within, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
