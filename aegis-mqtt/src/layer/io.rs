@@ -535,6 +535,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 Poll::Pending if this.keep_alive_expired(cx) => {
                     this.fail(MqttError::KeepAliveTimeout);
                 }
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // Nothing buffered while the client is quiet: an idle connection
+                        // holds no read buffer (the next read allocates one again).
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
                 other => return other,
             }
         }
@@ -615,5 +623,63 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::Config;
+
+    /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
+    /// read finds nothing to do, and taken again for the next packet.
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        let connect = [
+            0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+        ];
+        let mut session = Session::new(Config::new());
+        assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let opts = IoOptions {
+            rate: None,
+            enforce_keep_alive: false,
+            connack_latency: None,
+        };
+        let mut io = MqttIo::new(
+            server,
+            session,
+            Bytes::copy_from_slice(&connect),
+            Bytes::new(),
+            opts,
+            None,
+        );
+        let mut got = [0; 15];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, connect);
+        for _ in 0..3 {
+            client.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
+            let mut ping = [0; 2];
+            io.read_exact(&mut ping).await.unwrap();
+            assert_eq!(ping, [0xC0, 0x00]);
+            // The next read finds the client quiet.
+            let mut more = [0; 1];
+            let pending = futures_poll_once(io.read(&mut more)).await;
+            assert!(pending, "a read with nothing sent must wait");
+            assert_eq!(
+                io.buf.capacity(),
+                0,
+                "an idle connection keeps its read buffer"
+            );
+            assert!(io.ready.is_empty());
+        }
+    }
+
+    /// Polls `f` once: `true` if it is pending.
+    async fn futures_poll_once<F: Future>(f: F) -> bool {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx).is_pending())).await
     }
 }
