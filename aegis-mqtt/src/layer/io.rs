@@ -543,7 +543,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                     }
                     return Poll::Pending;
                 }
-                other => return other,
+                other @ Poll::Ready(Err(_)) => return other,
             }
         }
     }
