@@ -372,8 +372,12 @@ async fn the_small_cap_holds_until_the_connack() {
     let layer = MqttLayer::new(Config::new().max_connect_size(100).max_packet_size(1000));
     let big = B::new().s("t").raw(&[5; 500]).frame(0x30);
     let bytes = [connect_v4(), big].concat();
-    let (seen, got) =
-        connack_then_read(layer.clone(), bytes.clone(), Some(vec![0x20, 0x02, 0x00, 0x00])).await;
+    let (seen, got) = connack_then_read(
+        layer.clone(),
+        bytes.clone(),
+        Some(vec![0x20, 0x02, 0x00, 0x00]),
+    )
+    .await;
     assert_eq!(
         (seen, got),
         ((bytes.clone(), Ok(())), vec![0x20, 0x02, 0x00, 0x00])
