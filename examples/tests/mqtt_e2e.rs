@@ -46,6 +46,29 @@ async fn gateway(broker: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// A broker of this test's own that logs everything, and the gateway in front of it.
+async fn broker_and_gateway() -> (Mosquitto, SocketAddr) {
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = gateway(broker.addr()).await;
+    (broker, gw)
+}
+
+/// For each `body => v311_test, v5_test;`, the two tests `body(V::V311)` and
+/// `body(V::V5)`.
+macro_rules! both_versions {
+    ($($body:ident => $v311:ident, $v5:ident;)+) => {$(
+        #[tokio::test]
+        async fn $v311() {
+            $body(V::V311).await;
+        }
+
+        #[tokio::test]
+        async fn $v5() {
+            $body(V::V5).await;
+        }
+    )+};
+}
+
 // ---------------------------------------------------------------------------------
 // A real client: rumqttc, both APIs behind one small interface
 // ---------------------------------------------------------------------------------
@@ -115,6 +138,31 @@ struct Client {
 
 const MAX_PACKET: usize = 256 * 1024;
 
+/// Drives a rumqttc event loop `el` (of either API: the two share no trait) on a task
+/// that sends each event `to_ev` maps to `tx`, then the error that ends the loop.
+macro_rules! forward_events {
+    ($el:expr, $tx:expr, $to_ev:path) => {{
+        let (mut el, tx) = ($el, $tx);
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(e) => {
+                        if let Some(e) = $to_ev(e) {
+                            if tx.send(e).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Ev::Closed(e.to_string()));
+                        break;
+                    }
+                }
+            }
+        })
+    }};
+}
+
 fn v4_event(e: rumqttc::Event) -> Option<Ev> {
     use rumqttc::{Event, Outgoing, Packet};
     Some(match e {
@@ -182,24 +230,8 @@ impl Client {
                 if let Some((topic, payload)) = opts.will {
                     o.set_last_will(rumqttc::LastWill::new(topic, payload, qos4(1), false));
                 }
-                let (client, mut el) = rumqttc::AsyncClient::new(o, 16);
-                let task = tokio::spawn(async move {
-                    loop {
-                        match el.poll().await {
-                            Ok(e) => {
-                                if let Some(e) = v4_event(e) {
-                                    if tx.send(e).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Ev::Closed(e.to_string()));
-                                break;
-                            }
-                        }
-                    }
-                });
+                let (client, el) = rumqttc::AsyncClient::new(o, 16);
+                let task = forward_events!(el, tx, v4_event);
                 (Handle::V4(client), task)
             }
             V::V5 => {
@@ -215,24 +247,8 @@ impl Client {
                         None,
                     ));
                 }
-                let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 16);
-                let task = tokio::spawn(async move {
-                    loop {
-                        match el.poll().await {
-                            Ok(e) => {
-                                if let Some(e) = v5_event(e) {
-                                    if tx.send(e).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Ev::Closed(e.to_string()));
-                                break;
-                            }
-                        }
-                    }
-                });
+                let (client, el) = rumqttc::v5::AsyncClient::new(o, 16);
+                let task = forward_events!(el, tx, v5_event);
                 (Handle::V5(client), task)
             }
         };
@@ -356,6 +372,13 @@ impl Drop for Client {
     }
 }
 
+/// A real client `id` subscribed to `filter` at `QoS` 1, which the broker granted.
+async fn watcher(v: V, gw: SocketAddr, id: &str, filter: &str) -> Client {
+    let mut c = Client::connect(v, gw, id, Opts::default()).await;
+    assert_eq!(c.subscribe(filter, 1).await, ["Success(AtLeastOnce)"]);
+    c
+}
+
 // ---------------------------------------------------------------------------------
 // Hand-built packets for the raw-socket clients
 // ---------------------------------------------------------------------------------
@@ -406,6 +429,19 @@ async fn expect_closed(s: &mut TcpStream, what: &str) {
     }
 }
 
+/// The end of a session the gateway refused: in 5.0 a server DISCONNECT with `reason`
+/// first, then (both versions) the close, within [`WAIT`].
+async fn expect_refused(v: V, s: &mut TcpStream, reason: u8, what: &str) {
+    if v == V::V5 {
+        assert_eq!(
+            read_packet(s).await,
+            (0xE0, vec![reason, 0x00]),
+            "{what}: server DISCONNECT"
+        );
+    }
+    expect_closed(s, what).await;
+}
+
 /// Opens a raw connection through the gateway and completes the CONNECT / CONNACK.
 async fn raw_session(v: V, gw: SocketAddr, id: &str, keep_alive: u16) -> TcpStream {
     let mut s = TcpStream::connect(gw).await.unwrap();
@@ -433,8 +469,7 @@ fn binary_payload(tag: &str, len: usize) -> Vec<u8> {
 /// publisher gets PUBACK (`QoS` 1) and PUBREC / PUBCOMP (`QoS` 2). One message is
 /// 100 KB, so it crosses the gateway in many reads; the last one is empty.
 async fn publish_at_each_qos(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
+    let (broker, gw) = broker_and_gateway().await;
     let mut sub = Client::connect(v, gw, "qossub", Opts::default()).await;
     assert_eq!(
         sub.subscribe("e2e/qos/#", 2).await,
@@ -470,26 +505,11 @@ async fn publish_at_each_qos(v: V) {
     assert_eq!(broker.count("New client connected from"), 2);
 }
 
-#[tokio::test]
-async fn v311_publish_at_each_qos() {
-    publish_at_each_qos(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_publish_at_each_qos() {
-    publish_at_each_qos(V::V5).await;
-}
-
 /// Will messages: a client that vanishes (TCP dropped, no DISCONNECT) has its will
 /// published to a subscriber through the gateway; one that sends DISCONNECT does not.
 async fn will_message(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
-    let mut watcher = Client::connect(v, gw, "willwatcher", Opts::default()).await;
-    assert_eq!(
-        watcher.subscribe("e2e/will/#", 1).await,
-        ["Success(AtLeastOnce)"]
-    );
+    let (broker, gw) = broker_and_gateway().await;
+    let mut watcher = watcher(v, gw, "willwatcher", "e2e/will/#").await;
 
     // A clean DISCONNECT discards the will ([MQTT-3.1.2-10], v5 [MQTT-3.1.2-10]).
     let will = |tag: &str| binary_payload(tag, 64);
@@ -533,22 +553,11 @@ async fn will_message(v: V) {
     assert_eq!(broker.count("Received DISCONNECT from willgone"), 0);
 }
 
-#[tokio::test]
-async fn v311_will_message() {
-    will_message(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_will_message() {
-    will_message(V::V5).await;
-}
-
 /// With `enforce_keep_alive` on, a real client with a 5 s keep-alive stays connected
 /// well past 1.5 x its keep-alive: its PINGREQs pass the gateway and PINGRESPs come
 /// back, and the session still works afterwards.
 async fn pings_keep_a_session_alive(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
+    let (broker, gw) = broker_and_gateway().await;
     let mut c = Client::connect(
         v,
         gw,
@@ -573,33 +582,15 @@ async fn pings_keep_a_session_alive(v: V) {
     assert_eq!(broker.count("has exceeded timeout"), 0);
 }
 
-#[tokio::test]
-async fn v311_pings_keep_a_session_alive() {
-    pings_keep_a_session_alive(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_pings_keep_a_session_alive() {
-    pings_keep_a_session_alive(V::V5).await;
-}
-
 /// A client that sends a valid CONNECT with a keep-alive of 1 s and then stays silent is
 /// cut by the gateway after 1.5 s (5.0: DISCONNECT 0x8D first). The broker's log shows
 /// the gateway closed it, not mosquitto's own keep-alive check (which, in mosquitto 2.0,
 /// fires seconds later).
 async fn silent_client_is_cut(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
+    let (broker, gw) = broker_and_gateway().await;
     let start = Instant::now();
     let mut s = raw_session(v, gw, "silent", 1).await;
-    if v == V::V5 {
-        assert_eq!(
-            read_packet(&mut s).await,
-            (0xE0, vec![0x8D, 0x00]),
-            "DISCONNECT Keep Alive timeout"
-        );
-    }
-    expect_closed(&mut s, "silent client").await;
+    expect_refused(v, &mut s, 0x8D, "silent client (Keep Alive timeout)").await;
     let after = Instant::now().saturating_duration_since(start);
     assert!(
         after >= Duration::from_secs(1) && after <= Duration::from_secs(5),
@@ -611,16 +602,6 @@ async fn silent_client_is_cut(v: V) {
     assert_eq!(broker.count("has exceeded timeout"), 0);
 }
 
-#[tokio::test]
-async fn v311_silent_client_is_cut_after_one_and_a_half_keep_alives() {
-    silent_client_is_cut(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_silent_client_is_cut_after_one_and_a_half_keep_alives() {
-    silent_client_is_cut(V::V5).await;
-}
-
 /// A raw client connects, subscribes and publishes a valid message that a real
 /// subscriber receives; then it sends an invalid packet followed by a valid PUBLISH in
 /// the same write. The gateway forwards neither: 3.1.1 closes, 5.0 sends DISCONNECT with
@@ -629,13 +610,8 @@ async fn v5_silent_client_is_cut_after_one_and_a_half_keep_alives() {
 /// would have logged a protocol error had it seen the packet). A real session on
 /// another connection is unaffected throughout.
 async fn rejected_packet_mid_session(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
-    let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
-    assert_eq!(
-        watcher.subscribe("e2e/#", 1).await,
-        ["Success(AtLeastOnce)"]
-    );
+    let (broker, gw) = broker_and_gateway().await;
+    let mut watcher = watcher(v, gw, "watcher", "e2e/#").await;
 
     let qos3 = {
         let mut body = string("e2e/raw/qos3");
@@ -673,14 +649,7 @@ async fn rejected_packet_mid_session(v: V) {
 
         let trailing = publish0(v, &topic, b"after");
         s.write_all(&[invalid, trailing].concat()).await.unwrap();
-        if v == V::V5 {
-            assert_eq!(
-                read_packet(&mut s).await,
-                (0xE0, vec![reason, 0x00]),
-                "{id}: server DISCONNECT"
-            );
-        }
-        expect_closed(&mut s, id).await;
+        expect_refused(v, &mut s, reason, id).await;
 
         broker
             .wait_for_log(&format!("Client {id} closed its connection"))
@@ -702,16 +671,6 @@ async fn rejected_packet_mid_session(v: V) {
     assert_eq!(broker.count("Received PUBLISH from watcher "), 1);
 }
 
-#[tokio::test]
-async fn v311_rejected_packet_mid_session() {
-    rejected_packet_mid_session(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_rejected_packet_mid_session() {
-    rejected_packet_mid_session(V::V5).await;
-}
-
 /// Refused CONNECTs get the spec's answer from the gateway and never reach the broker:
 /// a malformed one (reserved flag set) closes without CONNACK in 3.1.1 and gets CONNACK
 /// 0x81 in 5.0; an unsupported protocol level gets CONNACK `20 02 00 01` ([MQTT-3.1.2-2]:
@@ -719,8 +678,7 @@ async fn v5_rejected_packet_mid_session() {
 /// version cannot be assumed to read a 5.0 CONNACK). Then a real client connects, and it
 /// is the only connection the broker ever saw.
 async fn connect_refusals(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
+    let (broker, gw) = broker_and_gateway().await;
 
     let mut malformed = connect(v, "badflags", 60);
     malformed[9] |= 0x01; // the reserved connect flag ([MQTT-3.1.2-3])
@@ -757,16 +715,6 @@ async fn connect_refusals(v: V) {
     assert!(broker.log().contains(" as afterwards "));
 }
 
-#[tokio::test]
-async fn v311_connect_refusals() {
-    connect_refusals(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_connect_refusals() {
-    connect_refusals(V::V5).await;
-}
-
 /// What a raw client that stopped reading got from the gateway after a refusal.
 struct Flooded {
     /// Whole PUBLISH packets of the flood, each checked intact.
@@ -783,8 +731,7 @@ struct Flooded {
 /// an invalid SUBSCRIBE (packet id 0) and reads everything until the gateway closes.
 async fn flood_then_refuse(v: V) -> Flooded {
     const MESSAGES: usize = 2000;
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
+    let (broker, gw) = broker_and_gateway().await;
     let mut s = raw_session(v, gw, "flooded", 60).await;
     s.write_all(&subscribe(v, 1, "e2e/flood", 0)).await.unwrap();
     let (first, body) = read_packet(&mut s).await;
@@ -851,16 +798,6 @@ async fn refusal_under_backpressure(v: V) {
     );
 }
 
-#[tokio::test]
-async fn v311_refusal_under_backpressure_keeps_the_brokers_stream_whole() {
-    refusal_under_backpressure(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_refusal_under_backpressure_keeps_the_brokers_stream_whole() {
-    refusal_under_backpressure(V::V5).await;
-}
-
 /// What the layer's docs promise an MQTT 5 client ("first gets a server DISCONNECT with
 /// the reason code, written between two of the broker's packets"), under backpressure:
 /// the gateway finishes the broker's packet in flight (the client reads it), then sends
@@ -892,13 +829,8 @@ async fn write_byte_by_byte(s: &mut TcpStream, bytes: &[u8]) {
 /// refused packet sent the same way is still refused as the spec says (3.1.1: closed;
 /// 5.0: DISCONNECT 0x90, then EOF) without reaching the broker.
 async fn packets_split_byte_by_byte(v: V) {
-    let broker = Mosquitto::start_logging_everything().await;
-    let gw = gateway(broker.addr()).await;
-    let mut watcher = Client::connect(v, gw, "watcher", Opts::default()).await;
-    assert_eq!(
-        watcher.subscribe("e2e/#", 1).await,
-        ["Success(AtLeastOnce)"]
-    );
+    let (broker, gw) = broker_and_gateway().await;
+    let mut watcher = watcher(v, gw, "watcher", "e2e/#").await;
 
     let mut s = TcpStream::connect(gw).await.unwrap();
     s.set_nodelay(true).unwrap();
@@ -922,26 +854,25 @@ async fn packets_split_byte_by_byte(v: V) {
     assert_eq!((got.topic, got.payload), (b"e2e/trickle".to_vec(), payload));
 
     write_byte_by_byte(&mut s, &publish0(v, "e2e/+/never", b"never")).await;
-    if v == V::V5 {
-        assert_eq!(
-            read_packet(&mut s).await,
-            (0xE0, vec![0x90, 0x00]),
-            "DISCONNECT Topic Name invalid"
-        );
-    }
-    expect_closed(&mut s, "after the refused PUBLISH").await;
+    expect_refused(v, &mut s, 0x90, "the refused PUBLISH (Topic Name invalid)").await;
     broker
         .wait_for_log("Client trickle closed its connection")
         .await;
     assert_eq!(broker.count("Received PUBLISH from trickle "), 1);
 }
 
-#[tokio::test]
-async fn v311_packets_split_byte_by_byte() {
-    packets_split_byte_by_byte(V::V311).await;
-}
-
-#[tokio::test]
-async fn v5_packets_split_byte_by_byte() {
-    packets_split_byte_by_byte(V::V5).await;
+// Each test body above, once per protocol version.
+both_versions! {
+    publish_at_each_qos => v311_publish_at_each_qos, v5_publish_at_each_qos;
+    will_message => v311_will_message, v5_will_message;
+    pings_keep_a_session_alive => v311_pings_keep_a_session_alive, v5_pings_keep_a_session_alive;
+    silent_client_is_cut =>
+        v311_silent_client_is_cut_after_one_and_a_half_keep_alives,
+        v5_silent_client_is_cut_after_one_and_a_half_keep_alives;
+    rejected_packet_mid_session => v311_rejected_packet_mid_session, v5_rejected_packet_mid_session;
+    connect_refusals => v311_connect_refusals, v5_connect_refusals;
+    refusal_under_backpressure =>
+        v311_refusal_under_backpressure_keeps_the_brokers_stream_whole,
+        v5_refusal_under_backpressure_keeps_the_brokers_stream_whole;
+    packets_split_byte_by_byte => v311_packets_split_byte_by_byte, v5_packets_split_byte_by_byte;
 }
