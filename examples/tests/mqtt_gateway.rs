@@ -1,12 +1,15 @@
 //! The `mqtt-gateway` example as a user runs it: the built binary, started as a child
-//! process on free loopback ports with a config file, poked with a real MQTT client
-//! (rumqttc), raw bytes and raw HTTP, and stopped with SIGTERM.
+//! process on free loopback ports with a config file, poked with real MQTT clients
+//! (rumqttc, and the Debian `mosquitto_sub` / `mosquitto_pub`), raw bytes and raw
+//! HTTP, and stopped with SIGTERM.
 //!
 //! `cargo test -p examples` builds the example before running this file; the binary is
 //! found beside the test binary (`target/<profile>/examples/mqtt-gateway`). The MQTT 5
 //! test needs `mosquitto` on the PATH or in /usr/sbin (`.ci/run` installs it): the
 //! embedded broker (rumqttd 0.20) speaks MQTT 3.1.1 only, and the gateway answers other
-//! versions with an "unsupported version" CONNACK.
+//! versions with an "unsupported version" CONNACK. The `mosquitto_sub` / `mosquitto_pub`
+//! test needs them in /usr/bin (`mosquitto-clients`, which `.ci/run` installs) and fails
+//! without them.
 //!
 //! Every child process is killed and waited for on every path (a guard's `Drop`), and
 //! every wait is a poll with a deadline.
@@ -986,4 +989,181 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
         .await;
     gw.wait_metric("aegis_adaptive_p95_seconds{name=\"upstream\"}", 0.0)
         .await;
+}
+
+// ---------------------------------------------------------------------------------
+// The Debian clients: mosquitto_sub and mosquitto_pub
+// ---------------------------------------------------------------------------------
+
+const MOSQUITTO_SUB: &str = "/usr/bin/mosquitto_sub";
+const MOSQUITTO_PUB: &str = "/usr/bin/mosquitto_pub";
+
+/// A mosquitto client process, its stdout piped and its stderr in a file; killed and
+/// waited for when dropped.
+struct CliClient {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl CliClient {
+    /// Starts `program args`; `name` tells its stderr file apart.
+    fn spawn(name: &str, program: &str, args: &[&str]) -> Self {
+        for bin in [MOSQUITTO_SUB, MOSQUITTO_PUB] {
+            assert!(
+                Path::new(bin).exists(),
+                "{bin} is missing: install mosquitto-clients \
+                 (apt-get install -y mosquitto-clients, as .ci/run does)"
+            );
+        }
+        let stderr = std::env::temp_dir().join(format!(
+            "aegis-mqtt-gateway-{name}-{}.stderr",
+            std::process::id()
+        ));
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Self { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (bounded by `within`) for the process to exit by itself.
+    async fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for CliClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// Runs `mosquitto_pub` to its exit (bounded): it must exit 0.
+async fn mosquitto_pub(name: &str, args: &[&str]) {
+    let mut publ = CliClient::spawn(name, MOSQUITTO_PUB, args);
+    let status = publ.exit_within(WAIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "mosquitto_pub {args:?}: {status:?} (None: still running after {WAIT:?}); \
+         stderr:\n{}",
+        publ.stderr()
+    );
+}
+
+/// Issue 6: the Debian clients through the gateway to mosquitto. `mosquitto_sub`
+/// (MQTT 5, `QoS` 1, `-C 2`) receives one message from a 3.1.1 `mosquitto_pub` at
+/// `QoS` 1 and one from an MQTT 5 `mosquitto_pub` at `QoS` 2, prints both and exits 0.
+#[tokio::test]
+async fn mosquitto_sub_and_pub_through_the_gateway_to_mosquitto() {
+    let broker = Mosquitto::start().await;
+    let upstream = broker.addr().to_string();
+    let gw = Gateway::start("mosquitto-clients", "", &["--upstream", &upstream]).await;
+    let port = gw.mqtt.port().to_string();
+    let topic = "gateway/mosquitto-clients";
+
+    // `-d` prints the packets it sends and receives; stdbuf makes its stdout (a pipe
+    // here, fully buffered by default) line-buffered, so "received SUBACK" arrives
+    // when it happens, not with the first message.
+    let sub_args = [
+        "-oL",
+        MOSQUITTO_SUB,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        topic,
+        "-C",
+        "2",
+        "-q",
+        "1",
+        "-V",
+        "mqttv5",
+        "-d",
+    ];
+    let mut sub = CliClient::spawn("mosquitto-sub", "stdbuf", &sub_args);
+    let stdout = sub.child.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    // Ends at EOF: when mosquitto_sub exits or is killed.
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.iter().any(|l| l.contains("received SUBACK")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, lines.recv()).await {
+            Ok(Some(line)) => seen.push(line),
+            Ok(None) | Err(_) => panic!(
+                "mosquitto_sub did not report a SUBACK within {WAIT:?} (exit: {:?}); \
+                 stdout:\n{}\nstderr:\n{}",
+                sub.child.try_wait(),
+                seen.join("\n"),
+                sub.stderr()
+            ),
+        }
+    }
+
+    let (v311, v5) = (
+        "from mosquitto_pub, MQTT 3.1.1, QoS 1",
+        "from mosquitto_pub, MQTT 5, QoS 2",
+    );
+    let common = ["-h", "127.0.0.1", "-p", &port, "-t", topic];
+    mosquitto_pub(
+        "mosquitto-pub-311",
+        &[&common[..], &["-m", v311, "-q", "1", "-V", "mqttv311"]].concat(),
+    )
+    .await;
+    mosquitto_pub(
+        "mosquitto-pub-5",
+        &[&common[..], &["-m", v5, "-q", "2", "-V", "mqttv5"]].concat(),
+    )
+    .await;
+
+    // Two messages (-C 2): mosquitto_sub exits by itself.
+    let status = sub.exit_within(WAIT).await;
+    if status.is_none() {
+        let _ = sub.child.kill();
+        let _ = sub.child.wait();
+    }
+    // The reader thread sees EOF once the process is gone: take what it read.
+    while let Ok(Some(line)) = timeout(WAIT, lines.recv()).await {
+        seen.push(line);
+    }
+    let out = seen.join("\n");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "mosquitto_sub: {status:?} (None: still running after {WAIT:?}); stdout:\n{out}\n\
+         stderr:\n{}",
+        sub.stderr()
+    );
+    let at = |payload: &str| seen.iter().position(|l| l == payload);
+    assert!(
+        matches!((at(v311), at(v5)), (Some(a), Some(b)) if a < b),
+        "mosquitto_sub did not print both payloads, in order; stdout:\n{out}"
+    );
 }
