@@ -43,7 +43,39 @@ pub const CONNECTION_DURATION_SECONDS: &str = "aegis_connection_duration_seconds
 #[cfg(feature = "test-util")]
 pub mod testing {
     use metrics_util::CompositeKey;
-    use metrics_util::debugging::{DebugValue, Snapshotter};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    /// Runs `f` to its end on a new current-thread runtime (every driver on; time paused
+    /// from the start when `paused`) with its own debugging recorder, and returns the
+    /// output and the recorder's snapshotter: a test sees only its own metrics, whatever
+    /// runs beside it.
+    ///
+    /// ```
+    /// use aegis_core::metrics::testing::{capture, run};
+    ///
+    /// let ((), snap) = run(true, || async {
+    ///     metrics::counter!("aegis_example_total").increment(2);
+    /// });
+    /// assert_eq!(capture(&snap).counter("aegis_example_total", &[]), 2);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the runtime cannot be built.
+    pub fn run<F: std::future::Future>(
+        paused: bool,
+        f: impl FnOnce() -> F,
+    ) -> (F::Output, Snapshotter) {
+        let rec = DebuggingRecorder::new();
+        let snap = rec.snapshotter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(paused)
+            .build()
+            .expect("a current-thread runtime");
+        let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
+        (out, snap)
+    }
 
     /// Every series of one snapshot, to read several values that belong together.
     #[derive(Debug)]

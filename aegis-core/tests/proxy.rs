@@ -1,32 +1,17 @@
 //! The upstream proxy over real loopback sockets.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use aegis_core::error::label_of;
+use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::proxy::{Proxy, ProxyError, Transferred};
 use aegis_core::{BoxError, Conn};
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
-
-/// Runs `f` on a current-thread runtime with a local metrics recorder.
-fn run<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let mut b = tokio::runtime::Builder::new_current_thread();
-    b.enable_all();
-    if paused {
-        b.start_paused(true);
-    }
-    let rt = b.build().unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-    (out, snap)
-}
 
 /// Accepts one client on a loopback listener and proxies it to `upstream`.
 async fn proxied_pair(

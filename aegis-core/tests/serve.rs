@@ -1,28 +1,14 @@
 //! The accept loop over real loopback sockets.
 
-use std::future::Future;
 use std::io;
 use std::time::Duration;
 
+use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::{Conn, serve};
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-
-fn run<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let mut b = tokio::runtime::Builder::new_current_thread();
-    b.enable_all();
-    if paused {
-        b.start_paused(true);
-    }
-    let rt = b.build().unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-    (out, snap)
-}
 
 /// Echoes until the client closes its side.
 async fn echo(conn: Conn<TcpStream>) -> io::Result<()> {

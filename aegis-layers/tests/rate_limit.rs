@@ -1,7 +1,6 @@
 //! Tests of the rate-limiting layer, with paused tokio time.
 #![cfg(feature = "rate-limit")]
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -9,11 +8,12 @@ use std::time::Duration;
 use aegis_core::error::{find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
 use aegis_core::metrics::testing::capture;
+use aegis_core::metrics::testing::run;
 use aegis_core::{BoxError, Conn};
 use aegis_layers::rate_limit::{
     KeyBy, KeyedLimiter, Quota, RateLimitLayer, RateLimited, metrics as m,
 };
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebuggingRecorder;
 use tokio::sync::oneshot;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -24,19 +24,6 @@ fn nz(n: u32) -> NonZeroU32 {
 fn conn(ip: &str) -> Conn<()> {
     let peer = SocketAddr::new(ip.parse().unwrap(), 40_000);
     Conn::new((), peer, "127.0.0.1:1883".parse().unwrap())
-}
-
-/// Runs `f` on a paused current-thread runtime with a local debugging recorder.
-fn run<F: Future>(f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-    (out, snap)
 }
 
 fn ok_service() -> impl Service<Conn<()>, Response = (), Error = BoxError, Future: Send> + Clone {
@@ -68,7 +55,7 @@ fn rejections(c: &aegis_core::metrics::testing::Captured, reason: &str) -> u64 {
 
 #[test]
 fn global_tier_limits_all_clients_together() {
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .global(Quota::per_second(nz(2)))
             .build();
@@ -87,7 +74,7 @@ fn global_tier_limits_all_clients_together() {
 
 #[test]
 fn per_client_tier_limits_each_client_alone() {
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(2)))
             .build();
@@ -112,7 +99,7 @@ fn per_client_tier_limits_each_client_alone() {
 
 #[test]
 fn tiers_stack_and_per_client_is_checked_before_global() {
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .global(Quota::per_second(nz(3)))
             .per_client(Quota::per_second(nz(1)))
@@ -148,7 +135,7 @@ fn held_service(
 
 #[test]
 fn concurrency_slot_is_released_on_completion_and_on_drop() {
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .max_concurrent_per_client(2)
             .build();
@@ -192,7 +179,7 @@ fn concurrency_slot_is_released_on_completion_and_on_drop() {
 
 #[test]
 fn a_connection_refused_by_a_rate_gives_its_concurrency_slot_back() {
-    run(|| async {
+    run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(1)))
             .max_concurrent_per_client(5)
@@ -207,7 +194,7 @@ fn a_connection_refused_by_a_rate_gives_its_concurrency_slot_back() {
 
 #[test]
 fn ipv6_clients_are_grouped_by_64_so_rotation_does_not_escape() {
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(3)))
             .build();
@@ -232,7 +219,7 @@ fn ipv6_clients_are_grouped_by_64_so_rotation_does_not_escape() {
 
 #[test]
 fn ipv6_prefix_is_configurable() {
-    run(|| async {
+    run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(1)))
             .key_by(KeyBy::new(32, 128))
@@ -246,7 +233,7 @@ fn ipv6_prefix_is_configurable() {
 
 #[test]
 fn ipv4_mapped_ipv6_is_the_same_client_as_ipv4() {
-    run(|| async {
+    run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(2)))
             .max_concurrent_per_client(10)
@@ -268,7 +255,7 @@ fn ipv4_mapped_ipv6_is_the_same_client_as_ipv4() {
 fn a_flood_of_a_million_addresses_stays_under_the_key_cap() {
     const CAP: usize = 1_000;
     const FLOOD: u32 = 1_000_000;
-    let ((), snap) = run(|| async {
+    let ((), snap) = run(true, || async {
         let limiter = KeyedLimiter::new(Quota::per_minute(nz(2)), CAP, "flood");
         let known = IpAddr::from([198, 51, 100, 1]);
         assert!(limiter.check(&known).is_ok());
@@ -295,7 +282,7 @@ fn a_flood_of_a_million_addresses_stays_under_the_key_cap() {
 
 #[test]
 fn idle_keys_are_evicted_on_schedule_and_busy_ones_kept() {
-    let (alive_after_drop, snap) = run(|| async {
+    let (alive_after_drop, snap) = run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_minute(nz(2)))
             .evict_every(Duration::from_secs(10))
@@ -343,7 +330,7 @@ fn idle_keys_are_evicted_on_schedule_and_busy_ones_kept() {
 
 #[test]
 fn rate_change_keeps_each_clients_state() {
-    run(|| async {
+    run(true, || async {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_second(nz(10)))
             .build();
@@ -376,7 +363,7 @@ fn rate_change_keeps_each_clients_state() {
 
 #[test]
 fn global_rate_change_keeps_state_and_plain_rate_setters_keep_burst() {
-    run(|| async {
+    run(true, || async {
         let layer = RateLimitLayer::builder()
             .global(Quota::per_second(nz(2)))
             .build();
@@ -414,7 +401,7 @@ fn global_rate_change_keeps_state_and_plain_rate_setters_keep_burst() {
 
 #[test]
 fn keyed_limiter_reports_wait_time_and_keeps_state_across_set_quota() {
-    run(|| async {
+    run(true, || async {
         let limiter: KeyedLimiter<&'static str> =
             KeyedLimiter::new(Quota::per_second(nz(1)), 10, "mqtt_client_id");
         tokio::time::advance(Duration::from_secs(3)).await;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,33 +11,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aegis_core::error::label_of;
+use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{REJECTIONS_TOTAL, testing};
 use aegis_core::proxy::{ConnectFuture, Proxy, TcpConnect, Transferred};
 use aegis_core::{BoxError, Conn};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use aegis_mqtt::layer::{MqttLayer, Unavailable};
 use common::{connect_v3, connect_v4, connect_v5};
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::Snapshotter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceExt};
 
 const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
 const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
-
-/// Runs `f` on a current-thread runtime with a local metrics recorder.
-fn run<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let mut b = tokio::runtime::Builder::new_current_thread();
-    b.enable_all();
-    if paused {
-        b.start_paused(true);
-    }
-    let rt = b.build().unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-    (out, snap)
-}
 
 /// A loopback port nobody listens on: bind, read the port, close.
 async fn refused_addr() -> SocketAddr {
