@@ -470,3 +470,91 @@ async fn http_classifier_trips_on_5xx_only() {
     client.ready().await.unwrap().call(502).await.unwrap();
     assert_eq!(circuit.state(), CircuitState::Open);
 }
+
+#[test]
+fn record_failure_trips_like_failed_calls_with_metrics() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || {
+        rt.block_on(async {
+            let layer = CircuitBreakerLayer::builder("upstream")
+                .consecutive_failures(Some(3))
+                .open_for(Duration::from_secs(10))
+                .build();
+            let (mut svc, mut handle) = breaker(&layer);
+            let circuit = layer.handle();
+
+            // Reported failures and failed calls make one run; a success resets it.
+            circuit.record_failure();
+            call(&mut svc, &mut handle, false).await.unwrap_err();
+            call(&mut svc, &mut handle, true).await.unwrap();
+            for _ in 0..2 {
+                circuit.record_failure();
+                assert_eq!(circuit.state(), CircuitState::Closed);
+            }
+            circuit.record_failure();
+            assert_eq!(circuit.state(), CircuitState::Open);
+            assert_fails_fast(&mut svc, &mut handle).await;
+            let m = capture(&snap);
+            assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
+            assert_eq!(
+                m.counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "upstream"), ("to", "open")]
+                ),
+                1
+            );
+
+            // While open it changes nothing: still half-open after `open_for`.
+            circuit.record_failure();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert_eq!(circuit.state(), CircuitState::HalfOpen);
+            // While half-open it re-opens, as a failed probe does, for another period.
+            circuit.record_failure();
+            assert_eq!(circuit.state(), CircuitState::Open);
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            assert_eq!(circuit.state(), CircuitState::Open);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(circuit.state(), CircuitState::HalfOpen);
+            // (A capture drains the recorder: one more opening since the last one.)
+            assert_eq!(
+                capture(&snap).counter(
+                    CIRCUIT_TRANSITIONS_TOTAL,
+                    &[("name", "upstream"), ("to", "open")]
+                ),
+                1
+            );
+
+            // Forced closed: nothing is counted.
+            circuit.force_closed();
+            for _ in 0..5 {
+                circuit.record_failure();
+            }
+            assert_eq!(circuit.state(), CircuitState::Closed);
+            circuit.release();
+            assert_eq!(circuit.state(), CircuitState::Closed);
+        });
+    });
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn record_failure_feeds_the_failure_rate() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(None)
+        .failure_rate(0.5, 4, 4)
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    // Connects that succeed, each followed by a reported failure: 50 % of the last 4.
+    call(&mut svc, &mut handle, true).await.unwrap();
+    circuit.record_failure();
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}

@@ -61,6 +61,10 @@ pub enum MqttError {
     /// The broker behind the gateway cannot be reached.
     #[error("server unavailable")]
     ServerUnavailable,
+    /// The broker took the connection but sent no CONNACK in time (with
+    /// `MqttLayer::connack_timeout`): answered as [`ServerUnavailable`](Self::ServerUnavailable).
+    #[error("no CONNACK from the server in time")]
+    ConnackTimeout,
     /// The gateway is shedding load.
     #[error("server busy")]
     ServerBusy,
@@ -102,6 +106,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::ServerLimit(_) => "server_limit",
             Self::NotAuthorized => "not_authorized",
             Self::ServerUnavailable => "server_unavailable",
+            Self::ConnackTimeout => "connack_timeout",
             Self::ServerBusy => "server_busy",
             Self::QuotaExceeded => "quota_exceeded",
             Self::ConnectionRate => "connection_rate",
@@ -209,6 +214,7 @@ impl MqttError {
                             Answer::ConnackV3(r::V3_NOT_AUTHORIZED)
                         }
                         Self::ServerUnavailable
+                        | Self::ConnackTimeout
                         | Self::ServerBusy
                         | Self::QuotaExceeded
                         | Self::ConnectionRate => Answer::ConnackV3(r::V3_SERVER_UNAVAILABLE),
@@ -235,7 +241,7 @@ impl MqttError {
             Self::KeepAlive { .. } => r::IMPLEMENTATION_SPECIFIC_ERROR,
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
             Self::NotAuthorized => r::NOT_AUTHORIZED,
-            Self::ServerUnavailable => r::SERVER_UNAVAILABLE,
+            Self::ServerUnavailable | Self::ConnackTimeout => r::SERVER_UNAVAILABLE,
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
@@ -258,7 +264,7 @@ impl MqttError {
             Self::ServerLimit(limit) => limit.reason(),
             Self::NotAuthorized => r::NOT_AUTHORIZED,
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
-            Self::ServerUnavailable | Self::ServerBusy => r::SERVER_BUSY,
+            Self::ServerUnavailable | Self::ConnackTimeout | Self::ServerBusy => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,

@@ -59,6 +59,7 @@
 //! | `server_limit` | - | - | - | DISCONNECT 0x9B, 0x9A, 0x94, 0xA2, 0xA1 or 0x9E ([`Limit`]) |
 //! | `not_authorized` | CONNACK 0x05 | CONNACK 0x87 | close | DISCONNECT 0x87 |
 //! | `server_unavailable` | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
+//! | `connack_timeout` (the broker's CONNACK late) | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
 //! | `server_busy` | CONNACK 0x03 | CONNACK 0x89 | close | DISCONNECT 0x89 |
 //! | `quota_exceeded` | CONNACK 0x03 | CONNACK 0x97 | close | DISCONNECT 0x97 |
 //! | `connection_rate` | CONNACK 0x03 | CONNACK 0x9F | close | DISCONNECT 0x9F |

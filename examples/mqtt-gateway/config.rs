@@ -372,6 +372,8 @@ pub(crate) struct Mqtt {
     pub(crate) unavailable_answer: bool,
     #[serde(with = "duration")]
     pub(crate) unavailable_timeout: Duration,
+    #[serde(with = "duration")]
+    pub(crate) connack_timeout: Duration,
     pub(crate) packet_rate: PacketRate,
 }
 
@@ -389,6 +391,7 @@ impl Default for Mqtt {
             enforce_keep_alive: false,
             unavailable_answer: true,
             unavailable_timeout: aegis_mqtt::layer::Unavailable::DEFAULT_TIMEOUT,
+            connack_timeout: Duration::from_secs(5),
             packet_rate: PacketRate::default(),
         }
     }

@@ -10,7 +10,8 @@
 //!  -> sniff: MQTT only      [sniff]
 //!  -> MQTT validation       [mqtt]
 //!  -> Proxy(CircuitBreaker(TcpConnect(upstream)))   [circuit_breaker]; [adaptive] watches the
-//!     MQTT layer's CONNECT to CONNACK round trip (the upstream connect without it)
+//!     MQTT layer's CONNECT to CONNACK round trip (the upstream connect without it); the
+//!     MQTT layer's `connack_timeout` reports a stalled broker to the breaker
 //! ```
 //!
 //! # Why the stream type is erased between layers
@@ -345,6 +346,15 @@ pub(crate) fn build(
         }
         if m.enforce_keep_alive {
             layer = layer.enforce_keep_alive();
+        }
+        if !m.connack_timeout.is_zero() {
+            // A stalled broker (its kernel still completes the handshake) gets the client
+            // "server unavailable" from the gateway, and counts as a breaker failure: the
+            // connect alone looked like a success.
+            layer = layer.connack_timeout(m.connack_timeout);
+            if let Some(breaker) = breaker_handle.clone() {
+                layer = layer.on_connack_timeout(move || breaker.record_failure());
+            }
         }
         if let Some(control) = adaptive.clone() {
             // The broker's CONNECT to CONNACK round trip is the latency that matters to

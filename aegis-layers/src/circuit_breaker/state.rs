@@ -273,12 +273,7 @@ impl Shared {
         }
         match (kind, outcome) {
             (Kind::Counted, Some(Outcome::Failure)) if matches!(m.phase, Phase::Closed) => {
-                m.consecutive += 1;
-                self.success_is_noop.store(false, Ordering::Relaxed);
-                self.push(&mut m, true);
-                if self.should_trip(&m) {
-                    self.open(&mut m);
-                }
+                self.fail_closed(&mut m);
             }
             (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
                 m.consecutive = 0;
@@ -308,6 +303,32 @@ impl Shared {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A failure while closed: counts towards both trips, and trips if one is reached.
+    fn fail_closed(&self, m: &mut Machine) {
+        m.consecutive += 1;
+        self.success_is_noop.store(false, Ordering::Relaxed);
+        self.push(m, true);
+        if self.should_trip(m) {
+            self.open(m);
+        }
+    }
+
+    /// A failure reported outside any call: counted as a failed call of the current state
+    /// (closed: towards the trips; half-open: as a failed probe, re-opening); ignored while
+    /// open or forced.
+    fn record_failure(&self) {
+        let mut guard = self.machine.lock();
+        let m = &mut *guard;
+        if m.forced.is_some() {
+            return;
+        }
+        match m.phase {
+            Phase::Closed => self.fail_closed(m),
+            Phase::HalfOpen { .. } => self.open(m),
+            Phase::Open { .. } => {}
         }
     }
 
@@ -434,5 +455,22 @@ impl CircuitHandle {
     /// Releases a forced state: the circuit is closed again with fresh counts.
     pub fn release(&self) {
         self.shared.force(None);
+    }
+
+    /// Records a failure of the inner service seen outside a call: a call that succeeded
+    /// but whose result proved bad later, such as an upstream connection to a broker that
+    /// never answers (`aegis_mqtt`'s `MqttLayer::on_connack_timeout`).
+    ///
+    /// It takes the path of a failed call: while closed it counts towards
+    /// [`consecutive_failures`](super::Builder::consecutive_failures) and
+    /// [`failure_rate`](super::Builder::failure_rate), and trips the circuit (with its
+    /// metrics and log line) when one is reached; while half-open it re-opens the circuit,
+    /// as a failed probe does. While open or forced it is ignored.
+    ///
+    /// A success still resets the consecutive count: if successful calls keep coming
+    /// between these failures (connects that succeed, each followed later by a failure),
+    /// only the failure rate can trip.
+    pub fn record_failure(&self) {
+        self.shared.record_failure();
     }
 }

@@ -12,8 +12,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
-use super::{ConnackLatency, IoOptions, Verdict};
-use crate::{Decoded, MqttError, Next, Session};
+use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict};
+use crate::{Decoded, MqttError, Next, Phase, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
@@ -45,6 +45,12 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// thus gets whole packets, the DISCONNECT (5.0), then EOF. If the packet cannot be
 /// finished and the DISCONNECT written within 5 seconds (the client is not reading), the
 /// read fails at once without a DISCONNECT, and writes fail after it all the same.
+///
+/// With a [CONNACK timeout](super::MqttLayer::connack_timeout), a broker whose CONNACK
+/// has not started going out in time is refused the same way, from a read (a silent
+/// client's too): the gateway's own "server unavailable" CONNACK takes the place of the
+/// DISCONNECT, for every version, and the read then fails with
+/// [`MqttError::ConnackTimeout`]; the broker's writes fail after it.
 ///
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
@@ -81,6 +87,14 @@ pub struct MqttIo<I> {
     connack_latency: Option<(ConnackLatency, Instant)>,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
+    /// When the broker's CONNACK is due, with the layer's `connack_timeout`; `None` once
+    /// it went out or the timeout fired.
+    connack_due: Option<Instant>,
+    /// The CONNACK timer: created on the first read, never reset; dropped with
+    /// `connack_due`.
+    connack_timer: Option<Pin<Box<Sleep>>>,
+    /// Told once if the CONNACK timeout fires.
+    on_connack_timeout: Option<OnConnackTimeout>,
     /// The per-packet policy, if the layer has one; it also queues the gateway's own
     /// answers (SUBACK, PUBACK, PUBREC), written only between two broker packets.
     policy: Option<ConnPolicy>,
@@ -246,6 +260,12 @@ impl<I> MqttIo<I> {
             last_packet: Instant::now(),
             connack_latency: opts.connack_latency.map(|l| (l, Instant::now())),
             idle: None,
+            // A timeout too long to add is no timeout.
+            connack_due: opts
+                .connack_timeout
+                .and_then(|t| Instant::now().checked_add(t)),
+            connack_timer: None,
+            on_connack_timeout: opts.on_connack_timeout,
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
@@ -273,6 +293,10 @@ impl<I> MqttIo<I> {
 
     /// Tells the session what the broker's writes showed.
     fn on_written(&mut self, seen: Seen) {
+        if self.out.connack_seen && self.connack_due.is_some() {
+            // The broker's CONNACK is going out: its timer is done.
+            self.disarm_connack_timer();
+        }
         if matches!(seen, Seen::Nothing) {
             return;
         }
@@ -284,6 +308,54 @@ impl<I> MqttIo<I> {
             Seen::Connack(connack) => self.session.on_connack(&connack),
             Seen::LongConnack => self.session.connack_sent(),
         }
+    }
+
+    fn disarm_connack_timer(&mut self) {
+        self.connack_due = None;
+        self.connack_timer = None;
+        self.on_connack_timeout = None;
+    }
+
+    /// Whether the broker's CONNACK is late (arms the timer on the first call). When it
+    /// is, the gateway's "server unavailable" CONNACK is due instead: counted, prepared
+    /// (written by the refusal, the broker's stream being between two packets), and the
+    /// broker may write nothing more (only the rest of a packet in flight, if any).
+    fn connack_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(due) = self.connack_due else {
+            return false;
+        };
+        if self.out.connack_seen || self.failed.is_some() {
+            // The broker's CONNACK is out, or another refusal ends the connection.
+            self.disarm_connack_timer();
+            return false;
+        }
+        let timer = self
+            .connack_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let on_timeout = self.on_connack_timeout.take();
+        self.disarm_connack_timer();
+        let e = MqttError::ConnackTimeout;
+        self.failed = Some(e);
+        drop(reject(e));
+        // The gateway's own CONNACK: not a round trip through the broker.
+        self.connack_latency = None;
+        // A CONNACK is going out now: the broker's may not follow, and a responder such
+        // as `Unavailable` must not answer again.
+        self.out.connack_seen = true;
+        self.writes = Writes::ToBoundary;
+        if let Some(v) = self.session.version() {
+            let answer = e.answer(Phase::Connect(Some(v))).bytes();
+            if !answer.is_empty() {
+                self.answer = Some((answer, 0));
+            }
+        }
+        if let Some(f) = on_timeout {
+            f.call();
+        }
+        true
     }
 
     /// Forgets the round-trip report: the CONNACK about to be written is the gateway's
@@ -446,6 +518,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Polled on every read, so that it fires while the client is silent too.
+        this.connack_expired(cx);
         loop {
             // Gateway answers first; a pending write does not hold up the reads.
             let answers = this.poll_answers(cx);
@@ -647,6 +721,8 @@ mod tests {
             rate: None,
             enforce_keep_alive: false,
             connack_latency: None,
+            connack_timeout: None,
+            on_connack_timeout: None,
         };
         let mut io = MqttIo::new(
             server,

@@ -2,7 +2,9 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{ConnackLatency, DEFAULT_CONNECT_TIMEOUT, IoOptions, Mqtt, PacketRate};
+use super::{
+    ConnackLatency, DEFAULT_CONNECT_TIMEOUT, IoOptions, Mqtt, OnConnackTimeout, PacketRate,
+};
 use crate::Config;
 
 /// Applies [`Mqtt`] to a byte-stream service: validates the CONNECT and every later
@@ -35,6 +37,8 @@ impl MqttLayer {
                 rate: None,
                 enforce_keep_alive: false,
                 connack_latency: None,
+                connack_timeout: None,
+                on_connack_timeout: None,
             },
             policy: NoPolicy,
         }
@@ -78,6 +82,25 @@ impl<P> MqttLayer<P> {
     /// ```
     pub fn connack_latency(mut self, latency: ConnackLatency) -> Self {
         self.io.connack_latency = Some(latency);
+        self
+    }
+
+    /// Answers the client "server unavailable" itself (`20 02 00 03` for 3.1 / 3.1.1,
+    /// `20 03 00 88 00` for 5.0) when the broker's CONNACK has not started going out
+    /// within `timeout` of the validated CONNECT going to the inner service, and closes
+    /// (`connack_timeout`). Off by default. See the [module
+    /// docs](super#when-the-broker-is-stalled).
+    pub const fn connack_timeout(mut self, timeout: Duration) -> Self {
+        self.io.connack_timeout = Some(timeout);
+        self
+    }
+
+    /// Calls `f` once for each connection refused by the
+    /// [`connack_timeout`](Self::connack_timeout) (nothing by default): to count a stalled
+    /// broker as a failure, for example with
+    /// `aegis_layers::circuit_breaker::CircuitHandle::record_failure`.
+    pub fn on_connack_timeout(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.io.on_connack_timeout = Some(OnConnackTimeout::new(f));
         self
     }
 

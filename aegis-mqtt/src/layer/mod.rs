@@ -24,6 +24,12 @@
 //! With [`MqttLayer::enforce_keep_alive`], a client silent for one and a half times its
 //! keep-alive is refused as `keep_alive_timeout` (MQTT 5: DISCONNECT 0x8D).
 //!
+//! With [`MqttLayer::connack_timeout`], a broker that takes the connection but sends no
+//! CONNACK in time (it is stalled: the kernel still completes TCP handshakes) no longer
+//! leaves the client waiting: the gateway answers "server unavailable" itself, as
+//! [`Unavailable`] does, refused as `connack_timeout`; see the [section
+//! below](#when-the-broker-is-stalled).
+//!
 //! [`MqttIo`] also reads the broker's CONNACK as it goes out: until then the client is
 //! unknown to the broker, so its packets stay under the small CONNECT size cap
 //! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
@@ -112,6 +118,57 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # When the broker is stalled
+//!
+//! A stopped broker (SIGSTOP, a full accept queue on a hung process) still gets its TCP
+//! handshakes completed by the kernel: the connect succeeds, a circuit breaker around the
+//! connector counts a success, and the client waits for a CONNACK that never comes.
+//! [`MqttLayer::connack_timeout`] bounds that wait, from the moment the validated CONNECT
+//! goes to the inner service: if the broker's CONNACK has not started going out by then,
+//! the gateway writes `20 02 00 03` (3.1 / 3.1.1) or `20 03 00 88 00` (5.0) itself, fails
+//! the read with [`MqttError::ConnackTimeout`](crate::MqttError::ConnackTimeout)
+//! (`aegis_rejections_total{layer="mqtt", reason="connack_timeout"}`), and from then on
+//! the broker's writes fail with [`io::ErrorKind::BrokenPipe`](std::io::ErrorKind::BrokenPipe):
+//! a late CONNACK never reaches the client. The timer is polled from the reads (a proxy
+//! reads the client all along) and is dropped once the broker's CONNACK goes out.
+//! [`MqttLayer::on_connack_timeout`] tells someone else, such as a circuit breaker:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! use std::time::Duration;
+//! use aegis_core::Conn;
+//! use aegis_layers::circuit_breaker::CircuitBreakerLayer;
+//! use aegis_mqtt::layer::{MqttIo, MqttLayer};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! let breaker = CircuitBreakerLayer::builder("upstream").build(); // around the connector
+//! let handle = breaker.handle();
+//! // A stalled broker: it reads everything and never answers.
+//! let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+//!     io.read_to_end(&mut Vec::new()).await
+//! });
+//! let svc = MqttLayer::default()
+//!     .connack_timeout(Duration::from_millis(50))
+//!     .on_connack_timeout(move || handle.record_failure())
+//!     .layer(broker);
+//!
+//! let (mut client, server) = tokio::io::duplex(1024);
+//! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
+//! let conn = tokio::spawn(svc.oneshot(io));
+//! let connect = [0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'];
+//! client.write_all(&connect).await?;
+//! let mut answer = Vec::new();
+//! client.read_to_end(&mut answer).await?;
+//! assert_eq!(answer, [0x20, 0x02, 0x00, 0x03]); // CONNACK: server unavailable
+//! let err = conn.await?.unwrap_err();
+//! let cause = aegis_core::error::find::<aegis_mqtt::MqttError>(&*err);
+//! assert_eq!(cause, Some(&aegis_mqtt::MqttError::ConnackTimeout));
+//! # Ok(())
+//! # }
+//! ```
 #![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
 use std::sync::Arc;
@@ -143,6 +200,30 @@ pub(crate) struct IoOptions {
     pub(crate) rate: Option<PacketRate>,
     pub(crate) enforce_keep_alive: bool,
     pub(crate) connack_latency: Option<ConnackLatency>,
+    /// How long the broker has to send its CONNACK; `None`: no limit.
+    pub(crate) connack_timeout: Option<Duration>,
+    pub(crate) on_connack_timeout: Option<OnConnackTimeout>,
+}
+
+/// What a connection calls once when its CONNACK timeout fires (set with
+/// [`MqttLayer::on_connack_timeout`]).
+#[derive(Clone)]
+pub(crate) struct OnConnackTimeout(Arc<dyn Fn() + Send + Sync>);
+
+impl OnConnackTimeout {
+    pub(crate) fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    pub(crate) fn call(&self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for OnConnackTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnConnackTimeout(..)")
+    }
 }
 
 /// Receives the CONNECT to CONNACK round trip of each accepted connection: from the

@@ -1,0 +1,311 @@
+//! `MqttLayer::connack_timeout`: a broker that takes the connection but sends no CONNACK
+//! in time (stalled) gets the client a "server unavailable" CONNACK from the gateway,
+//! then EOF; a broker that answers in time is left alone; a late CONNACK never reaches
+//! the client. Paused time, duplex streams.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aegis_core::error::find;
+use aegis_core::metrics::REJECTIONS_TOTAL;
+use aegis_core::metrics::testing::{capture, run};
+use aegis_core::{BoxError, Conn};
+use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+use aegis_mqtt::MqttError;
+use aegis_mqtt::layer::{ConnackLatency, MqttIo, MqttLayer};
+use common::{connect_v4, connect_v5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt, service_fn};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for anything before the test fails.
+const GIVE_UP: Duration = Duration::from_secs(60);
+const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
+const V3_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+const V5_ACCEPTED: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
+const PINGRESP: [u8; 2] = [0xD0, 0x00];
+/// What a broker writes once it answers: its CONNACK, then two PINGRESPs.
+const V3_ANSWERS: &[&[u8]] = &[&V3_ACCEPTED, &PINGRESP, &PINGRESP];
+const V5_ANSWERS: &[&[u8]] = &[&V5_ACCEPTED, &PINGRESP, &PINGRESP];
+
+type Io = MqttIo<Conn<DuplexStream>>;
+
+/// What the broker's writes got, in order.
+type Writes = Vec<std::io::Result<()>>;
+
+/// What a broker read and what its writes got.
+type Seen = (std::io::Result<Vec<u8>>, Writes);
+
+/// A broker as a proxy drives it: reads the client all along while, after `delay`, it
+/// writes each of `writes` in turn (if `delay` is `None`, it never writes). Returns the
+/// read's end and each write's result.
+async fn broker(
+    io: Io,
+    delay: Option<Duration>,
+    writes: &'static [&'static [u8]],
+) -> Result<Seen, BoxError> {
+    let (mut r, mut w) = tokio::io::split(io);
+    let read = async move {
+        let mut seen = Vec::new();
+        r.read_to_end(&mut seen).await.map(|_| seen)
+    };
+    let write = async move {
+        let mut results = Vec::new();
+        let Some(delay) = delay else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(delay).await;
+        for bytes in writes {
+            results.push(w.write_all(bytes).await);
+        }
+        results
+    };
+    tokio::pin!(read, write);
+    // The read ends the connection, as in a proxy; the writes go on until it does.
+    let mut results = None;
+    let seen = loop {
+        tokio::select! {
+            seen = &mut read => break seen,
+            r = &mut write, if results.is_none() => results = Some(r),
+        }
+    };
+    let results = match results {
+        Some(r) => r,
+        // A late broker still writes (a proxy copies what it sends until the connection
+        // ends); a stalled one never does.
+        None if delay.is_some() => write.await,
+        None => Vec::new(),
+    };
+    Ok((seen, results))
+}
+
+/// One connection through the layer: the client sends `connect` and reads to EOF.
+/// Returns what it read, when its first byte arrived (from the CONNECT) and the
+/// service's result.
+async fn connection(
+    layer: MqttLayer,
+    connect: Vec<u8>,
+    delay: Option<Duration>,
+    writes: &'static [&'static [u8]],
+) -> (Vec<u8>, Duration, Result<Seen, BoxError>) {
+    let svc = layer.layer(service_fn(move |io: Io| broker(io, delay, writes)));
+    let (mut client, server) = tokio::io::duplex(1024);
+    let io = Conn::new(
+        server,
+        "192.0.2.1:4000".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let conn: JoinHandle<_> = tokio::spawn(svc.oneshot(io));
+    let start = Instant::now();
+    client.write_all(&connect).await.unwrap();
+    let mut got = vec![0; 1];
+    let mut first = Duration::MAX;
+    // Bounded: without the timeout, a stalled broker leaves the client waiting forever.
+    let read = tokio::time::timeout(GIVE_UP, client.read(&mut got));
+    if read.await.expect("no answer at all").unwrap() == 1 {
+        first = Instant::now().saturating_duration_since(start);
+        let rest = tokio::time::timeout(GIVE_UP, client.read_to_end(&mut got));
+        rest.await.expect("no EOF").unwrap();
+    } else {
+        got.clear();
+    }
+    // The client is silent after its CONNECT, and keeps its end open until EOF.
+    drop(client);
+    (got, first, conn.await.unwrap())
+}
+
+fn counter() -> (Arc<AtomicUsize>, impl Fn() + Send + Sync + 'static) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    (calls, move || {
+        c.fetch_add(1, Ordering::SeqCst);
+    })
+}
+
+fn timeouts(snap: &metrics_util::debugging::Snapshotter) -> u64 {
+    capture(snap).counter(
+        REJECTIONS_TOTAL,
+        &[("layer", "mqtt"), ("reason", "connack_timeout")],
+    )
+}
+
+#[test]
+fn a_stalled_broker_gets_the_client_server_unavailable_after_exactly_the_timeout() {
+    let (results, snap) = run(true, || async {
+        let mut results = Vec::new();
+        for (connect, answer) in [
+            (connect_v4(), &V3_UNAVAILABLE[..]),
+            (connect_v5(), &V5_UNAVAILABLE[..]),
+        ] {
+            let (calls, hook) = counter();
+            let rtts = Arc::new(AtomicUsize::new(0));
+            let r = Arc::clone(&rtts);
+            let layer = MqttLayer::default()
+                .connack_timeout(TIMEOUT)
+                .on_connack_timeout(hook)
+                .connack_latency(ConnackLatency::new(move |_| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }));
+            // A broker that reads the CONNECT and never answers.
+            let (got, first, res) = connection(layer, connect, None, &[]).await;
+            assert_eq!(got, answer, "the gateway's CONNACK, then EOF");
+            assert_eq!(first, TIMEOUT, "answered after exactly the timeout");
+            let err = res.unwrap().0.unwrap_err();
+            assert_eq!(find::<MqttError>(&err), Some(&MqttError::ConnackTimeout));
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "the hook, once");
+            assert_eq!(rtts.load(Ordering::SeqCst), 0, "not a round trip");
+            results.push(());
+        }
+        results
+    });
+    assert_eq!(results.len(), 2);
+    assert_eq!(timeouts(&snap), 2, "each refusal counted once");
+}
+
+#[test]
+fn a_broker_that_answers_in_time_is_left_alone() {
+    let ((), snap) = run(true, || async {
+        for (connect, connack) in [
+            (connect_v4(), &V3_ACCEPTED[..]),
+            (connect_v5(), &V5_ACCEPTED[..]),
+        ] {
+            let (calls, hook) = counter();
+            let layer = MqttLayer::default()
+                .connack_timeout(TIMEOUT)
+                .on_connack_timeout(hook);
+            let writes = if connack.len() == 4 {
+                V3_ANSWERS
+            } else {
+                V5_ANSWERS
+            };
+            // The CONNACK just in time; the client stays on well past the timeout.
+            let delay = TIMEOUT.saturating_sub(Duration::from_millis(1));
+            let svc = layer.layer(service_fn(move |io: Io| broker(io, Some(delay), writes)));
+            let (mut client, server) = tokio::io::duplex(1024);
+            let io = Conn::new(
+                server,
+                "192.0.2.1:4000".parse().unwrap(),
+                "127.0.0.1:1883".parse().unwrap(),
+            );
+            let conn = tokio::spawn(svc.oneshot(io));
+            client.write_all(&connect).await.unwrap();
+            let mut got = vec![0; connack.len() + 4];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [connack, &PINGRESP, &PINGRESP].concat());
+            tokio::time::sleep(TIMEOUT * 3).await;
+            client.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ: still open
+            drop(client);
+            let (seen, results) = conn.await.unwrap().unwrap();
+            assert_eq!(seen.unwrap(), [&connect[..], &[0xC0, 0x00]].concat());
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "no hook call");
+        }
+    });
+    assert_eq!(timeouts(&snap), 0);
+}
+
+#[test]
+fn a_late_connack_never_reaches_the_client() {
+    let ((), snap) = run(true, || async {
+        for (connect, answer, writes) in [
+            (connect_v4(), &V3_UNAVAILABLE[..], V3_ANSWERS),
+            (connect_v5(), &V5_UNAVAILABLE[..], V5_ANSWERS),
+        ] {
+            let (calls, hook) = counter();
+            let layer = MqttLayer::default()
+                .connack_timeout(TIMEOUT)
+                .on_connack_timeout(hook);
+            let delay = TIMEOUT + Duration::from_millis(1);
+            let (got, first, res) = connection(layer, connect, Some(delay), writes).await;
+            assert_eq!(got, answer, "only the gateway's CONNACK");
+            assert_eq!(first, TIMEOUT);
+            let (seen, results) = res.unwrap();
+            let err = seen.unwrap_err();
+            assert_eq!(find::<MqttError>(&err), Some(&MqttError::ConnackTimeout));
+            assert_eq!(results.len(), writes.len());
+            for r in results {
+                assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
+    });
+    assert_eq!(timeouts(&snap), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn late_broker_writes_fail_with_broken_pipe() {
+    let svc = MqttLayer::default()
+        .connack_timeout(TIMEOUT)
+        .layer(service_fn(|mut io: Io| async move {
+            let mut buf = vec![0; connect_v4().len()];
+            io.read_exact(&mut buf).await?;
+            // The client is silent: this read ends with the refusal.
+            let err = io.read(&mut buf).await.unwrap_err();
+            assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+            assert!(io.connack_sent(), "the gateway's CONNACK went out");
+            let late = io.write_all(&V3_ACCEPTED).await.unwrap_err();
+            assert_eq!(late.kind(), std::io::ErrorKind::BrokenPipe);
+            Err::<(), _>(err)
+        }));
+    let (mut client, server) = tokio::io::duplex(1024);
+    let io = Conn::new(
+        server,
+        "192.0.2.1:4000".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let conn = tokio::spawn(svc.oneshot(io));
+    client.write_all(&connect_v4()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(GIVE_UP, client.read_to_end(&mut got));
+    read.await.expect("no answer at all").unwrap();
+    assert_eq!(got, V3_UNAVAILABLE);
+    conn.await.unwrap().unwrap_err();
+}
+
+#[tokio::test(start_paused = true)]
+async fn off_by_default() {
+    let delay = TIMEOUT * 4;
+    let svc = MqttLayer::default().layer(service_fn(move |io: Io| {
+        broker(io, Some(delay), V3_ANSWERS)
+    }));
+    let (mut client, server) = tokio::io::duplex(1024);
+    let io = Conn::new(
+        server,
+        "192.0.2.1:4000".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let conn = tokio::spawn(svc.oneshot(io));
+    let start = Instant::now();
+    client.write_all(&connect_v4()).await.unwrap();
+    let mut got = [0; 4];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, V3_ACCEPTED, "the broker's CONNACK, however late");
+    assert_eq!(Instant::now().saturating_duration_since(start), delay);
+    drop(client);
+    let (_, results) = conn.await.unwrap().unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_reported_to_a_breaker_open_it() {
+    let breaker = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(3))
+        .build();
+    let handle = breaker.handle();
+    let h = handle.clone();
+    let layer = MqttLayer::default()
+        .connack_timeout(TIMEOUT)
+        .on_connack_timeout(move || h.record_failure());
+    for i in 0..3 {
+        assert_eq!(handle.state(), CircuitState::Closed, "after {i}");
+        let (got, _, _) = connection(layer.clone(), connect_v4(), None, &[]).await;
+        assert_eq!(got, V3_UNAVAILABLE);
+    }
+    assert_eq!(handle.state(), CircuitState::Open);
+}
