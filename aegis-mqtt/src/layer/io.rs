@@ -597,15 +597,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             if this.failed.is_some() {
                 continue;
             }
-            let start = this.buf.len();
-            this.buf.resize(start + READ_CHUNK, 0);
-            let mut rb = ReadBuf::new(&mut this.buf[start..]);
-            let res = Pin::new(&mut this.io).poll_read(cx, &mut rb);
-            let n = rb.filled().len();
-            this.buf.truncate(start + n);
-            match res {
-                Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // EOF
-                Poll::Ready(Ok(())) => {}
+            // Into the spare capacity, without zero-filling it first (tokio-util does the
+            // bookkeeping of the uninitialised part, so this crate stays free of unsafe).
+            this.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
+                Poll::Ready(Ok(_)) => {}
                 Poll::Pending if this.keep_alive_expired(cx) => {
                     this.fail(MqttError::KeepAliveTimeout);
                 }
@@ -617,7 +614,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                     }
                     return Poll::Pending;
                 }
-                other @ Poll::Ready(Err(_)) => return other,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
