@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::policy::ConnPolicy;
-use super::{IoOptions, MqttIo};
+use super::{IoOptions, MqttIo, poll_write_answer};
 use crate::{Config, MqttError, Next, Packet, Phase, Session};
 
 /// One read while waiting for the CONNECT. The framer caps what is kept at the CONNECT
@@ -97,15 +97,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 .expect("ReadConnect polled after completion");
             if let Some((err, bytes, written)) = &mut this.answer {
                 let err = *err;
-                while *written < bytes.len() {
-                    match Pin::new(&mut *io).poll_write(cx, &bytes[*written..]) {
-                        Poll::Ready(Ok(n)) if n > 0 => *written += n,
-                        // A client that cannot take the answer is closed all the same.
-                        Poll::Ready(_) => break,
-                        Poll::Pending => return this.wait(cx),
-                    }
-                }
-                if Pin::new(&mut *io).poll_flush(cx).is_pending() {
+                if poll_write_answer(io, cx, bytes, written).is_pending() {
                     return this.wait(cx);
                 }
                 this.io = None;

@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
-use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict};
+use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict, poll_write_answer};
 use crate::{Decoded, MqttError, Next, Phase, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
@@ -176,9 +176,7 @@ impl OutBoundary {
             } else {
                 let b = data[i];
                 i += 1;
-                value |= usize::from(b & 0x7F) << (7 * u32::from(header_len - 1));
-                header_len += 1;
-                if b & 0x80 == 0 || header_len > 4 {
+                if length_byte(&mut value, &mut header_len, b) {
                     remaining = value;
                     header_len = 0;
                 }
@@ -221,9 +219,7 @@ impl OutBoundary {
                 self.value = 0;
                 continue;
             }
-            self.value |= usize::from(b & 0x7F) << (7 * u32::from(self.header_len - 1));
-            self.header_len += 1;
-            if b & 0x80 == 0 || self.header_len > 4 {
+            if length_byte(&mut self.value, &mut self.header_len, b) {
                 self.remaining = self.value;
                 self.header_len = 0;
                 if self.connack.is_some() && self.value > MAX_CONNACK {
@@ -240,6 +236,15 @@ impl OutBoundary {
     fn connack_done(&mut self) -> Seen {
         self.connack.take().map_or(Seen::Nothing, Seen::Connack)
     }
+}
+
+/// Takes `b`, the next Remaining Length byte of a fixed header of which `header_len`
+/// bytes were seen, into `value`: whether the length is complete (its last byte, or its
+/// fourth, the most the encoding has).
+fn length_byte(value: &mut usize, header_len: &mut u8, b: u8) -> bool {
+    *value |= usize::from(b & 0x7F) << (7 * u32::from(*header_len - 1));
+    *header_len += 1;
+    b & 0x80 == 0 || *header_len > 4
 }
 
 aegis_core::forward_params!(MqttIo<I>.io: PeerAddr, LocalAddr, ClientAddr, Handshake);
@@ -283,9 +288,15 @@ impl<I> MqttIo<I> {
     /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent once the
     /// broker's stream is between two packets, within [`REFUSAL_DEADLINE`]).
     fn fail(&mut self, e: MqttError) {
+        let answer = self.session.answer(&e).bytes();
+        self.refuse(e, answer);
+    }
+
+    /// Records the refusal `e` with `answer` (none if empty) as the bytes the refusal
+    /// writes to the client.
+    fn refuse(&mut self, e: MqttError, answer: Vec<u8>) {
         self.failed = Some(e);
         drop(reject(e));
-        let answer = self.session.answer(&e).bytes();
         if !answer.is_empty() {
             self.answer = Some((answer, 0));
         }
@@ -338,20 +349,18 @@ impl<I> MqttIo<I> {
         let on_timeout = self.on_connack_timeout.take();
         self.disarm_connack_timer();
         let e = MqttError::ConnackTimeout;
-        self.failed = Some(e);
-        drop(reject(e));
+        let answer = self
+            .session
+            .version()
+            .map(|v| e.answer(Phase::Connect(Some(v))).bytes())
+            .unwrap_or_default();
+        self.refuse(e, answer);
         // The gateway's own CONNACK: not a round trip through the broker.
         self.connack_latency = None;
         // A CONNACK is going out now: the broker's may not follow, and a responder such
         // as `Unavailable` must not answer again.
         self.out.connack_seen = true;
         self.writes = Writes::ToBoundary;
-        if let Some(v) = self.session.version() {
-            let answer = e.answer(Phase::Connect(Some(v))).bytes();
-            if !answer.is_empty() {
-                self.answer = Some((answer, 0));
-            }
-        }
         if let Some(f) = on_timeout {
             f.call();
         }
@@ -466,16 +475,7 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                     return Poll::Pending;
                 }
                 if let Some((answer, written)) = &mut self.answer {
-                    while *written < answer.len() {
-                        match Pin::new(&mut self.io).poll_write(cx, &answer[*written..]) {
-                            Poll::Ready(Ok(n)) if n > 0 => *written += n,
-                            Poll::Ready(_) => break,
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
-                    if Pin::new(&mut self.io).poll_flush(cx).is_pending() {
-                        return Poll::Pending;
-                    }
+                    std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
                 }
             }
             // Done, or out of time (the client is not reading): whatever is left of the

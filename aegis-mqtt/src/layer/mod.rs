@@ -171,8 +171,12 @@
 //! ```
 #![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::AsyncWrite;
 
 mod future;
 mod io;
@@ -193,6 +197,25 @@ pub use self::policy::{Policy, PolicyBuilder};
 pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
 pub use self::unavailable::{Unavailable, UnavailableFuture};
+
+/// Writes the rest of the gateway's `answer` to the client (`written` bytes of it are
+/// out), then flushes. A client that fails or stops taking the answer is closed all the
+/// same: the rest is given up. `Pending` only while the client's socket is full.
+pub(crate) fn poll_write_answer<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    answer: &[u8],
+    written: &mut usize,
+) -> Poll<()> {
+    while *written < answer.len() {
+        match Pin::new(&mut *io).poll_write(cx, &answer[*written..]) {
+            Poll::Ready(Ok(n)) if n > 0 => *written += n,
+            Poll::Ready(_) => break,
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Pin::new(io).poll_flush(cx).map(drop)
+}
 
 /// What the layer hands to each connection's [`MqttIo`].
 #[derive(Debug, Clone)]
