@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use aegis_core::{BoxError, ClientAddr, Handshake, Param};
 use aegis_layers::adaptive::{self, AdaptiveLayer, Sample};
+use aegis_layers::sniff::CompleteOnRequest;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -145,10 +146,11 @@ where
 
     fn call(&mut self, io: I) -> Self::Future {
         let ClientAddr(client) = io.param();
-        let service = CompleteOnRequest {
-            inner: TowerToHyperService::new(self.stack.build(client.ip())),
-            handshake: io.param(),
-        };
+        // Marks the handshake complete when hyper has read a request's headers.
+        let service = CompleteOnRequest::new(
+            TowerToHyperService::new(self.stack.build(client.ip())),
+            Param::<Handshake>::param(&io),
+        );
         let conn = self.http.serve_connection(TokioIo::new(io), service);
         // A named future, not an `async` block: rustc cannot prove an `async` block
         // over hyper's connection `Send` for every lifetime of the boxed error.
@@ -174,28 +176,6 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().conn.poll(cx).map_err(Into::into)
-    }
-}
-
-/// Marks the connection's handshake complete when hyper has read a request's headers
-/// (hyper calls the service then).
-#[derive(Clone, Debug)]
-struct CompleteOnRequest<S> {
-    inner: S,
-    handshake: Handshake,
-}
-
-impl<S, R> hyper::service::Service<R> for CompleteOnRequest<S>
-where
-    S: hyper::service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, req: R) -> Self::Future {
-        self.handshake.complete();
-        self.inner.call(req)
     }
 }
 

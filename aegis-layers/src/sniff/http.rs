@@ -147,10 +147,7 @@ where
 
     fn call(&mut self, io: I) -> Self::Future {
         let handshake = Param::<Handshake>::param(&io);
-        let service = CompleteOnRequest {
-            inner: self.service.clone(),
-            handshake,
-        };
+        let service = CompleteOnRequest::new(self.service.clone(), handshake);
         HttpFuture {
             conn: self.builder.serve_connection(TokioIo::new(io), service),
         }
@@ -163,6 +160,15 @@ where
 pub struct CompleteOnRequest<S> {
     inner: S,
     handshake: Handshake,
+}
+
+impl<S> CompleteOnRequest<S> {
+    /// Wraps `inner`: its first call marks `handshake` complete. For HTTP servers built
+    /// per connection (whose service depends on the client, say), where [`Http1`] does
+    /// not fit.
+    pub const fn new(inner: S, handshake: Handshake) -> Self {
+        Self { inner, handshake }
+    }
 }
 
 impl<S, R> hyper::service::Service<R> for CompleteOnRequest<S>
