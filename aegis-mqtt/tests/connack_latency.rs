@@ -10,7 +10,7 @@ use aegis_core::Conn;
 use aegis_core::proxy::Proxy;
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::{ConnackLatency, MqttIo, MqttLayer, Unavailable};
-use common::{connect_v4, connect_v5};
+use common::{connect_v4, connect_v5, duplex_conn};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,11 +53,7 @@ async fn the_broker_round_trip_is_reported_once_per_connection() {
             broker(io, len, Duration::from_millis(delay), connack)
         }));
         let (mut client, server) = tokio::io::duplex(1024);
-        let io = Conn::new(
-            server,
-            "192.0.2.1:4000".parse().unwrap(),
-            "127.0.0.1:1883".parse().unwrap(),
-        );
+        let io = duplex_conn(server);
         let conn = tokio::spawn(svc.oneshot(io));
         client.write_all(&connect).await.unwrap();
         let mut got = vec![0; connack.len() + 2];

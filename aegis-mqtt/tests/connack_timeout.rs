@@ -16,7 +16,7 @@ use aegis_core::{BoxError, Conn};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use aegis_mqtt::MqttError;
 use aegis_mqtt::layer::{ConnackLatency, MqttIo, MqttLayer};
-use common::{connect_v4, connect_v5};
+use common::{connect_v4, connect_v5, duplex_conn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -96,11 +96,7 @@ async fn connection(
 ) -> (Vec<u8>, Duration, Result<Seen, BoxError>) {
     let svc = layer.layer(service_fn(move |io: Io| broker(io, delay, writes)));
     let (mut client, server) = tokio::io::duplex(1024);
-    let io = Conn::new(
-        server,
-        "192.0.2.1:4000".parse().unwrap(),
-        "127.0.0.1:1883".parse().unwrap(),
-    );
+    let io = duplex_conn(server);
     let conn: JoinHandle<_> = tokio::spawn(svc.oneshot(io));
     let start = Instant::now();
     client.write_all(&connect).await.unwrap();
@@ -188,11 +184,7 @@ fn a_broker_that_answers_in_time_is_left_alone() {
             let delay = TIMEOUT.saturating_sub(Duration::from_millis(1));
             let svc = layer.layer(service_fn(move |io: Io| broker(io, Some(delay), writes)));
             let (mut client, server) = tokio::io::duplex(1024);
-            let io = Conn::new(
-                server,
-                "192.0.2.1:4000".parse().unwrap(),
-                "127.0.0.1:1883".parse().unwrap(),
-            );
+            let io = duplex_conn(server);
             let conn = tokio::spawn(svc.oneshot(io));
             client.write_all(&connect).await.unwrap();
             let mut got = vec![0; connack.len() + 4];
@@ -254,11 +246,7 @@ async fn late_broker_writes_fail_with_broken_pipe() {
             Err::<(), _>(err)
         }));
     let (mut client, server) = tokio::io::duplex(1024);
-    let io = Conn::new(
-        server,
-        "192.0.2.1:4000".parse().unwrap(),
-        "127.0.0.1:1883".parse().unwrap(),
-    );
+    let io = duplex_conn(server);
     let conn = tokio::spawn(svc.oneshot(io));
     client.write_all(&connect_v4()).await.unwrap();
     let mut got = Vec::new();
@@ -275,11 +263,7 @@ async fn off_by_default() {
         broker(io, Some(delay), V3_ANSWERS)
     }));
     let (mut client, server) = tokio::io::duplex(1024);
-    let io = Conn::new(
-        server,
-        "192.0.2.1:4000".parse().unwrap(),
-        "127.0.0.1:1883".parse().unwrap(),
-    );
+    let io = duplex_conn(server);
     let conn = tokio::spawn(svc.oneshot(io));
     let start = Instant::now();
     client.write_all(&connect_v4()).await.unwrap();

@@ -11,21 +11,13 @@ use std::time::Duration;
 use aegis_core::Conn;
 use aegis_core::error::BoxError;
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
-use common::{B, connect_v4, connect_v5};
+use common::{B, connect_v4, connect_v5, duplex_conn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
 
 /// How long the layer waits for the broker's packet in flight (`REFUSAL_DEADLINE`).
 const DEADLINE: Duration = Duration::from_secs(5);
-
-fn conn(server: DuplexStream) -> Conn<DuplexStream> {
-    Conn::new(
-        server,
-        "192.0.2.1:1".parse().unwrap(),
-        "127.0.0.1:1883".parse().unwrap(),
-    )
-}
 
 /// A broker PUBLISH of `len` payload bytes (5.0 with an empty property list).
 fn publish(v5: bool, len: usize) -> Vec<u8> {
@@ -80,7 +72,7 @@ async fn refused_inside(
     let svc = MqttLayer::default().layer(inner);
     let ended = tokio::spawn(tokio::time::timeout(
         Duration::from_secs(60),
-        svc.oneshot(conn(server)),
+        svc.oneshot(duplex_conn(server)),
     ));
     let mut got = vec![0; head.len()];
     client.read_exact(&mut got).await.unwrap();
@@ -175,7 +167,7 @@ async fn a_client_that_never_reads_is_cut_at_the_deadline_without_a_disconnect()
         }
     });
     let svc = MqttLayer::default().layer(inner);
-    let ended = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(conn(server)))
+    let ended = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(duplex_conn(server)))
         .await
         .expect("the connection did not end");
     let ((read, took), write) = ended.unwrap();

@@ -6,7 +6,9 @@
     clippy::needless_pass_by_value
 )]
 
+use aegis_core::Conn;
 use aegis_mqtt::{Config, MqttError, Packet, Session};
+use tokio::io::DuplexStream;
 
 /// Builds a packet body field by field.
 #[derive(Debug, Default, Clone)]
@@ -108,4 +110,14 @@ pub fn label<T>(r: Result<T, MqttError>) -> &'static str {
         Ok(_) => "ok",
         Err(e) => e.label(),
     }
+}
+
+/// The gateway's end of an in-process connection, as accepted from 192.0.2.1:4000 on
+/// 127.0.0.1:1883.
+pub fn duplex_conn(server: DuplexStream) -> Conn<DuplexStream> {
+    Conn::new(
+        server,
+        "192.0.2.1:4000".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    )
 }
