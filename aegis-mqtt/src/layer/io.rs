@@ -362,7 +362,7 @@ impl<I> MqttIo<I> {
         self.out.connack_seen = true;
         self.writes = Writes::ToBoundary;
         if let Some(f) = on_timeout {
-            f.call();
+            f.call(());
         }
         true
     }

@@ -100,7 +100,7 @@ impl<P> MqttLayer<P> {
     /// broker as a failure, for example with
     /// `aegis_layers::circuit_breaker::CircuitHandle::record_failure`.
     pub fn on_connack_timeout(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.io.on_connack_timeout = Some(OnConnackTimeout::new(f));
+        self.io.on_connack_timeout = Some(OnConnackTimeout::new(move |()| f()));
         self
     }
 

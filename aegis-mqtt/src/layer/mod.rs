@@ -228,26 +228,29 @@ pub(crate) struct IoOptions {
     pub(crate) on_connack_timeout: Option<OnConnackTimeout>,
 }
 
-/// What a connection calls once when its CONNACK timeout fires (set with
-/// [`MqttLayer::on_connack_timeout`]).
+/// A shared callback, cheap to clone into every connection.
 #[derive(Clone)]
-pub(crate) struct OnConnackTimeout(Arc<dyn Fn() + Send + Sync>);
+pub(crate) struct Hook<A>(Arc<dyn Fn(A) + Send + Sync>);
 
-impl OnConnackTimeout {
-    pub(crate) fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+impl<A> Hook<A> {
+    pub(crate) fn new(f: impl Fn(A) + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
     }
 
-    pub(crate) fn call(&self) {
-        (self.0)();
+    pub(crate) fn call(&self, a: A) {
+        (self.0)(a);
     }
 }
 
-impl std::fmt::Debug for OnConnackTimeout {
+impl<A> std::fmt::Debug for Hook<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnConnackTimeout(..)")
+        f.write_str("Hook(..)")
     }
 }
+
+/// What a connection calls once when its CONNACK timeout fires (set with
+/// [`MqttLayer::on_connack_timeout`]).
+pub(crate) type OnConnackTimeout = Hook<()>;
 
 /// Receives the CONNECT to CONNACK round trip of each accepted connection: from the
 /// moment the inner service is called with the validated CONNECT (it connects to the
@@ -257,23 +260,17 @@ impl std::fmt::Debug for OnConnackTimeout {
 /// should watch in a byte-stream stack, where one call lasts a whole connection: feed it
 /// to `aegis_layers::adaptive::AdaptiveHandle::record`. A CONNACK the gateway writes
 /// itself (such as [`Unavailable`]'s) is not a round trip and is not reported.
-#[derive(Clone)]
-pub struct ConnackLatency(Arc<dyn Fn(Duration) + Send + Sync>);
+#[derive(Clone, Debug)]
+pub struct ConnackLatency(Hook<Duration>);
 
 impl ConnackLatency {
     /// Calls `f` with each round trip.
     pub fn new(f: impl Fn(Duration) + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
+        Self(Hook::new(f))
     }
 
     pub(crate) fn report(&self, latency: Duration) {
-        (self.0)(latency);
-    }
-}
-
-impl std::fmt::Debug for ConnackLatency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ConnackLatency(..)")
+        self.0.call(latency);
     }
 }
 
