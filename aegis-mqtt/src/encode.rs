@@ -39,6 +39,10 @@ pub mod reason {
     pub const SERVER_UNAVAILABLE: u8 = 0x88;
     /// 5.0: server busy.
     pub const SERVER_BUSY: u8 = 0x89;
+    /// 5.0 CONNACK: banned.
+    pub const BANNED: u8 = 0x8A;
+    /// 5.0 DISCONNECT: administrative action.
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     /// 5.0: keep alive timeout.
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     /// 5.0: topic filter invalid.

@@ -58,6 +58,18 @@ pub enum MqttError {
     /// Refused by policy (authentication or authorization).
     #[error("not authorized")]
     NotAuthorized,
+    /// The authenticator could not decide (it failed, timed out or is unreachable): the
+    /// gateway fails closed, answering as [`NotAuthorized`](Self::NotAuthorized).
+    #[error("authentication unavailable")]
+    AuthError,
+    /// The client address, client id or username is banned (v5 reason 0x8A; 3.x gets
+    /// 0x05 "not authorized").
+    #[error("banned")]
+    Banned,
+    /// A message blocked by payload inspection where the gateway cannot just drop it (a
+    /// CONNECT's will message): answered as [`NotAuthorized`](Self::NotAuthorized).
+    #[error("message blocked by inspection")]
+    PayloadBlocked,
     /// The broker behind the gateway cannot be reached.
     #[error("server unavailable")]
     ServerUnavailable,
@@ -105,6 +117,9 @@ impl aegis_core::error::Reject for MqttError {
             Self::TopicFilter(_) => "topic_filter",
             Self::ServerLimit(_) => "server_limit",
             Self::NotAuthorized => "not_authorized",
+            Self::AuthError => "auth_error",
+            Self::Banned => "banned",
+            Self::PayloadBlocked => "payload_blocked",
             Self::ServerUnavailable => "server_unavailable",
             Self::ConnackTimeout => "connack_timeout",
             Self::ServerBusy => "server_busy",
@@ -210,9 +225,11 @@ impl MqttError {
                     },
                     Some(_) => match self {
                         Self::ClientId(_) => Answer::ConnackV3(r::V3_IDENTIFIER_REJECTED),
-                        Self::NotAuthorized | Self::ConnectRate => {
-                            Answer::ConnackV3(r::V3_NOT_AUTHORIZED)
-                        }
+                        Self::NotAuthorized
+                        | Self::AuthError
+                        | Self::Banned
+                        | Self::PayloadBlocked
+                        | Self::ConnectRate => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
                         Self::ServerUnavailable
                         | Self::ConnackTimeout
                         | Self::ServerBusy
@@ -240,7 +257,8 @@ impl MqttError {
             // "The CONNECT packet is valid but is not accepted by this Server."
             Self::KeepAlive { .. } => r::IMPLEMENTATION_SPECIFIC_ERROR,
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
-            Self::NotAuthorized => r::NOT_AUTHORIZED,
+            Self::NotAuthorized | Self::AuthError | Self::PayloadBlocked => r::NOT_AUTHORIZED,
+            Self::Banned => r::BANNED,
             Self::ServerUnavailable | Self::ConnackTimeout => r::SERVER_UNAVAILABLE,
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
@@ -262,7 +280,8 @@ impl MqttError {
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
             Self::TopicFilter(_) => r::TOPIC_FILTER_INVALID,
             Self::ServerLimit(limit) => limit.reason(),
-            Self::NotAuthorized => r::NOT_AUTHORIZED,
+            Self::NotAuthorized | Self::AuthError | Self::PayloadBlocked => r::NOT_AUTHORIZED,
+            Self::Banned => r::ADMINISTRATIVE_ACTION,
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
             Self::ServerUnavailable | Self::ConnackTimeout | Self::ServerBusy => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,

@@ -73,16 +73,25 @@
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+#[cfg_attr(docsrs, doc(cfg(feature = "auth")))]
+pub mod auth;
 mod connect;
 pub mod encode;
 mod error;
 mod framer;
+#[cfg(feature = "inspect")]
+#[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
+pub mod inspect;
 #[cfg(feature = "layer")]
 #[cfg_attr(docsrs, doc(cfg(feature = "layer")))]
 pub mod layer;
 mod packet;
 mod properties;
 mod reader;
+#[cfg(feature = "security")]
+#[cfg_attr(docsrs, doc(cfg(feature = "security")))]
+pub mod security;
 mod session;
 pub mod topic;
 

@@ -109,6 +109,11 @@ impl Session {
         self.connected
     }
 
+    /// The configuration the session validates with.
+    pub const fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Tells the session that the broker's CONNACK went to the client (the layer's
     /// `MqttIo` calls it when it sees the CONNACK written).
     ///

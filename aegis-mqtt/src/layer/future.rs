@@ -113,17 +113,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     // does nothing). Debug-quoted: the id is the client's own text.
                     tracing::Span::current()
                         .record("client_id", tracing::field::debug(c.client_id));
-                    match this
-                        .policy
-                        .as_mut()
-                        .map(|p| p.on_connect(c.client_id, c.version))
-                    {
+                    // Bans by client id or username (inside a `SecurityLayer`), then
+                    // the policy (its connect rate, and inspection of the will).
+                    #[cfg(feature = "security")]
+                    let checked = crate::security::on_connect(&c)
+                        .and_then(|()| this.policy.as_mut().map_or(Ok(()), |p| p.on_connect(&c)));
+                    #[cfg(not(feature = "security"))]
+                    let checked = this.policy.as_mut().map_or(Ok(()), |p| p.on_connect(&c));
+                    match checked {
                         // Over the policy's connect rate: answered as a CONNECT, not as a
                         // later packet (the session has accepted it already).
-                        Some(Err(e)) => {
+                        Err(e) => {
                             Step::Refused(e, e.answer(Phase::Connect(Some(c.version))).bytes())
                         }
-                        _ => Step::Accepted(len),
+                        Ok(()) => Step::Accepted(len),
                     }
                 }
                 Ok(Next::Packet { len, .. }) => Step::Accepted(len),

@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
 use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict, poll_write_answer};
-use crate::{Decoded, MqttError, Next, Phase, Session};
+use crate::{Connect, Decoded, MqttError, Next, Phase, Session};
 
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
@@ -98,6 +98,8 @@ pub struct MqttIo<I> {
     /// The per-packet policy, if the layer has one; it also queues the gateway's own
     /// answers (SUBACK, PUBACK, PUBREC), written only between two broker packets.
     policy: Option<ConnPolicy>,
+    /// Whether `ready` still holds the whole CONNECT (nothing read yet).
+    connect_unread: bool,
 }
 
 /// What the broker may still write to the client.
@@ -282,7 +284,18 @@ impl<I> MqttIo<I> {
             deadline: None,
             read_waker: None,
             write_waker: None,
+            connect_unread: true,
         }
+    }
+
+    /// The client's CONNECT, until the inner service starts reading it: for a service
+    /// inside the layer that decides on it first, such as an authenticator.
+    pub fn connect(&self) -> Option<Connect<'_>> {
+        if !self.connect_unread {
+            return None;
+        }
+        // Validated when the layer accepted it; parsing it again cannot fail.
+        crate::validate_connect(&self.ready, self.session.config()).ok()
     }
 
     /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent once the
@@ -424,6 +437,42 @@ impl<I> MqttIo<I> {
 }
 
 impl<I: AsyncWrite + Unpin> MqttIo<I> {
+    /// Refuses the CONNECT with `e` instead of handing it on: for a service inside the
+    /// layer (an authenticator, say) that decides before the broker hears of the client.
+    ///
+    /// The first call counts the refusal (`aegis_rejections_total{layer="mqtt"}`) and
+    /// drops everything the client sent; each call then goes on writing the CONNACK its
+    /// version expects for `e` ([`MqttError::answer`] at [`Phase::Connect`]: `20 02 00 05`
+    /// for a 3.x client refused as [`MqttError::NotAuthorized`], `20 03 00 87 00` for
+    /// 5.0), flushes it and shuts the client's stream down. `Ready` once that is done or
+    /// has failed (the client is gone); from then on reads fail with `e` and writes with
+    /// [`io::ErrorKind::BrokenPipe`]. Nothing is written if a CONNACK already went out.
+    pub fn poll_refuse_connect(&mut self, cx: &mut Context<'_>, e: MqttError) -> Poll<()> {
+        if self.failed.is_none() {
+            let answer = if self.out.connack_seen {
+                Vec::new()
+            } else {
+                e.answer(Phase::Connect(self.session.version())).bytes()
+            };
+            self.refuse(e, answer);
+            self.ready = Bytes::new();
+            self.buf = BytesMut::new();
+            self.connect_unread = false;
+            self.writes = Writes::Closed;
+            self.out.connack_seen = true;
+            self.connack_latency = None;
+            self.disarm_connack_timer();
+            if let Some(policy) = &mut self.policy {
+                *policy.answers() = BytesMut::new();
+            }
+        }
+        if let Some((answer, written)) = &mut self.answer {
+            std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
+            self.answer = None;
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx).map(drop)
+    }
+
     /// Writes the gateway's queued answers, if the broker's stream is between two
     /// packets. `Pending` only while answers are going out: the broker's bytes and a
     /// DISCONNECT must wait for them; a failed write drops them.
@@ -524,6 +573,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             // Gateway answers first; a pending write does not hold up the reads.
             let answers = this.poll_answers(cx);
             if !this.ready.is_empty() {
+                this.connect_unread = false;
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
                 this.ready.advance(n);

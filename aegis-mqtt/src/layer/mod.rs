@@ -292,13 +292,13 @@ pub(crate) enum Verdict {
 mod policy {
     use bytes::BytesMut;
 
-    use crate::{MqttError, Packet, Version};
+    use crate::{Connect, MqttError, Packet};
 
     #[derive(Debug)]
     pub(crate) enum ConnPolicy {}
 
     impl ConnPolicy {
-        pub(crate) fn on_connect(&mut self, _: &str, _: Version) -> Result<(), MqttError> {
+        pub(crate) fn on_connect(&mut self, _: &Connect<'_>) -> Result<(), MqttError> {
             match *self {}
         }
 

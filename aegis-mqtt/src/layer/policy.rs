@@ -74,7 +74,7 @@ use bytes::{Buf, BytesMut};
 pub use aegis_layers::rate_limit::{KeyBy, Quota};
 
 use super::Verdict;
-use crate::{MqttError, Packet, Version, encode};
+use crate::{Connect, MqttError, Packet, Version, encode};
 
 /// The most bytes of gateway answers (SUBACK, PUBACK, PUBREC) one connection queues
 /// while the broker is inside a packet: hundreds of small answers, or one SUBACK for
@@ -355,11 +355,8 @@ impl ConnPolicy {
     }
 
     /// Checks an accepted CONNECT against the `connect` tier and learns the client id.
-    pub(crate) fn on_connect(
-        &mut self,
-        client_id: &str,
-        version: Version,
-    ) -> Result<(), MqttError> {
+    pub(crate) fn on_connect(&mut self, connect: &Connect<'_>) -> Result<(), MqttError> {
+        let (client_id, version) = (connect.client_id, connect.version);
         let tiers = &*self.policy.tiers;
         let ip = self.addr.0.ip();
         self.version = version;
@@ -507,6 +504,21 @@ mod tests {
         NonZeroU32::new(n).unwrap()
     }
 
+    /// A CONNECT with just a client id and a version.
+    pub(crate) fn connect(client_id: &str, version: Version) -> Connect<'_> {
+        Connect {
+            version,
+            clean_session: true,
+            keep_alive: 60,
+            client_id,
+            will: None,
+            username: None,
+            password: None,
+            session_expiry: 0,
+            auth_method: None,
+        }
+    }
+
     #[test]
     fn labels_are_stable() {
         let labels = [
@@ -567,10 +579,13 @@ mod tests {
         let v4 = ClientAddr("192.0.2.9:1000".parse().unwrap());
         let mapped = ClientAddr("[::ffff:192.0.2.9]:2000".parse().unwrap());
         let mut a = ConnPolicy::new(policy.clone(), v4);
-        assert_eq!(a.on_connect("", Version::V5), Ok(()));
+        assert_eq!(a.on_connect(&connect("", Version::V5)), Ok(()));
         // The same address through an IPv4-mapped IPv6 socket is the same key.
         let mut b = ConnPolicy::new(policy.clone(), mapped);
-        assert_eq!(b.on_connect("", Version::V5), Err(MqttError::ConnectRate));
+        assert_eq!(
+            b.on_connect(&connect("", Version::V5)),
+            Err(MqttError::ConnectRate)
+        );
         assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));
         // Another anonymous connection from that address shares the budget.
         let mut c = ConnPolicy::new(policy.clone(), v4);

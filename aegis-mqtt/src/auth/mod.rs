@@ -1,0 +1,1 @@
+//! Authentication of each CONNECT. (SKELETON: being written.)

@@ -1,0 +1,1 @@
+//! Payload inspection. (SKELETON: being written.)
