@@ -1,9 +1,202 @@
-//! Security events, anomaly detection and bans. (SKELETON: the crate-internal API below
-//! is fixed; the implementation is being written.)
+//! Security events, anomaly detection and bans.
+//!
+//! A [`Security`] is one shared, cheap-to-clone handle over three things:
+//!
+//! - a **ban table**: client addresses, CONNECT usernames and client ids, each banned
+//!   until a deadline, listed, added and lifted at run time through the handle
+//!   ([`Security::bans`], [`Security::ban`], [`Security::unban`]);
+//! - an **anomaly detector** (after EMQX's flapping detection): per client address,
+//!   username and client id, fixed windows of [`window`](SecurityBuilder::window) that
+//!   count connects, authentication failures and rejections (blocked messages count as
+//!   rejections). A key over a threshold is banned for
+//!   [`ban_for`](SecurityBuilder::ban_for), a `ban` event is emitted and its window starts
+//!   again. Every threshold is off by default;
+//! - a **security event log**: every rejection, block, flag, ban and authentication
+//!   failure becomes an [`Event`], emitted through `tracing` and kept in a bounded ring
+//!   ([`Security::events`]) that an operator endpoint can serve as JSON (each `Event`
+//!   and [`Ban`] is `serde::Serialize`).
+//!
+//! [`SecurityLayer`] puts a `Security` in front of a byte-stream service. For each
+//! connection it:
+//!
+//! 1. refuses a banned client address at once, before anything is read: the stream is
+//!    dropped (which closes it), the error is [`SecurityError::Banned`]
+//!    (`aegis_rejections_total{layer="security", reason="banned"}`) and a `rejection`
+//!    event with rule `banned` is logged;
+//! 2. counts a connect for the address; a connect that crosses
+//!    [`max_connects`](SecurityBuilder::max_connects) bans the address and is refused
+//!    too;
+//! 3. runs the inner service inside the connection's security context (a tokio
+//!    task-local): the MQTT layer's CONNECT check refuses a banned client id or username
+//!    (MQTT 3.x: CONNACK `20 02 00 05`, 5.0: `20 03 00 8A 00`), and the layers inside
+//!    (the MQTT layer, authentication, inspection) report their events with the
+//!    connection's address, client id and username;
+//! 4. when the inner service fails with a rejection that no layer inside reported itself
+//!    (`mqtt`'s `malformed`, a rate limit's refusal, ...), logs a `rejection` event whose
+//!    rule is the reason label and counts it toward the detector, for the address and
+//!    the client id and username when known. Errors that are not rejections (IO errors,
+//!    a broker that cannot be reached) are not events.
+//!
+//! Refusals that are not the client's doing (`server_unavailable`, `connack_timeout`,
+//! `server_busy`, and `auth_error`: the authenticator could not decide) are logged with
+//! severity `low` but never counted toward the detector: a broker or authenticator outage
+//! must not ban every client. For the same reason an `auth_failure` event whose rule says
+//! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
+//! logged but not counted; only a denial (rule `denied`) counts as an authentication
+//! failure.
+//!
+//! # Where it goes
+//!
+//! The `SecurityLayer` must sit **outside the MQTT layer** (whose CONNECT check and
+//! rejections need its context) and **inside any PROXY-protocol layer**, so that the
+//! client address it bans and counts is the real client's, not the load balancer's:
+//!
+//! ```text
+//! ServiceBuilder::new()
+//!     .layer(ProxyProtocolLayer::...)          // the real client address, first
+//!     .layer(SecurityLayer::new(sec.clone()))  // address bans: before any MQTT parsing
+//!     .layer(MqttLayer::new(config))           // client id and username bans, at CONNECT
+//!     .service(proxy)
+//! ```
+//!
+//! A ban added through the handle applies to new connections: **connections already
+//! open are not closed**. Address bans apply before the first byte is read; username and
+//! client id bans apply at the CONNECT (those keys are not known before).
+//!
+//! Usernames and client ids are the client's own claims, checked before any
+//! authentication: a client can get a username banned by failing to log in with it. Use
+//! [`ban_by`](SecurityBuilder::ban_by) to keep the detector to the keys you trust
+//! (addresses only, say); manual bans of any key still apply. An empty client id (which
+//! MQTT lets the broker assign) is never counted by the detector.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), aegis_core::BoxError> {
+//! use std::time::Duration;
+//! use aegis_core::Conn;
+//! use aegis_mqtt::Config;
+//! use aegis_mqtt::layer::{MqttIo, MqttLayer};
+//! use aegis_mqtt::security::{BanKey, Security, SecurityLayer};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! let sec = Security::builder()
+//!     .max_connects(20) // more than 20 connects a minute from one address: a 5 min ban
+//!     .build();
+//! // An operator bans a client id at run time.
+//! sec.ban(BanKey::client_id("thermostat-7"), Duration::from_secs(600));
+//! assert!(sec.is_banned(&BanKey::client_id("thermostat-7")));
+//!
+//! let broker = service_fn(|_: MqttIo<Conn<DuplexStream>>| async { Ok::<_, std::io::Error>(()) });
+//! let svc = SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
+//!
+//! let (mut client, server) = tokio::io::duplex(1024);
+//! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
+//! let conn = tokio::spawn(svc.oneshot(io));
+//! // A 3.1.1 CONNECT with client id "thermostat-7".
+//! let mut connect = vec![0x10, 0x18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 12];
+//! connect.extend_from_slice(b"thermostat-7");
+//! client.write_all(&connect).await?;
+//! let mut answer = Vec::new();
+//! client.read_to_end(&mut answer).await?;
+//! assert_eq!(answer, [0x20, 0x02, 0x00, 0x05]); // CONNACK: not authorized
+//! let err = conn.await?.unwrap_err();
+//! assert_eq!(aegis_core::error::label_of(&*err), ("mqtt", "banned"));
+//!
+//! // The event log has the ban and the refusal, newest last.
+//! let events = sec.events(10);
+//! assert_eq!(events.len(), 2);
+//! assert_eq!(events[1].rule.as_deref(), Some("banned"));
+//! assert_eq!(events[1].client_id.as_deref(), Some("thermostat-7"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Events
+//!
+//! Each [`Event`] serializes (serde) to one JSON object with always the same ten fields:
+//!
+//! | Field | Type | Meaning |
+//! |---|---|---|
+//! | `seq` | number | 1 for the first event of this `Security`, then one more each time |
+//! | `time` | string | RFC 3339 UTC with milliseconds, e.g. `"2026-11-26T01:02:03.456Z"` |
+//! | `layer` | string | the reporting layer: `security`, `mqtt`, `auth`, `inspect`, ... |
+//! | `kind` | string | `rejection`, `block`, `flag`, `ban` or `auth_failure` |
+//! | `severity` | string | `low`, `medium`, `high` or `critical` |
+//! | `client_addr` | string or null | the effective client address, `"192.0.2.1:4000"` |
+//! | `client_id` | string or null | the CONNECT's client id, once read (raw text, JSON-escaped) |
+//! | `username` | string or null | the CONNECT's username, if any |
+//! | `rule` | string or null | a rejection's reason label, an inspection rule's name, or a ban's cause (`connects`, `auth_failures`, `rejections`, `manual`) |
+//! | `details` | string | a description, at most 256 bytes, control characters escaped |
+//!
+//! Client ids, usernames and rule names are cut to 256 bytes.
+//! [`Security::events`] returns the latest events **oldest first** (newest last); the log
+//! keeps [`events_capacity`](SecurityBuilder::events_capacity) events (1024 by default)
+//! and drops the oldest.
+//!
+//! Every event is also a `tracing` event with target `aegis::security` and message
+//! `security event`, at `INFO` for severities `low` and `medium` and at `WARN` for `high`
+//! and `critical`, with the fields `seq`, `kind`, `layer`, `severity`, `client_addr`,
+//! `client_id` and `username` (Debug-quoted: they are the client's own text; absent when
+//! unknown), `rule` (absent when none) and `details`.
+//!
+//! A rejection is logged as severity `medium`, or `high` for `banned`. A ban event is
+//! `high`; its `client_addr`, `client_id` and `username` are those of the connection that
+//! crossed the threshold (none for a ban through the handle).
+//!
+//! # Metrics
+//!
+//! | Metric | Type | Labels |
+//! |---|---|---|
+//! | `aegis_security_events_total` | counter | `kind`, `layer`, `severity` |
+//! | `aegis_security_bans` | gauge | (the bans in force, set when the table changes) |
+//! | `aegis_security_bans_total` | counter | `key` (`addr`, `username`, `client_id`), `cause` (`connects`, `auth_failures`, `rejections`, `manual`) |
+//! | `aegis_security_untracked_total` | counter | (keys the full detector could not count) |
+//!
+//! Refusals are also counted by `aegis_rejections_total{layer, reason}` as everywhere.
+//!
+//! # Bounds
+//!
+//! - The ban table holds at most [`max_bans`](SecurityBuilder::max_bans) bans (100,000 by
+//!   default). Ended bans vanish (they are dropped as the table is used, in `O(log n)`
+//!   each); when the table is full, a new ban evicts **the ban that ends soonest**.
+//! - The detector tracks at most [`max_tracked`](SecurityBuilder::max_tracked) keys
+//!   (100,000 by default); it only tracks keys for thresholds that are set. When it is
+//!   full it drops the keys whose window ended, at most once a second (so a full
+//!   detector costs no `O(n)` scan per connection); when it is still full, new keys are
+//!   not tracked (`aegis_security_untracked_total`) until room is made.
+//! - The event log holds at most `events_capacity` events, each bounded as above.
+//!
+//! Client addresses are keyed by IP, an IPv4-mapped IPv6 address as its IPv4 address.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aegis_core::error::{Reject, Rejected, find};
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use crate::{Connect, MqttError};
+
+mod bans;
+mod error;
+mod events;
+mod future;
+mod layer;
+mod service;
+
+pub use self::bans::{Ban, BanKey, BanKeys};
+use self::bans::{BanTable, Cause, Detector, Recorded, Thresholds, fold};
+pub use self::error::SecurityError;
+pub use self::events::Event;
+use self::events::{EventLog, MAX_NAME, bounded};
+pub use self::future::ResponseFuture;
+pub use self::layer::SecurityLayer;
+pub use self::service::SecurityService;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -20,6 +213,20 @@ pub enum EventKind {
     Ban,
     /// An authenticator denied a CONNECT, or could not decide.
     AuthFailure,
+}
+
+impl EventKind {
+    /// The kind as in the JSON and the `kind` metric label: `rejection`, `block`, `flag`,
+    /// `ban` or `auth_failure`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejection => "rejection",
+            Self::Block => "block",
+            Self::Flag => "flag",
+            Self::Ban => "ban",
+            Self::AuthFailure => "auth_failure",
+        }
+    }
 }
 
 /// How bad it is.
@@ -49,6 +256,19 @@ pub enum Severity {
     Critical,
 }
 
+impl Severity {
+    /// The severity as in the JSON and the `severity` metric label: `low`, `medium`,
+    /// `high` or `critical`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Critical => "critical",
+        }
+    }
+}
+
 /// A security event reported from inside a connection; the connection's client address
 /// and ids are added by [`report`].
 #[derive(Debug)]
@@ -64,21 +284,655 @@ pub(crate) struct Report<'a> {
 /// Emits `report` for the current connection through the `Security` of the
 /// `SecurityLayer` it runs under (a no-op outside one): a `tracing` event, the bounded
 /// log, and, for auth failures, blocks and rejections, the anomaly detector.
+#[allow(dead_code)] // called by the features that report events (auth, inspect)
 pub(crate) fn report(report: Report<'_>) {
-    let _ = report;
+    let _ = CTX.try_with(|ctx| ctx.report(report));
 }
 
 /// Marks the current connection's end as reported (the `SecurityLayer` does not report
 /// its rejection again).
-pub(crate) fn mark_reported() {}
+#[allow(dead_code)] // called by the features that report events (auth, inspect)
+pub(crate) fn mark_reported() {
+    let _ = CTX.try_with(|ctx| ctx.reported.store(true, Ordering::Relaxed));
+}
 
 /// Called by the MQTT layer with each accepted CONNECT: records the client id and
 /// username for the connection's later events, counts the CONNECT toward the detector,
 /// and refuses a banned client address, client id or username ([`MqttError::Banned`]).
 pub(crate) fn on_connect(connect: &Connect<'_>) -> Result<(), MqttError> {
-    let _ = connect;
-    Ok(())
+    CTX.try_with(|ctx| ctx.on_connect(connect))
+        .unwrap_or(Ok(()))
 }
 
-#[allow(dead_code)]
-fn _unused(_: Arc<str>) {}
+tokio::task_local! {
+    /// The security context of the connection being served.
+    static CTX: Arc<ConnCtx>;
+}
+
+/// The metric names of the security module (see the [module docs](self#metrics)).
+pub mod metrics {
+    use super::Event;
+
+    /// `aegis_security_events_total{kind, layer, severity}`: security events.
+    pub const EVENTS_TOTAL: &str = "aegis_security_events_total";
+    /// `aegis_security_bans`: the bans in force.
+    pub const BANS: &str = "aegis_security_bans";
+    /// `aegis_security_bans_total{key, cause}`: bans put in place.
+    pub const BANS_TOTAL: &str = "aegis_security_bans_total";
+    /// `aegis_security_untracked_total`: counts the full detector could not make.
+    pub const UNTRACKED_TOTAL: &str = "aegis_security_untracked_total";
+
+    pub(super) fn event(e: &Event) {
+        metrics::counter!(
+            EVENTS_TOTAL,
+            "kind" => e.kind.as_str(),
+            "layer" => e.layer,
+            "severity" => e.severity.as_str()
+        )
+        .increment(1);
+    }
+
+    pub(super) fn bans(len: usize) {
+        metrics::gauge!(BANS).set(u32::try_from(len).map_or(f64::from(u32::MAX), f64::from));
+    }
+
+    pub(super) fn banned(key: &'static str, cause: &'static str) {
+        metrics::counter!(BANS_TOTAL, "key" => key, "cause" => cause).increment(1);
+    }
+
+    pub(super) fn untracked() {
+        metrics::counter!(UNTRACKED_TOTAL).increment(1);
+    }
+}
+
+/// Configures a [`Security`]; see each method for its default.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SecurityBuilder {
+    events_capacity: usize,
+    thresholds: Thresholds,
+    ban_for: Duration,
+    ban_by: BanKeys,
+    max_tracked: usize,
+    max_bans: usize,
+}
+
+impl Default for SecurityBuilder {
+    fn default() -> Self {
+        Self {
+            events_capacity: 1024,
+            thresholds: Thresholds {
+                window: Duration::from_secs(60),
+                connects: None,
+                auth_failures: None,
+                rejections: None,
+            },
+            ban_for: Duration::from_secs(300),
+            ban_by: BanKeys::ALL,
+            max_tracked: 100_000,
+            max_bans: 100_000,
+        }
+    }
+}
+
+impl SecurityBuilder {
+    /// How many events the log keeps (1024 by default; 0 keeps none, the events still
+    /// go to `tracing` and the metrics).
+    pub const fn events_capacity(mut self, events: usize) -> Self {
+        self.events_capacity = events;
+        self
+    }
+
+    /// The detector's window (60 s by default): each key's counts start again after it.
+    pub const fn window(mut self, window: Duration) -> Self {
+        self.thresholds.window = window;
+        self
+    }
+
+    /// How long the detector bans a key (300 s by default).
+    pub const fn ban_for(mut self, duration: Duration) -> Self {
+        self.ban_for = duration;
+        self
+    }
+
+    /// Bans a key with more than `n` connects in one window (off by default). Connects
+    /// are counted per address by the [`SecurityLayer`], per client id and username at
+    /// the CONNECT.
+    pub const fn max_connects(mut self, n: u32) -> Self {
+        self.thresholds.connects = Some(n);
+        self
+    }
+
+    /// Bans a key with more than `n` authentication failures in one window (off by
+    /// default).
+    pub const fn max_auth_failures(mut self, n: u32) -> Self {
+        self.thresholds.auth_failures = Some(n);
+        self
+    }
+
+    /// Bans a key with more than `n` rejections (blocked messages included) in one
+    /// window (off by default).
+    pub const fn max_rejections(mut self, n: u32) -> Self {
+        self.thresholds.rejections = Some(n);
+        self
+    }
+
+    /// Which keys the detector counts and bans (all three by default). Bans through the
+    /// handle apply whatever this says.
+    pub const fn ban_by(mut self, keys: BanKeys) -> Self {
+        self.ban_by = keys;
+        self
+    }
+
+    /// Whether the detector bans client addresses (on by default).
+    pub const fn ban_by_addr(mut self, on: bool) -> Self {
+        self.ban_by.addr = on;
+        self
+    }
+
+    /// Whether the detector bans usernames (on by default).
+    pub const fn ban_by_username(mut self, on: bool) -> Self {
+        self.ban_by.username = on;
+        self
+    }
+
+    /// Whether the detector bans client ids (on by default).
+    pub const fn ban_by_client_id(mut self, on: bool) -> Self {
+        self.ban_by.client_id = on;
+        self
+    }
+
+    /// How many keys the detector tracks at most (100,000 by default).
+    pub const fn max_tracked(mut self, keys: usize) -> Self {
+        self.max_tracked = keys;
+        self
+    }
+
+    /// How many bans the table holds at most (100,000 by default); when full, a new ban
+    /// evicts the one that ends soonest.
+    pub const fn max_bans(mut self, bans: usize) -> Self {
+        self.max_bans = bans;
+        self
+    }
+
+    /// The [`Security`].
+    pub fn build(self) -> Security {
+        Security {
+            shared: Arc::new(Shared {
+                thresholds: self.thresholds,
+                ban_for: self.ban_for,
+                ban_by: self.ban_by,
+                log: EventLog::new(self.events_capacity),
+                bans: Mutex::new(BanTable::new(self.max_bans)),
+                detector: Mutex::new(Detector::new(self.max_tracked)),
+            }),
+        }
+    }
+}
+
+/// The security event log, the ban table and the anomaly detector: a cheap-to-clone
+/// handle (every clone shares them). See the [module docs](self).
+#[derive(Clone)]
+pub struct Security {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    thresholds: Thresholds,
+    ban_for: Duration,
+    ban_by: BanKeys,
+    log: EventLog,
+    bans: Mutex<BanTable>,
+    detector: Mutex<Detector>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("thresholds", &self.shared.thresholds)
+            .field("ban_for", &self.shared.ban_for)
+            .field("ban_by", &self.shared.ban_by)
+            .field("bans", &self.shared.bans.lock().len())
+            .field("tracked", &self.shared.detector.lock().len())
+            .field("events_total", &self.shared.log.total())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+/// Who an event is about.
+#[derive(Debug, Default, Clone)]
+struct Who {
+    addr: Option<SocketAddr>,
+    client_id: Option<Arc<str>>,
+    username: Option<Arc<str>>,
+}
+
+impl Who {
+    fn on(&self, mut e: Event) -> Event {
+        e.client_addr = self.addr;
+        e.client_id.clone_from(&self.client_id);
+        e.username.clone_from(&self.username);
+        e
+    }
+}
+
+impl Security {
+    /// Starts a configuration with the defaults.
+    pub fn builder() -> SecurityBuilder {
+        SecurityBuilder::default()
+    }
+
+    /// A [`SecurityLayer`] over this `Security`.
+    pub fn layer(&self) -> SecurityLayer {
+        SecurityLayer::new(self.clone())
+    }
+
+    /// The bans in force, the soonest-ending first.
+    pub fn bans(&self) -> Vec<Ban> {
+        self.with_bans(BanTable::list)
+    }
+
+    /// Bans `key` for `duration` from now (replacing a ban of the same key), for new
+    /// connections: open ones are not closed. Logs a `ban` event (rule `manual`) and
+    /// counts `aegis_security_bans_total{cause="manual"}`. When the table is full, the
+    /// ban that ends soonest is evicted.
+    pub fn ban(&self, key: BanKey, duration: Duration) {
+        self.put_ban(key, duration, Cause::Manual, None, &Who::default());
+    }
+
+    /// Lifts the ban of `key`; `false` if it was not banned.
+    pub fn unban(&self, key: &BanKey) -> bool {
+        let key = key.clone().normalized();
+        self.with_bans(|t, now| t.remove(&key, now))
+    }
+
+    /// Whether `key` is banned now.
+    pub fn is_banned(&self, key: &BanKey) -> bool {
+        let key = key.clone().normalized();
+        self.is_banned_normalized(&key)
+    }
+
+    /// The latest `limit` events, **oldest first** (the newest is last).
+    pub fn events(&self, limit: usize) -> Vec<Event> {
+        self.shared.log.latest(limit)
+    }
+
+    /// How many events were emitted since this `Security` was built (the log keeps only
+    /// the latest).
+    pub fn events_total(&self) -> u64 {
+        self.shared.log.total()
+    }
+
+    fn is_banned_normalized(&self, key: &BanKey) -> bool {
+        self.with_bans(|t, now| t.contains(key, now))
+    }
+
+    /// Runs `f` on the ban table and keeps the `aegis_security_bans` gauge up to date.
+    fn with_bans<R>(&self, f: impl FnOnce(&mut BanTable, Instant) -> R) -> R {
+        let (r, before, after) = {
+            let mut t = self.shared.bans.lock();
+            let before = t.len();
+            let r = f(&mut t, Instant::now());
+            (r, before, t.len())
+        };
+        if before != after {
+            metrics::bans(after);
+        }
+        r
+    }
+
+    fn emit(&self, who: &Who, event: Event) {
+        self.shared.log.emit(who.on(event));
+    }
+
+    fn put_ban(
+        &self,
+        key: BanKey,
+        duration: Duration,
+        cause: Cause,
+        threshold: Option<u32>,
+        who: &Who,
+    ) {
+        let key = key.normalized();
+        let (inserted, len) = {
+            let mut t = self.shared.bans.lock();
+            let inserted = t.insert(key.clone(), Instant::now(), duration, cause.as_str());
+            (inserted, t.len())
+        };
+        metrics::bans(len);
+        if !inserted {
+            return;
+        }
+        metrics::banned(key.kind(), cause.as_str());
+        let details = match threshold {
+            Some(n) => format!(
+                "{key} banned for {duration:?}: more than {n} {} in {:?}",
+                cause.as_str().replace('_', " "),
+                self.shared.thresholds.window
+            ),
+            None => format!("{key} banned for {duration:?} through the handle"),
+        };
+        self.emit(
+            who,
+            Event::new(
+                "security",
+                EventKind::Ban,
+                Severity::High,
+                Some(cause.as_str()),
+                details,
+            ),
+        );
+    }
+
+    /// Counts `cause` for each of `keys` the detector bans on; bans each key that crosses
+    /// its threshold. Returns whether any did.
+    fn count(&self, keys: &[BanKey], cause: Cause, who: &Who) -> bool {
+        if self.shared.thresholds.of(cause).is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut crossed = Vec::new();
+        {
+            let mut d = self.shared.detector.lock();
+            for key in keys.iter().filter(|k| self.shared.ban_by.allows(k)) {
+                match d.record(&self.shared.thresholds, key, cause, now) {
+                    Recorded::Crossed(n) => crossed.push((key.clone(), n)),
+                    Recorded::Untracked => metrics::untracked(),
+                    Recorded::Off | Recorded::Counted => {}
+                }
+            }
+        }
+        for (key, n) in &crossed {
+            self.put_ban(key.clone(), self.shared.ban_for, cause, Some(*n), who);
+        }
+        !crossed.is_empty()
+    }
+
+    /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
+    /// event) if its address is banned, or is banned now for this connect.
+    fn admit(&self, addr: SocketAddr) -> bool {
+        let key = BanKey::Addr(fold(addr.ip()));
+        let who = Who {
+            addr: Some(addr),
+            ..Who::default()
+        };
+        let details = if self.is_banned_normalized(&key) {
+            "client address is banned"
+        } else if self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
+            "client address banned now: too many connects"
+        } else {
+            return true;
+        };
+        self.emit(
+            &who,
+            Event::new(
+                "security",
+                EventKind::Rejection,
+                Severity::High,
+                Some("banned"),
+                details.to_owned(),
+            ),
+        );
+        false
+    }
+}
+
+/// The security context of one connection, shared by the `SecurityLayer`'s future and
+/// (through the task-local) the layers inside.
+#[derive(Debug)]
+struct ConnCtx {
+    security: Security,
+    addr: SocketAddr,
+    client_id: Mutex<Option<Arc<str>>>,
+    username: Mutex<Option<Arc<str>>>,
+    /// Whether a layer inside reported the connection's end itself.
+    reported: AtomicBool,
+}
+
+/// Reason labels of refusals that are not the client's doing: logged, never counted.
+fn not_the_clients_doing(label: &str) -> bool {
+    matches!(
+        label,
+        "server_unavailable" | "connack_timeout" | "server_busy" | "auth_error"
+    )
+}
+
+/// Rules of `auth_failure` events where the authenticator could not decide (the auth
+/// layer's `AuthError` labels): logged, never counted.
+fn authenticator_failed(rule: &str) -> bool {
+    matches!(
+        rule,
+        "timeout" | "unavailable" | "status" | "invalid" | "failed" | "auth_error"
+    )
+}
+
+impl ConnCtx {
+    fn new(security: Security, addr: SocketAddr) -> Self {
+        Self {
+            security,
+            addr,
+            client_id: Mutex::new(None),
+            username: Mutex::new(None),
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    fn who(&self) -> Who {
+        Who {
+            addr: Some(self.addr),
+            client_id: self.client_id.lock().clone(),
+            username: self.username.lock().clone(),
+        }
+    }
+
+    /// The keys the detector counts for this connection: the address, then the client id
+    /// (unless empty) and the username when known.
+    fn detector_keys(&self, who: &Who) -> Vec<BanKey> {
+        let mut keys = vec![BanKey::Addr(fold(self.addr.ip()))];
+        keys.extend(name_keys(who));
+        keys
+    }
+
+    fn report(&self, r: Report<'_>) {
+        let who = self.who();
+        let cause = match r.kind {
+            EventKind::AuthFailure => Some(Cause::AuthFailures),
+            EventKind::Block | EventKind::Rejection => Some(Cause::Rejections),
+            EventKind::Flag | EventKind::Ban => None,
+        };
+        let not_counted = r.rule.is_some_and(|rule| {
+            not_the_clients_doing(rule)
+                || (r.kind == EventKind::AuthFailure && authenticator_failed(rule))
+        });
+        self.security.emit(
+            &who,
+            Event::new(r.layer, r.kind, r.severity, r.rule, r.details),
+        );
+        if let Some(cause) = cause.filter(|_| !not_counted) {
+            self.security.count(&self.detector_keys(&who), cause, &who);
+        }
+    }
+
+    fn on_connect(&self, c: &Connect<'_>) -> Result<(), MqttError> {
+        let id: Arc<str> = Arc::from(bounded(c.client_id, MAX_NAME));
+        let user: Option<Arc<str>> = c.username.map(|u| Arc::from(bounded(u, MAX_NAME)));
+        *self.client_id.lock() = Some(Arc::clone(&id));
+        (*self.username.lock()).clone_from(&user);
+        let sec = &self.security;
+        let banned = sec.is_banned_normalized(&BanKey::Addr(fold(self.addr.ip())))
+            || sec.is_banned_normalized(&BanKey::ClientId(Arc::clone(&id)))
+            || user
+                .as_ref()
+                .is_some_and(|u| sec.is_banned_normalized(&BanKey::Username(Arc::clone(u))));
+        if banned {
+            return Err(MqttError::Banned);
+        }
+        let who = self.who();
+        if sec.count(&name_keys(&who), Cause::Connects, &who) {
+            return Err(MqttError::Banned);
+        }
+        Ok(())
+    }
+
+    /// The end of the connection with error `e`: a rejection not reported yet becomes a
+    /// `rejection` event and counts toward the detector.
+    fn on_error(&self, e: &(dyn std::error::Error + 'static)) {
+        if self.reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let found = find::<Rejected>(e)
+            .map(|r| (r.layer(), r.label(), r.to_string()))
+            .or_else(|| find::<MqttError>(e).map(|m| (m.layer(), m.label(), m.to_string())))
+            .or_else(|| find::<SecurityError>(e).map(|s| (s.layer(), s.label(), s.to_string())));
+        let Some((layer, label, details)) = found else {
+            return;
+        };
+        let (severity, counted) = if label == "banned" {
+            (Severity::High, false)
+        } else if not_the_clients_doing(label) {
+            (Severity::Low, false)
+        } else {
+            (Severity::Medium, true)
+        };
+        let who = self.who();
+        self.security.emit(
+            &who,
+            Event::new(layer, EventKind::Rejection, severity, Some(label), details),
+        );
+        if counted {
+            self.security
+                .count(&self.detector_keys(&who), Cause::Rejections, &who);
+        }
+    }
+}
+
+/// The client id (unless empty) and username (unless empty) keys of `who`.
+fn name_keys(who: &Who) -> Vec<BanKey> {
+    let mut keys = Vec::with_capacity(3);
+    if let Some(id) = who.client_id.as_ref().filter(|n| !n.is_empty()) {
+        keys.push(BanKey::ClientId(Arc::clone(id)));
+    }
+    if let Some(user) = who.username.as_ref().filter(|n| !n.is_empty()) {
+        keys.push(BanKey::Username(Arc::clone(user)));
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(sec: &Security) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx::new(sec.clone(), "192.0.2.7:1000".parse().unwrap()))
+    }
+
+    fn auth_failure() -> Report<'static> {
+        Report {
+            layer: "auth",
+            kind: EventKind::AuthFailure,
+            severity: Severity::Medium,
+            rule: Some("not_authorized"),
+            details: "bad password\n".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_carry_the_connection_and_auth_failures_ban_every_known_key() {
+        let sec = Security::builder().max_auth_failures(1).build();
+        // Outside a connection: nothing happens.
+        report(auth_failure());
+        mark_reported();
+        assert_eq!(sec.events_total(), 0);
+        let c = ctx(&sec);
+        CTX.scope(Arc::clone(&c), async {
+            let connect = crate::validate_connect(
+                &[
+                    0x10, 0x13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 60, 0, 2, b'c', b'1', 0,
+                    3, b'b', b'o', b'b',
+                ][..],
+                &crate::Config::new(),
+            )
+            .unwrap();
+            assert_eq!(on_connect(&connect), Ok(()));
+            report(auth_failure());
+            assert_eq!(sec.events_total(), 1);
+            report(auth_failure());
+        })
+        .await;
+        let events = sec.events(10);
+        let e = &events[0];
+        assert_eq!((e.layer, e.kind), ("auth", EventKind::AuthFailure));
+        assert_eq!(e.client_addr, Some("192.0.2.7:1000".parse().unwrap()));
+        assert_eq!(e.client_id.as_deref(), Some("c1"));
+        assert_eq!(e.username.as_deref(), Some("bob"));
+        assert_eq!(e.details, "bad password\\n");
+        // The second failure crossed the threshold for all three keys.
+        let bans: Vec<_> = events.iter().filter(|e| e.kind == EventKind::Ban).collect();
+        assert_eq!(bans.len(), 3, "{events:?}");
+        assert!(
+            bans.iter()
+                .all(|b| b.rule.as_deref() == Some("auth_failures"))
+        );
+        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::client_id("c1")));
+        assert!(sec.is_banned(&BanKey::username("bob")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_authenticator_outage_is_logged_but_never_counted() {
+        let sec = Security::builder().max_auth_failures(0).build();
+        CTX.scope(ctx(&sec), async {
+            for rule in ["timeout", "unavailable", "failed"] {
+                report(Report {
+                    rule: Some(rule),
+                    ..auth_failure()
+                });
+            }
+        })
+        .await;
+        assert_eq!(sec.events_total(), 3);
+        assert!(sec.bans().is_empty());
+        CTX.scope(ctx(&sec), async {
+            report(Report {
+                rule: Some("denied"),
+                ..auth_failure()
+            });
+        })
+        .await;
+        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reported_end_is_not_reported_again_and_outages_are_not_counted() {
+        let sec = Security::builder().max_rejections(0).build();
+        let c = ctx(&sec);
+        let err = aegis_core::error::reject(MqttError::NotAuthorized);
+        CTX.scope(Arc::clone(&c), async { mark_reported() }).await;
+        c.on_error(&err);
+        assert_eq!(sec.events_total(), 0);
+        // The broker is down: logged (low), never counted, even with a threshold of 0.
+        let c = ctx(&sec);
+        c.on_error(&aegis_core::error::reject(MqttError::ServerUnavailable));
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(e.severity, Severity::Low);
+        assert_eq!(e.rule.as_deref(), Some("server_unavailable"));
+        assert!(sec.bans().is_empty());
+        // An error that is not a rejection is no event.
+        let c = ctx(&sec);
+        c.on_error(&std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(sec.events_total(), 1);
+        // A rejection is, and counts: over 0 rejections bans the address.
+        let c = ctx(&sec);
+        c.on_error(&std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            MqttError::Malformed("x"),
+        ));
+        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+    }
+}

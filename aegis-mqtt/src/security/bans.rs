@@ -1,0 +1,523 @@
+//! The ban table and the anomaly detector.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+use tokio::time::Instant;
+
+use super::events::{MAX_NAME, bounded};
+
+/// How often, at most, a full detector scans for expired windows.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// What a ban applies to.
+///
+/// Addresses are IPs (an IPv4-mapped IPv6 address is its IPv4 address); client ids and
+/// usernames longer than 256 bytes are keyed on their first 256 bytes.
+///
+/// `Display` is `addr:192.0.2.1`, `username:"bob"` or `client_id:"c1"` (Debug-quoted:
+/// the names are the client's own text). Serialized as an object with two strings:
+/// `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`, `username` or `client_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BanKey {
+    /// A client address.
+    Addr(IpAddr),
+    /// A CONNECT's username.
+    Username(Arc<str>),
+    /// A CONNECT's client id.
+    ClientId(Arc<str>),
+}
+
+impl BanKey {
+    /// The key's kind, as in its JSON form and the `key` label of
+    /// `aegis_security_bans_total`: `addr`, `username` or `client_id`.
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Addr(_) => "addr",
+            Self::Username(_) => "username",
+            Self::ClientId(_) => "client_id",
+        }
+    }
+
+    /// A username key (cut to 256 bytes).
+    pub fn username(name: &str) -> Self {
+        Self::Username(Arc::from(bounded(name, MAX_NAME)))
+    }
+
+    /// A client id key (cut to 256 bytes).
+    pub fn client_id(id: &str) -> Self {
+        Self::ClientId(Arc::from(bounded(id, MAX_NAME)))
+    }
+
+    /// The key as stored: IPv4-mapped addresses folded, names cut to 256 bytes.
+    pub(super) fn normalized(self) -> Self {
+        match self {
+            Self::Addr(ip) => Self::Addr(fold(ip)),
+            Self::Username(n) if n.len() > MAX_NAME => Self::username(&n),
+            Self::ClientId(n) if n.len() > MAX_NAME => Self::client_id(&n),
+            other => other,
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as its IPv4 address.
+pub(super) fn fold(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+impl fmt::Display for BanKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(ip) => write!(f, "addr:{ip}"),
+            Self::Username(n) => write!(f, "username:{n:?}"),
+            Self::ClientId(n) => write!(f, "client_id:{n:?}"),
+        }
+    }
+}
+
+impl Serialize for BanKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("BanKey", 2)?;
+        st.serialize_field("key", self.kind())?;
+        match self {
+            Self::Addr(ip) => st.serialize_field("value", &ip.to_string())?,
+            Self::Username(n) | Self::ClientId(n) => st.serialize_field("value", &**n)?,
+        }
+        st.end()
+    }
+}
+
+/// A ban in force, as [`Security::bans`](super::Security::bans) lists it.
+///
+/// Serialized as `{"key":"addr","value":"192.0.2.1","until":"2026-01-01T00:05:00.000Z",
+/// "remaining_secs":299,"reason":"connects"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ban {
+    /// What is banned.
+    pub key: BanKey,
+    /// When it ends (wall clock, computed when the ban was put in place).
+    pub until: SystemTime,
+    /// How long it still lasts.
+    pub remaining: Duration,
+    /// Why: `connects`, `auth_failures`, `rejections` (the detector) or `manual` (the
+    /// handle).
+    pub reason: &'static str,
+}
+
+impl Serialize for Ban {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Ban", 5)?;
+        st.serialize_field("key", self.key.kind())?;
+        match &self.key {
+            BanKey::Addr(ip) => st.serialize_field("value", &ip.to_string())?,
+            BanKey::Username(n) | BanKey::ClientId(n) => st.serialize_field("value", &**n)?,
+        }
+        st.serialize_field(
+            "until",
+            &humantime::format_rfc3339_millis(self.until).to_string(),
+        )?;
+        st.serialize_field("remaining_secs", &self.remaining.as_secs())?;
+        st.serialize_field("reason", self.reason)?;
+        st.end()
+    }
+}
+
+/// Which keys the detector bans on (all three by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // three independent switches
+pub struct BanKeys {
+    /// Client addresses.
+    pub addr: bool,
+    /// CONNECT usernames.
+    pub username: bool,
+    /// CONNECT client ids.
+    pub client_id: bool,
+}
+
+impl BanKeys {
+    /// All three keys.
+    pub const ALL: Self = Self {
+        addr: true,
+        username: true,
+        client_id: true,
+    };
+
+    /// No key: the detector only counts nothing and bans nothing.
+    pub const NONE: Self = Self {
+        addr: false,
+        username: false,
+        client_id: false,
+    };
+
+    pub(super) const fn allows(self, key: &BanKey) -> bool {
+        match key {
+            BanKey::Addr(_) => self.addr,
+            BanKey::Username(_) => self.username,
+            BanKey::ClientId(_) => self.client_id,
+        }
+    }
+}
+
+impl Default for BanKeys {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+/// What the detector counts, and why a ban was put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    Connects,
+    AuthFailures,
+    Rejections,
+    Manual,
+}
+
+impl Cause {
+    pub(super) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connects => "connects",
+            Self::AuthFailures => "auth_failures",
+            Self::Rejections => "rejections",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// `now + d`, or about a century from now if that overflows.
+pub(super) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+#[derive(Debug)]
+struct Entry {
+    until: Instant,
+    wall: SystemTime,
+    reason: &'static str,
+    /// Orders bans that end at the same instant.
+    id: u64,
+}
+
+/// The bans in force: a map, and the same keys ordered by expiry (to purge and to evict
+/// the soonest-expiring ban in `O(log n)`).
+#[derive(Debug)]
+pub(super) struct BanTable {
+    max: usize,
+    map: HashMap<BanKey, Entry>,
+    by_expiry: BTreeMap<(Instant, u64), BanKey>,
+    next_id: u64,
+}
+
+impl BanTable {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            max,
+            map: HashMap::new(),
+            by_expiry: BTreeMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Drops the bans that ended by `now`.
+    fn purge(&mut self, now: Instant) {
+        while let Some(first) = self.by_expiry.first_entry() {
+            if first.key().0 > now {
+                break;
+            }
+            let key = first.remove();
+            self.map.remove(&key);
+        }
+    }
+
+    /// Bans `key` until `until` (replacing a ban of the same key). When the table is full,
+    /// the ban that ends soonest makes room. Returns `false` when the table holds none
+    /// (`max` is 0).
+    pub(super) fn insert(
+        &mut self,
+        key: BanKey,
+        now: Instant,
+        d: Duration,
+        reason: &'static str,
+    ) -> bool {
+        self.purge(now);
+        if self.max == 0 {
+            return false;
+        }
+        if let Some(old) = self.map.remove(&key) {
+            self.by_expiry.remove(&(old.until, old.id));
+        } else if self.map.len() >= self.max {
+            if let Some((_, evicted)) = self.by_expiry.pop_first() {
+                self.map.remove(&evicted);
+            }
+        }
+        let until = later(now, d);
+        let wall = SystemTime::now()
+            .checked_add(until.saturating_duration_since(now))
+            .unwrap_or_else(SystemTime::now);
+        self.next_id += 1;
+        let id = self.next_id;
+        self.by_expiry.insert((until, id), key.clone());
+        self.map.insert(
+            key,
+            Entry {
+                until,
+                wall,
+                reason,
+                id,
+            },
+        );
+        true
+    }
+
+    /// Lifts the ban of `key`; `false` if there was none in force.
+    pub(super) fn remove(&mut self, key: &BanKey, now: Instant) -> bool {
+        self.purge(now);
+        match self.map.remove(key) {
+            Some(old) => {
+                self.by_expiry.remove(&(old.until, old.id));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn contains(&mut self, key: &BanKey, now: Instant) -> bool {
+        self.purge(now);
+        self.map.contains_key(key)
+    }
+
+    /// The bans in force, soonest-ending first.
+    pub(super) fn list(&mut self, now: Instant) -> Vec<Ban> {
+        self.purge(now);
+        self.by_expiry
+            .iter()
+            .filter_map(|((until, _), key)| {
+                let e = self.map.get(key)?;
+                Some(Ban {
+                    key: key.clone(),
+                    until: e.wall,
+                    remaining: until.saturating_duration_since(now),
+                    reason: e.reason,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// The detector's thresholds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Thresholds {
+    pub(super) window: Duration,
+    pub(super) connects: Option<u32>,
+    pub(super) auth_failures: Option<u32>,
+    pub(super) rejections: Option<u32>,
+}
+
+impl Thresholds {
+    pub(super) const fn of(&self, cause: Cause) -> Option<u32> {
+        match cause {
+            Cause::Connects => self.connects,
+            Cause::AuthFailures => self.auth_failures,
+            Cause::Rejections => self.rejections,
+            Cause::Manual => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Counts {
+    start: Instant,
+    connects: u32,
+    auth_failures: u32,
+    rejections: u32,
+}
+
+/// What [`Detector::record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// Nothing to count (no threshold for this cause).
+    Off,
+    /// Counted, under the threshold.
+    Counted,
+    /// Over the threshold: the key's window is reset and the key must be banned.
+    Crossed(u32),
+    /// The detector is full: the key is not tracked.
+    Untracked,
+}
+
+/// Fixed-window counters per key, at most `max` keys.
+#[derive(Debug)]
+pub(super) struct Detector {
+    max: usize,
+    map: HashMap<BanKey, Counts>,
+    last_purge: Option<Instant>,
+}
+
+impl Detector {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            max,
+            map: HashMap::new(),
+            last_purge: None,
+        }
+    }
+
+    pub(super) fn record(
+        &mut self,
+        t: &Thresholds,
+        key: &BanKey,
+        cause: Cause,
+        now: Instant,
+    ) -> Recorded {
+        let Some(threshold) = t.of(cause) else {
+            return Recorded::Off;
+        };
+        if !self.map.contains_key(key) && !self.room(t.window, now) {
+            return Recorded::Untracked;
+        }
+        let counts = self.map.entry(key.clone()).or_insert(Counts {
+            start: now,
+            connects: 0,
+            auth_failures: 0,
+            rejections: 0,
+        });
+        if now.saturating_duration_since(counts.start) >= t.window {
+            *counts = Counts {
+                start: now,
+                connects: 0,
+                auth_failures: 0,
+                rejections: 0,
+            };
+        }
+        let n = match cause {
+            Cause::Connects => &mut counts.connects,
+            Cause::AuthFailures => &mut counts.auth_failures,
+            Cause::Rejections | Cause::Manual => &mut counts.rejections,
+        };
+        *n = n.saturating_add(1);
+        if *n > threshold {
+            self.map.remove(key);
+            Recorded::Crossed(threshold)
+        } else {
+            Recorded::Counted
+        }
+    }
+
+    /// Whether a new key fits: when full, drops the keys whose window ended, at most once
+    /// per [`PURGE_EVERY`].
+    fn room(&mut self, window: Duration, now: Instant) -> bool {
+        if self.map.len() < self.max {
+            return true;
+        }
+        let due = self
+            .last_purge
+            .is_none_or(|last| now.saturating_duration_since(last) >= PURGE_EVERY);
+        if due {
+            self.last_purge = Some(now);
+            self.map
+                .retain(|_, c| now.saturating_duration_since(c.start) < window);
+        }
+        self.map.len() < self.max
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> BanKey {
+        BanKey::Addr(s.parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_evicts_the_ban_that_ends_soonest() {
+        let mut t = BanTable::new(2);
+        let now = Instant::now();
+        assert!(t.insert(addr("192.0.2.1"), now, Duration::from_secs(30), "manual"));
+        assert!(t.insert(addr("192.0.2.2"), now, Duration::from_secs(10), "manual"));
+        assert!(t.insert(addr("192.0.2.3"), now, Duration::from_secs(20), "manual"));
+        assert_eq!(t.len(), 2);
+        assert!(!t.contains(&addr("192.0.2.2"), now));
+        assert!(t.contains(&addr("192.0.2.1"), now));
+        // Re-banning a key replaces its ban, without evicting anyone.
+        assert!(t.insert(addr("192.0.2.3"), now, Duration::from_secs(40), "manual"));
+        assert_eq!(t.len(), 2);
+        let later = now + Duration::from_secs(30);
+        assert_eq!(t.list(later).len(), 1);
+        assert!(t.remove(&addr("192.0.2.3"), later));
+        assert!(!t.remove(&addr("192.0.2.3"), later));
+        assert_eq!(t.len(), 0);
+        let mut none = BanTable::new(0);
+        assert!(!none.insert(addr("192.0.2.1"), now, Duration::from_secs(1), "manual"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_detector_purges_at_most_once_a_second() {
+        let t = Thresholds {
+            window: Duration::from_millis(100),
+            connects: Some(10),
+            auth_failures: None,
+            rejections: None,
+        };
+        let mut d = Detector::new(1);
+        let now = Instant::now();
+        assert_eq!(
+            d.record(&t, &addr("192.0.2.1"), Cause::Connects, now),
+            Recorded::Counted
+        );
+        assert_eq!(
+            d.record(&t, &addr("192.0.2.1"), Cause::AuthFailures, now),
+            Recorded::Off
+        );
+        // Full, nothing expired: the scan happens and finds nothing.
+        assert_eq!(
+            d.record(&t, &addr("192.0.2.2"), Cause::Connects, now),
+            Recorded::Untracked
+        );
+        // The window ended, but the last scan was less than a second ago.
+        let soon = now + Duration::from_millis(200);
+        assert_eq!(
+            d.record(&t, &addr("192.0.2.2"), Cause::Connects, soon),
+            Recorded::Untracked
+        );
+        let next = now + PURGE_EVERY;
+        assert_eq!(
+            d.record(&t, &addr("192.0.2.2"), Cause::Connects, next),
+            Recorded::Counted
+        );
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn keys_fold_mapped_addresses_and_display_quoted() {
+        assert_eq!(addr("::ffff:192.0.2.1").normalized(), addr("192.0.2.1"));
+        assert_eq!(
+            BanKey::client_id("a\"b").to_string(),
+            "client_id:\"a\\\"b\""
+        );
+        assert_eq!(addr("2001:db8::1").to_string(), "addr:2001:db8::1");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            BanKey::Username(Arc::from(long.as_str())).normalized(),
+            BanKey::username(&long[..256])
+        );
+    }
+}

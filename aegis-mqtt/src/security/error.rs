@@ -1,0 +1,26 @@
+//! The rejection of the security layer.
+
+/// Why the [`SecurityLayer`](super::SecurityLayer) refused a connection.
+///
+/// Returned through [`aegis_core::error::reject`], so it is counted in
+/// `aegis_rejections_total{layer="security", reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecurityError {
+    /// The client address is banned (by the handle, or by the detector, this connection
+    /// included when it crossed a threshold). Nothing was read from the connection.
+    #[error("client address is banned")]
+    Banned,
+}
+
+impl aegis_core::error::Reject for SecurityError {
+    fn layer(&self) -> &'static str {
+        "security"
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Banned => "banned",
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Security events: their JSON form, the bounded log and the `tracing` event.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+
+use super::{EventKind, Severity, metrics};
+
+/// The longest `details`, in bytes; longer ones are cut at a character boundary.
+pub(super) const MAX_DETAILS: usize = 256;
+
+/// The longest client id, username or rule name kept in an event or a ban key, in bytes;
+/// longer ones are cut at a character boundary (MQTT allows 65,535 bytes).
+pub(super) const MAX_NAME: usize = 256;
+
+/// One security event. See the [module docs](super#events) for its JSON schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Event {
+    /// Its number: 1 for the first event of a [`Security`](super::Security), then one
+    /// more for each (never reused, even once the event left the log).
+    pub seq: u64,
+    /// When it happened (wall clock).
+    pub time: SystemTime,
+    /// The layer that reported it (`"security"`, `"mqtt"`, `"auth"`, `"inspect"`, ...).
+    pub layer: &'static str,
+    /// What happened.
+    pub kind: EventKind,
+    /// How bad it is.
+    pub severity: Severity,
+    /// The connection's effective client address, when the event belongs to one.
+    pub client_addr: Option<SocketAddr>,
+    /// The client id of the connection's CONNECT, once it was read.
+    pub client_id: Option<Arc<str>>,
+    /// The username of the connection's CONNECT, if it had one.
+    pub username: Option<Arc<str>>,
+    /// The rule that decided: a rejection's reason label, an inspection rule's name, the
+    /// cause of a ban (`connects`, `auth_failures`, `rejections`, `manual`).
+    pub rule: Option<Arc<str>>,
+    /// A human-readable description, at most 256 bytes, without control characters.
+    pub details: String,
+}
+
+impl Event {
+    /// A new event (`seq` and `time` are set when it is emitted).
+    pub(super) fn new(
+        layer: &'static str,
+        kind: EventKind,
+        severity: Severity,
+        rule: Option<&str>,
+        details: String,
+    ) -> Self {
+        Self {
+            seq: 0,
+            time: SystemTime::UNIX_EPOCH,
+            layer,
+            kind,
+            severity,
+            client_addr: None,
+            client_id: None,
+            username: None,
+            rule: rule.map(|r| Arc::from(bounded(r, MAX_NAME))),
+            details: clean_details(details),
+        }
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Event", 10)?;
+        st.serialize_field("seq", &self.seq)?;
+        st.serialize_field(
+            "time",
+            &humantime::format_rfc3339_millis(self.time).to_string(),
+        )?;
+        st.serialize_field("layer", self.layer)?;
+        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("severity", &self.severity)?;
+        st.serialize_field("client_addr", &self.client_addr.map(|a| a.to_string()))?;
+        st.serialize_field("client_id", &self.client_id)?;
+        st.serialize_field("username", &self.username)?;
+        st.serialize_field("rule", &self.rule)?;
+        st.serialize_field("details", &self.details)?;
+        st.end()
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub(super) fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `details` without control characters (escaped as `\n`, `\u{1b}`, ...), cut to
+/// [`MAX_DETAILS`] bytes.
+fn clean_details(details: String) -> String {
+    let mut out = if details.chars().any(char::is_control) {
+        let mut out = String::with_capacity(details.len().min(MAX_DETAILS) + 8);
+        for c in details.chars() {
+            if out.len() >= MAX_DETAILS {
+                break;
+            }
+            if c.is_control() {
+                let _ = write!(out, "{}", c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    } else {
+        details
+    };
+    let len = bounded(&out, MAX_DETAILS).len();
+    out.truncate(len);
+    out
+}
+
+/// The bounded ring of the latest events.
+#[derive(Debug)]
+pub(super) struct EventLog {
+    capacity: usize,
+    inner: Mutex<Ring>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<Event>,
+    total: u64,
+}
+
+impl EventLog {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(Ring {
+                // Grows as events come, up to `capacity`.
+                events: VecDeque::new(),
+                total: 0,
+            }),
+        }
+    }
+
+    /// Numbers, timestamps, keeps (dropping the oldest), traces and counts `event`.
+    pub(super) fn emit(&self, mut event: Event) {
+        event.time = SystemTime::now();
+        {
+            let mut ring = self.inner.lock();
+            ring.total += 1;
+            event.seq = ring.total;
+            if self.capacity > 0 {
+                if ring.events.len() >= self.capacity {
+                    ring.events.pop_front();
+                }
+                ring.events.push_back(event.clone());
+            }
+        }
+        trace(&event);
+        metrics::event(&event);
+    }
+
+    /// The latest `limit` events, oldest first.
+    pub(super) fn latest(&self, limit: usize) -> Vec<Event> {
+        let ring = self.inner.lock();
+        let skip = ring.events.len().saturating_sub(limit);
+        ring.events.iter().skip(skip).cloned().collect()
+    }
+
+    /// How many events were ever emitted.
+    pub(super) fn total(&self) -> u64 {
+        self.inner.lock().total
+    }
+}
+
+/// The `tracing` event of a security event: target `aegis::security`.
+macro_rules! trace_at {
+    ($level:expr, $e:expr) => {
+        tracing::event!(
+            target: "aegis::security",
+            $level,
+            seq = $e.seq,
+            kind = $e.kind.as_str(),
+            layer = $e.layer,
+            severity = $e.severity.as_str(),
+            client_addr = $e.client_addr.map(tracing::field::display),
+            client_id = $e.client_id.as_deref().map(tracing::field::debug),
+            username = $e.username.as_deref().map(tracing::field::debug),
+            rule = $e.rule.as_deref(),
+            details = $e.details.as_str(),
+            "security event"
+        )
+    };
+}
+
+fn trace(e: &Event) {
+    match e.severity {
+        Severity::Low | Severity::Medium => trace_at!(tracing::Level::INFO, e),
+        Severity::High | Severity::Critical => trace_at!(tracing::Level::WARN, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_are_bounded_at_a_char_boundary_and_escaped() {
+        let long = "é".repeat(200); // 400 bytes
+        let d = clean_details(long);
+        assert!(d.len() <= MAX_DETAILS);
+        assert_eq!(d.len(), 256);
+        let d = clean_details("a\nb\u{1b}[31m".into());
+        assert_eq!(d, "a\\nb\\u{1b}[31m");
+        let d = clean_details("\n".repeat(1000));
+        assert!(d.len() <= MAX_DETAILS, "{}", d.len());
+        assert_eq!(bounded("ab€", 3), "ab");
+    }
+
+    #[test]
+    fn the_log_keeps_the_latest_capacity_events_oldest_first() {
+        let log = EventLog::new(2);
+        for i in 0..3 {
+            log.emit(Event::new(
+                "security",
+                EventKind::Flag,
+                Severity::Low,
+                None,
+                format!("{i}"),
+            ));
+        }
+        let seqs: Vec<u64> = log.latest(10).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(log.latest(1)[0].details, "2");
+        assert_eq!(log.total(), 3);
+        let none = EventLog::new(0);
+        none.emit(Event::new(
+            "security",
+            EventKind::Flag,
+            Severity::Low,
+            None,
+            String::new(),
+        ));
+        assert!(none.latest(10).is_empty());
+        assert_eq!(none.total(), 1);
+    }
+}

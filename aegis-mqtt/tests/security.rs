@@ -1,0 +1,782 @@
+//! The security layer: bans by address, client id and username, the anomaly detector,
+//! the bounded event log and its `tracing` events, over in-process duplex streams (tokio's
+//! clock paused where time matters) and one real loopback socket.
+#![cfg(feature = "security")]
+
+mod common;
+
+use std::future::IntoFuture;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::error::{BoxError, Reject, find, label_of};
+use aegis_core::metrics::REJECTIONS_TOTAL;
+use aegis_core::metrics::testing::{capture, run};
+use aegis_core::{ClientAddr, Conn, Handshake, Param, serve};
+use aegis_mqtt::layer::{MqttIo, MqttLayer};
+use aegis_mqtt::security::metrics as m;
+use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};
+use aegis_mqtt::{Config, MqttError};
+use common::head;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+fn addr(s: &str) -> BanKey {
+    BanKey::Addr(s.parse().unwrap())
+}
+
+fn conn(server: DuplexStream, peer: &str) -> Conn<DuplexStream> {
+    Conn::new(
+        server,
+        peer.parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    )
+}
+
+/// A 3.1.1 or 5.0 CONNECT with client id `id` and, if given, a username.
+fn connect(v5: bool, id: &str, user: Option<&str>) -> Vec<u8> {
+    let flags = if user.is_some() { 0x82 } else { 0x02 };
+    let b = head("MQTT", if v5 { 5 } else { 4 }, flags);
+    let b = if v5 { b.props(&[]) } else { b };
+    let b = b.s(id);
+    let b = match user {
+        Some(u) => b.s(u),
+        None => b,
+    };
+    b.frame(0x10)
+}
+
+/// A 3.1.1 CONNECT with the reserved flag bit set: malformed, refused by closing.
+fn malformed() -> Vec<u8> {
+    head("MQTT", 4, 0x03).s("x").frame(0x10)
+}
+
+/// A stream that counts the reads asked of it.
+struct Probe {
+    io: Conn<DuplexStream>,
+    reads: Arc<AtomicUsize>,
+}
+
+impl AsyncRead for Probe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Probe {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Param<ClientAddr> for Probe {
+    fn param(&self) -> ClientAddr {
+        Param::<ClientAddr>::param(&self.io)
+    }
+}
+
+impl Param<Handshake> for Probe {
+    fn param(&self) -> Handshake {
+        Param::<Handshake>::param(&self.io)
+    }
+}
+
+/// What one connection through `SecurityLayer` + `MqttLayer` gave.
+struct Run {
+    /// The connection's result.
+    result: Result<(), BoxError>,
+    /// Everything the client received.
+    got: Vec<u8>,
+    /// How often the inner service (the broker) was called.
+    calls: usize,
+}
+
+/// Serves one duplex connection from `peer` that sends `bytes` and closes, through
+/// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that reads to the end.
+async fn through_mqtt(sec: &Security, peer: &str, bytes: Vec<u8>) -> Run {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await?;
+            Ok::<_, io::Error>(())
+        }
+    });
+    let svc = SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let client_task = tokio::spawn(async move {
+        let _ = client.write_all(&bytes).await;
+        let _ = client.shutdown().await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        got
+    });
+    let result = svc.oneshot(conn(server, peer)).await;
+    Run {
+        result,
+        got: client_task.await.unwrap(),
+        calls: calls.load(Ordering::SeqCst),
+    }
+}
+
+/// One connection from `peer` through `SecurityLayer(sec)` alone, over a service that
+/// accepts it at once.
+async fn through_security(sec: &Security, peer: &str) -> Result<(), BoxError> {
+    let inner = service_fn(|_: Conn<DuplexStream>| async { Ok::<_, io::Error>(()) });
+    let (_client, server) = tokio::io::duplex(64);
+    sec.layer().layer(inner).oneshot(conn(server, peer)).await
+}
+
+fn labels(r: &Result<(), BoxError>) -> (&'static str, &'static str) {
+    match r {
+        Ok(()) => ("ok", "ok"),
+        Err(e) => label_of(&**e),
+    }
+}
+
+#[test]
+fn an_address_ban_refuses_before_any_byte_is_read() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::default();
+        sec.ban(addr("192.0.2.7"), Duration::from_secs(60));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&calls);
+        let broker = service_fn(move |_: MqttIo<Probe>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, io::Error>(()) }
+        });
+        let mut svc =
+            SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
+        for peer in ["192.0.2.7:1000", "[::ffff:192.0.2.7]:1001"] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            // The CONNECT is already waiting when the connection is served.
+            client.write_all(&connect(false, "c1", None)).await.unwrap();
+            let reads = Arc::new(AtomicUsize::new(0));
+            let probe = Probe {
+                io: conn(server, peer),
+                reads: Arc::clone(&reads),
+            };
+            let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+            assert_eq!(label_of(&*err), ("security", "banned"), "{err}");
+            assert_eq!(reads.load(Ordering::SeqCst), 0, "not a byte was read");
+            // The stream was dropped: the client sees the end, no answer.
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert!(got.is_empty());
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "the broker was never called"
+        );
+        let events = sec.events(10);
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0].kind, EventKind::Ban);
+        let e = &events[1];
+        assert_eq!(e.kind, EventKind::Rejection);
+        assert_eq!((e.layer, e.rule.as_deref()), ("security", Some("banned")));
+        assert_eq!(e.severity, Severity::High);
+        assert_eq!(e.client_addr, Some("192.0.2.7:1000".parse().unwrap()));
+        assert_eq!(e.client_id, None);
+        // Another address is served.
+        let (client, server) = tokio::io::duplex(1024);
+        let reads = Arc::new(AtomicUsize::new(0));
+        let probe = Probe {
+            io: conn(server, "192.0.2.8:1000"),
+            reads: Arc::clone(&reads),
+        };
+        drop(client);
+        let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+        assert_eq!(label_of(&*err), ("io", "unexpected_eof"));
+        assert!(reads.load(Ordering::SeqCst) > 0);
+        assert_eq!(sec.events_total(), 3, "an IO error is not an event");
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "security"), ("reason", "banned")]
+        ),
+        2
+    );
+    assert_eq!(
+        c.counter(
+            m::EVENTS_TOTAL,
+            &[
+                ("kind", "rejection"),
+                ("layer", "security"),
+                ("severity", "high")
+            ]
+        ),
+        2
+    );
+    assert_eq!(
+        c.counter(m::BANS_TOTAL, &[("key", "addr"), ("cause", "manual")]),
+        1
+    );
+    assert_eq!(c.gauge(m::BANS), Some(1.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_id_and_username_bans_get_the_banned_connack() {
+    let sec = Security::default();
+    sec.ban(BanKey::client_id("bad"), Duration::from_secs(60));
+    sec.ban(BanKey::username("mallory"), Duration::from_secs(60));
+    let cases = [
+        (false, "bad", None, &[0x20, 0x02, 0x00, 0x05][..]),
+        (true, "bad", None, &[0x20, 0x03, 0x00, 0x8A, 0x00][..]),
+        (false, "ok", Some("mallory"), &[0x20, 0x02, 0x00, 0x05][..]),
+        (
+            true,
+            "ok",
+            Some("mallory"),
+            &[0x20, 0x03, 0x00, 0x8A, 0x00][..],
+        ),
+    ];
+    for (v5, id, user, answer) in cases {
+        let r = through_mqtt(&sec, "192.0.2.7:1000", connect(v5, id, user)).await;
+        assert_eq!(r.got, answer, "v5={v5} id={id} user={user:?}");
+        assert_eq!(labels(&r.result), ("mqtt", "banned"));
+        assert_eq!(r.calls, 0, "the broker was never called");
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(e.kind, EventKind::Rejection);
+        assert_eq!((e.layer, e.rule.as_deref()), ("mqtt", Some("banned")));
+        assert_eq!(e.severity, Severity::High);
+        assert_eq!(e.client_id.as_deref(), Some(id));
+        assert_eq!(e.username.as_deref(), user);
+        assert_eq!(e.client_addr, Some("192.0.2.7:1000".parse().unwrap()));
+    }
+    // Neither is banned: served.
+    let r = through_mqtt(&sec, "192.0.2.7:1000", connect(false, "ok", Some("alice"))).await;
+    assert_eq!(labels(&r.result), ("ok", "ok"));
+    assert_eq!(r.calls, 1);
+    // Lifting the ban lets the client id in again.
+    assert!(sec.unban(&BanKey::client_id("bad")));
+    let r = through_mqtt(&sec, "192.0.2.7:1000", connect(true, "bad", None)).await;
+    assert_eq!(labels(&r.result), ("ok", "ok"));
+}
+
+#[test]
+fn a_connect_flood_bans_the_address_until_ban_for_ends() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder()
+            .max_connects(3)
+            .window(Duration::from_secs(10))
+            .ban_for(Duration::from_secs(60))
+            .build();
+        for port in 0..3 {
+            let r = through_security(&sec, &format!("192.0.2.7:{port}")).await;
+            assert_eq!(labels(&r), ("ok", "ok"), "connect {port}");
+        }
+        // The fourth in the window crosses the threshold: banned, this one included.
+        let r = through_security(&sec, "192.0.2.7:3").await;
+        assert_eq!(labels(&r), ("security", "banned"));
+        let events = sec.events(10);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].kind, EventKind::Ban);
+        assert_eq!(events[0].rule.as_deref(), Some("connects"));
+        assert_eq!(events[0].severity, Severity::High);
+        assert_eq!(events[0].client_addr, Some("192.0.2.7:3".parse().unwrap()));
+        assert_eq!(events[1].kind, EventKind::Rejection);
+        let bans = sec.bans();
+        assert_eq!(bans.len(), 1);
+        assert_eq!(bans[0].key, addr("192.0.2.7"));
+        assert_eq!(bans[0].reason, "connects");
+        assert_eq!(bans[0].remaining, Duration::from_secs(60));
+        // Other addresses are not affected.
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.8:0").await),
+            ("ok", "ok")
+        );
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.7:4").await),
+            ("security", "banned")
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!sec.is_banned(&addr("192.0.2.7")));
+        assert!(sec.bans().is_empty());
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.7:5").await),
+            ("ok", "ok")
+        );
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(m::BANS_TOTAL, &[("key", "addr"), ("cause", "connects")]),
+        1
+    );
+    assert_eq!(
+        c.counter(m::EVENTS_TOTAL, &[("kind", "ban"), ("severity", "high")]),
+        1
+    );
+    assert_eq!(c.gauge(m::BANS), Some(0.0), "the expired ban is gone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_window_starts_the_count_again() {
+    let sec = Security::builder()
+        .max_connects(3)
+        .window(Duration::from_secs(10))
+        .build();
+    for _ in 0..3 {
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.7:1").await),
+            ("ok", "ok")
+        );
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.7:1").await),
+            ("ok", "ok")
+        );
+    }
+    assert_eq!(sec.events_total(), 0);
+    assert_eq!(
+        labels(&through_security(&sec, "192.0.2.7:1").await),
+        ("security", "banned")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn connects_count_per_client_id_across_addresses() {
+    // Addresses are not counted, client ids are: a client id that connects three times
+    // from three addresses is banned at the third CONNECT.
+    let sec = Security::builder()
+        .max_connects(2)
+        .ban_by_addr(false)
+        .ban_by_username(false)
+        .build();
+    for i in 1..=2 {
+        let r = through_mqtt(&sec, &format!("192.0.2.{i}:1"), connect(false, "dev", None)).await;
+        assert_eq!(labels(&r.result), ("ok", "ok"));
+    }
+    let r = through_mqtt(&sec, "192.0.2.3:1", connect(true, "dev", None)).await;
+    assert_eq!(r.got, [0x20, 0x03, 0x00, 0x8A, 0x00]);
+    assert_eq!(r.calls, 0);
+    assert!(sec.is_banned(&BanKey::client_id("dev")));
+    assert!(!sec.is_banned(&addr("192.0.2.3")));
+    let ban = sec
+        .events(10)
+        .into_iter()
+        .find(|e| e.kind == EventKind::Ban)
+        .expect("a ban event");
+    assert_eq!(ban.rule.as_deref(), Some("connects"));
+    assert_eq!(ban.client_id.as_deref(), Some("dev"));
+    // Another client id from the same address is served.
+    let r = through_mqtt(&sec, "192.0.2.3:2", connect(false, "other", None)).await;
+    assert_eq!(labels(&r.result), ("ok", "ok"));
+}
+
+#[test]
+fn malformed_connects_over_max_rejections_ban_the_address() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder().max_rejections(2).build();
+        for port in 0..3 {
+            let r = through_mqtt(&sec, &format!("192.0.2.9:{port}"), malformed()).await;
+            assert_eq!(labels(&r.result), ("mqtt", "malformed"), "connect {port}");
+            assert_eq!(r.calls, 0);
+            assert!(r.got.is_empty(), "a malformed 3.1.1 CONNECT gets no answer");
+        }
+        assert!(sec.is_banned(&addr("192.0.2.9")));
+        let kinds: Vec<_> = sec
+            .events(10)
+            .iter()
+            .map(|e| (e.kind, e.layer, e.rule.as_deref().map(str::to_owned)))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::Rejection, "mqtt", Some("malformed".into())),
+                (EventKind::Rejection, "mqtt", Some("malformed".into())),
+                (EventKind::Rejection, "mqtt", Some("malformed".into())),
+                (EventKind::Ban, "security", Some("rejections".into())),
+            ]
+        );
+        let first = &sec.events(10)[0];
+        assert_eq!(first.severity, Severity::Medium);
+        assert!(first.details.starts_with("malformed packet"), "{first:?}");
+        // Now refused before the MQTT layer reads anything.
+        let r = through_mqtt(&sec, "192.0.2.9:9", malformed()).await;
+        assert_eq!(labels(&r.result), ("security", "banned"));
+        // Another address is still only refused by the MQTT layer.
+        let r = through_mqtt(&sec, "192.0.2.10:1", malformed()).await;
+        assert_eq!(labels(&r.result), ("mqtt", "malformed"));
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(m::BANS_TOTAL, &[("key", "addr"), ("cause", "rejections")]),
+        1
+    );
+    assert_eq!(
+        c.counter(
+            m::EVENTS_TOTAL,
+            &[
+                ("kind", "rejection"),
+                ("layer", "mqtt"),
+                ("severity", "medium")
+            ]
+        ),
+        4
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_handle_adds_lists_and_removes_bans() {
+    let sec = Security::default();
+    assert!(sec.bans().is_empty());
+    sec.ban(addr("::ffff:192.0.2.1"), Duration::from_secs(30));
+    sec.ban(BanKey::username("bob"), Duration::from_secs(10));
+    sec.ban(BanKey::client_id("c1"), Duration::from_secs(20));
+    // IPv4-mapped addresses are their IPv4 address.
+    assert!(sec.is_banned(&addr("192.0.2.1")));
+    assert!(sec.is_banned(&addr("::ffff:192.0.2.1")));
+    assert!(!sec.is_banned(&addr("192.0.2.2")));
+    assert!(!sec.is_banned(&BanKey::username("c1")), "keys are typed");
+    let listed: Vec<_> = sec.bans().into_iter().map(|b| b.key).collect();
+    assert_eq!(
+        listed,
+        [
+            BanKey::username("bob"),
+            BanKey::client_id("c1"),
+            addr("192.0.2.1")
+        ],
+        "soonest-ending first"
+    );
+    assert!(sec.unban(&BanKey::client_id("c1")));
+    assert!(!sec.unban(&BanKey::client_id("c1")));
+    assert!(!sec.is_banned(&BanKey::client_id("c1")));
+    // Banning again replaces the duration.
+    sec.ban(addr("192.0.2.1"), Duration::from_secs(5));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(!sec.is_banned(&addr("192.0.2.1")));
+    let listed: Vec<_> = sec.bans().into_iter().map(|b| b.key).collect();
+    assert_eq!(listed, [BanKey::username("bob")]);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(sec.bans().is_empty());
+    // Every ban through the handle was an event.
+    let manual = sec
+        .events(100)
+        .iter()
+        .filter(|e| e.kind == EventKind::Ban && e.rule.as_deref() == Some("manual"))
+        .count();
+    assert_eq!(manual, 4);
+}
+
+#[test]
+fn max_bans_evicts_the_ban_that_ends_soonest() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder().max_bans(2).build();
+        sec.ban(addr("192.0.2.1"), Duration::from_secs(30));
+        sec.ban(addr("192.0.2.2"), Duration::from_secs(10));
+        sec.ban(addr("192.0.2.3"), Duration::from_secs(20));
+        let listed: Vec<_> = sec.bans().into_iter().map(|b| b.key).collect();
+        assert_eq!(listed, [addr("192.0.2.3"), addr("192.0.2.1")]);
+        assert!(!sec.is_banned(&addr("192.0.2.2")));
+        for i in 10..100 {
+            sec.ban(addr(&format!("192.0.2.{i}")), Duration::from_secs(100 + i));
+        }
+        assert_eq!(sec.bans().len(), 2);
+        // The two that end last are kept.
+        assert!(sec.is_banned(&addr("192.0.2.98")));
+        assert!(sec.is_banned(&addr("192.0.2.99")));
+    });
+    assert_eq!(capture(&snap).gauge(m::BANS), Some(2.0));
+}
+
+#[test]
+fn max_tracked_bounds_the_detector() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder().max_connects(5).max_tracked(2).build();
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.1:1").await),
+            ("ok", "ok")
+        );
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.2:1").await),
+            ("ok", "ok")
+        );
+        // The detector is full: a third address is not tracked, so never banned.
+        for _ in 0..10 {
+            assert_eq!(
+                labels(&through_security(&sec, "192.0.2.3:1").await),
+                ("ok", "ok")
+            );
+        }
+        assert!(!sec.is_banned(&addr("192.0.2.3")));
+        // The tracked ones still are counted: 1 + 5 is over 5.
+        for _ in 0..4 {
+            assert_eq!(
+                labels(&through_security(&sec, "192.0.2.1:1").await),
+                ("ok", "ok")
+            );
+        }
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.1:1").await),
+            ("security", "banned")
+        );
+        // Its window was dropped with the ban: there is room for a new key again.
+        for _ in 0..5 {
+            assert_eq!(
+                labels(&through_security(&sec, "192.0.2.3:1").await),
+                ("ok", "ok")
+            );
+        }
+        assert_eq!(
+            labels(&through_security(&sec, "192.0.2.3:1").await),
+            ("security", "banned")
+        );
+    });
+    assert_eq!(capture(&snap).counter(m::UNTRACKED_TOTAL, &[]), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_event_log_is_bounded_and_serializes_its_schema() {
+    let sec = Security::builder().events_capacity(3).build();
+    for i in 1..=4 {
+        sec.ban(addr(&format!("192.0.2.{i}")), Duration::from_secs(60));
+    }
+    // A connection's event, with its address and ids.
+    let r = through_mqtt(&sec, "192.0.2.1:4000", connect(false, "c\"1", Some("u"))).await;
+    assert_eq!(labels(&r.result), ("security", "banned"));
+    assert_eq!(sec.events_total(), 5);
+    let seqs: Vec<u64> = sec.events(10).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [3, 4, 5], "the latest three, oldest first");
+    let seqs: Vec<u64> = sec.events(2).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [4, 5]);
+    assert!(sec.events(0).is_empty());
+
+    let events = sec.events(2);
+    let ban = serde_json::to_value(&events[0]).unwrap();
+    let obj = ban.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "client_addr",
+            "client_id",
+            "details",
+            "kind",
+            "layer",
+            "rule",
+            "seq",
+            "severity",
+            "time",
+            "username"
+        ]
+    );
+    assert_eq!(ban["seq"], 4);
+    assert_eq!(ban["kind"], "ban");
+    assert_eq!(ban["layer"], "security");
+    assert_eq!(ban["severity"], "high");
+    assert_eq!(ban["rule"], "manual");
+    assert_eq!(ban["client_addr"], serde_json::Value::Null);
+    assert_eq!(ban["client_id"], serde_json::Value::Null);
+    assert_eq!(
+        ban["details"],
+        "addr:192.0.2.4 banned for 60s through the handle"
+    );
+    // RFC 3339, UTC, milliseconds: 2026-11-26T01:02:03.456Z.
+    let time = ban["time"].as_str().unwrap();
+    assert_eq!(time.len(), 24, "{time}");
+    assert!(time.ends_with('Z') && time.as_bytes()[19] == b'.', "{time}");
+    assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+
+    let rejection = serde_json::to_value(&events[1]).unwrap();
+    assert_eq!(rejection["kind"], "rejection");
+    assert_eq!(rejection["client_addr"], "192.0.2.1:4000");
+    assert_eq!(rejection["rule"], "banned");
+    // Refused before the CONNECT was read: no client id yet.
+    assert_eq!(rejection["client_id"], serde_json::Value::Null);
+
+    // Bans serialize as key, value, until, remaining_secs, reason.
+    let bans = serde_json::to_value(sec.bans()).unwrap();
+    assert_eq!(bans[0]["key"], "addr");
+    assert_eq!(bans[0]["value"], "192.0.2.1");
+    assert_eq!(bans[0]["remaining_secs"], 60);
+    assert_eq!(bans[0]["reason"], "manual");
+    assert!(humantime::parse_rfc3339(bans[0]["until"].as_str().unwrap()).is_ok());
+    assert_eq!(
+        serde_json::to_value(BanKey::username("u\n")).unwrap(),
+        serde_json::json!({"key": "username", "value": "u\n"})
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_event_has_the_client_id_and_username() {
+    // A malformed packet after an accepted CONNECT: the rejection event names the client.
+    let sec = Security::default();
+    let bytes = [
+        connect(false, "dev\"42", Some("bob")),
+        // SUBSCRIBE with packet id 0, which [MQTT-2.3.1-1] forbids.
+        vec![0x82, 0x06, 0, 0, 0, 1, b'a', 0],
+    ]
+    .concat();
+    let r = through_mqtt(&sec, "192.0.2.7:1000", bytes).await;
+    assert_eq!(r.calls, 1);
+    // The broker's read failed with the MQTT layer's rejection inside an IO error.
+    let err = r.result.unwrap_err();
+    let mqtt = find::<MqttError>(&*err).expect("an MQTT rejection");
+    let e = sec.events(1).pop().expect("a rejection event");
+    assert_eq!(e.kind, EventKind::Rejection);
+    assert_eq!(e.layer, "mqtt");
+    assert_eq!(e.rule.as_deref(), Some(mqtt.label()));
+    assert_eq!(e.details, mqtt.to_string());
+    assert_eq!(e.client_id.as_deref(), Some("dev\"42"));
+    assert_eq!(e.username.as_deref(), Some("bob"));
+    assert_eq!(sec.events_total(), 1);
+}
+
+/// A `Write` into a shared buffer, for the test's log lines.
+#[derive(Clone, Default)]
+struct Logs(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn every_event_is_a_tracing_event_with_the_stable_fields() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sec = Security::default();
+        sec.ban(BanKey::client_id("dev\"42"), Duration::from_secs(60));
+        let r = through_mqtt(
+            &sec,
+            "192.0.2.7:1000",
+            connect(false, "dev\"42", Some("bob")),
+        )
+        .await;
+        assert_eq!(labels(&r.result), ("mqtt", "banned"));
+        let r = through_mqtt(&sec, "192.0.2.7:1001", malformed()).await;
+        assert_eq!(labels(&r.result), ("mqtt", "malformed"));
+    });
+    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("aegis::security") && l.contains("security event"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let ban = lines[0];
+    assert!(ban.contains("WARN"), "{ban}");
+    for field in [
+        "kind=\"ban\"",
+        "layer=\"security\"",
+        "severity=\"high\"",
+        "rule=\"manual\"",
+        r#"details="client_id:\"dev\\\"42\" banned for 60s through the handle""#,
+    ] {
+        assert!(ban.contains(field), "{field} in {ban}");
+    }
+    assert!(
+        !ban.contains("client_addr="),
+        "no address for a manual ban: {ban}"
+    );
+    let banned = lines[1];
+    for field in [
+        "WARN",
+        "kind=\"rejection\"",
+        "layer=\"mqtt\"",
+        "rule=\"banned\"",
+        "client_addr=192.0.2.7:1000",
+        r#"client_id="dev\"42""#,
+        r#"username="bob""#,
+    ] {
+        assert!(banned.contains(field), "{field} in {banned}");
+    }
+    let malformed = lines[2];
+    assert!(malformed.contains("INFO"), "{malformed}");
+    assert!(malformed.contains("severity=\"medium\""), "{malformed}");
+    assert!(malformed.contains("rule=\"malformed\""), "{malformed}");
+    assert!(!malformed.contains("client_id="), "{malformed}");
+}
+
+#[tokio::test]
+async fn a_banned_address_is_closed_on_a_real_socket() {
+    let sec = Security::default();
+    sec.ban(addr("127.0.0.1"), Duration::from_secs(600));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    let inner = service_fn(move |mut io: Conn<TcpStream>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move { io.write_all(b"hello").await }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let accept_loop = tokio::spawn(
+        serve(listener, sec.layer().layer(inner))
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    let guard = Duration::from_secs(10);
+    let mut s = TcpStream::connect(local).await.unwrap();
+    let client: SocketAddr = s.local_addr().unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(guard, s.read_to_end(&mut got))
+        .await
+        .expect("closed at once")
+        .unwrap();
+    assert!(got.is_empty());
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+    let e = sec.events(1).pop().unwrap();
+    assert_eq!(e.rule.as_deref(), Some("banned"));
+    assert_eq!(e.client_addr, Some(client));
+
+    assert!(sec.unban(&addr("127.0.0.1")));
+    let mut s = TcpStream::connect(local).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(guard, s.read_to_end(&mut got))
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(got, b"hello");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    stop_tx.send(()).unwrap();
+    assert!(accept_loop.await.unwrap().drained());
+}
