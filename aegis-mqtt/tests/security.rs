@@ -675,7 +675,15 @@ fn every_event_is_a_tracing_event_with_the_stable_fields() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
+    // The other tests of this binary emit the same callsites on other threads, with no
+    // subscriber. While only one dispatcher exists, tracing computes a new callsite's
+    // interest from the registering thread's dispatcher alone, so a callsite first hit
+    // on another thread would be "never" here too: a second dispatcher, kept alive for
+    // the test, makes it ask every dispatcher.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(subscriber);
+    // And a callsite registered before this subscriber existed is asked again.
+    tracing::callsite::rebuild_interest_cache();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
