@@ -56,6 +56,15 @@ pub struct Rejected {
 }
 
 impl Rejected {
+    /// Wraps a rejection that [`reject`] has counted already, without counting or logging
+    /// it again: for an error returned more than once, such as every read of an IO
+    /// wrapper after it refused the connection.
+    pub fn uncounted<E: Reject>(err: E) -> Self {
+        Self {
+            inner: Box::new(err),
+        }
+    }
+
     /// The layer that rejected.
     pub fn layer(&self) -> &'static str {
         self.inner.layer()
@@ -134,12 +143,17 @@ fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Er
 
 /// Maps any error to its `(layer, reason)` labels.
 ///
-/// Walks `err`'s `source()` chain and returns the labels of the first [`Rejected`] or
-/// known Aegis error found. Other errors map to `("io", kind)` for an [`std::io::Error`]
+/// Walks `err`'s `source()` chain and returns the labels of the first [`Rejected`] found
+/// anywhere in it, else of the first known Aegis error (a proxy error). Other errors map to `("io", kind)` for an [`std::io::Error`]
 /// (a fixed set of kinds), `("timeout", "elapsed")` for a tokio timeout, and
 /// `("unknown", "unexpected")` otherwise.
 pub fn label_of(err: &(dyn Error + 'static)) -> (&'static str, &'static str) {
-    // A typed error anywhere in the chain wins over the IO error that carries it.
+    // A rejection anywhere in the chain wins over the proxy error or IO error that
+    // carries it (a proxy's client-side read failing with an IO wrapper's refusal is
+    // that refusal); then any other typed error.
+    if let Some(r) = find::<Rejected>(err) {
+        return (r.layer(), r.label());
+    }
     if let Some(known) = chain(err).find_map(known_labels) {
         return known;
     }

@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use aegis_core::error::reject;
+use aegis_core::error::{Rejected, reject};
 use aegis_core::{ClientAddr, Handshake, LocalAddr, PeerAddr, Rewind};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,8 +30,11 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// later packet once it is complete and valid. Bytes of a packet still arriving are held
 /// (at most the configured packet size, plus one read). The first invalid packet is never
 /// returned: the read fails with [`io::ErrorKind::InvalidData`] wrapping the
-/// [`MqttError`] (counted once in `aegis_rejections_total{layer="mqtt"}`), and so does
-/// every read after it.
+/// [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
+/// `aegis_rejections_total{layer="mqtt"}`), and so does every read after it: a proxy's
+/// connection error then carries the rejection, which
+/// [`label_of`](aegis_core::error::label_of) names and
+/// [`find`](aegis_core::error::find) reaches.
 ///
 /// Writes (broker to client) pass through untouched, but their packet boundaries are
 /// followed, so that the client only ever sees whole packets. When the read reaches a
@@ -535,7 +538,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
             self.writes = Writes::Closed;
             unpark(&mut self.write_waker);
         }
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+        // Counted once, by `refuse`; the same rejection on every read after it.
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            Rejected::uncounted(e),
+        )))
     }
 
     /// Where a write may go while a refusal is due: `Some(n)` for the bytes up to the end
