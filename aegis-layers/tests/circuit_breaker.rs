@@ -9,7 +9,7 @@ use aegis_core::error::{BoxError, find, label_of};
 use aegis_core::metrics::testing::capture;
 use aegis_layers::circuit_breaker::{
     CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitBreaker, CircuitBreakerLayer, CircuitState,
-    Classify, DefaultClassifier, HttpClassifier, Outcome, error::CircuitOpen,
+    Classify, DefaultClassifier, FailuresOnly, HttpClassifier, Outcome, error::CircuitOpen,
 };
 use metrics_util::debugging::DebuggingRecorder;
 use tokio_test::{assert_pending, assert_ready, task};
@@ -557,4 +557,66 @@ async fn record_failure_feeds_the_failure_rate() {
     assert_eq!(circuit.state(), CircuitState::Closed);
     circuit.record_failure();
     assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failures_only_lets_reported_outcomes_decide() {
+    // A stalled broker: every connect succeeds, every CONNACK times out.
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(3))
+        .open_for(Duration::from_secs(10))
+        .half_open_permits(1)
+        .success_threshold(2)
+        .classifier(FailuresOnly)
+        .build();
+    let (mock, mut handle) = mock::pair::<(), ()>();
+    let mut svc = layer.layer(mock);
+    let circuit = layer.handle();
+    for i in 0..3 {
+        assert_eq!(circuit.state(), CircuitState::Closed, "connect {i}");
+        let fut = svc.ready().await.unwrap().call(());
+        next_request(&mut handle).1.send_response(());
+        fut.await.unwrap();
+        circuit.record_failure();
+    }
+    // With the default classifier the successful connects would have reset the count.
+    assert_eq!(circuit.state(), CircuitState::Open);
+
+    // Half-open: a probe connect that succeeds decides nothing and returns its permit...
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    for _ in 0..2 {
+        let fut = svc.ready().await.unwrap().call(());
+        next_request(&mut handle).1.send_response(());
+        fut.await.unwrap();
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    }
+    // ...the reported successes (CONNACKs) close the circuit at the threshold.
+    circuit.record_success();
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    circuit.record_success();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+
+    // Closed: a reported success resets the consecutive count.
+    circuit.record_failure();
+    circuit.record_failure();
+    circuit.record_success();
+    circuit.record_failure();
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    // Open: ignored.
+    circuit.record_success();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+#[test]
+fn failures_only_ignores_successes_and_classifies_errors_as_the_default_does() {
+    let ok: Result<&(), &(dyn Error + 'static)> = Ok(&());
+    assert_eq!(FailuresOnly.classify(ok), Outcome::Ignore);
+    let e = refused();
+    let err: Result<&(), &(dyn Error + 'static)> = Err(&e);
+    assert_eq!(FailuresOnly.classify(err), Outcome::Failure);
+    assert_eq!(DefaultClassifier.classify(err), Outcome::Failure);
 }

@@ -44,6 +44,30 @@ impl<Res> Classify<Res> for DefaultClassifier {
     }
 }
 
+/// Counts failed calls as [`DefaultClassifier`] does, and ignores successful ones: for a
+/// call whose success proves little, its real outcome being reported later with
+/// [`CircuitHandle::record_success`](super::CircuitHandle::record_success) and
+/// [`record_failure`](super::CircuitHandle::record_failure).
+///
+/// The case it is made for: a breaker around the connector of an MQTT gateway. A stalled
+/// broker (SIGSTOP, a hung process) still has its TCP handshakes completed by the
+/// kernel, so every connect succeeds; with the default classifier those successes keep
+/// resetting the consecutive-failure count between the CONNACK timeouts, and the circuit
+/// never opens. With this one, only the CONNACK (a success) or its timeout (a failure)
+/// count. A half-open probe whose connect succeeds returns its permit at once; the
+/// circuit closes once enough CONNACKs are reported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FailuresOnly;
+
+impl<Res> Classify<Res> for FailuresOnly {
+    fn classify(&self, result: Result<&Res, &(dyn Error + 'static)>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ignore,
+            Err(e) => classify_error(e),
+        }
+    }
+}
+
 /// Counts `5xx` responses as failures, on top of the errors [`DefaultClassifier`]
 /// counts. Any other status (including `4xx`, the client's fault) is a success.
 #[derive(Debug, Clone, Copy, Default)]

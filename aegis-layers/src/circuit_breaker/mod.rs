@@ -102,7 +102,9 @@ mod layer;
 mod service;
 mod state;
 
-pub use self::classify::{Classify, DefaultClassifier, HttpClassifier, Outcome, classify_error};
+pub use self::classify::{
+    Classify, DefaultClassifier, FailuresOnly, HttpClassifier, Outcome, classify_error,
+};
 pub use self::layer::{Builder, CircuitBreakerLayer};
 pub use self::service::CircuitBreaker;
 pub use self::state::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState};

@@ -332,6 +332,33 @@ impl Shared {
         }
     }
 
+    /// A success reported outside any call: counted as a successful call of the current
+    /// state (closed: resets the consecutive count and enters the failure-rate window;
+    /// half-open: towards the success threshold, closing the circuit when reached);
+    /// ignored while open or forced.
+    fn record_success(&self) {
+        let mut guard = self.machine.lock();
+        let m = &mut *guard;
+        if m.forced.is_some() {
+            return;
+        }
+        match &mut m.phase {
+            Phase::Closed => {
+                m.consecutive = 0;
+                self.success_is_noop
+                    .store(self.cfg.rate.is_none(), Ordering::Relaxed);
+                self.push(m, false);
+            }
+            Phase::HalfOpen { successes, .. } => {
+                *successes += 1;
+                if *successes >= self.cfg.success_threshold {
+                    self.transition(m, Phase::Closed);
+                }
+            }
+            Phase::Open { .. } => {}
+        }
+    }
+
     fn push(&self, m: &mut Machine, failed: bool) {
         let Some(rate) = self.cfg.rate else { return };
         if m.window.len() == rate.window {
@@ -472,5 +499,19 @@ impl CircuitHandle {
     /// only the failure rate can trip.
     pub fn record_failure(&self) {
         self.shared.record_failure();
+    }
+
+    /// Records a success of the inner service seen outside a call: the counterpart of
+    /// [`record_failure`](Self::record_failure), for a breaker whose calls prove nothing
+    /// when they succeed ([`FailuresOnly`](super::FailuresOnly)), such as the connect to
+    /// a broker whose CONNACK is the real sign of health (`aegis_mqtt`'s
+    /// `MqttLayer::connack_latency` reports each one).
+    ///
+    /// While closed it resets the consecutive-failure count and enters the failure-rate
+    /// window as a success; while half-open it counts towards
+    /// [`success_threshold`](super::Builder::success_threshold) and closes the circuit
+    /// when that is reached. While open or forced it is ignored.
+    pub fn record_success(&self) {
+        self.shared.record_success();
     }
 }
