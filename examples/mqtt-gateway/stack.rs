@@ -31,7 +31,9 @@ use std::task::{Context, Poll};
 use aegis_core::proxy::{Proxy, TcpConnect, Transferred};
 use aegis_core::{BoxError, ClientAddr, Conn, ConnParams, Handshake, LocalAddr, Param, PeerAddr};
 use aegis_layers::adaptive::{AdaptiveHandle, GlobalRate, PerClientRate, RateConfig};
-use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitHandle};
+use aegis_layers::circuit_breaker::{
+    CircuitBreakerLayer, CircuitHandle, Classify, DefaultClassifier, FailuresOnly, Outcome,
+};
 use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
 use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
@@ -119,6 +121,24 @@ impl<S: Service<BoxIo>, I: Io> Service<I> for Erase<S> {
 
     fn call(&mut self, io: I) -> S::Future {
         self.0.call(BoxIo(Box::new(io)))
+    }
+}
+
+/// The upstream breaker's classifier: a failed connect is a failure as usual; a
+/// successful one is a success only when the CONNACK does not decide (see
+/// [`FailuresOnly`](aegis_layers::circuit_breaker::FailuresOnly)).
+#[derive(Clone, Copy, Debug)]
+struct ConnectClassifier {
+    connack_decides: bool,
+}
+
+impl<R> Classify<R> for ConnectClassifier {
+    fn classify(&self, result: Result<&R, &(dyn std::error::Error + 'static)>) -> Outcome {
+        if self.connack_decides {
+            FailuresOnly.classify(result)
+        } else {
+            DefaultClassifier.classify(result)
+        }
     }
 }
 
@@ -267,13 +287,18 @@ pub(crate) fn build(
     let rate_handle = rate_limit.as_ref().map(RateLimitLayer::handle);
 
     // The upstream connector: TcpConnect, then the breaker, then the latency probe.
+    // With the MQTT layer's CONNACK timeout on, the broker's CONNACK (a success) and its
+    // timeout (a failure) are the breaker's outcomes, not the connect: a stalled broker
+    // still completes TCP handshakes, and those successes would keep the circuit closed.
+    let connack_decides = c.mqtt.enabled && !c.mqtt.connack_timeout.is_zero();
     let breaker = c.circuit_breaker.enabled.then(|| {
         let cb = &c.circuit_breaker;
         let mut b = CircuitBreakerLayer::builder("upstream")
             .consecutive_failures((cb.consecutive_failures > 0).then_some(cb.consecutive_failures))
             .open_for(cb.open_for)
             .half_open_permits(cb.half_open_permits)
-            .success_threshold(cb.success_threshold);
+            .success_threshold(cb.success_threshold)
+            .classifier(ConnectClassifier { connack_decides });
         if cb.failure_rate.enabled {
             let fr = &cb.failure_rate;
             b = b.failure_rate(fr.ratio, fr.window, fr.min_calls);
@@ -356,10 +381,20 @@ pub(crate) fn build(
                 layer = layer.on_connack_timeout(move || breaker.record_failure());
             }
         }
-        if let Some(control) = adaptive.clone() {
-            // The broker's CONNECT to CONNACK round trip is the latency that matters to
-            // a connecting client; the gateway's own refusals are not samples.
-            layer = layer.connack_latency(ConnackLatency::new(move |rtt| control.record(rtt)));
+        // The broker's CONNECT to CONNACK round trip is the latency that matters to a
+        // connecting client (the gateway's own refusals are not samples), and each
+        // CONNACK is the breaker's success when the CONNACK decides.
+        let control = adaptive.clone();
+        let breaker = breaker_handle.clone().filter(|_| connack_decides);
+        if control.is_some() || breaker.is_some() {
+            layer = layer.connack_latency(ConnackLatency::new(move |rtt| {
+                if let Some(control) = &control {
+                    control.record(rtt);
+                }
+                if let Some(breaker) = &breaker {
+                    breaker.record_success();
+                }
+            }));
         }
         let l = &c.limits;
         let q = &settings.policy;

@@ -224,3 +224,119 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
     }
     assert_eq!(connects.load(Ordering::SeqCst), before + 2);
 }
+
+/// A broker that is stalled (SIGSTOP) rather than gone: the kernel still completes the
+/// TCP handshakes, so only the CONNACK can tell. With `FailuresOnly` around the
+/// connector, the CONNACK timeout reports each stalled connection as a failure and the
+/// broker's CONNACKs report the successes: the circuit opens after two timeouts, clients
+/// then get "server unavailable" at once, and after SIGCONT a probe's CONNACK closes it.
+#[tokio::test]
+async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recovers() {
+    use aegis_layers::circuit_breaker::FailuresOnly;
+    use aegis_mqtt::layer::ConnackLatency;
+
+    let broker = Mosquitto::start().await;
+    let connects = Arc::new(AtomicUsize::new(0));
+    let breaker = CircuitBreakerLayer::builder("mosquitto")
+        .consecutive_failures(Some(2))
+        .open_for(Duration::from_millis(300))
+        .success_threshold(1)
+        .classifier(FailuresOnly)
+        .build();
+    let circuit = breaker.handle();
+    let connector = breaker.layer(Counting {
+        inner: TcpConnect::new(broker.addr()).timeout(Duration::from_secs(2)),
+        connects: Arc::clone(&connects),
+    });
+    let (on_timeout, on_connack) = (circuit.clone(), circuit.clone());
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .connack_timeout(Duration::from_millis(300))
+        .on_connack_timeout(move || on_timeout.record_failure())
+        .connack_latency(ConnackLatency::new(move |_| on_connack.record_success()))
+        .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
+    let (tx, mut outcomes) = mpsc::unbounded_channel();
+    let stack = tower::service_fn(move |conn: Conn<TcpStream>| {
+        let (gateway, tx) = (gateway.clone(), tx.clone());
+        async move {
+            let peer = Param::<PeerAddr>::param(&conn).0;
+            let res = gateway.oneshot(conn).await;
+            let _ = tx.send((peer, res.as_ref().err().map(|e| label_of(&**e))));
+            res
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, stack).into_future());
+
+    // Healthy: the broker's CONNACK is a reported success.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect(4, "before", 60)).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    s.write_all(&[0xE0, 0x00]).await.unwrap();
+    drop(s);
+
+    // Stalled: each connect succeeds (the kernel answers the handshake), and the client
+    // gets the gateway's CONNACK 0x03 once the 300 ms CONNACK timeout fires. Two of
+    // those open the circuit although every connect succeeded.
+    broker.signal("STOP");
+    for n in 1..=2 {
+        assert_eq!(circuit.state(), CircuitState::Closed, "stalled client {n}");
+        let before = connects.load(Ordering::SeqCst);
+        let (answer, labels) = refused_client(addr, &mut outcomes, &connect(4, "stall", 60)).await;
+        assert_eq!(answer, V3_UNAVAILABLE);
+        assert_eq!(labels, ("mqtt", "connack_timeout"));
+        assert_eq!(
+            connects.load(Ordering::SeqCst),
+            before + 1,
+            "the connect went through"
+        );
+    }
+    assert_eq!(circuit.state(), CircuitState::Open);
+
+    // Open: the next client is answered without a connect and without waiting for any
+    // timeout (300 ms open period: a slow machine may have let it go half-open, in which
+    // case that client was a probe that timed out and re-opened it; try again).
+    let mut fast = false;
+    for _ in 0..10 {
+        let before = connects.load(Ordering::SeqCst);
+        let (answer, labels) = refused_client(addr, &mut outcomes, &connect(5, "open", 60)).await;
+        assert_eq!(answer, V5_UNAVAILABLE);
+        if labels == ("circuit_breaker", "open") {
+            assert_eq!(connects.load(Ordering::SeqCst), before, "no connect");
+            fast = true;
+            break;
+        }
+        assert_eq!(
+            labels,
+            ("mqtt", "connack_timeout"),
+            "a probe into the stall"
+        );
+    }
+    assert!(fast, "no client was answered by the open circuit");
+
+    // Resumed: once half-open, a probe's connect succeeds (decides nothing), the broker's
+    // CONNACK is a reported success, and the circuit closes.
+    broker.signal("CONT");
+    let mut closed = false;
+    for _ in 0..50 {
+        if circuit.state() != CircuitState::Open {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&connect(4, "after", 60)).await.unwrap();
+            let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+            if answer == (0x20, vec![0x00, 0x00]) {
+                assert_eq!(
+                    circuit.state(),
+                    CircuitState::Closed,
+                    "the CONNACK closed it"
+                );
+                closed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the circuit never closed after SIGCONT");
+}

@@ -138,6 +138,19 @@ impl Mosquitto {
         }
     }
 
+    /// Sends the broker `signal` (`"STOP"` stalls it: the kernel still completes TCP
+    /// handshakes on its port, but nothing answers; `"CONT"` resumes it).
+    #[allow(dead_code)] // breaker
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("mosquitto is running").id();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Everything the broker logged since it last started.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
