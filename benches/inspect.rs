@@ -1,4 +1,141 @@
-//! Placeholder: the inspect bench is being written.
-#![allow(missing_docs)]
+//! Payload inspection: 1,000 messages of 100-byte payloads (JSON telemetry, one in 20 an
+//! attack from the default set's categories) through `Inspector::inspect`, against the
+//! same loop without inspection.
+//!
+//! ```text
+//! cargo bench -p benches --bench inspect
+//! ```
+//!
+//! - `baseline`: the loop alone (it reads each payload's length, so that the messages
+//!   are touched);
+//! - `default_rules`: `Inspector::inspect` with the default rule set (one `RegexSet`);
+//! - `all_rules`: the default set plus a topic rule with `%c`, a size limit and an
+//!   entropy rule over 64 bytes (so it runs on every payload here).
+//!
+//! Goal: at least 1 million messages per second per core with the default rules. The
+//! figures are printed in messages per second after criterion's own report.
 
-fn main() {}
+use std::hint::black_box;
+use std::time::Duration;
+
+use aegis_mqtt::inspect::{Action, ClientMatch, Inspector, Message, Outcome, Severity, TopicRule};
+use criterion::{Criterion, Throughput};
+
+const MESSAGES: usize = 1_000;
+const PAYLOAD: usize = 100;
+
+/// `s` padded with spaces before its closing brace (or cut) to exactly 100 bytes.
+fn sized(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    let close = v.pop();
+    v.resize(PAYLOAD - 1, b' ');
+    v.extend(close);
+    v.truncate(PAYLOAD);
+    v
+}
+
+fn payloads() -> Vec<Vec<u8>> {
+    const ATTACKS: [&str; 5] = [
+        r#"{"device":"sensor-0042","note":"x' OR '1'='1"}"#,
+        r#"{"device":"sensor-0042","cmd":"ping 8.8.8.8; cat /etc/passwd"}"#,
+        r#"{"device":"sensor-0042","label":"<script>alert(1)</script>"}"#,
+        r#"{"device":"sensor-0042","file":"../../../etc/shadow"}"#,
+        r#"{"device":"sensor-0042","q":"1 UNION SELECT pass FROM users"}"#,
+    ];
+    (0..MESSAGES)
+        .map(|i| {
+            if i % 20 == 19 {
+                sized(ATTACKS[(i / 20) % ATTACKS.len()])
+            } else {
+                let t = 15.0 + f64::from(u32::try_from(i % 100).unwrap()) / 10.0;
+                sized(&format!(
+                    r#"{{"device":"sensor-{:04}","t":{t:.2},"h":{},"p":1013.{},"bat":{},"ts":{}}}"#,
+                    i % 64,
+                    30 + i % 40,
+                    i % 10,
+                    50 + i % 50,
+                    1_700_000_000 + i
+                ))
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+
+    let payloads = payloads();
+    assert!(payloads.iter().all(|p| p.len() == PAYLOAD));
+    let msgs: Vec<Message<'_>> = payloads
+        .iter()
+        .map(|p| Message {
+            client_id: "sensor-0042",
+            username: Some("devices"),
+            topic: "devices/sensor-0042/telemetry",
+            payload: p,
+        })
+        .collect();
+    let default_rules = Inspector::builder().default_rules().build().unwrap();
+    let all_rules = Inspector::builder()
+        .default_rules()
+        .max_payload(64 * 1024, Action::Block, Severity::Medium)
+        .entropy(7.5, 64, Action::Flag, Severity::Low)
+        .topics(TopicRule::new(ClientMatch::Any).allow("devices/%c/#"))
+        .build()
+        .unwrap();
+    // The stream is what it says: 50 blocks, the rest passes.
+    let blocked = |i: &Inspector| {
+        msgs.iter()
+            .filter(|m| matches!(i.inspect(m), Outcome::Blocked(_)))
+            .count()
+    };
+    assert_eq!(blocked(&default_rules), MESSAGES / 20);
+    assert_eq!(blocked(&all_rules), MESSAGES / 20);
+
+    let mut g = c.benchmark_group("inspect_100_byte_payloads");
+    g.throughput(Throughput::Elements(MESSAGES as u64));
+    g.bench_function("baseline", |b| b.iter(|| baseline(black_box(&msgs))));
+    g.bench_function("default_rules", |b| {
+        b.iter(|| inspect_all(&default_rules, black_box(&msgs)));
+    });
+    g.bench_function("all_rules", |b| {
+        b.iter(|| inspect_all(&all_rules, black_box(&msgs)));
+    });
+    g.finish();
+    c.final_summary();
+
+    // Messages per second on this core, from a plain timed loop.
+    for (name, run) in [
+        ("baseline", &(|| baseline(&msgs)) as &dyn Fn() -> usize),
+        ("default_rules", &|| inspect_all(&default_rules, &msgs)),
+        ("all_rules", &|| inspect_all(&all_rules, &msgs)),
+    ] {
+        let rounds = 2_000;
+        let start = tokio::time::Instant::now();
+        for _ in 0..rounds {
+            black_box(run());
+        }
+        let secs = tokio::time::Instant::now()
+            .saturating_duration_since(start)
+            .as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = (rounds * MESSAGES) as f64 / secs;
+        println!("inspect {name}: {:.2} M msgs/s", rate / 1e6);
+    }
+}
+
+/// The loop without inspection.
+fn baseline(msgs: &[Message<'_>]) -> usize {
+    msgs.iter().map(|m| black_box(m.payload).len() & 1).sum()
+}
+
+/// The number of messages blocked.
+fn inspect_all(inspector: &Inspector, msgs: &[Message<'_>]) -> usize {
+    msgs.iter()
+        .filter(|m| matches!(inspector.inspect(m), Outcome::Blocked(_)))
+        .count()
+}

@@ -24,6 +24,10 @@
 //! byte-exact. Acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP), DISCONNECT and AUTH
 //! are never limited and count in no tier: they answer the broker or end the session.
 //!
+//! With `PolicyBuilder::inspect` (feature `inspect`), a PUBLISH within the
+//! tiers is then inspected, and so is the will of each CONNECT; a blocked PUBLISH gets
+//! the answers above (MQTT 5 reason 0x87 for a topic rule, 0x99 for a payload rule).
+//!
 //! A packet is checked against its type's tier, then `packets`, then `bytes`; the first
 //! tier over its limit decides, and the tiers checked before it have counted the packet.
 //! A packet larger than the `bytes` burst is always over the limit. The CONNECT counts
@@ -55,7 +59,8 @@
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
 //! | `aegis_rejections_total` | counter | `layer="mqtt"`, `reason`: `connect_rate`, `message_rate` | connections refused by the policy |
-//! | `aegis_mqtt_dropped_total` | counter | `packet`: `publish`, `subscribe`; `reason`: `publish_rate`, `subscribe_rate`, `packet_rate`, `byte_rate` | packets kept from the broker |
+//! | `aegis_mqtt_dropped_total` | counter | `packet`: `publish`, `subscribe`; `reason`: `publish_rate`, `subscribe_rate`, `packet_rate`, `byte_rate`, `inspection` | packets kept from the broker |
+//! | `aegis_mqtt_inspection_total` | counter | `rule`, `action` | with `PolicyBuilder::inspect`: see the `inspect` module |
 //! | `aegis_mqtt_synthesized_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers written by the gateway |
 //! | `aegis_mqtt_unanswered_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers not sent because the queue was full |
 //! | `aegis_rate_limit_keys` and friends | | `limiter`: `mqtt_connect`, `mqtt_publish`, `mqtt_subscribe`, `mqtt_packets`, `mqtt_bytes` | the tiers' state, see `aegis_layers::rate_limit` |
@@ -74,6 +79,8 @@ use bytes::{Buf, BytesMut};
 pub use aegis_layers::rate_limit::{KeyBy, Quota};
 
 use super::Verdict;
+#[cfg(feature = "inspect")]
+use crate::inspect::{self, Inspector};
 use crate::{Connect, MqttError, Packet, Version, encode};
 
 /// The most bytes of gateway answers (SUBACK, PUBACK, PUBREC) one connection queues
@@ -99,6 +106,8 @@ struct Tiers {
     packets: Option<KeyedLimiter<IdKey>>,
     bytes: Option<KeyedLimiter<IdKey>>,
     v5_publish_answer: bool,
+    #[cfg(feature = "inspect")]
+    inspector: Option<Inspector>,
 }
 
 /// What the per-client tiers key on.
@@ -121,6 +130,8 @@ pub struct PolicyBuilder {
     bytes: Option<Quota>,
     max_keys: usize,
     v5_publish_answer: bool,
+    #[cfg(feature = "inspect")]
+    inspector: Option<Inspector>,
 }
 
 /// A tier of a [`Policy`].
@@ -206,7 +217,16 @@ impl Policy {
             bytes: None,
             max_keys: DEFAULT_MAX_KEYS,
             v5_publish_answer: false,
+            #[cfg(feature = "inspect")]
+            inspector: None,
         }
+    }
+
+    /// The payload inspector, if one is attached.
+    #[cfg(feature = "inspect")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
+    pub fn inspector(&self) -> Option<&Inspector> {
+        self.tiers.inspector.as_ref()
     }
 
     /// The keys `tier` tracks now (0 for a tier that is off).
@@ -284,6 +304,17 @@ impl PolicyBuilder {
         self
     }
 
+    /// Inspects each PUBLISH that passes the rate tiers, and the will of each CONNECT,
+    /// with `inspector` (see the [`crate::inspect`] module): a blocked
+    /// PUBLISH is dropped with the answers of a rate-limited one (MQTT 5 reason 0x87
+    /// for a topic rule, 0x99 for a payload rule), a blocked will refuses the CONNECT.
+    #[cfg(feature = "inspect")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
+    pub fn inspect(mut self, inspector: Inspector) -> Self {
+        self.inspector = Some(inspector);
+        self
+    }
+
     /// The most keys each tier tracks (default 100,000).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
@@ -304,6 +335,8 @@ impl PolicyBuilder {
                 packets: keyed(self.packets, "mqtt_packets"),
                 bytes: keyed(self.bytes, "mqtt_bytes"),
                 v5_publish_answer: self.v5_publish_answer,
+                #[cfg(feature = "inspect")]
+                inspector: self.inspector,
             }),
         }
     }
@@ -341,6 +374,48 @@ pub(crate) struct ConnPolicy {
     version: Version,
     /// Gateway answers not written yet: whole packets, at most [`MAX_QUEUED_ANSWERS`].
     answers: BytesMut,
+    /// The CONNECT's username, kept only for an inspector.
+    #[cfg(feature = "inspect")]
+    username: Option<Box<str>>,
+    /// The Topic Aliases of the PUBLISH packets forwarded, kept only for topic rules.
+    #[cfg(feature = "inspect")]
+    aliases: Aliases,
+}
+
+/// The most bytes of topics one connection's [`Aliases`] holds: an alias set beyond it
+/// is not recorded, and a PUBLISH using it is blocked as `topic_acl`.
+#[cfg(feature = "inspect")]
+const MAX_ALIAS_BYTES: usize = 64 * 1024;
+
+/// MQTT 5 Topic Aliases as the broker knows them: only those of forwarded PUBLISH
+/// packets, at most [`MAX_ALIAS_BYTES`] of topics.
+#[cfg(feature = "inspect")]
+#[derive(Debug, Default)]
+struct Aliases {
+    map: std::collections::HashMap<u16, Box<str>>,
+    bytes: usize,
+}
+
+#[cfg(feature = "inspect")]
+impl Aliases {
+    fn get(&self, alias: u16) -> Option<&str> {
+        self.map.get(&alias).map(|t| &**t)
+    }
+
+    /// Records `alias` for `topic` (the broker replaces an alias that is set again);
+    /// over the bound, forgets it instead, so that a later use is blocked.
+    fn set(&mut self, alias: u16, topic: &str) {
+        if self.get(alias) == Some(topic) {
+            return;
+        }
+        if let Some(old) = self.map.remove(&alias) {
+            self.bytes -= old.len();
+        }
+        if self.bytes + topic.len() <= MAX_ALIAS_BYTES {
+            self.bytes += topic.len();
+            self.map.insert(alias, Box::from(topic));
+        }
+    }
 }
 
 impl ConnPolicy {
@@ -351,10 +426,15 @@ impl ConnPolicy {
             key: None,
             version: Version::V3_1_1,
             answers: BytesMut::new(),
+            #[cfg(feature = "inspect")]
+            username: None,
+            #[cfg(feature = "inspect")]
+            aliases: Aliases::default(),
         }
     }
 
-    /// Checks an accepted CONNECT against the `connect` tier and learns the client id.
+    /// Checks an accepted CONNECT against the `connect` tier, learns the client id, and
+    /// inspects the will.
     pub(crate) fn on_connect(&mut self, connect: &Connect<'_>) -> Result<(), MqttError> {
         let (client_id, version) = (connect.client_id, connect.version);
         let tiers = &*self.policy.tiers;
@@ -376,6 +456,32 @@ impl ConnPolicy {
         } else {
             IdKey::Id(Arc::from(client_id))
         });
+        #[cfg(feature = "inspect")]
+        if let Some(inspector) = &tiers.inspector {
+            self.username = connect.username.map(Box::from);
+            if let Some(will) = &connect.will {
+                let msg = inspect::Message {
+                    client_id,
+                    username: connect.username,
+                    topic: will.topic,
+                    payload: will.payload,
+                };
+                let what = || {
+                    format!(
+                        "will to {:?} in CONNECT, {} bytes, QoS {}",
+                        will.topic,
+                        will.payload.len(),
+                        will.qos
+                    )
+                };
+                if settle(&inspector.inspect(&msg), self.addr, client_id, what) {
+                    // Reported here as a block: the security layer need not report
+                    // the refusal again.
+                    crate::security::mark_reported();
+                    return Err(MqttError::PayloadBlocked);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -413,6 +519,10 @@ impl ConnPolicy {
         }) {
             Tier::Bytes
         } else {
+            #[cfg(feature = "inspect")]
+            if let Packet::Publish(p) = packet {
+                return self.inspect_publish(p);
+            }
             return Verdict::Forward;
         };
         let client_id = match key {
@@ -423,11 +533,8 @@ impl ConnPolicy {
         let answer = match packet {
             Packet::Publish(p) => {
                 let v5_answer = tiers.v5_publish_answer && self.version == Version::V5;
-                match p.qos {
-                    1 if v5_answer => Some(("puback", pub_refusal(0x40, p.packet_id).to_vec())),
-                    2 if v5_answer => Some(("pubrec", pub_refusal(0x50, p.packet_id).to_vec())),
-                    _ => None,
-                }
+                pub_answer(v5_answer, p, encode::reason::QUOTA_EXCEEDED)
+                    .map(|(kind, bytes)| (kind, bytes.to_vec()))
             }
             Packet::Subscribe(filters) => {
                 let code = if self.version == Version::V5 {
@@ -464,12 +571,70 @@ impl ConnPolicy {
             "mqtt packet dropped by policy"
         );
         if let Some((kind, bytes)) = answer {
-            if self.answers.len() + bytes.len() <= MAX_QUEUED_ANSWERS {
-                self.answers.extend_from_slice(&bytes);
-                metrics::synthesized(kind);
-            } else {
-                metrics::unanswered(kind);
+            queue_answer(&mut self.answers, kind, &bytes);
+        }
+        Verdict::Drop
+    }
+
+    /// Inspects a PUBLISH within the rate tiers: forward it (passed or flagged) or drop
+    /// it (blocked), queueing the answer of an MQTT 5 `QoS` 1 or 2 if asked to.
+    #[cfg(feature = "inspect")]
+    fn inspect_publish(&mut self, p: &crate::Publish<'_>) -> Verdict {
+        let Self {
+            policy,
+            addr,
+            key,
+            version,
+            answers,
+            username,
+            aliases,
+        } = self;
+        let tiers = &*policy.tiers;
+        let Some(inspector) = &tiers.inspector else {
+            return Verdict::Forward;
+        };
+        let client_id = match key {
+            Some(IdKey::Id(id)) => &**id,
+            _ => "",
+        };
+        let topics = inspector.has_topic_rules();
+        // An empty topic name comes with an MQTT 5 Topic Alias (the session checks).
+        let topic = if p.topic.is_empty() {
+            p.topic_alias.and_then(|a| aliases.get(a))
+        } else {
+            Some(p.topic)
+        };
+        let what = || {
+            let topic = topic.unwrap_or("(unknown topic alias)");
+            format!(
+                "PUBLISH to {topic:?}, {} bytes, QoS {}",
+                p.payload.len(),
+                p.qos
+            )
+        };
+        let outcome = match topic {
+            None if topics => inspect::Outcome::Blocked(inspector.unknown_alias()),
+            topic => inspector.inspect(&inspect::Message {
+                client_id,
+                username: username.as_deref(),
+                topic: topic.unwrap_or(""),
+                payload: p.payload,
+            }),
+        };
+        if !settle(&outcome, *addr, client_id, what) {
+            if let (true, Some(alias), false) = (topics, p.topic_alias, p.topic.is_empty()) {
+                aliases.set(alias, p.topic);
             }
+            return Verdict::Forward;
+        }
+        metrics::dropped("publish", "inspection");
+        let reason = match outcome.blocked_by() {
+            Some(hit) if !hit.kind().is_payload() => encode::reason::NOT_AUTHORIZED,
+            _ => PAYLOAD_FORMAT_INVALID,
+        };
+        let v5_answer = tiers.v5_publish_answer && *version == Version::V5;
+        if let Some((kind, bytes)) = pub_answer(v5_answer, p, reason) {
+            queue_answer(answers, kind, &bytes);
         }
         Verdict::Drop
     }
@@ -480,12 +645,78 @@ impl ConnPolicy {
     }
 }
 
-/// An MQTT 5 PUBACK (`0x40`) or PUBREC (`0x50`) with reason 0x97 (quota exceeded) and no
-/// Property Length: a Remaining Length under 4 means no properties (5.0 §3.4.2.2,
-/// §3.5.2.2).
-const fn pub_refusal(first: u8, packet_id: u16) -> [u8; 5] {
+/// An MQTT 5 PUBACK (`0x40`) or PUBREC (`0x50`) with a reason code (0x97 quota
+/// exceeded, 0x87 not authorized, 0x99 payload format invalid) and no Property Length: a
+/// Remaining Length under 4 means no properties (5.0 §3.4.2.2, §3.5.2.2).
+const fn pub_refusal(first: u8, packet_id: u16, reason: u8) -> [u8; 5] {
     let id = packet_id.to_be_bytes();
-    [first, 0x03, id[0], id[1], encode::reason::QUOTA_EXCEEDED]
+    [first, 0x03, id[0], id[1], reason]
+}
+
+/// MQTT 5 reason code 0x99, payload format invalid (PUBACK, PUBREC).
+#[cfg(feature = "inspect")]
+const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+
+/// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
+/// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
+fn pub_answer(
+    v5_answer: bool,
+    p: &crate::Publish<'_>,
+    reason: u8,
+) -> Option<(&'static str, [u8; 5])> {
+    match p.qos {
+        1 if v5_answer => Some(("puback", pub_refusal(0x40, p.packet_id, reason))),
+        2 if v5_answer => Some(("pubrec", pub_refusal(0x50, p.packet_id, reason))),
+        _ => None,
+    }
+}
+
+/// Queues a gateway answer, or counts it unanswered when the queue is full.
+fn queue_answer(answers: &mut BytesMut, kind: &'static str, bytes: &[u8]) {
+    if answers.len() + bytes.len() <= MAX_QUEUED_ANSWERS {
+        answers.extend_from_slice(bytes);
+        metrics::synthesized(kind);
+    } else {
+        metrics::unanswered(kind);
+    }
+}
+
+/// Counts, reports and logs what inspection decided about a message (`what` describes
+/// it, never with its payload); `true` when it is blocked.
+#[cfg(feature = "inspect")]
+fn settle(
+    outcome: &inspect::Outcome<'_>,
+    addr: ClientAddr,
+    client_id: &str,
+    what: impl Fn() -> String,
+) -> bool {
+    use crate::security::{EventKind, Report, report};
+    let (hits, kind) = match outcome {
+        inspect::Outcome::Pass => return false,
+        inspect::Outcome::Flagged(hits) => (&hits[..], EventKind::Flag),
+        inspect::Outcome::Blocked(hit) => (std::slice::from_ref(hit), EventKind::Block),
+    };
+    for hit in hits {
+        inspect::metrics::count(hit);
+        let details = what();
+        tracing::debug!(
+            client_id = ?client_id,
+            client_addr = %addr,
+            rule = hit.rule(),
+            action = hit.action().label(),
+            severity = ?hit.severity(),
+            details = %details,
+            "mqtt message matched an inspection rule"
+        );
+        report(Report {
+            layer: "inspect",
+            kind,
+            severity: hit.severity(),
+            rule: Some(hit.rule()),
+            details,
+        });
+    }
+    kind == EventKind::Block
 }
 
 /// Consumes `n` written bytes of the answers, letting go of the buffer once empty.
@@ -566,8 +797,11 @@ mod tests {
 
     #[test]
     fn pub_refusals_have_remaining_length_3() {
-        assert_eq!(pub_refusal(0x40, 0x1234), [0x40, 0x03, 0x12, 0x34, 0x97]);
-        assert_eq!(pub_refusal(0x50, 7), [0x50, 0x03, 0x00, 0x07, 0x97]);
+        assert_eq!(
+            pub_refusal(0x40, 0x1234, 0x97),
+            [0x40, 0x03, 0x12, 0x34, 0x97]
+        );
+        assert_eq!(pub_refusal(0x50, 7, 0x87), [0x50, 0x03, 0x00, 0x07, 0x87]);
     }
 
     #[tokio::test(start_paused = true)]

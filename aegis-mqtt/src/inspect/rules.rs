@@ -1,0 +1,115 @@
+//! The default rule set (see `rules.md` for what it catches and what it lets through).
+//!
+//! Every pattern runs over the payload's bytes with `(?i-u)`: ASCII case-insensitive,
+//! and no Unicode classes, so `\s`, `\w` and `\b` are ASCII and the lazy DFA never has
+//! to give up on a non-ASCII byte.
+
+use crate::security::Severity;
+
+/// One pattern of the default set.
+pub(super) struct DefaultRule {
+    pub(super) name: &'static str,
+    pub(super) severity: Severity,
+    pub(super) pattern: &'static str,
+}
+
+const fn rule(name: &'static str, severity: Severity, pattern: &'static str) -> DefaultRule {
+    DefaultRule {
+        name,
+        severity,
+        pattern,
+    }
+}
+
+const SQL: &str = "sql_injection";
+const CMD: &str = "command_injection";
+const XSS: &str = "xss";
+const PATH: &str = "path_traversal";
+
+/// In order: where several match a blocked message, the first one names the block.
+pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
+    // ' OR '1'='1, 1' and 2>1, ' or x like
+    rule(
+        SQL,
+        Severity::High,
+        r#"(?i-u)'\s*(?:or|and|\|\||&&)\s*(?:'[^']*'|"[^"]*"|\d+|[a-z_]+)\s*(?:=|<>|!=|<|>|\blike\b)"#,
+    ),
+    // " or ""=", or 1=1
+    rule(
+        SQL,
+        Severity::High,
+        r#"(?i-u)"\s*or\s*""\s*=|\b(?:or|and)\s+\d+\s*=\s*\d+\b"#,
+    ),
+    // UNION SELECT, union/**/all/**/select, union+select
+    rule(
+        SQL,
+        Severity::High,
+        r"(?i-u)\bunion(?:\s|\+|/\*[^*]*\*/)+(?:all(?:\s|\+|/\*[^*]*\*/)+)?select\b",
+    ),
+    // ; DROP TABLE, ; delete from, ; insert into, ; shutdown
+    rule(
+        SQL,
+        Severity::High,
+        r"(?i-u);\s*(?:(?:drop|truncate|alter|create)\s+(?:table|database|schema|user)\b|delete\s+from\b|insert\s+into\b|update\s+\w+\s+set\b|shutdown\b|exec(?:ute)?\s+(?:xp|sp)_)",
+    ),
+    // admin'--, x'#, x'/*; blind injection; well-known catalogue names
+    rule(
+        SQL,
+        Severity::High,
+        r"(?i-u)'\s*(?:--|#|/\*)|(?:'|\b(?:or|and))\s*(?:sleep|pg_sleep|benchmark)\s*\(|\bwaitfor\s+delay\s+'|\b(?:information_schema|xp_cmdshell|sysobjects)\b",
+    ),
+    // ; cat /etc/passwd, && wget http://.., | sh -c
+    rule(
+        CMD,
+        Severity::Critical,
+        r"(?i-u)[;&|`]\s*(?:cat|ls|rm|cp|mv|chmod|chown|wget|curl|bash|sh|zsh|dash|python[0-9.]*|perl|php|ruby|busybox|tftp|echo)\s+(?:[-/.~$'\x22]|https?:|ftp:)",
+    ),
+    // ; id, | whoami, && uname -a
+    rule(
+        CMD,
+        Severity::Critical,
+        r"(?i-u)[;&|`]\s*(?:id|whoami|uname|ifconfig|pwd|reboot)\s*(?:$|[;&|`#)]|-[a-z])",
+    ),
+    // | nc host port
+    rule(
+        CMD,
+        Severity::Critical,
+        r"(?i-u)[;&|`]\s*(?:nc|ncat|netcat|telnet)\s+(?:-[a-z]+\s+)*[a-z0-9_.:-]+\s+\d+\b",
+    ),
+    // $(curl ..), `id`, ${IFS}, /bin/sh
+    rule(
+        CMD,
+        Severity::Critical,
+        r"(?i-u)\$\(\s*[a-z/.]|`\s*[a-z/.][^`\n]*`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b",
+    ),
+    // <script>, </script>, <iframe, <object, <embed
+    rule(
+        XSS,
+        Severity::Medium,
+        r"(?i-u)<\s*/?\s*script\b|<\s*(?:iframe|object|embed|applet|frameset|base|meta)\b",
+    ),
+    // onerror=, onload=, ...
+    rule(
+        XSS,
+        Severity::Medium,
+        r"(?i-u)\bon(?:error|load|unload|click|dblclick|mouse[a-z]+|focus[a-z]*|blur|key[a-z]+|submit|change|input|abort|animation[a-z]+|toggle|pointer[a-z]+|begin|wheel|scroll|message|touch[a-z]+|drag[a-z]*|copy|paste|play)\s*=",
+    ),
+    // javascript:, vbscript:, data:text/html, document.cookie
+    rule(
+        XSS,
+        Severity::Medium,
+        r"(?i-u)\b(?:java|vb)script\s*:|\bdata\s*:\s*text/html|\bdocument\s*\.\s*(?:cookie|write|domain)\b",
+    ),
+    // ../../, ..\..\, ....//....//, %2e%2e%2f%2e%2e%2f
+    rule(
+        PATH,
+        Severity::High,
+        r"(?i-u)(?:\.|%2e){2,}(?:/|\\|%2f|%5c){1,2}(?:\.|%2e){2,}(?:/|\\|%2f|%5c)|%c0%af|%c1%9c",
+    ),
+    // /etc/passwd, /proc/self/, \windows\system32, win.ini
+    rule(
+        PATH,
+        Severity::High,
+        r"(?i-u)/etc/(?:passwd|shadow)\b|/proc/self/|\\windows\\(?:system32|win\.ini)|\bboot\.ini\b",
+    ),
+];
