@@ -1,0 +1,214 @@
+//! An authenticator that POSTs the credentials as JSON to an HTTP service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+use super::{AuthError, Credentials, Decision};
+use crate::Version;
+
+/// The most of an answer's body read (and ignored), so that its connection can be reused.
+const MAX_BODY: usize = 4096;
+
+/// Asks an HTTP service: `POST` of the credentials as JSON to a URL; 2xx allows, 401 and
+/// 403 deny, anything else is an error. See the [module docs](super#the-http-authenticator)
+/// for the request.
+///
+/// Cheap to clone: clones share one pool of keep-alive connections (a hyper-util
+/// `Client` with an `HttpConnector`). Only `http://` URLs work; `https` is not supported.
+#[derive(Debug, Clone)]
+pub struct HttpAuth {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    headers: Arc<HeaderMap>,
+}
+
+impl HttpAuth {
+    /// Posts to `uri` (an `http://` URL).
+    pub fn new(uri: Uri) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            client,
+            uri,
+            headers: Arc::new(HeaderMap::new()),
+        }
+    }
+
+    /// Adds a header to every request, such as `Authorization: Bearer ...` for the
+    /// service to know the gateway.
+    #[must_use]
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        Arc::make_mut(&mut self.headers).append(name, value);
+        self
+    }
+
+    /// The URL posted to.
+    pub const fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn request(&self, creds: &Credentials) -> Result<Request<Full<Bytes>>, AuthError> {
+        let json = serde_json::to_vec(&body(creds)).map_err(|_| AuthError::Invalid("json body"))?;
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(json)))
+            .map_err(|_| AuthError::Invalid("http request"))?;
+        for (name, value) in self.headers.iter() {
+            req.headers_mut().append(name, value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The JSON body of a callout (see the [module docs](super#the-http-authenticator)).
+fn body(creds: &Credentials) -> serde_json::Map<String, serde_json::Value> {
+    let mut body = serde_json::Map::new();
+    body.insert("client_id".into(), creds.client_id.as_ref().into());
+    body.insert(
+        "username".into(),
+        creds
+            .username
+            .as_deref()
+            .map_or(serde_json::Value::Null, Into::into),
+    );
+    match creds.password.as_deref().map(std::str::from_utf8) {
+        None => {
+            body.insert("password".into(), serde_json::Value::Null);
+        }
+        Some(Ok(p)) => {
+            body.insert("password".into(), p.into());
+        }
+        Some(Err(_)) => {
+            let hex = creds.password.as_deref().map(hex).unwrap_or_default();
+            body.insert("password_hex".into(), hex.into());
+        }
+    }
+    body.insert("client_addr".into(), creds.client_addr.to_string().into());
+    let protocol = match creds.version {
+        Version::V3_1 => "3.1",
+        Version::V3_1_1 => "3.1.1",
+        Version::V5 => "5.0",
+    };
+    body.insert("protocol".into(), protocol.into());
+    body
+}
+
+/// Lower-case hex of `b`.
+fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0F)]));
+    }
+    s
+}
+
+/// The decision a status stands for.
+fn decide(status: hyper::StatusCode) -> Result<Decision, AuthError> {
+    match status.as_u16() {
+        200..=299 => Ok(Decision::Allow),
+        401 | 403 => Ok(Decision::Deny),
+        s => Err(AuthError::Status(s)),
+    }
+}
+
+impl Service<Credentials> for HttpAuth {
+    type Response = Decision;
+    type Error = AuthError;
+    type Future = Pin<Box<dyn Future<Output = Result<Decision, AuthError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AuthError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, creds: Credentials) -> Self::Future {
+        let req = self.request(&creds);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let res = client.request(req?).await.map_err(|e| {
+                if e.is_connect() {
+                    AuthError::Unavailable(Arc::new(e))
+                } else {
+                    AuthError::Failed(Arc::new(e))
+                }
+            })?;
+            let decision = decide(res.status());
+            // Drains a short body so the connection can be reused; a long or failed one
+            // only costs that connection.
+            let _ = Limited::new(res.into_body(), MAX_BODY).collect().await;
+            decision
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(decide(hyper::StatusCode::OK).unwrap(), Decision::Allow);
+        assert_eq!(
+            decide(hyper::StatusCode::NO_CONTENT).unwrap(),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide(hyper::StatusCode::UNAUTHORIZED).unwrap(),
+            Decision::Deny
+        );
+        assert_eq!(
+            decide(hyper::StatusCode::FORBIDDEN).unwrap(),
+            Decision::Deny
+        );
+        let e = decide(hyper::StatusCode::INTERNAL_SERVER_ERROR).unwrap_err();
+        assert_eq!(e.label(), "status");
+        assert_eq!(
+            decide(hyper::StatusCode::FOUND).unwrap_err().label(),
+            "status"
+        );
+    }
+
+    #[test]
+    fn body_schema() {
+        let addr = "192.0.2.1:4000".parse().unwrap();
+        let auth = HttpAuth::new(Uri::from_static("http://127.0.0.1:1/auth"));
+        let creds = Credentials::new("c1", Some("alice"), Some(&[0xff, 0x00]), addr)
+            .with_version(Version::V5);
+        let auth = auth.header(
+            hyper::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer t"),
+        );
+        let req = auth.request(&creds).unwrap();
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(req.headers()[hyper::header::AUTHORIZATION], "Bearer t");
+        assert_eq!(
+            serde_json::Value::Object(body(&creds)),
+            serde_json::json!({"client_id": "c1", "username": "alice", "password_hex": "ff00",
+                "client_addr": "192.0.2.1:4000", "protocol": "5.0"})
+        );
+        let creds = Credentials::new("c2", None, None, addr);
+        assert_eq!(
+            serde_json::Value::Object(body(&creds)),
+            serde_json::json!({"client_id": "c2", "username": null, "password": null,
+                "client_addr": "192.0.2.1:4000", "protocol": "3.1.1"})
+        );
+    }
+}

@@ -1,0 +1,747 @@
+//! The auth layer against a real HTTP auth service (hyper, on a loopback socket, started
+//! by each test and counting its calls), and the static authenticator.
+#![cfg(all(feature = "auth-http", feature = "auth-static"))]
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aegis_core::error::BoxError;
+use aegis_core::metrics::REJECTIONS_TOTAL;
+use aegis_core::{Conn, metrics::testing};
+use aegis_mqtt::auth::{
+    AuthLayer, Credentials, Decision, HttpAuth, StaticAuth, StaticAuthError, metrics as m,
+};
+use aegis_mqtt::layer::{MqttIo, MqttLayer};
+use aegis_mqtt::{Config, MqttError, Version};
+use bytes::Bytes;
+use common::head;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use metrics_util::debugging::{DebugValue, Snapshotter};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tower::{Layer, ServiceExt, service_fn};
+
+/// The gateway's address in every test.
+const LOCAL: &str = "127.0.0.1:1883";
+/// The client's address, unless a test says otherwise.
+const PEER: &str = "192.0.2.1:4000";
+
+/// A real HTTP auth service on a loopback socket: 200 for alice/secret, 401 otherwise.
+struct AuthServer {
+    url: Uri,
+    /// Requests received (counted when they arrive, before any answer).
+    calls: Arc<AtomicUsize>,
+    /// While `false`, requests wait before they are answered.
+    open: watch::Sender<bool>,
+    /// The last request's JSON body.
+    last: Arc<Mutex<Option<serde_json::Value>>>,
+    task: JoinHandle<()>,
+}
+
+impl AuthServer {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (open, gate) = watch::channel(true);
+        let last = Arc::new(Mutex::new(None));
+        let (c, l) = (Arc::clone(&calls), Arc::clone(&last));
+        let task = tokio::spawn(async move {
+            // Aborting the task drops the listener and every connection in the set.
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (c, l, gate) = (Arc::clone(&c), Arc::clone(&l), gate.clone());
+                let svc = hyper::service::service_fn(move |req| {
+                    handle(req, Arc::clone(&c), Arc::clone(&l), gate.clone())
+                });
+                conns.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            url: format!("http://{addr}/auth").parse().unwrap(),
+            calls,
+            open,
+            last,
+            task,
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Stops the service: no listener, no connection.
+    async fn stop(self) {
+        self.task.abort();
+        assert!(self.task.await.unwrap_err().is_cancelled());
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    calls: Arc<AtomicUsize>,
+    last: Arc<Mutex<Option<serde_json::Value>>>,
+    mut gate: watch::Receiver<bool>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let ok_type = req.headers()["content-type"] == "application/json";
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let allow = ok_type && json["username"] == "alice" && json["password"] == "secret";
+    *last.lock() = Some(json);
+    let _ = gate.wait_for(|open| *open).await;
+    let status = if allow {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    };
+    Ok(Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .unwrap())
+}
+
+/// A CONNECT (3.1.1, or 5.0 with `v5`) with a client id, username and password.
+fn connect(v5: bool, id: &str, user: &str, pass: &str) -> Vec<u8> {
+    let b = head("MQTT", if v5 { 5 } else { 4 }, 0xC2);
+    let b = if v5 { b.props(&[]) } else { b };
+    b.s(id).s(user).s(pass).frame(0x10)
+}
+
+/// One connection's end: the stack's result (the inner service's bytes read, or the
+/// refusal), and everything the client received.
+struct Run {
+    result: Result<Vec<u8>, BoxError>,
+    got: Vec<u8>,
+}
+
+/// Sends `bytes` from `peer` through `MqttLayer` and `layer` to an inner service that
+/// reads everything the client sent (and counts its calls in `inner`).
+async fn mqtt(
+    layer: &AuthLayer<HttpAuth>,
+    inner: &Arc<AtomicUsize>,
+    peer: &str,
+    bytes: Vec<u8>,
+) -> Run {
+    let inner = Arc::clone(inner);
+    let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
+        inner.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut seen = Vec::new();
+            io.read_to_end(&mut seen).await?;
+            Ok::<_, BoxError>(seen)
+        }
+    });
+    let svc = MqttLayer::new(Config::new()).layer(layer.clone().layer(broker));
+    let (mut client, server) = tokio::io::duplex(4096);
+    let io = Conn::new(server, peer.parse().unwrap(), LOCAL.parse().unwrap());
+    let conn = tokio::spawn(svc.oneshot(io));
+    client.write_all(&bytes).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    Run {
+        result: conn.await.unwrap(),
+        got,
+    }
+}
+
+/// The refusal of a run.
+fn refusal(run: &Run) -> MqttError {
+    let err = run.result.as_ref().expect_err("a refusal");
+    *aegis_core::error::find::<MqttError>(&**err).expect("an MqttError")
+}
+
+/// Counters and histogram sample counts from one snapshot of the recorder.
+struct Seen(Vec<Series>);
+
+/// A series' name, labels and value.
+type Series = (String, Vec<(String, String)>, DebugValue);
+
+impl Seen {
+    fn take(snap: &Snapshotter) -> Self {
+        Self(
+            snap.snapshot()
+                .into_vec()
+                .into_iter()
+                .map(|(k, _, _, v)| {
+                    let key = k.key();
+                    let labels = key
+                        .labels()
+                        .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                        .collect();
+                    (key.name().to_owned(), labels, v)
+                })
+                .collect(),
+        )
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a DebugValue> + 'a {
+        self.0
+            .iter()
+            .filter(move |(n, ls, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+    }
+
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.matching(name, labels)
+            .map(|v| match v {
+                DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn auth(&self, result: &str, cache: &str) -> u64 {
+        self.counter(m::AUTH_TOTAL, &[("result", result), ("cache", cache)])
+    }
+
+    fn rejections(&self, reason: &str) -> u64 {
+        self.counter(REJECTIONS_TOTAL, &[("layer", "mqtt"), ("reason", reason)])
+    }
+
+    /// How many callout latencies were recorded.
+    fn callouts(&self) -> usize {
+        self.matching(m::CALLOUT_SECONDS, &[])
+            .map(|v| match v {
+                DebugValue::Histogram(h) => h.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Polls `cond` (every millisecond of real time) until it holds; fails after 10 s.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited too long for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[test]
+fn allowed_reaches_the_broker_byte_exact_and_denied_gets_not_authorized() {
+    let ((), snap) = testing::run(false, || async {
+        let server = AuthServer::start().await;
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone()));
+        let inner = Arc::new(AtomicUsize::new(0));
+
+        for (v5, id) in [(false, "c4"), (true, "c5")] {
+            let bytes = connect(v5, id, "alice", "secret");
+            let run = mqtt(&layer, &inner, PEER, bytes.clone()).await;
+            assert_eq!(run.result.unwrap(), bytes, "the CONNECT, byte for byte");
+            assert!(run.got.is_empty());
+        }
+        assert_eq!(inner.load(Ordering::SeqCst), 2);
+        assert_eq!(server.calls(), 2);
+        assert_eq!(
+            server.last.lock().take().unwrap(),
+            serde_json::json!({"client_id": "c5", "username": "alice", "password": "secret",
+                "client_addr": PEER, "protocol": "5.0"})
+        );
+
+        let run = mqtt(&layer, &inner, PEER, connect(false, "c4", "alice", "guess")).await;
+        assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(refusal(&run), MqttError::NotAuthorized);
+        let run = mqtt(&layer, &inner, PEER, connect(true, "c5", "alice", "guess")).await;
+        assert_eq!(run.got, [0x20, 0x03, 0x00, 0x87, 0x00]);
+        assert_eq!(refusal(&run), MqttError::NotAuthorized);
+        assert_eq!(
+            inner.load(Ordering::SeqCst),
+            2,
+            "a denied client never reaches it"
+        );
+        assert_eq!(server.calls(), 4);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("allow", "miss"), 2);
+    assert_eq!(seen.auth("deny", "miss"), 2);
+    assert_eq!(seen.counter(m::AUTH_TOTAL, &[]), 4);
+    assert_eq!(seen.rejections("not_authorized"), 2);
+    assert_eq!(seen.callouts(), 4);
+}
+
+#[test]
+fn a_cache_hit_does_not_call_the_service_and_new_credentials_miss() {
+    let ((), snap) = testing::run(false, || async {
+        let server = AuthServer::start().await;
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone()));
+        let inner = Arc::new(AtomicUsize::new(0));
+        let alice = connect(false, "c1", "alice", "secret");
+
+        for _ in 0..3 {
+            let run = mqtt(&layer, &inner, PEER, alice.clone()).await;
+            assert_eq!(run.result.unwrap(), alice);
+        }
+        assert_eq!(
+            server.calls(),
+            1,
+            "the second and third CONNECT are cache hits"
+        );
+        assert_eq!(inner.load(Ordering::SeqCst), 3);
+
+        // A changed password is another key: the service is asked, and denies.
+        let wrong = connect(false, "c1", "alice", "secret2");
+        let run = mqtt(&layer, &inner, PEER, wrong.clone()).await;
+        assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(server.calls(), 2);
+        // The deny is cached too (a brute force of the same password stays here).
+        let run = mqtt(&layer, &inner, PEER, wrong).await;
+        assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(server.calls(), 2);
+
+        // The same credentials from another address are another key as well; another
+        // port of the same address is not.
+        let run = mqtt(&layer, &inner, "192.0.2.2:4000", alice.clone()).await;
+        assert_eq!(run.result.unwrap(), alice);
+        assert_eq!(server.calls(), 3);
+        let run = mqtt(&layer, &inner, "192.0.2.2:5000", alice.clone()).await;
+        assert_eq!(run.result.unwrap(), alice);
+        assert_eq!(server.calls(), 3);
+        assert_eq!(layer.cached(), 3);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("allow", "miss"), 2);
+    assert_eq!(seen.auth("allow", "hit"), 3);
+    assert_eq!(seen.auth("deny", "miss"), 1);
+    assert_eq!(seen.auth("deny", "hit"), 1);
+    assert_eq!(seen.callouts(), 3, "hits are not callouts");
+}
+
+#[test]
+fn the_ttl_expires() {
+    testing::run(false, || async {
+        let server = AuthServer::start().await;
+        let ttl = Duration::from_secs(30);
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone())).ttl(ttl);
+        let inner = Arc::new(AtomicUsize::new(0));
+        let alice = connect(true, "c1", "alice", "secret");
+
+        mqtt(&layer, &inner, PEER, alice.clone())
+            .await
+            .result
+            .unwrap();
+        assert_eq!(server.calls(), 1);
+        // Just before the TTL: still a hit. The HTTP exchange needs real time, so the
+        // clock is paused only to move it.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        tokio::time::resume();
+        mqtt(&layer, &inner, PEER, alice.clone())
+            .await
+            .result
+            .unwrap();
+        assert_eq!(server.calls(), 1);
+        // Past it: the service is asked again.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::resume();
+        mqtt(&layer, &inner, PEER, alice.clone())
+            .await
+            .result
+            .unwrap();
+        assert_eq!(server.calls(), 2);
+        mqtt(&layer, &inner, PEER, alice).await.result.unwrap();
+        assert_eq!(server.calls(), 2);
+    });
+}
+
+#[test]
+fn concurrent_connects_share_one_call() {
+    const N: usize = 8;
+    let ((), snap) = testing::run(false, || async {
+        let server = AuthServer::start().await;
+        server.open.send_replace(false);
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone()));
+        let inner = Arc::new(AtomicUsize::new(0));
+        let alice = connect(false, "c1", "alice", "secret");
+
+        let mut conns = JoinSet::new();
+        for _ in 0..N {
+            let (layer, inner, alice) = (layer.clone(), Arc::clone(&inner), alice.clone());
+            conns.spawn(async move { mqtt(&layer, &inner, PEER, alice).await });
+        }
+        // All N wait on the callout, which has reached the (held) service.
+        until("every check to wait", || layer.pending() == N).await;
+        until("the callout", || server.calls() == 1).await;
+        assert_eq!(inner.load(Ordering::SeqCst), 0);
+        server.open.send_replace(true);
+        while let Some(run) = conns.join_next().await {
+            assert_eq!(run.unwrap().result.unwrap(), alice);
+        }
+        assert_eq!(server.calls(), 1, "one callout for all of them");
+        assert_eq!(inner.load(Ordering::SeqCst), N);
+        assert_eq!(layer.pending(), 0);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("allow", "miss"), 1);
+    assert_eq!(seen.auth("allow", "shared"), N as u64 - 1);
+    assert_eq!(seen.callouts(), 1);
+}
+
+#[test]
+fn a_stopped_service_denies() {
+    let ((), snap) = testing::run(false, || async {
+        let server = AuthServer::start().await;
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone()));
+        let inner = Arc::new(AtomicUsize::new(0));
+        let alice = connect(false, "c1", "alice", "secret");
+        mqtt(&layer, &inner, PEER, alice).await.result.unwrap();
+        assert_eq!(server.calls(), 1);
+
+        server.stop().await;
+        // Not in the cache (another client id): the callout fails, and the client is
+        // refused all the same.
+        let run = mqtt(
+            &layer,
+            &inner,
+            PEER,
+            connect(false, "c2", "alice", "secret"),
+        )
+        .await;
+        assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(refusal(&run), MqttError::AuthError);
+        assert_eq!(inner.load(Ordering::SeqCst), 1);
+        // The error is not cached: the next attempt calls out again (and fails again).
+        let run = mqtt(&layer, &inner, PEER, connect(true, "c2", "alice", "secret")).await;
+        assert_eq!(run.got, [0x20, 0x03, 0x00, 0x87, 0x00]);
+        assert_eq!(refusal(&run), MqttError::AuthError);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("allow", "miss"), 1);
+    assert_eq!(seen.auth("error", "miss"), 2);
+    assert_eq!(seen.rejections("auth_error"), 2);
+    assert_eq!(seen.callouts(), 3);
+}
+
+#[test]
+fn a_timeout_denies_and_is_not_cached() {
+    let ((), snap) = testing::run(false, || async {
+        let server = AuthServer::start().await;
+        server.open.send_replace(false); // the service never answers
+        let layer =
+            AuthLayer::new(HttpAuth::new(server.url.clone())).timeout(Duration::from_millis(100));
+        let inner = Arc::new(AtomicUsize::new(0));
+        let alice = connect(true, "c1", "alice", "secret");
+
+        let run = mqtt(&layer, &inner, PEER, alice.clone()).await;
+        assert_eq!(run.got, [0x20, 0x03, 0x00, 0x87, 0x00]);
+        assert_eq!(refusal(&run), MqttError::AuthError);
+        assert_eq!(server.calls(), 1);
+        assert_eq!(inner.load(Ordering::SeqCst), 0);
+        assert_eq!(layer.cached(), 0);
+
+        // The service is back: the same credentials are asked again and allowed.
+        server.open.send_replace(true);
+        let run = mqtt(&layer, &inner, PEER, alice.clone()).await;
+        assert_eq!(run.result.unwrap(), alice);
+        assert_eq!(server.calls(), 2);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("error", "miss"), 1);
+    assert_eq!(seen.auth("allow", "miss"), 1);
+    assert_eq!(seen.rejections("auth_error"), 1);
+}
+
+#[test]
+fn check_reports_the_error_label() {
+    testing::run(false, || async {
+        let server = AuthServer::start().await;
+        server.open.send_replace(false);
+        let layer =
+            AuthLayer::new(HttpAuth::new(server.url.clone())).timeout(Duration::from_millis(50));
+        let creds = Credentials::new("c1", Some("alice"), Some(b"secret"), PEER.parse().unwrap());
+        let err = layer.check(creds.clone()).await.unwrap_err();
+        assert!(err.is_timeout());
+        assert_eq!(err.label(), "timeout");
+        server.stop().await;
+        let err = layer.check(creds).await.unwrap_err();
+        assert!(matches!(err.label(), "unavailable" | "failed"), "{err:?}");
+    });
+}
+
+/// An authenticator that counts its calls and allows everyone.
+fn counting(
+    calls: &Arc<AtomicUsize>,
+) -> impl tower::Service<Credentials, Response = Decision, Error = Infallible, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    let calls = Arc::clone(calls);
+    service_fn(move |_: Credentials| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Decision::Allow) }
+    })
+}
+
+fn creds(id: &str) -> Credentials {
+    Credentials::new(id, Some("u"), Some(b"p"), PEER.parse().unwrap())
+}
+
+#[test]
+fn the_cache_is_bounded() {
+    let ((), snap) = testing::run(true, || async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = AuthLayer::new(counting(&calls)).max_entries(2);
+        for id in ["a", "b", "c"] {
+            assert_eq!(layer.check(creds(id)).await.unwrap(), Decision::Allow);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(layer.cached(), 2);
+        // "a" and "b" are cached; "c" was not (the cache was full), so it calls again.
+        for id in ["a", "b"] {
+            layer.check(creds(id)).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        layer.check(creds("c")).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // Once "a" and "b" expire, a full cache purges them and takes "c".
+        tokio::time::advance(Duration::from_secs(61)).await;
+        layer.check(creds("c")).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        assert_eq!(layer.cached(), 1);
+        layer.check(creds("c")).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.counter(m::CACHE_FULL_TOTAL, &[]), 2);
+    assert_eq!(seen.auth("allow", "hit"), 3);
+    assert_eq!(seen.auth("allow", "miss"), 5);
+}
+
+#[test]
+fn a_deny_ttl_of_zero_does_not_cache_denies() {
+    testing::run(true, || async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let deny = service_fn(move |_: Credentials| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Decision::Deny) }
+        });
+        let layer = AuthLayer::new(deny).deny_ttl(Duration::ZERO);
+        for _ in 0..2 {
+            assert_eq!(layer.check(creds("a")).await.unwrap(), Decision::Deny);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // With the default (5 s), the deny is cached until it expires.
+        let layer = AuthLayer::new(layer.authenticator().clone());
+        layer.check(creds("a")).await.unwrap();
+        layer.check(creds("a")).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        layer.check(creds("a")).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    });
+}
+
+#[tokio::test]
+async fn a_waiter_takes_over_when_the_leader_is_dropped() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    // The first callout never ends; later ones allow.
+    let authn = service_fn(move |_: Credentials| {
+        let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Infallible>(Decision::Allow)
+        }
+    });
+    let layer = AuthLayer::new(authn);
+    let leader = tokio::spawn(layer.check(creds("a")));
+    until("the leader's callout", || calls.load(Ordering::SeqCst) == 1).await;
+    let waiter = tokio::spawn(layer.check(creds("a")));
+    until("the waiter", || layer.pending() == 2).await;
+    leader.abort();
+    assert_eq!(waiter.await.unwrap().unwrap(), Decision::Allow);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(layer.pending(), 0);
+    // The waiter's decision is cached.
+    layer.check(creds("a")).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn credentials_debug_redacts_the_password() {
+    let c = Credentials::new(
+        "c1",
+        Some("alice"),
+        Some(b"hunter2"),
+        "192.0.2.1:1".parse::<SocketAddr>().unwrap(),
+    )
+    .with_version(Version::V5);
+    let s = format!("{c:?}");
+    assert!(!s.contains("hunter2"), "{s}");
+    assert!(
+        s.contains("<redacted>") && s.contains("alice") && s.contains("c1"),
+        "{s}"
+    );
+}
+
+#[tokio::test]
+async fn static_auth_verifies_argon2_hashes() {
+    let hash = StaticAuth::hash_password(b"secret");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let file = format!("# users\n\nalice:{hash}\n  # indented comment\n");
+    let authn = StaticAuth::parse(&file).unwrap();
+    assert_eq!(authn.len(), 1);
+    // argon2 with its default parameters takes seconds in an unoptimized test build.
+    let layer = AuthLayer::new(authn).timeout(Duration::from_secs(300));
+    let addr: SocketAddr = PEER.parse().unwrap();
+    let check = |user: &str, pass: Option<&[u8]>| {
+        layer.check(Credentials::new("c1", Some(user), pass, addr))
+    };
+    let (right, wrong, unknown, none) = tokio::join!(
+        check("alice", Some(b"secret")),
+        check("alice", Some(b"secreT")),
+        check("bob", Some(b"secret")),
+        check("alice", None),
+    );
+    assert_eq!(right.unwrap(), Decision::Allow);
+    assert_eq!(wrong.unwrap(), Decision::Deny);
+    assert_eq!(unknown.unwrap(), Decision::Deny);
+    assert_eq!(none.unwrap(), Decision::Deny);
+}
+
+#[test]
+fn static_auth_refuses_plain_text_with_its_line() {
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$bcApkbUtaybh7kdFzZIOgQ$AMiJikT93HQQclhe+ZjOzwSoVPivp5uvtKyNiJvL1Ck";
+    let line = |text: &str| match StaticAuth::parse(text) {
+        Err(StaticAuthError::Line { line, .. }) => line,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(line(&format!("alice:{HASH}\n# c\nbob:hunter2\n")), 3);
+    assert_eq!(line(&format!("\nalice:{HASH}\nbob\n")), 3);
+    assert_eq!(line(&format!(":{HASH}\n")), 1);
+    assert_eq!(line(&format!("alice:{HASH}\nalice:{HASH}\n")), 2);
+    // A valid PHC string, but not argon2.
+    assert_eq!(
+        line("carol:$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4\n"),
+        1
+    );
+    let err = StaticAuth::parse("bob:hunter2").unwrap_err();
+    assert_eq!(err.label(), "line");
+    assert_eq!(
+        err.to_string(),
+        "line 1: not a PHC password hash (plain text?)"
+    );
+    assert_eq!(
+        StaticAuth::parse(&format!("alice:{HASH}\n")).unwrap().len(),
+        1
+    );
+    assert!(matches!(
+        StaticAuth::from_file("/nonexistent/aegis-users"),
+        Err(StaticAuthError::Io(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_are_security_events_and_denials_count_toward_a_ban() {
+    use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};
+
+    let sec = Security::builder().max_auth_failures(1).build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    // alice/secret is allowed, user "boom" makes the authenticator fail, all else is denied.
+    let authn = service_fn(move |creds: Credentials| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match (creds.username.as_deref(), creds.password.as_deref()) {
+                (Some("alice"), Some(b"secret")) => Ok(Decision::Allow),
+                (Some("boom"), _) => Err(std::io::Error::other("backend down")),
+                _ => Ok(Decision::Deny),
+            }
+        }
+    });
+    let broker = service_fn(|_: MqttIo<Conn<DuplexStream>>| async { Ok::<_, BoxError>(()) });
+    let svc = SecurityLayer::new(sec.clone())
+        .layer(MqttLayer::new(Config::new()).layer(AuthLayer::new(authn).layer(broker)));
+    let run = |peer: &str, bytes: Vec<u8>| {
+        let svc = svc.clone();
+        let peer = peer.parse().unwrap();
+        async move {
+            let (mut client, server) = tokio::io::duplex(4096);
+            let conn = tokio::spawn(svc.oneshot(Conn::new(server, peer, LOCAL.parse().unwrap())));
+            // A client refused at once may find the stream closed.
+            let _ = client.write_all(&bytes).await;
+            let mut got = Vec::new();
+            let _ = client.read_to_end(&mut got).await;
+            (conn.await.unwrap().unwrap_err(), got)
+        }
+    };
+
+    let (err, got) = run("192.0.2.9:1", connect(false, "c9", "boom", "x")).await;
+    assert_eq!(got, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(aegis_core::error::label_of(&*err), ("mqtt", "auth_error"));
+    for _ in 0..2 {
+        // The second is a cache hit, reported all the same.
+        let (err, got) = run(PEER, connect(false, "c1", "alice", "guess")).await;
+        assert_eq!(got, [0x20, 0x02, 0x00, 0x05]);
+        assert_eq!(
+            aegis_core::error::label_of(&*err),
+            ("mqtt", "not_authorized")
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Two denials (over the limit of 1): the address is banned, and even the right password is refused
+    // before the authenticator is asked.
+    assert!(sec.is_banned(&BanKey::Addr("192.0.2.1".parse().unwrap())));
+    assert!(!sec.is_banned(&BanKey::Addr("192.0.2.9".parse().unwrap())));
+    let (err, _) = run(PEER, connect(false, "c1", "alice", "secret")).await;
+    assert_eq!(aegis_core::error::label_of(&*err).1, "banned");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let events = sec.events(100);
+    let auth: Vec<_> = events.iter().filter(|e| e.layer == "auth").collect();
+    assert_eq!(auth.len(), 3, "{events:#?}");
+    assert!(auth.iter().all(|e| e.kind == EventKind::AuthFailure));
+    assert_eq!(auth[0].rule.as_deref(), Some("failed"));
+    assert_eq!(auth[0].severity, Severity::Low);
+    assert_eq!(auth[0].username.as_deref(), Some("boom"));
+    for e in &auth[1..] {
+        assert_eq!(e.rule.as_deref(), Some("denied"));
+        assert_eq!(e.severity, Severity::Medium);
+        assert_eq!(e.client_id.as_deref(), Some("c1"));
+        assert_eq!(e.client_addr, Some(PEER.parse().unwrap()));
+        assert!(!e.details.contains("guess"));
+    }
+    // Reported once: the security layer does not log these refusals again.
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.rule.as_deref(), Some("not_authorized" | "auth_error"))),
+        "{events:#?}"
+    );
+}
