@@ -14,7 +14,8 @@ use aegis_core::error::BoxError;
 use aegis_core::metrics::REJECTIONS_TOTAL;
 use aegis_core::{Conn, metrics::testing};
 use aegis_mqtt::auth::{
-    AuthLayer, Credentials, Decision, HttpAuth, StaticAuth, StaticAuthError, metrics as m,
+    AuthError, AuthLayer, Credentials, Decision, HttpAuth, StaticAuth, StaticAuthError,
+    metrics as m,
 };
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::{Config, MqttError, Version};
@@ -37,7 +38,8 @@ const LOCAL: &str = "127.0.0.1:1883";
 /// The client's address, unless a test says otherwise.
 const PEER: &str = "192.0.2.1:4000";
 
-/// A real HTTP auth service on a loopback socket: 200 for alice/secret, 401 otherwise.
+/// A real HTTP auth service on a loopback socket: 200 for alice/secret, 500 for user
+/// "error", 401 otherwise.
 struct AuthServer {
     url: Uri,
     /// Requests received (counted when they arrive, before any answer).
@@ -106,10 +108,13 @@ async fn handle(
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let allow = ok_type && json["username"] == "alice" && json["password"] == "secret";
+    let error = json["username"] == "error";
     *last.lock() = Some(json);
     let _ = gate.wait_for(|open| *open).await;
     let status = if allow {
         StatusCode::OK
+    } else if error {
+        StatusCode::INTERNAL_SERVER_ERROR
     } else {
         StatusCode::UNAUTHORIZED
     };
@@ -485,6 +490,12 @@ fn check_reports_the_error_label() {
         let err = layer.check(creds.clone()).await.unwrap_err();
         assert!(err.is_timeout());
         assert_eq!(err.label(), "timeout");
+        server.open.send_replace(true);
+        let addr = PEER.parse().unwrap();
+        let broken = Credentials::new("c1", Some("error"), Some(b"x"), addr);
+        let err = layer.check(broken).await.unwrap_err();
+        assert!(matches!(err, AuthError::Status(500)), "{err:?}");
+        assert_eq!(err.label(), "status");
         server.stop().await;
         let err = layer.check(creds).await.unwrap_err();
         assert!(matches!(err.label(), "unavailable" | "failed"), "{err:?}");
