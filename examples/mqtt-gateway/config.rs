@@ -64,6 +64,7 @@ pub(crate) struct Config {
     pub(crate) mqtt: Mqtt,
     pub(crate) circuit_breaker: CircuitBreaker,
     pub(crate) adaptive: Adaptive,
+    pub(crate) security: Security,
 }
 
 /// `[server]`: the listener, the upstream and the accept loop.
@@ -507,6 +508,54 @@ impl Default for Adaptive {
     }
 }
 
+/// `security.ban_by`: the keys the anomaly detector bans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum BanBy {
+    Addr,
+    Username,
+    ClientId,
+}
+
+/// `[security]`: the security event log (served at `/events`), the anomaly detector and
+/// bans (listed at `/bans`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Security {
+    pub(crate) enabled: bool,
+    pub(crate) events: usize,
+    #[serde(with = "duration")]
+    pub(crate) window: Duration,
+    #[serde(with = "duration")]
+    pub(crate) ban_for: Duration,
+    pub(crate) max_connects: u32,
+    pub(crate) max_auth_failures: u32,
+    pub(crate) max_rejections: u32,
+    pub(crate) ban_by: Vec<BanBy>,
+    pub(crate) max_tracked: usize,
+    pub(crate) max_bans: usize,
+    /// Whether `POST /bans` and `DELETE /bans` on the metrics endpoint change bans.
+    pub(crate) admin: bool,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            events: 1024,
+            window: Duration::from_secs(60),
+            ban_for: Duration::from_secs(300),
+            max_connects: 0,
+            max_auth_failures: 10,
+            max_rejections: 100,
+            ban_by: vec![BanBy::Addr, BanBy::Username, BanBy::ClientId],
+            max_tracked: 100_000,
+            max_bans: 100_000,
+            admin: false,
+        }
+    }
+}
+
 /// Where the gateway proxies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Upstream {
@@ -804,6 +853,20 @@ impl Config {
                     "must be greater than 1",
                 ));
             }
+        }
+
+        let sec = &self.security;
+        if sec.enabled {
+            if sec.events > 100_000 {
+                return Err(ConfigError::new(
+                    "security.events",
+                    "must be at most 100000",
+                ));
+            }
+            positive("security.window", sec.window)?;
+            positive("security.ban_for", sec.ban_for)?;
+            at_least("security.max_tracked", sec.max_tracked, 1)?;
+            at_least("security.max_bans", sec.max_bans, 1)?;
         }
 
         Ok(Settings {

@@ -10,17 +10,23 @@ use crate::config::{Log, LogFormat};
 
 /// Installs the global subscriber. The filter is `RUST_LOG` when set, else `log.level`;
 /// rumqttd's own lines are off unless the filter names it (it logs every
-/// readiness probe as an error).
+/// readiness probe as an error), and so are the security events (target
+/// `aegis::security`) when client addresses are masked.
 pub(crate) fn init(log: &Log) {
     let directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| log.level.clone());
-    let directives = if directives.contains("rumqttd") {
+    let mut directives = if directives.contains("rumqttd") {
         directives
     } else {
         format!("{directives},rumqttd=off")
     };
+    if log.mask_client_addresses {
+        // Security events name whole addresses (an audit trail needs them): with
+        // masking on they stay out of the log, and are read at `/events` instead.
+        directives.push_str(",aegis::security=off");
+    }
     // `log.level` was validated; a bad RUST_LOG falls back to `info`.
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

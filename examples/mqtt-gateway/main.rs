@@ -179,7 +179,11 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                 breaker: built.breaker.clone(),
                 stopping: Arc::clone(&stopping),
             };
-            tokio::spawn(metrics_http::serve(listener, prometheus, ready));
+            let admin = metrics_http::Admin {
+                security: built.security.clone(),
+                writable: c.security.admin,
+            };
+            tokio::spawn(metrics_http::serve(listener, prometheus, ready, admin));
             Some(bound)
         }
         None => None,

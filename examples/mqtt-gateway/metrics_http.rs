@@ -10,6 +10,12 @@
 //! - `/readyz`: `200 ready` when the circuit breaker (if on) is not open and a TCP
 //!   connect to the upstream succeeds within `metrics.readiness_timeout`; else `503`
 //!   with the reason. Also `503` once a shutdown has begun, so a balancer stops sending.
+//! - `/events?limit=N`: the latest `N` security events (default 50, at most 1000), a JSON
+//!   array, oldest first, in the schema of `aegis_mqtt::security::Event`.
+//! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
+//!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
+//!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
+//!   `client_id`); otherwise those answer `403`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,6 +25,7 @@ use std::time::Duration;
 
 use aegis_core::metrics as m;
 use aegis_layers::circuit_breaker::{CircuitHandle, CircuitState};
+use aegis_mqtt::security::{BanKey, Security};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -59,6 +66,99 @@ pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
         }
     });
     Ok(handle)
+}
+
+/// What `/events` and `/bans` serve.
+#[derive(Clone, Debug)]
+pub(crate) struct Admin {
+    pub(crate) security: Option<Security>,
+    /// Whether `POST /bans` and `DELETE /bans` may change the bans.
+    pub(crate) writable: bool,
+}
+
+/// The most events one `/events` answer holds.
+const MAX_EVENTS: usize = 1000;
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut res = text(status, body);
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// The value of `name` in the request's query string, percent-decoded.
+fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// The ban key of `?key=addr|username|client_id&value=...`.
+fn ban_key(req: &Request<Incoming>) -> Result<BanKey, &'static str> {
+    let value = query(req, "value").ok_or("missing ?value=")?;
+    match query(req, "key").as_deref() {
+        Some("addr") => value
+            .parse()
+            .map(BanKey::Addr)
+            .map_err(|_| "value is not an IP address"),
+        Some("username") => Ok(BanKey::username(&value)),
+        Some("client_id") => Ok(BanKey::client_id(&value)),
+        _ => Err("key must be addr, username or client_id"),
+    }
+}
+
+/// `/events` and `/bans`; `None` for any other path.
+fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    if path != "/events" && path != "/bans" {
+        return None;
+    }
+    let Some(security) = &admin.security else {
+        return Some(text(StatusCode::NOT_FOUND, "security is off\n"));
+    };
+    let bad = |why: &str| text(StatusCode::BAD_REQUEST, format!("{why}\n"));
+    let to_json = |v: Result<String, serde_json::Error>| match v {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    let method = req.method();
+    Some(match (path, method) {
+        ("/events", &Method::GET | &Method::HEAD) => {
+            let limit = match query(req, "limit").map(|l| l.parse::<usize>()) {
+                None => 50,
+                Some(Ok(n)) => n.min(MAX_EVENTS),
+                Some(Err(_)) => return Some(bad("limit must be a number")),
+            };
+            to_json(serde_json::to_string(&security.events(limit)))
+        }
+        ("/bans", &Method::GET | &Method::HEAD) => to_json(serde_json::to_string(&security.bans())),
+        ("/bans", &Method::POST | &Method::DELETE) if !admin.writable => text(
+            StatusCode::FORBIDDEN,
+            "bans are read-only here (security.admin = false)\n",
+        ),
+        ("/bans", &Method::POST) => {
+            let key = match ban_key(req) {
+                Ok(key) => key,
+                Err(why) => return Some(bad(why)),
+            };
+            let duration = match query(req, "for").map(|d| humantime::parse_duration(&d)) {
+                Some(Ok(d)) if !d.is_zero() => d,
+                _ => return Some(bad("for must be a duration such as 10m")),
+            };
+            tracing::info!(%key, ?duration, "ban added through /bans");
+            security.ban(key, duration);
+            text(StatusCode::OK, "banned\n")
+        }
+        ("/bans", &Method::DELETE) => match ban_key(req) {
+            Ok(key) if security.unban(&key) => {
+                tracing::info!(%key, "ban lifted through /bans");
+                text(StatusCode::OK, "lifted\n")
+            }
+            Ok(_) => text(StatusCode::NOT_FOUND, "no such ban\n"),
+            Err(why) => bad(why),
+        },
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, POST or DELETE\n"),
+    })
 }
 
 /// What `/readyz` checks.
@@ -107,7 +207,11 @@ async fn route(
     req: Request<Incoming>,
     prometheus: PrometheusHandle,
     ready: Readiness,
+    admin: Admin,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(res) = self::admin(&req, &admin) {
+        return Ok(res);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"));
     }
@@ -133,7 +237,12 @@ async fn route(
 }
 
 /// Serves the endpoint on `listener` until the process ends.
-pub(crate) async fn serve(listener: TcpListener, prometheus: PrometheusHandle, ready: Readiness) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    prometheus: PrometheusHandle,
+    ready: Readiness,
+    admin: Admin,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -152,10 +261,10 @@ pub(crate) async fn serve(listener: TcpListener, prometheus: PrometheusHandle, r
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             continue; // over the cap: dropping the stream closes it
         };
-        let (prometheus, ready) = (prometheus.clone(), ready.clone());
+        let (prometheus, ready, admin) = (prometheus.clone(), ready.clone(), admin.clone());
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| route(req, prometheus.clone(), ready.clone())),
+            service_fn(move |req| route(req, prometheus.clone(), ready.clone(), admin.clone())),
         );
         tokio::spawn(async move {
             // A client that never finishes is cut by the header timeout; one that reads

@@ -5,6 +5,7 @@
 //! ```text
 //! serve (cap, nodelay)
 //!  -> PROXY protocol        [proxy_protocol]
+//!  -> security              [security]          address bans, detector, event log
 //!  -> rate limit            [limits]            <- adaptive controller sets its rate
 //!  -> slowloris deadlines   [slowloris]
 //!  -> sniff: MQTT only      [sniff]
@@ -39,6 +40,7 @@ use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
 use aegis_layers::sniff::{Detection, Http1, Protocols, SniffRouter, Sniffed};
 use aegis_mqtt::layer::{ConnackLatency, MqttLayer, PacketRate, Policy, Unavailable};
+use aegis_mqtt::security::Security;
 use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -246,8 +248,33 @@ pub(crate) struct Built<S> {
     pub(crate) breaker: Option<CircuitHandle>,
     /// The adaptive controller (its task also lives while the connector does).
     pub(crate) adaptive: Option<AdaptiveHandle>,
+    /// The security event log, detector and bans, for `/events` and `/bans`.
+    pub(crate) security: Option<Security>,
     /// The layers that are on, outermost first, for the start-up line.
     pub(crate) layers: Vec<&'static str>,
+}
+
+/// The `Security` of `[security]`.
+fn security(c: &config::Security) -> Security {
+    let mut b = Security::builder()
+        .events_capacity(c.events)
+        .window(c.window)
+        .ban_for(c.ban_for)
+        .max_tracked(c.max_tracked)
+        .max_bans(c.max_bans)
+        .ban_by_addr(c.ban_by.contains(&config::BanBy::Addr))
+        .ban_by_username(c.ban_by.contains(&config::BanBy::Username))
+        .ban_by_client_id(c.ban_by.contains(&config::BanBy::ClientId));
+    if c.max_connects > 0 {
+        b = b.max_connects(c.max_connects);
+    }
+    if c.max_auth_failures > 0 {
+        b = b.max_auth_failures(c.max_auth_failures);
+    }
+    if c.max_rejections > 0 {
+        b = b.max_rejections(c.max_rejections);
+    }
+    b.build()
 }
 
 /// Builds the stack in front of `upstream`. Must run inside the tokio runtime (the
@@ -485,7 +512,11 @@ pub(crate) fn build(
         None => Either::Right(after_slowloris),
     };
 
+    // Security: address bans before anything is read, the detector, and the event log
+    // (inside the PROXY protocol layer, so that the address is the real client's).
+    let security = c.security.enabled.then(|| security(&c.security));
     let after_proxy_protocol = ServiceBuilder::new()
+        .option_layer(security.as_ref().map(Security::layer))
         .option_layer(rate_limit)
         .service(after_rate);
 
@@ -509,6 +540,7 @@ pub(crate) fn build(
 
     for (on, name) in [
         (c.proxy_protocol.enabled, "proxy_protocol"),
+        (c.security.enabled, "security"),
         (c.limits.enabled, "rate_limit"),
         (c.slowloris.enabled, "slowloris"),
         (c.sniff.enabled, "sniff"),
@@ -529,6 +561,7 @@ pub(crate) fn build(
         },
         breaker: breaker_handle,
         adaptive,
+        security,
         layers,
     }
 }

@@ -225,10 +225,22 @@ fn run_to_exit(name: &str, config: &str) -> (ExitStatus, String) {
 
 /// A GET over a fresh connection (HTTP/1.1, `Connection: close`): status and body.
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path).await
+}
+
+/// One HTTP/1.1 request without a body: the status and the body.
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await?;
         let mut raw = String::new();
@@ -563,6 +575,9 @@ async fn http_tls_and_garbage_are_refused_and_counted_under_their_own_labels() {
         "{log}"
     );
     assert!(!log.contains("client=127.0.0.1:"), "{log}");
+    // Security events name whole addresses: with masking they stay out of the log.
+    assert!(!log.contains("security event"), "{log}");
+    assert!(!log.contains("client_addr="), "{log}");
 }
 
 #[tokio::test]
@@ -817,6 +832,134 @@ async fn the_shipped_example_config_starts() {
     assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
     let mut s = mqtt_session("127.0.0.1", gw.mqtt, "example").await.unwrap();
     s.write_all(&[0xE0, 0x00]).await.unwrap();
+    // Bans are read-only unless security.admin = true.
+    let (status, _) = http_request(gw.metrics, "POST", "/bans?key=addr&value=192.0.2.1&for=1m")
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+}
+
+/// Security: rejections from one address over `max_rejections` ban it, a banned address
+/// is closed before any byte is read, and `/events` and `/bans` show and change it all.
+#[tokio::test]
+async fn rejections_ban_an_address_and_events_and_bans_are_served() {
+    let config = "[security]\nadmin = true\nmax_rejections = 2\nban_by = [\"addr\"]\n";
+    let gw = Gateway::start("security", config, &[]).await;
+    // Three garbage connections from 127.0.0.9: the third rejection crosses 2.
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.9", gw.mqtt).await;
+        s.write_all(b"\xff\xfe garbage").await.unwrap();
+        assert!(closed_silently(&mut s).await);
+    }
+    gw.wait_metric(
+        "aegis_security_bans_total{key=\"addr\",cause=\"rejections\"}",
+        1.0,
+    )
+    .await;
+    let (status, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert_eq!(status, 200);
+    let bans: serde_json::Value = serde_json::from_str(&bans).unwrap();
+    assert_eq!(bans.as_array().unwrap().len(), 1, "{bans}");
+    assert_eq!(bans[0]["key"], "addr", "{bans}");
+    assert_eq!(bans[0]["value"], "127.0.0.9", "{bans}");
+    assert_eq!(bans[0]["reason"], "rejections", "{bans}");
+
+    // Banned: a valid CONNECT gets nothing, the connection is closed at once.
+    let mut s = connect_from("127.0.0.9", gw.mqtt).await;
+    let _ = s.write_all(&connect_311("banned")).await;
+    assert!(closed_silently(&mut s).await);
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"security\",reason=\"banned\"}",
+        1.0,
+    )
+    .await;
+    // Another address is not affected.
+    assert!(mqtt_session("127.0.0.10", gw.mqtt, "other").await.is_some());
+
+    // The event log: the sniff rejections, the ban, the banned connection.
+    let (status, events) = http_get(gw.metrics, "/events?limit=50").await.unwrap();
+    assert_eq!(status, 200);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let events = events.as_array().unwrap();
+    let of = |kind: &str, rule: &str| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind && e["rule"] == rule)
+            .count()
+    };
+    assert_eq!(of("rejection", "unknown"), 3, "{events:?}");
+    assert_eq!(of("ban", "rejections"), 1, "{events:?}");
+    assert_eq!(of("rejection", "banned"), 1, "{events:?}");
+    for e in events {
+        assert!(
+            e["client_addr"].as_str().unwrap().starts_with("127.0.0.9:"),
+            "{e}"
+        );
+        for field in [
+            "seq",
+            "time",
+            "layer",
+            "severity",
+            "client_id",
+            "username",
+            "details",
+        ] {
+            assert!(e.get(field).is_some(), "{field} missing in {e}");
+        }
+    }
+    let (_, one) = http_get(gw.metrics, "/events?limit=1").await.unwrap();
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["rule"], "banned", "newest last");
+    // Each event is a log line too (target aegis::security).
+    let log = gw.log();
+    assert!(log.contains("security event"), "{log}");
+    assert!(log.contains("client_addr=127.0.0.9:"), "{log}");
+    assert_eq!(
+        http_get(gw.metrics, "/events?limit=x").await.unwrap().0,
+        400
+    );
+
+    // Lift the ban: the address connects again.
+    let (status, _) = http_request(gw.metrics, "DELETE", "/bans?key=addr&value=127.0.0.9")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(mqtt_session("127.0.0.9", gw.mqtt, "again").await.is_some());
+    assert_eq!(
+        http_request(gw.metrics, "DELETE", "/bans?key=addr&value=127.0.0.9")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+
+    // Ban a client id by hand: its CONNECT gets CONNACK 0x05 (3.1.1).
+    let (status, _) = http_request(
+        gw.metrics,
+        "POST",
+        "/bans?key=client_id&value=evil%2F1&for=10m",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let mut s = connect_from("127.0.0.11", gw.mqtt).await;
+    s.write_all(&connect_311("evil/1")).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+        (0x20, vec![0x00, 0x05])
+    );
+    assert_eq!(
+        http_request(gw.metrics, "POST", "/bans?key=client_id&value=x&for=soon")
+            .await
+            .unwrap()
+            .0,
+        400
+    );
 }
 
 /// The Grafana dashboard is valid JSON, and every series it queries is one the
@@ -947,7 +1090,7 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
         .unwrap_or_else(|| panic!("no JSON start-up line:\n{}", gw.log()));
     assert_eq!(
         listening["layers"],
-        "proxy_protocol -> rate_limit -> slowloris -> sniff -> mqtt+policy -> circuit_breaker -> adaptive"
+        "proxy_protocol -> security -> rate_limit -> slowloris -> sniff -> mqtt+policy -> circuit_breaker -> adaptive"
     );
 
     // A balancer's PROXY header, then a session: CONNACK, PINGREQ / PINGRESP.
