@@ -116,6 +116,11 @@
 //! [`size_limit`](InspectorBuilder::size_limit)); a pattern over it is a build error, never
 //! a slow check. Matching is linear in the payload (no backtracking), and the payload is
 //! bounded by the layer's packet size ([`Config::max_packet_size`](crate::Config)).
+//!
+//! `benches/inspect.rs` measures 100-byte payloads (JSON telemetry, one in 20 an attack)
+//! with the default rule set at 2.9 to 4.4 million messages per second on one core of
+//! the shared development machine, and 1.3 to 1.5 million with a topic rule and an
+//! entropy rule that runs on every payload as well.
 #![doc = include_str!("rules.md")]
 
 mod entropy;
@@ -311,6 +316,9 @@ impl InspectError {
     }
 }
 
+/// A pattern that never matches and has no literal prefix (see [`InspectorBuilder::build`]).
+const NO_PREFILTER: &str = r"(?s-u:.)\A";
+
 const MAX_PAYLOAD: &str = "max_payload";
 const ENTROPY: &str = "entropy";
 const TOPIC_ACL: &str = "topic_acl";
@@ -416,7 +424,9 @@ impl Inspector {
                 if set.is_match(payload) {
                     // Name them: a second pass, only now.
                     for i in &set.matches(payload) {
-                        hit(inner.patterns[i].hit())?;
+                        if let Some(meta) = inner.patterns.get(i) {
+                            hit(meta.hit())?;
+                        }
                     }
                 }
             }
@@ -560,8 +570,13 @@ impl InspectorBuilder {
         let set = if self.patterns.is_empty() {
             None
         } else {
+            // One more pattern, which never matches (a byte before the start), and
+            // whose first byte can be any: the set then has no literal prefilter. On
+            // short payloads the lazy DFA alone is about twice as fast as a prefilter
+            // that keeps stopping at bytes as common as `"` and restarting the DFA.
+            let patterns = self.patterns.iter().map(|p| p.1.as_str());
             Some(
-                RegexSetBuilder::new(self.patterns.iter().map(|p| &p.1))
+                RegexSetBuilder::new(patterns.chain([NO_PREFILTER]))
                     .size_limit(self.size_limit)
                     .build()
                     .map_err(|e| InspectError::PatternSet {
