@@ -520,3 +520,26 @@ fn a_flood_is_dropped_by_the_rate_tier_before_inspection() {
     );
     assert_eq!(c.counter(INSPECTION_TOTAL, &[]), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn topic_rules_apply_to_the_will_topic_with_the_username() {
+    let inspector = Inspector::builder()
+        .topics(TopicRule::new(ClientMatch::Any).allow("status/%u"))
+        .build()
+        .unwrap();
+    let layer = layer(inspector);
+    // Will flag, clean session, username "alice" (flag 0x80); the will topic decides.
+    let connect = |will_topic: &str| {
+        head("MQTT", 4, 0x86)
+            .s("c1")
+            .s(will_topic)
+            .s("offline")
+            .s("alice")
+            .frame(0x10)
+    };
+    let own = connect("status/alice");
+    assert_eq!(forwarded(&send(&layer, own.clone()).await), own);
+    let r = send(&layer, connect("status/bob")).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(label_of(&*r.seen.unwrap_err()), ("mqtt", "payload_blocked"));
+}
