@@ -192,8 +192,10 @@ fn an_address_ban_refuses_before_any_byte_is_read() {
             0,
             "the broker was never called"
         );
+        // Both refused, but the second within a second of the first is not logged
+        // again: a banned client reconnecting in a loop cannot flood the log.
         let events = sec.events(10);
-        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].kind, EventKind::Ban);
         let e = &events[1];
         assert_eq!(e.kind, EventKind::Rejection);
@@ -212,7 +214,22 @@ fn an_address_ban_refuses_before_any_byte_is_read() {
         let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
         assert_eq!(label_of(&*err), ("io", "unexpected_eof"));
         assert!(reads.load(Ordering::SeqCst) > 0);
-        assert_eq!(sec.events_total(), 3, "an IO error is not an event");
+        assert_eq!(sec.events_total(), 2, "an IO error is not an event");
+        // A second later the next refusal is logged, with the count of the quiet ones.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_client, server) = tokio::io::duplex(1024);
+        let reads = Arc::new(AtomicUsize::new(0));
+        let probe = Probe {
+            io: conn(server, "192.0.2.7:1002"),
+            reads: Arc::clone(&reads),
+        };
+        let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+        assert_eq!(label_of(&*err), ("security", "banned"));
+        let events = sec.events(1);
+        assert_eq!(
+            events[0].details,
+            "client address is banned (1 more refusals in the last 1s not logged)"
+        );
     });
     let c = capture(&snap);
     assert_eq!(
@@ -220,7 +237,8 @@ fn an_address_ban_refuses_before_any_byte_is_read() {
             REJECTIONS_TOTAL,
             &[("layer", "security"), ("reason", "banned")]
         ),
-        2
+        3,
+        "every refusal is counted"
     );
     assert_eq!(
         c.counter(
@@ -231,7 +249,8 @@ fn an_address_ban_refuses_before_any_byte_is_read() {
                 ("severity", "high")
             ]
         ),
-        2
+        2,
+        "one event per ban per second"
     );
     assert_eq!(
         c.counter(m::BANS_TOTAL, &[("key", "addr"), ("cause", "manual")]),
@@ -787,4 +806,31 @@ async fn a_banned_address_is_closed_on_a_real_socket() {
     assert_eq!(served.load(Ordering::SeqCst), 1);
     stop_tx.send(()).unwrap();
     assert!(accept_loop.await.unwrap().drained());
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_under_a_client_id_ban_are_logged_once_a_second() {
+    let sec = Security::default();
+    sec.ban(BanKey::client_id("loop"), Duration::from_secs(60));
+    for port in 0..5 {
+        let run = through_mqtt(
+            &sec,
+            &format!("192.0.2.30:{port}"),
+            connect(false, "loop", None),
+        )
+        .await;
+        assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05], "every one is refused");
+        assert_eq!(labels(&run.result), ("mqtt", "banned"));
+    }
+    let banned = |events: &[aegis_mqtt::security::Event]| {
+        events
+            .iter()
+            .filter(|e| e.rule.as_deref() == Some("banned"))
+            .count()
+    };
+    assert_eq!(banned(&sec.events(100)), 1, "{:?}", sec.events(100));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = through_mqtt(&sec, "192.0.2.30:9", connect(false, "loop", None)).await;
+    assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(banned(&sec.events(100)), 2);
 }

@@ -206,6 +206,25 @@ struct Entry {
     reason: &'static str,
     /// Orders bans that end at the same instant.
     id: u64,
+    /// When a refusal under this ban was last logged as an event.
+    logged: Option<Instant>,
+    /// Refusals under this ban not logged since then.
+    quiet: u64,
+}
+
+/// At most one event per ban per this long for the refusals it causes: a banned client
+/// that reconnects in a loop must not push every other event out of the log.
+pub(super) const REFUSAL_EVENT_EVERY: Duration = Duration::from_secs(1);
+
+/// A refusal under a ban, as [`BanTable::refusal`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// No ban of that key is in force.
+    NotBanned,
+    /// Banned; log this refusal, with the count of refusals not logged before it.
+    Log { quiet: u64 },
+    /// Banned; a refusal was logged less than [`REFUSAL_EVENT_EVERY`] ago.
+    Quiet,
 }
 
 /// The bans in force: a map, and the same keys ordered by expiry (to purge and to evict
@@ -274,9 +293,32 @@ impl BanTable {
                 wall,
                 reason,
                 id,
+                logged: None,
+                quiet: 0,
             },
         );
         true
+    }
+
+    /// Whether `key` is banned, and if so whether this refusal is logged (see
+    /// [`REFUSAL_EVENT_EVERY`]).
+    pub(super) fn refusal(&mut self, key: &BanKey, now: Instant) -> Refusal {
+        self.purge(now);
+        let Some(entry) = self.map.get_mut(key) else {
+            return Refusal::NotBanned;
+        };
+        match entry.logged {
+            Some(at) if now.saturating_duration_since(at) < REFUSAL_EVENT_EVERY => {
+                entry.quiet += 1;
+                Refusal::Quiet
+            }
+            _ => {
+                entry.logged = Some(now);
+                Refusal::Log {
+                    quiet: std::mem::take(&mut entry.quiet),
+                }
+            }
+        }
     }
 
     /// Lifts the ban of `key`; `false` if there was none in force.

@@ -22,7 +22,9 @@
 //! 1. refuses a banned client address at once, before anything is read: the stream is
 //!    dropped (which closes it), the error is [`SecurityError::Banned`]
 //!    (`aegis_rejections_total{layer="security", reason="banned"}`) and a `rejection`
-//!    event with rule `banned` is logged;
+//!    event with rule `banned` is logged: at most one a second per ban, the next one
+//!    saying how many refusals went unlogged, so that a banned client reconnecting in a
+//!    loop cannot push every other event out of the log (each refusal is still counted);
 //! 2. counts a connect for the address; a connect that crosses
 //!    [`max_connects`](SecurityBuilder::max_connects) bans the address and is refused
 //!    too;
@@ -58,6 +60,9 @@
 //!     .layer(MqttLayer::new(config))           // client id and username bans, at CONNECT
 //!     .service(proxy)
 //! ```
+//!
+//! Refusals at the CONNECT under a client id or username ban are logged at most once a
+//! second per ban in the same way.
 //!
 //! A ban added through the handle applies to new connections: **connections already
 //! open are not closed**. Address bans apply before the first byte is read; username and
@@ -190,7 +195,9 @@ mod layer;
 mod service;
 
 pub use self::bans::{Ban, BanKey, BanKeys};
-use self::bans::{BanTable, Cause, Detector, Recorded, Thresholds, fold};
+use self::bans::{
+    BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds, fold,
+};
 pub use self::error::SecurityError;
 pub use self::events::Event;
 use self::events::{EventLog, MAX_NAME, bounded};
@@ -662,12 +669,18 @@ impl Security {
             addr: Some(addr),
             ..Who::default()
         };
-        let details = if self.is_banned_normalized(&key) {
-            "client address is banned"
-        } else if self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
-            "client address banned now: too many connects"
-        } else {
-            return true;
+        let details = match self.with_bans(|t, now| t.refusal(&key, now)) {
+            Refusal::Quiet => return false,
+            Refusal::Log { quiet: 0 } => "client address is banned".to_owned(),
+            Refusal::Log { quiet } => format!(
+                "client address is banned ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
+            ),
+            Refusal::NotBanned => {
+                if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
+                    return true;
+                }
+                "client address banned now: too many connects".to_owned()
+            }
         };
         self.emit(
             &who,
@@ -676,10 +689,26 @@ impl Security {
                 EventKind::Rejection,
                 Severity::High,
                 Some("banned"),
-                details.to_owned(),
+                details,
             ),
         );
         false
+    }
+
+    /// Whether any of `keys` is banned; when one is, whether the refusal is logged
+    /// ([`Refusal::Log`] of the first banned key whose refusal is logged) or not.
+    fn refusal_of(&self, keys: &[BanKey]) -> Refusal {
+        self.with_bans(|t, now| {
+            let mut seen = Refusal::NotBanned;
+            for key in keys {
+                match t.refusal(key, now) {
+                    Refusal::NotBanned => {}
+                    log @ Refusal::Log { .. } => return log,
+                    Refusal::Quiet => seen = Refusal::Quiet,
+                }
+            }
+            seen
+        })
     }
 }
 
@@ -765,13 +794,20 @@ impl ConnCtx {
         *self.client_id.lock() = Some(Arc::clone(&id));
         (*self.username.lock()).clone_from(&user);
         let sec = &self.security;
-        let banned = sec.is_banned_normalized(&BanKey::Addr(fold(self.addr.ip())))
-            || sec.is_banned_normalized(&BanKey::ClientId(Arc::clone(&id)))
-            || user
-                .as_ref()
-                .is_some_and(|u| sec.is_banned_normalized(&BanKey::Username(Arc::clone(u))));
-        if banned {
-            return Err(MqttError::Banned);
+        let mut keys = vec![
+            BanKey::Addr(fold(self.addr.ip())),
+            BanKey::ClientId(Arc::clone(&id)),
+        ];
+        keys.extend(user.iter().map(|u| BanKey::Username(Arc::clone(u))));
+        match sec.refusal_of(&keys) {
+            Refusal::NotBanned => {}
+            Refusal::Log { .. } => return Err(MqttError::Banned),
+            Refusal::Quiet => {
+                // Refused all the same (and counted in aegis_rejections_total), but not
+                // one more event in the log.
+                self.reported.store(true, Ordering::Relaxed);
+                return Err(MqttError::Banned);
+            }
         }
         let who = self.who();
         if sec.count(&name_keys(&who), Cause::Connects, &who) {
