@@ -1041,14 +1041,11 @@ impl Config {
         }
 
         let ins = &self.inspect;
+        // Applied only behind the MQTT layer (the start-up line lists it when it is);
+        // a bad rule is an error all the same.
         let inspector = if ins.enabled {
-            if !self.mqtt.enabled {
-                return Err(ConfigError::new(
-                    "inspect.enabled",
-                    "needs mqtt.enabled = true",
-                ));
-            }
-            Some(inspector(ins)?)
+            let compiled = inspector(ins)?;
+            self.mqtt.enabled.then_some(compiled)
         } else {
             None
         };
