@@ -66,3 +66,28 @@ fn stream_corpus() {
         assert_eq!(stream_ok(&data), !name.starts_with("bad_"), "{name}");
     }
 }
+
+/// The inspection seeds: `bad_NN_<rule>` are blocked by the default rule set, naming
+/// that rule; `ok_NN` (ordinary telemetry) pass; none panics the fuzz entry point.
+#[cfg(feature = "inspect")]
+#[test]
+fn inspect_corpus() {
+    use aegis_mqtt::inspect::{Inspector, Message};
+    let inspector = Inspector::builder().default_rules().build().unwrap();
+    for (name, data) in corpus("inspect") {
+        aegis_mqtt::inspect::fuzz(&data);
+        let msg = Message {
+            client_id: "c",
+            username: None,
+            topic: "t",
+            payload: &data,
+        };
+        let outcome = inspector.inspect(&msg);
+        if let Some(rule) = name.strip_prefix("bad_").map(|n| &n[3..]) {
+            let blocked = outcome.blocked_by().map(|h| h.rule().to_owned());
+            assert_eq!(blocked.as_deref(), Some(rule), "{name}");
+        } else {
+            assert!(outcome.blocked_by().is_none(), "{name}: {outcome:?}");
+        }
+    }
+}
