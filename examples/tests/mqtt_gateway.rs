@@ -1120,7 +1120,7 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
         .unwrap_or_else(|| panic!("no JSON start-up line:\n{}", gw.log()));
     assert_eq!(
         listening["layers"],
-        "proxy_protocol -> security -> rate_limit -> slowloris -> sniff -> mqtt+policy -> circuit_breaker -> adaptive"
+        "proxy_protocol -> security -> rate_limit -> slowloris -> sniff -> mqtt+policy -> inspect -> circuit_breaker -> adaptive"
     );
 
     // A balancer's PROXY header, then a session: CONNACK, PINGREQ / PINGRESP.
