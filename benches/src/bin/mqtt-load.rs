@@ -12,8 +12,9 @@
 //!
 //! Every run prints one JSON object on one line on stdout. Source addresses are spread
 //! over 127.0.1.1 ..= 127.0.1.250 (each socket is bound before `connect`), so a per-IP
-//! limiter sees many clients; the legitimate client of `flood`, `slowloris` and `stall`
-//! connects from 127.0.2.1. Only loopback targets are accepted.
+//! limiter sees many clients; the attackers of `flood` come from 127.0.3.1 ..=
+//! 127.0.3.250 (a target may ban them), and the legitimate client of `flood`,
+//! `slowloris` and `stall` connects from 127.0.2.1. Only loopback targets are accepted.
 //!
 //! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
 //! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
@@ -237,6 +238,13 @@ async fn read_packet(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
 
 fn spread(i: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 1, u8::try_from(i % 250).expect("< 250") + 1)
+}
+
+/// The `i`-th attacker address of `flood`: 127.0.3.1 ..= 127.0.3.250, apart from every
+/// other scenario's clients, so that a target that bans attackers (the gateway's
+/// security layer does) does not refuse later scenarios' clients.
+fn attacker(i: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 3, u8::try_from(i % 250).expect("< 250") + 1)
 }
 
 async fn connect_from(src: Ipv4Addr, target: SocketAddr) -> io::Result<TcpStream> {
@@ -666,7 +674,7 @@ async fn flood(a: &Args) -> Fields {
             let (mut acc, mut rej, mut to) = (0u64, 0u64, 0u64);
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed) % attackers;
-                match session(spread(i), target, "flood", Duration::from_millis(500)).await {
+                match session(attacker(i), target, "flood", Duration::from_millis(500)).await {
                     (Outcome::Accepted, Some(s)) => {
                         acc += 1;
                         disconnect(s).await;
