@@ -47,6 +47,12 @@ const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21_600.0, 86_400.0,
 ];
 
+/// Bucket bounds (seconds) of `aegis_mqtt_auth_callout_seconds`: a local auth service
+/// answers in well under a millisecond, the callout's deadline is seconds.
+const AUTH_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// Installs the Prometheus recorder as the global `metrics` recorder, and starts its
 /// upkeep task.
 pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -55,6 +61,12 @@ pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
             Matcher::Full(m::CONNECTION_DURATION_SECONDS.to_string()),
             DURATION_BUCKETS,
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(aegis_mqtt::auth::metrics::CALLOUT_SECONDS.to_string()),
+                AUTH_BUCKETS,
+            )
+        })
         .and_then(PrometheusBuilder::install_recorder)
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     let upkeep = handle.clone();

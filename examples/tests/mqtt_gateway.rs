@@ -1696,6 +1696,16 @@ async fn a_burst_of_failed_logins_through_an_http_auth_service_bans_the_address(
     gw.wait_metric(hits, 1.0).await;
     let denies = "aegis_mqtt_auth_total{result=\"deny\",cache=\"miss\"}";
     assert_eq!(gw.metric(denies).await, Some(4.0));
+    // The callout latency is a Prometheus histogram: five callouts, each in a bucket.
+    assert_eq!(
+        gw.metric("aegis_mqtt_auth_callout_seconds_count").await,
+        Some(5.0)
+    );
+    assert_eq!(
+        gw.metric("aegis_mqtt_auth_callout_seconds_bucket{le=\"+Inf\"}")
+            .await,
+        Some(5.0)
+    );
     assert_eq!(
         gw.metric("aegis_rejections_total{layer=\"mqtt\",reason=\"not_authorized\"}")
             .await,
