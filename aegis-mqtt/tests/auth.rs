@@ -36,6 +36,14 @@ use tower::{Layer, ServiceExt, service_fn};
 /// The gateway's address in every test.
 const LOCAL: &str = "127.0.0.1:1883";
 /// The client's address, unless a test says otherwise.
+/// Moves tokio's clock `d` ahead at once. The HTTP exchanges need real time, so the
+/// clock is paused only to move it.
+async fn jump(d: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(d).await;
+    tokio::time::resume();
+}
+
 const PEER: &str = "192.0.2.1:4000";
 
 /// A real HTTP auth service on a loopback socket: 200 for alice/secret, 500 for user
@@ -358,20 +366,15 @@ fn the_ttl_expires() {
             .result
             .unwrap();
         assert_eq!(server.calls(), 1);
-        // Just before the TTL: still a hit. The HTTP exchange needs real time, so the
-        // clock is paused only to move it.
-        tokio::time::pause();
-        tokio::time::advance(Duration::from_secs(29)).await;
-        tokio::time::resume();
+        // Just before the TTL: still a hit.
+        jump(Duration::from_secs(29)).await;
         mqtt(&layer, &inner, PEER, alice.clone())
             .await
             .result
             .unwrap();
         assert_eq!(server.calls(), 1);
         // Past it: the service is asked again.
-        tokio::time::pause();
-        tokio::time::advance(Duration::from_secs(2)).await;
-        tokio::time::resume();
+        jump(Duration::from_secs(2)).await;
         mqtt(&layer, &inner, PEER, alice.clone())
             .await
             .result

@@ -22,7 +22,7 @@ use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::security::metrics as m;
 use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};
 use aegis_mqtt::{Config, MqttError};
-use common::head;
+use common::{Logs, head};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -669,20 +669,6 @@ async fn a_connection_event_has_the_client_id_and_username() {
     assert_eq!(e.client_id.as_deref(), Some("dev\"42"));
     assert_eq!(e.username.as_deref(), Some("bob"));
     assert_eq!(sec.events_total(), 1);
-}
-
-/// A `Write` into a shared buffer, for the test's log lines.
-#[derive(Clone, Default)]
-struct Logs(Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]

@@ -5,8 +5,6 @@
 //! and a test running in parallel without a subscriber could hide the span from this one.
 
 use std::future::IntoFuture;
-use std::io;
-use std::sync::Arc;
 
 use aegis_core::{Conn, serve};
 use aegis_mqtt::Config;
@@ -16,19 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tower::{Layer, service_fn};
 
-/// A `Write` into a shared buffer, for the test's log lines.
-#[derive(Clone, Default)]
-struct Logs(Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::Logs;
 
 #[test]
 fn a_refused_packet_is_logged_with_the_peer_and_the_client_id() {

@@ -59,6 +59,30 @@ impl Service<()> for Counting {
 /// labels of its error, if it failed.
 type Outcomes = mpsc::UnboundedReceiver<(SocketAddr, Option<(&'static str, &'static str)>)>;
 
+/// Serves `gateway` on a free loopback port; reports each connection's outcome, keyed
+/// by the client's address.
+async fn start<S>(gateway: S) -> (SocketAddr, Outcomes)
+where
+    S: Service<Conn<TcpStream>, Error = aegis_core::BoxError> + Clone + Send + 'static,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
+{
+    let (tx, outcomes) = mpsc::unbounded_channel();
+    let stack = tower::service_fn(move |conn: Conn<TcpStream>| {
+        let (gateway, tx) = (gateway.clone(), tx.clone());
+        async move {
+            let peer = Param::<PeerAddr>::param(&conn).0;
+            let res = gateway.oneshot(conn).await;
+            let _ = tx.send((peer, res.as_ref().err().map(|e| label_of(&**e))));
+            res
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, stack).into_future());
+    (addr, outcomes)
+}
+
 /// Waits for the outcome of the connection from `client` (others are skipped).
 async fn outcome_of(
     outcomes: &mut Outcomes,
@@ -112,20 +136,7 @@ async fn clients_get_server_unavailable_while_the_broker_is_down_and_connect_aft
     });
     let gateway = MqttLayer::new(aegis_mqtt::Config::new())
         .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
-    // Reports each connection's outcome, keyed by the client's address.
-    let (tx, mut outcomes) = mpsc::unbounded_channel();
-    let stack = tower::service_fn(move |conn: Conn<TcpStream>| {
-        let (gateway, tx) = (gateway.clone(), tx.clone());
-        async move {
-            let peer = Param::<PeerAddr>::param(&conn).0;
-            let res = gateway.oneshot(conn).await;
-            let _ = tx.send((peer, res.as_ref().err().map(|e| label_of(&**e))));
-            res
-        }
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, stack).into_future());
+    let (addr, mut outcomes) = start(gateway).await;
 
     // Broker up: a client connects through the gateway and gets mosquitto's CONNACK 0.
     let mut live = TcpStream::connect(addr).await.unwrap();
@@ -254,19 +265,7 @@ async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recover
         .on_connack_timeout(move || on_timeout.record_failure())
         .connack_latency(ConnackLatency::new(move |_| on_connack.record_success()))
         .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
-    let (tx, mut outcomes) = mpsc::unbounded_channel();
-    let stack = tower::service_fn(move |conn: Conn<TcpStream>| {
-        let (gateway, tx) = (gateway.clone(), tx.clone());
-        async move {
-            let peer = Param::<PeerAddr>::param(&conn).0;
-            let res = gateway.oneshot(conn).await;
-            let _ = tx.send((peer, res.as_ref().err().map(|e| label_of(&**e))));
-            res
-        }
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, stack).into_future());
+    let (addr, mut outcomes) = start(gateway).await;
 
     // Healthy: the broker's CONNACK is a reported success.
     let mut s = TcpStream::connect(addr).await.unwrap();

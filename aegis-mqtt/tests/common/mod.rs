@@ -121,3 +121,17 @@ pub fn duplex_conn(server: DuplexStream) -> Conn<DuplexStream> {
         "127.0.0.1:1883".parse().unwrap(),
     )
 }
+
+/// A `Write` into a shared buffer, for a test's log lines.
+#[derive(Clone, Default)]
+pub struct Logs(pub std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
