@@ -1010,6 +1010,12 @@ fn the_grafana_dashboard_queries_only_known_series() {
         adaptive::ADAPTIVE_P95_SECONDS,
         sniff::SNIFF_TOTAL,
         aegis_mqtt::layer::policy::metrics::DROPPED_TOTAL,
+        aegis_mqtt::security::metrics::EVENTS_TOTAL,
+        aegis_mqtt::security::metrics::BANS,
+        aegis_mqtt::security::metrics::BANS_TOTAL,
+        aegis_mqtt::auth::metrics::AUTH_TOTAL,
+        aegis_mqtt::auth::metrics::CALLOUT_SECONDS,
+        aegis_mqtt::inspect::metrics::INSPECTION_TOTAL,
     ];
     let text = include_str!("../mqtt-gateway/grafana-dashboard.json");
     let dashboard: serde_json::Value = serde_json::from_str(text).unwrap();
