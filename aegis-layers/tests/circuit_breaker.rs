@@ -28,7 +28,11 @@ fn breaker(layer: &CircuitBreakerLayer) -> (Svc, Handle<(), ()>) {
 }
 
 /// One call that reaches the inner service, which answers `ok` or fails.
-async fn call(svc: &mut Svc, handle: &mut Handle<(), ()>, ok: bool) -> Result<(), BoxError> {
+async fn call<C: Classify<()>>(
+    svc: &mut CircuitBreaker<Mock<(), ()>, C>,
+    handle: &mut Handle<(), ()>,
+    ok: bool,
+) -> Result<(), BoxError> {
     let fut = svc.ready().await.unwrap().call(());
     let ((), send) = next_request(handle);
     if ok {
@@ -574,9 +578,7 @@ async fn failures_only_lets_reported_outcomes_decide() {
     let circuit = layer.handle();
     for i in 0..3 {
         assert_eq!(circuit.state(), CircuitState::Closed, "connect {i}");
-        let fut = svc.ready().await.unwrap().call(());
-        next_request(&mut handle).1.send_response(());
-        fut.await.unwrap();
+        call(&mut svc, &mut handle, true).await.unwrap();
         circuit.record_failure();
     }
     // With the default classifier the successful connects would have reset the count.
@@ -586,9 +588,7 @@ async fn failures_only_lets_reported_outcomes_decide() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(circuit.state(), CircuitState::HalfOpen);
     for _ in 0..2 {
-        let fut = svc.ready().await.unwrap().call(());
-        next_request(&mut handle).1.send_response(());
-        fut.await.unwrap();
+        call(&mut svc, &mut handle, true).await.unwrap();
         assert_eq!(circuit.state(), CircuitState::HalfOpen);
     }
     // ...the reported successes (CONNACKs) close the circuit at the threshold.
