@@ -154,8 +154,9 @@ pub fn label_of(err: &(dyn Error + 'static)) -> (&'static str, &'static str) {
     if let Some(r) = find::<Rejected>(err) {
         return (r.layer(), r.label());
     }
-    if let Some(known) = chain(err).find_map(known_labels) {
-        return known;
+    #[cfg(feature = "proxy")]
+    if let Some(p) = find::<crate::proxy::ProxyError>(err) {
+        return ("proxy", p.label());
     }
     for e in chain(err) {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -166,17 +167,6 @@ pub fn label_of(err: &(dyn Error + 'static)) -> (&'static str, &'static str) {
         }
     }
     ("unknown", "unexpected")
-}
-
-fn known_labels(e: &(dyn Error + 'static)) -> Option<(&'static str, &'static str)> {
-    if let Some(r) = e.downcast_ref::<Rejected>() {
-        return Some((r.layer(), r.label()));
-    }
-    #[cfg(feature = "proxy")]
-    if let Some(p) = e.downcast_ref::<crate::proxy::ProxyError>() {
-        return Some(("proxy", p.label()));
-    }
-    None
 }
 
 /// A fixed label for an IO error kind.
