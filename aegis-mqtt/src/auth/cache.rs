@@ -64,12 +64,6 @@ pub(crate) struct Settings {
     pub(crate) timeout: Duration,
 }
 
-impl Default for Cache {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Cache {
     pub(crate) fn new() -> Self {
         // Two randomly seeded std hashers give 128 bits of per-process salt without a

@@ -56,19 +56,11 @@ impl BanKey {
     /// The key as stored: IPv4-mapped addresses folded, names cut to 256 bytes.
     pub(super) fn normalized(self) -> Self {
         match self {
-            Self::Addr(ip) => Self::Addr(fold(ip)),
+            Self::Addr(ip) => Self::Addr(ip.to_canonical()),
             Self::Username(n) if n.len() > MAX_NAME => Self::username(&n),
             Self::ClientId(n) if n.len() > MAX_NAME => Self::client_id(&n),
             other => other,
         }
-    }
-}
-
-/// An IPv4-mapped IPv6 address as its IPv4 address.
-pub(super) fn fold(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 @ IpAddr::V4(_) => v4,
     }
 }
 

@@ -195,9 +195,7 @@ mod layer;
 mod service;
 
 pub use self::bans::{Ban, BanKey, BanKeys};
-use self::bans::{
-    BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds, fold,
-};
+use self::bans::{BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds};
 pub use self::error::SecurityError;
 pub use self::events::Event;
 use self::events::{EventLog, MAX_NAME, bounded};
@@ -607,12 +605,8 @@ impl Security {
         who: &Who,
     ) {
         let key = key.normalized();
-        let (inserted, len) = {
-            let mut t = self.shared.bans.lock();
-            let inserted = t.insert(key.clone(), Instant::now(), duration, cause.as_str());
-            (inserted, t.len())
-        };
-        metrics::bans(len);
+        let inserted =
+            self.with_bans(|t, now| t.insert(key.clone(), now, duration, cause.as_str()));
         if !inserted {
             return;
         }
@@ -664,7 +658,7 @@ impl Security {
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
     /// event) if its address is banned, or is banned now for this connect.
     fn admit(&self, addr: SocketAddr) -> bool {
-        let key = BanKey::Addr(fold(addr.ip()));
+        let key = BanKey::Addr(addr.ip().to_canonical());
         let who = Who {
             addr: Some(addr),
             ..Who::default()
@@ -732,15 +726,6 @@ fn not_the_clients_doing(label: &str) -> bool {
     )
 }
 
-/// Rules of `auth_failure` events where the authenticator could not decide (the auth
-/// layer's `AuthError` labels): logged, never counted.
-fn authenticator_failed(rule: &str) -> bool {
-    matches!(
-        rule,
-        "timeout" | "unavailable" | "status" | "invalid" | "failed" | "auth_error"
-    )
-}
-
 impl ConnCtx {
     fn new(security: Security, addr: SocketAddr) -> Self {
         Self {
@@ -763,7 +748,7 @@ impl ConnCtx {
     /// The keys the detector counts for this connection: the address, then the client id
     /// (unless empty) and the username when known.
     fn detector_keys(&self, who: &Who) -> Vec<BanKey> {
-        let mut keys = vec![BanKey::Addr(fold(self.addr.ip()))];
+        let mut keys = vec![BanKey::Addr(self.addr.ip().to_canonical())];
         keys.extend(name_keys(who));
         keys
     }
@@ -775,10 +760,13 @@ impl ConnCtx {
             EventKind::Block | EventKind::Rejection => Some(Cause::Rejections),
             EventKind::Flag | EventKind::Ban => None,
         };
-        let not_counted = r.rule.is_some_and(|rule| {
-            not_the_clients_doing(rule)
-                || (r.kind == EventKind::AuthFailure && authenticator_failed(rule))
-        });
+        // An authentication failure counts only as a denial (rule `denied`): any other
+        // rule is the authenticator failing to decide (the auth layer's error labels).
+        let not_counted = if r.kind == EventKind::AuthFailure {
+            r.rule != Some("denied")
+        } else {
+            r.rule.is_some_and(not_the_clients_doing)
+        };
         self.security.emit(
             &who,
             Event::new(r.layer, r.kind, r.severity, r.rule, r.details),
@@ -795,7 +783,7 @@ impl ConnCtx {
         (*self.username.lock()).clone_from(&user);
         let sec = &self.security;
         let mut keys = vec![
-            BanKey::Addr(fold(self.addr.ip())),
+            BanKey::Addr(self.addr.ip().to_canonical()),
             BanKey::ClientId(Arc::clone(&id)),
         ];
         keys.extend(user.iter().map(|u| BanKey::Username(Arc::clone(u))));
@@ -873,7 +861,7 @@ mod tests {
             layer: "auth",
             kind: EventKind::AuthFailure,
             severity: Severity::Medium,
-            rule: Some("not_authorized"),
+            rule: Some("denied"),
             details: "bad password\n".into(),
         }
     }
