@@ -40,8 +40,8 @@
 //! never the payload) and logged at debug level.
 //!
 //! With topic rules, MQTT 5 Topic Aliases are followed: the gateway records the alias
-//! of each PUBLISH it forwards (at most 64 KiB of topics per connection), as the broker
-//! does. A PUBLISH whose alias the gateway has not recorded is blocked by `topic_acl`
+//! of each PUBLISH it forwards (at most 64 KiB per connection, each alias counted as its
+//! topic plus 48 bytes), as the broker does. A PUBLISH whose alias the gateway has not recorded is blocked by `topic_acl`
 //! (severity high): the gateway cannot tell where it goes.
 //!
 //! # Example

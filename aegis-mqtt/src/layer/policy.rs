@@ -382,13 +382,19 @@ pub(crate) struct ConnPolicy {
     aliases: Aliases,
 }
 
-/// The most bytes of topics one connection's [`Aliases`] holds: an alias set beyond it
-/// is not recorded, and a PUBLISH using it is blocked as `topic_acl`.
+/// The most bytes one connection's [`Aliases`] holds, each alias counted as its topic
+/// plus [`ALIAS_ENTRY_BYTES`]: an alias set beyond it is not recorded, and a PUBLISH
+/// using it is blocked as `topic_acl`.
 #[cfg(feature = "inspect")]
 const MAX_ALIAS_BYTES: usize = 64 * 1024;
 
+/// What an alias costs beyond its topic's bytes: its map slot and the topic's own
+/// allocation. Without it, 65,535 one-byte topics would pass a bound meant for 64 KiB.
+#[cfg(feature = "inspect")]
+const ALIAS_ENTRY_BYTES: usize = 48;
+
 /// MQTT 5 Topic Aliases as the broker knows them: only those of forwarded PUBLISH
-/// packets, at most [`MAX_ALIAS_BYTES`] of topics.
+/// packets, at most [`MAX_ALIAS_BYTES`] of them.
 #[cfg(feature = "inspect")]
 #[derive(Debug, Default)]
 struct Aliases {
@@ -409,10 +415,11 @@ impl Aliases {
             return;
         }
         if let Some(old) = self.map.remove(&alias) {
-            self.bytes -= old.len();
+            self.bytes -= old.len() + ALIAS_ENTRY_BYTES;
         }
-        if self.bytes + topic.len() <= MAX_ALIAS_BYTES {
-            self.bytes += topic.len();
+        let cost = topic.len() + ALIAS_ENTRY_BYTES;
+        if self.bytes + cost <= MAX_ALIAS_BYTES {
+            self.bytes += cost;
             self.map.insert(alias, Box::from(topic));
         }
     }
@@ -833,6 +840,22 @@ mod tests {
         assert_eq!(policy.tracked_keys(Tier::Packets), 1);
         assert_eq!(policy.tracked_keys(Tier::Publish), 0);
         assert_eq!(policy.quota(Tier::Publish), None);
+    }
+
+    #[cfg(feature = "inspect")]
+    #[test]
+    fn aliases_are_bounded_by_entries_not_only_topic_bytes() {
+        let mut a = Aliases::default();
+        for alias in 1..=u16::MAX {
+            a.set(alias, "t");
+        }
+        let most = MAX_ALIAS_BYTES / (1 + ALIAS_ENTRY_BYTES);
+        assert_eq!(a.map.len(), most);
+        assert!(a.bytes <= MAX_ALIAS_BYTES);
+        // Setting a recorded alias again, to a longer topic, frees its old cost first.
+        a.set(1, "longer");
+        assert_eq!(a.get(1), Some("longer"));
+        assert!(a.bytes <= MAX_ALIAS_BYTES);
     }
 
     #[test]
