@@ -363,24 +363,28 @@ impl<I> MqttIo<I> {
             return false;
         }
         let on_timeout = self.on_connack_timeout.take();
-        self.disarm_connack_timer();
-        let e = MqttError::ConnackTimeout;
-        let answer = self
-            .session
-            .version()
-            .map(|v| e.answer(Phase::Connect(Some(v))).bytes())
-            .unwrap_or_default();
-        self.refuse(e, answer);
-        // The gateway's own CONNACK: not a round trip through the broker.
-        self.connack_latency = None;
-        // A CONNACK is going out now: the broker's may not follow, and a responder such
-        // as `Unavailable` must not answer again.
-        self.out.connack_seen = true;
+        self.refuse_connect(MqttError::ConnackTimeout);
         self.writes = Writes::ToBoundary;
         if let Some(f) = on_timeout {
             f.call(());
         }
         true
+    }
+
+    /// Records the refusal `e` of the CONNECT, answered by the gateway's own CONNACK for
+    /// the client's version (none if a CONNACK already went out). The CONNACK going out
+    /// is not a round trip through the broker, the broker's may not follow, and a responder such as
+    /// `Unavailable` must not answer again.
+    fn refuse_connect(&mut self, e: MqttError) {
+        let answer = if self.out.connack_seen {
+            Vec::new()
+        } else {
+            e.answer(Phase::Connect(self.session.version())).bytes()
+        };
+        self.refuse(e, answer);
+        self.out.connack_seen = true;
+        self.connack_latency = None;
+        self.disarm_connack_timer();
     }
 
     /// Forgets the round-trip report: the CONNACK about to be written is the gateway's
@@ -452,19 +456,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
     /// [`io::ErrorKind::BrokenPipe`]. Nothing is written if a CONNACK already went out.
     pub fn poll_refuse_connect(&mut self, cx: &mut Context<'_>, e: MqttError) -> Poll<()> {
         if self.failed.is_none() {
-            let answer = if self.out.connack_seen {
-                Vec::new()
-            } else {
-                e.answer(Phase::Connect(self.session.version())).bytes()
-            };
-            self.refuse(e, answer);
+            self.refuse_connect(e);
             self.ready = Bytes::new();
             self.buf = BytesMut::new();
             self.connect_unread = false;
             self.writes = Writes::Closed;
-            self.out.connack_seen = true;
-            self.connack_latency = None;
-            self.disarm_connack_timer();
             if let Some(policy) = &mut self.policy {
                 *policy.answers() = BytesMut::new();
             }
