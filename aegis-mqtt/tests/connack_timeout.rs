@@ -293,3 +293,30 @@ async fn timeouts_reported_to_a_breaker_open_it() {
     }
     assert_eq!(handle.state(), CircuitState::Open);
 }
+
+/// An inner service slower than the timeout to start reading (a slow upstream connect):
+/// the timeout fires at its first read, and the CONNECT the gateway has refused never
+/// reaches it (a broker would otherwise take it, and evict a live session of that
+/// client id).
+#[tokio::test(start_paused = true)]
+async fn a_connect_refused_by_the_timeout_never_reaches_a_late_reader() {
+    let svc = MqttLayer::default()
+        .connack_timeout(TIMEOUT)
+        .layer(service_fn(|mut io: Io| async move {
+            tokio::time::sleep(TIMEOUT * 2).await;
+            let mut seen = Vec::new();
+            let err = io.read_to_end(&mut seen).await.unwrap_err();
+            assert!(seen.is_empty(), "the refused CONNECT was read: {seen:?}");
+            assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+            Err::<(), _>(err)
+        }));
+    let (mut client, server) = tokio::io::duplex(1024);
+    let conn = tokio::spawn(svc.oneshot(duplex_conn(server)));
+    client.write_all(&connect_v4()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(GIVE_UP, client.read_to_end(&mut got));
+    read.await.expect("no answer at all").unwrap();
+    assert_eq!(got, V3_UNAVAILABLE);
+    let err = conn.await.unwrap().unwrap_err();
+    assert_eq!(find::<MqttError>(&*err), Some(&MqttError::ConnackTimeout));
+}

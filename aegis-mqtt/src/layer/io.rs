@@ -372,8 +372,9 @@ impl<I> MqttIo<I> {
     }
 
     /// Records the refusal `e` of the CONNECT, answered by the gateway's own CONNACK for
-    /// the client's version (none if a CONNACK already went out). The CONNACK going out
-    /// is not a round trip through the broker, the broker's may not follow, and a responder such as
+    /// the client's version (none if a CONNACK already went out). A CONNECT the inner
+    /// service has not read yet never reaches it; the CONNACK going out is not a round
+    /// trip through the broker, the broker's may not follow, and a responder such as
     /// `Unavailable` must not answer again.
     fn refuse_connect(&mut self, e: MqttError) {
         let answer = if self.out.connack_seen {
@@ -382,6 +383,10 @@ impl<I> MqttIo<I> {
             e.answer(Phase::Connect(self.session.version())).bytes()
         };
         self.refuse(e, answer);
+        if self.connect_unread {
+            self.ready = Bytes::new();
+            self.connect_unread = false;
+        }
         self.out.connack_seen = true;
         self.connack_latency = None;
         self.disarm_connack_timer();
@@ -459,7 +464,6 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
             self.refuse_connect(e);
             self.ready = Bytes::new();
             self.buf = BytesMut::new();
-            self.connect_unread = false;
             self.writes = Writes::Closed;
             if let Some(policy) = &mut self.policy {
                 *policy.answers() = BytesMut::new();
