@@ -276,33 +276,42 @@ impl Shared {
                 self.fail_closed(&mut m);
             }
             (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
-                m.consecutive = 0;
-                self.success_is_noop
-                    .store(self.cfg.rate.is_none(), Ordering::Relaxed);
-                self.push(&mut m, false);
+                self.succeed_closed(&mut m);
             }
             (Kind::Probe, outcome) => {
-                let Phase::HalfOpen {
-                    available,
-                    successes,
-                } = &mut m.phase
-                else {
+                let Phase::HalfOpen { available, .. } = &mut m.phase else {
                     return;
                 };
                 // A probe that succeeds, is ignored or is cancelled returns its permit.
                 *available += 1;
                 match outcome {
                     Some(Outcome::Failure) => self.open(&mut m),
-                    Some(Outcome::Success) => {
-                        *successes += 1;
-                        if *successes >= self.cfg.success_threshold {
-                            self.transition(&mut m, Phase::Closed);
-                        }
-                    }
+                    Some(Outcome::Success) => self.probe_succeeded(&mut m),
                     Some(Outcome::Ignore) | None => {}
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A success while closed: resets the consecutive count and enters the failure-rate
+    /// window.
+    fn succeed_closed(&self, m: &mut Machine) {
+        m.consecutive = 0;
+        self.success_is_noop
+            .store(self.cfg.rate.is_none(), Ordering::Relaxed);
+        self.push(m, false);
+    }
+
+    /// A success while half-open: counts towards the success threshold, and closes the
+    /// circuit when it is reached.
+    fn probe_succeeded(&self, m: &mut Machine) {
+        let Phase::HalfOpen { successes, .. } = &mut m.phase else {
+            return;
+        };
+        *successes += 1;
+        if *successes >= self.cfg.success_threshold {
+            self.transition(m, Phase::Closed);
         }
     }
 
@@ -342,19 +351,9 @@ impl Shared {
         if m.forced.is_some() {
             return;
         }
-        match &mut m.phase {
-            Phase::Closed => {
-                m.consecutive = 0;
-                self.success_is_noop
-                    .store(self.cfg.rate.is_none(), Ordering::Relaxed);
-                self.push(m, false);
-            }
-            Phase::HalfOpen { successes, .. } => {
-                *successes += 1;
-                if *successes >= self.cfg.success_threshold {
-                    self.transition(m, Phase::Closed);
-                }
-            }
+        match m.phase {
+            Phase::Closed => self.succeed_closed(m),
+            Phase::HalfOpen { .. } => self.probe_succeeded(m),
             Phase::Open { .. } => {}
         }
     }
