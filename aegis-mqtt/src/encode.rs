@@ -41,8 +41,6 @@ pub mod reason {
     pub const SERVER_BUSY: u8 = 0x89;
     /// 5.0 CONNACK: banned.
     pub const BANNED: u8 = 0x8A;
-    /// 5.0 DISCONNECT: administrative action.
-    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     /// 5.0: keep alive timeout.
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     /// 5.0: topic filter invalid.
@@ -55,6 +53,10 @@ pub mod reason {
     pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     /// 5.0: quota exceeded.
     pub const QUOTA_EXCEEDED: u8 = 0x97;
+    /// 5.0 DISCONNECT: administrative action.
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    /// 5.0 PUBACK / PUBREC: payload format invalid.
+    pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     /// 5.0: connection rate exceeded.
     pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
 }

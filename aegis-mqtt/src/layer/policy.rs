@@ -637,7 +637,7 @@ impl ConnPolicy {
         metrics::dropped("publish", "inspection");
         let reason = match outcome.blocked_by() {
             Some(hit) if !hit.kind().is_payload() => encode::reason::NOT_AUTHORIZED,
-            _ => PAYLOAD_FORMAT_INVALID,
+            _ => encode::reason::PAYLOAD_FORMAT_INVALID,
         };
         let v5_answer = tiers.v5_publish_answer && *version == Version::V5;
         if let Some((kind, bytes)) = pub_answer(v5_answer, p, reason) {
@@ -659,10 +659,6 @@ const fn pub_refusal(first: u8, packet_id: u16, reason: u8) -> [u8; 5] {
     let id = packet_id.to_be_bytes();
     [first, 0x03, id[0], id[1], reason]
 }
-
-/// MQTT 5 reason code 0x99, payload format invalid (PUBACK, PUBREC).
-#[cfg(feature = "inspect")]
-const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 
 /// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
 /// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
