@@ -140,7 +140,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     let connect = all.split_to(len);
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
                     let policy = this.policy.take();
-                    return Poll::Ready(Ok((session, connect, all, io, this.opts.clone(), policy)));
+                    let opts = std::mem::take(&mut this.opts);
+                    return Poll::Ready(Ok((session, connect, all, io, opts, policy)));
                 }
                 Step::Refused(e, answer) => {
                     this.answer = Some((e, answer, 0));

@@ -771,13 +771,7 @@ mod tests {
         let mut session = Session::new(Config::new());
         assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
         let (mut client, server) = tokio::io::duplex(1024);
-        let opts = IoOptions {
-            rate: None,
-            enforce_keep_alive: false,
-            connack_latency: None,
-            connack_timeout: None,
-            on_connack_timeout: None,
-        };
+        let opts = IoOptions::default();
         let mut io = MqttIo::new(
             server,
             session,

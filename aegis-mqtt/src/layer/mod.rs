@@ -218,7 +218,7 @@ pub(crate) fn poll_write_answer<W: AsyncWrite + Unpin>(
 }
 
 /// What the layer hands to each connection's [`MqttIo`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct IoOptions {
     pub(crate) rate: Option<PacketRate>,
     pub(crate) enforce_keep_alive: bool,
