@@ -997,29 +997,13 @@ impl Config {
             at_least("security.max_bans", sec.max_bans, 1)?;
         }
 
+        // auth.url is parsed and checked where the layer is built (`stack::auth`).
         let au = &self.auth;
-        match au.kind {
-            AuthKind::None => {}
-            AuthKind::Http => {
-                let uri: hyper::Uri = au
-                    .url
-                    .parse()
-                    .map_err(|e| ConfigError::new("auth.url", format!("not a URL: {e}")))?;
-                if uri.scheme_str() != Some("http") || uri.host().is_none() {
-                    return Err(ConfigError::new(
-                        "auth.url",
-                        "must be an http:// URL with a host (https is not supported)",
-                    ));
-                }
-            }
-            AuthKind::File => {
-                if au.file.is_empty() {
-                    return Err(ConfigError::new(
-                        "auth.file",
-                        "must name a file of username:argon2-hash lines when auth.kind = \"file\"",
-                    ));
-                }
-            }
+        if au.kind == AuthKind::File && au.file.is_empty() {
+            return Err(ConfigError::new(
+                "auth.file",
+                "must name a file of username:argon2-hash lines when auth.kind = \"file\"",
+            ));
         }
         if au.kind != AuthKind::None {
             if !self.mqtt.enabled {

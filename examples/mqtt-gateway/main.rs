@@ -158,7 +158,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         Upstream::Embedded => broker::start(c.mqtt.max_packet_size).await?,
         Upstream::Addr(addr) => addr,
     };
-    let built = stack::build(&settings, upstream, settings.upstream == Upstream::Embedded);
+    let built = stack::build(&settings, upstream);
 
     // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
     let listener = TcpListener::bind(settings.listen)

@@ -267,10 +267,16 @@ pub(crate) fn auth(
     let authn = match c.kind {
         config::AuthKind::None => return Ok(None),
         config::AuthKind::Http => {
-            let uri = c
+            let uri: hyper::Uri = c
                 .url
                 .parse()
                 .map_err(|e| ConfigError::new("auth.url", format!("not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                return Err(ConfigError::new(
+                    "auth.url",
+                    "must be an http:// URL with a host (https is not supported)",
+                ));
+            }
             BoxCloneSyncService::new(HttpAuth::new(uri).map_err(BoxError::from))
         }
         config::AuthKind::File => {
@@ -323,7 +329,6 @@ fn security(c: &config::Security) -> Security {
 pub(crate) fn build(
     settings: &Settings,
     upstream: SocketAddr,
-    embedded: bool,
 ) -> Built<
     impl Service<Conn<TcpStream>, Response = (), Error = BoxError, Future = ConnFuture>
     + Clone
@@ -331,6 +336,7 @@ pub(crate) fn build(
     + 'static,
 > {
     let c = &settings.raw;
+    let embedded = settings.upstream == config::Upstream::Embedded;
     let mut layers = Vec::new();
 
     // The rate limiter is built first: the adaptive controller needs its handle.
@@ -494,26 +500,20 @@ pub(crate) fn build(
         layer.policy(policy.build())
     });
     let done = done as fn(Transferred);
-    let after_sniff =
-        match (mqtt, unavailable) {
-            (Some(layer), Some(answer)) => Either::Left(
-                layer.layer(
+    let after_sniff = match mqtt {
+        Some(layer) => {
+            let to_proxy = match unavailable {
+                Some(answer) => Either::Left(
                     ServiceBuilder::new()
-                        .option_layer(auth.clone())
-                        .service(Either::Left(
-                            ServiceBuilder::new()
-                                .map_response(done)
-                                .service(proxy.on_connect_error(answer)),
-                        )),
+                        .map_response(done)
+                        .service(proxy.on_connect_error(answer)),
                 ),
-            ),
-            (Some(layer), None) => Either::Left(
-                layer.layer(ServiceBuilder::new().option_layer(auth.clone()).service(
-                    Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
-                )),
-            ),
-            (None, _) => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
-        };
+                None => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
+            };
+            Either::Left(layer.layer(ServiceBuilder::new().option_layer(auth).service(to_proxy)))
+        }
+        None => Either::Right(ServiceBuilder::new().map_response(done).service(proxy)),
+    };
 
     // Protocol sniffing: MQTT goes on; HTTP/1 gets a 400 if asked; the rest is refused
     // and counted as aegis_rejections_total{layer="sniff",reason=<protocol>}.
