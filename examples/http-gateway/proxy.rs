@@ -34,7 +34,7 @@ use std::time::Duration;
 use aegis_core::BoxError;
 use aegis_core::error::find;
 use aegis_layers::circuit_breaker::error::CircuitOpen;
-use aegis_layers::circuit_breaker::{CircuitBreaker, Classify, Outcome, classify_error};
+use aegis_layers::circuit_breaker::{CircuitBreaker, Classify, HttpClassifier, Outcome};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
@@ -110,19 +110,17 @@ impl Service<Request<GatewayBody>> for Upstream {
     }
 }
 
-/// The breaker's classifier: [`HttpClassifier`](aegis_layers::circuit_breaker::HttpClassifier)'s
-/// rules (`5xx` and upstream errors are failures), except that a request body cut by
-/// the size limit is the client's fault and is not counted.
+/// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
+/// failures), except that a request body cut by the size limit is the client's fault
+/// and is not counted.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 
 impl<B> Classify<Response<B>> for GatewayClassifier {
     fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
-            Ok(res) if res.status().is_server_error() => Outcome::Failure,
-            Ok(_) => Outcome::Success,
             Err(e) if find::<LengthLimitError>(e).is_some() => Outcome::Ignore,
-            Err(e) => classify_error(e),
+            other => HttpClassifier.classify(other),
         }
     }
 }
