@@ -2,19 +2,18 @@
 //! time) and over real loopback sockets.
 #![cfg(feature = "proxy-protocol")]
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use aegis_core::error::{BoxError, find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
-use aegis_core::metrics::testing::{capture, counter};
+use aegis_core::metrics::testing::{capture, counter, run};
 use aegis_core::{ClientAddr, Conn, Handshake, LocalAddr, Param, PeerAddr};
 use aegis_layers::proxy_protocol::{
     CONNECTIONS_TOTAL, HeaderMode, ProxiedIo, ProxyHeader, ProxyProtocolError, ProxyProtocolLayer,
 };
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::Snapshotter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_test::io::{Builder, Mock};
 use tower::{Layer, ServiceExt, service_fn};
@@ -105,20 +104,6 @@ fn trusting_lb() -> ProxyProtocolLayer {
 
 fn conn(mock: Mock, peer: &str) -> Conn<Mock> {
     Conn::new(mock, addr(peer), addr(LOCAL))
-}
-
-/// Runs `f` on a current-thread runtime (paused time if asked) under a local debugging
-/// recorder, and returns its output with the recorder's snapshotter.
-fn with_metrics<F: Future>(paused: bool, f: impl FnOnce() -> F) -> (F::Output, Snapshotter) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(paused)
-        .build()
-        .unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-    (out, snap)
 }
 
 /// Asserts a rejection with `reason`, counted exactly once.
@@ -228,7 +213,7 @@ async fn every_split_point_and_byte_by_byte() {
 
 #[test]
 fn accepted_connections_are_counted_by_outcome() {
-    let ((), snap) = with_metrics(false, || async {
+    let ((), snap) = run(false, || async {
         for c in accepted_cases() {
             let io = Builder::new().read(&c.header).build();
             serve(&trusting_lb(), conn(io, LB)).await.unwrap();
@@ -267,7 +252,7 @@ async fn untrusted_peer_with_plain_bytes_passes_untouched() {
 #[test]
 fn untrusted_peer_with_a_header_is_rejected() {
     for header in [V1_TCP4.to_vec(), v2_ipv4([203, 0, 113, 7], &[])] {
-        let (res, snap) = with_metrics(false, || async {
+        let (res, snap) = run(false, || async {
             // The signature alone decides: the rest of the header is never read.
             let sig_len = if header[0] == b'P' { 6 } else { 12 };
             let io = Builder::new().read(&header[..sig_len]).build();
@@ -279,13 +264,13 @@ fn untrusted_peer_with_a_header_is_rejected() {
 
 #[test]
 fn ipv4_mapped_peer_is_matched_as_ipv4() {
-    let (res, _) = with_metrics(false, || async {
+    let (res, _) = run(false, || async {
         let io = Builder::new().read(&header_with_payload(V1_TCP4)).build();
         serve(&trusting_lb(), conn(io, "[::ffff:10.1.2.3]:40000")).await
     });
     assert_eq!(res.unwrap().client, addr("203.0.113.7:51000"));
     // And a mapped address outside the network stays untrusted.
-    let (res, snap) = with_metrics(false, || async {
+    let (res, snap) = run(false, || async {
         let io = Builder::new().read(V1_TCP4).build();
         serve(&trusting_lb(), conn(io, "[::ffff:192.0.2.99]:40000")).await
     });
@@ -294,7 +279,7 @@ fn ipv4_mapped_peer_is_matched_as_ipv4() {
 
 #[test]
 fn trusted_peer_without_header_is_missing_unless_optional() {
-    let (res, snap) = with_metrics(false, || async {
+    let (res, snap) = run(false, || async {
         serve(
             &trusting_lb(),
             conn(Builder::new().read(PAYLOAD).build(), LB),
@@ -304,7 +289,7 @@ fn trusted_peer_without_header_is_missing_unless_optional() {
     assert_rejected(res, &snap, "missing");
 
     let optional = trusting_lb().mode(HeaderMode::Optional);
-    let (res, _) = with_metrics(false, || async {
+    let (res, _) = run(false, || async {
         serve(&optional, conn(Builder::new().read(PAYLOAD).build(), LB)).await
     });
     let seen = res.unwrap();
@@ -330,7 +315,7 @@ fn garbage_is_invalid() {
         },
     ];
     for bad in cases {
-        let (res, snap) = with_metrics(false, || async {
+        let (res, snap) = run(false, || async {
             serve(&trusting_lb(), conn(Builder::new().read(&bad).build(), LB)).await
         });
         assert_rejected(res, &snap, "invalid");
@@ -341,7 +326,7 @@ fn garbage_is_invalid() {
 fn truncated_header_is_eof() {
     for Case { name, header, .. } in accepted_cases() {
         for cut in [1, header.len() / 2, header.len() - 1] {
-            let (res, snap) = with_metrics(false, || async {
+            let (res, snap) = run(false, || async {
                 serve(
                     &trusting_lb(),
                     conn(Builder::new().read(&header[..cut]).build(), LB),
@@ -363,7 +348,7 @@ fn oversized_headers_are_too_long_without_reading_them() {
     // A v2 header declaring 1000 bytes: refused from its 16 bytes, before its payload.
     let mut big = v2_ipv4([203, 0, 113, 7], &[]);
     big[14..16].copy_from_slice(&1000u16.to_be_bytes());
-    let (res, snap) = with_metrics(false, || async {
+    let (res, snap) = run(false, || async {
         serve(
             &trusting_lb(),
             conn(Builder::new().read(&big[..16]).build(), LB),
@@ -378,7 +363,7 @@ fn oversized_headers_are_too_long_without_reading_them() {
     let large = v2_ipv4([203, 0, 113, 7], &tlv);
     assert_eq!(large.len(), 16 + 1000);
     let raised = trusting_lb().max_header_len(2048);
-    let (res, _) = with_metrics(false, || async {
+    let (res, _) = run(false, || async {
         serve(
             &raised,
             conn(
@@ -393,7 +378,7 @@ fn oversized_headers_are_too_long_without_reading_them() {
     // A v1 line without its LF within 107 bytes.
     let mut long = b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 1883".to_vec();
     long.resize(107, b' ');
-    let (res, snap) = with_metrics(false, || async {
+    let (res, snap) = run(false, || async {
         serve(&raised, conn(Builder::new().read(&long).build(), LB)).await
     });
     assert_rejected(res, &snap, "too_long");
@@ -401,7 +386,7 @@ fn oversized_headers_are_too_long_without_reading_them() {
 
 #[test]
 fn slow_header_hits_the_deadline() {
-    let (res, snap) = with_metrics(true, || async {
+    let (res, snap) = run(true, || async {
         let io = Builder::new()
             .read(b"PROXY TCP4 203.0")
             .wait(Duration::from_secs(60))
@@ -415,7 +400,7 @@ fn slow_header_hits_the_deadline() {
     assert_rejected(res, &snap, "timeout");
 
     // A custom deadline, and a silent trusted peer.
-    let (res, snap) = with_metrics(true, || async {
+    let (res, snap) = run(true, || async {
         let io = Builder::new().wait(Duration::from_secs(60)).build();
         let start = tokio::time::Instant::now();
         let res = serve(
@@ -432,7 +417,7 @@ fn slow_header_hits_the_deadline() {
 
 #[test]
 fn silent_untrusted_peer_is_passed_on_at_the_deadline() {
-    let (res, snap) = with_metrics(true, || async {
+    let (res, snap) = run(true, || async {
         // Two bytes of a signature, then silence past the deadline, then data.
         let io = Builder::new()
             .read(b"PR")
@@ -451,7 +436,7 @@ fn silent_untrusted_peer_is_passed_on_at_the_deadline() {
 
 #[test]
 fn read_error_is_io() {
-    let (res, snap) = with_metrics(false, || async {
+    let (res, snap) = run(false, || async {
         let io = Builder::new()
             .read(b"PROXY ")
             .read_error(io::ErrorKind::ConnectionReset.into())
@@ -463,7 +448,7 @@ fn read_error_is_io() {
 
 #[test]
 fn every_rejection_drops_the_connection_before_the_inner_service() {
-    let (res, _) = with_metrics(false, || async {
+    let (res, _) = run(false, || async {
         let svc = trusting_lb().layer(service_fn(|_io: ProxiedIo<Conn<Mock>>| async {
             panic!("the inner service must not be called");
             #[allow(unreachable_code)]

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use aegis_core::error::{find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
-use aegis_core::metrics::testing::{Captured, capture};
+use aegis_core::metrics::testing::{Captured, capture, run};
 use aegis_core::{BoxError, ClientAddr, Conn, Handshake, LocalAddr, Param, PeerAddr};
 use aegis_layers::slowloris::error::{Clock, Elapsed};
 use aegis_layers::slowloris::{MinRate, SlowlorisIo, SlowlorisLayer};
-use metrics_util::debugging::DebuggingRecorder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};
@@ -413,14 +412,7 @@ async fn vectored_writes_reach_the_inner_stream() {
 
 /// Runs `fut` on a paused current-thread runtime with a local metrics recorder.
 fn with_metrics<T>(fut: impl Future<Output = T>) -> (T, Captured) {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let out = metrics::with_local_recorder(&rec, || rt.block_on(fut));
+    let (out, snap) = run(true, || fut);
     (out, capture(&snap))
 }
 
