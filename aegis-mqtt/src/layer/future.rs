@@ -121,8 +121,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     #[cfg(not(feature = "security"))]
                     let checked = this.policy.as_mut().map_or(Ok(()), |p| p.on_connect(&c));
                     match checked {
-                        // Over the policy's connect rate: answered as a CONNECT, not as a
-                        // later packet (the session has accepted it already).
+                        // Banned, over the policy's connect rate or a blocked will:
+                        // answered as a CONNECT, not as a later packet (the session has
+                        // accepted it already).
                         Err(e) => {
                             Step::Refused(e, e.answer(Phase::Connect(Some(c.version))).bytes())
                         }
