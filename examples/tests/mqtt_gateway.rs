@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::{Mosquitto, connect, free_port, read_packet};
+use common::{Mosquitto, connect, dead_port, free_ports, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
@@ -72,7 +72,7 @@ impl Gateway {
         let dir = scratch(name);
         let conf = dir.join("gateway.toml");
         std::fs::write(&conf, config).unwrap();
-        let (mqtt, metrics) = (free_port(), free_port());
+        let [mqtt, metrics] = free_ports();
         let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
         let child = Command::new(gateway_bin())
             .arg("--config")
@@ -190,11 +190,12 @@ fn run_to_exit(name: &str, config: &str) -> (ExitStatus, String) {
     let dir = scratch(name);
     let conf = dir.join("gateway.toml");
     std::fs::write(&conf, config).unwrap();
+    let [mqtt, metrics] = free_ports();
     let mut child = Command::new(gateway_bin())
         .arg("--config")
         .arg(&conf)
-        .args(["--listen", &free_port().to_string()])
-        .args(["--metrics", &free_port().to_string()])
+        .args(["--listen", &mqtt.to_string()])
+        .args(["--metrics", &metrics.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -657,8 +658,8 @@ async fn malformed_connects_get_the_answer_the_spec_gives() {
     // Refused CONNECTs never reach the broker; any upstream will do, and a non-embedded
     // one leaves every answer to the MQTT layer (the embedded mode answers MQTT 5 with
     // 0x84 before validation: that broker does not speak it).
-    let nowhere = free_port().to_string();
-    let gw = Gateway::start("malformed", "", &["--upstream", &nowhere]).await;
+    let (_held, nowhere) = dead_port();
+    let gw = Gateway::start("malformed", "", &["--upstream", &nowhere.to_string()]).await;
 
     // 3.1.1, reserved flag bit set: [MQTT-3.1.2-3] close without a CONNACK.
     let mut bad = connect_311("bad");
@@ -1047,7 +1048,7 @@ fn the_grafana_dashboard_queries_only_known_series() {
 
 #[tokio::test]
 async fn with_the_broker_down_readyz_is_503_and_clients_get_server_unavailable() {
-    let dead = free_port(); // nothing listens there
+    let (_held, dead) = dead_port(); // bound, nothing listens there
     let config = "[circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"1m\"\n";
     let gw = Gateway::start("down", config, &["--upstream", &dead.to_string()]).await;
     let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
