@@ -27,28 +27,32 @@ use super::{Classification, Detection, Protocol, Protocols, SniffError, Sniffed,
 #[derive(Debug)]
 pub struct Detect<I> {
     io: Option<I>,
-    /// Zero-filled to its full length once; `filled` bytes of it hold data.
+    /// The bytes read so far, at most `max_prefix`. Reads go through a buffer on the
+    /// stack and only what arrived is kept: a 10-byte CONNECT costs 10 bytes here, not
+    /// `max_prefix`, while thousands of connections are being sniffed at once.
     buf: Vec<u8>,
-    filled: usize,
+    max_prefix: usize,
     deadline: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
 }
+
+/// The most one read of [`Detect`] asks for.
+const READ_CHUNK: usize = 1024;
 
 impl<I> Detect<I> {
     /// Starts detection on `io`: read at most `max_prefix` bytes within `timeout`.
     pub fn new(io: I, max_prefix: usize, timeout: Duration) -> Self {
         Self {
             io: Some(io),
-            buf: vec![0; max_prefix],
-            filled: 0,
+            buf: Vec::new(),
+            max_prefix,
             deadline: Instant::now() + timeout,
             sleep: None,
         }
     }
 
     fn finish(&mut self, detection: Detection) -> (Detection, Bytes, I) {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.truncate(self.filled);
+        let buf = std::mem::take(&mut self.buf);
         let io = self.io.take().expect("Detect polled after completion");
         (detection, Bytes::from(buf), io)
     }
@@ -59,22 +63,24 @@ impl<I: AsyncRead + Unpin> Future for Detect<I> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
         loop {
             let io = this.io.as_mut().expect("Detect polled after completion");
-            let mut rb = ReadBuf::new(&mut this.buf[this.filled..]);
+            let room = (this.max_prefix - this.buf.len()).min(READ_CHUNK);
+            let mut rb = ReadBuf::uninit(&mut chunk[..room]);
             match Pin::new(io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
                         this.io = None;
-                        return Poll::Ready(Err(SniffError::Eof(this.filled)));
+                        return Poll::Ready(Err(SniffError::Eof(this.buf.len())));
                     }
-                    this.filled += n;
-                    match classify(&this.buf[..this.filled]) {
+                    this.buf.extend_from_slice(rb.filled());
+                    match classify(&this.buf) {
                         Classification::Decided(d) => return Poll::Ready(Ok(this.finish(d))),
                         // The cap is reached without a decision (a cap below
                         // `MAX_DECISION_LEN`): whatever it is, it is not known.
-                        Classification::NeedMore if this.filled == this.buf.len() => {
+                        Classification::NeedMore if this.buf.len() == this.max_prefix => {
                             let d = Detection::new(Protocol::Unknown);
                             return Poll::Ready(Ok(this.finish(d)));
                         }
