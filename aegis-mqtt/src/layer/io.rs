@@ -566,6 +566,27 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
     }
 }
 
+impl<I: AsyncRead + Unpin> MqttIo<I> {
+    /// Reads more of the client's bytes into `buf`; `Ok(0)` is EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.is_empty() {
+            // Nothing partial is buffered (the usual case: a client sends whole packets).
+            // Read through the stack and keep only what arrived: a 30-byte CONNECT holds
+            // 30 bytes, not READ_CHUNK, while thousands of clients connect at once.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
+            std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            self.buf.extend_from_slice(rb.filled());
+            return Poll::Ready(Ok(rb.filled().len()));
+        }
+        // The rest of a packet: into the spare capacity, without zero-filling it first
+        // (tokio-util does the bookkeeping of the uninitialised part, so this crate stays
+        // free of unsafe).
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
 // Reads may write: the MQTT 5 DISCONNECT goes out from the read that refuses a packet.
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
     fn poll_read(
@@ -654,10 +675,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             if this.failed.is_some() {
                 continue;
             }
-            // Into the spare capacity, without zero-filling it first (tokio-util does the
-            // bookkeeping of the uninitialised part, so this crate stays free of unsafe).
-            this.buf.reserve(READ_CHUNK);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+            match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending if this.keep_alive_expired(cx) => {
