@@ -128,6 +128,30 @@ impl<S: Service<BoxIo>, I: Io> Service<I> for Erase<S> {
     }
 }
 
+/// Boxes the inner service's future. Used where a branch of an `Either` would otherwise
+/// hold a large future inline: an `Either`'s future is as large as its larger branch, for
+/// every connection, whichever branch it takes.
+#[derive(Clone, Debug)]
+pub(crate) struct BoxFuture<S>(S);
+
+impl<S, I> Service<I> for BoxFuture<S>
+where
+    S: Service<I, Response = (), Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, io: I) -> ConnFuture {
+        Box::pin(self.0.call(io))
+    }
+}
+
 /// The upstream breaker's classifier: a failed connect is a failure as usual; a
 /// successful one is a success only when the CONNACK does not decide (see
 /// [`FailuresOnly`](aegis_layers::circuit_breaker::FailuresOnly)).
@@ -179,18 +203,40 @@ where
             addr: Param::<PeerAddr>::param(&conn).0,
             masked: self.masked,
         };
-        let fut = self.inner.call(conn);
-        Box::pin(async move {
-            let res = fut.await;
-            match &res {
-                Ok(()) => tracing::debug!(%client, "connection closed"),
-                Err(e) => {
-                    let (layer, reason) = aegis_core::error::label_of(&**e);
-                    tracing::debug!(%client, layer, reason, "connection refused or failed");
-                }
-            }
-            res
+        Box::pin(Observed {
+            fut: self.inner.call(conn),
+            client,
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Observe`]: a named future, not an `async` block, because an
+    /// `async` block keeps the future it awaits twice (once as the captured variable, once
+    /// as the awaited value), and this one holds every layer's state for the whole life
+    /// of the connection.
+    struct Observed<F> {
+        #[pin]
+        fut: F,
+        client: Client,
+    }
+}
+
+impl<F: Future<Output = Result<(), BoxError>>> Future for Observed<F> {
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.fut.poll(cx));
+        let client = &*this.client;
+        match &res {
+            Ok(()) => tracing::debug!(%client, "connection closed"),
+            Err(e) => {
+                let (layer, reason) = aegis_core::error::label_of(&**e);
+                tracing::debug!(%client, layer, reason, "connection refused or failed");
+            }
+        }
+        Poll::Ready(res)
     }
 }
 
@@ -534,7 +580,9 @@ pub(crate) fn build(
         }
         Either::Left(router)
     } else {
-        Either::Right(after_sniff)
+        // Boxed: inline, the MQTT and proxy future would make every sniffed connection's
+        // future as large as well (the router boxes its routes' futures itself).
+        Either::Right(BoxFuture(after_sniff))
     };
 
     let slowloris = c.slowloris.enabled.then(|| {
@@ -583,11 +631,13 @@ pub(crate) fn build(
             })
             .timeout(p.timeout)
             .max_header_len(p.max_header_len);
-        Either::Left(
+        // Boxed: while it reads the header, the PROXY protocol future holds a copy of the
+        // whole stack below; inline, every connection's future would be that large.
+        Either::Left(BoxFuture(
             ServiceBuilder::new()
                 .layer(layer)
                 .service(Erase(after_proxy_protocol)),
-        )
+        ))
     } else {
         Either::Right(Erase(after_proxy_protocol))
     };
