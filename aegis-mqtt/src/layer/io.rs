@@ -80,29 +80,36 @@ pub struct MqttIo<I> {
     read_waker: Option<Waker>,
     /// A write waiting for the refusal to end the connection.
     write_waker: Option<Waker>,
-    /// The packet rate limit, if any.
-    bucket: Option<Bucket>,
+    /// The packet rate limit, if any (boxed: most connections have none).
+    bucket: Option<Box<Bucket>>,
     /// Whether the keep-alive is enforced.
     enforce_keep_alive: bool,
     /// When the last packet was released.
     last_packet: Instant,
-    /// Where the CONNECT to CONNACK round trip goes, and when the CONNECT went in.
-    connack_latency: Option<(ConnackLatency, Instant)>,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
-    /// When the broker's CONNACK is due, with the layer's `connack_timeout`; `None` once
-    /// it went out or the timeout fired.
-    connack_due: Option<Instant>,
-    /// The CONNACK timer: created on the first read, never reset; dropped with
-    /// `connack_due`.
-    connack_timer: Option<Pin<Box<Sleep>>>,
-    /// Told once if the CONNACK timeout fires.
-    on_connack_timeout: Option<OnConnackTimeout>,
+    /// What waits for the broker's CONNACK, if anything; boxed and dropped once the
+    /// CONNACK is out, since the connection may then stay open for hours.
+    connack: Option<Box<ConnackWatch>>,
     /// The per-packet policy, if the layer has one; it also queues the gateway's own
     /// answers (SUBACK, PUBACK, PUBREC), written only between two broker packets.
     policy: Option<ConnPolicy>,
     /// Whether `ready` still holds the whole CONNECT (nothing read yet).
     connect_unread: bool,
+}
+
+/// What [`MqttIo`] keeps until the broker's CONNACK goes out.
+#[derive(Debug)]
+struct ConnackWatch {
+    /// Where the CONNECT to CONNACK round trip goes, and when the CONNECT went in.
+    latency: Option<(ConnackLatency, Instant)>,
+    /// When the broker's CONNACK is due, with the layer's `connack_timeout`; `None` once
+    /// it went out or the timeout fired.
+    due: Option<Instant>,
+    /// The CONNACK timer: created on the first read, never reset; dropped with `due`.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Told once if the CONNACK timeout fires.
+    on_timeout: Option<OnConnackTimeout>,
 }
 
 /// What the broker may still write to the client.
@@ -254,6 +261,25 @@ fn length_byte(value: &mut usize, header_len: &mut u8, b: u8) -> bool {
 
 aegis_core::forward_params!(MqttIo<I>.io: PeerAddr, LocalAddr, ClientAddr, Handshake);
 
+impl ConnackWatch {
+    /// The watch the layer's options ask for, `None` if they ask for none.
+    fn new(
+        latency: Option<ConnackLatency>,
+        timeout: Option<Duration>,
+        on_timeout: Option<OnConnackTimeout>,
+    ) -> Option<Box<Self>> {
+        let now = Instant::now();
+        let w = Self {
+            latency: latency.map(|l| (l, now)),
+            // A timeout too long to add is no timeout.
+            due: timeout.and_then(|t| now.checked_add(t)),
+            timer: None,
+            on_timeout,
+        };
+        (w.latency.is_some() || w.due.is_some()).then(|| Box::new(w))
+    }
+}
+
 impl<I> MqttIo<I> {
     pub(super) fn new(
         io: I,
@@ -265,17 +291,15 @@ impl<I> MqttIo<I> {
     ) -> Self {
         Self {
             policy,
-            bucket: opts.rate.map(Bucket::new),
+            bucket: opts.rate.map(|r| Box::new(Bucket::new(r))),
             enforce_keep_alive: opts.enforce_keep_alive,
             last_packet: Instant::now(),
-            connack_latency: opts.connack_latency.map(|l| (l, Instant::now())),
+            connack: ConnackWatch::new(
+                opts.connack_latency,
+                opts.connack_timeout,
+                opts.on_connack_timeout,
+            ),
             idle: None,
-            // A timeout too long to add is no timeout.
-            connack_due: opts
-                .connack_timeout
-                .and_then(|t| Instant::now().checked_add(t)),
-            connack_timer: None,
-            on_connack_timeout: opts.on_connack_timeout,
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
@@ -320,15 +344,16 @@ impl<I> MqttIo<I> {
 
     /// Tells the session what the broker's writes showed.
     fn on_written(&mut self, seen: Seen) {
-        if self.out.connack_seen && self.connack_due.is_some() {
+        if self.out.connack_seen && self.connack.as_ref().is_some_and(|w| w.due.is_some()) {
             // The broker's CONNACK is going out: its timer is done.
             self.disarm_connack_timer();
         }
         if matches!(seen, Seen::Nothing) {
             return;
         }
-        if let Some((latency, since)) = self.connack_latency.take() {
+        if let Some((latency, since)) = self.connack.as_mut().and_then(|w| w.latency.take()) {
             latency.report(Instant::now().saturating_duration_since(since));
+            self.drop_connack_watch_if_done();
         }
         match seen {
             Seen::Nothing => {}
@@ -338,9 +363,23 @@ impl<I> MqttIo<I> {
     }
 
     fn disarm_connack_timer(&mut self) {
-        self.connack_due = None;
-        self.connack_timer = None;
-        self.on_connack_timeout = None;
+        if let Some(w) = &mut self.connack {
+            w.due = None;
+            w.timer = None;
+            w.on_timeout = None;
+        }
+        self.drop_connack_watch_if_done();
+    }
+
+    /// Frees the CONNACK watch once it has neither a timeout nor a latency to report.
+    fn drop_connack_watch_if_done(&mut self) {
+        if self
+            .connack
+            .as_ref()
+            .is_some_and(|w| w.due.is_none() && w.latency.is_none())
+        {
+            self.connack = None;
+        }
     }
 
     /// Whether the broker's CONNACK is late (arms the timer on the first call). When it
@@ -348,7 +387,7 @@ impl<I> MqttIo<I> {
     /// (written by the refusal, the broker's stream being between two packets), and the
     /// broker may write nothing more (only the rest of a packet in flight, if any).
     fn connack_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(due) = self.connack_due else {
+        let Some(due) = self.connack.as_ref().and_then(|w| w.due) else {
             return false;
         };
         if self.out.connack_seen || self.failed.is_some() {
@@ -356,13 +395,16 @@ impl<I> MqttIo<I> {
             self.disarm_connack_timer();
             return false;
         }
-        let timer = self
-            .connack_timer
+        let Some(watch) = &mut self.connack else {
+            return false;
+        };
+        let timer = watch
+            .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
         if timer.as_mut().poll(cx).is_pending() {
             return false;
         }
-        let on_timeout = self.on_connack_timeout.take();
+        let on_timeout = watch.on_timeout.take();
         self.refuse_connect(MqttError::ConnackTimeout);
         self.writes = Writes::ToBoundary;
         if let Some(f) = on_timeout {
@@ -388,14 +430,19 @@ impl<I> MqttIo<I> {
             self.connect_unread = false;
         }
         self.out.connack_seen = true;
-        self.connack_latency = None;
+        if let Some(w) = &mut self.connack {
+            w.latency = None;
+        }
         self.disarm_connack_timer();
     }
 
     /// Forgets the round-trip report: the CONNACK about to be written is the gateway's
     /// own, not the broker's.
     pub(super) fn skip_connack_latency(&mut self) {
-        self.connack_latency = None;
+        if let Some(w) = &mut self.connack {
+            w.latency = None;
+        }
+        self.drop_connack_watch_if_done();
     }
 
     /// Whether the keep-alive ran out while waiting for the client (arms the timer).
