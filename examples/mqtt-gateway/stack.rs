@@ -22,9 +22,18 @@
 //! around the rest" and "the rest". A layer that wraps the stream (PROXY protocol,
 //! slowloris, sniff) hands the rest a different stream type than the one it would get
 //! without the layer, so the rest would be compiled once per combination: 2^n copies of
-//! the proxy for n toggles. Instead, after each of those layers the stream becomes a
-//! [`BoxIo`] (one allocation per layer per connection, and a virtual call per read),
-//! and every stage below is compiled once. The connector is boxed for the same reason.
+//! the proxy for n toggles. Instead the stream becomes a [`BoxIo`] where the two arms of
+//! a toggle meet: after the PROXY protocol layer (when it is on), and before the sniff
+//! router, whichever of slowloris's arms the connection took. Every stage below those
+//! points is compiled once or twice, not 2^n times: the layers above them (security, rate
+//! limit) are compiled for both the plain and the boxed stream, and so is the MQTT
+//! stack, for the sniffed and the unsniffed stream. Each box is an allocation per
+//! connection and a virtual call per read; a connection with every layer on has two.
+//! The connector is boxed too (once, not per connection).
+//!
+//! A `tower::util::Either`'s future is as large as its larger arm, so an arm whose future
+//! is large and rarely taken is boxed ([`BoxFuture`]): the PROXY protocol arm, and the
+//! sniff-off arm (the sniff router boxes its routes' futures itself).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -570,9 +579,9 @@ pub(crate) fn build(
             .route(
                 Protocols::MQTT,
                 if embedded {
-                    Either::Left(Only311(Erase(after_sniff)))
+                    Either::Left(Only311(after_sniff))
                 } else {
-                    Either::Right(Erase(after_sniff))
+                    Either::Right(after_sniff)
                 },
             );
         if c.sniff.http == config::HttpPolicy::BadRequest {
@@ -611,7 +620,7 @@ pub(crate) fn build(
                 .layer(l)
                 .service(Erase(after_slowloris)),
         ),
-        None => Either::Right(after_slowloris),
+        None => Either::Right(Erase(after_slowloris)),
     };
 
     // Security: address bans before anything is read, the detector, and the event log
@@ -639,7 +648,7 @@ pub(crate) fn build(
                 .service(Erase(after_proxy_protocol)),
         ))
     } else {
-        Either::Right(Erase(after_proxy_protocol))
+        Either::Right(after_proxy_protocol)
     };
 
     for (on, name) in [
