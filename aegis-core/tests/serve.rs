@@ -189,3 +189,48 @@ fn active_connections_gauge_and_outcomes_are_recorded() {
     );
     assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
 }
+
+/// A loopback listener; with `nodelay`, `TCP_NODELAY` is set on it before it listens.
+fn listener(nodelay: bool) -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_nodelay(nodelay).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(64).unwrap()
+}
+
+#[tokio::test]
+async fn accepted_streams_have_tcp_nodelay_exactly_when_asked() {
+    // (set on the listener before it listens, asked of serve): the accept loop sets it
+    // per stream unless the listener passes it on (Linux).
+    for (on_listener, asked) in [(false, true), (true, true), (false, false)] {
+        let listener = listener(on_listener);
+        assert_eq!(
+            aegis_core::serve::Listener::accepts_nodelay(&listener),
+            on_listener && cfg!(target_os = "linux")
+        );
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(conn.get_ref().nodelay()?).unwrap();
+                Ok::<_, io::Error>(())
+            }
+        });
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, svc)
+                .nodelay(asked)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        for _ in 0..3 {
+            let _s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(rx.recv().await.unwrap(), asked, "{on_listener} {asked}");
+        }
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+    }
+}

@@ -125,6 +125,10 @@ impl<L, S> Serve<L, S> {
     }
 
     /// Sets `TCP_NODELAY` on accepted connections (off by default).
+    ///
+    /// Each accepted stream costs a system call for it, unless the listening socket had
+    /// it before it listened (see [`Listener::accepts_nodelay`]): on Linux, binding with
+    /// [`tokio::net::TcpSocket`] and `set_nodelay(true)` saves that call.
     pub fn nodelay(mut self, nodelay: bool) -> Self {
         self.nodelay = nodelay;
         self
@@ -210,6 +214,9 @@ where
         nodelay,
         drain_timeout,
     } = serve;
+    // Not again on each stream if the listener passes it on to them. (Setting it on the
+    // listener here would be too late for connections already in its backlog.)
+    let nodelay = nodelay && !listener.accepts_nodelay();
     let registry = Registry::new(max_connections);
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(signal);
