@@ -83,6 +83,21 @@ struct Cli {
 /// Exit status for a configuration error (clap uses the same for a bad command line).
 const EXIT_CONFIG: u8 = 2;
 
+/// Binds the MQTT listener as `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
+/// 1024), with `TCP_NODELAY` set before it listens when asked: the sockets it accepts
+/// inherit it (Linux), and `serve` skips setting it on each.
+fn bind(addr: SocketAddr, nodelay: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(nodelay)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match load(&cli) {
@@ -161,8 +176,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let built = stack::build(&settings, upstream);
 
     // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
-    let listener = TcpListener::bind(settings.listen)
-        .await
+    let listener = bind(settings.listen, c.server.nodelay)
         .map_err(|e| format!("server.listen {}: cannot bind: {e}", settings.listen))?;
     let listen: SocketAddr = listener.local_addr().unwrap_or(settings.listen);
 
