@@ -234,3 +234,80 @@ async fn accepted_streams_have_tcp_nodelay_exactly_when_asked() {
         assert!(server.await.unwrap().drained());
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused source address")]
+struct Refused;
+
+impl aegis_core::error::Reject for Refused {
+    fn layer(&self) -> &'static str {
+        "test"
+    }
+    fn label(&self) -> &'static str {
+        "refused_addr"
+    }
+}
+
+/// A connection to `addr` from `source` (any port).
+async fn connect_from(source: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    s.connect(addr).await.unwrap()
+}
+
+#[test]
+fn admit_refuses_before_the_service_and_counts_the_refusal() {
+    let (served, snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&served);
+        let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            echo(conn)
+        });
+        let refused: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, svc)
+                .admit(move |peer| {
+                    if peer.ip() == refused {
+                        return Err(aegis_core::error::reject(Refused).into());
+                    }
+                    Ok(())
+                })
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        for _ in 0..3 {
+            let mut s = connect_from("127.0.0.2", addr).await;
+            // Closed at once: no echo, EOF or a reset.
+            let _ = s.write_all(b"hi").await;
+            let mut buf = Vec::new();
+            let got = s.read_to_end(&mut buf).await;
+            assert!(got.is_err() || buf.is_empty(), "{got:?} {buf:?}");
+
+            let mut s = connect_from("127.0.0.1", addr).await;
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        }
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+        served.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    assert_eq!(served, 3, "the service saw only the admitted connections");
+    let got = testing::capture(&snap);
+    assert_eq!(
+        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "rejected")]),
+        3
+    );
+    assert_eq!(
+        got.counter(
+            m::REJECTIONS_TOTAL,
+            &[("layer", "test"), ("reason", "refused_addr")]
+        ),
+        3
+    );
+    assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
+}

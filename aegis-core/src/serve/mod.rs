@@ -10,6 +10,10 @@
 //!   `ENFILE`) or memory (`ENOBUFS`, `ENOMEM`) backs off (1 ms, doubling up to 1 s) so the
 //!   loop neither exits nor spins; errors about one connection (`ECONNABORTED`, ...) are
 //!   skipped at once. Each is counted in `aegis_accept_errors_total{kind}`.
+//! - **Admission before a task.** [`Serve::admit`] decides on each accepted connection
+//!   from its peer address before any task, buffer or span is made for it (an address
+//!   ban, say): a refused one is closed at once and counted as
+//!   `aegis_connections_total{outcome="rejected"}`, like a refusal from the service.
 //! - **Readiness per connection.** The service's `poll_ready` is awaited inside the
 //!   connection's task, so one slow decision never blocks the accept loop.
 //! - **Graceful shutdown.** With [`Serve::with_graceful_shutdown`], the loop stops
@@ -54,6 +58,9 @@ use std::time::Duration;
 use tower_service::Service;
 use tracing::Instrument;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 pub use self::listener::Listener;
 use self::task::{ConnTask, Registry};
 use crate::Conn;
@@ -70,6 +77,20 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         max_connections: Serve::<L, S>::DEFAULT_MAX_CONNECTIONS,
         nodelay: false,
         drain_timeout: Serve::<L, S>::DEFAULT_DRAIN_TIMEOUT,
+        admit: None,
+    }
+}
+
+/// The decision of [`Serve::admit`].
+type AdmitFn = dyn Fn(SocketAddr) -> Result<(), BoxError> + Send + Sync;
+
+/// [`Serve::admit`]'s check, debug-printable.
+#[derive(Clone)]
+struct Admit(Arc<AdmitFn>);
+
+impl std::fmt::Debug for Admit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admit(..)")
     }
 }
 
@@ -83,6 +104,7 @@ pub struct Serve<L, S> {
     max_connections: usize,
     nodelay: bool,
     drain_timeout: Duration,
+    admit: Option<Admit>,
 }
 
 /// The result of a graceful shutdown.
@@ -131,6 +153,47 @@ impl<L, S> Serve<L, S> {
     /// [`tokio::net::TcpSocket`] and `set_nodelay(true)` saves that call.
     pub fn nodelay(mut self, nodelay: bool) -> Self {
         self.nodelay = nodelay;
+        self
+    }
+
+    /// Decides on each accepted connection from its peer address, in the accept loop,
+    /// before a task is spawned for it: `Err` closes it at once, unread, counted as
+    /// `aegis_connections_total{outcome="rejected"}` (count the reason in the error
+    /// itself, with [`crate::error::reject`]). For checks that are cheap and need
+    /// nothing but the address, such as an address ban
+    /// (`aegis_mqtt::security::Security::refuse_banned`): a refusal then costs no task,
+    /// no allocation for the connection and no wake-up of another worker.
+    ///
+    /// The peer address is the TCP peer's: behind a PROXY protocol sender it is the
+    /// proxy, not the client.
+    ///
+    /// ```
+    /// # async fn run(listener: tokio::net::TcpListener) {
+    /// use aegis_core::{error::reject, serve, proxy::Proxy};
+    ///
+    /// # #[derive(Debug, thiserror::Error)]
+    /// # #[error("banned")]
+    /// # struct Banned;
+    /// # impl aegis_core::error::Reject for Banned {
+    /// #     fn layer(&self) -> &'static str { "example" }
+    /// #     fn label(&self) -> &'static str { "banned" }
+    /// # }
+    /// let banned: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    /// serve(listener, Proxy::new("127.0.0.1:1884".parse().unwrap()))
+    ///     .admit(move |peer| {
+    ///         if peer.ip() == banned {
+    ///             return Err(reject(Banned).into());
+    ///         }
+    ///         Ok(())
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
+    pub fn admit<A>(mut self, admit: A) -> Self
+    where
+        A: Fn(SocketAddr) -> Result<(), BoxError> + Send + Sync + 'static,
+    {
+        self.admit = Some(Admit(Arc::new(admit)));
         self
     }
 
@@ -213,6 +276,7 @@ where
         max_connections,
         nodelay,
         drain_timeout,
+        admit,
     } = serve;
     // Not again on each stream if the listener passes it on to them. (Setting it on the
     // listener here would be too late for connections already in its backlog.)
@@ -254,6 +318,17 @@ where
         };
 
         let peer = crate::Param::<crate::PeerAddr>::param(&conn);
+        if let Some(Admit(admit)) = &admit {
+            if let Err(e) = admit(peer.0) {
+                // `conn` is dropped here, unread: that closes the connection.
+                metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "rejected").increment(1);
+                metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => "rejected")
+                    .record(0.0);
+                let (layer, reason) = crate::error::label_of(&*e);
+                tracing::debug!(%peer, layer, reason, "connection refused at accept");
+                continue;
+            }
+        }
         let svc = service.clone();
         // Over the cap the closure, and the connection in it, is dropped: the socket
         // closes at once.
