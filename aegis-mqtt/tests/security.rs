@@ -820,3 +820,63 @@ async fn refusals_under_a_client_id_ban_are_logged_once_a_second() {
     assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
     assert_eq!(banned(&sec.events(100)), 2);
 }
+
+#[test]
+fn refuse_banned_refuses_only_banned_addresses_and_counts_nothing_toward_a_ban() {
+    let ((), snap) = run(false, || async {
+        let sec = Security::builder()
+            .max_connects(2)
+            .window(Duration::from_secs(10))
+            .build();
+        sec.ban(addr("127.0.0.2"), Duration::from_secs(60));
+        // Ten checks of a good address: no ban, unlike ten connects through the layer.
+        for port in 0..10 {
+            let peer: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            assert!(sec.refuse_banned(peer).is_ok());
+        }
+        assert!(!sec.is_banned(&addr("127.0.0.1")));
+        for peer in ["127.0.0.2:1", "[::ffff:127.0.0.2]:2"] {
+            let err = sec.refuse_banned(peer.parse().unwrap()).unwrap_err();
+            assert_eq!(label_of(&*err), ("security", "banned"));
+        }
+
+        // In the accept loop: the banned address never reaches the layer's service.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&calls);
+        let inner = service_fn(move |_: Conn<TcpStream>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, io::Error>(()) }
+        });
+        let check = sec.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, sec.layer().layer(inner))
+                .admit(move |peer| check.refuse_banned(peer))
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .into_future(),
+        );
+        for source in ["127.0.0.2", "127.0.0.1"] {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let mut s = s.connect(at).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            assert!(rest.is_empty());
+        }
+        stop.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only 127.0.0.1 was served");
+    });
+    let got = capture(&snap);
+    assert_eq!(
+        got.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "security"), ("reason", "banned")]
+        ),
+        3
+    );
+}

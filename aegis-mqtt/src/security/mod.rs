@@ -663,21 +663,36 @@ impl Security {
             addr: Some(addr),
             ..Who::default()
         };
-        let details = match self.with_bans(|t, now| t.refusal(&key, now)) {
-            Refusal::Quiet => return false,
-            Refusal::Log { quiet: 0 } => "client address is banned".to_owned(),
-            Refusal::Log { quiet } => format!(
-                "client address is banned ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
-            ),
-            Refusal::NotBanned => {
-                if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
-                    return true;
-                }
-                "client address banned now: too many connects".to_owned()
+        let details = if let Some(details) = self.banned_details(&key) {
+            details
+        } else {
+            if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
+                return true;
             }
+            Some("client address banned now: too many connects".to_owned())
         };
+        if let Some(details) = details {
+            self.emit_banned(&who, details);
+        }
+        false
+    }
+
+    /// `None` if `key` is not banned; else whether this refusal is logged, and how.
+    #[allow(clippy::option_option)] // not banned / banned, quiet / banned, logged
+    fn banned_details(&self, key: &BanKey) -> Option<Option<String>> {
+        match self.with_bans(|t, now| t.refusal(key, now)) {
+            Refusal::NotBanned => None,
+            Refusal::Quiet => Some(None),
+            Refusal::Log { quiet: 0 } => Some(Some("client address is banned".to_owned())),
+            Refusal::Log { quiet } => Some(Some(format!(
+                "client address is banned ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
+            ))),
+        }
+    }
+
+    fn emit_banned(&self, who: &Who, details: String) {
         self.emit(
-            &who,
+            who,
             Event::new(
                 "security",
                 EventKind::Rejection,
@@ -686,7 +701,52 @@ impl Security {
                 details,
             ),
         );
-        false
+    }
+
+    /// Refuses a banned client address, for [`aegis_core::serve::Serve::admit`]: in the
+    /// accept loop, before a task is spawned for the connection. The error is
+    /// [`SecurityError::Banned`], counted as
+    /// `aegis_rejections_total{layer="security",reason="banned"}` and logged as the
+    /// [`SecurityLayer`]'s refusals are (at most once a second per ban). Unlike the
+    /// layer, it counts nothing toward a ban: keep the layer in the stack, and it counts
+    /// the connections this lets through.
+    ///
+    /// The address must be the client's: not behind a PROXY protocol sender, whose
+    /// address the accept loop sees instead.
+    ///
+    /// ```
+    /// # async fn run(listener: tokio::net::TcpListener) {
+    /// use aegis_core::{proxy::Proxy, serve};
+    /// use aegis_mqtt::security::Security;
+    /// use tower::Layer;
+    ///
+    /// let security = Security::builder().build();
+    /// let check = security.clone();
+    /// let service = security
+    ///     .layer()
+    ///     .layer(Proxy::new("127.0.0.1:1884".parse().unwrap()));
+    /// serve(listener, service)
+    ///     .admit(move |peer| check.refuse_banned(peer))
+    ///     .await;
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned.
+    pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
+        let key = BanKey::Addr(addr.ip().to_canonical());
+        let Some(details) = self.banned_details(&key) else {
+            return Ok(());
+        };
+        if let Some(details) = details {
+            let who = Who {
+                addr: Some(addr),
+                ..Who::default()
+            };
+            self.emit_banned(&who, details);
+        }
+        Err(aegis_core::error::reject(SecurityError::Banned).into())
     }
 
     /// Whether any of `keys` is banned; when one is, whether the refusal is logged
