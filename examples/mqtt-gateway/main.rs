@@ -233,12 +233,17 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         }
     };
     let max = usize::try_from(c.server.max_connections).unwrap_or(usize::MAX);
-    let report = serve(listener, built.service)
+    let mut server = serve(listener, built.service)
         .max_connections(max)
         .nodelay(c.server.nodelay)
-        .drain_timeout(c.server.drain_timeout)
-        .with_graceful_shutdown(shutdown)
-        .await;
+        .drain_timeout(c.server.drain_timeout);
+    // A banned address is refused in the accept loop, before a task is spawned for it;
+    // not behind a PROXY protocol sender, whose address the loop sees instead (the
+    // security layer still refuses the real client's banned address, after the header).
+    if let Some(security) = built.security.clone().filter(|_| !c.proxy_protocol.enabled) {
+        server = server.admit(move |peer| security.refuse_banned(peer));
+    }
+    let report = server.with_graceful_shutdown(shutdown).await;
     tracing::info!(
         drained = report.drained(),
         aborted = report.aborted(),
