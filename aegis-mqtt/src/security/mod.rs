@@ -703,7 +703,7 @@ impl Security {
         );
     }
 
-    /// Refuses a banned client address, for [`aegis_core::serve::Serve::admit`]: in the
+    /// Refuses a banned client address, for `aegis_core::serve::Serve::admit`: in the
     /// accept loop, before a task is spawned for the connection. The error is
     /// [`SecurityError::Banned`], counted as
     /// `aegis_rejections_total{layer="security",reason="banned"}` and logged as the
