@@ -257,11 +257,11 @@ async fn connect_from(source: &str, addr: std::net::SocketAddr) -> TcpStream {
 
 #[test]
 fn admit_refuses_before_the_service_and_counts_the_refusal() {
-    let (served, snap) = run(false, || async {
+    let (calls, snap) = run(false, || async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = std::sync::Arc::clone(&served);
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&calls);
         let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             echo(conn)
@@ -294,9 +294,9 @@ fn admit_refuses_before_the_service_and_counts_the_refusal() {
         }
         stop_tx.send(()).unwrap();
         assert!(server.await.unwrap().drained());
-        served.load(std::sync::atomic::Ordering::Relaxed)
+        calls.load(std::sync::atomic::Ordering::Relaxed)
     });
-    assert_eq!(served, 3, "the service saw only the admitted connections");
+    assert_eq!(calls, 3, "the service saw only the admitted connections");
     let got = testing::capture(&snap);
     assert_eq!(
         got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "rejected")]),
