@@ -28,7 +28,8 @@
 //! points is compiled once or twice, not 2^n times: the layers above them (security, rate
 //! limit) are compiled for both the plain and the boxed stream, and so is the MQTT
 //! stack, for the sniffed and the unsniffed stream. Each box is an allocation per
-//! connection and a virtual call per read; a connection with every layer on has two.
+//! connection and a virtual call per read; a connection with every layer on but the
+//! PROXY protocol has one (slowloris's stream, 112 bytes).
 //! The connector is boxed too (once, not per connection).
 //!
 //! A `tower::util::Either`'s future is as large as its larger arm, so an arm whose future
