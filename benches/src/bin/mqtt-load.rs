@@ -152,8 +152,10 @@ fn main() {
     }
     fields.push(("wall_s", format!("{:.3}", wall.as_secs_f64())));
     let mut out = format!(
-        "{{\"mode\":\"{}\",\"label\":\"{}\",\"target\":\"{}\"",
-        args.mode, args.label, args.target
+        "{{\"mode\":\"{}\",\"label\":{},\"target\":\"{}\"",
+        args.mode,
+        serde_json::Value::from(args.label.as_str()),
+        args.target
     );
     for (k, v) in fields {
         out.push_str(&format!(",\"{k}\":{v}"));
