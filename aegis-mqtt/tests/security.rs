@@ -880,3 +880,25 @@ fn refuse_banned_refuses_only_banned_addresses_and_counts_nothing_toward_a_ban()
         3
     );
 }
+
+#[test]
+fn with_max_bans_0_crossing_a_threshold_refuses_nothing() {
+    let ((), _snap) = run(true, || async {
+        let sec = Security::builder()
+            .max_connects(2)
+            .window(Duration::from_secs(10))
+            .max_bans(0)
+            .build();
+        // Over the threshold, but the table takes no bans: every connect is served.
+        for port in 0..5 {
+            let r = through_security(&sec, &format!("192.0.2.7:{port}")).await;
+            assert_eq!(labels(&r), ("ok", "ok"), "connect {port}");
+        }
+        assert!(sec.bans().is_empty());
+        assert!(
+            sec.events(10).iter().all(|e| e.kind != EventKind::Ban),
+            "{:?}",
+            sec.events(10)
+        );
+    });
+}

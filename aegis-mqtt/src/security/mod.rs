@@ -454,7 +454,8 @@ impl SecurityBuilder {
     }
 
     /// How many bans the table holds at most (100,000 by default); when full, a new ban
-    /// evicts the one that ends soonest.
+    /// evicts the one that ends soonest. With 0 no ban is ever stored, and a key that
+    /// crosses a threshold is not refused either.
     pub const fn max_bans(mut self, bans: usize) -> Self {
         self.max_bans = bans;
         self
@@ -596,6 +597,7 @@ impl Security {
         self.shared.log.emit(who.on(event));
     }
 
+    /// Bans `key`; `false` if the table takes no bans (`max_bans(0)`).
     fn put_ban(
         &self,
         key: BanKey,
@@ -603,12 +605,12 @@ impl Security {
         cause: Cause,
         threshold: Option<u32>,
         who: &Who,
-    ) {
+    ) -> bool {
         let key = key.normalized();
         let inserted =
             self.with_bans(|t, now| t.insert(key.clone(), now, duration, cause.as_str()));
         if !inserted {
-            return;
+            return false;
         }
         metrics::banned(key.kind(), cause.as_str());
         let details = match threshold {
@@ -629,10 +631,11 @@ impl Security {
                 details,
             ),
         );
+        true
     }
 
     /// Counts `cause` for each of `keys` the detector bans on; bans each key that crosses
-    /// its threshold. Returns whether any did.
+    /// its threshold. Returns whether any is banned now (none is with `max_bans(0)`).
     fn count(&self, keys: &[BanKey], cause: Cause, who: &Who) -> bool {
         if self.shared.thresholds.of(cause).is_none() {
             return false;
@@ -649,10 +652,11 @@ impl Security {
                 }
             }
         }
+        let mut banned = false;
         for (key, n) in &crossed {
-            self.put_ban(key.clone(), self.shared.ban_for, cause, Some(*n), who);
+            banned |= self.put_ban(key.clone(), self.shared.ban_for, cause, Some(*n), who);
         }
-        !crossed.is_empty()
+        banned
     }
 
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
