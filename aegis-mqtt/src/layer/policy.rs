@@ -394,10 +394,15 @@ const MAX_ALIAS_BYTES: usize = 64 * 1024;
 const ALIAS_ENTRY_BYTES: usize = 48;
 
 /// MQTT 5 Topic Aliases as the broker knows them: only those of forwarded PUBLISH
-/// packets, at most [`MAX_ALIAS_BYTES`] of them.
+/// packets, at most [`MAX_ALIAS_BYTES`] of them. Boxed on first use: most connections
+/// never set an alias, and the table would otherwise sit in every connection's state.
 #[cfg(feature = "inspect")]
 #[derive(Debug, Default)]
-struct Aliases {
+struct Aliases(Option<Box<AliasMap>>);
+
+#[cfg(feature = "inspect")]
+#[derive(Debug, Default)]
+struct AliasMap {
     map: std::collections::HashMap<u16, Box<str>>,
     bytes: usize,
 }
@@ -405,7 +410,7 @@ struct Aliases {
 #[cfg(feature = "inspect")]
 impl Aliases {
     fn get(&self, alias: u16) -> Option<&str> {
-        self.map.get(&alias).map(|t| &**t)
+        self.0.as_ref()?.map.get(&alias).map(|t| &**t)
     }
 
     /// Records `alias` for `topic` (the broker replaces an alias that is set again);
@@ -414,13 +419,14 @@ impl Aliases {
         if self.get(alias) == Some(topic) {
             return;
         }
-        if let Some(old) = self.map.remove(&alias) {
-            self.bytes -= old.len() + ALIAS_ENTRY_BYTES;
+        let a = self.0.get_or_insert_with(Box::default);
+        if let Some(old) = a.map.remove(&alias) {
+            a.bytes -= old.len() + ALIAS_ENTRY_BYTES;
         }
         let cost = topic.len() + ALIAS_ENTRY_BYTES;
-        if self.bytes + cost <= MAX_ALIAS_BYTES {
-            self.bytes += cost;
-            self.map.insert(alias, Box::from(topic));
+        if a.bytes + cost <= MAX_ALIAS_BYTES {
+            a.bytes += cost;
+            a.map.insert(alias, Box::from(topic));
         }
     }
 }
@@ -842,16 +848,21 @@ mod tests {
     #[test]
     fn aliases_are_bounded_by_entries_not_only_topic_bytes() {
         let mut a = Aliases::default();
+        assert!(
+            a.0.is_none() && a.get(1).is_none(),
+            "no table until an alias is set"
+        );
         for alias in 1..=u16::MAX {
             a.set(alias, "t");
         }
         let most = MAX_ALIAS_BYTES / (1 + ALIAS_ENTRY_BYTES);
-        assert_eq!(a.map.len(), most);
-        assert!(a.bytes <= MAX_ALIAS_BYTES);
+        let m = a.0.as_ref().unwrap();
+        assert_eq!(m.map.len(), most);
+        assert!(m.bytes <= MAX_ALIAS_BYTES);
         // Setting a recorded alias again, to a longer topic, frees its old cost first.
         a.set(1, "longer");
         assert_eq!(a.get(1), Some("longer"));
-        assert!(a.bytes <= MAX_ALIAS_BYTES);
+        assert!(a.0.as_ref().unwrap().bytes <= MAX_ALIAS_BYTES);
     }
 
     #[test]
