@@ -70,8 +70,9 @@ pub struct MqttIo<I> {
     failed: Option<MqttError>,
     /// Where the broker-to-client stream is, to answer only between two packets.
     out: OutBoundary,
-    /// A DISCONNECT being written and how much of it is out; `None` once done or skipped.
-    answer: Option<(Vec<u8>, usize)>,
+    /// A DISCONNECT being written and how much of it is out; `None` once done or skipped
+    /// (boxed: only a refused connection has one).
+    answer: Option<Box<(Vec<u8>, usize)>>,
     /// What the broker may still write.
     writes: Writes,
     /// The refusal's deadline: created when the read reaches the refusal.
@@ -338,7 +339,7 @@ impl<I> MqttIo<I> {
         self.failed = Some(e);
         drop(reject(e));
         if !answer.is_empty() {
-            self.answer = Some((answer, 0));
+            self.answer = Some(Box::new((answer, 0)));
         }
     }
 
@@ -516,7 +517,8 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                 *policy.answers() = BytesMut::new();
             }
         }
-        if let Some((answer, written)) = &mut self.answer {
+        if let Some(pending) = &mut self.answer {
+            let (answer, written) = &mut **pending;
             std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
             self.answer = None;
         }
@@ -573,7 +575,8 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                 if answers.is_pending() || !self.out.at_boundary() {
                     return Poll::Pending;
                 }
-                if let Some((answer, written)) = &mut self.answer {
+                if let Some(pending) = &mut self.answer {
+                    let (answer, written) = &mut **pending;
                     std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
                 }
             }
