@@ -80,6 +80,9 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
         (b"MQIsdp" | b"MQTT", level) => return Err(MqttError::UnsupportedVersion { level }),
         _ => return Err(MqttError::UnknownProtocol),
     };
+    if !config.accepts(version) {
+        return Err(MqttError::UnsupportedVersion { level });
+    }
     let flags = r.u8()?;
     if flags & 0x01 != 0 {
         return Err(MqttError::Malformed("CONNECT reserved flag set"));

@@ -215,7 +215,13 @@ impl MqttError {
         match phase {
             Phase::Connect(version) => {
                 if let Self::UnsupportedVersion { .. } = self {
-                    return Answer::ConnackV3(r::V3_UNACCEPTABLE_VERSION);
+                    // A level this crate does not know gets the 3.1.1 answer
+                    // [MQTT-3.1.2-2]; an MQTT 5 client refused by `Config::versions` gets
+                    // its own version's CONNACK.
+                    return match version {
+                        Some(Version::V5) => Answer::ConnackV5(r::UNSUPPORTED_PROTOCOL_VERSION),
+                        _ => Answer::ConnackV3(r::V3_UNACCEPTABLE_VERSION),
+                    };
                 }
                 match version {
                     None => Answer::Close,

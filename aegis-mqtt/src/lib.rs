@@ -154,6 +154,17 @@ pub struct Config {
     client_id_max_len: usize,
     client_id_chars: ClientIdChars,
     allow_empty_client_id: bool,
+    /// The versions accepted, one bit each (see [`version_bit`]).
+    versions: u8,
+}
+
+/// `version`'s bit in [`Config`]'s set of accepted versions.
+const fn version_bit(version: Version) -> u8 {
+    match version {
+        Version::V3_1 => 1,
+        Version::V3_1_1 => 2,
+        Version::V5 => 4,
+    }
 }
 
 impl Default for Config {
@@ -174,6 +185,7 @@ impl Config {
             client_id_max_len: 128,
             client_id_chars: ClientIdChars::AsciiGraphic,
             allow_empty_client_id: true,
+            versions: 1 | 2 | 4,
         }
     }
 
@@ -212,6 +224,37 @@ impl Config {
     pub const fn client_id_chars(mut self, chars: ClientIdChars) -> Self {
         self.client_id_chars = chars;
         self
+    }
+
+    /// Only `versions` are accepted (all three by default): a CONNECT of another is
+    /// refused as [`MqttError::UnsupportedVersion`], with the answer its version's spec
+    /// gives (CONNACK 0x01 for 3.x, 0x84 for 5.0). For a broker that speaks fewer: an
+    /// MQTT 5 client is told so, where such a broker might close without a word.
+    ///
+    /// ```
+    /// use aegis_mqtt::{Config, MqttError, Version, validate_connect};
+    ///
+    /// let only_311 = Config::new().versions(&[Version::V3_1_1]);
+    /// // MQTT 5 CONNECT, clean start, keep-alive 60, no properties, client id "c".
+    /// let v5 = [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'c'];
+    /// let err = validate_connect(&v5, &only_311).unwrap_err();
+    /// assert!(matches!(err, MqttError::UnsupportedVersion { level: 5 }));
+    /// assert!(validate_connect(&v5, &Config::new()).is_ok());
+    /// ```
+    #[must_use]
+    pub const fn versions(mut self, versions: &[Version]) -> Self {
+        self.versions = 0;
+        let mut i = 0;
+        while i < versions.len() {
+            self.versions |= version_bit(versions[i]);
+            i += 1;
+        }
+        self
+    }
+
+    /// Whether `version` is accepted.
+    pub const fn accepts(&self, version: Version) -> bool {
+        self.versions & version_bit(version) != 0
     }
 
     /// Whether an empty client identifier is accepted where the version allows one

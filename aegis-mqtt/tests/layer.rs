@@ -159,6 +159,27 @@ async fn unsupported_level_gets_connack_0x01() {
 }
 
 #[tokio::test]
+async fn versions_refused_by_the_config_get_their_own_versions_answer() {
+    use aegis_mqtt::Version;
+    let only_311 = || MqttLayer::new(Config::new().versions(&[Version::V3_1_1]));
+    // MQTT 5: CONNACK 0x84 in the 5.0 format, and the inner service never runs.
+    let (answer, result, seen, _) = serve(only_311(), connect_v5()).await;
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x84, 0x00]);
+    assert_eq!(rejected_label(&result), ("mqtt", "unsupported_version"));
+    assert!(seen.is_none());
+    // MQTT 3.1: CONNACK 0x01.
+    let v3_1 = head("MQIsdp", 3, 0x02).s("c1").frame(0x10);
+    let (answer, result, seen, _) = serve(only_311(), v3_1).await;
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x01]);
+    assert_eq!(rejected_label(&result), ("mqtt", "unsupported_version"));
+    assert!(seen.is_none());
+    // MQTT 3.1.1 goes through.
+    let (answer, result, seen, _) = serve(only_311(), connect_v4()).await;
+    assert!(result.is_ok() && answer.is_empty());
+    assert_eq!(seen, Some((connect_v4(), Ok(()))));
+}
+
+#[tokio::test]
 async fn oversized_connect_is_refused_from_its_header() {
     // Declares ~2 MB; only the header is sent, and the layer decides at once.
     let layer = MqttLayer::new(Config::new().max_connect_size(256));
