@@ -8,8 +8,9 @@
 //!
 //! Limits of this mode, all from rumqttd 0.20: one listener speaks one protocol
 //! version, and this one speaks MQTT 3.1.1 (level 4) only, so the gateway answers an
-//! MQTT 5 CONNECT with CONNACK 0x84 and an MQTT 3.1 one with CONNACK 0x01
-//! (`stack::Only311`). rumqttd also delivers a message at the subscription's `QoS`
+//! MQTT 5 CONNECT with CONNACK 0x84 and an MQTT 3.1 one with CONNACK 0x01 (the MQTT
+//! layer's `Config::versions`; with `[mqtt] enabled = false`, rumqttd closes them
+//! without a word). rumqttd also delivers a message at the subscription's `QoS`
 //! rather than at the lower of the two. Point `--upstream` at a full broker (mosquitto)
 //! for MQTT 5 and 3.1.
 //! rumqttd has no way to stop its threads: they end with the process.

@@ -49,12 +49,12 @@ use aegis_layers::circuit_breaker::{
 use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
 use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
-use aegis_layers::sniff::{Detection, Http1, Protocols, SniffRouter, Sniffed};
+use aegis_layers::sniff::{Http1, Protocols, SniffRouter};
 use aegis_mqtt::auth::{AuthLayer, Credentials, Decision, HttpAuth, StaticAuth};
 use aegis_mqtt::layer::{ConnackLatency, MqttLayer, PacketRate, Policy, Unavailable};
 use aegis_mqtt::security::Security;
 use std::net::SocketAddr;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tower::util::{BoxCloneSyncService, Either};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -250,56 +250,6 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for Observed<F> {
     }
 }
 
-/// In front of the embedded broker: rumqttd 0.20 speaks MQTT 3.1.1 only and closes any
-/// other version without a word, so the gateway answers an MQTT 5 CONNECT with CONNACK
-/// 0x84 (unsupported protocol version) and an MQTT 3.1 one with CONNACK 0x01, counted as
-/// `aegis_rejections_total{layer="mqtt",reason="unsupported_version"}`. The level comes
-/// from the sniffer, so this runs before the MQTT layer's validation, as a broker checks
-/// the protocol level first; 3.1.1 goes on to the MQTT layer.
-#[derive(Clone, Debug)]
-pub(crate) struct Only311<S>(S);
-
-/// How long a refused client has to take the CONNACK.
-const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl<S, I> Service<Sniffed<I>> for Only311<S>
-where
-    S: Service<Sniffed<I>, Response = (), Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    I: AsyncWrite + Unpin + Send + 'static,
-{
-    type Response = ();
-    type Error = BoxError;
-    type Future = ConnFuture;
-
-    /// Always ready: the inner service's readiness is awaited in the connection's own
-    /// future, and only for the connections that reach it.
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut io: Sniffed<I>) -> ConnFuture {
-        use aegis_mqtt::encode::{connack_v3, connack_v5, reason};
-        let level = Param::<Detection>::param(&io).mqtt_level();
-        let answer: &'static [u8] = match level {
-            Some(5) => &const { connack_v5(reason::UNSUPPORTED_PROTOCOL_VERSION) },
-            Some(3) => &const { connack_v3(reason::V3_UNACCEPTABLE_VERSION) },
-            _ => return Box::pin(self.0.clone().oneshot(io)),
-        };
-        let err = aegis_core::error::reject(aegis_mqtt::MqttError::UnsupportedVersion {
-            level: level.unwrap_or_default(),
-        });
-        Box::pin(async move {
-            let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
-                io.write_all(answer).await?;
-                io.shutdown().await
-            })
-            .await;
-            Err(err.into())
-        })
-    }
-}
-
 /// The built stack and the handles the rest of the gateway needs.
 pub(crate) struct Built<S> {
     pub(crate) service: S,
@@ -491,6 +441,13 @@ pub(crate) fn build(
                 config::ClientIdChars::Any => aegis_mqtt::ClientIdChars::Any,
             })
             .allow_empty_client_id(m.allow_empty_client_id);
+        if embedded {
+            // rumqttd 0.20 speaks MQTT 3.1.1 only and closes any other version without a
+            // word: the layer answers MQTT 5 with CONNACK 0x84 and MQTT 3.1 with 0x01
+            // instead, counted as aegis_rejections_total{layer="mqtt",
+            // reason="unsupported_version"}, with or without the sniffer.
+            config = config.versions(&[aegis_mqtt::Version::V3_1_1]);
+        }
         if let Some(secs) = settings.max_keep_alive {
             config = config.max_keep_alive(secs);
         }
@@ -577,14 +534,7 @@ pub(crate) fn build(
         let mut router = SniffRouter::new()
             .timeout(c.sniff.timeout)
             .max_prefix(c.sniff.max_prefix)
-            .route(
-                Protocols::MQTT,
-                if embedded {
-                    Either::Left(Only311(after_sniff))
-                } else {
-                    Either::Right(after_sniff)
-                },
-            );
+            .route(Protocols::MQTT, after_sniff);
         if c.sniff.http == config::HttpPolicy::BadRequest {
             router = router.route(Protocols::HTTP1, Http1::bad_request());
         }

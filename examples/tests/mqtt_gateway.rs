@@ -508,18 +508,22 @@ async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     let v31: &[u8] = &[
         0x10, 0x0f, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 1, b'b',
     ];
-    for (connect, connack) in [(v5, vec![0x00, 0x84, 0x00]), (v31, vec![0x00, 0x01])] {
-        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
-        s.write_all(connect).await.unwrap();
-        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
-        assert_eq!(answer, (0x20, connack));
-        assert!(closed_silently(&mut s).await);
+    // The MQTT layer answers, so the sniffer being off changes nothing.
+    let unsniffed = Gateway::start("embedded-unsniffed", "[sniff]\nenabled = false\n", &[]).await;
+    for gw in [&gw, &unsniffed] {
+        for (connect, connack) in [(v5, vec![0x00, 0x84, 0x00]), (v31, vec![0x00, 0x01])] {
+            let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+            s.write_all(connect).await.unwrap();
+            let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+            assert_eq!(answer, (0x20, connack));
+            assert!(closed_silently(&mut s).await);
+        }
+        gw.wait_metric(
+            "aegis_rejections_total{layer=\"mqtt\",reason=\"unsupported_version\"}",
+            2.0,
+        )
+        .await;
     }
-    gw.wait_metric(
-        "aegis_rejections_total{layer=\"mqtt\",reason=\"unsupported_version\"}",
-        2.0,
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -656,8 +660,8 @@ async fn a_burst_from_one_address_is_limited_while_another_address_connects() {
 #[tokio::test]
 async fn malformed_connects_get_the_answer_the_spec_gives() {
     // Refused CONNECTs never reach the broker; any upstream will do, and a non-embedded
-    // one leaves every answer to the MQTT layer (the embedded mode answers MQTT 5 with
-    // 0x84 before validation: that broker does not speak it).
+    // one takes every version (the embedded mode answers MQTT 5 with 0x84: that broker
+    // does not speak it).
     let (_held, nowhere) = dead_port();
     let gw = Gateway::start("malformed", "", &["--upstream", &nowhere.to_string()]).await;
 
