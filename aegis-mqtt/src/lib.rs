@@ -76,6 +76,8 @@
 #[cfg(feature = "auth")]
 #[cfg_attr(docsrs, doc(cfg(feature = "auth")))]
 pub mod auth;
+#[cfg(any(feature = "auth", feature = "security"))]
+mod bounded;
 mod connect;
 pub mod encode;
 mod error;

@@ -17,10 +17,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision, metrics as m};
-
-/// How often, at most, a full cache walks its entries to drop the expired ones: a full
-/// cache must not cost a walk of every entry per CONNECT.
-const PURGE_EVERY: Duration = Duration::from_secs(1);
+use crate::bounded::Bounded;
 
 /// A digest of the credentials and the client's IP; the password itself is never kept.
 pub(crate) type Key = [u8; 32];
@@ -43,10 +40,9 @@ pub(crate) struct Cache {
 
 #[derive(Debug)]
 struct Inner {
-    entries: HashMap<Key, Entry>,
+    entries: Bounded<Key, Entry>,
     /// The callout in flight for each key: its id and where its outcome goes.
     flights: HashMap<Key, (u64, watch::Receiver<Outcome>)>,
-    last_purge: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,9 +70,8 @@ impl Cache {
         Self {
             salt,
             inner: Mutex::new(Inner {
-                entries: HashMap::new(),
+                entries: Bounded::default(),
                 flights: HashMap::new(),
-                last_purge: None,
             }),
             pending: AtomicUsize::new(0),
             next_flight: AtomicU64::new(0),
@@ -116,7 +111,7 @@ impl Cache {
 
     /// How many decisions are cached (expired ones included until purged).
     pub(crate) fn len(&self) -> usize {
-        self.inner.lock().entries.len()
+        self.inner.lock().entries.map.len()
     }
 
     /// Checks `creds`: from the cache, else by sharing a callout in flight for the same
@@ -166,10 +161,10 @@ impl Cache {
     fn lookup(&self, key: &Key) -> Lookup {
         let now = Instant::now();
         let mut inner = self.inner.lock();
-        match inner.entries.get(key) {
+        match inner.entries.map.get(key) {
             Some(e) if e.expires > now => return Lookup::Hit(e.decision),
             Some(_) => {
-                inner.entries.remove(key);
+                inner.entries.map.remove(key);
             }
             None => {}
         }
@@ -299,25 +294,18 @@ impl Drop for Lead<'_> {
 
 impl Inner {
     /// Caches `decision` for `ttl`. A full cache first drops its expired entries (at
-    /// most once per [`PURGE_EVERY`]); if it is still full, the decision is not cached.
+    /// most once per [`PURGE_EVERY`](crate::bounded::PURGE_EVERY)); if it is still full,
+    /// the decision is not cached.
     fn insert(&mut self, key: Key, decision: Decision, ttl: Duration, max: usize) {
         let now = Instant::now();
         let Some(expires) = now.checked_add(ttl) else {
             return;
         };
-        if self.entries.len() >= max && !self.entries.contains_key(&key) {
-            let due = self
-                .last_purge
-                .is_none_or(|t| now.saturating_duration_since(t) >= PURGE_EVERY);
-            if due {
-                self.last_purge = Some(now);
-                self.entries.retain(|_, e| e.expires > now);
-            }
-            if self.entries.len() >= max {
-                metrics::counter!(m::CACHE_FULL_TOTAL).increment(1);
-                return;
-            }
+        if !self.entries.map.contains_key(&key) && !self.entries.room(max, now, |e| e.expires > now)
+        {
+            metrics::counter!(m::CACHE_FULL_TOTAL).increment(1);
+            return;
         }
-        self.entries.insert(key, Entry { decision, expires });
+        self.entries.map.insert(key, Entry { decision, expires });
     }
 }

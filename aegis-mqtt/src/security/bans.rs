@@ -10,9 +10,7 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 use tokio::time::Instant;
 
 use super::events::{MAX_NAME, bounded};
-
-/// How often, at most, a full detector scans for expired windows.
-const PURGE_EVERY: Duration = Duration::from_secs(1);
+use crate::bounded::Bounded;
 
 /// What a ban applies to.
 ///
@@ -397,16 +395,14 @@ pub(super) enum Recorded {
 #[derive(Debug)]
 pub(super) struct Detector {
     max: usize,
-    map: HashMap<BanKey, Counts>,
-    last_purge: Option<Instant>,
+    map: Bounded<BanKey, Counts>,
 }
 
 impl Detector {
     pub(super) fn new(max: usize) -> Self {
         Self {
             max,
-            map: HashMap::new(),
-            last_purge: None,
+            map: Bounded::default(),
         }
     }
 
@@ -420,10 +416,15 @@ impl Detector {
         let Some(threshold) = t.of(cause) else {
             return Recorded::Off;
         };
-        if !self.map.contains_key(key) && !self.room(t.window, now) {
+        let window = t.window;
+        if !self.map.map.contains_key(key)
+            && !self.map.room(self.max, now, |c| {
+                now.saturating_duration_since(c.start) < window
+            })
+        {
             return Recorded::Untracked;
         }
-        let counts = self.map.entry(key.clone()).or_insert(Counts {
+        let counts = self.map.map.entry(key.clone()).or_insert(Counts {
             start: now,
             connects: 0,
             auth_failures: 0,
@@ -444,32 +445,15 @@ impl Detector {
         };
         *n = n.saturating_add(1);
         if *n > threshold {
-            self.map.remove(key);
+            self.map.map.remove(key);
             Recorded::Crossed(threshold)
         } else {
             Recorded::Counted
         }
     }
 
-    /// Whether a new key fits: when full, drops the keys whose window ended, at most once
-    /// per [`PURGE_EVERY`].
-    fn room(&mut self, window: Duration, now: Instant) -> bool {
-        if self.map.len() < self.max {
-            return true;
-        }
-        let due = self
-            .last_purge
-            .is_none_or(|last| now.saturating_duration_since(last) >= PURGE_EVERY);
-        if due {
-            self.last_purge = Some(now);
-            self.map
-                .retain(|_, c| now.saturating_duration_since(c.start) < window);
-        }
-        self.map.len() < self.max
-    }
-
     pub(super) fn len(&self) -> usize {
-        self.map.len()
+        self.map.map.len()
     }
 }
 
@@ -532,7 +516,7 @@ mod tests {
             d.record(&t, &addr("192.0.2.2"), Cause::Connects, soon),
             Recorded::Untracked
         );
-        let next = now + PURGE_EVERY;
+        let next = now + crate::bounded::PURGE_EVERY;
         assert_eq!(
             d.record(&t, &addr("192.0.2.2"), Cause::Connects, next),
             Recorded::Counted
