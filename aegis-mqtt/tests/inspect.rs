@@ -168,14 +168,7 @@ struct Run {
 /// Serves one duplex connection: the client writes `bytes` and closes its side; the
 /// broker writes `connack` first, then reads to the end.
 async fn run(layer: &MqttLayer<Policy>, bytes: Vec<u8>, connack: Vec<u8>) -> Run {
-    let (mut client, server) = tokio::io::duplex(1 << 20);
-    let client_task = tokio::spawn(async move {
-        let _ = client.write_all(&bytes).await;
-        let _ = client.shutdown().await;
-        let mut got = Vec::new();
-        let _ = client.read_to_end(&mut got).await;
-        got
-    });
+    let (server, client_task) = common::client(1 << 20, bytes);
     let inner = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
         let connack = connack.clone();
         async move {

@@ -126,14 +126,7 @@ async fn through_mqtt(sec: &Security, peer: &str, bytes: Vec<u8>) -> Run {
         }
     });
     let svc = SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
-    let (mut client, server) = tokio::io::duplex(1 << 16);
-    let client_task = tokio::spawn(async move {
-        let _ = client.write_all(&bytes).await;
-        let _ = client.shutdown().await;
-        let mut got = Vec::new();
-        let _ = client.read_to_end(&mut got).await;
-        got
-    });
+    let (server, client_task) = common::client(1 << 16, bytes);
     let result = svc.oneshot(conn(server, peer)).await;
     Run {
         result,

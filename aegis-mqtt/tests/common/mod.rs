@@ -8,7 +8,8 @@
 
 use aegis_core::Conn;
 use aegis_mqtt::{Config, MqttError, Packet, Session};
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
 
 /// Builds a packet body field by field.
 #[derive(Debug, Default, Clone)]
@@ -110,6 +111,22 @@ pub fn label<T>(r: Result<T, MqttError>) -> &'static str {
         Ok(_) => "ok",
         Err(e) => e.label(),
     }
+}
+
+/// A client on one end of a duplex stream (`capacity` bytes each way) that writes
+/// `bytes`, closes its side and reads to the end; returns the other end, and the task
+/// that yields what the client read. Write and read errors are ignored: a refused
+/// client may be closed at any point.
+pub fn client(capacity: usize, bytes: Vec<u8>) -> (DuplexStream, JoinHandle<Vec<u8>>) {
+    let (mut client, server) = tokio::io::duplex(capacity);
+    let task = tokio::spawn(async move {
+        let _ = client.write_all(&bytes).await;
+        let _ = client.shutdown().await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        got
+    });
+    (server, task)
 }
 
 /// The gateway's end of an in-process connection, as accepted from 192.0.2.1:4000 on
