@@ -321,9 +321,7 @@ where
         if let Some(Admit(admit)) = &admit {
             if let Err(e) = admit(peer.0) {
                 // `conn` is dropped here, unread: that closes the connection.
-                metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "rejected").increment(1);
-                metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => "rejected")
-                    .record(0.0);
+                task::record_outcome("rejected", 0.0);
                 let (layer, reason) = crate::error::label_of(&*e);
                 tracing::debug!(%peer, layer, reason, "connection refused at accept");
                 continue;

@@ -101,6 +101,12 @@ impl Registry {
     }
 }
 
+/// Counts how a connection ended, and how long it lasted.
+pub(crate) fn record_outcome(outcome: &'static str, seconds: f64) {
+    metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome).record(seconds);
+}
+
 /// One open connection's place in the [`Registry`]; dropping it frees the place.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -113,9 +119,7 @@ impl Slot {
     /// Records how the connection ended.
     fn record(&self, outcome: &'static str) {
         let ms = self.reg.now_ms().wrapping_sub(self.started_ms);
-        metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
-        metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome)
-            .record(f64::from(ms) / 1000.0);
+        record_outcome(outcome, f64::from(ms) / 1000.0);
     }
 }
 
