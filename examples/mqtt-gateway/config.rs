@@ -18,7 +18,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use aegis_layers::rate_limit::Quota;
-use aegis_mqtt::inspect::{Action, Inspector, Severity};
+use aegis_mqtt::inspect::{Action, InspectError, Inspector, Severity};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -1076,12 +1076,7 @@ fn inspector(ins: &Inspect) -> Result<Inspector, ConfigError> {
             Severity::Medium,
         );
     }
-    for (i, r) in ins.rules.iter().enumerate() {
-        // Each pattern alone first, so that an error names its key.
-        Inspector::builder()
-            .pattern(&r.name, &r.pattern, r.action, r.severity)
-            .build()
-            .map_err(|e| ConfigError::new(format!("inspect.rules[{i}]"), e.to_string()))?;
+    for r in &ins.rules {
         b = b.pattern(&r.name, &r.pattern, r.action, r.severity);
     }
     for (i, t) in ins.topics.iter().enumerate() {
@@ -1104,14 +1099,49 @@ fn inspector(ins: &Inspect) -> Result<Inspector, ConfigError> {
         for f in &t.deny {
             rule = rule.deny(f);
         }
-        Inspector::builder()
-            .topics(rule.clone())
-            .build()
-            .map_err(|e| ConfigError::new(format!("inspect.topics[{i}]"), e.to_string()))?;
         b = b.topics(rule);
     }
     b.build()
-        .map_err(|e| ConfigError::new("inspect", e.to_string()))
+        .map_err(|e| ConfigError::new(inspect_key(ins, &e), e.to_string()))
+}
+
+/// The `[inspect]` key of the rule an `InspectError` names, found from the error rather
+/// than by compiling every rule a second time at start-up.
+fn inspect_key(ins: &Inspect, e: &InspectError) -> String {
+    let rule = |i: usize| format!("inspect.rules[{i}]");
+    match e {
+        InspectError::Pattern { rule: name, .. } => {
+            // Of the rules with that name, the first whose pattern fails alone (only on
+            // this error path is a pattern compiled twice).
+            let mut named = ins
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| &r.name == name);
+            let first = named.clone().next().map(|(i, _)| i);
+            named
+                .find(|(_, r)| {
+                    Inspector::builder()
+                        .pattern(&r.name, &r.pattern, r.action, r.severity)
+                        .build()
+                        .is_err()
+                })
+                .map(|(i, _)| i)
+                .or(first)
+                .map_or_else(|| "inspect".to_owned(), rule)
+        }
+        InspectError::EmptyName => ins
+            .rules
+            .iter()
+            .position(|r| r.name.is_empty())
+            .map_or_else(|| "inspect".to_owned(), rule),
+        InspectError::TopicFilter { filter, .. } => ins
+            .topics
+            .iter()
+            .position(|t| t.allow.contains(filter) || t.deny.contains(filter))
+            .map_or_else(|| "inspect".to_owned(), |i| format!("inspect.topics[{i}]")),
+        _ => "inspect".to_owned(),
+    }
 }
 
 /// A TOML error on one line: its message and where it is, without the source snippet.

@@ -799,6 +799,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "inspect.rules[1]",
         ),
         (
+            "bad inspection topic filter",
+            "[[inspect.topics]]\nallow = [\"ok/+\"]\n[[inspect.topics]]\ndeny = [\"a/#/b\"]\n",
+            "inspect.topics[1]",
+        ),
+        (
             "entropy out of range",
             "[inspect]\nentropy_threshold = 9.0\n",
             "inspect.entropy_threshold",
