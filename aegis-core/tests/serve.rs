@@ -311,3 +311,86 @@ fn admit_refuses_before_the_service_and_counts_the_refusal() {
     );
     assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
 }
+
+/// A multi-thread runtime's `block_on` future runs on the calling thread, which is not
+/// a worker: the accept loop must not run there (each connection would cost two
+/// cross-thread wake-ups). `admit` runs inside the loop, so it tells where the loop is.
+#[test]
+fn the_accept_loop_runs_on_a_worker_not_on_the_awaiting_thread() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let caller = std::thread::current().id();
+    let loop_thread = rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = serve(listener, tower::service_fn(echo))
+            .admit(move |_| {
+                let _ = seen_tx.send(std::thread::current().id());
+                Ok(())
+            })
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            });
+        let client = async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+            stop_tx.send(()).unwrap();
+        };
+        // Awaited right here, in `block_on`, as a `#[tokio::main]` body would.
+        let (report, ()) = tokio::join!(server, client);
+        assert!(report.drained());
+        seen_rx.recv().unwrap()
+    });
+    assert_ne!(
+        loop_thread, caller,
+        "the accept loop ran on the block_on thread"
+    );
+}
+
+/// Dropping the server's future stops the loop and closes the listener, although the
+/// loop runs as a task of its own.
+#[tokio::test]
+async fn dropping_the_server_future_closes_the_listener() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut server = serve(listener, tower::service_fn(echo)).into_future();
+    // Serving: a connection is echoed while the future is polled alongside.
+    tokio::select! {
+        _ = &mut server => panic!("the server stopped by itself"),
+        () = async {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        } => {}
+    }
+    drop(server);
+    // The abort reaches the loop's task at its next scheduling point.
+    let mut refused = false;
+    for _ in 0..1_000 {
+        if TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        refused,
+        "the listener is still open after the server was dropped"
+    );
+}
+
+/// A panic inside the accept loop's task is not swallowed: it resumes where the server
+/// is awaited.
+#[tokio::test]
+#[should_panic(expected = "admit exploded")]
+async fn a_panic_in_the_accept_loop_reaches_the_caller() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(listener, tower::service_fn(echo)).admit(|_| panic!("admit exploded"));
+    let _client = tokio::spawn(TcpStream::connect(addr));
+    server.await;
+}

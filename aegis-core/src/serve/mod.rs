@@ -14,6 +14,11 @@
 //!   from its peer address before any task, buffer or span is made for it (an address
 //!   ban, say): a refused one is closed at once and counted as
 //!   `aegis_connections_total{outcome="rejected"}`, like a refusal from the service.
+//! - **The loop runs on a worker.** Awaiting the server spawns the accept loop as a task
+//!   of its own and waits for it, so that a `#[tokio::main]` body, which a multi-thread
+//!   runtime runs on the main thread and not on a worker, does not put the loop there
+//!   (each connection would then cost two cross-thread wake-ups before its first byte).
+//!   Dropping the awaiting future stops the loop; a panic in the loop resumes in it.
 //! - **Readiness per connection.** The service's `poll_ready` is awaited inside the
 //!   connection's task, so one slow decision never blocks the accept loop.
 //! - **Graceful shutdown.** With [`Serve::with_graceful_shutdown`], the loop stops
@@ -238,7 +243,7 @@ where
     type IntoFuture = ServeFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(run(self.serve, self.signal))
+        spawn_run(self.serve, self.signal)
     }
 }
 
@@ -253,7 +258,7 @@ where
     type IntoFuture = ServeFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(run(self, std::future::pending()))
+        spawn_run(self, std::future::pending())
     }
 }
 
@@ -261,6 +266,47 @@ where
 const BACKOFF_MIN: Duration = Duration::from_millis(1);
 /// The longest back-off: the loop retries at least once a second.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Runs the accept loop as a task of its own and waits for it.
+///
+/// Under a multi-thread runtime the future given to `block_on` (the body of
+/// `#[tokio::main]`) runs on the main thread, which is not one of the runtime's workers.
+/// An accept loop there costs every connection two cross-thread wake-ups before its
+/// first byte is read: the worker that polls the IO driver wakes the main thread to
+/// accept, and the main thread hands the new task back to a worker through the shared
+/// queue. On a worker, the loop runs where the listener's readiness arrives, and a task
+/// it spawns runs next on the same thread.
+///
+/// Dropping the returned future aborts the loop (closing the listener), as dropping the
+/// loop itself would; a panic in the loop resumes in the caller.
+fn spawn_run<L, S, F>(serve: Serve<L, S>, signal: F) -> ServeFuture
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    Box::pin(async move {
+        let mut accept_loop = AbortOnDrop(tokio::spawn(run(serve, signal)));
+        match (&mut accept_loop.0).await {
+            Ok(report) => report,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only a runtime that is shutting down cancels the loop's task; whatever
+            // awaits this future is being dropped with it.
+            Err(e) => panic!("the accept loop was cancelled: {e}"),
+        }
+    })
+}
+
+/// Aborts the accept loop's task when the future waiting for it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Shutdown>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 async fn run<L, S, F>(serve: Serve<L, S>, signal: F) -> Shutdown
 where
