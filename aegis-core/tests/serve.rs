@@ -283,11 +283,13 @@ fn admit_refuses_before_the_service_and_counts_the_refusal() {
         );
         for _ in 0..3 {
             let mut s = connect_from("127.0.0.2", addr).await;
-            // Closed at once: no echo, EOF or a reset.
-            let _ = s.write_all(b"hi").await;
-            let mut buf = Vec::new();
-            let got = s.read_to_end(&mut buf).await;
-            assert!(got.is_err() || buf.is_empty(), "{got:?} {buf:?}");
+            // Reset at once (`SO_LINGER` 0): no echo, no FIN exchange, no TIME_WAIT.
+            let mut buf = [0u8; 8];
+            let got = s.read(&mut buf).await;
+            assert!(
+                matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "a refused connection must be reset, got {got:?}"
+            );
 
             let mut s = connect_from("127.0.0.1", addr).await;
             assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");

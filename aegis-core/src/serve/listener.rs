@@ -47,6 +47,11 @@ pub trait Listener: Send + 'static {
     fn accepts_nodelay(&self) -> bool {
         false
     }
+
+    /// Closes a connection the loop refuses without serving it. The default drops it.
+    fn refuse(io: Self::Io) {
+        drop(io);
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -72,5 +77,12 @@ impl Listener for tokio::net::TcpListener {
     /// inherit (tested in `tests/serve.rs`); elsewhere `false`.
     fn accepts_nodelay(&self) -> bool {
         cfg!(target_os = "linux") && socket2::SockRef::from(self).tcp_nodelay().unwrap_or(false)
+    }
+
+    /// Resets the connection (`SO_LINGER` 0): a refused connection then costs no FIN
+    /// exchange and leaves no `TIME_WAIT` socket behind, which is what a reject rule of
+    /// a TCP load balancer does too.
+    fn refuse(io: Self::Io) {
+        let _ = socket2::SockRef::from(&io).set_linger(Some(std::time::Duration::ZERO));
     }
 }

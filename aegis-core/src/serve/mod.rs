@@ -12,7 +12,7 @@
 //!   skipped at once. Each is counted in `aegis_accept_errors_total{kind}`.
 //! - **Admission before a task.** [`Serve::admit`] decides on each accepted connection
 //!   from its peer address before any task, buffer or span is made for it (an address
-//!   ban, say): a refused one is closed at once and counted as
+//!   ban, say): a refused one is reset at once ([`Listener::refuse`]) and counted as
 //!   `aegis_connections_total{outcome="rejected"}`, like a refusal from the service.
 //! - **The loop runs on a worker.** Awaiting the server spawns the accept loop as a task
 //!   of its own and waits for it, so that a `#[tokio::main]` body, which a multi-thread
@@ -162,7 +162,8 @@ impl<L, S> Serve<L, S> {
     }
 
     /// Decides on each accepted connection from its peer address, in the accept loop,
-    /// before a task is spawned for it: `Err` closes it at once, unread, counted as
+    /// before a task is spawned for it: `Err` resets it at once, unread
+    /// ([`Listener::refuse`]: no FIN exchange, no `TIME_WAIT` left), counted as
     /// `aegis_connections_total{outcome="rejected"}` (count the reason in the error
     /// itself, with [`crate::error::reject`]). For checks that are cheap and need
     /// nothing but the address, such as an address ban
@@ -366,7 +367,7 @@ where
         let peer = crate::Param::<crate::PeerAddr>::param(&conn);
         if let Some(Admit(admit)) = &admit {
             if let Err(e) = admit(peer.0) {
-                // `conn` is dropped here, unread: that closes the connection.
+                L::refuse(conn.into_inner());
                 task::record_outcome("rejected", 0.0);
                 let (layer, reason) = crate::error::label_of(&*e);
                 tracing::debug!(%peer, layer, reason, "connection refused at accept");
