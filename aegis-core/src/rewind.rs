@@ -44,7 +44,9 @@ pin_project! {
     /// Writes, vectored writes and the address params go straight to the inner stream.
     #[derive(Debug)]
     pub struct Rewind<I> {
-        prefix: Bytes,
+        // Boxed, and `None` once drained: every sniffed connection keeps its `Rewind`
+        // for its whole life, and an empty `Bytes` inline would still take 32 bytes.
+        prefix: Option<Box<Bytes>>,
         #[pin]
         io: I,
     }
@@ -53,12 +55,13 @@ pin_project! {
 impl<I> Rewind<I> {
     /// Replays `prefix`, then reads `io`.
     pub fn new(prefix: Bytes, io: I) -> Self {
+        let prefix = (!prefix.is_empty()).then(|| Box::new(prefix));
         Self { prefix, io }
     }
 
     /// The bytes not yet served.
     pub fn prefix(&self) -> &[u8] {
-        &self.prefix
+        self.prefix.as_deref().map_or(&[], |p| &p[..])
     }
 
     /// The inner stream.
@@ -73,7 +76,7 @@ impl<I> Rewind<I> {
 
     /// Returns the unserved prefix and the inner stream.
     pub fn into_parts(self) -> (Bytes, I) {
-        (self.prefix, self.io)
+        (self.prefix.map_or_else(Bytes::new, |p| *p), self.io)
     }
 }
 
@@ -86,16 +89,16 @@ impl<I: AsyncRead> AsyncRead for Rewind<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        if this.prefix.is_empty() {
+        let Some(prefix) = this.prefix.as_deref_mut() else {
             return this.io.poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        if this.prefix.is_empty() {
+        };
+        let n = prefix.len().min(buf.remaining());
+        buf.put_slice(&prefix[..n]);
+        prefix.advance(n);
+        if prefix.is_empty() {
             // Drop the reference to the sniff buffer so its memory is freed now, not when
             // the connection ends.
-            *this.prefix = Bytes::new();
+            *this.prefix = None;
         }
         Poll::Ready(Ok(()))
     }
@@ -110,6 +113,17 @@ mod tests {
     use super::*;
     use crate::{Conn, Param};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_drained_rewind_costs_one_pointer() {
+        // It lives as long as the connection; the prefix is a boxed `Bytes` or nothing.
+        assert_eq!(
+            std::mem::size_of::<Rewind<()>>(),
+            std::mem::size_of::<usize>()
+        );
+        let rw = Rewind::new(Bytes::new(), ());
+        assert!(rw.prefix.is_none(), "an empty prefix allocates nothing");
+    }
 
     #[tokio::test]
     async fn serves_prefix_then_inner_in_small_reads() {
