@@ -17,7 +17,7 @@ use aegis_layers::slowloris::error::{Clock, Elapsed};
 use aegis_layers::slowloris::{MinRate, SlowlorisIo, SlowlorisLayer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, timeout};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 const S: Duration = Duration::from_secs(1);
@@ -286,6 +286,41 @@ async fn after_the_handshake_only_the_idle_clock_runs_when_set() {
     assert_eq!(
         (e.clock(), e.after_handshake(), e.received()),
         (Clock::Idle, true, 17)
+    );
+    assert_closed(&mut client).await;
+}
+
+/// With no clock during the handshake, the layer still starts the idle clock at its
+/// end (the future must not give up its clocks while one may apply later).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_idle_clock_after_the_handshake_alone_starts_at_its_end() {
+    let svc = SlowlorisLayer::new()
+        .idle_timeout_after_handshake(60 * S)
+        .layer(service_fn(
+            handshake_after::<SlowlorisIo<Conn<DuplexStream>>>(5),
+        ));
+    let (mut client, server) = tokio::io::duplex(64);
+    let start = Instant::now();
+    let mut task = tokio::spawn(svc.oneshot(conn(server)));
+    // No clock before the handshake ends: an hour before the first byte is allowed.
+    assert!(
+        timeout(3600 * S, &mut task).await.is_err(),
+        "cut during the handshake"
+    );
+    client.write_all(b"hel").await.unwrap();
+    sleep(S).await;
+    client.write_all(b"lo").await.unwrap();
+    // The handshake ended at 3601 s; 60 s of silence after it cut.
+    let err = timeout(3600 * S, task)
+        .await
+        .expect("the idle clock after the handshake never fired")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(Instant::now().saturating_duration_since(start), 3661 * S);
+    let e = elapsed(&err);
+    assert_eq!(
+        (e.clock(), e.after_handshake(), e.received()),
+        (Clock::Idle, true, 5)
     );
     assert_closed(&mut client).await;
 }

@@ -26,15 +26,22 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
-        // One timer per connection, created on first need and reset in place: it is
-        // always at or before the earliest deadline, and re-armed when it fires early.
-        // Boxed, so that a connection past its deadlines (the handshake over, no idle
-        // clock) gives its memory back: the future lives as long as the connection.
-        sleep: Option<Pin<Box<Sleep>>>,
-        clocks: Clocks,
-        progress: Progress,
-        shared: Arc<Shared>,
+        // What watches the clocks, boxed and dropped once no clock applies any more (the
+        // handshake over, no idle clock): the future lives as long as the connection,
+        // and an idle session should not keep the handshake's clocks.
+        watch: Option<Box<Watch>>,
     }
+}
+
+/// The clocks of one connection and what they have seen.
+#[derive(Debug)]
+struct Watch {
+    // One timer per connection, created on first need and reset in place: it is always
+    // at or before the earliest deadline, and re-armed when it fires early.
+    sleep: Option<Pin<Box<Sleep>>>,
+    clocks: Clocks,
+    progress: Progress,
+    shared: Arc<Shared>,
 }
 
 pin_project! {
@@ -50,15 +57,17 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn new(fut: F, clocks: Clocks, shared: Arc<Shared>, start: Instant) -> Self {
         Self {
             state: State::Running { fut },
-            sleep: None,
-            clocks,
-            progress: Progress {
-                start,
-                last_read: start,
-                received: 0,
-                handshake_done: shared.handshake.is_complete(),
-            },
-            shared,
+            watch: Some(Box::new(Watch {
+                sleep: None,
+                clocks,
+                progress: Progress {
+                    start,
+                    last_read: start,
+                    received: 0,
+                    handshake_done: shared.handshake.is_complete(),
+                },
+                shared,
+            })),
         }
     }
 }
@@ -77,36 +86,65 @@ where
         };
         if let Poll::Ready(res) = fut.poll(cx) {
             this.state.set(State::Finished);
+            *this.watch = None;
             return Poll::Ready(res.map_err(Into::into));
         }
+        let Some(watch) = this.watch.as_deref_mut() else {
+            return Poll::Pending;
+        };
+        match watch.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                // No clock applies any more: nothing can fire from now on.
+                *this.watch = None;
+                Poll::Pending
+            }
+            Poll::Ready(Some(err)) => {
+                this.state.set(State::Finished); // drops the inner future and the stream
+                *this.watch = None;
+                Poll::Ready(Err(reject(err).into()))
+            }
+        }
+    }
+}
 
-        // Whatever the inner future read or completed during that poll moves the clocks.
-        let p = this.progress;
-        let mut changed = this.sleep.is_none();
-        let received = this.shared.received();
+impl Watch {
+    /// `Ready(Some)` when a clock ran out, `Ready(None)` when none applies any more,
+    /// `Pending` with the timer armed otherwise.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Elapsed>> {
+        // Whatever the inner future read or completed during its poll moves the clocks.
+        let p = &mut self.progress;
+        let mut changed = self.sleep.is_none();
+        let received = self.shared.received();
         if received != p.received {
             p.received = received;
-            if this.clocks.tracks_reads(p.handshake_done) {
+            if self.clocks.tracks_reads(p.handshake_done) {
                 p.last_read = Instant::now();
             }
             changed = true;
         }
-        if !p.handshake_done && this.shared.handshake.is_complete() {
+        if !p.handshake_done && self.shared.handshake.is_complete() {
             p.handshake_done = true;
             // The idle clock after the handshake counts from its end.
-            if this.clocks.tracks_reads(true) {
+            if self.clocks.tracks_reads(true) {
                 p.last_read = Instant::now();
             }
             changed = true;
         }
 
         loop {
-            let Some((deadline, clock)) = this.clocks.next(p) else {
-                // No clock applies any more (the handshake is over, idle is off).
-                *this.sleep = None;
+            let Some((deadline, clock)) = self.clocks.next(p) else {
+                if p.handshake_done {
+                    // After the handshake only the idle clock can apply, and it is off;
+                    // the handshake does not start over.
+                    return Poll::Ready(None);
+                }
+                // No clock before the end of the handshake, but one may apply after it:
+                // the inner future's next poll tells.
+                self.sleep = None;
                 return Poll::Pending;
             };
-            let sleep = match this.sleep {
+            let sleep = match &mut self.sleep {
                 // Deadlines only move later, except at the first byte and the end of the
                 // handshake: only then can the timer need to move earlier.
                 Some(sleep) => {
@@ -115,7 +153,7 @@ where
                     }
                     sleep
                 }
-                None => this.sleep.insert(Box::pin(sleep_until(deadline))),
+                None => self.sleep.insert(Box::pin(sleep_until(deadline))),
             };
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -124,21 +162,14 @@ where
             // moved the deadline later since it was set) and is re-armed in place.
             let now = Instant::now();
             if deadline <= now {
-                this.state.set(State::Finished); // drops the inner future and the stream
-                *this.sleep = None;
-                let err = Elapsed::new(
+                return Poll::Ready(Some(Elapsed::new(
                     clock,
                     now.saturating_duration_since(p.start),
                     p.received,
                     p.handshake_done,
-                );
-                return Poll::Ready(Err(reject(err).into()));
+                )));
             }
-            this.sleep
-                .as_mut()
-                .expect("armed above")
-                .as_mut()
-                .reset(deadline);
+            sleep.as_mut().reset(deadline);
             changed = false;
         }
     }
@@ -156,8 +187,9 @@ mod tests {
         type Inner = Ready<Result<(), std::io::Error>>;
         let added = size_of::<ResponseFuture<Inner>>() - size_of::<Inner>();
         println!("ResponseFuture adds {added} bytes");
-        // The timer is boxed (it is dropped when no deadline is left), not inline.
-        assert!(added <= 112, "adds {added} bytes");
+        // The clocks and their timer are boxed (dropped when no clock is left), not
+        // inline: an idle session keeps one pointer of them.
+        assert!(added <= 16, "adds {added} bytes");
         // The state shared with the stream: a byte count and the handshake handle.
         assert_eq!(size_of::<Shared>(), 16);
     }
