@@ -120,7 +120,9 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<I, S, F> {
-        Detecting { detect: Detect<I>, svc: Option<S>, allowed: Protocols },
+        // Boxed: detection is over after the first bytes, and the state stays as large
+        // as its largest variant for the whole connection.
+        Detecting { detect: Box<Detect<I>>, svc: Option<S>, allowed: Protocols },
         Calling { #[pin] fut: F },
     }
 }
@@ -129,7 +131,7 @@ impl<I, S, F> ResponseFuture<I, S, F> {
     pub(crate) fn new(detect: Detect<I>, svc: S, allowed: Protocols) -> Self {
         Self {
             state: State::Detecting {
-                detect,
+                detect: Box::new(detect),
                 svc: Some(svc),
                 allowed,
             },
@@ -167,7 +169,7 @@ where
                     svc,
                     allowed,
                 } => {
-                    let detected = std::task::ready!(Pin::new(detect).poll(cx));
+                    let detected = std::task::ready!(Pin::new(&mut **detect).poll(cx));
                     let (detection, prefix, io) = match detected {
                         Ok(ok) => ok,
                         Err(e) => return Poll::Ready(Err(aegis_core::error::reject(e).into())),
@@ -186,5 +188,21 @@ where
             };
             self.as_mut().project().state.set(State::Calling { fut });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Detection is over after the first bytes, but the future lives as long as the
+    /// connection: its detection state (the stream, buffer, timer) is boxed, not inline.
+    #[test]
+    fn detection_state_does_not_stay_inline() {
+        type Small = std::future::Ready<Result<(), BoxError>>;
+        let small_io = std::mem::size_of::<ResponseFuture<u8, (), Small>>();
+        let big_io = std::mem::size_of::<ResponseFuture<[u64; 64], (), Small>>();
+        assert_eq!(small_io, big_io, "the stream is stored inline");
+        assert!(big_io <= 32, "{big_io} bytes");
     }
 }
