@@ -185,7 +185,9 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<I, S, F> {
-        Connect { read: ReadConnect<I>, svc: Option<S> },
+        // Boxed: the CONNECT is read once, and the state stays as large as its largest
+        // variant for the whole connection.
+        Connect { read: Box<ReadConnect<I>>, svc: Option<S> },
         Inner { #[pin] fut: F },
     }
 }
@@ -200,7 +202,7 @@ impl<I, S, F> ResponseFuture<I, S, F> {
     pub(super) fn new(read: ReadConnect<I>, svc: S) -> Self {
         Self {
             state: State::Connect {
-                read,
+                read: Box::new(read),
                 svc: Some(svc),
             },
         }
@@ -220,7 +222,7 @@ where
             match self.as_mut().project().state.project() {
                 StateProj::Connect { read, svc } => {
                     let (session, connect, rest, io, opts, policy) =
-                        ready!(Pin::new(read).poll(cx))?;
+                        ready!(Pin::new(&mut **read).poll(cx))?;
                     Param::<Handshake>::param(&io).complete();
                     let mut svc = svc.take().expect("ResponseFuture polled after completion");
                     let fut = svc.call(MqttIo::new(io, session, connect, rest, opts, policy));

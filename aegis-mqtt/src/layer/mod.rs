@@ -198,6 +198,10 @@ pub use self::rate::{OverRate, PacketRate};
 pub use self::service::Mqtt;
 pub use self::unavailable::{Unavailable, UnavailableFuture};
 
+/// The gateway's own answers (SUBACK, PUBACK, PUBREC) queued for a client, boxed: most
+/// connections never have one, and the queue lives as long as the connection.
+pub(crate) type Answers = Option<Box<bytes::BytesMut>>;
+
 /// Writes the rest of the gateway's `answer` to the client (`written` bytes of it are
 /// out), then flushes. A client that fails or stops taking the answer is closed all the
 /// same: the rest is given up. `Pending` only while the client's socket is full.
@@ -290,8 +294,6 @@ pub(crate) enum Verdict {
 /// the layer's code free of `cfg`s.
 #[cfg(not(feature = "policy"))]
 mod policy {
-    use bytes::BytesMut;
-
     use crate::{Connect, MqttError, Packet};
 
     #[derive(Debug)]
@@ -306,12 +308,12 @@ mod policy {
             match *self {}
         }
 
-        pub(crate) fn answers(&mut self) -> &mut BytesMut {
+        pub(crate) fn answers(&mut self) -> &mut super::Answers {
             match *self {}
         }
     }
 
-    pub(crate) fn written(_: &mut BytesMut, _: usize) {}
+    pub(crate) fn written(_: &mut super::Answers, _: usize) {}
 }
 
 /// The default time a client has to send its CONNECT.

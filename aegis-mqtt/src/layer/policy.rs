@@ -74,11 +74,11 @@ use std::sync::Arc;
 
 use aegis_core::ClientAddr;
 use aegis_layers::rate_limit::{ClientKey, DEFAULT_MAX_KEYS, KeyedLimiter};
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 
 pub use aegis_layers::rate_limit::{KeyBy, Quota};
 
-use super::Verdict;
+use super::{Answers, Verdict};
 #[cfg(feature = "inspect")]
 use crate::inspect::{self, Inspector};
 use crate::{Connect, MqttError, Packet, Version, encode};
@@ -373,7 +373,7 @@ pub(crate) struct ConnPolicy {
     key: Option<IdKey>,
     version: Version,
     /// Gateway answers not written yet: whole packets, at most [`MAX_QUEUED_ANSWERS`].
-    answers: BytesMut,
+    answers: Answers,
     /// The CONNECT's username, kept only for an inspector.
     #[cfg(feature = "inspect")]
     username: Option<Box<str>>,
@@ -438,7 +438,7 @@ impl ConnPolicy {
             addr,
             key: None,
             version: Version::V3_1_1,
-            answers: BytesMut::new(),
+            answers: None,
             #[cfg(feature = "inspect")]
             username: None,
             #[cfg(feature = "inspect")]
@@ -653,7 +653,7 @@ impl ConnPolicy {
     }
 
     /// The gateway's answers waiting to be written.
-    pub(crate) fn answers(&mut self) -> &mut BytesMut {
+    pub(crate) fn answers(&mut self) -> &mut Answers {
         &mut self.answers
     }
 }
@@ -681,9 +681,12 @@ fn pub_answer(
 }
 
 /// Queues a gateway answer, or counts it unanswered when the queue is full.
-fn queue_answer(answers: &mut BytesMut, kind: &'static str, bytes: &[u8]) {
-    if answers.len() + bytes.len() <= MAX_QUEUED_ANSWERS {
-        answers.extend_from_slice(bytes);
+fn queue_answer(answers: &mut Answers, kind: &'static str, bytes: &[u8]) {
+    let queued = answers.as_ref().map_or(0, |q| q.len());
+    if queued + bytes.len() <= MAX_QUEUED_ANSWERS {
+        answers
+            .get_or_insert_with(Box::default)
+            .extend_from_slice(bytes);
         metrics::synthesized(kind);
     } else {
         metrics::unanswered(kind);
@@ -729,10 +732,12 @@ fn settle(
 }
 
 /// Consumes `n` written bytes of the answers, letting go of the buffer once empty.
-pub(crate) fn written(answers: &mut BytesMut, n: usize) {
-    answers.advance(n);
-    if answers.is_empty() {
-        *answers = BytesMut::new();
+pub(crate) fn written(answers: &mut Answers, n: usize) {
+    if let Some(q) = answers {
+        q.advance(n);
+        if q.is_empty() {
+            *answers = None;
+        }
     }
 }
 
