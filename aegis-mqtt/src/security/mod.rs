@@ -776,10 +776,18 @@ impl Security {
 struct ConnCtx {
     security: Security,
     addr: SocketAddr,
-    client_id: Mutex<Option<Arc<str>>>,
-    username: Mutex<Option<Arc<str>>>,
+    /// The CONNECT's client id and user name, once read (one lock for both: they are
+    /// set together).
+    names: Mutex<Names>,
     /// Whether a layer inside reported the connection's end itself.
     reported: AtomicBool,
+}
+
+/// The names a connection gave in its CONNECT.
+#[derive(Debug, Default)]
+struct Names {
+    client_id: Option<Arc<str>>,
+    username: Option<Arc<str>>,
 }
 
 /// Reason labels of refusals that are not the client's doing: logged, never counted.
@@ -795,17 +803,17 @@ impl ConnCtx {
         Self {
             security,
             addr,
-            client_id: Mutex::new(None),
-            username: Mutex::new(None),
+            names: Mutex::new(Names::default()),
             reported: AtomicBool::new(false),
         }
     }
 
     fn who(&self) -> Who {
+        let names = self.names.lock();
         Who {
             addr: Some(self.addr),
-            client_id: self.client_id.lock().clone(),
-            username: self.username.lock().clone(),
+            client_id: names.client_id.clone(),
+            username: names.username.clone(),
         }
     }
 
@@ -843,8 +851,10 @@ impl ConnCtx {
     fn on_connect(&self, c: &Connect<'_>) -> Result<(), MqttError> {
         let id: Arc<str> = Arc::from(bounded(c.client_id, MAX_NAME));
         let user: Option<Arc<str>> = c.username.map(|u| Arc::from(bounded(u, MAX_NAME)));
-        *self.client_id.lock() = Some(Arc::clone(&id));
-        (*self.username.lock()).clone_from(&user);
+        *self.names.lock() = Names {
+            client_id: Some(Arc::clone(&id)),
+            username: user.clone(),
+        };
         let sec = &self.security;
         let mut keys = vec![
             BanKey::Addr(self.addr.ip().to_canonical()),
@@ -918,6 +928,13 @@ mod tests {
 
     fn ctx(sec: &Security) -> Arc<ConnCtx> {
         Arc::new(ConnCtx::new(sec.clone(), "192.0.2.7:1000".parse().unwrap()))
+    }
+
+    /// One per connection, for its whole life: one lock for both names.
+    #[test]
+    fn a_connection_context_stays_small() {
+        let size = std::mem::size_of::<ConnCtx>();
+        assert!(size <= 88, "ConnCtx is {size} bytes");
     }
 
     fn auth_failure() -> Report<'static> {
