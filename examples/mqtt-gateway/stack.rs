@@ -209,10 +209,14 @@ where
     }
 
     fn call(&mut self, conn: Conn<TcpStream>) -> ConnFuture {
-        let client = Client {
-            addr: Param::<PeerAddr>::param(&conn).0,
-            masked: self.masked,
-        };
+        // The outcome is logged at debug level: keep the client's address for that line
+        // only when the level is on (the future lives as long as the connection).
+        let client = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            Box::new(Client {
+                addr: Param::<PeerAddr>::param(&conn).0,
+                masked: self.masked,
+            })
+        });
         Box::pin(Observed {
             fut: self.inner.call(conn),
             client,
@@ -228,7 +232,7 @@ pin_project_lite::pin_project! {
     struct Observed<F> {
         #[pin]
         fut: F,
-        client: Client,
+        client: Option<Box<Client>>,
     }
 }
 
@@ -238,12 +242,13 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for Observed<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = std::task::ready!(this.fut.poll(cx));
-        let client = &*this.client;
-        match &res {
-            Ok(()) => tracing::debug!(%client, "connection closed"),
-            Err(e) => {
-                let (layer, reason) = aegis_core::error::label_of(&**e);
-                tracing::debug!(%client, layer, reason, "connection refused or failed");
+        if let Some(client) = this.client.as_deref() {
+            match &res {
+                Ok(()) => tracing::debug!(%client, "connection closed"),
+                Err(e) => {
+                    let (layer, reason) = aegis_core::error::label_of(&**e);
+                    tracing::debug!(%client, layer, reason, "connection refused or failed");
+                }
             }
         }
         Poll::Ready(res)
