@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! mqtt-load churn              --target ADDR [--duration S] [--concurrency C]
-//! mqtt-load hold N             --target ADDR [--duration S] [--rss-pid PID]
+//! mqtt-load hold N             --target ADDR [--duration S] [--rss-pid PID] [--keep-alive S]
 //! mqtt-load publish            --target ADDR [--qos 0|1] [--payload BYTES] [--duration S]
 //! mqtt-load slowloris N        --target ADDR [--deadline-ms D] [--interval-ms I] [--duration S]
 //! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--duration S]
@@ -54,6 +54,8 @@ struct Args {
     stop_pid: Option<u32>,
     stop_after: Duration,
     stop_for: Duration,
+    /// The keep-alive of `hold`'s sessions, in seconds (they send no PINGREQ).
+    keep_alive: u16,
 }
 
 fn usage() -> ! {
@@ -83,6 +85,7 @@ fn parse_args() -> Args {
         stop_pid: None,
         stop_after: Duration::from_secs(1),
         stop_for: Duration::from_secs(4),
+        keep_alive: 0,
     };
     let rest: Vec<String> = it.collect();
     let mut i = 0;
@@ -112,6 +115,7 @@ fn parse_args() -> Args {
             "--stop-pid" => args.stop_pid = u32::try_from(num()).ok(),
             "--stop-after-ms" => args.stop_after = Duration::from_millis(num()),
             "--stop-for-ms" => args.stop_for = Duration::from_millis(num()),
+            "--keep-alive" => args.keep_alive = u16::try_from(num()).unwrap_or(u16::MAX),
             _ => usage(),
         }
         i += 2;
@@ -190,12 +194,12 @@ fn mqtt_str(buf: &mut Vec<u8>, s: &[u8]) {
     buf.extend_from_slice(s);
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
+fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
     let mut body = Vec::with_capacity(32);
     mqtt_str(&mut body, b"MQTT");
     body.push(4); // 3.1.1
     body.push(0x02); // clean session
-    body.extend_from_slice(&0u16.to_be_bytes()); // keep alive off
+    body.extend_from_slice(&keep_alive.to_be_bytes()); // 0: off
     mqtt_str(&mut body, client_id.as_bytes());
     let mut p = vec![0x10];
     remaining_length(&mut p, body.len());
@@ -268,16 +272,28 @@ enum Outcome {
     TimedOut,
 }
 
-/// TCP connect + CONNECT until the CONNACK. Returns the stream when accepted.
+/// TCP connect + CONNECT (keep-alive off) until the CONNACK. Returns the stream when
+/// accepted.
 async fn session(
     src: Ipv4Addr,
     target: SocketAddr,
     id: &str,
     limit: Duration,
 ) -> (Outcome, Option<TcpStream>) {
+    session_with(src, target, id, limit, 0).await
+}
+
+/// [`session`] with a keep-alive of `keep_alive` seconds in the CONNECT.
+async fn session_with(
+    src: Ipv4Addr,
+    target: SocketAddr,
+    id: &str,
+    limit: Duration,
+    keep_alive: u16,
+) -> (Outcome, Option<TcpStream>) {
     let attempt = async {
         let mut s = connect_from(src, target).await?;
-        s.write_all(&connect_packet(id)).await?;
+        s.write_all(&connect_packet(id, keep_alive)).await?;
         let (first, body) = read_packet(&mut s).await?;
         if first == 0x20 && body.len() == 2 && body[1] == 0 {
             Ok::<_, io::Error>(Some(s))
@@ -418,13 +434,16 @@ async fn hold(a: &Args) -> Fields {
     let mut set = JoinSet::new();
     for _ in 0..a.concurrency.max(64) {
         let (next, held, failed, target) = (next.clone(), held.clone(), failed.clone(), a.target);
+        let keep_alive = a.keep_alive;
         set.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
                     break;
                 }
-                match session(spread(i), target, &format!("h{i}"), Duration::from_secs(5)).await {
+                let id = format!("h{i}");
+                match session_with(spread(i), target, &id, Duration::from_secs(5), keep_alive).await
+                {
                     (Outcome::Accepted, Some(s)) => held.lock().await.push(s),
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -451,6 +470,7 @@ async fn hold(a: &Args) -> Fields {
         ("requested", a.n.to_string()),
         ("held", count.to_string()),
         ("failed", failed.load(Ordering::Relaxed).to_string()),
+        ("keep_alive", a.keep_alive.to_string()),
     ];
     if let (Some(b), Some(d)) = (before, during) {
         #[allow(clippy::cast_precision_loss)]
@@ -575,7 +595,7 @@ async fn slowloris(a: &Args) -> Fields {
     let end = Instant::now() + a.duration;
     let legit_task = tokio::spawn(legit(a.target, every, end));
     let mut set = JoinSet::new();
-    let packet = connect_packet("slowloris-client-with-a-long-id");
+    let packet = connect_packet("slowloris-client-with-a-long-id", 0);
     for i in 0..a.n {
         let (target, interval, packet) = (a.target, a.interval, packet.clone());
         set.spawn(async move {
