@@ -91,3 +91,75 @@ fn each_connection_runs_in_a_span_with_its_peer_and_client_id() {
     assert!(line.contains("client_id=\"sensor-7\""), "{line}");
     assert!(line.contains("reason=\"refused\""), "{line}");
 }
+
+/// The accept loop runs as a task of its own: it takes the span and the subscriber of
+/// whoever awaits the server. On a current-thread runtime, each connection's span is a
+/// child of that span; on a multi-thread runtime, where the loop runs on a worker, the
+/// loop's own events still reach a subscriber set for the awaiting thread only.
+#[test]
+fn the_loop_runs_in_the_callers_span_and_with_its_subscriber() {
+    async fn echo_once(mut conn: Conn<TcpStream>) -> io::Result<()> {
+        tracing::info!("conn event");
+        let mut b = [0u8; 1];
+        conn.read_exact(&mut b).await?;
+        conn.write_all(&b).await
+    }
+    async fn one_session(addr: std::net::SocketAddr) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+    }
+    let capture = |flavor: &str| {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let rt = if flavor == "current_thread" {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        .enable_all()
+        .build()
+        .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tracing::Instrument::instrument(
+                serve(listener, tower::service_fn(echo_once)).into_future(),
+                tracing::info_span!("listener", name = "public"),
+            );
+            tokio::select! {
+                _ = server => panic!("the server stopped by itself"),
+                () = one_session(addr) => {}
+            }
+        });
+        String::from_utf8(logs.0.lock().clone()).unwrap()
+    };
+
+    let text = capture("current_thread");
+    let accepting = text.lines().find(|l| l.contains("accepting connections"));
+    let conn = text.lines().find(|l| l.contains("conn event"));
+    assert!(
+        accepting.is_some_and(|l| l.contains("listener{name=\"public\"}")),
+        "{text}"
+    );
+    assert!(
+        conn.is_some_and(|l| l.contains("listener{name=\"public\"}:conn{")),
+        "{text}"
+    );
+
+    let text = capture("multi_thread");
+    let accepting = text.lines().find(|l| l.contains("accepting connections"));
+    assert!(
+        accepting.is_some_and(|l| l.contains("listener{name=\"public\"}")),
+        "the loop's event did not reach the caller's subscriber:\n{text}"
+    );
+}

@@ -65,6 +65,9 @@ use tracing::Instrument;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use parking_lot::Mutex;
 
 pub use self::listener::Listener;
 use self::task::{ConnTask, Registry};
@@ -278,8 +281,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// queue. On a worker, the loop runs where the listener's readiness arrives, and a task
 /// it spawns runs next on the same thread.
 ///
-/// Dropping the returned future aborts the loop (closing the listener), as dropping the
-/// loop itself would; a panic in the loop resumes in the caller.
+/// The loop's task runs in the caller's span and with its subscriber. Dropping the
+/// returned future closes the listener at once, as dropping the loop itself would, and
+/// aborts the loop; a panic in the loop resumes in the caller.
 fn spawn_run<L, S, F>(serve: Serve<L, S>, signal: F) -> ServeFuture
 where
     L: Listener,
@@ -288,9 +292,35 @@ where
     S::Error: Into<BoxError>,
     F: Future<Output = ()> + Send + 'static,
 {
+    use tracing::instrument::WithSubscriber;
+
     Box::pin(async move {
-        let mut accept_loop = AbortOnDrop(tokio::spawn(run(serve, signal)));
-        match (&mut accept_loop.0).await {
+        let Serve {
+            listener,
+            service,
+            max_connections,
+            nodelay,
+            drain_timeout,
+            admit,
+        } = serve;
+        let listener = Shared(Arc::new(Mutex::new(Some(listener))));
+        let close = Arc::clone(&listener.0);
+        let serve = Serve {
+            listener,
+            service,
+            max_connections,
+            nodelay,
+            drain_timeout,
+            admit,
+        };
+        // Polled, so in the caller's span and subscriber: the loop's task takes both.
+        let task = tokio::spawn(
+            run(serve, signal)
+                .in_current_span()
+                .with_current_subscriber(),
+        );
+        let mut accept_loop = StopOnDrop { task, close };
+        match (&mut accept_loop.task).await {
             Ok(report) => report,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Only a runtime that is shutting down cancels the loop's task; whatever
@@ -300,12 +330,61 @@ where
     })
 }
 
-/// Aborts the accept loop's task when the future waiting for it is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<Shutdown>);
+/// A listener the accept loop's task and the future waiting for it share, so that
+/// dropping that future closes the listener at once, wherever the task is.
+struct Shared<L>(Arc<Mutex<Option<L>>>);
 
-impl Drop for AbortOnDrop {
+impl<L: Listener> Listener for Shared<L> {
+    type Io = L::Io;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<Self::Io>>> {
+        match self.0.lock().as_mut() {
+            Some(listener) => listener.poll_accept(cx),
+            // Closed by the dropped future, which also aborted this task: the abort
+            // ends it at its next scheduling point.
+            None => Poll::Pending,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self.0.lock().as_ref() {
+            Some(listener) => listener.local_addr(),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    fn set_nodelay(io: &Self::Io, nodelay: bool) -> io::Result<()> {
+        L::set_nodelay(io, nodelay)
+    }
+
+    fn accepts_nodelay(&self) -> bool {
+        self.0.lock().as_ref().is_some_and(L::accepts_nodelay)
+    }
+
+    fn refuse(io: Self::Io) {
+        L::refuse(io);
+    }
+}
+
+impl<L> Drop for Shared<L> {
+    /// The loop drops its listener to stop accepting: close it then, not when the last
+    /// handle goes.
     fn drop(&mut self) {
-        self.0.abort();
+        drop(self.0.lock().take());
+    }
+}
+
+/// Closes the listener and aborts the accept loop's task when the future waiting for it
+/// is dropped.
+struct StopOnDrop<L> {
+    task: tokio::task::JoinHandle<Shutdown>,
+    close: Arc<Mutex<Option<L>>>,
+}
+
+impl<L> Drop for StopOnDrop<L> {
+    fn drop(&mut self) {
+        self.task.abort();
+        drop(self.close.lock().take());
     }
 }
 
