@@ -282,6 +282,21 @@ async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     socket.connect(to).await.unwrap()
 }
 
+/// Whether a connection from `source` is refused before anything is answered: reset
+/// while connecting (the accept loop resets a banned address, possibly before `connect`
+/// has returned), or closed silently after `packet`.
+async fn refused_from(source: &str, to: SocketAddr, packet: &[u8]) -> bool {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    match socket.connect(to).await {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(mut s) => {
+            let _ = s.write_all(packet).await;
+            closed_silently(&mut s).await
+        }
+    }
+}
+
 /// CONNECT with `client_id` over a fresh connection; returns the connection if the
 /// gateway relayed the broker's CONNACK 0 (accepted).
 async fn mqtt_session(from: &str, gw: SocketAddr, client_id: &str) -> Option<TcpStream> {
@@ -908,10 +923,8 @@ async fn rejections_ban_an_address_and_events_and_bans_are_served() {
     assert_eq!(bans[0]["value"], "127.0.0.9", "{bans}");
     assert_eq!(bans[0]["reason"], "rejections", "{bans}");
 
-    // Banned: a valid CONNECT gets nothing, the connection is closed at once.
-    let mut s = connect_from("127.0.0.9", gw.mqtt).await;
-    let _ = s.write_all(&connect_311("banned")).await;
-    assert!(closed_silently(&mut s).await);
+    // Banned: a valid CONNECT gets nothing, the connection is reset at once.
+    assert!(refused_from("127.0.0.9", gw.mqtt, &connect_311("banned")).await);
     gw.wait_metric(
         "aegis_rejections_total{layer=\"security\",reason=\"banned\"}",
         1.0,
@@ -1689,9 +1702,8 @@ async fn a_burst_of_failed_logins_through_an_http_auth_service_bans_the_address(
     )
     .await;
     // Banned: even the right password gets nothing, and the service is not asked.
-    let mut s = connect_from("127.0.0.42", gw.mqtt).await;
-    let _ = s.write_all(&connect_login("m", "alice", "secret")).await;
-    assert!(closed_silently(&mut s).await);
+    let login = connect_login("m", "alice", "secret");
+    assert!(refused_from("127.0.0.42", gw.mqtt, &login).await);
     assert_eq!(calls.load(Ordering::SeqCst), 5);
 
     // alice again, from her own address: allowed from the cache (no call).
