@@ -4,7 +4,7 @@
 //! and a test running in parallel without a subscriber could make the span's callsite
 //! look disabled to this one.
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::io;
 
 use aegis_core::{Conn, serve};
@@ -26,6 +26,24 @@ impl io::Write for Logs {
     }
 }
 
+/// Runs `f` on `rt` with a DEBUG subscriber set for this thread only; returns its
+/// result and the log lines.
+fn with_logs<T>(rt: &tokio::runtime::Runtime, f: impl Future<Output = T>) -> (T, String) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        rt.block_on(f)
+    };
+    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
+    (out, text)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("refused by the test")]
 struct Refused;
@@ -41,19 +59,11 @@ impl aegis_core::error::Reject for Refused {
 
 #[test]
 fn each_connection_runs_in_a_span_with_its_peer_and_client_id() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let client = rt.block_on(async {
+    let (client, text) = with_logs(&rt, async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = tower::service_fn(|mut conn: Conn<TcpStream>| async move {
@@ -82,7 +92,6 @@ fn each_connection_runs_in_a_span_with_its_peer_and_client_id() {
         assert!(server.await.unwrap().drained());
         client
     });
-    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
     let line = text
         .lines()
         .find(|l| l.contains("connection rejected"))
@@ -111,14 +120,6 @@ fn the_loop_runs_in_the_callers_span_and_with_its_subscriber() {
         s.read_exact(&mut b).await.unwrap();
     }
     let capture = |flavor: &str| {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
         let rt = if flavor == "current_thread" {
             tokio::runtime::Builder::new_current_thread()
         } else {
@@ -129,7 +130,7 @@ fn the_loop_runs_in_the_callers_span_and_with_its_subscriber() {
         .enable_all()
         .build()
         .unwrap();
-        rt.block_on(async {
+        let ((), text) = with_logs(&rt, async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let server = tracing::Instrument::instrument(
@@ -141,7 +142,7 @@ fn the_loop_runs_in_the_callers_span_and_with_its_subscriber() {
                 () = one_session(addr) => {}
             }
         });
-        String::from_utf8(logs.0.lock().clone()).unwrap()
+        text
     };
 
     let text = capture("current_thread");

@@ -212,6 +212,18 @@ impl<L, S> Serve<L, S> {
         self
     }
 
+    /// The same server over another listener made from this one.
+    fn map_listener<M>(self, f: impl FnOnce(L) -> M) -> Serve<M, S> {
+        Serve {
+            listener: f(self.listener),
+            service: self.service,
+            max_connections: self.max_connections,
+            nodelay: self.nodelay,
+            drain_timeout: self.drain_timeout,
+            admit: self.admit,
+        }
+    }
+
     /// Serves until `signal` completes, then stops accepting and drains.
     pub fn with_graceful_shutdown<F>(self, signal: F) -> WithGracefulShutdown<L, S, F>
     where
@@ -295,24 +307,11 @@ where
     use tracing::instrument::WithSubscriber;
 
     Box::pin(async move {
-        let Serve {
-            listener,
-            service,
-            max_connections,
-            nodelay,
-            drain_timeout,
-            admit,
-        } = serve;
-        let listener = Shared(Arc::new(Mutex::new(Some(listener))));
-        let close = Arc::clone(&listener.0);
-        let serve = Serve {
-            listener,
-            service,
-            max_connections,
-            nodelay,
-            drain_timeout,
-            admit,
-        };
+        let close = Arc::new(Mutex::new(None));
+        let serve = serve.map_listener(|listener| {
+            *close.lock() = Some(listener);
+            Shared(Arc::clone(&close))
+        });
         // Polled, so in the caller's span and subscriber: the loop's task takes both.
         let task = tokio::spawn(
             run(serve, signal)
