@@ -148,8 +148,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                     this.answer = Some((e, answer, 0));
                 }
                 Step::Read => {
-                    let mut chunk = [0u8; READ_CHUNK];
-                    let mut rb = ReadBuf::new(&mut chunk);
+                    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                    let mut rb = ReadBuf::uninit(&mut chunk);
                     match Pin::new(io).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                             this.io = None;
