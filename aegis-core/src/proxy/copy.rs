@@ -97,13 +97,13 @@ impl Half {
     pub(crate) fn report(&mut self) {
         let unreported = self.total - self.reported;
         if unreported > 0 {
-            let direction = if self.to_upstream {
-                "client_to_upstream"
+            // Literal labels: a static key, no allocation per report.
+            let bytes = if self.to_upstream {
+                metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => "client_to_upstream")
             } else {
-                "upstream_to_client"
+                metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => "upstream_to_client")
             };
-            metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => direction)
-                .increment(unreported);
+            bytes.increment(unreported);
             self.reported = self.total;
         }
     }

@@ -175,8 +175,7 @@ where
                         Err(e) => return Poll::Ready(Err(aegis_core::error::reject(e).into())),
                     };
                     let protocol = detection.protocol();
-                    metrics::counter!(super::SNIFF_TOTAL, "protocol" => protocol.label())
-                        .increment(1);
+                    super::count_detection(protocol);
                     if !allowed.contains(protocol) {
                         // `io` and the prefix are dropped here: the socket closes.
                         let err = aegis_core::error::reject(SniffError::NotAllowed(protocol));

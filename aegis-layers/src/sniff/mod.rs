@@ -139,6 +139,21 @@ pub const LAYER: &str = "sniff";
 /// `aegis_sniff_total{protocol}`: detections by protocol.
 pub const SNIFF_TOTAL: &str = "aegis_sniff_total";
 
+/// Counts one detection in [`SNIFF_TOTAL`]. Literal label values let the metrics macro
+/// build a static key (a value only known at run time costs an allocation per call).
+fn count_detection(protocol: Protocol) {
+    let counter = match protocol {
+        Protocol::Mqtt => metrics::counter!(SNIFF_TOTAL, "protocol" => "mqtt"),
+        Protocol::Http1 => metrics::counter!(SNIFF_TOTAL, "protocol" => "http1"),
+        Protocol::Http2 => metrics::counter!(SNIFF_TOTAL, "protocol" => "http2"),
+        Protocol::Tls => metrics::counter!(SNIFF_TOTAL, "protocol" => "tls"),
+        Protocol::ProxyProtocol => metrics::counter!(SNIFF_TOTAL, "protocol" => "proxy"),
+        Protocol::Unknown => metrics::counter!(SNIFF_TOTAL, "protocol" => "unknown"),
+        Protocol::Timeout => metrics::counter!(SNIFF_TOTAL, "protocol" => "timeout"),
+    };
+    counter.increment(1);
+}
+
 /// The default detection timeout: 5 s. MQTT and HTTP clients send their first bytes at
 /// once; a client silent this long is detected as [`Protocol::Timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,3 +162,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// size takes a whole small request line or CONNECT; every decision needs at most
 /// [`MAX_DECISION_LEN`] (24) bytes.
 pub const DEFAULT_MAX_PREFIX: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aegis_core::metrics::testing::{capture, run};
+
+    /// The literal labels of `count_detection` are each protocol's own `label()`.
+    #[test]
+    fn each_detection_is_counted_under_its_protocol_label() {
+        let ((), snap) = run(false, || async {
+            for protocol in Protocol::ALL {
+                count_detection(protocol);
+            }
+        });
+        let got = capture(&snap);
+        for protocol in Protocol::ALL {
+            let labels = [("protocol", protocol.label())];
+            assert_eq!(got.counter(SNIFF_TOTAL, &labels), 1, "{protocol:?}");
+        }
+    }
+}
