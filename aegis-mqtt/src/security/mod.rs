@@ -667,31 +667,32 @@ impl Security {
             addr: Some(addr),
             ..Who::default()
         };
-        let details = if let Some(details) = self.banned_details(&key) {
-            details
-        } else {
-            if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
-                return true;
-            }
-            Some("client address banned now: too many connects".to_owned())
-        };
-        if let Some(details) = details {
-            self.emit_banned(&who, details);
+        if self.refused_as_banned(&key, &who) {
+            return false;
         }
+        if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
+            return true;
+        }
+        self.emit_banned(
+            &who,
+            "client address banned now: too many connects".to_owned(),
+        );
         false
     }
 
-    /// `None` if `key` is not banned; else whether this refusal is logged, and how.
-    #[allow(clippy::option_option)] // not banned / banned, quiet / banned, logged
-    fn banned_details(&self, key: &BanKey) -> Option<Option<String>> {
-        match self.with_bans(|t, now| t.refusal(key, now)) {
-            Refusal::NotBanned => None,
-            Refusal::Quiet => Some(None),
-            Refusal::Log { quiet: 0 } => Some(Some("client address is banned".to_owned())),
-            Refusal::Log { quiet } => Some(Some(format!(
+    /// Whether the address `key` is banned; when it is, logs the refusal if it is due
+    /// (at most once a second per ban).
+    fn refused_as_banned(&self, key: &BanKey, who: &Who) -> bool {
+        let details = match self.with_bans(|t, now| t.refusal(key, now)) {
+            Refusal::NotBanned => return false,
+            Refusal::Quiet => return true,
+            Refusal::Log { quiet: 0 } => "client address is banned".to_owned(),
+            Refusal::Log { quiet } => format!(
                 "client address is banned ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
-            ))),
-        }
+            ),
+        };
+        self.emit_banned(who, details);
+        true
     }
 
     fn emit_banned(&self, who: &Who, details: String) {
@@ -740,17 +741,14 @@ impl Security {
     /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned.
     pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
         let key = BanKey::Addr(addr.ip().to_canonical());
-        let Some(details) = self.banned_details(&key) else {
-            return Ok(());
+        let who = Who {
+            addr: Some(addr),
+            ..Who::default()
         };
-        if let Some(details) = details {
-            let who = Who {
-                addr: Some(addr),
-                ..Who::default()
-            };
-            self.emit_banned(&who, details);
+        if self.refused_as_banned(&key, &who) {
+            return Err(aegis_core::error::reject(SecurityError::Banned).into());
         }
-        Err(aegis_core::error::reject(SecurityError::Banned).into())
+        Ok(())
     }
 
     /// Whether any of `keys` is banned; when one is, whether the refusal is logged
