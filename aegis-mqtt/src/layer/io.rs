@@ -448,9 +448,7 @@ impl<I> MqttIo<I> {
             self.connect_unread = false;
         }
         self.out.connack_seen = true;
-        if let Some(w) = &mut self.connack {
-            w.latency = None;
-        }
+        self.skip_connack_latency();
         self.disarm_connack_timer();
     }
 
