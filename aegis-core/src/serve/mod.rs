@@ -446,7 +446,7 @@ where
         if let Some(Admit(admit)) = &admit {
             if let Err(e) = admit(peer.0) {
                 L::refuse(conn.into_inner());
-                task::record_outcome("rejected", 0.0);
+                task::Outcome::Rejected.record(0.0);
                 let (layer, reason) = crate::error::label_of(&*e);
                 tracing::debug!(%peer, layer, reason, "connection refused at accept");
                 continue;

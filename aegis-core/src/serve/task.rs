@@ -101,25 +101,33 @@ impl Registry {
     }
 }
 
-/// Counts how a connection ended, and how long it lasted.
-pub(crate) fn record_outcome(outcome: &'static str, seconds: f64) {
-    // Literal label values let the metrics macros build a static key; a value only
-    // known at run time costs an allocation per call, twice per connection here.
-    macro_rules! record {
-        ($outcome:literal) => {{
-            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => $outcome).increment(1);
-            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => $outcome)
-                .record(seconds);
-        }};
-    }
-    match outcome {
-        "ok" => record!("ok"),
-        "rejected" => record!("rejected"),
-        "error" => record!("error"),
-        "aborted" => record!("aborted"),
-        other => {
-            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => other).increment(1);
-            metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => other).record(seconds);
+/// How a served connection ended: the `outcome` label of `aegis_connections_total` and
+/// `aegis_connection_duration_seconds` (`over_capacity` is counted apart, with no task).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ok,
+    Rejected,
+    Error,
+    Aborted,
+}
+
+impl Outcome {
+    /// Counts the connection's end and how long it lasted. Each arm names its label as a
+    /// literal: the metrics macros then build a static key, where a value only known at
+    /// run time costs an allocation per call, twice per connection here.
+    pub(crate) fn record(self, seconds: f64) {
+        macro_rules! record {
+            ($outcome:literal) => {{
+                metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => $outcome).increment(1);
+                metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => $outcome)
+                    .record(seconds);
+            }};
+        }
+        match self {
+            Self::Ok => record!("ok"),
+            Self::Rejected => record!("rejected"),
+            Self::Error => record!("error"),
+            Self::Aborted => record!("aborted"),
         }
     }
 }
@@ -134,9 +142,9 @@ pub(crate) struct Slot {
 
 impl Slot {
     /// Records how the connection ended.
-    fn record(&self, outcome: &'static str) {
+    fn record(&self, outcome: Outcome) {
         let ms = self.reg.now_ms().wrapping_sub(self.started_ms);
-        record_outcome(outcome, f64::from(ms) / 1000.0);
+        outcome.record(f64::from(ms) / 1000.0);
     }
 }
 
@@ -162,7 +170,7 @@ pin_project! {
             if !matches!(this.state.as_ref().get_ref(), State::Done) {
                 // Dropped before it finished: aborted at the end of a drain (or the
                 // runtime shut down).
-                this.slot.record("aborted");
+                this.slot.record(Outcome::Aborted);
             }
         }
     }
@@ -227,17 +235,17 @@ where
     }
 }
 
-fn outcome_of(res: &Result<(), BoxError>) -> &'static str {
+fn outcome_of(res: &Result<(), BoxError>) -> Outcome {
     match res {
-        Ok(()) => "ok",
+        Ok(()) => Outcome::Ok,
         Err(e) => {
             let (layer, reason) = label_of(&**e);
             if find::<Rejected>(&**e).is_some() {
                 tracing::debug!(layer, reason, error = %e, "connection rejected");
-                "rejected"
+                Outcome::Rejected
             } else {
                 tracing::debug!(layer, reason, error = %e, "connection failed");
-                "error"
+                Outcome::Error
             }
         }
     }
@@ -247,21 +255,26 @@ fn outcome_of(res: &Result<(), BoxError>) -> &'static str {
 mod tests {
     use super::*;
 
-    /// The literal labels of `record_outcome` are the outcomes it is given.
+    /// Each outcome is counted under its own literal label.
     #[cfg(feature = "test-util")]
     #[test]
     fn each_outcome_is_recorded_under_its_own_label() {
         use crate::metrics::testing::{capture, run};
-        const OUTCOMES: [&str; 5] = ["ok", "rejected", "error", "aborted", "something_else"];
+        const OUTCOMES: [(Outcome, &str); 4] = [
+            (Outcome::Ok, "ok"),
+            (Outcome::Rejected, "rejected"),
+            (Outcome::Error, "error"),
+            (Outcome::Aborted, "aborted"),
+        ];
         let ((), snap) = run(false, || async {
-            for outcome in OUTCOMES {
-                record_outcome(outcome, 0.5);
+            for (outcome, _) in OUTCOMES {
+                outcome.record(0.5);
             }
         });
         let got = capture(&snap);
-        for outcome in OUTCOMES {
-            let labels = [("outcome", outcome)];
-            assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &labels), 1, "{outcome}");
+        for (outcome, label) in OUTCOMES {
+            let labels = [("outcome", label)];
+            assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &labels), 1, "{outcome:?}");
         }
     }
 
