@@ -277,18 +277,21 @@ async fn closed_silently(s: &mut TcpStream) -> bool {
 
 /// Connects from `source` (a loopback address) to `to`.
 async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(to).await.unwrap()
+    try_connect_from(source, to).await.unwrap()
+}
+
+/// [`connect_from`], with the connect's error.
+async fn try_connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    socket.connect(to).await
 }
 
 /// Whether a connection from `source` is refused before anything is answered: reset
 /// while connecting (the accept loop resets a banned address, possibly before `connect`
 /// has returned), or closed silently after `packet`.
 async fn refused_from(source: &str, to: SocketAddr, packet: &[u8]) -> bool {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    match socket.connect(to).await {
+    match try_connect_from(source, to).await {
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         Ok(mut s) => {
             let _ = s.write_all(packet).await;
