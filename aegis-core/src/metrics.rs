@@ -19,6 +19,70 @@
 //! `aegis_` prefix and document them in their module docs; rejections always go through
 //! `aegis_rejections_total`.
 
+/// Metric handles registered with the recorder once, on first use, and shared by every
+/// clone.
+///
+/// A `metrics::counter!` call looks its key up in the recorder on every call (the
+/// Prometheus recorder also copies the key each time, an allocation). A metric recorded
+/// once per connection costs that lookup once per connection; a service that keeps its
+/// handles in a `Handles` pays it once, at the first connection. The aegis services keep
+/// their per-connection metrics this way, and so can a user's own.
+///
+/// The handles belong to the recorder in force at the first use: install the recorder
+/// before the first connection is served (as the metrics macros need it installed
+/// before they are called).
+///
+/// ```
+/// use aegis_core::metrics::Handles;
+/// use metrics::Counter;
+///
+/// #[derive(Clone, Default)]
+/// struct Seen {
+///     total: Handles<Counter>,
+/// }
+///
+/// impl Seen {
+///     fn count(&self) {
+///         self.total
+///             .get_or_register(|| metrics::counter!("example_seen_total"))
+///             .increment(1);
+///     }
+/// }
+///
+/// let seen = Seen::default();
+/// let clone = seen.clone();
+/// seen.count();
+/// clone.count(); // the same handle, registered once
+/// ```
+#[derive(Debug)]
+pub struct Handles<T>(std::sync::Arc<std::sync::OnceLock<T>>);
+
+impl<T> Handles<T> {
+    /// No handles yet: they are registered at the first
+    /// [`get_or_register`](Self::get_or_register).
+    #[must_use]
+    pub fn new() -> Self {
+        Self(std::sync::Arc::new(std::sync::OnceLock::new()))
+    }
+
+    /// The handles, registered by `register` if this is the first use (of any clone).
+    pub fn get_or_register(&self, register: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(register)
+    }
+}
+
+impl<T> Clone for Handles<T> {
+    fn clone(&self) -> Self {
+        Self(std::sync::Arc::clone(&self.0))
+    }
+}
+
+impl<T> Default for Handles<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// `aegis_connections_total{outcome}`.
 pub const CONNECTIONS_TOTAL: &str = "aegis_connections_total";
 /// `aegis_active_connections`.
@@ -75,6 +139,121 @@ pub mod testing {
             .expect("a current-thread runtime");
         let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
         (out, snap)
+    }
+
+    /// [`run`], with a recorder that also counts how many times each metric name is
+    /// registered: each `metrics::counter!` (or gauge, histogram) call is one
+    /// registration, a [`Handles`](super::Handles) one per service. A test of a hot path
+    /// checks with it that the count does not grow with the connections served.
+    ///
+    /// ```
+    /// use aegis_core::metrics::testing::run_counting;
+    ///
+    /// let ((), _snap, registered) = run_counting(true, || async {
+    ///     for _ in 0..3 {
+    ///         metrics::counter!("aegis_example_total").increment(1);
+    ///     }
+    /// });
+    /// assert_eq!(registered.of("aegis_example_total"), 3);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the runtime cannot be built.
+    pub fn run_counting<F: std::future::Future>(
+        paused: bool,
+        f: impl FnOnce() -> F,
+    ) -> (F::Output, Snapshotter, Registrations) {
+        let rec = Counting {
+            inner: DebuggingRecorder::new(),
+            counts: Registrations::default(),
+        };
+        let snap = rec.inner.snapshotter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(paused)
+            .build()
+            .expect("a current-thread runtime");
+        let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
+        (out, snap, rec.counts)
+    }
+
+    /// How many times each metric name was registered; see [`run_counting`].
+    #[derive(Debug, Clone, Default)]
+    pub struct Registrations(
+        std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
+    );
+
+    impl Registrations {
+        /// The registrations of `name`, over all its label values.
+        pub fn of(&self, name: &str) -> usize {
+            self.0.lock().get(name).copied().unwrap_or(0)
+        }
+
+        fn add(&self, key: &metrics::Key) {
+            *self.0.lock().entry(key.name().to_owned()).or_default() += 1;
+        }
+    }
+
+    struct Counting {
+        inner: DebuggingRecorder,
+        counts: Registrations,
+    }
+
+    impl metrics::Recorder for Counting {
+        fn describe_counter(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<metrics::Unit>,
+            description: metrics::SharedString,
+        ) {
+            self.inner.describe_counter(key, unit, description);
+        }
+
+        fn describe_gauge(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<metrics::Unit>,
+            description: metrics::SharedString,
+        ) {
+            self.inner.describe_gauge(key, unit, description);
+        }
+
+        fn describe_histogram(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<metrics::Unit>,
+            description: metrics::SharedString,
+        ) {
+            self.inner.describe_histogram(key, unit, description);
+        }
+
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            meta: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            self.counts.add(key);
+            self.inner.register_counter(key, meta)
+        }
+
+        fn register_gauge(
+            &self,
+            key: &metrics::Key,
+            meta: &metrics::Metadata<'_>,
+        ) -> metrics::Gauge {
+            self.counts.add(key);
+            self.inner.register_gauge(key, meta)
+        }
+
+        fn register_histogram(
+            &self,
+            key: &metrics::Key,
+            meta: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            self.counts.add(key);
+            self.inner.register_histogram(key, meta)
+        }
     }
 
     /// Every series of one snapshot, to read several values that belong together.

@@ -190,6 +190,43 @@ fn active_connections_gauge_and_outcomes_are_recorded() {
     assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
 }
 
+/// The connection metrics are looked up in the recorder once per server, not once per
+/// connection: each lookup is a hash and, with the Prometheus recorder, an allocation.
+#[test]
+fn connection_metrics_are_registered_once_per_server() {
+    const CONNECTIONS: u64 = 6;
+    let ((), snap, registered) = testing::run_counting(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, tower::service_fn(echo))
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        for _ in 0..CONNECTIONS {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        }
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+    });
+    let got = testing::capture(&snap);
+    assert_eq!(
+        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]),
+        CONNECTIONS
+    );
+    assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
+    // One handle per outcome label (`ok`, `rejected`, `error`, `aborted`,
+    // `over_capacity`), one gauge, one histogram per served outcome: whatever the count
+    // of connections.
+    assert_eq!(registered.of(m::CONNECTIONS_TOTAL), 5);
+    assert_eq!(registered.of(m::ACTIVE_CONNECTIONS), 1);
+    assert_eq!(registered.of(m::CONNECTION_DURATION_SECONDS), 4);
+}
+
 /// A loopback listener; with `nodelay`, `TCP_NODELAY` is set on it before it listens.
 fn listener(nodelay: bool) -> TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

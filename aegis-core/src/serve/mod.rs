@@ -446,7 +446,7 @@ where
         if let Some(Admit(admit)) = &admit {
             if let Err(e) = admit(peer.0) {
                 L::refuse(conn.into_inner());
-                task::Outcome::Rejected.record(0.0);
+                registry.refused();
                 let (layer, reason) = crate::error::label_of(&*e);
                 tracing::debug!(%peer, layer, reason, "connection refused at accept");
                 continue;
@@ -467,7 +467,7 @@ where
             ConnTask::new(svc, conn, slot).instrument(span)
         });
         if spawned.is_none() {
-            metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity").increment(1);
+            registry.over_capacity();
             tracing::debug!(%peer, "connection cap reached; closing");
         }
     }

@@ -20,23 +20,38 @@ use tower_service::Service;
 use crate::error::{BoxError, Rejected, find, label_of};
 use crate::metrics as m;
 
-/// Open connections: the cap's permits and an abort handle per connection task.
+/// Open connections: the cap's permits, an abort handle per connection task, and the
+/// connection metrics' handles.
 #[derive(Debug)]
 pub(crate) struct Registry {
     permits: Semaphore,
     max: usize,
     tasks: Mutex<Slab<AbortHandle>>,
     epoch: Instant,
+    metrics: ConnMetrics,
 }
 
 impl Registry {
+    /// Registers the connection metrics with the recorder in force (the loop calls this
+    /// when it starts).
     pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             permits: Semaphore::new(max),
             max,
             tasks: Mutex::new(Slab::new()),
             epoch: Instant::now(),
+            metrics: ConnMetrics::register(),
         })
+    }
+
+    /// Counts a connection refused at accept (by `Serve::admit`): `rejected`, lasting 0 s.
+    pub(crate) fn refused(&self) {
+        self.metrics.record(Outcome::Rejected, 0.0);
+    }
+
+    /// Counts a connection closed at accept because the cap is reached.
+    pub(crate) fn over_capacity(&self) {
+        self.metrics.over_capacity.increment(1);
     }
 
     /// Connections open now.
@@ -50,7 +65,7 @@ impl Registry {
         F: Future<Output = ()> + Send + 'static,
     {
         self.permits.try_acquire().ok()?.forget();
-        metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1);
+        self.metrics.active.increment(1);
         let started_ms = self.now_ms();
         // The lock is held across the spawn so that a task that ends at once removes
         // its entry only after it was inserted.
@@ -87,7 +102,7 @@ impl Registry {
     }
 
     fn release(&self) {
-        metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1);
+        self.metrics.active.decrement(1);
         self.permits.add_permits(1);
     }
 
@@ -105,30 +120,54 @@ impl Registry {
 /// `aegis_connection_duration_seconds` (`over_capacity` is counted apart, with no task).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Ok,
-    Rejected,
-    Error,
-    Aborted,
+    // In the order of `ConnMetrics::ended`.
+    Ok = 0,
+    Rejected = 1,
+    Error = 2,
+    Aborted = 3,
 }
 
-impl Outcome {
-    /// Counts the connection's end and how long it lasted. Each arm names its label as a
-    /// literal: the metrics macros then build a static key, where a value only known at
-    /// run time costs an allocation per call, twice per connection here.
-    pub(crate) fn record(self, seconds: f64) {
-        macro_rules! record {
-            ($outcome:literal) => {{
-                metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => $outcome).increment(1);
-                metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => $outcome)
-                    .record(seconds);
-            }};
+/// The handles of the connection metrics, registered once per server.
+///
+/// A metrics macro looks its key up in the recorder on every call, and the Prometheus
+/// recorder copies the key each time: four lookups and allocations per connection here
+/// (the gauge up and down, the outcome's counter and histogram), a tenth of a short
+/// connection's user-space instructions in the mqtt-gateway (callgrind).
+#[derive(Debug)]
+struct ConnMetrics {
+    active: metrics::Gauge,
+    over_capacity: metrics::Counter,
+    /// Per [`Outcome`], in its order: the connection count and the duration histogram.
+    ended: [(metrics::Counter, metrics::Histogram); 4],
+}
+
+impl ConnMetrics {
+    fn register() -> Self {
+        macro_rules! ended {
+            ($outcome:literal) => {
+                (
+                    metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => $outcome),
+                    metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => $outcome),
+                )
+            };
         }
-        match self {
-            Self::Ok => record!("ok"),
-            Self::Rejected => record!("rejected"),
-            Self::Error => record!("error"),
-            Self::Aborted => record!("aborted"),
+        Self {
+            active: metrics::gauge!(m::ACTIVE_CONNECTIONS),
+            over_capacity: metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity"),
+            ended: [
+                ended!("ok"),
+                ended!("rejected"),
+                ended!("error"),
+                ended!("aborted"),
+            ],
         }
+    }
+
+    /// Counts the connection's end and how long it lasted.
+    fn record(&self, outcome: Outcome, seconds: f64) {
+        let (count, duration) = &self.ended[outcome as usize];
+        count.increment(1);
+        duration.record(seconds);
     }
 }
 
@@ -144,7 +183,7 @@ impl Slot {
     /// Records how the connection ended.
     fn record(&self, outcome: Outcome) {
         let ms = self.reg.now_ms().wrapping_sub(self.started_ms);
-        outcome.record(f64::from(ms) / 1000.0);
+        self.reg.metrics.record(outcome, f64::from(ms) / 1000.0);
     }
 }
 
@@ -267,8 +306,9 @@ mod tests {
             (Outcome::Aborted, "aborted"),
         ];
         let ((), snap) = run(false, || async {
+            let metrics = ConnMetrics::register();
             for (outcome, _) in OUTCOMES {
-                outcome.record(0.5);
+                metrics.record(outcome, 0.5);
             }
         });
         let got = capture(&snap);
