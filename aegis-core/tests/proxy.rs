@@ -84,6 +84,52 @@ fn large_random_payloads_arrive_exactly_in_both_directions() {
     assert_eq!((up, down), (LEN as u64, LEN as u64));
 }
 
+/// One proxy serving several request/response connections counts every byte, and
+/// registers its two byte counters with the recorder once, not per connection.
+#[test]
+fn byte_counters_are_registered_once_per_proxy() {
+    const CONNECTIONS: usize = 5;
+    let ((), snap, registered) = testing::run_counting(false, || async {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        // The upstream answers each request with it reversed, then closes.
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = upstream.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    s.read_to_end(&mut req).await.unwrap();
+                    req.reverse();
+                    s.write_all(&req).await.unwrap();
+                });
+            }
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let proxy = Proxy::new(up_addr);
+        for i in 0..CONNECTIONS {
+            let mut client = TcpStream::connect(front_addr).await.unwrap();
+            let (io, peer) = front.accept().await.unwrap();
+            let task = tokio::spawn(proxy.clone().oneshot(Conn::new(io, peer, front_addr)));
+            client
+                .write_all(format!("request {i}").as_bytes())
+                .await
+                .unwrap();
+            client.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, format!("{i} tseuqer").as_bytes());
+            task.await.unwrap().unwrap();
+        }
+    });
+    let got = testing::capture(&snap);
+    let up = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "client_to_upstream")]);
+    let down = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "upstream_to_client")]);
+    let sent = ("request 0".len() * CONNECTIONS) as u64;
+    assert_eq!((up, down), (sent, sent));
+    assert_eq!(registered.of(m::PROXY_BYTES_TOTAL), 2);
+}
+
 #[tokio::test]
 async fn client_half_close_does_not_cut_the_upstream_reply() {
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();

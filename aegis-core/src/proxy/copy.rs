@@ -13,10 +13,38 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use crate::metrics::Handles;
+use metrics::Counter;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ProxyError;
+
+/// The two directions of `aegis_proxy_bytes_total`, registered once per [`Proxy`]
+/// (not once per connection: each metrics macro call is a lookup in the recorder, and
+/// the Prometheus recorder copies the key each time).
+///
+/// [`Proxy`]: super::Proxy
+#[derive(Debug)]
+pub(crate) struct ByteCounters {
+    to_upstream: Counter,
+    to_client: Counter,
+}
+
+impl ByteCounters {
+    fn register() -> Self {
+        Self {
+            to_upstream: metrics::counter!(
+                crate::metrics::PROXY_BYTES_TOTAL,
+                "direction" => "client_to_upstream"
+            ),
+            to_client: metrics::counter!(
+                crate::metrics::PROXY_BYTES_TOTAL,
+                "direction" => "upstream_to_client"
+            ),
+        }
+    }
+}
 
 /// Bytes read onto the stack per read while no heap buffer is held.
 ///
@@ -55,12 +83,10 @@ pub(crate) struct Half {
     read_done: bool,
     done: bool,
     need_flush: bool,
-    /// Whether this half copies from the client to the upstream (for the metric label).
-    to_upstream: bool,
 }
 
 impl Half {
-    pub(crate) fn new(to_upstream: bool) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             buf: None,
             pos: 0,
@@ -70,7 +96,6 @@ impl Half {
             read_done: false,
             done: false,
             need_flush: false,
-            to_upstream,
         }
     }
 
@@ -93,16 +118,11 @@ impl Half {
         self.need_flush = true;
     }
 
-    /// Records the bytes copied since the last report in `aegis_proxy_bytes_total`.
-    pub(crate) fn report(&mut self) {
+    /// Adds the bytes copied since the last report to `bytes`, this direction's
+    /// `aegis_proxy_bytes_total`.
+    pub(crate) fn report(&mut self, bytes: &Counter) {
         let unreported = self.total - self.reported;
         if unreported > 0 {
-            // Literal labels: a static key, no allocation per report.
-            let bytes = if self.to_upstream {
-                metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => "client_to_upstream")
-            } else {
-                metrics::counter!(crate::metrics::PROXY_BYTES_TOTAL, "direction" => "upstream_to_client")
-            };
             bytes.increment(unreported);
             self.reported = self.total;
         }
@@ -113,6 +133,7 @@ impl Half {
     fn idle<W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
+        bytes: &Counter,
         mut w: Pin<&mut W>,
     ) -> Poll<Result<(), (Side, io::Error)>> {
         self.buf = None;
@@ -120,15 +141,17 @@ impl Half {
             ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Write, e))?;
             self.need_flush = false;
         }
-        self.report();
+        self.report(bytes);
         Poll::Pending
     }
 
-    /// Copies from `r` to `w` until `r` reaches EOF, then shuts `w` down.
+    /// Copies from `r` to `w` until `r` reaches EOF, then shuts `w` down; the bytes are
+    /// counted in `bytes`.
     pub(crate) fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         bulk: usize,
+        bytes: &Counter,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
     ) -> Poll<Result<(), (Side, io::Error)>>
@@ -169,7 +192,7 @@ impl Half {
                     Err(e) => return Poll::Ready(Err((Side::Write, e))),
                 }
                 self.done = true;
-                self.report();
+                self.report(bytes);
                 return Poll::Ready(Ok(()));
             }
 
@@ -177,7 +200,7 @@ impl Half {
                 // Streaming: read straight into the heap buffer.
                 let mut rb = ReadBuf::new(buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => return self.idle(cx, w),
+                    Poll::Pending => return self.idle(cx, bytes, w),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Read, e))),
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
@@ -197,7 +220,7 @@ impl Half {
             let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_BUF];
             let mut rb = ReadBuf::uninit(&mut stack);
             let n = match r.as_mut().poll_read(cx, &mut rb) {
-                Poll::Pending => return self.idle(cx, w),
+                Poll::Pending => return self.idle(cx, bytes, w),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Read, e))),
                 Poll::Ready(Ok(())) => rb.filled().len(),
             };
@@ -251,6 +274,17 @@ pin_project! {
         up: Half,
         down: Half,
         bulk: u32,
+        bytes: Handles<ByteCounters>,
+    }
+
+    impl<A, B> PinnedDrop for Transfer<A, B> {
+        fn drop(this: Pin<&mut Self>) {
+            // A connection cut short (error, abort at shutdown) still reports its bytes.
+            let this = this.project();
+            let bytes = this.bytes.get_or_register(ByteCounters::register);
+            this.up.report(&bytes.to_upstream);
+            this.down.report(&bytes.to_client);
+        }
     }
 }
 
@@ -258,13 +292,25 @@ impl<A, B> Transfer<A, B> {
     /// Copies between `client` and `upstream`; `bulk` is the size of the heap buffer
     /// each direction uses while data streams (at least 8 KiB).
     pub fn new(client: A, upstream: B, bulk: usize) -> Self {
+        Self::with_counters(client, upstream, bulk, Handles::new())
+    }
+
+    /// As [`new`](Self::new), counting bytes with the handles a [`Proxy`](super::Proxy)
+    /// registered once for all its connections.
+    pub(crate) fn with_counters(
+        client: A,
+        upstream: B,
+        bulk: usize,
+        bytes: Handles<ByteCounters>,
+    ) -> Self {
         Self {
             client,
             upstream,
-            up: Half::new(true),
-            down: Half::new(false),
+            up: Half::new(),
+            down: Half::new(),
             // Clamped to what a u32 offset can address; 8 KiB at least.
             bulk: u32::try_from(bulk.max(STACK_BUF)).unwrap_or(u32::MAX),
+            bytes,
         }
     }
 }
@@ -279,20 +325,27 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let bulk = *this.bulk as usize;
-        if let Poll::Ready(Err((side, source))) =
-            this.up
-                .poll_copy(cx, bulk, this.client.as_mut(), this.upstream.as_mut())
-        {
+        let bytes = this.bytes.get_or_register(ByteCounters::register);
+        if let Poll::Ready(Err((side, source))) = this.up.poll_copy(
+            cx,
+            bulk,
+            &bytes.to_upstream,
+            this.client.as_mut(),
+            this.upstream.as_mut(),
+        ) {
             return Poll::Ready(Err(if side == Side::Read {
                 ProxyError::ClientIo(source)
             } else {
                 ProxyError::UpstreamIo(source)
             }));
         }
-        if let Poll::Ready(Err((side, source))) =
-            this.down
-                .poll_copy(cx, bulk, this.upstream.as_mut(), this.client.as_mut())
-        {
+        if let Poll::Ready(Err((side, source))) = this.down.poll_copy(
+            cx,
+            bulk,
+            &bytes.to_client,
+            this.upstream.as_mut(),
+            this.client.as_mut(),
+        ) {
             return Poll::Ready(Err(if side == Side::Write {
                 ProxyError::ClientIo(source)
             } else {
@@ -310,13 +363,6 @@ where
     }
 }
 
-impl Drop for Half {
-    fn drop(&mut self) {
-        // A connection cut short (error, abort at shutdown) still reports its bytes.
-        self.report();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,13 +373,13 @@ mod tests {
     async fn idle_half_holds_no_buffer_and_streaming_releases_it() {
         let (mut a_far, a) = tokio::io::duplex(1 << 20);
         let (b, mut b_far) = tokio::io::duplex(1 << 20);
-        let mut half = Half::new(true);
+        let mut half = Half::new();
         let (mut a, mut b) = (Box::pin(a), Box::pin(b));
         let mut cx = Context::from_waker(Waker::noop());
 
         // Idle: nothing to read, no buffer.
         assert!(
-            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+            half.poll_copy(&mut cx, 64 * 1024, &Counter::noop(), a.as_mut(), b.as_mut())
                 .is_pending()
         );
         assert!(!half.holds_buffer());
@@ -341,7 +387,7 @@ mod tests {
         // A small message goes through from the stack.
         a_far.write_all(b"hello").await.unwrap();
         assert!(
-            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+            half.poll_copy(&mut cx, 64 * 1024, &Counter::noop(), a.as_mut(), b.as_mut())
                 .is_pending()
         );
         assert!(!half.holds_buffer());
@@ -353,7 +399,7 @@ mod tests {
         let data = vec![0xA5u8; 300 * 1024];
         a_far.write_all(&data).await.unwrap();
         assert!(
-            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+            half.poll_copy(&mut cx, 64 * 1024, &Counter::noop(), a.as_mut(), b.as_mut())
                 .is_pending()
         );
         assert!(!half.holds_buffer());
@@ -368,19 +414,19 @@ mod tests {
         let (mut a_far, a) = tokio::io::duplex(1 << 16);
         // The upstream pipe takes only 16 bytes before it blocks.
         let (b, mut b_far) = tokio::io::duplex(16);
-        let mut half = Half::new(true);
+        let mut half = Half::new();
         let (mut a, mut b) = (Box::pin(a), Box::pin(b));
         let mut cx = Context::from_waker(Waker::noop());
         a_far.write_all(b"0123456789abcdefXYZ").await.unwrap();
         assert!(
-            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+            half.poll_copy(&mut cx, 64 * 1024, &Counter::noop(), a.as_mut(), b.as_mut())
                 .is_pending()
         );
         assert!(half.holds_buffer(), "unwritten bytes must be kept");
         let mut got = [0u8; 16];
         b_far.read_exact(&mut got).await.unwrap();
         assert!(
-            half.poll_copy(&mut cx, 64 * 1024, a.as_mut(), b.as_mut())
+            half.poll_copy(&mut cx, 64 * 1024, &Counter::noop(), a.as_mut(), b.as_mut())
                 .is_pending()
         );
         assert!(!half.holds_buffer());

@@ -8,8 +8,9 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::OnConnectError;
-use super::copy::{Transfer, Transferred};
+use super::copy::{ByteCounters, Transfer, Transferred};
 use crate::BoxError;
+use crate::metrics::Handles;
 
 pin_project! {
     /// Connects to the upstream, then copies both directions until both have ended; if
@@ -30,7 +31,13 @@ pin_project! {
     where
         R: OnConnectError<I>,
     {
-        Connecting { #[pin] fut: F, io: Option<I>, max_buffer: usize, responder: R },
+        Connecting {
+            #[pin] fut: F,
+            io: Option<I>,
+            max_buffer: usize,
+            responder: R,
+            bytes: Handles<ByteCounters>,
+        },
         Copying { #[pin] transfer: Transfer<I, U> },
         // Only after a failed connect: the answer to the client, then the connect error.
         Responding { #[pin] fut: R::Future, err: Option<BoxError> },
@@ -38,13 +45,20 @@ pin_project! {
 }
 
 impl<F, I, U, R: OnConnectError<I>> ResponseFuture<F, I, U, R> {
-    pub(crate) fn new(fut: F, io: I, max_buffer: usize, responder: R) -> Self {
+    pub(crate) fn new(
+        fut: F,
+        io: I,
+        max_buffer: usize,
+        responder: R,
+        bytes: Handles<ByteCounters>,
+    ) -> Self {
         Self {
             state: State::Connecting {
                 fut,
                 io: Some(io),
                 max_buffer,
                 responder,
+                bytes,
             },
         }
     }
@@ -75,12 +89,18 @@ where
                     io,
                     max_buffer,
                     responder,
+                    bytes,
                 } => {
                     let res = ready!(fut.poll(cx));
                     let io = io.take().expect("polled after completion");
                     let next = match res {
                         Ok(upstream) => State::Copying {
-                            transfer: Transfer::new(io, upstream, *max_buffer),
+                            transfer: Transfer::with_counters(
+                                io,
+                                upstream,
+                                *max_buffer,
+                                bytes.clone(),
+                            ),
                         },
                         Err(e) => {
                             let err: BoxError = e.into();

@@ -68,10 +68,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower_service::Service;
 
 pub use self::connect::{ConnectFuture, TcpConnect};
+use self::copy::ByteCounters;
 pub use self::copy::{Transfer, Transferred};
 pub use self::error::ProxyError;
 pub use self::respond::OnConnectError;
 use crate::BoxError;
+use crate::metrics::Handles;
 
 /// Proxies each connection to an upstream. See the [module docs](self).
 ///
@@ -81,6 +83,7 @@ pub struct Proxy<C = TcpConnect, R = ()> {
     connect: C,
     max_buffer: usize,
     on_connect_error: R,
+    bytes: Handles<ByteCounters>,
 }
 
 impl Proxy<TcpConnect> {
@@ -88,7 +91,7 @@ impl Proxy<TcpConnect> {
     pub const DEFAULT_MAX_BUFFER: usize = 64 * 1024;
 
     /// Proxies to `upstream` over TCP, with [`TcpConnect`]'s defaults.
-    pub const fn new(upstream: SocketAddr) -> Self {
+    pub fn new(upstream: SocketAddr) -> Self {
         Self::with_connector(TcpConnect::new(upstream))
     }
 }
@@ -105,11 +108,15 @@ impl<R> Proxy<TcpConnect, R> {
 impl<C> Proxy<C> {
     /// Proxies through `connect`, any `Service<()>` that returns a byte stream: wrap the
     /// connect step with other layers (a circuit breaker, a TLS client) this way.
-    pub const fn with_connector(connect: C) -> Self {
+    ///
+    /// `aegis_proxy_bytes_total` is registered with the recorder at the first connection,
+    /// once for this proxy and its clones.
+    pub fn with_connector(connect: C) -> Self {
         Self {
             connect,
             max_buffer: Proxy::DEFAULT_MAX_BUFFER,
             on_connect_error: (),
+            bytes: Handles::new(),
         }
     }
 }
@@ -127,6 +134,7 @@ impl<C, R> Proxy<C, R> {
             connect: self.connect,
             max_buffer: self.max_buffer,
             on_connect_error: responder,
+            bytes: self.bytes,
         }
     }
 
@@ -182,6 +190,7 @@ where
             io,
             self.max_buffer,
             self.on_connect_error.clone(),
+            self.bytes.clone(),
         )
     }
 }
