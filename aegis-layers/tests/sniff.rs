@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use aegis_core::error::{find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
-use aegis_core::metrics::testing::capture;
+use aegis_core::metrics::testing::{capture, run_counting};
 use aegis_core::{BoxError, ClientAddr, Conn, Handshake, LocalAddr, Param, PeerAddr};
 use aegis_layers::sniff::{
     Detection, Http1, Protocol, Protocols, SNIFF_TOTAL, SniffError, SniffLayer, SniffRouter,
@@ -22,7 +22,6 @@ use aegis_layers::sniff::{
 };
 use bytes::Bytes;
 use http_body_util::Full;
-use metrics_util::debugging::DebuggingRecorder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, ServiceExt, service_fn};
@@ -309,29 +308,23 @@ async fn sniffed_forwards_params_and_vectored_writes() {
     assert_eq!(&got[..], &b"abcd"[..n]);
 }
 
+/// Detections are counted per protocol, with handles registered once per service (not
+/// once per connection).
 #[test]
 fn detections_and_rejections_are_counted_by_protocol() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let svc = SniffLayer::new(Protocols::MQTT).layer(service_fn(|_io: Sniffed<_>| async {
-                Ok::<_, Infallible>(())
-            }));
-            for msg in [
-                MQTT4,
-                MQTT4,
-                b"GET / HTTP/1.1\r\n",
-                b"\x16\x03\x03\x00\x10\x01",
-            ] {
-                let mock = tokio_test::io::Builder::new().read(msg).build();
-                let _ = svc.clone().oneshot(conn(mock)).await;
-            }
-        });
+    let ((), snap, registered) = run_counting(false, || async {
+        let svc = SniffLayer::new(Protocols::MQTT).layer(service_fn(|_io: Sniffed<_>| async {
+            Ok::<_, Infallible>(())
+        }));
+        for msg in [
+            MQTT4,
+            MQTT4,
+            b"GET / HTTP/1.1\r\n",
+            b"\x16\x03\x03\x00\x10\x01",
+        ] {
+            let mock = tokio_test::io::Builder::new().read(msg).build();
+            let _ = svc.clone().oneshot(conn(mock)).await;
+        }
     });
     let m = capture(&snap);
     assert_eq!(m.counter(SNIFF_TOTAL, &[("protocol", "mqtt")]), 2);
@@ -342,6 +335,8 @@ fn detections_and_rejections_are_counted_by_protocol() {
         (rejected("http1"), rejected("tls"), rejected("mqtt")),
         (1, 1, 0)
     );
+    // One handle per protocol label, registered at the first detection.
+    assert_eq!(registered.of(SNIFF_TOTAL), Protocol::ALL.len());
 }
 
 /// Serves `accepts` connections from `listener` with `svc`, each in its own task, and

@@ -12,7 +12,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::{Classification, Detection, Protocol, Protocols, SniffError, Sniffed, classify};
+use super::{
+    Classification, Detection, Detections, Protocol, Protocols, SniffError, Sniffed, classify,
+};
+use aegis_core::metrics::Handles;
 
 /// Reads and classifies the first bytes of a connection.
 ///
@@ -122,18 +125,29 @@ pin_project! {
     enum State<I, S, F> {
         // Boxed: detection is over after the first bytes, and the state stays as large
         // as its largest variant for the whole connection.
-        Detecting { detect: Box<Detect<I>>, svc: Option<S>, allowed: Protocols },
+        Detecting {
+            detect: Box<Detect<I>>,
+            svc: Option<S>,
+            allowed: Protocols,
+            detections: Handles<Detections>,
+        },
         Calling { #[pin] fut: F },
     }
 }
 
 impl<I, S, F> ResponseFuture<I, S, F> {
-    pub(crate) fn new(detect: Detect<I>, svc: S, allowed: Protocols) -> Self {
+    pub(crate) fn new(
+        detect: Detect<I>,
+        svc: S,
+        allowed: Protocols,
+        detections: Handles<Detections>,
+    ) -> Self {
         Self {
             state: State::Detecting {
                 detect: Box::new(detect),
                 svc: Some(svc),
                 allowed,
+                detections,
             },
         }
     }
@@ -168,6 +182,7 @@ where
                     detect,
                     svc,
                     allowed,
+                    detections,
                 } => {
                     let detected = std::task::ready!(Pin::new(&mut **detect).poll(cx));
                     let (detection, prefix, io) = match detected {
@@ -175,7 +190,7 @@ where
                         Err(e) => return Poll::Ready(Err(aegis_core::error::reject(e).into())),
                     };
                     let protocol = detection.protocol();
-                    super::count_detection(protocol);
+                    super::count_detection(detections, protocol);
                     if !allowed.contains(protocol) {
                         // `io` and the prefix are dropped here: the socket closes.
                         let err = aegis_core::error::reject(SniffError::NotAllowed(protocol));

@@ -66,9 +66,6 @@ impl<S> Layer<S> for SniffLayer {
     type Service = Sniff<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Sniff {
-            inner,
-            config: self.config,
-        }
+        Sniff::with_config(inner, self.config)
     }
 }

@@ -139,19 +139,47 @@ pub const LAYER: &str = "sniff";
 /// `aegis_sniff_total{protocol}`: detections by protocol.
 pub const SNIFF_TOTAL: &str = "aegis_sniff_total";
 
-/// Counts one detection in [`SNIFF_TOTAL`]. Literal label values let the metrics macro
-/// build a static key (a value only known at run time costs an allocation per call).
-fn count_detection(protocol: Protocol) {
-    let counter = match protocol {
-        Protocol::Mqtt => metrics::counter!(SNIFF_TOTAL, "protocol" => "mqtt"),
-        Protocol::Http1 => metrics::counter!(SNIFF_TOTAL, "protocol" => "http1"),
-        Protocol::Http2 => metrics::counter!(SNIFF_TOTAL, "protocol" => "http2"),
-        Protocol::Tls => metrics::counter!(SNIFF_TOTAL, "protocol" => "tls"),
-        Protocol::ProxyProtocol => metrics::counter!(SNIFF_TOTAL, "protocol" => "proxy"),
-        Protocol::Unknown => metrics::counter!(SNIFF_TOTAL, "protocol" => "unknown"),
-        Protocol::Timeout => metrics::counter!(SNIFF_TOTAL, "protocol" => "timeout"),
-    };
-    counter.increment(1);
+/// The [`SNIFF_TOTAL`] counter of each protocol, in [`Protocol::ALL`]'s order,
+/// registered once per [`Sniff`] service (a metrics macro call looks its key up in the
+/// recorder every time, and the Prometheus recorder copies the key).
+#[derive(Debug)]
+pub(crate) struct Detections([metrics::Counter; 7]);
+
+impl Detections {
+    fn register() -> Self {
+        // Literal label values: each key is static.
+        Self([
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "mqtt"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "http1"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "http2"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "tls"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "proxy"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "unknown"),
+            metrics::counter!(SNIFF_TOTAL, "protocol" => "timeout"),
+        ])
+    }
+
+    /// Counts one detection in [`SNIFF_TOTAL`].
+    fn count(&self, protocol: Protocol) {
+        let i = match protocol {
+            Protocol::Mqtt => 0,
+            Protocol::Http1 => 1,
+            Protocol::Http2 => 2,
+            Protocol::Tls => 3,
+            Protocol::ProxyProtocol => 4,
+            Protocol::Unknown => 5,
+            Protocol::Timeout => 6,
+        };
+        self.0[i].increment(1);
+    }
+}
+
+/// Counts one detection with the handles of `detections`, registering them first if
+/// this is its first use.
+fn count_detection(detections: &aegis_core::metrics::Handles<Detections>, protocol: Protocol) {
+    detections
+        .get_or_register(Detections::register)
+        .count(protocol);
 }
 
 /// The default detection timeout: 5 s. MQTT and HTTP clients send their first bytes at
@@ -168,12 +196,13 @@ mod tests {
     use super::*;
     use aegis_core::metrics::testing::{capture, run};
 
-    /// The literal labels of `count_detection` are each protocol's own `label()`.
+    /// The literal labels of `Detections` are each protocol's own `label()`.
     #[test]
     fn each_detection_is_counted_under_its_protocol_label() {
         let ((), snap) = run(false, || async {
+            let detections = aegis_core::metrics::Handles::new();
             for protocol in Protocol::ALL {
-                count_detection(protocol);
+                count_detection(&detections, protocol);
             }
         });
         let got = capture(&snap);

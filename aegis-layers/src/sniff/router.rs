@@ -172,10 +172,7 @@ impl<I> SniffRouter<I> {
 
 impl SniffLayer {
     fn layer_routes<I>(self, routes: Routes<I>) -> Sniff<Routes<I>> {
-        Sniff {
-            inner: routes,
-            config: self.config,
-        }
+        Sniff::with_config(routes, self.config)
     }
 }
 

@@ -4,9 +4,11 @@ use aegis_core::BoxError;
 use tokio::io::AsyncRead;
 use tower_service::Service;
 
+use aegis_core::metrics::Handles;
+
 use super::future::{Detect, ResponseFuture};
 use super::layer::Config;
-use super::{Protocols, Sniffed};
+use super::{Detections, Protocols, Sniffed};
 
 /// Detects the protocol of each connection and passes the allowed ones, as
 /// [`Sniffed`] streams, to the inner service. See the [module docs](super).
@@ -17,14 +19,22 @@ use super::{Protocols, Sniffed};
 pub struct Sniff<S> {
     pub(super) inner: S,
     pub(super) config: Config,
+    /// `aegis_sniff_total`, registered at the first detection of this service and its
+    /// clones.
+    pub(super) detections: Handles<Detections>,
 }
 
 impl<S> Sniff<S> {
     /// Wraps `inner`, allowing `allowed`, with the default timeout and prefix size.
-    pub const fn new(inner: S, allowed: Protocols) -> Self {
+    pub fn new(inner: S, allowed: Protocols) -> Self {
+        Self::with_config(inner, Config::new(allowed))
+    }
+
+    pub(super) fn with_config(inner: S, config: Config) -> Self {
         Self {
             inner,
-            config: Config::new(allowed),
+            config,
+            detections: Handles::new(),
         }
     }
 
@@ -68,6 +78,6 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         let detect = Detect::new(io, self.config.max_prefix, self.config.timeout);
-        ResponseFuture::new(detect, ready, self.config.allowed)
+        ResponseFuture::new(detect, ready, self.config.allowed, self.detections.clone())
     }
 }
