@@ -115,11 +115,18 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                         .record("client_id", tracing::field::debug(c.client_id));
                     // Bans by client id or username (inside a `SecurityLayer`), then
                     // the policy (its connect rate, and inspection of the will).
+                    let mut id = super::SharedId::new(c.client_id);
                     #[cfg(feature = "security")]
-                    let checked = crate::security::on_connect(&c)
-                        .and_then(|()| this.policy.as_mut().map_or(Ok(()), |p| p.on_connect(&c)));
+                    let checked = crate::security::on_connect(&c, &mut id).and_then(|()| {
+                        this.policy
+                            .as_mut()
+                            .map_or(Ok(()), |p| p.on_connect(&c, &mut id))
+                    });
                     #[cfg(not(feature = "security"))]
-                    let checked = this.policy.as_mut().map_or(Ok(()), |p| p.on_connect(&c));
+                    let checked = this
+                        .policy
+                        .as_mut()
+                        .map_or(Ok(()), |p| p.on_connect(&c, &mut id));
                     match checked {
                         // Banned, over the policy's connect rate or a blocked will:
                         // answered as a CONNECT, not as a later packet (the session has

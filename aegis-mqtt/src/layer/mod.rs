@@ -189,6 +189,34 @@ mod rate;
 mod service;
 mod unavailable;
 
+/// The client id of an accepted CONNECT as one `Arc<str>`, made at the first use: the
+/// security layer (for its events and bans) and the policy (for its per-client state)
+/// keep the same allocation for the connection's life.
+#[derive(Debug)]
+pub(crate) struct SharedId<'a> {
+    id: &'a str,
+    shared: Option<Arc<str>>,
+}
+
+#[cfg_attr(
+    not(any(feature = "security", feature = "policy")),
+    allow(
+        dead_code,
+        reason = "only the security layer and the policy share the id"
+    )
+)]
+impl<'a> SharedId<'a> {
+    pub(crate) const fn new(id: &'a str) -> Self {
+        Self { id, shared: None }
+    }
+
+    /// The id, allocated at the first call and shared from then on.
+    pub(crate) fn get(&mut self) -> Arc<str> {
+        let id = self.id;
+        Arc::clone(self.shared.get_or_insert_with(|| Arc::from(id)))
+    }
+}
+
 pub use self::future::ResponseFuture;
 pub use self::io::MqttIo;
 pub use self::layer::{MqttLayer, NoPolicy};
@@ -300,7 +328,11 @@ mod policy {
     pub(crate) enum ConnPolicy {}
 
     impl ConnPolicy {
-        pub(crate) fn on_connect(&mut self, _: &Connect<'_>) -> Result<(), MqttError> {
+        pub(crate) fn on_connect(
+            &mut self,
+            _: &Connect<'_>,
+            _: &mut super::SharedId<'_>,
+        ) -> Result<(), MqttError> {
             match *self {}
         }
 
@@ -318,3 +350,20 @@ mod policy {
 
 /// The default time a client has to send its CONNECT.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The security layer and the policy get one allocation of the client id between
+    /// them, made only when one of them asks.
+    #[test]
+    fn a_shared_id_is_allocated_once_and_only_on_demand() {
+        let mut id = SharedId::new("sensor-7");
+        assert!(id.shared.is_none());
+        let a = id.get();
+        let b = id.get();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "sensor-7");
+    }
+}

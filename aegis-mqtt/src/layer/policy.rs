@@ -448,7 +448,12 @@ impl ConnPolicy {
 
     /// Checks an accepted CONNECT against the `connect` tier, learns the client id, and
     /// inspects the will.
-    pub(crate) fn on_connect(&mut self, connect: &Connect<'_>) -> Result<(), MqttError> {
+    /// `id` is the client id, shared with the security layer.
+    pub(crate) fn on_connect(
+        &mut self,
+        connect: &Connect<'_>,
+        id: &mut super::SharedId<'_>,
+    ) -> Result<(), MqttError> {
         let (client_id, version) = (connect.client_id, connect.version);
         let tiers = &*self.policy.tiers;
         let ip = self.addr.0.ip();
@@ -467,7 +472,7 @@ impl ConnPolicy {
         self.key = Some(if client_id.is_empty() {
             IdKey::Anonymous(tiers.key_by.key(ip))
         } else {
-            IdKey::Id(Arc::from(client_id))
+            IdKey::Id(id.get())
         });
         #[cfg(feature = "inspect")]
         if let Some(inspector) = &tiers.inspector {
@@ -744,6 +749,7 @@ pub(crate) fn written(answers: &mut Answers, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::SharedId;
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
@@ -827,11 +833,14 @@ mod tests {
         let v4 = ClientAddr("192.0.2.9:1000".parse().unwrap());
         let mapped = ClientAddr("[::ffff:192.0.2.9]:2000".parse().unwrap());
         let mut a = ConnPolicy::new(policy.clone(), v4);
-        assert_eq!(a.on_connect(&connect("", Version::V5)), Ok(()));
+        assert_eq!(
+            a.on_connect(&connect("", Version::V5), &mut SharedId::new("")),
+            Ok(())
+        );
         // The same address through an IPv4-mapped IPv6 socket is the same key.
         let mut b = ConnPolicy::new(policy.clone(), mapped);
         assert_eq!(
-            b.on_connect(&connect("", Version::V5)),
+            b.on_connect(&connect("", Version::V5), &mut SharedId::new("")),
             Err(MqttError::ConnectRate)
         );
         assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));

@@ -185,6 +185,7 @@ use aegis_core::error::{Reject, Rejected, find};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use crate::layer::SharedId;
 use crate::{Connect, MqttError};
 
 mod bans;
@@ -304,8 +305,8 @@ pub(crate) fn mark_reported() {
 /// Called by the MQTT layer with each accepted CONNECT: records the client id and
 /// username for the connection's later events, counts the CONNECT toward the detector,
 /// and refuses a banned client address, client id or username ([`MqttError::Banned`]).
-pub(crate) fn on_connect(connect: &Connect<'_>) -> Result<(), MqttError> {
-    CTX.try_with(|ctx| ctx.on_connect(connect))
+pub(crate) fn on_connect(connect: &Connect<'_>, id: &mut SharedId<'_>) -> Result<(), MqttError> {
+    CTX.try_with(|ctx| ctx.on_connect(connect, id))
         .unwrap_or(Ok(()))
 }
 
@@ -818,9 +819,12 @@ impl ConnCtx {
     /// The keys the detector counts for this connection: the address, then the client id
     /// (unless empty) and the username when known.
     fn detector_keys(&self, who: &Who) -> Vec<BanKey> {
-        let mut keys = vec![BanKey::Addr(self.addr.ip().to_canonical())];
-        keys.extend(name_keys(who));
-        keys
+        with_name_keys(who, |names| {
+            let mut keys = Vec::with_capacity(1 + names.len());
+            keys.push(BanKey::Addr(self.addr.ip().to_canonical()));
+            keys.extend_from_slice(names);
+            keys
+        })
     }
 
     fn report(&self, r: Report<'_>) {
@@ -846,20 +850,27 @@ impl ConnCtx {
         }
     }
 
-    fn on_connect(&self, c: &Connect<'_>) -> Result<(), MqttError> {
-        let id: Arc<str> = Arc::from(bounded(c.client_id, MAX_NAME));
+    fn on_connect(&self, c: &Connect<'_>, shared: &mut SharedId<'_>) -> Result<(), MqttError> {
+        // The policy keys on the same id: one allocation for both, unless it is too long
+        // for the log.
+        let id: Arc<str> = if c.client_id.len() <= MAX_NAME {
+            shared.get()
+        } else {
+            Arc::from(bounded(c.client_id, MAX_NAME))
+        };
         let user: Option<Arc<str>> = c.username.map(|u| Arc::from(bounded(u, MAX_NAME)));
         *self.names.lock() = Names {
             client_id: Some(Arc::clone(&id)),
             username: user.clone(),
         };
         let sec = &self.security;
-        let mut keys = vec![
-            BanKey::Addr(self.addr.ip().to_canonical()),
-            BanKey::ClientId(Arc::clone(&id)),
-        ];
-        keys.extend(user.iter().map(|u| BanKey::Username(Arc::clone(u))));
-        match sec.refusal_of(&keys) {
+        let addr = BanKey::Addr(self.addr.ip().to_canonical());
+        let id_key = BanKey::ClientId(id);
+        let refusal = match &user {
+            Some(u) => sec.refusal_of(&[addr, id_key, BanKey::Username(Arc::clone(u))]),
+            None => sec.refusal_of(&[addr, id_key]),
+        };
+        match refusal {
             Refusal::NotBanned => {}
             Refusal::Log { .. } => return Err(MqttError::Banned),
             Refusal::Quiet => {
@@ -870,7 +881,7 @@ impl ConnCtx {
             }
         }
         let who = self.who();
-        if sec.count(&name_keys(&who), Cause::Connects, &who) {
+        if with_name_keys(&who, |keys| sec.count(keys, Cause::Connects, &who)) {
             return Err(MqttError::Banned);
         }
         Ok(())
@@ -908,16 +919,18 @@ impl ConnCtx {
     }
 }
 
-/// The client id (unless empty) and username (unless empty) keys of `who`.
-fn name_keys(who: &Who) -> Vec<BanKey> {
-    let mut keys = Vec::with_capacity(3);
-    if let Some(id) = who.client_id.as_ref().filter(|n| !n.is_empty()) {
-        keys.push(BanKey::ClientId(Arc::clone(id)));
+/// Calls `f` with the client id (unless empty) and username (unless empty) keys of
+/// `who`, on the stack: this runs for every CONNECT.
+fn with_name_keys<R>(who: &Who, f: impl FnOnce(&[BanKey]) -> R) -> R {
+    let id = who.client_id.as_ref().filter(|n| !n.is_empty());
+    let user = who.username.as_ref().filter(|n| !n.is_empty());
+    let id = id.map(|id| BanKey::ClientId(Arc::clone(id)));
+    let user = user.map(|u| BanKey::Username(Arc::clone(u)));
+    match (id, user) {
+        (Some(id), Some(user)) => f(&[id, user]),
+        (Some(one), None) | (None, Some(one)) => f(&[one]),
+        (None, None) => f(&[]),
     }
-    if let Some(user) = who.username.as_ref().filter(|n| !n.is_empty()) {
-        keys.push(BanKey::Username(Arc::clone(user)));
-    }
-    keys
 }
 
 #[cfg(test)]
@@ -962,7 +975,10 @@ mod tests {
                 &crate::Config::new(),
             )
             .unwrap();
-            assert_eq!(on_connect(&connect), Ok(()));
+            assert_eq!(
+                on_connect(&connect, &mut SharedId::new(connect.client_id)),
+                Ok(())
+            );
             report(auth_failure());
             assert_eq!(sec.events_total(), 1);
             report(auth_failure());
