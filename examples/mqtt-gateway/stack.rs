@@ -30,7 +30,7 @@
 //! stack, for the sniffed and the unsniffed stream. Each box is an allocation per
 //! connection and a virtual call per read; a connection with every layer on but the
 //! PROXY protocol has one (slowloris's stream, 112 bytes).
-//! The connector is boxed too (once, not per connection).
+//! The connector is erased too ([`Connector`]), without an allocation per clone.
 //!
 //! A `tower::util::Either`'s future is as large as its larger arm, so an arm whose future
 //! is large and rarely taken is boxed ([`BoxFuture`]): the PROXY protocol arm, and the
@@ -185,6 +185,54 @@ fn done(_: Transferred) {}
 
 /// The boxed future of one connection.
 pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// The future of one upstream connect.
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<TcpStream, BoxError>> + Send>>;
+
+/// The upstream connector (connect, circuit breaker, latency probe) with its type
+/// erased.
+///
+/// The service stack is cloned for every connection, twice with the sniff router; a
+/// `tower::util::BoxCloneSyncService` allocates a box on each clone. This is one shared
+/// function that clones the connector (reference counts and a socket address) into each
+/// connect's future, which is boxed anyway. The connector is called when the proxy
+/// connects, readiness included: the circuit breaker admits a connection (and takes a
+/// half-open probe) then, not when the client connected to the gateway.
+#[derive(Clone)]
+pub(crate) struct Connector(std::sync::Arc<dyn Fn() -> ConnectFuture + Send + Sync>);
+
+impl Connector {
+    fn new<S>(connect: S) -> Self
+    where
+        S: Service<(), Response = TcpStream, Error = BoxError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        Self(std::sync::Arc::new(move || {
+            Box::pin(connect.clone().oneshot(()))
+        }))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").finish_non_exhaustive()
+    }
+}
+
+impl Service<()> for Connector {
+    type Response = TcpStream;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness is the connect future's (see the type's docs).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> ConnectFuture {
+        (self.0)()
+    }
+}
 
 /// The outermost service: logs how each connection ended, with the client address
 /// masked when `log.mask_client_addresses` is on. Rejections are logged at `debug`
@@ -407,7 +455,7 @@ pub(crate) fn build(
         }
         _ => None,
     };
-    let connector = BoxCloneSyncService::new(
+    let connector = Connector::new(
         ServiceBuilder::new()
             // Without the MQTT layer the controller watches the upstream connect; with
             // it, the CONNECT to CONNACK round trip (set on the MQTT layer below).

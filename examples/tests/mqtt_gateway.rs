@@ -1107,6 +1107,64 @@ async fn with_the_broker_down_readyz_is_503_and_clients_get_server_unavailable()
     );
 }
 
+/// The circuit breaker admits a connection when the gateway connects upstream, not when
+/// the client's first bytes arrive: a client stalled in the middle of its CONNECT does
+/// not hold the half-open probe, and the next client's CONNECT reaches the broker.
+#[tokio::test]
+async fn a_client_stalled_in_its_connect_does_not_hold_the_half_open_probe() {
+    let (held, upstream) = dead_port(); // bound; it listens only once the broker is back
+    let config = "[circuit_breaker]\nconsecutive_failures = 1\nopen_for = \"300ms\"\n";
+    let gw = Gateway::start("probe", config, &["--upstream", &upstream.to_string()]).await;
+    let mut opener = TcpStream::connect(gw.mqtt).await.unwrap();
+    opener.write_all(&connect_311("opener")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut opener)).await.unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        (0x20, vec![0x00, 0x03]),
+        "server unavailable"
+    );
+    gw.wait_metric("aegis_circuit_state{name=\"upstream\"}", 2.0)
+        .await;
+
+    // The broker is back: it answers every CONNECT with CONNACK 0.
+    let broker = held.listen(16).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = broker.accept().await.unwrap();
+            tokio::spawn(async move {
+                if read_packet(&mut c).await.is_ok() {
+                    let _ = c.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                    let _ = c.read_to_end(&mut Vec::new()).await;
+                }
+            });
+        }
+    });
+    // Past `open_for` (counted from before the circuit was seen open), the next
+    // admission is the half-open probe.
+    sleep(Duration::from_millis(400)).await;
+
+    // All of a CONNECT but its last byte: the sniffer has seen MQTT, the MQTT layer
+    // waits for the rest.
+    let connect = connect_311("staller");
+    let mut staller = TcpStream::connect(gw.mqtt).await.unwrap();
+    staller
+        .write_all(&connect[..connect.len() - 1])
+        .await
+        .unwrap();
+    gw.wait_metric("aegis_sniff_total{protocol=\"mqtt\"}", 2.0)
+        .await;
+
+    let mut next = TcpStream::connect(gw.mqtt).await.unwrap();
+    next.write_all(&connect_311("next")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut next)).await.unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        (0x20, vec![0x00, 0x00]),
+        "the broker's CONNACK"
+    );
+    drop(staller);
+}
+
 #[tokio::test]
 async fn every_layer_on_carries_a_session_and_logs_json() {
     let config = r#"
