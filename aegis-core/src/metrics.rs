@@ -18,6 +18,10 @@
 //! Layers in `aegis-layers` and `aegis-mqtt` add their own series under the same
 //! `aegis_` prefix and document them in their module docs; rejections always go through
 //! `aegis_rejections_total`.
+//!
+//! The series recorded for every connection are looked up in the recorder once per
+//! server or service ([`Handles`]), not once per connection: install the recorder before
+//! the first connection is served, as `metrics` requires for any handle.
 
 /// Metric handles registered with the recorder once, on first use, and shared by every
 /// clone.

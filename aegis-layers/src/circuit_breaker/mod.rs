@@ -31,6 +31,13 @@
 //! does: when open, `poll_ready` returns ready without touching the inner service, so
 //! `call` can fail fast even when the backend would make callers wait.
 //!
+//! Admission happens in `poll_ready`, so a service polled ready long before it is called
+//! holds its admission (in half-open, one of the few probe permits) in between. Poll it
+//! right before the call: `ServiceExt::oneshot` on a clone, for example. A proxy whose
+//! whole stack is polled ready when a client connects, and which connects upstream only
+//! once the client has sent its first request, should wrap its connector that way (the
+//! mqtt-gateway's `Connector` does).
+//!
 //! # Classifiers
 //!
 //! | classifier | success | failure | ignored |
