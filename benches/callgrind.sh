@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# User-space instructions and heap allocations per short MQTT session (CONNECT, CONNACK,
+# DISCONNECT), counted exactly with valgrind's callgrind, for the gateway and HAProxy.
+#
+#   bash benches/callgrind.sh [TARGET...]     # default: gw_all gw_off haproxy_hard haproxy_plain
+#
+# CPU time on a shared two-core machine moves by 10 % or more between runs; instruction
+# counts do not. Each target runs under callgrind in front of mosquitto; `mqtt-load churn
+# --concurrency 4` warms it up for 3 s, the counters are zeroed, then 8 s of sessions are
+# counted and divided by the sessions completed. Valgrind slows the target about 50x, so
+# these runs measure work, not speed. Kernel work (the sockets) is not counted.
+#
+# Installs valgrind, mosquitto and haproxy from Debian when missing. Uses the release
+# binaries in CARGO_TARGET_DIR (default target/), built unless NO_BUILD=1; GATEWAY=PATH
+# measures another build of the gateway. Ports
+# 21883 (mosquitto) and 21884..21888, as benches/compare.sh (do not run both at once).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${OUT:-$TARGET_DIR/callgrind-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+TARGETS=("$@")
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(gw_all gw_off haproxy_hard haproxy_plain)
+
+log() { echo "[callgrind $(date -u +%H:%M:%S)] $*" >&2; }
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+if ! have valgrind || ! have mosquitto || ! have haproxy; then
+    log "installing valgrind, mosquitto and haproxy from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends valgrind mosquitto haproxy
+fi
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+if [ "${NO_BUILD:-0}" != 1 ]; then
+    log "building release binaries into $TARGET_DIR"
+    cargo build --release -q -p benches --bins
+    cargo build --release -q -p examples --example mqtt-gateway
+fi
+LOAD=$TARGET_DIR/release/mqtt-load
+GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+cat >"$OUT/mosquitto.conf" <<EOF
+listener 21883 127.0.0.1
+allow_anonymous true
+max_connections -1
+persistence false
+log_dest none
+EOF
+"$MOSQUITTO" -c "$OUT/mosquitto.conf" &
+PIDS+=($!)
+sleep 0.5
+
+for t in "${TARGETS[@]}"; do
+    case $t in
+        # Each product on one thread (tokio's worker count, HAProxy's nbthread): valgrind
+        # runs one thread at a time anyway, and HAProxy's watchdog then takes a thread
+        # waiting for a stick-table lock for a stuck one and aborts.
+        gw_all) port=21888; cmd=("$GATEWAY" --config benches/gateway/all-layers.toml --listen 127.0.0.1:$port --upstream 127.0.0.1:21883) ;;
+        gw_off) port=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml --listen 127.0.0.1:$port --upstream 127.0.0.1:21883) ;;
+        haproxy_hard | haproxy_plain)
+            port=21885; cfg=hardened
+            [ "$t" = haproxy_plain ] && port=21884 && cfg=plain
+            sed 's/^\( *nbthread\) .*/\1 1/' "benches/haproxy/$cfg.cfg" >"$OUT/$cfg.cfg"
+            cmd=("$HAPROXY" -db -f "$OUT/$cfg.cfg") ;;
+        *) log "unknown target $t"; exit 2 ;;
+    esac
+    log "$t under callgrind"
+    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
+    pid=$!
+    PIDS+=($pid)
+    for _ in $(seq 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+        sleep 0.2
+    done
+    "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 3 >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 8 >"$OUT/$t.json"
+    callgrind_control -d "$pid" >/dev/null
+    kill -INT "$pid" 2>/dev/null || true
+    sleep 2
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+done
+
+python3 - "$OUT" "${TARGETS[@]}" <<'EOF'
+import glob, json, os, re, subprocess, sys
+
+out, targets = sys.argv[1], sys.argv[2:]
+ALLOC = ("malloc.c:malloc [", "malloc.c:calloc [", "malloc.c:realloc [",
+         "malloc.c:posix_memalign [")
+print("| target | sessions | instructions per session | heap allocations per session |")
+print("|---|---|---|---|")
+for t in targets:
+    # The dump taken after the counted run (part 1; part 2 is the exit).
+    dumps = sorted(glob.glob(f"{out}/{t}.*.out.1"), key=os.path.getmtime)
+    if not dumps:
+        print(f"| {t} | - | - | - |")
+        continue
+    sessions = json.load(open(f"{out}/{t}.json"))["ok"]
+    tree = subprocess.run(["callgrind_annotate", "--tree=caller", "--threshold=100", dumps[-1]],
+                          capture_output=True, text=True).stdout
+    total = int(re.search(r"([\d,]+) \s*\(100\.0%\)\s+PROGRAM TOTALS", tree).group(1).replace(",", ""))
+    allocs = 0
+    for block in tree.split("\n\n"):
+        if any(f"*  ./malloc/./malloc/{a}" in block for a in ALLOC):
+            for line in block.splitlines():
+                m = re.search(r"<.*\(([\d,]+)x\)", line)
+                if m and "malloc.c:" not in line.split("<", 1)[1].split("(")[0]:
+                    allocs += int(m.group(1).replace(",", ""))
+    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} |")
+EOF
+log "raw: $OUT"
