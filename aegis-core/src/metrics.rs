@@ -21,20 +21,23 @@
 //!
 //! The series recorded for every connection are looked up in the recorder once per
 //! server or service ([`Handles`]), not once per connection: install the recorder before
-//! the first connection is served, as `metrics` requires for any handle.
+//! `serve` starts its loop and before a service serves its first connection. `serve`
+//! registers its series when the loop starts, so they appear at 0 from then on.
 
 /// Metric handles registered with the recorder once, on first use, and shared by every
 /// clone.
 ///
 /// A `metrics::counter!` call looks its key up in the recorder on every call (the
-/// Prometheus recorder also copies the key each time, an allocation). A metric recorded
-/// once per connection costs that lookup once per connection; a service that keeps its
+/// Prometheus recorder also allocates a new handle each time). A metric recorded once
+/// per connection costs that lookup once per connection; a service that keeps its
 /// handles in a `Handles` pays it once, at the first connection. The aegis services keep
 /// their per-connection metrics this way, and so can a user's own.
 ///
 /// The handles belong to the recorder in force at the first use: install the recorder
-/// before the first connection is served (as the metrics macros need it installed
-/// before they are called).
+/// before the server or service is first used. A recorder that drops series it has not
+/// seen updated for a while (`metrics-exporter-prometheus`'s `idle_timeout`) detaches
+/// them from handles kept this way: an evicted series does not come back, where a
+/// macro call would have registered it again. Leave that timeout off for these series.
 ///
 /// ```
 /// use aegis_core::metrics::Handles;

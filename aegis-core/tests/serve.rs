@@ -220,8 +220,8 @@ fn connection_metrics_are_registered_once_per_server() {
     );
     assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
     // One handle per outcome label (`ok`, `rejected`, `error`, `aborted`,
-    // `over_capacity`), one gauge, one histogram per served outcome: whatever the count
-    // of connections.
+    // `over_capacity`), one gauge, one histogram per outcome of a served connection
+    // (all registered when the loop starts): whatever the count of connections.
     assert_eq!(registered.of(m::CONNECTIONS_TOTAL), 5);
     assert_eq!(registered.of(m::ACTIVE_CONNECTIONS), 1);
     assert_eq!(registered.of(m::CONNECTION_DURATION_SECONDS), 4);

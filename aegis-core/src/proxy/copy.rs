@@ -22,7 +22,7 @@ use super::ProxyError;
 
 /// The two directions of `aegis_proxy_bytes_total`, registered once per [`Proxy`]
 /// (not once per connection: each metrics macro call is a lookup in the recorder, and
-/// the Prometheus recorder copies the key each time).
+/// the Prometheus recorder allocates a new handle each time).
 ///
 /// [`Proxy`]: super::Proxy
 #[derive(Debug)]
@@ -116,6 +116,11 @@ impl Half {
     fn wrote(&mut self, n: usize) {
         self.total += n as u64;
         self.need_flush = true;
+    }
+
+    /// Whether bytes were copied since the last report.
+    fn unreported(&self) -> bool {
+        self.total > self.reported
     }
 
     /// Adds the bytes copied since the last report to `bytes`, this direction's
@@ -281,9 +286,11 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // A connection cut short (error, abort at shutdown) still reports its bytes.
             let this = this.project();
-            let bytes = this.bytes.get_or_register(ByteCounters::register);
-            this.up.report(&bytes.to_upstream);
-            this.down.report(&bytes.to_client);
+            if this.up.unreported() || this.down.unreported() {
+                let bytes = this.bytes.get_or_register(ByteCounters::register);
+                this.up.report(&bytes.to_upstream);
+                this.down.report(&bytes.to_client);
+            }
         }
     }
 }
@@ -368,6 +375,20 @@ mod tests {
     use super::*;
     use std::task::Waker;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A transfer dropped with nothing copied (its upstream connected, then the
+    /// connection was aborted) neither counts nor registers the byte counters.
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn a_transfer_that_copied_nothing_registers_nothing() {
+        use crate::metrics::testing::run_counting;
+        let ((), _snap, registered) = run_counting(false, || async {
+            let (client, _c) = tokio::io::duplex(64);
+            let (upstream, _u) = tokio::io::duplex(64);
+            drop(Transfer::new(client, upstream, 64 * 1024));
+        });
+        assert_eq!(registered.of(crate::metrics::PROXY_BYTES_TOTAL), 0);
+    }
 
     #[tokio::test]
     async fn idle_half_holds_no_buffer_and_streaming_releases_it() {

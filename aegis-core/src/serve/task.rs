@@ -130,7 +130,7 @@ pub(crate) enum Outcome {
 /// The handles of the connection metrics, registered once per server.
 ///
 /// A metrics macro looks its key up in the recorder on every call, and the Prometheus
-/// recorder copies the key each time: four lookups and allocations per connection here
+/// recorder allocates a new handle each time: four lookups and allocations per connection here
 /// (the gauge up and down, the outcome's counter and histogram), a tenth of a short
 /// connection's user-space instructions in the mqtt-gateway (callgrind).
 #[derive(Debug)]

@@ -141,7 +141,7 @@ pub const SNIFF_TOTAL: &str = "aegis_sniff_total";
 
 /// The [`SNIFF_TOTAL`] counter of each protocol, in [`Protocol::ALL`]'s order,
 /// registered once per [`Sniff`] service (a metrics macro call looks its key up in the
-/// recorder every time, and the Prometheus recorder copies the key).
+/// recorder every time, and the Prometheus recorder allocates a new handle).
 #[derive(Debug)]
 pub(crate) struct Detections([metrics::Counter; 7]);
 
