@@ -596,14 +596,21 @@ async fn legit_apart(
     end: Instant,
 ) -> (Histogram<u64>, u64, u64) {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime for the legitimate client");
         let _ = tx.send(rt.block_on(legit(target, every, end)));
     });
-    rx.await.unwrap_or_else(|_| (new_hist(), 0, 0))
+    match rx.await {
+        Ok(result) => result,
+        // The thread ended without a result: it panicked; so does this task.
+        Err(_) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the legitimate client's thread sends before it ends"),
+        },
+    }
 }
 
 /// N connections trickling a CONNECT, one byte per interval; when was each cut?
