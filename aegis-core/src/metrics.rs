@@ -139,13 +139,21 @@ pub mod testing {
     ) -> (F::Output, Snapshotter) {
         let rec = DebuggingRecorder::new();
         let snap = rec.snapshotter();
+        (block_on_with(&rec, paused, f), snap)
+    }
+
+    /// Runs `f` on a new current-thread runtime with `rec` as the local recorder.
+    fn block_on_with<F: std::future::Future>(
+        rec: &dyn metrics::Recorder,
+        paused: bool,
+        f: impl FnOnce() -> F,
+    ) -> F::Output {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(paused)
             .build()
             .expect("a current-thread runtime");
-        let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
-        (out, snap)
+        metrics::with_local_recorder(rec, || rt.block_on(f()))
     }
 
     /// [`run`], with a recorder that also counts how many times each metric name is
@@ -176,12 +184,7 @@ pub mod testing {
             counts: Registrations::default(),
         };
         let snap = rec.inner.snapshotter();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(paused)
-            .build()
-            .expect("a current-thread runtime");
-        let out = metrics::with_local_recorder(&rec, || rt.block_on(f()));
+        let out = block_on_with(&rec, paused, f);
         (out, snap, rec.counts)
     }
 
