@@ -139,38 +139,21 @@ pub const LAYER: &str = "sniff";
 /// `aegis_sniff_total{protocol}`: detections by protocol.
 pub const SNIFF_TOTAL: &str = "aegis_sniff_total";
 
-/// The [`SNIFF_TOTAL`] counter of each protocol, in [`Protocol::ALL`]'s order,
-/// registered once per [`Sniff`] service (a metrics macro call looks its key up in the
-/// recorder every time, and the Prometheus recorder allocates a new handle).
+/// The [`SNIFF_TOTAL`] counter of each protocol, in [`Protocol::ALL`]'s order (the
+/// declaration order, as `Protocols`' bits), registered once per [`Sniff`] service (a
+/// metrics macro call looks its key up in the recorder every time, and the Prometheus
+/// recorder allocates a new handle).
 #[derive(Debug)]
-pub(crate) struct Detections([metrics::Counter; 7]);
+pub(crate) struct Detections([metrics::Counter; Protocol::ALL.len()]);
 
 impl Detections {
     fn register() -> Self {
-        // Literal label values: each key is static.
-        Self([
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "mqtt"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "http1"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "http2"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "tls"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "proxy"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "unknown"),
-            metrics::counter!(SNIFF_TOTAL, "protocol" => "timeout"),
-        ])
+        Self(Protocol::ALL.map(|p| metrics::counter!(SNIFF_TOTAL, "protocol" => p.label())))
     }
 
     /// Counts one detection in [`SNIFF_TOTAL`].
     fn count(&self, protocol: Protocol) {
-        let i = match protocol {
-            Protocol::Mqtt => 0,
-            Protocol::Http1 => 1,
-            Protocol::Http2 => 2,
-            Protocol::Tls => 3,
-            Protocol::ProxyProtocol => 4,
-            Protocol::Unknown => 5,
-            Protocol::Timeout => 6,
-        };
-        self.0[i].increment(1);
+        self.0[protocol as usize].increment(1);
     }
 }
 
@@ -196,7 +179,7 @@ mod tests {
     use super::*;
     use aegis_core::metrics::testing::{capture, run};
 
-    /// The literal labels of `Detections` are each protocol's own `label()`.
+    /// Each protocol is counted under its own `label()`.
     #[test]
     fn each_detection_is_counted_under_its_protocol_label() {
         let ((), snap) = run(false, || async {

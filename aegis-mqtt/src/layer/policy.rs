@@ -447,8 +447,7 @@ impl ConnPolicy {
     }
 
     /// Checks an accepted CONNECT against the `connect` tier, learns the client id, and
-    /// inspects the will.
-    /// `id` is the client id, shared with the security layer.
+    /// inspects the will. `id` is the client id, shared with the security layer.
     pub(crate) fn on_connect(
         &mut self,
         connect: &Connect<'_>,
