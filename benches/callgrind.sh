@@ -102,8 +102,11 @@ python3 - "$OUT" "${TARGETS[@]}" <<'EOF'
 import glob, json, os, re, subprocess, sys
 
 out, targets = sys.argv[1], sys.argv[2:]
-# The allocator's entry points, with or without glibc's debug symbols.
-ALLOC = re.compile(r"\*  \S*:(malloc|calloc|realloc|posix_memalign) \[\S*libc\.so")
+# The allocators' entry points: glibc's (HAProxy's, and the gateway's off Linux/glibc),
+# with or without glibc's debug symbols, and jemalloc's (the gateway's; tikv-jemalloc-sys
+# prefixes its symbols with _rjem_).
+ALLOC = re.compile(r"\*  \S*:((malloc|calloc|realloc|posix_memalign) \[\S*libc\.so"
+                   r"|_rjem_(malloc|mallocx|calloc|realloc|rallocx|posix_memalign) \[)")
 print("| target | sessions | instructions per session | heap allocations per session |")
 print("|---|---|---|---|")
 for t in targets:
@@ -121,13 +124,13 @@ for t in targets:
     if not m:
         sys.exit(f"{t}: no PROGRAM TOTALS in callgrind_annotate's output of {dumps[-1]}")
     total = int(m.group(1).replace(",", ""))
-    # Calls into glibc's allocator from outside it (realloc calling malloc is one).
+    # Calls into the allocator from outside it (realloc calling malloc is one).
     allocs = 0
     for block in tree.split("\n\n"):
         if ALLOC.search(block):
             for line in block.splitlines():
                 m = re.search(r"<\s+(\S+).*\(([\d,]+)x\)", line)
-                if m and "libc.so" not in line and "./malloc/" not in line:
+                if m and not any(a in line for a in ("libc.so", "./malloc/", "tikv-jemalloc-sys")):
                     allocs += int(m.group(2).replace(",", ""))
     print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} |")
 EOF

@@ -98,6 +98,12 @@ fn bind(addr: SocketAddr, nodelay: bool) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// jemalloc on Linux with glibc (see `examples/Cargo.toml` for why); elsewhere the
+/// system allocator.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match load(&cli) {
