@@ -431,3 +431,76 @@ async fn a_panic_in_the_accept_loop_reaches_the_caller() {
     let _client = tokio::spawn(TcpStream::connect(addr));
     server.await;
 }
+
+/// The shutdown signal waits in a task of its own: the loop does not poll it again at
+/// every connection it accepts (the mqtt-gateway's two `tokio::signal` streams cost
+/// about 400 instructions a poll).
+#[tokio::test]
+async fn the_shutdown_signal_is_not_polled_per_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let signal = {
+        let polls = Arc::clone(&polls);
+        std::future::poll_fn(move |cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            std::pin::Pin::new(&mut stop_rx).poll(cx).map(drop)
+        })
+    };
+    let server = tokio::spawn(
+        serve(listener, tower::service_fn(echo))
+            .with_graceful_shutdown(signal)
+            .into_future(),
+    );
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+    }
+    // Polled once when it started, and not since: nothing woke it.
+    assert_eq!(polls.load(Ordering::Relaxed), 1, "polled per connection");
+    stop_tx.send(()).unwrap();
+    let report = server.await.unwrap();
+    assert!(report.drained());
+    assert_eq!(polls.load(Ordering::Relaxed), 2);
+    // The loop stopped accepting when the signal fired.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// A panic in the shutdown signal stops the loop as the signal would, and resumes where
+/// the server is awaited once the open connections are drained.
+#[tokio::test]
+async fn a_panic_in_the_signal_drains_then_reaches_the_caller() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        serve(listener, tower::service_fn(echo))
+            .with_graceful_shutdown(async {
+                let _ = go_rx.await;
+                panic!("signal exploded");
+            })
+            .into_future(),
+    );
+    // A connection open when the signal panics is still served, then drained.
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut open, b"hi").await, b"hi");
+    go_tx.send(()).unwrap();
+    // Refused once the loop has stopped; the open connection still echoes.
+    while TcpStream::connect(addr).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(roundtrip(&mut open, b"still").await, b"still");
+    assert!(
+        !server.is_finished(),
+        "did not wait for the open connection"
+    );
+    drop(open);
+    let err = server.await.unwrap_err();
+    assert!(err.is_panic());
+    let payload = err.into_panic();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"signal exploded"));
+}

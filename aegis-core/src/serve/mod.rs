@@ -259,7 +259,7 @@ where
     type IntoFuture = ServeFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        spawn_run(self.serve, self.signal)
+        spawn_run(self.serve, Some(self.signal))
     }
 }
 
@@ -274,7 +274,7 @@ where
     type IntoFuture = ServeFuture;
 
     fn into_future(self) -> Self::IntoFuture {
-        spawn_run(self, std::future::pending())
+        spawn_run(self, None::<std::future::Pending<()>>)
     }
 }
 
@@ -293,10 +293,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// queue. On a worker, the loop runs where the listener's readiness arrives, and a task
 /// it spawns runs next on the same thread.
 ///
-/// The loop's task runs in the caller's span and with its subscriber. Dropping the
-/// returned future closes the listener at once, as dropping the loop itself would, and
-/// aborts the loop; a panic in the loop resumes in the caller.
-fn spawn_run<L, S, F>(serve: Serve<L, S>, signal: F) -> ServeFuture
+/// The shutdown signal waits in a task of its own, which tells the loop through a
+/// oneshot channel. Polled by the loop itself, the signal would be polled again at every
+/// accepted connection: two `tokio::signal` streams cost about 400 instructions a poll,
+/// and a short MQTT session through the mqtt-gateway polled them three times.
+///
+/// Both tasks run in the caller's span and with its subscriber. Dropping the returned
+/// future closes the listener at once, as dropping the loop itself would, and aborts
+/// both tasks. A panic in the loop resumes in the caller; a panic in the signal stops
+/// the loop as the signal would, and resumes in the caller after the drain.
+fn spawn_run<L, S, F>(serve: Serve<L, S>, signal: Option<F>) -> ServeFuture
 where
     L: Listener,
     S: Service<Conn<L::Io>> + Clone + Send + 'static,
@@ -312,20 +318,50 @@ where
             *close.lock() = Some(listener);
             Shared(Arc::clone(&close))
         });
-        // Polled, so in the caller's span and subscriber: the loop's task takes both.
-        let task = tokio::spawn(
-            run(serve, signal)
-                .in_current_span()
-                .with_current_subscriber(),
-        );
-        let mut accept_loop = StopOnDrop { task, close };
-        match (&mut accept_loop.task).await {
+        // Polled, so in the caller's span and subscriber: the tasks take both.
+        let (signal, stop) = match signal {
+            Some(signal) => {
+                let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(
+                    async move {
+                        signal.await;
+                        let _ = fire.send(());
+                    }
+                    .in_current_span()
+                    .with_current_subscriber(),
+                );
+                (Some(task), Some(fired))
+            }
+            None => (None, None),
+        };
+        let stop = async move {
+            match stop {
+                // Fired, or dropped by a panic (resumed below).
+                Some(fired) => drop(fired.await),
+                None => std::future::pending().await,
+            }
+        };
+        let task = tokio::spawn(run(serve, stop).in_current_span().with_current_subscriber());
+        let mut tasks = StopOnDrop {
+            task,
+            signal,
+            close,
+        };
+        let report = match (&mut tasks.task).await {
             Ok(report) => report,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Only a runtime that is shutting down cancels the loop's task; whatever
             // awaits this future is being dropped with it.
             Err(e) => panic!("the accept loop was cancelled: {e}"),
+        };
+        if let Some(signal) = tasks.signal.as_mut().filter(|s| s.is_finished()) {
+            if let Err(e) = signal.await {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
+        report
     })
 }
 
@@ -373,16 +409,20 @@ impl<L> Drop for Shared<L> {
     }
 }
 
-/// Closes the listener and aborts the accept loop's task when the future waiting for it
-/// is dropped.
+/// Closes the listener and aborts the accept loop's task and the signal's when the
+/// future waiting for them is dropped.
 struct StopOnDrop<L> {
     task: tokio::task::JoinHandle<Shutdown>,
+    signal: Option<tokio::task::JoinHandle<()>>,
     close: Arc<Mutex<Option<L>>>,
 }
 
 impl<L> Drop for StopOnDrop<L> {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(signal) = &self.signal {
+            signal.abort();
+        }
         drop(self.close.lock().take());
     }
 }
