@@ -581,6 +581,13 @@ impl Security {
     }
 
     /// Runs `f` on the ban table and keeps the `aegis_security_bans` gauge up to date.
+    /// Whether the ban table is empty: the checks of every connection and CONNECT take
+    /// this short way out (no clock read, no purge, no lookup) while nothing is banned.
+    /// A ban that expired but is not purged yet keeps it `false`.
+    fn no_bans(&self) -> bool {
+        self.shared.bans.lock().len() == 0
+    }
+
     fn with_bans<R>(&self, f: impl FnOnce(&mut BanTable, Instant) -> R) -> R {
         let (r, before, after) = {
             let mut t = self.shared.bans.lock();
@@ -684,6 +691,9 @@ impl Security {
     /// Whether the address `key` is banned; when it is, logs the refusal if it is due
     /// (at most once a second per ban).
     fn refused_as_banned(&self, key: &BanKey, who: &Who) -> bool {
+        if self.no_bans() {
+            return false;
+        }
         let details = match self.with_bans(|t, now| t.refusal(key, now)) {
             Refusal::NotBanned => return false,
             Refusal::Quiet => return true,
@@ -755,6 +765,9 @@ impl Security {
     /// Whether any of `keys` is banned; when one is, whether the refusal is logged
     /// ([`Refusal::Log`] of the first banned key whose refusal is logged) or not.
     fn refusal_of(&self, keys: &[BanKey]) -> Refusal {
+        if self.no_bans() {
+            return Refusal::NotBanned;
+        }
         self.with_bans(|t, now| {
             let mut seen = Refusal::NotBanned;
             for key in keys {
