@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -169,10 +170,11 @@ struct OutBoundary {
 }
 
 /// What following a write found.
-enum Seen {
+enum Seen<'a> {
     Nothing,
-    /// A whole CONNACK, for its properties.
-    Connack(Vec<u8>),
+    /// A whole CONNACK, for its properties: borrowed from the write that held all of it
+    /// (the usual case), or the copy kept while it came in pieces.
+    Connack(Cow<'a, [u8]>),
     /// A CONNACK too long to keep.
     LongConnack,
 }
@@ -212,9 +214,18 @@ impl OutBoundary {
     }
 
     /// Follows `data` as written.
-    fn advance(&mut self, mut data: &[u8]) -> Seen {
+    fn advance<'a>(&mut self, mut data: &'a [u8]) -> Seen<'a> {
         let mut seen = Seen::Nothing;
         while !data.is_empty() {
+            if self.at_boundary() && !self.connack_seen && data[0] >> 4 == 2 {
+                if let Some(len) = whole_packet(data, MAX_CONNACK) {
+                    // The first CONNACK, whole in this write: read where it is.
+                    self.connack_seen = true;
+                    seen = Seen::Connack(Cow::Borrowed(&data[..len]));
+                    data = &data[len..];
+                    continue;
+                }
+            }
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
                 if let Some(c) = &mut self.connack {
@@ -223,7 +234,7 @@ impl OutBoundary {
                 self.remaining -= n;
                 data = &data[n..];
                 if self.remaining == 0 {
-                    seen = self.connack_done();
+                    seen = self.connack_done().unwrap_or(seen);
                 }
                 continue;
             }
@@ -249,18 +260,33 @@ impl OutBoundary {
                     self.connack = None;
                     seen = Seen::LongConnack;
                 } else if self.remaining == 0 {
-                    seen = self.connack_done();
+                    seen = self.connack_done().unwrap_or(seen);
                 }
             }
         }
         seen
     }
 
-    fn connack_done(&mut self) -> Seen {
-        self.connack
-            .take()
-            .map_or(Seen::Nothing, |c| Seen::Connack(*c))
+    /// The CONNACK kept, if the packet that just ended is one. (Any other packet leaves
+    /// what an earlier packet of the same write found: a CONNACK followed by a PUBLISH
+    /// in one write is still seen.)
+    fn connack_done(&mut self) -> Option<Seen<'static>> {
+        self.connack.take().map(|c| Seen::Connack(Cow::Owned(*c)))
     }
+}
+
+/// The length of the packet at the start of `data`, fixed header included, if all of it
+/// is there and its body is at most `max_body` bytes; `None` otherwise (the step by step
+/// path of [`OutBoundary::advance`] deals with it).
+fn whole_packet(data: &[u8], max_body: usize) -> Option<usize> {
+    let (mut value, mut header_len) = (0, 1);
+    for &b in data.iter().skip(1).take(4) {
+        if length_byte(&mut value, &mut header_len, b) {
+            let len = usize::from(header_len) + value;
+            return (value <= max_body && len <= data.len()).then_some(len);
+        }
+    }
+    None
 }
 
 /// Takes `b`, the next Remaining Length byte of a fixed header of which `header_len`
@@ -361,7 +387,7 @@ impl<I> MqttIo<I> {
     }
 
     /// Tells the session what the broker's writes showed.
-    fn on_written(&mut self, seen: Seen) {
+    fn on_written(&mut self, seen: Seen<'_>) {
         if self.out.connack_seen && self.connack.as_ref().is_some_and(|w| w.due.is_some()) {
             // The broker's CONNACK is going out: its timer is done.
             self.disarm_connack_timer();
@@ -863,6 +889,68 @@ mod tests {
         assert_eq!(std::mem::size_of::<Option<Box<Refusal>>>(), 8);
     }
 
+    /// What following `writes` in turn finds: the first CONNACK (and whether it was read
+    /// in place), whether it was too long, and whether the stream ends at a boundary.
+    fn follow(writes: &[&[u8]]) -> (Option<(Vec<u8>, bool)>, bool, bool) {
+        let mut out = OutBoundary::default();
+        let (mut connack, mut long) = (None, false);
+        for w in writes {
+            match out.advance(w) {
+                Seen::Nothing => {}
+                Seen::Connack(c) => {
+                    connack = Some((c.to_vec(), matches!(c, Cow::Borrowed(_))));
+                }
+                Seen::LongConnack => long = true,
+            }
+        }
+        (connack, long, out.at_boundary())
+    }
+
+    /// The broker's CONNACK is read where it is written when one write holds all of it,
+    /// with no copy, and kept piece by piece otherwise; both ways find the same bytes and
+    /// the same packet boundaries, the packets after it included.
+    #[test]
+    fn a_whole_connack_is_read_in_place_and_a_split_one_is_kept() {
+        let v311: &[u8] = &[0x20, 0x02, 0x00, 0x00];
+        let v5: &[u8] = &[0x20, 0x06, 0x00, 0x00, 0x03, 0x21, 0x00, 0x0a];
+        let suback: &[u8] = &[0x90, 0x03, 0x00, 0x01, 0x00];
+        for connack in [v311, v5] {
+            // Alone, and followed by another packet in the same write.
+            for after in [&[][..], suback] {
+                let whole = [connack, after].concat();
+                let (got, long, boundary) = follow(&[&whole]);
+                assert_eq!(got, Some((connack.to_vec(), true)), "{whole:02x?}");
+                assert!(!long && boundary);
+                let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+                let (got, long, boundary) = follow(&bytes);
+                assert_eq!(got, Some((connack.to_vec(), false)), "{whole:02x?}");
+                assert!(!long && boundary);
+            }
+            // Cut inside the fixed header and inside the body.
+            for cut in 1..connack.len() {
+                let (head, tail) = connack.split_at(cut);
+                let (got, _, boundary) = follow(&[head, tail]);
+                assert_eq!(got, Some((connack.to_vec(), false)), "cut at {cut}");
+                assert!(boundary);
+            }
+        }
+        // Only the first CONNACK is the broker's answer.
+        let (got, _, _) = follow(&[v311, v5]);
+        assert_eq!(got, Some((v311.to_vec(), true)));
+        // A packet before it does not hide it.
+        let (got, _, boundary) = follow(&[&[suback, v5].concat()]);
+        assert_eq!(got, Some((v5.to_vec(), true)));
+        assert!(boundary);
+        // Too long to keep, whole or not.
+        let mut long = vec![0x20, 0xff, 0x7f];
+        long.resize(3 + 0x3fff, 0);
+        const { assert!(0x3fff > MAX_CONNACK) };
+        let (got, was_long, boundary) = follow(&[&long]);
+        assert!(got.is_none() && was_long && boundary);
+        let (got, was_long, boundary) = follow(&[&long[..10], &long[10..]]);
+        assert!(got.is_none() && was_long && boundary);
+    }
+
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
     /// read finds nothing to do, and taken again for the next packet.
     #[tokio::test]
@@ -901,6 +989,48 @@ mod tests {
             );
             assert!(io.ready.is_empty());
         }
+    }
+
+    /// A broker's CONNACK followed by a queued PUBLISH in one write (a persistent
+    /// session's messages, read from the broker in one piece) still ends the CONNECT
+    /// phase: the client's packets are then held to the packet size cap, not to the
+    /// small CONNECT cap. (The CONNACK was missed when another packet followed it in the
+    /// same write.)
+    #[tokio::test]
+    async fn a_connack_followed_by_a_publish_in_one_write_ends_the_connect_phase() {
+        let connect = [
+            0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+        ];
+        let mut session = Session::new(Config::new().max_connect_size(64));
+        assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut io = MqttIo::new(
+            server,
+            session,
+            Bytes::copy_from_slice(&connect),
+            Bytes::new(),
+            IoOptions::default(),
+            None,
+        );
+        let mut got = [0; 15];
+        io.read_exact(&mut got).await.unwrap();
+        // The broker's CONNACK and a queued QoS 0 PUBLISH "t" = "hi", in one write.
+        let from_broker = [
+            0x20, 0x02, 0x00, 0x00, 0x30, 0x05, 0x00, 0x01, b't', b'h', b'i',
+        ];
+        io.write_all(&from_broker).await.unwrap();
+        let mut echoed = [0; 11];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, from_broker);
+        // A 200-byte PUBLISH: over the 64-byte CONNECT cap, well under the packet cap.
+        // Remaining Length 197 (0xC5 0x01): topic "t" (3 bytes) and 194 bytes of payload.
+        let mut publish = vec![0x30, 0xC5, 0x01, 0x00, 0x01, b't'];
+        publish.extend_from_slice(&[7u8; 194]);
+        assert_eq!(publish.len(), 200);
+        client.write_all(&publish).await.unwrap();
+        let mut forwarded = vec![0; 200];
+        io.read_exact(&mut forwarded).await.unwrap();
+        assert_eq!(forwarded, publish);
     }
 
     /// Polls `f` once: `true` if it is pending.
