@@ -149,8 +149,10 @@ fn main() {
     let wall = since(started);
     if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before) {
         if let Some(after) = cpu_ticks(pid) {
-            let ticks = after.saturating_sub(before);
-            fields.push(("cpu_ticks", ticks.to_string()));
+            let user = after.user.saturating_sub(before.user);
+            let system = after.system.saturating_sub(before.system);
+            fields.push(("cpu_ticks", (user + system).to_string()));
+            fields.push(("cpu_user_ticks", user.to_string()));
             fields.push(("clk_tck", clk_tck().to_string()));
         }
     }
@@ -360,13 +362,25 @@ fn clk_tck() -> u64 {
         .unwrap_or(100)
 }
 
-/// utime + stime of a process, in clock ticks (all its threads).
-fn cpu_ticks(pid: u32) -> Option<u64> {
+/// CPU time of a process (all its threads), in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    /// utime: in user space.
+    user: u64,
+    /// stime: in the kernel on its behalf (its syscalls; on loopback, also the peer's
+    /// side of the TCP receive path that its sends run).
+    system: u64,
+}
+
+fn cpu_ticks(pid: u32) -> Option<CpuTicks> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat(5); `after` starts at field 3.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    Some(CpuTicks {
+        user: f.get(11)?.parse().ok()?,
+        system: f.get(12)?.parse().ok()?,
+    })
 }
 
 /// `VmRSS` in bytes.
