@@ -951,6 +951,61 @@ mod tests {
         assert!(got.is_none() && was_long && boundary);
     }
 
+    /// Encodes `len` as an MQTT Remaining Length.
+    fn remaining_length(mut len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut b = u8::try_from(len % 128).unwrap();
+            len /= 128;
+            if len > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if len == 0 {
+                return out;
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the broker writes and however the writes cut it, reading a whole
+        /// CONNACK in place finds what following byte by byte finds: the same first
+        /// CONNACK (or the same "too long"), and the same packet boundary at the end.
+        #[test]
+        fn following_writes_in_any_pieces_finds_what_bytes_one_by_one_find(
+            packets in proptest::collection::vec(
+                (proptest::prop_oneof![proptest::strategy::Just(0x20u8), proptest::prelude::any::<u8>()],
+                 proptest::prop_oneof![0usize..16, 0usize..300, 4090usize..4110]),
+                0..6,
+            ),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+        ) {
+            let mut stream = Vec::new();
+            for (first, len) in &packets {
+                stream.push(*first);
+                stream.extend_from_slice(&remaining_length(*len));
+                stream.extend((0..*len).map(|i| u8::try_from(i % 251).unwrap()));
+            }
+            // Then anything: a partial or malformed header included.
+            stream.extend_from_slice(&tail);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for to in at.into_iter().chain([stream.len()]) {
+                pieces.push(&stream[from..to]);
+                from = to;
+            }
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            let (a, a_long, a_boundary) = follow(&pieces);
+            let (b, b_long, b_boundary) = follow(&bytes);
+            proptest::prop_assert_eq!(a.map(|(c, _)| c), b.map(|(c, _)| c));
+            proptest::prop_assert_eq!(a_long, b_long);
+            proptest::prop_assert_eq!(a_boundary, b_boundary);
+        }
+    }
+
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
     /// read finds nothing to do, and taken again for the next packet.
     #[tokio::test]
