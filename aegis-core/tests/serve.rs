@@ -434,7 +434,7 @@ async fn a_panic_in_the_accept_loop_reaches_the_caller() {
 
 /// The shutdown signal waits in a task of its own: the loop does not poll it again at
 /// every connection it accepts (the mqtt-gateway's two `tokio::signal` streams cost
-/// about 400 instructions a poll).
+/// about 190 instructions a poll each).
 #[tokio::test]
 async fn the_shutdown_signal_is_not_polled_per_connection() {
     use std::sync::Arc;
@@ -456,16 +456,26 @@ async fn the_shutdown_signal_is_not_polled_per_connection() {
             .with_graceful_shutdown(signal)
             .into_future(),
     );
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut first, b"hi").await, b"hi");
+    drop(first);
+    // Polled when the server started (once to see whether it is ready at once, once
+    // in its task), and not since: nothing woke it.
+    let at_start = polls.load(Ordering::Relaxed);
+    assert!(at_start <= 2, "polled {at_start} times to start");
     for _ in 0..20 {
         let mut s = TcpStream::connect(addr).await.unwrap();
         assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
     }
-    // Polled once when it started, and not since: nothing woke it.
-    assert_eq!(polls.load(Ordering::Relaxed), 1, "polled per connection");
+    assert_eq!(
+        polls.load(Ordering::Relaxed),
+        at_start,
+        "polled per connection"
+    );
     stop_tx.send(()).unwrap();
     let report = server.await.unwrap();
     assert!(report.drained());
-    assert_eq!(polls.load(Ordering::Relaxed), 2);
+    assert_eq!(polls.load(Ordering::Relaxed), at_start + 1);
     // The loop stopped accepting when the signal fired.
     assert!(TcpStream::connect(addr).await.is_err());
 }
@@ -503,4 +513,98 @@ async fn a_panic_in_the_signal_drains_then_reaches_the_caller() {
     assert!(err.is_panic());
     let payload = err.into_panic();
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"signal exploded"));
+}
+
+/// On a multi-thread runtime the signal's task may still be unwinding when the loop sees
+/// it gone and finishes (nothing to drain): its panic still reaches the caller, every
+/// time.
+#[test]
+fn a_panic_in_the_signal_reaches_the_caller_on_a_multi_thread_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..50 {
+        let err = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = serve(listener, tower::service_fn(echo))
+                .with_graceful_shutdown(async {
+                    // Not ready at once: the panic happens in the signal's own task.
+                    tokio::task::yield_now().await;
+                    panic!("signal exploded");
+                })
+                .into_future();
+            tokio::spawn(server).await.unwrap_err()
+        });
+        assert!(err.is_panic(), "the signal's panic was lost: {err}");
+        let payload = err.into_panic();
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"signal exploded"));
+    }
+}
+
+/// A signal that is ready at once stops the loop before it accepts anything, even a
+/// connection already waiting in the listener's backlog, on a multi-thread runtime too.
+#[test]
+fn a_signal_ready_at_once_stops_the_loop_before_any_accept() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            // In the backlog before the server runs (the kernel completes the handshake).
+            let mut waiting = TcpStream::connect(addr).await.unwrap();
+            let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = std::sync::Arc::clone(&served);
+            let report = serve(
+                listener,
+                tower::service_fn(move |conn: Conn<TcpStream>| {
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    echo(conn)
+                }),
+            )
+            .with_graceful_shutdown(std::future::ready(()))
+            .await;
+            assert!(report.drained());
+            assert!(!served.load(std::sync::atomic::Ordering::SeqCst));
+            // The listener is closed with the connection unaccepted: no echo comes back.
+            let _ = waiting.write_all(b"hi").await;
+            let mut buf = [0u8; 2];
+            assert!(!matches!(waiting.read(&mut buf).await, Ok(n) if n > 0));
+        });
+    }
+}
+
+/// Dropping the server's future aborts the signal's task too: the signal future is
+/// dropped, with whatever it holds.
+#[tokio::test]
+async fn dropping_the_server_future_drops_the_signal() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (guard, dropped) = oneshot::channel::<()>();
+    let mut server = serve(listener, tower::service_fn(echo))
+        .with_graceful_shutdown(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        })
+        .into_future();
+    tokio::select! {
+        _ = &mut server => panic!("the server stopped by itself"),
+        () = async {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        } => {}
+    }
+    drop(server);
+    // The aborted task drops its future, and the guard in it, when the runtime next
+    // gets to it; a bound so that a task left running fails the test instead of hanging.
+    let gone = tokio::time::timeout(Duration::from_secs(10), dropped).await;
+    assert!(
+        matches!(gone, Ok(Err(_))),
+        "the signal outlived the server: {gone:?}"
+    );
 }
