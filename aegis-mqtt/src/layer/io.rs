@@ -906,6 +906,15 @@ mod tests {
         (connack, long, out.at_boundary())
     }
 
+    /// Whether following `writes` in turn marks the first CONNACK as seen.
+    fn connack_seen_after(writes: &[&[u8]]) -> bool {
+        let mut out = OutBoundary::default();
+        for w in writes {
+            let _ = out.advance(w);
+        }
+        out.connack_seen
+    }
+
     /// The broker's CONNACK is read where it is written when one write holds all of it,
     /// with no copy, and kept piece by piece otherwise; both ways find the same bytes and
     /// the same packet boundaries, the packets after it included.
@@ -1003,6 +1012,7 @@ mod tests {
             proptest::prop_assert_eq!(a.map(|(c, _)| c), b.map(|(c, _)| c));
             proptest::prop_assert_eq!(a_long, b_long);
             proptest::prop_assert_eq!(a_boundary, b_boundary);
+            proptest::prop_assert_eq!(connack_seen_after(&pieces), connack_seen_after(&bytes));
         }
     }
 

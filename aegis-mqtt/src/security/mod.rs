@@ -580,7 +580,6 @@ impl Security {
         self.with_bans(|t, now| t.contains(key, now))
     }
 
-    /// Runs `f` on the ban table and keeps the `aegis_security_bans` gauge up to date.
     /// Whether the ban table is empty: the checks of every connection and CONNECT take
     /// this short way out (no clock read, no purge, no lookup) while nothing is banned.
     /// A ban that expired but is not purged yet keeps it `false`.
@@ -588,6 +587,7 @@ impl Security {
         self.shared.bans.lock().len() == 0
     }
 
+    /// Runs `f` on the ban table and keeps the `aegis_security_bans` gauge up to date.
     fn with_bans<R>(&self, f: impl FnOnce(&mut BanTable, Instant) -> R) -> R {
         let (r, before, after) = {
             let mut t = self.shared.bans.lock();
