@@ -17,6 +17,36 @@ async fn echo(conn: Conn<TcpStream>) -> io::Result<()> {
     w.shutdown().await
 }
 
+/// Serves one echoed connection while `server` is polled alongside; it must not stop.
+async fn echo_while_polled(
+    server: &mut aegis_core::serve::ServeFuture,
+    addr: std::net::SocketAddr,
+) {
+    tokio::select! {
+        _ = server => panic!("the server stopped by itself"),
+        () = async {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        } => {}
+    }
+}
+
+/// A multi-thread runtime with two workers, as on this project's machines.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `err` is a panic whose message is `msg`.
+fn assert_panicked_with(err: tokio::task::JoinError, msg: &str) {
+    assert!(err.is_panic(), "not a panic: {err}");
+    let payload = err.into_panic();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&msg), "another panic");
+}
+
 async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).await.unwrap();
     let mut got = vec![0u8; msg.len()];
@@ -363,11 +393,7 @@ fn admit_refuses_before_the_service_and_counts_the_refusal() {
 /// cross-thread wake-ups). `admit` runs inside the loop, so it tells where the loop is.
 #[test]
 fn the_accept_loop_runs_on_a_worker_not_on_the_awaiting_thread() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let caller = std::thread::current().id();
     let loop_thread = rt.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -406,13 +432,7 @@ async fn dropping_the_server_future_closes_the_listener() {
     let addr = listener.local_addr().unwrap();
     let mut server = serve(listener, tower::service_fn(echo)).into_future();
     // Serving: a connection is echoed while the future is polled alongside.
-    tokio::select! {
-        _ = &mut server => panic!("the server stopped by itself"),
-        () = async {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
-        } => {}
-    }
+    echo_while_polled(&mut server, addr).await;
     drop(server);
     // Closed at once, though the loop's task has not run since: the address can be
     // bound again right away (a reload that rebinds, say).
@@ -509,10 +529,7 @@ async fn a_panic_in_the_signal_drains_then_reaches_the_caller() {
         "did not wait for the open connection"
     );
     drop(open);
-    let err = server.await.unwrap_err();
-    assert!(err.is_panic());
-    let payload = err.into_panic();
-    assert_eq!(payload.downcast_ref::<&str>(), Some(&"signal exploded"));
+    assert_panicked_with(server.await.unwrap_err(), "signal exploded");
 }
 
 /// On a multi-thread runtime the signal's task may still be unwinding when the loop sees
@@ -520,11 +537,7 @@ async fn a_panic_in_the_signal_drains_then_reaches_the_caller() {
 /// time.
 #[test]
 fn a_panic_in_the_signal_reaches_the_caller_on_a_multi_thread_runtime() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     for _ in 0..50 {
         let err = rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -537,9 +550,7 @@ fn a_panic_in_the_signal_reaches_the_caller_on_a_multi_thread_runtime() {
                 .into_future();
             tokio::spawn(server).await.unwrap_err()
         });
-        assert!(err.is_panic(), "the signal's panic was lost: {err}");
-        let payload = err.into_panic();
-        assert_eq!(payload.downcast_ref::<&str>(), Some(&"signal exploded"));
+        assert_panicked_with(err, "signal exploded");
     }
 }
 
@@ -547,11 +558,7 @@ fn a_panic_in_the_signal_reaches_the_caller_on_a_multi_thread_runtime() {
 /// connection already waiting in the listener's backlog, on a multi-thread runtime too.
 #[test]
 fn a_signal_ready_at_once_stops_the_loop_before_any_accept() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     for _ in 0..20 {
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -592,13 +599,7 @@ async fn dropping_the_server_future_drops_the_signal() {
             std::future::pending::<()>().await;
         })
         .into_future();
-    tokio::select! {
-        _ = &mut server => panic!("the server stopped by itself"),
-        () = async {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
-        } => {}
-    }
+    echo_while_polled(&mut server, addr).await;
     drop(server);
     // The aborted task drops its future, and the guard in it, when the runtime next
     // gets to it; a bound so that a task left running fails the test instead of hanging.
