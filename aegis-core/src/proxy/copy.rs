@@ -126,9 +126,8 @@ impl Half {
     /// Adds the bytes copied since the last report to `bytes`, this direction's
     /// `aegis_proxy_bytes_total`.
     pub(crate) fn report(&mut self, bytes: &Counter) {
-        let unreported = self.total - self.reported;
-        if unreported > 0 {
-            bytes.increment(unreported);
+        if self.unreported() {
+            bytes.increment(self.total - self.reported);
             self.reported = self.total;
         }
     }

@@ -120,11 +120,25 @@ impl Registry {
 /// `aegis_connection_duration_seconds` (`over_capacity` is counted apart, with no task).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    // In the order of `ConnMetrics::ended`.
-    Ok = 0,
-    Rejected = 1,
-    Error = 2,
-    Aborted = 3,
+    Ok,
+    Rejected,
+    Error,
+    Aborted,
+}
+
+impl Outcome {
+    /// Every outcome, in declaration order: `ConnMetrics::ended` is indexed by it.
+    const ALL: [Self; 4] = [Self::Ok, Self::Rejected, Self::Error, Self::Aborted];
+
+    /// The `outcome` label.
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+            Self::Aborted => "aborted",
+        }
+    }
 }
 
 /// The handles of the connection metrics, registered once per server.
@@ -138,28 +152,20 @@ struct ConnMetrics {
     active: metrics::Gauge,
     over_capacity: metrics::Counter,
     /// Per [`Outcome`], in its order: the connection count and the duration histogram.
-    ended: [(metrics::Counter, metrics::Histogram); 4],
+    ended: [(metrics::Counter, metrics::Histogram); Outcome::ALL.len()],
 }
 
 impl ConnMetrics {
     fn register() -> Self {
-        macro_rules! ended {
-            ($outcome:literal) => {
-                (
-                    metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => $outcome),
-                    metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => $outcome),
-                )
-            };
-        }
         Self {
             active: metrics::gauge!(m::ACTIVE_CONNECTIONS),
             over_capacity: metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => "over_capacity"),
-            ended: [
-                ended!("ok"),
-                ended!("rejected"),
-                ended!("error"),
-                ended!("aborted"),
-            ],
+            ended: Outcome::ALL.map(|o| {
+                (
+                    metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => o.label()),
+                    metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => o.label()),
+                )
+            }),
         }
     }
 
