@@ -1874,3 +1874,85 @@ async fn a_password_file_of_argon2_hashes_authenticates() {
     assert!(stderr.contains("config error: auth.file"), "{stderr}");
     assert!(stderr.contains("line 1"), "{stderr}");
 }
+
+/// The gateway's minor page faults so far (`/proc/PID/stat`, field 10).
+#[cfg(target_os = "linux")]
+fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(7).unwrap().parse().unwrap()
+}
+
+/// Bulk data through the gateway reuses the proxy's 64 KiB copy buffers: jemalloc keeps
+/// them in its thread caches (`tcache_max` in `.cargo/config.toml`). With jemalloc's
+/// default (32 KiB), each buffer freed while a direction waited went back to the arena
+/// and came back with its pages faulted in again: about 90 minor faults per MiB in
+/// `benches/compare.sh`'s bulk run, about 5,500 for this test's 24 MiB (checked by
+/// running it with `_RJEM_MALLOC_CONF=tcache_max:32768`, which the gateway inherits);
+/// 1 to 5 with the setting.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test]
+async fn bulk_transfers_reuse_the_copy_buffers_without_page_faults() {
+    const CLIENTS: usize = 4;
+    const CHUNK: usize = 64 * 1024;
+    // A sink upstream: reads everything and counts it.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = sink.local_addr().unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = sink.accept().await.unwrap();
+            let got = got_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    let _ = got.send(n);
+                }
+            });
+        }
+    });
+    let pass_through = "[limits]\nenabled = false\n[slowloris]\nenabled = false\n\
+        [sniff]\nenabled = false\n[mqtt]\nenabled = false\n[circuit_breaker]\nenabled = false\n\
+        [adaptive]\nenabled = false\n[security]\nenabled = false\n";
+    let gw = Gateway::start("bulk", pass_through, &["--upstream", &upstream.to_string()]).await;
+
+    // Each client writes `chunks` chunks of 64 KiB with a pause after each, so that the
+    // gateway's reading direction goes idle (and frees its buffer) between bursts.
+    let send = |chunks: usize| {
+        let to = gw.mqtt;
+        async move {
+            let clients: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        let mut c = TcpStream::connect(to).await.unwrap();
+                        let chunk = vec![0x5a_u8; CHUNK];
+                        for _ in 0..chunks {
+                            c.write_all(&chunk).await.unwrap();
+                            sleep(Duration::from_micros(200)).await;
+                        }
+                    })
+                })
+                .collect();
+            for c in clients {
+                c.await.unwrap();
+            }
+        }
+    };
+    let mut received = 0;
+    let mut wait_for = async |total: usize| {
+        while received < total {
+            received += timeout(WAIT, got_rx.recv()).await.unwrap().unwrap();
+        }
+    };
+    // Warm-up: the gateway's threads, caches and first buffers.
+    send(16).await;
+    wait_for(CLIENTS * 16 * CHUNK).await;
+
+    let before = minor_faults(gw.pid());
+    send(96).await;
+    wait_for(CLIENTS * (16 + 96) * CHUNK).await;
+    let faults = minor_faults(gw.pid()) - before;
+    // 24 MiB carried; about 5,500 faults without the thread-cache setting.
+    assert!(faults < 200, "{faults} minor page faults for 24 MiB");
+}
