@@ -144,12 +144,14 @@ run() {
 HARDENED=(direct haproxy_hard gw_all)
 for rep in $(seq 1 "$REPS"); do
     log "repetition $rep of $REPS"
+    # Idle sessions first: in repetition 1 each process is fresh, so its RSS growth is
+    # the sessions' own, not memory its allocator kept from the bulk and churn runs.
+    for t in "${TARGETS[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2 --keep-alive 60; done
     for t in "${TARGETS[@]}"; do run latency "$t" "$rep" churn --concurrency 1 --duration 2; done
     for t in "${TARGETS[@]}"; do run churn "$t" "$rep" churn --concurrency 32 --duration "$DUR"; done
     for t in "${TARGETS[@]}"; do run pub_qos0 "$t" "$rep" publish --qos 0 --payload 64 --concurrency 4 --duration "$DUR"; done
     for t in "${TARGETS[@]}"; do run pub_qos1 "$t" "$rep" publish --qos 1 --payload 64 --concurrency 4 --duration "$DUR"; done
     for t in "${TARGETS[@]}"; do run bytes "$t" "$rep" publish --qos 0 --payload 65536 --concurrency 4 --duration "$DUR"; done
-    for t in "${TARGETS[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2 --keep-alive 60; done
     for t in "${HARDENED[@]}"; do run flood "$t" "$rep" flood --attackers 10 --concurrency 64 --duration "$DUR"; done
     for t in "${HARDENED[@]}"; do
         run slowloris "$t" "$rep" slowloris 500 --deadline-ms 3000 --interval-ms 400 --duration 4.5

@@ -54,7 +54,9 @@ ROWS = [
     ("publish QoS 1, 64 B: msgs/s (4 clients)", "pub_qos1", lambda r: r["per_s"], True),
     ("raw bytes, QoS 0 64 KiB: MiB/s (4 clients)", "bytes", lambda r: r["mib_per_s"], True),
     # Only the first hold on each process counts: later ones reuse memory the allocator
-    # (or HAProxy's pools) kept from the first, and show almost no growth.
+    # (or HAProxy's pools) kept from the first, and show almost no growth. compare.sh
+    # runs it first (from run s on), on fresh processes; before, after the other
+    # scenarios, whose freed memory it partly reused.
     ("idle session: RSS growth per connection, first hold (bytes)", "hold",
      lambda r: r.get("bytes_per_conn") if r["rep"] == 1 else None, False),
     ("idle sessions: RSS while holding them (MiB)", "hold", lambda r: r["rss_during"] / 1048576, False),
