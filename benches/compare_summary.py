@@ -135,6 +135,30 @@ def main():
             v = median(runs, "latency", t, lambda r: r[q])
             parts.append(f"{t} {fmt(None if v is None or d is None else v - d)}")
         print(f"- added latency {q[:3]} over direct (us): " + ", ".join(parts))
+    # The churn goals as ratios within each repetition: gw_all runs right after HAProxy
+    # hardened, so a repetition's two runs share the machine's state, which moves the
+    # medians above by more than the products differ.
+    for label, f in (("sessions/s", lambda r: r["per_s"]),
+                     ("CPU per session", lambda r: cpu_us(r, "ops"))):
+        pairs = paired(runs, "churn", "gw_all", "haproxy_hard", f)
+        if pairs:
+            print(f"- churn {label}, gw_all / haproxy_hard within each repetition: "
+                  + ", ".join(f"{v:.2f}" for v in pairs)
+                  + f" (median {statistics.median(pairs):.2f})")
+
+
+def paired(runs, scenario, a, b, f):
+    """f(a) / f(b) for each repetition that has both."""
+    by_rep = {t: {r["rep"]: r for r in runs.get((scenario, t), [])} for t in (a, b)}
+    out = []
+    for rep in sorted(by_rep[a]):
+        try:
+            x, y = f(by_rep[a][rep]), f(by_rep[b][rep])
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        if x is not None and y:
+            out.append(x / y)
+    return out
 
 
 if __name__ == "__main__":
