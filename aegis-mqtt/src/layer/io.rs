@@ -760,11 +760,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 }
             }
             if valid > 0 || dropped > 0 {
-                if valid == this.buf.len() {
-                    // All of it (the usual case): the buffer itself becomes `ready`, with
-                    // no shared handle allocated to split it.
-                    this.ready = std::mem::take(&mut this.buf).freeze();
-                } else if valid > 0 {
+                if valid > 0 {
                     this.ready = this.buf.split_to(valid).freeze();
                 }
                 // The dropped packet's bytes go nowhere.
