@@ -25,15 +25,10 @@ TARGETS=("$@")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=(gw_all gw_off haproxy_hard haproxy_plain)
 
 log() { echo "[callgrind $(date -u +%H:%M:%S)] $*" >&2; }
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
-
-if ! have valgrind || ! have mosquitto || ! have haproxy; then
-    log "installing valgrind, mosquitto and haproxy from Debian"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends valgrind mosquitto haproxy
-fi
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+. benches/common.sh
+need_debian valgrind mosquitto haproxy
+MOSQUITTO=$(path_of mosquitto)
+HAPROXY=$(path_of haproxy)
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
     log "building release binaries into $TARGET_DIR"
@@ -50,13 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$OUT/mosquitto.conf" <<EOF
-listener 21883 127.0.0.1
-allow_anonymous true
-max_connections -1
-persistence false
-log_dest none
-EOF
+mosquitto_conf "$OUT/mosquitto.conf"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" &
 PIDS+=($!)
 sleep 0.5

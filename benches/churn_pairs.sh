@@ -39,14 +39,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
-if ! have mosquitto || ! have haproxy; then
-    log "installing mosquitto and haproxy from Debian"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto haproxy
-fi
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+. benches/common.sh
+need_debian mosquitto haproxy
+MOSQUITTO=$(path_of mosquitto)
+HAPROXY=$(path_of haproxy)
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
     log "building release binaries into $TARGET_DIR"
@@ -56,13 +52,7 @@ fi
 LOAD=$TARGET_DIR/release/mqtt-load
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
-cat >"$OUT/mosquitto.conf" <<EOF
-listener 21883 127.0.0.1
-allow_anonymous true
-max_connections -1
-persistence false
-log_dest none
-EOF
+mosquitto_conf "$OUT/mosquitto.conf"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" &
 MOSQ=$!
 STARTED+=("$MOSQ")

@@ -55,14 +55,10 @@ cleanup() {
 trap cleanup EXIT
 
 # --- tools -----------------------------------------------------------------------------
-have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
-if ! have mosquitto || ! have haproxy; then
-    log "installing mosquitto and haproxy from Debian"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto haproxy
-fi
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+. benches/common.sh
+need_debian mosquitto haproxy
+MOSQUITTO=$(path_of mosquitto)
+HAPROXY=$(path_of haproxy)
 
 for port in 21883 21884 21885 21886 21887 21888 21889; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -92,13 +88,7 @@ wait_port() {
     exit 1
 }
 
-cat >"$OUT/mosquitto.conf" <<EOF
-listener $MOSQ_PORT 127.0.0.1
-allow_anonymous true
-max_connections -1
-persistence false
-log_dest none
-EOF
+mosquitto_conf "$OUT/mosquitto.conf" "$MOSQ_PORT"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
 MOSQ_PID=$!
 STARTED+=("$MOSQ_PID")
