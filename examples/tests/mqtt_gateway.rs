@@ -68,47 +68,64 @@ struct Gateway {
 impl Gateway {
     /// Starts the gateway with `config` (TOML) and extra flags, and waits until
     /// `/healthz` answers.
+    ///
+    /// The two ports are free when picked but not held until the gateway binds them, so
+    /// another socket of the test run (a client's ephemeral port) can take one first: the
+    /// gateway then exits with "Address already in use", and is started again on new
+    /// ports, up to `ATTEMPTS` times.
     async fn start(name: &str, config: &str, extra: &[&str]) -> Self {
+        const ATTEMPTS: u32 = 3;
         let dir = scratch(name);
         let conf = dir.join("gateway.toml");
         std::fs::write(&conf, config).unwrap();
-        let [mqtt, metrics] = free_ports();
-        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = Command::new(gateway_bin())
-            .arg("--config")
-            .arg(&conf)
-            .args(["--listen", &mqtt.to_string()])
-            .args(["--metrics", &metrics.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info,mqtt_gateway=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let mut gw = Self {
-            child: Some(child),
-            mqtt,
-            metrics,
-            dir,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the gateway exited at start-up ({status}):\n{}", gw.log());
+        let log_path = dir.join("stderr.log");
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        'attempts: for attempt in 1..=ATTEMPTS {
+            let [mqtt, metrics] = free_ports();
+            let stderr = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new(gateway_bin())
+                .arg("--config")
+                .arg(&conf)
+                .args(["--listen", &mqtt.to_string()])
+                .args(["--metrics", &metrics.to_string()])
+                .args(extra)
+                .env("RUST_LOG", "info,mqtt_gateway=debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let log = log();
+                    if attempt < ATTEMPTS && log.contains("Address already in use") {
+                        continue 'attempts;
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                    panic!("the gateway exited at start-up ({status}):\n{log}");
+                }
+                // The gateway binds the MQTT port before the metrics port, so a healthy
+                // endpoint means both listen (and no probe eats a client's rate budget).
+                if let Ok((200, _)) = http_get(metrics, "/healthz").await {
+                    return Self {
+                        child: Some(child),
+                        mqtt,
+                        metrics,
+                        dir,
+                    };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = log();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    panic!("the gateway did not start within {WAIT:?}:\n{log}");
+                }
+                sleep(Duration::from_millis(25)).await;
             }
-            // The gateway binds the MQTT port before the metrics port, so a healthy
-            // endpoint means both listen (and no probe eats a client's rate budget).
-            if let Ok((200, _)) = http_get(metrics, "/healthz").await {
-                return gw;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not start within {WAIT:?}:\n{}",
-                gw.log()
-            );
-            sleep(Duration::from_millis(25)).await;
         }
+        unreachable!("the last attempt returns or panics")
     }
 
     fn log(&self) -> String {
