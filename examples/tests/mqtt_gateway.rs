@@ -75,15 +75,13 @@ impl Gateway {
     /// ports, up to `ATTEMPTS` times.
     async fn start(name: &str, config: &str, extra: &[&str]) -> Self {
         const ATTEMPTS: u32 = 3;
-        let dir = scratch(name);
-        let conf = dir.join("gateway.toml");
-        std::fs::write(&conf, config).unwrap();
-        let log_path = dir.join("stderr.log");
-        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         'attempts: for attempt in 1..=ATTEMPTS {
+            let dir = scratch(name);
+            let conf = dir.join("gateway.toml");
+            std::fs::write(&conf, config).unwrap();
             let [mqtt, metrics] = free_ports();
-            let stderr = std::fs::File::create(&log_path).unwrap();
-            let mut child = Command::new(gateway_bin())
+            let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+            let child = Command::new(gateway_bin())
                 .arg("--config")
                 .arg(&conf)
                 .args(["--listen", &mqtt.to_string()])
@@ -95,33 +93,32 @@ impl Gateway {
                 .stderr(stderr)
                 .spawn()
                 .unwrap();
+            // Dropped on a retry or a panic: the child is killed and its directory removed.
+            let mut gw = Self {
+                child: Some(child),
+                mqtt,
+                metrics,
+                dir,
+            };
             let deadline = Instant::now() + WAIT;
             loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let log = log();
+                if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                    let log = gw.log();
                     if attempt < ATTEMPTS && log.contains("Address already in use") {
                         continue 'attempts;
                     }
-                    let _ = std::fs::remove_dir_all(&dir);
                     panic!("the gateway exited at start-up ({status}):\n{log}");
                 }
                 // The gateway binds the MQTT port before the metrics port, so a healthy
                 // endpoint means both listen (and no probe eats a client's rate budget).
                 if let Ok((200, _)) = http_get(metrics, "/healthz").await {
-                    return Self {
-                        child: Some(child),
-                        mqtt,
-                        metrics,
-                        dir,
-                    };
+                    return gw;
                 }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let log = log();
-                    let _ = std::fs::remove_dir_all(&dir);
-                    panic!("the gateway did not start within {WAIT:?}:\n{log}");
-                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the gateway did not start within {WAIT:?}:\n{}",
+                    gw.log()
+                );
                 sleep(Duration::from_millis(25)).await;
             }
         }
