@@ -63,12 +63,7 @@ STARTED+=("$HAP")
     --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891 >"$OUT/gateway.log" 2>&1 &
 GW=$!
 STARTED+=("$GW")
-for port in 21883 21885 21888; do
-    for _ in $(seq 50); do
-        (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-        sleep 0.1
-    done
-done
+for port in 21883 21885 21888; do wait_port "$port"; done
 
 on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'; }
 idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }

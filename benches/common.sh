@@ -22,6 +22,18 @@ need_debian() {
     fi
 }
 
+# wait_port PORT: waits up to 10 s for something to listen on 127.0.0.1:PORT; exits the
+# script if nothing does.
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    log "nothing listens on $port"
+    exit 1
+}
+
 # mosquitto_conf FILE [PORT]: mosquitto on 127.0.0.1:PORT (21883 by default), anonymous,
 # no connection limit (the hold scenario opens thousands), no persistence, no log.
 mosquitto_conf() {

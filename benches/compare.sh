@@ -78,16 +78,6 @@ NAIVE=$TARGET_DIR/release/naive-proxy
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
 # --- start everything --------------------------------------------------------------------
-wait_port() {
-    local port=$1 i
-    for i in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    log "nothing listens on $port"
-    exit 1
-}
-
 mosquitto_conf "$OUT/mosquitto.conf" "$MOSQ_PORT"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
 MOSQ_PID=$!
