@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The churn goal of issue 7 (sessions per second and CPU per session, the gateway with
 # all layers against HAProxy hardened), measured as pairs: each pair is one churn run
-# against HAProxy hardened and one against the gateway right after it, so both share the
-# machine's state of the moment, which moves whole runs by more than the two products
-# differ. Prints each pair's ratios and their medians. A manual benchmark: not part of
-# `cargo test` or .ci/run.
+# against each, back to back, so both share the machine's state of the moment, which
+# moves whole runs by more than the two products differ. The order alternates: odd pairs
+# run HAProxy first, even pairs the gateway, because the second run of a pair is about
+# 2 % slower whichever target it is (measured with 40 pairs). Prints each pair's ratios,
+# their medians, and the medians by which target ran first. A manual benchmark: not part
+# of `cargo test` or .ci/run.
 #
 #   bash benches/churn_pairs.sh
 #
@@ -68,9 +70,11 @@ for port in 21883 21885 21888; do wait_port "$port"; done
 on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'; }
 idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }
 
-log "$PAIRS pairs of ${DUR} s churn runs ($CONCURRENCY clients): haproxy_hard, then gw_all"
+log "$PAIRS pairs of ${DUR} s churn runs ($CONCURRENCY clients), haproxy_hard and gw_all in turn first"
 for pair in $(seq "$PAIRS"); do
-    for t in haproxy_hard:21885:$HAP gw_all:21888:$GW; do
+    order="haproxy_hard:21885:$HAP gw_all:21888:$GW"
+    [ $((pair % 2)) = 0 ] && order="gw_all:21888:$GW haproxy_hard:21885:$HAP"
+    for t in $order; do
         IFS=: read -r name port pid <<<"$t"
         c0=$(on_cpu_ns "$pid"); m0=$(on_cpu_ns "$MOSQ"); i0=$(idle_ticks)
         "$LOAD" churn --target 127.0.0.1:"$port" --concurrency "$CONCURRENCY" \
@@ -82,7 +86,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 pair, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[2:])
 ok = r["ok"]
-print(json.dumps({"target": r["label"], "pair": pair, "per_s": r["per_s"], "ok": ok,
+print(json.dumps({"target": r["label"], "pair": pair, "first": pair % 2 == 1 and "haproxy_hard" or "gw_all", "per_s": r["per_s"], "ok": ok,
                   "cpu_us": cpu_ns / 1e3 / ok if ok else None,
                   "mosquitto_cpu_us": mosq_ns / 1e3 / ok if ok else None,
                   "idle_us": idle / hz * 1e6 / ok if ok else None,
@@ -117,5 +121,12 @@ for label, key in (("sessions/s", "per_s"), ("proxy CPU per session (us)", "cpu_
 for label, key in (("sessions/s", "per_s"), ("CPU per session", "cpu_us")):
     ratios = sorted(p["gw_all"][key] / p["haproxy_hard"][key] for p in pairs)
     print(f"- {label} ratios, sorted: " + ", ".join(f"{x:.2f}" for x in ratios))
+    by_first = []
+    for first in ("haproxy_hard", "gw_all"):
+        rs = [p["gw_all"][key] / p["haproxy_hard"][key] for p in pairs
+              if p["gw_all"].get("first") == first]
+        if rs:
+            by_first.append(f"{statistics.median(rs):.3f} when {first} ran first ({len(rs)})")
+    print(f"  median by order: " + "; ".join(by_first))
 EOF
 log "raw: $RESULTS"

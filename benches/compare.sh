@@ -122,18 +122,28 @@ run() {
 }
 
 HARDENED=(direct haproxy_hard gw_all)
+# reversed ARRAY...: the arguments in reverse order.
+reversed() { local i; for ((i = $#; i > 0; i--)); do echo "${!i}"; done; }
 for rep in $(seq 1 "$REPS"); do
     log "repetition $rep of $REPS"
+    # Even repetitions run the targets in reverse order. A run's position matters: the
+    # second of two back-to-back churn runs is about 2 % slower whichever target it is
+    # (benches/churn_pairs.sh measured it), and in a fixed order gw_all always ran last.
+    ALL=("${TARGETS[@]}") HARD=("${HARDENED[@]}")
+    if [ $((rep % 2)) = 0 ]; then
+        mapfile -t ALL < <(reversed "${TARGETS[@]}")
+        mapfile -t HARD < <(reversed "${HARDENED[@]}")
+    fi
     # Idle sessions first: in repetition 1 each process is fresh, so its RSS growth is
     # the sessions' own, not memory its allocator kept from the bulk and churn runs.
-    for t in "${TARGETS[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2 --keep-alive 60; done
-    for t in "${TARGETS[@]}"; do run latency "$t" "$rep" churn --concurrency 1 --duration 2; done
-    for t in "${TARGETS[@]}"; do run churn "$t" "$rep" churn --concurrency 32 --duration "$DUR"; done
-    for t in "${TARGETS[@]}"; do run pub_qos0 "$t" "$rep" publish --qos 0 --payload 64 --concurrency 4 --duration "$DUR"; done
-    for t in "${TARGETS[@]}"; do run pub_qos1 "$t" "$rep" publish --qos 1 --payload 64 --concurrency 4 --duration "$DUR"; done
-    for t in "${TARGETS[@]}"; do run bytes "$t" "$rep" publish --qos 0 --payload 65536 --concurrency 4 --duration "$DUR"; done
-    for t in "${HARDENED[@]}"; do run flood "$t" "$rep" flood --attackers 10 --concurrency 64 --duration "$DUR"; done
-    for t in "${HARDENED[@]}"; do
+    for t in "${ALL[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2 --keep-alive 60; done
+    for t in "${ALL[@]}"; do run latency "$t" "$rep" churn --concurrency 1 --duration 2; done
+    for t in "${ALL[@]}"; do run churn "$t" "$rep" churn --concurrency 32 --duration "$DUR"; done
+    for t in "${ALL[@]}"; do run pub_qos0 "$t" "$rep" publish --qos 0 --payload 64 --concurrency 4 --duration "$DUR"; done
+    for t in "${ALL[@]}"; do run pub_qos1 "$t" "$rep" publish --qos 1 --payload 64 --concurrency 4 --duration "$DUR"; done
+    for t in "${ALL[@]}"; do run bytes "$t" "$rep" publish --qos 0 --payload 65536 --concurrency 4 --duration "$DUR"; done
+    for t in "${HARD[@]}"; do run flood "$t" "$rep" flood --attackers 10 --concurrency 64 --duration "$DUR"; done
+    for t in "${HARD[@]}"; do
         run slowloris "$t" "$rep" slowloris 500 --deadline-ms 3000 --interval-ms 400 --duration 4.5
     done
 done
