@@ -10,6 +10,9 @@
 #
 #   bash benches/churn_pairs.sh
 #
+# With CONCURRENCY=1 it measures the latency goal at low load instead (see the last
+# lines it prints).
+#
 # Environment: PAIRS (default 16), DUR (seconds per run, default 2), CONCURRENCY
 # (default 32), CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built), GATEWAY
 # (path of a prebuilt mqtt-gateway), OUT (results directory). Needs root for apt-get
@@ -128,5 +131,13 @@ for label, key in (("sessions/s", "per_s"), ("CPU per session", "cpu_us")):
         if rs:
             by_first.append(f"{statistics.median(rs):.3f} when {first} ran first ({len(rs)})")
     print(f"  median by order: " + "; ".join(by_first))
+# The latency goal (added latency over a direct connection at most HAProxy's) compares
+# gw_all - direct with haproxy_hard - direct: the direct run cancels, and within a pair
+# it is gw_all's latency against HAProxy's. CONCURRENCY=1 measures it at low load.
+for label, key in (("p50", "p50_us"), ("p99", "p99_us")):
+    diffs = [p["gw_all"][key] - p["haproxy_hard"][key] for p in pairs]
+    lower = sum(d < 0 for d in diffs)
+    print(f"- {label} latency, gw_all - haproxy_hard per pair: median {statistics.median(diffs):+,.0f} us;"
+          f" gw_all lower in {lower} of {len(diffs)} pairs")
 EOF
 log "raw: $RESULTS"
