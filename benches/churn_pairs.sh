@@ -3,9 +3,9 @@
 # all layers against HAProxy hardened), measured as pairs: each pair is one churn run
 # against each, back to back, so both share the machine's state of the moment, which
 # moves whole runs by more than the two products differ. The order alternates: odd pairs
-# run HAProxy first, even pairs the gateway, because the second run of a pair is about
-# 2 % slower whichever target it is (measured with 40 pairs). Prints each pair's ratios,
-# their medians, and the medians by which target ran first. A manual benchmark: not part
+# run HAProxy first, even pairs the gateway, because the second run of a pair tends to
+# do worse, by up to a few percent (BENCHMARKS.md). Prints each pair's ratios, their
+# medians, and the medians by which target ran first. A manual benchmark: not part
 # of `cargo test` or .ci/run.
 #
 #   bash benches/churn_pairs.sh

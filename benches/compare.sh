@@ -127,8 +127,9 @@ reversed() { local i; for ((i = $#; i > 0; i--)); do echo "${!i}"; done; }
 for rep in $(seq 1 "$REPS"); do
     log "repetition $rep of $REPS"
     # Even repetitions run the targets in reverse order. A run's position matters: the
-    # second of two back-to-back churn runs is about 2 % slower whichever target it is
-    # (benches/churn_pairs.sh measured it), and in a fixed order gw_all always ran last.
+    # second of two back-to-back churn runs tends to do worse, by up to a few percent
+    # (BENCHMARKS.md, "The churn and latency goals, as pairs of runs"), and in a fixed
+    # order gw_all always ran last.
     ALL=("${TARGETS[@]}") HARD=("${HARDENED[@]}")
     if [ $((rep % 2)) = 0 ]; then
         mapfile -t ALL < <(reversed "${TARGETS[@]}")
