@@ -77,19 +77,22 @@ log "$PAIRS pairs of ${DUR} s churn runs ($CONCURRENCY clients), haproxy_hard an
 for pair in $(seq "$PAIRS"); do
     order="haproxy_hard:21885:$HAP gw_all:21888:$GW"
     [ $((pair % 2)) = 0 ] && order="gw_all:21888:$GW haproxy_hard:21885:$HAP"
+    first=${order%%:*}
     for t in $order; do
         IFS=: read -r name port pid <<<"$t"
         c0=$(on_cpu_ns "$pid"); m0=$(on_cpu_ns "$MOSQ"); i0=$(idle_ticks)
         "$LOAD" churn --target 127.0.0.1:"$port" --concurrency "$CONCURRENCY" \
             --duration "$DUR" --label "$name" >"$OUT/run.json"
         c1=$(on_cpu_ns "$pid"); m1=$(on_cpu_ns "$MOSQ"); i1=$(idle_ticks)
-        python3 - "$OUT/run.json" "$pair" "$((c1 - c0))" "$((m1 - m0))" "$((i1 - i0))" \
-            "$(getconf CLK_TCK)" >>"$RESULTS" <<'EOF'
+        python3 - "$OUT/run.json" "$first" "$pair" "$((c1 - c0))" "$((m1 - m0))" \
+            "$((i1 - i0))" "$(getconf CLK_TCK)" >>"$RESULTS" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-pair, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[2:])
+first = sys.argv[2]
+pair, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[3:])
 ok = r["ok"]
-print(json.dumps({"target": r["label"], "pair": pair, "first": pair % 2 == 1 and "haproxy_hard" or "gw_all", "per_s": r["per_s"], "ok": ok,
+print(json.dumps({"target": r["label"], "pair": pair, "first": first,
+                  "per_s": r["per_s"], "ok": ok,
                   "cpu_us": cpu_ns / 1e3 / ok if ok else None,
                   "mosquitto_cpu_us": mosq_ns / 1e3 / ok if ok else None,
                   "idle_us": idle / hz * 1e6 / ok if ok else None,

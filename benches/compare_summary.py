@@ -135,9 +135,10 @@ def main():
             v = median(runs, "latency", t, lambda r: r[q])
             parts.append(f"{t} {fmt(None if v is None or d is None else v - d)}")
         print(f"- added latency {q[:3]} over direct (us): " + ", ".join(parts))
-    # The churn goals as ratios within each repetition: gw_all runs right after HAProxy
-    # hardened, so a repetition's two runs share the machine's state, which moves the
-    # medians above by more than the products differ.
+    # The churn goals as ratios within each repetition: gw_all and HAProxy hardened run
+    # two runs apart (gw_off between them, in either order), so a repetition's two runs
+    # share the machine's state, which moves the medians above by more than the
+    # products differ.
     for label, f in (("sessions/s", lambda r: r["per_s"]),
                      ("CPU per session", lambda r: cpu_us(r, "ops"))):
         pairs = paired(runs, "churn", "gw_all", "haproxy_hard", f)
