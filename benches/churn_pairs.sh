@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
 # The churn goal of issue 7 (sessions per second and CPU per session, the gateway with
-# all layers against HAProxy hardened), measured as pairs: each pair is one churn run
-# against each, back to back, so both share the machine's state of the moment, which
-# moves whole runs by more than the two products differ. The order alternates: odd pairs
-# run HAProxy first, even pairs the gateway, because the second run of a pair tends to
-# do worse, by up to a few percent (BENCHMARKS.md). Prints each pair's ratios, their
-# medians, and the medians by which target ran first. A manual benchmark: not part
-# of `cargo test` or .ci/run.
+# all layers against HAProxy hardened), measured in rounds: each round is one churn run
+# against each target, back to back, so all share the machine's state of the moment,
+# which moves whole runs by more than the products differ. The order rotates (below: over
+# each 2N rounds of N targets, each runs in every position and before each other target
+# equally often; with the default two, rounds 1 and 4 of every 4 run HAProxy first),
+# because a run tends to do worse the later it comes in a round, by up to a few percent
+# (BENCHMARKS.md). Use a multiple of 2N rounds (PAIRS). Prints each target's
+# ratios to HAProxy hardened in the same round, their medians, and the gateway's medians
+# by whether it ran before or after HAProxy. A manual benchmark: not part of
+# `cargo test` or .ci/run.
 #
-#   bash benches/churn_pairs.sh
+#   bash benches/churn_pairs.sh                                   # gw_all against haproxy_hard
+#   TARGETS="haproxy_hard gw_all gw_off haproxy_plain haproxy_hard_b" bash benches/churn_pairs.sh
+#
+# TARGETS (default "haproxy_hard gw_all"; haproxy_hard is always measured, as the
+# reference) may name:
+#   haproxy_hard    benches/haproxy/hardened.cfg, 127.0.0.1:21885
+#   haproxy_plain   benches/haproxy/plain.cfg, 21884
+#   haproxy_hard_b  a second HAProxy hardened, 21886: a control, the same product as the
+#                   reference, so its ratios show what the method cannot tell apart
+#   gw_all          the gateway with benches/gateway/all-layers.toml, 21888
+#   gw_off          the gateway with benches/gateway/no-layers.toml, 21887
 #
 # With CONCURRENCY=1 it measures the latency goal at low load instead (see the last
 # lines it prints).
 #
-# Environment: PAIRS (default 16), DUR (seconds per run, default 2), CONCURRENCY
-# (default 32), CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built), GATEWAY
-# (path of a prebuilt mqtt-gateway), OUT (results directory). Needs root for apt-get
-# only when mosquitto or haproxy is missing, and python3.
+# Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
+# (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
+# GATEWAY (path of a prebuilt mqtt-gateway), OUT (results directory). Needs root for
+# apt-get only when mosquitto or haproxy is missing, and python3.
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
 # threads), for the proxy and for mosquitto behind it; "idle" is the whole machine's
-# idle time (/proc/stat) per session. It listens on 127.0.0.1 ports 21883, 21885 and
-# 21888 (21891 for the gateway's metrics), stops everything it started by PID on exit,
-# and keeps all traffic on loopback (clients from 127.0.1.1..250).
+# idle time (/proc/stat) per session. It listens on 127.0.0.1 ports 21883 to 21888
+# (21891 for the gateway's metrics), stops everything it started by PID on exit, and
+# keeps all traffic on loopback (clients from 127.0.1.1..250).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,6 +43,9 @@ ROOT=$PWD
 PAIRS=${PAIRS:-16}
 DUR=${DUR:-2}
 CONCURRENCY=${CONCURRENCY:-32}
+read -r -a TARGETS <<<"${TARGETS:-haproxy_hard gw_all}"
+# HAProxy hardened is the reference every ratio is taken to: measured even when not named.
+[[ " ${TARGETS[*]} " == *" haproxy_hard "* ]] || TARGETS=(haproxy_hard "${TARGETS[@]}")
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/churn-pairs-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
@@ -61,86 +77,124 @@ mosquitto_conf "$OUT/mosquitto.conf"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" &
 MOSQ=$!
 STARTED+=("$MOSQ")
-"$HAPROXY" -db -f benches/haproxy/hardened.cfg >"$OUT/haproxy.log" 2>&1 &
-HAP=$!
-STARTED+=("$HAP")
-"$GATEWAY" --config benches/gateway/all-layers.toml --listen 127.0.0.1:21888 \
-    --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891 >"$OUT/gateway.log" 2>&1 &
-GW=$!
-STARTED+=("$GW")
-for port in 21883 21885 21888; do wait_port "$port"; done
+declare -A PORT PID
+for t in "${TARGETS[@]}"; do
+    case $t in
+        haproxy_hard) PORT[$t]=21885; cmd=("$HAPROXY" -db -f benches/haproxy/hardened.cfg) ;;
+        haproxy_plain) PORT[$t]=21884; cmd=("$HAPROXY" -db -f benches/haproxy/plain.cfg) ;;
+        haproxy_hard_b)
+            PORT[$t]=21886
+            sed 's/^\( *bind 127\.0\.0\.1:\)21885/\121886/; s/^frontend mqtt_hardened$/&_b/' \
+                benches/haproxy/hardened.cfg >"$OUT/hardened_b.cfg"
+            cmd=("$HAPROXY" -db -f "$OUT/hardened_b.cfg") ;;
+        gw_all) PORT[$t]=21888; cmd=("$GATEWAY" --config benches/gateway/all-layers.toml
+            --listen 127.0.0.1:21888 --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891) ;;
+        gw_off) PORT[$t]=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml
+            --listen 127.0.0.1:21887 --upstream 127.0.0.1:21883) ;;
+        *) log "unknown target $t (see the head of this script)"; exit 2 ;;
+    esac
+    "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
+    PID[$t]=$!
+    STARTED+=("${PID[$t]}")
+done
+wait_port 21883
+for t in "${TARGETS[@]}"; do wait_port "${PORT[$t]}"; done
 
 on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'; }
 idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }
 
-log "$PAIRS pairs of ${DUR} s churn runs ($CONCURRENCY clients), haproxy_hard and gw_all in turn first"
+N=${#TARGETS[@]}
+[ $((PAIRS % (2 * N))) = 0 ] || log "warning: $PAIRS rounds is not a multiple of $((2 * N)); the orders are not balanced"
+log "$PAIRS rounds of ${DUR} s churn runs ($CONCURRENCY clients) of ${TARGETS[*]}, the order rotating"
 for pair in $(seq "$PAIRS"); do
-    order="haproxy_hard:21885:$HAP gw_all:21888:$GW"
-    [ $((pair % 2)) = 0 ] && order="gw_all:21888:$GW haproxy_hard:21885:$HAP"
-    first=${order%%:*}
-    for t in $order; do
-        IFS=: read -r name port pid <<<"$t"
+    # Rounds 1..N rotate the list one place further each, rounds N+1..2N do the same
+    # backwards, and so on: over each 2N rounds every target runs in every position, and
+    # before each other target, equally often.
+    order=()
+    for i in $(seq 0 $((N - 1))); do order+=("${TARGETS[$(((pair - 1 + i) % N))]}"); done
+    if [ $((((pair - 1) / N) % 2)) = 1 ]; then
+        for i in $(seq 0 $((N - 1))); do reversed[i]=${order[$((N - 1 - i))]}; done
+        order=("${reversed[@]}")
+    fi
+    first=${order[0]}
+    position=0
+    for name in "${order[@]}"; do
+        pid=${PID[$name]}
         c0=$(on_cpu_ns "$pid"); m0=$(on_cpu_ns "$MOSQ"); i0=$(idle_ticks)
-        "$LOAD" churn --target 127.0.0.1:"$port" --concurrency "$CONCURRENCY" \
+        "$LOAD" churn --target 127.0.0.1:"${PORT[$name]}" --concurrency "$CONCURRENCY" \
             --duration "$DUR" --label "$name" >"$OUT/run.json"
         c1=$(on_cpu_ns "$pid"); m1=$(on_cpu_ns "$MOSQ"); i1=$(idle_ticks)
-        python3 - "$OUT/run.json" "$first" "$pair" "$((c1 - c0))" "$((m1 - m0))" \
-            "$((i1 - i0))" "$(getconf CLK_TCK)" >>"$RESULTS" <<'EOF'
+        python3 - "$OUT/run.json" "$first" "$pair" "$position" "$((c1 - c0))" "$((m1 - m0))" \
+            "$((i1 - i0))" "$(getconf CLK_TCK)" >>"$RESULTS" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 first = sys.argv[2]
-pair, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[3:])
+pair, position, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[3:])
 ok = r["ok"]
-print(json.dumps({"target": r["label"], "pair": pair, "first": first,
+print(json.dumps({"target": r["label"], "pair": pair, "first": first, "position": position,
                   "per_s": r["per_s"], "ok": ok,
                   "cpu_us": cpu_ns / 1e3 / ok if ok else None,
                   "mosquitto_cpu_us": mosq_ns / 1e3 / ok if ok else None,
                   "idle_us": idle / hz * 1e6 / ok if ok else None,
                   "p50_us": r["p50_us"], "p99_us": r["p99_us"]}))
-EOF
+PY
+        position=$((position + 1))
     done
 done
 
-python3 - "$RESULTS" <<'EOF'
+python3 - "$RESULTS" <<'PY'
 import json, statistics, sys
+REF = "haproxy_hard"
 runs = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     runs.setdefault(r["pair"], {})[r["target"]] = r
-pairs = [p for p in runs.values() if "gw_all" in p and "haproxy_hard" in p
-         and p["gw_all"]["cpu_us"] and p["haproxy_hard"]["cpu_us"]]
-if not pairs:
-    sys.exit("no complete pair")
-def med(f):
-    return statistics.median(f(p) for p in pairs)
-print(f"{len(pairs)} pairs; medians:")
-print("| | haproxy_hard | gw_all | gw_all / haproxy_hard, median of the pairs' ratios |")
-print("|---|---|---|---|")
-for label, key in (("sessions/s", "per_s"), ("proxy CPU per session (us)", "cpu_us"),
-                   ("mosquitto CPU per session (us)", "mosquitto_cpu_us"),
-                   ("machine idle per session (us)", "idle_us"),
-                   ("p50 connect->CONNACK (us)", "p50_us"), ("p99 connect->CONNACK (us)", "p99_us")):
-    h = med(lambda p: p["haproxy_hard"][key])
-    g = med(lambda p: p["gw_all"][key])
-    r = med(lambda p: p["gw_all"][key] / p["haproxy_hard"][key])
-    print(f"| {label} | {h:,.1f} | {g:,.1f} | {r:.3f} |")
-for label, key in (("sessions/s", "per_s"), ("CPU per session", "cpu_us")):
-    ratios = sorted(p["gw_all"][key] / p["haproxy_hard"][key] for p in pairs)
-    print(f"- {label} ratios, sorted: " + ", ".join(f"{x:.2f}" for x in ratios))
-    by_first = []
-    for first in ("haproxy_hard", "gw_all"):
-        rs = [p["gw_all"][key] / p["haproxy_hard"][key] for p in pairs
-              if p["gw_all"].get("first") == first]
-        if rs:
-            by_first.append(f"{statistics.median(rs):.3f} when {first} ran first ({len(rs)})")
-    print(f"  median by order: " + "; ".join(by_first))
-# The latency goal (added latency over a direct connection at most HAProxy's) compares
-# gw_all - direct with haproxy_hard - direct: the direct run cancels, and within a pair
-# it is gw_all's latency against HAProxy's. CONCURRENCY=1 measures it at low load.
-for label, key in (("p50", "p50_us"), ("p99", "p99_us")):
-    diffs = [p["gw_all"][key] - p["haproxy_hard"][key] for p in pairs]
-    lower = sum(d < 0 for d in diffs)
-    print(f"- {label} latency, gw_all - haproxy_hard per pair: median {statistics.median(diffs):+,.0f} us;"
-          f" gw_all lower in {lower} of {len(diffs)} pairs")
-EOF
+targets = []
+for rnd in runs.values():
+    targets += [t for t in rnd if t not in targets and t != REF]
+def whole(r):
+    return r is not None and r["cpu_us"] is not None
+for t in targets:
+    pairs = [p for p in runs.values() if whole(p.get(t)) and whole(p.get(REF))]
+    if not pairs:
+        sys.exit(f"no complete round of {t} and {REF}")
+    def med(f):
+        return statistics.median(f(p) for p in pairs)
+    print(f"{t} against {REF}, {len(pairs)} rounds; medians:")
+    print(f"| | {REF} | {t} | {t} / {REF}, median of the rounds' ratios |")
+    print("|---|---|---|---|")
+    for label, key in (("sessions/s", "per_s"), ("proxy CPU per session (us)", "cpu_us"),
+                       ("mosquitto CPU per session (us)", "mosquitto_cpu_us"),
+                       ("machine idle per session (us)", "idle_us"),
+                       ("p50 connect->CONNACK (us)", "p50_us"), ("p99 connect->CONNACK (us)", "p99_us")):
+        h = med(lambda p: p[REF][key])
+        g = med(lambda p: p[t][key])
+        r = med(lambda p: p[t][key] / p[REF][key])
+        print(f"| {label} | {h:,.1f} | {g:,.1f} | {r:.3f} |")
+    for label, key in (("sessions/s", "per_s"), ("CPU per session", "cpu_us")):
+        ratios = sorted(p[t][key] / p[REF][key] for p in pairs)
+        print(f"- {label} ratios, sorted: " + ", ".join(f"{x:.2f}" for x in ratios))
+        # Where a record has no position (files from before rotation: two targets), the
+        # one that ran first came first.
+        def before(p):
+            if "position" in p[t]:
+                return p[t]["position"] < p[REF]["position"]
+            return p[t].get("first") == t
+        by_order = []
+        for label2, want in ((f"{REF} ran before {t}", False), (f"{t} ran before {REF}", True)):
+            rs = [p[t][key] / p[REF][key] for p in pairs if before(p) == want]
+            if rs:
+                by_order.append(f"{statistics.median(rs):.3f} when {label2} ({len(rs)})")
+        print(f"  median by order: " + "; ".join(by_order))
+    # The latency goal (added latency over a direct connection at most HAProxy's) compares
+    # gw_all - direct with haproxy_hard - direct: the direct run cancels, and within a
+    # round it is the target's latency against HAProxy's. CONCURRENCY=1 measures it at low
+    # load.
+    for label, key in (("p50", "p50_us"), ("p99", "p99_us")):
+        diffs = [p[t][key] - p[REF][key] for p in pairs]
+        lower = sum(d < 0 for d in diffs)
+        print(f"- {label} latency, {t} - {REF} per round: median {statistics.median(diffs):+,.0f} us;"
+              f" {t} lower in {lower} of {len(diffs)} rounds")
+    print()
+PY
 log "raw: $RESULTS"
