@@ -5,10 +5,10 @@
 # which moves whole runs by more than the products differ. The order rotates (below: over
 # each 2N rounds of N targets, each runs in every position and before each other target
 # equally often; with the default two, rounds 1 and 4 of every 4 run HAProxy first),
-# because a run tends to do worse the later it comes in a round, by up to a few percent
-# (BENCHMARKS.md). Use a multiple of 2N rounds (PAIRS). Prints each target's
-# ratios to HAProxy hardened in the same round, their medians, and the gateway's medians
-# by whether it ran before or after HAProxy. A manual benchmark: not part of
+# because in series of two targets the second run of a pair tended to do worse, by up to
+# a few percent (BENCHMARKS.md). Use a multiple of 2N rounds (PAIRS). Prints each
+# target's ratios to HAProxy hardened in the same round, their medians, and each
+# target's medians by whether it ran before or after HAProxy. A manual benchmark: not part of
 # `cargo test` or .ci/run.
 #
 #   bash benches/churn_pairs.sh                                   # gw_all against haproxy_hard
