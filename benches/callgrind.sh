@@ -38,16 +38,11 @@ fi
 LOAD=$TARGET_DIR/release/mqtt-load
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap stop_started EXIT
 
 mosquitto_conf "$OUT/mosquitto.conf"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" &
-PIDS+=($!)
+STARTED+=($!)
 sleep 0.5
 
 for t in "${TARGETS[@]}"; do
@@ -67,7 +62,7 @@ for t in "${TARGETS[@]}"; do
     log "$t under callgrind"
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
     pid=$!
-    PIDS+=($pid)
+    STARTED+=($pid)
     up=0
     for _ in $(seq 100); do
         if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then up=1; break; fi

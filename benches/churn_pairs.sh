@@ -53,14 +53,9 @@ RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 
 log() { printf '[churn-pairs %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-STARTED=()
-cleanup() {
-    for pid in "${STARTED[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${STARTED[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
 
 . benches/common.sh
+trap stop_started EXIT
 need_debian mosquitto haproxy
 MOSQUITTO=$(path_of mosquitto)
 HAPROXY=$(path_of haproxy)
@@ -112,10 +107,7 @@ for pair in $(seq "$PAIRS"); do
     # before each other target, equally often.
     order=()
     for i in $(seq 0 $((N - 1))); do order+=("${TARGETS[$(((pair - 1 + i) % N))]}"); done
-    if [ $((((pair - 1) / N) % 2)) = 1 ]; then
-        for i in $(seq 0 $((N - 1))); do reversed[i]=${order[$((N - 1 - i))]}; done
-        order=("${reversed[@]}")
-    fi
+    if [ $((((pair - 1) / N) % 2)) = 1 ]; then mapfile -t order < <(reversed "${order[@]}"); fi
     first=${order[0]}
     position=0
     for name in "${order[@]}"; do

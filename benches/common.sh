@@ -1,6 +1,6 @@
 # Shared by benches/compare.sh, callgrind.sh and churn_pairs.sh (sourced, not run): the
-# tools they take from Debian and the mosquitto every target sits in front of. Each
-# script defines `log` before it sources this file.
+# tools they take from Debian, the mosquitto every target sits in front of, and the
+# stopping of what they start. Each script defines `log` before it sources this file.
 
 # have CMD: CMD is on the PATH or in /usr/sbin (where Debian puts mosquitto and haproxy).
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -44,4 +44,22 @@ max_connections -1
 persistence false
 log_dest none
 CONF
+}
+
+# reversed ARG...: the arguments, one a line, in reverse order.
+reversed() { local i; for ((i = $#; i > 0; i--)); do echo "${!i}"; done; }
+
+# Every process a script starts goes into STARTED; `trap stop_started EXIT` stops them
+# all by PID: resumed first (compare.sh stops the broker with SIGSTOP), then terminated,
+# then waited for.
+STARTED=()
+stop_started() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -CONT "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
 }

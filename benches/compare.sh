@@ -38,24 +38,12 @@ declare -A ADDR=(
 )
 declare -A PID=()
 TARGETS=(direct naive haproxy_plain haproxy_hard gw_off gw_all)
-STARTED=()
 
 log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -CONT "$pid" 2>/dev/null || true
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${STARTED[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-
 # --- tools -----------------------------------------------------------------------------
 . benches/common.sh
+trap stop_started EXIT
 need_debian mosquitto haproxy
 MOSQUITTO=$(path_of mosquitto)
 HAPROXY=$(path_of haproxy)
@@ -122,8 +110,6 @@ run() {
 }
 
 HARDENED=(direct haproxy_hard gw_all)
-# reversed ARRAY...: the arguments in reverse order.
-reversed() { local i; for ((i = $#; i > 0; i--)); do echo "${!i}"; done; }
 for rep in $(seq 1 "$REPS"); do
     log "repetition $rep of $REPS"
     # Even repetitions run the targets in reverse order. A run's position matters: the
