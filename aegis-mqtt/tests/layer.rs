@@ -714,3 +714,51 @@ fn rejection_labels_map_through_aegis_core() {
     let e: BoxError = aegis_core::error::reject(MqttError::ClientId("x")).into();
     assert_eq!(aegis_core::error::label_of(&*e), ("mqtt", "client_id"));
 }
+
+/// A CONNECT that arrives in two pieces, cut anywhere, each read on its own, is taken
+/// whole: the inner service reads the CONNECT and the PUBLISH sent with its second
+/// piece exactly as sent, and the handshake completes.
+#[tokio::test]
+async fn a_connect_in_two_pieces_is_taken_whole_wherever_it_is_cut() {
+    let connect = connect_v4();
+    let publish = B::new().s("a/b").raw(b"hi").frame(0x30);
+    for cut in 1..connect.len() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let hs = Handshake::tracked();
+        let io = Tracked {
+            io: server,
+            hs: hs.clone(),
+        };
+        let inner = service_fn(
+            |mut io: MqttIo<Tracked<tokio::io::DuplexStream>>| async move {
+                let mut seen = Vec::new();
+                io.read_to_end(&mut seen).await?;
+                Ok::<_, BoxError>(seen)
+            },
+        );
+        let mut svc = MqttLayer::default().layer(inner);
+        let mut fut = std::pin::pin!(svc.ready().await.unwrap().call(io));
+        client.write_all(&connect[..cut]).await.unwrap();
+        // The first piece alone: read, and not enough.
+        assert!(
+            futures_poll_once(fut.as_mut()).await.is_none(),
+            "cut at {cut}"
+        );
+        assert!(!hs.is_complete());
+        client.write_all(&connect[cut..]).await.unwrap();
+        client.write_all(&publish).await.unwrap();
+        drop(client);
+        let seen = fut.await.unwrap();
+        assert_eq!(seen, [&connect[..], &publish[..]].concat(), "cut at {cut}");
+        assert!(hs.is_complete());
+    }
+}
+
+/// Polls `f` once: its output if it is ready.
+async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+    let mut f = f;
+    match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut f).poll(cx))).await {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => None,
+    }
+}

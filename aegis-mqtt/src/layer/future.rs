@@ -68,6 +68,37 @@ impl<I> ReadConnect<I> {
         }
     }
 
+    /// One read of the CONNECT into `rb`: `Ready(Err)` at EOF (nothing read) or on a
+    /// failed read, with the stream dropped.
+    fn poll_read_connect(
+        &mut self,
+        cx: &mut Context<'_>,
+        rb: &mut ReadBuf<'_>,
+    ) -> Poll<Result<(), BoxError>>
+    where
+        I: AsyncRead + Unpin,
+    {
+        let io = self
+            .io
+            .as_mut()
+            .expect("ReadConnect polled after completion");
+        match ready!(Pin::new(io).poll_read(cx, rb)) {
+            Ok(()) if rb.filled().is_empty() => {
+                self.io = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a complete MQTT CONNECT",
+                )
+                .into()))
+            }
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => {
+                self.io = None;
+                Poll::Ready(Err(e.into()))
+            }
+        }
+    }
+
     fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<Accepted<I>, BoxError>> {
         let timeout = self.timeout;
         let sleep = self
@@ -103,7 +134,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 this.io = None;
                 return Poll::Ready(Err(reject(err).into()));
             }
-            let step = match this.session.next(&this.buf) {
+            // Nothing buffered yet (the usual case: the whole CONNECT arrives in one
+            // read): read first and take the CONNECT straight from the read, without a
+            // growing buffer.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
+            let fresh = this.buf.is_empty();
+            if fresh {
+                match this.poll_read_connect(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return this.wait(cx),
+                }
+            }
+            let data: &[u8] = if fresh { rb.filled() } else { &this.buf };
+            let step = match this.session.next(data) {
                 Ok(Next::Packet {
                     len,
                     packet: Packet::Connect(c),
@@ -144,36 +189,37 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
             match step {
                 Step::Accepted(len) => {
                     let io = this.io.take().expect("ReadConnect polled after completion");
-                    let mut all = Bytes::from(std::mem::take(&mut this.buf));
-                    let connect = all.split_to(len);
+                    let (connect, rest) = if fresh {
+                        // Copies of exactly the CONNECT and what followed it (usually
+                        // nothing): one allocation.
+                        let (connect, rest) = data.split_at(len);
+                        let rest = if rest.is_empty() {
+                            Bytes::new()
+                        } else {
+                            Bytes::copy_from_slice(rest)
+                        };
+                        (Bytes::copy_from_slice(connect), rest)
+                    } else {
+                        let mut all = Bytes::from(std::mem::take(&mut this.buf));
+                        (all.split_to(len), all)
+                    };
                     let session = std::mem::replace(&mut this.session, Session::new(Config::new()));
                     let policy = this.policy.take();
                     let opts = std::mem::take(&mut this.opts);
-                    return Poll::Ready(Ok((session, connect, all, io, opts, policy)));
+                    return Poll::Ready(Ok((session, connect, rest, io, opts, policy)));
                 }
                 Step::Refused(e, answer) => {
                     this.answer = Some((e, answer, 0));
                 }
-                Step::Read => {
-                    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-                    let mut rb = ReadBuf::uninit(&mut chunk);
-                    match Pin::new(io).poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                            this.io = None;
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "connection closed before a complete MQTT CONNECT",
-                            )
-                            .into()));
-                        }
-                        Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
-                        Poll::Ready(Err(e)) => {
-                            this.io = None;
-                            return Poll::Ready(Err(e.into()));
-                        }
-                        Poll::Pending => return this.wait(cx),
-                    }
+                Step::Read if fresh => {
+                    // Part of a CONNECT: keep it, and read the rest.
+                    this.buf.extend_from_slice(rb.filled());
                 }
+                Step::Read => match this.poll_read_connect(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return this.wait(cx),
+                },
             }
         }
     }

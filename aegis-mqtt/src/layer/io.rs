@@ -118,6 +118,9 @@ struct ConnackWatch {
     due: Option<Instant>,
     /// The CONNACK timer: created on the first read, never reset; dropped with `due`.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The waker the timer last registered: every read checks the timer, and while the
+    /// same task reads, the timer need not be polled again until it fires.
+    timer_waker: Option<Waker>,
     /// Told once if the CONNACK timeout fires.
     on_timeout: Option<OnConnackTimeout>,
 }
@@ -313,6 +316,7 @@ impl ConnackWatch {
             // A timeout too long to add is no timeout.
             due: timeout.and_then(|t| now.checked_add(t)),
             timer: None,
+            timer_waker: None,
             on_timeout,
         };
         (w.latency.is_some() || w.due.is_some()).then(|| Box::new(w))
@@ -410,6 +414,7 @@ impl<I> MqttIo<I> {
         if let Some(w) = &mut self.connack {
             w.due = None;
             w.timer = None;
+            w.timer_waker = None;
             w.on_timeout = None;
         }
         self.drop_connack_watch_if_done();
@@ -445,7 +450,17 @@ impl<I> MqttIo<I> {
         let timer = watch
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if !timer.is_elapsed()
+            && watch
+                .timer_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // Armed for this task, and not fired: it wakes the task when it does.
+            return false;
+        }
         if timer.as_mut().poll(cx).is_pending() {
+            park(&mut watch.timer_waker, cx);
             return false;
         }
         let on_timeout = watch.on_timeout.take();
@@ -683,6 +698,134 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
         self.buf.reserve(READ_CHUNK);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
+
+    /// A read straight into `out`, with nothing partial buffered (the usual case): the
+    /// whole, valid packets at the start of what arrived stay there; only what follows
+    /// them (the start of a packet, packets behind a throttle or a dropped one) is
+    /// copied aside, into `buf`. `None` when the read loop must go on (nothing to
+    /// release yet, or a refusal to return).
+    fn poll_read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
+        let start = out.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, out) {
+            Poll::Ready(Ok(())) if out.filled().len() == start => Some(Poll::Ready(Ok(()))), // EOF
+            Poll::Ready(Ok(())) => {
+                let read = &out.filled()[start..];
+                let found = scan_packets(
+                    &mut self.session,
+                    &mut self.bucket,
+                    &mut self.policy,
+                    cx,
+                    read,
+                );
+                let kept = found.valid + found.dropped;
+                if found.refused.is_none() && kept < read.len() {
+                    // (After a refusal nothing more is released: not kept.)
+                    self.buf.extend_from_slice(&read[kept..]);
+                }
+                out.set_filled(start + found.valid);
+                if let Some(e) = found.refused {
+                    self.fail(e);
+                }
+                if kept > 0 && self.enforce_keep_alive {
+                    self.last_packet = Instant::now();
+                }
+                (found.valid > 0).then_some(Poll::Ready(Ok(())))
+            }
+            Poll::Ready(Err(e)) => Some(Poll::Ready(Err(e))),
+            Poll::Pending if self.keep_alive_expired(cx) => {
+                self.fail(MqttError::KeepAliveTimeout);
+                None
+            }
+            Poll::Pending => {
+                // An idle connection holds no read buffer.
+                self.buf = BytesMut::new();
+                Some(Poll::Pending)
+            }
+        }
+    }
+}
+
+/// The smallest room in a read's buffer for [`MqttIo`] to read the client straight into
+/// it (a copy loop's buffer is 8 KiB): below it, reads go through `buf`.
+const DIRECT_READ: usize = 1024;
+
+/// What [`scan_packets`] found at the start of a run of the client's bytes.
+struct Scan {
+    /// Bytes of whole, valid packets (within the packet rate) to release.
+    valid: usize,
+    /// The length of a packet the policy drops, right after the `valid` bytes; 0 if
+    /// none.
+    dropped: usize,
+    /// The packet after the `valid` bytes breaks a rule, or is over the packet rate.
+    refused: Option<MqttError>,
+    /// No packet is released: the first waits for a token of the packet rate (the
+    /// bucket wakes the task).
+    throttled: bool,
+}
+
+/// Validates the whole packets at the start of `data` in turn, up to the first that is
+/// incomplete, refused, dropped or throttled.
+fn scan_packets(
+    session: &mut Session,
+    bucket: &mut Option<Box<Bucket>>,
+    policy: &mut Option<ConnPolicy>,
+    cx: &mut Context<'_>,
+    data: &[u8],
+) -> Scan {
+    let mut scan = Scan {
+        valid: 0,
+        dropped: 0,
+        refused: None,
+        throttled: false,
+    };
+    while scan.valid < data.len() {
+        let rest = &data[scan.valid..];
+        if let Some(bucket) = bucket {
+            // Only a whole packet takes a token; framing errors fall through to the
+            // session below.
+            if let Ok(Decoded::Frame(_)) = session.framer().decode(rest) {
+                match bucket.poll_take(cx) {
+                    Poll::Ready(true) => {}
+                    Poll::Ready(false) => {
+                        scan.refused = Some(MqttError::MessageRate);
+                        break;
+                    }
+                    // Throttled: release what is ready, or wait for a token.
+                    Poll::Pending => {
+                        scan.throttled = scan.valid == 0;
+                        break;
+                    }
+                }
+            }
+        }
+        match session.next(rest) {
+            Ok(Next::Packet { len, packet }) => {
+                match policy.as_mut().map(|p| p.check(&packet, len)) {
+                    None | Some(Verdict::Forward) => scan.valid += len,
+                    Some(Verdict::Drop) => {
+                        scan.dropped = len;
+                        break;
+                    }
+                    Some(Verdict::Refuse(e)) => {
+                        scan.refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            Ok(Next::NeedMore(_)) => break,
+            Err(e) => {
+                // Counted now; answered and returned once the valid packets before it
+                // are read.
+                scan.refused = Some(e);
+                break;
+            }
+        }
+    }
+    scan
 }
 
 // Reads may write: the MQTT 5 DISCONNECT goes out from the read that refuses a packet.
@@ -715,50 +858,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
-            let mut valid = 0;
-            // A packet the policy keeps from the broker, after the `valid` bytes.
-            let mut dropped = 0;
-            while valid < this.buf.len() {
-                if let Some(bucket) = &mut this.bucket {
-                    // Only a whole packet takes a token; framing errors fall through to
-                    // the session below.
-                    if let Ok(Decoded::Frame(_)) = this.session.framer().decode(&this.buf[valid..])
-                    {
-                        match bucket.poll_take(cx) {
-                            Poll::Ready(true) => {}
-                            Poll::Ready(false) => {
-                                this.fail(MqttError::MessageRate);
-                                break;
-                            }
-                            // Throttled: release what is ready, or wait for a token.
-                            Poll::Pending if valid > 0 => break,
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
-                }
-                match this.session.next(&this.buf[valid..]) {
-                    Ok(Next::Packet { len, packet }) => {
-                        match this.policy.as_mut().map(|p| p.check(&packet, len)) {
-                            None | Some(Verdict::Forward) => valid += len,
-                            Some(Verdict::Drop) => {
-                                dropped = len;
-                                break;
-                            }
-                            Some(Verdict::Refuse(e)) => {
-                                this.fail(e);
-                                break;
-                            }
-                        }
-                    }
-                    Ok(Next::NeedMore(_)) => break,
-                    Err(e) => {
-                        // Counted now; answered and returned once the valid packets
-                        // before it are read.
-                        this.fail(e);
-                        break;
-                    }
-                }
+            let scan = scan_packets(
+                &mut this.session,
+                &mut this.bucket,
+                &mut this.policy,
+                cx,
+                &this.buf,
+            );
+            if let Some(e) = scan.refused {
+                this.fail(e);
             }
+            if scan.throttled {
+                return Poll::Pending;
+            }
+            let Scan { valid, dropped, .. } = scan;
             if valid > 0 || dropped > 0 {
                 if valid > 0 {
                     this.ready = this.buf.split_to(valid).freeze();
@@ -772,6 +885,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             }
             if this.refusal.is_some() {
                 continue;
+            }
+            if this.buf.is_empty() && out.remaining() >= DIRECT_READ {
+                match this.poll_read_direct(cx, out) {
+                    Some(done) => return done,
+                    None => continue,
+                }
             }
             match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
@@ -1088,6 +1207,121 @@ mod tests {
         let mut forwarded = vec![0; 200];
         io.read_exact(&mut forwarded).await.unwrap();
         assert_eq!(forwarded, publish);
+    }
+
+    /// One poll of a read into `room` bytes: `None` if it is pending.
+    fn read_once(
+        io: &mut MqttIo<tokio::io::DuplexStream>,
+        room: usize,
+    ) -> Option<io::Result<Vec<u8>>> {
+        let mut buf = vec![0; room];
+        let mut rb = ReadBuf::new(&mut buf);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(io).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(Ok(())) => Some(Ok(rb.filled().to_vec())),
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            Poll::Pending => None,
+        }
+    }
+
+    proptest::proptest! {
+        /// However the client's packets are cut, and whether the reads go straight into
+        /// a large buffer or through the layer's own (a small one), the reads return
+        /// exactly the valid packets, in order; into a buffer that holds a packet, only
+        /// whole packets; then the refusal of an invalid packet, or EOF.
+        #[test]
+        fn reads_return_the_valid_packets_whatever_the_cuts_and_the_buffer(
+            payloads in proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)),
+                0..8,
+            ),
+            invalid in proptest::prelude::any::<bool>(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
+            room in proptest::prop_oneof![1usize..16, proptest::strategy::Just(DIRECT_READ), proptest::strategy::Just(8192)],
+        ) {
+            let connect = [
+                0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+            ];
+            // PINGREQs and QoS 0 PUBLISHes to "t".
+            let mut stream = Vec::new();
+            let mut ends = Vec::new();
+            for p in &payloads {
+                match p {
+                    None => stream.extend_from_slice(&[0xC0, 0x00]),
+                    Some(payload) => {
+                        stream.push(0x30);
+                        stream.extend_from_slice(&remaining_length(3 + payload.len()));
+                        stream.extend_from_slice(&[0x00, 0x01, b't']);
+                        stream.extend_from_slice(payload);
+                    }
+                }
+                ends.push(stream.len());
+            }
+            let valid = stream.len();
+            if invalid {
+                // A PINGREQ with its reserved flags set: malformed.
+                stream.extend_from_slice(&[0xC1, 0x00]);
+            }
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.sort_unstable();
+
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            let _guard = rt.enter();
+            let mut session = Session::new(Config::new());
+            assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let mut io = MqttIo::new(
+                server,
+                session,
+                Bytes::copy_from_slice(&connect),
+                Bytes::new(),
+                IoOptions::default(),
+                None,
+            );
+            let mut got = Vec::new();
+            let mut error = None;
+            let mut eof = false;
+            let mut read_all = |io: &mut MqttIo<_>, got: &mut Vec<u8>| {
+                while error.is_none() && !eof {
+                    match read_once(io, room) {
+                        None => break,
+                        Some(Ok(b)) if b.is_empty() => eof = true,
+                        Some(Ok(b)) => {
+                            got.extend_from_slice(&b);
+                            let whole = room >= 8192 && got.len() > connect.len();
+                            if whole {
+                                let at = got.len() - connect.len();
+                                proptest::prop_assert!(ends.contains(&at), "a read ends at {at}, inside a packet");
+                            }
+                        }
+                        Some(Err(e)) => error = Some(e),
+                    }
+                }
+                Ok(())
+            };
+            let mut from = 0;
+            for to in at.into_iter().chain([stream.len()]) {
+                let mut cx = Context::from_waker(Waker::noop());
+                let piece = &stream[from..to];
+                if !piece.is_empty() {
+                    let n = Pin::new(&mut client).poll_write(&mut cx, piece);
+                    proptest::prop_assert!(matches!(n, Poll::Ready(Ok(k)) if k == piece.len()));
+                }
+                from = to;
+                read_all(&mut io, &mut got)?;
+            }
+            drop(client);
+            read_all(&mut io, &mut got)?;
+            proptest::prop_assert_eq!(&got[..connect.len()], &connect[..]);
+            proptest::prop_assert_eq!(&got[connect.len()..], &stream[..valid]);
+            if invalid {
+                let e = error.expect("the invalid packet is refused");
+                proptest::prop_assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            } else {
+                proptest::prop_assert!(error.is_none(), "{error:?}");
+                proptest::prop_assert!(eof);
+            }
+        }
     }
 
     /// Polls `f` once: `true` if it is pending.
