@@ -609,3 +609,34 @@ async fn dropping_the_server_future_drops_the_signal() {
         "the signal outlived the server: {gone:?}"
     );
 }
+
+/// Each connection's local address is the one its client dialled, whether the listener
+/// is bound to that address (the loop then takes it from the listener, without asking
+/// each socket) or to the wildcard address (it asks each socket).
+#[tokio::test]
+async fn each_connection_carries_the_local_address_its_client_dialled() {
+    use aegis_core::{LocalAddr, Param, PeerAddr};
+
+    for bind in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+            let tx = tx.clone();
+            async move {
+                let local = Param::<LocalAddr>::param(&conn).0;
+                let peer = Param::<PeerAddr>::param(&conn).0;
+                tx.send((local, peer)).unwrap();
+                Ok::<_, io::Error>(())
+            }
+        });
+        let server = tokio::spawn(serve(listener, svc).into_future());
+        let dialled: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let client = TcpStream::connect(dialled).await.unwrap();
+        let (local, peer) = rx.recv().await.unwrap();
+        assert_eq!(local, dialled, "bound to {bind}");
+        assert_eq!(local, client.peer_addr().unwrap(), "bound to {bind}");
+        assert_eq!(peer, client.local_addr().unwrap(), "bound to {bind}");
+        server.abort();
+    }
+}

@@ -24,6 +24,24 @@ pub trait Listener: Send + 'static {
     /// helps (out of descriptors or memory) and keeps serving.
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<Self::Io>>>;
 
+    /// Accepts one connection whose local address is `local`: the loop calls this instead
+    /// of [`poll_accept`](Self::poll_accept) when the listener is bound to one address
+    /// and port (not a wildcard), which every connection it accepts then shares. The
+    /// default calls `poll_accept`; the `TcpListener` implementation skips asking each
+    /// accepted socket its address (a `getsockname` system call per connection).
+    ///
+    /// # Errors
+    ///
+    /// As [`poll_accept`](Self::poll_accept).
+    fn poll_accept_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: SocketAddr,
+    ) -> Poll<io::Result<Conn<Self::Io>>> {
+        let _ = local;
+        self.poll_accept(cx)
+    }
+
     /// The address the listener is bound to.
     ///
     /// # Errors
@@ -62,6 +80,15 @@ impl Listener for tokio::net::TcpListener {
         // The listener may be bound to a wildcard address: the connection's own local
         // address is the one the client dialled.
         let local = io.local_addr()?;
+        Poll::Ready(Ok(Conn::new(io, peer, local)))
+    }
+
+    fn poll_accept_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: SocketAddr,
+    ) -> Poll<io::Result<Conn<Self::Io>>> {
+        let (io, peer) = std::task::ready!(tokio::net::TcpListener::poll_accept(self, cx))?;
         Poll::Ready(Ok(Conn::new(io, peer, local)))
     }
 

@@ -393,6 +393,17 @@ impl<L: Listener> Listener for Shared<L> {
         }
     }
 
+    fn poll_accept_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: SocketAddr,
+    ) -> Poll<io::Result<Conn<Self::Io>>> {
+        match self.0.lock().as_mut() {
+            Some(listener) => listener.poll_accept_at(cx, local),
+            None => Poll::Pending,
+        }
+    }
+
     fn local_addr(&self) -> io::Result<SocketAddr> {
         match self.0.lock().as_ref() {
             Some(listener) => listener.local_addr(),
@@ -461,15 +472,23 @@ where
     let registry = Registry::new(max_connections);
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(signal);
-    if let Ok(addr) = listener.local_addr() {
+    let bound = listener.local_addr();
+    if let Ok(addr) = bound {
         tracing::info!(%addr, max_connections, "accepting connections");
     }
+    // Bound to one address and port: every connection's local address is that one.
+    let bound = bound
+        .ok()
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0);
 
     loop {
         let accepted = tokio::select! {
             biased;
             () = &mut signal => break,
-            res = std::future::poll_fn(|cx| listener.poll_accept(cx)) => res,
+            res = std::future::poll_fn(|cx| match bound {
+                Some(local) => listener.poll_accept_at(cx, local),
+                None => listener.poll_accept(cx),
+            }) => res,
         };
         let conn = match accepted {
             Ok(conn) => {
