@@ -22,20 +22,24 @@
 #                   reference, so its ratios show what the method cannot tell apart
 #   gw_all          the gateway with benches/gateway/all-layers.toml, 21888
 #   gw_off          the gateway with benches/gateway/no-layers.toml, 21887
+#   gw_all_b        as gw_all, but the build GATEWAY_B, 21892: another build (a change's
+#   gw_off_b        parent, say) measured in the same rounds; gw_off_b as gw_off, 21893
 #
 # With CONCURRENCY=1 it measures the latency goal at low load instead (see the last
 # lines it prints).
 #
 # Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
 # (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
-# GATEWAY (path of a prebuilt mqtt-gateway), OUT (results directory). Needs root for
+# GATEWAY (path of a prebuilt mqtt-gateway), GATEWAY_B (the build of gw_all_b and
+# gw_off_b), OUT (results directory). Needs root for
 # apt-get only when mosquitto or haproxy is missing, and python3.
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
 # threads), for the proxy and for mosquitto behind it; "idle" is the whole machine's
 # idle time (/proc/stat) per session. It listens on 127.0.0.1 ports 21883 to 21888
-# (21891 for the gateway's metrics), stops everything it started by PID on exit, and
-# keeps all traffic on loopback (clients from 127.0.1.1..250).
+# (21891 for the gateway's metrics; 21892 to 21894 for GATEWAY_B's), stops everything it
+# started by PID on exit, and keeps all traffic on loopback (clients from
+# 127.0.1.1..250).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -86,6 +90,12 @@ for t in "${TARGETS[@]}"; do
             --listen 127.0.0.1:21888 --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891) ;;
         gw_off) PORT[$t]=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml
             --listen 127.0.0.1:21887 --upstream 127.0.0.1:21883) ;;
+        gw_all_b) PORT[$t]=21892; cmd=("${GATEWAY_B:?gw_all_b needs GATEWAY_B}"
+            --config benches/gateway/all-layers.toml --listen 127.0.0.1:21892
+            --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21894) ;;
+        gw_off_b) PORT[$t]=21893; cmd=("${GATEWAY_B:?gw_off_b needs GATEWAY_B}"
+            --config benches/gateway/no-layers.toml --listen 127.0.0.1:21893
+            --upstream 127.0.0.1:21883) ;;
         *) log "unknown target $t (see the head of this script)"; exit 2 ;;
     esac
     "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
@@ -188,5 +198,14 @@ for t in targets:
         print(f"- {label} latency, {t} - {REF} per round: median {statistics.median(diffs):+,.0f} us;"
               f" {t} lower in {lower} of {len(diffs)} rounds")
     print()
+# A build against another (GATEWAY_B), same configuration, in the same rounds.
+for t in ("gw_all", "gw_off"):
+    b = t + "_b"
+    pairs = [p for p in runs.values() if whole(p.get(t)) and whole(p.get(b))]
+    if pairs:
+        rate = statistics.median(p[t]["per_s"] / p[b]["per_s"] for p in pairs)
+        cpu = statistics.median(p[t]["cpu_us"] / p[b]["cpu_us"] for p in pairs)
+        print(f"{t} (GATEWAY) / {b} (GATEWAY_B), {len(pairs)} rounds, medians of the rounds'"
+              f" ratios: sessions/s {rate:.3f}, proxy CPU per session {cpu:.3f}")
 PY
 log "raw: $RESULTS"
