@@ -10,6 +10,13 @@
 # counted and divided by the sessions completed. Valgrind slows the target about 50x, so
 # these runs measure work, not speed. Kernel work (the sockets) is not counted.
 #
+# It also counts the code a session runs: the 64-byte lines of machine code executed at
+# least once per session on average. Between two sessions the other processes and the
+# kernel run on the same cores and evict the gateway's code from the caches, so a
+# session fetches most of these lines again; that, more than the instruction count, is
+# what a session's code costs in time (about 1 ns per instruction for the gateway's
+# layers, BENCHMARKS.md).
+#
 # Installs valgrind, mosquitto and haproxy from Debian when missing. Uses the release
 # binaries in CARGO_TARGET_DIR (default target/), built unless NO_BUILD=1; GATEWAY=PATH
 # measures another build of the gateway. Ports 21883 (mosquitto) and 21884..21889, as
@@ -60,7 +67,7 @@ for t in "${TARGETS[@]}"; do
         *) log "unknown target $t"; exit 2 ;;
     esac
     log "$t under callgrind"
-    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
+    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
     pid=$!
     STARTED+=($pid)
     up=0
@@ -91,8 +98,34 @@ out, targets = sys.argv[1], sys.argv[2:]
 # prefixes its symbols with _rjem_).
 ALLOC = re.compile(r"\*  \S*:((malloc|calloc|realloc|posix_memalign) \[\S*libc\.so"
                    r"|_rjem_(malloc|mallocx|calloc|realloc|rallocx|posix_memalign) \[)")
-print("| target | sessions | instructions per session | heap allocations per session |")
-print("|---|---|---|---|")
+def code_lines(path, sessions):
+    """64-byte lines of code executed at least once per session on average."""
+    runs, addr, after_call = {}, 0, False
+    for line in open(path, errors="replace"):
+        if line.startswith("calls="):
+            # The next cost line is the call's inclusive cost, not an instruction's own.
+            after_call = True
+            continue
+        if line[0] not in "0123456789+-*":
+            after_call = False
+            continue
+        # "instr line Ir", positions compressed: absolute (0x..), relative (+n, -n), same (*).
+        parts = line.split()
+        pos = parts[0]
+        if pos.startswith("0x"):
+            addr = int(pos, 16)
+        elif pos[0] in "+-":
+            addr += int(pos)
+        if after_call:
+            after_call = False
+            continue
+        if len(parts) == 3:
+            runs[addr >> 6] = runs.get(addr >> 6, 0) + int(parts[2])
+    return sum(1 for n in runs.values() if n >= sessions / 2)
+
+print("| target | sessions | instructions per session | heap allocations per session "
+      "| 64-byte code lines per session |")
+print("|---|---|---|---|---|")
 for t in targets:
     # The dump taken after the counted run (part 1; part 2 is the exit).
     dumps = sorted(glob.glob(f"{out}/{t}.*.out.1"), key=os.path.getmtime)
@@ -116,6 +149,7 @@ for t in targets:
                 m = re.search(r"<\s+(\S+).*\(([\d,]+)x\)", line)
                 if m and not any(a in line for a in ("libc.so", "./malloc/", "tikv-jemalloc-sys")):
                     allocs += int(m.group(2).replace(",", ""))
-    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} |")
+    lines = code_lines(dumps[-1], sessions)
+    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} | {lines:,} |")
 EOF
 log "raw: $OUT"
