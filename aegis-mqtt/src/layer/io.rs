@@ -1127,28 +1127,39 @@ mod tests {
         }
     }
 
+    /// A 3.1.1 CONNECT of client id "a".
+    const CONNECT: [u8; 15] = [
+        0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+    ];
+
+    /// A client's side of a duplex of `capacity` bytes, and an `MqttIo` on the other side
+    /// whose session accepted [`CONNECT`] under `config` (its first reads return it).
+    fn connected(
+        config: Config,
+        capacity: usize,
+    ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
+        let mut session = Session::new(config);
+        assert!(matches!(session.next(&CONNECT), Ok(Next::Packet { .. })));
+        let (client, server) = tokio::io::duplex(capacity);
+        let io = MqttIo::new(
+            server,
+            session,
+            Bytes::copy_from_slice(&CONNECT),
+            Bytes::new(),
+            IoOptions::default(),
+            None,
+        );
+        (client, io)
+    }
+
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
     /// read finds nothing to do, and taken again for the next packet.
     #[tokio::test]
     async fn an_idle_connection_holds_no_read_buffer() {
-        let connect = [
-            0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
-        ];
-        let mut session = Session::new(Config::new());
-        assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
-        let (mut client, server) = tokio::io::duplex(1024);
-        let opts = IoOptions::default();
-        let mut io = MqttIo::new(
-            server,
-            session,
-            Bytes::copy_from_slice(&connect),
-            Bytes::new(),
-            opts,
-            None,
-        );
+        let (mut client, mut io) = connected(Config::new(), 1024);
         let mut got = [0; 15];
         io.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, connect);
+        assert_eq!(got, CONNECT);
         for _ in 0..3 {
             client.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
             let mut ping = [0; 2];
@@ -1174,20 +1185,7 @@ mod tests {
     /// same write.)
     #[tokio::test]
     async fn a_connack_followed_by_a_publish_in_one_write_ends_the_connect_phase() {
-        let connect = [
-            0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
-        ];
-        let mut session = Session::new(Config::new().max_connect_size(64));
-        assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
-        let (mut client, server) = tokio::io::duplex(4096);
-        let mut io = MqttIo::new(
-            server,
-            session,
-            Bytes::copy_from_slice(&connect),
-            Bytes::new(),
-            IoOptions::default(),
-            None,
-        );
+        let (mut client, mut io) = connected(Config::new().max_connect_size(64), 4096);
         let mut got = [0; 15];
         io.read_exact(&mut got).await.unwrap();
         // The broker's CONNACK and a queued QoS 0 PUBLISH "t" = "hi", in one write.
@@ -1239,9 +1237,7 @@ mod tests {
             cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
             room in proptest::prop_oneof![1usize..16, proptest::strategy::Just(DIRECT_READ), proptest::strategy::Just(8192)],
         ) {
-            let connect = [
-                0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
-            ];
+            let connect = CONNECT;
             // PINGREQs and QoS 0 PUBLISHes to "t".
             let mut stream = Vec::new();
             let mut ends = Vec::new();
@@ -1267,17 +1263,7 @@ mod tests {
 
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
             let _guard = rt.enter();
-            let mut session = Session::new(Config::new());
-            assert!(matches!(session.next(&connect), Ok(Next::Packet { .. })));
-            let (mut client, server) = tokio::io::duplex(1 << 20);
-            let mut io = MqttIo::new(
-                server,
-                session,
-                Bytes::copy_from_slice(&connect),
-                Bytes::new(),
-                IoOptions::default(),
-                None,
-            );
+            let (mut client, mut io) = connected(Config::new(), 1 << 20);
             let mut got = Vec::new();
             let mut error = None;
             let mut eof = false;
