@@ -31,7 +31,9 @@
 # Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
 # (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
 # GATEWAY (path of a prebuilt mqtt-gateway), GATEWAY_B (the build of gw_all_b and
-# gw_off_b), OUT (results directory). Needs root for
+# gw_off_b), RESTART=1 (every target a fresh process for each round, warmed up by a
+# 1-second churn run that is not measured; mosquitto stays),
+# OUT (results directory). Needs root for
 # apt-get only when mosquitto or haproxy is missing, and python3.
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
@@ -77,7 +79,9 @@ mosquitto_conf "$OUT/mosquitto.conf"
 MOSQ=$!
 STARTED+=("$MOSQ")
 declare -A PORT PID
-for t in "${TARGETS[@]}"; do
+# launch TARGET: starts it (its PID in PID, its port in PORT).
+launch() {
+    local t=$1 cmd
     case $t in
         haproxy_hard) PORT[$t]=21885; cmd=("$HAPROXY" -db -f benches/haproxy/hardened.cfg) ;;
         haproxy_plain) PORT[$t]=21884; cmd=("$HAPROXY" -db -f benches/haproxy/plain.cfg) ;;
@@ -98,10 +102,11 @@ for t in "${TARGETS[@]}"; do
             --upstream 127.0.0.1:21883) ;;
         *) log "unknown target $t (see the head of this script)"; exit 2 ;;
     esac
-    "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
+    "${cmd[@]}" >>"$OUT/$t.log" 2>&1 &
     PID[$t]=$!
     STARTED+=("${PID[$t]}")
-done
+}
+for t in "${TARGETS[@]}"; do launch "$t"; done
 wait_port 21883
 for t in "${TARGETS[@]}"; do wait_port "${PORT[$t]}"; done
 
@@ -118,6 +123,25 @@ for pair in $(seq "$PAIRS"); do
     order=()
     for i in $(seq 0 $((N - 1))); do order+=("${TARGETS[$(((pair - 1 + i) % N))]}"); done
     if [ $((((pair - 1) / N) % 2)) = 1 ]; then mapfile -t order < <(reversed "${order[@]}"); fi
+    if [ "${RESTART:-0}" = 1 ]; then
+        # Fresh processes for every round: a process's own layout (addresses, caches)
+        # can favour it by a few percent for as long as it runs, which rounds on the
+        # same processes never average out.
+        if [ "$pair" -gt 1 ]; then
+            for t in "${TARGETS[@]}"; do
+                kill "${PID[$t]}" 2>/dev/null || true
+                wait "${PID[$t]}" 2>/dev/null || true
+            done
+            for t in "${TARGETS[@]}"; do launch "$t"; done
+        fi
+        for t in "${TARGETS[@]}"; do
+            wait_port "${PORT[$t]}"
+            # Not measured: a new process's first sessions fault its memory in.
+            "$LOAD" churn --target 127.0.0.1:"${PORT[$t]}" --concurrency "$CONCURRENCY" \
+                --duration 1 >/dev/null
+        done
+        [ "$pair" = 2 ] && log "a fresh process of each target for every round (PIDs now ${PID[*]})"
+    fi
     first=${order[0]}
     position=0
     for name in "${order[@]}"; do
