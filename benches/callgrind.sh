@@ -66,19 +66,12 @@ for t in "${TARGETS[@]}"; do
             cmd=("$HAPROXY" -db -f "$OUT/$cfg.cfg") ;;
         *) log "unknown target $t"; exit 2 ;;
     esac
-    log "$t under callgrind"
+    log "$t under callgrind (its output: $OUT/$t.log)"
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
     pid=$!
     STARTED+=($pid)
-    up=0
-    for _ in $(seq 100); do
-        if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then up=1; break; fi
-        sleep 0.2
-    done
-    if [ $up = 0 ]; then
-        log "$t did not listen on port $port within 20 s; see $OUT/$t.log"
-        exit 1
-    fi
+    # Valgrind starts the target slowly.
+    wait_port "$port" 20
     "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 3 >/dev/null
     callgrind_control -z "$pid" >/dev/null
     "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 8 >"$OUT/$t.json"

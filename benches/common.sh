@@ -22,15 +22,15 @@ need_debian() {
     fi
 }
 
-# wait_port PORT: waits up to 10 s for something to listen on 127.0.0.1:PORT; exits the
-# script if nothing does.
+# wait_port PORT [SECONDS]: waits up to SECONDS (10) for something to listen on
+# 127.0.0.1:PORT; exits the script if nothing does.
 wait_port() {
-    local port=$1 i
-    for i in $(seq 1 100); do
+    local port=$1 seconds=${2:-10} i
+    for i in $(seq 1 $((seconds * 10))); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
         sleep 0.1
     done
-    log "nothing listens on $port"
+    log "nothing listens on $port after $seconds s"
     exit 1
 }
 
