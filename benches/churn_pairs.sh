@@ -22,8 +22,10 @@
 #                   reference, so its ratios show what the method cannot tell apart
 #   gw_all          the gateway with benches/gateway/all-layers.toml, 21888
 #   gw_off          the gateway with benches/gateway/no-layers.toml, 21887
-#   gw_all_b        as gw_all, but the build GATEWAY_B, 21892: another build (a change's
-#   gw_off_b        parent, say) measured in the same rounds; gw_off_b as gw_off, 21893
+#   gw_all_b        as gw_all, but the build GATEWAY_B and the configuration CONFIG_B,
+#                   21892: another build (a change's parent, say) or configuration (all
+#                   layers but one, say) measured in the same rounds
+#   gw_off_b        as gw_off, but the build GATEWAY_B, 21893
 #
 # With CONCURRENCY=1 it measures the latency goal at low load instead (see the last
 # lines it prints).
@@ -31,7 +33,8 @@
 # Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
 # (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
 # GATEWAY (path of a prebuilt mqtt-gateway), GATEWAY_B (the build of gw_all_b and
-# gw_off_b), RESTART=1 (every target a fresh process for each round, warmed up by a
+# gw_off_b; default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
+# benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each round, warmed up by a
 # 1-second churn run that is not measured; mosquitto stays),
 # OUT (results directory). Needs root for
 # apt-get only when mosquitto or haproxy is missing, and python3.
@@ -73,6 +76,8 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
 fi
 LOAD=$TARGET_DIR/release/mqtt-load
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
+GATEWAY_B=${GATEWAY_B:-$GATEWAY}
+CONFIG_B=${CONFIG_B:-benches/gateway/all-layers.toml}
 
 mosquitto_conf "$OUT/mosquitto.conf"
 "$MOSQUITTO" -c "$OUT/mosquitto.conf" &
@@ -94,10 +99,10 @@ launch() {
             --listen 127.0.0.1:21888 --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891) ;;
         gw_off) PORT[$t]=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml
             --listen 127.0.0.1:21887 --upstream 127.0.0.1:21883) ;;
-        gw_all_b) PORT[$t]=21892; cmd=("${GATEWAY_B:?gw_all_b needs GATEWAY_B}"
-            --config benches/gateway/all-layers.toml --listen 127.0.0.1:21892
+        gw_all_b) PORT[$t]=21892; cmd=("$GATEWAY_B"
+            --config "$CONFIG_B" --listen 127.0.0.1:21892
             --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21894) ;;
-        gw_off_b) PORT[$t]=21893; cmd=("${GATEWAY_B:?gw_off_b needs GATEWAY_B}"
+        gw_off_b) PORT[$t]=21893; cmd=("$GATEWAY_B"
             --config benches/gateway/no-layers.toml --listen 127.0.0.1:21893
             --upstream 127.0.0.1:21883) ;;
         *) log "unknown target $t (see the head of this script)"; exit 2 ;;
@@ -222,14 +227,17 @@ for t in targets:
         print(f"- {label} latency, {t} - {REF} per round: median {statistics.median(diffs):+,.0f} us;"
               f" {t} lower in {lower} of {len(diffs)} rounds")
     print()
-# A build against another (GATEWAY_B), same configuration, in the same rounds.
+# A build against another (GATEWAY_B), or a configuration against another (CONFIG_B), in
+# the same rounds.
 for t in ("gw_all", "gw_off"):
     b = t + "_b"
     pairs = [p for p in runs.values() if whole(p.get(t)) and whole(p.get(b))]
     if pairs:
         rate = statistics.median(p[t]["per_s"] / p[b]["per_s"] for p in pairs)
         cpu = statistics.median(p[t]["cpu_us"] / p[b]["cpu_us"] for p in pairs)
+        diff = statistics.median(p[t]["cpu_us"] - p[b]["cpu_us"] for p in pairs)
         print(f"{t} (GATEWAY) / {b} (GATEWAY_B), {len(pairs)} rounds, medians of the rounds'"
-              f" ratios: sessions/s {rate:.3f}, proxy CPU per session {cpu:.3f}")
+              f" ratios: sessions/s {rate:.3f}, proxy CPU per session {cpu:.3f}"
+              f" ({diff:+.1f} us)")
 PY
 log "raw: $RESULTS"
