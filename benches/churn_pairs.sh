@@ -6,7 +6,7 @@
 # each 2N rounds of N targets, each runs in every position and before each other target
 # equally often; with the default two, rounds 1 and 4 of every 4 run HAProxy first),
 # because in series of two targets the second run of a pair tended to do worse, by up to
-# a few percent (BENCHMARKS.md). Use a multiple of 2N rounds (PAIRS). Prints each
+# a few percent (benches/LOG.md). Use a multiple of 2N rounds (PAIRS). Prints each
 # target's ratios to HAProxy hardened in the same round, their medians, and each
 # target's medians by whether it ran before or after HAProxy. A manual benchmark: not part of
 # `cargo test` or .ci/run.
