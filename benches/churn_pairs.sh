@@ -236,7 +236,7 @@ for t in ("gw_all", "gw_off"):
         rate = statistics.median(p[t]["per_s"] / p[b]["per_s"] for p in pairs)
         cpu = statistics.median(p[t]["cpu_us"] / p[b]["cpu_us"] for p in pairs)
         diff = statistics.median(p[t]["cpu_us"] - p[b]["cpu_us"] for p in pairs)
-        print(f"{t} (GATEWAY) / {b} (GATEWAY_B), {len(pairs)} rounds, medians of the rounds'"
+        print(f"{t} / {b} (GATEWAY_B, CONFIG_B for gw_all_b), {len(pairs)} rounds, medians of the rounds'"
               f" ratios: sessions/s {rate:.3f}, proxy CPU per session {cpu:.3f}"
               f" ({diff:+.1f} us)")
 PY
