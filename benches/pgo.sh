@@ -83,9 +83,13 @@ train() {
 train all-layers.toml 21888 attacks
 train no-layers.toml 21887
 "$PROFDATA" merge -o "$PGO/merged.profdata" "$PGO"/raw/*.profraw
+# Cargo does not see a flag's file change: name the profile by its content, so that a
+# new profile changes RUSTFLAGS and rebuilds everything with it.
+profile=$PGO/merged-$(sha256sum "$PGO/merged.profdata" | cut -c1-16).profdata
+cp "$PGO/merged.profdata" "$profile"
 
 log "3/3: build with the profile into $PGO/use"
-CARGO_TARGET_DIR=$PGO/use RUSTFLAGS="-Cprofile-use=$PGO/merged.profdata" \
+CARGO_TARGET_DIR=$PGO/use RUSTFLAGS="-Cprofile-use=$profile" \
     cargo build --release -q -p examples --example mqtt-gateway
 cp "$PGO/use/release/examples/mqtt-gateway" "$PGO/mqtt-gateway"
 log "done"
