@@ -86,6 +86,7 @@ train no-layers.toml 21887
 # Cargo does not see a flag's file change: name the profile by its content, so that a
 # new profile changes RUSTFLAGS and rebuilds everything with it.
 profile=$PGO/merged-$(sha256sum "$PGO/merged.profdata" | cut -c1-16).profdata
+rm -f "$PGO"/merged-*.profdata
 cp "$PGO/merged.profdata" "$profile"
 
 log "3/3: build with the profile into $PGO/use"
