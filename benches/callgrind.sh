@@ -35,7 +35,6 @@ TARGETS=("$@")
 log() { echo "[callgrind $(date -u +%H:%M:%S)] $*" >&2; }
 . benches/common.sh
 need_debian valgrind mosquitto haproxy
-MOSQUITTO=$(path_of mosquitto)
 HAPROXY=$(path_of haproxy)
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
@@ -48,10 +47,7 @@ GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
 trap stop_started EXIT
 
-mosquitto_conf "$OUT/mosquitto.conf"
-"$MOSQUITTO" -c "$OUT/mosquitto.conf" &
-STARTED+=($!)
-sleep 0.5
+start_mosquitto "$OUT"
 
 for t in "${TARGETS[@]}"; do
     case $t in

@@ -66,7 +66,6 @@ log() { printf '[churn-pairs %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 . benches/common.sh
 trap stop_started EXIT
 need_debian mosquitto haproxy
-MOSQUITTO=$(path_of mosquitto)
 HAPROXY=$(path_of haproxy)
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
@@ -79,10 +78,7 @@ GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 GATEWAY_B=${GATEWAY_B:-$GATEWAY}
 CONFIG_B=${CONFIG_B:-benches/gateway/all-layers.toml}
 
-mosquitto_conf "$OUT/mosquitto.conf"
-"$MOSQUITTO" -c "$OUT/mosquitto.conf" &
-MOSQ=$!
-STARTED+=("$MOSQ")
+start_mosquitto "$OUT"
 declare -A PORT PID
 # launch TARGET: starts it (its PID in PID, its port in PORT).
 launch() {

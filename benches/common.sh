@@ -1,6 +1,7 @@
-# Shared by benches/compare.sh, callgrind.sh and churn_pairs.sh (sourced, not run): the
-# tools they take from Debian, the mosquitto every target sits in front of, and the
-# stopping of what they start. Each script defines `log` before it sources this file.
+# Shared by benches/compare.sh, callgrind.sh, churn_pairs.sh and pgo.sh (sourced, not
+# run): the tools they take from Debian, the mosquitto every target sits in front of,
+# and the stopping of what they start. Each script defines `log` before it sources this
+# file.
 
 # have CMD: CMD is on the PATH or in /usr/sbin (where Debian puts mosquitto and haproxy).
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -44,6 +45,18 @@ max_connections -1
 persistence false
 log_dest none
 CONF
+}
+
+# start_mosquitto DIR [PORT]: starts mosquitto on 127.0.0.1:PORT (21883 by default)
+# with DIR/mosquitto.conf, its output in DIR/mosquitto.log, and waits until it listens.
+# Its PID goes into MOSQ and STARTED.
+start_mosquitto() {
+    local port=${2:-21883}
+    mosquitto_conf "$1/mosquitto.conf" "$port"
+    "$(path_of mosquitto)" -c "$1/mosquitto.conf" >"$1/mosquitto.log" 2>&1 &
+    MOSQ=$!
+    STARTED+=("$MOSQ")
+    wait_port "$port"
 }
 
 # reversed ARG...: the arguments, one a line, in reverse order.

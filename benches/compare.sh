@@ -45,7 +45,6 @@ log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 . benches/common.sh
 trap stop_started EXIT
 need_debian mosquitto haproxy
-MOSQUITTO=$(path_of mosquitto)
 HAPROXY=$(path_of haproxy)
 
 for port in 21883 21884 21885 21886 21887 21888 21889; do
@@ -66,12 +65,9 @@ NAIVE=$TARGET_DIR/release/naive-proxy
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
 # --- start everything --------------------------------------------------------------------
-mosquitto_conf "$OUT/mosquitto.conf" "$MOSQ_PORT"
-"$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
-MOSQ_PID=$!
-STARTED+=("$MOSQ_PID")
+start_mosquitto "$OUT" "$MOSQ_PORT"
+MOSQ_PID=$MOSQ
 PID[direct]=$MOSQ_PID
-wait_port $MOSQ_PORT
 
 "$HAPROXY" -db -f benches/haproxy/plain.cfg >"$OUT/haproxy-plain.log" 2>&1 &
 PID[haproxy_plain]=$!

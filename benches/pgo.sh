@@ -33,7 +33,6 @@ log() { printf '[pgo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 . benches/common.sh
 trap stop_started EXIT
 need_debian mosquitto
-MOSQUITTO=$(path_of mosquitto)
 
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\)\..*/\1/p')
 PROFDATA=llvm-profdata-$llvm
@@ -52,10 +51,7 @@ LOAD=$TARGET_DIR/release/mqtt-load
 log "2/3: training"
 rm -rf "$PGO/raw"
 mkdir -p "$PGO/raw"
-mosquitto_conf "$PGO/mosquitto.conf"
-"$MOSQUITTO" -c "$PGO/mosquitto.conf" &
-STARTED+=($!)
-wait_port 21883
+start_mosquitto "$PGO"
 # train CONFIG PORT [attacks]: one gateway process under each scenario's load, then
 # stopped with SIGINT: it drains, returns from main and writes its profile.
 train() {
