@@ -34,8 +34,8 @@
 # (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
 # GATEWAY (path of a prebuilt mqtt-gateway), GATEWAY_B (the build of gw_all_b and
 # gw_off_b; default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
-# benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each round, warmed up by a
-# 1-second churn run that is not measured; mosquitto stays),
+# benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each
+# round, warmed up by a 1-second churn run that is not measured; mosquitto stays),
 # OUT (results directory). Needs root for
 # apt-get only when mosquitto or haproxy is missing, and python3.
 #

@@ -9,12 +9,12 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 # path_of CMD: the PATH's CMD, else /usr/sbin's.
 path_of() { command -v "$1" || echo "/usr/sbin/$1"; }
 
-# need_debian CMD...: installs the Debian packages of those names whose command is
-# missing (needs root then).
+# need_debian CMD[=PACKAGE]...: installs, for each command missing, the Debian package
+# of that name, or PACKAGE when it differs (needs root then).
 need_debian() {
-    local missing=() cmd
-    for cmd in "$@"; do
-        have "$cmd" || missing+=("$cmd")
+    local missing=() spec
+    for spec in "$@"; do
+        have "${spec%%=*}" || missing+=("${spec#*=}")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]} from Debian"

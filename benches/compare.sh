@@ -66,8 +66,7 @@ GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 
 # --- start everything --------------------------------------------------------------------
 start_mosquitto "$OUT" "$MOSQ_PORT"
-MOSQ_PID=$MOSQ
-PID[direct]=$MOSQ_PID
+PID[direct]=$MOSQ
 
 "$HAPROXY" -db -f benches/haproxy/plain.cfg >"$OUT/haproxy-plain.log" 2>&1 &
 PID[haproxy_plain]=$!
@@ -132,7 +131,7 @@ for rep in $(seq 1 "$REPS"); do
 done
 # The broker stalls last (once per target): it leaves mosquitto with a backlog to drain.
 for t in haproxy_hard gw_all; do
-    run stall "$t" 1 stall --stop-pid "$MOSQ_PID" --stop-after-ms 1000 --stop-for-ms 3000 --duration 2
+    run stall "$t" 1 stall --stop-pid "$MOSQ" --stop-after-ms 1000 --stop-for-ms 3000 --duration 2
     sleep 1
 done
 

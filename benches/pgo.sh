@@ -3,8 +3,8 @@
 #
 #   bash benches/pgo.sh        # prints the binary's path: $CARGO_TARGET_DIR/pgo/mqtt-gateway
 #
-# A short MQTT session through the gateway costs more in the code it fetches than in the
-# instructions it runs (BENCHMARKS.md, "Where the gateway is behind"). With a profile,
+# A short MQTT session through the gateway costs both in the instructions it runs and in
+# the code it fetches (BENCHMARKS.md, "Where the gateway is behind"). With a profile,
 # LLVM lays out the code a connection runs together, moves what never runs out of the
 # way and inlines by what runs. Three steps:
 #   1. an instrumented release build (`-Cprofile-generate`), in $CARGO_TARGET_DIR/pgo;
@@ -32,15 +32,9 @@ mkdir -p "$PGO"
 log() { printf '[pgo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 . benches/common.sh
 trap stop_started EXIT
-need_debian mosquitto
-
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\)\..*/\1/p')
 PROFDATA=llvm-profdata-$llvm
-if ! have "$PROFDATA"; then
-    log "installing llvm-$llvm (for $PROFDATA) from Debian"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "llvm-$llvm"
-fi
+need_debian mosquitto "$PROFDATA=llvm-$llvm"
 
 log "1/3: instrumented build into $PGO/generate"
 CARGO_TARGET_DIR=$PGO/generate RUSTFLAGS="-Cprofile-generate=$PGO/raw" \
