@@ -7,7 +7,9 @@
 #   bash benches/compare.sh
 #
 # Environment: DUR (seconds per timed run, default 3), REPS (default 3), HOLD (idle
-# sessions for the memory run, default 4000), OUT (results directory, default a new
+# sessions for the memory run, default 4000), SCENARIOS (the scenarios to run, default
+# all: "hold latency churn pub_qos0 pub_qos1 bytes flood slowloris stall"; say
+# SCENARIOS=slowloris REPS=12 to repeat one scenario more often than a whole run can), OUT (results directory, default a new
 # one under target/), CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
 # GATEWAY (path of a prebuilt mqtt-gateway). Needs root for apt-get only when mosquitto or
 # haproxy is missing, and python3 for the summary.
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 DUR=${DUR:-3}
 REPS=${REPS:-3}
+SCENARIOS=${SCENARIOS:-hold latency churn pub_qos0 pub_qos1 bytes flood slowloris stall}
 HOLD=${HOLD:-4000}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/compare-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -93,6 +96,7 @@ sleep 1 # let the probes of wait_port leave the per-IP windows
 run() {
     local scenario=$1 target=$2 rep=$3
     shift 3
+    [[ " $SCENARIOS " == *" $scenario "* ]] || return 0
     local line
     if ! line=$("$LOAD" "$@" --target "${ADDR[$target]}" --label "$target" \
         --cpu-pid "${PID[$target]}" 2>>"$OUT/mqtt-load.err"); then
@@ -131,6 +135,7 @@ for rep in $(seq 1 "$REPS"); do
 done
 # The broker stalls last (once per target): it leaves mosquitto with a backlog to drain.
 for t in haproxy_hard gw_all; do
+    [[ " $SCENARIOS " == *" stall "* ]] || break
     run stall "$t" 1 stall --stop-pid "$MOSQ" --stop-after-ms 1000 --stop-for-ms 3000 --duration 2
     sleep 1
 done

@@ -76,6 +76,13 @@ ROWS = [
     # repetitions as much as the attack moves it).
     ("slowloris: legit p99 under attack / before, per repetition", "slowloris",
      lambda r: r["legit_p99_us"] / r["legit_base_p99_us"] if r.get("legit_base_p99_us") else None, False),
+    # Where the attack's tail comes from: the legitimate client's slowest session under
+    # attack and when it started (its p99 of about 226 sessions is about the third
+    # slowest; the attackers connect in the first tens of ms and are cut at 3 s).
+    ("slowloris: legit slowest under attack (us)", "slowloris",
+     lambda r: r["legit_slowest"][0][1] if r.get("legit_slowest") else None, False),
+    ("slowloris: legit slowest under attack started at (ms)", "slowloris",
+     lambda r: r["legit_slowest"][0][0] if r.get("legit_slowest") else None, False),
     ("slowloris: legit success (%)", "slowloris", lambda r: 100.0 * r["legit_ok"] / max(r["legit_total"], 1), True),
     ("stall: first fast refusal after SIGSTOP (ms)", "stall", lambda r: r["fast_refusal_after_ms"], False),
     ("stall: attempts while stopped", "stall", lambda r: r["stalled_accepted"] + r["stalled_refused"] + r["stalled_timed_out"], False),

@@ -568,8 +568,45 @@ async fn publish(a: &Args) -> Fields {
     ]
 }
 
+/// What a legitimate client saw: its latencies, its successes out of its attempts, and
+/// its slowest sessions.
+struct Legit {
+    hist: Histogram<u64>,
+    ok: u64,
+    total: u64,
+    /// The [`SLOWEST`] slowest successful sessions, slowest first: when each started
+    /// (ms after the client started) and how long it took (us).
+    slowest: Vec<(u64, u64)>,
+}
+
+/// How many of the legitimate client's slowest sessions are reported with their start.
+const SLOWEST: usize = 5;
+
+impl Legit {
+    fn none() -> Self {
+        Self {
+            hist: new_hist(),
+            ok: 0,
+            total: 0,
+            slowest: Vec::new(),
+        }
+    }
+
+    /// `[[start_ms, us], ...]`, slowest first: shows which part of an attack the slow
+    /// sessions fell in.
+    fn slowest_json(&self) -> String {
+        let items: Vec<String> = self
+            .slowest
+            .iter()
+            .map(|(at, us)| format!("[{at},{us}]"))
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+}
+
 /// A legitimate client: one session every `every`, from 127.0.2.1, until `end`.
-async fn legit(target: SocketAddr, every: Duration, end: Instant) -> (Histogram<u64>, u64, u64) {
+async fn legit(target: SocketAddr, every: Duration, end: Instant) -> Legit {
+    let start = Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut set = JoinSet::new();
@@ -583,32 +620,34 @@ async fn legit(target: SocketAddr, every: Duration, end: Instant) -> (Histogram<
                 (Outcome::Accepted, Some(s)) => {
                     let took = since(t0);
                     disconnect(s).await;
-                    Some(took)
+                    #[allow(clippy::cast_possible_truncation)] // seconds of run
+                    Some(((t0 - start).as_millis() as u64, micros(took)))
                 }
                 _ => None,
             }
         });
     }
-    let (mut h, mut ok, mut total) = (new_hist(), 0, 0);
+    let mut l = Legit::none();
+    let mut all = Vec::new();
     while let Some(Ok(r)) = set.join_next().await {
-        total += 1;
-        if let Some(d) = r {
-            ok += 1;
-            let _ = h.record(micros(d));
+        l.total += 1;
+        if let Some((at, us)) = r {
+            l.ok += 1;
+            let _ = l.hist.record(us);
+            all.push((at, us));
         }
     }
-    (h, ok, total)
+    all.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+    all.truncate(SLOWEST);
+    l.slowest = all;
+    l
 }
 
 /// [`legit`] on a thread and a runtime of its own. On this process's runtime its
 /// connects would queue behind the attackers' tasks (500 slowloris tasks wake on the
 /// same timer tick), and its latency would be partly this process's, for every target
 /// alike.
-async fn legit_apart(
-    target: SocketAddr,
-    every: Duration,
-    end: Instant,
-) -> (Histogram<u64>, u64, u64) {
+async fn legit_apart(target: SocketAddr, every: Duration, end: Instant) -> Legit {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -632,8 +671,7 @@ async fn slowloris(a: &Args) -> Fields {
     // Baseline: the legitimate client alone, as long as the attack will last, so that
     // both p99s are taken over as many samples.
     let every = Duration::from_millis(20);
-    let (base, base_ok, base_total) =
-        legit_apart(a.target, every, Instant::now() + a.duration).await;
+    let base = legit_apart(a.target, every, Instant::now() + a.duration).await;
     let end = Instant::now() + a.duration;
     let legit_task = tokio::spawn(legit_apart(a.target, every, end));
     let mut set = JoinSet::new();
@@ -675,7 +713,7 @@ async fn slowloris(a: &Args) -> Fields {
             Err(()) => connect_failed += 1,
         }
     }
-    let (lh, lok, ltotal) = legit_task.await.unwrap_or((new_hist(), 0, 0));
+    let l = legit_task.await.unwrap_or_else(|_| Legit::none());
     // Lateness of each cut relative to the deadline, in ms (negative: early).
     #[allow(clippy::cast_possible_truncation)]
     let mut late: Vec<i64> = cut_at
@@ -715,12 +753,14 @@ async fn slowloris(a: &Args) -> Fields {
             "late_max_ms",
             late.last().map_or("null".into(), ToString::to_string),
         ),
-        ("legit_base_p99_us", pct(&base, 0.99).to_string()),
-        ("legit_base_ok", base_ok.to_string()),
-        ("legit_base_total", base_total.to_string()),
-        ("legit_p99_us", pct(&lh, 0.99).to_string()),
-        ("legit_ok", lok.to_string()),
-        ("legit_total", ltotal.to_string()),
+        ("legit_base_p99_us", pct(&base.hist, 0.99).to_string()),
+        ("legit_base_ok", base.ok.to_string()),
+        ("legit_base_total", base.total.to_string()),
+        ("legit_base_slowest", base.slowest_json()),
+        ("legit_p99_us", pct(&l.hist, 0.99).to_string()),
+        ("legit_ok", l.ok.to_string()),
+        ("legit_total", l.total.to_string()),
+        ("legit_slowest", l.slowest_json()),
     ]
 }
 
@@ -756,10 +796,13 @@ async fn flood(a: &Args) -> Fields {
         rej += y;
         to += z;
     }
-    let (lh, lok, ltotal) = legit_task.await.unwrap_or((new_hist(), 0, 0));
+    let l = legit_task.await.unwrap_or_else(|_| Legit::none());
     let secs = a.duration.as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
-    let (rej_rate, success) = (rej as f64 / secs, 100.0 * lok as f64 / ltotal.max(1) as f64);
+    let (rej_rate, success) = (
+        rej as f64 / secs,
+        100.0 * l.ok as f64 / l.total.max(1) as f64,
+    );
     vec![
         ("attackers", a.attackers.to_string()),
         ("concurrency", a.concurrency.to_string()),
@@ -768,10 +811,10 @@ async fn flood(a: &Args) -> Fields {
         ("timed_out", to.to_string()),
         ("ops", rej.to_string()),
         ("rejected_per_s", f3(rej_rate)),
-        ("legit_ok", lok.to_string()),
-        ("legit_total", ltotal.to_string()),
+        ("legit_ok", l.ok.to_string()),
+        ("legit_total", l.total.to_string()),
         ("legit_success_pct", f3(success)),
-        ("legit_p99_us", pct(&lh, 0.99).to_string()),
+        ("legit_p99_us", pct(&l.hist, 0.99).to_string()),
     ]
 }
 
