@@ -163,7 +163,8 @@ print(json.dumps({"target": r["label"], "pair": pair, "first": first, "position"
                   "cpu_us": cpu_ns / 1e3 / ok if ok else None,
                   "mosquitto_cpu_us": mosq_ns / 1e3 / ok if ok else None,
                   "idle_us": idle / hz * 1e6 / ok if ok else None,
-                  "p50_us": r["p50_us"], "p99_us": r["p99_us"]}))
+                  "p50_us": r["p50_us"], "p99_us": r["p99_us"],
+                  "slowest": r.get("slowest")}))
 PY
         position=$((position + 1))
     done

@@ -394,36 +394,48 @@ fn rss(pid: u32) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 // Modes.
 
+/// How many of a churn run's slowest sessions are reported with their start: enough to
+/// see whether they gather at some moment (a periodic stall) or spread over the run.
+const CHURN_SLOWEST: usize = 40;
+
 /// CONNECT, CONNACK, DISCONNECT cycles from `concurrency` workers.
 async fn churn(a: &Args) -> Fields {
-    let end = Instant::now() + a.duration;
+    let start = Instant::now();
+    let end = start + a.duration;
     let next = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for _ in 0..a.concurrency {
         let (next, target) = (next.clone(), a.target);
         set.spawn(async move {
             let (mut h, mut ok, mut failed) = (new_hist(), 0u64, 0u64);
+            let mut all = Vec::new();
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let t0 = Instant::now();
                 match session(spread(i), target, &format!("c{i}"), Duration::from_secs(3)).await {
                     (Outcome::Accepted, Some(s)) => {
-                        let _ = h.record(micros(since(t0)));
+                        let us = micros(since(t0));
+                        let _ = h.record(us);
+                        #[allow(clippy::cast_possible_truncation)] // seconds of run
+                        all.push(((t0 - start).as_millis() as u64, us));
                         disconnect(s).await;
                         ok += 1;
                     }
                     _ => failed += 1,
                 }
             }
-            (h, ok, failed)
+            (h, ok, failed, all)
         });
     }
     let (mut h, mut ok, mut failed) = (new_hist(), 0, 0);
-    while let Some(Ok((wh, wok, wf))) = set.join_next().await {
+    let mut all = Vec::new();
+    while let Some(Ok((wh, wok, wf, wall))) = set.join_next().await {
         let _ = h.add(&wh);
         ok += wok;
         failed += wf;
+        all.extend(wall);
     }
+    let slow = pairs_json(&slowest(all, CHURN_SLOWEST));
     let secs = a.duration.as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
     let rate = ok as f64 / secs;
@@ -435,6 +447,7 @@ async fn churn(a: &Args) -> Fields {
         ("per_s", f3(rate)),
         ("p50_us", pct(&h, 0.5).to_string()),
         ("p99_us", pct(&h, 0.99).to_string()),
+        ("slowest", slow),
     ]
 }
 
@@ -568,6 +581,22 @@ async fn publish(a: &Args) -> Fields {
     ]
 }
 
+/// The `n` slowest of `(start_ms, us)` sessions, slowest first.
+fn slowest(mut all: Vec<(u64, u64)>, n: usize) -> Vec<(u64, u64)> {
+    all.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+    all.truncate(n);
+    all
+}
+
+/// `[[start_ms, us], ...]`: raw JSON for a field.
+fn pairs_json(pairs: &[(u64, u64)]) -> String {
+    let items: Vec<String> = pairs
+        .iter()
+        .map(|(at, us)| format!("[{at},{us}]"))
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
 /// What a legitimate client saw: its latencies, its successes out of its attempts, and
 /// its slowest sessions.
 struct Legit {
@@ -590,17 +619,6 @@ impl Legit {
             total: 0,
             slowest: Vec::new(),
         }
-    }
-
-    /// `[[start_ms, us], ...]`, slowest first: shows which part of an attack the slow
-    /// sessions fell in.
-    fn slowest_json(&self) -> String {
-        let items: Vec<String> = self
-            .slowest
-            .iter()
-            .map(|(at, us)| format!("[{at},{us}]"))
-            .collect();
-        format!("[{}]", items.join(","))
     }
 }
 
@@ -637,9 +655,7 @@ async fn legit(target: SocketAddr, every: Duration, end: Instant) -> Legit {
             all.push((at, us));
         }
     }
-    all.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
-    all.truncate(SLOWEST);
-    l.slowest = all;
+    l.slowest = slowest(all, SLOWEST);
     l
 }
 
@@ -756,11 +772,11 @@ async fn slowloris(a: &Args) -> Fields {
         ("legit_base_p99_us", pct(&base.hist, 0.99).to_string()),
         ("legit_base_ok", base.ok.to_string()),
         ("legit_base_total", base.total.to_string()),
-        ("legit_base_slowest", base.slowest_json()),
+        ("legit_base_slowest", pairs_json(&base.slowest)),
         ("legit_p99_us", pct(&l.hist, 0.99).to_string()),
         ("legit_ok", l.ok.to_string()),
         ("legit_total", l.total.to_string()),
-        ("legit_slowest", l.slowest_json()),
+        ("legit_slowest", pairs_json(&l.slowest)),
     ]
 }
 
@@ -815,6 +831,7 @@ async fn flood(a: &Args) -> Fields {
         ("legit_total", l.total.to_string()),
         ("legit_success_pct", f3(success)),
         ("legit_p99_us", pct(&l.hist, 0.99).to_string()),
+        ("legit_slowest", pairs_json(&l.slowest)),
     ]
 }
 
