@@ -9,10 +9,10 @@
 # Environment: DUR (seconds per timed run, default 3), REPS (default 3), HOLD (idle
 # sessions for the memory run, default 4000), SCENARIOS (the scenarios to run, default
 # all: "hold latency churn pub_qos0 pub_qos1 bytes flood slowloris stall"; say
-# SCENARIOS=slowloris REPS=12 to repeat one scenario more often than a whole run can), OUT (results directory, default a new
-# one under target/), CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
-# GATEWAY (path of a prebuilt mqtt-gateway). Needs root for apt-get only when mosquitto or
-# haproxy is missing, and python3 for the summary.
+# SCENARIOS=slowloris REPS=12 to repeat one scenario more often than a whole run can),
+# OUT (results directory, default a new one under target/), CARGO_TARGET_DIR, NO_BUILD=1
+# (use the binaries already built), GATEWAY (path of a prebuilt mqtt-gateway). Needs root
+# for apt-get only when mosquitto or haproxy is missing, and python3 for the summary.
 #
 # Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
 # on exit. All traffic stays on loopback; clients come from 127.0.1.1..250 and 127.0.2.1.
@@ -92,11 +92,14 @@ for port in 21884 21885 21886 21887 21888; do wait_port "$port"; done
 sleep 1 # let the probes of wait_port leave the per-IP windows
 
 # --- scenarios ---------------------------------------------------------------------------
+# wanted SCENARIO: whether SCENARIOS names it.
+wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
 # run SCENARIO TARGET REP ARGS...: one mqtt-load run, its JSON line tagged and stored.
 run() {
     local scenario=$1 target=$2 rep=$3
     shift 3
-    [[ " $SCENARIOS " == *" $scenario "* ]] || return 0
+    wanted "$scenario" || return 0
     local line
     if ! line=$("$LOAD" "$@" --target "${ADDR[$target]}" --label "$target" \
         --cpu-pid "${PID[$target]}" 2>>"$OUT/mqtt-load.err"); then
@@ -135,7 +138,7 @@ for rep in $(seq 1 "$REPS"); do
 done
 # The broker stalls last (once per target): it leaves mosquitto with a backlog to drain.
 for t in haproxy_hard gw_all; do
-    [[ " $SCENARIOS " == *" stall "* ]] || break
+    wanted stall || break
     run stall "$t" 1 stall --stop-pid "$MOSQ" --stop-after-ms 1000 --stop-for-ms 3000 --duration 2
     sleep 1
 done
