@@ -418,6 +418,10 @@ async fn churn(a: &Args) -> Fields {
                         let _ = h.record(us);
                         #[allow(clippy::cast_possible_truncation)] // seconds of run
                         all.push(((t0 - start).as_millis() as u64, us));
+                        // Bounded however long the run: only the slowest can be kept.
+                        if all.len() == 2 * CHURN_SLOWEST {
+                            all = slowest(std::mem::take(&mut all), CHURN_SLOWEST);
+                        }
                         disconnect(s).await;
                         ok += 1;
                     }
