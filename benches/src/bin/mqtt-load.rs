@@ -330,6 +330,11 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
+/// Milliseconds from `start` to `t`: when a session started, into its run.
+fn millis_after(start: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
+}
+
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
 }
@@ -416,8 +421,7 @@ async fn churn(a: &Args) -> Fields {
                     (Outcome::Accepted, Some(s)) => {
                         let us = micros(since(t0));
                         let _ = h.record(us);
-                        #[allow(clippy::cast_possible_truncation)] // seconds of run
-                        all.push(((t0 - start).as_millis() as u64, us));
+                        all.push((millis_after(start, t0), us));
                         // Bounded however long the run: only the slowest can be kept.
                         if all.len() == 2 * CHURN_SLOWEST {
                             all = slowest(std::mem::take(&mut all), CHURN_SLOWEST);
@@ -594,11 +598,7 @@ fn slowest(mut all: Vec<(u64, u64)>, n: usize) -> Vec<(u64, u64)> {
 
 /// `[[start_ms, us], ...]`: raw JSON for a field.
 fn pairs_json(pairs: &[(u64, u64)]) -> String {
-    let items: Vec<String> = pairs
-        .iter()
-        .map(|(at, us)| format!("[{at},{us}]"))
-        .collect();
-    format!("[{}]", items.join(","))
+    serde_json::to_string(pairs).expect("pairs of integers serialize")
 }
 
 /// What a legitimate client saw: its latencies, its successes out of its attempts, and
@@ -642,8 +642,7 @@ async fn legit(target: SocketAddr, every: Duration, end: Instant) -> Legit {
                 (Outcome::Accepted, Some(s)) => {
                     let took = since(t0);
                     disconnect(s).await;
-                    #[allow(clippy::cast_possible_truncation)] // seconds of run
-                    Some(((t0 - start).as_millis() as u64, micros(took)))
+                    Some((millis_after(start, t0), micros(took)))
                 }
                 _ => None,
             }
