@@ -76,11 +76,7 @@ impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<Self::Io>>> {
-        let (io, peer) = std::task::ready!(tokio::net::TcpListener::poll_accept(self, cx))?;
-        // The listener may be bound to a wildcard address: the connection's own local
-        // address is the one the client dialled.
-        let local = io.local_addr()?;
-        Poll::Ready(Ok(Conn::new(io, peer, local)))
+        accept_tcp(self, cx, None)
     }
 
     fn poll_accept_at(
@@ -88,8 +84,7 @@ impl Listener for tokio::net::TcpListener {
         cx: &mut Context<'_>,
         local: SocketAddr,
     ) -> Poll<io::Result<Conn<Self::Io>>> {
-        let (io, peer) = std::task::ready!(tokio::net::TcpListener::poll_accept(self, cx))?;
-        Poll::Ready(Ok(Conn::new(io, peer, local)))
+        accept_tcp(self, cx, Some(local))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -112,4 +107,20 @@ impl Listener for tokio::net::TcpListener {
     fn refuse(io: Self::Io) {
         let _ = socket2::SockRef::from(&io).set_linger(Some(std::time::Duration::ZERO));
     }
+}
+
+/// Accepts from a `TcpListener`. `local`: the address every accepted socket shares (the
+/// listener is bound to one); `None` asks each socket (`getsockname`), since on a
+/// wildcard listener the local address is the one the client dialled.
+fn accept_tcp(
+    listener: &tokio::net::TcpListener,
+    cx: &mut Context<'_>,
+    local: Option<SocketAddr>,
+) -> Poll<io::Result<Conn<tokio::net::TcpStream>>> {
+    let (io, peer) = std::task::ready!(listener.poll_accept(cx))?;
+    let local = match local {
+        Some(local) => local,
+        None => io.local_addr()?,
+    };
+    Poll::Ready(Ok(Conn::new(io, peer, local)))
 }
