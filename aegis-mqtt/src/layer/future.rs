@@ -135,17 +135,18 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 return Poll::Ready(Err(reject(err).into()));
             }
             // Nothing buffered yet (the usual case: the whole CONNECT arrives in one
-            // read): read first and take the CONNECT straight from the read, without a
-            // growing buffer.
+            // read): take the CONNECT straight from the read, without a growing buffer.
+            // Otherwise the read completes the part of a CONNECT kept in `buf`.
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut rb = ReadBuf::uninit(&mut chunk);
             let fresh = this.buf.is_empty();
-            if fresh {
-                match this.poll_read_connect(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return this.wait(cx),
-                }
+            match this.poll_read_connect(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return this.wait(cx),
+            }
+            if !fresh {
+                this.buf.extend_from_slice(rb.filled());
             }
             let data: &[u8] = if fresh { rb.filled() } else { &this.buf };
             let step = match this.session.next(data) {
@@ -211,15 +212,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for ReadConnect<I> {
                 Step::Refused(e, answer) => {
                     this.answer = Some((e, answer, 0));
                 }
-                Step::Read if fresh => {
-                    // Part of a CONNECT: keep it, and read the rest.
-                    this.buf.extend_from_slice(rb.filled());
-                }
-                Step::Read => match this.poll_read_connect(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return this.wait(cx),
-                },
+                // Part of a CONNECT: keep it (the read was not kept yet if it was the
+                // first), and read the rest.
+                Step::Read if fresh => this.buf.extend_from_slice(rb.filled()),
+                Step::Read => {}
             }
         }
     }
