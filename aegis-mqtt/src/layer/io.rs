@@ -525,6 +525,28 @@ impl<I> MqttIo<I> {
         idle.as_mut().poll(cx).is_ready()
     }
 
+    /// Whole packets came from the client: its keep-alive starts again.
+    fn heard(&mut self) {
+        if self.enforce_keep_alive {
+            self.last_packet = Instant::now();
+        }
+    }
+
+    /// The client has nothing more for now. If its keep-alive ran out, fails the
+    /// session (`true`: the read goes on to return the refusal); otherwise frees the
+    /// read buffer if nothing partial is in it, so that an idle connection holds none
+    /// (the next read allocates one again), and the read is `Pending` (`false`).
+    fn quiet(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.keep_alive_expired(cx) {
+            self.fail(MqttError::KeepAliveTimeout);
+            return true;
+        }
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        false
+    }
+
     /// The session: the client's protocol version and state.
     pub fn session(&self) -> &Session {
         &self.session
@@ -730,21 +752,14 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
                 if let Some(e) = found.refused {
                     self.fail(e);
                 }
-                if kept > 0 && self.enforce_keep_alive {
-                    self.last_packet = Instant::now();
+                if kept > 0 {
+                    self.heard();
                 }
                 (found.valid > 0).then_some(Poll::Ready(Ok(())))
             }
             Poll::Ready(Err(e)) => Some(Poll::Ready(Err(e))),
-            Poll::Pending if self.keep_alive_expired(cx) => {
-                self.fail(MqttError::KeepAliveTimeout);
-                None
-            }
-            Poll::Pending => {
-                // An idle connection holds no read buffer.
-                self.buf = BytesMut::new();
-                Some(Poll::Pending)
-            }
+            Poll::Pending if self.quiet(cx) => None,
+            Poll::Pending => Some(Poll::Pending),
         }
     }
 }
@@ -878,9 +893,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 }
                 // The dropped packet's bytes go nowhere.
                 this.buf.advance(dropped);
-                if this.enforce_keep_alive {
-                    this.last_packet = Instant::now();
-                }
+                this.heard();
                 continue;
             }
             if this.refusal.is_some() {
@@ -895,17 +908,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
                 Poll::Ready(Ok(_)) => {}
-                Poll::Pending if this.keep_alive_expired(cx) => {
-                    this.fail(MqttError::KeepAliveTimeout);
-                }
-                Poll::Pending => {
-                    if this.buf.is_empty() {
-                        // Nothing buffered while the client is quiet: an idle connection
-                        // holds no read buffer (the next read allocates one again).
-                        this.buf = BytesMut::new();
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending if this.quiet(cx) => {}
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
