@@ -25,6 +25,9 @@
 //!   accepting when the signal fires (the listener is closed), waits for open connections
 //!   to finish for up to [`Serve::drain_timeout`] (30 s by default), then aborts those
 //!   still open. The returned [`Shutdown`] says whether the drain finished.
+//! - **One runtime per core, if wanted.** [`share_out`] splits a `TcpListener` so that
+//!   one runtime accepts and hands the connections in turn to `serve` loops on other
+//!   runtimes, each polling its own connections (see [`share`] for when it helps).
 //! - **A tracing span per connection.** Each connection's task runs in a `conn` span
 //!   (debug level) with the `peer` address and an empty `client_id` field that a protocol
 //!   layer records once it knows it (the MQTT layer does, from the CONNECT). Every event
@@ -53,6 +56,7 @@
 //! ```
 
 mod listener;
+pub mod share;
 mod task;
 
 use std::future::{Future, IntoFuture};
@@ -70,6 +74,7 @@ use std::task::{Context, Poll};
 use parking_lot::Mutex;
 
 pub use self::listener::Listener;
+pub use self::share::{Acceptor, Shard, share_out};
 use self::task::{ConnTask, Registry};
 use crate::Conn;
 use crate::error::BoxError;

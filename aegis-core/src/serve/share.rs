@@ -1,0 +1,250 @@
+//! Handing accepted TCP connections out to several runtimes.
+//!
+//! [`share_out`] splits a `TcpListener` into an [`Acceptor`] and one or more [`Shard`]s,
+//! each a [`Listener`] to [`serve`](super::serve) on a runtime of its own: one
+//! current-thread runtime per core, say. The acceptor's runtime accepts every
+//! connection and keeps every n-th one; the others go, in turn, to the shards, whose
+//! runtimes register them with their own reactors. Each runtime then waits for its own
+//! sockets' events in its own `epoll_wait`, as each thread of an event-driven proxy
+//! does.
+//!
+//! Why: in tokio's work-stealing runtime one worker at a time polls the reactor for the
+//! whole runtime. Under a churn of short MQTT sessions on two cores (the repository's
+//! `BENCHMARKS.md`) the machine sat idle two to three times as long per session behind
+//! the gateway as behind a C proxy with one event loop per thread; served from two
+//! current-thread runtimes this way it idled 1.2 to 1.3 times as long, and the gateway
+//! ran 2.5 % more sessions per second with 32 clients and 5 % more with 64, at the same
+//! CPU per session.
+//!
+//! What it costs: a connection stays on the runtime that took it. Nothing moves work
+//! between runtimes afterwards, so long-lived connections of unequal load can keep one
+//! core busier than another, which work stealing would even out. And each runtime's
+//! [`serve`](super::serve) has its own connection cap and drain: give each its share.
+//!
+//! - **Bounded.** Each shard's queue holds at most `queue` connections. When a shard's
+//!   queue is full, or its listener is gone (its `serve` stopped), the acceptor keeps
+//!   the connection and its own runtime serves it: nothing accepted is dropped.
+//! - **Accept errors** are the acceptor's `poll_accept` errors, which `serve` counts and
+//!   backs off from as for any listener.
+//! - **Shutdown.** Stop every runtime's `serve` with one signal. A shard whose acceptor
+//!   is gone waits for nothing more; connections still queued for a shard whose `serve`
+//!   has stopped are closed.
+//!
+//! # Example
+//!
+//! Two runtimes, each serving every other connection:
+//!
+//! ```
+//! use std::num::NonZeroUsize;
+//! use aegis_core::{Conn, serve};
+//! use aegis_core::serve::share_out;
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tokio::net::TcpStream;
+//! use tower::service_fn;
+//!
+//! // Answers with the name of the thread that serves the connection.
+//! let svc = service_fn(|mut conn: Conn<TcpStream>| async move {
+//!     let name = std::thread::current().name().unwrap_or("").to_owned();
+//!     conn.get_mut().write_all(name.as_bytes()).await
+//! });
+//! let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build();
+//! let main = runtime()?;
+//! let (acceptor, shards, addr) = main.block_on(async {
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//!     let addr = listener.local_addr()?;
+//!     let (acceptor, shards) = share_out(listener, NonZeroUsize::MIN, 64);
+//!     Ok::<_, std::io::Error>((acceptor, shards, addr))
+//! })?;
+//! for shard in shards {
+//!     let (svc, rt) = (svc.clone(), runtime()?);
+//!     std::thread::Builder::new().name("shard".into()).spawn(move || {
+//!         rt.block_on(async move { serve(shard, svc).with_graceful_shutdown(std::future::pending()).await })
+//!     })?;
+//! }
+//! // This thread's runtime drives the acceptor and serves every other connection.
+//! let names = main.block_on(async move {
+//!     tokio::spawn(async move { serve(acceptor, svc).with_graceful_shutdown(std::future::pending()).await });
+//!     let mut names = Vec::new();
+//!     for _ in 0..4 {
+//!         let mut client = TcpStream::connect(addr).await?;
+//!         let mut name = String::new();
+//!         client.read_to_string(&mut name).await?;
+//!         names.push(name);
+//!     }
+//!     Ok::<_, std::io::Error>(names)
+//! })?;
+//! assert_eq!(names, ["main", "shard", "main", "shard"]);
+//! # Ok::<_, std::io::Error>(())
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::task::{Context, Poll};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::Listener;
+use crate::Conn;
+
+/// A connection on its way to a shard: the socket (out of the acceptor's reactor) and
+/// its two addresses.
+type Handed = (std::net::TcpStream, SocketAddr, SocketAddr);
+
+/// Splits `listener` into an [`Acceptor`], which keeps one connection in `shards + 1`
+/// for its own runtime, and `shards` [`Shard`]s, which get the others in turn, each
+/// with a queue of at most `queue` connections (at least 1).
+///
+/// See the [module docs](self).
+#[must_use]
+pub fn share_out(
+    listener: TcpListener,
+    shards: NonZeroUsize,
+    queue: usize,
+) -> (Acceptor, Vec<Shard>) {
+    let nodelay = listener.accepts_nodelay();
+    let (txs, shards) = (0..shards.get())
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(queue.max(1));
+            (tx, Shard { rx, nodelay })
+        })
+        .unzip();
+    let acceptor = Acceptor {
+        listener,
+        shards: txs,
+        next: 0,
+        nodelay,
+    };
+    (acceptor, shards)
+}
+
+/// The accepting end of [`share_out`]: a [`Listener`] that serves one connection in
+/// `shards + 1` itself and hands the others to the shards in turn.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    shards: Vec<mpsc::Sender<Handed>>,
+    /// Whose turn the next connection is: 0 for this one, `i + 1` for shard `i`.
+    next: usize,
+    nodelay: bool,
+}
+
+impl Acceptor {
+    /// Accepts until a connection is for this runtime, handing the others out.
+    fn poll_accept_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: Option<SocketAddr>,
+    ) -> Poll<io::Result<Conn<TcpStream>>> {
+        loop {
+            let conn = std::task::ready!(super::listener::accept_tcp(&self.listener, cx, local))?;
+            let turn = self.next;
+            self.next = (self.next + 1) % (self.shards.len() + 1);
+            if turn == 0 {
+                return Poll::Ready(Ok(conn));
+            }
+            if let Some(conn) = self.hand_out(turn - 1, conn) {
+                return Poll::Ready(Ok(conn));
+            }
+        }
+    }
+
+    /// Hands `conn` to shard `i`; gives it back (still this runtime's) when the shard's
+    /// queue is full or its listener gone.
+    fn hand_out(&self, i: usize, conn: Conn<TcpStream>) -> Option<Conn<TcpStream>> {
+        let Ok(permit) = self.shards[i].try_reserve() else {
+            return Some(conn);
+        };
+        let peer = crate::Param::<crate::PeerAddr>::param(&conn).0;
+        let local = crate::Param::<crate::LocalAddr>::param(&conn).0;
+        match conn.into_inner().into_std() {
+            Ok(socket) => {
+                permit.send((socket, peer, local));
+                None
+            }
+            // Deregistering failed: the socket is closed; nothing to serve.
+            Err(e) => {
+                tracing::debug!(error = %e, "could not hand a connection to another runtime");
+                None
+            }
+        }
+    }
+}
+
+impl Listener for Acceptor {
+    type Io = TcpStream;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
+        self.poll_accept_with(cx, None)
+    }
+
+    fn poll_accept_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: SocketAddr,
+    ) -> Poll<io::Result<Conn<TcpStream>>> {
+        self.poll_accept_with(cx, Some(local))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    fn set_nodelay(io: &TcpStream, nodelay: bool) -> io::Result<()> {
+        io.set_nodelay(nodelay)
+    }
+
+    fn accepts_nodelay(&self) -> bool {
+        self.nodelay
+    }
+
+    fn refuse(io: TcpStream) {
+        <TcpListener as Listener>::refuse(io);
+    }
+}
+
+/// A share of an [`Acceptor`]'s connections, to [`serve`](super::serve) on another
+/// runtime: each connection is registered with the reactor of the runtime that polls
+/// the shard.
+#[derive(Debug)]
+pub struct Shard {
+    rx: mpsc::Receiver<Handed>,
+    nodelay: bool,
+}
+
+impl Listener for Shard {
+    type Io = TcpStream;
+
+    /// The next connection handed to this shard. Once the acceptor is gone there are no
+    /// more: `Pending` until the shard's `serve` stops.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some((socket, peer, local)) => {
+                Poll::Ready(TcpStream::from_std(socket).map(|io| Conn::new(io, peer, local)))
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    /// The address of a connection it was handed, or [`io::ErrorKind::NotConnected`]:
+    /// a shard is not bound to anything itself.
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "a shard has no address of its own",
+        ))
+    }
+
+    fn set_nodelay(io: &TcpStream, nodelay: bool) -> io::Result<()> {
+        io.set_nodelay(nodelay)
+    }
+
+    fn accepts_nodelay(&self) -> bool {
+        self.nodelay
+    }
+
+    fn refuse(io: TcpStream) {
+        <TcpListener as Listener>::refuse(io);
+    }
+}

@@ -1,0 +1,150 @@
+//! `serve::share_out` over real loopback sockets: which runtime serves each connection,
+//! and that nothing accepted is lost when a shard cannot take it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use aegis_core::serve::{Shard, share_out};
+use aegis_core::{Conn, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::service_fn;
+
+/// Answers each connection with the name of the thread serving it, then closes it.
+fn answer_with_thread_name() -> impl tower::Service<
+    Conn<TcpStream>,
+    Response = (),
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<()>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(|mut conn: Conn<TcpStream>| async move {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        conn.get_mut().write_all(name.as_bytes()).await
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Serves `shard` on a new thread named "shard" until the process ends.
+fn serve_shard(shard: Shard) {
+    let rt = runtime();
+    std::thread::Builder::new()
+        .name("shard".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                serve(shard, answer_with_thread_name())
+                    .with_graceful_shutdown(std::future::pending())
+                    .await
+            })
+        })
+        .unwrap();
+}
+
+async fn name_of_server(client: &mut TcpStream) -> String {
+    let mut name = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut name))
+        .await
+        .expect("the connection was answered")
+        .unwrap();
+    name
+}
+
+/// Binds a listener and splits it for one shard with a queue of `queue`.
+fn split(
+    rt: &tokio::runtime::Runtime,
+    queue: usize,
+) -> (aegis_core::serve::Acceptor, Shard, SocketAddr) {
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (acceptor, mut shards) = share_out(listener, NonZeroUsize::MIN, queue);
+        (acceptor, shards.pop().unwrap(), addr)
+    })
+}
+
+#[test]
+fn connections_alternate_between_the_runtimes() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    serve_shard(shard);
+    let names = rt.block_on(async move {
+        tokio::spawn(async move {
+            serve(acceptor, answer_with_thread_name())
+                .with_graceful_shutdown(std::future::pending())
+                .await
+        });
+        let mut names = Vec::new();
+        for _ in 0..6 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            names.push(name_of_server(&mut client).await);
+        }
+        names
+    });
+    let expected: Vec<&str> = [me.as_str(), "shard"].repeat(3);
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn a_full_queue_leaves_the_connection_with_the_acceptor_and_loses_nothing() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    // A queue of one, and the shard not served yet: the first connection for it waits
+    // in the queue, the second finds it full.
+    let (acceptor, shard, addr) = split(&rt, 1);
+    let (first, queued, third, fourth) = rt.block_on(async move {
+        tokio::spawn(async move {
+            serve(acceptor, answer_with_thread_name())
+                .with_graceful_shutdown(std::future::pending())
+                .await
+        });
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let first = name_of_server(&mut first).await;
+        let queued = TcpStream::connect(addr).await.unwrap();
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let third = name_of_server(&mut third).await;
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        let fourth = name_of_server(&mut fourth).await;
+        (first, queued, third, fourth)
+    });
+    assert_eq!([first, third, fourth], [me.as_str(); 3]);
+    // Once the shard runs, the queued connection is served there.
+    serve_shard(shard);
+    let queued = rt.block_on(async move {
+        let mut queued = queued;
+        name_of_server(&mut queued).await
+    });
+    assert_eq!(queued, "shard");
+}
+
+#[test]
+fn without_its_shards_the_acceptor_serves_every_connection() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    // The shard's serve has stopped (its listener is dropped).
+    drop(shard);
+    let names = rt.block_on(async move {
+        tokio::spawn(async move {
+            serve(acceptor, answer_with_thread_name())
+                .with_graceful_shutdown(std::future::pending())
+                .await
+        });
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            names.push(name_of_server(&mut client).await);
+        }
+        names
+    });
+    assert_eq!(names, [me.as_str(); 4]);
+}
