@@ -83,6 +83,19 @@ pub(crate) struct Server {
     pub(crate) drain_timeout: Duration,
     pub(crate) nodelay: bool,
     pub(crate) proxy_buffer: usize,
+    pub(crate) runtime: Runtime,
+}
+
+/// `server.runtime`: how the gateway's connections are spread over the cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Runtime {
+    /// tokio's multi-thread runtime: one worker per core, work stealing between them.
+    #[default]
+    WorkStealing,
+    /// One current-thread runtime per core, accepted connections handed to them in
+    /// turn (`aegis_core::serve::share_out`).
+    PerCore,
 }
 
 impl Default for Server {
@@ -95,6 +108,7 @@ impl Default for Server {
             drain_timeout: Duration::from_secs(30),
             nodelay: true,
             proxy_buffer: 64 * 1024,
+            runtime: Runtime::WorkStealing,
         }
     }
 }

@@ -43,6 +43,7 @@ mod logging;
 mod metrics_http;
 mod stack;
 
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,7 +119,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.raw.log);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Per core: this thread's runtime accepts and serves its share; `serve_per_core`
+    // starts the others.
+    let runtime = match match settings.raw.server.runtime {
+        config::Runtime::WorkStealing => tokio::runtime::Runtime::new(),
+        config::Runtime::PerCore => current_thread_runtime(),
+    } {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the tokio runtime: {e}");
@@ -239,21 +245,117 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         }
     };
     let max = usize::try_from(c.server.max_connections).unwrap_or(usize::MAX);
-    let mut server = serve(listener, built.service)
-        .max_connections(max)
-        .nodelay(c.server.nodelay)
-        .drain_timeout(c.server.drain_timeout);
     // A banned address is refused in the accept loop, before a task is spawned for it;
     // not behind a PROXY protocol sender, whose address the loop sees instead (the
     // security layer still refuses the real client's banned address, after the header).
-    if let Some(security) = built.security.clone().filter(|_| !c.proxy_protocol.enabled) {
+    let admit = built.security.clone().filter(|_| !c.proxy_protocol.enabled);
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let (drained, aborted) = match c.server.runtime {
+        config::Runtime::PerCore if cores > 1 => {
+            serve_per_core(listener, built.service, &c.server, cores, admit, shutdown).await?
+        }
+        _ => {
+            let report = serve_with(listener, built.service, &c.server, max, admit, shutdown).await;
+            (report.drained(), report.aborted())
+        }
+    };
+    tracing::info!(drained, aborted, "stopped");
+    Ok(u8::from(!drained))
+}
+
+fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// One accept loop with the `[server]` settings, a cap of `max` connections and the
+/// address bans of `admit`, until `signal` and its drain.
+fn serve_with<L, S>(
+    listener: L,
+    service: S,
+    server: &config::Server,
+    max: usize,
+    admit: Option<aegis_mqtt::security::Security>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> aegis_core::serve::ServeFuture
+where
+    L: aegis_core::serve::Listener,
+    S: tower::Service<aegis_core::Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<aegis_core::BoxError>,
+{
+    let mut server = serve(listener, service)
+        .max_connections(max)
+        .nodelay(server.nodelay)
+        .drain_timeout(server.drain_timeout);
+    if let Some(security) = admit {
         server = server.admit(move |peer| security.refuse_banned(peer));
     }
-    let report = server.with_graceful_shutdown(shutdown).await;
+    server.with_graceful_shutdown(signal).into_future()
+}
+
+/// `server.runtime = "per-core"`: this runtime accepts and serves one connection in
+/// `cores`; a current-thread runtime on a thread of its own serves each other share
+/// (`aegis_core::serve::share_out`). Each runtime serves at most its share of
+/// `server.max_connections`; one signal stops them all. Returns whether every runtime
+/// drained, and how many connections were aborted in all.
+async fn serve_per_core<S>(
+    listener: TcpListener,
+    service: S,
+    server: &config::Server,
+    cores: usize,
+    admit: Option<aegis_mqtt::security::Security>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(bool, usize), String>
+where
+    S: tower::Service<aegis_core::Conn<tokio::net::TcpStream>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<aegis_core::BoxError>,
+{
+    let others = std::num::NonZeroUsize::new(cores - 1).unwrap_or(std::num::NonZeroUsize::MIN);
+    let max = usize::try_from(server.max_connections)
+        .unwrap_or(usize::MAX)
+        .div_ceil(cores);
+    // A queue per runtime of what one accept burst brings at most (the listen backlog).
+    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, 1024);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut reports = Vec::with_capacity(shards.len());
+    for (i, shard) in shards.into_iter().enumerate() {
+        let runtime = current_thread_runtime().map_err(|e| format!("runtime {}: {e}", i + 1))?;
+        let (service, server, admit) = (service.clone(), server.clone(), admit.clone());
+        let mut stopped = stopped.clone();
+        let (report, reported) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("aegis-runtime-{}", i + 1))
+            .spawn(move || {
+                let signal = async move {
+                    // Stops too if the main runtime is gone.
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                let done =
+                    runtime.block_on(serve_with(shard, service, &server, max, admit, signal));
+                let _ = report.send((done.drained(), done.aborted()));
+            })
+            .map_err(|e| format!("runtime {}: {e}", i + 1))?;
+        reports.push(reported);
+    }
     tracing::info!(
-        drained = report.drained(),
-        aborted = report.aborted(),
-        "stopped"
+        runtimes = cores,
+        max_connections_each = max,
+        "serving from one runtime per core"
     );
-    Ok(u8::from(!report.drained()))
+    let signal = async move {
+        signal.await;
+        let _ = stop.send(true);
+    };
+    let mine = serve_with(acceptor, service, server, max, admit, signal).await;
+    let (mut drained, mut aborted) = (mine.drained(), mine.aborted());
+    for reported in reports {
+        // A runtime that ended without a report (a panic) did not drain.
+        let (d, a) = reported.await.unwrap_or((false, 0));
+        drained &= d;
+        aborted += a;
+    }
+    Ok((drained, aborted))
 }

@@ -782,6 +782,67 @@ async fn a_drain_that_runs_out_of_time_exits_1() {
     assert_eq!(status.code(), Some(1), "{}", gw.log());
 }
 
+/// `server.runtime = "per-core"` on a machine of more than one core: the first session
+/// is served by the accepting runtime, the second by another (`share_out` hands them
+/// out in turn), and a signal drains both.
+#[tokio::test]
+async fn per_core_runtimes_serve_sessions_and_drain_together() {
+    let config = r#"
+        [server]
+        runtime = "per-core"
+    "#;
+    let mut gw = Gateway::start("per-core", config, &[]).await;
+    let mut first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
+    let mut second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
+    if std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) > 1 {
+        assert!(
+            gw.log().contains("serving from one runtime per core"),
+            "{}",
+            gw.log()
+        );
+    }
+    gw.terminate();
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(gw.mqtt).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        sleep(Duration::from_millis(25)).await;
+    }
+    // Both sessions still work during the drain, then end it.
+    for session in [&mut first, &mut second] {
+        session.write_all(&[0xC0, 0x00]).await.unwrap();
+        let pong = timeout(WAIT, read_packet(session)).await.unwrap().unwrap();
+        assert_eq!(pong, (0xD0, vec![]));
+        session.write_all(&[0xE0, 0x00]).await.unwrap();
+    }
+    drop((first, second));
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("drained=true"), "{}", gw.log());
+}
+
+/// The drain counts every runtime: a session left open on the second one (the second
+/// connection goes there) makes the exit status 1 although the first runtime drained.
+#[tokio::test]
+async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
+    if std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) < 2 {
+        return; // one core: one runtime, covered by a_drain_that_runs_out_of_time_exits_1
+    }
+    let config = r#"
+        [server]
+        runtime = "per-core"
+        drain_timeout = "300ms"
+    "#;
+    let mut gw = Gateway::start("per-core-abort", config, &[]).await;
+    let mut first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
+    let _second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
+    first.write_all(&[0xE0, 0x00]).await.unwrap();
+    drop(first);
+    gw.terminate();
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(1), "{}", gw.log());
+    assert!(gw.log().contains("drained=false"), "{}", gw.log());
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [
