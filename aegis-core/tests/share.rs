@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use aegis_core::serve::{Shard, share_out};
+use aegis_core::serve::{Acceptor, Shard, share_out};
 use aegis_core::{Conn, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +58,26 @@ async fn name_of_server(client: &mut TcpStream) -> String {
     name
 }
 
+/// Serves `acceptor` on the current runtime, in a task of its own.
+fn spawn_serving(acceptor: Acceptor) {
+    tokio::spawn(async move {
+        serve(acceptor, answer_with_thread_name())
+            .with_graceful_shutdown(std::future::pending())
+            .await
+    });
+}
+
+/// Connects `n` clients to `addr` one after the other: the names of the threads that
+/// served them.
+async fn names_of_servers(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        names.push(name_of_server(&mut client).await);
+    }
+    names
+}
+
 /// Binds a listener and splits it for one shard with a queue of `queue`.
 fn split(
     rt: &tokio::runtime::Runtime,
@@ -78,17 +98,8 @@ fn connections_alternate_between_the_runtimes() {
     let (acceptor, shard, addr) = split(&rt, 8);
     serve_shard(shard);
     let names = rt.block_on(async move {
-        tokio::spawn(async move {
-            serve(acceptor, answer_with_thread_name())
-                .with_graceful_shutdown(std::future::pending())
-                .await
-        });
-        let mut names = Vec::new();
-        for _ in 0..6 {
-            let mut client = TcpStream::connect(addr).await.unwrap();
-            names.push(name_of_server(&mut client).await);
-        }
-        names
+        spawn_serving(acceptor);
+        names_of_servers(addr, 6).await
     });
     let expected: Vec<&str> = [me.as_str(), "shard"].repeat(3);
     assert_eq!(names, expected);
@@ -102,11 +113,7 @@ fn a_full_queue_leaves_the_connection_with_the_acceptor_and_loses_nothing() {
     // in the queue, the second finds it full.
     let (acceptor, shard, addr) = split(&rt, 1);
     let (first, queued, third, fourth) = rt.block_on(async move {
-        tokio::spawn(async move {
-            serve(acceptor, answer_with_thread_name())
-                .with_graceful_shutdown(std::future::pending())
-                .await
-        });
+        spawn_serving(acceptor);
         let mut first = TcpStream::connect(addr).await.unwrap();
         let first = name_of_server(&mut first).await;
         let queued = TcpStream::connect(addr).await.unwrap();
@@ -134,17 +141,8 @@ fn without_its_shards_the_acceptor_serves_every_connection() {
     // The shard's serve has stopped (its listener is dropped).
     drop(shard);
     let names = rt.block_on(async move {
-        tokio::spawn(async move {
-            serve(acceptor, answer_with_thread_name())
-                .with_graceful_shutdown(std::future::pending())
-                .await
-        });
-        let mut names = Vec::new();
-        for _ in 0..4 {
-            let mut client = TcpStream::connect(addr).await.unwrap();
-            names.push(name_of_server(&mut client).await);
-        }
-        names
+        spawn_serving(acceptor);
+        names_of_servers(addr, 4).await
     });
     assert_eq!(names, [me.as_str(); 4]);
 }

@@ -88,6 +88,25 @@ use tokio::sync::mpsc;
 use super::Listener;
 use crate::Conn;
 
+/// The [`Listener`] methods that [`Acceptor`] and [`Shard`] share: `TCP_NODELAY` as the
+/// listener passed it on ([`share_out`] records it), and a refusal as a reset, as for
+/// a `TcpListener`.
+macro_rules! tcp_stream_listener {
+    () => {
+        fn set_nodelay(io: &TcpStream, nodelay: bool) -> io::Result<()> {
+            io.set_nodelay(nodelay)
+        }
+
+        fn accepts_nodelay(&self) -> bool {
+            self.nodelay
+        }
+
+        fn refuse(io: TcpStream) {
+            <TcpListener as Listener>::refuse(io);
+        }
+    };
+}
+
 /// A connection on its way to a shard: the socket (out of the acceptor's reactor) and
 /// its two addresses.
 type Handed = (std::net::TcpStream, SocketAddr, SocketAddr);
@@ -191,17 +210,7 @@ impl Listener for Acceptor {
         self.listener.local_addr()
     }
 
-    fn set_nodelay(io: &TcpStream, nodelay: bool) -> io::Result<()> {
-        io.set_nodelay(nodelay)
-    }
-
-    fn accepts_nodelay(&self) -> bool {
-        self.nodelay
-    }
-
-    fn refuse(io: TcpStream) {
-        <TcpListener as Listener>::refuse(io);
-    }
+    tcp_stream_listener!();
 }
 
 /// A share of an [`Acceptor`]'s connections, to [`serve`](super::serve) on another
@@ -227,8 +236,8 @@ impl Listener for Shard {
         }
     }
 
-    /// The address of a connection it was handed, or [`io::ErrorKind::NotConnected`]:
-    /// a shard is not bound to anything itself.
+    /// Always [`io::ErrorKind::NotConnected`]: a shard is bound to nothing itself; each
+    /// connection it hands out carries the address it was accepted on.
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Err(io::Error::new(
             io::ErrorKind::NotConnected,
@@ -236,15 +245,5 @@ impl Listener for Shard {
         ))
     }
 
-    fn set_nodelay(io: &TcpStream, nodelay: bool) -> io::Result<()> {
-        io.set_nodelay(nodelay)
-    }
-
-    fn accepts_nodelay(&self) -> bool {
-        self.nodelay
-    }
-
-    fn refuse(io: TcpStream) {
-        <TcpListener as Listener>::refuse(io);
-    }
+    tcp_stream_listener!();
 }
