@@ -11,7 +11,9 @@
 # all: "hold latency churn pub_qos0 pub_qos1 bytes flood slowloris stall"; say
 # SCENARIOS=slowloris REPS=12 to repeat one scenario more often than a whole run can),
 # OUT (results directory, default a new one under target/), CARGO_TARGET_DIR, NO_BUILD=1
-# (use the binaries already built), GATEWAY (path of a prebuilt mqtt-gateway). Needs root
+# (use the binaries already built), GATEWAY (path of a prebuilt mqtt-gateway), GW_ALL_CONFIG
+# (the gw_all target's configuration, default benches/gateway/all-layers.toml; a copy with
+# `runtime = "per-core"` under [server] measures that option). Needs root
 # for apt-get only when mosquitto or haproxy is missing, and python3 for the summary.
 #
 # Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
@@ -84,7 +86,7 @@ STARTED+=("$!")
     --upstream 127.0.0.1:$MOSQ_PORT >"$OUT/gw-off.log" 2>&1 &
 PID[gw_off]=$!
 STARTED+=("$!")
-"$GATEWAY" --config benches/gateway/all-layers.toml --listen "${ADDR[gw_all]}" \
+"$GATEWAY" --config "${GW_ALL_CONFIG:-benches/gateway/all-layers.toml}" --listen "${ADDR[gw_all]}" \
     --upstream 127.0.0.1:$MOSQ_PORT >"$OUT/gw-all.log" 2>&1 &
 PID[gw_all]=$!
 STARTED+=("$!")
