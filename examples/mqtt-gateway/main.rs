@@ -84,8 +84,11 @@ struct Cli {
 /// Exit status for a configuration error (clap uses the same for a bad command line).
 const EXIT_CONFIG: u8 = 2;
 
+/// The MQTT listener's backlog, as `TcpListener::bind`'s.
+const BACKLOG: u32 = 1024;
+
 /// Binds the MQTT listener as `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
-/// 1024), with `TCP_NODELAY` set before it listens when asked: the sockets it accepts
+/// [`BACKLOG`]), with `TCP_NODELAY` set before it listens when asked: the sockets it accepts
 /// inherit it (Linux), and `serve` skips setting it on each.
 fn bind(addr: SocketAddr, nodelay: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -96,7 +99,7 @@ fn bind(addr: SocketAddr, nodelay: bool) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(nodelay)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(BACKLOG)
 }
 
 /// jemalloc on Linux with glibc (see `examples/Cargo.toml` for why); elsewhere the
@@ -249,10 +252,23 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     // not behind a PROXY protocol sender, whose address the loop sees instead (the
     // security layer still refuses the real client's banned address, after the header).
     let admit = built.security.clone().filter(|_| !c.proxy_protocol.enabled);
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let (drained, aborted) = match c.server.runtime {
-        config::Runtime::PerCore if cores > 1 => {
-            serve_per_core(listener, built.service, &c.server, cores, admit, shutdown).await?
+    // Per core on one core is one runtime, served as usual.
+    let other_cores = std::thread::available_parallelism()
+        .ok()
+        .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1));
+    let (drained, aborted) = match (c.server.runtime, other_cores) {
+        (config::Runtime::PerCore, Some(others)) => {
+            let each = max.div_ceil(others.get() + 1);
+            serve_per_core(
+                listener,
+                built.service,
+                &c.server,
+                others,
+                each,
+                admit,
+                shutdown,
+            )
+            .await?
         }
         _ => {
             let report = serve_with(listener, built.service, &c.server, max, admit, shutdown).await;
@@ -296,15 +312,16 @@ where
 }
 
 /// `server.runtime = "per-core"`: this runtime accepts and serves one connection in
-/// `cores`; a current-thread runtime on a thread of its own serves each other share
-/// (`aegis_core::serve::share_out`). Each runtime serves at most its share of
-/// `server.max_connections`; one signal stops them all. Returns whether every runtime
-/// drained, and how many connections were aborted in all.
+/// `others + 1`; a current-thread runtime on a thread of its own serves each other share
+/// (`aegis_core::serve::share_out`). Each runtime serves at most `max` connections; one
+/// signal stops them all. Returns whether every runtime drained, and how many
+/// connections were aborted in all.
 async fn serve_per_core<S>(
     listener: TcpListener,
     service: S,
     server: &config::Server,
-    cores: usize,
+    others: std::num::NonZeroUsize,
+    max: usize,
     admit: Option<aegis_mqtt::security::Security>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(bool, usize), String>
@@ -313,12 +330,9 @@ where
     S::Future: Send + 'static,
     S::Error: Into<aegis_core::BoxError>,
 {
-    let others = std::num::NonZeroUsize::new(cores - 1).unwrap_or(std::num::NonZeroUsize::MIN);
-    let max = usize::try_from(server.max_connections)
-        .unwrap_or(usize::MAX)
-        .div_ceil(cores);
     // A queue per runtime of what one accept burst brings at most (the listen backlog).
-    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, 1024);
+    let queue = usize::try_from(BACKLOG).unwrap_or(usize::MAX);
+    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, queue);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut reports = Vec::with_capacity(shards.len());
     for (i, shard) in shards.into_iter().enumerate() {
@@ -341,7 +355,7 @@ where
         reports.push(reported);
     }
     tracing::info!(
-        runtimes = cores,
+        runtimes = others.get() + 1,
         max_connections_each = max,
         "serving from one runtime per core"
     );
