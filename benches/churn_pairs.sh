@@ -20,7 +20,8 @@
 #   haproxy_plain   benches/haproxy/plain.cfg, 21884
 #   haproxy_hard_b  a second HAProxy hardened, 21886: a control, the same product as the
 #                   reference, so its ratios show what the method cannot tell apart
-#   gw_all          the gateway with benches/gateway/all-layers.toml, 21888
+#   gw_all          the gateway with CONFIG (default benches/gateway/all-layers.toml),
+#                   21888
 #   gw_off          the gateway with benches/gateway/no-layers.toml, 21887
 #   gw_all_b        as gw_all, but the build GATEWAY_B and the configuration CONFIG_B,
 #                   21892: another build (a change's parent, say) or configuration (all
@@ -32,7 +33,8 @@
 #
 # Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
 # (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
-# GATEWAY (path of a prebuilt mqtt-gateway), GATEWAY_B (the build of gw_all_b and
+# GATEWAY (path of a prebuilt mqtt-gateway), CONFIG (gw_all's configuration file;
+# default benches/gateway/all-layers.toml), GATEWAY_B (the build of gw_all_b and
 # gw_off_b; default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
 # benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each
 # round, warmed up by a 1-second churn run that is not measured; mosquitto stays),
@@ -76,6 +78,7 @@ fi
 LOAD=$TARGET_DIR/release/mqtt-load
 GATEWAY=${GATEWAY:-$TARGET_DIR/release/examples/mqtt-gateway}
 GATEWAY_B=${GATEWAY_B:-$GATEWAY}
+CONFIG=${CONFIG:-benches/gateway/all-layers.toml}
 CONFIG_B=${CONFIG_B:-benches/gateway/all-layers.toml}
 
 start_mosquitto "$OUT"
@@ -91,7 +94,7 @@ launch() {
             sed 's/^\( *bind 127\.0\.0\.1:\)21885/\121886/; s/^frontend mqtt_hardened$/&_b/' \
                 benches/haproxy/hardened.cfg >"$OUT/hardened_b.cfg"
             cmd=("$HAPROXY" -db -f "$OUT/hardened_b.cfg") ;;
-        gw_all) PORT[$t]=21888; cmd=("$GATEWAY" --config benches/gateway/all-layers.toml
+        gw_all) PORT[$t]=21888; cmd=("$GATEWAY" --config "$CONFIG"
             --listen 127.0.0.1:21888 --upstream 127.0.0.1:21883 --metrics 127.0.0.1:21891) ;;
         gw_off) PORT[$t]=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml
             --listen 127.0.0.1:21887 --upstream 127.0.0.1:21883) ;;
