@@ -29,17 +29,22 @@
 #   gw_off_b        as gw_off, but the build GATEWAY_B, 21893
 #
 # With CONCURRENCY=1 it measures the latency goal at low load instead (see the last
-# lines it prints).
+# lines it prints). With PUBLISH=N it measures, in the same rounds, N long-lived
+# publishers of QoS 0 messages (64 B) at full speed instead of a churn: "sessions/s" then
+# reads messages per second and the CPU is per message (no latencies). Three publishers on
+# two cores load the gateway's runtimes unequally with `runtime = "per-core"` (two on one,
+# one on the other).
 #
 # Environment: PAIRS (rounds, default 16), DUR (seconds per run, default 2), CONCURRENCY
-# (default 32), TARGETS, CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built),
-# GATEWAY (path of a prebuilt mqtt-gateway), CONFIG (gw_all's configuration file;
-# default benches/gateway/all-layers.toml), GATEWAY_B (the build of gw_all_b and
-# gw_off_b; default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
+# (default 32), PUBLISH (publishers instead of a churn; unset by default), TARGETS,
+# CARGO_TARGET_DIR, NO_BUILD=1 (use the binaries already built), GATEWAY (path of a
+# prebuilt mqtt-gateway), CONFIG (gw_all's configuration file; default
+# benches/gateway/all-layers.toml), GATEWAY_B (the build of gw_all_b and gw_off_b;
+# default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
 # benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each
-# round, warmed up by a 1-second churn run that is not measured; mosquitto stays),
-# OUT (results directory). Needs root for
-# apt-get only when mosquitto or haproxy is missing, and python3.
+# round, warmed up by a 1-second churn run that is not measured; mosquitto stays), OUT
+# (results directory). Needs root for apt-get only when mosquitto or haproxy is missing,
+# and python3.
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
 # threads), for the proxy and for mosquitto behind it; "idle" is the whole machine's
@@ -81,6 +86,15 @@ GATEWAY_B=${GATEWAY_B:-$GATEWAY}
 CONFIG=${CONFIG:-benches/gateway/all-layers.toml}
 CONFIG_B=${CONFIG_B:-benches/gateway/all-layers.toml}
 
+# What each measured run does.
+if [ -n "${PUBLISH:-}" ]; then
+    WORK=(publish --qos 0 --payload 64 --concurrency "$PUBLISH")
+    WHAT="$PUBLISH publishers of QoS 0"
+else
+    WORK=(churn --concurrency "$CONCURRENCY")
+    WHAT="churn runs ($CONCURRENCY clients)"
+fi
+
 start_mosquitto "$OUT"
 declare -A PORT PID
 # launch TARGET: starts it (its PID in PID, its port in PORT).
@@ -119,7 +133,7 @@ idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }
 
 N=${#TARGETS[@]}
 [ $((PAIRS % (2 * N))) = 0 ] || log "warning: $PAIRS rounds is not a multiple of $((2 * N)); the orders are not balanced"
-log "$PAIRS rounds of ${DUR} s churn runs ($CONCURRENCY clients) of ${TARGETS[*]}, the order rotating"
+log "$PAIRS rounds of ${DUR} s $WHAT of ${TARGETS[*]}, the order rotating"
 for pair in $(seq "$PAIRS"); do
     # Rounds 1..N rotate the list one place further each, rounds N+1..2N do the same
     # backwards, and so on: over each 2N rounds every target runs in every position, and
@@ -151,7 +165,7 @@ for pair in $(seq "$PAIRS"); do
     for name in "${order[@]}"; do
         pid=${PID[$name]}
         c0=$(on_cpu_ns "$pid"); m0=$(on_cpu_ns "$MOSQ"); i0=$(idle_ticks)
-        "$LOAD" churn --target 127.0.0.1:"${PORT[$name]}" --concurrency "$CONCURRENCY" \
+        "$LOAD" "${WORK[@]}" --target 127.0.0.1:"${PORT[$name]}" \
             --duration "$DUR" --label "$name" >"$OUT/run.json"
         c1=$(on_cpu_ns "$pid"); m1=$(on_cpu_ns "$MOSQ"); i1=$(idle_ticks)
         python3 - "$OUT/run.json" "$first" "$pair" "$position" "$((c1 - c0))" "$((m1 - m0))" \
@@ -160,13 +174,14 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 first = sys.argv[2]
 pair, position, cpu_ns, mosq_ns, idle, hz = map(int, sys.argv[3:])
-ok = r["ok"]
-print(json.dumps({"target": r["label"], "pair": pair, "first": first, "position": position,
-                  "per_s": r["per_s"], "ok": ok,
+# Sessions of a churn, messages of a publish run.
+ok = r["ok"] if "ok" in r else r["ops"]
+print(json.dumps({"target": r["label"], "mode": r["mode"], "pair": pair, "first": first,
+                  "position": position, "per_s": r["per_s"], "ok": ok,
                   "cpu_us": cpu_ns / 1e3 / ok if ok else None,
                   "mosquitto_cpu_us": mosq_ns / 1e3 / ok if ok else None,
                   "idle_us": idle / hz * 1e6 / ok if ok else None,
-                  "p50_us": r["p50_us"], "p99_us": r["p99_us"],
+                  "p50_us": r.get("p50_us"), "p99_us": r.get("p99_us"),
                   "slowest": r.get("slowest")}))
 PY
         position=$((position + 1))
@@ -198,6 +213,8 @@ for t in targets:
                        ("mosquitto CPU per session (us)", "mosquitto_cpu_us"),
                        ("machine idle per session (us)", "idle_us"),
                        ("p50 connect->CONNACK (us)", "p50_us"), ("p99 connect->CONNACK (us)", "p99_us")):
+        if any(p[t].get(key) is None or p[REF].get(key) is None for p in pairs):
+            continue
         h = med(lambda p: p[REF][key])
         g = med(lambda p: p[t][key])
         r = med(lambda p: p[t][key] / p[REF][key])
@@ -222,6 +239,8 @@ for t in targets:
     # round it is the target's latency against HAProxy's. CONCURRENCY=1 measures it at low
     # load.
     for label, key in (("p50", "p50_us"), ("p99", "p99_us")):
+        if any(p[t].get(key) is None or p[REF].get(key) is None for p in pairs):
+            continue
         diffs = [p[t][key] - p[REF][key] for p in pairs]
         lower = sum(d < 0 for d in diffs)
         print(f"- {label} latency, {t} - {REF} per round: median {statistics.median(diffs):+,.0f} us;"
