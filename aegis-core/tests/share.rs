@@ -146,3 +146,58 @@ fn without_its_shards_the_acceptor_serves_every_connection() {
     });
     assert_eq!(names, [me.as_str(); 4]);
 }
+
+/// What a client connected from `from` hears: the serving thread's name, or `None` when
+/// the connection was refused (closed or reset unanswered).
+async fn answer_to(from: std::net::IpAddr, addr: SocketAddr) -> Option<String> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let mut client = socket.connect(addr).await.unwrap();
+    let mut name = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut name))
+        .await
+        .expect("the connection was answered or closed");
+    read.ok().filter(|_| !name.is_empty()).map(|_| name)
+}
+
+#[test]
+fn the_acceptor_admits_before_it_hands_out() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    // The shard's serve checks nothing: whatever reaches it is answered.
+    serve_shard(shard);
+    let banned: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let allowed: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let (refused, names) = rt.block_on(async move {
+        tokio::spawn(async move {
+            serve(acceptor, answer_with_thread_name())
+                .admit(move |peer| {
+                    if peer.ip() == banned {
+                        return Err("banned".into());
+                    }
+                    Ok(())
+                })
+                .with_graceful_shutdown(std::future::pending())
+                .await
+        });
+        let mut refused = Vec::new();
+        for _ in 0..4 {
+            refused.push(answer_to(banned, addr).await);
+        }
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(answer_to(allowed, addr).await);
+        }
+        (refused, names)
+    });
+    // Had the acceptor handed connections out before the check, every other banned
+    // connection would have been answered by the shard.
+    assert_eq!(refused, [None, None, None, None]);
+    // Refused connections take no turn: the admitted ones still alternate, from the top.
+    let (me, shard) = (Some(me.as_str()), Some("shard"));
+    assert_eq!(
+        names.iter().map(Option::as_deref).collect::<Vec<_>>(),
+        [me, shard, me, shard]
+    );
+}

@@ -337,7 +337,7 @@ where
     let mut reports = Vec::with_capacity(shards.len());
     for (i, shard) in shards.into_iter().enumerate() {
         let runtime = current_thread_runtime().map_err(|e| format!("runtime {}: {e}", i + 1))?;
-        let (service, server, admit) = (service.clone(), server.clone(), admit.clone());
+        let (service, server) = (service.clone(), server.clone());
         let mut stopped = stopped.clone();
         let (report, reported) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -347,8 +347,8 @@ where
                     // Stops too if the main runtime is gone.
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                let done =
-                    runtime.block_on(serve_with(shard, service, &server, max, admit, signal));
+                // The acceptor's loop admits every connection before it hands it out.
+                let done = runtime.block_on(serve_with(shard, service, &server, max, None, signal));
                 let _ = report.send((done.drained(), done.aborted()));
             })
             .map_err(|e| format!("runtime {}: {e}", i + 1))?;

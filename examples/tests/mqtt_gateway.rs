@@ -314,6 +314,20 @@ async fn refused_from(source: &str, to: SocketAddr, packet: &[u8]) -> bool {
     }
 }
 
+/// Whether a connection from `source` is reset before anything is read from it, as the
+/// accept loop refuses an address (`SO_LINGER` 0), rather than closed by the service.
+async fn reset_at_accept(source: &str, to: SocketAddr) -> bool {
+    let mut s = match try_connect_from(source, to).await {
+        Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(s) => s,
+    };
+    let mut buf = [0u8; 1];
+    match timeout(WAIT, s.read(&mut buf)).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        _ => false,
+    }
+}
+
 /// CONNECT with `client_id` over a fresh connection; returns the connection if the
 /// gateway relayed the broker's CONNACK 0 (accepted).
 async fn mqtt_session(from: &str, gw: SocketAddr, client_id: &str) -> Option<TcpStream> {
@@ -841,6 +855,40 @@ async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
     let status = gw.exit_status().await;
     assert_eq!(status.code(), Some(1), "{}", gw.log());
     assert!(gw.log().contains("drained=false"), "{}", gw.log());
+}
+
+/// With `per-core` a banned address is refused at accept (reset) on every connection,
+/// also on those whose turn is another runtime's: the accepting runtime admits each one
+/// before it hands it out, and the other runtimes check nothing at accept themselves.
+#[tokio::test]
+async fn per_core_a_banned_address_is_refused_on_every_runtime() {
+    let config = r#"
+        [server]
+        runtime = "per-core"
+        [security]
+        admin = true
+    "#;
+    let gw = Gateway::start("per-core-ban", config, &[]).await;
+    let (status, _) = http_request(gw.metrics, "POST", "/bans?key=addr&value=127.0.0.9&for=10m")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for i in 0..4 {
+        assert!(
+            reset_at_accept("127.0.0.9", gw.mqtt).await,
+            "connection {i} from the banned address was not refused at accept"
+        );
+    }
+    let rejected = "aegis_connections_total{outcome=\"rejected\"}";
+    gw.wait_metric(rejected, 4.0).await;
+    assert_eq!(gw.metric(rejected).await, Some(4.0));
+    // Other addresses are served, on both runtimes.
+    for client_id in ["a", "b", "c", "d"] {
+        let mut s = mqtt_session("127.0.0.10", gw.mqtt, client_id)
+            .await
+            .unwrap();
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+    }
 }
 
 #[test]

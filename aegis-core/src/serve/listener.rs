@@ -70,6 +70,17 @@ pub trait Listener: Send + 'static {
     fn refuse(io: Self::Io) {
         drop(io);
     }
+
+    /// Where the loop serves a connection it has admitted ([`Serve::admit`]): `Some`
+    /// gives it back to be served by this loop, as the default does; `None` means the
+    /// listener has passed it on, to be served elsewhere. An
+    /// [`Acceptor`](super::share::Acceptor) hands connections to other runtimes here,
+    /// so that every connection is admitted, or refused, before it moves.
+    ///
+    /// [`Serve::admit`]: super::Serve::admit
+    fn pass_on(&mut self, conn: Conn<Self::Io>) -> Option<Conn<Self::Io>> {
+        Some(conn)
+    }
 }
 
 impl Listener for tokio::net::TcpListener {

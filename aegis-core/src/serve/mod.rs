@@ -427,6 +427,11 @@ impl<L: Listener> Listener for Shared<L> {
     fn refuse(io: Self::Io) {
         L::refuse(io);
     }
+
+    fn pass_on(&mut self, conn: Conn<Self::Io>) -> Option<Conn<Self::Io>> {
+        // Closed: the task is aborted; the connection closes unserved.
+        self.0.lock().as_mut()?.pass_on(conn)
+    }
 }
 
 impl<L> Drop for Shared<L> {
@@ -528,6 +533,10 @@ where
                 continue;
             }
         }
+        // Admitted: served here, unless the listener passes it on (to another runtime).
+        let Some(conn) = listener.pass_on(conn) else {
+            continue;
+        };
         let svc = service.clone();
         // Over the cap the closure, and the connection in it, is dropped: the socket
         // closes at once.

@@ -24,6 +24,11 @@
 //! - **Bounded.** Each shard's queue holds at most `queue` connections. When a shard's
 //!   queue is full, or its listener is gone (its `serve` stopped), the acceptor keeps
 //!   the connection and its own runtime serves it: nothing accepted is dropped.
+//! - **Admission first.** The acceptor's [`serve`](super::serve) admits each connection
+//!   ([`Serve::admit`](super::Serve::admit): an address ban, say) before it keeps it or
+//!   hands it out ([`Listener::pass_on`]): a refused connection costs no hand-out, and
+//!   the shards' `serve` need no check of their own. Only admitted connections take a
+//!   turn.
 //! - **Accept errors** are the acceptor's `poll_accept` errors, which `serve` counts and
 //!   backs off from as for any listener.
 //! - **Shutdown.** Stop every runtime's `serve` with one signal. A shard whose acceptor
@@ -150,25 +155,6 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Accepts until a connection is for this runtime, handing the others out.
-    fn poll_accept_with(
-        &mut self,
-        cx: &mut Context<'_>,
-        local: Option<SocketAddr>,
-    ) -> Poll<io::Result<Conn<TcpStream>>> {
-        loop {
-            let conn = std::task::ready!(super::listener::accept_tcp(&self.listener, cx, local))?;
-            let turn = self.next;
-            self.next = (self.next + 1) % (self.shards.len() + 1);
-            if turn == 0 {
-                return Poll::Ready(Ok(conn));
-            }
-            if let Some(conn) = self.hand_out(turn - 1, conn) {
-                return Poll::Ready(Ok(conn));
-            }
-        }
-    }
-
     /// Hands `conn` to shard `i`; gives it back (still this runtime's) when the shard's
     /// queue is full or its listener gone.
     fn hand_out(&self, i: usize, conn: Conn<TcpStream>) -> Option<Conn<TcpStream>> {
@@ -191,11 +177,13 @@ impl Acceptor {
     }
 }
 
+/// Accepts every connection; [`serve`](super::serve) admits each, then
+/// [`pass_on`](Listener::pass_on) keeps it or hands it out.
 impl Listener for Acceptor {
     type Io = TcpStream;
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
-        self.poll_accept_with(cx, None)
+        Listener::poll_accept(&mut self.listener, cx)
     }
 
     fn poll_accept_at(
@@ -203,11 +191,22 @@ impl Listener for Acceptor {
         cx: &mut Context<'_>,
         local: SocketAddr,
     ) -> Poll<io::Result<Conn<TcpStream>>> {
-        self.poll_accept_with(cx, Some(local))
+        Listener::poll_accept_at(&mut self.listener, cx, local)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Keeps one admitted connection in `shards + 1` and hands the others to the
+    /// shards in turn; keeps one a shard cannot take.
+    fn pass_on(&mut self, conn: Conn<TcpStream>) -> Option<Conn<TcpStream>> {
+        let turn = self.next;
+        self.next = (self.next + 1) % (self.shards.len() + 1);
+        match turn.checked_sub(1) {
+            None => Some(conn),
+            Some(i) => self.hand_out(i, conn),
+        }
     }
 
     tcp_stream_listener!();
