@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use aegis_core::serve::{Acceptor, Shard, share_out};
+use aegis_core::serve::{Acceptor, ConnectionCap, Shard, share_out};
 use aegis_core::{Conn, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -200,4 +200,93 @@ fn the_acceptor_admits_before_it_hands_out() {
         names.iter().map(Option::as_deref).collect::<Vec<_>>(),
         [me, shard, me, shard]
     );
+}
+
+/// Answers each connection with the name of the thread serving it and a newline, then
+/// holds it until the client closes it.
+fn hold_after_thread_name() -> impl tower::Service<
+    Conn<TcpStream>,
+    Response = (),
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<()>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(|mut conn: Conn<TcpStream>| async move {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        conn.get_mut()
+            .write_all(format!("{name}\n").as_bytes())
+            .await?;
+        let mut rest = Vec::new();
+        conn.get_mut().read_to_end(&mut rest).await.map(drop)
+    })
+}
+
+/// The first line a new client hears, or `None` when the connection closes unanswered
+/// (over the cap).
+async fn first_line(addr: SocketAddr) -> (TcpStream, Option<String>) {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut byte))
+            .await
+            .expect("answered or closed");
+        match read {
+            Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+            Ok(1) => return (client, Some(String::from_utf8(line).unwrap())),
+            _ => return (client, None),
+        }
+    }
+}
+
+#[test]
+fn a_shared_cap_counts_the_connections_of_every_runtime() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    let cap = ConnectionCap::new(2);
+    let shard_cap = cap.clone();
+    std::thread::Builder::new()
+        .name("shard".into())
+        .spawn(move || {
+            runtime().block_on(async move {
+                serve(shard, hold_after_thread_name())
+                    .connection_cap(shard_cap)
+                    .with_graceful_shutdown(std::future::pending())
+                    .await
+            })
+        })
+        .unwrap();
+    let watch = cap.clone();
+    let [first, second, third, fourth] = rt.block_on(async move {
+        tokio::spawn(async move {
+            serve(acceptor, hold_after_thread_name())
+                .connection_cap(cap)
+                .with_graceful_shutdown(std::future::pending())
+                .await
+        });
+        let (_held, first) = first_line(addr).await;
+        let (closed, second) = first_line(addr).await;
+        drop(closed);
+        // The shard's connection has ended and given its place back.
+        let given_back = async {
+            while watch.open() != 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), given_back)
+            .await
+            .expect("the closed connection gave its place back");
+        // Two places in all: the acceptor's runtime takes a second connection although
+        // it has one already (a cap split one each would refuse it)...
+        let (_held_too, third) = first_line(addr).await;
+        // ... and the shard refuses one although it has none open.
+        let (_, fourth) = first_line(addr).await;
+        [first, second, third, fourth]
+    });
+    assert_eq!(first.as_deref(), Some(me.as_str()));
+    assert_eq!(second.as_deref(), Some("shard"));
+    assert_eq!(third.as_deref(), Some(me.as_str()));
+    assert_eq!(fourth, None);
 }

@@ -247,7 +247,10 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
             );
         }
     };
-    let max = usize::try_from(c.server.max_connections).unwrap_or(usize::MAX);
+    // One cap however many runtimes serve (validated: 1..=u32::MAX).
+    let cap = aegis_core::serve::ConnectionCap::new(
+        usize::try_from(c.server.max_connections).unwrap_or(usize::MAX),
+    );
     // A banned address is refused in the accept loop, before a task is spawned for it;
     // not behind a PROXY protocol sender, whose address the loop sees instead (the
     // security layer still refuses the real client's banned address, after the header).
@@ -258,20 +261,19 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1));
     let (drained, aborted) = match (c.server.runtime, other_cores) {
         (config::Runtime::PerCore, Some(others)) => {
-            let each = max.div_ceil(others.get() + 1);
             serve_per_core(
                 listener,
                 built.service,
                 &c.server,
                 others,
-                each,
+                cap,
                 admit,
                 shutdown,
             )
             .await?
         }
         _ => {
-            let report = serve_with(listener, built.service, &c.server, max, admit, shutdown).await;
+            let report = serve_with(listener, built.service, &c.server, cap, admit, shutdown).await;
             (report.drained(), report.aborted())
         }
     };
@@ -285,13 +287,13 @@ fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// One accept loop with the `[server]` settings, a cap of `max` connections and the
+/// One accept loop with the `[server]` settings, the connection cap `cap` and the
 /// address bans of `admit`, until `signal` and its drain.
 fn serve_with<L, S>(
     listener: L,
     service: S,
     server: &config::Server,
-    max: usize,
+    cap: aegis_core::serve::ConnectionCap,
     admit: Option<aegis_mqtt::security::Security>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> aegis_core::serve::ServeFuture
@@ -302,7 +304,7 @@ where
     S::Error: Into<aegis_core::BoxError>,
 {
     let mut server = serve(listener, service)
-        .max_connections(max)
+        .connection_cap(cap)
         .nodelay(server.nodelay)
         .drain_timeout(server.drain_timeout);
     if let Some(security) = admit {
@@ -313,7 +315,7 @@ where
 
 /// `server.runtime = "per-core"`: this runtime accepts and serves one connection in
 /// `others + 1`; a current-thread runtime on a thread of its own serves each other share
-/// (`aegis_core::serve::share_out`). Each runtime serves at most `max` connections; one
+/// (`aegis_core::serve::share_out`). All share the one connection cap `cap`; one
 /// signal stops them all. Returns whether every runtime drained, and how many
 /// connections were aborted in all.
 async fn serve_per_core<S>(
@@ -321,7 +323,7 @@ async fn serve_per_core<S>(
     service: S,
     server: &config::Server,
     others: std::num::NonZeroUsize,
-    max: usize,
+    cap: aegis_core::serve::ConnectionCap,
     admit: Option<aegis_mqtt::security::Security>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(bool, usize), String>
@@ -337,7 +339,7 @@ where
     let mut reports = Vec::with_capacity(shards.len());
     for (i, shard) in shards.into_iter().enumerate() {
         let runtime = current_thread_runtime().map_err(|e| format!("runtime {}: {e}", i + 1))?;
-        let (service, server) = (service.clone(), server.clone());
+        let (service, server, cap) = (service.clone(), server.clone(), cap.clone());
         let mut stopped = stopped.clone();
         let (report, reported) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -348,7 +350,7 @@ where
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
                 // The acceptor's loop admits every connection before it hands it out.
-                let done = runtime.block_on(serve_with(shard, service, &server, max, None, signal));
+                let done = runtime.block_on(serve_with(shard, service, &server, cap, None, signal));
                 let _ = report.send((done.drained(), done.aborted()));
             })
             .map_err(|e| format!("runtime {}: {e}", i + 1))?;
@@ -356,14 +358,14 @@ where
     }
     tracing::info!(
         runtimes = others.get() + 1,
-        max_connections_each = max,
+        max_connections = cap.max(),
         "serving from one runtime per core"
     );
     let signal = async move {
         signal.await;
         let _ = stop.send(true);
     };
-    let mine = serve_with(acceptor, service, server, max, admit, signal).await;
+    let mine = serve_with(acceptor, service, server, cap, admit, signal).await;
     let (mut drained, mut aborted) = (mine.drained(), mine.aborted());
     for reported in reports {
         // A runtime that ended without a report (a panic) did not drain.

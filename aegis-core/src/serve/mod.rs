@@ -4,8 +4,9 @@
 //! that drives a byte-stream service (a `tower::Service<Conn<Io>>`) to the end.
 //!
 //! - **Connection cap.** At most [`Serve::max_connections`] connections are served at
-//!   once (10,000 by default). A connection over the cap is closed at once and counted
-//!   as `aegis_connections_total{outcome="over_capacity"}`.
+//!   once (10,000 by default), or, with [`Serve::connection_cap`], at most a
+//!   [`ConnectionCap`] shared with other loops. A connection over the cap is closed at
+//!   once and counted as `aegis_connections_total{outcome="over_capacity"}`.
 //! - **Accept errors never stop the loop.** Running out of descriptors (`EMFILE`,
 //!   `ENFILE`) or memory (`ENOBUFS`, `ENOMEM`) backs off (1 ms, doubling up to 1 s) so the
 //!   loop neither exits nor spins; errors about one connection (`ECONNABORTED`, ...) are
@@ -75,6 +76,7 @@ use parking_lot::Mutex;
 
 pub use self::listener::Listener;
 pub use self::share::{Acceptor, Shard, share_out};
+pub use self::task::ConnectionCap;
 use self::task::{ConnTask, Registry};
 use crate::Conn;
 use crate::error::BoxError;
@@ -88,6 +90,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         listener,
         service,
         max_connections: Serve::<L, S>::DEFAULT_MAX_CONNECTIONS,
+        shared_cap: None,
         nodelay: false,
         drain_timeout: Serve::<L, S>::DEFAULT_DRAIN_TIMEOUT,
         admit: None,
@@ -115,6 +118,7 @@ pub struct Serve<L, S> {
     listener: L,
     service: S,
     max_connections: usize,
+    shared_cap: Option<ConnectionCap>,
     nodelay: bool,
     drain_timeout: Duration,
     admit: Option<Admit>,
@@ -146,16 +150,38 @@ impl<L, S> Serve<L, S> {
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Caps the connections served at once; one over the cap is closed at accept.
+    /// Replaces a [`connection_cap`](Self::connection_cap) set before.
     ///
     /// # Panics
     ///
     /// If `max` is 0 or above `u32::MAX`.
     pub fn max_connections(mut self, max: usize) -> Self {
-        assert!(
-            max > 0 && u32::try_from(max).is_ok(),
-            "max_connections must be in 1..=u32::MAX"
-        );
-        self.max_connections = max;
+        self.max_connections = ConnectionCap::new(max).max();
+        self.shared_cap = None;
+        self
+    }
+
+    /// Caps the connections served at once together with every other loop given a
+    /// clone of `cap` (on other runtimes, say, with [`share_out`]); one over the cap is
+    /// closed at accept, whichever loop accepted it. Replaces
+    /// [`max_connections`](Self::max_connections). A graceful shutdown still drains
+    /// only this loop's connections.
+    ///
+    /// ```
+    /// # fn run(a: tokio::net::TcpListener, b: tokio::net::TcpListener) {
+    /// use aegis_core::{serve, proxy::Proxy, serve::ConnectionCap};
+    ///
+    /// let upstream = "127.0.0.1:1884".parse().unwrap();
+    /// let cap = ConnectionCap::new(10_000);
+    /// // At most 10,000 connections in all, however they fall between the two.
+    /// let one = serve(a, Proxy::new(upstream)).connection_cap(cap.clone());
+    /// let two = serve(b, Proxy::new(upstream)).connection_cap(cap);
+    /// # drop((one, two));
+    /// # }
+    /// ```
+    pub fn connection_cap(mut self, cap: ConnectionCap) -> Self {
+        self.max_connections = cap.max();
+        self.shared_cap = Some(cap);
         self
     }
 
@@ -223,6 +249,7 @@ impl<L, S> Serve<L, S> {
             listener: f(self.listener),
             service: self.service,
             max_connections: self.max_connections,
+            shared_cap: self.shared_cap,
             nodelay: self.nodelay,
             drain_timeout: self.drain_timeout,
             admit: self.admit,
@@ -472,6 +499,7 @@ where
         mut listener,
         service,
         max_connections,
+        shared_cap,
         nodelay,
         drain_timeout,
         admit,
@@ -479,7 +507,7 @@ where
     // Not again on each stream if the listener passes it on to them. (Setting it on the
     // listener here would be too late for connections already in its backlog.)
     let nodelay = nodelay && !listener.accepts_nodelay();
-    let registry = Registry::new(max_connections);
+    let registry = Registry::new(max_connections, shared_cap);
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(signal);
     let bound = listener.local_addr();

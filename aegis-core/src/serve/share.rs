@@ -19,7 +19,10 @@
 //! What it costs: a connection stays on the runtime that took it. Nothing moves work
 //! between runtimes afterwards, so long-lived connections of unequal load can keep one
 //! core busier than another, which work stealing would even out. And each runtime's
-//! [`serve`](super::serve) has its own connection cap and drain: give each its share.
+//! [`serve`](super::serve) has its own drain, and its own connection cap unless they
+//! share one: give them clones of one [`ConnectionCap`](super::ConnectionCap)
+//! ([`Serve::connection_cap`](super::Serve::connection_cap)), and a runtime takes a
+//! connection whenever the runtimes together are under it.
 //!
 //! - **Bounded.** Each shard's queue holds at most `queue` connections. When a shard's
 //!   queue is full, or its listener is gone (its `serve` stopped), the acceptor keeps

@@ -20,12 +20,60 @@ use tower_service::Service;
 use crate::error::{BoxError, Rejected, find, label_of};
 use crate::metrics as m;
 
-/// Open connections: the cap's permits, an abort handle per connection task, and the
-/// connection metrics' handles.
+/// A connection cap that several accept loops share: give clones of one to the
+/// [`serve`](super::serve) loops of several runtimes ([`Serve::connection_cap`]), the
+/// [`Acceptor`](super::Acceptor) and [`Shard`](super::Shard)s of
+/// [`share_out`](super::share_out) say, and they serve at most [`max`](Self::max)
+/// connections between them, wherever each one is.
+///
+/// [`Serve::connection_cap`]: super::Serve::connection_cap
+#[derive(Clone, Debug)]
+pub struct ConnectionCap {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionCap {
+    /// A cap of `max` connections.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 or above `u32::MAX`, as [`Serve::max_connections`].
+    ///
+    /// [`Serve::max_connections`]: super::Serve::max_connections
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        assert!(
+            max > 0 && u32::try_from(max).is_ok(),
+            "max_connections must be in 1..=u32::MAX"
+        );
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// The most connections served at once by all the loops sharing the cap.
+    #[must_use]
+    pub const fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections open now, in all the loops sharing the cap.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+}
+
+/// Open connections: this loop's permits (its open connections, which a drain waits
+/// for), the cap shared with other loops if any, an abort handle per connection task,
+/// and the connection metrics' handles.
 #[derive(Debug)]
 pub(crate) struct Registry {
     permits: Semaphore,
     max: usize,
+    shared: Option<ConnectionCap>,
     tasks: Mutex<Slab<AbortHandle>>,
     epoch: Instant,
     metrics: ConnMetrics,
@@ -33,11 +81,12 @@ pub(crate) struct Registry {
 
 impl Registry {
     /// Registers the connection metrics with the recorder in force (the loop calls this
-    /// when it starts).
-    pub(crate) fn new(max: usize) -> Arc<Self> {
+    /// when it starts). `max` is this loop's own cap, or the shared cap's `max`.
+    pub(crate) fn new(max: usize, shared: Option<ConnectionCap>) -> Arc<Self> {
         Arc::new(Self {
             permits: Semaphore::new(max),
             max,
+            shared,
             tasks: Mutex::new(Slab::new()),
             epoch: Instant::now(),
             metrics: ConnMetrics::register(),
@@ -64,7 +113,16 @@ impl Registry {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        let shared = match &self.shared {
+            Some(cap) => Some(cap.permits.try_acquire().ok()?),
+            None => None,
+        };
+        // Under a shared cap this loop cannot hold more than all of it: this succeeds
+        // (and were it to fail, the shared permit would go back as it drops).
         self.permits.try_acquire().ok()?.forget();
+        if let Some(permit) = shared {
+            permit.forget();
+        }
         self.metrics.active.increment(1);
         let started_ms = self.now_ms();
         // The lock is held across the spawn so that a task that ends at once removes
@@ -101,9 +159,14 @@ impl Registry {
         }
     }
 
+    /// Gives the connection's place back, then counts it gone: once the gauge shows it
+    /// gone, its place is free.
     fn release(&self) {
-        self.metrics.active.decrement(1);
         self.permits.add_permits(1);
+        if let Some(shared) = &self.shared {
+            shared.permits.add_permits(1);
+        }
+        self.metrics.active.decrement(1);
     }
 
     /// Milliseconds since the registry was created, wrapping after 49 days: enough for
@@ -356,7 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_task_with_a_boxed_service_runs_and_frees_its_slot() {
-        let reg = Registry::new(1);
+        let reg = Registry::new(1, None);
         let (tx, rx) = tokio::sync::oneshot::channel();
         reg.spawn(|slot| {
             let task = ConnTask::new(Big([0; 4096]), 7, slot);
