@@ -91,10 +91,11 @@ pub(crate) struct Server {
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Runtime {
     /// tokio's multi-thread runtime: one worker per core, work stealing between them.
-    #[default]
     WorkStealing,
     /// One current-thread runtime per core, accepted connections handed to them in
-    /// turn (`aegis_core::serve::share_out`).
+    /// turn (`aegis_core::serve::share_out`): the default, as each thread of HAProxy
+    /// serves its own connections (`BENCHMARKS.md`: more sessions per second).
+    #[default]
     PerCore,
 }
 
@@ -108,7 +109,7 @@ impl Default for Server {
             drain_timeout: Duration::from_secs(30),
             nodelay: true,
             proxy_buffer: 64 * 1024,
-            runtime: Runtime::WorkStealing,
+            runtime: Runtime::PerCore,
         }
     }
 }

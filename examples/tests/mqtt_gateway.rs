@@ -834,6 +834,33 @@ async fn per_core_runtimes_serve_sessions_and_drain_together() {
     assert!(gw.log().contains("drained=true"), "{}", gw.log());
 }
 
+/// `server.runtime = "work-stealing"` (tokio's multi-thread runtime, not the default)
+/// serves sessions and drains.
+#[tokio::test]
+async fn the_work_stealing_runtime_serves_sessions_and_drains() {
+    let config = r#"
+        [server]
+        runtime = "work-stealing"
+    "#;
+    let mut gw = Gateway::start("work-stealing", config, &[]).await;
+    let mut sessions = Vec::new();
+    for client_id in ["first", "second"] {
+        sessions.push(mqtt_session("127.0.0.1", gw.mqtt, client_id).await.unwrap());
+    }
+    assert!(
+        !gw.log().contains("serving from one runtime per core"),
+        "{}",
+        gw.log()
+    );
+    for mut session in sessions {
+        session.write_all(&[0xE0, 0x00]).await.unwrap();
+    }
+    gw.terminate();
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("drained=true"), "{}", gw.log());
+}
+
 /// The drain counts every runtime: a session left open on the second one (the second
 /// connection goes there) makes the exit status 1 although the first runtime drained.
 #[tokio::test]
