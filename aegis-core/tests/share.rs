@@ -290,3 +290,75 @@ fn a_shared_cap_counts_the_connections_of_every_runtime() {
     assert_eq!(third.as_deref(), Some(me.as_str()));
     assert_eq!(fourth, None);
 }
+
+/// Splits a listener for one shard, both serving [`hold_after_thread_name`] under one
+/// shared cap of `max`, the acceptor handing out by load; the shard on a thread named
+/// "shard", the acceptor in a task on `rt`.
+fn split_by_load(rt: &tokio::runtime::Runtime, max: usize) -> (ConnectionCap, SocketAddr) {
+    let (acceptor, shard, addr) = split(rt, 8);
+    let cap = ConnectionCap::new(max);
+    let (shard_cap, acceptor) = (cap.clone(), acceptor.connection_cap(cap.clone()));
+    std::thread::Builder::new()
+        .name("shard".into())
+        .spawn(move || {
+            runtime().block_on(async move {
+                serve(shard, hold_after_thread_name())
+                    .connection_cap(shard_cap)
+                    .with_graceful_shutdown(std::future::pending())
+                    .await
+            })
+        })
+        .unwrap();
+    let acceptor_cap = cap.clone();
+    rt.spawn(async move {
+        serve(acceptor, hold_after_thread_name())
+            .connection_cap(acceptor_cap)
+            .with_graceful_shutdown(std::future::pending())
+            .await
+    });
+    (cap, addr)
+}
+
+fn names(v: &[Option<String>]) -> Vec<Option<&str>> {
+    v.iter().map(Option::as_deref).collect()
+}
+
+/// Waits (bounded) until `cap` counts `n` open connections.
+async fn open_becomes(cap: &ConnectionCap, n: usize) {
+    let wait = async {
+        while cap.open() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the open connections reached the count");
+}
+
+#[test]
+fn by_load_the_acceptor_keeps_connections_while_it_serves_no_more_than_its_share() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (cap, addr) = split_by_load(&rt, 100);
+    let (one_at_a_time, held) = rt.block_on(async move {
+        // One connection at a time: nothing moves.
+        let mut one_at_a_time = Vec::new();
+        for _ in 0..4 {
+            let (client, name) = first_line(addr).await;
+            one_at_a_time.push(name);
+            drop(client);
+            open_becomes(&cap, 0).await;
+        }
+        // Connections held open: even shares.
+        let mut held = Vec::new();
+        for n in 1..=4 {
+            held.push(first_line(addr).await);
+            open_becomes(&cap, n).await;
+        }
+        let names: Vec<Option<String>> = held.into_iter().map(|(_, name)| name).collect();
+        (one_at_a_time, names)
+    });
+    let (me, shard) = (Some(me.as_str()), Some("shard"));
+    assert_eq!(names(&one_at_a_time), [me; 4]);
+    assert_eq!(names(&held), [me, shard, me, shard]);
+}

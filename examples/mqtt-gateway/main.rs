@@ -313,9 +313,10 @@ where
     server.with_graceful_shutdown(signal).into_future()
 }
 
-/// `server.runtime = "per-core"`: this runtime accepts and serves one connection in
-/// `others + 1`; a current-thread runtime on a thread of its own serves each other share
-/// (`aegis_core::serve::share_out`). All share the one connection cap `cap`; one
+/// `server.runtime = "per-core"`: this runtime accepts, keeps a connection while it
+/// serves no more than its share, and hands the others out in turn to current-thread
+/// runtimes on threads of their own (`aegis_core::serve::share_out`, by load). All
+/// share the one connection cap `cap`; one
 /// signal stops them all. Returns whether every runtime drained, and how many
 /// connections were aborted in all.
 async fn serve_per_core<S>(
@@ -335,6 +336,8 @@ where
     // A queue per runtime of what one accept burst brings at most (the listen backlog).
     let queue = usize::try_from(BACKLOG).unwrap_or(usize::MAX);
     let (acceptor, shards) = aegis_core::serve::share_out(listener, others, queue);
+    // By load: at low load every connection stays here, with no wake-up of another core.
+    let acceptor = acceptor.connection_cap(cap.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut reports = Vec::with_capacity(shards.len());
     for (i, shard) in shards.into_iter().enumerate() {

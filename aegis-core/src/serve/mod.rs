@@ -455,9 +455,9 @@ impl<L: Listener> Listener for Shared<L> {
         L::refuse(io);
     }
 
-    fn pass_on(&mut self, conn: Conn<Self::Io>) -> Option<Conn<Self::Io>> {
+    fn pass_on(&mut self, conn: Conn<Self::Io>, open: usize) -> Option<Conn<Self::Io>> {
         // Closed: the task is aborted; the connection closes unserved.
-        self.0.lock().as_mut()?.pass_on(conn)
+        self.0.lock().as_mut()?.pass_on(conn, open)
     }
 }
 
@@ -562,7 +562,7 @@ where
             }
         }
         // Admitted: served here, unless the listener passes it on (to another runtime).
-        let Some(conn) = listener.pass_on(conn) else {
+        let Some(conn) = listener.pass_on(conn, registry.open()) else {
             continue;
         };
         let svc = service.clone();
