@@ -244,40 +244,13 @@ async fn first_line(addr: SocketAddr) -> (TcpStream, Option<String>) {
 fn a_shared_cap_counts_the_connections_of_every_runtime() {
     let rt = runtime();
     let me = std::thread::current().name().unwrap().to_owned();
-    let (acceptor, shard, addr) = split(&rt, 8);
-    let cap = ConnectionCap::new(2);
-    let shard_cap = cap.clone();
-    std::thread::Builder::new()
-        .name("shard".into())
-        .spawn(move || {
-            runtime().block_on(async move {
-                serve(shard, hold_after_thread_name())
-                    .connection_cap(shard_cap)
-                    .with_graceful_shutdown(std::future::pending())
-                    .await
-            })
-        })
-        .unwrap();
-    let watch = cap.clone();
+    let (cap, addr) = split_under_cap(&rt, 2, false);
     let [first, second, third, fourth] = rt.block_on(async move {
-        tokio::spawn(async move {
-            serve(acceptor, hold_after_thread_name())
-                .connection_cap(cap)
-                .with_graceful_shutdown(std::future::pending())
-                .await
-        });
         let (_held, first) = first_line(addr).await;
         let (closed, second) = first_line(addr).await;
         drop(closed);
         // The shard's connection has ended and given its place back.
-        let given_back = async {
-            while watch.open() != 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), given_back)
-            .await
-            .expect("the closed connection gave its place back");
+        open_becomes(&cap, 1).await;
         // Two places in all: the acceptor's runtime takes a second connection although
         // it has one already (a cap split one each would refuse it)...
         let (_held_too, third) = first_line(addr).await;
@@ -292,12 +265,21 @@ fn a_shared_cap_counts_the_connections_of_every_runtime() {
 }
 
 /// Splits a listener for one shard, both serving [`hold_after_thread_name`] under one
-/// shared cap of `max`, the acceptor handing out by load; the shard on a thread named
-/// "shard", the acceptor in a task on `rt`.
-fn split_by_load(rt: &tokio::runtime::Runtime, max: usize) -> (ConnectionCap, SocketAddr) {
+/// shared cap of `max`, the acceptor handing out in turn or, `by_load`, by load; the
+/// shard on a thread named "shard", the acceptor in a task on `rt`.
+fn split_under_cap(
+    rt: &tokio::runtime::Runtime,
+    max: usize,
+    by_load: bool,
+) -> (ConnectionCap, SocketAddr) {
     let (acceptor, shard, addr) = split(rt, 8);
     let cap = ConnectionCap::new(max);
-    let (shard_cap, acceptor) = (cap.clone(), acceptor.connection_cap(cap.clone()));
+    let acceptor = if by_load {
+        acceptor.connection_cap(cap.clone())
+    } else {
+        acceptor
+    };
+    let shard_cap = cap.clone();
     std::thread::Builder::new()
         .name("shard".into())
         .spawn(move || {
@@ -339,7 +321,7 @@ async fn open_becomes(cap: &ConnectionCap, n: usize) {
 fn by_load_the_acceptor_keeps_connections_while_it_serves_no_more_than_its_share() {
     let rt = runtime();
     let me = std::thread::current().name().unwrap().to_owned();
-    let (cap, addr) = split_by_load(&rt, 100);
+    let (cap, addr) = split_under_cap(&rt, 100, true);
     let (one_at_a_time, held) = rt.block_on(async move {
         // One connection at a time: nothing moves.
         let mut one_at_a_time = Vec::new();
