@@ -125,7 +125,7 @@ impl Listener for tokio::net::TcpListener {
 /// Accepts from a `TcpListener`. `local`: the address every accepted socket shares (the
 /// listener is bound to one); `None` asks each socket (`getsockname`), since on a
 /// wildcard listener the local address is the one the client dialled.
-pub(super) fn accept_tcp(
+fn accept_tcp(
     listener: &tokio::net::TcpListener,
     cx: &mut Context<'_>,
     local: Option<SocketAddr>,
