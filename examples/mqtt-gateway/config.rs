@@ -92,9 +92,10 @@ pub(crate) struct Server {
 pub(crate) enum Runtime {
     /// tokio's multi-thread runtime: one worker per core, work stealing between them.
     WorkStealing,
-    /// One current-thread runtime per core, accepted connections handed to them in
-    /// turn (`aegis_core::serve::share_out`): the default, as each thread of HAProxy
-    /// serves its own connections (`BENCHMARKS.md`: more sessions per second).
+    /// One current-thread runtime per core, the accepting one handing connections to
+    /// the others when it serves more than its share (`aegis_core::serve::share_out`):
+    /// the default, as each thread of HAProxy serves its own connections
+    /// (`BENCHMARKS.md`: more sessions per second).
     #[default]
     PerCore,
 }

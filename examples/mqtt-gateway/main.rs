@@ -316,9 +316,8 @@ where
 /// `server.runtime = "per-core"`: this runtime accepts, keeps a connection while it
 /// serves no more than its share, and hands the others out in turn to current-thread
 /// runtimes on threads of their own (`aegis_core::serve::share_out`, by load). All
-/// share the one connection cap `cap`; one
-/// signal stops them all. Returns whether every runtime drained, and how many
-/// connections were aborted in all.
+/// share the one connection cap `cap`; one signal stops them all. Returns whether every
+/// runtime drained, and how many connections were aborted in all.
 async fn serve_per_core<S>(
     listener: TcpListener,
     service: S,
