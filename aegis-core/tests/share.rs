@@ -12,8 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::service_fn;
 
-/// Answers each connection with the name of the thread serving it, then closes it.
-fn answer_with_thread_name() -> impl tower::Service<
+/// Answers each connection with the name of the thread serving it, then closes it; or,
+/// to `hold` it, with the name and a newline, then waits until the client closes it.
+fn thread_name_service(
+    hold: bool,
+) -> impl tower::Service<
     Conn<TcpStream>,
     Response = (),
     Error = std::io::Error,
@@ -21,9 +24,16 @@ fn answer_with_thread_name() -> impl tower::Service<
 > + Clone
 + Send
 + 'static {
-    service_fn(|mut conn: Conn<TcpStream>| async move {
+    service_fn(move |mut conn: Conn<TcpStream>| async move {
         let name = std::thread::current().name().unwrap_or("").to_owned();
-        conn.get_mut().write_all(name.as_bytes()).await
+        if !hold {
+            return conn.get_mut().write_all(name.as_bytes()).await;
+        }
+        conn.get_mut()
+            .write_all(format!("{name}\n").as_bytes())
+            .await?;
+        let mut rest = Vec::new();
+        conn.get_mut().read_to_end(&mut rest).await.map(drop)
     })
 }
 
@@ -41,7 +51,7 @@ fn serve_shard(shard: Shard) {
         .name("shard".into())
         .spawn(move || {
             rt.block_on(async move {
-                serve(shard, answer_with_thread_name())
+                serve(shard, thread_name_service(false))
                     .with_graceful_shutdown(std::future::pending())
                     .await
             })
@@ -61,7 +71,7 @@ async fn name_of_server(client: &mut TcpStream) -> String {
 /// Serves `acceptor` on the current runtime, in a task of its own.
 fn spawn_serving(acceptor: Acceptor) {
     tokio::spawn(async move {
-        serve(acceptor, answer_with_thread_name())
+        serve(acceptor, thread_name_service(false))
             .with_graceful_shutdown(std::future::pending())
             .await
     });
@@ -171,7 +181,7 @@ fn the_acceptor_admits_before_it_hands_out() {
     let allowed: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let (refused, names) = rt.block_on(async move {
         tokio::spawn(async move {
-            serve(acceptor, answer_with_thread_name())
+            serve(acceptor, thread_name_service(false))
                 .admit(move |peer| {
                     if peer.ip() == banned {
                         return Err("banned".into());
@@ -196,30 +206,7 @@ fn the_acceptor_admits_before_it_hands_out() {
     assert_eq!(refused, [None, None, None, None]);
     // Refused connections take no turn: the admitted ones still alternate, from the top.
     let (me, shard) = (Some(me.as_str()), Some("shard"));
-    assert_eq!(
-        names.iter().map(Option::as_deref).collect::<Vec<_>>(),
-        [me, shard, me, shard]
-    );
-}
-
-/// Answers each connection with the name of the thread serving it and a newline, then
-/// holds it until the client closes it.
-fn hold_after_thread_name() -> impl tower::Service<
-    Conn<TcpStream>,
-    Response = (),
-    Error = std::io::Error,
-    Future = impl Future<Output = std::io::Result<()>> + Send,
-> + Clone
-+ Send
-+ 'static {
-    service_fn(|mut conn: Conn<TcpStream>| async move {
-        let name = std::thread::current().name().unwrap_or("").to_owned();
-        conn.get_mut()
-            .write_all(format!("{name}\n").as_bytes())
-            .await?;
-        let mut rest = Vec::new();
-        conn.get_mut().read_to_end(&mut rest).await.map(drop)
-    })
+    assert_eq!(self::names(&names), [me, shard, me, shard]);
 }
 
 /// The first line a new client hears, or `None` when the connection closes unanswered
@@ -264,7 +251,7 @@ fn a_shared_cap_counts_the_connections_of_every_runtime() {
     assert_eq!(fourth, None);
 }
 
-/// Splits a listener for one shard, both serving [`hold_after_thread_name`] under one
+/// Splits a listener for one shard, both serving [`thread_name_service`] holding connections under one
 /// shared cap of `max`, the acceptor handing out in turn or, `by_load`, by load; the
 /// shard on a thread named "shard", the acceptor in a task on `rt`.
 fn split_under_cap(
@@ -284,7 +271,7 @@ fn split_under_cap(
         .name("shard".into())
         .spawn(move || {
             runtime().block_on(async move {
-                serve(shard, hold_after_thread_name())
+                serve(shard, thread_name_service(true))
                     .connection_cap(shard_cap)
                     .with_graceful_shutdown(std::future::pending())
                     .await
@@ -293,7 +280,7 @@ fn split_under_cap(
         .unwrap();
     let acceptor_cap = cap.clone();
     rt.spawn(async move {
-        serve(acceptor, hold_after_thread_name())
+        serve(acceptor, thread_name_service(true))
             .connection_cap(acceptor_cap)
             .with_graceful_shutdown(std::future::pending())
             .await
