@@ -77,7 +77,7 @@ use parking_lot::Mutex;
 pub use self::listener::Listener;
 pub use self::share::{Acceptor, Shard, share_out};
 pub use self::task::ConnectionCap;
-use self::task::{ConnTask, Registry};
+use self::task::{Cap, ConnTask, Registry};
 use crate::Conn;
 use crate::error::BoxError;
 use crate::metrics as m;
@@ -89,8 +89,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
     Serve {
         listener,
         service,
-        max_connections: Serve::<L, S>::DEFAULT_MAX_CONNECTIONS,
-        shared_cap: None,
+        cap: Cap::Own(Serve::<L, S>::DEFAULT_MAX_CONNECTIONS),
         nodelay: false,
         drain_timeout: Serve::<L, S>::DEFAULT_DRAIN_TIMEOUT,
         admit: None,
@@ -117,8 +116,7 @@ impl std::fmt::Debug for Admit {
 pub struct Serve<L, S> {
     listener: L,
     service: S,
-    max_connections: usize,
-    shared_cap: Option<ConnectionCap>,
+    cap: Cap,
     nodelay: bool,
     drain_timeout: Duration,
     admit: Option<Admit>,
@@ -156,8 +154,7 @@ impl<L, S> Serve<L, S> {
     ///
     /// If `max` is 0 or above `u32::MAX`.
     pub fn max_connections(mut self, max: usize) -> Self {
-        self.max_connections = ConnectionCap::new(max).max();
-        self.shared_cap = None;
+        self.cap = Cap::own(max);
         self
     }
 
@@ -180,8 +177,7 @@ impl<L, S> Serve<L, S> {
     /// # }
     /// ```
     pub fn connection_cap(mut self, cap: ConnectionCap) -> Self {
-        self.max_connections = cap.max();
-        self.shared_cap = Some(cap);
+        self.cap = Cap::Shared(cap);
         self
     }
 
@@ -248,8 +244,7 @@ impl<L, S> Serve<L, S> {
         Serve {
             listener: f(self.listener),
             service: self.service,
-            max_connections: self.max_connections,
-            shared_cap: self.shared_cap,
+            cap: self.cap,
             nodelay: self.nodelay,
             drain_timeout: self.drain_timeout,
             admit: self.admit,
@@ -498,8 +493,7 @@ where
     let Serve {
         mut listener,
         service,
-        max_connections,
-        shared_cap,
+        cap,
         nodelay,
         drain_timeout,
         admit,
@@ -507,7 +501,8 @@ where
     // Not again on each stream if the listener passes it on to them. (Setting it on the
     // listener here would be too late for connections already in its backlog.)
     let nodelay = nodelay && !listener.accepts_nodelay();
-    let registry = Registry::new(max_connections, shared_cap);
+    let max_connections = cap.max();
+    let registry = Registry::new(cap);
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(signal);
     let bound = listener.local_addr();

@@ -43,10 +43,7 @@ impl ConnectionCap {
     /// [`Serve::max_connections`]: super::Serve::max_connections
     #[must_use]
     pub fn new(max: usize) -> Self {
-        assert!(
-            max > 0 && u32::try_from(max).is_ok(),
-            "max_connections must be in 1..=u32::MAX"
-        );
+        let max = valid_max(max);
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
@@ -66,6 +63,45 @@ impl ConnectionCap {
     }
 }
 
+/// `max`, checked as a connection cap.
+///
+/// # Panics
+///
+/// If `max` is 0 or above `u32::MAX`.
+fn valid_max(max: usize) -> usize {
+    assert!(
+        max > 0 && u32::try_from(max).is_ok(),
+        "max_connections must be in 1..=u32::MAX"
+    );
+    max
+}
+
+/// A loop's connection cap: its own, or one shared with other loops.
+#[derive(Clone, Debug)]
+pub(crate) enum Cap {
+    Own(usize),
+    Shared(ConnectionCap),
+}
+
+impl Cap {
+    /// A cap of `max` connections of the loop's own.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 or above `u32::MAX`.
+    pub(crate) fn own(max: usize) -> Self {
+        Self::Own(valid_max(max))
+    }
+
+    /// The most connections served at once.
+    pub(crate) const fn max(&self) -> usize {
+        match self {
+            Self::Own(max) => *max,
+            Self::Shared(cap) => cap.max,
+        }
+    }
+}
+
 /// Open connections: this loop's permits (its open connections, which a drain waits
 /// for), the cap shared with other loops if any, an abort handle per connection task,
 /// and the connection metrics' handles.
@@ -81,8 +117,14 @@ pub(crate) struct Registry {
 
 impl Registry {
     /// Registers the connection metrics with the recorder in force (the loop calls this
-    /// when it starts). `max` is this loop's own cap, or the shared cap's `max`.
-    pub(crate) fn new(max: usize, shared: Option<ConnectionCap>) -> Arc<Self> {
+    /// when it starts). Under a shared cap the loop's own permits are as many as the
+    /// shared cap's: it may hold all of it.
+    pub(crate) fn new(cap: Cap) -> Arc<Self> {
+        let max = cap.max();
+        let shared = match cap {
+            Cap::Own(_) => None,
+            Cap::Shared(cap) => Some(cap),
+        };
         Arc::new(Self {
             permits: Semaphore::new(max),
             max,
@@ -419,7 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_task_with_a_boxed_service_runs_and_frees_its_slot() {
-        let reg = Registry::new(1, None);
+        let reg = Registry::new(Cap::own(1));
         let (tx, rx) = tokio::sync::oneshot::channel();
         reg.spawn(|slot| {
             let task = ConnTask::new(Big([0; 4096]), 7, slot);
