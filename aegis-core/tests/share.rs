@@ -44,19 +44,27 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Serves `shard` on a new thread named "shard" until the process ends.
-fn serve_shard(shard: Shard) {
+/// Serves `shard` with [`thread_name_service`] (holding connections or not), under
+/// `cap` if given, on a new thread named "shard" until the process ends.
+fn serve_shard(shard: Shard, hold: bool, cap: Option<ConnectionCap>) {
     let rt = runtime();
     std::thread::Builder::new()
         .name("shard".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                serve(shard, thread_name_service(false))
-                    .with_graceful_shutdown(std::future::pending())
-                    .await
-            })
-        })
+        .spawn(move || rt.block_on(serving(shard, hold, cap)))
         .unwrap();
+}
+
+/// `listener` served with [`thread_name_service`] (holding connections or not), under
+/// `cap` if given, until the process ends.
+async fn serving<L>(listener: L, hold: bool, cap: Option<ConnectionCap>)
+where
+    L: aegis_core::serve::Listener<Io = TcpStream>,
+{
+    let mut server = serve(listener, thread_name_service(hold));
+    if let Some(cap) = cap {
+        server = server.connection_cap(cap);
+    }
+    server.with_graceful_shutdown(std::future::pending()).await;
 }
 
 async fn name_of_server(client: &mut TcpStream) -> String {
@@ -70,11 +78,7 @@ async fn name_of_server(client: &mut TcpStream) -> String {
 
 /// Serves `acceptor` on the current runtime, in a task of its own.
 fn spawn_serving(acceptor: Acceptor) {
-    tokio::spawn(async move {
-        serve(acceptor, thread_name_service(false))
-            .with_graceful_shutdown(std::future::pending())
-            .await
-    });
+    tokio::spawn(serving(acceptor, false, None));
 }
 
 /// Connects `n` clients to `addr` one after the other: the names of the threads that
@@ -106,7 +110,7 @@ fn connections_alternate_between_the_runtimes() {
     let rt = runtime();
     let me = std::thread::current().name().unwrap().to_owned();
     let (acceptor, shard, addr) = split(&rt, 8);
-    serve_shard(shard);
+    serve_shard(shard, false, None);
     let names = rt.block_on(async move {
         spawn_serving(acceptor);
         names_of_servers(addr, 6).await
@@ -135,7 +139,7 @@ fn a_full_queue_leaves_the_connection_with_the_acceptor_and_loses_nothing() {
     });
     assert_eq!([first, third, fourth], [me.as_str(); 3]);
     // Once the shard runs, the queued connection is served there.
-    serve_shard(shard);
+    serve_shard(shard, false, None);
     let queued = rt.block_on(async move {
         let mut queued = queued;
         name_of_server(&mut queued).await
@@ -176,7 +180,7 @@ fn the_acceptor_admits_before_it_hands_out() {
     let me = std::thread::current().name().unwrap().to_owned();
     let (acceptor, shard, addr) = split(&rt, 8);
     // The shard's serve checks nothing: whatever reaches it is answered.
-    serve_shard(shard);
+    serve_shard(shard, false, None);
     let banned: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let allowed: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let (refused, names) = rt.block_on(async move {
@@ -266,25 +270,8 @@ fn split_under_cap(
     } else {
         acceptor
     };
-    let shard_cap = cap.clone();
-    std::thread::Builder::new()
-        .name("shard".into())
-        .spawn(move || {
-            runtime().block_on(async move {
-                serve(shard, thread_name_service(true))
-                    .connection_cap(shard_cap)
-                    .with_graceful_shutdown(std::future::pending())
-                    .await
-            })
-        })
-        .unwrap();
-    let acceptor_cap = cap.clone();
-    rt.spawn(async move {
-        serve(acceptor, thread_name_service(true))
-            .connection_cap(acceptor_cap)
-            .with_graceful_shutdown(std::future::pending())
-            .await
-    });
+    serve_shard(shard, true, Some(cap.clone()));
+    rt.spawn(serving(acceptor, true, Some(cap.clone())));
     (cap, addr)
 }
 
