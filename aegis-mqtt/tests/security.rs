@@ -904,3 +904,153 @@ fn with_max_bans_0_crossing_a_threshold_refuses_nothing() {
         );
     });
 }
+
+/// A broker behind the MQTT layer, on a real socket: answers the CONNECT with a CONNACK
+/// and each PINGREQ with a PINGRESP, until the client closes.
+async fn pinged_broker(mut io: MqttIo<Conn<TcpStream>>) -> io::Result<()> {
+    let mut buf = [0; 256];
+    let n = io.read(&mut buf).await?;
+    assert_eq!(
+        buf.get(..1),
+        Some(&[0x10][..]),
+        "the CONNECT comes first ({n} bytes)"
+    );
+    io.write_all(&[0x20, 2, 0, 0]).await?;
+    loop {
+        match io.read(&mut buf).await? {
+            0 => return Ok(()),
+            n => {
+                for _ in buf[..n].chunks(2).filter(|p| *p == [0xC0, 0]) {
+                    io.write_all(&[0xD0, 0]).await?;
+                }
+            }
+        }
+    }
+}
+
+const GUARD: Duration = Duration::from_secs(10);
+
+/// A 3.1.1 session on a real socket from the loopback address `from` to `to`: CONNECT
+/// with client id `id` (and `user`), then its CONNACK.
+async fn session(to: SocketAddr, from: &str, id: &str, user: Option<&str>) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    s.write_all(&connect(false, id, user)).await.unwrap();
+    let mut connack = [0; 4];
+    tokio::time::timeout(GUARD, s.read_exact(&mut connack))
+        .await
+        .expect("a CONNACK")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    s
+}
+
+/// Whether the session is still served: a PINGREQ gets its PINGRESP.
+async fn pings(s: &mut TcpStream) -> bool {
+    if s.write_all(&[0xC0, 0]).await.is_err() {
+        return false;
+    }
+    let mut resp = [0; 2];
+    matches!(
+        tokio::time::timeout(GUARD, s.read_exact(&mut resp)).await,
+        Ok(Ok(_))
+    ) && resp == [0xD0, 0]
+}
+
+/// Waits for the end of the session (EOF, or a reset) and returns what came before it.
+async fn closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(GUARD, s.read_to_end(&mut rest))
+        .await
+        .expect("the session is closed");
+    rest
+}
+
+#[test]
+fn a_ban_closes_the_open_sessions_it_matches_and_no_other() {
+    let ((), snap) = run(false, || async {
+        let sec = Security::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let svc = sec
+            .layer()
+            .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let accept_loop = tokio::spawn(
+            serve(listener, svc)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut a = session(to, "127.0.0.1", "a", None).await;
+        let mut b = session(to, "127.0.0.1", "b", Some("bob")).await;
+        let mut c = session(to, "127.0.0.2", "c", None).await;
+        let mut d = session(to, "127.0.0.1", "d", Some("dave")).await;
+        assert_eq!(sec.open_connections(), 4);
+
+        // Each key closes its own session, and leaves the others served.
+        sec.ban(BanKey::client_id("a"), Duration::from_secs(600));
+        assert!(closed(&mut a).await.is_empty());
+        assert!(pings(&mut b).await && pings(&mut c).await && pings(&mut d).await);
+        sec.ban(BanKey::username("bob"), Duration::from_secs(600));
+        assert!(closed(&mut b).await.is_empty());
+        assert!(pings(&mut c).await && pings(&mut d).await);
+        sec.ban(addr("127.0.0.2"), Duration::from_secs(600));
+        assert!(closed(&mut c).await.is_empty());
+        assert!(pings(&mut d).await);
+
+        // The ban events say what each closed; a ban that matches no open session too.
+        sec.ban(BanKey::client_id("nobody"), Duration::from_secs(600));
+        let details: Vec<String> = sec
+            .events(10)
+            .into_iter()
+            .filter(|e| e.kind == EventKind::Ban)
+            .map(|e| e.details)
+            .collect();
+        assert_eq!(details.len(), 4, "{details:?}");
+        for d in &details[..3] {
+            assert!(d.ends_with("; 1 open connection(s) closed"), "{d}");
+        }
+        assert!(!details[3].contains("closed"), "{}", details[3]);
+
+        // The session left is served to its end; then none is kept.
+        assert!(pings(&mut d).await);
+        drop(d);
+        stop_tx.send(()).unwrap();
+        assert!(accept_loop.await.unwrap().drained());
+        assert_eq!(sec.open_connections(), 0);
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "security"), ("reason", "closed_by_ban")]
+        ),
+        3
+    );
+    assert_eq!(
+        c.counter(m::BANS_TOTAL, &[("key", "client_id"), ("cause", "manual")]),
+        2
+    );
+}
+
+#[tokio::test]
+async fn with_close_on_ban_off_a_ban_leaves_open_sessions_alone() {
+    let sec = Security::builder().close_on_ban(false).build();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let svc = sec
+        .layer()
+        .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
+    tokio::spawn(serve(listener, svc).into_future());
+    let mut s = session(to, "127.0.0.1", "a", None).await;
+    assert_eq!(sec.open_connections(), 0, "nothing kept to close");
+    sec.ban(BanKey::client_id("a"), Duration::from_secs(600));
+    sec.ban(addr("127.0.0.1"), Duration::from_secs(600));
+    assert!(pings(&mut s).await);
+    // New sessions are refused all the same: the address is refused at once.
+    let mut refused = TcpStream::connect(to).await.unwrap();
+    assert!(closed(&mut refused).await.is_empty());
+}

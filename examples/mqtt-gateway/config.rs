@@ -553,6 +553,8 @@ pub(crate) struct Security {
     pub(crate) ban_by: Vec<BanBy>,
     pub(crate) max_tracked: usize,
     pub(crate) max_bans: usize,
+    /// Whether a ban also closes the open sessions it matches.
+    pub(crate) close_on_ban: bool,
     /// Whether `POST /bans` and `DELETE /bans` on the metrics endpoint change bans.
     pub(crate) admin: bool,
 }
@@ -570,6 +572,7 @@ impl Default for Security {
             ban_by: vec![BanBy::Addr, BanBy::Username, BanBy::ClientId],
             max_tracked: 100_000,
             max_bans: 100_000,
+            close_on_ban: true,
             admin: false,
         }
     }

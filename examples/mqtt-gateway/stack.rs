@@ -367,6 +367,7 @@ fn security(c: &config::Security) -> Security {
         .ban_for(c.ban_for)
         .max_tracked(c.max_tracked)
         .max_bans(c.max_bans)
+        .close_on_ban(c.close_on_ban)
         .ban_by_addr(c.ban_by.contains(&config::BanBy::Addr))
         .ban_by_username(c.ban_by.contains(&config::BanBy::Username))
         .ban_by_client_id(c.ban_by.contains(&config::BanBy::ClientId));

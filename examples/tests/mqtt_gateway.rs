@@ -952,6 +952,45 @@ async fn per_core_a_banned_address_is_refused_on_every_runtime() {
     }
 }
 
+/// A ban through `/bans` closes the sessions open from that address on every runtime
+/// (by load, sessions held open alternate between the two), and leaves another
+/// address's session to the broker, which still answers its PINGREQ.
+#[tokio::test]
+async fn a_ban_closes_the_open_sessions_it_matches_on_every_runtime() {
+    let config = "[server]\nruntime = \"per-core\"\n[security]\nadmin = true\n";
+    let gw = Gateway::start("ban-closes-open", config, &[]).await;
+    let mut banned = Vec::new();
+    for i in 0..4 {
+        let s = mqtt_session("127.0.0.11", gw.mqtt, &format!("banned-{i}")).await;
+        banned.push(s.unwrap());
+    }
+    let mut kept = mqtt_session("127.0.0.12", gw.mqtt, "kept").await.unwrap();
+    let (status, _) = http_request(
+        gw.metrics,
+        "POST",
+        "/bans?key=addr&value=127.0.0.11&for=10m",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    for (i, s) in banned.iter_mut().enumerate() {
+        assert!(closed_silently(s).await, "session {i} was not closed");
+    }
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"security\",reason=\"closed_by_ban\"}",
+        4.0,
+    )
+    .await;
+    kept.write_all(&[0xC0, 0x00]).await.unwrap();
+    let pong = timeout(WAIT, read_packet(&mut kept))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, (0xD0, vec![]));
+    let (_, events) = http_get(gw.metrics, "/events?limit=10").await.unwrap();
+    assert!(events.contains("4 open connection(s) closed"), "{events}");
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [

@@ -11,6 +11,10 @@ pub enum SecurityError {
     /// included when it crossed a threshold). Nothing was read from the connection.
     #[error("client address is banned")]
     Banned,
+    /// A ban of the connection's client address, client id or username closed it while
+    /// it was open (see [`close_on_ban`](super::SecurityBuilder::close_on_ban)).
+    #[error("closed by a ban of its client address, client id or username")]
+    ClosedByBan,
 }
 
 impl aegis_core::error::Reject for SecurityError {
@@ -21,6 +25,7 @@ impl aegis_core::error::Reject for SecurityError {
     fn label(&self) -> &'static str {
         match self {
             Self::Banned => "banned",
+            Self::ClosedByBan => "closed_by_ban",
         }
     }
 }

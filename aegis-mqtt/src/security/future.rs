@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use aegis_core::BoxError;
-use aegis_core::error::Rejected;
+use aegis_core::error::{Rejected, reject};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 
-use super::ConnCtx;
+use super::{ConnCtx, SecurityError, Tracked};
 
 pin_project! {
     /// The future of [`SecurityService`](super::SecurityService): the inner service's
@@ -16,6 +16,8 @@ pin_project! {
     ///
     /// When the inner future fails with a rejection that no layer inside reported
     /// itself, this reports it as a `rejection` event and counts it toward the detector.
+    /// When a ban closes the connection, it ends with [`SecurityError::ClosedByBan`]
+    /// (the inner future, with the connection, drops with this one).
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F> {
         #[pin]
@@ -29,7 +31,7 @@ pin_project! {
         Inner {
             #[pin]
             fut: TaskLocalFuture<Arc<ConnCtx>, F>,
-            ctx: Arc<ConnCtx>,
+            ctx: Tracked,
         },
         Rejected { err: Option<Rejected> },
     }
@@ -42,7 +44,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) const fn new(fut: TaskLocalFuture<Arc<ConnCtx>, F>, ctx: Arc<ConnCtx>) -> Self {
+    pub(super) const fn new(fut: TaskLocalFuture<Arc<ConnCtx>, F>, ctx: Tracked) -> Self {
         Self {
             state: State::Inner { fut, ctx },
         }
@@ -64,14 +66,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { fut, ctx } => match ready!(fut.poll(cx)) {
-                Ok(response) => Poll::Ready(Ok(response)),
-                Err(e) => {
-                    let e: BoxError = e.into();
-                    ctx.on_error(&*e);
-                    Poll::Ready(Err(e))
+            StateProj::Inner { fut, ctx } => {
+                if ctx.closed(cx) {
+                    // The ban's event has it; not a rejection of the client's doing.
+                    return Poll::Ready(Err(reject(SecurityError::ClosedByBan).into()));
                 }
-            },
+                match ready!(fut.poll(cx)) {
+                    Ok(response) => Poll::Ready(Ok(response)),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        ctx.on_error(&*e);
+                        Poll::Ready(Err(e))
+                    }
+                }
+            }
             StateProj::Rejected { err } => Poll::Ready(Err(err
                 .take()
                 .expect("ResponseFuture polled after completion")

@@ -64,9 +64,18 @@
 //! Refusals at the CONNECT under a client id or username ban are logged at most once a
 //! second per ban in the same way.
 //!
-//! A ban added through the handle applies to new connections: **connections already
-//! open are not closed**. Address bans apply before the first byte is read; username and
-//! client id bans apply at the CONNECT (those keys are not known before).
+//! A ban, by the detector or through the handle, also **closes the open connections it
+//! matches** (as EMQX kicks a banned client): those from the banned address, and those
+//! whose CONNECT gave the banned client id or username. Each is ended as soon as its task
+//! runs, its stream and its broker connection dropped (closed), with the error
+//! [`SecurityError::ClosedByBan`]
+//! (`aegis_rejections_total{layer="security", reason="closed_by_ban"}`), and the `ban`
+//! event says how many it closed. A ban costs one pass over the open connections (under a
+//! lock that a connection also takes when it starts and when it ends); each open
+//! connection costs a slot among them. [`close_on_ban(false)`](SecurityBuilder::close_on_ban)
+//! leaves open connections alone. New connections are refused as before: address bans
+//! apply before the first byte is read; username and client id bans apply at the CONNECT
+//! (those keys are not known before).
 //!
 //! Usernames and client ids are the client's own claims, checked before any
 //! authentication: a client can get a username banned by failing to log in with it. Use
@@ -160,7 +169,8 @@
 //! | `aegis_security_bans_total` | counter | `key` (`addr`, `username`, `client_id`), `cause` (`connects`, `auth_failures`, `rejections`, `manual`) |
 //! | `aegis_security_untracked_total` | counter | (keys the full detector could not count) |
 //!
-//! Refusals are also counted by `aegis_rejections_total{layer, reason}` as everywhere.
+//! Refusals are also counted by `aegis_rejections_total{layer, reason}` as everywhere;
+//! an open connection a ban closes as `{layer="security", reason="closed_by_ban"}`.
 //!
 //! # Bounds
 //!
@@ -173,16 +183,22 @@
 //!   detector costs no `O(n)` scan per connection); when it is still full, new keys are
 //!   not tracked (`aegis_security_untracked_total`) until room is made.
 //! - The event log holds at most `events_capacity` events, each bounded as above.
+//! - The open connections a ban closes are kept one slot each (their context, which
+//!   the connection holds anyway), as many as the accept loop serves at once.
 //!
 //! Client addresses are keyed by IP, an IPv4-mapped IPv6 address as its IPv4 address.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Context;
 use std::time::Duration;
 
 use aegis_core::error::{Reject, Rejected, find};
+use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
+use slab::Slab;
 use tokio::time::Instant;
 
 use crate::layer::SharedId;
@@ -361,6 +377,7 @@ pub struct SecurityBuilder {
     ban_by: BanKeys,
     max_tracked: usize,
     max_bans: usize,
+    close_on_ban: bool,
 }
 
 impl Default for SecurityBuilder {
@@ -377,6 +394,7 @@ impl Default for SecurityBuilder {
             ban_by: BanKeys::ALL,
             max_tracked: 100_000,
             max_bans: 100_000,
+            close_on_ban: true,
         }
     }
 }
@@ -462,6 +480,14 @@ impl SecurityBuilder {
         self
     }
 
+    /// Whether a ban also closes the open connections it matches (on by default; see
+    /// the [module docs](self)). Off, a ban applies to new connections only, and open
+    /// connections cost no slot.
+    pub const fn close_on_ban(mut self, on: bool) -> Self {
+        self.close_on_ban = on;
+        self
+    }
+
     /// The [`Security`].
     pub fn build(self) -> Security {
         Security {
@@ -472,6 +498,7 @@ impl SecurityBuilder {
                 log: EventLog::new(self.events_capacity),
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
+                open: self.close_on_ban.then(|| Mutex::new(Slab::new())),
             }),
         }
     }
@@ -491,6 +518,9 @@ struct Shared {
     log: EventLog,
     bans: Mutex<BanTable>,
     detector: Mutex<Detector>,
+    /// The connections open under this `Security`'s layers, for a ban to close; `None`
+    /// with `close_on_ban(false)`.
+    open: Option<Mutex<Slab<Arc<ConnCtx>>>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -501,6 +531,7 @@ impl std::fmt::Debug for Security {
             .field("ban_by", &self.shared.ban_by)
             .field("bans", &self.shared.bans.lock().len())
             .field("tracked", &self.shared.detector.lock().len())
+            .field("open", &self.open_connections())
             .field("events_total", &self.shared.log.total())
             .finish_non_exhaustive()
     }
@@ -545,12 +576,13 @@ impl Security {
         self.with_bans(BanTable::list)
     }
 
-    /// Bans `key` for `duration` from now (replacing a ban of the same key), for new
-    /// connections: open ones are not closed. Logs a `ban` event (rule `manual`) and
-    /// counts `aegis_security_bans_total{cause="manual"}`. When the table is full, the
-    /// ban that ends soonest is evicted.
+    /// Bans `key` for `duration` from now (replacing a ban of the same key), and closes
+    /// the open connections it matches unless built with
+    /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban). Logs a `ban` event (rule
+    /// `manual`) and counts `aegis_security_bans_total{cause="manual"}`. When the table
+    /// is full, the ban that ends soonest is evicted.
     pub fn ban(&self, key: BanKey, duration: Duration) {
-        self.put_ban(key, duration, Cause::Manual, None, &Who::default());
+        self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
     }
 
     /// Lifts the ban of `key`; `false` if it was not banned.
@@ -563,6 +595,15 @@ impl Security {
     pub fn is_banned(&self, key: &BanKey) -> bool {
         let key = key.clone().normalized();
         self.is_banned_normalized(&key)
+    }
+
+    /// How many connections are open under this `Security`'s layers (0 when built with
+    /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban), which does not keep them).
+    pub fn open_connections(&self) -> usize {
+        self.shared
+            .open
+            .as_ref()
+            .map_or(0, |open| open.lock().len())
     }
 
     /// The latest `limit` events, **oldest first** (the newest is last).
@@ -605,7 +646,9 @@ impl Security {
         self.shared.log.emit(who.on(event));
     }
 
-    /// Bans `key`; `false` if the table takes no bans (`max_bans(0)`).
+    /// Bans `key` and closes the open connections it matches but `spared` (one whose
+    /// CONNECT is refused by its CONNACK); `false` if the table takes no bans
+    /// (`max_bans(0)`).
     fn put_ban(
         &self,
         key: BanKey,
@@ -613,6 +656,7 @@ impl Security {
         cause: Cause,
         threshold: Option<u32>,
         who: &Who,
+        spared: Option<&ConnCtx>,
     ) -> bool {
         let key = key.normalized();
         let inserted =
@@ -621,7 +665,8 @@ impl Security {
             return false;
         }
         metrics::banned(key.kind(), cause.as_str());
-        let details = match threshold {
+        let closed = self.close_open(&key, spared);
+        let mut details = match threshold {
             Some(n) => format!(
                 "{key} banned for {duration:?}: more than {n} {} in {:?}",
                 cause.as_str().replace('_', " "),
@@ -629,6 +674,9 @@ impl Security {
             ),
             None => format!("{key} banned for {duration:?} through the handle"),
         };
+        if closed > 0 {
+            let _ = write!(details, "; {closed} open connection(s) closed");
+        }
         self.emit(
             who,
             Event::new(
@@ -642,9 +690,42 @@ impl Security {
         true
     }
 
+    /// Keeps `ctx` among the open connections a ban closes, unless built with
+    /// `close_on_ban(false)`.
+    fn track(&self, ctx: Arc<ConnCtx>) -> Tracked {
+        let key = self
+            .shared
+            .open
+            .as_ref()
+            .map(|open| open.lock().insert(Arc::clone(&ctx)));
+        Tracked { ctx, key }
+    }
+
+    /// Closes the open connections that the (normalized) `key` matches, but `spared`;
+    /// returns how many. The pass holds the lock of the open connections; each
+    /// connection's names are read under their own lock, which is never held while that
+    /// one is taken.
+    fn close_open(&self, key: &BanKey, spared: Option<&ConnCtx>) -> usize {
+        let Some(open) = &self.shared.open else {
+            return 0;
+        };
+        let mut closed = 0;
+        for (_, ctx) in open.lock().iter() {
+            if spared.is_some_and(|s| std::ptr::eq(s, Arc::as_ptr(ctx))) {
+                continue;
+            }
+            if ctx.matches(key) && !ctx.closed.swap(true, Ordering::AcqRel) {
+                ctx.waker.wake();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Counts `cause` for each of `keys` the detector bans on; bans each key that crosses
-    /// its threshold. Returns whether any is banned now (none is with `max_bans(0)`).
-    fn count(&self, keys: &[BanKey], cause: Cause, who: &Who) -> bool {
+    /// its threshold (closing the open connections it matches, but `spared`). Returns
+    /// whether any is banned now (none is with `max_bans(0)`).
+    fn count(&self, keys: &[BanKey], cause: Cause, who: &Who, spared: Option<&ConnCtx>) -> bool {
         if self.shared.thresholds.of(cause).is_none() {
             return false;
         }
@@ -662,7 +743,14 @@ impl Security {
         }
         let mut banned = false;
         for (key, n) in &crossed {
-            banned |= self.put_ban(key.clone(), self.shared.ban_for, cause, Some(*n), who);
+            banned |= self.put_ban(
+                key.clone(),
+                self.shared.ban_for,
+                cause,
+                Some(*n),
+                who,
+                spared,
+            );
         }
         banned
     }
@@ -678,7 +766,8 @@ impl Security {
         if self.refused_as_banned(&key, &who) {
             return false;
         }
-        if !self.count(std::slice::from_ref(&key), Cause::Connects, &who) {
+        // This connection is not open yet: no need to spare it.
+        if !self.count(std::slice::from_ref(&key), Cause::Connects, &who, None) {
             return true;
         }
         self.emit_banned(
@@ -793,6 +882,44 @@ struct ConnCtx {
     names: Mutex<Names>,
     /// Whether a layer inside reported the connection's end itself.
     reported: AtomicBool,
+    /// Whether a ban closed the connection; its task is woken through `waker`.
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// A connection's security context, kept among the open connections (if they are kept)
+/// until it drops.
+struct Tracked {
+    ctx: Arc<ConnCtx>,
+    /// Its slot among the open connections.
+    key: Option<usize>,
+}
+
+impl Tracked {
+    /// Whether a ban closed the connection; if not, `cx` is woken when one does.
+    fn closed(&self, cx: &Context<'_>) -> bool {
+        if self.key.is_none() {
+            return false;
+        }
+        self.ctx.waker.register(cx.waker());
+        self.ctx.closed.load(Ordering::Acquire)
+    }
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = ConnCtx;
+
+    fn deref(&self) -> &ConnCtx {
+        &self.ctx
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let (Some(key), Some(open)) = (self.key, &self.ctx.security.shared.open) {
+            open.lock().try_remove(key);
+        }
+    }
 }
 
 /// The names a connection gave in its CONNECT.
@@ -817,6 +944,18 @@ impl ConnCtx {
             addr,
             names: Mutex::new(Names::default()),
             reported: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Whether the (normalized) ban `key` is this connection's address, or the client
+    /// id or username of its CONNECT.
+    fn matches(&self, key: &BanKey) -> bool {
+        match key {
+            BanKey::Addr(ip) => self.addr.ip().to_canonical() == *ip,
+            BanKey::ClientId(id) => self.names.lock().client_id.as_ref() == Some(id),
+            BanKey::Username(user) => self.names.lock().username.as_ref() == Some(user),
         }
     }
 
@@ -859,7 +998,9 @@ impl ConnCtx {
             Event::new(r.layer, r.kind, r.severity, r.rule, r.details),
         );
         if let Some(cause) = cause.filter(|_| !not_counted) {
-            self.security.count(&self.detector_keys(&who), cause, &who);
+            // A connection over a threshold by what it sent is closed too.
+            self.security
+                .count(&self.detector_keys(&who), cause, &who, None);
         }
     }
 
@@ -894,7 +1035,10 @@ impl ConnCtx {
             }
         }
         let who = self.who();
-        if with_name_keys(&who, |keys| sec.count(keys, Cause::Connects, &who)) {
+        // Refused by its CONNACK, which the MQTT layer still has to send.
+        if with_name_keys(&who, |keys| {
+            sec.count(keys, Cause::Connects, &who, Some(self))
+        }) {
             return Err(MqttError::Banned);
         }
         Ok(())
@@ -926,8 +1070,12 @@ impl ConnCtx {
             Event::new(layer, EventKind::Rejection, severity, Some(label), details),
         );
         if counted {
-            self.security
-                .count(&self.detector_keys(&who), Cause::Rejections, &who);
+            self.security.count(
+                &self.detector_keys(&who),
+                Cause::Rejections,
+                &who,
+                Some(self),
+            );
         }
     }
 }
@@ -954,11 +1102,56 @@ mod tests {
         Arc::new(ConnCtx::new(sec.clone(), "192.0.2.7:1000".parse().unwrap()))
     }
 
-    /// One per connection, for its whole life: one lock for both names.
+    /// One per connection, for its whole life: one lock for both names. With the waker a
+    /// ban wakes, it and the `Arc`'s two counts fill one 128-byte allocation.
     #[test]
     fn a_connection_context_stays_small() {
         let size = std::mem::size_of::<ConnCtx>();
-        assert!(size <= 88, "ConnCtx is {size} bytes");
+        assert!(size <= 112, "ConnCtx is {size} bytes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_over_a_threshold_closes_the_reporting_connection_and_its_peers() {
+        let sec = Security::builder().max_auth_failures(0).build();
+        let (first, other) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
+        let elsewhere = sec.track(Arc::new(ConnCtx::new(
+            sec.clone(),
+            "192.0.2.8:1000".parse().unwrap(),
+        )));
+        assert_eq!(sec.open_connections(), 3);
+        CTX.scope(Arc::clone(&first.ctx), async { report(auth_failure()) })
+            .await;
+        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(first.closed.load(Ordering::Acquire));
+        assert!(other.closed.load(Ordering::Acquire));
+        assert!(!elsewhere.closed.load(Ordering::Acquire));
+        let ban = sec.events(10).pop().unwrap();
+        assert!(
+            ban.details.ends_with("; 2 open connection(s) closed"),
+            "{ban:?}"
+        );
+        drop((first, other, elsewhere));
+        assert_eq!(sec.open_connections(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connect_that_crosses_a_threshold_is_refused_by_its_connack_not_closed() {
+        // Two CONNECTs of one client id over a threshold of 1: the second is refused at
+        // its CONNECT (the MQTT layer then answers it), the first, open, is closed.
+        let sec = Security::builder().max_connects(1).build();
+        let bytes = [
+            0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
+        ];
+        let connect = crate::validate_connect(&bytes[..], &crate::Config::new()).unwrap();
+        let (first, second) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
+        let mut id = SharedId::new(connect.client_id);
+        assert_eq!(first.on_connect(&connect, &mut id), Ok(()));
+        assert_eq!(
+            second.on_connect(&connect, &mut SharedId::new(connect.client_id)),
+            Err(MqttError::Banned)
+        );
+        assert!(first.closed.load(Ordering::Acquire));
+        assert!(!second.closed.load(Ordering::Acquire));
     }
 
     fn auth_failure() -> Report<'static> {

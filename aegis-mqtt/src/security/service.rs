@@ -69,6 +69,6 @@ where
         let ctx = Arc::new(ConnCtx::new(self.security.clone(), addr));
         let inner = &mut self.inner;
         let fut = CTX.sync_scope(Arc::clone(&ctx), || inner.call(io));
-        ResponseFuture::new(CTX.scope(Arc::clone(&ctx), fut), ctx)
+        ResponseFuture::new(CTX.scope(Arc::clone(&ctx), fut), self.security.track(ctx))
     }
 }
