@@ -1054,3 +1054,39 @@ async fn with_close_on_ban_off_a_ban_leaves_open_sessions_alone() {
     let mut refused = TcpStream::connect(to).await.unwrap();
     assert!(closed(&mut refused).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_client_id_over_max_connects_is_refused_at_its_connect_and_closed_where_open() {
+    // The second CONNECT of "dev" crosses the threshold of 1: it gets its CONNACK
+    // refusal, and the first session of "dev", open, is closed.
+    let sec = Security::builder()
+        .max_connects(1)
+        .ban_by_addr(false)
+        .ban_by_username(false)
+        .build();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let svc = sec
+        .layer()
+        .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
+    tokio::spawn(serve(listener, svc).into_future());
+    let mut first = session(to, "127.0.0.1", "dev", None).await;
+    let mut other = session(to, "127.0.0.1", "other", None).await;
+    let mut second = TcpStream::connect(to).await.unwrap();
+    second
+        .write_all(&connect(false, "dev", None))
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut second).await, [0x20, 0x02, 0x00, 0x05]);
+    assert!(closed(&mut first).await.is_empty());
+    assert!(pings(&mut other).await);
+    let ban = sec
+        .events(10)
+        .into_iter()
+        .find(|e| e.kind == EventKind::Ban)
+        .expect("a ban event");
+    assert!(
+        ban.details.ends_with("; 1 open connection(s) closed"),
+        "{ban:?}"
+    );
+}

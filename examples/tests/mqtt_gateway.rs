@@ -952,9 +952,10 @@ async fn per_core_a_banned_address_is_refused_on_every_runtime() {
     }
 }
 
-/// A ban through `/bans` closes the sessions open from that address on every runtime
-/// (by load, sessions held open alternate between the two), and leaves another
-/// address's session to the broker, which still answers its PINGREQ.
+/// A ban through `/bans` closes the sessions open from that address, on whichever
+/// runtime serves them (by load, sessions held open alternate between the two: see
+/// aegis-core's `tests/share.rs`), and leaves another address's session to the broker,
+/// which still answers its PINGREQ.
 #[tokio::test]
 async fn a_ban_closes_the_open_sessions_it_matches_on_every_runtime() {
     let config = "[server]\nruntime = \"per-core\"\n[security]\nadmin = true\n";

@@ -65,21 +65,24 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Inner { fut, ctx } => {
-                if ctx.closed(cx) {
-                    // The ban's event has it; not a rejection of the client's doing.
-                    return Poll::Ready(Err(reject(SecurityError::ClosedByBan).into()));
+        let mut state = self.project().state;
+        if let StateProj::Inner { ctx, .. } = state.as_mut().project()
+            && ctx.closed(cx)
+        {
+            // Dropped now: the connection closes, and its slot is free. The ban's event
+            // has it; not a rejection of the client's doing (no `on_error`).
+            let err = Some(reject(SecurityError::ClosedByBan));
+            state.set(State::Rejected { err });
+        }
+        match state.project() {
+            StateProj::Inner { fut, ctx } => match ready!(fut.poll(cx)) {
+                Ok(response) => Poll::Ready(Ok(response)),
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    ctx.on_error(&*e);
+                    Poll::Ready(Err(e))
                 }
-                match ready!(fut.poll(cx)) {
-                    Ok(response) => Poll::Ready(Ok(response)),
-                    Err(e) => {
-                        let e: BoxError = e.into();
-                        ctx.on_error(&*e);
-                        Poll::Ready(Err(e))
-                    }
-                }
-            }
+            },
             StateProj::Rejected { err } => Poll::Ready(Err(err
                 .take()
                 .expect("ResponseFuture polled after completion")

@@ -70,10 +70,14 @@
 //! runs, its stream and its broker connection dropped (closed), with the error
 //! [`SecurityError::ClosedByBan`]
 //! (`aegis_rejections_total{layer="security", reason="closed_by_ban"}`), and the `ban`
-//! event says how many it closed. A ban costs one pass over the open connections (under a
-//! lock that a connection also takes when it starts and when it ends); each open
-//! connection costs a slot among them. [`close_on_ban(false)`](SecurityBuilder::close_on_ban)
-//! leaves open connections alone. New connections are refused as before: address bans
+//! event says how many it closed. The connection whose own CONNECT or denied login
+//! crossed a threshold is not closed but answered, by its CONNACK refusal; one whose
+//! blocked messages did is closed with the others. An address ban closes every session
+//! from that address, all the clients behind one NAT included: keep the detector to
+//! the keys you trust ([`ban_by`](SecurityBuilder::ban_by)). A ban costs one pass over
+//! the open connections, under a lock that a connection also takes when it starts and
+//! when it ends; each open connection costs a slot among them.
+//! [`close_on_ban(false)`](SecurityBuilder::close_on_ban) leaves open connections alone. New connections are refused as before: address bans
 //! apply before the first byte is read; username and client id bans apply at the CONNECT
 //! (those keys are not known before).
 //!
@@ -191,8 +195,8 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Context;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use aegis_core::error::{Reject, Rejected, find};
@@ -499,6 +503,7 @@ impl SecurityBuilder {
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
                 open: self.close_on_ban.then(|| Mutex::new(Slab::new())),
+                bans_put: AtomicU64::new(0),
             }),
         }
     }
@@ -521,6 +526,9 @@ struct Shared {
     /// The connections open under this `Security`'s layers, for a ban to close; `None`
     /// with `close_on_ban(false)`.
     open: Option<Mutex<Slab<Arc<ConnCtx>>>>,
+    /// Bans put in place so far: a connection admitted before a ban and kept after its
+    /// pass checks its address again.
+    bans_put: AtomicU64,
 }
 
 impl std::fmt::Debug for Security {
@@ -665,6 +673,7 @@ impl Security {
             return false;
         }
         metrics::banned(key.kind(), cause.as_str());
+        self.shared.bans_put.fetch_add(1, Ordering::AcqRel);
         let closed = self.close_open(&key, spared);
         let mut details = match threshold {
             Some(n) => format!(
@@ -709,17 +718,41 @@ impl Security {
         let Some(open) = &self.shared.open else {
             return 0;
         };
+        // Woken once the lock is released: a wake-up may take a lock of the runtime's
+        // own, or (on another runtime) make a system call.
+        let mut wake = Vec::new();
         let mut closed = 0;
         for (_, ctx) in open.lock().iter() {
             if spared.is_some_and(|s| std::ptr::eq(s, Arc::as_ptr(ctx))) {
                 continue;
             }
             if ctx.matches(key) && !ctx.closed.swap(true, Ordering::AcqRel) {
-                ctx.waker.wake();
+                wake.extend(ctx.waker.take());
                 closed += 1;
             }
         }
+        wake.into_iter().for_each(Waker::wake);
         closed
+    }
+
+    /// Keeps `ctx`, from a connection admitted when `bans` bans had been put in place,
+    /// among the open connections. A ban of its address put in place since, whose pass
+    /// may have missed it, closes it at once.
+    fn track_admitted(&self, ctx: Arc<ConnCtx>, bans: u64) -> Tracked {
+        let tracked = self.track(ctx);
+        if tracked.key.is_some()
+            && self.bans_put() != bans
+            && self.is_banned_normalized(&BanKey::Addr(tracked.addr.ip().to_canonical()))
+        {
+            tracked.closed.store(true, Ordering::Release);
+        }
+        tracked
+    }
+
+    /// How many bans were put in place so far (each one before its pass over the open
+    /// connections).
+    fn bans_put(&self) -> u64 {
+        self.shared.bans_put.load(Ordering::Acquire)
     }
 
     /// Counts `cause` for each of `keys` the detector bans on; bans each key that crosses
@@ -998,9 +1031,11 @@ impl ConnCtx {
             Event::new(r.layer, r.kind, r.severity, r.rule, r.details),
         );
         if let Some(cause) = cause.filter(|_| !not_counted) {
-            // A connection over a threshold by what it sent is closed too.
+            // A connection over a threshold by what it sent (blocked messages go on) is
+            // closed too; one denied a login is answered by its CONNACK, not closed.
+            let spared = (r.kind == EventKind::AuthFailure).then_some(self);
             self.security
-                .count(&self.detector_keys(&who), cause, &who, None);
+                .count(&self.detector_keys(&who), cause, &who, spared);
         }
     }
 
@@ -1110,16 +1145,27 @@ mod tests {
         assert!(size <= 112, "ConnCtx is {size} bytes");
     }
 
+    fn block() -> Report<'static> {
+        Report {
+            layer: "inspect",
+            kind: EventKind::Block,
+            severity: Severity::Medium,
+            rule: Some("no-secrets"),
+            details: "blocked".into(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_report_over_a_threshold_closes_the_reporting_connection_and_its_peers() {
-        let sec = Security::builder().max_auth_failures(0).build();
+    async fn a_block_over_a_threshold_closes_the_reporting_connection_and_its_peers() {
+        // A blocked message does not end its connection: the ban it brings does.
+        let sec = Security::builder().max_rejections(0).build();
         let (first, other) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
         let elsewhere = sec.track(Arc::new(ConnCtx::new(
             sec.clone(),
             "192.0.2.8:1000".parse().unwrap(),
         )));
         assert_eq!(sec.open_connections(), 3);
-        CTX.scope(Arc::clone(&first.ctx), async { report(auth_failure()) })
+        CTX.scope(Arc::clone(&first.ctx), async { report(block()) })
             .await;
         assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
         assert!(first.closed.load(Ordering::Acquire));
@@ -1132,6 +1178,68 @@ mod tests {
         );
         drop((first, other, elsewhere));
         assert_eq!(sec.open_connections(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_denied_over_a_threshold_is_answered_by_its_connack_not_closed() {
+        let sec = Security::builder().max_auth_failures(0).build();
+        let (denied, other) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
+        CTX.scope(Arc::clone(&denied.ctx), async { report(auth_failure()) })
+            .await;
+        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(!denied.closed.load(Ordering::Acquire));
+        assert!(other.closed.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn bans_match_as_they_are_stored() {
+        // A mapped IPv6 address is its IPv4 address; a name over 256 bytes is cut the
+        // same way in the ban and in the connection's context.
+        let sec = Security::default();
+        let by_addr = sec.track(ctx(&sec));
+        sec.ban(
+            BanKey::Addr("::ffff:192.0.2.7".parse().unwrap()),
+            Duration::from_secs(60),
+        );
+        assert!(by_addr.closed.load(Ordering::Acquire));
+        let long = "x".repeat(300);
+        // Remaining length 312 (10 + 2 + 300): 0xB8 0x02.
+        let mut bytes = vec![
+            0x10, 0xB8, 0x02, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0x01, 0x2c,
+        ];
+        bytes.extend_from_slice(long.as_bytes());
+        let config = crate::Config::new().client_id_max_len(1024);
+        let connect = crate::validate_connect(&bytes[..], &config).unwrap();
+        let by_id = sec.track(Arc::new(ConnCtx::new(
+            sec.clone(),
+            "192.0.2.9:1000".parse().unwrap(),
+        )));
+        assert_eq!(
+            by_id.on_connect(&connect, &mut SharedId::new(connect.client_id)),
+            Ok(())
+        );
+        sec.ban(BanKey::client_id(&long), Duration::from_secs(60));
+        assert!(by_id.closed.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_connection_admitted_just_before_an_address_ban_is_closed_once_kept() {
+        // The ban's pass ran between the admission and the tracking, and missed it.
+        let sec = Security::default();
+        let bans = sec.bans_put();
+        sec.ban(
+            BanKey::Addr("192.0.2.7".parse().unwrap()),
+            Duration::from_secs(60),
+        );
+        let late = sec.track_admitted(ctx(&sec), bans);
+        assert!(late.closed.load(Ordering::Acquire));
+        // A ban of another key since leaves it open.
+        let bans = sec.bans_put();
+        let other = sec.track_admitted(
+            Arc::new(ConnCtx::new(sec.clone(), "192.0.2.8:1".parse().unwrap())),
+            bans - 1,
+        );
+        assert!(!other.closed.load(Ordering::Acquire));
     }
 
     #[tokio::test(start_paused = true)]

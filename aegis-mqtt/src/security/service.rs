@@ -62,6 +62,7 @@ where
 
     fn call(&mut self, io: I) -> Self::Future {
         let addr = Param::<ClientAddr>::param(&io).0;
+        let bans = self.security.bans_put();
         if !self.security.admit(addr) {
             // `io` is dropped here, unread: that closes the connection.
             return ResponseFuture::rejected(reject(SecurityError::Banned));
@@ -69,6 +70,7 @@ where
         let ctx = Arc::new(ConnCtx::new(self.security.clone(), addr));
         let inner = &mut self.inner;
         let fut = CTX.sync_scope(Arc::clone(&ctx), || inner.call(io));
-        ResponseFuture::new(CTX.scope(Arc::clone(&ctx), fut), self.security.track(ctx))
+        let tracked = self.security.track_admitted(Arc::clone(&ctx), bans);
+        ResponseFuture::new(CTX.scope(ctx, fut), tracked)
     }
 }
