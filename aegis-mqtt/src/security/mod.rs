@@ -76,7 +76,9 @@
 //! from that address, all the clients behind one NAT included: keep the detector to
 //! the keys you trust ([`ban_by`](SecurityBuilder::ban_by)). A ban costs one pass over
 //! the open connections, under a lock that a connection also takes when it starts and
-//! when it ends; each open connection costs a slot among them.
+//! when it ends: about 2 ns per open connection for an address ban (18 us with 9,000
+//! open, `cargo bench -p benches --bench security`). Each open connection costs a slot
+//! among them.
 //! [`close_on_ban(false)`](SecurityBuilder::close_on_ban) leaves open connections alone. New connections are refused as before: address bans
 //! apply before the first byte is read; username and client id bans apply at the CONNECT
 //! (those keys are not known before).
