@@ -1090,3 +1090,76 @@ async fn a_client_id_over_max_connects_is_refused_at_its_connect_and_closed_wher
         "{ban:?}"
     );
 }
+
+/// Bans and lifts of addresses and client ids while sessions start, send their CONNECT
+/// and end on two worker threads: every session ends (closed by a ban, refused, or to
+/// its end), nothing deadlocks, and no open connection is left kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_while_sessions_come_and_go_leave_nothing_kept() {
+    let sec = Security::default();
+    let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+        let mut buf = [0; 256];
+        let _ = io.read(&mut buf).await?;
+        io.write_all(&[0x20, 2, 0, 0]).await?;
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.map(drop)
+    });
+    let svc = sec
+        .layer()
+        .layer(MqttLayer::new(Config::new()).layer(broker));
+    let sessions = tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..2_000_u32 {
+            let svc = svc.clone();
+            tasks.spawn(async move {
+                let (mut client, server) = tokio::io::duplex(1024);
+                let peer = format!("192.0.2.{}:{}", i % 8 + 1, 1000 + i);
+                let conn = tokio::spawn(svc.oneshot(conn(server, &peer)));
+                let id = format!("c{}", i % 10);
+                let _ = client.write_all(&connect(false, &id, None)).await;
+                let mut connack = [0; 4];
+                let _ = client.read_exact(&mut connack).await;
+                tokio::task::yield_now().await;
+                drop(client);
+                labels(&conn.await.unwrap())
+            });
+        }
+        let mut ended_by_bans = 0;
+        while let Some(done) = tasks.join_next().await {
+            let (layer, reason) = done.unwrap();
+            if reason == "banned" || reason == "closed_by_ban" {
+                ended_by_bans += 1;
+            } else {
+                assert_eq!((layer, reason), ("ok", "ok"));
+            }
+        }
+        ended_by_bans
+    });
+    let banning = {
+        let sec = sec.clone();
+        let sessions_done = sessions.abort_handle();
+        tokio::spawn(async move {
+            let mut round = 0_u32;
+            while !sessions_done.is_finished() {
+                let key = if round % 2 == 0 {
+                    BanKey::client_id(&format!("c{}", round % 10))
+                } else {
+                    addr(&format!("192.0.2.{}", round % 8 + 1))
+                };
+                sec.ban(key.clone(), Duration::from_secs(60));
+                tokio::task::yield_now().await;
+                assert!(sec.unban(&key));
+                round += 1;
+            }
+        })
+    };
+    let ended_by_bans = tokio::time::timeout(GUARD, async {
+        let ended_by_bans = sessions.await.unwrap();
+        banning.await.unwrap();
+        ended_by_bans
+    })
+    .await
+    .expect("every session ended and every ban was lifted");
+    assert!(ended_by_bans > 0, "the bans ran beside the sessions");
+    assert_eq!(sec.open_connections(), 0);
+}
