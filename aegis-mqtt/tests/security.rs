@@ -930,6 +930,33 @@ async fn pinged_broker(mut io: MqttIo<Conn<TcpStream>>) -> io::Result<()> {
 
 const GUARD: Duration = Duration::from_secs(10);
 
+/// `sec`'s layer over the MQTT layer over [`pinged_broker`], served on a loopback port.
+struct Served {
+    to: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    /// Whether the accept loop drained, once stopped.
+    drained: tokio::task::JoinHandle<bool>,
+}
+
+async fn serve_pinged(sec: &Security) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let svc = sec
+        .layer()
+        .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let drained = tokio::spawn(async move {
+        let signal = async {
+            let _ = stopped.await;
+        };
+        serve(listener, svc)
+            .with_graceful_shutdown(signal)
+            .await
+            .drained()
+    });
+    Served { to, stop, drained }
+}
+
 /// A 3.1.1 session on a real socket from the loopback address `from` to `to`: CONNECT
 /// with client id `id` (and `user`), then its CONNACK.
 async fn session(to: SocketAddr, from: &str, id: &str, user: Option<&str>) -> TcpStream {
@@ -971,19 +998,8 @@ async fn closed(s: &mut TcpStream) -> Vec<u8> {
 fn a_ban_closes_the_open_sessions_it_matches_and_no_other() {
     let ((), snap) = run(false, || async {
         let sec = Security::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let to = listener.local_addr().unwrap();
-        let svc = sec
-            .layer()
-            .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let accept_loop = tokio::spawn(
-            serve(listener, svc)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .into_future(),
-        );
+        let served = serve_pinged(&sec).await;
+        let to = served.to;
         let mut a = session(to, "127.0.0.1", "a", None).await;
         let mut b = session(to, "127.0.0.1", "b", Some("bob")).await;
         let mut c = session(to, "127.0.0.2", "c", None).await;
@@ -1018,8 +1034,8 @@ fn a_ban_closes_the_open_sessions_it_matches_and_no_other() {
         // The session left is served to its end; then none is kept.
         assert!(pings(&mut d).await);
         drop(d);
-        stop_tx.send(()).unwrap();
-        assert!(accept_loop.await.unwrap().drained());
+        served.stop.send(()).unwrap();
+        assert!(served.drained.await.unwrap());
         assert_eq!(sec.open_connections(), 0);
     });
     let c = capture(&snap);
@@ -1039,12 +1055,9 @@ fn a_ban_closes_the_open_sessions_it_matches_and_no_other() {
 #[tokio::test]
 async fn with_close_on_ban_off_a_ban_leaves_open_sessions_alone() {
     let sec = Security::builder().close_on_ban(false).build();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = listener.local_addr().unwrap();
-    let svc = sec
-        .layer()
-        .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
-    tokio::spawn(serve(listener, svc).into_future());
+    // Kept to the end: dropping its stop would stop the loop.
+    let served = serve_pinged(&sec).await;
+    let to = served.to;
     let mut s = session(to, "127.0.0.1", "a", None).await;
     assert_eq!(sec.open_connections(), 0, "nothing kept to close");
     sec.ban(BanKey::client_id("a"), Duration::from_secs(600));
@@ -1064,12 +1077,9 @@ async fn a_client_id_over_max_connects_is_refused_at_its_connect_and_closed_wher
         .ban_by_addr(false)
         .ban_by_username(false)
         .build();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = listener.local_addr().unwrap();
-    let svc = sec
-        .layer()
-        .layer(MqttLayer::new(Config::new()).layer(service_fn(pinged_broker)));
-    tokio::spawn(serve(listener, svc).into_future());
+    // Kept to the end: dropping its stop would stop the loop.
+    let served = serve_pinged(&sec).await;
+    let to = served.to;
     let mut first = session(to, "127.0.0.1", "dev", None).await;
     let mut other = session(to, "127.0.0.1", "other", None).await;
     let mut second = TcpStream::connect(to).await.unwrap();
