@@ -78,10 +78,12 @@
 //! the open connections, under a lock that a connection also takes when it starts and
 //! when it ends: about 2 ns per open connection for an address ban (18 us with 9,000
 //! open, `cargo bench -p benches --bench security`). Each open connection costs a slot
-//! among them.
-//! [`close_on_ban(false)`](SecurityBuilder::close_on_ban) leaves open connections alone. New connections are refused as before: address bans
-//! apply before the first byte is read; username and client id bans apply at the CONNECT
-//! (those keys are not known before).
+//! among them. [`close_on_ban(false)`](SecurityBuilder::close_on_ban) leaves open
+//! connections alone.
+//!
+//! New connections are refused as before: address bans apply before the first byte is
+//! read; username and client id bans apply at the CONNECT (those keys are not known
+//! before).
 //!
 //! Usernames and client ids are the client's own claims, checked before any
 //! authentication: a client can get a username banned by failing to log in with it. Use
@@ -656,9 +658,8 @@ impl Security {
         self.shared.log.emit(who.on(event));
     }
 
-    /// Bans `key` and closes the open connections it matches but `spared` (one whose
-    /// CONNECT is refused by its CONNACK); `false` if the table takes no bans
-    /// (`max_bans(0)`).
+    /// Bans `key` and closes the open connections it matches but `spared` (one that its
+    /// CONNACK refusal answers); `false` if the table takes no bans (`max_bans(0)`).
     fn put_ban(
         &self,
         key: BanKey,
@@ -1136,7 +1137,11 @@ mod tests {
     use super::*;
 
     fn ctx(sec: &Security) -> Arc<ConnCtx> {
-        Arc::new(ConnCtx::new(sec.clone(), "192.0.2.7:1000".parse().unwrap()))
+        ctx_from(sec, "192.0.2.7:1000")
+    }
+
+    fn ctx_from(sec: &Security, peer: &str) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx::new(sec.clone(), peer.parse().unwrap()))
     }
 
     /// One per connection, for its whole life: one lock for both names. With the waker a
@@ -1162,10 +1167,7 @@ mod tests {
         // A blocked message does not end its connection: the ban it brings does.
         let sec = Security::builder().max_rejections(0).build();
         let (first, other) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
-        let elsewhere = sec.track(Arc::new(ConnCtx::new(
-            sec.clone(),
-            "192.0.2.8:1000".parse().unwrap(),
-        )));
+        let elsewhere = sec.track(ctx_from(&sec, "192.0.2.8:1000"));
         assert_eq!(sec.open_connections(), 3);
         CTX.scope(Arc::clone(&first.ctx), async { report(block()) })
             .await;
@@ -1212,10 +1214,7 @@ mod tests {
         bytes.extend_from_slice(long.as_bytes());
         let config = crate::Config::new().client_id_max_len(1024);
         let connect = crate::validate_connect(&bytes[..], &config).unwrap();
-        let by_id = sec.track(Arc::new(ConnCtx::new(
-            sec.clone(),
-            "192.0.2.9:1000".parse().unwrap(),
-        )));
+        let by_id = sec.track(ctx_from(&sec, "192.0.2.9:1000"));
         assert_eq!(
             by_id.on_connect(&connect, &mut SharedId::new(connect.client_id)),
             Ok(())
@@ -1237,10 +1236,7 @@ mod tests {
         assert!(late.closed.load(Ordering::Acquire));
         // A ban of another key since leaves it open.
         let bans = sec.bans_put();
-        let other = sec.track_admitted(
-            Arc::new(ConnCtx::new(sec.clone(), "192.0.2.8:1".parse().unwrap())),
-            bans - 1,
-        );
+        let other = sec.track_admitted(ctx_from(&sec, "192.0.2.8:1"), bans - 1);
         assert!(!other.closed.load(Ordering::Acquire));
     }
 
