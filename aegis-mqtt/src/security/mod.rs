@@ -491,6 +491,34 @@ impl SecurityBuilder {
     /// Whether a ban also closes the open connections it matches (on by default; see
     /// the [module docs](self)). Off, a ban applies to new connections only, and open
     /// connections cost no slot.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), aegis_core::BoxError> {
+    /// use std::time::Duration;
+    /// use aegis_core::Conn;
+    /// use aegis_mqtt::security::{BanKey, Security};
+    /// use tokio::io::DuplexStream;
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// let sec = Security::builder().close_on_ban(true).build(); // the default
+    /// // A service that would serve its connection for ever.
+    /// let forever = service_fn(|_: Conn<DuplexStream>| {
+    ///     std::future::pending::<Result<(), std::io::Error>>()
+    /// });
+    /// let (_client, server) = tokio::io::duplex(64);
+    /// let io = Conn::new(server, "192.0.2.7:4000".parse()?, "127.0.0.1:1883".parse()?);
+    /// let conn = tokio::spawn(sec.layer().layer(forever).oneshot(io));
+    /// tokio::task::yield_now().await; // the connection's task runs, and waits
+    /// assert_eq!(sec.open_connections(), 1);
+    ///
+    /// sec.ban(BanKey::Addr("192.0.2.7".parse()?), Duration::from_secs(60));
+    /// let err = conn.await?.unwrap_err();
+    /// assert_eq!(aegis_core::error::label_of(&*err), ("security", "closed_by_ban"));
+    /// assert_eq!(sec.open_connections(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub const fn close_on_ban(mut self, on: bool) -> Self {
         self.close_on_ban = on;
         self
