@@ -349,6 +349,38 @@ fn a_connect_flood_bans_the_address_until_ban_for_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn ipv6_clients_are_counted_banned_and_closed_by_their_64() {
+    // Four connects from four addresses of one /64 cross a threshold of 3, as four
+    // from one address would: the /64 is banned, every address in it refused, and the
+    // session still open from the first closed; the next /64 is served.
+    let sec = Security::builder().max_connects(3).build();
+    let inner = service_fn(|_: Conn<DuplexStream>| std::future::pending::<io::Result<()>>());
+    let (_client, server) = tokio::io::duplex(64);
+    let open = tokio::spawn(
+        sec.layer()
+            .layer(inner)
+            .oneshot(conn(server, "[2001:db8:0:7::1]:4000")),
+    );
+    tokio::task::yield_now().await;
+    assert_eq!(sec.open_connections(), 1);
+    for host in 1..=2 {
+        let peer = format!("[2001:db8:0:7::{host}]:1000");
+        assert_eq!(labels(&through_security(&sec, &peer).await), ("ok", "ok"));
+    }
+    let r = through_security(&sec, "[2001:db8:0:7:ffff::3]:1000").await;
+    assert_eq!(labels(&r), ("security", "banned"));
+    let err = open.await.unwrap().unwrap_err();
+    assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
+    assert!(sec.is_banned(&addr("2001:db8:0:7::abcd")));
+    let bans = serde_json::to_value(sec.bans()).unwrap();
+    assert_eq!(bans[0]["value"], "2001:db8:0:7::/64", "{bans}");
+    let r = through_security(&sec, "[2001:db8:0:7::99]:1000").await;
+    assert_eq!(labels(&r), ("security", "banned"));
+    let r = through_security(&sec, "[2001:db8:0:8::1]:1000").await;
+    assert_eq!(labels(&r), ("ok", "ok"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_window_starts_the_count_again() {
     let sec = Security::builder()
         .max_connects(3)

@@ -15,7 +15,8 @@
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
-//!   `client_id`); otherwise those answer `403`.
+//!   `client_id`); otherwise those answer `403`. An IPv6 address stands for its /64,
+//!   and `/bans` lists it so (`2001:db8:1:2::/64`), a value these accept too.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -109,10 +110,14 @@ fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<
 fn ban_key(req: &Request<Incoming>) -> Result<BanKey, &'static str> {
     let value = query(req, "value").ok_or("missing ?value=")?;
     match query(req, "key").as_deref() {
+        // As `/bans` lists an IPv6 key: its /64.
         Some("addr") => value
+            .strip_suffix("/64")
+            .filter(|v| v.contains(':'))
+            .unwrap_or(&value)
             .parse()
-            .map(BanKey::Addr)
-            .map_err(|_| "value is not an IP address"),
+            .map(BanKey::addr)
+            .map_err(|_| "value is not an IP address (or an IPv6 one with /64)"),
         Some("username") => Ok(BanKey::username(&value)),
         Some("client_id") => Ok(BanKey::client_id(&value)),
         _ => Err("key must be addr, username or client_id"),

@@ -1283,6 +1283,21 @@ async fn rejections_ban_an_address_and_events_and_bans_are_served() {
             .0,
         400
     );
+
+    // An IPv6 address stands for its /64: listed so, and lifted by what is listed.
+    let ban = "/bans?key=addr&value=2001:db8:0:7::9&for=10m";
+    assert_eq!(http_request(gw.metrics, "POST", ban).await.unwrap().0, 200);
+    let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert!(bans.contains("\"value\":\"2001:db8:0:7::/64\""), "{bans}");
+    let lift = "/bans?key=addr&value=2001:db8:0:7::%2F64";
+    assert_eq!(
+        http_request(gw.metrics, "DELETE", lift).await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        http_request(gw.metrics, "DELETE", lift).await.unwrap().0,
+        404
+    );
 }
 
 /// The Grafana dashboard is valid JSON, and every series it queries is one the

@@ -1,8 +1,9 @@
 //! The ban table and the anomaly detector.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,15 +15,20 @@ use crate::bounded::Bounded;
 
 /// What a ban applies to.
 ///
-/// Addresses are IPs (an IPv4-mapped IPv6 address is its IPv4 address); client ids and
-/// usernames longer than 256 bytes are keyed on their first 256 bytes.
+/// An IPv4 address is keyed as itself (an IPv4-mapped IPv6 address as its IPv4
+/// address), an IPv6 address as its /64 network, the address with its last 64 bits
+/// zero ([`BanKey::addr`]): a subscriber gets a whole /64 and can send from any address
+/// in it, so counting and banning one IPv6 address at a time would be evaded by the
+/// next one (the rate limiter keys IPv6 clients by /64 too). Client ids and usernames
+/// longer than 256 bytes are keyed on their first 256 bytes.
 ///
-/// `Display` is `addr:192.0.2.1`, `username:"bob"` or `client_id:"c1"` (Debug-quoted:
-/// the names are the client's own text). Serialized as an object with two strings:
-/// `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`, `username` or `client_id`).
+/// `Display` is `addr:192.0.2.1`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
+/// `client_id:"c1"` (Debug-quoted: the names are the client's own text). Serialized as
+/// an object with two strings: `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`,
+/// `username` or `client_id`; an IPv6 value ends in `/64`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
-    /// A client address.
+    /// A client address (an IPv6 one stands for its /64: see [`BanKey::addr`]).
     Addr(IpAddr),
     /// A CONNECT's username.
     Username(Arc<str>),
@@ -41,6 +47,24 @@ impl BanKey {
         }
     }
 
+    /// An address key as stored: an IPv4-mapped address as its IPv4 address, an IPv6
+    /// address as its /64 network.
+    ///
+    /// ```
+    /// use aegis_mqtt::security::BanKey;
+    ///
+    /// let key = BanKey::addr("2001:db8:1:2:aaaa::7".parse().unwrap());
+    /// assert_eq!(key, BanKey::Addr("2001:db8:1:2::".parse().unwrap()));
+    /// assert_eq!(key.to_string(), "addr:2001:db8:1:2::/64");
+    /// assert_eq!(
+    ///     BanKey::addr("::ffff:192.0.2.1".parse().unwrap()).to_string(),
+    ///     "addr:192.0.2.1"
+    /// );
+    /// ```
+    pub fn addr(ip: IpAddr) -> Self {
+        Self::Addr(client_net(ip))
+    }
+
     /// A username key (cut to 256 bytes).
     pub fn username(name: &str) -> Self {
         Self::Username(Arc::from(bounded(name, MAX_NAME)))
@@ -51,10 +75,21 @@ impl BanKey {
         Self::ClientId(Arc::from(bounded(id, MAX_NAME)))
     }
 
-    /// The key as stored: IPv4-mapped addresses folded, names cut to 256 bytes.
+    /// The key's value in its JSON form: the address (an IPv6 one with `/64`) or the
+    /// name.
+    fn value(&self) -> Cow<'_, str> {
+        match self {
+            Self::Addr(IpAddr::V6(net)) => Cow::Owned(format!("{net}/64")),
+            Self::Addr(ip) => Cow::Owned(ip.to_string()),
+            Self::Username(n) | Self::ClientId(n) => Cow::Borrowed(n),
+        }
+    }
+
+    /// The key as stored: IPv4-mapped addresses folded, IPv6 addresses to their /64,
+    /// names cut to 256 bytes.
     pub(super) fn normalized(self) -> Self {
         match self {
-            Self::Addr(ip) => Self::Addr(ip.to_canonical()),
+            Self::Addr(ip) => Self::addr(ip),
             Self::Username(n) if n.len() > MAX_NAME => Self::username(&n),
             Self::ClientId(n) if n.len() > MAX_NAME => Self::client_id(&n),
             other => other,
@@ -65,6 +100,7 @@ impl BanKey {
 impl fmt::Display for BanKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Addr(IpAddr::V6(net)) => write!(f, "addr:{net}/64"),
             Self::Addr(ip) => write!(f, "addr:{ip}"),
             Self::Username(n) => write!(f, "username:{n:?}"),
             Self::ClientId(n) => write!(f, "client_id:{n:?}"),
@@ -76,18 +112,24 @@ impl Serialize for BanKey {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("BanKey", 2)?;
         st.serialize_field("key", self.kind())?;
-        match self {
-            Self::Addr(ip) => st.serialize_field("value", &ip.to_string())?,
-            Self::Username(n) | Self::ClientId(n) => st.serialize_field("value", &**n)?,
-        }
+        st.serialize_field("value", &self.value())?;
         st.end()
+    }
+}
+
+/// The network of `ip` that keys a client: an IPv4 address itself (a mapped one as
+/// such), an IPv6 address its /64.
+pub(super) fn client_net(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
 /// A ban in force, as [`Security::bans`](super::Security::bans) lists it.
 ///
 /// Serialized as `{"key":"addr","value":"192.0.2.1","until":"2026-01-01T00:05:00.000Z",
-/// "remaining_secs":299,"reason":"connects"}`.
+/// "remaining_secs":299,"reason":"connects"}` (an IPv6 `value` ends in `/64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ban {
@@ -106,10 +148,7 @@ impl Serialize for Ban {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("Ban", 5)?;
         st.serialize_field("key", self.key.kind())?;
-        match &self.key {
-            BanKey::Addr(ip) => st.serialize_field("value", &ip.to_string())?,
-            BanKey::Username(n) | BanKey::ClientId(n) => st.serialize_field("value", &**n)?,
-        }
+        st.serialize_field("value", &self.key.value())?;
         st.serialize_field(
             "until",
             &humantime::format_rfc3339_millis(self.until).to_string(),
@@ -531,7 +570,13 @@ mod tests {
             BanKey::client_id("a\"b").to_string(),
             "client_id:\"a\\\"b\""
         );
-        assert_eq!(addr("2001:db8::1").to_string(), "addr:2001:db8::1");
+        assert_eq!(addr("2001:db8::1").normalized(), addr("2001:db8::"));
+        assert_eq!(
+            addr("2001:db8:1:2:ffff:ffff:ffff:ffff").normalized(),
+            addr("2001:db8:1:2::")
+        );
+        assert_eq!(addr("2001:db8::").to_string(), "addr:2001:db8::/64");
+        assert_eq!(addr("::1").normalized(), addr("::"));
         let long = "x".repeat(1000);
         assert_eq!(
             BanKey::Username(Arc::from(long.as_str())).normalized(),

@@ -194,7 +194,10 @@
 //! - The open connections a ban closes are kept one slot each (their context, which
 //!   the connection holds anyway), as many as the accept loop serves at once.
 //!
-//! Client addresses are keyed by IP, an IPv4-mapped IPv6 address as its IPv4 address.
+//! Client addresses are keyed by IP, an IPv4-mapped IPv6 address as its IPv4 address,
+//! and an IPv6 address by its /64 network ([`BanKey::addr`]): the detector counts, and
+//! a ban refuses and closes, every address of a /64 together, as the rate limiter keys
+//! IPv6 clients.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -773,7 +776,7 @@ impl Security {
         let tracked = self.track(ctx);
         if tracked.key.is_some()
             && self.bans_put() != bans
-            && self.is_banned_normalized(&BanKey::Addr(tracked.addr.ip().to_canonical()))
+            && self.is_banned_normalized(&BanKey::addr(tracked.addr.ip()))
         {
             tracked.closed.store(true, Ordering::Release);
         }
@@ -822,7 +825,7 @@ impl Security {
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
     /// event) if its address is banned, or is banned now for this connect.
     fn admit(&self, addr: SocketAddr) -> bool {
-        let key = BanKey::Addr(addr.ip().to_canonical());
+        let key = BanKey::addr(addr.ip());
         let who = Who {
             addr: Some(addr),
             ..Who::default()
@@ -904,7 +907,7 @@ impl Security {
     ///
     /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned.
     pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
-        let key = BanKey::Addr(addr.ip().to_canonical());
+        let key = BanKey::addr(addr.ip());
         let who = Who {
             addr: Some(addr),
             ..Who::default()
@@ -1017,7 +1020,7 @@ impl ConnCtx {
     /// id or username of its CONNECT.
     fn matches(&self, key: &BanKey) -> bool {
         match key {
-            BanKey::Addr(ip) => self.addr.ip().to_canonical() == *ip,
+            BanKey::Addr(net) => bans::client_net(self.addr.ip()) == *net,
             BanKey::ClientId(id) => self.names.lock().client_id.as_ref() == Some(id),
             BanKey::Username(user) => self.names.lock().username.as_ref() == Some(user),
         }
@@ -1037,7 +1040,7 @@ impl ConnCtx {
     fn detector_keys(&self, who: &Who) -> Vec<BanKey> {
         with_name_keys(who, |names| {
             let mut keys = Vec::with_capacity(1 + names.len());
-            keys.push(BanKey::Addr(self.addr.ip().to_canonical()));
+            keys.push(BanKey::addr(self.addr.ip()));
             keys.extend_from_slice(names);
             keys
         })
@@ -1084,7 +1087,7 @@ impl ConnCtx {
             username: user.clone(),
         };
         let sec = &self.security;
-        let addr = BanKey::Addr(self.addr.ip().to_canonical());
+        let addr = BanKey::addr(self.addr.ip());
         let id_key = BanKey::ClientId(id);
         let refusal = match &user {
             Some(u) => sec.refusal_of(&[addr, id_key, BanKey::Username(Arc::clone(u))]),
