@@ -363,13 +363,18 @@ async fn ipv6_clients_are_counted_banned_and_closed_by_their_64() {
     );
     tokio::task::yield_now().await;
     assert_eq!(sec.open_connections(), 1);
-    for host in 1..=2 {
+    for host in 2..=3 {
         let peer = format!("[2001:db8:0:7::{host}]:1000");
         assert_eq!(labels(&through_security(&sec, &peer).await), ("ok", "ok"));
     }
-    let r = through_security(&sec, "[2001:db8:0:7:ffff::3]:1000").await;
+    let r = through_security(&sec, "[2001:db8:0:7:ffff::4]:1000").await;
     assert_eq!(labels(&r), ("security", "banned"));
-    let err = open.await.unwrap().unwrap_err();
+    // The clock is paused and nothing else is due: a session left open would hang here.
+    let err = tokio::time::timeout(Duration::from_secs(1), open)
+        .await
+        .expect("the open session was closed")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
     assert!(sec.is_banned(&addr("2001:db8:0:7::abcd")));
     let bans = serde_json::to_value(sec.bans()).unwrap();

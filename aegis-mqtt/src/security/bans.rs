@@ -28,7 +28,9 @@ use crate::bounded::Bounded;
 /// `username` or `client_id`; an IPv6 value ends in `/64`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
-    /// A client address (an IPv6 one stands for its /64: see [`BanKey::addr`]).
+    /// A client address (an IPv6 one stands for its /64: see [`BanKey::addr`], which
+    /// builds the key as [`Security::bans`](super::Security::bans) lists it, so that
+    /// the two compare equal).
     Addr(IpAddr),
     /// A CONNECT's username.
     Username(Arc<str>),
@@ -75,12 +77,14 @@ impl BanKey {
         Self::ClientId(Arc::from(bounded(id, MAX_NAME)))
     }
 
-    /// The key's value in its JSON form: the address (an IPv6 one with `/64`) or the
-    /// name.
+    /// The key's value in its JSON form: the address as it is keyed (an IPv6 one as its
+    /// /64, even when built with `BanKey::Addr` from a whole address) or the name.
     fn value(&self) -> Cow<'_, str> {
         match self {
-            Self::Addr(IpAddr::V6(net)) => Cow::Owned(format!("{net}/64")),
-            Self::Addr(ip) => Cow::Owned(ip.to_string()),
+            Self::Addr(ip) => Cow::Owned(match client_net(*ip) {
+                IpAddr::V6(net) => format!("{net}/64"),
+                v4 @ IpAddr::V4(_) => v4.to_string(),
+            }),
             Self::Username(n) | Self::ClientId(n) => Cow::Borrowed(n),
         }
     }
@@ -100,8 +104,7 @@ impl BanKey {
 impl fmt::Display for BanKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Addr(IpAddr::V6(net)) => write!(f, "addr:{net}/64"),
-            Self::Addr(ip) => write!(f, "addr:{ip}"),
+            Self::Addr(_) => write!(f, "addr:{}", self.value()),
             Self::Username(n) => write!(f, "username:{n:?}"),
             Self::ClientId(n) => write!(f, "client_id:{n:?}"),
         }
@@ -577,6 +580,9 @@ mod tests {
         );
         assert_eq!(addr("2001:db8::").to_string(), "addr:2001:db8::/64");
         assert_eq!(addr("::1").normalized(), addr("::"));
+        // Shown as keyed, however built.
+        assert_eq!(addr("2001:db8::1").to_string(), "addr:2001:db8::/64");
+        assert_eq!(addr("::ffff:192.0.2.1").to_string(), "addr:192.0.2.1");
         let long = "x".repeat(1000);
         assert_eq!(
             BanKey::Username(Arc::from(long.as_str())).normalized(),
