@@ -266,7 +266,7 @@ fn split_under_cap(
     let (acceptor, shard, addr) = split(rt, 8);
     let cap = ConnectionCap::new(max);
     let acceptor = if by_load {
-        acceptor.connection_cap(cap.clone())
+        acceptor.by_load()
     } else {
         acceptor
     };

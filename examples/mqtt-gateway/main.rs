@@ -335,8 +335,9 @@ where
     // A queue per runtime of what one accept burst brings at most (the listen backlog).
     let queue = usize::try_from(BACKLOG).unwrap_or(usize::MAX);
     let (acceptor, shards) = aegis_core::serve::share_out(listener, others, queue);
-    // By load: at low load every connection stays here, with no wake-up of another core.
-    let acceptor = acceptor.connection_cap(cap.clone());
+    // By load (all the runtimes share `cap`): at low load every connection stays here,
+    // with no wake-up of another core.
+    let acceptor = acceptor.by_load();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut reports = Vec::with_capacity(shards.len());
     for (i, shard) in shards.into_iter().enumerate() {

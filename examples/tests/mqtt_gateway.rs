@@ -840,8 +840,8 @@ async fn a_drain_that_runs_out_of_time_exits_1() {
 }
 
 /// `server.runtime = "per-core"` on a machine of more than one core: the first session
-/// is served by the accepting runtime, the second by another (`share_out` hands them
-/// out in turn), and a signal drains both.
+/// is served by the accepting runtime, the second by another (by load: the first is
+/// still open), and a signal drains both.
 #[tokio::test]
 async fn per_core_runtimes_serve_sessions_and_drain_together() {
     let config = r#"

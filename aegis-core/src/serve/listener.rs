@@ -74,13 +74,20 @@ pub trait Listener: Send + 'static {
     /// Where the loop serves a connection it has admitted ([`Serve::admit`]): `Some`
     /// gives it back to be served by this loop, as the default does; `None` means the
     /// listener has passed it on, to be served elsewhere. `open` is how many
-    /// connections this loop serves now. An [`Acceptor`](super::share::Acceptor) hands
-    /// connections to other runtimes here, so that every connection is admitted, or
-    /// refused, before it moves.
+    /// connections this loop serves now; `shared_open`, under a cap shared with other
+    /// loops ([`Serve::connection_cap`]), how many all of them serve (`None` without
+    /// one). An [`Acceptor`](super::share::Acceptor) hands connections to other runtimes
+    /// here, so that every connection is admitted, or refused, before it moves.
     ///
     /// [`Serve::admit`]: super::Serve::admit
-    fn pass_on(&mut self, conn: Conn<Self::Io>, open: usize) -> Option<Conn<Self::Io>> {
-        let _ = open;
+    /// [`Serve::connection_cap`]: super::Serve::connection_cap
+    fn pass_on(
+        &mut self,
+        conn: Conn<Self::Io>,
+        open: usize,
+        shared_open: Option<usize>,
+    ) -> Option<Conn<Self::Io>> {
+        let _ = (open, shared_open);
         Some(conn)
     }
 }

@@ -450,9 +450,14 @@ impl<L: Listener> Listener for Shared<L> {
         L::refuse(io);
     }
 
-    fn pass_on(&mut self, conn: Conn<Self::Io>, open: usize) -> Option<Conn<Self::Io>> {
+    fn pass_on(
+        &mut self,
+        conn: Conn<Self::Io>,
+        open: usize,
+        shared_open: Option<usize>,
+    ) -> Option<Conn<Self::Io>> {
         // Closed: the task is aborted; the connection closes unserved.
-        self.0.lock().as_mut()?.pass_on(conn, open)
+        self.0.lock().as_mut()?.pass_on(conn, open, shared_open)
     }
 }
 
@@ -557,7 +562,7 @@ where
             }
         }
         // Admitted: served here, unless the listener passes it on (to another runtime).
-        let Some(conn) = listener.pass_on(conn, registry.open()) else {
+        let Some(conn) = listener.pass_on(conn, registry.open(), registry.shared_open()) else {
             continue;
         };
         let svc = service.clone();

@@ -20,15 +20,15 @@
 //! between runtimes afterwards, so long-lived connections of unequal load can keep one
 //! core busier than another, which work stealing would even out. And each runtime's
 //! [`serve`](super::serve) has its own drain, and its own connection cap unless they
-//! share one: give them clones of one [`ConnectionCap`]
+//! share one: give them clones of one [`ConnectionCap`](super::ConnectionCap)
 //! ([`Serve::connection_cap`](super::Serve::connection_cap)), and a runtime takes a
 //! connection whenever the runtimes together are under it. And a connection handed out
 //! waits for the other runtime's thread to wake up and take it: at low load, tens of
 //! microseconds on a virtual machine.
 //!
 //! - **In turn, or by load.** By default the acceptor keeps one connection in
-//!   `shards + 1` and hands the others out in turn. Given the shared cap
-//!   ([`Acceptor::connection_cap`]) it keeps a connection while its runtime serves no
+//!   `shards + 1` and hands the others out in turn. By load ([`Acceptor::by_load`],
+//!   when the runtimes share a cap) it keeps a connection while its runtime serves no
 //!   more than an even share of all the open connections, and hands it out otherwise:
 //!   at low load nothing moves, under load the shares stay even.
 //! - **Bounded.** Each shard's queue holds at most `queue` connections. When a shard's
@@ -100,7 +100,7 @@ use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::{ConnectionCap, Listener};
+use super::Listener;
 use crate::Conn;
 
 /// The [`Listener`] methods that [`Acceptor`] and [`Shard`] share: `TCP_NODELAY` as the
@@ -149,39 +149,39 @@ pub fn share_out(
         shards: txs,
         next: 0,
         nodelay,
-        cap: None,
+        by_load: false,
     };
     (acceptor, shards)
 }
 
 /// The accepting end of [`share_out`]: a [`Listener`] that serves one connection in
-/// `shards + 1` itself and hands the others to the shards in turn, or, given the
-/// runtimes' shared cap ([`connection_cap`](Self::connection_cap)), hands out by load.
+/// `shards + 1` itself and hands the others to the shards in turn, or hands out by load
+/// ([`by_load`](Self::by_load)).
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
     shards: Vec<mpsc::Sender<Handed>>,
-    /// Without a cap, whose turn the next connection is: 0 for this one, `i + 1` for
-    /// shard `i`. With one, the next shard to hand a connection to.
+    /// In turn, whose turn the next connection is: 0 for this one, `i + 1` for shard
+    /// `i`. By load, the next shard to hand a connection to.
     next: usize,
     nodelay: bool,
-    /// The connection cap every runtime's `serve` shares, if given.
-    cap: Option<ConnectionCap>,
+    /// Whether to hand out by load (under a cap the runtimes share).
+    by_load: bool,
 }
 
 impl Acceptor {
-    /// Hands out by load rather than in turn. `cap` is the [`ConnectionCap`] that the
-    /// `serve` of every runtime, this one's included, is given
-    /// ([`Serve::connection_cap`](super::Serve::connection_cap)). The acceptor then
-    /// keeps a connection while its runtime serves no more than an even share of the
-    /// connections open in all of them (with those still queued for a shard), and hands
-    /// it to the shards in turn otherwise. At low load no connection moves, so none
-    /// waits for another core to wake up and take it; under load each runtime still
-    /// gets an even share.
+    /// Hands out by load rather than in turn, when the `serve` of every runtime, this
+    /// one's included, shares one [`ConnectionCap`](super::ConnectionCap)
+    /// ([`Serve::connection_cap`](super::Serve::connection_cap)), whose count of open
+    /// connections the acceptor's loop passes on ([`Listener::pass_on`]); without a
+    /// shared cap it still hands out in turn. The acceptor keeps a connection while its
+    /// runtime serves no more than an even share of the connections open in all of
+    /// them (with those still queued for a shard), and hands it to the shards in turn
+    /// otherwise. At low load no connection moves, so none waits for another core to
+    /// wake up and take it; under load each runtime still gets an even share.
     #[must_use]
-    pub fn connection_cap(mut self, cap: ConnectionCap) -> Self {
-        self.cap = Some(cap);
-        self.next = 0;
+    pub fn by_load(mut self) -> Self {
+        self.by_load = true;
         self
     }
 
@@ -237,12 +237,17 @@ impl Listener for Acceptor {
     }
 
     /// Keeps one admitted connection in `shards + 1` and hands the others to the
-    /// shards in turn; with the shared cap, keeps it while this runtime's `open`
+    /// shards in turn; by load under a shared cap, keeps it while this runtime's `open`
     /// connections are no more than an even share. Keeps one a shard cannot take.
-    fn pass_on(&mut self, conn: Conn<TcpStream>, open: usize) -> Option<Conn<TcpStream>> {
-        let shard = if let Some(cap) = &self.cap {
+    fn pass_on(
+        &mut self,
+        conn: Conn<TcpStream>,
+        open: usize,
+        shared_open: Option<usize>,
+    ) -> Option<Conn<TcpStream>> {
+        let shard = if let Some(all) = shared_open.filter(|_| self.by_load) {
             let runtimes = self.shards.len() + 1;
-            if open.saturating_mul(runtimes) <= cap.open() + self.queued() {
+            if open.saturating_mul(runtimes) <= all + self.queued() {
                 return Some(conn);
             }
             let i = self.next % self.shards.len();

@@ -150,6 +150,11 @@ impl Registry {
         self.max - self.permits.available_permits()
     }
 
+    /// Connections open now in every loop sharing this loop's cap, if it shares one.
+    pub(crate) fn shared_open(&self) -> Option<usize> {
+        self.shared.as_ref().map(ConnectionCap::open)
+    }
+
     /// Spawns `fut` as a connection task if the cap allows; `None` when it is full.
     pub(crate) fn spawn<F>(self: &Arc<Self>, make: impl FnOnce(Slot) -> F) -> Option<()>
     where
