@@ -206,6 +206,9 @@ for t in targets:
         sys.exit(f"no complete round of {t} and {REF}")
     def med(f):
         return statistics.median(f(p) for p in pairs)
+    def missing(key):
+        # A publish run has no latencies.
+        return any(p[t].get(key) is None or p[REF].get(key) is None for p in pairs)
     print(f"{t} against {REF}, {len(pairs)} rounds; medians:")
     print(f"| | {REF} | {t} | {t} / {REF}, median of the rounds' ratios |")
     print("|---|---|---|---|")
@@ -213,7 +216,7 @@ for t in targets:
                        ("mosquitto CPU per session (us)", "mosquitto_cpu_us"),
                        ("machine idle per session (us)", "idle_us"),
                        ("p50 connect->CONNACK (us)", "p50_us"), ("p99 connect->CONNACK (us)", "p99_us")):
-        if any(p[t].get(key) is None or p[REF].get(key) is None for p in pairs):
+        if missing(key):
             continue
         h = med(lambda p: p[REF][key])
         g = med(lambda p: p[t][key])
@@ -239,7 +242,7 @@ for t in targets:
     # round it is the target's latency against HAProxy's. CONCURRENCY=1 measures it at low
     # load.
     for label, key in (("p50", "p50_us"), ("p99", "p99_us")):
-        if any(p[t].get(key) is None or p[REF].get(key) is None for p in pairs):
+        if missing(key):
             continue
         diffs = [p[t][key] - p[REF][key] for p in pairs]
         lower = sum(d < 0 for d in diffs)
