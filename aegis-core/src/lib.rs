@@ -98,6 +98,7 @@
 mod addr;
 pub mod error;
 mod handshake;
+mod key;
 pub mod metrics;
 mod rewind;
 
@@ -109,6 +110,7 @@ pub mod serve;
 pub use self::addr::{ClientAddr, Conn, ConnParams, LocalAddr, Param, PeerAddr};
 pub use self::error::BoxError;
 pub use self::handshake::Handshake;
+pub use self::key::{ClientKey, KeyBy, ParseClientKeyError};
 pub use self::rewind::Rewind;
 
 /// Paths the exported macros use; not part of the API.
