@@ -46,7 +46,7 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
-    let key = BanKey::Addr("192.0.2.7".parse().unwrap());
+    let key = BanKey::addr("192.0.2.7".parse().unwrap());
     let ban = |sec: &Security| {
         sec.ban(black_box(key.clone()), Duration::from_secs(60));
         assert!(sec.unban(&key));

@@ -731,8 +731,8 @@ async fn refusals_are_security_events_and_denials_count_toward_a_ban() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     // Two denials (over the limit of 1): the address is banned, and even the right password is refused
     // before the authenticator is asked.
-    assert!(sec.is_banned(&BanKey::Addr("192.0.2.1".parse().unwrap())));
-    assert!(!sec.is_banned(&BanKey::Addr("192.0.2.9".parse().unwrap())));
+    assert!(sec.is_banned(&BanKey::addr("192.0.2.1".parse().unwrap())));
+    assert!(!sec.is_banned(&BanKey::addr("192.0.2.9".parse().unwrap())));
     let (err, _) = run(PEER, connect(false, "c1", "alice", "secret")).await;
     assert_eq!(aegis_core::error::label_of(&*err).1, "banned");
     assert_eq!(calls.load(Ordering::SeqCst), 2);

@@ -20,7 +20,7 @@ use aegis_core::metrics::testing::{capture, run};
 use aegis_core::{ClientAddr, Conn, Handshake, Param, serve};
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::security::metrics as m;
-use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};
+use aegis_mqtt::security::{BanKey, EventKind, KeyBy, Security, SecurityLayer, Severity};
 use aegis_mqtt::{Config, MqttError};
 use common::{Logs, head};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 fn addr(s: &str) -> BanKey {
-    BanKey::Addr(s.parse().unwrap())
+    BanKey::addr(s.parse().unwrap())
 }
 
 fn conn(server: DuplexStream, peer: &str) -> Conn<DuplexStream> {
@@ -383,6 +383,104 @@ async fn ipv6_clients_are_counted_banned_and_closed_by_their_64() {
     assert_eq!(labels(&r), ("security", "banned"));
     let r = through_security(&sec, "[2001:db8:0:8::1]:1000").await;
     assert_eq!(labels(&r), ("ok", "ok"));
+}
+
+/// A session from `peer` that stays open until a ban closes it.
+fn open_session(sec: &Security, peer: &str) -> tokio::task::JoinHandle<Result<(), BoxError>> {
+    let inner = service_fn(|_: Conn<DuplexStream>| std::future::pending::<io::Result<()>>());
+    let (client, server) = tokio::io::duplex(64);
+    let session = sec.layer().layer(inner).oneshot(conn(server, peer));
+    tokio::spawn(async move {
+        let _client = client;
+        session.await
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_keyed_by_its_56_cannot_rotate_64s() {
+    // Keyed by /56, four connects from four /64s of one /56 cross a threshold of 3: the
+    // /56 is banned and its open session closed, and the next /56 is served.
+    let sec = Security::builder()
+        .max_connects(3)
+        .key_by(KeyBy::new(32, 56))
+        .build();
+    let open = open_session(&sec, "[2001:db8:0:100::1]:4000");
+    tokio::task::yield_now().await;
+    for net in ["101", "1fe"] {
+        let peer = format!("[2001:db8:0:{net}::1]:1000");
+        assert_eq!(labels(&through_security(&sec, &peer).await), ("ok", "ok"));
+    }
+    let r = through_security(&sec, "[2001:db8:0:1ff:ffff::4]:1000").await;
+    assert_eq!(labels(&r), ("security", "banned"));
+    let err = tokio::time::timeout(Duration::from_secs(1), open)
+        .await
+        .expect("the open session was closed")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
+    let bans = serde_json::to_value(sec.bans()).unwrap();
+    assert_eq!(bans[0]["value"], "2001:db8:0:100::/56", "{bans}");
+    assert!(sec.is_banned(&sec.addr_key("2001:db8:0:1aa::9".parse().unwrap())));
+    assert!(
+        sec.is_banned(&addr("2001:db8:0:1aa::9")),
+        "its /64 is in the /56"
+    );
+    let r = through_security(&sec, "[2001:db8:0:200::1]:1000").await;
+    assert_eq!(labels(&r), ("ok", "ok"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_network_ban_refuses_and_closes_every_address_in_it() {
+    let sec = Security::default();
+    let inside = open_session(&sec, "198.51.100.7:4000");
+    let outside = open_session(&sec, "198.51.101.7:4000");
+    let mapped = open_session(&sec, "[::ffff:198.51.100.8]:4000");
+    tokio::task::yield_now().await;
+    assert_eq!(sec.open_connections(), 3);
+    let net = BanKey::Addr("198.51.100.0/24".parse().unwrap());
+    sec.ban(net.clone(), Duration::from_secs(60));
+    for session in [inside, mapped] {
+        // The clock is paused and nothing else is due: a session left open would hang.
+        let err = tokio::time::timeout(Duration::from_secs(1), session)
+            .await
+            .expect("the open session was closed")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
+    }
+    assert_eq!(sec.open_connections(), 1);
+    assert!(!outside.is_finished());
+    for peer in [
+        "198.51.100.1:1",
+        "198.51.100.255:1",
+        "[::ffff:198.51.100.2]:1",
+    ] {
+        let r = through_security(&sec, peer).await;
+        assert_eq!(labels(&r), ("security", "banned"), "{peer}");
+    }
+    assert_eq!(
+        labels(&through_security(&sec, "198.51.99.1:1").await),
+        ("ok", "ok")
+    );
+    let ban = sec
+        .events(10)
+        .into_iter()
+        .find(|e| e.kind == EventKind::Ban)
+        .unwrap();
+    assert!(
+        ban.details.contains("addr:198.51.100.0/24 banned") && ban.details.contains("2 open"),
+        "{}",
+        ban.details
+    );
+    // A narrower key is banned by the wider ban, but lifting it lifts nothing.
+    assert!(sec.is_banned(&addr("198.51.100.7")));
+    assert!(!sec.unban(&addr("198.51.100.7")));
+    assert!(sec.unban(&net));
+    assert_eq!(
+        labels(&through_security(&sec, "198.51.100.1:1").await),
+        ("ok", "ok")
+    );
+    outside.abort();
 }
 
 #[tokio::test(start_paused = true)]

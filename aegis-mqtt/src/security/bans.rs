@@ -3,10 +3,11 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use aegis_core::{ClientKey, KeyBy};
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use tokio::time::Instant;
 
@@ -15,23 +16,25 @@ use crate::bounded::Bounded;
 
 /// What a ban applies to.
 ///
-/// An IPv4 address is keyed as itself (an IPv4-mapped IPv6 address as its IPv4
-/// address), an IPv6 address as its /64 network, the address with its last 64 bits
-/// zero ([`BanKey::addr`]): a subscriber gets a whole /64 and can send from any address
-/// in it, so counting and banning one IPv6 address at a time would be evaded by the
-/// next one (the rate limiter keys IPv6 clients by /64 too). Client ids and usernames
-/// longer than 256 bytes are keyed on their first 256 bytes.
+/// An address key is a network ([`ClientKey`]): a ban of `198.51.100.0/24` refuses and
+/// closes every address in it, a ban of `192.0.2.7/32` that one address. The detector
+/// counts and bans each client's network as the [`Security`](super::Security) keys it
+/// ([`SecurityBuilder::key_by`](super::SecurityBuilder::key_by): IPv4 by /32 and IPv6
+/// by /64 by default, as the rate limiter does): a subscriber gets at least a whole /64
+/// and can send from any address in it, so counting and banning one IPv6 address at a
+/// time would be evaded by the next one. Client ids and usernames longer than 256
+/// bytes are keyed on their first 256 bytes.
 ///
 /// `Display` is `addr:192.0.2.1`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
-/// `client_id:"c1"` (Debug-quoted: the names are the client's own text). Serialized as
-/// an object with two strings: `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`,
-/// `username` or `client_id`; an IPv6 value ends in `/64`).
+/// `client_id:"c1"` (Debug-quoted: the names are the client's own text); a network of
+/// one address shows as the address. Serialized as an object with two strings:
+/// `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`, `username` or `client_id`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
-    /// A client address (an IPv6 one stands for its /64: see [`BanKey::addr`], which
-    /// builds the key as [`Security::bans`](super::Security::bans) lists it, so that
-    /// the two compare equal).
-    Addr(IpAddr),
+    /// A client network (see [`BanKey::addr`] for a client's network by the default
+    /// prefixes, and [`Security::addr_key`](super::Security::addr_key) by the
+    /// `Security`'s own).
+    Addr(ClientKey),
     /// A CONNECT's username.
     Username(Arc<str>),
     /// A CONNECT's client id.
@@ -49,22 +52,28 @@ impl BanKey {
         }
     }
 
-    /// An address key as stored: an IPv4-mapped address as its IPv4 address, an IPv6
-    /// address as its /64 network.
+    /// The network of `ip` by the default prefixes ([`KeyBy::default`]): an IPv4
+    /// address (an IPv4-mapped one as its IPv4 address) itself, an IPv6 address its /64.
     ///
     /// ```
     /// use aegis_mqtt::security::BanKey;
     ///
     /// let key = BanKey::addr("2001:db8:1:2:aaaa::7".parse().unwrap());
-    /// assert_eq!(key, BanKey::Addr("2001:db8:1:2::".parse().unwrap()));
+    /// assert_eq!(key, BanKey::Addr("2001:db8:1:2::/64".parse().unwrap()));
     /// assert_eq!(key.to_string(), "addr:2001:db8:1:2::/64");
     /// assert_eq!(
     ///     BanKey::addr("::ffff:192.0.2.1".parse().unwrap()).to_string(),
     ///     "addr:192.0.2.1"
     /// );
     /// ```
-    pub fn addr(ip: IpAddr) -> Self {
-        Self::Addr(client_net(ip))
+    pub const fn addr(ip: IpAddr) -> Self {
+        Self::Addr(KeyBy::new(32, 64).key(ip))
+    }
+
+    /// The key of `ip` alone (`/32` or `/128`): what a connection's address is checked
+    /// as, a ban of any network that holds it refusing it.
+    pub(super) const fn host(ip: IpAddr) -> Self {
+        Self::Addr(KeyBy::new(32, 128).key(ip))
     }
 
     /// A username key (cut to 256 bytes).
@@ -77,23 +86,19 @@ impl BanKey {
         Self::ClientId(Arc::from(bounded(id, MAX_NAME)))
     }
 
-    /// The key's value in its JSON form: the address as it is keyed (an IPv6 one as its
-    /// /64, even when built with `BanKey::Addr` from a whole address) or the name.
+    /// The key's value in its JSON form: the network (as the address alone when it is
+    /// one address) or the name.
     fn value(&self) -> Cow<'_, str> {
         match self {
-            Self::Addr(ip) => Cow::Owned(match client_net(*ip) {
-                IpAddr::V6(net) => format!("{net}/64"),
-                v4 @ IpAddr::V4(_) => v4.to_string(),
-            }),
+            Self::Addr(net) if net.is_host() => Cow::Owned(net.network().to_string()),
+            Self::Addr(net) => Cow::Owned(net.to_string()),
             Self::Username(n) | Self::ClientId(n) => Cow::Borrowed(n),
         }
     }
 
-    /// The key as stored: IPv4-mapped addresses folded, IPv6 addresses to their /64,
-    /// names cut to 256 bytes.
+    /// The key as stored: names cut to 256 bytes (a network is kept as built).
     pub(super) fn normalized(self) -> Self {
         match self {
-            Self::Addr(ip) => Self::addr(ip),
             Self::Username(n) if n.len() > MAX_NAME => Self::username(&n),
             Self::ClientId(n) if n.len() > MAX_NAME => Self::client_id(&n),
             other => other,
@@ -120,19 +125,11 @@ impl Serialize for BanKey {
     }
 }
 
-/// The network of `ip` that keys a client: an IPv4 address itself (a mapped one as
-/// such), an IPv6 address its /64.
-pub(super) fn client_net(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
-        v4 @ IpAddr::V4(_) => v4,
-    }
-}
-
 /// A ban in force, as [`Security::bans`](super::Security::bans) lists it.
 ///
 /// Serialized as `{"key":"addr","value":"192.0.2.1","until":"2026-01-01T00:05:00.000Z",
-/// "remaining_secs":299,"reason":"connects"}` (an IPv6 `value` ends in `/64`).
+/// "remaining_secs":299,"reason":"connects"}` (a network of more than one address ends
+/// in its prefix: `2001:db8:1:2::/64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ban {
@@ -261,12 +258,19 @@ pub(super) enum Refusal {
 
 /// The bans in force: a map, and the same keys ordered by expiry (to purge and to evict
 /// the soonest-expiring ban in `O(log n)`).
+///
+/// An address is banned by any network ban that holds it. The table counts its network
+/// bans by family and prefix length, so that checking an address costs one lookup per
+/// length in use (one, for the detector's bans alone), not one per ban.
 #[derive(Debug)]
 pub(super) struct BanTable {
     max: usize,
     map: HashMap<BanKey, Entry>,
     by_expiry: BTreeMap<(Instant, u64), BanKey>,
     next_id: u64,
+    /// `(is IPv6, prefix length, bans)` of the network bans, longest prefix first: the
+    /// narrowest ban that holds an address is the one found (and logged).
+    nets: Vec<(bool, u8, usize)>,
 }
 
 impl BanTable {
@@ -276,7 +280,65 @@ impl BanTable {
             map: HashMap::new(),
             by_expiry: BTreeMap::new(),
             next_id: 0,
+            nets: Vec::new(),
         }
+    }
+
+    /// Counts one more (`add`) or one fewer network ban of `key`'s family and length.
+    fn count_net(&mut self, key: &BanKey, add: bool) {
+        let BanKey::Addr(net) = key else {
+            return;
+        };
+        // IPv4 first, then IPv6; the longest prefix first in each.
+        let rank = |v6: bool, len: u8| (v6, u8::MAX - len);
+        let (v6, len) = (net.network().is_ipv6(), net.prefix_len());
+        let i = self
+            .nets
+            .partition_point(|&(v, l, _)| rank(v, l) < rank(v6, len));
+        match self.nets.get_mut(i) {
+            Some(n) if (n.0, n.1) == (v6, len) => {
+                if add {
+                    n.2 += 1;
+                } else {
+                    n.2 -= 1;
+                    if n.2 == 0 {
+                        self.nets.remove(i);
+                    }
+                }
+            }
+            _ if add => self.nets.insert(i, (v6, len, 1)),
+            _ => debug_assert!(false, "a network ban was not counted"),
+        }
+    }
+
+    /// Removes `key`'s entry from the map (not from `by_expiry`).
+    fn take(&mut self, key: &BanKey) -> Option<Entry> {
+        let entry = self.map.remove(key)?;
+        self.count_net(key, false);
+        Some(entry)
+    }
+
+    /// The ban in force that applies to `key`: the key itself for a name; for a network,
+    /// the narrowest network ban that holds all of it (itself included).
+    fn covering(&self, key: &BanKey) -> Option<BanKey> {
+        let BanKey::Addr(net) = key else {
+            return self.map.contains_key(key).then(|| key.clone());
+        };
+        let ip = net.network();
+        self.nets.iter().find_map(|&(v6, len, _)| {
+            let candidate = match ip {
+                IpAddr::V4(_) if !v6 && len <= net.prefix_len() => ClientKey::new(ip, len),
+                // An IPv6 network shorter than the 96 mapping bits can hold IPv4
+                // addresses (as IPv4-mapped ones).
+                IpAddr::V4(v4) if v6 && len < 96 => {
+                    ClientKey::new(IpAddr::V6(v4.to_ipv6_mapped()), len)
+                }
+                IpAddr::V6(_) if v6 && len <= net.prefix_len() => ClientKey::new(ip, len),
+                IpAddr::V4(_) | IpAddr::V6(_) => None,
+            };
+            let candidate = BanKey::Addr(candidate?);
+            self.map.contains_key(&candidate).then_some(candidate)
+        })
     }
 
     /// Drops the bans that ended by `now`.
@@ -286,7 +348,7 @@ impl BanTable {
                 break;
             }
             let key = first.remove();
-            self.map.remove(&key);
+            self.take(&key);
         }
     }
 
@@ -304,11 +366,11 @@ impl BanTable {
         if self.max == 0 {
             return false;
         }
-        if let Some(old) = self.map.remove(&key) {
+        if let Some(old) = self.take(&key) {
             self.by_expiry.remove(&(old.until, old.id));
         } else if self.map.len() >= self.max {
             if let Some((_, evicted)) = self.by_expiry.pop_first() {
-                self.map.remove(&evicted);
+                self.take(&evicted);
             }
         }
         let until = later(now, d);
@@ -318,6 +380,7 @@ impl BanTable {
         self.next_id += 1;
         let id = self.next_id;
         self.by_expiry.insert((until, id), key.clone());
+        self.count_net(&key, true);
         self.map.insert(
             key,
             Entry {
@@ -332,11 +395,12 @@ impl BanTable {
         true
     }
 
-    /// Whether `key` is banned, and if so whether this refusal is logged (see
+    /// Whether `key` is banned (a network by any ban that holds it, see
+    /// [`covering`](Self::covering)), and if so whether this refusal is logged (see
     /// [`REFUSAL_EVENT_EVERY`]).
     pub(super) fn refusal(&mut self, key: &BanKey, now: Instant) -> Refusal {
         self.purge(now);
-        let Some(entry) = self.map.get_mut(key) else {
+        let Some(entry) = self.covering(key).and_then(|k| self.map.get_mut(&k)) else {
             return Refusal::NotBanned;
         };
         match entry.logged {
@@ -353,10 +417,11 @@ impl BanTable {
         }
     }
 
-    /// Lifts the ban of `key`; `false` if there was none in force.
+    /// Lifts the ban of `key` (that key's own, not a wider network's); `false` if there
+    /// was none in force.
     pub(super) fn remove(&mut self, key: &BanKey, now: Instant) -> bool {
         self.purge(now);
-        match self.map.remove(key) {
+        match self.take(key) {
             Some(old) => {
                 self.by_expiry.remove(&(old.until, old.id));
                 true
@@ -365,9 +430,11 @@ impl BanTable {
         }
     }
 
+    /// Whether `key` is banned: a name by its own ban, a network by any ban that holds
+    /// all of it.
     pub(super) fn contains(&mut self, key: &BanKey, now: Instant) -> bool {
         self.purge(now);
-        self.map.contains_key(key)
+        self.covering(key).is_some()
     }
 
     /// The bans in force, soonest-ending first.
@@ -504,6 +571,10 @@ mod tests {
     use super::*;
 
     fn addr(s: &str) -> BanKey {
+        BanKey::addr(s.parse().unwrap())
+    }
+
+    fn net(s: &str) -> BanKey {
         BanKey::Addr(s.parse().unwrap())
     }
 
@@ -568,25 +639,79 @@ mod tests {
 
     #[test]
     fn keys_fold_mapped_addresses_and_display_quoted() {
-        assert_eq!(addr("::ffff:192.0.2.1").normalized(), addr("192.0.2.1"));
+        assert_eq!(addr("::ffff:192.0.2.1"), addr("192.0.2.1"));
         assert_eq!(
             BanKey::client_id("a\"b").to_string(),
             "client_id:\"a\\\"b\""
         );
-        assert_eq!(addr("2001:db8::1").normalized(), addr("2001:db8::"));
+        assert_eq!(addr("2001:db8::1"), net("2001:db8::/64"));
         assert_eq!(
-            addr("2001:db8:1:2:ffff:ffff:ffff:ffff").normalized(),
-            addr("2001:db8:1:2::")
+            addr("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            net("2001:db8:1:2::/64")
         );
         assert_eq!(addr("2001:db8::").to_string(), "addr:2001:db8::/64");
-        assert_eq!(addr("::1").normalized(), addr("::"));
-        // Shown as keyed, however built.
-        assert_eq!(addr("2001:db8::1").to_string(), "addr:2001:db8::/64");
+        // A network of one address shows as the address, any other with its prefix.
         assert_eq!(addr("::ffff:192.0.2.1").to_string(), "addr:192.0.2.1");
+        assert_eq!(net("2001:db8::1/128").to_string(), "addr:2001:db8::1");
+        assert_eq!(net("192.0.2.0/24").to_string(), "addr:192.0.2.0/24");
         let long = "x".repeat(1000);
         assert_eq!(
             BanKey::Username(Arc::from(long.as_str())).normalized(),
             BanKey::username(&long[..256])
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_network_ban_holds_its_addresses_and_is_lifted_alone() {
+        let host = |s: &str| BanKey::host(s.parse().unwrap());
+        let banned = |t: &mut BanTable, s: &str| t.refusal(&host(s), Instant::now());
+        let mut t = BanTable::new(10);
+        let now = Instant::now();
+        let d = Duration::from_secs(60);
+        assert!(t.insert(net("198.51.100.0/24"), now, d, "manual"));
+        assert!(t.insert(net("2001:db8::/48"), now, d, "manual"));
+        assert!(t.insert(addr("192.0.2.7"), now, Duration::from_secs(5), "manual"));
+        assert!(t.insert(net("::ffff:0:0/95"), now, d, "manual"));
+        // Longest prefix first, IPv4 before IPv6.
+        assert_eq!(
+            t.nets,
+            [(false, 32, 1), (false, 24, 1), (true, 95, 1), (true, 48, 1)]
+        );
+        assert_eq!(banned(&mut t, "198.51.100.9"), Refusal::Log { quiet: 0 });
+        assert_eq!(banned(&mut t, "::ffff:198.51.100.10"), Refusal::Quiet);
+        assert_eq!(
+            banned(&mut t, "2001:db8:0:ffff::1"),
+            Refusal::Log { quiet: 0 }
+        );
+        assert_eq!(banned(&mut t, "2001:db8:1::1"), Refusal::NotBanned);
+        assert_eq!(banned(&mut t, "192.0.2.7"), Refusal::Log { quiet: 0 });
+        assert_eq!(
+            banned(&mut t, "192.0.2.8"),
+            Refusal::Log { quiet: 0 },
+            "by ::ffff:0:0/95"
+        );
+        assert!(t.remove(&net("::ffff:0:0/95"), now));
+        assert_eq!(banned(&mut t, "192.0.2.8"), Refusal::NotBanned);
+        // A network is banned when a ban holds all of it.
+        assert!(t.contains(&net("198.51.100.128/25"), now));
+        assert!(!t.contains(&net("198.51.0.0/16"), now));
+        assert!(t.contains(&net("2001:db8:0:100::/56"), now));
+        // Lifting a network's ban lifts only that one.
+        assert!(!t.remove(&host("198.51.100.9"), now));
+        assert!(t.remove(&net("198.51.100.0/24"), now));
+        assert_eq!(banned(&mut t, "198.51.100.9"), Refusal::NotBanned);
+        // Ended bans leave the counts with the map.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(banned(&mut t, "192.0.2.7"), Refusal::NotBanned);
+        assert_eq!(t.nets, [(true, 48, 1)]);
+        assert_eq!(t.len(), 1);
+        // So do replaced and evicted ones.
+        let mut small = BanTable::new(1);
+        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
+        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
+        assert_eq!(small.nets, [(false, 8, 1)]);
+        assert!(small.insert(BanKey::username("u"), now, d, "manual"));
+        assert!(small.nets.is_empty());
+        assert_eq!(small.refusal(&host("10.1.2.3"), now), Refusal::NotBanned);
     }
 }

@@ -196,13 +196,18 @@
 //! - The open connections a ban closes are kept one slot each (their context, which
 //!   the connection holds anyway), as many as the accept loop serves at once.
 //!
-//! Client addresses are keyed by IP, an IPv4-mapped IPv6 address as its IPv4 address,
-//! and an IPv6 address by its /64 network ([`BanKey::addr`]): the detector counts, and
-//! a ban refuses and closes, every address of a /64 together, as the rate limiter keys
-//! IPv6 clients.
+//! # Client networks
+//!
+//! The detector counts, and bans, each client address as its network by
+//! [`key_by`](SecurityBuilder::key_by): IPv4 by /32 and IPv6 by /64 by default, as the
+//! rate limiter keys clients (an IPv4-mapped IPv6 address as its IPv4 address). So every
+//! address of a /64 is counted together, and a ban refuses and closes them together. A
+//! ban through the handle can be of any network ([`BanKey::Addr`] holds an
+//! [`aegis_core::ClientKey`]): a connection is refused, and closed, when any ban holds
+//! its address.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Waker};
@@ -232,6 +237,9 @@ use self::events::{EventLog, MAX_NAME, bounded};
 pub use self::future::ResponseFuture;
 pub use self::layer::SecurityLayer;
 pub use self::service::SecurityService;
+/// Client networks, as [`BanKey::Addr`] holds them and [`SecurityBuilder::key_by`] makes
+/// them (from `aegis_core`, where the rate limiter's come from too).
+pub use aegis_core::{ClientKey, KeyBy};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -391,6 +399,7 @@ pub struct SecurityBuilder {
     max_tracked: usize,
     max_bans: usize,
     close_on_ban: bool,
+    key_by: KeyBy,
 }
 
 impl Default for SecurityBuilder {
@@ -408,11 +417,21 @@ impl Default for SecurityBuilder {
             max_tracked: 100_000,
             max_bans: 100_000,
             close_on_ban: true,
+            key_by: KeyBy::new(32, 64),
         }
     }
 }
 
 impl SecurityBuilder {
+    /// How the detector keys client addresses ([`KeyBy::default`]: IPv4 by /32, IPv6
+    /// by /64). A client delegated a /56 and keyed by /64 could rotate 256 networks
+    /// before each is counted out; `KeyBy::new(32, 56)` counts and bans it whole (and
+    /// everyone else in that /56 with it).
+    pub const fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.key_by = key_by;
+        self
+    }
+
     /// How many events the log keeps (1024 by default; 0 keeps none, the events still
     /// go to `tracing` and the metrics).
     pub const fn events_capacity(mut self, events: usize) -> Self {
@@ -517,7 +536,7 @@ impl SecurityBuilder {
     /// tokio::task::yield_now().await; // the connection's task runs, and waits
     /// assert_eq!(sec.open_connections(), 1);
     ///
-    /// sec.ban(BanKey::Addr("192.0.2.7".parse()?), Duration::from_secs(60));
+    /// sec.ban(BanKey::addr("192.0.2.7".parse()?), Duration::from_secs(60));
     /// let err = conn.await?.unwrap_err();
     /// assert_eq!(aegis_core::error::label_of(&*err), ("security", "closed_by_ban"));
     /// assert_eq!(sec.open_connections(), 0);
@@ -536,6 +555,7 @@ impl SecurityBuilder {
                 thresholds: self.thresholds,
                 ban_for: self.ban_for,
                 ban_by: self.ban_by,
+                key_by: self.key_by,
                 log: EventLog::new(self.events_capacity),
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
@@ -557,6 +577,7 @@ struct Shared {
     thresholds: Thresholds,
     ban_for: Duration,
     ban_by: BanKeys,
+    key_by: KeyBy,
     log: EventLog,
     bans: Mutex<BanTable>,
     detector: Mutex<Detector>,
@@ -574,6 +595,7 @@ impl std::fmt::Debug for Security {
             .field("thresholds", &self.shared.thresholds)
             .field("ban_for", &self.shared.ban_for)
             .field("ban_by", &self.shared.ban_by)
+            .field("key_by", &self.shared.key_by)
             .field("bans", &self.shared.bans.lock().len())
             .field("tracked", &self.shared.detector.lock().len())
             .field("open", &self.open_connections())
@@ -630,13 +652,33 @@ impl Security {
         self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
     }
 
-    /// Lifts the ban of `key`; `false` if it was not banned.
+    /// The key the detector counts and bans `ip` under: its network by
+    /// [`key_by`](SecurityBuilder::key_by).
+    ///
+    /// ```
+    /// use aegis_core::KeyBy;
+    /// use aegis_mqtt::security::Security;
+    ///
+    /// let sec = Security::builder().key_by(KeyBy::new(24, 56)).build();
+    /// let key = sec.addr_key("2001:db8:0:12::1".parse().unwrap());
+    /// assert_eq!(key.to_string(), "addr:2001:db8::/56");
+    /// let key = sec.addr_key("192.0.2.7".parse().unwrap());
+    /// assert_eq!(key.to_string(), "addr:192.0.2.0/24");
+    /// ```
+    pub fn addr_key(&self, ip: IpAddr) -> BanKey {
+        BanKey::Addr(self.shared.key_by.key(ip))
+    }
+
+    /// Lifts the ban of `key` (only that key's: lifting a network's ban leaves the bans
+    /// of wider or narrower networks); `false` if it was not banned.
     pub fn unban(&self, key: &BanKey) -> bool {
         let key = key.clone().normalized();
         self.with_bans(|t, now| t.remove(&key, now))
     }
 
-    /// Whether `key` is banned now.
+    /// Whether `key` is banned now: a name by its own ban, a network by any ban that
+    /// holds all of it (`BanKey::Addr("192.0.2.7/32".parse()?)` is banned by a ban of
+    /// `192.0.2.0/24`).
     pub fn is_banned(&self, key: &BanKey) -> bool {
         let key = key.clone().normalized();
         self.is_banned_normalized(&key)
@@ -778,7 +820,7 @@ impl Security {
         let tracked = self.track(ctx);
         if tracked.key.is_some()
             && self.bans_put() != bans
-            && self.is_banned_normalized(&BanKey::addr(tracked.addr.ip()))
+            && self.is_banned_normalized(&BanKey::host(tracked.addr.ip()))
         {
             tracked.closed.store(true, Ordering::Release);
         }
@@ -827,15 +869,15 @@ impl Security {
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
     /// event) if its address is banned, or is banned now for this connect.
     fn admit(&self, addr: SocketAddr) -> bool {
-        let key = BanKey::addr(addr.ip());
         let who = Who {
             addr: Some(addr),
             ..Who::default()
         };
-        if self.refused_as_banned(&key, &who) {
+        if self.refused_as_banned(&BanKey::host(addr.ip()), &who) {
             return false;
         }
         // This connection is not open yet: no need to spare it.
+        let key = self.addr_key(addr.ip());
         if !self.count(std::slice::from_ref(&key), Cause::Connects, &who, None) {
             return true;
         }
@@ -846,7 +888,7 @@ impl Security {
         false
     }
 
-    /// Whether the address `key` is banned; when it is, logs the refusal if it is due
+    /// Whether the address `key` (a host key) is banned; when it is, logs the refusal if it is due
     /// (at most once a second per ban).
     fn refused_as_banned(&self, key: &BanKey, who: &Who) -> bool {
         if self.no_bans() {
@@ -909,12 +951,11 @@ impl Security {
     ///
     /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned.
     pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
-        let key = BanKey::addr(addr.ip());
         let who = Who {
             addr: Some(addr),
             ..Who::default()
         };
-        if self.refused_as_banned(&key, &who) {
+        if self.refused_as_banned(&BanKey::host(addr.ip()), &who) {
             return Err(aegis_core::error::reject(SecurityError::Banned).into());
         }
         Ok(())
@@ -1022,7 +1063,7 @@ impl ConnCtx {
     /// id or username of its CONNECT.
     fn matches(&self, key: &BanKey) -> bool {
         match key {
-            BanKey::Addr(net) => bans::client_net(self.addr.ip()) == *net,
+            BanKey::Addr(net) => net.contains(self.addr.ip()),
             BanKey::ClientId(id) => self.names.lock().client_id.as_ref() == Some(id),
             BanKey::Username(user) => self.names.lock().username.as_ref() == Some(user),
         }
@@ -1042,7 +1083,7 @@ impl ConnCtx {
     fn detector_keys(&self, who: &Who) -> Vec<BanKey> {
         with_name_keys(who, |names| {
             let mut keys = Vec::with_capacity(1 + names.len());
-            keys.push(BanKey::addr(self.addr.ip()));
+            keys.push(self.security.addr_key(self.addr.ip()));
             keys.extend_from_slice(names);
             keys
         })
@@ -1089,7 +1130,7 @@ impl ConnCtx {
             username: user.clone(),
         };
         let sec = &self.security;
-        let addr = BanKey::addr(self.addr.ip());
+        let addr = BanKey::host(self.addr.ip());
         let id_key = BanKey::ClientId(id);
         let refusal = match &user {
             Some(u) => sec.refusal_of(&[addr, id_key, BanKey::Username(Arc::clone(u))]),
@@ -1204,7 +1245,7 @@ mod tests {
         assert_eq!(sec.open_connections(), 3);
         CTX.scope(Arc::clone(&first.ctx), async { report(block()) })
             .await;
-        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
         assert!(first.closed.load(Ordering::Acquire));
         assert!(other.closed.load(Ordering::Acquire));
         assert!(!elsewhere.closed.load(Ordering::Acquire));
@@ -1223,7 +1264,7 @@ mod tests {
         let (denied, other) = (sec.track(ctx(&sec)), sec.track(ctx(&sec)));
         CTX.scope(Arc::clone(&denied.ctx), async { report(auth_failure()) })
             .await;
-        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
         assert!(!denied.closed.load(Ordering::Acquire));
         assert!(other.closed.load(Ordering::Acquire));
     }
@@ -1235,7 +1276,7 @@ mod tests {
         let sec = Security::default();
         let by_addr = sec.track(ctx(&sec));
         sec.ban(
-            BanKey::Addr("::ffff:192.0.2.7".parse().unwrap()),
+            BanKey::addr("::ffff:192.0.2.7".parse().unwrap()),
             Duration::from_secs(60),
         );
         assert!(by_addr.closed.load(Ordering::Acquire));
@@ -1262,7 +1303,7 @@ mod tests {
         let sec = Security::default();
         let bans = sec.bans_put();
         sec.ban(
-            BanKey::Addr("192.0.2.7".parse().unwrap()),
+            BanKey::addr("192.0.2.7".parse().unwrap()),
             Duration::from_secs(60),
         );
         let late = sec.track_admitted(ctx(&sec), bans);
@@ -1343,7 +1384,7 @@ mod tests {
             bans.iter()
                 .all(|b| b.rule.as_deref() == Some("auth_failures"))
         );
-        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
         assert!(sec.is_banned(&BanKey::client_id("c1")));
         assert!(sec.is_banned(&BanKey::username("bob")));
     }
@@ -1369,7 +1410,7 @@ mod tests {
             });
         })
         .await;
-        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1397,6 +1438,6 @@ mod tests {
             std::io::ErrorKind::InvalidData,
             MqttError::Malformed("x"),
         ));
-        assert!(sec.is_banned(&BanKey::Addr("192.0.2.7".parse().unwrap())));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
 }
