@@ -292,7 +292,14 @@ mod tests {
         assert!(!net("2001:db8::/127").is_host());
         assert_eq!(ClientKey::new("192.0.2.1".parse().unwrap(), 33), None);
         assert_eq!(ClientKey::new("::1".parse().unwrap(), 129), None);
-        for bad in ["192.0.2.1", "192.0.2.0/33", "2001:db8::/129", "/24", "x/8", ""] {
+        for bad in [
+            "192.0.2.1",
+            "192.0.2.0/33",
+            "2001:db8::/129",
+            "/24",
+            "x/8",
+            "",
+        ] {
             let err = bad.parse::<ClientKey>().unwrap_err();
             assert!(err.to_string().contains("CIDR"), "{bad}: {err}");
         }

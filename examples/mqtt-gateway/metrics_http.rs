@@ -15,8 +15,10 @@
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
-//!   `client_id`); otherwise those answer `403`. An IPv6 address stands for its /64,
-//!   and `/bans` lists it so (`2001:db8:1:2::/64`), a value these accept too.
+//!   `client_id`); otherwise those answer `403`. An address stands for its client's
+//!   network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for its /64
+//!   by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR
+//!   notation (`198.51.100.0/24`) bans or lifts that network.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -106,18 +108,19 @@ fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<
         .map(|(_, v)| v)
 }
 
-/// The ban key of `?key=addr|username|client_id&value=...`.
-fn ban_key(req: &Request<Incoming>) -> Result<BanKey, &'static str> {
+/// The ban key of `?key=addr|username|client_id&value=...`: an address as the network
+/// `security` keys it by, a network in CIDR notation as itself.
+fn ban_key(req: &Request<Incoming>, security: &Security) -> Result<BanKey, &'static str> {
     let value = query(req, "value").ok_or("missing ?value=")?;
+    let not_addr = "value is not an IP address or a network such as 198.51.100.0/24";
     match query(req, "key").as_deref() {
-        // As `/bans` lists an IPv6 key: its /64.
+        Some("addr") if value.contains('/') => {
+            value.parse().map(BanKey::Addr).map_err(|_| not_addr)
+        }
         Some("addr") => value
-            .strip_suffix("/64")
-            .filter(|v| v.contains(':'))
-            .unwrap_or(&value)
             .parse()
-            .map(BanKey::addr)
-            .map_err(|_| "value is not an IP address (or an IPv6 one with /64)"),
+            .map(|ip| security.addr_key(ip))
+            .map_err(|_| not_addr),
         Some("username") => Ok(BanKey::username(&value)),
         Some("client_id") => Ok(BanKey::client_id(&value)),
         _ => Err("key must be addr, username or client_id"),
@@ -154,7 +157,7 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             "bans are read-only here (security.admin = false)\n",
         ),
         ("/bans", &Method::POST) => {
-            let key = match ban_key(req) {
+            let key = match ban_key(req, security) {
                 Ok(key) => key,
                 Err(why) => return Some(bad(why)),
             };
@@ -166,7 +169,7 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             security.ban(key, duration);
             text(StatusCode::OK, "banned\n")
         }
-        ("/bans", &Method::DELETE) => match ban_key(req) {
+        ("/bans", &Method::DELETE) => match ban_key(req, security) {
             Ok(key) if security.unban(&key) => {
                 tracing::info!(%key, "ban lifted through /bans");
                 text(StatusCode::OK, "lifted\n")

@@ -1035,6 +1035,48 @@ async fn a_ban_closes_the_open_sessions_it_matches_on_every_runtime() {
     assert!(events.contains("4 open connection(s) closed"), "{events}");
 }
 
+/// A network banned through `POST /bans` refuses every address in it over real loopback
+/// sockets and closes the session open from one, while the next network is served; a
+/// bare address is keyed by the `[limits]` prefixes, as the detector keys clients.
+#[tokio::test]
+async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes() {
+    let config = "[limits]\nipv6_prefix = 56\n[security]\nadmin = true\n";
+    let gw = Gateway::start("network-ban", config, &[]).await;
+    let status =
+        |method, path| async move { http_request(gw.metrics, method, path).await.unwrap().0 };
+    let mut open = mqtt_session("127.0.3.6", gw.mqtt, "in-net").await.unwrap();
+    let ban = "/bans?key=addr&value=127.0.3.0%2F24&for=10m";
+    assert_eq!(status("POST", ban).await, 200);
+    assert!(
+        closed_silently(&mut open).await,
+        "the open session was not closed"
+    );
+    for from in ["127.0.3.1", "127.0.3.254"] {
+        assert!(
+            mqtt_session(from, gw.mqtt, "refused").await.is_none(),
+            "{from}"
+        );
+    }
+    assert!(mqtt_session("127.0.4.1", gw.mqtt, "served").await.is_some());
+    let ipv6 = "/bans?key=addr&value=2001:db8:0:12::9&for=10m";
+    assert_eq!(status("POST", ipv6).await, 200);
+    let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert!(bans.contains("\"value\":\"127.0.3.0/24\""), "{bans}");
+    assert!(bans.contains("\"value\":\"2001:db8::/56\""), "{bans}");
+    for bad in ["10.0.0.0%2F33", "127.0.3", "2001:db8::%2F"] {
+        let path = format!("/bans?key=addr&value={bad}&for=10m");
+        let (code, _) = http_request(gw.metrics, "POST", &path).await.unwrap();
+        assert_eq!(code, 400, "{bad}");
+    }
+    // Lifted by the network listed; an address in it lifts nothing.
+    assert_eq!(
+        status("DELETE", "/bans?key=addr&value=127.0.3.1").await,
+        404
+    );
+    assert_eq!(status("DELETE", ban).await, 200);
+    assert!(mqtt_session("127.0.3.1", gw.mqtt, "again").await.is_some());
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [

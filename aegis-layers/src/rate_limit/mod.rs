@@ -151,10 +151,10 @@ mod store;
 pub use self::clock::TokioClock;
 pub use self::error::RateLimited;
 pub use self::handle::RateLimitHandle;
-pub use aegis_core::{ClientKey, KeyBy};
 pub use self::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter, Throttled};
 pub use self::layer::{RateLimitBuilder, RateLimitLayer};
 pub use self::service::RateLimit;
+pub use aegis_core::{ClientKey, KeyBy};
 pub use governor::Quota;
 
 /// The metric names of this module (see the [module docs](self#metrics)).
