@@ -75,18 +75,24 @@ fn main() {
     // it; the layer's check is the same lookup) for an address no ban holds: one hash
     // lookup per prefix length among the network bans, none while nothing is banned.
     let mut g = c.benchmark_group("security_check_unbanned_address");
-    let peer = "198.51.100.7:4000".parse().unwrap();
+    // No ban below holds it: the /8 bans end at 250.0.0.0/8.
+    let peer = "254.0.0.7:4000".parse().unwrap();
     for (name, lengths) in [
         ("bans_0", &[][..]),
         ("bans_1000_1_length", &[32][..]),
         ("bans_1000_4_lengths", &[32, 24, 16, 8][..]),
     ] {
         let sec = Security::default();
-        for (i, &len) in (0..1_000_u32).zip(lengths.iter().cycle()) {
-            let ip = std::net::Ipv4Addr::from_bits(0x0a00_0000 | (i << 8));
-            let net = aegis_core::ClientKey::new(ip.into(), len).unwrap();
-            sec.ban(BanKey::Addr(net), Duration::from_secs(600));
+        let per_length = 1_000 / lengths.len().max(1) as u32;
+        for &len in lengths {
+            // Distinct networks: the k-th of each length is k + 1 in its prefix bits.
+            for k in 1..=per_length {
+                let ip = std::net::Ipv4Addr::from_bits(k << (32 - u32::from(len)));
+                let net = aegis_core::ClientKey::new(ip.into(), len).unwrap();
+                sec.ban(BanKey::Addr(net), Duration::from_secs(600));
+            }
         }
+        assert_eq!(sec.bans().len(), lengths.len() * per_length as usize);
         g.bench_function(name, |b| {
             b.iter(|| sec.refuse_banned(black_box(peer)).unwrap())
         });

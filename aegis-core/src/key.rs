@@ -100,17 +100,13 @@ impl ClientKey {
     }
 
     /// Whether `ip` is in this network. An IPv4 address and its IPv4-mapped IPv6 form
-    /// are the same address here.
+    /// are the same address here, an IPv4 one: an IPv6 network holds no IPv4 address,
+    /// not even `::/0` (else the key `::/64` of a client at `::1` would hold every
+    /// IPv4 client, their mapped forms starting with 64 zero bits).
     pub const fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        let within = match (ip, self.net) {
+        let within = match (ip.to_canonical(), self.net) {
             (IpAddr::V4(ip), IpAddr::V4(_)) => Self::v4(ip, self.prefix),
             (IpAddr::V6(ip), IpAddr::V6(_)) => Self::v6(ip, self.prefix),
-            // A network shorter than the 96 mapping bits holds IPv4-mapped addresses;
-            // a longer one would have been folded to IPv4.
-            (IpAddr::V4(ip), IpAddr::V6(_)) if self.prefix < 96 => {
-                Self::v6(ip.to_ipv6_mapped(), self.prefix)
-            }
             (IpAddr::V4(_) | IpAddr::V6(_), _) => return false,
         };
         match (within.net, self.net) {
@@ -249,11 +245,15 @@ mod tests {
         assert_eq!(key(by, "::ffff:192.0.2.7"), key(by, "192.0.2.7"));
         assert_eq!(key(by, "::ffff:192.0.2.7").to_string(), "192.0.2.7/32");
         assert_eq!(net("::ffff:192.0.2.7/120"), net("192.0.2.0/24"));
-        // Shorter than the mapping: an IPv6 network that holds IPv4-mapped addresses.
+        // Shorter than the mapping, an IPv6 network, which holds no IPv4 address: the
+        // key of `::1` (`::/64`) must not hold every IPv4 client.
         let mapped = net("::ffff:0:0/95");
         assert_eq!(mapped.to_string(), "::fffe:0:0/95");
-        assert!(mapped.contains("192.0.2.1".parse().unwrap()));
-        assert!(!net("2001:db8::/32").contains("192.0.2.1".parse().unwrap()));
+        let v4 = "192.0.2.1".parse().unwrap();
+        assert!(!mapped.contains(v4));
+        assert!(!KeyBy::default().key("::1".parse().unwrap()).contains(v4));
+        assert!(!net("::/0").contains("::ffff:192.0.2.1".parse().unwrap()));
+        assert!(net("::/0").contains("::1".parse().unwrap()));
         assert!(!net("0.0.0.0/0").contains("2001:db8::1".parse().unwrap()));
         assert!(net("0.0.0.0/0").contains("::ffff:192.0.2.1".parse().unwrap()));
     }

@@ -746,7 +746,7 @@ async fn the_event_log_is_bounded_and_serializes_its_schema() {
     assert_eq!(ban["client_id"], serde_json::Value::Null);
     assert_eq!(
         ban["details"],
-        "addr:192.0.2.4 banned for 60s through the handle"
+        "addr:192.0.2.4/32 banned for 60s through the handle"
     );
     // RFC 3339, UTC, milliseconds: 2026-11-26T01:02:03.456Z.
     let time = ban["time"].as_str().unwrap();
@@ -764,7 +764,7 @@ async fn the_event_log_is_bounded_and_serializes_its_schema() {
     // Bans serialize as key, value, until, remaining_secs, reason.
     let bans = serde_json::to_value(sec.bans()).unwrap();
     assert_eq!(bans[0]["key"], "addr");
-    assert_eq!(bans[0]["value"], "192.0.2.1");
+    assert_eq!(bans[0]["value"], "192.0.2.1/32");
     assert_eq!(bans[0]["remaining_secs"], 60);
     assert_eq!(bans[0]["reason"], "manual");
     assert!(humantime::parse_rfc3339(bans[0]["until"].as_str().unwrap()).is_ok());

@@ -840,18 +840,19 @@ impl Config {
 
         let l = &self.limits;
         let (mut global, mut per_ip, mut policy) = (None, None, PolicyQuotas::default());
+        // Checked even with the limits off: the security detector keys clients by them.
+        if l.ipv4_prefix > 32 {
+            return Err(ConfigError::new("limits.ipv4_prefix", "must be at most 32"));
+        }
+        if l.ipv6_prefix > 128 {
+            return Err(ConfigError::new(
+                "limits.ipv6_prefix",
+                "must be at most 128",
+            ));
+        }
         if l.enabled {
             at_least("limits.max_keys", l.max_keys, 1)?;
             positive("limits.evict_every", l.evict_every)?;
-            if l.ipv4_prefix > 32 {
-                return Err(ConfigError::new("limits.ipv4_prefix", "must be at most 32"));
-            }
-            if l.ipv6_prefix > 128 {
-                return Err(ConfigError::new(
-                    "limits.ipv6_prefix",
-                    "must be at most 128",
-                ));
-            }
             global = tier("limits.global", &l.global)?;
             per_ip = tier("limits.per_ip", &l.per_ip)?;
             policy = PolicyQuotas {

@@ -1101,6 +1101,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "mqtt.connect_timeout",
         ),
         (
+            "a prefix the security detector keys by, with the limits off",
+            "[limits]\nenabled = false\nipv4_prefix = 33\n",
+            "limits.ipv4_prefix",
+        ),
+        (
             "bad network",
             "[proxy_protocol]\nenabled = true\ntrusted = [\"10.0.0.0/8\", \"nope\"]\n",
             "proxy_protocol.trusted[1]",
@@ -1232,7 +1237,7 @@ async fn rejections_ban_an_address_and_events_and_bans_are_served() {
     let bans: serde_json::Value = serde_json::from_str(&bans).unwrap();
     assert_eq!(bans.as_array().unwrap().len(), 1, "{bans}");
     assert_eq!(bans[0]["key"], "addr", "{bans}");
-    assert_eq!(bans[0]["value"], "127.0.0.9", "{bans}");
+    assert_eq!(bans[0]["value"], "127.0.0.9/32", "{bans}");
     assert_eq!(bans[0]["reason"], "rejections", "{bans}");
 
     // Banned: a valid CONNECT gets nothing, the connection is reset at once.
@@ -2158,7 +2163,7 @@ async fn a_burst_of_failed_logins_through_an_http_auth_service_bans_the_address(
     assert_eq!(events[0]["username"], "alice", "{events}");
     let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
     let bans: serde_json::Value = serde_json::from_str(&bans).unwrap();
-    assert_eq!(bans[0]["value"], "127.0.0.42", "{bans}");
+    assert_eq!(bans[0]["value"], "127.0.0.42/32", "{bans}");
     assert_eq!(bans.as_array().unwrap().len(), 1, "{bans}");
 }
 

@@ -25,10 +25,14 @@ use crate::bounded::Bounded;
 /// time would be evaded by the next one. Client ids and usernames longer than 256
 /// bytes are keyed on their first 256 bytes.
 ///
-/// `Display` is `addr:192.0.2.1`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
-/// `client_id:"c1"` (Debug-quoted: the names are the client's own text); a network of
-/// one address shows as the address. Serialized as an object with two strings:
-/// `{"key":"addr","value":"192.0.2.1"}` (`key` is `addr`, `username` or `client_id`).
+/// `Display` is `addr:192.0.2.1/32`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
+/// `client_id:"c1"` (Debug-quoted: the names are the client's own text). Serialized as
+/// an object with two strings: `{"key":"addr","value":"192.0.2.1/32"}` (`key` is
+/// `addr`, `username` or `client_id`).
+///
+/// An IPv6 network holds no IPv4 address, IPv4-mapped ones included (which are IPv4
+/// addresses here): a ban of `::/64`, the key of a client at `::1`, refuses no IPv4
+/// client.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
     /// A client network (see [`BanKey::addr`] for a client's network by the default
@@ -63,7 +67,7 @@ impl BanKey {
     /// assert_eq!(key.to_string(), "addr:2001:db8:1:2::/64");
     /// assert_eq!(
     ///     BanKey::addr("::ffff:192.0.2.1".parse().unwrap()).to_string(),
-    ///     "addr:192.0.2.1"
+    ///     "addr:192.0.2.1/32"
     /// );
     /// ```
     pub const fn addr(ip: IpAddr) -> Self {
@@ -86,11 +90,11 @@ impl BanKey {
         Self::ClientId(Arc::from(bounded(id, MAX_NAME)))
     }
 
-    /// The key's value in its JSON form: the network (as the address alone when it is
-    /// one address) or the name.
+    /// The key's value in its JSON form: the network with its prefix (`192.0.2.7/32`
+    /// too: a bare address could be read as the client's network by another prefix) or
+    /// the name.
     fn value(&self) -> Cow<'_, str> {
         match self {
-            Self::Addr(net) if net.is_host() => Cow::Owned(net.network().to_string()),
             Self::Addr(net) => Cow::Owned(net.to_string()),
             Self::Username(n) | Self::ClientId(n) => Cow::Borrowed(n),
         }
@@ -127,9 +131,9 @@ impl Serialize for BanKey {
 
 /// A ban in force, as [`Security::bans`](super::Security::bans) lists it.
 ///
-/// Serialized as `{"key":"addr","value":"192.0.2.1","until":"2026-01-01T00:05:00.000Z",
-/// "remaining_secs":299,"reason":"connects"}` (a network of more than one address ends
-/// in its prefix: `2001:db8:1:2::/64`).
+/// Serialized as `{"key":"addr","value":"192.0.2.1/32","until":"2026-01-01T00:05:00.000Z",
+/// "remaining_secs":299,"reason":"connects"}` (`value` ends in the prefix:
+/// `192.0.2.1/32`, `2001:db8:1:2::/64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ban {
@@ -261,7 +265,7 @@ pub(super) enum Refusal {
 ///
 /// An address is banned by any network ban that holds it. The table counts its network
 /// bans by family and prefix length, so that checking an address costs one lookup per
-/// length in use (one, for the detector's bans alone), not one per ban.
+/// length in use in its family (one, for the detector's bans alone), not one per ban.
 #[derive(Debug)]
 pub(super) struct BanTable {
     max: usize,
@@ -324,21 +328,16 @@ impl BanTable {
         let BanKey::Addr(net) = key else {
             return self.map.contains_key(key).then(|| key.clone());
         };
+        // Only networks of the same family: an IPv6 one holds no IPv4 address (see
+        // `ClientKey::contains`).
         let ip = net.network();
-        self.nets.iter().find_map(|&(v6, len, _)| {
-            let candidate = match ip {
-                IpAddr::V4(_) if !v6 && len <= net.prefix_len() => ClientKey::new(ip, len),
-                // An IPv6 network shorter than the 96 mapping bits can hold IPv4
-                // addresses (as IPv4-mapped ones).
-                IpAddr::V4(v4) if v6 && len < 96 => {
-                    ClientKey::new(IpAddr::V6(v4.to_ipv6_mapped()), len)
-                }
-                IpAddr::V6(_) if v6 && len <= net.prefix_len() => ClientKey::new(ip, len),
-                IpAddr::V4(_) | IpAddr::V6(_) => None,
-            };
-            let candidate = BanKey::Addr(candidate?);
-            self.map.contains_key(&candidate).then_some(candidate)
-        })
+        self.nets
+            .iter()
+            .filter(|&&(v6, len, _)| v6 == ip.is_ipv6() && len <= net.prefix_len())
+            .find_map(|&(_, len, _)| {
+                let candidate = BanKey::Addr(ClientKey::new(ip, len)?);
+                self.map.contains_key(&candidate).then_some(candidate)
+            })
     }
 
     /// Drops the bans that ended by `now`.
@@ -650,9 +649,9 @@ mod tests {
             net("2001:db8:1:2::/64")
         );
         assert_eq!(addr("2001:db8::").to_string(), "addr:2001:db8::/64");
-        // A network of one address shows as the address, any other with its prefix.
-        assert_eq!(addr("::ffff:192.0.2.1").to_string(), "addr:192.0.2.1");
-        assert_eq!(net("2001:db8::1/128").to_string(), "addr:2001:db8::1");
+        // Always with the prefix.
+        assert_eq!(addr("::ffff:192.0.2.1").to_string(), "addr:192.0.2.1/32");
+        assert_eq!(net("2001:db8::1/128").to_string(), "addr:2001:db8::1/128");
         assert_eq!(net("192.0.2.0/24").to_string(), "addr:192.0.2.0/24");
         let long = "x".repeat(1000);
         assert_eq!(
@@ -671,11 +670,11 @@ mod tests {
         assert!(t.insert(net("198.51.100.0/24"), now, d, "manual"));
         assert!(t.insert(net("2001:db8::/48"), now, d, "manual"));
         assert!(t.insert(addr("192.0.2.7"), now, Duration::from_secs(5), "manual"));
-        assert!(t.insert(net("::ffff:0:0/95"), now, d, "manual"));
+        assert!(t.insert(net("::/64"), now, d, "manual"));
         // Longest prefix first, IPv4 before IPv6.
         assert_eq!(
             t.nets,
-            [(false, 32, 1), (false, 24, 1), (true, 95, 1), (true, 48, 1)]
+            [(false, 32, 1), (false, 24, 1), (true, 64, 1), (true, 48, 1)]
         );
         assert_eq!(banned(&mut t, "198.51.100.9"), Refusal::Log { quiet: 0 });
         assert_eq!(banned(&mut t, "::ffff:198.51.100.10"), Refusal::Quiet);
@@ -685,13 +684,11 @@ mod tests {
         );
         assert_eq!(banned(&mut t, "2001:db8:1::1"), Refusal::NotBanned);
         assert_eq!(banned(&mut t, "192.0.2.7"), Refusal::Log { quiet: 0 });
-        assert_eq!(
-            banned(&mut t, "192.0.2.8"),
-            Refusal::Log { quiet: 0 },
-            "by ::ffff:0:0/95"
-        );
-        assert!(t.remove(&net("::ffff:0:0/95"), now));
+        // `::/64` (the key of `::1`) holds no IPv4 address, mapped or not.
         assert_eq!(banned(&mut t, "192.0.2.8"), Refusal::NotBanned);
+        assert_eq!(banned(&mut t, "::ffff:192.0.2.8"), Refusal::NotBanned);
+        assert_eq!(banned(&mut t, "::2"), Refusal::Log { quiet: 0 });
+        assert!(t.remove(&net("::/64"), now));
         // A network is banned when a ban holds all of it.
         assert!(t.contains(&net("198.51.100.128/25"), now));
         assert!(!t.contains(&net("198.51.0.0/16"), now));
