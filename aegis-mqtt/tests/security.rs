@@ -484,6 +484,54 @@ async fn a_network_ban_refuses_and_closes_every_address_in_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_exempt_network_counts_toward_no_ban_but_bans_still_apply_to_it() {
+    // Addresses counted: an exempt one connects as often as it likes.
+    let by_addr = Security::builder()
+        .max_connects(2)
+        .exempt(["192.0.2.0/28".parse().unwrap()])
+        .build();
+    for _ in 0..10 {
+        let r = through_security(&by_addr, "192.0.2.7:1").await;
+        assert_eq!(labels(&r), ("ok", "ok"));
+    }
+    for expected in [("ok", "ok"), ("ok", "ok"), ("security", "banned")] {
+        let r = through_security(&by_addr, "192.0.2.77:1").await;
+        assert_eq!(labels(&r), expected);
+    }
+
+    // Client ids counted, addresses not: the third connect of a client id is answered by
+    // CONNACK 0x05, where an address over the threshold would be closed unanswered.
+    let sec = Security::builder()
+        .max_connects(2)
+        .ban_by_addr(false)
+        .exempt(["192.0.2.0/28".parse().unwrap()])
+        .build();
+    // Ten connects from an exempt address do not ban the client id they give.
+    for _ in 0..10 {
+        let r = through_mqtt(&sec, "192.0.2.7:1", connect(false, "dev", None)).await;
+        assert_eq!(labels(&r.result), ("ok", "ok"));
+    }
+    assert!(sec.bans().is_empty(), "{:?}", sec.bans());
+    // The same client id from outside the network: counted from its first connect.
+    for _ in 0..2 {
+        let r = through_mqtt(&sec, "192.0.2.77:1", connect(false, "dev", None)).await;
+        assert_eq!(labels(&r.result), ("ok", "ok"));
+    }
+    let r = through_mqtt(&sec, "192.0.2.77:1", connect(false, "dev", None)).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+    assert!(sec.is_banned(&BanKey::client_id("dev")));
+    // A ban of that client id refuses it at an exempt address too, and a ban by hand of
+    // an exempt address refuses it.
+    let r = through_mqtt(&sec, "192.0.2.8:1", connect(false, "dev", None)).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
+    sec.ban(addr("192.0.2.7"), Duration::from_secs(60));
+    assert_eq!(
+        labels(&through_security(&sec, "192.0.2.7:1").await),
+        ("security", "banned")
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_window_starts_the_count_again() {
     let sec = Security::builder()
         .max_connects(3)

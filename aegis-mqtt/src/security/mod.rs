@@ -205,7 +205,8 @@
 //! address of a /64 is counted together, and a ban refuses and closes them together. A
 //! ban through the handle can be of any network ([`BanKey::Addr`] holds an
 //! [`aegis_core::ClientKey`]): a connection is refused, and closed, when any ban holds
-//! its address.
+//! its address. Connections from [`exempt`](SecurityBuilder::exempt) networks (your
+//! own health checks, an office's NAT) count toward no ban.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -401,6 +402,7 @@ pub struct SecurityBuilder {
     max_bans: usize,
     close_on_ban: bool,
     key_by: KeyBy,
+    exempt: Vec<ClientKey>,
 }
 
 impl Default for SecurityBuilder {
@@ -419,6 +421,7 @@ impl Default for SecurityBuilder {
             max_bans: 100_000,
             close_on_ban: true,
             key_by: KeyBy::new(32, 64),
+            exempt: Vec::new(),
         }
     }
 }
@@ -430,6 +433,27 @@ impl SecurityBuilder {
     /// everyone else in that /56 with it).
     pub const fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;
+        self
+    }
+
+    /// Networks the detector never counts or bans for: nothing a connection from an
+    /// address in one of them does (connects, failed logins, rejections) counts toward
+    /// a ban of its address, client id or username (none by default). For the clients
+    /// you run yourself, such as a health check with a fixed login or an office's NAT,
+    /// which one bad client behind it would get banned with everyone else; fail2ban's
+    /// `ignoreip`. They are still logged, and bans (through the handle, or of a client
+    /// id or username earned elsewhere) still apply to them. Checked one network at a
+    /// time, when the detector counts: keep the list short.
+    ///
+    /// ```
+    /// use aegis_mqtt::security::{ClientKey, Security};
+    ///
+    /// let checks: ClientKey = "10.0.9.0/24".parse().unwrap();
+    /// let sec = Security::builder().max_auth_failures(5).exempt([checks]).build();
+    /// # let _ = sec;
+    /// ```
+    pub fn exempt(mut self, networks: impl IntoIterator<Item = ClientKey>) -> Self {
+        self.exempt.extend(networks);
         self
     }
 
@@ -557,6 +581,7 @@ impl SecurityBuilder {
                 ban_for: self.ban_for,
                 ban_by: self.ban_by,
                 key_by: self.key_by,
+                exempt: self.exempt.into_boxed_slice(),
                 log: EventLog::new(self.events_capacity),
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
@@ -579,6 +604,8 @@ struct Shared {
     ban_for: Duration,
     ban_by: BanKeys,
     key_by: KeyBy,
+    /// Networks the detector never counts for.
+    exempt: Box<[ClientKey]>,
     log: EventLog,
     bans: Mutex<BanTable>,
     detector: Mutex<Detector>,
@@ -597,6 +624,7 @@ impl std::fmt::Debug for Security {
             .field("ban_for", &self.shared.ban_for)
             .field("ban_by", &self.shared.ban_by)
             .field("key_by", &self.shared.key_by)
+            .field("exempt", &self.shared.exempt)
             .field("bans", &self.shared.bans.lock().len())
             .field("tracked", &self.shared.detector.lock().len())
             .field("open", &self.open_connections())
@@ -834,11 +862,19 @@ impl Security {
         self.shared.bans_put.load(Ordering::Acquire)
     }
 
-    /// Counts `cause` for each of `keys` the detector bans on; bans each key that crosses
-    /// its threshold (closing the open connections it matches, but `spared`). Returns
-    /// whether any is banned now (none is with `max_bans(0)`).
+    /// Counts `cause` for each of `keys` the detector bans on, unless `who` is from an
+    /// exempt network; bans each key that crosses its threshold (closing the open
+    /// connections it matches, but `spared`). Returns whether any is banned now (none is
+    /// with `max_bans(0)`).
     fn count(&self, keys: &[BanKey], cause: Cause, who: &Who, spared: Option<&ConnCtx>) -> bool {
         if self.shared.thresholds.of(cause).is_none() {
+            return false;
+        }
+        let exempt = &self.shared.exempt;
+        if who
+            .addr
+            .is_some_and(|a| exempt.iter().any(|net| net.contains(a.ip())))
+        {
             return false;
         }
         let now = Instant::now();
