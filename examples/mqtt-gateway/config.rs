@@ -17,6 +17,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use aegis_core::ClientKey;
 use aegis_layers::rate_limit::Quota;
 use aegis_mqtt::inspect::{Action, InspectError, Inspector, Severity};
 use ipnet::IpNet;
@@ -557,6 +558,8 @@ pub(crate) struct Security {
     pub(crate) close_on_ban: bool,
     /// Whether `POST /bans` and `DELETE /bans` on the metrics endpoint change bans.
     pub(crate) admin: bool,
+    /// Networks the detector never counts for (CIDR notation).
+    pub(crate) exempt: Vec<String>,
 }
 
 impl Default for Security {
@@ -574,6 +577,7 @@ impl Default for Security {
             max_bans: 100_000,
             close_on_ban: true,
             admin: false,
+            exempt: Vec::new(),
         }
     }
 }
@@ -735,6 +739,8 @@ pub(crate) struct Settings {
     pub(crate) upstream: Upstream,
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) trusted: Vec<IpNet>,
+    /// `security.exempt`, parsed.
+    pub(crate) exempt: Vec<ClientKey>,
     pub(crate) global: Option<Quota>,
     pub(crate) per_ip: Option<Quota>,
     pub(crate) policy: PolicyQuotas,
@@ -817,6 +823,20 @@ impl Config {
                 net.parse::<IpNet>().map_err(|_| {
                     ConfigError::new(
                         format!("proxy_protocol.trusted[{i}]"),
+                        format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let exempt = self
+            .security
+            .exempt
+            .iter()
+            .enumerate()
+            .map(|(i, net)| {
+                net.parse::<ClientKey>().map_err(|_| {
+                    ConfigError::new(
+                        format!("security.exempt[{i}]"),
                         format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
                     )
                 })
@@ -1059,6 +1079,7 @@ impl Config {
             upstream,
             metrics_listen,
             trusted,
+            exempt,
             global,
             per_ip,
             policy,

@@ -360,9 +360,11 @@ pub(crate) fn auth(
 }
 
 /// The `Security` of `[security]`, keying client addresses as `[limits]` does.
-fn security(c: &config::Security, l: &config::Limits) -> Security {
+fn security(settings: &Settings) -> Security {
+    let (c, l) = (&settings.raw.security, &settings.raw.limits);
     let mut b = Security::builder()
         .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
+        .exempt(settings.exempt.iter().copied())
         .events_capacity(c.events)
         .window(c.window)
         .ban_for(c.ban_for)
@@ -631,7 +633,7 @@ pub(crate) fn build(
 
     // Security: address bans before anything is read, the detector, and the event log
     // (inside the PROXY protocol layer, so that the address is the real client's).
-    let security = c.security.enabled.then(|| security(&c.security, &c.limits));
+    let security = c.security.enabled.then(|| security(settings));
     let after_proxy_protocol = ServiceBuilder::new()
         .option_layer(security.as_ref().map(Security::layer))
         .option_layer(rate_limit)

@@ -1077,6 +1077,30 @@ async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes
     assert!(mqtt_session("127.0.3.1", gw.mqtt, "again").await.is_some());
 }
 
+/// `security.exempt`: connects from an exempt network count toward no ban, over real
+/// loopback sockets, while another address over `max_connects` is banned.
+#[tokio::test]
+async fn an_exempt_network_is_never_banned_by_the_detector() {
+    let config = "[security]\nmax_connects = 2\nexempt = [\"127.0.5.0/24\"]\n";
+    let gw = Gateway::start("exempt", config, &[]).await;
+    for i in 0..5 {
+        let s = mqtt_session("127.0.5.1", gw.mqtt, &format!("exempt-{i}")).await;
+        assert!(s.is_some(), "exempt session {i} refused");
+    }
+    for i in 0..2 {
+        let s = mqtt_session("127.0.6.1", gw.mqtt, &format!("counted-{i}")).await;
+        assert!(s.is_some(), "session {i} refused");
+    }
+    assert!(
+        mqtt_session("127.0.6.1", gw.mqtt, "counted-2")
+            .await
+            .is_none()
+    );
+    let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert!(bans.contains("\"value\":\"127.0.6.1/32\""), "{bans}");
+    assert!(!bans.contains("127.0.5."), "{bans}");
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [
@@ -1099,6 +1123,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "bad duration",
             "[mqtt]\nconnect_timeout = \"soon\"\n",
             "mqtt.connect_timeout",
+        ),
+        (
+            "an exempt network without its prefix",
+            "[security]\nexempt = [\"10.0.0.1\"]\n",
+            "security.exempt[0]",
         ),
         (
             "a prefix the security detector keys by, with the limits off",
