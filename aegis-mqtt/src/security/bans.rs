@@ -711,4 +711,58 @@ mod tests {
         assert!(small.nets.is_empty());
         assert_eq!(small.refusal(&host("10.1.2.3"), now), Refusal::NotBanned);
     }
+
+    /// An address from a small pool (so that bans and probes meet): IPv4 `10.0.a.b`,
+    /// the same as IPv4-mapped IPv6, or IPv6 `2001:db8::a:b` and `::a:b` (the latter
+    /// in the 64 zero bits that IPv4-mapped addresses start with).
+    fn pooled(kind: u8, a: u8, b: u8) -> IpAddr {
+        let (a, b) = (a % 4, b % 4);
+        let v4 = std::net::Ipv4Addr::new(10, 0, a, b);
+        match kind % 4 {
+            0 => IpAddr::V4(v4),
+            1 => IpAddr::V6(v4.to_ipv6_mapped()),
+            2 => format!("2001:db8::{a}:{b}").parse().unwrap(),
+            _ => format!("::{a}:{b}").parse().unwrap(),
+        }
+    }
+
+    proptest::proptest! {
+        /// The table's lookup (one per prefix length in use) agrees with asking every
+        /// ban whether it holds the address, through bans put in place and lifted.
+        #[test]
+        fn an_address_is_banned_exactly_when_a_ban_holds_it(
+            bans in proptest::collection::vec((0..4u8, 0..4u8, 0..4u8, 0..=128u8), 0..12),
+            lifted in proptest::collection::vec(0..12usize, 0..4),
+            probes in proptest::collection::vec((0..4u8, 0..4u8, 0..4u8), 1..16),
+        ) {
+            let now = Instant::now();
+            let mut t = BanTable::new(100);
+            let mut held = Vec::new();
+            for (kind, a, b, len) in bans {
+                // Lengths in each family's range, crowded at the ends where masks break.
+                let ip = pooled(kind, a, b);
+                let len = if ip.to_canonical().is_ipv4() { len % 33 } else { len };
+                let net = ClientKey::new(ip.to_canonical(), len).unwrap();
+                t.insert(BanKey::Addr(net), now, Duration::from_secs(60), "manual");
+                held.push(net);
+            }
+            for i in lifted {
+                if let Some(net) = held.get(i).copied() {
+                    t.remove(&BanKey::Addr(net), now);
+                    held.retain(|n| *n != net);
+                }
+            }
+            let counted: usize = t.nets.iter().map(|n| n.2).sum();
+            proptest::prop_assert_eq!(counted, t.len());
+            for (kind, a, b) in probes {
+                let ip = pooled(kind, a, b);
+                let expected = held.iter().any(|n| n.contains(ip));
+                proptest::prop_assert_eq!(
+                    t.refusal(&BanKey::host(ip), now) != Refusal::NotBanned,
+                    expected,
+                    "{} against {:?}", ip, held
+                );
+            }
+        }
+    }
 }
