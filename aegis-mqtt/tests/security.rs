@@ -348,43 +348,6 @@ fn a_connect_flood_bans_the_address_until_ban_for_ends() {
     assert_eq!(c.gauge(m::BANS), Some(0.0), "the expired ban is gone");
 }
 
-#[tokio::test(start_paused = true)]
-async fn ipv6_clients_are_counted_banned_and_closed_by_their_64() {
-    // Four connects from four addresses of one /64 cross a threshold of 3, as four
-    // from one address would: the /64 is banned, every address in it refused, and the
-    // session still open from the first closed; the next /64 is served.
-    let sec = Security::builder().max_connects(3).build();
-    let inner = service_fn(|_: Conn<DuplexStream>| std::future::pending::<io::Result<()>>());
-    let (_client, server) = tokio::io::duplex(64);
-    let open = tokio::spawn(
-        sec.layer()
-            .layer(inner)
-            .oneshot(conn(server, "[2001:db8:0:7::1]:4000")),
-    );
-    tokio::task::yield_now().await;
-    assert_eq!(sec.open_connections(), 1);
-    for host in 2..=3 {
-        let peer = format!("[2001:db8:0:7::{host}]:1000");
-        assert_eq!(labels(&through_security(&sec, &peer).await), ("ok", "ok"));
-    }
-    let r = through_security(&sec, "[2001:db8:0:7:ffff::4]:1000").await;
-    assert_eq!(labels(&r), ("security", "banned"));
-    // The clock is paused and nothing else is due: a session left open would hang here.
-    let err = tokio::time::timeout(Duration::from_secs(1), open)
-        .await
-        .expect("the open session was closed")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
-    assert!(sec.is_banned(&addr("2001:db8:0:7::abcd")));
-    let bans = serde_json::to_value(sec.bans()).unwrap();
-    assert_eq!(bans[0]["value"], "2001:db8:0:7::/64", "{bans}");
-    let r = through_security(&sec, "[2001:db8:0:7::99]:1000").await;
-    assert_eq!(labels(&r), ("security", "banned"));
-    let r = through_security(&sec, "[2001:db8:0:8::1]:1000").await;
-    assert_eq!(labels(&r), ("ok", "ok"));
-}
-
 /// A session from `peer` that stays open until a ban closes it.
 fn open_session(sec: &Security, peer: &str) -> tokio::task::JoinHandle<Result<(), BoxError>> {
     let inner = service_fn(|_: Conn<DuplexStream>| std::future::pending::<io::Result<()>>());
@@ -396,37 +359,78 @@ fn open_session(sec: &Security, peer: &str) -> tokio::task::JoinHandle<Result<()
     })
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_client_keyed_by_its_56_cannot_rotate_64s() {
-    // Keyed by /56, four connects from four /64s of one /56 cross a threshold of 3: the
-    // /56 is banned and its open session closed, and the next /56 is served.
-    let sec = Security::builder()
-        .max_connects(3)
-        .key_by(KeyBy::new(32, 56))
-        .build();
-    let open = open_session(&sec, "[2001:db8:0:100::1]:4000");
-    tokio::task::yield_now().await;
-    for net in ["101", "1fe"] {
-        let peer = format!("[2001:db8:0:{net}::1]:1000");
-        assert_eq!(labels(&through_security(&sec, &peer).await), ("ok", "ok"));
-    }
-    let r = through_security(&sec, "[2001:db8:0:1ff:ffff::4]:1000").await;
-    assert_eq!(labels(&r), ("security", "banned"));
-    let err = tokio::time::timeout(Duration::from_secs(1), open)
+/// Asserts that `session` ends, closed by a ban.
+async fn closed_by_ban(session: tokio::task::JoinHandle<Result<(), BoxError>>) {
+    // The clock is paused and nothing else is due: a session left open would hang here.
+    let err = tokio::time::timeout(Duration::from_secs(1), session)
         .await
         .expect("the open session was closed")
         .unwrap()
         .unwrap_err();
     assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
+}
+
+/// Four connects from four addresses of one network (as `key_by` keys them) cross a
+/// threshold of 3, as four from one address would: the network is banned and listed as
+/// `listed`, every address in it refused, and the session still open from the first
+/// closed; `next`, in the next network, is served.
+async fn a_rotating_client_is_banned_as_one(
+    key_by: KeyBy,
+    peers: [&str; 4],
+    next: &str,
+    listed: &str,
+) {
+    let sec = Security::builder().max_connects(3).key_by(key_by).build();
+    let open = open_session(&sec, peers[0]);
+    tokio::task::yield_now().await;
+    assert_eq!(sec.open_connections(), 1);
+    for peer in &peers[1..3] {
+        assert_eq!(labels(&through_security(&sec, peer).await), ("ok", "ok"));
+    }
+    let r = through_security(&sec, peers[3]).await;
+    assert_eq!(labels(&r), ("security", "banned"));
+    closed_by_ban(open).await;
     let bans = serde_json::to_value(sec.bans()).unwrap();
-    assert_eq!(bans[0]["value"], "2001:db8:0:100::/56", "{bans}");
-    assert!(sec.is_banned(&sec.addr_key("2001:db8:0:1aa::9".parse().unwrap())));
-    assert!(
-        sec.is_banned(&addr("2001:db8:0:1aa::9")),
-        "its /64 is in the /56"
+    assert_eq!(bans[0]["value"], listed, "{bans}");
+    for peer in peers {
+        let ip = peer.parse::<SocketAddr>().unwrap().ip();
+        assert!(sec.is_banned(&sec.addr_key(ip)), "{peer}");
+        let r = through_security(&sec, peer).await;
+        assert_eq!(labels(&r), ("security", "banned"), "{peer}");
+    }
+    assert_eq!(labels(&through_security(&sec, next).await), ("ok", "ok"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv6_clients_are_counted_banned_and_closed_by_their_64() {
+    let peers = [
+        "[2001:db8:0:7::1]:4000",
+        "[2001:db8:0:7::2]:1000",
+        "[2001:db8:0:7::3]:1000",
+        "[2001:db8:0:7:ffff::4]:1000",
+    ];
+    let (next, listed) = ("[2001:db8:0:8::1]:1000", "2001:db8:0:7::/64");
+    a_rotating_client_is_banned_as_one(KeyBy::default(), peers, next, listed).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_keyed_by_its_56_cannot_rotate_64s() {
+    let peers = [
+        "[2001:db8:0:100::1]:4000",
+        "[2001:db8:0:101::1]:1000",
+        "[2001:db8:0:1fe::1]:1000",
+        "[2001:db8:0:1ff:ffff::4]:1000",
+    ];
+    let (next, listed) = ("[2001:db8:0:200::1]:1000", "2001:db8:0:100::/56");
+    a_rotating_client_is_banned_as_one(KeyBy::new(32, 56), peers, next, listed).await;
+    // Its /64s are in the banned /56.
+    let sec = Security::builder().key_by(KeyBy::new(32, 56)).build();
+    sec.ban(
+        sec.addr_key("2001:db8:0:100::1".parse().unwrap()),
+        Duration::from_secs(60),
     );
-    let r = through_security(&sec, "[2001:db8:0:200::1]:1000").await;
-    assert_eq!(labels(&r), ("ok", "ok"));
+    assert!(sec.is_banned(&addr("2001:db8:0:1aa::9")));
+    assert!(!sec.is_banned(&addr("2001:db8:0:200::9")));
 }
 
 #[tokio::test(start_paused = true)]
@@ -440,13 +444,7 @@ async fn a_network_ban_refuses_and_closes_every_address_in_it() {
     let net = BanKey::Addr("198.51.100.0/24".parse().unwrap());
     sec.ban(net.clone(), Duration::from_secs(60));
     for session in [inside, mapped] {
-        // The clock is paused and nothing else is due: a session left open would hang.
-        let err = tokio::time::timeout(Duration::from_secs(1), session)
-            .await
-            .expect("the open session was closed")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(label_of(&*err), ("security", "closed_by_ban"));
+        closed_by_ban(session).await;
     }
     assert_eq!(sec.open_connections(), 1);
     assert!(!outside.is_finished());
