@@ -815,33 +815,8 @@ impl Config {
         })?;
 
         let pp = &self.proxy_protocol;
-        let trusted = pp
-            .trusted
-            .iter()
-            .enumerate()
-            .map(|(i, net)| {
-                net.parse::<IpNet>().map_err(|_| {
-                    ConfigError::new(
-                        format!("proxy_protocol.trusted[{i}]"),
-                        format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let exempt = self
-            .security
-            .exempt
-            .iter()
-            .enumerate()
-            .map(|(i, net)| {
-                net.parse::<ClientKey>().map_err(|_| {
-                    ConfigError::new(
-                        format!("security.exempt[{i}]"),
-                        format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted: Vec<IpNet> = networks("proxy_protocol.trusted", &pp.trusted)?;
+        let exempt: Vec<ClientKey> = networks("security.exempt", &self.security.exempt)?;
         if pp.enabled {
             if trusted.is_empty() {
                 return Err(ConfigError::new(
@@ -1212,6 +1187,21 @@ fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{value:?} is not an address like \"127.0.0.1:1883\""),
             )
         })
+}
+
+/// The networks in CIDR notation listed at `key`; the error names the one that is not.
+fn networks<N: std::str::FromStr>(key: &str, list: &[String]) -> Result<Vec<N>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse().map_err(|_| {
+                ConfigError::new(
+                    format!("{key}[{i}]"),
+                    format!("{net:?} is not a network like \"10.0.0.0/8\" or \"::1/128\""),
+                )
+            })
+        })
+        .collect()
 }
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
