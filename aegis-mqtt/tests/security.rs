@@ -20,7 +20,7 @@ use aegis_core::metrics::testing::{capture, run};
 use aegis_core::{ClientAddr, Conn, Handshake, Param, serve};
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::security::metrics as m;
-use aegis_mqtt::security::{BanKey, EventKind, KeyBy, Security, SecurityLayer, Severity};
+use aegis_mqtt::security::{Ban, BanKey, EventKind, KeyBy, Security, SecurityLayer, Severity};
 use aegis_mqtt::{Config, MqttError};
 use common::{Logs, head};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
@@ -526,6 +526,79 @@ async fn an_exempt_network_counts_toward_no_ban_but_bans_still_apply_to_it() {
     assert_eq!(
         labels(&through_security(&sec, "192.0.2.7:1").await),
         ("security", "banned")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bans_listed_as_json_are_restored_with_their_end_and_reason() {
+    let before = Security::builder().max_connects(1).build();
+    for _ in 0..2 {
+        let _ = through_security(&before, "192.0.2.7:1").await;
+    }
+    before.ban(BanKey::username("mallory"), Duration::from_secs(600));
+    before.ban(
+        BanKey::Addr("198.51.100.0/24".parse().unwrap()),
+        Duration::from_secs(900),
+    );
+    let saved = serde_json::to_string(&before.bans()).unwrap();
+
+    let after = Security::default();
+    let open = open_session(&after, "198.51.100.9:4000");
+    tokio::task::yield_now().await;
+    let bans: Vec<Ban> = serde_json::from_str(&saved).unwrap();
+    assert_eq!(after.restore(bans), 3);
+    closed_by_ban(open).await;
+    let listed = |sec: &Security| {
+        sec.bans()
+            .into_iter()
+            .map(|b| (b.key.to_string(), b.reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&after), listed(&before));
+    for (a, b) in after.bans().iter().zip(before.bans()) {
+        // The JSON keeps milliseconds.
+        let apart = a
+            .until
+            .duration_since(b.until)
+            .unwrap_or_else(|e| e.duration());
+        assert!(apart < Duration::from_millis(100), "{a:?} {b:?}");
+    }
+    assert_eq!(after.bans()[0].reason, "connects");
+    assert!(after.bans()[2].remaining <= Duration::from_secs(900));
+    assert_eq!(
+        labels(&through_security(&after, "192.0.2.7:1").await),
+        ("security", "banned")
+    );
+    assert_eq!(
+        after.events_total(),
+        1,
+        "only the refusal: a restore logs no ban"
+    );
+
+    // A ban that has ended is skipped; a record that is not a ban is refused, whole.
+    let ended = r#"[{"key":"addr","value":"192.0.2.1/32","until":"2001-01-01T00:00:00Z","reason":"manual"}]"#;
+    let bans: Vec<Ban> = serde_json::from_str(ended).unwrap();
+    assert_eq!(Security::default().restore(bans), 0);
+    let record = |key: &str, value: &str, until: &str, reason: &str| {
+        format!(r#"[{{"key":"{key}","value":"{value}","until":"{until}","reason":"{reason}"}}]"#)
+    };
+    let later = "2099-01-01T00:00:00Z";
+    for (json, why) in [
+        (
+            record("ip", "192.0.2.1/32", later, "manual"),
+            "not addr, username or client_id",
+        ),
+        (record("addr", "192.0.2.1", later, "manual"), "CIDR"),
+        (record("username", "u", later, "whim"), "unknown"),
+        (record("username", "u", "soon", "manual"), "timestamp"),
+    ] {
+        let err = serde_json::from_str::<Vec<Ban>>(&json).unwrap_err();
+        assert!(err.to_string().contains(why), "{json}: {err}");
+    }
+    let fine = record("username", "u", later, "auth_failures");
+    assert_eq!(
+        serde_json::from_str::<Vec<Ban>>(&fine).unwrap()[0].reason,
+        "auth_failures"
     );
 }
 

@@ -163,6 +163,60 @@ impl Serialize for Ban {
     }
 }
 
+/// A ban in its JSON form, read back (`remaining_secs` is left out: `until` says it).
+#[derive(serde::Deserialize)]
+struct BanRecord<'a> {
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    value: Cow<'a, str>,
+    #[serde(borrow)]
+    until: Cow<'a, str>,
+    #[serde(borrow)]
+    reason: Cow<'a, str>,
+}
+
+/// Reads a ban back from the JSON its `Serialize` writes (as `/bans` lists it), to be
+/// put in place again by [`Security::restore`](super::Security::restore).
+/// `remaining` is counted from now to `until` (zero if it has passed). An address key
+/// must be a network in CIDR notation (as it is written); a name longer than 256 bytes
+/// is cut, as the handle cuts it; `reason` must be one of the four.
+impl<'de> serde::Deserialize<'de> for Ban {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let r = BanRecord::deserialize(d)?;
+        let key = match &*r.key {
+            "addr" => BanKey::Addr(r.value.parse().map_err(D::Error::custom)?),
+            "username" => BanKey::username(&r.value),
+            "client_id" => BanKey::client_id(&r.value),
+            other => {
+                return Err(D::Error::custom(format_args!(
+                    "key {other:?} is not addr, username or client_id"
+                )));
+            }
+        };
+        let until = humantime::parse_rfc3339(&r.until).map_err(D::Error::custom)?;
+        let reason = [
+            Cause::Connects,
+            Cause::AuthFailures,
+            Cause::Rejections,
+            Cause::Manual,
+        ]
+        .into_iter()
+        .map(Cause::as_str)
+        .find(|c| *c == r.reason)
+        .ok_or_else(|| D::Error::custom(format_args!("reason {:?} is unknown", r.reason)))?;
+        Ok(Self {
+            key,
+            until,
+            remaining: until
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            reason,
+        })
+    }
+}
+
 /// Which keys the detector bans on (all three by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::struct_excessive_bools)] // three independent switches

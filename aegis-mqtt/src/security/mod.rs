@@ -213,7 +213,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Waker};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aegis_core::error::{Reject, Rejected, find};
 use atomic_waker::AtomicWaker;
@@ -679,6 +679,47 @@ impl Security {
     /// is full, the ban that ends soonest is evicted.
     pub fn ban(&self, key: BanKey, duration: Duration) {
         self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
+    }
+
+    /// Puts `bans` in place again, as [`bans`](Self::bans) listed them (from another
+    /// `Security`, or this process's before a restart, through their JSON form), each
+    /// until its `until` and with its reason; a ban that has ended is skipped. Like a
+    /// ban through the handle, each replaces a ban of the same key and closes the open
+    /// connections it matches; unlike one, it logs no event and counts nothing in
+    /// `aegis_security_bans_total` (it is not a new ban). Returns how many were put in
+    /// place.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use aegis_mqtt::security::{Ban, BanKey, Security};
+    ///
+    /// let before = Security::default();
+    /// before.ban("198.51.100.0/24".parse().map(BanKey::Addr)?, Duration::from_secs(600));
+    /// let saved = serde_json::to_string(&before.bans())?;
+    ///
+    /// let after = Security::default();
+    /// let bans: Vec<Ban> = serde_json::from_str(&saved)?;
+    /// assert_eq!(after.restore(bans), 1);
+    /// assert!(after.is_banned(&BanKey::addr("198.51.100.7".parse()?)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn restore(&self, bans: impl IntoIterator<Item = Ban>) -> usize {
+        let mut restored = 0;
+        for ban in bans {
+            let Ok(left) = ban.until.duration_since(SystemTime::now()) else {
+                continue;
+            };
+            let key = ban.key.normalized();
+            if left.is_zero()
+                || !self.with_bans(|t, now| t.insert(key.clone(), now, left, ban.reason))
+            {
+                continue;
+            }
+            self.shared.bans_put.fetch_add(1, Ordering::AcqRel);
+            self.close_open(&key, None);
+            restored += 1;
+        }
+        restored
     }
 
     /// The key the detector counts and bans `ip` under: its network by
