@@ -560,6 +560,11 @@ pub(crate) struct Security {
     pub(crate) admin: bool,
     /// Networks the detector never counts for (CIDR notation).
     pub(crate) exempt: Vec<String>,
+    /// Where the bans are kept across restarts; empty: nowhere.
+    pub(crate) bans_file: String,
+    /// How often the bans are written to `bans_file` while they change.
+    #[serde(with = "duration")]
+    pub(crate) bans_save_every: Duration,
 }
 
 impl Default for Security {
@@ -578,6 +583,8 @@ impl Default for Security {
             close_on_ban: true,
             admin: false,
             exempt: Vec::new(),
+            bans_file: String::new(),
+            bans_save_every: Duration::from_secs(60),
         }
     }
 }
@@ -1008,6 +1015,7 @@ impl Config {
             }
             positive("security.window", sec.window)?;
             positive("security.ban_for", sec.ban_for)?;
+            positive("security.bans_save_every", sec.bans_save_every)?;
             at_least("security.max_tracked", sec.max_tracked, 1)?;
             at_least("security.max_bans", sec.max_bans, 1)?;
         }

@@ -37,6 +37,7 @@
 //! (no colours or suggestions): rumqttd already depends on clap, so it costs no new
 //! crate, and `--help` comes for free.
 
+mod bans_file;
 mod broker;
 mod config;
 mod logging;
@@ -189,6 +190,25 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         Upstream::Addr(addr) => addr,
     };
     let built = stack::build(&settings, upstream);
+    // Bans kept from the last run are in place before any connection is accepted.
+    let bans_file = built
+        .security
+        .clone()
+        .filter(|_| !c.security.bans_file.is_empty())
+        .map(|security| (PathBuf::from(&c.security.bans_file), security));
+    if let Some((path, security)) = &bans_file {
+        match bans_file::load(path, security)? {
+            Some(n) => tracing::info!(restored = n, file = %path.display(), "bans restored"),
+            None => tracing::info!(file = %path.display(), "no bans file yet"),
+        }
+    }
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let bans_writer = bans_file.map(|(path, security)| {
+        let every = c.security.bans_save_every;
+        tokio::spawn(bans_file::keep(path, security, every, async {
+            let _ = drained_rx.await;
+        }))
+    });
 
     // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
     let listener = bind(settings.listen, c.server.nodelay)
@@ -277,6 +297,11 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
             (report.drained(), report.aborted())
         }
     };
+    // The last write of the bans, after the drain.
+    let _ = drained_tx.send(());
+    if let Some(writer) = bans_writer {
+        let _ = writer.await;
+    }
     tracing::info!(drained, aborted, "stopped");
     Ok(u8::from(!drained))
 }

@@ -1101,6 +1101,93 @@ async fn an_exempt_network_is_never_banned_by_the_detector() {
     assert!(!bans.contains("127.0.5."), "{bans}");
 }
 
+/// `security.bans_file`: bans outlive a restart. The first gateway bans an address and
+/// a network through `/bans` and writes them while it runs and after its drain; a second one started on
+/// the same file refuses both over real sockets before it serves anyone, lists them
+/// with the same ends, and serves the next network. A file that is not a list of bans
+/// stops the start, naming it.
+#[tokio::test]
+async fn bans_outlive_a_restart_through_the_bans_file() {
+    let dir = scratch("bans-file-kept");
+    let file = dir.join("bans.json");
+    let config = format!(
+        "[security]\nadmin = true\nbans_file = {:?}\nbans_save_every = \"50ms\"\n",
+        file.display().to_string()
+    );
+    let mut first = Gateway::start("bans-file-1", &config, &[]).await;
+    for ban in [
+        "/bans?key=addr&value=127.0.7.1&for=10m",
+        "/bans?key=addr&value=127.0.8.0%2F24&for=1h",
+    ] {
+        assert_eq!(
+            http_request(first.metrics, "POST", ban).await.unwrap().0,
+            200
+        );
+    }
+    let (_, before) = http_get(first.metrics, "/bans").await.unwrap();
+    // Written while it runs (every 50 ms here), not only at the end.
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&file).is_ok_and(|f| f.contains("127.0.8.0/24")) {
+        assert!(
+            Instant::now() < deadline,
+            "the bans were not written while running"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    // Lifted after that write: the write after the drain leaves it out.
+    let extra = "/bans?key=client_id&value=gone&for=10m";
+    assert_eq!(
+        http_request(first.metrics, "POST", extra).await.unwrap().0,
+        200
+    );
+    let lift = "/bans?key=client_id&value=gone";
+    assert_eq!(
+        http_request(first.metrics, "DELETE", lift).await.unwrap().0,
+        200
+    );
+    first.terminate();
+    assert!(first.exit_status().await.success());
+    assert!(file.exists(), "no bans file after the drain");
+
+    let second = Gateway::start("bans-file-2", &config, &[]).await;
+    assert!(second.log().contains("restored=2"), "{}", second.log());
+    for from in ["127.0.7.1", "127.0.8.9"] {
+        assert!(
+            mqtt_session(from, second.mqtt, "back").await.is_none(),
+            "{from}"
+        );
+    }
+    assert!(
+        mqtt_session("127.0.9.1", second.mqtt, "other")
+            .await
+            .is_some()
+    );
+    let (_, after) = http_get(second.metrics, "/bans").await.unwrap();
+    let bans = |json: &str| -> Vec<(String, String, std::time::SystemTime)> {
+        let list: serde_json::Value = serde_json::from_str(json).unwrap();
+        let list = list.as_array().unwrap().iter();
+        list.map(|b| {
+            let until = humantime::parse_rfc3339(b["until"].as_str().unwrap()).unwrap();
+            (b["value"].to_string(), b["reason"].to_string(), until)
+        })
+        .collect()
+    };
+    let (before, after) = (bans(&before), bans(&after));
+    assert_eq!((before.len(), after.len()), (2, 2), "{after:?}");
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((&b.0, &b.1), (&a.0, &a.1));
+        let apart = a.2.duration_since(b.2).unwrap_or_else(|e| e.duration());
+        assert!(apart < Duration::from_secs(1), "{b:?} {a:?}");
+    }
+    drop(second);
+
+    std::fs::write(&file, "{not a list").unwrap();
+    let (status, stderr) = run_to_exit("bans-file-bad", &config);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("security.bans_file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [
