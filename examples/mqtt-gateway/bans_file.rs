@@ -40,14 +40,29 @@ fn state(bans: &[Ban]) -> Vec<(BanKey, SystemTime)> {
     bans.iter().map(|b| (b.key.clone(), b.until)).collect()
 }
 
-/// Writes `bans` to `path`, through `<path>.tmp` and a rename.
+/// Writes `bans` to `path`, through `<path>.tmp` and a rename. The file is the owner's
+/// alone (mode 0600): it lists client ids and usernames.
 fn write(path: &Path, bans: &[Ban]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let json = serde_json::to_vec(bans).map_err(io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, path)
+    // A leftover of a crash keeps its mode when opened: start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&json))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they

@@ -1148,6 +1148,10 @@ async fn bans_outlive_a_restart_through_the_bans_file() {
     first.terminate();
     assert!(first.exit_status().await.success());
     assert!(file.exists(), "no bans file after the drain");
+    // It lists client ids and usernames: the owner's alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
     let second = Gateway::start("bans-file-2", &config, &[]).await;
     assert!(second.log().contains("restored=2"), "{}", second.log());
