@@ -602,6 +602,57 @@ async fn bans_listed_as_json_are_restored_with_their_end_and_reason() {
     );
 }
 
+#[test]
+fn a_ban_lasts_at_most_a_century_and_its_end_can_always_be_written() {
+    // 8,000 years would end in the year 10026, which RFC 3339 cannot write: cut to
+    // MAX_BAN, whether asked through the handle or restored from a file.
+    let sec = Security::default();
+    sec.ban(
+        BanKey::username("u"),
+        Duration::from_secs(8_000 * 365 * 86_400),
+    );
+    let far =
+        r#"[{"key":"client_id","value":"c","until":"9999-12-31T23:59:59Z","reason":"manual"}]"#;
+    assert_eq!(
+        sec.restore(serde_json::from_str::<Vec<Ban>>(far).unwrap()),
+        1
+    );
+    let json = serde_json::to_string(&sec.bans()).unwrap();
+    for ban in sec.bans() {
+        assert!(ban.remaining <= aegis_mqtt::security::MAX_BAN, "{ban:?}");
+    }
+    assert!(json.contains("\"until\":\"21"), "{json}");
+}
+
+#[test]
+fn ban_changes_count_puts_lifts_and_restores_and_a_full_table_keeps_the_longest() {
+    let sec = Security::builder().max_bans(2).build();
+    assert_eq!(sec.ban_changes(), 0);
+    sec.ban(BanKey::username("a"), Duration::from_secs(60));
+    assert!(!sec.unban(&BanKey::username("nobody")));
+    assert_eq!(sec.ban_changes(), 1);
+    assert!(sec.unban(&BanKey::username("a")));
+    assert_eq!(sec.ban_changes(), 2);
+    let record = |name: &str, until: &str| {
+        format!(r#"{{"key":"username","value":"{name}","until":"{until}","reason":"manual"}}"#)
+    };
+    let json = format!(
+        "[{},{},{},{}]",
+        record("short", "2090-01-01T00:00:00Z"),
+        record("long", "2095-01-01T00:00:00Z"),
+        record("longest", "2099-01-01T00:00:00Z"),
+        record("long", "2094-01-01T00:00:00Z"),
+    );
+    assert_eq!(
+        sec.restore(serde_json::from_str::<Vec<Ban>>(&json).unwrap()),
+        4
+    );
+    assert_eq!(sec.ban_changes(), 6);
+    let names: Vec<String> = sec.bans().iter().map(|b| b.key.to_string()).collect();
+    // "short" evicted for "longest"; the second "long" replaced the first.
+    assert_eq!(names, ["username:\"long\"", "username:\"longest\""]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_window_starts_the_count_again() {
     let sec = Security::builder()

@@ -4,76 +4,123 @@
 //! At start-up the gateway puts the file's bans in place again (each until its own end;
 //! ended ones are skipped), before it accepts a connection. While it runs it writes the
 //! bans every `security.bans_save_every` (a minute by default) when they changed, and
-//! once more after its drain: a crash loses at most the bans of that last while. Each write goes to `<file>.tmp` first, then
-//! is renamed over the file, so the file is never half written. The format is the JSON
-//! array `/bans` serves.
+//! once more after its drain: a crash loses at most the bans of that last while. Each
+//! write goes to a file of its own beside it, is synced, then renamed over the file (and
+//! the directory synced), so the file is whole before and after a crash or a power
+//! loss. The format is the JSON array `/bans` serves.
 
-use std::io;
+use std::fmt;
+use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use aegis_mqtt::security::{Ban, BanKey, Security};
+use aegis_mqtt::security::{Ban, Security};
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 /// The largest file read back: 100,000 bans of 256-byte names take about 40 MB.
 const MAX_LEN: u64 = 128 << 20;
 
-/// Puts the bans of `path` in place in `security`; returns how many, or `None` when
-/// there is no file yet.
-pub(crate) fn load(path: &Path, security: &Security) -> Result<Option<usize>, String> {
-    let err = |e: &dyn std::fmt::Display| format!("security.bans_file {}: {e}", path.display());
-    let len = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
+/// Puts the bans of `path` in place in `security`, at most `max` of them (those that
+/// end last, as a full table keeps); returns how many, or `None` when there is no file
+/// yet.
+pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Option<usize>, String> {
+    let err = |e: &dyn fmt::Display| format!("security.bans_file {}: {e}", path.display());
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(&e)),
     };
-    if len > MAX_LEN {
-        return Err(err(&format_args!("{len} bytes, more than {MAX_LEN}")));
+    if !file.metadata().map_err(|e| err(&e))?.is_file() {
+        return Err(err(&"not a regular file"));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| err(&e))?;
-    let bans: Vec<Ban> = serde_json::from_str(&text).map_err(|e| err(&e))?;
+    let mut text = String::new();
+    file.take(MAX_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| err(&e))?;
+    if text.len() as u64 > MAX_LEN {
+        return Err(err(&format_args!("longer than {MAX_LEN} bytes")));
+    }
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let bans = Latest(max).deserialize(&mut de).map_err(|e| err(&e))?;
+    de.end().map_err(|e| err(&e))?;
     Ok(Some(security.restore(bans)))
 }
 
-/// What a write records of the bans: their keys and ends (`remaining` changes every
-/// second, and is not worth a write).
-fn state(bans: &[Ban]) -> Vec<(BanKey, SystemTime)> {
-    bans.iter().map(|b| (b.key.clone(), b.until)).collect()
+/// Reads a JSON array of bans, keeping the last `.0` of them (the file lists them the
+/// soonest-ending first): memory stays bounded however long the array.
+struct Latest(usize);
+
+impl<'de> DeserializeSeed<'de> for Latest {
+    type Value = std::collections::VecDeque<Ban>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
 }
 
-/// Writes `bans` to `path`, through `<path>.tmp` and a rename. The file is the owner's
-/// alone (mode 0600): it lists client ids and usernames.
-fn write(path: &Path, bans: &[Ban]) -> io::Result<()> {
-    use std::io::Write as _;
+impl<'de> Visitor<'de> for Latest {
+    type Value = std::collections::VecDeque<Ban>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of bans, as /bans serves it")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut kept = std::collections::VecDeque::new();
+        while let Some(ban) = seq.next_element::<Ban>()? {
+            if kept.len() == self.0 {
+                kept.pop_front();
+            }
+            if self.0 > 0 {
+                kept.push_back(ban);
+            }
+        }
+        Ok(kept)
+    }
+}
+
+/// Writes the bans of `security` to `path`: through a new file beside it (named after
+/// this process), synced, then renamed over `path`, and the directory synced. The file
+/// is the owner's alone (mode 0600): it lists client ids and usernames.
+fn write(path: &Path, security: &Security) -> io::Result<usize> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let json = serde_json::to_vec(bans).map_err(io::Error::other)?;
+    let bans = security.bans();
+    let json = serde_json::to_vec(&bans).map_err(io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    // A leftover of a crash keeps its mode when opened: start afresh.
+    // A leftover of this process's own crash: `create_new` refuses any file there (or a
+    // link put in its place).
     let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(&json))
+        .and_then(|mut f| {
+            f.write_all(&json)?;
+            f.sync_all()
+        })
         .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written
+    written?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+    Ok(bans.len())
 }
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they
-/// changed since the last write, and when `stop` resolves (then returns).
+/// changed since the last write ([`Security::ban_changes`]), and when `stop` resolves
+/// (then returns). Listing and writing run on a blocking thread, off the runtime.
 pub(crate) async fn keep(
     path: PathBuf,
     security: Security,
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
-    let mut last = state(&security.bans());
+    let mut written = security.ban_changes();
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     tokio::pin!(stop);
@@ -82,14 +129,13 @@ pub(crate) async fn keep(
             () = &mut stop => true,
             _ = tick.tick() => false,
         };
-        let bans = security.bans();
-        let now = state(&bans);
-        if now != last || stopping {
-            let (path, n) = (path.clone(), bans.len());
-            match tokio::task::spawn_blocking(move || write(&path, &bans)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(bans = n, "bans written to security.bans_file");
-                    last = now;
+        let changes = security.ban_changes();
+        if changes != written || stopping {
+            let (path, security) = (path.clone(), security.clone());
+            match tokio::task::spawn_blocking(move || write(&path, &security)).await {
+                Ok(Ok(bans)) => {
+                    tracing::debug!(bans, "bans written to security.bans_file");
+                    written = changes;
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot write security.bans_file"),
                 Err(e) => tracing::warn!(error = %e, "the bans file writer failed"),

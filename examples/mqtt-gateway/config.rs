@@ -1016,6 +1016,12 @@ impl Config {
             positive("security.window", sec.window)?;
             positive("security.ban_for", sec.ban_for)?;
             positive("security.bans_save_every", sec.bans_save_every)?;
+            if sec.bans_save_every > Duration::from_secs(86_400) {
+                return Err(ConfigError::new(
+                    "security.bans_save_every",
+                    "must be at most a day (1d)",
+                ));
+            }
             at_least("security.max_tracked", sec.max_tracked, 1)?;
             at_least("security.max_bans", sec.max_bans, 1)?;
         }

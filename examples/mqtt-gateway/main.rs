@@ -191,13 +191,16 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     };
     let built = stack::build(&settings, upstream);
     // Bans kept from the last run are in place before any connection is accepted.
+    if !c.security.enabled && !c.security.bans_file.is_empty() {
+        tracing::warn!("security.bans_file is ignored: security.enabled = false");
+    }
     let bans_file = built
         .security
         .clone()
         .filter(|_| !c.security.bans_file.is_empty())
         .map(|security| (PathBuf::from(&c.security.bans_file), security));
     if let Some((path, security)) = &bans_file {
-        match bans_file::load(path, security)? {
+        match bans_file::load(path, security, c.security.max_bans)? {
             Some(n) => tracing::info!(restored = n, file = %path.display(), "bans restored"),
             None => tracing::info!(file = %path.display(), "no bans file yet"),
         }
@@ -299,8 +302,10 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     };
     // The last write of the bans, after the drain.
     let _ = drained_tx.send(());
-    if let Some(writer) = bans_writer {
-        let _ = writer.await;
+    if let Some(writer) = bans_writer
+        && let Err(e) = writer.await
+    {
+        tracing::warn!(error = %e, "the bans file writer failed: the last bans are not written");
     }
     tracing::info!(drained, aborted, "stopped");
     Ok(u8::from(!drained))

@@ -279,11 +279,14 @@ impl Cause {
     }
 }
 
-/// `now + d`, or about a century from now if that overflows.
+/// The longest a ban lasts: a century (a longer one is cut to it). Its end must stay a
+/// time that RFC 3339 can write (before the year 10000), whatever a caller or a restored
+/// file asks for.
+pub const MAX_BAN: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `now + d`, `d` cut to [`MAX_BAN`] (or `now` if even that overflows).
 pub(super) fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
-        .unwrap_or(now)
+    now.checked_add(d.min(MAX_BAN)).unwrap_or(now)
 }
 
 #[derive(Debug)]
@@ -427,6 +430,7 @@ impl BanTable {
             }
         }
         let until = later(now, d);
+        // Cut like `until`: a wall clock end past the year 9999 could not be written.
         let wall = SystemTime::now()
             .checked_add(until.saturating_duration_since(now))
             .unwrap_or_else(SystemTime::now);

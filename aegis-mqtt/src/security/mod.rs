@@ -231,7 +231,7 @@ mod future;
 mod layer;
 mod service;
 
-pub use self::bans::{Ban, BanKey, BanKeys};
+pub use self::bans::{Ban, BanKey, BanKeys, MAX_BAN};
 use self::bans::{BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds};
 pub use self::error::SecurityError;
 pub use self::events::Event;
@@ -441,9 +441,11 @@ impl SecurityBuilder {
     /// a ban of its address, client id or username (none by default). For the clients
     /// you run yourself, such as a health check with a fixed login or an office's NAT,
     /// which one bad client behind it would get banned with everyone else; fail2ban's
-    /// `ignoreip`. They are still logged, and bans (through the handle, or of a client
-    /// id or username earned elsewhere) still apply to them. Checked one network at a
-    /// time, when the detector counts: keep the list short.
+    /// `ignoreip`. They are still logged, and bans still apply to them: through the
+    /// handle, restored ones, a client id or username's earned elsewhere, and a
+    /// network's that holds them, earned by a neighbour (an exempt `::1/128` is in the
+    /// `::/64` the detector keys its neighbours by: exempt whole client networks).
+    /// Checked one network at a time, when the detector counts: keep the list short.
     ///
     /// ```
     /// use aegis_mqtt::security::{ClientKey, Security};
@@ -586,7 +588,7 @@ impl SecurityBuilder {
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
                 open: self.close_on_ban.then(|| Mutex::new(Slab::new())),
-                bans_put: AtomicU64::new(0),
+                ban_changes: AtomicU64::new(0),
             }),
         }
     }
@@ -612,9 +614,10 @@ struct Shared {
     /// The connections open under this `Security`'s layers, for a ban to close; `None`
     /// with `close_on_ban(false)`.
     open: Option<Mutex<Slab<Arc<ConnCtx>>>>,
-    /// Bans put in place so far: a connection admitted before a ban and kept after its
-    /// pass checks its address again.
-    bans_put: AtomicU64,
+    /// Changes to the bans so far (each put in place or lifted): a connection admitted
+    /// before a ban and kept after its pass checks its address again, and a writer of
+    /// the bans skips a write while it stays the same.
+    ban_changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Security {
@@ -683,11 +686,13 @@ impl Security {
 
     /// Puts `bans` in place again, as [`bans`](Self::bans) listed them (from another
     /// `Security`, or this process's before a restart, through their JSON form), each
-    /// until its `until` and with its reason; a ban that has ended is skipped. Like a
-    /// ban through the handle, each replaces a ban of the same key and closes the open
-    /// connections it matches; unlike one, it logs no event and counts nothing in
-    /// `aegis_security_bans_total` (it is not a new ban). Returns how many were put in
-    /// place.
+    /// until its `until` (at most [`MAX_BAN`] from now) and with its reason; a ban that
+    /// has ended is skipped. Like a ban through the handle, each replaces a ban of the
+    /// same key, makes room in a full table by evicting the ban that ends soonest, and
+    /// closes the open connections it matches; unlike one, it logs no event and counts
+    /// nothing in `aegis_security_bans_total` (it is not a new ban), and it is put in
+    /// place whatever [`exempt`](SecurityBuilder::exempt) says. Returns how many were put
+    /// in place (a key given twice, twice).
     ///
     /// ```
     /// use std::time::Duration;
@@ -715,7 +720,7 @@ impl Security {
             {
                 continue;
             }
-            self.shared.bans_put.fetch_add(1, Ordering::AcqRel);
+            self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
             self.close_open(&key, None);
             restored += 1;
         }
@@ -743,7 +748,19 @@ impl Security {
     /// of wider or narrower networks); `false` if it was not banned.
     pub fn unban(&self, key: &BanKey) -> bool {
         let key = key.clone().normalized();
-        self.with_bans(|t, now| t.remove(&key, now))
+        let lifted = self.with_bans(|t, now| t.remove(&key, now));
+        if lifted {
+            self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
+        }
+        lifted
+    }
+
+    /// How many times the bans were changed so far: each ban put in place (by the
+    /// detector, the handle or [`restore`](Self::restore)) and each lifted, not the bans
+    /// that end. Whoever keeps a copy of [`bans`](Self::bans) (a file, say) can skip
+    /// listing them while this stays the same: nothing but their end changed.
+    pub fn ban_changes(&self) -> u64 {
+        self.shared.ban_changes.load(Ordering::Acquire)
     }
 
     /// Whether `key` is banned now: a name by its own ban, a network by any ban that
@@ -821,7 +838,7 @@ impl Security {
             return false;
         }
         metrics::banned(key.kind(), cause.as_str());
-        self.shared.bans_put.fetch_add(1, Ordering::AcqRel);
+        self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
         let closed = self.close_open(&key, spared);
         let mut details = match threshold {
             Some(n) => format!(
@@ -883,24 +900,18 @@ impl Security {
         closed
     }
 
-    /// Keeps `ctx`, from a connection admitted when `bans` bans had been put in place,
+    /// Keeps `ctx`, from a connection admitted when the bans had changed `bans` times,
     /// among the open connections. A ban of its address put in place since, whose pass
     /// may have missed it, closes it at once.
     fn track_admitted(&self, ctx: Arc<ConnCtx>, bans: u64) -> Tracked {
         let tracked = self.track(ctx);
         if tracked.key.is_some()
-            && self.bans_put() != bans
+            && self.ban_changes() != bans
             && self.is_banned_normalized(&BanKey::host(tracked.addr.ip()))
         {
             tracked.closed.store(true, Ordering::Release);
         }
         tracked
-    }
-
-    /// How many bans were put in place so far (each one before its pass over the open
-    /// connections).
-    fn bans_put(&self) -> u64 {
-        self.shared.bans_put.load(Ordering::Acquire)
     }
 
     /// Counts `cause` for each of `keys` the detector bans on, unless `who` is from an
@@ -1379,7 +1390,7 @@ mod tests {
     fn a_connection_admitted_just_before_an_address_ban_is_closed_once_kept() {
         // The ban's pass ran between the admission and the tracking, and missed it.
         let sec = Security::default();
-        let bans = sec.bans_put();
+        let bans = sec.ban_changes();
         sec.ban(
             BanKey::addr("192.0.2.7".parse().unwrap()),
             Duration::from_secs(60),
@@ -1387,7 +1398,7 @@ mod tests {
         let late = sec.track_admitted(ctx(&sec), bans);
         assert!(late.closed.load(Ordering::Acquire));
         // A ban of another key since leaves it open.
-        let bans = sec.bans_put();
+        let bans = sec.ban_changes();
         let other = sec.track_admitted(ctx_from(&sec, "192.0.2.8:1"), bans - 1);
         assert!(!other.closed.load(Ordering::Acquire));
     }

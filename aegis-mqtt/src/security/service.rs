@@ -62,7 +62,7 @@ where
 
     fn call(&mut self, io: I) -> Self::Future {
         let addr = Param::<ClientAddr>::param(&io).0;
-        let bans = self.security.bans_put();
+        let bans = self.security.ban_changes();
         if !self.security.admit(addr) {
             // `io` is dropped here, unread: that closes the connection.
             return ResponseFuture::rejected(reject(SecurityError::Banned));
