@@ -497,6 +497,27 @@ async fn an_exempt_network_counts_toward_no_ban_but_bans_still_apply_to_it() {
         assert_eq!(labels(&r), expected);
     }
 
+    // Rejections reported by a layer inside: counted for no key of an exempt address,
+    // logged all the same.
+    let by_rejections = Security::builder()
+        .max_rejections(1)
+        .exempt(["192.0.2.0/28".parse().unwrap()])
+        .build();
+    for _ in 0..5 {
+        let r = through_mqtt(&by_rejections, "192.0.2.7:1", malformed()).await;
+        assert_eq!(labels(&r.result), ("mqtt", "malformed"));
+    }
+    assert_eq!(by_rejections.events_total(), 5);
+    assert!(by_rejections.bans().is_empty());
+    for expected in [
+        ("mqtt", "malformed"),
+        ("mqtt", "malformed"),
+        ("security", "banned"),
+    ] {
+        let r = through_mqtt(&by_rejections, "192.0.2.77:1", malformed()).await;
+        assert_eq!(labels(&r.result), expected);
+    }
+
     // Client ids counted, addresses not: the third connect of a client id is answered by
     // CONNACK 0x05, where an address over the threshold would be closed unanswered.
     let sec = Security::builder()
