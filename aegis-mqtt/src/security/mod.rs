@@ -977,8 +977,9 @@ impl Security {
         false
     }
 
-    /// Whether the address `key` (a host key) is banned; when it is, logs the refusal if it is due
-    /// (at most once a second per ban).
+    /// Whether the address `key` (a host key: any ban of a network that holds it counts)
+    /// is banned; when it is, logs the refusal if it is due (at most once a second per
+    /// ban).
     fn refused_as_banned(&self, key: &BanKey, who: &Who) -> bool {
         if self.no_bans() {
             return false;
