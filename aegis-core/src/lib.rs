@@ -100,6 +100,7 @@ pub mod error;
 mod handshake;
 mod key;
 pub mod metrics;
+mod netmap;
 mod rewind;
 
 #[cfg(feature = "proxy")]
@@ -111,6 +112,7 @@ pub use self::addr::{ClientAddr, Conn, ConnParams, LocalAddr, Param, PeerAddr};
 pub use self::error::BoxError;
 pub use self::handshake::Handshake;
 pub use self::key::{ClientKey, KeyBy, ParseClientKeyError};
+pub use self::netmap::NetMap;
 pub use self::rewind::Rewind;
 
 /// Paths the exported macros use; not part of the API.

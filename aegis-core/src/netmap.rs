@@ -1,0 +1,221 @@
+//! A map keyed by networks, looked up by address.
+
+use std::collections::HashMap;
+use std::collections::hash_map;
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::ClientKey;
+
+/// A map from networks ([`ClientKey`]s) to values, that finds the network holding an
+/// address: a ban list, an allow or deny list of any size.
+///
+/// It counts its networks by family and prefix length, so that finding the one that
+/// holds an address costs one hash lookup per length in use in that family (one, for
+/// networks of one length, such as a rate limiter's or a detector's keys), not one per
+/// network. The narrowest network that holds the address is the one found. An IPv6
+/// network holds no IPv4 address, IPv4-mapped ones included (see
+/// [`ClientKey::contains`]).
+///
+/// ```
+/// use aegis_core::{ClientKey, NetMap};
+///
+/// let mut deny = NetMap::new();
+/// deny.insert("198.51.100.0/24".parse::<ClientKey>().unwrap(), "abuse");
+/// deny.insert("198.51.100.7/32".parse::<ClientKey>().unwrap(), "scanner");
+/// let (net, why) = deny.holding("198.51.100.7".parse().unwrap()).unwrap();
+/// assert_eq!((net.to_string().as_str(), *why), ("198.51.100.7/32", "scanner"));
+/// assert_eq!(deny.holding("198.51.100.8".parse().unwrap()).unwrap().1, &"abuse");
+/// assert!(deny.holding("198.51.101.1".parse().unwrap()).is_none());
+/// ```
+#[derive(Clone)]
+pub struct NetMap<V> {
+    map: HashMap<ClientKey, V>,
+    /// `(is IPv6, prefix length, networks)`, IPv4 first, then the longest prefix first.
+    lengths: Vec<(bool, u8, usize)>,
+}
+
+impl<V> Default for NetMap<V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            lengths: Vec::new(),
+        }
+    }
+}
+
+impl<V: fmt::Debug> fmt::Debug for NetMap<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.map.iter()).finish()
+    }
+}
+
+impl<V> NetMap<V> {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one more (`add`) or one fewer network of `net`'s family and length.
+    fn count(&mut self, net: &ClientKey, add: bool) {
+        let rank = |v6: bool, len: u8| (v6, u8::MAX - len);
+        let (v6, len) = (net.network().is_ipv6(), net.prefix_len());
+        let i = self
+            .lengths
+            .partition_point(|&(v, l, _)| rank(v, l) < rank(v6, len));
+        match self.lengths.get_mut(i) {
+            Some(n) if (n.0, n.1) == (v6, len) => {
+                if add {
+                    n.2 += 1;
+                } else {
+                    n.2 -= 1;
+                    if n.2 == 0 {
+                        self.lengths.remove(i);
+                    }
+                }
+            }
+            _ if add => self.lengths.insert(i, (v6, len, 1)),
+            _ => debug_assert!(false, "a network was not counted"),
+        }
+    }
+
+    /// Puts `value` at `net`, returning the value it replaces.
+    pub fn insert(&mut self, net: ClientKey, value: V) -> Option<V> {
+        let old = self.map.insert(net, value);
+        if old.is_none() {
+            self.count(&net, true);
+        }
+        old
+    }
+
+    /// Takes the value at `net` (that network's own, not a wider one's).
+    pub fn remove(&mut self, net: &ClientKey) -> Option<V> {
+        let old = self.map.remove(net)?;
+        self.count(net, false);
+        Some(old)
+    }
+
+    /// The value at `net` itself.
+    pub fn get(&self, net: &ClientKey) -> Option<&V> {
+        self.map.get(net)
+    }
+
+    /// The value at `net` itself, mutably.
+    pub fn get_mut(&mut self, net: &ClientKey) -> Option<&mut V> {
+        self.map.get_mut(net)
+    }
+
+    /// The narrowest network in the map that holds all of `net` (`net` itself
+    /// included).
+    pub fn covering(&self, net: &ClientKey) -> Option<ClientKey> {
+        let ip = net.network();
+        self.lengths
+            .iter()
+            .filter(|&&(v6, len, _)| v6 == ip.is_ipv6() && len <= net.prefix_len())
+            .find_map(|&(_, len, _)| {
+                let candidate = ClientKey::new(ip, len)?;
+                self.map.contains_key(&candidate).then_some(candidate)
+            })
+    }
+
+    /// The narrowest network in the map that holds `ip`, and its value.
+    pub fn holding(&self, ip: IpAddr) -> Option<(&ClientKey, &V)> {
+        let host = ClientKey::host(ip);
+        let net = self.covering(&host)?;
+        self.map.get_key_value(&net)
+    }
+
+    /// Whether a network in the map holds `ip`.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        self.holding(ip).is_some()
+    }
+
+    /// How many networks the map holds.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the map holds no network.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The networks and their values, in no order.
+    pub fn iter(&self) -> hash_map::Iter<'_, ClientKey, V> {
+        self.map.iter()
+    }
+
+    /// How many prefix lengths are in use (each costs a lookup of an address).
+    pub fn lengths(&self) -> usize {
+        self.lengths.len()
+    }
+}
+
+impl<'a, V> IntoIterator for &'a NetMap<V> {
+    type Item = (&'a ClientKey, &'a V);
+    type IntoIter = hash_map::Iter<'a, ClientKey, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl<V> FromIterator<(ClientKey, V)> for NetMap<V> {
+    fn from_iter<I: IntoIterator<Item = (ClientKey, V)>>(iter: I) -> Self {
+        let mut map = Self::new();
+        map.extend(iter);
+        map
+    }
+}
+
+impl<V> Extend<(ClientKey, V)> for NetMap<V> {
+    fn extend<I: IntoIterator<Item = (ClientKey, V)>>(&mut self, iter: I) {
+        for (net, value) in iter {
+            self.insert(net, value);
+        }
+    }
+}
+
+impl FromIterator<ClientKey> for NetMap<()> {
+    fn from_iter<I: IntoIterator<Item = ClientKey>>(iter: I) -> Self {
+        iter.into_iter().map(|net| (net, ())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> ClientKey {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lengths_follow_inserts_and_removes_and_the_narrowest_is_found() {
+        let mut m = NetMap::new();
+        assert_eq!(m.insert(net("10.0.0.0/8"), 8), None);
+        assert_eq!(m.insert(net("10.1.0.0/16"), 16), None);
+        assert_eq!(m.insert(net("10.1.0.0/16"), 17), Some(16));
+        assert_eq!(m.insert(net("::/64"), 64), None);
+        assert_eq!(m.lengths, [(false, 16, 1), (false, 8, 1), (true, 64, 1)]);
+        assert_eq!(m.holding(ip("10.1.2.3")).map(|(_, v)| *v), Some(17));
+        assert_eq!(m.holding(ip("10.2.2.3")).map(|(_, v)| *v), Some(8));
+        assert_eq!(m.holding(ip("::ffff:10.2.2.3")).map(|(_, v)| *v), Some(8));
+        // ::/64 holds ::1 but no IPv4 address, mapped or not.
+        assert!(m.holds(ip("::1")));
+        assert!(!m.holds(ip("11.0.0.1")));
+        assert_eq!(m.covering(&net("10.1.128.0/17")), Some(net("10.1.0.0/16")));
+        assert_eq!(m.covering(&net("10.0.0.0/7")), None);
+        assert_eq!(m.remove(&net("10.1.0.0/16")), Some(17));
+        assert_eq!(m.remove(&net("10.1.0.0/16")), None);
+        assert_eq!(m.holding(ip("10.1.2.3")).map(|(_, v)| *v), Some(8));
+        assert_eq!(m.lengths(), 2);
+        let all: NetMap<()> = [net("0.0.0.0/0"), net("::/0")].into_iter().collect();
+        assert!(all.holds(ip("192.0.2.1")) && all.holds(ip("2001:db8::1")));
+        assert_eq!(all.len(), 2);
+    }
+}
