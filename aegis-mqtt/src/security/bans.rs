@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aegis_core::{ClientKey, KeyBy};
+use aegis_core::{ClientKey, KeyBy, NetMap};
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use tokio::time::Instant;
 
@@ -77,7 +77,7 @@ impl BanKey {
     /// The key of `ip` alone (`/32` or `/128`): what a connection's address is checked
     /// as, a ban of any network that holds it refusing it.
     pub(super) const fn host(ip: IpAddr) -> Self {
-        Self::Addr(KeyBy::new(32, 128).key(ip))
+        Self::Addr(ClientKey::host(ip))
     }
 
     /// A username key (cut to 256 bytes).
@@ -317,84 +317,56 @@ pub(super) enum Refusal {
     Quiet,
 }
 
-/// The bans in force: a map, and the same keys ordered by expiry (to purge and to evict
-/// the soonest-expiring ban in `O(log n)`).
+/// The bans in force: the network bans in a [`NetMap`], the name bans in a map, and
+/// all keys ordered by expiry (to purge and to evict the soonest-expiring ban in
+/// `O(log n)`).
 ///
-/// An address is banned by any network ban that holds it. The table counts its network
-/// bans by family and prefix length, so that checking an address costs one lookup per
-/// length in use in its family (one, for the detector's bans alone), not one per ban.
+/// An address is banned by any network ban that holds it: the `NetMap` finds the
+/// narrowest with one lookup per prefix length in use in its family (one, for the
+/// detector's bans alone), not one per ban.
 #[derive(Debug)]
 pub(super) struct BanTable {
     max: usize,
-    map: HashMap<BanKey, Entry>,
+    nets: NetMap<Entry>,
+    names: HashMap<BanKey, Entry>,
     by_expiry: BTreeMap<(Instant, u64), BanKey>,
     next_id: u64,
-    /// `(is IPv6, prefix length, bans)` of the network bans, longest prefix first: the
-    /// narrowest ban that holds an address is the one found (and logged).
-    nets: Vec<(bool, u8, usize)>,
 }
 
 impl BanTable {
     pub(super) fn new(max: usize) -> Self {
         Self {
             max,
-            map: HashMap::new(),
+            nets: NetMap::new(),
+            names: HashMap::new(),
             by_expiry: BTreeMap::new(),
             next_id: 0,
-            nets: Vec::new(),
         }
     }
 
-    /// Counts one more (`add`) or one fewer network ban of `key`'s family and length.
-    fn count_net(&mut self, key: &BanKey, add: bool) {
-        let BanKey::Addr(net) = key else {
-            return;
-        };
-        // IPv4 first, then IPv6; the longest prefix first in each.
-        let rank = |v6: bool, len: u8| (v6, u8::MAX - len);
-        let (v6, len) = (net.network().is_ipv6(), net.prefix_len());
-        let i = self
-            .nets
-            .partition_point(|&(v, l, _)| rank(v, l) < rank(v6, len));
-        match self.nets.get_mut(i) {
-            Some(n) if (n.0, n.1) == (v6, len) => {
-                if add {
-                    n.2 += 1;
-                } else {
-                    n.2 -= 1;
-                    if n.2 == 0 {
-                        self.nets.remove(i);
-                    }
-                }
-            }
-            _ if add => self.nets.insert(i, (v6, len, 1)),
-            _ => debug_assert!(false, "a network ban was not counted"),
+    /// The entry of `key` itself.
+    fn get_mut(&mut self, key: &BanKey) -> Option<&mut Entry> {
+        match key {
+            BanKey::Addr(net) => self.nets.get_mut(net),
+            names => self.names.get_mut(names),
         }
     }
 
-    /// Removes `key`'s entry from the map (not from `by_expiry`).
+    /// Removes `key`'s entry (not from `by_expiry`).
     fn take(&mut self, key: &BanKey) -> Option<Entry> {
-        let entry = self.map.remove(key)?;
-        self.count_net(key, false);
-        Some(entry)
+        match key {
+            BanKey::Addr(net) => self.nets.remove(net),
+            names => self.names.remove(names),
+        }
     }
 
     /// The ban in force that applies to `key`: the key itself for a name; for a network,
     /// the narrowest network ban that holds all of it (itself included).
     fn covering(&self, key: &BanKey) -> Option<BanKey> {
-        let BanKey::Addr(net) = key else {
-            return self.map.contains_key(key).then(|| key.clone());
-        };
-        // Only networks of the same family: an IPv6 one holds no IPv4 address (see
-        // `ClientKey::contains`).
-        let ip = net.network();
-        self.nets
-            .iter()
-            .filter(|&&(v6, len, _)| v6 == ip.is_ipv6() && len <= net.prefix_len())
-            .find_map(|&(_, len, _)| {
-                let candidate = BanKey::Addr(ClientKey::new(ip, len)?);
-                self.map.contains_key(&candidate).then_some(candidate)
-            })
+        match key {
+            BanKey::Addr(net) => self.nets.covering(net).map(BanKey::Addr),
+            names => self.names.contains_key(names).then(|| names.clone()),
+        }
     }
 
     /// Drops the bans that ended by `now`.
@@ -424,7 +396,7 @@ impl BanTable {
         }
         if let Some(old) = self.take(&key) {
             self.by_expiry.remove(&(old.until, old.id));
-        } else if self.map.len() >= self.max {
+        } else if self.len() >= self.max {
             if let Some((_, evicted)) = self.by_expiry.pop_first() {
                 self.take(&evicted);
             }
@@ -437,18 +409,18 @@ impl BanTable {
         self.next_id += 1;
         let id = self.next_id;
         self.by_expiry.insert((until, id), key.clone());
-        self.count_net(&key, true);
-        self.map.insert(
-            key,
-            Entry {
-                until,
-                wall,
-                reason,
-                id,
-                logged: None,
-                quiet: 0,
-            },
-        );
+        let entry = Entry {
+            until,
+            wall,
+            reason,
+            id,
+            logged: None,
+            quiet: 0,
+        };
+        match key {
+            BanKey::Addr(net) => self.nets.insert(net, entry),
+            names => self.names.insert(names, entry),
+        };
         true
     }
 
@@ -457,7 +429,7 @@ impl BanTable {
     /// [`REFUSAL_EVENT_EVERY`]).
     pub(super) fn refusal(&mut self, key: &BanKey, now: Instant) -> Refusal {
         self.purge(now);
-        let Some(entry) = self.covering(key).and_then(|k| self.map.get_mut(&k)) else {
+        let Some(entry) = self.covering(key).and_then(|k| self.get_mut(&k)) else {
             return Refusal::NotBanned;
         };
         match entry.logged {
@@ -500,7 +472,10 @@ impl BanTable {
         self.by_expiry
             .iter()
             .filter_map(|((until, _), key)| {
-                let e = self.map.get(key)?;
+                let e = match key {
+                    BanKey::Addr(net) => self.nets.get(net)?,
+                    names => self.names.get(names)?,
+                };
                 Some(Ban {
                     key: key.clone(),
                     until: e.wall,
@@ -512,7 +487,7 @@ impl BanTable {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.map.len()
+        self.nets.len() + self.names.len()
     }
 }
 
@@ -729,11 +704,7 @@ mod tests {
         assert!(t.insert(net("2001:db8::/48"), now, d, "manual"));
         assert!(t.insert(addr("192.0.2.7"), now, Duration::from_secs(5), "manual"));
         assert!(t.insert(net("::/64"), now, d, "manual"));
-        // Longest prefix first, IPv4 before IPv6.
-        assert_eq!(
-            t.nets,
-            [(false, 32, 1), (false, 24, 1), (true, 64, 1), (true, 48, 1)]
-        );
+        assert_eq!(t.nets.lengths(), 4);
         assert_eq!(banned(&mut t, "198.51.100.9"), Refusal::Log { quiet: 0 });
         assert_eq!(banned(&mut t, "::ffff:198.51.100.10"), Refusal::Quiet);
         assert_eq!(
@@ -758,15 +729,15 @@ mod tests {
         // Ended bans leave the counts with the map.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(banned(&mut t, "192.0.2.7"), Refusal::NotBanned);
-        assert_eq!(t.nets, [(true, 48, 1)]);
+        assert_eq!((t.nets.lengths(), t.nets.len()), (1, 1));
         assert_eq!(t.len(), 1);
         // So do replaced and evicted ones.
         let mut small = BanTable::new(1);
         assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
         assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
-        assert_eq!(small.nets, [(false, 8, 1)]);
+        assert_eq!((small.nets.lengths(), small.nets.len()), (1, 1));
         assert!(small.insert(BanKey::username("u"), now, d, "manual"));
-        assert!(small.nets.is_empty());
+        assert_eq!(small.nets.lengths(), 0);
         assert_eq!(small.refusal(&host("10.1.2.3"), now), Refusal::NotBanned);
     }
 
@@ -810,8 +781,7 @@ mod tests {
                     held.retain(|n| *n != net);
                 }
             }
-            let counted: usize = t.nets.iter().map(|n| n.2).sum();
-            proptest::prop_assert_eq!(counted, t.len());
+            proptest::prop_assert_eq!(t.nets.len(), t.len());
             for (kind, a, b) in probes {
                 let ip = pooled(kind, a, b);
                 let expected = held.iter().any(|n| n.contains(ip));

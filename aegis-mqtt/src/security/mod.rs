@@ -215,6 +215,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
+use aegis_core::NetMap;
 use aegis_core::error::{Reject, Rejected, find};
 use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
@@ -445,7 +446,8 @@ impl SecurityBuilder {
     /// handle, restored ones, a client id or username's earned elsewhere, and a
     /// network's that holds them, earned by a neighbour (an exempt `::1/128` is in the
     /// `::/64` the detector keys its neighbours by: exempt whole client networks).
-    /// Checked one network at a time, when the detector counts: keep the list short.
+    /// Looked up when the detector counts, with one hash lookup per prefix length in
+    /// the list ([`NetMap`]), however long it is.
     ///
     /// ```
     /// use aegis_mqtt::security::{ClientKey, Security};
@@ -583,7 +585,7 @@ impl SecurityBuilder {
                 ban_for: self.ban_for,
                 ban_by: self.ban_by,
                 key_by: self.key_by,
-                exempt: self.exempt.into_boxed_slice(),
+                exempt: self.exempt.into_iter().collect(),
                 log: EventLog::new(self.events_capacity),
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
@@ -607,7 +609,7 @@ struct Shared {
     ban_by: BanKeys,
     key_by: KeyBy,
     /// Networks the detector never counts for.
-    exempt: Box<[ClientKey]>,
+    exempt: NetMap<()>,
     log: EventLog,
     bans: Mutex<BanTable>,
     detector: Mutex<Detector>,
@@ -922,11 +924,7 @@ impl Security {
         if self.shared.thresholds.of(cause).is_none() {
             return false;
         }
-        let exempt = &self.shared.exempt;
-        if who
-            .addr
-            .is_some_and(|a| exempt.iter().any(|net| net.contains(a.ip())))
-        {
+        if who.addr.is_some_and(|a| self.shared.exempt.holds(a.ip())) {
             return false;
         }
         let now = Instant::now();
