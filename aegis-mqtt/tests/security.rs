@@ -674,6 +674,67 @@ fn ban_changes_count_puts_lifts_and_restores_and_a_full_table_keeps_the_longest(
     assert_eq!(names, ["username:\"long\"", "username:\"longest\""]);
 }
 
+#[test]
+fn a_denied_network_is_refused_before_anything_is_read_and_counted_not_logged() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder()
+            .max_connects(1)
+            .deny([
+                "192.0.2.0/24".parse().unwrap(),
+                "2001:db8:bad::/48".parse().unwrap(),
+            ])
+            // Deny wins over exempt, which spares from bans only.
+            .exempt(["192.0.2.0/28".parse().unwrap()])
+            .build();
+        let broker = service_fn(|_: MqttIo<Probe>| async { Ok::<_, io::Error>(()) });
+        let mut svc = sec
+            .layer()
+            .layer(MqttLayer::new(Config::new()).layer(broker));
+        // 192.0.2.200 twice: over max_connects, were it counted.
+        for peer in [
+            "192.0.2.7:1",
+            "[::ffff:192.0.2.200]:1",
+            "192.0.2.200:2",
+            "[2001:db8:bad:7::1]:1",
+        ] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            client.write_all(&connect(false, "c1", None)).await.unwrap();
+            let reads = Arc::new(AtomicUsize::new(0));
+            let probe = Probe {
+                io: conn(server, peer),
+                reads: Arc::clone(&reads),
+            };
+            let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+            assert_eq!(label_of(&*err), ("security", "denied"), "{peer}");
+            assert_eq!(
+                reads.load(Ordering::SeqCst),
+                0,
+                "{peer}: read before refusing"
+            );
+        }
+        let err = sec
+            .refuse_banned("192.0.2.9:1".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(label_of(&*err), ("security", "denied"));
+        assert!(sec.refuse_banned("198.51.100.1:1".parse().unwrap()).is_ok());
+        // Denied connects count toward no ban and log no event.
+        assert!(sec.bans().is_empty());
+        assert_eq!(sec.events_total(), 0);
+        assert_eq!(
+            labels(&through_security(&sec, "198.51.100.1:1").await),
+            ("ok", "ok")
+        );
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "security"), ("reason", "denied")]
+        ),
+        5
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_window_starts_the_count_again() {
     let sec = Security::builder()

@@ -15,6 +15,10 @@ pub enum SecurityError {
     /// it was open (see [`close_on_ban`](super::SecurityBuilder::close_on_ban)).
     #[error("closed by a ban of its client address, client id or username")]
     ClosedByBan,
+    /// The client address is in a network of the deny list
+    /// ([`deny`](super::SecurityBuilder::deny)). Nothing was read from the connection.
+    #[error("client address is denied")]
+    Denied,
 }
 
 impl aegis_core::error::Reject for SecurityError {
@@ -26,6 +30,7 @@ impl aegis_core::error::Reject for SecurityError {
         match self {
             Self::Banned => "banned",
             Self::ClosedByBan => "closed_by_ban",
+            Self::Denied => "denied",
         }
     }
 }

@@ -19,7 +19,9 @@
 //! [`SecurityLayer`] puts a `Security` in front of a byte-stream service. For each
 //! connection it:
 //!
-//! 1. refuses a banned client address at once, before anything is read: the stream is
+//! 1. refuses an address of the [deny list](SecurityBuilder::deny) at once, before
+//!    anything is read, with [`SecurityError::Denied`] (counted, not logged), and a
+//!    banned client address at once, before anything is read: the stream is
 //!    dropped (which closes it), the error is [`SecurityError::Banned`]
 //!    (`aegis_rejections_total{layer="security", reason="banned"}`) and a `rejection`
 //!    event with rule `banned` is logged: at most one a second per ban, the next one
@@ -404,6 +406,7 @@ pub struct SecurityBuilder {
     close_on_ban: bool,
     key_by: KeyBy,
     exempt: Vec<ClientKey>,
+    deny: Vec<ClientKey>,
 }
 
 impl Default for SecurityBuilder {
@@ -423,6 +426,7 @@ impl Default for SecurityBuilder {
             close_on_ban: true,
             key_by: KeyBy::new(32, 64),
             exempt: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -458,6 +462,31 @@ impl SecurityBuilder {
     /// ```
     pub fn exempt(mut self, networks: impl IntoIterator<Item = ClientKey>) -> Self {
         self.exempt.extend(networks);
+        self
+    }
+
+    /// Networks whose connections are refused at once, before anything is read, as a
+    /// banned address is (none by default): a static deny list, such as a blocklist of
+    /// hijacked or abusive networks. Refused with [`SecurityError::Denied`] and counted
+    /// as `aegis_rejections_total{layer="security", reason="denied"}`, not logged as
+    /// events (the list is known; a denied scanner that reconnects in a loop would fill
+    /// the log). Not bans: not listed, not lifted, not kept in a file. Over
+    /// [`exempt`](Self::exempt), which only spares from bans. Looked up for every
+    /// connection with one hash lookup per prefix length in the list ([`NetMap`]),
+    /// however long it is.
+    ///
+    /// ```
+    /// use aegis_mqtt::security::{ClientKey, Security};
+    ///
+    /// let drop_list: Vec<ClientKey> = ["192.0.2.0/24", "2001:db8:bad::/48"]
+    ///     .iter()
+    ///     .map(|net| net.parse().unwrap())
+    ///     .collect();
+    /// let sec = Security::builder().deny(drop_list).build();
+    /// assert!(sec.is_denied("2001:db8:bad:1::7".parse().unwrap()));
+    /// ```
+    pub fn deny(mut self, networks: impl IntoIterator<Item = ClientKey>) -> Self {
+        self.deny.extend(networks);
         self
     }
 
@@ -586,6 +615,7 @@ impl SecurityBuilder {
                 ban_by: self.ban_by,
                 key_by: self.key_by,
                 exempt: self.exempt.into_iter().collect(),
+                deny: self.deny.into_iter().collect(),
                 log: EventLog::new(self.events_capacity),
                 bans: Mutex::new(BanTable::new(self.max_bans)),
                 detector: Mutex::new(Detector::new(self.max_tracked)),
@@ -610,6 +640,8 @@ struct Shared {
     key_by: KeyBy,
     /// Networks the detector never counts for.
     exempt: NetMap<()>,
+    /// Networks refused at once.
+    deny: NetMap<()>,
     log: EventLog,
     bans: Mutex<BanTable>,
     detector: Mutex<Detector>,
@@ -630,6 +662,7 @@ impl std::fmt::Debug for Security {
             .field("ban_by", &self.shared.ban_by)
             .field("key_by", &self.shared.key_by)
             .field("exempt", &self.shared.exempt)
+            .field("deny", &self.shared.deny.len())
             .field("bans", &self.shared.bans.lock().len())
             .field("tracked", &self.shared.detector.lock().len())
             .field("open", &self.open_connections())
@@ -727,6 +760,11 @@ impl Security {
             restored += 1;
         }
         restored
+    }
+
+    /// Whether `ip` is in a network of the deny list ([`SecurityBuilder::deny`]).
+    pub fn is_denied(&self, ip: IpAddr) -> bool {
+        self.shared.deny.holds(ip)
     }
 
     /// The key the detector counts and bans `ip` under: its network by
@@ -955,24 +993,27 @@ impl Security {
 
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
     /// event) if its address is banned, or is banned now for this connect.
-    fn admit(&self, addr: SocketAddr) -> bool {
+    fn admit(&self, addr: SocketAddr) -> Result<(), SecurityError> {
+        if self.is_denied(addr.ip()) {
+            return Err(SecurityError::Denied);
+        }
         let who = Who {
             addr: Some(addr),
             ..Who::default()
         };
         if self.refused_as_banned(&BanKey::host(addr.ip()), &who) {
-            return false;
+            return Err(SecurityError::Banned);
         }
         // This connection is not open yet: no need to spare it.
         let key = self.addr_key(addr.ip());
         if !self.count(std::slice::from_ref(&key), Cause::Connects, &who, None) {
-            return true;
+            return Ok(());
         }
         self.emit_banned(
             &who,
             "client address banned now: too many connects".to_owned(),
         );
-        false
+        Err(SecurityError::Banned)
     }
 
     /// Whether the address `key` (a host key: any ban of a network that holds it counts)
@@ -1007,9 +1048,9 @@ impl Security {
         );
     }
 
-    /// Refuses a banned client address, for `aegis_core::serve::Serve::admit`: in the
-    /// accept loop, before a task is spawned for the connection. The error is
-    /// [`SecurityError::Banned`], counted as
+    /// Refuses a banned client address (or a denied one, [`SecurityBuilder::deny`]), for
+    /// `aegis_core::serve::Serve::admit`: in the accept loop, before a task is spawned
+    /// for the connection. The error is [`SecurityError::Banned`], counted as
     /// `aegis_rejections_total{layer="security",reason="banned"}` and logged as the
     /// [`SecurityLayer`]'s refusals are (at most once a second per ban). Unlike the
     /// layer, it counts nothing toward a ban: keep the layer in the stack, and it counts
@@ -1037,8 +1078,12 @@ impl Security {
     ///
     /// # Errors
     ///
-    /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned.
+    /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned,
+    /// [`SecurityError::Denied`] when it is in the deny list.
     pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
+        if self.is_denied(addr.ip()) {
+            return Err(aegis_core::error::reject(SecurityError::Denied).into());
+        }
         let who = Who {
             addr: Some(addr),
             ..Who::default()

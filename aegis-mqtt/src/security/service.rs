@@ -6,7 +6,7 @@ use aegis_core::{BoxError, ClientAddr, Param};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::{CTX, ConnCtx, Security, SecurityError};
+use super::{CTX, ConnCtx, Security};
 
 /// Refuses a banned client address at once, without reading from the connection, and
 /// runs every other connection inside its security context. See the [module
@@ -63,9 +63,9 @@ where
     fn call(&mut self, io: I) -> Self::Future {
         let addr = Param::<ClientAddr>::param(&io).0;
         let bans = self.security.ban_changes();
-        if !self.security.admit(addr) {
+        if let Err(refused) = self.security.admit(addr) {
             // `io` is dropped here, unread: that closes the connection.
-            return ResponseFuture::rejected(reject(SecurityError::Banned));
+            return ResponseFuture::rejected(reject(refused));
         }
         let ctx = Arc::new(ConnCtx::new(self.security.clone(), addr));
         let inner = &mut self.inner;
