@@ -560,6 +560,10 @@ pub(crate) struct Security {
     pub(crate) admin: bool,
     /// Networks the detector never counts for (CIDR notation).
     pub(crate) exempt: Vec<String>,
+    /// Networks refused at once (CIDR notation).
+    pub(crate) deny: Vec<String>,
+    /// A file of more of them, one per line.
+    pub(crate) deny_file: String,
     /// Where the bans are kept across restarts; empty: nowhere.
     pub(crate) bans_file: String,
     /// How often the bans are written to `bans_file` while they change.
@@ -583,6 +587,8 @@ impl Default for Security {
             close_on_ban: true,
             admin: false,
             exempt: Vec::new(),
+            deny: Vec::new(),
+            deny_file: String::new(),
             bans_file: String::new(),
             bans_save_every: Duration::from_secs(60),
         }
@@ -748,6 +754,8 @@ pub(crate) struct Settings {
     pub(crate) trusted: Vec<IpNet>,
     /// `security.exempt`, parsed.
     pub(crate) exempt: Vec<ClientKey>,
+    /// `security.deny` and the networks of `security.deny_file`, parsed.
+    pub(crate) deny: Vec<ClientKey>,
     pub(crate) global: Option<Quota>,
     pub(crate) per_ip: Option<Quota>,
     pub(crate) policy: PolicyQuotas,
@@ -824,6 +832,10 @@ impl Config {
         let pp = &self.proxy_protocol;
         let trusted: Vec<IpNet> = networks("proxy_protocol.trusted", &pp.trusted)?;
         let exempt: Vec<ClientKey> = networks("security.exempt", &self.security.exempt)?;
+        let mut deny: Vec<ClientKey> = networks("security.deny", &self.security.deny)?;
+        if !self.security.deny_file.is_empty() {
+            deny.extend(deny_file(&self.security.deny_file)?);
+        }
         if pp.enabled {
             if trusted.is_empty() {
                 return Err(ConfigError::new(
@@ -1069,6 +1081,7 @@ impl Config {
             metrics_listen,
             trusted,
             exempt,
+            deny,
             global,
             per_ip,
             policy,
@@ -1201,6 +1214,46 @@ fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{value:?} is not an address like \"127.0.0.1:1883\""),
             )
         })
+}
+
+/// The largest `security.deny_file` read.
+const MAX_DENY_FILE: u64 = 64 << 20;
+
+/// The networks of `security.deny_file`: one per line, in CIDR notation or a bare address
+/// (one address), as blocklists are written; blank lines and what follows `#` or `;` are
+/// skipped. The error names the line that is neither.
+fn deny_file(path: &str) -> Result<Vec<ClientKey>, ConfigError> {
+    use std::io::Read as _;
+    let err = |why: String| ConfigError::new("security.deny_file", format!("{path}: {why}"));
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut text = String::new();
+    file.take(MAX_DENY_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| err(e.to_string()))?;
+    if text.len() as u64 > MAX_DENY_FILE {
+        return Err(err(format!("longer than {MAX_DENY_FILE} bytes")));
+    }
+    let mut nets = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let entry = line.split(['#', ';']).next().unwrap_or_default().trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let net = entry
+            .parse::<ClientKey>()
+            .ok()
+            .or_else(|| entry.parse::<std::net::IpAddr>().ok().map(ClientKey::host));
+        match net {
+            Some(net) => nets.push(net),
+            None => {
+                return Err(err(format!(
+                    "line {}: {entry:?} is not a network like \"10.0.0.0/8\" or an address",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(nets)
 }
 
 /// The networks in CIDR notation listed at `key`; the error names the one that is not.

@@ -365,6 +365,7 @@ fn security(settings: &Settings) -> Security {
     let mut b = Security::builder()
         .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
         .exempt(settings.exempt.iter().copied())
+        .deny(settings.deny.iter().copied())
         .events_capacity(c.events)
         .window(c.window)
         .ban_for(c.ban_for)

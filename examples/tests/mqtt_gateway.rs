@@ -1219,6 +1219,50 @@ async fn bans_outlive_a_restart_through_the_bans_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `security.deny` and `security.deny_file`: their networks and addresses are refused
+/// over real sockets before anything is read, counted as `denied`, and are no bans;
+/// the address next to a denied one is served. A bad line stops the start, named.
+#[tokio::test]
+async fn denied_networks_from_the_config_and_a_file_are_refused() {
+    let dir = scratch("deny-file");
+    let file = dir.join("drop.txt");
+    let list = "; a blocklist\n127.0.11.5 # one scanner\n\n127.0.12.0/24 ; SBL1\n";
+    std::fs::write(&file, list).unwrap();
+    let path = file.display().to_string();
+    let config = format!("[security]\ndeny = [\"127.0.10.0/24\"]\ndeny_file = {path:?}\n");
+    let gw = Gateway::start("deny", &config, &[]).await;
+    for from in ["127.0.10.1", "127.0.11.5", "127.0.12.9"] {
+        assert!(
+            mqtt_session(from, gw.mqtt, "denied").await.is_none(),
+            "{from}"
+        );
+    }
+    assert!(
+        mqtt_session("127.0.11.6", gw.mqtt, "served")
+            .await
+            .is_some()
+    );
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"security\",reason=\"denied\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    drop(gw);
+
+    std::fs::write(&file, "127.0.11.5\n127.0.12.0/33\n").unwrap();
+    let (status, stderr) = run_to_exit("deny-file-bad", &config);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("config error: security.deny_file") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [
