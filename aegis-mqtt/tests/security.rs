@@ -657,11 +657,13 @@ fn ban_changes_count_puts_lifts_and_restores_and_a_full_table_keeps_the_longest(
     let record = |name: &str, until: &str| {
         format!(r#"{{"key":"username","value":"{name}","until":"{until}","reason":"manual"}}"#)
     };
+    // Not in order: restore puts them in place the soonest-ending first, so the full
+    // table keeps the two that end last.
     let json = format!(
         "[{},{},{},{}]",
-        record("short", "2090-01-01T00:00:00Z"),
-        record("long", "2095-01-01T00:00:00Z"),
         record("longest", "2099-01-01T00:00:00Z"),
+        record("long", "2095-01-01T00:00:00Z"),
+        record("short", "2090-01-01T00:00:00Z"),
         record("long", "2094-01-01T00:00:00Z"),
     );
     assert_eq!(
@@ -670,8 +672,13 @@ fn ban_changes_count_puts_lifts_and_restores_and_a_full_table_keeps_the_longest(
     );
     assert_eq!(sec.ban_changes(), 6);
     let names: Vec<String> = sec.bans().iter().map(|b| b.key.to_string()).collect();
-    // "short" evicted for "longest"; the second "long" replaced the first.
+    // "short" evicted; the "long" that ends later replaced the other.
     assert_eq!(names, ["username:\"long\"", "username:\"longest\""]);
+    let json = serde_json::to_string(&sec.bans()).unwrap();
+    assert!(
+        json.contains("\"until\":\"2095-01-01T00:00:00.000Z\""),
+        "{json}"
+    );
 }
 
 #[test]

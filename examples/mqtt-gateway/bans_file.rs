@@ -25,14 +25,14 @@ const MAX_LEN: u64 = 128 << 20;
 /// yet.
 pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Option<usize>, String> {
     let err = |e: &dyn fmt::Display| format!("security.bans_file {}: {e}", path.display());
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
+    // Checked before opening: opening a FIFO would wait for a writer.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(err(&"not a regular file")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(&e)),
-    };
-    if !file.metadata().map_err(|e| err(&e))?.is_file() {
-        return Err(err(&"not a regular file"));
     }
+    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
     let mut text = String::new();
     file.take(MAX_LEN + 1)
         .read_to_string(&mut text)
@@ -46,12 +46,12 @@ pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Optio
     Ok(Some(security.restore(bans)))
 }
 
-/// Reads a JSON array of bans, keeping the last `.0` of them (the file lists them the
-/// soonest-ending first): memory stays bounded however long the array.
+/// Reads a JSON array of bans, keeping the `.0` that end last, in any order: at most
+/// twice as many are held at once, however long the array.
 struct Latest(usize);
 
 impl<'de> DeserializeSeed<'de> for Latest {
-    type Value = std::collections::VecDeque<Ban>;
+    type Value = Vec<Ban>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
@@ -59,22 +59,25 @@ impl<'de> DeserializeSeed<'de> for Latest {
 }
 
 impl<'de> Visitor<'de> for Latest {
-    type Value = std::collections::VecDeque<Ban>;
+    type Value = Vec<Ban>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a list of bans, as /bans serves it")
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut kept = std::collections::VecDeque::new();
+        let keep = |kept: &mut Vec<Ban>| {
+            kept.sort_by_key(|b| std::cmp::Reverse(b.until));
+            kept.truncate(self.0);
+        };
+        let mut kept = Vec::new();
         while let Some(ban) = seq.next_element::<Ban>()? {
-            if kept.len() == self.0 {
-                kept.pop_front();
-            }
-            if self.0 > 0 {
-                kept.push_back(ban);
+            kept.push(ban);
+            if kept.len() >= self.0.saturating_mul(2).max(1) {
+                keep(&mut kept);
             }
         }
+        keep(&mut kept);
         Ok(kept)
     }
 }
@@ -112,15 +115,16 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
 }
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they
-/// changed since the last write ([`Security::ban_changes`]), and when `stop` resolves
-/// (then returns). Listing and writing run on a blocking thread, off the runtime.
+/// changed since `written` ([`Security::ban_changes`], read when the file was loaded),
+/// and when `stop` resolves (then returns). Listing and writing run on a blocking
+/// thread, off the runtime.
 pub(crate) async fn keep(
     path: PathBuf,
     security: Security,
+    mut written: u64,
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
-    let mut written = security.ban_changes();
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     tokio::pin!(stop);

@@ -836,6 +836,13 @@ impl Config {
         if !self.security.deny_file.is_empty() {
             deny.extend(deny_file(&self.security.deny_file)?);
         }
+        if !deny.is_empty() && !self.security.enabled {
+            // A deny list that would let everyone in without a word.
+            return Err(ConfigError::new(
+                "security.deny",
+                "needs security.enabled = true (the security layer refuses them)",
+            ));
+        }
         if pp.enabled {
             if trusted.is_empty() {
                 return Err(ConfigError::new(

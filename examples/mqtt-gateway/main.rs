@@ -207,8 +207,8 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     }
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let bans_writer = bans_file.map(|(path, security)| {
-        let every = c.security.bans_save_every;
-        tokio::spawn(bans_file::keep(path, security, every, async {
+        let (every, loaded) = (c.security.bans_save_every, security.ban_changes());
+        tokio::spawn(bans_file::keep(path, security, loaded, every, async {
             let _ = drained_rx.await;
         }))
     });

@@ -11,7 +11,7 @@ use aegis_core::{ClientKey, KeyBy, NetMap};
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use tokio::time::Instant;
 
-use super::events::{MAX_NAME, bounded};
+use super::events::{MAX_NAME, bounded, rfc3339};
 use crate::bounded::Bounded;
 
 /// What a ban applies to.
@@ -153,10 +153,7 @@ impl Serialize for Ban {
         let mut st = s.serialize_struct("Ban", 5)?;
         st.serialize_field("key", self.key.kind())?;
         st.serialize_field("value", &self.key.value())?;
-        st.serialize_field(
-            "until",
-            &humantime::format_rfc3339_millis(self.until).to_string(),
-        )?;
+        st.serialize_field("until", &rfc3339(self.until))?;
         st.serialize_field("remaining_secs", &self.remaining.as_secs())?;
         st.serialize_field("reason", self.reason)?;
         st.end()
@@ -279,9 +276,8 @@ impl Cause {
     }
 }
 
-/// The longest a ban lasts: a century (a longer one is cut to it). Its end must stay a
-/// time that RFC 3339 can write (before the year 10000), whatever a caller or a restored
-/// file asks for.
+/// The longest a ban lasts: a century (a longer one is cut to it, whatever a caller or a
+/// restored file asks for).
 pub const MAX_BAN: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// `now + d`, `d` cut to [`MAX_BAN`] (or `now` if even that overflows).
@@ -402,7 +398,6 @@ impl BanTable {
             }
         }
         let until = later(now, d);
-        // Cut like `until`: a wall clock end past the year 9999 could not be written.
         let wall = SystemTime::now()
             .checked_add(until.saturating_duration_since(now))
             .unwrap_or_else(SystemTime::now);

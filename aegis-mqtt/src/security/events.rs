@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::ser::{Serialize, SerializeStruct, Serializer};
@@ -70,14 +70,24 @@ impl Event {
     }
 }
 
+/// The last instant RFC 3339 writes: 9999-12-31T23:59:59.999Z.
+const LAST_WRITABLE: Duration = Duration::from_millis(253_402_300_799_999);
+
+/// `t` in RFC 3339 with milliseconds, clamped to what it can write (1970 to 9999): a
+/// clock set far off must not make a listing panic.
+pub(super) fn rfc3339(t: SystemTime) -> String {
+    let since_epoch = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .min(LAST_WRITABLE);
+    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + since_epoch).to_string()
+}
+
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("Event", 10)?;
         st.serialize_field("seq", &self.seq)?;
-        st.serialize_field(
-            "time",
-            &humantime::format_rfc3339_millis(self.time).to_string(),
-        )?;
+        st.serialize_field("time", &rfc3339(self.time))?;
         st.serialize_field("layer", self.layer)?;
         st.serialize_field("kind", &self.kind)?;
         st.serialize_field("severity", &self.severity)?;
@@ -212,6 +222,21 @@ fn trace(e: &Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_out_of_rfc3339s_range_are_written_clamped_not_a_panic() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            rfc3339(epoch - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let far = epoch + Duration::from_secs(400_000 * 365 * 86_400);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59.999Z");
+        assert_eq!(
+            rfc3339(epoch + Duration::from_millis(1_500)),
+            "1970-01-01T00:00:01.500Z"
+        );
+    }
 
     #[test]
     fn details_are_bounded_at_a_char_boundary_and_escaped() {

@@ -714,7 +714,7 @@ impl Security {
     /// the open connections it matches unless built with
     /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban). Logs a `ban` event (rule
     /// `manual`) and counts `aegis_security_bans_total{cause="manual"}`. When the table
-    /// is full, the ban that ends soonest is evicted.
+    /// is full, the ban that ends soonest is evicted. A ban lasts at most [`MAX_BAN`].
     pub fn ban(&self, key: BanKey, duration: Duration) {
         self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
     }
@@ -723,7 +723,9 @@ impl Security {
     /// `Security`, or this process's before a restart, through their JSON form), each
     /// until its `until` (at most [`MAX_BAN`] from now) and with its reason; a ban that
     /// has ended is skipped. Like a ban through the handle, each replaces a ban of the
-    /// same key, makes room in a full table by evicting the ban that ends soonest, and
+    /// same key, makes room in a full table by evicting the ban that ends soonest (they
+    /// are put in place the soonest-ending first, so the table keeps those that end
+    /// last), and
     /// closes the open connections it matches; unlike one, it logs no event and counts
     /// nothing in `aegis_security_bans_total` (it is not a new ban), and it is put in
     /// place whatever [`exempt`](SecurityBuilder::exempt) says. Returns how many were put
@@ -744,6 +746,10 @@ impl Security {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn restore(&self, bans: impl IntoIterator<Item = Ban>) -> usize {
+        // The soonest-ending first, as `bans` lists them: a full table then keeps the
+        // bans that end last, whatever order they came in.
+        let mut bans: Vec<Ban> = bans.into_iter().collect();
+        bans.sort_by_key(|b| b.until);
         let mut restored = 0;
         for ban in bans {
             let Ok(left) = ban.until.duration_since(SystemTime::now()) else {
@@ -872,6 +878,7 @@ impl Security {
         spared: Option<&ConnCtx>,
     ) -> bool {
         let key = key.normalized();
+        let duration = duration.min(MAX_BAN);
         let inserted =
             self.with_bans(|t, now| t.insert(key.clone(), now, duration, cause.as_str()));
         if !inserted {
@@ -1052,7 +1059,8 @@ impl Security {
     /// `aegis_core::serve::Serve::admit`: in the accept loop, before a task is spawned
     /// for the connection. The error is [`SecurityError::Banned`], counted as
     /// `aegis_rejections_total{layer="security",reason="banned"}` and logged as the
-    /// [`SecurityLayer`]'s refusals are (at most once a second per ban). Unlike the
+    /// [`SecurityLayer`]'s refusals are (at most once a second per ban), or
+    /// [`SecurityError::Denied`], counted as `reason="denied"` and not logged. Unlike the
     /// layer, it counts nothing toward a ban: keep the layer in the stack, and it counts
     /// the connections this lets through.
     ///
