@@ -119,13 +119,19 @@ impl<V> NetMap<V> {
     }
 
     /// The narrowest network in the map that holds `ip`, and its value.
+    #[inline]
     pub fn holding(&self, ip: IpAddr) -> Option<(&ClientKey, &V)> {
+        // The common case of an empty deny or allow list: not even the host key.
+        if self.lengths.is_empty() {
+            return None;
+        }
         let host = ClientKey::host(ip);
         let net = self.covering(&host)?;
         self.map.get_key_value(&net)
     }
 
     /// Whether a network in the map holds `ip`.
+    #[inline]
     pub fn holds(&self, ip: IpAddr) -> bool {
         self.holding(ip).is_some()
     }
