@@ -102,6 +102,24 @@ impl Param<Handshake> for Probe {
     }
 }
 
+/// Serves one connection from `peer` whose CONNECT is already waiting, expecting a
+/// refusal: its error, how many reads of the stream were asked for, and the client end.
+async fn refused_waiting<S>(svc: &mut S, peer: &str) -> (BoxError, usize, DuplexStream)
+where
+    S: Service<Probe, Error = BoxError>,
+    S::Response: std::fmt::Debug,
+{
+    let (mut client, server) = tokio::io::duplex(1024);
+    client.write_all(&connect(false, "c1", None)).await.unwrap();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let probe = Probe {
+        io: conn(server, peer),
+        reads: Arc::clone(&reads),
+    };
+    let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+    (err, reads.load(Ordering::SeqCst), client)
+}
+
 /// What one connection through `SecurityLayer` + `MqttLayer` gave.
 struct Run {
     /// The connection's result.
@@ -164,17 +182,9 @@ fn an_address_ban_refuses_before_any_byte_is_read() {
         let mut svc =
             SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
         for peer in ["192.0.2.7:1000", "[::ffff:192.0.2.7]:1001"] {
-            let (mut client, server) = tokio::io::duplex(1024);
-            // The CONNECT is already waiting when the connection is served.
-            client.write_all(&connect(false, "c1", None)).await.unwrap();
-            let reads = Arc::new(AtomicUsize::new(0));
-            let probe = Probe {
-                io: conn(server, peer),
-                reads: Arc::clone(&reads),
-            };
-            let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+            let (err, reads, mut client) = refused_waiting(&mut svc, peer).await;
             assert_eq!(label_of(&*err), ("security", "banned"), "{err}");
-            assert_eq!(reads.load(Ordering::SeqCst), 0, "not a byte was read");
+            assert_eq!(reads, 0, "not a byte was read");
             // The stream was dropped: the client sees the end, no answer.
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
@@ -704,20 +714,9 @@ fn a_denied_network_is_refused_before_anything_is_read_and_counted_not_logged() 
             "192.0.2.200:2",
             "[2001:db8:bad:7::1]:1",
         ] {
-            let (mut client, server) = tokio::io::duplex(1024);
-            client.write_all(&connect(false, "c1", None)).await.unwrap();
-            let reads = Arc::new(AtomicUsize::new(0));
-            let probe = Probe {
-                io: conn(server, peer),
-                reads: Arc::clone(&reads),
-            };
-            let err = svc.ready().await.unwrap().call(probe).await.unwrap_err();
+            let (err, reads, _client) = refused_waiting(&mut svc, peer).await;
             assert_eq!(label_of(&*err), ("security", "denied"), "{peer}");
-            assert_eq!(
-                reads.load(Ordering::SeqCst),
-                0,
-                "{peer}: read before refusing"
-            );
+            assert_eq!(reads, 0, "{peer}: read before refusing");
         }
         let err = sec
             .refuse_banned("192.0.2.9:1".parse().unwrap())

@@ -384,6 +384,17 @@ async fn mqtt_session(from: &str, gw: SocketAddr, client_id: &str) -> Option<Tcp
     }
 }
 
+/// Asserts that a session from each of `refused` is refused by the gateway at `gw`, and
+/// that one from `served` is served.
+async fn refused_but(gw: SocketAddr, refused: &[&str], served: &str) {
+    for from in refused {
+        let session = mqtt_session(from, gw, "refused").await;
+        assert!(session.is_none(), "{from} was served");
+    }
+    let session = mqtt_session(served, gw, "served").await;
+    assert!(session.is_some(), "{served} was refused");
+}
+
 // ---------------------------------------------------------------------------------
 // A real client: rumqttc (3.1.1 and 5.0)
 // ---------------------------------------------------------------------------------
@@ -1053,13 +1064,7 @@ async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes
         closed_silently(&mut open).await,
         "the open session was not closed"
     );
-    for from in ["127.0.3.1", "127.0.3.254"] {
-        assert!(
-            mqtt_session(from, gw.mqtt, "refused").await.is_none(),
-            "{from}"
-        );
-    }
-    assert!(mqtt_session("127.0.4.1", gw.mqtt, "served").await.is_some());
+    refused_but(gw.mqtt, &["127.0.3.1", "127.0.3.254"], "127.0.4.1").await;
     let ipv6 = "/bans?key=addr&value=2001:db8:0:12::9&for=10m";
     assert_eq!(status("POST", ipv6).await, 200);
     let (_, bans) = http_get(gw.metrics, "/bans").await.unwrap();
@@ -1145,17 +1150,7 @@ async fn bans_outlive_a_restart_through_the_bans_file() {
     let often = config("bans_save_every = \"50ms\"\n");
     let mut second = Gateway::start("bans-file-2", &often, &[]).await;
     assert!(second.log().contains("restored=2"), "{}", second.log());
-    for from in ["127.0.7.1", "127.0.8.9"] {
-        assert!(
-            mqtt_session(from, second.mqtt, "back").await.is_none(),
-            "{from}"
-        );
-    }
-    assert!(
-        mqtt_session("127.0.9.1", second.mqtt, "other")
-            .await
-            .is_some()
-    );
+    refused_but(second.mqtt, &["127.0.7.1", "127.0.8.9"], "127.0.9.1").await;
     let (_, after) = http_get(second.metrics, "/bans").await.unwrap();
     let bans = |json: &str| -> Vec<(String, String, std::time::SystemTime)> {
         let list: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -1233,17 +1228,8 @@ async fn denied_networks_from_the_config_and_a_file_are_refused() {
     let path = file.display().to_string();
     let config = format!("[security]\ndeny = [\"127.0.10.0/24\"]\ndeny_file = {path:?}\n");
     let gw = Gateway::start("deny", &config, &[]).await;
-    for from in ["127.0.10.1", "127.0.11.5", "127.0.12.9"] {
-        assert!(
-            mqtt_session(from, gw.mqtt, "denied").await.is_none(),
-            "{from}"
-        );
-    }
-    assert!(
-        mqtt_session("127.0.11.6", gw.mqtt, "served")
-            .await
-            .is_some()
-    );
+    let denied = ["127.0.10.1", "127.0.11.5", "127.0.12.9"];
+    refused_but(gw.mqtt, &denied, "127.0.11.6").await;
     gw.wait_metric(
         "aegis_rejections_total{layer=\"security\",reason=\"denied\"}",
         3.0,
