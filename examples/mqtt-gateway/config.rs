@@ -558,6 +558,10 @@ pub(crate) struct Security {
     pub(crate) close_on_ban: bool,
     /// Whether `POST /bans` and `DELETE /bans` on the metrics endpoint change bans.
     pub(crate) admin: bool,
+    /// The bearer token those need; empty: none (loopback only). `--check` prints it
+    /// masked.
+    #[serde(serialize_with = "masked")]
+    pub(crate) admin_token: String,
     /// Networks the detector never counts for (CIDR notation).
     pub(crate) exempt: Vec<String>,
     /// Networks refused at once (CIDR notation).
@@ -586,6 +590,7 @@ impl Default for Security {
             max_bans: 100_000,
             close_on_ban: true,
             admin: false,
+            admin_token: String::new(),
             exempt: Vec::new(),
             deny: Vec::new(),
             deny_file: String::new(),
@@ -820,6 +825,19 @@ impl Config {
         } else {
             None
         };
+        // Bans writable by anyone who reaches the metrics endpoint: only on loopback.
+        if let Some(addr) = metrics_listen.filter(|_| self.security.enabled && self.security.admin)
+            && !addr.ip().is_loopback()
+            && self.security.admin_token.is_empty()
+        {
+            return Err(ConfigError::new(
+                "security.admin",
+                format!(
+                    "the metrics endpoint listens on {addr}, beyond loopback: set \
+                     security.admin_token too, or keep bans read-only"
+                ),
+            ));
+        }
         positive("metrics.readiness_timeout", self.metrics.readiness_timeout)?;
 
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
@@ -1221,6 +1239,11 @@ fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{value:?} is not an address like \"127.0.0.1:1883\""),
             )
         })
+}
+
+/// A secret as `--check` prints it: `""` when unset, else `"(set)"`.
+fn masked<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.is_empty() { "" } else { "(set)" })
 }
 
 /// The largest `security.deny_file` read.

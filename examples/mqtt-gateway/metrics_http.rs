@@ -15,7 +15,9 @@
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
-//!   `client_id`); otherwise those answer `403`. An address stands for its client's
+//!   `client_id`); otherwise those answer `403`. With `security.admin_token` set they
+//!   need `Authorization: Bearer <token>` (else `401`); without one, the gateway
+//!   refuses to start with `admin = true` on a metrics address beyond loopback. An address stands for its client's
 //!   network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for its /64
 //!   by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR
 //!   notation (`198.51.100.0/24`) bans or lifts that network.
@@ -89,6 +91,22 @@ pub(crate) struct Admin {
     pub(crate) security: Option<Security>,
     /// Whether `POST /bans` and `DELETE /bans` may change the bans.
     pub(crate) writable: bool,
+    /// The bearer token they need (`security.admin_token`), if any.
+    pub(crate) token: Option<Arc<str>>,
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` for `admin`'s token (always,
+/// when there is none). Compared in constant time: a wrong guess tells nothing of how
+/// close it came.
+fn authorized(req: &Request<Incoming>, admin: &Admin) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let Some(token) = &admin.token else {
+        return true;
+    };
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }
 
 /// The most events one `/events` answer holds.
@@ -156,6 +174,17 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             StatusCode::FORBIDDEN,
             "bans are read-only here (security.admin = false)\n",
         ),
+        ("/bans", &Method::POST | &Method::DELETE) if !authorized(req, admin) => {
+            let mut res = text(
+                StatusCode::UNAUTHORIZED,
+                "changing bans needs Authorization: Bearer <security.admin_token>\n",
+            );
+            res.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            res
+        }
         ("/bans", &Method::POST) => {
             let key = match ban_key(req, security) {
                 Ok(key) => key,

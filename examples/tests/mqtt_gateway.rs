@@ -292,11 +292,21 @@ async fn http_request(
     method: &str,
     path: &str,
 ) -> std::io::Result<(u16, String)> {
+    http_request_with(addr, method, path, "").await
+}
+
+/// [`http_request`] with more header lines (each ending in `\r\n`).
+async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: gateway\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -1247,6 +1257,80 @@ async fn denied_networks_from_the_config_and_a_file_are_refused() {
     assert!(
         stderr.contains("config error: security.deny_file") && stderr.contains("line 2"),
         "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `security.admin_token`: changing bans needs it as a bearer token (401 without it or
+/// with another), reading them does not; `--check` prints it masked, and `admin = true`
+/// on a metrics address beyond loopback without a token is a config error.
+#[tokio::test]
+async fn changing_bans_needs_the_admin_token() {
+    let config = "[security]\nadmin = true\nadmin_token = \"s3cret-Token\"\n";
+    let gw = Gateway::start("admin-token", config, &[]).await;
+    let ban = "/bans?key=addr&value=192.0.2.1&for=10m";
+    for headers in [
+        "",
+        "Authorization: Bearer s3cret-Tokem\r\n",
+        "Authorization: s3cret-Token\r\n",
+    ] {
+        let (status, body) = http_request_with(gw.metrics, "POST", ban, headers)
+            .await
+            .unwrap();
+        assert_eq!(status, 401, "{headers:?}: {body}");
+    }
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    let bearer = "Authorization: Bearer s3cret-Token\r\n";
+    assert_eq!(
+        http_request_with(gw.metrics, "POST", ban, bearer)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let lift = "/bans?key=addr&value=192.0.2.1";
+    assert_eq!(
+        http_request(gw.metrics, "DELETE", lift).await.unwrap().0,
+        401
+    );
+    assert_eq!(
+        http_request_with(gw.metrics, "DELETE", lift, bearer)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    drop(gw);
+
+    let dir = scratch("admin-token-check");
+    let check = |config: &str| {
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, config).unwrap();
+        let out = Command::new(gateway_bin())
+            .arg("--check")
+            .arg("--config")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let open = "[metrics]\nlisten = \"0.0.0.0:9090\"\n[security]\nadmin = true\n";
+    let (code, out) = check(open);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("config error: security.admin"), "{out}");
+    let (code, out) = check(&format!("{open}admin_token = \"s3cret-Token\"\n"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("admin_token = \"(set)\"") && !out.contains("s3cret"),
+        "{out}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
