@@ -105,7 +105,13 @@ fn authorized(req: &Request<Incoming>, admin: &Admin) -> bool {
     };
     req.headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        // The scheme is case-insensitive (RFC 9110, 11.1).
+        .and_then(|v| {
+            let v = v.as_bytes();
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+                .map(|_| &v[7..])
+        })
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }
 

@@ -1292,6 +1292,14 @@ async fn changing_bans_needs_the_admin_token() {
         200
     );
     let lift = "/bans?key=addr&value=192.0.2.1";
+    let lower = "authorization: bearer s3cret-Token\r\n";
+    assert_eq!(
+        http_request_with(gw.metrics, "POST", ban, lower)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
     assert_eq!(
         http_request(gw.metrics, "DELETE", lift).await.unwrap().0,
         401
