@@ -558,10 +558,8 @@ pub(crate) struct Security {
     pub(crate) close_on_ban: bool,
     /// Whether `POST /bans` and `DELETE /bans` on the metrics endpoint change bans.
     pub(crate) admin: bool,
-    /// The bearer token those need; empty: none (loopback only). `--check` prints it
-    /// masked.
-    #[serde(serialize_with = "masked")]
-    pub(crate) admin_token: String,
+    /// The bearer token the admin paths need; empty: none (loopback only).
+    pub(crate) admin_token: Secret,
     /// Networks the detector never counts for (CIDR notation).
     pub(crate) exempt: Vec<String>,
     /// Networks refused at once (CIDR notation).
@@ -590,7 +588,7 @@ impl Default for Security {
             max_bans: 100_000,
             close_on_ban: true,
             admin: false,
-            admin_token: String::new(),
+            admin_token: Secret::default(),
             exempt: Vec::new(),
             deny: Vec::new(),
             deny_file: String::new(),
@@ -825,10 +823,17 @@ impl Config {
         } else {
             None
         };
+        let token = self.security.admin_token.expose();
+        if !token.is_empty() && (token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(ConfigError::new(
+                "security.admin_token",
+                "must be at least 16 visible ASCII characters, no spaces",
+            ));
+        }
         // Bans writable by anyone who reaches the metrics endpoint: only on loopback.
         if let Some(addr) = metrics_listen.filter(|_| self.security.enabled && self.security.admin)
-            && !addr.ip().is_loopback()
-            && self.security.admin_token.is_empty()
+            && !addr.ip().to_canonical().is_loopback()
+            && token.is_empty()
         {
             return Err(ConfigError::new(
                 "security.admin",
@@ -1241,9 +1246,30 @@ fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         })
 }
 
-/// A secret as `--check` prints it: `""` when unset, else `"(set)"`.
-fn masked<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if secret.is_empty() { "" } else { "(set)" })
+/// A secret of the configuration: read as a string, printed by `--check` as `"(set)"`
+/// (or `""` when unset), and by `Debug` as `Secret(..)`, so that no log or dump of the
+/// configuration shows it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that checks it.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "(set)" })
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// The largest `security.deny_file` read.

@@ -234,8 +234,9 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
             let admin = metrics_http::Admin {
                 security: built.security.clone(),
                 writable: c.security.admin,
-                token: (!c.security.admin_token.is_empty())
-                    .then(|| Arc::from(c.security.admin_token.as_str())),
+                token: Some(c.security.admin_token.expose())
+                    .filter(|t| !t.is_empty())
+                    .map(Arc::from),
             };
             tokio::spawn(metrics_http::serve(listener, prometheus, ready, admin));
             Some(bound)

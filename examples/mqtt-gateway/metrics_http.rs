@@ -15,9 +15,14 @@
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
-//!   `client_id`); otherwise those answer `403`. With `security.admin_token` set they
-//!   need `Authorization: Bearer <token>` (else `401`); without one, the gateway
-//!   refuses to start with `admin = true` on a metrics address beyond loopback. An address stands for its client's
+//!   `client_id`); otherwise those answer `403`.
+//! - `/events` and `/bans` answer no browser: a request with an `Origin` header gets
+//!   `403` (a page open on this host could otherwise post a ban), and so does one
+//!   addressed to a name other than `localhost` without `security.admin_token` (a page
+//!   that rebinds its own name to this address could otherwise read them). With the
+//!   token set, both need `Authorization: Bearer <token>` (else `401`); without one,
+//!   the gateway refuses to start with `admin = true` on a metrics address beyond
+//!   loopback. An address stands for its client's
 //!   network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for its /64
 //!   by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR
 //!   notation (`198.51.100.0/24`) bans or lifts that network.
@@ -86,7 +91,7 @@ pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
 }
 
 /// What `/events` and `/bans` serve.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct Admin {
     pub(crate) security: Option<Security>,
     /// Whether `POST /bans` and `DELETE /bans` may change the bans.
@@ -95,9 +100,19 @@ pub(crate) struct Admin {
     pub(crate) token: Option<Arc<str>>,
 }
 
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("security", &self.security.is_some())
+            .field("writable", &self.writable)
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
 /// Whether `req` carries `Authorization: Bearer <token>` for `admin`'s token (always,
 /// when there is none). Compared in constant time: a wrong guess tells nothing of how
-/// close it came.
+/// close it came but whether its length was right.
 fn authorized(req: &Request<Incoming>, admin: &Admin) -> bool {
     use subtle::ConstantTimeEq as _;
     let Some(token) = &admin.token else {
@@ -113,6 +128,27 @@ fn authorized(req: &Request<Incoming>, admin: &Admin) -> bool {
                 .map(|_| &v[7..])
         })
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
+}
+
+/// Whether `req`'s `Host` is an IP address or `localhost` (with or without a port), or
+/// absent: not a name a page could have rebound to this address.
+fn addressed_by_ip(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(hyper::header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// The most events one `/events` answer holds.
@@ -160,6 +196,29 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
     let Some(security) = &admin.security else {
         return Some(text(StatusCode::NOT_FOUND, "security is off\n"));
     };
+    if req.headers().contains_key(hyper::header::ORIGIN) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "not from a browser: the request has an Origin header\n",
+        ));
+    }
+    if admin.token.is_none() && !addressed_by_ip(req) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "address this endpoint by IP or localhost (or set security.admin_token)\n",
+        ));
+    }
+    if !authorized(req, admin) {
+        let mut res = text(
+            StatusCode::UNAUTHORIZED,
+            "/events and /bans need Authorization: Bearer <security.admin_token>\n",
+        );
+        res.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return Some(res);
+    }
     let bad = |why: &str| text(StatusCode::BAD_REQUEST, format!("{why}\n"));
     let to_json = |v: Result<String, serde_json::Error>| match v {
         Ok(body) => json(StatusCode::OK, body),
@@ -180,17 +239,6 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             StatusCode::FORBIDDEN,
             "bans are read-only here (security.admin = false)\n",
         ),
-        ("/bans", &Method::POST | &Method::DELETE) if !authorized(req, admin) => {
-            let mut res = text(
-                StatusCode::UNAUTHORIZED,
-                "changing bans needs Authorization: Bearer <security.admin_token>\n",
-            );
-            res.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
-            res
-        }
         ("/bans", &Method::POST) => {
             let key = match ban_key(req, security) {
                 Ok(key) => key,

@@ -306,7 +306,7 @@ async fn http_request_with(
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: gateway\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -1261,86 +1261,133 @@ async fn denied_networks_from_the_config_and_a_file_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `security.admin_token`: changing bans needs it as a bearer token (401 without it or
-/// with another), reading them does not; `--check` prints it masked, and `admin = true`
-/// on a metrics address beyond loopback without a token is a config error.
+/// `security.admin_token`: `/bans` and `/events` need it as a bearer token (401 without
+/// it, with another or without the scheme); a browser's request (an `Origin` header) is
+/// refused even with it. `--check` prints it masked; a short token, and `admin = true`
+/// on a metrics address beyond loopback without a token (from the file or `--metrics`),
+/// are config errors.
 #[tokio::test]
-async fn changing_bans_needs_the_admin_token() {
-    let config = "[security]\nadmin = true\nadmin_token = \"s3cret-Token\"\n";
-    let gw = Gateway::start("admin-token", config, &[]).await;
-    let ban = "/bans?key=addr&value=192.0.2.1&for=10m";
-    for headers in [
-        "",
-        "Authorization: Bearer s3cret-Tokem\r\n",
-        "Authorization: s3cret-Token\r\n",
-    ] {
-        let (status, body) = http_request_with(gw.metrics, "POST", ban, headers)
+async fn the_admin_paths_need_the_admin_token_and_refuse_browsers() {
+    const TOKEN: &str = "s3cret-Token-0123456";
+    let config = format!("[security]\nadmin = true\nadmin_token = \"{TOKEN}\"\n");
+    let gw = Gateway::start("admin-token", &config, &[]).await;
+    let status = |method: &'static str, path: &'static str, headers: String| async move {
+        let (status, body) = http_request_with(gw.metrics, method, path, &headers)
             .await
             .unwrap();
-        assert_eq!(status, 401, "{headers:?}: {body}");
+        (status, body)
+    };
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    let ban = "/bans?key=addr&value=192.0.2.1&for=10m";
+    let wrong = [
+        String::new(),
+        "Authorization: Bearer s3cret-Token-0123457\r\n".to_owned(),
+        "Authorization: Bearer s3cret\r\n".to_owned(),
+        format!("Authorization: {TOKEN}\r\n"),
+    ];
+    for headers in wrong.clone() {
+        assert_eq!(
+            status("POST", ban, headers.clone()).await.0,
+            401,
+            "{headers:?}"
+        );
+        assert_eq!(
+            status("GET", "/events", headers.clone()).await.0,
+            401,
+            "{headers:?}"
+        );
     }
     assert_eq!(
-        http_get(gw.metrics, "/bans").await.unwrap(),
+        status("GET", "/bans", bearer.clone()).await,
         (200, "[]".into())
     );
-    let bearer = "Authorization: Bearer s3cret-Token\r\n";
-    assert_eq!(
-        http_request_with(gw.metrics, "POST", ban, bearer)
-            .await
-            .unwrap()
-            .0,
-        200
-    );
+    assert_eq!(status("POST", ban, bearer.clone()).await.0, 200);
+    let lower = format!("authorization: bearer {TOKEN}\r\n");
+    assert_eq!(status("POST", ban, lower).await.0, 200);
+    let browser = format!("{bearer}Origin: http://evil.example\r\n");
     let lift = "/bans?key=addr&value=192.0.2.1";
-    let lower = "authorization: bearer s3cret-Token\r\n";
-    assert_eq!(
-        http_request_with(gw.metrics, "POST", ban, lower)
-            .await
-            .unwrap()
-            .0,
-        200
-    );
-    assert_eq!(
-        http_request(gw.metrics, "DELETE", lift).await.unwrap().0,
-        401
-    );
-    assert_eq!(
-        http_request_with(gw.metrics, "DELETE", lift, bearer)
-            .await
-            .unwrap()
-            .0,
-        200
+    assert_eq!(status("DELETE", lift, browser).await.0, 403);
+    assert_eq!(status("DELETE", lift, wrong[0].clone()).await.0, 401);
+    assert_eq!(status("DELETE", lift, bearer.clone()).await.0, 200);
+    let (code, body) = status("GET", "/events", bearer).await;
+    assert!(
+        code == 200 && body.contains("\"kind\":\"ban\""),
+        "{code} {body}"
     );
     drop(gw);
 
     let dir = scratch("admin-token-check");
-    let check = |config: &str| {
+    let check = |config: &str, args: &[&str]| {
         let file = dir.join("gateway.toml");
         std::fs::write(&file, config).unwrap();
         let out = Command::new(gateway_bin())
             .arg("--check")
             .arg("--config")
             .arg(&file)
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
     };
-    let open = "[metrics]\nlisten = \"0.0.0.0:9090\"\n[security]\nadmin = true\n";
-    let (code, out) = check(open);
-    assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("config error: security.admin"), "{out}");
-    let (code, out) = check(&format!("{open}admin_token = \"s3cret-Token\"\n"));
+    let admin = "[security]\nadmin = true\n";
+    for (config, args) in [
+        (
+            format!("[metrics]\nlisten = \"0.0.0.0:9090\"\n{admin}"),
+            &[][..],
+        ),
+        (admin.to_owned(), &["--metrics", "[::]:9090"][..]),
+    ] {
+        let (code, out) = check(&config, args);
+        assert_eq!(code, Some(2), "{config} {args:?}: {out}");
+        assert!(out.contains("config error: security.admin"), "{out}");
+    }
+    let token = format!("admin_token = \"{TOKEN}\"\n");
+    let (code, out) = check(&format!("{admin}{token}"), &["--metrics", "0.0.0.0:9090"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("admin_token = \"(set)\"") && !out.contains("s3cret"),
         "{out}"
     );
+    let (code, out) = check(&format!("{admin}admin_token = \"short\"\n"), &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("config error: security.admin_token"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Without a token, `/bans` and `/events` answer only requests addressed to an IP or
+/// `localhost`: a page that rebinds its own name to this address cannot read them.
+#[tokio::test]
+async fn without_a_token_the_admin_paths_answer_only_an_ip_or_localhost() {
+    let gw = Gateway::start("admin-host", "[security]\nadmin = true\n", &[]).await;
+    let port = gw.metrics.port();
+    for (host, expected) in [
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("localhost:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+        ("127.0.0.1".to_owned(), 200),
+        (format!("rebound.example:{port}"), 403),
+        ("rebound.example".to_owned(), 403),
+    ] {
+        let raw = format!("GET /bans HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let mut s = TcpStream::connect(gw.metrics).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).await.unwrap();
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {expected} ")),
+            "{host}: {got}"
+        );
+    }
+    // /metrics is for any scraper, whatever its Host.
+    let raw = "GET /metrics HTTP/1.1\r\nHost: prometheus.example\r\nConnection: close\r\n\r\n";
+    let mut s = TcpStream::connect(gw.metrics).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).await.unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
 }
 
 #[test]
