@@ -120,12 +120,13 @@ fn authorized(req: &Request<Incoming>, admin: &Admin) -> bool {
     };
     req.headers()
         .get(hyper::header::AUTHORIZATION)
-        // The scheme is case-insensitive (RFC 9110, 11.1).
+        // The scheme is case-insensitive, and one or more spaces follow it (RFC 9110,
+        // 11.1 and 11.4).
         .and_then(|v| {
             let v = v.as_bytes();
-            v.get(..7)
-                .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
-                .map(|_| &v[7..])
+            let (scheme, rest) = v.split_at_checked(6)?;
+            let token = rest.trim_ascii_start();
+            (scheme.eq_ignore_ascii_case(b"bearer") && token.len() < rest.len()).then_some(token)
         })
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }

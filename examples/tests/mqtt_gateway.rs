@@ -1284,6 +1284,7 @@ async fn the_admin_paths_need_the_admin_token_and_refuse_browsers() {
         "Authorization: Bearer s3cret-Token-0123457\r\n".to_owned(),
         "Authorization: Bearer s3cret\r\n".to_owned(),
         format!("Authorization: {TOKEN}\r\n"),
+        format!("Authorization: Bearer{TOKEN}\r\n"),
     ];
     for headers in wrong.clone() {
         assert_eq!(
@@ -1302,7 +1303,7 @@ async fn the_admin_paths_need_the_admin_token_and_refuse_browsers() {
         (200, "[]".into())
     );
     assert_eq!(status("POST", ban, bearer.clone()).await.0, 200);
-    let lower = format!("authorization: bearer {TOKEN}\r\n");
+    let lower = format!("authorization: bearer   {TOKEN}\r\n");
     assert_eq!(status("POST", ban, lower).await.0, 200);
     let browser = format!("{bearer}Origin: http://evil.example\r\n");
     let lift = "/bans?key=addr&value=192.0.2.1";
