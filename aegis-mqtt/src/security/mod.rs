@@ -755,15 +755,13 @@ impl Security {
             let Ok(left) = ban.until.duration_since(SystemTime::now()) else {
                 continue;
             };
-            let key = ban.key.normalized();
-            if left.is_zero()
-                || !self.with_bans(|t, now| t.insert(key.clone(), now, left, ban.reason))
+            if !left.is_zero()
+                && self
+                    .place(&ban.key.normalized(), left, ban.reason, None)
+                    .is_some()
             {
-                continue;
+                restored += 1;
             }
-            self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
-            self.close_open(&key, None);
-            restored += 1;
         }
         restored
     }
@@ -879,14 +877,10 @@ impl Security {
     ) -> bool {
         let key = key.normalized();
         let duration = duration.min(MAX_BAN);
-        let inserted =
-            self.with_bans(|t, now| t.insert(key.clone(), now, duration, cause.as_str()));
-        if !inserted {
+        let Some(closed) = self.place(&key, duration, cause.as_str(), spared) else {
             return false;
-        }
+        };
         metrics::banned(key.kind(), cause.as_str());
-        self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
-        let closed = self.close_open(&key, spared);
         let mut details = match threshold {
             Some(n) => format!(
                 "{key} banned for {duration:?}: more than {n} {} in {:?}",
@@ -909,6 +903,25 @@ impl Security {
             ),
         );
         true
+    }
+
+    /// Puts the (normalized) `key` in place for `duration` with `reason`, and closes the
+    /// open connections it matches but `spared`; returns how many, or `None` when the
+    /// table takes no bans (`max_bans(0)`). Neither logs nor counts the ban.
+    fn place(
+        &self,
+        key: &BanKey,
+        duration: Duration,
+        reason: &'static str,
+        spared: Option<&ConnCtx>,
+    ) -> Option<usize> {
+        if !self.with_bans(|t, now| t.insert(key.clone(), now, duration, reason)) {
+            return None;
+        }
+        // Before the pass: a connection admitted meanwhile checks its address again
+        // once it is kept (`track_admitted`).
+        self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
+        Some(self.close_open(key, spared))
     }
 
     /// Keeps `ctx` among the open connections a ban closes, unless built with
@@ -1001,16 +1014,11 @@ impl Security {
     /// The `SecurityLayer`'s check of a new connection: `false` (and a `rejection`
     /// event) if its address is banned, or is banned now for this connect.
     fn admit(&self, addr: SocketAddr) -> Result<(), SecurityError> {
-        if self.is_denied(addr.ip()) {
-            return Err(SecurityError::Denied);
-        }
         let who = Who {
             addr: Some(addr),
             ..Who::default()
         };
-        if self.refused_as_banned(&BanKey::host(addr.ip()), &who) {
-            return Err(SecurityError::Banned);
-        }
+        self.refused(&who, addr)?;
         // This connection is not open yet: no need to spare it.
         let key = self.addr_key(addr.ip());
         if !self.count(std::slice::from_ref(&key), Cause::Connects, &who, None) {
@@ -1023,23 +1031,27 @@ impl Security {
         Err(SecurityError::Banned)
     }
 
-    /// Whether the address `key` (a host key: any ban of a network that holds it counts)
-    /// is banned; when it is, logs the refusal if it is due (at most once a second per
-    /// ban).
-    fn refused_as_banned(&self, key: &BanKey, who: &Who) -> bool {
-        if self.no_bans() {
-            return false;
+    /// Refuses `addr` (`who`'s) if it is denied, or banned (by any ban of a network that
+    /// holds it); a refusal as banned is logged if it is due (at most once a second per
+    /// ban), one as denied never.
+    fn refused(&self, who: &Who, addr: SocketAddr) -> Result<(), SecurityError> {
+        if self.is_denied(addr.ip()) {
+            return Err(SecurityError::Denied);
         }
-        let details = match self.with_bans(|t, now| t.refusal(key, now)) {
-            Refusal::NotBanned => return false,
-            Refusal::Quiet => return true,
+        if self.no_bans() {
+            return Ok(());
+        }
+        let host = BanKey::host(addr.ip());
+        let details = match self.with_bans(|t, now| t.refusal(&host, now)) {
+            Refusal::NotBanned => return Ok(()),
+            Refusal::Quiet => return Err(SecurityError::Banned),
             Refusal::Log { quiet: 0 } => "client address is banned".to_owned(),
             Refusal::Log { quiet } => format!(
                 "client address is banned ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
             ),
         };
         self.emit_banned(who, details);
-        true
+        Err(SecurityError::Banned)
     }
 
     fn emit_banned(&self, who: &Who, details: String) {
@@ -1089,17 +1101,12 @@ impl Security {
     /// [`SecurityError::Banned`] (as a counted [`Rejected`]) when the address is banned,
     /// [`SecurityError::Denied`] when it is in the deny list.
     pub fn refuse_banned(&self, addr: SocketAddr) -> Result<(), aegis_core::BoxError> {
-        if self.is_denied(addr.ip()) {
-            return Err(aegis_core::error::reject(SecurityError::Denied).into());
-        }
         let who = Who {
             addr: Some(addr),
             ..Who::default()
         };
-        if self.refused_as_banned(&BanKey::host(addr.ip()), &who) {
-            return Err(aegis_core::error::reject(SecurityError::Banned).into());
-        }
-        Ok(())
+        self.refused(&who, addr)
+            .map_err(|e| aegis_core::error::reject(e).into())
     }
 
     /// Whether any of `keys` is banned; when one is, whether the refusal is logged
