@@ -10,7 +10,7 @@
 //! loss. The format is the JSON array `/bans` serves.
 
 use std::fmt;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,21 +25,11 @@ const MAX_LEN: u64 = 128 << 20;
 /// yet.
 pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Option<usize>, String> {
     let err = |e: &dyn fmt::Display| format!("security.bans_file {}: {e}", path.display());
-    // Checked before opening: opening a FIFO would wait for a writer.
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(err(&"not a regular file")),
+    let text = match crate::config::read_bounded(path, MAX_LEN) {
+        Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(&e)),
-    }
-    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
-    let mut text = String::new();
-    file.take(MAX_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| err(&e))?;
-    if text.len() as u64 > MAX_LEN {
-        return Err(err(&format_args!("longer than {MAX_LEN} bytes")));
-    }
+    };
     let mut de = serde_json::Deserializer::from_str(&text);
     let bans = Latest(max).deserialize(&mut de).map_err(|e| err(&e))?;
     de.end().map_err(|e| err(&e))?;

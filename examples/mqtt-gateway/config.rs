@@ -1272,6 +1272,27 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The text of the regular file at `path`, if it holds at most `max` bytes. Anything
+/// but a regular file is refused before it is opened (opening a FIFO would wait for a
+/// writer); a longer file is an error, read no further than `max + 1` bytes.
+pub(crate) fn read_bounded(path: &std::path::Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("longer than {max} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 /// The largest `security.deny_file` read.
 const MAX_DENY_FILE: u64 = 64 << 20;
 
@@ -1279,16 +1300,9 @@ const MAX_DENY_FILE: u64 = 64 << 20;
 /// (one address), as blocklists are written; blank lines and what follows `#` or `;` are
 /// skipped. The error names the line that is neither.
 fn deny_file(path: &str) -> Result<Vec<ClientKey>, ConfigError> {
-    use std::io::Read as _;
     let err = |why: String| ConfigError::new("security.deny_file", format!("{path}: {why}"));
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let mut text = String::new();
-    file.take(MAX_DENY_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| err(e.to_string()))?;
-    if text.len() as u64 > MAX_DENY_FILE {
-        return Err(err(format!("longer than {MAX_DENY_FILE} bytes")));
-    }
+    let text =
+        read_bounded(std::path::Path::new(path), MAX_DENY_FILE).map_err(|e| err(e.to_string()))?;
     let mut nets = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let entry = line.split(['#', ';']).next().unwrap_or_default().trim();

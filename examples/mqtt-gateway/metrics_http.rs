@@ -137,19 +137,13 @@ fn addressed_by_ip(req: &Request<Incoming>) -> bool {
     let Some(host) = req.headers().get(hyper::header::HOST) else {
         return true;
     };
-    let Ok(host) = host.to_str() else {
+    // `http` parses the authority (`[::1]:9090`, `localhost`), as hyper does a URI's.
+    let Ok(host) = hyper::http::uri::Authority::try_from(host.as_bytes()) else {
         return false;
     };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => {
-            return v6
-                .split(']')
-                .next()
-                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
-        }
-        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+    let name = host.host();
+    let ip = name.strip_prefix('[').and_then(|v6| v6.strip_suffix(']'));
+    name.eq_ignore_ascii_case("localhost") || ip.unwrap_or(name).parse::<std::net::IpAddr>().is_ok()
 }
 
 /// The most events one `/events` answer holds.
