@@ -70,8 +70,8 @@ impl BanKey {
     ///     "addr:192.0.2.1/32"
     /// );
     /// ```
-    pub const fn addr(ip: IpAddr) -> Self {
-        Self::Addr(KeyBy::new(32, 64).key(ip))
+    pub fn addr(ip: IpAddr) -> Self {
+        Self::Addr(KeyBy::default().key(ip))
     }
 
     /// The key of `ip` alone (`/32` or `/128`): what a connection's address is checked

@@ -424,7 +424,7 @@ impl Default for SecurityBuilder {
             max_tracked: 100_000,
             max_bans: 100_000,
             close_on_ban: true,
-            key_by: KeyBy::new(32, 64),
+            key_by: KeyBy::default(),
             exempt: Vec::new(),
             deny: Vec::new(),
         }
