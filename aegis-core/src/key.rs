@@ -59,10 +59,7 @@ impl ClientKey {
 
     /// `ip` alone: `/32` or `/128` (an IPv4-mapped IPv6 address as its IPv4 address).
     pub const fn host(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => Self::v4(v4, 32),
-            IpAddr::V6(v6) => Self::v6(v6, 128),
-        }
+        KeyBy::new(32, 128).key(ip)
     }
 
     /// `prefix` must be at most 32.
