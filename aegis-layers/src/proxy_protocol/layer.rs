@@ -18,6 +18,15 @@ pub enum HeaderMode {
     Required,
     /// A trusted peer may also connect without a header (its client address is then the
     /// peer), for example while a load balancer is being switched over.
+    ///
+    /// **It lets clients choose their address** while any trusted peer forwards without
+    /// a header of its own: the first bytes of such a connection are the client's, and a
+    /// client that starts them with `PROXY TCP4 198.51.100.9 ...` is then believed, past
+    /// per-client limits and bans, in another client's name. The specification says a
+    /// receiver "must not try to guess whether the protocol header is present". Use it
+    /// only for the time of a switch-over, with the trusted networks narrowed to the
+    /// proxies that already send headers, or where the clients behind the trusted peers
+    /// are trusted too.
     Optional,
 }
 

@@ -22,7 +22,7 @@
 //! | peer | first bytes | result |
 //! |---|---|---|
 //! | trusted | a valid header | accepted; client = header source (`LOCAL`/`UNKNOWN`: the peer) |
-//! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`]) |
+//! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`], which lets such a peer's clients send a header of their own: read its warning) |
 //! | trusted | a bad, long, slow or cut-off header | rejected `invalid`, `too_long`, `timeout` or `eof` |
 //! | untrusted | a PROXY signature (`PROXY ` or the v2 signature) | rejected `untrusted`, never parsed |
 //! | untrusted | anything else, or silence, or EOF | passed on untouched, client = peer |

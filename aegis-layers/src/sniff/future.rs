@@ -49,7 +49,11 @@ impl<I> Detect<I> {
             io: Some(io),
             buf: Vec::new(),
             max_prefix,
-            deadline: Instant::now() + timeout,
+            // As `tokio::time::sleep` does, a timeout past what an `Instant` holds
+            // (`Duration::MAX` for "never") waits some thirty years instead of panicking.
+            deadline: Instant::now()
+                .checked_add(timeout)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365 * 30)),
             sleep: None,
         }
     }
@@ -218,5 +222,19 @@ mod tests {
         let big_io = std::mem::size_of::<ResponseFuture<[u64; 64], (), Small>>();
         assert_eq!(small_io, big_io, "the stream is stored inline");
         assert!(big_io <= 32, "{big_io} bytes");
+    }
+
+    /// `Duration::MAX`, a user's "no timeout", is no panic: detection still decides on
+    /// the bytes that come.
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_past_any_instant_waits_instead_of_panicking() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let detect = Detect::new(server, 1024, Duration::MAX);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c")
+            .await
+            .unwrap();
+        let (detection, prefix, _io) = detect.await.unwrap();
+        assert_eq!(detection, Detection::mqtt(4));
+        assert_eq!(&prefix[..2], b"\x10\x0c");
     }
 }

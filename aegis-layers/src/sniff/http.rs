@@ -40,6 +40,11 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// each connection. When a request's headers are read, the connection's [`Handshake`]
 /// is marked complete, so a deadline layer outside switches to its idle timeout.
 ///
+/// That idle timeout (the slowloris layer's `idle_timeout_after_handshake`, off by
+/// default) is then all that limits a request *body* sent a byte at a time: nothing here
+/// times a body, and hyper only discards bodies the service does not read. A service
+/// that reads bodies should set that idle timeout, or time its own reads of the body.
+///
 /// Parse errors, oversized headers and header timeouts end the connection with an
 /// [`HttpError`] (counted in `aegis_rejections_total{layer="http"}`; hyper has already
 /// answered `431` or `400` where it could).
