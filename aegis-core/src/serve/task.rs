@@ -102,6 +102,14 @@ impl Cap {
     }
 }
 
+/// The connection tasks of a [`Registry`]: an abort handle per task, under an id that
+/// tells a task from a later one given the same slab key.
+#[derive(Debug, Default)]
+struct Tasks {
+    slab: Slab<(u64, Option<AbortHandle>)>,
+    next_id: u64,
+}
+
 /// Open connections: this loop's permits (its open connections, which a drain waits
 /// for), the cap shared with other loops if any, an abort handle per connection task,
 /// and the connection metrics' handles.
@@ -110,7 +118,7 @@ pub(crate) struct Registry {
     permits: Semaphore,
     max: usize,
     shared: Option<ConnectionCap>,
-    tasks: Mutex<Slab<AbortHandle>>,
+    tasks: Mutex<Tasks>,
     epoch: Instant,
     metrics: ConnMetrics,
 }
@@ -129,7 +137,7 @@ impl Registry {
             permits: Semaphore::new(max),
             max,
             shared,
-            tasks: Mutex::new(Slab::new()),
+            tasks: Mutex::new(Tasks::default()),
             epoch: Instant::now(),
             metrics: ConnMetrics::register(),
         })
@@ -172,23 +180,38 @@ impl Registry {
         }
         self.metrics.active.increment(1);
         let started_ms = self.now_ms();
-        // The lock is held across the spawn so that a task that ends at once removes
-        // its entry only after it was inserted.
-        let mut tasks = self.tasks.lock();
-        let entry = tasks.vacant_entry();
-        let Ok(key) = u32::try_from(entry.key()) else {
+        // The entry goes in before the spawn and gets its handle after it, without the
+        // lock held across: tokio drops a task spawned onto a runtime that is shutting
+        // down at once, on this thread, and its `Slot` then takes the lock to leave.
+        let (key, id) = {
+            let mut tasks = self.tasks.lock();
+            let id = tasks.next_id;
+            tasks.next_id += 1;
+            (tasks.slab.insert((id, None)), id)
+        };
+        let Ok(key) = u32::try_from(key) else {
             // More than 4 billion open connections cannot happen below the cap.
-            drop(tasks);
+            self.tasks.lock().slab.remove(key);
             self.release();
             return None;
         };
         let slot = Slot {
             reg: Arc::clone(self),
             key,
+            id,
             started_ms,
         };
-        let handle = tokio::spawn(make(slot));
-        entry.insert(handle.abort_handle());
+        let handle = tokio::spawn(make(slot)).abort_handle();
+        // Unless the task has ended already (and its key gone to another).
+        if let Some((_, place)) = self
+            .tasks
+            .lock()
+            .slab
+            .get_mut(key as usize)
+            .filter(|(owner, _)| *owner == id)
+        {
+            *place = Some(handle);
+        }
         Some(())
     }
 
@@ -200,7 +223,9 @@ impl Registry {
 
     /// Aborts every connection task still open.
     pub(crate) fn abort_all(&self) {
-        let handles: Vec<AbortHandle> = self.tasks.lock().iter().map(|(_, h)| h.clone()).collect();
+        let handles: Vec<AbortHandle> = (self.tasks.lock().slab.iter())
+            .filter_map(|(_, (_, h))| h.clone())
+            .collect();
         for h in handles {
             h.abort();
         }
@@ -293,6 +318,8 @@ pub(crate) struct Slot {
     reg: Arc<Registry>,
     key: u32,
     started_ms: u32,
+    /// Tells this connection's entry from a later one under the same `key`.
+    id: u64,
 }
 
 impl Slot {
@@ -305,7 +332,17 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.reg.tasks.lock().try_remove(self.key as usize);
+        {
+            let mut tasks = self.reg.tasks.lock();
+            let key = self.key as usize;
+            if tasks
+                .slab
+                .get(key)
+                .is_some_and(|(owner, _)| *owner == self.id)
+            {
+                tasks.slab.remove(key);
+            }
+        }
         self.reg.release();
     }
 }
@@ -432,6 +469,34 @@ mod tests {
             let labels = [("outcome", label)];
             assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &labels), 1, "{outcome:?}");
         }
+    }
+
+    /// tokio drops a task spawned onto a runtime that is shutting down at once, on the
+    /// spawning thread: the connection's `Slot` then leaves the registry while `spawn` is
+    /// still running. It must not wait for a lock `spawn` holds (a hang on SIGTERM).
+    #[test]
+    fn a_spawn_onto_a_runtime_shutting_down_frees_its_place() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.handle().clone();
+        let reg = rt.block_on(async { Registry::new(Cap::Own(4)) });
+        drop(rt);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _runtime = handle.enter();
+            let spawned = reg.spawn(|slot| async move { drop(slot) });
+            tx.send((spawned, reg.open(), reg.tasks.lock().slab.len()))
+        });
+        // A guard against the hang, not a wait for an event: the thread answers at once
+        // or never.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(
+            got,
+            Ok((Some(()), 0, 0)),
+            "spawn deadlocked or leaked its place"
+        );
     }
 
     /// A service as large as a deep layer stack, whose future is small.
