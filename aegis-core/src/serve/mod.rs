@@ -126,12 +126,19 @@ pub struct Serve<L, S> {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Shutdown {
     aborted: usize,
+    cancelled: bool,
 }
 
 impl Shutdown {
     /// Whether every connection ended by itself within the drain timeout.
     pub const fn drained(&self) -> bool {
-        self.aborted == 0
+        self.aborted == 0 && !self.cancelled
+    }
+
+    /// Whether the runtime shut down under the accept loop: there was no drain, and the
+    /// connections still open were dropped with the runtime's tasks, uncounted.
+    pub const fn cancelled(&self) -> bool {
+        self.cancelled
     }
 
     /// How many connections were still open at the drain deadline and were aborted.
@@ -384,13 +391,7 @@ where
             signal,
             close,
         };
-        let report = match (&mut tasks.task).await {
-            Ok(report) => report,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Only a runtime that is shutting down cancels the loop's task; whatever
-            // awaits this future is being dropped with it.
-            Err(e) => panic!("the accept loop was cancelled: {e}"),
-        };
+        let report = report_of((&mut tasks.task).await);
         // The loop stops only once the signal's task has sent or dropped `fire`, at its
         // very end (it may still be unwinding): wait for that end, to resume a panic.
         if let Some(signal) = tasks.signal.as_mut() {
@@ -402,6 +403,24 @@ where
         }
         report
     })
+}
+
+/// The loop task's report. A panic resumes here; a task cancelled, which only a runtime
+/// shutting down does, is a [`Shutdown::cancelled`] report, not a panic: the future
+/// awaiting it may be polled by another worker of that runtime, during an ordinary
+/// shutdown.
+fn report_of(joined: Result<Shutdown, tokio::task::JoinError>) -> Shutdown {
+    match joined {
+        Ok(report) => report,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => {
+            tracing::warn!("the runtime shut down under the accept loop: no drain");
+            Shutdown {
+                aborted: 0,
+                cancelled: true,
+            }
+        }
+    }
 }
 
 /// A listener the accept loop's task and the future waiting for it share, so that
@@ -603,11 +622,29 @@ where
         registry.closed().await;
         open
     };
-    Shutdown { aborted }
+    Shutdown {
+        aborted,
+        cancelled: false,
+    }
 }
 
 /// Errors that concern one connection, not the listener: retry at once.
 fn is_connection_error(e: &io::Error) -> bool {
+    // Linux's accept(2) also passes on the pending connection's own network errors,
+    // "and the application should treat them like EAGAIN by retrying".
+    #[cfg(target_os = "linux")]
+    const PASSED_ON: [i32; 8] = [
+        71,  // EPROTO
+        92,  // ENOPROTOOPT
+        112, // EHOSTDOWN
+        64,  // ENONET
+        113, // EHOSTUNREACH
+        95,  // EOPNOTSUPP
+        101, // ENETUNREACH
+        100, // ENETDOWN
+    ];
+    #[cfg(not(target_os = "linux"))]
+    const PASSED_ON: [i32; 0] = [];
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted
@@ -615,7 +652,7 @@ fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
-    )
+    ) || e.raw_os_error().is_some_and(|n| PASSED_ON.contains(&n))
 }
 
 /// A fixed label for an accept error.
@@ -654,5 +691,32 @@ mod tests {
         let size = std::mem::size_of::<Task>();
         assert!(size <= 288, "connection task future grew to {size} bytes");
         eprintln!("connection task future: {size} bytes");
+    }
+
+    /// The network errors Linux's accept passes on are the connection's: retried at
+    /// once, not backed off as the listener's would be.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accept_retries_the_network_errors_linux_passes_on() {
+        for errno in [71, 92, 112, 64, 113, 95, 101, 100] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(is_connection_error(&e), "{e}");
+            assert_eq!(accept_error_kind(&e), "connection", "{e}");
+        }
+        for errno in [24, 23, 12, 105, 9] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(!is_connection_error(&e), "{e}");
+        }
+    }
+
+    /// A loop task cancelled by its runtime's shutdown reports so; it does not panic in
+    /// whatever polls the future waiting for it.
+    #[tokio::test]
+    async fn a_cancelled_loop_is_a_report_not_a_panic() {
+        let task = tokio::spawn(std::future::pending::<Shutdown>());
+        task.abort();
+        let report = report_of(task.await);
+        assert!(report.cancelled() && !report.drained(), "{report:?}");
+        assert_eq!(report.aborted(), 0);
     }
 }
