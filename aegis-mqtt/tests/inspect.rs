@@ -251,12 +251,18 @@ fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
             ok.clone(),
         ]
         .concat();
-        let r = send(&layer, bytes).await;
+        let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+        let r = run(&layer, bytes, connack.clone()).await;
         assert_eq!(forwarded(&r), [connect_v5("c1"), ok].concat());
-        // A payload rule: 0x99 "payload format invalid"; a topic rule: 0x87.
+        // A payload rule: 0x99 "payload format invalid"; a topic rule: 0x87. After the
+        // broker's CONNACK: the server's first packet is its CONNACK [MQTT-3.2.0-1].
         assert_eq!(
             r.got,
-            [0x40, 0x03, 0x12, 0x34, 0x99, 0x50, 0x03, 0x00, 0x07, 0x87]
+            [
+                connack,
+                vec![0x40, 0x03, 0x12, 0x34, 0x99, 0x50, 0x03, 0x00, 0x07, 0x87]
+            ]
+            .concat()
         );
         // Without `v5_publish_answer`, dropped silently, as over a rate limit.
         let layer =

@@ -61,9 +61,26 @@ type Seen = (Vec<u8>, Result<(), io::ErrorKind>);
 
 /// Serves one loopback connection through the layer; returns the client side, the
 /// service's result, what the inner service saw (if it was called) and the handshake.
+/// The inner service writes nothing: no CONNACK.
 async fn serve(
     layer: MqttLayer,
     client_bytes: Vec<u8>,
+) -> (Vec<u8>, Result<(), BoxError>, Option<Seen>, bool) {
+    serve_with(layer, client_bytes, false).await
+}
+
+/// [`serve`], with an inner service that accepts the CONNECT first, as a broker would.
+async fn serve_accepted(
+    layer: MqttLayer,
+    client_bytes: Vec<u8>,
+) -> (Vec<u8>, Result<(), BoxError>, Option<Seen>, bool) {
+    serve_with(layer, client_bytes, true).await
+}
+
+async fn serve_with(
+    layer: MqttLayer,
+    client_bytes: Vec<u8>,
+    connack: bool,
 ) -> (Vec<u8>, Result<(), BoxError>, Option<Seen>, bool) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -85,6 +102,9 @@ async fn serve(
     let inner = service_fn(move |mut io: MqttIo<Tracked<Conn<TcpStream>>>| {
         let tx = tx.clone();
         async move {
+            if connack {
+                io.write_all(&connack_accepting(&io)).await?;
+            }
             let mut seen = Vec::new();
             let mut chunk = [0u8; 7]; // small reads: packets come out in pieces
             let end = loop {
@@ -204,16 +224,23 @@ async fn invalid_later_packet_never_reaches_the_inner_service() {
 
 #[tokio::test]
 async fn v5_later_violation_gets_a_disconnect_then_close() {
-    // topic alias 0: a protocol error, DISCONNECT 0x82
+    // topic alias 0: a protocol error, DISCONNECT 0x82 after the broker's CONNACK
     let bad = B::new().s("x").props(&[0x23, 0, 0]).frame(0x30);
     let bytes = [connect_v5(), bad].concat();
-    let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
+    let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes.clone()).await;
     assert!(result.is_ok());
     assert_eq!(
         seen.unwrap(),
         (connect_v5(), Err(io::ErrorKind::InvalidData))
     );
-    assert_eq!(answer, [0xE0, 0x02, 0x82, 0x00]);
+    assert_eq!(
+        answer,
+        [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
+    );
+    // Before any CONNACK: a CONNACK with that reason code, never a DISCONNECT
+    // [MQTT-3.14.0-1]; the broker's CONNACK never goes out after it.
+    let (answer, ..) = serve(MqttLayer::default(), bytes).await;
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
 }
 
 #[tokio::test]
@@ -315,9 +342,13 @@ async fn enhanced_auth_client_waits_for_the_connack_the_broker_writes() {
     let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
     let accepted = ([c.clone(), publish.clone()].concat(), Ok(()));
     assert_eq!(run(true).await, (accepted, connack));
-    // PUBLISH before the CONNACK: refused with DISCONNECT 0x82
+    // PUBLISH before the CONNACK: refused with CONNACK 0x82, not a DISCONNECT, which
+    // may not come before a CONNACK [MQTT-3.14.0-1]
     let refused = (c.clone(), Err(io::ErrorKind::InvalidData));
-    assert_eq!(run(false).await, (refused, vec![0xE0, 0x02, 0x82, 0x00]));
+    assert_eq!(
+        run(false).await,
+        (refused, vec![0x20, 0x03, 0x00, 0x82, 0x00])
+    );
 }
 
 #[tokio::test]
@@ -410,6 +441,22 @@ async fn the_small_cap_holds_until_the_connack() {
 /// Runs the client's writes (with pauses) against a broker that reads everything;
 /// returns what the broker read, how its reading ended, what the client got, and how
 /// long the reading took.
+/// A broker's CONNACK accepting the client of `io`, for its version.
+fn connack_accepting<I>(io: &MqttIo<I>) -> Vec<u8> {
+    if io.session().version() == Some(aegis_mqtt::Version::V5) {
+        CONNACK_V5.to_vec()
+    } else {
+        CONNACK_V4.to_vec()
+    }
+}
+
+const CONNACK_V4: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+const CONNACK_V5: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
+
+/// Serves a duplex connection whose client writes `writes` (each after its pause) and
+/// whose broker accepts the CONNECT, then reads to the end; returns what the broker
+/// read and how its reading ended, what the client got after the broker's CONNACK
+/// (asserting that it came first), and how long it all took.
 async fn rate_run(layer: MqttLayer, writes: Vec<(Duration, Vec<u8>)>) -> (Seen, Vec<u8>, Duration) {
     let (mut client, server) = tokio::io::duplex(8192);
     let client_task = tokio::spawn(async move {
@@ -424,6 +471,8 @@ async fn rate_run(layer: MqttLayer, writes: Vec<(Duration, Vec<u8>)>) -> (Seen, 
         got
     });
     let inner = service_fn(|mut io: MqttIo<Conn<tokio::io::DuplexStream>>| async move {
+        // The broker accepts the CONNECT: what the layer answers later follows it.
+        io.write_all(&connack_accepting(&io)).await?;
         let mut seen = Vec::new();
         let end = io
             .read_to_end(&mut seen)
@@ -440,7 +489,10 @@ async fn rate_run(layer: MqttLayer, writes: Vec<(Duration, Vec<u8>)>) -> (Seen, 
     let start = tokio::time::Instant::now();
     let seen = layer.layer(inner).oneshot(io).await.unwrap();
     let took = tokio::time::Instant::now().saturating_duration_since(start);
-    (seen, client_task.await.unwrap(), took)
+    let got = client_task.await.unwrap();
+    assert_eq!(got.first(), Some(&0x20), "the CONNACK came first: {got:?}");
+    let connack = 2 + usize::from(got[1]);
+    (seen, got[connack..].to_vec(), took)
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -108,13 +108,39 @@ async fn run(
     }
 }
 
-/// All at once, no broker output.
+/// All at once; the broker accepts the CONNECT ([`connack_for`]) and writes nothing
+/// more.
 async fn send(layer: &MqttLayer<Policy>, peer: &str, bytes: Vec<u8>) -> Run {
-    run(layer, peer, vec![(Duration::ZERO, bytes)], (vec![], vec![])).await
+    let connack = connack_for(&bytes);
+    run(
+        layer,
+        peer,
+        vec![(Duration::ZERO, bytes)],
+        (connack, vec![]),
+    )
+    .await
+}
+
+/// The broker's CONNACK accepting the CONNECT at the start of `bytes` (whose protocol
+/// level is its ninth byte in these tests' short CONNECTs): the gateway's own answers
+/// may only follow a CONNACK [MQTT-3.2.0-1].
+fn connack_for(bytes: &[u8]) -> Vec<u8> {
+    if bytes[8] == 5 {
+        vec![0x20, 0x03, 0x00, 0x00, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x00]
+    }
 }
 
 fn layer(policy: Policy) -> MqttLayer<Policy> {
     MqttLayer::new(Config::new()).policy(policy)
+}
+
+/// What the client got after the broker's CONNACK (asserting that it came first): the
+/// gateway's answers.
+fn after_connack(got: &[u8]) -> &[u8] {
+    assert_eq!(got.first(), Some(&0x20), "the CONNACK came first: {got:?}");
+    &got[2 + usize::from(got[1])..]
 }
 
 /// What the inner service read, asserting that it was called and read to a clean end.
@@ -193,12 +219,16 @@ async fn qos0_publish_over_the_limit_is_dropped_and_the_rest_forwarded_byte_exac
         // One second later the budget has refilled.
         (Duration::from_secs(1), p3.clone()),
     ];
-    let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
+    let broker = (connack_for(&connect_v4("c1")), vec![]);
+    let r = run(&layer, "192.0.2.1:1", writes, broker).await;
     assert_eq!(
         forwarded(&r),
         [connect_v4("c1"), p1, PINGREQ.to_vec(), p3].concat()
     );
-    assert!(r.got.is_empty(), "nothing is answered to a QoS 0 PUBLISH");
+    assert!(
+        after_connack(&r.got).is_empty(),
+        "nothing is answered to a QoS 0 PUBLISH"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -218,7 +248,7 @@ async fn qos1_and_qos2_over_the_limit_are_dropped_silently_by_default() {
     .concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     assert_eq!(forwarded(&r), [connect_v5("c1"), ok].concat());
-    assert!(r.got.is_empty());
+    assert!(after_connack(&r.got).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -244,7 +274,7 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
         [connect_v5("c1"), ok, PINGREQ.to_vec()].concat()
     );
     assert_eq!(
-        r.got,
+        after_connack(&r.got),
         [0x40, 0x03, 0x12, 0x34, 0x97, 0x50, 0x03, 0x00, 0x07, 0x97]
     );
     // MQTT 3.1.1 has no such reason code: dropped silently even with the answer on.
@@ -256,7 +286,7 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
     .concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     assert_eq!(forwarded(&r), [connect_v4("c2"), publish_v4(b"a")].concat());
-    assert!(r.got.is_empty());
+    assert!(after_connack(&r.got).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -273,7 +303,7 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
         forwarded(&r),
         [connect_v4("c1"), subscribe(false, 1)].concat()
     );
-    assert_eq!(r.got, [0x90, 0x04, 0x00, 0x02, 0x80, 0x80]);
+    assert_eq!(after_connack(&r.got), [0x90, 0x04, 0x00, 0x02, 0x80, 0x80]);
     // 5.0: an empty property list, then one 0x97 per filter.
     let bytes = [
         connect_v5("c2"),
@@ -286,7 +316,52 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
         forwarded(&r),
         [connect_v5("c2"), subscribe(true, 1)].concat()
     );
-    assert_eq!(r.got, [0x90, 0x05, 0x01, 0x02, 0x00, 0x97, 0x97]);
+    assert_eq!(
+        after_connack(&r.got),
+        [0x90, 0x05, 0x01, 0x02, 0x00, 0x97, 0x97]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_wait_for_the_brokers_connack() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let connack = vec![0x20, 0x02, 0x00, 0x00];
+    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    // The SUBSCRIBE is dropped before the broker has answered the CONNECT: its SUBACK
+    // follows the broker's CONNACK, the server's first packet [MQTT-3.2.0-1].
+    let late = (vec![], connack.clone());
+    let r = run(
+        &layer,
+        "192.0.2.1:1",
+        vec![(Duration::ZERO, bytes.clone())],
+        late,
+    )
+    .await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4("c1"), subscribe(false, 1)].concat()
+    );
+    assert_eq!(
+        r.got,
+        [connack, vec![0x90, 0x04, 0x00, 0x02, 0x80, 0x80]].concat()
+    );
+    // With no CONNACK at all, no answer.
+    let r = send_unanswered(&layer, bytes).await;
+    assert!(
+        r.got.is_empty(),
+        "an answer before any CONNACK: {:?}",
+        r.got
+    );
+}
+
+/// All at once, the broker writing nothing.
+async fn send_unanswered(layer: &MqttLayer<Policy>, bytes: Vec<u8>) -> Run {
+    let writes = vec![(Duration::ZERO, bytes)];
+    run(layer, "192.0.2.1:1", writes, (vec![], vec![])).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -383,7 +458,7 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
     let (seen, end) = r.seen.unwrap();
     assert_eq!(seen, [connect_v5("c1"), PINGREQ.repeat(2)].concat());
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
-    assert_eq!(r.got, [0xE0, 0x02, 0x96, 0x00]);
+    assert_eq!(after_connack(&r.got), [0xE0, 0x02, 0x96, 0x00]);
     // A PUBLISH over the same tier is dropped, not refused; acks are never limited.
     let puback = vec![0x40, 0x02, 0x00, 0x01];
     let bytes = [
@@ -402,7 +477,10 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
         [connect_v4("c2"), PINGREQ.to_vec(), publish_v4(b"a"), puback].concat()
     );
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
-    assert!(r.got.is_empty(), "3.1.1 has no DISCONNECT from the server");
+    assert!(
+        after_connack(&r.got).is_empty(),
+        "3.1.1 has no DISCONNECT from the server"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -460,7 +538,7 @@ fn drops_answers_and_refusals_are_counted() {
             ]
             .concat();
             let r = send(&layer, "192.0.2.1:1", bytes).await;
-            assert_eq!(r.got.len(), 5 + 7);
+            assert_eq!(r.got.len(), 5 + 5 + 7);
             // A SUBSCRIBE whose SUBACK is over the answer queue's bound: dropped without
             // an answer (the CONNACK lifts the small cap before the CONNACK).
             let filters = (0..17_000).fold(B::new().u16(9).props(&[]), |b, _| b.s("a").u8(0));

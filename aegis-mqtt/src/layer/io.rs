@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
 use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict, poll_write_answer};
-use crate::{Connect, Decoded, MqttError, Next, Phase, Session};
+use crate::{Connect, Decoded, MqttError, Next, Phase, Session, Version};
 
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
@@ -614,7 +614,13 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
         let answers = policy.answers();
         // Answers start only at a boundary, and the broker writes nothing until they
         // are out, so a started answer is never cut by the broker's bytes.
-        if answers.is_none() || !self.out.at_boundary() || self.writes == Writes::Closed {
+        // Nor before the CONNACK: the server's first packet is its CONNACK
+        // [MQTT-3.2.0-1]; they follow the broker's.
+        if answers.is_none()
+            || !self.out.at_boundary()
+            || !self.out.connack_seen
+            || self.writes == Writes::Closed
+        {
             return Poll::Ready(());
         }
         while let Some(queued) = answers.as_deref() {
@@ -654,6 +660,17 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                     park(&mut r.read_waker, cx);
                     if answers.is_pending() || !self.out.at_boundary() {
                         return Poll::Pending;
+                    }
+                    if !self.out.connack_seen {
+                        // Nothing of the broker's CONNACK went out, and now none will. An
+                        // MQTT 5 client gets the CONNACK for `e` in place of a DISCONNECT,
+                        // which may not come before a CONNACK [MQTT-3.14.0-1]; a 3.x
+                        // client's connection just closes, as after its CONNACK.
+                        self.out.connack_seen = true;
+                        if self.session.version() == Some(Version::V5) {
+                            let answer = e.answer(Phase::Connect(Some(Version::V5))).bytes();
+                            r.answer = (!answer.is_empty()).then_some((answer, 0));
+                        }
                     }
                     if let Some((answer, written)) = &mut r.answer {
                         std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
