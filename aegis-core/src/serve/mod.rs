@@ -135,6 +135,14 @@ impl Shutdown {
         self.aborted == 0 && !self.cancelled
     }
 
+    /// The report of a drain that aborted `aborted` connections at its deadline.
+    const fn after_drain(aborted: usize) -> Self {
+        Self {
+            aborted,
+            cancelled: false,
+        }
+    }
+
     /// Whether the runtime shut down under the accept loop: there was no drain, and the
     /// connections still open were dropped with the runtime's tasks, uncounted.
     pub const fn cancelled(&self) -> bool {
@@ -622,10 +630,7 @@ where
         registry.closed().await;
         open
     };
-    Shutdown {
-        aborted,
-        cancelled: false,
-    }
+    Shutdown::after_drain(aborted)
 }
 
 /// Errors that concern one connection, not the listener: retry at once.
