@@ -229,6 +229,33 @@ fn a_blocked_qos0_publish_never_reaches_the_broker_and_the_next_clean_one_does()
     );
 }
 
+#[tokio::test]
+async fn a_blocked_publish_setting_a_topic_alias_ends_the_connection() {
+    let inspector = Inspector::builder()
+        .default_rules()
+        .topics(TopicRule::new(ClientMatch::Any).deny("admin/#"))
+        .build()
+        .unwrap();
+    let layer = layer(inspector);
+    let alias = |topic: &str, payload: &[u8]| publish_v5(0, 0, topic, &[0x23, 0, 1], payload);
+    // CONNACK: success, Topic Alias Maximum 10.
+    let connack = B::new().u8(0).u8(0).props(&[0x22, 0, 10]).frame(0x20);
+    let first = alias("t", b"{}");
+    // A topic rule, then a payload rule: DISCONNECT 0x87 either way, and nothing after
+    // the blocked PUBLISH reaches the broker (its alias-only successor would go to "t").
+    for blocked in [alias("admin/x", b"{}"), alias("u", b"'; DROP TABLE x")] {
+        let bytes = [connect_v5("c1"), first.clone(), blocked, alias("", b"z")].concat();
+        let r = run(&layer, bytes, connack.clone()).await;
+        let (seen, end) = r.seen.as_ref().expect("the inner service ran");
+        assert_eq!(*seen, [connect_v5("c1"), first.clone()].concat());
+        assert_eq!(*end, Err(io::ErrorKind::InvalidData));
+        assert_eq!(
+            r.got,
+            [connack.clone(), vec![0xE0, 0x02, 0x87, 0x00]].concat()
+        );
+    }
+}
+
 #[test]
 fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
     let ((), snap) = testing::run(true, || async {
@@ -429,20 +456,23 @@ async fn topic_aliases_are_followed_as_the_broker_knows_them() {
         connect_v5("c1"),
         set_ok.clone(),
         use_ok.clone(),
-        // Blocked; the broker never learns alias 2, and neither does the gateway...
-        publish_v5(0, 0, "secret/x", &[0x23, 0, 2], b"c"),
-        // ...so its use is blocked too, as is re-pointing alias 1 at a denied topic.
+        // An alias the broker was never told of: blocked (dropped), the session goes on.
         publish_v5(0, 0, "", &[0x23, 0, 2], b"d"),
+        use_ok.clone(),
+        // Re-pointing alias 1 at a denied topic: the broker would keep "open" for it and
+        // deliver the next alias-only PUBLISH there, so the connection ends (0x87).
         publish_v5(0, 0, "secret/y", &[0x23, 0, 1], b"e"),
         use_ok.clone(),
     ]
     .concat();
     let r = run(&layer, bytes, connack.clone()).await;
-    assert_eq!(r.got, connack);
+    assert_eq!(r.got, [connack, vec![0xE0, 0x02, 0x87, 0x00]].concat());
+    let (seen, end) = r.seen.as_ref().expect("the inner service ran");
     assert_eq!(
-        forwarded(&r),
+        *seen,
         [connect_v5("c1"), set_ok, use_ok.clone(), use_ok].concat()
     );
+    assert_eq!(*end, Err(io::ErrorKind::InvalidData));
 }
 
 #[test]

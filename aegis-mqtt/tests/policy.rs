@@ -323,6 +323,61 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
+    let layer = layer(
+        Policy::builder()
+            .publish_per_client(Quota::per_minute(nz(1)))
+            .v5_publish_answer(true)
+            .build(),
+    );
+    // Alias 1 for "a", forwarded; alias 1 set again to "b", over the limit: dropped, the
+    // broker would deliver the next alias-only PUBLISH to "a".
+    let alias = |topic: &str, payload: &[u8]| {
+        B::new()
+            .s(topic)
+            .props(&[0x23, 0, 1])
+            .raw(payload)
+            .frame(0x30)
+    };
+    let first = alias("a", b"x");
+    let bytes = [
+        connect_v5("c1"),
+        first.clone(),
+        alias("b", b"y"),
+        alias("", b"z"),
+    ]
+    .concat();
+    // CONNACK: success, Topic Alias Maximum 10.
+    let connack = B::new().u8(0).u8(0).props(&[0x22, 0, 10]).frame(0x20);
+    let send = |bytes| {
+        run(
+            &layer,
+            "192.0.2.1:1",
+            vec![(Duration::ZERO, bytes)],
+            (connack.clone(), vec![]),
+        )
+    };
+    let r = send(bytes).await;
+    let (seen, end) = r.seen.as_ref().expect("the inner service ran");
+    assert_eq!(*seen, [connect_v5("c1"), first].concat());
+    assert_eq!(*end, Err(io::ErrorKind::InvalidData));
+    assert_eq!(after_connack(&r.got), [0xE0, 0x02, 0x96, 0x00]);
+    // Only using an alias, over the limit: dropped, the connection goes on.
+    let bytes = [
+        connect_v5("c2"),
+        alias("a", b"x"),
+        alias("", b"y"),
+        PINGREQ.to_vec(),
+    ]
+    .concat();
+    let r = send(bytes).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v5("c2"), alias("a", b"x"), PINGREQ.to_vec()].concat()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn answers_wait_for_the_brokers_connack() {
     let layer = layer(
         Policy::builder()

@@ -20,8 +20,21 @@
 //! DUP, after it reconnects), or, for MQTT 5 with
 //! [`v5_publish_answer`](PolicyBuilder::v5_publish_answer), answered by the gateway with
 //! PUBACK `40 03 ID ID 97` (`QoS` 1) or PUBREC `50 03 ID ID 97` (`QoS` 2), reason 0x97
-//! "quota exceeded", which ends that message's flow. Every other packet is forwarded
-//! byte-exact. Acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP), DISCONNECT and AUTH
+//! "quota exceeded", which ends that message's flow. Each `QoS` 1 or 2 PUBLISH
+//! dropped without an answer holds one of the client's in-flight slots (a 3.x client
+//! library's in-flight limit, MQTT 5's Receive Maximum) until it reconnects: after as
+//! many drops as that window (often 10 to 20), the client sends no more `QoS` 1 or 2
+//! messages, and nothing tells it why. For MQTT 5 clients, turn on
+//! `v5_publish_answer`; for 3.x, keep the publish tier's burst above what a client
+//! legitimately sends.
+//!
+//! An MQTT 5 PUBLISH that *sets* a Topic Alias (a topic name and an alias) is never
+//! dropped: the broker would not learn the alias, and would deliver the client's next
+//! PUBLISH on it to the alias's old topic (or end the connection for an unknown
+//! alias). Over a limit it ends the connection instead (`message_rate`, DISCONNECT
+//! 0x96); blocked by inspection too (`not_authorized` or `payload_blocked`, DISCONNECT
+//! 0x87). A PUBLISH that only uses an alias is dropped as any other. Every other packet
+//! is forwarded byte-exact. Acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP), DISCONNECT and AUTH
 //! are never limited and count in no tier: they answer the broker or end the session.
 //!
 //! With `PolicyBuilder::inspect` (feature `inspect`), a PUBLISH within the
@@ -47,8 +60,8 @@
 //!
 //! # Answers from the gateway
 //!
-//! The gateway's own SUBACK, PUBACK and PUBREC go out between two of the broker's
-//! packets, as the layer's DISCONNECT does: they wait in a queue of at most
+//! The gateway's own SUBACK, PUBACK and PUBREC go out after the broker's CONNACK and
+//! between two of the broker's packets, as the layer's DISCONNECT does: they wait in a queue of at most
 //! [`MAX_QUEUED_ANSWERS`] bytes while the broker is inside a packet, and are written at
 //! the connection's next read or write. A client whose answers overflow the queue is over
 //! any sane limit: its packet is dropped without an answer and counted in
@@ -547,6 +560,17 @@ impl ConnPolicy {
             IdKey::Anonymous(_) => "",
         };
         let client_addr = self.addr;
+        if let Packet::Publish(p) = packet {
+            if sets_alias(p) {
+                tracing::debug!(
+                    client_id = ?client_id,
+                    client_addr = %client_addr,
+                    reason = over.label(),
+                    "mqtt PUBLISH setting a topic alias over the policy's limits: refused"
+                );
+                return Verdict::Refuse(MqttError::MessageRate);
+            }
+        }
         let answer = match packet {
             Packet::Publish(p) => {
                 let v5_answer = tiers.v5_publish_answer && self.version == Version::V5;
@@ -644,10 +668,21 @@ impl ConnPolicy {
             }
             return Verdict::Forward;
         }
+        let by_topic = outcome
+            .blocked_by()
+            .is_some_and(|hit| !hit.kind().is_payload());
+        if sets_alias(p) {
+            return Verdict::Refuse(if by_topic {
+                MqttError::NotAuthorized
+            } else {
+                MqttError::PayloadBlocked
+            });
+        }
         metrics::dropped("publish", "inspection");
-        let reason = match outcome.blocked_by() {
-            Some(hit) if !hit.kind().is_payload() => encode::reason::NOT_AUTHORIZED,
-            _ => encode::reason::PAYLOAD_FORMAT_INVALID,
+        let reason = if by_topic {
+            encode::reason::NOT_AUTHORIZED
+        } else {
+            encode::reason::PAYLOAD_FORMAT_INVALID
         };
         let v5_answer = tiers.v5_publish_answer && *version == Version::V5;
         if let Some((kind, bytes)) = pub_answer(v5_answer, p, reason) {
@@ -672,6 +707,15 @@ const fn pub_refusal(first: u8, packet_id: u16, reason: u8) -> [u8; 5] {
 
 /// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
 /// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
+/// Whether `p` sets an MQTT 5 Topic Alias (a topic name with an alias). Such a PUBLISH
+/// is never dropped: the broker would not learn the alias and would deliver the
+/// client's next PUBLISH on it (an empty topic name) to the alias's old topic, or end
+/// the connection for an unknown alias. Over a limit or blocked, it ends the
+/// connection instead.
+fn sets_alias(p: &crate::Publish<'_>) -> bool {
+    p.topic_alias.is_some() && !p.topic.is_empty()
+}
+
 fn pub_answer(
     v5_answer: bool,
     p: &crate::Publish<'_>,
