@@ -320,3 +320,37 @@ async fn a_connect_refused_by_the_timeout_never_reaches_a_late_reader() {
     let err = conn.await.unwrap().unwrap_err();
     assert_eq!(find::<MqttError>(&*err), Some(&MqttError::ConnackTimeout));
 }
+
+/// An authenticator's time is its own, not the broker's: a check that takes twice the
+/// CONNACK timeout, then a broker that answers in half of it, gets the client in, and
+/// the round trip reported is the broker's alone.
+#[cfg(feature = "auth")]
+#[tokio::test(start_paused = true)]
+async fn an_authenticators_time_is_not_on_the_connack_clock() {
+    use aegis_mqtt::auth::{AuthLayer, Credentials, Decision};
+    let slow_allow = service_fn(|_: Credentials| async {
+        tokio::time::sleep(TIMEOUT * 2).await;
+        Ok::<_, std::convert::Infallible>(Decision::Allow)
+    });
+    let auth = AuthLayer::new(slow_allow).timeout(TIMEOUT * 3);
+    let rtts = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&rtts);
+    let layer = MqttLayer::default()
+        .connack_timeout(TIMEOUT)
+        .connack_latency(ConnackLatency::new(move |d| seen.lock().push(d)));
+    let broker = service_fn(|io: Io| broker(io, Some(TIMEOUT / 2), V3_ANSWERS));
+    let svc = layer.layer(auth.layer(broker));
+    let (mut client, server) = tokio::io::duplex(1024);
+    let conn: JoinHandle<_> = tokio::spawn(svc.oneshot(duplex_conn(server)));
+    client.write_all(&connect_v4()).await.unwrap();
+    let mut got = vec![0; V3_ACCEPTED.len()];
+    let read = tokio::time::timeout(GIVE_UP, client.read_exact(&mut got));
+    read.await.expect("no answer at all").unwrap();
+    assert_eq!(
+        got, V3_ACCEPTED,
+        "the gateway answered instead of the broker"
+    );
+    drop(client);
+    let _ = conn.await.unwrap();
+    assert_eq!(*rtts.lock(), [TIMEOUT / 2]);
+}

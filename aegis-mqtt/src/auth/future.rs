@@ -140,11 +140,13 @@ where
                     client_addr,
                 } => {
                     let outcome = ready!(check.as_mut().poll(cx));
-                    let io = io
+                    let mut io = io
                         .take()
                         .expect("auth ResponseFuture polled after completion");
                     if let Ok(Decision::Allow) = outcome {
                         tracing::trace!(?client_id, %client_addr, "auth: CONNECT allowed");
+                        // The check's time is not the broker's.
+                        io.restart_connack_clock();
                         let mut svc = svc
                             .take()
                             .expect("auth ResponseFuture polled after completion");

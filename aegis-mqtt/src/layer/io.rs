@@ -116,6 +116,8 @@ struct ConnackWatch {
     /// When the broker's CONNACK is due, with the layer's `connack_timeout`; `None` once
     /// it went out or the timeout fired.
     due: Option<Instant>,
+    /// The layer's `connack_timeout`, for a clock started again.
+    timeout: Option<Duration>,
     /// The CONNACK timer: created on the first read, never reset; dropped with `due`.
     timer: Option<Pin<Box<Sleep>>>,
     /// The waker the timer last registered: every read checks the timer, and while the
@@ -315,6 +317,7 @@ impl ConnackWatch {
             latency: latency.map(|l| (l, now)),
             // A timeout too long to add is no timeout.
             due: timeout.and_then(|t| now.checked_add(t)),
+            timeout,
             timer: None,
             timer_waker: None,
             on_timeout,
@@ -362,6 +365,30 @@ impl<I> MqttIo<I> {
         }
         // Validated when the layer accepted it; parsing it again cannot fail.
         crate::validate_connect(&self.ready, self.session.config()).ok()
+    }
+
+    /// Starts the CONNECT to CONNACK clock again from now: the layer's `connack_timeout`
+    /// and the round trip its `connack_latency` reports. For a service inside the layer
+    /// that decides on the CONNECT before handing it on, such as this crate's
+    /// authenticator, whose time is its own and not the broker's. Does nothing once the
+    /// CONNECT has been read or a CONNACK has gone out.
+    pub fn restart_connack_clock(&mut self) {
+        if !self.connect_unread || self.out.connack_seen {
+            return;
+        }
+        let Some(w) = &mut self.connack else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some((_, since)) = &mut w.latency {
+            *since = now;
+        }
+        if w.due.is_some() {
+            w.due = w.timeout.and_then(|t| now.checked_add(t));
+            // Armed again, for the new deadline, on the next read.
+            w.timer = None;
+            w.timer_waker = None;
+        }
     }
 
     /// Records a refusal: counts it and prepares the MQTT 5 DISCONNECT (sent once the

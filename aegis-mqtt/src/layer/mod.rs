@@ -125,7 +125,8 @@
 //! handshakes completed by the kernel: the connect succeeds, a circuit breaker around the
 //! connector counts a success, and the client waits for a CONNACK that never comes.
 //! [`MqttLayer::connack_timeout`] bounds that wait, from the moment the validated CONNECT
-//! goes to the inner service: if the broker's CONNACK has not started going out by then,
+//! goes to the inner service (behind this crate's authenticator, from its decision:
+//! [`MqttIo::restart_connack_clock`]): if the broker's CONNACK has not started going out by then,
 //! the gateway writes `20 02 00 03` (3.1 / 3.1.1) or `20 03 00 88 00` (5.0) itself, fails
 //! the read with [`MqttError::ConnackTimeout`](crate::MqttError::ConnackTimeout)
 //! (`aegis_rejections_total{layer="mqtt", reason="connack_timeout"}`), and from then on
@@ -286,7 +287,8 @@ pub(crate) type OnConnackTimeout = Hook<()>;
 
 /// Receives the CONNECT to CONNACK round trip of each accepted connection: from the
 /// moment the inner service is called with the validated CONNECT (it connects to the
-/// broker and forwards it) to the moment the broker's CONNACK is written to the client.
+/// broker and forwards it; behind this crate's authenticator, from its decision) to the
+/// moment the broker's CONNACK is written to the client.
 ///
 /// Set with [`MqttLayer::connack_latency`]. This is the latency an adaptive controller
 /// should watch in a byte-stream stack, where one call lasts a whole connection: feed it
