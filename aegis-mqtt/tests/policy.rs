@@ -304,6 +304,25 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
         [connect_v4("c1"), subscribe(false, 1)].concat()
     );
     assert_eq!(after_connack(&r.got), [0x90, 0x04, 0x00, 0x02, 0x80, 0x80]);
+    // 3.1: its SUBACK has no failure code, so the connection is refused.
+    let connect_v31 = head("MQIsdp", 3, 0x02).s("c3").frame(0x10);
+    let bytes = [
+        connect_v31.clone(),
+        subscribe(false, 1),
+        subscribe(false, 2),
+    ]
+    .concat();
+    let r = run(
+        &layer,
+        "192.0.2.1:1",
+        vec![(Duration::ZERO, bytes)],
+        (vec![0x20, 0x02, 0x00, 0x00], vec![]),
+    )
+    .await;
+    let (seen, end) = r.seen.as_ref().expect("the inner service ran");
+    assert_eq!(*seen, [connect_v31, subscribe(false, 1)].concat());
+    assert_eq!(*end, Err(io::ErrorKind::InvalidData));
+    assert!(after_connack(&r.got).is_empty(), "{:?}", r.got);
     // 5.0: an empty property list, then one 0x97 per filter.
     let bytes = [
         connect_v5("c2"),

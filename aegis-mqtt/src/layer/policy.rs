@@ -11,7 +11,7 @@
 //! |---|---|---|---|---|
 //! | `connect` | [`connect_per_addr`](PolicyBuilder::connect_per_addr) | client address ([`KeyBy`]) | valid CONNECTs | CONNACK `20 02 00 05` (3.x) / `20 03 00 9F 00` (5.0), close (`connect_rate`) |
 //! | `publish` | [`publish_per_client`](PolicyBuilder::publish_per_client) | client id | PUBLISH | dropped (see below) |
-//! | `subscribe` | [`subscribe_per_client`](PolicyBuilder::subscribe_per_client) | client id | SUBSCRIBE | SUBACK from the gateway, 0x80 (3.x) / 0x97 (5.0) per filter, not forwarded |
+//! | `subscribe` | [`subscribe_per_client`](PolicyBuilder::subscribe_per_client) | client id | SUBSCRIBE | SUBACK from the gateway, 0x80 (3.1.1) / 0x97 (5.0) per filter, not forwarded; 3.1, whose SUBACK has no failure code: close (`message_rate`) |
 //! | `packets` | [`packets_per_client`](PolicyBuilder::packets_per_client) | client id | PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ | as above; UNSUBSCRIBE and PINGREQ: close (`message_rate`, 5.0: DISCONNECT 0x96) |
 //! | `bytes` | [`bytes_per_client`](PolicyBuilder::bytes_per_client) | client id | the whole packet's length, in cells | as for `packets` |
 //!
@@ -560,6 +560,17 @@ impl ConnPolicy {
             IdKey::Anonymous(_) => "",
         };
         let client_addr = self.addr;
+        if matches!(packet, Packet::Subscribe(_)) && self.version == Version::V3_1 {
+            // MQTT 3.1's SUBACK grants a QoS per filter and has no failure code (0x80
+            // came with 3.1.1): a 3.1 client over the limit is refused.
+            tracing::debug!(
+                client_id = ?client_id,
+                client_addr = %client_addr,
+                reason = over.label(),
+                "mqtt 3.1 SUBSCRIBE over the policy's limits: refused"
+            );
+            return Verdict::Refuse(MqttError::MessageRate);
+        }
         if let Packet::Publish(p) = packet {
             if sets_alias(p) {
                 tracing::debug!(
