@@ -560,27 +560,14 @@ impl ConnPolicy {
             IdKey::Anonymous(_) => "",
         };
         let client_addr = self.addr;
-        if matches!(packet, Packet::Subscribe(_)) && self.version == Version::V3_1 {
-            // MQTT 3.1's SUBACK grants a QoS per filter and has no failure code (0x80
-            // came with 3.1.1): a 3.1 client over the limit is refused.
+        if let Some(why) = cannot_drop(packet, self.version) {
             tracing::debug!(
                 client_id = ?client_id,
                 client_addr = %client_addr,
                 reason = over.label(),
-                "mqtt 3.1 SUBSCRIBE over the policy's limits: refused"
+                "mqtt {why} over the policy's limits: refused"
             );
             return Verdict::Refuse(MqttError::MessageRate);
-        }
-        if let Packet::Publish(p) = packet {
-            if sets_alias(p) {
-                tracing::debug!(
-                    client_id = ?client_id,
-                    client_addr = %client_addr,
-                    reason = over.label(),
-                    "mqtt PUBLISH setting a topic alias over the policy's limits: refused"
-                );
-                return Verdict::Refuse(MqttError::MessageRate);
-            }
         }
         let answer = match packet {
             Packet::Publish(p) => {
@@ -718,6 +705,18 @@ const fn pub_refusal(first: u8, packet_id: u16, reason: u8) -> [u8; 5] {
 
 /// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
 /// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
+/// Why `packet`, over a limit, cannot be dropped with an answer and must end the
+/// connection instead, if it cannot: MQTT 3.1's SUBACK has no failure code (0x80 came
+/// with 3.1.1), and a PUBLISH that sets a Topic Alias must reach the broker
+/// ([`sets_alias`]).
+fn cannot_drop(packet: &Packet<'_>, version: Version) -> Option<&'static str> {
+    match packet {
+        Packet::Subscribe(_) if version == Version::V3_1 => Some("3.1 SUBSCRIBE"),
+        Packet::Publish(p) if sets_alias(p) => Some("PUBLISH setting a topic alias"),
+        _ => None,
+    }
+}
+
 /// Whether `p` sets an MQTT 5 Topic Alias (a topic name with an alias). Such a PUBLISH
 /// is never dropped: the broker would not learn the alias and would deliver the
 /// client's next PUBLISH on it (an empty topic name) to the alias's old topic, or end
