@@ -681,6 +681,37 @@ fn static_auth_refuses_plain_text_with_its_line() {
     ));
 }
 
+#[test]
+fn static_auth_refuses_users_with_other_argon2_parameters() {
+    // Argon2's defaults (m=19456, t=2), then the `argon2` tool's (argon2i, m=4096, t=3):
+    // an unknown user's check could not cost what both users' checks cost.
+    const DEFAULT: &str = "$argon2id$v=19$m=19456,t=2,p=1$bcApkbUtaybh7kdFzZIOgQ$AMiJikT93HQQclhe+ZjOzwSoVPivp5uvtKyNiJvL1Ck";
+    const CLI: &str =
+        "$argon2i$v=19$m=4096,t=3,p=1$c29tZXNhbHQ$iWh06vD8Fy27wf9npn6FXWiCX4K6pW6Ue1Bnzz07Z8A";
+    let refused = |text: &str| match StaticAuth::parse(text) {
+        Err(StaticAuthError::Line { line, reason }) => (line, reason),
+        other => panic!("{other:?}"),
+    };
+    let (line, reason) = refused(&format!("alice:{DEFAULT}\n# c\nbob:{CLI}\n"));
+    assert_eq!(line, 3);
+    assert!(reason.contains("argon2 parameters differ"), "{reason}");
+    assert_eq!(refused(&format!("bob:{CLI}\nalice:{DEFAULT}\n")).0, 2);
+    // Only t differs; then only the output length (a 16-byte hash).
+    let t2 = "$argon2i$v=19$m=4096,t=2,p=1$c29tZXNhbHQ$iWh06vD8Fy27wf9npn6FXWiCX4K6pW6Ue1Bnzz07Z8A";
+    assert_eq!(refused(&format!("bob:{CLI}\ncarol:{t2}\n")).0, 2);
+    let short = "$argon2i$v=19$m=4096,t=3,p=1$c29tZXNhbHQ$iWh06vD8Fy27wf9npn6FXQ";
+    assert_eq!(refused(&format!("bob:{CLI}\ncarol:{short}\n")).0, 2);
+    // Parameters argon2 refuses (less than 8 KiB of memory per lane).
+    assert_eq!(
+        refused("dave:$argon2id$v=19$m=4,t=1,p=1$c29tZXNhbHQ$iWh06vD8Fy27wf9npn6FXQ\n"),
+        (1, "invalid argon2 parameters")
+    );
+    // One set of parameters, whatever the salts: loaded.
+    let other_salt = CLI.replace("c29tZXNhbHQ", "b3RoZXJzYWx0");
+    let auth = StaticAuth::parse(&format!("bob:{CLI}\ncarol:{other_salt}\n")).unwrap();
+    assert_eq!(auth.len(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn refusals_are_security_events_and_denials_count_toward_a_ban() {
     use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordVerifier, Version};
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision};
 
-/// An argon2id hash (default parameters) of a password nobody knows: an unknown user is
-/// verified against it, so that the time taken does not tell which users exist.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$bcApkbUtaybh7kdFzZIOgQ$AMiJikT93HQQclhe+ZjOzwSoVPivp5uvtKyNiJvL1Ck";
+/// The password of the dummy hash an unknown user is verified against. It need not be
+/// secret: such a check is denied whatever the password.
+const DUMMY_PASSWORD: &[u8] = b"aegis dummy password";
 
 /// Why a file of users was refused.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +53,51 @@ impl StaticAuthError {
 #[derive(Clone)]
 pub struct StaticAuth {
     users: Arc<HashMap<String, String>>,
+    /// A hash of [`DUMMY_PASSWORD`] with the users' [`Cost`], made at load: an unknown
+    /// user is verified against it, so that the time taken does not tell which users
+    /// exist.
+    dummy: Arc<str>,
+}
+
+/// What verifying against a hash costs: its algorithm, version and parameters (memory,
+/// passes, lanes and output length; key id and associated data too, which cost nothing
+/// but are part of the parameters).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Cost {
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+}
+
+impl Cost {
+    /// The cost of verifying against `hash`, if its parameters are valid.
+    fn of(hash: &PasswordHash<'_>) -> Option<Self> {
+        Some(Self {
+            algorithm: Algorithm::try_from(hash.algorithm).ok()?,
+            // Verification takes a hash without `v=` as the default version, 0x13.
+            version: hash
+                .version
+                .map_or(Ok(Version::default()), Version::try_from)
+                .ok()?,
+            params: Params::try_from(hash).ok()?,
+        })
+    }
+
+    /// A hash of [`DUMMY_PASSWORD`] at this cost, with a random salt.
+    fn dummy(&self) -> Option<String> {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::new(self.algorithm, self.version, self.params.clone())
+            .hash_password(DUMMY_PASSWORD, &salt)
+            .ok()
+            .map(|h| h.to_string())
+    }
 }
 
 impl std::fmt::Debug for StaticAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StaticAuth")
             .field("users", &self.users.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,9 +118,12 @@ impl StaticAuth {
     ///
     /// [`StaticAuthError::Line`] for the first line without a `:`, with an empty user
     /// name, with a hash that is not an argon2 PHC string (such as a plain-text
-    /// password), or naming a user already given.
+    /// password) or has invalid argon2 parameters, with argon2 parameters other than the
+    /// first user's, or naming a user already given.
     pub fn parse(text: &str) -> Result<Self, StaticAuthError> {
         let mut users = HashMap::new();
+        // The first user's cost and line: every other user must have the same.
+        let mut first: Option<(Cost, usize)> = None;
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
             let err = |reason| StaticAuthError::Line {
@@ -107,12 +148,30 @@ impl StaticAuth {
             {
                 return Err(err("not an argon2 password hash"));
             }
+            let cost = Cost::of(&parsed).ok_or(err("invalid argon2 parameters"))?;
+            match &first {
+                None => first = Some((cost, line_no)),
+                Some((c, _)) if *c != cost => {
+                    return Err(err(
+                        "argon2 parameters differ from the first user's (all users must share one set)",
+                    ));
+                }
+                Some(_) => {}
+            }
             if users.insert(user.to_owned(), hash.to_owned()).is_some() {
                 return Err(err("user given twice"));
             }
         }
+        // The dummy costs what a user's hash costs (argon2's defaults for an empty
+        // table, whose checks have nothing to hide).
+        let (cost, line) = first.unwrap_or_default();
+        let dummy = cost.dummy().ok_or(StaticAuthError::Line {
+            line,
+            reason: "cannot hash with these argon2 parameters",
+        })?;
         Ok(Self {
             users: Arc::new(users),
+            dummy: Arc::from(dummy),
         })
     }
 
@@ -146,7 +205,7 @@ impl StaticAuth {
         let (hash, password, real) = match (known, password) {
             (Some(h), Some(p)) => (h.as_str(), p, true),
             // Same work either way: the time does not tell which users exist.
-            (_, p) => (DUMMY_HASH, p.unwrap_or_default(), false),
+            (_, p) => (&*self.dummy, p.unwrap_or_default(), false),
         };
         let verified = PasswordHash::new(hash)
             .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok());
@@ -176,5 +235,63 @@ impl Service<Credentials> for StaticAuth {
             .await
             .map_err(|e| AuthError::Failed(Arc::new(e)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash of `password` with `algorithm` and `m`, `t`, `p`.
+    fn hash(algorithm: Algorithm, m: u32, t: u32, p: u32, password: &[u8]) -> String {
+        let params = Params::new(m, t, p, None).unwrap();
+        Argon2::new(algorithm, Version::V0x13, params)
+            .hash_password(password, &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn the_dummy_has_the_parameters_of_the_users() {
+        // The `argon2` command line tool's defaults: argon2i, m=4096 (-m 12), t=3, p=1.
+        let alice = hash(Algorithm::Argon2i, 4096, 3, 1, b"secret");
+        let bob = hash(Algorithm::Argon2i, 4096, 3, 1, b"hunter2");
+        let auth = StaticAuth::parse(&format!("alice:{alice}\nbob:{bob}\n")).unwrap();
+        let user = PasswordHash::new(&alice).unwrap();
+        let dummy = PasswordHash::new(&auth.dummy).unwrap();
+        assert_eq!(dummy.algorithm.as_str(), "argon2i", "{}", auth.dummy);
+        assert_eq!(dummy.version, Some(0x13));
+        assert_eq!(
+            Params::try_from(&dummy).unwrap(),
+            Params::try_from(&user).unwrap()
+        );
+        assert_eq!(dummy.params.to_string(), "m=4096,t=3,p=1");
+        assert_eq!(dummy.hash.unwrap().len(), user.hash.unwrap().len());
+        assert_eq!(Cost::of(&dummy), Cost::of(&user));
+        // The dummy is a hash of a password no check ever accepts.
+        assert_eq!(
+            auth.verify(Some("carol"), Some(DUMMY_PASSWORD)),
+            Decision::Deny
+        );
+        assert_eq!(auth.verify(Some("alice"), Some(b"secret")), Decision::Allow);
+        // A 64-byte output and p=2 are part of the cost too.
+        let params = Params::new(64, 1, 2, Some(64)).unwrap();
+        let long = Argon2::new(Algorithm::Argon2d, Version::V0x10, params)
+            .hash_password(b"pw", &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string();
+        let auth = StaticAuth::parse(&format!("alice:{long}\n")).unwrap();
+        let dummy = PasswordHash::new(&auth.dummy).unwrap();
+        assert_eq!(dummy.algorithm.as_str(), "argon2d");
+        assert_eq!(dummy.version, Some(0x10));
+        assert_eq!(dummy.params.to_string(), "m=64,t=1,p=2");
+        assert_eq!(dummy.hash.unwrap().len(), 64);
+        // An empty table gets argon2's defaults.
+        let auth = StaticAuth::parse("").unwrap();
+        let dummy = PasswordHash::new(&auth.dummy).unwrap();
+        assert_eq!(
+            Cost::of(&dummy).unwrap().params.m_cost(),
+            Params::DEFAULT_M_COST
+        );
     }
 }

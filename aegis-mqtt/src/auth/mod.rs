@@ -112,6 +112,13 @@
 //! after a verification against a dummy hash all the same, so the time taken does not
 //! tell which users exist.
 //!
+//! A verification costs what the hash's parameters say, so every user of a file must
+//! share one set: the same algorithm, version, memory (`m`), passes (`t`), lanes (`p`)
+//! and output length (the salts differ, of course). The dummy hash is made with that set
+//! when the file is loaded, and a file that mixes sets is refused, naming the first line
+//! that differs: an unknown user's check could only cost the same as one of the sets.
+//! To change the parameters, rehash every user's password with the new ones.
+//!
 //! # Example
 //!
 //! ```
