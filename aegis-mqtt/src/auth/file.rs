@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::task::{Context, Poll};
 
 use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordVerifier, Version};
+use tokio::sync::Semaphore;
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision};
@@ -49,7 +51,8 @@ impl StaticAuthError {
 /// [module docs](super#the-file-of-users) for the file format.
 ///
 /// Cheap to clone (an `Arc` of the table). Each verification runs on tokio's blocking
-/// pool.
+/// pool, at most [`max_concurrent`](Self::max_concurrent) at once, shared by every
+/// clone.
 #[derive(Clone)]
 pub struct StaticAuth {
     users: Arc<HashMap<String, String>>,
@@ -57,6 +60,16 @@ pub struct StaticAuth {
     /// user is verified against it, so that the time taken does not tell which users
     /// exist.
     dummy: Arc<str>,
+    /// One permit per verification allowed at once. A check takes one before it starts
+    /// its blocking task, which holds it until the hash is done.
+    permits: Arc<Semaphore>,
+}
+
+/// The default number of verifications at once: one per CPU, at least 2.
+fn default_max_concurrent() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, NonZeroUsize::get)
+        .max(2)
 }
 
 /// What verifying against a hash costs: its algorithm, version and parameters (memory,
@@ -172,7 +185,22 @@ impl StaticAuth {
         Ok(Self {
             users: Arc::new(users),
             dummy: Arc::from(dummy),
+            permits: Arc::new(Semaphore::new(default_max_concurrent())),
         })
+    }
+
+    /// At most `n` verifications run at once (at least 1; by default one per CPU, at
+    /// least 2), on as many blocking threads, each with the `m` KiB of memory its hash's
+    /// parameters ask for. Further checks wait for a turn without a thread; behind an
+    /// [`AuthLayer`](super::AuthLayer), the wait counts toward its
+    /// [`timeout`](super::AuthLayer::timeout). See the
+    /// [module docs](super#the-file-of-users).
+    ///
+    /// Set it before cloning: clones share the limit they were made with.
+    #[must_use]
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.permits = Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS)));
+        self
     }
 
     /// How many users the table holds.
@@ -229,7 +257,16 @@ impl Service<Credentials> for StaticAuth {
     fn call(&mut self, creds: Credentials) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            // A turn first: a check waiting for one holds no thread and no memory, and
+            // one dropped meanwhile (the layer's timeout) never starts a hash.
+            let permit = Arc::clone(&this.permits)
+                .acquire_owned()
+                .await
+                .map_err(|e| AuthError::Failed(Arc::new(e)))?;
+            // A blocking task cannot be cancelled: the permit goes with it, so that the
+            // turn lasts until the hash is done even if this future is dropped.
             tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 this.verify(creds.username.as_deref(), creds.password.as_deref())
             })
             .await
@@ -240,7 +277,33 @@ impl Service<Credentials> for StaticAuth {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
     use super::*;
+    use crate::auth::AuthLayer;
+
+    /// Credentials of `user` with `password`.
+    fn creds(user: &str, password: &[u8]) -> Credentials {
+        let addr: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        Credentials::new("c1", Some(user), Some(password), addr)
+    }
+
+    /// A table with alice/secret, hashed with the cheapest parameters.
+    fn cheap() -> StaticAuth {
+        StaticAuth::parse(&format!(
+            "alice:{}\n",
+            hash(Algorithm::Argon2id, 8, 1, 1, b"secret")
+        ))
+        .unwrap()
+    }
+
+    /// Polls `f` once.
+    async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
+    }
 
     /// A hash of `password` with `algorithm` and `m`, `t`, `p`.
     fn hash(algorithm: Algorithm, m: u32, t: u32, p: u32, password: &[u8]) -> String {
@@ -293,5 +356,80 @@ mod tests {
             Cost::of(&dummy).unwrap().params.m_cost(),
             Params::DEFAULT_M_COST
         );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_check_waits_for_a_turn_within_the_layer_timeout() {
+        let auth = cheap().max_concurrent(1);
+        // The only turn, taken as by a verification in flight.
+        let turn = Arc::clone(&auth.permits).try_acquire_owned().unwrap();
+        let layer = AuthLayer::new(auth.clone())
+            .timeout(Duration::from_secs(5))
+            .deny_ttl(Duration::ZERO);
+        let start = Instant::now();
+        // The check waits, without a blocking task: tokio does not move a paused clock while
+        // one runs, so the timeout fires only because none started.
+        let err = layer.check(creds("alice", b"secret")).await.unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        assert_eq!(
+            Instant::now().saturating_duration_since(start),
+            Duration::from_secs(5)
+        );
+        assert_eq!(auth.permits.available_permits(), 0);
+        // Once the turn is back, the same check is verified, and its turn returned.
+        drop(turn);
+        assert_eq!(
+            layer.check(creds("alice", b"secret")).await.unwrap(),
+            Decision::Allow
+        );
+        assert_eq!(auth.permits.available_permits(), 1);
+    }
+
+    #[test]
+    fn a_second_check_starts_no_hash_until_the_first_ends() {
+        // One blocking thread, kept busy by the test: the blocking tasks queue behind it,
+        // in order, and run only when the test lets them.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut auth = cheap().max_concurrent(1);
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || wait.recv());
+            let mut first = auth.call(creds("alice", b"secret"));
+            assert!(poll_once(&mut first).await.is_pending());
+            assert_eq!(
+                auth.permits.available_permits(),
+                0,
+                "the first took the turn"
+            );
+            let mut second = auth.call(creds("alice", b"wrong"));
+            assert!(poll_once(&mut second).await.is_pending());
+            // The first check goes away (a timeout, its client gone): its hash, queued, keeps
+            // the turn.
+            drop(first);
+            assert_eq!(auth.permits.available_permits(), 0);
+            assert!(poll_once(&mut second).await.is_pending());
+            // Behind the first hash, a task that holds the thread again once it starts.
+            let (go2, wait2) = std::sync::mpsc::channel::<()>();
+            let (started, has_started) = tokio::sync::oneshot::channel();
+            let busy2 = tokio::task::spawn_blocking(move || {
+                started.send(()).unwrap();
+                wait2.recv()
+            });
+            go.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            has_started.await.unwrap();
+            // The first hash ran and handed its turn to the waiting second check, which
+            // only now queues its hash (behind `busy2`). Had it queued one when first
+            // polled, that hash would have run before `busy2`, and it would be done.
+            assert!(poll_once(&mut second).await.is_pending());
+            assert_eq!(auth.permits.available_permits(), 0);
+            go2.send(()).unwrap();
+            busy2.await.unwrap().unwrap();
+            assert_eq!(second.await.unwrap(), Decision::Deny);
+            assert_eq!(auth.permits.available_permits(), 1);
+        });
     }
 }

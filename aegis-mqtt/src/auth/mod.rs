@@ -119,6 +119,17 @@
 //! that differs: an unknown user's check could only cost the same as one of the sets.
 //! To change the parameters, rehash every user's password with the new ones.
 //!
+//! Each verification takes a blocking thread and the `m` KiB of memory of the file's
+//! parameters (19 MiB with argon2's defaults) for as long as it runs, and a client that
+//! tries a new password each time is never answered from the cache. So at most
+//! [`StaticAuth::max_concurrent`] verifications run at once, one per CPU by default (at
+//! least 2): argon2 then holds at most that many times `m` KiB (38 MiB for two, with the
+//! defaults) and that many of tokio's blocking threads, which other users of
+//! `spawn_blocking` keep. Further checks wait for a turn, holding neither, and their
+//! wait counts toward the layer's [`timeout`](AuthLayer::timeout): one that times out
+//! while waiting never starts a verification. A verification that has started cannot be
+//! cancelled: it keeps its turn until it is done, even if its check timed out.
+//!
 //! # Example
 //!
 //! ```
