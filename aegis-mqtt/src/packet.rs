@@ -109,6 +109,9 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
     let kind = first >> 4;
     let expected_flags = match kind {
         3 => return publish(flags, body, v5, ctx.limits),
+        // MQTT 3.1 sets DUP (bit 3) when it sends a PUBREL, SUBSCRIBE or UNSUBSCRIBE
+        // again (3.1 §2.1, "DUP"); 3.1.1 and 5.0 reserve it. QoS stays 1 either way.
+        6 | 8 | 10 if ctx.version == Version::V3_1 && flags & 0x08 != 0 => 0b1010,
         6 | 8 | 10 => 0b0010,
         4 | 5 | 7 | 12 | 14 => 0,
         15 if v5 => 0,

@@ -658,6 +658,47 @@ fn mqtt_3_1_sessions_follow_3_1_1_packet_rules() {
 }
 
 #[test]
+fn mqtt_3_1_allows_dup_on_resent_pubrel_subscribe_unsubscribe() {
+    // MQTT 3.1 §2.1: DUP is set when a PUBREL, SUBSCRIBE or UNSUBSCRIBE is re-delivered.
+    let pubrel = [0x6A, 0x02, 0x00, 0x01];
+    let subscribe = [0x8A, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00];
+    let unsubscribe = [0xAA, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'];
+    let mut s = session_after(&connect_v3());
+    assert_eq!(s.validate(&pubrel), Ok(Packet::PubRel(1)));
+    let Ok(Packet::Subscribe(f)) = s.validate(&subscribe) else {
+        panic!()
+    };
+    assert_eq!(f.iter().collect::<Vec<_>>(), [("a", 0)]);
+    assert!(matches!(
+        s.validate(&unsubscribe),
+        Ok(Packet::Unsubscribe(_))
+    ));
+    // Through `next`, as a layer frames them.
+    let bytes = [&pubrel[..], &subscribe, &unsubscribe].concat();
+    let mut s = session_after(&connect_v3());
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let Ok(Next::Packet { len, .. }) = s.next(rest) else {
+            panic!("{rest:02x?}")
+        };
+        rest = &rest[len..];
+    }
+    // The other bits stay as 3.1.1 has them: QoS 1, no RETAIN.
+    for first in [0x68, 0x6C, 0x6B, 0x88, 0x8E, 0xAB, 0xA8] {
+        let frame = B::new().u16(1).s("a").frame(first);
+        let r = session_after(&connect_v3()).validate(&frame);
+        assert_eq!(r, Err(MAL_FLAGS), "{first:#x}");
+    }
+    // 3.1.1 and 5.0 reserve the bit.
+    for packet in [&pubrel[..], &subscribe, &unsubscribe] {
+        assert_eq!(v4(packet), Err(MAL_FLAGS), "{packet:02x?}");
+        assert_eq!(v5(packet), Err(MAL_FLAGS), "{packet:02x?}");
+    }
+    let v5_subscribe = B::new().u16(1).props(&[]).s("a").u8(0).frame(0x8A);
+    assert_eq!(v5(&v5_subscribe), Err(MAL_FLAGS));
+}
+
+#[test]
 fn a_failed_session_stays_failed() {
     let mut s = session_after(&connect_v4());
     assert!(s.validate(&[0xC1, 0x00]).is_err());
