@@ -303,8 +303,9 @@ fn subscribe(
                     "reserved subscription option bits set",
                 ));
             }
+            // §3.8.3.1: "It is a Protocol Error if the Maximum QoS field has the value 3."
             if options & 0x03 == 3 {
-                return Err(MqttError::Malformed("subscription QoS 3"));
+                return Err(MqttError::ProtocolError("subscription QoS 3"));
             }
             if (options >> 4) & 0x03 == 3 {
                 return Err(MqttError::ProtocolError("retain handling 3"));

@@ -294,11 +294,14 @@ fn subscribe_v5_options() {
             "reserved subscription option bits set"
         ))
     );
-    // QoS 3 (§3.8.3.1 "It is a Protocol Error"... treated as malformed like 3.1.1)
-    assert_eq!(
-        v5(&B::new().u16(1).props(&[]).s("a").u8(3).frame(0x82)),
-        Err(MqttError::Malformed("subscription QoS 3"))
-    );
+    // §3.8.3.1 "It is a Protocol Error if the Maximum QoS field has the value 3": the
+    // client gets DISCONNECT 0x82
+    let mut s = session_after(&connect_v5());
+    let e = s
+        .validate(&B::new().u16(1).props(&[]).s("a").u8(3).frame(0x82))
+        .unwrap_err();
+    assert_eq!(e, MqttError::ProtocolError("subscription QoS 3"));
+    assert_eq!(s.answer(&e).bytes(), [0xE0, 0x02, 0x82, 0x00]);
     // §3.8.3.1 retain handling 3 is a protocol error
     assert_eq!(
         v5(&B::new().u16(1).props(&[]).s("a").u8(0x30).frame(0x82)),
