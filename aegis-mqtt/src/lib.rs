@@ -52,7 +52,7 @@
 //! | `unsupported_version` | CONNACK 0x01 [MQTT-3.1.2-2] | CONNACK `20 02 00 01` (the level is not 5) | - | - |
 //! | `unknown_protocol` | close [MQTT-3.1.2-1] | close | - | - |
 //! | `client_id` | CONNACK 0x02 [MQTT-3.1.3-9] | CONNACK 0x85 | - | - |
-//! | `packet_too_large` | close | CONNACK 0x95 | close | DISCONNECT 0x95 |
+//! | `packet_too_large` | close | close (refused from the fixed header, before the version is read) | close | DISCONNECT 0x95 |
 //! | `keep_alive` | close [MQTT-3.2.2-6] | CONNACK 0x83 | - | - |
 //! | `topic_name` | close | CONNACK 0x90 | close | DISCONNECT 0x90 |
 //! | `topic_filter` | - | - | close | DISCONNECT 0x8F |

@@ -216,6 +216,19 @@ fn session_picks_the_phase_and_version() {
         (s.phase(), s.answer(&e)),
         (Phase::Connect(None), Answer::Close)
     );
+    // even a whole 5.0 CONNECT, its protocol name and level buffered: the framer refuses
+    // it from its fixed header, before the version is read, so no CONNACK 0x95
+    let v5 = head("MQTT", 5, 0x02)
+        .props(&[])
+        .s("c".repeat(20))
+        .frame(0x10);
+    let mut s = Session::new(Config::new().max_connect_size(v5.len() - 1));
+    let e = s.next(&v5).unwrap_err();
+    assert!(matches!(e, MqttError::PacketTooLarge { .. }), "{e:?}");
+    assert_eq!(
+        (s.version(), s.phase(), s.answer(&e)),
+        (None, Phase::Connect(None), Answer::Close)
+    );
 }
 
 #[test]
