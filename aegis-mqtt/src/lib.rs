@@ -288,7 +288,7 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
 /// The fuzz entry points, as plain functions so that tests can replay the corpora.
 #[doc(hidden)]
 pub mod __fuzz {
-    use crate::{Config, Next, Session, validate_connect};
+    use crate::{Answer, Config, MqttError, Next, Session, validate_connect};
 
     /// Runs the CONNECT validator on `data`, and the session on the same bytes.
     pub fn connect(data: &[u8]) {
@@ -301,9 +301,15 @@ pub mod __fuzz {
     }
 
     /// Feeds `data` into a framer and session in chunks whose sizes come from the first
-    /// bytes of `data`, as a layer reading from a socket would. The first byte holds the
-    /// number of chunk sizes (its low three bits) and, in bit 3, whether the next 32 bytes
-    /// are the body of a broker CONNACK given to the session once its CONNECT is accepted.
+    /// bytes of `data`, as a layer reading from a socket would, then all at once, and
+    /// asserts both give the same packets and the same first error: how the bytes were
+    /// split must not matter. The first byte holds the number of chunk sizes (its low
+    /// three bits) and, in bit 3, whether the next 32 bytes are the body of a broker
+    /// CONNACK given to the session once its CONNECT is accepted.
+    ///
+    /// # Panics
+    ///
+    /// If the two feedings disagree, or an answer is longer than 5 bytes.
     pub fn stream(data: &[u8]) {
         let Some((&n, data)) = data.split_first() else {
             return;
@@ -318,37 +324,61 @@ pub mod __fuzz {
             c.extend_from_slice(body);
             (Some(c), rest)
         };
-        let mut connack = connack.as_deref();
+        let chunked = feed(data, connack.as_deref(), |i| {
+            sizes
+                .get(i % sizes.len().max(1))
+                .map_or(7, |&s| usize::from(s % 64) + 1)
+        });
+        let whole = feed(data, connack.as_deref(), |_| data.len());
+        assert_eq!(chunked, whole, "chunked and whole feeding disagree");
+    }
+
+    /// What a session made of a stream: the length of each packet it accepted, then the
+    /// first error and its answer, if any.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        packets: Vec<usize>,
+        error: Option<(MqttError, Answer)>,
+    }
+
+    /// Feeds `data` to a new session in chunks of `chunk(i)` bytes for the `i`-th read,
+    /// giving it `connack` once its CONNECT is accepted.
+    fn feed(data: &[u8], connack: Option<&[u8]>, chunk: impl Fn(usize) -> usize) -> Outcome {
+        let mut connack = connack;
         let config = Config::new().max_connect_size(512).max_packet_size(4096);
         let mut session = Session::new(config);
+        let mut out = Outcome {
+            packets: Vec::new(),
+            error: None,
+        };
         let mut buf = Vec::new();
         let mut pos = 0;
         let mut i = 0;
         while pos < data.len() {
-            let size = sizes
-                .get(i % sizes.len().max(1))
-                .map_or(7, |&s| usize::from(s % 64) + 1);
+            let end = pos.saturating_add(chunk(i)).min(data.len());
             i += 1;
-            let end = (pos + size).min(data.len());
             buf.extend_from_slice(&data[pos..end]);
             pos = end;
             loop {
                 match session.next(&buf) {
                     Ok(Next::NeedMore(_)) => break,
                     Ok(Next::Packet { len, .. }) => {
+                        out.packets.push(len);
                         buf.drain(..len);
                         if let Some(c) = connack.take() {
                             session.on_connack(c);
                         }
                     }
                     Err(e) => {
-                        let answer = session.answer(&e).bytes();
-                        assert!(answer.len() <= 5, "answers are short");
-                        return;
+                        let answer = session.answer(&e);
+                        assert!(answer.bytes().len() <= 5, "answers are short");
+                        out.error = Some((e, answer));
+                        return out;
                     }
                 }
             }
         }
+        out
     }
 }
 

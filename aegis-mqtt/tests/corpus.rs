@@ -67,6 +67,21 @@ fn stream_corpus() {
     }
 }
 
+/// Each stream seed again, in chunks of every size from 1 to 64 bytes: the fuzz entry
+/// point asserts that each split gives what the whole stream gives.
+#[test]
+fn stream_corpus_every_chunk_size() {
+    for (_, data) in corpus("mqtt_stream") {
+        let (&n, rest) = data.split_first().unwrap();
+        let rest = &rest[usize::from(n % 8)..];
+        for size in 0..64 {
+            // One chunk size, `size + 1`; the CONNACK bit and the rest as they were.
+            let seed = [&[(n & 8) | 1, size][..], rest].concat();
+            aegis_mqtt::__fuzz::stream(&seed);
+        }
+    }
+}
+
 /// The inspection seeds: `bad_NN_<rule>` are blocked by the default rule set, naming
 /// that rule; `ok_NN` (ordinary telemetry) pass; none panics the fuzz entry point.
 #[cfg(feature = "inspect")]
