@@ -12,10 +12,11 @@
 //! slowloris deadlines (first byte 5 s, first request's headers 15 s, idle 75 s; hyper's
 //! header read timeout of 10 s for every request). Each request then passes header limits
 //! (`431`), a body limit (`413`), hop-by-hop header stripping, `X-Forwarded-For` set to
-//! the client, security response headers, and a smooth weighted round-robin over the
-//! backends that skips open circuit breakers and backends failing `GET /healthz` twice in
-//! a row (checked every 5 s), and ramps a recovered backend up over 30 s. With no backend
-//! left: `503`.
+//! the client, security response headers, only origin-form request targets (`/path`;
+//! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),
+//! and a smooth weighted round-robin over the backends that skips open circuit breakers
+//! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a
+//! recovered backend up over 30 s. With no backend left: `503`.
 //!
 //! To poke it, start two backends (anything answering HTTP with a `/healthz`), then:
 //!
@@ -23,6 +24,7 @@
 //! cargo run --example http-gateway -- --backend 127.0.0.1:9001 --backend 127.0.0.1:9002@2
 //! curl -i http://127.0.0.1:8080/                                  # spread 1:2, nosniff, DENY
 //! curl -i -H 'X-Forwarded-For: 6.6.6.6' http://127.0.0.1:8080/    # the backend sees 127.0.0.1
+//! curl -i -X OPTIONS --request-target '*' http://127.0.0.1:8080/  # 200, Allow: GET, ...
 //! curl -i --data-binary @/dev/zero -H 'Content-Length: 9999999' http://127.0.0.1:8080/ # 413
 //! ```
 //!

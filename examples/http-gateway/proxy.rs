@@ -9,11 +9,24 @@
 //!
 //! | case | status |
 //! |---|---|
+//! | `OPTIONS *` (a question to the gateway itself) | `200` with [`ALLOW`] |
+//! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] |
+//! | any other target that is not origin-form (`/path?query`) | `400` |
 //! | no backend available (all unhealthy or open) | `503` |
 //! | the chosen backend's breaker refused the call (it opened in between) | `503` |
 //! | the request body grew past the limit while streaming | `413` |
 //! | the backend did not answer within the response timeout | `504` |
 //! | any other upstream failure (refused, reset) | `502` |
+//!
+//! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
+//! backend's address plus the target's path and query, built with [`Uri::builder`], and
+//! a target it cannot build is answered `400`, never replaced. The absolute-form
+//! (`GET http://host/path`) is refused with `400` although RFC 9112 §3.2.2 asks servers
+//! to accept it: clients send it only to forward proxies, and accepting it would give a
+//! request a second host beside its `Host` header. The asterisk-form and the
+//! authority-form are the gateway's own business (table above): forwarded, they once
+//! made backend URIs without a port (`http://10.0.0.5:9001*`), which the connector
+//! completed with port 80 of the backend's host.
 //!
 //! A request is never retried on another backend: it may not be idempotent, and its
 //! body has been consumed. So when a half-open backend's probe permit is already taken,
@@ -39,8 +52,9 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::header::{ALLOW as ALLOW_HEADER, CONTENT_TYPE, HeaderValue};
+use hyper::http::uri::Scheme;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
@@ -69,6 +83,45 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Gatewa
     );
     res.extensions_mut().insert(LocalAnswer);
     res
+}
+
+/// The methods the gateway relays: every method of RFC 9110 and `PATCH`, but `CONNECT`.
+/// The backends may still refuse some. Sent as `Allow` with the answers to `OPTIONS *`
+/// and `CONNECT`.
+pub const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
+/// Whether `uri` is an origin-form request target: a path from `/`, maybe a query.
+fn is_origin_form(uri: &Uri) -> bool {
+    uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'))
+}
+
+/// The gateway's own answer to a request whose target is not origin-form (see the
+/// [module docs](self)); `None` for a request to proxy.
+fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
+    let with_allow = |mut res: Response<GatewayBody>| {
+        res.headers_mut()
+            .insert(ALLOW_HEADER, HeaderValue::from_static(ALLOW));
+        res
+    };
+    if req.method() == Method::CONNECT {
+        let res = local_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        return Some(with_allow(res));
+    }
+    if is_origin_form(req.uri()) {
+        return None;
+    }
+    if req.method() == Method::OPTIONS && req.uri() == "*" {
+        return Some(with_allow(local_response(StatusCode::OK, "")));
+    }
+    tracing::debug!(target = %req.uri(), method = %req.method(), "request target refused");
+    Some(local_response(
+        StatusCode::BAD_REQUEST,
+        "the request target must be a path\n",
+    ))
 }
 
 /// One backend's HTTP client, with a response timeout (a hung backend is a failure,
@@ -164,12 +217,22 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(res) = answer_target(&req) {
+            return Box::pin(std::future::ready(Ok(res)));
+        }
         let Some(i) = self.pool.pick(Instant::now()) else {
             let res = local_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
             return Box::pin(std::future::ready(Ok(res)));
         };
         let backend = self.backends[i].clone();
-        let req = to_backend(req, self.pool.members()[i].addr);
+        let req = match to_backend(req, self.pool.members()[i].addr) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::debug!(error = %e, "backend URI refused");
+                let res = local_response(StatusCode::BAD_REQUEST, "bad request target\n");
+                return Box::pin(std::future::ready(Ok(res)));
+            }
+        };
         // `map_result`, not an `async` block: rustc cannot prove an `async` block over
         // the breaker's future `Send` for every lifetime of the boxed error.
         Box::pin(
@@ -186,18 +249,30 @@ where
 }
 
 /// The request as sent to `addr`: absolute `http://addr/path?query` URI (the client's
-/// `Host` header is kept), HTTP/1.1, the body boxed.
-fn to_backend<B>(req: Request<B>, addr: SocketAddr) -> Request<GatewayBody>
+/// `Host` header is kept), HTTP/1.1, the body boxed. Fails, rather than sending the
+/// request anywhere else, if its target is not origin-form or the URI does not build.
+fn to_backend<B>(req: Request<B>, addr: SocketAddr) -> Result<Request<GatewayBody>, BoxError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri =
-        Uri::try_from(format!("http://{addr}{path}")).unwrap_or_else(|_| Uri::from_static("/"));
+    let target = parts
+        .uri
+        .path_and_query()
+        .filter(|_| is_origin_form(&parts.uri))
+        .cloned()
+        .ok_or("the request target is not origin-form")?;
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(addr.to_string())
+        .path_and_query(target)
+        .build()?;
     parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    Ok(Request::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
 }
 
 /// The backend's answer as relayed: hop-by-hop headers removed, HTTP/1.1 (the

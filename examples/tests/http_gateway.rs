@@ -550,6 +550,68 @@ async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
 }
 
 // ---------------------------------------------------------------------------------
+// Request targets
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn only_origin_form_targets_reach_a_backend() {
+    let b0 = Backend::start().await;
+    // `GET *` once made the backend URI `http://127.0.0.1:PORT*`, whose port does not
+    // parse, and hyper-util's connector went to port 80 of the backend's host. Watch that
+    // port when it can be bound (it needs root), and count what it accepts.
+    let port80 = Arc::new(AtomicUsize::new(0));
+    let _watch = match TcpListener::bind("127.0.0.1:80").await {
+        Ok(listener) => {
+            let port80 = Arc::clone(&port80);
+            Some(tokio::spawn(async move {
+                while listener.accept().await.is_ok() {
+                    port80.fetch_add(1, Ordering::SeqCst);
+                }
+            }))
+        }
+        Err(e) => {
+            eprintln!("not watching 127.0.0.1:80: {e}");
+            None
+        }
+    };
+    let gw = start(&config(&[&b0])).await;
+
+    let out = raw(
+        gw.addr,
+        b"GET * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "GET *: {out}");
+
+    let out = raw(
+        gw.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "OPTIONS *: {out}");
+    assert!(out.to_ascii_lowercase().contains("\r\nallow: "), "{out}");
+
+    let connect = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        b0.addr
+    );
+    let out = raw(gw.addr, connect.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 405"), "CONNECT: {out}");
+    assert!(out.to_ascii_lowercase().contains("\r\nallow: "), "{out}");
+
+    let out = raw(
+        gw.addr,
+        b"GET http://other.test/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "absolute-form: {out}");
+
+    assert_eq!(b0.hits(), 0, "no refused target reached the backend");
+    assert_eq!(port80.load(Ordering::SeqCst), 0, "nothing went to port 80");
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "origin-form");
+}
+
+// ---------------------------------------------------------------------------------
 // Connection layers: rate limit, slowloris
 // ---------------------------------------------------------------------------------
 
