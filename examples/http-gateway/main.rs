@@ -31,6 +31,7 @@
 //! Set `RUST_LOG=debug` to see rejections and health changes.
 
 mod balance;
+mod client_body;
 mod gateway;
 mod headers;
 mod health;

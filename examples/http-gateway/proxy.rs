@@ -3,7 +3,8 @@
 //!
 //! Each backend is a hyper-util legacy [`Client`] (pooled keep-alive connections) with
 //! a response timeout ([`Upstream`]), wrapped in its own `CircuitBreaker` with
-//! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure). The
+//! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
+//! client's request body is not, see [`crate::client_body`]). The
 //! [`Pool`](crate::balance::Pool) picks the backend. Answers the gateway makes itself
 //! carry a [`LocalAnswer`] extension so that the latency controller leaves them out:
 //!
@@ -15,6 +16,8 @@
 //! | no backend available (all unhealthy or open) | `503` |
 //! | the chosen backend's breaker refused the call (it opened in between) | `503` |
 //! | the request body grew past the limit while streaming | `413` |
+//! | the request body was malformed or cut off | `400` |
+//! | the response timeout fired while the client's body was still awaited | `408` |
 //! | the backend did not answer within the response timeout | `504` |
 //! | any other upstream failure (refused, reset) | `502` |
 //!
@@ -61,6 +64,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use crate::balance::Pool;
+use crate::client_body::{ClientBody, ClientBodyError};
 use crate::headers::strip_hop_by_hop;
 
 /// The body type on both sides of the gateway.
@@ -125,7 +129,9 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 }
 
 /// One backend's HTTP client, with a response timeout (a hung backend is a failure,
-/// not a cancellation, so its breaker counts it).
+/// not a cancellation, so its breaker counts it). The request body goes through a
+/// [`ClientBody`]: its errors, and a timeout while the gateway waits on the client's
+/// body, are [`ClientBodyError`]s.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, GatewayBody>,
@@ -158,21 +164,30 @@ impl Service<Request<GatewayBody>> for Upstream {
     }
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let (body, progress) = ClientBody::new(body);
+        let req = Request::from_parts(parts, body.boxed_unsync());
         let res = tokio::time::timeout(self.timeout, self.client.request(req));
-        Box::pin(async move { Ok(res.await??) })
+        Box::pin(async move {
+            match res.await {
+                Ok(res) => Ok(res?),
+                Err(_) if progress.waiting_on_client() => Err(ClientBodyError::stalled().into()),
+                Err(elapsed) => Err(elapsed.into()),
+            }
+        })
     }
 }
 
 /// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
-/// failures), except that a request body cut by the size limit is the client's fault
-/// and is not counted.
+/// failures), except that a [`ClientBodyError`] (a request body that was malformed, cut
+/// off, over the size limit, or stalled) is the client's fault and is not counted.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 
 impl<B> Classify<Response<B>> for GatewayClassifier {
     fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
-            Err(e) if find::<LengthLimitError>(e).is_some() => Outcome::Ignore,
+            Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
             other => HttpClassifier.classify(other),
         }
     }
@@ -290,6 +305,14 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     }
     if find::<LengthLimitError>(err).is_some() {
         return local_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    if let Some(e) = find::<ClientBodyError>(err) {
+        tracing::debug!(error = %err, "request body failed");
+        return if e.is_stall() {
+            local_response(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")
+        } else {
+            local_response(StatusCode::BAD_REQUEST, "bad request body\n")
+        };
     }
     if find::<tokio::time::error::Elapsed>(err).is_some() {
         return local_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n");

@@ -12,6 +12,9 @@
 #[path = "../http-gateway/balance.rs"]
 mod balance;
 #[allow(dead_code)]
+#[path = "../http-gateway/client_body.rs"]
+mod client_body;
+#[allow(dead_code)]
 #[path = "../http-gateway/gateway.rs"]
 mod gateway;
 #[allow(dead_code)]
@@ -547,6 +550,76 @@ async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
         CircuitState::Closed,
         "the client's fault"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// The client's faults are not the backend's
+// ---------------------------------------------------------------------------------
+
+/// A gateway over `b0` whose breaker opens at the first counted failure.
+async fn one_failure_opens(b0: &Backend) -> Gateway {
+    let mut cfg = config(&[b0]);
+    cfg.breaker_failures = 1;
+    cfg.backend_timeout = Duration::from_millis(500);
+    start(&cfg).await
+}
+
+/// The breaker is closed and the backend serves the next request.
+async fn still_served(gw: &Gateway, b0: &Backend) {
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    let hits = b0.hits();
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "not 503");
+    assert_eq!(b0.hits(), hits + 1);
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_leaves_the_breaker_closed() {
+    let b0 = Backend::start().await;
+    let gw = one_failure_opens(&b0).await;
+    let out = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZ\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    still_served(&gw, &b0).await;
+}
+
+#[tokio::test]
+async fn a_body_cut_short_by_a_close_leaves_the_breaker_closed() {
+    let b0 = Backend::start().await;
+    let gw = one_failure_opens(&b0).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    until("the backend got the request", || b0.hits() == 1).await;
+    stream.shutdown().await.unwrap(); // 97 bytes short; the answer can still be read
+    let out = String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    still_served(&gw, &b0).await;
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_408_and_leaves_the_breaker_closed_but_a_stalled_backend_opens_it() {
+    let b0 = Backend::start().await;
+    let gw = one_failure_opens(&b0).await;
+    // 3 of 1000 bytes, then silence: the backend waits for the rest until the 500 ms
+    // response timeout, while the gateway waits on the client.
+    let out = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert_eq!(b0.hits(), 1, "the request reached the backend");
+    still_served(&gw, &b0).await;
+
+    // The whole request sent, no answer within the timeout: the backend's failure.
+    b0.seen.delay_ms.store(2_000, Ordering::SeqCst);
+    assert_eq!(get(gw.addr).await.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
 // ---------------------------------------------------------------------------------
