@@ -1,4 +1,4 @@
-//! Header rules of a proxy: hop-by-hop stripping, the forwarded-for header, and the
+//! Header rules of a proxy: hop-by-hop stripping, the forwarded headers, and the
 //! header count and size limits. Plain functions over a `HeaderMap`.
 
 use std::net::IpAddr;
@@ -20,6 +20,26 @@ pub const HOP_BY_HOP: [&str; 7] = [
 
 /// `X-Forwarded-For`, which the `http` crate has no constant for.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that carry a client address (or what a proxy saw of the client) to some
+/// backend, framework or CDN, beside the `X-Forwarded-*` family: the standard
+/// `Forwarded`, nginx's `X-Real-IP`, Akamai's and Cloudflare's `True-Client-IP`,
+/// `CF-Connecting-IP`, Fastly's `Fastly-Client-IP`, ingress-nginx's
+/// `X-Original-Forwarded-For`, and the older `X-Client-IP` and `X-Cluster-Client-IP`.
+pub const CLIENT_ADDRESS_HEADERS: [&str; 8] = [
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+];
 
 /// Removes the hop-by-hop headers: those named in `Connection`, the fixed list
 /// [`HOP_BY_HOP`] and every `Proxy-*` header (`Proxy-Authorization` carries the
@@ -48,15 +68,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For` to the effective client address alone, replacing whatever
-/// the client sent, and removes the other client-writable address headers
-/// (`Forwarded`, `X-Real-IP`): a backend must never see an address the client chose.
-pub fn set_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    headers.remove(header::FORWARDED);
-    headers.remove("x-real-ip");
+/// Replaces whatever forwarding headers the client sent with the gateway's own: a
+/// backend must never see an address (or scheme, host, port, prefix) the client chose.
+///
+/// Removes every header whose name starts with `x-forwarded` and the
+/// [`CLIENT_ADDRESS_HEADERS`], then sets `X-Forwarded-For` to the effective client
+/// address alone, `X-Forwarded-Proto` to `http` (the gateway serves plain HTTP; behind a
+/// TLS terminator it still says `http`, since it cannot know better), and
+/// `X-Forwarded-Host` to the request's `Host` when it has one (the `Host` itself is
+/// forwarded too; this copy is for backends that read the forwarded one).
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded"))
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+    for name in CLIENT_ADDRESS_HEADERS {
+        headers.remove(name);
+    }
     let value = HeaderValue::from_str(&client.to_canonical().to_string())
         .expect("an IP address is a valid header value");
     headers.insert(X_FORWARDED_FOR, value);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
 }
 
 /// Why a request's headers are refused (answered `431`).
@@ -123,21 +162,43 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_replaced_never_appended() {
+    fn forwarded_headers_are_replaced_never_appended() {
         let mut h = map(&[
+            ("host", "gw.test"),
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-for", "7.7.7.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.test"),
+            ("x-forwarded-port", "443"),
             ("forwarded", "for=6.6.6.6"),
             ("x-real-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
         ]);
-        set_forwarded_for(&mut h, "::ffff:192.0.2.7".parse().unwrap());
+        set_forwarded(&mut h, "::ffff:192.0.2.7".parse().unwrap());
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(
             h[X_FORWARDED_FOR], "192.0.2.7",
             "mapped IPv6 folded to IPv4"
         );
-        assert!(h.get(header::FORWARDED).is_none());
-        assert!(h.get("x-real-ip").is_none());
+        assert_eq!(h.get_all(X_FORWARDED_PROTO).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h.get_all(X_FORWARDED_HOST).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_HOST], "gw.test");
+        for name in [
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+            "cf-connecting-ip",
+        ] {
+            assert!(h.get(name).is_none(), "{name}");
+        }
+
+        let mut h = map(&[("x-forwarded-host", "evil.test")]);
+        set_forwarded(&mut h, "192.0.2.7".parse().unwrap());
+        assert!(
+            h.get(X_FORWARDED_HOST).is_none(),
+            "no Host, no forwarded one"
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! [`Sanitize`]: the request side of the proxy's header rules, as a tower service.
 //!
 //! Before the request goes on: headers over the limits are answered `431` without
-//! calling the inner service; hop-by-hop headers are removed; `X-Forwarded-For` is set
-//! to the connection's effective client address (see [`crate::headers`]). The layer is
-//! built per connection, since it carries that connection's client address.
+//! calling the inner service; hop-by-hop headers are removed; the client's forwarding
+//! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and other client-IP headers) are
+//! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
+//! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
+//! [`set_forwarded`](crate::headers::set_forwarded)). The layer is built per connection,
+//! since it carries that connection's client address.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -14,7 +17,7 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{check_limits, set_forwarded_for, strip_hop_by_hop};
+use crate::headers::{check_limits, set_forwarded, strip_hop_by_hop};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -52,8 +55,8 @@ impl<S> Layer<S> for SanitizeLayer {
     }
 }
 
-/// Refuses oversized headers with `431`, strips hop-by-hop headers and sets
-/// `X-Forwarded-For`. See the [module docs](self).
+/// Refuses oversized headers with `431`, strips hop-by-hop headers and sets the
+/// forwarding headers. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Sanitize<S> {
     inner: S,
@@ -88,7 +91,7 @@ where
             };
         }
         strip_hop_by_hop(req.headers_mut());
-        set_forwarded_for(req.headers_mut(), self.client);
+        set_forwarded(req.headers_mut(), self.client);
         ResponseFuture {
             state: State::Inner {
                 fut: self.inner.call(req),

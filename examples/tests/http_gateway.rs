@@ -490,6 +490,59 @@ async fn hop_by_hop_headers_are_stripped_xff_is_the_socket_and_security_headers_
 }
 
 #[tokio::test]
+async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    let forged = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-host", "evil.test"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-port", "6666"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-server", "evil.test"),
+        ("x-forwarded-ssl", "on"),
+        ("forwarded", "for=6.6.6.6;host=evil.test;proto=https"),
+        ("x-real-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("x-cluster-client-ip", "6.6.6.6"),
+        ("cf-connecting-ip", "6.6.6.6"),
+        ("fastly-client-ip", "6.6.6.6"),
+        ("x-original-forwarded-for", "6.6.6.6"),
+    ];
+    let mut req = Request::get("/").header("host", "gw.test");
+    for (name, value) in forged {
+        req = req.header(name, value);
+    }
+    let res = send(gw.addr, req.body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let seen = b0.seen.last_headers.lock().clone().unwrap();
+    for (name, value) in &seen {
+        let value = value.to_str().unwrap();
+        assert!(
+            !value.contains("6.6.6.6") && !value.contains("evil") && !value.contains("https"),
+            "{name}: {value} reached the backend: {seen:?}"
+        );
+    }
+    let one = |name: &str| {
+        let all: Vec<_> = seen.get_all(name).iter().collect();
+        assert_eq!(all.len(), 1, "{name}: {all:?}");
+        all[0].to_str().unwrap().to_owned()
+    };
+    assert_eq!(one("x-forwarded-for"), "127.0.0.1");
+    assert_eq!(one("x-forwarded-proto"), "http");
+    assert_eq!(one("x-forwarded-host"), "gw.test");
+    for (name, _) in forged {
+        if !["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"].contains(&name) {
+            assert!(seen.get(name).is_none(), "{name} reached the backend");
+        }
+    }
+}
+
+#[tokio::test]
 async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
     let b0 = Backend::start().await;
     let mut cfg = config(&[&b0]);
