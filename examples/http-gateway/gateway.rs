@@ -4,7 +4,7 @@
 //! ```text
 //! serve (max connections)
 //!  └─ ProxyProtocolLayer      only with trusted proxies: the client address from their PROXY header
-//!      └─ RateLimitLayer      per client address, rate driven by the adaptive controller
+//!      └─ RateLimitLayer      per client address: open connections capped, adaptive rate
 //!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle after
 //!              └─ HttpServer  hyper HTTP/1 + the per-request stack (see `server`)
 //!                  └─ Proxy   pool pick -> CircuitBreaker -> hyper-util Client -> backend
@@ -69,6 +69,10 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Connections admitted at once.
     pub max_connections: usize,
+    /// Connections one client address may have open at once (the rate limiter's
+    /// concurrency tier; over it, a new connection is closed at once). Without it, one
+    /// address could hold every one of `max_connections` with slow keep-alive requests.
+    pub max_connections_per_client: NonZeroU32,
     /// New connections per client address and second: the ceiling of the adaptive
     /// controller.
     pub per_client_rate: NonZeroU32,
@@ -124,6 +128,7 @@ impl Config {
             backends,
             trusted_proxies: Vec::new(),
             max_connections: 10_000,
+            max_connections_per_client: NonZeroU32::new(64).expect("non-zero"),
             per_client_rate: NonZeroU32::new(20).expect("non-zero"),
             per_client_burst: NonZeroU32::new(40).expect("non-zero"),
             min_per_client_rate: NonZeroU32::MIN,
@@ -220,6 +225,7 @@ impl Gateway {
         );
 
         let rate_limit = RateLimitLayer::builder()
+            .max_concurrent_per_client(config.max_connections_per_client.get())
             .per_client(
                 Quota::per_second(config.per_client_rate).allow_burst(config.per_client_burst),
             )

@@ -3,11 +3,13 @@
 //! ```text
 //! cargo run --example http-gateway -- [--listen 127.0.0.1:8080] --backend ADDR[@WEIGHT] [--backend ...]
 //!     [--trusted-proxy CIDR ...] [--hsts-max-age SECS] [--max-body BYTES] [--rate PER_SEC]
+//!     [--max-connections-per-client N]
 //! ```
 //!
 //! Every connection goes through the Aegis layers: a PROXY protocol header is read only
 //! from `--trusted-proxy` networks (otherwise the client is the socket's peer, and
-//! `X-Forwarded-For` from clients is never believed), a per-client connection rate that
+//! `X-Forwarded-For` from clients is never believed), a cap on the connections one
+//! client address has open at once (64 by default), a per-client connection rate that
 //! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
 //! slowloris deadlines (first byte 5 s, first request's headers 15 s, idle 75 s; hyper's
 //! header read timeout of 10 s for every request). Each request then passes header limits
@@ -72,6 +74,9 @@ struct Args {
     /// New connections per client and second (the controller's ceiling).
     #[arg(long, default_value = "20")]
     rate: NonZeroU32,
+    /// Connections one client address may have open at once.
+    #[arg(long, default_value = "64")]
+    max_connections_per_client: NonZeroU32,
 }
 
 #[tokio::main]
@@ -87,6 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.hsts = args.hsts_max_age.map(Duration::from_secs);
     config.max_body = args.max_body;
     config.per_client_rate = args.rate;
+    config.max_connections_per_client = args.max_connections_per_client;
     config.per_client_burst = args
         .rate
         .saturating_mul(NonZeroU32::new(2).expect("non-zero"));

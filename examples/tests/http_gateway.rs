@@ -45,12 +45,13 @@ use aegis_layers::circuit_breaker::CircuitState;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::HeaderMap;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -238,6 +239,35 @@ async fn get(addr: SocketAddr) -> Response<Bytes> {
         .body(Full::default())
         .unwrap();
     send(addr, req).await.unwrap()
+}
+
+/// An HTTP/1 connection from the loopback address `local` (any port) to `addr`, kept
+/// open for as long as the returned sender lives.
+async fn connect_from(local: &str, addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+/// `GET /` on the connection `tx`; its status within [`WAIT`].
+async fn get_on(tx: &mut SendRequest<Full<Bytes>>) -> Result<StatusCode, BoxError> {
+    let req = Request::get("/")
+        .header("host", "gw.test")
+        .body(Full::default())
+        .unwrap();
+    timeout(WAIT, async {
+        tx.ready().await?;
+        let res = tx.send_request(req).await?;
+        let status = res.status();
+        res.into_body().collect().await?;
+        Ok(status)
+    })
+    .await?
 }
 
 /// The time since `t0`.
@@ -845,6 +875,54 @@ async fn a_per_ip_burst_beyond_the_rate_is_refused() {
         "the 4th connection within a second is closed: {refused:?}"
     );
     assert_eq!(b0.hits(), 3);
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_connections_than_its_cap() {
+    let b0 = Backend::start().await;
+    assert_eq!(
+        config(&[&b0]).max_connections_per_client.get(),
+        64,
+        "default"
+    );
+    let mut cfg = config(&[&b0]);
+    cfg.max_connections_per_client = NonZeroU32::new(2).unwrap();
+    let gw = start(&cfg).await;
+    assert_eq!(gw.rate.max_concurrent_per_client(), Some(2));
+
+    // Two keep-alive connections from 127.0.0.1, held open.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut tx = connect_from("127.0.0.1", gw.addr).await;
+        assert_eq!(
+            get_on(&mut tx).await.unwrap(),
+            StatusCode::OK,
+            "connection {i}"
+        );
+        held.push(tx);
+    }
+    let mut third = connect_from("127.0.0.1", gw.addr).await;
+    let refused = get_on(&mut third).await;
+    assert!(refused.is_err(), "the third is closed: {refused:?}");
+    let mut other = connect_from("127.0.0.2", gw.addr).await;
+    assert_eq!(
+        get_on(&mut other).await.unwrap(),
+        StatusCode::OK,
+        "another address is served meanwhile"
+    );
+    assert_eq!(b0.hits(), 3);
+
+    // Closing one gives its slot back.
+    held.pop();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut tx = connect_from("127.0.0.1", gw.addr).await;
+        if get_on(&mut tx).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never given back");
+        sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
