@@ -1,9 +1,11 @@
-//! Header rules of a proxy: hop-by-hop stripping, the forwarded headers, and the
-//! header count and size limits. Plain functions over a `HeaderMap`.
+//! Header rules of a proxy: hop-by-hop stripping, the forwarded headers, the `Host`
+//! rules, and the header count and size limits. Plain functions over a `HeaderMap`.
 
 use std::net::IpAddr;
 
+use hyper::Version;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::Authority;
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1 (plus the obsolete `Keep-Alive` and
 /// `Proxy-Connection`): they describe one connection and must not be forwarded. Every
@@ -95,6 +97,38 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// Why a request's `Host` is refused (answered `400`, RFC 9112 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHost {
+    /// An HTTP/1.1 request without `Host`.
+    Missing,
+    /// More than one `Host` field (how many).
+    Many(usize),
+    /// A `Host` that is not a `host[:port]` (userinfo, bad characters, empty).
+    Invalid,
+}
+
+/// Checks `Host` as RFC 9112 §3.2 asks a server to: exactly one in an HTTP/1.1 request
+/// (an HTTP/1.0 one may have none), never more than one, and a valid `host[:port]`.
+pub fn check_host(headers: &HeaderMap, version: Version) -> Result<(), BadHost> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return if version == Version::HTTP_11 {
+            Err(BadHost::Missing)
+        } else {
+            Ok(())
+        };
+    };
+    let more = hosts.count();
+    if more > 0 {
+        return Err(BadHost::Many(1 + more));
+    }
+    match Authority::try_from(host.as_bytes()) {
+        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(()),
+        _ => Err(BadHost::Invalid),
     }
 }
 
@@ -199,6 +233,25 @@ mod tests {
             h.get(X_FORWARDED_HOST).is_none(),
             "no Host, no forwarded one"
         );
+    }
+
+    #[test]
+    fn host_must_be_one_valid_authority_and_is_required_from_http_1_1() {
+        let ok = |h: &HeaderMap, v| check_host(h, v);
+        assert_eq!(ok(&map(&[("host", "gw.test")]), Version::HTTP_11), Ok(()));
+        assert_eq!(
+            ok(&map(&[("host", "[::1]:8080")]), Version::HTTP_11),
+            Ok(())
+        );
+        assert_eq!(ok(&map(&[]), Version::HTTP_10), Ok(()), "1.0 needs none");
+        assert_eq!(ok(&map(&[]), Version::HTTP_11), Err(BadHost::Missing));
+        let two = map(&[("host", "a.test"), ("host", "b.test")]);
+        assert_eq!(ok(&two, Version::HTTP_11), Err(BadHost::Many(2)));
+        assert_eq!(ok(&two, Version::HTTP_10), Err(BadHost::Many(2)));
+        for bad in ["user@gw.test", "", "gw.test/x", "gw test", ":80"] {
+            let h = map(&[("host", bad)]);
+            assert_eq!(ok(&h, Version::HTTP_11), Err(BadHost::Invalid), "{bad:?}");
+        }
     }
 
     #[test]

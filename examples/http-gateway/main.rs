@@ -13,11 +13,12 @@
 //! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
 //! slowloris deadlines (first byte 5 s, first request's headers 15 s, idle 75 s; hyper's
 //! header read timeout of 10 s for every request). Each request then passes header limits
-//! (`431`), a body limit (`413`), hop-by-hop header stripping, forwarding headers
-//! replaced (`X-Forwarded-For` set to the client, `X-Forwarded-Proto: http`,
-//! `X-Forwarded-Host` from `Host`; every other `X-Forwarded-*`, `Forwarded`, `X-Real-IP`
-//! and client-IP header such as `True-Client-IP` or `CF-Connecting-IP` removed),
-//! security response headers, only origin-form request targets (`/path`;
+//! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
+//! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,
+//! forwarding headers replaced (`X-Forwarded-For` set to the client,
+//! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other
+//! `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and client-IP header such as
+//! `True-Client-IP` or `CF-Connecting-IP` removed), security response headers, only origin-form request targets (`/path`;
 //! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),
 //! and a smooth weighted round-robin over the backends that skips open circuit breakers
 //! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a

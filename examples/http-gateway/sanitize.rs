@@ -1,7 +1,8 @@
 //! [`Sanitize`]: the request side of the proxy's header rules, as a tower service.
 //!
-//! Before the request goes on: headers over the limits are answered `431` without
-//! calling the inner service; hop-by-hop headers are removed; the client's forwarding
+//! Before the request goes on: headers over the limits are answered `431` and a missing
+//! (HTTP/1.1), repeated or invalid `Host` `400`, without calling the inner service;
+//! hop-by-hop headers are removed; the client's forwarding
 //! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and other client-IP headers) are
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
@@ -17,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{check_limits, set_forwarded, strip_hop_by_hop};
+use crate::headers::{check_host, check_limits, set_forwarded, strip_hop_by_hop};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -55,8 +56,8 @@ impl<S> Layer<S> for SanitizeLayer {
     }
 }
 
-/// Refuses oversized headers with `431`, strips hop-by-hop headers and sets the
-/// forwarding headers. See the [module docs](self).
+/// Refuses oversized headers with `431` and a bad `Host` with `400`, strips hop-by-hop
+/// headers and sets the forwarding headers. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Sanitize<S> {
     inner: S,
@@ -86,6 +87,13 @@ where
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request headers too large\n",
             );
+            return ResponseFuture {
+                state: State::Refused { res: Some(res) },
+            };
+        }
+        if let Err(bad_host) = check_host(req.headers(), req.version()) {
+            tracing::debug!(?bad_host, "request refused");
+            let res = local_response(StatusCode::BAD_REQUEST, "missing, repeated or bad Host\n");
             return ResponseFuture {
                 state: State::Refused { res: Some(res) },
             };

@@ -10,7 +10,7 @@
 //! 2. the body limit (tower-http `RequestBodyLimit`: `413` on a `Content-Length` over
 //!    the limit; a streamed body is cut there and the proxy answers `413`);
 //! 3. [`Sanitize`](crate::sanitize::Sanitize): `431` on too many or too large headers,
-//!    hop-by-hop stripping, the client's forwarding headers replaced (`X-Forwarded-For`
+//!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping, the client's forwarding headers replaced (`X-Forwarded-For`
 //!    from the connection's client address, `X-Forwarded-Proto`, `X-Forwarded-Host`);
 //! 4. the adaptive controller's latency measurement (backend answers only);
 //! 5. the [`Proxy`].

@@ -573,6 +573,44 @@ async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
 }
 
 #[tokio::test]
+async fn a_missing_repeated_or_invalid_host_is_400() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    for (what, req) in [
+        (
+            "HTTP/1.1 without Host",
+            "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "two Host fields",
+            "GET / HTTP/1.1\r\nHost: gw.test\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "two Host fields in HTTP/1.0",
+            "GET / HTTP/1.0\r\nHost: gw.test\r\nHost: other.test\r\n\r\n",
+        ),
+        (
+            "userinfo in Host",
+            "GET / HTTP/1.1\r\nHost: user@gw.test\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        let out = raw(gw.addr, req.as_bytes()).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.0 400"),
+            "{what}: {out}"
+        );
+    }
+    assert_eq!(b0.hits(), 0, "refused before the backend");
+
+    let out = raw(gw.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        out.starts_with("HTTP/1.0 200"),
+        "HTTP/1.0 needs no Host: {out}"
+    );
+    assert_eq!(b0.hits(), 1);
+}
+
+#[tokio::test]
 async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
     let b0 = Backend::start().await;
     let mut cfg = config(&[&b0]);
@@ -593,6 +631,7 @@ async fn too_large_bodies_get_413_and_too_many_or_too_large_headers_431() {
 
     // Within the limit: through.
     let req = Request::post("/")
+        .header("host", "gw")
         .body(Full::new(Bytes::from(vec![b'x'; 1000])))
         .unwrap();
     let res = send(gw.addr, req).await.unwrap();
