@@ -873,14 +873,27 @@ async fn the_client_address_comes_from_a_trusted_proxy_header_only() {
     let seen = b0.seen.last_headers.lock().take().unwrap();
     assert_eq!(seen["x-forwarded-for"], "203.0.113.9");
 
-    // Not trusted (no trusted proxies): a PROXY header is refused, never believed.
-    let gw = start(&config(&[&b0])).await;
+    // Not trusted: the PROXY layer is on, but for other networks. A PROXY header from
+    // this peer is refused (`untrusted`: the connection is closed, unanswered), never
+    // believed.
+    let mut cfg = config(&[&b0]);
+    cfg.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    let gw = start(&cfg).await;
     let out = raw(gw.addr, proxied).await;
-    assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(out, "", "closed without an answer");
     assert!(
         b0.seen.last_headers.lock().is_none(),
         "the request never reached the backend"
     );
+    // Without a PROXY header the same peer is served as itself.
+    let out = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = b0.seen.last_headers.lock().take().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
 }
 
 #[tokio::test]
