@@ -256,6 +256,47 @@ async fn a_blocked_publish_setting_a_topic_alias_ends_the_connection() {
     }
 }
 
+/// A blocked PUBLISH that sets a Topic Alias ends the connection; the block is
+/// reported once, so it counts once toward `max_rejections`.
+#[tokio::test]
+async fn a_blocked_alias_publish_counts_once_toward_a_ban() {
+    use aegis_mqtt::security::{BanKey, Security, SecurityLayer};
+    let inspector = Inspector::builder()
+        .topics(TopicRule::new(ClientMatch::Any).deny("admin/#"))
+        .build()
+        .unwrap();
+    // More than one rejection bans the address.
+    let sec = Security::builder().max_rejections(1).build();
+    let svc = SecurityLayer::new(sec.clone()).layer(layer(inspector).layer(service_fn(
+        |mut io: MqttIo<Conn<DuplexStream>>| async move {
+            // CONNACK: success, Topic Alias Maximum 10.
+            let connack = B::new().u8(0).u8(0).props(&[0x22, 0, 10]).frame(0x20);
+            io.write_all(&connack).await?;
+            let mut seen = Vec::new();
+            io.read_to_end(&mut seen).await?;
+            Ok::<_, io::Error>(())
+        },
+    )));
+    let blocked = publish_v5(0, 0, "admin/x", &[0x23, 0, 1], b"{}");
+    let bytes = [connect_v5("c1"), blocked].concat();
+    let banned = || sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap()));
+    let mut after = Vec::new();
+    for _ in 0..2 {
+        let (server, client) = common::client(1 << 16, bytes.clone());
+        let conn = Conn::new(
+            server,
+            "192.0.2.7:1".parse().unwrap(),
+            "127.0.0.1:1883".parse().unwrap(),
+        );
+        let r = svc.clone().oneshot(conn).await;
+        client.await.unwrap();
+        assert_eq!(label_of(&*r.unwrap_err()), ("mqtt", "not_authorized"));
+        after.push(banned());
+    }
+    // Counted once each: not banned after the first, banned after the second.
+    assert_eq!(after, [false, true], "{:?}", sec.bans());
+}
+
 #[test]
 fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
     let ((), snap) = testing::run(true, || async {

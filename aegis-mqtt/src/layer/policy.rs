@@ -670,6 +670,9 @@ impl ConnPolicy {
             .blocked_by()
             .is_some_and(|hit| !hit.kind().is_payload());
         if sets_alias(p) {
+            // Reported here as a block: the security layer need not report the refusal
+            // again.
+            crate::security::mark_reported();
             return Verdict::Refuse(if by_topic {
                 MqttError::NotAuthorized
             } else {
