@@ -533,6 +533,7 @@ async fn an_exempt_network_counts_toward_no_ban_but_bans_still_apply_to_it() {
     let sec = Security::builder()
         .max_connects(2)
         .ban_by_addr(false)
+        .ban_by_client_id(true)
         .exempt(["192.0.2.0/28".parse().unwrap()])
         .build();
     // Ten connects from an exempt address do not ban the client id they give.
@@ -774,7 +775,7 @@ async fn connects_count_per_client_id_across_addresses() {
     let sec = Security::builder()
         .max_connects(2)
         .ban_by_addr(false)
-        .ban_by_username(false)
+        .ban_by_client_id(true)
         .build();
     for i in 1..=2 {
         let r = through_mqtt(&sec, &format!("192.0.2.{i}:1"), connect(false, "dev", None)).await;
@@ -795,6 +796,24 @@ async fn connects_count_per_client_id_across_addresses() {
     // Another client id from the same address is served.
     let r = through_mqtt(&sec, "192.0.2.3:2", connect(false, "other", None)).await;
     assert_eq!(labels(&r.result), ("ok", "ok"));
+}
+
+/// By default the detector bans addresses only: a client that connects in a victim's
+/// name from several addresses gets its own addresses banned, never the victim's client
+/// id or username.
+#[tokio::test(start_paused = true)]
+async fn by_default_no_client_can_get_a_victims_name_banned() {
+    let sec = Security::builder().max_connects(2).build();
+    for i in 1..=3 {
+        for _ in 0..3 {
+            let peer = format!("192.0.2.{i}:1");
+            let _ = through_mqtt(&sec, &peer, connect(false, "victim", Some("alice"))).await;
+        }
+    }
+    assert!(!sec.is_banned(&BanKey::client_id("victim")));
+    assert!(!sec.is_banned(&BanKey::username("alice")));
+    assert!(sec.is_banned(&addr("192.0.2.1")), "{:?}", sec.bans());
+    assert!(sec.bans().iter().all(|b| matches!(b.key, BanKey::Addr(_))));
 }
 
 #[test]
@@ -1468,7 +1487,7 @@ async fn a_client_id_over_max_connects_is_refused_at_its_connect_and_closed_wher
     let sec = Security::builder()
         .max_connects(1)
         .ban_by_addr(false)
-        .ban_by_username(false)
+        .ban_by_client_id(true)
         .build();
     // Kept to the end: dropping its stop would stop the loop.
     let served = serve_pinged(&sec).await;

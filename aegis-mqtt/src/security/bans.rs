@@ -234,6 +234,15 @@ impl BanKeys {
         client_id: true,
     };
 
+    /// Client addresses only: the default. Usernames and client ids are the client's
+    /// claims, made before any authentication, so any client could get someone else's
+    /// banned (and their open sessions closed) by failing with them.
+    pub const ADDR: Self = Self {
+        addr: true,
+        username: false,
+        client_id: false,
+    };
+
     /// No key: the detector only counts nothing and bans nothing.
     pub const NONE: Self = Self {
         addr: false,
@@ -252,7 +261,7 @@ impl BanKeys {
 
 impl Default for BanKeys {
     fn default() -> Self {
-        Self::ALL
+        Self::ADDR
     }
 }
 

@@ -91,10 +91,11 @@
 //! before).
 //!
 //! Usernames and client ids are the client's own claims, checked before any
-//! authentication: a client can get a username banned by failing to log in with it. Use
-//! [`ban_by`](SecurityBuilder::ban_by) to keep the detector to the keys you trust
-//! (addresses only, say); manual bans of any key still apply. An empty client id (which
-//! MQTT lets the broker assign) is never counted by the detector.
+//! authentication: a client could get someone else's username banned by failing to log
+//! in with it. So the detector counts and bans client addresses only by default;
+//! [`ban_by`](SecurityBuilder::ban_by) adds usernames and client ids, with that risk.
+//! Manual bans of any key apply either way. An empty client id (which MQTT lets the
+//! broker assign) is never counted by the detector.
 //!
 //! # Example
 //!
@@ -420,7 +421,7 @@ impl Default for SecurityBuilder {
                 rejections: None,
             },
             ban_for: Duration::from_secs(300),
-            ban_by: BanKeys::ALL,
+            ban_by: BanKeys::ADDR,
             max_tracked: 100_000,
             max_bans: 100_000,
             close_on_ban: true,
@@ -531,8 +532,14 @@ impl SecurityBuilder {
         self
     }
 
-    /// Which keys the detector counts and bans (all three by default). Bans through the
-    /// handle apply whatever this says.
+    /// Which keys the detector counts and bans ([`BanKeys::ADDR`], client addresses
+    /// only, by default). Bans through the handle apply whatever this says.
+    ///
+    /// Counting usernames or client ids ([`BanKeys::ALL`]) catches a brute force of one
+    /// account from many addresses, at a price: they are the client's own claims, made
+    /// before any authentication, so any client can get a victim's username or client
+    /// id banned by failing with it from a few addresses (each address's own ban comes
+    /// with its own threshold), and the ban closes the victim's open sessions too.
     pub const fn ban_by(mut self, keys: BanKeys) -> Self {
         self.ban_by = keys;
         self
@@ -544,13 +551,13 @@ impl SecurityBuilder {
         self
     }
 
-    /// Whether the detector bans usernames (on by default).
+    /// Whether the detector bans usernames (off by default: see [`ban_by`](Self::ban_by)).
     pub const fn ban_by_username(mut self, on: bool) -> Self {
         self.ban_by.username = on;
         self
     }
 
-    /// Whether the detector bans client ids (on by default).
+    /// Whether the detector bans client ids (off by default: see [`ban_by`](Self::ban_by)).
     pub const fn ban_by_client_id(mut self, on: bool) -> Self {
         self.ban_by.client_id = on;
         self
@@ -1466,7 +1473,10 @@ mod tests {
     async fn the_connect_that_crosses_a_threshold_is_refused_by_its_connack_not_closed() {
         // Two CONNECTs of one client id over a threshold of 1: the second is refused at
         // its CONNECT (the MQTT layer then answers it), the first, open, is closed.
-        let sec = Security::builder().max_connects(1).build();
+        let sec = Security::builder()
+            .max_connects(1)
+            .ban_by(BanKeys::ALL)
+            .build();
         let bytes = [
             0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
         ];
@@ -1494,7 +1504,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reports_carry_the_connection_and_auth_failures_ban_every_known_key() {
-        let sec = Security::builder().max_auth_failures(1).build();
+        let sec = Security::builder()
+            .max_auth_failures(1)
+            .ban_by(BanKeys::ALL)
+            .build();
         // Outside a connection: nothing happens.
         report(auth_failure());
         mark_reported();
