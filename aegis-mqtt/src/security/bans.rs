@@ -386,8 +386,8 @@ impl BanTable {
     }
 
     /// Bans `key` until `until` (replacing a ban of the same key). When the table is full,
-    /// the ban that ends soonest makes room. Returns `false` when the table holds none
-    /// (`max` is 0).
+    /// a ban makes room (see [`evict_for`](Self::evict_for)). Returns `false` when the
+    /// table takes it not: `max` is 0, or a detector's ban finds only bans by hand.
     pub(super) fn insert(
         &mut self,
         key: BanKey,
@@ -401,10 +401,8 @@ impl BanTable {
         }
         if let Some(old) = self.take(&key) {
             self.by_expiry.remove(&(old.until, old.id));
-        } else if self.len() >= self.max {
-            if let Some((_, evicted)) = self.by_expiry.pop_first() {
-                self.take(&evicted);
-            }
+        } else if self.len() >= self.max && !self.evict_for(reason) {
+            return false;
         }
         let until = later(now, d);
         let wall = SystemTime::now()
@@ -426,6 +424,41 @@ impl BanTable {
             names => self.names.insert(names, entry),
         };
         true
+    }
+
+    /// Makes room for a ban with `reason` in the full table; `false` if there is none for
+    /// it. The ban that ends soonest goes, but bans by hand ([`Cause::Manual`]) go only
+    /// for another ban by hand: a flood of detector bans (an attacker earning bans from
+    /// many addresses on purpose) cannot push an operator's out. Each eviction is counted
+    /// in `aegis_security_bans_evicted_total`.
+    fn evict_for(&mut self, reason: &'static str) -> bool {
+        let manual = Cause::Manual.as_str();
+        let soonest_detector = self
+            .by_expiry
+            .iter()
+            .find(|(_, k)| self.get(k).is_some_and(|e| e.reason != manual))
+            .map(|(at, _)| *at);
+        let at = match soonest_detector {
+            Some(at) => at,
+            None if reason == manual => match self.by_expiry.keys().next() {
+                Some(at) => *at,
+                None => return false,
+            },
+            None => return false,
+        };
+        if let Some(evicted) = self.by_expiry.remove(&at) {
+            self.take(&evicted);
+            super::metrics::evicted();
+        }
+        true
+    }
+
+    /// The entry of `key` itself.
+    fn get(&self, key: &BanKey) -> Option<&Entry> {
+        match key {
+            BanKey::Addr(net) => self.nets.get(net),
+            names => self.names.get(names),
+        }
     }
 
     /// Whether `key` is banned (a network by any ban that holds it, see
@@ -634,6 +667,49 @@ mod tests {
         assert_eq!(t.len(), 0);
         let mut none = BanTable::new(0);
         assert!(!none.insert(addr("192.0.2.1"), now, Duration::from_secs(1), "manual"));
+    }
+
+    /// Detector bans never push out bans by hand, whenever these end; bans by hand push
+    /// out detector bans first.
+    #[test]
+    fn a_flood_of_detector_bans_cannot_evict_bans_by_hand() {
+        let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+            let mut t = BanTable::new(3);
+            let now = Instant::now();
+            let s = Duration::from_secs;
+            assert!(t.insert(addr("192.0.2.1"), now, s(10), "manual"));
+            assert!(t.insert(addr("192.0.2.2"), now, s(20), "connects"));
+            assert!(t.insert(addr("192.0.2.3"), now, s(30), "manual"));
+            // A detector ban evicts the detector's, though a manual one ends sooner.
+            assert!(t.insert(addr("198.51.100.1"), now, s(300), "auth_failures"));
+            assert!(t.contains(&addr("192.0.2.1"), now));
+            assert!(!t.contains(&addr("192.0.2.2"), now));
+            // A thousand more detector bans: they push out each other, never a manual one.
+            for i in 0..1000u32 {
+                let key = BanKey::addr(std::net::Ipv4Addr::from(0xCB00_7100 + i).into());
+                t.insert(key, now, s(300), "rejections");
+            }
+            assert!(t.contains(&addr("192.0.2.1"), now) && t.contains(&addr("192.0.2.3"), now));
+            assert_eq!(t.len(), 3);
+            // A manual ban pushes out the one detector ban left, then the soonest manual.
+            assert!(t.insert(addr("192.0.2.4"), now, s(40), "manual"));
+            let manual: Vec<_> = t.list(now).into_iter().map(|b| b.key.to_string()).collect();
+            assert_eq!(
+                manual,
+                [
+                    "addr:192.0.2.1/32",
+                    "addr:192.0.2.3/32",
+                    "addr:192.0.2.4/32"
+                ]
+            );
+            // Full of bans by hand: a detector ban is not put in place; another by hand is.
+            assert!(!t.insert(addr("198.51.100.2"), now, s(300), "connects"));
+            assert!(t.insert(addr("192.0.2.5"), now, s(50), "manual"));
+            assert!(!t.contains(&addr("192.0.2.1"), now));
+        });
+        let evicted = aegis_core::metrics::testing::capture(&snap)
+            .counter(super::super::metrics::BANS_EVICTED_TOTAL, &[]);
+        assert_eq!(evicted, 1 + 1000 + 1 + 1);
     }
 
     #[tokio::test(start_paused = true)]

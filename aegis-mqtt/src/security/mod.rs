@@ -182,6 +182,7 @@
 //! | `aegis_security_bans` | gauge | (the bans in force, set when the table changes) |
 //! | `aegis_security_bans_total` | counter | `key` (`addr`, `username`, `client_id`), `cause` (`connects`, `auth_failures`, `rejections`, `manual`) |
 //! | `aegis_security_untracked_total` | counter | (keys the full detector could not count) |
+//! | `aegis_security_bans_evicted_total` | counter | (bans pushed out of the full table before their end) |
 //!
 //! Refusals are also counted by `aegis_rejections_total{layer, reason}` as everywhere;
 //! an open connection a ban closes as `{layer="security", reason="closed_by_ban"}`.
@@ -190,7 +191,12 @@
 //!
 //! - The ban table holds at most [`max_bans`](SecurityBuilder::max_bans) bans (100,000 by
 //!   default). Ended bans vanish (they are dropped as the table is used, in `O(log n)`
-//!   each); when the table is full, a new ban evicts **the ban that ends soonest**.
+//!   each); when the table is full, a new ban evicts **the ban that ends soonest**
+//!   (`aegis_security_bans_evicted_total`), but a ban by hand only for another ban by
+//!   hand: a detector's ban that finds the table full of them is not put in place. So an
+//!   attacker who earns bans from many addresses on purpose can push out detector bans
+//!   (their own earlier ones too), never an operator's; size `max_bans` for the
+//!   addresses you expect to ban.
 //! - The detector tracks at most [`max_tracked`](SecurityBuilder::max_tracked) keys
 //!   (100,000 by default); it only tracks keys for thresholds that are set. When it is
 //!   full it drops the keys whose window ended, at most once a second (so a full
@@ -370,6 +376,9 @@ pub mod metrics {
     pub const BANS_TOTAL: &str = "aegis_security_bans_total";
     /// `aegis_security_untracked_total`: counts the full detector could not make.
     pub const UNTRACKED_TOTAL: &str = "aegis_security_untracked_total";
+    /// `aegis_security_bans_evicted_total`: bans pushed out of the full table before
+    /// their end.
+    pub const BANS_EVICTED_TOTAL: &str = "aegis_security_bans_evicted_total";
 
     pub(super) fn event(e: &Event) {
         metrics::counter!(
@@ -391,6 +400,10 @@ pub mod metrics {
 
     pub(super) fn untracked() {
         metrics::counter!(UNTRACKED_TOTAL).increment(1);
+    }
+
+    pub(super) fn evicted() {
+        metrics::counter!(BANS_EVICTED_TOTAL).increment(1);
     }
 }
 
@@ -721,7 +734,8 @@ impl Security {
     /// the open connections it matches unless built with
     /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban). Logs a `ban` event (rule
     /// `manual`) and counts `aegis_security_bans_total{cause="manual"}`. When the table
-    /// is full, the ban that ends soonest is evicted. A ban lasts at most [`MAX_BAN`].
+    /// is full, the ban that ends soonest is evicted (a detector's first, see
+    /// [Bounds](self#bounds)). A ban lasts at most [`MAX_BAN`].
     pub fn ban(&self, key: BanKey, duration: Duration) {
         self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
     }
