@@ -1,6 +1,6 @@
 //! Security events: their JSON form, the bounded log and the `tracing` event.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::ser::{Serialize, SerializeStruct, Serializer};
+use tokio::time::Instant;
 
 use super::{EventKind, Severity, metrics};
 
@@ -147,6 +148,38 @@ pub(super) struct EventLog {
 struct Ring {
     events: VecDeque<Event>,
     total: u64,
+    /// The events of each kind in the current second, see [`EVENTS_PER_SECOND`].
+    rates: HashMap<RateKey, Rate>,
+}
+
+/// The most events of one kind (the same layer, kind and rule) recorded and logged in a
+/// second: the rest are counted (`aegis_security_events_total` and
+/// `aegis_security_events_suppressed_total`) and summed up in the next one recorded. A
+/// flood (an attacker's, or every device reconnecting at once while the broker is down)
+/// would otherwise write a log line per connection and push every other event out of
+/// the log.
+pub const EVENTS_PER_SECOND: u32 = 20;
+
+/// The most kinds of events rated apart; beyond, the others share one rate. Kinds come
+/// from a fixed set of layers, kinds, reasons and configured rule names.
+const MAX_RATED_KINDS: usize = 1024;
+
+/// What makes two events of one kind for [`EVENTS_PER_SECOND`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RateKey {
+    Kind(&'static str, EventKind, Option<Arc<str>>),
+    /// Every kind beyond [`MAX_RATED_KINDS`].
+    Other,
+}
+
+#[derive(Debug)]
+struct Rate {
+    /// The start of the current second.
+    since: Instant,
+    /// Events recorded since.
+    recorded: u32,
+    /// Events not recorded since the last one that was.
+    suppressed: u64,
 }
 
 impl EventLog {
@@ -157,15 +190,26 @@ impl EventLog {
                 // Grows as events come, up to `capacity`.
                 events: VecDeque::new(),
                 total: 0,
+                rates: HashMap::new(),
             }),
         }
     }
 
-    /// Numbers, timestamps, keeps (dropping the oldest), traces and counts `event`.
+    /// Counts `event`; unless [`EVENTS_PER_SECOND`] of its kind were recorded this second,
+    /// numbers, timestamps, keeps (dropping the oldest) and traces it.
     pub(super) fn emit(&self, mut event: Event) {
+        metrics::event(&event);
         event.time = SystemTime::now();
         {
             let mut ring = self.inner.lock();
+            let Some(suppressed) = ring.rate(&event, Instant::now()) else {
+                metrics::suppressed();
+                return;
+            };
+            if suppressed > 0 {
+                let note = format!(" ({suppressed} more like it in the last second not recorded)");
+                event.details = clean_details(event.details + &note);
+            }
             ring.total += 1;
             event.seq = ring.total;
             if self.capacity > 0 {
@@ -176,7 +220,6 @@ impl EventLog {
             }
         }
         trace(&event);
-        metrics::event(&event);
     }
 
     /// The latest `limit` events, oldest first.
@@ -186,9 +229,40 @@ impl EventLog {
         ring.events.iter().skip(skip).cloned().collect()
     }
 
-    /// How many events were ever emitted.
+    /// How many events were ever recorded.
     pub(super) fn total(&self) -> u64 {
         self.inner.lock().total
+    }
+}
+
+impl Ring {
+    /// Whether `event` is recorded at `now`: `Some` with the number of its kind not
+    /// recorded since the last one that was, `None` if it is over its kind's rate.
+    fn rate(&mut self, event: &Event, now: Instant) -> Option<u64> {
+        let mut key = RateKey::Kind(event.layer, event.kind, event.rule.clone());
+        if !self.rates.contains_key(&key) && self.rates.len() >= MAX_RATED_KINDS {
+            // Kinds quiet for a second start over anyway: let them go first.
+            self.rates
+                .retain(|_, r| now.saturating_duration_since(r.since) < Duration::from_secs(1));
+            if self.rates.len() >= MAX_RATED_KINDS {
+                key = RateKey::Other;
+            }
+        }
+        let rate = self.rates.entry(key).or_insert(Rate {
+            since: now,
+            recorded: 0,
+            suppressed: 0,
+        });
+        if now.saturating_duration_since(rate.since) >= Duration::from_secs(1) {
+            rate.since = now;
+            rate.recorded = 0;
+        }
+        if rate.recorded >= EVENTS_PER_SECOND {
+            rate.suppressed += 1;
+            return None;
+        }
+        rate.recorded += 1;
+        Some(std::mem::take(&mut rate.suppressed))
     }
 }
 
@@ -249,6 +323,61 @@ mod tests {
         let d = clean_details("\n".repeat(1000));
         assert!(d.len() <= MAX_DETAILS, "{}", d.len());
         assert_eq!(bounded("ab€", 3), "ab");
+    }
+
+    fn event(kind: EventKind, rule: &str, details: &str) -> Event {
+        Event::new("mqtt", kind, Severity::Medium, Some(rule), details.into())
+    }
+
+    /// A flood of one kind of event keeps [`EVENTS_PER_SECOND`] a second of it in the
+    /// log, counts all, and leaves other kinds alone.
+    #[test]
+    fn a_flood_of_one_kind_is_recorded_at_its_rate_and_summed_up() {
+        let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+            let log = EventLog::new(1024);
+            let mut seen = vec![(EventKind::Ban, "manual", "a ban before")];
+            log.emit(event(EventKind::Ban, "manual", "a ban before"));
+            for _ in 0..1000 {
+                log.emit(event(EventKind::Rejection, "malformed", "flood"));
+            }
+            log.emit(event(EventKind::Rejection, "slowloris", "another kind"));
+            seen.extend(
+                (0..EVENTS_PER_SECOND).map(|_| (EventKind::Rejection, "malformed", "flood")),
+            );
+            seen.push((EventKind::Rejection, "slowloris", "another kind"));
+            let got: Vec<_> = log.latest(2000);
+            let kinds: Vec<_> = got
+                .iter()
+                .map(|e| (e.kind, e.rule.as_deref().unwrap(), e.details.as_str()))
+                .collect();
+            assert_eq!(kinds, seen);
+            assert_eq!(log.total(), u64::from(EVENTS_PER_SECOND) + 2);
+            // A second later the kind is recorded again, with what was left out.
+            tokio::time::advance(Duration::from_secs(1)).await;
+            log.emit(event(EventKind::Rejection, "malformed", "flood"));
+            let last = log.latest(1).pop().unwrap();
+            assert_eq!(
+                last.details,
+                "flood (980 more like it in the last second not recorded)"
+            );
+        });
+        let c = aegis_core::metrics::testing::capture(&snap);
+        assert_eq!(c.counter(super::metrics::EVENTS_TOTAL, &[]), 1003);
+        assert_eq!(c.counter(super::metrics::EVENTS_SUPPRESSED_TOTAL, &[]), 980);
+    }
+
+    /// Kinds beyond [`MAX_RATED_KINDS`] share one rate: the table stays bounded.
+    #[tokio::test(start_paused = true)]
+    async fn the_rates_are_bounded() {
+        let log = EventLog::new(16);
+        for i in 0..(MAX_RATED_KINDS + 100) {
+            log.emit(event(EventKind::Flag, &format!("rule{i}"), ""));
+        }
+        assert_eq!(log.inner.lock().rates.len(), MAX_RATED_KINDS + 1);
+        assert_eq!(
+            log.total(),
+            MAX_RATED_KINDS as u64 + u64::from(EVENTS_PER_SECOND)
+        );
     }
 
     #[test]

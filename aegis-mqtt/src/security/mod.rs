@@ -162,7 +162,13 @@
 //! Client ids, usernames and rule names are cut to 256 bytes.
 //! [`Security::events`] returns the latest events **oldest first** (newest last); the log
 //! keeps [`events_capacity`](SecurityBuilder::events_capacity) events (1024 by default)
-//! and drops the oldest.
+//! and drops the oldest. At most [`EVENTS_PER_SECOND`] events of one kind (the same
+//! `layer`, `kind` and `rule`) a second are kept and logged; the others are counted in
+//! `aegis_security_events_total` and `aegis_security_events_suppressed_total`, and the
+//! next one kept says in its `details` how many were left out. So a flood of one kind
+//! (an attacker's malformed packets, every device reconnecting while the broker is
+//! down) neither writes a log line per connection nor pushes the other events out of
+//! the log.
 //!
 //! Every event is also a `tracing` event with target `aegis::security` and message
 //! `security event`, at `INFO` for severities `low` and `medium` and at `WARN` for `high`
@@ -183,6 +189,7 @@
 //! | `aegis_security_bans_total` | counter | `key` (`addr`, `username`, `client_id`), `cause` (`connects`, `auth_failures`, `rejections`, `manual`) |
 //! | `aegis_security_untracked_total` | counter | (keys the full detector could not count) |
 //! | `aegis_security_bans_evicted_total` | counter | (bans pushed out of the full table before their end) |
+//! | `aegis_security_events_suppressed_total` | counter | (events over their kind's rate: counted, not kept or logged) |
 //!
 //! Refusals are also counted by `aegis_rejections_total{layer, reason}` as everywhere;
 //! an open connection a ban closes as `{layer="security", reason="closed_by_ban"}`.
@@ -244,7 +251,7 @@ mod service;
 pub use self::bans::{Ban, BanKey, BanKeys, MAX_BAN};
 use self::bans::{BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds};
 pub use self::error::SecurityError;
-pub use self::events::Event;
+pub use self::events::{EVENTS_PER_SECOND, Event};
 use self::events::{EventLog, MAX_NAME, bounded};
 pub use self::future::ResponseFuture;
 pub use self::layer::SecurityLayer;
@@ -376,6 +383,9 @@ pub mod metrics {
     pub const BANS_TOTAL: &str = "aegis_security_bans_total";
     /// `aegis_security_untracked_total`: counts the full detector could not make.
     pub const UNTRACKED_TOTAL: &str = "aegis_security_untracked_total";
+    /// `aegis_security_events_suppressed_total`: events over their kind's rate, counted
+    /// but neither kept in the log nor logged.
+    pub const EVENTS_SUPPRESSED_TOTAL: &str = "aegis_security_events_suppressed_total";
     /// `aegis_security_bans_evicted_total`: bans pushed out of the full table before
     /// their end.
     pub const BANS_EVICTED_TOTAL: &str = "aegis_security_bans_evicted_total";
@@ -404,6 +414,10 @@ pub mod metrics {
 
     pub(super) fn evicted() {
         metrics::counter!(BANS_EVICTED_TOTAL).increment(1);
+    }
+
+    pub(super) fn suppressed() {
+        metrics::counter!(EVENTS_SUPPRESSED_TOTAL).increment(1);
     }
 }
 
@@ -850,8 +864,9 @@ impl Security {
         self.shared.log.latest(limit)
     }
 
-    /// How many events were emitted since this `Security` was built (the log keeps only
-    /// the latest).
+    /// How many events were recorded since this `Security` was built (the log keeps only
+    /// the latest; events over their kind's rate are not recorded, see
+    /// [`EVENTS_PER_SECOND`]).
     pub fn events_total(&self) -> u64 {
         self.shared.log.total()
     }
