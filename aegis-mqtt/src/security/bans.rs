@@ -569,19 +569,32 @@ pub(super) enum Recorded {
     Untracked,
 }
 
-/// Fixed-window counters per key, at most `max` keys.
+/// Fixed-window counters per key, at most `max` keys of each class: IPv4 networks, IPv6
+/// networks, names (client ids and usernames). Apart, so that keys that cost an attacker
+/// nothing (IPv6 /64s from one allocation, names) cannot fill the detector and leave a
+/// new IPv4 address (a brute force, say) uncounted.
 #[derive(Debug)]
 pub(super) struct Detector {
     max: usize,
-    map: Bounded<BanKey, Counts>,
+    maps: [Bounded<BanKey, Counts>; 3],
 }
 
 impl Detector {
     pub(super) fn new(max: usize) -> Self {
         Self {
             max,
-            map: Bounded::default(),
+            maps: Default::default(),
         }
+    }
+
+    /// The map of `key`'s class.
+    fn map(&mut self, key: &BanKey) -> &mut Bounded<BanKey, Counts> {
+        let class = match key {
+            BanKey::Addr(net) if net.network().is_ipv4() => 0,
+            BanKey::Addr(_) => 1,
+            BanKey::Username(_) | BanKey::ClientId(_) => 2,
+        };
+        &mut self.maps[class]
     }
 
     pub(super) fn record(
@@ -595,14 +608,16 @@ impl Detector {
             return Recorded::Off;
         };
         let window = t.window;
-        if !self.map.map.contains_key(key)
-            && !self.map.room(self.max, now, |c| {
+        let max = self.max;
+        let map = self.map(key);
+        if !map.map.contains_key(key)
+            && !map.room(max, now, |c| {
                 now.saturating_duration_since(c.start) < window
             })
         {
             return Recorded::Untracked;
         }
-        let counts = self.map.map.entry(key.clone()).or_insert(Counts {
+        let counts = map.map.entry(key.clone()).or_insert(Counts {
             start: now,
             connects: 0,
             auth_failures: 0,
@@ -623,7 +638,7 @@ impl Detector {
         };
         *n = n.saturating_add(1);
         if *n > threshold {
-            self.map.map.remove(key);
+            map.map.remove(key);
             Recorded::Crossed(threshold)
         } else {
             Recorded::Counted
@@ -631,7 +646,7 @@ impl Detector {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.map.map.len()
+        self.maps.iter().map(|m| m.map.len()).sum()
     }
 }
 
@@ -747,6 +762,43 @@ mod tests {
             Recorded::Counted
         );
         assert_eq!(d.len(), 1);
+    }
+
+    /// IPv4 networks, IPv6 networks and names each have their own `max`: a detector full
+    /// of IPv6 /64s or names still counts a new IPv4 address.
+    #[tokio::test(start_paused = true)]
+    async fn each_class_of_keys_has_its_own_room() {
+        let t = Thresholds {
+            window: Duration::from_secs(60),
+            connects: Some(1),
+            auth_failures: None,
+            rejections: None,
+        };
+        let mut d = Detector::new(2);
+        let now = Instant::now();
+        for i in 0..10u16 {
+            let v6 = BanKey::addr(std::net::Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 1).into());
+            d.record(&t, &v6, Cause::Connects, now);
+            d.record(
+                &t,
+                &BanKey::client_id(&format!("c{i}")),
+                Cause::Connects,
+                now,
+            );
+        }
+        assert_eq!(d.len(), 4);
+        let v4 = addr("192.0.2.1");
+        assert_eq!(d.record(&t, &v4, Cause::Connects, now), Recorded::Counted);
+        assert_eq!(
+            d.record(&t, &v4, Cause::Connects, now),
+            Recorded::Crossed(1)
+        );
+        // Each class is still bounded.
+        let other = BanKey::addr("2001:db8:ff::1".parse().unwrap());
+        assert_eq!(
+            d.record(&t, &other, Cause::Connects, now),
+            Recorded::Untracked
+        );
     }
 
     #[test]

@@ -205,10 +205,13 @@
 //!   (their own earlier ones too), never an operator's; size `max_bans` for the
 //!   addresses you expect to ban.
 //! - The detector tracks at most [`max_tracked`](SecurityBuilder::max_tracked) keys
-//!   (100,000 by default); it only tracks keys for thresholds that are set. When it is
-//!   full it drops the keys whose window ended, at most once a second (so a full
-//!   detector costs no `O(n)` scan per connection); when it is still full, new keys are
-//!   not tracked (`aegis_security_untracked_total`) until room is made.
+//!   (100,000 by default) of each class: IPv4 networks, IPv6 networks, names (client
+//!   ids and usernames); it only tracks keys for thresholds that are set. When a class
+//!   is full it drops its keys whose window ended, at most once a second (so a full
+//!   detector costs no `O(n)` scan per connection); when it is still full, new keys of
+//!   that class are not tracked (`aegis_security_untracked_total`) until room is made.
+//!   The classes are apart so that keys that cost an attacker nothing (IPv6 /64s out of
+//!   one allocation, names) cannot leave a new IPv4 address uncounted.
 //! - The event log holds at most `events_capacity` events, each bounded as above.
 //! - The open connections a ban closes are kept one slot each (their context, which
 //!   the connection holds anyway), as many as the accept loop serves at once.
@@ -590,7 +593,8 @@ impl SecurityBuilder {
         self
     }
 
-    /// How many keys the detector tracks at most (100,000 by default).
+    /// How many keys of each class (IPv4 networks, IPv6 networks, names) the detector
+    /// tracks at most (100,000 by default; see [Bounds](self#bounds)).
     pub const fn max_tracked(mut self, keys: usize) -> Self {
         self.max_tracked = keys;
         self
