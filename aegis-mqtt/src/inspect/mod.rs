@@ -5,7 +5,8 @@
 //!
 //! | rule kind | builder | rule name | checks |
 //! |---|---|---|---|
-//! | patterns | [`pattern`](InspectorBuilder::pattern), [`default_rules`](InspectorBuilder::default_rules) | yours; `sql_injection`, `command_injection`, `xss`, `path_traversal` | regular expressions over the payload's bytes, all compiled into one `regex::bytes::RegexSet` |
+//! | patterns | [`pattern`](InspectorBuilder::pattern) | yours | regular expressions over the payload's bytes, compiled into a `regex::bytes::RegexSet` |
+//! | text patterns | [`text_pattern`](InspectorBuilder::text_pattern), [`default_rules`](InspectorBuilder::default_rules) | yours; `sql_injection`, `command_injection`, `xss`, `path_traversal` | the same, on payloads that are valid UTF-8 only (see [Text and binary payloads](self#text-and-binary-payloads)) |
 //! | size | [`max_payload`](InspectorBuilder::max_payload) | `max_payload` | payloads over a number of bytes |
 //! | entropy | [`entropy`](InspectorBuilder::entropy) | `entropy` | Shannon entropy over a threshold, on payloads of at least `min_len` bytes |
 //! | topics | [`topics`](InspectorBuilder::topics) | `topic_acl` | allow and deny topic filters per client ([`TopicRule`]), with `%c` / `%u` |
@@ -14,8 +15,9 @@
 //! [`Severity`]. [`Inspector::inspect`] is the pure check, usable anywhere: it runs the
 //! cheapest checks first (size, topics, then one pass of the pattern set, then entropy),
 //! stops at the first blocking rule, and allocates nothing when no rule matches. The
-//! patterns cost one pass of a lazy DFA over the payload however many there are; only
-//! when one matches does a second pass name them.
+//! patterns cost one pass of a lazy DFA over the payload however many there are (after
+//! a UTF-8 check when there are text patterns); only when one matches does a second pass
+//! name them.
 //!
 //! Attach it to the layer's [`Policy`](crate::layer::Policy) with
 //! [`PolicyBuilder::inspect`](crate::layer::PolicyBuilder::inspect): each PUBLISH that
@@ -43,6 +45,31 @@
 //! of each PUBLISH it forwards (at most 64 KiB per connection, each alias counted as its
 //! topic plus 48 bytes), as the broker does. A PUBLISH whose alias the gateway has not recorded is blocked by `topic_acl`
 //! (severity high): the gateway cannot tell where it goes.
+//!
+//! # Text and binary payloads
+//!
+//! The default rules, and patterns added with
+//! [`text_pattern`](InspectorBuilder::text_pattern), are *text rules*: they look for SQL,
+//! shell, HTML and path syntax, which matters to a consumer that reads the payload as
+//! text (JSON, HTML, a shell command line, a file name). They run only on payloads that
+//! are valid UTF-8. A payload that is not (firmware, images, compressed or encrypted data,
+//! most protobuf and CBOR) gets only the rules that do not read text: size, entropy and
+//! the patterns added with [`pattern`](InspectorBuilder::pattern). Run over arbitrary
+//! bytes, the text rules would find a backtick-quoted "command" or a quote before `#`
+//! in most binary payloads of a few KiB, and block them.
+//!
+//! What this leaves: a consumer that decodes invalid UTF-8 leniently as text (replacing
+//! or dropping the bad bytes, as JavaScript's `TextDecoder` and Python's
+//! `errors="replace"` do by default or on request) is **not protected**: `<script>`
+//! followed by one `0xFF` byte passes the text rules. Make such consumers decode strictly,
+//! or add a [`pattern`](InspectorBuilder::pattern) of your own for what must never pass
+//! whatever the encoding. A binary payload that happens to be valid UTF-8 (a short
+//! protobuf message of small numbers and ASCII strings, say) does get the text rules; the
+//! default rules' gaps are bounded and do not span control bytes, so that such data
+//! seldom looks like an attack.
+//!
+//! The inspector decides by the payload's bytes, not by an MQTT 5 Payload Format
+//! Indicator: the indicator is not part of the [`Message`] it is given.
 //!
 //! # Example
 //!
@@ -330,7 +357,7 @@ pub struct Inspector {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Meta {
     name: Arc<str>,
     kind: RuleKind,
@@ -349,11 +376,24 @@ impl Meta {
     }
 }
 
+/// Compiled patterns, and the rule of each.
+#[derive(Debug)]
+struct Patterns {
+    set: RegexSet,
+    /// One per pattern of `set`, in its order.
+    meta: Vec<Meta>,
+}
+
 #[derive(Debug)]
 struct Inner {
-    set: Option<RegexSet>,
-    /// One per pattern of `set`, in its order.
-    patterns: Vec<Meta>,
+    /// Every pattern: what a payload that is valid UTF-8 is checked against (every
+    /// payload, when there is no text pattern).
+    text: Option<Patterns>,
+    /// The patterns that are not text patterns: what a payload that is not valid UTF-8
+    /// is checked against, when there are text patterns.
+    binary: Option<Patterns>,
+    /// Whether there are text patterns, and so a payload needs a UTF-8 check.
+    utf8_check: bool,
     max_payload: Option<(usize, Meta)>,
     entropy: Option<(f64, usize, Meta)>,
     topics: Vec<TopicRule>,
@@ -362,11 +402,22 @@ struct Inner {
     unknown_alias: Meta,
 }
 
+/// A pattern as added to the builder.
+#[derive(Debug, Clone)]
+struct PatternSpec {
+    name: String,
+    regex: String,
+    action: Action,
+    severity: Severity,
+    /// A text pattern: checked against payloads that are valid UTF-8 only.
+    text: bool,
+}
+
 /// Builds an [`Inspector`]; no rule until added. See the [module docs](self).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct InspectorBuilder {
-    patterns: Vec<(String, String, Action, Severity)>,
+    patterns: Vec<PatternSpec>,
     max_payload: Option<(usize, Action, Severity)>,
     entropy: Option<(f64, usize, Action, Severity)>,
     topics: Vec<TopicRule>,
@@ -420,11 +471,16 @@ impl Inspector {
                     })?;
                 }
             }
-            if let Some(set) = &inner.set {
+            let patterns = if !inner.utf8_check || std::str::from_utf8(payload).is_ok() {
+                &inner.text
+            } else {
+                &inner.binary
+            };
+            if let Some(Patterns { set, meta }) = patterns {
                 if set.is_match(payload) {
                     // Name them: a second pass, only now.
                     for i in &set.matches(payload) {
-                        if let Some(meta) = inner.patterns.get(i) {
+                        if let Some(meta) = meta.get(i) {
                             hit(meta.hit())?;
                         }
                     }
@@ -455,7 +511,7 @@ impl Inspector {
 
     /// The number of patterns compiled into the set (the default set's included).
     pub fn pattern_count(&self) -> usize {
-        self.inner.patterns.len()
+        self.inner.text.as_ref().map_or(0, |p| p.meta.len())
     }
 
     /// The `topic_acl` block of a PUBLISH whose topic alias is unknown.
@@ -465,18 +521,47 @@ impl Inspector {
 }
 
 impl InspectorBuilder {
-    /// Adds a pattern named `name` over payload bytes (`regex` crate syntax; add `(?i)`
-    /// for case-insensitive, `(?-u)` to match bytes rather than UTF-8 text). Several
-    /// patterns may share a name.
+    /// Adds a pattern named `name` over the bytes of every payload, text or binary
+    /// (`regex` crate syntax; add `(?i)` for case-insensitive, `(?-u)` to match bytes
+    /// rather than UTF-8 text). Several patterns may share a name.
     pub fn pattern(
-        mut self,
+        self,
         name: impl Into<String>,
         regex: impl Into<String>,
         action: Action,
         severity: Severity,
     ) -> Self {
-        self.patterns
-            .push((name.into(), regex.into(), action, severity));
+        self.add(name.into(), regex.into(), action, severity, false)
+    }
+
+    /// Adds a text pattern, as the default rules are: like
+    /// [`pattern`](Self::pattern), but checked only against payloads that are valid
+    /// UTF-8 (see [Text and binary payloads](self#text-and-binary-payloads)).
+    pub fn text_pattern(
+        self,
+        name: impl Into<String>,
+        regex: impl Into<String>,
+        action: Action,
+        severity: Severity,
+    ) -> Self {
+        self.add(name.into(), regex.into(), action, severity, true)
+    }
+
+    fn add(
+        mut self,
+        name: String,
+        regex: String,
+        action: Action,
+        severity: Severity,
+        text: bool,
+    ) -> Self {
+        self.patterns.push(PatternSpec {
+            name,
+            regex,
+            action,
+            severity,
+            text,
+        });
         self
     }
 
@@ -489,7 +574,7 @@ impl InspectorBuilder {
     /// catch before blocking.
     pub fn default_rules_as(mut self, action: Action) -> Self {
         for r in rules::DEFAULT_RULES {
-            self = self.pattern(r.name, r.pattern, action, r.severity);
+            self = self.text_pattern(r.name, r.pattern, action, r.severity);
         }
         self
     }
@@ -542,47 +627,39 @@ impl InspectorBuilder {
             action,
             severity,
         };
-        let mut patterns = Vec::with_capacity(self.patterns.len());
-        for (name, regex, action, severity) in &self.patterns {
-            if name.is_empty() {
+        let mut patterns: Vec<(&PatternSpec, Meta)> = Vec::with_capacity(self.patterns.len());
+        for p in &self.patterns {
+            if p.name.is_empty() {
                 return Err(InspectError::EmptyName);
             }
             // Compiled alone first, so that an error names its rule.
-            RegexBuilder::new(regex)
+            RegexBuilder::new(&p.regex)
                 .size_limit(self.size_limit)
                 .build()
                 .map_err(|e| InspectError::Pattern {
-                    rule: name.clone(),
+                    rule: p.name.clone(),
                     reason: e.to_string(),
                 })?;
             // Patterns sharing a name share one `Arc`.
             let shared = patterns
                 .iter()
-                .find(|m: &&Meta| &*m.name == name)
-                .map(|m| Arc::clone(&m.name));
-            patterns.push(Meta {
-                name: shared.unwrap_or_else(|| Arc::from(name.as_str())),
+                .find(|(_, m)| *m.name == *p.name)
+                .map(|(_, m)| Arc::clone(&m.name));
+            let meta = Meta {
+                name: shared.unwrap_or_else(|| Arc::from(p.name.as_str())),
                 kind: RuleKind::Pattern,
-                action: *action,
-                severity: *severity,
-            });
+                action: p.action,
+                severity: p.severity,
+            };
+            patterns.push((p, meta));
         }
-        let set = if self.patterns.is_empty() {
-            None
+        let utf8_check = patterns.iter().any(|(p, _)| p.text);
+        let text = Patterns::build(&patterns, self.size_limit)?;
+        let binary = if utf8_check {
+            let binary: Vec<_> = patterns.iter().filter(|(p, _)| !p.text).cloned().collect();
+            Patterns::build(&binary, self.size_limit)?
         } else {
-            // One more pattern, which never matches (a byte before the start), and
-            // whose first byte can be any: the set then has no literal prefilter. On
-            // short payloads the lazy DFA alone is about twice as fast as a prefilter
-            // that keeps stopping at bytes as common as `"` and restarting the DFA.
-            let patterns = self.patterns.iter().map(|p| p.1.as_str());
-            Some(
-                RegexSetBuilder::new(patterns.chain([NO_PREFILTER]))
-                    .size_limit(self.size_limit)
-                    .build()
-                    .map_err(|e| InspectError::PatternSet {
-                        reason: e.to_string(),
-                    })?,
-            )
+            None
         };
         if let Some((threshold, ..)) = self.entropy {
             if !(threshold > 0.0 && threshold <= 8.0) {
@@ -594,8 +671,9 @@ impl InspectorBuilder {
         }
         Ok(Inspector {
             inner: Arc::new(Inner {
-                set,
-                patterns,
+                text,
+                binary,
+                utf8_check,
                 max_payload: self
                     .max_payload
                     .map(|(n, a, s)| (n, meta(MAX_PAYLOAD, RuleKind::MaxPayload, a, s))),
@@ -607,6 +685,31 @@ impl InspectorBuilder {
                 unknown_alias: meta(TOPIC_ACL, RuleKind::Topic, Action::Block, Severity::High),
             }),
         })
+    }
+}
+
+impl Patterns {
+    /// The set of `patterns`, if any.
+    fn build(
+        patterns: &[(&PatternSpec, Meta)],
+        size_limit: usize,
+    ) -> Result<Option<Self>, InspectError> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        // One more pattern, which never matches (a byte before the start), and whose
+        // first byte can be any: the set then has no literal prefilter. On short payloads
+        // the lazy DFA alone is about twice as fast as a prefilter that keeps stopping at
+        // bytes as common as `"` and restarting the DFA.
+        let regexes = patterns.iter().map(|(p, _)| p.regex.as_str());
+        let set = RegexSetBuilder::new(regexes.chain([NO_PREFILTER]))
+            .size_limit(size_limit)
+            .build()
+            .map_err(|e| InspectError::PatternSet {
+                reason: e.to_string(),
+            })?;
+        let meta = patterns.iter().map(|(_, m)| m.clone()).collect();
+        Ok(Some(Self { set, meta }))
     }
 }
 

@@ -3,6 +3,11 @@
 //! Every pattern runs over the payload's bytes with `(?i-u)`: ASCII case-insensitive,
 //! and no Unicode classes, so `\s`, `\w` and `\b` are ASCII and the lazy DFA never has
 //! to give up on a non-ASCII byte.
+//!
+//! They are text rules: only payloads that are valid UTF-8 get them. Even so, a gap
+//! between two delimiters (a quoted string, a command in backticks, a `/* */` comment)
+//! is bounded and spans no control byte but a tab (`` [^`\x00-\x08\x0a-\x1f\x7f]{0,256} ``):
+//! binary data that happens to be valid UTF-8 is full of control bytes, text is not.
 
 use crate::security::Severity;
 
@@ -32,7 +37,7 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     rule(
         SQL,
         Severity::High,
-        r#"(?i-u)'\s*(?:or|and|\|\||&&)\s*(?:'[^']*'|"[^"]*"|\d+|[a-z_]+)\s*(?:=|<>|!=|<|>|\blike\b)"#,
+        r#"(?i-u)'\s*(?:or|and|\|\||&&)\s*(?:'[^'\x00-\x08\x0a-\x1f\x7f]{0,64}'|"[^"\x00-\x08\x0a-\x1f\x7f]{0,64}"|\d+|[a-z_]+)\s*(?:=|<>|!=|<|>|\blike\b)"#,
     ),
     // " or ""=", or 1=1
     rule(
@@ -44,7 +49,7 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     rule(
         SQL,
         Severity::High,
-        r"(?i-u)\bunion(?:\s|\+|/\*[^*]*\*/)+(?:all(?:\s|\+|/\*[^*]*\*/)+)?select\b",
+        r"(?i-u)\bunion(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+(?:all(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+)?select\b",
     ),
     // ; DROP TABLE, ; delete from, ; insert into, ; shutdown
     rule(
@@ -80,7 +85,7 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     rule(
         CMD,
         Severity::Critical,
-        r"(?i-u)\$\(\s*[a-z/.]|`\s*[a-z/.][^`\n]*`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b",
+        r"(?i-u)\$\(\s*[a-z/.]|`\s*[a-z/.][^`\x00-\x08\x0a-\x1f\x7f]{0,256}`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b",
     ),
     // <script>, </script>, <iframe, <object, <embed
     rule(

@@ -261,3 +261,159 @@ fn fuzz_entry_survives_odd_input() {
         fuzz(data);
     }
 }
+
+/// `n` bytes from a fixed xorshift64 seeded with `seed`.
+pub(crate) fn random(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_be_bytes()[0]
+        })
+        .collect()
+}
+
+/// The first 4 KiB of an x86-64 ELF executable, as a firmware update carries it in
+/// chunks: the ELF header, program headers, the interpreter path, then a GNU hash
+/// table (its Bloom filter and buckets look random).
+fn elf_chunk() -> Vec<u8> {
+    let u16le = |v: u16| v.to_le_bytes().to_vec();
+    let u32le = |v: u32| v.to_le_bytes().to_vec();
+    let u64le = |v: u64| v.to_le_bytes().to_vec();
+    let mut elf = [&b"\x7fELF\x02\x01\x01\x00"[..], &[0; 8]].concat();
+    for v in [3, 0x3e] {
+        elf.extend(u16le(v)); // ET_DYN, EM_X86_64
+    }
+    elf.extend(u32le(1));
+    for v in [0x3_2f10, 64, 0x13_8f48] {
+        elf.extend(u64le(v)); // entry, program and section header offsets
+    }
+    elf.extend(u32le(0));
+    for v in [64, 56, 11, 64, 30, 29] {
+        elf.extend(u16le(v));
+    }
+    // PHDR, INTERP, LOAD x4, DYNAMIC, NOTE, GNU_EH_FRAME, GNU_STACK, GNU_RELRO.
+    for (kind, flags, off, size) in [
+        (6, 4, 0x40, 0x268),
+        (3, 4, 0x2a8, 0x1c),
+        (1, 4, 0, 0x2_d6d8),
+        (1, 5, 0x2_e000, 0xc_5e1d),
+        (1, 4, 0xf_4000, 0x3_8af0),
+        (1, 6, 0x12_d2f0, 0xb_d1c),
+        (2, 6, 0x13_1b10, 0x200),
+        (4, 4, 0x2c4, 0x44),
+        (0x6474_e550, 4, 0x11_1c48, 0x4b1c),
+        (0x6474_e551, 6, 0, 0),
+        (0x6474_e552, 4, 0x12_d2f0, 0x6d10),
+    ] {
+        elf.extend(u32le(kind));
+        elf.extend(u32le(flags));
+        for v in [off, off, off, size, size, 0x1000] {
+            elf.extend(u64le(v));
+        }
+    }
+    elf.extend(b"/lib64/ld-linux-x86-64.so.2\0");
+    elf.resize(0x308, 0);
+    // GNU hash: nbuckets, symoffset, bloom size and shift, then the table.
+    for v in [251, 59, 64, 14] {
+        elf.extend(u32le(v));
+    }
+    let rest = 4096 - elf.len();
+    elf.extend(random(0x4c46, rest));
+    elf
+}
+
+/// Binary payloads, none of which the text rules may block: random bytes (encrypted
+/// frames), gzip and zlib streams (high-entropy after a short header), an ELF chunk.
+fn binary_payloads() -> Vec<(&'static str, Vec<u8>)> {
+    let gzip = [
+        &b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"[..],
+        &random(0x1f8b, 8192),
+    ]
+    .concat();
+    let zlib = [&b"\x78\x9c"[..], &random(0x789c, 8192)].concat();
+    vec![
+        ("random 256 B", random(1, 256)),
+        ("random 4 KiB", random(2, 4096)),
+        ("random 64 KiB", random(3, 64 * 1024)),
+        ("gzip", gzip),
+        ("zlib", zlib),
+        ("ELF chunk", elf_chunk()),
+    ]
+}
+
+#[test]
+fn binary_payloads_pass_the_text_rules() {
+    let inspector = defaults();
+    for (what, payload) in binary_payloads() {
+        assert!(std::str::from_utf8(&payload).is_err(), "{what}");
+        assert_eq!(inspector.inspect(&msg(&payload)), Outcome::Pass, "{what}");
+    }
+}
+
+#[test]
+fn text_rules_see_utf8_text_only_and_other_patterns_see_every_payload() {
+    let inspector = defaults();
+    // Non-ASCII text is still text.
+    let out = inspector.inspect(&msg("é' OR '1'='1".as_bytes()));
+    assert_eq!(out.blocked_by().map(Hit::rule), Some("sql_injection"));
+    let out = inspector.inspect(&msg("<script>\u{fffd}".as_bytes()));
+    assert_eq!(out.blocked_by().map(Hit::rule), Some("xss"));
+    // The documented gap: one byte that is not UTF-8 takes the payload out of the text
+    // rules' reach (a consumer that decodes it leniently is not protected).
+    assert_eq!(inspector.inspect(&msg(b"<script>\xff")), Outcome::Pass);
+    // A pattern runs on every payload; the same as a text pattern on UTF-8 only.
+    let elf = elf_chunk();
+    let inspector = Inspector::builder()
+        .default_rules()
+        .pattern("elf", r"\A\x7fELF", Action::Flag, Severity::Low)
+        .text_pattern("elf_text", r"\A\x7fELF", Action::Flag, Severity::Low)
+        .build()
+        .unwrap();
+    assert_eq!(inspector.pattern_count(), rules::DEFAULT_RULES.len() + 2);
+    let out = inspector.inspect(&msg(&elf));
+    let names: Vec<_> = out.flags().iter().map(Hit::rule).collect();
+    assert_eq!(names, ["elf"]);
+    let out = inspector.inspect(&msg(b"\x7fELF text"));
+    let names: Vec<_> = out.flags().iter().map(Hit::rule).collect();
+    assert_eq!(names, ["elf", "elf_text"]);
+    // Only patterns that are not text patterns: no UTF-8 check, every payload.
+    let inspector = Inspector::builder()
+        .pattern("elf", r"\A\x7fELF", Action::Block, Severity::Low)
+        .build()
+        .unwrap();
+    assert!(inspector.inspect(&msg(&elf)).blocked_by().is_some());
+    assert!(inspector.inspect(&msg(b"\x7fELF")).blocked_by().is_some());
+}
+
+#[test]
+fn text_rule_gaps_are_bounded_and_span_no_control_byte() {
+    let inspector = defaults();
+    // Valid UTF-8, but binary: a backtick "command" and a quoted "string" across
+    // control bytes are not caught.
+    for payload in [
+        &b"\x01`ls\x00\x02\x03`\x04"[..],
+        b"\x10' or '\x00\x00'='\x05",
+        b"1 union/*\x00\x00*/select",
+    ] {
+        assert!(std::str::from_utf8(payload).is_ok());
+        assert_eq!(
+            inspector.inspect(&msg(payload)),
+            Outcome::Pass,
+            "{payload:?}"
+        );
+    }
+    // Nor one longer than its bound; within it, a tab is fine.
+    let long = format!("`ls {}`", "a".repeat(300));
+    assert_eq!(inspector.inspect(&msg(long.as_bytes())), Outcome::Pass);
+    for (payload, rule) in [
+        ("`ls\t-la`", "command_injection"),
+        ("' or 'a\tb'='a\tb", "sql_injection"),
+        ("1 union/*\t*/select", "sql_injection"),
+    ] {
+        let out = inspector.inspect(&msg(payload.as_bytes()));
+        assert_eq!(out.blocked_by().map(Hit::rule), Some(rule), "{payload:?}");
+    }
+}
