@@ -46,6 +46,25 @@
 //! topic plus 48 bytes), as the broker does. A PUBLISH whose alias the gateway has not recorded is blocked by `topic_acl`
 //! (severity high): the gateway cannot tell where it goes.
 //!
+//! # Client ids are not identities
+//!
+//! A client chooses its client id, and nothing checks it: the static authenticator
+//! (`auth::StaticAuth`) verifies usernames and passwords, not client ids, and an HTTP
+//! authenticator ties them only if your service does. A topic rule keyed on the client id
+//! ([`ClientMatch::ClientId`], or `%c` in a filter) is therefore beaten by a client that
+//! names itself accordingly:
+//!
+//! - with `TopicRule::new(ClientMatch::client_id("ops-*")).allow("#")`, any client that
+//!   connects as `ops-x` gets the ops allow list;
+//! - with `allow("devices/%c/#")`, a client that connects with another device's id
+//!   publishes to that device's topics.
+//!
+//! With authentication, key the rules on the username ([`ClientMatch::Username`], or
+//! `%u`), which the authenticator verified. Without it, the username is as unverified as
+//! the client id, and topic rules keep honest clients apart but stop no one. A `%c` or `%u`
+//! at a filter's first level never matches a topic starting with `$`, so that a client
+//! named `$SYS` gains nothing from `allow("%c/#")`.
+//!
 //! # Text and binary payloads
 //!
 //! The default rules, and patterns added with
@@ -89,6 +108,7 @@
 //!     .pattern("debug_dump", r"(?i)\bcore dump\b", Action::Flag, Severity::Low)
 //!     .max_payload(64 * 1024, Action::Block, Severity::Medium)
 //!     .entropy(7.5, 512, Action::Flag, Severity::Low)
+//!     // `%c` is the client id the client chose: see "Client ids are not identities".
 //!     .topics(TopicRule::new(ClientMatch::Any).allow("devices/%c/#"))
 //!     .build()?;
 //!

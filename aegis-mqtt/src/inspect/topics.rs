@@ -8,16 +8,24 @@ use crate::topic::check_topic_filter;
 ///
 /// A value ending in `*` matches every value with that prefix (`"sensor-*"`); any other
 /// value matches exactly.
+///
+/// **The client id is not verified**: a client chooses it, and no authenticator of this
+/// crate but one you write ties it to a user. A [`ClientId`](Self::ClientId) rule gives
+/// its allow list to any client that names itself accordingly. With authentication, key
+/// rules on the [`Username`](Self::Username), which the authenticator verified (see the
+/// [module docs](super#client-ids-are-not-identities)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientMatch {
     /// Every client.
     Any,
     /// Clients whose client id matches (a trailing `*` for a prefix). An empty client id
-    /// (which the broker names) matches only `"*"`.
+    /// (which the broker names) matches only `"*"`. The client chooses its id: any
+    /// client may claim to match.
     ClientId(String),
     /// Clients whose CONNECT carried a matching username (a trailing `*` for a prefix);
-    /// a client without a username never matches.
+    /// a client without a username never matches. Verified only when an authenticator
+    /// checks the CONNECT.
     Username(String),
 }
 
@@ -55,7 +63,13 @@ fn glob(pattern: &str, value: &str) -> bool {
 /// exactly `%c` stands for the client id and `%u` for the username, as in mosquitto's
 /// ACL patterns (an empty client id, or no username, matches nothing there). As in MQTT,
 /// a filter starting with a wildcard does not match a topic starting with `$`: name
-/// `$SYS/#` to deny it.
+/// `$SYS/#` to deny it. Nor does a filter starting with `%c` or `%u`, so that a client
+/// named `$SYS` gains nothing from `allow("%c/#")`.
+///
+/// `%c` is the client id the client chose: `allow("devices/%c/#")` keeps honest devices
+/// apart, but a client that connects with another device's id publishes to that device's
+/// topics. With authentication, use `%u`, the username the authenticator verified (see
+/// the [module docs](super#client-ids-are-not-identities)).
 ///
 /// Of all rules that apply to a client, a matching deny filter wins; otherwise, if any
 /// of them has allow filters, one of those must match. The action and severity default
@@ -166,8 +180,11 @@ pub(super) fn filter_matches(
     client_id: &str,
     username: Option<&str>,
 ) -> bool {
-    // MQTT 4.7.2: wildcards at the first level do not match `$` topics.
-    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+    // MQTT 4.7.2: wildcards at the first level do not match `$` topics. Nor does a
+    // client id or username there: a client may name itself `$SYS`.
+    if topic.starts_with('$')
+        && (filter.starts_with(['+', '#']) || matches!(filter.split('/').next(), Some("%c" | "%u")))
+    {
         return false;
     }
     let mut f = filter.split('/');
@@ -224,6 +241,25 @@ mod tests {
         assert!(!filter_matches("d/%c", "d/", "", None));
         // A client id with a '/' never fills one level.
         assert!(!filter_matches("d/%c", "d/a/b", "a/b", None));
+    }
+
+    #[test]
+    fn a_client_named_like_a_dollar_topic_does_not_reach_it() {
+        // A substituted first level never matches a `$` topic...
+        assert!(!filter_matches("%c/#", "$SYS/x", "$SYS", None));
+        assert!(!filter_matches("%c", "$SYS", "$SYS", None));
+        assert!(!filter_matches("%u/+", "$SYS/x", "c", Some("$SYS")));
+        // ...but does match the client's own ordinary topics, and a `$` level further in
+        // is an ordinary level.
+        assert!(filter_matches("%c/#", "dev1/x", "dev1", None));
+        assert!(filter_matches("%u/+", "alice/x", "c", Some("alice")));
+        assert!(filter_matches("d/%c", "d/$x", "$x", None));
+        let rules = [TopicRule::new(ClientMatch::Any).allow("%c/#").allow("%u/#")];
+        assert_eq!(
+            check(&rules, "$SYS", Some("$SYS"), "$SYS/broker/load"),
+            Some((Action::Block, Severity::Medium))
+        );
+        assert_eq!(check(&rules, "dev1", None, "dev1/up"), None);
     }
 
     #[test]
