@@ -105,6 +105,7 @@
 //!
 //! let inspector = Inspector::builder()
 //!     .default_rules()
+//!     // Patterns are compiled without Unicode: this `\b` is an ASCII word boundary.
 //!     .pattern("debug_dump", r"(?i)\bcore dump\b", Action::Flag, Severity::Low)
 //!     .max_payload(64 * 1024, Action::Block, Severity::Medium)
 //!     .entropy(7.5, 512, Action::Flag, Severity::Low)
@@ -122,6 +123,8 @@
 //! assert_eq!(inspector.inspect(&msg(br#"{"t":21.5}"#)), Outcome::Pass);
 //! let out = inspector.inspect(&msg(b"x' OR '1'='1"));
 //! assert_eq!(out.blocked_by().map(|h| h.rule()), Some("sql_injection"));
+//! let out = inspector.inspect(&msg("Core dump written, λ=3".as_bytes()));
+//! assert_eq!(out.flags().iter().map(|h| h.rule()).collect::<Vec<_>>(), ["debug_dump"]);
 //!
 //! // In front of a broker.
 //! let layer = MqttLayer::new(Config::new()).policy(Policy::builder().inspect(inspector).build());
@@ -363,6 +366,12 @@ impl InspectError {
     }
 }
 
+/// Whether patterns are compiled in Unicode mode: no (see [`InspectorBuilder::pattern`]).
+/// A Unicode word boundary (`\b` in Unicode mode) anywhere in the set makes the lazy DFA
+/// give up at the first non-ASCII byte of a payload, and the whole set then runs on a
+/// much slower engine, inside the connection's poll.
+const UNICODE: bool = false;
+
 /// A pattern that never matches and has no literal prefix (see [`InspectorBuilder::build`]).
 const NO_PREFILTER: &str = r"(?s-u:.)\A";
 
@@ -541,9 +550,17 @@ impl Inspector {
 }
 
 impl InspectorBuilder {
-    /// Adds a pattern named `name` over the bytes of every payload, text or binary
-    /// (`regex` crate syntax; add `(?i)` for case-insensitive, `(?-u)` to match bytes
-    /// rather than UTF-8 text). Several patterns may share a name.
+    /// Adds a pattern named `name` over the bytes of every payload, text or binary.
+    /// Several patterns may share a name.
+    ///
+    /// The syntax is the `regex` crate's, compiled with Unicode mode off, as if each
+    /// pattern began with `(?-u)`: `\b`, `\w`, `\d` and `\s` are ASCII (a non-ASCII
+    /// letter is not a word character, so `\bdump\b` matches in `édump`), `(?i)` folds
+    /// ASCII case only, `.` matches any byte but `\n`, and a non-ASCII character in the
+    /// pattern matches its UTF-8 bytes. Add `(?i)` for case-insensitive. `(?u)` turns
+    /// Unicode mode back on for a group (`(?u:\p{Greek})`), but never write a Unicode
+    /// word boundary (`(?u:\b)`): with one in any pattern, every payload with a
+    /// non-ASCII byte runs through a much slower engine.
     pub fn pattern(
         self,
         name: impl Into<String>,
@@ -654,6 +671,7 @@ impl InspectorBuilder {
             }
             // Compiled alone first, so that an error names its rule.
             RegexBuilder::new(&p.regex)
+                .unicode(UNICODE)
                 .size_limit(self.size_limit)
                 .build()
                 .map_err(|e| InspectError::Pattern {
@@ -723,6 +741,7 @@ impl Patterns {
         // bytes as common as `"` and restarting the DFA.
         let regexes = patterns.iter().map(|(p, _)| p.regex.as_str());
         let set = RegexSetBuilder::new(regexes.chain([NO_PREFILTER]))
+            .unicode(UNICODE)
             .size_limit(size_limit)
             .build()
             .map_err(|e| InspectError::PatternSet {

@@ -417,3 +417,70 @@ fn text_rule_gaps_are_bounded_and_span_no_control_byte() {
         assert_eq!(out.blocked_by().map(Hit::rule), Some(rule), "{payload:?}");
     }
 }
+
+#[test]
+fn user_patterns_have_ascii_word_boundaries() {
+    let inspector = Inspector::builder()
+        .default_rules()
+        .pattern("dump", r"(?i)\bcore dump\b", Action::Flag, Severity::Low)
+        .pattern("word", r"\w+=\d", Action::Flag, Severity::Low)
+        .pattern("accent", "(?i)café", Action::Flag, Severity::Low)
+        .pattern("greek", r"(?u:\p{Greek})", Action::Flag, Severity::Low)
+        .build()
+        .unwrap();
+    let flags = |payload: &[u8]| -> Vec<&str> {
+        let out = inspector.inspect(&msg(payload));
+        out.flags().iter().map(Hit::rule).collect()
+    };
+    assert_eq!(flags(b"kernel: CORE DUMP written"), ["dump"]);
+    assert_eq!(flags("é core dump é".as_bytes()), ["dump"]);
+    assert!(flags(b"hardcore dumps").is_empty());
+    // ASCII: a non-ASCII letter is not a word character.
+    assert_eq!(flags("écore dump".as_bytes()), ["dump"]);
+    assert!(flags("é=1".as_bytes()).is_empty());
+    assert_eq!(flags(b"x=1"), ["word"]);
+    // A non-ASCII literal matches its UTF-8 bytes; `(?i)` folds ASCII only.
+    assert_eq!(flags("CAFé".as_bytes()), ["accent"]);
+    assert!(flags("CAFÉ".as_bytes()).is_empty());
+    // `(?u)` turns Unicode classes back on where asked.
+    assert_eq!(flags("λ".as_bytes()), ["greek"]);
+}
+
+/// The patterns compiled as the inspector compiles them, run on `regex`'s lazy DFA: with
+/// a Unicode word boundary it would give up at the first non-ASCII byte, and `regex`
+/// would run the whole set on a slower engine.
+#[test]
+fn the_pattern_set_keeps_the_lazy_dfa_on_non_ascii_payloads() {
+    use regex_automata::hybrid::dfa::DFA;
+    use regex_automata::{Input, util::syntax};
+    let patterns: Vec<&str> = rules::DEFAULT_RULES
+        .iter()
+        .map(|r| r.pattern)
+        .chain([r"(?i)\bcore dump\b", r"\w+\s\d", NO_PREFILTER])
+        .collect();
+    // 256 KiB: 0x80, then "é" and "ü" over and over (UTF-8 from the second byte).
+    let mut payload = vec![0x80];
+    while payload.len() < 256 * 1024 {
+        payload.extend("é ü ".as_bytes());
+    }
+    let search = |unicode: bool| {
+        let dfa = DFA::builder()
+            .syntax(syntax::Config::new().unicode(unicode).utf8(false))
+            .configure(DFA::config().unicode_word_boundary(true))
+            .build_many(&patterns)
+            .unwrap();
+        let mut cache = dfa.create_cache();
+        dfa.try_search_fwd(&mut cache, &Input::new(&payload))
+    };
+    assert!(search(UNICODE).is_ok());
+    // What the check guards against: in Unicode mode, the DFA gives up.
+    assert!(search(true).is_err());
+    // And the inspector itself matches over it.
+    let inspector = Inspector::builder()
+        .pattern("dump", r"(?i)\bcore dump\b", Action::Flag, Severity::Low)
+        .build()
+        .unwrap();
+    assert_eq!(inspector.inspect(&msg(&payload)), Outcome::Pass);
+    payload.extend(b" core dump");
+    assert_eq!(inspector.inspect(&msg(&payload)).flags().len(), 1);
+}
