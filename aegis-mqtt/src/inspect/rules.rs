@@ -31,6 +31,15 @@ const CMD: &str = "command_injection";
 const XSS: &str = "xss";
 const PATH: &str = "path_traversal";
 
+/// The commands the command-injection rules know, as one alternation: a name after a
+/// shell separator, or in backticks, is taken for a command only if it is one of these.
+macro_rules! commands {
+    () => {
+        "cat|ls|rm|cp|mv|chmod|chown|wget|curl|bash|sh|zsh|dash|python[0-9.]*|perl|php|ruby|\
+         busybox|tftp|echo|id|whoami|uname|ifconfig|pwd|reboot|nc|ncat|netcat|telnet"
+    };
+}
+
 /// In order: where several match a blocked message, the first one names the block.
 pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     // ' OR '1'='1, 1' and 2>1, ' or x like
@@ -51,17 +60,20 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
         Severity::High,
         r"(?i-u)\bunion(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+(?:all(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+)?select\b",
     ),
-    // ; DROP TABLE, ; delete from, ; insert into, ; shutdown
+    // ; DROP TABLE, ; delete from, ; insert into t (, ; update t set c=, ; shutdown --:
+    // after the `;`, a statement (`insert into slot 2`, `update firmware set to` are not)
     rule(
         SQL,
         Severity::High,
-        r"(?i-u);\s*(?:(?:drop|truncate|alter|create)\s+(?:table|database|schema|user)\b|delete\s+from\b|insert\s+into\b|update\s+\w+\s+set\b|shutdown\b|exec(?:ute)?\s+(?:xp|sp)_)",
+        r#"(?i-u);\s*(?:(?:drop|truncate|alter|create)\s+(?:table|database|schema|user)\b|delete\s+from\b|insert\s+into\s+[\w.`"\[\]]+\s*(?:\(|values\b|select\b|default\b|set\b)|update\s+[\w.`"\[\]]+\s+set\s+[\w.`"\[\]]+\s*=|shutdown\s*(?:$|;|--|#|/\*|with\s+nowait\b)|exec(?:ute)?\s+(?:xp|sp)_)"#,
     ),
-    // admin'--, x'#, x'/*; blind injection; well-known catalogue names
+    // admin'--, x'/*, x'# and admin' -- at the end; blind injection with a number of
+    // seconds; well-known catalogue names. A quote then `--` or `#` followed by more
+    // text is prose ('A' -- offline, '#ff0000', 'run.sh' --force, sensors' #3).
     rule(
         SQL,
         Severity::High,
-        r"(?i-u)'\s*(?:--|#|/\*)|(?:'|\b(?:or|and))\s*(?:sleep|pg_sleep|benchmark)\s*\(|\bwaitfor\s+delay\s+'|\b(?:information_schema|xp_cmdshell|sysobjects)\b",
+        r#"(?i-u)'(?:--|/\*|#(?:$|[\s"']))|'\s+(?:--|#)[\s-]*(?:$|")|(?:'|\b(?:or|and))\s*(?:sleep|pg_sleep|benchmark)\s*\(\s*\d|\bwaitfor\s+delay\s+'|\b(?:information_schema|xp_cmdshell|sysobjects)\b"#,
     ),
     // ; cat /etc/passwd, && wget http://.., | sh -c
     rule(
@@ -69,11 +81,19 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
         Severity::Critical,
         r"(?i-u)[;&|`]\s*(?:cat|ls|rm|cp|mv|chmod|chown|wget|curl|bash|sh|zsh|dash|python[0-9.]*|perl|php|ruby|busybox|tftp|echo)\s+(?:[-/.~$'\x22]|https?:|ftp:)",
     ),
-    // ; id, | whoami, && uname -a
+    // ; id, | whoami, && uname -a, `id`, ;id;ls: after the command, the end, a flag, a
+    // comment or a backtick, or another separator and a command (ts;id;temp and
+    // name | id | value are not); `reboot`, an English word, not at the end
     rule(
         CMD,
         Severity::Critical,
-        r"(?i-u)[;&|`]\s*(?:id|whoami|uname|ifconfig|pwd|reboot)\s*(?:$|[;&|`#)]|-[a-z])",
+        concat!(
+            r"(?i-u)[;&|`]\s*(?:(?:id|whoami|uname|ifconfig|pwd)\s*(?:$|[#)`]|-[a-z]|[;&|]+\s*(?:$|(?:",
+            commands!(),
+            r")\b))|reboot\s*(?:[#)`]|-[a-z]|[;&|]+\s*(?:$|(?:",
+            commands!(),
+            r")\b)))"
+        ),
     ),
     // | nc host port
     rule(
@@ -81,17 +101,23 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
         Severity::Critical,
         r"(?i-u)[;&|`]\s*(?:nc|ncat|netcat|telnet)\s+(?:-[a-z]+\s+)*[a-z0-9_.:-]+\s+\d+\b",
     ),
-    // $(curl ..), `id`, ${IFS}, /bin/sh
+    // $(curl ..), `id`, `/bin/x`, ${IFS}, /bin/sh: in backticks, a command or a path
+    // (`config.json` and SQL's `temp` are neither)
     rule(
         CMD,
         Severity::Critical,
-        r"(?i-u)\$\(\s*[a-z/.]|`\s*[a-z/.][^`\x00-\x08\x0a-\x1f\x7f]{0,256}`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b",
+        concat!(
+            r"(?i-u)\$\(\s*[a-z/.]|`\s*(?:\.{0,2}/|(?:",
+            commands!(),
+            r")\b)[^`\x00-\x08\x0a-\x1f\x7f]{0,256}`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b"
+        ),
     ),
-    // <script>, </script>, <iframe, <object, <embed
+    // <script>, </script>, <iframe, <object, <embed: the name right after `<`, as HTML
+    // opens a tag (`level < base` is text)
     rule(
         XSS,
         Severity::Medium,
-        r"(?i-u)<\s*/?\s*script\b|<\s*(?:iframe|object|embed|applet|frameset|base|meta)\b",
+        r"(?i-u)</?script\b|<(?:iframe|object|embed|applet|frameset|base|meta)\b",
     ),
     // onerror=, onload=, ...
     rule(

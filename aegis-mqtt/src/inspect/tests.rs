@@ -87,6 +87,16 @@ fn the_false_positive_set_passes() {
 }
 
 #[test]
+fn the_known_false_positives_are_still_blocked() {
+    let inspector = defaults();
+    for line in block("## Known false positives") {
+        let (rule, payload) = line.split_once(": ").unwrap();
+        let out = inspector.inspect(&msg(payload.as_bytes()));
+        assert_eq!(out.blocked_by().map(Hit::rule), Some(rule), "{payload:?}");
+    }
+}
+
+#[test]
 fn flags_are_collected_once_per_rule_and_a_block_ends_the_check() {
     let inspector = Inspector::builder()
         .pattern("word", "foo", Action::Flag, Severity::Low)
