@@ -613,3 +613,42 @@ async fn topic_rules_apply_to_the_will_topic_with_the_username() {
     assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
     assert_eq!(label_of(&*r.seen.unwrap_err()), ("mqtt", "payload_blocked"));
 }
+
+/// As the module docs say: topic rules check PUBLISH and will topics only. A SUBSCRIBE
+/// to a denied tree, shared or not, and a PUBLISH whose Response Topic or user property
+/// names one, reach the broker.
+#[tokio::test(start_paused = true)]
+async fn topic_rules_do_not_check_subscribe_or_publish_properties() {
+    let inspector = Inspector::builder()
+        .topics(TopicRule::new(ClientMatch::Any).deny("secret/#"))
+        .build()
+        .unwrap();
+    let layer = layer(inspector);
+    let subscribe = |id: u16, filter: &str| B::new().u16(id).s(filter).u8(0).frame(0x82);
+    let subs = [
+        subscribe(1, "secret/#"),
+        subscribe(2, "$share/g/secret/#"),
+        subscribe(3, "#"),
+    ]
+    .concat();
+    let r = send(&layer, [connect_v4("c1"), subs.clone()].concat()).await;
+    assert_eq!(forwarded(&r), [connect_v4("c1"), subs].concat());
+    // MQTT 5: Response Topic (0x08) and a user property (0x26) naming a denied topic.
+    let props = B::new()
+        .u8(0x08)
+        .s("secret/x")
+        .u8(0x26)
+        .s("reply-to")
+        .s("secret/y")
+        .0;
+    let publish = publish_v5(0, 0, "open", &props, b"1");
+    let denied = publish_v5(0, 0, "secret/x", &[], b"2");
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let r = run(
+        &layer,
+        [connect_v5("c2"), publish.clone(), denied].concat(),
+        connack,
+    )
+    .await;
+    assert_eq!(forwarded(&r), [connect_v5("c2"), publish].concat());
+}

@@ -1,6 +1,10 @@
 //! Payload inspection in the per-packet policy: rules over each PUBLISH and the will
 //! message.
 //!
+//! The rules are heuristics over raw bytes, not a web application firewall, and the
+//! topic rules see PUBLISH and will topics only, not SUBSCRIBE: see
+//! [What inspection is not](#what-inspection-is-not).
+//!
 //! An [`Inspector`] holds the rules, built with [`Inspector::builder`]:
 //!
 //! | rule kind | builder | rule name | checks |
@@ -45,6 +49,25 @@
 //! of each PUBLISH it forwards (at most 64 KiB per connection, each alias counted as its
 //! topic plus 48 bytes), as the broker does. A PUBLISH whose alias the gateway has not recorded is blocked by `topic_acl`
 //! (severity high): the gateway cannot tell where it goes.
+//!
+//! # What inspection is not
+//!
+//! The pattern rules are heuristics over the payload's raw bytes, not a web application
+//! firewall. They decode nothing: a JSON escape (`{"v":"\u003cscript\u003e"}`),
+//! percent-encoding (`%3Cscript%3E`, but for the path traversal forms the default set
+//! names) or an HTML entity (`&lt;script&gt;`) hides an attack from them. They also miss
+//! common injection forms that they do not know, such as `admin' OR 1-- -` or
+//! `1 UNION(SELECT password FROM users)` (the default set's
+//! [Not caught](#not-caught) list has more). A pass means "nothing obvious", not "safe":
+//! the consumer must still validate and escape what it reads.
+//!
+//! The topic rules check the topic of each PUBLISH and of the will, and nothing else:
+//!
+//! - **Not SUBSCRIBE**: `deny("secret/#")` stops a client publishing to `secret/x`, not
+//!   subscribing to `secret/#`, `$share/group/secret/#` or `#`. It does not stop
+//!   reading: keep read access control in the broker.
+//! - **Not the properties** of an MQTT 5 PUBLISH or will: a Response Topic or a user
+//!   property that names `secret/x` passes.
 //!
 //! # Client ids are not identities
 //!

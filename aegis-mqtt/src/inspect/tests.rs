@@ -87,6 +87,21 @@ fn the_false_positive_set_passes() {
 }
 
 #[test]
+fn the_documented_misses_pass() {
+    let inspector = defaults();
+    let missed = block("## Not caught");
+    assert!(missed.contains(&"admin' OR 1-- -"));
+    assert!(missed.contains(&"1 UNION(SELECT password FROM users)"));
+    for payload in missed {
+        assert_eq!(
+            inspector.inspect(&msg(payload.as_bytes())),
+            Outcome::Pass,
+            "{payload:?}"
+        );
+    }
+}
+
+#[test]
 fn the_known_false_positives_are_still_blocked() {
     let inspector = defaults();
     for line in block("## Known false positives") {
