@@ -405,7 +405,8 @@ fn state_changes_and_fast_failures_are_metrics() {
 }
 
 #[test]
-fn default_classifier_counts_errors_and_timeouts_but_not_client_side_or_rejections() {
+fn default_classifier_counts_errors_and_timeouts_but_not_client_side_or_rejections_even_io_wrapped()
+{
     let c = DefaultClassifier;
     let classify = |e: &(dyn Error + 'static)| Classify::<()>::classify(&c, Err(e));
     assert_eq!(Classify::<()>::classify(&c, Ok(&())), Outcome::Success);
@@ -420,6 +421,32 @@ fn default_classifier_counts_errors_and_timeouts_but_not_client_side_or_rejectio
 
     let rejected: BoxError = aegis_core::error::reject(Dummy).into();
     assert_eq!(classify(&*rejected), Outcome::Ignore);
+
+    // A rejection carried in an `io::Error`, as IO wrappers report one from `poll_read`
+    // (aegis-mqtt's do): `io::Error::source()` skips the error it wraps, but the
+    // classifier must still see the client's rejection, not a backend failure.
+    let io_wrapped = io::Error::new(
+        io::ErrorKind::InvalidData,
+        aegis_core::error::Rejected::uncounted(Dummy),
+    );
+    assert_eq!(classify(&io_wrapped), Outcome::Ignore);
+    // ... also deeper, inside a proxy error and a box.
+    let through_proxy: BoxError =
+        Box::new(aegis_core::proxy::ProxyError::UpstreamIo(io::Error::new(
+            io::ErrorKind::InvalidData,
+            aegis_core::error::Rejected::uncounted(Dummy),
+        )));
+    assert_eq!(classify(&*through_proxy), Outcome::Ignore);
+    // A client-side proxy error inside an `io::Error` is the client's failure too.
+    let client_in_io = io::Error::other(aegis_core::proxy::ProxyError::ClientIo(
+        io::ErrorKind::ConnectionReset.into(),
+    ));
+    assert_eq!(classify(&client_in_io), Outcome::Ignore);
+    // A plain `io::Error` with a custom payload that is neither is still a failure.
+    assert_eq!(
+        classify(&io::Error::other("backend broke")),
+        Outcome::Failure
+    );
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use std::error::Error;
 
-use aegis_core::error::Rejected;
+use aegis_core::error::{Rejected, find};
 use aegis_core::proxy::ProxyError;
 
 /// What one completed call tells the breaker about the inner service.
@@ -83,26 +83,25 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
     }
 }
 
-/// How the built-in classifiers treat an error, walking its `source()` chain:
+/// How the built-in classifiers treat an error, looking through its `source()` chain
+/// with [`aegis_core::error::find`] (which also sees the error an [`std::io::Error`]
+/// wraps, as IO wrappers do to report a rejection from `poll_read`, and which
+/// `io::Error::source()` would skip):
 ///
-/// - an [`aegis_core::proxy::ProxyError`] is a failure when the upstream is at fault
-///   (connect timeout, refusal, connect error, upstream IO) and ignored when the
+/// - an [`aegis_core::error::Rejected`] anywhere in the chain (a rate limit, another
+///   breaker, an IO wrapper's refusal of a client) is ignored: it is a local policy
+///   decision or the client's doing, not the backend's health. It wins over a
+///   [`ProxyError`] that carries it, as in [`aegis_core::error::label_of`];
+/// - otherwise an [`aegis_core::proxy::ProxyError`] is a failure when the upstream is at
+///   fault (connect timeout, refusal, connect error, upstream IO) and ignored when the
 ///   client side failed ([`ProxyError::ClientIo`]);
-/// - an [`aegis_core::error::Rejected`] from a layer below (a rate limit, another
-///   breaker) is ignored: it is a local policy decision, not the backend's health;
 /// - anything else, tokio's `Elapsed` timeout and IO errors included, is a failure.
 pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
-    for e in std::iter::successors(Some(err), |&e| e.source()) {
-        if let Some(p) = e.downcast_ref::<ProxyError>() {
-            return if matches!(p, ProxyError::ClientIo(_)) {
-                Outcome::Ignore
-            } else {
-                Outcome::Failure
-            };
-        }
-        if e.is::<Rejected>() {
-            return Outcome::Ignore;
-        }
+    if find::<Rejected>(err).is_some() {
+        return Outcome::Ignore;
     }
-    Outcome::Failure
+    match find::<ProxyError>(err) {
+        Some(ProxyError::ClientIo(_)) => Outcome::Ignore,
+        _ => Outcome::Failure,
+    }
 }
