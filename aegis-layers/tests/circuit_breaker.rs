@@ -100,6 +100,38 @@ async fn open_circuit_is_ready_even_when_the_inner_service_is_not() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rejection_made_in_poll_ready_is_decided_again_once_the_circuit_recovers() {
+    let layer = probing_layer(1, 1);
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Open);
+
+    // Polled ready while open (a rejection), then not called.
+    let mut idle = svc.clone();
+    idle.ready().await.unwrap();
+    // Another clone probes once the open period is over, and the circuit closes.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // The idle clone's next call goes through: its old rejection is not kept.
+    call(&mut idle, &mut handle, true)
+        .await
+        .expect("closed circuit, not CircuitOpen");
+
+    // The same when nothing else happens: the open period ends unnoticed (no state
+    // change until the next admission), and the held rejection becomes a probe.
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    idle.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    call(&mut idle, &mut handle, true)
+        .await
+        .expect("a probe, not CircuitOpen");
+    assert_eq!(circuit.state(), CircuitState::Closed);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn failure_rate_trips_only_after_the_minimum_number_of_calls() {
     let layer = CircuitBreakerLayer::builder("upstream")
         .consecutive_failures(None)

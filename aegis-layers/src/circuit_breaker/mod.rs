@@ -36,7 +36,9 @@
 //! right before the call: `ServiceExt::oneshot` on a clone, for example. A proxy whose
 //! whole stack is polled ready when a client connects, and which connects upstream only
 //! once the client has sent its first request, should wrap its connector that way (the
-//! mqtt-gateway's `Connector` does).
+//! mqtt-gateway's `Connector` does). A rejection holds nothing and is decided again by
+//! the next `poll_ready`, so a service polled ready while the circuit was open is not
+//! refused after it recovers.
 //!
 //! # Classifiers
 //!

@@ -89,9 +89,20 @@ where
     /// fast, as tower's `LoadShed` does. Otherwise reserves the admission (a probe permit
     /// when half-open) and waits for the inner service.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // An admission made before the circuit changed state (while the inner service
-        // kept us waiting) is made again: the circuit may have opened meanwhile.
-        if matches!(&self.ticket, Some(Ticket::Admit(guard)) if guard.is_stale()) {
+        // A decision made earlier is made again when it may be out of date:
+        // - an admission made before the circuit changed state (while the inner service
+        //   kept us waiting): the circuit may have opened meanwhile;
+        // - any rejection: it holds nothing, and the circuit may have closed since, or
+        //   its open period ended (the move to half-open is only made by the next
+        //   admission, so no state change would show). Without this, a service polled
+        //   ready while open and called later would fail with `CircuitOpen` whatever
+        //   the circuit's state by then.
+        let stale = match &self.ticket {
+            Some(Ticket::Admit(guard)) => guard.is_stale(),
+            Some(Ticket::Reject) => true,
+            None => false,
+        };
+        if stale {
             self.ticket = None;
         }
         let ticket = self.ticket.get_or_insert_with(|| self.shared.admit());
