@@ -35,3 +35,10 @@ pub mod slowloris;
 #[cfg(feature = "sniff")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sniff")))]
 pub mod sniff;
+#[cfg(any(
+    feature = "adaptive",
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "sniff"
+))]
+mod time;

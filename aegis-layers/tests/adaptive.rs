@@ -339,6 +339,42 @@ async fn controller_stops_on_shutdown_and_when_every_handle_is_dropped() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn durations_past_any_instant_do_not_kill_the_controller() {
+    // Rate mode, `interval(Duration::MAX)`: the first deadline used to panic in the task.
+    let alive = Arc::new(());
+    let watch = Arc::downgrade(&alive);
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .interval(Duration::MAX)
+        .spawn(move |_| {
+            let _ = &alive;
+        });
+    sleep(SEC * 86_400).await;
+    assert!(handle.is_running());
+    assert!(watch.upgrade().is_some(), "the task still holds its sink");
+    handle.shutdown();
+    tokio::task::yield_now().await;
+    assert!(!handle.is_running());
+    assert!(watch.upgrade().is_none(), "and it ends on shutdown");
+
+    // Gradient mode, `min_rtt_interval(Duration::MAX)`: the measurement's end used to
+    // panic when it scheduled the next one.
+    let t0 = Instant::now();
+    let handle = GradientConfig::new(2, 100)
+        .initial_limit(50)
+        .min_rtt_samples(1)
+        .min_samples(1)
+        .min_rtt_interval(Duration::MAX)
+        .spawn(|_: usize| {});
+    handle.record(Duration::from_millis(10));
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert!(handle.is_running());
+    assert_close(&[handle.value()], &[50.0]); // measured; the limit is back
+    handle.record(Duration::from_millis(10));
+    sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
+    assert!(handle.value() > 50.0, "still deciding: {}", handle.value());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn latencies_recorded_through_the_handle_drive_the_rate() {
     let (log, sink) = rate_log();
     let t0 = Instant::now();

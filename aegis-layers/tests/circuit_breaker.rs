@@ -275,6 +275,23 @@ async fn any_probe_failure_reopens_for_another_period() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn open_for_duration_max_trips_without_panicking_and_stays_open() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::MAX) // "until forced or released"
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    // The trip happens in the poll of this call's response future: the inner error
+    // comes back, not a panic.
+    let err = call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert!(err.is::<io::Error>(), "{err}");
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+    tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+    assert_fails_fast(&mut svc, &mut handle).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn client_aborts_never_trip_the_breaker() {
     let layer = CircuitBreakerLayer::builder("upstream")
         .consecutive_failures(Some(2))

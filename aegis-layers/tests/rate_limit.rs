@@ -499,6 +499,58 @@ fn over_real_sockets_a_burst_from_one_address_is_closed_while_others_are_served(
 }
 
 #[test]
+fn a_huge_evict_every_waits_instead_of_killing_the_eviction_task() {
+    let ((), _) = run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_second(nz(1)))
+            .evict_every(Duration::MAX) // "never"
+            .build();
+        let mut svc = layer.layer(ok_service());
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+        let rt = tokio::runtime::Handle::current();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            rt.metrics().num_alive_tasks(),
+            1,
+            "the eviction task waits (Instant + Duration::MAX used to panic in it)"
+        );
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        assert_eq!(rt.metrics().num_alive_tasks(), 1);
+        assert_eq!(layer.handle().tracked_clients(), 1, "no eviction ran");
+    });
+}
+
+#[test]
+fn eviction_starts_again_after_the_first_runtime_shuts_down() {
+    let layer = RateLimitLayer::builder()
+        .per_client(Quota::per_second(nz(1)))
+        .evict_every(Duration::from_secs(10))
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(ok_service());
+    // The first connection starts the eviction task on this runtime, which then ends.
+    let ((), _) = run(true, || async {
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+    });
+    assert_eq!(handle.tracked_clients(), 1);
+    // Another runtime: the next connection starts a new task, which evicts both
+    // clients once they are idle (1 s) at its first tick (10 s).
+    let (alive, _) = run(true, || async {
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
+        assert_eq!(handle.tracked_clients(), 2);
+        let alive = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        alive
+    });
+    assert_eq!(alive, 1, "a new eviction task");
+    assert_eq!(handle.tracked_clients(), 0, "evicted by the new task");
+}
+
+#[test]
 fn racing_threads_on_the_same_new_keys_take_one_slot_per_key() {
     // No tokio runtime: no eviction task, and `check` still works.
     let limiter: KeyedLimiter<u32> = KeyedLimiter::new(Quota::per_second(nz(1)), 150, "race");

@@ -11,6 +11,7 @@ use super::AdaptiveLayer;
 use super::classify::DefaultClassifier;
 use super::sink::{LimitSink, RateSink};
 use super::window::{Measured, Shared};
+use crate::time::deadline;
 
 /// `aegis_adaptive_rate{name}`: the admitted rate (rate mode), per second.
 pub const ADAPTIVE_RATE: &str = "aegis_adaptive_rate";
@@ -109,7 +110,8 @@ impl RateConfig {
     }
 
     /// The control interval: the length of a measurement window and the time between
-    /// two decisions.
+    /// two decisions. A duration past what a `tokio::time::Instant` holds
+    /// (`Duration::MAX`) means some thirty years.
     ///
     /// # Panics
     ///
@@ -272,7 +274,8 @@ impl GradientConfig {
         self
     }
 
-    /// The time between two decisions (and the length of a window).
+    /// The time between two decisions (and the length of a window). A duration past
+    /// what a `tokio::time::Instant` holds (`Duration::MAX`) means some thirty years.
     ///
     /// # Panics
     ///
@@ -311,7 +314,8 @@ impl GradientConfig {
         self
     }
 
-    /// How often the minimum RTT is measured again.
+    /// How often the minimum RTT is measured again. A duration past what a
+    /// `tokio::time::Instant` holds (`Duration::MAX`) means some thirty years.
     pub fn min_rtt_interval(mut self, every: Duration) -> Self {
         self.min_rtt_interval = every;
         self
@@ -380,7 +384,9 @@ fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let control = Arc::clone(&shared.control);
     tokio::spawn(async move {
-        let mut next = Instant::now() + interval;
+        // `deadline`: an interval past what an `Instant` holds waits some thirty years
+        // rather than panicking in the task (which would leave the controller dead).
+        let mut next = deadline(Instant::now(), interval);
         loop {
             if tokio::time::timeout_at(next, control.notify.notified())
                 .await
@@ -392,9 +398,9 @@ fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
             let now = Instant::now();
             law.tick(&shared, now);
             // Skip missed ticks rather than bursting decisions.
-            next += interval;
+            next = deadline(next, interval);
             while next <= now {
-                next += interval;
+                next = deadline(next, interval);
             }
         }
         control.stopped.store(true, Ordering::Release);
@@ -517,7 +523,7 @@ impl<K: LimitSink> Law for GradientLaw<K> {
                             "adaptive: minimum RTT measured"
                         );
                         self.phase = Phase::Running {
-                            remeasure_at: now + self.cfg.min_rtt_interval,
+                            remeasure_at: deadline(now, self.cfg.min_rtt_interval),
                         };
                         shared.clear();
                         self.publish(shared, self.limit);

@@ -109,7 +109,9 @@ impl<C> Builder<C> {
         self
     }
 
-    /// How long the circuit stays open before it lets probes through (half-open).
+    /// How long the circuit stays open before it lets probes through (half-open). A
+    /// duration past what a `tokio::time::Instant` holds (`Duration::MAX`) means some
+    /// thirty years, as `tokio::time::sleep` does.
     pub fn open_for(mut self, open_for: Duration) -> Self {
         self.open_for = open_for;
         self

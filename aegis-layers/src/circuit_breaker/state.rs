@@ -262,7 +262,9 @@ impl Shared {
     }
 
     fn open(&self, m: &mut Machine) {
-        let until = Instant::now() + self.cfg.open_for;
+        // `open_for(Duration::MAX)` ("until forced or released") must not panic here,
+        // inside the poll of the response future that tripped the circuit.
+        let until = crate::time::deadline(Instant::now(), self.cfg.open_for);
         self.transition(m, Phase::Open { until });
     }
 

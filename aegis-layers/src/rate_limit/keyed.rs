@@ -13,8 +13,11 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::{Quota, RateLimiter};
 
+use tokio::time::Instant;
+
 use super::clock::{GovClock, TokioClock, since};
 use super::store::SharedStore;
+use crate::time::deadline;
 
 /// How often idle keys are evicted by default.
 pub const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(30);
@@ -110,7 +113,9 @@ where
         }
     }
 
-    /// Sets how often idle keys are evicted (default [`DEFAULT_EVICT_EVERY`]).
+    /// Sets how often idle keys are evicted (default [`DEFAULT_EVICT_EVERY`]). A
+    /// duration past what a `tokio::time::Instant` holds (`Duration::MAX`) means some
+    /// thirty years: no scheduled eviction.
     ///
     /// # Panics
     ///
@@ -228,18 +233,37 @@ where
         if self.inner.sweeper_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak: Weak<Inner<K, C>> = Arc::downgrade(&self.inner);
+        let guard = SweeperGuard(Arc::downgrade(&self.inner));
         let every = self.inner.evict_every;
         rt.spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // `deadline` rather than `+` (and no `tokio::time::Interval`, which adds its
+            // period unchecked): a huge `evict_every` waits instead of panicking.
+            let mut next = deadline(Instant::now(), every);
             loop {
-                tick.tick().await;
+                tokio::time::sleep_until(next).await;
                 // Ends once the limiter and every clone of it are gone.
-                let Some(inner) = weak.upgrade() else { break };
+                let Some(inner) = guard.0.upgrade() else {
+                    break;
+                };
                 inner.store.evict_idle(since(&inner.clock, inner.epoch));
+                drop(inner);
+                // The next sweep `every` after this one, even if this one was late.
+                next = deadline(Instant::now(), every);
             }
         });
+    }
+}
+
+/// Owned by the eviction task. When the task ends or is dropped without the limiter
+/// (the runtime it runs on shut down, or it panicked), clears `sweeper_started`, so
+/// that the next check starts another one instead of leaving eviction off for good.
+struct SweeperGuard<K: Hash + Eq + Clone, C: Clock>(Weak<Inner<K, C>>);
+
+impl<K: Hash + Eq + Clone, C: Clock> Drop for SweeperGuard<K, C> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper_started.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -119,7 +119,9 @@ impl RateLimitBuilder {
         self
     }
 
-    /// How often the per-client tier evicts idle clients (default 30 s).
+    /// How often the per-client tier evicts idle clients (default 30 s). A duration
+    /// past what a `tokio::time::Instant` holds (`Duration::MAX`) means some thirty
+    /// years: no scheduled eviction.
     ///
     /// # Panics
     ///

@@ -49,9 +49,9 @@
 //!   (30 s by default) from a tokio task it spawns on first use. The task holds only a
 //!   `Weak` reference and ends at the first tick after the layer, its services and
 //!   handles are all dropped. The task runs on the runtime of the first call; if that
-//!   runtime shuts down while the limiter lives on, eviction stops. Outside a tokio
-//!   runtime no task starts; call [`RateLimitHandle::evict_idle`] (or
-//!   [`KeyedLimiter::evict_idle`]) yourself.
+//!   runtime shuts down while the limiter lives on, the next call on another runtime
+//!   starts a new task. Outside a tokio runtime no task starts; call
+//!   [`RateLimitHandle::evict_idle`] (or [`KeyedLimiter::evict_idle`]) yourself.
 //! - **A hard cap.** At most [`max_keys`](RateLimitBuilder::max_keys) clients (100,000
 //!   by default) are tracked. A *new* client beyond the cap is limited in one shared
 //!   **overflow bucket** with the per-client quota, until eviction frees slots.

@@ -51,9 +51,7 @@ impl<I> Detect<I> {
             max_prefix,
             // As `tokio::time::sleep` does, a timeout past what an `Instant` holds
             // (`Duration::MAX` for "never") waits some thirty years instead of panicking.
-            deadline: Instant::now()
-                .checked_add(timeout)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365 * 30)),
+            deadline: crate::time::deadline(Instant::now(), timeout),
             sleep: None,
         }
     }
