@@ -262,6 +262,59 @@ async fn probe_successes_up_to_the_threshold_close_the_circuit() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_probe_that_never_ends_reopens_the_circuit_after_probe_timeout() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(3))
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+
+    // The first caller after open_for is the probe, and never finishes (a session).
+    let mut prober = svc.clone();
+    let probe = prober.ready().await.unwrap().call(());
+    let ((), probe_send) = next_request(&mut handle);
+    assert_fails_fast(&mut svc, &mut handle).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    // Not polled, not dropped: the probe still times out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        circuit.state(),
+        CircuitState::Open,
+        "an unfinished probe is a failure after probe_timeout"
+    );
+    assert_fails_fast(&mut svc, &mut handle).await;
+    // Open for open_for from the timeout, then another probe gets through.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(circuit.state(), CircuitState::Open);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // The timed-out probe's call was not cancelled; its late outcome counts for nothing.
+    probe_send.send_error(refused());
+    probe.await.unwrap_err();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_probe_ending_after_the_default_probe_timeout_has_failed() {
+    let layer = probing_layer(1, 1); // open_for 10 s, so probe_timeout 10 s
+    let (mut svc, mut handle) = breaker(&layer);
+    open_then_wait(&layer, &mut svc, &mut handle).await;
+    let probe = svc.ready().await.unwrap().call(());
+    let ((), send) = next_request(&mut handle);
+    // Nobody looks at the circuit until the probe answers, 10 s later: too late.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    send.send_response(());
+    probe.await.unwrap();
+    assert_eq!(layer.handle().state(), CircuitState::Open);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn any_probe_failure_reopens_for_another_period() {
     let layer = probing_layer(2, 2);
     let (mut svc, mut handle) = breaker(&layer);

@@ -30,6 +30,7 @@ impl CircuitBreakerLayer {
             consecutive: Some(5),
             rate: None,
             open_for: Duration::from_secs(30),
+            probe_timeout: None,
             permits: 1,
             success_threshold: 1,
             classifier: DefaultClassifier,
@@ -58,7 +59,8 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 /// [`CircuitBreakerLayer::builder`].
 ///
 /// Defaults: trip after 5 consecutive failures, no failure-rate trip, open for 30 s,
-/// 1 probe permit, 1 successful probe to close, [`DefaultClassifier`].
+/// 1 probe permit, a probe timeout equal to the open period, 1 successful probe to
+/// close, [`DefaultClassifier`].
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct Builder<C = DefaultClassifier> {
@@ -66,6 +68,7 @@ pub struct Builder<C = DefaultClassifier> {
     consecutive: Option<u32>,
     rate: Option<RateTrip>,
     open_for: Duration,
+    probe_timeout: Option<Duration>,
     permits: u32,
     success_threshold: u32,
     classifier: C,
@@ -117,6 +120,31 @@ impl<C> Builder<C> {
         self
     }
 
+    /// How long a half-open probe may take: a probe (counted from its admission in
+    /// `poll_ready`) that has not ended after `timeout` is a **failed probe**, and
+    /// re-opens the circuit for another [`open_for`](Self::open_for) from that moment.
+    /// Its call is not cancelled; its outcome, whenever it comes, is ignored. Default:
+    /// the open period, `open_for`. A duration past what a `tokio::time::Instant` holds
+    /// (`Duration::MAX`) means some thirty years.
+    ///
+    /// A failure rather than a permit given back: the probe is the breaker's test of
+    /// the backend, and one that does not answer in time is what a timeout is (the
+    /// [`DefaultClassifier`] counts timeouts as failures). Handing the permit to the
+    /// next caller would instead let a hung backend collect a new stuck call every
+    /// `probe_timeout`, the pile-up the breaker exists to stop; re-opening lets through
+    /// at most [`half_open_permits`](Self::half_open_permits) calls per open period.
+    ///
+    /// So a call that lasts a whole session (a byte-stream service wrapped with the
+    /// default classifier) cannot close the circuit by finishing if the session outlives
+    /// `probe_timeout`. Wrap the connector instead, or report the session's health
+    /// early with [`CircuitHandle::record_success`](super::CircuitHandle::record_success)
+    /// (and [`FailuresOnly`](super::FailuresOnly)), as the mqtt-gateway does with each
+    /// CONNACK: that closes the circuit while the probe's session goes on.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = Some(timeout);
+        self
+    }
+
     /// How many probe calls may be in flight at once while half-open, across all
     /// clones. A probe that succeeds, is ignored by the classifier or is cancelled
     /// gives its permit back.
@@ -148,6 +176,7 @@ impl<C> Builder<C> {
             consecutive: self.consecutive,
             rate: self.rate,
             open_for: self.open_for,
+            probe_timeout: self.probe_timeout,
             permits: self.permits,
             success_threshold: self.success_threshold,
             classifier,
@@ -162,6 +191,7 @@ impl<C> Builder<C> {
                 consecutive: self.consecutive,
                 rate: self.rate,
                 open_for: self.open_for,
+                probe_timeout: self.probe_timeout.unwrap_or(self.open_for),
                 permits: self.permits,
                 success_threshold: self.success_threshold,
             }),

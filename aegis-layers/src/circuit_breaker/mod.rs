@@ -20,7 +20,11 @@
 //!   circuit's lock in `poll_ready`); further calls fail fast. A probe that succeeds or
 //!   is cancelled returns its permit.
 //!   [`success_threshold`](Builder::success_threshold) successful probes close the
-//!   circuit; any failed probe re-opens it for another `open_for`.
+//!   circuit; any failed probe re-opens it for another `open_for`. A probe still in
+//!   flight [`probe_timeout`](Builder::probe_timeout) after its admission (default:
+//!   `open_for`) has failed: the circuit re-opens, and the probe's call goes on
+//!   uncounted. A call that lasts a whole session is therefore a poor probe; see
+//!   `probe_timeout` for what to do instead.
 //!
 //! A call whose response future is dropped before it completes (the client went away,
 //! a timeout above the breaker fired) is a **cancellation**: it is never counted as a

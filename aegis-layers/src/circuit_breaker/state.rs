@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::classify::Outcome;
+use crate::time::deadline;
 
 /// `aegis_circuit_state{name}`: 0 closed, 1 half-open, 2 open.
 pub const CIRCUIT_STATE: &str = "aegis_circuit_state";
@@ -61,6 +62,7 @@ pub(crate) struct Config {
     pub(crate) consecutive: Option<u32>,
     pub(crate) rate: Option<RateTrip>,
     pub(crate) open_for: Duration,
+    pub(crate) probe_timeout: Duration,
     pub(crate) permits: u32,
     pub(crate) success_threshold: u32,
 }
@@ -73,8 +75,15 @@ const CODE_LOCKED: u64 = 2; // open or half-open: take the lock to decide
 #[derive(Debug)]
 enum Phase {
     Closed,
-    Open { until: Instant },
-    HalfOpen { available: u32, successes: u32 },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        /// The deadlines of the probes in flight, oldest first (pushed in order: the
+        /// clock is monotonic and `probe_timeout` fixed). At most `permits` of them.
+        probes: VecDeque<Instant>,
+        successes: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -125,7 +134,10 @@ pub(crate) struct Guard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Counted,
-    Probe,
+    /// A half-open probe, failed if it has not ended by `deadline`.
+    Probe {
+        deadline: Instant,
+    },
     Uncounted,
     Done,
 }
@@ -186,12 +198,14 @@ impl Shared {
             (_, Some(CircuitState::Open)) | (Phase::Open { .. }, _) => return Ticket::Reject,
             (_, Some(_)) => Kind::Uncounted,
             (Phase::Closed, None) => Kind::Counted,
-            (Phase::HalfOpen { available, .. }, None) => {
-                if *available == 0 {
+            (Phase::HalfOpen { probes, .. }, None) => {
+                let in_flight = u32::try_from(probes.len()).unwrap_or(u32::MAX);
+                if in_flight >= self.cfg.permits {
                     return Ticket::Reject;
                 }
-                *available -= 1;
-                Kind::Probe
+                let until = deadline(Instant::now(), self.cfg.probe_timeout);
+                probes.push_back(until);
+                Kind::Probe { deadline: until }
             }
         };
         Ticket::Admit(Guard {
@@ -201,17 +215,32 @@ impl Shared {
         })
     }
 
-    /// Moves an expired open circuit to half-open.
+    /// Moves the circuit on with the clock, lazily (whoever looks first): a half-open
+    /// probe still in flight at its deadline has failed, and re-opens the circuit from
+    /// that deadline; an open circuit whose time is up goes half-open.
     fn poll_timer(&self, m: &mut Machine) {
-        let expired = match m.phase {
-            Phase::Open { until } => m.forced.is_none() && Instant::now() >= until,
-            _ => false,
+        if m.forced.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let timed_out = match &m.phase {
+            Phase::HalfOpen { probes, .. } => probes.front().copied().filter(|&d| now >= d),
+            _ => None,
         };
-        if expired {
+        if let Some(at) = timed_out {
+            tracing::warn!(
+                circuit = self.cfg.name,
+                probe_timeout = ?self.cfg.probe_timeout,
+                "circuit breaker probe did not finish in time: a failure"
+            );
+            self.open_from(m, at);
+        }
+        // Also right after the re-opening above, if its open period is over already.
+        if matches!(m.phase, Phase::Open { until } if now >= until) {
             self.transition(
                 m,
                 Phase::HalfOpen {
-                    available: self.cfg.permits,
+                    probes: VecDeque::new(),
                     successes: 0,
                 },
             );
@@ -262,9 +291,14 @@ impl Shared {
     }
 
     fn open(&self, m: &mut Machine) {
+        self.open_from(m, Instant::now());
+    }
+
+    /// Opens the circuit for `open_for` from `from` (now, or when a probe timed out).
+    fn open_from(&self, m: &mut Machine, from: Instant) {
         // `open_for(Duration::MAX)` ("until forced or released") must not panic here,
         // inside the poll of the response future that tripped the circuit.
-        let until = crate::time::deadline(Instant::now(), self.cfg.open_for);
+        let until = deadline(from, self.cfg.open_for);
         self.transition(m, Phase::Open { until });
     }
 
@@ -280,12 +314,21 @@ impl Shared {
             (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
                 self.succeed_closed(&mut m);
             }
-            (Kind::Probe, outcome) => {
-                let Phase::HalfOpen { available, .. } = &mut m.phase else {
+            (Kind::Probe { deadline }, outcome) => {
+                // A probe ending after its deadline failed at the deadline, even if
+                // nobody noticed until now: that re-opens the circuit and makes this
+                // outcome one of an earlier state.
+                self.poll_timer(&mut m);
+                if m.generation != generation {
+                    return;
+                }
+                let Phase::HalfOpen { probes, .. } = &mut m.phase else {
                     return;
                 };
                 // A probe that succeeds, is ignored or is cancelled returns its permit.
-                *available += 1;
+                if let Some(i) = probes.iter().position(|&d| d == deadline) {
+                    probes.remove(i);
+                }
                 match outcome {
                     Some(Outcome::Failure) => self.open(&mut m),
                     Some(Outcome::Success) => self.probe_succeeded(&mut m),
@@ -418,7 +461,7 @@ impl Guard {
         let noop = kind == Kind::Counted
             && outcome == Outcome::Success
             && self.shared.success_is_noop.load(Ordering::Relaxed);
-        if matches!(kind, Kind::Counted | Kind::Probe) && !noop {
+        if matches!(kind, Kind::Counted | Kind::Probe { .. }) && !noop {
             self.shared.record(self.generation, kind, Some(outcome));
         }
     }
@@ -428,8 +471,8 @@ impl Drop for Guard {
     fn drop(&mut self) {
         // Only a probe holds something to give back; a cancelled counted call is simply
         // not counted.
-        if self.kind == Kind::Probe {
-            self.shared.record(self.generation, Kind::Probe, None);
+        if let Kind::Probe { .. } = self.kind {
+            self.shared.record(self.generation, self.kind, None);
         }
     }
 }
