@@ -4,13 +4,13 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::error::{Reject, reject};
 use aegis_core::metrics::testing::capture;
 use aegis_layers::adaptive::{
-    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveLayer, Direction,
+    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Direction,
     GradientConfig, RateConfig,
 };
 use metrics_util::debugging::DebuggingRecorder;
@@ -57,11 +57,44 @@ enum Call {
     Cancelled,
 }
 
-/// Fires `n` concurrent calls of `kind` through `layer` around a backend whose latency
-/// is `latency_ms`, and waits for all of them.
-async fn burst(layer: &AdaptiveLayer, latency_ms: &Arc<AtomicU64>, kind: Call, n: usize) {
+/// What the controller publishes, which the test traffic must stay under: a controller
+/// only ever sees the calls its own limit lets through.
+#[derive(Debug, Clone, Copy)]
+enum Published {
+    /// Rate mode: calls a second. A burst must fit in one second at the current rate
+    /// (each test sends at most one burst's worth a second).
+    Rate,
+    /// Gradient mode: calls in flight at once.
+    Concurrency,
+}
+
+/// Fires `n` calls of `kind` through `handle`'s layer around a backend whose latency is
+/// `latency_ms`, at once but under the `published` limit, and waits for all of them.
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // small numbers
+#[allow(clippy::cast_sign_loss)]
+async fn burst(
+    handle: &AdaptiveHandle,
+    published: Published,
+    latency_ms: &Arc<AtomicU64>,
+    kind: Call,
+    n: usize,
+) {
+    // Before, bursts ignored the limit: a gradient test fired 10 calls at once while the
+    // limit was pinned to 2, and so never saw the limit cap its samples.
+    let in_flight = match published {
+        Published::Rate => {
+            assert!(
+                n as f64 <= handle.value(),
+                "{n} calls are over the published rate {}",
+                handle.value()
+            );
+            n
+        }
+        Published::Concurrency => handle.value().round() as usize,
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let lat = Arc::clone(latency_ms);
-    let svc = layer.layer(service_fn(move |call: Call| {
+    let svc = handle.layer().layer(service_fn(move |call: Call| {
         let ms = lat.load(Ordering::Relaxed);
         let (wait, result): (u64, Result<(), TestError>) = match call {
             Call::Ok => (ms, Ok(())),
@@ -78,7 +111,9 @@ async fn burst(layer: &AdaptiveLayer, latency_ms: &Arc<AtomicU64>, kind: Call, n
     let mut set = JoinSet::new();
     for _ in 0..n {
         let svc = svc.clone();
+        let permits = Arc::clone(&permits);
         set.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
             let fut = svc.oneshot(kind);
             if matches!(kind, Call::Cancelled) {
                 assert!(
@@ -126,14 +161,13 @@ fn rising_latency_drives_the_rate_down_not_twice_in_a_row_then_back_up_within_cl
                 .name("edge")
                 .min_samples(5)
                 .spawn(sink);
-            let layer = handle.layer();
             let latency = Arc::new(AtomicU64::new(150));
             let mut values = Vec::new();
             for k in 1..=13u32 {
                 if k == 7 {
                     latency.store(50, Ordering::Relaxed); // recovered: under 0.7 x 100 ms
                 }
-                burst(&layer, &latency, Call::Ok, 10).await;
+                burst(&handle, Published::Rate, &latency, Call::Ok, 10).await;
                 sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
                 values.push(handle.value());
             }
@@ -185,16 +219,15 @@ async fn decisions_wait_for_the_minimum_sample_count_over_two_windows() {
     let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
         .min_samples(5)
         .spawn(sink);
-    let layer = handle.layer();
     let latency = Arc::new(AtomicU64::new(300));
     // 2 samples, then 2 more: 4 over two windows, still fewer than 5.
     for k in 1..=2u32 {
-        burst(&layer, &latency, Call::Ok, 2).await;
+        burst(&handle, Published::Rate, &latency, Call::Ok, 2).await;
         sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
         assert_close(&[handle.value()], &[1000.0]); // held with too few samples
     }
     // 3 more: this window and the one before make 5.
-    burst(&layer, &latency, Call::Ok, 3).await;
+    burst(&handle, Published::Rate, &latency, Call::Ok, 3).await;
     sleep_until(t0 + SEC * 3 + Duration::from_millis(10)).await;
     assert_close(&[handle.value()], &[800.0]);
     assert_close(&log.lock(), &[1000.0, 800.0]);
@@ -207,21 +240,35 @@ async fn rejected_and_cancelled_calls_are_not_samples() {
         .min_samples(5)
         .initial_rate(500.0)
         .spawn(|_| {});
-    let layer = handle.layer();
     let latency = Arc::new(AtomicU64::new(10));
     // 5 fast answers, and 20 slow rejections and 20 slow cancelled calls: if either were
     // recorded, P95 would be 500 ms and the rate would go down.
-    burst(&layer, &latency, Call::Ok, 5).await;
-    burst(&layer, &latency, Call::SlowReject, 20).await;
-    burst(&layer, &latency, Call::Cancelled, 20).await;
+    burst(&handle, Published::Rate, &latency, Call::Ok, 5).await;
+    burst(&handle, Published::Rate, &latency, Call::SlowReject, 20).await;
+    burst(&handle, Published::Rate, &latency, Call::Cancelled, 20).await;
     sleep_until(t0 + SEC + Duration::from_millis(10)).await;
     assert_close(&[handle.value()], &[550.0]); // only the fast answers count: up
 
     // Control: ordinary slow errors are samples (a timing-out backend is slow).
-    burst(&layer, &latency, Call::Ok, 5).await;
-    burst(&layer, &latency, Call::SlowError, 20).await;
+    burst(&handle, Published::Rate, &latency, Call::Ok, 5).await;
+    burst(&handle, Published::Rate, &latency, Call::SlowError, 20).await;
     sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
     assert_close(&[handle.value()], &[440.0]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rate_controller_with_too_few_samples_never_lowers_the_rate() {
+    // Slow answers, but too few of them for a decision: no cut, and no raise either.
+    let control = RateConfig::new(Duration::from_millis(100), 5.0, 100.0)
+        .initial_rate(50.0)
+        .min_samples(1000)
+        .spawn(|_: f64| {});
+    let t0 = Instant::now();
+    for k in 1..=10 {
+        control.record(Duration::from_millis(300));
+        sleep_until(t0 + SEC * k + Duration::from_millis(1)).await;
+    }
+    assert!((control.value() - 50.0).abs() < 1e-9, "{}", control.value());
 }
 
 #[test]
@@ -269,12 +316,11 @@ async fn gradient_mode_measures_min_rtt_then_follows_the_gradient_and_remeasures
         .min_rtt_samples(5)
         .min_rtt_interval(Duration::from_secs(10))
         .spawn(move |limit: usize| l.lock().push(limit));
-    let layer = handle.layer();
     let latency = Arc::new(AtomicU64::new(10));
     let tick = |k: u32| {
-        let (layer, latency) = (layer.clone(), Arc::clone(&latency));
+        let (handle, latency) = (handle.clone(), Arc::clone(&latency));
         async move {
-            burst(&layer, &latency, Call::Ok, 10).await;
+            burst(&handle, Published::Concurrency, &latency, Call::Ok, 10).await;
             sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
         }
     };
@@ -333,7 +379,8 @@ async fn controller_stops_on_shutdown_and_when_every_handle_is_dropped() {
     handle.shutdown();
     tokio::task::yield_now().await;
     assert!(!handle.is_running());
-    burst(&handle.layer(), &Arc::new(AtomicU64::new(300)), Call::Ok, 5).await;
+    let latency = Arc::new(AtomicU64::new(300));
+    burst(&handle, Published::Rate, &latency, Call::Ok, 5).await;
     sleep_until(t0 + SEC * 2).await;
     assert_close(&[handle.value()], &[1000.0]); // no decisions after shutdown
 }
@@ -395,4 +442,102 @@ async fn latencies_recorded_through_the_handle_drive_the_rate() {
     sleep_until(t0 + SEC * 3 + Duration::from_millis(10)).await;
     assert_close(&[handle.value()], &[880.0]);
     assert_close(&log.lock(), &[1000.0, 800.0, 880.0]);
+}
+
+/// Steady demand above any limit: keeps as many calls in flight as the last published
+/// concurrency limit (`limit`, which the sink stores) allows, through `handle`'s layer,
+/// around a backend of `latency`.
+fn closed_loop(handle: &AdaptiveHandle, limit: Arc<AtomicUsize>, latency: Duration) {
+    let svc = handle.layer().layer(service_fn(move |()| async move {
+        sleep(latency).await;
+        Ok::<_, io::Error>(())
+    }));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(async move {
+        loop {
+            while in_flight.load(Ordering::Relaxed) < limit.load(Ordering::Relaxed) {
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let (svc, in_flight, done) =
+                    (svc.clone(), Arc::clone(&in_flight), Arc::clone(&done));
+                tokio::spawn(async move {
+                    svc.oneshot(()).await.unwrap();
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    done.notify_one();
+                });
+            }
+            // A slot came free, or the limit may have grown.
+            tokio::select! {
+                () = done.notified() => {}
+                () = sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    });
+}
+
+/// Runs a gradient controller with `cfg` (`min_limit` 4) under [`closed_loop`] traffic
+/// around a healthy 200 ms backend; returns the published limit just after each of the
+/// first `intervals` decisions (1 s apart).
+async fn gradient_under_steady_demand(cfg: GradientConfig, intervals: u32) -> Vec<usize> {
+    let limit = Arc::new(AtomicUsize::new(0));
+    let sink = Arc::clone(&limit);
+    let t0 = Instant::now();
+    let handle = cfg.spawn(move |l: usize| sink.store(l, Ordering::Relaxed));
+    closed_loop(&handle, Arc::clone(&limit), Duration::from_millis(200));
+    let mut seen = Vec::new();
+    for k in 1..=intervals {
+        sleep_until(t0 + SEC * k + Duration::from_millis(1)).await;
+        seen.push(limit.load(Ordering::Relaxed));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_gradient_controller_at_its_floor_measures_and_climbs_under_its_own_limit() {
+    // The defaults want 50 samples for the minimum RTT; pinned to 4 calls in flight of
+    // 200 ms, a window gets 20, two windows 40: with two windows it never finished, and
+    // the limit stayed at 4 for good (at start-up and at every re-measurement).
+    let seen = gradient_under_steady_demand(
+        GradientConfig::new(4, 100).min_rtt_interval(Duration::from_secs(10)),
+        20,
+    )
+    .await;
+    assert_eq!(seen[..2], [4, 4], "measuring: {seen:?}");
+    let off = seen.iter().position(|&l| l > 4).expect("off the floor");
+    assert!(
+        off < 4,
+        "off the floor after {} intervals: {seen:?}",
+        off + 1
+    );
+    // Re-measured at 13 s (10 s after the measurement), pinned, and off again within
+    // a bounded number of intervals, above where it was.
+    let pinned = seen[12..]
+        .iter()
+        .position(|&l| l == 4)
+        .expect("re-measured")
+        + 12;
+    let before = seen[pinned - 1];
+    let back = seen[pinned..]
+        .iter()
+        .position(|&l| l >= before)
+        .expect("back off the floor");
+    assert!(back <= 4, "{back} intervals pinned: {seen:?}");
+
+    // Minimums the floor cannot reach even over the eight windows a measurement may
+    // span: the minimum-RTT measurement ends at that deadline on the samples there are,
+    // and eight windows later those samples still raise the limit.
+    let seen = gradient_under_steady_demand(
+        GradientConfig::new(4, 100)
+            .min_rtt_samples(1000)
+            .min_samples(1000),
+        20,
+    )
+    .await;
+    let off = seen.iter().position(|&l| l > 4).expect("off the floor");
+    assert!(
+        off < 16,
+        "off the floor after {} intervals: {seen:?}",
+        off + 1
+    );
+    assert!(seen[19] > seen[off], "still climbing: {seen:?}");
 }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::AdaptiveLayer;
 use super::classify::DefaultClassifier;
 use super::sink::{LimitSink, RateSink};
-use super::window::{Measured, Shared};
+use super::window::{Measured, Shared, Windows};
 use crate::time::deadline;
 
 /// `aegis_adaptive_rate{name}`: the admitted rate (rate mode), per second.
@@ -53,7 +53,8 @@ impl Direction {
 ///
 /// | condition | decision |
 /// |---|---|
-/// | fewer than [`min_samples`](Self::min_samples) samples, even with the window before | hold |
+/// | fewer than [`min_samples`](Self::min_samples) samples, even over the last eight windows | `rate × recovery` (up) if their P95 is under `0.7 × threshold`, else hold (see [Too few samples](super#too-few-samples)) |
+/// | fewer than `min_samples` samples, with fewer than eight windows so far | hold |
 /// | `p95 > threshold`, and the previous decision was **not** a reduction | `rate × reduction` (down) |
 /// | `p95 > threshold` right after a reduction | hold (hysteresis: the reduced rate gets one full interval to show its effect) |
 /// | `p95 < 0.7 × threshold` | `rate × recovery` (up) |
@@ -122,8 +123,10 @@ impl RateConfig {
         self
     }
 
-    /// The fewest samples a decision needs. When the last window has fewer, the window
-    /// before is added; when both together still have fewer, the rate holds.
+    /// The fewest samples a decision needs. When the last window has fewer, the
+    /// windows before are added, up to eight; with fewer even then, the rate may only
+    /// rise (see [Too few samples](super#too-few-samples), and keep
+    /// `n <= 8 × min_rate × interval` when driving a global rate).
     pub fn min_samples(mut self, n: u64) -> Self {
         self.min_samples = n.max(1);
         self
@@ -200,6 +203,7 @@ impl RateConfig {
         let law = RateLaw {
             cfg: self,
             sink,
+            windows: Windows::new(),
             rate,
             after_reduction: false,
         };
@@ -222,9 +226,12 @@ impl RateConfig {
 ///
 /// `min_rtt` is measured at start and then every
 /// [`min_rtt_interval`](Self::min_rtt_interval): the limit is pinned to `min_limit`
-/// (so queueing does not inflate the measurement), the samples are cleared, and after
-/// [`min_rtt_samples`](Self::min_rtt_samples) samples the quantile of that window
-/// becomes the new `min_rtt` and the limit goes back to its previous value.
+/// (so queueing does not inflate the measurement), the samples are cleared, and once
+/// there are [`min_rtt_samples`](Self::min_rtt_samples) samples (over up to eight
+/// windows) their quantile becomes the new `min_rtt` and the limit goes back to its
+/// previous value. After eight intervals the measurement ends anyway, on the samples
+/// there are or the previous `min_rtt` (see [Too few samples](super#too-few-samples)):
+/// with the limit pinned, the samples may never reach the minimum.
 #[derive(Debug, Clone)]
 #[must_use = "a config does nothing until `spawn` is called"]
 pub struct GradientConfig {
@@ -297,7 +304,8 @@ impl GradientConfig {
         self
     }
 
-    /// The fewest samples a decision needs (see [`RateConfig::min_samples`]).
+    /// The fewest samples a decision needs (see [`RateConfig::min_samples`]; with too
+    /// few even over eight windows, the limit may only rise).
     pub fn min_samples(mut self, n: u64) -> Self {
         self.min_samples = n.max(1);
         self
@@ -321,7 +329,9 @@ impl GradientConfig {
         self
     }
 
-    /// How many samples a minimum-RTT measurement needs.
+    /// How many samples a minimum-RTT measurement needs; with the limit pinned to
+    /// `min_limit`, at most `min_limit × interval / latency` come a window, over up to
+    /// eight windows (see [Too few samples](super#too-few-samples)).
     pub fn min_rtt_samples(mut self, n: u64) -> Self {
         self.min_rtt_samples = n.max(1);
         self
@@ -366,6 +376,7 @@ impl GradientConfig {
         let mut law = GradientLaw {
             cfg: self,
             sink,
+            windows: Windows::new(),
             limit,
             min_rtt: None,
             phase: Phase::Measuring,
@@ -416,6 +427,7 @@ fn decision(name: &'static str, dir: Direction) {
 struct RateLaw<K> {
     cfg: RateConfig,
     sink: K,
+    windows: Windows,
     rate: f64,
     after_reduction: bool,
 }
@@ -423,14 +435,31 @@ struct RateLaw<K> {
 impl<K: RateSink> Law for RateLaw<K> {
     fn tick(&mut self, shared: &Shared, _now: Instant) {
         let name = self.cfg.name;
-        let (next, dir, p95) = match shared.rotate(0.95, self.cfg.min_samples) {
-            Measured::TooFew(samples) => {
+        let (next, dir, p95) = match self.windows.rotate(shared, 0.95, self.cfg.min_samples) {
+            Measured::TooFew {
+                samples,
+                latency,
+                full,
+            } => {
+                // Too few samples even over the last eight windows. At a low rate the rate
+                // itself caps how many samples can come, so holding could keep the
+                // rate there for good: the samples there are may still raise it
+                // (never lower it).
+                let up = latency
+                    .filter(|_| full)
+                    .map(|p95| self.cfg.decide(self.rate, p95, self.after_reduction))
+                    .filter(|&(_, dir)| dir == Direction::Up);
                 tracing::debug!(
                     controller = name,
                     samples,
-                    "adaptive: too few samples, hold"
+                    p95 = ?latency,
+                    up = up.is_some(),
+                    "adaptive: too few samples, only an increase"
                 );
-                (self.rate, Direction::Hold, None)
+                match up {
+                    Some((next, dir)) => (next, dir, latency),
+                    None => (self.rate, Direction::Hold, None),
+                }
             }
             Measured::Latency(p95) => {
                 metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(p95.as_secs_f64());
@@ -480,6 +509,7 @@ enum Phase {
 struct GradientLaw<K> {
     cfg: GradientConfig,
     sink: K,
+    windows: Windows,
     /// The limit outside measurements (restored after each).
     limit: f64,
     min_rtt: Option<Duration>,
@@ -491,7 +521,7 @@ impl<K: LimitSink> GradientLaw<K> {
     fn start_measuring(&mut self, shared: &Shared, limit: f64) {
         self.limit = limit;
         self.phase = Phase::Measuring;
-        shared.clear();
+        self.windows.clear(shared);
         self.publish(shared, self.cfg.min_limit as f64);
         tracing::debug!(
             controller = self.cfg.name,
@@ -509,67 +539,132 @@ impl<K: LimitSink> GradientLaw<K> {
 
 impl<K: LimitSink> Law for GradientLaw<K> {
     fn tick(&mut self, shared: &Shared, now: Instant) {
-        let name = self.cfg.name;
         match self.phase {
-            Phase::Measuring => {
-                match shared.rotate(self.cfg.quantile, self.cfg.min_rtt_samples) {
-                    Measured::Latency(min_rtt) => {
-                        self.min_rtt = Some(min_rtt);
-                        metrics::gauge!(ADAPTIVE_MIN_RTT_SECONDS, "name" => name)
-                            .set(min_rtt.as_secs_f64());
-                        tracing::info!(
-                            controller = name,
-                            ?min_rtt,
-                            "adaptive: minimum RTT measured"
-                        );
-                        self.phase = Phase::Running {
-                            remeasure_at: deadline(now, self.cfg.min_rtt_interval),
-                        };
-                        shared.clear();
-                        self.publish(shared, self.limit);
-                    }
-                    Measured::TooFew(_) => {}
-                }
-                decision(name, Direction::Hold);
-            }
-            Phase::Running { remeasure_at } => {
-                if now >= remeasure_at {
-                    decision(name, Direction::Hold);
-                    self.start_measuring(shared, self.limit);
-                    return;
-                }
-                let min_rtt = self.min_rtt.unwrap_or_default();
-                let dir = match shared.rotate(self.cfg.quantile, self.cfg.min_samples) {
-                    Measured::TooFew(_) => Direction::Hold,
-                    Measured::Latency(sample) => {
-                        metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name)
-                            .set(sample.as_secs_f64());
-                        let next = self.cfg.next_limit(self.limit, min_rtt, sample);
-                        let dir = if next < self.limit {
-                            Direction::Down
-                        } else if next > self.limit {
-                            Direction::Up
-                        } else {
-                            Direction::Hold
-                        };
-                        tracing::debug!(
-                            controller = name,
-                            from = self.limit,
-                            limit = next,
-                            ?sample,
-                            ?min_rtt,
-                            "adaptive: gradient step"
-                        );
-                        if dir != Direction::Hold {
-                            self.limit = next;
-                            self.publish(shared, next);
-                        }
-                        dir
-                    }
-                };
-                decision(name, dir);
-            }
+            Phase::Measuring => self.measure(shared, now),
+            Phase::Running { remeasure_at } => self.run(shared, now, remeasure_at),
         }
+    }
+}
+
+impl<K: LimitSink> GradientLaw<K> {
+    /// One interval of a minimum-RTT measurement.
+    fn measure(&mut self, shared: &Shared, now: Instant) {
+        let name = self.cfg.name;
+        let rotated = self
+            .windows
+            .rotate(shared, self.cfg.quantile, self.cfg.min_rtt_samples);
+        let measured = match rotated {
+            Measured::Latency(min_rtt) => Some(min_rtt),
+            // The deadline: with the limit pinned to `min_limit`, the samples may never
+            // reach `min_rtt_samples` (at most min_limit x interval / latency a window).
+            // Take the ones there are (measured at `min_limit`, as they should be), or
+            // else keep the previous minimum RTT.
+            Measured::TooFew {
+                samples,
+                latency,
+                full: true,
+            } => {
+                let fallback = latency.or(self.min_rtt);
+                if fallback.is_some() {
+                    tracing::info!(
+                        controller = name,
+                        samples,
+                        wanted = self.cfg.min_rtt_samples,
+                        from = if latency.is_some() {
+                            "samples"
+                        } else {
+                            "previous"
+                        },
+                        "adaptive: too few samples for the minimum RTT in time"
+                    );
+                }
+                fallback
+            }
+            Measured::TooFew { .. } => None,
+        };
+        if let Some(min_rtt) = measured {
+            self.min_rtt = Some(min_rtt);
+            metrics::gauge!(ADAPTIVE_MIN_RTT_SECONDS, "name" => name).set(min_rtt.as_secs_f64());
+            tracing::info!(
+                controller = name,
+                ?min_rtt,
+                "adaptive: minimum RTT measured"
+            );
+            self.phase = Phase::Running {
+                remeasure_at: deadline(now, self.cfg.min_rtt_interval),
+            };
+            self.windows.clear(shared);
+            self.publish(shared, self.limit);
+        }
+        decision(name, Direction::Hold);
+    }
+
+    /// One interval of the gradient.
+    fn run(&mut self, shared: &Shared, now: Instant, remeasure_at: Instant) {
+        let name = self.cfg.name;
+        if now >= remeasure_at {
+            decision(name, Direction::Hold);
+            self.start_measuring(shared, self.limit);
+            return;
+        }
+        let min_rtt = self.min_rtt.unwrap_or_default();
+        let dir = match self
+            .windows
+            .rotate(shared, self.cfg.quantile, self.cfg.min_samples)
+        {
+            // Too few even over the last eight windows: at a low limit the limit
+            // itself caps the samples, so the ones there are may still raise it
+            // (never lower it).
+            Measured::TooFew {
+                latency: Some(sample),
+                samples,
+                full: true,
+            } => {
+                let next = self.cfg.next_limit(self.limit, min_rtt, sample);
+                tracing::debug!(
+                    controller = name,
+                    samples,
+                    from = self.limit,
+                    limit = next,
+                    ?sample,
+                    ?min_rtt,
+                    "adaptive: too few samples, only an increase"
+                );
+                if next > self.limit {
+                    self.limit = next;
+                    self.publish(shared, next);
+                    Direction::Up
+                } else {
+                    Direction::Hold
+                }
+            }
+            Measured::TooFew { .. } => Direction::Hold,
+            Measured::Latency(sample) => {
+                metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(sample.as_secs_f64());
+                let next = self.cfg.next_limit(self.limit, min_rtt, sample);
+                let dir = if next < self.limit {
+                    Direction::Down
+                } else if next > self.limit {
+                    Direction::Up
+                } else {
+                    Direction::Hold
+                };
+                tracing::debug!(
+                    controller = name,
+                    from = self.limit,
+                    limit = next,
+                    ?sample,
+                    ?min_rtt,
+                    "adaptive: gradient step"
+                );
+                if dir != Direction::Hold {
+                    self.limit = next;
+                    self.publish(shared, next);
+                }
+                dir
+            }
+        };
+        decision(name, dir);
     }
 }
 

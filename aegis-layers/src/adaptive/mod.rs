@@ -2,17 +2,19 @@
 //! rate (or the concurrency limit) when its P95 rises.
 //!
 //! [`Adaptive`] (built by [`AdaptiveLayer`]) wraps any `tower::Service` and records the
-//! latency of each call, from `call` to the completion of the response future, into a
-//! rotating [`HdrHistogram`](hdrhistogram) (the current window and the previous one,
-//! rotated on each control interval). Calls whose future is dropped before completion
-//! (cancelled) are not recorded, nor are rejections: the [`DefaultClassifier`] skips
-//! any error holding an [`aegis_core::error::Rejected`], since a fast "no" says nothing
-//! about the backend's latency. Write your own [`Classify`] for other rules.
+//! latency of each call, from `call` to the completion of the response future, into an
+//! [`HdrHistogram`](hdrhistogram) window, closed on each control interval (the
+//! controller keeps the last eight closed windows). Calls whose future is dropped
+//! before completion (cancelled) are not recorded, nor are rejections: the
+//! [`DefaultClassifier`] skips any error holding an [`aegis_core::error::Rejected`],
+//! since a fast "no" says nothing about the backend's latency. Write your own
+//! [`Classify`] for other rules.
 //!
 //! A controller runs as its own tokio task, started by [`RateConfig::spawn`] or
 //! [`GradientConfig::spawn`]. On each interval it closes the window, computes the
-//! latency quantile (when the window holds at least `min_samples` samples, or the last
-//! two windows together do; otherwise it holds) and drives a sink. The task ends when
+//! latency quantile over the newest windows that together hold `min_samples` samples
+//! (the last one alone when it has enough, else back up to eight windows; with fewer,
+//! see [Too few samples](#too-few-samples)) and drives a sink. The task ends when
 //! every [`AdaptiveHandle`], layer and service is dropped, or on
 //! [`AdaptiveHandle::shutdown`]. The layer itself never rejects anything: it only
 //! measures. The sink does the limiting.
@@ -34,6 +36,28 @@
 //! `gradient = clamp(min_rtt × (1 + buffer) / sample_rtt, 0.5, 2.0)`, clamped to
 //! `[min_limit, max_limit]`. `min_rtt` is re-measured periodically with the limit pinned
 //! to `min_limit`; the intervals spent measuring count as `hold` decisions.
+//!
+//! # Too few samples
+//!
+//! A controller only sees the calls its own limit lets through. Driving a global rate,
+//! a window holds at most `rate × interval` samples, `min_rate × interval` at the floor;
+//! in gradient mode at most `limit × interval / latency`. A minimum the floor cannot
+//! supply would hold the controller at its floor for good, so:
+//!
+//! - a measurement reaches back up to **eight windows** for its `min_samples`. For
+//!   decisions on full evidence at the floor of a global rate, keep
+//!   `min_samples <= 8 × min_rate × interval` (the defaults, 20 samples a 1 s
+//!   interval, need `min_rate >= 2.5`/s); in gradient mode, keep `min_rtt_samples`
+//!   and `min_samples` under `8 × min_limit × interval / latency`. This is not checked
+//!   at spawn: with a per-client rate (`PerClientRate`) every client's calls are
+//!   samples, and the floor does not cap their total;
+//! - with fewer samples even over eight windows, the samples there are may **raise**
+//!   the value but never lower it: rate mode multiplies by the recovery factor when
+//!   their P95 is under `0.7 × threshold`, gradient mode takes the gradient step only
+//!   when it raises the limit. With no sample at all, it holds;
+//! - the minimum-RTT measurement ends after eight intervals at the latest: on the
+//!   samples there are (taken at `min_limit`, as they should be), or with none, on the
+//!   previous minimum RTT (at start-up, with none, it goes on measuring).
 //!
 //! # Which mode to use
 //!

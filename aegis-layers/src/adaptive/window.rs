@@ -1,5 +1,7 @@
-//! The rotating latency histogram shared by the services and the controller.
+//! The latency histograms: the open window the services record into, and the closed
+//! windows the controller measures over.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,9 +18,14 @@ const MAX_MICROS: u64 = 60_000_000;
 /// per histogram.
 const SIGFIG: u8 = 2;
 
-struct Windows {
-    current: Histogram<u64>,
-    previous: Histogram<u64>,
+/// How many closed windows (control intervals) a measurement may reach back over when
+/// the newest ones hold too few samples: at a low rate or limit, the controller's own
+/// limit caps how many samples one window can get, and two windows may never be enough.
+/// Eight keeps a decision within eight intervals of its evidence, in about 80 KiB.
+pub(crate) const MAX_WINDOWS: usize = 8;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_max(MAX_MICROS, SIGFIG).expect("valid histogram bounds")
 }
 
 /// The controller's side: its shutdown signal, alive as long as the task is.
@@ -28,8 +35,10 @@ pub(crate) struct Control {
     pub(crate) stopped: AtomicBool,
 }
 
+/// Shared by the controller, its handles, layers and services.
 pub(crate) struct Shared {
-    windows: Mutex<Windows>,
+    /// The open window, recorded into by every call.
+    current: Mutex<Histogram<u64>>,
     /// The current rate or limit, as `f64` bits.
     value: AtomicU64,
     pub(crate) control: Arc<Control>,
@@ -43,23 +52,25 @@ impl fmt::Debug for Shared {
     }
 }
 
-/// What one window of samples gave.
+/// What the closed windows gave.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Measured {
-    /// The quantile, over the last window or the last two.
+    /// The quantile over the newest windows that hold the minimum of samples.
     Latency(Duration),
-    /// Fewer samples than the minimum, even over two windows.
-    TooFew(u64),
+    /// Fewer samples than the minimum over all the closed windows: how many, their
+    /// quantile when there is at least one, and whether there are [`MAX_WINDOWS`]
+    /// windows (so waiting longer would not bring more).
+    TooFew {
+        samples: u64,
+        latency: Option<Duration>,
+        full: bool,
+    },
 }
 
 impl Shared {
     pub(crate) fn new(initial: f64) -> Arc<Self> {
-        let hist = Histogram::new_with_max(MAX_MICROS, SIGFIG).expect("valid histogram bounds");
         Arc::new(Self {
-            windows: Mutex::new(Windows {
-                previous: hist.clone(),
-                current: hist,
-            }),
+            current: Mutex::new(histogram()),
             value: AtomicU64::new(initial.to_bits()),
             control: Arc::new(Control::default()),
         })
@@ -67,33 +78,12 @@ impl Shared {
 
     pub(crate) fn record(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.windows.lock().current.saturating_record(micros);
+        self.current.lock().saturating_record(micros);
     }
 
-    /// Closes the current window: the `quantile` of its samples, or of it and the
-    /// previous window together when it alone has fewer than `min_samples`.
-    pub(crate) fn rotate(&self, quantile: f64, min_samples: u64) -> Measured {
-        let mut w = self.windows.lock();
-        let w = &mut *w;
-        let measured = if w.current.len() >= min_samples {
-            Measured::Latency(Duration::from_micros(w.current.value_at_quantile(quantile)))
-        } else if w.current.len() + w.previous.len() >= min_samples {
-            let mut both = w.previous.clone();
-            both.add(&w.current).expect("same bounds");
-            Measured::Latency(Duration::from_micros(both.value_at_quantile(quantile)))
-        } else {
-            Measured::TooFew(w.current.len() + w.previous.len())
-        };
-        std::mem::swap(&mut w.current, &mut w.previous);
-        w.current.reset();
-        measured
-    }
-
-    /// Forgets every sample.
-    pub(crate) fn clear(&self) {
-        let mut w = self.windows.lock();
-        w.current.reset();
-        w.previous.reset();
+    /// Closes the open window: returns its samples and leaves `empty` in its place.
+    fn take(&self, empty: Histogram<u64>) -> Histogram<u64> {
+        std::mem::replace(&mut *self.current.lock(), empty)
     }
 
     pub(crate) fn value(&self) -> f64 {
@@ -110,5 +100,154 @@ impl Drop for Shared {
         // The last handle, layer or service is gone: end the controller now rather than
         // at its next tick.
         self.control.notify.notify_one();
+    }
+}
+
+/// The closed windows, newest first, at most [`MAX_WINDOWS`]: the controller task's
+/// own, so that measuring over them never holds the lock the services record under.
+pub(crate) struct Windows {
+    closed: VecDeque<Histogram<u64>>,
+}
+
+impl fmt::Debug for Windows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Windows")
+            .field("closed", &self.closed.len())
+            .finish()
+    }
+}
+
+impl Windows {
+    pub(crate) fn new() -> Self {
+        Self {
+            closed: VecDeque::with_capacity(MAX_WINDOWS),
+        }
+    }
+
+    /// Closes the open window and measures the `quantile` over the fewest newest
+    /// windows (the one just closed first) that hold `min_samples` samples together:
+    /// the last window alone when it has enough, else with the one before, and so on,
+    /// back at most [`MAX_WINDOWS`] windows.
+    pub(crate) fn rotate(&mut self, shared: &Shared, quantile: f64, min_samples: u64) -> Measured {
+        // Reuse the oldest window's memory once there are enough of them.
+        let empty = if self.closed.len() >= MAX_WINDOWS {
+            let mut oldest = self.closed.pop_back().expect("MAX_WINDOWS > 0");
+            oldest.reset();
+            oldest
+        } else {
+            histogram()
+        };
+        self.closed.push_front(shared.take(empty));
+
+        let mut samples = 0;
+        let mut used = 0;
+        for w in &self.closed {
+            samples += w.len();
+            used += 1;
+            if samples >= min_samples {
+                break;
+            }
+        }
+        let latency = (samples > 0).then(|| self.quantile(used, quantile));
+        match latency {
+            Some(latency) if samples >= min_samples => Measured::Latency(latency),
+            _ => Measured::TooFew {
+                samples,
+                latency,
+                full: self.closed.len() >= MAX_WINDOWS,
+            },
+        }
+    }
+
+    /// The `quantile` over the `used` newest closed windows.
+    fn quantile(&self, used: usize, quantile: f64) -> Duration {
+        let micros = if used == 1 {
+            self.closed[0].value_at_quantile(quantile)
+        } else {
+            let mut all = self.closed[0].clone();
+            for w in self.closed.iter().take(used).skip(1) {
+                all.add(w).expect("same bounds");
+            }
+            all.value_at_quantile(quantile)
+        };
+        Duration::from_micros(micros)
+    }
+
+    /// Forgets every sample, in the open window and the closed ones.
+    pub(crate) fn clear(&mut self, shared: &Shared) {
+        self.closed.clear();
+        shared.current.lock().reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(shared: &Shared, samples: u64, ms: u64) {
+        for _ in 0..samples {
+            shared.record(Duration::from_millis(ms));
+        }
+    }
+
+    /// The measured latency in whole milliseconds (the histogram keeps two digits), and
+    /// whether it rested on enough samples (or, with too few, on all windows).
+    fn ms(m: Measured) -> (Option<u64>, bool) {
+        let round = |d: Duration| u64::try_from((d.as_micros() + 500) / 1000).unwrap();
+        match m {
+            Measured::Latency(d) => (Some(round(d)), true),
+            Measured::TooFew { latency, full, .. } => (latency.map(round), full),
+        }
+    }
+
+    #[test]
+    fn measures_over_the_fewest_newest_windows_holding_enough_samples() {
+        let shared = Shared::new(0.0);
+        let mut w = Windows::new();
+        window(&shared, 5, 20);
+        assert_eq!(
+            ms(w.rotate(&shared, 1.0, 5)),
+            (Some(20), true),
+            "one is enough"
+        );
+        window(&shared, 3, 10);
+        // 3 + the 5 before: the older window's 20 ms are in the measurement.
+        assert_eq!(ms(w.rotate(&shared, 1.0, 5)), (Some(20), true));
+        window(&shared, 6, 10);
+        assert_eq!(ms(w.rotate(&shared, 1.0, 5)), (Some(10), true));
+        // One sample a window and 5 needed: five windows back, not two.
+        w.clear(&shared);
+        for _ in 0..4 {
+            window(&shared, 1, 30);
+            assert_eq!(ms(w.rotate(&shared, 1.0, 5)), (Some(30), false));
+        }
+        window(&shared, 1, 30);
+        assert_eq!(ms(w.rotate(&shared, 1.0, 5)), (Some(30), true));
+        for _ in 0..MAX_WINDOWS {
+            window(&shared, 1, 40);
+            w.rotate(&shared, 1.0, 100);
+        }
+        // Only the last MAX_WINDOWS windows count, and they hold fewer than the
+        // minimum: their quantile is still given.
+        window(&shared, 1, 30);
+        let m = w.rotate(&shared, 1.0, 100);
+        assert!(
+            matches!(m, Measured::TooFew { samples, .. } if samples == MAX_WINDOWS as u64),
+            "{m:?}"
+        );
+        assert_eq!(
+            ms(m),
+            (Some(40), true),
+            "too few, over all the windows there are"
+        );
+        w.clear(&shared);
+        assert_eq!(
+            w.rotate(&shared, 1.0, 1),
+            Measured::TooFew {
+                samples: 0,
+                latency: None,
+                full: false,
+            }
+        );
     }
 }
