@@ -64,9 +64,21 @@
 //! - **Rate mode for connection admission.** New connections arrive at a rate, and the
 //!   cost of a connection (handshake, TLS, authentication) is paid up front: a rate
 //!   limiter in front of the accept path is the natural actuator, and a latency
-//!   threshold (an SLO) is what operators can state. Wrap the connection service (or the
-//!   handshake) with the layer, and give the controller the rate limiter's handle as
-//!   its sink.
+//!   threshold (an SLO) is what operators can state. Give the controller the rate
+//!   limiter's handle as its sink, and measure **time the backend controls**: the
+//!   handshake's round trip through the upstream (for MQTT, CONNECT forwarded to
+//!   CONNACK received, reported with [`AdaptiveHandle::record`]; `aegis_mqtt`'s
+//!   `MqttLayer::connack_latency` does it), or the layer around the upstream connector
+//!   or HTTP client.
+//!
+//!   Do **not** wrap the connection service, nor time anything from the client's
+//!   side: a connection's call lasts as long as the client stays, and a handshake timed
+//!   from the client's first byte includes how slowly the client sends. Then a few
+//!   clients that stay connected, or trickle their bytes, are the slowest 5 % by
+//!   themselves and push the P95 over the threshold however healthy the backend is;
+//!   the controller then cuts the rate at which **everyone** is admitted, down to
+//!   `min_rate`, for as long as they keep it up: a handful of idle connections becomes
+//!   a denial of service for all clients.
 //! - **Gradient mode for concurrency.** For requests in flight to a backend (calls
 //!   through an upstream connector or HTTP client), the limit that matters is how many
 //!   are outstanding at once. The gradient needs no threshold: it finds the queueing
