@@ -119,6 +119,24 @@ fn tiers_stack_and_per_client_is_checked_before_global() {
     assert_eq!(rejections(&c, "global"), 1);
 }
 
+#[test]
+fn a_connection_the_global_tier_refuses_has_spent_its_per_client_cell() {
+    // Documented, not refunded: see the module docs' "Tiers".
+    let ((), _) = run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .global(Quota::per_second(nz(1)))
+            .per_client(Quota::per_minute(nz(1)))
+            .build();
+        let mut svc = layer.layer(ok_service());
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Err("global"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The global tier has room again, but .2's one connection a minute is gone.
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Err("per_client"));
+        assert_eq!(try_conn(&mut svc, "192.0.2.3").await, Ok(()));
+    });
+}
+
 /// A service whose connections last until the test sends on their channel.
 fn held_service(
     tx: tokio::sync::mpsc::UnboundedSender<oneshot::Sender<()>>,

@@ -9,7 +9,8 @@ use aegis_core::error::Reject;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RateLimited {
-    /// Over the global connection rate.
+    /// Over the global connection rate. The per-client tier, checked first, has
+    /// counted the connection already (see the [module docs](super#tiers)).
     #[error("global connection rate exceeded")]
     Global,
     /// Over the client's connection rate.

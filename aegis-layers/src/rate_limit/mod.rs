@@ -24,6 +24,16 @@
 //! when the connection's future completes or is dropped (cancelled, or the connection
 //! refused by a later tier).
 //!
+//! Rates are not given back: a connection the **global** tier refuses has already
+//! spent one of its client's per-client cells. While the global rate is exhausted
+//! (a flood, or an adaptive controller holding it low), a client that retries drains
+//! its own per-client budget on connections that were never served, and may then be
+//! refused for `per_client` for up to `burst / rate` after the global tier recovers.
+//! Size the per-client burst with that in mind. (Refunding the cell would mean undoing
+//! a GCRA step by hand in the right cell, the client's or the overflow bucket, under
+//! the quota that was current, with other checks of the same client in between;
+//! [`governor`] offers no such operation.)
+//!
 //! Rates use [`governor`]'s GCRA: a quota of `n` per second with burst `b` admits `b`
 //! connections at once, then one every `1/n` s.
 //!

@@ -76,6 +76,7 @@ where
             return ResponseFuture::rejected(reject(RateLimited::PerClient));
         }
         if shared.global_on.load(Ordering::Relaxed) && !shared.global.check() {
+            // The per-client cell spent above is not given back (see the module docs).
             return ResponseFuture::rejected(reject(RateLimited::Global));
         }
         ResponseFuture::inner(self.inner.call(io), slot)
