@@ -237,6 +237,8 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                 token: Some(c.security.admin_token.expose())
                     .filter(|t| !t.is_empty())
                     .map(Arc::from),
+                // The configured address, not the bound one: `0.0.0.0` is beyond loopback.
+                loopback: addr.ip().to_canonical().is_loopback(),
             };
             tokio::spawn(metrics_http::serve(listener, prometheus, ready, admin));
             Some(bound)

@@ -20,12 +20,13 @@
 //!   `403` (a page open on this host could otherwise post a ban), and so does one
 //!   addressed to a name other than `localhost` without `security.admin_token` (a page
 //!   that rebinds its own name to this address could otherwise read them). With the
-//!   token set, both need `Authorization: Bearer <token>` (else `401`); without one,
-//!   the gateway refuses to start with `admin = true` on a metrics address beyond
-//!   loopback. An address stands for its client's
-//!   network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for its /64
-//!   by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR
-//!   notation (`198.51.100.0/24`) bans or lifts that network.
+//!   token set, both need `Authorization: Bearer <token>` (else `401`). Without one,
+//!   they are served only when `metrics.listen` is a loopback address (else `403`: they
+//!   name client addresses, client ids and usernames), and the gateway refuses to start
+//!   with `admin = true` on a metrics address beyond loopback. An address stands for its
+//!   client's network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for
+//!   its /64 by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in
+//!   CIDR notation (`198.51.100.0/24`) bans or lifts that network.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -98,6 +99,9 @@ pub(crate) struct Admin {
     pub(crate) writable: bool,
     /// The bearer token they need (`security.admin_token`), if any.
     pub(crate) token: Option<Arc<str>>,
+    /// Whether the endpoint's configured address (`metrics.listen`) is a loopback one:
+    /// without a token, `/events` and `/bans` are served only then.
+    pub(crate) loopback: bool,
 }
 
 impl std::fmt::Debug for Admin {
@@ -106,6 +110,7 @@ impl std::fmt::Debug for Admin {
             .field("security", &self.security.is_some())
             .field("writable", &self.writable)
             .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("loopback", &self.loopback)
             .finish()
     }
 }
@@ -195,6 +200,12 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
         return Some(text(
             StatusCode::FORBIDDEN,
             "not from a browser: the request has an Origin header\n",
+        ));
+    }
+    if admin.token.is_none() && !admin.loopback {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "metrics.listen is beyond loopback: /events and /bans need security.admin_token\n",
         ));
     }
     if admin.token.is_none() && !addressed_by_ip(req) {

@@ -108,27 +108,49 @@ struct Gateway {
     dir: PathBuf,
 }
 
+/// How [`Gateway::start_with`] starts the gateway, beyond its config and flags.
+#[derive(Debug, Clone, Copy)]
+struct Launch {
+    /// The IP of `--metrics` (its port is a free one): `0.0.0.0` puts the endpoint beyond
+    /// loopback, still reached at `127.0.0.1`.
+    metrics_ip: &'static str,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            metrics_ip: "127.0.0.1",
+        }
+    }
+}
+
 impl Gateway {
     /// Starts the gateway with `config` (TOML) and extra flags, and waits until
     /// `/healthz` answers.
+    async fn start(name: &str, config: &str, extra: &[&str]) -> Self {
+        Self::start_with(name, config, extra, Launch::default()).await
+    }
+
+    /// [`Gateway::start`], as `launch` says.
     ///
     /// The two ports are free when picked but not held until the gateway binds them, so
     /// another socket of the test run (a client's ephemeral port) can take one first: the
     /// gateway then exits with "Address already in use", and is started again on new
     /// ports, up to `ATTEMPTS` times.
-    async fn start(name: &str, config: &str, extra: &[&str]) -> Self {
+    async fn start_with(name: &str, config: &str, extra: &[&str], launch: Launch) -> Self {
         const ATTEMPTS: u32 = 3;
         'attempts: for attempt in 1..=ATTEMPTS {
             let dir = scratch(name);
             let conf = dir.join("gateway.toml");
             std::fs::write(&conf, config).unwrap();
             let [mqtt, metrics] = free_ports();
+            let metrics_flag = format!("{}:{}", launch.metrics_ip, metrics.port());
             let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
             let child = Command::new(gateway_bin())
                 .arg("--config")
                 .arg(&conf)
                 .args(["--listen", &mqtt.to_string()])
-                .args(["--metrics", &metrics.to_string()])
+                .args(["--metrics", &metrics_flag])
                 .args(extra)
                 .env("RUST_LOG", "info,mqtt_gateway=debug")
                 .stdin(Stdio::null())
@@ -1389,6 +1411,38 @@ async fn without_a_token_the_admin_paths_answer_only_an_ip_or_localhost() {
     let mut got = String::new();
     s.read_to_string(&mut got).await.unwrap();
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+}
+
+/// Without `security.admin_token`, `/events` and `/bans` (client addresses, client ids,
+/// usernames) are served only by an endpoint configured on a loopback address: one on
+/// `0.0.0.0` (reached here at 127.0.0.1) answers them `403`, `/metrics` and `/healthz`
+/// still `200`; with a token, the bearer gets `200`.
+#[tokio::test]
+async fn beyond_loopback_events_and_bans_need_the_admin_token() {
+    const TOKEN: &str = "s3cret-Token-0123456";
+    let anywhere = Launch {
+        metrics_ip: "0.0.0.0",
+    };
+    let gw = Gateway::start_with("admin-beyond-loopback", "", &[], anywhere).await;
+    for path in ["/events", "/bans"] {
+        let (status, body) = http_get(gw.metrics, path).await.unwrap();
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("security.admin_token"), "{path}: {body}");
+    }
+    for path in ["/metrics", "/healthz"] {
+        assert_eq!(http_get(gw.metrics, path).await.unwrap().0, 200, "{path}");
+    }
+    drop(gw);
+
+    let config = format!("[security]\nadmin_token = \"{TOKEN}\"\n");
+    let gw = Gateway::start_with("admin-beyond-loopback-token", &config, &[], anywhere).await;
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    for path in ["/events", "/bans"] {
+        let (status, body) = http_request_with(gw.metrics, "GET", path, &bearer)
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (200, "[]"), "{path}");
+    }
 }
 
 #[test]
