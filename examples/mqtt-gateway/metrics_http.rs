@@ -15,7 +15,8 @@
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
-//!   `client_id`); otherwise those answer `403`.
+//!   `client_id`); otherwise those answer `403`. `POST` refuses (`400`) a network wider
+//!   than an IPv4 /8 or an IPv6 /32.
 //! - `/events` and `/bans` answer no browser: a request with an `Origin` header gets
 //!   `403` (a page open on this host could otherwise post a ban), and so does one
 //!   addressed to a name other than `localhost` without `security.admin_token` (a page
@@ -187,6 +188,31 @@ fn ban_key(req: &Request<Incoming>, security: &Security) -> Result<BanKey, &'sta
     }
 }
 
+/// The widest networks `POST /bans` bans: an IPv4 /8 and an IPv6 /32 (a large
+/// provider's allocation). A wider one (`0.0.0.0/0`, `::/0`) would refuse a whole
+/// address family, or most of it, with one request, saved to the bans file.
+const WIDEST_V4_BAN: u8 = 8;
+const WIDEST_V6_BAN: u8 = 32;
+
+/// Why a manual ban of `key` is refused: a network wider than [`WIDEST_V4_BAN`] or
+/// [`WIDEST_V6_BAN`] (also when a bare address is keyed so by `limits.ipv4_prefix` or
+/// `limits.ipv6_prefix`).
+fn too_wide(key: &BanKey) -> Option<String> {
+    let BanKey::Addr(net) = key else {
+        return None;
+    };
+    let widest = match net.network() {
+        std::net::IpAddr::V4(_) => WIDEST_V4_BAN,
+        std::net::IpAddr::V6(_) => WIDEST_V6_BAN,
+    };
+    (net.prefix_len() < widest).then(|| {
+        format!(
+            "refusing to ban {net}: a ban through /bans covers at most an IPv4 /{WIDEST_V4_BAN} \
+             or an IPv6 /{WIDEST_V6_BAN}"
+        )
+    })
+}
+
 /// `/events` and `/bans`; `None` for any other path.
 fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
@@ -250,6 +276,9 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
                 Ok(key) => key,
                 Err(why) => return Some(bad(why)),
             };
+            if let Some(why) = too_wide(&key) {
+                return Some(bad(&why));
+            }
             let duration = match query(req, "for").map(|d| humantime::parse_duration(&d)) {
                 Some(Ok(d)) if !d.is_zero() => d,
                 _ => return Some(bad("for must be a duration such as 10m")),

@@ -1116,6 +1116,39 @@ async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes
     assert!(mqtt_session("127.0.3.1", gw.mqtt, "again").await.is_some());
 }
 
+/// `POST /bans` refuses a network wider than an IPv4 /8 or an IPv6 /32 (`0.0.0.0/0`
+/// would refuse everyone), in CIDR notation or an IPv4-mapped form of it, with `400` and
+/// the reason; nothing is banned and clients are still served. A /24, a /8 and a /32
+/// are banned.
+#[tokio::test]
+async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
+    let gw = Gateway::start("wide-ban", "[security]\nadmin = true\n", &[]).await;
+    for wide in [
+        "0.0.0.0%2F0",
+        "%3A%3A%2F0",
+        "10.0.0.0%2F7",
+        "2001:d00::%2F31",
+        "%3A%3Affff:0.0.0.0%2F96",
+    ] {
+        let path = format!("/bans?key=addr&value={wide}&for=10m");
+        let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
+        assert_eq!(status, 400, "{wide}: {body}");
+        assert!(body.contains("refusing to ban"), "{wide}: {body}");
+    }
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    let mut s = mqtt_session("127.0.0.1", gw.mqtt, "served").await.unwrap();
+    s.write_all(&[0xE0, 0x00]).await.unwrap();
+    for narrow in ["127.0.14.0%2F24", "10.0.0.0%2F8", "2001:db8::%2F32"] {
+        let path = format!("/bans?key=addr&value={narrow}&for=10m");
+        let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
+        assert_eq!(status, 200, "{narrow}: {body}");
+    }
+    refused_but(gw.mqtt, &["127.0.14.1"], "127.0.15.1").await;
+}
+
 /// `security.exempt`: connects from an exempt network count toward no ban, over real
 /// loopback sockets, while another address over `max_connects` is banned.
 #[tokio::test]
