@@ -3,8 +3,10 @@
 //!
 //! At start-up the gateway puts the file's bans in place again (each until its own end;
 //! ended ones are skipped), before it accepts a connection. While it runs it writes the
-//! bans every `security.bans_save_every` (a minute by default) when they changed, and
-//! once more after its drain: a crash loses at most the bans of that last while. Each
+//! bans every `security.bans_save_every` (a minute by default) when they changed, once
+//! as soon as a shutdown signal arrives (a supervisor such as Kubernetes may kill the
+//! process before its drain ends), and once more after the drain: a crash loses at
+//! most the bans of that last while. Each
 //! write goes to a file of its own beside it, is synced, then renamed over the file (and
 //! the directory synced), so the file is whole before and after a crash or a power
 //! loss. The format is the JSON array `/bans` serves.
@@ -106,25 +108,33 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they
 /// changed since `written` ([`Security::ban_changes`], read when the file was loaded),
-/// and when `stop` resolves (then returns). Listing and writing run on a blocking
-/// thread, off the runtime.
+/// once when `stopping` resolves (the shutdown signal: a supervisor may kill the
+/// process before the drain ends), and once more when `drained` resolves (then
+/// returns). Listing and writing run on a blocking thread, off the runtime.
 pub(crate) async fn keep(
     path: PathBuf,
     security: Security,
     mut written: u64,
     every: Duration,
-    stop: impl Future<Output = ()>,
+    stopping: impl Future<Output = ()>,
+    drained: impl Future<Output = ()>,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
-    tokio::pin!(stop);
+    tokio::pin!(stopping, drained);
+    let mut signalled = false;
     loop {
-        let stopping = tokio::select! {
-            () = &mut stop => true,
-            _ = tick.tick() => false,
+        // (write even if unchanged, last write)
+        let (now, last) = tokio::select! {
+            () = &mut drained => (true, true),
+            () = &mut stopping, if !signalled => {
+                signalled = true;
+                (true, false)
+            }
+            _ = tick.tick() => (false, false),
         };
         let changes = security.ban_changes();
-        if changes != written || stopping {
+        if changes != written || now {
             let (path, security) = (path.clone(), security.clone());
             match tokio::task::spawn_blocking(move || write(&path, &security)).await {
                 Ok(Ok(bans)) => {
@@ -135,7 +145,7 @@ pub(crate) async fn keep(
                 Err(e) => tracing::warn!(error = %e, "the bans file writer failed"),
             }
         }
-        if stopping {
+        if last {
             return;
         }
     }

@@ -804,6 +804,13 @@ impl Config {
             "server.upstream_connect_timeout",
             s.upstream_connect_timeout,
         )?;
+        positive("server.drain_timeout", s.drain_timeout)?;
+        if s.drain_timeout > MAX_DRAIN {
+            return Err(ConfigError::new(
+                "server.drain_timeout",
+                "must be at most an hour (1h)",
+            ));
+        }
         if s.max_connections == 0 || s.max_connections > u64::from(u32::MAX) {
             return Err(ConfigError::new(
                 "server.max_connections",
@@ -1340,6 +1347,11 @@ fn networks<N: std::str::FromStr>(key: &str, list: &[String]) -> Result<Vec<N>, 
         })
         .collect()
 }
+
+/// The longest `server.drain_timeout`: a supervisor kills a process that takes longer
+/// to stop (Kubernetes after 30 s by default), and a typo such as `"1y"` would keep a
+/// stopping gateway around for good.
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {

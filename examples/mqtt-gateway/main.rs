@@ -29,9 +29,11 @@
 //! breaker and the adaptive controller's latency probe. Each layer has an `enabled`
 //! switch. See `stack.rs`.
 //!
-//! SIGINT or SIGTERM stops accepting and drains for `server.drain_timeout`. Exit
-//! status: 0 when every connection ended within the drain, 1 when some were aborted (or
-//! the gateway could not start), 2 for a configuration or command-line error.
+//! SIGINT or SIGTERM stops accepting, writes `security.bans_file` (if set) and drains
+//! for `server.drain_timeout`; a second SIGINT or SIGTERM during the drain ends the
+//! process at once. Exit status: 0 when every connection ended within the drain, 1 when
+//! some were aborted (the drain ran out of time or a second signal cut it) or the
+//! gateway could not start, 2 for a configuration or command-line error.
 //!
 //! The command line is parsed with clap's derive API, without its default features
 //! (no colours or suggestions): rumqttd already depends on clap, so it costs no new
@@ -84,6 +86,10 @@ struct Cli {
 
 /// Exit status for a configuration error (clap uses the same for a bad command line).
 const EXIT_CONFIG: u8 = 2;
+
+/// Exit status when a second signal ends the drain: connections were cut, as when the
+/// drain runs out of time.
+const EXIT_FORCED: u8 = 1;
 
 /// The MQTT listener's backlog, as `TcpListener::bind`'s.
 const BACKLOG: u32 = 1024;
@@ -205,12 +211,20 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
             None => tracing::info!(file = %path.display(), "no bans file yet"),
         }
     }
+    // The bans are written at the first signal and again after the drain.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let bans_writer = bans_file.map(|(path, security)| {
         let (every, loaded) = (c.security.bans_save_every, security.ban_changes());
-        tokio::spawn(bans_file::keep(path, security, loaded, every, async {
+        let signalled = async {
+            let _ = signalled_rx.await;
+        };
+        let drained = async {
             let _ = drained_rx.await;
-        }))
+        };
+        tokio::spawn(bans_file::keep(
+            path, security, loaded, every, signalled, drained,
+        ))
     });
 
     // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
@@ -269,10 +283,25 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                 _ = int.recv() => "SIGINT",
             };
             stopping.store(true, Ordering::Release);
+            let _ = signalled_tx.send(());
             tracing::info!(
                 signal = which,
-                "stopping: refusing new connections, draining"
+                "stopping: refusing new connections, draining (a second signal ends the process at once)"
             );
+            // A second signal ends the drain at once: the operator (or a supervisor) who
+            // sends it does not want to wait for `server.drain_timeout`.
+            tokio::spawn(async move {
+                let which = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tracing::warn!(
+                    signal = which,
+                    status = EXIT_FORCED,
+                    "second signal: exiting at once, open connections cut"
+                );
+                std::process::exit(EXIT_FORCED.into());
+            });
         }
     };
     // One cap however many runtimes serve (validated: 1..=u32::MAX).

@@ -200,12 +200,35 @@ impl Gateway {
 
     /// Sends SIGTERM.
     fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`"TERM"`, `"INT"`).
+    fn signal(&self, name: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .unwrap()
             .success();
-        assert!(ok, "kill -TERM failed");
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Whether the process still runs.
+    fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits (bounded) until the log contains `line`.
+    async fn wait_log(&self, line: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains(line) {
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?} in the log after {WAIT:?}:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits (bounded) for the process to exit.
@@ -884,6 +907,58 @@ async fn a_drain_that_runs_out_of_time_exits_1() {
     assert_eq!(status.code(), Some(1), "{}", gw.log());
 }
 
+/// A second SIGINT during a drain held open by a connected client (the default drain
+/// lasts 30 s) ends the process at once, with status 1, and says so in the log.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once_with_status_1() {
+    let mut gw = Gateway::start("second-signal", "", &[]).await;
+    let _session = mqtt_session("127.0.0.1", gw.mqtt, "holds-the-drain")
+        .await
+        .unwrap();
+    gw.signal("INT");
+    gw.wait_log("stopping: refusing new connections").await;
+    sleep(Duration::from_millis(200)).await;
+    assert!(gw.running(), "the drain ended early:\n{}", gw.log());
+    let second = Instant::now();
+    gw.signal("INT");
+    let status = gw.exit_status().await;
+    let took = Instant::now().saturating_duration_since(second);
+    assert!(took < Duration::from_secs(5), "exited only after {took:?}");
+    assert_eq!(status.code(), Some(1), "{}", gw.log());
+    assert!(gw.log().contains("second signal"), "{}", gw.log());
+}
+
+/// `security.bans_file` is written as soon as the first signal arrives, while a
+/// connected client still holds the drain open (a supervisor may kill the process
+/// before the drain ends), not only after the drain.
+#[tokio::test]
+async fn the_bans_file_is_written_at_the_first_signal() {
+    let dir = scratch("bans-file-at-signal");
+    let file = dir.join("bans.json");
+    let config = format!(
+        "[security]\nadmin = true\nbans_file = {:?}\nbans_save_every = \"1h\"\n",
+        file.display().to_string()
+    );
+    let mut gw = Gateway::start("bans-at-signal", &config, &[]).await;
+    let ban = "/bans?key=addr&value=127.0.16.1&for=1h";
+    assert_eq!(http_request(gw.metrics, "POST", ban).await.unwrap().0, 200);
+    let mut session = mqtt_session("127.0.0.1", gw.mqtt, "holds-the-drain")
+        .await
+        .unwrap();
+    assert!(!file.exists(), "written before the hour and the signal");
+    gw.terminate();
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&file).is_ok_and(|f| f.contains("127.0.16.1/32")) {
+        assert!(Instant::now() < deadline, "not written at the signal");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gw.running(), "the drain ended early:\n{}", gw.log());
+    session.write_all(&[0xE0, 0x00]).await.unwrap();
+    drop(session);
+    assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `server.runtime = "per-core"` on a machine of more than one core: the first session
 /// is served by the accepting runtime, the second by another (by load: the first is
 /// still open), and a signal drains both.
@@ -1505,6 +1580,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "bans written less often than daily",
             "[security]\nbans_save_every = \"2d\"\n",
             "security.bans_save_every",
+        ),
+        (
+            "no drain at all",
+            "[server]\ndrain_timeout = \"0s\"\n",
+            "server.drain_timeout",
+        ),
+        (
+            "a drain longer than an hour",
+            "[server]\ndrain_timeout = \"2h\"\n",
+            "server.drain_timeout",
         ),
         (
             "a deny list with security off",
