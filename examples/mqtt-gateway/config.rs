@@ -786,6 +786,68 @@ impl Config {
         })
     }
 
+    /// Every duration key within its bound ([`MAX_TIMEOUT`] for the clocks of a
+    /// connection's start and of probes, [`MAX_DURATION`] for the others), whether its
+    /// section is on or not. `server.drain_timeout`, `security.bans_save_every` and
+    /// `mqtt.max_keep_alive` have bounds of their own, checked with their sections.
+    fn durations_in_range(&self) -> Result<(), ConfigError> {
+        let hour = (MAX_TIMEOUT, "an hour (1h)");
+        let year = (MAX_DURATION, "a year (1y)");
+        let (s, sl, m, a, sec, au) = (
+            &self.server,
+            &self.slowloris,
+            &self.mqtt,
+            &self.adaptive,
+            &self.security,
+            &self.auth,
+        );
+        let keys = [
+            (
+                "server.upstream_connect_timeout",
+                s.upstream_connect_timeout,
+                hour,
+            ),
+            (
+                "metrics.readiness_timeout",
+                self.metrics.readiness_timeout,
+                hour,
+            ),
+            ("proxy_protocol.timeout", self.proxy_protocol.timeout, hour),
+            ("limits.evict_every", self.limits.evict_every, year),
+            ("slowloris.first_byte", sl.first_byte, hour),
+            ("slowloris.idle", sl.idle, hour),
+            ("slowloris.handshake", sl.handshake, hour),
+            ("slowloris.min_rate_grace", sl.min_rate_grace, hour),
+            (
+                "slowloris.idle_after_handshake",
+                sl.idle_after_handshake,
+                year,
+            ),
+            ("sniff.timeout", self.sniff.timeout, hour),
+            ("mqtt.connect_timeout", m.connect_timeout, hour),
+            ("mqtt.unavailable_timeout", m.unavailable_timeout, hour),
+            ("mqtt.connack_timeout", m.connack_timeout, hour),
+            (
+                "circuit_breaker.open_for",
+                self.circuit_breaker.open_for,
+                year,
+            ),
+            ("adaptive.threshold", a.threshold, hour),
+            ("adaptive.interval", a.interval, hour),
+            ("security.window", sec.window, year),
+            ("security.ban_for", sec.ban_for, year),
+            ("auth.ttl", au.ttl, year),
+            ("auth.deny_ttl", au.deny_ttl, year),
+            ("auth.timeout", au.timeout, hour),
+        ];
+        for (key, d, (max, text)) in keys {
+            if d > max {
+                return Err(ConfigError::new(key, format!("must be at most {text}")));
+            }
+        }
+        Ok(())
+    }
+
     /// The configuration as a TOML document (what `--check` prints).
     pub(crate) fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
@@ -793,6 +855,7 @@ impl Config {
 
     /// Checks every range and combination; returns the layers' settings.
     pub(crate) fn validate(self) -> Result<Settings, ConfigError> {
+        self.durations_in_range()?;
         let s = &self.server;
         let listen = resolve("server.listen", &s.listen)?;
         let upstream = if s.upstream == "embedded" {
@@ -1348,6 +1411,21 @@ fn networks<N: std::str::FromStr>(key: &str, list: &[String]) -> Result<Vec<N>, 
         .collect()
 }
 
+/// The longest duration a key takes: a year (humantime's `"1y"`, 365.25 days). Far
+/// longer ones overflow: tokio's `Instant + Duration` panics, and so does governor past
+/// 584 years, naming no key.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// The longest clock of a connection's start (connect, header, handshake, CONNACK and
+/// authentication timeouts), of the readiness probe and of the adaptive controller: an
+/// hour, far beyond any useful value.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest a rate tier takes to refill its whole burst (its interval times
+/// `burst`): 500 years. governor's clock holds 584 years of nanoseconds, and panics
+/// past that at start-up.
+const MAX_REFILL: Duration = Duration::from_secs(500 * 31_557_600);
+
 /// The longest `server.drain_timeout`: a supervisor kills a process that takes longer
 /// to stop (Kubernetes after 30 s by default), and a typo such as `"1y"` would keep a
 /// stopping gateway around for good.
@@ -1382,6 +1460,18 @@ fn tier(key: &str, t: &RateTier) -> Result<Option<Quota>, ConfigError> {
         ));
     };
     let period = parse_rate(&t.rate).map_err(|m| ConfigError::new(format!("{key}.rate"), m))?;
+    if period
+        .checked_mul(burst.get())
+        .is_none_or(|refill| refill > MAX_REFILL)
+    {
+        return Err(ConfigError::new(
+            format!("{key}.rate"),
+            format!(
+                "{:?} with burst {burst} takes over 500 years to refill (its interval times burst)",
+                t.rate
+            ),
+        ));
+    }
     let quota = Quota::with_period(period).ok_or_else(|| {
         ConfigError::new(
             format!("{key}.rate"),

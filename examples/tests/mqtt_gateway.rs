@@ -1592,6 +1592,31 @@ fn config_errors_exit_2_and_name_the_key() {
             "server.drain_timeout",
         ),
         (
+            "a circuit open for longer than tokio's clock",
+            "[circuit_breaker]\nopen_for = \"300000000000y\"\n",
+            "circuit_breaker.open_for",
+        ),
+        (
+            "an eviction interval past tokio's clock",
+            "[limits]\nevict_every = \"300000000000y\"\n",
+            "limits.evict_every",
+        ),
+        (
+            "an adaptive interval past tokio's clock",
+            "[adaptive]\nenabled = true\ninterval = \"300000000000y\"\n",
+            "adaptive.interval",
+        ),
+        (
+            "a rate slower than governor's clock",
+            "[limits.per_ip]\nrate = \"1/600y\"\nburst = 1\n",
+            "limits.per_ip.rate",
+        ),
+        (
+            "a burst that takes a millennium to refill",
+            "[limits.publish_per_client]\nrate = \"1/100y\"\nburst = 10\n",
+            "limits.publish_per_client.rate",
+        ),
+        (
             "a deny list with security off",
             "[security]\nenabled = false\ndeny = [\"192.0.2.0/24\"]\n",
             "security.deny",
