@@ -14,6 +14,27 @@
 //! rather than at the lower of the two. Point `--upstream` at a full broker (mosquitto)
 //! for MQTT 5 and 3.1.
 //! rumqttd has no way to stop its threads: they end with the process.
+//!
+//! **For trying the gateway, not for production.** rumqttd runs here without
+//! authentication, on a loopback port that any local process can connect to directly,
+//! past every layer of the gateway; and it keeps a log of up to 10 segments (each of
+//! 1 MiB, or of one largest packet) in memory for every topic filter subscribed to, for
+//! as long as it runs, so a client's SUBSCRIBEs to many filters and its PUBLISHes to
+//! many topics grow its memory without bound. The configuration therefore refuses
+//! `server.listen` beyond loopback with `upstream = "embedded"`, and the gateway logs a
+//! warning at start-up.
+//!
+//! rumqttd binds the address it is given and reports neither the port nor whether its
+//! bind succeeded (its error goes to the log, target `rumqttd`, which stays on at error
+//! level). So the port is a free one taken from the kernel and released, and between
+//! the two another process could take it: a start-up probe that only connects would
+//! then succeed against that process, and the gateway would send it every CONNECT,
+//! passwords included. On Linux the start-up therefore waits until the listening socket
+//! on that address is one of this process's own (`/proc/net/tcp` and `/proc/self/fd`),
+//! and fails if another process holds it or rumqttd's server thread has ended. Elsewhere
+//! it can only connect and check that rumqttd's thread still runs: a process that takes
+//! the port before rumqttd binds it is then caught only if rumqttd's thread ends before
+//! the probe connects (the residual race).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -21,12 +42,12 @@ use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Starts the broker on a free loopback port and waits (bounded) until it accepts
-/// connections.
+/// Starts the broker on a free loopback port and waits (bounded) until its own listener
+/// is up there.
 pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
     // rumqttd binds the address it is given and does not report the port back, so take
-    // a free port from the kernel first. Another process could take it in between; the
-    // bounded wait below turns that into a start-up error.
+    // a free port from the kernel first. Another process could take it in between: see
+    // the module docs.
     let addr = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("embedded broker: no free loopback port: {e}"))?;
@@ -60,24 +81,100 @@ pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
         ..Config::default()
     };
 
-    std::thread::Builder::new()
+    let broker = std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {
-            // Blocks for the life of the process (it joins the server threads).
-            if let Err(e) = Broker::new(config).start() {
-                tracing::error!(error = %e, "embedded broker stopped");
+            // Blocks for the life of the process: it joins the server thread, which ends
+            // only when its listener does (a failed bind, say, logged by rumqttd).
+            match Broker::new(config).start() {
+                Ok(()) => tracing::error!("embedded broker stopped: its listener ended"),
+                Err(e) => tracing::error!(error = %e, "embedded broker stopped"),
             }
         })
         .map_err(|e| format!("embedded broker: cannot start its thread: {e}"))?;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(addr);
+        if broker.is_finished() {
+            return Err(format!(
+                "embedded broker: rumqttd stopped at start-up (its error is logged above; \
+                 was {addr} taken by another process?)"
+            ));
+        }
+        match holder(addr) {
+            // This process binds nothing else there: the listener is rumqttd's.
+            Holder::This => return Ok(addr),
+            Holder::Other => {
+                return Err(format!(
+                    "embedded broker: another process took {addr} before rumqttd bound it"
+                ));
+            }
+            Holder::Nobody => {}
+            // The residual race of the module docs.
+            Holder::Unknown => {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() && !broker.is_finished() {
+                    return Ok(addr);
+                }
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(format!("embedded broker: not listening on {addr} after 5s"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Who holds the listening TCP socket on an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// This process.
+    This,
+    /// Another process.
+    Other,
+    /// Nobody listens there.
+    Nobody,
+    /// This system does not tell (not Linux, `/proc` not mounted, an IPv6 address).
+    Unknown,
+}
+
+/// Who holds the listening socket on `addr`: the line of `/proc/net/tcp` in state
+/// `LISTEN` (`0A`) for it gives the socket's inode, and `/proc/self/fd` lists this
+/// process's sockets as `socket:[inode]`.
+#[cfg(target_os = "linux")]
+fn holder(addr: SocketAddr) -> Holder {
+    let SocketAddr::V4(v4) = addr else {
+        return Holder::Unknown;
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return Holder::Unknown;
+    };
+    // The kernel prints the address as the native-endian u32 of its network-order bytes,
+    // and the port as a number.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+            .then(|| fields.get(9).copied())
+            .flatten()
+    });
+    let Some(inode) = inode else {
+        return Holder::Nobody;
+    };
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Holder::Unknown;
+    };
+    let socket = format!("socket:[{inode}]");
+    let ours = fds
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to.as_os_str() == socket.as_str()));
+    if ours { Holder::This } else { Holder::Other }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn holder(_: SocketAddr) -> Holder {
+    Holder::Unknown
 }

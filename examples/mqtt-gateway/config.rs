@@ -863,6 +863,18 @@ impl Config {
         } else {
             Upstream::Addr(resolve("server.upstream", &s.upstream)?)
         };
+        if upstream == Upstream::Embedded && !listen.ip().to_canonical().is_loopback() {
+            // Anyone who reaches the gateway could grow the embedded broker's memory
+            // without bound (see broker.rs).
+            return Err(ConfigError::new(
+                "server.upstream",
+                format!(
+                    "\"embedded\" is for trying the gateway on loopback, and server.listen \
+                     {listen} is beyond it: point server.upstream at a real broker \
+                     (\"127.0.0.1:1884\", say)"
+                ),
+            ));
+        }
         positive(
             "server.upstream_connect_timeout",
             s.upstream_connect_timeout,

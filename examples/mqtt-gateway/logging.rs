@@ -4,39 +4,110 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 
+use tracing::Metadata;
+use tracing::subscriber::Interest;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Log, LogFormat};
 
-/// Installs the global subscriber. The filter is `RUST_LOG` when set, else `log.level`;
-/// rumqttd's own lines are off unless the filter names it (it logs every
-/// readiness probe as an error), and so are the security events (target
-/// `aegis::security`) when client addresses are masked.
+/// Installs the global subscriber. The filter is `RUST_LOG` when set, else `log.level`.
+/// Unless the filter names `rumqttd`, the embedded broker logs errors only, and none of
+/// one connection's ([`in_broker_link`]): it logs every readiness probe, a connection
+/// closed before its CONNECT, as an error, but its listener's failure must be seen.
+/// The security events (target `aegis::security`) are off when client addresses are
+/// masked.
 pub(crate) fn init(log: &Log) {
-    let directives = std::env::var("RUST_LOG")
+    let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| log.level.clone());
-    let mut directives = if directives.contains("rumqttd") {
+    let fixed = |directives: &str| {
+        let mut directives = directives.to_owned();
+        if !directives.contains("rumqttd") {
+            directives.push_str(",rumqttd=error");
+        }
+        if log.mask_client_addresses {
+            // Security events name whole addresses (an audit trail needs them): with
+            // masking on they stay out of the log, and are read at `/events` instead.
+            directives.push_str(",aegis::security=off");
+        }
         directives
-    } else {
-        format!("{directives},rumqttd=off")
     };
-    if log.mask_client_addresses {
-        // Security events name whole addresses (an audit trail needs them): with
-        // masking on they stay out of the log, and are read at `/events` instead.
-        directives.push_str(",aegis::security=off");
-    }
-    // `log.level` was validated; a bad RUST_LOG falls back to `info`.
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    // `log.level` was validated; a bad RUST_LOG falls back to `info` (with the same
+    // fixed directives).
+    let (filter, names_rumqttd) = match EnvFilter::try_new(fixed(&filter)) {
+        Ok(env) => (env, filter.contains("rumqttd")),
+        Err(_) => (EnvFilter::new(fixed("info")), false),
+    };
+    let quiet = !names_rumqttd;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match log.format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => {
+            let links = quiet.then(without_broker_links);
+            builder.finish().with(links).init();
+        }
+        LogFormat::Json => {
+            let links = quiet.then(without_broker_links);
+            builder
+                .json()
+                .flatten_event(true)
+                .finish()
+                .with(links)
+                .init();
+        }
     }
+}
+
+/// A filter that drops the events of [`in_broker_link`], looking at the span context
+/// of rumqttd's events only.
+fn without_broker_links<S>() -> DynFilterFn<
+    S,
+    impl Fn(&Metadata<'_>, &Context<'_, S>) -> bool,
+    impl Fn(&'static Metadata<'static>) -> Interest,
+>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    DynFilterFn::new(|meta: &Metadata<'_>, cx: &Context<'_, S>| !in_broker_link(meta, cx))
+        .with_callsite_filter(|meta| {
+            if meta.is_event() && in_crate(meta.target(), "rumqttd") {
+                Interest::sometimes()
+            } else {
+                Interest::always()
+            }
+        })
+}
+
+/// Whether `target` is `krate`'s or one of its modules'.
+fn in_crate(target: &str, krate: &str) -> bool {
+    target
+        .strip_prefix(krate)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
+
+/// The spans in which rumqttd 0.20 handles one connection: its network side
+/// (`server/broker.rs`) and its router's work for it (`router/routing.rs`, which logs
+/// every client's DISCONNECT followed by its close as an error).
+const BROKER_LINK_SPANS: [&str; 3] = ["remote_link", "[>] incoming", "[<] outgoing"];
+
+/// Whether `meta` is an event of the embedded broker about one of its connections: one
+/// inside a span of [`BROKER_LINK_SPANS`].
+fn in_broker_link<S>(meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    meta.is_event()
+        && in_crate(meta.target(), "rumqttd")
+        && cx
+            .lookup_current()
+            .is_some_and(|span| span.scope().any(|s| BROKER_LINK_SPANS.contains(&s.name())))
 }
 
 /// A client address as the gateway logs it: whole, or masked to its network (`/24` of

@@ -21,7 +21,9 @@
 //!
 //! The embedded broker speaks MQTT 3.1.1 only (the gateway answers MQTT 5 and 3.1
 //! clients with an "unsupported version" CONNACK). For those, use a real broker:
-//! `mosquitto -p 1884 &` then `--upstream 127.0.0.1:1884`.
+//! `mosquitto -p 1884 &` then `--upstream 127.0.0.1:1884`. The embedded broker is for
+//! trying the gateway, not for production (see `broker.rs`): with it, `--listen` must
+//! be a loopback address.
 //!
 //! The stack, outermost first: the accept loop (connection cap, `TCP_NODELAY`) -> PROXY
 //! protocol -> connection rate limit -> slowloris deadlines -> sniffing (MQTT only) ->
@@ -192,7 +194,17 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let prometheus = metrics_http::install_recorder()?;
 
     let upstream = match settings.upstream {
-        Upstream::Embedded => broker::start(c.mqtt.max_packet_size).await?,
+        Upstream::Embedded => {
+            let addr = broker::start(c.mqtt.max_packet_size).await?;
+            tracing::warn!(
+                broker = %addr,
+                "upstream = \"embedded\" is for trying the gateway, not for production: \
+                 the in-process broker has no authentication, any local process can connect \
+                 to it directly, and it keeps every topic filter's messages in memory; point \
+                 server.upstream at a real broker"
+            );
+            addr
+        }
         Upstream::Addr(addr) => addr,
     };
     let built = stack::build(&settings, upstream);

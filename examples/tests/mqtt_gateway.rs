@@ -656,7 +656,19 @@ async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
 
     gw.wait_metric("aegis_sniff_total{protocol=\"mqtt\"}", 2.0)
         .await;
-    assert!(gw.log().contains("mqtt-gateway listening"), "{}", gw.log());
+    let log = gw.log();
+    assert!(log.contains("mqtt-gateway listening"), "{log}");
+    // A trial broker, and the log says so.
+    assert!(
+        log.contains("WARN") && log.contains("is for trying the gateway, not for production"),
+        "{log}"
+    );
+    // rumqttd's errors are on, but not those it logs for each readiness probe (a
+    // connection closed before its CONNECT).
+    assert!(
+        !log.contains("Error while handling MQTT connect packet"),
+        "{log}"
+    );
 
     // rumqttd speaks 3.1.1 only: the gateway answers other versions itself.
     let v5: &[u8] = &[
@@ -689,6 +701,7 @@ async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
     let upstream = broker.addr().to_string();
     let gw = Gateway::start("mosquitto", "", &["--upstream", &upstream]).await;
     assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+    assert!(!gw.log().contains("for trying the gateway"), "{}", gw.log());
 
     let mut sub = Client::v5(gw.mqtt, "sub-v5").await;
     let mut publ = Client::v5(gw.mqtt, "pub-v5").await;
@@ -1551,6 +1564,36 @@ async fn beyond_loopback_events_and_bans_need_the_admin_token() {
             .unwrap();
         assert_eq!((status, body.as_str()), (200, "[]"), "{path}");
     }
+}
+
+/// The embedded broker (no authentication, memory without bound) is refused when the
+/// gateway listens beyond loopback: `--check` exits 2 naming `server.upstream` and
+/// saying to use a real broker. With a real broker, or on loopback, it is valid.
+#[test]
+fn the_embedded_broker_is_refused_beyond_loopback() {
+    let check = |args: &[&str]| {
+        let out = Command::new(gateway_bin())
+            .arg("--check")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for listen in ["0.0.0.0:1883", "[::]:1883", "192.0.2.1:1883"] {
+        let (code, err) = check(&["--listen", listen]);
+        assert_eq!(code, Some(2), "{listen}: {err}");
+        assert!(
+            err.contains("config error: server.upstream") && err.contains("real broker"),
+            "{listen}: {err}"
+        );
+    }
+    let real = ["--listen", "0.0.0.0:1883", "--upstream", "127.0.0.1:1884"];
+    assert_eq!(check(&real).0, Some(0));
+    assert_eq!(check(&["--listen", "[::1]:1883"]).0, Some(0));
 }
 
 #[test]
