@@ -4,10 +4,10 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 
-use tracing::Metadata;
 use tracing::subscriber::Interest;
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::filter::{DynFilterFn, filter_fn};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -18,8 +18,9 @@ use crate::config::{Log, LogFormat};
 /// Unless the filter names `rumqttd`, the embedded broker logs errors only, and none of
 /// one connection's ([`in_broker_link`]): it logs every readiness probe, a connection
 /// closed before its CONNECT, as an error, but its listener's failure must be seen.
-/// The security events (target `aegis::security`) are off when client addresses are
-/// masked.
+/// When client addresses are masked, the security events (target `aegis::security`) are
+/// off, and so are the debug and trace lines and spans of `aegis_core` and
+/// `aegis_mqtt` ([`names_clients`]), whatever the filter says.
 pub(crate) fn init(log: &Log) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -44,6 +45,9 @@ pub(crate) fn init(log: &Log) {
         Err(_) => (EnvFilter::new(fixed("info")), false),
     };
     let quiet = !names_rumqttd;
+    let masked = log
+        .mask_client_addresses
+        .then(|| filter_fn(|meta| !names_clients(meta)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -51,18 +55,25 @@ pub(crate) fn init(log: &Log) {
     match log.format {
         LogFormat::Plain => {
             let links = quiet.then(without_broker_links);
-            builder.finish().with(links).init();
+            builder.finish().with(links).with(masked).init();
         }
         LogFormat::Json => {
             let links = quiet.then(without_broker_links);
-            builder
-                .json()
-                .flatten_event(true)
-                .finish()
-                .with(links)
-                .init();
+            let json = builder.json().flatten_event(true).finish();
+            json.with(links).with(masked).init();
         }
     }
+}
+
+/// Whether `meta` is a line or span that names whole client addresses, which masking
+/// keeps out: the libraries' debug and trace ones. `aegis_core`'s accept loop opens a
+/// debug span `conn` with the peer's `ip:port` around every connection (so every line
+/// logged inside it carries the address) and logs `%peer` at debug; `aegis_mqtt` logs
+/// `client_addr` at debug and trace. The gateway's own lines mask it themselves
+/// ([`Client`]).
+fn names_clients(meta: &Metadata<'_>) -> bool {
+    *meta.level() > Level::INFO
+        && (in_crate(meta.target(), "aegis_core") || in_crate(meta.target(), "aegis_mqtt"))
 }
 
 /// A filter that drops the events of [`in_broker_link`], looking at the span context

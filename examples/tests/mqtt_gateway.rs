@@ -114,12 +114,15 @@ struct Launch {
     /// The IP of `--metrics` (its port is a free one): `0.0.0.0` puts the endpoint beyond
     /// loopback, still reached at `127.0.0.1`.
     metrics_ip: &'static str,
+    /// `RUST_LOG` (`None`: unset, so that `log.level` applies).
+    rust_log: Option<&'static str>,
 }
 
 impl Default for Launch {
     fn default() -> Self {
         Self {
             metrics_ip: "127.0.0.1",
+            rust_log: Some("info,mqtt_gateway=debug"),
         }
     }
 }
@@ -146,18 +149,21 @@ impl Gateway {
             let [mqtt, metrics] = free_ports();
             let metrics_flag = format!("{}:{}", launch.metrics_ip, metrics.port());
             let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-            let child = Command::new(gateway_bin())
+            let mut command = Command::new(gateway_bin());
+            command
                 .arg("--config")
                 .arg(&conf)
                 .args(["--listen", &mqtt.to_string()])
                 .args(["--metrics", &metrics_flag])
                 .args(extra)
-                .env("RUST_LOG", "info,mqtt_gateway=debug")
+                .env_remove("RUST_LOG")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .unwrap();
+                .stderr(stderr);
+            if let Some(filter) = launch.rust_log {
+                command.env("RUST_LOG", filter);
+            }
+            let child = command.spawn().unwrap();
             // Dropped on a retry or a panic: the child is killed and its directory removed.
             let mut gw = Self {
                 child: Some(child),
@@ -1543,6 +1549,7 @@ async fn beyond_loopback_events_and_bans_need_the_admin_token() {
     const TOKEN: &str = "s3cret-Token-0123456";
     let anywhere = Launch {
         metrics_ip: "0.0.0.0",
+        ..Launch::default()
     };
     let gw = Gateway::start_with("admin-beyond-loopback", "", &[], anywhere).await;
     for path in ["/events", "/bans"] {
@@ -2065,6 +2072,49 @@ async fn a_client_stalled_in_its_connect_does_not_hold_the_half_open_probe() {
         "the broker's CONNACK"
     );
     drop(staller);
+}
+
+/// `log.mask_client_addresses` at `log.level = "debug"` (no `RUST_LOG`): the gateway's
+/// debug lines name a client by its /24 only, and no line names its whole address,
+/// not those of the libraries either (`aegis_core`'s `conn{peer=...}` span and its
+/// rejections, `aegis_mqtt`'s inspection match), in plain and JSON logs.
+#[tokio::test]
+async fn masked_client_addresses_stay_masked_at_debug_level() {
+    for format in ["plain", "json"] {
+        let config = format!(
+            "[log]\nformat = \"{format}\"\nlevel = \"debug\"\nmask_client_addresses = true\n"
+        );
+        let debug = Launch {
+            rust_log: None,
+            ..Launch::default()
+        };
+        let gw = Gateway::start_with("mask-debug", &config, &[], debug).await;
+        // A session that publishes a message the default rules flag, then leaves.
+        let mut s = mqtt_session("127.0.17.9", gw.mqtt, "masked").await.unwrap();
+        s.write_all(&publish_0("t", b"42; DROP TABLE devices"))
+            .await
+            .unwrap();
+        gw.wait_metric(
+            "aegis_mqtt_inspection_total{rule=\"sql_injection\",action=\"flag\"}",
+            1.0,
+        )
+        .await;
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+        drop(s);
+        // A connection the sniffer rejects.
+        let mut g = connect_from("127.0.17.9", gw.mqtt).await;
+        g.write_all(b"\xff\xfe garbage").await.unwrap();
+        assert!(closed_silently(&mut g).await);
+        gw.wait_metric("aegis_connections_total{outcome=\"rejected\"}", 1.0)
+            .await;
+        gw.wait_log("127.0.17.0/24").await;
+        let log = gw.log();
+        assert!(log.contains("DEBUG"), "{format}: no debug line:\n{log}");
+        assert!(
+            !log.contains("127.0.17.9"),
+            "{format}: a whole address:\n{log}"
+        );
+    }
 }
 
 #[tokio::test]
