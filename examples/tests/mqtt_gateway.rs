@@ -109,13 +109,17 @@ struct Gateway {
 }
 
 /// How [`Gateway::start_with`] starts the gateway, beyond its config and flags.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Launch {
     /// The IP of `--metrics` (its port is a free one): `0.0.0.0` puts the endpoint beyond
     /// loopback, still reached at `127.0.0.1`.
     metrics_ip: &'static str,
     /// `RUST_LOG` (`None`: unset, so that `log.level` applies).
     rust_log: Option<&'static str>,
+    /// The CPUs the gateway may run on (`taskset -c`, a list such as `"0,1"`), and so
+    /// the number of its per-core runtimes (`available_parallelism` counts the CPUs of
+    /// its affinity mask); `None`: every CPU of the test's own.
+    cpus: Option<String>,
 }
 
 impl Default for Launch {
@@ -123,8 +127,58 @@ impl Default for Launch {
         Self {
             metrics_ip: "127.0.0.1",
             rust_log: Some("info,mqtt_gateway=debug"),
+            cpus: None,
         }
     }
+}
+
+/// Says on stderr that `test` was skipped, and why: past libtest's capture, which keeps
+/// an `eprintln!` of a passing test out of sight unless `--nocapture` is given (it
+/// captures the print macros, not writes to `std::io::stderr()`).
+fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {why}");
+}
+
+/// The test's own CPUs (its affinity mask, `Cpus_allowed_list` in /proc/self/status),
+/// in order.
+fn allowed_cpus() -> Vec<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(list) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+    else {
+        return Vec::new();
+    };
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',').filter(|r| !r.is_empty()) {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) {
+            cpus.extend(first..=last);
+        }
+    }
+    cpus
+}
+
+/// A [`Launch`] whose gateway runs `n` per-core runtimes, pinned with `taskset` to `n`
+/// of the test's CPUs (exactly `n` runtimes on a larger machine too); the reason it
+/// cannot when the machine has fewer CPUs (or no `taskset`, and not exactly `n`).
+fn runtimes(n: usize) -> Result<Launch, String> {
+    let cpus = allowed_cpus();
+    let have = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if cpus.len() >= n && Path::new("/usr/bin/taskset").exists() {
+        let list: Vec<String> = cpus[..n].iter().map(u32::to_string).collect();
+        return Ok(Launch {
+            cpus: Some(list.join(",")),
+            ..Launch::default()
+        });
+    }
+    if have == n {
+        return Ok(Launch::default());
+    }
+    Err(format!(
+        "needs {n} cores to pin the gateway to (taskset), this machine gives the test {have}"
+    ))
 }
 
 impl Gateway {
@@ -149,7 +203,15 @@ impl Gateway {
             let [mqtt, metrics] = free_ports();
             let metrics_flag = format!("{}:{}", launch.metrics_ip, metrics.port());
             let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-            let mut command = Command::new(gateway_bin());
+            let mut command = match &launch.cpus {
+                Some(cpus) => {
+                    // taskset execs the gateway: the child's pid is the gateway's.
+                    let mut taskset = Command::new("/usr/bin/taskset");
+                    taskset.args(["-c", cpus]).arg(gateway_bin());
+                    taskset
+                }
+                None => Command::new(gateway_bin()),
+            };
             command
                 .arg("--config")
                 .arg(&conf)
@@ -1047,15 +1109,28 @@ async fn the_work_stealing_runtime_serves_sessions_and_drains() {
 /// connection goes there) makes the exit status 1 although the first runtime drained.
 #[tokio::test]
 async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
-    if std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) < 2 {
-        return; // one core: one runtime, covered by a_drain_that_runs_out_of_time_exits_1
-    }
+    // One core is one runtime (a_drain_that_runs_out_of_time_exits_1 covers that).
+    let launch = match runtimes(2) {
+        Ok(launch) => launch,
+        Err(why) => {
+            skipped(
+                "per_core_a_session_left_on_another_runtime_fails_the_drain",
+                &why,
+            );
+            return;
+        }
+    };
     let config = r#"
         [server]
         runtime = "per-core"
         drain_timeout = "300ms"
     "#;
-    let mut gw = Gateway::start("per-core-abort", config, &[]).await;
+    let mut gw = Gateway::start_with("per-core-abort", config, &[], launch).await;
+    assert!(
+        gw.log().contains("runtimes=2"),
+        "not two runtimes: {}",
+        gw.log()
+    );
     let mut first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
     let _second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     first.write_all(&[0xE0, 0x00]).await.unwrap();
@@ -1072,15 +1147,26 @@ async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
 /// refused; a place freed is taken again.
 #[tokio::test]
 async fn per_core_runtimes_share_one_connection_cap() {
-    if std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) != 2 {
-        return; // the placements above are those of two runtimes
-    }
+    // The placements above are those of two runtimes: on a larger machine the gateway is
+    // pinned to two CPUs.
+    let launch = match runtimes(2) {
+        Ok(launch) => launch,
+        Err(why) => {
+            skipped("per_core_runtimes_share_one_connection_cap", &why);
+            return;
+        }
+    };
     let config = r#"
         [server]
         runtime = "per-core"
         max_connections = 2
     "#;
-    let gw = Gateway::start("per-core-cap", config, &[]).await;
+    let gw = Gateway::start_with("per-core-cap", config, &[], launch).await;
+    assert!(
+        gw.log().contains("runtimes=2"),
+        "not two runtimes: {}",
+        gw.log()
+    );
     let _first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
     let mut second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     assert!(mqtt_session("127.0.0.1", gw.mqtt, "third").await.is_none());
@@ -1551,7 +1637,7 @@ async fn beyond_loopback_events_and_bans_need_the_admin_token() {
         metrics_ip: "0.0.0.0",
         ..Launch::default()
     };
-    let gw = Gateway::start_with("admin-beyond-loopback", "", &[], anywhere).await;
+    let gw = Gateway::start_with("admin-beyond-loopback", "", &[], anywhere.clone()).await;
     for path in ["/events", "/bans"] {
         let (status, body) = http_get(gw.metrics, path).await.unwrap();
         assert_eq!(status, 403, "{path}: {body}");
