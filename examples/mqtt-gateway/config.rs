@@ -583,7 +583,7 @@ impl Default for Security {
             max_connects: 0,
             max_auth_failures: 10,
             max_rejections: 100,
-            ban_by: vec![BanBy::Addr, BanBy::Username, BanBy::ClientId],
+            ban_by: vec![BanBy::Addr],
             max_tracked: 100_000,
             max_bans: 100_000,
             close_on_ban: true,
