@@ -69,10 +69,11 @@
 //!
 //! Proven by `tests/answers.rs`.
 //!
-//! "Later" is after the broker's CONNACK. A 5.0 client refused after its CONNECT but
-//! before any CONNACK went out gets the "5.0 at CONNECT" answer, a CONNACK, instead of
-//! a DISCONNECT, which may not come before a CONNACK [MQTT-3.14.0-1]; the broker's
-//! CONNACK then never goes out. The gateway's own answers to later packets (a SUBACK,
+//! "Later" is after the broker's CONNACK. A client refused after its CONNECT but before
+//! any CONNACK went out gets the "at CONNECT" answer of its version (for 5.0 a CONNACK
+//! instead of a DISCONNECT, which may not come before a CONNACK [MQTT-3.14.0-1]); the
+//! broker's CONNACK, and the gateway's answers queued for later packets, then never go
+//! out. The gateway's own answers to later packets (a SUBACK,
 //! PUBACK or PUBREC for a dropped packet) wait for the broker's CONNACK, the server's
 //! first packet [MQTT-3.2.0-1].
 #![doc = include_str!("conformance.md")]

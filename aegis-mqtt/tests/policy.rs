@@ -432,6 +432,24 @@ async fn answers_wait_for_the_brokers_connack() {
     );
 }
 
+/// When the gateway answers the CONNECT itself (the broker's CONNACK is late), the
+/// answers it queued for later packets never go out: the client's first packet is that
+/// CONNACK, and nothing follows it.
+#[tokio::test(start_paused = true)]
+async fn the_gateways_own_connack_drops_its_queued_answers() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    )
+    .connack_timeout(Duration::from_secs(5));
+    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    // The client keeps its side open past the timeout; the broker never answers.
+    let writes = vec![(Duration::ZERO, bytes), (Duration::from_secs(10), vec![])];
+    let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
+    assert_eq!(r.got, [0x20, 0x02, 0x00, 0x03], "a SUBACK went out");
+}
+
 /// All at once, the broker writing nothing.
 async fn send_unanswered(layer: &MqttLayer<Policy>, bytes: Vec<u8>) -> Run {
     let writes = vec![(Duration::ZERO, bytes)];

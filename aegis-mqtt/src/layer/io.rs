@@ -118,7 +118,8 @@ struct ConnackWatch {
     due: Option<Instant>,
     /// The layer's `connack_timeout`, for a clock started again.
     timeout: Option<Duration>,
-    /// The CONNACK timer: created on the first read, never reset; dropped with `due`.
+    /// The CONNACK timer: created on the first read, dropped with `due` (and again for a
+    /// clock started again, [`MqttIo::restart_connack_clock`]).
     timer: Option<Pin<Box<Sleep>>>,
     /// The waker the timer last registered: every read checks the timer, and while the
     /// same task reads, the timer need not be polled again until it fires.
@@ -280,6 +281,24 @@ impl OutBoundary {
     }
 }
 
+/// The gateway's own answer to the CONNECT, refused with `e` in the broker's place (no
+/// CONNACK went out, and from now on the broker's never will): the CONNACK for the
+/// client's version, if `e` has one there. The gateway's queued answers to later
+/// packets are dropped: the server's first packet is its CONNACK [MQTT-3.2.0-1], and
+/// nothing follows a refusal.
+fn own_connack(
+    out: &mut OutBoundary,
+    policy: &mut Option<ConnPolicy>,
+    version: Option<Version>,
+    e: MqttError,
+) -> Vec<u8> {
+    out.connack_seen = true;
+    if let Some(policy) = policy {
+        *policy.answers() = None;
+    }
+    e.answer(Phase::Connect(version)).bytes()
+}
+
 /// The length of the packet at the start of `data`, fixed header included, if all of it
 /// is there and its body is at most `max_body` bytes; `None` otherwise (the step by step
 /// path of [`OutBoundary::advance`] deals with it).
@@ -315,14 +334,19 @@ impl ConnackWatch {
         let now = Instant::now();
         let w = Self {
             latency: latency.map(|l| (l, now)),
-            // A timeout too long to add is no timeout.
-            due: timeout.and_then(|t| now.checked_add(t)),
+            due: Self::due(timeout, now),
             timeout,
             timer: None,
             timer_waker: None,
             on_timeout,
         };
         (w.latency.is_some() || w.due.is_some()).then(|| Box::new(w))
+    }
+
+    /// When a CONNACK is due after `timeout` from `now`. A timeout too long to add is no
+    /// timeout.
+    fn due(timeout: Option<Duration>, now: Instant) -> Option<Instant> {
+        timeout.and_then(|t| now.checked_add(t))
     }
 }
 
@@ -384,7 +408,7 @@ impl<I> MqttIo<I> {
             *since = now;
         }
         if w.due.is_some() {
-            w.due = w.timeout.and_then(|t| now.checked_add(t));
+            w.due = ConnackWatch::due(w.timeout, now);
             // Armed again, for the new deadline, on the next read.
             w.timer = None;
             w.timer_waker = None;
@@ -508,7 +532,7 @@ impl<I> MqttIo<I> {
         let answer = if self.out.connack_seen {
             Vec::new()
         } else {
-            e.answer(Phase::Connect(self.session.version())).bytes()
+            own_connack(&mut self.out, &mut self.policy, self.session.version(), e)
         };
         self.refuse(e, answer);
         if self.connect_unread {
@@ -689,15 +713,13 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                         return Poll::Pending;
                     }
                     if !self.out.connack_seen {
-                        // Nothing of the broker's CONNACK went out, and now none will. An
-                        // MQTT 5 client gets the CONNACK for `e` in place of a DISCONNECT,
-                        // which may not come before a CONNACK [MQTT-3.14.0-1]; a 3.x
-                        // client's connection just closes, as after its CONNACK.
-                        self.out.connack_seen = true;
-                        if self.session.version() == Some(Version::V5) {
-                            let answer = e.answer(Phase::Connect(Some(Version::V5))).bytes();
-                            r.answer = (!answer.is_empty()).then_some((answer, 0));
-                        }
+                        // Nothing of the broker's CONNACK went out, and now none will: the
+                        // client gets the answer to a CONNECT refused with `e`, in place
+                        // of an MQTT 5 DISCONNECT, which may not come before a CONNACK
+                        // [MQTT-3.14.0-1].
+                        let version = self.session.version();
+                        let answer = own_connack(&mut self.out, &mut self.policy, version, e);
+                        r.answer = (!answer.is_empty()).then_some((answer, 0));
                     }
                     if let Some((answer, written)) = &mut r.answer {
                         std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
