@@ -214,7 +214,7 @@ impl<'de> serde::Deserialize<'de> for Ban {
     }
 }
 
-/// Which keys the detector bans on (all three by default).
+/// Which keys the detector bans on (client addresses only by default, [`BanKeys::ADDR`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::struct_excessive_bools)] // three independent switches
 pub struct BanKeys {
@@ -323,8 +323,8 @@ pub(super) enum Refusal {
 }
 
 /// The bans in force: the network bans in a [`NetMap`], the name bans in a map, and
-/// all keys ordered by expiry (to purge and to evict the soonest-expiring ban in
-/// `O(log n)`).
+/// their keys ordered by expiry, the detector's and those by hand apart (to purge, and
+/// to evict the soonest-ending ban of either kind, in `O(log n)`).
 ///
 /// An address is banned by any network ban that holds it: the `NetMap` finds the
 /// narrowest with one lookup per prefix length in use in its family (one, for the
@@ -334,8 +334,15 @@ pub(super) struct BanTable {
     max: usize,
     nets: NetMap<Entry>,
     names: HashMap<BanKey, Entry>,
-    by_expiry: BTreeMap<(Instant, u64), BanKey>,
+    /// By expiry: `[detector bans, bans by hand]` (see [`expiry_kind`]).
+    by_expiry: [BTreeMap<(Instant, u64), BanKey>; 2],
     next_id: u64,
+}
+
+/// Which of [`BanTable::by_expiry`] a ban with `reason` is in: 0 for the detector's,
+/// 1 for bans by hand ([`Cause::Manual`]).
+fn expiry_kind(reason: &str) -> usize {
+    usize::from(reason == Cause::Manual.as_str())
 }
 
 impl BanTable {
@@ -344,7 +351,7 @@ impl BanTable {
             max,
             nets: NetMap::new(),
             names: HashMap::new(),
-            by_expiry: BTreeMap::new(),
+            by_expiry: [BTreeMap::new(), BTreeMap::new()],
             next_id: 0,
         }
     }
@@ -376,13 +383,20 @@ impl BanTable {
 
     /// Drops the bans that ended by `now`.
     fn purge(&mut self, now: Instant) {
-        while let Some(first) = self.by_expiry.first_entry() {
-            if first.key().0 > now {
-                break;
+        for kind in 0..self.by_expiry.len() {
+            while let Some(first) = self.by_expiry[kind].first_entry() {
+                if first.key().0 > now {
+                    break;
+                }
+                let key = first.remove();
+                self.take(&key);
             }
-            let key = first.remove();
-            self.take(&key);
         }
+    }
+
+    /// Forgets `old`'s place in the expiry order.
+    fn unindex(&mut self, old: &Entry) {
+        self.by_expiry[expiry_kind(old.reason)].remove(&(old.until, old.id));
     }
 
     /// Bans `key` until `until` (replacing a ban of the same key). When the table is full,
@@ -400,7 +414,7 @@ impl BanTable {
             return false;
         }
         if let Some(old) = self.take(&key) {
-            self.by_expiry.remove(&(old.until, old.id));
+            self.unindex(&old);
         } else if self.len() >= self.max && !self.evict_for(reason) {
             return false;
         }
@@ -410,7 +424,7 @@ impl BanTable {
             .unwrap_or_else(SystemTime::now);
         self.next_id += 1;
         let id = self.next_id;
-        self.by_expiry.insert((until, id), key.clone());
+        self.by_expiry[expiry_kind(reason)].insert((until, id), key.clone());
         let entry = Entry {
             until,
             wall,
@@ -432,33 +446,17 @@ impl BanTable {
     /// many addresses on purpose) cannot push an operator's out. Each eviction is counted
     /// in `aegis_security_bans_evicted_total`.
     fn evict_for(&mut self, reason: &'static str) -> bool {
-        let manual = Cause::Manual.as_str();
-        let soonest_detector = self
-            .by_expiry
-            .iter()
-            .find(|(_, k)| self.get(k).is_some_and(|e| e.reason != manual))
-            .map(|(at, _)| *at);
-        let at = match soonest_detector {
-            Some(at) => at,
-            None if reason == manual => match self.by_expiry.keys().next() {
-                Some(at) => *at,
-                None => return false,
-            },
-            None => return false,
+        // The detector's first; those by hand only for one by hand.
+        let kinds = 0..=expiry_kind(reason);
+        let Some((_, evicted)) = kinds
+            .into_iter()
+            .find_map(|k| self.by_expiry[k].pop_first())
+        else {
+            return false;
         };
-        if let Some(evicted) = self.by_expiry.remove(&at) {
-            self.take(&evicted);
-            super::metrics::evicted();
-        }
+        self.take(&evicted);
+        super::metrics::evicted();
         true
-    }
-
-    /// The entry of `key` itself.
-    fn get(&self, key: &BanKey) -> Option<&Entry> {
-        match key {
-            BanKey::Addr(net) => self.nets.get(net),
-            names => self.names.get(names),
-        }
     }
 
     /// Whether `key` is banned (a network by any ban that holds it, see
@@ -489,7 +487,7 @@ impl BanTable {
         self.purge(now);
         match self.take(key) {
             Some(old) => {
-                self.by_expiry.remove(&(old.until, old.id));
+                self.unindex(&old);
                 true
             }
             None => false,
@@ -506,8 +504,9 @@ impl BanTable {
     /// The bans in force, soonest-ending first.
     pub(super) fn list(&mut self, now: Instant) -> Vec<Ban> {
         self.purge(now);
-        self.by_expiry
-            .iter()
+        let mut all: Vec<_> = self.by_expiry.iter().flatten().collect();
+        all.sort_unstable_by_key(|(at, _)| *at);
+        all.into_iter()
             .filter_map(|((until, _), key)| {
                 let e = match key {
                     BanKey::Addr(net) => self.nets.get(net)?,
