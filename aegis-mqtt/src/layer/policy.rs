@@ -706,8 +706,6 @@ const fn pub_refusal(first: u8, packet_id: u16, reason: u8) -> [u8; 5] {
     [first, 0x03, id[0], id[1], reason]
 }
 
-/// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
-/// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
 /// Why `packet`, over a limit, cannot be dropped with an answer and must end the
 /// connection instead, if it cannot: MQTT 3.1's SUBACK has no failure code (0x80 came
 /// with 3.1.1), and a PUBLISH that sets a Topic Alias must reach the broker
@@ -729,6 +727,8 @@ fn sets_alias(p: &crate::Publish<'_>) -> bool {
     p.topic_alias.is_some() && !p.topic.is_empty()
 }
 
+/// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
+/// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
 fn pub_answer(
     v5_answer: bool,
     p: &crate::Publish<'_>,

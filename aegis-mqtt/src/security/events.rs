@@ -207,7 +207,7 @@ impl EventLog {
                 return;
             };
             if suppressed > 0 {
-                let note = format!(" ({suppressed} more like it in the last second not recorded)");
+                let note = format!(" ({suppressed} more like it not recorded since the last)");
                 event.details = clean_details(event.details + &note);
             }
             ring.total += 1;
@@ -358,7 +358,7 @@ mod tests {
             let last = log.latest(1).pop().unwrap();
             assert_eq!(
                 last.details,
-                "flood (980 more like it in the last second not recorded)"
+                "flood (980 more like it not recorded since the last)"
             );
         });
         let c = aegis_core::metrics::testing::capture(&snap);

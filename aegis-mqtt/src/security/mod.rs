@@ -601,8 +601,9 @@ impl SecurityBuilder {
     }
 
     /// How many bans the table holds at most (100,000 by default); when full, a new ban
-    /// evicts the one that ends soonest. With 0 no ban is ever stored, and a key that
-    /// crosses a threshold is not refused either.
+    /// evicts the one that ends soonest, but a ban by hand only for another ban by hand
+    /// (see [Bounds](self#bounds)). With 0 no ban is ever stored, and a key that crosses
+    /// a threshold is not refused either.
     pub const fn max_bans(mut self, bans: usize) -> Self {
         self.max_bans = bans;
         self
@@ -762,10 +763,10 @@ impl Security {
     /// `Security`, or this process's before a restart, through their JSON form), each
     /// until its `until` (at most [`MAX_BAN`] from now) and with its reason; a ban that
     /// has ended is skipped. Like a ban through the handle, each replaces a ban of the
-    /// same key, makes room in a full table by evicting the ban that ends soonest (they
-    /// are put in place the soonest-ending first, so the table keeps those that end
-    /// last), and
-    /// closes the open connections it matches; unlike one, it logs no event and counts
+    /// same key, makes room in a full table as a new ban does (see [Bounds](self#bounds):
+    /// they are put in place the soonest-ending first, so of each kind, by hand or by the
+    /// detector, the table keeps those that end last), and closes the open connections it
+    /// matches; unlike one, it logs no event and counts
     /// nothing in `aegis_security_bans_total` (it is not a new ban), and it is put in
     /// place whatever [`exempt`](SecurityBuilder::exempt) says. Returns how many were put
     /// in place (a key given twice, twice).
