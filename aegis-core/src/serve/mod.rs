@@ -638,16 +638,7 @@ fn is_connection_error(e: &io::Error) -> bool {
     // Linux's accept(2) also passes on the pending connection's own network errors,
     // "and the application should treat them like EAGAIN by retrying".
     #[cfg(target_os = "linux")]
-    const PASSED_ON: [i32; 8] = [
-        71,  // EPROTO
-        92,  // ENOPROTOOPT
-        112, // EHOSTDOWN
-        64,  // ENONET
-        113, // EHOSTUNREACH
-        95,  // EOPNOTSUPP
-        101, // ENETUNREACH
-        100, // ENETDOWN
-    ];
+    const PASSED_ON: [i32; 8] = ACCEPT_PASSES_ON;
     #[cfg(not(target_os = "linux"))]
     const PASSED_ON: [i32; 0] = [];
     matches!(
@@ -660,6 +651,19 @@ fn is_connection_error(e: &io::Error) -> bool {
     ) || e.raw_os_error().is_some_and(|n| PASSED_ON.contains(&n))
 }
 
+/// The network errors of a pending connection that Linux's accept(2) passes on.
+#[cfg(target_os = "linux")]
+const ACCEPT_PASSES_ON: [i32; 8] = [
+    libc::EPROTO,
+    libc::ENOPROTOOPT,
+    libc::EHOSTDOWN,
+    libc::ENONET,
+    libc::EHOSTUNREACH,
+    libc::EOPNOTSUPP,
+    libc::ENETUNREACH,
+    libc::ENETDOWN,
+];
+
 /// A fixed label for an accept error.
 fn accept_error_kind(e: &io::Error) -> &'static str {
     // errno values on Linux and the BSDs.
@@ -667,7 +671,7 @@ fn accept_error_kind(e: &io::Error) -> &'static str {
     const ENFILE: i32 = 23;
     const ENOMEM: i32 = 12;
     #[cfg(target_os = "linux")]
-    const ENOBUFS: i32 = 105;
+    const ENOBUFS: i32 = libc::ENOBUFS;
     #[cfg(not(target_os = "linux"))]
     const ENOBUFS: i32 = 55;
     match e.raw_os_error() {
@@ -703,12 +707,18 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn accept_retries_the_network_errors_linux_passes_on() {
-        for errno in [71, 92, 112, 64, 113, 95, 101, 100] {
+        for errno in ACCEPT_PASSES_ON {
             let e = io::Error::from_raw_os_error(errno);
             assert!(is_connection_error(&e), "{e}");
             assert_eq!(accept_error_kind(&e), "connection", "{e}");
         }
-        for errno in [24, 23, 12, 105, 9] {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::ENOBUFS,
+            libc::EBADF,
+        ] {
             let e = io::Error::from_raw_os_error(errno);
             assert!(!is_connection_error(&e), "{e}");
         }

@@ -110,6 +110,17 @@ struct Tasks {
     next_id: u64,
 }
 
+impl Tasks {
+    /// The abort handle's place of the task `id` under `key`, if that entry is still
+    /// its: the task may have ended, and its key gone to another.
+    fn place(&mut self, key: u32, id: u64) -> Option<&mut Option<AbortHandle>> {
+        self.slab
+            .get_mut(key as usize)
+            .filter(|(owner, _)| *owner == id)
+            .map(|(_, place)| place)
+    }
+}
+
 /// Open connections: this loop's permits (its open connections, which a drain waits
 /// for), the cap shared with other loops if any, an abort handle per connection task,
 /// and the connection metrics' handles.
@@ -202,14 +213,7 @@ impl Registry {
             started_ms,
         };
         let handle = tokio::spawn(make(slot)).abort_handle();
-        // Unless the task has ended already (and its key gone to another).
-        if let Some((_, place)) = self
-            .tasks
-            .lock()
-            .slab
-            .get_mut(key as usize)
-            .filter(|(owner, _)| *owner == id)
-        {
+        if let Some(place) = self.tasks.lock().place(key, id) {
             *place = Some(handle);
         }
         Some(())
@@ -334,13 +338,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         {
             let mut tasks = self.reg.tasks.lock();
-            let key = self.key as usize;
-            if tasks
-                .slab
-                .get(key)
-                .is_some_and(|(owner, _)| *owner == self.id)
-            {
-                tasks.slab.remove(key);
+            if tasks.place(self.key, self.id).is_some() {
+                tasks.slab.remove(self.key as usize);
             }
         }
         self.reg.release();
