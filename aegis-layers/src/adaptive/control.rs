@@ -599,6 +599,40 @@ impl<K: LimitSink> GradientLaw<K> {
         decision(name, Direction::Hold);
     }
 
+    /// Moves the limit by the gradient for `sample`, and publishes it if it moved; never
+    /// down unless `may_lower` (with too few samples, which at a low limit the limit
+    /// itself caps, the ones there are may still raise it, never lower it).
+    fn step(
+        &mut self,
+        shared: &Shared,
+        min_rtt: Duration,
+        sample: Duration,
+        may_lower: bool,
+    ) -> Direction {
+        let next = self.cfg.next_limit(self.limit, min_rtt, sample);
+        let dir = if next > self.limit {
+            Direction::Up
+        } else if next < self.limit && may_lower {
+            Direction::Down
+        } else {
+            Direction::Hold
+        };
+        tracing::debug!(
+            controller = self.cfg.name,
+            from = self.limit,
+            limit = next,
+            ?sample,
+            ?min_rtt,
+            ?dir,
+            "adaptive: gradient step"
+        );
+        if dir != Direction::Hold {
+            self.limit = next;
+            self.publish(shared, next);
+        }
+        dir
+    }
+
     /// One interval of the gradient.
     fn run(&mut self, shared: &Shared, now: Instant, remeasure_at: Instant) {
         let name = self.cfg.name;
@@ -620,48 +654,13 @@ impl<K: LimitSink> GradientLaw<K> {
                 samples,
                 full: true,
             } => {
-                let next = self.cfg.next_limit(self.limit, min_rtt, sample);
-                tracing::debug!(
-                    controller = name,
-                    samples,
-                    from = self.limit,
-                    limit = next,
-                    ?sample,
-                    ?min_rtt,
-                    "adaptive: too few samples, only an increase"
-                );
-                if next > self.limit {
-                    self.limit = next;
-                    self.publish(shared, next);
-                    Direction::Up
-                } else {
-                    Direction::Hold
-                }
+                tracing::debug!(controller = name, samples, "adaptive: too few samples");
+                self.step(shared, min_rtt, sample, false)
             }
             Measured::TooFew { .. } => Direction::Hold,
             Measured::Latency(sample) => {
                 metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(sample.as_secs_f64());
-                let next = self.cfg.next_limit(self.limit, min_rtt, sample);
-                let dir = if next < self.limit {
-                    Direction::Down
-                } else if next > self.limit {
-                    Direction::Up
-                } else {
-                    Direction::Hold
-                };
-                tracing::debug!(
-                    controller = name,
-                    from = self.limit,
-                    limit = next,
-                    ?sample,
-                    ?min_rtt,
-                    "adaptive: gradient step"
-                );
-                if dir != Direction::Hold {
-                    self.limit = next;
-                    self.publish(shared, next);
-                }
-                dir
+                self.step(shared, min_rtt, sample, true)
             }
         };
         decision(name, dir);
