@@ -34,6 +34,18 @@ const WAIT: Duration = Duration::from_secs(15);
 // The gateway process
 // ---------------------------------------------------------------------------------
 
+/// The gateway's `--check` with `args`: its status and output.
+fn gateway_check<A: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = A>,
+) -> std::process::Output {
+    Command::new(gateway_bin())
+        .arg("--check")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// `target/<profile>/examples/mqtt-gateway`, from this test binary's
 /// `target/<profile>/deps/mqtt_gateway-<hash>`.
 ///
@@ -1556,14 +1568,8 @@ async fn the_admin_paths_need_the_admin_token_and_refuse_browsers() {
     let check = |config: &str, args: &[&str]| {
         let file = dir.join("gateway.toml");
         std::fs::write(&file, config).unwrap();
-        let out = Command::new(gateway_bin())
-            .arg("--check")
-            .arg("--config")
-            .arg(&file)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let config = [std::ffi::OsStr::new("--config"), file.as_os_str()];
+        let out = gateway_check(config.into_iter().chain(args.iter().map(AsRef::as_ref)));
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.code(), text)
@@ -1665,12 +1671,7 @@ async fn beyond_loopback_events_and_bans_need_the_admin_token() {
 #[test]
 fn the_embedded_broker_is_refused_beyond_loopback() {
     let check = |args: &[&str]| {
-        let out = Command::new(gateway_bin())
-            .arg("--check")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = gateway_check(args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -1830,12 +1831,7 @@ fn the_shipped_example_config_is_the_defaults() {
     )
     .unwrap();
     let check = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(gateway_bin())
-            .arg("--check")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = gateway_check(args);
         assert!(
             out.status.success(),
             "{}",
