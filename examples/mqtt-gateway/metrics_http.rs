@@ -1,8 +1,10 @@
 //! The observability endpoint: `/metrics`, `/healthz` and `/readyz` over HTTP/1.1.
 //!
 //! A small hyper 1 server, bounded like everything else the gateway exposes: at most
-//! [`MAX_CONNECTIONS`] connections at once (more are closed at accept), 5 s to send the
-//! request headers, no keep-alive. It binds to loopback by default.
+//! [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_ADDRESS`] of them from one client
+//! address (more are closed at accept, so that one client holding idle connections
+//! cannot starve the scraper and the probes), 5 s to send the request headers, no
+//! keep-alive. It binds to loopback by default.
 //!
 //! - `/metrics`: the Prometheus text format, rendered from the global recorder
 //!   (`metrics-exporter-prometheus`, installed with no HTTP listener of its own).
@@ -51,6 +53,42 @@ use tokio::sync::Semaphore;
 
 /// Connections the endpoint serves at once; a scraper and a probe or two need few.
 const MAX_CONNECTIONS: usize = 16;
+
+/// Connections one client address holds at once, of [`MAX_CONNECTIONS`].
+const MAX_PER_ADDRESS: usize = 4;
+
+/// The open connections per client address: at most [`MAX_CONNECTIONS`] entries, each
+/// with at most [`MAX_PER_ADDRESS`].
+#[derive(Default)]
+struct PerAddress(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    /// A place for one more connection from `ip`, if it has room; given back on drop.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut open = self.0.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(Arc::clone(self), ip))
+    }
+}
+
+/// One connection's place among its address's, see [`PerAddress`].
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = (self.0).0.lock();
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// Bucket bounds (seconds) of `aegis_connection_duration_seconds`, so that it renders as
 /// a Prometheus histogram (P95 with `histogram_quantile`) rather than a summary: MQTT
@@ -382,22 +420,27 @@ pub(crate) async fn serve(
     admin: Admin,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(PerAddress::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(5))
         .keep_alive(false)
         .max_buf_size(16 * 1024);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::debug!(error = %e, "metrics endpoint: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Over a cap: dropping the stream closes it.
+        let Some(slot) = per_address.take(peer.ip().to_canonical()) else {
+            continue;
+        };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            continue; // over the cap: dropping the stream closes it
+            continue;
         };
         let (prometheus, ready, admin) = (prometheus.clone(), ready.clone(), admin.clone());
         let conn = http.serve_connection(
@@ -408,7 +451,7 @@ pub(crate) async fn serve(
             // A client that never finishes is cut by the header timeout; one that reads
             // its answer slowly is bounded here.
             let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }

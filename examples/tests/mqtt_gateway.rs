@@ -723,6 +723,55 @@ async fn pub_sub_all_qos(sub: &mut Client, publ: &mut Client, topic: &str, exact
 // The tests
 // ---------------------------------------------------------------------------------
 
+/// One client address holding idle connections to the metrics endpoint gets at most
+/// four of them: a fifth is closed at once, while another address (the scraper, a
+/// probe) is still answered; a slot comes back when a connection ends.
+#[tokio::test]
+async fn one_address_cannot_take_every_metrics_connection() {
+    let gw = Gateway::start("metrics-per-address", "", &[]).await;
+    let idle_from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(gw.metrics).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(idle_from("127.0.0.1").await);
+    }
+    // The fifth from the same address: closed at accept, EOF without an answer.
+    let mut fifth = idle_from("127.0.0.1").await;
+    fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok();
+    let mut got = Vec::new();
+    let read = timeout(Duration::from_secs(5), fifth.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}: {got:?}");
+    // Another address is served.
+    let mut other = idle_from("127.0.0.2").await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    timeout(Duration::from_secs(5), other.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // One of the four ends: the address gets its place back.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok((200, _)) = http_get(gw.metrics, "/healthz").await {
+            again = Some(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "127.0.0.1 got no place back");
+}
+
 #[tokio::test]
 async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     let gw = Gateway::start("embedded", "", &[]).await;
