@@ -60,12 +60,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    let proxy: Vec<HeaderName> = headers
+    remove_prefixed(headers, "proxy-");
+}
+
+/// Removes every header whose (lower-case) name starts with `prefix`.
+fn remove_prefixed(headers: &mut HeaderMap, prefix: &str) {
+    let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
+        .filter(|k| k.as_str().starts_with(prefix))
         .cloned()
         .collect();
-    for name in proxy {
+    for name in names {
         headers.remove(name);
     }
 }
@@ -80,14 +85,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-Host` to the request's `Host` when it has one (the `Host` itself is
 /// forwarded too; this copy is for backends that read the forwarded one).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
-    let forwarded: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded"))
-        .cloned()
-        .collect();
-    for name in forwarded {
-        headers.remove(name);
-    }
+    remove_prefixed(headers, "x-forwarded");
     for name in CLIENT_ADDRESS_HEADERS {
         headers.remove(name);
     }
