@@ -37,8 +37,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use aegis_core::ClientKey;
 use aegis_core::metrics as m;
 use aegis_layers::circuit_breaker::{CircuitHandle, CircuitState};
+use aegis_layers::rate_limit::ConcurrencyLimit;
 use aegis_mqtt::security::{BanKey, Security};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -55,40 +57,7 @@ use tokio::sync::Semaphore;
 const MAX_CONNECTIONS: usize = 16;
 
 /// Connections one client address holds at once, of [`MAX_CONNECTIONS`].
-const MAX_PER_ADDRESS: usize = 4;
-
-/// The open connections per client address: at most [`MAX_CONNECTIONS`] entries, each
-/// with at most [`MAX_PER_ADDRESS`].
-#[derive(Default)]
-struct PerAddress(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-impl PerAddress {
-    /// A place for one more connection from `ip`, if it has room; given back on drop.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
-        let mut open = self.0.lock();
-        let n = open.entry(ip).or_insert(0);
-        if *n >= MAX_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot(Arc::clone(self), ip))
-    }
-}
-
-/// One connection's place among its address's, see [`PerAddress`].
-struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = (self.0).0.lock();
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
+const MAX_PER_ADDRESS: u32 = 4;
 
 /// Bucket bounds (seconds) of `aegis_connection_duration_seconds`, so that it renders as
 /// a Prometheus histogram (P95 with `histogram_quantile`) rather than a summary: MQTT
@@ -420,7 +389,8 @@ pub(crate) async fn serve(
     admin: Admin,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_address = Arc::new(PerAddress::default());
+    // The rate limiter's concurrency tier, keyed by the whole address.
+    let per_address = Arc::new(ConcurrencyLimit::new(MAX_PER_ADDRESS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(5))
@@ -436,7 +406,7 @@ pub(crate) async fn serve(
             }
         };
         // Over a cap: dropping the stream closes it.
-        let Some(slot) = per_address.take(peer.ip().to_canonical()) else {
+        let Some(slot) = per_address.acquire(ClientKey::host(peer.ip())) else {
             continue;
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {

@@ -8,7 +8,7 @@ use aegis_core::BoxError;
 use aegis_core::error::Rejected;
 use pin_project_lite::pin_project;
 
-use super::concurrency::Slot;
+use super::concurrency::ConcurrencySlot;
 
 pin_project! {
     /// The future of a connection through [`RateLimit`](super::RateLimit): the inner
@@ -24,13 +24,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        Inner { #[pin] fut: F, slot: Option<Slot> },
+        Inner { #[pin] fut: F, slot: Option<ConcurrencySlot> },
         Rejected { err: Option<Rejected> },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn inner(fut: F, slot: Option<Slot>) -> Self {
+    pub(super) fn inner(fut: F, slot: Option<ConcurrencySlot>) -> Self {
         Self {
             state: State::Inner { fut, slot },
         }

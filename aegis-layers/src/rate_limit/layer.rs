@@ -8,7 +8,7 @@ use governor::Quota;
 use tower_layer::Layer;
 
 use super::clock::TokioClock;
-use super::concurrency::Concurrency;
+use super::concurrency::ConcurrencyLimit;
 use super::direct::DirectLimiter;
 use super::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter};
 use super::{ClientKey, KeyBy, RateLimit, RateLimitHandle};
@@ -24,7 +24,7 @@ pub(super) struct Shared {
     pub(super) global: DirectLimiter,
     pub(super) per_client_on: AtomicBool,
     pub(super) per_client: KeyedLimiter<ClientKey>,
-    pub(super) concurrency: Option<Arc<Concurrency>>,
+    pub(super) concurrency: Option<Arc<ConcurrencyLimit>>,
 }
 
 /// Applies [`RateLimit`] to a byte-stream service: a global rate, a per-client rate and
@@ -152,7 +152,9 @@ impl RateLimitBuilder {
                 global: DirectLimiter::new(self.global.unwrap_or(placeholder), clock),
                 per_client_on: AtomicBool::new(self.per_client.is_some()),
                 per_client,
-                concurrency: self.max_concurrent.map(|m| Arc::new(Concurrency::new(m))),
+                concurrency: self
+                    .max_concurrent
+                    .map(|m| Arc::new(ConcurrencyLimit::new(m))),
             }),
         }
     }

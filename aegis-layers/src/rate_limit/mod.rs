@@ -159,6 +159,7 @@ mod service;
 mod store;
 
 pub use self::clock::TokioClock;
+pub use self::concurrency::{ConcurrencyLimit, ConcurrencySlot};
 pub use self::error::RateLimited;
 pub use self::handle::RateLimitHandle;
 pub use self::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter, Throttled};
