@@ -256,6 +256,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                 timeout: c.metrics.readiness_timeout,
                 breaker: built.breaker.clone(),
                 stopping: Arc::clone(&stopping),
+                last_probe: Arc::default(),
             };
             let admin = metrics_http::Admin {
                 security: built.security.clone(),

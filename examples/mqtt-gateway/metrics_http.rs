@@ -12,6 +12,9 @@
 //! - `/readyz`: `200 ready` when the circuit breaker (if on) is not open and a TCP
 //!   connect to the upstream succeeds within `metrics.readiness_timeout`; else `503`
 //!   with the reason. Also `503` once a shutdown has begun, so a balancer stops sending.
+//!   It connects to the upstream at most once in [`PROBE_EVERY`]: requests in between
+//!   get the last connect's result, so that requests to `/readyz` cannot be turned into
+//!   a stream of connects to the broker past the gateway's rate limits.
 //! - `/events?limit=N`: the latest `N` security events (default 50, at most 1000), a JSON
 //!   array, oldest first, in the schema of `aegis_mqtt::security::Event`.
 //! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
@@ -52,6 +55,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 /// Connections the endpoint serves at once; a scraper and a probe or two need few.
 const MAX_CONNECTIONS: usize = 16;
@@ -306,6 +310,12 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
     })
 }
 
+/// How long the result of `/readyz`'s connect to the upstream stands for later requests.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The last connect to the upstream: when it ended, and how.
+type Probe = Option<(Instant, Result<(), &'static str>)>;
+
 /// What `/readyz` checks.
 #[derive(Clone, Debug)]
 pub(crate) struct Readiness {
@@ -313,6 +323,9 @@ pub(crate) struct Readiness {
     pub(crate) timeout: Duration,
     pub(crate) breaker: Option<CircuitHandle>,
     pub(crate) stopping: Arc<AtomicBool>,
+    /// Shared by every request: one connect at a time, its result kept for
+    /// [`PROBE_EVERY`].
+    pub(crate) last_probe: Arc<tokio::sync::Mutex<Probe>>,
 }
 
 impl Readiness {
@@ -328,13 +341,23 @@ impl Readiness {
         {
             return Err("upstream circuit open");
         }
-        match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(self.upstream))
-            .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err("upstream refused the connection"),
-            Err(_) => Err("upstream connect timed out"),
+        // Requests that come while a connect runs wait for it and take its result.
+        let mut last = self.last_probe.lock().await;
+        if let Some((at, result)) = *last {
+            if at.elapsed() < PROBE_EVERY {
+                return result;
+            }
         }
+        let result =
+            match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(self.upstream))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(_)) => Err("upstream refused the connection"),
+                Err(_) => Err("upstream connect timed out"),
+            };
+        *last = Some((Instant::now(), result));
+        result
     }
 }
 

@@ -20,11 +20,13 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Mosquitto, connect, dead_port, free_ports, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
 
 /// The bound on every single wait for an event.
@@ -2147,6 +2149,39 @@ async fn with_the_broker_down_readyz_is_503_and_clients_get_server_unavailable()
     );
 }
 
+/// `/readyz` connects to the upstream at most once a second: ten requests in a row
+/// cannot become ten connects to the broker. The upstream here is a listener that counts
+/// what it accepts (no client connects through the gateway).
+#[tokio::test]
+async fn readyz_requests_share_one_connect_to_the_upstream() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let acceptor = tokio::spawn(async move {
+        while let Ok((s, _)) = upstream.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let gw = Gateway::start("readyz-probe", "", &["--upstream", &addr.to_string()]).await;
+    for _ in 0..10 {
+        let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "ready\n"));
+    }
+    let connects = accepted.load(Ordering::SeqCst);
+    // One, unless this machine stalled past a second between the requests.
+    assert!(
+        (1..10).contains(&connects),
+        "{connects} connects for 10 requests"
+    );
+    // After a second the next request connects again.
+    sleep(Duration::from_millis(1100)).await;
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), connects + 1);
+    acceptor.abort();
+}
+
 /// The circuit breaker admits a connection when the gateway connects upstream, not when
 /// the client's first bytes arrive: a client stalled in the middle of its CONNECT does
 /// not hold the half-open probe, and the next client's CONNECT reaches the broker.
@@ -2742,10 +2777,7 @@ fn connect_login(client_id: &str, username: &str, password: &str) -> Vec<u8> {
 
 /// A real HTTP auth service (hyper, on loopback): `200` for alice / secret, `401`
 /// otherwise. Returns its address and the count of calls.
-async fn auth_service() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
+async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
     use http_body_util::{BodyExt, Full};
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2787,8 +2819,6 @@ async fn auth_service() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomic
 /// the cache; all of it is in `/events` and `/bans`.
 #[tokio::test]
 async fn a_burst_of_failed_logins_through_an_http_auth_service_bans_the_address() {
-    use std::sync::atomic::Ordering;
-
     let broker = Mosquitto::start().await;
     let (auth, calls) = auth_service().await;
     let config = format!(
