@@ -344,7 +344,7 @@ impl Readiness {
         // Requests that come while a connect runs wait for it and take its result.
         let mut last = self.last_probe.lock().await;
         if let Some((at, result)) = *last {
-            if at.elapsed() < PROBE_EVERY {
+            if Instant::now().saturating_duration_since(at) < PROBE_EVERY {
                 return result;
             }
         }
