@@ -15,6 +15,18 @@ pub(crate) fn deadline(from: Instant, after: Duration) -> Instant {
         .unwrap_or_else(|| Instant::now() + FAR_FUTURE)
 }
 
+/// `timeout`, or some thirty years when adding it to now would pass what an
+/// [`Instant`] holds: for a timeout handed to code that adds it to an `Instant` itself
+/// (hyper's header read timeout).
+#[cfg(feature = "sniff")]
+pub(crate) fn clamp_timeout(timeout: Duration) -> Duration {
+    if Instant::now().checked_add(timeout).is_some() {
+        timeout
+    } else {
+        FAR_FUTURE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +39,15 @@ mod tests {
             now + Duration::from_secs(5)
         );
         assert_eq!(deadline(now, Duration::MAX), now + FAR_FUTURE);
+    }
+
+    #[cfg(feature = "sniff")]
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_past_any_instant_is_clamped() {
+        assert_eq!(
+            clamp_timeout(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(clamp_timeout(Duration::MAX), FAR_FUTURE);
     }
 }

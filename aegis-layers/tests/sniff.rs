@@ -637,6 +637,26 @@ async fn http_header_read_timeout_is_enforced() {
     assert!(!handshake.is_complete());
 }
 
+/// `Duration::MAX`, a user's "never", is no panic in hyper (which adds the timeout to
+/// an `Instant`): the request is answered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn http_header_read_timeout_of_duration_max_serves() {
+    let (mut client, io, _) = tracked();
+    let conn = tokio::spawn(health().header_read_timeout(Duration::MAX).oneshot(io));
+    client
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    conn.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn refusers_answer_and_close() {
     let (mut client, io, _) = tracked();

@@ -96,10 +96,13 @@ impl<S> Http1<S> {
     }
 
     /// How long a client may take to send a request's headers; then the connection
-    /// closes.
+    /// closes. A timeout past what an `Instant` holds (`Duration::MAX` for "never") is
+    /// some thirty years, as elsewhere in this crate: hyper adds it to `Instant::now()`,
+    /// which would panic.
     #[must_use]
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
-        self.builder.header_read_timeout(timeout);
+        self.builder
+            .header_read_timeout(crate::time::clamp_timeout(timeout));
         self
     }
 
