@@ -13,7 +13,8 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::{
-    Classification, Detection, Detections, Protocol, Protocols, SniffError, Sniffed, classify,
+    Classification, Detection, Detections, MAX_DECISION_LEN, Protocol, Protocols, SniffError,
+    Sniffed, classify,
 };
 use aegis_core::metrics::Handles;
 
@@ -43,12 +44,15 @@ pub struct Detect<I> {
 const READ_CHUNK: usize = 1024;
 
 impl<I> Detect<I> {
-    /// Starts detection on `io`: read at most `max_prefix` bytes within `timeout`.
+    /// Starts detection on `io`: read at most `max_prefix` bytes (at least
+    /// [`MAX_DECISION_LEN`], as [`SniffLayer::max_prefix`](super::SniffLayer::max_prefix)
+    /// raises it) within `timeout`.
     pub fn new(io: I, max_prefix: usize, timeout: Duration) -> Self {
         Self {
             io: Some(io),
             buf: Vec::new(),
-            max_prefix,
+            // A cap of 0 would read into an empty buffer, which looks like EOF.
+            max_prefix: max_prefix.max(MAX_DECISION_LEN),
             // As `tokio::time::sleep` does, a timeout past what an `Instant` holds
             // (`Duration::MAX` for "never") waits some thirty years instead of panicking.
             deadline: crate::time::deadline(Instant::now(), timeout),
@@ -83,8 +87,9 @@ impl<I: AsyncRead + Unpin> Future for Detect<I> {
                     this.buf.extend_from_slice(rb.filled());
                     match classify(&this.buf) {
                         Classification::Decided(d) => return Poll::Ready(Ok(this.finish(d))),
-                        // The cap is reached without a decision (a cap below
-                        // `MAX_DECISION_LEN`): whatever it is, it is not known.
+                        // The cap is reached without a decision: whatever it is, it is
+                        // not known. (A guard: `classify` decides on `MAX_DECISION_LEN`
+                        // bytes, and the cap is at least that.)
                         Classification::NeedMore if this.buf.len() == this.max_prefix => {
                             let d = Detection::new(Protocol::Unknown);
                             return Poll::Ready(Ok(this.finish(d)));
@@ -220,6 +225,20 @@ mod tests {
         let big_io = std::mem::size_of::<ResponseFuture<[u64; 64], (), Small>>();
         assert_eq!(small_io, big_io, "the stream is stored inline");
         assert!(big_io <= 32, "{big_io} bytes");
+    }
+
+    /// A cap of 0 is raised as the layer raises it: an empty read buffer would read as
+    /// EOF for every client.
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_cap_still_detects() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let detect = Detect::new(server, 0, Duration::from_secs(5));
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c")
+            .await
+            .unwrap();
+        let (detection, prefix, _io) = detect.await.unwrap();
+        assert_eq!(detection, Detection::mqtt(4));
+        assert_eq!(prefix.len(), 12);
     }
 
     /// `Duration::MAX`, a user's "no timeout", is no panic: detection still decides on
