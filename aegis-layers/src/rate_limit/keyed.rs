@@ -168,6 +168,13 @@ where
     pub fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Throttled> {
         self.ensure_sweeper();
         let current = self.inner.current.load();
+        // Before governor: it multiplies the cell interval by `n` unchecked, which a
+        // slow quota and a large `n` (chosen by a client) overflow.
+        if n > current.quota.burst_size() {
+            return Err(Throttled {
+                wait: Duration::MAX,
+            });
+        }
         match current.limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(Throttled {
@@ -325,5 +332,21 @@ mod tests {
             Duration::MAX
         );
         assert!(limiter.check_n(&1_u8, nz(100)).is_ok());
+    }
+
+    /// A slow quota and a large `n` (the bytes of a message a client chose) overflowed
+    /// governor's cell arithmetic: a panic in debug builds, and in release builds a wrap
+    /// that let the cells conform.
+    #[test]
+    fn check_n_far_over_a_slow_quota_is_refused_without_overflow() {
+        let clock = FakeRelativeClock::default();
+        clock.advance(Duration::from_secs(100));
+        let quota = Quota::per_hour(nz(1)).allow_burst(nz(1000));
+        let limiter = KeyedLimiter::with_clock(quota, 10, "n", clock);
+        assert_eq!(
+            limiter.check_n(&1_u8, nz(5_124_097)).unwrap_err().wait(),
+            Duration::MAX
+        );
+        assert!(limiter.check_n(&1_u8, nz(1000)).is_ok());
     }
 }
