@@ -43,7 +43,11 @@
 //!   backs off from as for any listener.
 //! - **Shutdown.** Stop every runtime's `serve` with one signal. A shard whose acceptor
 //!   is gone waits for nothing more; connections still queued for a shard whose `serve`
-//!   has stopped are closed.
+//!   has stopped are closed. One handed out in the instant that `serve` stops (between
+//!   the acceptor's reserving a place in the queue and its sending) stays in the queue,
+//!   open and unserved, until the acceptor is dropped: tokio's channel closes what is
+//!   queued when its receiver drops, not what is sent after. Stop the acceptor's `serve`
+//!   with the same signal, as the example does, and it is closed soon after.
 //!
 //! # Example
 //!
