@@ -2149,6 +2149,32 @@ async fn with_the_broker_down_readyz_is_503_and_clients_get_server_unavailable()
     );
 }
 
+/// An outage bans nobody: with the broker down and the circuit open, the clients the
+/// breaker turns away (CONNACK 3) are not counted as the clients' own rejections, even
+/// with a detector that bans after two.
+#[tokio::test]
+async fn an_open_circuit_gets_no_client_banned() {
+    let (_held, dead) = dead_port();
+    let config = "[circuit_breaker]\nconsecutive_failures = 1\nopen_for = \"1m\"\n\
+                  [security]\nmax_rejections = 2\n";
+    let gw = Gateway::start("outage-bans", config, &["--upstream", &dead.to_string()]).await;
+    for i in 0..6 {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect_311(&format!("outage-{i}")))
+            .await
+            .unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+        assert_eq!(answer, (0x20, vec![0x00, 0x03]), "connect {i}");
+    }
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"circuit_breaker\",reason=\"open\"}",
+        5.0,
+    )
+    .await;
+    let (status, body) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "[]"));
+}
+
 /// `/readyz` connects to the upstream at most once a second: ten requests in a row
 /// cannot become ten connects to the broker. The upstream here is a listener that counts
 /// what it accepts (no client connects through the gateway).

@@ -42,9 +42,11 @@
 //!    a broker that cannot be reached) are not events.
 //!
 //! Refusals that are not the client's doing (`server_unavailable`, `connack_timeout`,
-//! `server_busy`, and `auth_error`: the authenticator could not decide) are logged with
-//! severity `low` but never counted toward the detector: a broker or authenticator outage
-//! must not ban every client. For the same reason an `auth_failure` event whose rule says
+//! `server_busy`, `auth_error`: the authenticator could not decide; any refusal of the
+//! `circuit_breaker` layer: its circuit is open; and the `rate_limit` layer's `global`
+//! tier, which every client shares) are logged with severity `low` but never counted
+//! toward the detector: a broker or authenticator outage, or a flood from others, must
+//! not ban every client. For the same reason an `auth_failure` event whose rule says
 //! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
 //! logged but not counted; only a denial (rule `denied`) counts as an authentication
 //! failure.
@@ -1228,12 +1230,20 @@ struct Names {
     username: Option<Arc<str>>,
 }
 
-/// Reason labels of refusals that are not the client's doing: logged, never counted.
-fn not_the_clients_doing(label: &str) -> bool {
-    matches!(
-        label,
-        "server_unavailable" | "connack_timeout" | "server_busy" | "auth_error"
-    )
+/// Refusals (by layer and reason label) that are not the client's doing: logged, never
+/// counted.
+fn not_the_clients_doing(layer: &str, label: &str) -> bool {
+    match layer {
+        // An open circuit refuses every client: the upstream's state, not theirs.
+        "circuit_breaker" => true,
+        // The global tier is shared by every client: a flood from others, or an
+        // adaptive controller lowering it for a slow broker, uses it up.
+        "rate_limit" => label == "global",
+        _ => matches!(
+            label,
+            "server_unavailable" | "connack_timeout" | "server_busy" | "auth_error"
+        ),
+    }
 }
 
 impl ConnCtx {
@@ -1290,7 +1300,8 @@ impl ConnCtx {
         let not_counted = if r.kind == EventKind::AuthFailure {
             r.rule != Some("denied")
         } else {
-            r.rule.is_some_and(not_the_clients_doing)
+            r.rule
+                .is_some_and(|rule| not_the_clients_doing(r.layer, rule))
         };
         self.security.emit(
             &who,
@@ -1360,7 +1371,7 @@ impl ConnCtx {
         };
         let (severity, counted) = if label == "banned" {
             (Severity::High, false)
-        } else if not_the_clients_doing(label) {
+        } else if not_the_clients_doing(layer, label) {
             (Severity::Low, false)
         } else {
             (Severity::Medium, true)
@@ -1608,6 +1619,39 @@ mod tests {
         assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
 
+    /// A refusal of another layer, by its layer and label.
+    #[derive(Debug)]
+    struct Refusal(&'static str, &'static str);
+
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} refused: {}", self.0, self.1)
+        }
+    }
+
+    impl std::error::Error for Refusal {}
+
+    impl aegis_core::error::Reject for Refusal {
+        fn layer(&self) -> &'static str {
+            self.0
+        }
+
+        fn label(&self) -> &'static str {
+            self.1
+        }
+    }
+
+    /// A client's own rate-limit refusal (the per-client tier) counts.
+    #[tokio::test(start_paused = true)]
+    async fn a_per_client_rate_limit_refusal_counts() {
+        let sec = Security::builder().max_rejections(0).build();
+        ctx(&sec).on_error(&aegis_core::error::reject(Refusal(
+            "rate_limit",
+            "per_client",
+        )));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reported_end_is_not_reported_again_and_outages_are_not_counted() {
         let sec = Security::builder().max_rejections(0).build();
@@ -1623,10 +1667,31 @@ mod tests {
         assert_eq!(e.severity, Severity::Low);
         assert_eq!(e.rule.as_deref(), Some("server_unavailable"));
         assert!(sec.bans().is_empty());
+        // Nor an open circuit's refusal, nor the shared global rate limit's.
+        let c = ctx(&sec);
+        c.on_error(&aegis_core::error::reject(Refusal(
+            "circuit_breaker",
+            "open",
+        )));
+        let c = ctx(&sec);
+        c.on_error(&aegis_core::error::reject(Refusal("rate_limit", "global")));
+        let rules: Vec<_> = sec
+            .events(2)
+            .into_iter()
+            .map(|e| (e.severity, e.rule))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                (Severity::Low, Some("open".into())),
+                (Severity::Low, Some("global".into()))
+            ]
+        );
+        assert!(sec.bans().is_empty());
         // An error that is not a rejection is no event.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert_eq!(sec.events_total(), 1);
+        assert_eq!(sec.events_total(), 3);
         // A rejection is, and counts: over 0 rejections bans the address.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::new(
