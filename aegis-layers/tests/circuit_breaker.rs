@@ -9,7 +9,8 @@ use aegis_core::error::{BoxError, find, label_of};
 use aegis_core::metrics::testing::capture;
 use aegis_layers::circuit_breaker::{
     CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitBreaker, CircuitBreakerLayer, CircuitState,
-    Classify, DefaultClassifier, FailuresOnly, HttpClassifier, Outcome, error::CircuitOpen,
+    Classify, DefaultClassifier, FailuresOnly, HttpClassifier, MAX_WINDOW, Outcome,
+    error::CircuitOpen,
 };
 use metrics_util::debugging::DebuggingRecorder;
 use tokio_test::{assert_pending, assert_ready, task};
@@ -748,4 +749,19 @@ fn failures_only_ignores_successes_and_classifies_errors_as_the_default_does() {
     let err: Result<&(), &(dyn Error + 'static)> = Err(&e);
     assert_eq!(FailuresOnly.classify(err), Outcome::Failure);
     assert_eq!(DefaultClassifier.classify(err), Outcome::Failure);
+}
+
+/// A failure-rate window is held in memory, allocated when the breaker is built: one
+/// past the bound is refused at once, not left to a huge allocation.
+#[test]
+#[should_panic(expected = "window must be in 1..=100000")]
+fn a_failure_rate_window_past_the_bound_is_refused() {
+    let _ = CircuitBreakerLayer::builder("upstream").failure_rate(0.5, MAX_WINDOW + 1, 1);
+}
+
+#[test]
+fn a_failure_rate_window_at_the_bound_is_built() {
+    let _ = CircuitBreakerLayer::builder("upstream")
+        .failure_rate(0.5, MAX_WINDOW, 1)
+        .build();
 }

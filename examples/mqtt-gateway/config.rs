@@ -1089,6 +1089,11 @@ impl Config {
                     ));
                 }
                 at_least("circuit_breaker.failure_rate.window", fr.window, 1)?;
+                at_most(
+                    "circuit_breaker.failure_rate.window",
+                    fr.window,
+                    aegis_layers::circuit_breaker::MAX_WINDOW as u64,
+                )?;
                 if fr.min_calls == 0 || fr.min_calls > fr.window {
                     return Err(ConfigError::new(
                         "circuit_breaker.failure_rate.min_calls",
@@ -1439,6 +1444,15 @@ const MAX_REFILL: Duration = Duration::from_secs(500 * 31_557_600);
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         Err(ConfigError::new(key, "must be longer than 0s"))
+    } else {
+        Ok(())
+    }
+}
+
+fn at_most(key: &str, value: impl TryInto<u64>, max: u64) -> Result<(), ConfigError> {
+    let value = value.try_into().unwrap_or(u64::MAX);
+    if value > max {
+        Err(ConfigError::new(key, format!("must be at most {max}")))
     } else {
         Ok(())
     }

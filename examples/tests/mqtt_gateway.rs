@@ -1780,6 +1780,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "server.drain_timeout",
         ),
         (
+            "a failure-rate window of a hundred billion calls, allocated at start",
+            "[circuit_breaker.failure_rate]\nenabled = true\nwindow = 100000000000\n",
+            "circuit_breaker.failure_rate.window",
+        ),
+        (
             "a circuit open for longer than tokio's clock",
             "[circuit_breaker]\nopen_for = \"300000000000y\"\n",
             "circuit_breaker.open_for",

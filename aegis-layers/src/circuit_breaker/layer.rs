@@ -7,6 +7,10 @@ use super::CircuitBreaker;
 use super::classify::DefaultClassifier;
 use super::state::{CircuitHandle, Config, RateTrip, Shared};
 
+/// The largest [`failure_rate`](Builder::failure_rate) window: the outcomes of its calls
+/// are held in memory, one byte each.
+pub const MAX_WINDOW: usize = 100_000;
+
 /// Wraps services in a [`CircuitBreaker`]; one layer is **one circuit**.
 ///
 /// Every service this layer builds, and every clone of those, shares the same circuit,
@@ -95,11 +99,15 @@ impl<C> Builder<C> {
     ///
     /// # Panics
     ///
-    /// If `ratio` is not in `(0.0, 1.0]`, `window` is 0, or `min_calls` is 0 or larger
-    /// than `window`.
+    /// If `ratio` is not in `(0.0, 1.0]`, `window` is 0 or over [`MAX_WINDOW`] (the
+    /// window's outcomes are held in memory, allocated when the breaker is built), or
+    /// `min_calls` is 0 or larger than `window`.
     pub fn failure_rate(mut self, ratio: f64, window: usize, min_calls: usize) -> Self {
         assert!(ratio > 0.0 && ratio <= 1.0, "ratio must be in (0, 1]");
-        assert!(window > 0, "window must be at least 1");
+        assert!(
+            (1..=MAX_WINDOW).contains(&window),
+            "window must be in 1..={MAX_WINDOW}"
+        );
         assert!(
             min_calls > 0 && min_calls <= window,
             "min_calls must be in 1..=window"

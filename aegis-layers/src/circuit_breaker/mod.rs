@@ -118,6 +118,6 @@ mod state;
 pub use self::classify::{
     Classify, DefaultClassifier, FailuresOnly, HttpClassifier, Outcome, classify_error,
 };
-pub use self::layer::{Builder, CircuitBreakerLayer};
+pub use self::layer::{Builder, CircuitBreakerLayer, MAX_WINDOW};
 pub use self::service::CircuitBreaker;
 pub use self::state::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState};
