@@ -1168,16 +1168,9 @@ impl Config {
                     "needs mqtt.enabled = true (the credentials are in the CONNECT)",
                 ));
             }
+            // Not bound by mqtt.connack_timeout: the CONNACK clock restarts when the
+            // callout allows the CONNECT.
             positive("auth.timeout", au.timeout)?;
-            let connack = self.mqtt.connack_timeout;
-            if !connack.is_zero() && au.timeout >= connack {
-                // The broker's CONNACK is due within mqtt.connack_timeout of the CONNECT,
-                // the authentication included.
-                return Err(ConfigError::new(
-                    "auth.timeout",
-                    "must be shorter than mqtt.connack_timeout",
-                ));
-            }
         }
 
         let ins = &self.inspect;
