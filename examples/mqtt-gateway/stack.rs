@@ -234,9 +234,11 @@ impl Service<()> for Connector {
     }
 }
 
-/// The outermost service: logs how each connection ended, with the client address
-/// masked when `log.mask_client_addresses` is on. Rejections are logged at `debug`
-/// (they are counted in `aegis_rejections_total` anyway; a flood must not flood the log).
+/// The outermost service: logs how each connection ended, with the TCP peer's address
+/// (`peer`; with `proxy_protocol` on, the proxy's: this service runs before the PROXY
+/// header is read, and the security layer's events name the client) masked when
+/// `log.mask_client_addresses` is on. Rejections are logged at `debug` (they are
+/// counted in `aegis_rejections_total` anyway; a flood must not flood the log).
 #[derive(Clone, Debug)]
 pub(crate) struct Observe<S> {
     inner: S,
@@ -292,10 +294,10 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for Observed<F> {
         let res = std::task::ready!(this.fut.poll(cx));
         if let Some(client) = this.client.as_deref() {
             match &res {
-                Ok(()) => tracing::debug!(%client, "connection closed"),
+                Ok(()) => tracing::debug!(peer = %client, "connection closed"),
                 Err(e) => {
                     let (layer, reason) = aegis_core::error::label_of(&**e);
-                    tracing::debug!(%client, layer, reason, "connection refused or failed");
+                    tracing::debug!(peer = %client, layer, reason, "connection refused or failed");
                 }
             }
         }
