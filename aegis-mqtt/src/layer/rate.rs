@@ -52,6 +52,9 @@ impl PacketRate {
     }
 }
 
+/// The shortest wait for a token.
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
 /// One connection's bucket.
 #[derive(Debug)]
 pub(super) struct Bucket {
@@ -87,7 +90,11 @@ impl Bucket {
             if self.rate.over == OverRate::Disconnect {
                 return Poll::Ready(false);
             }
-            let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate.per_second);
+            // At least a millisecond (tokio's timer resolution): a bucket a float
+            // epsilon short of a token would otherwise wait zero, a sleep due at once,
+            // and loop here without the clock moving.
+            let wait =
+                Duration::from_secs_f64((1.0 - self.tokens) / self.rate.per_second).max(MIN_WAIT);
             let deadline = now + wait;
             let sleep = match &mut self.sleep {
                 Some(sleep) => {
@@ -102,5 +109,44 @@ impl Bucket {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::{Bucket, PacketRate};
+
+    /// Found by the `mqtt_io` fuzz target: a bucket refilled to a float epsilon under
+    /// one token (0.1 + 0.18 * 5 = 0.9999999999999999) waited
+    /// `Duration::from_secs_f64(2.2e-17)`, zero: the sleep was due at once and, on
+    /// tokio's paused clock, `poll_take` looped for ever (on a real clock it spun until
+    /// the clock moved). The test runs on a thread of its own, so that a spin fails it
+    /// instead of hanging it.
+    #[test]
+    fn a_bucket_a_float_epsilon_short_of_a_token_waits_instead_of_spinning() {
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut bucket = Bucket::new(PacketRate::new(5, 3));
+                for _ in 0..3 {
+                    assert!(poll_fn(|cx| bucket.poll_take(cx)).await);
+                }
+                tokio::time::advance(Duration::from_millis(20)).await;
+                assert!(poll_fn(|cx| bucket.poll_take(cx)).await);
+            });
+            done.send(()).unwrap();
+        });
+        assert!(
+            ended.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "Bucket::poll_take spins"
+        );
     }
 }
