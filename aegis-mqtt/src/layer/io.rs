@@ -118,12 +118,11 @@ struct ConnackWatch {
     due: Option<Instant>,
     /// The layer's `connack_timeout`, for a clock started again.
     timeout: Option<Duration>,
-    /// The CONNACK timer: created on the first read, dropped with `due` (and again for a
-    /// clock started again, [`MqttIo::restart_connack_clock`]).
+    /// The CONNACK timer: created on the first read, dropped with `due`, and reset in
+    /// place for a clock started again ([`MqttIo::restart_connack_clock`]). Polled on
+    /// every read: a poll that tokio's cooperative budget turns away registers nothing,
+    /// so "polled once, it will wake us" does not hold.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The waker the timer last registered: every read checks the timer, and while the
-    /// same task reads, the timer need not be polled again until it fires.
-    timer_waker: Option<Waker>,
     /// Told once if the CONNACK timeout fires.
     on_timeout: Option<OnConnackTimeout>,
 }
@@ -337,7 +336,6 @@ impl ConnackWatch {
             due: Self::due(timeout, now),
             timeout,
             timer: None,
-            timer_waker: None,
             on_timeout,
         };
         (w.latency.is_some() || w.due.is_some()).then(|| Box::new(w))
@@ -408,10 +406,8 @@ impl<I> MqttIo<I> {
             *since = now;
         }
         if w.due.is_some() {
+            // The timer is reset to the new deadline on the next read.
             w.due = ConnackWatch::due(w.timeout, now);
-            // Armed again, for the new deadline, on the next read.
-            w.timer = None;
-            w.timer_waker = None;
         }
     }
 
@@ -465,7 +461,6 @@ impl<I> MqttIo<I> {
         if let Some(w) = &mut self.connack {
             w.due = None;
             w.timer = None;
-            w.timer_waker = None;
             w.on_timeout = None;
         }
         self.drop_connack_watch_if_done();
@@ -498,20 +493,19 @@ impl<I> MqttIo<I> {
         let Some(watch) = &mut self.connack else {
             return false;
         };
-        let timer = watch
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if !timer.is_elapsed()
-            && watch
-                .timer_waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            // Armed for this task, and not fired: it wakes the task when it does.
-            return false;
-        }
+        let timer = match &mut watch.timer {
+            Some(timer) => {
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
+                timer
+            }
+            None => watch.timer.insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        // Polled every time, as the keep-alive timer is: a `Sleep` polled while the
+        // task's cooperative budget is spent returns `Pending` without registering its
+        // timer, and one that is never polled again never fires.
         if timer.as_mut().poll(cx).is_pending() {
-            park(&mut watch.timer_waker, cx);
             return false;
         }
         let on_timeout = watch.on_timeout.take();
@@ -1208,6 +1202,15 @@ mod tests {
         config: Config,
         capacity: usize,
     ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
+        connected_with(config, capacity, IoOptions::default())
+    }
+
+    /// [`connected`], with the layer's options `opts`.
+    fn connected_with(
+        config: Config,
+        capacity: usize,
+        opts: IoOptions,
+    ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
         let mut session = Session::new(config);
         assert!(matches!(session.next(&CONNECT), Ok(Next::Packet { .. })));
         let (client, server) = tokio::io::duplex(capacity);
@@ -1216,10 +1219,55 @@ mod tests {
             session,
             Bytes::copy_from_slice(&CONNECT),
             Bytes::new(),
-            IoOptions::default(),
+            opts,
             None,
         );
         (client, io)
+    }
+
+    /// The first read of a connection can come from a task that has spent its
+    /// cooperative budget (a proxy task busy with other work): tokio's `Sleep` then
+    /// returns `Pending` without registering its timer. The CONNACK timer must be polled
+    /// again by the later reads, or it never fires.
+    #[tokio::test(start_paused = true)]
+    async fn the_connack_timeout_fires_when_the_first_read_finds_the_coop_budget_spent() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let opts = IoOptions {
+            connack_timeout: Some(TIMEOUT),
+            ..IoOptions::default()
+        };
+        let (mut client, mut io) = connected_with(Config::new(), 1024, opts);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..200 {
+            tx.send(i).unwrap();
+        }
+        let mut connect = [0; 15];
+        let first = std::future::poll_fn(|cx| {
+            // Spend the task's budget (128 operations), as other work in it would.
+            let mut received = 0;
+            while let Poll::Ready(Some(_)) = rx.poll_recv(cx) {
+                received += 1;
+            }
+            assert!(received < 200, "the budget never ran out");
+            // Then the first read: it arms the CONNACK timer, and returns the CONNECT.
+            let mut rb = ReadBuf::new(&mut connect);
+            let read = Pin::new(&mut io).poll_read(cx, &mut rb);
+            Poll::Ready(read.map(|r| r.map(|()| rb.filled().len())))
+        })
+        .await;
+        assert!(matches!(first, Poll::Ready(Ok(15))), "{first:?}");
+        assert_eq!(connect, CONNECT);
+        // The broker never answers; the client is silent.
+        let start = Instant::now();
+        let mut more = [0; 16];
+        let read = tokio::time::timeout(TIMEOUT * 2, io.read(&mut more)).await;
+        let err = read.expect("the CONNACK timeout never fired").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+        assert_eq!(Instant::now().saturating_duration_since(start), TIMEOUT);
+        let mut answer = [0; 4];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x03]);
     }
 
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
