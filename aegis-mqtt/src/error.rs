@@ -77,6 +77,13 @@ pub enum MqttError {
     /// `MqttLayer::connack_timeout`): answered as [`ServerUnavailable`](Self::ServerUnavailable).
     #[error("no CONNACK from the server in time")]
     ConnackTimeout,
+    /// An MQTT 5 enhanced authentication (a CONNECT with an Authentication Method) that
+    /// did not end with a CONNACK in time: the broker answered with AUTH, so it is up,
+    /// and either side may have stalled the exchange (with `MqttLayer::connack_timeout`,
+    /// which then bounds each round). Answered as [`NotAuthorized`](Self::NotAuthorized);
+    /// never a broker failure.
+    #[error("enhanced authentication not completed in time")]
+    AuthTimeout,
     /// The gateway is shedding load.
     #[error("server busy")]
     ServerBusy,
@@ -122,6 +129,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::PayloadBlocked => "payload_blocked",
             Self::ServerUnavailable => "server_unavailable",
             Self::ConnackTimeout => "connack_timeout",
+            Self::AuthTimeout => "auth_timeout",
             Self::ServerBusy => "server_busy",
             Self::QuotaExceeded => "quota_exceeded",
             Self::ConnectionRate => "connection_rate",
@@ -233,6 +241,7 @@ impl MqttError {
                         Self::ClientId(_) => Answer::ConnackV3(r::V3_IDENTIFIER_REJECTED),
                         Self::NotAuthorized
                         | Self::AuthError
+                        | Self::AuthTimeout
                         | Self::Banned
                         | Self::PayloadBlocked
                         | Self::ConnectRate => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
@@ -263,7 +272,9 @@ impl MqttError {
             // "The CONNECT packet is valid but is not accepted by this Server."
             Self::KeepAlive { .. } => r::IMPLEMENTATION_SPECIFIC_ERROR,
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
-            Self::NotAuthorized | Self::AuthError | Self::PayloadBlocked => r::NOT_AUTHORIZED,
+            Self::NotAuthorized | Self::AuthError | Self::AuthTimeout | Self::PayloadBlocked => {
+                r::NOT_AUTHORIZED
+            }
             Self::Banned => r::BANNED,
             Self::ServerUnavailable | Self::ConnackTimeout => r::SERVER_UNAVAILABLE,
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
@@ -286,7 +297,9 @@ impl MqttError {
             Self::TopicName(_) => r::TOPIC_NAME_INVALID,
             Self::TopicFilter(_) => r::TOPIC_FILTER_INVALID,
             Self::ServerLimit(limit) => limit.reason(),
-            Self::NotAuthorized | Self::AuthError | Self::PayloadBlocked => r::NOT_AUTHORIZED,
+            Self::NotAuthorized | Self::AuthError | Self::AuthTimeout | Self::PayloadBlocked => {
+                r::NOT_AUTHORIZED
+            }
             Self::Banned => r::ADMINISTRATIVE_ACTION,
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
             Self::ServerUnavailable | Self::ConnackTimeout | Self::ServerBusy => r::SERVER_BUSY,

@@ -109,6 +109,13 @@ impl Session {
         self.connected
     }
 
+    /// Whether the accepted CONNECT chose an MQTT 5 Authentication Method (enhanced
+    /// authentication: AUTH packets may come before the CONNACK).
+    #[cfg_attr(not(feature = "layer"), allow(dead_code))] // only the layer asks
+    pub(crate) const fn auth_method(&self) -> bool {
+        self.auth_method
+    }
+
     /// The configuration the session validates with.
     pub const fn config(&self) -> &Config {
         &self.config

@@ -94,6 +94,11 @@ fn v3_connect_answers() {
         at_connect(v, MqttError::NotAuthorized),
         [0x20, 0x02, 0x00, 0x05]
     );
+    // Only MQTT 5 has an AUTH exchange to time out; 3.x would get "not authorized".
+    assert_eq!(
+        at_connect(v, MqttError::AuthTimeout),
+        [0x20, 0x02, 0x00, 0x05]
+    );
     // [MQTT-3.2.2-6] no return code fits: close
     assert_eq!(
         at_connect(
@@ -127,6 +132,7 @@ fn v5_connect_answers() {
         (MqttError::ProtocolError("x"), 0x82),
         (MqttError::ClientId("x"), 0x85),
         (MqttError::NotAuthorized, 0x87),
+        (MqttError::AuthTimeout, 0x87),
         (MqttError::ServerUnavailable, 0x88),
         (MqttError::ServerBusy, 0x89),
         (MqttError::PacketTooLarge { size: 9, max: 8 }, 0x95),
@@ -169,6 +175,7 @@ fn answers_after_connect() {
         (MqttError::MessageRate, 0x96),
         (MqttError::QuotaExceeded, 0x97),
         (MqttError::NotAuthorized, 0x87),
+        (MqttError::AuthTimeout, 0x87),
         (MqttError::ServerBusy, 0x89),
         (MqttError::ServerLimit(Limit::QoS), 0x9B),
         (MqttError::ServerLimit(Limit::Retain), 0x9A),
@@ -233,7 +240,7 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 17] = [
+    let cases: [(MqttError, &str); 19] = [
         (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
@@ -258,6 +265,8 @@ fn labels_are_stable_and_the_layer_is_mqtt() {
         (MqttError::TopicFilter("x"), "topic_filter"),
         (MqttError::NotAuthorized, "not_authorized"),
         (MqttError::ServerUnavailable, "server_unavailable"),
+        (MqttError::ConnackTimeout, "connack_timeout"),
+        (MqttError::AuthTimeout, "auth_timeout"),
         (MqttError::ServerBusy, "server_busy"),
         (MqttError::QuotaExceeded, "quota_exceeded"),
         (MqttError::ConnectionRate, "connection_rate"),

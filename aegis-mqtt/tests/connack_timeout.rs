@@ -354,3 +354,185 @@ async fn an_authenticators_time_is_not_on_the_connack_clock() {
     let _ = conn.await.unwrap();
     assert_eq!(*rtts.lock(), [TIMEOUT / 2]);
 }
+
+/// An MQTT 5 CONNECT with an Authentication Method ("m"): enhanced authentication.
+fn connect_v5_auth() -> Vec<u8> {
+    common::head("MQTT", 5, 0x02)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c1")
+        .frame(0x10)
+}
+
+/// An AUTH "continue authentication" (0x18) with method "m" and one byte of data, as
+/// either side writes it in an enhanced authentication.
+fn auth_continue(data: u8) -> Vec<u8> {
+    common::B::new()
+        .u8(0x18)
+        .props(&[0x15, 0, 1, b'm', 0x16, 0, 1, data])
+        .frame(0xF0)
+}
+
+const V5_NOT_AUTHORIZED: [u8; 5] = [0x20, 0x03, 0x00, 0x87, 0x00];
+
+/// A broker that reads the client all along while it writes each of `script`'s packets
+/// after its pause (from the previous write), then writes nothing more. Returns what it
+/// read and how its reading ended.
+async fn scripted_broker(io: Io, script: Vec<(Duration, Vec<u8>)>) -> Result<Seen, BoxError> {
+    let (mut r, mut w) = tokio::io::split(io);
+    let read = async move {
+        let mut seen = Vec::new();
+        r.read_to_end(&mut seen).await.map(|_| seen)
+    };
+    let write = async move {
+        let mut results = Vec::new();
+        for (pause, bytes) in script {
+            tokio::time::sleep(pause).await;
+            results.push(w.write_all(&bytes).await);
+        }
+        results
+    };
+    let (seen, results) = tokio::join!(read, write);
+    Ok((seen, results))
+}
+
+/// The client of an enhanced authentication: sends its CONNECT, then, after each of the
+/// broker's AUTH challenges, its answer if `answers`; reads up to a CONNACK (checking
+/// that EOF follows a refusing one), then closes. Returns each packet it got with the
+/// time it arrived (from the CONNECT).
+async fn auth_client(mut client: DuplexStream, answers: bool) -> Vec<(Duration, Vec<u8>)> {
+    let start = Instant::now();
+    client.write_all(&connect_v5_auth()).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let mut head = [0; 2];
+        let read = tokio::time::timeout(GIVE_UP, client.read_exact(&mut head));
+        read.await
+            .expect("no answer at all")
+            .expect("EOF before a CONNACK");
+        let mut body = vec![0; usize::from(head[1])];
+        client.read_exact(&mut body).await.unwrap();
+        let packet = [&head[..], &body].concat();
+        let at = Instant::now().saturating_duration_since(start);
+        if answers && packet[0] == 0xF0 {
+            client.write_all(&auth_continue(b'c')).await.unwrap();
+        }
+        let connack = packet[0] == 0x20;
+        got.push((at, packet));
+        if connack {
+            if got.last().is_some_and(|(_, p)| p[3] != 0) {
+                let mut rest = Vec::new();
+                client.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty(), "after a refusing CONNACK: {rest:?}");
+            }
+            return got;
+        }
+    }
+}
+
+/// A broker that answers an enhanced authentication with AUTH is up: a CONNACK timeout
+/// after it is `auth_timeout` (CONNACK 0x87), never reported to `on_connack_timeout`,
+/// and gives no latency sample. A few clients that never answer the challenge (or a
+/// broker that stalls once a client has answered) cannot open the circuit against it.
+#[test]
+fn an_auth_exchange_that_times_out_is_no_broker_failure() {
+    let ((), snap) = run(true, || async {
+        let breaker = CircuitBreakerLayer::builder("upstream")
+            .consecutive_failures(Some(3))
+            .build();
+        let handle = breaker.handle();
+        let (calls, hook) = counter();
+        let rtts = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&rtts);
+        let h = handle.clone();
+        let layer = MqttLayer::default()
+            .connack_timeout(TIMEOUT)
+            .on_connack_timeout(move || {
+                hook();
+                h.record_failure();
+            })
+            .connack_latency(ConnackLatency::new(move |_| {
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+        // The broker challenges after 1 s and then waits for ever; the client is silent,
+        // or answers at once.
+        let challenge = Duration::from_secs(1);
+        for answers in [false, true, false, true, false] {
+            let script = vec![(challenge, auth_continue(b's'))];
+            let svc = layer.clone().layer(service_fn(move |io: Io| {
+                scripted_broker(io, script.clone())
+            }));
+            let (client, server) = tokio::io::duplex(1024);
+            let conn = tokio::spawn(svc.oneshot(duplex_conn(server)));
+            let got = auth_client(client, answers).await;
+            // The challenge, then the gateway's "not authorized" a whole timeout after
+            // it: the clock started again at the broker's AUTH.
+            assert_eq!(
+                got,
+                [
+                    (challenge, auth_continue(b's')),
+                    (challenge + TIMEOUT, V5_NOT_AUTHORIZED.to_vec()),
+                ],
+                "answers: {answers}"
+            );
+            let (seen, _) = conn.await.unwrap().unwrap();
+            let err = seen.unwrap_err();
+            assert_eq!(find::<MqttError>(&err), Some(&MqttError::AuthTimeout));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "the hook was called");
+        assert_eq!(handle.state(), CircuitState::Closed);
+        assert_eq!(rtts.load(Ordering::SeqCst), 0, "a latency sample");
+    });
+    let captured = capture(&snap);
+    let rejections =
+        |reason| captured.counter(REJECTIONS_TOTAL, &[("layer", "mqtt"), ("reason", reason)]);
+    assert_eq!(rejections("auth_timeout"), 5);
+    assert_eq!(rejections("connack_timeout"), 0);
+}
+
+/// Each round of an enhanced authentication has the whole CONNACK timeout: the clock
+/// starts again at each of the broker's AUTH packets, so an exchange longer than the
+/// timeout in all ends in the broker's CONNACK. Its round trip, which holds the client's
+/// answers, is no CONNACK latency sample.
+#[tokio::test(start_paused = true)]
+async fn each_auth_round_has_the_whole_connack_timeout() {
+    let (calls, hook) = counter();
+    let rtts = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&rtts);
+    let layer = MqttLayer::default()
+        .connack_timeout(TIMEOUT)
+        .on_connack_timeout(hook)
+        .connack_latency(ConnackLatency::new(move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+    // Each broker packet comes just inside the timeout after the one before it: three
+    // rounds take nearly three timeouts.
+    let pause = TIMEOUT.saturating_sub(Duration::from_millis(1));
+    let script = vec![
+        (pause, auth_continue(1)),
+        (pause, auth_continue(2)),
+        (pause, V5_ACCEPTED.to_vec()),
+    ];
+    let svc = layer.layer(service_fn(move |io: Io| {
+        scripted_broker(io, script.clone())
+    }));
+    let (client, server) = tokio::io::duplex(1024);
+    let conn = tokio::spawn(svc.oneshot(duplex_conn(server)));
+    let got = auth_client(client, true).await;
+    assert_eq!(
+        got,
+        [
+            (pause, auth_continue(1)),
+            (pause * 2, auth_continue(2)),
+            (pause * 3, V5_ACCEPTED.to_vec()),
+        ]
+    );
+    let (seen, results) = conn.await.unwrap().unwrap();
+    let answer = auth_continue(b'c');
+    assert_eq!(
+        seen.unwrap(),
+        [connect_v5_auth(), answer.clone(), answer].concat()
+    );
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(rtts.load(Ordering::SeqCst), 0, "a latency sample");
+}

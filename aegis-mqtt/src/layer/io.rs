@@ -54,7 +54,11 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// has not started going out in time is refused the same way, from a read (a silent
 /// client's too): the gateway's own "server unavailable" CONNACK takes the place of the
 /// DISCONNECT, for every version, and the read then fails with
-/// [`MqttError::ConnackTimeout`]; the broker's writes fail after it.
+/// [`MqttError::ConnackTimeout`]; the broker's writes fail after it. Once the broker has
+/// answered an MQTT 5 CONNECT with an Authentication Method with AUTH, the clock starts
+/// again at each of its AUTH packets, and its expiry answers "not authorized" (CONNACK
+/// 0x87) and fails the read with [`MqttError::AuthTimeout`] instead: the broker is up,
+/// and the exchange may be stalled by the client.
 ///
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
@@ -123,8 +127,12 @@ struct ConnackWatch {
     /// every read: a poll that tokio's cooperative budget turns away registers nothing,
     /// so "polled once, it will wake us" does not hold.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Told once if the CONNACK timeout fires.
+    /// Told once if the CONNACK timeout fires; dropped at the broker's first AUTH.
     on_timeout: Option<OnConnackTimeout>,
+    /// Whether the broker has answered with AUTH (MQTT 5 enhanced authentication): it is
+    /// up, so the clock now bounds each round of the exchange, its expiry is
+    /// [`MqttError::AuthTimeout`], and the round trip is no CONNACK latency.
+    authenticating: bool,
 }
 
 /// What the broker may still write to the client.
@@ -172,6 +180,10 @@ struct OutBoundary {
     connack: Option<Box<Vec<u8>>>,
     /// Whether the first CONNACK has been seen.
     connack_seen: bool,
+    /// Whether an AUTH packet started going out before the first CONNACK, since
+    /// [`MqttIo`] last looked: the broker's challenge in an MQTT 5 enhanced
+    /// authentication.
+    auth_seen: bool,
 }
 
 /// What following a write found.
@@ -253,6 +265,8 @@ impl OutBoundary {
                 if b >> 4 == 2 && !self.connack_seen {
                     self.connack_seen = true;
                     self.connack = Some(Box::new(vec![b]));
+                } else if b >> 4 == 15 && !self.connack_seen {
+                    self.auth_seen = true;
                 }
                 self.header_len = 1;
                 self.value = 0;
@@ -337,6 +351,7 @@ impl ConnackWatch {
             timeout,
             timer: None,
             on_timeout,
+            authenticating: false,
         };
         (w.latency.is_some() || w.due.is_some()).then(|| Box::new(w))
     }
@@ -439,6 +454,9 @@ impl<I> MqttIo<I> {
 
     /// Tells the session what the broker's writes showed.
     fn on_written(&mut self, seen: Seen<'_>) {
+        if std::mem::take(&mut self.out.auth_seen) {
+            self.on_broker_auth();
+        }
         if self.out.connack_seen && self.connack.as_ref().is_some_and(|w| w.due.is_some()) {
             // The broker's CONNACK is going out: its timer is done.
             self.disarm_connack_timer();
@@ -455,6 +473,30 @@ impl<I> MqttIo<I> {
             Seen::Connack(connack) => self.session.on_connack(&connack),
             Seen::LongConnack => self.session.connack_sent(),
         }
+    }
+
+    /// The broker sent AUTH before its CONNACK, to a client that chose an
+    /// Authentication Method: it is up, and the exchange is the client's as much as the
+    /// broker's. The CONNACK clock starts again (each round of the exchange has the
+    /// whole `connack_timeout`), its expiry becomes [`MqttError::AuthTimeout`] and no
+    /// broker failure (`on_connack_timeout` is not called), and the connection gives no
+    /// CONNACK latency: the round trip now holds the client's own answers.
+    fn on_broker_auth(&mut self) {
+        if !self.session.auth_method() {
+            // Not an exchange the client asked for: the session refuses the client's
+            // AUTH, and the broker's proves nothing.
+            return;
+        }
+        if let Some(w) = &mut self.connack {
+            w.authenticating = true;
+            w.on_timeout = None;
+            w.latency = None;
+            if w.due.is_some() {
+                // The timer is reset to the new deadline on the next read.
+                w.due = ConnackWatch::due(w.timeout, Instant::now());
+            }
+        }
+        self.drop_connack_watch_if_done();
     }
 
     fn disarm_connack_timer(&mut self) {
@@ -478,9 +520,11 @@ impl<I> MqttIo<I> {
     }
 
     /// Whether the broker's CONNACK is late (arms the timer on the first call). When it
-    /// is, the gateway's "server unavailable" CONNACK is due instead: counted, prepared
-    /// (written by the refusal, the broker's stream being between two packets), and the
-    /// broker may write nothing more (only the rest of a packet in flight, if any).
+    /// is, the gateway's own CONNACK is due instead ("server unavailable", or "not
+    /// authorized" for an enhanced authentication the broker answered with AUTH):
+    /// counted, prepared (written by the refusal, the broker's stream being between two
+    /// packets), and the broker may write nothing more (only the rest of a packet in
+    /// flight, if any).
     fn connack_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(due) = self.connack.as_ref().and_then(|w| w.due) else {
             return false;
@@ -508,8 +552,14 @@ impl<I> MqttIo<I> {
         if timer.as_mut().poll(cx).is_pending() {
             return false;
         }
+        // Once the broker has sent AUTH, the hook is gone: not a broker failure.
         let on_timeout = watch.on_timeout.take();
-        self.refuse_connect(MqttError::ConnackTimeout);
+        let e = if watch.authenticating {
+            MqttError::AuthTimeout
+        } else {
+            MqttError::ConnackTimeout
+        };
+        self.refuse_connect(e);
         self.writes = Writes::ToBoundary;
         if let Some(f) = on_timeout {
             f.call(());

@@ -63,7 +63,9 @@ impl<P> MqttLayer<P> {
     }
 
     /// Reports each connection's CONNECT to CONNACK round trip through the broker to
-    /// `latency` (none by default); see [`ConnackLatency`].
+    /// `latency` (none by default); see [`ConnackLatency`]. A connection whose broker
+    /// answers with AUTH (MQTT 5 enhanced authentication) reports nothing: its round
+    /// trip holds the client's own answers.
     ///
     /// ```
     /// use std::time::Duration;
@@ -90,15 +92,26 @@ impl<P> MqttLayer<P> {
     /// within `timeout` of the validated CONNECT going to the inner service, and closes
     /// (`connack_timeout`). Off by default. See the [module
     /// docs](super#when-the-broker-is-stalled).
+    ///
+    /// MQTT 5 enhanced authentication: once the broker has sent AUTH (a challenge to a
+    /// CONNECT with an Authentication Method), it is up, and the exchange goes on at the
+    /// client's pace too. The clock then starts again at each of the broker's AUTH
+    /// packets, so that each round has `timeout`, and a CONNACK still missing at the end
+    /// of one is refused as `auth_timeout` (CONNACK `20 03 00 87 00`, "not authorized"),
+    /// which is no broker failure: [`on_connack_timeout`](Self::on_connack_timeout) is
+    /// not called.
     pub const fn connack_timeout(mut self, timeout: Duration) -> Self {
         self.io.connack_timeout = Some(timeout);
         self
     }
 
     /// Calls `f` once for each connection refused by the
-    /// [`connack_timeout`](Self::connack_timeout) (nothing by default): to count a stalled
-    /// broker as a failure, for example with
-    /// `aegis_layers::circuit_breaker::CircuitHandle::record_failure`.
+    /// [`connack_timeout`](Self::connack_timeout) as `connack_timeout` (nothing by
+    /// default): to count a stalled broker as a failure, for example with
+    /// `aegis_layers::circuit_breaker::CircuitHandle::record_failure`. Not for an
+    /// `auth_timeout`: a broker that sent AUTH is up, and the client may be the one
+    /// stalling (otherwise a few unauthenticated clients that never answer the challenge
+    /// could open the circuit at will).
     pub fn on_connack_timeout(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.io.on_connack_timeout = Some(OnConnackTimeout::new(move |()| f()));
         self

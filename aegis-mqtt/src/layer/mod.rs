@@ -133,7 +133,19 @@
 //! the broker's writes fail with [`io::ErrorKind::BrokenPipe`](std::io::ErrorKind::BrokenPipe):
 //! a late CONNACK never reaches the client. The timer is polled from the reads (a proxy
 //! reads the client all along) and is dropped once the broker's CONNACK goes out.
-//! [`MqttLayer::on_connack_timeout`] tells someone else, such as a circuit breaker:
+//! [`MqttLayer::on_connack_timeout`] tells someone else, such as a circuit breaker.
+//!
+//! An MQTT 5 client that chose an Authentication Method may go through AUTH rounds with
+//! the broker before its CONNACK (enhanced authentication). The broker's first AUTH
+//! proves it up: from then on the clock starts again at each of its AUTH packets (each
+//! round has the whole `connack_timeout`, and a broker stalled mid-exchange is still
+//! cut), and an expiry is refused as
+//! [`MqttError::AuthTimeout`](crate::MqttError::AuthTimeout) (`auth_timeout`, CONNACK
+//! `20 03 00 87 00`, "not authorized"), which is not reported to `on_connack_timeout`:
+//! the client may be the one that stalls, and clients must not be able to open the
+//! circuit against a healthy broker. Such a connection reports no CONNACK latency either.
+//!
+//! A stalled broker, with a circuit breaker told of its timeouts:
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -293,7 +305,9 @@ pub(crate) type OnConnackTimeout = Hook<()>;
 /// Set with [`MqttLayer::connack_latency`]. This is the latency an adaptive controller
 /// should watch in a byte-stream stack, where one call lasts a whole connection: feed it
 /// to `aegis_layers::adaptive::AdaptiveHandle::record`. A CONNACK the gateway writes
-/// itself (such as [`Unavailable`]'s) is not a round trip and is not reported.
+/// itself (such as [`Unavailable`]'s) is not a round trip and is not reported; neither
+/// is the CONNACK of an MQTT 5 enhanced authentication whose broker sent AUTH first (the
+/// round trip holds the client's own AUTH answers).
 #[derive(Clone, Debug)]
 pub struct ConnackLatency(Hook<Duration>);
 

@@ -46,7 +46,10 @@
 //! `circuit_breaker` layer: its circuit is open; and the `rate_limit` layer's `global`
 //! tier, which every client shares) are logged with severity `low` but never counted
 //! toward the detector: a broker or authenticator outage, or a flood from others, must
-//! not ban every client. For the same reason an `auth_failure` event whose rule says
+//! not ban every client. So is `auth_timeout`, an MQTT 5 enhanced authentication that
+//! ended in no CONNACK in time: the client may have stalled it, or the broker, and the
+//! gateway cannot tell which (it is not counted as a broker failure either). For the
+//! same reason an `auth_failure` event whose rule says
 //! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
 //! logged but not counted; only a denial (rule `denied`) counts as an authentication
 //! failure.
@@ -1231,7 +1234,9 @@ struct Names {
 }
 
 /// Refusals (by layer and reason label) that are not the client's doing: logged, never
-/// counted.
+/// counted. `auth_timeout` may be the client's doing or the broker's: an enhanced
+/// authentication stalled by either side. Counting it would let a stalled broker ban
+/// its clients, so it is not counted either.
 fn not_the_clients_doing(layer: &str, label: &str) -> bool {
     match layer {
         // An open circuit refuses every client: the upstream's state, not theirs.
@@ -1241,7 +1246,11 @@ fn not_the_clients_doing(layer: &str, label: &str) -> bool {
         "rate_limit" => label == "global",
         _ => matches!(
             label,
-            "server_unavailable" | "connack_timeout" | "server_busy" | "auth_error"
+            "server_unavailable"
+                | "connack_timeout"
+                | "server_busy"
+                | "auth_error"
+                | "auth_timeout"
         ),
     }
 }
@@ -1687,11 +1696,18 @@ mod tests {
                 (Severity::Low, Some("global".into()))
             ]
         );
+        // An enhanced authentication that timed out: the client or the broker stalled
+        // it, nobody can tell which. Logged (low), never counted.
+        let c = ctx(&sec);
+        c.on_error(&aegis_core::error::reject(MqttError::AuthTimeout));
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(e.severity, Severity::Low);
+        assert_eq!(e.rule.as_deref(), Some("auth_timeout"));
         assert!(sec.bans().is_empty());
         // An error that is not a rejection is no event.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert_eq!(sec.events_total(), 3);
+        assert_eq!(sec.events_total(), 4);
         // A rejection is, and counts: over 0 rejections bans the address.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::new(
