@@ -15,7 +15,8 @@
 //! - **Layer read path**: the same 1,000 PUBLISH packets after a CONNECT, read to the end
 //!   by an inner service through `MqttLayer` and its `MqttIo` over a `tokio::io::duplex`
 //!   (64 KiB), against the same service reading the bare duplex: the cost of the layer
-//!   per packet, IO included. `mqtt_layer_policy` adds a per-packet `Policy` (PUBLISH,
+//!   per packet, IO included. Each writes a CONNACK first, as a broker does (the layer
+//!   reads nothing after the CONNECT before it). `mqtt_layer_policy` adds a per-packet `Policy` (PUBLISH,
 //!   packets and bytes per client id, quotas never reached): the cost of its three
 //!   keyed-limiter checks per packet.
 
@@ -158,22 +159,32 @@ enum Through<'a> {
     Policy(&'a MqttLayer<Policy>),
 }
 
-/// Writes `bytes` into a duplex and reads them all back, through a layer or not.
+/// The broker's CONNACK: the layer reads nothing after the CONNECT before it.
+const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+/// Writes `bytes` into a duplex and reads them all back, through a layer or not; the
+/// reader writes a CONNACK first, as a broker does.
 async fn read_all(bytes: &[u8], through: Through<'_>) {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     client.write_all(bytes).await.unwrap();
-    drop(client);
+    // EOF for the reader; the client stays, to take the CONNACK.
+    client.shutdown().await.unwrap();
     let addr = "127.0.0.1:1883".parse().unwrap();
     let mut io = Conn::new(server, addr, addr);
     let inner = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+        io.write_all(&CONNACK).await?;
         drain(&mut io, &mut vec![0u8; 16 * 1024]).await
     });
     let n = match through {
-        Through::Bare => drain(&mut io, &mut vec![0u8; 16 * 1024]).await.unwrap(),
+        Through::Bare => {
+            io.write_all(&CONNACK).await.unwrap();
+            drain(&mut io, &mut vec![0u8; 16 * 1024]).await.unwrap()
+        }
         Through::Layer(layer) => layer.layer(inner).oneshot(io).await.unwrap(),
         Through::Policy(layer) => layer.layer(inner).oneshot(io).await.unwrap(),
     };
     assert_eq!(n, bytes.len());
+    drop(client);
 }
 
 async fn drain<R: tokio::io::AsyncRead + Unpin>(

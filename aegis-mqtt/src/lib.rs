@@ -74,9 +74,12 @@
 //! any CONNACK went out gets the "at CONNECT" answer of its version (for 5.0 a CONNACK
 //! instead of a DISCONNECT, which may not come before a CONNACK [MQTT-3.14.0-1]); the
 //! broker's CONNACK, and the gateway's answers queued for later packets, then never go
-//! out. The gateway's own answers to later packets (a SUBACK,
-//! PUBACK or PUBREC for a dropped packet) wait for the broker's CONNACK, the server's
-//! first packet [MQTT-3.2.0-1].
+//! out. The packets a client sends after its CONNECT are read only once the broker's
+//! CONNACK has accepted it, and never after a refusing one (3.1.1 [MQTT-3.1.4-5], 5.0
+//! [MQTT-3.1.4-6]; an MQTT 5 client's AUTH excepted), so the gateway's own answers to
+//! later packets (a SUBACK, PUBACK or PUBREC for a dropped packet) always follow an
+//! accepting CONNACK, the server's first packet [MQTT-3.2.0-1], and nothing follows a
+//! refusing one (3.1.1 [MQTT-3.2.2-5], 5.0 [MQTT-3.2.2-7]).
 #![doc = include_str!("conformance.md")]
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]

@@ -61,7 +61,8 @@ type Seen = (Vec<u8>, Result<(), io::ErrorKind>);
 
 /// Serves one loopback connection through the layer; returns the client side, the
 /// service's result, what the inner service saw (if it was called) and the handshake.
-/// The inner service writes nothing: no CONNACK.
+/// The inner service writes nothing: no CONNACK (so it reads nothing after the CONNECT,
+/// but for an MQTT 5 client's AUTH).
 async fn serve(
     layer: MqttLayer,
     client_bytes: Vec<u8>,
@@ -136,9 +137,10 @@ async fn accepted_connect_forwards_the_original_bytes_and_completes_the_handshak
     let publish = B::new().s("a/b").u16(1).raw(&[9; 300]).frame(0x32);
     bytes.extend_from_slice(&publish);
     bytes.extend_from_slice(&[0xC0, 0x00, 0xE0, 0x00]);
-    let (answer, result, seen, handshake) = serve(MqttLayer::default(), bytes.clone()).await;
+    let (answer, result, seen, handshake) =
+        serve_accepted(MqttLayer::default(), bytes.clone()).await;
     assert!(result.is_ok());
-    assert!(answer.is_empty());
+    assert_eq!(answer, CONNACK_V4);
     assert_eq!(seen, Some((bytes, Ok(()))));
     assert!(handshake);
 }
@@ -194,8 +196,9 @@ async fn versions_refused_by_the_config_get_their_own_versions_answer() {
     assert_eq!(rejected_label(&result), ("mqtt", "unsupported_version"));
     assert!(seen.is_none());
     // MQTT 3.1.1 goes through.
-    let (answer, result, seen, _) = serve(only_311(), connect_v4()).await;
-    assert!(result.is_ok() && answer.is_empty());
+    let (answer, result, seen, _) = serve_accepted(only_311(), connect_v4()).await;
+    assert!(result.is_ok());
+    assert_eq!(answer, CONNACK_V4);
     assert_eq!(seen, Some((connect_v4(), Ok(()))));
 }
 
@@ -215,7 +218,7 @@ async fn invalid_later_packet_never_reaches_the_inner_service() {
     let bad = B::new().s("a/#").raw(b"no").frame(0x30);
     let after = vec![0xC0, 0x00];
     let bytes = [connect_v4(), good.clone(), bad, after].concat();
-    let (_, result, seen, handshake) = serve(MqttLayer::default(), bytes).await;
+    let (_, result, seen, handshake) = serve_accepted(MqttLayer::default(), bytes).await;
     assert!(result.is_ok() && handshake);
     let (got, end) = seen.unwrap();
     assert_eq!(got, [connect_v4(), good].concat());
@@ -237,18 +240,27 @@ async fn v5_later_violation_gets_a_disconnect_then_close() {
         answer,
         [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
     );
-    // Before any CONNACK: a CONNACK with that reason code, never a DISCONNECT
-    // [MQTT-3.14.0-1]; the broker's CONNACK never goes out after it.
-    let (answer, ..) = serve(MqttLayer::default(), bytes).await;
+    // Before any CONNACK (an MQTT 5 client with an Authentication Method sends AUTH
+    // then): a CONNACK with that reason code, never a DISCONNECT [MQTT-3.14.0-1]; the
+    // broker's CONNACK never goes out after it.
+    let connect = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10);
+    // AUTH with reason code 0x01, which AUTH does not have: a protocol error.
+    let auth = B::new().u8(0x01).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    let (answer, _, seen, _) = serve(MqttLayer::default(), [connect.clone(), auth].concat()).await;
+    assert_eq!(seen.unwrap(), (connect, Err(io::ErrorKind::InvalidData)));
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
 }
 
 #[tokio::test]
 async fn v3_later_violation_just_closes() {
     let bytes = [connect_v4(), vec![0xC1, 0x00]].concat();
-    let (answer, _, seen, _) = serve(MqttLayer::default(), bytes).await;
+    let (answer, _, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
     assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
-    assert!(answer.is_empty());
+    // The broker's CONNACK, then nothing: 3.x has no DISCONNECT.
+    assert_eq!(answer, CONNACK_V4);
 }
 
 /// A broker that writes `out` to the client, then reads until the stream fails, then
@@ -434,8 +446,19 @@ async fn the_small_cap_holds_until_the_connack() {
         (seen, got),
         ((bytes.clone(), Ok(())), vec![0x20, 0x02, 0x00, 0x00])
     );
-    let (seen, _) = connack_then_read(layer, bytes, None).await;
-    assert_eq!(seen, (connect_v4(), Err(io::ErrorKind::InvalidData)));
+    // Before the CONNACK only an MQTT 5 client with an Authentication Method is read
+    // (its AUTH packets): under the small cap, answered by CONNACK 0x95.
+    let connect = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10);
+    let auth = B::new()
+        .u8(0x18)
+        .props(&[&[0x15, 0, 1, b'm', 0x16, 0x01, 0xF4][..], &[7; 500]].concat())
+        .frame(0xF0);
+    let (seen, got) = connack_then_read(layer, [connect.clone(), auth].concat(), None).await;
+    assert_eq!(seen, (connect, Err(io::ErrorKind::InvalidData)));
+    assert_eq!(got, [0x20, 0x03, 0x00, 0x95, 0x00]);
 }
 
 /// Runs the client's writes (with pauses) against a broker that reads everything;
@@ -668,6 +691,7 @@ async fn the_boundary_is_checked_when_the_disconnect_would_go_out() {
     let inner = service_fn(move |mut io: MqttIo<Conn<tokio::io::DuplexStream>>| {
         let expected = expected.clone();
         async move {
+            io.write_all(&CONNACK_V5).await?;
             let mut seen = vec![0; expected.len()];
             io.read_exact(&mut seen).await?;
             assert_eq!(seen, expected);
@@ -685,7 +709,7 @@ async fn the_boundary_is_checked_when_the_disconnect_would_go_out() {
     assert_eq!(kind, io::ErrorKind::InvalidData);
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
-    assert_eq!(got, [0x30, 0x10, 0x00]);
+    assert_eq!(got, [&CONNACK_V5[..], &[0x30, 0x10, 0x00]].concat());
 }
 
 #[test]
@@ -703,7 +727,7 @@ fn later_rejections_are_counted() {
                 B::new().s("x").props(&[0x23, 0, 0]).frame(0x30),
             ]
             .concat();
-            let (_, _, seen, _) = serve(MqttLayer::default(), bytes).await;
+            let (_, _, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
             assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
             let bytes = head("MQTT", 4, 0x00).s("").frame(0x10);
             let (answer, ..) = serve(MqttLayer::default(), bytes).await;
@@ -783,6 +807,7 @@ async fn a_connect_in_two_pieces_is_taken_whole_wherever_it_is_cut() {
         };
         let inner = service_fn(
             |mut io: MqttIo<Tracked<tokio::io::DuplexStream>>| async move {
+                io.write_all(&CONNACK_V4).await?;
                 let mut seen = Vec::new();
                 io.read_to_end(&mut seen).await?;
                 Ok::<_, BoxError>(seen)
@@ -799,7 +824,7 @@ async fn a_connect_in_two_pieces_is_taken_whole_wherever_it_is_cut() {
         assert!(!hs.is_complete());
         client.write_all(&connect[cut..]).await.unwrap();
         client.write_all(&publish).await.unwrap();
-        drop(client);
+        client.shutdown().await.unwrap();
         let seen = fut.await.unwrap();
         assert_eq!(seen, [&connect[..], &publish[..]].concat(), "cut at {cut}");
         assert!(hs.is_complete());

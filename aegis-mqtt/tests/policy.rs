@@ -396,64 +396,76 @@ async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
     );
 }
 
+/// The client's packets after its CONNECT are not read before the broker's CONNACK
+/// accepts it (3.1.1 [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]): pipelined with the CONNECT, a
+/// SUBSCRIBE over the limit is checked, and charged, only once that CONNACK is out, and
+/// its SUBACK follows it [MQTT-3.2.0-1].
 #[tokio::test(start_paused = true)]
-async fn answers_wait_for_the_brokers_connack() {
-    let layer = layer(
-        Policy::builder()
-            .subscribe_per_client(Quota::per_minute(nz(1)))
-            .build(),
-    );
-    let connack = vec![0x20, 0x02, 0x00, 0x00];
+async fn packets_after_the_connect_wait_for_the_brokers_connack() {
+    let policy = Policy::builder()
+        .subscribe_per_client(Quota::per_minute(nz(1)))
+        .build();
+    let (mut client, server) = tokio::io::duplex(1 << 20);
     let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
-    // The SUBSCRIBE is dropped before the broker has answered the CONNECT: its SUBACK
-    // follows the broker's CONNACK, the server's first packet [MQTT-3.2.0-1].
-    let late = (vec![], connack.clone());
-    let r = run(
-        &layer,
-        "192.0.2.1:1",
-        vec![(Duration::ZERO, bytes.clone())],
-        late,
-    )
-    .await;
-    assert_eq!(
-        forwarded(&r),
-        [connect_v4("c1"), subscribe(false, 1)].concat()
+    client.write_all(&bytes).await.unwrap();
+    client.shutdown().await.unwrap();
+    let connack = vec![0x20, 0x02, 0x00, 0x00];
+    let (p, c) = (policy.clone(), connack.clone());
+    // A broker that reads the client all along and answers the CONNECT a second late.
+    let inner = service_fn(move |io: MqttIo<Conn<DuplexStream>>| {
+        let (policy, connack) = (p.clone(), c.clone());
+        async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            let read = async {
+                let mut seen = Vec::new();
+                r.read_to_end(&mut seen).await.map(|_| seen)
+            };
+            let write = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Nothing after the CONNECT was read: nothing checked, nothing charged.
+                assert_eq!(policy.tracked_keys(Tier::Subscribe), 0);
+                w.write_all(&connack).await
+            };
+            let (seen, written) = tokio::join!(read, write);
+            written?;
+            Ok::<_, BoxError>(seen?)
+        }
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
     );
+    let seen = layer(policy.clone())
+        .layer(inner)
+        .oneshot(io)
+        .await
+        .unwrap();
+    assert_eq!(seen, [connect_v4("c1"), subscribe(false, 1)].concat());
+    assert_eq!(policy.tracked_keys(Tier::Subscribe), 1);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
     assert_eq!(
-        r.got,
+        got,
         [connack, vec![0x90, 0x04, 0x00, 0x02, 0x80, 0x80]].concat()
-    );
-    // With no CONNACK at all, no answer.
-    let r = send_unanswered(&layer, bytes).await;
-    assert!(
-        r.got.is_empty(),
-        "an answer before any CONNACK: {:?}",
-        r.got
     );
 }
 
-/// When the gateway answers the CONNECT itself (the broker's CONNACK is late), the
-/// answers it queued for later packets never go out: the client's first packet is that
-/// CONNACK, and nothing follows it.
+/// When the gateway answers the CONNECT itself (the broker's CONNACK is late), nothing
+/// follows that CONNACK: the packets after the CONNECT were never read, checked nor
+/// answered.
 #[tokio::test(start_paused = true)]
 async fn the_gateways_own_connack_drops_its_queued_answers() {
-    let layer = layer(
-        Policy::builder()
-            .subscribe_per_client(Quota::per_minute(nz(1)))
-            .build(),
-    )
-    .connack_timeout(Duration::from_secs(5));
+    let policy = Policy::builder()
+        .subscribe_per_client(Quota::per_minute(nz(1)))
+        .build();
+    let layer = layer(policy.clone()).connack_timeout(Duration::from_secs(5));
     let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
     // The client keeps its side open past the timeout; the broker never answers.
     let writes = vec![(Duration::ZERO, bytes), (Duration::from_secs(10), vec![])];
     let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
     assert_eq!(r.got, [0x20, 0x02, 0x00, 0x03], "a SUBACK went out");
-}
-
-/// All at once, the broker writing nothing.
-async fn send_unanswered(layer: &MqttLayer<Policy>, bytes: Vec<u8>) -> Run {
-    let writes = vec![(Duration::ZERO, bytes)];
-    run(layer, "192.0.2.1:1", writes, (vec![], vec![])).await
+    assert_eq!(policy.tracked_keys(Tier::Subscribe), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -530,7 +542,13 @@ async fn bytes_tier_counts_whole_packets_and_refuses_more_than_the_burst() {
         (Duration::from_secs(1), big),
         (Duration::ZERO, sixty.clone()),
     ];
-    let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
+    let r = run(
+        &layer,
+        "192.0.2.1:1",
+        writes,
+        (connack_for(&connect_v4("c1")), vec![]),
+    )
+    .await;
     // The second 60 find 40 left; a second later the 105 never fit, the 60 do.
     assert_eq!(
         forwarded(&r),

@@ -131,13 +131,15 @@ struct Run {
 }
 
 /// Serves one duplex connection from `peer` that sends `bytes` and closes, through
-/// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that reads to the end.
+/// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that accepts the CONNECT
+/// and reads to the end.
 async fn through_mqtt(sec: &Security, peer: &str, bytes: Vec<u8>) -> Run {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&calls);
     let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
         seen.fetch_add(1, Ordering::SeqCst);
         async move {
+            io.write_all(&common::connack_accepting(&io)).await?;
             let mut all = Vec::new();
             io.read_to_end(&mut all).await?;
             Ok::<_, io::Error>(())

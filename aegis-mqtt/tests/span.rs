@@ -34,8 +34,10 @@ fn a_refused_packet_is_logged_with_the_peer_and_the_client_id() {
     let client = rt.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // The inner service stands for the broker: it reads until the layer refuses.
+        // The inner service stands for the broker: it accepts the CONNECT, then reads
+        // until the layer refuses.
         let broker = service_fn(|mut io: MqttIo<Conn<TcpStream>>| async move {
+            io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
             let mut seen = Vec::new();
             io.read_to_end(&mut seen).await.map(|_| ())
         });

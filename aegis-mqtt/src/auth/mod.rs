@@ -147,8 +147,9 @@
 //!     let ok = c.username.as_deref() == Some("alice") && c.password.as_deref() == Some(b"pw");
 //!     Ok::<_, Infallible>(if ok { Decision::Allow } else { Decision::Deny })
 //! });
-//! // The broker side: reads what the client sent.
+//! // The broker side: accepts the CONNECT, and reads what the client sent.
 //! let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+//!     io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
 //!     let mut seen = Vec::new();
 //!     io.read_to_end(&mut seen).await.map(|_| seen)
 //! });

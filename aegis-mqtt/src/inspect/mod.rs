@@ -151,7 +151,10 @@
 //!
 //! // In front of a broker.
 //! let layer = MqttLayer::new(Config::new()).policy(Policy::builder().inspect(inspector).build());
+//! // The broker accepts the CONNECT (its CONNACK: the layer reads nothing the client
+//! // sent after the CONNECT before it), then reads what the client sent.
 //! let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+//!     io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
 //!     let mut seen = Vec::new();
 //!     io.read_to_end(&mut seen).await?;
 //!     Ok::<_, std::io::Error>(seen)
@@ -162,7 +165,7 @@
 //! let bad = [&[0x30, 0x17, 0, 13][..], b"devices/d1/up", b"<script>"].concat();
 //! let good = [&[0x30, 0x11, 0, 13][..], b"devices/d1/up", b"ok"].concat();
 //! client.write_all(&[&connect[..], &bad, &good].concat()).await?;
-//! drop(client);
+//! client.shutdown().await?;
 //! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
 //! let seen = layer.layer(broker).oneshot(io).await?;
 //! assert_eq!(seen, [&connect[..], &good].concat()); // the script never reached it

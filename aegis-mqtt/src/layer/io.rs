@@ -29,7 +29,20 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 ///
 /// The inner service reads the client's original bytes: first the CONNECT, then every
 /// later packet once it is complete and valid. Bytes of a packet still arriving are held
-/// (at most the configured packet size, plus one read). The first invalid packet is never
+/// (at most the configured packet size, plus one read).
+///
+/// Nothing the client sends after its CONNECT is read before the broker's CONNACK has
+/// accepted the connection (3.1.1 [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]): a read after the
+/// CONNECT waits (the bytes stay in the client's socket, and in order) and is woken when
+/// the broker's whole CONNACK has been written. So a packet pipelined behind the CONNECT
+/// is never validated, charged to a [policy](super#per-packet-policy) or forwarded for a
+/// CONNECT the broker refuses. After a refusing CONNACK (3.x return code other than 0,
+/// MQTT 5 reason code 0x80 or above) the read ends (EOF) and the gateway writes nothing
+/// more: no answer to a packet, no DISCONNECT (3.1.1 [MQTT-3.2.2-5], 5.0
+/// [MQTT-3.2.2-7]). The one exception is an MQTT 5 client that chose an Authentication
+/// Method: its AUTH packets (and DISCONNECT) are read before the CONNACK, under the small
+/// CONNECT size cap, and any other packet there is refused as a protocol error
+/// [MQTT-3.1.2-30]. The first invalid packet is never
 /// returned: the read fails with [`io::ErrorKind::InvalidData`] wrapping the
 /// [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
 /// `aegis_rejections_total{layer="mqtt"}`), and so does every read after it: a proxy's
@@ -95,6 +108,31 @@ pub struct MqttIo<I> {
     policy: Option<ConnPolicy>,
     /// Whether `ready` still holds the whole CONNECT (nothing read yet).
     connect_unread: bool,
+    /// Whether the client's packets after its CONNECT may be read yet.
+    gate: Gate,
+    /// The read waiting for the broker's CONNACK to open the [`Gate`].
+    held: Option<Waker>,
+}
+
+/// Whether [`MqttIo`] reads the client's packets after its CONNECT. A server that
+/// refuses a CONNECT must not process anything the client sent after it (3.1.1
+/// [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]), so nothing after the CONNECT is validated,
+/// charged to the policy's tiers or forwarded before the broker has accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Until the broker's whole CONNACK: nothing is read from the client (its bytes wait
+    /// in its socket, or in the `Rewind` prefix).
+    Held,
+    /// An MQTT 5 client with an Authentication Method, until the broker's whole CONNACK:
+    /// its AUTH and DISCONNECT packets are read (under the CONNECT size cap), and the
+    /// session refuses any other [MQTT-3.1.2-30].
+    Auth,
+    /// The broker's CONNACK accepted the connection.
+    Open,
+    /// The broker's CONNACK refused it: reads end (EOF) without reading anything more,
+    /// and the gateway writes nothing after that CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0
+    /// [MQTT-3.2.2-7]).
+    Refused,
 }
 
 /// A refusal of [`MqttIo`] and what ending the connection for it needs.
@@ -174,10 +212,13 @@ struct OutBoundary {
     header_len: u8,
     /// The Remaining Length decoded so far.
     value: usize,
-    /// The CONNACK being written, until it is complete.
+    /// The CONNACK being written, until it is complete; of one too long to keep, only
+    /// the first two bytes of its body (its flags and its return or reason code).
     // Boxed: 8 bytes instead of 24 for the connection's whole life, for one CONNACK.
     #[allow(clippy::box_collection)]
     connack: Option<Box<Vec<u8>>>,
+    /// Whether the CONNACK being written is too long to keep.
+    connack_long: bool,
     /// Whether the first CONNACK has been seen.
     connack_seen: bool,
     /// Whether an AUTH packet started going out before the first CONNACK, since
@@ -192,8 +233,28 @@ enum Seen<'a> {
     /// A whole CONNACK, for its properties: borrowed from the write that held all of it
     /// (the usual case), or the copy kept while it came in pieces.
     Connack(Cow<'a, [u8]>),
-    /// A CONNACK too long to keep.
-    LongConnack,
+    /// A CONNACK too long to keep, with its return or reason code if it has one.
+    LongConnack(Option<u8>),
+}
+
+impl Seen<'_> {
+    /// Whether a whole CONNACK was seen that accepts the connection: MQTT 3.x return
+    /// code 0, MQTT 5 reason code below 0x80 [MQTT-3.2.2-7]. `None` if this is no
+    /// CONNACK; a CONNACK without a code refuses.
+    fn connack_accepts(&self, version: Option<Version>) -> Option<bool> {
+        let code = match self {
+            Seen::Nothing => return None,
+            Seen::Connack(c) => crate::split_frame(c)
+                .ok()
+                .and_then(|(_, body)| body.get(1).copied()),
+            Seen::LongConnack(code) => *code,
+        };
+        Some(match (code, version) {
+            (None, _) => false,
+            (Some(code), Some(Version::V5)) => code < 0x80,
+            (Some(code), _) => code == 0,
+        })
+    }
 }
 
 impl OutBoundary {
@@ -246,7 +307,13 @@ impl OutBoundary {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
                 if let Some(c) = &mut self.connack {
-                    c.extend_from_slice(&data[..n]);
+                    // Of a long CONNACK, only its flags and code.
+                    let keep = if self.connack_long {
+                        n.min(2usize.saturating_sub(c.len()))
+                    } else {
+                        n
+                    };
+                    c.extend_from_slice(&data[..keep]);
                 }
                 self.remaining -= n;
                 data = &data[n..];
@@ -257,7 +324,7 @@ impl OutBoundary {
             }
             let b = data[0];
             data = &data[1..];
-            if let Some(c) = &mut self.connack {
+            if let Some(c) = self.connack.as_mut().filter(|_| !self.connack_long) {
                 c.push(b);
             }
             if self.header_len == 0 {
@@ -275,10 +342,12 @@ impl OutBoundary {
             if length_byte(&mut self.value, &mut self.header_len, b) {
                 self.remaining = self.value;
                 self.header_len = 0;
-                if self.connack.is_some() && self.value > MAX_CONNACK {
-                    self.connack = None;
-                    seen = Seen::LongConnack;
-                } else if self.remaining == 0 {
+                if let Some(c) = self.connack.as_mut().filter(|_| self.value > MAX_CONNACK) {
+                    // Too long to keep: only its code is read, from the body to come.
+                    c.clear();
+                    self.connack_long = true;
+                }
+                if self.remaining == 0 {
                     seen = self.connack_done().unwrap_or(seen);
                 }
             }
@@ -290,7 +359,12 @@ impl OutBoundary {
     /// what an earlier packet of the same write found: a CONNACK followed by a PUBLISH
     /// in one write is still seen.)
     fn connack_done(&mut self) -> Option<Seen<'static>> {
-        self.connack.take().map(|c| Seen::Connack(Cow::Owned(*c)))
+        let c = self.connack.take()?;
+        Some(if std::mem::take(&mut self.connack_long) {
+            Seen::LongConnack(c.get(1).copied())
+        } else {
+            Seen::Connack(Cow::Owned(*c))
+        })
     }
 }
 
@@ -386,11 +460,17 @@ impl<I> MqttIo<I> {
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
-            session,
             refusal: None,
             out: OutBoundary::default(),
             writes: Writes::Open,
             connect_unread: true,
+            gate: if session.auth_method() {
+                Gate::Auth
+            } else {
+                Gate::Held
+            },
+            held: None,
+            session,
         }
     }
 
@@ -437,6 +517,8 @@ impl<I> MqttIo<I> {
     /// writes to the client.
     fn refuse(&mut self, e: MqttError, answer: Vec<u8>) {
         drop(reject(e));
+        // A read held for the CONNACK returns the refusal instead.
+        unpark(&mut self.held);
         let r = self.refusal.get_or_insert_with(|| {
             Box::new(Refusal {
                 error: e,
@@ -468,11 +550,35 @@ impl<I> MqttIo<I> {
             latency.report(Instant::now().saturating_duration_since(since));
             self.drop_connack_watch_if_done();
         }
+        if let Some(accepts) = seen.connack_accepts(self.session.version()) {
+            self.on_broker_connack(accepts);
+        }
         match seen {
             Seen::Nothing => {}
             Seen::Connack(connack) => self.session.on_connack(&connack),
-            Seen::LongConnack => self.session.connack_sent(),
+            Seen::LongConnack(_) => self.session.connack_sent(),
         }
+    }
+
+    /// The broker's whole CONNACK went out, accepting the connection or not: the packets
+    /// held since the CONNECT are read from now on, or never.
+    fn on_broker_connack(&mut self, accepts: bool) {
+        if accepts {
+            self.gate = Gate::Open;
+            // The client could not be heard while it was held.
+            self.heard();
+        } else {
+            self.gate = Gate::Refused;
+            // Nothing more from the gateway: no answer to a packet, no DISCONNECT.
+            if let Some(policy) = &mut self.policy {
+                *policy.answers() = None;
+            }
+            if let Some(r) = self.refusal.as_deref_mut() {
+                r.answer = None;
+            }
+            self.buf = BytesMut::new();
+        }
+        unpark(&mut self.held);
     }
 
     /// The broker sent AUTH before its CONNACK, to a client that chose an
@@ -710,10 +816,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
         // Answers start only at a boundary, and the broker writes nothing until they
         // are out, so a started answer is never cut by the broker's bytes.
         // Nor before the CONNACK: the server's first packet is its CONNACK
-        // [MQTT-3.2.0-1]; they follow the broker's.
+        // [MQTT-3.2.0-1]; they follow the broker's, and only one that accepted the
+        // connection (nothing follows a refusing one).
         if answers.is_none()
             || !self.out.at_boundary()
-            || !self.out.connack_seen
+            || self.gate != Gate::Open
             || self.writes == Writes::Closed
         {
             return Poll::Ready(());
@@ -981,6 +1088,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 // A DISCONNECT may not cut into an answer being written.
                 return this.poll_refusal(cx, e, answers);
             }
+            match this.gate {
+                Gate::Open | Gate::Auth => {}
+                Gate::Held => {
+                    // Woken when the broker's CONNACK goes out (or a refusal comes).
+                    park(&mut this.held, cx);
+                    return Poll::Pending;
+                }
+                // The broker refused the CONNECT: nothing sent after it is read.
+                Gate::Refused => return Poll::Ready(Ok(())),
+            }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
             let scan = scan_packets(
@@ -1112,13 +1229,14 @@ mod tests {
 
     /// An `MqttIo` lives as long as its connection, thousands at once: what only a
     /// refused connection needs (the error, its answer, its deadline, two wakers) is one
-    /// pointer until a refusal.
+    /// pointer until a refusal. (The waker of a read held until the broker's CONNACK is
+    /// inline: every connection needs it once, and boxing it would cost an allocation.)
     #[test]
     fn an_mqtt_io_stays_small() {
         let size = std::mem::size_of::<MqttIo<tokio::io::DuplexStream>>();
         let io = std::mem::size_of::<tokio::io::DuplexStream>();
         println!("MqttIo adds {} bytes", size - io);
-        assert!(size - io <= 376, "MqttIo adds {} bytes", size - io);
+        assert!(size - io <= 392, "MqttIo adds {} bytes", size - io);
         assert_eq!(std::mem::size_of::<Option<Box<Refusal>>>(), 8);
     }
 
@@ -1134,7 +1252,7 @@ mod tests {
                 Seen::Connack(c) => {
                     connack = Some((c.to_vec(), matches!(c, Cow::Borrowed(_))));
                 }
-                Seen::LongConnack => long = true,
+                Seen::LongConnack(_) => long = true,
             }
         }
         (connack, long, out.at_boundary(), out.connack_seen)
@@ -1183,6 +1301,42 @@ mod tests {
         assert!(got.is_none() && was_long && boundary);
         let (got, was_long, boundary, _) = follow(&[&long[..10], &long[10..]]);
         assert!(got.is_none() && was_long && boundary);
+    }
+
+    /// A CONNACK too long to keep still tells whether it accepts the connection: the
+    /// first two bytes of its body are kept, however the writes cut it.
+    #[test]
+    fn a_long_connack_keeps_its_code() {
+        for code in [0x00, 0x87] {
+            let mut long = vec![0x20, 0xff, 0x7f, 0x00, code];
+            long.resize(3 + 0x3fff, 0);
+            let mut codes = Vec::new();
+            for cut in [1, 2, 3, 4, 5, 100, long.len()] {
+                let mut out = OutBoundary::default();
+                let mut seen = Vec::new();
+                for piece in [&long[..cut], &long[cut..]] {
+                    match out.advance(piece) {
+                        Seen::LongConnack(c) => seen.push(c),
+                        Seen::Nothing => {}
+                        Seen::Connack(_) => panic!("kept whole"),
+                    }
+                }
+                assert!(out.at_boundary() && out.connack.is_none());
+                codes.extend(seen);
+            }
+            assert_eq!(codes, [Some(code); 7]);
+            let accepts = Seen::LongConnack(Some(code)).connack_accepts(Some(Version::V5));
+            assert_eq!(accepts, Some(code == 0));
+        }
+        // A CONNACK with no code refuses.
+        assert_eq!(Seen::LongConnack(None).connack_accepts(None), Some(false));
+        let short = Seen::Connack(Cow::Borrowed(&[0x20, 0x01, 0x00]));
+        assert_eq!(short.connack_accepts(Some(Version::V3_1_1)), Some(false));
+        let v5 = Seen::Connack(Cow::Borrowed(&[0x20, 0x03, 0x00, 0x80, 0x00]));
+        assert_eq!(v5.connack_accepts(Some(Version::V5)), Some(false));
+        let v3 = Seen::Connack(Cow::Borrowed(&[0x20, 0x02, 0x00, 0x01]));
+        assert_eq!(v3.connack_accepts(Some(Version::V3_1_1)), Some(false));
+        assert_eq!(Seen::Nothing.connack_accepts(None), None);
     }
 
     /// Encodes `len` as an MQTT Remaining Length.
@@ -1320,6 +1474,16 @@ mod tests {
         assert_eq!(answer, [0x20, 0x02, 0x00, 0x03]);
     }
 
+    /// The broker's CONNACK accepting [`CONNECT`], written through `io` (the client's
+    /// side of the duplex keeps it): the client's packets after the CONNECT are read from
+    /// then on.
+    fn accept(io: &mut MqttIo<tokio::io::DuplexStream>) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let connack = [0x20, 0x02, 0x00, 0x00];
+        let n = Pin::new(io).poll_write(&mut cx, &connack);
+        assert!(matches!(n, Poll::Ready(Ok(4))), "{n:?}");
+    }
+
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
     /// read finds nothing to do, and taken again for the next packet.
     #[tokio::test]
@@ -1328,6 +1492,7 @@ mod tests {
         let mut got = [0; 15];
         io.read_exact(&mut got).await.unwrap();
         assert_eq!(got, CONNECT);
+        accept(&mut io);
         for _ in 0..3 {
             client.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
             let mut ping = [0; 2];
@@ -1432,6 +1597,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
             let _guard = rt.enter();
             let (mut client, mut io) = connected(Config::new(), 1 << 20);
+            accept(&mut io);
             let mut got = Vec::new();
             let mut error = None;
             let mut eof = false;

@@ -55,8 +55,10 @@ impl<P> MqttLayer<P> {
     /// Closes a connection that sends no packet for one and a half times its keep-alive
     /// (`keep_alive_timeout`; MQTT 5: DISCONNECT 0x8D), as the broker itself must
     /// ([MQTT-3.1.2-24], v5 [MQTT-3.1.2-22]). The keep-alive is the CONNECT's, or the
-    /// Server Keep Alive of an MQTT 5 CONNACK ([MQTT-3.2.2-21]). Off by default, since the
-    /// broker enforces it too; turn it on to spare the broker idle connections.
+    /// Server Keep Alive of an MQTT 5 CONNACK ([MQTT-3.2.2-21]), counted from the
+    /// broker's CONNACK (the layer reads nothing after the CONNECT before it). Off by
+    /// default, since the broker enforces it too; turn it on to spare the broker idle
+    /// connections.
     pub const fn enforce_keep_alive(mut self) -> Self {
         self.io.enforce_keep_alive = true;
         self

@@ -12,9 +12,10 @@
 //! 3. accepts a valid one: marks the connection's [`Handshake`](aegis_core::Handshake)
 //!    complete (so a slowloris layer outside switches to its idle clock) and calls the
 //!    inner service with an [`MqttIo`], which replays the CONNECT's original bytes and
-//!    then returns only whole, validated packets. The first invalid packet fails the read
-//!    instead of reaching the broker; an MQTT 5 client first gets a server DISCONNECT
-//!    with the reason code, written between two of the broker's packets.
+//!    then, once the broker's CONNACK has accepted the client, returns only whole,
+//!    validated packets. The first invalid packet fails the read instead of reaching the
+//!    broker; an MQTT 5 client first gets a server DISCONNECT with the reason code,
+//!    written between two of the broker's packets.
 //!
 //! With [`MqttLayer::packet_rate`], each connection also gets a token bucket over its
 //! packets after the CONNECT: a client over it is slowed down (its packets are held and
@@ -30,11 +31,18 @@
 //! [`Unavailable`] does, refused as `connack_timeout`; see the [section
 //! below](#when-the-broker-is-stalled).
 //!
-//! [`MqttIo`] also reads the broker's CONNACK as it goes out: until then the client is
-//! unknown to the broker, so its packets stay under the small CONNECT size cap
-//! ([`Config::max_connect_size`](crate::Config::max_connect_size)), and an MQTT 5 client
-//! that chose an Authentication Method may only send AUTH or DISCONNECT; after it, an
-//! MQTT 5 client is held to what the CONNACK announced (Maximum `QoS`, Retain Available,
+//! [`MqttIo`] also reads the broker's CONNACK as it goes out. Until it has accepted the
+//! client, nothing the client sent after its CONNECT is read: a server that refuses a
+//! CONNECT must not process what follows it (3.1.1 [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]),
+//! so packets pipelined behind the CONNECT wait in the client's socket, neither
+//! validated, charged to the policy nor forwarded. A CONNACK that refuses (3.x return
+//! code other than 0, MQTT 5 reason code 0x80 or above) ends the client's stream there:
+//! the inner service reads EOF, those packets never go anywhere, and the gateway writes
+//! nothing after that CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0 [MQTT-3.2.2-7]). Only an MQTT 5
+//! client that chose an Authentication Method is read before the CONNACK: it may send
+//! AUTH or DISCONNECT (anything else is refused [MQTT-3.1.2-30]), under the small
+//! CONNECT size cap ([`Config::max_connect_size`](crate::Config::max_connect_size)).
+//! After an accepting CONNACK, an MQTT 5 client is held to what the CONNACK announced (Maximum `QoS`, Retain Available,
 //! Topic Alias Maximum, Maximum Packet Size, Server Keep Alive, wildcard, subscription
 //! identifier and shared subscription availability; see
 //! [`Session::on_connack`](crate::Session::on_connack)).
@@ -52,8 +60,11 @@
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 //! use tower::{Layer, Service, ServiceExt, service_fn};
 //!
-//! // The inner service stands for a proxy to the broker: it reads what the client sent.
+//! // The inner service stands for a proxy to the broker: the broker's CONNACK accepts
+//! // the client (until then the layer reads nothing the client sent after its CONNECT),
+//! // and it reads what the client sent.
 //! let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+//!     io.write_all(&[0x20, 0x02, 0x00, 0x00]).await?;
 //!     let mut seen = Vec::new();
 //!     io.read_to_end(&mut seen).await?;
 //!     Ok::<_, std::io::Error>(seen)
@@ -64,7 +75,7 @@
 //! let connect = [0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'];
 //! client.write_all(&connect).await?;
 //! client.write_all(&[0xC0, 0x00]).await?; // PINGREQ
-//! drop(client);
+//! client.shutdown().await?;
 //!
 //! let io = Conn::new(server, "192.0.2.1:4000".parse()?, "127.0.0.1:1883".parse()?);
 //! let seen = svc.ready().await?.call(io).await?;

@@ -60,6 +60,12 @@
 //!
 //! # Answers from the gateway
 //!
+//! The packets after a CONNECT are checked, and counted in the tiers, only once the
+//! broker's CONNACK has accepted the connection (the layer does not read them before):
+//! a client whose CONNECT the broker refuses (a wrong password under someone else's
+//! client id, say) charges nothing to that id, however many packets it pipelined behind
+//! the CONNECT.
+//!
 //! The gateway's own SUBACK, PUBACK and PUBREC go out after the broker's CONNACK and
 //! between two of the broker's packets, as the layer's DISCONNECT does: they wait in a queue of at most
 //! [`MAX_QUEUED_ANSWERS`] bytes while the broker is inside a packet, and are written at

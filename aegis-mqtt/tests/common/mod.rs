@@ -139,6 +139,18 @@ pub fn duplex_conn(server: DuplexStream) -> Conn<DuplexStream> {
     )
 }
 
+/// The broker's CONNACK accepting the client of `io`, for its version. A test broker
+/// writes it before it reads on, as a real one does: until then the layer reads nothing
+/// the client sent after its CONNECT.
+#[cfg(feature = "layer")]
+pub fn connack_accepting<I>(io: &aegis_mqtt::layer::MqttIo<I>) -> Vec<u8> {
+    if io.session().version() == Some(aegis_mqtt::Version::V5) {
+        vec![0x20, 0x03, 0x00, 0x00, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x00]
+    }
+}
+
 /// A `Write` into a shared buffer, for a test's log lines.
 #[derive(Clone, Default)]
 pub struct Logs(pub std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
