@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aegis_core::error::{Rejected, reject};
 use aegis_core::{ClientAddr, Handshake, LocalAddr, PeerAddr, Rewind};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -29,7 +29,8 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 ///
 /// The inner service reads the client's original bytes: first the CONNECT, then every
 /// later packet once it is complete and valid. Bytes of a packet still arriving are held
-/// (at most the configured packet size, plus one read).
+/// (at most that packet, whose size the framer holds to the configured packet size, or
+/// one read of 4 KiB while its fixed header is incomplete).
 ///
 /// Nothing the client sends after its CONNECT is read before the broker's CONNACK has
 /// accepted the connection (3.1.1 [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]): a read after the
@@ -398,6 +399,20 @@ fn whole_packet(data: &[u8], max_body: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// How many more bytes the packet at the start of `buf` needs: the rest of its declared
+/// length once its fixed header is whole, else [`READ_CHUNK`] (the rest of the header
+/// and a first piece of the body).
+fn rest_of_packet(buf: &[u8]) -> usize {
+    let (mut value, mut header_len) = (0, 1);
+    for &b in buf.iter().skip(1).take(4) {
+        if length_byte(&mut value, &mut header_len, b) {
+            let len = usize::from(header_len).saturating_add(value);
+            return len.saturating_sub(buf.len()).max(1);
+        }
+    }
+    READ_CHUNK
 }
 
 /// Takes `b`, the next Remaining Length byte of a fixed header of which `header_len`
@@ -931,11 +946,21 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
             self.buf.extend_from_slice(rb.filled());
             return Poll::Ready(Ok(rb.filled().len()));
         }
-        // The rest of a packet: into the spare capacity, without zero-filling it first
-        // (tokio-util does the bookkeeping of the uninitialised part, so this crate stays
-        // free of unsafe).
-        self.buf.reserve(READ_CHUNK);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        // The rest of a packet, and no more: its declared size (which the framer has
+        // held to the size cap), or a first piece while its fixed header is incomplete.
+        // A buffer grown by `reserve` would double, and a read fill all its spare room:
+        // a client trickling a packet near the cap would hold twice the cap.
+        let want = rest_of_packet(&self.buf).min(self.session.framer().max_packet_size().max(1));
+        if self.buf.capacity() - self.buf.len() < want {
+            // Exactly the room the packet needs: one copy of what is buffered.
+            let mut room = BytesMut::with_capacity(self.buf.len() + want);
+            room.extend_from_slice(&self.buf);
+            self.buf = room;
+        }
+        // Into the spare capacity, without zero-filling it first (tokio-util does the
+        // bookkeeping of the uninitialised part, so this crate stays free of unsafe).
+        let mut limited = (&mut self.buf).limit(want);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited)
     }
 
     /// A read straight into `out`, with nothing partial buffered (the usual case): the
@@ -1508,6 +1533,48 @@ mod tests {
                 "an idle connection keeps its read buffer"
             );
             assert!(io.ready.is_empty());
+        }
+    }
+
+    /// A client that sends a large packet a piece at a time makes the layer hold that
+    /// packet and no more: the read buffer never grows past the packet's declared size
+    /// (a buffer grown by `reserve` doubles, and would hold up to twice the size cap),
+    /// and the packet comes out whole, as sent.
+    #[tokio::test]
+    async fn a_packet_arriving_in_pieces_holds_no_more_than_its_size() {
+        let (mut client, mut io) = connected(Config::new(), 1 << 20);
+        let mut got = [0; 15];
+        io.read_exact(&mut got).await.unwrap();
+        accept(&mut io);
+        // A QoS 0 PUBLISH to "t" of 200 KiB, under the 256 KiB cap.
+        let payload: Vec<u8> = (0..200 * 1024_u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        let mut publish = vec![0x30];
+        publish.extend_from_slice(&remaining_length(3 + payload.len()));
+        publish.extend_from_slice(&[0x00, 0x01, b't']);
+        publish.extend_from_slice(&payload);
+        let mut released = Vec::new();
+        for room in [16, DIRECT_READ, 64 * 1024] {
+            for piece in publish.chunks(10_000) {
+                client.write_all(piece).await.unwrap();
+                // A fresh cooperative budget for the reads below (they take no waker).
+                tokio::task::yield_now().await;
+                while let Some(read) = read_once(&mut io, room) {
+                    released.extend_from_slice(&read.unwrap());
+                }
+                assert!(
+                    io.buf.capacity() <= publish.len(),
+                    "{} bytes held for a packet of {} (reads of {room})",
+                    io.buf.capacity(),
+                    publish.len()
+                );
+            }
+            assert!(
+                released == publish,
+                "reads of {room}: not the packet as sent"
+            );
+            released.clear();
         }
     }
 
