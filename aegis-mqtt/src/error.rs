@@ -104,6 +104,12 @@ pub enum MqttError {
     /// Nothing arrived within 1.5 times the keep-alive.
     #[error("keep-alive timeout")]
     KeepAliveTimeout,
+    /// A packet begun after the CONNECT was not complete within the layer's
+    /// `MqttLayer::packet_timeout` of its first byte: answered as
+    /// [`KeepAliveTimeout`](Self::KeepAliveTimeout) (MQTT 5: DISCONNECT 0x8D; 3.x:
+    /// close).
+    #[error("packet not completed in time")]
+    PacketTimeout,
 }
 
 impl aegis_core::error::Reject for MqttError {
@@ -136,6 +142,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::ConnectRate => "connect_rate",
             Self::MessageRate => "message_rate",
             Self::KeepAliveTimeout => "keep_alive_timeout",
+            Self::PacketTimeout => "packet_timeout",
         }
     }
 }
@@ -280,7 +287,7 @@ impl MqttError {
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
-            Self::UnknownProtocol | Self::KeepAliveTimeout => return None,
+            Self::UnknownProtocol | Self::KeepAliveTimeout | Self::PacketTimeout => return None,
         })
     }
 
@@ -306,7 +313,7 @@ impl MqttError {
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,
-            Self::KeepAliveTimeout => r::KEEP_ALIVE_TIMEOUT,
+            Self::KeepAliveTimeout | Self::PacketTimeout => r::KEEP_ALIVE_TIMEOUT,
         }
     }
 }

@@ -67,6 +67,7 @@
 //! | `connect_rate` | CONNACK 0x05 (the per-packet policy's CONNECT brake) | CONNACK 0x9F | close | DISCONNECT 0x9F |
 //! | `message_rate` | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
 //! | `keep_alive_timeout` | close | close | close | DISCONNECT 0x8D |
+//! | `packet_timeout` (a packet begun and not finished in time) | close | close | close | DISCONNECT 0x8D |
 //!
 //! Proven by `tests/answers.rs`.
 //!

@@ -151,6 +151,9 @@ fn v5_connect_answers() {
         assert_eq!(at_connect(v, e), [0x20, 0x03, 0x00, rc, 0x00], "{e:?}");
     }
     assert_eq!(at_connect(v, MqttError::UnknownProtocol), Vec::<u8>::new());
+    // A timeout of the client's own: no CONNACK code fits (before the broker's CONNACK
+    // an MQTT 5 client may only be inside an AUTH packet).
+    assert_eq!(at_connect(v, MqttError::PacketTimeout), Vec::<u8>::new());
 }
 
 #[test]
@@ -164,11 +167,16 @@ fn answers_after_connect() {
             MqttError::MessageRate.answer(Phase::Connected(v)),
             Answer::Close
         );
+        assert_eq!(
+            MqttError::PacketTimeout.answer(Phase::Connected(v)),
+            Answer::Close
+        );
     }
     let cases = [
         (MqttError::Malformed("x"), 0x81),
         (MqttError::ProtocolError("x"), 0x82),
         (MqttError::KeepAliveTimeout, 0x8D),
+        (MqttError::PacketTimeout, 0x8D),
         (MqttError::TopicFilter("x"), 0x8F),
         (MqttError::TopicName("x"), 0x90),
         (MqttError::PacketTooLarge { size: 9, max: 8 }, 0x95),
@@ -240,7 +248,7 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 19] = [
+    let cases: [(MqttError, &str); 20] = [
         (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
@@ -272,6 +280,7 @@ fn labels_are_stable_and_the_layer_is_mqtt() {
         (MqttError::ConnectionRate, "connection_rate"),
         (MqttError::MessageRate, "message_rate"),
         (MqttError::KeepAliveTimeout, "keep_alive_timeout"),
+        (MqttError::PacketTimeout, "packet_timeout"),
     ];
     for (e, l) in cases {
         assert_eq!((e.layer(), e.label()), ("mqtt", l));

@@ -604,6 +604,38 @@ async fn keep_alive_enforced_after_one_and_a_half_times() {
     assert_eq!(took, Duration::from_secs(43));
 }
 
+/// A packet begun and never finished is refused at the layer's `packet_timeout` from its
+/// first byte, with no keep-alive at all: MQTT 5 gets DISCONNECT 0x8D (as for the
+/// keep-alive), 3.1.1 is closed, and each is counted as `packet_timeout`. The inner
+/// service never sees a byte of the packet.
+#[test]
+fn a_packet_not_finished_in_time_is_refused() {
+    let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+        let timeout = Duration::from_secs(30);
+        let layer = MqttLayer::default().packet_timeout(timeout);
+        let v5 = B::new().s("t").props(&[]).raw(&[1; 100]).frame(0x30);
+        let v4 = B::new().s("t").raw(&[1; 100]).frame(0x30);
+        for (connect, publish, answer) in [
+            (connect_v5_keep_alive(0), v5, vec![0xE0, 0x02, 0x8D, 0x00]),
+            (connect_v4(), v4, vec![]),
+        ] {
+            let writes = vec![
+                (Duration::ZERO, [&connect[..], &publish[..50]].concat()),
+                (Duration::from_secs(1000), vec![]),
+            ];
+            let (seen, got, took) = rate_run(layer.clone(), writes).await;
+            assert_eq!(seen, (connect, Err(io::ErrorKind::InvalidData)));
+            assert_eq!(got, answer);
+            assert_eq!(took, timeout);
+        }
+    });
+    let refused = aegis_core::metrics::testing::capture(&snap).counter(
+        aegis_core::metrics::REJECTIONS_TOTAL,
+        &[("layer", "mqtt"), ("reason", "packet_timeout")],
+    );
+    assert_eq!(refused, 2);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn keep_alive_follows_the_connacks_server_keep_alive() {
     let (mut client, server) = tokio::io::duplex(4096);

@@ -395,6 +395,8 @@ pub(crate) struct Mqtt {
     pub(crate) unavailable_timeout: Duration,
     #[serde(with = "duration")]
     pub(crate) connack_timeout: Duration,
+    #[serde(with = "duration")]
+    pub(crate) packet_timeout: Duration,
     pub(crate) packet_rate: PacketRate,
 }
 
@@ -413,6 +415,7 @@ impl Default for Mqtt {
             unavailable_answer: true,
             unavailable_timeout: aegis_mqtt::layer::Unavailable::DEFAULT_TIMEOUT,
             connack_timeout: Duration::from_secs(5),
+            packet_timeout: aegis_mqtt::layer::DEFAULT_PACKET_TIMEOUT,
             packet_rate: PacketRate::default(),
         }
     }
@@ -831,6 +834,7 @@ impl Config {
             ("mqtt.connect_timeout", m.connect_timeout, hour),
             ("mqtt.unavailable_timeout", m.unavailable_timeout, hour),
             ("mqtt.connack_timeout", m.connack_timeout, hour),
+            ("mqtt.packet_timeout", m.packet_timeout, hour),
             (
                 "circuit_breaker.open_for",
                 self.circuit_breaker.open_for,
@@ -1031,6 +1035,7 @@ impl Config {
         let mut max_keep_alive = None;
         if m.enabled {
             positive("mqtt.connect_timeout", m.connect_timeout)?;
+            positive("mqtt.packet_timeout", m.packet_timeout)?;
             let max_packet = aegis_mqtt::MAX_REMAINING_LENGTH + 5;
             if !(64..=max_packet).contains(&m.max_packet_size) {
                 return Err(ConfigError::new(

@@ -511,7 +511,9 @@ pub(crate) fn build(
         if let Some(secs) = settings.max_keep_alive {
             config = config.max_keep_alive(secs);
         }
-        let mut layer = MqttLayer::new(config).connect_timeout(m.connect_timeout);
+        let mut layer = MqttLayer::new(config)
+            .connect_timeout(m.connect_timeout)
+            .packet_timeout(m.packet_timeout);
         if m.packet_rate.enabled {
             let r = PacketRate::new(m.packet_rate.per_second, m.packet_rate.burst);
             layer = layer.packet_rate(match m.packet_rate.over {

@@ -30,7 +30,10 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// The inner service reads the client's original bytes: first the CONNECT, then every
 /// later packet once it is complete and valid. Bytes of a packet still arriving are held
 /// (at most that packet, whose size the framer holds to the configured packet size, or
-/// one read of 4 KiB while its fixed header is incomplete).
+/// one read of 4 KiB while its fixed header is incomplete), and the whole packet must
+/// arrive within the layer's [`packet_timeout`](super::MqttLayer::packet_timeout) of its
+/// first byte: past it the read fails with [`MqttError::PacketTimeout`], answered as the
+/// keep-alive timeout.
 ///
 /// Nothing the client sends after its CONNECT is read before the broker's CONNACK has
 /// accepted the connection (3.1.1 [MQTT-3.1.4-5], 5.0 [MQTT-3.1.4-6]): a read after the
@@ -101,6 +104,13 @@ pub struct MqttIo<I> {
     last_packet: Instant,
     /// The keep-alive timer: created on the first wait, reset in place after that.
     idle: Option<Pin<Box<Sleep>>>,
+    /// How long a packet begun after the CONNECT has to be complete.
+    packet_timeout: Duration,
+    /// The deadline of the packet begun in `buf`: created for the first packet that does
+    /// not come whole, reset in place for each later one (while `packet_armed`).
+    packet_timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `packet_timer` runs for the packet at the start of `buf`.
+    packet_armed: bool,
     /// What waits for the broker's CONNACK, if anything; boxed and dropped once the
     /// CONNACK is out, since the connection may then stay open for hours.
     connack: Option<Box<ConnackWatch>>,
@@ -198,6 +208,16 @@ fn unpark(slot: &mut Option<Waker>) {
     if let Some(w) = slot.take() {
         w.wake();
     }
+}
+
+/// What a deadline past the range of an [`Instant`] becomes: some thirty years away, as
+/// `tokio::time::sleep` does (and `aegis_layers`' deadlines).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `from + after`, or some thirty years from now when that is past what an [`Instant`]
+/// holds (`Duration::MAX` for "never"): never a panic.
+fn far_deadline(from: Instant, after: Duration) -> Instant {
+    from.checked_add(after).unwrap_or_else(|| from + FAR_FUTURE)
 }
 
 /// The largest CONNACK kept to read its properties; a longer one announces nothing.
@@ -472,6 +492,9 @@ impl<I> MqttIo<I> {
                 opts.on_connack_timeout,
             ),
             idle: None,
+            packet_timeout: opts.packet_timeout,
+            packet_timer: None,
+            packet_armed: false,
             io: Rewind::new(rest, io),
             ready: connect,
             buf: BytesMut::new(),
@@ -741,6 +764,27 @@ impl<I> MqttIo<I> {
         idle.as_mut().poll(cx).is_ready()
     }
 
+    /// Whether the packet begun in `buf` is still not whole at its deadline (arms the
+    /// deadline, from now, for a packet just begun: the read that brought its first
+    /// bytes is the one that finds it incomplete).
+    fn packet_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timer = match &mut self.packet_timer {
+            Some(timer) if self.packet_armed => timer,
+            slot => {
+                let due = far_deadline(Instant::now(), self.packet_timeout);
+                self.packet_armed = true;
+                match slot {
+                    Some(timer) => {
+                        timer.as_mut().reset(due);
+                        timer
+                    }
+                    None => slot.insert(Box::pin(tokio::time::sleep_until(due))),
+                }
+            }
+        };
+        timer.as_mut().poll(cx).is_ready()
+    }
+
     /// Whole packets came from the client: its keep-alive starts again.
     fn heard(&mut self) {
         if self.enforce_keep_alive {
@@ -748,10 +792,11 @@ impl<I> MqttIo<I> {
         }
     }
 
-    /// The client has nothing more for now. If its keep-alive ran out, fails the
-    /// session (`true`: the read goes on to return the refusal); otherwise frees the
-    /// read buffer if nothing partial is in it, so that an idle connection holds none
-    /// (the next read allocates one again), and the read is `Pending` (`false`).
+    /// The client has nothing more for now. If its keep-alive ran out, or the packet it
+    /// has begun is not whole by its deadline, fails the session (`true`: the read goes
+    /// on to return the refusal); otherwise frees the read buffer if nothing partial is
+    /// in it, so that an idle connection holds none (the next read allocates one again),
+    /// and the read is `Pending` (`false`).
     fn quiet(&mut self, cx: &mut Context<'_>) -> bool {
         if self.keep_alive_expired(cx) {
             self.fail(MqttError::KeepAliveTimeout);
@@ -759,6 +804,12 @@ impl<I> MqttIo<I> {
         }
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
+            self.packet_armed = false;
+        } else if self.packet_expired(cx) {
+            // Whatever was held for the packet goes: it never will be whole.
+            self.buf = BytesMut::new();
+            self.fail(MqttError::PacketTimeout);
+            return true;
         }
         false
     }
@@ -996,6 +1047,7 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
                 }
                 if kept > 0 {
                     self.heard();
+                    self.packet_armed = false;
                 }
                 (found.valid > 0).then_some(Poll::Ready(Ok(())))
             }
@@ -1146,6 +1198,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 // The dropped packet's bytes go nowhere.
                 this.buf.advance(dropped);
                 this.heard();
+                // What is left in `buf` is a packet begun later: a deadline of its own.
+                this.packet_armed = false;
                 continue;
             }
             if this.refusal.is_some() {
@@ -1255,13 +1309,15 @@ mod tests {
     /// An `MqttIo` lives as long as its connection, thousands at once: what only a
     /// refused connection needs (the error, its answer, its deadline, two wakers) is one
     /// pointer until a refusal. (The waker of a read held until the broker's CONNACK is
-    /// inline: every connection needs it once, and boxing it would cost an allocation.)
+    /// inline: every connection needs it once, and boxing it would cost an allocation;
+    /// so is the packet timeout, with a pointer to its timer, made only for a packet
+    /// that does not come whole.)
     #[test]
     fn an_mqtt_io_stays_small() {
         let size = std::mem::size_of::<MqttIo<tokio::io::DuplexStream>>();
         let io = std::mem::size_of::<tokio::io::DuplexStream>();
         println!("MqttIo adds {} bytes", size - io);
-        assert!(size - io <= 392, "MqttIo adds {} bytes", size - io);
+        assert!(size - io <= 408, "MqttIo adds {} bytes", size - io);
         assert_eq!(std::mem::size_of::<Option<Box<Refusal>>>(), 8);
     }
 
@@ -1576,6 +1632,122 @@ mod tests {
             );
             released.clear();
         }
+    }
+
+    /// A 3.1.1 `QoS` 0 PUBLISH to "t" with `len` bytes of payload.
+    fn publish(len: usize) -> Vec<u8> {
+        let mut p = vec![0x30];
+        p.extend_from_slice(&remaining_length(3 + len));
+        p.extend_from_slice(&[0x00, 0x01, b't']);
+        p.extend((0..len).map(|i| u8::try_from(i % 251).unwrap()));
+        p
+    }
+
+    /// A packet begun after the CONNECT must be whole within the packet timeout of its
+    /// first byte (60 s by default, whatever the keep-alive): a client that stops inside
+    /// one, sending a byte every 10 s, is cut at 60 s all the same, and the bytes held
+    /// for the packet go.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_packet_is_cut_at_its_deadline_however_its_bytes_trickle() {
+        let (mut client, mut io) = connected(Config::new(), 1 << 20);
+        let mut connect = [0; 15];
+        io.read_exact(&mut connect).await.unwrap();
+        accept(&mut io);
+        let publish = publish(100 * 1024);
+        let start = Instant::now();
+        client.write_all(&publish[..50 * 1024]).await.unwrap();
+        let read = async {
+            let mut buf = [0; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(3600), io.read(&mut buf));
+            let err = read.await.expect("never cut").unwrap_err();
+            (err, Instant::now().saturating_duration_since(start))
+        };
+        let trickle = async {
+            for b in &publish[50 * 1024..50 * 1024 + 20] {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                client.write_all(&[*b]).await.unwrap();
+            }
+        };
+        let ((err, took), ()) = tokio::join!(read, trickle);
+        assert_eq!(took, super::super::DEFAULT_PACKET_TIMEOUT);
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.error(), Some(MqttError::PacketTimeout));
+        assert_eq!(io.buf.capacity(), 0, "the partial packet is still held");
+        // MQTT 3.1.1: no DISCONNECT, the connection just closes.
+        drop(io);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [0x20, 0x02, 0x00, 0x00], "only the broker's CONNACK");
+    }
+
+    /// A packet whole before its deadline passes; the packet begun behind it has a
+    /// deadline of its own, from when it began.
+    #[tokio::test(start_paused = true)]
+    async fn a_packet_whole_in_time_passes_and_the_next_one_has_its_own_deadline() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        const JUST_IN_TIME: Duration = Duration::from_millis(4999);
+        let opts = IoOptions {
+            packet_timeout: TIMEOUT,
+            ..IoOptions::default()
+        };
+        let (mut client, mut io) = connected_with(Config::new(), 1 << 20, opts);
+        let mut connect = [0; 15];
+        io.read_exact(&mut connect).await.unwrap();
+        accept(&mut io);
+        let (first, second) = (publish(3000), publish(10));
+        let start = Instant::now();
+        client.write_all(&first[..1000]).await.unwrap();
+        let read = async {
+            let mut got = vec![0; first.len()];
+            io.read_exact(&mut got).await.unwrap();
+            let whole_at = Instant::now().saturating_duration_since(start);
+            let read = tokio::time::timeout(Duration::from_secs(3600), io.read_u8());
+            let err = read.await.expect("never cut").unwrap_err();
+            (
+                got,
+                whole_at,
+                err,
+                Instant::now().saturating_duration_since(start),
+            )
+        };
+        let write = async {
+            // Just in time: the rest of the first packet, and the start of the second.
+            tokio::time::sleep(JUST_IN_TIME).await;
+            client
+                .write_all(&[&first[1000..], &second[..5]].concat())
+                .await
+                .unwrap();
+        };
+        let ((got, whole_at, err, cut_at), ()) = tokio::join!(read, write);
+        assert!(got == first, "the first packet, as sent");
+        assert_eq!(whole_at, JUST_IN_TIME);
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.error(), Some(MqttError::PacketTimeout));
+        assert_eq!(
+            cut_at,
+            JUST_IN_TIME + TIMEOUT,
+            "the second packet's own deadline"
+        );
+    }
+
+    /// `Duration::MAX` as the packet timeout means, in practice, never: no panic, and a
+    /// partial packet waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_packet_timeout_of_duration_max_never_fires() {
+        let opts = IoOptions {
+            packet_timeout: Duration::MAX,
+            ..IoOptions::default()
+        };
+        let (mut client, mut io) = connected_with(Config::new(), 1 << 20, opts);
+        let mut connect = [0; 15];
+        io.read_exact(&mut connect).await.unwrap();
+        accept(&mut io);
+        client.write_all(&publish(100)[..50]).await.unwrap();
+        let mut buf = [0; 64];
+        let year = Duration::from_secs(365 * 86_400);
+        let read = tokio::time::timeout(year, io.read(&mut buf)).await;
+        assert!(read.is_err(), "{read:?}");
+        assert_eq!(io.error(), None);
     }
 
     /// A broker's CONNACK followed by a queued PUBLISH in one write (a persistent

@@ -27,19 +27,13 @@ pub struct MqttLayer<P = NoPolicy> {
 pub struct NoPolicy;
 
 impl MqttLayer {
-    /// Validates with `config`, gives a client 10 s to send its CONNECT, and does not
-    /// limit the packet rate.
+    /// Validates with `config`, gives a client 10 s to send its CONNECT and 60 s to
+    /// finish each later packet it begins, and does not limit the packet rate.
     pub const fn new(config: Config) -> Self {
         Self {
             config,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            io: IoOptions {
-                rate: None,
-                enforce_keep_alive: false,
-                connack_latency: None,
-                connack_timeout: None,
-                on_connack_timeout: None,
-            },
+            io: IoOptions::new(),
             policy: NoPolicy,
         }
     }
@@ -116,6 +110,19 @@ impl<P> MqttLayer<P> {
     /// could open the circuit at will).
     pub fn on_connack_timeout(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.io.on_connack_timeout = Some(OnConnackTimeout::new(move |()| f()));
+        self
+    }
+
+    /// How long a client has to finish a packet it has begun after the CONNECT, from the
+    /// packet's first byte (60 s by default,
+    /// [`DEFAULT_PACKET_TIMEOUT`](super::DEFAULT_PACKET_TIMEOUT)); bytes trickling in do
+    /// not extend it. A client that has not is refused as `packet_timeout` (MQTT 5:
+    /// DISCONNECT 0x8D, as for the keep-alive; 3.x: closed), which also lets go of the
+    /// bytes held for the packet. Holds whatever the keep-alive (0 included) and whether
+    /// it is enforced. `Duration::MAX` means, in practice, never. See the [module
+    /// docs](super).
+    pub const fn packet_timeout(mut self, timeout: Duration) -> Self {
+        self.io.packet_timeout = timeout;
         self
     }
 

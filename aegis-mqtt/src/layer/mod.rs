@@ -25,6 +25,13 @@
 //! With [`MqttLayer::enforce_keep_alive`], a client silent for one and a half times its
 //! keep-alive is refused as `keep_alive_timeout` (MQTT 5: DISCONNECT 0x8D).
 //!
+//! Whatever the keep-alive, a packet the client has begun must be complete within
+//! [`MqttLayer::packet_timeout`] (60 s by default) of its first byte, however its bytes
+//! trickle in: a client that stops inside a packet (or sends a byte now and then) is
+//! refused as `packet_timeout` (MQTT 5: DISCONNECT 0x8D, as for the keep-alive; 3.x:
+//! closed), and the bytes held for it go. Those bytes are at most the packet's declared
+//! size, which the framer holds to the packet size cap.
+//!
 //! With [`MqttLayer::connack_timeout`], a broker that takes the connection but sends no
 //! CONNACK in time (it is stalled: the kernel still completes TCP handshakes) no longer
 //! leaves the client waiting: the gateway answers "server unavailable" itself, as
@@ -274,7 +281,7 @@ pub(crate) fn poll_write_answer<W: AsyncWrite + Unpin>(
 }
 
 /// What the layer hands to each connection's [`MqttIo`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct IoOptions {
     pub(crate) rate: Option<PacketRate>,
     pub(crate) enforce_keep_alive: bool,
@@ -282,6 +289,28 @@ pub(crate) struct IoOptions {
     /// How long the broker has to send its CONNACK; `None`: no limit.
     pub(crate) connack_timeout: Option<Duration>,
     pub(crate) on_connack_timeout: Option<OnConnackTimeout>,
+    /// How long a packet begun after the CONNECT has to be complete.
+    pub(crate) packet_timeout: Duration,
+}
+
+impl IoOptions {
+    /// The layer's defaults.
+    pub(crate) const fn new() -> Self {
+        Self {
+            rate: None,
+            enforce_keep_alive: false,
+            connack_latency: None,
+            connack_timeout: None,
+            on_connack_timeout: None,
+            packet_timeout: DEFAULT_PACKET_TIMEOUT,
+        }
+    }
+}
+
+impl Default for IoOptions {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A shared callback, cheap to clone into every connection.
@@ -377,6 +406,10 @@ mod policy {
 
 /// The default time a client has to send its CONNECT.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default time a packet begun after the CONNECT has to be complete
+/// ([`MqttLayer::packet_timeout`]).
+pub const DEFAULT_PACKET_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
