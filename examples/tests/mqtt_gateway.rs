@@ -1765,6 +1765,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "mqtt.connect_timeout",
         ),
         (
+            "no packet deadline at all",
+            "[mqtt]\npacket_timeout = \"0s\"\n",
+            "mqtt.packet_timeout",
+        ),
+        (
+            "a packet deadline longer than an hour",
+            "[mqtt]\npacket_timeout = \"2h\"\n",
+            "mqtt.packet_timeout",
+        ),
+        (
             "bans written less often than daily",
             "[security]\nbans_save_every = \"2d\"\n",
             "security.bans_save_every",
