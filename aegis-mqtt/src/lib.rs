@@ -204,8 +204,10 @@ impl Config {
         }
     }
 
-    /// The size cap, in bytes, of every packet before the broker's CONNACK (the CONNECT
-    /// and anything pipelined after it), while the client is not known yet.
+    /// The size cap, in bytes, of every packet before the broker's CONNACK, while the
+    /// client is not known yet: the CONNECT, and what a [`Session`] is given after it
+    /// before [`Session::connack_sent`]. (The layer reads nothing pipelined after the
+    /// CONNECT before the broker's CONNACK, but an MQTT 5 client's AUTH packets.)
     #[must_use]
     pub const fn max_connect_size(mut self, bytes: usize) -> Self {
         self.max_connect_size = bytes;
