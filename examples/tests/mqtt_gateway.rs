@@ -877,10 +877,10 @@ async fn http_tls_and_garbage_are_refused_and_counted_under_their_own_labels() {
     // The gateway's own lines name the client by its /24 only.
     let log = gw.log();
     assert!(
-        log.contains("client=127.0.0.0/24 layer=\"sniff\" reason=\"tls\""),
+        log.contains("peer=127.0.0.0/24 layer=\"sniff\" reason=\"tls\""),
         "{log}"
     );
-    assert!(!log.contains("client=127.0.0.1:"), "{log}");
+    assert!(!log.contains("peer=127.0.0.1:"), "{log}");
     // Security events name whole addresses: with masking they stay out of the log.
     assert!(!log.contains("security event"), "{log}");
     assert!(!log.contains("client_addr="), "{log}");
