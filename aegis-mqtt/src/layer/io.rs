@@ -924,9 +924,17 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                     .deadline
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(REFUSAL_DEADLINE)));
                 if deadline.as_mut().poll(cx).is_pending() {
-                    // The writes wake this read once the broker's packet is whole.
-                    park(&mut r.read_waker, cx);
-                    if answers.is_pending() || !self.out.at_boundary() {
+                    if !self.out.at_boundary() {
+                        // The writes wake this read once the broker's packet is whole.
+                        park(&mut r.read_waker, cx);
+                        return Poll::Pending;
+                    }
+                    // Between two packets the read waits for the client only (to take
+                    // the answers), not for the writes: parked for them, each write of
+                    // the broker's next bytes would wake it, and it would park again, for
+                    // as long as the client does not read.
+                    r.read_waker = None;
+                    if answers.is_pending() {
                         return Poll::Pending;
                     }
                     if !self.out.connack_seen {
