@@ -140,9 +140,9 @@ enum Gate {
     Auth,
     /// The broker's CONNACK accepted the connection.
     Open,
-    /// The broker's CONNACK refused it: reads end (EOF) without reading anything more,
-    /// and the gateway writes nothing after that CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0
-    /// [MQTT-3.2.2-7]).
+    /// The broker's CONNACK refused it, or the broker's stream ended before a CONNACK:
+    /// reads end (EOF) without reading anything more, and the gateway writes nothing
+    /// after that CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0 [MQTT-3.2.2-7]).
     Refused,
 }
 
@@ -1301,9 +1301,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
-    #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if matches!(this.gate, Gate::Held | Gate::Auth) {
+            // The broker's stream ended before its CONNACK (a proxy forwards its EOF
+            // here): none will come, so nothing the client sent after its CONNECT will be
+            // read. Without this, a read held for the CONNACK would wait for ever (with
+            // no CONNACK timeout set), and with it the connection.
+            this.gate = Gate::Refused;
+            this.buf = BytesMut::new();
+            unpark(&mut this.held);
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -1571,6 +1580,24 @@ mod tests {
         let connack = [0x20, 0x02, 0x00, 0x00];
         let n = Pin::new(io).poll_write(&mut cx, &connack);
         assert!(matches!(n, Poll::Ready(Ok(4))), "{n:?}");
+    }
+
+    /// A broker that closes before its CONNACK (the proxy forwards its EOF as a write
+    /// shutdown) ends the client's held read: nothing sent after the CONNECT is read,
+    /// and the read is EOF. Without a CONNACK timeout the read waited for ever (found by
+    /// the `mqtt_io` fuzz target).
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_gone_before_its_connack_ends_the_held_read() {
+        let (mut client, mut io) = connected(Config::new(), 1024);
+        let mut got = [0; 15];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, CONNECT);
+        client.write_all(&[0xC0, 0x00]).await.unwrap(); // a pipelined PINGREQ
+        let mut more = [0; 2];
+        assert!(futures_poll_once(io.read(&mut more)).await, "held");
+        io.shutdown().await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+        assert_eq!(read.expect("the held read never ended").unwrap(), 0);
     }
 
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a
