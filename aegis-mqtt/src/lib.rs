@@ -95,6 +95,10 @@ mod connect;
 pub mod encode;
 mod error;
 mod framer;
+// The `mqtt_io` fuzz target: it pauses tokio's clock, which needs tokio's `test-util`,
+// on only in tests and in the fuzz crate (see its module docs).
+#[cfg(all(feature = "inspect", any(test, fuzzing)))]
+mod fuzz_io;
 #[cfg(feature = "inspect")]
 #[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
 pub mod inspect;
@@ -298,6 +302,9 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
 pub mod __fuzz {
     use crate::{Answer, Config, MqttError, Next, Session, validate_connect};
 
+    #[cfg(all(feature = "inspect", any(test, fuzzing)))]
+    pub use crate::fuzz_io::io;
+
     /// Runs the CONNECT validator on `data`, and the session on the same bytes.
     pub fn connect(data: &[u8]) {
         let config = Config::new().max_keep_alive(600);
@@ -401,5 +408,12 @@ pub mod fuzz_logic {
     /// Feeds arbitrary chunks into the framer and session validator.
     pub fn stream(data: &[u8]) {
         crate::__fuzz::stream(data);
+    }
+
+    /// Drives one connection through the whole layer with a script of reads, writes,
+    /// closes and clock moves (see `__fuzz::io`).
+    #[cfg(feature = "inspect")]
+    pub fn io(data: &[u8]) {
+        crate::__fuzz::io(data);
     }
 }

@@ -1,0 +1,575 @@
+//! The `mqtt_io` fuzz target: one connection through the whole layer ([`MqttLayer`], its
+//! service and [`MqttIo`]) to a broker, over in-memory pipes, with the client's and the
+//! broker's bytes, their chunking and the time between them chosen by the input.
+//!
+//! Compiled for tests and for the fuzzer only: it runs tokio's clock paused, which needs
+//! tokio's `test-util`, and that must not reach a normal build (see the root
+//! `Cargo.toml`). The fuzz crate turns `test-util` on; `cargo test` has it through the
+//! dev-dependencies.
+//!
+//! # Input
+//!
+//! Two bytes of setup, then a script of operations.
+//!
+//! - Byte 0, one flag a bit: 0 a per-packet [`Policy`] with small limits (and the
+//!   gateway's own MQTT 5 PUBACK / PUBREC); 1 [`MqttLayer::enforce_keep_alive`]; 2 small
+//!   packet size caps (128 bytes before the CONNACK, 512 after); 3
+//!   [`MqttLayer::connack_timeout`]; 4 a [`PacketRate`] of 5 packets a second, bursts of
+//!   3; 5 that rate refuses instead of throttling; 6 the inner service copies with
+//!   `tokio::io::copy_bidirectional_with_sizes` and small buffers (reads under the
+//!   layer's direct-read size go through its own buffer) instead of
+//!   [`aegis_core::proxy::Transfer`]; 7 payload inspection in the policy (a pattern, a
+//!   payload size and topic rules, which track MQTT 5 topic aliases).
+//! - Byte 1: bits 0-1 the client pipe's capacity and bits 2-3 the broker pipe's (8, 64,
+//!   512 or 4096 bytes each way: small pipes push back); bits 4-6 the copy buffers of
+//!   flag 6 (1, 2, 16, 100, 1023, 1024, 4096 or 8192 bytes); bit 7 a CONNACK timeout of
+//!   50 ms instead of 3 s.
+//! - Then operations, one byte each (`op & 7` the kind, `op >> 3` its argument `a`),
+//!   some followed by a length byte `n` and data:
+//!
+//! | kind | operation |
+//! |---|---|
+//! | 0 | the client writes the next `n` bytes |
+//! | 1 | the broker writes the next `n` bytes |
+//! | 2 | the client writes the next `16 n` bytes |
+//! | 3 | the broker writes the next `16 n` bytes |
+//! | 4 | sleep `(a % 4 + 1) * 10^(a / 4)` ms (1 ms to 11 h): timers fire in order |
+//! | 5 | read what is there: the client's side unless `a & 1`, the broker's unless `a & 2` |
+//! | 6 | half-close: the client's side if `a` is even, the broker's if odd |
+//! | 7 | jump the clock as kind 4 (`tokio::time::advance`): every timer due fires at once |
+//!
+//! A write takes what the pipe has room for and drops the rest (the script does not
+//! wait), so what each side sent is what its pipe took. After each operation the
+//! connection runs until it waits.
+//!
+//! # Properties
+//!
+//! Beyond "no panic":
+//!
+//! - **No hang.** After the script both sides half-close and keep reading: the
+//!   connection must end within a day of (paused, auto-advancing) time. A connection
+//!   still open then has lost a wake-up or misses a deadline.
+//! - **The broker gets the client's packets, byte for byte.** Nothing at all unless the
+//!   client's first packet is a valid CONNECT; then whole packets of the client's, in
+//!   order and unaltered: exactly a prefix of what the client sent, or, with a policy,
+//!   that with some whole packets left out (dropped). Nothing is re-encoded.
+//! - **The client gets the broker's bytes, and the gateway's answers between two of its
+//!   packets.** What the client reads is a prefix of what the broker wrote, with whole
+//!   packets of the gateway's own inserted at the broker's packet boundaries (the last
+//!   may be cut short when the connection ends): its CONNACK (only while no CONNACK went
+//!   out, and then nothing more), an MQTT 5 DISCONNECT (only after a CONNACK, and then
+//!   nothing more), and with a policy SUBACK, or for MQTT 5 PUBACK and PUBREC (only
+//!   after a CONNACK).
+//! - The layer calls its inner service at most once, and the CONNACK timeout and
+//!   latency hooks each fire at most once.
+//! - Once the connection has ended, both pipes are closed: the layer kept no end open.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use aegis_core::proxy::Transfer;
+use aegis_core::{BoxError, Conn};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::inspect::{Action, ClientMatch, Inspector, Severity, TopicRule};
+use crate::layer::policy::{Policy, Quota};
+use crate::layer::{ConnackLatency, MqttIo, MqttLayer, PacketRate};
+use crate::{Config, Next, Packet, Session, Version, connect_version};
+
+/// Pipe capacities, each way (byte 1, bits 0-1 and 2-3).
+const CAPACITIES: [usize; 4] = [8, 64, 512, 4096];
+
+/// Copy buffer sizes of the small copier (byte 1, bits 4-6).
+const COPY_SIZES: [usize; 8] = [1, 2, 16, 100, 1023, 1024, 4096, 8192];
+
+/// How long the connection has to end once both sides have closed.
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The connection's future, whatever the layer's policy type.
+type ConnFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// The stream the layer serves.
+type Io = Conn<DuplexStream>;
+
+/// The layer's configuration, from the first two bytes.
+#[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, one input bit each
+struct Setup {
+    config: Config,
+    policy: bool,
+    inspect: bool,
+    keep_alive: bool,
+    rate: Option<PacketRate>,
+    connack_timeout: Option<Duration>,
+    /// The small copier's buffer size; `None`: `Transfer`.
+    copy: Option<usize>,
+    client_capacity: usize,
+    broker_capacity: usize,
+}
+
+impl Setup {
+    fn decode(data: &[u8]) -> Option<(Self, &[u8])> {
+        let (&[a, b], script) = data.split_first_chunk::<2>()?;
+        let bit = |n: u8| a & (1 << n) != 0;
+        let config = if bit(2) {
+            Config::new().max_connect_size(128).max_packet_size(512)
+        } else {
+            Config::new()
+        };
+        let rate = bit(4).then(|| {
+            let rate = PacketRate::new(5, 3);
+            if bit(5) { rate.disconnect() } else { rate }
+        });
+        let connack_timeout =
+            bit(3).then(|| Duration::from_millis(if b & 0x80 == 0 { 3000 } else { 50 }));
+        let setup = Self {
+            config,
+            policy: bit(0),
+            inspect: bit(7),
+            keep_alive: bit(1),
+            rate,
+            connack_timeout,
+            copy: bit(6).then(|| COPY_SIZES[usize::from((b >> 4) & 7)]),
+            client_capacity: CAPACITIES[usize::from(b & 3)],
+            broker_capacity: CAPACITIES[usize::from((b >> 2) & 3)],
+        };
+        Some((setup, script))
+    }
+
+    /// The per-packet policy, if any: small limits, so that a short script crosses them.
+    fn policy(&self) -> Option<Policy> {
+        let nz = |n| NonZeroU32::new(n).expect("a positive quota");
+        let policy = Policy::builder()
+            .connect_per_addr(Quota::per_minute(nz(10)))
+            .publish_per_client(Quota::per_second(nz(2)))
+            .subscribe_per_client(Quota::per_minute(nz(2)))
+            .packets_per_client(Quota::per_second(nz(8)))
+            .bytes_per_client(Quota::per_second(nz(1024)))
+            .v5_publish_answer(true);
+        let policy = if self.inspect {
+            policy.inspect(inspector().clone())
+        } else {
+            policy
+        };
+        self.policy.then(|| policy.build())
+    }
+}
+
+/// The inspection rules, compiled once for every input.
+fn inspector() -> &'static Inspector {
+    static INSPECTOR: OnceLock<Inspector> = OnceLock::new();
+    INSPECTOR.get_or_init(|| {
+        Inspector::builder()
+            .pattern("evil", "(?i)evil", Action::Block, Severity::High)
+            .pattern("odd", "xx+", Action::Flag, Severity::Low)
+            .max_payload(256, Action::Block, Severity::Low)
+            .topics(TopicRule::new(ClientMatch::Any).allow("#").deny("deny/#"))
+            .build()
+            .expect("the fuzz rules compile")
+    })
+}
+
+/// The inner service: a proxy to the broker, copying between the layer's [`MqttIo`] and
+/// the near end of the broker's pipe.
+#[derive(Clone)]
+struct Broker {
+    near: Arc<Mutex<Option<DuplexStream>>>,
+    copy: Option<usize>,
+}
+
+impl Service<MqttIo<Io>> for Broker {
+    type Response = ();
+    type Error = BoxError;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut io: MqttIo<Io>) -> ConnFuture {
+        let near = self.near.lock().take();
+        let mut near = near.expect("the layer calls its inner service once per connection");
+        match self.copy {
+            None => Box::pin(async move {
+                Transfer::new(io, near, 0).await?;
+                Ok(())
+            }),
+            Some(size) => Box::pin(async move {
+                tokio::io::copy_bidirectional_with_sizes(&mut io, &mut near, size, size).await?;
+                Ok(())
+            }),
+        }
+    }
+}
+
+/// Calls the layer's service with the connection's stream.
+fn serve<S>(mut svc: S, io: Io) -> ConnFuture
+where
+    S: Service<Io, Response = (), Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let ready = svc.poll_ready(&mut cx);
+    assert!(
+        matches!(ready, Poll::Ready(Ok(()))),
+        "the broker is always ready"
+    );
+    Box::pin(svc.call(io))
+}
+
+/// The bytes each side sent and read.
+#[derive(Debug, Default)]
+struct Log {
+    /// What the client's pipe took.
+    sent: Vec<u8>,
+    /// What the broker read.
+    to_broker: Vec<u8>,
+    /// What the broker's pipe took.
+    from_broker: Vec<u8>,
+    /// What the client read.
+    to_client: Vec<u8>,
+}
+
+/// How many times each hook fired.
+#[derive(Debug, Default)]
+struct Hooks {
+    connack_timeout: AtomicUsize,
+    connack_latency: AtomicUsize,
+}
+
+/// Runs one input. See the [module docs](self).
+///
+/// # Panics
+///
+/// When a property of the module docs does not hold.
+pub fn io(data: &[u8]) {
+    let _ = logged(data);
+}
+
+/// Runs one input, and returns what each side sent and read (`None`: no setup bytes).
+fn logged(data: &[u8]) -> Option<Log> {
+    let (setup, script) = Setup::decode(data)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    Some(rt.block_on(run(&setup, script)))
+}
+
+async fn run(setup: &Setup, script: &[u8]) -> Log {
+    let (client, client_near) = tokio::io::duplex(setup.client_capacity);
+    let (broker, broker_near) = tokio::io::duplex(setup.broker_capacity);
+    let hooks = Arc::new(Hooks::default());
+    let task = tokio::spawn(connection(setup, client_near, broker_near, &hooks));
+    let mut ends = Ends {
+        client,
+        broker,
+        log: Log::default(),
+    };
+    ends.play(script).await;
+    ends.finish(task).await;
+    assert!(hooks.connack_timeout.load(Ordering::Relaxed) <= 1);
+    assert!(hooks.connack_latency.load(Ordering::Relaxed) <= 1);
+    check(setup, &ends.log);
+    ends.log
+}
+
+/// The connection through the layer configured by `setup`, from the near ends of the
+/// pipes.
+fn connection(
+    setup: &Setup,
+    client: DuplexStream,
+    broker: DuplexStream,
+    hooks: &Arc<Hooks>,
+) -> ConnFuture {
+    let inner = Broker {
+        near: Arc::new(Mutex::new(Some(broker))),
+        copy: setup.copy,
+    };
+    let (h1, h2) = (Arc::clone(hooks), Arc::clone(hooks));
+    let mut layer = MqttLayer::new(setup.config)
+        .on_connack_timeout(move || {
+            h1.connack_timeout.fetch_add(1, Ordering::Relaxed);
+        })
+        .connack_latency(ConnackLatency::new(move |_| {
+            h2.connack_latency.fetch_add(1, Ordering::Relaxed);
+        }));
+    if setup.keep_alive {
+        layer = layer.enforce_keep_alive();
+    }
+    if let Some(rate) = setup.rate {
+        layer = layer.packet_rate(rate);
+    }
+    if let Some(timeout) = setup.connack_timeout {
+        layer = layer.connack_timeout(timeout);
+    }
+    let io = Conn::new(
+        client,
+        "192.0.2.1:4000".parse().expect("an address"),
+        "127.0.0.1:1883".parse().expect("an address"),
+    );
+    match setup.policy() {
+        Some(policy) => serve(layer.policy(policy).layer(inner), io),
+        None => serve(layer.layer(inner), io),
+    }
+}
+
+/// The far ends of both pipes, and what went through them.
+struct Ends {
+    client: DuplexStream,
+    broker: DuplexStream,
+    log: Log,
+}
+
+impl Ends {
+    /// Runs the script.
+    async fn play(&mut self, mut script: &[u8]) {
+        let log = &mut self.log;
+        while let Some((&op, rest)) = script.split_first() {
+            script = rest;
+            let arg = op >> 3;
+            match op & 7 {
+                kind @ 0..=3 => {
+                    let Some((&n, rest)) = script.split_first() else {
+                        break;
+                    };
+                    let len = usize::from(n) * if kind < 2 { 1 } else { 16 };
+                    let (chunk, rest) = rest.split_at(len.min(rest.len()));
+                    script = rest;
+                    if kind % 2 == 0 {
+                        write(&mut self.client, chunk, &mut log.sent);
+                    } else {
+                        write(&mut self.broker, chunk, &mut log.from_broker);
+                    }
+                }
+                4 => tokio::time::sleep(duration(arg)).await,
+                5 => {
+                    let mut cx = Context::from_waker(Waker::noop());
+                    if arg & 1 == 0 {
+                        read(&mut self.client, &mut cx, &mut log.to_client);
+                    }
+                    if arg & 2 == 0 {
+                        read(&mut self.broker, &mut cx, &mut log.to_broker);
+                    }
+                }
+                6 if arg % 2 == 0 => shutdown(&mut self.client),
+                6 => shutdown(&mut self.broker),
+                _ => tokio::time::advance(duration(arg)).await,
+            }
+            // The connection runs until it waits.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Closes both sides and reads to the end: the connection must end within a day.
+    async fn finish(&mut self, mut task: tokio::task::JoinHandle<Result<(), BoxError>>) {
+        let Self {
+            client,
+            broker,
+            log,
+        } = self;
+        shutdown(client);
+        shutdown(broker);
+        let ended = tokio::time::timeout(
+            DAY,
+            std::future::poll_fn(|cx| {
+                read(client, cx, &mut log.to_client);
+                read(broker, cx, &mut log.to_broker);
+                Pin::new(&mut task).poll(cx)
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the connection is still open a day after both sides closed: \
+                 a lost wake-up or a missing deadline"
+            )
+        });
+        if let Err(e) = ended {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+            panic!("the connection's task failed: {e}");
+        }
+        // The rest of what is in the pipes, then EOF: the layer let go of its ends.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            read(client, &mut cx, &mut log.to_client),
+            "the client's pipe is still open after the connection ended"
+        );
+        assert!(
+            read(broker, &mut cx, &mut log.to_broker),
+            "the broker's pipe is still open after the connection ended"
+        );
+    }
+}
+
+/// `(a % 4 + 1) * 10^(a / 4)` milliseconds.
+fn duration(arg: u8) -> Duration {
+    let ms = u64::from(arg % 4 + 1) * 10u64.pow(u32::from(arg / 4));
+    Duration::from_millis(ms)
+}
+
+/// Writes what `pipe` takes of `data` now, and logs it.
+fn write(pipe: &mut DuplexStream, mut data: &[u8], log: &mut Vec<u8>) {
+    let mut cx = Context::from_waker(Waker::noop());
+    while !data.is_empty() {
+        match Pin::new(&mut *pipe).poll_write(&mut cx, data) {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                log.extend_from_slice(&data[..n]);
+                data = &data[n..];
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Reads what is in `pipe` now into `log`: whether it reached the end.
+fn read(pipe: &mut DuplexStream, cx: &mut Context<'_>, log: &mut Vec<u8>) -> bool {
+    let mut buf = [0; 1024];
+    loop {
+        let mut rb = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *pipe).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return true,
+            Poll::Ready(Ok(())) => log.extend_from_slice(rb.filled()),
+            Poll::Ready(Err(_)) => return true,
+            Poll::Pending => return false,
+        }
+    }
+}
+
+/// Closes the sending half of `pipe` (at once: a pipe's shutdown never waits).
+fn shutdown(pipe: &mut DuplexStream) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let _ = Pin::new(pipe).poll_shutdown(&mut cx);
+}
+
+/// The length of the packet at the start of `bytes` as the layer follows packets: a
+/// first byte, a Remaining Length of at most four bytes (the fourth ends it whatever
+/// its top bit), and that many bytes; `None` if it is not all there.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let mut value = 0;
+    for i in 1..=4 {
+        let b = *bytes.get(i)?;
+        value |= usize::from(b & 0x7F) << (7 * (i - 1));
+        if b & 0x80 == 0 || i == 4 {
+            let len = i + 1 + value;
+            return (len <= bytes.len()).then_some(len);
+        }
+    }
+    None
+}
+
+/// Checks the properties on what both sides sent and read.
+fn check(setup: &Setup, log: &Log) {
+    let connect = frame_len(&log.sent).map(|n| &log.sent[..n]);
+    if !log.to_broker.is_empty() {
+        let connect = connect.expect("the broker got bytes before a whole first packet");
+        let mut session = Session::new(setup.config);
+        assert!(
+            matches!(
+                session.next(connect),
+                Ok(Next::Packet {
+                    packet: Packet::Connect(_),
+                    ..
+                })
+            ),
+            "the broker got a connection whose first packet is not a valid CONNECT"
+        );
+    }
+    forwarded(&log.sent, &log.to_broker, setup.policy);
+    let version = connect.and_then(connect_version);
+    delivered(&log.from_broker, &log.to_client, version, setup.policy);
+}
+
+/// Checks that `forwarded` is made of whole packets of `sent`, in order and unaltered:
+/// a prefix of `sent`, or with `may_drop` (a policy), that with some packets left out.
+/// The first packet, the CONNECT, is never left out.
+fn forwarded(sent: &[u8], forwarded: &[u8], may_drop: bool) {
+    let mut rest = forwarded;
+    let mut sent = sent;
+    let mut first = true;
+    while !rest.is_empty() {
+        let Some(len) = frame_len(sent) else {
+            panic!(
+                "the broker got {} bytes that are not whole packets of the client's",
+                rest.len()
+            );
+        };
+        let (packet, tail) = sent.split_at(len);
+        sent = tail;
+        if rest.starts_with(packet) {
+            rest = &rest[len..];
+        } else {
+            assert!(
+                may_drop && !first,
+                "the broker got {:02x?} where the client's next packet is {packet:02x?}",
+                &rest[..rest.len().min(16)]
+            );
+        }
+        first = false;
+    }
+}
+
+/// Checks that `delivered` is a prefix of `written` with whole packets of the gateway's
+/// inserted at packet boundaries (the last may be cut short); see the module docs.
+fn delivered(written: &[u8], delivered: &[u8], version: Option<Version>, policy: bool) {
+    let v5 = version == Some(Version::V5);
+    let mut broker = written;
+    let mut rest = delivered;
+    let mut connack = false;
+    while !rest.is_empty() {
+        // The broker's next packet, or what there is of it.
+        let len = frame_len(broker).unwrap_or(broker.len());
+        let packet = &broker[..len];
+        let whole = frame_len(broker).is_some();
+        if !packet.is_empty() && whole && rest.starts_with(packet) {
+            connack |= packet[0] >> 4 == 2;
+            broker = &broker[len..];
+            rest = &rest[len..];
+            continue;
+        }
+        if !packet.is_empty() && packet.starts_with(rest) {
+            // The client got part of the broker's packet, and the connection ended.
+            return;
+        }
+        let first = rest[0];
+        let allowed = match first {
+            0x20 => !connack,
+            0xE0 => connack && v5,
+            0x90 => connack && policy,
+            0x40 | 0x50 => connack && policy && v5,
+            _ => false,
+        };
+        assert!(
+            allowed,
+            "the client got {:02x?} where the broker's next bytes are {:02x?} (CONNACK out: {connack}, {version:?}, policy: {policy})",
+            &rest[..rest.len().min(16)],
+            &packet[..packet.len().min(16)]
+        );
+        let Some(len) = frame_len(rest) else {
+            // The gateway's last answer, cut short when the connection ended.
+            return;
+        };
+        rest = &rest[len..];
+        if first == 0x20 || first == 0xE0 {
+            assert!(
+                rest.is_empty(),
+                "the client got {:02x?} after the gateway's {first:#04x} ended the connection",
+                &rest[..rest.len().min(16)]
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
