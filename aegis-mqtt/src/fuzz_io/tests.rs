@@ -356,8 +356,8 @@ fn committed_seeds_are_the_generators() {
     }
 }
 
-/// Every file of the corpus (the seeds and any added by hand) runs through the fuzz
-/// entry point without breaking a property.
+/// Every file of the corpus (the seeds, and inputs the fuzzer found, named `regress_*`)
+/// runs through the fuzz entry point without breaking a property.
 #[test]
 fn corpus_replays() {
     let mut n = 0;
@@ -433,13 +433,23 @@ mod checks {
     #[test]
     #[should_panic(expected = "where the client's next packet is")]
     fn an_altered_byte() {
-        forwarded(&[0xC0, 0x00, 0xC0, 0x00], &[0xC0, 0x00, 0xC1, 0x00], false);
+        forwarded(
+            &[0xC0, 0x00, 0xC0, 0x00],
+            &[0xC0, 0x00, 0xC1, 0x00],
+            false,
+            true,
+        );
     }
 
     #[test]
     #[should_panic(expected = "not whole packets")]
     fn an_altered_byte_with_a_policy() {
-        forwarded(&[0xC0, 0x00, 0xC0, 0x00], &[0xC0, 0x00, 0xC1, 0x00], true);
+        forwarded(
+            &[0xC0, 0x00, 0xC0, 0x00],
+            &[0xC0, 0x00, 0xC1, 0x00],
+            true,
+            true,
+        );
     }
 
     #[test]
@@ -449,6 +459,7 @@ mod checks {
             &[0x10, 0x00, 0xC0, 0x01, 0x00, 0xC0, 0x00],
             &[0x10, 0x00, 0xC0, 0x00],
             false,
+            true,
         );
     }
 
@@ -458,13 +469,21 @@ mod checks {
             &[0x10, 0x00, 0xC0, 0x01, 0x00, 0xC0, 0x00],
             &[0x10, 0x00, 0xC0, 0x00],
             true,
+            true,
         );
     }
 
+    /// Part of a packet, once the layer gave all it had.
     #[test]
     #[should_panic(expected = "where the client's next packet is")]
     fn part_of_a_packet() {
-        forwarded(&[0x10, 0x00, 0xC0, 0x00], &[0x10, 0x00, 0xC0], false);
+        forwarded(&[0x10, 0x00, 0xC0, 0x00], &[0x10, 0x00, 0xC0], false, true);
+    }
+
+    /// Part of a packet, when the proxy stopped reading in it.
+    #[test]
+    fn part_of_a_packet_read() {
+        forwarded(&[0x10, 0x00, 0xC0, 0x00], &[0x10, 0x00, 0xC0], false, false);
     }
 
     const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
