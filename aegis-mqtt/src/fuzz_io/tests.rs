@@ -369,6 +369,57 @@ fn corpus_replays() {
     assert!(n >= seeds().len());
 }
 
+/// Runs `data` on a thread: whether it ended within 10 s of real time. The connection
+/// of a hang never ends: the thread is left spinning.
+fn ends_in_time(data: Vec<u8>) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        io(&data);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok()
+}
+
+/// Found by the fuzzer: a throttled client whose bucket refills to a float epsilon
+/// under one token (0.1 + 0.18 * 5 = 0.9999999999999999) makes `Bucket::poll_take`
+/// (`layer/rate.rs`) wait `Duration::from_secs_f64(2.2e-17)`, zero: the sleep is due at
+/// once, on tokio's paused clock no time passes, and the loop never returns. Three
+/// PINGREQs spend the burst of 3 at 5 a second, the fourth comes 20 ms later.
+#[test]
+#[ignore = "spins forever until layer/rate.rs is fixed"]
+fn a_throttled_client_a_float_epsilon_short_of_a_token() {
+    let data = Script::new(0x10, BIG)
+        .client(&connect(4, 60, "c1"))
+        .client(&[PINGREQ; 3].concat())
+        .op(7, 5) // jump 20 ms
+        .client(&PINGREQ)
+        .0;
+    assert!(ends_in_time(data), "the task spins in Bucket::poll_take");
+}
+
+/// Found by the fuzzer: a refused MQTT 5 client that does not read (its 64-byte pipe is
+/// full) while the broker has one more byte for it, after a packet boundary. The
+/// refusal's DISCONNECT waits for room in the client's pipe; the proxy's write of the
+/// broker's byte finds the boundary, and `MqttIo::writable` (`layer/io.rs`) wakes the
+/// read, which parks again: the task wakes itself for ever. On tokio's paused clock no
+/// time passes and the refusal deadline never comes; on a real clock the task spins a
+/// core until it does (5 s).
+#[test]
+#[ignore = "spins forever until layer/io.rs is fixed"]
+fn a_refused_client_that_does_not_read() {
+    let mut from_broker = CONNACK_V5.to_vec();
+    from_broker.extend(publish(true, "t", 0, 0, &[], &[7; 50]));
+    assert_eq!(from_broker.len(), 64);
+    from_broker.push(0xC0);
+    let data = Script::new(0x00, 0x0D) // client pipe 64 bytes, broker pipe 4096
+        .client(&connect(5, 60, "c1"))
+        .broker(&from_broker)
+        .client(&[0x00, 0x00]) // malformed
+        .sleep(MS_100)
+        .0;
+    assert!(ends_in_time(data), "the task wakes itself for ever");
+}
+
 /// Each seed reaches what it is named for: the gateway's answers are the ones expected.
 #[test]
 fn seeds_reach_what_they_are_named_for() {
