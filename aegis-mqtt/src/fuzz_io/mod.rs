@@ -35,7 +35,7 @@
 //! | 3 | the broker writes the next `16 n` bytes |
 //! | 4 | sleep `(a % 4 + 1) * 10^(a / 4)` ms (1 ms to 11 h): timers fire in order |
 //! | 5 | read what is there: the client's side unless `a & 1`, the broker's unless `a & 2` |
-//! | 6 | half-close: the client's side if `a` is even, the broker's if odd |
+//! | 6 | close a side: `a % 4` 0 half-closes the client's (it still reads), 1 the broker's; 2 drops the client's end (the layer's writes to it fail from then on), 3 the broker's |
 //! | 7 | jump the clock as kind 4 (`tokio::time::advance`): every timer due fires at once |
 //!
 //! A write takes what the pipe has room for and drops the rest (the script does not
@@ -46,8 +46,8 @@
 //!
 //! Beyond "no panic":
 //!
-//! - **No hang.** After the script both sides half-close and keep reading: the
-//!   connection must end within a day of (paused, auto-advancing) time. A connection
+//! - **No hang.** After the script both sides half-close and keep reading (those not
+//!   dropped): the connection must end within a day of (paused, auto-advancing) time. A connection
 //!   still open then has lost a wake-up or misses a deadline.
 //! - **The layer releases the client's packets, byte for byte.** What the proxy reads
 //!   from the [`MqttIo`] is nothing at all unless the client's first packet is a valid
@@ -348,8 +348,8 @@ async fn run(setup: &Setup, script: &[u8]) -> Log {
     let conn = connection(setup, client_near, broker_near, &hooks, &reads);
     let task = tokio::spawn(conn);
     let mut ends = Ends {
-        client,
-        broker,
+        client: Some(client),
+        broker: Some(broker),
         log: Log::default(),
     };
     ends.play(script).await;
@@ -405,8 +405,9 @@ fn connection(
 
 /// The far ends of both pipes, and what went through them.
 struct Ends {
-    client: DuplexStream,
-    broker: DuplexStream,
+    /// `None` once dropped: then the layer's writes to it fail.
+    client: Option<DuplexStream>,
+    broker: Option<DuplexStream>,
     log: Log,
 }
 
@@ -441,8 +442,12 @@ impl Ends {
                         read(&mut self.broker, &mut cx, &mut log.to_broker);
                     }
                 }
-                6 if arg % 2 == 0 => shutdown(&mut self.client),
-                6 => shutdown(&mut self.broker),
+                6 => match arg % 4 {
+                    0 => shutdown(&mut self.client),
+                    1 => shutdown(&mut self.broker),
+                    2 => self.client = None,
+                    _ => self.broker = None,
+                },
                 _ => tokio::time::advance(duration(arg)).await,
             }
             // The connection runs until it waits.
@@ -500,7 +505,10 @@ fn duration(arg: u8) -> Duration {
 }
 
 /// Writes what `pipe` takes of `data` now, and logs it.
-fn write(pipe: &mut DuplexStream, mut data: &[u8], log: &mut Vec<u8>) {
+fn write(pipe: &mut Option<DuplexStream>, mut data: &[u8], log: &mut Vec<u8>) {
+    let Some(pipe) = pipe else {
+        return;
+    };
     let mut cx = Context::from_waker(Waker::noop());
     while !data.is_empty() {
         match Pin::new(&mut *pipe).poll_write(&mut cx, data) {
@@ -514,7 +522,10 @@ fn write(pipe: &mut DuplexStream, mut data: &[u8], log: &mut Vec<u8>) {
 }
 
 /// Reads what is in `pipe` now into `log`: whether it reached the end.
-fn read(pipe: &mut DuplexStream, cx: &mut Context<'_>, log: &mut Vec<u8>) -> bool {
+fn read(pipe: &mut Option<DuplexStream>, cx: &mut Context<'_>, log: &mut Vec<u8>) -> bool {
+    let Some(pipe) = pipe else {
+        return true;
+    };
     let mut buf = [0; 1024];
     loop {
         let mut rb = ReadBuf::new(&mut buf);
@@ -528,9 +539,11 @@ fn read(pipe: &mut DuplexStream, cx: &mut Context<'_>, log: &mut Vec<u8>) -> boo
 }
 
 /// Closes the sending half of `pipe` (at once: a pipe's shutdown never waits).
-fn shutdown(pipe: &mut DuplexStream) {
+fn shutdown(pipe: &mut Option<DuplexStream>) {
     let mut cx = Context::from_waker(Waker::noop());
-    let _ = Pin::new(pipe).poll_shutdown(&mut cx);
+    if let Some(pipe) = pipe {
+        let _ = Pin::new(pipe).poll_shutdown(&mut cx);
+    }
 }
 
 /// The length of the packet at the start of `bytes` as the layer follows packets: a

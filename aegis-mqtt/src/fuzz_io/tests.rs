@@ -53,6 +53,14 @@ impl Script {
     fn close_broker(self) -> Self {
         self.op(6, 1)
     }
+
+    fn drop_client(self) -> Self {
+        self.op(6, 2)
+    }
+
+    fn drop_broker(self) -> Self {
+        self.op(6, 3)
+    }
 }
 
 /// Setup byte 1: both pipes 4096 bytes each way.
@@ -284,9 +292,31 @@ fn timer_seeds() -> Vec<(&'static str, Vec<u8>)> {
     out
 }
 
-/// Seeds of refusals, and of a CONNECT in pieces.
+/// Seeds of refusals, of a CONNECT in pieces, and of sides that go away.
 fn refusal_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
+    // The client goes away with the gateway's SUBACK queued, and the broker's PUBLISH
+    // on its way; then the broker goes away while the client is still there.
+    let mut s = Script::new(0x01, BIG)
+        .client(&connect(5, 60, "c1"))
+        .broker(&CONNACK_V5)
+        .read();
+    for id in 1..=3 {
+        s = s.client(&subscribe(true, id, "a/#"));
+    }
+    let s = s
+        .drop_client()
+        .broker(&publish(true, "a/b", 0, 0, &[], b"gone"))
+        .read();
+    out.push(("v5_client_gone", s.0));
+    let s = Script::new(0x00, BIG)
+        .client(&connect(4, 60, "c1"))
+        .broker(&CONNACK_V3)
+        .read()
+        .drop_broker()
+        .client(&PINGREQ)
+        .read();
+    out.push(("v311_broker_gone", s.0));
 
     // A malformed packet while the broker is inside a packet: the DISCONNECT waits
     // for the packet's end.
