@@ -411,15 +411,17 @@ fn ends_in_time(data: Vec<u8>) -> bool {
 }
 
 /// Found by the fuzzer: a throttled client whose bucket refills to a float epsilon
-/// under one token (0.1 + 0.18 * 5 = 0.9999999999999999) makes `Bucket::poll_take`
-/// (`layer/rate.rs`) wait `Duration::from_secs_f64(2.2e-17)`, zero: the sleep is due at
-/// once, on tokio's paused clock no time passes, and the loop never returns. Three
-/// PINGREQs spend the burst of 3 at 5 a second, the fourth comes 20 ms later.
+/// under one token (0.1 + 0.18 * 5 = 0.9999999999999999) made `Bucket::poll_take`
+/// (`layer/rate.rs`) wait `Duration::from_secs_f64(2.2e-17)`, zero: the sleep was due at
+/// once, on tokio's paused clock no time passed, and the loop never returned. Three
+/// PINGREQs spend the burst of 3 at 5 a second, the fourth comes 20 ms later. (Found
+/// before the client's packets waited for the broker's CONNACK; the broker now accepts
+/// first, so that the bucket is reached.)
 #[test]
-#[ignore = "spins forever until layer/rate.rs is fixed"]
 fn a_throttled_client_a_float_epsilon_short_of_a_token() {
     let data = Script::new(0x10, BIG)
         .client(&connect(4, 60, "c1"))
+        .broker(&CONNACK_V3)
         .client(&[PINGREQ; 3].concat())
         .op(7, 5) // jump 20 ms
         .client(&PINGREQ)
@@ -429,13 +431,12 @@ fn a_throttled_client_a_float_epsilon_short_of_a_token() {
 
 /// Found by the fuzzer: a refused MQTT 5 client that does not read (its 64-byte pipe is
 /// full) while the broker has one more byte for it, after a packet boundary. The
-/// refusal's DISCONNECT waits for room in the client's pipe; the proxy's write of the
-/// broker's byte finds the boundary, and `MqttIo::writable` (`layer/io.rs`) wakes the
-/// read, which parks again: the task wakes itself for ever. On tokio's paused clock no
-/// time passes and the refusal deadline never comes; on a real clock the task spins a
-/// core until it does (5 s).
+/// refusal's DISCONNECT waited for room in the client's pipe; the proxy's write of the
+/// broker's byte found the boundary, and `MqttIo::writable` (`layer/io.rs`) woke the
+/// read, which parked again: the task woke itself for ever. On tokio's paused clock no
+/// time passed and the refusal deadline never came; on a real clock the task spun a
+/// core until it did (5 s).
 #[test]
-#[ignore = "spins forever until layer/io.rs is fixed"]
 fn a_refused_client_that_does_not_read() {
     let mut from_broker = CONNACK_V5.to_vec();
     from_broker.extend(publish(true, "t", 0, 0, &[], &[7; 50]));
