@@ -180,7 +180,8 @@ struct ConnackWatch {
     on_timeout: Option<OnConnackTimeout>,
     /// Whether the broker has answered with AUTH (MQTT 5 enhanced authentication): it is
     /// up, so the clock now bounds each round of the exchange, its expiry is
-    /// [`MqttError::AuthTimeout`], and the round trip is no CONNACK latency.
+    /// [`MqttError::AuthTimeout`], and the latency reported is the round trip to that
+    /// first AUTH.
     authenticating: bool,
 }
 
@@ -634,7 +635,12 @@ impl<I> MqttIo<I> {
         if let Some(w) = &mut self.connack {
             w.authenticating = true;
             w.on_timeout = None;
-            w.latency = None;
+            // The broker's first answer to the CONNECT: a round trip through it, and the
+            // sign it is up (a breaker told of successes by this report hears of it).
+            // Later rounds hold the client's own answers: not the broker's time.
+            if let Some((latency, since)) = w.latency.take() {
+                latency.report(Instant::now().saturating_duration_since(since));
+            }
             if w.due.is_some() {
                 // The timer is reset to the new deadline on the next read.
                 w.due = ConnackWatch::due(w.timeout, Instant::now());

@@ -60,8 +60,9 @@ impl<P> MqttLayer<P> {
 
     /// Reports each connection's CONNECT to CONNACK round trip through the broker to
     /// `latency` (none by default); see [`ConnackLatency`]. A connection whose broker
-    /// answers with AUTH (MQTT 5 enhanced authentication) reports nothing: its round
-    /// trip holds the client's own answers.
+    /// answers with AUTH (MQTT 5 enhanced authentication) reports the round trip to that
+    /// first AUTH, the broker's answer to the CONNECT: the rounds after it hold the
+    /// client's own answers.
     ///
     /// ```
     /// use std::time::Duration;

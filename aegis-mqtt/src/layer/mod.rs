@@ -161,7 +161,8 @@
 //! [`MqttError::AuthTimeout`](crate::MqttError::AuthTimeout) (`auth_timeout`, CONNACK
 //! `20 03 00 87 00`, "not authorized"), which is not reported to `on_connack_timeout`:
 //! the client may be the one that stalls, and clients must not be able to open the
-//! circuit against a healthy broker. Such a connection reports no CONNACK latency either.
+//! circuit against a healthy broker. Such a connection reports, as its CONNACK latency,
+//! the round trip to the broker's first AUTH: its answer to the CONNECT.
 //!
 //! A stalled broker, with a circuit breaker told of its timeouts:
 //!
