@@ -120,8 +120,11 @@ impl<P> MqttLayer<P> {
     /// not extend it. A client that has not is refused as `packet_timeout` (MQTT 5:
     /// DISCONNECT 0x8D, as for the keep-alive; 3.x: closed), which also lets go of the
     /// bytes held for the packet. Holds whatever the keep-alive (0 included) and whether
-    /// it is enforced. `Duration::MAX` means, in practice, never. See the [module
-    /// docs](super).
+    /// it is enforced. `Duration::MAX` means, in practice, never; `Duration::ZERO`
+    /// refuses any packet that does not arrive in one read (a large one seldom does).
+    /// The clock starts when a read finds the packet incomplete: a partial packet behind
+    /// packets the rate limit holds starts its clock once those are read. See the
+    /// [module docs](super).
     pub const fn packet_timeout(mut self, timeout: Duration) -> Self {
         self.io.packet_timeout = timeout;
         self
