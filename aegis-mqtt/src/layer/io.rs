@@ -578,10 +578,6 @@ impl<I> MqttIo<I> {
         if std::mem::take(&mut self.out.auth_seen) {
             self.on_broker_auth();
         }
-        if self.out.connack_seen && self.connack.as_ref().is_some_and(|w| w.due.is_some()) {
-            // The broker's CONNACK is going out: its timer is done.
-            self.disarm_connack_timer();
-        }
         if matches!(seen, Seen::Nothing) {
             return;
         }
@@ -602,6 +598,9 @@ impl<I> MqttIo<I> {
     /// The broker's whole CONNACK went out, accepting the connection or not: the packets
     /// held since the CONNECT are read from now on, or never.
     fn on_broker_connack(&mut self, accepts: bool) {
+        // Its timer is done only now: a broker that stalls in the middle of its CONNACK
+        // holds the client's read as one that sends none does.
+        self.disarm_connack_timer();
         if accepts {
             self.gate = Gate::Open;
             // The client could not be heard while it was held.
@@ -679,8 +678,8 @@ impl<I> MqttIo<I> {
         let Some(due) = self.connack.as_ref().and_then(|w| w.due) else {
             return false;
         };
-        if self.out.connack_seen || self.refusal.is_some() {
-            // The broker's CONNACK is out, or another refusal ends the connection.
+        if matches!(self.gate, Gate::Open | Gate::Refused) || self.refusal.is_some() {
+            // The broker's whole CONNACK is out, or another refusal ends the connection.
             self.disarm_connack_timer();
             return false;
         }
@@ -1586,6 +1585,31 @@ mod tests {
         let connack = [0x20, 0x02, 0x00, 0x00];
         let n = Pin::new(io).poll_write(&mut cx, &connack);
         assert!(matches!(n, Poll::Ready(Ok(4))), "{n:?}");
+    }
+
+    /// A broker that stalls in the middle of its CONNACK is cut by the CONNACK timeout as
+    /// one that sends none is: the timer ran only until the CONNACK's first byte, and the
+    /// client's read, held until the whole CONNACK, waited for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_stalled_in_its_connack_is_cut_by_the_connack_timeout() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let opts = IoOptions {
+            connack_timeout: Some(TIMEOUT),
+            ..IoOptions::default()
+        };
+        let (_client, mut io) = connected_with(Config::new(), 1024, opts);
+        let mut got = [0; 15];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, CONNECT);
+        // The first byte of the broker's CONNACK, then nothing.
+        let mut cx = Context::from_waker(Waker::noop());
+        let n = Pin::new(&mut io).poll_write(&mut cx, &[0x20]);
+        assert!(matches!(n, Poll::Ready(Ok(1))), "{n:?}");
+        let mut more = [0; 2];
+        let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+        let err = read.expect("the held read never ended").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
     }
 
     /// A broker that closes before its CONNACK (the proxy forwards its EOF as a write
