@@ -33,14 +33,15 @@
 //! | 1 | the broker writes the next `n` bytes |
 //! | 2 | the client writes the next `16 n` bytes |
 //! | 3 | the broker writes the next `16 n` bytes |
-//! | 4 | sleep `(a % 4 + 1) * 10^(a / 4)` ms (1 ms to 11 h): timers fire in order |
+//! | 4 | sleep `(a % 4 + 1) * 10^(a / 4)` ms (1 ms to 11 h): timers fire in order; two hours of sleep in all per input, the rest is skipped |
 //! | 5 | read what is there: the client's side unless `a & 1`, the broker's unless `a & 2` |
 //! | 6 | close a side: `a % 4` 0 half-closes the client's (it still reads), 1 the broker's; 2 drops the client's end (the layer's writes to it fail from then on), 3 the broker's |
 //! | 7 | jump the clock as kind 4 (`tokio::time::advance`): every timer due fires at once |
 //!
 //! A write takes what the pipe has room for and drops the rest (the script does not
 //! wait), so what each side sent is what its pipe took. After each operation the
-//! connection runs until it waits.
+//! connection runs until it waits. Sleeping costs a wake-up of the policy's eviction
+//! task every 30 s: hence the two-hour budget (jumps cost one wake-up each).
 //!
 //! # Properties
 //!
@@ -94,6 +95,9 @@ const CAPACITIES: [usize; 4] = [8, 64, 512, 4096];
 
 /// Copy buffer sizes of the small copier (byte 1, bits 4-6).
 const COPY_SIZES: [usize; 8] = [1, 2, 16, 100, 1023, 1024, 4096, 8192];
+
+/// The most the script sleeps in all (jumps are not counted).
+const SLEEP_BUDGET: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// How long the connection has to end once both sides have closed.
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -415,6 +419,7 @@ impl Ends {
     /// Runs the script.
     async fn play(&mut self, mut script: &[u8]) {
         let log = &mut self.log;
+        let mut slept = Duration::ZERO;
         while let Some((&op, rest)) = script.split_first() {
             script = rest;
             let arg = op >> 3;
@@ -432,7 +437,11 @@ impl Ends {
                         write(&mut self.broker, chunk, &mut log.from_broker);
                     }
                 }
-                4 => tokio::time::sleep(duration(arg)).await,
+                4 => {
+                    let d = duration(arg).min(SLEEP_BUDGET.saturating_sub(slept));
+                    slept += d;
+                    tokio::time::sleep(d).await;
+                }
                 5 => {
                     let mut cx = Context::from_waker(Waker::noop());
                     if arg & 1 == 0 {
