@@ -266,6 +266,26 @@ fn policy_seeds() -> Vec<(&'static str, Vec<u8>)> {
         s = s.client(&PINGREQ);
     }
     out.push(("v5_rate_disconnect", s.read().sleep(MS_10).read().0));
+
+    // Over the policy's limits with packets it may not drop: a third PUBLISH within the
+    // second that sets a topic alias (MQTT 5: DISCONNECT 0x96), and a ninth PINGREQ
+    // (3.1.1: closed).
+    let mut s = Script::new(0x01, BIG)
+        .client(&connect(5, 60, "c1"))
+        .broker(&CONNACK_V5)
+        .read();
+    for _ in 0..3 {
+        s = s.client(&publish(true, "a/b", 0, 0, &[0x23, 0x00, 0x01], b"set"));
+    }
+    out.push(("v5_policy_refuses_alias", s.read().0));
+    let mut s = Script::new(0x01, BIG)
+        .client(&connect(4, 60, "c1"))
+        .broker(&CONNACK_V3)
+        .read();
+    for _ in 0..9 {
+        s = s.client(&PINGREQ);
+    }
+    out.push(("v311_policy_refuses_ping", s.read().0));
     out
 }
 
@@ -488,6 +508,12 @@ fn seeds_reach_what_they_are_named_for() {
             .to_client
             .ends_with(&[0xE0, 0x02, 0x96, 0x00])
     );
+    let log = run("v5_policy_refuses_alias");
+    assert!(log.to_client.ends_with(&[0xE0, 0x02, 0x96, 0x00]));
+    assert_eq!(log.to_broker.len(), log.sent.len() - 14); // all but the third PUBLISH
+    let log = run("v311_policy_refuses_ping");
+    assert_eq!(log.to_client, CONNACK_V3);
+    assert_eq!(log.to_broker.len(), 16 + 8 * 2);
     assert_eq!(
         run("v5_connack_timeout").to_client,
         [0x20, 0x03, 0x00, 0x88, 0x00]
