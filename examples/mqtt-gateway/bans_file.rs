@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aegis_mqtt::security::{Ban, Security};
+
+use crate::bans_json;
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 /// The largest file read back: 100,000 bans of 256-byte names take about 40 MB, and
@@ -83,7 +85,7 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let bans = security.bans();
     let max_len = usize::try_from(MAX_LEN).unwrap_or(usize::MAX);
-    let (json, left_out) = encode(&bans, max_len)?;
+    let (json, left_out) = bans_json::encode(&bans, max_len)?;
     if left_out > 0 {
         tracing::warn!(
             left_out,
@@ -115,30 +117,6 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(bans.len() - left_out)
-}
-
-/// The JSON array of `bans` (the soonest-ending first, as [`Security::bans`] lists
-/// them) in at most `max_len` bytes: when they do not all fit, those that end soonest
-/// are left out. Returns the JSON and how many were left out.
-fn encode(bans: &[Ban], max_len: usize) -> io::Result<(Vec<u8>, usize)> {
-    let json = serde_json::to_vec(bans).map_err(io::Error::other)?;
-    if json.len() <= max_len {
-        return Ok((json, 0));
-    }
-    // The longest tail that fits: `[` and `]`, each ban, a comma after all but the last.
-    let mut len = 2;
-    let mut first = bans.len();
-    for (i, ban) in bans.iter().enumerate().rev() {
-        let comma = usize::from(i + 1 < bans.len());
-        let n = serde_json::to_vec(ban).map_err(io::Error::other)?.len() + comma;
-        if len + n > max_len {
-            break;
-        }
-        len += n;
-        first = i;
-    }
-    let json = serde_json::to_vec(&bans[first..]).map_err(io::Error::other)?;
-    Ok((json, first))
 }
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they
@@ -183,42 +161,5 @@ pub(crate) async fn keep(
         if last {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use aegis_mqtt::security::{Ban, BanKey, Security};
-
-    use super::encode;
-
-    /// Bans whose names are control characters take six bytes a character in JSON: a
-    /// file of them could outgrow what the next start reads back. The writer keeps the
-    /// bans that end last, within the bound, and the file stays a list of bans.
-    #[test]
-    fn the_file_keeps_the_bans_that_end_last_within_its_bound() {
-        let sec = Security::default();
-        for i in 0..10_u64 {
-            let name = format!("{i}{}", "\u{1}".repeat(40));
-            sec.ban(BanKey::Username(name.into()), Duration::from_secs(600 + i));
-        }
-        let bans = sec.bans();
-        let (all, left_out) = encode(&bans, usize::MAX).unwrap();
-        assert_eq!(left_out, 0);
-        assert_eq!(serde_json::from_slice::<Vec<Ban>>(&all).unwrap().len(), 10);
-        let max = all.len() / 2;
-        let (json, left_out) = encode(&bans, max).unwrap();
-        assert!(json.len() <= max, "{} > {max}", json.len());
-        let kept: Vec<Ban> = serde_json::from_slice(&json).unwrap();
-        assert_eq!(kept.len() + left_out, 10);
-        assert!((4..=5).contains(&kept.len()), "{} kept", kept.len());
-        // The ones that end last (`bans` lists the soonest-ending first), in order.
-        let keys = |bans: &[Ban]| bans.iter().map(|b| b.key.clone()).collect::<Vec<_>>();
-        assert_eq!(keys(&kept), keys(&bans[left_out..]));
-        // Exactly at the bound, all fit; one byte less, one is left out.
-        assert_eq!(encode(&bans, all.len()).unwrap().1, 0);
-        assert_eq!(encode(&bans, all.len() - 1).unwrap().1, 1);
     }
 }

@@ -42,6 +42,7 @@
 //! crate, and `--help` comes for free.
 
 mod bans_file;
+mod bans_json;
 mod broker;
 mod config;
 mod logging;
