@@ -48,16 +48,13 @@ impl SniffLayer {
     }
 
     /// The most bytes detection reads (default 1024; raised to
-    /// [`MAX_DECISION_LEN`](super::MAX_DECISION_LEN) if lower). Bytes past the decision
-    /// that arrived in the same read are replayed too, so a larger value saves the
-    /// inner protocol a read; memory per sniffing connection is this many bytes.
+    /// [`MAX_DECISION_LEN`](super::MAX_DECISION_LEN) if lower, by
+    /// [`Detect::new`](super::future::Detect::new)). Bytes past the decision that arrived in the
+    /// same read are replayed too, so a larger value saves the inner protocol a read;
+    /// memory per sniffing connection is this many bytes.
     #[must_use]
     pub const fn max_prefix(mut self, bytes: usize) -> Self {
-        self.config.max_prefix = if bytes < super::MAX_DECISION_LEN {
-            super::MAX_DECISION_LEN
-        } else {
-            bytes
-        };
+        self.config.max_prefix = bytes;
         self
     }
 }
