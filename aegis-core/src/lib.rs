@@ -102,6 +102,7 @@ mod key;
 pub mod metrics;
 mod netmap;
 mod rewind;
+pub mod time;
 
 #[cfg(feature = "proxy")]
 pub mod proxy;

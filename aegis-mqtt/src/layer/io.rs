@@ -211,16 +211,6 @@ fn unpark(slot: &mut Option<Waker>) {
     }
 }
 
-/// What a deadline past the range of an [`Instant`] becomes: some thirty years away, as
-/// `tokio::time::sleep` does (and `aegis_layers`' deadlines).
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
-
-/// `from + after`, or some thirty years from now when that is past what an [`Instant`]
-/// holds (`Duration::MAX` for "never"): never a panic.
-fn far_deadline(from: Instant, after: Duration) -> Instant {
-    from.checked_add(after).unwrap_or_else(|| from + FAR_FUTURE)
-}
-
 /// The largest CONNACK kept to read its properties; a longer one announces nothing.
 const MAX_CONNACK: usize = 4096;
 
@@ -776,7 +766,7 @@ impl<I> MqttIo<I> {
         let timer = match &mut self.packet_timer {
             Some(timer) if self.packet_armed => timer,
             slot => {
-                let due = far_deadline(Instant::now(), self.packet_timeout);
+                let due = aegis_core::time::deadline(Instant::now(), self.packet_timeout);
                 self.packet_armed = true;
                 match slot {
                     Some(timer) => {
