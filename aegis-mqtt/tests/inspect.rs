@@ -17,7 +17,7 @@ use aegis_mqtt::inspect::{
 use aegis_mqtt::layer::policy::metrics as m;
 use aegis_mqtt::layer::{MqttIo, MqttLayer, Policy};
 use aegis_mqtt::security::Severity;
-use common::{B, head};
+use common::{B, connect_v4_as, connect_v5_as, head};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tower::{Layer, ServiceExt, service_fn};
@@ -137,14 +137,6 @@ static FULL: LazyLock<Inspector> = LazyLock::new(|| {
 
 // Through the layer.
 
-fn connect_v4(id: &str) -> Vec<u8> {
-    head("MQTT", 4, 0x02).s(id).frame(0x10)
-}
-
-fn connect_v5(id: &str) -> Vec<u8> {
-    head("MQTT", 5, 0x02).props(&[]).s(id).frame(0x10)
-}
-
 /// A 3.1.1 `QoS` 0 PUBLISH.
 fn publish_v4(topic: &str, payload: &[u8]) -> Vec<u8> {
     B::new().s(topic).raw(payload).frame(0x30)
@@ -222,8 +214,8 @@ fn a_blocked_qos0_publish_never_reaches_the_broker_and_the_next_clean_one_does()
         let layer = layer(defaults());
         let bad = publish_v4("t", b"{\"v\":\"<script>alert(1)</script>\"}");
         let good = publish_v4("t", b"{\"temperature\":21.5}");
-        let r = send(&layer, [connect_v4("c1"), bad, good.clone()].concat()).await;
-        assert_eq!(forwarded(&r), [connect_v4("c1"), good].concat());
+        let r = send(&layer, [connect_v4_as("c1"), bad, good.clone()].concat()).await;
+        assert_eq!(forwarded(&r), [connect_v4_as("c1"), good].concat());
         assert!(only_the_connack(&r.got), "QoS 0: nothing to answer");
     });
     let c = testing::capture(&snap);
@@ -256,10 +248,10 @@ async fn a_blocked_publish_setting_a_topic_alias_ends_the_connection() {
     // A topic rule, then a payload rule: DISCONNECT 0x87 either way, and nothing after
     // the blocked PUBLISH reaches the broker (its alias-only successor would go to "t").
     for blocked in [alias("admin/x", b"{}"), alias("u", b"'; DROP TABLE x")] {
-        let bytes = [connect_v5("c1"), first.clone(), blocked, alias("", b"z")].concat();
+        let bytes = [connect_v5_as("c1"), first.clone(), blocked, alias("", b"z")].concat();
         let r = run(&layer, bytes, Some(connack.clone())).await;
         let (seen, end) = r.seen.as_ref().expect("the inner service ran");
-        assert_eq!(*seen, [connect_v5("c1"), first.clone()].concat());
+        assert_eq!(*seen, [connect_v5_as("c1"), first.clone()].concat());
         assert_eq!(*end, Err(io::ErrorKind::InvalidData));
         assert_eq!(
             r.got,
@@ -290,7 +282,7 @@ async fn a_blocked_alias_publish_counts_once_toward_a_ban() {
         },
     )));
     let blocked = publish_v5(0, 0, "admin/x", &[0x23, 0, 1], b"{}");
-    let bytes = [connect_v5("c1"), blocked].concat();
+    let bytes = [connect_v5_as("c1"), blocked].concat();
     let banned = || sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap()));
     let mut after = Vec::new();
     for _ in 0..2 {
@@ -325,7 +317,7 @@ fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
         let layer = MqttLayer::new(Config::new()).policy(policy);
         let ok = publish_v5(1, 1, "t", &[], b"{\"t\":1}");
         let bytes = [
-            connect_v5("c1"),
+            connect_v5_as("c1"),
             publish_v5(1, 0x1234, "t", &[], b"'; DROP TABLE x"),
             publish_v5(2, 7, "admin/reboot", &[], b"now"),
             ok.clone(),
@@ -333,7 +325,7 @@ fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
         .concat();
         let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
         let r = run(&layer, bytes, Some(connack.clone())).await;
-        assert_eq!(forwarded(&r), [connect_v5("c1"), ok].concat());
+        assert_eq!(forwarded(&r), [connect_v5_as("c1"), ok].concat());
         // A payload rule: 0x99 "payload format invalid"; a topic rule: 0x87. After the
         // broker's CONNACK: the server's first packet is its CONNACK [MQTT-3.2.0-1].
         assert_eq!(
@@ -347,9 +339,9 @@ fn blocked_v5_qos1_and_qos2_get_the_gateways_answers() {
         // Without `v5_publish_answer`, dropped silently, as over a rate limit.
         let layer =
             MqttLayer::new(Config::new()).policy(Policy::builder().inspect(inspector).build());
-        let bytes = [connect_v5("c2"), publish_v5(1, 1, "t", &[], b"<script>")].concat();
+        let bytes = [connect_v5_as("c2"), publish_v5(1, 1, "t", &[], b"<script>")].concat();
         let r = send(&layer, bytes).await;
-        assert_eq!(forwarded(&r), connect_v5("c2"));
+        assert_eq!(forwarded(&r), connect_v5_as("c2"));
         assert!(only_the_connack(&r.got), "{:?}", r.got);
     });
     let c = testing::capture(&snap);
@@ -386,9 +378,12 @@ fn a_flagged_publish_is_forwarded_and_counted() {
         let layer = layer(inspector);
         let flagged = publish_v4("t", b"<script> fw-update");
         let clean = publish_v4("t", b"21.5");
-        let bytes = [connect_v4("c1"), flagged.clone(), clean.clone()].concat();
+        let bytes = [connect_v4_as("c1"), flagged.clone(), clean.clone()].concat();
         let r = send(&layer, bytes).await;
-        assert_eq!(forwarded(&r), [connect_v4("c1"), flagged, clean].concat());
+        assert_eq!(
+            forwarded(&r),
+            [connect_v4_as("c1"), flagged, clean].concat()
+        );
     });
     let c = testing::capture(&snap);
     assert_eq!(
@@ -419,8 +414,12 @@ async fn a_payload_over_max_payload_is_blocked() {
     let layer = MqttLayer::new(config).policy(Policy::builder().inspect(inspector).build());
     let big = publish_v4("t", &vec![b'a'; 200_000]);
     let at_limit = publish_v4("t", &vec![b'a'; 10 * 1024]);
-    let r = send(&layer, [connect_v4("c1"), big, at_limit.clone()].concat()).await;
-    assert_eq!(forwarded(&r), [connect_v4("c1"), at_limit].concat());
+    let r = send(
+        &layer,
+        [connect_v4_as("c1"), big, at_limit.clone()].concat(),
+    )
+    .await;
+    assert_eq!(forwarded(&r), [connect_v4_as("c1"), at_limit].concat());
 }
 
 #[tokio::test(start_paused = true)]
@@ -443,9 +442,9 @@ async fn random_bytes_over_the_entropy_threshold_are_blocked_and_base64_is_not()
     let b64 = base64(&random[..768]); // 1 KiB of base64 text
     assert_eq!(b64.len(), 1024);
     let text = publish_v4("t", b64.as_bytes());
-    let bytes = [connect_v4("c1"), publish_v4("t", &random), text.clone()].concat();
+    let bytes = [connect_v4_as("c1"), publish_v4("t", &random), text.clone()].concat();
     let r = send(&layer, bytes).await;
-    assert_eq!(forwarded(&r), [connect_v4("c1"), text].concat());
+    assert_eq!(forwarded(&r), [connect_v4_as("c1"), text].concat());
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -473,7 +472,7 @@ async fn topic_rules_allow_and_deny_with_the_client_id() {
     let layer = layer(inspector);
     let own = publish_v4("devices/d1/temp", b"1");
     let bytes = [
-        connect_v4("d1"),
+        connect_v4_as("d1"),
         own.clone(),
         publish_v4("devices/d2/temp", b"2"), // another client's topic
         publish_v4("devices/d1/admin/reset", b"3"), // denied
@@ -481,17 +480,17 @@ async fn topic_rules_allow_and_deny_with_the_client_id() {
     ]
     .concat();
     let r = send(&layer, bytes).await;
-    assert_eq!(forwarded(&r), [connect_v4("d1"), own].concat());
+    assert_eq!(forwarded(&r), [connect_v4_as("d1"), own].concat());
     // An `ops-` client may publish anywhere but still not to an admin topic.
     let anywhere = publish_v4("elsewhere", b"4");
     let bytes = [
-        connect_v4("ops-1"),
+        connect_v4_as("ops-1"),
         anywhere.clone(),
         publish_v4("devices/ops-1/admin/x", b"5"),
     ]
     .concat();
     let r = send(&layer, bytes).await;
-    assert_eq!(forwarded(&r), [connect_v4("ops-1"), anywhere].concat());
+    assert_eq!(forwarded(&r), [connect_v4_as("ops-1"), anywhere].concat());
 }
 
 #[tokio::test(start_paused = true)]
@@ -506,7 +505,7 @@ async fn topic_aliases_are_followed_as_the_broker_knows_them() {
     let set_ok = publish_v5(0, 0, "open", &[0x23, 0, 1], b"a");
     let use_ok = publish_v5(0, 0, "", &[0x23, 0, 1], b"b");
     let bytes = [
-        connect_v5("c1"),
+        connect_v5_as("c1"),
         set_ok.clone(),
         use_ok.clone(),
         // An alias the broker was never told of: blocked (dropped), the session goes on.
@@ -523,7 +522,7 @@ async fn topic_aliases_are_followed_as_the_broker_knows_them() {
     let (seen, end) = r.seen.as_ref().expect("the inner service ran");
     assert_eq!(
         *seen,
-        [connect_v5("c1"), set_ok, use_ok.clone(), use_ok].concat()
+        [connect_v5_as("c1"), set_ok, use_ok.clone(), use_ok].concat()
     );
     assert_eq!(*end, Err(io::ErrorKind::InvalidData));
 }
@@ -587,9 +586,14 @@ fn a_flood_is_dropped_by_the_rate_tier_before_inspection() {
             .build();
         let layer = MqttLayer::new(Config::new()).policy(policy);
         let ok = publish_v4("t", b"1");
-        let bytes = [connect_v4("c1"), ok.clone(), publish_v4("t", b"<script>")].concat();
+        let bytes = [
+            connect_v4_as("c1"),
+            ok.clone(),
+            publish_v4("t", b"<script>"),
+        ]
+        .concat();
         let r = send(&layer, bytes).await;
-        assert_eq!(forwarded(&r), [connect_v4("c1"), ok].concat());
+        assert_eq!(forwarded(&r), [connect_v4_as("c1"), ok].concat());
     });
     // Over the rate: dropped as such, its payload never inspected.
     let c = testing::capture(&snap);
@@ -643,8 +647,8 @@ async fn topic_rules_do_not_check_subscribe_or_publish_properties() {
         subscribe(3, "#"),
     ]
     .concat();
-    let r = send(&layer, [connect_v4("c1"), subs.clone()].concat()).await;
-    assert_eq!(forwarded(&r), [connect_v4("c1"), subs].concat());
+    let r = send(&layer, [connect_v4_as("c1"), subs.clone()].concat()).await;
+    assert_eq!(forwarded(&r), [connect_v4_as("c1"), subs].concat());
     // MQTT 5: Response Topic (0x08) and a user property (0x26) naming a denied topic.
     let props = B::new()
         .u8(0x08)
@@ -658,9 +662,9 @@ async fn topic_rules_do_not_check_subscribe_or_publish_properties() {
     let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
     let r = run(
         &layer,
-        [connect_v5("c2"), publish.clone(), denied].concat(),
+        [connect_v5_as("c2"), publish.clone(), denied].concat(),
         Some(connack),
     )
     .await;
-    assert_eq!(forwarded(&r), [connect_v5("c2"), publish].concat());
+    assert_eq!(forwarded(&r), [connect_v5_as("c2"), publish].concat());
 }

@@ -12,7 +12,7 @@ use aegis_core::error::{BoxError, Rejected};
 use aegis_core::{Conn, Handshake, Param};
 use aegis_mqtt::layer::{MqttIo, MqttLayer, PacketRate};
 use aegis_mqtt::{Config, MqttError};
-use common::{B, connect_v4, connect_v5, head};
+use common::{B, connack_accepting, connect_v4, connect_v5, head};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -459,18 +459,6 @@ async fn the_small_cap_holds_until_the_connack() {
     let (seen, got) = connack_then_read(layer, [connect.clone(), auth].concat(), None).await;
     assert_eq!(seen, (connect, Err(io::ErrorKind::InvalidData)));
     assert_eq!(got, [0x20, 0x03, 0x00, 0x95, 0x00]);
-}
-
-/// Runs the client's writes (with pauses) against a broker that reads everything;
-/// returns what the broker read, how its reading ended, what the client got, and how
-/// long the reading took.
-/// A broker's CONNACK accepting the client of `io`, for its version.
-fn connack_accepting<I>(io: &MqttIo<I>) -> Vec<u8> {
-    if io.session().version() == Some(aegis_mqtt::Version::V5) {
-        CONNACK_V5.to_vec()
-    } else {
-        CONNACK_V4.to_vec()
-    }
 }
 
 const CONNACK_V4: [u8; 4] = [0x20, 0x02, 0x00, 0x00];

@@ -9,7 +9,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 
 use aegis_core::Conn;
 use aegis_core::metrics::testing::{capture, run};
@@ -17,23 +16,11 @@ use aegis_core::proxy::Proxy;
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::policy::{Quota, Tier, metrics as m};
 use aegis_mqtt::layer::{MqttLayer, Policy};
-use common::{B, head};
+use common::{B, connect_v4_as, connect_v5_as, nz};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tower::{Layer, ServiceExt};
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-fn connect_v4(id: &str) -> Vec<u8> {
-    head("MQTT", 4, 0x02).s(id).frame(0x10)
-}
-
-fn connect_v5(id: &str) -> Vec<u8> {
-    head("MQTT", 5, 0x02).props(&[]).s(id).frame(0x10)
-}
 
 /// A PUBLISH to "t" with `QoS` `qos` (packet id `id` if above 0) and `payload`.
 fn publish(v5: bool, qos: u8, id: u16, payload: &[u8]) -> Vec<u8> {
@@ -114,9 +101,9 @@ fn a_connect_the_broker_refuses_charges_and_answers_nothing_sent_after_it() {
             let policy = policy();
             let layer = MqttLayer::new(Config::new()).policy(policy.clone());
             let (connect, refusal) = if v5 {
-                (connect_v5("victim"), vec![0x20, 0x03, 0x00, 0x87, 0x00])
+                (connect_v5_as("victim"), vec![0x20, 0x03, 0x00, 0x87, 0x00])
             } else {
-                (connect_v4("victim"), vec![0x20, 0x02, 0x00, 0x05])
+                (connect_v4_as("victim"), vec![0x20, 0x02, 0x00, 0x05])
             };
             let pipelined = [
                 publish(v5, 1, 1, b"one"),
@@ -169,7 +156,7 @@ fn a_connect_the_broker_refuses_charges_and_answers_nothing_sent_after_it() {
 async fn after_an_accepting_connack_the_pipelined_packets_arrive_intact() {
     let policy = policy();
     let layer = MqttLayer::new(Config::new()).policy(policy.clone());
-    let connect = connect_v5("c1");
+    let connect = connect_v5_as("c1");
     let big: Vec<u8> = (0..100_000_u32).map(|i| (i % 251) as u8).collect();
     let first = publish(true, 1, 1, &big);
     let over = publish(true, 1, 2, b"over the limit");

@@ -5,7 +5,6 @@
 mod common;
 
 use std::io;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use aegis_core::error::{BoxError, label_of};
@@ -14,21 +13,9 @@ use aegis_core::{Conn, metrics::testing};
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::policy::{KeyBy, Quota, Tier, metrics as m};
 use aegis_mqtt::layer::{MqttIo, MqttLayer, Policy};
-use common::{B, head};
+use common::{B, connect_v4_as, connect_v5_as, head, nz};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tower::{Layer, ServiceExt, service_fn};
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-fn connect_v4(id: &str) -> Vec<u8> {
-    head("MQTT", 4, 0x02).s(id).frame(0x10)
-}
-
-fn connect_v5(id: &str) -> Vec<u8> {
-    head("MQTT", 5, 0x02).props(&[]).s(id).frame(0x10)
-}
 
 /// A 3.1.1 `QoS` 0 PUBLISH to "t" with `payload`.
 fn publish_v4(payload: &[u8]) -> Vec<u8> {
@@ -157,23 +144,23 @@ async fn connect_over_the_per_address_limit_gets_connack_and_never_reaches_the_i
             .connect_per_addr(Quota::per_minute(nz(1)))
             .build(),
     );
-    let first = send(&layer, "192.0.2.1:1000", connect_v4("a")).await;
-    assert_eq!(forwarded(&first), connect_v4("a"));
+    let first = send(&layer, "192.0.2.1:1000", connect_v4_as("a")).await;
+    assert_eq!(forwarded(&first), connect_v4_as("a"));
     // The same address again, from another port: 3.1.1 CONNACK 0x05 "not authorized".
-    let v3 = send(&layer, "192.0.2.1:1001", connect_v4("b")).await;
+    let v3 = send(&layer, "192.0.2.1:1001", connect_v4_as("b")).await;
     assert_eq!(v3.got, [0x20, 0x02, 0x00, 0x05]);
     let err = v3.seen.expect_err("the inner service never ran");
     assert_eq!(label_of(&*err), ("mqtt", "connect_rate"));
     // MQTT 5: CONNACK 0x9F "connection rate exceeded"; IPv4-mapped IPv6 is the same key.
-    let v5 = send(&layer, "[::ffff:192.0.2.1]:1002", connect_v5("c")).await;
+    let v5 = send(&layer, "[::ffff:192.0.2.1]:1002", connect_v5_as("c")).await;
     assert_eq!(v5.got, [0x20, 0x03, 0x00, 0x9F, 0x00]);
     assert_eq!(label_of(&*v5.seen.unwrap_err()), ("mqtt", "connect_rate"));
     // Another address has its own budget, and the budget refills.
-    let other = send(&layer, "192.0.2.2:1000", connect_v4("d")).await;
-    assert_eq!(forwarded(&other), connect_v4("d"));
+    let other = send(&layer, "192.0.2.2:1000", connect_v4_as("d")).await;
+    assert_eq!(forwarded(&other), connect_v4_as("d"));
     tokio::time::advance(Duration::from_secs(60)).await;
-    let again = send(&layer, "192.0.2.1:1003", connect_v4("e")).await;
-    assert_eq!(forwarded(&again), connect_v4("e"));
+    let again = send(&layer, "192.0.2.1:1003", connect_v4_as("e")).await;
+    assert_eq!(forwarded(&again), connect_v4_as("e"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -186,20 +173,20 @@ async fn connect_addresses_are_keyed_by_prefix() {
             .build(),
     );
     assert!(
-        send(&layer, "[2001:db8::1]:1", connect_v4("a"))
+        send(&layer, "[2001:db8::1]:1", connect_v4_as("a"))
             .await
             .seen
             .is_ok()
     );
-    let r = send(&layer, "[2001:db8::ffff:2]:1", connect_v4("a")).await;
+    let r = send(&layer, "[2001:db8::ffff:2]:1", connect_v4_as("a")).await;
     assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
     assert!(
-        send(&layer, "192.0.2.1:1", connect_v4("a"))
+        send(&layer, "192.0.2.1:1", connect_v4_as("a"))
             .await
             .seen
             .is_ok()
     );
-    let r = send(&layer, "192.0.2.200:1", connect_v4("a")).await;
+    let r = send(&layer, "192.0.2.200:1", connect_v4_as("a")).await;
     assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
 }
 
@@ -214,16 +201,16 @@ async fn qos0_publish_over_the_limit_is_dropped_and_the_rest_forwarded_byte_exac
     let writes = vec![
         (
             Duration::ZERO,
-            [connect_v4("c1"), p1.clone(), p2, PINGREQ.to_vec()].concat(),
+            [connect_v4_as("c1"), p1.clone(), p2, PINGREQ.to_vec()].concat(),
         ),
         // One second later the budget has refilled.
         (Duration::from_secs(1), p3.clone()),
     ];
-    let broker = (connack_for(&connect_v4("c1")), vec![]);
+    let broker = (connack_for(&connect_v4_as("c1")), vec![]);
     let r = run(&layer, "192.0.2.1:1", writes, broker).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v4("c1"), p1, PINGREQ.to_vec(), p3].concat()
+        [connect_v4_as("c1"), p1, PINGREQ.to_vec(), p3].concat()
     );
     assert!(
         after_connack(&r.got).is_empty(),
@@ -240,14 +227,14 @@ async fn qos1_and_qos2_over_the_limit_are_dropped_silently_by_default() {
     );
     let ok = publish_v5(1, 1, b"a");
     let bytes = [
-        connect_v5("c1"),
+        connect_v5_as("c1"),
         ok.clone(),
         publish_v5(1, 2, b"b"),
         publish_v5(2, 3, b"c"),
     ]
     .concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
-    assert_eq!(forwarded(&r), [connect_v5("c1"), ok].concat());
+    assert_eq!(forwarded(&r), [connect_v5_as("c1"), ok].concat());
     assert!(after_connack(&r.got).is_empty());
 }
 
@@ -260,7 +247,7 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
     let layer = layer(policy);
     let ok = publish_v5(0, 0, b"a");
     let bytes = [
-        connect_v5("c1"),
+        connect_v5_as("c1"),
         ok.clone(),
         publish_v5(1, 0x1234, b"b"),
         publish_v5(2, 7, b"c"),
@@ -271,7 +258,7 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v5("c1"), ok, PINGREQ.to_vec()].concat()
+        [connect_v5_as("c1"), ok, PINGREQ.to_vec()].concat()
     );
     assert_eq!(
         after_connack(&r.got),
@@ -279,13 +266,16 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
     );
     // MQTT 3.1.1 has no such reason code: dropped silently even with the answer on.
     let bytes = [
-        connect_v4("c2"),
+        connect_v4_as("c2"),
         publish_v4(b"a"),
         B::new().s("t").u16(5).raw(b"b").frame(0x32),
     ]
     .concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
-    assert_eq!(forwarded(&r), [connect_v4("c2"), publish_v4(b"a")].concat());
+    assert_eq!(
+        forwarded(&r),
+        [connect_v4_as("c2"), publish_v4(b"a")].concat()
+    );
     assert!(after_connack(&r.got).is_empty());
 }
 
@@ -297,11 +287,16 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
             .build(),
     );
     // 3.1.1: one 0x80 per filter.
-    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    let bytes = [
+        connect_v4_as("c1"),
+        subscribe(false, 1),
+        subscribe(false, 2),
+    ]
+    .concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v4("c1"), subscribe(false, 1)].concat()
+        [connect_v4_as("c1"), subscribe(false, 1)].concat()
     );
     assert_eq!(after_connack(&r.got), [0x90, 0x04, 0x00, 0x02, 0x80, 0x80]);
     // 3.1: its SUBACK has no failure code, so the connection is refused.
@@ -325,7 +320,7 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
     assert!(after_connack(&r.got).is_empty(), "{:?}", r.got);
     // 5.0: an empty property list, then one 0x97 per filter.
     let bytes = [
-        connect_v5("c2"),
+        connect_v5_as("c2"),
         subscribe(true, 1),
         subscribe(true, 0x0102),
     ]
@@ -333,7 +328,7 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v5("c2"), subscribe(true, 1)].concat()
+        [connect_v5_as("c2"), subscribe(true, 1)].concat()
     );
     assert_eq!(
         after_connack(&r.got),
@@ -360,7 +355,7 @@ async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
     };
     let first = alias("a", b"x");
     let bytes = [
-        connect_v5("c1"),
+        connect_v5_as("c1"),
         first.clone(),
         alias("b", b"y"),
         alias("", b"z"),
@@ -378,12 +373,12 @@ async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
     };
     let r = send(bytes).await;
     let (seen, end) = r.seen.as_ref().expect("the inner service ran");
-    assert_eq!(*seen, [connect_v5("c1"), first].concat());
+    assert_eq!(*seen, [connect_v5_as("c1"), first].concat());
     assert_eq!(*end, Err(io::ErrorKind::InvalidData));
     assert_eq!(after_connack(&r.got), [0xE0, 0x02, 0x96, 0x00]);
     // Only using an alias, over the limit: dropped, the connection goes on.
     let bytes = [
-        connect_v5("c2"),
+        connect_v5_as("c2"),
         alias("a", b"x"),
         alias("", b"y"),
         PINGREQ.to_vec(),
@@ -392,7 +387,7 @@ async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
     let r = send(bytes).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v5("c2"), alias("a", b"x"), PINGREQ.to_vec()].concat()
+        [connect_v5_as("c2"), alias("a", b"x"), PINGREQ.to_vec()].concat()
     );
 }
 
@@ -406,7 +401,12 @@ async fn packets_after_the_connect_wait_for_the_brokers_connack() {
         .subscribe_per_client(Quota::per_minute(nz(1)))
         .build();
     let (mut client, server) = tokio::io::duplex(1 << 20);
-    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    let bytes = [
+        connect_v4_as("c1"),
+        subscribe(false, 1),
+        subscribe(false, 2),
+    ]
+    .concat();
     client.write_all(&bytes).await.unwrap();
     client.shutdown().await.unwrap();
     let connack = vec![0x20, 0x02, 0x00, 0x00];
@@ -441,7 +441,7 @@ async fn packets_after_the_connect_wait_for_the_brokers_connack() {
         .oneshot(io)
         .await
         .unwrap();
-    assert_eq!(seen, [connect_v4("c1"), subscribe(false, 1)].concat());
+    assert_eq!(seen, [connect_v4_as("c1"), subscribe(false, 1)].concat());
     assert_eq!(policy.tracked_keys(Tier::Subscribe), 1);
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
@@ -460,7 +460,12 @@ async fn the_gateways_own_connack_drops_its_queued_answers() {
         .subscribe_per_client(Quota::per_minute(nz(1)))
         .build();
     let layer = layer(policy.clone()).connack_timeout(Duration::from_secs(5));
-    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    let bytes = [
+        connect_v4_as("c1"),
+        subscribe(false, 1),
+        subscribe(false, 2),
+    ]
+    .concat();
     // The client keeps its side open past the timeout; the broker never answers.
     let writes = vec![(Duration::ZERO, bytes), (Duration::from_secs(10), vec![])];
     let r = run(&layer, "192.0.2.1:1", writes, (vec![], vec![])).await;
@@ -478,14 +483,19 @@ async fn answers_wait_for_a_packet_boundary_of_the_broker() {
     let connack = vec![0x20, 0x02, 0x00, 0x00];
     let broker_publish = publish_v4(b"from the broker");
     let (head, tail) = broker_publish.split_at(5);
-    let bytes = [connect_v4("c1"), subscribe(false, 1), subscribe(false, 2)].concat();
+    let bytes = [
+        connect_v4_as("c1"),
+        subscribe(false, 1),
+        subscribe(false, 2),
+    ]
+    .concat();
     // The broker is inside its PUBLISH while the SUBSCRIBE is dropped: the SUBACK goes
     // out only after the PUBLISH is complete.
     let broker = ([connack.clone(), head.to_vec()].concat(), tail.to_vec());
     let r = run(&layer, "192.0.2.1:1", vec![(Duration::ZERO, bytes)], broker).await;
     assert_eq!(
         forwarded(&r),
-        [connect_v4("c1"), subscribe(false, 1)].concat()
+        [connect_v4_as("c1"), subscribe(false, 1)].concat()
     );
     assert_eq!(
         r.got,
@@ -509,16 +519,16 @@ async fn the_budget_is_per_client_id_and_shared_across_its_connections() {
     let one = send(
         &layer,
         "192.0.2.1:1",
-        [connect_v4("c1"), p.clone()].concat(),
+        [connect_v4_as("c1"), p.clone()].concat(),
     )
     .await;
-    assert_eq!(forwarded(&one), [connect_v4("c1"), p.clone()].concat());
+    assert_eq!(forwarded(&one), [connect_v4_as("c1"), p.clone()].concat());
     // "c1" reconnects (from elsewhere): one PUBLISH left of its two.
-    let bytes = [connect_v4("c1"), p.clone(), p.clone()].concat();
+    let bytes = [connect_v4_as("c1"), p.clone(), p.clone()].concat();
     let two = send(&layer, "192.0.2.9:1", bytes).await;
-    assert_eq!(forwarded(&two), [connect_v4("c1"), p.clone()].concat());
+    assert_eq!(forwarded(&two), [connect_v4_as("c1"), p.clone()].concat());
     // "c2" has its own budget, even from the first client's address.
-    let bytes = [connect_v4("c2"), p.clone(), p.clone()].concat();
+    let bytes = [connect_v4_as("c2"), p.clone(), p.clone()].concat();
     let other = send(&layer, "192.0.2.1:2", bytes.clone()).await;
     assert_eq!(forwarded(&other), bytes);
 }
@@ -537,7 +547,7 @@ async fn bytes_tier_counts_whole_packets_and_refuses_more_than_the_burst() {
     let writes = vec![
         (
             Duration::ZERO,
-            [connect_v4("c1"), sixty.clone(), sixty.clone()].concat(),
+            [connect_v4_as("c1"), sixty.clone(), sixty.clone()].concat(),
         ),
         (Duration::from_secs(1), big),
         (Duration::ZERO, sixty.clone()),
@@ -546,13 +556,13 @@ async fn bytes_tier_counts_whole_packets_and_refuses_more_than_the_burst() {
         &layer,
         "192.0.2.1:1",
         writes,
-        (connack_for(&connect_v4("c1")), vec![]),
+        (connack_for(&connect_v4_as("c1")), vec![]),
     )
     .await;
     // The second 60 find 40 left; a second later the 105 never fit, the 60 do.
     assert_eq!(
         forwarded(&r),
-        [connect_v4("c1"), sixty.clone(), sixty].concat()
+        [connect_v4_as("c1"), sixty.clone(), sixty].concat()
     );
 }
 
@@ -563,16 +573,16 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
             .packets_per_client(Quota::per_minute(nz(2)))
             .build(),
     );
-    let bytes = [connect_v5("c1"), PINGREQ.repeat(3)].concat();
+    let bytes = [connect_v5_as("c1"), PINGREQ.repeat(3)].concat();
     let r = send(&layer, "192.0.2.1:1", bytes).await;
     let (seen, end) = r.seen.unwrap();
-    assert_eq!(seen, [connect_v5("c1"), PINGREQ.repeat(2)].concat());
+    assert_eq!(seen, [connect_v5_as("c1"), PINGREQ.repeat(2)].concat());
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
     assert_eq!(after_connack(&r.got), [0xE0, 0x02, 0x96, 0x00]);
     // A PUBLISH over the same tier is dropped, not refused; acks are never limited.
     let puback = vec![0x40, 0x02, 0x00, 0x01];
     let bytes = [
-        connect_v4("c2"),
+        connect_v4_as("c2"),
         PINGREQ.to_vec(),
         publish_v4(b"a"),
         publish_v4(b"b"),
@@ -584,7 +594,13 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
     let (seen, end) = r.seen.unwrap();
     assert_eq!(
         seen,
-        [connect_v4("c2"), PINGREQ.to_vec(), publish_v4(b"a"), puback].concat()
+        [
+            connect_v4_as("c2"),
+            PINGREQ.to_vec(),
+            publish_v4(b"a"),
+            puback
+        ]
+        .concat()
     );
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
     assert!(
@@ -603,8 +619,13 @@ async fn the_key_cap_bounds_the_state_and_new_clients_share_the_overflow_budget(
     let p = publish_v4(b"x");
     let mut forwarded_publishes = Vec::new();
     for id in ["c0", "c1", "c2", "c3", "c4"] {
-        let r = send(&layer, "192.0.2.1:1", [connect_v4(id), p.clone()].concat()).await;
-        forwarded_publishes.push(forwarded(&r).len() > connect_v4(id).len());
+        let r = send(
+            &layer,
+            "192.0.2.1:1",
+            [connect_v4_as(id), p.clone()].concat(),
+        )
+        .await;
+        forwarded_publishes.push(forwarded(&r).len() > connect_v4_as(id).len());
     }
     // c0 and c1 are tracked; c2 takes the one overflow budget, c3 and c4 find it spent.
     assert_eq!(forwarded_publishes, [true, true, true, false, false]);
@@ -613,10 +634,10 @@ async fn the_key_cap_bounds_the_state_and_new_clients_share_the_overflow_budget(
     let r = send(
         &layer,
         "192.0.2.1:1",
-        [connect_v4("c0"), p.clone()].concat(),
+        [connect_v4_as("c0"), p.clone()].concat(),
     )
     .await;
-    assert_eq!(forwarded(&r), connect_v4("c0"));
+    assert_eq!(forwarded(&r), connect_v4_as("c0"));
 }
 
 #[test]
@@ -639,7 +660,7 @@ fn drops_answers_and_refusals_are_counted() {
                 .build();
             let layer = layer(policy);
             let bytes = [
-                connect_v5("c1"),
+                connect_v5_as("c1"),
                 publish_v5(0, 0, b"a"),
                 publish_v5(0, 0, b"b"),
                 publish_v5(1, 1, b"c"),
@@ -652,7 +673,7 @@ fn drops_answers_and_refusals_are_counted() {
             // A SUBSCRIBE whose SUBACK is over the answer queue's bound: dropped without
             // an answer (the CONNACK lifts the small cap before the CONNACK).
             let filters = (0..17_000).fold(B::new().u16(9).props(&[]), |b, _| b.s("a").u8(0));
-            let bytes = [connect_v5("c2"), subscribe(true, 1), filters.frame(0x82)].concat();
+            let bytes = [connect_v5_as("c2"), subscribe(true, 1), filters.frame(0x82)].concat();
             let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
             let r = run(
                 &layer,
@@ -664,9 +685,9 @@ fn drops_answers_and_refusals_are_counted() {
             assert_eq!(r.got, connack);
             assert_eq!(
                 forwarded(&r),
-                [connect_v5("c2"), subscribe(true, 1)].concat()
+                [connect_v5_as("c2"), subscribe(true, 1)].concat()
             );
-            let r = send(&layer, "192.0.2.1:1", connect_v4("c3")).await;
+            let r = send(&layer, "192.0.2.1:1", connect_v4_as("c3")).await;
             assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
         });
     });
@@ -720,7 +741,7 @@ async fn a_refusal_inside_a_broker_packet_sends_the_queued_answer_then_the_disco
     // refused (DISCONNECT 0x90), all while the broker is inside its PUBLISH.
     let bad = B::new().s("#").props(&[]).frame(0x30);
     let bytes = [
-        connect_v5("c1"),
+        connect_v5_as("c1"),
         subscribe(true, 1),
         subscribe(true, 2),
         bad,
@@ -756,7 +777,7 @@ async fn a_refusal_inside_a_broker_packet_sends_the_queued_answer_then_the_disco
         "127.0.0.1:1883".parse().unwrap(),
     );
     let ((seen, end), write) = layer.layer(inner).oneshot(io).await.unwrap();
-    assert_eq!(seen, [connect_v5("c1"), subscribe(true, 1)].concat());
+    assert_eq!(seen, [connect_v5_as("c1"), subscribe(true, 1)].concat());
     assert_eq!(end, io::ErrorKind::InvalidData);
     assert_eq!(write, io::ErrorKind::BrokenPipe);
     let mut got = Vec::new();

@@ -74,12 +74,27 @@ pub fn head(name: &str, level: u8, flags: u8) -> B {
 
 /// A minimal valid 3.1.1 CONNECT with client id "c1", clean session.
 pub fn connect_v4() -> Vec<u8> {
-    head("MQTT", 4, 0x02).s("c1").frame(0x10)
+    connect_v4_as("c1")
 }
 
 /// A minimal valid 5.0 CONNECT with client id "c1", clean start, no properties.
 pub fn connect_v5() -> Vec<u8> {
-    head("MQTT", 5, 0x02).props(&[]).s("c1").frame(0x10)
+    connect_v5_as("c1")
+}
+
+/// A minimal valid 3.1.1 CONNECT with client id `id`, clean session.
+pub fn connect_v4_as(id: &str) -> Vec<u8> {
+    head("MQTT", 4, 0x02).s(id).frame(0x10)
+}
+
+/// A minimal valid 5.0 CONNECT with client id `id`, clean start, no properties.
+pub fn connect_v5_as(id: &str) -> Vec<u8> {
+    head("MQTT", 5, 0x02).props(&[]).s(id).frame(0x10)
+}
+
+/// `n` as a `NonZeroU32` (quotas and limits).
+pub fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap()
 }
 
 /// A minimal valid 3.1 CONNECT with client id "c1", clean session.
