@@ -969,15 +969,8 @@ impl Config {
         let l = &self.limits;
         let (mut global, mut per_ip, mut policy) = (None, None, PolicyQuotas::default());
         // Checked even with the limits off: the security detector keys clients by them.
-        if l.ipv4_prefix > 32 {
-            return Err(ConfigError::new("limits.ipv4_prefix", "must be at most 32"));
-        }
-        if l.ipv6_prefix > 128 {
-            return Err(ConfigError::new(
-                "limits.ipv6_prefix",
-                "must be at most 128",
-            ));
-        }
+        at_most("limits.ipv4_prefix", l.ipv4_prefix, 32)?;
+        at_most("limits.ipv6_prefix", l.ipv6_prefix, 128)?;
         if l.enabled {
             at_least("limits.max_keys", l.max_keys, 1)?;
             positive("limits.evict_every", l.evict_every)?;
@@ -1139,12 +1132,7 @@ impl Config {
 
         let sec = &self.security;
         if sec.enabled {
-            if sec.events > 100_000 {
-                return Err(ConfigError::new(
-                    "security.events",
-                    "must be at most 100000",
-                ));
-            }
+            at_most("security.events", sec.events, 100_000)?;
             positive("security.window", sec.window)?;
             positive("security.ban_for", sec.ban_for)?;
             positive("security.bans_save_every", sec.bans_save_every)?;
