@@ -391,17 +391,26 @@ fn global_rate_change_keeps_state_and_plain_rate_setters_keep_burst() {
         tokio::time::advance(Duration::from_secs(7)).await;
         assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
         assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
-        // 1 s of debt; at 100/s with burst 2 one comes back after 1 s - 10 ms.
+        // Both cells of the burst used; at 100/s with burst 2 they still are, and one
+        // comes back after 10 ms (not after the 1 s the old rate's state read as: a
+        // raise must not lock out whoever is at the limit).
         handle.set_global_rate(nz(100));
         assert_eq!(
             handle.global(),
             Some(Quota::per_second(nz(100)).allow_burst(nz(2)))
         );
         assert_eq!(try_conn(&mut svc, "192.0.2.3").await, Err("global"));
-        tokio::time::advance(Duration::from_millis(989)).await;
+        tokio::time::advance(Duration::from_millis(9)).await;
         assert_eq!(try_conn(&mut svc, "192.0.2.3").await, Err("global"));
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(try_conn(&mut svc, "192.0.2.3").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.4").await, Err("global"));
+        // And lowering it hands out no burst: out of it at 1/s too, for 1 s.
+        handle.set_global_rate(nz(1));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(try_conn(&mut svc, "192.0.2.4").await, Err("global"));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(try_conn(&mut svc, "192.0.2.4").await, Ok(()));
 
         // Tiers can be turned off and on at run time; per-client rate keeps its burst.
         handle.disable_global();
@@ -427,7 +436,8 @@ fn keyed_limiter_reports_wait_time_and_keeps_state_across_set_quota() {
         let wait = limiter.check(&"sensor-1").unwrap_err().wait();
         assert_eq!(wait, Duration::from_secs(1));
         limiter.set_quota(Quota::per_second(nz(4)));
-        // TAT 1 s ahead, at 4/s (burst 4, tolerance 750 ms): 250 ms to wait.
+        // Its whole burst (of 1) used: at 4/s its whole burst of 4, the last cell back
+        // in 250 ms.
         let wait = limiter.check(&"sensor-1").unwrap_err().wait();
         assert_eq!(wait, Duration::from_millis(250));
         assert_eq!(limiter.quota(), Quota::per_second(nz(4)));

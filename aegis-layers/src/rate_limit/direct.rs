@@ -4,19 +4,23 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::NotKeyed;
 use governor::{Quota, RateLimiter};
+use parking_lot::Mutex;
 
 use super::clock::{GovClock, TokioClock};
-use super::store::SharedCell;
+use super::store::{Rescale, SharedCell};
 
 /// An unkeyed limiter (the global tier) whose quota can change without losing state.
 pub(super) struct DirectLimiter {
     cell: SharedCell,
     current: ArcSwap<DirectCurrent>,
     clock: TokioClock,
+    /// One quota change at a time (see `KeyedLimiter::set_quota`).
+    quota_change: Mutex<()>,
 }
 
 struct DirectCurrent {
@@ -32,6 +36,7 @@ impl DirectLimiter {
             cell,
             current,
             clock,
+            quota_change: Mutex::new(()),
         }
     }
 
@@ -48,7 +53,13 @@ impl DirectLimiter {
         self.current.load().limiter.check().is_ok()
     }
 
+    /// Replaces the quota; the state keeps the cells used (see `store::Rescale`).
     pub(super) fn set_quota(&self, quota: Quota) {
+        let _one_at_a_time = self.quota_change.lock();
+        let by = Rescale::new(self.clock.now(), self.quota(), quota);
+        if !by.is_noop() {
+            self.cell.rescale(by);
+        }
         let next = Self::build(quota, &self.cell, self.clock);
         self.current.store(Arc::new(next));
     }

@@ -12,11 +12,12 @@ use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::{Quota, RateLimiter};
+use parking_lot::Mutex;
 
 use tokio::time::Instant;
 
 use super::clock::{GovClock, TokioClock, since};
-use super::store::SharedStore;
+use super::store::{Rescale, SharedStore};
 use crate::time::deadline;
 
 /// How often idle keys are evicted by default.
@@ -41,6 +42,9 @@ struct Inner<K: Hash + Eq + Clone, C: Clock> {
     epoch: C::Instant,
     evict_every: Duration,
     sweeper_started: AtomicBool,
+    /// Held by [`KeyedLimiter::set_quota`]: one quota change at a time, so that each
+    /// rescales the states from the quota it replaces.
+    quota_change: Mutex<()>,
 }
 
 /// A key's request was over its rate.
@@ -109,6 +113,7 @@ where
                 epoch,
                 evict_every: DEFAULT_EVICT_EVERY,
                 sweeper_started: AtomicBool::new(false),
+                quota_change: Mutex::new(()),
             }),
         }
     }
@@ -186,9 +191,20 @@ where
         }
     }
 
-    /// Replaces the quota. Every key keeps the burst it has used: the state store is
-    /// kept, only the GCRA parameters change (see the module docs).
+    /// Replaces the quota. Every key keeps the part of its burst it has used (a key at its
+    /// limit stays at it; with the burst kept, a key keeps the cells it has used): each
+    /// key's state is re-expressed for the new quota, in one pass over the keys (see the
+    /// module docs).
     pub fn set_quota(&self, quota: Quota) {
+        let _one_at_a_time = self.inner.quota_change.lock();
+        let by = Rescale::new(
+            since(&self.inner.clock, self.inner.epoch),
+            self.inner.current.load().quota,
+            quota,
+        );
+        if !by.is_noop() {
+            self.inner.store.rescale(by);
+        }
         let next = Current::new(
             quota,
             &self.inner.store,
@@ -332,6 +348,81 @@ mod tests {
             Duration::MAX
         );
         assert!(limiter.check_n(&1_u8, nz(100)).is_ok());
+    }
+
+    /// Raising the rate must not lock out a key at its limit: at 1/s with a burst of 40,
+    /// a key that used all 40 gets its next cell after 1 s. Kept as it was, its state
+    /// (40 s ahead) read at 2/s (tolerance 19.5 s) refused it for some 19.5 s more.
+    #[test]
+    fn raising_the_rate_keeps_a_key_at_its_limit_as_limited_not_more() {
+        let clock = FakeRelativeClock::default();
+        clock.advance(Duration::from_secs(100));
+        let limiter = KeyedLimiter::with_clock(
+            Quota::per_second(nz(1)).allow_burst(nz(40)),
+            10,
+            "raise",
+            clock.clone(),
+        );
+        for _ in 0..40 {
+            assert!(limiter.check(&1_u8).is_ok());
+        }
+        assert_eq!(
+            limiter.check(&1_u8).unwrap_err().wait(),
+            Duration::from_secs(1)
+        );
+        limiter.set_quota(Quota::per_second(nz(2)).allow_burst(nz(40)));
+        // Still out of burst, now coming back at 2/s.
+        assert_eq!(
+            limiter.check(&1_u8).unwrap_err().wait(),
+            Duration::from_millis(500)
+        );
+        clock.advance(Duration::from_millis(500));
+        assert!(limiter.check(&1_u8).is_ok());
+        assert!(limiter.check(&1_u8).is_err());
+    }
+
+    /// Lowering the rate must not hand out burst again: at 20/s with a burst of 40, a key
+    /// that used all 40 is out of burst at 16/s too. Kept as it was, its state (2 s
+    /// ahead) read at 16/s (tolerance 2.44 s) admitted 8 more at once.
+    #[test]
+    fn lowering_the_rate_hands_out_no_burst() {
+        let clock = FakeRelativeClock::default();
+        clock.advance(Duration::from_secs(100));
+        let limiter = KeyedLimiter::with_clock(
+            Quota::per_second(nz(20)).allow_burst(nz(40)),
+            10,
+            "lower",
+            clock.clone(),
+        );
+        for _ in 0..40 {
+            assert!(limiter.check(&1_u8).is_ok());
+        }
+        limiter.set_quota(Quota::per_second(nz(16)).allow_burst(nz(40)));
+        assert_eq!(
+            limiter.check(&1_u8).unwrap_err().wait(),
+            Duration::from_micros(62_500)
+        );
+        // A key that used half its burst has the other half left, at either rate.
+        for _ in 0..20 {
+            assert!(limiter.check(&2_u8).is_ok());
+        }
+        limiter.set_quota(Quota::per_second(nz(4)).allow_burst(nz(40)));
+        for _ in 0..20 {
+            assert!(limiter.check(&2_u8).is_ok());
+        }
+        assert!(limiter.check(&2_u8).is_err());
+        // Keys over the cap share the overflow bucket: it is rescaled too.
+        let full = KeyedLimiter::with_clock(
+            Quota::per_second(nz(20)).allow_burst(nz(40)),
+            0,
+            "overflow",
+            clock.clone(),
+        );
+        for _ in 0..40 {
+            assert!(full.check(&3_u8).is_ok());
+        }
+        full.set_quota(Quota::per_second(nz(16)).allow_burst(nz(40)));
+        assert!(full.check(&4_u8).is_err());
     }
 
     /// A slow quota and a large `n` (the bytes of a message a client chose) overflowed

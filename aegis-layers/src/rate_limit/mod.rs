@@ -94,8 +94,17 @@
 //! *same* store and swaps it in with [`arc_swap`] (a lock-free pointer swap; connections
 //! in flight finish on the limiter they loaded). Every TAT is stored in nanoseconds
 //! since one epoch fixed when the limiter was created, and every `RateLimiter` built
-//! over the store measures from that epoch, so a client that used up its burst before
-//! the change is still limited after it, measured against the new quota.
+//! over the store measures from that epoch.
+//!
+//! Each client keeps the part of its burst it has used: a client at its limit stays at
+//! it, one with half its burst left has half of the new burst left (with the burst
+//! kept, as the `*_rate` setters do: the cells it has used). A TAT is a time, and the
+//! same time means another part of the burst under another quota, so a change
+//! re-expresses every stored TAT for the new quota, in one pass over the tracked
+//! clients (at most [`max_keys`](RateLimitBuilder::max_keys)) under a lock that keeps
+//! changes one at a time; checks go on meanwhile. Left as they were, raising the rate
+//! tenfold would lock a client at its limit out for ten times its burst, and lowering it
+//! would hand out burst again on every step of a controller cutting the rate.
 //!
 //! # Clock
 //!

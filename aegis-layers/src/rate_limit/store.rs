@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use governor::Quota;
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 
@@ -47,6 +48,61 @@ impl Cell {
     fn is_idle(&self, now: Nanos) -> bool {
         self.0.load(Ordering::Relaxed) <= now.as_u64()
     }
+
+    /// Re-expresses the state for a new quota: see [`Rescale`].
+    fn rescale(&self, by: Rescale) {
+        // A state at or before `now` is replenished under any quota: left as it is.
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                (tat > by.now).then(|| by.apply(tat))
+            });
+    }
+}
+
+/// A quota change, for the states stored under the old quota.
+///
+/// A TAT (theoretical arrival time) `tat` ahead of `now` is the part of a key's burst
+/// in use: `(tat - now)` out of the burst's whole span, `t * burst`, `t` being the time
+/// one cell takes to come back. Kept as it is under a new quota, the same TAT would be
+/// another part of the new span: raising the rate tenfold left a key at its limit
+/// locked out for ten times its burst, lowering it handed out burst again. So each
+/// state is moved to `now + (tat - now) * span' / span`: a key keeps the part of its
+/// burst it has used (at its limit, it stays at its limit; with half its burst left,
+/// it has half of the new burst left). With the burst kept, as the `*_rate` setters
+/// do, that is the cells it has used.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Rescale {
+    now: u64,
+    old_span: u128,
+    new_span: u128,
+}
+
+impl Rescale {
+    /// `now` on the stores' clock; `old` and `new` the quotas before and after.
+    pub(super) fn new(now: Nanos, old: Quota, new: Quota) -> Self {
+        // As governor takes a cell interval: at least one nanosecond.
+        let span =
+            |q: Quota| q.replenish_interval().as_nanos().max(1) * u128::from(q.burst_size().get());
+        Self {
+            now: now.as_u64(),
+            old_span: span(old),
+            new_span: span(new),
+        }
+    }
+
+    /// Whether the states change at all.
+    pub(super) fn is_noop(&self) -> bool {
+        self.old_span == self.new_span
+    }
+
+    /// `tat`, after `now`, re-expressed; never 0, which a cell reads as "never seen".
+    fn apply(self, tat: u64) -> u64 {
+        let used = u128::from(tat - self.now) * self.new_span / self.old_span;
+        u64::try_from(u128::from(self.now) + used)
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
 }
 
 /// The state of one direct (unkeyed) limiter, shared by every limiter built over it.
@@ -62,6 +118,13 @@ impl StateStore for SharedCell {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         self.0.measure_and_replace(f)
+    }
+}
+
+impl SharedCell {
+    /// Re-expresses the state for a new quota (see [`Rescale`]).
+    pub(super) fn rescale(&self, by: Rescale) {
+        self.0.rescale(by);
     }
 }
 
@@ -99,6 +162,13 @@ impl<K: Hash + Eq + Clone> Store<K> {
                 (n < self.max_keys).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    fn rescale(&self, by: Rescale) {
+        for entry in &self.map {
+            entry.value().rescale(by);
+        }
+        self.overflow.rescale(by);
     }
 
     fn evict_idle(&self, now: Nanos) -> usize {
@@ -172,6 +242,12 @@ impl<K: Hash + Eq + Clone> SharedStore<K> {
 
     pub(super) fn name(&self) -> &'static str {
         self.0.name
+    }
+
+    /// Re-expresses every key's state, and the overflow bucket's, for a new quota (see
+    /// [`Rescale`]): one pass over the keys.
+    pub(super) fn rescale(&self, by: Rescale) {
+        self.0.rescale(by);
     }
 
     /// Drops every key whose state is fully replenished at `now`; returns how many.
