@@ -21,6 +21,10 @@
 //! assert!(net.contains("::ffff:198.51.100.1".parse().unwrap()));
 //! assert!(!net.contains("198.51.101.1".parse().unwrap()));
 //! ```
+//!
+//! Some IPv6 addresses carry the IPv4 address of their client (IPv4-mapped, 6to4 and
+//! Teredo ones): they are keyed, and held by networks, as that IPv4 client; see [IPv4
+//! clients in IPv6 addresses](ClientKey#ipv4-clients-in-ipv6-addresses).
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -28,11 +32,78 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// A client's network: an address truncated to a prefix (`/32` for IPv4 and `/64` for
-/// IPv6 by [`KeyBy::default`]), IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) folded to
-/// IPv4 first. Built by [`KeyBy::key`], [`ClientKey::new`] or parsed from CIDR notation.
+/// IPv6 by [`KeyBy::default`]). Built by [`KeyBy::key`], which keys an IPv6 address
+/// that carries an IPv4 client (IPv4-mapped, 6to4, Teredo) as that IPv4 address (see
+/// [below](#ipv4-clients-in-ipv6-addresses)), by [`ClientKey::new`] or parsed from CIDR
+/// notation.
 ///
 /// `Display` shows the network (`2001:db8:1:2::/64`); it is meant for logs, never for
 /// metric labels.
+///
+/// # IPv4 clients in IPv6 addresses
+///
+/// Three kinds of IPv6 address carry the IPv4 address of the client that sent them,
+/// its *IPv4 client* here:
+///
+/// - an IPv4-mapped address (`::ffff:192.0.2.1`, RFC 4291), a dual-stack socket's view
+///   of an IPv4 client;
+/// - a 6to4 address (`2002::/16`, RFC 3056): the IPv4 address of the client's site in
+///   bits 16..48 (`2002:c000:0201::/48` is the site at `192.0.2.1`), then a 16-bit
+///   subnet id and an interface id of the site's choosing;
+/// - a Teredo address (`2001::/32`, RFC 4380): the Teredo server's IPv4 address in bits
+///   32..64, flags and a port, then the client's IPv4 address (its NAT's public one),
+///   every bit inverted, in the last 32 bits.
+///
+/// [`KeyBy::key`] keys each of them by its IPv4 client, under the IPv4 prefix, so that a
+/// client has one key whether it comes over IPv4 or through one of these. Keyed by the
+/// IPv6 prefix, neither 6to4 nor Teredo clients would be told apart right: a 6to4 site
+/// picks any of its 65,536 subnets, a /64 each, and would escape every per-client limit
+/// and ban by rotating them; all the Teredo clients of one server share a /64
+/// (`2001:0:<server>::/64`), and one abuser among them would get all of them limited or
+/// banned. This holds whatever the IPv6 prefix, even one short enough to hold all of
+/// `2002::/16`: the IPv4 client is the client, as for a plain IPv4 address.
+///
+/// It is as much the client's as a plain IPv4 source address: the replies to a 6to4 or
+/// Teredo address go, through a relay, to the IPv4 address it carries, so a client that
+/// completes a TCP handshake from one receives at that IPv4 address.
+///
+/// [`ClientKey::contains`] (and [`NetMap`](crate::NetMap), a ban table or deny list of
+/// them) agrees with the keys: **an IPv4 network holds every address whose IPv4 client
+/// it holds**, and an IPv6 network holds the IPv6 addresses in it, but no IPv4-mapped
+/// one (those are IPv4 addresses here). A 6to4 or Teredo address is thus held by the
+/// IPv6 networks it is in *and* by the IPv4 networks that hold its IPv4 client:
+///
+/// - the key of a 6to4 or Teredo client holds its every address, so a ban of that key
+///   refuses the client's next connection, from any subnet, over IPv4 too;
+/// - a deny or exempt entry of an IPv4 network applies to the 6to4 and Teredo clients
+///   inside it (else a denied network would only need a 6to4 relay to get around its
+///   entry, and an exempt one would be banned under keys inside it);
+/// - `2002::/16` and `2001::/32` still hold every 6to4 or Teredo address, a 6to4
+///   site's `/48` its subnets, so a list can name those too; and `0.0.0.0/0` holds them
+///   all, as it holds every IPv4 client.
+///
+/// ```
+/// use aegis_core::{ClientKey, KeyBy};
+///
+/// let by = KeyBy::default();
+/// // Two subnets of the 6to4 site at 192.0.2.1, and the site over IPv4: one client.
+/// let a = by.key("2002:c000:201:1::1".parse().unwrap());
+/// let b = by.key("2002:c000:201:ffff::2".parse().unwrap());
+/// assert_eq!(a, b);
+/// assert_eq!(a, by.key("192.0.2.1".parse().unwrap()));
+/// assert_eq!(a.to_string(), "192.0.2.1/32");
+/// // Two Teredo clients of the server at 192.0.2.45, behind NATs at 198.51.100.1 and
+/// // 198.51.100.2 (inverted in the last 32 bits): two clients.
+/// let c = by.key("2001:0:c000:22d:8000:f227:39cc:9bfe".parse().unwrap());
+/// let d = by.key("2001:0:c000:22d:8000:f227:39cc:9bfd".parse().unwrap());
+/// assert_eq!(c.to_string(), "198.51.100.1/32");
+/// assert_eq!(d.to_string(), "198.51.100.2/32");
+///
+/// let net: ClientKey = "192.0.2.0/24".parse().unwrap();
+/// assert!(net.contains("2002:c000:201:1::1".parse().unwrap()));
+/// let six_to_four: ClientKey = "2002::/16".parse().unwrap();
+/// assert!(six_to_four.contains("2002:c000:201:1::1".parse().unwrap()));
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClientKey {
     net: IpAddr,
@@ -45,7 +116,11 @@ impl ClientKey {
     ///
     /// An IPv4-mapped IPv6 address is taken as its IPv4 address when the prefix keeps
     /// all 96 mapping bits, so that one network has one key: `::ffff:192.0.2.0/120` is
-    /// `192.0.2.0/24`.
+    /// `192.0.2.0/24`. A 6to4 or Teredo network stays an IPv6 network: unlike the
+    /// mapping, theirs is not one to one (`2002:c000:201::/48` holds 2^80 addresses of
+    /// the site at `192.0.2.1`, and `2002::/16` is no IPv4 network), and it holds the
+    /// IPv6 addresses in it as any IPv6 network does. The IPv4 network of their IPv4
+    /// clients holds them too (see [`contains`](Self::contains)).
     pub const fn new(ip: IpAddr, prefix: u8) -> Option<Self> {
         match ip {
             IpAddr::V4(v4) if prefix <= 32 => Some(Self::v4(v4, prefix)),
@@ -58,8 +133,22 @@ impl ClientKey {
     }
 
     /// `ip` alone: `/32` or `/128` (an IPv4-mapped IPv6 address as its IPv4 address).
+    /// Exactly the address, unlike [`KeyBy::key`]: a 6to4 or Teredo address is its own
+    /// `/128`, which an IPv4 network still holds through its IPv4 client (see
+    /// [`contains`](Self::contains)).
+    ///
+    /// ```
+    /// use aegis_core::{ClientKey, KeyBy};
+    ///
+    /// let ip = "2002:c000:201::1".parse().unwrap();
+    /// assert_eq!(ClientKey::host(ip).to_string(), "2002:c000:201::1/128");
+    /// assert_eq!(KeyBy::new(32, 128).key(ip).to_string(), "192.0.2.1/32");
+    /// ```
     pub const fn host(ip: IpAddr) -> Self {
-        KeyBy::new(32, 128).key(ip)
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self::v4(v4, 32),
+            IpAddr::V6(v6) => Self::v6(v6, 128),
+        }
     }
 
     /// `prefix` must be at most 32.
@@ -104,21 +193,110 @@ impl ClientKey {
         }
     }
 
-    /// Whether `ip` is in this network. An IPv4 address and its IPv4-mapped IPv6 form
-    /// are the same address here, an IPv4 one: an IPv6 network holds no IPv4 address,
-    /// not even `::/0` (else the key `::/64` of a client at `::1` would hold every
+    /// Whether `ip` is in this network. An IPv4 network holds the addresses whose IPv4
+    /// client it holds: IPv4 addresses, and the IPv4-mapped, 6to4 and Teredo addresses
+    /// that carry one (see [IPv4 clients in IPv6
+    /// addresses](ClientKey#ipv4-clients-in-ipv6-addresses)), so that a key made by
+    /// [`KeyBy::key`] holds the address it was made of. An IPv6 network holds the IPv6
+    /// addresses in it (6to4 and Teredo ones too) but no IPv4-mapped one: an IPv4
+    /// address and its mapped form are the same address here, an IPv4 one, and not
+    /// even `::/0` holds it (else the key `::/64` of a client at `::1` would hold every
     /// IPv4 client, their mapped forms starting with 64 zero bits).
+    ///
+    /// ```
+    /// use aegis_core::ClientKey;
+    ///
+    /// let net = |s: &str| s.parse::<ClientKey>().unwrap();
+    /// let six_to_four = "2002:c000:201:7::1".parse().unwrap(); // the site at 192.0.2.1
+    /// assert!(net("192.0.2.0/24").contains(six_to_four));
+    /// assert!(net("2002:c000:201::/48").contains(six_to_four));
+    /// assert!(!net("198.51.100.0/24").contains(six_to_four));
+    /// assert!(!net("::/0").contains("::ffff:192.0.2.1".parse().unwrap()));
+    /// ```
     pub const fn contains(&self, ip: IpAddr) -> bool {
-        let within = match (ip.to_canonical(), self.net) {
-            (IpAddr::V4(ip), IpAddr::V4(_)) => Self::v4(ip, self.prefix),
-            (IpAddr::V6(ip), IpAddr::V6(_)) => Self::v6(ip, self.prefix),
-            (IpAddr::V4(_) | IpAddr::V6(_), _) => return false,
-        };
-        match (within.net, self.net) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => a.to_bits() == b.to_bits(),
-            (IpAddr::V6(a), IpAddr::V6(b)) => a.to_bits() == b.to_bits(),
-            _ => false,
+        match (self.net, ip) {
+            (IpAddr::V4(net), ip) => match v4_client(ip) {
+                Some(v4) => same_net(Self::v4(v4, self.prefix).net, IpAddr::V4(net)),
+                None => false,
+            },
+            (IpAddr::V6(net), IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                same_net(Self::v6(v6, self.prefix).net, IpAddr::V6(net))
+            }
+            (IpAddr::V6(_), _) => false,
         }
+    }
+
+    /// For an IPv6 network of 6to4 addresses (in `2002::/16`) or Teredo addresses (in
+    /// `2001::/32`), the IPv4 network that holds the IPv4 clients of all its addresses
+    /// (`2002:c000:200::/40` gives `192.0.2.0/24`, any `/48` or longer a `/32`; a
+    /// Teredo network shorter than `/97` gives `0.0.0.0/0`); `None` for any other
+    /// network. An IPv4 network holds all of this network exactly when it holds that
+    /// one ([`NetMap::covering`](crate::NetMap::covering)).
+    pub(crate) const fn v4_clients(&self) -> Option<Self> {
+        let IpAddr::V6(v6) = self.net else {
+            return None;
+        };
+        let bits = v6.to_bits();
+        if self.prefix >= 16 && bits >> 112 == SIX_TO_FOUR {
+            let kept = if self.prefix < 48 { self.prefix } else { 48 };
+            Some(Self::v4(six_to_four_site(bits), kept - 16))
+        } else if self.prefix >= 32 && bits >> 96 == TEREDO {
+            let kept = if self.prefix > 96 { self.prefix } else { 96 };
+            Some(Self::v4(teredo_client(bits), kept - 96))
+        } else {
+            None
+        }
+    }
+}
+
+/// The first 16 bits of a 6to4 address (`2002::/16`, RFC 3056).
+const SIX_TO_FOUR: u128 = 0x2002;
+
+/// The first 32 bits of a Teredo address (`2001::/32`, RFC 4380).
+const TEREDO: u128 = 0x2001_0000;
+
+/// The IPv4 address of a 6to4 site: bits 16..48 of its addresses.
+#[allow(clippy::cast_possible_truncation)] // keeping the low 32 bits is the point
+const fn six_to_four_site(bits: u128) -> Ipv4Addr {
+    Ipv4Addr::from_bits((bits >> 80) as u32)
+}
+
+/// The IPv4 address of a Teredo client: the last 32 bits of its address, inverted.
+#[allow(clippy::cast_possible_truncation)] // keeping the low 32 bits is the point
+const fn teredo_client(bits: u128) -> Ipv4Addr {
+    Ipv4Addr::from_bits(!(bits as u32))
+}
+
+/// The IPv4 client of `ip`: itself, or the one its IPv6 address carries.
+const fn v4_client(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => embedded_v4(v6),
+    }
+}
+
+/// The IPv4 address an IPv4-mapped, 6to4 or Teredo address carries (see [IPv4 clients
+/// in IPv6 addresses](ClientKey#ipv4-clients-in-ipv6-addresses)).
+const fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let bits = v6.to_bits();
+    if bits >> 112 == SIX_TO_FOUR {
+        Some(six_to_four_site(bits))
+    } else if bits >> 96 == TEREDO {
+        Some(teredo_client(bits))
+    } else {
+        None
+    }
+}
+
+/// Whether two network addresses are the same (`==` is not `const`).
+const fn same_net(a: IpAddr, b: IpAddr) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.to_bits() == b.to_bits(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.to_bits() == b.to_bits(),
+        _ => false,
     }
 }
 
@@ -207,13 +385,21 @@ impl KeyBy {
         self.v6_prefix
     }
 
-    /// The key of `ip` (an IPv4-mapped address keyed as IPv4).
+    /// The key of `ip`: its network by the IPv4 prefix if it has an IPv4 client (it is
+    /// an IPv4 address, or an IPv4-mapped, 6to4 or Teredo IPv6 address, keyed as the
+    /// IPv4 address it carries: see [IPv4 clients in IPv6
+    /// addresses](ClientKey#ipv4-clients-in-ipv6-addresses)), else by the IPv6 prefix.
+    /// The key holds `ip` ([`ClientKey::contains`]).
     #[inline]
     pub const fn key(&self, ip: IpAddr) -> ClientKey {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => ClientKey::v4(v4, self.v4_prefix),
-            IpAddr::V6(v6) => ClientKey::v6(v6, self.v6_prefix),
-        }
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => match embedded_v4(v6) {
+                Some(v4) => v4,
+                None => return ClientKey::v6(v6, self.v6_prefix),
+            },
+        };
+        ClientKey::v4(v4, self.v4_prefix)
     }
 }
 
@@ -282,9 +468,176 @@ mod tests {
         assert!(net("192.0.2.7/32").contains("192.0.2.7".parse().unwrap()));
         assert!(!net("192.0.2.7/32").contains("192.0.2.8".parse().unwrap()));
         for by in [KeyBy::default(), KeyBy::new(20, 48), KeyBy::new(0, 128)] {
-            for ip in ["192.0.2.77", "2001:db8:7:8:9::1", "::ffff:10.1.2.3"] {
+            for ip in [
+                "192.0.2.77",
+                "2001:db8:7:8:9::1",
+                "::ffff:10.1.2.3",
+                "2002:c000:24d:1::1",
+                "2001:0:c000:22d:8000:f227:39cc:9bfe",
+            ] {
                 let ip = ip.parse().unwrap();
                 assert!(by.key(ip).contains(ip), "{by:?} {ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_subnets_of_a_6to4_site_are_one_client_and_the_same_as_its_ipv4_address() {
+        // The site at 192.0.2.1 (c000:0201) picks any of its 65,536 subnets.
+        for by in [
+            KeyBy::default(),
+            KeyBy::new(32, 128),
+            KeyBy::new(32, 48),
+            KeyBy::new(32, 16),
+            KeyBy::new(32, 0),
+        ] {
+            let v4 = key(by, "192.0.2.1");
+            for ip in [
+                "2002:c000:201::1",
+                "2002:c000:201:1::1",
+                "2002:c000:201:ffff:ffff:ffff:ffff:ffff",
+            ] {
+                assert_eq!(key(by, ip), v4, "{by:?} {ip}");
+            }
+            // Another site is another client, even with the same subnet and host.
+            assert_ne!(key(by, "2002:c000:202:1::1"), v4, "{by:?}");
+        }
+        assert_eq!(
+            key(KeyBy::default(), "2002:c000:201:1::1").to_string(),
+            "192.0.2.1/32"
+        );
+        // Under the IPv4 prefix: sites in one /24 are one client by /24.
+        let by24 = KeyBy::new(24, 64);
+        assert_eq!(
+            key(by24, "2002:c000:201:1::1"),
+            key(by24, "2002:c000:2fe::")
+        );
+        assert_eq!(key(by24, "2002:c000:2fe::").to_string(), "192.0.2.0/24");
+        // The ends of 2002::/16, and its neighbours, which are plain IPv6.
+        let by = KeyBy::default();
+        assert_eq!(key(by, "2002::").to_string(), "0.0.0.0/32");
+        assert_eq!(
+            key(by, "2002:ffff:ffff:ffff::").to_string(),
+            "255.255.255.255/32"
+        );
+        assert_eq!(
+            key(by, "2003:c000:201:1::1").to_string(),
+            "2003:c000:201:1::/64"
+        );
+        assert_eq!(
+            key(by, "2001:c000:201:1::1").to_string(),
+            "2001:c000:201:1::/64"
+        );
+    }
+
+    #[test]
+    fn teredo_clients_are_keyed_by_their_own_ipv4_address_not_by_their_server() {
+        // The server at 192.0.2.45 (c000:022d); clients behind 198.51.100.1 and
+        // 198.51.100.2, their last 32 bits inverted (39cc:9bfe, 39cc:9bfd).
+        let by = KeyBy::default();
+        let a = key(by, "2001:0:c000:22d:8000:f227:39cc:9bfe");
+        let b = key(by, "2001:0:c000:22d:8000:f227:39cc:9bfd");
+        assert_ne!(a, b);
+        assert_eq!(a, key(by, "198.51.100.1"));
+        assert_eq!(b.to_string(), "198.51.100.2/32");
+        // The same client through another server, port or flags: the same client.
+        assert_eq!(a, key(by, "2001:0:cb00:7101:0:1:39cc:9bfe"));
+        // Under the IPv4 prefix.
+        let by24 = KeyBy::new(24, 64);
+        assert_eq!(
+            key(by24, "2001:0:c000:22d:8000:f227:39cc:9bfe"),
+            key(by24, "2001:0:c000:22d:8000:f227:39cc:9b00")
+        );
+        // 2001::/32 only: 2001:1::/32 and the documentation prefix are plain IPv6.
+        assert_eq!(
+            key(by, "2001:1:c000:22d:8000:f227:39cc:9bfe").to_string(),
+            "2001:1:c000:22d::/64"
+        );
+        assert_eq!(
+            key(by, "2001:db8:c000:22d:8000:f227:39cc:9bfe").to_string(),
+            "2001:db8:c000:22d::/64"
+        );
+        assert_eq!(
+            key(by, "2001::ffff:ffff").to_string(),
+            "0.0.0.0/32",
+            "the end of 2001::/32"
+        );
+    }
+
+    #[test]
+    fn ipv4_networks_hold_the_6to4_and_teredo_addresses_that_carry_their_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let site = ip("2002:c000:201:7::1");
+        let teredo = ip("2001:0:c000:22d:8000:f227:39cc:9bfe"); // 198.51.100.1
+        assert!(net("192.0.2.1/32").contains(site));
+        assert!(net("192.0.2.0/24").contains(site));
+        assert!(!net("192.0.2.2/32").contains(site));
+        assert!(net("0.0.0.0/0").contains(site));
+        assert!(net("198.51.100.0/24").contains(teredo));
+        // Not the Teredo server's network: its other clients are not its doing.
+        assert!(!net("192.0.2.45/32").contains(teredo));
+        // IPv6 networks hold them as the IPv6 addresses they are.
+        for n in [
+            "2002::/16",
+            "2002:c000:201::/48",
+            "2002:c000:201:7::/64",
+            "::/0",
+        ] {
+            assert!(net(n).contains(site), "{n}");
+        }
+        assert!(!net("2002:c000:202::/48").contains(site));
+        assert!(net("2001::/32").contains(teredo));
+        assert!(net("2001:0:c000:22d::/64").contains(teredo));
+        // Plain IPv6 is held by no IPv4 network.
+        assert!(!net("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(!net("0.0.0.0/0").contains(ip("2003::1")));
+        // The host key of a 6to4 address is the address, held by its IPv4 client's key.
+        assert_eq!(ClientKey::host(site).to_string(), "2002:c000:201:7::1/128");
+        assert!(KeyBy::default().key(site).contains(site));
+    }
+
+    #[test]
+    fn a_6to4_or_teredo_network_knows_the_ipv4_network_of_its_clients() {
+        let clients = |s: &str| net(s).v4_clients().map(|n| n.to_string());
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(clients("2002::/16"), some("0.0.0.0/0"));
+        assert_eq!(clients("2002:c000:200::/40"), some("192.0.2.0/24"));
+        assert_eq!(clients("2002:c000:201::/48"), some("192.0.2.1/32"));
+        assert_eq!(clients("2002:c000:201:5::/64"), some("192.0.2.1/32"));
+        assert_eq!(clients("2002:c000:201:5::1/128"), some("192.0.2.1/32"));
+        // Wider than 2002::/16: not all 6to4.
+        assert_eq!(clients("2002::/15"), None);
+        assert_eq!(clients("2000::/3"), None);
+        assert_eq!(clients("::/0"), None);
+        // Teredo: the client is in the last 32 bits.
+        assert_eq!(clients("2001::/32"), some("0.0.0.0/0"));
+        assert_eq!(clients("2001:0:c000:22d::/64"), some("0.0.0.0/0"));
+        assert_eq!(
+            clients("2001:0:c000:22d:8000:f227:39cc:9b00/120"),
+            some("198.51.100.0/24")
+        );
+        assert_eq!(
+            clients("2001:0:c000:22d:8000:f227:39cc:9bfe/128"),
+            some("198.51.100.1/32")
+        );
+        assert_eq!(clients("2001::/31"), None);
+        assert_eq!(clients("2001:db8::/32"), None);
+        assert_eq!(clients("192.0.2.0/24"), None);
+        // Exactly the IPv4 network of the clients of every address in the network.
+        for n in [
+            "2002:c000:200::/40",
+            "2001:0:c000:22d:8000:f227:39cc:9b00/120",
+        ] {
+            let (n, v4) = (net(n), net(n).v4_clients().unwrap());
+            for host in [0_u128, 1, 0xff, 0xffff_ffff, u128::MAX] {
+                let mask = u128::MAX
+                    .checked_shr(u32::from(n.prefix_len()))
+                    .unwrap_or(0);
+                let IpAddr::V6(base) = n.network() else {
+                    unreachable!()
+                };
+                let ip = IpAddr::V6(Ipv6Addr::from_bits(base.to_bits() | (host & mask)));
+                assert!(v4.contains(ip), "{n} {ip}");
             }
         }
     }
@@ -293,6 +646,9 @@ mod tests {
     fn cidr_notation_parses_and_anything_else_is_refused() {
         assert_eq!(net("198.51.100.7/24").to_string(), "198.51.100.0/24");
         assert_eq!(net("2001:db8::1/128").to_string(), "2001:db8::1/128");
+        // 6to4 and Teredo networks stay IPv6 networks.
+        assert_eq!(net("2002:c000:201::/48").to_string(), "2002:c000:201::/48");
+        assert_eq!(net("2001::/32").to_string(), "2001::/32");
         assert!(net("2001:db8::1/128").is_host());
         assert!(!net("2001:db8::/127").is_host());
         assert_eq!(ClientKey::new("192.0.2.1".parse().unwrap(), 33), None);

@@ -13,9 +13,12 @@ use crate::ClientKey;
 /// It counts its networks by family and prefix length, so that finding the one that
 /// holds an address costs one hash lookup per length in use in that family (one, for
 /// networks of one length, such as a rate limiter's or a detector's keys), not one per
-/// network. The narrowest network that holds the address is the one found. An IPv6
-/// network holds no IPv4 address, IPv4-mapped ones included (see
-/// [`ClientKey::contains`]).
+/// network. The narrowest network that holds the address is the one found, an IPv4
+/// network before an IPv6 one. It holds what [`ClientKey::contains`] says: an IPv6
+/// network holds no IPv4 address, IPv4-mapped ones included, and an IPv4 network holds
+/// the 6to4 and Teredo addresses that carry an IPv4 address in it (see [IPv4 clients in
+/// IPv6 addresses](crate::ClientKey#ipv4-clients-in-ipv6-addresses)); for those, a
+/// lookup costs one per length in use in either family.
 ///
 /// ```
 /// use aegis_core::{ClientKey, NetMap};
@@ -27,6 +30,8 @@ use crate::ClientKey;
 /// assert_eq!((net.to_string().as_str(), *why), ("198.51.100.7/32", "scanner"));
 /// assert_eq!(deny.holding("198.51.100.8".parse().unwrap()).unwrap().1, &"abuse");
 /// assert!(deny.holding("198.51.101.1".parse().unwrap()).is_none());
+/// // The 6to4 site at 198.51.100.7, from any of its subnets.
+/// assert_eq!(deny.holding("2002:c633:6407:9::1".parse().unwrap()).unwrap().1, &"scanner");
 /// ```
 #[derive(Clone)]
 pub struct NetMap<V> {
@@ -106,16 +111,24 @@ impl<V> NetMap<V> {
     }
 
     /// The narrowest network in the map that holds all of `net` (`net` itself
-    /// included).
+    /// included), an IPv4 network first: one that holds `net`, or, for a network of 6to4
+    /// or Teredo addresses, one that holds the IPv4 clients of all of them
+    /// (`192.0.2.0/24` holds all of `2002:c000:201::/48`).
     pub fn covering(&self, net: &ClientKey) -> Option<ClientKey> {
-        let ip = net.network();
-        self.lengths
-            .iter()
-            .filter(|&&(v6, len, _)| v6 == ip.is_ipv6() && len <= net.prefix_len())
-            .find_map(|&(_, len, _)| {
-                let candidate = ClientKey::new(ip, len)?;
-                self.map.contains_key(&candidate).then_some(candidate)
-            })
+        let v4 = if net.network().is_ipv4() {
+            Some(*net)
+        } else {
+            net.v4_clients()
+        };
+        let v6 = net.network().is_ipv6().then_some(*net);
+        self.lengths.iter().find_map(|&(is_v6, len, _)| {
+            let within = if is_v6 { v6 } else { v4 }?;
+            if len > within.prefix_len() {
+                return None;
+            }
+            let candidate = ClientKey::new(within.network(), len)?;
+            self.map.contains_key(&candidate).then_some(candidate)
+        })
     }
 
     /// The narrowest network in the map that holds `ip`, and its value.
@@ -223,5 +236,78 @@ mod tests {
         let all: NetMap<()> = [net("0.0.0.0/0"), net("::/0")].into_iter().collect();
         assert!(all.holds(ip("192.0.2.1")) && all.holds(ip("2001:db8::1")));
         assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn a_6to4_or_teredo_address_is_found_by_its_ipv4_client_and_as_itself() {
+        let mut m = NetMap::new();
+        m.insert(net("192.0.2.1/32"), "site");
+        m.insert(net("198.51.100.0/24"), "nat");
+        m.insert(net("2002:c000:202::/48"), "v6 site");
+        m.insert(net("2001:0:cb00:7101::/64"), "teredo server");
+        let at = |s: &str| m.holding(ip(s)).map(|(_, v)| *v);
+        // Every subnet of the site at 192.0.2.1; and the site over IPv4.
+        assert_eq!(at("2002:c000:201:1::1"), Some("site"));
+        assert_eq!(at("2002:c000:201:ffff::2"), Some("site"));
+        assert_eq!(at("192.0.2.1"), Some("site"));
+        // A Teredo client behind 198.51.100.1, through two servers: its NAT's network
+        // first (an IPv4 network before an IPv6 one), then the server's /64.
+        assert_eq!(at("2001:0:c000:22d:8000:f227:39cc:9bfe"), Some("nat"));
+        assert_eq!(at("2001:0:cb00:7101:8000:f227:39cc:9bfe"), Some("nat"));
+        assert_eq!(
+            at("2001:0:cb00:7101:8000:f227:ffff:fffe"),
+            Some("teredo server")
+        );
+        // An IPv6 network of the map holds its 6to4 addresses as IPv6 addresses.
+        assert_eq!(at("2002:c000:202:9::1"), Some("v6 site"));
+        assert_eq!(at("192.0.2.2"), None);
+        assert_eq!(at("2002:c000:203::1"), None);
+        assert_eq!(at("2003:c000:201::1"), None);
+        // A network is covered when all its addresses are.
+        assert_eq!(
+            m.covering(&net("2002:c000:201::/48")),
+            Some(net("192.0.2.1/32"))
+        );
+        assert_eq!(m.covering(&net("2002:c000:200::/40")), None);
+        assert_eq!(
+            m.covering(&net("2001:0:c000:22d:8000:f227:39cc:9b00/120")),
+            Some(net("198.51.100.0/24"))
+        );
+        assert_eq!(m.covering(&net("2001:0:c000:22d::/64")), None);
+        assert_eq!(
+            m.covering(&net("2002:c000:202:1::/64")),
+            Some(net("2002:c000:202::/48"))
+        );
+    }
+
+    /// Addresses of every kind, around the same few IPv4 addresses.
+    const POOL: [&str; 12] = [
+        "192.0.2.1",
+        "192.0.2.2",
+        "198.51.100.1",
+        "::ffff:192.0.2.1",
+        "2002:c000:201::1",
+        "2002:c000:201:ffff::1",
+        "2002:c000:202::1",
+        "2001:0:c000:22d:8000:f227:3fff:fdfe",
+        "2001:0:c000:22d:8000:f227:39cc:9bfe",
+        "2001:0:cb00:7101::3fff:fdfe",
+        "2001:db8::1",
+        "::1",
+    ];
+
+    #[test]
+    fn a_lookup_agrees_with_contains_for_every_length() {
+        for at in POOL {
+            let host = ClientKey::host(ip(at));
+            let max = if host.network().is_ipv4() { 32 } else { 128 };
+            for len in 0..=max {
+                let n = ClientKey::new(host.network(), len).unwrap();
+                let m: NetMap<()> = [n].into_iter().collect();
+                for probe in POOL {
+                    assert_eq!(m.holds(ip(probe)), n.contains(ip(probe)), "{n} {probe}");
+                }
+            }
+        }
     }
 }
