@@ -446,6 +446,72 @@ async fn a_client_keyed_by_its_56_cannot_rotate_64s() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_6to4_site_cannot_rotate_its_subnets_and_is_one_client_with_its_ipv4_address() {
+    // The site at 192.0.2.1 (c000:0201) from three of its 65,536 subnets (a /64 each),
+    // and over IPv4: one client, banned as its IPv4 address, the 6to4 session closed.
+    let peers = [
+        "[2002:c000:201:1::1]:4000",
+        "[2002:c000:201:2::1]:1000",
+        "192.0.2.1:1000",
+        "[2002:c000:201:ffff::4]:1000",
+    ];
+    let (next, listed) = ("[2002:c000:202:1::1]:1000", "192.0.2.1/32");
+    a_rotating_client_is_banned_as_one(KeyBy::default(), peers, next, listed).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn teredo_clients_of_one_server_are_counted_and_banned_apart() {
+    // The client behind 198.51.100.1 (inverted: 39cc:9bfe) through the Teredo servers
+    // at 192.0.2.45 and 203.0.113.1, and over IPv4: one client.
+    let peers = [
+        "[2001:0:c000:22d:8000:f227:39cc:9bfe]:4000",
+        "[2001:0:cb00:7101:0:1:39cc:9bfe]:1000",
+        "198.51.100.1:1000",
+        "[2001:0:c000:22d:8000:1234:39cc:9bfe]:1000",
+    ];
+    // Another client of the first server, behind 198.51.100.2, is served.
+    let (next, listed) = (
+        "[2001:0:c000:22d:8000:f227:39cc:9bfd]:1000",
+        "198.51.100.1/32",
+    );
+    a_rotating_client_is_banned_as_one(KeyBy::default(), peers, next, listed).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv4_deny_and_exempt_entries_hold_the_6to4_and_teredo_clients_inside_them() {
+    let sec = Security::builder()
+        .max_connects(1)
+        .deny([
+            "192.0.2.0/24".parse().unwrap(),
+            // The 6to4 sites of 203.0.113.0/24, as an IPv6 network.
+            "2002:cb00:7100::/40".parse().unwrap(),
+        ])
+        .exempt(["198.51.100.0/24".parse().unwrap()])
+        .build();
+    for peer in [
+        "[2002:c000:201:1::1]:1",             // the 6to4 site at 192.0.2.1
+        "[2001:0:cb00:7101:0:1:3fff:fdfe]:1", // Teredo, behind 192.0.2.1
+        "[2002:cb00:7107:9::1]:1",            // the 6to4 site at 203.0.113.7
+    ] {
+        let r = through_security(&sec, peer).await;
+        assert_eq!(labels(&r), ("security", "denied"), "{peer}");
+    }
+    // The IPv6 entry holds 203.0.113.7's 6to4 addresses, not its IPv4 address.
+    let r = through_security(&sec, "203.0.113.7:1").await;
+    assert_eq!(labels(&r), ("ok", "ok"));
+    // The 6to4 and Teredo clients inside the exempt network count toward no ban.
+    for _ in 0..5 {
+        for peer in [
+            "[2002:c633:6401:1::1]:1",
+            "[2001:0:c000:22d:8000:f227:39cc:9bfe]:1",
+        ] {
+            assert_eq!(labels(&through_security(&sec, peer).await), ("ok", "ok"));
+        }
+    }
+    assert!(sec.bans().is_empty(), "{:?}", sec.bans());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_network_ban_refuses_and_closes_every_address_in_it() {
     let sec = Security::default();
     let inside = open_session(&sec, "198.51.100.7:4000");

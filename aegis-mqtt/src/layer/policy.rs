@@ -50,8 +50,9 @@
 //!
 //! The `connect` tier keys on the effective client address
 //! ([`aegis_core::ClientAddr`]: the peer, or what a trusted PROXY header said), folded
-//! and truncated exactly as the connection rate limiter does ([`KeyBy`]: IPv4-mapped IPv6
-//! folded to IPv4, IPv6 by `/64`). The other tiers key on the CONNECT's client id; a
+//! and truncated exactly as the connection rate limiter does ([`KeyBy`]: IPv4-mapped,
+//! 6to4 and Teredo IPv6 addresses folded to the IPv4 address they carry, other IPv6
+//! addresses by `/64`). The other tiers key on the CONNECT's client id; a
 //! client with an empty id (which the broker names) is keyed on its address instead.
 //!
 //! Each tier tracks at most [`max_keys`](PolicyBuilder::max_keys) keys (100,000 by
@@ -283,7 +284,8 @@ impl PolicyBuilder {
     }
 
     /// How client addresses map to keys of the `connect` tier (default: IPv4 by `/32`,
-    /// IPv6 by `/64`); also the key of a client with an empty client id.
+    /// IPv6 by `/64`, an IPv4-mapped, 6to4 or Teredo address as the IPv4 address it
+    /// carries); also the key of a client with an empty client id.
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;
         self

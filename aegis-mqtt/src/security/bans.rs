@@ -22,8 +22,11 @@ use crate::bounded::Bounded;
 /// ([`SecurityBuilder::key_by`](super::SecurityBuilder::key_by): IPv4 by /32 and IPv6
 /// by /64 by default, as the rate limiter does): a subscriber gets at least a whole /64
 /// and can send from any address in it, so counting and banning one IPv6 address at a
-/// time would be evaded by the next one. Client ids and usernames longer than 256
-/// bytes are keyed on their first 256 bytes.
+/// time would be evaded by the next one. An IPv6 address that carries its client's
+/// IPv4 address (IPv4-mapped, 6to4, Teredo) is counted and banned as that IPv4 address
+/// (see [IPv4 clients in IPv6
+/// addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)). Client ids and
+/// usernames longer than 256 bytes are keyed on their first 256 bytes.
 ///
 /// `Display` is `addr:192.0.2.1/32`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
 /// `client_id:"c1"` (Debug-quoted: the names are the client's own text). Serialized as
@@ -32,7 +35,9 @@ use crate::bounded::Bounded;
 ///
 /// An IPv6 network holds no IPv4 address, IPv4-mapped ones included (which are IPv4
 /// addresses here): a ban of `::/64`, the key of a client at `::1`, refuses no IPv4
-/// client.
+/// client. An IPv4 network holds the 6to4 and Teredo addresses that carry an address in
+/// it ([`ClientKey::contains`]): a ban of `192.0.2.1/32` refuses the 6to4 site at
+/// `192.0.2.1` from any of its subnets (`2002:c000:201::/48`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
     /// A client network (see [`BanKey::addr`] for a client's network by the default
@@ -57,7 +62,8 @@ impl BanKey {
     }
 
     /// The network of `ip` by the default prefixes ([`KeyBy::default`]): an IPv4
-    /// address (an IPv4-mapped one as its IPv4 address) itself, an IPv6 address its /64.
+    /// address itself (an IPv4-mapped, 6to4 or Teredo one the IPv4 address it
+    /// carries), any other IPv6 address its /64.
     ///
     /// ```
     /// use aegis_mqtt::security::BanKey;
@@ -67,6 +73,11 @@ impl BanKey {
     /// assert_eq!(key.to_string(), "addr:2001:db8:1:2::/64");
     /// assert_eq!(
     ///     BanKey::addr("::ffff:192.0.2.1".parse().unwrap()).to_string(),
+    ///     "addr:192.0.2.1/32"
+    /// );
+    /// // The 6to4 site at 192.0.2.1, from any of its subnets.
+    /// assert_eq!(
+    ///     BanKey::addr("2002:c000:201:7::1".parse().unwrap()).to_string(),
     ///     "addr:192.0.2.1/32"
     /// );
     /// ```
@@ -872,16 +883,63 @@ mod tests {
         assert_eq!(small.refusal(&host("10.1.2.3"), now), Refusal::NotBanned);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_6to4_or_teredo_client_is_banned_by_its_ipv4_key_from_any_of_its_addresses() {
+        let host = |s: &str| BanKey::host(s.parse().unwrap());
+        let banned = |t: &mut BanTable, s: &str| t.refusal(&host(s), Instant::now());
+        let mut t = BanTable::new(10);
+        let (now, d) = (Instant::now(), Duration::from_secs(60));
+        // The detector's key of the 6to4 site at 203.0.113.5, and of a Teredo client
+        // behind 198.51.100.1.
+        let site = addr("2002:cb00:7105:1::1");
+        assert_eq!(site, net("203.0.113.5/32"));
+        assert!(t.insert(site, now, d, "connects"));
+        let teredo = addr("2001:0:c000:22d:8000:f227:39cc:9bfe");
+        assert_eq!(teredo, net("198.51.100.1/32"));
+        assert!(t.insert(teredo, now, d, "connects"));
+        for refused in [
+            "2002:cb00:7105:1::2",
+            "2002:cb00:7105:ffff::1",
+            "203.0.113.5",
+            "::ffff:203.0.113.5",
+            "2001:0:cb00:7101:0:1:39cc:9bfe",
+            "198.51.100.1",
+        ] {
+            assert_ne!(banned(&mut t, refused), Refusal::NotBanned, "{refused}");
+        }
+        // The next site, and another client of the same Teredo server.
+        for served in [
+            "2002:cb00:7106:1::1",
+            "203.0.113.6",
+            "2001:0:c000:22d:8000:f227:39cc:9bfd",
+        ] {
+            assert_eq!(banned(&mut t, served), Refusal::NotBanned, "{served}");
+        }
+        // A network of the site's subnets is banned whole; one of two sites is not.
+        assert!(t.contains(&net("2002:cb00:7105::/48"), now));
+        assert!(!t.contains(&net("2002:cb00:7104::/47"), now));
+    }
+
     /// An address from a small pool (so that bans and probes meet): IPv4 `10.0.a.b`,
-    /// the same as IPv4-mapped IPv6, or IPv6 `2001:db8::a:b` and `::a:b` (the latter
-    /// in the 64 zero bits that IPv4-mapped addresses start with).
+    /// the same as IPv4-mapped IPv6, as a 6to4 address (of the site's subnet `b`) or
+    /// as a Teredo address, or IPv6 `2001:db8::a:b` and `::a:b` (the latter in the 64
+    /// zero bits that IPv4-mapped addresses start with).
     fn pooled(kind: u8, a: u8, b: u8) -> IpAddr {
         let (a, b) = (a % 4, b % 4);
         let v4 = std::net::Ipv4Addr::new(10, 0, a, b);
-        match kind % 4 {
+        let inverted = !v4.to_bits();
+        match kind % 6 {
             0 => IpAddr::V4(v4),
             1 => IpAddr::V6(v4.to_ipv6_mapped()),
-            2 => format!("2001:db8::{a}:{b}").parse().unwrap(),
+            2 => format!("2002:a00:{a:02x}{b:02x}:{b}::1").parse().unwrap(),
+            3 => format!(
+                "2001:0:c000:22d:8000:f227:{:x}:{:x}",
+                inverted >> 16,
+                inverted & 0xffff
+            )
+            .parse()
+            .unwrap(),
+            4 => format!("2001:db8::{a}:{b}").parse().unwrap(),
             _ => format!("::{a}:{b}").parse().unwrap(),
         }
     }
@@ -891,9 +949,9 @@ mod tests {
         /// ban whether it holds the address, through bans put in place and lifted.
         #[test]
         fn an_address_is_banned_exactly_when_a_ban_holds_it(
-            bans in proptest::collection::vec((0..4u8, 0..4u8, 0..4u8, 0..=128u8), 0..12),
+            bans in proptest::collection::vec((0..6u8, 0..4u8, 0..4u8, 0..=128u8), 0..12),
             lifted in proptest::collection::vec(0..12usize, 0..4),
-            probes in proptest::collection::vec((0..4u8, 0..4u8, 0..4u8), 1..16),
+            probes in proptest::collection::vec((0..6u8, 0..4u8, 0..4u8), 1..16),
         ) {
             let now = Instant::now();
             let mut t = BanTable::new(100);

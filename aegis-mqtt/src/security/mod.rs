@@ -225,12 +225,19 @@
 //!
 //! The detector counts, and bans, each client address as its network by
 //! [`key_by`](SecurityBuilder::key_by): IPv4 by /32 and IPv6 by /64 by default, as the
-//! rate limiter keys clients (an IPv4-mapped IPv6 address as its IPv4 address). So every
-//! address of a /64 is counted together, and a ban refuses and closes them together. A
-//! ban through the handle can be of any network ([`BanKey::Addr`] holds an
+//! rate limiter keys clients. So every address of a /64 is counted together, and a ban
+//! refuses and closes them together. An IPv6 address that carries its client's IPv4
+//! address (IPv4-mapped, 6to4 in `2002::/16`, Teredo in `2001::/32`) is keyed as that
+//! IPv4 address: a 6to4 site cannot rotate its 65,536 subnets past the detector, the
+//! Teredo clients of one server are not banned together for one of them, and a ban of
+//! such a client's key also refuses it over IPv4, and from any of its subnets (see
+//! [IPv4 clients in IPv6 addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)).
+//! A ban through the handle can be of any network ([`BanKey::Addr`] holds an
 //! [`aegis_core::ClientKey`]): a connection is refused, and closed, when any ban holds
-//! its address. Connections from [`exempt`](SecurityBuilder::exempt) networks (your
-//! own health checks, an office's NAT) count toward no ban.
+//! its address ([`ClientKey::contains`]: an IPv4 network holds the 6to4 and Teredo
+//! addresses that carry an address in it). Connections from
+//! [`exempt`](SecurityBuilder::exempt) networks (your own health checks, an office's
+//! NAT) count toward no ban.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -469,9 +476,10 @@ impl Default for SecurityBuilder {
 
 impl SecurityBuilder {
     /// How the detector keys client addresses ([`KeyBy::default`]: IPv4 by /32, IPv6
-    /// by /64). A client delegated a /56 and keyed by /64 could rotate 256 networks
-    /// before each is counted out; `KeyBy::new(32, 56)` counts and bans it whole (and
-    /// everyone else in that /56 with it).
+    /// by /64, an IPv4-mapped, 6to4 or Teredo address as the IPv4 address it carries,
+    /// by the IPv4 prefix). A client delegated a /56 and keyed by /64 could rotate 256
+    /// networks before each is counted out; `KeyBy::new(32, 56)` counts and bans it
+    /// whole (and everyone else in that /56 with it).
     pub const fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;
         self
@@ -485,9 +493,11 @@ impl SecurityBuilder {
     /// `ignoreip`. They are still logged, and bans still apply to them: through the
     /// handle, restored ones, a client id or username's earned elsewhere, and a
     /// network's that holds them, earned by a neighbour (an exempt `::1/128` is in the
-    /// `::/64` the detector keys its neighbours by: exempt whole client networks).
-    /// Looked up when the detector counts, with one hash lookup per prefix length in
-    /// the list ([`NetMap`]), however long it is.
+    /// `::/64` the detector keys its neighbours by: exempt whole client networks). An
+    /// IPv4 network also holds the 6to4 and Teredo addresses that carry an address in
+    /// it, which the detector keys inside it ([`ClientKey::contains`]). Looked up when
+    /// the detector counts, with one hash lookup per prefix length in the list
+    /// ([`NetMap`]), however long it is.
     ///
     /// ```
     /// use aegis_mqtt::security::{ClientKey, Security};
@@ -507,9 +517,12 @@ impl SecurityBuilder {
     /// as `aegis_rejections_total{layer="security", reason="denied"}`, not logged as
     /// events (the list is known; a denied scanner that reconnects in a loop would fill
     /// the log). Not bans: not listed, not lifted, not kept in a file. Over
-    /// [`exempt`](Self::exempt), which only spares from bans. Looked up for every
-    /// connection with one hash lookup per prefix length in the list ([`NetMap`]),
-    /// however long it is.
+    /// [`exempt`](Self::exempt), which only spares from bans. An IPv4 network also
+    /// holds the 6to4 and Teredo addresses that carry an address in it
+    /// ([`ClientKey::contains`]): a denied network cannot come back through a 6to4 or
+    /// Teredo relay; `2002::/16` and `2001::/32` deny every 6to4 or Teredo client.
+    /// Looked up for every connection with one hash lookup per prefix length in the
+    /// list ([`NetMap`]), however long it is.
     ///
     /// ```
     /// use aegis_mqtt::security::{ClientKey, Security};
@@ -520,6 +533,8 @@ impl SecurityBuilder {
     ///     .collect();
     /// let sec = Security::builder().deny(drop_list).build();
     /// assert!(sec.is_denied("2001:db8:bad:1::7".parse().unwrap()));
+    /// // The 6to4 site at 192.0.2.1.
+    /// assert!(sec.is_denied("2002:c000:201:9::1".parse().unwrap()));
     /// ```
     pub fn deny(mut self, networks: impl IntoIterator<Item = ClientKey>) -> Self {
         self.deny.extend(networks);
