@@ -270,6 +270,49 @@ fn ipv4_mapped_ipv6_is_the_same_client_as_ipv4() {
 }
 
 #[test]
+fn a_6to4_site_is_one_client_over_every_subnet_and_over_ipv4() {
+    let ((), snap) = run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_second(nz(2)))
+            .build();
+        let handle = layer.handle();
+        let mut svc = layer.layer(ok_service());
+        // The site at 192.0.2.1 (c000:0201) rotates its subnets, a /64 each: the
+        // second connect spends its burst, the third is refused, from any subnet or
+        // over IPv4.
+        assert_eq!(try_conn(&mut svc, "2002:c000:201:1::1").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "2002:c000:201:2::1").await, Ok(()));
+        for ip in ["2002:c000:201:3::1", "2002:c000:201:ffff::1", "192.0.2.1"] {
+            assert_eq!(try_conn(&mut svc, ip).await, Err("per_client"), "{ip}");
+        }
+        assert_eq!(handle.tracked_clients(), 1);
+        // The next site is another client.
+        assert_eq!(try_conn(&mut svc, "2002:c000:202:1::1").await, Ok(()));
+    });
+    assert_eq!(rejections(&capture(&snap), "per_client"), 3);
+}
+
+#[test]
+fn teredo_clients_of_one_server_are_limited_apart() {
+    run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_second(nz(1)))
+            .max_concurrent_per_client(10)
+            .build();
+        let mut svc = layer.layer(ok_service());
+        // The Teredo server at 192.0.2.45 (c000:022d) serves clients behind
+        // 198.51.100.1 and 198.51.100.2 (inverted in the last 32 bits), in one /64.
+        let first = "2001:0:c000:22d:8000:f227:39cc:9bfe";
+        assert_eq!(try_conn(&mut svc, first).await, Ok(()));
+        assert_eq!(try_conn(&mut svc, first).await, Err("per_client"));
+        let second = "2001:0:c000:22d:8000:f227:39cc:9bfd";
+        assert_eq!(try_conn(&mut svc, second).await, Ok(()));
+        // The first client over IPv4 is the same client.
+        assert_eq!(try_conn(&mut svc, "198.51.100.1").await, Err("per_client"));
+    });
+}
+
+#[test]
 fn a_flood_of_a_million_addresses_stays_under_the_key_cap() {
     const CAP: usize = 1_000;
     const FLOOD: u32 = 1_000_000;

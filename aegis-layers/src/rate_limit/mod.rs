@@ -44,8 +44,15 @@
 //! `/32` and IPv6 by `/64` by default ([`KeyBy`] changes both). One IPv6 host usually
 //! holds a whole `/64`, so keying by the full address would let it rotate addresses to
 //! escape its limit. IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`) are folded to IPv4
-//! first, so a dual-stack listener keys a client the same on either family. The keyed
-//! maps hash with std's randomly seeded `SipHash`, which an attacker choosing addresses
+//! first, so a dual-stack listener keys a client the same on either family. So are 6to4
+//! addresses (`2002::/16`: the site's IPv4 address follows the prefix, and the site
+//! picks any of 65,536 subnets, a `/64` each, after it) and Teredo addresses
+//! (`2001::/32`: every client of one Teredo server shares a `/64`, and its own IPv4
+//! address is in the last 32 bits): each is keyed as the IPv4 address it carries, by
+//! the IPv4 prefix, so a 6to4 site cannot rotate subnets past its limit and one Teredo
+//! client cannot use up the others' (see [IPv4 clients in IPv6
+//! addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)). The keyed maps
+//! hash with std's randomly seeded `SipHash`, which an attacker choosing addresses
 //! cannot collide on purpose.
 //!
 //! # Bounded state
