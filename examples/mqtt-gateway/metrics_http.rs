@@ -31,8 +31,9 @@
 //!   name client addresses, client ids and usernames), and the gateway refuses to start
 //!   with `admin = true` on a metrics address beyond loopback. An address stands for its
 //!   client's network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for
-//!   its /64 by default), and `/bans` lists it so (`2001:db8:1:2::/64`); a network in
-//!   CIDR notation (`198.51.100.0/24`) bans or lifts that network.
+//!   its /64 by default, a 6to4 or Teredo one for the IPv4 address it carries), and
+//!   `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR notation
+//!   (`198.51.100.0/24`) bans or lifts that network.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
