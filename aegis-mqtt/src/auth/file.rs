@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read as _};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::pin::Pin;
@@ -27,6 +27,13 @@ pub enum StaticAuthError {
     /// The file could not be read.
     #[error("cannot read the users file")]
     Io(#[from] io::Error),
+    /// The path is not a regular file (a directory, a FIFO, a device); nothing was read.
+    #[error("the users file is not a regular file")]
+    NotAFile,
+    /// The file is longer than [`StaticAuth::MAX_FILE_LEN`]; it was not read, or not
+    /// past that.
+    #[error("the users file is longer than {} bytes", StaticAuth::MAX_FILE_LEN)]
+    TooLong,
     /// A line is not `username:argon2-PHC-hash`.
     #[error("line {line}: {reason}")]
     Line {
@@ -38,10 +45,12 @@ pub enum StaticAuthError {
 }
 
 impl StaticAuthError {
-    /// A stable label: `io` or `line`.
+    /// A stable label: `io`, `not_a_file`, `too_long` or `line`.
     pub const fn label(&self) -> &'static str {
         match self {
             Self::Io(_) => "io",
+            Self::NotAFile => "not_a_file",
+            Self::TooLong => "too_long",
             Self::Line { .. } => "line",
         }
     }
@@ -115,13 +124,53 @@ impl std::fmt::Debug for StaticAuth {
 }
 
 impl StaticAuth {
-    /// Reads the users from the file at `path`.
+    /// The longest file [`from_file`](Self::from_file) reads: 64 MiB. A line of a user
+    /// name and a PHC hash of argon2's default parameters takes about 120 bytes, so
+    /// that is over half a million users, more than a file read whole at start-up
+    /// should hold (an authentication service, [`HttpAuth`](super::HttpAuth), suits
+    /// more); the table then takes about twice the file's size in memory. The cap is
+    /// there for a path that names something else by mistake: a log, a disk image,
+    /// `/dev/zero`, which would be read until memory runs out.
+    pub const MAX_FILE_LEN: u64 = 64 << 20;
+
+    /// Reads the users from the regular file at `path` (a symlink to one is followed),
+    /// of at most [`MAX_FILE_LEN`](Self::MAX_FILE_LEN) bytes.
+    ///
+    /// Anything but a regular file is refused before it is opened: opening a FIFO
+    /// would wait for a writer, so start-up would hang, and a device such as
+    /// `/dev/zero` would never end. A longer file is refused, not cut: its last users
+    /// would be missing without a word.
     ///
     /// # Errors
     ///
-    /// The file cannot be read, or one of its lines is refused (see [`parse`](Self::parse)).
+    /// [`StaticAuthError::NotAFile`] when the path is not a regular file,
+    /// [`StaticAuthError::TooLong`] when it is longer than `MAX_FILE_LEN`,
+    /// [`StaticAuthError::Io`] when it cannot be read (or is not UTF-8), and
+    /// [`StaticAuthError::Line`] when one of its lines is refused (see
+    /// [`parse`](Self::parse)).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, StaticAuthError> {
-        Self::parse(&std::fs::read_to_string(path)?)
+        let path = path.as_ref();
+        let regular = |meta: std::fs::Metadata| {
+            if !meta.is_file() {
+                return Err(StaticAuthError::NotAFile);
+            }
+            if meta.len() > Self::MAX_FILE_LEN {
+                return Err(StaticAuthError::TooLong);
+            }
+            Ok(())
+        };
+        regular(std::fs::metadata(path)?)?;
+        let file = std::fs::File::open(path)?;
+        // What was opened, should the path have been replaced meanwhile.
+        regular(file.metadata()?)?;
+        // A file that grows while it is read is still read no further than the cap.
+        let mut text = String::new();
+        file.take(Self::MAX_FILE_LEN + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > Self::MAX_FILE_LEN {
+            return Err(StaticAuthError::TooLong);
+        }
+        Self::parse(&text)
     }
 
     /// Reads the users from `text`: one `username:hash` a line, the hash an argon2 PHC
@@ -355,6 +404,70 @@ mod tests {
         assert_eq!(
             Cost::of(&dummy).unwrap().params.m_cost(),
             Params::DEFAULT_M_COST
+        );
+    }
+
+    /// A path of its own under the temporary directory, for the test `name`.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("aegis-static-auth-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    #[cfg(unix)] // /dev/zero and mkfifo
+    fn a_path_that_is_not_a_regular_file_is_refused_without_being_opened() {
+        // A directory.
+        let err = StaticAuth::from_file(std::env::temp_dir()).unwrap_err();
+        assert!(matches!(err, StaticAuthError::NotAFile), "{err:?}");
+        assert_eq!(err.label(), "not_a_file");
+        assert_eq!(err.to_string(), "the users file is not a regular file");
+        // A device that never ends.
+        let err = StaticAuth::from_file("/dev/zero").unwrap_err();
+        assert!(matches!(err, StaticAuthError::NotAFile), "{err:?}");
+        // A FIFO: opening it would wait for a writer for ever. The check runs on a
+        // thread of its own, so that a hang fails the test instead of stalling it.
+        let fifo = scratch("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(StaticAuth::from_file(path).map(|_| ())));
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        std::fs::remove_file(&fifo).unwrap();
+        let err = got
+            .expect("from_file opened the FIFO and waits")
+            .unwrap_err();
+        assert!(matches!(err, StaticAuthError::NotAFile), "{err:?}");
+        // A missing file is an IO error.
+        let err = StaticAuth::from_file(scratch("missing")).unwrap_err();
+        assert!(matches!(&err, StaticAuthError::Io(e) if e.kind() == io::ErrorKind::NotFound));
+        assert_eq!(err.label(), "io");
+    }
+
+    #[test]
+    fn a_file_over_the_cap_is_refused_and_one_at_the_cap_is_read() {
+        let path = scratch("long");
+        let file = std::fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut &file, b"# users\n").unwrap();
+        // Sparse files (no disk is written): the cap is read whole, its second line of
+        // NUL bytes then refused as a line.
+        file.set_len(StaticAuth::MAX_FILE_LEN).unwrap();
+        let err = StaticAuth::from_file(&path).unwrap_err();
+        assert!(
+            matches!(err, StaticAuthError::Line { line: 2, .. }),
+            "{err:?}"
+        );
+        // One byte more: refused, not cut.
+        file.set_len(StaticAuth::MAX_FILE_LEN + 1).unwrap();
+        let err = StaticAuth::from_file(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, StaticAuthError::TooLong), "{err:?}");
+        assert_eq!(err.label(), "too_long");
+        assert_eq!(
+            err.to_string(),
+            "the users file is longer than 67108864 bytes"
         );
     }
 

@@ -107,7 +107,10 @@
 //!
 //! Blank lines and lines starting with `#` are skipped. A line that is not
 //! `username:hash`, a hash that is not a valid argon2 PHC string (a plain-text password,
-//! say) and a user given twice are errors naming the line. A password is verified on
+//! say) and a user given twice are errors naming the line.
+//! [`StaticAuth::from_file`] reads a regular file only (a FIFO would hang the start,
+//! `/dev/zero` never end) of at most [`StaticAuth::MAX_FILE_LEN`] bytes (64 MiB, over
+//! half a million users); anything else is refused, a longer file too, never cut. A password is verified on
 //! tokio's blocking pool; an unknown user, or a CONNECT without a password, is denied
 //! after a verification against a dummy hash all the same, so the time taken does not
 //! tell which users exist.
