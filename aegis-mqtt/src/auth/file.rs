@@ -105,6 +105,22 @@ impl Cost {
         })
     }
 
+    /// Whether this cost is within [`StaticAuth::MAX_M_COST`],
+    /// [`MAX_T_COST`](StaticAuth::MAX_T_COST) and [`MAX_P_COST`](StaticAuth::MAX_P_COST);
+    /// if not, why, as a line error's reason.
+    fn bounded(&self) -> Result<(), &'static str> {
+        // The texts name the bounds; a test checks that they agree.
+        if self.params.m_cost() > StaticAuth::MAX_M_COST {
+            Err("argon2 memory cost m over 2097152 KiB (2 GiB)")
+        } else if self.params.t_cost() > StaticAuth::MAX_T_COST {
+            Err("argon2 time cost t over 32 passes")
+        } else if self.params.p_cost() > StaticAuth::MAX_P_COST {
+            Err("argon2 parallelism p over 64 lanes")
+        } else {
+            Ok(())
+        }
+    }
+
     /// A hash of [`DUMMY_PASSWORD`] at this cost, with a random salt.
     fn dummy(&self) -> Option<String> {
         let salt = SaltString::generate(&mut OsRng);
@@ -132,6 +148,28 @@ impl StaticAuth {
     /// there for a path that names something else by mistake: a log, a disk image,
     /// `/dev/zero`, which would be read until memory runs out.
     pub const MAX_FILE_LEN: u64 = 64 << 20;
+
+    /// The largest argon2 memory cost (`m`, in KiB) of a users file: 2 GiB (2,097,152
+    /// KiB), what RFC 9106's first recommended option takes (`m` = 2 GiB, `t` = 1, `p`
+    /// = 4) and the most any of its options does; argon2's defaults take 19 MiB,
+    /// OWASP's recommendations 7 to 46 MiB. A verification allocates `m` KiB, one at
+    /// load for the dummy hash and up to [`max_concurrent`](Self::max_concurrent) at
+    /// once after that, so a line with argon2's own bound (4 TiB) would have the
+    /// gateway try to allocate 4 TiB at start, and at every login.
+    pub const MAX_M_COST: u32 = 2 << 20;
+
+    /// The most argon2 passes (`t`) of a users file: 32. RFC 9106 recommends 1 or 3,
+    /// OWASP 1 to 5, and libsodium's most expensive preset is 8 (argon2i). A
+    /// verification takes time in proportion to `m` × `t`; argon2 allows 2^32 - 1
+    /// passes, which would hang the start on the dummy hash and hold a blocking
+    /// thread for as long at every login.
+    pub const MAX_T_COST: u32 = 32;
+
+    /// The most argon2 lanes (`p`) of a users file: 64. RFC 9106 recommends 4; lanes
+    /// are for the cores one hash may use, and the argon2 built here runs them one
+    /// after another, so more buy nothing (argon2 allows 2^24 - 1, with `m` at least 8
+    /// KiB a lane).
+    pub const MAX_P_COST: u32 = 64;
 
     /// Reads the users from the regular file at `path` (a symlink to one is followed),
     /// of at most [`MAX_FILE_LEN`](Self::MAX_FILE_LEN) bytes.
@@ -180,8 +218,10 @@ impl StaticAuth {
     ///
     /// [`StaticAuthError::Line`] for the first line without a `:`, with an empty user
     /// name, with a hash that is not an argon2 PHC string (such as a plain-text
-    /// password) or has invalid argon2 parameters, with argon2 parameters other than the
-    /// first user's, or naming a user already given.
+    /// password) or has invalid argon2 parameters, with argon2 parameters over
+    /// [`MAX_M_COST`](Self::MAX_M_COST), [`MAX_T_COST`](Self::MAX_T_COST) or
+    /// [`MAX_P_COST`](Self::MAX_P_COST), with argon2 parameters other than the first
+    /// user's, or naming a user already given.
     pub fn parse(text: &str) -> Result<Self, StaticAuthError> {
         let mut users = HashMap::new();
         // The first user's cost and line: every other user must have the same.
@@ -211,6 +251,8 @@ impl StaticAuth {
                 return Err(err("not an argon2 password hash"));
             }
             let cost = Cost::of(&parsed).ok_or(err("invalid argon2 parameters"))?;
+            // Before anything is hashed with it (the dummy, at the end).
+            cost.bounded().map_err(err)?;
             match &first {
                 None => first = Some((cost, line_no)),
                 Some((c, _)) if *c != cost => {
@@ -468,6 +510,68 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "the users file is longer than 67108864 bytes"
+        );
+    }
+
+    /// `hash` with its parameters replaced by `params` (`m=..,t=..,p=..`), which no
+    /// argon2 hashes with here.
+    fn with_params(hash: &str, params: &str) -> String {
+        let mut fields: Vec<&str> = hash.split('$').collect();
+        fields[3] = params;
+        fields.join("$")
+    }
+
+    /// The reason of `text`'s line error, and its line.
+    fn refusal(text: &str) -> (usize, &'static str) {
+        match StaticAuth::parse(text) {
+            Err(StaticAuthError::Line { line, reason }) => (line, reason),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn argon2_parameters_over_the_bounds_are_refused_before_anything_is_hashed() {
+        let cheap = hash(Algorithm::Argon2id, 8, 1, 1, b"secret");
+        assert_eq!(with_params(&cheap, "m=8,t=1,p=1"), cheap);
+        let m = "argon2 memory cost m over 2097152 KiB (2 GiB)";
+        let t = "argon2 time cost t over 32 passes";
+        let p = "argon2 parallelism p over 64 lanes";
+        // The texts name the bounds.
+        assert!(m.contains(&StaticAuth::MAX_M_COST.to_string()));
+        assert_eq!(u64::from(StaticAuth::MAX_M_COST) << 10, 2 << 30);
+        assert!(t.contains(&format!(" {} ", StaticAuth::MAX_T_COST)));
+        assert!(p.contains(&format!(" {} ", StaticAuth::MAX_P_COST)));
+        for (params, why) in [
+            (format!("m={},t=1,p=1", StaticAuth::MAX_M_COST + 1), m),
+            // argon2's own bound: 4 TiB, which the dummy hash would try to allocate.
+            (format!("m={},t=1,p=1", u32::MAX), m),
+            (format!("m=8,t={},p=1", StaticAuth::MAX_T_COST + 1), t),
+            (format!("m=8,t={},p=1", u32::MAX), t),
+            (format!("m=1024,t=1,p={}", StaticAuth::MAX_P_COST + 1), p),
+        ] {
+            let line = with_params(&cheap, &params);
+            assert_eq!(refusal(&format!("alice:{line}\n")), (1, why), "{params}");
+            // On a later line too: over the bound, not merely other than the first.
+            let text = format!("# users\nalice:{cheap}\nbob:{line}\n");
+            assert_eq!(refusal(&text), (3, why), "{params}");
+        }
+        // At the bounds: taken (without hashing at 2 GiB: the check alone).
+        let at = |params: &str| Cost::of(&PasswordHash::new(&with_params(&cheap, params)).unwrap());
+        let most = format!("m={},t=1,p=1", StaticAuth::MAX_M_COST);
+        assert_eq!(at(&most).unwrap().bounded(), Ok(()));
+        let auth = StaticAuth::parse(&format!(
+            "alice:{}\nbob:{}\n",
+            hash(Algorithm::Argon2id, 8, StaticAuth::MAX_T_COST, 1, b"a"),
+            hash(Algorithm::Argon2id, 8, StaticAuth::MAX_T_COST, 1, b"b"),
+        ))
+        .unwrap();
+        assert_eq!(auth.len(), 2);
+        let lanes = hash(Algorithm::Argon2id, 512, 1, StaticAuth::MAX_P_COST, b"a");
+        assert_eq!(
+            StaticAuth::parse(&format!("alice:{lanes}\n"))
+                .unwrap()
+                .len(),
+            1
         );
     }
 

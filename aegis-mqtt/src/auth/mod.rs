@@ -120,7 +120,11 @@
 //! and output length (the salts differ, of course). The dummy hash is made with that set
 //! when the file is loaded, and a file that mixes sets is refused, naming the first line
 //! that differs: an unknown user's check could only cost the same as one of the sets.
-//! To change the parameters, rehash every user's password with the new ones.
+//! To change the parameters, rehash every user's password with the new ones. A set over
+//! [`StaticAuth::MAX_M_COST`] (2 GiB of memory), [`StaticAuth::MAX_T_COST`] (32 passes)
+//! or [`StaticAuth::MAX_P_COST`] (64 lanes) is refused, naming its line, before
+//! anything is hashed: argon2 itself allows 4 TiB and 2^32 - 1 passes, which the dummy
+//! hash would try at load, and every login after.
 //!
 //! Each verification takes a blocking thread and the `m` KiB of memory of the file's
 //! parameters (19 MiB with argon2's defaults) for as long as it runs, and a client that
