@@ -16,6 +16,13 @@
 //!   gateway is waiting on the backend (hyper polls a body only when it can write it),
 //!   and the timeout counts against the backend.
 //!
+//! A stall has one more clock when the request is the half-open breaker's probe: the
+//! breaker counts a probe still in flight at its probe timeout as failed and re-opens,
+//! whatever the call reports later. So [`Upstream`](crate::proxy::Upstream) checks a
+//! probe shortly before that timeout too (see
+//! [`Upstream::watch_probes`](crate::proxy::Upstream::watch_probes)): one still waiting
+//! on the client ends there as a stall, and the breaker gets its "ignore" in time.
+//!
 //! The breaker's classifier ignores a [`ClientBodyError`]; the proxy answers `400`
 //! (`408` for a stall, `413` over the size limit).
 

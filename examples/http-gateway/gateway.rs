@@ -105,7 +105,8 @@ pub struct Config {
     pub hsts: Option<Duration>,
     /// Breaker: consecutive failures that open it.
     pub breaker_failures: u32,
-    /// Breaker: how long it stays open before probing.
+    /// Breaker: how long it stays open before probing; also the time a probe has (its
+    /// probe timeout).
     pub breaker_open_for: Duration,
     /// Health checks: every so often.
     pub health_interval: Duration,
@@ -199,9 +200,13 @@ impl Gateway {
         for (i, spec) in config.backends.iter().enumerate() {
             // The metric label: from the configuration, bounded by its length.
             let name: &'static str = Box::leak(format!("backend{i}").into_boxed_str());
+            // The breaker's default, spelled out: `Upstream` ends a probe stalled on the
+            // client's body before it.
+            let probe_timeout = config.breaker_open_for;
             let breaker = CircuitBreakerLayer::builder(name)
                 .consecutive_failures(Some(config.breaker_failures.max(1)))
                 .open_for(config.breaker_open_for)
+                .probe_timeout(probe_timeout)
                 .classifier(GatewayClassifier)
                 .build();
             members.push(Member {
@@ -209,10 +214,9 @@ impl Gateway {
                 weight: spec.weight,
                 breaker: breaker.handle(),
             });
-            backends.push(breaker.layer(Upstream::new(
-                config.connect_timeout,
-                config.backend_timeout,
-            )));
+            let upstream = Upstream::new(config.connect_timeout, config.backend_timeout)
+                .watch_probes(breaker.handle(), probe_timeout);
+            backends.push(breaker.layer(upstream));
         }
         let breakers = members.iter().map(|m| m.breaker.clone()).collect();
         let pool = Arc::new(Pool::new(members, config.warmup));

@@ -17,7 +17,7 @@
 //! | the chosen backend's breaker refused the call (it opened in between) | `503` |
 //! | the request body grew past the limit while streaming | `413` |
 //! | the request body was malformed or cut off | `400` |
-//! | the response timeout fired while the client's body was still awaited | `408` |
+//! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` |
 //! | the backend did not answer within the response timeout | `504` |
 //! | any other upstream failure (refused, reset) | `502` |
 //!
@@ -49,8 +49,11 @@ use std::time::Duration;
 
 use aegis_core::BoxError;
 use aegis_core::error::find;
+use aegis_core::time::deadline;
 use aegis_layers::circuit_breaker::error::CircuitOpen;
-use aegis_layers::circuit_breaker::{CircuitBreaker, Classify, HttpClassifier, Outcome};
+use aegis_layers::circuit_breaker::{
+    CircuitBreaker, CircuitHandle, CircuitState, Classify, HttpClassifier, Outcome,
+};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
@@ -132,11 +135,30 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 /// not a cancellation, so its breaker counts it). The request body goes through a
 /// [`ClientBody`]: its errors, and a timeout while the gateway waits on the client's
 /// body, are [`ClientBodyError`]s.
+///
+/// With [`watch_probes`](Self::watch_probes), a call made while the backend's breaker is
+/// half-open (the breaker's probe) that still waits on the client's body shortly before
+/// the breaker's probe timeout ends then as a stalled body (`408`), so that the breaker
+/// hears "ignore" before it would count the probe as failed (see [`crate::client_body`]).
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, GatewayBody>,
     timeout: Duration,
+    probes: Option<ProbeWatch>,
 }
+
+/// How [`Upstream`] tells its breaker's probes and when it gives up on their bodies.
+#[derive(Clone, Debug)]
+struct ProbeWatch {
+    breaker: CircuitHandle,
+    /// From the call: when a probe still waiting on the client's body ends as a stall.
+    stall_after: Duration,
+}
+
+/// The most time left between a probe's stall answer and the breaker's probe timeout:
+/// the answer must reach the breaker before its timer counts the probe as failed, and
+/// a timer may fire late on a loaded machine.
+pub const PROBE_STALL_MARGIN: Duration = Duration::from_secs(1);
 
 impl Upstream {
     /// A pooled client; connects within `connect_timeout`, answers within `timeout`.
@@ -148,7 +170,29 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        Self { client, timeout }
+        Self {
+            client,
+            timeout,
+            probes: None,
+        }
+    }
+
+    /// Watches the half-open probes of `breaker`, the breaker this client is wrapped in,
+    /// whose probe timeout is `probe_timeout`: a probe still waiting on the client's
+    /// body a fifth of `probe_timeout` (at most [`PROBE_STALL_MARGIN`]) before it ends
+    /// as a stalled body, which the breaker ignores. A probe waiting on the backend then
+    /// goes on, and the breaker counts it failed at its probe timeout, as before.
+    ///
+    /// Without this, a client slow to send the body of the request that became the
+    /// probe kept the probe in flight past the probe timeout, and the breaker re-opened
+    /// the circuit on the client's account, for as long as that client kept doing so.
+    pub fn watch_probes(mut self, breaker: CircuitHandle, probe_timeout: Duration) -> Self {
+        let margin = (probe_timeout / 5).min(PROBE_STALL_MARGIN);
+        self.probes = Some(ProbeWatch {
+            breaker,
+            stall_after: probe_timeout.saturating_sub(margin),
+        });
+        self
     }
 }
 
@@ -167,9 +211,28 @@ impl Service<Request<GatewayBody>> for Upstream {
         let (parts, body) = req.into_parts();
         let (body, progress) = ClientBody::new(body);
         let req = Request::from_parts(parts, body.boxed_unsync());
-        let res = tokio::time::timeout(self.timeout, self.client.request(req));
+        let until = deadline(Instant::now(), self.timeout);
+        // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
+        // and a half-open breaker admits only probes (a forced state reads as itself).
+        let stall_check = self
+            .probes
+            .as_ref()
+            .filter(|p| p.stall_after < self.timeout)
+            .filter(|p| p.breaker.state() == CircuitState::HalfOpen)
+            .map(|p| p.stall_after);
+        let res = self.client.request(req);
         Box::pin(async move {
-            match res.await {
+            let mut res = std::pin::pin!(res);
+            if let Some(after) = stall_check {
+                match tokio::time::timeout(after, &mut res).await {
+                    Ok(res) => return Ok(res?),
+                    Err(_) if progress.waiting_on_client() => {
+                        return Err(ClientBodyError::stalled().into());
+                    }
+                    Err(_) => {} // waiting on the backend: its time, on to the timeout
+                }
+            }
+            match tokio::time::timeout_at(until, res).await {
                 Ok(res) => Ok(res?),
                 Err(_) if progress.waiting_on_client() => Err(ClientBodyError::stalled().into()),
                 Err(elapsed) => Err(elapsed.into()),

@@ -744,6 +744,54 @@ async fn a_stalled_body_is_408_and_leaves_the_breaker_closed_but_a_stalled_backe
     assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
+#[tokio::test]
+async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.breaker_failures = 1;
+    cfg.breaker_open_for = Duration::from_millis(1500); // also the probe timeout
+    cfg.backend_timeout = Duration::from_secs(5); // the stall's 408 would come only then
+    let gw = start(&cfg).await;
+    b0.fail(true);
+    assert_eq!(
+        get(gw.addr).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+    b0.fail(false);
+    until("half-open", || {
+        gw.breakers[0].state() == CircuitState::HalfOpen
+    })
+    .await;
+
+    // The request that becomes the probe: 3 of 1000 bytes, then silence.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+    until("the probe reached the backend", || b0.hits() == 2).await;
+    let admitted_before = Instant::now();
+    // Past the probe timeout, and well before the end of a second open period.
+    tokio::time::sleep_until(admitted_before + cfg.breaker_open_for + Duration::from_millis(300))
+        .await;
+    assert_ne!(
+        gw.breakers[0].state(),
+        CircuitState::Open,
+        "the client's stalled body failed the probe"
+    );
+    assert_eq!(
+        get(gw.addr).await.status(),
+        StatusCode::OK,
+        "the next probe"
+    );
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    let out = String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned();
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
 // ---------------------------------------------------------------------------------
 // Request targets
 // ---------------------------------------------------------------------------------
