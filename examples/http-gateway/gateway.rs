@@ -7,8 +7,11 @@
 //!      └─ RateLimitLayer      per client address: open connections capped, adaptive rate
 //!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle after
 //!              └─ HttpServer  hyper HTTP/1 + the per-request stack (see `server`)
-//!                  └─ Proxy   pool pick -> CircuitBreaker -> hyper-util Client -> backend
+//!                  └─ Proxy   pool pick -> CircuitBreaker -> Upstream (hyper-util Client) -> backend
 //! ```
+//!
+//! The latency controller's samples come from each [`Upstream`]: the backend's time of
+//! each call, without the time spent waiting on the client's body.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -30,7 +33,7 @@ use crate::balance::{Member, Pool};
 use crate::health::Thresholds;
 use crate::proxy::{GatewayClassifier, Proxy, Upstream};
 use crate::sanitize::Limits;
-use crate::server::{BackendLatency, HttpServer, Stack};
+use crate::server::{HttpServer, Stack};
 
 /// A backend address and its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +198,24 @@ impl Gateway {
         assert!(!config.backends.is_empty(), "at least one backend");
         let addr = listener.local_addr()?;
 
+        let rate_limit = RateLimitLayer::builder()
+            .max_concurrent_per_client(config.max_connections_per_client.get())
+            .per_client(
+                Quota::per_second(config.per_client_rate).allow_burst(config.per_client_burst),
+            )
+            .build();
+        let rate = rate_limit.handle();
+        let max = f64::from(config.per_client_rate.get());
+        let control = RateConfig::new(
+            config.latency_target,
+            f64::from(config.min_per_client_rate.get()).min(max),
+            max,
+        )
+        .name("http_gateway")
+        .interval(config.control_interval)
+        .min_samples(config.control_min_samples)
+        .spawn(PerClientRate(rate.clone()));
+
         let mut members = Vec::new();
         let mut backends = Vec::new();
         for (i, spec) in config.backends.iter().enumerate() {
@@ -215,7 +236,8 @@ impl Gateway {
                 breaker: breaker.handle(),
             });
             let upstream = Upstream::new(config.connect_timeout, config.backend_timeout)
-                .watch_probes(breaker.handle(), probe_timeout);
+                .watch_probes(breaker.handle(), probe_timeout)
+                .record_latency(control.clone());
             backends.push(breaker.layer(upstream));
         }
         let breakers = members.iter().map(|m| m.breaker.clone()).collect();
@@ -228,29 +250,10 @@ impl Gateway {
             crate::health::http_probe(config.connect_timeout),
         );
 
-        let rate_limit = RateLimitLayer::builder()
-            .max_concurrent_per_client(config.max_connections_per_client.get())
-            .per_client(
-                Quota::per_second(config.per_client_rate).allow_burst(config.per_client_burst),
-            )
-            .build();
-        let rate = rate_limit.handle();
-        let max = f64::from(config.per_client_rate.get());
-        let control = RateConfig::new(
-            config.latency_target,
-            f64::from(config.min_per_client_rate.get()).min(max),
-            max,
-        )
-        .name("http_gateway")
-        .interval(config.control_interval)
-        .min_samples(config.control_min_samples)
-        .spawn(PerClientRate(rate.clone()));
-
         let stack = Stack {
             max_body: config.max_body,
             limits: config.limits,
             hsts: config.hsts,
-            adaptive: control.layer_with(BackendLatency),
             proxy: Proxy::new(Arc::clone(&pool), backends),
         };
         let http = HttpServer::new(stack, config.header_read_timeout, config.max_buf_size);

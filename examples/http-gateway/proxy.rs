@@ -5,8 +5,9 @@
 //! a response timeout ([`Upstream`]), wrapped in its own `CircuitBreaker` with
 //! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
 //! client's request body is not, see [`crate::client_body`]). The
-//! [`Pool`](crate::balance::Pool) picks the backend. Answers the gateway makes itself
-//! carry a [`LocalAnswer`] extension so that the latency controller leaves them out:
+//! [`Pool`](crate::balance::Pool) picks the backend. The adaptive controller's latency
+//! samples are taken in [`Upstream`] ([`Upstream::record_latency`]), so the answers the
+//! gateway makes itself never are:
 //!
 //! | case | status |
 //! |---|---|
@@ -50,6 +51,7 @@ use std::time::Duration;
 use aegis_core::BoxError;
 use aegis_core::error::find;
 use aegis_core::time::deadline;
+use aegis_layers::adaptive::AdaptiveHandle;
 use aegis_layers::circuit_breaker::error::CircuitOpen;
 use aegis_layers::circuit_breaker::{
     CircuitBreaker, CircuitHandle, CircuitState, Classify, HttpClassifier, Outcome,
@@ -73,11 +75,7 @@ use crate::headers::strip_hop_by_hop;
 /// The body type on both sides of the gateway.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Marks a response the gateway made itself (not a backend's answer).
-#[derive(Debug, Clone, Copy)]
-pub struct LocalAnswer;
-
-/// A response the gateway makes itself: `status`, a short text body, [`LocalAnswer`].
+/// A response the gateway makes itself: `status` and a short text body.
 pub fn local_response(status: StatusCode, text: &'static str) -> Response<GatewayBody> {
     let body = Full::new(Bytes::from_static(text.as_bytes()))
         .map_err(|never| match never {})
@@ -88,7 +86,6 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Gatewa
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    res.extensions_mut().insert(LocalAnswer);
     res
 }
 
@@ -140,11 +137,16 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 /// half-open (the breaker's probe) that still waits on the client's body shortly before
 /// the breaker's probe timeout ends then as a stalled body (`408`), so that the breaker
 /// hears "ignore" before it would count the probe as failed (see [`crate::client_body`]).
+///
+/// With [`record_latency`](Self::record_latency), it gives the adaptive controller one
+/// latency sample per call the backend answered ([`is_backend_sample`]): the call's time
+/// less the time spent waiting on the client's body.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, GatewayBody>,
     timeout: Duration,
     probes: Option<ProbeWatch>,
+    latency: Option<AdaptiveHandle>,
 }
 
 /// How [`Upstream`] tells its breaker's probes and when it gives up on their bodies.
@@ -174,7 +176,21 @@ impl Upstream {
             client,
             timeout,
             probes: None,
+            latency: None,
         }
+    }
+
+    /// Records the backend's latency of each call into `control`'s window: from the
+    /// call to the response head, less the time the gateway waited on the client's body
+    /// ([`Progress::client_time`](crate::client_body::Progress::client_time)).
+    ///
+    /// Measured here, below the breaker, rather than by an `Adaptive` layer around the
+    /// proxy: that one timed each request from the call, so a client sending its body
+    /// slowly made a sample of its own upload time, and a few such clients could push
+    /// the P95 over the target and have every client's rate cut.
+    pub fn record_latency(mut self, control: AdaptiveHandle) -> Self {
+        self.latency = Some(control);
+        self
     }
 
     /// Watches the half-open probes of `breaker`, the breaker this client is wrapped in,
@@ -211,7 +227,8 @@ impl Service<Request<GatewayBody>> for Upstream {
         let (parts, body) = req.into_parts();
         let (body, progress) = ClientBody::new(body);
         let req = Request::from_parts(parts, body.boxed_unsync());
-        let until = deadline(Instant::now(), self.timeout);
+        let start = Instant::now();
+        let until = deadline(start, self.timeout);
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
         // and a half-open breaker admits only probes (a forced state reads as itself).
         let stall_check = self
@@ -221,24 +238,44 @@ impl Service<Request<GatewayBody>> for Upstream {
             .filter(|p| p.breaker.state() == CircuitState::HalfOpen)
             .map(|p| p.stall_after);
         let res = self.client.request(req);
+        let latency = self.latency.clone();
         Box::pin(async move {
-            let mut res = std::pin::pin!(res);
-            if let Some(after) = stall_check {
-                match tokio::time::timeout(after, &mut res).await {
-                    Ok(res) => return Ok(res?),
-                    Err(_) if progress.waiting_on_client() => {
-                        return Err(ClientBodyError::stalled().into());
+            let res: Result<Response<Incoming>, BoxError> = async {
+                let mut res = std::pin::pin!(res);
+                if let Some(after) = stall_check {
+                    match tokio::time::timeout(after, &mut res).await {
+                        Ok(res) => return Ok(res?),
+                        Err(_) if progress.waiting_on_client() => {
+                            return Err(ClientBodyError::stalled().into());
+                        }
+                        Err(_) => {} // waiting on the backend: its time, on to the timeout
                     }
-                    Err(_) => {} // waiting on the backend: its time, on to the timeout
+                }
+                match tokio::time::timeout_at(until, res).await {
+                    Ok(res) => Ok(res?),
+                    Err(_) if progress.waiting_on_client() => {
+                        Err(ClientBodyError::stalled().into())
+                    }
+                    Err(elapsed) => Err(elapsed.into()),
                 }
             }
-            match tokio::time::timeout_at(until, res).await {
-                Ok(res) => Ok(res?),
-                Err(_) if progress.waiting_on_client() => Err(ClientBodyError::stalled().into()),
-                Err(elapsed) => Err(elapsed.into()),
+            .await;
+            if let Some(latency) = latency {
+                if is_backend_sample(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static))) {
+                    let now = Instant::now();
+                    let took = now.saturating_duration_since(start);
+                    latency.record(took.saturating_sub(progress.client_time(now)));
+                }
             }
+            res
         })
     }
+}
+
+/// Whether a finished call to a backend is a latency sample of the backend: its
+/// answer, whatever the status. Errors are not.
+pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool {
+    result.is_ok()
 }
 
 /// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
@@ -382,4 +419,28 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     }
     tracing::debug!(error = %err, "backend failed");
     local_response(StatusCode::BAD_GATEWAY, "backend failed\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backends_answers_are_latency_samples_and_errors_are_not() {
+        let answer = |status| {
+            let mut res = Response::new(());
+            *res.status_mut() = status;
+            res
+        };
+        for status in [
+            StatusCode::OK,
+            StatusCode::NOT_FOUND,
+            StatusCode::BAD_GATEWAY,
+        ] {
+            assert!(is_backend_sample(Ok(&answer(status))), "{status}");
+        }
+        let reset = std::io::Error::other("reset");
+        assert!(!is_backend_sample::<()>(Err(&reset)));
+        assert!(!is_backend_sample::<()>(Err(&ClientBodyError::stalled())));
+    }
 }

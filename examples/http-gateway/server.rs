@@ -12,8 +12,10 @@
 //! 3. [`Sanitize`](crate::sanitize::Sanitize): `431` on too many or too large headers,
 //!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping, the client's forwarding headers replaced (`X-Forwarded-For`
 //!    from the connection's client address, `X-Forwarded-Proto`, `X-Forwarded-Host`);
-//! 4. the adaptive controller's latency measurement (backend answers only);
-//! 5. the [`Proxy`].
+//! 4. the [`Proxy`]. The adaptive controller's latency samples are taken further down,
+//!    around each backend's HTTP client
+//!    ([`Upstream::record_latency`](crate::proxy::Upstream::record_latency)), where the
+//!    time spent waiting on the client's body can be left out.
 //!
 //! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
 //! which hyper ignores it), `max_buf_size`, and a `max_headers` backstop above the
@@ -21,7 +23,6 @@
 //! connection's [`Handshake`] is marked complete, which ends the slowloris layer's
 //! handshake clocks.
 
-use std::error::Error;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -29,7 +30,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aegis_core::{BoxError, ClientAddr, Handshake, Param};
-use aegis_layers::adaptive::{self, AdaptiveLayer, Sample};
 use aegis_layers::sniff::CompleteOnRequest;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -44,27 +44,12 @@ use tower::{Service, ServiceBuilder};
 use tower_http::limit::{RequestBodyLimitLayer, ResponseBody};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::proxy::{GatewayBody, LocalAnswer, Proxy};
+use crate::proxy::{GatewayBody, Proxy};
 use crate::sanitize::{Limits, SanitizeLayer};
 
 /// The per-request stack, boxed once per connection.
 pub type RequestStack =
     BoxCloneService<Request<Incoming>, Response<ResponseBody<GatewayBody>>, BoxError>;
-
-/// The latency controller's classifier: records the backends' answers, not the
-/// gateway's own (`503` with no backend, `431`: they are fast and say nothing about
-/// the backends).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BackendLatency;
-
-impl<B> adaptive::Classify<Response<B>> for BackendLatency {
-    fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Sample {
-        match result {
-            Ok(res) if res.extensions().get::<LocalAnswer>().is_some() => Sample::Ignore,
-            _ => Sample::Record,
-        }
-    }
-}
 
 /// What every connection's request stack is built from.
 #[derive(Clone, Debug)]
@@ -75,8 +60,6 @@ pub struct Stack {
     pub limits: Limits,
     /// `Strict-Transport-Security: max-age=...`, when set (only behind TLS).
     pub hsts: Option<Duration>,
-    /// The latency measurement of the adaptive controller.
-    pub adaptive: AdaptiveLayer<BackendLatency>,
     /// The proxy.
     pub proxy: Proxy,
 }
@@ -105,7 +88,6 @@ impl Stack {
             .option_layer(hsts)
             .layer(RequestBodyLimitLayer::new(self.max_body))
             .layer(SanitizeLayer::new(client, self.limits))
-            .layer(self.adaptive.clone())
             .service(self.proxy.clone());
         BoxCloneService::new(svc)
     }
@@ -177,26 +159,5 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().conn.poll(cx).map_err(Into::into)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use aegis_layers::adaptive::Classify;
-
-    use super::*;
-
-    #[test]
-    fn the_gateways_own_answers_are_not_latency_samples() {
-        let backend = Response::new(());
-        let mut local = Response::new(());
-        local.extensions_mut().insert(LocalAnswer);
-        let err = std::io::Error::other("reset");
-        assert_eq!(BackendLatency.classify(Ok(&backend)), Sample::Record);
-        assert_eq!(BackendLatency.classify(Ok(&local)), Sample::Ignore);
-        assert_eq!(
-            Classify::<Response<()>>::classify(&BackendLatency, Err(&err)),
-            Sample::Record
-        );
     }
 }

@@ -906,6 +906,60 @@ async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
     );
 }
 
+/// `POST /` with a 2-byte body whose second byte comes `pause` after the first; the
+/// whole answer.
+async fn post_split_body(addr: SocketAddr, pause: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nConnection: close\r\n\r\na",
+        )
+        .await
+        .unwrap();
+    sleep(pause).await; // the client's own slowness, not a wait for the gateway
+    stream.write_all(b"b").await.unwrap();
+    String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controller() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.per_client_rate = NonZeroU32::new(1_000).unwrap();
+    cfg.latency_target = Duration::from_millis(20);
+    cfg.control_interval = Duration::from_millis(300);
+    cfg.control_min_samples = 3;
+    let gw = start(&cfg).await;
+    let lowered = |gw: &Gateway| gw.control.value() < 1_000.0;
+
+    // A fast backend, and clients that pause 60 ms (three targets) inside their bodies,
+    // for five control intervals (some five answers each; a decision needs three).
+    let t0 = Instant::now();
+    while since(t0) < Duration::from_millis(1_500) {
+        let out = post_split_body(gw.addr, Duration::from_millis(60)).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("read 2 bytes"), "{out}");
+        assert!(
+            !lowered(&gw),
+            "the clients' upload time was taken for the backend's"
+        );
+    }
+    assert!(!lowered(&gw), "{}", gw.control.value());
+
+    // The same requests to a backend that takes 150 ms before it reads the body: 90 ms
+    // of it after the body's end, the backend's time, and the controller hears of it.
+    b0.seen.delay_ms.store(150, Ordering::SeqCst);
+    let deadline = Instant::now() + WAIT;
+    while !lowered(&gw) {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never lowered the rate"
+        );
+        let out = post_split_body(gw.addr, Duration::from_millis(60)).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+}
+
 #[tokio::test]
 async fn the_client_address_comes_from_a_trusted_proxy_header_only() {
     let b0 = Backend::start().await;
