@@ -6,21 +6,22 @@
 //! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
 //! client's request body is not, see [`crate::client_body`]). The
 //! [`Pool`](crate::balance::Pool) picks the backend. The adaptive controller's latency
-//! samples are taken in [`Upstream`] ([`Upstream::record_latency`]), so the answers the
-//! gateway makes itself never are:
+//! samples are taken in [`Upstream`] ([`Upstream::record_latency`],
+//! [`is_backend_sample`]): every answer of a backend is one, and of the answers the
+//! gateway makes itself, only those that tell of a backend:
 //!
-//! | case | status |
-//! |---|---|
-//! | `OPTIONS *` (a question to the gateway itself) | `200` with [`ALLOW`] |
-//! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] |
-//! | any other target that is not origin-form (`/path?query`) | `400` |
-//! | no backend available (all unhealthy or open) | `503` |
-//! | the chosen backend's breaker refused the call (it opened in between) | `503` |
-//! | the request body grew past the limit while streaming | `413` |
-//! | the request body was malformed or cut off | `400` |
-//! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` |
-//! | the backend did not answer within the response timeout | `504` |
-//! | any other upstream failure (refused, reset) | `502` |
+//! | case | status | latency sample |
+//! |---|---|---|
+//! | `OPTIONS *` (a question to the gateway itself) | `200` with [`ALLOW`] | no |
+//! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] | no |
+//! | any other target that is not origin-form (`/path?query`) | `400` | no |
+//! | no backend available (all unhealthy or open) | `503` | no |
+//! | the chosen backend's breaker refused the call (it opened in between) | `503` | no |
+//! | the request body grew past the limit while streaming | `413` | no |
+//! | the request body was malformed or cut off | `400` | no |
+//! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
+//! | the backend did not answer within the response timeout | `504` | yes: the timeout |
+//! | any other upstream failure (refused, reset) | `502` | yes |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
 //! backend's address plus the target's path and query, built with [`Uri::builder`], and
@@ -139,8 +140,8 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 /// hears "ignore" before it would count the probe as failed (see [`crate::client_body`]).
 ///
 /// With [`record_latency`](Self::record_latency), it gives the adaptive controller one
-/// latency sample per call the backend answered ([`is_backend_sample`]): the call's time
-/// less the time spent waiting on the client's body.
+/// latency sample per call that did not fail on the client's body
+/// ([`is_backend_sample`]): the call's time less the time spent waiting on that body.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, GatewayBody>,
@@ -273,9 +274,15 @@ impl Service<Request<GatewayBody>> for Upstream {
 }
 
 /// Whether a finished call to a backend is a latency sample of the backend: its
-/// answer, whatever the status. Errors are not.
+/// answer, whatever the status, its response timeout (`504`: the sample is the
+/// timeout, a hung backend's true latency being longer) and any other upstream failure
+/// (`502`); not a failure of the client's body ([`ClientBodyError`]: `400`, `408`,
+/// `413`). A call the breaker refused never reaches [`Upstream`].
 pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool {
-    result.is_ok()
+    match result {
+        Ok(_) => true,
+        Err(e) => find::<ClientBodyError>(e).is_none(),
+    }
 }
 
 /// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
@@ -425,8 +432,8 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_backends_answers_are_latency_samples_and_errors_are_not() {
+    #[tokio::test]
+    async fn the_backends_answers_and_failures_are_latency_samples_the_clients_are_not() {
         let answer = |status| {
             let mut res = Response::new(());
             *res.status_mut() = status;
@@ -439,8 +446,19 @@ mod tests {
         ] {
             assert!(is_backend_sample(Ok(&answer(status))), "{status}");
         }
-        let reset = std::io::Error::other("reset");
-        assert!(!is_backend_sample::<()>(Err(&reset)));
-        assert!(!is_backend_sample::<()>(Err(&ClientBodyError::stalled())));
+        let sample = |e: &(dyn Error + 'static)| is_backend_sample::<()>(Err(e));
+        let timeout = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert!(sample(&timeout), "504");
+        assert!(sample(&std::io::Error::other("refused")), "502");
+        assert!(!sample(&ClientBodyError::stalled()), "408");
+        let over = http_body_util::Limited::new(Full::new(Bytes::from_static(b"abc")), 1)
+            .collect()
+            .await
+            .unwrap_err();
+        assert!(!sample(&ClientBodyError::failed(over)), "413");
+        let bad = std::io::Error::other("bad chunk");
+        assert!(!sample(&ClientBodyError::failed(bad.into())), "400");
     }
 }

@@ -906,6 +906,31 @@ async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
     );
 }
 
+#[tokio::test]
+async fn a_hung_backend_makes_the_controller_lower_the_per_client_rate() {
+    let b0 = Backend::start().await;
+    b0.seen.delay_ms.store(2_000, Ordering::SeqCst);
+    let mut cfg = config(&[&b0]); // breaker_failures: 1000, the 504s leave it closed
+    cfg.per_client_rate = NonZeroU32::new(1_000).unwrap();
+    cfg.backend_timeout = Duration::from_millis(100);
+    cfg.latency_target = Duration::from_millis(50);
+    cfg.control_interval = Duration::from_millis(300);
+    cfg.control_min_samples = 3;
+    let gw = start(&cfg).await;
+
+    // Every answer is the gateway's 504: each one a sample of 100 ms, the backend's
+    // timeout, against a 50 ms target.
+    let deadline = Instant::now() + WAIT;
+    while gw.control.value() >= 1_000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never heard of the hung backend"
+        );
+        assert_eq!(get(gw.addr).await.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+}
+
 /// `POST /` with a 2-byte body whose second byte comes `pause` after the first; the
 /// whole answer.
 async fn post_split_body(addr: SocketAddr, pause: Duration) -> String {
