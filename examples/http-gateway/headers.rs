@@ -28,19 +28,38 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that carry a client address (or what a proxy saw of the client) to some
-/// backend, framework or CDN, beside the `X-Forwarded-*` family: the standard
-/// `Forwarded`, nginx's `X-Real-IP`, Akamai's and Cloudflare's `True-Client-IP`,
-/// `CF-Connecting-IP`, Fastly's `Fastly-Client-IP`, ingress-nginx's
-/// `X-Original-Forwarded-For`, and the older `X-Client-IP` and `X-Cluster-Client-IP`.
-pub const CLIENT_ADDRESS_HEADERS: [&str; 8] = [
+/// backend, framework or CDN, beside the `X-Forwarded-*` family (which covers
+/// `X-Forwarded` itself): the standard `Forwarded`, nginx's `X-Real-IP`, Akamai's and
+/// Cloudflare's `True-Client-IP`, Cloudflare's `CF-Connecting-IP` and
+/// `CF-Pseudo-IPv4`, Fastly's `Fastly-Client-IP`, ingress-nginx's
+/// `X-Original-Forwarded-For`, DigitalOcean's `DO-Connecting-IP`, Google App Engine's
+/// `X-AppEngine-User-IP`, Envoy's `X-Envoy-External-Address`, Fly.io's
+/// `Fly-Client-IP`, Azure Front Door's `X-Azure-ClientIP` and `X-Azure-SocketIP`, and
+/// the older or unofficial `X-Client-IP`, `X-Cluster-Client-IP`, `Client-IP` (PHP's
+/// `HTTP_CLIENT_IP`), `Forwarded-For`, `X-Originating-IP`, `X-Remote-IP` and
+/// `X-Remote-Addr`, which client-address helpers of PHP and Node.js frameworks still
+/// read.
+pub const CLIENT_ADDRESS_HEADERS: [&str; 20] = [
     "forwarded",
     "x-real-ip",
     "true-client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
     "cf-connecting-ip",
+    "cf-pseudo-ipv4",
     "fastly-client-ip",
     "x-original-forwarded-for",
+    "do-connecting-ip",
+    "x-appengine-user-ip",
+    "x-envoy-external-address",
+    "fly-client-ip",
+    "x-azure-clientip",
+    "x-azure-socketip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+    "forwarded-for",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
 ];
 
 /// Removes the hop-by-hop headers: those named in `Connection`, the fixed list
@@ -75,11 +94,32 @@ fn remove_prefixed(headers: &mut HeaderMap, prefix: &str) {
     }
 }
 
+/// Removes every header whose name has an underscore, as nginx does by default
+/// (`underscores_in_headers off`).
+///
+/// Backends behind CGI, WSGI, Rack or PHP see headers as variables such as
+/// `HTTP_X_FORWARDED_FOR`, with `-` turned into `_`: `X_Forwarded_For` and
+/// `X-Forwarded-For` become the same variable, and so would `Client_IP`, `X_Real_IP`
+/// and every other header the gateway removes or sets by name. Spelt with underscores,
+/// a client's forged header would pass the gateway's removal and reach such a backend
+/// in place of, or beside, the gateway's own. No standard header has an underscore.
+pub fn remove_underscored(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Replaces whatever forwarding headers the client sent with the gateway's own: a
 /// backend must never see an address (or scheme, host, port, prefix) the client chose.
 ///
 /// Removes every header whose name starts with `x-forwarded` and the
-/// [`CLIENT_ADDRESS_HEADERS`], then sets `X-Forwarded-For` to the effective client
+/// [`CLIENT_ADDRESS_HEADERS`] (their spellings with underscores are
+/// [`remove_underscored`]'s), then sets `X-Forwarded-For` to the effective client
 /// address alone, `X-Forwarded-Proto` to `http` (the gateway serves plain HTTP; behind a
 /// TLS terminator it still says `http`, since it cannot know better), and
 /// `X-Forwarded-Host` to the request's `Host` when it has one (the `Host` itself is
@@ -231,6 +271,21 @@ mod tests {
             h.get(X_FORWARDED_HOST).is_none(),
             "no Host, no forwarded one"
         );
+    }
+
+    #[test]
+    fn headers_with_an_underscore_are_removed() {
+        let mut h = map(&[
+            ("x_forwarded_for", "6.6.6.6"),
+            ("client_ip", "6.6.6.6"),
+            ("x-custom_thing", "1"),
+            ("x-kept", "1"),
+            ("host", "gw.test"),
+        ]);
+        remove_underscored(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-kept"]);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
 //! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other
 //! `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and client-IP header such as
-//! `True-Client-IP` or `CF-Connecting-IP` removed), security response headers, only origin-form request targets (`/path`;
+//! `True-Client-IP` or `CF-Connecting-IP` removed, and every header whose name has an
+//! underscore, as nginx does), security response headers, only origin-form request targets (`/path`;
 //! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),
 //! and a smooth weighted round-robin over the backends that skips open circuit breakers
 //! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a

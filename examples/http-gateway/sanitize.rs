@@ -2,7 +2,9 @@
 //!
 //! Before the request goes on: headers over the limits are answered `431` and a missing
 //! (HTTP/1.1), repeated or invalid `Host` `400`, without calling the inner service;
-//! hop-by-hop headers are removed; the client's forwarding
+//! hop-by-hop headers are removed, and so is every header whose name has an underscore
+//! (as nginx does by default: see
+//! [`remove_underscored`](crate::headers::remove_underscored)); the client's forwarding
 //! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and other client-IP headers) are
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
@@ -18,7 +20,9 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{check_host, check_limits, set_forwarded, strip_hop_by_hop};
+use crate::headers::{
+    check_host, check_limits, remove_underscored, set_forwarded, strip_hop_by_hop,
+};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -99,6 +103,7 @@ where
             };
         }
         strip_hop_by_hop(req.headers_mut());
+        remove_underscored(req.headers_mut());
         set_forwarded(req.headers_mut(), self.client);
         ResponseFuture {
             state: State::Inner {

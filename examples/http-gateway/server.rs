@@ -10,8 +10,10 @@
 //! 2. the body limit (tower-http `RequestBodyLimit`: `413` on a `Content-Length` over
 //!    the limit; a streamed body is cut there and the proxy answers `413`);
 //! 3. [`Sanitize`](crate::sanitize::Sanitize): `431` on too many or too large headers,
-//!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping, the client's forwarding headers replaced (`X-Forwarded-For`
-//!    from the connection's client address, `X-Forwarded-Proto`, `X-Forwarded-Host`);
+//!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping,
+//!    headers with an underscore in their name removed, the client's forwarding headers
+//!    replaced (`X-Forwarded-For` from the connection's client address,
+//!    `X-Forwarded-Proto`, `X-Forwarded-Host`);
 //! 4. the [`Proxy`]. The adaptive controller's latency samples are taken further down,
 //!    around each backend's HTTP client
 //!    ([`Upstream::record_latency`](crate::proxy::Upstream::record_latency)), where the

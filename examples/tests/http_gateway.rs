@@ -539,6 +539,24 @@ async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
         ("cf-connecting-ip", "6.6.6.6"),
         ("fastly-client-ip", "6.6.6.6"),
         ("x-original-forwarded-for", "6.6.6.6"),
+        ("client-ip", "6.6.6.6"),
+        ("forwarded-for", "6.6.6.6"),
+        ("x-originating-ip", "6.6.6.6"),
+        ("x-remote-ip", "6.6.6.6"),
+        ("x-remote-addr", "6.6.6.6"),
+        ("cf-pseudo-ipv4", "6.6.6.6"),
+        ("do-connecting-ip", "6.6.6.6"),
+        ("x-appengine-user-ip", "6.6.6.6"),
+        ("x-envoy-external-address", "6.6.6.6"),
+        ("fly-client-ip", "6.6.6.6"),
+        ("x-azure-clientip", "6.6.6.6"),
+        ("x-azure-socketip", "6.6.6.6"),
+        // One variable with `X-Forwarded-For` (`HTTP_X_FORWARDED_FOR`) to a CGI-style
+        // backend, and the same for the others.
+        ("x_forwarded_for", "6.6.6.6"),
+        ("x_real_ip", "6.6.6.6"),
+        ("client_ip", "6.6.6.6"),
+        ("x-forwarded_host", "evil.test"),
     ];
     let mut req = Request::get("/").header("host", "gw.test");
     for (name, value) in forged {
