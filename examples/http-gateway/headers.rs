@@ -62,9 +62,20 @@ pub const CLIENT_ADDRESS_HEADERS: [&str; 20] = [
     "x-remote-addr",
 ];
 
-/// Removes the hop-by-hop headers: those named in `Connection`, the fixed list
-/// [`HOP_BY_HOP`] and every `Proxy-*` header (`Proxy-Authorization` carries the
-/// client's credentials for *this* proxy, not for the backend).
+/// Headers that `Connection` cannot name away: `Host`, checked before the stripping and
+/// copied to `X-Forwarded-Host` after it (without it, hyper's client would send the
+/// backend's own address as `Host`), and the framing headers. `Transfer-Encoding` is
+/// hop-by-hop all the same and goes with [`HOP_BY_HOP`] (hyper frames each hop itself).
+pub const NOT_NAMEABLE: [HeaderName; 3] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes the hop-by-hop headers: those named in `Connection` (but the
+/// [`NOT_NAMEABLE`] ones), the fixed list [`HOP_BY_HOP`] and every `Proxy-*` header
+/// (`Proxy-Authorization` carries the client's credentials for *this* proxy, not for
+/// the backend).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -72,6 +83,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !NOT_NAMEABLE.contains(name))
         .collect();
     for name in named {
         headers.remove(name);
@@ -231,6 +243,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["accept", "host"]);
+    }
+
+    #[test]
+    fn connection_cannot_name_away_host_or_content_length() {
+        let mut h = map(&[
+            (
+                "connection",
+                "host, Content-Length, transfer-encoding, x-gone",
+            ),
+            ("host", "gw.test"),
+            ("content-length", "3"),
+            ("x-gone", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host"]);
+        assert_eq!(h["host"], "gw.test");
     }
 
     #[test]

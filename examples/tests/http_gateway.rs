@@ -591,6 +591,22 @@ async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
 }
 
 #[tokio::test]
+async fn connection_cannot_name_away_the_host_the_gateway_checked() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    let out = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: host, close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = b0.seen.last_headers.lock().clone().unwrap();
+    let all = |name| seen.get_all(name).iter().collect::<Vec<_>>();
+    assert_eq!(all("host"), ["gw"], "not the backend's address: {seen:?}");
+    assert_eq!(all("x-forwarded-host"), ["gw"], "{seen:?}");
+}
+
+#[tokio::test]
 async fn a_missing_repeated_or_invalid_host_is_400() {
     let b0 = Backend::start().await;
     let gw = start(&config(&[&b0])).await;
