@@ -95,7 +95,8 @@ pub struct Config {
     pub limits: Limits,
     /// hyper's read buffer cap (request line and headers must fit).
     pub max_buf_size: usize,
-    /// hyper: the time to read each request's headers.
+    /// hyper: the time to read each request's headers (`Duration::MAX`: some thirty
+    /// years).
     pub header_read_timeout: Duration,
     /// Slowloris: the time to the first byte.
     pub first_byte_timeout: Duration,

@@ -31,6 +31,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aegis_core::time::FAR_FUTURE;
 use aegis_core::{BoxError, ClientAddr, Handshake, Param};
 use aegis_layers::sniff::CompleteOnRequest;
 use hyper::body::Incoming;
@@ -104,13 +105,15 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// hyper's bounds: `header_read_timeout`, `max_buf_size` (at least 8 KiB), and a
-    /// `max_headers` backstop of twice the stack's limit (at least 100, hyper's
-    /// default), so that the stack's `431` is the one clients see.
+    /// hyper's bounds: `header_read_timeout` (at most [`FAR_FUTURE`], some thirty years:
+    /// hyper adds it to the time each request's read starts, and `Duration::MAX`
+    /// overflowed there and panicked the task of every connection), `max_buf_size` (at
+    /// least 8 KiB), and a `max_headers` backstop of twice the stack's limit (at least
+    /// 100, hyper's default), so that the stack's `431` is the one clients see.
     pub fn new(stack: Stack, header_read_timeout: Duration, max_buf_size: usize) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(header_read_timeout.min(FAR_FUTURE))
             .max_buf_size(max_buf_size.max(8 * 1024))
             .max_headers((stack.limits.max_headers * 2).max(100));
         Self { http, stack }

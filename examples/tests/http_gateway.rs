@@ -1156,6 +1156,16 @@ async fn a_partial_request_line_is_cut_by_hypers_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_header_read_timeout_of_duration_max_serves_requests() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.header_read_timeout = Duration::MAX; // "never": hyper adds it to an Instant
+    let gw = start(&cfg).await;
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "and again");
+}
+
+#[tokio::test]
 async fn a_trickled_request_is_cut_by_the_slowloris_total_deadline() {
     let b0 = Backend::start().await;
     let mut cfg = config(&[&b0]);
