@@ -246,6 +246,37 @@ async fn permit_reserved_in_poll_ready_is_returned_when_the_service_is_dropped()
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn would_admit_tells_a_free_probe_permit_from_a_taken_one_and_takes_none() {
+    let layer = probing_layer(1, 1);
+    let circuit = layer.handle();
+    let (mut svc, mut handle) = breaker(&layer);
+    assert!(circuit.would_admit(), "closed");
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    assert!(!circuit.would_admit(), "open");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(circuit.would_admit(), "half-open, the permit free");
+    assert!(circuit.would_admit(), "asking took nothing");
+
+    let probe = svc.ready().await.unwrap().call(());
+    let ((), send) = next_request(&mut handle);
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    assert!(
+        !circuit.would_admit(),
+        "half-open, the only permit in flight"
+    );
+    assert_fails_fast(&mut svc, &mut handle).await;
+    send.send_response(());
+    probe.await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    assert!(circuit.would_admit());
+
+    circuit.force_open();
+    assert!(!circuit.would_admit(), "forced open");
+    circuit.force_closed();
+    assert!(circuit.would_admit(), "forced closed");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn probe_successes_up_to_the_threshold_close_the_circuit() {
     let layer = probing_layer(1, 3);
     let (mut svc, mut handle) = breaker(&layer);

@@ -60,8 +60,10 @@
 //! label of its metrics: a **fixed string** such as `"upstream"`, never a value derived
 //! from input.
 //!
-//! A [`CircuitHandle`] (from [`CircuitBreakerLayer::handle`]) reads the state and can
-//! [force it open](CircuitHandle::force_open), [force it
+//! A [`CircuitHandle`] (from [`CircuitBreakerLayer::handle`]) reads the state, tells
+//! whether a call made now [would be let through](CircuitHandle::would_admit) (a
+//! balancer's question: half-open with every probe permit in flight, it would not), and
+//! can [force it open](CircuitHandle::force_open), [force it
 //! closed](CircuitHandle::force_closed) and [release](CircuitHandle::release) the
 //! forced state (the circuit is then closed with fresh counts).
 //!

@@ -425,6 +425,25 @@ impl Shared {
         })
     }
 
+    /// Whether [`admit`](Self::admit) would admit a call now; takes nothing.
+    pub(crate) fn would_admit(&self) -> bool {
+        let word = self.word.load(Ordering::Acquire);
+        if matches!(word & 0b11, CODE_CLOSED | CODE_FORCED_CLOSED) {
+            return true;
+        }
+        let mut guard = self.machine.lock();
+        let m = &mut *guard;
+        self.poll_timer(m);
+        // The decisions of `admit_locked`, without reserving a permit.
+        match (&m.phase, m.forced) {
+            (_, Some(CircuitState::Open)) | (Phase::Open { .. }, _) => false,
+            (_, Some(_)) | (Phase::Closed, None) => true,
+            (Phase::HalfOpen { probes, .. }, None) => {
+                u32::try_from(probes.len()).unwrap_or(u32::MAX) < self.cfg.permits
+            }
+        }
+    }
+
     pub(crate) fn state(&self) -> CircuitState {
         let mut m = self.machine.lock();
         self.poll_timer(&mut m);
@@ -499,6 +518,20 @@ impl CircuitHandle {
     /// The current state; a forced state reads as the state it forces.
     pub fn state(&self) -> CircuitState {
         self.shared.state()
+    }
+
+    /// Whether a call made now would be let through: the circuit is closed (or forced
+    /// closed), or half-open with a probe permit free. It reserves nothing, and like
+    /// [`state`](Self::state) it is a reading that another caller can make out of date
+    /// at once (by taking the last permit before your `poll_ready`); like `state`, it
+    /// moves an open circuit whose time is up to half-open.
+    ///
+    /// For a balancer choosing among backends: a half-open backend whose probe permits
+    /// are all in flight would fail the call fast with
+    /// [`CircuitOpen`](super::error::CircuitOpen), so pass it over while another
+    /// backend can take the call.
+    pub fn would_admit(&self) -> bool {
+        self.shared.would_admit()
     }
 
     /// The forced state, if the circuit is forced.
