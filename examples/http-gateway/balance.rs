@@ -2,7 +2,9 @@
 //! warm-up after recovery.
 //!
 //! A backend is **available** when the health check last found it healthy and its
-//! circuit breaker is not open. Picks follow nginx's smooth weighted round-robin: each
+//! circuit breaker would let a call through: not open, and not half-open with its probe
+//! permits all in flight (a request sent there would be refused at once, a `503`
+//! another backend could have spared). Picks follow nginx's smooth weighted round-robin: each
 //! available backend adds its effective weight to a running score, the highest score
 //! wins and pays back the sum of the weights. Over any window the picks follow the
 //! weights, and they are interleaved (weights 2:1 give `a b a a b a`, not `a a b`).
@@ -11,9 +13,9 @@
 //! its breaker leaves the open state) does not get its full share at once: a cold cache
 //! or a JIT would be flooded. Its effective weight ramps linearly from
 //! [`WARMUP_START_PERCENT`] of its weight to the full weight over the configured
-//! warm-up time ([`ramp`]). While its breaker is half-open it stays at the start weight:
-//! the breaker lets only a few probes through anyway. Backends are at full weight when
-//! the gateway starts.
+//! warm-up time ([`ramp`]). While its breaker is half-open it stays at the start weight
+//! (0 while its probes are in flight): the breaker lets only a few probes through
+//! anyway. Backends are at full weight when the gateway starts.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -146,6 +148,8 @@ impl Pool {
         }
         match member.breaker.state() {
             CircuitState::Open => 0,
+            // Probes all in flight: a call would be refused (`CircuitOpen`).
+            CircuitState::HalfOpen if !member.breaker.would_admit() => 0,
             CircuitState::HalfOpen => start_weight(full),
             CircuitState::Closed => match slot.up_since {
                 // A backend seen down by the last pick restarts its ramp on this one.
@@ -261,6 +265,40 @@ mod tests {
         assert_eq!(p.weight_now(0, t2), 100, "warm");
         let c = counts(&p, 100, t2);
         assert!(c[0].abs_diff(c[1]) <= 2, "even again: {c:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_half_open_backend_is_passed_over_while_its_probe_is_in_flight() {
+        use tower::ServiceExt;
+
+        let breaker = CircuitBreakerLayer::builder("test")
+            .consecutive_failures(Some(1))
+            .open_for(Duration::from_secs(1))
+            .build();
+        let member = |port, breaker| Member {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            breaker,
+        };
+        let other = CircuitBreakerLayer::builder("test").build().handle();
+        let p = Pool::new(
+            vec![member(9000, breaker.handle()), member(9001, other)],
+            Duration::ZERO,
+        );
+        breaker.handle().record_failure();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(breaker.handle().state(), CircuitState::HalfOpen);
+        assert_eq!(counts(&p, 110, Instant::now()), [10, 100], "a probe may go");
+
+        let mut probe = tower::Layer::layer(
+            &breaker,
+            tower::service_fn(|()| async { Ok::<_, std::io::Error>(()) }),
+        );
+        probe.ready().await.unwrap(); // takes the only permit
+        assert_eq!(p.weight_now(0, Instant::now()), 0);
+        assert_eq!(counts(&p, 100, Instant::now()), [0, 100], "none would pass");
+        drop(probe); // the permit comes back
+        assert_eq!(counts(&p, 110, Instant::now()), [10, 100]);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -16,7 +16,7 @@
 //! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] | no |
 //! | any other target that is not origin-form (`/path?query`) | `400` | no |
 //! | no backend available (all unhealthy or open) | `503` | no |
-//! | the chosen backend's breaker refused the call (it opened in between) | `503` | no |
+//! | the chosen backend's breaker refused the call (it opened, or another request took its probe permit, in between) | `503` | no |
 //! | the request body grew past the limit while streaming | `413` | no |
 //! | the request body was malformed or cut off | `400` | no |
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
@@ -34,9 +34,9 @@
 //! completed with port 80 of the backend's host.
 //!
 //! A request is never retried on another backend: it may not be idempotent, and its
-//! body has been consumed. So when a half-open backend's probe permit is already taken,
-//! a request the balancer sent there is answered `503` (the balancer gives a half-open
-//! backend only its warm-up start weight, which keeps this rare).
+//! body has been consumed. The balancer passes over a half-open backend whose probe
+//! permit is taken ([`CircuitHandle::would_admit`]), so a request lands there only when
+//! another one took the permit between its pick and its call, and is answered `503`.
 //!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.

@@ -376,6 +376,58 @@ async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_
 }
 
 #[tokio::test]
+async fn a_half_open_backend_gets_no_requests_while_its_probe_is_in_flight() {
+    let (b0, b1) = (Backend::start().await, Backend::start().await);
+    let mut cfg = config(&[&b0, &b1]);
+    cfg.breaker_failures = 1;
+    cfg.breaker_open_for = Duration::from_secs(3); // also the time the probe has
+    let gw = start(&cfg).await;
+    b0.fail(true);
+    let deadline = Instant::now() + WAIT;
+    while gw.breakers[0].state() != CircuitState::Open {
+        assert!(
+            Instant::now() < deadline,
+            "backend 0's breaker never opened"
+        );
+        get(gw.addr).await;
+    }
+    b0.fail(false);
+    b0.seen.delay_ms.store(60_000, Ordering::SeqCst); // the probe will hang
+    until("half-open", || {
+        gw.breakers[0].state() == CircuitState::HalfOpen
+    })
+    .await;
+
+    // Requests in the background until one is the probe, hanging at backend 0.
+    let hits = b0.hits();
+    let mut background = JoinSet::new();
+    let deadline = Instant::now() + WAIT;
+    while b0.hits() == hits {
+        assert!(Instant::now() < deadline, "no probe reached backend 0");
+        background.spawn(get(gw.addr));
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!gw.breakers[0].would_admit(), "the probe permit is taken");
+
+    // Backend 0 would have had 10 of every 110 (its warm-up start weight), each a 503.
+    let mut statuses = Vec::new();
+    for _ in 0..120 {
+        statuses.push(get(gw.addr).await.status());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        gw.breakers[0].state(),
+        CircuitState::HalfOpen,
+        "the probe was in flight throughout"
+    );
+    assert_eq!(b0.hits(), hits + 1, "only the probe reached backend 0");
+    background.abort_all();
+}
+
+#[tokio::test]
 async fn a_stopped_backend_is_marked_unhealthy_skipped_and_warmed_up_after_recovery() {
     let (mut b0, b1) = (Backend::start().await, Backend::start().await);
     let mut cfg = config(&[&b0, &b1]);
