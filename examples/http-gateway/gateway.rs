@@ -112,7 +112,8 @@ pub struct Config {
     /// Breaker: how long it stays open before probing; also the time a probe has (its
     /// probe timeout).
     pub breaker_open_for: Duration,
-    /// Health checks: every so often.
+    /// Health checks: every so often (at least `health::MIN_INTERVAL`; `Duration::MAX`
+    /// for one round at start-up only).
     pub health_interval: Duration,
     /// Health checks: the time a probe has.
     pub health_timeout: Duration,

@@ -40,7 +40,12 @@ pub struct Thresholds {
     pub rise: u32,
 }
 
-/// Starts the health checks of `pool`'s backends.
+/// The shortest interval between two rounds of probes; a shorter one (zero) is taken as
+/// this.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Starts the health checks of `pool`'s backends: a first round at once, then one every
+/// `interval` (at least [`MIN_INTERVAL`]; `Duration::MAX` for no round after the first).
 pub fn spawn<P>(
     pool: &Arc<Pool>,
     interval: Duration,
@@ -54,7 +59,11 @@ where
     let mut streaks = vec![0_u32; pool.members().len()];
     let pool = Arc::downgrade(pool);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
+        // tokio's `interval` panics on a zero period and adds the period to an instant
+        // unchecked: `Duration::MAX` ("never again") would end the task at its first
+        // tick, before any probe.
+        let period = interval.clamp(MIN_INTERVAL, aegis_core::time::FAR_FUTURE);
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -140,6 +149,30 @@ mod tests {
     }
 
     const ONE: Thresholds = Thresholds { fall: 1, rise: 1 };
+
+    /// tokio's `interval` panicked on both: the task ended before its first probe (a
+    /// zero period) or right after it (`Duration::MAX`, added to an instant unchecked).
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn intervals_of_zero_and_duration_max_keep_the_checks_running() {
+        for (interval, rounds_in_a_second) in [(Duration::ZERO, 10), (Duration::MAX, 1)] {
+            let pool = pool_of(&[1]);
+            let probes = Arc::new(AtomicUsize::new(0));
+            let p = Arc::clone(&probes);
+            let task = spawn(&pool, interval, Duration::from_secs(1), ONE, move |_| {
+                p.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { false })
+            });
+            tokio::time::sleep(Duration::from_millis(950)).await;
+            assert_eq!(
+                probes.load(Ordering::SeqCst),
+                rounds_in_a_second,
+                "{interval:?}"
+            );
+            assert!(!pool.is_healthy(0), "{interval:?}: the first round ran");
+            assert!(!task.is_finished(), "{interval:?}: the task lives");
+            task.abort();
+        }
+    }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn probes_every_interval_and_marks_by_answer_or_timeout() {
