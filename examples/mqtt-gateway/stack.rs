@@ -341,8 +341,15 @@ pub(crate) fn auth(
             BoxCloneSyncService::new(HttpAuth::new(uri).map_err(BoxError::from))
         }
         config::AuthKind::File => {
-            let file = StaticAuth::from_file(&c.file)
-                .map_err(|e| ConfigError::new("auth.file", format!("{}: {e}", c.file)))?;
+            let file = StaticAuth::from_file(&c.file).map_err(|e| {
+                // The reason a read failed (no such file, permission denied) is the
+                // error's source, which its `Display` leaves out.
+                let reason = match std::error::Error::source(&e) {
+                    Some(io) => format!("{}: {e}: {io}", c.file),
+                    None => format!("{}: {e}", c.file),
+                };
+                ConfigError::new("auth.file", reason)
+            })?;
             if file.is_empty() {
                 return Err(ConfigError::new(
                     "auth.file",

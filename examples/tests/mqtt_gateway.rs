@@ -1877,6 +1877,13 @@ fn config_errors_exit_2_and_name_the_key() {
             stderr.contains(&format!("config error: {key}")),
             "{what}: stderr does not name {key}: {stderr}"
         );
+        // And why: the users file's read error said only that it could not be read.
+        if what == "missing password file" {
+            assert!(
+                stderr.contains("No such file or directory"),
+                "{what}: stderr does not say why: {stderr}"
+            );
+        }
     }
 }
 
