@@ -97,6 +97,8 @@
 
 mod addr;
 pub mod error;
+#[cfg(any(feature = "serve", feature = "proxy"))]
+mod exhausted;
 mod handshake;
 mod key;
 pub mod metrics;

@@ -666,21 +666,10 @@ const ACCEPT_PASSES_ON: [i32; 8] = [
 
 /// A fixed label for an accept error.
 fn accept_error_kind(e: &io::Error) -> &'static str {
-    // errno values on Linux and the BSDs.
-    const EMFILE: i32 = 24;
-    const ENFILE: i32 = 23;
-    const ENOMEM: i32 = 12;
-    #[cfg(target_os = "linux")]
-    const ENOBUFS: i32 = libc::ENOBUFS;
-    #[cfg(not(target_os = "linux"))]
-    const ENOBUFS: i32 = 55;
-    match e.raw_os_error() {
-        Some(EMFILE) => "emfile",
-        Some(ENFILE) => "enfile",
-        Some(ENOBUFS) => "nobufs",
-        Some(ENOMEM) => "nomem",
-        _ if is_connection_error(e) => "connection",
-        _ => "other",
+    match crate::exhausted::exhausted(e) {
+        Some(kind) => kind,
+        None if is_connection_error(e) => "connection",
+        None => "other",
     }
 }
 
