@@ -11,7 +11,7 @@
 //! | `aegis_active_connections` | gauge | | connections being served now |
 //! | `aegis_accept_errors_total` | counter | `kind`: `emfile`, `enfile`, `nobufs`, `nomem`, `connection`, `other` | failed `accept()` calls; the loop backs off and keeps serving |
 //! | `aegis_rejections_total` | counter | `layer`, `reason` | typed rejections, see [`crate::error`]; each layer documents its reasons |
-//! | `aegis_upstream_errors_total` | counter | `reason`: `connect_timeout`, `connect_refused`, `connect_error` | upstream connection failures of the proxy |
+//! | `aegis_upstream_errors_total` | counter | `reason`: `connect_timeout`, `connect_refused`, `local_resources`, `connect_error` | upstream connection failures of the proxy (`local_resources`: this host was out of descriptors or memory, `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`; the upstream was not at fault) |
 //! | `aegis_proxy_bytes_total` | counter | `direction`: `client_to_upstream`, `upstream_to_client` | bytes copied by the proxy, recorded when a direction goes idle or ends |
 //! | `aegis_connection_duration_seconds` | histogram | `outcome` | how long each served connection lasted |
 //!

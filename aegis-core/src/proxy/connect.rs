@@ -17,7 +17,9 @@ use super::ProxyError;
 ///
 /// It is a tower service so that other layers (a circuit breaker, for example) can wrap
 /// the connection step alone. Connect failures are typed ([`ProxyError`]) and counted in
-/// `aegis_upstream_errors_total{reason}`.
+/// `aegis_upstream_errors_total{reason}`; running out of descriptors or memory on this
+/// host is [`ProxyError::LocalResources`] (`reason="local_resources"`), not an upstream
+/// failure.
 #[derive(Clone, Debug)]
 pub struct TcpConnect {
     addr: SocketAddr,
@@ -83,6 +85,12 @@ impl Service<()> for TcpConnect {
                 Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
                 Ok(Err(source)) if source.kind() == io::ErrorKind::ConnectionRefused => {
                     Err(ProxyError::ConnectRefused { addr, source })
+                }
+                // This host's descriptors or memory, not the upstream: told apart so that
+                // a circuit breaker does not open on it, nor an operator look at the
+                // upstream.
+                Ok(Err(source)) if crate::exhausted::exhausted(&source).is_some() => {
+                    Err(ProxyError::LocalResources { addr, source })
                 }
                 Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
                 Ok(Ok(s)) => {

@@ -25,6 +25,18 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// Connecting to the upstream failed because this host is out of descriptors or
+    /// memory (`EMFILE`, `ENFILE`, `ENOBUFS` or `ENOMEM` from `socket()` or
+    /// `connect()`): the gateway's own state, which says nothing about the upstream.
+    /// A circuit breaker's default classifier ignores it.
+    #[error("connecting to upstream {addr} failed: out of local descriptors or memory")]
+    LocalResources {
+        /// The upstream address.
+        addr: SocketAddr,
+        /// The error from `socket()` or `connect()`.
+        #[source]
+        source: io::Error,
+    },
     /// Connecting to the upstream failed for another reason.
     #[error("connecting to upstream {addr} failed")]
     Connect {
@@ -44,22 +56,27 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// A stable, low-cardinality label: `connect_timeout`, `connect_refused`,
-    /// `connect_error`, `client_io` or `upstream_io`.
+    /// `local_resources`, `connect_error`, `client_io` or `upstream_io`.
     pub const fn label(&self) -> &'static str {
         match self {
             Self::ConnectTimeout { .. } => "connect_timeout",
             Self::ConnectRefused { .. } => "connect_refused",
+            Self::LocalResources { .. } => "local_resources",
             Self::Connect { .. } => "connect_error",
             Self::ClientIo(_) => "client_io",
             Self::UpstreamIo(_) => "upstream_io",
         }
     }
 
-    /// Whether connecting to the upstream failed (timeout, refusal or other error).
+    /// Whether connecting to the upstream failed (timeout, refusal, lack of local
+    /// resources or other error).
     pub const fn is_connect(&self) -> bool {
         matches!(
             self,
-            Self::ConnectTimeout { .. } | Self::ConnectRefused { .. } | Self::Connect { .. }
+            Self::ConnectTimeout { .. }
+                | Self::ConnectRefused { .. }
+                | Self::LocalResources { .. }
+                | Self::Connect { .. }
         )
     }
 
