@@ -94,14 +94,65 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
 ///   [`ProxyError`] that carries it, as in [`aegis_core::error::label_of`];
 /// - otherwise an [`aegis_core::proxy::ProxyError`] is a failure when the upstream is at
 ///   fault (connect timeout, refusal, connect error, upstream IO) and ignored when the
-///   client side failed ([`ProxyError::ClientIo`]);
+///   client side failed ([`ProxyError::ClientIo`]) or this host was out of descriptors
+///   or memory ([`ProxyError::LocalResources`]: counted, it would open the circuit for
+///   every client while the upstream is fine, and keep it open after the flood that
+///   used the descriptors up has gone);
 /// - anything else, tokio's `Elapsed` timeout and IO errors included, is a failure.
 pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
     if find::<Rejected>(err).is_some() {
         return Outcome::Ignore;
     }
     match find::<ProxyError>(err) {
-        Some(ProxyError::ClientIo(_)) => Outcome::Ignore,
+        Some(ProxyError::ClientIo(_) | ProxyError::LocalResources { .. }) => Outcome::Ignore,
         _ => Outcome::Failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use aegis_core::BoxError;
+
+    use super::*;
+
+    /// A connect that failed because the gateway had no descriptor (or memory) left.
+    fn local_resources() -> ProxyError {
+        ProxyError::LocalResources {
+            addr: "127.0.0.1:1883".parse().unwrap(),
+            source: io::Error::from_raw_os_error(24), // EMFILE
+        }
+    }
+
+    #[test]
+    fn running_out_of_local_resources_is_ignored_by_every_classifier() {
+        let err = local_resources();
+        assert_eq!(classify_error(&err), Outcome::Ignore);
+        // As the breaker sees it: boxed, and inside an io::Error.
+        let boxed: BoxError = Box::new(local_resources());
+        assert_eq!(classify_error(&*boxed), Outcome::Ignore);
+        assert_eq!(
+            classify_error(&io::Error::other(local_resources())),
+            Outcome::Ignore
+        );
+        assert_eq!(
+            Classify::<()>::classify(&DefaultClassifier, Err(&err)),
+            Outcome::Ignore
+        );
+        assert_eq!(
+            Classify::<()>::classify(&FailuresOnly, Err(&err)),
+            Outcome::Ignore
+        );
+        assert_eq!(
+            Classify::<http::Response<()>>::classify(&HttpClassifier, Err(&err)),
+            Outcome::Ignore
+        );
+        // Any other connect error is still the upstream's failure.
+        let other = ProxyError::Connect {
+            addr: "127.0.0.1:1883".parse().unwrap(),
+            source: io::ErrorKind::HostUnreachable.into(),
+        };
+        assert_eq!(classify_error(&other), Outcome::Failure);
     }
 }
