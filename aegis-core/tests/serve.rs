@@ -68,14 +68,14 @@ fn connection_over_the_cap_is_closed_at_once_and_serving_goes_on() {
         assert_eq!(roundtrip(&mut first, b"a").await, b"a");
         assert_eq!(roundtrip(&mut second, b"b").await, b"b");
 
-        // The third is over the cap: closed without being served.
+        // The third is over the cap: refused without being served.
         let mut third = TcpStream::connect(addr).await.unwrap();
         let _ = third.write_all(b"c").await;
         let mut buf = [0u8; 1];
         let n = third.read(&mut buf).await.unwrap_or(0);
         assert_eq!(
             n, 0,
-            "the connection over the cap must be closed, not served"
+            "the connection over the cap must be refused, not served"
         );
 
         // A slot frees up when a connection ends, and the loop keeps serving.
@@ -100,6 +100,50 @@ fn connection_over_the_cap_is_closed_at_once_and_serving_goes_on() {
     let got = testing::capture(&snap);
     assert!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "over_capacity")]) >= 1);
     assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]), 1);
+}
+
+/// What a new client that writes nothing gets from its first read: a connection over
+/// the cap is refused at once, so this never waits long.
+async fn first_read(addr: std::net::SocketAddr) -> io::Result<usize> {
+    // The reset can arrive before the client's connect has returned.
+    let mut s = TcpStream::connect(addr).await?;
+    tokio::time::timeout(Duration::from_secs(10), s.read(&mut [0u8; 8]))
+        .await
+        .expect("refused at once, not left waiting")
+}
+
+/// A connection over the cap is reset (`SO_LINGER` 0), as a refusal by `admit` is: no
+/// FIN exchange, and no socket left behind in `FIN_WAIT2` or `TIME_WAIT` on the server.
+#[test]
+fn a_connection_over_the_cap_is_reset() {
+    let ((), snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = tower::service_fn(echo);
+        tokio::spawn(serve(listener, svc).max_connections(1).into_future());
+
+        // The first holds the only place (its round trip proves it is served).
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut held, b"a").await, b"a");
+        // The second writes nothing: reset unread, where a FIN would read as Ok(0).
+        for _ in 0..2 {
+            let got = first_read(addr).await;
+            assert!(
+                matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "a connection over the cap must be reset, got {got:?}"
+            );
+        }
+        assert_eq!(roundtrip(&mut held, b"still").await, b"still");
+    });
+    let got = testing::capture(&snap);
+    assert_eq!(
+        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "over_capacity")]),
+        2
+    );
+    assert_eq!(
+        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "rejected")]),
+        0
+    );
 }
 
 #[test]

@@ -255,6 +255,40 @@ fn a_shared_cap_counts_the_connections_of_every_runtime() {
     assert_eq!(fourth, None);
 }
 
+/// Over a shared cap a connection is reset, not closed with a FIN, whichever runtime
+/// took it: the shard's `serve` refuses it as the acceptor's does.
+#[test]
+fn over_the_cap_either_runtime_resets_the_connection() {
+    let rt = runtime();
+    let me = std::thread::current().name().unwrap().to_owned();
+    let (_cap, addr) = split_under_cap(&rt, 1, false);
+    let (first, to_shard, to_acceptor) = rt.block_on(async move {
+        // In turn: the acceptor keeps the first (held: the only place), hands the
+        // second to the shard, keeps the third.
+        let (held, first) = first_line(addr).await;
+        let to_shard = first_read(addr).await;
+        let to_acceptor = first_read(addr).await;
+        drop(held);
+        (first, to_shard, to_acceptor)
+    });
+    assert_eq!(first.as_deref(), Some(me.as_str()));
+    for (runtime, got) in [("shard", to_shard), ("acceptor", to_acceptor)] {
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the {runtime}'s connection over the cap must be reset, got {got:?}"
+        );
+    }
+}
+
+/// What a new client that writes nothing gets from its first read.
+async fn first_read(addr: SocketAddr) -> std::io::Result<usize> {
+    // The reset can arrive before the client's connect has returned.
+    let mut client = TcpStream::connect(addr).await?;
+    tokio::time::timeout(Duration::from_secs(10), client.read(&mut [0u8; 8]))
+        .await
+        .expect("refused at once, not left waiting")
+}
+
 /// Splits a listener for one shard, both serving [`thread_name_service`] holding connections under one
 /// shared cap of `max`, the acceptor handing out in turn or, `by_load`, by load; the
 /// shard on a thread named "shard", the acceptor in a task on `rt`.

@@ -66,7 +66,10 @@ pub trait Listener: Send + 'static {
         false
     }
 
-    /// Closes a connection the loop refuses without serving it. The default drops it.
+    /// Closes a connection the loop refuses without serving it: one [`Serve::admit`]
+    /// refused, or one over the connection cap. The default drops it.
+    ///
+    /// [`Serve::admit`]: super::Serve::admit
     fn refuse(io: Self::Io) {
         drop(io);
     }

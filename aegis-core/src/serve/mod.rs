@@ -5,8 +5,9 @@
 //!
 //! - **Connection cap.** At most [`Serve::max_connections`] connections are served at
 //!   once (10,000 by default), or, with [`Serve::connection_cap`], at most a
-//!   [`ConnectionCap`] shared with other loops. A connection over the cap is closed at
-//!   once and counted as `aegis_connections_total{outcome="over_capacity"}`.
+//!   [`ConnectionCap`] shared with other loops. A connection over the cap is reset at
+//!   once, unread ([`Listener::refuse`], as a refusal by [`Serve::admit`] is), and
+//!   counted as `aegis_connections_total{outcome="over_capacity"}`.
 //! - **Accept errors never stop the loop.** Running out of descriptors (`EMFILE`,
 //!   `ENFILE`) or memory (`ENOBUFS`, `ENOMEM`) backs off (1 ms, doubling up to 1 s) so the
 //!   loop neither exits nor spins; errors about one connection (`ECONNABORTED`, ...) are
@@ -162,7 +163,8 @@ impl<L, S> Serve<L, S> {
     /// How long a graceful shutdown waits for open connections by default.
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// Caps the connections served at once; one over the cap is closed at accept.
+    /// Caps the connections served at once; one over the cap is reset at accept
+    /// ([`Listener::refuse`]).
     /// Replaces a [`connection_cap`](Self::connection_cap) set before.
     ///
     /// # Panics
@@ -175,7 +177,7 @@ impl<L, S> Serve<L, S> {
 
     /// Caps the connections served at once together with every other loop given a
     /// clone of `cap` (on other runtimes, say, with [`share_out`]); one over the cap is
-    /// closed at accept, whichever loop accepted it. Replaces
+    /// reset at accept, whichever loop accepted it. Replaces
     /// [`max_connections`](Self::max_connections). A graceful shutdown still drains
     /// only this loop's connections.
     ///
@@ -592,10 +594,16 @@ where
         let Some(conn) = listener.pass_on(conn, registry.open(), registry.shared_open()) else {
             continue;
         };
+        // Over the cap: reset at once, as a refusal by `admit` is (a dropped socket would
+        // close with a FIN and leave a socket behind in FIN_WAIT2 or TIME_WAIT).
+        let Some(slot) = registry.reserve() else {
+            L::refuse(conn.into_inner());
+            registry.over_capacity();
+            tracing::debug!(%peer, "connection cap reached; refused");
+            continue;
+        };
         let svc = service.clone();
-        // Over the cap the closure, and the connection in it, is dropped: the socket
-        // closes at once.
-        let spawned = registry.spawn(move |slot| {
+        registry.spawn(slot, move |slot| {
             if nodelay {
                 if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
@@ -606,10 +614,6 @@ where
             let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
             ConnTask::new(svc, conn, slot).instrument(span)
         });
-        if spawned.is_none() {
-            registry.over_capacity();
-            tracing::debug!(%peer, "connection cap reached; closing");
-        }
     }
 
     // Stop accepting: closing the listener refuses new connections at once.

@@ -159,7 +159,7 @@ impl Registry {
         self.metrics.record(Outcome::Rejected, 0.0);
     }
 
-    /// Counts a connection closed at accept because the cap is reached.
+    /// Counts a connection refused at accept because the cap is reached.
     pub(crate) fn over_capacity(&self) {
         self.metrics.over_capacity.increment(1);
     }
@@ -174,11 +174,10 @@ impl Registry {
         self.shared.as_ref().map(ConnectionCap::open)
     }
 
-    /// Spawns `fut` as a connection task if the cap allows; `None` when it is full.
-    pub(crate) fn spawn<F>(self: &Arc<Self>, make: impl FnOnce(Slot) -> F) -> Option<()>
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
+    /// Takes a place for one more connection if the cap allows; `None` when it is full,
+    /// and the caller still has the connection, to refuse it. Dropping the slot gives
+    /// the place back.
+    pub(crate) fn reserve(self: &Arc<Self>) -> Option<Slot> {
         let shared = match &self.shared {
             Some(cap) => Some(cap.permits.try_acquire().ok()?),
             None => None,
@@ -206,17 +205,25 @@ impl Registry {
             self.release();
             return None;
         };
-        let slot = Slot {
+        Some(Slot {
             reg: Arc::clone(self),
             key,
             id,
             started_ms,
-        };
+        })
+    }
+
+    /// Spawns the connection task that `make` builds around `slot` (from
+    /// [`reserve`](Self::reserve)), which the task holds until it ends.
+    pub(crate) fn spawn<F>(&self, slot: Slot, make: impl FnOnce(Slot) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (key, id) = (slot.key, slot.id);
         let handle = tokio::spawn(make(slot)).abort_handle();
         if let Some(place) = self.tasks.lock().place(key, id) {
             *place = Some(handle);
         }
-        Some(())
     }
 
     /// Waits until every connection has ended.
@@ -485,7 +492,9 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _runtime = handle.enter();
-            let spawned = reg.spawn(|slot| async move { drop(slot) });
+            let spawned = reg
+                .reserve()
+                .map(|slot| reg.spawn(slot, |slot| async move { drop(slot) }));
             tx.send((spawned, reg.open(), reg.tasks.lock().slab.len()))
         });
         // A guard against the hang, not a wait for an event: the thread answers at once
@@ -532,14 +541,13 @@ mod tests {
     async fn a_connection_task_with_a_boxed_service_runs_and_frees_its_slot() {
         let reg = Registry::new(Cap::own(1));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        reg.spawn(|slot| {
+        reg.spawn(reg.reserve().unwrap(), |slot| {
             let task = ConnTask::new(Big([0; 4096]), 7, slot);
             async move {
                 task.await;
                 let _ = tx.send(());
             }
-        })
-        .unwrap();
+        });
         rx.await.unwrap();
         reg.closed().await;
         assert_eq!(reg.open(), 0);
