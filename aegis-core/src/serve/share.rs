@@ -33,7 +33,10 @@
 //!   at low load nothing moves, under load the shares stay even.
 //! - **Bounded.** Each shard's queue holds at most `queue` connections. When a shard's
 //!   queue is full, or its listener is gone (its `serve` stopped), the acceptor keeps
-//!   the connection and its own runtime serves it: nothing accepted is dropped.
+//!   the connection and its own runtime serves it: nothing accepted is dropped. Only
+//!   a connection that cannot be taken out of the acceptor's reactor (deregistering
+//!   it fails, which should not happen) is closed unserved, and counted as
+//!   `aegis_connections_total{outcome="error"}`.
 //! - **Admission first.** The acceptor's [`serve`](super::serve) admits each connection
 //!   ([`Serve::admit`](super::Serve::admit): an address ban, say) before it keeps it or
 //!   hands it out ([`Listener::pass_on`]): a refused connection costs no hand-out, and
@@ -105,7 +108,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::Listener;
+use super::task::Outcome;
 use crate::Conn;
+use crate::metrics as m;
 
 /// The [`Listener`] methods that [`Acceptor`] and [`Shard`] share: `TCP_NODELAY` as the
 /// listener passed it on ([`share_out`] records it), and a refusal as a reset, as for
@@ -213,10 +218,21 @@ impl Acceptor {
             // Deregistering failed: the socket is closed; nothing to serve.
             Err(e) => {
                 tracing::debug!(error = %e, "could not hand a connection to another runtime");
+                count_lost();
                 None
             }
         }
     }
+}
+
+/// Counts a connection that could not be handed out, and was closed before any service
+/// saw it: an `error` of `aegis_connections_total`, lasting 0 s, so that every admitted
+/// connection is counted once. Rare (taking a socket out of the acceptor's reactor
+/// fails only if deregistering it from epoll does), so the metrics are looked up here.
+fn count_lost() {
+    let outcome = Outcome::Error.label();
+    metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome).record(0.0);
 }
 
 /// Accepts every connection; [`serve`](super::serve) admits each, then
@@ -304,4 +320,22 @@ impl Listener for Shard {
     }
 
     tcp_stream_listener!();
+}
+
+#[cfg(all(test, feature = "test-util"))]
+mod tests {
+    use super::*;
+    use crate::metrics::testing::{capture, run};
+
+    /// A connection lost on its way to a shard is counted once, as a connection that
+    /// ended in an error at once (`Acceptor::hand_out` calls this when `into_std`
+    /// fails, which a test cannot make happen).
+    #[test]
+    fn a_connection_lost_in_the_hand_out_is_counted_as_an_error() {
+        let ((), snap) = run(false, || async { count_lost() });
+        let got = capture(&snap);
+        let error = [("outcome", "error")];
+        assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &error), 1);
+        assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[]), 1);
+    }
 }

@@ -277,7 +277,7 @@ impl Outcome {
     const ALL: [Self; 4] = [Self::Ok, Self::Rejected, Self::Error, Self::Aborted];
 
     /// The `outcome` label.
-    const fn label(self) -> &'static str {
+    pub(super) const fn label(self) -> &'static str {
         match self {
             Self::Ok => "ok",
             Self::Rejected => "rejected",
