@@ -33,8 +33,12 @@
 //! IPv4-mapped IPv6 address is folded to IPv4.
 //!
 //! The layer reads the first bytes of every connection, so it suits protocols where the
-//! client speaks first (MQTT, HTTP, TLS). Put it outermost, before anything that keys
-//! on the client address.
+//! client speaks first (MQTT, HTTP, TLS). Put it outermost, right inside the accept loop:
+//! before anything that keys on the client address, and before the slowloris layer
+//! (`aegis_layers::slowloris`), so that the layers between the two see that layer's cuts
+//! with the real client's address. The header is then read under this layer's own
+//! deadline (see [Limits](#limits)), not under the slowloris clocks, which start once
+//! it is read; the slowloris module docs say what each order of the two costs.
 //!
 //! # Limits
 //!

@@ -93,9 +93,31 @@
 //! `aegis_core::proxy::Proxy`, say), use only the first-byte and idle clocks:
 //! the total and minimum-rate clocks would cut every connection.
 //!
-//! Put the layer outermost, right inside the accept loop, so that a PROXY protocol
-//! header, protocol sniffing and the handshake itself all run under its clocks and every
-//! byte the client sends counts.
+//! # Where to put it
+//!
+//! Put the layer near the top of the stack, outside protocol sniffing and the protocol's
+//! own layer, so that sniffing and the handshake itself run under its clocks and every
+//! byte the client sends counts. Only the PROXY protocol layer
+//! (`aegis_layers::proxy_protocol`), when one is used, goes outside it, outermost, with
+//! whatever keys on the client address (address bans, rate limits) between the two, as
+//! in the mqtt-gateway:
+//!
+//! ```text
+//! serve -> PROXY protocol -> bans, rate limits -> slowloris -> sniff -> MQTT -> proxy
+//! ```
+//!
+//! That order costs a little time: the PROXY header is read before these clocks start,
+//! under the PROXY layer's own deadline (`ProxyProtocolLayer::timeout`, 3 s by default,
+//! which also bounds its wait for an untrusted peer's first bytes), so a connection can
+//! last up to that much longer than these clocks alone allow, and the header's bytes do
+//! not count towards the minimum rate. It buys the cut's attribution: a cut is an
+//! [`error::Elapsed`] that the layers between the two see, with the real client's
+//! address (aegis-mqtt's security layer logs it and counts it towards a ban of that
+//! client). The other order, this layer outside the PROXY layer, runs the header under
+//! these clocks too, but a cut then drops the PROXY layer's future and everything inside
+//! it without an error they could see: nothing keyed on the client address learns of
+//! the cut, and all that is known of the cut connection is the TCP peer's address, the
+//! load balancer's.
 //!
 //! # Metrics
 //!
