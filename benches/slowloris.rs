@@ -12,7 +12,7 @@
 //!   nothing, so the layer arms its timer, then sees the first byte and the end of the
 //!   handshake, and drops the timer (the usual path of a real connection).
 //! - `data_ready`: the greeting is already buffered, so the service ends on its first
-//!   poll and the layer never arms its timer (its floor: two small allocations).
+//!   poll and the layer never arms its timer (its floor: three small allocations).
 //!
 //! Wall-clock figures are noisy on a shared machine. For instruction counts, run one
 //! variant alone under callgrind, with `N` and `2 N` connections, and divide the

@@ -134,13 +134,27 @@
 //!
 //! Memory, per connection (`x86_64`):
 //!
-//! - the response future adds 216 bytes to the inner future: the one
-//!   `tokio::time::Sleep` (112), a copy of the clocks (48, each limit in 8 bytes), the
-//!   progress seen so far (start, last read, byte count: 48) and a pointer (the
-//!   `response_future_stays_small` test holds the bound);
-//! - two small heap blocks: the state shared with the stream (an `Arc` of 32 bytes: the
-//!   byte count and the handshake handle) and the tracked handshake flag (an
-//!   `Arc<AtomicBool>`, 24 bytes), unless an outer layer already tracks the handshake.
+//! - the response future adds one pointer (8 bytes) to the inner future: everything
+//!   that watches the clocks is boxed behind it (the `response_future_stays_small` test
+//!   holds the addition to 16 bytes at most);
+//! - while a clock can still fire, two heap blocks: that box, the watch (112 bytes: a
+//!   copy of the clocks, 48, each limit in 8 bytes; the progress seen so far, 48:
+//!   start, last read, byte count; a pointer to the timer and one to the shared state),
+//!   and the timer, a boxed `tokio::time::Sleep` of 112 bytes, made when the first
+//!   deadline is armed.
+//!   The timer is freed whenever no clock is running (after the first byte, when only
+//!   the first-byte clock is set, say) and made again if one starts; both are freed
+//!   once no clock can apply any more (the handshake is over and no idle clock is set
+//!   after it), and when the future ends;
+//! - for the whole connection, two small heap blocks: the state shared with the stream
+//!   (an `Arc` of 32 bytes: the byte count and the handshake handle) and the tracked
+//!   handshake flag (an `Arc<AtomicBool>`, 24 bytes), unless an outer layer already
+//!   tracks the handshake. The stream, a [`SlowlorisIo`], adds a pointer to the shared
+//!   state to the stream it wraps.
+//!
+//! A connection past its handshake with no idle clock after it thus keeps 8 bytes in
+//! its future and the two small blocks; with that idle clock it also keeps the watch
+//! and its timer.
 //!
 //! CPU: a read costs one relaxed load and store. A poll of the future that saw new
 //! bytes reads the clock once if an idle clock is on. The timer is created when the
@@ -149,13 +163,15 @@
 //! the first byte and at the end of the handshake, and is dropped when no clock is left.
 //! `benches/slowloris.rs` measures a whole connection over an in-memory pipe (read a
 //! 16-byte greeting, complete the handshake, end), with every clock on. Counted with
-//! callgrind, the layer adds about 2,100 instructions per connection when the service
-//! has to wait for the greeting (a plain `tokio::time::timeout` adds 1,300 there: most
-//! of the cost is registering and removing a tokio timer) and 850 when the greeting is
-//! already there (no timer is registered). Criterion medians on a shared 2-core
-//! machine at a quiet moment: +0.63 µs per connection when waiting (a plain tokio
-//! timeout: +0.52 µs), +0.12 µs when the greeting is already there; runs under heavy
-//! load from other processes varied up to +1.7 µs.
+//! callgrind (glibc's allocator), the layer adds about 1,800 instructions per
+//! connection when the service has to wait for the greeting (a plain
+//! `tokio::time::timeout` adds 990 there: most of the cost is registering and removing
+//! a tokio timer) and 730 when the greeting is already there (no timer is registered;
+//! three small allocations: the watch and the two shared blocks). Criterion medians on
+//! a shared 2-core machine at a quiet moment, measured before the watch and its timer
+//! were boxed: +0.63 µs per connection when waiting (a plain tokio timeout:
+//! +0.52 µs), +0.12 µs when the greeting is already there; runs under heavy load from
+//! other processes varied up to +1.7 µs.
 //!
 //! The clocks are re-armed whenever the response future is polled, which includes each
 //! time the inner future is, so they are exact when the inner future drives the stream
