@@ -17,8 +17,8 @@ use super::ProxyError;
 ///
 /// It is a tower service so that other layers (a circuit breaker, for example) can wrap
 /// the connection step alone. Connect failures are typed ([`ProxyError`]) and counted in
-/// `aegis_upstream_errors_total{reason}`; running out of descriptors or memory on this
-/// host is [`ProxyError::LocalResources`] (`reason="local_resources"`), not an upstream
+/// `aegis_upstream_errors_total{reason}`; running out of descriptors, memory or local
+/// ports on this host is [`ProxyError::LocalResources`] (`reason="local_resources"`), not an upstream
 /// failure.
 #[derive(Clone, Debug)]
 pub struct TcpConnect {
@@ -62,6 +62,22 @@ impl TcpConnect {
     }
 }
 
+/// What a failed `connect()` to `addr` says, as a [`ProxyError`].
+fn connect_error(addr: SocketAddr, source: io::Error) -> ProxyError {
+    if source.kind() == io::ErrorKind::ConnectionRefused {
+        ProxyError::ConnectRefused { addr, source }
+    } else if crate::exhausted::exhausted(&source).is_some()
+        // No local port left to connect from (`EADDRNOTAVAIL`): this host's too.
+        || source.kind() == io::ErrorKind::AddrNotAvailable
+    {
+        // This host's descriptors, memory or ports, not the upstream: told apart so that
+        // a circuit breaker does not open on it, nor an operator look at the upstream.
+        ProxyError::LocalResources { addr, source }
+    } else {
+        ProxyError::Connect { addr, source }
+    }
+}
+
 /// The future of [`TcpConnect`]: boxed, as it runs once per connection.
 pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<TcpStream, ProxyError>> + Send>>;
 
@@ -83,16 +99,7 @@ impl Service<()> for TcpConnect {
         Box::pin(async move {
             let res = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
-                Ok(Err(source)) if source.kind() == io::ErrorKind::ConnectionRefused => {
-                    Err(ProxyError::ConnectRefused { addr, source })
-                }
-                // This host's descriptors or memory, not the upstream: told apart so that
-                // a circuit breaker does not open on it, nor an operator look at the
-                // upstream.
-                Ok(Err(source)) if crate::exhausted::exhausted(&source).is_some() => {
-                    Err(ProxyError::LocalResources { addr, source })
-                }
-                Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+                Ok(Err(source)) => Err(connect_error(addr, source)),
                 Ok(Ok(s)) => {
                     if nodelay {
                         // Best effort: a socket that cannot take the option still works.
@@ -108,5 +115,31 @@ impl Service<()> for TcpConnect {
             }
             res
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every local port in use (many connections to one upstream, or their
+    /// `TIME_WAIT`s), `connect()` fails with `EADDRNOTAVAIL`: this host's lack, which a
+    /// breaker around the connect must not take for the upstream's failure.
+    #[test]
+    fn no_local_port_left_is_a_local_resources_error() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1883));
+        let err = connect_error(addr, io::Error::from(io::ErrorKind::AddrNotAvailable));
+        assert_eq!(err.label(), "local_resources");
+        #[cfg(target_os = "linux")]
+        {
+            let err = connect_error(addr, io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+            assert_eq!(err.label(), "local_resources");
+            let err = connect_error(addr, io::Error::from_raw_os_error(libc::EMFILE));
+            assert_eq!(err.label(), "local_resources");
+        }
+        let err = connect_error(addr, io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(err.label(), "connect_refused");
+        let err = connect_error(addr, io::Error::from(io::ErrorKind::HostUnreachable));
+        assert_eq!(err.label(), "connect_error");
     }
 }

@@ -25,11 +25,12 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
-    /// Connecting to the upstream failed because this host is out of descriptors or
-    /// memory (`EMFILE`, `ENFILE`, `ENOBUFS` or `ENOMEM` from `socket()` or
-    /// `connect()`): the gateway's own state, which says nothing about the upstream.
+    /// Connecting to the upstream failed because this host is out of descriptors,
+    /// memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS` or `ENOMEM` from `socket()`
+    /// or `connect()`, `EADDRNOTAVAIL` from `connect()`): the gateway's own state, which
+    /// says nothing about the upstream.
     /// A circuit breaker's default classifier ignores it.
-    #[error("connecting to upstream {addr} failed: out of local descriptors or memory")]
+    #[error("connecting to upstream {addr} failed: out of local descriptors, memory or ports")]
     LocalResources {
         /// The upstream address.
         addr: SocketAddr,
