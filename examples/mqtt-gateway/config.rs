@@ -971,6 +971,29 @@ impl Config {
         // Checked even with the limits off: the security detector keys clients by them.
         at_most("limits.ipv4_prefix", l.ipv4_prefix, 32)?;
         at_most("limits.ipv6_prefix", l.ipv6_prefix, 128)?;
+        if self.security.enabled && self.security.ban_by.contains(&BanBy::Addr) {
+            // The detector bans a client's network by these prefixes, for rejections
+            // that the per-client limits (keyed the same way) count as the client's: at
+            // ipv4_prefix = 0 everyone is one client, whose ban refuses every client and
+            // closes every session. No wider than what `POST /bans` may ban.
+            use crate::metrics_http::{WIDEST_V4_BAN, WIDEST_V6_BAN};
+            for (key, prefix, widest, family) in [
+                ("limits.ipv4_prefix", l.ipv4_prefix, WIDEST_V4_BAN, "IPv4"),
+                ("limits.ipv6_prefix", l.ipv6_prefix, WIDEST_V6_BAN, "IPv6"),
+            ] {
+                if prefix < widest {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "must be at least {widest} while security.ban_by has \"addr\": \
+                             the detector would ban networks wider than an {family} \
+                             /{widest} (a /0 is every client) for what one client in them \
+                             did; or leave \"addr\" out of security.ban_by"
+                        ),
+                    ));
+                }
+            }
+        }
         if l.enabled {
             at_least("limits.max_keys", l.max_keys, 1)?;
             positive("limits.evict_every", l.evict_every)?;

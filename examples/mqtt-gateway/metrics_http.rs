@@ -202,9 +202,11 @@ fn ban_key(req: &Request<Incoming>, security: &Security) -> Result<BanKey, &'sta
 
 /// The widest networks `POST /bans` bans: an IPv4 /8 and an IPv6 /32 (a large
 /// provider's allocation). A wider one (`0.0.0.0/0`, `::/0`) would refuse a whole
-/// address family, or most of it, with one request, saved to the bans file.
-const WIDEST_V4_BAN: u8 = 8;
-const WIDEST_V6_BAN: u8 = 32;
+/// address family, or most of it, with one request, saved to the bans file. The
+/// detector's address bans are held to the same bound: `limits.ipv4_prefix` and
+/// `limits.ipv6_prefix` are at least these while it bans addresses (`config.rs`).
+pub(crate) const WIDEST_V4_BAN: u8 = 8;
+pub(crate) const WIDEST_V6_BAN: u8 = 32;
 
 /// Why a manual ban of `key` is refused: a network wider than [`WIDEST_V4_BAN`] or
 /// [`WIDEST_V6_BAN`] (also when a bare address is keyed so by `limits.ipv4_prefix` or

@@ -48,6 +48,19 @@ fn gateway_check<A: AsRef<std::ffi::OsStr>>(
         .unwrap()
 }
 
+/// The gateway's `--check` of the config file `config` (in a scratch directory named
+/// after `name`): its exit code, and its stdout and stderr.
+fn check_config(name: &str, config: &str) -> (Option<i32>, String) {
+    let dir = scratch(name);
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config).unwrap();
+    let out = gateway_check([std::ffi::OsStr::new("--config"), file.as_os_str()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
 /// `target/<profile>/examples/mqtt-gateway`, from this test binary's
 /// `target/<profile>/deps/mqtt_gateway-<hash>`.
 ///
@@ -1835,6 +1848,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "limits.ipv4_prefix",
         ),
         (
+            "an IPv4 prefix that bans everyone as one client",
+            "[limits]\nipv4_prefix = 0\n",
+            "limits.ipv4_prefix",
+        ),
+        (
+            "an IPv6 prefix wider than a manual ban may be",
+            "[limits]\nipv6_prefix = 31\n",
+            "limits.ipv6_prefix",
+        ),
+        (
             "bad network",
             "[proxy_protocol]\nenabled = true\ntrusted = [\"10.0.0.0/8\", \"nope\"]\n",
             "proxy_protocol.trusted[1]",
@@ -1884,6 +1907,29 @@ fn config_errors_exit_2_and_name_the_key() {
                 "{what}: stderr does not say why: {stderr}"
             );
         }
+    }
+}
+
+/// `limits.ipv4_prefix` and `ipv6_prefix` below an IPv4 /8 or an IPv6 /32 are refused
+/// only while the security detector bans addresses (it would ban a network wider than
+/// `POST /bans` may, `0.0.0.0/0` for one client's rejections): the rate limits alone
+/// may key that widely.
+#[test]
+fn prefixes_wider_than_a_ban_are_refused_only_while_the_detector_bans_addresses() {
+    let (code, out) = check_config("wide-prefix", "[limits]\nipv4_prefix = 0\n");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("config error: limits.ipv4_prefix") && out.contains("at least 8"),
+        "{out}"
+    );
+    let narrowest = "[limits]\nipv4_prefix = 8\nipv6_prefix = 32\n";
+    assert_eq!(check_config("prefix-8-32", narrowest).0, Some(0));
+    for allowed in [
+        "[limits]\nipv4_prefix = 0\nipv6_prefix = 0\n[security]\nenabled = false\n",
+        "[limits]\nipv4_prefix = 0\nipv6_prefix = 0\n[security]\nban_by = [\"client_id\"]\n",
+    ] {
+        let (code, out) = check_config("wide-prefix-allowed", allowed);
+        assert_eq!(code, Some(0), "{allowed}: {out}");
     }
 }
 
