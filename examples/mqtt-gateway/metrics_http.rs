@@ -21,7 +21,7 @@
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
 //!   `client_id`); otherwise those answer `403`. `POST` refuses (`400`) a network wider
-//!   than an IPv4 /8 or an IPv6 /32.
+//!   than an IPv4 /8 or an IPv6 /32, and an empty or blank username or client id.
 //! - `/events` and `/bans` answer no browser: a request with an `Origin` header gets
 //!   `403` (a page open on this host could otherwise post a ban), and so does one
 //!   addressed to a name other than `localhost` without `security.admin_token` (a page
@@ -227,6 +227,22 @@ fn too_wide(key: &BanKey) -> Option<String> {
     })
 }
 
+/// Why a manual ban of `key` is refused for its name: an empty or blank client id or
+/// username. An empty one is every client that sends none (an MQTT 3.1.1 clean session
+/// may, and an MQTT 5 client whose id the server assigns does): the ban would refuse them
+/// all and close their sessions. Blank ones are refused with it, as a value mistyped.
+fn blank_name(key: &BanKey) -> Option<String> {
+    let (BanKey::Username(name) | BanKey::ClientId(name)) = key else {
+        return None;
+    };
+    name.trim().is_empty().then(|| {
+        format!(
+            "refusing to ban an empty or blank {}: it would refuse every client that sends none",
+            key.kind()
+        )
+    })
+}
+
 /// `/events` and `/bans`; `None` for any other path.
 fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
@@ -290,7 +306,7 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
                 Ok(key) => key,
                 Err(why) => return Some(bad(why)),
             };
-            if let Some(why) = too_wide(&key) {
+            if let Some(why) = too_wide(&key).or_else(|| blank_name(&key)) {
                 return Some(bad(&why));
             }
             let duration = match query(req, "for").map(|d| humantime::parse_duration(&d)) {

@@ -1405,6 +1405,40 @@ async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
     refused_but(gw.mqtt, &["127.0.14.1"], "127.0.15.1").await;
 }
 
+/// `POST /bans` refuses (`400`) an empty or blank client id or username: an empty one
+/// would refuse every client that sends none (an MQTT 3.1.1 clean session, an MQTT 5
+/// client whose id the server assigns) and close their sessions. Nothing is banned, and
+/// a session with an empty client id stays open and another connects.
+#[tokio::test]
+async fn a_manual_ban_of_an_empty_client_id_or_username_is_refused() {
+    let gw = Gateway::start("empty-name-ban", "[security]\nadmin = true\n", &[]).await;
+    let mut open = mqtt_session("127.0.0.1", gw.mqtt, "")
+        .await
+        .expect("a session with an empty client id");
+    for (key, value) in [
+        ("client_id", ""),
+        ("username", ""),
+        ("client_id", "%20%20"),
+        ("username", "%09"),
+    ] {
+        let path = format!("/bans?key={key}&value={value}&for=10m");
+        let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
+        assert_eq!(status, 400, "{key}={value:?}: {body}");
+        assert!(body.contains("refusing to ban an empty"), "{body}");
+    }
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    open.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
+    let pong = timeout(WAIT, read_packet(&mut open))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, (0xD0, vec![]));
+    assert!(mqtt_session("127.0.0.1", gw.mqtt, "").await.is_some());
+}
+
 /// `security.exempt`: connects from an exempt network count toward no ban, over real
 /// loopback sockets, while another address over `max_connects` is banned.
 #[tokio::test]
