@@ -47,9 +47,61 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A humantime duration (`"10s"`) in and out.
+/// A humantime duration (`"10s"`) in and out, read by [`parse_duration`].
 mod duration {
-    pub(super) use humantime_serde::{deserialize, serialize};
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    pub(super) use humantime_serde::serialize;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct Humantime;
+        impl Visitor<'_> for Humantime {
+            type Value = Duration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "a duration such as \"10s\" or \"1m 30s\" (at most {} digits)",
+                    super::MAX_DURATION_DIGITS
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                super::parse_duration(v)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(Humantime)
+    }
+}
+
+/// The most ASCII digits a duration holds, in all its numbers together.
+///
+/// humantime 2.4.0 panics on some strings instead of answering an error: it carries
+/// nanoseconds over into seconds only when they are more than 1e9 (not 1e9 exactly), and
+/// `Duration::new` then overflows: `"18446744073709551615s 1000000000ns"`. That needs a
+/// total within a second of `u64::MAX` seconds, which these digits cannot write. Each
+/// term of a duration (`"1h 30m"` has two) begins with a digit, and a term whose integer
+/// part has `d` digits is less than `10^d` of its unit (a fraction adds less than one
+/// unit), the longest unit being a year of 31,557,600 s. Terms of `d1, d2, ...` digits
+/// (each at least 1) thus make less than `10^d1 + 10^d2 + ...` years, which is at most
+/// `10^(d1 + d2 + ...)` years (`10^a + 10^b <= 2 * 10^max(a, b) <= 10^(a + b)` for `a, b
+/// >= 1`). With 11 digits: less than `10^11` years, about 3.2e18 s, under `u64::MAX`
+/// (1.8e19 s): every sum and carry stays in range, and an overflow beyond is humantime's
+/// error. A century in seconds (`"3155760000s"`) takes 10.
+const MAX_DURATION_DIGITS: usize = 11;
+
+/// Parses a humantime duration, as the gateway parses every one (the configuration's
+/// durations and rates, `POST /bans?for=`): humantime's parser, behind a count of
+/// [`MAX_DURATION_DIGITS`] that keeps its overflow panic out of reach.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.bytes().filter(u8::is_ascii_digit).count() > MAX_DURATION_DIGITS {
+        return Err(format!("more than {MAX_DURATION_DIGITS} digits"));
+    }
+    humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 /// The whole file. Every section and key is optional; a missing one takes its default.
@@ -1522,7 +1574,7 @@ pub(crate) fn parse_rate(rate: &str) -> Result<Duration, String> {
         "s" | "sec" | "second" => Duration::from_secs(1),
         "m" | "min" | "minute" => Duration::from_secs(60),
         "h" | "hour" => Duration::from_secs(3600),
-        other => humantime::parse_duration(other).map_err(|_| bad())?,
+        other => parse_duration(other).map_err(|_| bad())?,
     };
     if per.is_zero() {
         return Err(bad());

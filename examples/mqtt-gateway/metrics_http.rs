@@ -309,7 +309,7 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             if let Some(why) = too_wide(&key).or_else(|| blank_name(&key)) {
                 return Some(bad(&why));
             }
-            let duration = match query(req, "for").map(|d| humantime::parse_duration(&d)) {
+            let duration = match query(req, "for").map(|d| crate::config::parse_duration(&d)) {
                 Some(Ok(d)) if !d.is_zero() => d,
                 _ => return Some(bad("for must be a duration such as 10m")),
             };

@@ -1439,6 +1439,25 @@ async fn a_manual_ban_of_an_empty_client_id_or_username_is_refused() {
     assert!(mqtt_session("127.0.0.1", gw.mqtt, "").await.is_some());
 }
 
+/// `POST /bans` with a `for` that humantime 2.4.0 panics on (its nanoseconds carried
+/// into `u64::MAX` seconds) is a `400`, not a panic that drops the connection and
+/// prints into the log; the endpoint goes on serving.
+#[tokio::test]
+async fn a_ban_duration_past_humantimes_range_is_refused_without_a_panic() {
+    let gw = Gateway::start("ban-for-overflow", "[security]\nadmin = true\n", &[]).await;
+    let path = "/bans?key=addr&value=192.0.2.7&for=18446744073709551615s1000000000ns";
+    let (status, body) = http_request(gw.metrics, "POST", path).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("for must be a duration"), "{body}");
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+    let ok = "/bans?key=addr&value=192.0.2.7&for=1h%2030m";
+    assert_eq!(http_request(gw.metrics, "POST", ok).await.unwrap().0, 200);
+}
+
 /// `security.exempt`: connects from an exempt network count toward no ban, over real
 /// loopback sockets, while another address over `max_connects` is banned.
 #[tokio::test]
@@ -1855,6 +1874,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "an adaptive interval past tokio's clock",
             "[adaptive]\nenabled = true\ninterval = \"300000000000y\"\n",
             "adaptive.interval",
+        ),
+        (
+            "a duration that overflowed humantime's carry (it panicked)",
+            "[server]\ndrain_timeout = \"18446744073709551615s 1000000000ns\"\n",
+            "server.drain_timeout",
+        ),
+        (
+            "a rate whose interval overflowed humantime's carry",
+            "[limits.per_ip]\nrate = \"1/18446744073709551615s1000000000ns\"\nburst = 1\n",
+            "limits.per_ip.rate",
         ),
         (
             "a rate slower than governor's clock",
