@@ -1085,6 +1085,14 @@ impl Config {
                     "needs mqtt.enabled = true (nothing else ends the handshake); set 0",
                 ));
             }
+            // And this one would never start.
+            if !sl.idle_after_handshake.is_zero() {
+                return Err(ConfigError::new(
+                    "slowloris.idle_after_handshake",
+                    "needs mqtt.enabled = true (nothing else ends the handshake, so it would \
+                     never apply); set \"0s\"",
+                ));
+            }
         }
 
         let sn = &self.sniff;
@@ -1101,16 +1109,18 @@ impl Config {
 
         let m = &self.mqtt;
         let mut max_keep_alive = None;
+        // Checked even with the MQTT layer off: the embedded broker takes it as its
+        // payload limit (0 would have it drop every client).
+        let max_packet = aegis_mqtt::MAX_REMAINING_LENGTH + 5;
+        if !(64..=max_packet).contains(&m.max_packet_size) {
+            return Err(ConfigError::new(
+                "mqtt.max_packet_size",
+                format!("must be between 64 and {max_packet}"),
+            ));
+        }
         if m.enabled {
             positive("mqtt.connect_timeout", m.connect_timeout)?;
             positive("mqtt.packet_timeout", m.packet_timeout)?;
-            let max_packet = aegis_mqtt::MAX_REMAINING_LENGTH + 5;
-            if !(64..=max_packet).contains(&m.max_packet_size) {
-                return Err(ConfigError::new(
-                    "mqtt.max_packet_size",
-                    format!("must be between 64 and {max_packet}"),
-                ));
-            }
             if !(64..=m.max_packet_size).contains(&m.max_connect_size) {
                 return Err(ConfigError::new(
                     "mqtt.max_connect_size",

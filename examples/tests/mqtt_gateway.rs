@@ -1886,6 +1886,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "limits.per_ip.rate",
         ),
         (
+            "an idle clock after a handshake that nothing ends (the MQTT layer off)",
+            "[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\nidle_after_handshake = \"60s\"\n",
+            "slowloris.idle_after_handshake",
+        ),
+        (
+            "an embedded broker payload limit of 0 (the MQTT layer off)",
+            "[mqtt]\nenabled = false\nmax_packet_size = 0\n[slowloris]\nhandshake = \"0s\"\n",
+            "mqtt.max_packet_size",
+        ),
+        (
             "a rate slower than governor's clock",
             "[limits.per_ip]\nrate = \"1/600y\"\nburst = 1\n",
             "limits.per_ip.rate",
