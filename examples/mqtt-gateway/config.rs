@@ -842,11 +842,16 @@ impl Config {
     }
 
     /// Every duration key within its bound ([`MAX_TIMEOUT`] for the clocks of a
-    /// connection's start and of probes, [`MAX_DURATION`] for the others), whether its
-    /// section is on or not. `security.bans_save_every` and `mqtt.max_keep_alive` have
+    /// connection's start and of the adaptive controller,
+    /// [`MAX_READINESS_TIMEOUT`](crate::metrics_http::MAX_READINESS_TIMEOUT) for the
+    /// readiness probe, [`MAX_DURATION`] for the others), whether its section is on or not. `security.bans_save_every` and `mqtt.max_keep_alive` have
     /// bounds of their own, checked with their sections.
     fn durations_in_range(&self) -> Result<(), ConfigError> {
         let hour = (MAX_TIMEOUT, "an hour (1h)");
+        let probe = (
+            crate::metrics_http::MAX_READINESS_TIMEOUT,
+            "10s (the endpoint ends every connection after 30s)",
+        );
         let year = (MAX_DURATION, "a year (1y)");
         let (s, sl, m, a, sec, au) = (
             &self.server,
@@ -869,7 +874,7 @@ impl Config {
             (
                 "metrics.readiness_timeout",
                 self.metrics.readiness_timeout,
-                hour,
+                probe,
             ),
             ("proxy_protocol.timeout", self.proxy_protocol.timeout, hour),
             ("limits.evict_every", self.limits.evict_every, year),
@@ -1503,8 +1508,8 @@ fn networks<N: std::str::FromStr>(key: &str, list: &[String]) -> Result<Vec<N>, 
 const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
 /// The longest clock of a connection's start (connect, header, handshake, CONNACK and
-/// authentication timeouts), of the readiness probe and of the adaptive controller: an
-/// hour, far beyond any useful value.
+/// authentication timeouts) and of the adaptive controller: an hour, far beyond any
+/// useful value.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The longest a rate tier takes to refill its whole burst (its interval times

@@ -3,8 +3,8 @@
 //! A small hyper 1 server, bounded like everything else the gateway exposes: at most
 //! [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_ADDRESS`] of them from one client
 //! address (more are closed at accept, so that one client holding idle connections
-//! cannot starve the scraper and the probes), 5 s to send the request headers, no
-//! keep-alive. It binds to loopback by default.
+//! cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send the request
+//! headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to loopback by default.
 //!
 //! - `/metrics`: the Prometheus text format, rendered from the global recorder
 //!   (`metrics-exporter-prometheus`, installed with no HTTP listener of its own).
@@ -63,6 +63,18 @@ const MAX_CONNECTIONS: usize = 16;
 
 /// Connections one client address holds at once, of [`MAX_CONNECTIONS`].
 const MAX_PER_ADDRESS: u32 = 4;
+
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection lasts at most, however slowly its client reads the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest `metrics.readiness_timeout`. A `/readyz` request takes at most
+/// [`HEADER_TIMEOUT`] for its headers, then at most this long for the connect already
+/// running (whose result it takes) or for its own: 15 s, so that its answer comes well
+/// before [`CONNECTION_TIMEOUT`] cuts the connection.
+pub(crate) const MAX_READINESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bucket bounds (seconds) of `aegis_connection_duration_seconds`, so that it renders as
 /// a Prometheus histogram (P95 with `histogram_quantile`) rather than a summary: MQTT
@@ -361,22 +373,29 @@ impl Readiness {
             return Err("upstream circuit open");
         }
         // Requests that come while a connect runs wait for it and take its result.
-        let mut last = self.last_probe.lock().await;
+        let mut last = Arc::clone(&self.last_probe).lock_owned().await;
         if let Some((at, result)) = *last {
             if Instant::now().saturating_duration_since(at) < PROBE_EVERY {
                 return result;
             }
         }
-        let result =
-            match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(self.upstream))
-                .await
-            {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(_)) => Err("upstream refused the connection"),
-                Err(_) => Err("upstream connect timed out"),
-            };
-        *last = Some((Instant::now(), result));
-        result
+        // The connect runs in a task of its own, which holds the lock until it has kept
+        // the result: a request that goes away meanwhile (its client closed) does not cut
+        // the connect short, so the requests queued behind it get its result rather than
+        // each connecting again, one after the other.
+        let (upstream, timeout) = (self.upstream, self.timeout);
+        let probe = tokio::spawn(async move {
+            let result =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(upstream)).await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(_)) => Err("upstream refused the connection"),
+                    Err(_) => Err("upstream connect timed out"),
+                };
+            *last = Some((Instant::now(), result));
+            result
+        });
+        probe.await.unwrap_or(Err("the upstream probe failed"))
     }
 }
 
@@ -435,7 +454,7 @@ pub(crate) async fn serve(
     let per_address = Arc::new(ConcurrencyLimit::new(MAX_PER_ADDRESS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5))
+        .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(false)
         .max_buf_size(16 * 1024);
     loop {
@@ -462,7 +481,7 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             // A client that never finishes is cut by the header timeout; one that reads
             // its answer slowly is bounded here.
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             drop((permit, slot));
         });
     }

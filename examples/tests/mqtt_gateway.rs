@@ -1896,6 +1896,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "mqtt.max_packet_size",
         ),
         (
+            "a readiness probe longer than the endpoint keeps a connection",
+            "[metrics]\nreadiness_timeout = \"40s\"\n",
+            "metrics.readiness_timeout",
+        ),
+        (
             "a rate slower than governor's clock",
             "[limits.per_ip]\nrate = \"1/600y\"\nburst = 1\n",
             "limits.per_ip.rate",
@@ -2373,6 +2378,48 @@ async fn readyz_requests_share_one_connect_to_the_upstream() {
     sleep(Duration::from_millis(1100)).await;
     assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
     assert_eq!(drain().await, 1);
+}
+
+/// `/readyz`'s connect to the upstream runs to its end, and its result is kept, when the
+/// request that started it goes away: the next request within a second takes that
+/// result at once. Before, the connect was dropped with the request and nothing was
+/// kept, so each request behind it connected again, one after the other.
+#[tokio::test]
+async fn a_readiness_probe_keeps_its_result_when_its_request_goes_away() {
+    // An upstream whose connects hang: its accept queue is full (never accepted), so the
+    // kernel drops further SYNs.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let upstream = socket.listen(0).unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) = timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+        queued.push(s);
+        assert!(queued.len() < 8, "the upstream's connects do not hang");
+    }
+    let config = "[metrics]\nreadiness_timeout = \"2s\"\n";
+    let gw = Gateway::start("readyz-gone", config, &["--upstream", &addr.to_string()]).await;
+    let mut gone = TcpStream::connect(gw.metrics).await.unwrap();
+    gone.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    sleep(Duration::from_millis(300)).await;
+    drop(gone);
+    // The connect times out 2 s after it started; soon after, a request takes its result.
+    tokio::time::sleep_until(started + Duration::from_millis(2300)).await;
+    let asked = Instant::now();
+    let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+    let took = Instant::now().saturating_duration_since(asked);
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: upstream connect timed out\n")
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "{took:?}: the request connected again"
+    );
+    drop(queued);
 }
 
 /// The circuit breaker admits a connection when the gateway connects upstream, not when
