@@ -4,6 +4,8 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 
+use aegis_core::ClientKey;
+use aegis_mqtt::security::BanKey;
 use tracing::subscriber::Interest;
 use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
@@ -119,6 +121,39 @@ where
         && cx
             .lookup_current()
             .is_some_and(|span| span.scope().any(|s| BROKER_LINK_SPANS.contains(&s.name())))
+}
+
+/// The network a masked IPv4 client address is shown as: its `/24`.
+const MASK_V4: u8 = 24;
+
+/// The network a masked IPv6 client address is shown as: its `/48`.
+const MASK_V6: u8 = 48;
+
+/// A ban key as the gateway logs it: an address ban's network whole, or with
+/// `log.mask_client_addresses = true` no narrower than [`Client`] shows an address (a
+/// `/32` ban as its `/24`, a `/64` as its `/48`; a wider network as it is). Usernames
+/// and client ids as they are.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Key<'a> {
+    pub(crate) key: &'a BanKey,
+    pub(crate) masked: bool,
+}
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.key {
+            BanKey::Addr(net) if self.masked => {
+                let widest = if net.network().is_ipv4() {
+                    MASK_V4
+                } else {
+                    MASK_V6
+                };
+                let shown = ClientKey::new(net.network(), net.prefix_len().min(widest));
+                write!(f, "addr:{}", shown.unwrap_or(*net))
+            }
+            key => write!(f, "{key}"),
+        }
+    }
 }
 
 /// A client address as the gateway logs it: whole, or masked to its network (`/24` of

@@ -267,6 +267,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                     .map(Arc::from),
                 // The configured address, not the bound one: `0.0.0.0` is beyond loopback.
                 loopback: addr.ip().to_canonical().is_loopback(),
+                masked: c.log.mask_client_addresses,
             };
             tokio::spawn(metrics_http::serve(listener, prometheus, ready, admin));
             Some(bound)

@@ -58,6 +58,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::logging::Key;
+
 /// Connections the endpoint serves at once; a scraper and a probe or two need few.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -127,6 +129,9 @@ pub(crate) struct Admin {
     /// Whether the endpoint's configured address (`metrics.listen`) is a loopback one:
     /// without a token, `/events` and `/bans` are served only then.
     pub(crate) loopback: bool,
+    /// `log.mask_client_addresses`: the log lines of `/bans` show an address ban's
+    /// network masked ([`crate::logging::Key`]).
+    pub(crate) masked: bool,
 }
 
 impl std::fmt::Debug for Admin {
@@ -136,6 +141,7 @@ impl std::fmt::Debug for Admin {
             .field("writable", &self.writable)
             .field("token", &self.token.as_ref().map(|_| ".."))
             .field("loopback", &self.loopback)
+            .field("masked", &self.masked)
             .finish()
     }
 }
@@ -325,13 +331,21 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
                 Some(Ok(d)) if !d.is_zero() => d,
                 _ => return Some(bad("for must be a duration such as 10m")),
             };
-            tracing::info!(%key, ?duration, "ban added through /bans");
+            let logged = Key {
+                key: &key,
+                masked: admin.masked,
+            };
+            tracing::info!(key = %logged, ?duration, "ban added through /bans");
             security.ban(key, duration);
             text(StatusCode::OK, "banned\n")
         }
         ("/bans", &Method::DELETE) => match ban_key(req, security) {
             Ok(key) if security.unban(&key) => {
-                tracing::info!(%key, "ban lifted through /bans");
+                let logged = Key {
+                    key: &key,
+                    masked: admin.masked,
+                };
+                tracing::info!(key = %logged, "ban lifted through /bans");
                 text(StatusCode::OK, "lifted\n")
             }
             Ok(_) => text(StatusCode::NOT_FOUND, "no such ban\n"),

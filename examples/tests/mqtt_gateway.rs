@@ -1458,6 +1458,37 @@ async fn a_ban_duration_past_humantimes_range_is_refused_without_a_panic() {
     assert_eq!(http_request(gw.metrics, "POST", ok).await.unwrap().0, 200);
 }
 
+/// With `log.mask_client_addresses`, the log lines of `POST` and `DELETE /bans` show an
+/// address ban as its `/24` (or `/48`), as the gateway's other lines show a client, not
+/// the whole address.
+#[tokio::test]
+async fn bans_through_the_endpoint_are_logged_masked() {
+    let config = "[log]\nmask_client_addresses = true\n[security]\nadmin = true\n";
+    let gw = Gateway::start("bans-masked", config, &[]).await;
+    let (v4, v6) = ("192.0.2.77", "2001:db8:1:2::7");
+    for value in [v4, v6] {
+        let ban = format!("/bans?key=addr&value={value}&for=10m");
+        assert_eq!(http_request(gw.metrics, "POST", &ban).await.unwrap().0, 200);
+        let lift = format!("/bans?key=addr&value={value}");
+        assert_eq!(
+            http_request(gw.metrics, "DELETE", &lift).await.unwrap().0,
+            200
+        );
+    }
+    gw.wait_log("ban lifted through /bans key=addr:2001:db8:1::/48")
+        .await;
+    let log = gw.log();
+    assert!(
+        log.contains("ban added through /bans key=addr:192.0.2.0/24"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ban lifted through /bans key=addr:192.0.2.0/24"),
+        "{log}"
+    );
+    assert!(!log.contains(v4) && !log.contains("2001:db8:1:2"), "{log}");
+}
+
 /// `security.exempt`: connects from an exempt network count toward no ban, over real
 /// loopback sockets, while another address over `max_connects` is banned.
 #[tokio::test]
