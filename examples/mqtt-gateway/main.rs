@@ -269,7 +269,11 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
                 loopback: addr.ip().to_canonical().is_loopback(),
                 masked: c.log.mask_client_addresses,
             };
-            tokio::spawn(metrics_http::serve(listener, prometheus, ready, admin));
+            let key_by =
+                aegis_layers::rate_limit::KeyBy::new(c.limits.ipv4_prefix, c.limits.ipv6_prefix);
+            tokio::spawn(metrics_http::serve(
+                listener, prometheus, ready, admin, key_by,
+            ));
             Some(bound)
         }
         None => None,

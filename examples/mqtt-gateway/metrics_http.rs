@@ -2,8 +2,10 @@
 //!
 //! A small hyper 1 server, bounded like everything else the gateway exposes: at most
 //! [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_ADDRESS`] of them from one client
-//! address (more are closed at accept, so that one client holding idle connections
-//! cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send the request
+//! network (an address keyed by `limits.ipv4_prefix` and `limits.ipv6_prefix` as the
+//! rate limits key it: an IPv6 client by its /64 by default, since it can send from any
+//! address in it; more are closed at accept, so that one client holding idle
+//! connections cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send the request
 //! headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to loopback by default.
 //!
 //! - `/metrics`: the Prometheus text format, rendered from the global recorder
@@ -41,10 +43,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use aegis_core::ClientKey;
 use aegis_core::metrics as m;
 use aegis_layers::circuit_breaker::{CircuitHandle, CircuitState};
-use aegis_layers::rate_limit::ConcurrencyLimit;
+use aegis_layers::rate_limit::{ConcurrencyLimit, KeyBy};
 use aegis_mqtt::security::{BanKey, Security};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -63,7 +64,7 @@ use crate::logging::Key;
 /// Connections the endpoint serves at once; a scraper and a probe or two need few.
 const MAX_CONNECTIONS: usize = 16;
 
-/// Connections one client address holds at once, of [`MAX_CONNECTIONS`].
+/// Connections one client network holds at once, of [`MAX_CONNECTIONS`].
 const MAX_PER_ADDRESS: u32 = 4;
 
 /// Time a client has to send its request headers.
@@ -456,15 +457,17 @@ async fn route(
     })
 }
 
-/// Serves the endpoint on `listener` until the process ends.
+/// Serves the endpoint on `listener` until the process ends; `key_by` keys client
+/// addresses for [`MAX_PER_ADDRESS`].
 pub(crate) async fn serve(
     listener: TcpListener,
     prometheus: PrometheusHandle,
     ready: Readiness,
     admin: Admin,
+    key_by: KeyBy,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    // The rate limiter's concurrency tier, keyed by the whole address.
+    // The rate limiter's concurrency tier, keyed as the gateway's rate limits key.
     let per_address = Arc::new(ConcurrencyLimit::new(MAX_PER_ADDRESS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -481,7 +484,7 @@ pub(crate) async fn serve(
             }
         };
         // Over a cap: dropping the stream closes it.
-        let Some(slot) = per_address.acquire(ClientKey::host(peer.ip())) else {
+        let Some(slot) = per_address.acquire(key_by.key(peer.ip())) else {
             continue;
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {

@@ -787,6 +787,39 @@ async fn one_address_cannot_take_every_metrics_connection() {
     assert!(again.is_some(), "127.0.0.1 got no place back");
 }
 
+/// The metrics endpoint's cap of four connections is per client network, keyed as the
+/// rate limits key clients (`limits.ipv4_prefix`): with a /24, four addresses of one
+/// /24 take its four places, a fifth address of it is closed at accept, and an address
+/// of another /24 is served. (The IPv6 default, a /64, cannot be shown on loopback.)
+#[tokio::test]
+async fn the_metrics_connection_cap_is_per_client_network() {
+    let gw = Gateway::start("metrics-per-network", "[limits]\nipv4_prefix = 24\n", &[]).await;
+    let idle_from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(gw.metrics).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        held.push(idle_from(ip).await);
+    }
+    let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let mut fifth = idle_from("127.0.0.6").await;
+    fifth.write_all(request).await.ok();
+    let mut got = Vec::new();
+    let read = timeout(Duration::from_secs(5), fifth.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}: {got:?}");
+    let mut other = idle_from("127.0.1.2").await;
+    other.write_all(request).await.unwrap();
+    let mut answer = String::new();
+    timeout(Duration::from_secs(5), other.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+}
+
 #[tokio::test]
 async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     let gw = Gateway::start("embedded", "", &[]).await;
