@@ -26,10 +26,12 @@
 //! be a loopback address.
 //!
 //! The stack, outermost first: the accept loop (connection cap, `TCP_NODELAY`) -> PROXY
-//! protocol -> connection rate limit -> slowloris deadlines -> sniffing (MQTT only) ->
-//! strict MQTT validation -> the proxy, whose upstream connector runs under a circuit
-//! breaker and the adaptive controller's latency probe. Each layer has an `enabled`
-//! switch. See `stack.rs`.
+//! protocol -> security (bans, the anomaly detector, the event log) -> connection rate
+//! limit -> slowloris deadlines -> sniffing (MQTT only) -> strict MQTT validation (with
+//! the per-packet policy and payload inspection) -> authentication -> the proxy, whose
+//! upstream connector runs under a circuit breaker and the adaptive controller's latency
+//! probe. Each layer has an `enabled` switch (authentication: `auth.kind`). See
+//! `stack.rs`.
 //!
 //! SIGINT or SIGTERM stops accepting, writes `security.bans_file` (if set) and drains
 //! for `server.drain_timeout`; a second SIGINT or SIGTERM during the drain ends the
