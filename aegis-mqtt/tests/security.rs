@@ -1288,10 +1288,26 @@ async fn refusals_under_a_client_id_ban_are_logged_once_a_second() {
             .count()
     };
     assert_eq!(banned(&sec.events(100)), 1, "{:?}", sec.events(100));
+    assert_eq!(sec.events(1)[0].details, "banned");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let run = through_mqtt(&sec, "192.0.2.30:9", connect(false, "loop", None)).await;
     assert_eq!(run.got, [0x20, 0x02, 0x00, 0x05]);
     assert_eq!(banned(&sec.events(100)), 2);
+    // As for an address ban, the event counts the refusals that were not logged.
+    assert_eq!(
+        sec.events(1)[0].details,
+        "banned (4 more refusals in the last 1s not logged)"
+    );
+    // The next one within the second is quiet; the one after it counts just that one.
+    through_mqtt(&sec, "192.0.2.30:10", connect(false, "loop", None)).await;
+    assert_eq!(banned(&sec.events(100)), 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = through_mqtt(&sec, "192.0.2.31:1", connect(true, "loop", None)).await;
+    assert_eq!(labels(&run.result), ("mqtt", "banned"));
+    assert_eq!(
+        sec.events(1)[0].details,
+        "banned (1 more refusals in the last 1s not logged)"
+    );
 }
 
 #[test]

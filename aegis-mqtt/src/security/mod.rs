@@ -69,7 +69,8 @@
 //! ```
 //!
 //! Refusals at the CONNECT under a client id or username ban are logged at most once a
-//! second per ban in the same way.
+//! second per ban in the same way, the next event saying how many went unlogged
+//! (details `banned (4 more refusals in the last 1s not logged)`).
 //!
 //! A ban, by the detector or through the handle, also **closes the open connections it
 //! matches** (as EMQX kicks a banned client): those from the banned address, and those
@@ -242,7 +243,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -1201,6 +1202,10 @@ struct ConnCtx {
     names: Mutex<Names>,
     /// Whether a layer inside reported the connection's end itself.
     reported: AtomicBool,
+    /// The refusals under the ban that refused this CONNECT and were not logged since
+    /// that ban's last logged one: its `banned` event says how many. (32 bits, which
+    /// fit beside the two flags: 4 billion refusals in a second is not a case.)
+    quiet_refusals: AtomicU32,
     /// Whether a ban closed the connection; its task is woken through `waker`.
     closed: AtomicBool,
     waker: AtomicWaker,
@@ -1277,6 +1282,7 @@ impl ConnCtx {
             addr,
             names: Mutex::new(Names::default()),
             reported: AtomicBool::new(false),
+            quiet_refusals: AtomicU32::new(0),
             closed: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
@@ -1362,7 +1368,12 @@ impl ConnCtx {
         };
         match refusal {
             Refusal::NotBanned => {}
-            Refusal::Log { .. } => return Err(MqttError::Banned),
+            Refusal::Log { quiet } => {
+                // Logged by `on_error`, with this count, once the CONNACK is written.
+                let quiet = u32::try_from(quiet).unwrap_or(u32::MAX);
+                self.quiet_refusals.store(quiet, Ordering::Relaxed);
+                return Err(MqttError::Banned);
+            }
             Refusal::Quiet => {
                 // Refused all the same (and counted in aegis_rejections_total), but not
                 // one more event in the log.
@@ -1390,9 +1401,18 @@ impl ConnCtx {
             .map(|r| (r.layer(), r.label(), r.to_string()))
             .or_else(|| find::<MqttError>(e).map(|m| (m.layer(), m.label(), m.to_string())))
             .or_else(|| find::<SecurityError>(e).map(|s| (s.layer(), s.label(), s.to_string())));
-        let Some((layer, label, details)) = found else {
+        let Some((layer, label, mut details)) = found else {
             return;
         };
+        // A CONNECT refused under a client id or username ban: its event counts the
+        // refusals not logged before it, as an address ban's does.
+        let quiet = self.quiet_refusals.swap(0, Ordering::Relaxed);
+        if quiet > 0 {
+            let _ = write!(
+                details,
+                " ({quiet} more refusals in the last {REFUSAL_EVENT_EVERY:?} not logged)"
+            );
+        }
         let (severity, counted) = if label == "banned" {
             (Severity::High, false)
         } else if not_the_clients_doing(layer, label) {
