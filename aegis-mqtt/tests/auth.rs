@@ -5,6 +5,7 @@
 mod common;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -505,6 +506,106 @@ fn check_reports_the_error_label() {
         let err = layer.check(creds).await.unwrap_err();
         assert!(matches!(err.label(), "unavailable" | "failed"), "{err:?}");
     });
+}
+
+/// Serves `answer` to every request, over HTTP/1 on a loopback socket: the URL, and the
+/// task (aborting it drops the listener and every connection).
+async fn serve_http<F, Fut, B>(answer: F) -> (Uri, JoinHandle<()>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let svc = hyper::service::service_fn(answer.clone());
+            conns.spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/auth").parse().unwrap(), task)
+}
+
+/// `n` distinct credentials: one client, each with its own password.
+fn guesses(n: usize) -> impl Iterator<Item = Credentials> {
+    let addr: SocketAddr = PEER.parse().unwrap();
+    (0..n).map(move |i| {
+        Credentials::new(
+            "c1",
+            Some("alice"),
+            Some(format!("guess-{i}").as_bytes()),
+            addr,
+        )
+    })
+}
+
+#[tokio::test]
+async fn http_auth_runs_at_most_max_concurrent_callouts() {
+    const CHECKS: usize = 50;
+    const MAX: usize = 4;
+    let (calls, in_flight, most) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (open, gate) = watch::channel(false);
+    let (url, server) = serve_http({
+        let (calls, in_flight, most) = (
+            Arc::clone(&calls),
+            Arc::clone(&in_flight),
+            Arc::clone(&most),
+        );
+        move |req: Request<Incoming>| {
+            let (calls, in_flight, most, mut gate) = (
+                Arc::clone(&calls),
+                Arc::clone(&in_flight),
+                Arc::clone(&most),
+                gate.clone(),
+            );
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                let _ = req.into_body().collect().await;
+                let _ = gate.wait_for(|open| *open).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        }
+    })
+    .await;
+    let authn = HttpAuth::new(url).max_concurrent(MAX);
+    let layer = AuthLayer::new(authn).timeout(Duration::from_secs(60));
+    let mut checks = JoinSet::new();
+    for creds in guesses(CHECKS) {
+        checks.spawn(layer.check(creds));
+    }
+    until("every check to wait", || layer.pending() == CHECKS).await;
+    until("the first callouts", || calls.load(Ordering::SeqCst) >= MAX).await;
+    // Time for more requests to arrive, were they let through.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        MAX,
+        "the others wait for a turn"
+    );
+    open.send_replace(true);
+    while let Some(check) = checks.join_next().await {
+        assert_eq!(check.unwrap().unwrap(), Decision::Allow);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), CHECKS);
+    assert_eq!(most.load(Ordering::SeqCst), MAX);
+    server.abort();
 }
 
 /// An authenticator that counts its calls and allows everyone.

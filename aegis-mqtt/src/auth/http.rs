@@ -12,6 +12,7 @@ use hyper::{HeaderMap, Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Semaphore;
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision};
@@ -20,32 +21,67 @@ use crate::Version;
 /// The most of an answer's body read (and ignored), so that its connection can be reused.
 const MAX_BODY: usize = 4096;
 
+/// The default of [`HttpAuth::max_concurrent`]: 32 callouts at once. At 10 ms a callout,
+/// 3,200 new credentials a second, enough for the reconnect storm after a restart of a
+/// gateway of tens of thousands of clients to fit in a few seconds; and few enough
+/// connections that a flood of new passwords does not take the auth service's.
+const DEFAULT_MAX_CONCURRENT: usize = 32;
+
 /// Asks an HTTP service: `POST` of the credentials as JSON to a URL; 2xx allows, 401 and
 /// 403 deny, anything else is an error. See the [module docs](super#the-http-authenticator)
 /// for the request.
 ///
 /// Cheap to clone: clones share one pool of keep-alive connections (a hyper-util
-/// `Client` with an `HttpConnector`). Only `http://` URLs work; `https` is not supported.
+/// `Client` with an `HttpConnector`) and the limit of
+/// [`max_concurrent`](Self::max_concurrent) callouts at once. Only `http://` URLs work;
+/// `https` is not supported.
 #[derive(Debug, Clone)]
 pub struct HttpAuth {
     client: Client<HttpConnector, Full<Bytes>>,
     uri: Uri,
     headers: Arc<HeaderMap>,
+    /// One permit per callout allowed at once, taken in the call's future (so that the
+    /// wait counts toward the layer's timeout).
+    permits: Arc<Semaphore>,
+}
+
+/// A client whose pool keeps at most `max_idle` idle connections to the service.
+fn client(max_idle: usize) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
 }
 
 impl HttpAuth {
-    /// Posts to `uri` (an `http://` URL).
+    /// Posts to `uri` (an `http://` URL), at most 32 callouts at once (see
+    /// [`max_concurrent`](Self::max_concurrent)).
     pub fn new(uri: Uri) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Self {
-            client,
+            client: client(DEFAULT_MAX_CONCURRENT),
             uri,
             headers: Arc::new(HeaderMap::new()),
+            permits: Arc::new(Semaphore::new(DEFAULT_MAX_CONCURRENT)),
         }
+    }
+
+    /// At most `n` callouts at once (at least 1; 32 by default), each on a connection of
+    /// its own, and at most `n` idle connections kept for reuse (hyper-util's pool
+    /// otherwise keeps any number, for 90 s). Further checks wait for a turn; behind an
+    /// [`AuthLayer`](super::AuthLayer), the wait counts toward its
+    /// [`timeout`](super::AuthLayer::timeout). See the
+    /// [module docs](super#the-http-authenticator).
+    ///
+    /// Set it before cloning (and before the first callout): clones share the limit and
+    /// the pool they were made with.
+    #[must_use]
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        let n = n.clamp(1, Semaphore::MAX_PERMITS);
+        self.client = client(n);
+        self.permits = Arc::new(Semaphore::new(n));
+        self
     }
 
     /// Adds a header to every request, such as `Authorization: Bearer ...` for the
@@ -141,8 +177,16 @@ impl Service<Credentials> for HttpAuth {
     fn call(&mut self, creds: Credentials) -> Self::Future {
         let req = self.request(&creds);
         let client = self.client.clone();
+        let permits = Arc::clone(&self.permits);
         Box::pin(async move {
-            let res = client.request(req?).await.map_err(|e| {
+            let req = req?;
+            // A turn first: a check waiting for one holds no connection, and one dropped
+            // meanwhile (the layer's timeout) never sends its request.
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|e| AuthError::Failed(Arc::new(e)))?;
+            let res = client.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     AuthError::Unavailable(Arc::new(e))
                 } else {

@@ -94,6 +94,13 @@
 //! ignored. Only `http://` URLs are supported (no TLS): run the service on the same host
 //! or a trusted network.
 //!
+//! A client that tries a new password each time is never answered from the cache, so
+//! at most [`HttpAuth::max_concurrent`] callouts run at once (32 by default), each on a
+//! connection of its own, and the pool keeps at most that many idle connections for
+//! reuse (for 90 s). Further checks wait for a turn, holding no connection, and their
+//! wait counts toward the layer's [`timeout`](AuthLayer::timeout): one that times out
+//! while waiting sends nothing.
+//!
 //! # The file of users
 //!
 //! `StaticAuth` (feature `auth-static`) reads lines `username:PHC-hash`, where the hash
