@@ -7,8 +7,10 @@ mod common;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aegis_core::error::BoxError;
@@ -22,8 +24,8 @@ use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::{Config, MqttError, Version};
 use bytes::Bytes;
 use common::head;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use metrics_util::debugging::{DebugValue, Snapshotter};
@@ -605,6 +607,56 @@ async fn http_auth_runs_at_most_max_concurrent_callouts() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), CHECKS);
     assert_eq!(most.load(Ordering::SeqCst), MAX);
+    server.abort();
+}
+
+/// An answer's body that sends one byte, then nothing, ever.
+struct Stalled {
+    sent: bool,
+}
+
+impl hyper::body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            Poll::Pending
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"{")))))
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_body_does_not_undo_the_decision_of_its_status() {
+    // 200 with a body that stalls after a byte for password "slow"; 200 without a body
+    // for the others.
+    let (url, server) = serve_http(|req: Request<Incoming>| async move {
+        let json = req.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let body = if json["password"] == "slow" {
+            Either::Left(Stalled { sent: false })
+        } else {
+            Either::Right(Full::new(Bytes::new()))
+        };
+        Ok::<_, Infallible>(Response::new(body))
+    })
+    .await;
+    // One callout at a time: the second check needs the turn of the first.
+    let timeout = Duration::from_secs(2);
+    let layer = AuthLayer::new(HttpAuth::new(url).max_concurrent(1)).timeout(timeout);
+    let addr: SocketAddr = PEER.parse().unwrap();
+    let start = tokio::time::Instant::now();
+    let slow = Credentials::new("c1", Some("alice"), Some(b"slow"), addr);
+    assert_eq!(layer.check(slow).await.unwrap(), Decision::Allow);
+    let fast = Credentials::new("c2", Some("alice"), Some(b"fast"), addr);
+    assert_eq!(layer.check(fast).await.unwrap(), Decision::Allow);
+    let took = tokio::time::Instant::now().saturating_duration_since(start);
+    assert!(took < timeout, "{took:?}");
     server.abort();
 }
 

@@ -4,15 +4,17 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision};
@@ -20,6 +22,10 @@ use crate::Version;
 
 /// The most of an answer's body read (and ignored), so that its connection can be reused.
 const MAX_BODY: usize = 4096;
+
+/// How long an answer's body may take after its head to be read (and ignored) for the
+/// connection's reuse. A short body comes with the head, or within a round trip of it.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The default of [`HttpAuth::max_concurrent`]: 32 callouts at once. At 10 ms a callout,
 /// 3,200 new credentials a second, enough for the reconnect storm after a restart of a
@@ -68,7 +74,8 @@ impl HttpAuth {
     }
 
     /// At most `n` callouts at once (at least 1; 32 by default), each on a connection of
-    /// its own, and at most `n` idle connections kept for reuse (hyper-util's pool
+    /// its own (a turn lasts until the answer's body is read, at most 100 ms after the
+    /// decision), and at most `n` idle connections kept for reuse (hyper-util's pool
     /// otherwise keeps any number, for 90 s). Further checks wait for a turn; behind an
     /// [`AuthLayer`](super::AuthLayer), the wait counts toward its
     /// [`timeout`](super::AuthLayer::timeout). See the
@@ -182,7 +189,7 @@ impl Service<Credentials> for HttpAuth {
             let req = req?;
             // A turn first: a check waiting for one holds no connection, and one dropped
             // meanwhile (the layer's timeout) never sends its request.
-            let _permit = permits
+            let permit = permits
                 .acquire_owned()
                 .await
                 .map_err(|e| AuthError::Failed(Arc::new(e)))?;
@@ -193,13 +200,25 @@ impl Service<Credentials> for HttpAuth {
                     AuthError::Failed(Arc::new(e))
                 }
             })?;
+            // The status decides: the body is read off the decision's path, so that a
+            // slow one cannot turn the decision into a timeout.
             let decision = decide(res.status());
-            // Drains a short body so the connection can be reused; a long or failed one
-            // only costs that connection.
-            let _ = Limited::new(res.into_body(), MAX_BODY).collect().await;
+            let body = res.into_body();
+            if !body.is_end_stream() {
+                tokio::spawn(drain(body, permit));
+            }
             decision
         })
     }
+}
+
+/// Reads (and ignores) an answer's body, at most [`MAX_BODY`] bytes within
+/// [`DRAIN_TIMEOUT`], so that its connection can be reused; a longer, slower or failed
+/// one is dropped, which closes its connection. The callout's turn goes with it: the
+/// connection is still the callout's until then.
+async fn drain(body: Incoming, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
 }
 
 #[cfg(test)]

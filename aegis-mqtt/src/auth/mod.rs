@@ -90,16 +90,19 @@
 //! `username` and `password` are `null` when the CONNECT has none; a password that is not
 //! UTF-8 is sent as `"password_hex"` (lower-case hex) instead of `"password"`; `protocol`
 //! is `"3.1"`, `"3.1.1"` or `"5.0"`. A 2xx answer allows, 401 and 403 deny, anything else
-//! is an error ([`AuthError::Status`]); at most 4 KiB of the answer's body is read, and
-//! ignored. Only `http://` URLs are supported (no TLS): run the service on the same host
-//! or a trusted network.
+//! is an error ([`AuthError::Status`]). The status alone decides, as soon as it is in:
+//! the answer's body is read and ignored afterwards, at most 4 KiB of it within 100 ms
+//! (a longer or slower body costs its connection, not the decision), so that the
+//! connection can be reused. Only `http://` URLs are supported (no TLS): run the service
+//! on the same host or a trusted network.
 //!
 //! A client that tries a new password each time is never answered from the cache, so
 //! at most [`HttpAuth::max_concurrent`] callouts run at once (32 by default), each on a
-//! connection of its own, and the pool keeps at most that many idle connections for
-//! reuse (for 90 s). Further checks wait for a turn, holding no connection, and their
-//! wait counts toward the layer's [`timeout`](AuthLayer::timeout): one that times out
-//! while waiting sends nothing.
+//! connection of its own (a callout's turn lasts until its answer's body is read), and
+//! the pool keeps at most that many idle connections for reuse (for 90 s). Further
+//! checks wait for a turn, holding no connection, and their wait counts toward the
+//! layer's [`timeout`](AuthLayer::timeout): one that times out while waiting sends
+//! nothing.
 //!
 //! # The file of users
 //!
