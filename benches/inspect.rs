@@ -16,6 +16,18 @@
 //!
 //! Goal: at least 1 million messages per second per core with the default rules. The
 //! figures are printed in messages per second after criterion's own report.
+//!
+//! Then large payloads, one at a time through `Inspector::inspect` with the default
+//! rules, 16 KiB and 256 KiB each (`inspect_large_payloads`):
+//!
+//! - `text`: JSON telemetry records, one after the other;
+//! - `gap_flood`: what costs a lazy DFA with bounded gaps the most: `x` bytes, with
+//!   "`id ", "' or '", " union /*" and "' and \"" every 263, 61, 59 and 53 bytes, so
+//!   that the default rules' gaps (in backticks, quotes and comments) are reopened at
+//!   co-prime intervals and their positions combine into a new state almost every byte.
+//!
+//! Goal: a gap flood costs no more than a few times text of its size. The figures are
+//! printed in microseconds per payload.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -128,6 +140,93 @@ fn main() {
         let rate = (rounds * MESSAGES) as f64 / secs;
         println!("inspect {name}: {:.2} M msgs/s", rate / 1e6);
     }
+
+    let large: Vec<(String, Vec<u8>)> = [16 * 1024, 256 * 1024]
+        .into_iter()
+        .flat_map(|len| {
+            let kib = len / 1024;
+            [
+                (format!("text_{kib}k"), text(len)),
+                (format!("gap_flood_{kib}k"), gap_flood(len)),
+            ]
+        })
+        .collect();
+    for (name, payload) in &large {
+        assert!(!inspect_one(&default_rules, payload), "{name} passes");
+    }
+    let mut g = c.benchmark_group("inspect_large_payloads");
+    for (name, payload) in &large {
+        g.throughput(Throughput::Bytes(payload.len() as u64));
+        g.bench_function(name.as_str(), |b| {
+            b.iter(|| inspect_one(&default_rules, black_box(payload)));
+        });
+    }
+    g.finish();
+    c.final_summary();
+    for (name, payload) in &large {
+        let rounds = 20;
+        let start = tokio::time::Instant::now();
+        for _ in 0..rounds {
+            black_box(inspect_one(&default_rules, payload));
+        }
+        let secs = tokio::time::Instant::now()
+            .saturating_duration_since(start)
+            .as_secs_f64();
+        println!(
+            "inspect {name}: {:.0} us per payload",
+            secs / f64::from(rounds) * 1e6
+        );
+    }
+}
+
+/// `len` bytes of JSON telemetry records.
+fn text(len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(len + 128);
+    for i in 0.. {
+        if p.len() >= len {
+            break;
+        }
+        p.extend(
+            format!(
+                r#"{{"device":"sensor-{:04}","t":{}.{},"note":"it's fine","h":{}}} "#,
+                i % 64,
+                15 + i % 10,
+                i % 10,
+                30 + i % 40
+            )
+            .as_bytes(),
+        );
+    }
+    p.truncate(len);
+    p
+}
+
+/// `len` bytes of `x`, with the openers of the default rules' gaps every 263, 61, 59 and
+/// 53 bytes.
+fn gap_flood(len: usize) -> Vec<u8> {
+    let mut p = vec![b'x'; len];
+    for (t, period) in [
+        (&b"`id "[..], 263),
+        (b"' or '", 61),
+        (b" union /*", 59),
+        (b"' and \"", 53),
+    ] {
+        for at in (period / 2..len.saturating_sub(t.len())).step_by(period) {
+            p[at..at + t.len()].copy_from_slice(t);
+        }
+    }
+    p
+}
+
+/// One large payload through `inspector`: whether it was blocked.
+fn inspect_one(inspector: &Inspector, payload: &[u8]) -> bool {
+    let msg = Message {
+        client_id: "sensor-0042",
+        username: Some("devices"),
+        topic: "devices/sensor-0042/telemetry",
+        payload,
+    };
+    matches!(inspector.inspect(&msg), Outcome::Blocked(_))
 }
 
 /// The loop without inspection.

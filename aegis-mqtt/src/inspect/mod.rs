@@ -21,7 +21,8 @@
 //! stops at the first blocking rule, and allocates nothing when no rule matches. The
 //! patterns cost one pass of a lazy DFA over the payload however many there are (after
 //! a UTF-8 check when there are text patterns); only when one matches does a second pass
-//! name them.
+//! name them (and check a default rule with bounded gaps on its own, see
+//! [Limits](#limits)).
 //!
 //! Attach it to the layer's [`Policy`](crate::layer::Policy) with
 //! [`PolicyBuilder::inspect`](crate::layer::PolicyBuilder::inspect): each PUBLISH that
@@ -194,9 +195,31 @@
 //! bounded by the layer's packet size ([`Config::max_packet_size`](crate::Config)).
 //!
 //! `benches/inspect.rs` measures 100-byte payloads (JSON telemetry, one in 20 an attack)
-//! with the default rule set at 2.9 to 4.4 million messages per second on one core of
-//! the shared development machine, and 1.3 to 1.5 million with a topic rule and an
+//! with the default rule set at 2.9 to 5.5 million messages per second on one core of
+//! the shared development machine, and 1.3 to 2.0 million with a topic rule and an
 //! entropy rule that runs on every payload as well.
+//!
+//! Linear is not enough: the lazy DFA is fast while it reuses its states. It builds one
+//! for each set of pattern positions the payload leads it to, in a cache of 2 MiB, and
+//! once that cache has been cleared 3 times at fewer than 10 bytes searched per state,
+//! `regex` gives up on it and runs the search on its `PikeVM`, some 200 times slower; the
+//! cache stays full, so the searches after it, of any payload, give up as well. A
+//! bounded repetition of a broad class (`[^']{0,64}`) costs a state per position, and
+//! several open at once multiply. The default rules' gaps are bounded (see
+//! [Binary payloads](#binary-payloads)). With the bounded gaps in the set, a plain
+//! ASCII payload that reopens them at co-prime intervals (`x` bytes with `` `id ``,
+//! `' or '`, ` union /*` and `' and "` every 263, 61, 59 and 53 bytes) took 100 to
+//! 140 ms for 256 KiB (6 to 10 ms for 16 KiB), against 0.47 ms (29 us) for text; and
+//! on that cache, text then took 90 ms for 256 KiB (5.5 ms for 16 KiB), and 100-byte
+//! messages 20 times as long, for as long as we measured (100,000 messages).
+//!
+//! So the set holds the default rules with their gaps unbounded (one state per gap),
+//! and a rule with bounded gaps is checked on its own over a payload where it matched
+//! with them unbounded: the decisions are those of the bounded rules, and the same
+//! payload takes 1.5 ms for 256 KiB (99 us for 16 KiB) and fills 145 KiB of the cache,
+//! never all of it (`cargo bench -p benches --bench inspect`, group
+//! `inspect_large_payloads`). Keep the repetitions of your own patterns unbounded
+//! (`[^']*`) or short (`\d{1,5}`), for the same reason.
 #![doc = include_str!("rules.md")]
 
 mod entropy;
@@ -205,7 +228,7 @@ mod topics;
 
 use std::sync::Arc;
 
-use regex::bytes::{RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
 pub use self::topics::{ClientMatch, TopicRule};
 pub use crate::security::Severity;
@@ -418,6 +441,9 @@ struct Meta {
     kind: RuleKind,
     action: Action,
     severity: Severity,
+    /// For a default rule with bounded gaps: the rule, checked on its own where its
+    /// pattern in the set (the same with the gaps unbounded) matched.
+    bounded: Option<Regex>,
 }
 
 impl Meta {
@@ -466,6 +492,8 @@ struct PatternSpec {
     severity: Severity,
     /// A text pattern: checked against payloads that are valid UTF-8 only.
     text: bool,
+    /// The rule with its bounded gaps, when `regex` is it with them unbounded.
+    bounded: Option<&'static str>,
 }
 
 /// Builds an [`Inspector`]; no rule until added. See the [module docs](self).
@@ -533,10 +561,13 @@ impl Inspector {
             };
             if let Some(Patterns { set, meta }) = patterns {
                 if set.is_match(payload) {
-                    // Name them: a second pass, only now.
+                    // Name them: a second pass, only now; and a pass of each rule with
+                    // bounded gaps that matched with them unbounded.
                     for i in &set.matches(payload) {
                         if let Some(meta) = meta.get(i) {
-                            hit(meta.hit())?;
+                            if meta.bounded.as_ref().is_none_or(|r| r.is_match(payload)) {
+                                hit(meta.hit())?;
+                            }
                         }
                     }
                 }
@@ -586,7 +617,10 @@ impl InspectorBuilder {
     /// pattern matches its UTF-8 bytes. Add `(?i)` for case-insensitive. `(?u)` turns
     /// Unicode mode back on for a group (`(?u:\p{Greek})`), but never write a Unicode
     /// word boundary (`(?u:\b)`): with one in any pattern, every payload with a
-    /// non-ASCII byte runs through a much slower engine.
+    /// non-ASCII byte runs through a much slower engine. Nor a bounded repetition of a
+    /// broad class (`[^']{0,64}`): a payload can make several of them cost a state of
+    /// the lazy DFA almost every byte, and the set then runs on that slower engine too
+    /// (see [Limits](self#limits)).
     pub fn pattern(
         self,
         name: impl Into<String>,
@@ -594,7 +628,7 @@ impl InspectorBuilder {
         action: Action,
         severity: Severity,
     ) -> Self {
-        self.add(name.into(), regex.into(), action, severity, false)
+        self.add(name.into(), regex.into(), action, severity, false, None)
     }
 
     /// Adds a text pattern, as the default rules are: like
@@ -607,7 +641,7 @@ impl InspectorBuilder {
         action: Action,
         severity: Severity,
     ) -> Self {
-        self.add(name.into(), regex.into(), action, severity, true)
+        self.add(name.into(), regex.into(), action, severity, true, None)
     }
 
     fn add(
@@ -617,6 +651,7 @@ impl InspectorBuilder {
         action: Action,
         severity: Severity,
         text: bool,
+        bounded: Option<&'static str>,
     ) -> Self {
         self.patterns.push(PatternSpec {
             name,
@@ -624,6 +659,7 @@ impl InspectorBuilder {
             action,
             severity,
             text,
+            bounded,
         });
         self
     }
@@ -637,7 +673,8 @@ impl InspectorBuilder {
     /// catch before blocking.
     pub fn default_rules_as(mut self, action: Action) -> Self {
         for r in rules::DEFAULT_RULES {
-            self = self.text_pattern(r.name, r.pattern, action, r.severity);
+            let (name, regex) = (r.name.to_owned(), r.pattern.to_owned());
+            self = self.add(name, regex, action, r.severity, true, r.bounded);
         }
         self
     }
@@ -689,6 +726,7 @@ impl InspectorBuilder {
             kind,
             action,
             severity,
+            bounded: None,
         };
         let mut patterns: Vec<(&PatternSpec, Meta)> = Vec::with_capacity(self.patterns.len());
         for p in &self.patterns {
@@ -696,14 +734,18 @@ impl InspectorBuilder {
                 return Err(InspectError::EmptyName);
             }
             // Compiled alone first, so that an error names its rule.
-            RegexBuilder::new(&p.regex)
-                .unicode(UNICODE)
-                .size_limit(self.size_limit)
-                .build()
-                .map_err(|e| InspectError::Pattern {
-                    rule: p.name.clone(),
-                    reason: e.to_string(),
-                })?;
+            let compile = |regex: &str| {
+                RegexBuilder::new(regex)
+                    .unicode(UNICODE)
+                    .size_limit(self.size_limit)
+                    .build()
+                    .map_err(|e| InspectError::Pattern {
+                        rule: p.name.clone(),
+                        reason: e.to_string(),
+                    })
+            };
+            compile(&p.regex)?;
+            let bounded = p.bounded.map(compile).transpose()?;
             // Patterns sharing a name share one `Arc`.
             let shared = patterns
                 .iter()
@@ -714,6 +756,7 @@ impl InspectorBuilder {
                 kind: RuleKind::Pattern,
                 action: p.action,
                 severity: p.severity,
+                bounded,
             };
             patterns.push((p, meta));
         }

@@ -8,6 +8,16 @@
 //! between two delimiters (a quoted string, a command in backticks, a `/* */` comment)
 //! is bounded and spans no control byte but a tab (`` [^`\x00-\x08\x0a-\x1f\x7f]{0,256} ``):
 //! binary data that happens to be valid UTF-8 is full of control bytes, text is not.
+//!
+//! A bounded gap is not in the pattern set as it is, though: the lazy DFA needs a state
+//! for each position in each gap, and for each combination of positions in gaps open at
+//! once, so a payload that keeps reopening several gaps at co-prime intervals makes it
+//! build a new state at almost every byte, until it gives up and the set runs on the
+//! `PikeVM` (see the [cost section](super#limits)). So a rule with gaps is in the set with
+//! its gaps unbounded ([`DefaultRule::pattern`], one state per gap, whatever the
+//! payload), and the rule itself ([`DefaultRule::bounded`]) is checked, on its own, only
+//! over a payload where that matched: every match of the bounded form is one of the
+//! unbounded form, so nothing is missed, and the rule is the bounded form.
 
 use crate::security::Severity;
 
@@ -15,7 +25,12 @@ use crate::security::Severity;
 pub(super) struct DefaultRule {
     pub(super) name: &'static str,
     pub(super) severity: Severity,
+    /// What the pattern set looks for: the rule, or for a rule with bounded gaps, the
+    /// rule with its gaps unbounded.
     pub(super) pattern: &'static str,
+    /// The rule with its bounded gaps, checked where `pattern` matched; `None` when
+    /// `pattern` is the rule.
+    pub(super) bounded: Option<&'static str>,
 }
 
 const fn rule(name: &'static str, severity: Severity, pattern: &'static str) -> DefaultRule {
@@ -23,6 +38,23 @@ const fn rule(name: &'static str, severity: Severity, pattern: &'static str) -> 
         name,
         severity,
         pattern,
+        bounded: None,
+    }
+}
+
+/// A rule with bounded gaps: `unbounded` in the set, `bounded` checked where it matched.
+/// Both are made by one macro, given `"*"` or the bound for the gaps.
+const fn gapped(
+    name: &'static str,
+    severity: Severity,
+    unbounded: &'static str,
+    bounded: &'static str,
+) -> DefaultRule {
+    DefaultRule {
+        name,
+        severity,
+        pattern: unbounded,
+        bounded: Some(bounded),
     }
 }
 
@@ -40,14 +72,49 @@ macro_rules! commands {
     };
 }
 
+/// A quoted tautology, its quoted strings `$gap` long.
+macro_rules! tautology {
+    ($gap:literal) => {
+        concat!(
+            r#"(?i-u)'\s*(?:or|and|\|\||&&)\s*(?:'[^'\x00-\x08\x0a-\x1f\x7f]"#,
+            $gap,
+            r#"'|"[^"\x00-\x08\x0a-\x1f\x7f]"#,
+            $gap,
+            r#""|\d+|[a-z_]+)\s*(?:=|<>|!=|<|>|\blike\b)"#
+        )
+    };
+}
+
+/// UNION [ALL] SELECT, its `/* */` comments `$gap` long.
+macro_rules! union_select {
+    ($gap:literal) => {
+        concat!(
+            r"(?i-u)\bunion(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]",
+            $gap,
+            r"\*/)+(?:all(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]",
+            $gap,
+            r"\*/)+)?select\b"
+        )
+    };
+}
+
+/// `$(`, a command or a path in backticks `$gap` long, `${IFS}`, `/bin/sh`.
+macro_rules! backticks {
+    ($gap:literal) => {
+        concat!(
+            r"(?i-u)\$\(\s*[a-z/.]|`\s*(?:\.{0,2}/|(?:",
+            commands!(),
+            r")\b)[^`\x00-\x08\x0a-\x1f\x7f]",
+            $gap,
+            r"`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b"
+        )
+    };
+}
+
 /// In order: where several match a blocked message, the first one names the block.
 pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     // ' OR '1'='1, 1' and 2>1, ' or x like
-    rule(
-        SQL,
-        Severity::High,
-        r#"(?i-u)'\s*(?:or|and|\|\||&&)\s*(?:'[^'\x00-\x08\x0a-\x1f\x7f]{0,64}'|"[^"\x00-\x08\x0a-\x1f\x7f]{0,64}"|\d+|[a-z_]+)\s*(?:=|<>|!=|<|>|\blike\b)"#,
-    ),
+    gapped(SQL, Severity::High, tautology!("*"), tautology!("{0,64}")),
     // " or ""=", or 1=1
     rule(
         SQL,
@@ -55,10 +122,11 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
         r#"(?i-u)"\s*or\s*""\s*=|\b(?:or|and)\s+\d+\s*=\s*\d+\b"#,
     ),
     // UNION SELECT, union/**/all/**/select, union+select
-    rule(
+    gapped(
         SQL,
         Severity::High,
-        r"(?i-u)\bunion(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+(?:all(?:\s|\+|/\*[^*\x00-\x08\x0a-\x1f\x7f]{0,64}\*/)+)?select\b",
+        union_select!("*"),
+        union_select!("{0,64}"),
     ),
     // ; DROP TABLE, ; delete from, ; insert into t (, ; update t set c=, ; shutdown --:
     // after the `;`, a statement (`insert into slot 2`, `update firmware set to` are not)
@@ -103,14 +171,11 @@ pub(super) const DEFAULT_RULES: &[DefaultRule] = &[
     ),
     // $(curl ..), `id`, `/bin/x`, ${IFS}, /bin/sh: in backticks, a command or a path
     // (`config.json` and SQL's `temp` are neither)
-    rule(
+    gapped(
         CMD,
         Severity::Critical,
-        concat!(
-            r"(?i-u)\$\(\s*[a-z/.]|`\s*(?:\.{0,2}/|(?:",
-            commands!(),
-            r")\b)[^`\x00-\x08\x0a-\x1f\x7f]{0,256}`|\$\{?ifs\b|/bin/(?:ba|z|da)?sh\b"
-        ),
+        backticks!("*"),
+        backticks!("{0,256}"),
     ),
     // <script>, </script>, <iframe, <object, <embed: the name right after `<`, as HTML
     // opens a tag (`level < base` is text)
