@@ -1548,6 +1548,22 @@ fn a_ban_closes_the_open_sessions_it_matches_and_no_other() {
     );
 }
 
+/// An empty client id or username is no one's: every 3.1.1 clean session and MQTT 5
+/// client asking for a server-assigned id has one. A ban of it (a mistaken script on the
+/// admin endpoint, say) must neither close their open sessions nor refuse the next.
+#[tokio::test]
+async fn a_ban_of_an_empty_client_id_or_username_closes_and_refuses_no_one() {
+    let sec = Security::default();
+    let served = serve_pinged(&sec).await;
+    let mut open = session(served.to, "127.0.0.1", "", Some("")).await;
+    sec.ban(BanKey::client_id(""), Duration::from_secs(600));
+    sec.ban(BanKey::username(""), Duration::from_secs(600));
+    assert!(pings(&mut open).await, "the open session is left alone");
+    // `session` asserts an accepting CONNACK.
+    let mut next = session(served.to, "127.0.0.1", "", Some("")).await;
+    assert!(pings(&mut next).await);
+}
+
 #[tokio::test]
 async fn with_close_on_ban_off_a_ban_leaves_open_sessions_alone() {
     let sec = Security::builder().close_on_ban(false).build();

@@ -775,7 +775,9 @@ impl Security {
     /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban). Logs a `ban` event (rule
     /// `manual`) and counts `aegis_security_bans_total{cause="manual"}`. When the table
     /// is full, the ban that ends soonest is evicted (a detector's first, see
-    /// [Bounds](self#bounds)). A ban lasts at most [`MAX_BAN`].
+    /// [Bounds](self#bounds)). A ban lasts at most [`MAX_BAN`]. A ban of an empty client
+    /// id or username matches no one: every 3.1.1 clean session and every MQTT 5 client
+    /// taking a server-assigned id has an empty client id.
     pub fn ban(&self, key: BanKey, duration: Duration) {
         self.put_ban(key, duration, Cause::Manual, None, &Who::default(), None);
     }
@@ -1293,8 +1295,13 @@ impl ConnCtx {
     fn matches(&self, key: &BanKey) -> bool {
         match key {
             BanKey::Addr(net) => net.contains(self.addr.ip()),
-            BanKey::ClientId(id) => self.names.lock().client_id.as_ref() == Some(id),
-            BanKey::Username(user) => self.names.lock().username.as_ref() == Some(user),
+            // An empty name is no one's (see `on_connect`).
+            BanKey::ClientId(id) => {
+                !id.is_empty() && self.names.lock().client_id.as_ref() == Some(id)
+            }
+            BanKey::Username(user) => {
+                !user.is_empty() && self.names.lock().username.as_ref() == Some(user)
+            }
         }
     }
 
@@ -1361,10 +1368,18 @@ impl ConnCtx {
         };
         let sec = &self.security;
         let addr = BanKey::host(self.addr.ip());
-        let id_key = BanKey::ClientId(id);
-        let refusal = match &user {
-            Some(u) => sec.refusal_of(&[addr, id_key, BanKey::Username(Arc::clone(u))]),
-            None => sec.refusal_of(&[addr, id_key]),
+        // An empty name is no one's (a 3.1.1 clean session, an MQTT 5 client taking a
+        // server-assigned id): a ban of it is never checked, as the detector never
+        // counts one.
+        let id_key = (!id.is_empty()).then(|| BanKey::ClientId(id));
+        let user_key = user
+            .as_ref()
+            .filter(|u| !u.is_empty())
+            .map(|u| BanKey::Username(Arc::clone(u)));
+        let refusal = match (id_key, user_key) {
+            (Some(id), Some(user)) => sec.refusal_of(&[addr, id, user]),
+            (Some(name), None) | (None, Some(name)) => sec.refusal_of(&[addr, name]),
+            (None, None) => sec.refusal_of(&[addr]),
         };
         match refusal {
             Refusal::NotBanned => {}
