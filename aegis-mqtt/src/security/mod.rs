@@ -1371,7 +1371,7 @@ impl ConnCtx {
         // An empty name is no one's (a 3.1.1 clean session, an MQTT 5 client taking a
         // server-assigned id): a ban of it is never checked, as the detector never
         // counts one.
-        let id_key = (!id.is_empty()).then(|| BanKey::ClientId(id));
+        let id_key = (!id.is_empty()).then_some(BanKey::ClientId(id));
         let user_key = user
             .as_ref()
             .filter(|u| !u.is_empty())
