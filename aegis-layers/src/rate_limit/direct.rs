@@ -57,11 +57,17 @@ impl DirectLimiter {
     pub(super) fn set_quota(&self, quota: Quota) {
         let _one_at_a_time = self.quota_change.lock();
         let by = Rescale::new(self.clock.now(), self.quota(), quota);
-        if !by.is_noop() {
+        let next = Arc::new(Self::build(quota, &self.cell, self.clock));
+        if by.is_noop() {
+            self.current.store(next);
+        } else if by.shrinks() {
+            // The order that refuses more, not less, meanwhile (see `Rescale`).
+            self.current.store(next);
             self.cell.rescale(by);
+        } else {
+            self.cell.rescale(by);
+            self.current.store(next);
         }
-        let next = Self::build(quota, &self.cell, self.clock);
-        self.current.store(Arc::new(next));
     }
 
     pub(super) fn quota(&self) -> Quota {

@@ -202,16 +202,22 @@ where
             self.inner.current.load().quota,
             quota,
         );
-        if !by.is_noop() {
-            self.inner.store.rescale(by);
-        }
-        let next = Current::new(
+        let next = Arc::new(Current::new(
             quota,
             &self.inner.store,
             &self.inner.clock,
             self.inner.epoch,
-        );
-        self.inner.current.store(Arc::new(next));
+        ));
+        if by.is_noop() {
+            self.inner.current.store(next);
+        } else if by.shrinks() {
+            // The order that refuses more, not less, during the pass (see `Rescale`).
+            self.inner.current.store(next);
+            self.inner.store.rescale(by);
+        } else {
+            self.inner.store.rescale(by);
+            self.inner.current.store(next);
+        }
     }
 
     /// The current quota.
@@ -352,7 +358,7 @@ mod tests {
 
     /// Raising the rate must not lock out a key at its limit: at 1/s with a burst of 40,
     /// a key that used all 40 gets its next cell after 1 s. Kept as it was, its state
-    /// (40 s ahead) read at 2/s (tolerance 19.5 s) refused it for some 19.5 s more.
+    /// (40 s ahead) read at 2/s (tolerance 19.5 s) refused it for 20.5 s.
     #[test]
     fn raising_the_rate_keeps_a_key_at_its_limit_as_limited_not_more() {
         let clock = FakeRelativeClock::default();

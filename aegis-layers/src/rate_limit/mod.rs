@@ -109,7 +109,8 @@
 //! same time means another part of the burst under another quota, so a change
 //! re-expresses every stored TAT for the new quota, in one pass over the tracked
 //! clients (at most [`max_keys`](RateLimitBuilder::max_keys)) under a lock that keeps
-//! changes one at a time; checks go on meanwhile. Left as they were, raising the rate
+//! changes one at a time; checks go on meanwhile, on the old limiter or the new one in
+//! the order that can only refuse more during the pass, never admit more. Left as they were, raising the rate
 //! tenfold would lock a client at its limit out for ten times its burst, and lowering it
 //! would hand out burst again on every step of a controller cutting the rate.
 //!

@@ -96,6 +96,17 @@ impl Rescale {
         self.old_span == self.new_span
     }
 
+    /// Whether the states move closer to `now` (a raise of the rate or the burst).
+    ///
+    /// Checks go on during the pass, on one limiter or the other, so the order of the
+    /// swap and the pass decides which reads states of the other quota's units. The
+    /// order that only ever refuses more during the pass: when the states shrink, swap
+    /// in the new limiter first (it reads states not yet shrunk: stricter); when they
+    /// grow, re-express them first (the old limiter reads states already grown).
+    pub(super) fn shrinks(&self) -> bool {
+        self.new_span < self.old_span
+    }
+
     /// `tat`, after `now`, re-expressed; never 0, which a cell reads as "never seen".
     fn apply(self, tat: u64) -> u64 {
         let used = u128::from(tat - self.now) * self.new_span / self.old_span;
