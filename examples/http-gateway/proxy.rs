@@ -21,7 +21,7 @@
 //! | the request body was malformed or cut off | `400` | no |
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout | `504` | yes: the timeout |
-//! | any other upstream failure (refused, reset) | `502` | yes |
+//! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
 //! backend's address plus the target's path and query, built with [`Uri::builder`], and
@@ -67,6 +67,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
+use tokio::time::error::Elapsed;
 use tower::{Service, ServiceExt};
 
 use crate::balance::Pool;
@@ -274,14 +275,16 @@ impl Service<Request<GatewayBody>> for Upstream {
 }
 
 /// Whether a finished call to a backend is a latency sample of the backend: its
-/// answer, whatever the status, its response timeout (`504`: the sample is the
-/// timeout, a hung backend's true latency being longer) and any other upstream failure
-/// (`502`); not a failure of the client's body ([`ClientBodyError`]: `400`, `408`,
-/// `413`). A call the breaker refused never reaches [`Upstream`].
+/// answer, whatever the status, and its response timeout (`504`: the sample is the
+/// timeout, a hung backend's true latency being longer); not a failure of the client's
+/// body ([`ClientBodyError`]: `400`, `408`, `413`), nor another upstream failure
+/// (`502`): a refused or reset connection ends in well under a millisecond, and such
+/// samples would pull the P95 down, and the rates up, while a backend fails (the
+/// breaker counts those). A call the breaker refused never reaches [`Upstream`].
 pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool {
     match result {
         Ok(_) => true,
-        Err(e) => find::<ClientBodyError>(e).is_none(),
+        Err(e) => find::<ClientBodyError>(e).is_none() && find::<Elapsed>(e).is_some(),
     }
 }
 
@@ -451,7 +454,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(sample(&timeout), "504");
-        assert!(sample(&std::io::Error::other("refused")), "502");
+        assert!(!sample(&std::io::Error::other("refused")), "502");
         assert!(!sample(&ClientBodyError::stalled()), "408");
         let over = http_body_util::Limited::new(Full::new(Bytes::from_static(b"abc")), 1)
             .collect()
