@@ -4,7 +4,7 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 
-use aegis_core::ClientKey;
+use aegis_core::{ClientKey, KeyBy};
 use aegis_mqtt::security::BanKey;
 use tracing::subscriber::Interest;
 use tracing::{Level, Metadata};
@@ -143,10 +143,11 @@ impl fmt::Display for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.key {
             BanKey::Addr(net) if self.masked => {
-                let widest = if net.network().is_ipv4() {
-                    MASK_V4
-                } else {
-                    MASK_V6
+                let widest = match net.network() {
+                    IpAddr::V4(_) => MASK_V4,
+                    // A 6to4 network carries its site's IPv4 address in bits 16..48.
+                    IpAddr::V6(v6) if v6.segments()[0] == 0x2002 => 16,
+                    IpAddr::V6(_) => MASK_V6,
                 };
                 let shown = ClientKey::new(net.network(), net.prefix_len().min(widest));
                 write!(f, "addr:{}", shown.unwrap_or(*net))
@@ -157,7 +158,8 @@ impl fmt::Display for Key<'_> {
 }
 
 /// A client address as the gateway logs it: whole, or masked to its network (`/24` of
-/// IPv4, `/48` of IPv6, without the port) with `log.mask_client_addresses = true`.
+/// IPv4, `/48` of IPv6, without the port; an IPv6 address that carries an IPv4 client,
+/// as that client's `/24`) with `log.mask_client_addresses = true`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Client {
     pub(crate) addr: SocketAddr,
@@ -169,22 +171,9 @@ impl fmt::Display for Client {
         if !self.masked {
             return write!(f, "{}", self.addr);
         }
-        match self.addr.ip() {
-            IpAddr::V4(v4) => {
-                let [a, b, c, _] = v4.octets();
-                write!(f, "{a}.{b}.{c}.0/24")
-            }
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => {
-                    let [a, b, c, _] = v4.octets();
-                    write!(f, "{a}.{b}.{c}.0/24")
-                }
-                None => {
-                    let s = v6.segments();
-                    let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0);
-                    write!(f, "{net}/48")
-                }
-            },
-        }
+        // The key of these prefixes: an IPv6 address that carries an IPv4 client
+        // (IPv4-mapped, 6to4, Teredo) is shown as that client's /24, not as a /48 that
+        // would hold a 6to4 site's whole IPv4 address.
+        write!(f, "{}", KeyBy::new(MASK_V4, MASK_V6).key(self.addr.ip()))
     }
 }

@@ -1499,7 +1499,10 @@ async fn bans_through_the_endpoint_are_logged_masked() {
     let config = "[log]\nmask_client_addresses = true\n[security]\nadmin = true\n";
     let gw = Gateway::start("bans-masked", config, &[]).await;
     let (v4, v6) = ("192.0.2.77", "2001:db8:1:2::7");
-    for value in [v4, v6] {
+    // A 6to4 site's network carries its IPv4 address (192.0.2.77) in bits 16..48: shown
+    // no narrower than 2002::/16.
+    let six_to_four = "2002:c000:24d::/48";
+    for value in [v4, v6, six_to_four] {
         let ban = format!("/bans?key=addr&value={value}&for=10m");
         assert_eq!(http_request(gw.metrics, "POST", &ban).await.unwrap().0, 200);
         let lift = format!("/bans?key=addr&value={value}");
@@ -1508,9 +1511,13 @@ async fn bans_through_the_endpoint_are_logged_masked() {
             200
         );
     }
-    gw.wait_log("ban lifted through /bans key=addr:2001:db8:1::/48")
+    gw.wait_log("ban lifted through /bans key=addr:2002::/16")
         .await;
     let log = gw.log();
+    assert!(
+        log.contains("ban lifted through /bans key=addr:2001:db8:1::/48"),
+        "{log}"
+    );
     assert!(
         log.contains("ban added through /bans key=addr:192.0.2.0/24"),
         "{log}"
@@ -1520,6 +1527,7 @@ async fn bans_through_the_endpoint_are_logged_masked() {
         "{log}"
     );
     assert!(!log.contains(v4) && !log.contains("2001:db8:1:2"), "{log}");
+    assert!(!log.contains("c000:24d"), "{log}");
 }
 
 /// `security.exempt`: connects from an exempt network count toward no ban, over real
