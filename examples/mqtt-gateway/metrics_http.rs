@@ -483,11 +483,17 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        // Over a cap: dropping the stream closes it.
+        // Over a cap: reset at once, unread, as the gateway's own accept loop refuses
+        // (a plain drop would close with a FIN and leave a socket in FIN_WAIT2).
+        let refuse = |stream: tokio::net::TcpStream| {
+            let _ = stream.set_zero_linger();
+        };
         let Some(slot) = per_address.acquire(key_by.key(peer.ip())) else {
+            refuse(stream);
             continue;
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            refuse(stream);
             continue;
         };
         let (prometheus, ready, admin) = (prometheus.clone(), ready.clone(), admin.clone());
