@@ -327,11 +327,11 @@ mod tests {
     use super::*;
     use crate::metrics::testing::{capture, run};
 
-    /// A connection lost on its way to a shard is counted once, as a connection that
+    /// What counts a connection lost on its way to a shard: once, as a connection that
     /// ended in an error at once (`Acceptor::hand_out` calls this when `into_std`
     /// fails, which a test cannot make happen).
     #[test]
-    fn a_connection_lost_in_the_hand_out_is_counted_as_an_error() {
+    fn count_lost_counts_one_connection_ended_in_an_error() {
         let ((), snap) = run(false, || async { count_lost() });
         let got = capture(&snap);
         let error = [("outcome", "error")];
