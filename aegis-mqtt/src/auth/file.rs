@@ -176,8 +176,10 @@ impl StaticAuth {
     ///
     /// Anything but a regular file is refused before it is opened: opening a FIFO
     /// would wait for a writer, so start-up would hang, and a device such as
-    /// `/dev/zero` would never end. A longer file is refused, not cut: its last users
-    /// would be missing without a word.
+    /// `/dev/zero` would never end. (The check and the open are two steps: a path
+    /// swapped for a FIFO between them still blocks the open, which only someone who can
+    /// write the users file's directory can do; what was opened is checked again.) A
+    /// longer file is refused, not cut: its last users would be missing without a word.
     ///
     /// # Errors
     ///

@@ -81,6 +81,12 @@ impl HttpAuth {
     /// [`timeout`](super::AuthLayer::timeout). See the
     /// [module docs](super#the-http-authenticator).
     ///
+    /// It bounds the gateway's open callouts, not the service's work: a callout the
+    /// layer's timeout gives up on closes its connection and frees its turn at once,
+    /// while the service may go on with the request it was sent. A service slower than
+    /// the timeout can thus have up to `n` new requests each timeout on top of those it
+    /// still works on.
+    ///
     /// Set it before cloning (and before the first callout): clones share the limit and
     /// the pool they were made with.
     #[must_use]
