@@ -58,16 +58,7 @@ impl DirectLimiter {
         let _one_at_a_time = self.quota_change.lock();
         let by = Rescale::new(self.clock.now(), self.quota(), quota);
         let next = Arc::new(Self::build(quota, &self.cell, self.clock));
-        if by.is_noop() {
-            self.current.store(next);
-        } else if by.shrinks() {
-            // The order that refuses more, not less, meanwhile (see `Rescale`).
-            self.current.store(next);
-            self.cell.rescale(by);
-        } else {
-            self.cell.rescale(by);
-            self.current.store(next);
-        }
+        by.change(|| self.current.store(next), |by| self.cell.rescale(by));
     }
 
     pub(super) fn quota(&self) -> Quota {

@@ -208,16 +208,10 @@ where
             &self.inner.clock,
             self.inner.epoch,
         ));
-        if by.is_noop() {
-            self.inner.current.store(next);
-        } else if by.shrinks() {
-            // The order that refuses more, not less, during the pass (see `Rescale`).
-            self.inner.current.store(next);
-            self.inner.store.rescale(by);
-        } else {
-            self.inner.store.rescale(by);
-            self.inner.current.store(next);
-        }
+        by.change(
+            || self.inner.current.store(next),
+            |by| self.inner.store.rescale(by),
+        );
     }
 
     /// The current quota.

@@ -91,20 +91,28 @@ impl Rescale {
         }
     }
 
-    /// Whether the states change at all.
-    pub(super) fn is_noop(&self) -> bool {
-        self.old_span == self.new_span
-    }
-
-    /// Whether the states move closer to `now` (a raise of the rate or the burst).
+    /// Makes the change: `swap` puts the new quota's limiter in, `rescale` re-expresses
+    /// the states (skipped when they would not change).
     ///
     /// Checks go on during the pass, on one limiter or the other, so the order of the
     /// swap and the pass decides which reads states of the other quota's units. The
-    /// order that only ever refuses more during the pass: when the states shrink, swap
-    /// in the new limiter first (it reads states not yet shrunk: stricter); when they
-    /// grow, re-express them first (the old limiter reads states already grown).
-    pub(super) fn shrinks(&self) -> bool {
-        self.new_span < self.old_span
+    /// order that only ever refuses more during the pass: when the states shrink (a
+    /// raise of the rate or the burst), swap in the new limiter first (it reads states
+    /// not yet shrunk: stricter); when they grow, re-express them first (the old limiter
+    /// reads states already grown).
+    pub(super) fn change(self, swap: impl FnOnce(), rescale: impl FnOnce(Self)) {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match self.new_span.cmp(&self.old_span) {
+            Equal => swap(),
+            Less => {
+                swap();
+                rescale(self);
+            }
+            Greater => {
+                rescale(self);
+                swap();
+            }
+        }
     }
 
     /// `tat`, after `now`, re-expressed; never 0, which a cell reads as "never seen".
