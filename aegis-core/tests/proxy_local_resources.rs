@@ -9,52 +9,43 @@ use std::fs::File;
 use aegis_core::error::label_of;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::proxy::{ProxyError, TcpConnect};
-use metrics_util::debugging::DebuggingRecorder;
 use rlimit::Resource;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 #[test]
 fn a_connect_without_a_descriptor_is_a_local_resources_error() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            // A listening upstream: a connect with a descriptor to spare succeeds.
-            let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let connect = TcpConnect::new(upstream.local_addr().unwrap());
+    let ((), snap) = testing::run(false, || async {
+        // A listening upstream: a connect with a descriptor to spare succeeds.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpConnect::new(upstream.local_addr().unwrap());
 
-            // Lower the soft limit close to what is open, then use up every descriptor.
-            let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-            let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-            rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
-            let mut fillers = Vec::new();
-            while let Ok(f) = File::open("/dev/null") {
-                fillers.push(f);
-            }
-            let res = connect.clone().oneshot(()).await;
+        // Lower the soft limit close to what is open, then use up every descriptor.
+        let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
+        let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(f) = File::open("/dev/null") {
+            fillers.push(f);
+        }
+        let res = connect.clone().oneshot(()).await;
 
-            // Give the descriptors back before asserting, so a failure still leaves
-            // the process usable.
-            drop(fillers);
-            rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
+        // Give the descriptors back before asserting, so a failure still leaves
+        // the process usable.
+        drop(fillers);
+        rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
 
-            let err = res.expect_err("no descriptor was left for the upstream socket");
-            assert!(
-                matches!(err, ProxyError::LocalResources { .. }),
-                "not LocalResources: {err:?}"
-            );
-            assert_eq!(err.label(), "local_resources");
-            assert!(err.is_connect());
-            assert_eq!(label_of(&err), ("proxy", "local_resources"));
+        let err = res.expect_err("no descriptor was left for the upstream socket");
+        assert!(
+            matches!(err, ProxyError::LocalResources { .. }),
+            "not LocalResources: {err:?}"
+        );
+        assert_eq!(err.label(), "local_resources");
+        assert!(err.is_connect());
+        assert_eq!(label_of(&err), ("proxy", "local_resources"));
 
-            // With descriptors back, the same connector reaches the upstream.
-            connect.oneshot(()).await.expect("connects again");
-        });
+        // With descriptors back, the same connector reaches the upstream.
+        connect.oneshot(()).await.expect("connects again");
     });
     let got = testing::capture(&snap);
     let counted = |reason| got.counter(m::UPSTREAM_ERRORS_TOTAL, &[("reason", reason)]);
