@@ -485,9 +485,7 @@ pub(crate) async fn serve(
         };
         // Over a cap: reset at once, unread, as the gateway's own accept loop refuses
         // (a plain drop would close with a FIN and leave a socket in FIN_WAIT2).
-        let refuse = |stream: tokio::net::TcpStream| {
-            let _ = stream.set_zero_linger();
-        };
+        let refuse = <tokio::net::TcpListener as aegis_core::serve::Listener>::refuse;
         let Some(slot) = per_address.acquire(key_by.key(peer.ip())) else {
             refuse(stream);
             continue;
