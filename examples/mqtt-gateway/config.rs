@@ -844,8 +844,9 @@ impl Config {
     /// Every duration key within its bound ([`MAX_TIMEOUT`] for the clocks of a
     /// connection's start and of the adaptive controller,
     /// [`MAX_READINESS_TIMEOUT`](crate::metrics_http::MAX_READINESS_TIMEOUT) for the
-    /// readiness probe, [`MAX_DURATION`] for the others), whether its section is on or not. `security.bans_save_every` and `mqtt.max_keep_alive` have
-    /// bounds of their own, checked with their sections.
+    /// readiness probe, [`MAX_DURATION`] for the others), whether its section is on or
+    /// not. `security.bans_save_every` and `mqtt.max_keep_alive` have bounds of their
+    /// own, checked with their sections.
     fn durations_in_range(&self) -> Result<(), ConfigError> {
         let hour = (MAX_TIMEOUT, "an hour (1h)");
         let probe = (

@@ -4,9 +4,10 @@
 //! [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_ADDRESS`] of them from one client
 //! network (an address keyed by `limits.ipv4_prefix` and `limits.ipv6_prefix` as the
 //! rate limits key it: an IPv6 client by its /64 by default, since it can send from any
-//! address in it; more are closed at accept, so that one client holding idle
-//! connections cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send the request
-//! headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to loopback by default.
+//! address in it; more are reset at accept, so that one client holding idle
+//! connections cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send
+//! the request headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to
+//! loopback by default.
 //!
 //! - `/metrics`: the Prometheus text format, rendered from the global recorder
 //!   (`metrics-exporter-prometheus`, installed with no HTTP listener of its own).

@@ -739,7 +739,7 @@ async fn pub_sub_all_qos(sub: &mut Client, publ: &mut Client, topic: &str, exact
 // ---------------------------------------------------------------------------------
 
 /// One client address holding idle connections to the metrics endpoint gets at most
-/// four of them: a fifth is closed at once, while another address (the scraper, a
+/// four of them: a fifth is refused at once, while another address (the scraper, a
 /// probe) is still answered; a slot comes back when a connection ends.
 #[tokio::test]
 async fn one_address_cannot_take_every_metrics_connection() {
@@ -749,7 +749,7 @@ async fn one_address_cannot_take_every_metrics_connection() {
     for _ in 0..4 {
         held.push(idle_from("127.0.0.1").await);
     }
-    // The fifth from the same address: closed at accept, EOF without an answer.
+    // The fifth from the same address: refused at accept, without an answer.
     let mut fifth = idle_from("127.0.0.1").await;
     fifth
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -785,7 +785,7 @@ async fn one_address_cannot_take_every_metrics_connection() {
 
 /// The metrics endpoint's cap of four connections is per client network, keyed as the
 /// rate limits key clients (`limits.ipv4_prefix`): with a /24, four addresses of one
-/// /24 take its four places, a fifth address of it is closed at accept, and an address
+/// /24 take its four places, a fifth address of it is reset at accept, and an address
 /// of another /24 is served. (The IPv6 default, a /64, cannot be shown on loopback.)
 #[tokio::test]
 async fn the_metrics_connection_cap_is_per_client_network() {
