@@ -22,9 +22,9 @@
 //! assert!(!net.contains("198.51.101.1".parse().unwrap()));
 //! ```
 //!
-//! Some IPv6 addresses carry the IPv4 address of their client (IPv4-mapped, 6to4 and
-//! Teredo ones): they are keyed, and held by networks, as that IPv4 client; see [IPv4
-//! clients in IPv6 addresses](ClientKey#ipv4-clients-in-ipv6-addresses).
+//! Some IPv6 addresses carry the IPv4 address of their client (IPv4-mapped, 6to4,
+//! Teredo and NAT64 ones): they are keyed, and held by networks, as that IPv4 client;
+//! see [IPv4 clients in IPv6 addresses](ClientKey#ipv4-clients-in-ipv6-addresses).
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -33,7 +33,7 @@ use std::str::FromStr;
 
 /// A client's network: an address truncated to a prefix (`/32` for IPv4 and `/64` for
 /// IPv6 by [`KeyBy::default`]). Built by [`KeyBy::key`], which keys an IPv6 address
-/// that carries an IPv4 client (IPv4-mapped, 6to4, Teredo) as that IPv4 address (see
+/// that carries an IPv4 client (IPv4-mapped, 6to4, Teredo, NAT64) as that IPv4 address (see
 /// [below](#ipv4-clients-in-ipv6-addresses)), by [`ClientKey::new`] or parsed from CIDR
 /// notation.
 ///
@@ -42,7 +42,7 @@ use std::str::FromStr;
 ///
 /// # IPv4 clients in IPv6 addresses
 ///
-/// Three kinds of IPv6 address carry the IPv4 address of the client that sent them,
+/// Four kinds of IPv6 address carry the IPv4 address of the client that sent them,
 /// its *IPv4 client* here:
 ///
 /// - an IPv4-mapped address (`::ffff:192.0.2.1`, RFC 4291), a dual-stack socket's view
@@ -52,35 +52,41 @@ use std::str::FromStr;
 ///   subnet id and an interface id of the site's choosing;
 /// - a Teredo address (`2001::/32`, RFC 4380): the Teredo server's IPv4 address in bits
 ///   32..64, flags and a port, then the client's IPv4 address (its NAT's public one),
-///   every bit inverted, in the last 32 bits.
+///   every bit inverted, in the last 32 bits;
+/// - an address in the NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052): the IPv4
+///   address in the last 32 bits, as a translator in front of an IPv6-only server
+///   (SIIT-DC, RFC 7755) shows every IPv4 client.
 ///
 /// [`KeyBy::key`] keys each of them by its IPv4 client, under the IPv4 prefix, so that a
 /// client has one key whether it comes over IPv4 or through one of these. Keyed by the
-/// IPv6 prefix, neither 6to4 nor Teredo clients would be told apart right: a 6to4 site
-/// picks any of its 65,536 subnets, a /64 each, and would escape every per-client limit
-/// and ban by rotating them; all the Teredo clients of one server share a /64
-/// (`2001:0:<server>::/64`), and one abuser among them would get all of them limited or
+/// IPv6 prefix, none of them would be told apart right: a 6to4 site picks any of its
+/// 65,536 subnets, a /64 each, and would escape every per-client limit and ban by
+/// rotating them; all the Teredo clients of one server share a /64
+/// (`2001:0:<server>::/64`), and behind a translator every IPv4 client on the internet
+/// shares `64:ff9b::/64`: one abuser among them would get all of them limited or
 /// banned. This holds whatever the IPv6 prefix, even one short enough to hold all of
 /// `2002::/16`: the IPv4 client is the client, as for a plain IPv4 address.
 ///
-/// It is as much the client's as a plain IPv4 source address: the replies to a 6to4 or
-/// Teredo address go, through a relay, to the IPv4 address it carries, so a client that
-/// completes a TCP handshake from one receives at that IPv4 address.
+/// It is as much the client's as a plain IPv4 source address: the replies to a 6to4,
+/// Teredo or NAT64 address go, through a relay or translator, to the IPv4 address it
+/// carries, so a client that completes a TCP handshake from one receives at that IPv4
+/// address. (Only the well-known NAT64 prefix is known; a network-specific one, which
+/// only its operator knows, is keyed as any IPv6 network.)
 ///
 /// [`ClientKey::contains`] (and [`NetMap`](crate::NetMap), a ban table or deny list of
 /// them) agrees with the keys: **an IPv4 network holds every address whose IPv4 client
 /// it holds**, and an IPv6 network holds the IPv6 addresses in it, but no IPv4-mapped
-/// one (those are IPv4 addresses here). A 6to4 or Teredo address is thus held by the
-/// IPv6 networks it is in *and* by the IPv4 networks that hold its IPv4 client:
+/// one (those are IPv4 addresses here). A 6to4, Teredo or NAT64 address is thus held
+/// by the IPv6 networks it is in *and* by the IPv4 networks that hold its IPv4 client:
 ///
-/// - the key of a 6to4 or Teredo client holds its every address, so a ban of that key
-///   refuses the client's next connection, from any subnet, over IPv4 too;
-/// - a deny or exempt entry of an IPv4 network applies to the 6to4 and Teredo clients
-///   inside it (else a denied network would only need a 6to4 relay to get around its
-///   entry, and an exempt one would be banned under keys inside it);
-/// - `2002::/16` and `2001::/32` still hold every 6to4 or Teredo address, a 6to4
-///   site's `/48` its subnets, so a list can name those too; and `0.0.0.0/0` holds them
-///   all, as it holds every IPv4 client.
+/// - the key of a 6to4, Teredo or NAT64 client holds its every address, so a ban of
+///   that key refuses the client's next connection, from any subnet, over IPv4 too;
+/// - a deny or exempt entry of an IPv4 network applies to the 6to4, Teredo and NAT64
+///   clients inside it (else a denied network would only need a 6to4 relay to get
+///   around its entry, and an exempt one would be banned under keys inside it);
+/// - `2002::/16`, `2001::/32` and `64:ff9b::/96` still hold every 6to4, Teredo or
+///   NAT64 address, a 6to4 site's `/48` its subnets, so a list can name those too; and
+///   `0.0.0.0/0` holds them all, as it holds every IPv4 client.
 ///
 /// ```
 /// use aegis_core::{ClientKey, KeyBy};
@@ -98,6 +104,9 @@ use std::str::FromStr;
 /// let d = by.key("2001:0:c000:22d:8000:f227:39cc:9bfd".parse().unwrap());
 /// assert_eq!(c.to_string(), "198.51.100.1/32");
 /// assert_eq!(d.to_string(), "198.51.100.2/32");
+/// // Through a NAT64 translator, the IPv4 client in the last 32 bits.
+/// let e = by.key("64:ff9b::198.51.100.3".parse().unwrap());
+/// assert_eq!(e, by.key("198.51.100.3".parse().unwrap()));
 ///
 /// let net: ClientKey = "192.0.2.0/24".parse().unwrap();
 /// assert!(net.contains("2002:c000:201:1::1".parse().unwrap()));
@@ -116,9 +125,11 @@ impl ClientKey {
     ///
     /// An IPv4-mapped IPv6 address is taken as its IPv4 address when the prefix keeps
     /// all 96 mapping bits, so that one network has one key: `::ffff:192.0.2.0/120` is
-    /// `192.0.2.0/24`. A 6to4 or Teredo network stays an IPv6 network: unlike the
-    /// mapping, theirs is not one to one (`2002:c000:201::/48` holds 2^80 addresses of
-    /// the site at `192.0.2.1`, and `2002::/16` is no IPv4 network), and it holds the
+    /// `192.0.2.0/24`. A 6to4, Teredo or NAT64 network stays an IPv6 network: unlike
+    /// the mapping, theirs is not one to one (`2002:c000:201::/48` holds 2^80 addresses of
+    /// the site at `192.0.2.1`, and `2002::/16` is no IPv4 network; and a NAT64 network
+    /// stays one so that `64:ff9b::/96` names a translator's clients, not `0.0.0.0/0`),
+    /// and it holds the
     /// IPv6 addresses in it as any IPv6 network does. The IPv4 network of their IPv4
     /// clients holds them too (see [`contains`](Self::contains)).
     pub const fn new(ip: IpAddr, prefix: u8) -> Option<Self> {
@@ -133,7 +144,7 @@ impl ClientKey {
     }
 
     /// `ip` alone: `/32` or `/128` (an IPv4-mapped IPv6 address as its IPv4 address).
-    /// Exactly the address, unlike [`KeyBy::key`]: a 6to4 or Teredo address is its own
+    /// Exactly the address, unlike [`KeyBy::key`]: a 6to4, Teredo or NAT64 address is its own
     /// `/128`, which an IPv4 network still holds through its IPv4 client (see
     /// [`contains`](Self::contains)).
     ///
@@ -194,11 +205,11 @@ impl ClientKey {
     }
 
     /// Whether `ip` is in this network. An IPv4 network holds the addresses whose IPv4
-    /// client it holds: IPv4 addresses, and the IPv4-mapped, 6to4 and Teredo addresses
+    /// client it holds: IPv4 addresses, and the IPv4-mapped, 6to4, Teredo and NAT64 addresses
     /// that carry one (see [IPv4 clients in IPv6
     /// addresses](ClientKey#ipv4-clients-in-ipv6-addresses)), so that a key made by
     /// [`KeyBy::key`] holds the address it was made of. An IPv6 network holds the IPv6
-    /// addresses in it (6to4 and Teredo ones too) but no IPv4-mapped one: an IPv4
+    /// addresses in it (6to4, Teredo and NAT64 ones too) but no IPv4-mapped one: an IPv4
     /// address and its mapped form are the same address here, an IPv4 one, and not
     /// even `::/0` holds it (else the key `::/64` of a client at `::1` would hold every
     /// IPv4 client, their mapped forms starting with 64 zero bits).
@@ -226,11 +237,12 @@ impl ClientKey {
         }
     }
 
-    /// For an IPv6 network of 6to4 addresses (in `2002::/16`) or Teredo addresses (in
-    /// `2001::/32`), the IPv4 network that holds the IPv4 clients of all its addresses
-    /// (`2002:c000:200::/40` gives `192.0.2.0/24`, any `/48` or longer a `/32`; a
-    /// Teredo network shorter than `/97` gives `0.0.0.0/0`); `None` for any other
-    /// network. An IPv4 network holds all of this network exactly when it holds that
+    /// For an IPv6 network of 6to4 addresses (in `2002::/16`), Teredo addresses (in
+    /// `2001::/32`) or NAT64 addresses (in `64:ff9b::/96`), the IPv4 network that holds
+    /// the IPv4 clients of all its addresses (`2002:c000:200::/40` gives
+    /// `192.0.2.0/24`, any `/48` or longer a `/32`; a Teredo network shorter than `/97`
+    /// gives `0.0.0.0/0`; `64:ff9b::c000:200/120` gives `192.0.2.0/24`); `None` for any
+    /// other network. An IPv4 network holds all of this network exactly when it holds that
     /// one ([`NetMap::covering`](crate::NetMap::covering)).
     pub(crate) const fn v4_clients(&self) -> Option<Self> {
         let IpAddr::V6(v6) = self.net else {
@@ -243,6 +255,8 @@ impl ClientKey {
         } else if self.prefix >= 32 && bits >> 96 == TEREDO {
             let kept = if self.prefix > 96 { self.prefix } else { 96 };
             Some(Self::v4(teredo_client(bits), kept - 96))
+        } else if self.prefix >= 96 && bits >> 32 == NAT64 {
+            Some(Self::v4(nat64_client(bits), self.prefix - 96))
         } else {
             None
         }
@@ -254,6 +268,10 @@ const SIX_TO_FOUR: u128 = 0x2002;
 
 /// The first 32 bits of a Teredo address (`2001::/32`, RFC 4380).
 const TEREDO: u128 = 0x2001_0000;
+
+/// The first 96 bits of an address in the NAT64 well-known prefix (`64:ff9b::/96`,
+/// RFC 6052).
+const NAT64: u128 = 0x0064_ff9b_0000_0000_0000_0000;
 
 /// The IPv4 address of a 6to4 site: bits 16..48 of its addresses.
 #[allow(clippy::cast_possible_truncation)] // keeping the low 32 bits is the point
@@ -267,6 +285,12 @@ const fn teredo_client(bits: u128) -> Ipv4Addr {
     Ipv4Addr::from_bits(!(bits as u32))
 }
 
+/// The IPv4 address of a NAT64 client: the last 32 bits of its address.
+#[allow(clippy::cast_possible_truncation)] // keeping the low 32 bits is the point
+const fn nat64_client(bits: u128) -> Ipv4Addr {
+    Ipv4Addr::from_bits(bits as u32)
+}
+
 /// The IPv4 client of `ip`: itself, or the one its IPv6 address carries.
 const fn v4_client(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip {
@@ -275,7 +299,7 @@ const fn v4_client(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
-/// The IPv4 address an IPv4-mapped, 6to4 or Teredo address carries (see [IPv4 clients
+/// The IPv4 address an IPv4-mapped, 6to4, Teredo or NAT64 address carries (see [IPv4 clients
 /// in IPv6 addresses](ClientKey#ipv4-clients-in-ipv6-addresses)).
 const fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = v6.to_ipv4_mapped() {
@@ -286,6 +310,8 @@ const fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         Some(six_to_four_site(bits))
     } else if bits >> 96 == TEREDO {
         Some(teredo_client(bits))
+    } else if bits >> 32 == NAT64 {
+        Some(nat64_client(bits))
     } else {
         None
     }
@@ -386,7 +412,7 @@ impl KeyBy {
     }
 
     /// The key of `ip`: its network by the IPv4 prefix if it has an IPv4 client (it is
-    /// an IPv4 address, or an IPv4-mapped, 6to4 or Teredo IPv6 address, keyed as the
+    /// an IPv4 address, or an IPv4-mapped, 6to4, Teredo or NAT64 IPv6 address, keyed as the
     /// IPv4 address it carries: see [IPv4 clients in IPv6
     /// addresses](ClientKey#ipv4-clients-in-ipv6-addresses)), else by the IPv6 prefix.
     /// The key holds `ip` ([`ClientKey::contains`]).
@@ -562,6 +588,50 @@ mod tests {
             "0.0.0.0/32",
             "the end of 2001::/32"
         );
+    }
+
+    #[test]
+    fn nat64_clients_are_keyed_by_the_ipv4_address_in_their_last_32_bits() {
+        // Behind a translator (SIIT-DC), every IPv4 client shows in 64:ff9b::/96: by
+        // the IPv6 /64 they would all be one client.
+        let by = KeyBy::default();
+        let a = key(by, "64:ff9b::198.51.100.1");
+        assert_eq!(a, key(by, "198.51.100.1"));
+        assert_eq!(a.to_string(), "198.51.100.1/32");
+        assert_ne!(a, key(by, "64:ff9b::198.51.100.2"));
+        assert_eq!(
+            key(KeyBy::new(24, 64), "64:ff9b::198.51.100.1"),
+            key(KeyBy::new(24, 64), "64:ff9b::198.51.100.200")
+        );
+        assert!(a.contains("64:ff9b::198.51.100.1".parse().unwrap()));
+        // Only the well-known /96: its neighbours and the local-use 64:ff9b:1::/48
+        // (RFC 8215, whose layout only its operator knows) are plain IPv6.
+        for other in [
+            "64:ff9b:0:0:0:1:c633:6401",
+            "64:ff9b:1::c633:6401",
+            "64:ff9a::c633:6401",
+        ] {
+            assert_eq!(
+                key(by, other),
+                ClientKey::new(other.parse().unwrap(), 64).unwrap(),
+                "{other}"
+            );
+        }
+        // Networks: an IPv4 one holds its NAT64 clients; the /96 holds them all.
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net("198.51.100.0/24").contains(ip("64:ff9b::198.51.100.9")));
+        assert!(!net("198.51.101.0/24").contains(ip("64:ff9b::198.51.100.9")));
+        assert!(net("64:ff9b::/96").contains(ip("64:ff9b::198.51.100.9")));
+        assert_eq!(net("64:ff9b::/96").to_string(), "64:ff9b::/96");
+        let clients = |s: &str| net(s).v4_clients().map(|n| n.to_string());
+        assert_eq!(clients("64:ff9b::/96").as_deref(), Some("0.0.0.0/0"));
+        assert_eq!(
+            clients("64:ff9b::c633:6400/120").as_deref(),
+            Some("198.51.100.0/24")
+        );
+        // Wider than the /96: not all NAT64.
+        assert_eq!(clients("64:ff9b::/95"), None);
+        assert_eq!(clients("64:ff9b::/64"), None);
     }
 
     #[test]

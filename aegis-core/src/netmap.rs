@@ -258,6 +258,9 @@ mod tests {
             at("2001:0:cb00:7101:8000:f227:ffff:fffe"),
             Some("teredo server")
         );
+        // A NAT64 client, by the IPv4 address in its last 32 bits.
+        assert_eq!(at("64:ff9b::198.51.100.77"), Some("nat"));
+        assert_eq!(at("64:ff9b::192.0.2.1"), Some("site"));
         // An IPv6 network of the map holds its 6to4 addresses as IPv6 addresses.
         assert_eq!(at("2002:c000:202:9::1"), Some("v6 site"));
         assert_eq!(at("192.0.2.2"), None);

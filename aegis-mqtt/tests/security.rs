@@ -478,6 +478,21 @@ async fn teredo_clients_of_one_server_are_counted_and_banned_apart() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn nat64_clients_behind_one_translator_are_counted_and_banned_apart() {
+    // Behind a translator (SIIT-DC) every IPv4 client shows in 64:ff9b::/96: the one
+    // at 198.51.100.1 through it and over IPv4 is one client.
+    let peers = [
+        "[64:ff9b::198.51.100.1]:4000",
+        "198.51.100.1:1000",
+        "[64:ff9b::c633:6401]:1000",
+        "[64:ff9b::198.51.100.1]:1001",
+    ];
+    // Another client behind the same translator, in the same /64, is served.
+    let (next, listed) = ("[64:ff9b::198.51.100.2]:1000", "198.51.100.1/32");
+    a_rotating_client_is_banned_as_one(KeyBy::default(), peers, next, listed).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn ipv4_deny_and_exempt_entries_hold_the_6to4_and_teredo_clients_inside_them() {
     let sec = Security::builder()
         .max_connects(1)

@@ -34,7 +34,7 @@
 //!   name client addresses, client ids and usernames), and the gateway refuses to start
 //!   with `admin = true` on a metrics address beyond loopback. An address stands for its
 //!   client's network by `limits.ipv4_prefix` and `limits.ipv6_prefix` (an IPv6 one for
-//!   its /64 by default, a 6to4 or Teredo one for the IPv4 address it carries), and
+//!   its /64 by default, a 6to4, Teredo or NAT64 one for the IPv4 address it carries), and
 //!   `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR notation
 //!   (`198.51.100.0/24`) bans or lifts that network.
 

@@ -48,8 +48,10 @@
 //! addresses (`2002::/16`: the site's IPv4 address follows the prefix, and the site
 //! picks any of 65,536 subnets, a `/64` each, after it) and Teredo addresses
 //! (`2001::/32`: every client of one Teredo server shares a `/64`, and its own IPv4
-//! address is in the last 32 bits): each is keyed as the IPv4 address it carries, by
-//! the IPv4 prefix, so a 6to4 site cannot rotate subnets past its limit and one Teredo
+//! address is in the last 32 bits), and addresses in the NAT64 well-known prefix
+//! (`64:ff9b::/96`: behind a translator every IPv4 client shows there, its address in
+//! the last 32 bits): each is keyed as the IPv4 address it carries, by the IPv4 prefix,
+//! so a 6to4 site cannot rotate subnets past its limit and one Teredo or translated
 //! client cannot use up the others' (see [IPv4 clients in IPv6
 //! addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)). The keyed maps
 //! hash with std's randomly seeded `SipHash`, which an attacker choosing addresses

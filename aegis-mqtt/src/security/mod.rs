@@ -228,9 +228,10 @@
 //! [`key_by`](SecurityBuilder::key_by): IPv4 by /32 and IPv6 by /64 by default, as the
 //! rate limiter keys clients. So every address of a /64 is counted together, and a ban
 //! refuses and closes them together. An IPv6 address that carries its client's IPv4
-//! address (IPv4-mapped, 6to4 in `2002::/16`, Teredo in `2001::/32`) is keyed as that
-//! IPv4 address: a 6to4 site cannot rotate its 65,536 subnets past the detector, the
-//! Teredo clients of one server are not banned together for one of them, and a ban of
+//! address (IPv4-mapped, 6to4 in `2002::/16`, Teredo in `2001::/32`, NAT64 in
+//! `64:ff9b::/96`) is keyed as that IPv4 address: a 6to4 site cannot rotate its 65,536
+//! subnets past the detector, the Teredo clients of one server, or the IPv4 clients
+//! behind one translator, are not banned together for one of them, and a ban of
 //! such a client's key also refuses it over IPv4, and from any of its subnets (see
 //! [IPv4 clients in IPv6 addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)).
 //! A ban through the handle can be of any network ([`BanKey::Addr`] holds an
@@ -519,7 +520,7 @@ impl SecurityBuilder {
     /// events (the list is known; a denied scanner that reconnects in a loop would fill
     /// the log). Not bans: not listed, not lifted, not kept in a file. Over
     /// [`exempt`](Self::exempt), which only spares from bans. An IPv4 network also
-    /// holds the 6to4 and Teredo addresses that carry an address in it
+    /// holds the 6to4, Teredo and NAT64 addresses that carry an address in it
     /// ([`ClientKey::contains`]): a denied network cannot come back through a 6to4 or
     /// Teredo relay; `2002::/16` and `2001::/32` deny every 6to4 or Teredo client.
     /// Looked up for every connection with one hash lookup per prefix length in the
