@@ -42,11 +42,15 @@ pub struct Will<'a> {
     pub retain: bool,
 }
 
-/// Reads only the protocol name and level of a CONNECT frame.
+/// Reads only the protocol name and level of a CONNECT frame; `None` for any other
+/// packet, whatever its body holds.
 ///
 /// Used to pick the format of the answer when the CONNECT is refused further on.
 pub fn connect_version(frame: &[u8]) -> Option<Version> {
-    let (_, body) = split_frame(frame).ok()?;
+    let (first, body) = split_frame(frame).ok()?;
+    if first >> 4 != 1 {
+        return None;
+    }
     let mut r = Reader::new(body);
     let name = r.binary().ok()?;
     match (name, r.u8().ok()?) {
@@ -107,14 +111,6 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
         ));
     }
     let keep_alive = r.u16()?;
-    if let Some(max) = config.max_keep_alive {
-        if keep_alive == 0 || keep_alive > max {
-            return Err(MqttError::KeepAlive {
-                requested: keep_alive,
-                max,
-            });
-        }
-    }
     let props = if version == Version::V5 {
         properties::read(&mut r, Ctx::Connect)?
     } else {
@@ -122,7 +118,6 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
     };
 
     let client_id = r.string()?;
-    check_client_id(client_id, version, clean_session, config)?;
 
     let will = if will_flag {
         if version == Version::V5 {
@@ -153,6 +148,18 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
     if !r.is_empty() {
         return Err(MqttError::Malformed("bytes after the CONNECT payload"));
     }
+    // The policy checks, which a CONNACK answers, only once the whole packet is well
+    // formed: a malformed CONNECT gets no CONNACK in 3.x ([MQTT-3.1.4-1]), and 0x81
+    // in 5.0, whatever its client id or keep-alive.
+    if let Some(max) = config.max_keep_alive {
+        if keep_alive == 0 || keep_alive > max {
+            return Err(MqttError::KeepAlive {
+                requested: keep_alive,
+                max,
+            });
+        }
+    }
+    check_client_id(client_id, version, clean_session, config)?;
     Ok(Connect {
         version,
         clean_session,
@@ -165,6 +172,9 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
         auth_method: props.auth_method,
     })
 }
+
+/// The longest client id MQTT 3.1 allows, in characters.
+const MQTT_3_1_MAX_CLIENT_ID: usize = 23;
 
 fn check_client_id(
     id: &str,
@@ -186,6 +196,12 @@ fn check_client_id(
     }
     if id.len() > config.client_id_max_len {
         return Err(MqttError::ClientId("client identifier too long"));
+    }
+    // MQTT 3.1 (3.1, "Client Identifier"): 1 to 23 characters, more is answered 0x02.
+    if version == Version::V3_1 && id.chars().count() > MQTT_3_1_MAX_CLIENT_ID {
+        return Err(MqttError::ClientId(
+            "client identifier over 23 characters in MQTT 3.1",
+        ));
     }
     if !config.client_id_chars.allows(id) {
         return Err(MqttError::ClientId(

@@ -233,7 +233,8 @@ impl Config {
     }
 
     /// The longest client identifier accepted, in bytes; never below 23, since every
-    /// server must accept 1 to 23 alphanumerics ([MQTT-3.1.3-5]).
+    /// server must accept 1 to 23 alphanumerics ([MQTT-3.1.3-5]). MQTT 3.1 clients are
+    /// held to its own 23 characters whatever this says.
     #[must_use]
     pub const fn client_id_max_len(mut self, bytes: usize) -> Self {
         self.client_id_max_len = if bytes < 23 { 23 } else { bytes };

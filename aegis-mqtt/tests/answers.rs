@@ -214,6 +214,21 @@ fn session_picks_the_phase_and_version() {
     let f = head("MQTT", 4, 0x03).s("c").frame(0x10);
     let e = s.validate(&f).unwrap_err();
     assert_eq!(s.answer(&e), Answer::Close);
+    // ... even one whose client id breaks a rule ([MQTT-3.1.4-1]): an empty id without
+    // clean session, then a byte past the payload
+    let mut s = Session::new(Config::new());
+    let f = [
+        0x10, 0x0D, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x00, 0x00, 0x3C, 0x00, 0x00, 0xFF,
+    ];
+    let e = s.validate(&f).unwrap_err();
+    assert_eq!(s.answer(&e), Answer::Close, "{e:?}");
+    // a first packet that is no CONNECT has no version, whatever its body: a PUBLISH to
+    // topic "MQTT" whose payload starts with 5 is closed, not answered a v5 CONNACK
+    let mut s = Session::new(Config::new());
+    let e = s
+        .validate(&[0x30, 0x07, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05])
+        .unwrap_err();
+    assert_eq!((s.version(), s.answer(&e)), (None, Answer::Close), "{e:?}");
     // after a v5 CONNECT: DISCONNECT; after a 3.1.1 one: close
     let mut s = session_after(&connect_v5());
     let e = s

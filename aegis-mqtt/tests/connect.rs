@@ -272,6 +272,52 @@ fn empty_client_id_rules() {
 }
 
 #[test]
+fn mqtt_3_1_client_ids_are_1_to_23_characters() {
+    // MQTT 3.1, "Client Identifier": more than 23 characters is answered 0x02.
+    let ok = head("MQIsdp", 3, 2).s("a".repeat(23)).frame(0x10);
+    assert!(check(&ok).is_ok());
+    let long = head("MQIsdp", 3, 2).s("a".repeat(24)).frame(0x10);
+    assert_eq!(
+        err(&long),
+        MqttError::ClientId("client identifier over 23 characters in MQTT 3.1")
+    );
+    // Characters, not bytes: 23 two-byte characters pass (where any are allowed).
+    let any = Config::new().client_id_chars(ClientIdChars::Any);
+    let wide = head("MQIsdp", 3, 2).s("é".repeat(23)).frame(0x10);
+    assert!(validate_connect(&wide, &any).is_ok());
+    let wider = head("MQIsdp", 3, 2).s("é".repeat(24)).frame(0x10);
+    assert_eq!(label(validate_connect(&wider, &any)), "client_id");
+    // 3.1.1 and 5.0 keep the configured limit (128 by default).
+    let v4 = head("MQTT", 4, 2).s("a".repeat(24)).frame(0x10);
+    assert!(check(&v4).is_ok());
+}
+
+#[test]
+fn a_malformed_connect_is_malformed_whatever_its_client_id_or_keep_alive() {
+    // [MQTT-3.1.4-1]: a CONNECT that does not conform is closed without a CONNACK, so
+    // the client id and keep-alive rules (answered with a CONNACK) wait for the whole
+    // packet to be well formed.
+    let trailing = |name: &str, level: u8, id: &str| {
+        let mut f = head(name, level, 0x00).s(id).frame(0x10);
+        f.push(0xFF);
+        f[1] += 1;
+        f
+    };
+    let bad = MqttError::Malformed("bytes after the CONNECT payload");
+    assert_eq!(err(&trailing("MQTT", 4, "")), bad);
+    assert_eq!(err(&trailing("MQIsdp", 3, "")), bad);
+    assert_eq!(err(&trailing("MQIsdp", 3, &"a".repeat(24))), bad);
+    let cfg = Config::new().max_keep_alive(30); // under the 60 s of these CONNECTs
+    let f = trailing("MQTT", 4, "abc");
+    assert_eq!(validate_connect(&f, &cfg).unwrap_err(), bad);
+    // Well formed, the same CONNECTs are refused by those rules.
+    let f = head("MQTT", 4, 0x00).s("").frame(0x10);
+    assert_eq!(label(check(&f)), "client_id");
+    let f = head("MQTT", 4, 0x02).s("abc").frame(0x10);
+    assert_eq!(label(validate_connect(&f, &cfg)), "keep_alive");
+}
+
+#[test]
 fn client_id_length_and_characters() {
     // [MQTT-3.1.3-5]: 1 to 23 alphanumerics always pass
     let ok = head("MQTT", 4, 2).s("abcdefghijklmnopqrstuvw").frame(0x10);
