@@ -193,10 +193,10 @@ async fn spawn_sink() -> SocketAddr {
 }
 
 fn raise_nofile() {
-    if let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        if soft < hard {
-            let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
-        }
+    if let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && soft < hard
+    {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     }
 }
 

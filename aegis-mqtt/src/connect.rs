@@ -151,13 +151,13 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
     // The policy checks, which a CONNACK answers, only once the whole packet is well
     // formed: a malformed CONNECT gets no CONNACK in 3.x ([MQTT-3.1.4-1]), and 0x81
     // in 5.0, whatever its client id or keep-alive.
-    if let Some(max) = config.max_keep_alive {
-        if keep_alive == 0 || keep_alive > max {
-            return Err(MqttError::KeepAlive {
-                requested: keep_alive,
-                max,
-            });
-        }
+    if let Some(max) = config.max_keep_alive
+        && (keep_alive == 0 || keep_alive > max)
+    {
+        return Err(MqttError::KeepAlive {
+            requested: keep_alive,
+            max,
+        });
     }
     check_client_id(client_id, version, clean_session, config)?;
     Ok(Connect {

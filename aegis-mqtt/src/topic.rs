@@ -38,17 +38,15 @@ pub enum FilterKind {
 pub fn check_topic_filter(filter: &str, shared: bool) -> Result<FilterKind, MqttError> {
     let mut kind = FilterKind::Plain;
     let mut rest = filter;
-    if shared {
-        if let Some(after) = filter.strip_prefix("$share/") {
-            let (name, f) = after.split_once('/').ok_or(MqttError::TopicFilter(
-                "shared subscription without a filter",
-            ))?;
-            if name.is_empty() || name.bytes().any(|b| b == b'+' || b == b'#') {
-                return Err(MqttError::TopicFilter("invalid share name"));
-            }
-            rest = f;
-            kind = FilterKind::Shared;
+    if shared && let Some(after) = filter.strip_prefix("$share/") {
+        let (name, f) = after.split_once('/').ok_or(MqttError::TopicFilter(
+            "shared subscription without a filter",
+        ))?;
+        if name.is_empty() || name.bytes().any(|b| b == b'+' || b == b'#') {
+            return Err(MqttError::TopicFilter("invalid share name"));
         }
+        rest = f;
+        kind = FilterKind::Shared;
     }
     if rest.is_empty() {
         return Err(MqttError::TopicFilter("empty topic filter"));

@@ -1678,7 +1678,7 @@ async fn bans_while_sessions_come_and_go_leave_nothing_kept() {
         tokio::spawn(async move {
             let mut round = 0_u32;
             while !sessions_done.is_finished() {
-                let key = if round % 2 == 0 {
+                let key = if round.is_multiple_of(2) {
                     BanKey::client_id(&format!("c{}", round % 10))
                 } else {
                     addr(&format!("192.0.2.{}", round % 8 + 1))

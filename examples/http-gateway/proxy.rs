@@ -262,12 +262,12 @@ impl Service<Request<GatewayBody>> for Upstream {
                 }
             }
             .await;
-            if let Some(latency) = latency {
-                if is_backend_sample(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static))) {
-                    let now = Instant::now();
-                    let took = now.saturating_duration_since(start);
-                    latency.record(took.saturating_sub(progress.client_time(now)));
-                }
+            if let Some(latency) = latency
+                && is_backend_sample(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)))
+            {
+                let now = Instant::now();
+                let took = now.saturating_duration_since(start);
+                latency.record(took.saturating_sub(progress.client_time(now)));
             }
             res
         })

@@ -390,10 +390,10 @@ impl Readiness {
         }
         // Requests that come while a connect runs wait for it and take its result.
         let mut last = Arc::clone(&self.last_probe).lock_owned().await;
-        if let Some((at, result)) = *last {
-            if Instant::now().saturating_duration_since(at) < PROBE_EVERY {
-                return result;
-            }
+        if let Some((at, result)) = *last
+            && Instant::now().saturating_duration_since(at) < PROBE_EVERY
+        {
+            return result;
         }
         // The connect runs in a task of its own, which holds the lock until it has kept
         // the result: a request that goes away meanwhile (its client closed) does not cut

@@ -168,19 +168,19 @@ impl Half {
         }
         loop {
             // Write out whatever waits in the heap buffer.
-            if let Some(buf) = self.buf.as_deref() {
-                if self.pos < self.end {
-                    let (pos, end) = (self.pos as usize, self.end as usize);
-                    let n = ready!(w.as_mut().poll_write(cx, &buf[pos..end]))
-                        .map_err(|e| (Side::Write, e))?;
-                    if n == 0 {
-                        return Poll::Ready(Err((Side::Write, io::ErrorKind::WriteZero.into())));
-                    }
-                    // n <= end - pos, so it fits.
-                    self.pos += u32::try_from(n).unwrap_or(u32::MAX);
-                    self.wrote(n);
-                    continue;
+            if let Some(buf) = self.buf.as_deref()
+                && self.pos < self.end
+            {
+                let (pos, end) = (self.pos as usize, self.end as usize);
+                let n = ready!(w.as_mut().poll_write(cx, &buf[pos..end]))
+                    .map_err(|e| (Side::Write, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((Side::Write, io::ErrorKind::WriteZero.into())));
                 }
+                // n <= end - pos, so it fits.
+                self.pos += u32::try_from(n).unwrap_or(u32::MAX);
+                self.wrote(n);
+                continue;
             }
 
             if self.read_done {

@@ -404,12 +404,11 @@ where
         let report = report_of((&mut tasks.task).await);
         // The loop stops only once the signal's task has sent or dropped `fire`, at its
         // very end (it may still be unwinding): wait for that end, to resume a panic.
-        if let Some(signal) = tasks.signal.as_mut() {
-            if let Err(e) = signal.await {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
+        if let Some(signal) = tasks.signal.as_mut()
+            && let Err(e) = signal.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
         }
         report
     })
@@ -581,14 +580,14 @@ where
         };
 
         let peer = crate::Param::<crate::PeerAddr>::param(&conn);
-        if let Some(Admit(admit)) = &admit {
-            if let Err(e) = admit(peer.0) {
-                L::refuse(conn.into_inner());
-                registry.refused();
-                let (layer, reason) = crate::error::label_of(&*e);
-                tracing::debug!(%peer, layer, reason, "connection refused at accept");
-                continue;
-            }
+        if let Some(Admit(admit)) = &admit
+            && let Err(e) = admit(peer.0)
+        {
+            L::refuse(conn.into_inner());
+            registry.refused();
+            let (layer, reason) = crate::error::label_of(&*e);
+            tracing::debug!(%peer, layer, reason, "connection refused at accept");
+            continue;
         }
         // Admitted: served here, unless the listener passes it on (to another runtime).
         let Some(conn) = listener.pass_on(conn, registry.open(), registry.shared_open()) else {
@@ -604,10 +603,8 @@ where
         };
         let svc = service.clone();
         registry.spawn(slot, move |slot| {
-            if nodelay {
-                if let Err(e) = L::set_nodelay(conn.get_ref(), true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
+            if nodelay && let Err(e) = L::set_nodelay(conn.get_ref(), true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
             }
             // Every event of the connection (a layer's rejection, say) carries its peer
             // address; a protocol layer records `client_id` once it knows it.

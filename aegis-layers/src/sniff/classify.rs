@@ -281,15 +281,15 @@ fn classify_fixed(buf: &[u8]) -> Option<Classification> {
 
 fn classify_tls(buf: &[u8]) -> Option<Classification> {
     // buf[0] is the handshake content type.
-    if let Some(&major) = buf.get(1) {
-        if major != 0x03 {
-            return None;
-        }
+    if let Some(&major) = buf.get(1)
+        && major != 0x03
+    {
+        return None;
     }
-    if let Some(&minor) = buf.get(2) {
-        if minor > 0x04 {
-            return None;
-        }
+    if let Some(&minor) = buf.get(2)
+        && minor > 0x04
+    {
+        return None;
     }
     match buf.get(TLS_DECISION_LEN - 1) {
         None => Some(Classification::NeedMore),

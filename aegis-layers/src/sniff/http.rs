@@ -299,10 +299,10 @@ impl<R> hyper::service::Service<R> for Refuse {
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
         );
-        if let Some(upgrade) = self.upgrade {
-            if let Ok(v) = header::HeaderValue::from_str(upgrade) {
-                headers.insert(header::UPGRADE, v);
-            }
+        if let Some(upgrade) = self.upgrade
+            && let Ok(v) = header::HeaderValue::from_str(upgrade)
+        {
+            headers.insert(header::UPGRADE, v);
         }
         std::future::ready(Ok(res))
     }

@@ -147,10 +147,10 @@ impl Cache {
             };
             let _pending = Pending::new(&self.pending);
             let mut rx = rx;
-            if let Ok(outcome) = rx.wait_for(Option::is_some).await {
-                if let Some(outcome) = outcome.clone() {
-                    return count(outcome, "shared");
-                }
+            if let Ok(outcome) = rx.wait_for(Option::is_some).await
+                && let Some(outcome) = outcome.clone()
+            {
+                return count(outcome, "shared");
             }
             // The leader was dropped before it decided: take over (or share a newer
             // callout).

@@ -537,38 +537,37 @@ impl Inspector {
         };
         let checked = (|| {
             let payload = msg.payload;
-            if let Some((max, meta)) = &inner.max_payload {
-                if payload.len() > *max {
-                    hit(meta.hit())?;
-                }
+            if let Some((max, meta)) = &inner.max_payload
+                && payload.len() > *max
+            {
+                hit(meta.hit())?;
             }
-            if !inner.topics.is_empty() {
-                if let Some((action, severity)) =
+            if !inner.topics.is_empty()
+                && let Some((action, severity)) =
                     topics::check(&inner.topics, msg.client_id, msg.username, msg.topic)
-                {
-                    hit(Hit {
-                        name: &inner.topic_acl,
-                        kind: RuleKind::Topic,
-                        action,
-                        severity,
-                    })?;
-                }
+            {
+                hit(Hit {
+                    name: &inner.topic_acl,
+                    kind: RuleKind::Topic,
+                    action,
+                    severity,
+                })?;
             }
             let patterns = if !inner.utf8_check || std::str::from_utf8(payload).is_ok() {
                 &inner.text
             } else {
                 &inner.binary
             };
-            if let Some(Patterns { set, meta }) = patterns {
-                if set.is_match(payload) {
-                    // Name them: a second pass, only now; and a pass of each rule with
-                    // bounded gaps that matched with them unbounded.
-                    for i in &set.matches(payload) {
-                        if let Some(meta) = meta.get(i) {
-                            if meta.bounded.as_ref().is_none_or(|r| r.is_match(payload)) {
-                                hit(meta.hit())?;
-                            }
-                        }
+            if let Some(Patterns { set, meta }) = patterns
+                && set.is_match(payload)
+            {
+                // Name them: a second pass, only now; and a pass of each rule with
+                // bounded gaps that matched with them unbounded.
+                for i in &set.matches(payload) {
+                    if let Some(meta) = meta.get(i)
+                        && meta.bounded.as_ref().is_none_or(|r| r.is_match(payload))
+                    {
+                        hit(meta.hit())?;
                     }
                 }
             }
@@ -768,10 +767,10 @@ impl InspectorBuilder {
         } else {
             None
         };
-        if let Some((threshold, ..)) = self.entropy {
-            if !(threshold > 0.0 && threshold <= 8.0) {
-                return Err(InspectError::Entropy(threshold));
-            }
+        if let Some((threshold, ..)) = self.entropy
+            && !(threshold > 0.0 && threshold <= 8.0)
+        {
+            return Err(InspectError::Entropy(threshold));
         }
         for t in &self.topics {
             t.validate()?;

@@ -156,10 +156,8 @@ pub(super) fn check(
             allowed = allowed || r.allow.iter().any(|f| is(f));
         }
     }
-    if !allowed {
-        if let Some(m) = must_allow {
-            worst = Some(stricter(worst, m));
-        }
+    if !allowed && let Some(m) = must_allow {
+        worst = Some(stricter(worst, m));
     }
     worst
 }

@@ -307,14 +307,16 @@ impl OutBoundary {
     fn advance<'a>(&mut self, mut data: &'a [u8]) -> Seen<'a> {
         let mut seen = Seen::Nothing;
         while !data.is_empty() {
-            if self.at_boundary() && !self.connack_seen && data[0] >> 4 == 2 {
-                if let Some(len) = whole_packet(data, MAX_CONNACK) {
-                    // The first CONNACK, whole in this write: read where it is.
-                    self.connack_seen = true;
-                    seen = Seen::Connack(Cow::Borrowed(&data[..len]));
-                    data = &data[len..];
-                    continue;
-                }
+            if self.at_boundary()
+                && !self.connack_seen
+                && data[0] >> 4 == 2
+                && let Some(len) = whole_packet(data, MAX_CONNACK)
+            {
+                // The first CONNACK, whole in this write: read where it is.
+                self.connack_seen = true;
+                seen = Seen::Connack(Cow::Borrowed(&data[..len]));
+                data = &data[len..];
+                continue;
             }
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
@@ -857,11 +859,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                 *policy.answers() = None;
             }
         }
-        if let Some(r) = self.refusal.as_deref_mut() {
-            if let Some((answer, written)) = &mut r.answer {
-                std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
-                r.answer = None;
-            }
+        if let Some(r) = self.refusal.as_deref_mut()
+            && let Some((answer, written)) = &mut r.answer
+        {
+            std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));
+            r.answer = None;
         }
         Pin::new(&mut self.io).poll_shutdown(cx).map(drop)
     }
@@ -979,10 +981,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
 
     /// After a write: wakes the read waiting for the broker's packet to be whole.
     fn after_write(&mut self) {
-        if self.writes == Writes::ToBoundary && self.out.at_boundary() {
-            if let Some(r) = self.refusal.as_deref_mut() {
-                unpark(&mut r.read_waker);
-            }
+        if self.writes == Writes::ToBoundary
+            && self.out.at_boundary()
+            && let Some(r) = self.refusal.as_deref_mut()
+        {
+            unpark(&mut r.read_waker);
         }
     }
 }

@@ -478,16 +478,16 @@ impl ConnPolicy {
         let tiers = &*self.policy.tiers;
         let ip = self.addr.0.ip();
         self.version = version;
-        if let Some(limiter) = &tiers.connect {
-            if limiter.check(&tiers.key_by.key(ip)).is_err() {
-                tracing::debug!(
-                    client_id = ?client_id,
-                    client_addr = %self.addr,
-                    reason = Tier::Connect.label(),
-                    "mqtt CONNECT over the policy's connect rate"
-                );
-                return Err(MqttError::ConnectRate);
-            }
+        if let Some(limiter) = &tiers.connect
+            && limiter.check(&tiers.key_by.key(ip)).is_err()
+        {
+            tracing::debug!(
+                client_id = ?client_id,
+                client_addr = %self.addr,
+                reason = Tier::Connect.label(),
+                "mqtt CONNECT over the policy's connect rate"
+            );
+            return Err(MqttError::ConnectRate);
         }
         self.key = Some(if client_id.is_empty() {
             IdKey::Anonymous(tiers.key_by.key(ip))

@@ -147,14 +147,14 @@ fn main() {
         }
     });
     let wall = since(started);
-    if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before) {
-        if let Some(after) = cpu_ticks(pid) {
-            let user = after.user.saturating_sub(before.user);
-            let system = after.system.saturating_sub(before.system);
-            fields.push(("cpu_ticks", (user + system).to_string()));
-            fields.push(("cpu_user_ticks", user.to_string()));
-            fields.push(("clk_tck", clk_tck().to_string()));
-        }
+    if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before)
+        && let Some(after) = cpu_ticks(pid)
+    {
+        let user = after.user.saturating_sub(before.user);
+        let system = after.system.saturating_sub(before.system);
+        fields.push(("cpu_ticks", (user + system).to_string()));
+        fields.push(("cpu_user_ticks", user.to_string()));
+        fields.push(("clk_tck", clk_tck().to_string()));
     }
     fields.push(("wall_s", format!("{:.3}", wall.as_secs_f64())));
     let mut out = format!(
