@@ -257,13 +257,21 @@ pub(crate) struct Limits {
     pub(crate) evict_every: Duration,
     pub(crate) ipv4_prefix: u8,
     pub(crate) ipv6_prefix: u8,
+    #[serde(deserialize_with = "tier_table::global")]
     pub(crate) global: RateTier,
+    #[serde(deserialize_with = "tier_table::per_ip")]
     pub(crate) per_ip: RateTier,
+    #[serde(deserialize_with = "tier_table::concurrent_per_ip")]
     pub(crate) concurrent_per_ip: Concurrent,
+    #[serde(deserialize_with = "tier_table::connect_per_ip")]
     pub(crate) connect_per_ip: RateTier,
+    #[serde(deserialize_with = "tier_table::publish_per_client")]
     pub(crate) publish_per_client: RateTier,
+    #[serde(deserialize_with = "tier_table::subscribe_per_client")]
     pub(crate) subscribe_per_client: RateTier,
+    #[serde(deserialize_with = "tier_table::packets_per_client")]
     pub(crate) packets_per_client: RateTier,
+    #[serde(deserialize_with = "tier_table::bytes_per_client")]
     pub(crate) bytes_per_client: RateTier,
     pub(crate) v5_publish_answer: bool,
 }
@@ -301,26 +309,81 @@ impl Default for Limits {
 }
 
 /// A rate tier: `rate` is `"N/s"`, `"N/m"`, `"N/h"` or `"N/<duration>"` (`"1/10s"`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// Read from its table by [`tier_table`].
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct RateTier {
-    #[serde(default = "yes")]
     pub(crate) enabled: bool,
     pub(crate) rate: String,
     pub(crate) burst: u32,
 }
 
-/// `[limits.concurrent_per_ip]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// `[limits.concurrent_per_ip]`. Read from its table by [`tier_table`].
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct Concurrent {
-    #[serde(default = "yes")]
     pub(crate) enabled: bool,
     pub(crate) max: u32,
 }
 
-fn yes() -> bool {
-    true
+/// A tier's table as written: writing it turns the tier on unless it says
+/// `enabled = false`, and a key it leaves out keeps that tier's default (so
+/// `[limits.per_ip]` with `enabled = false` alone turns that tier off).
+mod tier_table {
+    use serde::{Deserialize, Deserializer};
+
+    use super::{Concurrent, Limits, RateTier};
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Table {
+        enabled: Option<bool>,
+        rate: Option<String>,
+        burst: Option<u32>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ConcurrentTable {
+        enabled: Option<bool>,
+        max: Option<u32>,
+    }
+
+    fn rate<'de, D: Deserializer<'de>>(d: D, default: RateTier) -> Result<RateTier, D::Error> {
+        let t = Table::deserialize(d)?;
+        Ok(RateTier {
+            enabled: t.enabled.unwrap_or(true),
+            rate: t.rate.unwrap_or(default.rate),
+            burst: t.burst.unwrap_or(default.burst),
+        })
+    }
+
+    pub(super) fn concurrent_per_ip<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Concurrent, D::Error> {
+        let t = ConcurrentTable::deserialize(d)?;
+        Ok(Concurrent {
+            enabled: t.enabled.unwrap_or(true),
+            max: t.max.unwrap_or(Limits::default().concurrent_per_ip.max),
+        })
+    }
+
+    /// One reader per rate tier, each falling back on its own defaults.
+    macro_rules! rate_tiers {
+        ($($name:ident),*) => {$(
+            pub(super) fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<RateTier, D::Error> {
+                rate(d, Limits::default().$name)
+            }
+        )*};
+    }
+
+    rate_tiers!(
+        global,
+        per_ip,
+        connect_per_ip,
+        publish_per_client,
+        subscribe_per_client,
+        packets_per_client,
+        bytes_per_client
+    );
 }
 
 /// A tier that is off by default, with the values it takes when turned on alone.

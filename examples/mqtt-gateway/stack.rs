@@ -560,6 +560,7 @@ pub(crate) fn build(
         let mut policy = Policy::builder()
             .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
             .max_keys(l.max_keys)
+            .evict_every(l.evict_every)
             .v5_publish_answer(l.v5_publish_answer);
         if let Some(q) = q.connect_per_ip {
             policy = policy.connect_per_addr(q);

@@ -2129,6 +2129,35 @@ fn the_shipped_example_config_is_the_defaults() {
     assert_eq!(again, defaults);
 }
 
+/// A tier's table needs only what it changes: `enabled = false` alone turns a tier
+/// that is on by default off, an empty table turns one on at its defaults, and a
+/// mistyped key is still refused.
+#[test]
+fn a_tier_table_keeps_the_tiers_defaults_for_what_it_leaves_out() {
+    let (code, out) = check_config(
+        "tiers",
+        "[limits.per_ip]\nenabled = false\n\
+         [limits.concurrent_per_ip]\nenabled = false\n\
+         [limits.publish_per_client]\n\
+         [limits.packets_per_client]\nburst = 7\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    for tier in [
+        "[limits.per_ip]\nenabled = false\nrate = \"5/s\"\nburst = 10\n",
+        "[limits.concurrent_per_ip]\nenabled = false\nmax = 64\n",
+        "[limits.publish_per_client]\nenabled = true\nrate = \"100/s\"\nburst = 200\n",
+        "[limits.packets_per_client]\nenabled = true\nrate = \"200/s\"\nburst = 7\n",
+    ] {
+        assert!(out.contains(tier), "{tier}\n{out}");
+    }
+    let (code, out) = check_config("tiers-typo", "[limits.per_ip]\nrat = \"1/s\"\n");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("limits.per_ip") && out.contains("rat"),
+        "{out}"
+    );
+}
+
 /// The shipped example file starts the gateway as is.
 #[tokio::test]
 async fn the_shipped_example_config_starts() {

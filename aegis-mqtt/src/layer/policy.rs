@@ -91,9 +91,10 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aegis_core::ClientAddr;
-use aegis_layers::rate_limit::{ClientKey, DEFAULT_MAX_KEYS, KeyedLimiter};
+use aegis_layers::rate_limit::{ClientKey, DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter};
 use bytes::Buf;
 
 pub use aegis_layers::rate_limit::{KeyBy, Quota};
@@ -149,6 +150,7 @@ pub struct PolicyBuilder {
     packets: Option<Quota>,
     bytes: Option<Quota>,
     max_keys: usize,
+    evict_every: Duration,
     v5_publish_answer: bool,
     #[cfg(feature = "inspect")]
     inspector: Option<Inspector>,
@@ -236,6 +238,7 @@ impl Policy {
             packets: None,
             bytes: None,
             max_keys: DEFAULT_MAX_KEYS,
+            evict_every: DEFAULT_EVICT_EVERY,
             v5_publish_answer: false,
             #[cfg(feature = "inspect")]
             inspector: None,
@@ -342,15 +345,31 @@ impl PolicyBuilder {
         self
     }
 
+    /// How often each tier forgets its idle keys (default every 30 s, as
+    /// [`KeyedLimiter::evict_every`]); forgetting a key whose budget is whole changes no
+    /// decision.
+    ///
+    /// # Panics
+    ///
+    /// If `every` is zero.
+    pub fn evict_every(mut self, every: Duration) -> Self {
+        assert!(!every.is_zero(), "eviction interval must be positive");
+        self.evict_every = every;
+        self
+    }
+
     /// Builds the policy; its limiters start on first use.
     pub fn build(self) -> Policy {
-        let keyed = |q: Option<Quota>, name| q.map(|q| KeyedLimiter::new(q, self.max_keys, name));
+        let keyed = |q: Option<Quota>, name| {
+            q.map(|q| KeyedLimiter::new(q, self.max_keys, name).evict_every(self.evict_every))
+        };
         Policy {
             tiers: Arc::new(Tiers {
                 key_by: self.key_by,
-                connect: self
-                    .connect
-                    .map(|q| KeyedLimiter::new(q, self.max_keys, "mqtt_connect")),
+                connect: self.connect.map(|q| {
+                    KeyedLimiter::new(q, self.max_keys, "mqtt_connect")
+                        .evict_every(self.evict_every)
+                }),
                 publish: keyed(self.publish, "mqtt_publish"),
                 subscribe: keyed(self.subscribe, "mqtt_subscribe"),
                 packets: keyed(self.packets, "mqtt_packets"),
@@ -886,6 +905,33 @@ mod tests {
             [0x40, 0x03, 0x12, 0x34, 0x97]
         );
         assert_eq!(pub_refusal(0x50, 7, 0x87), [0x50, 0x03, 0x00, 0x07, 0x87]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_tier_forgets_idle_keys_as_often_as_told() {
+        let tiers = [Tier::Connect, Tier::Packets];
+        let tracked = |p: &Policy| tiers.map(|t| p.tracked_keys(t));
+        let addr = ClientAddr("192.0.2.9:1000".parse().unwrap());
+        for (every, kept_at_31s) in [(None, false), (Some(Duration::from_secs(3600)), true)] {
+            let mut b = Policy::builder()
+                .connect_per_addr(Quota::per_second(nz(1)))
+                .packets_per_client(Quota::per_second(nz(1)));
+            if let Some(every) = every {
+                b = b.evict_every(every);
+            }
+            let policy = b.build();
+            let mut conn = ConnPolicy::new(policy.clone(), addr);
+            let id = connect("c", Version::V3_1_1);
+            assert_eq!(conn.on_connect(&id, &mut SharedId::new("c")), Ok(()));
+            assert!(matches!(conn.check(&Packet::PingReq, 2), Verdict::Forward));
+            assert_eq!(tracked(&policy), [1, 1]);
+            // Idle after a second; the default pass runs at 30 s.
+            tokio::time::sleep(Duration::from_secs(31)).await;
+            let kept = if kept_at_31s { [1, 1] } else { [0, 0] };
+            assert_eq!(tracked(&policy), kept, "every {every:?}");
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            assert_eq!(tracked(&policy), [0, 0], "every {every:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
