@@ -96,8 +96,10 @@ pub mod encode;
 mod error;
 mod framer;
 // The `mqtt_io` fuzz target: it pauses tokio's clock, which needs tokio's `test-util`,
-// on only in tests and in the fuzz crate (see its module docs).
-#[cfg(all(feature = "inspect", any(test, fuzzing)))]
+// on only in tests (the dev-dependencies) and with the feature `fuzz-io` that the fuzz
+// crate turns on (see its module docs). Not `cfg(fuzzing)`: cargo-fuzz sets that for
+// every crate, including those that fuzz themselves on top of this one.
+#[cfg(any(all(feature = "inspect", test), feature = "fuzz-io"))]
 mod fuzz_io;
 #[cfg(feature = "inspect")]
 #[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
@@ -303,7 +305,7 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
 pub mod __fuzz {
     use crate::{Answer, Config, MqttError, Next, Session, validate_connect};
 
-    #[cfg(all(feature = "inspect", any(test, fuzzing)))]
+    #[cfg(any(all(feature = "inspect", test), feature = "fuzz-io"))]
     pub use crate::fuzz_io::io;
 
     /// Runs the CONNECT validator on `data`, and the session on the same bytes.
@@ -412,8 +414,8 @@ pub mod fuzz_logic {
     }
 
     /// Drives one connection through the whole layer with a script of reads, writes,
-    /// closes and clock moves (see `__fuzz::io`).
-    #[cfg(feature = "inspect")]
+    /// closes and clock moves (see `__fuzz::io`). Needs the feature `fuzz-io`.
+    #[cfg(feature = "fuzz-io")]
     pub fn io(data: &[u8]) {
         crate::__fuzz::io(data);
     }

@@ -4,8 +4,8 @@
 //!
 //! Compiled for tests and for the fuzzer only: it runs tokio's clock paused, which needs
 //! tokio's `test-util`, and that must not reach a normal build (see the root
-//! `Cargo.toml`). The fuzz crate turns `test-util` on; `cargo test` has it through the
-//! dev-dependencies.
+//! `Cargo.toml`). `cargo test` has `test-util` through the dev-dependencies; the fuzz
+//! crate turns on this crate's feature `fuzz-io`, which turns it on.
 //!
 //! # Input
 //!
@@ -324,7 +324,7 @@ struct Hooks {
     connack_latency: AtomicUsize,
 }
 
-/// Runs one input. See the [module docs](self).
+/// Runs one input. See the docs of this module (`fuzz_io`, private).
 ///
 /// # Panics
 ///
