@@ -76,7 +76,7 @@ for t in "${TARGETS[@]}"; do
     kill -INT "$pid" 2>/dev/null || true
     sleep 2
     kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    reap "$pid" || true
 done
 
 python3 - "$OUT" "${TARGETS[@]}" <<'EOF'

@@ -148,7 +148,7 @@ for pair in $(seq "$PAIRS"); do
         if [ "$pair" -gt 1 ]; then
             for t in "${TARGETS[@]}"; do
                 kill "${PID[$t]}" 2>/dev/null || true
-                wait "${PID[$t]}" 2>/dev/null || true
+                reap "${PID[$t]}" || true
             done
             for t in "${TARGETS[@]}"; do launch "$t"; done
         fi

@@ -64,15 +64,48 @@ reversed() { local i; for ((i = $#; i > 0; i--)); do echo "${!i}"; done; }
 
 # Every process a script starts goes into STARTED; `trap stop_started EXIT` stops them
 # all by PID: resumed first (compare.sh stops the broker with SIGSTOP), then terminated,
-# then waited for.
+# then waited for. A process stopped and waited for before the exit leaves STARTED
+# through `reap` (or `forget`): once waited for, its PID is free, and the kernel may give
+# it to an unrelated process, which the trap would then signal.
 STARTED=()
+
+# forget PID: takes PID out of STARTED (it has been waited for).
+forget() {
+    local keep=() pid
+    for pid in "${STARTED[@]}"; do
+        [ "$pid" = "$1" ] || keep+=("$pid")
+    done
+    STARTED=("${keep[@]}")
+}
+
+# reap PID: waits for PID, one of STARTED, and forgets it. Returns its exit status.
+reap() {
+    local status=0
+    wait "$1" 2>/dev/null || status=$?
+    forget "$1"
+    return "$status"
+}
+
+# child PID: whether PID is still a child of this shell (the trap's last guard: a
+# process that ended on its own was reaped by bash, and its PID may have been reused).
+child() {
+    local stat ppid
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    # Field 4 (the parent), counted after the command name's closing parenthesis.
+    stat=${stat##*) }
+    read -r _ ppid _ <<<"$stat"
+    [ "$ppid" = "$$" ]
+}
+
 stop_started() {
     local pid
     for pid in "${STARTED[@]}"; do
+        child "$pid" || continue
         kill -CONT "$pid" 2>/dev/null || true
         kill "$pid" 2>/dev/null || true
     done
     for pid in "${STARTED[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    STARTED=()
 }

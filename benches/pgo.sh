@@ -68,7 +68,7 @@ train() {
         "$LOAD" slowloris 100 "${target[@]}" --deadline-ms 3000 --interval-ms 400 --duration 4.5 >/dev/null
     fi
     kill -INT "$pid"
-    wait "$pid" || { log "the instrumented gateway ($config) failed: $PGO/train-$config.log"; exit 1; }
+    reap "$pid" || { log "the instrumented gateway ($config) failed: $PGO/train-$config.log"; exit 1; }
 }
 train all-layers.toml 21888 attacks
 train no-layers.toml 21887
