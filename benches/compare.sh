@@ -18,6 +18,10 @@
 #
 # Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
 # on exit. All traffic stays on loopback; clients come from 127.0.1.1..250 and 127.0.2.1.
+#
+# CPU per operation is the target process's on-CPU time over the run, in nanoseconds
+# (/proc/PID/task/*/schedstat, all its threads; `mqtt-load --cpu-pid`), for `direct`
+# mosquitto's own.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -21,10 +21,21 @@ def load(path):
     return runs
 
 
+def cpu_s(r):
+    """The target's CPU over the run in seconds: on-CPU nanoseconds from schedstat
+    (`cpu_ns`), or utime + stime in clock ticks in files from before mqtt-load read it."""
+    if "cpu_ns" in r:
+        return r["cpu_ns"] / 1e9
+    if "cpu_ticks" in r:
+        return r["cpu_ticks"] / r["clk_tck"]
+    return None
+
+
 def cpu_us(r, denom_key):
-    if "cpu_ticks" not in r or not r.get(denom_key):
+    cpu = cpu_s(r)
+    if cpu is None or not r.get(denom_key):
         return None
-    return r["cpu_ticks"] / r["clk_tck"] * 1e6 / r[denom_key]
+    return cpu * 1e6 / r[denom_key]
 
 
 def median(runs, scenario, target, f):
@@ -110,8 +121,9 @@ def ratio(a, b):
 def main():
     runs = load(sys.argv[1])
     reps = max((r["rep"] for rs in runs.values() for r in rs), default=0)
-    print(f"Medians of {reps} repetition(s); CPU is the target process's utime+stime "
-          "(for `direct`, mosquitto itself).\n")
+    print(f"Medians of {reps} repetition(s); CPU is the target process's on-CPU time "
+          "(/proc/PID/task/*/schedstat; utime+stime in clock ticks for files from before "
+          "mqtt-load read it; for `direct`, mosquitto itself).\n")
     head = ["metric"] + TARGETS + ["gw_all / haproxy_hard", "gw_off / haproxy_plain", "gw_all / direct"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -123,7 +135,7 @@ def main():
             for t in TARGETS:
                 per_session = median(runs, "churn", t, lambda r: cpu_us(r, "ops"))
                 vals[t] = median(runs, scenario, t, lambda r, c=per_session: None if c is None or not r["rejected"]
-                                 else (r["cpu_ticks"] / r["clk_tck"] * 1e6 - r["accepted"] * c) / r["rejected"])
+                                 else (cpu_s(r) * 1e6 - r["accepted"] * c) / r["rejected"])
         else:
             vals = {t: median(runs, scenario, t, f) for t in TARGETS}
         if all(v is None for v in vals.values()):

@@ -7,7 +7,8 @@
 //! mqtt-load slowloris N        --target ADDR [--deadline-ms D] [--interval-ms I] [--duration S]
 //! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--duration S]
 //! mqtt-load stall              --target ADDR --stop-pid PID [--stop-after-ms T] [--stop-for-ms T]
-//! common: [--label NAME] [--cpu-pid PID] (CPU ticks of that process over the run)
+//! common: [--label NAME] [--cpu-pid PID] (CPU time of that process over the run:
+//!         `cpu_ns` from /proc/PID/task/*/schedstat, and `cpu_ticks` from /proc/PID/stat)
 //! ```
 //!
 //! Every run prints one JSON object on one line on stdout. Source addresses are spread
@@ -134,6 +135,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let cpu_before = args.cpu_pid.and_then(cpu_ticks);
+    let ns_before = args.cpu_pid.and_then(cpu_ns);
     let started = Instant::now();
     let mut fields = rt.block_on(async {
         match args.mode.as_str() {
@@ -147,14 +149,17 @@ fn main() {
         }
     });
     let wall = since(started);
-    if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before)
-        && let Some(after) = cpu_ticks(pid)
-    {
-        let user = after.user.saturating_sub(before.user);
-        let system = after.system.saturating_sub(before.system);
-        fields.push(("cpu_ticks", (user + system).to_string()));
-        fields.push(("cpu_user_ticks", user.to_string()));
-        fields.push(("clk_tck", clk_tck().to_string()));
+    if let (Some(pid), Some(before)) = (args.cpu_pid, cpu_before) {
+        if let Some(after) = cpu_ticks(pid) {
+            let user = after.user.saturating_sub(before.user);
+            let system = after.system.saturating_sub(before.system);
+            fields.push(("cpu_ticks", (user + system).to_string()));
+            fields.push(("cpu_user_ticks", user.to_string()));
+            fields.push(("clk_tck", clk_tck().to_string()));
+        }
+        if let (Some(before), Some(after)) = (ns_before, cpu_ns(pid)) {
+            fields.push(("cpu_ns", after.saturating_sub(before).to_string()));
+        }
     }
     fields.push(("wall_s", format!("{:.3}", wall.as_secs_f64())));
     let mut out = format!(
@@ -386,6 +391,30 @@ fn cpu_ticks(pid: u32) -> Option<CpuTicks> {
         user: f.get(11)?.parse().ok()?,
         system: f.get(12)?.parse().ok()?,
     })
+}
+
+/// On-CPU time of a process, in nanoseconds: the first field of
+/// `/proc/PID/task/TID/schedstat`, summed over its threads (as `churn_pairs.sh` reads
+/// it). Exact where `/proc/PID/stat` counts 10 ms clock ticks; a thread that ends
+/// during the run takes its time with it (the targets' threads live as long as they do).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut sum = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(ns) = stat
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+        {
+            sum = Some(sum.unwrap_or(0) + ns);
+        }
+    }
+    sum
 }
 
 /// `VmRSS` in bytes.
