@@ -5,7 +5,7 @@
 //! mqtt-load hold N             --target ADDR [--duration S] [--rss-pid PID] [--keep-alive S]
 //! mqtt-load publish            --target ADDR [--qos 0|1] [--payload BYTES] [--duration S]
 //! mqtt-load slowloris N        --target ADDR [--deadline-ms D] [--interval-ms I] [--duration S]
-//! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--duration S]
+//! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--legit-clients K] [--duration S]
 //! mqtt-load stall              --target ADDR --stop-pid PID [--stop-after-ms T] [--stop-for-ms T]
 //! common: [--label NAME] [--cpu-pid PID] (CPU time of that process over the run:
 //!         `cpu_ns` from /proc/PID/task/*/schedstat, and `cpu_ticks` from /proc/PID/stat)
@@ -14,8 +14,9 @@
 //! Every run prints one JSON object on one line on stdout. Source addresses are spread
 //! over 127.0.1.1 ..= 127.0.1.250 (each socket is bound before `connect`), so a per-IP
 //! limiter sees many clients; the attackers of `flood` come from 127.0.3.1 ..=
-//! 127.0.3.250 (a target may ban them), and the legitimate client of `flood`,
-//! `slowloris` and `stall` connects from 127.0.2.1. Only loopback targets are accepted.
+//! 127.0.3.250 (a target may ban them), the legitimate client of `slowloris` and `stall`
+//! connects from 127.0.2.1, and the K legitimate clients of `flood` (8 by default) from
+//! 127.0.2.1 ..= 127.0.2.K. Only loopback targets are accepted.
 //!
 //! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
 //! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
@@ -50,6 +51,8 @@ struct Args {
     deadline: Duration,
     interval: Duration,
     attackers: u8,
+    /// `flood`'s legitimate clients, each from its own address.
+    legit_clients: usize,
     cpu_pid: Option<u32>,
     rss_pid: Option<u32>,
     stop_pid: Option<u32>,
@@ -81,6 +84,7 @@ fn parse_args() -> Args {
         deadline: Duration::from_secs(3),
         interval: Duration::from_millis(500),
         attackers: 20,
+        legit_clients: 8,
         cpu_pid: None,
         rss_pid: None,
         stop_pid: None,
@@ -111,6 +115,9 @@ fn parse_args() -> Args {
             "--deadline-ms" => args.deadline = Duration::from_millis(num()),
             "--interval-ms" => args.interval = Duration::from_millis(num()),
             "--attackers" => args.attackers = u8::try_from(num()).unwrap_or(250).clamp(1, 250),
+            "--legit-clients" => {
+                args.legit_clients = usize::try_from(num()).unwrap_or(1).clamp(1, 250);
+            }
             "--cpu-pid" => args.cpu_pid = u32::try_from(num()).ok(),
             "--rss-pid" => args.rss_pid = u32::try_from(num()).ok(),
             "--stop-pid" => args.stop_pid = u32::try_from(num()).ok(),
@@ -630,18 +637,22 @@ fn pairs_json(pairs: &[(u64, u64)]) -> String {
     serde_json::to_string(pairs).expect("pairs of integers serialize")
 }
 
-/// What a legitimate client saw: its latencies, its successes out of its attempts, and
-/// its slowest sessions.
+/// What the legitimate clients saw: their latencies, their successes out of their
+/// attempts, how the others failed, and their slowest sessions.
 struct Legit {
     hist: Histogram<u64>,
     ok: u64,
     total: u64,
+    /// Attempts refused: a CONNACK with a non-zero code, or the connection closed or reset.
+    refused: u64,
+    /// Attempts with no CONNACK within 3 s.
+    timed_out: u64,
     /// The [`SLOWEST`] slowest successful sessions, slowest first: when each started
-    /// (ms after the client started) and how long it took (us).
+    /// (ms after the clients started) and how long it took (us).
     slowest: Vec<(u64, u64)>,
 }
 
-/// How many of the legitimate client's slowest sessions are reported with their start.
+/// How many of the legitimate clients' slowest sessions are reported with their start.
 const SLOWEST: usize = 5;
 
 impl Legit {
@@ -650,41 +661,78 @@ impl Legit {
             hist: new_hist(),
             ok: 0,
             total: 0,
+            refused: 0,
+            timed_out: 0,
             slowest: Vec::new(),
         }
     }
 }
 
-/// A legitimate client: one session every `every`, from 127.0.2.1, until `end`.
-async fn legit(target: SocketAddr, every: Duration, end: Instant) -> Legit {
+/// The `j`-th legitimate client's address: 127.0.2.1 ..= 127.0.2.250 (`LEGIT` is the
+/// first).
+fn legit_addr(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 2, u8::try_from(j % 250).expect("< 250") + 1)
+}
+
+/// Legitimate clients: from each of `clients` addresses (127.0.2.1 onwards) one session
+/// every `every`, until `end`; their ticks spread evenly over `every`. Each address
+/// opens `1 / every` sessions a second, so `every` must keep it under the targets'
+/// per-IP limits (100 new connections a second, 64 at once): a failure is then the
+/// attack's doing, not the client's own limit.
+async fn legit(clients: usize, target: SocketAddr, every: Duration, end: Instant) -> Legit {
     let start = Instant::now();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut set = JoinSet::new();
-    let mut i = 0u64;
-    while Instant::now() < end {
-        tick.tick().await;
-        i += 1;
-        set.spawn(async move {
-            let t0 = Instant::now();
-            match session(LEGIT, target, &format!("legit{i}"), Duration::from_secs(3)).await {
-                (Outcome::Accepted, Some(s)) => {
-                    let took = since(t0);
-                    disconnect(s).await;
-                    Some((millis_after(start, t0), micros(took)))
+    let mut ticks = Vec::with_capacity(clients);
+    for j in 0..clients {
+        let offset = every.mul_f64(j as f64 / clients as f64);
+        let mut tick = tokio::time::interval_at(start + offset, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.push(tick);
+    }
+    let mut clients_set = JoinSet::new();
+    for (j, mut tick) in ticks.into_iter().enumerate() {
+        let src = legit_addr(j);
+        clients_set.spawn(async move {
+            let mut sessions = JoinSet::new();
+            let mut i = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                if Instant::now() >= end {
+                    break;
                 }
-                _ => None,
+                i += 1;
+                // Unique ids: the broker would take a session over from another with
+                // the same id.
+                let id = format!("legit{j}-{i}");
+                sessions.spawn(async move {
+                    let t0 = Instant::now();
+                    match session(src, target, &id, Duration::from_secs(3)).await {
+                        (Outcome::Accepted, Some(s)) => {
+                            let took = since(t0);
+                            disconnect(s).await;
+                            Ok((millis_after(start, t0), micros(took)))
+                        }
+                        (Outcome::TimedOut, _) => Err(Outcome::TimedOut),
+                        _ => Err(Outcome::Refused),
+                    }
+                });
             }
+            sessions.join_all().await
         });
     }
     let mut l = Legit::none();
     let mut all = Vec::new();
-    while let Some(Ok(r)) = set.join_next().await {
-        l.total += 1;
-        if let Some((at, us)) = r {
-            l.ok += 1;
-            let _ = l.hist.record(us);
-            all.push((at, us));
+    while let Some(Ok(results)) = clients_set.join_next().await {
+        for r in results {
+            l.total += 1;
+            match r {
+                Ok((at, us)) => {
+                    l.ok += 1;
+                    let _ = l.hist.record(us);
+                    all.push((at, us));
+                }
+                Err(Outcome::TimedOut) => l.timed_out += 1,
+                Err(_) => l.refused += 1,
+            }
         }
     }
     l.slowest = slowest(all, SLOWEST);
@@ -695,21 +743,21 @@ async fn legit(target: SocketAddr, every: Duration, end: Instant) -> Legit {
 /// connects would queue behind the attackers' tasks (500 slowloris tasks wake on the
 /// same timer tick), and its latency would be partly this process's, for every target
 /// alike.
-async fn legit_apart(target: SocketAddr, every: Duration, end: Instant) -> Legit {
+async fn legit_apart(clients: usize, target: SocketAddr, every: Duration, end: Instant) -> Legit {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("a runtime for the legitimate client");
-        let _ = tx.send(rt.block_on(legit(target, every, end)));
+            .expect("a runtime for the legitimate clients");
+        let _ = tx.send(rt.block_on(legit(clients, target, every, end)));
     });
     match rx.await {
         Ok(result) => result,
         // The thread ended without a result: it panicked; so does this task.
         Err(_) => match thread.join() {
             Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the legitimate client's thread sends before it ends"),
+            Ok(()) => unreachable!("the legitimate clients' thread sends before it ends"),
         },
     }
 }
@@ -719,9 +767,9 @@ async fn slowloris(a: &Args) -> Fields {
     // Baseline: the legitimate client alone, as long as the attack will last, so that
     // both p99s are taken over as many samples.
     let every = Duration::from_millis(20);
-    let base = legit_apart(a.target, every, Instant::now() + a.duration).await;
+    let base = legit_apart(1, a.target, every, Instant::now() + a.duration).await;
     let end = Instant::now() + a.duration;
-    let legit_task = tokio::spawn(legit_apart(a.target, every, end));
+    let legit_task = tokio::spawn(legit_apart(1, a.target, every, end));
     let mut set = JoinSet::new();
     let packet = connect_packet("slowloris-client-with-a-long-id", 0);
     for i in 0..a.n {
@@ -813,10 +861,17 @@ async fn slowloris(a: &Args) -> Fields {
 }
 
 /// Attackers from `--attackers` addresses connect as fast as they can (CONNECT, then
-/// drop); one legitimate client from its own address measures success and latency.
+/// drop); `--legit-clients` legitimate clients, each from its own address and one
+/// session every 20 ms (50 a second, half the targets' per-IP rate limit), measure
+/// success and latency.
 async fn flood(a: &Args) -> Fields {
     let end = Instant::now() + a.duration;
-    let legit_task = tokio::spawn(legit_apart(a.target, Duration::from_millis(20), end));
+    let legit_task = tokio::spawn(legit_apart(
+        a.legit_clients,
+        a.target,
+        Duration::from_millis(20),
+        end,
+    ));
     let next = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     let attackers = u64::from(a.attackers);
@@ -859,8 +914,12 @@ async fn flood(a: &Args) -> Fields {
         ("timed_out", to.to_string()),
         ("ops", rej.to_string()),
         ("rejected_per_s", f3(rej_rate)),
+        ("legit_clients", a.legit_clients.to_string()),
         ("legit_ok", l.ok.to_string()),
         ("legit_total", l.total.to_string()),
+        ("legit_failed", (l.total - l.ok).to_string()),
+        ("legit_refused", l.refused.to_string()),
+        ("legit_timed_out", l.timed_out.to_string()),
         ("legit_success_pct", f3(success)),
         ("legit_p99_us", pct(&l.hist, 0.99).to_string()),
         ("legit_slowest", pairs_json(&l.slowest)),
