@@ -145,6 +145,9 @@ for rep in $(seq 1 "$REPS"); do
     for t in "${HARD[@]}"; do
         run flood "$t" "$rep" flood --attackers 10 --concurrency 64 --legit-clients 8 --duration "$DUR"
     done
+    # 500 attacker slots for the whole 4.5 s: a slot whose connection the target cuts (at
+    # its 3 s deadline) reconnects at once, so the legitimate client is measured under
+    # the attack for the whole window, against every target alike.
     for t in "${HARD[@]}"; do
         run slowloris "$t" "$rep" slowloris 500 --deadline-ms 3000 --interval-ms 400 --duration 4.5
     done

@@ -18,6 +18,11 @@
 //! connects from 127.0.2.1, and the K legitimate clients of `flood` (8 by default) from
 //! 127.0.2.1 ..= 127.0.2.K. Only loopback targets are accepted.
 //!
+//! `slowloris N` keeps N attacking connections for the whole `--duration` (at most
+//! 9,000): each of N slots reconnects at once, from the same address, when the target
+//! cuts its connection. Each connection's time is taken from before its connect, so the
+//! lateness of a cut over `--deadline-ms` is an upper bound.
+//!
 //! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
 //! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
 //! binding picks the port per source address, which gives 250 x ~28,000 ports.
@@ -762,93 +767,270 @@ async fn legit_apart(clients: usize, target: SocketAddr, every: Duration, end: I
     }
 }
 
-/// N connections trickling a CONNECT, one byte per interval; when was each cut?
+/// Most attacking connections `slowloris` opens at once: each slot holds one at a time,
+/// and a target holds at most about 9,000 proxied connections here (the open-files
+/// limit is 20,000 per process).
+const MAX_SLOWLORIS: usize = 9_000;
+
+/// How one attacking connection of `slowloris` ended.
+enum Attack {
+    /// The target closed it this long after its connect began.
+    Cut(Duration),
+    /// Still open at the end of the window.
+    Uncut,
+    /// The connect failed, or had not completed by the end of the window.
+    ConnectFailed,
+}
+
+/// Counts an open attacking connection while it lives.
+struct Open(Arc<AtomicU64>);
+
+impl Open {
+    fn new(open: &Arc<AtomicU64>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One attacking connection from `src`: connects, trickles `packet` one byte per
+/// `interval`, and waits until the target closes it or `end`. Its time is taken from
+/// before the connect, so a cut's lateness over the deadline is an upper bound: the
+/// target's clock starts at its accept, after that instant. `connected`, if given,
+/// counts the connect once it has succeeded or failed.
+async fn attack_once(
+    src: Ipv4Addr,
+    target: SocketAddr,
+    packet: &[u8],
+    interval: Duration,
+    end: Instant,
+    open: &Arc<AtomicU64>,
+    connected: Option<&AtomicU64>,
+) -> Attack {
+    let t0 = Instant::now();
+    let s = tokio::time::timeout_at(end, connect_from(src, target)).await;
+    let _open = matches!(s, Ok(Ok(_))).then(|| Open::new(open));
+    if let Some(connected) = connected {
+        connected.fetch_add(1, Ordering::Relaxed);
+    }
+    let Ok(Ok(s)) = s else {
+        return Attack::ConnectFailed;
+    };
+    let (mut r, mut w) = s.into_split();
+    let trickle = async move {
+        for &b in packet {
+            if w.write_all(&[b]).await.is_err() {
+                // Closed or reset: the read below sees it.
+                break;
+            }
+            tokio::time::sleep(interval).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let closed = async move {
+        let mut buf = [0u8; 16];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::select! {
+        () = closed => Attack::Cut(since(t0)),
+        () = trickle => Attack::Uncut,
+        () = tokio::time::sleep_until(end) => Attack::Uncut,
+    }
+}
+
+/// One attacker slot of `slowloris`: an attacking connection from `src`, and whenever
+/// one ends before `end` (cut, or its connect failed), another at once from the same
+/// address, so that the attack lasts the whole window whatever the target cuts. A slot
+/// opens a connection at most every `interval`, so a target that cuts at once cannot
+/// turn it into a flood. Returns the first connection's end and the later ones'.
+/// `first_done` counts the slots whose first connect is done.
+async fn attack_slot(
+    src: Ipv4Addr,
+    target: SocketAddr,
+    packet: Arc<[u8]>,
+    interval: Duration,
+    end: Instant,
+    open: Arc<AtomicU64>,
+    first_done: Arc<AtomicU64>,
+) -> (Attack, Vec<Attack>) {
+    let mut began = Instant::now();
+    let first = attack_once(
+        src,
+        target,
+        &packet,
+        interval,
+        end,
+        &open,
+        Some(&first_done),
+    )
+    .await;
+    let mut later = Vec::new();
+    loop {
+        tokio::time::sleep_until((began + interval).min(end)).await;
+        if Instant::now() >= end {
+            break;
+        }
+        began = Instant::now();
+        later.push(attack_once(src, target, &packet, interval, end, &open, None).await);
+    }
+    (first, later)
+}
+
+/// How many attacking connections were open, sampled every 5 ms from the end of the
+/// first connect burst (every slot's first connect done) to `end`: the least, the mean,
+/// and how long the burst took.
+async fn sample_open(
+    open: Arc<AtomicU64>,
+    first_done: Arc<AtomicU64>,
+    n: u64,
+    start: Instant,
+    end: Instant,
+) -> (u64, f64, Duration) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while first_done.load(Ordering::Relaxed) < n && Instant::now() < end {
+        tick.tick().await;
+    }
+    let burst = since(start);
+    let (mut least, mut sum, mut samples) = (u64::MAX, 0u64, 0u64);
+    loop {
+        tick.tick().await;
+        // Read before the clock: a reading taken before `end` counts no connection
+        // closed for the end of the window.
+        let now_open = open.load(Ordering::Relaxed);
+        if Instant::now() >= end {
+            break;
+        }
+        least = least.min(now_open);
+        sum += now_open;
+        samples += 1;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mean = if samples == 0 {
+        f64::NAN
+    } else {
+        sum as f64 / samples as f64
+    };
+    (if samples == 0 { 0 } else { least }, mean, burst)
+}
+
+/// Cut lateness over `deadline` in ms (negative: early), sorted.
+fn lateness(cuts: &[Duration], deadline: Duration) -> Vec<i64> {
+    #[allow(clippy::cast_possible_truncation)]
+    let mut late: Vec<i64> = cuts
+        .iter()
+        .map(|d| d.as_millis() as i64 - deadline.as_millis() as i64)
+        .collect();
+    late.sort_unstable();
+    late
+}
+
+/// The `p` quantile of sorted `late`, or `null`.
+fn quantile(late: &[i64], p: f64) -> String {
+    if late.is_empty() {
+        "null".into()
+    } else {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let idx = ((late.len() - 1) as f64 * p).round() as usize;
+        late[idx].to_string()
+    }
+}
+
+/// N attacker slots, each trickling a CONNECT one byte per interval and reconnecting
+/// at once when cut, for the whole window; when was each connection cut? The first
+/// connection of each slot is reported against N (`cut`, `uncut`, `connect_failed`,
+/// `cut_within_100ms`, `late_*`), the slots' later connections apart (`reconnect_*`).
 async fn slowloris(a: &Args) -> Fields {
+    if a.n > MAX_SLOWLORIS {
+        eprintln!("mqtt-load: slowloris holds at most {MAX_SLOWLORIS} connections at once");
+        std::process::exit(2);
+    }
     // Baseline: the legitimate client alone, as long as the attack will last, so that
     // both p99s are taken over as many samples.
     let every = Duration::from_millis(20);
     let base = legit_apart(1, a.target, every, Instant::now() + a.duration).await;
-    let end = Instant::now() + a.duration;
+    let start = Instant::now();
+    let end = start + a.duration;
     let legit_task = tokio::spawn(legit_apart(1, a.target, every, end));
+    let open = Arc::new(AtomicU64::new(0));
+    let first_done = Arc::new(AtomicU64::new(0));
+    let sampler = tokio::spawn(sample_open(
+        open.clone(),
+        first_done.clone(),
+        a.n as u64,
+        start,
+        end,
+    ));
     let mut set = JoinSet::new();
-    let packet = connect_packet("slowloris-client-with-a-long-id", 0);
+    let packet: Arc<[u8]> = connect_packet("slowloris-client-with-a-long-id", 0).into();
     for i in 0..a.n {
-        let (target, interval, packet) = (a.target, a.interval, packet.clone());
-        set.spawn(async move {
-            let Ok(s) = connect_from(spread(i as u64), target).await else {
-                return Err(());
-            };
-            let t0 = Instant::now();
-            let (mut r, mut w) = s.into_split();
-            let trickle = async move {
-                for b in packet {
-                    if w.write_all(&[b]).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(interval).await;
-                }
-                std::future::pending::<()>().await;
-            };
-            let closed = async move {
-                let mut buf = [0u8; 16];
-                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
-            };
-            let cut = tokio::select! {
-                () = closed => true,
-                () = trickle => false,
-                () = tokio::time::sleep_until(end) => false,
-            };
-            Ok(cut.then(|| since(t0)))
-        });
+        set.spawn(attack_slot(
+            spread(i as u64),
+            a.target,
+            packet.clone(),
+            a.interval,
+            end,
+            open.clone(),
+            first_done.clone(),
+        ));
     }
     let (mut cut_at, mut uncut, mut connect_failed) = (Vec::new(), 0u64, 0u64);
-    while let Some(Ok(r)) = set.join_next().await {
-        match r {
-            Ok(Some(d)) => cut_at.push(d),
-            Ok(None) => uncut += 1,
-            Err(()) => connect_failed += 1,
+    let (mut re_cut_at, mut re_uncut, mut re_failed, mut reconnects) =
+        (Vec::new(), 0u64, 0u64, 0u64);
+    while let Some(Ok((first, later))) = set.join_next().await {
+        match first {
+            Attack::Cut(d) => cut_at.push(d),
+            Attack::Uncut => uncut += 1,
+            Attack::ConnectFailed => connect_failed += 1,
+        }
+        for r in later {
+            reconnects += 1;
+            match r {
+                Attack::Cut(d) => re_cut_at.push(d),
+                Attack::Uncut => re_uncut += 1,
+                Attack::ConnectFailed => re_failed += 1,
+            }
         }
     }
+    let (open_min, open_mean, burst) = sampler.await.unwrap_or((0, f64::NAN, a.duration));
     let l = legit_task.await.unwrap_or_else(|_| Legit::none());
-    // Lateness of each cut relative to the deadline, in ms (negative: early).
-    #[allow(clippy::cast_possible_truncation)]
-    let mut late: Vec<i64> = cut_at
-        .iter()
-        .map(|d| d.as_millis() as i64 - a.deadline.as_millis() as i64)
-        .collect();
-    late.sort_unstable();
-    let within = late.iter().filter(|&&l| (-100..=100).contains(&l)).count();
-    let q = |p: f64| -> String {
-        if late.is_empty() {
-            "null".into()
-        } else {
-            #[allow(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                clippy::cast_precision_loss
-            )]
-            let idx = ((late.len() - 1) as f64 * p).round() as usize;
-            late[idx].to_string()
-        }
-    };
+    let late = lateness(&cut_at, a.deadline);
+    let re_late = lateness(&re_cut_at, a.deadline);
+    let within = |late: &[i64]| late.iter().filter(|&&l| (-100..=100).contains(&l)).count();
+    let first_or_null = |late: &[i64]| late.first().map_or("null".into(), ToString::to_string);
+    let last_or_null = |late: &[i64]| late.last().map_or("null".into(), ToString::to_string);
     vec![
         ("n", a.n.to_string()),
         ("deadline_ms", a.deadline.as_millis().to_string()),
         ("interval_ms", a.interval.as_millis().to_string()),
+        // Lateness is timed from before each connect: an upper bound.
+        ("late_from", "\"before_connect\"".into()),
         ("cut", cut_at.len().to_string()),
         ("uncut", uncut.to_string()),
         ("connect_failed", connect_failed.to_string()),
-        ("cut_within_100ms", within.to_string()),
-        (
-            "late_min_ms",
-            late.first().map_or("null".into(), ToString::to_string),
-        ),
-        ("late_p50_ms", q(0.5)),
-        ("late_p99_ms", q(0.99)),
-        (
-            "late_max_ms",
-            late.last().map_or("null".into(), ToString::to_string),
-        ),
+        ("cut_within_100ms", within(&late).to_string()),
+        ("late_min_ms", first_or_null(&late)),
+        ("late_p50_ms", quantile(&late, 0.5)),
+        ("late_p99_ms", quantile(&late, 0.99)),
+        ("late_max_ms", last_or_null(&late)),
+        ("reconnects", reconnects.to_string()),
+        ("reconnect_cut", re_cut_at.len().to_string()),
+        ("reconnect_uncut", re_uncut.to_string()),
+        ("reconnect_failed", re_failed.to_string()),
+        ("reconnect_cut_within_100ms", within(&re_late).to_string()),
+        ("reconnect_late_max_ms", last_or_null(&re_late)),
+        ("burst_ms", burst.as_millis().to_string()),
+        ("open_min", open_min.to_string()),
+        ("open_mean", f3(open_mean)),
         ("legit_base_p99_us", pct(&base.hist, 0.99).to_string()),
         ("legit_base_ok", base.ok.to_string()),
         ("legit_base_total", base.total.to_string()),
