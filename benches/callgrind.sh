@@ -5,9 +5,10 @@
 #   bash benches/callgrind.sh [TARGET...]     # default: gw_all gw_off haproxy_hard haproxy_plain
 #
 # CPU time on a shared two-core machine moves by 10 % or more between runs; instruction
-# counts do not. Each target runs under callgrind in front of mosquitto; `mqtt-load churn
-# --concurrency 4` warms it up for 3 s, the counters are zeroed, then 8 s of sessions are
-# counted and divided by the sessions completed. Valgrind slows the target about 50x, so
+# counts do not. Each target runs under callgrind in front of mosquitto, pinned to CPU 0
+# and serving from one thread (below); `mqtt-load churn --concurrency 4` warms it up for
+# 3 s, the counters are zeroed, then 8 s of sessions are counted and divided by the
+# sessions completed. Valgrind slows the target about 50x, so
 # these runs measure work, not speed. Kernel work (the sockets) is not counted.
 #
 # It also counts the code a session runs: the 64-byte lines of machine code executed at
@@ -51,9 +52,15 @@ start_mosquitto "$OUT"
 
 for t in "${TARGETS[@]}"; do
     case $t in
-        # Each product on one thread (tokio's worker count, HAProxy's nbthread): valgrind
-        # runs one thread at a time anyway, and HAProxy's watchdog then takes a thread
-        # waiting for a stick-table lock for a stuck one and aborts.
+        # Each product serves from one thread: HAProxy with `nbthread 1`, the gateway from
+        # one runtime. Valgrind runs one thread at a time anyway, and HAProxy's watchdog
+        # then takes a thread waiting for a stick-table lock for a stuck one and aborts.
+        # The gateway's default `server.runtime = "per-core"` starts one runtime per CPU
+        # it may run on (available_parallelism, which honours the affinity mask), so
+        # every target runs under `taskset -c 0` below: one CPU, one runtime (a second
+        # runtime would be handed connections: the work of the hand-out and of two
+        # runtimes, not of one). TOKIO_WORKER_THREADS=1 covers `runtime =
+        # "work-stealing"`. The pin is the same for every target, HAProxy too.
         gw_all) port=21888; cmd=("$GATEWAY" --config benches/gateway/all-layers.toml --listen 127.0.0.1:$port --upstream 127.0.0.1:21883) ;;
         gw_off) port=21887; cmd=("$GATEWAY" --config benches/gateway/no-layers.toml --listen 127.0.0.1:$port --upstream 127.0.0.1:21883) ;;
         haproxy_hard | haproxy_plain)
@@ -64,12 +71,21 @@ for t in "${TARGETS[@]}"; do
         *) log "unknown target $t"; exit 2 ;;
     esac
     log "$t under callgrind (its output: $OUT/$t.log)"
-    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
+    # taskset execs valgrind, which runs the target in its own process: $! is its PID.
+    TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --dump-instr=yes \
+        --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
     pid=$!
     STARTED+=($pid)
     # Valgrind starts the target slowly.
     wait_port "$port" 20
     "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 3 >/dev/null
+    # Warmed up, every runtime has started: the gateway's others are `aegis-runtime-N`.
+    threads=$( (cat /proc/"$pid"/task/*/comm 2>/dev/null || true) | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}')
+    log "$t: threads $threads"
+    if grep -qs '^aegis-runtime-' /proc/"$pid"/task/*/comm; then
+        log "$t: the gateway serves from more than one runtime; its counts would not be one runtime's"
+        exit 1
+    fi
     callgrind_control -z "$pid" >/dev/null
     "$LOAD" churn --target 127.0.0.1:$port --concurrency 4 --duration 8 >"$OUT/$t.json"
     callgrind_control -d "$pid" >/dev/null
