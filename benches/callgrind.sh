@@ -8,26 +8,33 @@
 # counts do not. Each target runs under callgrind in front of mosquitto, pinned to CPU 0
 # and serving from one thread (below); `mqtt-load churn --concurrency 4` warms it up for
 # 3 s, the counters are zeroed, then 8 s of sessions are counted and divided by the
-# sessions completed. Valgrind slows the target about 50x, so
-# these runs measure work, not speed. Kernel work (the sockets) is not counted.
+# sessions completed. Valgrind slows the target about 50x, so these runs measure work,
+# not speed. Kernel work (the sockets) is not counted.
 #
-# It also counts the code a session runs: the 64-byte lines of machine code executed at
-# least once per session on average. Between two sessions the other processes and the
-# kernel run on the same cores and evict the gateway's code from the caches, so a
-# session fetches most of these lines again. Both counts matter for the time a session
+# It also counts the code a session runs: the 64-byte lines of machine code holding an
+# instruction executed at least once every two sessions on average (sessions / 2 times
+# or more: a line run once a session passes, with room for the few sessions the
+# counting window cuts). Between two sessions the other processes and the kernel run
+# on the same cores and evict the gateway's code from the caches, so a session fetches
+# most of these lines again. Both counts matter for the time a session
 # takes: the layers cost about 1 ns per instruction, well over one cycle, and a
 # profile-guided build with 23 % fewer instructions in as many lines takes 5 % off the
 # CPU (BENCHMARKS.md).
 #
 # Installs valgrind, mosquitto and haproxy from Debian when missing. Uses the release
 # binaries in CARGO_TARGET_DIR (default target/), built unless NO_BUILD=1; GATEWAY=PATH
-# measures another build of the gateway. Ports 21883 (mosquitto) and 21884..21889, as
-# benches/compare.sh (do not run both at once).
+# measures another build of the gateway. OUT=DIR SUMMARY_ONLY=1 prints the table again
+# from the outputs an earlier run left in DIR, running nothing. Ports 21883 (mosquitto)
+# and 21884..21889, as benches/compare.sh (do not run both at once).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "${SUMMARY_ONLY:-0}" = 1 ] && [ ! -d "${OUT:-}" ]; then
+    echo "callgrind.sh: SUMMARY_ONLY=1 reads the outputs of an earlier run: set OUT to its directory" >&2
+    exit 2
+fi
 OUT=${OUT:-$TARGET_DIR/callgrind-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 TARGETS=("$@")
@@ -37,6 +44,87 @@ log() { echo "[callgrind $(date -u +%H:%M:%S)] $*" >&2; }
 . benches/common.sh
 need_debian valgrind mosquitto haproxy
 HAPROXY=$(path_of haproxy)
+
+# summary: the table, from the outputs in OUT of the targets named.
+summary() {
+    python3 - "$OUT" "${TARGETS[@]}" <<'EOF'
+import glob, json, os, re, subprocess, sys
+
+out, targets = sys.argv[1], sys.argv[2:]
+# The allocators' entry points: glibc's (HAProxy's, and the gateway's off Linux/glibc),
+# with or without glibc's debug symbols, and jemalloc's (the gateway's; tikv-jemalloc-sys
+# prefixes its symbols with _rjem_).
+ALLOC = re.compile(r"\*  \S*:((malloc|calloc|realloc|posix_memalign) \[\S*libc\.so"
+                   r"|_rjem_(malloc|mallocx|calloc|realloc|rallocx|posix_memalign) \[)")
+def code_lines(path, sessions):
+    """64-byte lines of code holding an instruction run at least sessions / 2 times: once
+    every two sessions on average. A line run once a session passes, with room for the
+    few sessions the counting window cuts at its ends; a line run in one session of
+    two passes too, but not one whose instructions add up to sessions / 2 while each
+    runs less often (a 16-instruction line run in one session of 32)."""
+    ir, addr, after_call = {}, 0, False
+    for line in open(path, errors="replace"):
+        if line.startswith("calls="):
+            # The next cost line is the call's inclusive cost, not an instruction's own.
+            after_call = True
+            continue
+        if line[0] not in "0123456789+-*":
+            after_call = False
+            continue
+        # "instr line Ir", positions compressed: absolute (0x..), relative (+n, -n), same (*).
+        parts = line.split()
+        pos = parts[0]
+        if pos.startswith("0x"):
+            addr = int(pos, 16)
+        elif pos[0] in "+-":
+            addr += int(pos)
+        if after_call:
+            after_call = False
+            continue
+        if len(parts) == 3:
+            # An instruction's executions, summed over the cost lines that name it.
+            ir[addr] = ir.get(addr, 0) + int(parts[2])
+    # Each line's most-run instruction.
+    hottest = {}
+    for a, n in ir.items():
+        hottest[a >> 6] = max(hottest.get(a >> 6, 0), n)
+    return sum(1 for n in hottest.values() if n >= sessions / 2)
+
+print("| target | sessions | instructions per session | heap allocations per session "
+      "| 64-byte code lines per session |")
+print("|---|---|---|---|---|")
+for t in targets:
+    # The dump taken after the counted run (part 1; part 2 is the exit).
+    dumps = sorted(glob.glob(f"{out}/{t}.*.out.1"), key=os.path.getmtime)
+    if not dumps:
+        print(f"| {t} | - | - | - |")
+        continue
+    sessions = json.load(open(f"{out}/{t}.json"))["ok"]
+    if not sessions:
+        sys.exit(f"{t}: no session completed under callgrind; see {out}/{t}.log")
+    tree = subprocess.run(["callgrind_annotate", "--tree=caller", "--threshold=100", dumps[-1]],
+                          capture_output=True, text=True).stdout
+    m = re.search(r"([\d,]+) \s*\(100\.0%\)\s+PROGRAM TOTALS", tree)
+    if not m:
+        sys.exit(f"{t}: no PROGRAM TOTALS in callgrind_annotate's output of {dumps[-1]}")
+    total = int(m.group(1).replace(",", ""))
+    # Calls into the allocator from outside it (realloc calling malloc is one).
+    allocs = 0
+    for block in tree.split("\n\n"):
+        if ALLOC.search(block):
+            for line in block.splitlines():
+                m = re.search(r"<\s+(\S+).*\(([\d,]+)x\)", line)
+                if m and not any(a in line for a in ("libc.so", "./malloc/", "tikv-jemalloc-sys")):
+                    allocs += int(m.group(2).replace(",", ""))
+    lines = code_lines(dumps[-1], sessions)
+    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} | {lines:,} |")
+EOF
+}
+
+if [ "${SUMMARY_ONLY:-0}" = 1 ]; then
+    summary
+    exit 0
+fi
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
     log "building release binaries into $TARGET_DIR"
@@ -95,67 +183,5 @@ for t in "${TARGETS[@]}"; do
     reap "$pid" || true
 done
 
-python3 - "$OUT" "${TARGETS[@]}" <<'EOF'
-import glob, json, os, re, subprocess, sys
-
-out, targets = sys.argv[1], sys.argv[2:]
-# The allocators' entry points: glibc's (HAProxy's, and the gateway's off Linux/glibc),
-# with or without glibc's debug symbols, and jemalloc's (the gateway's; tikv-jemalloc-sys
-# prefixes its symbols with _rjem_).
-ALLOC = re.compile(r"\*  \S*:((malloc|calloc|realloc|posix_memalign) \[\S*libc\.so"
-                   r"|_rjem_(malloc|mallocx|calloc|realloc|rallocx|posix_memalign) \[)")
-def code_lines(path, sessions):
-    """64-byte lines of code executed at least once per session on average."""
-    runs, addr, after_call = {}, 0, False
-    for line in open(path, errors="replace"):
-        if line.startswith("calls="):
-            # The next cost line is the call's inclusive cost, not an instruction's own.
-            after_call = True
-            continue
-        if line[0] not in "0123456789+-*":
-            after_call = False
-            continue
-        # "instr line Ir", positions compressed: absolute (0x..), relative (+n, -n), same (*).
-        parts = line.split()
-        pos = parts[0]
-        if pos.startswith("0x"):
-            addr = int(pos, 16)
-        elif pos[0] in "+-":
-            addr += int(pos)
-        if after_call:
-            after_call = False
-            continue
-        if len(parts) == 3:
-            runs[addr >> 6] = runs.get(addr >> 6, 0) + int(parts[2])
-    return sum(1 for n in runs.values() if n >= sessions / 2)
-
-print("| target | sessions | instructions per session | heap allocations per session "
-      "| 64-byte code lines per session |")
-print("|---|---|---|---|---|")
-for t in targets:
-    # The dump taken after the counted run (part 1; part 2 is the exit).
-    dumps = sorted(glob.glob(f"{out}/{t}.*.out.1"), key=os.path.getmtime)
-    if not dumps:
-        print(f"| {t} | - | - | - |")
-        continue
-    sessions = json.load(open(f"{out}/{t}.json"))["ok"]
-    if not sessions:
-        sys.exit(f"{t}: no session completed under callgrind; see {out}/{t}.log")
-    tree = subprocess.run(["callgrind_annotate", "--tree=caller", "--threshold=100", dumps[-1]],
-                          capture_output=True, text=True).stdout
-    m = re.search(r"([\d,]+) \s*\(100\.0%\)\s+PROGRAM TOTALS", tree)
-    if not m:
-        sys.exit(f"{t}: no PROGRAM TOTALS in callgrind_annotate's output of {dumps[-1]}")
-    total = int(m.group(1).replace(",", ""))
-    # Calls into the allocator from outside it (realloc calling malloc is one).
-    allocs = 0
-    for block in tree.split("\n\n"):
-        if ALLOC.search(block):
-            for line in block.splitlines():
-                m = re.search(r"<\s+(\S+).*\(([\d,]+)x\)", line)
-                if m and not any(a in line for a in ("libc.so", "./malloc/", "tikv-jemalloc-sys")):
-                    allocs += int(m.group(2).replace(",", ""))
-    lines = code_lines(dumps[-1], sessions)
-    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} | {lines:,} |")
-EOF
+summary
 log "raw: $OUT"
