@@ -1,5 +1,7 @@
 //! The upstream proxy over real loopback sockets.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::proxy::{Proxy, ProxyError, Transferred};
 use aegis_core::{BoxError, Conn};
+use common::dead_port;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -191,10 +194,9 @@ async fn upstream_half_close_does_not_cut_the_client_upload() {
 #[test]
 fn refused_upstream_is_a_typed_error_and_counted() {
     let (err, snap) = run(false, || async {
-        // A port nobody listens on: bind, read the port, close.
-        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = dead.local_addr().unwrap();
-        drop(dead);
+        // Bound, not listening: refused, and held so that the front listener of
+        // `proxied_pair` cannot get the port.
+        let (_dead, addr) = dead_port();
         let (_client, task) = proxied_pair(addr).await;
         task.await.unwrap().unwrap_err()
     });

@@ -1,14 +1,16 @@
 //! `Proxy::on_connect_error`: the responder gets the client when the connect fails, and
 //! only then. Real loopback sockets.
 
+mod common;
+
 use std::error::Error;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 
 use aegis_core::Conn;
 use aegis_core::error::label_of;
 use aegis_core::proxy::{OnConnectError, Proxy};
+use common::dead_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -39,18 +41,11 @@ async fn client_pair() -> (TcpStream, Conn<TcpStream>) {
     (client, Conn::new(io, peer, front_addr))
 }
 
-/// A loopback port nobody listens on: bind, read the port, close.
-async fn refused_addr() -> SocketAddr {
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = dead.local_addr().unwrap();
-    drop(dead);
-    addr
-}
-
 #[tokio::test]
 async fn responder_gets_the_client_when_the_connect_is_refused() {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let proxy = Proxy::new(refused_addr().await).on_connect_error(Sorry(tx));
+    let (_dead, refused) = dead_port(); // held: `client_pair` cannot get the port
+    let proxy = Proxy::new(refused).on_connect_error(Sorry(tx));
     let (mut client, conn) = client_pair().await;
 
     let err = proxy.oneshot(conn).await.unwrap_err();
@@ -95,11 +90,9 @@ async fn responder_is_not_called_when_the_connect_succeeds() {
 
 #[tokio::test]
 async fn the_default_responder_just_closes_the_client() {
+    let (_dead, refused) = dead_port();
     let (mut client, conn) = client_pair().await;
-    let err = Proxy::new(refused_addr().await)
-        .oneshot(conn)
-        .await
-        .unwrap_err();
+    let err = Proxy::new(refused).oneshot(conn).await.unwrap_err();
     assert_eq!(label_of(&*err), ("proxy", "connect_refused"));
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
