@@ -10,10 +10,11 @@ use aegis_core::Conn;
 use aegis_core::proxy::Proxy;
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::{ConnackLatency, MqttIo, MqttLayer, Unavailable};
-use common::{connect_v4, connect_v5, duplex_conn};
+use common::{connect_v4, connect_v5, dead_port, duplex_conn};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
 use tower::{Layer, ServiceExt, service_fn};
 
 fn recorder() -> (Arc<Mutex<Vec<Duration>>>, ConnackLatency) {
@@ -71,9 +72,8 @@ async fn the_broker_round_trip_is_reported_once_per_connection() {
 #[tokio::test]
 async fn the_gateways_own_unavailable_connack_is_not_a_round_trip() {
     let (seen, latency) = recorder();
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let refused = dead.local_addr().unwrap();
-    drop(dead);
+    // Held to the end: the front listener below cannot get the port.
+    let (_dead, refused) = dead_port();
     let svc = MqttLayer::new(Config::new())
         .connack_latency(latency)
         .layer(Proxy::new(refused).on_connect_error(Unavailable::new()));
@@ -82,14 +82,19 @@ async fn the_gateways_own_unavailable_connack_is_not_a_round_trip() {
     let mut client = TcpStream::connect(addr).await.unwrap();
     let (io, peer) = front.accept().await.unwrap();
     client.write_all(&connect_v4()).await.unwrap();
-    let (got, res) = tokio::join!(
-        async {
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got
-        },
-        svc.oneshot(Conn::new(io, peer, addr))
-    );
+    // Bounded: a gateway that kept the connection open fails here rather than hangs.
+    let (got, res) = timeout(Duration::from_secs(10), async {
+        tokio::join!(
+            async {
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.unwrap();
+                got
+            },
+            svc.oneshot(Conn::new(io, peer, addr))
+        )
+    })
+    .await
+    .expect("the unavailable CONNACK and the close within 10 s");
     assert_eq!(got, [0x20, 0x02, 0x00, 0x03]);
     assert!(res.is_err());
     assert!(seen.lock().is_empty(), "reported {:?}", seen.lock());

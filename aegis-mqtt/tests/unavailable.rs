@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -17,7 +16,7 @@ use aegis_core::proxy::{ConnectFuture, Proxy, TcpConnect, Transferred};
 use aegis_core::{BoxError, Conn};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use aegis_mqtt::layer::{MqttLayer, Unavailable};
-use common::{connect_v3, connect_v4, connect_v5};
+use common::{connect_v3, connect_v4, connect_v5, dead_port};
 use metrics_util::debugging::Snapshotter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,14 +24,6 @@ use tower::{Layer, Service, ServiceExt};
 
 const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
 const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
-
-/// A loopback port nobody listens on: bind, read the port, close.
-async fn refused_addr() -> SocketAddr {
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = dead.local_addr().unwrap();
-    drop(dead);
-    addr
-}
 
 /// One client over a real loopback connection: sends `sent`, reads until EOF, closes.
 /// Returns what it read and what the gateway service returned.
@@ -88,8 +79,10 @@ fn unavailable_count(snap: &Snapshotter) -> u64 {
 #[test]
 fn refused_broker_answers_each_version_with_its_connack_then_eof() {
     let ((v4, v5, v3), snap) = run(false, || async {
-        let svc = MqttLayer::default()
-            .layer(Proxy::new(refused_addr().await).on_connect_error(Unavailable::new()));
+        // Held to the end: no front listener of `client` can get the port.
+        let (_dead, broker) = dead_port();
+        let svc =
+            MqttLayer::default().layer(Proxy::new(broker).on_connect_error(Unavailable::new()));
         let v4 = client(svc.clone(), &connect_v4()).await;
         let v5 = client(svc.clone(), &connect_v5()).await;
         let v3 = client(svc, &connect_v3()).await;
@@ -142,7 +135,9 @@ fn the_proxy_connect_timeout_gets_the_same_answer() {
 #[test]
 fn an_open_circuit_answers_at_once_without_a_connect_and_recovery_connects_again() {
     let ((), snap) = run(true, || async {
-        let broker = refused_addr().await;
+        // Refused until the broker comes back on this very socket (no other socket can
+        // take the port meanwhile).
+        let (dead, broker) = dead_port();
         let connects = Arc::new(AtomicUsize::new(0));
         let breaker = CircuitBreakerLayer::builder("broker")
             .consecutive_failures(Some(3))
@@ -186,9 +181,7 @@ fn an_open_circuit_answers_at_once_without_a_connect_and_recovery_connects_again
 
         // The broker comes back on its port; once the circuit lets a probe through,
         // the client reaches it and gets the broker's own CONNACK.
-        let up = TcpListener::bind(broker)
-            .await
-            .expect("rebind the broker's port");
+        let up = dead.listen(16).expect("listen on the broker's port");
         let broker_task = tokio::spawn(async move {
             let (mut s, _) = up.accept().await.unwrap();
             let mut connect = vec![0u8; connect_v4().len()];
