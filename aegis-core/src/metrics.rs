@@ -301,7 +301,11 @@ pub mod testing {
                 .sum()
         }
 
-        /// The value of the gauge named `name`, if it was set since the last snapshot.
+        /// The value of the gauge named `name` (its first series, whatever the labels):
+        /// `None` if no gauge of that name was ever registered; else what it holds, which
+        /// is `0.0` when it was registered and never set, or not set since the previous
+        /// snapshot (a snapshot drains gauges to 0). So `Some(0.0)` does not show that
+        /// anything set 0: set the gauge to another value first, or check a non-zero one.
         pub fn gauge(&self, name: &str) -> Option<f64> {
             self.0
                 .iter()

@@ -470,6 +470,7 @@ fn state_changes_and_fast_failures_are_metrics() {
         rt.block_on(async {
             let layer = probing_layer(1, 1);
             let (mut svc, mut handle) = breaker(&layer);
+            // Registered when the layer is built (a gauge never set would read 0 too).
             assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(0.0));
 
             call(&mut svc, &mut handle, false).await.unwrap_err();
@@ -493,9 +494,12 @@ fn state_changes_and_fast_failures_are_metrics() {
                 2
             );
 
+            // A snapshot drains the gauge to 0, so each 0 below is checked after a
+            // non-zero value that only the transition can have overwritten.
             tokio::time::sleep(Duration::from_secs(10)).await;
-            call(&mut svc, &mut handle, true).await.unwrap();
+            assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
             let m = capture(&snap);
+            assert_eq!(m.gauge(CIRCUIT_STATE), Some(1.0), "half-open");
             assert_eq!(
                 m.counter(
                     CIRCUIT_TRANSITIONS_TOTAL,
@@ -503,6 +507,9 @@ fn state_changes_and_fast_failures_are_metrics() {
                 ),
                 1
             );
+            metrics::gauge!(CIRCUIT_STATE, "name" => "upstream").set(-1.0);
+            call(&mut svc, &mut handle, true).await.unwrap();
+            let m = capture(&snap);
             assert_eq!(
                 m.counter(
                     CIRCUIT_TRANSITIONS_TOTAL,
@@ -510,7 +517,7 @@ fn state_changes_and_fast_failures_are_metrics() {
                 ),
                 1
             );
-            assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0));
+            assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0), "closed, over the -1");
 
             layer.handle().force_open();
             assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(2.0));
