@@ -9,6 +9,8 @@ mod common;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use aegis_core::metrics::REJECTIONS_TOTAL;
+use aegis_core::metrics::testing::{capture, run};
 use aegis_core::{proxy::Proxy, serve};
 use aegis_layers::proxy_protocol::ProxyProtocolLayer;
 use aegis_layers::rate_limit::{Quota, RateLimitLayer};
@@ -27,8 +29,27 @@ fn proxy_v1(client: &str) -> Vec<u8> {
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-#[tokio::test]
-async fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
+#[test]
+fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
+    // The stack serves on the test's own runtime, under a recorder of its own: the
+    // rejections say which layer refused what.
+    let ((), snap) = run(false, readme_stack);
+    let m = capture(&snap);
+    // The MQTT layer would close that HTTP request too: only the label shows the
+    // sniffer's refusal.
+    assert_eq!(
+        m.counter(REJECTIONS_TOTAL, &[("layer", "sniff"), ("reason", "http1")]),
+        1,
+        "HTTP refused by the sniffer"
+    );
+    assert_eq!(
+        m.counter(REJECTIONS_TOTAL, &[("layer", "sniff")]),
+        1,
+        "nothing else refused by the sniffer"
+    );
+}
+
+async fn readme_stack() {
     let broker = Mosquitto::start().await;
     let stack = ServiceBuilder::new()
         .layer(ProxyProtocolLayer::new(["127.0.0.0/8".parse().unwrap()]))
@@ -106,9 +127,14 @@ async fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
         .unwrap();
     assert!(closed_silently(&mut again, SECS(5)).await);
 
-    // HTTP on the MQTT port is refused by the sniffer.
+    // HTTP on the MQTT port is refused by the sniffer (the caller checks that it was the
+    // sniffer: a request as long as this one is closed silently by the MQTT layer too,
+    // which reads `GE` as a PUBACK header of 69 bytes, and no PUBACK comes first).
     let mut http = TcpStream::connect(addr).await.unwrap();
-    http.write_all(&[proxy_v1("203.0.113.20"), b"GET / HTTP/1.1\r\n\r\n".to_vec()].concat())
+    let get =
+        b"GET / HTTP/1.1\r\nHost: gateway.test\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";
+    assert!(get.len() >= 2 + 69);
+    http.write_all(&[proxy_v1("203.0.113.20"), get.to_vec()].concat())
         .await
         .unwrap();
     assert!(closed_silently(&mut http, SECS(5)).await);
