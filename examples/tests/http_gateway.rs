@@ -276,10 +276,18 @@ fn since(t0: Instant) -> Duration {
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after [`WAIT`].
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    until_within(what, WAIT, cond).await;
+}
+
+/// [`until`], bounded by `within` (for a wait longer than [`WAIT`] by design).
+async fn until_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         sleep(Duration::from_millis(20)).await;
     }
 }
@@ -332,7 +340,9 @@ async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_
     let (b0, b1) = (Backend::start().await, Backend::start().await);
     let mut cfg = config(&[&b0, &b1]);
     cfg.breaker_failures = 3;
-    cfg.breaker_open_for = Duration::from_secs(3); // the 20 requests take far less
+    // The 20 requests must all come before the open period ends (a probe would be a 4th
+    // hit): they take far less than 8 s, even on a loaded machine.
+    cfg.breaker_open_for = Duration::from_secs(8);
     cfg.warmup = Duration::from_secs(30);
     let gw = start(&cfg).await;
     b0.fail(true);
@@ -361,7 +371,7 @@ async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_
     // Fixed: after `open_for` the breaker lets a probe through, the probe succeeds, the
     // circuit closes and the backend starts at a low weight.
     b0.fail(false);
-    until("half-open", || {
+    until_within("half-open", 2 * cfg.breaker_open_for, || {
         gw.breakers[0].state() == CircuitState::HalfOpen
     })
     .await;
@@ -380,7 +390,9 @@ async fn a_half_open_backend_gets_no_requests_while_its_probe_is_in_flight() {
     let (b0, b1) = (Backend::start().await, Backend::start().await);
     let mut cfg = config(&[&b0, &b1]);
     cfg.breaker_failures = 1;
-    cfg.breaker_open_for = Duration::from_secs(3); // also the time the probe has
+    // Also the time the probe has: the requests below must all come within it (they take
+    // far less than 8 s, even on a loaded machine).
+    cfg.breaker_open_for = Duration::from_secs(8);
     let gw = start(&cfg).await;
     b0.fail(true);
     let deadline = Instant::now() + WAIT;
@@ -393,7 +405,7 @@ async fn a_half_open_backend_gets_no_requests_while_its_probe_is_in_flight() {
     }
     b0.fail(false);
     b0.seen.delay_ms.store(60_000, Ordering::SeqCst); // the probe will hang
-    until("half-open", || {
+    until_within("half-open", 2 * cfg.breaker_open_for, || {
         gw.breakers[0].state() == CircuitState::HalfOpen
     })
     .await;
@@ -409,9 +421,11 @@ async fn a_half_open_backend_gets_no_requests_while_its_probe_is_in_flight() {
     }
     assert!(!gw.breakers[0].would_admit(), "the probe permit is taken");
 
-    // Backend 0 would have had 10 of every 110 (its warm-up start weight), each a 503.
+    // Were it not passed over, backend 0 would be picked at its warm-up start weight, 10
+    // against 100: smooth round-robin picks it once in every 11 (never more than 11 picks
+    // apart), so 3 of these 33, each a 503 from its breaker.
     let mut statuses = Vec::new();
-    for _ in 0..120 {
+    for _ in 0..33 {
         statuses.push(get(gw.addr).await.status());
     }
     assert!(
