@@ -1051,17 +1051,20 @@ async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controlle
     let b0 = Backend::start().await;
     let mut cfg = config(&[&b0]);
     cfg.per_client_rate = NonZeroU32::new(1_000).unwrap();
-    cfg.latency_target = Duration::from_millis(20);
+    // A fast backend's samples are a few milliseconds: only a scheduling stall of more
+    // than 100 ms on a loaded machine could take one over the target.
+    cfg.latency_target = Duration::from_millis(100);
     cfg.control_interval = Duration::from_millis(300);
     cfg.control_min_samples = 3;
     let gw = start(&cfg).await;
     let lowered = |gw: &Gateway| gw.control.value() < 1_000.0;
+    let pause = Duration::from_millis(300); // three targets
 
-    // A fast backend, and clients that pause 60 ms (three targets) inside their bodies,
-    // for five control intervals (some five answers each; a decision needs three).
-    let t0 = Instant::now();
-    while since(t0) < Duration::from_millis(1_500) {
-        let out = post_split_body(gw.addr, Duration::from_millis(60)).await;
+    // A fast backend, and clients that pause three targets inside their bodies: ten
+    // answers, one per control interval or so, so that some seven decisions have their
+    // three samples (a measurement reaches back up to eight intervals for them).
+    for _ in 0..10 {
+        let out = post_split_body(gw.addr, pause).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         assert!(out.ends_with("read 2 bytes"), "{out}");
         assert!(
@@ -1071,16 +1074,17 @@ async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controlle
     }
     assert!(!lowered(&gw), "{}", gw.control.value());
 
-    // The same requests to a backend that takes 150 ms before it reads the body: 90 ms
-    // of it after the body's end, the backend's time, and the controller hears of it.
-    b0.seen.delay_ms.store(150, Ordering::SeqCst);
+    // The same requests to a backend that takes 750 ms before it reads the body: 450 ms
+    // of it (four and a half targets) after the body's end, the backend's time, and the
+    // controller hears of it.
+    b0.seen.delay_ms.store(750, Ordering::SeqCst);
     let deadline = Instant::now() + WAIT;
     while !lowered(&gw) {
         assert!(
             Instant::now() < deadline,
             "the controller never lowered the rate"
         );
-        let out = post_split_body(gw.addr, Duration::from_millis(60)).await;
+        let out = post_split_body(gw.addr, pause).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     }
 }
