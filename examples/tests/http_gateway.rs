@@ -864,7 +864,9 @@ async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
     })
     .await;
 
-    // The request that becomes the probe: 3 of 1000 bytes, then silence.
+    // The request that becomes the probe: 3 of 1000 bytes, then silence. It is admitted
+    // after `sent`.
+    let sent = Instant::now();
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     stream
         .write_all(
@@ -877,8 +879,17 @@ async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
     // Past the probe timeout, and well before the end of a second open period.
     tokio::time::sleep_until(admitted_before + cfg.breaker_open_for + Duration::from_millis(300))
         .await;
+    let state = gw.breakers[0].state();
+    // A failed probe re-opens the circuit for one open period from its timeout: read
+    // within it, or `state` would be half-open again whatever the probe did.
+    let checked = Instant::now();
+    assert!(
+        checked < sent + 2 * cfg.breaker_open_for,
+        "the state was read {:?} after the probe was sent, past two open periods",
+        checked.saturating_duration_since(sent)
+    );
     assert_ne!(
-        gw.breakers[0].state(),
+        state,
         CircuitState::Open,
         "the client's stalled body failed the probe"
     );
