@@ -1236,10 +1236,21 @@ async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
     let _second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     first.write_all(&[0xE0, 0x00]).await.unwrap();
     drop(first);
+    // The first session has ended (on the first runtime) before the signal: the drain
+    // has only the second to abort.
+    let deadline = Instant::now() + WAIT;
+    while gw.metric("aegis_active_connections").await != Some(1.0) {
+        assert!(Instant::now() < deadline, "the first session did not end");
+        sleep(Duration::from_millis(25)).await;
+    }
     gw.terminate();
     let status = gw.exit_status().await;
     assert_eq!(status.code(), Some(1), "{}", gw.log());
-    assert!(gw.log().contains("drained=false"), "{}", gw.log());
+    assert!(
+        gw.log().contains("drained=false aborted=1\n"),
+        "{}",
+        gw.log()
+    );
 }
 
 /// With `per-core`, `max_connections` caps the connections of all the runtimes together
