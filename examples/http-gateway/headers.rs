@@ -211,6 +211,35 @@ pub fn check_limits(
     Ok(())
 }
 
+/// Why a request is refused before it goes on: the gateway answers it itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many or too large headers ([`check_limits`]): `431`.
+    TooLarge(TooLarge),
+    /// A missing, repeated or invalid `Host` ([`check_host`]): `400`.
+    BadHost(BadHost),
+}
+
+/// The request side of the header rules, in the gateway's order (`Sanitize` runs it on
+/// every request): [`check_limits`] with `max_count` and `max_bytes`, then
+/// [`check_host`], either of which refuses the request and leaves its headers as they
+/// were; then [`strip_hop_by_hop`], [`remove_underscored`] and [`set_forwarded`] for
+/// `client`.
+pub fn sanitize_request(
+    headers: &mut HeaderMap,
+    version: Version,
+    client: IpAddr,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<(), Refused> {
+    check_limits(headers, max_count, max_bytes).map_err(Refused::TooLarge)?;
+    check_host(headers, version).map_err(Refused::BadHost)?;
+    strip_hop_by_hop(headers);
+    remove_underscored(headers);
+    set_forwarded(headers, client);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

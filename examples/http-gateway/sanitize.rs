@@ -8,8 +8,9 @@
 //! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and other client-IP headers) are
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
-//! [`set_forwarded`](crate::headers::set_forwarded)). The layer is built per connection,
-//! since it carries that connection's client address.
+//! [`set_forwarded`](crate::headers::set_forwarded)). The rules and their order are
+//! [`sanitize_request`](crate::headers::sanitize_request)'s. The layer is built per
+//! connection, since it carries that connection's client address.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -20,9 +21,7 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{
-    check_host, check_limits, remove_underscored, set_forwarded, strip_hop_by_hop,
-};
+use crate::headers::{Refused, sanitize_request};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -83,32 +82,35 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limits = self.limits;
-        if let Err(too_large) =
-            check_limits(req.headers(), limits.max_headers, limits.max_header_bytes)
-        {
-            tracing::debug!(?too_large, "request headers refused");
-            let res = local_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request headers too large\n",
-            );
-            return ResponseFuture {
-                state: State::Refused { res: Some(res) },
-            };
-        }
-        if let Err(bad_host) = check_host(req.headers(), req.version()) {
-            tracing::debug!(?bad_host, "request refused");
-            let res = local_response(StatusCode::BAD_REQUEST, "missing, repeated or bad Host\n");
-            return ResponseFuture {
-                state: State::Refused { res: Some(res) },
-            };
-        }
-        strip_hop_by_hop(req.headers_mut());
-        remove_underscored(req.headers_mut());
-        set_forwarded(req.headers_mut(), self.client);
+        let version = req.version();
+        let refused = match sanitize_request(
+            req.headers_mut(),
+            version,
+            self.client,
+            limits.max_headers,
+            limits.max_header_bytes,
+        ) {
+            Ok(()) => {
+                return ResponseFuture {
+                    state: State::Inner {
+                        fut: self.inner.call(req),
+                    },
+                };
+            }
+            Err(Refused::TooLarge(too_large)) => {
+                tracing::debug!(?too_large, "request headers refused");
+                local_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request headers too large\n",
+                )
+            }
+            Err(Refused::BadHost(bad_host)) => {
+                tracing::debug!(?bad_host, "request refused");
+                local_response(StatusCode::BAD_REQUEST, "missing, repeated or bad Host\n")
+            }
+        };
         ResponseFuture {
-            state: State::Inner {
-                fut: self.inner.call(req),
-            },
+            state: State::Refused { res: Some(refused) },
         }
     }
 }
