@@ -157,7 +157,8 @@ pub enum BadHost {
     Missing,
     /// More than one `Host` field (how many).
     Many(usize),
-    /// A `Host` that is not a `host[:port]` (userinfo, bad characters, empty).
+    /// A `Host` that is not a `host[:port]` (userinfo, bad characters, empty, a port
+    /// that is not digits, brackets around no IPv6 address).
     Invalid,
 }
 
@@ -177,9 +178,32 @@ pub fn check_host(headers: &HeaderMap, version: Version) -> Result<(), BadHost> 
         return Err(BadHost::Many(1 + more));
     }
     match Authority::try_from(host.as_bytes()) {
-        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(()),
+        Ok(a) if !a.as_str().contains('@') && is_host_port(&a) => Ok(()),
         _ => Err(BadHost::Invalid),
     }
+}
+
+/// Whether `authority` (without userinfo) is `uri-host [":" port]` (RFC 9112 §3.2,
+/// RFC 3986 §3.2.2): a host, an IPv6 address in brackets or a name or IPv4 address
+/// without any, then nothing or `:` and digits. `Authority` alone lets through what
+/// only looks like one: `gw.test:abc`, `gw.test[x]`, `[zz]`, `[::1]x`. An IPv6 zone
+/// identifier and the IPvFuture form are refused too: no client sends them in `Host`.
+fn is_host_port(authority: &Authority) -> bool {
+    let host = authority.host();
+    let Some(port) = authority.as_str().strip_prefix(host) else {
+        return false;
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = match host.strip_prefix('[') {
+        Some(literal) => literal
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && !host.contains(['[', ']']),
+    };
+    port_ok && host_ok
 }
 
 /// Why a request's headers are refused (answered `431`).
@@ -363,6 +387,43 @@ mod tests {
         for bad in ["user@gw.test", "", "gw.test/x", "gw test", ":80"] {
             let h = map(&[("host", bad)]);
             assert_eq!(ok(&h, Version::HTTP_11), Err(BadHost::Invalid), "{bad:?}");
+        }
+    }
+
+    /// `Authority` takes these, and the gateway used to forward them as the request's
+    /// `Host` (and its `X-Forwarded-Host`): none is `host[:port]`.
+    #[test]
+    fn host_with_a_bad_port_or_brackets_out_of_place_is_invalid() {
+        for bad in [
+            "gw.test:abc",
+            "gw.test:8080x",
+            "[::1]:x",
+            "[::1]x",
+            "gw.test[x]",
+            "x[::1]",
+            "[zz]",
+            "[]",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+        ] {
+            let h = map(&[("host", bad)]);
+            assert_eq!(
+                check_host(&h, Version::HTTP_11),
+                Err(BadHost::Invalid),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "gw.test:",
+            "gw.test:8080",
+            "192.0.2.7:80",
+            "[::ffff:192.0.2.7]:443",
+            "[2001:db8::7]",
+            "GW.Test",
+            "a-b_c~d!$&'()*+,;=",
+        ] {
+            let h = map(&[("host", good)]);
+            assert_eq!(check_host(&h, Version::HTTP_11), Ok(()), "{good:?}");
         }
     }
 
