@@ -264,8 +264,358 @@ pub fn sanitize_request(
     Ok(())
 }
 
+/// The `http_headers` fuzz target's logic (`fuzz/`, which includes this file), also run
+/// by the tests over its seeds and over random header maps.
+///
+/// An input is three bytes, the client address, then header lines:
+///
+/// - the request's version, `[1.0, 1.1, 2, 0.9][byte % 4]` (`b'0'` is 1.0, `b'1'` 1.1);
+/// - the client address's kind, `byte % 4`: 0 and 3 IPv4 (4 bytes follow), 1 IPv4-mapped
+///   IPv6 (4 bytes follow), 2 IPv6 (16 bytes follow); missing bytes are zeros;
+/// - the header limits: under `0x80` the gateway's ([`GATEWAY_LIMITS`]), else
+///   `byte & 0x0f` fields and `((byte >> 4) & 7) * 128` bytes;
+/// - lines split at `\n` (a `\r` before it dropped), each `name:value`, the value's
+///   leading and trailing spaces and tabs trimmed, as hyper's parser does; a line
+///   without `:`, a name `HeaderName` refuses or a value `HeaderValue` refuses is left
+///   out, and names may repeat. At most [`MAX_FIELDS`] fields.
+///
+/// [`run`] gives the map to [`check_limits`] and [`check_host`] and compares them with
+/// references of their own, to [`strip_hop_by_hop`] as a backend's response (the proxy
+/// strips every answer so), and to [`sanitize_request`] as a request, and asserts what
+/// the gateway promises of the result (see [`run`]).
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    /// The gateway's header limits (`gateway::Config::new`): 64 fields, 8 KiB.
+    pub const GATEWAY_LIMITS: (usize, usize) = (64, 8 * 1024);
+    /// The most fields an input gives (hyper's parser stops the gateway's at 128).
+    pub const MAX_FIELDS: usize = 256;
+    /// The request versions, by the first byte.
+    const VERSIONS: [Version; 4] = [
+        Version::HTTP_10,
+        Version::HTTP_11,
+        Version::HTTP_2,
+        Version::HTTP_09,
+    ];
+
+    /// A decoded input.
+    #[derive(Debug, Clone)]
+    pub struct Input {
+        /// The request's version.
+        pub version: Version,
+        /// The connection's client address.
+        pub client: IpAddr,
+        /// The most fields, and the most bytes of them, [`check_limits`] allows.
+        pub limits: (usize, usize),
+        /// The fields, in order.
+        pub fields: Vec<(HeaderName, HeaderValue)>,
+    }
+
+    /// Decodes an input (see the [module docs](self)); total.
+    pub fn decode(data: &[u8]) -> Input {
+        let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+        let version = VERSIONS[usize::from(byte(0) % 4)];
+        let kind = byte(1) % 4;
+        let len = if kind == 2 { 16 } else { 4 };
+        let mut addr = [0u8; 16];
+        for (i, b) in addr[..len].iter_mut().enumerate() {
+            *b = byte(3 + i);
+        }
+        let v4 = Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]);
+        let client = match kind {
+            1 => IpAddr::V6(v4.to_ipv6_mapped()),
+            2 => IpAddr::V6(Ipv6Addr::from(addr)),
+            _ => IpAddr::V4(v4),
+        };
+        let limits = match byte(2) {
+            b if b < 0x80 => GATEWAY_LIMITS,
+            b => (usize::from(b & 0x0f), usize::from((b >> 4) & 7) * 128),
+        };
+        let lines = data.get(3 + len..).unwrap_or_default();
+        let fields = lines
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|&b| b == b':')?;
+                let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+                let value = HeaderValue::from_bytes(trim_ows(&line[colon + 1..])).ok()?;
+                Some((name, value))
+            })
+            .take(MAX_FIELDS)
+            .collect();
+        Input {
+            version,
+            client,
+            limits,
+            fields,
+        }
+    }
+
+    /// `bytes` without its leading and trailing spaces and tabs (RFC 9110 §5.6.3 OWS).
+    fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+        while let [b' ' | b'\t', rest @ ..] = bytes {
+            bytes = rest;
+        }
+        while let [rest @ .., b' ' | b'\t'] = bytes {
+            bytes = rest;
+        }
+        bytes
+    }
+
+    /// Runs one input and panics if a promise breaks; returns what the gateway did with
+    /// the request (`Ok`: forwarded).
+    ///
+    /// Checked: [`check_limits`] and [`check_host`] give what references of their own
+    /// give (for `Host` as far as a simple `host[:port]` reading decides); a refused
+    /// request's headers are left as they were; after [`strip_hop_by_hop`] on the
+    /// fields as a response, and after [`sanitize_request`] on them as a request, no
+    /// hop-by-hop header is left, no `Proxy-*` header and no header named in a
+    /// `Connection` token but `Host` and `Content-Length`, which are kept as they were,
+    /// and every other field is kept as it was; of the request besides, no header with
+    /// an `_`, no [`CLIENT_ADDRESS_HEADERS`] and no `X-Forwarded-*` but the gateway's
+    /// three: `X-Forwarded-For` the client's address alone (an IPv4-mapped one as
+    /// IPv4), `X-Forwarded-Proto: http`, and `X-Forwarded-Host` a copy of `Host` when
+    /// there is one.
+    pub fn run(data: &[u8]) -> Result<(), Refused> {
+        let input = decode(data);
+        let mut headers = HeaderMap::new();
+        for (name, value) in &input.fields {
+            headers.append(name.clone(), value.clone());
+        }
+        let (max_count, max_bytes) = input.limits;
+        let limits = check_limits(&headers, max_count, max_bytes);
+        assert_eq!(limits, limits_reference(&input), "check_limits");
+        let host = check_host(&headers, input.version);
+        host_agrees(&input, host);
+
+        let mut response = headers.clone();
+        strip_hop_by_hop(&mut response);
+        check_stripped(&headers, &response, false);
+
+        let before = headers.clone();
+        let result = sanitize_request(
+            &mut headers,
+            input.version,
+            input.client,
+            max_count,
+            max_bytes,
+        );
+        match result {
+            Err(Refused::TooLarge(e)) => assert_eq!(limits, Err(e)),
+            Err(Refused::BadHost(e)) => assert_eq!((limits, host), (Ok(()), Err(e))),
+            Ok(()) => assert_eq!((limits, host), (Ok(()), Ok(()))),
+        }
+        if result.is_err() {
+            assert_eq!(
+                headers, before,
+                "a refused request's headers are left alone"
+            );
+        } else {
+            check_stripped(&before, &headers, true);
+            check_forwarded(&before, &headers, input.client);
+        }
+        result
+    }
+
+    /// What [`check_limits`] should say, from the decoded fields.
+    fn limits_reference(input: &Input) -> Result<(), TooLarge> {
+        let (max_count, max_bytes) = input.limits;
+        let count = input.fields.len();
+        let bytes: usize = input
+            .fields
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.as_bytes().len() + 4)
+            .sum();
+        if count > max_count {
+            Err(TooLarge::Count(count))
+        } else if bytes > max_bytes {
+            Err(TooLarge::Bytes(bytes))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Asserts that [`check_host`]'s answer `got` is what RFC 9112 §3.2 asks of the
+    /// `Host` fields, as far as [`host_reference`] decides a value.
+    fn host_agrees(input: &Input, got: Result<(), BadHost>) {
+        let hosts: Vec<&HeaderValue> = input
+            .fields
+            .iter()
+            .filter(|(name, _)| name == header::HOST)
+            .map(|(_, value)| value)
+            .collect();
+        match hosts[..] {
+            [] if input.version == Version::HTTP_11 => assert_eq!(got, Err(BadHost::Missing)),
+            [] => assert_eq!(got, Ok(())),
+            [host] => match host_reference(host.as_bytes()) {
+                Some(true) => assert_eq!(got, Ok(()), "Host {host:?}"),
+                Some(false) => assert_eq!(got, Err(BadHost::Invalid), "Host {host:?}"),
+                None => assert!(matches!(got, Ok(()) | Err(BadHost::Invalid)), "{got:?}"),
+            },
+            _ => assert_eq!(got, Err(BadHost::Many(hosts.len()))),
+        }
+    }
+
+    /// Whether `value` is a valid `Host` (`uri-host [":" port]`, RFC 9112 §3.2, RFC 3986
+    /// §3.2.2), empty host excepted (the gateway refuses it); `None` where it does not
+    /// judge: percent-encoded names, IPvFuture and zone identifiers.
+    pub fn host_reference(value: &[u8]) -> Option<bool> {
+        let port_ok = |port: &[u8]| port.iter().all(u8::is_ascii_digit);
+        if let Some(rest) = value.strip_prefix(b"[") {
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return Some(false);
+            };
+            let (literal, after) = (&rest[..end], &rest[end + 1..]);
+            if !(after.is_empty() || after.strip_prefix(b":").is_some_and(port_ok)) {
+                return Some(false);
+            }
+            if literal
+                .first()
+                .is_some_and(|b| b.eq_ignore_ascii_case(&b'v'))
+                || literal.contains(&b'%')
+            {
+                return None;
+            }
+            let ipv6 = std::str::from_utf8(literal)
+                .ok()
+                .and_then(|s| s.parse::<Ipv6Addr>().ok());
+            return Some(ipv6.is_some());
+        }
+        let (host, port) = match value.iter().position(|&b| b == b':') {
+            Some(i) => (&value[..i], &value[i + 1..]),
+            None => (value, &b""[..]),
+        };
+        if host.is_empty() || !port_ok(port) {
+            return Some(false);
+        }
+        if host.contains(&b'%') {
+            return None;
+        }
+        // reg-name: unreserved and sub-delims (an IPv4 address is one too).
+        Some(
+            host.iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)),
+        )
+    }
+
+    /// The hop-by-hop headers as the gateway documents them (RFC 9110 §7.6.1, with
+    /// `Keep-Alive`, `Proxy-Connection` and `Trailer`).
+    const HOP: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    /// The headers the gateway sets on each request itself.
+    const OURS: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+
+    /// The `Connection` tokens of `headers`, lower-case: each value split at `,`, spaces
+    /// and tabs trimmed, empty ones left out (RFC 9110 §7.6.1, §5.6.1).
+    fn connection_tokens(headers: &HeaderMap) -> Vec<Vec<u8>> {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|t| trim_ows(t).to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
+    /// Whether the rules remove `name` from a message with `before`'s fields (`request`:
+    /// [`sanitize_request`]'s, else [`strip_hop_by_hop`]'s).
+    fn removed(name: &str, tokens: &[Vec<u8>], request: bool) -> bool {
+        let named = tokens.iter().any(|t| t == name.as_bytes());
+        HOP.contains(&name)
+            || name.starts_with("proxy-")
+            || (named && name != "host" && name != "content-length")
+            || (request
+                && (name.contains('_')
+                    || name.starts_with("x-forwarded")
+                    || CLIENT_ADDRESS_HEADERS.contains(&name)))
+    }
+
+    /// The promises of [`strip_hop_by_hop`] (and, with `request`, of the rest of
+    /// [`sanitize_request`] but the forwarded headers' values).
+    fn check_stripped(before: &HeaderMap, after: &HeaderMap, request: bool) {
+        let tokens = connection_tokens(before);
+        for name in after.keys() {
+            let name = name.as_str();
+            if request && OURS.contains(&name) {
+                continue;
+            }
+            assert!(before.contains_key(name), "{name} added");
+            assert!(!removed(name, &tokens, request), "{name} kept");
+        }
+        for name in before.keys() {
+            if !removed(name.as_str(), &tokens, request) {
+                let was: Vec<_> = before.get_all(name).iter().collect();
+                let is: Vec<_> = after.get_all(name).iter().collect();
+                assert_eq!(was, is, "{name} changed");
+            }
+        }
+        for name in [header::HOST, header::CONTENT_LENGTH] {
+            let was: Vec<_> = before.get_all(&name).iter().collect();
+            let is: Vec<_> = after.get_all(&name).iter().collect();
+            assert_eq!(
+                was, is,
+                "{name} is not hop-by-hop, whatever Connection says"
+            );
+        }
+    }
+
+    /// The forwarded headers of a sanitized request.
+    fn check_forwarded(before: &HeaderMap, after: &HeaderMap, client: IpAddr) {
+        let all = |name| after.get_all(name).iter().collect::<Vec<_>>();
+        let xff = all(X_FORWARDED_FOR);
+        assert_eq!(xff.len(), 1, "one X-Forwarded-For: {xff:?}");
+        let addr: IpAddr = xff[0].to_str().unwrap().parse().unwrap();
+        assert_eq!(addr, client.to_canonical(), "X-Forwarded-For is the client");
+        assert_eq!(xff[0], addr.to_string().as_str(), "and only the client");
+        if let IpAddr::V6(v6) = client
+            && v6.to_ipv4_mapped().is_some()
+        {
+            assert!(addr.is_ipv4(), "a mapped address is forwarded as IPv4");
+        }
+        assert_eq!(all(X_FORWARDED_PROTO), ["http"]);
+        let host: Vec<_> = before.get_all(header::HOST).iter().collect();
+        assert_eq!(all(X_FORWARDED_HOST), host, "X-Forwarded-Host is Host");
+    }
+
+    /// An input for `fields` (lines `name: value`) from `client`, with the gateway's
+    /// limits or `limits` (a limits byte, see the module docs): the seeds' and the
+    /// tests' encoder, the inverse of [`decode`].
+    #[cfg(test)]
+    pub fn encode(version: Version, client: IpAddr, limits: Option<u8>, fields: &str) -> Vec<u8> {
+        let v = VERSIONS.iter().position(|&v| v == version).unwrap();
+        let mut out = vec![b'0' + u8::try_from(v).unwrap()];
+        match client {
+            IpAddr::V4(a) => {
+                out.extend([b'4', limits.unwrap_or(b'-')].into_iter().chain(a.octets()))
+            }
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => out.extend(
+                    [b'5', limits.unwrap_or(b'-')]
+                        .into_iter()
+                        .chain(v4.octets()),
+                ),
+                None => out.extend([b'6', limits.unwrap_or(b'-')].into_iter().chain(a.octets())),
+            },
+        }
+        out.extend_from_slice(fields.as_bytes());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy as _;
+
     use super::*;
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -424,6 +774,233 @@ mod tests {
         ] {
             let h = map(&[("host", good)]);
             assert_eq!(check_host(&h, Version::HTTP_11), Ok(()), "{good:?}");
+        }
+    }
+
+    /// The seeds of the `http_headers` fuzz target: `ok_*` go through the gateway's
+    /// rules, `bad_*` are refused.
+    fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        use fuzz::encode;
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let v11 = Version::HTTP_11;
+        vec![
+            ("ok_minimal", encode(v11, v4, None, "Host: gw.test\n")),
+            (
+                "ok_http10_without_host",
+                encode(Version::HTTP_10, v4, None, "Accept: */*\n"),
+            ),
+            (
+                "ok_hop_by_hop",
+                encode(
+                    v11,
+                    v4,
+                    None,
+                    "Host: gw.test\nConnection: keep-alive, X-Secret, upgrade\n\
+                     Connection: x-other\nKeep-Alive: timeout=5\nTE: trailers\n\
+                     Trailer: x-sum\nTransfer-Encoding: chunked\nUpgrade: websocket\n\
+                     Proxy-Authorization: Basic Zm9vOmJhcg==\nProxy-Connection: keep-alive\n\
+                     X-Secret: 1\nx-other: 2\nAccept: */*\n",
+                ),
+            ),
+            (
+                "ok_connection_names_framing",
+                encode(
+                    v11,
+                    v4,
+                    None,
+                    "Connection: host, Content-Length, transfer-encoding, x-forwarded-for\n\
+                     Host: gw.test\nContent-Length: 3\nX-Forwarded-For: 6.6.6.6\n",
+                ),
+            ),
+            (
+                "ok_forged_forwarding",
+                encode(
+                    v11,
+                    mapped,
+                    None,
+                    "Host: gw.test\nX-Forwarded-For: 6.6.6.6\nX-Forwarded-For: 7.7.7.7\n\
+                     X-Forwarded-Proto: https\nX-Forwarded-Host: evil.test\n\
+                     X-Forwarded-Port: 443\nForwarded: for=6.6.6.6\nX-Real-IP: 6.6.6.6\n\
+                     CF-Connecting-IP: 6.6.6.6\nTrue-Client-IP: 6.6.6.6\n\
+                     X_Forwarded_For: 6.6.6.6\nClient_IP: 6.6.6.6\n",
+                ),
+            ),
+            (
+                "ok_ipv6_client_and_host",
+                encode(v11, v6, None, "Host: [::1]:8080\nAccept: text/html\n"),
+            ),
+            (
+                "ok_crlf_ows_and_obs_text",
+                encode(
+                    v11,
+                    v4,
+                    None,
+                    "Host:  gw.test \r\nX-A:\tv\t\r\nX-Name: caf\u{e9}\r\n",
+                ),
+            ),
+            ("bad_no_host_http11", encode(v11, v4, None, "Accept: */*\n")),
+            (
+                "bad_two_hosts",
+                encode(v11, v4, None, "Host: a.test\nHost: b.test\n"),
+            ),
+            (
+                "bad_two_hosts_http10",
+                encode(Version::HTTP_10, v4, None, "Host: a.test\nhost: b.test\n"),
+            ),
+            (
+                "bad_host_userinfo",
+                encode(v11, v4, None, "Host: user@gw.test\n"),
+            ),
+            ("bad_host_path", encode(v11, v4, None, "Host: gw.test/x\n")),
+            (
+                "bad_host_port_not_digits",
+                encode(v11, v4, None, "Host: gw.test:abc\n"),
+            ),
+            // 2 fields at most (0xf2: 2 fields, 7 * 128 bytes).
+            (
+                "bad_too_many_fields",
+                encode(v11, v4, Some(0xf2), "Host: gw.test\nA: 1\nB: 2\n"),
+            ),
+            // 128 bytes at most (0x9f: 15 fields, 128 bytes).
+            (
+                "bad_too_many_bytes",
+                encode(
+                    v11,
+                    v4,
+                    Some(0x9f),
+                    &format!("Host: gw.test\nX-Big: {}\n", "a".repeat(120)),
+                ),
+            ),
+        ]
+    }
+
+    fn corpus_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_headers")
+    }
+
+    /// Writes the seeds: `cargo test -p examples --features test-util --test http_gateway
+    /// write_seeds -- --ignored`.
+    #[test]
+    #[ignore = "writes fuzz/corpus/http_headers"]
+    fn write_seeds() {
+        let dir = corpus_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in seeds() {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+
+    /// The committed seeds are the generator's.
+    #[test]
+    fn committed_seeds_are_the_generators() {
+        for (name, bytes) in seeds() {
+            let path = corpus_dir().join(name);
+            let committed =
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(committed, bytes, "{name}: run the ignored test write_seeds");
+        }
+    }
+
+    /// The seeds through the fuzz logic: `bad_*` refused, `ok_*` forwarded. Files not
+    /// named so (what `cargo fuzz run` adds to a corpus) are not judged.
+    #[test]
+    fn fuzz_seeds_replay() {
+        let mut n = 0;
+        for entry in std::fs::read_dir(corpus_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !(name.starts_with("ok_") || name.starts_with("bad_")) {
+                continue;
+            }
+            let result = fuzz::run(&std::fs::read(&path).unwrap());
+            assert_eq!(
+                result.is_ok(),
+                name.starts_with("ok_"),
+                "{name}: {result:?}"
+            );
+            n += 1;
+        }
+        assert!(n >= seeds().len(), "{n} seeds");
+    }
+
+    /// Field names the rules care about, in several spellings.
+    static NAMES: [&str; 24] = [
+        "Host",
+        "host",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Connection",
+        "connection",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Proxy-X",
+        "X-Forwarded-For",
+        "x-forwarded-proto",
+        "X-Forwarded-Host",
+        "X-Forwarded-Port",
+        "X-Forwarded",
+        "Forwarded",
+        "X-Real-IP",
+        "CF-Connecting-IP",
+        "X_Forwarded_For",
+        "x-a",
+        "X-B",
+        "x_c",
+    ];
+
+    /// Values, `Connection` lists and hosts among them.
+    static VALUES: [&str; 16] = [
+        "gw.test",
+        "gw.test:8080",
+        "[::1]:80",
+        "user@gw.test",
+        "gw.test:abc",
+        "",
+        "keep-alive, x-a",
+        "X-B , x_c,,",
+        "host, content-length, transfer-encoding",
+        "x-forwarded-for, X-Forwarded-Host",
+        "proxy-x, upgrade",
+        "close",
+        "6.6.6.6",
+        "3",
+        "chunked",
+        "\tx-a\t, X-Real-IP",
+    ];
+
+    proptest::proptest! {
+        /// Random header maps keep the fuzz target's promises.
+        #[test]
+        fn random_header_maps_keep_the_promises(
+            version in proptest::sample::select(vec![
+                Version::HTTP_10,
+                Version::HTTP_11,
+                Version::HTTP_2,
+                Version::HTTP_09,
+            ]),
+            client in proptest::prelude::any::<std::net::IpAddr>(),
+            limits in proptest::option::of(proptest::prelude::any::<u8>()),
+            fields in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::sample::select(&NAMES[..]).prop_map(str::to_owned),
+                        "[A-Za-z0-9_-]{1,10}",
+                    ],
+                    proptest::prop_oneof![
+                        proptest::sample::select(&VALUES[..]).prop_map(str::to_owned),
+                        "[ -~]{0,16}",
+                    ],
+                ),
+                0..24,
+            ),
+        ) {
+            let lines: String = fields.iter().map(|(n, v)| format!("{n}:{v}\n")).collect();
+            let _ = fuzz::run(&fuzz::encode(version, client, limits, &lines));
         }
     }
 
