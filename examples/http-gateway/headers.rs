@@ -76,13 +76,15 @@ pub const NOT_NAMEABLE: [HeaderName; 3] = [
 /// [`NOT_NAMEABLE`] ones), the fixed list [`HOP_BY_HOP`] and every `Proxy-*` header
 /// (`Proxy-Authorization` carries the client's credentials for *this* proxy, not for
 /// the backend).
+///
+/// `Connection` is read as bytes: a value with other bytes than ASCII (obs-text, which
+/// hyper lets through) still names the headers its other tokens name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .filter(|name| !NOT_NAMEABLE.contains(name))
         .collect();
     for name in named {
@@ -648,6 +650,19 @@ mod tests {
         assert_eq!(left, ["accept", "host"]);
     }
 
+    /// Found by the `http_headers` fuzz target: a `Connection` value with a byte over
+    /// 0x7F was skipped whole (`to_str` fails on it), so the headers its other tokens
+    /// name went on, the backend's to the client as well as the client's to the backend.
+    #[test]
+    fn connection_with_a_non_ascii_byte_still_names_its_tokens() {
+        let mut h = map(&[("x-a", "1"), ("x-b", "2"), ("accept", "*/*")]);
+        let value = HeaderValue::from_bytes(b"x-a, caf\xe9, X-B").unwrap();
+        h.append(header::CONNECTION, value);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
     #[test]
     fn connection_cannot_name_away_host_or_content_length() {
         let mut h = map(&[
@@ -840,6 +855,15 @@ mod tests {
                     "Host:  gw.test \r\nX-A:\tv\t\r\nX-Name: caf\u{e9}\r\n",
                 ),
             ),
+            (
+                "ok_connection_with_obs_text",
+                encode(
+                    v11,
+                    v4,
+                    None,
+                    "Host: gw.test\nConnection: x-a, caf\u{e9}\nX-A: 1\n",
+                ),
+            ),
             ("bad_no_host_http11", encode(v11, v4, None, "Accept: */*\n")),
             (
                 "bad_two_hosts",
@@ -954,7 +978,8 @@ mod tests {
     ];
 
     /// Values, `Connection` lists and hosts among them.
-    static VALUES: [&str; 16] = [
+    static VALUES: [&str; 17] = [
+        "X-B, caf\u{e9}",
         "gw.test",
         "gw.test:8080",
         "[::1]:80",
