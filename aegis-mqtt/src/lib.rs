@@ -303,18 +303,83 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
 /// The fuzz entry points, as plain functions so that tests can replay the corpora.
 #[doc(hidden)]
 pub mod __fuzz {
-    use crate::{Answer, Config, MqttError, Next, Session, validate_connect};
+    use crate::{
+        Answer, ClientIdChars, Config, MqttError, Next, Packet, Session, Version, connect_version,
+        validate_connect,
+    };
 
     #[cfg(any(all(feature = "inspect", test), feature = "fuzz-io"))]
     pub use crate::fuzz_io::io;
 
-    /// Runs the CONNECT validator on `data`, and the session on the same bytes.
+    /// The configurations [`connect`] validates with, by its input's first byte (modulo
+    /// their number): [`Config::new()`] first, then what the products set.
+    pub const CONNECT_CONFIGS: [Config; 8] = [
+        Config::new(),
+        // The mqtt-gateway in front of its embedded broker, which speaks 3.1.1 only.
+        Config::new().versions(&[Version::V3_1_1]),
+        Config::new().allow_empty_client_id(false),
+        Config::new().client_id_chars(ClientIdChars::Alphanumeric),
+        Config::new().max_keep_alive(600),
+        // The mqtt-gateway's strictest settings at once, embedded broker.
+        Config::new()
+            .versions(&[Version::V3_1_1])
+            .allow_empty_client_id(false)
+            .client_id_chars(ClientIdChars::Alphanumeric)
+            .client_id_max_len(23)
+            .max_keep_alive(60),
+        Config::new()
+            .client_id_chars(ClientIdChars::Any)
+            .client_id_max_len(23),
+        Config::new().versions(&[Version::V5]),
+    ];
+
+    /// Takes every CONNECT that one of [`CONNECT_CONFIGS`] takes: each only narrows it.
+    const WIDEST: Config = Config::new()
+        .client_id_chars(ClientIdChars::Any)
+        .client_id_max_len(usize::MAX);
+
+    /// A [`connect`] input: the configuration its first byte chooses, and the CONNECT
+    /// after that byte (an empty input: [`Config::new()`] and no bytes).
+    pub fn connect_input(data: &[u8]) -> (Config, &[u8]) {
+        match data.split_first() {
+            Some((&n, frame)) => (
+                CONNECT_CONFIGS[usize::from(n) % CONNECT_CONFIGS.len()],
+                frame,
+            ),
+            None => (Config::new(), data),
+        }
+    }
+
+    /// Validates the CONNECT after the first byte of `data` with the configuration that
+    /// byte chooses ([`connect_input`]), by [`validate_connect`] and by a [`Session`].
+    ///
+    /// # Panics
+    ///
+    /// If the two disagree, an answer is longer than 5 bytes, the session's version is
+    /// not [`connect_version`]'s (an accepted CONNECT's version is recognised), or a
+    /// CONNECT accepted is refused by a configuration wider than all of
+    /// [`CONNECT_CONFIGS`].
     pub fn connect(data: &[u8]) {
-        let config = Config::new().max_keep_alive(600);
-        let _ = validate_connect(data, &config);
-        let mut s = Session::new(config);
-        if let Err(e) = s.validate(data) {
-            let _ = s.answer(&e).bytes();
+        let (config, frame) = connect_input(data);
+        let result = validate_connect(frame, &config);
+        let mut session = Session::new(config);
+        match (&result, session.validate(frame)) {
+            (Ok(c), Ok(Packet::Connect(p))) => assert_eq!(*c, p, "the session's CONNECT"),
+            (Err(e), Err(f)) => {
+                assert_eq!(*e, f, "the session's refusal");
+                let answer = session.answer(&f);
+                assert!(answer.bytes().len() <= 5, "answers are short: {answer:?}");
+            }
+            (r, s) => panic!("validate_connect {r:?}, the session {s:?}"),
+        }
+        let version = connect_version(frame);
+        if let Ok(c) = &result {
+            assert_eq!(version, Some(c.version), "an accepted CONNECT's version");
+        }
+        assert_eq!(session.version(), version, "the session's version");
+        let widest = validate_connect(frame, &WIDEST);
+        if result.is_ok() {
+            assert!(widest.is_ok(), "refused by the widest: {widest:?}");
         }
     }
 
@@ -400,10 +465,37 @@ pub mod __fuzz {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::__fuzz::{CONNECT_CONFIGS, connect, connect_input};
+    use crate::validate_connect;
+
+    /// The `mqtt_connect` seeds (`tests/corpus.rs` judges them by name), each under
+    /// every configuration, through the fuzz entry point.
+    #[test]
+    fn connect_seeds_under_every_configuration() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/mqtt_connect");
+        let mut accepted = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let (_, frame) = connect_input(&data);
+            for (n, config) in CONNECT_CONFIGS.iter().enumerate() {
+                let input = [&[u8::try_from(n).unwrap()][..], frame].concat();
+                connect(&input);
+                accepted += usize::from(validate_connect(frame, config).is_ok());
+            }
+        }
+        assert!(accepted >= 20, "{accepted} CONNECTs accepted");
+    }
+}
+
 /// The fuzz entry points for `cargo fuzz` (see `fuzz/`).
 #[cfg(fuzzing)]
 pub mod fuzz_logic {
-    /// Runs the CONNECT validator on arbitrary bytes.
+    /// Runs the CONNECT validator on arbitrary bytes, the first choosing the
+    /// configuration (see `__fuzz::connect`).
     pub fn connect(data: &[u8]) {
         crate::__fuzz::connect(data);
     }

@@ -3,6 +3,11 @@
 //! Seeds named `bad_*` must be refused and all other seeds accepted, so the corpora stay
 //! meaningful as the validators change. A seed's name starts with `bad_`, `ok_` or the
 //! protocol version it speaks (`v31`, `v311`, `v5`, alone or followed by `_`).
+//!
+//! A `mqtt_connect` seed's first byte chooses the configuration
+//! (`aegis_mqtt::__fuzz::CONNECT_CONFIGS`), the CONNECT follows: 0 is `Config::new()`;
+//! a seed for another configuration is judged with that one, and must be one that
+//! `Config::new()` accepts (a `bad_` one is refused for the configuration's sake).
 
 use std::path::{Path, PathBuf};
 
@@ -56,8 +61,16 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn replay_connect(dir: &Path) {
     for (name, data) in seeds(dir) {
         aegis_mqtt::__fuzz::connect(&data);
-        let ok = validate_connect(&data, &Config::new()).is_ok();
+        let (config, frame) = aegis_mqtt::__fuzz::connect_input(&data);
+        let ok = validate_connect(frame, &config).is_ok();
         assert_eq!(ok, !name.starts_with("bad_"), "{name}");
+        if data.first().is_some_and(|&n| n != 0) {
+            let default = validate_connect(frame, &Config::new());
+            assert!(
+                default.is_ok(),
+                "{name}: Config::new() refuses it: {default:?}"
+            );
+        }
     }
 }
 
