@@ -356,9 +356,11 @@ pub mod __fuzz {
     /// # Panics
     ///
     /// If the two disagree, an answer is longer than 5 bytes, the session's version is
-    /// not [`connect_version`]'s (an accepted CONNECT's version is recognised), or a
+    /// not [`connect_version`]'s (an accepted CONNECT's version is recognised), a
     /// CONNECT accepted is refused by a configuration wider than all of
-    /// [`CONNECT_CONFIGS`].
+    /// [`CONNECT_CONFIGS`], or (in tests and with the feature `fuzz-sniff`) the sniffer
+    /// of `aegis-layers` would not route one that configuration accepts to MQTT at its
+    /// level.
     pub fn connect(data: &[u8]) {
         let (config, frame) = connect_input(data);
         let result = validate_connect(frame, &config);
@@ -380,6 +382,35 @@ pub mod __fuzz {
         let widest = validate_connect(frame, &WIDEST);
         if result.is_ok() {
             assert!(widest.is_ok(), "refused by the widest: {widest:?}");
+        }
+        #[cfg(any(test, feature = "fuzz-sniff"))]
+        if let Ok(c) = widest {
+            sniffed_as(frame, c.version);
+        }
+    }
+
+    /// Asserts that the sniffer (`aegis_layers::sniff::classify`) classifies a valid
+    /// CONNECT `frame` of `version` as MQTT of that level, and every prefix of it either
+    /// so or undecided: otherwise a sniffing router would send a valid client elsewhere,
+    /// whatever it had read of the CONNECT so far.
+    #[cfg(any(test, feature = "fuzz-sniff"))]
+    fn sniffed_as(frame: &[u8], version: Version) {
+        use aegis_layers::sniff::{Classification, Detection, MAX_DECISION_LEN, classify};
+        let level = match version {
+            Version::V3_1 => 3,
+            Version::V3_1_1 => 4,
+            Version::V5 => 5,
+        };
+        let mqtt = Classification::Decided(Detection::mqtt(level));
+        assert_eq!(classify(frame), mqtt, "a valid {version:?} CONNECT");
+        // Decided by `MAX_DECISION_LEN` bytes, and never changed after (the sniffer's
+        // own fuzz target checks that): the longer prefixes classify as the whole.
+        for n in 0..frame.len().min(MAX_DECISION_LEN) {
+            let got = classify(&frame[..n]);
+            assert!(
+                got == Classification::NeedMore || got == mqtt,
+                "the first {n} bytes of a valid {version:?} CONNECT: {got:?}"
+            );
         }
     }
 
@@ -473,7 +504,9 @@ mod tests {
     use crate::validate_connect;
 
     /// The `mqtt_connect` seeds (`tests/corpus.rs` judges them by name), each under
-    /// every configuration, through the fuzz entry point.
+    /// every configuration, through the fuzz entry point: here it also checks the
+    /// sniffer's verdict on each CONNECT accepted, which it does only in the library's
+    /// own tests and with the feature `fuzz-sniff`.
     #[test]
     fn connect_seeds_under_every_configuration() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/mqtt_connect");
