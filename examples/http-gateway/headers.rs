@@ -900,6 +900,14 @@ mod tests {
         ]
     }
 
+    /// The fuzz logic's default limits are the gateway's.
+    #[test]
+    fn fuzz_limits_are_the_gateways() {
+        let limits = crate::gateway::Config::new(Vec::new()).limits;
+        let gateway = (limits.max_headers, limits.max_header_bytes);
+        assert_eq!(fuzz::GATEWAY_LIMITS, gateway);
+    }
+
     fn corpus_dir() -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_headers")
     }
