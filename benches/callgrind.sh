@@ -42,8 +42,13 @@ TARGETS=("$@")
 
 log() { echo "[callgrind $(date -u +%H:%M:%S)] $*" >&2; }
 . benches/common.sh
-need_debian valgrind mosquitto haproxy
-HAPROXY=$(path_of haproxy)
+if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
+    need_debian valgrind mosquitto haproxy
+    HAPROXY=$(path_of haproxy)
+fi
+# The CPU every target is pinned to (below): the first this shell may run on, which is
+# not CPU 0 in every container.
+CPU=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*\([0-9]*\).*/\1/p' /proc/self/status)
 
 # summary: the table, from the outputs in OUT of the targets named.
 summary() {
@@ -145,7 +150,7 @@ for t in "${TARGETS[@]}"; do
         # then takes a thread waiting for a stick-table lock for a stuck one and aborts.
         # The gateway's default `server.runtime = "per-core"` starts one runtime per CPU
         # it may run on (available_parallelism, which honours the affinity mask), so
-        # every target runs under `taskset -c 0` below: one CPU, one runtime (a second
+        # every target runs under `taskset -c $CPU` below: one CPU, one runtime (a second
         # runtime would be handed connections: the work of the hand-out and of two
         # runtimes, not of one). TOKIO_WORKER_THREADS=1 covers `runtime =
         # "work-stealing"`. The pin is the same for every target, HAProxy too.
@@ -160,7 +165,7 @@ for t in "${TARGETS[@]}"; do
     esac
     log "$t under callgrind (its output: $OUT/$t.log)"
     # taskset execs valgrind, which runs the target in its own process: $! is its PID.
-    TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --dump-instr=yes \
+    TOKIO_WORKER_THREADS=1 taskset -c "$CPU" valgrind --tool=callgrind --dump-instr=yes \
         --callgrind-out-file="$OUT/$t.%p.out" "${cmd[@]}" >"$OUT/$t.log" 2>&1 &
     pid=$!
     STARTED+=($pid)

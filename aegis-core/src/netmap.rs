@@ -16,7 +16,7 @@ use crate::ClientKey;
 /// network. The narrowest network that holds the address is the one found, an IPv4
 /// network before an IPv6 one. It holds what [`ClientKey::contains`] says: an IPv6
 /// network holds no IPv4 address, IPv4-mapped ones included, and an IPv4 network holds
-/// the 6to4 and Teredo addresses that carry an IPv4 address in it (see [IPv4 clients in
+/// the 6to4, Teredo and NAT64 addresses that carry an IPv4 address in it (see [IPv4 clients in
 /// IPv6 addresses](crate::ClientKey#ipv4-clients-in-ipv6-addresses)); for those, a
 /// lookup costs one per length in use in either family.
 ///

@@ -312,7 +312,8 @@ pub mod __fuzz {
     pub use crate::fuzz_io::io;
 
     /// The configurations [`connect`] validates with, by its input's first byte (modulo
-    /// their number): [`Config::new()`] first, then what the products set.
+    /// their number): [`Config::new()`] first, then what the products set (written
+    /// from `examples/mqtt-gateway/stack.rs`, which says so: change them together).
     pub const CONNECT_CONFIGS: [Config; 8] = [
         Config::new(),
         // The mqtt-gateway in front of its embedded broker, which speaks 3.1.1 only.

@@ -172,7 +172,7 @@ impl fmt::Display for Client {
             return write!(f, "{}", self.addr);
         }
         // The key of these prefixes: an IPv6 address that carries an IPv4 client
-        // (IPv4-mapped, 6to4, Teredo) is shown as that client's /24, not as a /48 that
+        // (IPv4-mapped, 6to4, Teredo, NAT64) is shown as that client's /24, not as a /48 that
         // would hold a 6to4 site's whole IPv4 address.
         write!(f, "{}", KeyBy::new(MASK_V4, MASK_V6).key(self.addr.ip()))
     }

@@ -495,7 +495,9 @@ pub(crate) fn build(
     // parsed; a refusal gets CONNACK 0x05 / 0x87 from the gateway).
     let auth = settings.auth.clone();
 
-    // MQTT validation, with the per-packet policy (its tiers are all off unless set).
+    // MQTT validation, with the per-packet policy (its tiers are all off unless set). The
+    // `mqtt_connect` fuzz target validates with these settings too
+    // (`aegis_mqtt::__fuzz::CONNECT_CONFIGS`): change them together.
     let mqtt = c.mqtt.enabled.then(|| {
         let m = &c.mqtt;
         let mut config = aegis_mqtt::Config::new()
@@ -560,8 +562,11 @@ pub(crate) fn build(
         let mut policy = Policy::builder()
             .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
             .max_keys(l.max_keys)
-            .evict_every(l.evict_every)
             .v5_publish_answer(l.v5_publish_answer);
+        // Checked positive only with the limits on; off, the policy has no tiers.
+        if l.enabled {
+            policy = policy.evict_every(l.evict_every);
+        }
         if let Some(q) = q.connect_per_ip {
             policy = policy.connect_per_addr(q);
         }

@@ -2209,6 +2209,17 @@ fn a_tier_table_keeps_the_tiers_defaults_for_what_it_leaves_out() {
     );
 }
 
+/// With the limits off their eviction interval is not checked, and nothing uses it: a
+/// zero one once reached the MQTT policy's builder, which panicked at start-up.
+#[tokio::test]
+async fn limits_off_with_a_zero_eviction_interval_start() {
+    let config = "[limits]\nenabled = false\nevict_every = \"0s\"\n";
+    let gw = Gateway::start("limits-off-evict-0", config, &[]).await;
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+    let mut s = mqtt_session("127.0.0.1", gw.mqtt, "evict").await.unwrap();
+    s.write_all(&[0xE0, 0x00]).await.unwrap();
+}
+
 /// The shipped example file starts the gateway as is.
 #[tokio::test]
 async fn the_shipped_example_config_starts() {

@@ -105,8 +105,8 @@ impl RateLimitBuilder {
     }
 
     /// How client addresses become keys (default: IPv4 `/32`, IPv6 `/64`; an
-    /// IPv4-mapped, 6to4 or Teredo address as the IPv4 address it carries, by the IPv4
-    /// prefix).
+    /// IPv4-mapped, 6to4, Teredo or NAT64 address as the IPv4 address it carries, by
+    /// the IPv4 prefix).
     #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;

@@ -51,13 +51,14 @@
 //! The `connect` tier keys on the effective client address
 //! ([`aegis_core::ClientAddr`]: the peer, or what a trusted PROXY header said), folded
 //! and truncated exactly as the connection rate limiter does ([`KeyBy`]: IPv4-mapped,
-//! 6to4 and Teredo IPv6 addresses folded to the IPv4 address they carry, other IPv6
+//! 6to4, Teredo and NAT64 IPv6 addresses folded to the IPv4 address they carry, other IPv6
 //! addresses by `/64`). The other tiers key on the CONNECT's client id; a
 //! client with an empty id (which the broker names) is keyed on its address instead.
 //!
 //! Each tier tracks at most [`max_keys`](PolicyBuilder::max_keys) keys (100,000 by
 //! default); a new key beyond the cap shares one overflow budget until idle keys are
-//! evicted (every 30 s), as in `aegis_layers::rate_limit`.
+//! evicted (every [`evict_every`](PolicyBuilder::evict_every), 30 s by default), as in
+//! `aegis_layers::rate_limit`.
 //!
 //! # Answers from the gateway
 //!
@@ -287,8 +288,8 @@ impl PolicyBuilder {
     }
 
     /// How client addresses map to keys of the `connect` tier (default: IPv4 by `/32`,
-    /// IPv6 by `/64`, an IPv4-mapped, 6to4 or Teredo address as the IPv4 address it
-    /// carries); also the key of a client with an empty client id.
+    /// IPv6 by `/64`, an IPv4-mapped, 6to4, Teredo or NAT64 address as the IPv4 address
+    /// it carries); also the key of a client with an empty client id.
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;
         self

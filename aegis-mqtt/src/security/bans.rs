@@ -23,7 +23,7 @@ use crate::bounded::Bounded;
 /// by /64 by default, as the rate limiter does): a subscriber gets at least a whole /64
 /// and can send from any address in it, so counting and banning one IPv6 address at a
 /// time would be evaded by the next one. An IPv6 address that carries its client's
-/// IPv4 address (IPv4-mapped, 6to4, Teredo) is counted and banned as that IPv4 address
+/// IPv4 address (IPv4-mapped, 6to4, Teredo, NAT64) is counted and banned as that IPv4 address
 /// (see [IPv4 clients in IPv6
 /// addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)). Client ids and
 /// usernames longer than 256 bytes are keyed on their first 256 bytes.
@@ -35,8 +35,8 @@ use crate::bounded::Bounded;
 ///
 /// An IPv6 network holds no IPv4 address, IPv4-mapped ones included (which are IPv4
 /// addresses here): a ban of `::/64`, the key of a client at `::1`, refuses no IPv4
-/// client. An IPv4 network holds the 6to4 and Teredo addresses that carry an address in
-/// it ([`ClientKey::contains`]): a ban of `192.0.2.1/32` refuses the 6to4 site at
+/// client. An IPv4 network holds the 6to4, Teredo and NAT64 addresses that carry an
+/// address in it ([`ClientKey::contains`]): a ban of `192.0.2.1/32` refuses the 6to4 site at
 /// `192.0.2.1` from any of its subnets (`2002:c000:201::/48`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BanKey {
@@ -62,8 +62,8 @@ impl BanKey {
     }
 
     /// The network of `ip` by the default prefixes ([`KeyBy::default`]): an IPv4
-    /// address itself (an IPv4-mapped, 6to4 or Teredo one the IPv4 address it
-    /// carries), any other IPv6 address its /64.
+    /// address itself (an IPv4-mapped, 6to4, Teredo or NAT64 one the IPv4 address
+    /// it carries), any other IPv6 address its /64.
     ///
     /// ```
     /// use aegis_mqtt::security::BanKey;

@@ -236,8 +236,8 @@
 //! [IPv4 clients in IPv6 addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)).
 //! A ban through the handle can be of any network ([`BanKey::Addr`] holds an
 //! [`aegis_core::ClientKey`]): a connection is refused, and closed, when any ban holds
-//! its address ([`ClientKey::contains`]: an IPv4 network holds the 6to4 and Teredo
-//! addresses that carry an address in it). Connections from
+//! its address ([`ClientKey::contains`]: an IPv4 network holds the 6to4, Teredo and
+//! NAT64 addresses that carry an address in it). Connections from
 //! [`exempt`](SecurityBuilder::exempt) networks (your own health checks, an office's
 //! NAT) count toward no ban.
 
@@ -478,8 +478,8 @@ impl Default for SecurityBuilder {
 
 impl SecurityBuilder {
     /// How the detector keys client addresses ([`KeyBy::default`]: IPv4 by /32, IPv6
-    /// by /64, an IPv4-mapped, 6to4 or Teredo address as the IPv4 address it carries,
-    /// by the IPv4 prefix). A client delegated a /56 and keyed by /64 could rotate 256
+    /// by /64, an IPv4-mapped, 6to4, Teredo or NAT64 address as the IPv4 address it
+    /// carries, by the IPv4 prefix). A client delegated a /56 and keyed by /64 could rotate 256
     /// networks before each is counted out; `KeyBy::new(32, 56)` counts and bans it
     /// whole (and everyone else in that /56 with it).
     pub const fn key_by(mut self, key_by: KeyBy) -> Self {
@@ -496,8 +496,8 @@ impl SecurityBuilder {
     /// handle, restored ones, a client id or username's earned elsewhere, and a
     /// network's that holds them, earned by a neighbour (an exempt `::1/128` is in the
     /// `::/64` the detector keys its neighbours by: exempt whole client networks). An
-    /// IPv4 network also holds the 6to4 and Teredo addresses that carry an address in
-    /// it, which the detector keys inside it ([`ClientKey::contains`]). Looked up when
+    /// IPv4 network also holds the 6to4, Teredo and NAT64 addresses that carry an
+    /// address in it, which the detector keys inside it ([`ClientKey::contains`]). Looked up when
     /// the detector counts, with one hash lookup per prefix length in the list
     /// ([`NetMap`]), however long it is.
     ///
@@ -522,7 +522,8 @@ impl SecurityBuilder {
     /// [`exempt`](Self::exempt), which only spares from bans. An IPv4 network also
     /// holds the 6to4, Teredo and NAT64 addresses that carry an address in it
     /// ([`ClientKey::contains`]): a denied network cannot come back through a 6to4 or
-    /// Teredo relay; `2002::/16` and `2001::/32` deny every 6to4 or Teredo client.
+    /// Teredo relay or a NAT64 translator; `2002::/16`, `2001::/32` and `64:ff9b::/96` deny
+    /// every 6to4, Teredo or NAT64 client.
     /// Looked up for every connection with one hash lookup per prefix length in the
     /// list ([`NetMap`]), however long it is.
     ///
