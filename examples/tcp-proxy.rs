@@ -27,13 +27,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let listen: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:7000").parse()?;
     let upstream: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:7001").parse()?;
-    let max: usize = args.next().as_deref().unwrap_or("10000").parse()?;
+    // At least one (a cap of 0 or over `u32::MAX` is no cap `serve` takes).
+    let max: std::num::NonZeroU32 = args.next().as_deref().unwrap_or("10000").parse()?;
 
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, %upstream, max, "tcp-proxy listening");
     let proxy = Proxy::new(upstream).connect_timeout(Duration::from_secs(3));
     let report = serve(listener, proxy)
-        .max_connections(max)
+        .max_connections(usize::try_from(max.get())?)
         .nodelay(true)
         .drain_timeout(Duration::from_secs(10))
         .with_graceful_shutdown(async {
