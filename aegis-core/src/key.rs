@@ -244,7 +244,19 @@ impl ClientKey {
     /// gives `0.0.0.0/0`; `64:ff9b::c000:200/120` gives `192.0.2.0/24`); `None` for any
     /// other network. An IPv4 network holds all of this network exactly when it holds that
     /// one ([`NetMap::covering`](crate::NetMap::covering)).
-    pub(crate) const fn v4_clients(&self) -> Option<Self> {
+    ///
+    /// ```
+    /// use aegis_core::ClientKey;
+    ///
+    /// let net = |s: &str| s.parse::<ClientKey>().unwrap();
+    /// let clients = |s: &str| net(s).v4_clients().map(|n| n.to_string());
+    /// assert_eq!(clients("2002:c000:200::/40").as_deref(), Some("192.0.2.0/24"));
+    /// // Every client of one Teredo server, or behind a NAT64 translator, may be anyone.
+    /// assert_eq!(clients("2001:0:c000:22d::/64").as_deref(), Some("0.0.0.0/0"));
+    /// assert_eq!(clients("64:ff9b::/96").as_deref(), Some("0.0.0.0/0"));
+    /// assert_eq!(clients("2001:db8::/32"), None);
+    /// ```
+    pub const fn v4_clients(&self) -> Option<Self> {
         let IpAddr::V6(v6) = self.net else {
             return None;
         };

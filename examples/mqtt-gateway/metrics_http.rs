@@ -24,7 +24,8 @@
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
 //!   `client_id`); otherwise those answer `403`. `POST` refuses (`400`) a network wider
-//!   than an IPv4 /8 or an IPv6 /32, and an empty or blank username or client id.
+//!   than an IPv4 /8 or an IPv6 /32 (or whose 6to4, Teredo or NAT64 clients span more
+//!   than an IPv4 /8), and an empty or blank username or client id.
 //! - `/events` and `/bans` answer no browser: a request with an `Origin` header gets
 //!   `403` (a page open on this host could otherwise post a ban), and so does one
 //!   addressed to a name other than `localhost` without `security.admin_token` (a page
@@ -230,7 +231,9 @@ pub(crate) const WIDEST_V6_BAN: u8 = 32;
 
 /// Why a manual ban of `key` is refused: a network wider than [`WIDEST_V4_BAN`] or
 /// [`WIDEST_V6_BAN`] (also when a bare address is keyed so by `limits.ipv4_prefix` or
-/// `limits.ipv6_prefix`).
+/// `limits.ipv6_prefix`), or an IPv6 network of 6to4, Teredo or NAT64 addresses whose
+/// IPv4 clients may span more than an IPv4 [`WIDEST_V4_BAN`] (`2001::/32`, every Teredo
+/// client; `64:ff9b::/96`, every client behind a translator; one Teredo server's /64).
 fn too_wide(key: &BanKey) -> Option<String> {
     let BanKey::Addr(net) = key else {
         return None;
@@ -239,10 +242,14 @@ fn too_wide(key: &BanKey) -> Option<String> {
         std::net::IpAddr::V4(_) => WIDEST_V4_BAN,
         std::net::IpAddr::V6(_) => WIDEST_V6_BAN,
     };
-    (net.prefix_len() < widest).then(|| {
+    let clients_too_wide = net
+        .v4_clients()
+        .is_some_and(|v4| v4.prefix_len() < WIDEST_V4_BAN);
+    (net.prefix_len() < widest || clients_too_wide).then(|| {
         format!(
             "refusing to ban {net}: a ban through /bans covers at most an IPv4 /{WIDEST_V4_BAN} \
-             or an IPv6 /{WIDEST_V6_BAN}"
+             or an IPv6 /{WIDEST_V6_BAN}, and the 6to4, Teredo or NAT64 clients of an IPv6 \
+             network at most an IPv4 /{WIDEST_V4_BAN}"
         )
     })
 }

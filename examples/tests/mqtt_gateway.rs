@@ -1446,9 +1446,11 @@ async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes
 }
 
 /// `POST /bans` refuses a network wider than an IPv4 /8 or an IPv6 /32 (`0.0.0.0/0`
-/// would refuse everyone), in CIDR notation or an IPv4-mapped form of it, with `400` and
-/// the reason; nothing is banned and clients are still served. A /24, a /8 and a /32
-/// are banned.
+/// would refuse everyone), in CIDR notation or an IPv4-mapped form of it, or an IPv6
+/// network whose 6to4, Teredo or NAT64 clients may be any IPv4 client (`2001::/32`,
+/// `64:ff9b::/96`, a Teredo server's /64), with `400` and the reason; nothing is banned
+/// and clients are still served. A /24, a /8, a /32 and the NAT64 form of a /8 are
+/// banned.
 #[tokio::test]
 async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
     let gw = Gateway::start("wide-ban", "[security]\nadmin = true\n", &[]).await;
@@ -1458,6 +1460,9 @@ async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
         "10.0.0.0%2F7",
         "2001:d00::%2F31",
         "%3A%3Affff:0.0.0.0%2F96",
+        "2001::%2F32",
+        "2001:0:c000:22d::%2F64",
+        "64:ff9b::%2F96",
     ] {
         let path = format!("/bans?key=addr&value={wide}&for=10m");
         let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
@@ -1470,7 +1475,12 @@ async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
     );
     let mut s = mqtt_session("127.0.0.1", gw.mqtt, "served").await.unwrap();
     s.write_all(&[0xE0, 0x00]).await.unwrap();
-    for narrow in ["127.0.14.0%2F24", "10.0.0.0%2F8", "2001:db8::%2F32"] {
+    for narrow in [
+        "127.0.14.0%2F24",
+        "10.0.0.0%2F8",
+        "2001:db8::%2F32",
+        "64:ff9b::a00:0%2F104",
+    ] {
         let path = format!("/bans?key=addr&value={narrow}&for=10m");
         let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
         assert_eq!(status, 200, "{narrow}: {body}");
