@@ -91,7 +91,8 @@
 //!
 //! - `serve` (default): the accept loop.
 //! - `proxy` (default): the upstream proxy service.
-//! - `test-util`: helpers to read metrics in tests.
+//! - `test-util`: helpers for tests: reading metrics ([`metrics::testing`]) and a
+//!   loopback port that refuses connects ([`testing::dead_port`]).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -104,6 +105,9 @@ mod key;
 pub mod metrics;
 mod netmap;
 mod rewind;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing;
 pub mod time;
 
 #[cfg(feature = "proxy")]

@@ -1,7 +1,5 @@
 //! The upstream proxy over real loopback sockets.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,8 +7,8 @@ use aegis_core::error::label_of;
 use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::proxy::{Proxy, ProxyError, Transferred};
+use aegis_core::testing::dead_port;
 use aegis_core::{BoxError, Conn};
-use common::dead_port;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

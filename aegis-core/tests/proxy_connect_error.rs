@@ -1,8 +1,6 @@
 //! `Proxy::on_connect_error`: the responder gets the client when the connect fails, and
 //! only then. Real loopback sockets.
 
-mod common;
-
 use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +8,7 @@ use std::pin::Pin;
 use aegis_core::Conn;
 use aegis_core::error::label_of;
 use aegis_core::proxy::{OnConnectError, Proxy};
-use common::dead_port;
+use aegis_core::testing::dead_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use aegis_core::Conn;
 use aegis_core::proxy::Proxy;
+use aegis_core::testing::dead_port;
 use aegis_mqtt::Config;
 use aegis_mqtt::layer::{ConnackLatency, MqttIo, MqttLayer, Unavailable};
-use common::{connect_v4, connect_v5, dead_port, duplex_conn};
+use common::{connect_v4, connect_v5, duplex_conn};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Mosquitto, connect, dead_port, free_ports, read_packet};
+use aegis_core::testing::dead_port;
+use common::{Mosquitto, connect, free_ports, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};

@@ -32,18 +32,6 @@ pub fn free_ports<const N: usize>() -> [SocketAddr; N] {
     held.map(|l| l.local_addr().unwrap())
 }
 
-/// A loopback port where connects are refused for as long as the socket lives: bound,
-/// never listening. Unlike a [`free_port`], no other process (a gateway started by the
-/// same test, which once got the very port it was told was its dead upstream) can take
-/// it meanwhile.
-#[allow(dead_code)] // mqtt_gateway.rs
-pub fn dead_port() -> (tokio::net::TcpSocket, SocketAddr) {
-    let s = tokio::net::TcpSocket::new_v4().unwrap();
-    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = s.local_addr().unwrap();
-    (s, addr)
-}
-
 // ---------------------------------------------------------------------------------
 // The broker
 // ---------------------------------------------------------------------------------
