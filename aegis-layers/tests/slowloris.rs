@@ -330,6 +330,105 @@ async fn an_idle_clock_after_the_handshake_alone_starts_at_its_end() {
     );
 }
 
+/// Starts `n` connections at once, each a held-open silent client of `svc`, and
+/// returns when each was cut (from the start) with the cut's error.
+async fn cut_together<S>(svc: S, n: usize) -> Vec<(Duration, BoxError)>
+where
+    S: Service<Conn<DuplexStream>, Response = (), Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let (client, server) = tokio::io::duplex(64);
+        clients.push(client); // held open: silent, not closed
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let err = svc.oneshot(conn(server)).await.unwrap_err();
+            (Instant::now().saturating_duration_since(start), err)
+        }));
+    }
+    let mut cuts = Vec::new();
+    for t in tasks {
+        cuts.push(t.await.unwrap());
+    }
+    cuts
+}
+
+/// Distinct milliseconds among the cut times.
+fn distinct_ms(cuts: &[(Duration, BoxError)]) -> usize {
+    let mut ms: Vec<u128> = cuts.iter().map(|c| c.0.as_millis()).collect();
+    ms.sort_unstable();
+    ms.dedup();
+    ms.len()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_jitter_spreads_the_cuts_of_connections_opened_together() {
+    let svc = SlowlorisLayer::new()
+        .first_byte_timeout(10 * S)
+        .handshake_timeout(20 * S)
+        .jitter(S)
+        .layer(service_fn(drain::<SlowlorisIo<Conn<DuplexStream>>>));
+    let cuts = cut_together(svc, 64).await;
+    for (at, err) in &cuts {
+        // Never after the deadline, at most the jitter before it.
+        assert!(*at >= 9 * S && *at <= 10 * S, "cut at {at:?}");
+        let e = elapsed(err);
+        assert_eq!(e.clock(), Clock::FirstByte);
+        // The error tells the time the connection actually had.
+        assert_eq!(e.elapsed(), *at);
+    }
+    // 64 draws over 1,000 ms; without the jitter all 64 fall on 10 s.
+    let distinct = distinct_ms(&cuts);
+    assert!(distinct >= 32, "{distinct} distinct cut times");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_jitter_takes_at_most_half_the_shortest_clock() {
+    let svc = SlowlorisLayer::new()
+        .first_byte_timeout(2 * S)
+        .handshake_timeout(30 * S)
+        .jitter(60 * S)
+        .layer(service_fn(drain::<SlowlorisIo<Conn<DuplexStream>>>));
+    let cuts = cut_together(svc, 32).await;
+    assert!(
+        cuts.iter().all(|c| c.0 >= S && c.0 <= 2 * S),
+        "{:?}",
+        cuts.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    // Capped, but still spread over the second it was capped to.
+    assert!(cuts.iter().any(|c| c.0 < Duration::from_millis(1900)));
+    assert!(distinct_ms(&cuts) >= 16);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_idle_clock_after_the_handshake_is_not_jittered() {
+    let svc = SlowlorisLayer::new()
+        .first_byte_timeout(10 * S)
+        .idle_timeout_after_handshake(5 * S)
+        .jitter(2 * S)
+        .layer(service_fn(
+            handshake_after::<SlowlorisIo<Conn<DuplexStream>>>(5),
+        ));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"hello").await.unwrap();
+        clients.push(client);
+        tasks.push(tokio::spawn(svc.clone().oneshot(conn(server))));
+    }
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert_eq!(Instant::now().saturating_duration_since(start), 5 * S);
+        let e = elapsed(&err);
+        assert_eq!((e.clock(), e.after_handshake()), (Clock::Idle, true));
+    }
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_healthy_client_split_anywhere_is_never_cut() {
     const MSG: &[u8] = b"CONNECT mqtt 5.0";

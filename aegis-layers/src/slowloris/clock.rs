@@ -115,9 +115,29 @@ pub(crate) struct Progress {
     pub(crate) received: u64,
     /// Whether the handshake is complete.
     pub(crate) handshake_done: bool,
+    /// How early this connection's handshake deadlines come, in nanoseconds (its draw
+    /// of the layer's jitter; 0 without one).
+    pub(crate) early_ns: u32,
 }
 
 impl Clocks {
+    /// The most a connection's handshake deadlines may come early, in nanoseconds: the
+    /// layer's `jitter`, capped at half the shortest handshake clock set (so that no
+    /// deadline comes before half its time) and at `u32::MAX` ns (4.29 s).
+    pub(crate) fn jitter_cap(&self, jitter: Duration) -> u32 {
+        let shortest = [
+            self.first_byte.get(),
+            self.idle.get(),
+            self.total.get(),
+            self.min_rate.map(|r| r.grace()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let cap = shortest.map_or(Duration::ZERO, |d| d / 2).min(jitter);
+        u32::try_from(cap.as_nanos()).unwrap_or(u32::MAX)
+    }
+
     /// Whether the idle clock that applies in this phase needs the time of each read.
     pub(crate) const fn tracks_reads(&self, handshake_done: bool) -> bool {
         if handshake_done {
@@ -160,7 +180,11 @@ impl Clocks {
             .and_then(|r| at(p.start, Some(r.allowance(p.received)), Clock::MinRate))
             // At or past the cap, the total deadline is the one that cuts.
             .filter(|r| total.is_none_or(|t| r.0 < t.0));
+        let early = Duration::from_nanos(u64::from(p.early_ns));
+        // The jitter takes the same time off every deadline, so they keep their order
+        // and only move later with progress, as the timer expects.
         earliest(earliest(next, rate), total)
+            .map(|(t, clock)| (t.checked_sub(early).unwrap_or(t).max(p.start), clock))
     }
 }
 
@@ -177,6 +201,7 @@ mod tests {
             last_read: start + last_read_secs * S,
             received,
             handshake_done: done,
+            early_ns: 0,
         }
     }
 
@@ -291,6 +316,74 @@ mod tests {
         );
         assert!(!Clocks::default().tracks_reads(true));
         assert!(c.tracks_reads(true) && c.tracks_reads(false));
+    }
+
+    #[test]
+    fn the_jitter_is_capped_at_half_the_shortest_handshake_clock() {
+        let ms = Duration::from_millis;
+        let c = Clocks {
+            first_byte: Limit::new(2 * S),
+            total: Limit::new(10 * S),
+            ..Clocks::default()
+        };
+        assert_eq!(c.jitter_cap(ms(100)), 100_000_000);
+        assert_eq!(c.jitter_cap(60 * S), 1_000_000_000);
+        // The minimum rate's grace counts; the idle clock after the handshake does not.
+        let c = Clocks {
+            min_rate: Some(MinRate::new(10, S)),
+            idle_after_handshake: Limit::new(ms(10)),
+            ..c
+        };
+        assert_eq!(c.jitter_cap(60 * S), 500_000_000);
+        // No handshake clock, nothing to spread; long clocks stop at u32::MAX ns.
+        let only_after = Clocks {
+            idle_after_handshake: Limit::new(60 * S),
+            ..Clocks::default()
+        };
+        assert_eq!(only_after.jitter_cap(S), 0);
+        let long = Clocks {
+            total: Limit::new(100 * S),
+            ..Clocks::default()
+        };
+        assert_eq!(long.jitter_cap(10 * S), u32::MAX);
+    }
+
+    #[test]
+    fn an_early_draw_moves_every_handshake_deadline_but_never_before_the_start() {
+        let c = Clocks {
+            first_byte: Limit::new(5 * S),
+            idle: Limit::new(3 * S),
+            total: Limit::new(10 * S),
+            idle_after_handshake: Limit::new(60 * S),
+            ..Clocks::default()
+        };
+        let early = |mut p: Progress, ns: u32| {
+            p.early_ns = ns;
+            p
+        };
+        let half = 500_000_000;
+        assert_eq!(
+            next_rel(&c, &early(progress(0, 0, false), half)),
+            Some((Duration::from_millis(4_500), Clock::FirstByte))
+        );
+        assert_eq!(
+            next_rel(&c, &early(progress(9, 8, false), half)),
+            Some((Duration::from_millis(9_500), Clock::Total))
+        );
+        // After the handshake, no jitter.
+        assert_eq!(
+            next_rel(&c, &early(progress(5, 2, true), half)),
+            Some((62 * S, Clock::Idle))
+        );
+        // More than the clock (the layer caps it; this checks the floor).
+        let short = Clocks {
+            first_byte: Limit::new(S / 10),
+            ..Clocks::default()
+        };
+        assert_eq!(
+            next_rel(&short, &early(progress(0, 0, false), half)),
+            Some((Duration::ZERO, Clock::FirstByte))
+        );
     }
 
     #[test]

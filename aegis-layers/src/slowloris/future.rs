@@ -54,7 +54,13 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(fut: F, clocks: Clocks, shared: Arc<Shared>, start: Instant) -> Self {
+    pub(crate) fn new(
+        fut: F,
+        clocks: Clocks,
+        shared: Arc<Shared>,
+        start: Instant,
+        early_ns: u32,
+    ) -> Self {
         Self {
             state: State::Running { fut },
             watch: Some(Box::new(Watch {
@@ -65,6 +71,7 @@ impl<F> ResponseFuture<F> {
                     last_read: start,
                     received: 0,
                     handshake_done: shared.handshake.is_complete(),
+                    early_ns,
                 },
                 shared,
             })),

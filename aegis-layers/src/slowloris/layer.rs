@@ -13,6 +13,7 @@ use super::clock::{Clocks, Limit, MinRate};
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct SlowlorisLayer {
     clocks: Clocks,
+    jitter: Duration,
 }
 
 impl SlowlorisLayer {
@@ -26,6 +27,7 @@ impl SlowlorisLayer {
                 min_rate: None,
                 idle_after_handshake: Limit::OFF,
             },
+            jitter: Duration::ZERO,
         }
     }
 
@@ -70,12 +72,27 @@ impl SlowlorisLayer {
         self.clocks.idle_after_handshake = Limit::new(timeout);
         self
     }
+
+    /// Spreads the handshake cuts: each connection's handshake deadlines (first byte,
+    /// idle, total, minimum rate) come a random amount between zero and `jitter`
+    /// early, drawn once per connection. Off (zero) by default.
+    ///
+    /// Connections opened together, as an attacker opens them, are otherwise cut
+    /// together, and an attacker that reconnects when cut comes back in the same
+    /// burst, deadline after deadline; spread cuts come back spread (gRPC's
+    /// `MAX_CONNECTION_AGE` adds its ±10 % for the same reason). A connection is never
+    /// cut later than its deadline: the jitter only takes time off. The draw is capped
+    /// at half the shortest handshake clock set, and at 4 s.
+    pub const fn jitter(mut self, jitter: Duration) -> Self {
+        self.jitter = jitter;
+        self
+    }
 }
 
 impl<S> Layer<S> for SlowlorisLayer {
     type Service = Slowloris<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Slowloris::new(inner, self.clocks)
+        Slowloris::new(inner, self.clocks, self.clocks.jitter_cap(self.jitter))
     }
 }

@@ -78,6 +78,28 @@
 //! cut after about 20.04 s (`min_rate`); one sending 1 kB/s but never finishing is cut
 //! at 40 s (`total`).
 //!
+//! # Spreading the cuts
+//!
+//! Connections opened together, as an attacker opens them, reach their deadlines
+//! together: the layer cuts them in one burst, and an attacker that reconnects when cut
+//! comes back in one burst of connects, deadline after deadline, which every client of
+//! the server meets. With [`jitter`](SlowlorisLayer::jitter) each connection draws an
+//! amount between zero and the jitter, once, and its handshake deadlines (first byte,
+//! idle, total, minimum rate) all come that much early: the cuts, and the reconnections
+//! that follow them, spread over the jitter. A connection is never cut later than its
+//! configured deadline. The draw is capped at half the shortest handshake clock set;
+//! the idle clock after the handshake is not jittered. [`Elapsed::elapsed`](error::Elapsed::elapsed)
+//! gives the time the connection actually had.
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use aegis_layers::slowloris::SlowlorisLayer;
+//! // Cut between 2.9 s and 3 s after the connection, by each connection's own draw.
+//! let layer = SlowlorisLayer::new()
+//!     .handshake_timeout(Duration::from_secs(3))
+//!     .jitter(Duration::from_millis(100));
+//! ```
+//!
 //! # Ending the handshake
 //!
 //! The layer does not understand any protocol: the inner service tells it when the

@@ -19,11 +19,17 @@ use super::io::{Shared, SlowlorisIo};
 pub struct Slowloris<S> {
     inner: S,
     clocks: Clocks,
+    /// The most a connection's handshake deadlines come early, in nanoseconds (capped).
+    jitter_ns: u32,
 }
 
 impl<S> Slowloris<S> {
-    pub(crate) const fn new(inner: S, clocks: Clocks) -> Self {
-        Self { inner, clocks }
+    pub(crate) const fn new(inner: S, clocks: Clocks, jitter_ns: u32) -> Self {
+        Self {
+            inner,
+            clocks,
+            jitter_ns,
+        }
     }
 
     /// The inner service.
@@ -67,7 +73,12 @@ where
             Handshake::tracked()
         };
         let shared = Arc::new(Shared::new(handshake));
+        let early_ns = if self.jitter_ns == 0 {
+            0
+        } else {
+            fastrand::u32(..=self.jitter_ns)
+        };
         let fut = self.inner.call(SlowlorisIo::new(io, Arc::clone(&shared)));
-        ResponseFuture::new(fut, self.clocks, shared, start)
+        ResponseFuture::new(fut, self.clocks, shared, start, early_ns)
     }
 }
