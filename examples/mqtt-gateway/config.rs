@@ -411,6 +411,8 @@ pub(crate) struct Slowloris {
     pub(crate) min_rate_grace: Duration,
     #[serde(with = "duration")]
     pub(crate) idle_after_handshake: Duration,
+    #[serde(with = "duration")]
+    pub(crate) jitter: Duration,
 }
 
 impl Default for Slowloris {
@@ -423,6 +425,7 @@ impl Default for Slowloris {
             min_rate_bytes_per_sec: 0,
             min_rate_grace: Duration::from_secs(5),
             idle_after_handshake: Duration::ZERO,
+            jitter: Duration::from_millis(50),
         }
     }
 }
@@ -951,6 +954,7 @@ impl Config {
                 sl.idle_after_handshake,
                 year,
             ),
+            ("slowloris.jitter", sl.jitter, hour),
             ("sniff.timeout", self.sniff.timeout, hour),
             ("mqtt.connect_timeout", m.connect_timeout, hour),
             ("mqtt.unavailable_timeout", m.unavailable_timeout, hour),

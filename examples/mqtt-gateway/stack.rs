@@ -638,7 +638,7 @@ pub(crate) fn build(
         if !s.idle_after_handshake.is_zero() {
             l = l.idle_timeout_after_handshake(s.idle_after_handshake);
         }
-        l
+        l.jitter(s.jitter)
     });
     let after_rate = match slowloris {
         Some(l) => Either::Left(

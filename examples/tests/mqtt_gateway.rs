@@ -928,6 +928,7 @@ async fn silent_and_stalled_clients_are_cut_at_their_deadlines() {
         first_byte = "300ms"
         idle = "600ms"
         handshake = "5s"
+        jitter = "0s"
         [sniff]
         timeout = "10s"
     "#;
@@ -963,6 +964,59 @@ async fn silent_and_stalled_clients_are_cut_at_their_deadlines() {
     gw.wait_metric(
         "aegis_rejections_total{layer=\"slowloris\",reason=\"idle\"}",
         1.0,
+    )
+    .await;
+}
+
+/// By default (`jitter = "50ms"`) connections opened together are not cut together:
+/// each is cut up to 50 ms before its deadline, never after it, by its own draw.
+#[tokio::test]
+async fn connections_opened_together_are_cut_spread_over_the_default_jitter() {
+    let config = r#"
+        [limits.per_ip]
+        enabled = false
+        [slowloris]
+        first_byte = "1s"
+        [sniff]
+        timeout = "10s"
+    "#;
+    let gw = Gateway::start("slowloris-jitter", config, &[]).await;
+    let mut cuts = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let before = Instant::now();
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        let connected = Instant::now();
+        cuts.spawn(async move {
+            assert!(closed_silently(&mut s).await);
+            let cut = Instant::now();
+            // How long the connection lived, at least and at most: the gateway's clock
+            // starts at its accept, after `before` and (on loopback) after `connected`.
+            (
+                cut.saturating_duration_since(before),
+                cut.saturating_duration_since(connected),
+            )
+        });
+    }
+    let mut lived = Vec::new();
+    while let Some(cut) = cuts.join_next().await {
+        lived.push(cut.unwrap());
+    }
+    lived.sort_unstable_by_key(|l| l.1);
+    // Never earlier than the deadline less the jitter...
+    assert!(
+        lived.iter().all(|l| l.0 >= Duration::from_millis(950)),
+        "{lived:?}"
+    );
+    // ...and not all at the deadline: a timer never fires early, so without the jitter
+    // each connection would live at least 1 s from its accept. Forty draws of up to
+    // 50 ms, none more than 25 ms early: a chance of 1e-12 (of 6e-7 with the accepts
+    // 10 ms late).
+    let (shortest, longest) = (lived[0].1, lived[lived.len() - 1].1);
+    assert!(shortest <= Duration::from_millis(975), "{lived:?}");
+    assert!(longest - shortest >= Duration::from_millis(15), "{lived:?}");
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"slowloris\",reason=\"first_byte\"}",
+        40.0,
     )
     .await;
 }
