@@ -105,6 +105,10 @@ pub struct Config {
     /// Slowloris: the most silence from the client after that (keep-alive idle; also
     /// bounds a long download by a client that sends nothing meanwhile).
     pub idle_timeout: Duration,
+    /// Slowloris: the first-byte and total deadlines of each connection come up to this
+    /// early, by a per-connection draw, so that connections opened together are not
+    /// all cut (nor come back) at once (`SlowlorisLayer::jitter`).
+    pub slowloris_jitter: Duration,
     /// `Strict-Transport-Security` max-age; only set it behind TLS.
     pub hsts: Option<Duration>,
     /// Breaker: consecutive failures that open it.
@@ -151,6 +155,7 @@ impl Config {
             first_byte_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(75),
+            slowloris_jitter: Duration::from_millis(50),
             hsts: None,
             breaker_failures: 5,
             breaker_open_for: Duration::from_secs(10),
@@ -262,7 +267,8 @@ impl Gateway {
         let slowloris = SlowlorisLayer::new()
             .first_byte_timeout(config.first_byte_timeout)
             .handshake_timeout(config.handshake_timeout)
-            .idle_timeout_after_handshake(config.idle_timeout);
+            .idle_timeout_after_handshake(config.idle_timeout)
+            .jitter(config.slowloris_jitter);
         let conn_stack = ServiceBuilder::new()
             .layer(rate_limit)
             .layer(slowloris)

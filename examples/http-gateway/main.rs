@@ -11,7 +11,8 @@
 //! `X-Forwarded-For` from clients is never believed), a cap on the connections one
 //! client address has open at once (64 by default), a per-client connection rate that
 //! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
-//! slowloris deadlines (first byte 5 s, first request's headers 15 s, idle 75 s; hyper's
+//! slowloris deadlines (first byte 5 s, first request's headers 15 s, each up to 50 ms
+//! early by a per-connection draw, idle 75 s; hyper's
 //! header read timeout of 10 s for every request). Each request then passes header limits
 //! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
 //! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,

@@ -1283,6 +1283,7 @@ async fn a_trickled_request_is_cut_by_the_slowloris_total_deadline() {
     let mut cfg = config(&[&b0]);
     cfg.header_read_timeout = Duration::from_secs(60); // only the slowloris clock can cut
     cfg.handshake_timeout = Duration::from_millis(800);
+    cfg.slowloris_jitter = Duration::ZERO; // cut at the deadline, not up to 50 ms before
     let gw = start(&cfg).await;
     // Before the connect: the total clock starts after the accept, so the cut comes at
     // least 800 ms after this (a timer never fires before its deadline).
@@ -1318,6 +1319,7 @@ async fn a_silent_client_is_cut_by_the_first_byte_timeout() {
     cfg.header_read_timeout = Duration::from_secs(60);
     cfg.handshake_timeout = Duration::from_secs(60);
     cfg.first_byte_timeout = Duration::from_millis(300);
+    cfg.slowloris_jitter = Duration::ZERO; // cut at the deadline, not up to 50 ms before
     let gw = start(&cfg).await;
     // Before the connect: the first-byte clock starts after the accept, so the cut comes
     // at least 300 ms after this (a timer never fires before its deadline).
