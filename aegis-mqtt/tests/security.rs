@@ -717,6 +717,40 @@ async fn bans_listed_as_json_are_restored_with_their_end_and_reason() {
     );
 }
 
+/// A host whose wall clock is behind when it reads its bans back (no hardware clock,
+/// NTP not yet synced) sees every `until` far ahead: the `remaining_secs` written with
+/// each ban bounds it, so a 5-minute ban stays one.
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_behind_at_restore_does_not_stretch_a_ban() {
+    let ten_days_ahead =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(10 * 86_400));
+    let json = format!(
+        r#"[{{"key":"addr","value":"192.0.2.1/32","until":"{ten_days_ahead}","remaining_secs":300,"reason":"connects"}}]"#
+    );
+    let bans: Vec<Ban> = serde_json::from_str(&json).unwrap();
+    assert_eq!(bans[0].remaining, Duration::from_secs(300));
+    let sec = Security::default();
+    assert_eq!(sec.restore(bans), 1);
+    let listed = sec.bans();
+    assert!(
+        listed[0].remaining <= Duration::from_secs(300),
+        "{listed:?}"
+    );
+    assert!(sec.is_banned(&BanKey::addr("192.0.2.1".parse().unwrap())));
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert!(
+        !sec.is_banned(&BanKey::addr("192.0.2.1".parse().unwrap())),
+        "still banned past its 300 s: {:?}",
+        sec.bans()
+    );
+    // Without `remaining_secs` (a record written by hand), `until` alone says it.
+    let json = format!(
+        r#"[{{"key":"addr","value":"192.0.2.1/32","until":"{ten_days_ahead}","reason":"manual"}}]"#
+    );
+    let bans: Vec<Ban> = serde_json::from_str(&json).unwrap();
+    assert!(bans[0].remaining > Duration::from_secs(9 * 86_400));
+}
+
 #[test]
 fn a_ban_lasts_at_most_a_century_and_its_end_can_always_be_written() {
     // 8,000 years would end in the year 10026, which RFC 3339 cannot write: cut to

@@ -171,9 +171,13 @@ impl Serialize for Ban {
     }
 }
 
-/// A ban in its JSON form, read back (`remaining_secs` is left out: `until` says it).
+/// A ban in its JSON form, read back.
 #[derive(serde::Deserialize)]
 struct BanRecord<'a> {
+    /// What was left when the record was written: the most that can be left now, time
+    /// only going forward (absent from records written by hand).
+    #[serde(default)]
+    remaining_secs: Option<u64>,
     #[serde(borrow)]
     key: Cow<'a, str>,
     #[serde(borrow)]
@@ -186,7 +190,10 @@ struct BanRecord<'a> {
 
 /// Reads a ban back from the JSON its `Serialize` writes (as `/bans` lists it), to be
 /// put in place again by [`Security::restore`](super::Security::restore).
-/// `remaining` is counted from now to `until` (zero if it has passed). An address key
+/// `remaining` is counted from now to `until` (zero if it has passed), and is at most the
+/// record's `remaining_secs` when it has one: a host whose wall clock is behind when it
+/// reads the file (no hardware clock, NTP not yet synced) must not stretch a 5-minute
+/// ban into days. An address key
 /// must be a network in CIDR notation (as it is written); a name longer than 256 bytes
 /// is cut, as the handle cuts it; `reason` must be one of the four.
 impl<'de> serde::Deserialize<'de> for Ban {
@@ -219,7 +226,8 @@ impl<'de> serde::Deserialize<'de> for Ban {
             until,
             remaining: until
                 .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO),
+                .unwrap_or(Duration::ZERO)
+                .min(r.remaining_secs.map_or(Duration::MAX, Duration::from_secs)),
             reason,
         })
     }

@@ -785,16 +785,18 @@ impl Security {
     }
 
     /// Puts `bans` in place again, as [`bans`](Self::bans) listed them (from another
-    /// `Security`, or this process's before a restart, through their JSON form), each
-    /// until its `until` (at most [`MAX_BAN`] from now) and with its reason; a ban that
-    /// has ended is skipped. Like a ban through the handle, each replaces a ban of the
+    /// `Security`, or this process's before a restart, through their JSON form), each until
+    /// its `until` but for no longer than its `remaining` (so a wall clock behind at
+    /// start-up cannot stretch a ban: read back from JSON, `remaining` is at most what was
+    /// left when it was written), at most [`MAX_BAN`] from now, and with its reason; a ban
+    /// that has ended is skipped. Like a ban through the handle, each replaces a ban of the
     /// same key, makes room in a full table as a new ban does (see [Bounds](self#bounds):
     /// they are put in place the soonest-ending first, so of each kind, by hand or by the
     /// detector, the table keeps those that end last), and closes the open connections it
-    /// matches; unlike one, it logs no event and counts
-    /// nothing in `aegis_security_bans_total` (it is not a new ban), and it is put in
-    /// place whatever [`exempt`](SecurityBuilder::exempt) says. Returns how many were put
-    /// in place (a key given twice, twice).
+    /// matches; unlike one, it logs no event and counts nothing in
+    /// `aegis_security_bans_total` (it is not a new ban), and it is put in place whatever
+    /// [`exempt`](SecurityBuilder::exempt) says. Returns how many were put in place (a key
+    /// given twice, twice).
     ///
     /// ```
     /// use std::time::Duration;
@@ -820,6 +822,7 @@ impl Security {
             let Ok(left) = ban.until.duration_since(SystemTime::now()) else {
                 continue;
             };
+            let left = left.min(ban.remaining);
             if !left.is_zero()
                 && self
                     .place(&ban.key.normalized(), left, ban.reason, None)
