@@ -1143,6 +1143,11 @@ impl Config {
         }
 
         let sl = &self.slowloris;
+        if sl.enabled && sl.min_rate_bytes_per_sec > 0 {
+            // A rate deadline of `grace + received / rate` from the start: with no grace,
+            // a connection whose first bytes are not there at its first poll is cut.
+            positive("slowloris.min_rate_grace", sl.min_rate_grace)?;
+        }
         if sl.enabled && !self.mqtt.enabled {
             // Only the MQTT layer marks the handshake complete: these clocks would cut
             // every connection.

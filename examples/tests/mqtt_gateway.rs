@@ -2068,6 +2068,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "slowloris.idle_after_handshake",
         ),
         (
+            "a minimum rate with no grace (its deadline is the connection's start)",
+            "[slowloris]\nmin_rate_bytes_per_sec = 100\nmin_rate_grace = \"0s\"\n",
+            "slowloris.min_rate_grace",
+        ),
+        (
             "an embedded broker payload limit of 0 (the MQTT layer off)",
             "[mqtt]\nenabled = false\nmax_packet_size = 0\n[slowloris]\nhandshake = \"0s\"\n",
             "mqtt.max_packet_size",
