@@ -199,5 +199,7 @@ mod tests {
         assert!(added <= 16, "adds {added} bytes");
         // The state shared with the stream: a byte count and the handshake handle.
         assert_eq!(size_of::<Shared>(), 16);
+        // The watch the module docs size: the jitter's draw fits in the progress's padding.
+        assert_eq!(size_of::<Watch>(), 112);
     }
 }

@@ -161,7 +161,8 @@
 //!   holds the addition to 16 bytes at most);
 //! - while a clock can still fire, two heap blocks: that box, the watch (112 bytes: a
 //!   copy of the clocks, 48, each limit in 8 bytes; the progress seen so far, 48:
-//!   start, last read, byte count; a pointer to the timer and one to the shared state),
+//!   start, last read, byte count, the jitter's draw; a pointer to the timer and one to
+//!   the shared state),
 //!   and the timer, a boxed `tokio::time::Sleep` of 112 bytes, made when the first
 //!   deadline is armed.
 //!   The timer is freed whenever no clock is running (after the first byte, when only
