@@ -25,6 +25,8 @@ const PAYLOAD: &[u8] = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c after the header";
 const V1_TCP4: &[u8] = b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 1883\r\n";
 const V1_TCP6: &[u8] = b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 1883\r\n";
 const V1_UNKNOWN: &[u8] = b"PROXY UNKNOWN\r\n";
+/// Whatever follows `UNKNOWN` is ignored, however many words.
+const V1_UNKNOWN_WORDS: &[u8] = b"PROXY UNKNOWN a b c d e\r\n";
 const V2_SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 fn v2(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
@@ -147,6 +149,7 @@ fn accepted_cases() -> Vec<Case> {
         case("v1 tcp4", V1_TCP4.to_vec(), v4, 1, d4),
         case("v1 tcp6", V1_TCP6.to_vec(), v6, 1, d6),
         case("v1 unknown", V1_UNKNOWN.to_vec(), LB, 1, None),
+        case("v1 unknown, words", V1_UNKNOWN_WORDS.to_vec(), LB, 1, None),
         case("v2 ipv4", v2_ipv4([203, 0, 113, 7], &[]), v4, 2, d4),
         case("v2 ipv6", v2_ipv6(), v6, 2, d6),
         case("v2 local", v2(0, 0x00, &[]), LB, 2, None),
@@ -227,7 +230,7 @@ fn accepted_connections_are_counted_by_outcome() {
     let count = |outcome| got.counter(CONNECTIONS_TOTAL, &[("outcome", outcome)]);
     assert_eq!(count("proxied_v1"), 2);
     assert_eq!(count("proxied_v2"), 3);
-    assert_eq!(count("local"), 2);
+    assert_eq!(count("local"), 3);
     assert_eq!(count("passthrough"), 1);
     assert_eq!(got.counter(REJECTIONS_TOTAL, &[]), 0);
 }

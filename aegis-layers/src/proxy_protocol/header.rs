@@ -115,8 +115,26 @@ fn parse_v1(buf: &[u8], limit: usize) -> Parse {
             }
         };
     };
-    // The whole line is here, so every error from ppp is final.
     let line = &window[..=lf];
+    // After `UNKNOWN` "the receiver must ignore anything presented before the CRLF".
+    // ppp splits the line into at most seven pieces and refuses an `UNKNOWN` line with
+    // five words or more after it (its last piece then holds the CRLF), so such lines
+    // are decided here, whatever their words.
+    if line.ends_with(b"\r\n")
+        && line
+            .strip_prefix(b"PROXY UNKNOWN")
+            .is_some_and(|rest| matches!(rest.first(), Some(b' ' | b'\r')))
+    {
+        return Parse::Header(RawHeader {
+            version: 1,
+            local: true,
+            source: None,
+            destination: None,
+            tlvs: line.len()..line.len(),
+            len: line.len(),
+        });
+    }
+    // The whole line is here, so every error from ppp is final.
     let header = match ppp::v1::Header::try_from(line) {
         Ok(h) => h,
         Err(e) => return Parse::Refused(Refused::Invalid(v1_reason(&e))),
@@ -126,7 +144,7 @@ fn parse_v1(buf: &[u8], limit: usize) -> Parse {
     }
     // Rust's integer parsing, which ppp uses, takes a leading `+`; the specification's
     // ports are decimal digits, and "any sequence which does not exactly match" it must
-    // be refused. (What follows `UNKNOWN` is ignored, whatever it is.)
+    // be refused. (`UNKNOWN` lines, whose words are ignored, were accepted above.)
     let mut ports = line
         .strip_suffix(b"\r\n")
         .unwrap_or(line)
@@ -624,6 +642,53 @@ mod tests {
         // After UNKNOWN anything goes, as the specification says.
         let h = header(b"PROXY UNKNOWN ::1 ::2 +1 2\r\n");
         assert!(h.local && h.source.is_none());
+    }
+
+    #[test]
+    fn v1_unknown_ignores_whatever_comes_before_its_crlf() {
+        // Five words or more: ppp alone splits the CRLF off into its last piece and
+        // refuses the line.
+        let (h, len) = ProxyHeader::parse(b"PROXY UNKNOWN a b c d e\r\n", MAX)
+            .unwrap()
+            .unwrap();
+        assert!(h.is_local() && h.source().is_none() && h.destination().is_none());
+        assert_eq!((h.version(), len), (1, 25));
+        for line in [
+            &b"PROXY UNKNOWN a b c d e f g h\r\n"[..],
+            b"PROXY UNKNOWN TCP4 1.2.3.4 5.6.7.8 80 443 and more\r\n",
+            b"PROXY UNKNOWN \xff\xfe not ASCII\r\n",
+            b"PROXY UNKNOWN a\rb\r\n", // a CR alone is no CRLF
+            b"PROXY UNKNOWN\r\r\n",
+        ] {
+            let h = header(line);
+            assert!(
+                h.local && h.source.is_none() && h.len == line.len(),
+                "{line:?}"
+            );
+            crate::proxy_protocol::check_invariants(line);
+        }
+        // Up to 107 bytes, CRLF included; one more is too long.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(V1_MAX_LEN - 2, b'x');
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(header(&long).len, V1_MAX_LEN);
+        long.insert(20, b'x');
+        assert_eq!(parse(&long, MAX), Parse::Refused(Refused::TooLong));
+        // `UNKNOWN` must be a word of its own, and the line must end with a CRLF.
+        for bad in [
+            &b"PROXY UNKNOWNX a b c d e\r\n"[..],
+            b"PROXY UNKNOWN a b c d e\n",
+        ] {
+            assert!(
+                matches!(parse(bad, MAX), Parse::Refused(Refused::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        // Every truncation waits for the line's end.
+        let line = b"PROXY UNKNOWN a b c d e\r\n";
+        for i in 0..line.len() {
+            assert!(matches!(parse(&line[..i], MAX), Parse::Incomplete { .. }));
+        }
     }
 
     #[test]
