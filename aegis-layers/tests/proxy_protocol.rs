@@ -419,6 +419,75 @@ fn slow_header_hits_the_deadline() {
 }
 
 #[test]
+fn optional_mode_passes_a_trusted_peer_silent_past_the_deadline() {
+    let (res, snap) = run(true, || async {
+        // A stream, not a mock: a cut connection is an error here, not a panic on drop.
+        let (mut lb, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            // Fails if the layer has already closed the connection.
+            let _ = lb.write_all(PAYLOAD).await;
+        });
+        let start = tokio::time::Instant::now();
+        let optional = trusting_lb().mode(HeaderMode::Optional);
+        let res = serve(&optional, Conn::new(server, addr(LB), addr(LOCAL))).await;
+        let took = tokio::time::Instant::now().saturating_duration_since(start);
+        writer.await.unwrap();
+        // Served until the data's EOF at 5 s (a cut shows in `res`, checked below).
+        assert!(res.is_err() || took == Duration::from_secs(5), "{took:?}");
+        res
+    });
+    // No header: passed on, client = peer, the later bytes intact.
+    let seen = res.unwrap();
+    assert_eq!(
+        (seen.client, seen.version, &seen.data[..]),
+        (addr(LB), None, PAYLOAD)
+    );
+    let got = capture(&snap);
+    assert_eq!(got.counter(REJECTIONS_TOTAL, &[]), 0);
+    assert_eq!(
+        got.counter(CONNECTIONS_TOTAL, &[("outcome", "passthrough")]),
+        1
+    );
+}
+
+#[test]
+fn optional_mode_passes_a_trusted_peer_that_closes_before_a_byte() {
+    let optional = trusting_lb().mode(HeaderMode::Optional);
+    let (res, snap) = run(true, || async {
+        serve(&optional, conn(Builder::new().build(), LB)).await
+    });
+    let seen = res.unwrap();
+    assert_eq!((seen.client, &seen.data[..]), (addr(LB), &b""[..]));
+    assert_eq!(capture(&snap).counter(REJECTIONS_TOTAL, &[]), 0);
+}
+
+#[test]
+fn optional_mode_still_cuts_a_trusted_peer_inside_a_header() {
+    // Part of a signature or a header, then a stall or a close: a trusted balancer's
+    // fault, cut as in the required mode.
+    let optional = trusting_lb().mode(HeaderMode::Optional);
+    for partial in [&b"PROXY TCP4 1.2.3.4"[..], b"PRO", V2_SIG] {
+        let (res, snap) = run(true, || async {
+            let io = Builder::new()
+                .read(partial)
+                .wait(Duration::from_secs(60))
+                .build();
+            let start = tokio::time::Instant::now();
+            let res = serve(&optional, conn(io, LB)).await;
+            let waited = tokio::time::Instant::now().saturating_duration_since(start);
+            assert_eq!(waited, Duration::from_secs(3), "the default deadline");
+            res
+        });
+        assert_rejected(res, &snap, "timeout");
+        let (res, snap) = run(true, || async {
+            serve(&optional, conn(Builder::new().read(partial).build(), LB)).await
+        });
+        assert_rejected(res, &snap, "eof");
+    }
+}
+
+#[test]
 fn silent_untrusted_peer_is_passed_on_at_the_deadline() {
     let (res, snap) = run(true, || async {
         // Two bytes of a signature, then silence past the deadline, then data.

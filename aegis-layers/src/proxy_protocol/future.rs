@@ -75,6 +75,16 @@ impl<I> ReadHeader<I> {
         bytes
     }
 
+    /// Whether the connection goes on without a header when the peer closes, or the
+    /// deadline passes, before a decision: always for an untrusted peer (it sent no
+    /// full signature, and clients' deadlines are the slowloris layer's job), and for a
+    /// trusted peer in [`HeaderMode::Optional`] that has sent nothing, which is "no
+    /// header". A trusted peer that has sent part of a signature or header owes the
+    /// rest: a half header from a balancer is a fault.
+    fn passes_undecided(&self) -> bool {
+        !self.trusted || (self.mode == HeaderMode::Optional && self.filled == 0)
+    }
+
     fn fail(&mut self, err: ProxyProtocolError) -> Result<Outcome<I>, ProxyProtocolError> {
         self.io = None;
         Err(err)
@@ -144,12 +154,12 @@ impl<I: AsyncRead + Unpin> Future for ReadHeader<I> {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
-                        // EOF. An untrusted peer is passed on as it is (it sent no
-                        // signature); a trusted one owed us a header.
-                        return Poll::Ready(if this.trusted {
-                            this.fail(ProxyProtocolError::Eof(this.filled))
-                        } else {
+                        // EOF. A trusted peer owed us a header, unless it may send none
+                        // and sent nothing.
+                        return Poll::Ready(if this.passes_undecided() {
                             Ok(this.finish(None, 0))
+                        } else {
+                            this.fail(ProxyProtocolError::Eof(this.filled))
                         });
                     }
                     this.filled += n;
@@ -166,13 +176,13 @@ impl<I: AsyncRead + Unpin> Future for ReadHeader<I> {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    // The deadline is for trusted proxies; an untrusted peer that is
-                    // slow to speak is passed on untouched (deadlines for clients are
-                    // the slowloris layer's job).
-                    return Poll::Ready(if this.trusted {
-                        this.fail(ProxyProtocolError::Timeout(timeout))
-                    } else {
+                    // The deadline is for trusted proxies' headers; an untrusted peer
+                    // that is slow to speak, or a silent trusted one that may send no
+                    // header, is passed on with its bytes so far.
+                    return Poll::Ready(if this.passes_undecided() {
                         Ok(this.finish(None, 0))
+                    } else {
+                        this.fail(ProxyProtocolError::Timeout(timeout))
                     });
                 }
             }

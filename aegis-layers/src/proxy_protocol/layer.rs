@@ -17,7 +17,9 @@ pub enum HeaderMode {
     #[default]
     Required,
     /// A trusted peer may also connect without a header (its client address is then the
-    /// peer), for example while a load balancer is being switched over.
+    /// peer), for example while a load balancer is being switched over. One that sends
+    /// nothing before the deadline, or closes before its first byte, is passed on too;
+    /// one that starts a PROXY signature or header must still complete it in time.
     ///
     /// **It lets clients choose their address** while any trusted peer forwards without
     /// a header of its own: the first bytes of such a connection are the client's, and a
@@ -81,7 +83,8 @@ impl ProxyProtocolLayer {
     }
 
     /// How long a trusted peer has to deliver its complete header (default 3 s),
-    /// counted from the first read that has to wait.
+    /// counted from the first read that has to wait. In [`HeaderMode::Optional`] a
+    /// trusted peer still silent then is passed on without a header.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.config.timeout = timeout;
         self

@@ -23,7 +23,8 @@
 //! |---|---|---|
 //! | trusted | a valid header | accepted; client = header source (`LOCAL`/`UNKNOWN`: the peer) |
 //! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`], which lets such a peer's clients send a header of their own: read its warning) |
-//! | trusted | a bad, long, slow or cut-off header | rejected `invalid`, `too_long`, `timeout` or `eof` |
+//! | trusted | silence past the deadline, or EOF before any byte | rejected `timeout` or `eof` ([`HeaderMode::Required`]) or passed on, client = peer ([`HeaderMode::Optional`]) |
+//! | trusted | a bad, long, slow or cut-off header (a strict prefix of a signature included) | rejected `invalid`, `too_long`, `timeout` or `eof`, in either mode |
 //! | untrusted | a PROXY signature (`PROXY ` or the v2 signature) | rejected `untrusted`, never parsed |
 //! | untrusted | anything else, or silence, or EOF | passed on untouched, client = peer |
 //!
@@ -44,7 +45,9 @@
 //!
 //! - **Deadline**: a trusted peer has 3 s ([`timeout`](ProxyProtocolLayer::timeout)) to
 //!   deliver its header, counted from the first read that has to wait. An untrusted
-//!   peer is never cut off by this layer; use the slowloris layer for client deadlines.
+//!   peer is never cut off by this layer, nor is a trusted peer that has sent nothing in
+//!   [`HeaderMode::Optional`]: at the deadline they are passed on; use the slowloris
+//!   layer for client deadlines.
 //! - **Length**: a v1 header is at most 107 bytes (the specification's maximum); a v2
 //!   header at most 512 bytes in total ([`max_header_len`](ProxyProtocolLayer::max_header_len)),
 //!   checked from its 16-byte fixed part before the rest is read. The read buffer
@@ -60,10 +63,10 @@
 //! |---|---|
 //! | `untrusted` | a peer outside the trusted networks sent a PROXY header |
 //! | `missing` | a trusted peer sent no header ([`HeaderMode::Required`]) |
-//! | `timeout` | a trusted peer's header was not complete within the deadline |
+//! | `timeout` | a trusted peer's header was not complete within the deadline (in [`HeaderMode::Optional`], only once it has started) |
 //! | `too_long` | the header is longer than the cap |
 //! | `invalid` | the header is malformed |
-//! | `eof` | a trusted peer closed before a complete header (plain TCP health checks land here) |
+//! | `eof` | a trusted peer closed before a complete header (plain TCP health checks land here, in [`HeaderMode::Required`]) |
 //! | `io` | reading the header failed |
 //!
 //! Accepted connections are counted in `aegis_proxy_protocol_connections_total{outcome}`
