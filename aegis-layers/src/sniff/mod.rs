@@ -7,7 +7,7 @@
 //!
 //! | [`Protocol`] | recognised by | bytes to decide |
 //! |---|---|---|
-//! | `Mqtt` | CONNECT: `0x10`, remaining-length varint, name `MQTT` (levels 4, 5) or `MQIsdp` (3), level byte ([`Detection::mqtt_level`]) | 8 to 14 |
+//! | `Mqtt` | CONNECT: `0x10`, remaining-length varint, name `MQTT` (levels 4, 5) or `MQIsdp` (3), level byte ([`Detection::mqtt_level`]) | 9 to 14 |
 //! | `Http1` | a method token and a space: `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `OPTIONS`, `PATCH`, `CONNECT`, `TRACE` | 4 to 8 |
 //! | `Http2` | the prior-knowledge preface `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` | 24 |
 //! | `Tls` | a handshake record (`0x16`, version `0x03 0x00..=0x04`) holding a `ClientHello` (type 1) | 6 |
