@@ -7,7 +7,8 @@
 //!
 //! Defaults: listen on `127.0.0.1:7000`, proxy to `127.0.0.1:7001`, at most 10,000
 //! connections. To poke it, run an upstream (`nc -lk 127.0.0.1 7001`) and a client
-//! (`nc 127.0.0.1 7000`). Set `RUST_LOG=debug` to see each connection. The process exits
+//! (`nc 127.0.0.1 7000`). Set `RUST_LOG=debug` to see each refused or failed connection
+//! (an upstream down, the cap reached). The process exits
 //! with status 0 when the drain finished and 1 when connections had to be aborted.
 
 use std::net::SocketAddr;
