@@ -292,6 +292,41 @@ fn gradient_math_follows_envoy() {
     assert!((cfg.next_limit(4.0, ms(10), ms(100)) - 5.0).abs() < 1e-9); // 2 + sqrt(2) < 5
 }
 
+/// With `min_rtt_interval <= interval`, every running interval started a new
+/// measurement and no gradient step was ever taken (the limit pinned to `min_limit`
+/// every other interval). At least one step now comes between two measurements.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_min_rtt_interval_shorter_than_the_interval_still_lets_the_gradient_step() {
+    let t0 = Instant::now();
+    let handle = GradientConfig::new(1, 100)
+        .initial_limit(10)
+        .buffer(0.0)
+        .min_samples(1)
+        .min_rtt_samples(1)
+        .min_rtt_interval(Duration::from_millis(500))
+        .spawn(|_: usize| {});
+    let at = |k: u32| t0 + SEC * k + Duration::from_millis(10);
+    let stepped = 10.0 + 10f64.sqrt(); // gradient 1
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(1)).await;
+    assert_close(&[handle.value()], &[10.0]); // measured; the limit is back
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(2)).await;
+    assert_close(&[handle.value()], &[stepped]); // one step, not a new measurement
+    sleep_until(at(3)).await;
+    assert_close(&[handle.value()], &[1.0]); // past min_rtt_interval: measuring, pinned
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(4)).await;
+    assert_close(&[handle.value()], &[stepped]); // measured; back
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(5)).await;
+    assert!(
+        handle.value() > stepped,
+        "stepped again: {}",
+        handle.value()
+    );
+}
+
 #[test]
 fn rate_decisions_follow_the_table() {
     let cfg = RateConfig::new(Duration::from_millis(100), 1.0, 1000.0);

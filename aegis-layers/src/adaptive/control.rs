@@ -322,7 +322,9 @@ impl GradientConfig {
         self
     }
 
-    /// How often the minimum RTT is measured again. A duration past what a
+    /// How often the minimum RTT is measured again, counted from the end of the last
+    /// measurement. At least one gradient step (one [`interval`](Self::interval)) comes
+    /// between two measurements, however short this is. A duration past what a
     /// `tokio::time::Instant` holds (`Duration::MAX`) means some thirty years.
     pub fn min_rtt_interval(mut self, every: Duration) -> Self {
         self.min_rtt_interval = every;
@@ -501,8 +503,11 @@ impl<K> fmt::Debug for RateLaw<K> {
 enum Phase {
     /// The limit is pinned to `min_limit` while the minimum RTT is measured.
     Measuring,
+    /// The gradient steps; the minimum RTT is measured again at `remeasure_at`, once
+    /// at least one step was taken (`stepped`).
     Running {
         remeasure_at: Instant,
+        stepped: bool,
     },
 }
 
@@ -541,7 +546,10 @@ impl<K: LimitSink> Law for GradientLaw<K> {
     fn tick(&mut self, shared: &Shared, now: Instant) {
         match self.phase {
             Phase::Measuring => self.measure(shared, now),
-            Phase::Running { remeasure_at } => self.run(shared, now, remeasure_at),
+            Phase::Running {
+                remeasure_at,
+                stepped,
+            } => self.run(shared, now, remeasure_at, stepped),
         }
     }
 }
@@ -592,6 +600,7 @@ impl<K: LimitSink> GradientLaw<K> {
             );
             self.phase = Phase::Running {
                 remeasure_at: deadline(now, self.cfg.min_rtt_interval),
+                stepped: false,
             };
             self.windows.clear(shared);
             self.publish(shared, self.limit);
@@ -634,13 +643,19 @@ impl<K: LimitSink> GradientLaw<K> {
     }
 
     /// One interval of the gradient.
-    fn run(&mut self, shared: &Shared, now: Instant, remeasure_at: Instant) {
+    fn run(&mut self, shared: &Shared, now: Instant, remeasure_at: Instant, stepped: bool) {
         let name = self.cfg.name;
-        if now >= remeasure_at {
+        // Not before one step: with `min_rtt_interval <= interval`, every interval would
+        // start a measurement and the gradient would never move the limit.
+        if stepped && now >= remeasure_at {
             decision(name, Direction::Hold);
             self.start_measuring(shared, self.limit);
             return;
         }
+        self.phase = Phase::Running {
+            remeasure_at,
+            stepped: true,
+        };
         let min_rtt = self.min_rtt.unwrap_or_default();
         let dir = match self
             .windows
