@@ -410,10 +410,12 @@ fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
             let Some(shared) = weak.upgrade() else { break };
             let now = Instant::now();
             law.tick(&shared, now);
-            // Skip missed ticks rather than bursting decisions.
+            // Skip missed ticks rather than bursting decisions: when the next tick is
+            // already past (a stalled runtime, a tiny interval), start again from now,
+            // in one step whatever the lateness.
             next = deadline(next, interval);
-            while next <= now {
-                next = deadline(next, interval);
+            if next <= now {
+                next = deadline(now, interval);
             }
         }
         control.stopped.store(true, Ordering::Release);
