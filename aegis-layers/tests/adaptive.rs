@@ -365,6 +365,23 @@ fn a_late_tick_skips_the_missed_ones_at_once() {
     assert_close(&[value], &[800.0]);
 }
 
+/// A NaN starting rate passed `clamp` and pinned a global rate limiter at 1/s.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_starting_rate_that_is_not_finite_is_ignored() {
+    for rate in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let (log, sink) = rate_log();
+        let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+            .initial_rate(rate)
+            .spawn(sink);
+        assert_close(&[handle.value()], &[1000.0]);
+        assert_close(&log.lock(), &[1000.0]);
+    }
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .initial_rate(5.0)
+        .spawn(|_| {});
+    assert_close(&[handle.value()], &[10.0]); // a finite one is clamped
+}
+
 #[test]
 fn rate_decisions_follow_the_table() {
     let cfg = RateConfig::new(Duration::from_millis(100), 1.0, 1000.0);

@@ -154,9 +154,12 @@ impl RateConfig {
         self
     }
 
-    /// The starting rate (clamped); default `max_rate`.
+    /// The starting rate (clamped to `[min_rate, max_rate]`); default `max_rate`. A
+    /// rate that is not finite (NaN, an infinity) is ignored: the rate starts at
+    /// `max_rate`.
     pub fn initial_rate(mut self, rate: f64) -> Self {
-        self.initial = Some(rate);
+        // A NaN would pass `clamp` and pin the sink at its lowest rate for good.
+        self.initial = rate.is_finite().then_some(rate);
         self
     }
 
