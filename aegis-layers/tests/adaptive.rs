@@ -292,6 +292,36 @@ fn gradient_math_follows_envoy() {
     assert!((cfg.next_limit(4.0, ms(10), ms(100)) - 5.0).abs() < 1e-9); // 2 + sqrt(2) < 5
 }
 
+/// A service faster than the histogram's microsecond measures 0: a minimum RTT of 0
+/// made every later gradient 0.5 (and a sample of 0, 2.0). Both count as 1 us.
+#[test]
+fn rtts_under_a_microsecond_count_as_one() {
+    let cfg = GradientConfig::new(1, 1000).buffer(0.0);
+    let us = Duration::from_micros;
+    // Gradient 1: 100 + sqrt(100).
+    assert!((cfg.next_limit(100.0, us(0), us(1)) - 110.0).abs() < 1e-9);
+    assert!((cfg.next_limit(100.0, us(0), us(0)) - 110.0).abs() < 1e-9);
+    assert!((cfg.next_limit(100.0, us(1), us(0)) - 110.0).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_minimum_rtt_measured_as_zero_does_not_halve_the_limit() {
+    let t0 = Instant::now();
+    let handle = GradientConfig::new(1, 100)
+        .initial_limit(10)
+        .buffer(0.0)
+        .min_samples(1)
+        .min_rtt_samples(1)
+        .spawn(|_: usize| {});
+    handle.record(Duration::ZERO);
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[10.0]); // min RTT measured: 0, the limit is back
+    handle.record(Duration::from_micros(1));
+    sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
+    // 1 us against a minimum of 1 us: gradient 1, 10 + sqrt(10); it was 0.5 (5 + sqrt(5)).
+    assert_close(&[handle.value()], &[10.0 + 10f64.sqrt()]);
+}
+
 /// With `min_rtt_interval <= interval`, every running interval started a new
 /// measurement and no gradient step was ever taken (the limit pinned to `min_limit`
 /// every other interval). At least one step now comes between two measurements.

@@ -349,16 +349,14 @@ impl GradientConfig {
     }
 
     /// One gradient step (the formula above), from the current `limit`, the minimum RTT
-    /// and the sampled RTT.
+    /// and the sampled RTT. Both RTTs count as at least one microsecond, the histogram's
+    /// resolution: a sub-microsecond service measures 0, and a zero minimum RTT would
+    /// make every sample look like an overload (gradient 0.5 for good).
     #[allow(clippy::cast_precision_loss)] // limits are far below 2^52
     pub fn next_limit(&self, limit: f64, min_rtt: Duration, sample: Duration) -> f64 {
-        let buffered = min_rtt.as_secs_f64() * (1.0 + self.buffer);
-        let sample = sample.as_secs_f64();
-        let gradient = if sample > 0.0 {
-            (buffered / sample).clamp(0.5, 2.0)
-        } else {
-            2.0
-        };
+        let buffered = min_rtt.max(MIN_RTT_FLOOR).as_secs_f64() * (1.0 + self.buffer);
+        let sample = sample.max(MIN_RTT_FLOOR).as_secs_f64();
+        let gradient = (buffered / sample).clamp(0.5, 2.0);
         let scaled = limit * gradient;
         (scaled + scaled.sqrt()).clamp(self.min_limit as f64, self.max_limit as f64)
     }
@@ -391,6 +389,9 @@ impl GradientConfig {
         AdaptiveHandle { shared }
     }
 }
+
+/// The shortest RTT the gradient works with: the histogram's resolution.
+const MIN_RTT_FLOOR: Duration = Duration::from_micros(1);
 
 trait Law: Send + 'static {
     fn tick(&mut self, shared: &Shared, now: Instant);
@@ -596,6 +597,7 @@ impl<K: LimitSink> GradientLaw<K> {
             Measured::TooFew { .. } => None,
         };
         if let Some(min_rtt) = measured {
+            let min_rtt = min_rtt.max(MIN_RTT_FLOOR);
             self.min_rtt = Some(min_rtt);
             metrics::gauge!(ADAPTIVE_MIN_RTT_SECONDS, "name" => name).set(min_rtt.as_secs_f64());
             tracing::info!(
