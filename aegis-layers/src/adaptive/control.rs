@@ -17,7 +17,8 @@ use crate::time::deadline;
 pub const ADAPTIVE_RATE: &str = "aegis_adaptive_rate";
 /// `aegis_adaptive_limit{name}`: the concurrency limit (gradient mode).
 pub const ADAPTIVE_LIMIT: &str = "aegis_adaptive_limit";
-/// `aegis_adaptive_p95_seconds{name}`: the measured latency quantile of the last window.
+/// `aegis_adaptive_p95_seconds{name}`: the latency quantile of the last decision, over
+/// the newest windows holding `min_samples` samples (up to eight).
 pub const ADAPTIVE_P95_SECONDS: &str = "aegis_adaptive_p95_seconds";
 /// `aegis_adaptive_min_rtt_seconds{name}`: the measured minimum RTT (gradient mode).
 pub const ADAPTIVE_MIN_RTT_SECONDS: &str = "aegis_adaptive_min_rtt_seconds";

@@ -95,7 +95,7 @@
 //! |---|---|---|---|
 //! | `aegis_adaptive_rate` | gauge | `name` | the admitted rate per second (rate mode) |
 //! | `aegis_adaptive_limit` | gauge | `name` | the concurrency limit (gradient mode) |
-//! | `aegis_adaptive_p95_seconds` | gauge | `name` | the latency quantile of the last window (P95 in rate mode; the configured quantile in gradient mode); not set when too few samples |
+//! | `aegis_adaptive_p95_seconds` | gauge | `name` | the latency quantile of the last decision (P95 in rate mode; the configured quantile in gradient mode), over the newest windows that hold `min_samples` samples: the last one alone when it has enough, else up to eight; not set when too few samples |
 //! | `aegis_adaptive_min_rtt_seconds` | gauge | `name` | the last minimum-RTT measurement (gradient mode) |
 //! | `aegis_adaptive_decisions_total` | counter | `name`, `direction`: `down`, `up`, `hold` | decisions, one per interval |
 //!
