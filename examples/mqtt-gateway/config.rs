@@ -1273,6 +1273,20 @@ impl Config {
                 ));
             }
             positive("adaptive.threshold", a.threshold)?;
+            // A CONNACK timeout is a sample of the timeout's length: a threshold at or
+            // above it could never be crossed by a stalled broker, the samples stopping
+            // there.
+            let connack = self.mqtt.connack_timeout;
+            if self.mqtt.enabled && !connack.is_zero() && a.threshold >= connack {
+                return Err(ConfigError::new(
+                    "adaptive.threshold",
+                    format!(
+                        "must be shorter than mqtt.connack_timeout ({}): a stalled broker's \
+                         samples are the CONNACK timeout",
+                        humantime::format_duration(connack)
+                    ),
+                ));
+            }
             at_least("adaptive.min_rate", a.min_rate, 1)?;
             if a.max_rate < a.min_rate {
                 return Err(ConfigError::new(

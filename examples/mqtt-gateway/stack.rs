@@ -13,7 +13,8 @@
 //!  -> authentication        [auth]
 //!  -> Proxy(CircuitBreaker(TcpConnect(upstream)))   [circuit_breaker]; [adaptive] watches the
 //!     MQTT layer's CONNECT to CONNACK round trip (the upstream connect without it); the
-//!     MQTT layer's `connack_timeout` reports a stalled broker to the breaker
+//!     MQTT layer's `connack_timeout` reports a stalled broker to the breaker, and to the
+//!     controller as a sample of the timeout's length
 //! ```
 //!
 //! # Why the stream type is erased between layers
@@ -536,10 +537,23 @@ pub(crate) fn build(
         if !m.connack_timeout.is_zero() {
             // A stalled broker (its kernel still completes the handshake) gets the client
             // "server unavailable" from the gateway, and counts as a breaker failure: the
-            // connect alone looked like a success.
+            // connect alone looked like a success. It is the adaptive controller's
+            // sample too, of the timeout's length (the broker's true latency is longer):
+            // without it a broker that never answers gives no sample at all, and the
+            // controller holds its rate for as long as the stall lasts.
             layer = layer.connack_timeout(m.connack_timeout);
-            if let Some(breaker) = breaker_handle.clone() {
-                layer = layer.on_connack_timeout(move || breaker.record_failure());
+            let breaker = breaker_handle.clone();
+            let control = adaptive.clone();
+            let waited = m.connack_timeout;
+            if breaker.is_some() || control.is_some() {
+                layer = layer.on_connack_timeout(move || {
+                    if let Some(breaker) = &breaker {
+                        breaker.record_failure();
+                    }
+                    if let Some(control) = &control {
+                        control.record(waited);
+                    }
+                });
             }
         }
         // The broker's CONNECT to CONNACK round trip is the latency that matters to a

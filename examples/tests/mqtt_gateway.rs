@@ -2053,6 +2053,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "limits.evict_every",
         ),
         (
+            "an adaptive threshold the CONNACK timeout cannot cross",
+            "[mqtt]\nconnack_timeout = \"1s\"\n[adaptive]\nenabled = true\nthreshold = \"1s\"\n",
+            "adaptive.threshold",
+        ),
+        (
             "an adaptive interval past tokio's clock",
             "[adaptive]\nenabled = true\ninterval = \"300000000000y\"\n",
             "adaptive.interval",
@@ -2706,6 +2711,70 @@ async fn a_client_stalled_in_its_connect_does_not_hold_the_half_open_probe() {
         "the broker's CONNACK"
     );
     drop(staller);
+}
+
+/// Waits (bounded) until `series` reads below `max`.
+async fn wait_metric_below(gw: &Gateway, series: &str, max: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = gw.metric(series).await;
+        if v.is_some_and(|v| v < max) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {v:?}, not < {max}, after {WAIT:?}; /metrics:\n{}",
+            http_get(gw.metrics, "/metrics").await.unwrap().1
+        );
+        sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The adaptive controller sees a stalled broker (it takes the connections, never
+/// answers a CONNECT): each CONNACK timeout is a sample of the timeout's length, over
+/// the threshold, and the rate comes down. Without those samples there were none at
+/// all, and the rate held at its maximum for as long as the stall lasted.
+#[tokio::test]
+async fn a_stalled_broker_lowers_the_adaptive_rate() {
+    let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = broker.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = broker.accept().await {
+            held.push(c); // read nothing, answer nothing
+        }
+    });
+    let config = "[mqtt]\nconnack_timeout = \"200ms\"\n\
+                  [circuit_breaker]\nenabled = false\n\
+                  [security]\nenabled = false\n\
+                  [adaptive]\nenabled = true\nthreshold = \"100ms\"\n\
+                  interval = \"100ms\"\nmin_samples = 1\n";
+    let gw = Gateway::start(
+        "stalled-adaptive",
+        config,
+        &["--upstream", &upstream.to_string()],
+    )
+    .await;
+    let rate = "aegis_adaptive_rate{name=\"upstream\"}";
+    assert_eq!(gw.metric(rate).await, Some(1000.0), "it starts at max_rate");
+
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&connect_311("stalled")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(
+        answer,
+        (0x20, vec![0x00, 0x03]),
+        "the gateway's own server unavailable"
+    );
+    wait_metric_below(&gw, rate, 1000.0).await;
+    let p95 = gw
+        .metric("aegis_adaptive_p95_seconds{name=\"upstream\"}")
+        .await
+        .unwrap();
+    assert!(
+        (0.19..0.21).contains(&p95),
+        "the sample is the timeout: {p95}"
+    );
 }
 
 /// `log.mask_client_addresses` at `log.level = "debug"` (no `RUST_LOG`): the gateway's
