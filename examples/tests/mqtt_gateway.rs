@@ -2777,6 +2777,44 @@ async fn a_stalled_broker_lowers_the_adaptive_rate() {
     );
 }
 
+/// Without the MQTT layer the controller times the upstream connect: a refused connect
+/// (well under a millisecond) is no sample, or a failing upstream would look fast.
+#[tokio::test]
+async fn refused_upstream_connects_are_no_adaptive_samples() {
+    let (_held, dead) = dead_port(); // bound, nothing listens there
+    let config = "[mqtt]\nenabled = false\n[slowloris]\nenabled = false\n\
+                  [circuit_breaker]\nenabled = false\n\
+                  [security]\nenabled = false\n\
+                  [adaptive]\nenabled = true\ninterval = \"50ms\"\nmin_samples = 1\n";
+    let gw = Gateway::start(
+        "refused-adaptive",
+        config,
+        &["--upstream", &dead.to_string()],
+    )
+    .await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect_311("refused")).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = timeout(WAIT, s.read_to_end(&mut rest)).await.unwrap();
+    }
+    gw.wait_metric(
+        "aegis_upstream_errors_total{reason=\"connect_refused\"}",
+        3.0,
+    )
+    .await;
+    // Two decisions after the last refusal: every window that could hold one is closed.
+    let holds = "aegis_adaptive_decisions_total{name=\"upstream\",direction=\"hold\"}";
+    let now = gw.metric(holds).await.unwrap_or(0.0);
+    gw.wait_metric(holds, now + 2.0).await;
+    assert_eq!(
+        gw.metric("aegis_adaptive_p95_seconds{name=\"upstream\"}")
+            .await,
+        None,
+        "no sample, no P95"
+    );
+}
+
 /// `log.mask_client_addresses` at `log.level = "debug"` (no `RUST_LOG`): the gateway's
 /// debug lines name a client by its /24 only, and no line names its whole address,
 /// not those of the libraries either (`aegis_core`'s `conn{peer=...}` span and its
