@@ -47,6 +47,9 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The shortest `adaptive.interval`.
+const MIN_ADAPTIVE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// A humantime duration (`"10s"`) in and out, read by [`parse_duration`].
 mod duration {
     use std::fmt;
@@ -1294,7 +1297,14 @@ impl Config {
                     "must be at least adaptive.min_rate",
                 ));
             }
-            positive("adaptive.interval", a.interval)?;
+            // The controller's task wakes once an interval: a nanosecond would have it
+            // spin.
+            if a.interval < MIN_ADAPTIVE_INTERVAL {
+                return Err(ConfigError::new(
+                    "adaptive.interval",
+                    "must be at least 10ms",
+                ));
+            }
             at_least("adaptive.min_samples", a.min_samples, 1)?;
             if !(a.reduction > 0.0 && a.reduction < 1.0) {
                 return Err(ConfigError::new("adaptive.reduction", "must be in (0, 1)"));

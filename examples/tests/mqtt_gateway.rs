@@ -2058,6 +2058,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "adaptive.threshold",
         ),
         (
+            "an adaptive interval that would spin the controller",
+            "[adaptive]\nenabled = true\ninterval = \"1ns\"\n",
+            "adaptive.interval",
+        ),
+        (
             "an adaptive interval past tokio's clock",
             "[adaptive]\nenabled = true\ninterval = \"300000000000y\"\n",
             "adaptive.interval",
