@@ -412,6 +412,38 @@ async fn a_starting_rate_that_is_not_finite_is_ignored() {
     assert_close(&[handle.value()], &[10.0]); // a finite one is clamped
 }
 
+/// After a reduction, a measurement that needs the windows from before it for its
+/// samples does not cut again: those windows measured the old rate. Before, the
+/// look-back mixed them in and cut a second time, hysteresis or not.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rate_controller_does_not_cut_twice_on_the_windows_before_its_cut() {
+    let (log, sink) = rate_log();
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(10)
+        .spawn(sink);
+    let window = |n: usize, ms: u64| {
+        for _ in 0..n {
+            handle.record(Duration::from_millis(ms));
+        }
+    };
+    let at = |k: u32| t0 + SEC * k + Duration::from_millis(10);
+    window(10, 300);
+    sleep_until(at(1)).await;
+    assert_close(&[handle.value()], &[800.0]); // cut
+    window(3, 10);
+    sleep_until(at(2)).await; // hysteresis: hold
+    window(3, 10);
+    sleep_until(at(3)).await;
+    // 6 samples since the cut, too few: the P95 over the 10 slow ones before is 300 ms,
+    // but they measured the rate of 1000, not 800.
+    assert_close(&[handle.value()], &[800.0]);
+    window(10, 300);
+    sleep_until(at(4)).await;
+    assert_close(&[handle.value()], &[640.0]); // enough evidence since: cut
+    assert_close(&log.lock(), &[1000.0, 800.0, 640.0]);
+}
+
 #[test]
 fn rate_decisions_follow_the_table() {
     let cfg = RateConfig::new(Duration::from_millis(100), 1.0, 1000.0);

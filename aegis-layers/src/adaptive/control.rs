@@ -58,6 +58,7 @@ impl Direction {
 /// | fewer than `min_samples` samples, with fewer than eight windows so far | hold |
 /// | `p95 > threshold`, and the previous decision was **not** a reduction | `rate × reduction` (down) |
 /// | `p95 > threshold` right after a reduction | hold (hysteresis: the reduced rate gets one full interval to show its effect) |
+/// | `p95 > threshold` measured reaching back past the last reduction (the windows since hold fewer than `min_samples`) | hold: the older windows measured the rate before the reduction |
 /// | `p95 < 0.7 × threshold` | `rate × recovery` (up) |
 /// | otherwise | hold |
 ///
@@ -473,10 +474,25 @@ impl<K: RateSink> Law for RateLaw<K> {
             Measured::Latency(p95) => {
                 metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(p95.as_secs_f64());
                 let (next, dir) = self.cfg.decide(self.rate, p95, self.after_reduction);
-                (next, dir, Some(p95))
+                if dir == Direction::Down && self.windows.reaches_past_mark() {
+                    // The windows since the last reduction hold too few samples by
+                    // themselves: the older ones measured the rate before it, and lowering
+                    // it again on them would cut twice for one overload.
+                    tracing::debug!(
+                        controller = name,
+                        ?p95,
+                        "adaptive: too few samples since the last reduction, no other"
+                    );
+                    (self.rate, Direction::Hold, Some(p95))
+                } else {
+                    (next, dir, Some(p95))
+                }
             }
         };
         self.after_reduction = dir == Direction::Down;
+        if dir == Direction::Down {
+            self.windows.mark();
+        }
         decision(name, dir);
         metrics::gauge!(ADAPTIVE_RATE, "name" => name).set(next);
         if dir == Direction::Hold {

@@ -55,6 +55,10 @@
 //!   the value but never lower it: rate mode multiplies by the recovery factor when
 //!   their P95 is under `0.7 × threshold`, gradient mode takes the gradient step only
 //!   when it raises the limit. With no sample at all, it holds;
+//! - in rate mode, a measurement that reaches back past the last reduction (the windows
+//!   since hold fewer than `min_samples`) does not lower the rate again: the older
+//!   windows measured the rate before the cut, and one overload would be cut twice on
+//!   the same evidence. It may still raise the rate;
 //! - the minimum-RTT measurement ends after eight intervals at the latest: on the
 //!   samples there are (taken at `min_limit`, as they should be), or with none, on the
 //!   previous minimum RTT (at start-up, with none, it goes on measuring).

@@ -109,12 +109,19 @@ impl Drop for Shared {
 /// own, so that measuring over them never holds the lock the services record under.
 pub(crate) struct Windows {
     closed: VecDeque<Histogram<u64>>,
+    /// How many windows were closed since the last [`mark`](Self::mark) (all of them
+    /// when there was none).
+    since_mark: usize,
+    /// How many closed windows the last measurement reached over.
+    used: usize,
 }
 
 impl fmt::Debug for Windows {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Windows")
             .field("closed", &self.closed.len())
+            .field("since_mark", &self.since_mark)
+            .field("used", &self.used)
             .finish()
     }
 }
@@ -123,7 +130,21 @@ impl Windows {
     pub(crate) fn new() -> Self {
         Self {
             closed: VecDeque::with_capacity(MAX_WINDOWS),
+            since_mark: usize::MAX,
+            used: 0,
         }
+    }
+
+    /// Marks the windows closed so far as older than a change of the value: see
+    /// [`reaches_past_mark`](Self::reaches_past_mark).
+    pub(crate) fn mark(&mut self) {
+        self.since_mark = 0;
+    }
+
+    /// Whether the last measurement reached back past the last [`mark`](Self::mark)
+    /// for its samples: the windows closed since then held too few by themselves.
+    pub(crate) fn reaches_past_mark(&self) -> bool {
+        self.used > self.since_mark
     }
 
     /// Closes the open window and measures the `quantile` over the fewest newest
@@ -140,6 +161,7 @@ impl Windows {
             histogram()
         };
         self.closed.push_front(shared.take(empty));
+        self.since_mark = self.since_mark.saturating_add(1);
 
         let mut samples = 0;
         let mut used = 0;
@@ -150,6 +172,7 @@ impl Windows {
                 break;
             }
         }
+        self.used = used;
         let latency = (samples > 0).then(|| self.quantile(used, quantile));
         match latency {
             Some(latency) if samples >= min_samples => Measured::Latency(latency),
@@ -178,6 +201,7 @@ impl Windows {
     /// Forgets every sample, in the open window and the closed ones.
     pub(crate) fn clear(&mut self, shared: &Shared) {
         self.closed.clear();
+        self.used = 0;
         shared.current.lock().reset();
     }
 }
