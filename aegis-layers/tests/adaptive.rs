@@ -444,6 +444,26 @@ async fn a_rate_controller_does_not_cut_twice_on_the_windows_before_its_cut() {
     assert_close(&log.lock(), &[1000.0, 800.0, 640.0]);
 }
 
+/// Latencies just under the threshold do not cut: the histogram's bucket used to read
+/// 99.9 ms as 100.35 ms, over a 100 ms threshold.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn latencies_just_under_the_threshold_do_not_cut() {
+    let t0 = Instant::now();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(10)
+        .spawn(|_| {});
+    for _ in 0..10 {
+        handle.record(Duration::from_micros(99_900));
+    }
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[1000.0]);
+    for _ in 0..10 {
+        handle.record(Duration::from_millis(101));
+    }
+    sleep_until(t0 + SEC * 2 + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[800.0]); // 1 % over: a cut
+}
+
 #[test]
 fn rate_decisions_follow_the_table() {
     let cfg = RateConfig::new(Duration::from_millis(100), 1.0, 1000.0);

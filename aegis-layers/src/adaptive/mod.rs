@@ -4,8 +4,10 @@
 //! [`Adaptive`] (built by [`AdaptiveLayer`]) wraps any `tower::Service` and records the
 //! latency of each call, from `call` to the completion of the response future, into an
 //! [`HdrHistogram`](hdrhistogram) window, closed on each control interval (the
-//! controller keeps the last eight closed windows). Calls whose future is dropped
-//! before completion (cancelled) are not recorded, nor are rejections: the
+//! controller keeps the last eight closed windows). Latencies are kept to within 1 %,
+//! and a measured quantile is rounded down (never read over the recorded latencies, so
+//! ones just under a threshold do not cross it). Calls whose future is dropped before
+//! completion (cancelled) are not recorded, nor are rejections: the
 //! [`DefaultClassifier`] skips any error holding an [`aegis_core::error::Rejected`],
 //! since a fast "no" says nothing about the backend's latency. Write your own
 //! [`Classify`] for other rules.
