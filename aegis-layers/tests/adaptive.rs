@@ -357,6 +357,30 @@ async fn a_min_rtt_interval_shorter_than_the_interval_still_lets_the_gradient_st
     );
 }
 
+/// A tick that holds for want of samples is not the step a new measurement waits for:
+/// with few calls per interval, the controller must still step between measurements.
+#[tokio::test(start_paused = true)]
+async fn a_tick_without_samples_is_not_the_step_before_a_new_measurement() {
+    let t0 = Instant::now();
+    let handle = GradientConfig::new(1, 100)
+        .initial_limit(10)
+        .buffer(0.0)
+        .min_samples(1)
+        .min_rtt_samples(1)
+        .min_rtt_interval(Duration::from_millis(500))
+        .spawn(|_: usize| {});
+    let at = |k: u32| t0 + SEC * k + Duration::from_millis(10);
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(1)).await;
+    assert_close(&[handle.value()], &[10.0]); // measured; the limit is back
+    sleep_until(at(2)).await;
+    assert_close(&[handle.value()], &[10.0]); // no sample: held
+    handle.record(Duration::from_millis(10));
+    sleep_until(at(3)).await;
+    // The step, not a new measurement (which would pin the limit at 1).
+    assert_close(&[handle.value()], &[10.0 + 10f64.sqrt()]);
+}
+
 /// A tick far behind its schedule (a tiny interval, a stalled runtime) skips the missed
 /// ticks in one step: it used to count them one by one, lateness / interval times (here
 /// a billion, some seconds of a spinning task). The controller runs on a paused runtime

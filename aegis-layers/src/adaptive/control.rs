@@ -676,12 +676,8 @@ impl<K: LimitSink> GradientLaw<K> {
             self.start_measuring(shared, self.limit);
             return;
         }
-        self.phase = Phase::Running {
-            remeasure_at,
-            stepped: true,
-        };
         let min_rtt = self.min_rtt.unwrap_or_default();
-        let dir = match self
+        let (dir, step) = match self
             .windows
             .rotate(shared, self.cfg.quantile, self.cfg.min_samples)
         {
@@ -694,13 +690,19 @@ impl<K: LimitSink> GradientLaw<K> {
                 full: true,
             } => {
                 tracing::debug!(controller = name, samples, "adaptive: too few samples");
-                self.step(shared, min_rtt, sample, false)
+                (self.step(shared, min_rtt, sample, false), true)
             }
-            Measured::TooFew { .. } => Direction::Hold,
+            // No step: a tick that held for want of samples is not the step the next
+            // measurement waits for.
+            Measured::TooFew { .. } => (Direction::Hold, false),
             Measured::Latency(sample) => {
                 metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(sample.as_secs_f64());
-                self.step(shared, min_rtt, sample, true)
+                (self.step(shared, min_rtt, sample, true), true)
             }
+        };
+        self.phase = Phase::Running {
+            remeasure_at,
+            stepped: stepped || step,
         };
         decision(name, dir);
     }
