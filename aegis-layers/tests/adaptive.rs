@@ -10,8 +10,8 @@ use std::time::Duration;
 use aegis_core::error::{Reject, reject};
 use aegis_core::metrics::testing::capture;
 use aegis_layers::adaptive::{
-    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Direction,
-    GradientConfig, RateConfig,
+    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Classify,
+    Direction, GradientConfig, RateConfig, Sample, SuccessOrTimeout,
 };
 use metrics_util::debugging::DebuggingRecorder;
 use parking_lot::Mutex;
@@ -736,4 +736,95 @@ async fn a_gradient_controller_at_its_floor_measures_and_climbs_under_its_own_li
         off + 1
     );
     assert!(seen[19] > seen[off], "still climbing: {seen:?}");
+}
+
+/// `SuccessOrTimeout` records successes and timeouts, and neither other failures nor
+/// rejections, wherever in the error's chain they sit.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn success_or_timeout_records_successes_and_timeouts_only() {
+    use aegis_core::proxy::ProxyError;
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped")]
+    struct Wrapped(#[source] Box<dyn std::error::Error + Send + Sync>);
+    let classify =
+        |e: &(dyn std::error::Error + 'static)| Classify::<()>::classify(&SuccessOrTimeout, Err(e));
+    let addr = "192.0.2.1:1883".parse().unwrap();
+    let elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+        .await
+        .unwrap_err();
+    let timeouts: Vec<Box<dyn std::error::Error + Send + Sync>> = vec![
+        Box::new(ProxyError::ConnectTimeout { addr, timeout: SEC }),
+        Box::new(elapsed),
+        Box::new(io::Error::from(io::ErrorKind::TimedOut)),
+        Box::new(Wrapped(Box::new(ProxyError::ConnectTimeout {
+            addr,
+            timeout: SEC,
+        }))),
+    ];
+    for e in &timeouts {
+        assert_eq!(classify(&**e), Sample::Record, "{e:?}");
+    }
+    let others: Vec<Box<dyn std::error::Error + Send + Sync>> = vec![
+        Box::new(ProxyError::ConnectRefused {
+            addr,
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        }),
+        Box::new(io::Error::from(io::ErrorKind::ConnectionReset)),
+        Box::new(Wrapped(Box::new(io::Error::from(
+            io::ErrorKind::ConnectionRefused,
+        )))),
+        Box::new(reject(Shed)),
+    ];
+    for e in &others {
+        assert_eq!(classify(&**e), Sample::Ignore, "{e:?}");
+    }
+    assert_eq!(
+        Classify::<()>::classify(&SuccessOrTimeout, Ok(&())),
+        Sample::Record
+    );
+}
+
+/// Around a real connector whose upstream refuses, `SuccessOrTimeout` gives the
+/// controller no sample (no P95 is measured); the default classifier records the
+/// refusals, over in microseconds, as latencies.
+#[test]
+fn refused_connects_are_no_samples_with_success_or_timeout() {
+    use aegis_core::proxy::TcpConnect;
+    let (_held, dead) = aegis_core::testing::dead_port();
+    for with_success_or_timeout in [true, false] {
+        let rec = DebuggingRecorder::new();
+        let snap = rec.snapshotter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&rec, || {
+            rt.block_on(async {
+                let control = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+                    .min_samples(1)
+                    .spawn(|_: f64| {});
+                let connect = TcpConnect::new(dead);
+                for _ in 0..3 {
+                    let refused = if with_success_or_timeout {
+                        control
+                            .layer_with(SuccessOrTimeout)
+                            .layer(connect.clone())
+                            .oneshot(())
+                            .await
+                    } else {
+                        control.layer().layer(connect.clone()).oneshot(()).await
+                    };
+                    assert!(refused.is_err());
+                }
+                sleep(SEC + Duration::from_millis(10)).await;
+            });
+        });
+        let p95 = capture(&snap).gauge(ADAPTIVE_P95_SECONDS);
+        if with_success_or_timeout {
+            assert_eq!(p95, None, "refused connects were measured");
+        } else {
+            assert!(p95.is_some(), "the default classifier records them");
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! Which calls are latency samples.
 
 use std::error::Error;
+use std::io;
 
 use aegis_core::error::{Rejected, find};
+use aegis_core::proxy::ProxyError;
 
 /// Whether a completed call is a latency sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,68 @@ impl<Res> Classify<Res> for DefaultClassifier {
         match result {
             Err(e) if find::<Rejected>(e).is_some() => Sample::Ignore,
             _ => Sample::Record,
+        }
+    }
+}
+
+/// Records successes and timeouts only: the classifier for a layer around an upstream
+/// connector or a backend call.
+///
+/// A refused or reset connect ends in well under a millisecond: recorded, such samples
+/// would pull the P95 down, and the rate up, while the upstream fails (the circuit
+/// breaker counts those). A timeout is recorded, its length standing for a stalled
+/// upstream's longer true latency. Timeouts are an error whose `source()` chain holds a
+/// [`ProxyError::ConnectTimeout`], a `tokio::time::error::Elapsed` or an
+/// [`io::Error`] of kind [`TimedOut`](io::ErrorKind::TimedOut); rejections
+/// ([`Rejected`]) are never samples.
+///
+/// ```
+/// use aegis_core::proxy::TcpConnect;
+/// use aegis_layers::adaptive::{RateConfig, SuccessOrTimeout};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let control = RateConfig::new(std::time::Duration::from_millis(250), 10.0, 1_000.0)
+///     .spawn(|_rate: f64| {});
+/// let upstream = TcpConnect::new("127.0.0.1:1883".parse().unwrap());
+/// let measured = control.layer_with(SuccessOrTimeout).layer(upstream);
+/// # drop(measured);
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SuccessOrTimeout;
+
+impl SuccessOrTimeout {
+    /// Whether `e` is a timeout by the rules above (and no rejection).
+    fn is_timeout(e: &(dyn Error + 'static)) -> bool {
+        if find::<Rejected>(e).is_some() {
+            return false;
+        }
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if err.is::<tokio::time::error::Elapsed>()
+                || err
+                    .downcast_ref::<ProxyError>()
+                    .is_some_and(ProxyError::is_timeout)
+                || err
+                    .downcast_ref::<io::Error>()
+                    .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+            {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
+}
+
+impl<Res> Classify<Res> for SuccessOrTimeout {
+    fn classify(&self, result: Result<&Res, &(dyn Error + 'static)>) -> Sample {
+        match result {
+            Ok(_) => Sample::Record,
+            Err(e) if Self::is_timeout(e) => Sample::Record,
+            Err(_) => Sample::Ignore,
         }
     }
 }

@@ -75,7 +75,10 @@
 //!   handshake's round trip through the upstream (for MQTT, CONNECT forwarded to
 //!   CONNACK received, reported with [`AdaptiveHandle::record`]; `aegis_mqtt`'s
 //!   `MqttLayer::connack_latency` does it), or the layer around the upstream connector
-//!   or HTTP client.
+//!   or HTTP client, with [`SuccessOrTimeout`] as its classifier
+//!   ([`AdaptiveHandle::layer_with`]): the default one records failed calls too, and a
+//!   refused connect, over in microseconds, would pull the P95 down while the upstream
+//!   fails.
 //!
 //!   Do **not** wrap the connection service, nor time anything from the client's
 //!   side: a connection's call lasts as long as the client stays, and a handshake timed
@@ -142,7 +145,7 @@ mod service;
 mod sink;
 mod window;
 
-pub use self::classify::{Classify, DefaultClassifier, Sample};
+pub use self::classify::{Classify, DefaultClassifier, Sample, SuccessOrTimeout};
 pub use self::control::{
     ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_LIMIT, ADAPTIVE_MIN_RTT_SECONDS, ADAPTIVE_P95_SECONDS,
     ADAPTIVE_RATE, AdaptiveHandle, Direction, GradientConfig, RateConfig,
