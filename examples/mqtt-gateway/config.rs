@@ -1276,17 +1276,25 @@ impl Config {
                 ));
             }
             positive("adaptive.threshold", a.threshold)?;
-            // A CONNACK timeout is a sample of the timeout's length: a threshold at or
-            // above it could never be crossed by a stalled broker, the samples stopping
-            // there.
-            let connack = self.mqtt.connack_timeout;
-            if self.mqtt.enabled && !connack.is_zero() && a.threshold >= connack {
+            // A timed-out call is a sample of the timeout's length (the CONNACK timeout
+            // with the MQTT layer, the upstream connect timeout without it): a threshold
+            // at or above it could never be crossed by a stalled upstream, the samples
+            // stopping there.
+            let (timeout, key) = if self.mqtt.enabled {
+                (self.mqtt.connack_timeout, "mqtt.connack_timeout")
+            } else {
+                (
+                    s.upstream_connect_timeout,
+                    "server.upstream_connect_timeout",
+                )
+            };
+            if !timeout.is_zero() && a.threshold >= timeout {
                 return Err(ConfigError::new(
                     "adaptive.threshold",
                     format!(
-                        "must be shorter than mqtt.connack_timeout ({}): a stalled broker's \
-                         samples are the CONNACK timeout",
-                        humantime::format_duration(connack)
+                        "must be shorter than {key} ({}): a stalled upstream's samples are \
+                         that timeout",
+                        humantime::format_duration(timeout)
                     ),
                 ));
             }

@@ -41,10 +41,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use aegis_core::error::find;
-use aegis_core::proxy::{Proxy, ProxyError, TcpConnect, Transferred};
+use aegis_core::proxy::{Proxy, TcpConnect, Transferred};
 use aegis_core::{BoxError, ClientAddr, Conn, ConnParams, Handshake, LocalAddr, Param, PeerAddr};
-use aegis_layers::adaptive::{self, AdaptiveHandle, GlobalRate, PerClientRate, RateConfig, Sample};
+use aegis_layers::adaptive::{
+    AdaptiveHandle, GlobalRate, PerClientRate, RateConfig, SuccessOrTimeout,
+};
 use aegis_layers::circuit_breaker::{
     CircuitBreakerLayer, CircuitHandle, Classify, DefaultClassifier, FailuresOnly, Outcome,
 };
@@ -178,24 +179,6 @@ impl<R> Classify<R> for ConnectClassifier {
             FailuresOnly.classify(result)
         } else {
             DefaultClassifier.classify(result)
-        }
-    }
-}
-
-/// The adaptive controller's samples without the MQTT layer: the connects that
-/// succeeded, and those that timed out (the sample is the timeout, a stalled upstream's
-/// true latency being longer). Not a refused or failed connect: it ends in well under a
-/// millisecond, and such samples would pull the P95 down, and the rate up, while the
-/// upstream fails (the breaker counts those); nor the breaker's refusal.
-#[derive(Clone, Copy, Debug)]
-struct ConnectSample;
-
-impl<R> adaptive::Classify<R> for ConnectSample {
-    fn classify(&self, result: Result<&R, &(dyn std::error::Error + 'static)>) -> Sample {
-        match result {
-            Ok(_) => Sample::Record,
-            Err(e) if find::<ProxyError>(e).is_some_and(ProxyError::is_timeout) => Sample::Record,
-            Err(_) => Sample::Ignore,
         }
     }
 }
@@ -497,7 +480,7 @@ pub(crate) fn build(
                 adaptive
                     .as_ref()
                     .filter(|_| !c.mqtt.enabled)
-                    .map(|a| a.layer_with(ConnectSample)),
+                    .map(|a| a.layer_with(SuccessOrTimeout)),
             )
             .option_layer(breaker)
             .map_err(BoxError::from)

@@ -2058,6 +2058,12 @@ fn config_errors_exit_2_and_name_the_key() {
             "adaptive.threshold",
         ),
         (
+            "an adaptive threshold the upstream connect timeout cannot cross (no MQTT layer)",
+            "[server]\nupstream_connect_timeout = \"2s\"\n[mqtt]\nenabled = false\n\
+             [slowloris]\nhandshake = \"0s\"\n[adaptive]\nenabled = true\nthreshold = \"5s\"\n",
+            "adaptive.threshold",
+        ),
+        (
             "an adaptive interval that would spin the controller",
             "[adaptive]\nenabled = true\ninterval = \"1ns\"\n",
             "adaptive.interval",
