@@ -82,7 +82,7 @@ impl SlowlorisLayer {
     /// burst, deadline after deadline; spread cuts come back spread (gRPC's
     /// `MAX_CONNECTION_AGE` adds its ±10 % for the same reason). A connection is never
     /// cut later than its deadline: the jitter only takes time off. The draw is capped
-    /// at half the shortest handshake clock set, and at 4 s.
+    /// at half the shortest handshake clock set, and at `u32::MAX` ns (about 4.29 s).
     pub const fn jitter(mut self, jitter: Duration) -> Self {
         self.jitter = jitter;
         self
