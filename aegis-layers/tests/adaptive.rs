@@ -322,19 +322,25 @@ async fn a_minimum_rtt_measured_as_zero_does_not_halve_the_limit() {
     assert_close(&[handle.value()], &[10.0 + 10f64.sqrt()]);
 }
 
+/// A gradient controller whose minimum RTT is due again after 500 ms, half its 1 s
+/// interval: limit 10 (1 to 100), a step on every sample.
+fn remeasuring_every_500ms() -> AdaptiveHandle {
+    GradientConfig::new(1, 100)
+        .initial_limit(10)
+        .buffer(0.0)
+        .min_samples(1)
+        .min_rtt_samples(1)
+        .min_rtt_interval(Duration::from_millis(500))
+        .spawn(|_: usize| {})
+}
+
 /// With `min_rtt_interval <= interval`, every running interval started a new
 /// measurement and no gradient step was ever taken (the limit pinned to `min_limit`
 /// every other interval). At least one step now comes between two measurements.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_min_rtt_interval_shorter_than_the_interval_still_lets_the_gradient_step() {
     let t0 = Instant::now();
-    let handle = GradientConfig::new(1, 100)
-        .initial_limit(10)
-        .buffer(0.0)
-        .min_samples(1)
-        .min_rtt_samples(1)
-        .min_rtt_interval(Duration::from_millis(500))
-        .spawn(|_: usize| {});
+    let handle = remeasuring_every_500ms();
     let at = |k: u32| t0 + SEC * k + Duration::from_millis(10);
     let stepped = 10.0 + 10f64.sqrt(); // gradient 1
     handle.record(Duration::from_millis(10));
@@ -362,13 +368,7 @@ async fn a_min_rtt_interval_shorter_than_the_interval_still_lets_the_gradient_st
 #[tokio::test(start_paused = true)]
 async fn a_tick_without_samples_is_not_the_step_before_a_new_measurement() {
     let t0 = Instant::now();
-    let handle = GradientConfig::new(1, 100)
-        .initial_limit(10)
-        .buffer(0.0)
-        .min_samples(1)
-        .min_rtt_samples(1)
-        .min_rtt_interval(Duration::from_millis(500))
-        .spawn(|_: usize| {});
+    let handle = remeasuring_every_500ms();
     let at = |k: u32| t0 + SEC * k + Duration::from_millis(10);
     handle.record(Duration::from_millis(10));
     sleep_until(at(1)).await;
