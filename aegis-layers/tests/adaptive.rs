@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::error::{Reject, reject};
-use aegis_core::metrics::testing::capture;
+use aegis_core::metrics::testing::{capture, run};
 use aegis_layers::adaptive::{
     ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Classify,
     Direction, GradientConfig, RateConfig, Sample, SuccessOrTimeout,
@@ -792,33 +792,24 @@ fn refused_connects_are_no_samples_with_success_or_timeout() {
     use aegis_core::proxy::TcpConnect;
     let (_held, dead) = aegis_core::testing::dead_port();
     for with_success_or_timeout in [true, false] {
-        let rec = DebuggingRecorder::new();
-        let snap = rec.snapshotter();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        metrics::with_local_recorder(&rec, || {
-            rt.block_on(async {
-                let control = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
-                    .min_samples(1)
-                    .spawn(|_: f64| {});
-                let connect = TcpConnect::new(dead);
-                for _ in 0..3 {
-                    let refused = if with_success_or_timeout {
-                        control
-                            .layer_with(SuccessOrTimeout)
-                            .layer(connect.clone())
-                            .oneshot(())
-                            .await
-                    } else {
-                        control.layer().layer(connect.clone()).oneshot(()).await
-                    };
-                    assert!(refused.is_err());
-                }
-                sleep(SEC + Duration::from_millis(10)).await;
-            });
+        let ((), snap) = run(true, || async {
+            let control = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+                .min_samples(1)
+                .spawn(|_: f64| {});
+            let connect = TcpConnect::new(dead);
+            for _ in 0..3 {
+                let refused = if with_success_or_timeout {
+                    control
+                        .layer_with(SuccessOrTimeout)
+                        .layer(connect.clone())
+                        .oneshot(())
+                        .await
+                } else {
+                    control.layer().layer(connect.clone()).oneshot(()).await
+                };
+                assert!(refused.is_err());
+            }
+            sleep(SEC + Duration::from_millis(10)).await;
         });
         let p95 = capture(&snap).gauge(ADAPTIVE_P95_SECONDS);
         if with_success_or_timeout {
