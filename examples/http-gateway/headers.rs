@@ -906,22 +906,13 @@ mod tests {
     #[test]
     #[ignore = "writes fuzz/corpus/http_headers"]
     fn write_seeds() {
-        let dir = corpus_dir();
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, bytes) in seeds() {
-            std::fs::write(dir.join(name), bytes).unwrap();
-        }
+        aegis_core::testing::write_seeds(&corpus_dir(), &seeds());
     }
 
     /// The committed seeds are the generator's.
     #[test]
     fn committed_seeds_are_the_generators() {
-        for (name, bytes) in seeds() {
-            let path = corpus_dir().join(name);
-            let committed =
-                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(committed, bytes, "{name}: run the ignored test write_seeds");
-        }
+        aegis_core::testing::assert_seeds_committed(&corpus_dir(), &seeds());
     }
 
     /// The seeds through the fuzz logic: `bad_*` refused, `ok_*` forwarded. Files not
