@@ -1,8 +1,11 @@
 //! Helpers for tests of this workspace and of services built on it (feature
 //! `test-util`). The metrics ones are in [`crate::metrics::testing`].
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::time::Duration;
 
 use tokio::net::TcpSocket;
 
@@ -62,5 +65,53 @@ pub fn assert_seeds_committed(dir: &Path, seeds: &[(&str, Vec<u8>)]) {
             &committed, bytes,
             "{name}: run the ignored test write_seeds"
         );
+    }
+}
+
+/// Runs the future `f` makes on a paused current-thread runtime, on a thread of its
+/// own, and returns its output, or `None` if it has not finished after `deadline` of
+/// real time (the thread is then left behind). For a test whose failure is a task that
+/// spins: on the paused clock a spinning task never lets time advance, and the test
+/// would hang instead of failing. A panic in the future is resumed on the caller's
+/// thread.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let slept = aegis_core::testing::finishes_within(Duration::from_secs(10), || async {
+///     tokio::time::sleep(Duration::from_secs(3600)).await; // paused: at once
+///     "woke"
+/// });
+/// assert_eq!(slept, Some("woke"));
+/// ```
+///
+/// # Panics
+///
+/// If the runtime cannot be built, or the future panics.
+pub fn finishes_within<F>(
+    deadline: Duration,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> Option<F::Output>
+where
+    F: Future,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a current-thread runtime");
+        let _ = tx.send(rt.block_on(f()));
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => Some(out),
+        Err(RecvTimeoutError::Timeout) => None,
+        // The thread ended without sending: the future panicked.
+        Err(RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the thread sends before it ends"),
+        },
     }
 }

@@ -384,38 +384,28 @@ async fn a_tick_without_samples_is_not_the_step_before_a_new_measurement() {
 /// A tick far behind its schedule (a tiny interval, a stalled runtime) skips the missed
 /// ticks in one step: it used to count them one by one, lateness / interval times (here
 /// a billion, some seconds of a spinning task). The controller runs on a paused runtime
-/// of its own thread, so that a spinning task fails the test at the channel's deadline
-/// rather than hanging it.
+/// of its own thread (`finishes_within`), so that a spinning task fails the test at its
+/// deadline rather than hanging it.
 #[test]
 fn a_late_tick_skips_the_missed_ones_at_once() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
-                .interval(Duration::from_micros(1))
-                .min_samples(1)
-                .spawn(|_| {});
-            tokio::task::yield_now().await; // the controller waits for its first tick
-            handle.record(Duration::from_millis(300));
-            // A billion intervals late.
-            tokio::time::advance(SEC * 1000).await;
-            for _ in 0..100 {
-                if handle.value() < 1000.0 {
-                    break;
-                }
-                tokio::task::yield_now().await;
+    let value = aegis_core::testing::finishes_within(Duration::from_secs(2), || async {
+        let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+            .interval(Duration::from_micros(1))
+            .min_samples(1)
+            .spawn(|_| {});
+        tokio::task::yield_now().await; // the controller waits for its first tick
+        handle.record(Duration::from_millis(300));
+        // A billion intervals late.
+        tokio::time::advance(SEC * 1000).await;
+        for _ in 0..100 {
+            if handle.value() < 1000.0 {
+                break;
             }
-            let _ = tx.send(handle.value());
-        });
-    });
-    let value = rx
-        .recv_timeout(Duration::from_secs(2))
-        .expect("the late tick took over 2 s");
+            tokio::task::yield_now().await;
+        }
+        handle.value()
+    })
+    .expect("the late tick took over 2 s");
     assert_close(&[value], &[800.0]);
 }
 
