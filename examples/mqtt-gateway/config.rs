@@ -1310,7 +1310,10 @@ impl Config {
             if a.interval < MIN_ADAPTIVE_INTERVAL {
                 return Err(ConfigError::new(
                     "adaptive.interval",
-                    "must be at least 10ms",
+                    format!(
+                        "must be at least {}",
+                        humantime::format_duration(MIN_ADAPTIVE_INTERVAL)
+                    ),
                 ));
             }
             at_least("adaptive.min_samples", a.min_samples, 1)?;
