@@ -187,9 +187,10 @@ impl Limit {
 /// Where in the connection a rejection happens, which decides the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// While reading the CONNECT; the version, if the CONNECT got that far.
+    /// Until the broker's CONNACK went out: while reading the CONNECT, or after it and
+    /// before the CONNACK; the version, if the CONNECT got that far.
     Connect(Option<Version>),
-    /// After the CONNECT was accepted.
+    /// After the broker's CONNACK went out.
     Connected(Version),
 }
 

@@ -243,9 +243,12 @@ impl Session {
         err.answer(self.phase())
     }
 
-    /// The phase for [`MqttError::answer`].
+    /// The phase for [`MqttError::answer`]: [`Phase::Connected`] once the broker's
+    /// CONNACK went out ([`Session::connack_sent`]); until then, the CONNECT accepted or
+    /// not, [`Phase::Connect`], so that an MQTT 5 client refused before any CONNACK gets
+    /// a CONNACK, not a DISCONNECT, which may not come first [MQTT-3.14.0-1].
     pub fn phase(&self) -> Phase {
-        match (self.is_connected(), self.version) {
+        match (self.is_connected() && self.connack_sent, self.version) {
             (true, Some(v)) => Phase::Connected(v),
             (_, v) => Phase::Connect(v),
         }

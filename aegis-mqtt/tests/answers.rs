@@ -229,16 +229,34 @@ fn session_picks_the_phase_and_version() {
         .validate(&[0x30, 0x07, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05])
         .unwrap_err();
     assert_eq!((s.version(), s.answer(&e)), (None, Answer::Close), "{e:?}");
-    // after a v5 CONNECT: DISCONNECT; after a 3.1.1 one: close
+    // after a v5 CONNECT and the broker's CONNACK: DISCONNECT; after a 3.1.1 one: close
     let mut s = session_after(&connect_v5());
+    s.connack_sent();
     let e = s
         .validate(&B::new().s("#").props(&[]).frame(0x30))
         .unwrap_err();
     assert_eq!(s.answer(&e), Answer::DisconnectV5(0x90));
     let mut s = session_after(&connect_v4());
+    s.connack_sent();
     let e = s.validate(&[0xC1, 0x00]).unwrap_err();
     assert_eq!(s.phase(), Phase::Connected(Version::V3_1_1));
     assert_eq!(s.answer(&e), Answer::Close);
+    // after a v5 CONNECT but before any CONNACK went out: a CONNACK, never a DISCONNECT,
+    // which may not come first [MQTT-3.14.0-1]. An AUTH with a reason code AUTH may not
+    // carry (0x07), in an enhanced authentication:
+    let connect = head("MQTT", 5, 0x02)
+        .props(&[0x15, 0x00, 0x01, b'm'])
+        .s("c")
+        .frame(0x10);
+    let mut s = session_after(&connect);
+    let e = s.validate(&[0xF0, 0x02, 0x07, 0x00]).unwrap_err();
+    assert!(matches!(e, MqttError::ProtocolError(_)), "{e:?}");
+    assert_eq!(s.phase(), Phase::Connect(Some(Version::V5)));
+    assert_eq!(s.answer(&e), Answer::ConnackV5(0x82));
+    // ... and the same refusal once the CONNACK is out: DISCONNECT
+    s.connack_sent();
+    assert_eq!(s.phase(), Phase::Connected(Version::V5));
+    assert_eq!(s.answer(&e), Answer::DisconnectV5(0x82));
     // a CONNECT too large for the cap, before any version is known: close
     let mut s = Session::new(Config::new().max_connect_size(10));
     let e = s.next(&[0x10, 0x7F]).unwrap_err();

@@ -295,8 +295,9 @@ fn subscribe_v5_options() {
         ))
     );
     // §3.8.3.1 "It is a Protocol Error if the Maximum QoS field has the value 3": the
-    // client gets DISCONNECT 0x82
+    // client gets DISCONNECT 0x82 (once the broker's CONNACK is out)
     let mut s = session_after(&connect_v5());
+    s.connack_sent();
     let e = s
         .validate(&B::new().u16(1).props(&[]).s("a").u8(3).frame(0x82))
         .unwrap_err();
