@@ -244,8 +244,17 @@ fn publish(
     } else {
         None
     };
-    if !(topic.is_empty() && topic_alias.is_some()) {
-        check_topic_name(topic)?;
+    match (topic.is_empty(), topic_alias.is_some()) {
+        // 5.0 §3.3.2.1: the topic comes from the alias.
+        (true, true) => {}
+        // "It is a Protocol Error if the Topic Name is zero length and there is no Topic
+        // Alias" (5.0 §3.3.2.1); 3.x closes for any invalid name.
+        (true, false) if v5 => {
+            return Err(MqttError::ProtocolError(
+                "empty topic name without a topic alias",
+            ));
+        }
+        _ => check_topic_name(topic)?,
     }
     if let Some(l) = limits {
         if qos > l.max_qos {

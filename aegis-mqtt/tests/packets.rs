@@ -2,7 +2,7 @@
 
 mod common;
 
-use aegis_mqtt::{Config, Limit, MqttError, Next, Packet, Session};
+use aegis_mqtt::{Answer, Config, Limit, MqttError, Next, Packet, Session};
 use common::{B, connect_v3, connect_v4, connect_v5, head, label, session_after, v4, v5};
 
 const MAL_FLAGS: MqttError = MqttError::Malformed("reserved fixed-header flags set");
@@ -68,10 +68,17 @@ fn publish_topic_name() {
         v4(&B::new().s("").frame(0x30)),
         Err(MqttError::TopicName("empty topic name"))
     );
+    // ... 5.0 without a Topic Alias: "a Protocol Error" (§3.3.2.1), DISCONNECT 0x82
+    let mut s = session_after(&connect_v5());
+    s.connack_sent();
+    let e = s
+        .validate(&B::new().s("").props(&[]).frame(0x30))
+        .unwrap_err();
     assert_eq!(
-        v5(&B::new().s("").props(&[]).frame(0x30)),
-        Err(MqttError::TopicName("empty topic name"))
+        e,
+        MqttError::ProtocolError("empty topic name without a topic alias")
     );
+    assert_eq!(s.answer(&e), Answer::DisconnectV5(0x82));
     // [MQTT-4.7.3-2] / [MQTT-1.5.3-2] no U+0000
     assert_eq!(
         v4(&B::new().s("a\0").frame(0x30)),
@@ -287,6 +294,19 @@ fn subscribe_v5_options() {
         .u8(0x02)
         .frame(0x82);
     assert_eq!(v5(&f), Ok(()));
+    // [MQTT-1.5.5-1] the Subscription Identifier, a Variable Byte Integer, minimally
+    // encoded: 1 in two bytes is malformed
+    assert_eq!(
+        v5(&B::new()
+            .u16(1)
+            .props(&[0x0B, 0x81, 0x00])
+            .s("a")
+            .u8(0)
+            .frame(0x82)),
+        Err(MqttError::Malformed(
+            "variable byte integer not minimally encoded"
+        ))
+    );
     // [MQTT-3.8.3-5] reserved bits
     assert_eq!(
         v5(&B::new().u16(1).props(&[]).s("a").u8(0x40).frame(0x82)),
