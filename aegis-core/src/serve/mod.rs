@@ -34,7 +34,11 @@
 //!   (debug level) with the `peer` address and an empty `client_id` field that a protocol
 //!   layer records once it knows it (the MQTT layer does, from the CONNECT). Every event
 //!   of the connection, each layer's rejection included, carries them; neither is ever a
-//!   metric label.
+//!   metric label. The accept loop runs in the caller's span and with the caller's
+//!   subscriber; the connections' tasks, which would pay for that on every poll, log to
+//!   the default subscriber of the thread that polls them. Set a global subscriber (as
+//!   the gateways do): on a multi-thread runtime, one set for the calling thread alone
+//!   (`tracing::subscriber::set_default`) sees the loop's events, not the connections'.
 //!
 //! # Example
 //!

@@ -227,8 +227,9 @@ impl Acceptor {
 
 /// Counts a connection that could not be handed out, and was closed before any service
 /// saw it: an `error` of `aegis_connections_total`, lasting 0 s, so that every admitted
-/// connection is counted once. Rare (taking a socket out of the acceptor's reactor
-/// fails only if deregistering it from epoll does), so the metrics are looked up here.
+/// connection is counted once. Rare (taking a socket out of the acceptor's reactor, or
+/// putting it into a shard's, fails only if epoll refuses), so the metrics are looked
+/// up here.
 fn count_lost() {
     let outcome = Outcome::Error.label();
     metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
@@ -301,11 +302,19 @@ impl Listener for Shard {
 
     /// The next connection handed to this shard. Once the acceptor is gone there are no
     /// more: `Pending` until the shard's `serve` stops.
+    ///
+    /// A connection this runtime's reactor cannot take (registering it fails: epoll's
+    /// `max_user_watches` reached, or no memory) is closed and counted as lost, as one
+    /// the acceptor cannot hand out is, and the error goes to `serve`, which backs off.
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
         match std::task::ready!(self.rx.poll_recv(cx)) {
-            Some((socket, peer, local)) => {
-                Poll::Ready(TcpStream::from_std(socket).map(|io| Conn::new(io, peer, local)))
-            }
+            Some((socket, peer, local)) => Poll::Ready(match TcpStream::from_std(socket) {
+                Ok(io) => Ok(Conn::new(io, peer, local)),
+                Err(e) => {
+                    count_lost();
+                    Err(e)
+                }
+            }),
             None => Poll::Pending,
         }
     }
@@ -329,7 +338,8 @@ mod tests {
 
     /// What counts a connection lost on its way to a shard: once, as a connection that
     /// ended in an error at once (`Acceptor::hand_out` calls this when `into_std`
-    /// fails, which a test cannot make happen).
+    /// fails, `Shard::poll_accept` when `from_std` does, which a test cannot make
+    /// happen).
     #[test]
     fn count_lost_counts_one_connection_ended_in_an_error() {
         let ((), snap) = run(false, || async { count_lost() });
