@@ -16,6 +16,26 @@
 //!   gateway is waiting on the backend (hyper polls a body only when it can write it),
 //!   and the timeout counts against the backend.
 //!
+//! **A body has a deadline of its own**, given to [`ClientBody::new`]:
+//! [`Upstream`](crate::proxy::Upstream) gives it the call's response deadline (the
+//! gateway's `backend_timeout` from the call). The response timeout alone bounds the body
+//! only until the backend's response head: hyper's client then hands the response over
+//! and goes on streaming the body, and a backend that answers at once and reads the body
+//! at its leisure (or discards it, as nginx does after an early answer) would leave the
+//! body with no bound but the slowloris idle clock, which a byte now and then resets: a
+//! client sending `Content-Length: 1000000` and one byte a minute held a client
+//! connection and a backend connection for ever. Past the deadline, a poll of the body
+//! that finds the gateway waiting on the client fails it with a stall
+//! ([`ClientBodyError::stalled`], logged at debug as `request body stalled past its
+//! deadline`); hyper's
+//! client closes the backend connection, and the gateway closes the client's once the
+//! response is out. So a client must have sent its whole body within the backend
+//! timeout of its request's call, whether the backend answers first or reads it all
+//! first, as most do (the response timeout then answers `408`, see below). A body
+//! whose data is ready is never failed: once the gateway is not waiting on the client,
+//! the time is the backend's. The deadline's timer is armed at the first poll that waits
+//! on the client, so a body that never waits costs no timer.
+//!
 //! The same [`Progress`] adds up the time the gateway spent waiting on the client's
 //! body ([`client_time`](Progress::client_time)): [`Upstream`](crate::proxy::Upstream)
 //! leaves it out of the latency samples it gives the adaptive controller, which must
@@ -29,10 +49,13 @@
 //! on the client ends there as a stall, and the breaker gets its "ignore" in time.
 //!
 //! The breaker's classifier ignores a [`ClientBodyError`]; the proxy answers `400`
-//! (`408` for a stall, `413` over the size limit).
+//! (`408` for a stall, `413` over the size limit), unless the backend has answered
+//! already: then its answer is on its way to the client, and the connection is closed
+//! after it.
 
 use std::error::Error;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,16 +65,20 @@ use aegis_core::BoxError;
 use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 pin_project! {
-    /// Marks the errors of the body it wraps as [`ClientBodyError`]s and records when
-    /// it waits on the client. See the [module docs](self).
+    /// Marks the errors of the body it wraps as [`ClientBodyError`]s, records when it
+    /// waits on the client, and fails as stalled when it still waits on the client past
+    /// its deadline. See the [module docs](self).
     #[derive(Debug)]
     pub struct ClientBody<B> {
         #[pin]
         inner: B,
         waits: Arc<Mutex<Waits>>,
+        deadline: Instant,
+        // Armed at the first poll that waits on the client.
+        timer: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -65,11 +92,18 @@ struct Waits {
 }
 
 impl<B> ClientBody<B> {
-    /// Wraps `inner`; the [`Progress`] tells whether and how long it waits on the client.
-    pub fn new(inner: B) -> (Self, Progress) {
+    /// Wraps `inner`, which must be in by `deadline` (see the [module docs](self)); the
+    /// [`Progress`] tells whether and how long it waits on the client.
+    pub fn new(inner: B, deadline: Instant) -> (Self, Progress) {
         let waits = Arc::default();
         let progress = Progress(Arc::clone(&waits));
-        (Self { inner, waits }, progress)
+        let body = Self {
+            inner,
+            waits,
+            deadline,
+            timer: None,
+        };
+        (body, progress)
     }
 }
 
@@ -97,6 +131,16 @@ where
             _ => {}
         }
         drop(waits);
+        if poll.is_pending() {
+            let deadline = *this.deadline;
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_ready() {
+                tracing::debug!("request body stalled past its deadline");
+                return Poll::Ready(Some(Err(ClientBodyError::stalled().into())));
+            }
+        }
         poll.map(|frame| frame.map(|r| r.map_err(|e| ClientBodyError::failed(e.into()).into())))
     }
 
@@ -147,7 +191,8 @@ impl ClientBodyError {
         }
     }
 
-    /// The body stalled: the client had not sent it when the response timeout fired.
+    /// The body stalled: the client had not sent it when the response timeout fired, or
+    /// by the body's own deadline.
     pub const fn stalled() -> Self {
         Self { source: None }
     }
@@ -202,10 +247,42 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn past_its_deadline_a_body_waiting_on_the_client_stalls_one_with_data_does_not() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let script = Script([None, Some("a"), None].into());
+        let (body, progress) = ClientBody::new(script, deadline);
+        let mut body = std::pin::pin!(body);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut poll = || match body.as_mut().poll_frame(&mut cx) {
+            Poll::Pending => "pending",
+            Poll::Ready(Some(Ok(_))) => "data",
+            Poll::Ready(Some(Err(e))) if find_stall(&e) => "stalled",
+            Poll::Ready(Some(Err(_))) => "failed",
+            Poll::Ready(None) => "end",
+        };
+
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(
+            poll(),
+            "data",
+            "data ready past the deadline is the backend's time"
+        );
+        assert_eq!(poll(), "stalled", "waiting on the client past the deadline");
+        assert!(progress.waiting_on_client());
+    }
+
+    fn find_stall(e: &BoxError) -> bool {
+        e.downcast_ref::<ClientBodyError>()
+            .is_some_and(ClientBodyError::is_stall)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn the_time_spent_waiting_on_the_client_is_counted_and_no_other() {
         let step = |ms| tokio::time::advance(Duration::from_millis(ms));
         let script = Script([None, Some("a"), None, Some("b")].into());
-        let (body, progress) = ClientBody::new(script);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (body, progress) = ClientBody::new(script, far);
         let mut body = std::pin::pin!(body);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut poll = || body.as_mut().poll_frame(&mut cx).is_pending();

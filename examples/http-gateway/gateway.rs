@@ -127,7 +127,9 @@ pub struct Config {
     pub warmup: Duration,
     /// Connecting to a backend.
     pub connect_timeout: Duration,
-    /// A backend's response headers.
+    /// A backend's response headers, and the client's request body: both must be in
+    /// within this of the call to the backend, even when the backend answers before it
+    /// has read the body (see `client_body`).
     pub backend_timeout: Duration,
 }
 

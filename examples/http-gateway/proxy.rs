@@ -21,6 +21,7 @@
 //! | the request body was malformed or cut off | `400` | no |
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout | `504` | yes: the timeout |
+//! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
@@ -249,11 +250,13 @@ impl Service<Request<GatewayBody>> for Upstream {
     }
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
-        let (parts, body) = req.into_parts();
-        let (body, progress) = ClientBody::new(body);
-        let req = Request::from_parts(parts, body.boxed_unsync());
         let start = Instant::now();
         let until = deadline(start, self.timeout);
+        // The body's own deadline: the response timeout ends at the response head, and
+        // hyper goes on sending the body after it (see `crate::client_body`).
+        let (parts, body) = req.into_parts();
+        let (body, progress) = ClientBody::new(body, until);
+        let req = Request::from_parts(parts, body.boxed_unsync());
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
         // and a half-open breaker admits only probes (a forced state reads as itself).
         let stall_check = self

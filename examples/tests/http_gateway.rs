@@ -903,6 +903,107 @@ async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
 }
 
+/// A hyper backend that answers `200` at once, before reading the body, and then reads
+/// and discards the body (as nginx does after an early answer), keeping the connection
+/// for as long as the body comes. Counts the bodies that ended with an error: their
+/// connection was closed under them.
+async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&cut);
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let cut = Arc::clone(&counter);
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let cut = Arc::clone(&cut);
+                tokio::spawn(async move {
+                    if req.into_body().collect().await.is_err() {
+                        cut.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+            });
+            conns.spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, cut, task)
+}
+
+/// A client announced a large body and trickled it a byte a second, which resets every
+/// idle clock, to a backend that answered at once: the response timeout ended at the
+/// answer, and nothing bounded the rest of the body, so the client's connection and the
+/// backend's stayed open for as long as the trickle went on. The body must now be in
+/// within the backend timeout of the call.
+///
+/// Paused clock over loopback: a write is in the peer's socket when the syscall returns,
+/// so every socket event is seen before the clock moves.
+#[tokio::test(start_paused = true)]
+async fn a_body_trickled_after_the_backends_answer_is_cut_at_the_backend_timeout() {
+    let (backend, cut, _backend) = early_answer_backend().await;
+    let mut cfg = config(&[]);
+    cfg.backends = vec![BackendSpec {
+        addr: backend,
+        weight: 1,
+    }];
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    cfg.backend_timeout = Duration::from_secs(5);
+    assert!(
+        cfg.idle_timeout > Duration::from_secs(10),
+        "the trickle's 1 s resets it"
+    );
+    let gw = start(&cfg).await;
+
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let t0 = Instant::now();
+    wr.write_all(b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n\r\na")
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut buf = [0; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return (out, Instant::now()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    // A byte a second, for six backend timeouts at most.
+    while !reader.is_finished() && since(t0) < Duration::from_secs(30) {
+        sleep(Duration::from_secs(1)).await;
+        if wr.write_all(b"a").await.is_err() {
+            break;
+        }
+    }
+    assert!(
+        reader.is_finished(),
+        "the connection is still open {:?} after the request",
+        since(t0)
+    );
+    let (out, closed) = reader.await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "the backend's answer: {out}"
+    );
+    let took = closed.saturating_duration_since(t0);
+    assert!(
+        took >= cfg.backend_timeout && took < cfg.backend_timeout + Duration::from_secs(2),
+        "closed at the backend timeout: {took:?}"
+    );
+    until("the backend's connection was closed", || {
+        cut.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------
 // Request targets
 // ---------------------------------------------------------------------------------
