@@ -5,7 +5,7 @@
 //! serve (max connections)
 //!  └─ ProxyProtocolLayer      only with trusted proxies: the client address from their PROXY header
 //!      └─ RateLimitLayer      per client address: open connections capped, adaptive rate
-//!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle after
+//!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle within requests
 //!              └─ HttpServer  hyper HTTP/1 + the per-request stack (see `server`)
 //!                  └─ Proxy   pool pick -> CircuitBreaker -> Upstream (hyper-util Client) -> backend
 //! ```
@@ -95,15 +95,24 @@ pub struct Config {
     pub limits: Limits,
     /// hyper's read buffer cap (request line and headers must fit).
     pub max_buf_size: usize,
-    /// hyper: the time to read each request's headers (`Duration::MAX`: some thirty
-    /// years).
+    /// hyper: the time to read each request's headers, from when hyper starts waiting
+    /// for them: the accept for the first request, the end of the previous response for
+    /// each later one. So it is also the **keep-alive idle limit**: hyper closes a
+    /// connection that sends no next request within it (hyper starts this clock
+    /// whenever it waits for a request head). `Duration::MAX`: some thirty years.
     pub header_read_timeout: Duration,
     /// Slowloris: the time to the first byte.
     pub first_byte_timeout: Duration,
-    /// Slowloris: the time to the end of the first request's headers.
+    /// Slowloris: the time to the end of the first request's headers. hyper's
+    /// `header_read_timeout` bounds the same wait from the accept, so a longer deadline
+    /// never fires; the default equals it, so that the slowloris clock (up to its jitter
+    /// early) cuts a slow first request no later than hyper's, and counts the cut.
     pub handshake_timeout: Duration,
-    /// Slowloris: the most silence from the client after that (keep-alive idle; also
-    /// bounds a long download by a client that sends nothing meanwhile).
+    /// Slowloris: the most silence from the client after the first request's headers
+    /// while a request is in progress: gaps in a request body, or a long response to a
+    /// client that sends nothing meanwhile. Between requests hyper's
+    /// `header_read_timeout` closes an idle keep-alive connection first unless it is the
+    /// longer of the two.
     pub idle_timeout: Duration,
     /// Slowloris: the first-byte and total deadlines of each connection come up to this
     /// early, by a per-connection draw, so that connections opened together are not
@@ -155,7 +164,7 @@ impl Config {
             max_buf_size: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(5),
-            handshake_timeout: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             slowloris_jitter: Duration::from_millis(50),
             hsts: None,

@@ -11,9 +11,12 @@
 //! `X-Forwarded-For` from clients is never believed), a cap on the connections one
 //! client address has open at once (64 by default), a per-client connection rate that
 //! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
-//! slowloris deadlines (first byte 5 s, first request's headers 15 s, each up to 50 ms
-//! early by a per-connection draw, idle 75 s; hyper's
-//! header read timeout of 10 s for every request). Each request then passes header limits
+//! slowloris deadlines (first byte 5 s, first request's headers 10 s, each up to 50 ms
+//! early by a per-connection draw, 75 s of silence within a request), hyper's header
+//! read timeout of 10 s for each later request, counted from the end of the previous
+//! response (so an idle keep-alive connection is closed after 10 s), and the 30 s
+//! backend timeout for both a backend's response headers and the client's whole request
+//! body. Each request then passes header limits
 //! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
 //! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,

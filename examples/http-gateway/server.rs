@@ -20,7 +20,8 @@
 //!    time spent waiting on the client's body can be left out.
 //!
 //! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
-//! which hyper ignores it), `max_buf_size`, and a `max_headers` backstop above the
+//! which hyper ignores it; hyper starts it whenever it waits for a request head, so it
+//! also closes a keep-alive connection idle between requests), `max_buf_size`, and a `max_headers` backstop above the
 //! stack's own count limit. When hyper has read the first request's headers, the
 //! connection's [`Handshake`] is marked complete, which ends the slowloris layer's
 //! handshake clocks.

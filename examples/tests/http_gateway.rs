@@ -1378,6 +1378,71 @@ async fn a_header_read_timeout_of_duration_max_serves_requests() {
     assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "and again");
 }
 
+/// `GET /` on `stream`, kept alive; what came back, up to the end of the test backend's
+/// answer or the connection's close.
+async fn get_kept_alive(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut buf = [0; 4096];
+    while !out.ends_with(b"read 0 bytes") {
+        match timeout(WAIT, stream.read(&mut buf)).await {
+            Err(_) => panic!("no answer and no close after {WAIT:?}; got {out:?}"),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// hyper starts its header read clock whenever it waits for a request head, after a
+/// response on a keep-alive connection too: an idle keep-alive connection is closed at
+/// `header_read_timeout` (10 s by default), long before the slowloris `idle_timeout`
+/// (75 s), which bounds silence within a request only. The defaults are checked, and
+/// the cut is timed on the paused clock (a write over loopback is in the peer's socket
+/// when the syscall returns, so every socket event is seen before the clock moves).
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed_at_the_header_read_timeout() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    let defaults = Config::new(Vec::new());
+    assert_eq!(cfg.header_read_timeout, defaults.header_read_timeout);
+    assert_eq!(cfg.idle_timeout, defaults.idle_timeout);
+    let limit = cfg.header_read_timeout;
+    assert_eq!(limit, Duration::from_secs(10));
+    assert!(cfg.idle_timeout > 2 * limit, "{:?}", cfg.idle_timeout);
+    assert!(
+        defaults.handshake_timeout <= limit,
+        "the slowloris handshake deadline would never fire before hyper's"
+    );
+    let gw = start(&cfg).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let out = get_kept_alive(&mut stream).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "first: {out}");
+
+    // Silence just short of the limit: the connection serves the next request.
+    sleep(limit - Duration::from_secs(1)).await;
+    let out = get_kept_alive(&mut stream).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "after {:?}: {out}", limit);
+
+    // Silence just past it: closed, without an answer.
+    let t0 = Instant::now();
+    sleep(limit + Duration::from_secs(1)).await;
+    let out = get_kept_alive(&mut stream).await;
+    assert!(
+        out.is_empty(),
+        "answered after {:?} of silence: {out}",
+        since(t0)
+    );
+    assert_eq!(b0.hits(), 2);
+}
+
 #[tokio::test]
 async fn a_trickled_request_is_cut_by_the_slowloris_total_deadline() {
     let b0 = Backend::start().await;
