@@ -1199,6 +1199,23 @@ impl Config {
                 format!("must be between 64 and {max_packet}"),
             ));
         }
+        // A packet longer than the bytes tier's burst is over it for good (`check_n`
+        // refuses more cells than the burst at any time): a QoS 0 one dropped without a
+        // word, a QoS 1/2 one never acknowledged, resent and dropped after each
+        // reconnect. Every packet the MQTT layer lets through must fit.
+        if m.enabled
+            && policy.bytes_per_client.is_some()
+            && usize::try_from(l.bytes_per_client.burst).is_ok_and(|b| b < m.max_packet_size)
+        {
+            return Err(ConfigError::new(
+                "limits.bytes_per_client.burst",
+                format!(
+                    "must be at least mqtt.max_packet_size ({}): a packet larger than the \
+                     burst would never pass the tier (dropped, never acknowledged)",
+                    m.max_packet_size
+                ),
+            ));
+        }
         if m.enabled {
             positive("mqtt.connect_timeout", m.connect_timeout)?;
             positive("mqtt.packet_timeout", m.packet_timeout)?;

@@ -1989,6 +1989,49 @@ fn the_embedded_broker_is_refused_beyond_loopback() {
     assert_eq!(check(&["--listen", "[::1]:1883"]).0, Some(0));
 }
 
+/// `[limits.bytes_per_client] burst` below `mqtt.max_packet_size` is refused: a packet
+/// larger than the burst is over the limit for good (QoS 0 dropped without a word, QoS
+/// 1/2 never acknowledged, resent after each reconnect and dropped again). A burst of
+/// the largest packet is valid, and so is any burst while the tier is off.
+#[test]
+fn a_bytes_per_client_burst_below_the_largest_packet_is_refused() {
+    for (name, config) in [
+        (
+            "bytes-burst-below",
+            "[mqtt]\nmax_packet_size = 8192\n[limits.bytes_per_client]\nrate = \"8192/s\"\nburst = 8191\n",
+        ),
+        (
+            "bytes-burst-below-default",
+            "[limits.bytes_per_client]\nburst = 262143\n",
+        ),
+    ] {
+        let (code, out) = check_config(name, config);
+        assert_eq!(code, Some(2), "{config}: {out}");
+        assert!(
+            out.contains("config error: limits.bytes_per_client.burst")
+                && out.contains("mqtt.max_packet_size"),
+            "{config}: {out}"
+        );
+    }
+    for (name, config) in [
+        (
+            "bytes-burst-equal",
+            "[mqtt]\nmax_packet_size = 8192\n[limits.bytes_per_client]\nrate = \"8192/s\"\nburst = 8192\n",
+        ),
+        ("bytes-burst-default", "[limits.bytes_per_client]\n"),
+        (
+            "bytes-burst-tier-off",
+            "[limits.bytes_per_client]\nenabled = false\nburst = 100\n",
+        ),
+        (
+            "bytes-burst-limits-off",
+            "[limits]\nenabled = false\n[limits.bytes_per_client]\nburst = 100\n",
+        ),
+    ] {
+        let (code, out) = check_config(name, config);
+        assert_eq!(code, Some(0), "{config}: {out}");
+    }
+}
 #[test]
 fn config_errors_exit_2_and_name_the_key() {
     let cases = [
