@@ -1011,6 +1011,21 @@ impl Config {
                 ),
             ));
         }
+        if let Upstream::Addr(addr) = upstream
+            && is_own_listener(listen, addr)
+        {
+            // Every client would be proxied to the gateway itself: its per-address
+            // limits would refuse 127.0.0.1, the detector ban it, and /readyz (which
+            // reaches the listener) say ready.
+            return Err(ConfigError::new(
+                "server.upstream",
+                format!(
+                    "{addr} is the gateway's own listener (server.listen {listen}): the \
+                     gateway would proxy every client to itself; point server.upstream at \
+                     the broker"
+                ),
+            ));
+        }
         positive(
             "server.upstream_connect_timeout",
             s.upstream_connect_timeout,
@@ -1530,6 +1545,27 @@ fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{value:?} is not an address like \"127.0.0.1:1883\""),
             )
         })
+}
+
+/// Whether a connect to `upstream` reaches the gateway's own listener at `listen`: on
+/// the same port, at the same address, or at a loopback one while `listen` is a
+/// wildcard (`0.0.0.0` takes IPv4 connects, `[::]` those of both families, as Linux
+/// binds it by default). A wildcard upstream counts as the loopback address of its
+/// family, where a connect to `0.0.0.0` or `[::]` goes. Other local addresses a wildcard
+/// `listen` takes are not looked for: the host's interfaces are not enumerated.
+fn is_own_listener(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    if listen.port() != upstream.port() || listen.port() == 0 {
+        return false;
+    }
+    let up = match upstream.ip().to_canonical() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let listen = listen.ip().to_canonical();
+    listen == up
+        || (listen.is_unspecified() && up.is_loopback() && (listen.is_ipv6() || up.is_ipv4()))
 }
 
 /// A secret of the configuration: read as a string, printed by `--check` as `"(set)"`

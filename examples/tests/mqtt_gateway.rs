@@ -1989,6 +1989,58 @@ fn the_embedded_broker_is_refused_beyond_loopback() {
     assert_eq!(check(&["--listen", "[::1]:1883"]).0, Some(0));
 }
 
+/// A `server.upstream` that is the gateway's own listener is refused: the gateway would
+/// proxy every client to itself, its per-address limit would then refuse 127.0.0.1, the
+/// detector ban 127.0.0.1/32, and `/readyz` (which reaches the listener) say ready. The
+/// same port and address, or a wildcard `listen` and a loopback or wildcard upstream (a
+/// wildcard upstream reaches loopback), is the listener; another port or another
+/// address is not.
+#[test]
+fn an_upstream_that_is_the_gateways_own_listener_is_refused() {
+    let check = |args: &[&str]| {
+        let out = gateway_check(args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["--upstream", "127.0.0.1:1883"][..],
+        &["--listen", "0.0.0.0:1883", "--upstream", "127.0.0.1:1883"],
+        &["--listen", "0.0.0.0:1883", "--upstream", "127.0.0.2:1883"],
+        &["--listen", "0.0.0.0:1883", "--upstream", "0.0.0.0:1883"],
+        &["--listen", "127.0.0.1:1883", "--upstream", "0.0.0.0:1883"],
+        &["--listen", "[::1]:1883", "--upstream", "[::1]:1883"],
+        &["--listen", "[::]:1883", "--upstream", "[::1]:1883"],
+        &["--listen", "[::]:1883", "--upstream", "127.0.0.1:1883"],
+        &[
+            "--listen",
+            "[::]:1883",
+            "--upstream",
+            "[::ffff:127.0.0.1]:1883",
+        ],
+        &["--listen", "192.0.2.1:1883", "--upstream", "192.0.2.1:1883"],
+    ] {
+        let (code, err) = check(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("config error: server.upstream") && err.contains("server.listen"),
+            "{args:?}: {err}"
+        );
+    }
+    for args in [
+        &["--upstream", "127.0.0.1:1884"][..],
+        &["--listen", "0.0.0.0:1883", "--upstream", "127.0.0.1:1884"],
+        &["--listen", "127.0.0.1:1883", "--upstream", "127.0.0.2:1883"],
+        &["--listen", "192.0.2.1:1883", "--upstream", "192.0.2.2:1883"],
+        &["--listen", "0.0.0.0:1883", "--upstream", "[::1]:1883"],
+        &["--listen", "0.0.0.0:1883", "--upstream", "192.0.2.1:1883"],
+    ] {
+        let (code, err) = check(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+}
+
 /// `[limits.bytes_per_client] burst` below `mqtt.max_packet_size` is refused: a packet
 /// larger than the burst is over the limit for good (QoS 0 dropped without a word, QoS
 /// 1/2 never acknowledged, resent after each reconnect and dropped again). A burst of
