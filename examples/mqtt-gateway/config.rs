@@ -1530,7 +1530,8 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// An address: `IP:port`, or `host:port` resolved once at start-up.
+/// An address: `IP:port`, or `host:port` resolved once at start-up, of whose addresses
+/// only the first the resolver answers is kept (`CONFIG.md`, "Addresses").
 fn resolve(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = value.parse() {
         return Ok(addr);
