@@ -9,6 +9,14 @@
 //! the request headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to
 //! loopback by default.
 //!
+//! The caps bound what the endpoint costs, not who may use it: four client networks
+//! ([`MAX_CONNECTIONS`] / [`MAX_PER_ADDRESS`]) that each hold their share, opening a new
+//! connection as each is cut, take every connection, and the scraper's and the health
+//! probes' are then reset at accept for as long as they keep at it. The per-network cap
+//! protects against one client, not several: beyond loopback, `metrics.listen` must be
+//! an address on a network the MQTT clients cannot reach (or behind a firewall that
+//! admits only the scraper and the probes), not a wildcard on a host they reach.
+//!
 //! - `/metrics`: the Prometheus text format, rendered from the global recorder
 //!   (`metrics-exporter-prometheus`, installed with no HTTP listener of its own).
 //! - `/healthz`: `200 ok` while the process runs.
