@@ -5,7 +5,7 @@
 //! a response timeout ([`Upstream`]), wrapped in its own `CircuitBreaker` with
 //! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
 //! client's request body is not, see [`crate::client_body`]). The
-//! [`Pool`](crate::balance::Pool) picks the backend. The adaptive controller's latency
+//! [`Pool`] picks the backend. The adaptive controller's latency
 //! samples are taken in [`Upstream`] ([`Upstream::record_latency`],
 //! [`is_backend_sample`]): every answer of a backend is one, and of the answers the
 //! gateway makes itself, only those that tell of a backend:

@@ -9,7 +9,7 @@
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
 //! [`set_forwarded`](crate::headers::set_forwarded)). The rules and their order are
-//! [`sanitize_request`](crate::headers::sanitize_request)'s. The layer is built per
+//! [`sanitize_request`]'s. The layer is built per
 //! connection, since it carries that connection's client address.
 
 use std::future::Future;

@@ -22,7 +22,7 @@ use crate::bans_json;
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 /// The largest file read back: 100,000 bans of 256-byte names take about 40 MB, and
-/// names of control characters, escaped in JSON, six times as much. [`write`] keeps a
+/// names of control characters, escaped in JSON, six times as much. [`write()`] keeps a
 /// file within it, so that a file it wrote never stops the next start.
 const MAX_LEN: u64 = 128 << 20;
 

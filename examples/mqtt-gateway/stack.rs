@@ -167,7 +167,7 @@ where
 
 /// The upstream breaker's classifier: a failed connect is a failure as usual; a
 /// successful one is a success only when the CONNACK does not decide (see
-/// [`FailuresOnly`](aegis_layers::circuit_breaker::FailuresOnly)).
+/// [`FailuresOnly`]).
 #[derive(Clone, Copy, Debug)]
 struct ConnectClassifier {
     connack_decides: bool,
