@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use aegis_core::Conn;
 use aegis_core::error::BoxError;
+use aegis_core::metrics::{REJECTIONS_TOTAL, testing};
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
-use common::{B, connect_v4, connect_v5, duplex_conn};
+use common::{B, connect_v4, connect_v5, duplex_conn, head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
@@ -181,4 +182,144 @@ async fn a_client_that_never_reads_is_cut_at_the_deadline_without_a_disconnect()
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, out[..64]);
+}
+
+/// An MQTT 5 CONNECT with an Authentication Method ("m"): its AUTH packets are read
+/// before the broker's CONNACK, and any other packet there is refused.
+fn connect_auth() -> Vec<u8> {
+    head("MQTT", 5, 0x02)
+        .props(&[0x15, 0, 1, b'm'])
+        .s("c")
+        .frame(0x10)
+}
+
+/// The client's AUTH, Continue Authentication (0x18).
+fn auth_continue() -> Vec<u8> {
+    B::new().u8(0x18).props(&[0x15, 0, 1, b'm']).frame(0xF0)
+}
+
+/// A `QoS` 0 PUBLISH: before the CONNACK of an enhanced authentication, a protocol error
+/// [MQTT-3.1.2-30].
+fn publish_qos0() -> Vec<u8> {
+    B::new().s("a").props(&[]).raw(b"x").frame(0x30)
+}
+
+/// Runs `f` on a paused runtime under a local metrics recorder; returns its output and
+/// how many rejections of the MQTT layer were counted with `reason`.
+fn counting<F: std::future::Future>(reason: &str, f: impl FnOnce() -> F) -> (F::Output, u64) {
+    let (out, snap) = testing::run(true, f);
+    let labels = [("layer", "mqtt"), ("reason", reason)];
+    (out, testing::counter(&snap, REJECTIONS_TOTAL, &labels))
+}
+
+/// The client sends `client_bytes` (a CONNECT with an Authentication Method, its AUTH,
+/// then a PUBLISH refused before the CONNACK) in one write. The broker reads the CONNECT,
+/// writes `before` of its accepting CONNACK, reads (the AUTH, released before the
+/// refusal), writes the rest of its CONNACK, and reads again: the refusal. Returns what
+/// the client received, and the label of the read's error.
+async fn connack_after_the_refusal(
+    client_bytes: Vec<u8>,
+    before: usize,
+) -> (Vec<u8>, (&'static str, &'static str)) {
+    const CONNACK: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(&client_bytes).await.unwrap();
+    let inner = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| async move {
+        let mut buf = [0; 4096];
+        let n = io.read(&mut buf).await?;
+        assert_eq!(buf[..n], connect_auth());
+        io.write_all(&CONNACK[..before]).await?;
+        let n = io.read(&mut buf).await?;
+        assert_eq!(buf[..n], auth_continue());
+        io.write_all(&CONNACK[before..]).await?;
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        Ok::<_, BoxError>(aegis_core::error::label_of(&err))
+    });
+    let label = tokio::time::timeout(
+        Duration::from_secs(60),
+        MqttLayer::default()
+            .layer(inner)
+            .oneshot(duplex_conn(server)),
+    )
+    .await
+    .expect("the connection did not end")
+    .unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    (got, label)
+}
+
+#[test]
+fn a_refusal_before_the_brokers_connack_is_a_disconnect_once_that_connack_is_out() {
+    // The PUBLISH is refused while no CONNACK went out (its answer then would be CONNACK
+    // 0x82), but the AUTH before it is read first, and the broker's accepting CONNACK
+    // goes out before the read that returns the refusal: a second CONNACK may not
+    // follow it, the DISCONNECT 0x82 does.
+    let bytes = [connect_auth(), auth_continue(), publish_qos0()].concat();
+    // The broker's CONNACK whole after the refusal, or begun before it (its first byte,
+    // or all but its last) and finished after it.
+    for before in [0, 1, 4] {
+        let ((got, label), counted) = counting("protocol_error", || {
+            connack_after_the_refusal(bytes.clone(), before)
+        });
+        assert_eq!(
+            got,
+            [0x20, 0x03, 0x00, 0x00, 0x00, 0xE0, 0x02, 0x82, 0x00],
+            "CONNACK written {before} bytes before the refusal"
+        );
+        assert_eq!(label, ("mqtt", "protocol_error"));
+        assert_eq!(counted, 1, "counted once");
+    }
+}
+
+#[test]
+fn a_refusal_inside_the_brokers_connack_is_a_disconnect_once_it_is_whole() {
+    // The PUBLISH comes alone and is refused while the broker is inside its CONNACK: the
+    // read waits for the CONNACK to be whole, then writes the DISCONNECT, not the CONNACK
+    // the refusal would have had without one.
+    let ((got, label, late), counted) = counting("protocol_error", || async {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client
+            .write_all(&[connect_auth(), publish_qos0()].concat())
+            .await
+            .unwrap();
+        let inner = service_fn(|io: MqttIo<Conn<DuplexStream>>| async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            let mut buf = [0; 4096];
+            let n = r.read(&mut buf).await?;
+            assert_eq!(buf[..n], connect_auth());
+            w.write_all(&[0x20]).await?;
+            let read = async {
+                let err = r.read(&mut buf).await.unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                aegis_core::error::label_of(&err)
+            };
+            let write = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.write_all(&[0x03, 0x00, 0x00, 0x00]).await.unwrap();
+                // Nothing after the DISCONNECT.
+                w.write_all(&publish(true, 1)).await.unwrap_err().kind()
+            };
+            Ok::<_, BoxError>(tokio::join!(read, write))
+        });
+        let (label, late) = tokio::time::timeout(
+            Duration::from_secs(60),
+            MqttLayer::default()
+                .layer(inner)
+                .oneshot(duplex_conn(server)),
+        )
+        .await
+        .expect("the connection did not end")
+        .unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        (got, label, late)
+    });
+    assert_eq!(got, [0x20, 0x03, 0x00, 0x00, 0x00, 0xE0, 0x02, 0x82, 0x00]);
+    assert_eq!(label, ("mqtt", "protocol_error"));
+    assert_eq!(late, io::ErrorKind::BrokenPipe);
+    assert_eq!(counted, 1, "counted once");
 }

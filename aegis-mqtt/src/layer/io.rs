@@ -46,9 +46,11 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// [MQTT-3.2.2-7]). The one exception is an MQTT 5 client that chose an Authentication
 /// Method: its AUTH packets (and DISCONNECT) are read before the CONNACK, under the small
 /// CONNECT size cap, and any other packet there is refused as a protocol error
-/// [MQTT-3.1.2-30]. The first invalid packet is never
-/// returned: the read fails with [`io::ErrorKind::InvalidData`] wrapping the
-/// [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
+/// [MQTT-3.1.2-30]. Refused before any CONNACK, such a client gets a CONNACK with the
+/// reason code; if the broker's accepting CONNACK goes out before the refusal's answer
+/// does, it gets the DISCONNECT instead (never a second CONNACK). The first invalid
+/// packet is never returned: the read fails with [`io::ErrorKind::InvalidData`]
+/// wrapping the [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
 /// `aegis_rejections_total{layer="mqtt"}`), and so does every read after it: a proxy's
 /// connection error then carries the rejection, which
 /// [`label_of`](aegis_core::error::label_of) names and
@@ -941,6 +943,19 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                         // [MQTT-3.14.0-1].
                         let version = self.session.version();
                         let answer = own_connack(&mut self.out, &mut self.policy, version, e);
+                        r.answer = (!answer.is_empty()).then_some((answer, 0));
+                    } else if matches!(self.session.phase(), Phase::Connected(_))
+                        && r.answer.as_ref().is_some_and(|(answer, written)| {
+                            *written == 0 && answer.first().is_some_and(|b| b >> 4 == 2)
+                        })
+                    {
+                        // The refusal came before the broker's CONNACK (an MQTT 5 client
+                        // with an Authentication Method), and its answer then was a
+                        // CONNACK; but the broker's accepting CONNACK went out since (the
+                        // gateway's own does not count: after it the broker writes
+                        // nothing). A second CONNACK may not follow it: the answer of
+                        // the connected phase instead, a DISCONNECT (nothing for 3.x).
+                        let answer = self.session.answer(&e).bytes();
                         r.answer = (!answer.is_empty()).then_some((answer, 0));
                     }
                     if let Some((answer, written)) = &mut r.answer {
