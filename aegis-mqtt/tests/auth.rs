@@ -734,6 +734,59 @@ fn a_deny_ttl_of_zero_does_not_cache_denies() {
     });
 }
 
+#[test]
+fn the_protocol_version_is_part_of_the_cache_key() {
+    let ((), snap) = testing::run(true, || async {
+        // An authenticator that lets in MQTT 5 clients only (it is told the version).
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let v5_only = service_fn(move |creds: Credentials| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let decision = if creds.version == Version::V5 {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            };
+            async move {
+                // A callout that takes a while: concurrent checks would share it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<_, Infallible>(decision)
+            }
+        });
+        let layer = AuthLayer::new(v5_only);
+        let v5 = creds("a").with_version(Version::V5);
+        assert_eq!(layer.check(v5.clone()).await.unwrap(), Decision::Allow);
+        // The same credentials over 3.1.1 and 3.1: not the 5.0 client's cached allow.
+        for version in [Version::V3_1_1, Version::V3_1] {
+            let creds = creds("a").with_version(version);
+            assert_eq!(
+                layer.check(creds).await.unwrap(),
+                Decision::Deny,
+                "{version:?}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(layer.check(v5).await.unwrap(), Decision::Allow);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "the 5.0 allow is a hit");
+        // Nor does a 3.1.1 check share the callout in flight for 5.0.
+        let (v5, v4) = tokio::join!(
+            layer.check(creds("b").with_version(Version::V5)),
+            layer.check(creds("b").with_version(Version::V3_1_1)),
+        );
+        assert_eq!(
+            (v5.unwrap(), v4.unwrap()),
+            (Decision::Allow, Decision::Deny)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        assert_eq!(layer.cached(), 5);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("allow", "miss"), 2);
+    assert_eq!(seen.auth("allow", "hit"), 1);
+    assert_eq!(seen.auth("deny", "miss"), 3);
+    assert_eq!(seen.counter(m::AUTH_TOTAL, &[]), 6);
+}
+
 #[tokio::test]
 async fn a_waiter_takes_over_when_the_leader_is_dropped() {
     let calls = Arc::new(AtomicUsize::new(0));

@@ -17,9 +17,11 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision, metrics as m};
+use crate::Version;
 use crate::bounded::Bounded;
 
-/// A digest of the credentials and the client's IP; the password itself is never kept.
+/// A digest of the credentials, the client's IP and the protocol version; the password
+/// itself is never kept.
 pub(crate) type Key = [u8; 32];
 
 /// What one callout decided, as every check sharing it sees it.
@@ -79,8 +81,9 @@ impl Cache {
     }
 
     /// The key of `creds`: SHA-256 over the salt and the length-prefixed client id,
-    /// username and password (each absent one distinct from an empty one) and the
-    /// client's IP (not its port).
+    /// username and password (each absent one distinct from an empty one), the
+    /// client's IP (not its port) and the protocol version (the authenticator is told
+    /// it, and may decide on it).
     pub(crate) fn key(&self, creds: &Credentials) -> Key {
         fn field(h: &mut Sha256, v: Option<&[u8]>) {
             match v {
@@ -101,6 +104,13 @@ impl Cache {
             IpAddr::V4(ip) => field(&mut h, Some(&ip.octets())),
             IpAddr::V6(ip) => field(&mut h, Some(&ip.octets())),
         }
+        // The protocol level of the CONNECT.
+        let level = match creds.version {
+            Version::V3_1 => 3,
+            Version::V3_1_1 => 4,
+            Version::V5 => 5,
+        };
+        field(&mut h, Some(&[level]));
         h.finalize().into()
     }
 

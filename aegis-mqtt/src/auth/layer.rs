@@ -91,9 +91,9 @@ where
     A::Future: Send,
 {
     /// Checks `creds` without a connection: from the cache, by sharing a callout in flight
-    /// for the same credentials and address, or by calling the authenticator. This is
-    /// what the service does with each CONNECT (and what the benchmark measures); the
-    /// result is counted in `aegis_mqtt_auth_total`.
+    /// for the same credentials, address and protocol version, or by calling the
+    /// authenticator. This is what the service does with each CONNECT (and what the
+    /// benchmark measures); the result is counted in `aegis_mqtt_auth_total`.
     ///
     /// # Errors
     ///

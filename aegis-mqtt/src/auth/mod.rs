@@ -48,9 +48,10 @@
 //! # Caching
 //!
 //! Decisions are cached under a SHA-256 digest of a per-process random salt, the client
-//! id, username and password (length-prefixed) and the client's IP address (not its
-//! port). A changed password, another client id or another address is thus another key
-//! and is checked anew; the password itself is never stored.
+//! id, username and password (length-prefixed), the client's IP address (not its port)
+//! and the protocol version (which the authenticator is told). A changed password,
+//! another client id, another address or another version is thus another key and is
+//! checked anew; the password itself is never stored.
 //!
 //! - An allow is cached for [`ttl`](AuthLayer::ttl) (60 s by default), a deny for
 //!   [`deny_ttl`](AuthLayer::deny_ttl) (5 s by default: long enough that a brute force of
