@@ -803,3 +803,37 @@ fn a_failure_rate_window_at_the_bound_is_built() {
         .failure_rate(0.5, MAX_WINDOW, 1)
         .build();
 }
+
+/// A zero `open_for` was also the default probe timeout, and a zero probe timeout
+/// fails every probe: a probe admitted at `now` has timed out by the time it ends
+/// (`now >= now + 0`), its success is dropped and the circuit re-opens, so a tripped
+/// circuit never closed again (every call let through uncounted, with two transitions
+/// and two warnings each). Refused at once, as `half_open_permits(0)` is.
+#[test]
+#[should_panic(expected = "open_for must be longer than zero")]
+fn a_zero_open_for_is_refused() {
+    let _ = CircuitBreakerLayer::builder("upstream").open_for(Duration::ZERO);
+}
+
+/// The same for an explicit zero probe timeout.
+#[test]
+#[should_panic(expected = "probe_timeout must be longer than zero")]
+fn a_zero_probe_timeout_is_refused() {
+    let _ = CircuitBreakerLayer::builder("upstream").probe_timeout(Duration::ZERO);
+}
+
+/// The shortest period left, one nanosecond (also the default probe timeout): a probe
+/// that ends at once closes the circuit.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_shortest_open_for_still_lets_a_successful_probe_close_the_circuit() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::from_nanos(1))
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    call(&mut svc, &mut handle, false).await.unwrap_err();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+    call(&mut svc, &mut handle, true).await.unwrap();
+    assert_eq!(layer.handle().state(), CircuitState::Closed);
+}

@@ -123,7 +123,7 @@ pub struct Config {
     /// Breaker: consecutive failures that open it.
     pub breaker_failures: u32,
     /// Breaker: how long it stays open before probing; also the time a probe has (its
-    /// probe timeout).
+    /// probe timeout). Longer than zero.
     pub breaker_open_for: Duration,
     /// Health checks: every so often (at least `health::MIN_INTERVAL`; `Duration::MAX`
     /// for one round at start-up only).
@@ -211,7 +211,7 @@ impl Gateway {
     ///
     /// # Panics
     ///
-    /// Outside a tokio runtime, or with no backend.
+    /// Outside a tokio runtime, with no backend, or with a zero `breaker_open_for`.
     pub fn start(config: &Config, listener: TcpListener) -> std::io::Result<Self> {
         assert!(!config.backends.is_empty(), "at least one backend");
         let addr = listener.local_addr()?;

@@ -123,7 +123,14 @@ impl<C> Builder<C> {
     /// How long the circuit stays open before it lets probes through (half-open). A
     /// duration past what a `tokio::time::Instant` holds (`Duration::MAX`) means some
     /// thirty years, as `tokio::time::sleep` does.
+    ///
+    /// # Panics
+    ///
+    /// If `open_for` is zero. It is also the default
+    /// [`probe_timeout`](Self::probe_timeout), and a zero probe timeout fails every
+    /// probe: the circuit would never close again.
     pub fn open_for(mut self, open_for: Duration) -> Self {
+        assert!(!open_for.is_zero(), "open_for must be longer than zero");
         self.open_for = open_for;
         self
     }
@@ -148,7 +155,13 @@ impl<C> Builder<C> {
     /// early with [`CircuitHandle::record_success`](super::CircuitHandle::record_success)
     /// (and [`FailuresOnly`](super::FailuresOnly)), as the mqtt-gateway does with each
     /// CONNACK: that closes the circuit while the probe's session goes on.
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero: every probe would have failed by the time it ended, and the
+    /// circuit would never close again.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        assert!(!timeout.is_zero(), "probe_timeout must be longer than zero");
         self.probe_timeout = Some(timeout);
         self
     }
