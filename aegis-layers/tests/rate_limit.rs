@@ -11,7 +11,7 @@ use aegis_core::metrics::testing::capture;
 use aegis_core::metrics::testing::run;
 use aegis_core::{BoxError, Conn};
 use aegis_layers::rate_limit::{
-    KeyBy, KeyedLimiter, Quota, RateLimitLayer, RateLimited, metrics as m,
+    KeyBy, KeyedLimiter, MAX_BURST_REFILL, Quota, RateLimitLayer, RateLimited, metrics as m,
 };
 use metrics_util::debugging::DebuggingRecorder;
 use tokio::sync::oneshot;
@@ -660,4 +660,116 @@ fn keyed_limiter_takes_an_injected_clock() {
     clock.advance(Duration::from_secs(1));
     assert_eq!(limiter.evict_idle(), 1);
     assert!(limiter.is_empty());
+}
+
+const YEAR: Duration = Duration::from_secs(31_557_600);
+
+/// The burst of 1/hour clamped to [`MAX_BURST_REFILL`]: 1,281,023 cells.
+fn clamped_hourly_burst() -> NonZeroU32 {
+    let cells = MAX_BURST_REFILL.as_nanos() / Duration::from_secs(3600).as_nanos();
+    nz(u32::try_from(cells).unwrap())
+}
+
+/// Quotas past governor's arithmetic (`interval * (burst - 1)` in `u64` nanoseconds: a
+/// panic in debug builds, a wrap in release builds; an interval over 584 years: a panic
+/// in any build) panicked in `build`. They are clamped to `MAX_BURST_REFILL`: the burst
+/// cut to what refills in ~146 years, keeping the rate.
+#[test]
+fn quotas_past_governors_arithmetic_are_clamped_by_the_builder() {
+    run(true, || async {
+        // 1/hour with a burst of 5,124,097: 584.5 years to refill.
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_hour(nz(1)).allow_burst(nz(5_124_097)))
+            .build();
+        let handle = layer.handle();
+        assert_eq!(
+            handle.per_client(),
+            Some(Quota::per_hour(nz(1)).allow_burst(clamped_hourly_burst()))
+        );
+        let mut svc = layer.layer(ok_service());
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+
+        // One cell every 50 years, burst 10: 500 years; clamped to a burst of 2.
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::with_period(50 * YEAR).unwrap().allow_burst(nz(10)))
+            // One cell every 600 years: past u64 nanoseconds; clamped to one cell every
+            // ~146 years.
+            .global(Quota::with_period(600 * YEAR).unwrap())
+            .build();
+        let handle = layer.handle();
+        assert_eq!(
+            handle.per_client(),
+            Some(Quota::with_period(50 * YEAR).unwrap().allow_burst(nz(2)))
+        );
+        assert_eq!(
+            handle.global(),
+            Some(Quota::with_period(MAX_BURST_REFILL).unwrap())
+        );
+        let mut svc = layer.layer(ok_service());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+        // The global tier's one cell is used (.2 spends a per-client cell on the way).
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Err("global"));
+        handle.disable_global();
+        // Each client had a burst of 2 and used one.
+        for ip in ["192.0.2.1", "192.0.2.2"] {
+            assert_eq!(try_conn(&mut svc, ip).await, Ok(()));
+            assert_eq!(try_conn(&mut svc, ip).await, Err("per_client"));
+        }
+    });
+}
+
+/// The same quotas through the handle's setters, at run time (where a controller
+/// would have panicked): clamped, and the states re-expressed for them.
+#[test]
+fn quotas_past_governors_arithmetic_are_clamped_by_the_handle_setters() {
+    run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_second(nz(10)))
+            .build();
+        let handle = layer.handle();
+        let mut svc = layer.layer(ok_service());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+
+        handle.set_per_client(Quota::per_hour(nz(1)).allow_burst(nz(5_124_097)));
+        assert_eq!(
+            handle.per_client(),
+            Some(Quota::per_hour(nz(1)).allow_burst(clamped_hourly_burst()))
+        );
+        // The plain rate setter keeps the clamped burst: 1/s with it is within bounds.
+        handle.set_per_client_rate(nz(1));
+        assert_eq!(
+            handle.per_client(),
+            Some(Quota::per_second(nz(1)).allow_burst(clamped_hourly_burst()))
+        );
+
+        handle.set_per_client(Quota::with_period(50 * YEAR).unwrap().allow_burst(nz(10)));
+        assert_eq!(
+            handle.per_client(),
+            Some(Quota::with_period(50 * YEAR).unwrap().allow_burst(nz(2)))
+        );
+        // .1 used a tenth of its burst (a cell of 10), so one whole cell of the 2 is
+        // left; .2 has both.
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Err("per_client"));
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Err("per_client"));
+
+        handle.set_global(Quota::with_period(600 * YEAR).unwrap());
+        assert_eq!(
+            handle.global(),
+            Some(Quota::with_period(MAX_BURST_REFILL).unwrap())
+        );
+        assert_eq!(try_conn(&mut svc, "192.0.2.3").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.4").await, Err("global"));
+        // Back to an ordinary rate: the global cell used ~146 years ahead is re-expressed
+        // for it, as the one cell used of a burst of 1.
+        // (A new client each time: a global refusal spends a per-client cell.)
+        handle.set_global(Quota::per_second(nz(1)));
+        assert_eq!(try_conn(&mut svc, "192.0.2.5").await, Err("global"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(try_conn(&mut svc, "192.0.2.6").await, Ok(()));
+    });
 }

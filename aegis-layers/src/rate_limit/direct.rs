@@ -12,6 +12,7 @@ use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 
 use super::clock::{GovClock, TokioClock};
+use super::keyed::clamp_quota;
 use super::store::{Rescale, SharedCell};
 
 /// An unkeyed limiter (the global tier) whose quota can change without losing state.
@@ -29,7 +30,9 @@ struct DirectCurrent {
 }
 
 impl DirectLimiter {
+    /// A quota past [`MAX_BURST_REFILL`](super::MAX_BURST_REFILL) is clamped to it.
     pub(super) fn new(quota: Quota, clock: TokioClock) -> Self {
+        let quota = clamp_quota(quota);
         let cell = SharedCell::default();
         let current = ArcSwap::from_pointee(Self::build(quota, &cell, clock));
         Self {
@@ -53,8 +56,10 @@ impl DirectLimiter {
         self.current.load().limiter.check().is_ok()
     }
 
-    /// Replaces the quota; the state keeps the cells used (see `store::Rescale`).
+    /// Replaces the quota, clamped as in [`new`](Self::new); the state keeps the cells
+    /// used (see `store::Rescale`).
     pub(super) fn set_quota(&self, quota: Quota) {
+        let quota = clamp_quota(quota);
         let _one_at_a_time = self.quota_change.lock();
         let by = Rescale::new(self.clock.now(), self.quota(), quota);
         let next = Arc::new(Self::build(quota, &self.cell, self.clock));

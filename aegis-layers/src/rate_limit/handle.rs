@@ -25,7 +25,9 @@ impl RateLimitHandle {
         Self { shared }
     }
 
-    /// Sets the per-client quota.
+    /// Sets the per-client quota, clamped to
+    /// [`MAX_BURST_REFILL`](super::MAX_BURST_REFILL) (never a panic, whatever the
+    /// quota).
     pub fn set_per_client(&self, quota: Quota) {
         self.shared.per_client.set_quota(quota);
         self.shared.per_client_on.store(true, Ordering::Release);
@@ -43,7 +45,7 @@ impl RateLimitHandle {
         self.shared.per_client_on.store(false, Ordering::Release);
     }
 
-    /// The per-client quota, `None` when that tier is off.
+    /// The per-client quota (as clamped), `None` when that tier is off.
     pub fn per_client(&self) -> Option<Quota> {
         self.shared
             .per_client_on
@@ -51,7 +53,8 @@ impl RateLimitHandle {
             .then(|| self.shared.per_client.quota())
     }
 
-    /// Sets the global quota.
+    /// Sets the global quota, clamped to [`MAX_BURST_REFILL`](super::MAX_BURST_REFILL)
+    /// (never a panic, whatever the quota).
     pub fn set_global(&self, quota: Quota) {
         self.shared.global.set_quota(quota);
         self.shared.global_on.store(true, Ordering::Release);
@@ -69,7 +72,7 @@ impl RateLimitHandle {
         self.shared.global_on.store(false, Ordering::Release);
     }
 
-    /// The global quota, `None` when that tier is off.
+    /// The global quota (as clamped), `None` when that tier is off.
     pub fn global(&self) -> Option<Quota> {
         self.shared
             .global_on

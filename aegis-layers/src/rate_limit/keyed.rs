@@ -27,6 +27,48 @@ pub const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(30);
 /// state when full (33 bytes a hash-table bucket, 1.1 to 2.3 buckets a key).
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
+/// The longest a [`Quota`]'s whole burst may take to refill (its replenish interval
+/// times its burst size): 2<sup>62</sup> ns, about 146 years.
+///
+/// Every limiter of this module clamps a quota past it, wherever the quota comes in
+/// (the builder, the handle's setters, [`KeyedLimiter`]): the burst is cut to the cells
+/// that refill within this bound, keeping the rate, or, when a single cell takes longer,
+/// the interval is cut to this bound, with a burst of 1. Every quota of `n` per second
+/// is within it (a burst of `u32::MAX` at 1/s refills in 136 years).
+///
+/// `governor` computes in `u64` nanoseconds, unchecked: `interval * (burst - 1)`
+/// overflows past 584 years (a panic in debug builds, and in release builds a wrap to an
+/// arbitrary tolerance), and an interval past 584 years panics in any build. It also
+/// adds a key's state (up to a whole burst ahead of the clock) and the cells of one
+/// [`check_n`](KeyedLimiter::check_n) (up to another burst) to the clock's reading; with
+/// bursts within this bound those sums stay below 2<sup>63</sup> ns plus the time since
+/// the limiter was created.
+pub const MAX_BURST_REFILL: Duration = Duration::from_nanos(1 << 62);
+
+/// `quota`, clamped to [`MAX_BURST_REFILL`]: the one place a quota is made safe for
+/// `governor`, applied wherever a quota comes into a limiter. A quota within the bound
+/// is returned as it is.
+pub(super) fn clamp_quota(quota: Quota) -> Quota {
+    let max = MAX_BURST_REFILL.as_nanos();
+    // As governor takes the interval: at least one nanosecond.
+    let interval = quota.replenish_interval().as_nanos().max(1);
+    if interval * u128::from(quota.burst_size().get()) <= max {
+        return quota;
+    }
+    if interval >= max {
+        // Even one cell takes too long.
+        return Quota::with_period(MAX_BURST_REFILL)
+            .expect("a non-zero period")
+            .allow_burst(NonZeroU32::MIN);
+    }
+    // `interval < max < interval * burst`: between 1 and the burst, which is a `u32`.
+    let burst = u32::try_from(max / interval)
+        .ok()
+        .and_then(NonZeroU32::new)
+        .unwrap_or(NonZeroU32::MIN);
+    quota.allow_burst(burst)
+}
+
 type Gov<K, C> = RateLimiter<K, SharedStore<K>, GovClock<C>, NoOpMiddleware<Nanos>>;
 
 /// One quota and the `governor` limiter built for it.
@@ -89,7 +131,8 @@ where
 {
     /// A limiter with `quota` per key, at most `max_keys` keys, and tokio's clock.
     ///
-    /// `name` labels its metrics (`limiter` label); it must be a constant.
+    /// `name` labels its metrics (`limiter` label); it must be a constant. A quota whose
+    /// burst takes longer than [`MAX_BURST_REFILL`] to refill is clamped to it.
     pub fn new(quota: Quota, max_keys: usize, name: &'static str) -> Self {
         Self::with_clock(quota, max_keys, name, TokioClock::new())
     }
@@ -100,8 +143,10 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     C: Clock + Clone + Send + Sync + 'static,
 {
-    /// A limiter over an injected clock.
+    /// A limiter over an injected clock. A quota whose burst takes longer than
+    /// [`MAX_BURST_REFILL`] to refill is clamped to it.
     pub fn with_clock(quota: Quota, max_keys: usize, name: &'static str, clock: C) -> Self {
+        let quota = clamp_quota(quota);
         let epoch = clock.now();
         let store = SharedStore::new(max_keys, name);
         let current = Current::new(quota, &store, &clock, epoch);
@@ -194,8 +239,10 @@ where
     /// Replaces the quota. Every key keeps the part of its burst it has used (a key at its
     /// limit stays at it; with the burst kept, a key keeps the cells it has used): each
     /// key's state is re-expressed for the new quota, in one pass over the keys (see the
-    /// module docs).
+    /// module docs). A quota whose burst takes longer than [`MAX_BURST_REFILL`] to
+    /// refill is clamped to it.
     pub fn set_quota(&self, quota: Quota) {
+        let quota = clamp_quota(quota);
         let _one_at_a_time = self.inner.quota_change.lock();
         let by = Rescale::new(
             since(&self.inner.clock, self.inner.epoch),
@@ -214,7 +261,7 @@ where
         );
     }
 
-    /// The current quota.
+    /// The current quota, as clamped to [`MAX_BURST_REFILL`].
     pub fn quota(&self) -> Quota {
         self.inner.current.load().quota
     }
@@ -320,7 +367,7 @@ mod tests {
     use governor::Quota;
     use governor::clock::FakeRelativeClock;
 
-    use super::KeyedLimiter;
+    use super::{KeyedLimiter, MAX_BURST_REFILL, clamp_quota};
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
@@ -439,5 +486,77 @@ mod tests {
             Duration::MAX
         );
         assert!(limiter.check_n(&1_u8, nz(1000)).is_ok());
+    }
+
+    const YEAR: Duration = Duration::from_secs(31_557_600);
+
+    #[test]
+    fn clamp_quota_leaves_quotas_within_the_bound_and_cuts_the_burst_of_others() {
+        // Within the bound, unchanged, including every quota of n per second.
+        for q in [
+            Quota::per_second(NonZeroU32::MAX),
+            Quota::per_second(nz(1)).allow_burst(NonZeroU32::MAX),
+            Quota::with_period(MAX_BURST_REFILL).unwrap(),
+            Quota::with_period(MAX_BURST_REFILL / 4)
+                .unwrap()
+                .allow_burst(nz(4)),
+        ] {
+            assert_eq!(clamp_quota(q), q);
+        }
+        // Past it: the burst cut to what refills within it, the rate kept.
+        assert_eq!(
+            clamp_quota(
+                Quota::with_period(MAX_BURST_REFILL / 4)
+                    .unwrap()
+                    .allow_burst(nz(5))
+            ),
+            Quota::with_period(MAX_BURST_REFILL / 4)
+                .unwrap()
+                .allow_burst(nz(4))
+        );
+        assert_eq!(
+            clamp_quota(Quota::per_hour(nz(1)).allow_burst(nz(5_124_097))),
+            Quota::per_hour(nz(1)).allow_burst(nz(1_281_023))
+        );
+        // One cell past it (even past u64 nanoseconds): the interval cut to it.
+        for period in [
+            MAX_BURST_REFILL + Duration::from_nanos(1),
+            600 * YEAR,
+            Duration::MAX,
+        ] {
+            assert_eq!(
+                clamp_quota(Quota::with_period(period).unwrap().allow_burst(nz(7))),
+                Quota::with_period(MAX_BURST_REFILL).unwrap()
+            );
+        }
+    }
+
+    /// One cell every 40 years with a burst of 12 refills in 480 years (within the
+    /// mqtt-gateway's 500-year cap) and passed governor's own arithmetic, but `check_n`
+    /// of the whole burst twice added a state 480 years ahead to 440 years of cells: past
+    /// `u64` nanoseconds, a panic in debug builds. Clamped to a burst of 3, the sums
+    /// stay in range.
+    #[test]
+    fn check_n_under_a_quota_past_the_bound_does_not_overflow() {
+        let clock = FakeRelativeClock::default();
+        clock.advance(Duration::from_secs(100));
+        let quota = Quota::with_period(40 * YEAR).unwrap().allow_burst(nz(12));
+        let limiter = KeyedLimiter::with_clock(quota, 10, "n", clock.clone());
+        for _ in 0..2 {
+            let _ = limiter.check_n(&1_u8, nz(12));
+            let _ = limiter.check_n(&1_u8, nz(3));
+        }
+        assert_eq!(
+            limiter.quota(),
+            Quota::with_period(40 * YEAR).unwrap().allow_burst(nz(3))
+        );
+        assert_eq!(limiter.check_n(&2_u8, nz(3)), Ok(()));
+        assert_eq!(limiter.check(&2_u8).unwrap_err().wait(), 40 * YEAR);
+        // Set at run time, the same.
+        let limiter = KeyedLimiter::with_clock(Quota::per_second(nz(1)), 10, "n", clock);
+        limiter.set_quota(quota);
+        assert_eq!(limiter.quota().burst_size(), nz(3));
+        assert_eq!(limiter.check_n(&1_u8, nz(3)), Ok(()));
+        assert!(limiter.check_n(&1_u8, nz(3)).is_err());
     }
 }

@@ -83,14 +83,16 @@ impl Default for RateLimitBuilder {
 }
 
 impl RateLimitBuilder {
-    /// Limits new connections from all clients together to `quota`.
+    /// Limits new connections from all clients together to `quota` (clamped to
+    /// [`MAX_BURST_REFILL`](super::MAX_BURST_REFILL)).
     #[must_use]
     pub fn global(mut self, quota: Quota) -> Self {
         self.global = Some(quota);
         self
     }
 
-    /// Limits new connections from each client (each [`ClientKey`]) to `quota`.
+    /// Limits new connections from each client (each [`ClientKey`]) to `quota` (clamped
+    /// to [`MAX_BURST_REFILL`](super::MAX_BURST_REFILL)).
     #[must_use]
     pub fn per_client(mut self, quota: Quota) -> Self {
         self.per_client = Some(quota);

@@ -35,7 +35,10 @@
 //! [`governor`] offers no such operation.)
 //!
 //! Rates use [`governor`]'s GCRA: a quota of `n` per second with burst `b` admits `b`
-//! connections at once, then one every `1/n` s.
+//! connections at once, then one every `1/n` s. A quota whose burst takes longer than
+//! [`MAX_BURST_REFILL`] (about 146 years) to refill is clamped to it, wherever it comes
+//! in (builder, handle, [`KeyedLimiter`]), rather than overflow `governor`'s arithmetic:
+//! its burst is cut, keeping its rate.
 //!
 //! # Keying
 //!
@@ -181,7 +184,9 @@ pub use self::clock::TokioClock;
 pub use self::concurrency::{ConcurrencyLimit, ConcurrencySlot};
 pub use self::error::RateLimited;
 pub use self::handle::RateLimitHandle;
-pub use self::keyed::{DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter, Throttled};
+pub use self::keyed::{
+    DEFAULT_EVICT_EVERY, DEFAULT_MAX_KEYS, KeyedLimiter, MAX_BURST_REFILL, Throttled,
+};
 pub use self::layer::{RateLimitBuilder, RateLimitLayer};
 pub use self::service::RateLimit;
 pub use aegis_core::{ClientKey, KeyBy};
