@@ -1675,9 +1675,13 @@ const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The longest a rate tier takes to refill its whole burst (its interval times
-/// `burst`): 500 years. governor's clock holds 584 years of nanoseconds, and panics
-/// past that at start-up.
-const MAX_REFILL: Duration = Duration::from_secs(500 * 31_557_600);
+/// `burst`): the rate limiter's bound, about 146 years (past it, the limiter would
+/// clamp the burst; governor's arithmetic overflows past 584 years, and sums of a
+/// client's state and one packet's cells past half that).
+const MAX_REFILL: Duration = aegis_layers::rate_limit::MAX_BURST_REFILL;
+
+/// [`MAX_REFILL`] in whole years of 365.25 days, for messages.
+const MAX_REFILL_YEARS: u64 = MAX_REFILL.as_secs() / 31_557_600;
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
@@ -1724,7 +1728,7 @@ fn tier(key: &str, t: &RateTier) -> Result<Option<Quota>, ConfigError> {
         return Err(ConfigError::new(
             format!("{key}.rate"),
             format!(
-                "{:?} with burst {burst} takes over 500 years to refill (its interval times burst)",
+                "{:?} with burst {burst} takes over {MAX_REFILL_YEARS} years to refill (its interval times burst)",
                 t.rate
             ),
         ));

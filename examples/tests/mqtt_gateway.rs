@@ -2209,6 +2209,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "limits.publish_per_client.rate",
         ),
         (
+            "a burst that takes two centuries to refill (past the limiter's 146 years)",
+            "[limits.packets_per_client]\nrate = \"1/100y\"\nburst = 2\n",
+            "limits.packets_per_client.rate",
+        ),
+        (
             "a deny list with security off",
             "[security]\nenabled = false\ndeny = [\"192.0.2.0/24\"]\n",
             "security.deny",
