@@ -91,8 +91,9 @@
 //!
 //! - `serve` (default): the accept loop.
 //! - `proxy` (default): the upstream proxy service.
-//! - `test-util`: helpers for tests: reading metrics ([`metrics::testing`]) and a
-//!   loopback port that refuses connects ([`testing::dead_port`]).
+//! - `test-util`: helpers for tests: reading metrics ([`metrics::testing`]), a
+//!   loopback port that refuses connects ([`testing::dead_port`]), a test's log lines
+//!   ([`testing::capture_logs`]) and more in [`testing`].
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

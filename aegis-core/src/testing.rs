@@ -115,3 +115,56 @@ where
         },
     }
 }
+
+/// Runs `f` with a `tracing` subscriber of `level` set for this thread only, and returns
+/// its result and the log lines it wrote (the `fmt` format, without colours).
+///
+/// tracing caches each callsite's interest process-wide. While a process has only one
+/// dispatcher, a callsite's interest comes from the dispatcher of the thread that hits it
+/// first, so one first hit by a test running in parallel, with no subscriber, would stay
+/// "never" here too; and one hit before this subscriber existed keeps its old interest.
+/// So a second dispatcher is kept alive while `f` runs (every dispatcher is then asked),
+/// and the interest cache is rebuilt once this subscriber is set.
+///
+/// ```
+/// let ((), logs) = aegis_core::testing::capture_logs(tracing::Level::DEBUG, || {
+///     tracing::debug!(answer = 42, "computed");
+/// });
+/// assert!(logs.contains("computed answer=42"), "{logs}");
+/// ```
+///
+/// # Panics
+///
+/// If the log lines are not UTF-8.
+pub fn capture_logs<T>(level: tracing::Level, f: impl FnOnce() -> T) -> (T, String) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let out = tracing::subscriber::with_default(subscriber, || {
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
+    drop(second);
+    let text = String::from_utf8(logs.0.lock().clone()).expect("UTF-8 log lines");
+    (out, text)
+}
+
+/// A `Write` into a shared buffer: the sink of [`capture_logs`]'s subscriber.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

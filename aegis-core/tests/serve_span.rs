@@ -12,36 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-/// A `Write` into a shared buffer, for a test's log lines.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Runs `f` on `rt` with a DEBUG subscriber set for this thread only; returns its
 /// result and the log lines.
 fn with_logs<T>(rt: &tokio::runtime::Runtime, f: impl Future<Output = T>) -> (T, String) {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let out = {
-        let _guard = tracing::subscriber::set_default(subscriber);
-        rt.block_on(f)
-    };
-    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
-    (out, text)
+    aegis_core::testing::capture_logs(tracing::Level::DEBUG, || rt.block_on(f))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,12 +17,13 @@ use std::time::Duration;
 use aegis_core::error::{BoxError, Reject, find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
 use aegis_core::metrics::testing::{capture, run};
+use aegis_core::testing::capture_logs;
 use aegis_core::{ClientAddr, Conn, Handshake, Param, serve};
 use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use aegis_mqtt::security::metrics as m;
 use aegis_mqtt::security::{Ban, BanKey, EventKind, KeyBy, Security, SecurityLayer, Severity};
 use aegis_mqtt::{Config, MqttError};
-use common::{Logs, head};
+use common::head;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -1195,41 +1196,28 @@ async fn a_connection_event_has_the_client_id_and_username() {
 
 #[test]
 fn every_event_is_a_tracing_event_with_the_stable_fields() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
     // The other tests of this binary emit the same callsites on other threads, with no
-    // subscriber. While only one dispatcher exists, tracing computes a new callsite's
-    // interest from the registering thread's dispatcher alone, so a callsite first hit
-    // on another thread would be "never" here too: a second dispatcher, kept alive for
-    // the test, makes it ask every dispatcher.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // And a callsite registered before this subscriber existed is asked again.
-    tracing::callsite::rebuild_interest_cache();
+    // subscriber: `capture_logs` makes tracing ask its subscriber too.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .unwrap();
-    rt.block_on(async {
-        let sec = Security::default();
-        sec.ban(BanKey::client_id("dev\"42"), Duration::from_secs(60));
-        let r = through_mqtt(
-            &sec,
-            "192.0.2.7:1000",
-            connect(false, "dev\"42", Some("bob")),
-        )
-        .await;
-        assert_eq!(labels(&r.result), ("mqtt", "banned"));
-        let r = through_mqtt(&sec, "192.0.2.7:1001", malformed()).await;
-        assert_eq!(labels(&r.result), ("mqtt", "malformed"));
+    let ((), text) = capture_logs(tracing::Level::INFO, || {
+        rt.block_on(async {
+            let sec = Security::default();
+            sec.ban(BanKey::client_id("dev\"42"), Duration::from_secs(60));
+            let r = through_mqtt(
+                &sec,
+                "192.0.2.7:1000",
+                connect(false, "dev\"42", Some("bob")),
+            )
+            .await;
+            assert_eq!(labels(&r.result), ("mqtt", "banned"));
+            let r = through_mqtt(&sec, "192.0.2.7:1001", malformed()).await;
+            assert_eq!(labels(&r.result), ("mqtt", "malformed"));
+        });
     });
-    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("aegis::security") && l.contains("security event"))

@@ -459,32 +459,14 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use parking_lot::Mutex;
-
     use super::*;
-
-    /// A log sink for a `fmt` subscriber.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// The refused target was once logged whole, credentials in its authority included.
     ///
     /// The subscriber is this thread's only: the events of the tests running in parallel
-    /// do not reach it. tracing caches a callsite's interest process-wide, and rebuilds
-    /// the cache when a subscriber is set, so the callsite is registered (by the first
-    /// call, without a subscriber) before this one is set.
+    /// do not reach it (`capture_logs` also keeps tracing's interest cache from hiding the
+    /// callsite from it).
+    #[cfg(feature = "test-util")]
     #[test]
     fn a_refused_target_is_logged_without_its_userinfo_or_query() {
         let refused = |target: &str| {
@@ -492,19 +474,10 @@ mod tests {
             let res = answer_target(&req).expect("answered by the gateway");
             assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{target}");
         };
-        refused("http://x.test/");
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let ((), out) = aegis_core::testing::capture_logs(tracing::Level::DEBUG, || {
             refused("http://alice:s3cret@gw.test/private/x?token=t0ps3cret");
             refused("gw.test:443");
         });
-        let out = String::from_utf8(logs.0.lock().clone()).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2, "{out}");
         assert!(lines[0].contains("request target refused"), "{out}");

@@ -165,17 +165,3 @@ pub fn connack_accepting<I>(io: &aegis_mqtt::layer::MqttIo<I>) -> Vec<u8> {
         vec![0x20, 0x02, 0x00, 0x00]
     }
 }
-
-/// A `Write` into a shared buffer, for a test's log lines.
-#[derive(Clone, Default)]
-pub struct Logs(pub std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
