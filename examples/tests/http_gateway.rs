@@ -41,6 +41,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::BoxError;
+use aegis_core::metrics::testing::gauge;
+use aegis_layers::adaptive::ADAPTIVE_P95_SECONDS;
 use aegis_layers::circuit_breaker::CircuitState;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -49,6 +51,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::HeaderMap;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -1070,8 +1073,22 @@ async fn only_origin_form_targets_reach_a_backend() {
 // Connection layers: rate limit, slowloris
 // ---------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
+/// The controller's P95 is read from a recorder of this test's own (one thread: the
+/// gateway's tasks, the controller's included, record into it): a `431` never reaches
+/// the measurement, which the rate alone cannot show (it starts at its maximum, where
+/// fast samples only hold it).
+#[test]
+fn slow_backends_make_the_controller_lower_the_per_client_rate() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || rt.block_on(slow_backends_lower_the_rate(&snap)));
+}
+
+async fn slow_backends_lower_the_rate(snap: &Snapshotter) {
     let b0 = Backend::start().await;
     b0.seen.delay_ms.store(60, Ordering::SeqCst);
     let mut cfg = config(&[&b0]);
@@ -1083,7 +1100,9 @@ async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
     let interval = |gw: &Gateway| gw.rate.per_client().unwrap().replenish_interval();
     assert_eq!(interval(&gw), Duration::from_millis(1), "starts at 1000/s");
 
-    // Requests the gateway refuses (431) never reach the measurement.
+    // Requests the gateway refuses (431) never reach the measurement: over two control
+    // intervals of them, the controller measured no P95 (it sets the gauge whenever it
+    // has `control_min_samples`).
     let deadline = Instant::now() + Duration::from_millis(700);
     while Instant::now() < deadline {
         let req = Request::get("/")
@@ -1095,6 +1114,11 @@ async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         );
     }
+    assert_eq!(
+        gauge(snap, ADAPTIVE_P95_SECONDS),
+        None,
+        "the 431s were latency samples"
+    );
     assert_eq!(
         interval(&gw),
         Duration::from_millis(1),
@@ -1116,6 +1140,9 @@ async fn slow_backends_make_the_controller_lower_the_per_client_rate() {
         "{}",
         gw.control.value()
     );
+    // The recorder sees the controller: the P95 it lowered the rate on is the backend's.
+    let p95 = gauge(snap, ADAPTIVE_P95_SECONDS).expect("a P95 was measured");
+    assert!(p95 > cfg.latency_target.as_secs_f64(), "P95 {p95} s");
 }
 
 #[tokio::test]
