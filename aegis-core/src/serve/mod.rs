@@ -207,6 +207,10 @@ impl<L, S> Serve<L, S> {
     /// Each accepted stream costs a system call for it, unless the listening socket had
     /// it before it listened (see [`Listener::accepts_nodelay`]): on Linux, binding with
     /// [`tokio::net::TcpSocket`] and `set_nodelay(true)` saves that call.
+    ///
+    /// `false` sets nothing; it does not clear the option. Streams accepted from a
+    /// listening socket that had `TCP_NODELAY` keep it on Linux, which passes it on,
+    /// whatever is asked here.
     pub fn nodelay(mut self, nodelay: bool) -> Self {
         self.nodelay = nodelay;
         self
