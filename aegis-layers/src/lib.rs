@@ -35,6 +35,9 @@ pub mod slowloris;
 #[cfg(feature = "sniff")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sniff")))]
 pub mod sniff;
+// The chunked in-memory stream of the sniff and PROXY protocol fuzz logic.
+#[cfg(all(any(test, fuzzing), any(feature = "sniff", feature = "proxy-protocol")))]
+mod chunked;
 #[cfg(any(
     feature = "adaptive",
     feature = "circuit-breaker",

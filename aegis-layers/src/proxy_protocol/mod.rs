@@ -145,13 +145,16 @@ fn count(header: Option<&ProxyHeader>) {
     metrics::counter!(CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
 }
 
-/// The entry point of the `proxy_protocol` fuzz target: the pure header parser.
+/// The entry point of the `proxy_protocol` fuzz target: the pure header parser, and the
+/// layer's header reader over the same bytes.
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzz_logic {
-    /// Parses `data` under a few caps and panics if an invariant breaks.
+    /// Parses `data` under a few caps, reads it as a connection's first bytes, and
+    /// panics if an invariant breaks.
     pub fn fuzz_entry(data: &[u8]) {
         super::check_invariants(data);
+        super::check_read_header(data);
     }
 }
 
@@ -210,6 +213,133 @@ pub(crate) fn check_invariants(data: &[u8]) {
     }
 }
 
+/// What [`future::ReadHeader`] must make of a connection that sends `data` and closes,
+/// by the pure parser's decision on all of it (a decision never changes as bytes arrive,
+/// [`check_invariants`]): the header and its length, `None` to pass the connection on
+/// untouched, or the error.
+#[cfg(any(test, fuzzing))]
+fn expected_read(
+    data: &[u8],
+    peer: std::net::IpAddr,
+    trusted: bool,
+    mode: HeaderMode,
+    max_len: usize,
+) -> Result<Option<(ProxyHeader, usize)>, ProxyProtocolError> {
+    use self::header::{Parse, Refused, Signature};
+    if !trusted {
+        return match header::signature(data) {
+            Signature::V1 | Signature::V2 => Err(ProxyProtocolError::Untrusted(peer)),
+            // A strict prefix of a signature, then EOF: passed on.
+            Signature::None | Signature::Partial => Ok(None),
+        };
+    }
+    match header::parse(data, max_len) {
+        Parse::Header(_) => ProxyHeader::parse(data, max_len),
+        Parse::NotProxy => match mode {
+            HeaderMode::Optional => Ok(None),
+            HeaderMode::Required => Err(ProxyProtocolError::Missing(peer)),
+        },
+        Parse::Refused(Refused::TooLong) => Err(ProxyProtocolError::TooLong(
+            if data.starts_with(header::V1_SIGNATURE) {
+                header::V1_MAX_LEN
+            } else {
+                max_len
+            },
+        )),
+        Parse::Refused(Refused::Invalid(why)) => Err(ProxyProtocolError::Invalid(why)),
+        Parse::Incomplete { .. } if data.is_empty() && mode == HeaderMode::Optional => Ok(None),
+        Parse::Incomplete { .. } => Err(ProxyProtocolError::Eof(data.len())),
+    }
+}
+
+/// Drives the layer's header reader ([`future::ReadHeader`]) over `data` as a
+/// connection's bytes, in chunks of several schedules (whole, byte by byte, sizes taken
+/// from the input), from a trusted peer (header required or optional, under the
+/// smallest, the default and the largest cap) and an untrusted one, and panics if an
+/// invariant breaks: the fuzz target's logic, also run over the seed corpus by the unit
+/// tests.
+///
+/// - it decides within the bytes there are, without waiting (the stream never does);
+/// - its buffer never exceeds the cap, and it never reads into a full one (that read
+///   would look like EOF);
+/// - its decision is the pure parser's on all of `data` ([`expected_read`]);
+/// - the bytes after the header (all of them with no header) are replayed exactly by
+///   the [`ProxiedIo`] the inner service gets.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_read_header(data: &[u8]) {
+    use self::header::{V1_MAX_LEN, V2_MAX_LEN};
+    use crate::chunked::{Chunked, Reads, poll_once, read_all, schedules};
+
+    let peer: std::net::IpAddr = [10, 0, 0, 1].into();
+    let network: ipnet::IpNet = "10.0.0.0/8".parse().expect("a network");
+    let mut configs = Vec::new();
+    for max_header_len in [V1_MAX_LEN, DEFAULT_MAX_HEADER_LEN, V2_MAX_LEN] {
+        for mode in [HeaderMode::Required, HeaderMode::Optional] {
+            configs.push(layer::Config {
+                trusted: [network].into(),
+                mode,
+                timeout: DEFAULT_TIMEOUT,
+                max_header_len,
+            });
+        }
+    }
+    configs.push(layer::Config {
+        trusted: [].into(),
+        mode: HeaderMode::Required,
+        timeout: DEFAULT_TIMEOUT,
+        max_header_len: DEFAULT_MAX_HEADER_LEN,
+    });
+    for config in &configs {
+        let trusted = config.trusts(peer);
+        let expected = expected_read(data, peer, trusted, config.mode, config.max_header_len);
+        for sizes in schedules(data) {
+            let reads = Reads::default();
+            let io = Chunked::new(data, &sizes, &reads);
+            // Formatted only for a failure: the fuzzer runs this thousands of times a second.
+            let what = || {
+                format!(
+                    "trusted {trusted}, {:?}, cap {}, chunks {sizes:?}",
+                    config.mode, config.max_header_len
+                )
+            };
+            let got = poll_once(future::ReadHeader::new(io, peer, config))
+                .unwrap_or_else(|| panic!("waited on a stream that never waits ({})", what()));
+            assert!(
+                reads.extent.get() <= config.max_header_len,
+                "read buffer reached {} bytes over the cap ({})",
+                reads.extent.get(),
+                what()
+            );
+            assert_eq!(reads.empty.get(), 0, "read into a full buffer ({})", what());
+            match (got, &expected) {
+                (Ok((header, rest, io)), Ok(want)) => {
+                    let skip = match (&header, want) {
+                        (None, None) => 0,
+                        (Some(h), Some((w, len))) if h == w => *len,
+                        (h, w) => panic!("read {h:?}, the parser says {w:?} ({})", what()),
+                    };
+                    let replayed = read_all(ProxiedIo::new(header, rest, io));
+                    assert!(
+                        replayed == data[skip..],
+                        "replayed {} bytes, not the {} after the header ({})",
+                        replayed.len(),
+                        data.len() - skip,
+                        what()
+                    );
+                }
+                (Err(e), Err(want)) => {
+                    assert_eq!(e.to_string(), want.to_string(), "({})", what());
+                }
+                (got, want) => panic!(
+                    "read {:?}, the parser says {want:?} ({})",
+                    got.map(|(h, rest, _)| (h, rest)),
+                    what()
+                ),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The fuzz target's seed corpus, replayed so that CI (stable, no fuzzer) covers it.
@@ -221,6 +351,7 @@ mod tests {
         for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/proxy_protocol") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             super::check_invariants(&data);
+            super::check_read_header(&data);
             seeds += 1;
         }
         assert!(seeds >= 10, "only {seeds} seeds in {}", dir.display());
@@ -239,6 +370,7 @@ mod tests {
                     let mut m = data.clone();
                     m[i] ^= flip;
                     super::check_invariants(&m);
+                    super::check_read_header(&m);
                 }
             }
         }

@@ -373,6 +373,7 @@ mod tests {
         for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/sniff") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             check_invariants(&data);
+            crate::sniff::future::check_detect(&data);
             seeds += 1;
         }
         assert!(seeds >= 10, "only {seeds} seeds in {}", dir.display());
@@ -503,6 +504,7 @@ mod tests {
                 buf[0] = [0x10, 0x16, b'P', b'\r', b'G', buf[0]][i % 6];
             }
             check_invariants(&buf[..len]);
+            crate::sniff::future::check_detect(&buf[..len]);
         }
     }
 

@@ -117,6 +117,81 @@ impl<I: AsyncRead + Unpin> Future for Detect<I> {
     }
 }
 
+/// Drives [`Detect`] over `data` as a connection's bytes, in chunks of several
+/// schedules (whole, byte by byte, sizes taken from the input), under the smallest cap
+/// (0, raised to [`MAX_DECISION_LEN`]), a small one and the default, and panics if an
+/// invariant breaks: the fuzz target's logic, also run over the seed corpus by the
+/// unit tests.
+///
+/// - it decides within the bytes there are, without waiting (the stream never does);
+/// - its reads never reach past the cap, and never into a full buffer (that read would
+///   look like EOF);
+/// - its decision is [`classify`]'s on the bytes it kept, which are the start of
+///   `data` and at most the cap; [`classify`] decides the same on the first `cap`
+///   bytes of `data` (a decision never changes as bytes arrive), and an undecided
+///   `data` shorter than the cap is [`SniffError::Eof`];
+/// - the bytes kept and the rest of the stream replay `data` exactly, as the
+///   [`Sniffed`] the inner service gets does.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_detect(data: &[u8]) {
+    use crate::chunked::{Chunked, Reads, poll_once, read_all, schedules};
+
+    for max_prefix in [0, 100, super::DEFAULT_MAX_PREFIX] {
+        let cap = max_prefix.max(MAX_DECISION_LEN);
+        let seen = &data[..data.len().min(cap)];
+        let expected = classify(seen);
+        for sizes in schedules(data) {
+            let reads = Reads::default();
+            let io = Chunked::new(data, &sizes, &reads);
+            // Formatted only for a failure: the fuzzer runs this thousands of times a second.
+            let what = || format!("cap {max_prefix}, chunks {sizes:?}");
+            let got = poll_once(Detect::new(io, max_prefix, Duration::from_secs(5)))
+                .unwrap_or_else(|| panic!("waited on a stream that never waits ({})", what()));
+            assert!(
+                reads.extent.get() <= cap,
+                "read up to {} bytes, over the cap ({})",
+                reads.extent.get(),
+                what()
+            );
+            assert_eq!(reads.empty.get(), 0, "read into a full buffer ({})", what());
+            match (got, expected) {
+                (Ok((detection, prefix, io)), Classification::Decided(want)) => {
+                    assert_eq!(detection, want, "({})", what());
+                    assert!(
+                        prefix.len() <= cap,
+                        "kept {} bytes ({})",
+                        prefix.len(),
+                        what()
+                    );
+                    assert_eq!(
+                        classify(&prefix),
+                        Classification::Decided(detection),
+                        "({})",
+                        what()
+                    );
+                    let replayed = read_all(Rewind::new(prefix, io));
+                    assert!(
+                        replayed == data,
+                        "replayed {} of {} bytes, or others ({})",
+                        replayed.len(),
+                        data.len(),
+                        what()
+                    );
+                }
+                (Err(SniffError::Eof(n)), Classification::NeedMore) => {
+                    assert_eq!(n, data.len(), "({})", what());
+                    assert!(data.len() < cap, "undecided at the cap ({})", what());
+                }
+                (got, want) => panic!(
+                    "detected {:?}, classify says {want:?} ({})",
+                    got.map(|(d, prefix, _)| (d, prefix)),
+                    what()
+                ),
+            }
+        }
+    }
+}
+
 pin_project! {
     /// The response future of [`Sniff`](super::Sniff) and
     /// [`SniffRouter`](super::SniffRouter): detection, then the inner service's future.

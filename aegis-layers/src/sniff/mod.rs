@@ -124,12 +124,15 @@ pub use self::service::Sniff;
 
 /// The fuzz target's entry point (`cargo fuzz`, built with `--cfg fuzzing`): classifies
 /// `data` and checks the classifier's invariants (total, decided at
-/// [`MAX_DECISION_LEN`] bytes, a decision never changes as bytes arrive).
+/// [`MAX_DECISION_LEN`] bytes, a decision never changes as bytes arrive), then reads it
+/// as a connection's first bytes with the layer's prefix reader
+/// ([`future::Detect`], over chunked reads: its cap, its decision, the replay).
 #[cfg(fuzzing)]
 pub mod fuzz_logic {
     /// Runs one fuzz input; panics if an invariant breaks.
     pub fn fuzz_entry(data: &[u8]) {
         super::classify::check_invariants(data);
+        super::future::check_detect(data);
     }
 }
 
