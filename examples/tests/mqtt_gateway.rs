@@ -1508,7 +1508,8 @@ async fn a_network_ban_refuses_its_addresses_and_keys_follow_the_limits_prefixes
 /// `POST /bans` refuses a network wider than an IPv4 /8 or an IPv6 /32 (`0.0.0.0/0`
 /// would refuse everyone), in CIDR notation or an IPv4-mapped form of it, or an IPv6
 /// network whose 6to4, Teredo or NAT64 clients may be any IPv4 client (`2001::/32`,
-/// `64:ff9b::/96`, a Teredo server's /64), with `400` and the reason; nothing is banned
+/// `64:ff9b::/96` and the networks around it up to `64:ff9b::/32`, a Teredo server's
+/// /64), with `400` and the reason; nothing is banned
 /// and clients are still served. A /24, a /8, a /32 and the NAT64 form of a /8 are
 /// banned.
 #[tokio::test]
@@ -1523,6 +1524,11 @@ async fn a_manual_ban_wider_than_an_ipv4_8_or_an_ipv6_32_is_refused() {
         "2001::%2F32",
         "2001:0:c000:22d::%2F64",
         "64:ff9b::%2F96",
+        "64:ff9b::%2F64",
+        "64:ff9b::%2F32",
+        "64:ff9b::%2F95",
+        "64:ff9b::%2F100",
+        "2002::%2F16",
     ] {
         let path = format!("/bans?key=addr&value={wide}&for=10m");
         let (status, body) = http_request(gw.metrics, "POST", &path).await.unwrap();
