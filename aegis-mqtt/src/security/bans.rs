@@ -341,6 +341,26 @@ pub(super) enum Refusal {
     Quiet,
 }
 
+/// What [`BanTable::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Inserted {
+    /// The ban is in place: new, replacing the key's old one, or lengthening it.
+    Placed,
+    /// The key's ban in force already lasts as long or longer, and is by hand or by the
+    /// detector as it was: a detector's ban changed nothing.
+    Stands,
+    /// The table takes no ban (`max` is 0, or a detector's ban finds only bans by hand).
+    Refused,
+}
+
+#[cfg(test)]
+impl Inserted {
+    /// Whether the key is banned for at least as long as asked now.
+    pub(super) const fn in_force(self) -> bool {
+        !matches!(self, Self::Refused)
+    }
+}
+
 /// The bans in force: the network bans in a [`NetMap`], the name bans in a map, and
 /// their keys ordered by expiry, the detector's and those by hand apart (to purge, and
 /// to evict the soonest-ending ban of either kind, in `O(log n)`).
@@ -418,26 +438,39 @@ impl BanTable {
         self.by_expiry[expiry_kind(old.reason)].remove(&(old.until, old.id));
     }
 
-    /// Bans `key` until `until` (replacing a ban of the same key). When the table is full,
-    /// a ban makes room (see [`evict_for`](Self::evict_for)). Returns `false` when the
-    /// table takes it not: `max` is 0, or a detector's ban finds only bans by hand.
+    /// Bans `key` for `d` from `now` with `reason`. When the table is full, a ban makes
+    /// room (see [`evict_for`](Self::evict_for)); [`Inserted::Refused`] when the table
+    /// takes it not: `max` is 0, or a detector's ban finds only bans by hand.
+    ///
+    /// A ban of a key that is banned already: one by hand ([`Cause::Manual`]) replaces
+    /// the old ban, whatever either's end (the operator's word is the last); a detector's
+    /// never shortens the old ban nor moves one by hand into the detector's class. It
+    /// stands aside ([`Inserted::Stands`]) when the old ban ends as late or later, and
+    /// otherwise lengthens it, a ban by hand staying one (`manual`, in its class).
     pub(super) fn insert(
         &mut self,
         key: BanKey,
         now: Instant,
         d: Duration,
-        reason: &'static str,
-    ) -> bool {
+        mut reason: &'static str,
+    ) -> Inserted {
         self.purge(now);
         if self.max == 0 {
-            return false;
-        }
-        if let Some(old) = self.take(&key) {
-            self.unindex(&old);
-        } else if self.len() >= self.max && !self.evict_for(reason) {
-            return false;
+            return Inserted::Refused;
         }
         let until = later(now, d);
+        let by_hand = reason == Cause::Manual.as_str();
+        if !by_hand && self.get_mut(&key).is_some_and(|old| old.until >= until) {
+            return Inserted::Stands;
+        }
+        if let Some(old) = self.take(&key) {
+            if !by_hand && old.reason == Cause::Manual.as_str() {
+                reason = old.reason;
+            }
+            self.unindex(&old);
+        } else if self.len() >= self.max && !self.evict_for(reason) {
+            return Inserted::Refused;
+        }
         let wall = SystemTime::now()
             .checked_add(until.saturating_duration_since(now))
             .unwrap_or_else(SystemTime::now);
@@ -456,7 +489,7 @@ impl BanTable {
             BanKey::Addr(net) => self.nets.insert(net, entry),
             names => self.names.insert(names, entry),
         };
-        true
+        Inserted::Placed
     }
 
     /// Makes room for a ban with `reason` in the full table; `false` if there is none for
@@ -684,14 +717,26 @@ mod tests {
     async fn a_full_table_evicts_the_ban_that_ends_soonest() {
         let mut t = BanTable::new(2);
         let now = Instant::now();
-        assert!(t.insert(addr("192.0.2.1"), now, Duration::from_secs(30), "manual"));
-        assert!(t.insert(addr("192.0.2.2"), now, Duration::from_secs(10), "manual"));
-        assert!(t.insert(addr("192.0.2.3"), now, Duration::from_secs(20), "manual"));
+        assert!(
+            t.insert(addr("192.0.2.1"), now, Duration::from_secs(30), "manual")
+                .in_force()
+        );
+        assert!(
+            t.insert(addr("192.0.2.2"), now, Duration::from_secs(10), "manual")
+                .in_force()
+        );
+        assert!(
+            t.insert(addr("192.0.2.3"), now, Duration::from_secs(20), "manual")
+                .in_force()
+        );
         assert_eq!(t.len(), 2);
         assert!(!t.contains(&addr("192.0.2.2"), now));
         assert!(t.contains(&addr("192.0.2.1"), now));
         // Re-banning a key replaces its ban, without evicting anyone.
-        assert!(t.insert(addr("192.0.2.3"), now, Duration::from_secs(40), "manual"));
+        assert!(
+            t.insert(addr("192.0.2.3"), now, Duration::from_secs(40), "manual")
+                .in_force()
+        );
         assert_eq!(t.len(), 2);
         let later = now + Duration::from_secs(30);
         assert_eq!(t.list(later).len(), 1);
@@ -699,7 +744,69 @@ mod tests {
         assert!(!t.remove(&addr("192.0.2.3"), later));
         assert_eq!(t.len(), 0);
         let mut none = BanTable::new(0);
-        assert!(!none.insert(addr("192.0.2.1"), now, Duration::from_secs(1), "manual"));
+        assert!(
+            !none
+                .insert(addr("192.0.2.1"), now, Duration::from_secs(1), "manual")
+                .in_force()
+        );
+    }
+
+    /// A detector's ban of a key banned already never shortens its ban nor makes a ban
+    /// by hand a detector's; a ban by hand replaces any, a shorter one too.
+    #[tokio::test(start_paused = true)]
+    async fn a_detector_ban_never_shortens_or_reclassifies_a_ban_of_its_key() {
+        let mut t = BanTable::new(10);
+        let now = Instant::now();
+        let (week, five) = (Duration::from_secs(7 * 86_400), Duration::from_secs(300));
+        let key = addr("192.0.2.7");
+        let ban = |t: &mut BanTable| {
+            let b = t.list(now).pop().unwrap();
+            (b.remaining, b.reason)
+        };
+        assert_eq!(t.insert(key.clone(), now, week, "manual"), Inserted::Placed);
+        assert_eq!(
+            t.insert(key.clone(), now, five, "rejections"),
+            Inserted::Stands
+        );
+        assert_eq!(ban(&mut t), (week, "manual"));
+        assert_eq!(
+            t.by_expiry[0].len(),
+            0,
+            "a ban by hand in the detector's class"
+        );
+        // A detector's ban that ends later lengthens a short ban by hand, which stays one.
+        assert_eq!(
+            t.insert(key.clone(), now, Duration::from_secs(60), "manual"),
+            Inserted::Placed
+        );
+        assert_eq!(
+            t.insert(key.clone(), now, five, "connects"),
+            Inserted::Placed
+        );
+        assert_eq!(ban(&mut t), (five, "manual"));
+        assert_eq!(
+            (t.by_expiry[0].len(), t.by_expiry[1].len(), t.len()),
+            (0, 1, 1)
+        );
+        // Between the detector's own bans, the later end stands.
+        let other = addr("192.0.2.8");
+        t.insert(other.clone(), now, week, "auth_failures");
+        assert_eq!(
+            t.insert(other.clone(), now, five, "rejections"),
+            Inserted::Stands
+        );
+        let b = t.list(now).pop().unwrap();
+        assert_eq!(
+            (b.key, b.remaining, b.reason),
+            (other, week, "auth_failures")
+        );
+        // The operator's word is the last: a shorter ban by hand replaces the detector's.
+        assert_eq!(
+            t.insert(key.clone(), now, Duration::from_secs(10), "manual"),
+            Inserted::Placed
+        );
+        assert_eq!(t.list(now)[0].remaining, Duration::from_secs(10));
+        assert_eq!(t.len(), 2);
     }
 
     /// Detector bans never push out bans by hand, whenever these end; bans by hand push
@@ -710,11 +817,17 @@ mod tests {
             let mut t = BanTable::new(3);
             let now = Instant::now();
             let s = Duration::from_secs;
-            assert!(t.insert(addr("192.0.2.1"), now, s(10), "manual"));
-            assert!(t.insert(addr("192.0.2.2"), now, s(20), "connects"));
-            assert!(t.insert(addr("192.0.2.3"), now, s(30), "manual"));
+            assert!(t.insert(addr("192.0.2.1"), now, s(10), "manual").in_force());
+            assert!(
+                t.insert(addr("192.0.2.2"), now, s(20), "connects")
+                    .in_force()
+            );
+            assert!(t.insert(addr("192.0.2.3"), now, s(30), "manual").in_force());
             // A detector ban evicts the detector's, though a manual one ends sooner.
-            assert!(t.insert(addr("198.51.100.1"), now, s(300), "auth_failures"));
+            assert!(
+                t.insert(addr("198.51.100.1"), now, s(300), "auth_failures")
+                    .in_force()
+            );
             assert!(t.contains(&addr("192.0.2.1"), now));
             assert!(!t.contains(&addr("192.0.2.2"), now));
             // A thousand more detector bans: they push out each other, never a manual one.
@@ -725,7 +838,7 @@ mod tests {
             assert!(t.contains(&addr("192.0.2.1"), now) && t.contains(&addr("192.0.2.3"), now));
             assert_eq!(t.len(), 3);
             // A manual ban pushes out the one detector ban left, then the soonest manual.
-            assert!(t.insert(addr("192.0.2.4"), now, s(40), "manual"));
+            assert!(t.insert(addr("192.0.2.4"), now, s(40), "manual").in_force());
             let manual: Vec<_> = t.list(now).into_iter().map(|b| b.key.to_string()).collect();
             assert_eq!(
                 manual,
@@ -736,8 +849,11 @@ mod tests {
                 ]
             );
             // Full of bans by hand: a detector ban is not put in place; another by hand is.
-            assert!(!t.insert(addr("198.51.100.2"), now, s(300), "connects"));
-            assert!(t.insert(addr("192.0.2.5"), now, s(50), "manual"));
+            assert!(
+                !t.insert(addr("198.51.100.2"), now, s(300), "connects")
+                    .in_force()
+            );
+            assert!(t.insert(addr("192.0.2.5"), now, s(50), "manual").in_force());
             assert!(!t.contains(&addr("192.0.2.1"), now));
         });
         let evicted = aegis_core::metrics::testing::capture(&snap)
@@ -850,10 +966,16 @@ mod tests {
         let mut t = BanTable::new(10);
         let now = Instant::now();
         let d = Duration::from_secs(60);
-        assert!(t.insert(net("198.51.100.0/24"), now, d, "manual"));
-        assert!(t.insert(net("2001:db8::/48"), now, d, "manual"));
-        assert!(t.insert(addr("192.0.2.7"), now, Duration::from_secs(5), "manual"));
-        assert!(t.insert(net("::/64"), now, d, "manual"));
+        assert!(
+            t.insert(net("198.51.100.0/24"), now, d, "manual")
+                .in_force()
+        );
+        assert!(t.insert(net("2001:db8::/48"), now, d, "manual").in_force());
+        assert!(
+            t.insert(addr("192.0.2.7"), now, Duration::from_secs(5), "manual")
+                .in_force()
+        );
+        assert!(t.insert(net("::/64"), now, d, "manual").in_force());
         assert_eq!(t.nets.lengths(), 4);
         assert_eq!(banned(&mut t, "198.51.100.9"), Refusal::Log { quiet: 0 });
         assert_eq!(banned(&mut t, "::ffff:198.51.100.10"), Refusal::Quiet);
@@ -883,10 +1005,14 @@ mod tests {
         assert_eq!(t.len(), 1);
         // So do replaced and evicted ones.
         let mut small = BanTable::new(1);
-        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
-        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual"));
+        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual").in_force());
+        assert!(small.insert(net("10.0.0.0/8"), now, d, "manual").in_force());
         assert_eq!((small.nets.lengths(), small.nets.len()), (1, 1));
-        assert!(small.insert(BanKey::username("u"), now, d, "manual"));
+        assert!(
+            small
+                .insert(BanKey::username("u"), now, d, "manual")
+                .in_force()
+        );
         assert_eq!(small.nets.lengths(), 0);
         assert_eq!(small.refusal(&host("10.1.2.3"), now), Refusal::NotBanned);
     }
@@ -901,10 +1027,10 @@ mod tests {
         // behind 198.51.100.1.
         let site = addr("2002:cb00:7105:1::1");
         assert_eq!(site, net("203.0.113.5/32"));
-        assert!(t.insert(site, now, d, "connects"));
+        assert!(t.insert(site, now, d, "connects").in_force());
         let teredo = addr("2001:0:c000:22d:8000:f227:39cc:9bfe");
         assert_eq!(teredo, net("198.51.100.1/32"));
-        assert!(t.insert(teredo, now, d, "connects"));
+        assert!(t.insert(teredo, now, d, "connects").in_force());
         for refused in [
             "2002:cb00:7105:1::2",
             "2002:cb00:7105:ffff::1",

@@ -103,6 +103,16 @@
 //! Manual bans of any key apply either way. An empty client id (which MQTT lets the
 //! broker assign) is never counted by the detector.
 //!
+//! A key banned again: a ban through the handle ([`Security::ban`]) replaces the key's
+//! ban in force, whatever either's end (the operator's word is the last, a shorter ban
+//! included). A detector's ban never shortens it, nor turns a ban by hand into a
+//! detector's (which a full table evicts first, see [Bounds](#bounds)): it lengthens
+//! the ban when it ends later, a ban by hand staying `manual`, and otherwise changes
+//! nothing (no `ban` event, nothing counted in `aegis_security_bans_total`). So an
+//! address banned by hand for a week, whose open sessions
+//! ([`close_on_ban(false)`](SecurityBuilder::close_on_ban)) go on crossing a threshold,
+//! stays banned for the week.
+//!
 //! # Example
 //!
 //! ```
@@ -266,7 +276,9 @@ mod layer;
 mod service;
 
 pub use self::bans::{Ban, BanKey, BanKeys, MAX_BAN};
-use self::bans::{BanTable, Cause, Detector, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds};
+use self::bans::{
+    BanTable, Cause, Detector, Inserted, REFUSAL_EVENT_EVERY, Recorded, Refusal, Thresholds,
+};
 pub use self::error::SecurityError;
 pub use self::events::{EVENTS_PER_SECOND, Event};
 use self::events::{EventLog, MAX_NAME, bounded};
@@ -739,6 +751,14 @@ impl Default for Security {
     }
 }
 
+/// What [`Security::place`] did with a ban.
+enum Placed {
+    /// Put in place; this many open connections closed.
+    Closed(usize),
+    /// The key's ban in force already lasts as long or longer (see [`BanTable::insert`]).
+    Stands,
+}
+
 /// Who an event is about.
 #[derive(Debug, Default, Clone)]
 struct Who {
@@ -789,11 +809,13 @@ impl Security {
     /// its `until` but for no longer than its `remaining` (so a wall clock behind at
     /// start-up cannot stretch a ban: read back from JSON, `remaining` is at most what was
     /// left when it was written), at most [`MAX_BAN`] from now, and with its reason; a ban
-    /// that has ended is skipped. Like a ban through the handle, each replaces a ban of the
-    /// same key, makes room in a full table as a new ban does (see [Bounds](self#bounds):
-    /// they are put in place the soonest-ending first, so of each kind, by hand or by the
-    /// detector, the table keeps those that end last), and closes the open connections it
-    /// matches; unlike one, it logs no event and counts nothing in
+    /// that has ended is skipped. Each meets a ban of the same key as a new ban of its
+    /// reason does (one by hand replaces it, a detector's only lengthens it: see the
+    /// [module docs](self)), makes room in a full table as a new ban does (see
+    /// [Bounds](self#bounds): they are put in place the soonest-ending first, so of each
+    /// kind, by hand or by the detector, the table keeps those that end last), and closes
+    /// the open connections it matches; unlike a new ban, it logs no event and counts
+    /// nothing in
     /// `aegis_security_bans_total` (it is not a new ban), and it is put in place whatever
     /// [`exempt`](SecurityBuilder::exempt) says. Returns how many were put in place (a key
     /// given twice, twice).
@@ -946,8 +968,11 @@ impl Security {
     ) -> bool {
         let key = key.normalized();
         let duration = duration.min(MAX_BAN);
-        let Some(closed) = self.place(&key, duration, cause.as_str(), spared) else {
-            return false;
+        let closed = match self.place(&key, duration, cause.as_str(), spared) {
+            None => return false,
+            // The key's ban in force already lasts as long (or is by hand): no new ban.
+            Some(Placed::Stands) => return true,
+            Some(Placed::Closed(closed)) => closed,
         };
         metrics::banned(key.kind(), cause.as_str());
         let mut details = match threshold {
@@ -974,23 +999,27 @@ impl Security {
         true
     }
 
-    /// Puts the (normalized) `key` in place for `duration` with `reason`, and closes the
-    /// open connections it matches but `spared`; returns how many, or `None` when the
-    /// table takes no bans (`max_bans(0)`). Neither logs nor counts the ban.
+    /// Puts the (normalized) `key` in place for `duration` with `reason` (see
+    /// [`BanTable::insert`] for a key banned already), and closes the open connections it
+    /// matches but `spared`; returns how many, [`Placed::Stands`] when a detector's ban
+    /// changed nothing, or `None` when the table takes no bans (`max_bans(0)`). Neither
+    /// logs nor counts the ban.
     fn place(
         &self,
         key: &BanKey,
         duration: Duration,
         reason: &'static str,
         spared: Option<&ConnCtx>,
-    ) -> Option<usize> {
-        if !self.with_bans(|t, now| t.insert(key.clone(), now, duration, reason)) {
-            return None;
+    ) -> Option<Placed> {
+        match self.with_bans(|t, now| t.insert(key.clone(), now, duration, reason)) {
+            Inserted::Refused => return None,
+            Inserted::Stands => return Some(Placed::Stands),
+            Inserted::Placed => {}
         }
         // Before the pass: a connection admitted meanwhile checks its address again
         // once it is kept (`track_admitted`).
         self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
-        Some(self.close_open(key, spared))
+        Some(Placed::Closed(self.close_open(key, spared)))
     }
 
     /// Keeps `ctx` among the open connections a ban closes, unless built with
@@ -1703,6 +1732,31 @@ mod tests {
         fn label(&self) -> &'static str {
             self.1
         }
+    }
+
+    /// With `close_on_ban(false)` a session from an address banned by hand stays open;
+    /// its rejections crossing a threshold leave the ban by hand as it was.
+    #[tokio::test(start_paused = true)]
+    async fn a_detector_ban_leaves_a_longer_ban_by_hand_as_it_was() {
+        let sec = Security::builder()
+            .max_rejections(0)
+            .close_on_ban(false)
+            .build();
+        let key = BanKey::addr("192.0.2.7".parse().unwrap());
+        let week = Duration::from_secs(7 * 86_400);
+        sec.ban(key.clone(), week);
+        let (events, changes) = (sec.events_total(), sec.ban_changes());
+        ctx(&sec).on_error(&aegis_core::error::reject(Refusal(
+            "rate_limit",
+            "per_client",
+        )));
+        let bans = sec.bans();
+        assert_eq!(bans.len(), 1);
+        assert_eq!((&bans[0].key, bans[0].reason), (&key, "manual"));
+        assert_eq!(bans[0].remaining, week);
+        // The rejection is logged; no new ban is.
+        assert_eq!(sec.events_total(), events + 1);
+        assert_eq!(sec.ban_changes(), changes);
     }
 
     /// A client's own rate-limit refusal (the per-client tier) counts.
