@@ -48,7 +48,11 @@
 //! toward the detector: a broker or authenticator outage, or a flood from others, must
 //! not ban every client. So is `auth_timeout`, an MQTT 5 enhanced authentication that
 //! ended in no CONNACK in time: the client may have stalled it, or the broker, and the
-//! gateway cannot tell which (it is not counted as a broker failure either). For the
+//! gateway cannot tell which (it is not counted as a broker failure either). So is the
+//! `sniff` layer's `eof` and `io`: a connection closed or reset before its first bytes
+//! were classified (a TCP health check that connects and closes, behind the same NAT as
+//! real clients), which the MQTT layer, without the sniffer, sees as an IO error, no
+//! rejection at all. For the
 //! same reason an `auth_failure` event whose rule says
 //! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
 //! logged but not counted; only a denial (rule `denied`) counts as an authentication
@@ -1300,6 +1304,10 @@ fn not_the_clients_doing(layer: &str, label: &str) -> bool {
         // The global tier is shared by every client: a flood from others, or an
         // adaptive controller lowering it for a slow broker, uses it up.
         "rate_limit" => label == "global",
+        // A connection closed (or reset) before the sniffer saw enough to decide: a TCP
+        // health check, or a client that gave up. Without the sniffer the MQTT layer
+        // sees the same end as an IO error, which is no rejection.
+        "sniff" => matches!(label, "eof" | "io"),
         _ => matches!(
             label,
             "server_unavailable"
@@ -1757,6 +1765,31 @@ mod tests {
         // The rejection is logged; no new ban is.
         assert_eq!(sec.events_total(), events + 1);
         assert_eq!(sec.ban_changes(), changes);
+    }
+
+    /// A connection closed or reset before the sniffer decided (a TCP health check's
+    /// connect and close) is logged (low) but not counted: without the sniffer the MQTT
+    /// layer sees the same end as an IO error, which is not counted either.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closed_before_the_sniffer_decided_is_not_counted() {
+        use aegis_layers::sniff::SniffError;
+        let sec = Security::builder().max_rejections(0).build();
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for err in [
+            SniffError::Eof(0),
+            SniffError::Eof(3),
+            SniffError::Io(reset),
+        ] {
+            ctx(&sec).on_error(&aegis_core::error::reject(err));
+            let e = sec.events(1).pop().unwrap();
+            assert_eq!((e.layer, e.severity), ("sniff", Severity::Low));
+        }
+        assert_eq!(sec.events_total(), 3);
+        assert!(sec.bans().is_empty());
+        // What the sniffer refuses (here TLS on the MQTT port) still counts.
+        let tls = SniffError::NotAllowed(aegis_layers::sniff::Protocol::Tls);
+        ctx(&sec).on_error(&aegis_core::error::reject(tls));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
 
     /// A client's own rate-limit refusal (the per-client tier) counts.
