@@ -371,10 +371,15 @@ pub(crate) fn auth(
     ))
 }
 
-/// The `Security` of `[security]`, keying client addresses as `[limits]` does.
+/// The `Security` of `[security]`, keying client addresses as `[limits]` does. With
+/// the adaptive controller driving `limits.per_ip`, its refusals are the broker's
+/// latency at work, not the client's doing: they are not counted toward bans.
 fn security(settings: &Settings) -> Security {
     let (c, l) = (&settings.raw.security, &settings.raw.limits);
+    let a = &settings.raw.adaptive;
+    let adaptive_per_ip = a.enabled && a.drives == config::Drives::PerIp;
     let mut b = Security::builder()
+        .count_per_client_rate(!adaptive_per_ip)
         .key_by(KeyBy::new(l.ipv4_prefix, l.ipv6_prefix))
         .exempt(settings.exempt.iter().copied())
         .deny(settings.deny.iter().copied())

@@ -2437,6 +2437,51 @@ async fn the_shipped_example_config_starts() {
     );
 }
 
+/// With `adaptive.drives = "per_ip"` the controller sets `limits.per_ip` (here at its
+/// `max_rate` of 1/s, burst 1) for the broker's sake: the refusals of that tier are
+/// logged, with severity `low`, but count toward no ban, whatever `max_rejections`.
+#[tokio::test]
+async fn per_ip_refusals_ban_nobody_while_the_adaptive_controller_drives_them() {
+    let config = r#"
+        [limits.per_ip]
+        rate = "1/m"
+        burst = 1
+        [adaptive]
+        enabled = true
+        drives = "per_ip"
+        min_rate = 1
+        max_rate = 1
+        [security]
+        admin = true
+        max_rejections = 1
+    "#;
+    let gw = Gateway::start("adaptive-per-ip", config, &[]).await;
+    let session = mqtt_session("127.0.0.11", gw.mqtt, "first").await;
+    assert!(session.is_some(), "the first connect was refused");
+    for _ in 0..3 {
+        let mut over = connect_from("127.0.0.11", gw.mqtt).await;
+        let _ = over.write_all(&connect_311("over")).await;
+        assert!(
+            closed_silently(&mut over).await,
+            "over the rate, not refused"
+        );
+    }
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"rate_limit\",reason=\"per_client\"}",
+        3.0,
+    )
+    .await;
+    gw.wait_metric(
+        "aegis_security_events_total{kind=\"rejection\",layer=\"rate_limit\",severity=\"low\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+}
+
 /// Security: rejections from one address over `max_rejections` ban it, a banned address
 /// is closed before any byte is read, and `/events` and `/bans` show and change it all.
 #[tokio::test]

@@ -43,8 +43,11 @@
 //!
 //! Refusals that are not the client's doing (`server_unavailable`, `connack_timeout`,
 //! `server_busy`, `auth_error`: the authenticator could not decide; any refusal of the
-//! `circuit_breaker` layer: its circuit is open; and the `rate_limit` layer's `global`
-//! tier, which every client shares) are logged with severity `low` but never counted
+//! `circuit_breaker` layer: its circuit is open; the `rate_limit` layer's `global`
+//! tier, which every client shares; and its `per_client` tier with
+//! [`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate), when an
+//! adaptive controller sets that rate for the broker's sake) are logged with severity
+//! `low` but never counted
 //! toward the detector: a broker or authenticator outage, or a flood from others, must
 //! not ban every client. So is `auth_timeout`, an MQTT 5 enhanced authentication that
 //! ended in no CONNACK in time: the client may have stalled it, or the broker, and the
@@ -465,6 +468,7 @@ pub struct SecurityBuilder {
     max_tracked: usize,
     max_bans: usize,
     close_on_ban: bool,
+    count_per_client_rate: bool,
     key_by: KeyBy,
     exempt: Vec<ClientKey>,
     deny: Vec<ClientKey>,
@@ -485,6 +489,7 @@ impl Default for SecurityBuilder {
             max_tracked: 100_000,
             max_bans: 100_000,
             close_on_ban: true,
+            count_per_client_rate: true,
             key_by: KeyBy::default(),
             exempt: Vec::new(),
             deny: Vec::new(),
@@ -684,6 +689,26 @@ impl SecurityBuilder {
         self
     }
 
+    /// Whether the rate limiter's per-client refusals (`rate_limit` / `per_client`)
+    /// count toward [`max_rejections`](Self::max_rejections) (on by default: a client
+    /// over its own rate is the client's doing). Off, they are logged with severity
+    /// `low` and never counted, as the `global` tier's always are: for when the
+    /// per-client rate is not the client's to keep, such as an adaptive controller
+    /// (`aegis_layers::adaptive`) lowering it for a slow broker, which would otherwise
+    /// get clients banned for the broker's state.
+    ///
+    /// ```
+    /// use aegis_mqtt::security::Security;
+    ///
+    /// // The per-client rate follows the broker's latency: its refusals ban nobody.
+    /// let sec = Security::builder().max_rejections(100).count_per_client_rate(false).build();
+    /// # let _ = sec;
+    /// ```
+    pub const fn count_per_client_rate(mut self, on: bool) -> Self {
+        self.count_per_client_rate = on;
+        self
+    }
+
     /// The [`Security`].
     pub fn build(self) -> Security {
         Security {
@@ -691,6 +716,7 @@ impl SecurityBuilder {
                 thresholds: self.thresholds,
                 ban_for: self.ban_for,
                 ban_by: self.ban_by,
+                count_per_client_rate: self.count_per_client_rate,
                 key_by: self.key_by,
                 exempt: self.exempt.into_iter().collect(),
                 deny: self.deny.into_iter().collect(),
@@ -715,6 +741,8 @@ struct Shared {
     thresholds: Thresholds,
     ban_for: Duration,
     ban_by: BanKeys,
+    /// Whether `rate_limit` / `per_client` refusals count toward the detector.
+    count_per_client_rate: bool,
     key_by: KeyBy,
     /// Networks the detector never counts for.
     exempt: NetMap<()>,
@@ -738,6 +766,7 @@ impl std::fmt::Debug for Security {
             .field("thresholds", &self.shared.thresholds)
             .field("ban_for", &self.shared.ban_for)
             .field("ban_by", &self.shared.ban_by)
+            .field("count_per_client_rate", &self.shared.count_per_client_rate)
             .field("key_by", &self.shared.key_by)
             .field("exempt", &self.shared.exempt)
             .field("deny", &self.shared.deny.len())
@@ -1076,6 +1105,16 @@ impl Security {
         tracked
     }
 
+    /// Whether a refusal (by layer and reason label) is logged but never counted: see
+    /// [`not_the_clients_doing`], and the per-client rate limit's with
+    /// [`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate).
+    fn not_the_clients_doing(&self, layer: &str, label: &str) -> bool {
+        not_the_clients_doing(layer, label)
+            || (!self.shared.count_per_client_rate
+                && layer == "rate_limit"
+                && label == "per_client")
+    }
+
     /// Counts `cause` for each of `keys` the detector bans on, unless `who` is from an
     /// exempt network; bans each key that crosses its threshold (closing the open
     /// connections it matches, but `spared`). Returns whether any is banned now (none is
@@ -1380,7 +1419,7 @@ impl ConnCtx {
             r.rule != Some("denied")
         } else {
             r.rule
-                .is_some_and(|rule| not_the_clients_doing(r.layer, rule))
+                .is_some_and(|rule| self.security.not_the_clients_doing(r.layer, rule))
         };
         self.security.emit(
             &who,
@@ -1472,7 +1511,7 @@ impl ConnCtx {
         }
         let (severity, counted) = if label == "banned" {
             (Severity::High, false)
-        } else if not_the_clients_doing(layer, label) {
+        } else if self.security.not_the_clients_doing(layer, label) {
             (Severity::Low, false)
         } else {
             (Severity::Medium, true)
@@ -1799,6 +1838,41 @@ mod tests {
         ctx(&sec).on_error(&aegis_core::error::reject(Refusal(
             "rate_limit",
             "per_client",
+        )));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
+    }
+
+    /// With `count_per_client_rate(false)` (an adaptive controller sets the per-client
+    /// rate) a per-client refusal, reported or an error, is logged (low), never counted;
+    /// other refusals still count.
+    #[tokio::test(start_paused = true)]
+    async fn per_client_rate_refusals_are_not_counted_when_told() {
+        let sec = Security::builder()
+            .max_rejections(0)
+            .count_per_client_rate(false)
+            .build();
+        let per_client = || aegis_core::error::reject(Refusal("rate_limit", "per_client"));
+        ctx(&sec).on_error(&per_client());
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(
+            (e.severity, e.rule.as_deref()),
+            (Severity::Low, Some("per_client"))
+        );
+        CTX.scope(ctx(&sec), async {
+            report(Report {
+                layer: "rate_limit",
+                kind: EventKind::Rejection,
+                severity: Severity::Medium,
+                rule: Some("per_client"),
+                details: "over its rate".into(),
+            });
+        })
+        .await;
+        assert_eq!(sec.events_total(), 2);
+        assert!(sec.bans().is_empty());
+        ctx(&sec).on_error(&aegis_core::error::reject(Refusal(
+            "rate_limit",
+            "concurrency",
         )));
         assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
