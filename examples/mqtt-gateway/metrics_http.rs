@@ -203,7 +203,9 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     res
 }
 
-/// The value of `name` in the request's query string, percent-decoded.
+/// The value of `name` in the request's query string, decoded as a form's
+/// (`application/x-www-form-urlencoded`): percent-decoded, and a `+` is a space (a `+`
+/// is written `%2B`; `/bans` answers with the key as read).
 fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
     form_urlencoded::parse(req.uri().query()?.as_bytes())
         .find(|(k, _)| k == name)
@@ -367,8 +369,11 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
                 masked: admin.masked,
             };
             tracing::info!(key = %logged, ?duration, "ban added through /bans");
+            // The key as read back from the query (a `+` is a space there): a value
+            // mistyped shows in the answer.
+            let answer = format!("banned {key} for {duration:?}\n");
             security.ban(key, duration);
-            text(StatusCode::OK, "banned\n")
+            text(StatusCode::OK, answer)
         }
         ("/bans", &Method::DELETE) => match ban_key(req, security) {
             Ok(key) if security.unban(&key) => {
@@ -377,9 +382,9 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
                     masked: admin.masked,
                 };
                 tracing::info!(key = %logged, "ban lifted through /bans");
-                text(StatusCode::OK, "lifted\n")
+                text(StatusCode::OK, format!("lifted {key}\n"))
             }
-            Ok(_) => text(StatusCode::NOT_FOUND, "no such ban\n"),
+            Ok(key) => text(StatusCode::NOT_FOUND, format!("no such ban: {key}\n")),
             Err(why) => bad(why),
         },
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, POST or DELETE\n"),

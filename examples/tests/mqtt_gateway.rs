@@ -1588,6 +1588,38 @@ async fn a_manual_ban_of_an_empty_client_id_or_username_is_refused() {
     assert!(mqtt_session("127.0.0.1", gw.mqtt, "").await.is_some());
 }
 
+/// The `/bans` query is form-encoded: `%2B` is a `+`, a bare `+` a space. The answer
+/// names the key as read, so that a `+` turned into a space shows; `/bans` lists the
+/// literal `+`, and `DELETE` with `%2B` lifts it.
+#[tokio::test]
+async fn a_manual_ban_answers_with_the_key_as_read_from_the_query() {
+    let gw = Gateway::start("plus-ban", "[security]\nadmin = true\n", &[]).await;
+    let path = "/bans?key=username&value=user%2Btag@example.com&for=10m";
+    let (status, body) = http_request(gw.metrics, "POST", path).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "banned username:\"user+tag@example.com\" for 600s\n");
+    let (status, bans) = http_get(gw.metrics, "/bans").await.unwrap();
+    assert_eq!(status, 200);
+    let bans: serde_json::Value = serde_json::from_str(&bans).unwrap();
+    assert_eq!(bans[0]["value"], "user+tag@example.com", "{bans}");
+    // A bare `+` is a space: the answer says so.
+    let path = "/bans?key=username&value=user+tag@example.com&for=10m";
+    let (status, body) = http_request(gw.metrics, "POST", path).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("username:\"user tag@example.com\""), "{body}");
+    let lift = "/bans?key=username&value=user%2Btag@example.com";
+    let (status, body) = http_request(gw.metrics, "DELETE", lift).await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "lifted username:\"user+tag@example.com\"\n")
+    );
+    let (status, body) = http_request(gw.metrics, "DELETE", lift).await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (404, "no such ban: username:\"user+tag@example.com\"\n")
+    );
+}
+
 /// `POST /bans` with a `for` that humantime 2.4.0 panics on (its nanoseconds carried
 /// into `u64::MAX` seconds) is a `400`, not a panic that drops the connection and
 /// prints into the log; the endpoint goes on serving.
