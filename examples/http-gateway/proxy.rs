@@ -466,7 +466,6 @@ mod tests {
     /// The subscriber is this thread's only: the events of the tests running in parallel
     /// do not reach it (`capture_logs` also keeps tracing's interest cache from hiding the
     /// callsite from it).
-    #[cfg(feature = "test-util")]
     #[test]
     fn a_refused_target_is_logged_without_its_userinfo_or_query() {
         let refused = |target: &str| {
