@@ -273,6 +273,44 @@ impl ClientKey {
             None
         }
     }
+
+    /// Whether this is an IPv6 network that holds a whole range of addresses that carry
+    /// IPv4 clients: all of 6to4 (`2002::/16`), Teredo (`2001::/32`) or the NAT64
+    /// well-known prefix (`64:ff9b::/96`). Its clients may then be any IPv4 address, which
+    /// [`v4_clients`](Self::v4_clients) (`None` for a network around such a range) does
+    /// not say.
+    ///
+    /// ```
+    /// use aegis_core::ClientKey;
+    ///
+    /// let holds = |s: &str| s.parse::<ClientKey>().unwrap().holds_v4_carrying_range();
+    /// assert!(holds("64:ff9b::/64") && holds("64:ff9b::/96") && holds("2001::/32"));
+    /// assert!(holds("::/0") && holds("2000::/3"));
+    /// assert!(!holds("64:ff9b::/100") && !holds("2002:c000:200::/40"));
+    /// assert!(!holds("2001:db8::/32") && !holds("192.0.2.0/24"));
+    /// ```
+    pub const fn holds_v4_carrying_range(&self) -> bool {
+        let IpAddr::V6(v6) = self.net else {
+            return false;
+        };
+        let bits = v6.to_bits();
+        holds_range(bits, self.prefix, SIX_TO_FOUR, 16)
+            || holds_range(bits, self.prefix, TEREDO, 32)
+            || holds_range(bits, self.prefix, NAT64, 96)
+    }
+}
+
+/// Whether the IPv6 network of `bits` and `prefix` holds the whole range whose first
+/// `len` bits are `first`.
+const fn holds_range(bits: u128, prefix: u8, first: u128, len: u8) -> bool {
+    if prefix > len {
+        return false;
+    }
+    if prefix == 0 {
+        return true;
+    }
+    let shift = 128 - prefix as u32;
+    bits >> shift == (first << (128 - len as u32)) >> shift
 }
 
 /// The first 16 bits of a 6to4 address (`2002::/16`, RFC 3056).

@@ -239,22 +239,14 @@ fn ban_key(req: &Request<Incoming>, security: &Security) -> Result<BanKey, &'sta
 pub(crate) const WIDEST_V4_BAN: u8 = 8;
 pub(crate) const WIDEST_V6_BAN: u8 = 32;
 
-/// The IPv6 ranges whose addresses carry an IPv4 client: 6to4 (`2002::/16`), Teredo
-/// (`2001::/32`) and the NAT64 well-known prefix (`64:ff9b::/96`), as
-/// [`ClientKey`](aegis_core::ClientKey) reads them.
-const V4_CARRYING: [(std::net::Ipv6Addr, u8); 3] = [
-    (std::net::Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16),
-    (std::net::Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32),
-    (std::net::Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96),
-];
-
 /// Why a manual ban of `key` is refused: a network wider than [`WIDEST_V4_BAN`] or
 /// [`WIDEST_V6_BAN`] (also when a bare address is keyed so by `limits.ipv4_prefix` or
 /// `limits.ipv6_prefix`), or an IPv6 network whose 6to4, Teredo or NAT64 clients may
 /// span more than an IPv4 [`WIDEST_V4_BAN`]: one inside such a range that carries too
 /// few IPv4 bits (one Teredo server's /64, `64:ff9b::/100`), or one that holds a whole
-/// range ([`V4_CARRYING`]: `2001::/32`, every Teredo client; `64:ff9b::/96` and any
-/// network around it up to `64:ff9b::/32`, every client behind a translator).
+/// range ([`ClientKey::holds_v4_carrying_range`](aegis_core::ClientKey::holds_v4_carrying_range):
+/// `2001::/32`, every Teredo client; `64:ff9b::/96` and any network around it up to
+/// `64:ff9b::/32`, every client behind a translator).
 fn too_wide(key: &BanKey) -> Option<String> {
     let BanKey::Addr(net) = key else {
         return None;
@@ -266,9 +258,7 @@ fn too_wide(key: &BanKey) -> Option<String> {
     let clients_too_wide = net
         .v4_clients()
         .is_some_and(|v4| v4.prefix_len() < WIDEST_V4_BAN)
-        || V4_CARRYING.iter().any(|&(range, len)| {
-            net.prefix_len() <= len && net.contains(std::net::IpAddr::V6(range))
-        });
+        || net.holds_v4_carrying_range();
     (net.prefix_len() < widest || clients_too_wide).then(|| {
         format!(
             "refusing to ban {net}: a ban through /bans covers at most an IPv4 /{WIDEST_V4_BAN} \
@@ -360,8 +350,9 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             if let Some(why) = too_wide(&key).or_else(|| blank_name(&key)) {
                 return Some(bad(&why));
             }
+            // A ban lasts at most a century (`MAX_BAN`): the answer and the log say so.
             let duration = match query(req, "for").map(|d| crate::config::parse_duration(&d)) {
-                Some(Ok(d)) if !d.is_zero() => d,
+                Some(Ok(d)) if !d.is_zero() => d.min(aegis_mqtt::security::MAX_BAN),
                 _ => return Some(bad("for must be a duration such as 10m")),
             };
             let logged = Key {

@@ -1618,6 +1618,13 @@ async fn a_manual_ban_answers_with_the_key_as_read_from_the_query() {
         (status, body.as_str()),
         (404, "no such ban: username:\"user+tag@example.com\"\n")
     );
+    // A ban lasts at most a century: the answer gives the time it got, not the one asked.
+    let path = "/bans?key=addr&value=192.0.2.7&for=200y";
+    let (status, body) = http_request(gw.metrics, "POST", path).await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "banned addr:192.0.2.7/32 for 3153600000s\n")
+    );
 }
 
 /// `POST /bans` with a `for` that humantime 2.4.0 panics on (its nanoseconds carried
