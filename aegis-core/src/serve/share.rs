@@ -305,17 +305,19 @@ impl Listener for Shard {
     ///
     /// A connection this runtime's reactor cannot take (registering it fails: epoll's
     /// `max_user_watches` reached, or no memory) is closed and counted as lost, as one
-    /// the acceptor cannot hand out is, and the error goes to `serve`, which backs off.
+    /// the acceptor cannot hand out is, and the shard goes on to the next.
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
-        match std::task::ready!(self.rx.poll_recv(cx)) {
-            Some((socket, peer, local)) => Poll::Ready(match TcpStream::from_std(socket) {
-                Ok(io) => Ok(Conn::new(io, peer, local)),
+        loop {
+            let Some((socket, peer, local)) = std::task::ready!(self.rx.poll_recv(cx)) else {
+                return Poll::Pending;
+            };
+            match TcpStream::from_std(socket) {
+                Ok(io) => return Poll::Ready(Ok(Conn::new(io, peer, local))),
                 Err(e) => {
+                    tracing::debug!(error = %e, "could not take a connection from another runtime");
                     count_lost();
-                    Err(e)
                 }
-            }),
-            None => Poll::Pending,
+            }
         }
     }
 
