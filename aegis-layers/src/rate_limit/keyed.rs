@@ -50,11 +50,11 @@ pub const MAX_BURST_REFILL: Duration = Duration::from_nanos(1 << 62);
 /// is returned as it is.
 pub(super) fn clamp_quota(quota: Quota) -> Quota {
     let max = MAX_BURST_REFILL.as_nanos();
-    // As governor takes the interval: at least one nanosecond.
-    let interval = quota.replenish_interval().as_nanos().max(1);
-    if interval * u128::from(quota.burst_size().get()) <= max {
+    if super::store::refill_span(quota) <= max {
         return quota;
     }
+    // As governor takes the interval: at least one nanosecond.
+    let interval = quota.replenish_interval().as_nanos().max(1);
     if interval >= max {
         // Even one cell takes too long.
         return Quota::with_period(MAX_BURST_REFILL)
@@ -531,8 +531,8 @@ mod tests {
         }
     }
 
-    /// One cell every 40 years with a burst of 12 refills in 480 years (within the
-    /// mqtt-gateway's 500-year cap) and passed governor's own arithmetic, but `check_n`
+    /// One cell every 40 years with a burst of 12 refills in 480 years (a quota the
+    /// mqtt-gateway once accepted) and passed governor's own arithmetic, but `check_n`
     /// of the whole burst twice added a state 480 years ahead to 440 years of cells: past
     /// `u64` nanoseconds, a panic in debug builds. Clamped to a burst of 3, the sums
     /// stay in range.

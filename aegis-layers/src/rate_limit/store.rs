@@ -60,6 +60,12 @@ impl Cell {
     }
 }
 
+/// The nanoseconds `quota` takes to refill its whole burst: the cell interval (as
+/// governor takes it, at least one nanosecond) times the burst.
+pub(super) fn refill_span(quota: Quota) -> u128 {
+    quota.replenish_interval().as_nanos().max(1) * u128::from(quota.burst_size().get())
+}
+
 /// A quota change, for the states stored under the old quota.
 ///
 /// A TAT (theoretical arrival time) `tat` ahead of `now` is the part of a key's burst
@@ -81,13 +87,10 @@ pub(super) struct Rescale {
 impl Rescale {
     /// `now` on the stores' clock; `old` and `new` the quotas before and after.
     pub(super) fn new(now: Nanos, old: Quota, new: Quota) -> Self {
-        // As governor takes a cell interval: at least one nanosecond.
-        let span =
-            |q: Quota| q.replenish_interval().as_nanos().max(1) * u128::from(q.burst_size().get());
         Self {
             now: now.as_u64(),
-            old_span: span(old),
-            new_span: span(new),
+            old_span: refill_span(old),
+            new_span: refill_span(new),
         }
     }
 
