@@ -76,7 +76,7 @@ impl AsyncRead for Chunked<'_> {
 /// The chunk schedules each input is read with: all at once, byte by byte, and chunks
 /// of 1 to 32 bytes taken from the input's bytes (last first: the first ones are mostly
 /// a signature).
-pub(crate) fn schedules(data: &[u8]) -> [Vec<usize>; 3] {
+fn schedules(data: &[u8]) -> [Vec<usize>; 3] {
     let from_input = data
         .iter()
         .rev()
@@ -86,9 +86,82 @@ pub(crate) fn schedules(data: &[u8]) -> [Vec<usize>; 3] {
     [vec![usize::MAX], vec![1], from_input]
 }
 
+/// Reads `data` with each of its [`schedules`], under a read loop whose buffer must stay
+/// within `cap` bytes: `check` gets the [`Chunked`] stream and the [`Run`] that drives
+/// the loop over it ([`Run::poll`]) and replays what it leaves ([`Run::replays`]), and
+/// makes the caller's own checks of the loop's decision. `setup` describes the loop's
+/// setup in failure messages.
+pub(crate) fn drive(
+    data: &[u8],
+    cap: usize,
+    setup: impl Fn() -> String,
+    mut check: impl FnMut(Chunked<'_>, &Run<'_>),
+) {
+    for sizes in schedules(data) {
+        let reads = Reads::default();
+        let run = Run {
+            cap,
+            sizes: &sizes,
+            reads: &reads,
+            setup: &setup,
+        };
+        check(Chunked::new(data, &sizes, &reads), &run);
+    }
+}
+
+/// One read of [`drive`]'s input, under one chunk schedule.
+pub(crate) struct Run<'a> {
+    cap: usize,
+    sizes: &'a [usize],
+    reads: &'a Reads,
+    setup: &'a dyn Fn() -> String,
+}
+
+impl Run<'_> {
+    /// The setup and the chunk schedule, for a failure message (formatted only for a
+    /// failure: the fuzzer runs the checks thousands of times a second).
+    pub(crate) fn what(&self) -> String {
+        format!("{}, chunks {:?}", (self.setup)(), self.sizes)
+    }
+
+    /// Polls the read loop `fut` once and returns its output, and panics if it waited
+    /// (the stream never does), if a read's buffer reached past the cap, or if a read
+    /// offered a full one (which the loop would take for EOF).
+    pub(crate) fn poll<F: Future>(&self, fut: F) -> F::Output {
+        let out = poll_once(fut)
+            .unwrap_or_else(|| panic!("waited on a stream that never waits ({})", self.what()));
+        assert!(
+            self.reads.extent.get() <= self.cap,
+            "read up to {} bytes, over the cap ({})",
+            self.reads.extent.get(),
+            self.what()
+        );
+        assert_eq!(
+            self.reads.empty.get(),
+            0,
+            "read into a full buffer ({})",
+            self.what()
+        );
+        out
+    }
+
+    /// Reads `io` (what the read loop hands on) to EOF, and panics if that is not
+    /// exactly `want`. After [`poll`](Self::poll), whose checks these reads would break.
+    pub(crate) fn replays<I: AsyncRead + Unpin>(&self, io: I, want: &[u8]) {
+        let replayed = read_all(io);
+        assert!(
+            replayed == want,
+            "replayed {} bytes, not the {} expected, or others ({})",
+            replayed.len(),
+            want.len(),
+            self.what()
+        );
+    }
+}
+
 /// Polls `fut` once: over a [`Chunked`] stream, which never waits, a read loop finishes
 /// in one poll; `None` if it did not.
-pub(crate) fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
+fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
     let mut fut = pin!(fut);
     match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => Some(out),
@@ -97,7 +170,7 @@ pub(crate) fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
 }
 
 /// Everything `io` yields until EOF (it must never wait).
-pub(crate) fn read_all<I: AsyncRead + Unpin>(mut io: I) -> Vec<u8> {
+fn read_all<I: AsyncRead + Unpin>(mut io: I) -> Vec<u8> {
     let mut out = Vec::new();
     poll_once(io.read_to_end(&mut out))
         .expect("an in-memory stream never waits")

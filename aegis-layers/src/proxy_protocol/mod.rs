@@ -268,7 +268,6 @@ fn expected_read(
 #[cfg(any(test, fuzzing))]
 pub(crate) fn check_read_header(data: &[u8]) {
     use self::header::{V1_MAX_LEN, V2_MAX_LEN};
-    use crate::chunked::{Chunked, Reads, poll_once, read_all, schedules};
 
     let peer: std::net::IpAddr = [10, 0, 0, 1].into();
     let network: ipnet::IpNet = "10.0.0.0/8".parse().expect("a network");
@@ -292,51 +291,33 @@ pub(crate) fn check_read_header(data: &[u8]) {
     for config in &configs {
         let trusted = config.trusts(peer);
         let expected = expected_read(data, peer, trusted, config.mode, config.max_header_len);
-        for sizes in schedules(data) {
-            let reads = Reads::default();
-            let io = Chunked::new(data, &sizes, &reads);
-            // Formatted only for a failure: the fuzzer runs this thousands of times a second.
-            let what = || {
-                format!(
-                    "trusted {trusted}, {:?}, cap {}, chunks {sizes:?}",
-                    config.mode, config.max_header_len
-                )
-            };
-            let got = poll_once(future::ReadHeader::new(io, peer, config))
-                .unwrap_or_else(|| panic!("waited on a stream that never waits ({})", what()));
-            assert!(
-                reads.extent.get() <= config.max_header_len,
-                "read buffer reached {} bytes over the cap ({})",
-                reads.extent.get(),
-                what()
-            );
-            assert_eq!(reads.empty.get(), 0, "read into a full buffer ({})", what());
+        let setup = || {
+            format!(
+                "trusted {trusted}, {:?}, cap {}",
+                config.mode, config.max_header_len
+            )
+        };
+        crate::chunked::drive(data, config.max_header_len, setup, |io, run| {
+            let got = run.poll(future::ReadHeader::new(io, peer, config));
             match (got, &expected) {
                 (Ok((header, rest, io)), Ok(want)) => {
                     let skip = match (&header, want) {
                         (None, None) => 0,
                         (Some(h), Some((w, len))) if h == w => *len,
-                        (h, w) => panic!("read {h:?}, the parser says {w:?} ({})", what()),
+                        (h, w) => panic!("read {h:?}, the parser says {w:?} ({})", run.what()),
                     };
-                    let replayed = read_all(ProxiedIo::new(header, rest, io));
-                    assert!(
-                        replayed == data[skip..],
-                        "replayed {} bytes, not the {} after the header ({})",
-                        replayed.len(),
-                        data.len() - skip,
-                        what()
-                    );
+                    run.replays(ProxiedIo::new(header, rest, io), &data[skip..]);
                 }
                 (Err(e), Err(want)) => {
-                    assert_eq!(e.to_string(), want.to_string(), "({})", what());
+                    assert_eq!(e.to_string(), want.to_string(), "({})", run.what());
                 }
                 (got, want) => panic!(
                     "read {:?}, the parser says {want:?} ({})",
                     got.map(|(h, rest, _)| (h, rest)),
-                    what()
+                    run.what()
                 ),
             }
-        }
+        });
     }
 }
 

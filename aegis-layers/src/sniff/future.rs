@@ -134,61 +134,41 @@ impl<I: AsyncRead + Unpin> Future for Detect<I> {
 ///   [`Sniffed`] the inner service gets does.
 #[cfg(any(test, fuzzing))]
 pub(crate) fn check_detect(data: &[u8]) {
-    use crate::chunked::{Chunked, Reads, poll_once, read_all, schedules};
-
     for max_prefix in [0, 100, super::DEFAULT_MAX_PREFIX] {
         let cap = max_prefix.max(MAX_DECISION_LEN);
         let seen = &data[..data.len().min(cap)];
         let expected = classify(seen);
-        for sizes in schedules(data) {
-            let reads = Reads::default();
-            let io = Chunked::new(data, &sizes, &reads);
-            // Formatted only for a failure: the fuzzer runs this thousands of times a second.
-            let what = || format!("cap {max_prefix}, chunks {sizes:?}");
-            let got = poll_once(Detect::new(io, max_prefix, Duration::from_secs(5)))
-                .unwrap_or_else(|| panic!("waited on a stream that never waits ({})", what()));
-            assert!(
-                reads.extent.get() <= cap,
-                "read up to {} bytes, over the cap ({})",
-                reads.extent.get(),
-                what()
-            );
-            assert_eq!(reads.empty.get(), 0, "read into a full buffer ({})", what());
+        let setup = || format!("cap {max_prefix}");
+        crate::chunked::drive(data, cap, setup, |io, run| {
+            let got = run.poll(Detect::new(io, max_prefix, Duration::from_secs(5)));
             match (got, expected) {
                 (Ok((detection, prefix, io)), Classification::Decided(want)) => {
-                    assert_eq!(detection, want, "({})", what());
+                    assert_eq!(detection, want, "({})", run.what());
                     assert!(
                         prefix.len() <= cap,
                         "kept {} bytes ({})",
                         prefix.len(),
-                        what()
+                        run.what()
                     );
                     assert_eq!(
                         classify(&prefix),
                         Classification::Decided(detection),
                         "({})",
-                        what()
+                        run.what()
                     );
-                    let replayed = read_all(Rewind::new(prefix, io));
-                    assert!(
-                        replayed == data,
-                        "replayed {} of {} bytes, or others ({})",
-                        replayed.len(),
-                        data.len(),
-                        what()
-                    );
+                    run.replays(Rewind::new(prefix, io), data);
                 }
                 (Err(SniffError::Eof(n)), Classification::NeedMore) => {
-                    assert_eq!(n, data.len(), "({})", what());
-                    assert!(data.len() < cap, "undecided at the cap ({})", what());
+                    assert_eq!(n, data.len(), "({})", run.what());
+                    assert!(data.len() < cap, "undecided at the cap ({})", run.what());
                 }
                 (got, want) => panic!(
                     "detected {:?}, classify says {want:?} ({})",
                     got.map(|(d, prefix, _)| (d, prefix)),
-                    what()
+                    run.what()
                 ),
             }
-        }
+        });
     }
 }
 
