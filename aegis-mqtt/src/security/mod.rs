@@ -784,14 +784,6 @@ impl Default for Security {
     }
 }
 
-/// What [`Security::place`] did with a ban.
-enum Placed {
-    /// Put in place; this many open connections closed.
-    Closed(usize),
-    /// The key's ban in force already lasts as long or longer (see [`BanTable::insert`]).
-    Stands,
-}
-
 /// Who an event is about.
 #[derive(Debug, Default, Clone)]
 struct Who {
@@ -879,9 +871,10 @@ impl Security {
             };
             let left = left.min(ban.remaining);
             if !left.is_zero()
-                && self
-                    .place(&ban.key.normalized(), left, ban.reason, None)
-                    .is_some()
+                && !matches!(
+                    self.place(&ban.key.normalized(), left, ban.reason, None),
+                    Err(Inserted::Refused)
+                )
             {
                 restored += 1;
             }
@@ -1002,10 +995,10 @@ impl Security {
         let key = key.normalized();
         let duration = duration.min(MAX_BAN);
         let closed = match self.place(&key, duration, cause.as_str(), spared) {
-            None => return false,
+            Ok(closed) => closed,
+            Err(Inserted::Refused) => return false,
             // The key's ban in force already lasts as long (or is by hand): no new ban.
-            Some(Placed::Stands) => return true,
-            Some(Placed::Closed(closed)) => closed,
+            Err(_) => return true,
         };
         metrics::banned(key.kind(), cause.as_str());
         let mut details = match threshold {
@@ -1034,25 +1027,25 @@ impl Security {
 
     /// Puts the (normalized) `key` in place for `duration` with `reason` (see
     /// [`BanTable::insert`] for a key banned already), and closes the open connections it
-    /// matches but `spared`; returns how many, [`Placed::Stands`] when a detector's ban
-    /// changed nothing, or `None` when the table takes no bans (`max_bans(0)`). Neither
-    /// logs nor counts the ban.
+    /// matches but `spared`; returns how many, or how the table did not put it in place:
+    /// [`Inserted::Stands`] when a detector's ban changed nothing, [`Inserted::Refused`]
+    /// when the table takes it not (`max_bans(0)`, or a detector's ban in a table full of
+    /// bans by hand). Neither logs nor counts the ban.
     fn place(
         &self,
         key: &BanKey,
         duration: Duration,
         reason: &'static str,
         spared: Option<&ConnCtx>,
-    ) -> Option<Placed> {
+    ) -> Result<usize, Inserted> {
         match self.with_bans(|t, now| t.insert(key.clone(), now, duration, reason)) {
-            Inserted::Refused => return None,
-            Inserted::Stands => return Some(Placed::Stands),
             Inserted::Placed => {}
+            not => return Err(not),
         }
         // Before the pass: a connection admitted meanwhile checks its address again
         // once it is kept (`track_admitted`).
         self.shared.ban_changes.fetch_add(1, Ordering::AcqRel);
-        Some(Placed::Closed(self.close_open(key, spared)))
+        Ok(self.close_open(key, spared))
     }
 
     /// Keeps `ctx` among the open connections a ban closes, unless built with
