@@ -21,7 +21,7 @@ use aegis_core::metrics::Handles;
 /// Reads and classifies the first bytes of a connection.
 ///
 /// Reads into a buffer of at most `max_prefix` bytes, as many times as needed until
-/// [`classify`] decides or the buffer is full (then [`Protocol::Unknown`]), under one
+/// [`classify()`] decides or the buffer is full (then [`Protocol::Unknown`]), under one
 /// total deadline (then [`Protocol::Timeout`], a result and not an error). EOF and read
 /// errors are [`SniffError`]s. Resolves to the detection, the bytes read and the stream.
 ///

@@ -3,7 +3,7 @@
 //! After linkerd2-proxy's detection: the layer reads a bounded prefix (at most
 //! [`SniffLayer::max_prefix`] bytes, 1024 by default) under one total timeout (5 s by
 //! default), reading again as long as the bytes are a proper prefix of a known header,
-//! and classifies it with the pure function [`classify`]:
+//! and classifies it with the pure function [`classify()`]:
 //!
 //! | [`Protocol`] | recognised by | bytes to decide |
 //! |---|---|---|

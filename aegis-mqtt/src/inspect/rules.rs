@@ -85,7 +85,7 @@ macro_rules! tautology {
     };
 }
 
-/// UNION [ALL] SELECT, its `/* */` comments `$gap` long.
+/// `UNION [ALL] SELECT`, its `/* */` comments `$gap` long.
 macro_rules! union_select {
     ($gap:literal) => {
         concat!(
