@@ -196,8 +196,10 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let c = &settings.raw;
     let prometheus = metrics_http::install_recorder()?;
 
+    let mut max_connections = c.server.max_connections;
     let upstream = match settings.upstream {
         Upstream::Embedded => {
+            max_connections = broker::connection_cap(max_connections);
             let addr = broker::start(c.mqtt.max_packet_size).await?;
             tracing::warn!(
                 broker = %addr,
@@ -290,7 +292,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         upstream = %upstream_text,
         metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         layers = %built.layers.join(" -> "),
-        max_connections = c.server.max_connections,
+        max_connections,
         "mqtt-gateway listening"
     );
 
@@ -327,7 +329,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     };
     // One cap however many runtimes serve (validated: 1..=u32::MAX).
     let cap = aegis_core::serve::ConnectionCap::new(
-        usize::try_from(c.server.max_connections).unwrap_or(usize::MAX),
+        usize::try_from(max_connections).unwrap_or(usize::MAX),
     );
     // A banned address is refused in the accept loop, before a task is spawned for it;
     // not behind a PROXY protocol sender, whose address the loop sees instead (the

@@ -120,6 +120,9 @@ fn newer_source(dir: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
     None
 }
 
+/// util-linux's `prlimit`, in every Debian install.
+const PRLIMIT: &str = "/usr/bin/prlimit";
+
 /// A scratch directory for one test's config file and the gateway's stderr.
 fn scratch(name: &str) -> PathBuf {
     let dir =
@@ -148,6 +151,9 @@ struct Launch {
     /// the number of its per-core runtimes (`available_parallelism` counts the CPUs of
     /// its affinity mask); `None`: every CPU of the test's own.
     cpus: Option<String>,
+    /// The gateway's open-files limit, soft and hard (`prlimit --nofile`); `None`: the
+    /// test's own.
+    nofile: Option<u64>,
 }
 
 impl Default for Launch {
@@ -156,6 +162,7 @@ impl Default for Launch {
             metrics_ip: "127.0.0.1",
             rust_log: Some("info,mqtt_gateway=debug"),
             cpus: None,
+            nofile: None,
         }
     }
 }
@@ -231,14 +238,20 @@ impl Gateway {
             let [mqtt, metrics] = free_ports();
             let metrics_flag = format!("{}:{}", launch.metrics_ip, metrics.port());
             let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-            let mut command = match &launch.cpus {
-                Some(cpus) => {
+            let mut command = match (&launch.cpus, launch.nofile) {
+                (Some(cpus), _) => {
                     // taskset execs the gateway: the child's pid is the gateway's.
                     let mut taskset = Command::new("/usr/bin/taskset");
                     taskset.args(["-c", cpus]).arg(gateway_bin());
                     taskset
                 }
-                None => Command::new(gateway_bin()),
+                (None, Some(n)) => {
+                    // prlimit sets its own limit and execs the gateway, as taskset does.
+                    let mut prlimit = Command::new(PRLIMIT);
+                    prlimit.arg(format!("--nofile={n}:{n}")).arg(gateway_bin());
+                    prlimit
+                }
+                (None, None) => Command::new(gateway_bin()),
             };
             command
                 .arg("--config")
@@ -2525,6 +2538,44 @@ async fn per_ip_refusals_ban_nobody_while_the_adaptive_controller_drives_them() 
         http_get(gw.metrics, "/bans").await.unwrap(),
         (200, "[]".into())
     );
+}
+
+/// With the embedded broker each client holds three of the process's descriptors, and
+/// rumqttd retries a failed accept at once (out of descriptors it would spin a core and
+/// log an error per try): the gateway keeps its connection cap within the open-files
+/// limit, `(200 - 128) / 3 = 24` here, so the broker never runs out.
+#[tokio::test]
+async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
+    if !Path::new(PRLIMIT).exists() {
+        skipped(
+            "the_embedded_broker_is_kept_within_the_open_files_limit",
+            "no /usr/bin/prlimit",
+        );
+        return;
+    }
+    let launch = Launch {
+        nofile: Some(200),
+        ..Launch::default()
+    };
+    let gw = Gateway::start_with("embedded-fds", "", &[], launch).await;
+    let log = gw.log();
+    assert!(
+        log.contains("max_connections=24 configured=10000 open_files_limit=200"),
+        "{log}"
+    );
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let from = format!("127.0.0.{}", 100 + i);
+        let session = mqtt_session(&from, gw.mqtt, &format!("fd{i}")).await;
+        held.push(session.unwrap_or_else(|| panic!("session {i} from {from} refused")));
+    }
+    // One more is over the cap: reset at accept, with descriptors to spare.
+    assert!(mqtt_session("127.0.0.130", gw.mqtt, "over").await.is_none());
+    gw.wait_metric("aegis_connections_total{outcome=\"over_capacity\"}", 1.0)
+        .await;
+    let log = gw.log();
+    assert!(!log.contains("Unable to accept socket"), "{log}");
+    drop(held);
 }
 
 /// Security: rejections from one address over `max_rejections` ban it, a banned address
