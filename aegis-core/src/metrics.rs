@@ -142,6 +142,30 @@ pub mod testing {
         (block_on_with(&rec, paused, f), snap)
     }
 
+    /// [`run`], with the recorder's snapshotter handed to `f`: for a test that reads the
+    /// metrics while it runs (a gauge between two steps, say).
+    ///
+    /// ```
+    /// use aegis_core::metrics::testing::{capture, run_watching};
+    ///
+    /// run_watching(true, |snap| async move {
+    ///     metrics::gauge!("aegis_example").set(1.0);
+    ///     assert_eq!(capture(&snap).gauge("aegis_example"), Some(1.0));
+    /// });
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the runtime cannot be built.
+    pub fn run_watching<F: std::future::Future>(
+        paused: bool,
+        f: impl FnOnce(Snapshotter) -> F,
+    ) -> F::Output {
+        let rec = DebuggingRecorder::new();
+        let snap = rec.snapshotter();
+        block_on_with(&rec, paused, || f(snap))
+    }
+
     /// Runs `f` on a new current-thread runtime with `rec` as the local recorder.
     fn block_on_with<F: std::future::Future>(
         rec: &dyn metrics::Recorder,

@@ -10,83 +10,73 @@ use std::time::Duration;
 
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::{Conn, serve};
-use metrics_util::debugging::DebuggingRecorder;
 use rlimit::Resource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[test]
 fn accept_loop_keeps_serving_after_emfile() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
-                let (mut r, mut w) = tokio::io::split(conn);
-                tokio::io::copy(&mut r, &mut w).await
-            });
-            tokio::spawn(serve(listener, svc).into_future());
+    testing::run_watching(true, |snap| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
+            let (mut r, mut w) = tokio::io::split(conn);
+            tokio::io::copy(&mut r, &mut w).await
+        });
+        tokio::spawn(serve(listener, svc).into_future());
 
-            // Lower the soft limit close to what is open, then use up every descriptor.
-            let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-            let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-            rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
-            let mut fillers = Vec::new();
-            while let Ok(f) = File::open("/dev/null") {
-                fillers.push(f);
-            }
-            // Free exactly one descriptor: the client's socket takes it, and the server's
-            // accept() then fails with EMFILE.
-            fillers.pop();
-            let mut client = TcpStream::connect(addr).await.unwrap();
-            client.write_all(b"hello").await.unwrap();
+        // Lower the soft limit close to what is open, then use up every descriptor.
+        let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
+        let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(f) = File::open("/dev/null") {
+            fillers.push(f);
+        }
+        // Free exactly one descriptor: the client's socket takes it, and the server's
+        // accept() then fails with EMFILE.
+        fillers.pop();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
 
-            // Until the loop has seen EMFILE once. Yielding keeps the runtime busy, so no
-            // virtual time passes meanwhile: the first error is now, and its first back-off
-            // (1 ms) is still to run. (Each yield lets the I/O driver and the loop run; the
-            // bound on them is a guard against a hang, not a measure.)
-            let (mut emfile, mut other) = (0, 0);
-            for yields in 0.. {
-                tokio::task::yield_now().await;
-                let got = testing::capture(&snap);
-                emfile += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "emfile")]);
-                other += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "other")]);
-                if emfile > 0 {
-                    break;
-                }
-                assert!(yields < 100_000, "the loop never reported EMFILE");
-            }
-            assert_eq!((emfile, other), (1, 0), "one accept, one error");
-            // It backs off instead of spinning: the back-off doubles from 1 ms, so in the
-            // next 300 ms it retries after 1, 3, 7, 15, 31, 63, 127 and 255 ms, and next
-            // at 511 ms.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        // Until the loop has seen EMFILE once. Yielding keeps the runtime busy, so no
+        // virtual time passes meanwhile: the first error is now, and its first back-off
+        // (1 ms) is still to run. (Each yield lets the I/O driver and the loop run; the
+        // bound on them is a guard against a hang, not a measure.)
+        let (mut emfile, mut other) = (0, 0);
+        for yields in 0.. {
+            tokio::task::yield_now().await;
             let got = testing::capture(&snap);
             emfile += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "emfile")]);
             other += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "other")]);
-            assert_eq!(emfile, 1 + 8, "EMFILE errors in 300 ms");
-            assert_eq!(other, 0);
+            if emfile > 0 {
+                break;
+            }
+            assert!(yields < 100_000, "the loop never reported EMFILE");
+        }
+        assert_eq!((emfile, other), (1, 0), "one accept, one error");
+        // It backs off instead of spinning: the back-off doubles from 1 ms, so in the
+        // next 300 ms it retries after 1, 3, 7, 15, 31, 63, 127 and 255 ms, and next
+        // at 511 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = testing::capture(&snap);
+        emfile += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "emfile")]);
+        other += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "other")]);
+        assert_eq!(emfile, 1 + 8, "EMFILE errors in 300 ms");
+        assert_eq!(other, 0);
 
-            // Give the descriptors back: the waiting client is served, and new ones too.
-            drop(fillers);
-            rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
-            let mut buf = [0u8; 5];
-            tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut buf))
-                .await
-                .expect("the queued client is served once descriptors are free")
-                .unwrap();
-            assert_eq!(&buf, b"hello");
-            let mut again = TcpStream::connect(addr).await.unwrap();
-            again.write_all(b"again").await.unwrap();
-            again.read_exact(&mut buf).await.unwrap();
-            assert_eq!(&buf, b"again");
-        });
+        // Give the descriptors back: the waiting client is served, and new ones too.
+        drop(fillers);
+        rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
+        let mut buf = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut buf))
+            .await
+            .expect("the queued client is served once descriptors are free")
+            .unwrap();
+        assert_eq!(&buf, b"hello");
+        let mut again = TcpStream::connect(addr).await.unwrap();
+        again.write_all(b"again").await.unwrap();
+        again.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
     });
 }

@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::error::{Reject, reject};
-use aegis_core::metrics::testing::{capture, run};
+use aegis_core::metrics::testing::{capture, run, run_watching};
 use aegis_layers::adaptive::{
     ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Classify,
     Direction, GradientConfig, RateConfig, Sample, SuccessOrTimeout,
 };
-use metrics_util::debugging::DebuggingRecorder;
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -146,67 +145,58 @@ fn assert_close(got: &[f64], want: &[f64]) {
 
 #[test]
 fn rising_latency_drives_the_rate_down_not_twice_in_a_row_then_back_up_within_clamps() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let (log, sink) = rate_log();
-            let t0 = Instant::now();
-            let handle = RateConfig::new(Duration::from_millis(100), 600.0, 1000.0)
-                .name("edge")
-                .min_samples(5)
-                .spawn(sink);
-            let latency = Arc::new(AtomicU64::new(150));
-            let mut values = Vec::new();
-            for k in 1..=13u32 {
-                if k == 7 {
-                    latency.store(50, Ordering::Relaxed); // recovered: under 0.7 x 100 ms
-                }
-                burst(&handle, Published::Rate, &latency, Call::Ok, 10).await;
-                sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
-                values.push(handle.value());
+    run_watching(true, |snap| async move {
+        let (log, sink) = rate_log();
+        let t0 = Instant::now();
+        let handle = RateConfig::new(Duration::from_millis(100), 600.0, 1000.0)
+            .name("edge")
+            .min_samples(5)
+            .spawn(sink);
+        let latency = Arc::new(AtomicU64::new(150));
+        let mut values = Vec::new();
+        for k in 1..=13u32 {
+            if k == 7 {
+                latency.store(50, Ordering::Relaxed); // recovered: under 0.7 x 100 ms
             }
-            assert_close(
-                &values,
-                &[
-                    800.0, 800.0, // down, then hold: no two reductions in a row
-                    640.0, 640.0, // down, hold
-                    600.0, 600.0, // down to the floor (512 clamped), hold
-                    660.0, 726.0, 798.6, 878.46, 966.306, // up by 1.1
-                    1000.0, 1000.0, // clamped to the ceiling, then hold
-                ],
-            );
-            // The sink saw the start and every change, nothing else.
-            assert_close(
-                &log.lock(),
-                &[
-                    1000.0, 800.0, 640.0, 600.0, 660.0, 726.0, 798.6, 878.46, 966.306, 1000.0,
-                ],
-            );
-            let m = capture(&snap);
-            let dir = |d: Direction| {
-                m.counter(
-                    ADAPTIVE_DECISIONS_TOTAL,
-                    &[("name", "edge"), ("direction", d.label())],
-                )
-            };
-            assert_eq!(
-                (
-                    dir(Direction::Down),
-                    dir(Direction::Hold),
-                    dir(Direction::Up)
-                ),
-                (3, 4, 6)
-            );
-            assert_eq!(m.gauge(ADAPTIVE_RATE), Some(1000.0));
-            let p95 = m.gauge(ADAPTIVE_P95_SECONDS).unwrap();
-            assert!((p95 - 0.050).abs() < 0.001, "p95 {p95}");
-        });
+            burst(&handle, Published::Rate, &latency, Call::Ok, 10).await;
+            sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+            values.push(handle.value());
+        }
+        assert_close(
+            &values,
+            &[
+                800.0, 800.0, // down, then hold: no two reductions in a row
+                640.0, 640.0, // down, hold
+                600.0, 600.0, // down to the floor (512 clamped), hold
+                660.0, 726.0, 798.6, 878.46, 966.306, // up by 1.1
+                1000.0, 1000.0, // clamped to the ceiling, then hold
+            ],
+        );
+        // The sink saw the start and every change, nothing else.
+        assert_close(
+            &log.lock(),
+            &[
+                1000.0, 800.0, 640.0, 600.0, 660.0, 726.0, 798.6, 878.46, 966.306, 1000.0,
+            ],
+        );
+        let m = capture(&snap);
+        let dir = |d: Direction| {
+            m.counter(
+                ADAPTIVE_DECISIONS_TOTAL,
+                &[("name", "edge"), ("direction", d.label())],
+            )
+        };
+        assert_eq!(
+            (
+                dir(Direction::Down),
+                dir(Direction::Hold),
+                dir(Direction::Up)
+            ),
+            (3, 4, 6)
+        );
+        assert_eq!(m.gauge(ADAPTIVE_RATE), Some(1000.0));
+        let p95 = m.gauge(ADAPTIVE_P95_SECONDS).unwrap();
+        assert!((p95 - 0.050).abs() < 0.001, "p95 {p95}");
     });
 }
 

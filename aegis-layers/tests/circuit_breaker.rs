@@ -6,13 +6,12 @@ use std::io;
 use std::time::Duration;
 
 use aegis_core::error::{BoxError, find, label_of};
-use aegis_core::metrics::testing::capture;
+use aegis_core::metrics::testing::{capture, run_watching};
 use aegis_layers::circuit_breaker::{
     CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitBreaker, CircuitBreakerLayer, CircuitState,
     Classify, DefaultClassifier, FailuresOnly, HttpClassifier, MAX_WINDOW, Outcome,
     error::CircuitOpen,
 };
-use metrics_util::debugging::DebuggingRecorder;
 use tokio_test::{assert_pending, assert_ready, task};
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock::{self, Handle, Mock};
@@ -459,89 +458,80 @@ async fn handle_forces_open_and_closed_and_releases() {
 
 #[test]
 fn state_changes_and_fast_failures_are_metrics() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let layer = probing_layer(1, 1);
-            let (mut svc, mut handle) = breaker(&layer);
-            // Registered when the layer is built (a gauge never set would read 0 too).
-            assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(0.0));
+    run_watching(true, |snap| async move {
+        let layer = probing_layer(1, 1);
+        let (mut svc, mut handle) = breaker(&layer);
+        // Registered when the layer is built (a gauge never set would read 0 too).
+        assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(0.0));
 
-            call(&mut svc, &mut handle, false).await.unwrap_err();
-            let m = capture(&snap);
-            assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
-            assert_eq!(
-                m.counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "upstream"), ("to", "open")]
-                ),
-                1
-            );
-            assert_fails_fast(&mut svc, &mut handle).await;
-            assert_fails_fast(&mut svc, &mut handle).await;
-            let m = capture(&snap);
-            assert_eq!(
-                m.counter(
-                    aegis_core::metrics::REJECTIONS_TOTAL,
-                    &[("layer", "circuit_breaker"), ("reason", "open")]
-                ),
-                2
-            );
+        call(&mut svc, &mut handle, false).await.unwrap_err();
+        let m = capture(&snap);
+        assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
+        assert_eq!(
+            m.counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "upstream"), ("to", "open")]
+            ),
+            1
+        );
+        assert_fails_fast(&mut svc, &mut handle).await;
+        assert_fails_fast(&mut svc, &mut handle).await;
+        let m = capture(&snap);
+        assert_eq!(
+            m.counter(
+                aegis_core::metrics::REJECTIONS_TOTAL,
+                &[("layer", "circuit_breaker"), ("reason", "open")]
+            ),
+            2
+        );
 
-            // A snapshot drains the gauge to 0, so each 0 below is checked after a
-            // non-zero value that only the transition can have overwritten.
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
-            let m = capture(&snap);
-            assert_eq!(m.gauge(CIRCUIT_STATE), Some(1.0), "half-open");
-            assert_eq!(
-                m.counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "upstream"), ("to", "half_open")]
-                ),
-                1
-            );
-            metrics::gauge!(CIRCUIT_STATE, "name" => "upstream").set(-1.0);
-            call(&mut svc, &mut handle, true).await.unwrap();
-            let m = capture(&snap);
-            assert_eq!(
-                m.counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "upstream"), ("to", "closed")]
-                ),
-                1
-            );
-            assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0), "closed, over the -1");
+        // A snapshot drains the gauge to 0, so each 0 below is checked after a
+        // non-zero value that only the transition can have overwritten.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
+        let m = capture(&snap);
+        assert_eq!(m.gauge(CIRCUIT_STATE), Some(1.0), "half-open");
+        assert_eq!(
+            m.counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "upstream"), ("to", "half_open")]
+            ),
+            1
+        );
+        metrics::gauge!(CIRCUIT_STATE, "name" => "upstream").set(-1.0);
+        call(&mut svc, &mut handle, true).await.unwrap();
+        let m = capture(&snap);
+        assert_eq!(
+            m.counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "upstream"), ("to", "closed")]
+            ),
+            1
+        );
+        assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0), "closed, over the -1");
 
-            layer.handle().force_open();
-            assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(2.0));
+        layer.handle().force_open();
+        assert_eq!(capture(&snap).gauge(CIRCUIT_STATE), Some(2.0));
 
-            // Two breakers in one process: each counts under its own name.
-            let other = CircuitBreakerLayer::builder("auth_backend")
-                .consecutive_failures(Some(1))
-                .build();
-            let (mut svc2, mut handle2) = breaker(&other);
-            call(&mut svc2, &mut handle2, false).await.unwrap_err();
-            let m = capture(&snap);
-            assert_eq!(
-                m.counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "auth_backend"), ("to", "open")]
-                ),
-                1
-            );
-            assert_eq!(
-                m.counter(CIRCUIT_TRANSITIONS_TOTAL, &[("name", "upstream")]),
-                0,
-                "the first breaker did not move"
-            );
-        });
+        // Two breakers in one process: each counts under its own name.
+        let other = CircuitBreakerLayer::builder("auth_backend")
+            .consecutive_failures(Some(1))
+            .build();
+        let (mut svc2, mut handle2) = breaker(&other);
+        call(&mut svc2, &mut handle2, false).await.unwrap_err();
+        let m = capture(&snap);
+        assert_eq!(
+            m.counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "auth_backend"), ("to", "open")]
+            ),
+            1
+        );
+        assert_eq!(
+            m.counter(CIRCUIT_TRANSITIONS_TOTAL, &[("name", "upstream")]),
+            0,
+            "the first breaker did not move"
+        );
     });
 }
 
@@ -645,72 +635,63 @@ async fn http_classifier_trips_on_5xx_only() {
 
 #[test]
 fn record_failure_trips_like_failed_calls_with_metrics() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let layer = CircuitBreakerLayer::builder("upstream")
-                .consecutive_failures(Some(3))
-                .open_for(Duration::from_secs(10))
-                .build();
-            let (mut svc, mut handle) = breaker(&layer);
-            let circuit = layer.handle();
+    run_watching(true, |snap| async move {
+        let layer = CircuitBreakerLayer::builder("upstream")
+            .consecutive_failures(Some(3))
+            .open_for(Duration::from_secs(10))
+            .build();
+        let (mut svc, mut handle) = breaker(&layer);
+        let circuit = layer.handle();
 
-            // Reported failures and failed calls make one run; a success resets it.
+        // Reported failures and failed calls make one run; a success resets it.
+        circuit.record_failure();
+        call(&mut svc, &mut handle, false).await.unwrap_err();
+        call(&mut svc, &mut handle, true).await.unwrap();
+        for _ in 0..2 {
             circuit.record_failure();
-            call(&mut svc, &mut handle, false).await.unwrap_err();
-            call(&mut svc, &mut handle, true).await.unwrap();
-            for _ in 0..2 {
-                circuit.record_failure();
-                assert_eq!(circuit.state(), CircuitState::Closed);
-            }
-            circuit.record_failure();
-            assert_eq!(circuit.state(), CircuitState::Open);
-            assert_fails_fast(&mut svc, &mut handle).await;
-            let m = capture(&snap);
-            assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
-            assert_eq!(
-                m.counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "upstream"), ("to", "open")]
-                ),
-                1
-            );
-
-            // While open it changes nothing: still half-open after `open_for`.
-            circuit.record_failure();
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            assert_eq!(circuit.state(), CircuitState::HalfOpen);
-            // While half-open it re-opens, as a failed probe does, for another period.
-            circuit.record_failure();
-            assert_eq!(circuit.state(), CircuitState::Open);
-            tokio::time::sleep(Duration::from_secs(9)).await;
-            assert_eq!(circuit.state(), CircuitState::Open);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(circuit.state(), CircuitState::HalfOpen);
-            // (A capture drains the recorder: one more opening since the last one.)
-            assert_eq!(
-                capture(&snap).counter(
-                    CIRCUIT_TRANSITIONS_TOTAL,
-                    &[("name", "upstream"), ("to", "open")]
-                ),
-                1
-            );
-
-            // Forced closed: nothing is counted.
-            circuit.force_closed();
-            for _ in 0..5 {
-                circuit.record_failure();
-            }
             assert_eq!(circuit.state(), CircuitState::Closed);
-            circuit.release();
-            assert_eq!(circuit.state(), CircuitState::Closed);
-        });
+        }
+        circuit.record_failure();
+        assert_eq!(circuit.state(), CircuitState::Open);
+        assert_fails_fast(&mut svc, &mut handle).await;
+        let m = capture(&snap);
+        assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
+        assert_eq!(
+            m.counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "upstream"), ("to", "open")]
+            ),
+            1
+        );
+
+        // While open it changes nothing: still half-open after `open_for`.
+        circuit.record_failure();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        // While half-open it re-opens, as a failed probe does, for another period.
+        circuit.record_failure();
+        assert_eq!(circuit.state(), CircuitState::Open);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(circuit.state(), CircuitState::Open);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        // (A capture drains the recorder: one more opening since the last one.)
+        assert_eq!(
+            capture(&snap).counter(
+                CIRCUIT_TRANSITIONS_TOTAL,
+                &[("name", "upstream"), ("to", "open")]
+            ),
+            1
+        );
+
+        // Forced closed: nothing is counted.
+        circuit.force_closed();
+        for _ in 0..5 {
+            circuit.record_failure();
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        circuit.release();
+        assert_eq!(circuit.state(), CircuitState::Closed);
     });
 }
 

@@ -13,7 +13,6 @@ use aegis_core::{BoxError, Conn};
 use aegis_layers::rate_limit::{
     KeyBy, KeyedLimiter, MAX_BURST_REFILL, Quota, RateLimitLayer, RateLimited, metrics as m,
 };
-use metrics_util::debugging::DebuggingRecorder;
 use tokio::sync::oneshot;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -529,39 +528,31 @@ async fn connect_from(local_ip: &str, server: SocketAddr) -> Vec<u8> {
 
 #[test]
 fn over_real_sockets_a_burst_from_one_address_is_closed_while_others_are_served() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            // One a minute after a burst of 3: nothing replenishes during the test.
-            let layer = RateLimitLayer::builder()
-                .per_client(Quota::per_minute(nz(1)).allow_burst(nz(3)))
-                .build();
-            let svc = tower::ServiceBuilder::new()
-                .layer(layer)
-                .service(service_fn(
-                    |mut c: Conn<tokio::net::TcpStream>| async move {
-                        use tokio::io::AsyncWriteExt;
-                        c.write_all(b"hi").await?;
-                        c.shutdown().await?;
-                        Ok::<_, BoxError>(())
-                    },
-                ));
-            tokio::spawn(aegis_core::serve(listener, svc).into_future());
-            let mut results = Vec::new();
-            for _ in 0..6 {
-                results.push(connect_from("127.0.0.1", addr).await);
-            }
-            // The server keeps serving: another client address is still let through.
-            results.push(connect_from("127.0.0.2", addr).await);
-            results
-        })
+    let (results, snap) = run(false, || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // One a minute after a burst of 3: nothing replenishes during the test.
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_minute(nz(1)).allow_burst(nz(3)))
+            .build();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(
+                |mut c: Conn<tokio::net::TcpStream>| async move {
+                    use tokio::io::AsyncWriteExt;
+                    c.write_all(b"hi").await?;
+                    c.shutdown().await?;
+                    Ok::<_, BoxError>(())
+                },
+            ));
+        tokio::spawn(aegis_core::serve(listener, svc).into_future());
+        let mut results = Vec::new();
+        for _ in 0..6 {
+            results.push(connect_from("127.0.0.1", addr).await);
+        }
+        // The server keeps serving: another client address is still let through.
+        results.push(connect_from("127.0.0.2", addr).await);
+        results
     });
     let served: Vec<bool> = results.iter().map(|r| r == b"hi").collect();
     assert_eq!(served, [true, true, true, false, false, false, true]);

@@ -734,25 +734,17 @@ async fn the_boundary_is_checked_when_the_disconnect_would_go_out() {
 
 #[test]
 fn later_rejections_are_counted() {
-    let rec = metrics_util::debugging::DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let bytes = [
-                connect_v5(),
-                B::new().s("x").props(&[0x23, 0, 0]).frame(0x30),
-            ]
-            .concat();
-            let (_, _, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
-            assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
-            let bytes = head("MQTT", 4, 0x00).s("").frame(0x10);
-            let (answer, ..) = serve(MqttLayer::default(), bytes).await;
-            assert_eq!(answer, [0x20, 0x02, 0x00, 0x02]);
-        });
+    let ((), snap) = aegis_core::metrics::testing::run(false, || async {
+        let bytes = [
+            connect_v5(),
+            B::new().s("x").props(&[0x23, 0, 0]).frame(0x30),
+        ]
+        .concat();
+        let (_, _, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
+        assert_eq!(seen.unwrap().1, Err(io::ErrorKind::InvalidData));
+        let bytes = head("MQTT", 4, 0x00).s("").frame(0x10);
+        let (answer, ..) = serve(MqttLayer::default(), bytes).await;
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x02]);
     });
     // One snapshot: reading drains every series.
     let captured = aegis_core::metrics::testing::capture(&snap);

@@ -642,54 +642,45 @@ async fn the_key_cap_bounds_the_state_and_new_clients_share_the_overflow_budget(
 
 #[test]
 fn drops_answers_and_refusals_are_counted() {
-    let rec = metrics_util::debugging::DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || {
-        rt.block_on(async {
-            let policy = Policy::builder()
-                .connect_per_addr(Quota::per_hour(nz(2)))
-                .publish_per_client(Quota::per_hour(nz(1)))
-                .subscribe_per_client(Quota::per_hour(nz(1)))
-                .bytes_per_client(Quota::per_hour(nz(10_000)))
-                .v5_publish_answer(true)
-                .build();
-            let layer = layer(policy);
-            let bytes = [
-                connect_v5_as("c1"),
-                publish_v5(0, 0, b"a"),
-                publish_v5(0, 0, b"b"),
-                publish_v5(1, 1, b"c"),
-                subscribe(true, 1),
-                subscribe(true, 2),
-            ]
-            .concat();
-            let r = send(&layer, "192.0.2.1:1", bytes).await;
-            assert_eq!(r.got.len(), 5 + 5 + 7);
-            // A SUBSCRIBE whose SUBACK is over the answer queue's bound: dropped without
-            // an answer (the CONNACK lifts the small cap before the CONNACK).
-            let filters = (0..17_000).fold(B::new().u16(9).props(&[]), |b, _| b.s("a").u8(0));
-            let bytes = [connect_v5_as("c2"), subscribe(true, 1), filters.frame(0x82)].concat();
-            let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
-            let r = run(
-                &layer,
-                "192.0.2.1:1",
-                vec![(Duration::ZERO, bytes)],
-                (connack.clone(), vec![]),
-            )
-            .await;
-            assert_eq!(r.got, connack);
-            assert_eq!(
-                forwarded(&r),
-                [connect_v5_as("c2"), subscribe(true, 1)].concat()
-            );
-            let r = send(&layer, "192.0.2.1:1", connect_v4_as("c3")).await;
-            assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
-        });
+    let ((), snap) = testing::run(true, || async {
+        let policy = Policy::builder()
+            .connect_per_addr(Quota::per_hour(nz(2)))
+            .publish_per_client(Quota::per_hour(nz(1)))
+            .subscribe_per_client(Quota::per_hour(nz(1)))
+            .bytes_per_client(Quota::per_hour(nz(10_000)))
+            .v5_publish_answer(true)
+            .build();
+        let layer = layer(policy);
+        let bytes = [
+            connect_v5_as("c1"),
+            publish_v5(0, 0, b"a"),
+            publish_v5(0, 0, b"b"),
+            publish_v5(1, 1, b"c"),
+            subscribe(true, 1),
+            subscribe(true, 2),
+        ]
+        .concat();
+        let r = send(&layer, "192.0.2.1:1", bytes).await;
+        assert_eq!(r.got.len(), 5 + 5 + 7);
+        // A SUBSCRIBE whose SUBACK is over the answer queue's bound: dropped without
+        // an answer (the CONNACK lifts the small cap before the CONNACK).
+        let filters = (0..17_000).fold(B::new().u16(9).props(&[]), |b, _| b.s("a").u8(0));
+        let bytes = [connect_v5_as("c2"), subscribe(true, 1), filters.frame(0x82)].concat();
+        let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+        let r = run(
+            &layer,
+            "192.0.2.1:1",
+            vec![(Duration::ZERO, bytes)],
+            (connack.clone(), vec![]),
+        )
+        .await;
+        assert_eq!(r.got, connack);
+        assert_eq!(
+            forwarded(&r),
+            [connect_v5_as("c2"), subscribe(true, 1)].concat()
+        );
+        let r = send(&layer, "192.0.2.1:1", connect_v4_as("c3")).await;
+        assert_eq!(r.got, [0x20, 0x02, 0x00, 0x05]);
     });
     let c = testing::capture(&snap);
     let dropped =

@@ -51,7 +51,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::HeaderMap;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::Snapshotter;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -1079,13 +1079,9 @@ async fn only_origin_form_targets_reach_a_backend() {
 /// fast samples only hold it).
 #[test]
 fn slow_backends_make_the_controller_lower_the_per_client_rate() {
-    let rec = DebuggingRecorder::new();
-    let snap = rec.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&rec, || rt.block_on(slow_backends_lower_the_rate(&snap)));
+    aegis_core::metrics::testing::run_watching(false, |snap| async move {
+        slow_backends_lower_the_rate(&snap).await;
+    });
 }
 
 async fn slow_backends_lower_the_rate(snap: &Snapshotter) {
