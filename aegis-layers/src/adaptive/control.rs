@@ -473,20 +473,12 @@ impl<K: RateSink> Law for RateLaw<K> {
             }
             Measured::Latency(p95) => {
                 metrics::gauge!(ADAPTIVE_P95_SECONDS, "name" => name).set(p95.as_secs_f64());
-                let (next, dir) = self.cfg.decide(self.rate, p95, self.after_reduction);
-                if dir == Direction::Down && self.windows.reaches_past_mark() {
-                    // The windows since the last reduction hold too few samples by
-                    // themselves: the older ones measured the rate before it, and lowering
-                    // it again on them would cut twice for one overload.
-                    tracing::debug!(
-                        controller = name,
-                        ?p95,
-                        "adaptive: too few samples since the last reduction, no other"
-                    );
-                    (self.rate, Direction::Hold, Some(p95))
-                } else {
-                    (next, dir, Some(p95))
-                }
+                // Windows that reach past the last reduction (too few samples since it
+                // by themselves) measured the rate before it: on them, as right after a
+                // reduction, no other, or one overload would cut twice.
+                let after_reduction = self.after_reduction || self.windows.reaches_past_mark();
+                let (next, dir) = self.cfg.decide(self.rate, p95, after_reduction);
+                (next, dir, Some(p95))
             }
         };
         self.after_reduction = dir == Direction::Down;

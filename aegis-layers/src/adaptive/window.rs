@@ -192,17 +192,18 @@ impl Windows {
     /// cross it. Rounded down, a measured quantile over a threshold means recorded
     /// latencies over it; one up to 0.8 % over may read under.
     fn quantile(&self, used: usize, quantile: f64) -> Duration {
-        let micros = if used == 1 {
-            let w = &self.closed[0];
-            w.lowest_equivalent(w.value_at_quantile(quantile))
+        let merged;
+        let h = if used == 1 {
+            &self.closed[0]
         } else {
             let mut all = self.closed[0].clone();
             for w in self.closed.iter().take(used).skip(1) {
                 all.add(w).expect("same bounds");
             }
-            all.lowest_equivalent(all.value_at_quantile(quantile))
+            merged = all;
+            &merged
         };
-        Duration::from_micros(micros)
+        Duration::from_micros(h.lowest_equivalent(h.value_at_quantile(quantile)))
     }
 
     /// Forgets every sample, in the open window and the closed ones.
