@@ -141,6 +141,21 @@ pub enum Version {
     V5,
 }
 
+impl Version {
+    /// The protocol level byte of the CONNECT: 3, 4 or 5.
+    ///
+    /// ```
+    /// assert_eq!(aegis_mqtt::Version::V3_1_1.level(), 4);
+    /// ```
+    pub const fn level(self) -> u8 {
+        match self {
+            Self::V3_1 => 3,
+            Self::V3_1_1 => 4,
+            Self::V5 => 5,
+        }
+    }
+}
+
 /// Which characters a client identifier may hold.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -397,12 +412,7 @@ pub mod __fuzz {
     #[cfg(any(test, feature = "fuzz-sniff"))]
     fn sniffed_as(frame: &[u8], version: Version) {
         use aegis_layers::sniff::{Classification, Detection, MAX_DECISION_LEN, classify};
-        let level = match version {
-            Version::V3_1 => 3,
-            Version::V3_1_1 => 4,
-            Version::V5 => 5,
-        };
-        let mqtt = Classification::Decided(Detection::mqtt(level));
+        let mqtt = Classification::Decided(Detection::mqtt(version.level()));
         assert_eq!(classify(frame), mqtt, "a valid {version:?} CONNECT");
         // Decided by `MAX_DECISION_LEN` bytes, and never changed after (the sniffer's
         // own fuzz target checks that): the longer prefixes classify as the whole.

@@ -17,7 +17,6 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{AuthError, Credentials, Decision, metrics as m};
-use crate::Version;
 use crate::bounded::Bounded;
 
 /// A digest of the credentials, the client's IP and the protocol version; the password
@@ -105,12 +104,7 @@ impl Cache {
             IpAddr::V6(ip) => field(&mut h, Some(&ip.octets())),
         }
         // The protocol level of the CONNECT.
-        let level = match creds.version {
-            Version::V3_1 => 3,
-            Version::V3_1_1 => 4,
-            Version::V5 => 5,
-        };
-        field(&mut h, Some(&[level]));
+        field(&mut h, Some(&[creds.version.level()]));
         h.finalize().into()
     }
 
