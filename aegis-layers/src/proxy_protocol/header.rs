@@ -116,14 +116,17 @@ fn parse_v1(buf: &[u8], limit: usize) -> Parse {
         };
     };
     let line = &window[..=lf];
+    // The line ends with CRLF; a bare LF ends no header, whatever the protocol word.
+    let Some(words) = line.strip_suffix(b"\r\n") else {
+        return Parse::Refused(Refused::Invalid("v1 header does not end with CRLF"));
+    };
     // After `UNKNOWN` "the receiver must ignore anything presented before the CRLF".
     // ppp splits the line into at most seven pieces and refuses an `UNKNOWN` line with
     // five words or more after it (its last piece then holds the CRLF), so such lines
     // are decided here, whatever their words.
-    if line.ends_with(b"\r\n")
-        && line
-            .strip_prefix(b"PROXY UNKNOWN")
-            .is_some_and(|rest| matches!(rest.first(), Some(b' ' | b'\r')))
+    if line
+        .strip_prefix(b"PROXY UNKNOWN")
+        .is_some_and(|rest| matches!(rest.first(), Some(b' ' | b'\r')))
     {
         return Parse::Header(RawHeader {
             version: 1,
@@ -145,11 +148,7 @@ fn parse_v1(buf: &[u8], limit: usize) -> Parse {
     // Rust's integer parsing, which ppp uses, takes a leading `+`; the specification's
     // ports are decimal digits, and "any sequence which does not exactly match" it must
     // be refused. (`UNKNOWN` lines, whose words are ignored, were accepted above.)
-    let mut ports = line
-        .strip_suffix(b"\r\n")
-        .unwrap_or(line)
-        .split(|&b| b == b' ')
-        .skip(4);
+    let mut ports = words.split(|&b| b == b' ').skip(4);
     if !matches!(header.addresses, ppp::v1::Addresses::Unknown)
         && !ports.all(|p| !p.is_empty() && p.iter().all(u8::is_ascii_digit))
     {
@@ -688,6 +687,25 @@ mod tests {
         let line = b"PROXY UNKNOWN a b c d e\r\n";
         for i in 0..line.len() {
             assert!(matches!(parse(&line[..i], MAX), Parse::Incomplete { .. }));
+        }
+    }
+
+    #[test]
+    fn v1_lines_end_with_crlf_not_a_bare_lf() {
+        // The specification's line ends with CRLF; a bare LF is "any sequence which
+        // does not exactly match" it, on every path, not only after `UNKNOWN`.
+        let bad = Parse::Refused(Refused::Invalid("v1 header does not end with CRLF"));
+        for line in [
+            &b"PROXY UNKNOWN\n"[..],
+            b"PROXY UNKNOWN \n",
+            b"PROXY UNKNOWN a \n",
+            b"PROXY UNKNOWN a b c d e\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 80 443\n",
+            b"PROXY TCP6 ::1 ::2 1 2\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 80 443\nrest\r\n",
+        ] {
+            assert_eq!(parse(line, MAX), bad, "{line:?}");
+            crate::proxy_protocol::check_invariants(line);
         }
     }
 
