@@ -130,8 +130,23 @@ pub fn find<'a, T: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'
     chain(err).find_map(|e| e.downcast_ref::<T>())
 }
 
-/// `err`, then its causes; see [`find`].
-fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+/// `err`, then its causes, as [`find`] walks them: an [`std::io::Error`] that wraps
+/// another error leads to that error, where `io::Error::source()` would skip it.
+///
+/// ```
+/// use aegis_core::error::chain;
+/// use std::io;
+///
+/// let inner = io::Error::from(io::ErrorKind::TimedOut);
+/// let outer = io::Error::other(inner);
+/// let kinds: Vec<_> = chain(&outer)
+///     .filter_map(|e| e.downcast_ref::<io::Error>().map(io::Error::kind))
+///     .collect();
+/// assert_eq!(kinds, [io::ErrorKind::Other, io::ErrorKind::TimedOut]);
+/// ```
+pub fn chain<'a>(
+    err: &'a (dyn Error + 'static),
+) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
     std::iter::successors(Some(err), |&e| match e.downcast_ref::<std::io::Error>() {
         Some(io) => match io.get_ref() {
             Some(inner) => Some(inner as &(dyn Error + 'static)),

@@ -732,9 +732,18 @@ async fn success_or_timeout_records_successes_and_timeouts_only() {
     let elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
         .await
         .unwrap_err();
+    let elapsed_in_io = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+        .await
+        .unwrap_err();
     let timeouts: Vec<Box<dyn std::error::Error + Send + Sync>> = vec![
         Box::new(ProxyError::ConnectTimeout { addr, timeout: SEC }),
         Box::new(elapsed),
+        // An `io::Error`'s own `source()` skips the error it wraps: the walk must
+        // look inside it (an IO wrapper turning a timeout into an `io::Error`).
+        Box::new(io::Error::other(elapsed_in_io)),
+        Box::new(Wrapped(Box::new(io::Error::other(
+            ProxyError::ConnectTimeout { addr, timeout: SEC },
+        )))),
         Box::new(io::Error::from(io::ErrorKind::TimedOut)),
         Box::new(Wrapped(Box::new(ProxyError::ConnectTimeout {
             addr,
@@ -754,6 +763,7 @@ async fn success_or_timeout_records_successes_and_timeouts_only() {
             io::ErrorKind::ConnectionRefused,
         )))),
         Box::new(reject(Shed)),
+        Box::new(io::Error::other(reject(Shed))),
     ];
     for e in &others {
         assert_eq!(classify(&**e), Sample::Ignore, "{e:?}");

@@ -3,7 +3,7 @@
 use std::error::Error;
 use std::io;
 
-use aegis_core::error::{Rejected, find};
+use aegis_core::error::{Rejected, chain, find};
 use aegis_core::proxy::ProxyError;
 
 /// Whether a completed call is a latency sample.
@@ -46,7 +46,8 @@ impl<Res> Classify<Res> for DefaultClassifier {
 /// A refused or reset connect ends in well under a millisecond: recorded, such samples
 /// would pull the P95 down, and the rate up, while the upstream fails (the circuit
 /// breaker counts those). A timeout is recorded, its length standing for a stalled
-/// upstream's longer true latency. Timeouts are an error whose `source()` chain holds a
+/// upstream's longer true latency. Timeouts are an error whose chain (as
+/// [`aegis_core::error::find`] walks it, into an [`io::Error`]'s wrapped error) holds a
 /// [`ProxyError::ConnectTimeout`], a `tokio::time::error::Elapsed` or an
 /// [`io::Error`] of kind [`TimedOut`](io::ErrorKind::TimedOut); rejections
 /// ([`Rejected`]) are never samples.
@@ -74,21 +75,15 @@ impl SuccessOrTimeout {
         if find::<Rejected>(e).is_some() {
             return false;
         }
-        let mut cur = Some(e);
-        while let Some(err) = cur {
-            if err.is::<tokio::time::error::Elapsed>()
+        chain(e).any(|err| {
+            err.is::<tokio::time::error::Elapsed>()
                 || err
                     .downcast_ref::<ProxyError>()
                     .is_some_and(ProxyError::is_timeout)
                 || err
                     .downcast_ref::<io::Error>()
                     .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
-            {
-                return true;
-            }
-            cur = err.source();
-        }
-        false
+        })
     }
 }
 
