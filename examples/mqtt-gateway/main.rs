@@ -196,6 +196,24 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let c = &settings.raw;
     let prometheus = metrics_http::install_recorder()?;
 
+    // The gateway's own ports are bound before the embedded broker takes a free one:
+    // the kernel then never gives the broker a fixed `listen` or `metrics.listen` port
+    // (inside the ephemeral range, it could have, and the gateway's bind failed). The
+    // MQTT port is bound before the metrics port: once /healthz answers, both listen.
+    // Nothing is accepted on either until the stack is built and the bans restored.
+    let listener = bind(settings.listen, c.server.nodelay)
+        .map_err(|e| format!("server.listen {}: cannot bind: {e}", settings.listen))?;
+    let listen: SocketAddr = listener.local_addr().unwrap_or(settings.listen);
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some((
+            addr,
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("metrics.listen {addr}: cannot bind: {e}"))?,
+        )),
+        None => None,
+    };
+
     let mut max_connections = c.server.max_connections;
     let upstream = match settings.upstream {
         Upstream::Embedded => {
@@ -244,17 +262,9 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         ))
     });
 
-    // The MQTT port is bound before the metrics port: once /healthz answers, both listen.
-    let listener = bind(settings.listen, c.server.nodelay)
-        .map_err(|e| format!("server.listen {}: cannot bind: {e}", settings.listen))?;
-    let listen: SocketAddr = listener.local_addr().unwrap_or(settings.listen);
-
     let stopping = Arc::new(AtomicBool::new(false));
-    let metrics_addr = match settings.metrics_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("metrics.listen {addr}: cannot bind: {e}"))?;
+    let metrics_addr = match metrics_listener {
+        Some((addr, listener)) => {
             let bound = listener.local_addr().unwrap_or(addr);
             let ready = metrics_http::Readiness {
                 upstream,

@@ -398,10 +398,20 @@ impl Drop for Gateway {
 
 /// Runs the gateway with `config` to its exit (bounded); returns the status and stderr.
 fn run_to_exit(name: &str, config: &str) -> (ExitStatus, String) {
+    let [mqtt, metrics] = free_ports();
+    run_to_exit_on(name, config, mqtt, metrics)
+}
+
+/// [`run_to_exit`] with the MQTT and metrics listeners on `mqtt` and `metrics`.
+fn run_to_exit_on(
+    name: &str,
+    config: &str,
+    mqtt: SocketAddr,
+    metrics: SocketAddr,
+) -> (ExitStatus, String) {
     let dir = scratch(name);
     let conf = dir.join("gateway.toml");
     std::fs::write(&conf, config).unwrap();
-    let [mqtt, metrics] = free_ports();
     let mut child = Command::new(gateway_bin())
         .arg("--config")
         .arg(&conf)
@@ -2538,6 +2548,34 @@ async fn per_ip_refusals_ban_nobody_while_the_adaptive_controller_drives_them() 
         http_get(gw.metrics, "/bans").await.unwrap(),
         (200, "[]".into())
     );
+}
+
+/// The gateway binds its own ports before the embedded broker takes a free one, so the
+/// kernel never gives the broker a fixed `listen` or `metrics.listen` port (inside the
+/// ephemeral range it could, and the gateway then failed to bind): with either port
+/// taken, the start-up fails at that bind, before any broker starts.
+#[test]
+fn the_gateway_binds_its_ports_before_the_embedded_broker_starts() {
+    for (flag, listen) in [("server.listen", true), ("metrics.listen", false)] {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap();
+        let [free] = free_ports();
+        let (mqtt, metrics) = if listen { (port, free) } else { (free, port) };
+        let (status, stderr) = run_to_exit_on(
+            &format!("bind-order-{listen}"),
+            "[server]\nupstream = \"embedded\"\n",
+            mqtt,
+            metrics,
+        );
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} {port}: cannot bind")),
+            "{stderr}"
+        );
+        // The broker's start-up warning, logged once it listens, never came.
+        assert!(!stderr.contains("for trying the gateway"), "{stderr}");
+        drop(taken);
+    }
 }
 
 /// With the embedded broker each client holds three of the process's descriptors, and
