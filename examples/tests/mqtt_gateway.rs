@@ -62,62 +62,23 @@ fn check_config(name: &str, config: &str) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
-/// `target/<profile>/examples/mqtt-gateway`, from this test binary's
-/// `target/<profile>/deps/mqtt_gateway-<hash>`.
-///
-/// Cargo builds it for `cargo test -p examples` (and `--workspace`), not for
-/// `cargo test -p examples --test mqtt_gateway`, which would then test an old build: a
-/// binary older than any source of the gateway and its libraries fails here instead.
+/// `target/<profile>/examples/mqtt-gateway`, checked once to be newer than its sources
+/// (see [`common::example_bin`]).
 fn gateway_bin() -> PathBuf {
     static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     CHECKED
         .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-            let bin = profile_dir.join("examples").join("mqtt-gateway");
-            let build = "build it with `cargo build -p examples --example mqtt-gateway` \
-                         (cargo test -p examples builds it first)";
-            let built = std::fs::metadata(&bin)
-                .and_then(|m| m.modified())
-                .unwrap_or_else(|_| panic!("{} is missing: {build}", bin.display()));
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            for dir in [
-                "examples/mqtt-gateway",
-                "aegis-core/src",
-                "aegis-layers/src",
-                "aegis-mqtt/src",
-            ] {
-                if let Some(newer) = newer_source(&root.join(dir), built) {
-                    panic!(
-                        "{} is older than {}: {build}",
-                        bin.display(),
-                        newer.display()
-                    );
-                }
-            }
-            bin
+            common::example_bin(
+                "mqtt-gateway",
+                &[
+                    "examples/mqtt-gateway",
+                    "aegis-core/src",
+                    "aegis-layers/src",
+                    "aegis-mqtt/src",
+                ],
+            )
         })
         .clone()
-}
-
-/// A `.rs` file under `dir` modified after `than`, if any.
-fn newer_source(dir: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if let Some(newer) = newer_source(&path, than) {
-                return Some(newer);
-            }
-        } else if path.extension().is_some_and(|e| e == "rs")
-            && entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|m| m > than)
-        {
-            return Some(path);
-        }
-    }
-    None
 }
 
 /// util-linux's `prlimit`, in every Debian install.

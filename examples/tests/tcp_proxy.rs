@@ -1,14 +1,21 @@
 //! The `tcp-proxy` example's arguments: a bad connection cap is an error, not a panic.
 
+#[allow(dead_code)] // of the shared helpers this test uses `example_bin` only
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `target/<profile>/examples/tcp-proxy`, which `cargo test -p examples` builds, from
-/// this test binary's `target/<profile>/deps/tcp_proxy-<hash>`.
+/// `target/<profile>/examples/tcp-proxy`, checked to be newer than its sources.
 fn tcp_proxy_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(std::path::Path::parent).unwrap();
-    profile_dir.join("examples/tcp-proxy")
+    common::example_bin(
+        "tcp-proxy",
+        &[
+            "examples/tcp-proxy.rs",
+            "aegis-core/src",
+            "aegis-layers/src",
+        ],
+    )
 }
 
 #[test]

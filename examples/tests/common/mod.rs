@@ -17,6 +17,54 @@ use tokio::time::{Instant, sleep, timeout};
 /// The bound on the broker's start-up, and on [`Mosquitto::wait_for_log`].
 const BROKER_WAIT: Duration = Duration::from_secs(10);
 
+/// `target/<profile>/examples/<name>`, from this test binary's
+/// `target/<profile>/deps/<test>-<hash>`, checked to be newer than every `.rs` file in
+/// `sources` (files or directories, from the workspace root).
+///
+/// Cargo builds the examples for `cargo test -p examples` (and `--workspace`), not for
+/// `cargo test -p examples --test <test>`, which would then run an old build: a binary
+/// older than any of its sources fails here instead.
+#[allow(dead_code)] // mqtt_gateway.rs, tcp_proxy.rs
+pub fn example_bin(name: &str, sources: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("examples").join(name);
+    let build = format!(
+        "build it with `cargo build -p examples --example {name}` \
+         (cargo test -p examples builds it first)"
+    );
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {build}", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for source in sources {
+        if let Some(newer) = newer_source(&root.join(source), built) {
+            panic!(
+                "{} is older than {}: {build}",
+                bin.display(),
+                newer.display()
+            );
+        }
+    }
+    bin
+}
+
+/// A `.rs` file at or under `path` modified after `than`, if any.
+#[allow(dead_code)] // example_bin
+fn newer_source(path: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
+    if path.is_dir() {
+        return std::fs::read_dir(path)
+            .ok()?
+            .flatten()
+            .find_map(|entry| newer_source(&entry.path(), than));
+    }
+    let newer = path.extension().is_some_and(|e| e == "rs")
+        && std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m > than);
+    newer.then(|| path.to_path_buf())
+}
+
 /// A free loopback port (free when this returns: the listener is closed again).
 pub fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
