@@ -13,8 +13,10 @@ use ppp::v2;
 
 use super::ProxyProtocolError;
 
-/// The v1 (text) signature: `PROXY` and a space.
-pub(crate) const V1_SIGNATURE: &[u8] = b"PROXY ";
+/// The v1 (text) signature: `PROXY`. The specification parses as v1 any connection whose
+/// first five bytes are these, so a wrong separator after them is a broken header, not
+/// the absence of one.
+pub(crate) const V1_SIGNATURE: &[u8] = b"PROXY";
 /// The v2 (binary) signature, 12 bytes.
 pub(crate) const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header, CRLF included, per the specification ("107 characters").
@@ -688,6 +690,27 @@ mod tests {
         for i in 0..line.len() {
             assert!(matches!(parse(&line[..i], MAX), Parse::Incomplete { .. }));
         }
+    }
+
+    #[test]
+    fn five_bytes_proxy_are_a_v1_header_to_parse() {
+        // "the 5 first characters match ... "PROXY" then the protocol must be parsed as
+        // version 1": a wrong separator is a broken header, not the absence of one.
+        for line in [
+            &b"PROXY\tTCP4 1.2.3.4 5.6.7.8 1 2\r\n"[..],
+            b"PROXYTCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY\r\n",
+        ] {
+            assert!(
+                matches!(parse(line, MAX), Parse::Refused(Refused::Invalid(_))),
+                "{line:?}: {:?}",
+                parse(line, MAX)
+            );
+            assert_eq!(signature(line), Signature::V1);
+            crate::proxy_protocol::check_invariants(line);
+        }
+        assert_eq!(signature(b"PROX"), Signature::Partial);
+        assert_eq!(signature(b"PROXI"), Signature::None);
     }
 
     #[test]
