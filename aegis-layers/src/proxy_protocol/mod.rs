@@ -25,7 +25,7 @@
 //! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`], which lets such a peer's clients send a header of their own: read its warning) |
 //! | trusted | silence past the deadline, or EOF before any byte | rejected `timeout` or `eof` ([`HeaderMode::Required`]) or passed on, client = peer ([`HeaderMode::Optional`]) |
 //! | trusted | a bad, long, slow or cut-off header (a strict prefix of a signature included) | rejected `invalid`, `too_long`, `timeout` or `eof`, in either mode |
-//! | untrusted | a PROXY signature (`PROXY ` or the v2 signature) | rejected `untrusted`, never parsed |
+//! | untrusted | a PROXY signature (`PROXY` or the v2 signature) | rejected `untrusted`, never parsed |
 //! | untrusted | anything else, or silence, or EOF | passed on untouched, client = peer |
 //!
 //! `LOCAL` commands (v2) and `UNKNOWN` lines (v1), which balancers send for their own
