@@ -36,7 +36,7 @@
 //! curl -i http://127.0.0.1:8080/                                  # spread 1:2, nosniff, DENY
 //! curl -i -H 'X-Forwarded-For: 6.6.6.6' http://127.0.0.1:8080/    # the backend sees 127.0.0.1
 //! curl -i -X OPTIONS --request-target '*' http://127.0.0.1:8080/  # 200, Allow: GET, ...
-//! curl -i --data-binary @/dev/zero -H 'Content-Length: 9999999' http://127.0.0.1:8080/ # 413
+//! curl -i -H 'Content-Length: 9999999' --data-binary x http://127.0.0.1:8080/ # 413, on the header
 //! ```
 //!
 //! Set `RUST_LOG=debug` to see rejections and health changes.
