@@ -7,11 +7,11 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
-//! | `aegis_connections_total` | counter | `outcome`: `ok`, `rejected`, `error`, `over_capacity`, `aborted` | connections by how they ended (`over_capacity`: reset at accept by the connection cap; `aborted`: cut at the end of a shutdown drain; `error` also counts a connection that `serve::share_out` could not hand to another runtime) |
+//! | `aegis_connections_total` | counter | `outcome`: `ok`, `rejected`, `error`, `over_capacity`, `aborted`, `panicked` | connections by how they ended (`over_capacity`: reset at accept by the connection cap; `aborted`: cut at the end of a shutdown drain; `panicked`: its service panicked, a bug, and the connection was closed; `error` also counts a connection that `serve::share_out` could not hand to another runtime) |
 //! | `aegis_active_connections` | gauge | | connections being served now |
 //! | `aegis_accept_errors_total` | counter | `kind`: `emfile`, `enfile`, `nobufs`, `nomem`, `connection`, `other` | failed `accept()` calls; the loop backs off and keeps serving |
 //! | `aegis_rejections_total` | counter | `layer`, `reason` | typed rejections, see [`crate::error`]; each layer documents its reasons |
-//! | `aegis_upstream_errors_total` | counter | `reason`: `connect_timeout`, `connect_refused`, `local_resources`, `connect_error` | upstream connection failures of the proxy (`local_resources`: this host was out of descriptors or memory, `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`; the upstream was not at fault) |
+//! | `aegis_upstream_errors_total` | counter | `reason`: `connect_timeout`, `connect_refused`, `local_resources`, `connect_error` | upstream connection failures of the proxy (`local_resources`: this host was out of descriptors, memory or local ports, `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`; the upstream was not at fault) |
 //! | `aegis_proxy_bytes_total` | counter | `direction`: `client_to_upstream`, `upstream_to_client` | bytes copied by the proxy, recorded when a direction goes idle or ends |
 //! | `aegis_connection_duration_seconds` | histogram | `outcome` | how long each served connection lasted |
 //!

@@ -223,6 +223,54 @@ fn drain_deadline_aborts_connections_that_do_not_end() {
     );
 }
 
+/// A connection whose service panics is counted `panicked`, not `aborted` (which means
+/// cut at the end of a drain), and its slot comes back: the server goes on serving.
+#[test]
+fn a_panicking_connection_is_counted_panicked_not_aborted() {
+    let (report, snap) = run(false, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
+            let mut conn = conn;
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).await?;
+            assert!(b[0] != b'!', "a bug in a layer");
+            conn.write_all(&b).await
+        });
+        let server = tokio::spawn(
+            serve(listener, svc)
+                .max_connections(1)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        bad.write_all(b"!").await.unwrap();
+        let mut rest = Vec::new();
+        // The panicking task dropped the connection: EOF (or a reset).
+        let _ = bad.read_to_end(&mut rest).await;
+        // Its slot came back: the only slot serves the next connection.
+        let mut good = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut good, b"k").await, b"k");
+        drop(good);
+        stop_tx.send(()).unwrap();
+        server.await.unwrap()
+    });
+    assert!(report.drained());
+    assert_eq!(report.aborted(), 0);
+    // One snapshot: a debugging snapshot drains what it reads.
+    let seen = testing::capture(&snap);
+    let all = ["ok", "rejected", "error", "aborted", "panicked"]
+        .map(|o| seen.counter(m::CONNECTIONS_TOTAL, &[("outcome", o)]));
+    assert_eq!(
+        all,
+        [1, 0, 0, 0, 1],
+        "ok, rejected, error, aborted, panicked"
+    );
+}
+
 #[test]
 fn active_connections_gauge_and_outcomes_are_recorded() {
     let ((), snap) = run(false, || async {
@@ -293,12 +341,12 @@ fn connection_metrics_are_registered_once_per_server() {
         CONNECTIONS
     );
     assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
-    // One handle per outcome label (`ok`, `rejected`, `error`, `aborted`,
+    // One handle per outcome label (`ok`, `rejected`, `error`, `aborted`, `panicked`,
     // `over_capacity`), one gauge, one histogram per outcome of a served connection
     // (all registered when the loop starts): whatever the count of connections.
-    assert_eq!(registered.of(m::CONNECTIONS_TOTAL), 5);
+    assert_eq!(registered.of(m::CONNECTIONS_TOTAL), 6);
     assert_eq!(registered.of(m::ACTIVE_CONNECTIONS), 1);
-    assert_eq!(registered.of(m::CONNECTION_DURATION_SECONDS), 4);
+    assert_eq!(registered.of(m::CONNECTION_DURATION_SECONDS), 5);
 }
 
 /// A loopback listener; with `nodelay`, `TCP_NODELAY` is set on it before it listens.

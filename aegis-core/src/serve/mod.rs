@@ -242,7 +242,9 @@ impl<L, S> Serve<L, S> {
     /// let banned: std::net::IpAddr = "192.0.2.7".parse().unwrap();
     /// serve(listener, Proxy::new("127.0.0.1:1884".parse().unwrap()))
     ///     .admit(move |peer| {
-    ///         if peer.ip() == banned {
+    ///         // On a dual-stack `[::]` listener an IPv4 client is `::ffff:192.0.2.7`:
+    ///         // compare the canonical form, or key by `ClientKey`.
+    ///         if peer.ip().to_canonical() == banned {
     ///             return Err(reject(Banned).into());
     ///         }
     ///         Ok(())

@@ -270,11 +270,20 @@ pub(crate) enum Outcome {
     Rejected,
     Error,
     Aborted,
+    /// Its service's future panicked (tokio drops a panicking task's future while the
+    /// panic unwinds): a bug in a layer or the service, not a drain.
+    Panicked,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order: `ConnMetrics::ended` is indexed by it.
-    const ALL: [Self; 4] = [Self::Ok, Self::Rejected, Self::Error, Self::Aborted];
+    const ALL: [Self; 5] = [
+        Self::Ok,
+        Self::Rejected,
+        Self::Error,
+        Self::Aborted,
+        Self::Panicked,
+    ];
 
     /// The `outcome` label.
     pub(super) const fn label(self) -> &'static str {
@@ -283,6 +292,7 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::Error => "error",
             Self::Aborted => "aborted",
+            Self::Panicked => "panicked",
         }
     }
 }
@@ -366,9 +376,14 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !matches!(this.state.as_ref().get_ref(), State::Done) {
-                // Dropped before it finished: aborted at the end of a drain (or the
-                // runtime shut down).
-                this.slot.record(Outcome::Aborted);
+                // Dropped before it finished: while its poll panicked (tokio drops the
+                // future as the panic unwinds), or aborted at the end of a drain (or
+                // the runtime shut down).
+                this.slot.record(if std::thread::panicking() {
+                    Outcome::Panicked
+                } else {
+                    Outcome::Aborted
+                });
             }
         }
     }
