@@ -14,7 +14,10 @@
 //!   [`ClientBodyError`] ([`is_stall`](ClientBodyError::is_stall)) instead of the
 //!   timeout. A backend that stops reading a large body stalls it too, but then the
 //!   gateway is waiting on the backend (hyper polls a body only when it can write it),
-//!   and the timeout counts against the backend.
+//!   and the timeout counts against the backend. Once the backend has answered, that
+//!   wait has no response timeout left, and the body's deadline (below) is not polled
+//!   either: the connection's write-stall limit
+//!   ([`WriteTimeout`](crate::write_timeout::WriteTimeout)) closes it.
 //!
 //! **A body has a deadline of its own**, given to [`ClientBody::new`]:
 //! [`Upstream`](crate::proxy::Upstream) gives it the call's response deadline (the

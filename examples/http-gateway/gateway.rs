@@ -138,7 +138,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// A backend's response headers, and the client's request body: both must be in
     /// within this of the call to the backend, even when the backend answers before it
-    /// has read the body (see `client_body`).
+    /// has read the body (see `client_body`). Also the longest a write to a backend
+    /// connection may wait without progress (a backend that stops reading the body):
+    /// the connection is closed then (see `write_timeout`).
     pub backend_timeout: Duration,
 }
 

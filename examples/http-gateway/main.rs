@@ -16,7 +16,9 @@
 //! read timeout of 10 s for each later request, counted from the end of the previous
 //! response (so an idle keep-alive connection is closed after 10 s), and the 30 s
 //! backend timeout for both a backend's response headers and the client's whole request
-//! body. Each request then passes header limits
+//! body, which also closes a backend connection whose writes have made no progress for
+//! that long (a backend that answered and stopped reading the body). Each request then
+//! passes header limits
 //! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
 //! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
@@ -49,6 +51,7 @@ mod health;
 mod proxy;
 mod sanitize;
 mod server;
+mod write_timeout;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;

@@ -2,7 +2,9 @@
 //! relay the answer.
 //!
 //! Each backend is a hyper-util legacy [`Client`] (pooled keep-alive connections) with
-//! a response timeout ([`Upstream`]), wrapped in its own `CircuitBreaker` with
+//! a response timeout ([`Upstream`]) and a write-stall limit of the same length on each
+//! connection ([`WriteTimeout`]: a backend that stops reading a request body has its
+//! connection closed, even after it answered), wrapped in its own `CircuitBreaker` with
 //! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
 //! client's request body is not, see [`crate::client_body`]). The
 //! [`Pool`] picks the backend. The adaptive controller's latency
@@ -74,6 +76,7 @@ use tower::{Service, ServiceExt};
 use crate::balance::Pool;
 use crate::client_body::{ClientBody, ClientBodyError};
 use crate::headers::strip_hop_by_hop;
+use crate::write_timeout::WriteTimeout;
 
 /// The body type on both sides of the gateway.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -169,7 +172,7 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 /// ([`is_backend_sample`]): the call's time less the time spent waiting on that body.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, GatewayBody>,
+    client: Client<WriteTimeout<HttpConnector>, GatewayBody>,
     timeout: Duration,
     probes: Option<ProbeWatch>,
     latency: Option<AdaptiveHandle>,
@@ -189,7 +192,9 @@ struct ProbeWatch {
 pub const PROBE_STALL_MARGIN: Duration = Duration::from_secs(1);
 
 impl Upstream {
-    /// A pooled client; connects within `connect_timeout`, answers within `timeout`.
+    /// A pooled client; connects within `connect_timeout`, answers within `timeout`, and
+    /// closes a connection whose writes wait on the backend for longer than `timeout`
+    /// ([`WriteTimeout`]).
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
@@ -197,7 +202,7 @@ impl Upstream {
         let client = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+            .build(WriteTimeout::new(connector, timeout));
         Self {
             client,
             timeout,

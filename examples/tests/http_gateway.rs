@@ -32,6 +32,9 @@ mod sanitize;
 #[allow(dead_code)]
 #[path = "../http-gateway/server.rs"]
 mod server;
+#[allow(dead_code)]
+#[path = "../http-gateway/write_timeout.rs"]
+mod write_timeout;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,6 +58,7 @@ use metrics_util::debugging::Snapshotter;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -1005,6 +1009,98 @@ async fn a_body_trickled_after_the_backends_answer_is_cut_at_the_backend_timeout
         cut.load(Ordering::SeqCst) == 1
     })
     .await;
+}
+
+/// A raw backend that reads a request head, answers `200` with an empty body at once,
+/// and then never reads again, keeping the connection open (as a backend stopped after
+/// answering does). `/healthz` is answered and closed; every other connection is handed
+/// to the test.
+async fn answer_then_stop_reading_backend() -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<TcpStream>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            // A byte at a time: nothing of the body is read.
+            let mut head = Vec::new();
+            let mut byte = [0; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            if !head.starts_with(b"GET /healthz ") {
+                let _ = tx.send(stream);
+            }
+        }
+    });
+    (addr, rx, task)
+}
+
+/// A backend answered a large upload at once and then stopped reading it: the
+/// connection's send buffer filled, hyper's connection task waited on the socket alone
+/// (it polls the request body, and so its deadline, only when it can write), and the
+/// backend connection and its task were held for as long as the backend did not read,
+/// possibly for ever. A write that waits longer than the backend timeout now closes the
+/// connection.
+///
+/// The backend checks by writing, not reading: a read would let the gateway write again,
+/// and the request body's own deadline would then close the connection, fix or no fix.
+/// A byte sent to a socket the gateway has closed is answered with a reset, which fails
+/// the next write. Paused clock over loopback, as above.
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_stops_reading_the_body_is_disconnected_at_the_backend_timeout() {
+    const BODY: usize = 64 << 20; // more than the four sockets' buffers hold
+    let (backend, mut conns, _backend) = answer_then_stop_reading_backend().await;
+    let mut cfg = config(&[]);
+    cfg.backends = vec![BackendSpec {
+        addr: backend,
+        weight: 1,
+    }];
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    cfg.backend_timeout = Duration::from_secs(5);
+    cfg.max_body = BODY;
+    let margin = Duration::from_secs(2);
+    assert!(
+        cfg.idle_timeout > cfg.backend_timeout + margin,
+        "the client's connection is not cut first"
+    );
+    let gw = start(&cfg).await;
+
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    let t0 = Instant::now();
+    let head = format!("POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: {BODY}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let _client = tokio::spawn(async move {
+        let chunk = vec![b'a'; 64 * 1024];
+        let mut sent = 0;
+        while sent < BODY && client.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+        }
+        client // kept open
+    });
+    let mut conn = timeout(WAIT, conns.recv()).await.unwrap().unwrap();
+
+    let closed = loop {
+        let took = since(t0);
+        assert!(
+            took < cfg.backend_timeout + margin,
+            "the backend connection is still open {took:?} after the request"
+        );
+        sleep(Duration::from_millis(250)).await;
+        if conn.write_all(b"x").await.is_err() || conn.write_all(b"x").await.is_err() {
+            break since(t0);
+        }
+    };
+    assert!(
+        closed >= cfg.backend_timeout,
+        "closed before the backend timeout: {closed:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------

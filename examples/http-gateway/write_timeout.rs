@@ -1,0 +1,295 @@
+//! [`WriteTimeout`]: a connector whose connections fail a write that makes no progress
+//! for too long, so that a backend that stops reading cannot hold a connection for ever.
+//!
+//! hyper's client writes a request body only when the backend's socket takes it, and
+//! polls the body only when it can write it. A backend that answers early (response
+//! head, maybe body) and then stops reading the request body, or is stopped after
+//! answering, fills the socket's send buffer: hyper's connection task then waits for
+//! the socket alone, the request body's own deadline
+//! ([`ClientBody`](crate::client_body::ClientBody)) is never polled, and nothing else
+//! watches the connection: the client side is cut by the slowloris idle clock, but the
+//! backend connection and its task stayed until the backend read or closed, possibly
+//! for ever, one per such request.
+//!
+//! Each connection of a [`WriteTimeout`] connector is a [`WriteTimeoutIo`]: a write
+//! (`poll_write`, `poll_write_vectored`, `poll_flush`, `poll_shutdown`) that stays
+//! pending, with no write finished in between, for longer than its limit fails with
+//! [`io::ErrorKind::TimedOut`] (its source a [`WriteStalled`]), and hyper closes the
+//! connection. Any write that finishes re-arms it. Reads are not limited: a pooled
+//! connection waits on reads while idle, and the pool's idle timeout bounds that.
+//! [`Upstream`](crate::proxy::Upstream) gives it the gateway's `backend_timeout`: a
+//! write waits from the call at the earliest, so before the backend's response head the
+//! response timeout ends the call first (`504`); after it, the call is over, and the
+//! close shows only in the debug log (`backend write stalled past its limit`).
+//!
+//! The timer is one `Sleep` per connection, made at the first write that waits, and
+//! moved only when it fires early, so the writes that finish cost no timer work.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aegis_core::time::deadline;
+use hyper::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+/// A connector whose connections fail a write stalled for longer than a limit. See the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+pub struct WriteTimeout<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> WriteTimeout<C> {
+    /// Wraps the connector `inner`: a write of its connections may wait `limit` at most.
+    pub const fn new(inner: C, limit: Duration) -> Self {
+        Self { inner, limit }
+    }
+}
+
+impl<C> Service<Uri> for WriteTimeout<C>
+where
+    C: Service<Uri>,
+{
+    type Response = WriteTimeoutIo<C::Response>;
+    type Error = C::Error;
+    type Future = ResponseFuture<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(dst),
+            limit: self.limit,
+        }
+    }
+}
+
+pin_project! {
+    /// A connection on its way: the inner connector's, then wrapped in a
+    /// [`WriteTimeoutIo`].
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        limit: Duration,
+    }
+}
+
+impl<F, I, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<I, E>>,
+{
+    type Output = Result<WriteTimeoutIo<I>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let limit = *this.limit;
+        this.inner
+            .poll(cx)
+            .map(|io| io.map(|io| WriteTimeoutIo::new(io, limit)))
+    }
+}
+
+pin_project! {
+    /// A connection whose writes fail once they have waited longer than a limit without
+    /// progress. Reads pass through. See the [module docs](self).
+    #[derive(Debug)]
+    pub struct WriteTimeoutIo<I> {
+        #[pin]
+        io: I,
+        limit: Duration,
+        // Since when the writes have waited: the last one was pending, and none finished
+        // since.
+        since: Option<Instant>,
+        // Fires at `since + limit` or earlier (set for an earlier wait); moved on then.
+        timer: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<I> WriteTimeoutIo<I> {
+    /// Wraps `io`: a write may wait `limit` at most.
+    pub const fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            since: None,
+            timer: None,
+        }
+    }
+}
+
+/// Passes on `poll`, the result of a write; a pending one fails past the limit.
+fn check<T>(
+    poll: Poll<io::Result<T>>,
+    cx: &mut Context<'_>,
+    limit: Duration,
+    since: &mut Option<Instant>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+) -> Poll<io::Result<T>> {
+    if poll.is_ready() {
+        *since = None;
+        return poll;
+    }
+    let until = deadline(*since.get_or_insert_with(Instant::now), limit);
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    // Moved only when it fires before `until` (set for an earlier wait), rather than at
+    // each wait: writes that finish leave it alone.
+    while timer.as_mut().poll(cx).is_ready() {
+        if timer.deadline() >= until {
+            tracing::debug!(?limit, "backend write stalled past its limit");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                WriteStalled { limit },
+            )));
+        }
+        timer.as_mut().reset(until);
+    }
+    Poll::Pending
+}
+
+impl<I: Read> Read for WriteTimeoutIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<I: Write> Write for WriteTimeoutIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.io.poll_write(cx, buf);
+        check(poll, cx, *this.limit, this.since, this.timer)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.io.poll_write_vectored(cx, bufs);
+        check(poll, cx, *this.limit, this.since, this.timer)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.io.poll_flush(cx);
+        check(poll, cx, *this.limit, this.since, this.timer)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.io.poll_shutdown(cx);
+        check(poll, cx, *this.limit, this.since, this.timer)
+    }
+}
+
+impl<I: Connection> Connection for WriteTimeoutIo<I> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+/// The source of the [`io::ErrorKind::TimedOut`] error of a [`WriteTimeoutIo`]: its
+/// writes waited longer than its limit without progress.
+#[derive(Debug)]
+pub struct WriteStalled {
+    limit: Duration,
+}
+
+impl fmt::Display for WriteStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "write stalled for {:?}", self.limit)
+    }
+}
+
+impl Error for WriteStalled {}
+
+#[cfg(test)]
+mod tests {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// A [`WriteTimeoutIo`] over one end of a pipe that holds 64 bytes, filled up.
+    async fn full_pipe() -> (
+        Pin<Box<WriteTimeoutIo<TokioIo<DuplexStream>>>>,
+        DuplexStream,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let mut io = Box::pin(WriteTimeoutIo::new(TokioIo::new(ours), LIMIT));
+        let n = std::future::poll_fn(|cx| io.as_mut().poll_write(cx, &[0; 64]))
+            .await
+            .unwrap();
+        assert_eq!(n, 64);
+        (io, theirs)
+    }
+
+    fn write(io: &mut Pin<Box<WriteTimeoutIo<TokioIo<DuplexStream>>>>) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        io.as_mut().poll_write(&mut cx, b"x")
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_write_pending_past_the_limit_times_out() {
+        let (mut io, _theirs) = full_pipe().await;
+        assert!(write(&mut io).is_pending());
+        tokio::time::advance(LIMIT - Duration::from_millis(1)).await;
+        assert!(write(&mut io).is_pending(), "within the limit");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        match write(&mut io) {
+            Poll::Ready(Err(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+                assert!(e.get_ref().is_some_and(|e| e.is::<WriteStalled>()), "{e}");
+            }
+            other => panic!("not timed out: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_write_that_progresses_within_the_limit_does_not_time_out() {
+        let (mut io, mut theirs) = full_pipe().await;
+        let mut buf = [0; 64];
+        for _ in 0..4 {
+            assert!(write(&mut io).is_pending());
+            tokio::time::advance(LIMIT - Duration::from_secs(1)).await;
+            assert!(write(&mut io).is_pending(), "within the limit");
+            // The peer reads a little: the next write goes through, and re-arms.
+            assert_eq!(theirs.read(&mut buf[..1]).await.unwrap(), 1);
+            assert!(matches!(write(&mut io), Poll::Ready(Ok(1))));
+        }
+        assert!(write(&mut io).is_pending());
+        tokio::time::advance(LIMIT).await;
+        assert!(
+            matches!(write(&mut io), Poll::Ready(Err(_))),
+            "a new wait is limited too"
+        );
+    }
+}
