@@ -279,6 +279,52 @@ async fn v5_publish_answer_sends_puback_and_pubrec_0x97() {
     assert!(after_connack(&r.got).is_empty());
 }
 
+/// A resent `QoS` 2 PUBLISH (DUP set) over the limit gets no PUBREC 0x97: the broker
+/// may hold its packet identifier from the first delivery, awaiting a PUBREL, and would
+/// take the client's next PUBLISH with that identifier, freed by the PUBREC, for a
+/// duplicate [MQTT-4.3.3-10]. A resent `QoS` 1 keeps its PUBACK.
+#[tokio::test(start_paused = true)]
+async fn v5_publish_answer_never_answers_a_resent_qos2_publish() {
+    let layer = layer(
+        Policy::builder()
+            .publish_per_client(Quota::per_hour(nz(1)))
+            .v5_publish_answer(true)
+            .build(),
+    );
+    let ok = publish_v5(1, 1, b"a");
+    let with_dup = |mut p: Vec<u8>| {
+        p[0] |= 0x08;
+        p
+    };
+    let qos2_dup = with_dup(publish_v5(2, 7, b"again"));
+    assert_eq!(qos2_dup[0], 0x3C);
+    let bytes = [connect_v5_as("c1"), ok.clone(), qos2_dup, PINGREQ.to_vec()].concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v5_as("c1"), ok, PINGREQ.to_vec()].concat(),
+        "dropped, DUP or not"
+    );
+    assert!(
+        after_connack(&r.got).is_empty(),
+        "no PUBREC to a resent QoS 2 PUBLISH: {:?}",
+        r.got
+    );
+    // Without DUP, QoS 2 still gets its PUBREC 0x97; with DUP, QoS 1 its PUBACK 0x97.
+    let bytes = [
+        connect_v5_as("c1"),
+        publish_v5(2, 8, b"new"),
+        with_dup(publish_v5(1, 9, b"again")),
+    ]
+    .concat();
+    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    assert_eq!(forwarded(&r), connect_v5_as("c1"));
+    assert_eq!(
+        after_connack(&r.got),
+        [0x50, 0x03, 0x00, 0x08, 0x97, 0x40, 0x03, 0x00, 0x09, 0x97]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded() {
     let layer = layer(

@@ -20,7 +20,12 @@
 //! DUP, after it reconnects), or, for MQTT 5 with
 //! [`v5_publish_answer`](PolicyBuilder::v5_publish_answer), answered by the gateway with
 //! PUBACK `40 03 ID ID 97` (`QoS` 1) or PUBREC `50 03 ID ID 97` (`QoS` 2), reason 0x97
-//! "quota exceeded", which ends that message's flow. Each `QoS` 1 or 2 PUBLISH
+//! "quota exceeded", which ends that message's flow. A `QoS` 2 PUBLISH with DUP set is
+//! never answered, even then: the broker may still hold its packet identifier from the
+//! first delivery, awaiting a PUBREL, and would take the client's next PUBLISH with that
+//! identifier, freed by a failure PUBREC, for a duplicate and never deliver it
+//! [MQTT-4.3.3-10]; it is dropped as a 3.x one is (DUP does not get a PUBLISH past the
+//! limit). Each `QoS` 1 or 2 PUBLISH
 //! dropped without an answer holds one of the client's in-flight slots (a 3.x client
 //! library's in-flight limit, MQTT 5's Receive Maximum) until it reconnects: after as
 //! many drops as that window (often 10 to 20), the client sends no more `QoS` 1 or 2
@@ -324,6 +329,8 @@ impl PolicyBuilder {
 
     /// Whether an MQTT 5 `QoS` 1 or 2 PUBLISH over a limit gets a PUBACK or PUBREC with
     /// reason 0x97 from the gateway (default `false`: dropped without acknowledgement).
+    /// A `QoS` 2 PUBLISH with DUP set is dropped without a PUBREC either way (see the
+    /// [module docs](self)).
     pub fn v5_publish_answer(mut self, answer: bool) -> Self {
         self.v5_publish_answer = answer;
         self
@@ -757,6 +764,13 @@ fn sets_alias(p: &crate::Publish<'_>) -> bool {
 
 /// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
 /// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
+///
+/// A `QoS` 2 PUBLISH with DUP set gets none either: the broker may hold its packet
+/// identifier from the first delivery, awaiting a PUBREL. A failure PUBREC would free
+/// the identifier for the client (5.0 §4.3.3), and the broker would take the client's
+/// next, different PUBLISH with that identifier for a duplicate and never deliver it
+/// [MQTT-4.3.3-10]. A `QoS` 1 PUBLISH with DUP keeps its PUBACK: the broker keeps no
+/// state for an inbound `QoS` 1 identifier.
 fn pub_answer(
     v5_answer: bool,
     p: &crate::Publish<'_>,
@@ -764,7 +778,7 @@ fn pub_answer(
 ) -> Option<(&'static str, [u8; 5])> {
     match p.qos {
         1 if v5_answer => Some(("puback", pub_refusal(0x40, p.packet_id, reason))),
-        2 if v5_answer => Some(("pubrec", pub_refusal(0x50, p.packet_id, reason))),
+        2 if v5_answer && !p.dup => Some(("pubrec", pub_refusal(0x50, p.packet_id, reason))),
         _ => None,
     }
 }
