@@ -31,7 +31,9 @@
 //! many drops as that window (often 10 to 20), the client sends no more `QoS` 1 or 2
 //! messages, and nothing tells it why. For MQTT 5 clients, turn on
 //! `v5_publish_answer`; for 3.x, keep the publish tier's burst above what a client
-//! legitimately sends.
+//! legitimately sends. Dropping without an answer deviates from 3.1.1 [MQTT-3.3.5-2]
+//! (acknowledge positively or close the connection) and 5.0 [MQTT-4.3.2-4] (answer
+//! with a PUBACK): see [Deviations](crate#deviations).
 //!
 //! An MQTT 5 PUBLISH that *sets* a Topic Alias (a topic name and an alias) is never
 //! dropped: the broker would not learn the alias, and would deliver the client's next
@@ -763,7 +765,9 @@ fn sets_alias(p: &crate::Publish<'_>) -> bool {
 }
 
 /// The gateway's answer to a dropped PUBLISH, if any: with `v5_answer`, a PUBACK
-/// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none.
+/// (`QoS` 1) or PUBREC (`QoS` 2) with `reason`; `QoS` 0 gets none. Without `v5_answer`
+/// (3.x, or MQTT 5 by default) a `QoS` 1 or 2 gets none either, a deviation from 3.1.1
+/// [MQTT-3.3.5-2] and 5.0 [MQTT-4.3.2-4] (see [Deviations](crate#deviations)).
 ///
 /// A `QoS` 2 PUBLISH with DUP set gets none either: the broker may hold its packet
 /// identifier from the first delivery, awaiting a PUBREL. A failure PUBREC would free
