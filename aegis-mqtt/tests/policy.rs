@@ -554,6 +554,91 @@ async fn answers_wait_for_a_packet_boundary_of_the_broker() {
     );
 }
 
+/// Nothing follows the broker's DISCONNECT [MQTT-3.14.4-1]: a SUBACK queued while the
+/// broker was inside a packet is dropped when the broker's next write ends that packet
+/// and sends its DISCONNECT.
+#[tokio::test(start_paused = true)]
+async fn no_queued_answer_follows_the_brokers_disconnect() {
+    let layer = layer(
+        Policy::builder()
+            .subscribe_per_client(Quota::per_hour(nz(1)))
+            .build(),
+    );
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let broker_publish = publish_v5(0, 0, b"from the broker");
+    let (head, tail) = broker_publish.split_at(5);
+    let disconnect = [0xE0, 0x01, 0x8B];
+    let bytes = [connect_v5_as("c1"), subscribe(true, 1), subscribe(true, 2)].concat();
+    // The second SUBSCRIBE is dropped (its SUBACK 0x97 queued) while the broker is
+    // inside its PUBLISH; the broker then ends the PUBLISH and disconnects, in one write.
+    let broker = (
+        [connack.clone(), head.to_vec()].concat(),
+        [tail, &disconnect[..]].concat(),
+    );
+    let r = run(&layer, "192.0.2.1:1", vec![(Duration::ZERO, bytes)], broker).await;
+    assert_eq!(
+        forwarded(&r),
+        [connect_v5_as("c1"), subscribe(true, 1)].concat()
+    );
+    assert!(
+        r.got.ends_with(&disconnect),
+        "the broker's DISCONNECT is the last packet: {:?}",
+        r.got
+    );
+    assert_eq!(
+        r.got,
+        [connack, broker_publish, disconnect.to_vec()].concat()
+    );
+}
+
+/// A refusal reached while the broker is inside its own DISCONNECT writes no second
+/// DISCONNECT after it [MQTT-3.14.4-1].
+#[tokio::test(start_paused = true)]
+async fn a_refusal_inside_the_brokers_disconnect_sends_no_second_disconnect() {
+    let layer = layer(Policy::builder().build());
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    // A PUBLISH to "#" is refused (DISCONNECT 0x90) while the broker is inside its
+    // DISCONNECT.
+    let bad = B::new().s("#").props(&[]).frame(0x30);
+    client
+        .write_all(&[connect_v5_as("c1"), bad].concat())
+        .await
+        .unwrap();
+    let connack = vec![0x20, 0x03, 0x00, 0x00, 0x00];
+    let disconnect = [0xE0, 0x01, 0x8B];
+    let before = [&connack[..], &disconnect[..1]].concat();
+    let inner = service_fn(move |io: MqttIo<Conn<DuplexStream>>| {
+        let before = before.clone();
+        async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            w.write_all(&before).await?;
+            let read = async {
+                let mut seen = Vec::new();
+                let end = r.read_to_end(&mut seen).await.unwrap_err().kind();
+                (seen, end)
+            };
+            let write = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.write_all(&disconnect[1..]).await
+            };
+            let (read, written) = tokio::join!(read, write);
+            written?;
+            Ok::<_, BoxError>(read)
+        }
+    });
+    let io = Conn::new(
+        server,
+        "192.0.2.1:1".parse().unwrap(),
+        "127.0.0.1:1883".parse().unwrap(),
+    );
+    let (seen, end) = layer.layer(inner).oneshot(io).await.unwrap();
+    assert_eq!(seen, connect_v5_as("c1"));
+    assert_eq!(end, io::ErrorKind::InvalidData);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, [connack, disconnect.to_vec()].concat());
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_budget_is_per_client_id_and_shared_across_its_connections() {
     let layer = layer(

@@ -62,7 +62,8 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// read stays pending and reads nothing more from the client; writes go on, but each
 /// takes only the bytes up to the end of that packet (a write crossing it is cut short
 /// there) and then waits. Once the packet is whole, the read writes, for MQTT 5, a server
-/// DISCONNECT with the reason code ([`MqttError::answer`]), then fails; from then on
+/// DISCONNECT with the reason code ([`MqttError::answer`]) unless that packet was the
+/// broker's own DISCONNECT, then fails; from then on
 /// writes fail with [`io::ErrorKind::BrokenPipe`], so nothing follows the DISCONNECT.
 /// MQTT 3.x has no such packet: the read fails once the packet is whole. The client
 /// thus gets whole packets, the DISCONNECT (5.0), then EOF. If the packet cannot be
@@ -82,7 +83,9 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
 /// between two of the broker's packets, at the next read or write; the broker's next
-/// bytes wait until it is written.
+/// bytes wait until it is written. Nothing from the gateway follows the broker's
+/// DISCONNECT [MQTT-3.14.4-1]: its queued answers, and a refusal's DISCONNECT, are
+/// dropped.
 #[derive(Debug)]
 pub struct MqttIo<I> {
     io: Rewind<I>,
@@ -219,6 +222,7 @@ const MAX_CONNACK: usize = 4096;
 /// Follows packet boundaries in the bytes written to the client, and keeps a copy of the
 /// first CONNACK.
 #[derive(Debug, Default)]
+#[allow(clippy::struct_excessive_bools)] // independent facts about the broker's stream
 struct OutBoundary {
     /// Bytes of the current packet's body still to come.
     remaining: usize,
@@ -239,6 +243,10 @@ struct OutBoundary {
     /// [`MqttIo`] last looked: the broker's challenge in an MQTT 5 enhanced
     /// authentication.
     auth_seen: bool,
+    /// Whether a DISCONNECT from the broker has started going out: the last packet the
+    /// client may get [MQTT-3.14.4-1], so the gateway writes nothing after it (no
+    /// queued answer, no refusal's DISCONNECT).
+    disconnect_seen: bool,
 }
 
 /// What following a write found.
@@ -350,6 +358,8 @@ impl OutBoundary {
                     self.connack = Some(Box::new(vec![b]));
                 } else if b >> 4 == 15 && !self.connack_seen {
                     self.auth_seen = true;
+                } else if b >> 4 == 14 {
+                    self.disconnect_seen = true;
                 }
                 self.header_len = 1;
                 self.value = 0;
@@ -872,12 +882,18 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
 
     /// Writes the gateway's queued answers, if the broker's stream is between two
     /// packets. `Pending` only while answers are going out: the broker's bytes and a
-    /// DISCONNECT must wait for them; a failed write drops them.
+    /// DISCONNECT must wait for them; a failed write drops them, and so does the
+    /// broker's DISCONNECT.
     fn poll_answers(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(policy) = &mut self.policy else {
             return Poll::Ready(());
         };
         let answers = policy.answers();
+        if self.out.disconnect_seen {
+            // Nothing goes out after the broker's DISCONNECT [MQTT-3.14.4-1].
+            *answers = None;
+            return Poll::Ready(());
+        }
         // Answers start only at a boundary, and the broker writes nothing until they
         // are out, so a started answer is never cut by the broker's bytes.
         // Nor before the CONNACK: the server's first packet is its CONNACK
@@ -957,6 +973,11 @@ impl<I: AsyncWrite + Unpin> MqttIo<I> {
                         // the connected phase instead, a DISCONNECT (nothing for 3.x).
                         let answer = self.session.answer(&e).bytes();
                         r.answer = (!answer.is_empty()).then_some((answer, 0));
+                    }
+                    if self.out.disconnect_seen {
+                        // The broker's DISCONNECT went out: nothing may follow it
+                        // [MQTT-3.14.4-1], a second DISCONNECT least of all.
+                        r.answer = None;
                     }
                     if let Some((answer, written)) = &mut r.answer {
                         std::task::ready!(poll_write_answer(&mut self.io, cx, answer, written));

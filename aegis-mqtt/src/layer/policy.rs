@@ -78,7 +78,9 @@
 //! The gateway's own SUBACK, PUBACK and PUBREC go out after the broker's CONNACK and
 //! between two of the broker's packets, as the layer's DISCONNECT does: they wait in a queue of at most
 //! [`MAX_QUEUED_ANSWERS`] bytes while the broker is inside a packet, and are written at
-//! the connection's next read or write. A client whose answers overflow the queue is over
+//! the connection's next read or write. Once the broker's DISCONNECT has started going
+//! out, the queued answers are dropped and none is written after it [MQTT-3.14.4-1]
+//! (nor the layer's own DISCONNECT). A client whose answers overflow the queue is over
 //! any sane limit: its packet is dropped without an answer and counted in
 //! `aegis_mqtt_unanswered_total`.
 //!
