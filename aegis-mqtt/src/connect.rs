@@ -1,5 +1,7 @@
 //! CONNECT validation (MQTT 3.1, 3.1.1 and 5.0).
 
+use std::num::NonZeroU32;
+
 use crate::properties::{self, Ctx};
 use crate::reader::Reader;
 use crate::{Config, MqttError, Version, split_frame};
@@ -26,6 +28,9 @@ pub struct Connect<'a> {
     pub session_expiry: u32,
     /// MQTT 5 Authentication Method.
     pub auth_method: Option<&'a str>,
+    /// MQTT 5 Maximum Packet Size: the largest packet, in bytes, the client accepts
+    /// (`None` when absent: no limit but the protocol's).
+    pub max_packet_size: Option<NonZeroU32>,
 }
 
 /// The Will of a CONNECT.
@@ -170,6 +175,7 @@ pub fn validate_connect<'a>(frame: &'a [u8], config: &Config) -> Result<Connect<
         password,
         session_expiry: props.session_expiry.unwrap_or(0),
         auth_method: props.auth_method,
+        max_packet_size: props.max_packet_size,
     })
 }
 

@@ -1,5 +1,7 @@
 //! MQTT 5 property lists (§2.2.2): known identifiers, types, duplicates, values (private).
 
+use std::num::NonZeroU32;
+
 use crate::MqttError;
 use crate::reader::{Reader, utf8};
 
@@ -51,6 +53,8 @@ pub(crate) struct Props<'a> {
     pub(crate) auth_method: Option<&'a str>,
     pub(crate) topic_alias: Option<u16>,
     pub(crate) subscription_id: Option<u32>,
+    /// CONNECT: the Maximum Packet Size the client accepts (never 0).
+    pub(crate) max_packet_size: Option<NonZeroU32>,
 }
 
 /// Reads a property length and the list after it, checking every property.
@@ -102,9 +106,9 @@ pub(crate) fn read<'a>(r: &mut Reader<'a>, ctx: Ctx) -> Result<Props<'a>, MqttEr
             }
             0x11 => props.session_expiry = Some(list.u32()?),
             0x27 => {
-                if list.u32()? == 0 {
-                    return Err(MqttError::ProtocolError("maximum packet size of 0"));
-                }
+                let v = NonZeroU32::new(list.u32()?)
+                    .ok_or(MqttError::ProtocolError("maximum packet size of 0"))?;
+                props.max_packet_size = Some(v);
             }
             // UTF-8 strings.
             0x03 | 0x1F => {

@@ -382,6 +382,46 @@ async fn subscribe_over_the_limit_gets_a_synthesized_suback_and_is_not_forwarded
     );
 }
 
+/// No gateway answer larger than the client's Maximum Packet Size goes out
+/// [MQTT-3.1.2-24]: it is discarded [MQTT-3.1.2-25], and counted unanswered.
+#[test]
+fn no_answer_is_larger_than_the_clients_maximum_packet_size() {
+    let ((), snap) = testing::run(true, || async {
+        let layer = layer(
+            Policy::builder()
+                .subscribe_per_client(Quota::per_hour(nz(1)))
+                .build(),
+        );
+        // A 5.0 CONNECT with Maximum Packet Size 20.
+        let connect = |id: &str| {
+            head("MQTT", 5, 0x02)
+                .props(&[0x27, 0, 0, 0, 20])
+                .s(id)
+                .frame(0x10)
+        };
+        let filters = |id: u16, n: usize| {
+            (0..n)
+                .fold(B::new().u16(id).props(&[]), |b, _| b.s("a").u8(0))
+                .frame(0x82)
+        };
+        // 16 filters: a SUBACK of 21 bytes, over the limit; 15 filters: 20 bytes, at it.
+        for (id, n, suback_len) in [("c1", 16, 0), ("c2", 15, 20)] {
+            let bytes = [connect(id), subscribe(true, 1), filters(2, n)].concat();
+            let r = send(&layer, "192.0.2.1:1", bytes).await;
+            assert_eq!(forwarded(&r), [connect(id), subscribe(true, 1)].concat());
+            let got = after_connack(&r.got);
+            assert_eq!(got.len(), suback_len, "{n} filters: {got:?}");
+            if suback_len > 0 {
+                assert_eq!(got[..5], [0x90, 18, 0x00, 0x02, 0x00]);
+                assert!(got[5..].iter().all(|&c| c == 0x97));
+            }
+        }
+    });
+    let c = testing::capture(&snap);
+    assert_eq!(c.counter(m::UNANSWERED_TOTAL, &[("packet", "suback")]), 1);
+    assert_eq!(c.counter(m::SYNTHESIZED_TOTAL, &[("packet", "suback")]), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_publish_setting_a_topic_alias_is_refused_not_dropped() {
     let layer = layer(

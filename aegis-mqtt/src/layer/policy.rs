@@ -82,7 +82,9 @@
 //! out, the queued answers are dropped and none is written after it [MQTT-3.14.4-1]
 //! (nor the layer's own DISCONNECT). A client whose answers overflow the queue is over
 //! any sane limit: its packet is dropped without an answer and counted in
-//! `aegis_mqtt_unanswered_total`.
+//! `aegis_mqtt_unanswered_total`. So is one whose answer would be larger than the
+//! Maximum Packet Size of its MQTT 5 CONNECT: the server may not send it
+//! [MQTT-3.1.2-24], and discards it instead [MQTT-3.1.2-25].
 //!
 //! # Metrics
 //!
@@ -92,7 +94,7 @@
 //! | `aegis_mqtt_dropped_total` | counter | `packet`: `publish`, `subscribe`; `reason`: `publish_rate`, `subscribe_rate`, `packet_rate`, `byte_rate`, `inspection` | packets kept from the broker |
 //! | `aegis_mqtt_inspection_total` | counter | `rule`, `action` | with `PolicyBuilder::inspect`: see the `inspect` module |
 //! | `aegis_mqtt_synthesized_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers written by the gateway |
-//! | `aegis_mqtt_unanswered_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers not sent because the queue was full |
+//! | `aegis_mqtt_unanswered_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers not sent because the queue was full, or larger than the client's Maximum Packet Size |
 //! | `aegis_rate_limit_keys` and friends | | `limiter`: `mqtt_connect`, `mqtt_publish`, `mqtt_subscribe`, `mqtt_packets`, `mqtt_bytes` | the tiers' state, see `aegis_layers::rate_limit` |
 //!
 //! Each refusal and drop is also a `tracing` event at debug level with the client id and
@@ -400,7 +402,8 @@ pub mod metrics {
     pub const DROPPED_TOTAL: &str = "aegis_mqtt_dropped_total";
     /// `aegis_mqtt_synthesized_total{packet}`: answers written by the gateway.
     pub const SYNTHESIZED_TOTAL: &str = "aegis_mqtt_synthesized_total";
-    /// `aegis_mqtt_unanswered_total{packet}`: answers not sent, the queue being full.
+    /// `aegis_mqtt_unanswered_total{packet}`: answers not sent, the queue being full or
+    /// the answer larger than the client's Maximum Packet Size.
     pub const UNANSWERED_TOTAL: &str = "aegis_mqtt_unanswered_total";
 
     pub(super) fn dropped(packet: &'static str, reason: &'static str) {
@@ -424,6 +427,9 @@ pub(crate) struct ConnPolicy {
     /// Set once the CONNECT is accepted.
     key: Option<IdKey>,
     version: Version,
+    /// The CONNECT's MQTT 5 Maximum Packet Size: no gateway answer larger than it is
+    /// sent [MQTT-3.1.2-24].
+    max_packet_size: Option<NonZeroU32>,
     /// Gateway answers not written yet: whole packets, at most [`MAX_QUEUED_ANSWERS`].
     answers: Answers,
     /// The CONNECT's username, kept only for an inspector.
@@ -490,6 +496,7 @@ impl ConnPolicy {
             addr,
             key: None,
             version: Version::V3_1_1,
+            max_packet_size: None,
             answers: None,
             #[cfg(feature = "inspect")]
             username: None,
@@ -509,6 +516,7 @@ impl ConnPolicy {
         let tiers = &*self.policy.tiers;
         let ip = self.addr.0.ip();
         self.version = version;
+        self.max_packet_size = connect.max_packet_size;
         if let Some(limiter) = &tiers.connect
             && limiter.check(&tiers.key_by.key(ip)).is_err()
         {
@@ -649,7 +657,7 @@ impl ConnPolicy {
             "mqtt packet dropped by policy"
         );
         if let Some((kind, bytes)) = answer {
-            queue_answer(&mut self.answers, kind, &bytes);
+            queue_answer(&mut self.answers, self.max_packet_size, kind, &bytes);
         }
         Verdict::Drop
     }
@@ -663,6 +671,7 @@ impl ConnPolicy {
             addr,
             key,
             version,
+            max_packet_size,
             answers,
             username,
             aliases,
@@ -726,7 +735,7 @@ impl ConnPolicy {
         };
         let v5_answer = tiers.v5_publish_answer && *version == Version::V5;
         if let Some((kind, bytes)) = pub_answer(v5_answer, p, reason) {
-            queue_answer(answers, kind, &bytes);
+            queue_answer(answers, *max_packet_size, kind, &bytes);
         }
         Verdict::Drop
     }
@@ -789,10 +798,14 @@ fn pub_answer(
     }
 }
 
-/// Queues a gateway answer, or counts it unanswered when the queue is full.
-fn queue_answer(answers: &mut Answers, kind: &'static str, bytes: &[u8]) {
+/// Queues a gateway answer, or counts it unanswered when the queue is full or the answer
+/// is larger than the client's Maximum Packet Size `max` (the server discards such a
+/// packet [MQTT-3.1.2-25]).
+fn queue_answer(answers: &mut Answers, max: Option<NonZeroU32>, kind: &'static str, bytes: &[u8]) {
     let queued = answers.as_ref().map_or(0, |q| q.len());
-    if queued + bytes.len() <= MAX_QUEUED_ANSWERS {
+    let too_large =
+        max.is_some_and(|max| u32::try_from(bytes.len()).map_or(true, |n| n > max.get()));
+    if !too_large && queued + bytes.len() <= MAX_QUEUED_ANSWERS {
         answers
             .get_or_insert_with(Box::default)
             .extend_from_slice(bytes);
@@ -871,6 +884,7 @@ mod tests {
             password: None,
             session_expiry: 0,
             auth_method: None,
+            max_packet_size: None,
         }
     }
 
