@@ -49,7 +49,7 @@
 //! |---|---|---|---|---|
 //! | `malformed` | close, no CONNACK [MQTT-3.1.4-1] | CONNACK 0x81 | close | DISCONNECT 0x81 |
 //! | `protocol_error` | close | CONNACK 0x82 | close | DISCONNECT 0x82 |
-//! | `unsupported_version` | CONNACK 0x01 [MQTT-3.1.2-2] | CONNACK `20 02 00 01` (the level is not 5) | - | - |
+//! | `unsupported_version` | CONNACK 0x01 [MQTT-3.1.2-2] | a level-5 CONNECT refused by [`Config::versions`]: CONNACK `20 03 00 84 00`; an unknown level (not 5, nor one of 3.x): CONNACK `20 02 00 01`, the 3.1.1 answer [MQTT-3.1.2-2] | - | - |
 //! | `unknown_protocol` | close [MQTT-3.1.2-1] | close | - | - |
 //! | `client_id` | CONNACK 0x02 [MQTT-3.1.3-9] | CONNACK 0x85 | - | - |
 //! | `packet_too_large` | close | close (refused from the fixed header, before the version is read) | close | DISCONNECT 0x95 |
