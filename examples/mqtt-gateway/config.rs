@@ -10,7 +10,9 @@
 //! 1. [`Config::parse`]: TOML syntax, types and unknown keys (serde, with the path of the
 //!    offending key from `serde_path_to_error`);
 //! 2. [`Config::validate`]: ranges and combinations, into a [`Settings`] whose values
-//!    the layers' builders accept without panicking.
+//!    the layers' builders accept without panicking. A key's range is checked whatever
+//!    its section's `enabled` says; only the checks that relate a section to another
+//!    apply while both are on.
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -915,7 +917,8 @@ impl Config {
     /// [`MAX_READINESS_TIMEOUT`](crate::metrics_http::MAX_READINESS_TIMEOUT) for the
     /// readiness probe, [`MAX_DURATION`] for the others), whether its section is on or
     /// not. `security.bans_save_every` and `mqtt.max_keep_alive` have bounds of their
-    /// own, checked with their sections.
+    /// own, checked in [`validate`](Self::validate), also whether their section is on
+    /// or not.
     fn durations_in_range(&self) -> Result<(), ConfigError> {
         let hour = (MAX_TIMEOUT, "an hour (1h)");
         let probe = (
@@ -990,6 +993,16 @@ impl Config {
     }
 
     /// Checks every range and combination; returns the layers' settings.
+    ///
+    /// Two kinds of checks, and each block below says which it is:
+    ///
+    /// - a key's own range (and its relation to keys of its own section): checked
+    ///   whatever the section's `enabled` says, so that `--check` refuses a bad value
+    ///   before the day its section is switched on;
+    /// - a relation between a section and *another* one (a burst against
+    ///   `mqtt.max_packet_size`, a threshold against a timeout, a layer that needs
+    ///   another): checked only while the sections it relates are on, where it means
+    ///   something.
     pub(crate) fn validate(self) -> Result<Settings, ConfigError> {
         self.durations_in_range()?;
         let s = &self.server;
@@ -1093,24 +1106,24 @@ impl Config {
                 "needs security.enabled = true (the security layer refuses them)",
             ));
         }
-        if pp.enabled {
-            if trusted.is_empty() {
-                return Err(ConfigError::new(
-                    "proxy_protocol.trusted",
-                    "must list at least one network when proxy_protocol.enabled = true",
-                ));
-            }
-            positive("proxy_protocol.timeout", pp.timeout)?;
-            if !(107..=512).contains(&pp.max_header_len) {
-                return Err(ConfigError::new(
-                    "proxy_protocol.max_header_len",
-                    "must be between 107 (a v1 header) and 512",
-                ));
-            }
+        // Own ranges, whatever proxy_protocol.enabled says.
+        positive("proxy_protocol.timeout", pp.timeout)?;
+        if !(107..=512).contains(&pp.max_header_len) {
+            return Err(ConfigError::new(
+                "proxy_protocol.max_header_len",
+                "must be between 107 (a v1 header) and 512",
+            ));
+        }
+        // Only while the layer is on: with it off, no peer is trusted and an empty list
+        // is the default.
+        if pp.enabled && trusted.is_empty() {
+            return Err(ConfigError::new(
+                "proxy_protocol.trusted",
+                "must list at least one network when proxy_protocol.enabled = true",
+            ));
         }
 
         let l = &self.limits;
-        let (mut global, mut per_ip, mut policy) = (None, None, PolicyQuotas::default());
         // Checked even with the limits off: the security detector keys clients by them.
         at_most("limits.ipv4_prefix", l.ipv4_prefix, 32)?;
         at_most("limits.ipv6_prefix", l.ipv6_prefix, 128)?;
@@ -1137,38 +1150,48 @@ impl Config {
                 }
             }
         }
-        if l.enabled {
-            at_least("limits.max_keys", l.max_keys, 1)?;
-            positive("limits.evict_every", l.evict_every)?;
-            global = tier("limits.global", &l.global)?;
-            per_ip = tier("limits.per_ip", &l.per_ip)?;
-            policy = PolicyQuotas {
+        // Own ranges, whatever limits.enabled and each tier's enabled say: every tier's
+        // rate and burst are read, and kept only for the tiers that are on.
+        at_least("limits.max_keys", l.max_keys, 1)?;
+        positive("limits.evict_every", l.evict_every)?;
+        at_least("limits.concurrent_per_ip.max", l.concurrent_per_ip.max, 1)?;
+        let quotas = (
+            tier("limits.global", &l.global)?,
+            tier("limits.per_ip", &l.per_ip)?,
+            PolicyQuotas {
                 connect_per_ip: tier("limits.connect_per_ip", &l.connect_per_ip)?,
                 publish_per_client: tier("limits.publish_per_client", &l.publish_per_client)?,
                 subscribe_per_client: tier("limits.subscribe_per_client", &l.subscribe_per_client)?,
                 packets_per_client: tier("limits.packets_per_client", &l.packets_per_client)?,
                 bytes_per_client: tier("limits.bytes_per_client", &l.bytes_per_client)?,
-            };
-            if policy.any() && !self.mqtt.enabled {
+            },
+        );
+        let (global, per_ip, policy) = if l.enabled {
+            quotas
+        } else {
+            (None, None, PolicyQuotas::default())
+        };
+        // Only while the limits are on (the tiers are kept only then): relates them to
+        // the MQTT layer.
+        if policy.any() && !self.mqtt.enabled {
                 return Err(ConfigError::new(
                     "limits",
-                    "the per-packet tiers (connect_per_ip, publish_per_client, ...) need mqtt.enabled = true",
-                ));
-            }
-            if l.concurrent_per_ip.enabled {
-                at_least("limits.concurrent_per_ip.max", l.concurrent_per_ip.max, 1)?;
-            }
+                "the per-packet tiers (connect_per_ip, publish_per_client, ...) need mqtt.enabled = true",
+            ));
         }
 
         let sl = &self.slowloris;
-        if sl.enabled && sl.min_rate_bytes_per_sec > 0 {
-            // A rate deadline of `grace + received / rate` from the start: with no grace,
-            // a connection whose first bytes are not there at its first poll is cut.
+        if sl.min_rate_bytes_per_sec > 0 {
+            // Own range, whatever slowloris.enabled says. A rate deadline of
+            // `grace + received / rate` from the start: with no grace, a connection whose
+            // first bytes are not there at its first poll is cut.
             positive("slowloris.min_rate_grace", sl.min_rate_grace)?;
         }
         if sl.enabled && !self.mqtt.enabled {
-            // Only the MQTT layer marks the handshake complete: these clocks would cut
-            // every connection.
+            // Only while the layer is on: relates it to the MQTT layer. Only the MQTT
+            // layer marks the handshake complete: these clocks would cut every
+            // connection. (`idle` is not among them: without the MQTT layer it is an idle
+            // limit for the whole connection, see CONFIG.md.)
             if !sl.handshake.is_zero() {
                 return Err(ConfigError::new(
                     "slowloris.handshake",
@@ -1191,16 +1214,15 @@ impl Config {
             }
         }
 
+        // Own ranges, whatever sniff.enabled says.
         let sn = &self.sniff;
-        if sn.enabled {
-            positive("sniff.timeout", sn.timeout)?;
-            let min = aegis_layers::sniff::MAX_DECISION_LEN;
-            if !(min..=65_536).contains(&sn.max_prefix) {
-                return Err(ConfigError::new(
-                    "sniff.max_prefix",
-                    format!("must be between {min} and 65536"),
-                ));
-            }
+        positive("sniff.timeout", sn.timeout)?;
+        let min = aegis_layers::sniff::MAX_DECISION_LEN;
+        if !(min..=65_536).contains(&sn.max_prefix) {
+            return Err(ConfigError::new(
+                "sniff.max_prefix",
+                format!("must be between {min} and 65536"),
+            ));
         }
 
         let m = &self.mqtt;
@@ -1214,10 +1236,11 @@ impl Config {
                 format!("must be between 64 and {max_packet}"),
             ));
         }
-        // A packet longer than the bytes tier's burst is over it for good (`check_n`
-        // refuses more cells than the burst at any time): a QoS 0 one dropped without a
-        // word, a QoS 1/2 one never acknowledged, resent and dropped after each
-        // reconnect. Every packet the MQTT layer lets through must fit.
+        // Only while the MQTT layer and the bytes tier are on: relates the two. A packet
+        // longer than the bytes tier's burst is over it for good (`check_n` refuses more
+        // cells than the burst at any time): a QoS 0 one dropped without a word, a QoS
+        // 1/2 one never acknowledged, resent and dropped after each reconnect. Every
+        // packet the MQTT layer lets through must fit.
         if m.enabled
             && policy.bytes_per_client.is_some()
             && usize::try_from(l.bytes_per_client.burst).is_ok_and(|b| b < m.max_packet_size)
@@ -1231,75 +1254,103 @@ impl Config {
                 ),
             ));
         }
-        if m.enabled {
-            positive("mqtt.connect_timeout", m.connect_timeout)?;
-            positive("mqtt.packet_timeout", m.packet_timeout)?;
-            if !(64..=m.max_packet_size).contains(&m.max_connect_size) {
+        // Own ranges, whatever mqtt.enabled and mqtt.packet_rate.enabled say.
+        positive("mqtt.connect_timeout", m.connect_timeout)?;
+        positive("mqtt.packet_timeout", m.packet_timeout)?;
+        if !(64..=m.max_packet_size).contains(&m.max_connect_size) {
+            return Err(ConfigError::new(
+                "mqtt.max_connect_size",
+                "must be between 64 and mqtt.max_packet_size",
+            ));
+        }
+        if !m.max_keep_alive.is_zero() {
+            let secs = m.max_keep_alive.as_secs();
+            if m.max_keep_alive.subsec_nanos() != 0 || secs > u64::from(u16::MAX) {
                 return Err(ConfigError::new(
-                    "mqtt.max_connect_size",
-                    "must be between 64 and mqtt.max_packet_size",
+                    "mqtt.max_keep_alive",
+                    "must be whole seconds, at most 65535s (\"0s\": no cap)",
                 ));
             }
-            if !m.max_keep_alive.is_zero() {
-                let secs = m.max_keep_alive.as_secs();
-                if m.max_keep_alive.subsec_nanos() != 0 || secs > u64::from(u16::MAX) {
-                    return Err(ConfigError::new(
-                        "mqtt.max_keep_alive",
-                        "must be whole seconds, at most 65535s (\"0s\": no cap)",
-                    ));
-                }
+            if m.enabled {
                 max_keep_alive = u16::try_from(secs).ok();
             }
-            if m.unavailable_answer {
-                positive("mqtt.unavailable_timeout", m.unavailable_timeout)?;
-            }
-            if !(23..=65_535).contains(&m.client_id_max_len) {
-                return Err(ConfigError::new(
-                    "mqtt.client_id_max_len",
-                    "must be between 23 (every server accepts 1 to 23 characters) and 65535",
-                ));
-            }
-            if m.packet_rate.enabled {
-                at_least("mqtt.packet_rate.per_second", m.packet_rate.per_second, 1)?;
-                at_least("mqtt.packet_rate.burst", m.packet_rate.burst, 1)?;
-            }
         }
+        if m.unavailable_answer {
+            positive("mqtt.unavailable_timeout", m.unavailable_timeout)?;
+        }
+        if !(23..=65_535).contains(&m.client_id_max_len) {
+            return Err(ConfigError::new(
+                "mqtt.client_id_max_len",
+                "must be between 23 (every server accepts 1 to 23 characters) and 65535",
+            ));
+        }
+        at_least("mqtt.packet_rate.per_second", m.packet_rate.per_second, 1)?;
+        at_least("mqtt.packet_rate.burst", m.packet_rate.burst, 1)?;
 
+        // Own ranges, whatever circuit_breaker.enabled and failure_rate.enabled say.
         let cb = &self.circuit_breaker;
-        if cb.enabled {
-            if cb.consecutive_failures == 0 && !cb.failure_rate.enabled {
-                return Err(ConfigError::new(
-                    "circuit_breaker.consecutive_failures",
-                    "must be at least 1 (0 turns it off, allowed only with circuit_breaker.failure_rate.enabled = true)",
-                ));
-            }
-            positive("circuit_breaker.open_for", cb.open_for)?;
-            at_least("circuit_breaker.half_open_permits", cb.half_open_permits, 1)?;
-            at_least("circuit_breaker.success_threshold", cb.success_threshold, 1)?;
-            let fr = &cb.failure_rate;
-            if fr.enabled {
-                if !(fr.ratio > 0.0 && fr.ratio <= 1.0) {
-                    return Err(ConfigError::new(
-                        "circuit_breaker.failure_rate.ratio",
-                        "must be in (0, 1]",
-                    ));
-                }
-                at_least("circuit_breaker.failure_rate.window", fr.window, 1)?;
-                at_most(
-                    "circuit_breaker.failure_rate.window",
-                    fr.window,
-                    aegis_layers::circuit_breaker::MAX_WINDOW as u64,
-                )?;
-                if fr.min_calls == 0 || fr.min_calls > fr.window {
-                    return Err(ConfigError::new(
-                        "circuit_breaker.failure_rate.min_calls",
-                        "must be between 1 and circuit_breaker.failure_rate.window",
-                    ));
-                }
-            }
+        if cb.consecutive_failures == 0 && !cb.failure_rate.enabled {
+            return Err(ConfigError::new(
+                "circuit_breaker.consecutive_failures",
+                "must be at least 1 (0 turns it off, allowed only with circuit_breaker.failure_rate.enabled = true)",
+            ));
+        }
+        positive("circuit_breaker.open_for", cb.open_for)?;
+        at_least("circuit_breaker.half_open_permits", cb.half_open_permits, 1)?;
+        at_least("circuit_breaker.success_threshold", cb.success_threshold, 1)?;
+        let fr = &cb.failure_rate;
+        if !(fr.ratio > 0.0 && fr.ratio <= 1.0) {
+            return Err(ConfigError::new(
+                "circuit_breaker.failure_rate.ratio",
+                "must be in (0, 1]",
+            ));
+        }
+        at_least("circuit_breaker.failure_rate.window", fr.window, 1)?;
+        at_most(
+            "circuit_breaker.failure_rate.window",
+            fr.window,
+            aegis_layers::circuit_breaker::MAX_WINDOW as u64,
+        )?;
+        if fr.min_calls == 0 || fr.min_calls > fr.window {
+            return Err(ConfigError::new(
+                "circuit_breaker.failure_rate.min_calls",
+                "must be between 1 and circuit_breaker.failure_rate.window",
+            ));
         }
 
         let a = &self.adaptive;
+        // Own ranges, whatever adaptive.enabled says.
+        positive("adaptive.threshold", a.threshold)?;
+        at_least("adaptive.min_rate", a.min_rate, 1)?;
+        if a.max_rate < a.min_rate {
+            return Err(ConfigError::new(
+                "adaptive.max_rate",
+                "must be at least adaptive.min_rate",
+            ));
+        }
+        // The controller's task wakes once an interval: a nanosecond would have it
+        // spin.
+        if a.interval < MIN_ADAPTIVE_INTERVAL {
+            return Err(ConfigError::new(
+                "adaptive.interval",
+                format!(
+                    "must be at least {}",
+                    humantime::format_duration(MIN_ADAPTIVE_INTERVAL)
+                ),
+            ));
+        }
+        at_least("adaptive.min_samples", a.min_samples, 1)?;
+        if !(a.reduction > 0.0 && a.reduction < 1.0) {
+            return Err(ConfigError::new("adaptive.reduction", "must be in (0, 1)"));
+        }
+        if !(a.recovery > 1.0 && a.recovery.is_finite()) {
+            return Err(ConfigError::new(
+                "adaptive.recovery",
+                "must be greater than 1",
+            ));
+        }
+        // Only while the controller is on: relate it to [limits] and to the timeout
+        // whose samples it watches (which of them depends on mqtt.enabled).
         if a.enabled {
             if !l.enabled {
                 return Err(ConfigError::new(
@@ -1307,7 +1358,6 @@ impl Config {
                     "needs limits.enabled = true: the controller drives the rate limiter",
                 ));
             }
-            positive("adaptive.threshold", a.threshold)?;
             // A timed-out call is a sample of the timeout's length (the CONNACK timeout
             // with the MQTT layer, the upstream connect timeout without it): a threshold
             // at or above it could never be crossed by a stalled upstream, the samples
@@ -1330,51 +1380,22 @@ impl Config {
                     ),
                 ));
             }
-            at_least("adaptive.min_rate", a.min_rate, 1)?;
-            if a.max_rate < a.min_rate {
-                return Err(ConfigError::new(
-                    "adaptive.max_rate",
-                    "must be at least adaptive.min_rate",
-                ));
-            }
-            // The controller's task wakes once an interval: a nanosecond would have it
-            // spin.
-            if a.interval < MIN_ADAPTIVE_INTERVAL {
-                return Err(ConfigError::new(
-                    "adaptive.interval",
-                    format!(
-                        "must be at least {}",
-                        humantime::format_duration(MIN_ADAPTIVE_INTERVAL)
-                    ),
-                ));
-            }
-            at_least("adaptive.min_samples", a.min_samples, 1)?;
-            if !(a.reduction > 0.0 && a.reduction < 1.0) {
-                return Err(ConfigError::new("adaptive.reduction", "must be in (0, 1)"));
-            }
-            if !(a.recovery > 1.0 && a.recovery.is_finite()) {
-                return Err(ConfigError::new(
-                    "adaptive.recovery",
-                    "must be greater than 1",
-                ));
-            }
         }
 
+        // Own ranges, whatever security.enabled says.
         let sec = &self.security;
-        if sec.enabled {
-            at_most("security.events", sec.events, 100_000)?;
-            positive("security.window", sec.window)?;
-            positive("security.ban_for", sec.ban_for)?;
-            positive("security.bans_save_every", sec.bans_save_every)?;
-            if sec.bans_save_every > Duration::from_secs(86_400) {
-                return Err(ConfigError::new(
-                    "security.bans_save_every",
-                    "must be at most a day (1d)",
-                ));
-            }
-            at_least("security.max_tracked", sec.max_tracked, 1)?;
-            at_least("security.max_bans", sec.max_bans, 1)?;
+        at_most("security.events", sec.events, 100_000)?;
+        positive("security.window", sec.window)?;
+        positive("security.ban_for", sec.ban_for)?;
+        positive("security.bans_save_every", sec.bans_save_every)?;
+        if sec.bans_save_every > Duration::from_secs(86_400) {
+            return Err(ConfigError::new(
+                "security.bans_save_every",
+                "must be at most a day (1d)",
+            ));
         }
+        at_least("security.max_tracked", sec.max_tracked, 1)?;
+        at_least("security.max_bans", sec.max_bans, 1)?;
 
         // auth.url is parsed and checked where the layer is built (`stack::auth`).
         let au = &self.auth;
@@ -1384,27 +1405,23 @@ impl Config {
                 "must name a file of username:argon2-hash lines when auth.kind = \"file\"",
             ));
         }
-        if au.kind != AuthKind::None {
-            if !self.mqtt.enabled {
-                return Err(ConfigError::new(
-                    "auth.kind",
-                    "needs mqtt.enabled = true (the credentials are in the CONNECT)",
-                ));
-            }
-            // Not bound by mqtt.connack_timeout: the CONNACK clock restarts when the
-            // callout allows the CONNECT.
-            positive("auth.timeout", au.timeout)?;
+        // Own range, whatever auth.kind says. Not bound by mqtt.connack_timeout: the
+        // CONNACK clock restarts when the callout allows the CONNECT.
+        positive("auth.timeout", au.timeout)?;
+        // Only with an authenticator: relates it to the MQTT layer.
+        if au.kind != AuthKind::None && !self.mqtt.enabled {
+            return Err(ConfigError::new(
+                "auth.kind",
+                "needs mqtt.enabled = true (the credentials are in the CONNECT)",
+            ));
         }
 
         let ins = &self.inspect;
-        // Applied only behind the MQTT layer (the start-up line lists it when it is);
-        // a bad rule is an error all the same.
-        let inspector = if ins.enabled {
-            let compiled = inspector(ins)?;
-            self.mqtt.enabled.then_some(compiled)
-        } else {
-            None
-        };
+        // Own ranges and rules, whatever inspect.enabled says: the rules are compiled
+        // either way. Applied only while inspect is on, behind the MQTT layer (the
+        // start-up line lists it when it is); a bad rule is an error all the same.
+        let compiled = inspector(ins)?;
+        let inspector = (ins.enabled && self.mqtt.enabled).then_some(compiled);
 
         Ok(Settings {
             listen,
@@ -1709,11 +1726,9 @@ fn at_least(key: &str, value: impl TryInto<u64>, min: u64) -> Result<(), ConfigE
     }
 }
 
-/// A rate tier's quota, `None` when the tier is off.
+/// A rate tier's quota, `None` when the tier is off; its rate and burst are checked
+/// either way.
 fn tier(key: &str, t: &RateTier) -> Result<Option<Quota>, ConfigError> {
-    if !t.enabled {
-        return Ok(None);
-    }
     let Some(burst) = NonZeroU32::new(t.burst) else {
         return Err(ConfigError::new(
             format!("{key}.burst"),
@@ -1739,7 +1754,7 @@ fn tier(key: &str, t: &RateTier) -> Result<Option<Quota>, ConfigError> {
             "must be slower than 1 per nanosecond",
         )
     })?;
-    Ok(Some(quota.allow_burst(burst)))
+    Ok(t.enabled.then(|| quota.allow_burst(burst)))
 }
 
 /// `"N/s"`, `"N/m"`, `"N/h"` or `"N/<humantime>"` into the interval between two

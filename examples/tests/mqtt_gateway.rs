@@ -2320,6 +2320,120 @@ fn config_errors_exit_2_and_name_the_key() {
     }
 }
 
+/// A value out of its own range is refused whatever its section's `enabled` says, so
+/// that `--check` catches it before the day the section is switched on (these files
+/// all passed `--check`, and failed once their section was on). The checks that relate
+/// a section to another one still apply only while both are on.
+#[test]
+fn out_of_range_values_are_refused_in_sections_that_are_off() {
+    let refused = [
+        (
+            "[proxy_protocol]\nmax_header_len = 5\n",
+            "proxy_protocol.max_header_len",
+        ),
+        (
+            "[proxy_protocol]\nenabled = false\ntimeout = \"0s\"\n",
+            "proxy_protocol.timeout",
+        ),
+        ("[limits]\nenabled = false\nmax_keys = 0\n", "limits.max_keys"),
+        // It once reached the MQTT policy's builder, which panicked at start-up.
+        (
+            "[limits]\nenabled = false\nevict_every = \"0s\"\n",
+            "limits.evict_every",
+        ),
+        (
+            "[limits.per_ip]\nenabled = false\nburst = 0\n",
+            "limits.per_ip.burst",
+        ),
+        (
+            "[limits]\nenabled = false\n[limits.global]\nrate = \"fast\"\n",
+            "limits.global.rate",
+        ),
+        (
+            "[limits.concurrent_per_ip]\nenabled = false\nmax = 0\n",
+            "limits.concurrent_per_ip.max",
+        ),
+        (
+            "[slowloris]\nenabled = false\nmin_rate_bytes_per_sec = 100\nmin_rate_grace = \"0s\"\n",
+            "slowloris.min_rate_grace",
+        ),
+        ("[sniff]\nenabled = false\nmax_prefix = 1\n", "sniff.max_prefix"),
+        ("[sniff]\nenabled = false\ntimeout = \"0s\"\n", "sniff.timeout"),
+        (
+            "[mqtt]\nenabled = false\nclient_id_max_len = 5\n[slowloris]\nhandshake = \"0s\"\n",
+            "mqtt.client_id_max_len",
+        ),
+        (
+            "[mqtt]\nenabled = false\nconnect_timeout = \"0s\"\n[slowloris]\nhandshake = \"0s\"\n",
+            "mqtt.connect_timeout",
+        ),
+        (
+            "[mqtt]\nenabled = false\nmax_keep_alive = \"1500ms\"\n[slowloris]\nhandshake = \"0s\"\n",
+            "mqtt.max_keep_alive",
+        ),
+        (
+            "[mqtt.packet_rate]\nper_second = 0\n",
+            "mqtt.packet_rate.per_second",
+        ),
+        (
+            "[circuit_breaker]\nenabled = false\nhalf_open_permits = 0\n",
+            "circuit_breaker.half_open_permits",
+        ),
+        (
+            "[circuit_breaker.failure_rate]\nratio = 2.0\n",
+            "circuit_breaker.failure_rate.ratio",
+        ),
+        ("[adaptive]\nmin_rate = 0\n", "adaptive.min_rate"),
+        ("[adaptive]\nreduction = 1.5\n", "adaptive.reduction"),
+        (
+            "[security]\nenabled = false\nevents = 1000000\n",
+            "security.events",
+        ),
+        (
+            "[security]\nenabled = false\nbans_save_every = \"2d\"\n",
+            "security.bans_save_every",
+        ),
+        ("[auth]\nkind = \"none\"\ntimeout = \"0s\"\n", "auth.timeout"),
+        (
+            "[inspect]\nenabled = false\nentropy_threshold = 9.0\n",
+            "inspect.entropy_threshold",
+        ),
+        (
+            "[inspect]\nenabled = false\n[[inspect.rules]]\nname = \"bad\"\npattern = \"(unclosed\"\n",
+            "inspect.rules[0]",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (i, (config, key)) in refused.into_iter().enumerate() {
+        let (code, out) = check_config(&format!("off-out-of-range-{i}"), config);
+        if code != Some(2) || !out.contains(&format!("config error: {key}")) {
+            wrong.push(format!("{config:?}: exit {code:?}, not naming {key}: {out}"));
+        }
+    }
+    // Relations to another section, while one of them is off: no error.
+    let accepted = [
+        // adaptive.threshold against mqtt.connack_timeout (5s).
+        "[adaptive]\nthreshold = \"10s\"\n",
+        // adaptive.enabled against limits.enabled.
+        "[limits]\nenabled = false\n",
+        // slowloris.handshake against mqtt.enabled.
+        "[mqtt]\nenabled = false\n[slowloris]\nenabled = false\n",
+        // The per-packet tiers against mqtt.enabled.
+        "[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n\
+         [limits]\nenabled = false\n[limits.publish_per_client]\n",
+        // A per-packet tier's burst against mqtt.max_packet_size.
+        "[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n\
+         [limits.bytes_per_client]\nenabled = false\nburst = 100\n",
+    ];
+    for (i, config) in accepted.into_iter().enumerate() {
+        let (code, out) = check_config(&format!("off-related-{i}"), config);
+        if code != Some(0) {
+            wrong.push(format!("{config:?}: exit {code:?}, expected 0: {out}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 /// `limits.ipv4_prefix` and `ipv6_prefix` below an IPv4 /8 or an IPv6 /32 are refused
 /// only while the security detector bans addresses (it would ban a network wider than
 /// `POST /bans` may, `0.0.0.0/0` for one client's rejections): the rate limits alone
@@ -2428,17 +2542,6 @@ fn a_tier_table_keeps_the_tiers_defaults_for_what_it_leaves_out() {
         out.contains("limits.per_ip") && out.contains("rat"),
         "{out}"
     );
-}
-
-/// With the limits off their eviction interval is not checked, and nothing uses it: a
-/// zero one once reached the MQTT policy's builder, which panicked at start-up.
-#[tokio::test]
-async fn limits_off_with_a_zero_eviction_interval_start() {
-    let config = "[limits]\nenabled = false\nevict_every = \"0s\"\n";
-    let gw = Gateway::start("limits-off-evict-0", config, &[]).await;
-    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
-    let mut s = mqtt_session("127.0.0.1", gw.mqtt, "evict").await.unwrap();
-    s.write_all(&[0xE0, 0x00]).await.unwrap();
 }
 
 /// The shipped example file starts the gateway as is.
