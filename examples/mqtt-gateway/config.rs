@@ -1001,7 +1001,7 @@ impl Config {
     ///   before the day its section is switched on;
     /// - a relation between a section and *another* one (a burst against
     ///   `mqtt.max_packet_size`, a threshold against a timeout, a layer that needs
-    ///   another): checked only while the sections it relates are on, where it means
+    ///   another): checked only while the section it constrains is on, where it means
     ///   something.
     pub(crate) fn validate(self) -> Result<Settings, ConfigError> {
         self.durations_in_range()?;
@@ -1174,8 +1174,8 @@ impl Config {
         // Only while the limits are on (the tiers are kept only then): relates them to
         // the MQTT layer.
         if policy.any() && !self.mqtt.enabled {
-                return Err(ConfigError::new(
-                    "limits",
+            return Err(ConfigError::new(
+                "limits",
                 "the per-packet tiers (connect_per_ip, publish_per_client, ...) need mqtt.enabled = true",
             ));
         }

@@ -2335,7 +2335,10 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
             "[proxy_protocol]\nenabled = false\ntimeout = \"0s\"\n",
             "proxy_protocol.timeout",
         ),
-        ("[limits]\nenabled = false\nmax_keys = 0\n", "limits.max_keys"),
+        (
+            "[limits]\nenabled = false\nmax_keys = 0\n",
+            "limits.max_keys",
+        ),
         // It once reached the MQTT policy's builder, which panicked at start-up.
         (
             "[limits]\nenabled = false\nevict_every = \"0s\"\n",
@@ -2357,8 +2360,14 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
             "[slowloris]\nenabled = false\nmin_rate_bytes_per_sec = 100\nmin_rate_grace = \"0s\"\n",
             "slowloris.min_rate_grace",
         ),
-        ("[sniff]\nenabled = false\nmax_prefix = 1\n", "sniff.max_prefix"),
-        ("[sniff]\nenabled = false\ntimeout = \"0s\"\n", "sniff.timeout"),
+        (
+            "[sniff]\nenabled = false\nmax_prefix = 1\n",
+            "sniff.max_prefix",
+        ),
+        (
+            "[sniff]\nenabled = false\ntimeout = \"0s\"\n",
+            "sniff.timeout",
+        ),
         (
             "[mqtt]\nenabled = false\nclient_id_max_len = 5\n[slowloris]\nhandshake = \"0s\"\n",
             "mqtt.client_id_max_len",
@@ -2393,7 +2402,10 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
             "[security]\nenabled = false\nbans_save_every = \"2d\"\n",
             "security.bans_save_every",
         ),
-        ("[auth]\nkind = \"none\"\ntimeout = \"0s\"\n", "auth.timeout"),
+        (
+            "[auth]\nkind = \"none\"\ntimeout = \"0s\"\n",
+            "auth.timeout",
+        ),
         (
             "[inspect]\nenabled = false\nentropy_threshold = 9.0\n",
             "inspect.entropy_threshold",
@@ -2407,7 +2419,9 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
     for (i, (config, key)) in refused.into_iter().enumerate() {
         let (code, out) = check_config(&format!("off-out-of-range-{i}"), config);
         if code != Some(2) || !out.contains(&format!("config error: {key}")) {
-            wrong.push(format!("{config:?}: exit {code:?}, not naming {key}: {out}"));
+            wrong.push(format!(
+                "{config:?}: exit {code:?}, not naming {key}: {out}"
+            ));
         }
     }
     // Relations to another section, while one of them is off: no error.
