@@ -179,39 +179,6 @@ fn holder(_: SocketAddr) -> Holder {
     Holder::Unknown
 }
 
-/// Descriptors the process holds besides its connections' (standard streams, the
-/// runtimes' epoll and event descriptors, the listeners, the metrics endpoint's
-/// connections, the bans file, auth callouts), kept free by [`connection_cap`].
-const FD_RESERVE: u64 = 128;
-
-/// The connection cap the process's open-files limit allows with the embedded broker:
-/// each proxied client holds three descriptors of this process (the client's socket, the
-/// upstream one, and rumqttd's end of it), and rumqttd retries a failed accept at once,
-/// without backing off, so out of descriptors it would spin a core and log an error per
-/// try. The soft limit is first raised to the hard one (as Go's runtime does at start);
-/// `requested` is then kept to `(limit - FD_RESERVE) / 3`, at least 1, with a warning
-/// when that cuts it.
-pub(crate) fn connection_cap(requested: u64) -> u64 {
-    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => limit,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot raise the open-files limit");
-            match rlimit::getrlimit(rlimit::Resource::NOFILE) {
-                Ok((soft, _)) => soft,
-                Err(_) => return requested,
-            }
-        }
-    };
-    let fits = (limit.saturating_sub(FD_RESERVE) / 3).max(1);
-    if requested > fits {
-        tracing::warn!(
-            max_connections = fits,
-            configured = requested,
-            open_files_limit = limit,
-            "server.max_connections cut to what the open-files limit allows with the \
-             embedded broker (three descriptors per client)"
-        );
-        return fits;
-    }
-    requested
-}
+/// Descriptors of this process each proxied client holds with the embedded broker: the
+/// client's socket, the upstream one, and rumqttd's end of it (see [`crate::nofile`]).
+pub(crate) const DESCRIPTORS_PER_CLIENT: u64 = 3;

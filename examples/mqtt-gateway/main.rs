@@ -49,6 +49,7 @@ mod broker;
 mod config;
 mod logging;
 mod metrics_http;
+mod nofile;
 mod stack;
 
 use std::future::{Future, IntoFuture};
@@ -214,10 +215,15 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         None => None,
     };
 
-    let mut max_connections = c.server.max_connections;
+    // The soft open-files limit raised to the hard one, and the cap kept within it.
+    let per_client = match settings.upstream {
+        Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
+        Upstream::Addr(_) => 2,
+    };
+    let max_connections =
+        nofile::connection_cap(c.server.max_connections, nofile::raise(), per_client);
     let upstream = match settings.upstream {
         Upstream::Embedded => {
-            max_connections = broker::connection_cap(max_connections);
             let addr = broker::start(c.mqtt.max_packet_size).await?;
             tracing::warn!(
                 broker = %addr,

@@ -430,13 +430,26 @@ impl Readiness {
                 match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(upstream)).await
                 {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(_)) => Err("upstream refused the connection"),
+                    Ok(Err(e)) => Err(probe_failure(upstream, e)),
                     Err(_) => Err("upstream connect timed out"),
                 };
             *last = Some((Instant::now(), result));
             result
         });
         probe.await.unwrap_or(Err("the upstream probe failed"))
+    }
+}
+
+/// Why a readiness probe's connect failed, as `/readyz` says it: a refusal, this host's
+/// own lack of descriptors, memory or local ports (classified as the proxy's connector
+/// does, `ProxyError::from_connect`: not the upstream's fault), or another failure.
+fn probe_failure(upstream: SocketAddr, e: std::io::Error) -> &'static str {
+    match aegis_core::proxy::ProxyError::from_connect(upstream, e) {
+        aegis_core::proxy::ProxyError::ConnectRefused { .. } => "upstream refused the connection",
+        aegis_core::proxy::ProxyError::LocalResources { .. } => {
+            "this host is out of descriptors, memory or local ports"
+        }
+        _ => "upstream connect failed",
     }
 }
 

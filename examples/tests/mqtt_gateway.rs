@@ -114,7 +114,7 @@ struct Launch {
     cpus: Option<String>,
     /// The gateway's open-files limit, soft and hard (`prlimit --nofile`); `None`: the
     /// test's own.
-    nofile: Option<u64>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl Default for Launch {
@@ -206,10 +206,12 @@ impl Gateway {
                     taskset.args(["-c", cpus]).arg(gateway_bin());
                     taskset
                 }
-                (None, Some(n)) => {
+                (None, Some((soft, hard))) => {
                     // prlimit sets its own limit and execs the gateway, as taskset does.
                     let mut prlimit = Command::new(PRLIMIT);
-                    prlimit.arg(format!("--nofile={n}:{n}")).arg(gateway_bin());
+                    prlimit
+                        .arg(format!("--nofile={soft}:{hard}"))
+                        .arg(gateway_bin());
                     prlimit
                 }
                 (None, None) => Command::new(gateway_bin()),
@@ -2670,7 +2672,7 @@ async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
         return;
     }
     let launch = Launch {
-        nofile: Some(200),
+        nofile: Some((200, 200)),
         ..Launch::default()
     };
     let gw = Gateway::start_with("embedded-fds", "", &[], launch).await;
@@ -2691,6 +2693,61 @@ async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
         .await;
     let log = gw.log();
     assert!(!log.contains("Unable to accept socket"), "{log}");
+    drop(held);
+}
+
+/// With a real broker each client holds two of the process's descriptors: out of them,
+/// `accept()` would fail with `EMFILE`, new clients would wait in the backlog and time
+/// out, and the metrics endpoint would stop answering. The gateway raises its soft
+/// open-files limit to the hard one, and keeps its connection cap within the limit,
+/// `(200 - 128) / 2 = 36` here: the 37th client is reset at accept, counted.
+#[tokio::test]
+async fn the_connection_cap_is_kept_within_the_open_files_limit() {
+    if !Path::new(PRLIMIT).exists() {
+        skipped(
+            "the_connection_cap_is_kept_within_the_open_files_limit",
+            "no /usr/bin/prlimit",
+        );
+        return;
+    }
+    let broker = Mosquitto::start().await;
+    let upstream = broker.addr().to_string();
+    // A soft limit under the hard one is raised to it.
+    let raised = Launch {
+        nofile: Some((150, 200)),
+        ..Launch::default()
+    };
+    let gw = Gateway::start_with("nofile", "", &["--upstream", &upstream], raised).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["200", "200"],
+        "{open_files}"
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("max_connections=36 configured=10000 open_files_limit=200"),
+        "{log}"
+    );
+    let mut held = Vec::new();
+    for i in 0..36 {
+        let from = format!("127.0.0.{}", 100 + i);
+        let session = mqtt_session(&from, gw.mqtt, &format!("nf{i}")).await;
+        held.push(session.unwrap_or_else(|| panic!("session {i} from {from} refused")));
+    }
+    assert!(mqtt_session("127.0.0.140", gw.mqtt, "over").await.is_none());
+    gw.wait_metric("aegis_connections_total{outcome=\"over_capacity\"}", 1.0)
+        .await;
+    // The endpoint still answers: descriptors are left.
+    assert_eq!(
+        http_get(gw.metrics, "/healthz").await.unwrap().0,
+        200,
+        "the metrics endpoint answers at the cap"
+    );
     drop(held);
 }
 

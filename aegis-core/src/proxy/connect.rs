@@ -1,7 +1,6 @@
 //! The TCP connector the proxy uses by default.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -62,22 +61,6 @@ impl TcpConnect {
     }
 }
 
-/// What a failed `connect()` to `addr` says, as a [`ProxyError`].
-fn connect_error(addr: SocketAddr, source: io::Error) -> ProxyError {
-    if source.kind() == io::ErrorKind::ConnectionRefused {
-        ProxyError::ConnectRefused { addr, source }
-    } else if crate::exhausted::exhausted(&source).is_some()
-        // No local port left to connect from (`EADDRNOTAVAIL`): this host's too.
-        || source.kind() == io::ErrorKind::AddrNotAvailable
-    {
-        // This host's descriptors, memory or ports, not the upstream: told apart so that
-        // a circuit breaker does not open on it, nor an operator look at the upstream.
-        ProxyError::LocalResources { addr, source }
-    } else {
-        ProxyError::Connect { addr, source }
-    }
-}
-
 /// The future of [`TcpConnect`]: boxed, as it runs once per connection.
 pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<TcpStream, ProxyError>> + Send>>;
 
@@ -99,7 +82,7 @@ impl Service<()> for TcpConnect {
         Box::pin(async move {
             let res = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
-                Ok(Err(source)) => Err(connect_error(addr, source)),
+                Ok(Err(source)) => Err(ProxyError::from_connect(addr, source)),
                 Ok(Ok(s)) => {
                     if nodelay {
                         // Best effort: a socket that cannot take the option still works.
@@ -121,6 +104,7 @@ impl Service<()> for TcpConnect {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
 
     /// With every local port in use (many connections to one upstream, or their
     /// `TIME_WAIT`s), `connect()` fails with `EADDRNOTAVAIL`: this host's lack, which a
@@ -128,18 +112,19 @@ mod tests {
     #[test]
     fn no_local_port_left_is_a_local_resources_error() {
         let addr = SocketAddr::from(([127, 0, 0, 1], 1883));
-        let err = connect_error(addr, io::Error::from(io::ErrorKind::AddrNotAvailable));
+        let err = ProxyError::from_connect(addr, io::Error::from(io::ErrorKind::AddrNotAvailable));
         assert_eq!(err.label(), "local_resources");
         #[cfg(target_os = "linux")]
         {
-            let err = connect_error(addr, io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+            let err =
+                ProxyError::from_connect(addr, io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
             assert_eq!(err.label(), "local_resources");
-            let err = connect_error(addr, io::Error::from_raw_os_error(libc::EMFILE));
+            let err = ProxyError::from_connect(addr, io::Error::from_raw_os_error(libc::EMFILE));
             assert_eq!(err.label(), "local_resources");
         }
-        let err = connect_error(addr, io::Error::from(io::ErrorKind::ConnectionRefused));
+        let err = ProxyError::from_connect(addr, io::Error::from(io::ErrorKind::ConnectionRefused));
         assert_eq!(err.label(), "connect_refused");
-        let err = connect_error(addr, io::Error::from(io::ErrorKind::HostUnreachable));
+        let err = ProxyError::from_connect(addr, io::Error::from(io::ErrorKind::HostUnreachable));
         assert_eq!(err.label(), "connect_error");
     }
 }

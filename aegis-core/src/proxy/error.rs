@@ -56,6 +56,38 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// What a failed `connect()` (or `socket()`) to `addr` says:
+    /// [`ConnectRefused`](Self::ConnectRefused) for a refusal,
+    /// [`LocalResources`](Self::LocalResources) when this host is out of descriptors,
+    /// memory or local ports, [`Connect`](Self::Connect) otherwise. [`TcpConnect`](super::TcpConnect)
+    /// classifies its failures so; a connector or probe of your own can too.
+    ///
+    /// ```
+    /// use aegis_core::proxy::ProxyError;
+    /// use std::io;
+    ///
+    /// let addr = "127.0.0.1:1883".parse().unwrap();
+    /// let refused = ProxyError::from_connect(addr, io::ErrorKind::ConnectionRefused.into());
+    /// assert_eq!(refused.label(), "connect_refused");
+    /// let no_port = ProxyError::from_connect(addr, io::ErrorKind::AddrNotAvailable.into());
+    /// assert_eq!(no_port.label(), "local_resources");
+    /// ```
+    pub fn from_connect(addr: SocketAddr, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::ConnectionRefused {
+            Self::ConnectRefused { addr, source }
+        } else if crate::exhausted::exhausted(&source).is_some()
+            // No local port left to connect from (`EADDRNOTAVAIL`): this host's too.
+            || source.kind() == io::ErrorKind::AddrNotAvailable
+        {
+            // This host's descriptors, memory or ports, not the upstream: told apart so
+            // that a circuit breaker does not open on it, nor an operator look at the
+            // upstream.
+            Self::LocalResources { addr, source }
+        } else {
+            Self::Connect { addr, source }
+        }
+    }
+
     /// A stable, low-cardinality label: `connect_timeout`, `connect_refused`,
     /// `local_resources`, `connect_error`, `client_io` or `upstream_io`.
     pub const fn label(&self) -> &'static str {

@@ -1,0 +1,54 @@
+//! The process's open-files limit, and the connection cap it allows.
+//!
+//! Each proxied client holds descriptors of this process: its socket and the upstream
+//! one, and with the embedded broker rumqttd's end of that too. Out of descriptors,
+//! `accept()` fails with `EMFILE` and the accept loop backs off: new clients wait in the
+//! kernel's backlog and time out instead of being reset at the cap, the clients already
+//! in fail their upstream connect, and the metrics endpoint stops answering too (and
+//! rumqttd, which retries a failed accept at once, spins a core). A service's soft limit
+//! is often 1,024 (systemd's default, most login shells), about 500 clients, where the
+//! default `server.max_connections` is 10,000.
+//!
+//! So at start the soft limit is raised to the hard one (as Go's runtime does), and
+//! `server.max_connections` is kept within what it allows, with a warning when that
+//! cuts it: `(limit - FD_RESERVE) / per_client`, at least 1.
+
+/// Descriptors the process holds besides its connections' (standard streams, the
+/// runtimes' epoll and event descriptors, the listeners, the metrics endpoint's
+/// connections, the bans file, auth callouts), kept free by [`connection_cap`].
+pub(crate) const FD_RESERVE: u64 = 128;
+
+/// Raises the soft open-files limit to the hard one; returns the limit now in force,
+/// `None` where it cannot be read.
+pub(crate) fn raise() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot raise the open-files limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        }
+    }
+}
+
+/// `requested`, kept within what an open-files `limit` allows at `per_client`
+/// descriptors a client, with a warning when that cuts it; `requested` when the limit is
+/// unknown.
+pub(crate) fn connection_cap(requested: u64, limit: Option<u64>, per_client: u64) -> u64 {
+    let Some(limit) = limit else {
+        return requested;
+    };
+    let fits = (limit.saturating_sub(FD_RESERVE) / per_client.max(1)).max(1);
+    if requested > fits {
+        tracing::warn!(
+            max_connections = fits,
+            configured = requested,
+            open_files_limit = limit,
+            descriptors_per_client = per_client,
+            "server.max_connections cut to what the open-files limit allows"
+        );
+        return fits;
+    }
+    requested
+}
