@@ -97,6 +97,11 @@ const EXIT_CONFIG: u8 = 2;
 /// drain runs out of time.
 const EXIT_FORCED: u8 = 1;
 
+/// How long the stopping gateway waits for the last write of the bans file, after the
+/// drain (`server.drain_timeout`, 25 s by default, plus this stays under Kubernetes'
+/// default grace period of 30 s).
+const LAST_BANS_WRITE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The MQTT listener's backlog, as `TcpListener::bind`'s.
 const BACKLOG: u32 = 1024;
 
@@ -373,12 +378,22 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
             (report.drained(), report.aborted())
         }
     };
-    // The last write of the bans, after the drain.
+    // The last write of the bans, after the drain: bounded, so that a stuck disk does
+    // not keep a stopping gateway past its supervisor's grace period (the file is
+    // replaced by a rename, so a write cut short leaves the previous one whole).
     let _ = drained_tx.send(());
-    if let Some(writer) = bans_writer
-        && let Err(e) = writer.await
-    {
-        tracing::warn!(error = %e, "the bans file writer failed: the last bans are not written");
+    if let Some(writer) = bans_writer {
+        match tokio::time::timeout(LAST_BANS_WRITE, writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "the bans file writer failed: the last bans are not written"
+            ),
+            Err(_) => tracing::warn!(
+                timeout = ?LAST_BANS_WRITE,
+                "the last bans file write did not finish in time: the last bans may not be written"
+            ),
+        }
     }
     tracing::info!(drained, aborted, "stopped");
     Ok(u8::from(!drained))
