@@ -94,21 +94,31 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
              which would be over the {MAX_LEN} bytes read back at start-up"
         );
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    // A leftover of this process's own crash: `create_new` refuses any file there (or a
-    // link put in its place).
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&json)?;
-            f.sync_all()
+    // A name no other writer uses: the PID alone is not (two gateways sharing the file
+    // from two containers may both be PID 1), so a random part too, and `create_new`
+    // refuses any file already there (or a link put in its place) rather than remove
+    // it: it may be another writer's.
+    let (tmp, file) = (0..8)
+        .find_map(|_| {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(format!(".{}.{:016x}.tmp", std::process::id(), random()));
+            let tmp = PathBuf::from(tmp);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+            {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                file => Some((tmp, file)),
+            }
         })
+        .ok_or_else(|| io::Error::other("no free name for the temporary bans file"))?;
+    // Only a file this call created is removed on failure.
+    let mut file = file?;
+    let written = file
+        .write_all(&json)
+        .and_then(|()| file.sync_all())
         .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -117,6 +127,15 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(bans.len() - left_out)
+}
+
+/// A random number, different in each call and each process (std's hasher keys, drawn
+/// from the OS once per thread and stepped on each `RandomState::new`).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// Keeps `path` up to date with `security`'s bans: writes them every `every` when they

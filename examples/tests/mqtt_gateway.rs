@@ -1187,6 +1187,45 @@ async fn the_bans_file_is_written_at_the_first_signal() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The bans file is written through a temporary file of a name no other writer uses: a
+/// second gateway sharing the file (a rolling update over one volume, where both may be
+/// PID 1 of their containers) with a temporary file at `<file>.<pid>.tmp` keeps it, where
+/// before the first removed it, the two renamed each other's half-written files, and the
+/// bans file could be left truncated.
+#[tokio::test]
+async fn the_bans_file_write_leaves_another_writers_temporary_file_alone() {
+    let dir = scratch("bans-file-tmp");
+    let file = dir.join("bans.json");
+    let config = format!(
+        "[security]\nadmin = true\nbans_file = {:?}\nbans_save_every = \"1h\"\n",
+        file.display().to_string()
+    );
+    let mut gw = Gateway::start("bans-file-tmp", &config, &[]).await;
+    let ban = "/bans?key=addr&value=127.0.16.2&for=1h";
+    assert_eq!(http_request(gw.metrics, "POST", ban).await.unwrap().0, 200);
+    // Another writer's temporary file, at the name this gateway's PID gave before.
+    let theirs_name = format!("bans.json.{}.tmp", gw.pid());
+    let theirs = dir.join(&theirs_name);
+    std::fs::write(&theirs, "another writer's half").unwrap();
+    gw.terminate();
+    assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(written.contains("127.0.16.2/32"), "{written}");
+    assert_eq!(
+        std::fs::read_to_string(&theirs).unwrap(),
+        "another writer's half"
+    );
+    // Its own temporary files are gone.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert_eq!(left, [theirs_name]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `server.runtime = "per-core"` on two cores: the first session is served by the
 /// accepting runtime, the second by the other (by load: the first is still open), and a
 /// signal drains both.
