@@ -44,12 +44,18 @@
 //! leaves it out of the latency samples it gives the adaptive controller, which must
 //! measure the backend, not how slowly a client uploads.
 //!
+//! The same time is left out of the response timeout: the backend has `backend_timeout`
+//! of its own time, so a body finished just before its deadline does not leave the
+//! backend the few milliseconds that remain (see [`Upstream`](crate::proxy::Upstream)).
+//!
 //! A stall has one more clock when the request is the half-open breaker's probe: the
 //! breaker counts a probe still in flight at its probe timeout as failed and re-opens,
 //! whatever the call reports later. So [`Upstream`](crate::proxy::Upstream) checks a
 //! probe shortly before that timeout too (see
 //! [`Upstream::watch_probes`](crate::proxy::Upstream::watch_probes)): one still waiting
-//! on the client ends there as a stall, and the breaker gets its "ignore" in time.
+//! on the client, or whose client's body took too much of the probe's time for the
+//! backend to be judged on its own, ends there as a stall, and the breaker gets its
+//! "ignore" in time.
 //!
 //! The breaker's classifier ignores a [`ClientBodyError`]; the proxy answers `400`
 //! (`408` for a stall, `413` over the size limit), unless the backend has answered

@@ -136,9 +136,10 @@ pub struct Config {
     pub warmup: Duration,
     /// Connecting to a backend.
     pub connect_timeout: Duration,
-    /// A backend's response headers, and the client's request body: both must be in
+    /// A backend's response headers, and the client's request body: the body must be in
     /// within this of the call to the backend, even when the backend answers before it
-    /// has read the body (see `client_body`). Also the longest a write to a backend
+    /// has read the body (see `client_body`), and the headers within this of the
+    /// backend's own time (the call's time less the time spent waiting on the body). Also the longest a write to a backend
     /// connection may wait without progress (a backend that stops reading the body):
     /// the connection is closed then (see `write_timeout`).
     pub backend_timeout: Duration,

@@ -15,8 +15,9 @@
 //! early by a per-connection draw, 75 s of silence within a request), hyper's header
 //! read timeout of 10 s for each later request, counted from the end of the previous
 //! response (so an idle keep-alive connection is closed after 10 s), and the 30 s
-//! backend timeout for both a backend's response headers and the client's whole request
-//! body, which also closes a backend connection whose writes have made no progress for
+//! backend timeout for both the client's whole request body (from the call to the
+//! backend) and a backend's response headers (30 s of the backend's own time, the time
+//! spent waiting on the client's body left out), which also closes a backend connection whose writes have made no progress for
 //! that long (a backend that answered and stopped reading the body). Each request then
 //! passes header limits
 //! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has

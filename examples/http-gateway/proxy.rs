@@ -22,7 +22,8 @@
 //! | the request body grew past the limit while streaming | `413` | no |
 //! | the request body was malformed or cut off | `400` | no |
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
-//! | the backend did not answer within the response timeout | `504` | yes: the timeout |
+//! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
+//! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //!
@@ -74,7 +75,7 @@ use tokio::time::error::Elapsed;
 use tower::{Service, ServiceExt};
 
 use crate::balance::Pool;
-use crate::client_body::{ClientBody, ClientBodyError};
+use crate::client_body::{ClientBody, ClientBodyError, Progress};
 use crate::headers::strip_hop_by_hop;
 use crate::write_timeout::WriteTimeout;
 
@@ -162,10 +163,20 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 /// [`ClientBody`]: its errors, and a timeout while the gateway waits on the client's
 /// body, are [`ClientBodyError`]s.
 ///
+/// The response timeout bounds the backend's own time: the call's time less the time
+/// spent waiting on the client's body ([`Progress::client_time`]). It first fires at
+/// `timeout` from the call (the body's own deadline too); if the gateway is not waiting
+/// on the client then, it is re-armed for what is left of the backend's `timeout`, until
+/// that is spent (`504`, the backend's failure). One deadline for both once made a body
+/// finished just before it leave the backend the milliseconds that remained, and the
+/// backend's breaker count the client's slowness as the backend's failure. A call lasts
+/// at most some twice `timeout`: the client's waits end at the body's deadline.
+///
 /// With [`watch_probes`](Self::watch_probes), a call made while the backend's breaker is
 /// half-open (the breaker's probe) that still waits on the client's body shortly before
-/// the breaker's probe timeout ends then as a stalled body (`408`), so that the breaker
-/// hears "ignore" before it would count the probe as failed (see [`crate::client_body`]).
+/// the breaker's probe timeout, or whose backend the client's body has left too little
+/// of the probe's time, ends then as a stalled body (`408`), so that the breaker hears
+/// "ignore" before it would count the probe as failed (see [`crate::client_body`]).
 ///
 /// With [`record_latency`](Self::record_latency), it gives the adaptive controller one
 /// latency sample per call that did not fail on the client's body
@@ -182,8 +193,30 @@ pub struct Upstream {
 #[derive(Clone, Debug)]
 struct ProbeWatch {
     breaker: CircuitHandle,
-    /// From the call: when a probe still waiting on the client's body ends as a stall.
+    window: ProbeWindow,
+}
+
+/// A probe's time as the breaker gives it, from the call.
+#[derive(Clone, Copy, Debug)]
+struct ProbeWindow {
+    /// When a probe still in flight is checked: one waiting on the client's body ends
+    /// as a stall, and so does one whose backend has had too little of its own time
+    /// ([`shortchanged`](Self::shortchanged)).
     stall_after: Duration,
+    /// From `stall_after` to the breaker's probe timeout.
+    margin: Duration,
+}
+
+impl ProbeWindow {
+    /// Whether a probe waiting on the backend at `stall_after`, whose backend has had
+    /// `backend` of its own time by then, would be counted failed by the breaker with
+    /// less of its own time than a probe of a client that sent its body at once has:
+    /// `stall_after` (up to `margin` more), or the response `timeout` if shorter. The
+    /// client's waits took the rest of the window, and the probe ends as a stall, which
+    /// the breaker ignores, rather than as the backend's failure at the probe timeout.
+    fn shortchanged(self, backend: Duration, timeout: Duration) -> bool {
+        backend.saturating_add(self.margin) < self.stall_after.min(timeout)
+    }
 }
 
 /// The most time left between a probe's stall answer and the breaker's probe timeout:
@@ -228,7 +261,12 @@ impl Upstream {
     /// whose probe timeout is `probe_timeout`: a probe still waiting on the client's
     /// body a fifth of `probe_timeout` (at most [`PROBE_STALL_MARGIN`]) before it ends
     /// as a stalled body, which the breaker ignores. A probe waiting on the backend then
-    /// goes on, and the breaker counts it failed at its probe timeout, as before.
+    /// ends so too if the backend would reach the probe timeout with less of its own
+    /// time than that check's (or the response timeout, if shorter): the client's body
+    /// took the rest (a body finished just before the check once left the backend the
+    /// margin alone, and the breaker re-opened on the client's account). Otherwise it
+    /// goes on, and the breaker counts it failed at its probe timeout: the backend had
+    /// its time.
     ///
     /// Without this, a client slow to send the body of the request that became the
     /// probe kept the probe in flight past the probe timeout, and the breaker re-opened
@@ -237,7 +275,10 @@ impl Upstream {
         let margin = (probe_timeout / 5).min(PROBE_STALL_MARGIN);
         self.probes = Some(ProbeWatch {
             breaker,
-            stall_after: probe_timeout.saturating_sub(margin),
+            window: ProbeWindow {
+                stall_after: probe_timeout.saturating_sub(margin),
+                margin,
+            },
         });
         self
     }
@@ -256,7 +297,8 @@ impl Service<Request<GatewayBody>> for Upstream {
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let start = Instant::now();
-        let until = deadline(start, self.timeout);
+        let timeout = self.timeout;
+        let until = deadline(start, timeout);
         // The body's own deadline: the response timeout ends at the response head, and
         // hyper goes on sending the body after it (see `crate::client_body`).
         let (parts, body) = req.into_parts();
@@ -264,45 +306,70 @@ impl Service<Request<GatewayBody>> for Upstream {
         let req = Request::from_parts(parts, body.boxed_unsync());
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
         // and a half-open breaker admits only probes (a forced state reads as itself).
-        let stall_check = self
+        // A call lasts at most twice the timeout: the client's waits end at `until`, the
+        // backend's own time at `timeout`.
+        let probe = self
             .probes
             .as_ref()
-            .filter(|p| p.stall_after < self.timeout)
+            .filter(|p| p.window.stall_after < timeout.saturating_mul(2))
             .filter(|p| p.breaker.state() == CircuitState::HalfOpen)
-            .map(|p| p.stall_after);
+            .map(|p| p.window);
         let res = self.client.request(req);
         let latency = self.latency.clone();
         Box::pin(async move {
             let res: Result<Response<Incoming>, BoxError> = async {
                 let mut res = std::pin::pin!(res);
-                if let Some(after) = stall_check {
-                    match tokio::time::timeout(after, &mut res).await {
+                let mut check = probe.map(|p| deadline(start, p.stall_after));
+                let mut at = until;
+                loop {
+                    let next = check.map_or(at, |c| c.min(at));
+                    let elapsed = match tokio::time::timeout_at(next, &mut res).await {
                         Ok(res) => return Ok(res?),
                         Err(_) if progress.waiting_on_client() => {
                             return Err(ClientBodyError::stalled().into());
                         }
-                        Err(_) => {} // waiting on the backend: its time, on to the timeout
+                        Err(elapsed) => elapsed,
+                    };
+                    let now = Instant::now();
+                    let backend = backend_time(start, now, &progress);
+                    if let (Some(p), Some(c)) = (probe, check)
+                        && now >= c
+                    {
+                        check = None;
+                        if p.shortchanged(backend, timeout) {
+                            tracing::debug!(
+                                ?backend,
+                                "the client's body took the probe's time: ended as a stall"
+                            );
+                            return Err(ClientBodyError::stalled().into());
+                        }
                     }
-                }
-                match tokio::time::timeout_at(until, res).await {
-                    Ok(res) => Ok(res?),
-                    Err(_) if progress.waiting_on_client() => {
-                        Err(ClientBodyError::stalled().into())
+                    if now >= at {
+                        // Waiting on the backend: its own time, less the client's, is
+                        // what the timeout bounds.
+                        match timeout.checked_sub(backend).filter(|left| !left.is_zero()) {
+                            Some(left) => at = deadline(now, left),
+                            None => return Err(elapsed.into()),
+                        }
                     }
-                    Err(elapsed) => Err(elapsed.into()),
                 }
             }
             .await;
             if let Some(latency) = latency
                 && is_backend_sample(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)))
             {
-                let now = Instant::now();
-                let took = now.saturating_duration_since(start);
-                latency.record(took.saturating_sub(progress.client_time(now)));
+                latency.record(backend_time(start, Instant::now(), &progress));
             }
             res
         })
     }
+}
+
+/// The backend's own time of a call made at `start`, up to `now`: the call's time less
+/// the time the gateway waited on the client's body.
+fn backend_time(start: Instant, now: Instant, progress: &Progress) -> Duration {
+    now.saturating_duration_since(start)
+        .saturating_sub(progress.client_time(now))
 }
 
 /// Whether a finished call to a backend is a latency sample of the backend: its

@@ -82,6 +82,8 @@ struct Seen {
     last_headers: Mutex<Option<HeaderMap>>,
     /// Milliseconds to wait before answering a request (not `/healthz`).
     delay_ms: AtomicUsize,
+    /// Milliseconds to wait after reading a request's body, before answering.
+    after_body_ms: AtomicUsize,
 }
 
 /// A hyper backend on a fixed loopback port that can be stopped and started again.
@@ -179,6 +181,8 @@ async fn answer(
         .await
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
+    let after = seen.after_body_ms.load(Ordering::SeqCst);
+    sleep(Duration::from_millis(u64::try_from(after).unwrap())).await;
     let mut res = Response::new(Full::new(Bytes::from(format!("read {body} bytes"))));
     if seen.fail.load(Ordering::SeqCst) {
         *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -1318,6 +1322,72 @@ async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controlle
         let out = post_split_body(gw.addr, pause).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     }
+}
+
+/// A client sent its body's last byte just before the response timeout, and the backend
+/// needed 300 ms after it: one deadline bounded both, so the backend was left the few
+/// milliseconds the client had not used, answered `504`, and its breaker counted the
+/// client's slowness as its failure (one address could open every backend's breaker).
+/// The backend now has the whole timeout of its own time.
+#[tokio::test(start_paused = true)]
+async fn a_body_finished_just_before_the_timeout_leaves_the_backend_its_own_time() {
+    let b0 = Backend::start().await;
+    b0.seen.after_body_ms.store(300, Ordering::SeqCst);
+    let mut cfg = config(&[&b0]);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    cfg.breaker_failures = 1;
+    cfg.backend_timeout = Duration::from_secs(2);
+    let gw = start(&cfg).await;
+    let out = post_split_body(gw.addr, Duration::from_millis(1900)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("read 2 bytes"), "{out}");
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+
+    // The backend's own time is still bounded: 2.1 s after a body sent at once.
+    b0.seen.after_body_ms.store(2_100, Ordering::SeqCst);
+    let out = post_split_body(gw.addr, Duration::ZERO).await;
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+}
+
+/// The same on the half-open breaker's probe: a body finished just before the probe's
+/// stall check left the backend the second before the probe timeout, and the breaker
+/// counted the probe failed and re-opened. The probe now ends as the client's stall.
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_body_took_its_window_does_not_reopen_the_breaker() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.health_interval = Duration::MAX;
+    cfg.breaker_failures = 1;
+    cfg.breaker_open_for = Duration::from_secs(5); // the probe's stall check at 4 s
+    cfg.backend_timeout = Duration::from_secs(10);
+    let gw = start(&cfg).await;
+    b0.fail(true);
+    assert_eq!(
+        get(gw.addr).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+    b0.fail(false);
+    sleep(cfg.breaker_open_for).await;
+    assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);
+
+    // The probe: its body's last byte at 3.9 s, then 1.5 s of the backend's time.
+    b0.seen.after_body_ms.store(1_500, Ordering::SeqCst);
+    let out = post_split_body(gw.addr, Duration::from_millis(3900)).await;
+    assert_ne!(
+        gw.breakers[0].state(),
+        CircuitState::Open,
+        "the client's time failed the probe: {out}"
+    );
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    b0.seen.after_body_ms.store(0, Ordering::SeqCst);
+    assert_eq!(
+        get(gw.addr).await.status(),
+        StatusCode::OK,
+        "the next probe"
+    );
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
 }
 
 #[tokio::test]
