@@ -65,7 +65,9 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
-use hyper::header::{ALLOW as ALLOW_HEADER, CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    ALLOW as ALLOW_HEADER, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING,
+};
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
@@ -500,8 +502,16 @@ where
 
 /// The backend's answer as relayed: hop-by-hop headers removed, HTTP/1.1 (the
 /// backend's version is its own hop's), the body boxed.
+///
+/// A `Content-Length` beside a `Transfer-Encoding` is removed too (RFC 9112 §6.3: an
+/// intermediary must): hyper's client frames such a body by the transfer coding and
+/// leaves both headers, and once the stripping took the `Transfer-Encoding`, hyper's
+/// server sent the body with the stale length, cutting a longer one short.
 fn from_backend(res: Response<Incoming>) -> Response<GatewayBody> {
     let (mut parts, body) = res.into_parts();
+    if parts.headers.contains_key(TRANSFER_ENCODING) {
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11; // hyper answers a 1.0 client in 1.0 itself
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())

@@ -1111,6 +1111,60 @@ async fn a_backend_that_stops_reading_the_body_is_disconnected_at_the_backend_ti
 // Request targets
 // ---------------------------------------------------------------------------------
 
+/// A raw backend that reads a request head and answers `answer` to it, then closes the
+/// connection; `/healthz` is answered `200`.
+async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let answer: &[u8] = if head.starts_with(b"GET /healthz ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                } else {
+                    answer
+                };
+                let _ = stream.write_all(answer).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A gateway over the one backend at `addr`.
+async fn start_over(addr: SocketAddr) -> Gateway {
+    let mut cfg = config(&[]);
+    cfg.backends = vec![BackendSpec { addr, weight: 1 }];
+    start(&cfg).await
+}
+
+/// A backend's chunked answer with a stale `Content-Length: 3`: the gateway stripped
+/// the `Transfer-Encoding` and kept the length, and hyper's server cut the body to it.
+#[tokio::test]
+async fn a_chunked_answer_with_a_content_length_reaches_the_client_whole() {
+    let (backend, _backend) = raw_backend(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
+          6\r\nabcdef\r\n0\r\n\r\n",
+    )
+    .await;
+    let gw = start_over(backend).await;
+    let req = Request::get("/")
+        .header("host", "gw.test")
+        .body(Full::default())
+        .unwrap();
+    let res = send(gw.addr, req).await.expect("a whole answer");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(&res.body()[..], b"abcdef");
+}
+
 #[tokio::test]
 async fn only_origin_form_targets_reach_a_backend() {
     let b0 = Backend::start().await;
