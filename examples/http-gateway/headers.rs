@@ -65,7 +65,9 @@ pub const CLIENT_ADDRESS_HEADERS: [&str; 20] = [
 /// Headers that `Connection` cannot name away: `Host`, checked before the stripping and
 /// copied to `X-Forwarded-Host` after it (without it, hyper's client would send the
 /// backend's own address as `Host`), and the framing headers. `Transfer-Encoding` is
-/// hop-by-hop all the same and goes with [`HOP_BY_HOP`] (hyper frames each hop itself).
+/// hop-by-hop all the same and goes with [`HOP_BY_HOP`] (hyper frames each hop itself;
+/// the proxy marks a request body of unknown length chunked again, since hyper's client
+/// would send a `GET` without it bodiless).
 pub const NOT_NAMEABLE: [HeaderName; 3] = [
     header::HOST,
     header::CONTENT_LENGTH,

@@ -476,6 +476,11 @@ where
 /// The request as sent to `addr`: absolute `http://addr/path?query` URI (the client's
 /// `Host` header is kept), HTTP/1.1, the body boxed. Fails, rather than sending the
 /// request anywhere else, if its target is not origin-form or the URI does not build.
+///
+/// A body of unknown length (the client's was chunked; its `Transfer-Encoding` is
+/// hop-by-hop and was stripped) is sent with `Transfer-Encoding: chunked` set here:
+/// without either framing header, hyper's client sends a `GET`, `HEAD` or `CONNECT`
+/// request with no body at all, and the client's body was silently dropped.
 fn to_backend<B>(req: Request<B>, addr: SocketAddr) -> Result<Request<GatewayBody>, BoxError>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -494,6 +499,11 @@ where
         .path_and_query(target)
         .build()?;
     parts.version = Version::HTTP_11;
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        parts
+            .headers
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
     Ok(Request::from_parts(
         parts,
         body.map_err(Into::into).boxed_unsync(),

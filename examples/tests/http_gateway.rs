@@ -1111,6 +1111,25 @@ async fn a_backend_that_stops_reading_the_body_is_disconnected_at_the_backend_ti
 // Request targets
 // ---------------------------------------------------------------------------------
 
+/// A `GET` with a chunked body: the gateway stripped the `Transfer-Encoding`, and
+/// hyper's client, left with no framing header and a body of unknown length, sent the
+/// request with no body.
+#[tokio::test]
+async fn a_chunked_body_of_a_get_reaches_the_backend() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    let out = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("read 3 bytes"), "{out}");
+    let headers = b0.seen.last_headers.lock().clone().unwrap();
+    assert_eq!(headers["transfer-encoding"], "chunked");
+}
+
 /// A raw backend that reads a request head and answers `answer` to it, then closes the
 /// connection; `/healthz` is answered `200`.
 async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
