@@ -210,6 +210,28 @@ fn is_host_port(authority: &Authority) -> bool {
     port_ok && host_ok
 }
 
+/// A `Transfer-Encoding` other than one `chunked` (RFC 9112 §6.1): a transfer coding
+/// the gateway does not implement.
+///
+/// hyper reads a message whose last coding is `chunked` (`gzip, chunked`,
+/// `chunked, chunked`, or `gzip` and `chunked` fields) and undoes the chunked framing
+/// alone; the stripped `Transfer-Encoding` then took the other codings with it, and the
+/// peer got still-encoded bytes as an identity body, with nothing saying so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownCoding;
+
+/// Checks that `Transfer-Encoding`, if present, is exactly one `chunked` (one field,
+/// one token, any case): a request otherwise is answered `501`, a backend's response
+/// `502`.
+pub fn check_transfer_coding(headers: &HeaderMap) -> Result<(), UnknownCoding> {
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(UnknownCoding),
+    }
+}
+
 /// Why a request's headers are refused (answered `431`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TooLarge {
@@ -652,6 +674,33 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn only_one_chunked_is_a_known_transfer_coding() {
+        for ok in [&[][..], &["chunked"], &["Chunked"], &["CHUNKED"]] {
+            let h = map(&ok
+                .iter()
+                .map(|v| ("transfer-encoding", *v))
+                .collect::<Vec<_>>());
+            assert_eq!(check_transfer_coding(&h), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+            &["gzip"],
+            &["identity"],
+            &["chunked;x=1"],
+            &[""],
+        ] {
+            let h = map(&bad
+                .iter()
+                .map(|v| ("transfer-encoding", *v))
+                .collect::<Vec<_>>());
+            assert_eq!(check_transfer_coding(&h), Err(UnknownCoding), "{bad:?}");
+        }
     }
 
     #[test]

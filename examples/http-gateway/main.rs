@@ -20,7 +20,8 @@
 //! spent waiting on the client's body left out), which also closes a backend connection whose writes have made no progress for
 //! that long (a backend that answered and stopped reading the body). Each request then
 //! passes header limits
-//! (`431`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
+//! (`431`), a transfer-coding check (`501` for a `Transfer-Encoding` other than one
+//! `chunked`; a backend's answer with such a one is `502`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
 //! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
 //! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other

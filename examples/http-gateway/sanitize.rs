@@ -1,7 +1,10 @@
 //! [`Sanitize`]: the request side of the proxy's header rules, as a tower service.
 //!
-//! Before the request goes on: headers over the limits are answered `431` and a missing
-//! (HTTP/1.1), repeated or invalid `Host` `400`, without calling the inner service;
+//! Before the request goes on: a `Transfer-Encoding` other than one `chunked` is
+//! answered `501` (RFC 9112 §6.1; see
+//! [`check_transfer_coding`](crate::headers::check_transfer_coding)), headers over the
+//! limits `431` and a missing (HTTP/1.1), repeated or invalid `Host` `400`, without
+//! calling the inner service;
 //! hop-by-hop headers are removed, and so is every header whose name has an underscore
 //! (as nginx does by default: see
 //! [`remove_underscored`](crate::headers::remove_underscored)); the client's forwarding
@@ -9,7 +12,7 @@
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
 //! [`set_forwarded`](crate::headers::set_forwarded)). The rules and their order are
-//! [`sanitize_request`]'s. The layer is built per
+//! [`sanitize_request`]'s, after the transfer coding's check. The layer is built per
 //! connection, since it carries that connection's client address.
 
 use std::future::Future;
@@ -21,7 +24,7 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{Refused, sanitize_request};
+use crate::headers::{Refused, check_transfer_coding, sanitize_request};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -59,7 +62,8 @@ impl<S> Layer<S> for SanitizeLayer {
     }
 }
 
-/// Refuses oversized headers with `431` and a bad `Host` with `400`, strips hop-by-hop
+/// Refuses an unknown transfer coding with `501`, oversized headers with `431` and a bad
+/// `Host` with `400`, strips hop-by-hop
 /// headers and sets the forwarding headers. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Sanitize<S> {
@@ -83,6 +87,17 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limits = self.limits;
         let version = req.version();
+        // Before the stripping takes `Transfer-Encoding` away.
+        if let Err(e) = check_transfer_coding(req.headers()) {
+            tracing::debug!(?e, "request refused");
+            let res = local_response(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer coding not implemented\n",
+            );
+            return ResponseFuture {
+                state: State::Refused { res: Some(res) },
+            };
+        }
         let refused = match sanitize_request(
             req.headers_mut(),
             version,

@@ -9,7 +9,8 @@
 //!    `Referrer-Policy: no-referrer`, and `Strict-Transport-Security` when configured;
 //! 2. the body limit (tower-http `RequestBodyLimit`: `413` on a `Content-Length` over
 //!    the limit; a streamed body is cut there and the proxy answers `413`);
-//! 3. [`Sanitize`](crate::sanitize::Sanitize): `431` on too many or too large headers,
+//! 3. [`Sanitize`](crate::sanitize::Sanitize): `501` on a `Transfer-Encoding` other
+//!    than one `chunked`, `431` on too many or too large headers,
 //!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping,
 //!    headers with an underscore in their name removed, the client's forwarding headers
 //!    replaced (`X-Forwarded-For` from the connection's client address,

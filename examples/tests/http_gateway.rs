@@ -1130,6 +1130,62 @@ async fn a_chunked_body_of_a_get_reaches_the_backend() {
     assert_eq!(headers["transfer-encoding"], "chunked");
 }
 
+/// hyper's server reads a request whose last transfer coding is `chunked` and undoes
+/// the chunked framing alone: the gateway stripped the `Transfer-Encoding`, and the
+/// backend got the still-gzipped bytes as a plain body. A coding other than one
+/// `chunked` is now answered `501`.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_501() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    for coding in [
+        "Transfer-Encoding: gzip, chunked",
+        "Transfer-Encoding: chunked, chunked",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+    ] {
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: gw\r\n{coding}\r\nConnection: close\r\n\r\n\
+             3\r\nabc\r\n0\r\n\r\n"
+        );
+        let out = raw(gw.addr, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 501"), "{coding}: {out}");
+    }
+    assert_eq!(b0.hits(), 0);
+    let out = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n\
+          3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.ends_with("read 3 bytes"), "{out}");
+}
+
+/// A backend's `gzip, chunked` answer reached the client as raw gzip, the stripped
+/// `Transfer-Encoding` gone and nothing saying so. It is now `502`, the backend's
+/// failure.
+#[tokio::test]
+async fn a_backends_transfer_coding_other_than_chunked_is_502() {
+    let (backend, _backend) = raw_backend(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+          3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    let mut cfg = config(&[]);
+    cfg.backends = vec![BackendSpec {
+        addr: backend,
+        weight: 1,
+    }];
+    cfg.breaker_failures = 1;
+    let gw = start(&cfg).await;
+    let req = Request::get("/")
+        .header("host", "gw.test")
+        .body(Full::default())
+        .unwrap();
+    let res = send(gw.addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY, "{:?}", res.body());
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+}
+
 /// A raw backend that reads a request head and answers `answer` to it, then closes the
 /// connection; `/healthz` is answered `200`.
 async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
