@@ -7,7 +7,7 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
-//! | `aegis_connections_total` | counter | `outcome`: `ok`, `rejected`, `error`, `over_capacity`, `aborted`, `panicked` | connections by how they ended (`over_capacity`: reset at accept by the connection cap; `aborted`: cut at the end of a shutdown drain; `panicked`: its service panicked, a bug, and the connection was closed; `error` also counts a connection that `serve::share_out` could not hand to another runtime) |
+//! | `aegis_connections_total` | counter | `outcome`: `ok`, `rejected`, `error`, `over_capacity`, `aborted`, `panicked` | connections by how they ended (`over_capacity`: reset at accept by the connection cap; `aborted`: cut at the end of a shutdown drain, or queued for a `serve::Shard` dropped before it took it; `panicked`: its service panicked, a bug, and the connection was closed; `error` also counts a connection that `serve::share_out` could not hand to another runtime) |
 //! | `aegis_active_connections` | gauge | | connections being served now |
 //! | `aegis_accept_errors_total` | counter | `kind`: `emfile`, `enfile`, `nobufs`, `nomem`, `connection`, `other` | failed `accept()` calls; the loop backs off and keeps serving |
 //! | `aegis_rejections_total` | counter | `layer`, `reason` | typed rejections, see [`crate::error`]; each layer documents its reasons |

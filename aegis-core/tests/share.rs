@@ -1,11 +1,12 @@
 //! `serve::share_out` over real loopback sockets: which runtime serves each connection,
-//! and that nothing accepted is lost when a shard cannot take it.
+//! and that nothing accepted is lost when a shard cannot take it, or stops.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use aegis_core::metrics::{self as m, testing};
 use aegis_core::serve::{Acceptor, ConnectionCap, Shard, share_out};
 use aegis_core::{Conn, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -351,4 +352,160 @@ fn by_load_the_acceptor_keeps_connections_while_it_serves_no_more_than_its_share
     let (me, shard) = (Some(me.as_str()), Some("shard"));
     assert_eq!(names(&one_at_a_time), [me; 4]);
     assert_eq!(names(&held), [me, shard, me, shard]);
+}
+
+/// Serves `acceptor` (in turn, on the current runtime) and connects `2 n` clients one
+/// after the other: the acceptor answers every other one and hands the others to its
+/// shard, which is not served yet. The clients left waiting in the shard's queue.
+async fn queue_for_shard(acceptor: Acceptor, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let me = std::thread::current().name().unwrap().to_owned();
+    spawn_serving(acceptor);
+    let mut queued = Vec::new();
+    for _ in 0..n {
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(name_of_server(&mut kept).await, me);
+        queued.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Answered only once the acceptor has handed the one before it out.
+    let mut last = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(name_of_server(&mut last).await, me);
+    queued
+}
+
+/// What each client hears until the server closes it: "" when closed unanswered.
+async fn answers(clients: Vec<TcpStream>) -> Vec<String> {
+    let mut names = Vec::new();
+    for mut client in clients {
+        let mut name = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut name));
+        let _ = read.await.expect("answered or closed");
+        names.push(name);
+    }
+    names
+}
+
+/// Connections the acceptor admitted and queued for a shard, whose runtime had not
+/// taken them when the signal came, are served in the shard's drain: not closed
+/// unserved while the report says drained. They take places in the cap as any other,
+/// and give them back.
+#[test]
+fn connections_queued_for_a_shard_when_it_stops_are_served_in_its_drain() {
+    const N: usize = 3;
+    let rt = runtime();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    let (go, held) = std::sync::mpsc::channel::<()>();
+    let shard = std::thread::Builder::new()
+        .name("shard".into())
+        .spawn(move || {
+            // Held: the shard's serve is not polled until its queue holds the N.
+            held.recv().unwrap();
+            testing::run(false, || async move {
+                let cap = ConnectionCap::new(N);
+                // The signal has come before the loop's first poll.
+                let report = serve(shard, thread_name_service(false))
+                    .connection_cap(cap.clone())
+                    .with_graceful_shutdown(std::future::ready(()))
+                    .await;
+                (report, cap.open())
+            })
+        })
+        .unwrap();
+    let queued = rt.block_on(queue_for_shard(acceptor, addr, N));
+    go.send(()).unwrap();
+    let ((report, open), snap) = shard.join().unwrap();
+    let names = rt.block_on(answers(queued));
+    assert_eq!(names, ["shard"; N], "every queued client is served");
+    let got = testing::capture(&snap);
+    let ok = got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]);
+    let all = got.counter(m::CONNECTIONS_TOTAL, &[]);
+    assert_eq!((ok, all), (N as u64, N as u64));
+    assert!(report.drained(), "{report:?}");
+    assert_eq!(open, 0, "every place in the cap is given back");
+}
+
+/// A shard dropped with connections still queued (its serve never ran, its runtime is
+/// gone) closes them unserved, and counts each as aborted.
+#[test]
+fn a_shard_dropped_with_connections_queued_counts_each_aborted() {
+    const N: usize = 3;
+    let rt = runtime();
+    let (acceptor, shard, addr) = split(&rt, 8);
+    let queued = rt.block_on(queue_for_shard(acceptor, addr, N));
+    let ((), snap) = testing::run(false, || async move { drop(shard) });
+    let got = testing::capture(&snap);
+    let aborted = got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "aborted")]);
+    let all = got.counter(m::CONNECTIONS_TOTAL, &[]);
+    assert_eq!((aborted, all), (N as u64, N as u64));
+    assert_eq!(rt.block_on(answers(queued)), [""; N]);
+}
+
+/// A listener that accepts nothing and, at stop, gives one queued connection, then
+/// stalls as a hand-out under way on a stuck acceptor thread would, then gives a
+/// second one, arrived only once the drain deadline has passed.
+struct StalledQueue {
+    queued: std::collections::VecDeque<Conn<TcpStream>>,
+    polls: usize,
+}
+
+impl aegis_core::serve::Listener for StalledQueue {
+    type Io = TcpStream;
+
+    fn poll_accept(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<Conn<TcpStream>>> {
+        std::task::Poll::Pending
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Err(std::io::ErrorKind::NotConnected.into())
+    }
+
+    fn poll_queued(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Conn<TcpStream>>> {
+        self.polls += 1;
+        match self.polls {
+            // Stalled: nothing wakes the loop before its deadline, which polls it once
+            // more (3) before the loop gives up waiting, and cuts what came (4).
+            2 | 3 => std::task::Poll::Pending,
+            _ => match self.queued.pop_front() {
+                Some(conn) => std::task::Poll::Ready(Some(conn)),
+                None => std::task::Poll::Pending,
+            },
+        }
+    }
+}
+
+/// A hand-out stalled past the drain deadline: the loop waits for it no longer than
+/// the drain timeout (no hang at shutdown), serves what came before, and cuts what came
+/// after, counted as aborted and in the report, which then says not drained.
+#[test]
+fn a_connection_handed_over_after_the_drain_deadline_is_counted_aborted() {
+    let ((report, answers), snap) = testing::run(true, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        let mut queued = std::collections::VecDeque::new();
+        for _ in 0..2 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            let (io, peer) = listener.accept().await.unwrap();
+            queued.push_back(Conn::new(io, peer, addr));
+        }
+        let stalled = StalledQueue { queued, polls: 0 };
+        let report = serve(stalled, thread_name_service(false))
+            .drain_timeout(Duration::from_secs(5))
+            .with_graceful_shutdown(std::future::ready(()))
+            .await;
+        (report, self::answers(clients).await)
+    });
+    let me = std::thread::current().name().unwrap().to_owned();
+    assert_eq!(answers, [me.as_str(), ""]);
+    assert!(!report.drained(), "{report:?}");
+    assert_eq!(report.aborted(), 1);
+    let got = testing::capture(&snap);
+    let ok = got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]);
+    let aborted = got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "aborted")]);
+    assert_eq!((ok, aborted), (1, 1));
 }

@@ -93,6 +93,19 @@ pub trait Listener: Send + 'static {
         let _ = (open, shared_open);
         Some(conn)
     }
+
+    /// At shutdown, once the loop has stopped accepting: a connection accepted and
+    /// admitted elsewhere and already waiting for this loop, which the loop then serves
+    /// in its drain; `Ready(None)` once none is left and none can come. It never
+    /// accepts a new one. A [`Shard`](super::Shard) gives here what its
+    /// [`Acceptor`](super::Acceptor) had queued for it, so that no connection admitted
+    /// before the signal is closed unserved; `Pending` only while a hand-out to it is
+    /// under way on the acceptor's thread. The loop waits for it no longer than the
+    /// drain timeout. The default has none.
+    fn poll_queued(&mut self, cx: &mut Context<'_>) -> Poll<Option<Conn<Self::Io>>> {
+        let _ = cx;
+        Poll::Ready(None)
+    }
 }
 
 impl Listener for tokio::net::TcpListener {

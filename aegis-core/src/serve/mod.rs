@@ -24,9 +24,11 @@
 //! - **Readiness per connection.** The service's `poll_ready` is awaited inside the
 //!   connection's task, so one slow decision never blocks the accept loop.
 //! - **Graceful shutdown.** With [`Serve::with_graceful_shutdown`], the loop stops
-//!   accepting when the signal fires (the listener is closed), waits for open connections
-//!   to finish for up to [`Serve::drain_timeout`] (30 s by default), then aborts those
-//!   still open. The returned [`Shutdown`] says whether the drain finished.
+//!   accepting when the signal fires (the listener is closed), serves the connections
+//!   admitted before it and already waiting for the loop (queued for a [`Shard`]:
+//!   [`Listener::poll_queued`]), waits for open connections to finish for up to
+//!   [`Serve::drain_timeout`] (30 s by default), then aborts those still open. The
+//!   returned [`Shutdown`] says whether the drain finished.
 //! - **One runtime per core, if wanted.** [`share_out`] splits a `TcpListener` so that
 //!   one runtime accepts and hands the connections in turn to `serve` loops on other
 //!   runtimes, each polling its own connections (see [`share`] for when it helps).
@@ -154,7 +156,9 @@ impl Shutdown {
         self.cancelled
     }
 
-    /// How many connections were still open at the drain deadline and were aborted.
+    /// How many connections were still open at the drain deadline and were aborted,
+    /// with any handed to the loop before the signal that it had not taken by then
+    /// ([`Listener::poll_queued`]).
     pub const fn aborted(&self) -> usize {
         self.aborted
     }
@@ -497,6 +501,13 @@ impl<L: Listener> Listener for Shared<L> {
         // Closed: the task is aborted; the connection closes unserved.
         self.0.lock().as_mut()?.pass_on(conn, open, shared_open)
     }
+
+    fn poll_queued(&mut self, cx: &mut Context<'_>) -> Poll<Option<Conn<Self::Io>>> {
+        match self.0.lock().as_mut() {
+            Some(listener) => listener.poll_queued(cx),
+            None => Poll::Ready(None),
+        }
+    }
 }
 
 impl<L> Drop for Shared<L> {
@@ -600,29 +611,13 @@ where
             continue;
         }
         // Admitted: served here, unless the listener passes it on (to another runtime).
-        let Some(conn) = listener.pass_on(conn, registry.open(), registry.shared_open()) else {
-            continue;
-        };
-        // Over the cap: reset at once, as a refusal by `admit` is (a dropped socket would
-        // close with a FIN and leave a socket behind in FIN_WAIT2 or TIME_WAIT).
-        let Some(slot) = registry.reserve() else {
-            L::refuse(conn.into_inner());
-            registry.over_capacity();
-            tracing::debug!(%peer, "connection cap reached; refused");
-            continue;
-        };
-        let svc = service.clone();
-        registry.spawn(slot, move |slot| {
-            if nodelay && let Err(e) = L::set_nodelay(conn.get_ref(), true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-            // Every event of the connection (a layer's rejection, say) carries its peer
-            // address; a protocol layer records `client_id` once it knows it.
-            let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
-            ConnTask::new(svc, conn, slot).instrument(span)
-        });
+        if let Some(conn) = listener.pass_on(conn, registry.open(), registry.shared_open()) {
+            serve_one::<L, S>(&registry, &service, nodelay, conn);
+        }
     }
 
+    let stopped = tokio::time::Instant::now();
+    let cut = take_queued(&mut listener, &registry, service, nodelay, drain_timeout).await;
     // Stop accepting: closing the listener refuses new connections at once.
     drop(listener);
     tracing::info!(
@@ -630,7 +625,9 @@ where
         ?drain_timeout,
         "shutting down; draining connections"
     );
-    let drained = tokio::time::timeout(drain_timeout, registry.closed()).await;
+    let spent = tokio::time::Instant::now().saturating_duration_since(stopped);
+    let left = drain_timeout.saturating_sub(spent);
+    let drained = tokio::time::timeout(left, registry.closed()).await;
     let aborted = if drained.is_ok() {
         0
     } else {
@@ -641,7 +638,79 @@ where
         registry.closed().await;
         open
     };
-    Shutdown::after_drain(aborted)
+    Shutdown::after_drain(aborted + cut)
+}
+
+/// At stop, serves the connections admitted before the signal and waiting for this loop
+/// (queued by an `Acceptor` for its `Shard`: [`Listener::poll_queued`]), as those
+/// already open are, waiting for them no longer than `drain_timeout`. Returns how many
+/// it cut unserved: only a hand-out stalled past that deadline leaves any.
+async fn take_queued<L, S>(
+    listener: &mut L,
+    registry: &Arc<Registry>,
+    service: S,
+    nodelay: bool,
+    drain_timeout: Duration,
+) -> usize
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let took = tokio::time::timeout(drain_timeout, async {
+        // Moved in: a reference held across the await would need `S: Sync`.
+        let service = service;
+        while let Some(conn) = std::future::poll_fn(|cx| listener.poll_queued(cx)).await {
+            serve_one::<L, S>(registry, &service, nodelay, conn);
+        }
+    })
+    .await;
+    if took.is_ok() {
+        return 0;
+    }
+    // Past the deadline: what has arrived is cut, without waiting for more (nor being
+    // stopped short by the task's budget, which `poll_recv` spends).
+    let cut = std::future::poll_fn(|_| {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut cut = 0;
+        while let Poll::Ready(Some(conn)) = listener.poll_queued(&mut cx) {
+            drop(conn);
+            registry.cut_unserved();
+            cut += 1;
+        }
+        Poll::Ready(cut)
+    });
+    tokio::task::unconstrained(cut).await
+}
+
+/// Serves an admitted connection in a task of its own, under the cap. Over the cap: reset
+/// at once, as a refusal by `admit` is (a dropped socket would close with a FIN and leave
+/// a socket behind in `FIN_WAIT2` or `TIME_WAIT`).
+fn serve_one<L, S>(registry: &Arc<Registry>, service: &S, nodelay: bool, conn: Conn<L::Io>)
+where
+    L: Listener,
+    S: Service<Conn<L::Io>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let peer = crate::Param::<crate::PeerAddr>::param(&conn);
+    let Some(slot) = registry.reserve() else {
+        L::refuse(conn.into_inner());
+        registry.over_capacity();
+        tracing::debug!(%peer, "connection cap reached; refused");
+        return;
+    };
+    let svc = service.clone();
+    registry.spawn(slot, move |slot| {
+        if nodelay && let Err(e) = L::set_nodelay(conn.get_ref(), true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        // Every event of the connection (a layer's rejection, say) carries its peer
+        // address; a protocol layer records `client_id` once it knows it.
+        let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
+        ConnTask::new(svc, conn, slot).instrument(span)
+    });
 }
 
 /// Errors that concern one connection, not the listener: retry at once.

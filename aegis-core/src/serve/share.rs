@@ -45,12 +45,21 @@
 //! - **Accept errors** are the acceptor's `poll_accept` errors, which `serve` counts and
 //!   backs off from as for any listener.
 //! - **Shutdown.** Stop every runtime's `serve` with one signal. A shard whose acceptor
-//!   is gone waits for nothing more; connections still queued for a shard whose `serve`
-//!   has stopped are closed. One handed out in the instant that `serve` stops (between
-//!   the acceptor's reserving a place in the queue and its sending) stays in the queue,
-//!   open and unserved, until the acceptor is dropped: tokio's channel closes what is
-//!   queued when its receiver drops, not what is sent after. Stop the acceptor's `serve`
-//!   with the same signal, as the example does, and it is closed soon after.
+//!   is gone waits for nothing more. A shard's `serve`, when it stops, closes its queue
+//!   (the acceptor keeps from then on what it would have handed to it) and serves in
+//!   its drain the connections already queued for it, admitted before the signal
+//!   ([`Listener::poll_queued`]), under the cap as any other: nothing admitted is
+//!   closed unserved while the report says drained. It waits for a hand-out under way
+//!   on the acceptor's thread, no longer than its drain timeout; one that arrives only
+//!   after that is closed and counted in [`Shutdown::aborted`](super::Shutdown::aborted).
+//!   A shard dropped with connections queued (its `serve` never ran, or its runtime shut
+//!   down under it) closes them unserved and counts each as
+//!   `aegis_connections_total{outcome="aborted"}`. Only one handed out in the very
+//!   instant such a shard is dropped (between the acceptor's reserving a place in the
+//!   queue and its sending) stays in the queue, open, unserved and uncounted, until the
+//!   acceptor is dropped: tokio's channel closes what is queued when its receiver
+//!   drops, not what is sent after. Stop the acceptor's `serve` with the same signal, as
+//!   the example does, and it is closed soon after.
 //!
 //! # Example
 //!
@@ -218,20 +227,21 @@ impl Acceptor {
             // Deregistering failed: the socket is closed; nothing to serve.
             Err(e) => {
                 tracing::debug!(error = %e, "could not hand a connection to another runtime");
-                count_lost();
+                count_unserved(Outcome::Error);
                 None
             }
         }
     }
 }
 
-/// Counts a connection that could not be handed out, and was closed before any service
-/// saw it: an `error` of `aegis_connections_total`, lasting 0 s, so that every admitted
-/// connection is counted once. Rare (taking a socket out of the acceptor's reactor, or
-/// putting it into a shard's, fails only if epoll refuses), so the metrics are looked
-/// up here.
-fn count_lost() {
-    let outcome = Outcome::Error.label();
+/// Counts a connection closed before any service saw it, lasting 0 s, so that every
+/// admitted connection is counted once: an `error` when it could not be handed out
+/// (taking a socket out of the acceptor's reactor, or putting it into a shard's, fails
+/// only if epoll refuses); `aborted` when it was queued for a shard dropped before it
+/// took it (a shard whose `serve` stops takes what is queued and serves it). Rare, so
+/// the metrics are looked up here.
+fn count_unserved(outcome: Outcome) {
+    let outcome = outcome.label();
     metrics::counter!(m::CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
     metrics::histogram!(m::CONNECTION_DURATION_SECONDS, "outcome" => outcome).record(0.0);
 }
@@ -297,27 +307,40 @@ pub struct Shard {
     nodelay: bool,
 }
 
-impl Listener for Shard {
-    type Io = TcpStream;
-
-    /// The next connection handed to this shard. Once the acceptor is gone there are no
-    /// more: `Pending` until the shard's `serve` stops.
+impl Shard {
+    /// The next connection handed to this shard, registered with this runtime's
+    /// reactor; `None` once the queue is closed (the acceptor gone, or
+    /// [`poll_queued`](Listener::poll_queued)) and empty.
     ///
     /// A connection this runtime's reactor cannot take (registering it fails: epoll's
     /// `max_user_watches` reached, or no memory) is closed and counted as lost, as one
     /// the acceptor cannot hand out is, and the shard goes on to the next.
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Conn<TcpStream>>> {
         loop {
             let Some((socket, peer, local)) = std::task::ready!(self.rx.poll_recv(cx)) else {
-                return Poll::Pending;
+                return Poll::Ready(None);
             };
             match TcpStream::from_std(socket) {
-                Ok(io) => return Poll::Ready(Ok(Conn::new(io, peer, local))),
+                Ok(io) => return Poll::Ready(Some(Conn::new(io, peer, local))),
                 Err(e) => {
                     tracing::debug!(error = %e, "could not take a connection from another runtime");
-                    count_lost();
+                    count_unserved(Outcome::Error);
                 }
             }
+        }
+    }
+}
+
+impl Listener for Shard {
+    type Io = TcpStream;
+
+    /// The next connection handed to this shard (one this runtime's reactor cannot take
+    /// is closed and counted as lost). Once the acceptor is gone there are no more:
+    /// `Pending` until the shard's `serve` stops.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Conn<TcpStream>>> {
+        match std::task::ready!(self.poll_next(cx)) {
+            Some(conn) => Poll::Ready(Ok(conn)),
+            None => Poll::Pending,
         }
     }
 
@@ -330,7 +353,30 @@ impl Listener for Shard {
         ))
     }
 
+    /// At stop: closes the queue, so that the acceptor keeps from now on what it would
+    /// have handed here, and gives the connections already in it, one by one, for the
+    /// stopping `serve` to serve in its drain. `Pending` only while a hand-out to this
+    /// shard is under way on the acceptor's thread.
+    fn poll_queued(&mut self, cx: &mut Context<'_>) -> Poll<Option<Conn<TcpStream>>> {
+        self.rx.close();
+        self.poll_next(cx)
+    }
+
     tcp_stream_listener!();
+}
+
+/// A shard dropped with connections still queued (its `serve` never ran, or its runtime
+/// shut down under it) closes them unserved: each is counted as
+/// `aegis_connections_total{outcome="aborted"}`, lasting 0 s, as a connection cut at
+/// the end of a drain is. The acceptor keeps what it would have handed here afterwards.
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(handed) = self.rx.try_recv() {
+            drop(handed);
+            count_unserved(Outcome::Aborted);
+        }
+    }
 }
 
 #[cfg(all(test, feature = "test-util"))]
@@ -338,16 +384,18 @@ mod tests {
     use super::*;
     use crate::metrics::testing::{capture, run};
 
-    /// What counts a connection lost on its way to a shard: once, as a connection that
-    /// ended in an error at once (`Acceptor::hand_out` calls this when `into_std`
-    /// fails, `Shard::poll_accept` when `from_std` does, which a test cannot make
-    /// happen).
+    /// What counts a connection closed on its way to a shard: once, under its outcome,
+    /// as one that ended at once (`Acceptor::hand_out` counts an `error` when
+    /// `into_std` fails, `Shard::poll_next` when `from_std` does, which a test cannot
+    /// make happen; a shard dropped with connections queued counts each `aborted`,
+    /// tested in `tests/share.rs`).
     #[test]
-    fn count_lost_counts_one_connection_ended_in_an_error() {
-        let ((), snap) = run(false, || async { count_lost() });
-        let got = capture(&snap);
-        let error = [("outcome", "error")];
-        assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &error), 1);
-        assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[]), 1);
+    fn count_unserved_counts_one_connection_under_its_outcome() {
+        for (outcome, label) in [(Outcome::Error, "error"), (Outcome::Aborted, "aborted")] {
+            let ((), snap) = run(false, || async { count_unserved(outcome) });
+            let got = capture(&snap);
+            assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", label)]), 1);
+            assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[]), 1);
+        }
     }
 }

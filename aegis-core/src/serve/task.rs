@@ -164,6 +164,12 @@ impl Registry {
         self.metrics.over_capacity.increment(1);
     }
 
+    /// Counts a connection handed to the loop that it took too late to serve, at the
+    /// drain deadline: `aborted`, lasting 0 s.
+    pub(crate) fn cut_unserved(&self) {
+        self.metrics.record(Outcome::Aborted, 0.0);
+    }
+
     /// Connections open now.
     pub(crate) fn open(&self) -> usize {
         self.max - self.permits.available_permits()
