@@ -987,6 +987,160 @@ fn malformed_connects_over_max_rejections_ban_the_address() {
     );
 }
 
+/// Serves one duplex connection from `peer` that sends `bytes` and closes, through
+/// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that answers the CONNECT
+/// with `connack` (a refusal, say) and reads to the end.
+async fn through_broker_answering(
+    sec: &Security,
+    peer: &str,
+    bytes: Vec<u8>,
+    connack: &'static [u8],
+) -> Run {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            io.write_all(connack).await?;
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await?;
+            Ok::<_, io::Error>(())
+        }
+    });
+    let svc = SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
+    let (server, client_task) = common::client(1 << 16, bytes);
+    let result = svc.oneshot(conn(server, peer)).await;
+    Run {
+        result,
+        got: client_task.await.unwrap(),
+        calls: calls.load(Ordering::SeqCst),
+    }
+}
+
+/// `aegis_mqtt::layer::metrics::BROKER_REFUSALS_TOTAL`.
+const BROKER_REFUSALS: &str = "aegis_mqtt_broker_refusals_total";
+
+/// The broker authenticates (the gateway has no auth layer): a login it refuses for its
+/// credentials is an authentication failure all the same, an event that counts toward
+/// `max_auth_failures`, so a brute force through the gateway is seen and banned.
+#[test]
+fn a_login_the_broker_refuses_is_an_auth_failure() {
+    let cases: [(bool, &'static [u8], &str); 5] = [
+        (false, &[0x20, 0x02, 0x00, 0x05], "not_authorized"),
+        (false, &[0x20, 0x02, 0x00, 0x04], "bad_credentials"),
+        (true, &[0x20, 0x03, 0x00, 0x86, 0x00], "bad_credentials"),
+        (true, &[0x20, 0x03, 0x00, 0x87, 0x00], "not_authorized"),
+        (true, &[0x20, 0x03, 0x00, 0x8C, 0x00], "bad_auth_method"),
+    ];
+    let ((), snap) = run(true, || async {
+        for (i, (v5, connack, reason)) in cases.into_iter().enumerate() {
+            let sec = Security::builder().max_auth_failures(0).build();
+            let peer = format!("192.0.2.{}:1000", 7 + i);
+            let r =
+                through_broker_answering(&sec, &peer, connect(v5, "c1", Some("alice")), connack)
+                    .await;
+            assert_eq!(r.calls, 1);
+            assert_eq!(r.got, connack, "the broker's CONNACK reaches the client");
+            assert_eq!(labels(&r.result), ("ok", "ok"), "{reason}");
+            let events = sec.events(10);
+            let kinds: Vec<_> = events
+                .iter()
+                .map(|e| (e.kind, e.layer, e.rule.as_deref().map(str::to_owned)))
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    (EventKind::AuthFailure, "mqtt", Some("denied".into())),
+                    (EventKind::Ban, "security", Some("auth_failures".into())),
+                ],
+                "{reason}"
+            );
+            let e = &events[0];
+            assert_eq!(e.severity, Severity::Medium);
+            assert_eq!(e.client_addr, Some(peer.parse().unwrap()));
+            assert_eq!(e.client_id.as_deref(), Some("c1"));
+            assert_eq!(e.username.as_deref(), Some("alice"));
+            assert!(e.details.contains("broker"), "{e:?}");
+            assert!(
+                sec.is_banned(&addr(&format!("192.0.2.{}", 7 + i))),
+                "{reason}"
+            );
+        }
+    });
+    let c = capture(&snap);
+    for (reason, n) in [
+        ("bad_credentials", 2),
+        ("not_authorized", 2),
+        ("bad_auth_method", 1),
+        ("other", 0),
+    ] {
+        assert_eq!(
+            c.counter(BROKER_REFUSALS, &[("reason", reason)]),
+            n,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        c.counter(
+            m::BANS_TOTAL,
+            &[("key", "addr"), ("cause", "auth_failures")]
+        ),
+        5
+    );
+    assert_eq!(
+        c.counter(
+            m::EVENTS_TOTAL,
+            &[
+                ("kind", "auth_failure"),
+                ("layer", "mqtt"),
+                ("severity", "medium")
+            ]
+        ),
+        5
+    );
+}
+
+/// A broker that refuses for any other reason (it is unavailable, busy, has banned the
+/// client, ...) refuses nothing of the client's credentials: counted, no auth failure.
+#[test]
+fn a_broker_refusal_not_about_credentials_is_counted_but_no_auth_failure() {
+    let cases: [(bool, &'static [u8]); 6] = [
+        (false, &[0x20, 0x02, 0x00, 0x03]),
+        (false, &[0x20, 0x02, 0x00, 0x02]),
+        (true, &[0x20, 0x03, 0x00, 0x88, 0x00]),
+        (true, &[0x20, 0x03, 0x00, 0x89, 0x00]),
+        (true, &[0x20, 0x03, 0x00, 0x8A, 0x00]),
+        (true, &[0x20, 0x03, 0x00, 0x97, 0x00]),
+    ];
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder()
+            .max_auth_failures(0)
+            .max_rejections(0)
+            .build();
+        for (v5, connack) in cases {
+            let r = through_broker_answering(
+                &sec,
+                "192.0.2.7:1000",
+                connect(v5, "c1", Some("alice")),
+                connack,
+            )
+            .await;
+            assert_eq!(r.got, connack);
+            assert_eq!(labels(&r.result), ("ok", "ok"), "{connack:02x?}");
+        }
+        assert_eq!(sec.events_total(), 0, "{:?}", sec.events(10));
+        assert!(!sec.is_banned(&addr("192.0.2.7")));
+        // An accepting CONNACK is no refusal.
+        let r = through_mqtt(&sec, "192.0.2.7:1000", connect(false, "c1", None)).await;
+        assert_eq!(labels(&r.result), ("ok", "ok"));
+    });
+    let c = capture(&snap);
+    assert_eq!(c.counter(BROKER_REFUSALS, &[("reason", "other")]), 6);
+    for reason in ["bad_credentials", "not_authorized", "bad_auth_method"] {
+        assert_eq!(c.counter(BROKER_REFUSALS, &[("reason", reason)]), 0);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_handle_adds_lists_and_removes_bans() {
     let sec = Security::default();

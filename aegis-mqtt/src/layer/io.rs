@@ -247,6 +247,10 @@ struct OutBoundary {
     /// client may get [MQTT-3.14.4-1], so the gateway writes nothing after it (no
     /// queued answer, no refusal's DISCONNECT).
     disconnect_seen: bool,
+    /// Whether the CONNACK to come is the gateway's own (such as
+    /// [`Unavailable`](super::Unavailable)'s) written through the stream, not the
+    /// broker's: its refusal is no broker refusal.
+    own_connack: bool,
 }
 
 /// What following a write found.
@@ -260,22 +264,53 @@ enum Seen<'a> {
 }
 
 impl Seen<'_> {
-    /// Whether a whole CONNACK was seen that accepts the connection: MQTT 3.x return
-    /// code 0, MQTT 5 reason code below 0x80 [MQTT-3.2.2-7]. `None` if this is no
-    /// CONNACK; a CONNACK without a code refuses.
-    fn connack_accepts(&self, version: Option<Version>) -> Option<bool> {
-        let code = match self {
-            Seen::Nothing => return None,
+    /// The return or reason code of the whole CONNACK seen, if this is one and it has
+    /// one.
+    fn connack_code(&self) -> Option<u8> {
+        match self {
+            Seen::Nothing => None,
             Seen::Connack(c) => crate::split_frame(c)
                 .ok()
                 .and_then(|(_, body)| body.get(1).copied()),
             Seen::LongConnack(code) => *code,
-        };
-        Some(match (code, version) {
-            (None, _) => false,
-            (Some(code), Some(Version::V5)) => code < 0x80,
-            (Some(code), _) => code == 0,
-        })
+        }
+    }
+
+    /// Whether a whole CONNACK was seen that accepts the connection: MQTT 3.x return
+    /// code 0, MQTT 5 reason code below 0x80 [MQTT-3.2.2-7]. `None` if this is no
+    /// CONNACK; a CONNACK without a code refuses.
+    #[cfg(test)]
+    fn connack_accepts(&self, version: Option<Version>) -> Option<bool> {
+        (!matches!(self, Seen::Nothing)).then(|| connack_code_accepts(self.connack_code(), version))
+    }
+}
+
+/// Whether a CONNACK with `code` accepts the connection: MQTT 3.x return code 0, MQTT 5
+/// reason code below 0x80 [MQTT-3.2.2-7]; a CONNACK without a code refuses.
+fn connack_code_accepts(code: Option<u8>, version: Option<Version>) -> bool {
+    match (code, version) {
+        (None, _) => false,
+        (Some(code), Some(Version::V5)) => code < 0x80,
+        (Some(code), _) => code == 0,
+    }
+}
+
+/// Why the broker's CONNACK refused the client, as the `reason` label of
+/// `aegis_mqtt_broker_refusals_total`: its credentials (3.x return code 4, 5.0 reason
+/// code 0x86: `bad_credentials`), the client itself (3.x 5, 5.0 0x87:
+/// `not_authorized`), its authentication method (5.0 0x8C: `bad_auth_method`), or
+/// anything else (`other`: the broker unavailable or busy, a client id refused, a
+/// client it banned, a quota...). The first three are authentication failures.
+fn broker_refusal(code: Option<u8>, version: Option<Version>) -> (&'static str, bool) {
+    match (code, version) {
+        (Some(0x86), Some(Version::V5)) | (Some(4), Some(Version::V3_1 | Version::V3_1_1)) => {
+            ("bad_credentials", true)
+        }
+        (Some(0x87), Some(Version::V5)) | (Some(5), Some(Version::V3_1 | Version::V3_1_1)) => {
+            ("not_authorized", true)
+        }
+        (Some(0x8C), Some(Version::V5)) => ("bad_auth_method", true),
+        _ => ("other", false),
     }
 }
 
@@ -392,6 +427,38 @@ impl OutBoundary {
             Seen::Connack(Cow::Owned(*c))
         })
     }
+}
+
+/// The broker's CONNACK refused the client with `code`: counted in
+/// `aegis_mqtt_broker_refusals_total{reason}` and, for a refusal of its credentials,
+/// reported as an authentication failure to the `SecurityLayer` around the stack, if any
+/// (kind `auth_failure`, layer `mqtt`, rule `denied`: counted toward
+/// `max_auth_failures` as the auth layer's denials are). The gateway with no
+/// authenticator of its own leaves the check to the broker: a brute force through it
+/// is still seen.
+fn broker_refused(code: Option<u8>, version: Option<Version>) {
+    let (reason, credentials) = broker_refusal(code, version);
+    super::metrics::broker_refusal(reason);
+    #[cfg(feature = "security")]
+    if credentials {
+        use crate::security::{self, EventKind, Report, Severity};
+        let code = code.unwrap_or_default();
+        let what = match version {
+            Some(Version::V5) => "reason code",
+            _ => "return code",
+        };
+        let details =
+            format!("the broker refused the login: CONNACK {what} {code:#04x} ({reason})");
+        security::report(Report {
+            layer: "mqtt",
+            kind: EventKind::AuthFailure,
+            severity: Severity::Medium,
+            rule: Some("denied"),
+            details,
+        });
+    }
+    #[cfg(not(feature = "security"))]
+    let _ = credentials;
 }
 
 /// The gateway's own answer to the CONNECT, refused with `e` in the broker's place (no
@@ -585,13 +652,18 @@ impl<I> MqttIo<I> {
         if matches!(seen, Seen::Nothing) {
             return;
         }
+        // A whole CONNACK from here on.
         if let Some((latency, since)) = self.connack.as_mut().and_then(|w| w.latency.take()) {
             latency.report(Instant::now().saturating_duration_since(since));
             self.drop_connack_watch_if_done();
         }
-        if let Some(accepts) = seen.connack_accepts(self.session.version()) {
-            self.on_broker_connack(accepts);
+        let code = seen.connack_code();
+        let version = self.session.version();
+        let accepts = connack_code_accepts(code, version);
+        if !accepts && !self.out.own_connack {
+            broker_refused(code, version);
         }
+        self.on_broker_connack(accepts);
         match seen {
             Seen::Nothing => {}
             Seen::Connack(connack) => self.session.on_connack(&connack),
@@ -742,8 +814,9 @@ impl<I> MqttIo<I> {
     }
 
     /// Forgets the round-trip report: the CONNACK about to be written is the gateway's
-    /// own, not the broker's.
+    /// own, not the broker's (nor, if it refuses, a broker refusal).
     pub(super) fn skip_connack_latency(&mut self) {
+        self.out.own_connack = true;
         if let Some(w) = &mut self.connack {
             w.latency = None;
         }

@@ -49,6 +49,16 @@
 //! client that chose an Authentication Method is read before the CONNACK: it may send
 //! AUTH or DISCONNECT (anything else is refused [MQTT-3.1.2-30]), under the small
 //! CONNECT size cap ([`Config::max_connect_size`](crate::Config::max_connect_size)).
+//! Every refusing CONNACK of the broker is counted in
+//! `aegis_mqtt_broker_refusals_total{reason}` (see [Metrics](#metrics)); one that
+//! refuses the client's login (3.x return code 4 or 5, 5.0 reason code 0x86, 0x87 or
+//! 0x8C) is also an authentication failure for the
+//! [`SecurityLayer`](crate::security::SecurityLayer) around the stack, if any: an
+//! `auth_failure` event (layer `mqtt`, rule `denied`) that counts toward its
+//! `max_auth_failures`, as a denial of this crate's authenticator does. So a password
+//! brute force against a broker that authenticates by itself is seen, and banned, as
+//! one against the gateway's own authenticator is. (The gateway's own CONNACKs, such as
+//! [`Unavailable`]'s, are no broker refusals.)
 //! After an accepting CONNACK, an MQTT 5 client is held to what the CONNACK announced (Maximum `QoS`, Retain Available,
 //! Topic Alias Maximum, Maximum Packet Size, Server Keep Alive, wildcard, subscription
 //! identifier and shared subscription availability; see
@@ -201,6 +211,15 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Metrics
+//!
+//! | Metric | Type | Labels |
+//! |---|---|---|
+//! | `aegis_mqtt_broker_refusals_total` | counter | `reason`: `bad_credentials` (3.x return code 4, 5.0 reason code 0x86), `not_authorized` (3.x 5, 5.0 0x87), `bad_auth_method` (5.0 0x8C), `other` (any other refusing code: server unavailable or busy, a client id refused, a client the broker banned, a quota...) |
+//!
+//! The layer's own refusals are counted in `aegis_rejections_total{layer="mqtt",
+//! reason}`; the policy's own metrics are in its module, `policy`.
 #![cfg_attr(feature = "policy", doc = include_str!("policy.md"))]
 
 use std::pin::Pin;
@@ -246,6 +265,17 @@ impl<'a> SharedId<'a> {
     pub(crate) fn get(&mut self) -> Arc<str> {
         let id = self.id;
         Arc::clone(self.shared.get_or_insert_with(|| Arc::from(id)))
+    }
+}
+
+/// The metric names of the layer (see the [module docs](self#metrics)).
+pub mod metrics {
+    /// `aegis_mqtt_broker_refusals_total{reason}`: CONNECTs the broker's CONNACK refused,
+    /// by `reason`: `bad_credentials`, `not_authorized`, `bad_auth_method` or `other`.
+    pub const BROKER_REFUSALS_TOTAL: &str = "aegis_mqtt_broker_refusals_total";
+
+    pub(super) fn broker_refusal(reason: &'static str) {
+        metrics::counter!(BROKER_REFUSALS_TOTAL, "reason" => reason).increment(1);
     }
 }
 

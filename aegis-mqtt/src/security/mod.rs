@@ -59,7 +59,11 @@
 //! same reason an `auth_failure` event whose rule says
 //! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
 //! logged but not counted; only a denial (rule `denied`) counts as an authentication
-//! failure.
+//! failure. A denial is the auth layer's (`aegis_mqtt::auth`, layer `auth`), or the broker's
+//! own: its CONNACK refusing the client's login (3.x return code 4 or 5, 5.0 reason
+//! code 0x86, 0x87 or 0x8C), reported by the MQTT layer (layer `mqtt`), so that a
+//! brute force through a gateway that leaves authentication to the broker counts too
+//! (see [the MQTT layer](crate::layer)).
 //!
 //! # Where it goes
 //!
