@@ -41,7 +41,10 @@ const DEFAULT_MAX_CONCURRENT: usize = 32;
 /// `Client` with an `HttpConnector`) and the limit of
 /// [`max_concurrent`](Self::max_concurrent) callouts at once. Only `http://` URLs work;
 /// `https` is not supported.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` prints no secret: the values of the [headers](Self::header) are marked
+/// sensitive (`Sensitive`), and the URL's user info and query, if any, are left out.
+#[derive(Clone)]
 pub struct HttpAuth {
     client: Client<HttpConnector, Full<Bytes>>,
     uri: Uri,
@@ -49,6 +52,42 @@ pub struct HttpAuth {
     /// One permit per callout allowed at once, taken in the call's future (so that the
     /// wait counts toward the layer's timeout).
     permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpAuth")
+            .field("uri", &Redacted(&self.uri))
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A URL without what may hold a secret: its user info (`user:password@`) and its query
+/// (`?token=...`) are printed as `***`.
+struct Redacted<'a>(&'a Uri);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = self.0;
+        if let Some(scheme) = uri.scheme_str() {
+            write!(f, "{scheme}://")?;
+        }
+        if let Some(authority) = uri.authority() {
+            if authority.as_str().contains('@') {
+                f.write_str("***@")?;
+            }
+            f.write_str(authority.host())?;
+            if let Some(port) = authority.port() {
+                write!(f, ":{port}")?;
+            }
+        }
+        f.write_str(uri.path())?;
+        if uri.query().is_some() {
+            f.write_str("?***")?;
+        }
+        Ok(())
+    }
 }
 
 /// A client whose pool keeps at most `max_idle` idle connections to the service.
@@ -98,9 +137,12 @@ impl HttpAuth {
     }
 
     /// Adds a header to every request, such as `Authorization: Bearer ...` for the
-    /// service to know the gateway.
+    /// service to know the gateway. Its value is marked sensitive
+    /// ([`HeaderValue::set_sensitive`]): `Debug` prints `Sensitive` in its place, here
+    /// and in the requests (sent as is).
     #[must_use]
-    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+    pub fn header(mut self, name: HeaderName, mut value: HeaderValue) -> Self {
+        value.set_sensitive(true);
         Arc::make_mut(&mut self.headers).append(name, value);
         self
     }
@@ -230,6 +272,33 @@ async fn drain(body: Incoming, permit: OwnedSemaphorePermit) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bearer token given to `header`, or a secret in the URL, never shows in `Debug`
+    /// (a log line of the authenticator, or of the stack holding it); the requests
+    /// still carry the header.
+    #[test]
+    fn debug_prints_no_secret() {
+        use hyper::header::AUTHORIZATION;
+        let auth = HttpAuth::new(Uri::from_static("http://127.0.0.1:1/auth"))
+            .header(AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+        let debug = format!("{auth:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("authorization"), "{debug}");
+        assert!(debug.contains("http://127.0.0.1:1/auth"), "{debug}");
+        let addr = "192.0.2.1:4000".parse().unwrap();
+        let creds = Credentials::new("c1", None, None, addr);
+        let req = auth.request(&creds).unwrap();
+        assert_eq!(req.headers()[AUTHORIZATION], "Bearer s3cret");
+        assert!(!format!("{req:?}").contains("s3cret"));
+
+        let auth = HttpAuth::new(Uri::from_static(
+            "http://gw:pa55word@[::1]:8080/auth?token=t0ken",
+        ));
+        let debug = format!("{auth:?}");
+        assert!(!debug.contains("pa55word"), "{debug}");
+        assert!(!debug.contains("t0ken"), "{debug}");
+        assert!(debug.contains("http://***@[::1]:8080/auth?***"), "{debug}");
+    }
 
     #[test]
     fn statuses() {
