@@ -26,7 +26,9 @@ use crate::bounded::Bounded;
 /// IPv4 address (IPv4-mapped, 6to4, Teredo, NAT64) is counted and banned as that IPv4 address
 /// (see [IPv4 clients in IPv6
 /// addresses](aegis_core::ClientKey#ipv4-clients-in-ipv6-addresses)). Client ids and
-/// usernames longer than 256 bytes are keyed on their first 256 bytes.
+/// usernames are keyed byte for byte (no case folding: `Admin` and `admin` are two
+/// keys, even behind an authenticator that takes them for one account), and those
+/// longer than 256 bytes on their first 256 bytes.
 ///
 /// `Display` is `addr:192.0.2.1/32`, `addr:2001:db8:1:2::/64`, `username:"bob"` or
 /// `client_id:"c1"` (Debug-quoted: the names are the client's own text). Serialized as

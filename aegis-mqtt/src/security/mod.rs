@@ -114,6 +114,14 @@
 //! Manual bans of any key apply either way. An empty client id (which MQTT lets the
 //! broker assign) is never counted by the detector.
 //!
+//! Usernames and client ids are keyed **byte for byte**, as the CONNECT gave them: no
+//! case folding, no Unicode normalization. An authenticator that folds case (LDAP,
+//! Active Directory) takes `Admin`, `admin` and `aDmin` for one account, but they are
+//! three keys here: a brute force of that account that varies the case of its username
+//! is counted as one account per spelling (so it takes a threshold per spelling), and a
+//! ban of `admin` refuses neither `Admin` nor its sessions. Count client addresses too
+//! (the default) against such an attacker.
+//!
 //! A key banned again: a ban through the handle ([`Security::ban`]) replaces the key's
 //! ban in force, whatever either's end (the operator's word is the last, a shorter ban
 //! included). A detector's ban never shortens it, nor turns a ban by hand into a
@@ -618,6 +626,10 @@ impl SecurityBuilder {
     /// before any authentication, so any client can get a victim's username or client
     /// id banned by failing with it from a few addresses (each address's own ban comes
     /// with its own threshold), and the ban closes the victim's open sessions too.
+    ///
+    /// Usernames and client ids are keyed byte for byte: behind an authenticator that
+    /// folds case, `Admin` and `admin` are two keys (see [the module
+    /// docs](crate::security#where-it-goes)).
     pub const fn ban_by(mut self, keys: BanKeys) -> Self {
         self.ban_by = keys;
         self
