@@ -11,7 +11,7 @@ use aegis_core::error::{Reject, reject};
 use aegis_core::metrics::testing::{capture, run, run_watching};
 use aegis_layers::adaptive::{
     ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Classify,
-    Direction, GradientConfig, RateConfig, Sample, SuccessOrTimeout,
+    Direction, GradientConfig, MAX_THRESHOLD, RateConfig, Sample, SuccessOrTimeout,
 };
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
@@ -521,6 +521,30 @@ async fn gradient_mode_measures_min_rtt_then_follows_the_gradient_and_remeasures
     );
     tick(13).await; // sample 40 ms = min RTT: gradient 1, the limit grows again
     assert!(handle.value() > before, "{} vs {before}", handle.value());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stalled_upstream_past_the_histogram_still_cuts_the_longest_threshold() {
+    // Samples are kept up to one minute: a five-minute stall reads 59.77 s, over any
+    // threshold `RateConfig` accepts, so the rate goes down (not up).
+    let t0 = Instant::now();
+    let handle = RateConfig::new(MAX_THRESHOLD, 10.0, 1000.0)
+        .initial_rate(100.0)
+        .min_samples(1)
+        .spawn(|_: f64| {});
+    for _ in 0..5 {
+        handle.record(Duration::from_secs(300));
+    }
+    sleep_until(t0 + SEC + Duration::from_millis(10)).await;
+    assert_close(&[handle.value()], &[80.0]);
+}
+
+#[test]
+#[should_panic(expected = "threshold must be at most MAX_THRESHOLD")]
+fn a_threshold_the_histogram_cannot_tell_apart_from_a_stall_is_refused() {
+    // At 2 min, a 5 min stall (kept as 59.77 s) read under 0.7 x 120 s: the controller
+    // raised the rate every interval while the upstream was stalled.
+    let _ = RateConfig::new(Duration::from_secs(120), 10.0, 1000.0);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -915,7 +915,8 @@ impl Config {
     /// Every duration key within its bound ([`MAX_TIMEOUT`] for the clocks of a
     /// connection's start and of the adaptive controller,
     /// [`MAX_READINESS_TIMEOUT`](crate::metrics_http::MAX_READINESS_TIMEOUT) for the
-    /// readiness probe, [`MAX_DURATION`] for the others), whether its section is on or
+    /// readiness probe, [`MAX_THRESHOLD`](aegis_layers::adaptive::MAX_THRESHOLD) for
+    /// `adaptive.threshold`, [`MAX_DURATION`] for the others), whether its section is on or
     /// not. `security.bans_save_every` and `mqtt.max_keep_alive` have bounds of their
     /// own, checked in [`validate`](Self::validate), also whether their section is on
     /// or not.
@@ -926,6 +927,13 @@ impl Config {
             "10s (the endpoint ends every connection after 30s)",
         );
         let year = (MAX_DURATION, "a year (1y)");
+        // The controller keeps latencies up to a minute, a longer one as one minute: a
+        // threshold near that could not be crossed by a stalled broker's samples, and
+        // one over 85s would read them as healthy and raise the rate.
+        let threshold = (
+            aegis_layers::adaptive::MAX_THRESHOLD,
+            "30s (latencies are kept up to a minute: a stalled upstream must read over it)",
+        );
         let (s, sl, m, a, sec, au) = (
             &self.server,
             &self.slowloris,
@@ -971,7 +979,7 @@ impl Config {
                 self.circuit_breaker.open_for,
                 year,
             ),
-            ("adaptive.threshold", a.threshold, hour),
+            ("adaptive.threshold", a.threshold, threshold),
             ("adaptive.interval", a.interval, hour),
             ("security.window", sec.window, year),
             ("security.ban_for", sec.ban_for, year),

@@ -2229,6 +2229,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "adaptive.threshold",
         ),
         (
+            "an adaptive threshold past what the latency histogram tells from a stall",
+            "[mqtt]\nconnack_timeout = \"5m\"\n[adaptive]\nenabled = true\nthreshold = \"2m\"\n",
+            "adaptive.threshold",
+        ),
+        (
             "an adaptive interval that would spin the controller",
             "[adaptive]\nenabled = true\ninterval = \"1ns\"\n",
             "adaptive.interval",
@@ -2435,6 +2440,7 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
         ),
         ("[adaptive]\nmin_rate = 0\n", "adaptive.min_rate"),
         ("[adaptive]\nreduction = 1.5\n", "adaptive.reduction"),
+        ("[adaptive]\nthreshold = \"31s\"\n", "adaptive.threshold"),
         (
             "[security]\nenabled = false\nevents = 1000000\n",
             "security.events",

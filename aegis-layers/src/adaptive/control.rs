@@ -25,6 +25,16 @@ pub const ADAPTIVE_MIN_RTT_SECONDS: &str = "aegis_adaptive_min_rtt_seconds";
 /// `aegis_adaptive_decisions_total{name, direction}`.
 pub const ADAPTIVE_DECISIONS_TOTAL: &str = "aegis_adaptive_decisions_total";
 
+/// The longest [`RateConfig`] threshold: 30 s.
+///
+/// Latencies are recorded up to one minute; a longer one (a call that stalls for five
+/// minutes) counts as one minute, and reads back as just under it (59.77 s). A threshold
+/// near or over that could never be crossed by a stalled upstream, and one over 85 s
+/// (59.77 s / 0.7) would read it as healthy and raise the rate. At most half the
+/// histogram's top, every threshold is crossed by a saturated sample with room to
+/// spare; a P95 target over 30 s is no overload control anyway.
+pub const MAX_THRESHOLD: Duration = Duration::from_secs(30);
+
 /// The way one decision moved the rate or limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -85,9 +95,14 @@ impl RateConfig {
     ///
     /// # Panics
     ///
-    /// If `threshold` is zero or the rates are not `0 < min_rate <= max_rate` (finite).
+    /// If `threshold` is zero or over [`MAX_THRESHOLD`] (30 s), or the rates are not
+    /// `0 < min_rate <= max_rate` (finite).
     pub fn new(threshold: Duration, min_rate: f64, max_rate: f64) -> Self {
         assert!(!threshold.is_zero(), "threshold must be positive");
+        assert!(
+            threshold <= MAX_THRESHOLD,
+            "threshold must be at most MAX_THRESHOLD (30 s)"
+        );
         assert!(
             min_rate > 0.0 && min_rate <= max_rate && max_rate.is_finite(),
             "rates must satisfy 0 < min_rate <= max_rate"

@@ -6,7 +6,9 @@
 //! [`HdrHistogram`](hdrhistogram) window, closed on each control interval (the
 //! controller keeps the last eight closed windows). Latencies are kept to within 1 %,
 //! and a measured quantile is rounded down (never read over the recorded latencies, so
-//! ones just under a threshold do not cross it). Calls whose future is dropped before
+//! ones just under a threshold do not cross it). They are kept up to one minute: a
+//! longer one counts as one minute, which is why a rate-mode threshold is at most
+//! [`MAX_THRESHOLD`] (30 s), so that a stalled call always reads over it. Calls whose future is dropped before
 //! completion (cancelled) are not recorded, nor are rejections: the
 //! [`DefaultClassifier`] skips any error holding an [`aegis_core::error::Rejected`],
 //! since a fast "no" says nothing about the backend's latency. Write your own
@@ -148,7 +150,7 @@ mod window;
 pub use self::classify::{Classify, DefaultClassifier, Sample, SuccessOrTimeout};
 pub use self::control::{
     ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_LIMIT, ADAPTIVE_MIN_RTT_SECONDS, ADAPTIVE_P95_SECONDS,
-    ADAPTIVE_RATE, AdaptiveHandle, Direction, GradientConfig, RateConfig,
+    ADAPTIVE_RATE, AdaptiveHandle, Direction, GradientConfig, MAX_THRESHOLD, RateConfig,
 };
 pub use self::layer::AdaptiveLayer;
 pub use self::service::Adaptive;

@@ -12,8 +12,11 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 /// Latencies are recorded in microseconds, up to this (one minute); longer ones count as
-/// one minute.
+/// one minute, which reads back as 59.77 s (the lowest value of its bucket).
 const MAX_MICROS: u64 = 60_000_000;
+
+// A saturated sample must read over every threshold `RateConfig` accepts, with room.
+const _: () = assert!(super::control::MAX_THRESHOLD.as_micros() * 2 <= MAX_MICROS as u128);
 /// Two significant digits: each value is within 1 % of the recorded one. With
 /// [`MAX_MICROS`], a histogram holds (19 buckets + 1) x 128 `u64` counts: 20 KiB.
 const SIGFIG: u8 = 2;
@@ -250,6 +253,24 @@ mod tests {
                 "{us} read {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_latency_past_the_histogram_reads_over_every_threshold() {
+        // A stalled upstream's five-minute sample is kept as one minute: it still reads
+        // over the longest threshold, never under 0.7 x it.
+        let shared = Shared::new(0.0);
+        let mut w = Windows::new();
+        shared.record(Duration::from_secs(300));
+        let Measured::Latency(d) = w.rotate(&shared, 0.95, 1) else {
+            panic!("one sample is enough");
+        };
+        assert!(d > super::super::control::MAX_THRESHOLD, "{d:?}");
+        assert_eq!(
+            d,
+            Duration::from_micros(59_768_832),
+            "the top bucket's lowest"
+        );
     }
 
     #[test]
