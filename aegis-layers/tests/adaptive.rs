@@ -585,6 +585,45 @@ async fn controller_stops_on_shutdown_and_when_every_handle_is_dropped() {
     assert_close(&[handle.value()], &[1000.0]); // no decisions after shutdown
 }
 
+#[test]
+fn a_controller_whose_runtime_is_gone_is_not_running() {
+    // The runtime drops the controller's task without its loop ever breaking.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let handle = rt.block_on(async {
+        let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0).spawn(|_| {});
+        sleep(SEC * 3).await;
+        handle
+    });
+    assert!(handle.is_running());
+    drop(rt);
+    assert!(!handle.is_running());
+    assert!(
+        format!("{handle:?}").contains("running: false"),
+        "{handle:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_controller_whose_sink_panicked_is_not_running() {
+    let calls = AtomicUsize::new(0);
+    // The first call is `spawn`'s own; the first decision panics in the task.
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .min_samples(1)
+        .spawn(move |_: f64| {
+            assert!(
+                calls.fetch_add(1, Ordering::Relaxed) == 0,
+                "the sink failed"
+            );
+        });
+    handle.record(Duration::from_millis(300));
+    sleep(SEC * 2).await;
+    assert!(!handle.is_running());
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn durations_past_any_instant_do_not_kill_the_controller() {
     // Rate mode, `interval(Duration::MAX)`: the first deadline used to panic in the task.

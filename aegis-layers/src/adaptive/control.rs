@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::AdaptiveLayer;
 use super::classify::DefaultClassifier;
 use super::sink::{LimitSink, RateSink};
-use super::window::{Measured, Shared, Windows};
+use super::window::{Control, Measured, Shared, Windows};
 use crate::time::deadline;
 
 /// `aegis_adaptive_rate{name}`: the admitted rate (rate mode), per second.
@@ -418,6 +418,9 @@ fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let control = Arc::clone(&shared.control);
     tokio::spawn(async move {
+        // Marks the controller stopped however the task ends: the loop breaking, the
+        // task dropped with its runtime, or a sink panicking inside `tick`.
+        let _stopped = Stopped(Arc::clone(&control));
         // `deadline`: an interval past what an `Instant` holds waits some thirty years
         // rather than panicking in the task (which would leave the controller dead).
         let mut next = deadline(Instant::now(), interval);
@@ -439,9 +442,17 @@ fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
                 next = deadline(now, interval);
             }
         }
-        control.stopped.store(true, Ordering::Release);
-        tracing::debug!("adaptive controller stopped");
     });
+}
+
+/// Sets `Control::stopped` when dropped.
+struct Stopped(Arc<Control>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+        tracing::debug!("adaptive controller stopped");
+    }
 }
 
 fn decision(name: &'static str, dir: Direction) {
@@ -773,7 +784,9 @@ impl AdaptiveHandle {
         self.shared.control.notify.notify_one();
     }
 
-    /// Whether the controller's task is still running.
+    /// Whether the controller's task is still running: `false` once it has ended, on
+    /// [`shutdown`](Self::shutdown), with its runtime shut down, or after its sink
+    /// panicked.
     pub fn is_running(&self) -> bool {
         !self.shared.control.stopped.load(Ordering::Acquire)
     }
