@@ -444,6 +444,9 @@ pub(crate) fn build(
     // With the MQTT layer's CONNACK timeout on, the broker's CONNACK (a success) and its
     // timeout (a failure) are the breaker's outcomes, not the connect: a stalled broker
     // still completes TCP handshakes, and those successes would keep the circuit closed.
+    // A half-open probe's successful connect then returns its permit at once:
+    // `half_open_permits` bounds the connects in flight, not the sessions waiting for a
+    // CONNACK (every client arriving before the first CONNACK or timeout is let through).
     let connack_decides = c.mqtt.enabled && !c.mqtt.connack_timeout.is_zero();
     let breaker = c.circuit_breaker.enabled.then(|| {
         let cb = &c.circuit_breaker;
