@@ -33,7 +33,7 @@ pub enum MqttError {
     /// A packet over the size limit, refused from its fixed header alone.
     #[error("packet of at least {size} bytes is over the limit of {max}")]
     PacketTooLarge {
-        /// The packet's size (a lower bound when refused before the header was complete).
+        /// The packet's size, as its fixed header declares it.
         size: usize,
         /// The limit in force.
         max: usize,

@@ -10,8 +10,10 @@ pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
 /// A `Framer` only reads the fixed header: the packet type and flags byte and the
 /// Remaining Length, which must be minimally encoded in at most four bytes
 /// ([MQTT-1.5.5-1]). A packet whose total size is over `max_packet_size` is refused as
-/// soon as the header shows it, often before the header is even complete, so a caller
-/// never buffers more than the cap.
+/// soon as its Remaining Length is complete, before any of its body, so a caller never
+/// buffers more than the cap (or a header's five bytes). The Remaining Length's own rules come first: one that
+/// breaks them is malformed, whatever size its first bytes suggest; and the verdict on
+/// a header does not depend on how much of it had arrived before.
 ///
 /// ```
 /// use aegis_mqtt::{Decoded, Framer};
@@ -86,7 +88,9 @@ impl Framer {
     /// # Errors
     ///
     /// [`MqttError::Malformed`] for a Remaining Length that is not minimally encoded or is
-    /// longer than four bytes; [`MqttError::PacketTooLarge`] for a packet over the cap.
+    /// longer than four bytes (even one whose first bytes show more than the cap);
+    /// [`MqttError::PacketTooLarge`] for a valid Remaining Length that makes the packet
+    /// larger than the cap.
     pub fn decode(&self, buf: &[u8]) -> Result<Decoded, MqttError> {
         let Some(&first) = buf.first() else {
             return Ok(Decoded::NeedMore(2));
@@ -121,14 +125,9 @@ impl Framer {
                     len,
                 }));
             }
-            // More bytes follow, the next one at least 1: a lower bound on the size.
-            let at_least = header_len + 1 + value + (1 << (7 * (i + 1)));
-            if at_least > self.max_packet_size {
-                return Err(MqttError::PacketTooLarge {
-                    size: at_least,
-                    max: self.max_packet_size,
-                });
-            }
+            // More bytes follow. No size verdict on a lower bound here: a fifth byte, or
+            // a last one of zero (not minimal), would make the length malformed, and at
+            // most three more header bytes are needed to know.
         }
         Err(MqttError::Malformed(
             "remaining length longer than four bytes",

@@ -3,7 +3,7 @@
 mod common;
 
 use aegis_mqtt::{Config, Decoded, Framer, MqttError, Next, Packet, Session};
-use common::{B, head};
+use common::{B, connect_v5, head};
 
 fn frame_len(d: Decoded) -> usize {
     match d {
@@ -66,6 +66,59 @@ fn remaining_length_at_most_four_bytes() {
     );
 }
 
+/// At a realistic cap, the size bound (which fires on a continuation byte) used to
+/// come before the Remaining Length's own rules: a length of five bytes or a
+/// non-minimal one of three or more was refused as too large, and an MQTT 5 client got
+/// DISCONNECT 0x95 instead of 0x81.
+#[test]
+fn malformed_remaining_length_under_a_realistic_cap() {
+    let malformed_long = Err(MqttError::Malformed(
+        "remaining length longer than four bytes",
+    ));
+    let non_minimal = Err(MqttError::Malformed(
+        "remaining length not minimally encoded",
+    ));
+    let f = Framer::new(256 * 1024);
+    assert_eq!(
+        f.decode(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+        malformed_long
+    );
+    // A fourth byte with its top bit set already shows a fifth.
+    assert_eq!(f.decode(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF]), malformed_long);
+    assert_eq!(f.decode(&[0x30, 0x80, 0x80, 0x80, 0x00]), non_minimal);
+    assert_eq!(f.decode(&[0x30, 0xFF, 0xFF, 0x00]), non_minimal);
+    // The small pre-CONNACK cap of the fuzz configurations: two bytes are enough.
+    assert_eq!(Framer::new(128).decode(&[0x30, 0x80, 0x00]), non_minimal);
+    // A valid length over the cap is still too large, from its header alone.
+    assert_eq!(
+        f.decode(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]),
+        Err(MqttError::PacketTooLarge {
+            size: 268_435_460,
+            max: 256 * 1024
+        })
+    );
+    // Until the length is complete, its verdict waits: the next byte may make it
+    // malformed. At most three more bytes, never the body.
+    assert_eq!(
+        f.decode(&[0x30, 0xFF, 0xFF, 0xFF]),
+        Ok(Decoded::NeedMore(1))
+    );
+
+    // What the client is told: MQTT 5 DISCONNECT 0x81 (malformed), not 0x95.
+    let mut s = Session::new(Config::new());
+    let connect = connect_v5();
+    assert!(matches!(
+        s.next(&connect),
+        Ok(Next::Packet {
+            packet: Packet::Connect(_),
+            ..
+        })
+    ));
+    s.connack_sent();
+    let e = s.next(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).unwrap_err();
+    assert_eq!(s.answer(&e).bytes(), [0xE0, 0x02, 0x81, 0x00]);
+}
+
 #[test]
 fn too_large_is_refused_from_the_header_before_buffering() {
     let f = Framer::new(100);
@@ -78,18 +131,21 @@ fn too_large_is_refused_from_the_header_before_buffering() {
             max: 100
         })
     );
-    // a continuation bit alone already shows at least 128 bytes: refused before the
-    // header is complete, never waiting for (or allocating) the declared length
+    // refused as soon as the Remaining Length is complete, never waiting for (or
+    // allocating) the declared length; a continuation bit alone is no verdict yet (the
+    // next byte may make the length malformed)
+    assert_eq!(f.decode(&[0x30, 0x80]), Ok(Decoded::NeedMore(1)));
     assert_eq!(
-        f.decode(&[0x30, 0x80]),
+        f.decode(&[0x30, 0x80, 0x01]),
         Err(MqttError::PacketTooLarge {
             size: 131,
             max: 100
         })
     );
     let f = Framer::new(10_000);
+    assert_eq!(f.decode(&[0x30, 0xFF, 0xFF]), Ok(Decoded::NeedMore(1)));
     assert_eq!(
-        f.decode(&[0x30, 0xFF, 0xFF]),
+        f.decode(&[0x30, 0xFF, 0xFF, 0x01]),
         Err(MqttError::PacketTooLarge {
             size: 32_771,
             max: 10_000
