@@ -58,6 +58,10 @@
 //!   when the proxy stopped reading before EOF or an error (a copier that fails one way
 //!   drops what it holds for the other). The broker gets a prefix of what the proxy
 //!   read.
+//! - **Only valid packets pass.** Each whole packet the proxy read, replayed through a
+//!   [`Session`] of the layer's configuration (told of a CONNACK right after the
+//!   CONNECT, with no MQTT 5 limits: it accepts all that the layer's session may),
+//!   is accepted, across throttling, drops, the CONNACK gate and partial reads.
 //! - **The client gets the broker's bytes, and the gateway's answers between two of its
 //!   packets.** What the client reads is a prefix of what the broker wrote, with whole
 //!   packets of the gateway's own inserted at the broker's packet boundaries (the last
@@ -590,6 +594,7 @@ fn check(setup: &Setup, log: &Log, reads: &Reads) {
         );
     }
     forwarded(&log.sent, &reads.bytes, setup.policy, reads.ended);
+    validated(setup.config, &reads.bytes);
     assert!(
         reads.bytes.starts_with(&log.to_broker),
         "the broker got bytes the proxy never read from the layer"
@@ -627,6 +632,45 @@ fn forwarded(sent: &[u8], forwarded: &[u8], may_drop: bool, ended: bool) {
             );
         }
         first = false;
+    }
+}
+
+/// Checks that every whole packet of `forwarded` (what the layer released) passes a
+/// [`Session`] of the layer's `config` told of a CONNACK right after the CONNECT: the
+/// layer releases only packets its own session validated, whatever the throttling,
+/// drops, gates and buffering in between. This session accepts all that the layer's
+/// does, so the check holds whatever the broker's CONNACK said:
+///
+/// - a CONNACK's MQTT 5 limits (Maximum `QoS`, Retain, Topic Alias Maximum, Maximum
+///   Packet Size, Wildcard, Subscription Identifier and Shared Subscription
+///   availability) only ever refuse more, and this session has none;
+/// - before the CONNACK the layer's session frames with the CONNECT size cap, here the
+///   packet size cap, which is at least as large in every fuzz configuration
+///   (`Config::new()` and the small caps);
+/// - the layer's session refuses all but AUTH and DISCONNECT before the CONNACK to a
+///   client with an Authentication Method; this one has had its CONNACK;
+/// - the packets a policy drops (PUBLISH and SUBSCRIBE, after the layer's session
+///   accepted them) are not here, but they change nothing in a session: only the
+///   CONNECT, a DISCONNECT and an error do.
+///
+/// A last packet cut short (see [`forwarded`]) is not judged.
+fn validated(config: Config, forwarded: &[u8]) {
+    let mut session = Session::new(config);
+    let mut rest = forwarded;
+    while !rest.is_empty() {
+        match session.next(rest) {
+            Ok(Next::Packet { len, packet }) => {
+                if matches!(packet, Packet::Connect(_)) {
+                    session.connack_sent();
+                }
+                rest = &rest[len..];
+            }
+            Ok(Next::NeedMore(_)) => return,
+            Err(e) => panic!(
+                "the layer released a packet a session refuses ({e}): {:02x?}",
+                &rest[..rest.len().min(16)]
+            ),
+        }
     }
 }
 

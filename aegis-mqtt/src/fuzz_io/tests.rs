@@ -373,6 +373,19 @@ fn refusal_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .read();
     out.push(("v5_too_large", s.0));
 
+    // A SUBSCRIBE with reserved fixed-header flags (0x80, not 0x82) after the CONNACK:
+    // refused, the broker hears the CONNECT only.
+    let mut sub = subscribe(false, 1, "a/+");
+    sub[0] = 0x80;
+    let s = Script::new(0, BIG)
+        .client(&connect(4, 60, "c1"))
+        .read()
+        .broker(&CONNACK_V3)
+        .read()
+        .client(&sub)
+        .read();
+    out.push(("bad_sub_flags", s.0));
+
     // A refused CONNECT (unknown protocol level): the broker hears nothing.
     out.push((
         "bad_connect_level",
@@ -520,6 +533,9 @@ fn seeds_reach_what_they_are_named_for() {
             .to_client
             .ends_with(&[0xE0, 0x02, 0x95, 0x00])
     );
+    let log = run("bad_sub_flags");
+    assert_eq!(log.to_broker, connect(4, 60, "c1"));
+    assert_eq!(log.to_client, CONNACK_V3);
     let log = run("bad_connect_level");
     assert!(log.to_broker.is_empty());
     assert_eq!(log.to_client, [0x20, 0x02, 0x00, 0x01]);
@@ -527,8 +543,8 @@ fn seeds_reach_what_they_are_named_for() {
 
 /// The checks catch what they are for.
 mod checks {
-    use super::super::{delivered, forwarded};
-    use crate::Version;
+    use super::super::{delivered, forwarded, validated};
+    use crate::{Config, Version};
 
     #[test]
     #[should_panic(expected = "where the client's next packet is")]
@@ -584,6 +600,25 @@ mod checks {
     #[test]
     fn part_of_a_packet_read() {
         forwarded(&[0x10, 0x00, 0xC0, 0x00], &[0x10, 0x00, 0xC0], false, false);
+    }
+
+    /// Packets the session takes, the last cut short.
+    #[test]
+    fn valid_packets() {
+        let sub = super::subscribe(false, 1, "a/+");
+        let bytes = [&super::connect(4, 60, "c1")[..], &sub, &sub[..5]].concat();
+        validated(Config::new(), &bytes);
+    }
+
+    #[test]
+    #[should_panic(expected = "a session refuses")]
+    fn a_packet_the_session_refuses() {
+        let mut sub = super::subscribe(false, 1, "a/+");
+        sub[0] = 0x80;
+        validated(
+            Config::new(),
+            &[&super::connect(4, 60, "c1")[..], &sub].concat(),
+        );
     }
 
     const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
