@@ -318,6 +318,7 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), MqttError> {
 /// The fuzz entry points, as plain functions so that tests can replay the corpora.
 #[doc(hidden)]
 pub mod __fuzz {
+    use crate::topic::{check_topic_filter, check_topic_name};
     use crate::{
         Answer, ClientIdChars, Config, MqttError, Next, Packet, Session, Version, connect_version,
         validate_connect,
@@ -366,29 +367,29 @@ pub mod __fuzz {
         }
     }
 
-    /// Validates the CONNECT after the first byte of `data` with the configuration that
-    /// byte chooses ([`connect_input`]), by [`validate_connect`] and by a [`Session`].
+    /// Validates the CONNECT after the first byte of `data` by a [`Session`] with the
+    /// configuration that byte chooses ([`connect_input`]).
     ///
     /// # Panics
     ///
-    /// If the two disagree, an answer is longer than 5 bytes, the session's version is
-    /// not [`connect_version`]'s (an accepted CONNECT's version is recognised), a
-    /// CONNECT accepted is refused by a configuration wider than all of
-    /// [`CONNECT_CONFIGS`], or (in tests and with the feature `fuzz-sniff`) the sniffer
-    /// of `aegis-layers` would not route one that configuration accepts to MQTT at its
-    /// level.
+    /// If the session's first packet is not a CONNECT, an answer is longer than 5
+    /// bytes, the session's version is not [`connect_version`]'s (an accepted CONNECT's
+    /// version is recognised), a CONNECT accepted is refused by a configuration wider
+    /// than all of [`CONNECT_CONFIGS`], or (in tests and with the feature `fuzz-sniff`)
+    /// the sniffer of `aegis-layers` would not route one that configuration accepts to
+    /// MQTT at its level.
     pub fn connect(data: &[u8]) {
         let (config, frame) = connect_input(data);
-        let result = validate_connect(frame, &config);
+        // No comparison with `validate_connect(frame, &config)`: a session validates its
+        // first packet by that very call, so the two cannot disagree.
         let mut session = Session::new(config);
-        match (&result, session.validate(frame)) {
-            (Ok(c), Ok(Packet::Connect(p))) => assert_eq!(*c, p, "the session's CONNECT"),
-            (Err(e), Err(f)) => {
-                assert_eq!(*e, f, "the session's refusal");
-                let answer = session.answer(&f);
-                assert!(answer.bytes().len() <= 5, "answers are short: {answer:?}");
-            }
-            (r, s) => panic!("validate_connect {r:?}, the session {s:?}"),
+        let result = session.validate(frame).map(|p| match p {
+            Packet::Connect(c) => c,
+            other => panic!("a session's first packet is a CONNECT: {other:?}"),
+        });
+        if let Err(e) = &result {
+            let answer = session.answer(e);
+            assert!(answer.bytes().len() <= 5, "answers are short: {answer:?}");
         }
         let version = connect_version(frame);
         if let Ok(c) = &result {
@@ -432,9 +433,15 @@ pub mod __fuzz {
     /// three bits) and, in bit 3, whether the next 32 bytes are the body of a broker
     /// CONNACK given to the session once its CONNECT is accepted.
     ///
+    /// Each packet accepted is checked as well (`feed`): a session told of the CONNACK
+    /// without its limits accepts it too (a CONNACK's limits only ever refuse more), and
+    /// the validated view keeps the rules (`check_view`).
+    ///
     /// # Panics
     ///
-    /// If the two feedings disagree, or an answer is longer than 5 bytes.
+    /// If the two feedings disagree, an answer is longer than 5 bytes, a packet accepted
+    /// under a CONNACK's limits is refused without them, or a validated view breaks a
+    /// rule.
     pub fn stream(data: &[u8]) {
         let Some((&n, data)) = data.split_first() else {
             return;
@@ -467,11 +474,14 @@ pub mod __fuzz {
     }
 
     /// Feeds `data` to a new session in chunks of `chunk(i)` bytes for the `i`-th read,
-    /// giving it `connack` once its CONNECT is accepted.
+    /// giving it `connack` once its CONNECT is accepted. A second session, `unlimited`,
+    /// is fed each packet the first accepts, and told of the CONNACK without its limits
+    /// ([`Session::connack_sent`]): it must accept each one too.
     fn feed(data: &[u8], connack: Option<&[u8]>, chunk: impl Fn(usize) -> usize) -> Outcome {
         let mut connack = connack;
         let config = Config::new().max_connect_size(512).max_packet_size(4096);
         let mut session = Session::new(config);
+        let mut unlimited = Session::new(config);
         let mut out = Outcome {
             packets: Vec::new(),
             error: None,
@@ -487,11 +497,20 @@ pub mod __fuzz {
             loop {
                 match session.next(&buf) {
                     Ok(Next::NeedMore(_)) => break,
-                    Ok(Next::Packet { len, .. }) => {
+                    Ok(Next::Packet { len, packet }) => {
+                        check_view(&packet, session.version());
+                        match unlimited.next(&buf) {
+                            Ok(Next::Packet { len: n, .. }) if n == len => {}
+                            other => panic!(
+                                "accepted under the CONNACK's limits, not without them: \
+                                 {other:?}, {packet:?}"
+                            ),
+                        }
                         out.packets.push(len);
                         buf.drain(..len);
                         if let Some(c) = connack.take() {
                             session.on_connack(c);
+                            unlimited.connack_sent();
                         }
                     }
                     Err(e) => {
@@ -504,6 +523,44 @@ pub mod __fuzz {
             }
         }
         out
+    }
+
+    /// Asserts that a validated packet's view keeps the rules the validator enforces:
+    /// a PUBLISH of `QoS` 0 to 2, DUP only with `QoS` 1 or 2, a packet identifier (not
+    /// 0) exactly with `QoS` 1 or 2, a topic name that [`check_topic_name`] takes or an
+    /// empty one with a Topic Alias; a SUBSCRIBE or UNSUBSCRIBE with a packet identifier
+    /// and at least one filter, each one [`check_topic_filter`] takes (shared ones for
+    /// MQTT 5 only); acknowledgements with a packet identifier.
+    fn check_view(packet: &Packet<'_>, version: Option<Version>) {
+        match packet {
+            Packet::Publish(p) => {
+                assert!(p.qos <= 2, "PUBLISH QoS {}", p.qos);
+                assert!(!p.dup || p.qos > 0, "DUP on a QoS 0 PUBLISH");
+                assert_eq!(p.packet_id != 0, p.qos > 0, "PUBLISH packet id: {p:?}");
+                if p.topic.is_empty() {
+                    assert!(p.topic_alias.is_some(), "an empty topic without an alias");
+                } else {
+                    assert_eq!(check_topic_name(p.topic), Ok(()), "{p:?}");
+                }
+            }
+            Packet::Subscribe(f) | Packet::Unsubscribe(f) => {
+                assert_ne!(f.packet_id(), 0, "packet id 0: {packet:?}");
+                let shared = version == Some(Version::V5);
+                let mut n = 0;
+                for (filter, _) in f.iter() {
+                    n += 1;
+                    assert!(
+                        check_topic_filter(filter, shared).is_ok(),
+                        "filter {filter:?} of {packet:?}"
+                    );
+                }
+                assert!(n > 0, "no filter: {packet:?}");
+            }
+            Packet::PubAck(id) | Packet::PubRec(id) | Packet::PubRel(id) | Packet::PubComp(id) => {
+                assert_ne!(*id, 0, "packet id 0: {packet:?}");
+            }
+            _ => {}
+        }
     }
 }
 
