@@ -605,6 +605,17 @@ fn a_controller_whose_runtime_is_gone_is_not_running() {
         format!("{handle:?}").contains("running: false"),
         "{handle:?}"
     );
+    // A task dropped before its first poll too: `block_on` returns as soon as its own
+    // future is ready, before the spawned task runs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let handle = rt.block_on(async {
+        RateConfig::new(Duration::from_millis(100), 10.0, 1000.0).spawn(|_| {})
+    });
+    drop(rt);
+    assert!(!handle.is_running(), "{handle:?}");
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

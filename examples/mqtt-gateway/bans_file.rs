@@ -31,6 +31,7 @@ const MAX_LEN: u64 = 128 << 20;
 /// yet.
 pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Option<usize>, String> {
     let err = |e: &dyn fmt::Display| format!("security.bans_file {}: {e}", path.display());
+    remove_stale_temporaries(path);
     let text = match crate::config::read_bounded(path, MAX_LEN) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -40,6 +41,48 @@ pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Optio
     let bans = Latest(max).deserialize(&mut de).map_err(|e| err(&e))?;
     de.end().map_err(|e| err(&e))?;
     Ok(Some(security.restore(bans)))
+}
+
+/// How old a temporary file beside the bans file must be to be taken for a leftover: no
+/// write of the file takes that long, so another writer's file in progress is younger.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the temporary files of writes that never finished (a process killed during
+/// one, or a last write cut short at exit): `<file>.<...>.tmp` regular files beside the
+/// bans file, over [`STALE_TEMPORARY`] old. Their names are unique to each write, so
+/// nothing else ever removes them; a file another writer is writing now is younger.
+/// Best effort: a file that cannot be read or removed is left.
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if !(file.starts_with(&prefix) && file.ends_with(".tmp")) {
+            continue;
+        }
+        // Not through a link: the entry itself, a regular file.
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.file_type().is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMPORARY)
+        });
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(file = %entry.path().display(), "removed a stale temporary bans file");
+        }
+    }
 }
 
 /// Reads a JSON array of bans, keeping the `.0` that end last, in any order: at most

@@ -1226,6 +1226,38 @@ async fn the_bans_file_write_leaves_another_writers_temporary_file_alone() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Temporary bans files of writes that never finished (a process killed during one) are
+/// removed at start-up once over an hour old: their names are unique to each write, so
+/// nothing else would. A younger one, maybe another writer's in progress, is kept.
+#[tokio::test]
+async fn stale_temporary_bans_files_are_removed_at_start() {
+    let dir = scratch("bans-file-stale-tmp");
+    let file = dir.join("bans.json");
+    let stale = dir.join("bans.json.1.00000000deadbeef.tmp");
+    let fresh = dir.join("bans.json.1.00000000feedf00d.tmp");
+    let other = dir.join("other.json.1.00000000deadbeef.tmp");
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for path in [&stale, &fresh, &other] {
+        std::fs::write(path, "half").unwrap();
+    }
+    for path in [&stale, &other] {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    }
+    let config = format!("[security]\nbans_file = {:?}\n", file.display().to_string());
+    let mut gw = Gateway::start("bans-file-stale-tmp", &config, &[]).await;
+    gw.wait_log("removed a stale temporary bans file").await;
+    assert!(!stale.exists(), "{}", gw.log());
+    assert!(fresh.exists() && other.exists(), "{}", gw.log());
+    gw.terminate();
+    assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `server.runtime = "per-core"` on two cores: the first session is served by the
 /// accepting runtime, the second by the other (by load: the first is still open), and a
 /// signal drains both.

@@ -479,12 +479,15 @@ mod tests {
     #[test]
     fn each_outcome_is_recorded_under_its_own_label() {
         use crate::metrics::testing::{capture, run};
-        const OUTCOMES: [(Outcome, &str); 4] = [
+        const OUTCOMES: [(Outcome, &str); 5] = [
             (Outcome::Ok, "ok"),
             (Outcome::Rejected, "rejected"),
             (Outcome::Error, "error"),
             (Outcome::Aborted, "aborted"),
+            (Outcome::Panicked, "panicked"),
         ];
+        // Every outcome, each once: a new one must be added here.
+        assert_eq!(OUTCOMES.map(|(o, _)| o), Outcome::ALL);
         let ((), snap) = run(false, || async {
             let metrics = ConnMetrics::register();
             for (outcome, _) in OUTCOMES {

@@ -417,10 +417,12 @@ trait Law: Send + 'static {
 fn spawn_loop<L: Law>(shared: &Arc<Shared>, interval: Duration, mut law: L) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let control = Arc::clone(&shared.control);
+    // Marks the controller stopped however the task ends: the loop breaking, the task
+    // dropped with its runtime (before its first poll too: made here and moved in, the
+    // guard drops with the future), or a sink panicking inside `tick`.
+    let stopped = Stopped(Arc::clone(&control));
     tokio::spawn(async move {
-        // Marks the controller stopped however the task ends: the loop breaking, the
-        // task dropped with its runtime, or a sink panicking inside `tick`.
-        let _stopped = Stopped(Arc::clone(&control));
+        let _stopped = stopped;
         // `deadline`: an interval past what an `Instant` holds waits some thirty years
         // rather than panicking in the task (which would leave the controller dead).
         let mut next = deadline(Instant::now(), interval);
