@@ -28,6 +28,11 @@
 //! session is given: a target that drops its slowest sessions does not show a better p99
 //! for it.
 //!
+//! `publish` gives up on a connection whose PUBACK or PINGRESP has not come (or whose
+//! write has not gone out) by the end of the run plus [`GRACE`], and counts it in
+//! `errors`: a target that drops a QoS 1 PUBLISH unanswered ends the run instead of
+//! hanging it.
+//!
 //! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
 //! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
 //! binding picks the port per source address, which gives 250 x ~28,000 ports.
@@ -47,6 +52,10 @@ use tokio::time::Instant;
 
 const TOPIC: &str = "bench/t";
 const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 1);
+
+/// How long after the end of a `publish` run its connections may still wait for an
+/// acknowledgement (or for a write to go out) before they are counted as errors.
+const GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -79,29 +88,36 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+impl Args {
+    /// `mode`'s defaults, against `target`.
+    fn new(mode: &str, target: SocketAddr) -> Self {
+        Self {
+            mode: mode.into(),
+            n: 1000,
+            target,
+            label: String::new(),
+            duration: Duration::from_secs(5),
+            concurrency: 32,
+            qos: 0,
+            payload: 64,
+            deadline: Duration::from_secs(3),
+            interval: Duration::from_millis(500),
+            attackers: 20,
+            legit_clients: 8,
+            cpu_pid: None,
+            rss_pid: None,
+            stop_pid: None,
+            stop_after: Duration::from_secs(1),
+            stop_for: Duration::from_secs(4),
+            keep_alive: 0,
+        }
+    }
+}
+
 fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     let mode = it.next().unwrap_or_else(|| usage());
-    let mut args = Args {
-        mode,
-        n: 1000,
-        target: "127.0.0.1:1883".parse().expect("literal"),
-        label: String::new(),
-        duration: Duration::from_secs(5),
-        concurrency: 32,
-        qos: 0,
-        payload: 64,
-        deadline: Duration::from_secs(3),
-        interval: Duration::from_millis(500),
-        attackers: 20,
-        legit_clients: 8,
-        cpu_pid: None,
-        rss_pid: None,
-        stop_pid: None,
-        stop_after: Duration::from_secs(1),
-        stop_for: Duration::from_secs(4),
-        keep_alive: 0,
-    };
+    let mut args = Args::new(&mode, "127.0.0.1:1883".parse().expect("literal"));
     let rest: Vec<String> = it.collect();
     let mut i = 0;
     while i < rest.len() {
@@ -335,10 +351,11 @@ async fn session_with(
 /// DISCONNECT, then wait (briefly) for the broker to close first: the server side keeps
 /// the TIME_WAIT, not our source ports.
 async fn disconnect(mut s: TcpStream) {
-    let _ = s.write_all(&DISCONNECT).await;
     let mut buf = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        if s.write_all(&DISCONNECT).await.is_ok() {
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
     })
     .await;
 }
@@ -571,9 +588,12 @@ async fn hold(a: &Args) -> Fields {
 }
 
 /// Publishes as fast as the target takes them: QoS 0 in batches closed by a PINGREQ
-/// (its PINGRESP proves the broker read the batch), QoS 1 in windows of PUBACKs.
+/// (its PINGRESP proves the broker read the batch), QoS 1 in windows of PUBACKs. A
+/// connection whose batch has not gone out, or not been acknowledged, by the end of the
+/// run plus [`GRACE`] ends with an error.
 async fn publish(a: &Args) -> Fields {
     let end = Instant::now() + a.duration;
+    let give_up = end + GRACE;
     let mut set = JoinSet::new();
     for w in 0..a.concurrency.min(64) {
         let (qos, size, target) = (a.qos, a.payload, a.target);
@@ -604,16 +624,20 @@ async fn publish(a: &Args) -> Fields {
                 if qos == 0 {
                     buf.extend_from_slice(&PINGREQ);
                 }
-                if s.write_all(&buf).await.is_err() {
+                if !matches!(
+                    tokio::time::timeout_at(give_up, s.write_all(&buf)).await,
+                    Ok(Ok(()))
+                ) {
                     return (sent, 1);
                 }
                 let want = if qos == 0 { 1 } else { batch };
                 let mut got = 0;
                 while got < want {
-                    match read_packet(&mut s).await {
-                        Ok((0xD0 | 0x40, _)) => got += 1,
-                        Ok(_) => {}
-                        Err(_) => return (sent, 1),
+                    match tokio::time::timeout_at(give_up, read_packet(&mut s)).await {
+                        Ok(Ok((0xD0 | 0x40, _))) => got += 1,
+                        Ok(Ok(_)) => {}
+                        // Closed, reset, or no acknowledgement in time.
+                        Ok(Err(_)) | Err(_) => return (sent, 1),
                     }
                 }
                 sent += u64::from(batch);
@@ -1205,4 +1229,58 @@ async fn stall(a: &Args) -> Fields {
         ("fast_refusal_after_ms", ms(fast)),
         ("recovery_after_cont_ms", ms(recovered)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn field<'a>(fields: &'a Fields, key: &str) -> &'a str {
+        fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {key} in {fields:?}"))
+    }
+
+    /// A broker that answers CONNECT and then reads every PUBLISH and PINGREQ without
+    /// ever answering one (as the gateway's publish tier drops a QoS 1 PUBLISH).
+    async fn mute_broker() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if read_packet(&mut s).await.is_ok()
+                        && s.write_all(&[0x20, 2, 0, 0]).await.is_ok()
+                    {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publish_ends_when_the_target_never_acknowledges() {
+        for qos in [1, 0] {
+            let mut a = Args::new("publish", mute_broker().await);
+            a.qos = qos;
+            a.concurrency = 1;
+            a.duration = Duration::from_secs(1);
+            let began = Instant::now();
+            let fields = tokio::time::timeout(Duration::from_secs(60), publish(&a))
+                .await
+                .unwrap_or_else(|_| panic!("QoS {qos}: publish still waiting after 60 s"));
+            assert!(since(began) <= a.duration + GRACE + Duration::from_secs(1));
+            assert_eq!(field(&fields, "errors"), "1", "QoS {qos}: {fields:?}");
+            assert_eq!(field(&fields, "msgs"), "0", "QoS {qos}: {fields:?}");
+        }
+    }
 }
