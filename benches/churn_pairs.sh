@@ -43,8 +43,8 @@
 # default GATEWAY), CONFIG_B (gw_all_b's configuration file; default
 # benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each
 # round, warmed up by a 1-second churn run that is not measured; mosquitto stays), OUT
-# (results directory). Needs root for apt-get only when mosquitto or haproxy is missing,
-# and python3.
+# (results directory). Needs root for apt-get only when mosquitto, haproxy or python3 is
+# missing.
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
 # threads), for the proxy and for mosquitto behind it; "idle" is the whole machine's
@@ -72,7 +72,7 @@ log() { printf '[churn-pairs %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 . benches/common.sh
 trap stop_started EXIT
-need_debian mosquitto haproxy
+need_debian mosquitto haproxy python3
 HAPROXY=$(path_of haproxy)
 
 if [ "${NO_BUILD:-0}" != 1 ]; then

@@ -3,8 +3,10 @@
 # and the stopping of what they start. Each script defines `log` before it sources this
 # file.
 
-# have CMD: CMD is on the PATH or in /usr/sbin (where Debian puts mosquitto and haproxy).
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+# have CMD: CMD is a program on the PATH or in /usr/sbin (where Debian puts mosquitto
+# and haproxy). A program: bash's own `kill` does not count for procps' /bin/kill, which
+# mqtt-load runs.
+have() { type -P "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 # path_of CMD: the PATH's CMD, else /usr/sbin's.
 path_of() { command -v "$1" || echo "/usr/sbin/$1"; }

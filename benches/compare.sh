@@ -13,8 +13,9 @@
 # OUT (results directory, default a new one under target/), CARGO_TARGET_DIR, NO_BUILD=1
 # (use the binaries already built), GATEWAY (path of a prebuilt mqtt-gateway), GW_ALL_CONFIG
 # (the gw_all target's configuration, default benches/gateway/all-layers.toml; a copy with
-# `runtime = "per-core"` under [server] measures that option). Needs root
-# for apt-get only when mosquitto or haproxy is missing, and python3 for the summary.
+# `runtime = "per-core"` under [server] measures that option). Needs root for apt-get
+# only when mosquitto, haproxy, python3 (the summary) or procps (`kill`, for the stall)
+# is missing.
 #
 # Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
 # on exit. All traffic stays on loopback; clients come from 127.0.1.1..250 and
@@ -54,7 +55,7 @@ log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 # --- tools -----------------------------------------------------------------------------
 . benches/common.sh
 trap stop_started EXIT
-need_debian mosquitto haproxy
+need_debian mosquitto haproxy python3 kill=procps
 HAPROXY=$(path_of haproxy)
 
 for port in 21883 21884 21885 21886 21887 21888 21889; do

@@ -31,7 +31,9 @@
 //! `publish` gives up on a connection whose PUBACK or PINGRESP has not come (or whose
 //! write has not gone out) by the end of the run plus [`GRACE`], and counts it in
 //! `errors`: a target that drops a QoS 1 PUBLISH unanswered ends the run instead of
-//! hanging it.
+//! hanging it. `stall` fails (exit status 1) when its SIGSTOP or SIGCONT cannot be sent
+//! (`kill`, from procps, must be on the PATH), rather than report a stall that never
+//! happened.
 //!
 //! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
 //! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
@@ -177,7 +179,10 @@ fn main() {
             "publish" => publish(&args).await,
             "slowloris" => slowloris(&args).await,
             "flood" => flood(&args).await,
-            "stall" => stall(&args).await,
+            "stall" => stall(&args).await.unwrap_or_else(|e| {
+                eprintln!("mqtt-load: stall: {e}");
+                std::process::exit(1)
+            }),
             _ => usage(),
         }
     });
@@ -1149,15 +1154,55 @@ async fn flood(a: &Args) -> Fields {
     ]
 }
 
-fn signal_pid(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status();
+/// The largest PID Linux gives (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: u32 = 4_194_304;
+
+/// Why `stall` could not stop or resume the broker.
+#[derive(Debug, PartialEq, Eq)]
+enum StallError {
+    /// Not a single process's PID (0, 1 and larger values would signal groups or every
+    /// process once `kill` takes them as negative).
+    BadPid(u32),
+    /// `kill` could not be run (procps missing?), or it failed (no such process, not
+    /// permitted): the stall did not happen, or the broker may still be stopped.
+    Signal { signal: &'static str, why: String },
+}
+
+impl std::fmt::Display for StallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadPid(pid) => write!(f, "--stop-pid {pid} is not a single process's PID"),
+            Self::Signal { signal, why } => write!(f, "could not send SIG{signal}: {why}"),
+        }
+    }
+}
+
+/// `kill -SIGNAL PID` (procps' `kill`: this crate sends no signal itself, that would
+/// take `unsafe`).
+fn signal_pid(pid: u32, signal: &'static str) -> Result<(), StallError> {
+    if !(2..=PID_MAX_LIMIT).contains(&pid) {
+        return Err(StallError::BadPid(pid));
+    }
+    let failed = |why: String| StallError::Signal { signal, why };
+    let out = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .output()
+        .map_err(|e| failed(format!("`kill` could not be run ({e}); procps installs it")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "`kill` {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
 /// The broker stalls (SIGSTOP) and comes back (SIGCONT) while a client tries a session
-/// every 50 ms: how soon are clients refused fast, and how soon served again?
-async fn stall(a: &Args) -> Fields {
+/// every 50 ms: how soon are clients refused fast, and how soon served again? Fails when
+/// either signal cannot be sent.
+async fn stall(a: &Args) -> Result<Fields, StallError> {
     let Some(pid) = a.stop_pid else { usage() };
     let t0 = Instant::now();
     let total = a.stop_after + a.stop_for + a.duration;
@@ -1168,11 +1213,11 @@ async fn stall(a: &Args) -> Fields {
     while since(t0) < total {
         tick.tick().await;
         if !stopped && since(t0) >= a.stop_after {
-            signal_pid(pid, "-STOP");
+            signal_pid(pid, "STOP")?;
             stopped = true;
         }
         if !resumed && since(t0) >= a.stop_after + a.stop_for {
-            signal_pid(pid, "-CONT");
+            signal_pid(pid, "CONT")?;
             resumed = true;
         }
         let target = a.target;
@@ -1187,7 +1232,7 @@ async fn stall(a: &Args) -> Fields {
         });
     }
     if !resumed {
-        signal_pid(pid, "-CONT");
+        signal_pid(pid, "CONT")?;
     }
     let mut results = Vec::new();
     while let Some(Ok(r)) = set.join_next().await {
@@ -1219,7 +1264,7 @@ async fn stall(a: &Args) -> Fields {
         .filter(|(s, took, _)| *s >= stop && *s < cont && *took >= Duration::from_secs(1))
         .count();
     let ms = |d: Option<Duration>| d.map_or("null".into(), |d| d.as_millis().to_string());
-    vec![
+    Ok(vec![
         ("stop_ms", a.stop_for.as_millis().to_string()),
         ("attempts", results.len().to_string()),
         ("stalled_accepted", during(Outcome::Accepted).to_string()),
@@ -1228,7 +1273,7 @@ async fn stall(a: &Args) -> Fields {
         ("stalled_timed_out", during(Outcome::TimedOut).to_string()),
         ("fast_refusal_after_ms", ms(fast)),
         ("recovery_after_cont_ms", ms(recovered)),
-    ]
+    ])
 }
 
 #[cfg(test)]
@@ -1281,6 +1326,36 @@ mod tests {
             assert!(since(began) <= a.duration + GRACE + Duration::from_secs(1));
             assert_eq!(field(&fields, "errors"), "1", "QoS {qos}: {fields:?}");
             assert_eq!(field(&fields, "msgs"), "0", "QoS {qos}: {fields:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_fails_when_the_broker_cannot_be_stopped() {
+        // No process has the PID pid_max: PIDs stay below it.
+        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(pid_max <= PID_MAX_LIMIT);
+        let mut a = Args::new("stall", "127.0.0.1:9".parse().unwrap());
+        a.stop_pid = Some(pid_max);
+        a.stop_after = Duration::ZERO;
+        a.duration = Duration::from_millis(100);
+        a.stop_for = Duration::from_millis(100);
+        let err = stall(&a).await.expect_err("a stall that never happened");
+        assert!(
+            matches!(err, StallError::Signal { signal: "STOP", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn signal_pid_refuses_what_would_signal_more_than_one_process() {
+        // Never run: 0 is the process group, 1 init, and procps' kill reads 4294967295 as
+        // -1, every process.
+        for pid in [0, 1, PID_MAX_LIMIT + 1, u32::MAX] {
+            assert_eq!(signal_pid(pid, "CONT"), Err(StallError::BadPid(pid)));
         }
     }
 }
