@@ -44,7 +44,8 @@
 # benches/gateway/all-layers.toml), RESTART=1 (every target a fresh process for each
 # round, warmed up by a 1-second churn run that is not measured; mosquitto stays), OUT
 # (results directory). Needs root for apt-get only when mosquitto, haproxy or python3 is
-# missing.
+# missing. Raises its soft open-files limit to the hard one (every process it starts
+# inherits it).
 #
 # CPU is each process's on-CPU time from /proc/PID/task/*/schedstat (nanoseconds, all
 # threads), for the proxy and for mosquitto behind it; "idle" is the whole machine's
@@ -72,6 +73,8 @@ log() { printf '[churn-pairs %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 . benches/common.sh
 trap stop_started EXIT
+# A proxy holds two descriptors a client.
+raise_nofile $((2 * ${PUBLISH:-$CONCURRENCY} + 128)) "${PUBLISH:-$CONCURRENCY} clients through a proxy"
 need_debian mosquitto haproxy python3
 HAPROXY=$(path_of haproxy)
 

@@ -25,6 +25,25 @@ need_debian() {
     fi
 }
 
+# raise_nofile NEED WHAT: raises this shell's soft open-files limit to its hard one, for
+# every process the script starts (mosquitto, naive-proxy and mqtt-load keep the limit
+# they inherit; only the gateway and HAProxy raise their own), and exits the script with a
+# message when even the hard limit is under NEED, the descriptors WHAT takes in one
+# process. Most shells and systemd units start with a soft limit of 1,024: mosquitto would
+# stop accepting at about 1,020 connections and naive-proxy at about 510 sessions, the
+# sessions over that each waiting out their timeout.
+raise_nofile() {
+    local need=$1 what=$2 hard soft
+    hard=$(ulimit -Hn)
+    ulimit -Sn "$hard" 2>/dev/null || true
+    soft=$(ulimit -Sn)
+    if [ "$soft" != unlimited ] && [ "$soft" -lt "$need" ]; then
+        log "the open-files limit is $soft (hard $hard); $what needs $need in one process." \
+            "Raise the hard limit (ulimit -Hn $need as root, or LimitNOFILE= in systemd) or ask for less."
+        exit 1
+    fi
+}
+
 # wait_port PORT [SECONDS]: waits up to SECONDS (10) for something to listen on
 # 127.0.0.1:PORT; exits the script if nothing does.
 wait_port() {

@@ -15,7 +15,9 @@
 # (the gw_all target's configuration, default benches/gateway/all-layers.toml; a copy with
 # `runtime = "per-core"` under [server] measures that option). Needs root for apt-get
 # only when mosquitto, haproxy, python3 (the summary) or procps (`kill`, for the stall)
-# is missing.
+# is missing. It raises its soft open-files limit to the hard one, which every process
+# it starts inherits, and stops at once when that is under what HOLD idle sessions take
+# in one process (2 x HOLD + 128: a proxy holds two descriptors a session).
 #
 # Every process it starts listens on 127.0.0.1 ports 21883..21889 and is stopped by PID
 # on exit. All traffic stays on loopback; clients come from 127.0.1.1..250 and
@@ -52,9 +54,19 @@ TARGETS=(direct naive haproxy_plain haproxy_hard gw_off gw_all)
 
 log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
+# wanted SCENARIO: whether SCENARIOS names it.
+wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
 # --- tools -----------------------------------------------------------------------------
 . benches/common.sh
 trap stop_started EXIT
+# Open files in one process: a proxy holds two a session (the gateway keeps its
+# connection cap within (limit - 128) / 2), mosquitto and mqtt-load one.
+SLOWLORIS=500
+NOFILE=256
+if wanted hold; then NOFILE=$((2 * HOLD + 128)); fi
+if wanted slowloris && [ "$NOFILE" -lt $((2 * SLOWLORIS + 128)) ]; then NOFILE=$((2 * SLOWLORIS + 128)); fi
+raise_nofile "$NOFILE" "this run (HOLD=$HOLD idle sessions, $SLOWLORIS slowloris slots)"
 need_debian mosquitto haproxy python3 kill=procps
 HAPROXY=$(path_of haproxy)
 
@@ -100,9 +112,6 @@ for port in 21884 21885 21886 21887 21888; do wait_port "$port"; done
 sleep 1 # let the probes of wait_port leave the per-IP windows
 
 # --- scenarios ---------------------------------------------------------------------------
-# wanted SCENARIO: whether SCENARIOS names it.
-wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
-
 # run SCENARIO TARGET REP ARGS...: one mqtt-load run, its JSON line tagged and stored.
 run() {
     local scenario=$1 target=$2 rep=$3
@@ -150,7 +159,7 @@ for rep in $(seq 1 "$REPS"); do
     # its 3 s deadline) reconnects at once, so the legitimate client is measured under
     # the attack for the whole window, against every target alike.
     for t in "${HARD[@]}"; do
-        run slowloris "$t" "$rep" slowloris 500 --deadline-ms 3000 --interval-ms 400 --duration 4.5
+        run slowloris "$t" "$rep" slowloris "$SLOWLORIS" --deadline-ms 3000 --interval-ms 400 --duration 4.5
     done
 done
 # The broker stalls last (once per target): it leaves mosquitto with a backlog to drain.

@@ -2,6 +2,12 @@
 """Summary of benches/compare.sh: medians over the repetitions, one Markdown table.
 
     python3 benches/compare_summary.py RESULTS.jsonl
+
+Below the table, warnings for runs that did not measure what their rows say: a hold that
+held fewer sessions than it asked for (left out of the memory rows: its growth would be
+divided by the sessions held, under a limit, not by the target), churn and latency runs
+with failed sessions, and publish runs with errors (counted in their percentiles or
+missing from their rates).
 """
 import json
 import math
@@ -89,6 +95,32 @@ def legit_bound(rs):
     return cell if bound <= 0.001 else cell + " (>= 99.9 % not shown)"
 
 
+def short_hold(r):
+    """Whether a hold run held fewer sessions than it asked for."""
+    return r.get("held") is not None and r.get("requested") is not None and r["held"] < r["requested"]
+
+
+def warnings(runs):
+    """One line for each run that did not measure what its rows say (module doc)."""
+    out = []
+    for t in TARGETS:
+        for r in runs.get(("hold", t), []):
+            if short_hold(r):
+                out.append(f"hold {t} rep {r['rep']}: held {r['held']:,} of {r['requested']:,} sessions"
+                           f" ({r.get('failed', '?')} failed): left out of the memory rows")
+        for scenario in ("latency", "churn"):
+            for r in runs.get((scenario, t), []):
+                if r.get("failed"):
+                    out.append(f"{scenario} {t} rep {r['rep']}: {r['failed']:,} failed sessions"
+                               f" (of {r['failed'] + r.get('ok', 0):,}; each counted as 3 s in the percentiles)")
+        for scenario in ("pub_qos0", "pub_qos1", "bytes"):
+            for r in runs.get((scenario, t), []):
+                if r.get("errors"):
+                    out.append(f"{scenario} {t} rep {r['rep']}: {r['errors']} of {r.get('clients', '?')}"
+                               " publishers failed (no session, closed, or unacknowledged by the end)")
+    return out
+
+
 def median(runs, scenario, target, f):
     vals = []
     for r in runs.get((scenario, target), []):
@@ -120,9 +152,11 @@ ROWS = [
     # (or HAProxy's pools) kept from the first, and show almost no growth. compare.sh
     # runs it first (from run s on), on fresh processes; before, after the other
     # scenarios, whose freed memory it partly reused.
+    # A hold that held fewer sessions than asked for is left out (a warning names it).
     ("idle session: RSS growth per connection, first hold (bytes)", "hold",
-     lambda r: r.get("bytes_per_conn") if r["rep"] == 1 else None, False),
-    ("idle sessions: RSS while holding them (MiB)", "hold", lambda r: r["rss_during"] / 1048576, False),
+     lambda r: r.get("bytes_per_conn") if r["rep"] == 1 and not short_hold(r) else None, False),
+    ("idle sessions: RSS while holding them (MiB)", "hold",
+     lambda r: None if short_hold(r) else r["rss_during"] / 1048576, False),
     ("flood: rejected conns/s", "flood", lambda r: r["rejected_per_s"], True),
     ("flood: attacker conns accepted", "flood", lambda r: r["accepted"], False),
     ("flood: process CPU per rejection (us)", "flood", lambda r: cpu_us(r, "rejected"), False),
@@ -221,8 +255,10 @@ def main():
                   ratio(vals["gw_off"], vals["haproxy_plain"]),
                   ratio(vals["gw_all"], vals["direct"])]
         print("| " + " | ".join(cells) + " |")
-    # Added latency over direct.
     print()
+    for w in warnings(runs):
+        print(f"- **warning**: {w}")
+    # Added latency over direct.
     for q in ("p50_us", "p99_us"):
         d = median(runs, "latency", "direct", lambda r: r[q])
         parts = []

@@ -32,6 +32,8 @@ mkdir -p "$PGO"
 log() { printf '[pgo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 . benches/common.sh
 trap stop_started EXIT
+# The training holds 1,000 idle sessions: two descriptors each in the gateway.
+raise_nofile $((2 * 1000 + 128)) "the training's 1,000 idle sessions through the gateway"
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\)\..*/\1/p')
 PROFDATA=llvm-profdata-$llvm
 need_debian mosquitto "$PROFDATA=llvm-$llvm"
