@@ -6,8 +6,9 @@
 Below the table, warnings for runs that did not measure what their rows say: a hold that
 held fewer sessions than it asked for (left out of the memory rows: its growth would be
 divided by the sessions held, under a limit, not by the target), churn and latency runs
-with failed sessions, and publish runs with errors (counted in their percentiles or
-missing from their rates).
+with failed sessions, publish runs with errors (counted in their percentiles or missing
+from their rates), and a flood of gw_all that no attacker got through (its addresses
+were banned before it began: the figures are of a ban in place).
 """
 import json
 import math
@@ -118,6 +119,12 @@ def warnings(runs):
                 if r.get("errors"):
                     out.append(f"{scenario} {t} rep {r['rep']}: {r['errors']} of {r.get('clients', '?')}"
                                " publishers failed (no session, closed, or unacknowledged by the end)")
+    for r in runs.get(("flood", "gw_all"), []):
+        if r.get("accepted") == 0:
+            since = f" (attackers from {r['attackers_from']})" if "attackers_from" in r else ""
+            out.append(f"flood gw_all rep {r['rep']}: no attacker accepted{since}: banned from the"
+                       " start, so it measures a ban already in place (an earlier flood from the same"
+                       " addresses: before `attackers_from`, every repetition flooded from 127.0.3.1..10)")
     return out
 
 

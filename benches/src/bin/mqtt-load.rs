@@ -5,7 +5,7 @@
 //! mqtt-load hold N             --target ADDR [--duration S] [--rss-pid PID] [--keep-alive S]
 //! mqtt-load publish            --target ADDR [--qos 0|1] [--payload BYTES] [--duration S]
 //! mqtt-load slowloris N        --target ADDR [--deadline-ms D] [--interval-ms I] [--duration S]
-//! mqtt-load flood              --target ADDR [--attackers A] [--concurrency C] [--legit-clients K] [--duration S]
+//! mqtt-load flood              --target ADDR [--attackers A] [--attackers-from IP] [--concurrency C] [--legit-clients K] [--duration S]
 //! mqtt-load stall              --target ADDR --stop-pid PID [--stop-after-ms T] [--stop-for-ms T]
 //! common: [--label NAME] [--cpu-pid PID] (CPU time of that process over the run:
 //!         `cpu_ns` from /proc/PID/task/*/schedstat, and `cpu_ticks` from /proc/PID/stat)
@@ -13,10 +13,14 @@
 //!
 //! Every run prints one JSON object on one line on stdout. Source addresses are spread
 //! over 127.0.1.1 ..= 127.0.1.250 (each socket is bound before `connect`), so a per-IP
-//! limiter sees many clients; the attackers of `flood` come from 127.0.3.1 ..=
-//! 127.0.3.250 (a target may ban them), the legitimate client of `slowloris` and `stall`
-//! connects from 127.0.2.1, and the K legitimate clients of `flood` (8 by default) from
-//! 127.0.2.1 ..= 127.0.2.K. Only loopback targets are accepted.
+//! limiter sees many clients; the A attackers of `flood` come from A consecutive
+//! addresses from `--attackers-from` (127.0.3.1 by default; a target may ban them, so
+//! `compare.sh` gives each repetition its own: 127.0.3.1, 127.0.4.1, ...; the range must
+//! stay in 127.0.0.0/8 and clear of 127.0.0.0 ..= 127.0.2.255, the targets' and the other
+//! clients'),
+//! the legitimate client of `slowloris` and `stall` connects from 127.0.2.1, and the K
+//! legitimate clients of `flood` (8 by default) from 127.0.2.1 ..= 127.0.2.K. Only
+//! loopback targets are accepted.
 //!
 //! `slowloris N` keeps N attacking connections for the whole `--duration` (at most
 //! 9,000): each of N slots reconnects at once, from the same address, when the target
@@ -54,6 +58,8 @@ use tokio::time::Instant;
 
 const TOPIC: &str = "bench/t";
 const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 1);
+/// The first attacker address of `flood` by default.
+const ATTACKERS_FROM: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 1);
 
 /// How long after the end of a `publish` run its connections may still wait for an
 /// acknowledgement (or for a write to go out) before they are counted as errors.
@@ -72,6 +78,8 @@ struct Args {
     deadline: Duration,
     interval: Duration,
     attackers: u8,
+    /// The first of `flood`'s attacker addresses (`--attackers-from`).
+    attackers_from: Ipv4Addr,
     /// `flood`'s legitimate clients, each from its own address.
     legit_clients: usize,
     cpu_pid: Option<u32>,
@@ -105,6 +113,7 @@ impl Args {
             deadline: Duration::from_secs(3),
             interval: Duration::from_millis(500),
             attackers: 20,
+            attackers_from: ATTACKERS_FROM,
             legit_clients: 8,
             cpu_pid: None,
             rss_pid: None,
@@ -143,6 +152,7 @@ fn parse_args() -> Args {
             "--deadline-ms" => args.deadline = Duration::from_millis(num()),
             "--interval-ms" => args.interval = Duration::from_millis(num()),
             "--attackers" => args.attackers = u8::try_from(num()).unwrap_or(250).clamp(1, 250),
+            "--attackers-from" => args.attackers_from = val.parse().unwrap_or_else(|_| usage()),
             "--legit-clients" => {
                 args.legit_clients = usize::try_from(num()).unwrap_or(1).clamp(1, 250);
             }
@@ -158,6 +168,10 @@ fn parse_args() -> Args {
     }
     if !args.target.ip().is_loopback() {
         eprintln!("mqtt-load: only loopback targets may be load-tested");
+        std::process::exit(2);
+    }
+    if let Err(why) = attacker_range(args.attackers_from, args.attackers) {
+        eprintln!("mqtt-load: --attackers-from {}: {why}", args.attackers_from);
         std::process::exit(2);
     }
     args
@@ -291,11 +305,29 @@ fn spread(i: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 1, u8::try_from(i % 250).expect("< 250") + 1)
 }
 
-/// The `i`-th attacker address of `flood`: 127.0.3.1 ..= 127.0.3.250, apart from every
-/// other scenario's clients, so that a target that bans attackers (the gateway's
-/// security layer does) does not refuse later scenarios' clients.
-fn attacker(i: u64) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 3, u8::try_from(i % 250).expect("< 250") + 1)
+/// The `i`-th of `n` attacker addresses of `flood`, from `from` on (checked by
+/// [`attacker_range`]): apart from every other scenario's clients, so that a target that
+/// bans attackers (the gateway's security layer does) does not refuse later scenarios'
+/// clients.
+fn attacker(from: Ipv4Addr, n: u8, i: u64) -> Ipv4Addr {
+    let offset = u32::try_from(i % u64::from(n.max(1))).expect("< 256");
+    Ipv4Addr::from(u32::from(from).wrapping_add(offset))
+}
+
+/// Whether `n` attacker addresses from `from` on stay on loopback (127.0.0.0/8) and
+/// clear of 127.0.0.0 ..= 127.0.2.255: the targets (127.0.0.1), the spread clients
+/// (127.0.1.0/24) and the legitimate ones (127.0.2.0/24).
+fn attacker_range(from: Ipv4Addr, n: u8) -> Result<(), &'static str> {
+    let first = u32::from(from);
+    let last = first.saturating_add(u32::from(n.max(1)) - 1);
+    let loopback = |a: u32| Ipv4Addr::from(a).octets()[0] == 127;
+    if !loopback(first) || !loopback(last) {
+        return Err("the attackers' addresses must stay in 127.0.0.0/8");
+    }
+    if first <= u32::from(Ipv4Addr::new(127, 0, 2, 255)) {
+        return Err("127.0.0.0 ..= 127.0.2.255 are the targets' and the other clients'");
+    }
+    Ok(())
 }
 
 async fn connect_from(src: Ipv4Addr, target: SocketAddr) -> io::Result<TcpStream> {
@@ -1105,11 +1137,19 @@ async fn flood(a: &Args) -> Fields {
     let attackers = u64::from(a.attackers);
     for _ in 0..a.concurrency {
         let (next, target) = (next.clone(), a.target);
+        let (from, n) = (a.attackers_from, a.attackers);
         set.spawn(async move {
             let (mut acc, mut rej, mut to) = (0u64, 0u64, 0u64);
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed) % attackers;
-                match session(attacker(i), target, "flood", Duration::from_millis(500)).await {
+                match session(
+                    attacker(from, n, i),
+                    target,
+                    "flood",
+                    Duration::from_millis(500),
+                )
+                .await
+                {
                     (Outcome::Accepted, Some(s)) => {
                         acc += 1;
                         disconnect(s).await;
@@ -1136,6 +1176,7 @@ async fn flood(a: &Args) -> Fields {
     );
     vec![
         ("attackers", a.attackers.to_string()),
+        ("attackers_from", format!("\"{}\"", a.attackers_from)),
         ("concurrency", a.concurrency.to_string()),
         ("accepted", acc.to_string()),
         ("rejected", rej.to_string()),
@@ -1357,5 +1398,27 @@ mod tests {
         for pid in [0, 1, PID_MAX_LIMIT + 1, u32::MAX] {
             assert_eq!(signal_pid(pid, "CONT"), Err(StallError::BadPid(pid)));
         }
+    }
+
+    #[test]
+    fn attackers_stay_on_loopback_and_apart() {
+        let at = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(attacker_range(ATTACKERS_FROM, 250), Ok(()));
+        assert_eq!(attacker_range(at("127.0.255.1"), 250), Ok(()));
+        for (from, n) in [
+            ("127.0.0.1", 10),
+            ("127.0.1.1", 10),
+            ("127.0.2.200", 10),
+            ("10.0.3.1", 10),
+            ("127.255.255.200", 100),
+            ("255.255.255.255", 250),
+        ] {
+            assert!(attacker_range(at(from), n).is_err(), "{from} + {n}");
+        }
+        let from = at("127.0.4.1");
+        assert_eq!(attacker(from, 10, 0), from);
+        assert_eq!(attacker(from, 10, 9), at("127.0.4.10"));
+        assert_eq!(attacker(from, 10, 10), from);
+        assert_eq!(attacker(at("127.0.4.250"), 10, 7), at("127.0.5.1"));
     }
 }
