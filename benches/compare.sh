@@ -131,18 +131,57 @@ run() {
     log "$line"
 }
 
+# in_order REP NAME...: the NAMEs in the order repetition REP of REPS runs them, one a
+# line. A run's position matters: the second of two back-to-back churn runs tends to do
+# worse, by up to a few percent (BENCHMARKS.md, "The churn and latency goals, as pairs of
+# runs"); in a fixed order gw_all always ran last. So every target's mean position over
+# the repetitions is the middle one:
+# - an even REPS runs pairs of repetitions, the list rotated one place further for each
+#   pair, forwards and then backwards: each target's positions in a pair add up to N - 1
+#   (of N targets), exactly the middle on average;
+# - an odd REPS of 3 or more (3, the default) runs first three repetitions whose
+#   positions add up, for every target, to 3(N - 1)/2 rounded down or up (the list as it
+#   is; rotated by N/2; its even places backwards and then its odd ones), then pairs
+#   as above: every mean position within 1 / (2 REPS) of the middle, exactly on it when
+#   N is odd. Forwards and backwards alone (as before) left 3 repetitions of 6 targets
+#   with means from 1.67 to 3.33 (gw_all the latest);
+# - REPS=1 cannot balance anything.
+# With three repetitions of three targets (the flood and slowloris), each target runs
+# once in each position, which a cyclic order only allows: gw_all right after
+# haproxy_hard in two of them.
+in_order() {
+    local rep=$1 n i pos k
+    shift
+    n=$#
+    local names=("$@") order=()
+    if [ $((REPS % 2)) = 1 ] && [ "$REPS" -ge 3 ] && [ "$rep" -le 3 ]; then
+        local m=$((2 * ((n - 1) / 2)))
+        for ((i = 0; i < n; i++)); do
+            case $rep in
+                1) pos=$i ;;
+                2) pos=$(((i + n / 2) % n)) ;;
+                3) if [ $((2 * i)) -le "$m" ]; then pos=$((m - 2 * i)); else pos=$((2 * n - 1 - 2 * i)); fi ;;
+            esac
+            order[pos]=${names[i]}
+        done
+    else
+        # Pairs, counted after the first three repetitions of an odd REPS, whose first
+        # pair starts one place further.
+        local r=$rep shift_by=0
+        if [ $((REPS % 2)) = 1 ] && [ "$REPS" -ge 3 ]; then r=$((rep - 3)) shift_by=1; fi
+        k=$(((r - 1) / 2 + shift_by))
+        for ((i = 0; i < n; i++)); do order+=("${names[(i + k) % n]}"); done
+        if [ $((r % 2)) = 0 ]; then mapfile -t order < <(reversed "${order[@]}"); fi
+    fi
+    printf '%s\n' "${order[@]}"
+}
+
 HARDENED=(direct haproxy_hard gw_all)
 for rep in $(seq 1 "$REPS"); do
     log "repetition $rep of $REPS"
-    # Even repetitions run the targets in reverse order. A run's position matters: the
-    # second of two back-to-back churn runs tends to do worse, by up to a few percent
-    # (BENCHMARKS.md, "The churn and latency goals, as pairs of runs"), and in a fixed
-    # order gw_all always ran last.
-    ALL=("${TARGETS[@]}") HARD=("${HARDENED[@]}")
-    if [ $((rep % 2)) = 0 ]; then
-        mapfile -t ALL < <(reversed "${TARGETS[@]}")
-        mapfile -t HARD < <(reversed "${HARDENED[@]}")
-    fi
+    mapfile -t ALL < <(in_order "$rep" "${TARGETS[@]}")
+    mapfile -t HARD < <(in_order "$rep" "${HARDENED[@]}")
+    log "order: ${ALL[*]}; hardened: ${HARD[*]}"
     # Idle sessions first: in repetition 1 each process is fresh, so its RSS growth is
     # the sessions' own, not memory its allocator kept from the bulk and churn runs.
     for t in "${ALL[@]}"; do run hold "$t" "$rep" hold "$HOLD" --rss-pid "${PID[$t]}" --duration 2 --keep-alive 60; done
