@@ -39,9 +39,10 @@
 //! (`kill`, from procps, must be on the PATH), rather than report a stall that never
 //! happened.
 //!
-//! `IP_BIND_ADDRESS_NO_PORT` is not set: neither tokio nor socket2 exposes it, and this
-//! crate forbids the `unsafe` a raw `setsockopt` would need. It is not needed either:
-//! binding picks the port per source address, which gives 250 x ~28,000 ports.
+//! `IP_BIND_ADDRESS_NO_PORT` is not set. Neither tokio nor socket2 (0.5, 0.6) exposes it;
+//! the `nix` crate does, safely (`nix::sys::socket::sockopt::IpBindAddressNoPort`, since
+//! nix 0.28, Linux only), but nix is not a dependency of this workspace, and the option is
+//! not needed: binding picks the port per source address, which gives 250 x ~28,000 ports.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
