@@ -135,25 +135,7 @@ struct Run {
 /// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that accepts the CONNECT
 /// and reads to the end.
 async fn through_mqtt(sec: &Security, peer: &str, bytes: Vec<u8>) -> Run {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&calls);
-    let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
-        seen.fetch_add(1, Ordering::SeqCst);
-        async move {
-            io.write_all(&common::connack_accepting(&io)).await?;
-            let mut all = Vec::new();
-            io.read_to_end(&mut all).await?;
-            Ok::<_, io::Error>(())
-        }
-    });
-    let svc = SecurityLayer::new(sec.clone()).layer(MqttLayer::new(Config::new()).layer(broker));
-    let (server, client_task) = common::client(1 << 16, bytes);
-    let result = svc.oneshot(conn(server, peer)).await;
-    Run {
-        result,
-        got: client_task.await.unwrap(),
-        calls: calls.load(Ordering::SeqCst),
-    }
+    through_broker(sec, peer, bytes, None).await
 }
 
 /// One connection from `peer` through `SecurityLayer(sec)` alone, over a service that
@@ -996,12 +978,24 @@ async fn through_broker_answering(
     bytes: Vec<u8>,
     connack: &'static [u8],
 ) -> Run {
+    through_broker(sec, peer, bytes, Some(connack)).await
+}
+
+/// [`through_mqtt`] and [`through_broker_answering`]: the broker answers `connack`, or
+/// with `None` accepts the CONNECT in its version.
+async fn through_broker(
+    sec: &Security,
+    peer: &str,
+    bytes: Vec<u8>,
+    connack: Option<&'static [u8]>,
+) -> Run {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&calls);
     let broker = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| {
         seen.fetch_add(1, Ordering::SeqCst);
         async move {
-            io.write_all(connack).await?;
+            let answer = connack.map_or_else(|| common::connack_accepting(&io), <[u8]>::to_vec);
+            io.write_all(&answer).await?;
             let mut all = Vec::new();
             io.read_to_end(&mut all).await?;
             Ok::<_, io::Error>(())
