@@ -5,12 +5,13 @@
 //! loop's back-off sleeps pass as soon as nothing else can run, so how many times it
 //! retries over a span of time is exact.
 
-use std::fs::File;
+mod common;
+
 use std::time::Duration;
 
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::{Conn, serve};
-use rlimit::Resource;
+use common::Exhausted;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,17 +26,10 @@ fn accept_loop_keeps_serving_after_emfile() {
         });
         tokio::spawn(serve(listener, svc).into_future());
 
-        // Lower the soft limit close to what is open, then use up every descriptor.
-        let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-        rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
-        let mut fillers = Vec::new();
-        while let Ok(f) = File::open("/dev/null") {
-            fillers.push(f);
-        }
+        let mut exhausted = Exhausted::now();
         // Free exactly one descriptor: the client's socket takes it, and the server's
         // accept() then fails with EMFILE.
-        fillers.pop();
+        exhausted.free_one();
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"hello").await.unwrap();
 
@@ -66,8 +60,7 @@ fn accept_loop_keeps_serving_after_emfile() {
         assert_eq!(other, 0);
 
         // Give the descriptors back: the waiting client is served, and new ones too.
-        drop(fillers);
-        rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
+        drop(exhausted);
         let mut buf = [0u8; 5];
         tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut buf))
             .await

@@ -4,12 +4,12 @@
 //! This test lowers the process's open-files limit, so it lives alone in its own test
 //! binary (one process) and runs everything on one thread, as `tests/emfile.rs` does.
 
-use std::fs::File;
+mod common;
 
 use aegis_core::error::label_of;
 use aegis_core::metrics::{self as m, testing};
 use aegis_core::proxy::{ProxyError, TcpConnect};
-use rlimit::Resource;
+use common::Exhausted;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -20,20 +20,12 @@ fn a_connect_without_a_descriptor_is_a_local_resources_error() {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let connect = TcpConnect::new(upstream.local_addr().unwrap());
 
-        // Lower the soft limit close to what is open, then use up every descriptor.
-        let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-        rlimit::setrlimit(Resource::NOFILE, (open_now + 32).min(soft), hard).unwrap();
-        let mut fillers = Vec::new();
-        while let Ok(f) = File::open("/dev/null") {
-            fillers.push(f);
-        }
+        let exhausted = Exhausted::now();
         let res = connect.clone().oneshot(()).await;
 
         // Give the descriptors back before asserting, so a failure still leaves
         // the process usable.
-        drop(fillers);
-        rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
+        drop(exhausted);
 
         let err = res.expect_err("no descriptor was left for the upstream socket");
         assert!(
