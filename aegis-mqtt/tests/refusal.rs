@@ -15,7 +15,7 @@ use aegis_mqtt::layer::{MqttIo, MqttLayer};
 use common::{B, connect_v4, connect_v5, duplex_conn, head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
-use tower::{Layer, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 
 /// How long the layer waits for the broker's packet in flight (`REFUSAL_DEADLINE`).
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -222,8 +222,6 @@ async fn connack_after_the_refusal(
     before: usize,
 ) -> (Vec<u8>, (&'static str, &'static str)) {
     const CONNACK: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
-    let (mut client, server) = tokio::io::duplex(4096);
-    client.write_all(&client_bytes).await.unwrap();
     let inner = service_fn(move |mut io: MqttIo<Conn<DuplexStream>>| async move {
         let mut buf = [0; 4096];
         let n = io.read(&mut buf).await?;
@@ -236,7 +234,19 @@ async fn connack_after_the_refusal(
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         Ok::<_, BoxError>(aegis_core::error::label_of(&err))
     });
-    let label = tokio::time::timeout(
+    through_layer(&client_bytes, inner).await
+}
+
+/// Serves one duplex connection whose client sends `client_bytes` and then reads to the
+/// end, through a default `MqttLayer` over `inner` (bounded: the connection must end);
+/// returns what the client received and the inner service's response.
+async fn through_layer<S>(client_bytes: &[u8], inner: S) -> (Vec<u8>, S::Response)
+where
+    S: Service<MqttIo<Conn<DuplexStream>>, Error = BoxError> + Clone,
+{
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(client_bytes).await.unwrap();
+    let response = tokio::time::timeout(
         Duration::from_secs(60),
         MqttLayer::default()
             .layer(inner)
@@ -248,7 +258,7 @@ async fn connack_after_the_refusal(
     client.shutdown().await.unwrap();
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
-    (got, label)
+    (got, response)
 }
 
 #[test]
@@ -279,12 +289,7 @@ fn a_refusal_inside_the_brokers_connack_is_a_disconnect_once_it_is_whole() {
     // The PUBLISH comes alone and is refused while the broker is inside its CONNACK: the
     // read waits for the CONNACK to be whole, then writes the DISCONNECT, not the CONNACK
     // the refusal would have had without one.
-    let ((got, label, late), counted) = counting("protocol_error", || async {
-        let (mut client, server) = tokio::io::duplex(4096);
-        client
-            .write_all(&[connect_auth(), publish_qos0()].concat())
-            .await
-            .unwrap();
+    let ((got, (label, late)), counted) = counting("protocol_error", || async {
         let inner = service_fn(|io: MqttIo<Conn<DuplexStream>>| async move {
             let (mut r, mut w) = tokio::io::split(io);
             let mut buf = [0; 4096];
@@ -304,19 +309,7 @@ fn a_refusal_inside_the_brokers_connack_is_a_disconnect_once_it_is_whole() {
             };
             Ok::<_, BoxError>(tokio::join!(read, write))
         });
-        let (label, late) = tokio::time::timeout(
-            Duration::from_secs(60),
-            MqttLayer::default()
-                .layer(inner)
-                .oneshot(duplex_conn(server)),
-        )
-        .await
-        .expect("the connection did not end")
-        .unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        (got, label, late)
+        through_layer(&[connect_auth(), publish_qos0()].concat(), inner).await
     });
     assert_eq!(got, [0x20, 0x03, 0x00, 0x00, 0x00, 0xE0, 0x02, 0x82, 0x00]);
     assert_eq!(label, ("mqtt", "protocol_error"));
