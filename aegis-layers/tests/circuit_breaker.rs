@@ -6,7 +6,7 @@ use std::io;
 use std::time::Duration;
 
 use aegis_core::error::{BoxError, find, label_of};
-use aegis_core::metrics::testing::{capture, run_watching};
+use aegis_core::metrics::testing::{Captured, capture, run_watching};
 use aegis_layers::circuit_breaker::{
     CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitBreaker, CircuitBreakerLayer, CircuitState,
     Classify, DefaultClassifier, FailuresOnly, HttpClassifier, MAX_WINDOW, Outcome,
@@ -456,6 +456,11 @@ async fn handle_forces_open_and_closed_and_releases() {
     assert_eq!(circuit.state(), CircuitState::Open);
 }
 
+/// `aegis_circuit_transitions_total{name, to}` in the captured metrics `m`.
+fn transitions(m: &Captured, name: &str, to: &str) -> u64 {
+    m.counter(CIRCUIT_TRANSITIONS_TOTAL, &[("name", name), ("to", to)])
+}
+
 #[test]
 fn state_changes_and_fast_failures_are_metrics() {
     run_watching(true, |snap| async move {
@@ -467,13 +472,7 @@ fn state_changes_and_fast_failures_are_metrics() {
         call(&mut svc, &mut handle, false).await.unwrap_err();
         let m = capture(&snap);
         assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
-        assert_eq!(
-            m.counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "upstream"), ("to", "open")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&m, "upstream", "open"), 1);
         assert_fails_fast(&mut svc, &mut handle).await;
         assert_fails_fast(&mut svc, &mut handle).await;
         let m = capture(&snap);
@@ -491,23 +490,11 @@ fn state_changes_and_fast_failures_are_metrics() {
         assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
         let m = capture(&snap);
         assert_eq!(m.gauge(CIRCUIT_STATE), Some(1.0), "half-open");
-        assert_eq!(
-            m.counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "upstream"), ("to", "half_open")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&m, "upstream", "half_open"), 1);
         metrics::gauge!(CIRCUIT_STATE, "name" => "upstream").set(-1.0);
         call(&mut svc, &mut handle, true).await.unwrap();
         let m = capture(&snap);
-        assert_eq!(
-            m.counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "upstream"), ("to", "closed")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&m, "upstream", "closed"), 1);
         assert_eq!(m.gauge(CIRCUIT_STATE), Some(0.0), "closed, over the -1");
 
         layer.handle().force_open();
@@ -520,13 +507,7 @@ fn state_changes_and_fast_failures_are_metrics() {
         let (mut svc2, mut handle2) = breaker(&other);
         call(&mut svc2, &mut handle2, false).await.unwrap_err();
         let m = capture(&snap);
-        assert_eq!(
-            m.counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "auth_backend"), ("to", "open")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&m, "auth_backend", "open"), 1);
         assert_eq!(
             m.counter(CIRCUIT_TRANSITIONS_TOTAL, &[("name", "upstream")]),
             0,
@@ -656,13 +637,7 @@ fn record_failure_trips_like_failed_calls_with_metrics() {
         assert_fails_fast(&mut svc, &mut handle).await;
         let m = capture(&snap);
         assert_eq!(m.gauge(CIRCUIT_STATE), Some(2.0));
-        assert_eq!(
-            m.counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "upstream"), ("to", "open")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&m, "upstream", "open"), 1);
 
         // While open it changes nothing: still half-open after `open_for`.
         circuit.record_failure();
@@ -676,13 +651,7 @@ fn record_failure_trips_like_failed_calls_with_metrics() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(circuit.state(), CircuitState::HalfOpen);
         // (A capture drains the recorder: one more opening since the last one.)
-        assert_eq!(
-            capture(&snap).counter(
-                CIRCUIT_TRANSITIONS_TOTAL,
-                &[("name", "upstream"), ("to", "open")]
-            ),
-            1
-        );
+        assert_eq!(transitions(&capture(&snap), "upstream", "open"), 1);
 
         // Forced closed: nothing is counted.
         circuit.force_closed();
