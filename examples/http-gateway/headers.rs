@@ -220,6 +220,14 @@ fn is_host_port(authority: &Authority) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnknownCoding;
 
+impl std::fmt::Display for UnknownCoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a transfer coding other than one `chunked`")
+    }
+}
+
+impl std::error::Error for UnknownCoding {}
+
 /// Checks that `Transfer-Encoding`, if present, is exactly one `chunked` (one field,
 /// one token, any case): a request otherwise is answered `501`, a backend's response
 /// `502`.

@@ -26,7 +26,7 @@
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
-//! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`from_backend`]) | `502` (its breaker counts it) | yes: it answered |
+//! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
 //! backend's address plus the target's path and query, built with [`Uri::builder`], and
@@ -363,7 +363,17 @@ impl Service<Request<GatewayBody>> for Upstream {
             {
                 latency.record(backend_time(start, Instant::now(), &progress));
             }
-            res
+            // An answer in a transfer coding the gateway does not implement is the
+            // backend's failure: the breaker counts the error, and the client gets
+            // `502` (hyper undoes the chunked framing alone, and the other codings'
+            // bytes would reach the client as the body with nothing saying so).
+            match res {
+                Ok(answer) => match check_transfer_coding(answer.headers()) {
+                    Ok(()) => Ok(answer),
+                    Err(e) => Err(e.into()),
+                },
+                Err(e) => Err(e),
+            }
         })
     }
 }
@@ -390,10 +400,10 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 }
 
 /// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
-/// failures), except that a [`ClientBodyError`] (a request body that was malformed, cut
-/// off, over the size limit, or stalled) is the client's fault and is not counted, and
-/// that an answer the proxy replaces with `502` (a transfer coding it does not
-/// implement: [`check_transfer_coding`]) is a failure whatever its status.
+/// failures, among them an answer in a transfer coding the gateway does not implement:
+/// [`check_transfer_coding`], an error of [`Upstream`]), except that a
+/// [`ClientBodyError`] (a request body that was malformed, cut off, over the size limit,
+/// or stalled) is the client's fault and is not counted.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 
@@ -401,7 +411,6 @@ impl<B> Classify<Response<B>> for GatewayClassifier {
     fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
             Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
-            Ok(res) if check_transfer_coding(res.headers()).is_err() => Outcome::Failure,
             other => HttpClassifier.classify(other),
         }
     }
@@ -521,16 +530,9 @@ where
 /// intermediary must): hyper's client frames such a body by the transfer coding and
 /// leaves both headers, and once the stripping took the `Transfer-Encoding`, hyper's
 /// server sent the body with the stale length, cutting a longer one short.
-///
-/// An answer with a `Transfer-Encoding` other than one `chunked` is replaced with `502`
-/// ([`check_transfer_coding`]): hyper undoes the chunked framing alone, and the client
-/// got the other codings' bytes as the body with nothing saying so. The breaker counts
-/// it as the backend's failure ([`GatewayClassifier`]).
+/// (An answer with a `Transfer-Encoding` other than one `chunked` never comes here:
+/// [`Upstream`] fails it, and the client gets `502`.)
 fn from_backend(res: Response<Incoming>) -> Response<GatewayBody> {
-    if let Err(e) = check_transfer_coding(res.headers()) {
-        tracing::debug!(?e, "backend answer refused");
-        return local_response(StatusCode::BAD_GATEWAY, "backend failed\n");
-    }
     let (mut parts, body) = res.into_parts();
     if parts.headers.contains_key(TRANSFER_ENCODING) {
         parts.headers.remove(CONTENT_LENGTH);
