@@ -2,7 +2,7 @@
 //!
 //! Before the request goes on: a `Transfer-Encoding` other than one `chunked` is
 //! answered `501` (RFC 9112 §6.1; see
-//! [`check_transfer_coding`](crate::headers::check_transfer_coding)), headers over the
+//! [`check_transfer_coding`]), headers over the
 //! limits `431` and a missing (HTTP/1.1), repeated or invalid `Host` `400`, without
 //! calling the inner service;
 //! hop-by-hop headers are removed, and so is every header whose name has an underscore
