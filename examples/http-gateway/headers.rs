@@ -272,6 +272,8 @@ pub fn check_limits(
 /// Why a request is refused before it goes on: the gateway answers it itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
+    /// A transfer coding other than one `chunked` ([`check_transfer_coding`]): `501`.
+    UnknownCoding(UnknownCoding),
     /// Too many or too large headers ([`check_limits`]): `431`.
     TooLarge(TooLarge),
     /// A missing, repeated or invalid `Host` ([`check_host`]): `400`.
@@ -279,8 +281,9 @@ pub enum Refused {
 }
 
 /// The request side of the header rules, in the gateway's order (`Sanitize` runs it on
-/// every request): [`check_limits`] with `max_count` and `max_bytes`, then
-/// [`check_host`], either of which refuses the request and leaves its headers as they
+/// every request): [`check_transfer_coding`] (before the stripping takes
+/// `Transfer-Encoding` away), [`check_limits`] with `max_count` and `max_bytes`, then
+/// [`check_host`], any of which refuses the request and leaves its headers as they
 /// were; then [`strip_hop_by_hop`], [`remove_underscored`] and [`set_forwarded`] for
 /// `client`.
 pub fn sanitize_request(
@@ -290,6 +293,7 @@ pub fn sanitize_request(
     max_count: usize,
     max_bytes: usize,
 ) -> Result<(), Refused> {
+    check_transfer_coding(headers).map_err(Refused::UnknownCoding)?;
     check_limits(headers, max_count, max_bytes).map_err(Refused::TooLarge)?;
     check_host(headers, version).map_err(Refused::BadHost)?;
     strip_hop_by_hop(headers);
@@ -419,6 +423,7 @@ pub mod fuzz {
         for (name, value) in &input.fields {
             headers.append(name.clone(), value.clone());
         }
+        let coding = check_transfer_coding(&headers);
         let (max_count, max_bytes) = input.limits;
         let limits = check_limits(&headers, max_count, max_bytes);
         assert_eq!(limits, limits_reference(&input), "check_limits");
@@ -438,9 +443,12 @@ pub mod fuzz {
             max_bytes,
         );
         match result {
-            Err(Refused::TooLarge(e)) => assert_eq!(limits, Err(e)),
-            Err(Refused::BadHost(e)) => assert_eq!((limits, host), (Ok(()), Err(e))),
-            Ok(()) => assert_eq!((limits, host), (Ok(()), Ok(()))),
+            Err(Refused::UnknownCoding(e)) => assert_eq!(coding, Err(e)),
+            Err(Refused::TooLarge(e)) => assert_eq!((coding, limits), (Ok(()), Err(e))),
+            Err(Refused::BadHost(e)) => {
+                assert_eq!((coding, limits, host), (Ok(()), Ok(()), Err(e)));
+            }
+            Ok(()) => assert_eq!((coding, limits, host), (Ok(()), Ok(()), Ok(()))),
         }
         if result.is_err() {
             assert_eq!(

@@ -2,7 +2,7 @@
 //!
 //! Before the request goes on: a `Transfer-Encoding` other than one `chunked` is
 //! answered `501` (RFC 9112 §6.1; see
-//! [`check_transfer_coding`]), headers over the
+//! [`check_transfer_coding`](crate::headers::check_transfer_coding)), headers over the
 //! limits `431` and a missing (HTTP/1.1), repeated or invalid `Host` `400`, without
 //! calling the inner service;
 //! hop-by-hop headers are removed, and so is every header whose name has an underscore
@@ -24,7 +24,7 @@ use hyper::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::headers::{Refused, check_transfer_coding, sanitize_request};
+use crate::headers::{Refused, sanitize_request};
 use crate::proxy::{GatewayBody, local_response};
 
 /// Header limits of a request.
@@ -87,17 +87,6 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limits = self.limits;
         let version = req.version();
-        // Before the stripping takes `Transfer-Encoding` away.
-        if let Err(e) = check_transfer_coding(req.headers()) {
-            tracing::debug!(?e, "request refused");
-            let res = local_response(
-                StatusCode::NOT_IMPLEMENTED,
-                "transfer coding not implemented\n",
-            );
-            return ResponseFuture {
-                state: State::Refused { res: Some(res) },
-            };
-        }
         let refused = match sanitize_request(
             req.headers_mut(),
             version,
@@ -111,6 +100,13 @@ where
                         fut: self.inner.call(req),
                     },
                 };
+            }
+            Err(Refused::UnknownCoding(e)) => {
+                tracing::debug!(?e, "request refused");
+                local_response(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer coding not implemented\n",
+                )
             }
             Err(Refused::TooLarge(too_large)) => {
                 tracing::debug!(?too_large, "request headers refused");
