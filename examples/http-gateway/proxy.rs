@@ -113,11 +113,10 @@ fn is_origin_form(uri: &Uri) -> bool {
             .is_some_and(|p| p.as_str().starts_with('/'))
 }
 
-/// The form of the request target `uri` (RFC 9112 §3.2), for the logs.
+/// The form of a request target `uri` that is not origin-form (RFC 9112 §3.2), for the
+/// logs.
 fn target_form(uri: &Uri) -> &'static str {
-    if is_origin_form(uri) {
-        "origin"
-    } else if uri.scheme().is_some() {
+    if uri.scheme().is_some() {
         "absolute"
     } else if uri.authority().is_some() {
         "authority"
@@ -322,10 +321,11 @@ impl Service<Request<GatewayBody>> for Upstream {
         Box::pin(async move {
             let res: Result<Response<Incoming>, BoxError> = async {
                 let mut res = std::pin::pin!(res);
-                let mut check = probe.map(|p| deadline(start, p.stall_after));
+                // The probe's check, until it has run: its window and when.
+                let mut check = probe.map(|p| (p, deadline(start, p.stall_after)));
                 let mut at = until;
                 loop {
-                    let next = check.map_or(at, |c| c.min(at));
+                    let next = check.map_or(at, |(_, c)| c.min(at));
                     let elapsed = match tokio::time::timeout_at(next, &mut res).await {
                         Ok(res) => return Ok(res?),
                         Err(_) if progress.waiting_on_client() => {
@@ -335,7 +335,7 @@ impl Service<Request<GatewayBody>> for Upstream {
                     };
                     let now = Instant::now();
                     let backend = backend_time(start, now, &progress);
-                    if let (Some(p), Some(c)) = (probe, check)
+                    if let Some((p, c)) = check
                         && now >= c
                     {
                         check = None;
