@@ -43,9 +43,16 @@ pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Optio
     Ok(Some(security.restore(bans)))
 }
 
+/// The directory that holds `path`: its parent, or `.` for a bare file name.
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// How old a temporary file beside the bans file must be to be taken for a leftover: no
 /// write of the file takes that long, so another writer's file in progress is younger.
-const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
 /// Removes the temporary files of writes that never finished (a process killed during
 /// one, or a last write cut short at exit): `<file>.<...>.tmp` regular files beside the
@@ -53,15 +60,10 @@ const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600
 /// nothing else ever removes them; a file another writer is writing now is younger.
 /// Best effort: a file that cannot be read or removed is left.
 fn remove_stale_temporaries(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let Some(name) = path.file_name() else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = std::fs::read_dir(dir_of(path)) else {
         return;
     };
     let prefix = format!("{}.", name.to_string_lossy());
@@ -167,8 +169,7 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+    std::fs::File::open(dir_of(path))?.sync_all()?;
     Ok(bans.len() - left_out)
 }
 

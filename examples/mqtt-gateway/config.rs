@@ -1706,7 +1706,7 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 const MAX_REFILL: Duration = aegis_layers::rate_limit::MAX_BURST_REFILL;
 
 /// [`MAX_REFILL`] in whole years of 365.25 days, for messages.
-const MAX_REFILL_YEARS: u64 = MAX_REFILL.as_secs() / 31_557_600;
+const MAX_REFILL_YEARS: u64 = MAX_REFILL.as_secs() / MAX_DURATION.as_secs();
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {

@@ -223,7 +223,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     // The soft open-files limit raised to the hard one, and the cap kept within it.
     let per_client = match settings.upstream {
         Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
-        Upstream::Addr(_) => 2,
+        Upstream::Addr(_) => nofile::DESCRIPTORS_PER_CLIENT,
     };
     let max_connections =
         nofile::connection_cap(c.server.max_connections, nofile::raise(), per_client);

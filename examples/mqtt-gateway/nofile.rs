@@ -18,6 +18,10 @@
 /// connections, the bans file, auth callouts), kept free by [`connection_cap`].
 pub(crate) const FD_RESERVE: u64 = 128;
 
+/// Descriptors of this process each proxied client holds: its socket and the upstream
+/// one (three with the embedded broker: `broker::DESCRIPTORS_PER_CLIENT`).
+pub(crate) const DESCRIPTORS_PER_CLIENT: u64 = 2;
+
 /// Raises the soft open-files limit to the hard one; returns the limit now in force,
 /// `None` where it cannot be read.
 pub(crate) fn raise() -> Option<u64> {
