@@ -1114,14 +1114,34 @@ impl Security {
         tracked
     }
 
-    /// Whether a refusal (by layer and reason label) is logged but never counted: see
-    /// [`not_the_clients_doing`], and the per-client rate limit's with
-    /// [`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate).
+    /// Refusals (by layer and reason label) that are not the client's doing: logged,
+    /// never counted. `auth_timeout` may be the client's doing or the broker's: an
+    /// enhanced authentication stalled by either side. Counting it would let a stalled
+    /// broker ban its clients, so it is not counted either.
     fn not_the_clients_doing(&self, layer: &str, label: &str) -> bool {
-        not_the_clients_doing(layer, label)
-            || (!self.shared.count_per_client_rate
-                && layer == "rate_limit"
-                && label == "per_client")
+        match layer {
+            // An open circuit refuses every client: the upstream's state, not theirs.
+            "circuit_breaker" => true,
+            // The global tier is shared by every client: a flood from others, or an
+            // adaptive controller lowering it for a slow broker, uses it up. So is the
+            // per-client tier when that controller drives it
+            // ([`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate)).
+            "rate_limit" => {
+                label == "global" || (label == "per_client" && !self.shared.count_per_client_rate)
+            }
+            // A connection closed (or reset) before the sniffer saw enough to decide: a
+            // TCP health check, or a client that gave up. Without the sniffer the MQTT
+            // layer sees the same end as an IO error, which is no rejection.
+            "sniff" => matches!(label, "eof" | "io"),
+            _ => matches!(
+                label,
+                "server_unavailable"
+                    | "connack_timeout"
+                    | "server_busy"
+                    | "auth_error"
+                    | "auth_timeout"
+            ),
+        }
     }
 
     /// Counts `cause` for each of `keys` the detector bans on, unless `who` is from an
@@ -1339,32 +1359,6 @@ impl Drop for Tracked {
 struct Names {
     client_id: Option<Arc<str>>,
     username: Option<Arc<str>>,
-}
-
-/// Refusals (by layer and reason label) that are not the client's doing: logged, never
-/// counted. `auth_timeout` may be the client's doing or the broker's: an enhanced
-/// authentication stalled by either side. Counting it would let a stalled broker ban
-/// its clients, so it is not counted either.
-fn not_the_clients_doing(layer: &str, label: &str) -> bool {
-    match layer {
-        // An open circuit refuses every client: the upstream's state, not theirs.
-        "circuit_breaker" => true,
-        // The global tier is shared by every client: a flood from others, or an
-        // adaptive controller lowering it for a slow broker, uses it up.
-        "rate_limit" => label == "global",
-        // A connection closed (or reset) before the sniffer saw enough to decide: a TCP
-        // health check, or a client that gave up. Without the sniffer the MQTT layer
-        // sees the same end as an IO error, which is no rejection.
-        "sniff" => matches!(label, "eof" | "io"),
-        _ => matches!(
-            label,
-            "server_unavailable"
-                | "connack_timeout"
-                | "server_busy"
-                | "auth_error"
-                | "auth_timeout"
-        ),
-    }
 }
 
 impl ConnCtx {
