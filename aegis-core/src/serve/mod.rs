@@ -616,8 +616,9 @@ where
         }
     }
 
-    let stopped = tokio::time::Instant::now();
-    let cut = take_queued(&mut listener, &registry, service, nodelay, drain_timeout).await;
+    // One deadline for the whole drain: taking what is queued, then waiting.
+    let until = crate::time::deadline(tokio::time::Instant::now(), drain_timeout);
+    let cut = take_queued(&mut listener, &registry, service, nodelay, until).await;
     // Stop accepting: closing the listener refuses new connections at once.
     drop(listener);
     tracing::info!(
@@ -625,9 +626,7 @@ where
         ?drain_timeout,
         "shutting down; draining connections"
     );
-    let spent = tokio::time::Instant::now().saturating_duration_since(stopped);
-    let left = drain_timeout.saturating_sub(spent);
-    let drained = tokio::time::timeout(left, registry.closed()).await;
+    let drained = tokio::time::timeout_at(until, registry.closed()).await;
     let aborted = if drained.is_ok() {
         0
     } else {
@@ -643,14 +642,14 @@ where
 
 /// At stop, serves the connections admitted before the signal and waiting for this loop
 /// (queued by an `Acceptor` for its `Shard`: [`Listener::poll_queued`]), as those
-/// already open are, waiting for them no longer than `drain_timeout`. Returns how many
-/// it cut unserved: only a hand-out stalled past that deadline leaves any.
+/// already open are, waiting for them no later than `until`, the drain's deadline.
+/// Returns how many it cut unserved: only a hand-out stalled past it leaves any.
 async fn take_queued<L, S>(
     listener: &mut L,
     registry: &Arc<Registry>,
     service: S,
     nodelay: bool,
-    drain_timeout: Duration,
+    until: tokio::time::Instant,
 ) -> usize
 where
     L: Listener,
@@ -658,7 +657,7 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
-    let took = tokio::time::timeout(drain_timeout, async {
+    let took = tokio::time::timeout_at(until, async {
         // Moved in: a reference held across the await would need `S: Sync`.
         let service = service;
         while let Some(conn) = std::future::poll_fn(|cx| listener.poll_queued(cx)).await {
