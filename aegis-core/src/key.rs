@@ -290,27 +290,19 @@ impl ClientKey {
     /// assert!(!holds("2001:db8::/32") && !holds("192.0.2.0/24"));
     /// ```
     pub const fn holds_v4_carrying_range(&self) -> bool {
-        let IpAddr::V6(v6) = self.net else {
-            return false;
-        };
-        let bits = v6.to_bits();
-        holds_range(bits, self.prefix, SIX_TO_FOUR, 16)
-            || holds_range(bits, self.prefix, TEREDO, 32)
-            || holds_range(bits, self.prefix, NAT64, 96)
+        // An IPv4 key "contains" these ranges' addresses by the IPv4 client they carry.
+        matches!(self.net, IpAddr::V6(_))
+            && (self.holds_range(SIX_TO_FOUR, 16)
+                || self.holds_range(TEREDO, 32)
+                || self.holds_range(NAT64, 96))
     }
-}
 
-/// Whether the IPv6 network of `bits` and `prefix` holds the whole range whose first
-/// `len` bits are `first`.
-const fn holds_range(bits: u128, prefix: u8, first: u128, len: u8) -> bool {
-    if prefix > len {
-        return false;
+    /// Whether this network holds the whole range whose first `len` bits are `first`:
+    /// it is no narrower, and [`contains`](Self::contains) the range's first address.
+    const fn holds_range(&self, first: u128, len: u8) -> bool {
+        self.prefix <= len
+            && self.contains(IpAddr::V6(Ipv6Addr::from_bits(first << (128 - len as u32))))
     }
-    if prefix == 0 {
-        return true;
-    }
-    let shift = 128 - prefix as u32;
-    bits >> shift == (first << (128 - len as u32)) >> shift
 }
 
 /// The first 16 bits of a 6to4 address (`2002::/16`, RFC 3056).
