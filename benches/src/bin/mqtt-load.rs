@@ -1135,14 +1135,14 @@ async fn flood(a: &Args) -> Fields {
     ));
     let next = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
-    let attackers = u64::from(a.attackers);
     for _ in 0..a.concurrency {
         let (next, target) = (next.clone(), a.target);
         let (from, n) = (a.attackers_from, a.attackers);
         set.spawn(async move {
             let (mut acc, mut rej, mut to) = (0u64, 0u64, 0u64);
             while Instant::now() < end {
-                let i = next.fetch_add(1, Ordering::Relaxed) % attackers;
+                // `attacker` takes it round the `n` addresses.
+                let i = next.fetch_add(1, Ordering::Relaxed);
                 match session(
                     attacker(from, n, i),
                     target,
