@@ -787,3 +787,190 @@ async fn the_shortest_open_for_still_lets_a_successful_probe_close_the_circuit()
     call(&mut svc, &mut handle, true).await.unwrap();
     assert_eq!(layer.handle().state(), CircuitState::Closed);
 }
+
+/// A breaker judged by the first read, around a connector that returns the client end
+/// of an in-memory stream; the test holds the server ends.
+mod first_read {
+    use std::time::Duration;
+
+    use aegis_core::error::{find, label_of};
+    use aegis_layers::circuit_breaker::{
+        CircuitBreakerLayer, CircuitHandle, CircuitState, FirstRead, FirstReadBreaker,
+        error::CircuitOpen,
+    };
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf, duplex};
+    use tokio_test::{assert_pending, task};
+    use tower::{Layer, Service, ServiceExt};
+    use tower_test::mock::{self, Handle, Mock};
+
+    type Svc = FirstReadBreaker<Mock<(), DuplexStream>>;
+
+    const OPEN_FOR: Duration = Duration::from_secs(10);
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+    fn setup(consecutive: u32) -> (Svc, Handle<(), DuplexStream>, CircuitHandle) {
+        let layer = CircuitBreakerLayer::builder("upstream")
+            .consecutive_failures(Some(consecutive))
+            .open_for(OPEN_FOR)
+            .probe_timeout(PROBE_TIMEOUT)
+            .half_open_permits(1)
+            .build();
+        let circuit = layer.handle();
+        let (mock, handle) = mock::pair::<(), DuplexStream>();
+        (layer.judge_by_first_read().layer(mock), handle, circuit)
+    }
+
+    /// One call the connector answers with a fresh stream: the breaker's stream and
+    /// the server's end.
+    async fn connect(
+        svc: &mut Svc,
+        handle: &mut Handle<(), DuplexStream>,
+    ) -> (FirstRead<DuplexStream>, DuplexStream) {
+        let fut = svc.ready().await.unwrap().call(());
+        let mut next = task::spawn(handle.next_request());
+        let ((), send) = tokio_test::assert_ready!(next.poll()).expect("the connector was called");
+        let (client, server) = duplex(64);
+        send.send_response(client);
+        (fut.await.unwrap(), server)
+    }
+
+    async fn assert_fails_fast(svc: &mut Svc, handle: &mut Handle<(), DuplexStream>) {
+        let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+        assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
+        assert_eq!(label_of(&*err), ("circuit_breaker", "open"));
+        let mut next = task::spawn(handle.next_request());
+        assert_pending!(next.poll(), "the connector must not be called");
+    }
+
+    /// Opens the circuit and waits out the open period: the next call is the probe.
+    async fn half_open(circuit: &CircuitHandle) {
+        circuit.record_failure();
+        assert_eq!(circuit.state(), CircuitState::Open);
+        tokio::time::sleep(OPEN_FOR).await;
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    }
+
+    /// The server's first byte, read through the breaker's stream.
+    async fn answer(io: &mut FirstRead<DuplexStream>, server: &mut DuplexStream) {
+        server.write_all(&[0x20]).await.unwrap();
+        let mut byte = [0; 1];
+        io.read_exact(&mut byte).await.unwrap();
+        assert_eq!(byte, [0x20]);
+    }
+
+    /// A stalled server completes every connect: judged by the connect, a half-open
+    /// probe would give its permit back at once and let every client through to the
+    /// stall. Judged by the first read, the probe holds its permit until the server
+    /// answers, and the answer closes the circuit.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_probe_holds_its_permit_until_the_server_answers() {
+        let (mut svc, mut handle, circuit) = setup(1);
+        half_open(&circuit).await;
+        let (mut probe, mut server) = connect(&mut svc, &mut handle).await;
+        assert!(probe.is_pending());
+        for _ in 0..3 {
+            assert_fails_fast(&mut svc, &mut handle).await;
+        }
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+
+        answer(&mut probe, &mut server).await;
+        assert!(!probe.is_pending());
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        let _next = connect(&mut svc, &mut handle).await;
+    }
+
+    /// A probe whose client goes away (its stream dropped) or whose server closes or
+    /// fails before any byte says nothing of the server: its permit goes back, the
+    /// circuit stays half-open, and the next client is the next probe. Counted as a
+    /// failure, one client could keep the circuit open for everyone.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_probe_dropped_or_ended_before_any_byte_gives_its_permit_back() {
+        let (mut svc, mut handle, circuit) = setup(1);
+        half_open(&circuit).await;
+
+        let (probe, _server) = connect(&mut svc, &mut handle).await;
+        assert_fails_fast(&mut svc, &mut handle).await;
+        drop(probe);
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+
+        let (mut probe, server) = connect(&mut svc, &mut handle).await;
+        assert_fails_fast(&mut svc, &mut handle).await;
+        drop(server); // the server closes without a byte
+        assert_eq!(probe.read(&mut [0; 8]).await.unwrap(), 0);
+        assert!(!probe.is_pending(), "the end judged it");
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+
+        let (mut probe, mut server) = connect(&mut svc, &mut handle).await;
+        answer(&mut probe, &mut server).await;
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+
+    /// A probe still unanswered at `probe_timeout` failed: the circuit re-opens, and a
+    /// byte read after that changes nothing.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_probe_unanswered_at_its_timeout_reopens_the_circuit() {
+        let (mut svc, mut handle, circuit) = setup(1);
+        half_open(&circuit).await;
+        let (mut probe, mut server) = connect(&mut svc, &mut handle).await;
+        tokio::time::sleep(PROBE_TIMEOUT).await;
+        assert_eq!(circuit.state(), CircuitState::Open);
+        assert_fails_fast(&mut svc, &mut handle).await;
+
+        answer(&mut probe, &mut server).await;
+        assert_eq!(circuit.state(), CircuitState::Open, "a late answer");
+    }
+
+    /// While closed, a successful connect is no success (it would reset the failures
+    /// reported in between); the server's first byte is.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn while_closed_the_first_byte_is_the_success_not_the_connect() {
+        let (mut svc, mut handle, circuit) = setup(2);
+        let (mut first, mut server) = connect(&mut svc, &mut handle).await;
+        circuit.record_failure();
+        answer(&mut first, &mut server).await; // resets the run
+        circuit.record_failure();
+        assert_eq!(circuit.state(), CircuitState::Closed);
+
+        let _stalled = connect(&mut svc, &mut handle).await;
+        circuit.record_failure();
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Open,
+            "the connect reset nothing"
+        );
+    }
+
+    /// A failed connect is classified at once, as by the plain breaker.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_failed_connect_is_a_failure_at_once() {
+        let (mut svc, mut handle, circuit) = setup(1);
+        let fut = svc.ready().await.unwrap().call(());
+        let ((), send) = {
+            let mut next = task::spawn(handle.next_request());
+            tokio_test::assert_ready!(next.poll()).unwrap()
+        };
+        send.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let err = fut.await.unwrap_err();
+        assert!(err.is::<std::io::Error>(), "{err}");
+        assert_eq!(circuit.state(), CircuitState::Open);
+        assert_fails_fast(&mut svc, &mut handle).await;
+    }
+
+    /// A read into a full buffer returns no bytes and is no end of stream: it judges
+    /// nothing.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_read_with_no_room_judges_nothing() {
+        let (mut svc, mut handle, circuit) = setup(1);
+        half_open(&circuit).await;
+        let (mut probe, mut server) = connect(&mut svc, &mut handle).await;
+        let mut empty = [0u8; 0];
+        let mut buf = ReadBuf::new(&mut empty);
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut probe).poll_read(cx, &mut buf))
+            .await
+            .unwrap();
+        assert!(probe.is_pending());
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        answer(&mut probe, &mut server).await;
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+}

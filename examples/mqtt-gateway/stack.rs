@@ -46,9 +46,7 @@ use aegis_core::{BoxError, ClientAddr, Conn, ConnParams, Handshake, LocalAddr, P
 use aegis_layers::adaptive::{
     AdaptiveHandle, GlobalRate, PerClientRate, RateConfig, SuccessOrTimeout,
 };
-use aegis_layers::circuit_breaker::{
-    CircuitBreakerLayer, CircuitHandle, Classify, DefaultClassifier, FailuresOnly, Outcome,
-};
+use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitHandle, FirstRead};
 use aegis_layers::proxy_protocol::{self, ProxyProtocolLayer};
 use aegis_layers::rate_limit::{KeyBy, RateLimitLayer};
 use aegis_layers::slowloris::{MinRate, SlowlorisLayer};
@@ -165,32 +163,18 @@ where
     }
 }
 
-/// The upstream breaker's classifier: a failed connect is a failure as usual; a
-/// successful one is a success only when the CONNACK does not decide (see
-/// [`FailuresOnly`]).
-#[derive(Clone, Copy, Debug)]
-struct ConnectClassifier {
-    connack_decides: bool,
-}
-
-impl<R> Classify<R> for ConnectClassifier {
-    fn classify(&self, result: Result<&R, &(dyn std::error::Error + 'static)>) -> Outcome {
-        if self.connack_decides {
-            FailuresOnly.classify(result)
-        } else {
-            DefaultClassifier.classify(result)
-        }
-    }
-}
-
 /// The proxy's response is not needed: its bytes are in `aegis_proxy_bytes_total`.
 fn done(_: Transferred) {}
 
 /// The boxed future of one connection.
 pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 
+/// One upstream connection: judged by the broker's first byte when the breaker is
+/// (see [`build`]), a plain stream otherwise.
+pub(crate) type Upstream = tokio_util::either::Either<FirstRead<TcpStream>, TcpStream>;
+
 /// The future of one upstream connect.
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<TcpStream, BoxError>> + Send>>;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, BoxError>> + Send>>;
 
 /// The upstream connector (connect, circuit breaker, latency probe) with its type
 /// erased.
@@ -207,7 +191,7 @@ pub(crate) struct Connector(std::sync::Arc<dyn Fn() -> ConnectFuture + Send + Sy
 impl Connector {
     fn new<S>(connect: S) -> Self
     where
-        S: Service<(), Response = TcpStream, Error = BoxError> + Clone + Send + Sync + 'static,
+        S: Service<(), Response = Upstream, Error = BoxError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         Self(std::sync::Arc::new(move || {
@@ -223,7 +207,7 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Service<()> for Connector {
-    type Response = TcpStream;
+    type Response = Upstream;
     type Error = BoxError;
     type Future = ConnectFuture;
 
@@ -441,12 +425,12 @@ pub(crate) fn build(
     let rate_handle = rate_limit.as_ref().map(RateLimitLayer::handle);
 
     // The upstream connector: TcpConnect, then the breaker, then the latency probe.
-    // With the MQTT layer's CONNACK timeout on, the broker's CONNACK (a success) and its
-    // timeout (a failure) are the breaker's outcomes, not the connect: a stalled broker
-    // still completes TCP handshakes, and those successes would keep the circuit closed.
-    // A half-open probe's successful connect then returns its permit at once:
-    // `half_open_permits` bounds the connects in flight, not the sessions waiting for a
-    // CONNACK (every client arriving before the first CONNACK or timeout is let through).
+    // With the MQTT layer's CONNACK timeout on, the broker's answer (its first byte, the
+    // CONNACK: a success) and the CONNACK timeout (a failure) are the breaker's outcomes,
+    // not the connect: a stalled broker still completes TCP handshakes, and those
+    // successes would keep the circuit closed, and would give a half-open probe's permit
+    // back at once, letting every client through to the stall. Judged by the first read,
+    // `half_open_permits` bounds the sessions waiting on the broker while half-open.
     let connack_decides = c.mqtt.enabled && !c.mqtt.connack_timeout.is_zero();
     let breaker = c.circuit_breaker.enabled.then(|| {
         let cb = &c.circuit_breaker;
@@ -454,8 +438,7 @@ pub(crate) fn build(
             .consecutive_failures((cb.consecutive_failures > 0).then_some(cb.consecutive_failures))
             .open_for(cb.open_for)
             .half_open_permits(cb.half_open_permits)
-            .success_threshold(cb.success_threshold)
-            .classifier(ConnectClassifier { connack_decides });
+            .success_threshold(cb.success_threshold);
         if cb.failure_rate.enabled {
             let fr = &cb.failure_rate;
             b = b.failure_rate(fr.ratio, fr.window, fr.min_calls);
@@ -480,20 +463,32 @@ pub(crate) fn build(
         }
         _ => None,
     };
-    let connector = Connector::new(
-        ServiceBuilder::new()
-            // Without the MQTT layer the controller watches the upstream connect; with
-            // it, the CONNECT to CONNACK round trip (set on the MQTT layer below).
-            .option_layer(
-                adaptive
-                    .as_ref()
-                    .filter(|_| !c.mqtt.enabled)
-                    .map(|a| a.layer_with(SuccessOrTimeout)),
-            )
-            .option_layer(breaker)
-            .map_err(BoxError::from)
-            .service(TcpConnect::new(upstream).timeout(c.server.upstream_connect_timeout)),
-    );
+    let connect = TcpConnect::new(upstream).timeout(c.server.upstream_connect_timeout);
+    let connector = match breaker {
+        Some(breaker) if connack_decides => Connector::new(
+            ServiceBuilder::new()
+                .map_response(tokio_util::either::Either::Left)
+                .layer(breaker.judge_by_first_read())
+                .map_err(BoxError::from)
+                .service(connect),
+        ),
+        breaker => Connector::new(
+            ServiceBuilder::new()
+                .map_response(tokio_util::either::Either::Right)
+                // Without the MQTT layer the controller watches the upstream connect;
+                // with it, the CONNECT to CONNACK round trip (set on the MQTT layer
+                // below).
+                .option_layer(
+                    adaptive
+                        .as_ref()
+                        .filter(|_| !c.mqtt.enabled)
+                        .map(|a| a.layer_with(SuccessOrTimeout)),
+                )
+                .option_layer(breaker)
+                .map_err(BoxError::from)
+                .service(connect),
+        ),
+    };
     // The proxy; behind the MQTT layer, a client whose broker cannot be reached (refused,
     // timed out, the breaker open) gets CONNACK 0x03 (3.x) / 0x88 (5.0) from the gateway.
     let proxy = Proxy::with_connector(connector).max_buffer(c.server.proxy_buffer);
@@ -567,19 +562,10 @@ pub(crate) fn build(
             }
         }
         // The broker's CONNECT to CONNACK round trip is the latency that matters to a
-        // connecting client (the gateway's own refusals are not samples), and each
-        // CONNACK is the breaker's success when the CONNACK decides.
-        let control = adaptive.clone();
-        let breaker = breaker_handle.clone().filter(|_| connack_decides);
-        if control.is_some() || breaker.is_some() {
-            layer = layer.connack_latency(ConnackLatency::new(move |rtt| {
-                if let Some(control) = &control {
-                    control.record(rtt);
-                }
-                if let Some(breaker) = &breaker {
-                    breaker.record_success();
-                }
-            }));
+        // connecting client (the gateway's own refusals are not samples). The breaker's
+        // success is the broker's first byte, read through the connector's stream.
+        if let Some(control) = adaptive.clone() {
+            layer = layer.connack_latency(ConnackLatency::new(move |rtt| control.record(rtt)));
         }
         let l = &c.limits;
         let q = &settings.policy;

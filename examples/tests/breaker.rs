@@ -339,3 +339,88 @@ async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recover
     }
     assert!(closed, "the circuit never closed after SIGCONT");
 }
+
+/// Judged by the broker's first byte (`judge_by_first_read`), a half-open probe into a
+/// stalled broker holds its permit until the broker answers. While it waits, the other
+/// clients are answered at once by the circuit and none of them reaches the stall
+/// (judged by the connect, as with `FailuresOnly`, each would have been let through to
+/// wait out its CONNACK timeout). After SIGCONT the probe's CONNACK closes the circuit.
+#[tokio::test]
+async fn a_half_open_probe_into_a_stalled_broker_holds_its_permit_until_the_connack() {
+    let broker = Mosquitto::start().await;
+    let connects = Arc::new(AtomicUsize::new(0));
+    let breaker = CircuitBreakerLayer::builder("mosquitto")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::from_millis(300))
+        .probe_timeout(Duration::from_secs(30))
+        .build();
+    let circuit = breaker.handle();
+    let connector = breaker.judge_by_first_read().layer(Counting {
+        inner: TcpConnect::new(broker.addr()).timeout(Duration::from_secs(2)),
+        connects: Arc::clone(&connects),
+    });
+    let on_timeout = circuit.clone();
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .connack_timeout(Duration::from_secs(30))
+        .on_connack_timeout(move || on_timeout.record_failure())
+        .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
+    let (addr, mut outcomes) = start(gateway).await;
+
+    // Healthy: the CONNACK reaches the client through the judged stream.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect(4, "before", 60)).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    drop(s);
+
+    // Stalled, and the circuit opened (as a CONNACK timeout would), then half-open.
+    broker.signal("STOP");
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    timeout(WAIT, async {
+        while circuit.state() != CircuitState::HalfOpen {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("half-open after open_for");
+
+    // The probe: its connect succeeds (the kernel answers), its CONNACK does not come.
+    let before = connects.load(Ordering::SeqCst);
+    let mut probe = TcpStream::connect(addr).await.unwrap();
+    probe.write_all(&connect(4, "probe", 60)).await.unwrap();
+    timeout(WAIT, async {
+        while connects.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the probe's connect");
+
+    // Every other client is refused at once, without a connect.
+    for n in 0..3 {
+        let (answer, labels) =
+            refused_client(addr, &mut outcomes, &connect(4, &format!("c{n}"), 60)).await;
+        assert_eq!(answer, V3_UNAVAILABLE, "client {n}");
+        assert_eq!(labels, ("circuit_breaker", "open"), "client {n}");
+    }
+    assert_eq!(
+        connects.load(Ordering::SeqCst),
+        before + 1,
+        "only the probe"
+    );
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+
+    // Resumed: the probe's CONNACK is the success that closes the circuit.
+    broker.signal("CONT");
+    assert_eq!(
+        timeout(WAIT, read_packet(&mut probe))
+            .await
+            .unwrap()
+            .unwrap(),
+        (0x20, vec![0x00, 0x00])
+    );
+    assert_eq!(circuit.state(), CircuitState::Closed);
+}

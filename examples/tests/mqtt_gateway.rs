@@ -3221,6 +3221,80 @@ async fn a_client_stalled_in_its_connect_does_not_hold_the_half_open_probe() {
     drop(staller);
 }
 
+/// A half-open probe into a stalled broker (it takes connections, never answers) holds
+/// its permit until the broker's first byte, its CONNACK timeout or its end: the other
+/// clients arriving meanwhile get "server unavailable" from the circuit and none of them
+/// reaches the broker. Before, the probe's successful connect gave its permit back at
+/// once, and every one of them was let through to wait out its CONNACK timeout.
+#[tokio::test]
+async fn a_half_open_probe_into_a_stalled_broker_lets_no_other_client_through() {
+    let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = broker.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = broker.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(c); // read nothing, answer nothing
+        }
+    });
+    let config = "[mqtt]\nconnack_timeout = \"1s\"\n\
+                  [circuit_breaker]\nconsecutive_failures = 1\nopen_for = \"300ms\"\n\
+                  [security]\nenabled = false\n";
+    let gw = Gateway::start(
+        "probe-stall",
+        config,
+        &["--upstream", &upstream.to_string()],
+    )
+    .await;
+
+    // The first client's CONNACK timeout opens the circuit.
+    let mut first = TcpStream::connect(gw.mqtt).await.unwrap();
+    first.write_all(&connect_311("first")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut first)).await.unwrap();
+    assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x03]));
+    gw.wait_metric("aegis_circuit_state{name=\"upstream\"}", 2.0)
+        .await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Past `open_for` (counted from before the circuit was seen open), the next client
+    // is the half-open probe; it reaches the broker.
+    sleep(Duration::from_millis(400)).await;
+    let mut probe = TcpStream::connect(gw.mqtt).await.unwrap();
+    probe.write_all(&connect_311("probe")).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the probe never reached the broker"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+
+    // The others are refused by the circuit (or, once the probe's CONNACK timeout has
+    // re-opened it, by the open circuit): none reaches the broker.
+    for n in 0..3 {
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect_311(&format!("other{n}")))
+            .await
+            .unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+        assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x03]), "client {n}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "only the probe reached the broker"
+    );
+    let answer = timeout(WAIT, read_packet(&mut probe)).await.unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        (0x20, vec![0x00, 0x03]),
+        "the probe timed out"
+    );
+}
+
 /// Waits (bounded) until `series` reads below `max`.
 async fn wait_metric_below(gw: &Gateway, series: &str, max: f64) {
     let deadline = Instant::now() + WAIT;

@@ -54,8 +54,12 @@ impl<Res> Classify<Res> for DefaultClassifier {
 /// kernel, so every connect succeeds; with the default classifier those successes keep
 /// resetting the consecutive-failure count between the CONNACK timeouts, and the circuit
 /// never opens. With this one, only the CONNACK (a success) or its timeout (a failure)
-/// count. A half-open probe whose connect succeeds returns its permit at once; the
-/// circuit closes once enough CONNACKs are reported.
+/// count. A half-open probe whose connect succeeds returns its permit at once, so every
+/// caller while half-open is let through to the stall until the first failure is
+/// reported; the circuit closes once enough CONNACKs are reported. Where the call
+/// returns a stream, [`CircuitBreakerLayer::judge_by_first_read`](super::CircuitBreakerLayer::judge_by_first_read)
+/// holds the probe's permit until the server's first byte instead (the mqtt-gateway's
+/// choice).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FailuresOnly;
 

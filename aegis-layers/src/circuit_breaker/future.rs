@@ -1,4 +1,5 @@
-//! The response future of [`CircuitBreaker`](super::CircuitBreaker).
+//! The response futures of [`CircuitBreaker`](super::CircuitBreaker) and
+//! [`FirstReadBreaker`](super::FirstReadBreaker).
 
 use std::error::Error;
 use std::future::Future;
@@ -9,6 +10,7 @@ use aegis_core::error::{BoxError, Rejected};
 use pin_project_lite::pin_project;
 
 use super::classify::Classify;
+use super::io::FirstRead;
 use super::state::Guard;
 
 pin_project! {
@@ -79,6 +81,64 @@ where
                     guard.record(outcome);
                 }
                 Poll::Ready(res)
+            }
+            StateProj::Open { err } => {
+                Poll::Ready(Err(err.take().expect("polled after completion").into()))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`FirstReadBreaker`](super::FirstReadBreaker): the inner
+    /// future, whose stream is returned as a [`FirstRead`] that judges the call later,
+    /// or whose error is classified and recorded at once; or an immediate
+    /// [`CircuitOpen`](super::error::CircuitOpen) error.
+    ///
+    /// Dropping it before it completes is a cancellation, as with [`ResponseFuture`].
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct FirstReadFuture<F, C> {
+        #[pin]
+        inner: ResponseFuture<F, C>,
+    }
+}
+
+impl<F, C> FirstReadFuture<F, C> {
+    pub(crate) const fn new(inner: ResponseFuture<F, C>) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F, C> std::fmt::Debug for FirstReadFuture<F, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstReadFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E, C> Future for FirstReadFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<FirstRead<T>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.project().state.project() {
+            StateProj::Called {
+                fut,
+                guard,
+                classifier,
+            } => {
+                let res = ready!(fut.poll(cx)).map_err(Into::into);
+                let guard = guard.take().expect("polled after completion");
+                Poll::Ready(match res {
+                    Ok(io) => Ok(FirstRead::new(io, guard)),
+                    Err(e) => {
+                        guard.record(classifier.classify(Err(&*e as &(dyn Error + 'static))));
+                        Err(e)
+                    }
+                })
             }
             StateProj::Open { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion").into()))

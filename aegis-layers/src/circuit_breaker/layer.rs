@@ -51,6 +51,72 @@ impl<C> CircuitBreakerLayer<C> {
     }
 }
 
+impl<C> CircuitBreakerLayer<C> {
+    /// This circuit, for a connector whose successful calls prove little: each call's
+    /// success is the first byte read from the stream it returns
+    /// ([`FirstRead`](super::FirstRead)), not the call's completion.
+    ///
+    /// The case it is made for: a breaker around the connector of a proxy to a server
+    /// that answers each client's first request (an MQTT broker's CONNACK). A stalled
+    /// server (SIGSTOP, a hung process) still has its TCP handshakes completed by the
+    /// kernel, so every connect succeeds. Judged by its completion, each half-open probe
+    /// would give its permit back at once and let the next client through, and every
+    /// client arriving while half-open would wait on the stalled server. Judged by the
+    /// first read, a probe holds its permit until the server answers (a success),
+    /// until [`probe_timeout`](Builder::probe_timeout) (a failure, re-opening the
+    /// circuit), or until the connection ends first (nothing counted), so at most
+    /// [`half_open_permits`](Builder::half_open_permits) clients wait on the server
+    /// while it is tested.
+    ///
+    /// The returned layer shares this circuit. Failed calls are classified at once, as
+    /// this layer's classifier says. A failure seen later, such as the protocol's own
+    /// timeout for the server's answer, is reported with
+    /// [`CircuitHandle::record_failure`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use aegis_core::proxy::{Proxy, TcpConnect};
+    /// use aegis_layers::circuit_breaker::CircuitBreakerLayer;
+    /// use tower::Layer;
+    ///
+    /// let breaker = CircuitBreakerLayer::builder("upstream")
+    ///     .open_for(Duration::from_secs(10))
+    ///     .probe_timeout(Duration::from_secs(5))
+    ///     .build();
+    /// let circuit = breaker.handle(); // record_failure() on the protocol's timeout
+    /// let connector = breaker
+    ///     .judge_by_first_read()
+    ///     .layer(TcpConnect::new("127.0.0.1:1883".parse().unwrap()));
+    /// let proxy = Proxy::with_connector(connector);
+    /// # let _ = (proxy, circuit);
+    /// ```
+    pub fn judge_by_first_read(self) -> FirstReadLayer<C> {
+        FirstReadLayer { breaker: self }
+    }
+}
+
+/// Wraps services in a [`FirstReadBreaker`](super::FirstReadBreaker): from
+/// [`CircuitBreakerLayer::judge_by_first_read`], whose circuit it shares.
+#[derive(Debug, Clone)]
+pub struct FirstReadLayer<C = DefaultClassifier> {
+    breaker: CircuitBreakerLayer<C>,
+}
+
+impl<C> FirstReadLayer<C> {
+    /// A handle to read and force this layer's circuit.
+    pub fn handle(&self) -> CircuitHandle {
+        self.breaker.handle()
+    }
+}
+
+impl<S, C: Clone> Layer<S> for FirstReadLayer<C> {
+    type Service = super::FirstReadBreaker<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        super::FirstReadBreaker::new(self.breaker.layer(inner))
+    }
+}
+
 impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
@@ -151,10 +217,12 @@ impl<C> Builder<C> {
     ///
     /// So a call that lasts a whole session (a byte-stream service wrapped with the
     /// default classifier) cannot close the circuit by finishing if the session outlives
-    /// `probe_timeout`. Wrap the connector instead, or report the session's health
-    /// early with [`CircuitHandle::record_success`](super::CircuitHandle::record_success)
-    /// (and [`FailuresOnly`](super::FailuresOnly)), as the mqtt-gateway does with each
-    /// CONNACK: that closes the circuit while the probe's session goes on.
+    /// `probe_timeout`. Wrap the connector instead, judged by the server's first byte
+    /// ([`CircuitBreakerLayer::judge_by_first_read`], as the mqtt-gateway does), or
+    /// report the session's health early with
+    /// [`CircuitHandle::record_success`](super::CircuitHandle::record_success) (and
+    /// [`FailuresOnly`](super::FailuresOnly)): either closes the circuit while the
+    /// probe's session goes on.
     ///
     /// # Panics
     ///

@@ -53,6 +53,18 @@
 //!
 //! Write your own by implementing [`Classify`].
 //!
+//! # Judged by the first read
+//!
+//! A connect to a stalled server (SIGSTOP, a hung process) succeeds: its kernel
+//! completes the handshake. For a connector whose calls return a stream,
+//! [`CircuitBreakerLayer::judge_by_first_read`] judges each successful call by the first
+//! read of its stream ([`FirstRead`]) instead: the server's first byte is the success,
+//! an end or error before it counts for nothing, a dropped stream is a cancellation, and
+//! a half-open probe holds its permit until one of these or its `probe_timeout` (a
+//! failure). So at most `half_open_permits` clients wait on a stalled server while it is
+//! tested. A failure the protocol sees later (its own timeout for the server's answer)
+//! is reported with [`CircuitHandle::record_failure`].
+//!
 //! # One circuit per backend
 //!
 //! One [`CircuitBreakerLayer`] is one circuit: every service it builds and every clone
@@ -113,6 +125,7 @@
 mod classify;
 pub mod error;
 pub mod future;
+mod io;
 mod layer;
 mod service;
 mod state;
@@ -120,6 +133,7 @@ mod state;
 pub use self::classify::{
     Classify, DefaultClassifier, FailuresOnly, HttpClassifier, Outcome, classify_error,
 };
-pub use self::layer::{Builder, CircuitBreakerLayer, MAX_WINDOW};
-pub use self::service::CircuitBreaker;
+pub use self::io::FirstRead;
+pub use self::layer::{Builder, CircuitBreakerLayer, FirstReadLayer, MAX_WINDOW};
+pub use self::service::{CircuitBreaker, FirstReadBreaker};
 pub use self::state::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState};

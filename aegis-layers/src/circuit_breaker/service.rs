@@ -7,7 +7,7 @@ use tower_service::Service;
 
 use super::classify::{Classify, DefaultClassifier};
 use super::error::CircuitOpen;
-use super::future::ResponseFuture;
+use super::future::{FirstReadFuture, ResponseFuture};
 use super::state::{CircuitHandle, Shared, Ticket};
 
 /// A circuit breaker around any `tower::Service`: fails fast with [`CircuitOpen`]
@@ -129,5 +129,76 @@ where
                 ResponseFuture::called(self.inner.call(req), guard, self.classifier.clone())
             }
         }
+    }
+}
+
+/// A [`CircuitBreaker`] whose successful calls are judged by the first read of the
+/// stream they return ([`FirstRead`](super::FirstRead)), not by the call's completion:
+/// from [`CircuitBreakerLayer::judge_by_first_read`](super::CircuitBreakerLayer::judge_by_first_read).
+///
+/// Errors are classified as the breaker's classifier says, at once. Clones share the
+/// circuit.
+pub struct FirstReadBreaker<S, C = DefaultClassifier> {
+    inner: CircuitBreaker<S, C>,
+}
+
+impl<S, C> FirstReadBreaker<S, C> {
+    pub(crate) const fn new(inner: CircuitBreaker<S, C>) -> Self {
+        Self { inner }
+    }
+
+    /// A handle to read and force this service's circuit.
+    pub fn handle(&self) -> CircuitHandle {
+        self.inner.handle()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// Consumes the breaker and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for FirstReadBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone())
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for FirstReadBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FirstReadBreaker")
+            .field("inner", &self.inner.inner)
+            .field("circuit", &self.inner.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, Req> Service<Req> for FirstReadBreaker<S, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = super::FirstRead<S::Response>;
+    type Error = BoxError;
+    type Future = FirstReadFuture<S::Future, C>;
+
+    /// As [`CircuitBreaker`]'s: the circuit first, then the inner service.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        FirstReadFuture::new(self.inner.call(req))
     }
 }

@@ -590,7 +590,9 @@ impl CircuitHandle {
     /// [`record_failure`](Self::record_failure), for a breaker whose calls prove nothing
     /// when they succeed ([`FailuresOnly`](super::FailuresOnly)), such as the connect to
     /// a broker whose CONNACK is the real sign of health (`aegis_mqtt`'s
-    /// `MqttLayer::connack_latency` reports each one).
+    /// `MqttLayer::connack_latency` reports each one). For a call that returns a stream,
+    /// [`CircuitBreakerLayer::judge_by_first_read`](super::CircuitBreakerLayer::judge_by_first_read)
+    /// does this per call, and holds a half-open probe's permit until then.
     ///
     /// While closed it resets the consecutive-failure count and enters the failure-rate
     /// window as a success; while half-open it counts towards
