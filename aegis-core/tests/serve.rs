@@ -271,20 +271,29 @@ fn a_panicking_connection_is_counted_panicked_not_aborted() {
     );
 }
 
+/// The gauge counts a connection while it is open and no longer once it has ended. A
+/// debugging snapshot drains what it reads (a gauge to 0), so each reading is the change
+/// since the previous one and the gauge's value is the sum of the readings.
 #[test]
+#[allow(clippy::float_cmp, reason = "sums of whole numbers, exact in an f64")]
 fn active_connections_gauge_and_outcomes_are_recorded() {
-    let ((), snap) = run(false, || async {
+    testing::run_watching(false, |snap| async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
-            let mut conn = conn;
-            let mut b = [0u8; 1];
-            conn.read_exact(&mut b).await?;
-            if b[0] == b'!' {
-                return Err(io::Error::other("client asked for an error"));
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+            let entered_tx = entered_tx.clone();
+            async move {
+                let _ = entered_tx.send(());
+                let mut conn = conn;
+                let mut b = [0u8; 1];
+                conn.read_exact(&mut b).await?;
+                if b[0] == b'!' {
+                    return Err(io::Error::other("client asked for an error"));
+                }
+                Ok(())
             }
-            Ok(())
         });
         let server = tokio::spawn(
             serve(listener, svc)
@@ -294,22 +303,33 @@ fn active_connections_gauge_and_outcomes_are_recorded() {
                 })
                 .into_future(),
         );
-        for msg in [b"k", b"!"] {
-            let mut s = TcpStream::connect(addr).await.unwrap();
+        // Two connections, both held by the service until their byte below.
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            entered.recv().await.unwrap();
+        }
+        let mut active = testing::capture(&snap)
+            .gauge(m::ACTIVE_CONNECTIONS)
+            .unwrap();
+        assert_eq!(active, 2.0, "two connections open");
+        for (mut s, msg) in clients.into_iter().zip([b"k", b"!"]) {
             s.write_all(msg).await.unwrap();
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest).await;
         }
         stop_tx.send(()).unwrap();
         assert!(server.await.unwrap().drained());
+        // One snapshot for everything: it drains what it reads.
+        let got = testing::capture(&snap);
+        assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]), 1);
+        assert_eq!(
+            got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "error")]),
+            1
+        );
+        active += got.gauge(m::ACTIVE_CONNECTIONS).unwrap();
+        assert_eq!(active, 0.0, "every connection ended");
     });
-    let got = testing::capture(&snap);
-    assert_eq!(got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "ok")]), 1);
-    assert_eq!(
-        got.counter(m::CONNECTIONS_TOTAL, &[("outcome", "error")]),
-        1
-    );
-    assert_eq!(got.gauge(m::ACTIVE_CONNECTIONS), Some(0.0));
 }
 
 /// The connection metrics are looked up in the recorder once per server, not once per
