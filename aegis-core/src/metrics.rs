@@ -339,6 +339,42 @@ pub mod testing {
                     _ => None,
                 })
         }
+
+        /// The samples of all histograms named `name` whose labels include every
+        /// `(key, value)` of `labels` (in no promised order: sort them to compare
+        /// several): `None` if no such histogram was ever registered; else the samples
+        /// recorded since the previous snapshot (a snapshot drains histograms), which
+        /// may be none.
+        ///
+        /// ```
+        /// use aegis_core::metrics::testing::{capture, run};
+        ///
+        /// let ((), snap) = run(true, || async {
+        ///     metrics::histogram!("aegis_example_seconds", "outcome" => "ok").record(1.5);
+        /// });
+        /// let got = capture(&snap);
+        /// assert_eq!(
+        ///     got.histogram("aegis_example_seconds", &[("outcome", "ok")]),
+        ///     Some(vec![1.5])
+        /// );
+        /// assert_eq!(got.histogram("aegis_example_seconds", &[("outcome", "error")]), None);
+        /// ```
+        pub fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Option<Vec<f64>> {
+            let mut found = None;
+            for (k, v) in &self.0 {
+                let key = k.key();
+                let matches = key.name() == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| key.labels().any(|l| l.key() == *lk && l.value() == *lv));
+                if let (true, DebugValue::Histogram(xs)) = (matches, v) {
+                    found
+                        .get_or_insert_with(Vec::new)
+                        .extend(xs.iter().map(|x| x.into_inner()));
+                }
+            }
+            found
+        }
     }
 
     /// One counter from a fresh snapshot: `capture(snap).counter(name, labels)`.

@@ -332,6 +332,41 @@ fn active_connections_gauge_and_outcomes_are_recorded() {
     });
 }
 
+/// A served connection's duration goes into `aegis_connection_duration_seconds` under
+/// its outcome: on the paused clock, a connection the client holds 2.5 s records 2.5.
+#[test]
+fn the_connection_duration_is_recorded_under_its_outcome() {
+    let ((), snap) = run(true, || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            serve(listener, tower::service_fn(echo))
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .into_future(),
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // Served from here (the echo proves it), and held 2.5 s before the client ends it.
+        assert_eq!(roundtrip(&mut s, b"hi").await, b"hi");
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        stop_tx.send(()).unwrap();
+        assert!(server.await.unwrap().drained());
+    });
+    // One snapshot: it drains what it reads.
+    let got = testing::capture(&snap);
+    let duration = |o| got.histogram(m::CONNECTION_DURATION_SECONDS, &[("outcome", o)]);
+    assert_eq!(duration("ok"), Some(vec![2.5]));
+    // Every outcome's series is there from the start, with nothing recorded.
+    for o in ["rejected", "error", "aborted", "panicked"] {
+        assert_eq!(duration(o), Some(vec![]), "{o}");
+    }
+}
+
 /// The connection metrics are looked up in the recorder once per server, not once per
 /// connection: each lookup is a hash and, with the Prometheus recorder, an allocation.
 #[test]
