@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use aegis_core::error::{find, label_of};
 use aegis_core::metrics::REJECTIONS_TOTAL;
-use aegis_core::metrics::testing::capture;
-use aegis_core::metrics::testing::run;
+use aegis_core::metrics::testing::{Captured, capture, run, run_watching};
 use aegis_core::{BoxError, Conn};
 use aegis_layers::rate_limit::{
     KeyBy, KeyedLimiter, MAX_BURST_REFILL, Quota, RateLimitLayer, RateLimited, metrics as m,
@@ -340,21 +339,26 @@ fn a_flood_of_a_million_addresses_stays_under_the_key_cap() {
     assert_eq!(over, u64::from(FLOOD) - (CAP as u64 - 1));
 }
 
+/// The keys gauge follows the store: 2, then 1 after the first eviction, then 0. Each
+/// read is one capture, which drains what it reads (the counter's evictions since the
+/// previous one; the gauge as last set since then, each insert and each tick set it).
 #[test]
 fn idle_keys_are_evicted_on_schedule_and_busy_ones_kept() {
-    let (alive_after_drop, snap) = run(true, || async {
+    let alive_after_drop = run_watching(true, |snap| async move {
         let layer = RateLimitLayer::builder()
             .per_client(Quota::per_minute(nz(2)))
             .evict_every(Duration::from_secs(10))
             .build();
         let handle = layer.handle();
         let mut svc = layer.layer(ok_service());
+        let evicted = |c: &Captured| c.counter(m::EVICTIONS_TOTAL, &[("limiter", "per_client")]);
         // 30 s per connection, burst 2. 192.0.2.1 is idle again after 30 s (one of two
         // used); .2 used both and is busy until 60 s.
         assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
         assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
         assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
         assert_eq!(handle.tracked_clients(), 2);
+        assert_eq!(capture(&snap).gauge(m::KEYS), Some(2.0));
         let rt = tokio::runtime::Handle::current();
         assert_eq!(rt.metrics().num_alive_tasks(), 1, "the eviction task runs");
 
@@ -364,15 +368,23 @@ fn idle_keys_are_evicted_on_schedule_and_busy_ones_kept() {
             2,
             "not idle yet at the 10 s and 20 s ticks"
         );
+        let c = capture(&snap);
+        assert_eq!((c.gauge(m::KEYS), evicted(&c)), (Some(2.0), 0));
         tokio::time::sleep(Duration::from_secs(10)).await; // the 30 s tick
         assert_eq!(handle.tracked_clients(), 1, ".1 evicted at the 30 s tick");
+        let c = capture(&snap);
+        assert_eq!((c.gauge(m::KEYS), evicted(&c)), (Some(1.0), 1));
         // .2 kept its state: one connection back at 30 s, not a fresh burst of two.
         assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Ok(()));
         assert_eq!(try_conn(&mut svc, "192.0.2.2").await, Err("per_client"));
         tokio::time::sleep(Duration::from_secs(30)).await; // the 60 s tick
         assert_eq!(handle.tracked_clients(), 1, ".2 is busy until 90 s");
+        let c = capture(&snap);
+        assert_eq!((c.gauge(m::KEYS), evicted(&c)), (Some(1.0), 0));
         tokio::time::sleep(Duration::from_secs(30)).await; // the 90 s tick
         assert_eq!(handle.tracked_clients(), 0);
+        let c = capture(&snap);
+        assert_eq!((c.gauge(m::KEYS), evicted(&c)), (Some(0.0), 1));
 
         // The task ends once the layer, its services and handles are gone.
         drop((layer, svc, handle));
@@ -380,12 +392,6 @@ fn idle_keys_are_evicted_on_schedule_and_busy_ones_kept() {
         rt.metrics().num_alive_tasks()
     });
     assert_eq!(alive_after_drop, 0);
-    let c = capture(&snap);
-    assert_eq!(
-        c.counter(m::EVICTIONS_TOTAL, &[("limiter", "per_client")]),
-        2
-    );
-    assert_eq!(c.gauge(m::KEYS), Some(0.0));
 }
 
 #[test]
