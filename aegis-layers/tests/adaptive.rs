@@ -10,8 +10,9 @@ use std::time::Duration;
 use aegis_core::error::{Reject, reject};
 use aegis_core::metrics::testing::{capture, run, run_watching};
 use aegis_layers::adaptive::{
-    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_P95_SECONDS, ADAPTIVE_RATE, AdaptiveHandle, Classify,
-    Direction, GradientConfig, MAX_THRESHOLD, RateConfig, Sample, SuccessOrTimeout,
+    ADAPTIVE_DECISIONS_TOTAL, ADAPTIVE_LIMIT, ADAPTIVE_MIN_RTT_SECONDS, ADAPTIVE_P95_SECONDS,
+    ADAPTIVE_RATE, AdaptiveHandle, Classify, Direction, GradientConfig, MAX_THRESHOLD, RateConfig,
+    Sample, SuccessOrTimeout,
 };
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
@@ -480,47 +481,79 @@ fn rate_decisions_follow_the_table() {
     assert_eq!(cfg.decide(1000.0, ms(1), false), (1000.0, Direction::Hold));
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn gradient_mode_measures_min_rtt_then_follows_the_gradient_and_remeasures() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let l = Arc::clone(&log);
-    let t0 = Instant::now();
-    let handle = GradientConfig::new(2, 100)
-        .initial_limit(50)
-        .buffer(0.0)
-        .min_samples(5)
-        .min_rtt_samples(5)
-        .min_rtt_interval(Duration::from_secs(10))
-        .spawn(move |limit: usize| l.lock().push(limit));
-    let latency = Arc::new(AtomicU64::new(10));
-    let tick = |k: u32| {
-        let (handle, latency) = (handle.clone(), Arc::clone(&latency));
-        async move {
-            burst(&handle, Published::Concurrency, &latency, Call::Ok, 10).await;
-            sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
-        }
-    };
-    assert_eq!(*log.lock(), [2], "pinned to min_limit while measuring");
-    tick(1).await; // min RTT = 10 ms; the limit goes back to 50
-    tick(2).await; // sample 10 ms: gradient 1, 50 + sqrt(50)
-    latency.store(40, Ordering::Relaxed);
-    tick(3).await; // sample 40 ms: gradient 0.25 -> 0.5, 28.5 + sqrt(28.5)
-    assert_eq!(*log.lock(), [2, 50, 57, 34]);
+/// `got` is within 0.5 % of `want` (the latency histogram's resolution).
+#[track_caller]
+fn assert_within(got: Option<f64>, want: f64) {
+    let got = got.expect("a gauge");
+    assert!((got - want).abs() <= want * 0.005, "{got} vs {want}");
+}
 
-    for k in 4..=10 {
-        tick(k).await;
-    }
-    let before = handle.value();
-    tick(11).await; // 10 s after the first measurement: measure again, pinned
-    assert_close(&[handle.value()], &[2.0]);
-    tick(12).await; // min RTT = 40 ms now; the limit comes back
-    assert!(
-        (handle.value() - before).abs() < 1e-9,
-        "{} vs {before}",
-        handle.value()
-    );
-    tick(13).await; // sample 40 ms = min RTT: gradient 1, the limit grows again
-    assert!(handle.value() > before, "{} vs {before}", handle.value());
+/// The limit pinned while measuring, then following the gradient, and remeasured; and
+/// its gauges, `aegis_adaptive_limit` as published and `aegis_adaptive_min_rtt_seconds`
+/// once measured. Each read is one capture, which drains the gauges: a gauge not set
+/// since the previous capture reads 0, so each is read right after a step that sets it.
+#[test]
+fn gradient_mode_measures_min_rtt_then_follows_the_gradient_and_remeasures() {
+    run_watching(true, |snap| async move {
+        // The limit and the minimum RTT (if set since the previous read), one capture.
+        let gauges = || {
+            let m = capture(&snap);
+            (m.gauge(ADAPTIVE_LIMIT), m.gauge(ADAPTIVE_MIN_RTT_SECONDS))
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = Arc::clone(&log);
+        let t0 = Instant::now();
+        let handle = GradientConfig::new(2, 100)
+            .initial_limit(50)
+            .buffer(0.0)
+            .min_samples(5)
+            .min_rtt_samples(5)
+            .min_rtt_interval(Duration::from_secs(10))
+            .spawn(move |limit: usize| l.lock().push(limit));
+        let latency = Arc::new(AtomicU64::new(10));
+        let tick = |k: u32| {
+            let (handle, latency) = (handle.clone(), Arc::clone(&latency));
+            async move {
+                burst(&handle, Published::Concurrency, &latency, Call::Ok, 10).await;
+                sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+            }
+        };
+        assert_eq!(*log.lock(), [2], "pinned to min_limit while measuring");
+        assert_eq!(gauges(), (Some(2.0), None), "pinned, nothing measured yet");
+        tick(1).await; // min RTT = 10 ms; the limit goes back to 50
+        let (limit, min_rtt) = gauges();
+        assert_eq!(limit, Some(50.0));
+        assert_within(min_rtt, 0.010);
+        tick(2).await; // sample 10 ms: gradient 1, 50 + sqrt(50)
+        let (limit, _) = gauges();
+        assert_close(&[limit.unwrap()], &[50.0 + 50f64.sqrt()]);
+        latency.store(40, Ordering::Relaxed);
+        tick(3).await; // sample 40 ms: gradient 0.25 -> 0.5, 28.5 + sqrt(28.5)
+        assert_eq!(*log.lock(), [2, 50, 57, 34]);
+        let (limit, _) = gauges();
+        let halved = (50.0 + 50f64.sqrt()) * 0.5;
+        assert_close(&[limit.unwrap()], &[halved + halved.sqrt()]);
+
+        for k in 4..=10 {
+            tick(k).await;
+        }
+        let before = handle.value();
+        tick(11).await; // 10 s after the first measurement: measure again, pinned
+        assert_close(&[handle.value()], &[2.0]);
+        assert_eq!(gauges().0, Some(2.0));
+        tick(12).await; // min RTT = 40 ms now; the limit comes back
+        assert!(
+            (handle.value() - before).abs() < 1e-9,
+            "{} vs {before}",
+            handle.value()
+        );
+        let (limit, min_rtt) = gauges();
+        assert_close(&[limit.unwrap()], &[before]);
+        assert_within(min_rtt, 0.040);
+        tick(13).await; // sample 40 ms = min RTT: gradient 1, the limit grows again
+        assert!(handle.value() > before, "{} vs {before}", handle.value());
+        assert_close(&[gauges().0.unwrap()], &[handle.value()]);
+    });
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
