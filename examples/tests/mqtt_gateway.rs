@@ -9,7 +9,9 @@
 //! embedded broker (rumqttd 0.20) speaks MQTT 3.1.1 only, and the gateway answers other
 //! versions with an "unsupported version" CONNACK. The `mosquitto_sub` / `mosquitto_pub`
 //! test needs them in /usr/bin (`mosquitto-clients`, which `.ci/run` installs) and fails
-//! without them.
+//! without them. The per-core tests need two CPUs and the open-files tests
+//! `/usr/bin/prlimit`: without them they skip, or fail under `AEGIS_REQUIRE_ALL_TESTS`
+//! ([`common::skipped`]), which `.ci/run` sets on two CPUs or more.
 //!
 //! Every child process is killed and waited for on every path (a guard's `Drop`), and
 //! every wait is a poll with a deadline.
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::testing::dead_port;
-use common::{Mosquitto, connect, free_ports, read_packet};
+use common::{Mosquitto, connect, free_ports, read_packet, skipped};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
@@ -126,14 +128,6 @@ impl Default for Launch {
             nofile: None,
         }
     }
-}
-
-/// Says on stderr that `test` was skipped, and why: past libtest's capture, which keeps
-/// an `eprintln!` of a passing test out of sight unless `--nocapture` is given (it
-/// captures the print macros, not writes to `std::io::stderr()`).
-fn skipped(test: &str, why: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {why}");
 }
 
 /// The test's own CPUs (its affinity mask, `Cpus_allowed_list` in /proc/self/status),

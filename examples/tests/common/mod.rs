@@ -65,6 +65,27 @@ fn newer_source(path: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
     newer.then(|| path.to_path_buf())
 }
 
+/// The environment variable that turns a test's skip into a failure: set (neither empty
+/// nor `0`), a test that cannot run on this machine panics with the reason instead of
+/// passing. `.ci/run` sets it where every test can run (two CPUs or more).
+pub const REQUIRE_ALL_TESTS: &str = "AEGIS_REQUIRE_ALL_TESTS";
+
+/// Skips `test` because `why` (the caller returns at once): says so on stderr, past
+/// libtest's capture, which keeps an `eprintln!` of a passing test out of sight unless
+/// `--nocapture` is given (it captures the print macros, not writes to
+/// `std::io::stderr()`). Under [`REQUIRE_ALL_TESTS`], panics with `why` instead.
+#[allow(dead_code)] // mqtt_gateway.rs
+#[track_caller]
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let required = std::env::var_os(REQUIRE_ALL_TESTS).is_some_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required,
+        "{test} cannot run: {why} (and {REQUIRE_ALL_TESTS} is set)"
+    );
+    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {why}");
+}
+
 /// A free loopback port (free when this returns: the listener is closed again).
 pub fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
