@@ -32,7 +32,7 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 #[test]
 fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
     // The stack serves on the test's own runtime, under a recorder of its own: the
-    // rejections say which layer refused what.
+    // rejections say which layer refused what (one capture: it drains what it reads).
     let ((), snap) = run(false, readme_stack);
     let m = capture(&snap);
     // The MQTT layer would close that HTTP request too: only the label shows the
@@ -46,6 +46,42 @@ fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
         m.counter(REJECTIONS_TOTAL, &[("layer", "sniff")]),
         1,
         "nothing else refused by the sniffer"
+    );
+    // mosquitto closes a CONNECT with the reserved flag and answers protocol level 9
+    // with 0x01 as the gateway does: only the labels show that the gateway refused them.
+    assert_eq!(
+        m.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "malformed")]
+        ),
+        1,
+        "the reserved flag refused by the MQTT layer"
+    );
+    assert_eq!(
+        m.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "unsupported_version")]
+        ),
+        1,
+        "protocol level 9 refused by the MQTT layer"
+    );
+    assert_eq!(
+        m.counter(REJECTIONS_TOTAL, &[("layer", "mqtt")]),
+        2,
+        "nothing else refused by the MQTT layer"
+    );
+    assert_eq!(
+        m.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "rate_limit"), ("reason", "per_client")]
+        ),
+        1,
+        "the second connection claiming 203.0.113.7 refused by the rate limiter"
+    );
+    assert_eq!(
+        m.counter(REJECTIONS_TOTAL, &[("layer", "rate_limit")]),
+        1,
+        "nothing else refused by the rate limiter"
     );
 }
 
