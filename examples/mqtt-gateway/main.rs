@@ -48,6 +48,8 @@ mod bans_json;
 mod broker;
 mod config;
 mod logging;
+#[path = "../shared/metrics_endpoint.rs"]
+mod metrics_endpoint;
 mod metrics_http;
 mod nofile;
 mod stack;

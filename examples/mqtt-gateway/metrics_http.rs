@@ -1,6 +1,7 @@
 //! The observability endpoint: `/metrics`, `/healthz` and `/readyz` over HTTP/1.1.
 //!
-//! A small hyper 1 server, bounded like everything else the gateway exposes: at most
+//! A small hyper 1 server, bounded like everything else the gateway exposes (see
+//! [`crate::metrics_endpoint`], shared with the `http-gateway`): at most
 //! [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_ADDRESS`] of them from one client
 //! network (an address keyed by `limits.ipv4_prefix` and `limits.ipv6_prefix` as the
 //! rate limits key it: an IPv6 client by its /64 by default, since it can send from any
@@ -46,6 +47,11 @@
 //!   its /64 by default, a 6to4, Teredo or NAT64 one for the IPv4 address it carries), and
 //!   `/bans` lists it so (`2001:db8:1:2::/64`); a network in CIDR notation
 //!   (`198.51.100.0/24`) bans or lifts that network.
+//!
+//! [`MAX_CONNECTIONS`]: crate::metrics_endpoint::MAX_CONNECTIONS
+//! [`MAX_PER_ADDRESS`]: crate::metrics_endpoint::MAX_PER_ADDRESS
+//! [`HEADER_TIMEOUT`]: crate::metrics_endpoint::HEADER_TIMEOUT
+//! [`CONNECTION_TIMEOUT`]: crate::metrics_endpoint::CONNECTION_TIMEOUT
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,38 +61,27 @@ use std::time::Duration;
 
 use aegis_core::metrics as m;
 use aegis_layers::circuit_breaker::{CircuitHandle, CircuitState};
-use aegis_layers::rate_limit::{ConcurrencyLimit, KeyBy};
+use aegis_layers::rate_limit::KeyBy;
 use aegis_mqtt::security::{BanKey, Security};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::logging::Key;
-
-/// Connections the endpoint serves at once; a scraper and a probe or two need few.
-const MAX_CONNECTIONS: usize = 16;
-
-/// Connections one client network holds at once, of [`MAX_CONNECTIONS`].
-const MAX_PER_ADDRESS: u32 = 4;
-
-/// Time a client has to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a connection lasts at most, however slowly its client reads the answer.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::metrics_endpoint::text;
 
 /// The longest `metrics.readiness_timeout`. A `/readyz` request takes at most
 /// [`HEADER_TIMEOUT`] for its headers, then at most this long for the connect already
 /// running (whose result it takes) or for its own: 15 s, so that its answer comes well
 /// before [`CONNECTION_TIMEOUT`] cuts the connection.
+///
+/// [`HEADER_TIMEOUT`]: crate::metrics_endpoint::HEADER_TIMEOUT
+/// [`CONNECTION_TIMEOUT`]: crate::metrics_endpoint::CONNECTION_TIMEOUT
 pub(crate) const MAX_READINESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bucket bounds (seconds) of `aegis_connection_duration_seconds`, so that it renders as
@@ -105,7 +100,7 @@ const AUTH_BUCKETS: &[f64] = &[
 /// Installs the Prometheus recorder as the global `metrics` recorder, and starts its
 /// upkeep task.
 pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
+    let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(m::CONNECTION_DURATION_SECONDS.to_string()),
             DURATION_BUCKETS,
@@ -116,17 +111,8 @@ pub(crate) fn install_recorder() -> Result<PrometheusHandle, String> {
                 AUTH_BUCKETS,
             )
         })
-        .and_then(PrometheusBuilder::install_recorder)
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            every.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    Ok(handle)
+    crate::metrics_endpoint::install_recorder(builder)
 }
 
 /// What `/events` and `/bans` serve.
@@ -453,16 +439,6 @@ fn probe_failure(upstream: SocketAddr, e: std::io::Error) -> &'static str {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
-}
-
 async fn route(
     req: Request<Incoming>,
     prometheus: PrometheusHandle,
@@ -476,14 +452,7 @@ async fn route(
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"));
     }
     Ok(match req.uri().path() {
-        "/metrics" => {
-            let mut res = text(StatusCode::OK, prometheus.render());
-            res.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            res
-        }
+        "/metrics" => crate::metrics_endpoint::metrics(&prometheus),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match ready.check().await {
             Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -498,6 +467,8 @@ async fn route(
 
 /// Serves the endpoint on `listener` until the process ends; `key_by` keys client
 /// addresses for [`MAX_PER_ADDRESS`].
+///
+/// [`MAX_PER_ADDRESS`]: crate::metrics_endpoint::MAX_PER_ADDRESS
 pub(crate) async fn serve(
     listener: TcpListener,
     prometheus: PrometheusHandle,
@@ -505,44 +476,8 @@ pub(crate) async fn serve(
     admin: Admin,
     key_by: KeyBy,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    // The rate limiter's concurrency tier, keyed as the gateway's rate limits key.
-    let per_address = Arc::new(ConcurrencyLimit::new(MAX_PER_ADDRESS));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(false)
-        .max_buf_size(16 * 1024);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::debug!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Over a cap: reset at once, unread, as the gateway's own accept loop refuses
-        // (a plain drop would close with a FIN and leave a socket in FIN_WAIT2).
-        let refuse = <tokio::net::TcpListener as aegis_core::serve::Listener>::refuse;
-        let Some(slot) = per_address.acquire(key_by.key(peer.ip())) else {
-            refuse(stream);
-            continue;
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            refuse(stream);
-            continue;
-        };
-        let (prometheus, ready, admin) = (prometheus.clone(), ready.clone(), admin.clone());
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| route(req, prometheus.clone(), ready.clone(), admin.clone())),
-        );
-        tokio::spawn(async move {
-            // A client that never finishes is cut by the header timeout; one that reads
-            // its answer slowly is bounded here.
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-            drop((permit, slot));
-        });
-    }
+    crate::metrics_endpoint::serve(listener, key_by, move |req| {
+        route(req, prometheus.clone(), ready.clone(), admin.clone())
+    })
+    .await;
 }
