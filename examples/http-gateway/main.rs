@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --example http-gateway -- [--listen 127.0.0.1:8080] --backend ADDR[@WEIGHT] [--backend ...]
 //!     [--trusted-proxy CIDR ...] [--hsts-max-age SECS] [--max-body BYTES] [--rate PER_SEC]
-//!     [--max-connections-per-client N]
+//!     [--max-connections-per-client N] [--metrics ADDR|off]
 //! ```
 //!
 //! Every connection goes through the Aegis layers: a PROXY protocol header is read only
@@ -33,6 +33,29 @@
 //! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a
 //! recovered backend up over 30 s. With no backend left: `503`.
 //!
+//! # Metrics
+//!
+//! `--metrics ADDR` (default `127.0.0.1:9091`, loopback) serves `GET /metrics`, the
+//! Prometheus text format, with the bounded server of the mqtt-gateway's endpoint
+//! (`examples/shared/metrics_endpoint.rs`: 16 connections, 4 per client network, 5 s
+//! for the request headers, 30 s in all, no keep-alive); `--metrics off` serves none and
+//! installs no recorder. A port that cannot be bound is an error at start-up. No series
+//! holds a client address, host, path or header value; beyond loopback all the same,
+//! bind it to an address the HTTP clients cannot reach: its caps are shared by all who
+//! can.
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `aegis_rejections_total` | counter | `layer="rate_limit"`, `reason`: `per_client`, `concurrency` | connections over the per-client rate (`--rate`, lowered by the controller) or the per-client cap (`--max-connections-per-client`), closed at once |
+//! | `aegis_rejections_total` | counter | `layer="slowloris"`, `reason`: `first_byte`, `total`, `idle` | connections cut by a deadline (first byte 5 s, first request's headers 10 s, 75 s of silence within a request) |
+//! | `aegis_rejections_total` | counter | `layer="proxy_protocol"`, `reason`: `untrusted`, `missing`, `timeout`, `too_long`, `invalid`, `eof`, `io` | with `--trusted-proxy` only: PROXY protocol headers refused |
+//! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls to a backend its open breaker failed fast (the client got `503`) |
+//! | `aegis_circuit_state`, `aegis_circuit_transitions_total` | gauge, counter | `name`: `backend0`, `backend1`, ... in `--backend` order (`to` for the transitions) | each backend's breaker: 0 closed, 1 half-open, 2 open |
+//! | `aegis_adaptive_rate`, `aegis_adaptive_p95_seconds`, `aegis_adaptive_decisions_total` | gauge, gauge, counter | `name="http_gateway"` (`direction` for the decisions) | the latency controller: the admitted per-client rate, the backends' P95 it decided on, its decisions |
+//! | `aegis_rate_limit_keys`, `aegis_rate_limit_evictions_total`, `aegis_rate_limit_overflow_total` | gauge, counter, counter | `limiter="per_client"` | the rate limiter's client addresses tracked |
+//! | `aegis_proxy_protocol_connections_total` | counter | `outcome` | with `--trusted-proxy` only: connections by the PROXY header they sent |
+//! | `aegis_connections_total`, `aegis_active_connections`, `aegis_accept_errors_total`, `aegis_connection_duration_seconds` | counter, gauge, counter, histogram | `outcome`, `kind` | the accept loop's (see `aegis_core::metrics`): connections by how they ended (`rejected`: a layer's refusal above), open now, failed accepts, durations |
+//!
 //! To poke it, start two backends (anything answering HTTP with a `/healthz`), then:
 //!
 //! ```text
@@ -41,6 +64,7 @@
 //! curl -i -H 'X-Forwarded-For: 6.6.6.6' http://127.0.0.1:8080/    # the backend sees 127.0.0.1
 //! curl -i -X OPTIONS --request-target '*' http://127.0.0.1:8080/  # 200, Allow: GET, ...
 //! curl -i -H 'Content-Length: 9999999' --data-binary x http://127.0.0.1:8080/ # 413, on the header
+//! curl -s 127.0.0.1:9091/metrics | grep aegis_                    # Prometheus text
 //! ```
 //!
 //! Set `RUST_LOG=debug` to see rejections and health changes.
@@ -50,6 +74,9 @@ mod client_body;
 mod gateway;
 mod headers;
 mod health;
+#[path = "../shared/metrics_endpoint.rs"]
+mod metrics_endpoint;
+mod metrics_http;
 mod proxy;
 mod sanitize;
 mod server;
@@ -88,6 +115,26 @@ struct Args {
     /// Connections one client address may have open at once.
     #[arg(long, default_value = "64")]
     max_connections_per_client: NonZeroU32,
+    /// Address of `/metrics` (Prometheus text), or `off`.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9091")]
+    metrics: MetricsAddr,
+}
+
+/// `--metrics`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|e| format!("{e}: an address such as 127.0.0.1:9091, or off"))
+    }
 }
 
 #[tokio::main]
@@ -108,9 +155,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .rate
         .saturating_mul(NonZeroU32::new(2).expect("non-zero"));
 
+    // Installed before the gateway starts: the layers keep the handles of the recorder in
+    // force when they first count.
+    let prometheus = match args.metrics.0 {
+        Some(_) => Some(metrics_endpoint::install_recorder(metrics_http::recorder())?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let metrics_listener = match args.metrics.0 {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--metrics {addr}: cannot bind: {e}"))?,
+        ),
+        None => None,
+    };
     let gateway = Gateway::start(&config, listener)?;
-    tracing::info!(addr = %gateway.addr, backends = config.backends.len(), "http-gateway listening");
+    let metrics_addr = match (metrics_listener, prometheus) {
+        (Some(listener), Some(prometheus)) => {
+            let addr = listener.local_addr()?;
+            tokio::spawn(metrics_http::serve(listener, prometheus));
+            addr.to_string()
+        }
+        _ => "off".to_string(),
+    };
+    tracing::info!(addr = %gateway.addr, metrics = %metrics_addr, backends = config.backends.len(), "http-gateway listening");
     let mut status = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {

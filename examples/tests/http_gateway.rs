@@ -6,6 +6,10 @@
 //! The modules' own unit tests (balancer and warm-up math, health-check intervals under
 //! paused time, header rules) run as part of this test binary too.
 //!
+//! One test runs the built binary, for `--metrics`: `cargo test -p examples` builds it
+//! first, and `cargo test -p examples --test http_gateway` needs
+//! `cargo build -p examples --example http-gateway` before (`common::example_bin`).
+//!
 //! Every wait on a socket or a background task is a poll with a deadline ([`WAIT`]).
 
 #[allow(dead_code)]
@@ -14,6 +18,8 @@ mod balance;
 #[allow(dead_code)]
 #[path = "../http-gateway/client_body.rs"]
 mod client_body;
+#[allow(dead_code)] // of the shared helpers this test uses `example_bin` only
+mod common;
 #[allow(dead_code)]
 #[path = "../http-gateway/gateway.rs"]
 mod gateway;
@@ -23,6 +29,12 @@ mod headers;
 #[allow(dead_code)]
 #[path = "../http-gateway/health.rs"]
 mod health;
+#[allow(dead_code)]
+#[path = "../shared/metrics_endpoint.rs"]
+mod metrics_endpoint;
+#[allow(dead_code)]
+#[path = "../http-gateway/metrics_http.rs"]
+mod metrics_http;
 #[allow(dead_code)]
 #[path = "../http-gateway/proxy.rs"]
 mod proxy;
@@ -1817,4 +1829,190 @@ async fn a_silent_client_is_cut_by_the_first_byte_timeout() {
     let took = since(t0);
     assert!(out.is_empty(), "closed without an answer: {out:?}");
     assert_eq!(took, Duration::from_millis(300));
+}
+
+// ---------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------
+
+/// One scrape of `GET /metrics` at `addr`: the Prometheus text.
+async fn scrape(addr: SocketAddr) -> String {
+    let req = Request::get("/metrics")
+        .header("host", "metrics")
+        .body(Full::default())
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    String::from_utf8(res.body().to_vec()).unwrap()
+}
+
+/// The value of `series` (its name and labels as rendered) in the scrape `text`, if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `target/<profile>/examples/http-gateway`, checked to be newer than its sources.
+fn gateway_bin() -> std::path::PathBuf {
+    common::example_bin(
+        "http-gateway",
+        &[
+            "examples/http-gateway",
+            "examples/shared",
+            "aegis-core/src",
+            "aegis-layers/src",
+        ],
+    )
+}
+
+/// The `http-gateway` binary as a user runs it, its log (stdout, without colours) in a
+/// file of its own; killed and waited for on drop.
+struct Process {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn start(name: &str, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "aegis-http-gateway-{}-{name}.log",
+            std::process::id()
+        ));
+        let child = std::process::Command::new(gateway_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the start-up line; its `addr` and `metrics` fields.
+    async fn listening(&mut self) -> (SocketAddr, String) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains("http-gateway listening")) {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                        .to_string()
+                };
+                return (field("addr").parse().unwrap(), field("metrics"));
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the gateway exited at start-up ({status}):\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not listening after {WAIT:?}:\n{log}"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The binary's `--metrics`: served with the layers' series, a
+/// port already taken is an error at start-up, and `off` serves none.
+#[tokio::test]
+async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error() {
+    let b0 = Backend::start().await;
+    let backend = b0.addr.to_string();
+    let mut gw = Process::start(
+        "serves",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--backend",
+            &backend,
+            "--rate",
+            "1",
+        ],
+    );
+    let (addr, metrics) = gw.listening().await;
+    let metrics: SocketAddr = metrics.parse().unwrap();
+    // `--rate 1`: a burst of 2 connections, then one a second.
+    let out = raw(
+        addr,
+        b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    assert_eq!(get(addr).await.status(), StatusCode::OK);
+    let req = Request::get("/")
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    let err = send(addr, req).await.expect_err("over the rate");
+    assert!(closed_by_peer(&*err), "{err:?}");
+
+    let text = scrape(metrics).await;
+    let series = |s: &str| sample(&text, s);
+    assert_eq!(
+        series(r#"aegis_rejections_total{layer="rate_limit",reason="per_client"}"#),
+        Some(1.0),
+        "/metrics:\n{text}"
+    );
+    assert_eq!(
+        series(r#"aegis_circuit_state{name="backend0"}"#),
+        Some(0.0),
+        "/metrics:\n{text}"
+    );
+    assert!(
+        series(r#"aegis_connections_total{outcome="ok"}"#).is_some_and(|n| n >= 2.0),
+        "/metrics:\n{text}"
+    );
+
+    // Another gateway on the same metrics port.
+    let other = tokio::process::Command::new(gateway_bin())
+        .args(["--listen", "127.0.0.1:0", "--backend", &backend])
+        .args(["--metrics", &metrics.to_string()])
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = timeout(WAIT, other).await.expect("exits").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--metrics {metrics}: cannot bind: ")),
+        "{stderr}"
+    );
+
+    let mut off = Process::start(
+        "off",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--backend",
+            &backend,
+        ],
+    );
+    assert_eq!(off.listening().await.1, "off");
 }
