@@ -46,10 +46,12 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
+//! | `aegis_rejections_total` | counter | `layer="http"`, `reason`: `bad_target`, `bad_host`, `method`, `bad_body`, `body_stall`, `body_too_large`, `headers_too_large`, `transfer_coding` | requests the gateway refused itself: `400` for a target that is not a path (`bad_target`; `OPTIONS *` is answered, not refused) or a missing (HTTP/1.1), repeated or invalid `Host` (`bad_host`), `405` for `CONNECT` (`method`), `400` for a malformed or cut-off body (`bad_body`), `408` for a body still awaited at the backend timeout (`body_stall`), `413` for a body over `--max-body`, declared or streamed (`body_too_large`), `431` for headers over the limits (`headers_too_large`), and `501` for a `Transfer-Encoding` other than one `chunked` (`transfer_coding`) |
 //! | `aegis_rejections_total` | counter | `layer="rate_limit"`, `reason`: `per_client`, `concurrency` | connections over the per-client rate (`--rate`, lowered by the controller) or the per-client cap (`--max-connections-per-client`), closed at once |
 //! | `aegis_rejections_total` | counter | `layer="slowloris"`, `reason`: `first_byte`, `total`, `idle` | connections cut by a deadline (first byte 5 s, first request's headers 10 s, 75 s of silence within a request) |
 //! | `aegis_rejections_total` | counter | `layer="proxy_protocol"`, `reason`: `untrusted`, `missing`, `timeout`, `too_long`, `invalid`, `eof`, `io` | with `--trusted-proxy` only: PROXY protocol headers refused |
-//! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls to a backend its open breaker failed fast (the client got `503`) |
+//! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls to a backend its open breaker failed fast (the client got `503`, also counted `breaker_open` below) |
+//! | `aegis_http_backend_errors_total` | counter | `reason`: `no_backend`, `breaker_open`, `timeout`, `connect`, `transfer_coding`, `failed` | the gateway's own answer where a backend's was wanted: `503` with no backend available (`no_backend`) or the chosen one's breaker refusing the call (`breaker_open`), `504` when a backend did not answer within its 30 s (`timeout`), `502` when the connection to it failed (`connect`), it answered in a transfer coding the gateway does not implement (`transfer_coding`), or failed otherwise (`failed`) |
 //! | `aegis_circuit_state`, `aegis_circuit_transitions_total` | gauge, counter | `name`: `backend0`, `backend1`, ... in `--backend` order (`to` for the transitions) | each backend's breaker: 0 closed, 1 half-open, 2 open |
 //! | `aegis_adaptive_rate`, `aegis_adaptive_p95_seconds`, `aegis_adaptive_decisions_total` | gauge, gauge, counter | `name="http_gateway"` (`direction` for the decisions) | the latency controller: the admitted per-client rate, the backends' P95 it decided on, its decisions |
 //! | `aegis_rate_limit_keys`, `aegis_rate_limit_evictions_total`, `aegis_rate_limit_overflow_total` | gauge, counter, counter | `limiter="per_client"` | the rate limiter's client addresses tracked |
@@ -64,7 +66,7 @@
 //! curl -i -H 'X-Forwarded-For: 6.6.6.6' http://127.0.0.1:8080/    # the backend sees 127.0.0.1
 //! curl -i -X OPTIONS --request-target '*' http://127.0.0.1:8080/  # 200, Allow: GET, ...
 //! curl -i -H 'Content-Length: 9999999' --data-binary x http://127.0.0.1:8080/ # 413, on the header
-//! curl -s 127.0.0.1:9091/metrics | grep aegis_                    # Prometheus text
+//! curl -s 127.0.0.1:9091/metrics | grep aegis_                    # reason="body_too_large" 1
 //! ```
 //!
 //! Set `RUST_LOG=debug` to see rejections and health changes.
@@ -78,6 +80,7 @@ mod health;
 mod metrics_endpoint;
 mod metrics_http;
 mod proxy;
+mod refusal;
 mod sanitize;
 mod server;
 mod write_timeout;

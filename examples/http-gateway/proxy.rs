@@ -79,7 +79,8 @@ use tower::{Service, ServiceExt};
 
 use crate::balance::Pool;
 use crate::client_body::{ClientBody, ClientBodyError, Progress};
-use crate::headers::{check_transfer_coding, strip_hop_by_hop};
+use crate::headers::{UnknownCoding, check_transfer_coding, strip_hop_by_hop};
+use crate::refusal::{BackendError, Refusal, backend_error, refuse};
 use crate::write_timeout::WriteTimeout;
 
 /// The body type on both sides of the gateway.
@@ -136,7 +137,7 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
         res
     };
     if req.method() == Method::CONNECT {
-        let res = local_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        let res = refuse(Refusal::Method, "CONNECT is not supported\n");
         return Some(with_allow(res));
     }
     if is_origin_form(req.uri()) {
@@ -154,8 +155,8 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
         method = %req.method(),
         "request target refused"
     );
-    Some(local_response(
-        StatusCode::BAD_REQUEST,
+    Some(refuse(
+        Refusal::BadTarget,
         "the request target must be a path\n",
     ))
 }
@@ -459,7 +460,7 @@ where
             return Box::pin(std::future::ready(Ok(res)));
         }
         let Some(i) = self.pool.pick(Instant::now()) else {
-            let res = local_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
+            let res = backend_error(BackendError::NoBackend, "no backend available\n");
             return Box::pin(std::future::ready(Ok(res)));
         };
         let backend = self.backends[i].clone();
@@ -467,7 +468,7 @@ where
             Ok(req) => req,
             Err(e) => {
                 tracing::debug!(error = %e, "backend URI refused");
-                let res = local_response(StatusCode::BAD_REQUEST, "bad request target\n");
+                let res = refuse(Refusal::BadTarget, "bad request target\n");
                 return Box::pin(std::future::ready(Ok(res)));
             }
         };
@@ -544,24 +545,31 @@ fn from_backend(res: Response<Incoming>) -> Response<GatewayBody> {
 
 fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     if find::<CircuitOpen>(err).is_some() {
-        return local_response(StatusCode::SERVICE_UNAVAILABLE, "backend unavailable\n");
+        return backend_error(BackendError::BreakerOpen, "backend unavailable\n");
     }
     if find::<LengthLimitError>(err).is_some() {
-        return local_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        return refuse(Refusal::BodyTooLarge, "request body too large\n");
     }
     if let Some(e) = find::<ClientBodyError>(err) {
         tracing::debug!(error = %err, "request body failed");
         return if e.is_stall() {
-            local_response(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")
+            refuse(Refusal::BodyStall, "request body too slow\n")
         } else {
-            local_response(StatusCode::BAD_REQUEST, "bad request body\n")
+            refuse(Refusal::BadBody, "bad request body\n")
         };
     }
     if find::<tokio::time::error::Elapsed>(err).is_some() {
-        return local_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n");
+        return backend_error(BackendError::Timeout, "backend timed out\n");
     }
     tracing::debug!(error = %err, "backend failed");
-    local_response(StatusCode::BAD_GATEWAY, "backend failed\n")
+    let why = if find::<UnknownCoding>(err).is_some() {
+        BackendError::TransferCoding
+    } else if find::<hyper_util::client::legacy::Error>(err).is_some_and(|e| e.is_connect()) {
+        BackendError::Connect
+    } else {
+        BackendError::Failed
+    };
+    backend_error(why, "backend failed\n")
 }
 
 #[cfg(test)]

@@ -20,12 +20,13 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::headers::{Refused, sanitize_request};
-use crate::proxy::{GatewayBody, local_response};
+use crate::proxy::GatewayBody;
+use crate::refusal::{Refusal, refuse};
 
 /// Header limits of a request.
 #[derive(Debug, Clone, Copy)]
@@ -103,21 +104,15 @@ where
             }
             Err(Refused::UnknownCoding(e)) => {
                 tracing::debug!(?e, "request refused");
-                local_response(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "transfer coding not implemented\n",
-                )
+                refuse(Refusal::TransferCoding, "transfer coding not implemented\n")
             }
             Err(Refused::TooLarge(too_large)) => {
                 tracing::debug!(?too_large, "request headers refused");
-                local_response(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request headers too large\n",
-                )
+                refuse(Refusal::HeadersTooLarge, "request headers too large\n")
             }
             Err(Refused::BadHost(bad_host)) => {
                 tracing::debug!(?bad_host, "request refused");
-                local_response(StatusCode::BAD_REQUEST, "missing, repeated or bad Host\n")
+                refuse(Refusal::BadHost, "missing, repeated or bad Host\n")
             }
         };
         ResponseFuture {

@@ -8,7 +8,8 @@
 //!    backend's): `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
 //!    `Referrer-Policy: no-referrer`, and `Strict-Transport-Security` when configured;
 //! 2. the body limit (tower-http `RequestBodyLimit`: `413` on a `Content-Length` over
-//!    the limit; a streamed body is cut there and the proxy answers `413`);
+//!    the limit, counted just outside it; a streamed body is cut there and the proxy
+//!    answers `413`);
 //! 3. [`Sanitize`](crate::sanitize::Sanitize): `501` on a `Transfer-Encoding` other
 //!    than one `chunked`, `431` on too many or too large headers,
 //!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping,
@@ -50,6 +51,7 @@ use tower_http::limit::{RequestBodyLimitLayer, ResponseBody};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::proxy::{GatewayBody, Proxy};
+use crate::refusal::{Refusal, count};
 use crate::sanitize::{Limits, SanitizeLayer};
 
 /// The per-request stack, boxed once per connection.
@@ -91,10 +93,26 @@ impl Stack {
                 HeaderValue::from_static("no-referrer"),
             ))
             .option_layer(hsts)
+            .map_request(count_declared_too_large(self.max_body))
             .layer(RequestBodyLimitLayer::new(self.max_body))
             .layer(SanitizeLayer::new(client, self.limits))
             .service(self.proxy.clone());
         BoxCloneService::new(svc)
+    }
+}
+
+/// Counts a request whose `Content-Length` is over `max_body`: tower-http's
+/// `RequestBodyLimit` answers it `413` itself (by this rule), without calling inside.
+fn count_declared_too_large<B>(max_body: usize) -> impl Fn(Request<B>) -> Request<B> + Clone {
+    move |req| {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|len| len > max_body) {
+            count(Refusal::BodyTooLarge);
+        }
+        req
     }
 }
 

@@ -39,6 +39,9 @@ mod metrics_http;
 #[path = "../http-gateway/proxy.rs"]
 mod proxy;
 #[allow(dead_code)]
+#[path = "../http-gateway/refusal.rs"]
+mod refusal;
+#[allow(dead_code)]
 #[path = "../http-gateway/sanitize.rs"]
 mod sanitize;
 #[allow(dead_code)]
@@ -48,6 +51,7 @@ mod server;
 #[path = "../http-gateway/write_timeout.rs"]
 mod write_timeout;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -66,6 +70,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::HeaderMap;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
 use metrics_util::debugging::Snapshotter;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1835,6 +1840,28 @@ async fn a_silent_client_is_cut_by_the_first_byte_timeout() {
 // Metrics
 // ---------------------------------------------------------------------------------
 
+/// Runs `f` on a current-thread runtime that records into a Prometheus recorder of its
+/// own, the gateway's (`metrics_http::recorder`), whose handle `f` gets: what `--metrics`
+/// installs, but local to this thread (the gateway's tasks run on it), so that the tests
+/// running beside record elsewhere.
+fn with_prometheus<F: std::future::Future<Output = ()>>(f: impl FnOnce(PrometheusHandle) -> F) {
+    let recorder = metrics_http::recorder().build_recorder();
+    let handle = recorder.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || rt.block_on(f(handle)));
+}
+
+/// The gateway's `/metrics` endpoint over `prometheus`, on a loopback port.
+async fn serve_metrics(prometheus: PrometheusHandle) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(metrics_http::serve(listener, prometheus));
+    addr
+}
+
 /// One scrape of `GET /metrics` at `addr`: the Prometheus text.
 async fn scrape(addr: SocketAddr) -> String {
     let req = Request::get("/metrics")
@@ -1854,6 +1881,238 @@ async fn scrape(addr: SocketAddr) -> String {
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Every sample of the counter `name` in `text` whose labels start with `labels` (as
+/// rendered, `layer="http",` say), by the value of its `reason` label.
+fn by_reason(text: &str, name: &str, labels: &str) -> BTreeMap<String, u64> {
+    let prefix = format!("{name}{{{labels}reason=\"");
+    text.lines()
+        .filter_map(|l| {
+            let (reason, value) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            Some((reason.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Each refusal of the gateway, made once or twice, read from one scrape of the
+/// endpoint: counted under its own reason, exactly as often as it was made (a refusal
+/// seen by two places, such as a streamed body over the limit, or a malformed body that
+/// also ends its connection, is counted once), and beside the layers' own.
+#[test]
+fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
+    with_prometheus(|prometheus| async move {
+        let b0 = Backend::start().await;
+        let mut cfg = config(&[&b0]);
+        cfg.max_body = 1024;
+        cfg.limits.max_headers = 32;
+        cfg.limits.max_header_bytes = 4096;
+        cfg.backend_timeout = Duration::from_millis(500); // the stalled body's 408
+        let gw = start(&cfg).await;
+        let endpoint = serve_metrics(prometheus).await;
+
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+        for i in 0..40 {
+            many.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nx-big: {}\r\n\r\n",
+            "z".repeat(5000)
+        );
+        let mut streamed =
+            b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        for _ in 0..4 {
+            streamed.extend_from_slice(b"200\r\n");
+            streamed.extend_from_slice(&[b'y'; 0x200]);
+            streamed.extend_from_slice(b"\r\n");
+        }
+        streamed.extend_from_slice(b"0\r\n\r\n");
+        let requests: [(&str, &[u8], &str); 14] = [
+            ("absolute-form", b"GET http://other.test/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
+            ("asterisk-form", b"GET * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
+            ("OPTIONS *, answered", b"OPTIONS * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "200"),
+            ("CONNECT", b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\nConnection: close\r\n\r\n", "405"),
+            ("no Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+            ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n", "400"),
+            ("gzip, chunked", b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "501"),
+            ("declared too large", b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\nConnection: close\r\n\r\nabc", "413"),
+            ("streamed too large", &streamed, "413"),
+            ("malformed chunked body", b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZ\r\n", "400"),
+            ("stalled body", b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nabc", "408"),
+            ("40 headers", many.as_bytes(), "431"),
+            ("5 kB of headers", big.as_bytes(), "431"),
+            ("served", b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "200"),
+        ];
+        for (what, req, status) in requests {
+            let out = raw(gw.addr, req).await;
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status}")),
+                "{what}: {out}"
+            );
+        }
+        // A per-client rate of 1 with a burst of 1: the second connection is refused.
+        let mut cfg = config(&[&b0]);
+        cfg.per_client_rate = NonZeroU32::MIN;
+        cfg.per_client_burst = NonZeroU32::MIN;
+        let limited = start(&cfg).await;
+        assert_eq!(get(limited.addr).await.status(), StatusCode::OK);
+        let req = Request::get("/")
+            .header("host", "gw")
+            .body(Full::default())
+            .unwrap();
+        let err = send(limited.addr, req).await.expect_err("over the rate");
+        assert!(closed_by_peer(&*err), "{err:?}");
+
+        let text = scrape(endpoint).await;
+        let expected = [
+            ("bad_body", 1),
+            ("bad_host", 2),
+            ("bad_target", 2),
+            ("body_stall", 1),
+            ("body_too_large", 2),
+            ("headers_too_large", 2),
+            ("method", 1),
+            ("transfer_coding", 1),
+        ];
+        let expected: BTreeMap<String, u64> = expected.map(|(r, n)| (r.to_string(), n)).into();
+        assert_eq!(
+            by_reason(&text, "aegis_rejections_total", "layer=\"http\","),
+            expected,
+            "/metrics:\n{text}"
+        );
+        let series = |s: &str| sample(&text, s);
+        assert_eq!(
+            series(r#"aegis_rejections_total{layer="rate_limit",reason="per_client"}"#),
+            Some(1.0),
+            "a layer's rejection: /metrics:\n{text}"
+        );
+        // The rate limit's refusal ends its connection: rejected.
+        assert_eq!(
+            series(r#"aegis_connections_total{outcome="rejected"}"#),
+            Some(1.0),
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            series(r#"aegis_circuit_state{name="backend0"}"#),
+            Some(0.0),
+            "/metrics:\n{text}"
+        );
+        assert!(
+            text.contains("aegis_connection_duration_seconds_bucket{"),
+            "a histogram, not a summary: /metrics:\n{text}"
+        );
+    });
+}
+
+/// A raw backend that answers by path: `/te` in a transfer coding the gateway does not
+/// implement, `/garbage` with bytes that are no HTTP, `/slow` not within [`WAIT`], and
+/// `/healthz` `200`.
+async fn scripted_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let answer: &[u8] = if head.starts_with(b"GET /te ") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                } else if head.starts_with(b"GET /garbage ") {
+                    b"garbage\r\n\r\n"
+                } else if head.starts_with(b"GET /slow ") {
+                    sleep(WAIT).await;
+                    b""
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// `GET path` on a new connection to `addr`: the status.
+async fn status_of(addr: SocketAddr, path: &str) -> StatusCode {
+    let req = Request::get(path)
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    send(addr, req).await.unwrap().status()
+}
+
+/// Each answer the gateway makes in place of a backend's, read from one scrape of the
+/// endpoint, under its own reason in `aegis_http_backend_errors_total`, and none of
+/// them a client's refusal.
+#[test]
+fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, _backend) = scripted_backend().await;
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.backend_timeout = Duration::from_millis(500);
+        let gw = start(&cfg).await;
+        assert_eq!(status_of(gw.addr, "/te").await, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            status_of(gw.addr, "/garbage").await,
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status_of(gw.addr, "/slow").await,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+
+        // A port that refuses connections, healthy still after the one health round at
+        // start-up (two failures make it unhealthy): refused, which opens its breaker,
+        // and then no backend is left.
+        let (_held, dead) = aegis_core::testing::dead_port();
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: dead,
+            weight: 1,
+        }];
+        cfg.health_interval = Duration::MAX;
+        cfg.breaker_failures = 1;
+        let gone = start(&cfg).await;
+        assert_eq!(status_of(gone.addr, "/").await, StatusCode::BAD_GATEWAY);
+        assert_eq!(gone.breakers[0].state(), CircuitState::Open);
+        assert_eq!(
+            status_of(gone.addr, "/").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        let text = scrape(endpoint).await;
+        let expected = [
+            ("connect", 1),
+            ("failed", 1),
+            ("no_backend", 1),
+            ("timeout", 1),
+            ("transfer_coding", 1),
+        ];
+        let expected: BTreeMap<String, u64> = expected.map(|(r, n)| (r.to_string(), n)).into();
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            expected,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            by_reason(&text, "aegis_rejections_total", "layer=\"http\","),
+            BTreeMap::new(),
+            "no client was refused: /metrics:\n{text}"
+        );
+    });
 }
 
 /// `target/<profile>/examples/http-gateway`, checked to be newer than its sources.
@@ -1935,7 +2194,7 @@ impl Drop for Process {
     }
 }
 
-/// The binary's `--metrics`: served with the layers' series, a
+/// The binary's `--metrics`: served with the layers' series and the gateway's own, a
 /// port already taken is an error at start-up, and `off` serves none.
 #[tokio::test]
 async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error() {
@@ -1975,6 +2234,11 @@ async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error()
     let series = |s: &str| sample(&text, s);
     assert_eq!(
         series(r#"aegis_rejections_total{layer="rate_limit",reason="per_client"}"#),
+        Some(1.0),
+        "/metrics:\n{text}"
+    );
+    assert_eq!(
+        series(r#"aegis_rejections_total{layer="http",reason="method"}"#),
         Some(1.0),
         "/metrics:\n{text}"
     );

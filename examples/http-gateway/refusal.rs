@@ -1,0 +1,162 @@
+//! What the gateway counts of its own answers (the series are in the table of `main.rs`'s
+//! docs).
+//!
+//! A request the gateway refuses itself is a typed [`Refusal`], counted as the Aegis
+//! layers count theirs: `aegis_rejections_total{layer="http", reason}`, the reason its
+//! [`Reject::label`], one of a fixed set (never the target, `Host` or any other input).
+//! A backend's answer the gateway could not relay, and replaced with its own `502`,
+//! `503` or `504`, is a [`BackendError`] in `aegis_http_backend_errors_total{reason}`:
+//! the client did nothing wrong there, and the breakers and health checks say which
+//! backend failed.
+
+use std::fmt;
+
+use aegis_core::error::Reject;
+use hyper::{Response, StatusCode};
+
+use crate::proxy::{GatewayBody, local_response};
+
+/// The `layer` label of the gateway's refusals, as `aegis-layers`' `sniff::Http1` labels
+/// the refusals of its hyper server.
+pub const LAYER: &str = "http";
+
+/// `aegis_http_backend_errors_total{reason}`.
+pub const BACKEND_ERRORS_TOTAL: &str = "aegis_http_backend_errors_total";
+
+/// Why the gateway refused a request itself, before or while relaying it: its
+/// [`status`](Self::status), and its [`label`](Self::label) in
+/// `aegis_rejections_total{layer="http", reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `400`: a request target that is not origin-form (a path), or from which no
+    /// backend URI builds.
+    BadTarget,
+    /// `400`: no `Host` in an HTTP/1.1 request, several, or an invalid one.
+    BadHost,
+    /// `405`: `CONNECT` (the gateway is no tunnel).
+    Method,
+    /// `400`: a request body that was malformed or cut off.
+    BadBody,
+    /// `408`: the request body was still awaited at the backend timeout.
+    BodyStall,
+    /// `413`: a request body over the limit, declared (`Content-Length`) or streamed.
+    BodyTooLarge,
+    /// `431`: too many or too large request headers.
+    HeadersTooLarge,
+    /// `501`: a `Transfer-Encoding` other than one `chunked`.
+    TransferCoding,
+}
+
+impl Refusal {
+    /// The stable `reason` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::BadTarget => "bad_target",
+            Self::BadHost => "bad_host",
+            Self::Method => "method",
+            Self::BadBody => "bad_body",
+            Self::BodyStall => "body_stall",
+            Self::BodyTooLarge => "body_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::TransferCoding => "transfer_coding",
+        }
+    }
+
+    /// The status the client gets.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::BadTarget | Self::BadHost | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyStall => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::TransferCoding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request refused ({})", self.label())
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl Reject for Refusal {
+    fn layer(&self) -> &'static str {
+        LAYER
+    }
+
+    fn label(&self) -> &'static str {
+        Refusal::label(*self)
+    }
+}
+
+/// Counts `refusal` in `aegis_rejections_total{layer="http", reason}`, the series and
+/// labels of [`aegis_core::error::reject`], without its "connection rejected" log: the
+/// request is answered, and its connection goes on.
+pub fn count(refusal: Refusal) {
+    metrics::counter!(
+        aegis_core::metrics::REJECTIONS_TOTAL,
+        "layer" => refusal.layer(),
+        "reason" => refusal.label(),
+    )
+    .increment(1);
+}
+
+/// The gateway's answer to a request it refuses, counted: `refusal`'s status, `text`.
+pub fn refuse(refusal: Refusal, text: &'static str) -> Response<GatewayBody> {
+    count(refusal);
+    local_response(refusal.status(), text)
+}
+
+/// Why the gateway answered a request relayed to no backend, or not relayed back, with
+/// a `5xx` of its own: its label in `aegis_http_backend_errors_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendError {
+    /// `503`: no backend available (all unhealthy, or their breakers open).
+    NoBackend,
+    /// `503`: the chosen backend's breaker refused the call (it opened, or another
+    /// request took its probe permit, between the pick and the call). The breaker
+    /// counts it too, in `aegis_rejections_total{layer="circuit_breaker"}`.
+    BreakerOpen,
+    /// `504`: no answer within the backend timeout.
+    Timeout,
+    /// `502`: the connection to the backend failed (refused, timed out).
+    Connect,
+    /// `502`: an answer in a `Transfer-Encoding` other than one `chunked`.
+    TransferCoding,
+    /// `502`: any other failure of the backend (reset, a malformed answer).
+    Failed,
+}
+
+impl BackendError {
+    /// The stable `reason` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::NoBackend => "no_backend",
+            Self::BreakerOpen => "breaker_open",
+            Self::Timeout => "timeout",
+            Self::Connect => "connect",
+            Self::TransferCoding => "transfer_coding",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The status the client gets.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::NoBackend | Self::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Connect | Self::TransferCoding | Self::Failed => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The gateway's answer in place of a backend's, counted in
+/// `aegis_http_backend_errors_total{reason}`: `error`'s status, `text`.
+pub fn backend_error(error: BackendError, text: &'static str) -> Response<GatewayBody> {
+    metrics::counter!(BACKEND_ERRORS_TOTAL, "reason" => error.label()).increment(1);
+    local_response(error.status(), text)
+}
