@@ -41,10 +41,13 @@ pub enum Refusal {
     BodyStall,
     /// `413`: a request body over the limit, declared (`Content-Length`) or streamed.
     BodyTooLarge,
-    /// `431`: too many or too large request headers.
+    /// `431`: too many or too large request headers (the gateway's limits, or a request
+    /// head past hyper's read buffer).
     HeadersTooLarge,
     /// `501`: a `Transfer-Encoding` other than one `chunked`.
     TransferCoding,
+    /// `400`, answered by hyper: a request head that does not parse.
+    Parse,
 }
 
 impl Refusal {
@@ -59,13 +62,16 @@ impl Refusal {
             Self::BodyTooLarge => "body_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::TransferCoding => "transfer_coding",
+            Self::Parse => "parse",
         }
     }
 
     /// The status the client gets.
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::BadTarget | Self::BadHost | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::BadTarget | Self::BadHost | Self::BadBody | Self::Parse => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Method => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyStall => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -24,7 +24,8 @@
 //! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
 //! which hyper ignores it; hyper starts it whenever it waits for a request head, so it
 //! also closes a keep-alive connection idle between requests), `max_buf_size`, and a `max_headers` backstop above the
-//! stack's own count limit. When hyper has read the first request's headers, the
+//! stack's own count limit; a request head it refuses (`400`, `431`) ends the connection
+//! with a [`HeadRefused`], counted. When hyper has read the first request's headers, the
 //! connection's [`Handshake`] is marked complete, which ends the slowloris layer's
 //! handshake clocks.
 
@@ -34,6 +35,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aegis_core::error::{Reject, reject};
 use aegis_core::time::FAR_FUTURE;
 use aegis_core::{BoxError, ClientAddr, Handshake, Param};
 use aegis_layers::sniff::CompleteOnRequest;
@@ -167,7 +169,8 @@ where
 }
 
 pin_project! {
-    /// One connection served by hyper, its error boxed.
+    /// One connection served by hyper, its error boxed; a request head hyper refused is
+    /// a [`HeadRefused`].
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     struct ConnFuture<F> {
         #[pin]
@@ -175,14 +178,56 @@ pin_project! {
     }
 }
 
-impl<F, E> Future for ConnFuture<F>
+impl<F> Future for ConnFuture<F>
 where
-    F: Future<Output = Result<(), E>>,
-    E: Into<BoxError>,
+    F: Future<Output = hyper::Result<()>>,
 {
     type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().conn.poll(cx).map_err(Into::into)
+        self.project().conn.poll(cx).map_err(|e| {
+            // A header timeout is no refusal here: between requests it is the keep-alive
+            // idle limit, and the slowloris layer times the first request's headers.
+            let refusal = if e.is_parse_too_large() {
+                Refusal::HeadersTooLarge
+            } else if e.is_parse() {
+                Refusal::Parse
+            } else {
+                return e.into();
+            };
+            reject(HeadRefused { refusal, source: e }).into()
+        })
+    }
+}
+
+/// A request head hyper refused, answering `400` (it does not parse) or `431` (past
+/// `max_buf_size`) before closing: the connection's error, counted in
+/// `aegis_rejections_total{layer="http"}` ([`reject`]) as `aegis-layers`' `sniff::Http1`
+/// counts the same.
+#[derive(Debug)]
+pub struct HeadRefused {
+    refusal: Refusal,
+    source: hyper::Error,
+}
+
+impl std::fmt::Display for HeadRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.refusal, self.source)
+    }
+}
+
+impl std::error::Error for HeadRefused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl Reject for HeadRefused {
+    fn layer(&self) -> &'static str {
+        self.refusal.layer()
+    }
+
+    fn label(&self) -> &'static str {
+        self.refusal.label()
     }
 }

@@ -1929,7 +1929,7 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
             streamed.extend_from_slice(b"\r\n");
         }
         streamed.extend_from_slice(b"0\r\n\r\n");
-        let requests: [(&str, &[u8], &str); 14] = [
+        let requests: [(&str, &[u8], &str); 15] = [
             ("absolute-form", b"GET http://other.test/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
             ("asterisk-form", b"GET * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
             ("OPTIONS *, answered", b"OPTIONS * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "200"),
@@ -1943,6 +1943,7 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
             ("stalled body", b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nabc", "408"),
             ("40 headers", many.as_bytes(), "431"),
             ("5 kB of headers", big.as_bytes(), "431"),
+            ("no HTTP", b"NOT HTTP AT ALL\r\n\r\n", "400"),
             ("served", b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "200"),
         ];
         for (what, req, status) in requests {
@@ -1952,6 +1953,15 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
                 "{what}: {out}"
             );
         }
+        // A head past hyper's 16 KiB read buffer: hyper answers `431` and closes, with
+        // the rest of the head unread (so the answer may be lost to the reset).
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: gw\r\nx-huge: {}\r\n\r\n",
+            "z".repeat(20_000)
+        );
+        let out = raw(gw.addr, huge.as_bytes()).await;
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+
         // A per-client rate of 1 with a burst of 1: the second connection is refused.
         let mut cfg = config(&[&b0]);
         cfg.per_client_rate = NonZeroU32::MIN;
@@ -1972,8 +1982,9 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
             ("bad_target", 2),
             ("body_stall", 1),
             ("body_too_large", 2),
-            ("headers_too_large", 2),
+            ("headers_too_large", 3),
             ("method", 1),
+            ("parse", 1),
             ("transfer_coding", 1),
         ];
         let expected: BTreeMap<String, u64> = expected.map(|(r, n)| (r.to_string(), n)).into();
@@ -1988,10 +1999,11 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
             Some(1.0),
             "a layer's rejection: /metrics:\n{text}"
         );
-        // The rate limit's refusal ends its connection: rejected.
+        // hyper's refusals (the head that does not parse, the one past its buffer) and
+        // the rate limit's end their connections: rejected.
         assert_eq!(
             series(r#"aegis_connections_total{outcome="rejected"}"#),
-            Some(1.0),
+            Some(3.0),
             "/metrics:\n{text}"
         );
         assert_eq!(
