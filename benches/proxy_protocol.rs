@@ -11,8 +11,8 @@
 //!
 //! - `connection/baseline`: the payload alone, straight to the inner service.
 //! - `connection/v1`, `connection/v2`: a trusted peer sends a header, then the payload.
-//! - `connection/untrusted_plain`: an untrusted peer sends the payload (the layer sniffs
-//!   its first bytes and passes it on).
+//! - `connection/untrusted_plain`: an untrusted peer sends the payload (the layer passes
+//!   it on at once, unread).
 //! - `parse/v1`, `parse/v2`, `parse/v2_tlvs`: `ProxyHeader::parse` on a buffer.
 
 use std::future::Future;

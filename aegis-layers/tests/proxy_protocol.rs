@@ -252,16 +252,31 @@ async fn untrusted_peer_with_plain_bytes_passes_untouched() {
     assert_eq!(seen.version, None);
 }
 
+/// A PROXY header from a peer outside the trusted networks is neither believed nor
+/// refused: it reaches the inner service as data, byte for byte, with the peer as the
+/// client (a protocol layer inside refuses it: the sniffer as `proxy`).
 #[test]
-fn untrusted_peer_with_a_header_is_rejected() {
+fn untrusted_peer_with_a_header_passes_it_on_unread() {
     for header in [V1_TCP4.to_vec(), v2_ipv4([203, 0, 113, 7], &[])] {
         let (res, snap) = run(false, || async {
-            // The signature alone decides: the rest of the header is never read.
-            let sig_len = if header[0] == b'P' { 6 } else { 12 };
-            let io = Builder::new().read(&header[..sig_len]).build();
+            let io = Builder::new().read(&header_with_payload(&header)).build();
             serve(&trusting_lb(), conn(io, "192.0.2.99:1000")).await
         });
-        assert_rejected(res, &snap, "untrusted");
+        let seen = res.unwrap();
+        assert_eq!(
+            (seen.client, seen.version, &seen.data[..]),
+            (
+                addr("192.0.2.99:1000"),
+                None,
+                &header_with_payload(&header)[..]
+            )
+        );
+        let got = capture(&snap);
+        assert_eq!(got.counter(REJECTIONS_TOTAL, &[]), 0);
+        assert_eq!(
+            got.counter(CONNECTIONS_TOTAL, &[("outcome", "passthrough")]),
+            1
+        );
     }
 }
 
@@ -272,12 +287,16 @@ fn ipv4_mapped_peer_is_matched_as_ipv4() {
         serve(&trusting_lb(), conn(io, "[::ffff:10.1.2.3]:40000")).await
     });
     assert_eq!(res.unwrap().client, addr("203.0.113.7:51000"));
-    // And a mapped address outside the network stays untrusted.
-    let (res, snap) = run(false, || async {
+    // And a mapped address outside the network stays untrusted: its header is data.
+    let (res, _) = run(false, || async {
         let io = Builder::new().read(V1_TCP4).build();
         serve(&trusting_lb(), conn(io, "[::ffff:192.0.2.99]:40000")).await
     });
-    assert_rejected(res, &snap, "untrusted");
+    let seen = res.unwrap();
+    assert_eq!(
+        (seen.client, seen.version, &seen.data[..]),
+        (addr("[::ffff:192.0.2.99]:40000"), None, V1_TCP4)
+    );
 }
 
 #[test]
@@ -487,23 +506,44 @@ fn optional_mode_still_cuts_a_trusted_peer_inside_a_header() {
     }
 }
 
+/// A peer outside the trusted networks is never waited on: the inner service (where
+/// bans, rate limits and per-client caps run) gets it at once, before its first byte,
+/// not at the header deadline (a silent peer was held for the whole 3 s there, outside
+/// every per-client limit). Its bytes, when they come, reach the inner service
+/// untouched: part of a signature, a pause, a PROXY line, data.
 #[test]
-fn silent_untrusted_peer_is_passed_on_at_the_deadline() {
+fn silent_untrusted_peer_is_passed_on_at_once() {
+    let header = V1_TCP4;
     let (res, snap) = run(true, || async {
-        // Two bytes of a signature, then silence past the deadline, then data.
         let io = Builder::new()
-            .read(b"PR")
             .wait(Duration::from_secs(5))
-            .read(b"INT")
+            .read(&header[..2])
+            .wait(Duration::from_secs(5))
+            .read(&header_with_payload(header)[2..])
             .build();
-        serve(&trusting_lb(), conn(io, "192.0.2.99:1000")).await
+        let start = tokio::time::Instant::now();
+        let svc = trusting_lb().layer(service_fn(move |mut io: ProxiedIo<Conn<Mock>>| {
+            let called = tokio::time::Instant::now().saturating_duration_since(start);
+            async move {
+                let mut data = Vec::new();
+                io.read_to_end(&mut data).await?;
+                Ok::<_, io::Error>((called, Param::<ClientAddr>::param(&io).0, data))
+            }
+        }));
+        svc.oneshot(conn(io, "192.0.2.99:1000")).await
     });
-    let seen = res.unwrap();
+    let (called, client, data) = res.unwrap();
+    assert_eq!(called, Duration::ZERO, "the inner service was called late");
     assert_eq!(
-        (seen.client, &seen.data[..]),
-        (addr("192.0.2.99:1000"), &b"PRINT"[..])
+        (client, &data[..]),
+        (addr("192.0.2.99:1000"), &header_with_payload(header)[..])
     );
-    assert_eq!(capture(&snap).counter(REJECTIONS_TOTAL, &[]), 0);
+    let got = capture(&snap);
+    assert_eq!(got.counter(REJECTIONS_TOTAL, &[]), 0);
+    assert_eq!(
+        got.counter(CONNECTIONS_TOTAL, &[("outcome", "passthrough")]),
+        1
+    );
 }
 
 #[test]
@@ -532,9 +572,10 @@ fn every_rejection_drops_the_connection_before_the_inner_service() {
     assert!(res.is_err());
 }
 
-/// The layer over real sockets: a v2 header from 127.0.0.1 claiming 203.0.113.7.
+/// The layer over real sockets: a v2 header from 127.0.0.1 claiming 203.0.113.7,
+/// believed where 127.0.0.0/8 is trusted, data with the peer as the client elsewhere.
 #[tokio::test]
-async fn loopback_header_sets_the_client_and_untrusted_listener_rejects_it() {
+async fn loopback_header_sets_the_client_and_an_untrusted_listener_passes_it_as_data() {
     async fn accept_one(
         layer: ProxyProtocolLayer,
     ) -> (SocketAddr, tokio::task::JoinHandle<Result<Seen, BoxError>>) {
@@ -606,16 +647,17 @@ async fn loopback_header_sets_the_client_and_untrusted_listener_rejects_it() {
     let (server, task) = accept_one(ProxyProtocolLayer::new(["10.0.0.0/8".parse().unwrap()])).await;
     let mut client = tokio::net::TcpStream::connect(server).await.unwrap();
     client.write_all(&header).await.unwrap();
-    // Errors are fine here: the server may already have closed the socket.
-    let _ = client.write_all(b"data").await;
-    let _ = client.shutdown().await;
-    let err = task
-        .await
-        .unwrap()
-        .expect_err("an untrusted header is rejected");
-    assert_eq!(label_of(&*err), ("proxy_protocol", "untrusted"));
-    // The server closed the socket: the client reads EOF (or a reset), never a reply.
-    let mut buf = [0u8; 16];
-    let n = client.read(&mut buf).await.unwrap_or(0);
-    assert_eq!(n, 0);
+    client.write_all(b"data").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).await.unwrap();
+    let seen = task.await.unwrap().unwrap();
+    let me = client.local_addr().unwrap();
+    assert_eq!((seen.client, seen.peer), (me, me), "not believed");
+    assert_eq!(
+        seen.data,
+        [&header[..], b"data"].concat(),
+        "passed on as data"
+    );
+    assert_eq!(reply, format!("seen {me}"));
 }

@@ -354,10 +354,19 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let cap = aegis_core::serve::ConnectionCap::new(
         usize::try_from(max_connections).unwrap_or(usize::MAX),
     );
-    // A banned address is refused in the accept loop, before a task is spawned for it;
-    // not behind a PROXY protocol sender, whose address the loop sees instead (the
-    // security layer still refuses the real client's banned address, after the header).
-    let admit = built.security.clone().filter(|_| !c.proxy_protocol.enabled);
+    // A banned or denied address is refused in the accept loop, before a task is spawned
+    // for it; not a trusted PROXY protocol sender, whose address the loop sees instead of
+    // its clients' (the security layer refuses a client's banned address after the
+    // header). Any other peer is its own client, with `proxy_protocol` on too: the PROXY
+    // layer passes it on unread.
+    let admit = built.security.clone().map(|security| Admit {
+        security,
+        trusted: if c.proxy_protocol.enabled {
+            settings.trusted.iter().copied().collect()
+        } else {
+            Arc::default()
+        },
+    });
     // Per core on one core is one runtime, served as usual.
     let other_cores = std::thread::available_parallelism()
         .ok()
@@ -407,6 +416,26 @@ fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The accept loop's check of each peer's address against the bans and `security.deny`
+/// (`Security::refuse_banned`), but for the trusted PROXY protocol senders (`trusted`,
+/// empty with `proxy_protocol` off): their address is not their clients'.
+#[derive(Clone)]
+struct Admit {
+    security: aegis_mqtt::security::Security,
+    trusted: Arc<[ipnet::IpNet]>,
+}
+
+impl Admit {
+    fn check(&self, peer: SocketAddr) -> Result<(), aegis_core::BoxError> {
+        // Matched as the PROXY protocol layer does, IPv4-mapped IPv6 folded to IPv4.
+        let ip = peer.ip().to_canonical();
+        if self.trusted.iter().any(|net| net.contains(&ip)) {
+            return Ok(());
+        }
+        self.security.refuse_banned(peer)
+    }
+}
+
 /// One accept loop with the `[server]` settings, the connection cap `cap` and the
 /// address bans of `admit`, until `signal` and its drain.
 fn serve_with<L, S>(
@@ -414,7 +443,7 @@ fn serve_with<L, S>(
     service: S,
     server: &config::Server,
     cap: aegis_core::serve::ConnectionCap,
-    admit: Option<aegis_mqtt::security::Security>,
+    admit: Option<Admit>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> aegis_core::serve::ServeFuture
 where
@@ -427,8 +456,8 @@ where
         .connection_cap(cap)
         .nodelay(server.nodelay)
         .drain_timeout(server.drain_timeout);
-    if let Some(security) = admit {
-        server = server.admit(move |peer| security.refuse_banned(peer));
+    if let Some(admit) = admit {
+        server = server.admit(move |peer| admit.check(peer));
     }
     server.with_graceful_shutdown(signal).into_future()
 }
@@ -444,7 +473,7 @@ async fn serve_per_core<S>(
     server: &config::Server,
     others: std::num::NonZeroUsize,
     cap: aegis_core::serve::ConnectionCap,
-    admit: Option<aegis_mqtt::security::Security>,
+    admit: Option<Admit>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(bool, usize), String>
 where

@@ -1907,6 +1907,114 @@ async fn denied_networks_from_the_config_and_a_file_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// With `proxy_protocol` on, a peer outside `proxy_protocol.trusted` is its own client
+/// from its first moment: a banned or denied address is refused at accept (reset), as
+/// without the PROXY protocol, and the per-IP cap holds its silent connections at once.
+/// Before, the accept loop checked no address with `proxy_protocol` on, and the PROXY
+/// layer held each silent untrusted connection, unread and outside every per-client
+/// limit, for the whole `proxy_protocol.timeout` (here 10 s): one banned address could
+/// fill `max_connections`. A PROXY line from such a peer is no header but bytes that
+/// are not MQTT, closed by the sniffer and counted as `proxy`; a trusted proxy's header
+/// still names the client, refused by the security layer when that client is banned.
+#[tokio::test]
+async fn with_proxy_protocol_an_untrusted_peer_is_its_own_client_from_accept() {
+    let config = r#"
+        [proxy_protocol]
+        enabled = true
+        trusted = ["127.0.0.5/32"]
+        timeout = "10s"
+        [slowloris]
+        first_byte = "30s"
+        [sniff]
+        timeout = "30s"
+        [limits.concurrent_per_ip]
+        max = 2
+        [security]
+        admin = true
+        deny = ["127.0.10.0/24"]
+    "#;
+    let gw = Gateway::start("pp-untrusted", config, &[]).await;
+    let ban = "/bans?key=addr&value=127.0.0.9&for=10m";
+    assert_eq!(http_request(gw.metrics, "POST", ban).await.unwrap().0, 200);
+    for from in ["127.0.0.9", "127.0.10.1"] {
+        assert!(
+            reset_at_accept(from, gw.mqtt).await,
+            "{from} was not refused at accept"
+        );
+    }
+    for reason in ["banned", "denied"] {
+        gw.wait_metric(
+            &format!("aegis_rejections_total{{layer=\"security\",reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await;
+    }
+
+    // Two silent connections from one untrusted address are all it may hold: a third
+    // is closed at once, not after the PROXY layer's 10 s.
+    let _silent = [
+        connect_from("127.0.0.11", gw.mqtt).await,
+        connect_from("127.0.0.11", gw.mqtt).await,
+    ];
+    gw.wait_metric("aegis_active_connections", 2.0).await;
+    let mut third = connect_from("127.0.0.11", gw.mqtt).await;
+    let mut buf = [0u8; 1];
+    let end = timeout(Duration::from_secs(5), third.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0) | Err(_))),
+        "the third silent connection was not closed at once: {end:?}"
+    );
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"rate_limit\",reason=\"concurrency\"}",
+        1.0,
+    )
+    .await;
+
+    // An untrusted peer's PROXY line is not believed: the sniffer closes it as `proxy`.
+    let mut s = connect_from("127.0.0.12", gw.mqtt).await;
+    let header = format!(
+        "PROXY TCP4 203.0.113.9 {} 40000 {}\r\n",
+        gw.mqtt.ip(),
+        gw.mqtt.port()
+    );
+    s.write_all(&[header.into_bytes(), connect_311("spoofer")].concat())
+        .await
+        .unwrap();
+    assert!(closed_silently(&mut s).await, "the PROXY line was answered");
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"sniff\",reason=\"proxy\"}",
+        1.0,
+    )
+    .await;
+    // Its MQTT, and a trusted proxy's header, are served; a trusted proxy's header that
+    // names the banned client is refused after the header.
+    let mut plain = mqtt_session("127.0.0.12", gw.mqtt, "plain").await.unwrap();
+    plain.write_all(&[0xE0, 0x00]).await.unwrap();
+    for (client, served) in [("203.0.113.9", true), ("127.0.0.9", false)] {
+        let mut s = connect_from("127.0.0.5", gw.mqtt).await;
+        let header = format!(
+            "PROXY TCP4 {client} {} 40000 {}\r\n",
+            gw.mqtt.ip(),
+            gw.mqtt.port()
+        );
+        s.write_all(&[header.into_bytes(), connect_311("proxied")].concat())
+            .await
+            .unwrap();
+        if served {
+            let connack = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+            assert_eq!(connack, (0x20, vec![0x00, 0x00]), "{client}");
+            s.write_all(&[0xE0, 0x00]).await.unwrap();
+        } else {
+            assert!(closed_silently(&mut s).await, "{client} was served");
+        }
+    }
+    gw.wait_metric(
+        "aegis_proxy_protocol_connections_total{outcome=\"proxied_v1\"}",
+        2.0,
+    )
+    .await;
+}
+
 /// `security.admin_token`: `/bans` and `/events` need it as a bearer token (401 without
 /// it, with another or without the scheme); a browser's request (an `Origin` header) is
 /// refused even with it. `--check` prints it masked; a short token, and `admin = true`

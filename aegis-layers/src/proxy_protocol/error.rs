@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use aegis_core::error::Reject;
 
-/// Why the PROXY protocol layer refused a connection.
+/// Why the PROXY protocol layer refused a connection of a trusted peer (it refuses no
+/// other: an untrusted peer is passed on unread).
 ///
 /// Returned wrapped in [`aegis_core::error::Rejected`] (counted in
 /// `aegis_rejections_total{layer="proxy_protocol", reason}`); reach it with
@@ -15,9 +16,6 @@ use aegis_core::error::Reject;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProxyProtocolError {
-    /// A peer outside the trusted networks sent a PROXY header: it is never believed.
-    #[error("PROXY header from untrusted peer {0}")]
-    Untrusted(IpAddr),
     /// A trusted peer sent no PROXY header, and the header is required.
     #[error("trusted peer {0} sent no PROXY header")]
     Missing(IpAddr),
@@ -39,11 +37,10 @@ pub enum ProxyProtocolError {
 }
 
 impl ProxyProtocolError {
-    /// A stable, low-cardinality label: `untrusted`, `missing`, `timeout`, `too_long`,
-    /// `invalid`, `eof` or `io`.
+    /// A stable, low-cardinality label: `missing`, `timeout`, `too_long`, `invalid`,
+    /// `eof` or `io`.
     pub const fn label(&self) -> &'static str {
         match self {
-            Self::Untrusted(_) => "untrusted",
             Self::Missing(_) => "missing",
             Self::Timeout(_) => "timeout",
             Self::TooLong(_) => "too_long",

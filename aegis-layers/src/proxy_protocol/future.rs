@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::header::{self, Parse, Refused, Signature};
+use super::header::{self, Parse, Refused};
 use super::layer::{Config, HeaderMode};
 use super::{ProxiedIo, ProxyHeader, ProxyProtocolError};
 
@@ -25,12 +25,14 @@ const INITIAL_BUF: usize = 128;
 /// the stream.
 type Outcome<I> = (Option<ProxyHeader>, Bytes, I);
 
-/// Reads and decides on a connection's PROXY header.
+/// Reads and decides on a connection's PROXY header; passes a peer outside the trusted
+/// networks on at once, unread.
 #[derive(Debug)]
 pub(super) struct ReadHeader<I> {
     io: Option<I>,
     /// Zero-filled to its length; `filled` bytes hold data. Grows to the v2 header's
-    /// declared length, never beyond `max_len`.
+    /// declared length, never beyond `max_len`. Empty for an untrusted peer, which is
+    /// never read.
     buf: Vec<u8>,
     filled: usize,
     peer: IpAddr,
@@ -45,12 +47,17 @@ pub(super) struct ReadHeader<I> {
 
 impl<I> ReadHeader<I> {
     pub(super) fn new(io: I, peer: IpAddr, config: &Config) -> Self {
+        let trusted = config.trusts(peer);
         Self {
             io: Some(io),
-            buf: vec![0; INITIAL_BUF.min(config.max_header_len)],
+            buf: if trusted {
+                vec![0; INITIAL_BUF.min(config.max_header_len)]
+            } else {
+                Vec::new()
+            },
             filled: 0,
             peer,
-            trusted: config.trusts(peer),
+            trusted,
             mode: config.mode,
             max_len: config.max_header_len,
             timeout: config.timeout,
@@ -75,14 +82,13 @@ impl<I> ReadHeader<I> {
         bytes
     }
 
-    /// Whether the connection goes on without a header when the peer closes, or the
-    /// deadline passes, before a decision: always for an untrusted peer (it sent no
-    /// full signature, and clients' deadlines are the slowloris layer's job), and for a
-    /// trusted peer in [`HeaderMode::Optional`] that has sent nothing, which is "no
-    /// header". A trusted peer that has sent part of a signature or header owes the
-    /// rest: a half header from a balancer is a fault.
+    /// Whether the connection of a trusted peer goes on without a header when the peer
+    /// closes, or the deadline passes, before a decision: in [`HeaderMode::Optional`],
+    /// when it has sent nothing, which is "no header". A trusted peer that has sent part
+    /// of a signature or header owes the rest: a half header from a balancer is a
+    /// fault. (An untrusted peer is never read: see `poll`.)
     fn passes_undecided(&self) -> bool {
-        !self.trusted || (self.mode == HeaderMode::Optional && self.filled == 0)
+        self.mode == HeaderMode::Optional && self.filled == 0
     }
 
     fn fail(&mut self, err: ProxyProtocolError) -> Result<Outcome<I>, ProxyProtocolError> {
@@ -90,19 +96,9 @@ impl<I> ReadHeader<I> {
         Err(err)
     }
 
-    /// Decides on the bytes read so far; `None` to read more.
+    /// Decides on the bytes a trusted peer sent so far; `None` to read more.
     fn decide(&mut self) -> Option<Result<Outcome<I>, ProxyProtocolError>> {
         let data = &self.buf[..self.filled];
-        if !self.trusted {
-            // Never parse, never believe: only look for a signature to refuse.
-            return match header::signature(data) {
-                Signature::Partial => None,
-                Signature::None => Some(Ok(self.finish(None, 0))),
-                Signature::V1 | Signature::V2 => {
-                    Some(self.fail(ProxyProtocolError::Untrusted(self.peer)))
-                }
-            };
-        }
         Some(match header::parse(data, self.max_len) {
             Parse::Incomplete { need } => {
                 if need > self.buf.len() {
@@ -144,6 +140,14 @@ impl<I: AsyncRead + Unpin> Future for ReadHeader<I> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        if !this.trusted {
+            // Never read, never wait, never believe: whatever an untrusted peer sends (a
+            // PROXY line included) is the inner service's, which runs at once, with the
+            // peer as the client. Waiting here for its first bytes would hold the
+            // connection outside everything that keys on the client address (bans,
+            // rate limits, per-client caps), which only the inner service applies.
+            return Poll::Ready(Ok(this.finish(None, 0)));
+        }
         loop {
             let io = this
                 .io
@@ -154,8 +158,8 @@ impl<I: AsyncRead + Unpin> Future for ReadHeader<I> {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
-                        // EOF. A trusted peer owed us a header, unless it may send none
-                        // and sent nothing.
+                        // EOF. The peer owed us a header, unless it may send none and
+                        // sent nothing.
                         return Poll::Ready(if this.passes_undecided() {
                             Ok(this.finish(None, 0))
                         } else {
@@ -176,9 +180,8 @@ impl<I: AsyncRead + Unpin> Future for ReadHeader<I> {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    // The deadline is for trusted proxies' headers; an untrusted peer
-                    // that is slow to speak, or a silent trusted one that may send no
-                    // header, is passed on with its bytes so far.
+                    // The deadline is for the header; a silent peer that may send no
+                    // header is passed on.
                     return Poll::Ready(if this.passes_undecided() {
                         Ok(this.finish(None, 0))
                     } else {

@@ -17,7 +17,11 @@
 //! from anyone would let every client pick its own address (and dodge per-client
 //! limits or frame another client). So the header is only ever read from peers inside
 //! the configured trusted networks ([`ProxyProtocolLayer::new`]), matched against the
-//! socket's [`PeerAddr`](aegis_core::PeerAddr) with IPv4-mapped IPv6 folded to IPv4:
+//! socket's [`PeerAddr`](aegis_core::PeerAddr) with IPv4-mapped IPv6 folded to IPv4.
+//! Any other peer is passed on at once, before a byte is read: it is its own client,
+//! and whatever keys on the client address inside this layer (bans, rate limits,
+//! per-client connection caps) applies to it from the start, not after a wait for
+//! bytes that may never come:
 //!
 //! | peer | first bytes | result |
 //! |---|---|---|
@@ -25,16 +29,23 @@
 //! | trusted | no header | rejected `missing` ([`HeaderMode::Required`], the default) or passed on, client = peer ([`HeaderMode::Optional`], which lets such a peer's clients send a header of their own: read its warning) |
 //! | trusted | silence past the deadline, or EOF before any byte | rejected `timeout` or `eof` ([`HeaderMode::Required`]) or passed on, client = peer ([`HeaderMode::Optional`]) |
 //! | trusted | a bad, long, slow or cut-off header (a strict prefix of a signature included) | rejected `invalid`, `too_long`, `timeout` or `eof`, in either mode |
-//! | untrusted | a PROXY signature (`PROXY` or the v2 signature) | rejected `untrusted`, never parsed |
-//! | untrusted | anything else, or silence, or EOF | passed on untouched, client = peer |
+//! | untrusted | anything, a PROXY header included, or nothing yet | passed on at once, unread: client = peer, every byte the inner service's |
+//!
+//! A PROXY header from an untrusted peer is thus neither believed nor refused here: it
+//! reaches the inner service as the first bytes of the connection, where a protocol
+//! layer refuses it as it refuses any other bytes that are not its protocol (the
+//! sniff layer, `aegis_layers::sniff`, classifies it as `proxy`; an MQTT or HTTP parser sees
+//! a malformed first packet or request). An inner service that forwards bytes unread
+//! (a plain TCP proxy) forwards it too: a server behind it must not believe PROXY
+//! headers from this host unless this host writes one of its own first.
 //!
 //! `LOCAL` commands (v2) and `UNKNOWN` lines (v1), which balancers send for their own
 //! health checks, are accepted and keep the peer as the client; so are v2 headers of
 //! the `UNSPEC` and `UNIX` families, which carry no IP address. A source written as an
 //! IPv4-mapped IPv6 address is folded to IPv4.
 //!
-//! The layer reads the first bytes of every connection, so it suits protocols where the
-//! client speaks first (MQTT, HTTP, TLS). Put it outermost, right inside the accept loop:
+//! The layer reads the first bytes of every trusted peer's connection, so it suits
+//! protocols where the client speaks first (MQTT, HTTP, TLS). Put it outermost, right inside the accept loop:
 //! before anything that keys on the client address, and before the slowloris layer
 //! (`aegis_layers::slowloris`), so that the layers between the two see that layer's cuts
 //! with the real client's address. The header is then read under this layer's own
@@ -44,10 +55,10 @@
 //! # Limits
 //!
 //! - **Deadline**: a trusted peer has 3 s ([`timeout`](ProxyProtocolLayer::timeout)) to
-//!   deliver its header, counted from the first read that has to wait. An untrusted
-//!   peer is never cut off by this layer, nor is a trusted peer that has sent nothing in
-//!   [`HeaderMode::Optional`]: at the deadline they are passed on; use the slowloris
-//!   layer for client deadlines.
+//!   deliver its header, counted from the first read that has to wait. A trusted peer
+//!   that has sent nothing in [`HeaderMode::Optional`] is not cut off: at the deadline
+//!   it is passed on. An untrusted peer is never waited on (see [Trust
+//!   model](#trust-model)); use the slowloris layer for client deadlines.
 //! - **Length**: a v1 header is at most 107 bytes (the specification's maximum); a v2
 //!   header at most 512 bytes in total ([`max_header_len`](ProxyProtocolLayer::max_header_len)),
 //!   checked from its 16-byte fixed part before the rest is read. The read buffer
@@ -61,7 +72,6 @@
 //!
 //! | reason | meaning |
 //! |---|---|
-//! | `untrusted` | a peer outside the trusted networks sent a PROXY header |
 //! | `missing` | a trusted peer sent no header ([`HeaderMode::Required`]) |
 //! | `timeout` | a trusted peer's header was not complete within the deadline (in [`HeaderMode::Optional`], only once it has started) |
 //! | `too_long` | the header is longer than the cap |
@@ -72,7 +82,8 @@
 //! Accepted connections are counted in `aegis_proxy_protocol_connections_total{outcome}`
 //! ([`CONNECTIONS_TOTAL`]): `proxied_v1` and `proxied_v2` (client address replaced),
 //! `local` (a header without a client address: `LOCAL`, `UNKNOWN`, `UNSPEC`, `UNIX`),
-//! `passthrough` (no header).
+//! `passthrough` (no header: every untrusted peer, and a trusted one without a header
+//! in [`HeaderMode::Optional`]).
 //!
 //! # Example
 //!
@@ -225,13 +236,10 @@ fn expected_read(
     mode: HeaderMode,
     max_len: usize,
 ) -> Result<Option<(ProxyHeader, usize)>, ProxyProtocolError> {
-    use self::header::{Parse, Refused, Signature};
+    use self::header::{Parse, Refused};
     if !trusted {
-        return match header::signature(data) {
-            Signature::V1 | Signature::V2 => Err(ProxyProtocolError::Untrusted(peer)),
-            // A strict prefix of a signature, then EOF: passed on.
-            Signature::None | Signature::Partial => Ok(None),
-        };
+        // Passed on unread, whatever it sends.
+        return Ok(None);
     }
     match header::parse(data, max_len) {
         Parse::Header(_) => ProxyHeader::parse(data, max_len),

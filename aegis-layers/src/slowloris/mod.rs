@@ -128,11 +128,12 @@
 //! serve -> PROXY protocol -> bans, rate limits -> slowloris -> sniff -> MQTT -> proxy
 //! ```
 //!
-//! That order costs a little time: the PROXY header is read before these clocks start,
-//! under the PROXY layer's own deadline (`ProxyProtocolLayer::timeout`, 3 s by default,
-//! which also bounds its wait for an untrusted peer's first bytes), so a connection can
-//! last up to that much longer than these clocks alone allow, and the header's bytes do
-//! not count towards the minimum rate. It buys the cut's attribution: a cut is an
+//! That order costs a little time: a trusted proxy's PROXY header is read before these
+//! clocks start, under the PROXY layer's own deadline (`ProxyProtocolLayer::timeout`, 3
+//! s by default), so its connection can last up to that much longer than these clocks
+//! alone allow, and the header's bytes do not count towards the minimum rate (a peer
+//! outside the trusted networks is passed on unread, at once, and is under these clocks
+//! from its start). It buys the cut's attribution: a cut is an
 //! [`error::Elapsed`] that the layers between the two see, with the real client's
 //! address (aegis-mqtt's security layer logs it and counts it towards a ban of that
 //! client). The other order, this layer outside the PROXY layer, runs the header under
