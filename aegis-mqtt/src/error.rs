@@ -110,6 +110,10 @@ pub enum MqttError {
     /// close).
     #[error("packet not completed in time")]
     PacketTimeout,
+    /// No complete CONNECT within the layer's `MqttLayer::connect_timeout`: closed
+    /// without an answer (the CONNECT's version may not be known yet).
+    #[error("no complete CONNECT in time")]
+    ConnectTimeout,
 }
 
 impl aegis_core::error::Reject for MqttError {
@@ -143,6 +147,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::MessageRate => "message_rate",
             Self::KeepAliveTimeout => "keep_alive_timeout",
             Self::PacketTimeout => "packet_timeout",
+            Self::ConnectTimeout => "connect_timeout",
         }
     }
 }
@@ -288,7 +293,10 @@ impl MqttError {
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
-            Self::UnknownProtocol | Self::KeepAliveTimeout | Self::PacketTimeout => return None,
+            Self::UnknownProtocol
+            | Self::KeepAliveTimeout
+            | Self::PacketTimeout
+            | Self::ConnectTimeout => return None,
         })
     }
 
@@ -314,7 +322,10 @@ impl MqttError {
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,
-            Self::KeepAliveTimeout | Self::PacketTimeout => r::KEEP_ALIVE_TIMEOUT,
+            // A connect timeout comes before any CONNACK: never a DISCONNECT.
+            Self::KeepAliveTimeout | Self::PacketTimeout | Self::ConnectTimeout => {
+                r::KEEP_ALIVE_TIMEOUT
+            }
         }
     }
 }

@@ -68,6 +68,7 @@
 //! | `message_rate` | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
 //! | `keep_alive_timeout` | close | close | close | DISCONNECT 0x8D |
 //! | `packet_timeout` (a packet begun and not finished in time) | close | close | close | DISCONNECT 0x8D |
+//! | `connect_timeout` (no complete CONNECT in time) | close | close | - | - |
 //!
 //! Proven by `tests/answers.rs`.
 //!

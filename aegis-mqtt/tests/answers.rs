@@ -122,6 +122,13 @@ fn v3_connect_answers() {
         at_connect(None, MqttError::Malformed("x")),
         Vec::<u8>::new()
     );
+    // No complete CONNECT in time: close, whatever the version.
+    for version in [None, v] {
+        assert_eq!(
+            at_connect(version, MqttError::ConnectTimeout),
+            Vec::<u8>::new()
+        );
+    }
 }
 
 #[test]
@@ -154,6 +161,7 @@ fn v5_connect_answers() {
     // A timeout of the client's own: no CONNACK code fits (before the broker's CONNACK
     // an MQTT 5 client may only be inside an AUTH packet).
     assert_eq!(at_connect(v, MqttError::PacketTimeout), Vec::<u8>::new());
+    assert_eq!(at_connect(v, MqttError::ConnectTimeout), Vec::<u8>::new());
 }
 
 #[test]
@@ -281,7 +289,7 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 20] = [
+    let cases: [(MqttError, &str); 21] = [
         (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
@@ -314,6 +322,7 @@ fn labels_are_stable_and_the_layer_is_mqtt() {
         (MqttError::MessageRate, "message_rate"),
         (MqttError::KeepAliveTimeout, "keep_alive_timeout"),
         (MqttError::PacketTimeout, "packet_timeout"),
+        (MqttError::ConnectTimeout, "connect_timeout"),
     ];
     for (e, l) in cases {
         assert_eq!((e.layer(), e.label()), ("mqtt", l));

@@ -758,32 +758,93 @@ fn later_rejections_are_counted() {
     assert_eq!(count("client_id"), 1);
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn connect_deadline() {
-    let (mut client, server) = tokio::io::duplex(64);
-    let connect = connect_v4();
-    client.write_all(&connect[..5]).await.unwrap(); // and then nothing
-    let inner =
-        service_fn(|_: MqttIo<Conn<tokio::io::DuplexStream>>| async { Ok::<_, BoxError>(()) });
-    let mut svc = MqttLayer::default()
-        .connect_timeout(Duration::from_secs(3))
-        .layer(inner);
-    let io = Conn::new(
-        server,
-        "192.0.2.1:1".parse().unwrap(),
-        "127.0.0.1:1883".parse().unwrap(),
-    );
-    let start = tokio::time::Instant::now();
-    let err = svc.ready().await.unwrap().call(io).await.unwrap_err();
+/// A CONNECT not complete within `connect_timeout` is a typed rejection,
+/// `connect_timeout`, counted in `aegis_rejections_total{layer="mqtt"}` (and so a
+/// `rejected` connection, and a rejection for a security layer around): it was a plain
+/// `TimedOut` I/O error, counted nowhere. The client gets no answer (its version may
+/// not be known).
+#[test]
+fn connect_deadline() {
+    let ((err, answer), snap) = aegis_core::metrics::testing::run(true, || async {
+        let (mut client, server) = tokio::io::duplex(64);
+        let connect = connect_v4();
+        client.write_all(&connect[..5]).await.unwrap(); // and then nothing
+        let inner =
+            service_fn(|_: MqttIo<Conn<tokio::io::DuplexStream>>| async { Ok::<_, BoxError>(()) });
+        let mut svc = MqttLayer::default()
+            .connect_timeout(Duration::from_secs(3))
+            .layer(inner);
+        let io = Conn::new(
+            server,
+            "192.0.2.1:1".parse().unwrap(),
+            "127.0.0.1:1883".parse().unwrap(),
+        );
+        let start = tokio::time::Instant::now();
+        let err = svc.ready().await.unwrap().call(io).await.unwrap_err();
+        assert_eq!(
+            tokio::time::Instant::now().saturating_duration_since(start),
+            Duration::from_secs(3)
+        );
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (err, answer)
+    });
     assert_eq!(
-        tokio::time::Instant::now().saturating_duration_since(start),
-        Duration::from_secs(3)
+        aegis_core::error::label_of(&*err),
+        ("mqtt", "connect_timeout"),
+        "{err:?}"
     );
+    assert!(answer.is_empty(), "{answer:?}");
+    let counted = |reason| {
+        aegis_core::metrics::testing::capture(&snap).counter(
+            aegis_core::metrics::REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", reason)],
+        )
+    };
+    assert_eq!(counted("connect_timeout"), 1);
+}
+
+/// A refused CONNECT whose answer the client does not take within `connect_timeout` is
+/// counted under the refusal's own reason, not as a `connect_timeout` (nor as nothing,
+/// as before: the refusal was counted only once its answer was written).
+#[test]
+fn a_refusal_whose_answer_is_not_taken_in_time_keeps_its_reason() {
+    let (err, snap) = aegis_core::metrics::testing::run(true, || async {
+        // Two bytes of room each way: the 4-byte CONNACK 0x02 never fits, as the client
+        // reads nothing.
+        let (mut client, server) = tokio::io::duplex(2);
+        let refused = head("MQTT", 4, 0x00).s("").frame(0x10); // empty id, no clean session
+        let writer = tokio::spawn(async move {
+            client.write_all(&refused).await.unwrap();
+            client
+        });
+        let inner =
+            service_fn(|_: MqttIo<Conn<tokio::io::DuplexStream>>| async { Ok::<_, BoxError>(()) });
+        let mut svc = MqttLayer::default()
+            .connect_timeout(Duration::from_secs(3))
+            .layer(inner);
+        let io = Conn::new(
+            server,
+            "192.0.2.1:1".parse().unwrap(),
+            "127.0.0.1:1883".parse().unwrap(),
+        );
+        let err = svc.ready().await.unwrap().call(io).await.unwrap_err();
+        drop(writer.await.unwrap());
+        err
+    });
     assert_eq!(
-        err.downcast_ref::<io::Error>().unwrap().kind(),
-        io::ErrorKind::TimedOut
+        aegis_core::error::label_of(&*err),
+        ("mqtt", "client_id"),
+        "{err:?}"
     );
-    drop(client);
+    let captured = aegis_core::metrics::testing::capture(&snap);
+    let counted = |reason| {
+        captured.counter(
+            aegis_core::metrics::REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", reason)],
+        )
+    };
+    assert_eq!((counted("client_id"), counted("connect_timeout")), (1, 0));
 }
 
 #[tokio::test]

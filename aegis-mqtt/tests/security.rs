@@ -969,6 +969,64 @@ fn malformed_connects_over_max_rejections_ban_the_address() {
     );
 }
 
+/// A client that does not finish its CONNECT within `MqttLayer::connect_timeout` is
+/// refused as `connect_timeout`: a rejection event, counted toward `max_rejections` as
+/// the MQTT layer's other rejections are. It was a plain I/O error that the security
+/// layer did not see: a client could hold connections open to the deadline forever.
+#[test]
+fn connect_timeouts_over_max_rejections_ban_the_address() {
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder().max_rejections(2).build();
+        let inner = service_fn(|_: MqttIo<Conn<DuplexStream>>| async { Ok::<_, BoxError>(()) });
+        let svc = sec.layer().layer(
+            MqttLayer::default()
+                .connect_timeout(Duration::from_secs(3))
+                .layer(inner),
+        );
+        for port in 0..3 {
+            let (mut client, server) = tokio::io::duplex(64);
+            client
+                .write_all(&connect(false, "slow", None)[..5])
+                .await
+                .unwrap();
+            let start = tokio::time::Instant::now();
+            let r = svc
+                .clone()
+                .oneshot(conn(server, &format!("192.0.2.11:{port}")))
+                .await;
+            assert_eq!(labels(&r), ("mqtt", "connect_timeout"), "connect {port}");
+            assert_eq!(
+                tokio::time::Instant::now().saturating_duration_since(start),
+                Duration::from_secs(3)
+            );
+            drop(client);
+        }
+        assert!(sec.is_banned(&addr("192.0.2.11")));
+        let kinds: Vec<_> = sec
+            .events(10)
+            .iter()
+            .map(|e| (e.kind, e.layer, e.rule.as_deref().map(str::to_owned)))
+            .collect();
+        let timeout = (EventKind::Rejection, "mqtt", Some("connect_timeout".into()));
+        assert_eq!(
+            kinds,
+            [
+                timeout.clone(),
+                timeout.clone(),
+                timeout,
+                (EventKind::Ban, "security", Some("rejections".into())),
+            ]
+        );
+    });
+    assert_eq!(
+        capture(&snap).counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "connect_timeout")]
+        ),
+        3
+    );
+}
+
 /// Serves one duplex connection from `peer` that sends `bytes` and closes, through
 /// `SecurityLayer(sec)` and a default `MqttLayer` over a broker that answers the CONNECT
 /// with `connack` (a refusal, say) and reads to the end.

@@ -99,6 +99,9 @@ impl<I> ReadConnect<I> {
         }
     }
 
+    /// Waits for the stream under the connect timeout. At the timeout the connection is
+    /// refused: as [`MqttError::ConnectTimeout`], or, when a refusal's answer is still
+    /// being written (the client does not read it), as that refusal.
     fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<Accepted<I>, BoxError>> {
         let timeout = self.timeout;
         let sleep = self
@@ -106,11 +109,11 @@ impl<I> ReadConnect<I> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         if sleep.as_mut().poll(cx).is_ready() {
             self.io = None;
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no complete MQTT CONNECT in time",
-            )
-            .into()));
+            let err = self
+                .answer
+                .take()
+                .map_or(MqttError::ConnectTimeout, |(err, ..)| err);
+            return Poll::Ready(Err(reject(err).into()));
         }
         Poll::Pending
     }

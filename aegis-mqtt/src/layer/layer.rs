@@ -131,7 +131,10 @@ impl<P> MqttLayer<P> {
     }
 
     /// How long a client has to send a complete CONNECT (and to take the answer to a
-    /// refused one).
+    /// refused one). A client that has not sent it by then is refused as
+    /// `connect_timeout` ([`MqttError::ConnectTimeout`](crate::MqttError::ConnectTimeout)),
+    /// closed without an answer; one that has not taken the answer to a refusal is
+    /// counted under that refusal's reason.
     pub const fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

@@ -3,8 +3,10 @@
 //! [`MqttLayer`] wraps a byte-stream service (typically a proxy to the broker). For each
 //! connection it:
 //!
-//! 1. reads the first packet under the CONNECT size cap and a deadline, and validates it
-//!    as a CONNECT;
+//! 1. reads the first packet under the CONNECT size cap and a deadline
+//!    ([`MqttLayer::connect_timeout`], 10 s by default: a client that has not sent a
+//!    complete CONNECT by then is refused as `connect_timeout` and closed without an
+//!    answer), and validates it as a CONNECT;
 //! 2. refuses an invalid one with the answer its protocol version expects (a 3.1.1
 //!    CONNACK `20 02 00 02` for a refused client id, a 5.0 CONNACK `20 03 00 81 00` for a
 //!    malformed CONNECT, nothing at all for a malformed 3.1.1 CONNECT, ...), counts it in
