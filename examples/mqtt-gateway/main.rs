@@ -35,7 +35,9 @@
 //!
 //! SIGINT or SIGTERM stops accepting, writes `security.bans_file` (if set) and drains
 //! for `server.drain_timeout`; a second SIGINT or SIGTERM during the drain ends the
-//! process at once. Exit status: 0 when every connection ended within the drain, 1 when
+//! process at once. SIGHUP does neither: the gateway has no reload (restart it to apply
+//! a changed configuration), so it logs a warning and keeps running, as a daemon
+//! detached from its terminal should. Exit status: 0 when every connection ended within the drain, 1 when
 //! some were aborted (the drain ran out of time or a second signal cut it) or the
 //! gateway could not start, 2 for a configuration or command-line error.
 //!
@@ -200,6 +202,19 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     // Signals first, so a SIGTERM right after start-up already drains.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
+    // SIGHUP, many daemons' "reload" (and a closed terminal's hang-up), would kill the
+    // process by its default action: no drain, and the bans since the last write of the
+    // bans file lost. There is no reload: it is logged and the gateway keeps running.
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::warn!(
+                signal = "SIGHUP",
+                "SIGHUP: the gateway has no reload and keeps running; restart it to apply a \
+                 changed configuration (SIGTERM or SIGINT drains it first)"
+            );
+        }
+    });
 
     let c = &settings.raw;
     let prometheus = metrics_http::install_recorder()?;

@@ -1120,6 +1120,45 @@ async fn sigterm_drains_open_sessions_and_exits_0() {
     assert!(gw.log().contains("drained=true"), "{}", gw.log());
 }
 
+/// SIGHUP, the "reload" signal of many daemons, neither reloads nor stops the gateway:
+/// it says so at warn and keeps serving, the open session and new ones. Before, it had
+/// no handler, and its default action killed the process: no drain, sessions cut, and
+/// the bans since the last `bans_save_every` write lost. SIGINT then still drains.
+#[tokio::test]
+async fn sighup_is_logged_and_the_gateway_keeps_serving() {
+    let mut gw = Gateway::start("sighup", "", &[]).await;
+    let mut session = mqtt_session("127.0.0.1", gw.mqtt, "before-hup")
+        .await
+        .unwrap();
+    gw.signal("HUP");
+    gw.wait_log("SIGHUP").await;
+    let log = gw.log();
+    let line = log.lines().find(|l| l.contains("SIGHUP")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("no reload") && line.contains("restart"),
+        "{line}"
+    );
+    assert!(gw.running(), "SIGHUP ended the gateway:\n{log}");
+    // The open session still works (PINGREQ / PINGRESP), and a new one is served.
+    session.write_all(&[0xC0, 0x00]).await.unwrap();
+    let pong = timeout(WAIT, read_packet(&mut session))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, (0xD0, vec![]));
+    let mut after = mqtt_session("127.0.0.1", gw.mqtt, "after-hup")
+        .await
+        .expect("a session after SIGHUP");
+    for s in [&mut session, &mut after] {
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+    }
+    drop((session, after));
+    gw.signal("INT");
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("drained=true"), "{}", gw.log());
+}
+
 #[tokio::test]
 async fn a_drain_that_runs_out_of_time_exits_1() {
     let config = r#"
