@@ -275,7 +275,7 @@ impl Gateway {
             max_body: config.max_body,
             limits: config.limits,
             hsts: config.hsts,
-            proxy: Proxy::new(Arc::clone(&pool), backends),
+            proxy: Proxy::new(Arc::clone(&pool), backends, config.backend_timeout),
         };
         let http = HttpServer::new(stack, config.header_read_timeout, config.max_buf_size);
         let slowloris = SlowlorisLayer::new()

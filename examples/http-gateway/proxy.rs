@@ -19,7 +19,8 @@
 //! | any other target that is not origin-form (`/path?query`) | `400` | no |
 //! | no backend available (all unhealthy or open) | `503` | no |
 //! | the chosen backend's breaker refused the call (it opened, or another request took its probe permit, in between) | `503` | no |
-//! | the request body grew past the limit while streaming | `413` | no |
+//! | the request body grew past the limit while streaming (or while read before a half-open breaker's probe) | `413` | no |
+//! | the body of a request bound to be a half-open breaker's probe did not come in within the backend timeout | `408` | no |
 //! | the request body was malformed or cut off | `400` | no |
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
 //! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
@@ -42,6 +43,18 @@
 //! body has been consumed. The balancer passes over a half-open backend whose probe
 //! permit is taken ([`CircuitHandle::would_admit`]), so a request lands there only when
 //! another one took the permit between its pick and its call, and is answered `503`.
+//!
+//! **A probe's body is read before the call.** A request with a body picked for a
+//! backend whose breaker is half-open is read in full first (within the backend
+//! timeout, else `408`; over the body limit, which the stack's `RequestBodyLimit`
+//! enforces, `413`), and only then calls into the breaker and takes its probe permit
+//! (`Proxy::forward_probe`). Streamed into the probe, a body the client withheld held
+//! the permit: one client sending heads with `Content-Length: 10` and no body took the
+//! permit, its probe ended as a stall (`408`, which the breaker ignores), its next head
+//! took the permit again, and meanwhile the balancer passed over the backend and every
+//! other client got `503`; the breaker never closed. If the permit was taken (or the
+//! circuit re-opened) while the body came in, the request goes to the pool's next pick:
+//! nothing has been sent anywhere yet.
 //!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
@@ -274,6 +287,8 @@ impl Upstream {
     /// Without this, a client slow to send the body of the request that became the
     /// probe kept the probe in flight past the probe timeout, and the breaker re-opened
     /// the circuit on the client's account, for as long as that client kept doing so.
+    /// ([`Proxy`] now reads a probe's body before the call; this stays for a probe
+    /// whose body streams all the same.)
     pub fn watch_probes(mut self, breaker: CircuitHandle, probe_timeout: Duration) -> Self {
         let margin = (probe_timeout / 5).min(PROBE_STALL_MARGIN);
         self.probes = Some(ProbeWatch {
@@ -425,11 +440,14 @@ pub type Backend = CircuitBreaker<Upstream, GatewayClassifier>;
 pub struct Proxy {
     pool: Arc<Pool>,
     backends: Arc<[Backend]>,
+    body_timeout: Duration,
 }
 
 impl Proxy {
-    /// Proxies to `backends`, in the pool's order.
-    pub fn new(pool: Arc<Pool>, backends: Vec<Backend>) -> Self {
+    /// Proxies to `backends`, in the pool's order. The body of a request that would be
+    /// a half-open breaker's probe must be in within `body_timeout` (the gateway's
+    /// `backend_timeout`): it is read before the call (see the [module docs](self)).
+    pub fn new(pool: Arc<Pool>, backends: Vec<Backend>, body_timeout: Duration) -> Self {
         assert_eq!(
             pool.members().len(),
             backends.len(),
@@ -438,7 +456,73 @@ impl Proxy {
         Self {
             pool,
             backends: backends.into(),
+            body_timeout,
         }
+    }
+
+    /// Sends `req` to backend `i` through its breaker; every failure is answered.
+    fn forward<B>(
+        &self,
+        i: usize,
+        req: Request<B>,
+    ) -> BoxFuture<Result<Response<GatewayBody>, BoxError>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let backend = self.backends[i].clone();
+        let req = match to_backend(req, self.pool.members()[i].addr) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::debug!(error = %e, "backend URI refused");
+                let res = refuse(Refusal::BadTarget, "bad request target\n");
+                return Box::pin(std::future::ready(Ok(res)));
+            }
+        };
+        // `map_result`, not an `async` block: rustc cannot prove an `async` block over
+        // the breaker's future `Send` for every lifetime of the boxed error.
+        Box::pin(
+            backend
+                .map_result(|res| {
+                    Ok::<_, BoxError>(match res {
+                        Ok(res) => from_backend(res),
+                        Err(e) => error_response(&*e),
+                    })
+                })
+                .oneshot(req),
+        )
+    }
+
+    /// [`forward`](Self::forward)s `req`, picked for backend `i` whose breaker is
+    /// half-open, once its body is in (within `body_timeout`; over the body limit,
+    /// `413`), so that it takes the probe permit only then; to another backend if the
+    /// permit was taken (or the circuit re-opened) meanwhile: nothing was sent yet.
+    async fn forward_probe<B>(
+        self,
+        i: usize,
+        req: Request<B>,
+    ) -> Result<Response<GatewayBody>, BoxError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let body = match tokio::time::timeout(self.body_timeout, body.collect()).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) => return Ok(error_response(&ClientBodyError::failed(e.into()))),
+            Err(_) => return Ok(error_response(&ClientBodyError::stalled())),
+        };
+        let req = Request::from_parts(parts, Full::new(body));
+        let i = if self.pool.members()[i].breaker.would_admit() {
+            i
+        } else {
+            let Some(i) = self.pool.pick(Instant::now()) else {
+                let res = backend_error(BackendError::NoBackend, "no backend available\n");
+                return Ok(res);
+            };
+            i
+        };
+        self.forward(i, req).await
     }
 }
 
@@ -463,27 +547,12 @@ where
             let res = backend_error(BackendError::NoBackend, "no backend available\n");
             return Box::pin(std::future::ready(Ok(res)));
         };
-        let backend = self.backends[i].clone();
-        let req = match to_backend(req, self.pool.members()[i].addr) {
-            Ok(req) => req,
-            Err(e) => {
-                tracing::debug!(error = %e, "backend URI refused");
-                let res = refuse(Refusal::BadTarget, "bad request target\n");
-                return Box::pin(std::future::ready(Ok(res)));
-            }
-        };
-        // `map_result`, not an `async` block: rustc cannot prove an `async` block over
-        // the breaker's future `Send` for every lifetime of the boxed error.
-        Box::pin(
-            backend
-                .map_result(|res| {
-                    Ok::<_, BoxError>(match res {
-                        Ok(res) => from_backend(res),
-                        Err(e) => error_response(&*e),
-                    })
-                })
-                .oneshot(req),
-        )
+        if self.pool.members()[i].breaker.state() == CircuitState::HalfOpen
+            && !req.body().is_end_stream()
+        {
+            return Box::pin(self.clone().forward_probe(i, req));
+        }
+        self.forward(i, req)
     }
 }
 

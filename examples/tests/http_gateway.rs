@@ -872,63 +872,179 @@ async fn a_stalled_body_is_408_and_leaves_the_breaker_closed_but_a_stalled_backe
     assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
-#[tokio::test]
-async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
+/// One client kept a recovering backend's breaker from ever closing: while it was
+/// half-open, a request announcing a body and sending none took the only probe permit,
+/// the probe ended as a stall (`408`, which the breaker ignores), and the client's next
+/// such request took the permit again; meanwhile the balancer passed over the backend
+/// and every other client got `503`. A probe's body is now read before the request calls
+/// into the breaker.
+///
+/// Paused clock over loopback: a write is in the peer's socket when the syscall returns,
+/// so every socket event is seen before the clock moves.
+#[tokio::test(start_paused = true)]
+async fn a_request_withholding_its_body_does_not_hold_the_probe_permit() {
     let b0 = Backend::start().await;
     let mut cfg = config(&[&b0]);
+    cfg.health_interval = Duration::MAX;
     cfg.breaker_failures = 1;
-    cfg.breaker_open_for = Duration::from_millis(1500); // also the probe timeout
-    cfg.backend_timeout = Duration::from_secs(5); // the stall's 408 would come only then
+    cfg.breaker_open_for = Duration::from_secs(3);
+    cfg.backend_timeout = Duration::from_secs(5);
     let gw = start(&cfg).await;
     b0.fail(true);
     assert_eq!(
         get(gw.addr).await.status(),
         StatusCode::INTERNAL_SERVER_ERROR
     );
-    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
     b0.fail(false);
-    until("half-open", || {
-        gw.breakers[0].state() == CircuitState::HalfOpen
-    })
-    .await;
+    sleep(cfg.breaker_open_for).await;
+    assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);
 
-    // The request that becomes the probe: 3 of 1000 bytes, then silence. It is admitted
-    // after `sent`.
-    let sent = Instant::now();
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nabc",
-        )
+    // Ten bytes announced, none sent.
+    let mut withheld = TcpStream::connect(gw.addr).await.unwrap();
+    withheld
+        .write_all(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\n")
         .await
         .unwrap();
-    until("the probe reached the backend", || b0.hits() == 2).await;
-    let admitted_before = Instant::now();
-    // Past the probe timeout, and well before the end of a second open period.
-    tokio::time::sleep_until(admitted_before + cfg.breaker_open_for + Duration::from_millis(300))
-        .await;
-    let state = gw.breakers[0].state();
-    // A failed probe re-opens the circuit for one open period from its timeout: read
-    // within it, or `state` would be half-open again whatever the probe did.
-    let checked = Instant::now();
+    sleep(Duration::from_millis(100)).await; // the gateway has read the head
     assert!(
-        checked < sent + 2 * cfg.breaker_open_for,
-        "the state was read {:?} after the probe was sent, past two open periods",
-        checked.saturating_duration_since(sent)
-    );
-    assert_ne!(
-        state,
-        CircuitState::Open,
-        "the client's stalled body failed the probe"
+        gw.breakers[0].would_admit(),
+        "the probe permit is held for a body that may never come"
     );
     assert_eq!(
         get(gw.addr).await.status(),
         StatusCode::OK,
-        "the next probe"
+        "another client's request is the probe"
     );
     assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
-    let out = String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned();
+    let out = String::from_utf8_lossy(&read_to_close(&mut withheld).await).into_owned();
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert_eq!(
+        b0.hits(),
+        2,
+        "the request without its body never reached the backend"
+    );
+
+    // A body that does come is sent on, as the probe, once it is in.
+    b0.fail(true);
+    assert_eq!(
+        get(gw.addr).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    b0.fail(false);
+    sleep(cfg.breaker_open_for).await;
+    assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);
+    let out = post_split_body(gw.addr, Duration::from_secs(2)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("read 2 bytes"), "{out}");
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+}
+
+/// A request body the test sends chunk by chunk; it ends when the sender is dropped.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+/// A backend called as the gateway calls it, [`proxy::Upstream`] watching the probes
+/// of its breaker, without the proxy in front (which reads a probe's body before the
+/// call), with the circuit half-open: opened by one failure, `open_for` ago (also the
+/// probe timeout).
+async fn half_open_upstream(
+    open_for: Duration,
+    timeout: Duration,
+) -> (proxy::Backend, aegis_layers::circuit_breaker::CircuitHandle) {
+    let breaker = aegis_layers::circuit_breaker::CircuitBreakerLayer::builder("probe")
+        .consecutive_failures(Some(1))
+        .open_for(open_for)
+        .probe_timeout(open_for)
+        .classifier(proxy::GatewayClassifier)
+        .build();
+    let handle = breaker.handle();
+    let upstream = proxy::Upstream::new(Duration::from_secs(2), timeout)
+        .watch_probes(handle.clone(), open_for);
+    handle.record_failure();
+    sleep(open_for).await;
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    (tower::Layer::layer(&breaker, upstream), handle)
+}
+
+/// `POST /` to `b0` with `Content-Length: len`, its body from the returned sender.
+fn post_streamed(b0: &Backend, len: usize) -> (Request<proxy::GatewayBody>, mpsc::Sender<Bytes>) {
+    let (tx, rx) = mpsc::channel(4);
+    let req = Request::post(format!("http://{}/", b0.addr))
+        .header("host", "gw")
+        .header("content-length", len)
+        .body(ChannelBody(rx).boxed_unsync())
+        .unwrap();
+    (req, tx)
+}
+
+/// `GET /` to `b0` through `backend`: its status.
+async fn get_through(b0: &Backend, backend: &proxy::Backend) -> StatusCode {
+    let req = Request::get(format!("http://{}/", b0.addr))
+        .header("host", "gw")
+        .body(
+            Full::default()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap();
+    tower::ServiceExt::oneshot(backend.clone(), req)
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Whether `res` is the stall of the client's body ([`client_body::ClientBodyError`]).
+fn stalled<T>(res: &Result<T, BoxError>) -> bool {
+    res.as_ref().err().is_some_and(|e| {
+        aegis_core::error::find::<client_body::ClientBodyError>(&**e)
+            .is_some_and(client_body::ClientBodyError::is_stall)
+    })
+}
+
+/// A probe whose client stopped sending its body (3 of 1000 bytes, then silence) was
+/// in flight past the probe timeout, and the breaker counted it failed and re-opened.
+/// [`proxy::Upstream`] now ends it as a stall shortly before, which the breaker ignores.
+/// (The gateway reads a probe's body before the call: this is the backstop.)
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
+    let b0 = Backend::start().await;
+    let open_for = Duration::from_millis(1500);
+    // The stall's `ClientBodyError` would come only at the response timeout.
+    let (backend, breaker) = half_open_upstream(open_for, Duration::from_secs(5)).await;
+    let (req, tx) = post_streamed(&b0, 1000);
+    tx.send(Bytes::from_static(b"abc")).await.unwrap();
+    let admitted = Instant::now();
+    let res = tower::ServiceExt::oneshot(backend.clone(), req).await;
+    assert!(stalled(&res), "{:?}", res.map(|r| r.status()));
+    assert!(since(admitted) < open_for, "ended before the probe timeout");
+    assert_eq!(b0.hits(), 1, "the probe reached the backend");
+    // Past the probe timeout, and before the end of a second open period.
+    tokio::time::sleep_until(admitted + open_for + Duration::from_millis(300)).await;
+    assert_ne!(
+        breaker.state(),
+        CircuitState::Open,
+        "the client's stalled body failed the probe"
+    );
+    assert_eq!(
+        get_through(&b0, &backend).await,
+        StatusCode::OK,
+        "the next probe"
+    );
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    drop(tx);
 }
 
 /// A hyper backend that answers `200` at once, before reading the body, and then reads
@@ -1499,41 +1615,36 @@ async fn a_body_finished_just_before_the_timeout_leaves_the_backend_its_own_time
 /// The same on the half-open breaker's probe: a body finished just before the probe's
 /// stall check left the backend the second before the probe timeout, and the breaker
 /// counted the probe failed and re-opened. The probe now ends as the client's stall.
+/// (The gateway reads a probe's body before the call: this is the backstop, tested on
+/// the backend's client without the proxy.)
 #[tokio::test(start_paused = true)]
 async fn a_probe_whose_body_took_its_window_does_not_reopen_the_breaker() {
     let b0 = Backend::start().await;
-    let mut cfg = config(&[&b0]);
-    cfg.health_interval = Duration::MAX;
-    cfg.breaker_failures = 1;
-    cfg.breaker_open_for = Duration::from_secs(5); // the probe's stall check at 4 s
-    cfg.backend_timeout = Duration::from_secs(10);
-    let gw = start(&cfg).await;
-    b0.fail(true);
-    assert_eq!(
-        get(gw.addr).await.status(),
-        StatusCode::INTERNAL_SERVER_ERROR
-    );
-    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
-    b0.fail(false);
-    sleep(cfg.breaker_open_for).await;
-    assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);
+    let open_for = Duration::from_secs(5); // the probe's stall check at 4 s
+    let (backend, breaker) = half_open_upstream(open_for, Duration::from_secs(10)).await;
 
     // The probe: its body's last byte at 3.9 s, then 1.5 s of the backend's time.
     b0.seen.after_body_ms.store(1_500, Ordering::SeqCst);
-    let out = post_split_body(gw.addr, Duration::from_millis(3900)).await;
+    let (req, tx) = post_streamed(&b0, 2);
+    tx.send(Bytes::from_static(b"a")).await.unwrap();
+    let probe = tokio::spawn(tower::ServiceExt::oneshot(backend.clone(), req));
+    sleep(Duration::from_millis(3900)).await;
+    tx.send(Bytes::from_static(b"b")).await.unwrap();
+    drop(tx);
+    let res = probe.await.unwrap();
     assert_ne!(
-        gw.breakers[0].state(),
+        breaker.state(),
         CircuitState::Open,
-        "the client's time failed the probe: {out}"
+        "the client's time failed the probe"
     );
-    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(stalled(&res), "{:?}", res.map(|r| r.status()));
     b0.seen.after_body_ms.store(0, Ordering::SeqCst);
     assert_eq!(
-        get(gw.addr).await.status(),
+        get_through(&b0, &backend).await,
         StatusCode::OK,
         "the next probe"
     );
-    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    assert_eq!(breaker.state(), CircuitState::Closed);
 }
 
 #[tokio::test]
