@@ -614,6 +614,36 @@ async fn http_classifier_trips_on_5xx_only() {
     assert_eq!(circuit.state(), CircuitState::Open);
 }
 
+/// `501` and `505` answer the request's method or HTTP version, which any client
+/// chooses: counted, five requests in a method a stock server does not implement opened
+/// the circuit for every client. They are ignored: neither a failure nor a success that
+/// would reset the run of failures.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn http_classifier_ignores_501_and_505() {
+    let answer = |status: u16| http::Response::builder().status(status).body(()).unwrap();
+    for status in [501, 505] {
+        assert_eq!(
+            HttpClassifier.classify(Ok(&answer(status))),
+            Outcome::Ignore,
+            "{status}"
+        );
+    }
+    let layer = CircuitBreakerLayer::builder("api")
+        .consecutive_failures(Some(2))
+        .classifier(HttpClassifier)
+        .build();
+    let circuit = layer.handle();
+    let mut client = layer.layer(tower::service_fn(|status: u16| async move {
+        Ok::<_, io::Error>(answer(status))
+    }));
+    for status in [501, 505, 501, 500, 505, 501] {
+        client.ready().await.unwrap().call(status).await.unwrap();
+        assert_eq!(circuit.state(), CircuitState::Closed, "after {status}");
+    }
+    client.ready().await.unwrap().call(503).await.unwrap();
+    assert_eq!(circuit.state(), CircuitState::Open, "500 and 503 in a row");
+}
+
 #[test]
 fn record_failure_trips_like_failed_calls_with_metrics() {
     run_watching(true, |snap| async move {

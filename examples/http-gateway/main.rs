@@ -29,9 +29,17 @@
 //! `True-Client-IP` or `CF-Connecting-IP` removed, and every header whose name has an
 //! underscore, as nginx does), security response headers, only origin-form request targets (`/path`;
 //! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),
+//! only the methods `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `OPTIONS`, `TRACE` and
+//! `PATCH` (any other is answered `501` by the gateway),
 //! and a smooth weighted round-robin over the backends that skips open circuit breakers
 //! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a
-//! recovered backend up over 30 s. With no backend left: `503`.
+//! recovered backend up over 30 s. With no backend left: `503`. A backend's breaker
+//! opens after 5 failures in a row for 10 s, and counts as failures only what shows the
+//! backend failing: a connection refused or reset, a timeout, and the backend's own
+//! `502`, `503` and `504`. Its other `5xx` (`500`, `501`, `505`, ...) are relayed and
+//! not counted: a client chooses the URL, method and version that get them (a stock
+//! server answers `501` to an unknown method), and five of them opened the circuit for
+//! every client.
 //!
 //! # Metrics
 //!

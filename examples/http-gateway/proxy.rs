@@ -5,8 +5,9 @@
 //! a response timeout ([`Upstream`]) and a write-stall limit of the same length on each
 //! connection ([`WriteTimeout`]: a backend that stops reading a request body has its
 //! connection closed, even after it answered), wrapped in its own `CircuitBreaker` with
-//! [`GatewayClassifier`] (a `5xx` or an upstream error is a failure; a failure of the
-//! client's request body is not, see [`crate::client_body`]). The
+//! [`GatewayClassifier`] (an upstream error, or the backend's own `502`, `503` or `504`,
+//! is a failure; its other `5xx`, and a failure of the client's request body, see
+//! [`crate::client_body`], are not). The
 //! [`Pool`] picks the backend. The adaptive controller's latency
 //! samples are taken in [`Upstream`] ([`Upstream::record_latency`],
 //! [`is_backend_sample`]): every answer of a backend is one, and of the answers the
@@ -16,6 +17,7 @@
 //! |---|---|---|
 //! | `OPTIONS *` (a question to the gateway itself) | `200` with [`ALLOW`] | no |
 //! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] | no |
+//! | a method not in [`ALLOW`] (RFC 9110 §15.6.2) | `501` with [`ALLOW`] | no |
 //! | any other target that is not origin-form (`/path?query`) | `400` | no |
 //! | no backend available (all unhealthy or open) | `503` | no |
 //! | the chosen backend's breaker refused the call (it opened, or another request took its probe permit, in between) | `503` | no |
@@ -73,7 +75,7 @@ use aegis_core::time::deadline;
 use aegis_layers::adaptive::AdaptiveHandle;
 use aegis_layers::circuit_breaker::error::CircuitOpen;
 use aegis_layers::circuit_breaker::{
-    CircuitBreaker, CircuitHandle, CircuitState, Classify, HttpClassifier, Outcome,
+    CircuitBreaker, CircuitHandle, CircuitState, Classify, Outcome, classify_error,
 };
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -114,9 +116,22 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Gatewa
 }
 
 /// The methods the gateway relays: every method of RFC 9110 and `PATCH`, but `CONNECT`.
-/// The backends may still refuse some. Sent as `Allow` with the answers to `OPTIONS *`
-/// and `CONNECT`.
+/// The backends may still refuse some. Sent as `Allow` with the answers to `OPTIONS *`,
+/// `CONNECT` and any other method, which the gateway answers `501` itself
+/// ([`answer_method`]). [`ALLOWED`] as a header value.
 pub const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
+/// The methods of [`ALLOW`].
+const ALLOWED: [Method; 8] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
 
 /// Whether `uri` is an origin-form request target: a path from `/`, maybe a query.
 fn is_origin_form(uri: &Uri) -> bool {
@@ -172,6 +187,22 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
         Refusal::BadTarget,
         "the request target must be a path\n",
     ))
+}
+
+/// The gateway's own answer to a request in a method it does not relay (not in
+/// [`ALLOW`]): `501` (RFC 9110 §15.6.2: the method is not recognized or not supported),
+/// with `Allow`. Forwarded, a method the backend does not implement got its `501`, and
+/// a client could pick the method of every request it sent; `None` for a method to
+/// proxy. (`CONNECT` is [`answer_target`]'s, `405`.)
+fn answer_method<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
+    if ALLOWED.contains(req.method()) {
+        return None;
+    }
+    tracing::debug!(method = %req.method(), "method not implemented");
+    let mut res = local_response(StatusCode::NOT_IMPLEMENTED, "method not implemented\n");
+    res.headers_mut()
+        .insert(ALLOW_HEADER, HeaderValue::from_static(ALLOW));
+    Some(res)
 }
 
 /// One backend's HTTP client, with a response timeout (a hung backend is a failure,
@@ -415,11 +446,21 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
     }
 }
 
-/// The breaker's classifier: [`HttpClassifier`]'s rules (`5xx` and upstream errors are
-/// failures, among them an answer in a transfer coding the gateway does not implement:
-/// [`check_transfer_coding`], an error of [`Upstream`]), except that a
-/// [`ClientBodyError`] (a request body that was malformed, cut off, over the size limit,
-/// or stalled) is the client's fault and is not counted.
+/// The breaker's classifier: a failure is only what shows the backend, not the request,
+/// failing:
+///
+/// - **failures**: upstream errors as [`classify_error`] counts them (refused, reset,
+///   the response timeout's `504`, an answer in a transfer coding the gateway does not
+///   implement: [`check_transfer_coding`], an error of [`Upstream`]), and the backend's
+///   own `502`, `503` and `504` (it is down, overloaded, or a proxy whose upstream is);
+/// - **ignored**: any other `5xx`, `500`, `501` and `505` among them: the URL, the method
+///   and the version are the client's to choose, and an application answers `500` to a
+///   URL whose handler fails, a stock server `501` to a method it does not implement
+///   (RFC 9110 §15.6.2), `505` to a version: counted, as `HttpClassifier` counts every
+///   `5xx` but `501` and `505`, five such requests from one client opened the backend's
+///   circuit for every client. Ignored too, a [`ClientBodyError`] (a request body that
+///   was malformed, cut off, over the size limit, or stalled): the client's fault;
+/// - **successes**: every other answer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 
@@ -427,7 +468,14 @@ impl<B> Classify<Response<B>> for GatewayClassifier {
     fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
             Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
-            other => HttpClassifier.classify(other),
+            Err(e) => classify_error(e),
+            Ok(res) => match res.status() {
+                StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT => Outcome::Failure,
+                status if status.is_server_error() => Outcome::Ignore,
+                _ => Outcome::Success,
+            },
         }
     }
 }
@@ -540,7 +588,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(res) = answer_target(&req) {
+        if let Some(res) = answer_target(&req).or_else(|| answer_method(&req)) {
             return Box::pin(std::future::ready(Ok(res)));
         }
         let Some(i) = self.pool.pick(Instant::now()) else {
@@ -670,6 +718,12 @@ mod tests {
         for secret in ["alice", "s3cret", "gw.test", "token"] {
             assert!(!out.contains(secret), "{secret:?} logged: {out}");
         }
+    }
+
+    #[test]
+    fn allow_lists_the_allowed_methods() {
+        let names: Vec<&str> = ALLOWED.iter().map(Method::as_str).collect();
+        assert_eq!(ALLOW, names.join(", "));
     }
 
     #[tokio::test]

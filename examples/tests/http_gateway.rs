@@ -1,7 +1,7 @@
 //! The `http-gateway` example in-process: its modules are compiled into this test (the
 //! examples package has no library), the gateway serves on a loopback port, and real
 //! hyper backends started here count requests, record what they received, and can be
-//! switched to fail with `500` or stopped and started again on the same port.
+//! switched to fail with `503` or stopped and started again on the same port.
 //!
 //! The modules' own unit tests (balancer and warm-up math, health-check intervals under
 //! paused time, header rules) run as part of this test binary too.
@@ -93,7 +93,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Seen {
     /// Requests served, `/healthz` excluded.
     hits: AtomicUsize,
-    /// Answer `500` to every request but `/healthz`.
+    /// Answer `503` to every request but `/healthz`.
     fail: AtomicBool,
     /// The headers of the last request, `/healthz` excluded.
     last_headers: Mutex<Option<HeaderMap>>,
@@ -180,7 +180,8 @@ impl Drop for Backend {
 }
 
 /// `/healthz`: `200`. Anything else: counted, headers recorded, body read in full, then
-/// `500` when failing or `200` with hop-by-hop and framing headers a proxy must drop.
+/// `503` when failing, the status `NNN` for a path `/status/NNN`, or `200` with hop-by-hop
+/// and framing headers a proxy must drop.
 async fn answer(
     seen: Arc<Seen>,
     req: Request<Incoming>,
@@ -190,6 +191,7 @@ async fn answer(
     }
     seen.hits.fetch_add(1, Ordering::SeqCst);
     *seen.last_headers.lock() = Some(req.headers().clone());
+    let path = req.uri().path().to_owned();
     let delay = seen.delay_ms.load(Ordering::SeqCst);
     sleep(Duration::from_millis(u64::try_from(delay).unwrap())).await;
     let body = req
@@ -202,7 +204,14 @@ async fn answer(
     sleep(Duration::from_millis(u64::try_from(after).unwrap())).await;
     let mut res = Response::new(Full::new(Bytes::from(format!("read {body} bytes"))));
     if seen.fail.load(Ordering::SeqCst) {
-        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(res);
+    }
+    if let Some(status) = path
+        .strip_prefix("/status/")
+        .and_then(|s| StatusCode::from_bytes(s.as_bytes()).ok())
+    {
+        *res.status_mut() = status;
         return Ok(res);
     }
     let h = res.headers_mut();
@@ -364,7 +373,7 @@ async fn requests_spread_across_backends_by_weight() {
 }
 
 #[tokio::test]
-async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_warming_up() {
+async fn a_backend_answering_503_opens_its_breaker_traffic_moves_and_comes_back_warming_up() {
     let (b0, b1) = (Backend::start().await, Backend::start().await);
     let mut cfg = config(&[&b0, &b1]);
     cfg.breaker_failures = 3;
@@ -382,7 +391,7 @@ async fn a_backend_answering_500_opens_its_breaker_traffic_moves_and_comes_back_
     let errors = statuses.iter().filter(|s| s.is_server_error()).count();
     assert_eq!(
         errors, 3,
-        "the backend's 500s are relayed until its breaker opens: {statuses:?}"
+        "the backend's 503s are relayed until its breaker opens: {statuses:?}"
     );
     assert_eq!(gw.breakers[0].state(), CircuitState::Open);
     assert_eq!(gw.breakers[1].state(), CircuitState::Closed);
@@ -822,6 +831,62 @@ async fn still_served(gw: &Gateway, b0: &Backend) {
     assert_eq!(b0.hits(), hits + 1);
 }
 
+/// `GET /status/NNN`: backend `Backend` answers with status `NNN`.
+async fn get_status(addr: SocketAddr, status: u16) -> StatusCode {
+    let req = Request::get(format!("/status/{status}"))
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    send(addr, req).await.unwrap().status()
+}
+
+/// A client opened any backend's breaker with five requests in a method the backend does
+/// not implement (a stock server answers `501`), or to any URL the application answers
+/// `500`. Only what shows the backend failing counts now: transport errors, timeouts,
+/// and its own `502`, `503` and `504`; and a method the gateway does not relay is
+/// answered `501` by the gateway, with no backend called.
+#[tokio::test]
+async fn only_a_backends_502_503_and_504_count_against_it_and_unknown_methods_are_501() {
+    let b0 = Backend::start().await;
+    let gw = one_failure_opens(&b0).await;
+    for status in [500, 501, 505, 507, 599] {
+        assert_eq!(
+            get_status(gw.addr, status).await.as_u16(),
+            status,
+            "relayed"
+        );
+        assert_eq!(
+            gw.breakers[0].state(),
+            CircuitState::Closed,
+            "after {status}"
+        );
+    }
+    let hits = b0.hits();
+    let out = raw(
+        gw.addr,
+        b"FOO / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 501"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("\r\nallow: get, "),
+        "{out}"
+    );
+    assert_eq!(
+        b0.hits(),
+        hits,
+        "an unknown method never reaches the backend"
+    );
+    still_served(&gw, &b0).await;
+
+    for status in [502, 503, 504] {
+        assert_eq!(get_status(gw.addr, status).await.as_u16(), status);
+        assert_eq!(gw.breakers[0].state(), CircuitState::Open, "after {status}");
+        gw.breakers[0].force_closed();
+        gw.breakers[0].release(); // closed again, with fresh counts
+    }
+}
+
 #[tokio::test]
 async fn a_malformed_chunked_body_leaves_the_breaker_closed() {
     let b0 = Backend::start().await;
@@ -891,10 +956,7 @@ async fn a_request_withholding_its_body_does_not_hold_the_probe_permit() {
     cfg.backend_timeout = Duration::from_secs(5);
     let gw = start(&cfg).await;
     b0.fail(true);
-    assert_eq!(
-        get(gw.addr).await.status(),
-        StatusCode::INTERNAL_SERVER_ERROR
-    );
+    assert_eq!(get(gw.addr).await.status(), StatusCode::SERVICE_UNAVAILABLE);
     b0.fail(false);
     sleep(cfg.breaker_open_for).await;
     assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);
@@ -926,10 +988,7 @@ async fn a_request_withholding_its_body_does_not_hold_the_probe_permit() {
 
     // A body that does come is sent on, as the probe, once it is in.
     b0.fail(true);
-    assert_eq!(
-        get(gw.addr).await.status(),
-        StatusCode::INTERNAL_SERVER_ERROR
-    );
+    assert_eq!(get(gw.addr).await.status(), StatusCode::SERVICE_UNAVAILABLE);
     b0.fail(false);
     sleep(cfg.breaker_open_for).await;
     assert_eq!(gw.breakers[0].state(), CircuitState::HalfOpen);

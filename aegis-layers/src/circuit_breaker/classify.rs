@@ -73,13 +73,27 @@ impl<Res> Classify<Res> for FailuresOnly {
 }
 
 /// Counts `5xx` responses as failures, on top of the errors [`DefaultClassifier`]
-/// counts. Any other status (including `4xx`, the client's fault) is a success.
+/// counts, except `501 Not Implemented` and `505 HTTP Version Not Supported`, which are
+/// ignored: they answer the request's method or HTTP version (RFC 9110 §15.6.2 and
+/// §15.6.6), which any client chooses, and say nothing of the service's health (a stock
+/// server answers `501` to a method it does not know: counted, five such requests
+/// opened the circuit for every client). Any other status (including `4xx`, the
+/// client's fault) is a success.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpClassifier;
 
 impl<B> Classify<http::Response<B>> for HttpClassifier {
     fn classify(&self, result: Result<&http::Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
+            Ok(res)
+                if matches!(
+                    res.status(),
+                    http::StatusCode::NOT_IMPLEMENTED
+                        | http::StatusCode::HTTP_VERSION_NOT_SUPPORTED
+                ) =>
+            {
+                Outcome::Ignore
+            }
             Ok(res) if res.status().is_server_error() => Outcome::Failure,
             Ok(_) => Outcome::Success,
             Err(e) => classify_error(e),

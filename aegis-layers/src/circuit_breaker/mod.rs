@@ -49,7 +49,7 @@
 //! | classifier | success | failure | ignored |
 //! |---|---|---|---|
 //! | [`DefaultClassifier`] | every `Ok` | errors, including tokio's `Elapsed` and upstream [`ProxyError`](aegis_core::proxy::ProxyError)s (connect timeout/refused/error, upstream IO) | client-side `ProxyError::ClientIo` and `ProxyError::LocalResources` (this host out of descriptors or memory); an `aegis_core` [`Rejected`](aegis_core::error::Rejected) from a layer below or an IO wrapper (found even inside an `io::Error`) |
-//! | [`HttpClassifier`] | `http::Response` with a status below 500 | `5xx` responses, and errors as above | as above |
+//! | [`HttpClassifier`] | `http::Response` with a status below 500 | `5xx` responses but `501` and `505`, and errors as above | as above, and `501` and `505` responses (they answer the request's method or version, RFC 9110 §15.6.2, §15.6.6) |
 //!
 //! Write your own by implementing [`Classify`].
 //!
