@@ -77,6 +77,13 @@
 //! curl -s 127.0.0.1:9091/metrics | grep aegis_                    # reason="body_too_large" 1
 //! ```
 //!
+//! At start the soft open-files limit is raised to the hard one, and the cap of 10,000
+//! connections served at once is kept within `(limit - 128) / 2` (each client holds its
+//! socket and a backend connection), with a warning when that cuts it: out of
+//! descriptors, accepts would fail and new clients wait in the backlog instead of being
+//! reset at the cap. A backend connect that fails for lack of the gateway's own
+//! descriptors, memory or ports is answered `503` and not counted against the backend.
+//!
 //! Set `RUST_LOG=debug` to see rejections and health changes.
 
 mod balance;
@@ -87,6 +94,8 @@ mod health;
 #[path = "../shared/metrics_endpoint.rs"]
 mod metrics_endpoint;
 mod metrics_http;
+#[path = "../shared/nofile.rs"]
+mod nofile;
 mod proxy;
 mod refusal;
 mod sanitize;
@@ -165,6 +174,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.per_client_burst = args
         .rate
         .saturating_mul(NonZeroU32::new(2).expect("non-zero"));
+    // The soft open-files limit raised to the hard one, and the cap kept within it.
+    let cap = nofile::connection_cap(
+        "max_connections",
+        u64::try_from(config.max_connections).unwrap_or(u64::MAX),
+        nofile::raise(),
+        nofile::DESCRIPTORS_PER_CLIENT,
+    );
+    config.max_connections = usize::try_from(cap).unwrap_or(usize::MAX);
 
     // Installed before the gateway starts: the layers keep the handles of the recorder in
     // force when they first count.

@@ -28,6 +28,7 @@
 //! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
+//! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //!
@@ -71,6 +72,7 @@ use std::time::Duration;
 
 use aegis_core::BoxError;
 use aegis_core::error::find;
+use aegis_core::proxy::ProxyError;
 use aegis_core::time::deadline;
 use aegis_layers::adaptive::AdaptiveHandle;
 use aegis_layers::circuit_breaker::error::CircuitOpen;
@@ -351,6 +353,11 @@ impl Service<Request<GatewayBody>> for Upstream {
         // The body's own deadline: the response timeout ends at the response head, and
         // hyper goes on sending the body after it (see `crate::client_body`).
         let (parts, body) = req.into_parts();
+        // `to_backend` made the authority of a `SocketAddr`.
+        let addr = parts
+            .uri
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
         let (body, progress) = ClientBody::new(body, until);
         let req = Request::from_parts(parts, body.boxed_unsync());
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
@@ -374,7 +381,7 @@ impl Service<Request<GatewayBody>> for Upstream {
                 loop {
                     let next = check.map_or(at, |(_, c)| c.min(at));
                     let elapsed = match tokio::time::timeout_at(next, &mut res).await {
-                        Ok(res) => return Ok(res?),
+                        Ok(res) => return res.map_err(|e| local_resources(e, addr)),
                         Err(_) if progress.waiting_on_client() => {
                             return Err(ClientBodyError::stalled().into());
                         }
@@ -425,6 +432,30 @@ impl Service<Request<GatewayBody>> for Upstream {
     }
 }
 
+/// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
+/// connecting to the backend at `addr` failed for lack of this host's descriptors, memory
+/// or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`, as
+/// [`ProxyError::from_connect`] tells them): the breaker's classifier ignores it, and the
+/// client gets `503` ([`error_response`]). As hyper-util's error it was the backend's
+/// failure: a client that used up the gateway's descriptors (the connection cap now
+/// leaves room, see `nofile`) got `502`s counted against every backend, and their
+/// circuits stayed open after it left.
+fn local_resources(err: hyper_util::client::legacy::Error, addr: Option<SocketAddr>) -> BoxError {
+    if let Some(addr) = addr
+        && err.is_connect()
+        && let Some(io) = find::<std::io::Error>(&err)
+    {
+        let source = io
+            .raw_os_error()
+            .map_or_else(|| io.kind().into(), std::io::Error::from_raw_os_error);
+        let err = ProxyError::from_connect(addr, source);
+        if matches!(err, ProxyError::LocalResources { .. }) {
+            return err.into();
+        }
+    }
+    err.into()
+}
+
 /// The backend's own time of a call made at `start`, up to `now`: the call's time less
 /// the time the gateway waited on the client's body.
 fn backend_time(start: Instant, now: Instant, progress: &Progress) -> Duration {
@@ -453,6 +484,8 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///   the response timeout's `504`, an answer in a transfer coding the gateway does not
 ///   implement: [`check_transfer_coding`], an error of [`Upstream`]), and the backend's
 ///   own `502`, `503` and `504` (it is down, overloaded, or a proxy whose upstream is);
+///   not a connect that failed for lack of the gateway's own descriptors or memory
+///   ([`ProxyError::LocalResources`], which [`classify_error`] ignores);
 /// - **ignored**: any other `5xx`, `500`, `501` and `505` among them: the URL, the method
 ///   and the version are the client's to choose, and an application answers `500` to a
 ///   URL whose handler fails, a stock server `501` to a method it does not implement
@@ -677,6 +710,13 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     }
     if find::<tokio::time::error::Elapsed>(err).is_some() {
         return backend_error(BackendError::Timeout, "backend timed out\n");
+    }
+    if let Some(e @ ProxyError::LocalResources { .. }) = find::<ProxyError>(err) {
+        tracing::debug!(error = %e, "backend connect failed: the gateway is out of resources");
+        return local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway out of resources\n",
+        );
     }
     tracing::debug!(error = %err, "backend failed");
     let why = if find::<UnknownCoding>(err).is_some() {

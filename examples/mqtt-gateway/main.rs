@@ -53,6 +53,7 @@ mod logging;
 #[path = "../shared/metrics_endpoint.rs"]
 mod metrics_endpoint;
 mod metrics_http;
+#[path = "../shared/nofile.rs"]
 mod nofile;
 mod stack;
 
@@ -242,8 +243,12 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
         Upstream::Addr(_) => nofile::DESCRIPTORS_PER_CLIENT,
     };
-    let max_connections =
-        nofile::connection_cap(c.server.max_connections, nofile::raise(), per_client);
+    let max_connections = nofile::connection_cap(
+        "server.max_connections",
+        c.server.max_connections,
+        nofile::raise(),
+        per_client,
+    );
     let upstream = match settings.upstream {
         Upstream::Embedded => {
             let addr = broker::start(c.mqtt.max_packet_size).await?;

@@ -50,6 +50,9 @@ mod server;
 #[allow(dead_code)]
 #[path = "../http-gateway/write_timeout.rs"]
 mod write_timeout;
+// `example_bin` and `free_port`, for the gateway run as a child process.
+#[allow(dead_code)]
+mod common;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -93,6 +96,8 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Seen {
     /// Requests served, `/healthz` excluded.
     hits: AtomicUsize,
+    /// `/healthz` requests served.
+    health_checks: AtomicUsize,
     /// Answer `503` to every request but `/healthz`.
     fail: AtomicBool,
     /// The headers of the last request, `/healthz` excluded.
@@ -187,6 +192,7 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/healthz" {
+        seen.health_checks.fetch_add(1, Ordering::SeqCst);
         return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
     }
     seen.hits.fetch_add(1, Ordering::SeqCst);
@@ -2460,4 +2466,230 @@ async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error()
         ],
     );
     assert_eq!(off.listening().await.1, "off");
+}
+
+// ---------------------------------------------------------------------------------
+// The open-files limit (the gateway binary as a child process)
+// ---------------------------------------------------------------------------------
+
+/// util-linux's `prlimit`, in every Debian install.
+const PRLIMIT: &str = "/usr/bin/prlimit";
+
+/// Says on stderr, past libtest's capture, that `test` was skipped, and why.
+fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {why}");
+}
+
+/// The `http-gateway` binary run under `prlimit --nofile=SOFT:HARD` in front of one
+/// backend; its stdout and stderr (the log) in a file. Killed and waited for when
+/// dropped.
+struct ChildGateway {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl ChildGateway {
+    /// Starts it and waits until it listens. The port is free when picked but not held
+    /// until the gateway binds it: on "Address already in use" it is started again.
+    async fn start(name: &str, backend: SocketAddr, (soft, hard): (u64, u64)) -> Self {
+        let bin = common::example_bin(
+            "http-gateway",
+            &[
+                "examples/http-gateway",
+                "examples/shared",
+                "aegis-core/src",
+                "aegis-layers/src",
+            ],
+        );
+        let log = std::env::temp_dir().join(format!(
+            "aegis-http-gateway-{name}-{}.log",
+            std::process::id()
+        ));
+        for _attempt in 0..3 {
+            let addr = common::free_port();
+            let out = std::fs::File::create(&log).unwrap();
+            let child = std::process::Command::new(PRLIMIT)
+                .arg(format!("--nofile={soft}:{hard}"))
+                .arg(&bin) // prlimit execs it: the child's pid is the gateway's
+                .args(["--listen", &addr.to_string()])
+                .args(["--backend", &backend.to_string()])
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap();
+            let mut gw = Self {
+                child,
+                addr,
+                log: log.clone(),
+            };
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(status) = gw.child.try_wait().unwrap() {
+                    if gw.log().contains("Address already in use") {
+                        break;
+                    }
+                    panic!("the gateway exited at start-up ({status}):\n{}", gw.log());
+                }
+                if gw.log().contains("http-gateway listening") {
+                    return gw;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the gateway did not start within {WAIT:?}:\n{}",
+                    gw.log()
+                );
+                sleep(Duration::from_millis(25)).await;
+            }
+        }
+        panic!("no free port for the gateway in three tries");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its open-files limit, soft and hard, as `/proc/PID/limits` says.
+    fn open_files_limit(&self) -> (u64, u64) {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let v: Vec<&str> = line.split_whitespace().collect();
+        (v[3].parse().unwrap(), v[4].parse().unwrap())
+    }
+
+    /// Sets its open-files limit (`prlimit --pid`).
+    fn set_open_files_limit(&self, soft: u64, hard: u64) {
+        let ok = std::process::Command::new(PRLIMIT)
+            .args(["--pid", &self.pid().to_string()])
+            .arg(format!("--nofile={soft}:{hard}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "prlimit --pid {} --nofile={soft}:{hard}", self.pid());
+    }
+
+    /// Its descriptors' numbers.
+    fn fds(&self) -> Vec<u64> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- http-gateway log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// `GET /` from `from` (a loopback address) with `Connection: close`: the whole answer.
+async fn raw_get_from(from: &str, addr: SocketAddr) -> String {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned()
+}
+
+/// Each client holds two of the gateway's descriptors (its socket and a backend
+/// connection), and the gateway served up to 10,000 under whatever open-files limit it
+/// was started with (often 1,024): out of descriptors, accepts fail and backend connects
+/// too. It now raises its soft limit to the hard one, and keeps its connection cap within
+/// `(limit - 128) / 2`, 36 here: the 37th connection is closed at once.
+#[tokio::test]
+async fn the_open_files_limit_is_raised_and_the_connection_cap_kept_within_it() {
+    const TEST: &str = "the_open_files_limit_is_raised_and_the_connection_cap_kept_within_it";
+    if !std::path::Path::new(PRLIMIT).exists() {
+        skipped(TEST, "no /usr/bin/prlimit");
+        return;
+    }
+    let b0 = Backend::start().await;
+    let gw = ChildGateway::start("nofile", b0.addr, (150, 200)).await;
+    assert_eq!(gw.open_files_limit(), (200, 200), "the soft limit raised");
+    let log = gw.log();
+    assert!(
+        log.contains("max_connections=36 configured=10000 open_files_limit=200"),
+        "{log}"
+    );
+    let mut held = Vec::new();
+    for i in 0..36 {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(format!("127.0.0.{}:0", 100 + i).parse().unwrap())
+            .unwrap();
+        held.push(socket.connect(gw.addr).await.unwrap());
+    }
+    // Over the cap, closed at once (the first-byte timeout would take 5 s).
+    let t0 = Instant::now();
+    let mut over = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(read_to_close(&mut over).await.is_empty());
+    assert!(since(t0) < Duration::from_secs(3), "{:?}", since(t0));
+    drop(held);
+    let out = raw_get_from("127.0.0.99", gw.addr).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// With the gateway out of descriptors, `socket()` failed with `EMFILE` when it connected
+/// to a backend: the client got `502`, the backend's breaker counted it, and after five
+/// the breaker answered `503` for 10 s, after the descriptors had come back. The
+/// gateway's own shortage is now `503` and not the backend's failure.
+///
+/// The gateway's soft limit is lowered (`prlimit --pid`) to its second lowest free
+/// descriptor: the accept of each request takes the lowest, and the backend connect finds
+/// none.
+#[tokio::test]
+async fn a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failure() {
+    const TEST: &str = "a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failure";
+    if !std::path::Path::new(PRLIMIT).exists() {
+        skipped(TEST, "no /usr/bin/prlimit");
+        return;
+    }
+    let b0 = Backend::start().await;
+    let gw = ChildGateway::start("emfile", b0.addr, (1024, 1024)).await;
+    let (_, hard) = gw.open_files_limit();
+    // The start-up round of health checks has its connection, which its client keeps
+    // (the next rounds, every 5 s, take no new descriptor).
+    until("the first health check", || {
+        b0.seen.health_checks.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let fds = gw.fds();
+    let mut free = (0..).filter(|fd| !fds.contains(fd));
+    let (lowest, next) = (free.next().unwrap(), free.next().unwrap());
+    gw.set_open_files_limit(next, hard);
+    for i in 0..6 {
+        let out = raw_get_from("127.0.0.98", gw.addr).await;
+        assert!(
+            out.starts_with("HTTP/1.1 503") && out.ends_with("gateway out of resources\n"),
+            "request {i} (descriptor {lowest} for the accept, {next} over the limit): {out}"
+        );
+    }
+    assert_eq!(b0.hits(), 0);
+    gw.set_open_files_limit(hard, hard);
+    let out = raw_get_from("127.0.0.98", gw.addr).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "the backend's breaker counted the gateway's shortage: {out}"
+    );
+    assert_eq!(b0.hits(), 1);
 }

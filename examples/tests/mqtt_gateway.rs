@@ -74,6 +74,7 @@ fn gateway_bin() -> PathBuf {
                 "mqtt-gateway",
                 &[
                     "examples/mqtt-gateway",
+                    "examples/shared",
                     "aegis-core/src",
                     "aegis-layers/src",
                     "aegis-mqtt/src",

@@ -24,7 +24,7 @@ const BROKER_WAIT: Duration = Duration::from_secs(10);
 /// Cargo builds the examples for `cargo test -p examples` (and `--workspace`), not for
 /// `cargo test -p examples --test <test>`, which would then run an old build: a binary
 /// older than any of its sources fails here instead.
-#[allow(dead_code)] // mqtt_gateway.rs, tcp_proxy.rs
+#[allow(dead_code)] // mqtt_gateway.rs, tcp_proxy.rs, http_gateway.rs
 pub fn example_bin(name: &str, sources: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();

@@ -1,17 +1,19 @@
-//! The process's open-files limit, and the connection cap it allows.
+//! The process's open-files limit, and the connection cap it allows: shared by the
+//! mqtt-gateway and the http-gateway (each includes this file with `#[path]`).
 //!
 //! Each proxied client holds descriptors of this process: its socket and the upstream
-//! one, and with the embedded broker rumqttd's end of that too. Out of descriptors,
+//! one (the http-gateway's backend connection, pooled between its requests), and with
+//! the mqtt-gateway's embedded broker rumqttd's end of that too. Out of descriptors,
 //! `accept()` fails with `EMFILE` and the accept loop backs off: new clients wait in the
 //! kernel's backlog and time out instead of being reset at the cap, the clients already
 //! in fail their upstream connect, and the metrics endpoint stops answering too (and
 //! rumqttd, which retries a failed accept at once, spins a core). A service's soft limit
 //! is often 1,024 (systemd's default, most login shells), about 500 clients, where the
-//! default `server.max_connections` is 10,000.
+//! default connection cap of both gateways is 10,000.
 //!
-//! So at start the soft limit is raised to the hard one (as Go's runtime does), and
-//! `server.max_connections` is kept within what it allows, with a warning when that
-//! cuts it: `(limit - FD_RESERVE) / per_client`, at least 1.
+//! So at start the soft limit is raised to the hard one (as Go's runtime does), and the
+//! connection cap is kept within what it allows, with a warning when that cuts it:
+//! `(limit - FD_RESERVE) / per_client`, at least 1.
 
 /// Descriptors the process holds besides its connections' (standard streams, the
 /// runtimes' epoll and event descriptors, the listeners, the metrics endpoint's
@@ -36,21 +38,27 @@ pub(crate) fn raise() -> Option<u64> {
     }
 }
 
-/// `requested`, kept within what an open-files `limit` allows at `per_client`
-/// descriptors a client, with a warning when that cuts it; `requested` when the limit is
-/// unknown.
-pub(crate) fn connection_cap(requested: u64, limit: Option<u64>, per_client: u64) -> u64 {
+/// `requested`, the connection cap that `setting` configures, kept within what an
+/// open-files `limit` allows at `per_client` descriptors a client, with a warning when
+/// that cuts it; `requested` when the limit is unknown.
+pub(crate) fn connection_cap(
+    setting: &'static str,
+    requested: u64,
+    limit: Option<u64>,
+    per_client: u64,
+) -> u64 {
     let Some(limit) = limit else {
         return requested;
     };
     let fits = (limit.saturating_sub(FD_RESERVE) / per_client.max(1)).max(1);
     if requested > fits {
         tracing::warn!(
+            setting,
             max_connections = fits,
             configured = requested,
             open_files_limit = limit,
             descriptors_per_client = per_client,
-            "server.max_connections cut to what the open-files limit allows"
+            "connection cap cut to what the open-files limit allows"
         );
         return fits;
     }
