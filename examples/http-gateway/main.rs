@@ -29,8 +29,10 @@
 //! `True-Client-IP` or `CF-Connecting-IP` removed, and every header whose name has an
 //! underscore, as nginx does), security response headers, only origin-form request targets (`/path`;
 //! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),
-//! only the methods `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `OPTIONS`, `TRACE` and
-//! `PATCH` (any other is answered `501` by the gateway),
+//! only the methods `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `OPTIONS` and `PATCH` (`TRACE`
+//! is answered `405`, as hardened proxies do against cross-site tracing, any other
+//! method `501`; an `OPTIONS` with `Max-Forwards: 0` is answered `200` by the gateway,
+//! and one with a greater value is forwarded with it one less, RFC 9110 §7.6.2),
 //! and a smooth weighted round-robin over the backends that skips open circuit breakers
 //! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a
 //! recovered backend up over 30 s. With no backend left: `503`. A backend's breaker

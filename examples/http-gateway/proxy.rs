@@ -17,6 +17,9 @@
 //! |---|---|---|
 //! | `OPTIONS *` (a question to the gateway itself) | `200` with [`ALLOW`] | no |
 //! | `CONNECT` (the gateway is no tunnel) | `405` with [`ALLOW`] | no |
+//! | `TRACE` (it echoes the request, cookies and credentials included, to whoever reads the answer: cross-site tracing) | `405` with [`ALLOW`] | no |
+//! | `OPTIONS` with `Max-Forwards: 0` (RFC 9110 §7.6.2: the gateway is the last recipient; a greater value is forwarded one less) | `200` with [`ALLOW`] | no |
+//! | `OPTIONS` with a `Max-Forwards` that is not one number | `400` | no |
 //! | a method not in [`ALLOW`] (RFC 9110 §15.6.2) | `501` with [`ALLOW`] | no |
 //! | any other target that is not origin-form (`/path?query`) | `400` | no |
 //! | no backend available (all unhealthy or open) | `503` | no |
@@ -84,7 +87,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    ALLOW as ALLOW_HEADER, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING,
+    ALLOW as ALLOW_HEADER, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, MAX_FORWARDS,
+    TRANSFER_ENCODING,
 };
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -117,21 +121,21 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Gatewa
     res
 }
 
-/// The methods the gateway relays: every method of RFC 9110 and `PATCH`, but `CONNECT`.
-/// The backends may still refuse some. Sent as `Allow` with the answers to `OPTIONS *`,
-/// `CONNECT` and any other method, which the gateway answers `501` itself
+/// The methods the gateway relays: every method of RFC 9110 and `PATCH`, but `CONNECT`
+/// and `TRACE` (`405`: see [`answer_method`]). The backends may still refuse some. Sent
+/// as `Allow` with the answers to `OPTIONS *`, `CONNECT`, `TRACE`, an `OPTIONS` the
+/// gateway answers itself, and any other method, which the gateway answers `501`
 /// ([`answer_method`]). [`ALLOWED`] as a header value.
-pub const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+pub const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 
 /// The methods of [`ALLOW`].
-const ALLOWED: [Method; 8] = [
+const ALLOWED: [Method; 7] = [
     Method::GET,
     Method::HEAD,
     Method::POST,
     Method::PUT,
     Method::DELETE,
     Method::OPTIONS,
-    Method::TRACE,
     Method::PATCH,
 ];
 
@@ -191,20 +195,70 @@ fn answer_target<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
     ))
 }
 
-/// The gateway's own answer to a request in a method it does not relay (not in
-/// [`ALLOW`]): `501` (RFC 9110 §15.6.2: the method is not recognized or not supported),
-/// with `Allow`. Forwarded, a method the backend does not implement got its `501`, and
-/// a client could pick the method of every request it sent; `None` for a method to
-/// proxy. (`CONNECT` is [`answer_target`]'s, `405`.)
-fn answer_method<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
+/// The gateway's own answer to a request by its method; `None` for a request to proxy
+/// (the [module docs](self) have the table; `CONNECT` is [`answer_target`]'s, `405`):
+///
+/// - `TRACE`: `405`. A proxy that relays it lets the backend echo the request, cookies
+///   and credentials (and the gateway's forwarding headers) included, into a body that
+///   a script can read (cross-site tracing); hardened proxies refuse it.
+/// - `OPTIONS` with `Max-Forwards` (RFC 9110 §7.6.2): `0` makes the gateway the last
+///   recipient, which answers itself (`200` with `Allow`); a greater value is forwarded
+///   one less (in `req`); a value that is not one number is `400`. Other methods'
+///   `Max-Forwards` is left alone, as the RFC allows.
+/// - a method not in [`ALLOW`]: `501` (RFC 9110 §15.6.2: the method is not recognized
+///   or not supported). Forwarded, a method the backend does not implement got its
+///   `501`, and a client chooses the method of every request it sends.
+///
+/// The refusals carry `Allow`.
+fn answer_method<B>(req: &mut Request<B>) -> Option<Response<GatewayBody>> {
+    let with_allow = |mut res: Response<GatewayBody>| {
+        res.headers_mut()
+            .insert(ALLOW_HEADER, HeaderValue::from_static(ALLOW));
+        Some(res)
+    };
+    if req.method() == Method::TRACE {
+        let res = local_response(StatusCode::METHOD_NOT_ALLOWED, "TRACE is not supported\n");
+        return with_allow(res);
+    }
+    if req.method() == Method::OPTIONS {
+        let mut values = req.headers().get_all(MAX_FORWARDS).iter();
+        let max_forwards = match (values.next(), values.next()) {
+            (None, _) => return None,
+            (Some(value), None) => max_forwards(value),
+            (Some(_), Some(_)) => None,
+        };
+        return match max_forwards {
+            Some(0) => with_allow(local_response(StatusCode::OK, "")),
+            Some(n) => {
+                req.headers_mut()
+                    .insert(MAX_FORWARDS, HeaderValue::from(n - 1));
+                None
+            }
+            None => {
+                tracing::debug!("Max-Forwards refused");
+                Some(local_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad Max-Forwards\n",
+                ))
+            }
+        };
+    }
     if ALLOWED.contains(req.method()) {
         return None;
     }
     tracing::debug!(method = %req.method(), "method not implemented");
-    let mut res = local_response(StatusCode::NOT_IMPLEMENTED, "method not implemented\n");
-    res.headers_mut()
-        .insert(ALLOW_HEADER, HeaderValue::from_static(ALLOW));
-    Some(res)
+    let res = local_response(StatusCode::NOT_IMPLEMENTED, "method not implemented\n");
+    with_allow(res)
+}
+
+/// A `Max-Forwards` value (`1*DIGIT`, RFC 9110 §7.6.2; one past `u64::MAX` is taken as
+/// that), or `None`.
+fn max_forwards(value: &HeaderValue) -> Option<u64> {
+    let digits = value.to_str().ok()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(digits.parse().unwrap_or(u64::MAX))
 }
 
 /// One backend's HTTP client, with a response timeout (a hung backend is a failure,
@@ -620,8 +674,8 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(res) = answer_target(&req).or_else(|| answer_method(&req)) {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(res) = answer_target(&req).or_else(|| answer_method(&mut req)) {
             return Box::pin(std::future::ready(Ok(res)));
         }
         let Some(i) = self.pool.pick(Instant::now()) else {

@@ -1496,6 +1496,61 @@ async fn only_origin_form_targets_reach_a_backend() {
     assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "origin-form");
 }
 
+/// `TRACE` and `OPTIONS` with `Max-Forwards: 0` were forwarded, where RFC 9110 §7.6.2
+/// has the recipient answer them itself, and decrement the value otherwise. `TRACE` is
+/// now refused (`405`: it echoes the request, credentials included, to whoever can read
+/// the answer: cross-site tracing); `OPTIONS` with `Max-Forwards: 0` is answered by the
+/// gateway, with a greater value forwarded one less, with one that is not a number
+/// refused (`400`). Other methods' `Max-Forwards` is left alone (RFC 9110 §7.6.2: it may
+/// be ignored).
+#[tokio::test]
+async fn trace_is_405_and_options_with_max_forwards_zero_is_answered_by_the_gateway() {
+    let b0 = Backend::start().await;
+    let gw = start(&config(&[&b0])).await;
+    let options = |max_forwards: &str| {
+        format!(
+            "OPTIONS /x HTTP/1.1\r\nHost: gw\r\nMax-Forwards: {max_forwards}\r\n\
+             Connection: close\r\n\r\n"
+        )
+    };
+    let out = raw(gw.addr, options("0").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("\r\nallow: get, "),
+        "{out}"
+    );
+    let out = raw(gw.addr, options("x1").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    for trace in [
+        "TRACE / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "TRACE / HTTP/1.1\r\nHost: gw\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+    ] {
+        let out = raw(gw.addr, trace.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+        let allow = out
+            .to_ascii_lowercase()
+            .lines()
+            .find_map(|l| l.strip_prefix("allow: ").map(str::to_owned))
+            .unwrap_or_else(|| panic!("no Allow: {out}"));
+        assert!(!allow.contains("trace"), "{out}");
+    }
+    assert_eq!(b0.hits(), 0, "none reached the backend");
+
+    let out = raw(gw.addr, options("3").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(b0.hits(), 1);
+    let seen = b0.seen.last_headers.lock().clone().unwrap();
+    assert_eq!(seen["max-forwards"], "2", "one less");
+    let out = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = b0.seen.last_headers.lock().clone().unwrap();
+    assert_eq!(seen["max-forwards"], "0", "another method's is left alone");
+}
+
 // ---------------------------------------------------------------------------------
 // Connection layers: rate limit, slowloris
 // ---------------------------------------------------------------------------------
