@@ -22,7 +22,10 @@
 //! passes header limits
 //! (`431`), a transfer-coding check (`501` for a `Transfer-Encoding` other than one
 //! `chunked`; a backend's answer with such a one is `502`), `Host` checks (`400` when an HTTP/1.1 request has none, or a request has
-//! several or an invalid one), a body limit (`413`), hop-by-hop header stripping,
+//! several or an invalid one; `400` too when an HTTP/1.0 request has none, which RFC 9112
+//! allows: the gateway has no name of its own to give the backend, and hyper's client
+//! would fill in the backend's own address, which the backend could put in a redirect;
+//! Envoy refuses it too unless given a default host), a body limit (`413`), hop-by-hop header stripping,
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
 //! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other
 //! `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and client-IP header such as

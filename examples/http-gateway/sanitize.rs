@@ -3,7 +3,7 @@
 //! Before the request goes on: a `Transfer-Encoding` other than one `chunked` is
 //! answered `501` (RFC 9112 §6.1; see
 //! [`check_transfer_coding`](crate::headers::check_transfer_coding)), headers over the
-//! limits `431` and a missing (HTTP/1.1), repeated or invalid `Host` `400`, without
+//! limits `431` and a missing (in any version), repeated or invalid `Host` `400`, without
 //! calling the inner service;
 //! hop-by-hop headers are removed, and so is every header whose name has an underscore
 //! (as nginx does by default: see
@@ -87,10 +87,8 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limits = self.limits;
-        let version = req.version();
         let refused = match sanitize_request(
             req.headers_mut(),
-            version,
             self.client,
             limits.max_headers,
             limits.max_header_bytes,

@@ -12,7 +12,7 @@
 //!    answers `413`);
 //! 3. [`Sanitize`](crate::sanitize::Sanitize): `501` on a `Transfer-Encoding` other
 //!    than one `chunked`, `431` on too many or too large headers,
-//!    `400` on a missing (HTTP/1.1), repeated or invalid `Host`, hop-by-hop stripping,
+//!    `400` on a missing (HTTP/1.0 too), repeated or invalid `Host`, hop-by-hop stripping,
 //!    headers with an underscore in their name removed, the client's forwarding headers
 //!    replaced (`X-Forwarded-For` from the connection's client address,
 //!    `X-Forwarded-Proto`, `X-Forwarded-Host`);
