@@ -217,7 +217,7 @@ fn answer_method<B>(req: &mut Request<B>) -> Option<Response<GatewayBody>> {
         Some(res)
     };
     if req.method() == Method::TRACE {
-        let res = local_response(StatusCode::METHOD_NOT_ALLOWED, "TRACE is not supported\n");
+        let res = refuse(Refusal::Method, "TRACE is not supported\n");
         return with_allow(res);
     }
     if req.method() == Method::OPTIONS {
@@ -236,10 +236,7 @@ fn answer_method<B>(req: &mut Request<B>) -> Option<Response<GatewayBody>> {
             }
             None => {
                 tracing::debug!("Max-Forwards refused");
-                Some(local_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad Max-Forwards\n",
-                ))
+                Some(refuse(Refusal::MaxForwards, "bad Max-Forwards\n"))
             }
         };
     }
@@ -247,7 +244,7 @@ fn answer_method<B>(req: &mut Request<B>) -> Option<Response<GatewayBody>> {
         return None;
     }
     tracing::debug!(method = %req.method(), "method not implemented");
-    let res = local_response(StatusCode::NOT_IMPLEMENTED, "method not implemented\n");
+    let res = refuse(Refusal::UnknownMethod, "method not implemented\n");
     with_allow(res)
 }
 
@@ -767,10 +764,7 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     }
     if let Some(e @ ProxyError::LocalResources { .. }) = find::<ProxyError>(err) {
         tracing::debug!(error = %e, "backend connect failed: the gateway is out of resources");
-        return local_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "gateway out of resources\n",
-        );
+        return backend_error(BackendError::LocalResources, "gateway out of resources\n");
     }
     tracing::debug!(error = %err, "backend failed");
     let why = if find::<UnknownCoding>(err).is_some() {

@@ -33,8 +33,12 @@ pub enum Refusal {
     BadTarget,
     /// `400`: no `Host` in an HTTP/1.1 request, several, or an invalid one.
     BadHost,
-    /// `405`: `CONNECT` (the gateway is no tunnel).
+    /// `405`: `CONNECT` (the gateway is no tunnel) or `TRACE` (cross-site tracing).
     Method,
+    /// `501`: a method outside the gateway's `Allow` list.
+    UnknownMethod,
+    /// `400`: an `OPTIONS` request whose `Max-Forwards` is not one number.
+    MaxForwards,
     /// `400`: a request body that was malformed or cut off.
     BadBody,
     /// `408`: the request body was still awaited at the backend timeout.
@@ -57,6 +61,8 @@ impl Refusal {
             Self::BadTarget => "bad_target",
             Self::BadHost => "bad_host",
             Self::Method => "method",
+            Self::UnknownMethod => "unknown_method",
+            Self::MaxForwards => "max_forwards",
             Self::BadBody => "bad_body",
             Self::BodyStall => "body_stall",
             Self::BodyTooLarge => "body_too_large",
@@ -69,9 +75,10 @@ impl Refusal {
     /// The status the client gets.
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::BadTarget | Self::BadHost | Self::BadBody | Self::Parse => {
+            Self::BadTarget | Self::BadHost | Self::BadBody | Self::Parse | Self::MaxForwards => {
                 StatusCode::BAD_REQUEST
             }
+            Self::UnknownMethod => StatusCode::NOT_IMPLEMENTED,
             Self::Method => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyStall => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -135,6 +142,9 @@ pub enum BackendError {
     TransferCoding,
     /// `502`: any other failure of the backend (reset, a malformed answer).
     Failed,
+    /// `503`: the gateway could not connect for want of its own resources (descriptors,
+    /// memory, local ports); not the backend's failure.
+    LocalResources,
 }
 
 impl BackendError {
@@ -147,13 +157,16 @@ impl BackendError {
             Self::Connect => "connect",
             Self::TransferCoding => "transfer_coding",
             Self::Failed => "failed",
+            Self::LocalResources => "local_resources",
         }
     }
 
     /// The status the client gets.
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::NoBackend | Self::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoBackend | Self::BreakerOpen | Self::LocalResources => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect | Self::TransferCoding | Self::Failed => StatusCode::BAD_GATEWAY,
         }

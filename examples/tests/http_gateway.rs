@@ -18,8 +18,6 @@ mod balance;
 #[allow(dead_code)]
 #[path = "../http-gateway/client_body.rs"]
 mod client_body;
-#[allow(dead_code)] // of the shared helpers this test uses `example_bin` only
-mod common;
 #[allow(dead_code)]
 #[path = "../http-gateway/gateway.rs"]
 mod gateway;
@@ -2167,11 +2165,15 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
             streamed.extend_from_slice(b"\r\n");
         }
         streamed.extend_from_slice(b"0\r\n\r\n");
-        let requests: [(&str, &[u8], &str); 15] = [
+        let requests: [(&str, &[u8], &str); 19] = [
             ("absolute-form", b"GET http://other.test/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
             ("asterisk-form", b"GET * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "400"),
             ("OPTIONS *, answered", b"OPTIONS * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "200"),
             ("CONNECT", b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\nConnection: close\r\n\r\n", "405"),
+            ("TRACE", b"TRACE / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "405"),
+            ("unknown method", b"FOO / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", "501"),
+            ("bad Max-Forwards", b"OPTIONS / HTTP/1.1\r\nHost: gw\r\nMax-Forwards: x\r\nConnection: close\r\n\r\n", "400"),
+            ("HTTP/1.0 without Host", b"GET / HTTP/1.0\r\n\r\n", "400"),
             ("no Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
             ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n", "400"),
             ("gzip, chunked", b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "501"),
@@ -2186,8 +2188,12 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
         ];
         for (what, req, status) in requests {
             let out = raw(gw.addr, req).await;
+            // HTTP/1.1, or HTTP/1.0 to an HTTP/1.0 request.
             assert!(
-                out.starts_with(&format!("HTTP/1.1 {status}")),
+                out.starts_with("HTTP/1.")
+                    && out
+                        .get(8..)
+                        .is_some_and(|rest| rest.starts_with(&format!(" {status}"))),
                 "{what}: {out}"
             );
         }
@@ -2216,14 +2222,16 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
         let text = scrape(endpoint).await;
         let expected = [
             ("bad_body", 1),
-            ("bad_host", 2),
+            ("bad_host", 3),
             ("bad_target", 2),
             ("body_stall", 1),
             ("body_too_large", 2),
             ("headers_too_large", 3),
-            ("method", 1),
+            ("max_forwards", 1),
+            ("method", 2),
             ("parse", 1),
             ("transfer_coding", 1),
+            ("unknown_method", 1),
         ];
         let expected: BTreeMap<String, u64> = expected.map(|(r, n)| (r.to_string(), n)).into();
         assert_eq!(
@@ -2480,7 +2488,17 @@ async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error()
     let err = send(addr, req).await.expect_err("over the rate");
     assert!(closed_by_peer(&*err), "{err:?}");
 
-    let text = scrape(metrics).await;
+    // A connection is counted when its task ends, which can be just after its client
+    // saw the close: scrape until both served connections are in.
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let text = scrape(metrics).await;
+        let ok = sample(&text, r#"aegis_connections_total{outcome="ok"}"#);
+        if ok.is_some_and(|n| n >= 2.0) || Instant::now() >= deadline {
+            break text;
+        }
+        sleep(Duration::from_millis(20)).await;
+    };
     let series = |s: &str| sample(&text, s);
     assert_eq!(
         series(r#"aegis_rejections_total{layer="rate_limit",reason="per_client"}"#),
@@ -2550,6 +2568,8 @@ fn skipped(test: &str, why: &str) {
 struct ChildGateway {
     child: std::process::Child,
     addr: SocketAddr,
+    /// Its `--metrics` endpoint (not the default port: tests run side by side).
+    metrics: SocketAddr,
     log: std::path::PathBuf,
 }
 
@@ -2571,12 +2591,13 @@ impl ChildGateway {
             std::process::id()
         ));
         for _attempt in 0..3 {
-            let addr = common::free_port();
+            let (addr, metrics) = (common::free_port(), common::free_port());
             let out = std::fs::File::create(&log).unwrap();
             let child = std::process::Command::new(PRLIMIT)
                 .arg(format!("--nofile={soft}:{hard}"))
                 .arg(&bin) // prlimit execs it: the child's pid is the gateway's
                 .args(["--listen", &addr.to_string()])
+                .args(["--metrics", &metrics.to_string()])
                 .args(["--backend", &backend.to_string()])
                 .env("RUST_LOG", "info")
                 .env("NO_COLOR", "1")
@@ -2588,6 +2609,7 @@ impl ChildGateway {
             let mut gw = Self {
                 child,
                 addr,
+                metrics,
                 log: log.clone(),
             };
             let deadline = Instant::now() + WAIT;
@@ -2755,4 +2777,13 @@ async fn a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failur
         "the backend's breaker counted the gateway's shortage: {out}"
     );
     assert_eq!(b0.hits(), 1);
+    let text = scrape(gw.metrics).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"aegis_http_backend_errors_total{reason="local_resources"}"#
+        ),
+        Some(6.0),
+        "/metrics:\n{text}"
+    );
 }
