@@ -118,19 +118,36 @@ impl Mosquitto {
     /// Starts a broker on a free port, logging what mosquitto logs by default.
     #[allow(dead_code)] // stack, breaker, mqtt_gateway
     pub async fn start() -> Self {
-        Self::start_on(free_port().port(), false).await
+        Self::start_fresh(false).await
     }
 
     /// Starts a broker on a free port that logs everything (`log_type all`: each
     /// connection and each packet it receives), for tests that read [`Mosquitto::log`].
     #[allow(dead_code)] // mqtt_e2e
     pub async fn start_logging_everything() -> Self {
-        Self::start_on(free_port().port(), true).await
+        Self::start_fresh(true).await
     }
 
-    async fn start_on(port: u16, everything: bool) -> Self {
+    /// Starts a broker on a free port. The port is free when picked, not held: two tests
+    /// starting brokers at once can be given the same one, and the broker that loses
+    /// exits at start-up. Each try gets a port and a directory of its own.
+    async fn start_fresh(everything: bool) -> Self {
+        let mut failure = String::new();
+        for _ in 0..5 {
+            let mut broker = Self::configure(free_port().port(), everything);
+            match broker.try_restart().await {
+                Ok(()) => return broker,
+                Err(why) => failure = why,
+            }
+        }
+        panic!("{failure}");
+    }
+
+    fn configure(port: u16, everything: bool) -> Self {
+        static TRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = TRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
-            std::env::temp_dir().join(format!("aegis-mosquitto-{}-{port}", std::process::id()));
+            std::env::temp_dir().join(format!("aegis-mosquitto-{}-{n}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // `log_dest stderr` is unbuffered, and stderr is a file opened by us, so it stays
         // writable after mosquitto drops root privileges.
@@ -147,13 +164,11 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let mut broker = Self {
+        Self {
             child: None,
             port,
             dir,
-        };
-        broker.restart().await;
-        broker
+        }
     }
 
     /// The broker's address.
@@ -163,7 +178,16 @@ impl Mosquitto {
 
     /// Starts the broker process on its port (again, after [`Mosquitto::stop`]) with a
     /// fresh log, and waits until it listens.
+    #[allow(dead_code)] // breaker, http_gateway
     pub async fn restart(&mut self) {
+        if let Err(failure) = self.try_restart().await {
+            panic!("{failure}");
+        }
+    }
+
+    /// [`restart`](Self::restart), with a failure to start returned (the broker's log
+    /// included) rather than a panic.
+    async fn try_restart(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "mosquitto is already running");
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "mosquitto"]
             .into_iter()
@@ -195,7 +219,7 @@ impl Mosquitto {
             }
             if self.log().contains(" running") {
                 self.child = Some(child);
-                return;
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 break format!("mosquitto did not start listening on {}", self.addr());
@@ -204,7 +228,7 @@ impl Mosquitto {
         };
         let _ = child.kill();
         let _ = child.wait();
-        panic!("{failure}; its log:\n{}", self.log());
+        Err(format!("{failure}; its log:\n{}", self.log()))
     }
 
     /// Kills the broker and waits for it: its port refuses connects from here on.
