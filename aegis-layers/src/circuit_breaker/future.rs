@@ -59,6 +59,43 @@ impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
     }
 }
 
+/// How a call through the breaker ended: failed fast, or completed with its admission's
+/// guard still to record (and the classifier to judge it by).
+enum Ended<'a, T, C> {
+    Open(Rejected),
+    Called {
+        res: Result<T, BoxError>,
+        guard: Guard,
+        classifier: &'a C,
+    },
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    /// Polls the call to its end; what is recorded is the caller's choice.
+    fn poll_ended<T, E>(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended<'_, T, C>>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        Poll::Ready(match self.project().state.project() {
+            StateProj::Called {
+                fut,
+                guard,
+                classifier,
+            } => {
+                let res = ready!(fut.poll(cx)).map_err(Into::into);
+                let guard = guard.take().expect("polled after completion");
+                Ended::Called {
+                    res,
+                    guard,
+                    classifier,
+                }
+            }
+            StateProj::Open { err } => Ended::Open(err.take().expect("polled after completion")),
+        })
+    }
+}
+
 impl<F, T, E, C> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
@@ -68,24 +105,19 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called {
-                fut,
+        Poll::Ready(match ready!(self.poll_ended(cx)) {
+            Ended::Called {
+                res,
                 guard,
                 classifier,
             } => {
-                let res = ready!(fut.poll(cx)).map_err(Into::into);
-                if let Some(guard) = guard.take() {
-                    let outcome = classifier
-                        .classify(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)));
-                    guard.record(outcome);
-                }
-                Poll::Ready(res)
+                let outcome =
+                    classifier.classify(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)));
+                guard.record(outcome);
+                res
             }
-            StateProj::Open { err } => {
-                Poll::Ready(Err(err.take().expect("polled after completion").into()))
-            }
-        }
+            Ended::Open(err) => Err(err.into()),
+        })
     }
 }
 
@@ -124,25 +156,19 @@ where
     type Output = Result<FirstRead<T>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.project().state.project() {
-            StateProj::Called {
-                fut,
+        Poll::Ready(match ready!(self.project().inner.poll_ended(cx)) {
+            Ended::Called {
+                res: Ok(io), guard, ..
+            } => Ok(FirstRead::new(io, guard)),
+            Ended::Called {
+                res: Err(e),
                 guard,
                 classifier,
             } => {
-                let res = ready!(fut.poll(cx)).map_err(Into::into);
-                let guard = guard.take().expect("polled after completion");
-                Poll::Ready(match res {
-                    Ok(io) => Ok(FirstRead::new(io, guard)),
-                    Err(e) => {
-                        guard.record(classifier.classify(Err(&*e as &(dyn Error + 'static))));
-                        Err(e)
-                    }
-                })
+                guard.record(classifier.classify(Err(&*e as &(dyn Error + 'static))));
+                Err(e)
             }
-            StateProj::Open { err } => {
-                Poll::Ready(Err(err.take().expect("polled after completion").into()))
-            }
-        }
+            Ended::Open(err) => Err(err.into()),
+        })
     }
 }
