@@ -94,13 +94,48 @@ pub(crate) struct Ctx5 {
     pub(crate) limits: Option<ServerLimits>,
 }
 
-const ACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
-const REL_CODES: &[u8] = &[0x00, 0x92];
-const AUTH_CODES: &[u8] = &[0x00, 0x18, 0x19];
-const DISCONNECT_CODES: &[u8] = &[
-    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95,
-    0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
-];
+/// A packet's reason codes (MQTT 5.0), split by who may send them: every code of the
+/// packet's table is in `client` or `server_only`. This module validates what a client
+/// sends, so a server-only code is a protocol error, `server_only_error`.
+struct Codes {
+    /// The codes a client may send.
+    client: &'static [u8],
+    /// The codes of the packet's table that only a server sends.
+    server_only: &'static [u8],
+    /// The refusal of a code of `server_only` from a client.
+    server_only_error: &'static str,
+}
+
+/// PUBACK and PUBREC (§3.4.2.1, §3.5.2.1): all from the receiver of the PUBLISH, a client
+/// too, but 0x10 No matching subscribers, "sent only by the Server".
+const ACK_CODES: Codes = Codes {
+    client: &[0x00, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99],
+    server_only: &[0x10],
+    server_only_error: "PUBACK or PUBREC reason code 0x10 (No matching subscribers) is the server's",
+};
+/// PUBREL and PUBCOMP (§3.6.2.1, §3.7.2.1): both codes from either side.
+const REL_CODES: Codes = Codes {
+    client: &[0x00, 0x92],
+    server_only: &[],
+    server_only_error: "",
+};
+/// AUTH (§3.15.2.1, Table 3-11): 0x00 Success is sent by the server, 0x18 Continue
+/// authentication by either, 0x19 Re-authenticate by the client.
+const AUTH_CODES: Codes = Codes {
+    client: &[0x18, 0x19],
+    server_only: &[0x00],
+    server_only_error: "AUTH reason code 0x00 (Success) is the server's",
+};
+/// DISCONNECT (§3.14.2.1, Table 3-10), by its "Sent by" column.
+const DISCONNECT_CODES: Codes = Codes {
+    client: &[
+        0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+    ],
+    server_only: &[
+        0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+    ],
+    server_only_error: "DISCONNECT reason code only the server may send",
+};
 
 /// Validates a packet after the CONNECT, given its fixed header byte and body.
 pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, MqttError> {
@@ -132,9 +167,9 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
             let id = packet_id(&mut r)?;
             if v5 {
                 let codes = if matches!(kind, 4 | 5) {
-                    ACK_CODES
+                    &ACK_CODES
                 } else {
-                    REL_CODES
+                    &REL_CODES
                 };
                 reason_and_props(&mut r, codes, Ctx::Ack)?;
             }
@@ -152,7 +187,7 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
         14 => {
             let mut code = 0;
             if v5 {
-                let (c, props) = reason_and_props(&mut r, DISCONNECT_CODES, Ctx::Disconnect)?;
+                let (c, props) = reason_and_props(&mut r, &DISCONNECT_CODES, Ctx::Disconnect)?;
                 if ctx.session_expiry_zero && props.session_expiry.is_some_and(|s| s != 0) {
                     return Err(MqttError::ProtocolError(
                         "non-zero session expiry in DISCONNECT after 0 in CONNECT",
@@ -170,9 +205,10 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
                     "AUTH without an authentication method in CONNECT",
                 ));
             }
-            let (code, props) = reason_and_props(&mut r, AUTH_CODES, Ctx::Auth)?;
+            // An empty AUTH is 0x00 Success, which a client may not send: refused here.
+            let (code, props) = reason_and_props(&mut r, &AUTH_CODES, Ctx::Auth)?;
             end(&r)?;
-            if !body.is_empty() && props.auth_method.is_none() {
+            if props.auth_method.is_none() {
                 return Err(MqttError::ProtocolError(
                     "AUTH without an authentication method",
                 ));
@@ -199,19 +235,21 @@ fn end(r: &Reader<'_>) -> Result<(), MqttError> {
     }
 }
 
-/// MQTT 5 reason code and properties, both optional at the end of a packet.
+/// MQTT 5 reason code and properties, both optional at the end of a packet (an absent
+/// reason code is 0x00, checked like a present one).
 fn reason_and_props<'a>(
     r: &mut Reader<'a>,
-    codes: &[u8],
+    codes: &Codes,
     ctx: Ctx,
 ) -> Result<(u8, properties::Props<'a>), MqttError> {
-    if r.is_empty() {
-        return Ok((0, properties::Props::default()));
-    }
-    let code = r.u8()?;
-    if !codes.contains(&code) {
+    let code = if r.is_empty() { 0 } else { r.u8()? };
+    if !codes.client.contains(&code) {
         return Err(MqttError::ProtocolError(
-            "reason code not valid for this packet",
+            if codes.server_only.contains(&code) {
+                codes.server_only_error
+            } else {
+                "reason code not valid for this packet"
+            },
         ));
     }
     let props = if r.is_empty() {

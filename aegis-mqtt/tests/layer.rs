@@ -254,6 +254,37 @@ async fn v5_later_violation_gets_a_disconnect_then_close() {
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
 }
 
+/// A DISCONNECT reason code only a server may send (0x8B Server shutting down, 5.0
+/// Table 3-10) from a client is a protocol error [MQTT-3.14.2-1]: DISCONNECT 0x82 after
+/// the broker's CONNACK, and the broker never gets the client's DISCONNECT (it would
+/// read it as the client's normal end). 0x04, a client's own code, goes through.
+#[tokio::test]
+async fn v5_client_disconnect_with_a_server_only_code_gets_0x82_and_never_reaches_the_inner_service()
+ {
+    let publish = B::new().s("a/b").props(&[]).raw(b"ok").frame(0x30);
+    let shutting_down = [0xE0, 0x02, 0x8B, 0x00];
+    let bytes = [connect_v5(), publish.clone(), shutting_down.to_vec()].concat();
+    let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
+    assert!(result.is_ok());
+    assert_eq!(
+        seen.unwrap(),
+        (
+            [connect_v5(), publish.clone()].concat(),
+            Err(io::ErrorKind::InvalidData)
+        )
+    );
+    assert_eq!(
+        answer,
+        [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
+    );
+    let with_will = [0xE0, 0x02, 0x04, 0x00];
+    let bytes = [connect_v5(), publish, with_will.to_vec()].concat();
+    let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes.clone()).await;
+    assert!(result.is_ok());
+    assert_eq!(seen.unwrap(), (bytes, Ok(())));
+    assert_eq!(answer, CONNACK_V5);
+}
+
 #[tokio::test]
 async fn v3_later_violation_just_closes() {
     let bytes = [connect_v4(), vec![0xC1, 0x00]].concat();

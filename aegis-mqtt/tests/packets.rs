@@ -213,12 +213,35 @@ fn acks_v5() {
             "malformed"
         );
     }
-    assert_eq!(v5(&B::new().u16(5).u8(0x10).frame(0x40)), Ok(()));
+    // 0x10 is in the PUBACK and PUBREC tables, but not the PUBREL one
     assert_eq!(
         label(v5(&B::new().u16(5).u8(0x10).frame(0x62))),
         "protocol_error"
     );
     assert_eq!(v5(&B::new().u16(5).u8(0x92).frame(0x62)), Ok(()));
+}
+
+#[test]
+fn acks_v5_reason_codes_a_client_may_send() {
+    // §3.4.2.1 / §3.5.2.1: every PUBACK and PUBREC code but 0x10 may come from the
+    // receiver of a PUBLISH, a client too
+    for first in [0x40, 0x50] {
+        for code in [0x00, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99] {
+            assert_eq!(
+                v5(&B::new().u16(5).u8(code).props(&[]).frame(first)),
+                Ok(()),
+                "{first:#04x} {code:#04x}"
+            );
+        }
+        // 0x10 No matching subscribers: "This is sent only by the Server"
+        assert_eq!(
+            v5(&B::new().u16(5).u8(0x10).frame(first)),
+            Err(MqttError::ProtocolError(
+                "PUBACK or PUBREC reason code 0x10 (No matching subscribers) is the server's"
+            )),
+            "{first:#04x}"
+        );
+    }
 }
 
 #[test]
@@ -448,7 +471,7 @@ fn disconnect_v5() {
     assert_eq!(label(v5(&[0xE0, 0x01, 0x05])), "protocol_error");
     // server reference is server-only
     assert_eq!(
-        v5(&B::new().u8(0x9C).props(&[0x1C, 0, 1, b's']).frame(0xE0)),
+        v5(&B::new().u8(0x00).props(&[0x1C, 0, 1, b's']).frame(0xE0)),
         Err(MqttError::ProtocolError("server reference from a client"))
     );
     // §3.14.2.2.2: session expiry 0 in CONNECT, non-zero in DISCONNECT
@@ -464,6 +487,47 @@ fn disconnect_v5() {
         .s("c")
         .frame(0x10);
     assert!(session_after(&c).validate(&f).is_ok());
+}
+
+#[test]
+fn disconnect_v5_reason_codes_by_sender() {
+    // [MQTT-3.14.2-1], Table 3-10's "Sent by" column: a client may send these ...
+    let client = [
+        0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+    ];
+    for code in client {
+        assert_eq!(v5(&[0xE0, 0x01, code]), Ok(()), "{code:#04x}");
+        assert_eq!(
+            session_after(&connect_v5()).validate(&[0xE0, 0x02, code, 0x00]),
+            Ok(Packet::Disconnect(code)),
+            "{code:#04x}"
+        );
+    }
+    // ... and these only the server
+    let server = [
+        0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+    ];
+    for code in server {
+        assert_eq!(
+            v5(&B::new().u8(code).props(&[]).frame(0xE0)),
+            Err(MqttError::ProtocolError(
+                "DISCONNECT reason code only the server may send"
+            )),
+            "{code:#04x}"
+        );
+    }
+    // the rest of the byte is in neither column
+    for code in 0..=u8::MAX {
+        if !client.contains(&code) && !server.contains(&code) {
+            assert_eq!(
+                v5(&[0xE0, 0x01, code]),
+                Err(MqttError::ProtocolError(
+                    "reason code not valid for this packet"
+                )),
+                "{code:#04x}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -496,6 +560,14 @@ fn auth_v5() {
     // [MQTT-3.15.2-1] reason codes
     let f = B::new().u8(0x01).props(&[0x15, 0, 1, b'm']).frame(0xF0);
     assert_eq!(label(session_after(&c).validate(&f)), "protocol_error");
+    // Table 3-11: 0x18 from either side, 0x19 from the client, 0x00 (Success) from
+    // the server alone, also when it is implied by an empty AUTH
+    let f = B::new().u8(0x19).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    assert_eq!(session_after(&c).validate(&f), Ok(Packet::Auth(0x19)));
+    let success = MqttError::ProtocolError("AUTH reason code 0x00 (Success) is the server's");
+    let f = B::new().u8(0x00).props(&[0x15, 0, 1, b'm']).frame(0xF0);
+    assert_eq!(session_after(&c).validate(&f), Err(success));
+    assert_eq!(session_after(&c).validate(&[0xF0, 0x00]), Err(success));
     // §3.15.2.2.2 the method must be there
     let f = B::new().u8(0x18).props(&[]).frame(0xF0);
     assert_eq!(

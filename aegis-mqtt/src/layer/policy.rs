@@ -1038,7 +1038,7 @@ mod tests {
             Packet::PubRel(1),
             Packet::PubComp(1),
             Packet::Disconnect(0),
-            Packet::Auth(0),
+            Packet::Auth(0x18),
         ] {
             assert!(matches!(p.check(&packet, 4), Verdict::Forward));
         }
