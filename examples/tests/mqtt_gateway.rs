@@ -2391,6 +2391,11 @@ fn config_errors_exit_2_and_name_the_key() {
             "circuit_breaker.open_for",
         ),
         (
+            "a circuit open for less than the CONNACK timeout (5s) its probe waits on",
+            "[circuit_breaker]\nopen_for = \"1s\"\n",
+            "circuit_breaker.open_for",
+        ),
+        (
             "an eviction interval past tokio's clock",
             "[limits]\nevict_every = \"300000000000y\"\n",
             "limits.evict_every",
@@ -2653,6 +2658,11 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
     let accepted = [
         // adaptive.threshold against mqtt.connack_timeout (5s).
         "[adaptive]\nthreshold = \"10s\"\n",
+        // circuit_breaker.open_for against mqtt.connack_timeout, the breaker off, the
+        // CONNACK timeout off, the MQTT layer off.
+        "[circuit_breaker]\nenabled = false\nopen_for = \"1s\"\n",
+        "[circuit_breaker]\nopen_for = \"1s\"\n[mqtt]\nconnack_timeout = \"0s\"\n",
+        "[circuit_breaker]\nopen_for = \"1s\"\n[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n",
         // adaptive.enabled against limits.enabled.
         "[limits]\nenabled = false\n",
         // slowloris.handshake against mqtt.enabled.
