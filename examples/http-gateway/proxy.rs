@@ -485,26 +485,39 @@ impl Service<Request<GatewayBody>> for Upstream {
 
 /// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
 /// connecting to the backend at `addr` failed for lack of this host's descriptors, memory
-/// or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`, as
-/// [`ProxyError::from_connect`] tells them): the breaker's classifier ignores it, and the
+/// or local ports ([`as_local_resources`]): the breaker's classifier ignores it, and the
 /// client gets `503` ([`error_response`]). As hyper-util's error it was the backend's
 /// failure: a client that used up the gateway's descriptors (the connection cap now
 /// leaves room, see `nofile`) got `502`s counted against every backend, and their
 /// circuits stayed open after it left.
 fn local_resources(err: hyper_util::client::legacy::Error, addr: Option<SocketAddr>) -> BoxError {
-    if let Some(addr) = addr
-        && err.is_connect()
-        && let Some(io) = find::<std::io::Error>(&err)
-    {
-        let source = io
-            .raw_os_error()
-            .map_or_else(|| io.kind().into(), std::io::Error::from_raw_os_error);
-        let err = ProxyError::from_connect(addr, source);
-        if matches!(err, ProxyError::LocalResources { .. }) {
-            return err.into();
-        }
+    match addr.and_then(|addr| as_local_resources(&err, addr)) {
+        Some(local) => local.into(),
+        None => err.into(),
     }
-    err.into()
+}
+
+/// [`ProxyError::LocalResources`] when `err`, a failed call of a hyper-util client to
+/// `addr`, is a connect that failed for lack of this host's descriptors, memory or local
+/// ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`, as
+/// [`ProxyError::from_connect`] tells them); `None` for any other failure. The proxy
+/// answers it `503` ([`local_resources`]), and the health check leaves the backend's
+/// verdict as it was (`crate::health`).
+pub fn as_local_resources(
+    err: &hyper_util::client::legacy::Error,
+    addr: SocketAddr,
+) -> Option<ProxyError> {
+    if !err.is_connect() {
+        return None;
+    }
+    let io = find::<std::io::Error>(err)?;
+    let source = io
+        .raw_os_error()
+        .map_or_else(|| io.kind().into(), std::io::Error::from_raw_os_error);
+    match ProxyError::from_connect(addr, source) {
+        local @ ProxyError::LocalResources { .. } => Some(local),
+        _ => None,
+    }
 }
 
 /// The backend's own time of a call made at `start`, up to `now`: the call's time less
