@@ -130,7 +130,9 @@ pub struct Config {
     pub health_interval: Duration,
     /// Health checks: the time a probe has.
     pub health_timeout: Duration,
-    /// Health checks: failed and passed probes in a row that change a verdict.
+    /// Health checks: failed and passed probes in a row that change a verdict. A probe the
+    /// gateway could not make for want of its own descriptors, memory or local ports is
+    /// neither, and breaks no streak (see `health`).
     pub health_thresholds: Thresholds,
     /// The ramp of a backend that comes back.
     pub warmup: Duration,

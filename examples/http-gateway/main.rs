@@ -37,7 +37,9 @@
 //! method `501`; an `OPTIONS` with `Max-Forwards: 0` is answered `200` by the gateway,
 //! and one with a greater value is forwarded with it one less, RFC 9110 §7.6.2),
 //! and a smooth weighted round-robin over the backends that skips open circuit breakers
-//! and backends failing `GET /healthz` twice in a row (checked every 5 s), and ramps a
+//! and backends failing `GET /healthz` twice in a row (checked every 5 s; a check the
+//! gateway cannot make for want of its own descriptors, memory or local ports counts
+//! neither way, and the backend keeps its verdict), and ramps a
 //! recovered backend up over 30 s. With no backend left: `503`. A backend's breaker
 //! opens after 5 failures in a row for 10 s, and counts as failures only what shows the
 //! backend failing: a connection refused or reset, a timeout, and the backend's own
@@ -65,6 +67,7 @@
 //! | `aegis_rejections_total` | counter | `layer="proxy_protocol"`, `reason`: `untrusted`, `missing`, `timeout`, `too_long`, `invalid`, `eof`, `io` | with `--trusted-proxy` only: PROXY protocol headers refused |
 //! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls to a backend its open breaker failed fast (the client got `503`, also counted `breaker_open` below) |
 //! | `aegis_http_backend_errors_total` | counter | `reason`: `no_backend`, `breaker_open`, `timeout`, `connect`, `transfer_coding`, `failed`, `local_resources` | the gateway's own answer where a backend's was wanted: `503` with no backend available (`no_backend`) or the chosen one's breaker refusing the call (`breaker_open`), `504` when a backend did not answer within its 30 s (`timeout`), `502` when the connection to it failed (`connect`), it answered in a transfer coding the gateway does not implement (`transfer_coding`), or failed otherwise (`failed`), and `503` when the gateway could not connect for want of its own descriptors, memory or ports (`local_resources`, not counted against the backend's breaker) |
+//! | `aegis_http_health_checks_total` | counter | `outcome`: `passed`, `failed`, `local_resources` | the health checks of the backends (`GET /healthz` every 5 s): answered `2xx` (`passed`), not, or not within 2 s (`failed`), or not made because the gateway could not connect for want of its own descriptors, memory or ports (`local_resources`: the backend keeps its verdict; logged at debug, and warned at most once a minute) |
 //! | `aegis_circuit_state`, `aegis_circuit_transitions_total` | gauge, counter | `name`: `backend0`, `backend1`, ... in `--backend` order (`to` for the transitions) | each backend's breaker: 0 closed, 1 half-open, 2 open |
 //! | `aegis_adaptive_rate`, `aegis_adaptive_p95_seconds`, `aegis_adaptive_decisions_total` | gauge, gauge, counter | `name="http_gateway"` (`direction` for the decisions) | the latency controller: the admitted per-client rate, the backends' P95 it decided on, its decisions |
 //! | `aegis_rate_limit_keys`, `aegis_rate_limit_evictions_total`, `aegis_rate_limit_overflow_total` | gauge, counter, counter | `limiter="per_client"` | the rate limiter's client addresses tracked |
@@ -87,9 +90,11 @@
 //! socket and a backend connection), with a warning when that cuts it: out of
 //! descriptors, accepts would fail and new clients wait in the backlog instead of being
 //! reset at the cap. A backend connect that fails for lack of the gateway's own
-//! descriptors, memory or ports is answered `503` and not counted against the backend.
+//! descriptors, memory or ports is answered `503` and not counted against the backend;
+//! a health check that fails so is skipped, and leaves the backend healthy or unhealthy
+//! as it was (counted `local_resources` in `aegis_http_health_checks_total`).
 //!
-//! Set `RUST_LOG=debug` to see rejections and health changes.
+//! Set `RUST_LOG=debug` to see rejections, health changes and skipped health checks.
 
 mod balance;
 mod client_body;

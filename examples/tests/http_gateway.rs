@@ -96,6 +96,8 @@ struct Seen {
     hits: AtomicUsize,
     /// `/healthz` requests served.
     health_checks: AtomicUsize,
+    /// Answer `/healthz` with `Connection: close`: each health check connects anew.
+    close_health_checks: AtomicBool,
     /// Answer `503` to every request but `/healthz`.
     fail: AtomicBool,
     /// The headers of the last request, `/healthz` excluded.
@@ -191,7 +193,12 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/healthz" {
         seen.health_checks.fetch_add(1, Ordering::SeqCst);
-        return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
+        let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+        if seen.close_health_checks.load(Ordering::SeqCst) {
+            res.headers_mut()
+                .insert("connection", "close".parse().unwrap());
+        }
+        return Ok(res);
     }
     seen.hits.fetch_add(1, Ordering::SeqCst);
     *seen.last_headers.lock() = Some(req.headers().clone());
@@ -2576,7 +2583,17 @@ struct ChildGateway {
 impl ChildGateway {
     /// Starts it and waits until it listens. The port is free when picked but not held
     /// until the gateway binds it: on "Address already in use" it is started again.
-    async fn start(name: &str, backend: SocketAddr, (soft, hard): (u64, u64)) -> Self {
+    async fn start(name: &str, backend: SocketAddr, limits: (u64, u64)) -> Self {
+        Self::start_logging(name, backend, limits, "info").await
+    }
+
+    /// [`start`](Self::start) with `RUST_LOG=rust_log`.
+    async fn start_logging(
+        name: &str,
+        backend: SocketAddr,
+        (soft, hard): (u64, u64),
+        rust_log: &str,
+    ) -> Self {
         let bin = common::example_bin(
             "http-gateway",
             &[
@@ -2599,7 +2616,7 @@ impl ChildGateway {
                 .args(["--listen", &addr.to_string()])
                 .args(["--metrics", &metrics.to_string()])
                 .args(["--backend", &backend.to_string()])
-                .env("RUST_LOG", "info")
+                .env("RUST_LOG", rust_log)
                 .env("NO_COLOR", "1")
                 .stdin(std::process::Stdio::null())
                 .stdout(out.try_clone().unwrap())
@@ -2799,4 +2816,108 @@ async fn a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failur
         Some(6.0),
         "/metrics:\n{text}"
     );
+}
+
+/// Whether a process holds a TCP connection to `to` still open (`/proc/net/tcp`: an
+/// entry whose remote end is `to`, `ESTABLISHED` or `CLOSE_WAIT`; in every other state
+/// the socket's descriptor is closed already).
+fn connected_to(to: SocketAddr) -> bool {
+    let SocketAddr::V4(to) = to else {
+        panic!("{to}: IPv4 only")
+    };
+    // The address as the kernel prints it: the 32 bits in memory order, then the port.
+    let rem = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(to.ip().octets()),
+        to.port()
+    );
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(2) == Some(&rem.as_str()) && matches!(f.get(3), Some(&"01" | &"08"))
+    })
+}
+
+/// A health check that could not get a descriptor (`socket()` failed with `EMFILE`) was
+/// the backend's failure: two of them in a row (5 s apart) marked it unhealthy, and the
+/// gateway answered `503` until a check got through again. The gateway's own shortage
+/// now leaves the backend's verdict as it was: the check is skipped, logged and counted.
+///
+/// The backend closes each health check's connection (`Connection: close`), so that each
+/// check connects anew; once the first one's connection is closed, the gateway's soft
+/// limit is lowered to its lowest free descriptor: none is left to connect with.
+#[tokio::test]
+async fn a_health_check_out_of_descriptors_leaves_the_backend_healthy() {
+    const TEST: &str = "a_health_check_out_of_descriptors_leaves_the_backend_healthy";
+    if !std::path::Path::new(PRLIMIT).exists() {
+        skipped(TEST, "no /usr/bin/prlimit");
+        return;
+    }
+    let b0 = Backend::start().await;
+    b0.seen.close_health_checks.store(true, Ordering::SeqCst);
+    let gw = ChildGateway::start_logging(
+        "health-emfile",
+        b0.addr,
+        (1024, 1024),
+        "info,http_gateway::health=debug",
+    )
+    .await;
+    let (_, hard) = gw.open_files_limit();
+    until("the first health check, its connection closed", || {
+        b0.seen.health_checks.load(Ordering::SeqCst) > 0 && !connected_to(b0.addr)
+    })
+    .await;
+    let fds = gw.fds();
+    let lowest = (0..).find(|fd| !fds.contains(fd)).unwrap();
+    gw.set_open_files_limit(lowest, hard);
+    let checks = b0.seen.health_checks.load(Ordering::SeqCst);
+
+    // The next two rounds (5 s apart; two failures in a row mark a backend unhealthy)
+    // find no descriptor.
+    let skips = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("health check skipped"))
+            .count()
+    };
+    until_within("two rounds of health checks", 3 * WAIT, || {
+        let log = gw.log();
+        skips(&log) >= 2 || log.contains("backend unhealthy")
+    })
+    .await;
+    let log = gw.log();
+    assert!(
+        !log.contains("backend unhealthy"),
+        "the gateway's shortage marked the backend unhealthy:\n{log}"
+    );
+    assert_eq!(
+        b0.seen.health_checks.load(Ordering::SeqCst),
+        checks,
+        "a check got a descriptor (limit {lowest}, descriptors {fds:?})"
+    );
+    assert_eq!(
+        log.matches("health checks skipped").count(),
+        1,
+        "one warning, then debug lines:\n{log}"
+    );
+
+    gw.set_open_files_limit(hard, hard);
+    let out = raw_get_from("127.0.0.97", gw.addr).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(b0.hits(), 1);
+    let text = scrape(gw.metrics).await;
+    let checked = |outcome: &str| {
+        sample(
+            &text,
+            &format!(r#"aegis_http_health_checks_total{{outcome="{outcome}"}}"#),
+        )
+    };
+    assert!(
+        checked("local_resources").is_some_and(|n| n >= 2.0),
+        "/metrics:\n{text}"
+    );
+    assert!(
+        checked("passed").is_some_and(|n| n >= 1.0),
+        "/metrics:\n{text}"
+    );
+    assert_eq!(checked("failed"), None, "/metrics:\n{text}");
 }
