@@ -2563,12 +2563,6 @@ async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error()
 /// util-linux's `prlimit`, in every Debian install.
 const PRLIMIT: &str = "/usr/bin/prlimit";
 
-/// Says on stderr, past libtest's capture, that `test` was skipped, and why.
-fn skipped(test: &str, why: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {why}");
-}
-
 /// The `http-gateway` binary run under `prlimit --nofile=SOFT:HARD` in front of one
 /// backend; its stdout and stderr (the log) in a file. Killed and waited for when
 /// dropped.
@@ -2722,7 +2716,7 @@ async fn raw_get_from(from: &str, addr: SocketAddr) -> String {
 async fn the_open_files_limit_is_raised_and_the_connection_cap_kept_within_it() {
     const TEST: &str = "the_open_files_limit_is_raised_and_the_connection_cap_kept_within_it";
     if !std::path::Path::new(PRLIMIT).exists() {
-        skipped(TEST, "no /usr/bin/prlimit");
+        common::skipped(TEST, "no /usr/bin/prlimit");
         return;
     }
     let b0 = Backend::start().await;
@@ -2776,7 +2770,7 @@ async fn the_open_files_limit_is_raised_and_the_connection_cap_kept_within_it() 
 async fn a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failure() {
     const TEST: &str = "a_backend_connect_out_of_descriptors_is_503_and_not_the_backends_failure";
     if !std::path::Path::new(PRLIMIT).exists() {
-        skipped(TEST, "no /usr/bin/prlimit");
+        common::skipped(TEST, "no /usr/bin/prlimit");
         return;
     }
     let b0 = Backend::start().await;
@@ -2850,7 +2844,7 @@ fn connected_to(to: SocketAddr) -> bool {
 async fn a_health_check_out_of_descriptors_leaves_the_backend_healthy() {
     const TEST: &str = "a_health_check_out_of_descriptors_leaves_the_backend_healthy";
     if !std::path::Path::new(PRLIMIT).exists() {
-        skipped(TEST, "no /usr/bin/prlimit");
+        common::skipped(TEST, "no /usr/bin/prlimit");
         return;
     }
     let b0 = Backend::start().await;

@@ -74,7 +74,7 @@ pub const REQUIRE_ALL_TESTS: &str = "AEGIS_REQUIRE_ALL_TESTS";
 /// libtest's capture, which keeps an `eprintln!` of a passing test out of sight unless
 /// `--nocapture` is given (it captures the print macros, not writes to
 /// `std::io::stderr()`). Under [`REQUIRE_ALL_TESTS`], panics with `why` instead.
-#[allow(dead_code)] // mqtt_gateway.rs
+#[allow(dead_code)] // mqtt_gateway.rs, http_gateway.rs
 #[track_caller]
 pub fn skipped(test: &str, why: &str) {
     use std::io::Write as _;
