@@ -33,12 +33,14 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// `CF-Pseudo-IPv4`, Fastly's `Fastly-Client-IP`, ingress-nginx's
 /// `X-Original-Forwarded-For`, DigitalOcean's `DO-Connecting-IP`, Google App Engine's
 /// `X-AppEngine-User-IP`, Envoy's `X-Envoy-External-Address`, Fly.io's
-/// `Fly-Client-IP`, Azure Front Door's `X-Azure-ClientIP` and `X-Azure-SocketIP`, and
-/// the older or unofficial `X-Client-IP`, `X-Cluster-Client-IP`, `Client-IP` (PHP's
+/// `Fly-Client-IP`, Azure Front Door's `X-Azure-ClientIP` and `X-Azure-SocketIP`,
+/// Oracle WebLogic's proxy plug-in's `WL-Proxy-Client-IP`, Google's `X-ProxyUser-Ip`,
+/// and the older or unofficial `X-Client-IP`, `X-Cluster-Client-IP`, `Client-IP` (PHP's
 /// `HTTP_CLIENT_IP`), `Forwarded-For`, `X-Originating-IP`, `X-Remote-IP` and
-/// `X-Remote-Addr`, which client-address helpers of PHP and Node.js frameworks still
-/// read.
-pub const CLIENT_ADDRESS_HEADERS: [&str; 20] = [
+/// `X-Remote-Addr`, which client-address helpers of PHP, Java and Node.js frameworks
+/// still read. `Proxy-Client-IP`, which the Java helpers read beside
+/// `WL-Proxy-Client-IP`, goes with every `Proxy-*` header ([`strip_hop_by_hop`]).
+pub const CLIENT_ADDRESS_HEADERS: [&str; 22] = [
     "forwarded",
     "x-real-ip",
     "true-client-ip",
@@ -52,6 +54,8 @@ pub const CLIENT_ADDRESS_HEADERS: [&str; 20] = [
     "fly-client-ip",
     "x-azure-clientip",
     "x-azure-socketip",
+    "wl-proxy-client-ip",
+    "x-proxyuser-ip",
     "x-client-ip",
     "x-cluster-client-ip",
     "client-ip",
@@ -748,6 +752,8 @@ mod tests {
             ("forwarded", "for=6.6.6.6"),
             ("x-real-ip", "6.6.6.6"),
             ("cf-connecting-ip", "6.6.6.6"),
+            ("wl-proxy-client-ip", "6.6.6.6"),
+            ("x-proxyuser-ip", "6.6.6.6"),
         ]);
         set_forwarded(&mut h, "::ffff:192.0.2.7".parse().unwrap());
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
@@ -764,6 +770,8 @@ mod tests {
             "forwarded",
             "x-real-ip",
             "cf-connecting-ip",
+            "wl-proxy-client-ip",
+            "x-proxyuser-ip",
         ] {
             assert!(h.get(name).is_none(), "{name}");
         }

@@ -665,6 +665,9 @@ async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
         ("fly-client-ip", "6.6.6.6"),
         ("x-azure-clientip", "6.6.6.6"),
         ("x-azure-socketip", "6.6.6.6"),
+        ("wl-proxy-client-ip", "6.6.6.6"),
+        ("proxy-client-ip", "6.6.6.6"), // a `Proxy-*` header
+        ("x-proxyuser-ip", "6.6.6.6"),
         // One variable with `X-Forwarded-For` (`HTTP_X_FORWARDED_FOR`) to a CGI-style
         // backend, and the same for the others.
         ("x_forwarded_for", "6.6.6.6"),
