@@ -8,7 +8,9 @@
 //! address in it; more are reset at accept, so that one client holding idle
 //! connections cannot starve the scraper and the probes), [`HEADER_TIMEOUT`] to send
 //! the request headers, [`CONNECTION_TIMEOUT`] in all, no keep-alive. It binds to
-//! loopback by default.
+//! loopback by default. The connections it resets are counted in
+//! `aegis_rejections_total{layer="metrics_endpoint"}`, `reason="concurrency"` over a
+//! client network's share and `reason="over_capacity"` over the endpoint's cap.
 //!
 //! The caps bound what the endpoint costs, not who may use it: four client networks
 //! ([`MAX_CONNECTIONS`] / [`MAX_PER_ADDRESS`]) that each hold their share, opening a new

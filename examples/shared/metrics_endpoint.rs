@@ -13,6 +13,13 @@
 //! more are reset at accept, so that one client holding idle connections cannot starve
 //! the scraper and the probes), [`HEADER_TIMEOUT`] to send the request headers,
 //! [`CONNECTION_TIMEOUT`] in all, no keep-alive.
+//!
+//! Its refusals are counted in `aegis_rejections_total{layer="metrics_endpoint"}`
+//! ([`REJECTION_LAYER`]), by `reason`: `concurrency` for a connection over its client
+//! network's [`MAX_PER_ADDRESS`] (the reason the rate limiter's own per-client
+//! connection cap gives), `over_capacity` for one over [`MAX_CONNECTIONS`] (the
+//! outcome `aegis_connections_total` gives a connection over the gateway's cap). Both
+//! series are registered when the server starts, at 0.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,6 +49,9 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a connection lasts at most, however slowly its client reads the answer.
 pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `layer` label of the endpoint's refusals in `aegis_rejections_total`.
+pub(crate) const REJECTION_LAYER: &str = "metrics_endpoint";
 
 /// Installs `builder`'s recorder (with no HTTP listener of its own) as the global
 /// `metrics` recorder, and starts its upkeep task.
@@ -88,6 +98,15 @@ where
     R: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
+    let refused = |reason: &'static str| {
+        metrics::counter!(
+            aegis_core::metrics::REJECTIONS_TOTAL,
+            "layer" => REJECTION_LAYER,
+            "reason" => reason,
+        )
+    };
+    // Registered now, so that both series read 0 until a refusal.
+    let (over_address_cap, over_cap) = (refused("concurrency"), refused("over_capacity"));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // The rate limiter's concurrency tier, keyed as the gateway's rate limits key.
     let per_address = Arc::new(ConcurrencyLimit::new(MAX_PER_ADDRESS));
@@ -109,10 +128,12 @@ where
         // (a plain drop would close with a FIN and leave a socket in FIN_WAIT2).
         let refuse = <tokio::net::TcpListener as aegis_core::serve::Listener>::refuse;
         let Some(slot) = per_address.acquire(key_by.key(peer.ip())) else {
+            over_address_cap.increment(1);
             refuse(stream);
             continue;
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            over_cap.increment(1);
             refuse(stream);
             continue;
         };

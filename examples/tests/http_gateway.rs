@@ -2525,6 +2525,17 @@ async fn the_binary_serves_metrics_and_a_taken_metrics_port_is_a_startup_error()
         Some(0.0),
         "/metrics:\n{text}"
     );
+    // The endpoint's own refusals (the shared server's, tested in mqtt_gateway.rs),
+    // there from the start.
+    for reason in ["concurrency", "over_capacity"] {
+        assert_eq!(
+            series(&format!(
+                r#"aegis_rejections_total{{layer="metrics_endpoint",reason="{reason}"}}"#
+            )),
+            Some(0.0),
+            "/metrics:\n{text}"
+        );
+    }
     assert!(
         series(r#"aegis_connections_total{outcome="ok"}"#).is_some_and(|n| n >= 2.0),
         "/metrics:\n{text}"

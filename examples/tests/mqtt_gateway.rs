@@ -790,6 +790,102 @@ async fn the_metrics_connection_cap_is_per_client_network() {
     drop(held);
 }
 
+/// The metrics endpoint counts its own refusals, both series there at 0 from the start:
+/// a connection over a client network's four in
+/// `aegis_rejections_total{layer="metrics_endpoint",reason="concurrency"}`, one over the
+/// endpoint's sixteen in `reason="over_capacity"`.
+#[tokio::test]
+async fn the_metrics_endpoints_own_refusals_are_counted() {
+    const PER_NETWORK: &str =
+        "aegis_rejections_total{layer=\"metrics_endpoint\",reason=\"concurrency\"}";
+    const OVER_CAP: &str =
+        "aegis_rejections_total{layer=\"metrics_endpoint\",reason=\"over_capacity\"}";
+    let gw = Gateway::start("metrics-refusals", "", &[]).await;
+    assert_eq!(gw.metric(PER_NETWORK).await, Some(0.0));
+    assert_eq!(gw.metric(OVER_CAP).await, Some(0.0));
+
+    // 127.0.0.2 takes its four places; a fifth from it is reset at accept, and counted
+    // before the next accept (a scrape from 127.0.0.1) is served.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from("127.0.0.2", gw.metrics).await);
+    }
+    assert!(reset_at_accept("127.0.0.2", gw.metrics).await);
+    assert_eq!(gw.metric(PER_NETWORK).await, Some(1.0));
+    assert_eq!(gw.metric(OVER_CAP).await, Some(0.0));
+
+    // The scrapes' connections closed on the endpoint's side too (they hold places
+    // until then), three more addresses take their four each, sixteen in all, and a
+    // seventeenth connection is over the endpoint's cap.
+    wait_connections(gw.pid(), 4).await;
+    for ip in ["127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        for _ in 0..4 {
+            held.push(connect_from(ip, gw.metrics).await);
+        }
+    }
+    assert!(reset_at_accept("127.0.0.6", gw.metrics).await);
+    drop(held);
+    wait_connections(gw.pid(), 0).await;
+    assert_eq!(gw.metric(OVER_CAP).await, Some(1.0));
+    assert_eq!(gw.metric(PER_NETWORK).await, Some(1.0));
+}
+
+/// Waits (bounded) until the gateway `pid` has `n` TCP connections open
+/// ([`descriptors`]).
+async fn wait_connections(pid: u32, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let connections = descriptors(pid).1;
+        if connections == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{connections} TCP connections open, not {n}, after {WAIT:?}"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The numbers of the descriptors `pid` has open, and how many of them are TCP
+/// connections (any state but listening, a closing one too), by
+/// `/proc/<pid>/net/tcp{,6}`.
+fn descriptors(pid: u32) -> (Vec<u32>, usize) {
+    let mut open = Vec::new();
+    let mut sockets = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(n) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        open.push(n);
+        // A descriptor closed meanwhile has no link left: it is not open.
+        if let Ok(link) = std::fs::read_link(entry.path()) {
+            let link = link.to_string_lossy().into_owned();
+            if let Some(inode) = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+            {
+                sockets.push(inode.to_owned());
+            }
+        }
+    }
+    let mut connections = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // st (0A: LISTEN) is the fourth field, the inode the tenth.
+            if fields.len() > 9 && fields[3] != "0A" && sockets.iter().any(|s| s == fields[9]) {
+                connections += 1;
+            }
+        }
+    }
+    (open, connections)
+}
+
 #[tokio::test]
 async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     let gw = Gateway::start("embedded", "", &[]).await;
