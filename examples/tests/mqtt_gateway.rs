@@ -87,6 +87,40 @@ fn gateway_bin() -> PathBuf {
 /// util-linux's `prlimit`, in every Debian install.
 const PRLIMIT: &str = "/usr/bin/prlimit";
 
+/// `strace`, for [`Launch::fsync_delay`].
+const STRACE: &str = "/usr/bin/strace";
+
+/// Why `strace` cannot trace a child here, if it cannot: not installed, or `ptrace` not
+/// allowed (a container's seccomp profile, Yama's `ptrace_scope`).
+fn no_strace() -> Option<String> {
+    if !Path::new(STRACE).exists() {
+        return Some(format!("no {STRACE}"));
+    }
+    let out = Command::new(STRACE)
+        .args(["-qq", "-o", "/dev/null", "/bin/true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (!out.status.success()).then(|| {
+        format!(
+            "strace cannot trace here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
+/// The process that traces `pid` (`TracerPid` in /proc/<pid>/status), if any.
+fn tracer_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&tracer| tracer != 0)
+}
+
 /// A scratch directory for one test's config file and the gateway's stderr.
 fn scratch(name: &str) -> PathBuf {
     let dir =
@@ -118,6 +152,10 @@ struct Launch {
     /// The gateway's open-files limit, soft and hard (`prlimit --nofile`); `None`: the
     /// test's own.
     nofile: Option<(u64, u64)>,
+    /// Holds every `fsync` of the gateway's for this long (a `strace` delay, such as
+    /// `"600s"`), as a disk that hangs would: `strace -D` traces it from a process of its
+    /// own, so that the child is still the gateway. Check [`no_strace`] first.
+    fsync_delay: Option<&'static str>,
 }
 
 impl Default for Launch {
@@ -127,6 +165,7 @@ impl Default for Launch {
             rust_log: Some("info,mqtt_gateway=debug"),
             cpus: None,
             nofile: None,
+            fsync_delay: None,
         }
     }
 }
@@ -194,14 +233,25 @@ impl Gateway {
             let [mqtt, metrics] = free_ports();
             let metrics_flag = format!("{}:{}", launch.metrics_ip, metrics.port());
             let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-            let mut command = match (&launch.cpus, launch.nofile) {
-                (Some(cpus), _) => {
+            let mut command = match (&launch.cpus, launch.nofile, launch.fsync_delay) {
+                (_, _, Some(delay)) => {
+                    // strace -D execs the gateway in this process and traces it from a
+                    // grandchild; the seccomp filter stops only the `fsync` calls.
+                    let mut strace = Command::new(STRACE);
+                    strace
+                        .args(["-D", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null"])
+                        .args(["-e", "trace=fsync", "-e"])
+                        .arg(format!("inject=fsync:delay_enter={delay}"))
+                        .arg(gateway_bin());
+                    strace
+                }
+                (Some(cpus), _, None) => {
                     // taskset execs the gateway: the child's pid is the gateway's.
                     let mut taskset = Command::new("/usr/bin/taskset");
                     taskset.args(["-c", cpus]).arg(gateway_bin());
                     taskset
                 }
-                (None, Some((soft, hard))) => {
+                (None, Some((soft, hard)), None) => {
                     // prlimit sets its own limit and execs the gateway, as taskset does.
                     let mut prlimit = Command::new(PRLIMIT);
                     prlimit
@@ -209,7 +259,7 @@ impl Gateway {
                         .arg(gateway_bin());
                     prlimit
                 }
-                (None, None) => Command::new(gateway_bin()),
+                (None, None, None) => Command::new(gateway_bin()),
             };
             command
                 .arg("--config")
@@ -280,6 +330,17 @@ impl Gateway {
         assert!(ok, "kill -{name} failed");
     }
 
+    /// Kills the process that traces the gateway ([`Launch::fsync_delay`]): the kernel
+    /// reports a traced process's exit to its parent only once its tracer has seen it,
+    /// and strace sees none while it holds a call back.
+    fn kill_tracer(&self) {
+        if let Some(tracer) = tracer_of(self.pid()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &tracer.to_string()])
+                .status();
+        }
+    }
+
     /// Whether the process still runs.
     fn running(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
@@ -344,7 +405,14 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let tracer = tracer_of(child.id());
             let _ = child.kill();
+            if let Some(tracer) = tracer {
+                // Else `wait` waits out strace's delay ([`Gateway::kill_tracer`]).
+                let _ = Command::new("kill")
+                    .args(["-KILL", &tracer.to_string()])
+                    .status();
+            }
             let _ = child.wait();
         }
         if std::thread::panicking() {
@@ -1389,6 +1457,47 @@ async fn stale_temporary_bans_files_are_removed_at_start() {
     assert!(fresh.exists() && other.exists(), "{}", gw.log());
     gw.terminate();
     assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The last write of the bans file, after the drain, is bounded (3 s): with every
+/// `fsync` held back for ten minutes, as by a disk that hangs, the stopping gateway
+/// still ends in time, says the last bans may not be written, and the file it started
+/// with is left whole (the write goes through a temporary file, renamed over it only
+/// once synced).
+#[tokio::test]
+async fn a_hung_last_bans_file_write_does_not_hold_the_exit() {
+    if let Some(why) = no_strace() {
+        skipped("a_hung_last_bans_file_write_does_not_hold_the_exit", &why);
+        return;
+    }
+    let dir = scratch("bans-file-hung");
+    let file = dir.join("bans.json");
+    std::fs::write(&file, "[]").unwrap();
+    let config = format!(
+        "[security]\nadmin = true\nbans_file = {:?}\nbans_save_every = \"1h\"\n",
+        file.display().to_string()
+    );
+    let launch = Launch {
+        fsync_delay: Some("600s"),
+        ..Launch::default()
+    };
+    let mut gw = Gateway::start_with("bans-file-hung", &config, &[], launch).await;
+    let ban = "/bans?key=addr&value=127.0.16.3&for=1h";
+    assert_eq!(http_request(gw.metrics, "POST", ban).await.unwrap().0, 200);
+    // The write at the signal hangs in its `fsync`; the drain (no session) ends at once,
+    // and the last write waits for that one.
+    let signalled = Instant::now();
+    gw.terminate();
+    gw.wait_log("the last bans file write did not finish in time")
+        .await;
+    gw.wait_log("stopped drained=true").await;
+    let took = Instant::now().saturating_duration_since(signalled);
+    assert!(took >= Duration::from_secs(3), "gave up after {took:?}");
+    // The gateway has ended: its exit is reported once its tracer has gone.
+    gw.kill_tracer();
+    assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "[]");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -3078,6 +3187,62 @@ async fn the_connection_cap_is_kept_within_the_open_files_limit() {
         "the metrics endpoint answers at the cap"
     );
     drop(held);
+}
+
+/// `/readyz` names the gateway's own lack of descriptors rather than blaming the
+/// upstream: with its soft open-files limit lowered (`prlimit(2)`) to leave it one
+/// descriptor, the one the endpoint accepts the request on, the readiness connect fails
+/// with `EMFILE`, and the answer says so. With its limit back, it is ready again.
+#[tokio::test]
+async fn readyz_says_when_the_gateway_is_out_of_descriptors() {
+    // An upstream that takes connections (the kernel completes them; none is accepted).
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = upstream.local_addr().unwrap().to_string();
+    let gw = Gateway::start("readyz-nofile", "", &["--upstream", &to]).await;
+    let pid = gw.pid();
+    // Once the connections of the start-up's `/healthz` requests are closed on the
+    // gateway's side too, an idle gateway opens no descriptor: the lowest free number
+    // is the one the next accept gets.
+    wait_connections(pid, 0).await;
+    let open = descriptors(pid).0;
+    let next = (0..).find(|n| !open.contains(n)).unwrap();
+    let nofile = |new: Option<(u64, u64)>| {
+        let (mut soft, mut hard) = (0, 0);
+        let pid = i32::try_from(pid).unwrap();
+        rlimit::prlimit(
+            pid,
+            rlimit::Resource::NOFILE,
+            new,
+            Some((&mut soft, &mut hard)),
+        )
+        .unwrap();
+        (soft, hard)
+    };
+    let (soft, hard) = nofile(None);
+    nofile(Some((u64::from(next) + 1, hard)));
+    let answer = http_get(gw.metrics, "/readyz").await;
+    nofile(Some((soft, hard)));
+    let (status, body) = answer.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "not ready: this host is out of descriptors, memory or local ports\n"
+        ),
+        "{}",
+        gw.log()
+    );
+    // The failed connect's answer stands for a second; then the next one succeeds.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+        if (status, body.as_str()) == (200, "ready\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status} {body}");
+        sleep(Duration::from_millis(100)).await;
+    }
+    drop(upstream);
 }
 
 /// Security: rejections from one address over `max_rejections` ban it, a banned address
