@@ -77,6 +77,11 @@ pub enum MqttError {
     /// `MqttLayer::connack_timeout`): answered as [`ServerUnavailable`](Self::ServerUnavailable).
     #[error("no CONNACK from the server in time")]
     ConnackTimeout,
+    /// The broker took the connection, then closed it before any CONNACK (a TCP load
+    /// balancer with no healthy backend, a broker restarting, a broker that drops the
+    /// connection): answered as [`ServerUnavailable`](Self::ServerUnavailable).
+    #[error("the server closed the connection before its CONNACK")]
+    UpstreamClosed,
     /// An MQTT 5 enhanced authentication (a CONNECT with an Authentication Method) that
     /// did not end with a CONNACK in time: the broker answered with AUTH, so it is up,
     /// and either side may have stalled the exchange (with `MqttLayer::connack_timeout`,
@@ -139,6 +144,7 @@ impl aegis_core::error::Reject for MqttError {
             Self::PayloadBlocked => "payload_blocked",
             Self::ServerUnavailable => "server_unavailable",
             Self::ConnackTimeout => "connack_timeout",
+            Self::UpstreamClosed => "upstream_closed",
             Self::AuthTimeout => "auth_timeout",
             Self::ServerBusy => "server_busy",
             Self::QuotaExceeded => "quota_exceeded",
@@ -260,6 +266,7 @@ impl MqttError {
                         | Self::ConnectRate => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
                         Self::ServerUnavailable
                         | Self::ConnackTimeout
+                        | Self::UpstreamClosed
                         | Self::ServerBusy
                         | Self::QuotaExceeded
                         | Self::ConnectionRate => Answer::ConnackV3(r::V3_SERVER_UNAVAILABLE),
@@ -289,7 +296,9 @@ impl MqttError {
                 r::NOT_AUTHORIZED
             }
             Self::Banned => r::BANNED,
-            Self::ServerUnavailable | Self::ConnackTimeout => r::SERVER_UNAVAILABLE,
+            Self::ServerUnavailable | Self::ConnackTimeout | Self::UpstreamClosed => {
+                r::SERVER_UNAVAILABLE
+            }
             Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
@@ -318,7 +327,10 @@ impl MqttError {
             }
             Self::Banned => r::ADMINISTRATIVE_ACTION,
             // 0x88 (server unavailable) is not a DISCONNECT reason code.
-            Self::ServerUnavailable | Self::ConnackTimeout | Self::ServerBusy => r::SERVER_BUSY,
+            Self::ServerUnavailable
+            | Self::ConnackTimeout
+            | Self::UpstreamClosed
+            | Self::ServerBusy => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
             Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
             Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,

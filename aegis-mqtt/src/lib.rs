@@ -60,6 +60,7 @@
 //! | `not_authorized` | CONNACK 0x05 | CONNACK 0x87 | close | DISCONNECT 0x87 |
 //! | `server_unavailable` | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
 //! | `connack_timeout` (the broker's CONNACK late) | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
+//! | `upstream_closed` (the broker closed the connection before any CONNACK) | CONNACK 0x03 | CONNACK 0x88 | close | DISCONNECT 0x89 |
 //! | `auth_timeout` (an MQTT 5 AUTH exchange that ends in no CONNACK in time) | CONNACK 0x05 | CONNACK 0x87 | close | DISCONNECT 0x87 |
 //! | `server_busy` | CONNACK 0x03 | CONNACK 0x89 | close | DISCONNECT 0x89 |
 //! | `quota_exceeded` | CONNACK 0x03 | CONNACK 0x97 | close | DISCONNECT 0x97 |

@@ -87,6 +87,10 @@ fn v3_connect_answers() {
         [0x20, 0x02, 0x00, 0x03]
     );
     assert_eq!(
+        at_connect(v, MqttError::UpstreamClosed),
+        [0x20, 0x02, 0x00, 0x03]
+    );
+    assert_eq!(
         at_connect(v, MqttError::ServerBusy),
         [0x20, 0x02, 0x00, 0x03]
     );
@@ -141,6 +145,7 @@ fn v5_connect_answers() {
         (MqttError::NotAuthorized, 0x87),
         (MqttError::AuthTimeout, 0x87),
         (MqttError::ServerUnavailable, 0x88),
+        (MqttError::UpstreamClosed, 0x88),
         (MqttError::ServerBusy, 0x89),
         (MqttError::PacketTooLarge { size: 9, max: 8 }, 0x95),
         (MqttError::QuotaExceeded, 0x97),
@@ -193,6 +198,8 @@ fn answers_after_connect() {
         (MqttError::NotAuthorized, 0x87),
         (MqttError::AuthTimeout, 0x87),
         (MqttError::ServerBusy, 0x89),
+        // 0x88 (server unavailable) is not a DISCONNECT reason code.
+        (MqttError::UpstreamClosed, 0x89),
         (MqttError::ServerLimit(Limit::QoS), 0x9B),
         (MqttError::ServerLimit(Limit::Retain), 0x9A),
         (MqttError::ServerLimit(Limit::TopicAlias), 0x94),
@@ -289,7 +296,7 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 21] = [
+    let cases: [(MqttError, &str); 22] = [
         (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
@@ -315,6 +322,7 @@ fn labels_are_stable_and_the_layer_is_mqtt() {
         (MqttError::NotAuthorized, "not_authorized"),
         (MqttError::ServerUnavailable, "server_unavailable"),
         (MqttError::ConnackTimeout, "connack_timeout"),
+        (MqttError::UpstreamClosed, "upstream_closed"),
         (MqttError::AuthTimeout, "auth_timeout"),
         (MqttError::ServerBusy, "server_busy"),
         (MqttError::QuotaExceeded, "quota_exceeded"),

@@ -42,6 +42,7 @@
 //!    a broker that cannot be reached) are not events.
 //!
 //! Refusals that are not the client's doing (`server_unavailable`, `connack_timeout`,
+//! `upstream_closed`: the broker closed the connection before its CONNACK,
 //! `server_busy`, `auth_error`: the authenticator could not decide; any refusal of the
 //! `circuit_breaker` layer: its circuit is open; the `rate_limit` layer's `global`
 //! tier, which every client shares; and its `per_client` tier with
@@ -1137,6 +1138,7 @@ impl Security {
                 label,
                 "server_unavailable"
                     | "connack_timeout"
+                    | "upstream_closed"
                     | "server_busy"
                     | "auth_error"
                     | "auth_timeout"
@@ -1923,10 +1925,24 @@ mod tests {
         assert_eq!(e.severity, Severity::Low);
         assert_eq!(e.rule.as_deref(), Some("auth_timeout"));
         assert!(sec.bans().is_empty());
+        // The broker closed the connection before its CONNACK (an outage, a restart):
+        // as the proxy's copy carries it, in the client side's IO error. Logged (low),
+        // never counted.
+        let c = ctx(&sec);
+        c.on_error(&aegis_core::proxy::ProxyError::ClientIo(
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                aegis_core::error::Rejected::uncounted(MqttError::UpstreamClosed),
+            ),
+        ));
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(e.severity, Severity::Low);
+        assert_eq!(e.rule.as_deref(), Some("upstream_closed"));
+        assert!(sec.bans().is_empty());
         // An error that is not a rejection is no event.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert_eq!(sec.events_total(), 4);
+        assert_eq!(sec.events_total(), 5);
         // A rejection is, and counts: over 0 rejections bans the address.
         let c = ctx(&sec);
         c.on_error(&std::io::Error::new(
