@@ -80,6 +80,20 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// 0x87) and fails the read with [`MqttError::AuthTimeout`] instead: the broker is up,
 /// and the exchange may be stalled by the client.
 ///
+/// A broker that closes its stream before any CONNACK (the proxy forwards its EOF as
+/// [`poll_shutdown`](AsyncWrite::poll_shutdown): a TCP load balancer with no healthy
+/// backend, a broker restarting) is answered the same way, with or without a CONNACK
+/// timeout: if no byte of a CONNACK has gone out and the broker's stream ended between
+/// two packets (an MQTT 5 broker may have sent whole AUTH packets first), the shutdown
+/// first writes the gateway's own "server unavailable" CONNACK (`20 02 00 03`, or
+/// `20 03 00 88 00` for 5.0; the client had a silent EOF before), within the same 5
+/// seconds (a client that does not read is shut down without it), and the read then fails
+/// with [`MqttError::UpstreamClosed`]. Nothing is added to half a packet, nor when a
+/// refusal is under way (a CONNACK timeout's CONNACK went out, say): the read then ends
+/// as before, EOF or that refusal. This is no broker failure for a circuit breaker (its
+/// stream ended before its first byte) and, for the security layer, not the client's
+/// doing.
+///
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
 /// between two of the broker's packets, at the next read or write; the broker's next
@@ -146,8 +160,9 @@ enum Gate {
     /// The broker's CONNACK accepted the connection.
     Open,
     /// The broker's CONNACK refused it, or the broker's stream ended before a CONNACK:
-    /// reads end (EOF) without reading anything more, and the gateway writes nothing
-    /// after that CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0 [MQTT-3.2.2-7]).
+    /// reads end (EOF, or the refusal `upstream_closed` whose CONNACK the shutdown
+    /// wrote) without reading anything more, and the gateway writes nothing after that
+    /// CONNACK (3.1.1 [MQTT-3.2.2-5], 5.0 [MQTT-3.2.2-7]).
     Refused,
 }
 
@@ -1407,9 +1422,33 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
             // here): none will come, so nothing the client sent after its CONNECT will be
             // read. Without this, a read held for the CONNACK would wait for ever (with
             // no CONNACK timeout set), and with it the connection.
+            if this.refusal.is_none()
+                && !this.out.connack_seen
+                && !this.out.disconnect_seen
+                && this.out.at_boundary()
+            {
+                // Nothing of a CONNACK went out, and the broker's last packet (an MQTT 5
+                // AUTH, if any) is whole: the client gets the gateway's own "server
+                // unavailable" instead of a silent EOF, as for a CONNACK timeout. Not
+                // after part of a packet (nothing is appended to half of one), nor
+                // when a refusal is under way (its own answer, if any, stands).
+                this.refuse_connect(MqttError::UpstreamClosed);
+            }
             this.gate = Gate::Refused;
             this.buf = BytesMut::new();
             unpark(&mut this.held);
+        }
+        if this.writes != Writes::Closed
+            && let Some(e) = this
+                .refusal
+                .as_ref()
+                .map(|r| r.error)
+                .filter(|e| *e == MqttError::UpstreamClosed)
+        {
+            // The CONNACK goes out before the shutdown, within the refusal's deadline
+            // (a client that does not read is shut down without it); the refusal is the
+            // read's to return, after it.
+            let _ = std::task::ready!(this.poll_refusal(cx, e, Poll::Ready(())));
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
@@ -1616,13 +1655,23 @@ mod tests {
         capacity: usize,
         opts: IoOptions,
     ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
+        connected_as(&CONNECT, config, capacity, opts)
+    }
+
+    /// [`connected_with`], for the client's `connect` instead of [`CONNECT`].
+    fn connected_as(
+        connect: &[u8],
+        config: Config,
+        capacity: usize,
+        opts: IoOptions,
+    ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
         let mut session = Session::new(config);
-        assert!(matches!(session.next(&CONNECT), Ok(Next::Packet { .. })));
+        assert!(matches!(session.next(connect), Ok(Next::Packet { .. })));
         let (client, server) = tokio::io::duplex(capacity);
         let io = MqttIo::new(
             server,
             session,
-            Bytes::copy_from_slice(&CONNECT),
+            Bytes::copy_from_slice(connect),
             Bytes::new(),
             opts,
             None,
@@ -1710,22 +1759,240 @@ mod tests {
         assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
     }
 
-    /// A broker that closes before its CONNACK (the proxy forwards its EOF as a write
-    /// shutdown) ends the client's held read: nothing sent after the CONNECT is read,
-    /// and the read is EOF. Without a CONNACK timeout the read waited for ever (found by
-    /// the `mqtt_io` fuzz target).
+    /// A 5.0 CONNECT of client id "a".
+    const CONNECT_V5: [u8; 16] = [
+        0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b'a',
+    ];
+
+    /// A 5.0 CONNECT of client id "a" with the Authentication Method "SCRM": the
+    /// broker may answer with AUTH packets before its CONNACK.
+    const CONNECT_V5_AUTH: [u8; 23] = [
+        0x10, 0x15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 7, 0x15, 0, 4, b'S', b'C', b'R',
+        b'M', 0, 1, b'a',
+    ];
+
+    /// The broker's AUTH "continue authentication" (0x18) for [`CONNECT_V5_AUTH`].
+    const AUTH_CONTINUE: [u8; 11] = [0xF0, 0x09, 0x18, 0x07, 0x15, 0, 4, b'S', b'C', b'R', b'M'];
+
+    /// The gateway's own "server unavailable" CONNACKs: 3.x, and 5.0.
+    const V3_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+    const V5_UNAVAILABLE: [u8; 5] = [0x20, 0x03, 0x00, 0x88, 0x00];
+
+    /// `bytes` from the broker, written through `io` at once (the duplex has room).
+    fn broker_writes(io: &mut MqttIo<tokio::io::DuplexStream>, bytes: &[u8]) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let n = Pin::new(io).poll_write(&mut cx, bytes);
+        assert!(matches!(n, Poll::Ready(Ok(k)) if k == bytes.len()), "{n:?}");
+    }
+
+    /// How many rejections `snap` counted as `upstream_closed`.
+    fn upstream_closed(snap: &metrics_util::debugging::Snapshotter) -> u64 {
+        aegis_core::metrics::testing::capture(snap).counter(
+            aegis_core::metrics::REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "upstream_closed")],
+        )
+    }
+
+    /// A broker that closes between two packets before any CONNACK went out (the proxy
+    /// forwards its EOF as a write shutdown: a TCP load balancer with no healthy
+    /// backend, a broker restarting): the client gets the gateway's own "server
+    /// unavailable" CONNACK for its version, then EOF, as for a CONNACK timeout; the
+    /// refusal is `upstream_closed`, counted once, and ends the held read (nothing sent
+    /// after the CONNECT is read: without it and a CONNACK timeout the read waited for
+    /// ever, found by the `mqtt_io` fuzz target). The client got a silent EOF before.
+    #[test]
+    fn a_broker_gone_before_its_connack_gets_the_client_server_unavailable() {
+        // The client's CONNECT, the broker's packets before its EOF, the client's answer.
+        type Case<'a> = (&'a [u8], &'a [&'a [u8]], &'a [u8]);
+        let cases: [Case<'_>; 3] = [
+            (&CONNECT, &[], &V3_UNAVAILABLE),
+            (&CONNECT_V5, &[], &V5_UNAVAILABLE),
+            // An enhanced authentication: whole AUTH packets first, then the CONNACK.
+            (
+                &CONNECT_V5_AUTH,
+                &[&AUTH_CONTINUE, &AUTH_CONTINUE],
+                &V5_UNAVAILABLE,
+            ),
+        ];
+        for (connect, before, answer) in cases {
+            let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+                let (mut client, mut io) =
+                    connected_as(connect, Config::new(), 1024, IoOptions::default());
+                let mut got = vec![0; connect.len()];
+                io.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, connect);
+                for packet in before {
+                    broker_writes(&mut io, packet);
+                }
+                if connect != CONNECT_V5_AUTH {
+                    // A pipelined PINGREQ. (The enhanced authentication's client is read
+                    // before the CONNACK, and would be refused for it.)
+                    client.write_all(&[0xC0, 0x00]).await.unwrap();
+                }
+                let mut more = [0; 2];
+                assert!(futures_poll_once(io.read(&mut more)).await, "held");
+                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+                shutdown.await.expect("the shutdown never ended").unwrap();
+                let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+                let err = read.expect("the held read never ended").unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                assert_eq!(
+                    aegis_core::error::label_of(&err),
+                    ("mqtt", "upstream_closed")
+                );
+                assert_eq!(io.error(), Some(MqttError::UpstreamClosed));
+                let mut seen = Vec::new();
+                client.read_to_end(&mut seen).await.unwrap();
+                assert_eq!(
+                    seen,
+                    [&before.concat()[..], answer].concat(),
+                    "{connect:02x?}"
+                );
+                // Nothing of the broker's goes out after the gateway's CONNACK.
+                let mut cx = Context::from_waker(Waker::noop());
+                let late = Pin::new(&mut io).poll_write(&mut cx, &V3_UNAVAILABLE);
+                assert!(matches!(late, Poll::Ready(Err(_))), "{late:?}");
+            });
+            assert_eq!(upstream_closed(&snap), 1, "{connect:02x?}");
+        }
+    }
+
+    /// No answer is added where the client already has part of a packet of the broker's:
+    /// a broker that closed inside a packet (half an AUTH), or after any byte of a
+    /// CONNACK, leaves the client that and EOF, as before; nothing counted.
+    #[test]
+    fn a_broker_gone_inside_a_packet_or_its_connack_gets_no_answer_added() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (&CONNECT, &[0x20]),
+            (&CONNECT, &[0x20, 0x02, 0x00]),
+            (&CONNECT_V5, &[0x20, 0x03]),
+            (&CONNECT_V5_AUTH, &AUTH_CONTINUE[..3]),
+            (
+                &CONNECT_V5_AUTH,
+                &[&AUTH_CONTINUE[..], &[0x20][..]].concat(),
+            ),
+        ];
+        for (connect, written) in cases {
+            let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+                let (mut client, mut io) =
+                    connected_as(connect, Config::new(), 1024, IoOptions::default());
+                let mut got = vec![0; connect.len()];
+                io.read_exact(&mut got).await.unwrap();
+                broker_writes(&mut io, written);
+                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+                shutdown.await.expect("the shutdown never ended").unwrap();
+                let mut more = [0; 2];
+                let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+                assert_eq!(read.expect("the held read never ended").unwrap(), 0);
+                assert_eq!(io.error(), None);
+                let mut seen = Vec::new();
+                client.read_to_end(&mut seen).await.unwrap();
+                assert_eq!(seen, written, "{connect:02x?}");
+            });
+            assert_eq!(upstream_closed(&snap), 0, "{connect:02x?} {written:02x?}");
+        }
+    }
+
+    /// A refusal under way keeps its answer: after the CONNACK timeout's own CONNACK
+    /// went out, the broker's EOF adds no second CONNACK, and the refusal stays
+    /// `connack_timeout`; nor does it take the place of a refusal not answered yet.
+    #[test]
+    fn a_broker_gone_after_the_gateways_own_connack_gets_no_second_one() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        for (connect, answer) in [
+            (&CONNECT[..], &V3_UNAVAILABLE[..]),
+            (&CONNECT_V5, &V5_UNAVAILABLE),
+        ] {
+            let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+                let opts = IoOptions {
+                    connack_timeout: Some(TIMEOUT),
+                    ..IoOptions::default()
+                };
+                let (mut client, mut io) = connected_as(connect, Config::new(), 1024, opts);
+                let mut got = vec![0; connect.len()];
+                io.read_exact(&mut got).await.unwrap();
+                let mut more = [0; 2];
+                let err = io.read(&mut more).await.unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+                io.shutdown().await.unwrap();
+                assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+                let mut seen = Vec::new();
+                client.read_to_end(&mut seen).await.unwrap();
+                assert_eq!(seen, answer);
+            });
+            assert_eq!(upstream_closed(&snap), 0);
+        }
+        // A refusal recorded before any CONNACK went out and not yet answered (an MQTT
+        // 5 client of an enhanced authentication sent a packet other than AUTH): it
+        // stays the connection's refusal.
+        let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+            let (_client, mut io) =
+                connected_as(&CONNECT_V5_AUTH, Config::new(), 1024, IoOptions::default());
+            let mut got = [0; CONNECT_V5_AUTH.len()];
+            io.read_exact(&mut got).await.unwrap();
+            io.fail(MqttError::ProtocolError("not AUTH before the CONNACK"));
+            let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+            shutdown.await.expect("the shutdown never ended").unwrap();
+            assert_eq!(
+                io.error(),
+                Some(MqttError::ProtocolError("not AUTH before the CONNACK"))
+            );
+        });
+        assert_eq!(upstream_closed(&snap), 0);
+    }
+
+    /// A client that does not read cannot hold the shutdown for ever: the gateway's
+    /// CONNACK has the refusal's deadline to go out, then the stream is shut down
+    /// without the rest of it (here the pipe takes two bytes).
     #[tokio::test(start_paused = true)]
-    async fn a_broker_gone_before_its_connack_ends_the_held_read() {
-        let (mut client, mut io) = connected(Config::new(), 1024);
-        let mut got = [0; 15];
-        io.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, CONNECT);
-        client.write_all(&[0xC0, 0x00]).await.unwrap(); // a pipelined PINGREQ
-        let mut more = [0; 2];
-        assert!(futures_poll_once(io.read(&mut more)).await, "held");
-        io.shutdown().await.unwrap();
-        let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
-        assert_eq!(read.expect("the held read never ended").unwrap(), 0);
+    async fn a_client_that_does_not_read_holds_the_upstream_closed_answer_only_so_long() {
+        for (connect, answer) in [
+            (&CONNECT[..], &V3_UNAVAILABLE[..]),
+            (&CONNECT_V5, &V5_UNAVAILABLE),
+        ] {
+            let (mut client, mut io) =
+                connected_as(connect, Config::new(), 2, IoOptions::default());
+            let mut got = vec![0; connect.len()];
+            io.read_exact(&mut got).await.unwrap();
+            let start = Instant::now();
+            let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+            shutdown.await.expect("the shutdown never ended").unwrap();
+            assert_eq!(
+                Instant::now().saturating_duration_since(start),
+                REFUSAL_DEADLINE
+            );
+            let mut more = [0; 2];
+            let err = io.read(&mut more).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert_eq!(io.error(), Some(MqttError::UpstreamClosed));
+            let mut seen = Vec::new();
+            client.read_to_end(&mut seen).await.unwrap();
+            assert_eq!(seen, answer[..2]);
+        }
+    }
+
+    /// Through the proxy's copy: the upstream takes the CONNECT and closes; the client
+    /// gets "server unavailable" and the connection's error is the rejection
+    /// `upstream_closed` (what the security layer and the logs see).
+    #[tokio::test(start_paused = true)]
+    async fn through_a_proxy_an_upstream_that_closes_ends_the_connection_with_upstream_closed() {
+        let (mut client, io) = connected(Config::new(), 1024);
+        let (gateway_side, mut upstream) = tokio::io::duplex(1024);
+        let transfer = tokio::spawn(aegis_core::proxy::Transfer::new(io, gateway_side, 8192));
+        let mut connect = [0; 15];
+        upstream.read_exact(&mut connect).await.unwrap();
+        assert_eq!(connect, CONNECT);
+        drop(upstream);
+        let mut seen = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut seen));
+        read.await.expect("no EOF").unwrap();
+        assert_eq!(seen, V3_UNAVAILABLE);
+        let err = transfer.await.unwrap().unwrap_err();
+        assert_eq!(
+            aegis_core::error::label_of(&err),
+            ("mqtt", "upstream_closed")
+        );
     }
 
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a

@@ -38,7 +38,9 @@
 //! CONNACK in time (it is stalled: the kernel still completes TCP handshakes) no longer
 //! leaves the client waiting: the gateway answers "server unavailable" itself, as
 //! [`Unavailable`] does, refused as `connack_timeout`; see the [section
-//! below](#when-the-broker-is-stalled).
+//! below](#when-the-broker-is-stalled). A broker that takes the connection and closes
+//! it before any CONNACK gets the client the same answer, refused as `upstream_closed`
+//! (see [below](#when-the-broker-closes-before-its-connack)).
 //!
 //! [`MqttIo`] also reads the broker's CONNACK as it goes out. Until it has accepted the
 //! client, nothing the client sent after its CONNECT is read: a server that refuses a
@@ -213,6 +215,26 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # When the broker closes before its CONNACK
+//!
+//! A TCP load balancer with no healthy backend, a broker restarting or one that drops
+//! the connection accepts the TCP connection and then closes it without a CONNACK. The
+//! proxy forwards that EOF to the client's side as a write shutdown, and [`MqttIo`]
+//! answers the CONNECT there instead of closing in silence: if no byte of a CONNACK has
+//! gone out to the client and the broker's stream ended between two packets (after
+//! whole MQTT 5 AUTH packets, say), the client gets the gateway's own `20 02 00 03`
+//! (3.1 / 3.1.1) or `20 03 00 88 00` (5.0), then EOF, and the connection ends with
+//! [`MqttError::UpstreamClosed`](crate::MqttError::UpstreamClosed)
+//! (`aegis_rejections_total{layer="mqtt", reason="upstream_closed"}`). A client that
+//! does not take the answer within 5 seconds is closed without it. A broker that died
+//! inside a packet (or of its CONNACK) gets nothing appended to the half packet, and a
+//! refusal already under way (a CONNACK timeout that answered) keeps its own answer.
+//! The security layer counts `upstream_closed` toward no ban (an outage is not the
+//! clients' doing), and it is no failure for a circuit breaker judged by the broker's
+//! first read (an end before the first byte counts for nothing). A broker that resets
+//! the connection instead (it closed with the CONNECT unread) is an upstream IO error
+//! of the proxy, which ends the connection without an answer.
 //!
 //! # Metrics
 //!
