@@ -3496,6 +3496,116 @@ async fn an_open_circuit_gets_no_client_banned() {
     assert_eq!((status, body.as_str()), (200, "[]"));
 }
 
+/// An upstream that takes the TCP connection and closes it before any CONNACK (a load
+/// balancer with no healthy backend, a broker restarting): each client gets the
+/// gateway's own "server unavailable" (3.1.1 CONNACK 0x03, 5.0 0x88) instead of a
+/// silent EOF, counted as `aegis_rejections_total{layer="mqtt",
+/// reason="upstream_closed"}` and logged as a security event of severity `low`; more of
+/// them than `max_rejections` from one address ban nobody (an outage is not the
+/// client's doing), and the circuit stays closed (the broker's end came before its
+/// first byte, which counts for nothing).
+///
+/// The upstream reads the CONNECT before it closes: closed with the CONNECT unread, its
+/// kernel would reset the connection, an upstream IO error for the proxy, where the
+/// gateway has nothing left to answer with (a close before the CONNECT arrives is the
+/// EOF case here, but the test cannot order the two).
+#[tokio::test]
+async fn an_upstream_that_closes_before_its_connack_gets_clients_server_unavailable_and_bans_nobody()
+ {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let closer = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = upstream.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The CONNECT, whole; then the socket is dropped: FIN, nothing unread.
+                let _ = timeout(WAIT, read_packet(&mut s)).await;
+            });
+        }
+    });
+    let config = "[security]\nmax_rejections = 2\nban_by = [\"addr\"]\n";
+    let gw = Gateway::start(
+        "upstream-closed",
+        config,
+        &["--upstream", &addr.to_string()],
+    )
+    .await;
+    const CLIENTS: usize = 7;
+    for i in 0..CLIENTS {
+        let v5 = i % 2 == 1;
+        let mut s = connect_from("127.0.0.21", gw.mqtt).await;
+        let level = if v5 { 5 } else { 4 };
+        s.write_all(&connect(level, &format!("gone-{i}"), 60))
+            .await
+            .unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+        let answer = answer.unwrap_or_else(|e| panic!("connect {i}: no CONNACK ({e})"));
+        let unavailable = if v5 {
+            vec![0x00, 0x88, 0x00]
+        } else {
+            vec![0x00, 0x03]
+        };
+        assert_eq!(
+            answer,
+            (0x20, unavailable),
+            "connect {i}: server unavailable"
+        );
+        assert!(
+            closed_silently(&mut s).await,
+            "connect {i}: more after the CONNACK"
+        );
+        // Each connection has ended, and been counted toward a ban or not, before the
+        // next: the security layer's event is emitted at its end.
+        let deadline = Instant::now() + WAIT;
+        while upstream_closed_events(&gw).await.len() <= i {
+            assert!(Instant::now() < deadline, "connect {i}: no security event");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        CLIENTS,
+        "each CONNECT went upstream"
+    );
+    assert_eq!(
+        gw.metric("aegis_rejections_total{layer=\"mqtt\",reason=\"upstream_closed\"}")
+            .await,
+        Some(CLIENTS as f64)
+    );
+    // Logged, with severity low: not counted.
+    let events = upstream_closed_events(&gw).await;
+    assert!(events.iter().all(|e| e["severity"] == "low"), "{events:?}");
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+    assert_eq!(
+        gw.metric("aegis_circuit_state{name=\"upstream\"}").await,
+        Some(0.0),
+        "the breaker counted the broker's end"
+    );
+    closer.abort();
+}
+
+/// The security events of rule `upstream_closed` in `/events`.
+async fn upstream_closed_events(gw: &Gateway) -> Vec<serde_json::Value> {
+    let (status, events) = http_get(gw.metrics, "/events?limit=100").await.unwrap();
+    assert_eq!(status, 200, "{events}");
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["rule"] == "upstream_closed")
+        .cloned()
+        .collect()
+}
+
 /// `/readyz` connects to the upstream at most once a second: ten requests in a row
 /// cannot become ten connects to the broker. The upstream here is a listener the test
 /// accepts from itself: each connect the gateway made is complete (in the listener's
