@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 use super::policy::{self, ConnPolicy};
 use super::rate::Bucket;
 use super::{ConnackLatency, IoOptions, OnConnackTimeout, Verdict, poll_write_answer};
-use crate::{Connect, Decoded, MqttError, Next, Phase, Session, Version};
+use crate::{Connect, Decoded, MqttError, Next, Packet, Phase, Session, Version};
 
 /// Each read from the client asks for this much room: a few small packets.
 const READ_CHUNK: usize = 4096;
@@ -46,7 +46,12 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// [MQTT-3.2.2-7]). The one exception is an MQTT 5 client that chose an Authentication
 /// Method: its AUTH packets (and DISCONNECT) are read before the CONNACK, under the small
 /// CONNECT size cap, and any other packet there is refused as a protocol error
-/// [MQTT-3.1.2-30]. Refused before any CONNACK, such a client gets a CONNACK with the
+/// [MQTT-3.1.2-30]. Its AUTH packets are read one per AUTH the broker has written, besides
+/// one ahead of the broker's first: the broker leads the exchange (5.0 §4.12), and an AUTH
+/// beyond that waits in the client's socket, with everything behind it (a DISCONNECT
+/// too), the read held as before the CONNACK; a client flooding AUTH at a stalled broker
+/// then fills neither the broker's socket nor the proxy's copy, and the CONNACK timeout
+/// still fires. Refused before any CONNACK, such a client gets a CONNACK with the
 /// reason code; if the broker's accepting CONNACK goes out before the refusal's answer
 /// does, it gets the DISCONNECT instead (never a second CONNACK). The first invalid
 /// packet is never returned: the read fails with [`io::ErrorKind::InvalidData`]
@@ -140,7 +145,12 @@ pub struct MqttIo<I> {
     connect_unread: bool,
     /// Whether the client's packets after its CONNECT may be read yet.
     gate: Gate,
-    /// The read waiting for the broker's CONNACK to open the [`Gate`].
+    /// Under [`Gate::Auth`], how many more AUTH packets of the client's may be read: one
+    /// ahead of the broker's first AUTH, and one more at each AUTH of the broker's
+    /// (saturating: a `u16` fits in the padding, and no exchange has 65 535 rounds).
+    auth_credit: u16,
+    /// The read waiting for the broker's CONNACK to open the [`Gate`] (or, under
+    /// [`Gate::Auth`], for the broker's next AUTH).
     held: Option<Waker>,
 }
 
@@ -155,7 +165,13 @@ enum Gate {
     Held,
     /// An MQTT 5 client with an Authentication Method, until the broker's whole CONNACK:
     /// its AUTH and DISCONNECT packets are read (under the CONNECT size cap), and the
-    /// session refuses any other [MQTT-3.1.2-30].
+    /// session refuses any other [MQTT-3.1.2-30]. The broker leads the exchange (5.0
+    /// §4.12: the client's AUTH answers the server's), so the client's AUTHs are read one
+    /// per AUTH of the broker's, besides one ahead of the broker's first
+    /// ([`MqttIo::auth_credit`]); an AUTH beyond that waits, with everything behind it, as
+    /// under [`Gate::Held`]: a client flooding AUTH at a stalled broker holds neither more
+    /// than a few packets of the broker's socket nor the proxy's copy, whose held read keeps
+    /// the CONNACK timer running.
     Auth,
     /// The broker's CONNACK accepted the connection.
     Open,
@@ -586,6 +602,10 @@ impl<I> MqttIo<I> {
             } else {
                 Gate::Held
             },
+            // Lenient: the spec's flow has no AUTH of the client's before the broker's
+            // first (its first Authentication Data travels in its CONNECT); one is
+            // bounded, and goes on to the broker as before, which may want it.
+            auth_credit: 1,
             held: None,
             session,
         }
@@ -714,6 +734,9 @@ impl<I> MqttIo<I> {
             // AUTH, and the broker's proves nothing.
             return;
         }
+        // The client may answer it: one more of its AUTH packets is read.
+        self.auth_credit = self.auth_credit.saturating_add(1);
+        unpark(&mut self.held);
         if let Some(w) = &mut self.connack {
             w.authenticating = true;
             w.on_timeout = None;
@@ -1155,6 +1178,7 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
                     &mut self.session,
                     &mut self.bucket,
                     &mut self.policy,
+                    (self.gate == Gate::Auth).then_some(&mut self.auth_credit),
                     cx,
                     read,
                 );
@@ -1196,14 +1220,21 @@ struct Scan {
     /// No packet is released: the first waits for a token of the packet rate (the
     /// bucket wakes the task).
     throttled: bool,
+    /// The packet after the `valid` bytes is an AUTH the client may not send yet (under
+    /// [`Gate::Auth`], ahead of the broker's): it waits, not validated, for the broker's
+    /// next AUTH (which wakes the read held for it) or its CONNACK.
+    held: bool,
 }
 
 /// Validates the whole packets at the start of `data` in turn, up to the first that is
-/// incomplete, refused, dropped or throttled.
+/// incomplete, refused, dropped, throttled or held. Under [`Gate::Auth`], `auth_credit`
+/// is the client's allowance of AUTH packets: each one validated takes one, and an AUTH
+/// beyond it is held (from its first byte: nothing of it is validated).
 fn scan_packets(
     session: &mut Session,
     bucket: &mut Option<Box<Bucket>>,
     policy: &mut Option<ConnPolicy>,
+    mut auth_credit: Option<&mut u16>,
     cx: &mut Context<'_>,
     data: &[u8],
 ) -> Scan {
@@ -1212,9 +1243,15 @@ fn scan_packets(
         dropped: 0,
         refused: None,
         throttled: false,
+        held: false,
     };
     while scan.valid < data.len() {
         let rest = &data[scan.valid..];
+        if rest[0] >> 4 == 15 && auth_credit.as_deref() == Some(&0) {
+            // An AUTH ahead of the broker's: it waits, and so does everything after it.
+            scan.held = true;
+            break;
+        }
         if let Some(bucket) = bucket {
             // Only a whole packet takes a token; framing errors fall through to the
             // session below.
@@ -1235,6 +1272,9 @@ fn scan_packets(
         }
         match session.next(rest) {
             Ok(Next::Packet { len, packet }) => {
+                if let (Packet::Auth(_), Some(credit)) = (&packet, auth_credit.as_deref_mut()) {
+                    *credit = credit.saturating_sub(1);
+                }
                 match policy.as_mut().map(|p| p.check(&packet, len)) {
                     None | Some(Verdict::Forward) => scan.valid += len,
                     Some(Verdict::Drop) => {
@@ -1303,6 +1343,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 &mut this.session,
                 &mut this.bucket,
                 &mut this.policy,
+                (this.gate == Gate::Auth).then_some(&mut this.auth_credit),
                 cx,
                 &this.buf,
             );
@@ -1310,6 +1351,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 this.fail(e);
             }
             if scan.throttled {
+                return Poll::Pending;
+            }
+            if scan.held && scan.valid == 0 {
+                // As under `Gate::Held`: nothing more is read from the client until the
+                // broker's next AUTH or its CONNACK (each wakes this read), or a refusal
+                // (the CONNACK timer, polled above, is one).
+                park(&mut this.held, cx);
                 return Poll::Pending;
             }
             let Scan { valid, dropped, .. } = scan;
@@ -2311,6 +2359,201 @@ mod tests {
                 proptest::prop_assert!(eof);
             }
         }
+    }
+
+    /// An MQTT 5 CONNECT (client id "a") with the Authentication Method "m": enhanced
+    /// authentication, its AUTH packets are read before the broker's CONNACK.
+    const CONNECT_AUTH: [u8; 20] = [
+        0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 4, 0x15, 0, 1, b'm', 0, 1, b'a',
+    ];
+
+    /// The client's AUTH "continue authentication" (0x18) with method "m" and `data` bytes
+    /// of Authentication Data (at most 16 KiB: a two-byte Remaining Length).
+    fn auth(data: usize) -> Vec<u8> {
+        let len = u16::try_from(data).unwrap();
+        let mut props = vec![0x15, 0, 1, b'm', 0x16];
+        props.extend_from_slice(&len.to_be_bytes());
+        props.resize(props.len() + data, b'x');
+        let mut body = vec![0x18];
+        body.extend_from_slice(&remaining_length(props.len()));
+        body.extend_from_slice(&props);
+        let mut packet = vec![0xF0];
+        packet.extend_from_slice(&remaining_length(body.len()));
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    /// [`connected_with`] for [`CONNECT_AUTH`].
+    fn connected_auth(
+        capacity: usize,
+        opts: IoOptions,
+    ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
+        let mut session = Session::new(Config::new());
+        assert!(matches!(
+            session.next(&CONNECT_AUTH),
+            Ok(Next::Packet { .. })
+        ));
+        let (client, server) = tokio::io::duplex(capacity);
+        let io = MqttIo::new(
+            server,
+            session,
+            Bytes::copy_from_slice(&CONNECT_AUTH),
+            Bytes::new(),
+            opts,
+            None,
+        );
+        (client, io)
+    }
+
+    /// Copies `from` to `to` as a proxy does (aegis-core's copy): reads, writes all it
+    /// read, then reads again; so the client is not read while the broker's socket is
+    /// full. (tokio's `copy` goes on reading into its buffer while a write waits.) Ends
+    /// at EOF or the first error.
+    async fn proxy_copy<R, W>(from: &mut R, to: &mut W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0; 8192];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            to.write_all(&buf[..n]).await?;
+        }
+    }
+
+    /// A client of an enhanced authentication that floods AUTH packets at a stalled
+    /// broker (one that reads nothing) is still cut by the CONNACK timeout. Its AUTHs
+    /// were forwarded as fast as they came, until the broker's socket was full; a proxy
+    /// then waits to write them and reads the client no more, and the CONNACK timer,
+    /// polled only by the reads, never fired: no CONNACK 0x88, no `on_connack_timeout`,
+    /// and the connection stayed open for as long as the broker was stalled. Now the
+    /// client gets one AUTH ahead of the broker's (it has sent none): the rest wait in
+    /// its socket, the held read keeps the timer running.
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_flood_at_a_stalled_broker_is_cut_by_the_connack_timeout() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let (calls, hook) = {
+            let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let c = std::sync::Arc::clone(&calls);
+            let hook = super::super::Hook::new(move |()| {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            (calls, hook)
+        };
+        let opts = IoOptions {
+            connack_timeout: Some(TIMEOUT),
+            on_connack_timeout: Some(hook),
+            ..IoOptions::default()
+        };
+        let (client, mut io) = connected_auth(4096, opts);
+        let (mut from_gateway, mut to_gateway) = tokio::io::split(client);
+        let one = auth(1000);
+        let flood = tokio::spawn(async move {
+            let mut sent = 0;
+            // 4 MB of AUTH, or until the gateway is gone.
+            while sent < 4 << 20 && to_gateway.write_all(&one).await.is_ok() {
+                sent += one.len();
+            }
+            sent
+        });
+        // The broker's socket: it takes 64 KiB, and the broker reads none of it.
+        let (mut broker, mut upstream) = tokio::io::duplex(64 * 1024);
+        let start = Instant::now();
+        let copy = tokio::time::timeout(TIMEOUT * 4, proxy_copy(&mut io, &mut upstream));
+        let err = copy
+            .await
+            .expect("the CONNACK timeout never fired")
+            .unwrap_err();
+        assert_eq!(Instant::now().saturating_duration_since(start), TIMEOUT);
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.error(), Some(MqttError::ConnackTimeout));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut answer = [0; 5];
+        from_gateway.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer, [0x20, 0x03, 0x00, 0x88, 0x00]);
+        // The broker got the CONNECT and one AUTH, no more.
+        drop(upstream);
+        let mut forwarded = Vec::new();
+        broker.read_to_end(&mut forwarded).await.unwrap();
+        drop(io);
+        // It sent more than its socket holds: the rest waited there.
+        let sent = flood.await.unwrap();
+        assert!(
+            sent > 4096 + auth(1000).len(),
+            "the client sent {sent} bytes"
+        );
+        let expected = [&CONNECT_AUTH[..], &auth(1000)].concat();
+        assert!(
+            forwarded == expected,
+            "forwarded {} bytes of the client's {sent}, expected {}",
+            forwarded.len(),
+            expected.len()
+        );
+    }
+
+    /// Under enhanced authentication the broker leads (§4.12): each of its AUTH packets
+    /// lets one more of the client's through, besides one the client may send ahead of
+    /// the broker's first; the others wait in its socket. A DISCONNECT is read when no
+    /// held AUTH is in front of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_gets_one_auth_through_per_auth_of_the_broker() {
+        let (mut client, mut io) = connected_auth(64 * 1024, IoOptions::default());
+        let mut got = [0; 20];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, CONNECT_AUTH);
+        // Three AUTHs, then a DISCONNECT (normal disconnection).
+        let auths: Vec<Vec<u8>> = (1..=3).map(|n| auth(n * 10)).collect();
+        client.write_all(&auths.concat()).await.unwrap();
+        client.write_all(&[0xE0, 0x00]).await.unwrap();
+        // The one AUTH ahead of the broker; then the read is held.
+        let first = read_once(&mut io, 8192).unwrap().unwrap();
+        assert!(
+            first == auths[0],
+            "read {} bytes, not one AUTH",
+            first.len()
+        );
+        assert!(read_once(&mut io, 8192).is_none(), "held");
+        assert!(read_once(&mut io, 16).is_none(), "held");
+        // The broker's challenge: the next AUTH goes, and no more.
+        let challenge = auth(5);
+        let mut cx = Context::from_waker(Waker::noop());
+        let n = Pin::new(&mut io).poll_write(&mut cx, &challenge);
+        assert!(
+            matches!(n, Poll::Ready(Ok(k)) if k == challenge.len()),
+            "{n:?}"
+        );
+        assert_eq!(read_once(&mut io, 8192).unwrap().unwrap(), auths[1]);
+        assert!(read_once(&mut io, 8192).is_none(), "held");
+        // Another one: the last AUTH, then the DISCONNECT behind it.
+        let n = Pin::new(&mut io).poll_write(&mut cx, &challenge);
+        assert!(
+            matches!(n, Poll::Ready(Ok(k)) if k == challenge.len()),
+            "{n:?}"
+        );
+        let mut rest = Vec::new();
+        while let Some(read) = read_once(&mut io, 8192) {
+            let read = read.unwrap();
+            if read.is_empty() {
+                break;
+            }
+            rest.extend_from_slice(&read);
+        }
+        assert_eq!(rest, [&auths[2][..], &[0xE0, 0x00]].concat());
+
+        // With no AUTH held, a DISCONNECT is read at once, however far ahead the client is.
+        let (mut client, mut io) = connected_auth(64 * 1024, IoOptions::default());
+        io.read_exact(&mut got).await.unwrap();
+        client
+            .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
+            .await
+            .unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, [&auths[0][..], &[0xE0, 0x00]].concat());
     }
 
     /// Polls `f` once: `true` if it is pending.

@@ -53,6 +53,16 @@
 //! client that chose an Authentication Method is read before the CONNACK: it may send
 //! AUTH or DISCONNECT (anything else is refused [MQTT-3.1.2-30]), under the small
 //! CONNECT size cap ([`Config::max_connect_size`](crate::Config::max_connect_size)).
+//! The broker leads that exchange (5.0 §4.12: the client's AUTH answers the server's),
+//! so the client's AUTH packets are read one per AUTH the broker has sent, besides one
+//! ahead of the broker's first (lenient: the spec's flow has none there, the client's
+//! first Authentication Data travels in its CONNECT; a client that sends one gets it
+//! forwarded). An AUTH beyond that is not read, nor anything behind it: it waits in the
+//! client's socket, as packets pipelined behind a CONNECT do, until the broker's next
+//! AUTH or its CONNACK. A client flooding AUTH packets thus puts at most a few packets
+//! into the broker's socket (see [below](#when-the-broker-is-stalled)). A DISCONNECT is
+//! read at once when no held AUTH is before it; one behind a held AUTH waits with it,
+//! and the connection then ends at the CONNACK timeout at the latest.
 //! Every refusing CONNACK of the broker is counted in
 //! `aegis_mqtt_broker_refusals_total{reason}` (see [Metrics](#metrics)); one that
 //! refuses the client's login (3.x return code 4 or 5, 5.0 reason code 0x86, 0x87 or
@@ -163,8 +173,17 @@
 //! the read with [`MqttError::ConnackTimeout`](crate::MqttError::ConnackTimeout)
 //! (`aegis_rejections_total{layer="mqtt", reason="connack_timeout"}`), and from then on
 //! the broker's writes fail with [`io::ErrorKind::BrokenPipe`](std::io::ErrorKind::BrokenPipe):
-//! a late CONNACK never reaches the client. The timer is polled from the reads (a proxy
-//! reads the client all along) and is dropped once the broker's CONNACK goes out.
+//! a late CONNACK never reaches the client. The timer is polled from the reads, and is
+//! dropped once the broker's CONNACK goes out. It fires when the inner service reads
+//! again, which is what a proxy does whenever what it read before has been written to
+//! the broker: aegis-core's copy does not read the client while its write to the broker
+//! waits. So a broker that reads nothing must be able to take, in its socket buffers,
+//! everything let through before its CONNACK; the layer holds that to the CONNECT and, in
+//! an enhanced authentication, one AUTH of the client's per AUTH of the broker's, plus
+//! one (each under the CONNECT size cap), and holds the rest of the client's bytes in
+//! its socket, with the read pending and the timer polled. (Polling the timer from the
+//! writes as well would not help: a stalled broker writes nothing, so a proxy calls
+//! neither `poll_write` nor `poll_flush` of the [`MqttIo`] while it stalls.)
 //! [`MqttLayer::on_connack_timeout`] tells someone else, such as a circuit breaker.
 //!
 //! An MQTT 5 client that chose an Authentication Method may go through AUTH rounds with
