@@ -340,6 +340,81 @@ async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recover
     assert!(closed, "the circuit never closed after SIGCONT");
 }
 
+/// An MQTT 5 client with an Authentication Method that floods AUTH packets at a stalled
+/// broker still gets the gateway's CONNACK 0x88 when the CONNACK timeout fires, and the
+/// timeout is reported (a breaker failure). Its AUTHs used to be forwarded as fast as
+/// they came: once the broker's socket was full (a few MB), the proxy waited to write
+/// them and read the client no more, the CONNACK timer (polled by the reads) never
+/// fired, and the connection stayed open, answerless, for as long as the broker was
+/// stalled. Now the client gets one AUTH ahead of the broker's (which sends none): the
+/// rest wait in its socket.
+#[tokio::test]
+async fn a_client_flooding_auth_at_a_stalled_broker_gets_connack_0x88_at_the_timeout() {
+    const CONNACK_TIMEOUT: Duration = Duration::from_millis(300);
+    let broker = Mosquitto::start().await;
+    let timeouts = Arc::new(AtomicUsize::new(0));
+    let t = Arc::clone(&timeouts);
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .connack_timeout(CONNACK_TIMEOUT)
+        .on_connack_timeout(move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .layer(Proxy::new(broker.addr()).on_connect_error(Unavailable::new()));
+    let (addr, mut outcomes) = start(gateway).await;
+    broker.signal("STOP");
+
+    // CONNECT with the Authentication Method "SCRAM-X", then AUTH packets with 4000
+    // bytes of Authentication Data each, as fast as the gateway takes them (64 MB at
+    // most: the broker's socket and the gateway's take a few).
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
+    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
+    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
+    body.extend_from_slice(&common::string("flood"));
+    let connect = common::packet(0x10, &body);
+    let data = vec![b'A'; 4000];
+    let mut props = [&[0x15][..], &common::string("SCRAM-X"), &[0x16]].concat();
+    props.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+    props.extend_from_slice(&data);
+    let auth = common::packet(
+        0xF0,
+        &[&[0x18][..], &common::packet(0, &props)[1..]].concat(),
+    );
+    let flood = auth.repeat(16);
+
+    let s = TcpStream::connect(addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let (mut from_gateway, mut to_gateway) = s.into_split();
+    to_gateway.write_all(&connect).await.unwrap();
+    let flooding = tokio::spawn(async move {
+        let mut sent = 0;
+        while sent < 64 << 20 && to_gateway.write_all(&flood).await.is_ok() {
+            sent += flood.len();
+        }
+        sent
+    });
+    let start = tokio::time::Instant::now();
+    let mut answer = [0; 5];
+    timeout(CONNACK_TIMEOUT + WAIT, from_gateway.read_exact(&mut answer))
+        .await
+        .expect("no answer: the flood held the gateway past its CONNACK timeout")
+        .unwrap();
+    let waited = tokio::time::Instant::now().saturating_duration_since(start);
+    assert_eq!(answer, V5_UNAVAILABLE);
+    assert!(waited >= CONNACK_TIMEOUT, "answered after {waited:?}");
+    assert_eq!(
+        outcome_of(&mut outcomes, me).await,
+        Some(("mqtt", "connack_timeout"))
+    );
+    assert_eq!(timeouts.load(Ordering::SeqCst), 1, "reported once");
+    // The gateway closed: the flood ends (its writes fail).
+    let sent = timeout(WAIT, flooding)
+        .await
+        .expect("the flood did not end")
+        .unwrap();
+    assert!(sent < 64 << 20, "the gateway took all of {sent} bytes");
+    broker.signal("CONT");
+}
+
 /// Judged by the broker's first byte (`judge_by_first_read`), a half-open probe into a
 /// stalled broker holds its permit until the broker answers. While it waits, the other
 /// clients are answered at once by the circuit and none of them reaches the stall
