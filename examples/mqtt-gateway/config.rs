@@ -1325,27 +1325,6 @@ impl Config {
                 "must be between 1 and circuit_breaker.failure_rate.window",
             ));
         }
-        // With the CONNACK deciding, a probe's outcome is the broker's first byte or its
-        // CONNACK timeout, and the probe's own time limit is `open_for` (the breaker's
-        // default probe timeout). Shorter than the CONNACK timeout, it would fail a probe
-        // whose broker answers slowly but in time, and re-open a circuit that could then
-        // never close; and a client admitted just before the circuit opened would reach
-        // its CONNACK timeout in the next half-open period, counted against its probe.
-        let m = &self.mqtt;
-        if cb.enabled
-            && m.enabled
-            && !m.connack_timeout.is_zero()
-            && cb.open_for < m.connack_timeout
-        {
-            return Err(ConfigError::new(
-                "circuit_breaker.open_for",
-                format!(
-                    "must be at least mqtt.connack_timeout ({}): a half-open probe waits up to \
-                     that long for the broker's CONNACK",
-                    humantime::format_duration(m.connack_timeout)
-                ),
-            ));
-        }
 
         let a = &self.adaptive;
         // Own ranges, whatever adaptive.enabled says.

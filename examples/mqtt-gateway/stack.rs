@@ -443,6 +443,16 @@ pub(crate) fn build(
             let fr = &cb.failure_rate;
             b = b.failure_rate(fr.ratio, fr.window, fr.min_calls);
         }
+        if connack_decides {
+            // A probe's outcome is then the broker's first byte or the CONNACK timeout, so
+            // its own time limit (by default `open_for`) must not be shorter: with
+            // `open_for` under the CONNACK timeout, a broker answering slowly but in time
+            // failed every probe and kept the circuit open for good, and a probe timed out
+            // early while its client still waited on a stalled broker let the next probe
+            // through to it as well. The CONNACK clock starts before the breaker admits
+            // the call, so the CONNACK timeout always comes first.
+            b = b.probe_timeout(cb.open_for.max(c.mqtt.connack_timeout));
+        }
         b.build()
     });
     let breaker_handle = breaker.as_ref().map(CircuitBreakerLayer::handle);

@@ -2596,11 +2596,6 @@ fn config_errors_exit_2_and_name_the_key() {
             "circuit_breaker.open_for",
         ),
         (
-            "a circuit open for less than the CONNACK timeout (5s) its probe waits on",
-            "[circuit_breaker]\nopen_for = \"1s\"\n",
-            "circuit_breaker.open_for",
-        ),
-        (
             "an eviction interval past tokio's clock",
             "[limits]\nevict_every = \"300000000000y\"\n",
             "limits.evict_every",
@@ -2863,11 +2858,6 @@ fn out_of_range_values_are_refused_in_sections_that_are_off() {
     let accepted = [
         // adaptive.threshold against mqtt.connack_timeout (5s).
         "[adaptive]\nthreshold = \"10s\"\n",
-        // circuit_breaker.open_for against mqtt.connack_timeout, the breaker off, the
-        // CONNACK timeout off, the MQTT layer off.
-        "[circuit_breaker]\nenabled = false\nopen_for = \"1s\"\n",
-        "[circuit_breaker]\nopen_for = \"1s\"\n[mqtt]\nconnack_timeout = \"0s\"\n",
-        "[circuit_breaker]\nopen_for = \"1s\"\n[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n",
         // adaptive.enabled against limits.enabled.
         "[limits]\nenabled = false\n",
         // slowloris.handshake against mqtt.enabled.
@@ -3819,6 +3809,65 @@ async fn a_half_open_probe_into_a_stalled_broker_lets_no_other_client_through() 
         answer.unwrap(),
         (0x20, vec![0x00, 0x03]),
         "the probe timed out"
+    );
+}
+
+/// With `open_for` shorter than the CONNACK timeout, a half-open probe into a broker
+/// that answers slowly but within the CONNACK timeout closes the circuit. The probe's
+/// time limit was `open_for` (the breaker's default): the broker's CONNACK, its success,
+/// came after it, the probe counted as failed and the circuit re-opened, every time, so
+/// it never closed (a reviewer's live run: transitions to open 7, half-open 6).
+#[tokio::test]
+async fn a_slow_brokers_probe_closes_the_circuit_when_open_for_is_under_the_connack_timeout() {
+    const SLOW: Duration = Duration::from_millis(600);
+    let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = broker.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = None;
+        while let Ok((mut c, _)) = broker.accept().await {
+            if first.is_none() {
+                first = Some(c); // the first connection stalls: its timeout opens the circuit
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                if c.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                sleep(SLOW).await; // slower than `open_for`, within the CONNACK timeout
+                let _ = c.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                let _ = c.read(&mut buf).await; // until the client goes
+            });
+        }
+    });
+    let config = "[mqtt]\nconnack_timeout = \"1s\"\n\
+                  [circuit_breaker]\nconsecutive_failures = 1\nopen_for = \"300ms\"\n\
+                  [security]\nenabled = false\n";
+    let gw = Gateway::start("probe-slow", config, &["--upstream", &upstream.to_string()]).await;
+
+    let mut first = TcpStream::connect(gw.mqtt).await.unwrap();
+    first.write_all(&connect_311("first")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut first)).await.unwrap();
+    assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x03]));
+    gw.wait_metric("aegis_circuit_state{name=\"upstream\"}", 2.0)
+        .await;
+
+    // Past `open_for`, the probe: the broker accepts it after SLOW.
+    sleep(Duration::from_millis(400)).await;
+    let mut probe = TcpStream::connect(gw.mqtt).await.unwrap();
+    probe.write_all(&connect_311("probe")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut probe)).await.unwrap();
+    assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x00]), "the probe");
+    // Its CONNACK closed the circuit (0; half-open is 1, open 2), and the next client
+    // reaches the broker too.
+    wait_metric_below(&gw, "aegis_circuit_state{name=\"upstream\"}", 0.5).await;
+    let mut next = TcpStream::connect(gw.mqtt).await.unwrap();
+    next.write_all(&connect_311("next")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut next)).await.unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        (0x20, vec![0x00, 0x00]),
+        "the client after the probe"
     );
 }
 
