@@ -2383,28 +2383,6 @@ mod tests {
         packet
     }
 
-    /// [`connected_with`] for [`CONNECT_AUTH`].
-    fn connected_auth(
-        capacity: usize,
-        opts: IoOptions,
-    ) -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
-        let mut session = Session::new(Config::new());
-        assert!(matches!(
-            session.next(&CONNECT_AUTH),
-            Ok(Next::Packet { .. })
-        ));
-        let (client, server) = tokio::io::duplex(capacity);
-        let io = MqttIo::new(
-            server,
-            session,
-            Bytes::copy_from_slice(&CONNECT_AUTH),
-            Bytes::new(),
-            opts,
-            None,
-        );
-        (client, io)
-    }
-
     /// Copies `from` to `to` as a proxy does (aegis-core's copy): reads, writes all it
     /// read, then reads again; so the client is not read while the broker's socket is
     /// full. (tokio's `copy` goes on reading into its buffer while a write waits.) Ends
@@ -2448,7 +2426,7 @@ mod tests {
             on_connack_timeout: Some(hook),
             ..IoOptions::default()
         };
-        let (client, mut io) = connected_auth(4096, opts);
+        let (client, mut io) = connected_as(&CONNECT_AUTH, Config::new(), 4096, opts);
         let (mut from_gateway, mut to_gateway) = tokio::io::split(client);
         let one = auth(1000);
         let flood = tokio::spawn(async move {
@@ -2500,7 +2478,12 @@ mod tests {
     /// held AUTH is in front of it.
     #[tokio::test(start_paused = true)]
     async fn a_client_gets_one_auth_through_per_auth_of_the_broker() {
-        let (mut client, mut io) = connected_auth(64 * 1024, IoOptions::default());
+        let (mut client, mut io) = connected_as(
+            &CONNECT_AUTH,
+            Config::new(),
+            64 * 1024,
+            IoOptions::default(),
+        );
         let mut got = [0; 20];
         io.read_exact(&mut got).await.unwrap();
         assert_eq!(got, CONNECT_AUTH);
@@ -2544,7 +2527,12 @@ mod tests {
         assert_eq!(rest, [&auths[2][..], &[0xE0, 0x00]].concat());
 
         // With no AUTH held, a DISCONNECT is read at once, however far ahead the client is.
-        let (mut client, mut io) = connected_auth(64 * 1024, IoOptions::default());
+        let (mut client, mut io) = connected_as(
+            &CONNECT_AUTH,
+            Config::new(),
+            64 * 1024,
+            IoOptions::default(),
+        );
         io.read_exact(&mut got).await.unwrap();
         client
             .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
