@@ -386,15 +386,27 @@ impl Gateway {
 
     /// Waits (bounded) until `series` reads at least `min`.
     async fn wait_metric(&self, series: &str, min: f64) {
+        self.wait_metric_until(series, |v| v >= min, &format!(">= {min}"))
+            .await;
+    }
+
+    /// Waits (bounded) until `series` reads below `max`.
+    async fn wait_metric_below(&self, series: &str, max: f64) {
+        self.wait_metric_until(series, |v| v < max, &format!("< {max}"))
+            .await;
+    }
+
+    /// Waits (bounded) until `series` reads a value `ok` takes, `wanted` saying which.
+    async fn wait_metric_until(&self, series: &str, ok: impl Fn(f64) -> bool, wanted: &str) {
         let deadline = Instant::now() + WAIT;
         loop {
             let v = self.metric(series).await;
-            if v.is_some_and(|v| v >= min) {
+            if v.is_some_and(&ok) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{series} is {v:?}, not >= {min}, after {WAIT:?}; /metrics:\n{}",
+                "{series} is {v:?}, not {wanted}, after {WAIT:?}; /metrics:\n{}",
                 http_get(self.metrics, "/metrics").await.unwrap().1
             );
             sleep(Duration::from_millis(25)).await;
@@ -2217,12 +2229,7 @@ async fn with_proxy_protocol_an_untrusted_peer_is_its_own_client_from_accept() {
 
     // An untrusted peer's PROXY line is not believed: the sniffer closes it as `proxy`.
     let mut s = connect_from("127.0.0.12", gw.mqtt).await;
-    let header = format!(
-        "PROXY TCP4 203.0.113.9 {} 40000 {}\r\n",
-        gw.mqtt.ip(),
-        gw.mqtt.port()
-    );
-    s.write_all(&[header.into_bytes(), connect_311("spoofer")].concat())
+    s.write_all(&[proxy_v1("203.0.113.9", gw.mqtt), connect_311("spoofer")].concat())
         .await
         .unwrap();
     assert!(closed_silently(&mut s).await, "the PROXY line was answered");
@@ -2237,12 +2244,7 @@ async fn with_proxy_protocol_an_untrusted_peer_is_its_own_client_from_accept() {
     plain.write_all(&[0xE0, 0x00]).await.unwrap();
     for (client, served) in [("203.0.113.9", true), ("127.0.0.9", false)] {
         let mut s = connect_from("127.0.0.5", gw.mqtt).await;
-        let header = format!(
-            "PROXY TCP4 {client} {} 40000 {}\r\n",
-            gw.mqtt.ip(),
-            gw.mqtt.port()
-        );
-        s.write_all(&[header.into_bytes(), connect_311("proxied")].concat())
+        s.write_all(&[proxy_v1(client, gw.mqtt), connect_311("proxied")].concat())
             .await
             .unwrap();
         if served {
@@ -3860,7 +3862,8 @@ async fn a_slow_brokers_probe_closes_the_circuit_when_open_for_is_under_the_conn
     assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x00]), "the probe");
     // Its CONNACK closed the circuit (0; half-open is 1, open 2), and the next client
     // reaches the broker too.
-    wait_metric_below(&gw, "aegis_circuit_state{name=\"upstream\"}", 0.5).await;
+    gw.wait_metric_below("aegis_circuit_state{name=\"upstream\"}", 0.5)
+        .await;
     let mut next = TcpStream::connect(gw.mqtt).await.unwrap();
     next.write_all(&connect_311("next")).await.unwrap();
     let answer = timeout(WAIT, read_packet(&mut next)).await.unwrap();
@@ -3871,21 +3874,9 @@ async fn a_slow_brokers_probe_closes_the_circuit_when_open_for_is_under_the_conn
     );
 }
 
-/// Waits (bounded) until `series` reads below `max`.
-async fn wait_metric_below(gw: &Gateway, series: &str, max: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = gw.metric(series).await;
-        if v.is_some_and(|v| v < max) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is {v:?}, not < {max}, after {WAIT:?}; /metrics:\n{}",
-            http_get(gw.metrics, "/metrics").await.unwrap().1
-        );
-        sleep(Duration::from_millis(25)).await;
-    }
+/// A PROXY protocol v1 line naming `client` (port 40000) as the peer of `to`.
+fn proxy_v1(client: &str, to: SocketAddr) -> Vec<u8> {
+    format!("PROXY TCP4 {client} {} 40000 {}\r\n", to.ip(), to.port()).into_bytes()
 }
 
 /// The adaptive controller sees a stalled broker (it takes the connections, never
@@ -3924,7 +3915,7 @@ async fn a_stalled_broker_lowers_the_adaptive_rate() {
         (0x20, vec![0x00, 0x03]),
         "the gateway's own server unavailable"
     );
-    wait_metric_below(&gw, rate, 1000.0).await;
+    gw.wait_metric_below(rate, 1000.0).await;
     let p95 = gw
         .metric("aegis_adaptive_p95_seconds{name=\"upstream\"}")
         .await
@@ -4066,12 +4057,7 @@ async fn every_layer_on_carries_a_session_and_logs_json() {
 
     // A balancer's PROXY header, then a session: CONNACK, PINGREQ / PINGRESP.
     let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
-    let header = format!(
-        "PROXY TCP4 203.0.113.9 {} 40000 {}\r\n",
-        gw.mqtt.ip(),
-        gw.mqtt.port()
-    );
-    s.write_all(&[header.into_bytes(), connect_311("all-on")].concat())
+    s.write_all(&[proxy_v1("203.0.113.9", gw.mqtt), connect_311("all-on")].concat())
         .await
         .unwrap();
     let connack = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
