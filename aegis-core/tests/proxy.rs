@@ -258,3 +258,181 @@ fn upstream_that_never_accepts_times_out_with_a_typed_error() {
         1
     );
 }
+
+/// A client's stream that answers for its upstream at the shutdown: it writes `answer`
+/// to the client before it shuts down, and (with `refuse`) fails every read after, as a
+/// protocol wrapper that reports its refusal through its read does.
+struct Answering {
+    io: TcpStream,
+    answer: &'static [u8],
+    written: usize,
+    shut: bool,
+    refuse: bool,
+}
+
+impl Answering {
+    fn new(io: TcpStream, answer: &'static [u8], refuse: bool) -> Self {
+        Self {
+            io,
+            answer,
+            written: 0,
+            shut: false,
+            refuse,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Answering {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.shut && self.refuse {
+            return std::task::Poll::Ready(Err(std::io::Error::other("refused")));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Answering {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while this.written < this.answer.len() {
+            let n = std::task::ready!(
+                std::pin::Pin::new(&mut this.io).poll_write(cx, &this.answer[this.written..])
+            )?;
+            this.written += n;
+        }
+        this.shut = true;
+        std::pin::Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// An upstream that resets the connection it accepts: with `first`, after writing it
+/// and being told to go on; with `after_data`, once the client's bytes have arrived (left
+/// unread).
+async fn resetting_upstream(
+    first: Option<(&'static [u8], tokio::sync::oneshot::Receiver<()>)>,
+    after_data: bool,
+) -> SocketAddr {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        if let Some((first, go_on)) = first {
+            s.write_all(first).await.unwrap();
+            go_on.await.unwrap();
+        }
+        if after_data {
+            let mut peek = [0u8; 1];
+            s.peek(&mut peek).await.unwrap();
+        }
+        // Closed with a zero linger: a reset, whatever was read.
+        s.set_zero_linger().unwrap();
+        drop(s);
+    });
+    addr
+}
+
+/// Proxies one client through an [`Answering`] stream to `upstream`.
+async fn answering_pair(
+    upstream: SocketAddr,
+    answer: &'static [u8],
+    refuse: bool,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<Transferred, BoxError>>,
+) {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let client = TcpStream::connect(front_addr).await.unwrap();
+    let (io, peer) = front.accept().await.unwrap();
+    let conn = Conn::new(Answering::new(io, answer, refuse), peer, front_addr);
+    let task = tokio::spawn(Proxy::new(upstream).oneshot(conn));
+    (client, task)
+}
+
+/// An upstream that resets the connection before it has sent a byte (it closed with the
+/// client's request unread): the client's stream is shut down as at the upstream's EOF,
+/// so a wrapper that answers for a silent upstream at the shutdown gets its answer to
+/// the client, and the transfer returns the upstream's reset.
+#[tokio::test]
+async fn an_upstream_reset_before_its_first_byte_shuts_the_clients_stream_down() {
+    let upstream = resetting_upstream(None, true).await;
+    let (mut client, task) = answering_pair(upstream, b"unavailable", false).await;
+    client.write_all(b"request").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended")
+        .unwrap();
+    assert_eq!(got, b"unavailable");
+    let err = task.await.unwrap().unwrap_err();
+    let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
+    match pe {
+        ProxyError::UpstreamIo(e) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// As above, with a wrapper that reports its answer through its next read (a refusal):
+/// the transfer's error is the wrapper's, which says why the client was answered.
+#[tokio::test]
+async fn after_an_upstream_reset_a_refusal_read_from_the_client_stream_is_the_error() {
+    let upstream = resetting_upstream(None, true).await;
+    let (mut client, task) = answering_pair(upstream, b"unavailable", true).await;
+    client.write_all(b"request").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended")
+        .unwrap();
+    assert_eq!(got, b"unavailable");
+    let err = task.await.unwrap().unwrap_err();
+    let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
+    match pe {
+        ProxyError::ClientIo(e) => assert_eq!(e.to_string(), "refused"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// After the upstream's first byte a reset ends the transfer at once: what reached the
+/// client stands, and nothing is appended to it (the wrapper is not shut down).
+#[tokio::test]
+async fn an_upstream_reset_after_its_first_byte_ends_the_transfer_without_a_shutdown() {
+    let (go_on, told) = tokio::sync::oneshot::channel();
+    let upstream = resetting_upstream(Some((b"partial", told)), false).await;
+    let (mut client, task) = answering_pair(upstream, b"unavailable", false).await;
+    let mut got = vec![0u8; 7];
+    client.read_exact(&mut got).await.unwrap();
+    go_on.send(()).unwrap();
+    // The reset may reach the client as an error or as an end.
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended");
+    assert_eq!(got, b"partial");
+    let err = task.await.unwrap().unwrap_err();
+    let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
+    assert!(matches!(pe, ProxyError::UpstreamIo(_)), "{pe:?}");
+}

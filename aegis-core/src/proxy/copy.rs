@@ -103,6 +103,11 @@ impl Half {
         self.done
     }
 
+    /// Ends the reads, as at EOF: the next poll shuts the writer down.
+    fn end_reads(&mut self) {
+        self.read_done = true;
+    }
+
     pub(crate) fn total(&self) -> u64 {
         self.total
     }
@@ -268,6 +273,16 @@ pin_project! {
     ///
     /// One side's EOF is forwarded as a write shutdown to the other side, and the other
     /// direction goes on until its own EOF (half-close).
+    ///
+    /// An upstream whose read fails before it has sent the client a byte (a reset: the
+    /// upstream closed with the client's first bytes unread) also gets the client's
+    /// stream shut down, as at its EOF, before the error is returned. So a wrapper of
+    /// the client's stream that answers for a silent upstream at the shutdown (as
+    /// `aegis_mqtt`'s does, with "server unavailable") answers this one too, and the
+    /// client's stream is read once more after it: a wrapper that reports why through
+    /// its read (a refusal) gives the transfer's error. Otherwise the upstream's error
+    /// is returned. After the upstream's first byte a failed read ends the transfer at
+    /// once: the client's connection closes, with what it was sent cut short.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
     pub struct Transfer<A, B> {
@@ -279,6 +294,8 @@ pin_project! {
         down: Half,
         bulk: u32,
         bytes: Handles<ByteCounters>,
+        // The upstream's read error, while the client's stream is shut down.
+        upstream_failed: Option<io::Error>,
     }
 
     impl<A, B> PinnedDrop for Transfer<A, B> {
@@ -317,6 +334,7 @@ impl<A, B> Transfer<A, B> {
             // Clamped to what a u32 offset can address; 8 KiB at least.
             bulk: u32::try_from(bulk.max(STACK_BUF)).unwrap_or(u32::MAX),
             bytes,
+            upstream_failed: None,
         }
     }
 }
@@ -345,18 +363,47 @@ where
                 ProxyError::UpstreamIo(source)
             }));
         }
-        if let Poll::Ready(Err((side, source))) = this.down.poll_copy(
-            cx,
-            bulk,
-            &bytes.to_client,
-            this.upstream.as_mut(),
-            this.client.as_mut(),
-        ) {
-            return Poll::Ready(Err(if side == Side::Write {
-                ProxyError::ClientIo(source)
-            } else {
-                ProxyError::UpstreamIo(source)
-            }));
+        loop {
+            match this.down.poll_copy(
+                cx,
+                bulk,
+                &bytes.to_client,
+                this.upstream.as_mut(),
+                this.client.as_mut(),
+            ) {
+                Poll::Ready(Err((Side::Read, source)))
+                    if this.down.total() == 0 && this.upstream_failed.is_none() =>
+                {
+                    // Nothing of the upstream's reached the client: shut the client's
+                    // stream down as at the upstream's EOF, for a wrapper to answer.
+                    *this.upstream_failed = Some(source);
+                    this.down.end_reads();
+                }
+                Poll::Ready(Err((side, source))) => {
+                    return Poll::Ready(Err(if side == Side::Write {
+                        ProxyError::ClientIo(source)
+                    } else {
+                        ProxyError::UpstreamIo(source)
+                    }));
+                }
+                Poll::Ready(Ok(())) | Poll::Pending => break,
+            }
+        }
+        if this.down.is_done()
+            && let Some(source) = this.upstream_failed.take()
+        {
+            // The client's stream is shut down. One more read of it, for a wrapper that
+            // reports why it answered (the upstream's end is of no more use).
+            if let Poll::Ready(Err((Side::Read, e))) = this.up.poll_copy(
+                cx,
+                bulk,
+                &bytes.to_upstream,
+                this.client.as_mut(),
+                this.upstream.as_mut(),
+            ) {
+                return Poll::Ready(Err(ProxyError::ClientIo(e)));
+            }
+            return Poll::Ready(Err(ProxyError::UpstreamIo(source)));
         }
         if this.up.is_done() && this.down.is_done() {
             Poll::Ready(Ok(Transferred {
