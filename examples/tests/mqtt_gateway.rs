@@ -3497,10 +3497,8 @@ async fn an_open_circuit_gets_no_client_banned() {
 /// client's doing), and the circuit stays closed (the broker's end came before its
 /// first byte, which counts for nothing).
 ///
-/// The upstream reads the CONNECT before it closes: closed with the CONNECT unread, its
-/// kernel would reset the connection, an upstream IO error for the proxy, where the
-/// gateway has nothing left to answer with (a close before the CONNECT arrives is the
-/// EOF case here, but the test cannot order the two).
+/// The upstream reads the CONNECT before it closes, so that its kernel sends an end of
+/// stream; closed with the CONNECT unread it would reset the connection (the next test).
 #[tokio::test]
 async fn an_upstream_that_closes_before_its_connack_gets_clients_server_unavailable_and_bans_nobody()
  {
@@ -3582,6 +3580,80 @@ async fn an_upstream_that_closes_before_its_connack_gets_clients_server_unavaila
         "the breaker counted the broker's end"
     );
     closer.abort();
+}
+
+/// An upstream that resets the connection before any CONNACK (it closed with the
+/// CONNECT unread, or aborted it): the proxy's read of the upstream fails, and each
+/// client still gets the gateway's "server unavailable" (3.1.1 CONNACK 0x03, 5.0 0x88),
+/// counted as `upstream_closed` as for an end of stream; the circuit stays closed.
+#[tokio::test]
+async fn an_upstream_that_resets_before_its_connack_gets_clients_server_unavailable() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let resetter = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = upstream.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The CONNECT has arrived, left unread; a zero linger makes the close a
+                // reset in any case.
+                let mut peek = [0u8; 1];
+                let _ = timeout(WAIT, s.peek(&mut peek)).await;
+                s.set_zero_linger().unwrap();
+            });
+        }
+    });
+    let gw = Gateway::start("upstream-reset", "", &["--upstream", &addr.to_string()]).await;
+    const CLIENTS: usize = 4;
+    for i in 0..CLIENTS {
+        let v5 = i % 2 == 1;
+        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+        let level = if v5 { 5 } else { 4 };
+        s.write_all(&connect(level, &format!("reset-{i}"), 60))
+            .await
+            .unwrap();
+        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+        let answer = answer.unwrap_or_else(|e| panic!("connect {i}: no CONNACK ({e})"));
+        let unavailable = if v5 {
+            vec![0x00, 0x88, 0x00]
+        } else {
+            vec![0x00, 0x03]
+        };
+        assert_eq!(
+            answer,
+            (0x20, unavailable),
+            "connect {i}: server unavailable"
+        );
+        assert!(
+            closed_silently(&mut s).await,
+            "connect {i}: more after the CONNACK"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        CLIENTS,
+        "each CONNECT went upstream"
+    );
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"upstream_closed\"}",
+        CLIENTS as f64,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("aegis_rejections_total{layer=\"mqtt\",reason=\"upstream_closed\"}")
+            .await,
+        Some(CLIENTS as f64)
+    );
+    assert_eq!(
+        gw.metric("aegis_circuit_state{name=\"upstream\"}").await,
+        Some(0.0),
+        "the breaker counted the broker's reset"
+    );
+    resetter.abort();
 }
 
 /// The security events of rule `upstream_closed` in `/events`.

@@ -86,8 +86,9 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// and the exchange may be stalled by the client.
 ///
 /// A broker that closes its stream before any CONNACK (the proxy forwards its EOF as
-/// [`poll_shutdown`](AsyncWrite::poll_shutdown): a TCP load balancer with no healthy
-/// backend, a broker restarting) is answered the same way, with or without a CONNACK
+/// [`poll_shutdown`](AsyncWrite::poll_shutdown), and `aegis_core`'s proxy a reset
+/// before the broker's first byte: a TCP load balancer with no healthy backend, a
+/// broker restarting) is answered the same way, with or without a CONNACK
 /// timeout: if no byte of a CONNACK has gone out and the broker's stream ended between
 /// two packets (an MQTT 5 broker may have sent whole AUTH packets first), the shutdown
 /// first writes the gateway's own "server unavailable" CONNACK (`20 02 00 03`, or

@@ -252,8 +252,9 @@
 //! The security layer counts `upstream_closed` toward no ban (an outage is not the
 //! clients' doing), and it is no failure for a circuit breaker judged by the broker's
 //! first read (an end before the first byte counts for nothing). A broker that resets
-//! the connection instead (it closed with the CONNECT unread) is an upstream IO error
-//! of the proxy, which ends the connection without an answer.
+//! the connection instead (it closed with the CONNECT unread) gets the same answer
+//! through [`aegis_core::proxy`], which shuts the client's side down when the
+//! upstream's read fails before its first byte, as at its EOF.
 //!
 //! # Metrics
 //!
