@@ -17,7 +17,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 W=$(mktemp -d)
-ORDER_DIR=${ORDER_DIR:-$ROOT/target-order}
+ORDER_DIR=${ORDER_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/order}
 sed 's/--dump-instr=yes/--dump-instr=yes --demangle=no/' benches/callgrind.sh >benches/callgrind-raw.sh
 trap 'rm -f benches/callgrind-raw.sh' EXIT
 
