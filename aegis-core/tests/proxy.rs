@@ -21,11 +21,26 @@ async fn proxied_pair(
     TcpStream,
     tokio::task::JoinHandle<Result<Transferred, BoxError>>,
 ) {
+    proxied_through(upstream, |io| io).await
+}
+
+/// Accepts one client on a loopback listener and proxies it to `upstream`, its accepted
+/// stream wrapped by `wrap`.
+async fn proxied_through<I>(
+    upstream: SocketAddr,
+    wrap: impl FnOnce(TcpStream) -> I,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<Transferred, BoxError>>,
+)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front_addr = front.local_addr().unwrap();
     let client = TcpStream::connect(front_addr).await.unwrap();
     let (io, peer) = front.accept().await.unwrap();
-    let conn = Conn::new(io, peer, front_addr);
+    let conn = Conn::new(wrap(io), peer, front_addr);
     let task = tokio::spawn(Proxy::new(upstream).oneshot(conn));
     (client, task)
 }
@@ -353,22 +368,21 @@ async fn resetting_upstream(
     addr
 }
 
-/// Proxies one client through an [`Answering`] stream to `upstream`.
-async fn answering_pair(
-    upstream: SocketAddr,
-    answer: &'static [u8],
-    refuse: bool,
-) -> (
-    TcpStream,
-    tokio::task::JoinHandle<Result<Transferred, BoxError>>,
-) {
-    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_addr = front.local_addr().unwrap();
-    let client = TcpStream::connect(front_addr).await.unwrap();
-    let (io, peer) = front.accept().await.unwrap();
-    let conn = Conn::new(Answering::new(io, answer, refuse), peer, front_addr);
-    let task = tokio::spawn(Proxy::new(upstream).oneshot(conn));
-    (client, task)
+/// A client that sends a request to an upstream that resets the connection unread:
+/// asserts that the client gets the [`Answering`] stream's answer, then its end, and
+/// returns the transfer's error.
+async fn answered_after_a_reset(refuse: bool) -> BoxError {
+    let upstream = resetting_upstream(None, true).await;
+    let (mut client, task) =
+        proxied_through(upstream, |io| Answering::new(io, b"unavailable", refuse)).await;
+    client.write_all(b"request").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended")
+        .unwrap();
+    assert_eq!(got, b"unavailable");
+    task.await.unwrap().unwrap_err()
 }
 
 /// An upstream that resets the connection before it has sent a byte (it closed with the
@@ -377,16 +391,7 @@ async fn answering_pair(
 /// the client, and the transfer returns the upstream's reset.
 #[tokio::test]
 async fn an_upstream_reset_before_its_first_byte_shuts_the_clients_stream_down() {
-    let upstream = resetting_upstream(None, true).await;
-    let (mut client, task) = answering_pair(upstream, b"unavailable", false).await;
-    client.write_all(b"request").await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
-        .await
-        .expect("the client's connection ended")
-        .unwrap();
-    assert_eq!(got, b"unavailable");
-    let err = task.await.unwrap().unwrap_err();
+    let err = answered_after_a_reset(false).await;
     let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
     match pe {
         ProxyError::UpstreamIo(e) => {
@@ -400,16 +405,7 @@ async fn an_upstream_reset_before_its_first_byte_shuts_the_clients_stream_down()
 /// the transfer's error is the wrapper's, which says why the client was answered.
 #[tokio::test]
 async fn after_an_upstream_reset_a_refusal_read_from_the_client_stream_is_the_error() {
-    let upstream = resetting_upstream(None, true).await;
-    let (mut client, task) = answering_pair(upstream, b"unavailable", true).await;
-    client.write_all(b"request").await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
-        .await
-        .expect("the client's connection ended")
-        .unwrap();
-    assert_eq!(got, b"unavailable");
-    let err = task.await.unwrap().unwrap_err();
+    let err = answered_after_a_reset(true).await;
     let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
     match pe {
         ProxyError::ClientIo(e) => assert_eq!(e.to_string(), "refused"),
@@ -423,7 +419,8 @@ async fn after_an_upstream_reset_a_refusal_read_from_the_client_stream_is_the_er
 async fn an_upstream_reset_after_its_first_byte_ends_the_transfer_without_a_shutdown() {
     let (go_on, told) = tokio::sync::oneshot::channel();
     let upstream = resetting_upstream(Some((b"partial", told)), false).await;
-    let (mut client, task) = answering_pair(upstream, b"unavailable", false).await;
+    let (mut client, task) =
+        proxied_through(upstream, |io| Answering::new(io, b"unavailable", false)).await;
     let mut got = vec![0u8; 7];
     client.read_exact(&mut got).await.unwrap();
     go_on.send(()).unwrap();

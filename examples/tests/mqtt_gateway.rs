@@ -3527,28 +3527,8 @@ async fn an_upstream_that_closes_before_its_connack_gets_clients_server_unavaila
     .await;
     const CLIENTS: usize = 7;
     for i in 0..CLIENTS {
-        let v5 = i % 2 == 1;
-        let mut s = connect_from("127.0.0.21", gw.mqtt).await;
-        let level = if v5 { 5 } else { 4 };
-        s.write_all(&connect(level, &format!("gone-{i}"), 60))
-            .await
-            .unwrap();
-        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
-        let answer = answer.unwrap_or_else(|e| panic!("connect {i}: no CONNACK ({e})"));
-        let unavailable = if v5 {
-            vec![0x00, 0x88, 0x00]
-        } else {
-            vec![0x00, 0x03]
-        };
-        assert_eq!(
-            answer,
-            (0x20, unavailable),
-            "connect {i}: server unavailable"
-        );
-        assert!(
-            closed_silently(&mut s).await,
-            "connect {i}: more after the CONNACK"
-        );
+        let s = connect_from("127.0.0.21", gw.mqtt).await;
+        connect_gets_server_unavailable(s, i).await;
         // Each connection has ended, and been counted toward a ban or not, before the
         // next: the security layer's event is emitted at its end.
         let deadline = Instant::now() + WAIT;
@@ -3610,28 +3590,8 @@ async fn an_upstream_that_resets_before_its_connack_gets_clients_server_unavaila
     let gw = Gateway::start("upstream-reset", "", &["--upstream", &addr.to_string()]).await;
     const CLIENTS: usize = 4;
     for i in 0..CLIENTS {
-        let v5 = i % 2 == 1;
-        let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
-        let level = if v5 { 5 } else { 4 };
-        s.write_all(&connect(level, &format!("reset-{i}"), 60))
-            .await
-            .unwrap();
-        let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
-        let answer = answer.unwrap_or_else(|e| panic!("connect {i}: no CONNACK ({e})"));
-        let unavailable = if v5 {
-            vec![0x00, 0x88, 0x00]
-        } else {
-            vec![0x00, 0x03]
-        };
-        assert_eq!(
-            answer,
-            (0x20, unavailable),
-            "connect {i}: server unavailable"
-        );
-        assert!(
-            closed_silently(&mut s).await,
-            "connect {i}: more after the CONNACK"
-        );
+        let s = TcpStream::connect(gw.mqtt).await.unwrap();
+        connect_gets_server_unavailable(s, i).await;
     }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -3654,6 +3614,32 @@ async fn an_upstream_that_resets_before_its_connack_gets_clients_server_unavaila
         "the breaker counted the broker's reset"
     );
     resetter.abort();
+}
+
+/// Client `i` (3.1.1 when even, 5.0 when odd) sends its CONNECT on `s`, and gets the
+/// gateway's "server unavailable" (CONNACK 0x03, or 0x88), then the end.
+async fn connect_gets_server_unavailable(mut s: TcpStream, i: usize) {
+    let v5 = i % 2 == 1;
+    let level = if v5 { 5 } else { 4 };
+    s.write_all(&connect(level, &format!("unavailable-{i}"), 60))
+        .await
+        .unwrap();
+    let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+    let answer = answer.unwrap_or_else(|e| panic!("connect {i}: no CONNACK ({e})"));
+    let unavailable = if v5 {
+        vec![0x00, 0x88, 0x00]
+    } else {
+        vec![0x00, 0x03]
+    };
+    assert_eq!(
+        answer,
+        (0x20, unavailable),
+        "connect {i}: server unavailable"
+    );
+    assert!(
+        closed_silently(&mut s).await,
+        "connect {i}: more after the CONNACK"
+    );
 }
 
 /// The security events of rule `upstream_closed` in `/events`.
