@@ -271,10 +271,11 @@ struct OutBoundary {
     connack_long: bool,
     /// Whether the first CONNACK has been seen.
     connack_seen: bool,
-    /// Whether an AUTH packet started going out before the first CONNACK, since
-    /// [`MqttIo`] last looked: the broker's challenge in an MQTT 5 enhanced
+    /// How many AUTH packets started going out before the first CONNACK, since
+    /// [`MqttIo`] last looked (counted at each one's first byte, however the writes split
+    /// or join them; saturating): the broker's challenges in an MQTT 5 enhanced
     /// authentication.
-    auth_seen: bool,
+    auths_seen: u16,
     /// Whether a DISCONNECT from the broker has started going out: the last packet the
     /// client may get [MQTT-3.14.4-1], so the gateway writes nothing after it (no
     /// queued answer, no refusal's DISCONNECT).
@@ -416,7 +417,7 @@ impl OutBoundary {
                     self.connack_seen = true;
                     self.connack = Some(Box::new(vec![b]));
                 } else if b >> 4 == 15 && !self.connack_seen {
-                    self.auth_seen = true;
+                    self.auths_seen = self.auths_seen.saturating_add(1);
                 } else if b >> 4 == 14 {
                     self.disconnect_seen = true;
                 }
@@ -674,8 +675,9 @@ impl<I> MqttIo<I> {
 
     /// Tells the session what the broker's writes showed.
     fn on_written(&mut self, seen: Seen<'_>) {
-        if std::mem::take(&mut self.out.auth_seen) {
-            self.on_broker_auth();
+        let auths = std::mem::take(&mut self.out.auths_seen);
+        if auths > 0 {
+            self.on_broker_auth(auths);
         }
         if matches!(seen, Seen::Nothing) {
             return;
@@ -723,20 +725,20 @@ impl<I> MqttIo<I> {
         unpark(&mut self.held);
     }
 
-    /// The broker sent AUTH before its CONNACK, to a client that chose an
+    /// The broker sent `auths` AUTH packets before its CONNACK, to a client that chose an
     /// Authentication Method: it is up, and the exchange is the client's as much as the
     /// broker's. The CONNACK clock starts again (each round of the exchange has the
     /// whole `connack_timeout`), its expiry becomes [`MqttError::AuthTimeout`] and no
     /// broker failure (`on_connack_timeout` is not called), and the connection gives no
     /// CONNACK latency: the round trip now holds the client's own answers.
-    fn on_broker_auth(&mut self) {
+    fn on_broker_auth(&mut self, auths: u16) {
         if !self.session.auth_method() {
             // Not an exchange the client asked for: the session refuses the client's
             // AUTH, and the broker's proves nothing.
             return;
         }
-        // The client may answer it: one more of its AUTH packets is read.
-        self.auth_credit = self.auth_credit.saturating_add(1);
+        // The client may answer each: one more of its AUTH packets is read per AUTH.
+        self.auth_credit = self.auth_credit.saturating_add(auths);
         unpark(&mut self.held);
         if let Some(w) = &mut self.connack {
             w.authenticating = true;
@@ -2543,6 +2545,72 @@ mod tests {
         let mut rest = Vec::new();
         io.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, [&auths[0][..], &[0xE0, 0x00]].concat());
+    }
+
+    /// How many of the client's AUTH packets are read, under enhanced authentication,
+    /// after the one it sent ahead of the broker and the broker's `writes` (three are
+    /// sent; the others wait, held).
+    async fn client_auths_read_after(writes: &[&[u8]]) -> usize {
+        let (mut client, mut io) = connected_as(
+            &CONNECT_AUTH,
+            Config::new(),
+            64 * 1024,
+            IoOptions::default(),
+        );
+        let mut got = [0; 20];
+        io.read_exact(&mut got).await.unwrap();
+        let ahead = auth(1);
+        client.write_all(&ahead).await.unwrap();
+        assert_eq!(read_once(&mut io, 8192).unwrap().unwrap(), ahead);
+        for w in writes {
+            broker_writes(&mut io, w);
+        }
+        let answers: Vec<Vec<u8>> = (2..=4).map(auth).collect();
+        client.write_all(&answers.concat()).await.unwrap();
+        let mut read = Vec::new();
+        while let Some(r) = read_once(&mut io, 8192) {
+            read.extend_from_slice(&r.unwrap());
+        }
+        (0..=answers.len())
+            .find(|&n| read == answers[..n].concat())
+            .unwrap_or_else(|| panic!("read {} bytes, not whole AUTHs", read.len()))
+    }
+
+    /// Each AUTH of the broker's lets one more of the client's through, however the
+    /// broker's writes split or join them. Two AUTHs in one write let only one through:
+    /// the allowance grew once per write that started an AUTH, not once per AUTH. One
+    /// AUTH in two writes is still one.
+    #[tokio::test(start_paused = true)]
+    async fn each_auth_of_the_broker_lets_one_of_the_clients_through_however_written() {
+        let challenge = auth(5);
+        let two = [&challenge[..], &challenge[..]].concat();
+        let len = challenge.len();
+        for (what, writes) in [
+            ("in two writes", vec![&challenge[..], &challenge[..]]),
+            ("in one write", vec![&two[..]]),
+            (
+                "both started in the first write",
+                vec![&two[..=len], &two[len + 1..]],
+            ),
+            (
+                "the first ended in the second write",
+                vec![&two[..len - 3], &two[len - 3..]],
+            ),
+        ] {
+            assert_eq!(
+                client_auths_read_after(&writes).await,
+                2,
+                "two AUTHs {what}"
+            );
+        }
+        for cut in 1..len {
+            let writes = [&challenge[..cut], &challenge[cut..]];
+            assert_eq!(
+                client_auths_read_after(&writes).await,
+                1,
+                "one AUTH cut after {cut} bytes"
+            );
+        }
     }
 
     /// Polls `f` once: `true` if it is pending.
