@@ -1,5 +1,10 @@
 //! Validation of every client packet after the CONNECT.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::num::NonZeroU32;
+use std::sync::OnceLock;
+
 use crate::error::Limit;
 use crate::properties::{self, Ctx, ServerLimits};
 use crate::reader::Reader;
@@ -84,12 +89,40 @@ impl<'a> Filters<'a> {
     }
 }
 
+/// The MQTT 5 Authentication Method a CONNECT chose, as the session keeps it to compare
+/// each AUTH's with ([MQTT-4.12.0-5], [MQTT-4.12.1-1]): a 32-bit `SipHash` of the string
+/// under a key drawn at random once per process, not a copy.
+///
+/// Why a hash: it is four bytes, which fit in the padding the [`Session`](crate::Session)
+/// already had, so no session (and no `MqttIo`, held by every connection) grows, and it
+/// needs no allocation; a copy would be 16 bytes more a session (a `Box<str>`; 8 for a
+/// boxed box, and two allocations), for the rare connection with enhanced
+/// authentication. Its cost is that another method passes with a chance of 2^-32 per
+/// AUTH; as the key is secret and random, a client cannot search for a colliding method
+/// offline, each wrong guess closes its connection, and what a collision gets it is
+/// what every AUTH got before this check: the broker, which leads the exchange, sees
+/// the method itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AuthMethod(NonZeroU32);
+
+impl AuthMethod {
+    pub(crate) fn of(method: &str) -> Self {
+        static KEY: OnceLock<RandomState> = OnceLock::new();
+        let h = KEY.get_or_init(RandomState::new).hash_one(method);
+        // The two halves folded together; 0, which `NonZeroU32` cannot hold, becomes 1.
+        let folded = (h ^ (h >> 32)) & u64::from(u32::MAX);
+        let folded = u32::try_from(folded).unwrap_or(u32::MAX);
+        Self(NonZeroU32::new(folded).unwrap_or(NonZeroU32::MIN))
+    }
+}
+
 /// What the validators need to know about the connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ctx5 {
     pub(crate) version: Version,
     pub(crate) session_expiry_zero: bool,
-    pub(crate) auth_method: bool,
+    /// The CONNECT's Authentication Method, if it chose one.
+    pub(crate) auth_method: Option<AuthMethod>,
     /// What the broker's CONNACK announced, once seen.
     pub(crate) limits: Option<ServerLimits>,
 }
@@ -200,17 +233,24 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
         }
         _ => {
             // AUTH, MQTT 5 only.
-            if !ctx.auth_method {
+            let Some(expected) = ctx.auth_method else {
                 return Err(MqttError::ProtocolError(
                     "AUTH without an authentication method in CONNECT",
                 ));
-            }
+            };
             // An empty AUTH is 0x00 Success, which a client may not send: refused here.
             let (code, props) = reason_and_props(&mut r, &AUTH_CODES, Ctx::Auth)?;
             end(&r)?;
-            if props.auth_method.is_none() {
+            let Some(method) = props.auth_method else {
                 return Err(MqttError::ProtocolError(
                     "AUTH without an authentication method",
+                ));
+            };
+            // [MQTT-4.12.0-5], and for a re-authentication [MQTT-4.12.1-1]: the same
+            // method as the CONNECT's.
+            if AuthMethod::of(method) != expected {
+                return Err(MqttError::ProtocolError(
+                    "AUTH with an authentication method other than the CONNECT's",
                 ));
             }
             Ok(Packet::Auth(code))

@@ -2,7 +2,7 @@
 
 use crate::error::{Answer, Phase};
 use crate::framer::{Decoded, Framer};
-use crate::packet::{self, Ctx5, Packet};
+use crate::packet::{self, AuthMethod, Ctx5, Packet};
 use crate::properties::{ServerLimits, connack_limits};
 use crate::{Config, MqttError, Version, connect, split_frame};
 
@@ -40,7 +40,8 @@ pub struct Session {
     state: State,
     version: Option<Version>,
     expiry_zero: bool,
-    auth_method: bool,
+    /// The CONNECT's MQTT 5 Authentication Method, which every AUTH must repeat.
+    auth_method: Option<AuthMethod>,
     connected: bool,
     /// Whether the broker's CONNACK went out ([`Session::connack_sent`]).
     connack_sent: bool,
@@ -79,7 +80,7 @@ impl Session {
             state: State::AwaitingConnect,
             version: None,
             expiry_zero: true,
-            auth_method: false,
+            auth_method: None,
             connected: false,
             connack_sent: false,
             keep_alive: 0,
@@ -113,7 +114,7 @@ impl Session {
     /// authentication: AUTH packets may come before the CONNACK).
     #[cfg_attr(not(feature = "layer"), allow(dead_code))] // only the layer asks
     pub(crate) const fn auth_method(&self) -> bool {
-        self.auth_method
+        self.auth_method.is_some()
     }
 
     /// The configuration the session validates with.
@@ -194,7 +195,7 @@ impl Session {
                         self.version = Some(c.version);
                         self.expiry_zero = c.session_expiry == 0;
                         self.keep_alive = c.keep_alive;
-                        self.auth_method = c.auth_method.is_some();
+                        self.auth_method = c.auth_method.map(AuthMethod::of);
                         self.state = State::Connected;
                         self.connected = true;
                         Ok(Packet::Connect(c))
@@ -218,7 +219,7 @@ impl Session {
                 match r {
                     Ok(Packet::Disconnect(_)) => self.state = State::Disconnected,
                     Ok(Packet::Auth(_)) | Err(_) => {}
-                    Ok(_) if self.auth_method && !self.connack_sent => {
+                    Ok(_) if self.auth_method.is_some() && !self.connack_sent => {
                         return Err(self.fail(MqttError::ProtocolError(
                             "packet other than AUTH or DISCONNECT before CONNACK",
                         )));
@@ -252,5 +253,22 @@ impl Session {
             (true, Some(v)) => Phase::Connected(v),
             (_, v) => Phase::Connect(v),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Session;
+
+    /// Every connection's `MqttIo` holds a session: the CONNECT's Authentication Method
+    /// is kept as a four-byte hash in what was padding, so it costs no byte.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_session_stays_small() {
+        assert!(
+            std::mem::size_of::<Session>() <= 104,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
     }
 }

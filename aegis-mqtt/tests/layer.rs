@@ -254,6 +254,51 @@ async fn v5_later_violation_gets_a_disconnect_then_close() {
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
 }
 
+/// An AUTH whose Authentication Method is not the CONNECT's [MQTT-4.12.0-5] never
+/// reaches the broker: before the CONNACK it is answered by CONNACK 0x82; as a
+/// re-authentication after it [MQTT-4.12.1-1], by DISCONNECT 0x82. The CONNECT's own
+/// method goes through.
+#[tokio::test]
+async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_service() {
+    let connect = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 4, b'S', b'C', b'R', b'M'])
+        .s("c")
+        .frame(0x10);
+    let auth = |code: u8, method: &[u8; 4]| {
+        B::new()
+            .u8(code)
+            .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
+            .frame(0xF0)
+    };
+    // before the broker's CONNACK
+    let bytes = [connect.clone(), auth(0x18, b"PLAN")].concat();
+    let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
+    assert!(result.is_ok());
+    assert_eq!(
+        seen.unwrap(),
+        (connect.clone(), Err(io::ErrorKind::InvalidData))
+    );
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
+    // a re-authentication after it
+    let bytes = [connect.clone(), auth(0x19, b"PLAN")].concat();
+    let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
+    assert!(result.is_ok());
+    assert_eq!(
+        seen.unwrap(),
+        (connect.clone(), Err(io::ErrorKind::InvalidData))
+    );
+    assert_eq!(
+        answer,
+        [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
+    );
+    // the CONNECT's method
+    let bytes = [connect, auth(0x19, b"SCRM")].concat();
+    let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes.clone()).await;
+    assert!(result.is_ok());
+    assert_eq!(seen.unwrap(), (bytes, Ok(())));
+    assert_eq!(answer, CONNACK_V5);
+}
+
 /// A DISCONNECT reason code only a server may send (0x8B Server shutting down, 5.0
 /// Table 3-10) from a client is a protocol error [MQTT-3.14.2-1]: DISCONNECT 0x82 after
 /// the broker's CONNACK, and the broker never gets the client's DISCONNECT (it would

@@ -616,6 +616,87 @@ fn only_auth_or_disconnect_before_connack_with_enhanced_auth() {
     assert!(session_after(&connect_v5()).validate(&publish).is_ok());
 }
 
+/// [MQTT-4.12.0-5]: with an Authentication Method in the CONNECT, every AUTH carries
+/// that same method; [MQTT-4.12.1-1]: a re-authentication after the CONNACK too. The
+/// value is compared exactly (no case folding, no prefix), and a refusal closes the
+/// session like any other AUTH violation.
+#[test]
+fn auth_method_must_be_the_connects() {
+    const OTHER: MqttError =
+        MqttError::ProtocolError("AUTH with an authentication method other than the CONNECT's");
+    let c = head("MQTT", 5, 2)
+        .props(&[&[0x15, 0, 11][..], b"SCRAM-SHA-1"].concat())
+        .s("c")
+        .frame(0x10);
+    let auth = |code: u8, method: &str| {
+        let mut props = vec![0x15];
+        props.extend_from_slice(&u16::try_from(method.len()).unwrap().to_be_bytes());
+        props.extend_from_slice(method.as_bytes());
+        props.extend_from_slice(&[0x16, 0, 2, 7, 7]);
+        B::new().u8(code).props(&props).frame(0xF0)
+    };
+    // before the CONNACK: the same method goes through, any other is refused
+    let mut s = session_after(&c);
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-1")),
+        Ok(Packet::Auth(0x18))
+    );
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-1")),
+        Ok(Packet::Auth(0x18))
+    );
+    for other in [
+        "SCRAM-SHA-256",
+        "scram-sha-1",
+        "SCRAM-SHA-",
+        "SCRAM-SHA-11",
+        "",
+        "m",
+    ] {
+        let mut s = session_after(&c);
+        assert_eq!(s.validate(&auth(0x18, other)), Err(OTHER), "{other:?}");
+        assert_eq!(
+            label(s.validate(&auth(0x18, "SCRAM-SHA-1"))),
+            "protocol_error"
+        );
+        // the session stays closed, with the same error
+        assert_eq!(s.validate(&auth(0x18, "SCRAM-SHA-1")), Err(OTHER));
+    }
+    // after the CONNACK, a re-authentication [MQTT-4.12.1-1]
+    let mut s = session_after(&c);
+    s.connack_sent();
+    assert_eq!(
+        s.validate(&auth(0x19, "SCRAM-SHA-1")),
+        Ok(Packet::Auth(0x19))
+    );
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-1")),
+        Ok(Packet::Auth(0x18))
+    );
+    assert_eq!(s.validate(&auth(0x19, "SCRAM-SHA-256")), Err(OTHER));
+    // each session keeps its own CONNECT's method
+    let c2 = head("MQTT", 5, 2)
+        .props(&[&[0x15, 0, 13][..], b"SCRAM-SHA-256"].concat())
+        .s("c")
+        .frame(0x10);
+    let mut s = session_after(&c2);
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-256")),
+        Ok(Packet::Auth(0x18))
+    );
+    assert_eq!(
+        session_after(&c2).validate(&auth(0x18, "SCRAM-SHA-1")),
+        Err(OTHER)
+    );
+    // an empty method in the CONNECT is a method: only an empty one matches it
+    let c3 = head("MQTT", 5, 2).props(&[0x15, 0, 0]).s("c").frame(0x10);
+    assert_eq!(
+        session_after(&c3).validate(&auth(0x18, "")),
+        Ok(Packet::Auth(0x18))
+    );
+    assert_eq!(session_after(&c3).validate(&auth(0x18, "m")), Err(OTHER));
+}
+
 /// A v5 session whose broker answered with this CONNACK property list.
 fn after_connack(props: &[u8]) -> Session {
     let mut s = session_after(&connect_v5());
