@@ -415,6 +415,57 @@ async fn a_client_flooding_auth_at_a_stalled_broker_gets_connack_0x88_at_the_tim
     broker.signal("CONT");
 }
 
+/// An MQTT 5 client with an Authentication Method that half-closes before the broker's
+/// CONNACK (its FIN right after its CONNECT, or after a DISCONNECT) still gets the
+/// gateway's CONNACK 0x88 from a stalled broker when the CONNACK timeout fires, then EOF,
+/// and the timeout is reported (a breaker failure). Its EOF used to be passed on at once:
+/// the proxy's copy then read the client no more, the CONNACK timer (polled by the
+/// reads) never fired, and the connection stayed open, answerless, for as long as the
+/// broker was stalled. Now the EOF waits for the CONNACK, as the client's packets do.
+#[tokio::test]
+async fn a_client_half_closing_in_an_enhanced_authentication_gets_connack_0x88_at_the_timeout() {
+    const CONNACK_TIMEOUT: Duration = Duration::from_millis(300);
+    let broker = Mosquitto::start().await;
+    let timeouts = Arc::new(AtomicUsize::new(0));
+    let t = Arc::clone(&timeouts);
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .connack_timeout(CONNACK_TIMEOUT)
+        .on_connack_timeout(move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .layer(Proxy::new(broker.addr()).on_connect_error(Unavailable::new()));
+    let (addr, mut outcomes) = start(gateway).await;
+    broker.signal("STOP");
+
+    // CONNECT with the Authentication Method "SCRAM-X".
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
+    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
+    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
+    body.extend_from_slice(&common::string("halfclose"));
+    let connect = common::packet(0x10, &body);
+    for (n, after) in [&[][..], &[0xE0, 0x00]].into_iter().enumerate() {
+        let start = tokio::time::Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let me = s.local_addr().unwrap();
+        s.write_all(&[&connect[..], after].concat()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        timeout(CONNACK_TIMEOUT + WAIT, s.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("no answer, no EOF after {after:02x?} and FIN"))
+            .unwrap();
+        let waited = tokio::time::Instant::now().saturating_duration_since(start);
+        assert_eq!(answer, V5_UNAVAILABLE, "after {after:02x?} and FIN");
+        assert!(waited >= CONNACK_TIMEOUT, "answered after {waited:?}");
+        assert_eq!(
+            outcome_of(&mut outcomes, me).await,
+            Some(("mqtt", "connack_timeout"))
+        );
+        assert_eq!(timeouts.load(Ordering::SeqCst), n + 1, "reported once");
+    }
+    broker.signal("CONT");
+}
+
 /// Judged by the broker's first byte (`judge_by_first_read`), a half-open probe into a
 /// stalled broker holds its permit until the broker answers. While it waits, the other
 /// clients are answered at once by the circuit and none of them reaches the stall

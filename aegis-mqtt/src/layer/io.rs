@@ -51,10 +51,15 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// beyond that waits in the client's socket, with everything behind it (a DISCONNECT
 /// too), the read held as before the CONNACK; a client flooding AUTH at a stalled broker
 /// then fills neither the broker's socket nor the proxy's copy, and the CONNACK timeout
-/// still fires. Refused before any CONNACK, such a client gets a CONNACK with the
-/// reason code; if the broker's accepting CONNACK goes out before the refusal's answer
-/// does, it gets the DISCONNECT instead (never a second CONNACK). The first invalid
-/// packet is never returned: the read fails with [`io::ErrorKind::InvalidData`]
+/// still fires. Its EOF before the CONNACK (a half-close, after a DISCONNECT or not) is
+/// held too: the read stays pending until the broker's CONNACK (EOF then) or a refusal
+/// (the CONNACK timeout's, say), as it does for a client without an Authentication
+/// Method, whose EOF is not read before the CONNACK; returned at once, it would end a
+/// proxy's reads of the client and with them the CONNACK timer. Refused before any
+/// CONNACK, such a client gets a CONNACK with the reason code; if the broker's accepting
+/// CONNACK goes out before the refusal's answer does, it gets the DISCONNECT instead
+/// (never a second CONNACK). The first invalid packet is never returned: the read fails
+/// with [`io::ErrorKind::InvalidData`]
 /// wrapping the [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
 /// `aegis_rejections_total{layer="mqtt"}`), and so does every read after it: a proxy's
 /// connection error then carries the rejection, which
@@ -107,6 +112,7 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// DISCONNECT [MQTT-3.14.4-1]: its queued answers, and a refusal's DISCONNECT, are
 /// dropped.
 #[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // independent facts about the connection
 pub struct MqttIo<I> {
     io: Rewind<I>,
     /// Validated bytes not yet read by the inner service.
@@ -144,6 +150,10 @@ pub struct MqttIo<I> {
     policy: Option<ConnPolicy>,
     /// Whether `ready` still holds the whole CONNECT (nothing read yet).
     connect_unread: bool,
+    /// Whether the client's EOF came under [`Gate::Auth`]: held, as the client's bytes
+    /// are under [`Gate::Held`], until the broker's CONNACK or a refusal, so that the
+    /// read stays pending and keeps the CONNACK timer running.
+    eof_held: bool,
     /// Whether the client's packets after its CONNECT may be read yet.
     gate: Gate,
     /// Under [`Gate::Auth`], how many more AUTH packets of the client's may be read: one
@@ -172,7 +182,8 @@ enum Gate {
     /// ([`MqttIo::auth_credit`]); an AUTH beyond that waits, with everything behind it, as
     /// under [`Gate::Held`]: a client flooding AUTH at a stalled broker holds neither more
     /// than a few packets of the broker's socket nor the proxy's copy, whose held read keeps
-    /// the CONNACK timer running.
+    /// the CONNACK timer running. The client's EOF waits too ([`MqttIo::eof_held`]):
+    /// the read that finds it is held until the CONNACK, or a refusal.
     Auth,
     /// The broker's CONNACK accepted the connection.
     Open,
@@ -599,6 +610,7 @@ impl<I> MqttIo<I> {
             out: OutBoundary::default(),
             writes: Writes::Open,
             connect_unread: true,
+            eof_held: false,
             gate: if session.auth_method() {
                 Gate::Auth
             } else {
@@ -1174,7 +1186,14 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
     ) -> Option<Poll<io::Result<()>>> {
         let start = out.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, out) {
-            Poll::Ready(Ok(())) if out.filled().len() == start => Some(Poll::Ready(Ok(()))), // EOF
+            Poll::Ready(Ok(())) if out.filled().len() == start => {
+                if self.gate == Gate::Auth {
+                    // EOF before the CONNACK: held (the read loop parks).
+                    self.eof_held = true;
+                    return None;
+                }
+                Some(Poll::Ready(Ok(()))) // EOF
+            }
             Poll::Ready(Ok(())) => {
                 let read = &out.filled()[start..];
                 let found = scan_packets(
@@ -1331,14 +1350,18 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 return this.poll_refusal(cx, e, answers);
             }
             match this.gate {
-                Gate::Open | Gate::Auth => {}
-                Gate::Held => {
-                    // Woken when the broker's CONNACK goes out (or a refusal comes).
+                Gate::Open | Gate::Auth if !this.eof_held => {}
+                Gate::Held | Gate::Auth => {
+                    // Woken when the broker's CONNACK goes out (or a refusal comes). The
+                    // client's EOF waits as its packets do: returned now, it would end
+                    // a proxy's reads of the client, and with them the CONNACK timer,
+                    // polled only here (a stalled broker writes nothing).
                     park(&mut this.held, cx);
                     return Poll::Pending;
                 }
-                // The broker refused the CONNECT: nothing sent after it is read.
-                Gate::Refused => return Poll::Ready(Ok(())),
+                // The broker refused the CONNECT: nothing sent after it is read. Or it
+                // accepted it, and the client's EOF was held until then.
+                Gate::Open | Gate::Refused => return Poll::Ready(Ok(())),
             }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
@@ -1385,6 +1408,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 }
             }
             match this.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if this.gate == Gate::Auth => {
+                    // EOF before the CONNACK: held (parked above). A packet begun will
+                    // never be whole.
+                    this.eof_held = true;
+                    this.buf = BytesMut::new();
+                }
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending if this.quiet(cx) => {}
@@ -2475,10 +2504,105 @@ mod tests {
         );
     }
 
+    /// A client that ends its side before the broker's CONNACK (a FIN after its CONNECT,
+    /// or after a DISCONNECT or an AUTH), in front of a stalled broker (its socket takes
+    /// what comes, and it reads nothing, answers nothing, never closes), still gets the
+    /// CONNACK timeout's answer through the proxy's copy, and the timeout is reported.
+    /// The client of an enhanced authentication got nothing: its EOF was returned at
+    /// once before the CONNACK, the copy marked that direction done and read the client
+    /// no more, the CONNACK timer, polled only by the reads, never fired, and the
+    /// connection was held (no CONNACK 0x88, no `on_connack_timeout`) for as long as the
+    /// broker stalled. Now its EOF waits for the CONNACK as the packets of a client
+    /// without one do, and the held read keeps the timer running; after a broker's AUTH,
+    /// the same holds for `auth_timeout` (not reported: the broker is up).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_half_closes_before_the_connack_still_gets_the_connack_timeout() {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        const V5_NOT_AUTHORIZED: [u8; 5] = [0x20, 0x03, 0x00, 0x87, 0x00];
+        // The client's CONNECT, what it sends after it before its FIN, the broker's one
+        // AUTH before it stalls (if any), the client's answer, the refusal, and how many
+        // times `on_connack_timeout` is called.
+        type Case<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8], &'a str, usize);
+        let (client_auth, challenge) = (auth(1), auth(5));
+        let cases: [Case<'_>; 6] = [
+            (&CONNECT, &[], &[], &V3_UNAVAILABLE, "connack_timeout", 1),
+            (&CONNECT_V5, &[], &[], &V5_UNAVAILABLE, "connack_timeout", 1),
+            (
+                &CONNECT_AUTH,
+                &[],
+                &[],
+                &V5_UNAVAILABLE,
+                "connack_timeout",
+                1,
+            ),
+            (
+                &CONNECT_AUTH,
+                &[0xE0, 0x00],
+                &[],
+                &V5_UNAVAILABLE,
+                "connack_timeout",
+                1,
+            ),
+            (
+                &CONNECT_AUTH,
+                &client_auth,
+                &[],
+                &V5_UNAVAILABLE,
+                "connack_timeout",
+                1,
+            ),
+            (
+                &CONNECT_AUTH,
+                &[],
+                &challenge,
+                &V5_NOT_AUTHORIZED,
+                "auth_timeout",
+                0,
+            ),
+        ];
+        for (connect, after, broker_auth, answer, reason, told) in cases {
+            let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let c = std::sync::Arc::clone(&calls);
+            let hook = super::super::Hook::new(move |()| {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            let opts = IoOptions {
+                connack_timeout: Some(TIMEOUT),
+                on_connack_timeout: Some(hook),
+                ..IoOptions::default()
+            };
+            let (client, io) = connected_as(connect, Config::new(), 4096, opts);
+            let (mut from_gateway, mut to_gateway) = tokio::io::split(client);
+            let (gateway_side, mut broker) = tokio::io::duplex(64 * 1024);
+            let start = Instant::now();
+            let transfer = tokio::spawn(aegis_core::proxy::Transfer::new(io, gateway_side, 8192));
+            let mut seen = vec![0; broker_auth.len()];
+            if !broker_auth.is_empty() {
+                broker.write_all(broker_auth).await.unwrap();
+                from_gateway.read_exact(&mut seen).await.unwrap();
+            }
+            to_gateway.write_all(after).await.unwrap();
+            to_gateway.shutdown().await.unwrap();
+            let read = tokio::time::timeout(TIMEOUT * 12, from_gateway.read_to_end(&mut seen));
+            read.await
+                .unwrap_or_else(|_| panic!("no answer, no EOF: {connect:02x?} {after:02x?}"))
+                .unwrap();
+            assert_eq!(Instant::now().saturating_duration_since(start), TIMEOUT);
+            assert_eq!(seen, [broker_auth, answer].concat(), "{connect:02x?}");
+            let err = transfer.await.unwrap().unwrap_err();
+            assert_eq!(aegis_core::error::label_of(&err), ("mqtt", reason));
+            assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), told);
+            // The broker got the CONNECT and what the client sent before its FIN.
+            let mut forwarded = Vec::new();
+            broker.read_to_end(&mut forwarded).await.unwrap();
+            assert_eq!(forwarded, [connect, after].concat());
+        }
+    }
+
     /// Under enhanced authentication the broker leads (§4.12): each of its AUTH packets
     /// lets one more of the client's through, besides one the client may send ahead of
     /// the broker's first; the others wait in its socket. A DISCONNECT is read when no
-    /// held AUTH is in front of it.
+    /// held AUTH is in front of it; the client's EOF waits for the broker's CONNACK.
     #[tokio::test(start_paused = true)]
     async fn a_client_gets_one_auth_through_per_auth_of_the_broker() {
         let (mut client, mut io) = connected_as(
@@ -2541,8 +2665,19 @@ mod tests {
             .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
             .await
             .unwrap();
-        drop(client);
+        client.shutdown().await.unwrap();
         let mut rest = Vec::new();
+        while let Some(read) = read_once(&mut io, 8192) {
+            let read = read.unwrap();
+            assert!(
+                !read.is_empty(),
+                "the client's EOF before the broker's CONNACK"
+            );
+            rest.extend_from_slice(&read);
+        }
+        // Its EOF waits for the broker's CONNACK, as a client's packets do before it (a
+        // proxy that got it would read the client no more, nor poll the CONNACK timer).
+        broker_writes(&mut io, &[0x20, 0x03, 0x00, 0x00, 0x00]);
         io.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, [&auths[0][..], &[0xE0, 0x00]].concat());
     }
