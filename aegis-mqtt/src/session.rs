@@ -93,6 +93,12 @@ impl Session {
         self.version
     }
 
+    /// Whether the client's DISCONNECT has been read: it sends nothing more.
+    #[cfg_attr(not(feature = "layer"), allow(dead_code))] // only the layer asks
+    pub(crate) const fn disconnected(&self) -> bool {
+        matches!(self.state, State::Disconnected)
+    }
+
     /// The keep-alive in force, in seconds (0: none): the MQTT 5 Server Keep Alive of the
     /// broker's CONNACK if it sent one ([MQTT-3.2.2-21]), else the CONNECT's.
     pub const fn keep_alive(&self) -> u16 {

@@ -100,10 +100,12 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// `20 03 00 88 00` for 5.0; the client had a silent EOF before), within the same 5
 /// seconds (a client that does not read is shut down without it), and the read then fails
 /// with [`MqttError::UpstreamClosed`]. Nothing is added to half a packet, nor when a
-/// refusal is under way (a CONNACK timeout's CONNACK went out, say): the read then ends
-/// as before, EOF or that refusal. This is no broker failure for a circuit breaker (its
-/// stream ended before its first byte) and, for the security layer, not the client's
-/// doing.
+/// refusal is under way (a CONNACK timeout's CONNACK went out, say), nor once the client
+/// has ended its side before the CONNACK (its DISCONNECT or its EOF, read under enhanced
+/// authentication: the broker then closes as it should, and nothing is counted): the read
+/// then ends as before, EOF or that refusal. This is no broker failure for a circuit
+/// breaker (its stream ended before its first byte) and, for the security layer, not the
+/// client's doing.
 ///
 /// With a [policy](super#per-packet-policy), a packet over one of its limits is never
 /// returned, and the gateway's own SUBACK, PUBACK or PUBREC for it goes to the client
@@ -1506,12 +1508,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
                 && !this.out.connack_seen
                 && !this.out.disconnect_seen
                 && this.out.at_boundary()
+                && !this.eof_held
+                && !this.session.disconnected()
             {
                 // Nothing of a CONNACK went out, and the broker's last packet (an MQTT 5
                 // AUTH, if any) is whole: the client gets the gateway's own "server
                 // unavailable" instead of a silent EOF, as for a CONNACK timeout. Not
                 // after part of a packet (nothing is appended to half of one), nor
-                // when a refusal is under way (its own answer, if any, stands).
+                // when a refusal is under way (its own answer, if any, stands), nor
+                // once the client has ended its side (its DISCONNECT or its EOF, read
+                // before the CONNACK under enhanced authentication): the broker then
+                // closes as it should, and a CONNACK would answer nothing (nor is it
+                // counted: no client may raise `upstream_closed` at will).
                 this.refuse_connect(MqttError::UpstreamClosed);
             }
             this.gate = Gate::Refused;
@@ -2073,6 +2081,74 @@ mod tests {
             aegis_core::error::label_of(&err),
             ("mqtt", "upstream_closed")
         );
+    }
+
+    /// A broker that closes before its CONNACK after the client has ended its side (its
+    /// DISCONNECT, read before the CONNACK under enhanced authentication, or its EOF)
+    /// does what it should: the client gets no CONNACK of the gateway's (one after its
+    /// DISCONNECT answers nothing), the connection ends with EOF, and nothing is counted.
+    /// It got "server unavailable", counted as `upstream_closed`: any client could raise
+    /// the operators' outage signal at will.
+    #[test]
+    fn a_broker_that_closes_after_the_clients_disconnect_or_eof_gets_it_no_connack() {
+        // What the client sends after its CONNECT, and whether it half-closes then.
+        let cases: [(&[u8], bool); 3] =
+            [(&[0xE0, 0x00], false), (&[0xE0, 0x00], true), (&[], true)];
+        for (after, fin) in cases {
+            let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+                let (mut client, mut io) =
+                    connected_as(&CONNECT_AUTH, Config::new(), 1024, IoOptions::default());
+                let mut got = [0; CONNECT_AUTH.len()];
+                io.read_exact(&mut got).await.unwrap();
+                client.write_all(after).await.unwrap();
+                if fin {
+                    client.shutdown().await.unwrap();
+                }
+                // The DISCONNECT goes on to the broker.
+                let mut forwarded = Vec::new();
+                while let Some(read) = read_once(&mut io, 8192) {
+                    let read = read.unwrap();
+                    if read.is_empty() {
+                        break;
+                    }
+                    forwarded.extend_from_slice(&read);
+                }
+                assert_eq!(forwarded, after);
+                // The broker closes.
+                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+                shutdown.await.expect("the shutdown never ended").unwrap();
+                let mut more = [0; 2];
+                let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+                assert_eq!(read.expect("the held read never ended").unwrap(), 0);
+                assert_eq!(io.error(), None);
+                let mut seen = Vec::new();
+                client.read_to_end(&mut seen).await.unwrap();
+                assert_eq!(seen, b"", "{after:02x?} fin {fin}");
+            });
+            assert_eq!(upstream_closed(&snap), 0, "{after:02x?} fin {fin}");
+        }
+
+        // Through the proxy's copy: the broker reads the CONNECT and the DISCONNECT (the
+        // client half-closes after it), and closes.
+        let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+            let (mut client, io) =
+                connected_as(&CONNECT_AUTH, Config::new(), 1024, IoOptions::default());
+            let (gateway_side, mut broker) = tokio::io::duplex(1024);
+            let transfer = tokio::spawn(aegis_core::proxy::Transfer::new(io, gateway_side, 8192));
+            client.write_all(&[0xE0, 0x00]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut forwarded = [0; CONNECT_AUTH.len() + 2];
+            broker.read_exact(&mut forwarded).await.unwrap();
+            assert_eq!(forwarded, [&CONNECT_AUTH[..], &[0xE0, 0x00]].concat()[..]);
+            drop(broker);
+            let mut seen = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut seen));
+            read.await.expect("no EOF").unwrap();
+            assert_eq!(seen, b"");
+            let done = tokio::time::timeout(Duration::from_secs(60), transfer).await;
+            done.expect("the transfer never ended").unwrap().unwrap();
+        });
+        assert_eq!(upstream_closed(&snap), 0, "through the proxy");
     }
 
     /// An idle connection holds no read buffer: the 4 KiB chunk is let go as soon as a

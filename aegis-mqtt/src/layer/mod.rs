@@ -257,6 +257,11 @@
 //! does not take the answer within 5 seconds is closed without it. A broker that died
 //! inside a packet (or of its CONNACK) gets nothing appended to the half packet, and a
 //! refusal already under way (a CONNACK timeout that answered) keeps its own answer.
+//! Nor is anything added once the client has ended its side: an MQTT 5 client of an
+//! enhanced authentication whose DISCONNECT or EOF was read before the CONNACK gets no
+//! CONNACK of the gateway's when the broker then closes (as it should after a
+//! DISCONNECT); the connection ends with EOF and nothing is counted, so that no client
+//! can raise `upstream_closed`, an outage signal, at will.
 //! The security layer counts `upstream_closed` toward no ban (an outage is not the
 //! clients' doing), and it is no failure for a circuit breaker judged by the broker's
 //! first read (an end before the first byte counts for nothing). A broker that resets
