@@ -122,8 +122,10 @@ pub struct Config {
     pub hsts: Option<Duration>,
     /// Breaker: consecutive failures that open it.
     pub breaker_failures: u32,
-    /// Breaker: how long it stays open before probing; also the time a probe has (its
-    /// probe timeout). Longer than zero.
+    /// Breaker: how long it stays open before probing. Longer than zero. A probe (the
+    /// one call let through while half-open) has this or `backend_timeout`, whichever
+    /// is longer, before the breaker counts it failed and re-opens the circuit: never
+    /// less than any other call, or a request slow but in time would fail as the probe.
     pub breaker_open_for: Duration,
     /// Health checks: every so often (at least `health::MIN_INTERVAL`; `Duration::MAX`
     /// for one round at start-up only).
@@ -244,9 +246,15 @@ impl Gateway {
         for (i, spec) in config.backends.iter().enumerate() {
             // The metric label: from the configuration, bounded by its length.
             let name: &'static str = Box::leak(format!("backend{i}").into_boxed_str());
-            // The breaker's default, spelled out: `Upstream` ends a probe stalled on the
-            // client's body before it.
-            let probe_timeout = config.breaker_open_for;
+            // A probe has a normal call's time, the backend timeout, or `open_for` if
+            // longer (the breaker's default): with `open_for` under the backend timeout,
+            // a request slower than `open_for` but in time (which succeeds while the
+            // circuit is closed) failed as the probe and re-opened the circuit, and while
+            // it was in flight the balancer passed over the backend and every other
+            // client got `503`: one client asking for a slow page kept a recovered
+            // backend's circuit open. `Upstream` ends a probe stalled on the client's
+            // body before it.
+            let probe_timeout = config.breaker_open_for.max(config.backend_timeout);
             let breaker = CircuitBreakerLayer::builder(name)
                 .consecutive_failures(Some(config.breaker_failures.max(1)))
                 .open_for(config.breaker_open_for)

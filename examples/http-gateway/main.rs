@@ -41,9 +41,12 @@
 //! gateway cannot make for want of its own descriptors, memory or local ports counts
 //! neither way, and the backend keeps its verdict), and ramps a
 //! recovered backend up over 30 s. With no backend left: `503`. A backend's breaker
-//! opens after 5 failures in a row for 10 s, and counts as failures only what shows the
-//! backend failing: a connection refused or reset, a timeout, and the backend's own
-//! `502`, `503` and `504`. Its other `5xx` (`500`, `501`, `505`, ...) are relayed and
+//! opens after 5 failures in a row for 10 s, then lets one request through as its probe,
+//! which has the 30 s backend timeout like any other (the longer of the open time and
+//! the backend timeout: a probe that had only the 10 s failed on a request slow but in
+//! time, and re-opened the circuit for every client), and counts as failures only what
+//! shows the backend failing: a connection refused or reset, a timeout, and the
+//! backend's own `502`, `503` and `504`. Its other `5xx` (`500`, `501`, `505`, ...) are relayed and
 //! not counted: a client chooses the URL, method and version that get them (a stock
 //! server answers `501` to an unknown method), and five of them opened the circuit for
 //! every client.

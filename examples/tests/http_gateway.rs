@@ -489,6 +489,47 @@ async fn a_half_open_backend_gets_no_requests_while_its_probe_is_in_flight() {
     background.abort_all();
 }
 
+/// A probe had `open_for` (10 s by default), every other call the backend timeout (30
+/// s): a request slower than `open_for` but within the backend timeout, which succeeds
+/// while the circuit is closed, failed as the half-open probe and re-opened the circuit,
+/// and meanwhile every other client got `503`. One client asking for such a slow page
+/// kept a recovered backend's circuit open. The probe now has the backend timeout.
+///
+/// Paused clock over loopback: a write is in the peer's socket when the syscall returns,
+/// so every socket event is seen before the clock moves.
+#[tokio::test(start_paused = true)]
+async fn a_probe_slower_than_open_for_but_within_the_backend_timeout_closes_the_circuit() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.breaker_failures = 1;
+    cfg.breaker_open_for = Duration::from_secs(1);
+    cfg.backend_timeout = Duration::from_secs(5);
+    let gw = start(&cfg).await;
+    b0.fail(true);
+    assert_eq!(get(gw.addr).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+    b0.fail(false);
+    // Slower than `open_for`, well within the backend timeout.
+    b0.seen.delay_ms.store(3_000, Ordering::SeqCst);
+    until_within("half-open", 2 * cfg.breaker_open_for, || {
+        gw.breakers[0].state() == CircuitState::HalfOpen
+    })
+    .await;
+
+    let hits = b0.hits();
+    let t0 = Instant::now();
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "the probe");
+    assert!(since(t0) >= Duration::from_secs(3), "{:?}", since(t0));
+    assert_eq!(b0.hits(), hits + 1, "the probe reached the backend");
+    assert_eq!(
+        gw.breakers[0].state(),
+        CircuitState::Closed,
+        "the slow probe succeeded"
+    );
+    b0.seen.delay_ms.store(0, Ordering::SeqCst);
+    still_served(&gw, &b0).await;
+}
+
 #[tokio::test]
 async fn a_stopped_backend_is_marked_unhealthy_skipped_and_warmed_up_after_recovery() {
     let (mut b0, b1) = (Backend::start().await, Backend::start().await);
