@@ -57,6 +57,22 @@
 //! backend to be judged on its own, ends there as a stall, and the breaker gets its
 //! "ignore" in time.
 //!
+//! **A connection that fails mid-upload** is not counted against the backend either.
+//! The backend may close or reset its connection while hyper still sends the body: it
+//! gave up waiting for a client that sends slowly (its own request timeout), or it
+//! answered early (`401`, `413`) and closed without reading the rest, and the kernel's
+//! reset can destroy the answer before hyper reads it. hyper's client then reports a
+//! `SendRequest` error, which looked like any reset: one client sending heads with
+//! `Content-Length: 100` and three bytes opened the breaker for everyone after five
+//! requests, and so did one uploading a large body to a URL the backend refuses early.
+//! [`Progress`] records whether hyper has begun to send the body (it polled it) and
+//! whether it has had all of it; a failure of the call in between (not a failed
+//! connect, which comes before the head) becomes an [`UploadCut`]: the client gets
+//! `502` (`aegis_http_backend_errors_total{reason="during_upload"}`), the breaker hears
+//! "ignore". A backend that resets every request with a body is then judged by its
+//! requests without one (and its health checks): a client can withhold a body, but
+//! cannot tell a reset it caused from one it did not.
+//!
 //! The breaker's classifier ignores a [`ClientBodyError`]; the proxy answers `400`
 //! (`408` for a stall, `413` over the size limit), unless the backend has answered
 //! already: then its answer is on its way to the client, and the connection is closed
@@ -91,20 +107,30 @@ pin_project! {
     }
 }
 
-/// The gateway's waits on the client's body.
+/// The gateway's waits on the client's body, and how far the body got.
 #[derive(Debug, Default)]
 struct Waits {
     /// Since when it waits: the body's last poll was pending.
     since: Option<Instant>,
     /// The waits that ended.
     total: Duration,
+    /// hyper has polled the body: the request head went out on a connection.
+    started: bool,
+    /// The body has been handed to hyper whole (its end seen, or it had none).
+    done: bool,
 }
 
 impl<B> ClientBody<B> {
     /// Wraps `inner`, which must be in by `deadline` (see the [module docs](self)); the
     /// [`Progress`] tells whether and how long it waits on the client.
-    pub fn new(inner: B, deadline: Instant) -> (Self, Progress) {
-        let waits = Arc::default();
+    pub fn new(inner: B, deadline: Instant) -> (Self, Progress)
+    where
+        B: Body,
+    {
+        let waits = Arc::new(Mutex::new(Waits {
+            done: inner.is_end_stream(),
+            ..Waits::default()
+        }));
         let progress = Progress(Arc::clone(&waits));
         let body = Self {
             inner,
@@ -128,9 +154,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
-        let this = self.project();
-        let poll = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_frame(cx);
         let mut waits = this.waits.lock();
+        waits.started = true;
+        if matches!(poll, Poll::Ready(None))
+            || matches!(poll, Poll::Ready(Some(Ok(_)))) && this.inner.is_end_stream()
+        {
+            waits.done = true;
+        }
         match (poll.is_pending(), waits.since) {
             (true, None) => waits.since = Some(Instant::now()),
             (false, Some(since)) => {
@@ -154,7 +186,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.waits.lock().done = true;
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -172,6 +208,14 @@ impl Progress {
         self.0.lock().since.is_some()
     }
 
+    /// hyper has begun sending the body (it polled it: the request head is out on a
+    /// connection) and has not had all of it: a failure of the connection now cut the
+    /// client's upload short, and may be of the client's making ([`UploadCut`]).
+    pub fn upload_unfinished(&self) -> bool {
+        let waits = self.0.lock();
+        waits.started && !waits.done
+    }
+
     /// The time the body spent waiting on the client up to `now`: from each poll that
     /// found it pending to the next one that did not (or `now`). Time hyper spends
     /// writing to the backend, or waiting for the backend to read, is not in it: hyper
@@ -182,6 +226,33 @@ impl Progress {
             .since
             .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
         waits.total + current
+    }
+}
+
+/// The connection to the backend failed while its request body was still being sent
+/// ([`Progress::upload_unfinished`]): the `502` is answered (`during_upload`), but the
+/// breaker does not count it. See the [module docs](self).
+#[derive(Debug)]
+pub struct UploadCut {
+    source: BoxError,
+}
+
+impl UploadCut {
+    /// The connection's failure, `source`, cut the upload short.
+    pub fn new(source: BoxError) -> Self {
+        Self { source }
+    }
+}
+
+impl fmt::Display for UploadCut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("backend connection failed before the request body was all sent")
+    }
+}
+
+impl Error for UploadCut {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.source)
     }
 }
 

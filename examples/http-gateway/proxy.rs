@@ -32,6 +32,7 @@
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
+//! | the connection to the backend failed (closed, reset) after hyper began sending the request body and before it had all of it ([`UploadCut`], see [`crate::client_body`]) | `502` | no (nor does its breaker count it: a slow client, or the backend's early refusal of the body) |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //!
@@ -99,7 +100,7 @@ use tokio::time::error::Elapsed;
 use tower::{Service, ServiceExt};
 
 use crate::balance::Pool;
-use crate::client_body::{ClientBody, ClientBodyError, Progress};
+use crate::client_body::{ClientBody, ClientBodyError, Progress, UploadCut};
 use crate::headers::{UnknownCoding, check_transfer_coding, strip_hop_by_hop};
 use crate::refusal::{BackendError, Refusal, backend_error, refuse};
 use crate::write_timeout::WriteTimeout;
@@ -432,7 +433,7 @@ impl Service<Request<GatewayBody>> for Upstream {
                 loop {
                     let next = check.map_or(at, |(_, c)| c.min(at));
                     let elapsed = match tokio::time::timeout_at(next, &mut res).await {
-                        Ok(res) => return res.map_err(|e| local_resources(e, addr)),
+                        Ok(res) => return res.map_err(|e| upstream_error(e, addr, &progress)),
                         Err(_) if progress.waiting_on_client() => {
                             return Err(ClientBodyError::stalled().into());
                         }
@@ -481,6 +482,23 @@ impl Service<Request<GatewayBody>> for Upstream {
             }
         })
     }
+}
+
+/// `err`, a failed call of a backend's client: an [`UploadCut`] when the connection
+/// failed after hyper began sending the request body and before it had all of it
+/// ([`Progress::upload_unfinished`]; not a connect, which fails before any of it), which
+/// the breaker ignores (the client's slow or refused upload, see
+/// [`crate::client_body`]); otherwise as [`local_resources`] has it.
+fn upstream_error(
+    err: hyper_util::client::legacy::Error,
+    addr: Option<SocketAddr>,
+    progress: &Progress,
+) -> BoxError {
+    if !err.is_connect() && progress.upload_unfinished() {
+        tracing::debug!(error = %err, "backend connection failed before the request body was all sent");
+        return UploadCut::new(err.into()).into();
+    }
+    local_resources(err, addr)
 }
 
 /// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
@@ -556,7 +574,9 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///   (RFC 9110 §15.6.2), `505` to a version: counted, as `HttpClassifier` counts every
 ///   `5xx` but `501` and `505`, five such requests from one client opened the backend's
 ///   circuit for every client. Ignored too, a [`ClientBodyError`] (a request body that
-///   was malformed, cut off, over the size limit, or stalled): the client's fault;
+///   was malformed, cut off, over the size limit, or stalled): the client's fault; and an
+///   [`UploadCut`] (the backend's connection failed while the body was still being
+///   sent: the client's slow upload, or the backend's early refusal of it);
 /// - **successes**: every other answer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
@@ -565,6 +585,7 @@ impl<B> Classify<Response<B>> for GatewayClassifier {
     fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
         match result {
             Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
+            Err(e) if find::<UploadCut>(e).is_some() => Outcome::Ignore,
             Err(e) => classify_error(e),
             Ok(res) => match res.status() {
                 StatusCode::BAD_GATEWAY
@@ -771,6 +792,9 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
         } else {
             refuse(Refusal::BadBody, "bad request body\n")
         };
+    }
+    if find::<UploadCut>(err).is_some() {
+        return backend_error(BackendError::DuringUpload, "backend failed\n");
     }
     if find::<tokio::time::error::Elapsed>(err).is_some() {
         return backend_error(BackendError::Timeout, "backend timed out\n");

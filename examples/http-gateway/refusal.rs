@@ -140,6 +140,10 @@ pub enum BackendError {
     Connect,
     /// `502`: an answer in a `Transfer-Encoding` other than one `chunked`.
     TransferCoding,
+    /// `502`: the connection to the backend failed (closed, reset) while the client's
+    /// request body was still being sent; not counted against the backend's breaker (see
+    /// `client_body`).
+    DuringUpload,
     /// `502`: any other failure of the backend (reset, a malformed answer).
     Failed,
     /// `503`: the gateway could not connect for want of its own resources (descriptors,
@@ -156,6 +160,7 @@ impl BackendError {
             Self::Timeout => "timeout",
             Self::Connect => "connect",
             Self::TransferCoding => "transfer_coding",
+            Self::DuringUpload => "during_upload",
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
         }
@@ -168,7 +173,9 @@ impl BackendError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect | Self::TransferCoding | Self::Failed => StatusCode::BAD_GATEWAY,
+            Self::Connect | Self::TransferCoding | Self::DuringUpload | Self::Failed => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 }

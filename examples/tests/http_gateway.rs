@@ -1000,6 +1000,134 @@ async fn a_stalled_body_is_408_and_leaves_the_breaker_closed_but_a_stalled_backe
     assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
+/// A raw backend that gives up on uploads: a `POST /upload` has its head read and its
+/// connection closed at once, the body unread (a backend whose own timeout ended a slow
+/// upload; the unread bytes make the close a reset); a `POST /early` is answered `401`
+/// at once and closed, its body unread (a backend refusing a large upload early). Any
+/// other request is answered `200` and closed.
+async fn upload_refusing_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"POST /upload ") {
+                    return; // dropped: closed with the body unread
+                }
+                let answer: &[u8] = if head.starts_with(b"POST /early ") {
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Writes `bytes` on a new connection and reads the status line of the answer.
+async fn status_line(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0; 1024];
+    while !out.windows(2).any(|w| w == b"\r\n") {
+        match timeout(WAIT, stream.read(&mut buf)).await {
+            Err(_) => panic!("no status line after {WAIT:?}; got {out:?}"),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    let out = String::from_utf8_lossy(&out).into_owned();
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// One client opened a backend's breaker with uploads the backend gave up on: a
+/// backend that closed (reset) the connection while the gateway still waited for the
+/// client's body, or that refused a large body early and closed with it unread, failed
+/// the call with hyper's `SendRequest` error, which the breaker counted like any reset.
+/// Such a failure is the client's upload cut short now: still `502`, counted
+/// `during_upload`, and not against the breaker, which stays closed for the others.
+#[test]
+fn a_backend_closing_during_the_upload_does_not_count_against_its_breaker() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, _backend) = upload_refusing_backend().await;
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.health_interval = Duration::MAX;
+        cfg.breaker_failures = 2;
+        let gw = start(&cfg).await;
+
+        // 3 bytes of 100, then nothing: the backend closes under the waiting gateway.
+        for i in 0..5 {
+            let line = status_line(
+                gw.addr,
+                b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nabc",
+            )
+            .await;
+            assert_eq!(line, "HTTP/1.1 502 Bad Gateway", "slow upload {i}");
+            assert_eq!(
+                gw.breakers[0].state(),
+                CircuitState::Closed,
+                "after slow upload {i}"
+            );
+        }
+        // 1 MB sent at once to a backend that answers `401` and closes without reading
+        // it: the answer, or `502` when the reset beats it to the gateway.
+        for i in 0..5 {
+            let req = Request::post("/early")
+                .header("host", "gw")
+                .body(Full::new(Bytes::from(vec![0; 1_000_000])))
+                .unwrap();
+            let status = match send(gw.addr, req).await {
+                Ok(res) => res.status(),
+                // The gateway answered and closed while the client still sent.
+                Err(e) => {
+                    assert!(closed_by_peer(&*e), "early refusal {i}: {e:?}");
+                    StatusCode::BAD_GATEWAY
+                }
+            };
+            assert!(
+                [StatusCode::UNAUTHORIZED, StatusCode::BAD_GATEWAY].contains(&status),
+                "early refusal {i}: {status}"
+            );
+            assert_eq!(
+                gw.breakers[0].state(),
+                CircuitState::Closed,
+                "after early refusal {i}"
+            );
+        }
+        let mut other = connect_from("127.0.0.2", gw.addr).await;
+        assert_eq!(get_on(&mut other).await.unwrap(), StatusCode::OK);
+
+        let text = scrape(endpoint).await;
+        let errors = by_reason(&text, "aegis_http_backend_errors_total", "");
+        let cut = errors.get("during_upload").copied().unwrap_or(0);
+        assert!(
+            cut >= 5,
+            "the slow uploads' 502s at least: /metrics:\n{text}"
+        );
+        assert_eq!(errors.get("failed"), None, "/metrics:\n{text}");
+        assert_eq!(
+            sample(&text, r#"aegis_circuit_state{name="backend0"}"#),
+            Some(0.0),
+            "/metrics:\n{text}"
+        );
+    });
+}
+
 /// One client kept a recovering backend's breaker from ever closing: while it was
 /// half-open, a request announcing a body and sending none took the only probe permit,
 /// the probe ended as a stall (`408`, which the breaker ignores), and the client's next
