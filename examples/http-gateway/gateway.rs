@@ -62,6 +62,17 @@ impl std::str::FromStr for BackendSpec {
     }
 }
 
+/// [`Config::backend_idle_timeout`]'s default: below the 5 s keep-alive timeout of
+/// Node.js, uvicorn and Apache httpd.
+pub const DEFAULT_BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// `--backend-idle-timeout`: a duration with its unit (`4s`, `500ms`, `1m`; `0s`: no
+/// connection kept idle), as `humantime` reads it.
+pub fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}: a duration such as 4s or 500ms (0s: no reuse)"))
+}
+
 /// Everything the gateway can be told. [`Config::new`] has the defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -147,6 +158,15 @@ pub struct Config {
     /// connection may wait without progress (a backend that stops reading the body):
     /// the connection is closed then (see `write_timeout`).
     pub backend_timeout: Duration,
+    /// How long a backend connection may wait idle in the pool for its next request
+    /// (`--backend-idle-timeout`, default 4 s); zero: none is kept, every request
+    /// connects anew. Keep it below the backends' own keep-alive timeout: a backend
+    /// closes an idle connection at its timeout, and a request the pool sends on it just
+    /// then crosses the close and fails (`502`, the keep-alive race; such a failure is
+    /// not counted against the breaker, see `proxy::is_stale`, but the client's request
+    /// is lost). Node.js, uvicorn and Apache httpd close after 5 s, hence 4 s; gunicorn
+    /// after 2 s, for which set it lower.
+    pub backend_idle_timeout: Duration,
 }
 
 impl Config {
@@ -183,6 +203,7 @@ impl Config {
             warmup: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             backend_timeout: Duration::from_secs(30),
+            backend_idle_timeout: DEFAULT_BACKEND_IDLE_TIMEOUT,
         }
     }
 }
@@ -266,9 +287,13 @@ impl Gateway {
                 weight: spec.weight,
                 breaker: breaker.handle(),
             });
-            let upstream = Upstream::new(config.connect_timeout, config.backend_timeout)
-                .watch_probes(breaker.handle(), probe_timeout)
-                .record_latency(control.clone());
+            let upstream = Upstream::new(
+                config.connect_timeout,
+                config.backend_timeout,
+                config.backend_idle_timeout,
+            )
+            .watch_probes(breaker.handle(), probe_timeout)
+            .record_latency(control.clone());
             backends.push(breaker.layer(upstream));
         }
         let breakers = members.iter().map(|m| m.breaker.clone()).collect();
@@ -326,7 +351,25 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests {
-    use super::BackendSpec;
+    use std::time::Duration;
+
+    use super::{BackendSpec, Config, DEFAULT_BACKEND_IDLE_TIMEOUT, parse_idle_timeout};
+
+    #[test]
+    fn the_backend_idle_timeout_is_4s_by_default_and_parses_with_its_unit() {
+        assert_eq!(DEFAULT_BACKEND_IDLE_TIMEOUT, Duration::from_secs(4));
+        assert_eq!(
+            Config::new(Vec::new()).backend_idle_timeout,
+            DEFAULT_BACKEND_IDLE_TIMEOUT
+        );
+        assert_eq!(parse_idle_timeout("4s"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_idle_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_idle_timeout("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_idle_timeout("0s"), Ok(Duration::ZERO));
+        for bad in ["4", "", "4x", "-1s"] {
+            assert!(parse_idle_timeout(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn backends_parse_as_addr_or_addr_at_weight() {

@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --example http-gateway -- [--listen 127.0.0.1:8080] --backend ADDR[@WEIGHT] [--backend ...]
 //!     [--trusted-proxy CIDR ...] [--hsts-max-age SECS] [--max-body BYTES] [--rate PER_SEC]
-//!     [--max-connections-per-client N] [--metrics ADDR|off]
+//!     [--max-connections-per-client N] [--backend-idle-timeout DURATION] [--metrics ADDR|off]
 //! ```
 //!
 //! Every connection goes through the Aegis layers: a PROXY protocol header is read only
@@ -53,6 +53,13 @@
 //! server answers `501` to an unknown method), and five of them opened the circuit for
 //! every client.
 //!
+//! Backend connections are kept alive for reuse, idle at most `--backend-idle-timeout`
+//! (default 4 s). Keep it below the backends' own keep-alive timeout (5 s for Node.js,
+//! uvicorn and Apache httpd; 2 s for gunicorn): a backend closes an idle connection at
+//! its timeout, and a request the gateway sends on it just then crosses the close and
+//! is lost (`502`). Such a loss, a reused connection closed or reset before any byte
+//! of its answer, is counted `stale_connection` and not against the breaker.
+//!
 //! # Metrics
 //!
 //! `--metrics ADDR` (default `127.0.0.1:9091`, loopback) serves `GET /metrics`, the
@@ -72,7 +79,7 @@
 //! | `aegis_rejections_total` | counter | `layer="proxy_protocol"`, `reason`: `untrusted`, `missing`, `timeout`, `too_long`, `invalid`, `eof`, `io` | with `--trusted-proxy` only: PROXY protocol headers refused |
 //! | `aegis_rejections_total` | counter | `layer="circuit_breaker"`, `reason="open"` | calls to a backend its open breaker failed fast (the client got `503`, also counted `breaker_open` below) |
 //! | `aegis_rejections_total` | counter | `layer="metrics_endpoint"`, `reason`: `concurrency`, `over_capacity` | connections to this `/metrics` endpoint reset at accept: over a client network's 4 (`concurrency`) or over its 16 (`over_capacity`) |
-//! | `aegis_http_backend_errors_total` | counter | `reason`: `no_backend`, `breaker_open`, `timeout`, `connect`, `transfer_coding`, `during_upload`, `failed`, `local_resources` | the gateway's own answer where a backend's was wanted: `503` with no backend available (`no_backend`) or the chosen one's breaker refusing the call (`breaker_open`), `504` when a backend did not answer within its 30 s (`timeout`), `502` when the connection to it failed (`connect`), it answered in a transfer coding the gateway does not implement (`transfer_coding`), the connection failed (closed, reset) while the client's request body was still being sent (`during_upload`: the backend gave up on a slow upload, or refused it early and closed; not counted against the backend's breaker), or failed otherwise (`failed`), and `503` when the gateway could not connect for want of its own descriptors, memory or ports (`local_resources`, not counted against the backend's breaker) |
+//! | `aegis_http_backend_errors_total` | counter | `reason`: `no_backend`, `breaker_open`, `timeout`, `connect`, `transfer_coding`, `during_upload`, `stale_connection`, `failed`, `local_resources` | the gateway's own answer where a backend's was wanted: `503` with no backend available (`no_backend`) or the chosen one's breaker refusing the call (`breaker_open`), `504` when a backend did not answer within its 30 s (`timeout`), `502` when the connection to it failed (`connect`), it answered in a transfer coding the gateway does not implement (`transfer_coding`), the connection failed (closed, reset) while the client's request body was still being sent (`during_upload`: the backend gave up on a slow upload, or refused it early and closed; not counted against the backend's breaker), closed or reset a reused keep-alive connection before any byte of its answer (`stale_connection`: the keep-alive race, see `--backend-idle-timeout`; not counted against the backend's breaker), or failed otherwise (`failed`), and `503` when the gateway could not connect for want of its own descriptors, memory or ports (`local_resources`, not counted against the backend's breaker) |
 //! | `aegis_http_health_checks_total` | counter | `outcome`: `passed`, `failed`, `local_resources` | the health checks of the backends (`GET /healthz` every 5 s): answered `2xx` (`passed`), not, or not within 2 s (`failed`), or not made because the gateway could not connect for want of its own descriptors, memory or ports (`local_resources`: the backend keeps its verdict; logged at debug, and warned at most once a minute) |
 //! | `aegis_circuit_state`, `aegis_circuit_transitions_total` | gauge, counter | `name`: `backend0`, `backend1`, ... in `--backend` order (`to` for the transitions) | each backend's breaker: 0 closed, 1 half-open, 2 open |
 //! | `aegis_adaptive_rate`, `aegis_adaptive_p95_seconds`, `aegis_adaptive_decisions_total` | gauge, gauge, counter | `name="http_gateway"` (`direction` for the decisions) | the latency controller: the admitted per-client rate, the backends' P95 it decided on, its decisions |
@@ -151,6 +158,10 @@ struct Args {
     /// Connections one client address may have open at once.
     #[arg(long, default_value = "64")]
     max_connections_per_client: NonZeroU32,
+    /// How long a backend connection is kept idle for reuse (`500ms`, `4s`; `0s`: none):
+    /// keep it below the backends' own keep-alive timeout. [default: 4s]
+    #[arg(long, value_name = "DURATION", value_parser = gateway::parse_idle_timeout)]
+    backend_idle_timeout: Option<Duration>,
     /// Address of `/metrics` (Prometheus text), or `off`.
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9091")]
     metrics: MetricsAddr,
@@ -187,6 +198,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.max_body = args.max_body;
     config.per_client_rate = args.rate;
     config.max_connections_per_client = args.max_connections_per_client;
+    if let Some(idle) = args.backend_idle_timeout {
+        config.backend_idle_timeout = idle;
+    }
     config.per_client_burst = args
         .rate
         .saturating_mul(NonZeroU32::new(2).expect("non-zero"));

@@ -33,6 +33,7 @@
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
 //! | the connection to the backend failed (closed, reset) after hyper began sending the request body and before it had all of it ([`UploadCut`], see [`crate::client_body`]) | `502` | no (nor does its breaker count it: a slow client, or the backend's early refusal of the body) |
+//! | a reused keep-alive connection was closed (or reset) by the backend before any byte of its answer: the keep-alive race, the backend's idle timeout crossing the request ([`StaleConnection`], [`is_stale`]) | `502` | no (nor does its breaker count it) |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //!
@@ -103,7 +104,7 @@ use crate::balance::Pool;
 use crate::client_body::{ClientBody, ClientBodyError, Progress, UploadCut};
 use crate::headers::{UnknownCoding, check_transfer_coding, strip_hop_by_hop};
 use crate::refusal::{BackendError, Refusal, backend_error, refuse};
-use crate::write_timeout::WriteTimeout;
+use crate::write_timeout::{ConnUse, WriteTimeout, stamp};
 
 /// The body type on both sides of the gateway.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -326,17 +327,23 @@ impl ProbeWindow {
 pub const PROBE_STALL_MARGIN: Duration = Duration::from_secs(1);
 
 impl Upstream {
-    /// A pooled client; connects within `connect_timeout`, answers within `timeout`, and
+    /// A pooled client; connects within `connect_timeout`, answers within `timeout`,
     /// closes a connection whose writes wait on the backend for longer than `timeout`
-    /// ([`WriteTimeout`]).
-    pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
+    /// ([`WriteTimeout`]), and one idle in the pool for longer than `idle_timeout`
+    /// (zero: none is kept, each call connects anew). The gateway's
+    /// `backend_idle_timeout` says why it is short.
+    pub fn new(connect_timeout: Duration, timeout: Duration, idle_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(WriteTimeout::new(connector, timeout));
+        let mut builder = Client::builder(hyper_util::rt::TokioExecutor::new());
+        builder
+            .pool_idle_timeout(idle_timeout)
+            .pool_timer(hyper_util::rt::TokioTimer::new());
+        if idle_timeout.is_zero() {
+            builder.pool_max_idle_per_host(0);
+        }
+        let client = builder.build(WriteTimeout::new(connector, timeout));
         Self {
             client,
             timeout,
@@ -422,6 +429,8 @@ impl Service<Request<GatewayBody>> for Upstream {
             .filter(|p| p.window.stall_after < timeout.saturating_mul(2))
             .filter(|p| p.breaker.state() == CircuitState::HalfOpen)
             .map(|p| p.window);
+        // Before the pool hands out a connection: one opened before it was reused.
+        let sent = stamp();
         let res = self.client.request(req);
         let latency = self.latency.clone();
         Box::pin(async move {
@@ -433,7 +442,9 @@ impl Service<Request<GatewayBody>> for Upstream {
                 loop {
                     let next = check.map_or(at, |(_, c)| c.min(at));
                     let elapsed = match tokio::time::timeout_at(next, &mut res).await {
-                        Ok(res) => return res.map_err(|e| upstream_error(e, addr, &progress)),
+                        Ok(res) => {
+                            return res.map_err(|e| upstream_error(e, addr, &progress, sent));
+                        }
                         Err(_) if progress.waiting_on_client() => {
                             return Err(ClientBodyError::stalled().into());
                         }
@@ -488,17 +499,83 @@ impl Service<Request<GatewayBody>> for Upstream {
 /// failed after hyper began sending the request body and before it had all of it
 /// ([`Progress::upload_unfinished`]; not a connect, which fails before any of it), which
 /// the breaker ignores (the client's slow or refused upload, see
-/// [`crate::client_body`]); otherwise as [`local_resources`] has it.
+/// [`crate::client_body`]); a [`StaleConnection`] when a reused connection was closed
+/// before any byte of the answer ([`is_stale`]; `sent`: the call's [`stamp`]), which
+/// the breaker ignores too; otherwise as [`local_resources`] has it.
 fn upstream_error(
     err: hyper_util::client::legacy::Error,
     addr: Option<SocketAddr>,
     progress: &Progress,
+    sent: u64,
 ) -> BoxError {
     if !err.is_connect() && progress.upload_unfinished() {
         tracing::debug!(error = %err, "backend connection failed before the request body was all sent");
         return UploadCut::new(err.into()).into();
     }
+    if is_stale(&err, sent) {
+        tracing::debug!(error = %err, "backend closed a reused connection before answering");
+        return StaleConnection(err).into();
+    }
     local_resources(err, addr)
+}
+
+/// Whether `err`, a failed call of a backend's client made at the [`stamp`] `sent`, is
+/// the keep-alive race: the backend closed an idle connection (its own keep-alive
+/// timeout) as the pool handed it to the call, and the request crossed the close.
+/// hyper-util retries a request it had not begun to send (`Canceled`, on a reused
+/// connection), but not one written to the socket: the backend may have read it, so it
+/// fails with `SendRequest`. Three things tell the race, and the three together tell it
+/// only:
+///
+/// - the connection was opened before the call (the pool reused it) and has read no byte
+///   since ([`ConnUse::unanswered_since`], from the error's `connect_info`): no answer
+///   began, so the backend did not start to serve the request;
+/// - hyper says the connection ended: the end of the stream before a response
+///   (`is_incomplete_message`), a canceled request, or a reset (`ECONNRESET`,
+///   `EPIPE`, `ECONNABORTED`, a write to or read from a socket the backend closed with
+///   our request unread);
+/// - not a connect (which makes a new connection) nor a write stall
+///   ([`WriteTimeout`]'s `TimedOut`: the backend stopped reading, its failure).
+///
+/// A backend that crashes on each request is still counted: the pool drops the
+/// connection it broke, and its next calls fail on new ones.
+fn is_stale(err: &hyper_util::client::legacy::Error, sent: u64) -> bool {
+    if err.is_connect() {
+        return false;
+    }
+    let unanswered = err
+        .connect_info()
+        .and_then(ConnUse::of)
+        .is_some_and(|conn| conn.unanswered_since(sent));
+    let closed = find::<hyper::Error>(err)
+        .is_some_and(|e| e.is_incomplete_message() || e.is_canceled())
+        || find::<std::io::Error>(err).is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        });
+    unanswered && closed
+}
+
+/// A backend closed a reused keep-alive connection before any byte of its answer to the
+/// request sent on it ([`is_stale`]): `502` (`stale_connection`), not counted against
+/// its breaker.
+#[derive(Debug)]
+pub struct StaleConnection(hyper_util::client::legacy::Error);
+
+impl std::fmt::Display for StaleConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("backend closed a reused connection before answering")
+    }
+}
+
+impl Error for StaleConnection {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.0)
+    }
 }
 
 /// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
@@ -576,7 +653,9 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///   circuit for every client. Ignored too, a [`ClientBodyError`] (a request body that
 ///   was malformed, cut off, over the size limit, or stalled): the client's fault; and an
 ///   [`UploadCut`] (the backend's connection failed while the body was still being
-///   sent: the client's slow upload, or the backend's early refusal of it);
+///   sent: the client's slow upload, or the backend's early refusal of it), and a
+///   [`StaleConnection`] (a reused keep-alive connection the backend closed before any
+///   byte of its answer: the keep-alive race, see [`is_stale`]);
 /// - **successes**: every other answer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
@@ -586,6 +665,7 @@ impl<B> Classify<Response<B>> for GatewayClassifier {
         match result {
             Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
             Err(e) if find::<UploadCut>(e).is_some() => Outcome::Ignore,
+            Err(e) if find::<StaleConnection>(e).is_some() => Outcome::Ignore,
             Err(e) => classify_error(e),
             Ok(res) => match res.status() {
                 StatusCode::BAD_GATEWAY
@@ -795,6 +875,9 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     }
     if find::<UploadCut>(err).is_some() {
         return backend_error(BackendError::DuringUpload, "backend failed\n");
+    }
+    if find::<StaleConnection>(err).is_some() {
+        return backend_error(BackendError::StaleConnection, "backend failed\n");
     }
     if find::<tokio::time::error::Elapsed>(err).is_some() {
         return backend_error(BackendError::Timeout, "backend timed out\n");

@@ -144,6 +144,10 @@ pub enum BackendError {
     /// request body was still being sent; not counted against the backend's breaker (see
     /// `client_body`).
     DuringUpload,
+    /// `502`: the backend closed a reused keep-alive connection before any byte of its
+    /// answer (the keep-alive race); not counted against the backend's breaker (see
+    /// `proxy::is_stale`).
+    StaleConnection,
     /// `502`: any other failure of the backend (reset, a malformed answer).
     Failed,
     /// `503`: the gateway could not connect for want of its own resources (descriptors,
@@ -161,6 +165,7 @@ impl BackendError {
             Self::Connect => "connect",
             Self::TransferCoding => "transfer_coding",
             Self::DuringUpload => "during_upload",
+            Self::StaleConnection => "stale_connection",
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
         }
@@ -173,9 +178,11 @@ impl BackendError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect | Self::TransferCoding | Self::DuringUpload | Self::Failed => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Connect
+            | Self::TransferCoding
+            | Self::DuringUpload
+            | Self::StaleConnection
+            | Self::Failed => StatusCode::BAD_GATEWAY,
         }
     }
 }

@@ -24,12 +24,21 @@
 //!
 //! The timer is one `Sleep` per connection, made at the first write that waits, and
 //! moved only when it fires early, so the writes that finish cost no timer work.
+//!
+//! Each connection also carries a [`ConnUse`] (in its [`Connected`] extras, which
+//! hyper-util's errors carry: `Error::connect_info`): [`stamp`]s of when it was opened
+//! and of its last two reads that returned, so that
+//! [`Upstream`](crate::proxy::Upstream) can tell a call that failed on a reused
+//! connection before any byte of its answer (the keep-alive race:
+//! [`ConnUse::unanswered_since`]).
 
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -103,6 +112,63 @@ where
     }
 }
 
+/// The sequence of the events [`ConnUse`] compares: one counter for the process, so
+/// that events on different tasks and threads are ordered (a clock can read the same
+/// twice, and does when paused).
+static EVENTS: AtomicU64 = AtomicU64::new(1);
+
+/// The next event's number, greater than every earlier one's.
+pub fn stamp() -> u64 {
+    EVENTS.fetch_add(1, Ordering::SeqCst)
+}
+
+/// What a connection's reads tell of its use: when it was opened, and its last two
+/// reads that returned (data or the end of the stream), as [`stamp`]s. Shared by the
+/// connection and its [`Connected`] info.
+#[derive(Debug, Clone)]
+pub struct ConnUse(Arc<Stamps>);
+
+#[derive(Debug)]
+struct Stamps {
+    opened: u64,
+    last_read: AtomicU64,
+    previous_read: AtomicU64,
+}
+
+impl ConnUse {
+    fn new() -> Self {
+        Self(Arc::new(Stamps {
+            opened: stamp(),
+            last_read: AtomicU64::new(0),
+            previous_read: AtomicU64::new(0),
+        }))
+    }
+
+    /// A read into a non-empty buffer returned `Ok`: bytes, or the end of the stream.
+    fn read(&self) {
+        let last = self.0.last_read.swap(stamp(), Ordering::SeqCst);
+        self.0.previous_read.store(last, Ordering::SeqCst);
+    }
+
+    /// The `ConnUse` of the connection `connected` describes, if it is one of a
+    /// [`WriteTimeout`] connector.
+    pub fn of(connected: &Connected) -> Option<Self> {
+        let mut extensions = hyper::http::Extensions::new();
+        connected.get_extras(&mut extensions);
+        extensions.get::<Self>().cloned()
+    }
+
+    /// Whether the connection was opened before `start` (a call's [`stamp`]: the pool
+    /// gave the call a connection that had served before) and has read no byte since:
+    /// at most one read returned after `start`, and it was the last. A read of bytes and
+    /// one of the end are two; a read that failed (a reset) is none; after the end of
+    /// the stream hyper reads no more. So a call that failed on this connection failed
+    /// before any byte of its answer came.
+    pub fn unanswered_since(&self, start: u64) -> bool {
+        self.0.opened < start && self.0.previous_read.load(Ordering::SeqCst) < start
+    }
+}
+
 pin_project! {
     /// A connection whose writes fail once they have waited longer than a limit without
     /// progress. Reads pass through. See the [module docs](self).
@@ -111,6 +177,7 @@ pin_project! {
         #[pin]
         io: I,
         limit: Duration,
+        conn_use: ConnUse,
         // Since when the writes have waited: the last one was pending, and none finished
         // since.
         since: Option<Instant>,
@@ -121,10 +188,11 @@ pin_project! {
 
 impl<I> WriteTimeoutIo<I> {
     /// Wraps `io`: a write may wait `limit` at most.
-    pub const fn new(io: I, limit: Duration) -> Self {
+    pub fn new(io: I, limit: Duration) -> Self {
         Self {
             io,
             limit,
+            conn_use: ConnUse::new(),
             since: None,
             timer: None,
         }
@@ -166,7 +234,13 @@ impl<I: Read> Read for WriteTimeoutIo<I> {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        let this = self.project();
+        let room = buf.remaining() > 0;
+        let poll = this.io.poll_read(cx, buf);
+        if room && matches!(poll, Poll::Ready(Ok(()))) {
+            this.conn_use.read();
+        }
+        poll
     }
 }
 
@@ -210,7 +284,7 @@ impl<I: Write> Write for WriteTimeoutIo<I> {
 
 impl<I: Connection> Connection for WriteTimeoutIo<I> {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        self.io.connected().extra(self.conn_use.clone())
     }
 }
 

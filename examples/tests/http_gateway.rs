@@ -1128,6 +1128,178 @@ fn a_backend_closing_during_the_upload_does_not_count_against_its_breaker() {
     });
 }
 
+/// A raw keep-alive backend: the first request on each connection is answered `200`
+/// (`ok`, kept alive), the second one closes the connection unanswered, as a backend
+/// whose keep-alive timeout fired just as the request came (its head read first, so the
+/// close is an end of stream; with `reset`, the head left unread, so it is a reset).
+/// `/healthz` is answered `200` and closed. Counts the connections that carried a
+/// request other than `/healthz`.
+async fn keep_alive_closing_backend(reset: bool) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&conns);
+    let task = tokio::spawn(async move {
+        let mut tasks = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tasks.spawn(async move {
+                let mut byte = [0; 1];
+                for n in 0.. {
+                    let mut head = Vec::new();
+                    if n == 1 && reset {
+                        // Wait for the request, and leave it unread.
+                        let _ = stream.peek(&mut byte).await;
+                        return;
+                    }
+                    while !head.ends_with(b"\r\n\r\n")
+                        && stream.read(&mut byte).await.unwrap_or(0) == 1
+                    {
+                        head.push(byte[0]);
+                    }
+                    if head.is_empty() {
+                        return;
+                    }
+                    if head.starts_with(b"GET /healthz ") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    if n == 1 {
+                        return; // closed unanswered
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+/// A backend closed a kept-alive connection (its own idle timeout) just as the pool
+/// sent a request on it: the client got `502` and the breaker counted a failure, so a
+/// backend with a short keep-alive was opened by its ordinary traffic. A reused
+/// connection closed or reset before any byte of its answer is the keep-alive race now,
+/// `stale_connection`, not the breaker's; the same close on a new connection still is.
+#[test]
+fn a_reused_connection_closed_before_any_answer_does_not_count_against_the_breaker() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        for reset in [false, true] {
+            let (backend, conns, _backend) = keep_alive_closing_backend(reset).await;
+            let mut cfg = config(&[]);
+            cfg.backends = vec![BackendSpec {
+                addr: backend,
+                weight: 1,
+            }];
+            cfg.health_interval = Duration::MAX;
+            cfg.breaker_failures = 1;
+            let gw = start(&cfg).await;
+            // A new connection is served; a reused one is closed under the request (when
+            // the pool has it back before the next request comes, as it mostly has).
+            let mut lost = 0;
+            for i in 0..40 {
+                let status = status_of(gw.addr, "/").await;
+                assert!(
+                    [StatusCode::OK, StatusCode::BAD_GATEWAY].contains(&status),
+                    "reset {reset}, {i}: {status}"
+                );
+                assert_eq!(
+                    gw.breakers[0].state(),
+                    CircuitState::Closed,
+                    "reset {reset}, after {i}: {status}"
+                );
+                lost += usize::from(status == StatusCode::BAD_GATEWAY);
+                if lost == 3 {
+                    break;
+                }
+            }
+            assert_eq!(lost, 3, "reset {reset}: the pool reused no connection");
+            assert!(conns.load(Ordering::SeqCst) >= 3);
+        }
+        let text = scrape(endpoint).await;
+        let errors = by_reason(&text, "aegis_http_backend_errors_total", "");
+        assert_eq!(
+            errors.get("stale_connection"),
+            Some(&6),
+            "/metrics:\n{text}"
+        );
+        assert_eq!(errors.get("failed"), None, "/metrics:\n{text}");
+
+        // The same close on a new connection: the backend's failure.
+        let (backend, _backend) = raw_backend(b"").await;
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.health_interval = Duration::MAX;
+        cfg.breaker_failures = 1;
+        let gw = start(&cfg).await;
+        assert_eq!(status_of(gw.addr, "/").await, StatusCode::BAD_GATEWAY);
+        assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+    });
+}
+
+/// The pool kept an idle backend connection 30 s, longer than most backends keep one
+/// (5 s for Node.js, uvicorn, Apache httpd), so requests after a pause met the
+/// backend's close. It keeps one `backend_idle_timeout`, 4 s by default, then connects
+/// anew.
+///
+/// Paused clock over loopback: the pool's clock is tokio's (`TokioTimer`).
+#[tokio::test(start_paused = true)]
+async fn an_idle_backend_connection_is_dropped_after_the_idle_timeout() {
+    let b0 = Backend::start().await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    // A proxy in front of `b0` that counts the gateway's connections.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let count = Arc::clone(&accepted);
+    let to = b0.addr;
+    let _front = tokio::spawn(async move {
+        while let Ok((mut from, _)) = front.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut to = TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+            });
+        }
+    });
+    let mut cfg = config(&[]);
+    cfg.backends = vec![BackendSpec {
+        addr: front_addr,
+        weight: 1,
+    }];
+    cfg.health_interval = Duration::MAX;
+    assert_eq!(cfg.backend_idle_timeout, Duration::from_secs(4));
+    let gw = start(&cfg).await;
+    until("the start-up health check", || {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let health = 1;
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), health + 1);
+    sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        health + 1,
+        "reused within 4 s"
+    );
+    sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        health + 2,
+        "idle for 4.5 s: dropped, and a new one made"
+    );
+}
+
 /// One client kept a recovering backend's breaker from ever closing: while it was
 /// half-open, a request announcing a body and sending none took the only probe permit,
 /// the probe ended as a stall (`408`, which the breaker ignores), and the client's next
@@ -1221,7 +1393,8 @@ async fn half_open_upstream(
         .classifier(proxy::GatewayClassifier)
         .build();
     let handle = breaker.handle();
-    let upstream = proxy::Upstream::new(Duration::from_secs(2), timeout)
+    let idle = gateway::DEFAULT_BACKEND_IDLE_TIMEOUT;
+    let upstream = proxy::Upstream::new(Duration::from_secs(2), timeout, idle)
         .watch_probes(handle.clone(), open_for);
     handle.record_failure();
     sleep(open_for).await;
