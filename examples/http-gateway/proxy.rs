@@ -36,6 +36,7 @@
 //! | a reused keep-alive connection was closed (or reset) by the backend before any byte of its answer: the keep-alive race, the backend's idle timeout crossing the request ([`StaleConnection`], [`is_stale`]) | `502` | no (nor does its breaker count it) |
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
+//! | the backend's final answer was a `1xx`, such as a `101 Switching Protocols` the gateway never asked for ([`InformationalAnswer`]: [`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
 //! backend's address plus the target's path and query, built with [`Uri::builder`], and
@@ -483,8 +484,12 @@ impl Service<Request<GatewayBody>> for Upstream {
             // An answer in a transfer coding the gateway does not implement is the
             // backend's failure: the breaker counts the error, and the client gets
             // `502` (hyper undoes the chunked framing alone, and the other codings'
-            // bytes would reach the client as the body with nothing saying so).
+            // bytes would reach the client as the body with nothing saying so). So is a
+            // `1xx` as the final answer ([`InformationalAnswer`]).
             match res {
+                Ok(answer) if answer.status().is_informational() => {
+                    Err(InformationalAnswer(answer.status()).into())
+                }
                 Ok(answer) => match check_transfer_coding(answer.headers()) {
                     Ok(()) => Ok(answer),
                     Err(e) => Err(e.into()),
@@ -578,6 +583,23 @@ impl Error for StaleConnection {
     }
 }
 
+/// A backend's `1xx` as its final answer: hyper's client skips interim `1xx` answers
+/// but returns a `101 Switching Protocols`, which the gateway never asks for (`Upgrade`
+/// is hop-by-hop and stripped), and relayed it was counted a success by the breaker
+/// while the client got a switch to a protocol nobody spoke. [`Upstream`] fails it: the
+/// breaker counts it, and the client gets `502` (`informational` in
+/// `aegis_http_backend_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InformationalAnswer(pub StatusCode);
+
+impl std::fmt::Display for InformationalAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a final answer with the informational status {}", self.0)
+    }
+}
+
+impl Error for InformationalAnswer {}
+
 /// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
 /// connecting to the backend at `addr` failed for lack of this host's descriptors, memory
 /// or local ports ([`as_local_resources`]): the breaker's classifier ignores it, and the
@@ -641,7 +663,8 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///
 /// - **failures**: upstream errors as [`classify_error`] counts them (refused, reset,
 ///   the response timeout's `504`, an answer in a transfer coding the gateway does not
-///   implement: [`check_transfer_coding`], an error of [`Upstream`]), and the backend's
+///   implement: [`check_transfer_coding`], and a `1xx` final answer:
+///   [`InformationalAnswer`], errors of [`Upstream`]), and the backend's
 ///   own `502`, `503` and `504` (it is down, overloaded, or a proxy whose upstream is);
 ///   not a connect that failed for lack of the gateway's own descriptors or memory
 ///   ([`ProxyError::LocalResources`], which [`classify_error`] ignores);
@@ -889,6 +912,8 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
     tracing::debug!(error = %err, "backend failed");
     let why = if find::<UnknownCoding>(err).is_some() {
         BackendError::TransferCoding
+    } else if find::<InformationalAnswer>(err).is_some() {
+        BackendError::Informational
     } else if find::<hyper_util::client::legacy::Error>(err).is_some_and(|e| e.is_connect()) {
         BackendError::Connect
     } else {

@@ -148,6 +148,9 @@ pub enum BackendError {
     /// answer (the keep-alive race); not counted against the backend's breaker (see
     /// `proxy::is_stale`).
     StaleConnection,
+    /// `502`: a `1xx` as the final answer, such as a `101 Switching Protocols` the
+    /// gateway never asked for (it strips `Upgrade`).
+    Informational,
     /// `502`: any other failure of the backend (reset, a malformed answer).
     Failed,
     /// `503`: the gateway could not connect for want of its own resources (descriptors,
@@ -166,6 +169,7 @@ impl BackendError {
             Self::TransferCoding => "transfer_coding",
             Self::DuringUpload => "during_upload",
             Self::StaleConnection => "stale_connection",
+            Self::Informational => "informational",
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
         }
@@ -182,6 +186,7 @@ impl BackendError {
             | Self::TransferCoding
             | Self::DuringUpload
             | Self::StaleConnection
+            | Self::Informational
             | Self::Failed => StatusCode::BAD_GATEWAY,
         }
     }

@@ -1742,6 +1742,42 @@ async fn a_backends_transfer_coding_other_than_chunked_is_502() {
     assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
+/// A backend's `101 Switching Protocols` (the gateway strips `Upgrade`, so it never asks
+/// for one) was relayed to the client and counted a success by the breaker. It is the
+/// backend's failure now: `502`, counted `informational`, and the breaker counts it.
+#[test]
+fn a_backends_101_is_502_counted_and_a_failure_of_the_backend() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, _backend) = raw_backend(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await;
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.breaker_failures = 1;
+        let gw = start(&cfg).await;
+        let req = Request::get("/chat")
+            .header("host", "gw.test")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::default())
+            .unwrap();
+        let res = send(gw.addr, req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY, "{:?}", res.body());
+        assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+        let text = scrape(endpoint).await;
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            BTreeMap::from([("informational".to_string(), 1)]),
+            "/metrics:\n{text}"
+        );
+    });
+}
+
 /// A raw backend that reads a request head and answers `answer` to it, then closes the
 /// connection; `/healthz` is answered `200`.
 async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
