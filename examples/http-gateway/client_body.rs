@@ -120,13 +120,10 @@ struct Waits {
     done: bool,
 }
 
-impl<B> ClientBody<B> {
+impl<B: Body> ClientBody<B> {
     /// Wraps `inner`, which must be in by `deadline` (see the [module docs](self)); the
     /// [`Progress`] tells whether and how long it waits on the client.
-    pub fn new(inner: B, deadline: Instant) -> (Self, Progress)
-    where
-        B: Body,
-    {
+    pub fn new(inner: B, deadline: Instant) -> (Self, Progress) {
         let waits = Arc::new(Mutex::new(Waits {
             done: inner.is_end_stream(),
             ..Waits::default()
@@ -214,6 +211,14 @@ impl Progress {
     pub fn upload_unfinished(&self) -> bool {
         let waits = self.0.lock();
         waits.started && !waits.done
+    }
+
+    /// The body went out whole: it was empty, or its last frame was polled. Until then
+    /// an error of the backend's connection may be the client's doing (its body failed
+    /// or stalled, and hyper closed the connection), and
+    /// [`BackendBody`](crate::backend_body::BackendBody) does not count it.
+    pub fn sent(&self) -> bool {
+        self.0.lock().done
     }
 
     /// The time the body spent waiting on the client up to `now`: from each poll that

@@ -31,6 +31,7 @@
 //! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
+//! | the backend's body failed after its head was relayed (a close or reset short of its length: [`crate::backend_body`]) | the head and the bytes that came, then the connection is closed (its breaker counts it, unless the client's body had not gone out whole) | as answered |
 //! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
 //! | the connection to the backend failed (closed, reset) after hyper began sending the request body and before it had all of it ([`UploadCut`], see [`crate::client_body`]) | `502` | no (nor does its breaker count it: a slow client, or the backend's early refusal of the body) |
 //! | a reused keep-alive connection was closed (or reset) by the backend before any byte of its answer: the keep-alive race, the backend's idle timeout crossing the request ([`StaleConnection`], [`is_stale`]) | `502` | no (nor does its breaker count it) |
@@ -101,6 +102,7 @@ use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 use tower::{Service, ServiceExt};
 
+use crate::backend_body::{BackendBody, Verdict};
 use crate::balance::Pool;
 use crate::client_body::{ClientBody, ClientBodyError, Progress, UploadCut};
 use crate::headers::{UnknownCoding, check_transfer_coding, strip_hop_by_hop};
@@ -398,9 +400,9 @@ impl Upstream {
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl Service<Request<GatewayBody>> for Upstream {
-    type Response = Response<Incoming>;
+    type Response = Response<BackendBody>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Response<Incoming>, BoxError>>;
+    type Future = BoxFuture<Result<Response<BackendBody>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -434,6 +436,8 @@ impl Service<Request<GatewayBody>> for Upstream {
         let sent = stamp();
         let res = self.client.request(req);
         let latency = self.latency.clone();
+        // The breaker this client is wrapped in judges the answer's body too.
+        let breaker = self.probes.as_ref().map(|p| p.breaker.clone());
         Box::pin(async move {
             let res: Result<Response<Incoming>, BoxError> = async {
                 let mut res = std::pin::pin!(res);
@@ -486,7 +490,7 @@ impl Service<Request<GatewayBody>> for Upstream {
             // `502` (hyper undoes the chunked framing alone, and the other codings'
             // bytes would reach the client as the body with nothing saying so). So is a
             // `1xx` as the final answer ([`InformationalAnswer`]).
-            match res {
+            let res = match res {
                 Ok(answer) if answer.status().is_informational() => {
                     Err(InformationalAnswer(answer.status()).into())
                 }
@@ -495,7 +499,16 @@ impl Service<Request<GatewayBody>> for Upstream {
                     Err(e) => Err(e.into()),
                 },
                 Err(e) => Err(e),
-            }
+            };
+            // The body's failure is the backend's too (`crate::backend_body`).
+            res.map(|answer| {
+                let verdict = match status_outcome(answer.status()) {
+                    Outcome::Success => Verdict::Pending,
+                    Outcome::Ignore => Verdict::FailOnly,
+                    Outcome::Failure => Verdict::Done,
+                };
+                answer.map(|body| BackendBody::new(body, progress, breaker, verdict))
+            })
         })
     }
 }
@@ -674,30 +687,38 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///   (RFC 9110 §15.6.2), `505` to a version: counted, as `HttpClassifier` counts every
 ///   `5xx` but `501` and `505`, five such requests from one client opened the backend's
 ///   circuit for every client. Ignored too, a [`ClientBodyError`] (a request body that
-///   was malformed, cut off, over the size limit, or stalled): the client's fault; and an
+///   was malformed, cut off, over the size limit, or stalled): the client's fault; an
 ///   [`UploadCut`] (the backend's connection failed while the body was still being
 ///   sent: the client's slow upload, or the backend's early refusal of it), and a
 ///   [`StaleConnection`] (a reused keep-alive connection the backend closed before any
 ///   byte of its answer: the keep-alive race, see [`is_stale`]);
-/// - **successes**: every other answer.
+/// - **successes**: every other answer; an answer with a body, once the body ends, or
+///   its client drops it (its head is ignored, and the body records the success on the
+///   breaker, or a failure if the backend cuts it off: [`crate::backend_body`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 
-impl<B> Classify<Response<B>> for GatewayClassifier {
-    fn classify(&self, result: Result<&Response<B>, &(dyn Error + 'static)>) -> Outcome {
+impl Classify<Response<BackendBody>> for GatewayClassifier {
+    fn classify(&self, result: Result<&Response<BackendBody>, &(dyn Error + 'static)>) -> Outcome {
         match result {
             Err(e) if find::<ClientBodyError>(e).is_some() => Outcome::Ignore,
             Err(e) if find::<UploadCut>(e).is_some() => Outcome::Ignore,
             Err(e) if find::<StaleConnection>(e).is_some() => Outcome::Ignore,
             Err(e) => classify_error(e),
-            Ok(res) => match res.status() {
-                StatusCode::BAD_GATEWAY
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::GATEWAY_TIMEOUT => Outcome::Failure,
-                status if status.is_server_error() => Outcome::Ignore,
-                _ => Outcome::Success,
-            },
+            Ok(res) if res.body().is_pending() => Outcome::Ignore,
+            Ok(res) => status_outcome(res.status()),
         }
+    }
+}
+
+/// The breaker's outcome of an answer with `status` ([`GatewayClassifier`]).
+fn status_outcome(status: StatusCode) -> Outcome {
+    match status {
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            Outcome::Failure
+        }
+        status if status.is_server_error() => Outcome::Ignore,
+        _ => Outcome::Success,
     }
 }
 
@@ -870,8 +891,9 @@ where
 /// leaves both headers, and once the stripping took the `Transfer-Encoding`, hyper's
 /// server sent the body with the stale length, cutting a longer one short.
 /// (An answer with a `Transfer-Encoding` other than one `chunked` never comes here:
-/// [`Upstream`] fails it, and the client gets `502`.)
-fn from_backend(res: Response<Incoming>) -> Response<GatewayBody> {
+/// [`Upstream`] fails it, and the client gets `502`.) The body is a [`BackendBody`]: a
+/// failure of it is the backend's ([`crate::backend_body`]).
+fn from_backend(res: Response<BackendBody>) -> Response<GatewayBody> {
     let (mut parts, body) = res.into_parts();
     if parts.headers.contains_key(TRANSFER_ENCODING) {
         parts.headers.remove(CONTENT_LENGTH);

@@ -7,7 +7,8 @@
 //! A backend's answer the gateway could not relay, and replaced with its own `502`,
 //! `503` or `504`, is a [`BackendError`] in `aegis_http_backend_errors_total{reason}`:
 //! the client did nothing wrong there, and the breakers and health checks say which
-//! backend failed.
+//! backend failed. So is a backend's answer cut off after its head was relayed
+//! ([`BackendError::Truncated`], see [`crate::backend_body`]).
 
 use std::fmt;
 
@@ -156,6 +157,11 @@ pub enum BackendError {
     /// `503`: the gateway could not connect for want of its own resources (descriptors,
     /// memory, local ports); not the backend's failure.
     LocalResources,
+    /// No answer of the gateway's: the backend's head was relayed, and its body failed
+    /// (a close or reset short of its length); the client's connection is closed. Its
+    /// breaker counts it ([`crate::backend_body`]). Its [`status`](Self::status), `502`,
+    /// is never sent.
+    Truncated,
 }
 
 impl BackendError {
@@ -172,6 +178,7 @@ impl BackendError {
             Self::Informational => "informational",
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
+            Self::Truncated => "truncated",
         }
     }
 
@@ -187,7 +194,8 @@ impl BackendError {
             | Self::DuringUpload
             | Self::StaleConnection
             | Self::Informational
-            | Self::Failed => StatusCode::BAD_GATEWAY,
+            | Self::Failed
+            | Self::Truncated => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -195,6 +203,11 @@ impl BackendError {
 /// The gateway's answer in place of a backend's, counted in
 /// `aegis_http_backend_errors_total{reason}`: `error`'s status, `text`.
 pub fn backend_error(error: BackendError, text: &'static str) -> Response<GatewayBody> {
-    metrics::counter!(BACKEND_ERRORS_TOTAL, "reason" => error.label()).increment(1);
+    count_backend_error(error);
     local_response(error.status(), text)
+}
+
+/// Counts `error` in `aegis_http_backend_errors_total{reason}`.
+pub fn count_backend_error(error: BackendError) {
+    metrics::counter!(BACKEND_ERRORS_TOTAL, "reason" => error.label()).increment(1);
 }

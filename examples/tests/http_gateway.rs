@@ -13,6 +13,10 @@
 //! Every wait on a socket or a background task is a poll with a deadline ([`WAIT`]).
 
 #[allow(dead_code)]
+#[path = "../http-gateway/backend_body.rs"]
+mod backend_body;
+
+#[allow(dead_code)]
 #[path = "../http-gateway/balance.rs"]
 mod balance;
 #[allow(dead_code)]
@@ -2757,6 +2761,163 @@ fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
             by_reason(&text, "aegis_rejections_total", "layer=\"http\","),
             BTreeMap::new(),
             "no client was refused: /metrics:\n{text}"
+        );
+    });
+}
+
+/// A raw backend whose answers stop short: `200` with `Content-Length: 1000`, ten bytes,
+/// then a close (even answers) or a reset (odd ones, `SO_LINGER` 0); `/healthz` is
+/// answered `200` in full.
+async fn cutting_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        let mut answers = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let head = read_head(&mut stream).await;
+            if head.starts_with(b"GET /healthz ") {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = stream.write_all(ok).await;
+                continue;
+            }
+            let reset = answers % 2 == 1;
+            answers += 1;
+            conns.spawn(async move {
+                let cut = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789";
+                let _ = stream.write_all(cut).await;
+                if reset {
+                    stream.set_zero_linger().unwrap();
+                } else {
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Reads a request head from `stream`, byte by byte.
+async fn read_head(stream: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    head
+}
+
+/// The body of the raw answer `out` (after its head).
+fn raw_body(out: &str) -> &str {
+    out.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// A backend that sends `200` with `Content-Length: 1000`, ten bytes, and then closes
+/// or resets was a success to its breaker (judged at the head), and the body's error
+/// went to nobody: the client got ten bytes, nothing was counted, and the backend stayed
+/// in rotation however often it did so. Each such answer now reaches the client cut
+/// short, is counted `truncated`, and is a failure of the backend's breaker, which opens
+/// at its threshold (the successes at the heads no longer reset its count).
+#[test]
+fn a_backend_cutting_its_answers_short_is_counted_and_opens_its_breaker() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, _backend) = cutting_backend().await;
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.breaker_failures = 3;
+        let gw = start(&cfg).await;
+        let get = b"GET / HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n";
+        for n in 1..=3 {
+            assert_eq!(gw.breakers[0].state(), CircuitState::Closed, "answer {n}");
+            let out = raw(gw.addr, get).await;
+            assert!(out.starts_with("HTTP/1.1 200"), "answer {n}: {out}");
+            assert_eq!(raw_body(&out), "0123456789", "answer {n} cut short");
+        }
+        assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+        assert!(raw(gw.addr, get).await.starts_with("HTTP/1.1 503"));
+
+        let text = scrape(endpoint).await;
+        let reasons = by_reason(&text, "aegis_http_backend_errors_total", "");
+        assert_eq!(reasons.get("truncated"), Some(&3), "/metrics:\n{text}");
+        assert_eq!(
+            sample(&text, "aegis_circuit_state{name=\"backend0\"}"),
+            Some(2.0),
+            "open: /metrics:\n{text}"
+        );
+    });
+}
+
+/// A client that goes away in the middle of a healthy backend's body is no failure of
+/// the backend: nothing is counted, and its breaker (threshold 1) stays closed.
+#[test]
+fn a_client_leaving_in_the_middle_of_a_body_counts_nothing_against_the_backend() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        let ended = Arc::new(AtomicBool::new(false));
+        let _backend = tokio::spawn({
+            let ended = Arc::clone(&ended);
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let head = read_head(&mut stream).await;
+                    if head.starts_with(b"GET /healthz ") {
+                        let ok =
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                        let _ = stream.write_all(ok).await;
+                        continue;
+                    }
+                    let ended = Arc::clone(&ended);
+                    tokio::spawn(async move {
+                        // The whole body, slowly: ten bytes every 20 ms, until written or
+                        // the gateway closes the connection.
+                        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789";
+                        let mut sent = stream.write_all(head).await.map(|()| 10);
+                        while let Ok(n @ ..1000) = sent {
+                            sleep(Duration::from_millis(20)).await;
+                            sent = stream.write_all(b"0123456789").await.map(|()| n + 10);
+                        }
+                        ended.store(true, Ordering::SeqCst);
+                    });
+                }
+            }
+        });
+        let mut cfg = config(&[]);
+        cfg.backends = vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }];
+        cfg.breaker_failures = 1;
+        let gw = start(&cfg).await;
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0; 1024];
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n0123456789") {
+            let n = timeout(WAIT, client.read(&mut buf)).await.unwrap().unwrap();
+            assert_ne!(n, 0, "closed early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        client.set_zero_linger().unwrap();
+        drop(client);
+        until("the backend's answer ended", || {
+            ended.load(Ordering::SeqCst)
+        })
+        .await;
+
+        assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+        let text = scrape(endpoint).await;
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            BTreeMap::new(),
+            "/metrics:\n{text}"
         );
     });
 }
