@@ -1016,12 +1016,7 @@ async fn upload_refusing_backend() -> (SocketAddr, JoinHandle<()>) {
         let mut conns = JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
             conns.spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
-                {
-                    head.push(byte[0]);
-                }
+                let head = read_head(&mut stream).await;
                 if head.starts_with(b"POST /upload ") {
                     return; // dropped: closed with the body unread
                 }
@@ -1150,17 +1145,12 @@ async fn keep_alive_closing_backend(reset: bool) -> (SocketAddr, Arc<AtomicUsize
             tasks.spawn(async move {
                 let mut byte = [0; 1];
                 for n in 0.. {
-                    let mut head = Vec::new();
                     if n == 1 && reset {
                         // Wait for the request, and leave it unread.
                         let _ = stream.peek(&mut byte).await;
                         return;
                     }
-                    while !head.ends_with(b"\r\n\r\n")
-                        && stream.read(&mut byte).await.unwrap_or(0) == 1
-                    {
-                        head.push(byte[0]);
-                    }
+                    let head = read_head(&mut stream).await;
                     if head.is_empty() {
                         return;
                     }
@@ -1590,11 +1580,7 @@ async fn answer_then_stop_reading_backend() -> (
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             // A byte at a time: nothing of the body is read.
-            let mut head = Vec::new();
-            let mut byte = [0; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
+            let head = read_head(&mut stream).await;
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 .await;
@@ -1791,12 +1777,7 @@ async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
         let mut conns = JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
             conns.spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
-                {
-                    head.push(byte[0]);
-                }
+                let head = read_head(&mut stream).await;
                 let answer: &[u8] = if head.starts_with(b"GET /healthz ") {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 } else {
@@ -2666,12 +2647,7 @@ async fn scripted_backend() -> (SocketAddr, JoinHandle<()>) {
         let mut conns = JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
             conns.spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
-                {
-                    head.push(byte[0]);
-                }
+                let head = read_head(&mut stream).await;
                 let answer: &[u8] = if head.starts_with(b"GET /te ") {
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                 } else if head.starts_with(b"GET /garbage ") {
