@@ -340,6 +340,36 @@ async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recover
     assert!(closed, "the circuit never closed after SIGCONT");
 }
 
+/// The CONNACK timeout of the enhanced-authentication tests below.
+const CONNACK_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// A SIGSTOPped mosquitto behind an MQTT gateway with [`CONNACK_TIMEOUT`]: the broker
+/// (SIGCONT it at the end), the gateway's address, its outcomes, and how many CONNACK
+/// timeouts it reported.
+async fn stalled_broker_behind_a_gateway() -> (Mosquitto, SocketAddr, Outcomes, Arc<AtomicUsize>) {
+    let broker = Mosquitto::start().await;
+    let timeouts = Arc::new(AtomicUsize::new(0));
+    let t = Arc::clone(&timeouts);
+    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
+        .connack_timeout(CONNACK_TIMEOUT)
+        .on_connack_timeout(move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .layer(Proxy::new(broker.addr()).on_connect_error(Unavailable::new()));
+    let (addr, outcomes) = start(gateway).await;
+    broker.signal("STOP");
+    (broker, addr, outcomes, timeouts)
+}
+
+/// An MQTT 5 CONNECT of `client_id` with the Authentication Method "SCRAM-X".
+fn connect_scram(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
+    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
+    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
+    body.extend_from_slice(&common::string(client_id));
+    common::packet(0x10, &body)
+}
+
 /// An MQTT 5 client with an Authentication Method that floods AUTH packets at a stalled
 /// broker still gets the gateway's CONNACK 0x88 when the CONNACK timeout fires, and the
 /// timeout is reported (a breaker failure). Its AUTHs used to be forwarded as fast as
@@ -350,27 +380,12 @@ async fn a_stalled_broker_opens_the_circuit_through_connack_timeouts_and_recover
 /// rest wait in its socket.
 #[tokio::test]
 async fn a_client_flooding_auth_at_a_stalled_broker_gets_connack_0x88_at_the_timeout() {
-    const CONNACK_TIMEOUT: Duration = Duration::from_millis(300);
-    let broker = Mosquitto::start().await;
-    let timeouts = Arc::new(AtomicUsize::new(0));
-    let t = Arc::clone(&timeouts);
-    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
-        .connack_timeout(CONNACK_TIMEOUT)
-        .on_connack_timeout(move || {
-            t.fetch_add(1, Ordering::SeqCst);
-        })
-        .layer(Proxy::new(broker.addr()).on_connect_error(Unavailable::new()));
-    let (addr, mut outcomes) = start(gateway).await;
-    broker.signal("STOP");
+    let (broker, addr, mut outcomes, timeouts) = stalled_broker_behind_a_gateway().await;
 
     // CONNECT with the Authentication Method "SCRAM-X", then AUTH packets with 4000
     // bytes of Authentication Data each, as fast as the gateway takes them (64 MB at
     // most: the broker's socket and the gateway's take a few).
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
-    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
-    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
-    body.extend_from_slice(&common::string("flood"));
-    let connect = common::packet(0x10, &body);
+    let connect = connect_scram("flood");
     let data = vec![b'A'; 4000];
     let mut props = [&[0x15][..], &common::string("SCRAM-X"), &[0x16]].concat();
     props.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
@@ -424,25 +439,9 @@ async fn a_client_flooding_auth_at_a_stalled_broker_gets_connack_0x88_at_the_tim
 /// broker was stalled. Now the EOF waits for the CONNACK, as the client's packets do.
 #[tokio::test]
 async fn a_client_half_closing_in_an_enhanced_authentication_gets_connack_0x88_at_the_timeout() {
-    const CONNACK_TIMEOUT: Duration = Duration::from_millis(300);
-    let broker = Mosquitto::start().await;
-    let timeouts = Arc::new(AtomicUsize::new(0));
-    let t = Arc::clone(&timeouts);
-    let gateway = MqttLayer::new(aegis_mqtt::Config::new())
-        .connack_timeout(CONNACK_TIMEOUT)
-        .on_connack_timeout(move || {
-            t.fetch_add(1, Ordering::SeqCst);
-        })
-        .layer(Proxy::new(broker.addr()).on_connect_error(Unavailable::new()));
-    let (addr, mut outcomes) = start(gateway).await;
-    broker.signal("STOP");
+    let (broker, addr, mut outcomes, timeouts) = stalled_broker_behind_a_gateway().await;
 
-    // CONNECT with the Authentication Method "SCRAM-X".
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
-    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
-    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
-    body.extend_from_slice(&common::string("halfclose"));
-    let connect = common::packet(0x10, &body);
+    let connect = connect_scram("halfclose");
     for (n, after) in [&[][..], &[0xE0, 0x00]].into_iter().enumerate() {
         let start = tokio::time::Instant::now();
         let mut s = TcpStream::connect(addr).await.unwrap();
