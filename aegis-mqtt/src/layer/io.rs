@@ -1873,6 +1873,28 @@ mod tests {
         assert!(matches!(n, Poll::Ready(Ok(k)) if k == bytes.len()), "{n:?}");
     }
 
+    /// The broker's stream ends: `io` is shut down, as a proxy forwards the broker's EOF
+    /// (within 60 s).
+    async fn broker_closes(io: &mut MqttIo<tokio::io::DuplexStream>) {
+        let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
+        shutdown.await.expect("the shutdown never ended").unwrap();
+    }
+
+    /// After the broker closed: the client's held read ends (within 60 s) at EOF, with no
+    /// refusal; returns all the client was sent.
+    async fn ends_in_silence(
+        io: &mut MqttIo<tokio::io::DuplexStream>,
+        client: &mut tokio::io::DuplexStream,
+    ) -> Vec<u8> {
+        let mut more = [0; 2];
+        let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
+        assert_eq!(read.expect("the held read never ended").unwrap(), 0);
+        assert_eq!(io.error(), None);
+        let mut seen = Vec::new();
+        client.read_to_end(&mut seen).await.unwrap();
+        seen
+    }
+
     /// How many rejections `snap` counted as `upstream_closed`.
     fn upstream_closed(snap: &metrics_util::debugging::Snapshotter) -> u64 {
         aegis_core::metrics::testing::capture(snap).counter(
@@ -1919,8 +1941,7 @@ mod tests {
                 }
                 let mut more = [0; 2];
                 assert!(futures_poll_once(io.read(&mut more)).await, "held");
-                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
-                shutdown.await.expect("the shutdown never ended").unwrap();
+                broker_closes(&mut io).await;
                 let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
                 let err = read.expect("the held read never ended").unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::InvalidData);
@@ -1967,14 +1988,8 @@ mod tests {
                 let mut got = vec![0; connect.len()];
                 io.read_exact(&mut got).await.unwrap();
                 broker_writes(&mut io, written);
-                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
-                shutdown.await.expect("the shutdown never ended").unwrap();
-                let mut more = [0; 2];
-                let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
-                assert_eq!(read.expect("the held read never ended").unwrap(), 0);
-                assert_eq!(io.error(), None);
-                let mut seen = Vec::new();
-                client.read_to_end(&mut seen).await.unwrap();
+                broker_closes(&mut io).await;
+                let seen = ends_in_silence(&mut io, &mut client).await;
                 assert_eq!(seen, written, "{connect:02x?}");
             });
             assert_eq!(upstream_closed(&snap), 0, "{connect:02x?} {written:02x?}");
@@ -2020,8 +2035,7 @@ mod tests {
             let mut got = [0; CONNECT_V5_AUTH.len()];
             io.read_exact(&mut got).await.unwrap();
             io.fail(MqttError::ProtocolError("not AUTH before the CONNACK"));
-            let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
-            shutdown.await.expect("the shutdown never ended").unwrap();
+            broker_closes(&mut io).await;
             assert_eq!(
                 io.error(),
                 Some(MqttError::ProtocolError("not AUTH before the CONNACK"))
@@ -2044,8 +2058,7 @@ mod tests {
             let mut got = vec![0; connect.len()];
             io.read_exact(&mut got).await.unwrap();
             let start = Instant::now();
-            let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
-            shutdown.await.expect("the shutdown never ended").unwrap();
+            broker_closes(&mut io).await;
             assert_eq!(
                 Instant::now().saturating_duration_since(start),
                 REFUSAL_DEADLINE
@@ -2115,14 +2128,8 @@ mod tests {
                 }
                 assert_eq!(forwarded, after);
                 // The broker closes.
-                let shutdown = tokio::time::timeout(Duration::from_secs(60), io.shutdown());
-                shutdown.await.expect("the shutdown never ended").unwrap();
-                let mut more = [0; 2];
-                let read = tokio::time::timeout(Duration::from_secs(60), io.read(&mut more)).await;
-                assert_eq!(read.expect("the held read never ended").unwrap(), 0);
-                assert_eq!(io.error(), None);
-                let mut seen = Vec::new();
-                client.read_to_end(&mut seen).await.unwrap();
+                broker_closes(&mut io).await;
+                let seen = ends_in_silence(&mut io, &mut client).await;
                 assert_eq!(seen, b"", "{after:02x?} fin {fin}");
             });
             assert_eq!(upstream_closed(&snap), 0, "{after:02x?} fin {fin}");
