@@ -3787,14 +3787,7 @@ async fn a_client_stalled_in_its_connect_does_not_hold_the_half_open_probe() {
     gw.wait_metric("aegis_sniff_total{protocol=\"mqtt\"}", 2.0)
         .await;
 
-    let mut next = TcpStream::connect(gw.mqtt).await.unwrap();
-    next.write_all(&connect_311("next")).await.unwrap();
-    let answer = timeout(WAIT, read_packet(&mut next)).await.unwrap();
-    assert_eq!(
-        answer.unwrap(),
-        (0x20, vec![0x00, 0x00]),
-        "the broker's CONNACK"
-    );
+    let _next = accepted(gw.mqtt, "next", "the broker's CONNACK").await;
     drop(staller);
 }
 
@@ -3914,22 +3907,22 @@ async fn a_slow_brokers_probe_closes_the_circuit_when_open_for_is_under_the_conn
 
     // Past `open_for`, the probe: the broker accepts it after SLOW.
     sleep(Duration::from_millis(400)).await;
-    let mut probe = TcpStream::connect(gw.mqtt).await.unwrap();
-    probe.write_all(&connect_311("probe")).await.unwrap();
-    let answer = timeout(WAIT, read_packet(&mut probe)).await.unwrap();
-    assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x00]), "the probe");
+    let _probe = accepted(gw.mqtt, "probe", "the probe").await;
     // Its CONNACK closed the circuit (0; half-open is 1, open 2), and the next client
     // reaches the broker too.
     gw.wait_metric_below("aegis_circuit_state{name=\"upstream\"}", 0.5)
         .await;
-    let mut next = TcpStream::connect(gw.mqtt).await.unwrap();
-    next.write_all(&connect_311("next")).await.unwrap();
-    let answer = timeout(WAIT, read_packet(&mut next)).await.unwrap();
-    assert_eq!(
-        answer.unwrap(),
-        (0x20, vec![0x00, 0x00]),
-        "the client after the probe"
-    );
+    let _next = accepted(gw.mqtt, "next", "the client after the probe").await;
+}
+
+/// A 3.1.1 client `id` connects to `addr` and is accepted (CONNACK 0x00; `what` names it
+/// in the failure); its connection, still open.
+async fn accepted(addr: SocketAddr, id: &str, what: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_311(id)).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+    assert_eq!(answer.unwrap(), (0x20, vec![0x00, 0x00]), "{what}");
+    s
 }
 
 /// A PROXY protocol v1 line naming `client` (port 40000) as the peer of `to`.
