@@ -1060,11 +1060,7 @@ fn a_backend_closing_during_the_upload_does_not_count_against_its_breaker() {
     with_prometheus(|prometheus| async move {
         let endpoint = serve_metrics(prometheus).await;
         let (backend, _backend) = upload_refusing_backend().await;
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.health_interval = Duration::MAX;
         cfg.breaker_failures = 2;
         let gw = start(&cfg).await;
@@ -1185,11 +1181,7 @@ fn a_reused_connection_closed_before_any_answer_does_not_count_against_the_break
         let endpoint = serve_metrics(prometheus).await;
         for reset in [false, true] {
             let (backend, conns, _backend) = keep_alive_closing_backend(reset).await;
-            let mut cfg = config(&[]);
-            cfg.backends = vec![BackendSpec {
-                addr: backend,
-                weight: 1,
-            }];
+            let mut cfg = config_over(backend);
             cfg.health_interval = Duration::MAX;
             cfg.breaker_failures = 1;
             let gw = start(&cfg).await;
@@ -1226,11 +1218,7 @@ fn a_reused_connection_closed_before_any_answer_does_not_count_against_the_break
 
         // The same close on a new connection: the backend's failure.
         let (backend, _backend) = raw_backend(b"").await;
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.health_interval = Duration::MAX;
         cfg.breaker_failures = 1;
         let gw = start(&cfg).await;
@@ -1263,11 +1251,7 @@ async fn an_idle_backend_connection_is_dropped_after_the_idle_timeout() {
             });
         }
     });
-    let mut cfg = config(&[]);
-    cfg.backends = vec![BackendSpec {
-        addr: front_addr,
-        weight: 1,
-    }];
+    let mut cfg = config_over(front_addr);
     cfg.health_interval = Duration::MAX;
     assert_eq!(cfg.backend_idle_timeout, Duration::from_secs(4));
     let gw = start(&cfg).await;
@@ -1507,11 +1491,7 @@ async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>
 #[tokio::test(start_paused = true)]
 async fn a_body_trickled_after_the_backends_answer_is_cut_at_the_backend_timeout() {
     let (backend, cut, _backend) = early_answer_backend().await;
-    let mut cfg = config(&[]);
-    cfg.backends = vec![BackendSpec {
-        addr: backend,
-        weight: 1,
-    }];
+    let mut cfg = config_over(backend);
     cfg.health_interval = Duration::MAX; // one round at start-up
     cfg.backend_timeout = Duration::from_secs(5);
     assert!(
@@ -1607,11 +1587,7 @@ async fn answer_then_stop_reading_backend() -> (
 async fn a_backend_that_stops_reading_the_body_is_disconnected_at_the_backend_timeout() {
     const BODY: usize = 64 << 20; // more than the four sockets' buffers hold
     let (backend, mut conns, _backend) = answer_then_stop_reading_backend().await;
-    let mut cfg = config(&[]);
-    cfg.backends = vec![BackendSpec {
-        addr: backend,
-        weight: 1,
-    }];
+    let mut cfg = config_over(backend);
     cfg.health_interval = Duration::MAX; // one round at start-up
     cfg.backend_timeout = Duration::from_secs(5);
     cfg.max_body = BODY;
@@ -1716,11 +1692,7 @@ async fn a_backends_transfer_coding_other_than_chunked_is_502() {
           3\r\nabc\r\n0\r\n\r\n",
     )
     .await;
-    let mut cfg = config(&[]);
-    cfg.backends = vec![BackendSpec {
-        addr: backend,
-        weight: 1,
-    }];
+    let mut cfg = config_over(backend);
     cfg.breaker_failures = 1;
     let gw = start(&cfg).await;
     let req = Request::get("/")
@@ -1743,11 +1715,7 @@ fn a_backends_101_is_502_counted_and_a_failure_of_the_backend() {
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
         .await;
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.breaker_failures = 1;
         let gw = start(&cfg).await;
         let req = Request::get("/chat")
@@ -1793,9 +1761,14 @@ async fn raw_backend(answer: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
 
 /// A gateway over the one backend at `addr`.
 async fn start_over(addr: SocketAddr) -> Gateway {
+    start(&config_over(addr)).await
+}
+
+/// The test configuration ([`config`]) over the one backend at `addr`.
+fn config_over(addr: SocketAddr) -> Config {
     let mut cfg = config(&[]);
     cfg.backends = vec![BackendSpec { addr, weight: 1 }];
-    start(&cfg).await
+    cfg
 }
 
 /// A backend's chunked answer with a stale `Content-Length: 3`: the gateway stripped
@@ -2683,11 +2656,7 @@ fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
     with_prometheus(|prometheus| async move {
         let endpoint = serve_metrics(prometheus).await;
         let (backend, _backend) = scripted_backend().await;
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.backend_timeout = Duration::from_millis(500);
         let gw = start(&cfg).await;
         assert_eq!(status_of(gw.addr, "/te").await, StatusCode::BAD_GATEWAY);
@@ -2704,11 +2673,7 @@ fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
         // start-up (two failures make it unhealthy): refused, which opens its breaker,
         // and then no backend is left.
         let (_held, dead) = aegis_core::testing::dead_port();
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: dead,
-            weight: 1,
-        }];
+        let mut cfg = config_over(dead);
         cfg.health_interval = Duration::MAX;
         cfg.breaker_failures = 1;
         let gone = start(&cfg).await;
@@ -2799,11 +2764,7 @@ fn a_backend_cutting_its_answers_short_is_counted_and_opens_its_breaker() {
     with_prometheus(|prometheus| async move {
         let endpoint = serve_metrics(prometheus).await;
         let (backend, _backend) = cutting_backend().await;
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.breaker_failures = 3;
         let gw = start(&cfg).await;
         let get = b"GET / HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n";
@@ -2862,11 +2823,7 @@ fn a_client_leaving_in_the_middle_of_a_body_counts_nothing_against_the_backend()
                 }
             }
         });
-        let mut cfg = config(&[]);
-        cfg.backends = vec![BackendSpec {
-            addr: backend,
-            weight: 1,
-        }];
+        let mut cfg = config_over(backend);
         cfg.breaker_failures = 1;
         let gw = start(&cfg).await;
         let mut client = TcpStream::connect(gw.addr).await.unwrap();
