@@ -1873,6 +1873,21 @@ mod tests {
         assert!(matches!(n, Poll::Ready(Ok(k)) if k == bytes.len()), "{n:?}");
     }
 
+    /// A client connected with an Authentication Method ([`CONNECT_AUTH`]), its CONNECT
+    /// read (whole: it goes to the broker first).
+    async fn authenticating() -> (tokio::io::DuplexStream, MqttIo<tokio::io::DuplexStream>) {
+        let (client, mut io) = connected_as(
+            &CONNECT_AUTH,
+            Config::new(),
+            64 * 1024,
+            IoOptions::default(),
+        );
+        let mut got = [0; CONNECT_AUTH.len()];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, CONNECT_AUTH);
+        (client, io)
+    }
+
     /// The broker's stream ends: `io` is shut down, as a proxy forwards the broker's EOF
     /// (within 60 s).
     async fn broker_closes(io: &mut MqttIo<tokio::io::DuplexStream>) {
@@ -2688,15 +2703,7 @@ mod tests {
     /// held AUTH is in front of it; the client's EOF waits for the broker's CONNACK.
     #[tokio::test(start_paused = true)]
     async fn a_client_gets_one_auth_through_per_auth_of_the_broker() {
-        let (mut client, mut io) = connected_as(
-            &CONNECT_AUTH,
-            Config::new(),
-            64 * 1024,
-            IoOptions::default(),
-        );
-        let mut got = [0; 20];
-        io.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, CONNECT_AUTH);
+        let (mut client, mut io) = authenticating().await;
         // Three AUTHs, then a DISCONNECT (normal disconnection).
         let auths: Vec<Vec<u8>> = (1..=3).map(|n| auth(n * 10)).collect();
         client.write_all(&auths.concat()).await.unwrap();
@@ -2737,13 +2744,7 @@ mod tests {
         assert_eq!(rest, [&auths[2][..], &[0xE0, 0x00]].concat());
 
         // With no AUTH held, a DISCONNECT is read at once, however far ahead the client is.
-        let (mut client, mut io) = connected_as(
-            &CONNECT_AUTH,
-            Config::new(),
-            64 * 1024,
-            IoOptions::default(),
-        );
-        io.read_exact(&mut got).await.unwrap();
+        let (mut client, mut io) = authenticating().await;
         client
             .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
             .await
@@ -2769,14 +2770,7 @@ mod tests {
     /// after the one it sent ahead of the broker and the broker's `writes` (three are
     /// sent; the others wait, held).
     async fn client_auths_read_after(writes: &[&[u8]]) -> usize {
-        let (mut client, mut io) = connected_as(
-            &CONNECT_AUTH,
-            Config::new(),
-            64 * 1024,
-            IoOptions::default(),
-        );
-        let mut got = [0; 20];
-        io.read_exact(&mut got).await.unwrap();
+        let (mut client, mut io) = authenticating().await;
         let ahead = auth(1);
         client.write_all(&ahead).await.unwrap();
         assert_eq!(read_once(&mut io, 8192).unwrap().unwrap(), ahead);
