@@ -6,7 +6,7 @@ use std::time::Duration;
 use aegis_core::error::label_of;
 use aegis_core::metrics::testing::run;
 use aegis_core::metrics::{self as m, testing};
-use aegis_core::proxy::{Proxy, ProxyError, Transferred};
+use aegis_core::proxy::{Proxy, ProxyError, Transfer, Transferred};
 use aegis_core::testing::dead_port;
 use aegis_core::{BoxError, Conn};
 use rand::RngCore;
@@ -432,4 +432,159 @@ async fn an_upstream_reset_after_its_first_byte_ends_the_transfer_without_a_shut
     let err = task.await.unwrap().unwrap_err();
     let pe = aegis_core::error::find::<ProxyError>(&*err).expect("a ProxyError");
     assert!(matches!(pe, ProxyError::UpstreamIo(_)), "{pe:?}");
+}
+
+/// A client with its accepted stream, and a connection to an upstream whose far end has
+/// sent `first` and then reset (zero linger), with the client's `request` sent after the
+/// reset. Returned once the runtime has seen both the request at the accepted stream and
+/// the reset at the upstream connection: a transfer made of them reads the request at
+/// its first poll (the client's direction is copied first) and finds the reset by
+/// writing it, before any read of the upstream.
+async fn reset_under_the_clients_request(
+    first: &[u8],
+    request: &[u8],
+) -> (TcpStream, TcpStream, TcpStream) {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (io, _) = front.accept().await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut far, _) = listener.accept().await.unwrap();
+    far.write_all(first).await.unwrap();
+    far.set_zero_linger().unwrap();
+    drop(far);
+    client.write_all(request).await.unwrap();
+    // (A fresh accepted stream is readable to the runtime before anything came.)
+    io.peek(&mut [0u8; 1]).await.unwrap();
+    // The socket's error, left for the transfer's write to take.
+    let ready = upstream.ready(tokio::io::Interest::ERROR).await.unwrap();
+    assert!(ready.is_error());
+    (client, io, upstream)
+}
+
+/// Transfers between the client's stream of [`reset_under_the_clients_request`], in an
+/// [`Answering`] stream, and its reset upstream; returns what the client got to its
+/// end, the transfer's error and the metrics.
+fn transferred_into_a_reset(
+    first: &'static [u8],
+    refuse: bool,
+) -> (Vec<u8>, ProxyError, metrics_util::debugging::Snapshotter) {
+    let ((got, err), snap) = run(false, || async {
+        let (mut client, io, upstream) = reset_under_the_clients_request(first, b"request").await;
+        let transfer = Transfer::new(Answering::new(io, b"unavailable", refuse), upstream, 0);
+        let err = tokio::time::timeout(Duration::from_secs(10), transfer)
+            .await
+            .expect("the transfer ended")
+            .unwrap_err();
+        let mut got = Vec::new();
+        // The client's stream was dropped with nothing of the client's unread: an end.
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the client's connection ended")
+            .unwrap();
+        (got, err)
+    });
+    (got, err, snap)
+}
+
+/// An upstream reset before its first byte, found by the write of the client's bytes
+/// (they came in the same wake-up as the reset): as for a reset found by a read, the
+/// client's stream is shut down, for a wrapper to answer, and the transfer returns the
+/// reset. The request is not counted as copied: it never reached the upstream.
+#[test]
+fn an_upstream_reset_found_by_the_write_before_its_first_byte_shuts_the_clients_stream_down() {
+    let (got, err, snap) = transferred_into_a_reset(b"", false);
+    assert_eq!(got, b"unavailable");
+    match err {
+        ProxyError::UpstreamIo(e) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let got = testing::capture(&snap);
+    let up = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "client_to_upstream")]);
+    let down = got.counter(m::PROXY_BYTES_TOTAL, &[("direction", "upstream_to_client")]);
+    assert_eq!((up, down), (0, 0));
+}
+
+/// As above, with a wrapper that reports its answer through its next read: the
+/// transfer's error is the wrapper's.
+#[test]
+fn after_an_upstream_reset_found_by_the_write_a_refusal_read_is_the_error() {
+    let (got, err, _) = transferred_into_a_reset(b"", true);
+    assert_eq!(got, b"unavailable");
+    match err {
+        ProxyError::ClientIo(e) => assert_eq!(e.to_string(), "refused"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An upstream that sent bytes and then reset, the bytes unread when the write of the
+/// client's bytes finds the reset: they reach the client, as a read would have found
+/// them before the reset, and then the transfer ends at once, as after the upstream's
+/// first byte (nothing is appended: the wrapper is not shut down).
+#[test]
+fn what_an_upstream_sent_before_a_reset_found_by_the_write_reaches_the_client_cut_short() {
+    let (got, err, _) = transferred_into_a_reset(b"partial", false);
+    assert_eq!(got, b"partial");
+    assert!(matches!(err, ProxyError::UpstreamIo(_)), "{err:?}");
+}
+
+/// The upstream resets while the client's bytes wait in the copy for it to take them
+/// (its buffers are full): the write finds the reset, and the client's stream is read
+/// once more after its shutdown, not the waiting bytes written to the reset upstream,
+/// so a refusal read is the transfer's error.
+#[tokio::test]
+async fn a_reset_under_waiting_client_bytes_still_reads_the_refusal() {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (io, _) = front.accept().await.unwrap();
+    // Small socket buffers at both ends of the upstream connection, and an upstream that
+    // reads nothing: the copy soon holds bytes it cannot write.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(4096).unwrap();
+    let upstream = sock.connect(listener.local_addr().unwrap()).await.unwrap();
+    let (far, _) = listener.accept().await.unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    // More than the upstream connection holds; it fails once the proxy is gone.
+    let upload = tokio::spawn(async move { writer.write_all(&random(1 << 20)).await });
+    io.peek(&mut [0u8; 1]).await.unwrap();
+    let mut transfer = std::pin::pin!(Transfer::new(
+        Answering::new(io, b"unavailable", true),
+        upstream,
+        0
+    ));
+    // Until the copy holds bytes that the upstream does not take.
+    std::future::poll_fn(|cx| {
+        assert!(transfer.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    far.set_zero_linger().unwrap();
+    drop(far);
+    let err = tokio::time::timeout(Duration::from_secs(10), transfer)
+        .await
+        .expect("the transfer ended")
+        .unwrap_err();
+    match err {
+        ProxyError::ClientIo(e) => assert_eq!(e.to_string(), "refused"),
+        other => panic!("{other:?}"),
+    }
+    let mut got = Vec::new();
+    // Closed with the upload unread: the reset may follow the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended");
+    assert_eq!(got, b"unavailable");
+    let _ = upload.await.unwrap();
 }

@@ -72,7 +72,7 @@ pub(crate) enum Side {
 ///
 /// Kept small (48 bytes): it lives in every proxied connection's task.
 #[derive(Debug)]
-#[allow(clippy::struct_excessive_bools)] // four independent flags; a bitset saves nothing here
+#[allow(clippy::struct_excessive_bools)] // five independent flags; a bitset saves nothing here
 pub(crate) struct Half {
     /// Heap buffer, present only while bytes wait to be written or data streams.
     buf: Option<Box<[u8]>>,
@@ -83,6 +83,8 @@ pub(crate) struct Half {
     read_done: bool,
     done: bool,
     need_flush: bool,
+    /// The reader's end is a reset: a read of nothing fails instead of ending the reads.
+    eof_is_reset: bool,
 }
 
 impl Half {
@@ -96,6 +98,7 @@ impl Half {
             read_done: false,
             done: false,
             need_flush: false,
+            eof_is_reset: false,
         }
     }
 
@@ -106,6 +109,21 @@ impl Half {
     /// Ends the reads, as at EOF: the next poll shuts the writer down.
     fn end_reads(&mut self) {
         self.read_done = true;
+    }
+
+    fn reads_ended(&self) -> bool {
+        self.read_done
+    }
+
+    /// From now on the reader's end fails as a reset (`ConnectionReset`, on the read
+    /// side) instead of shutting the writer down.
+    fn reset_at_eof(&mut self) {
+        self.eof_is_reset = true;
+    }
+
+    /// Whether nothing was read yet: nothing written, nothing waiting to be.
+    fn nothing_read(&self) -> bool {
+        self.total == 0 && (self.buf.is_none() || self.pos >= self.end)
     }
 
     pub(crate) fn total(&self) -> u64 {
@@ -152,6 +170,11 @@ impl Half {
         }
         self.report(bytes);
         Poll::Pending
+    }
+
+    /// The read error of a reader whose end is a reset.
+    fn reset() -> (Side, io::Error) {
+        (Side::Read, io::ErrorKind::ConnectionReset.into())
     }
 
     /// Copies from `r` to `w` until `r` reaches EOF, then shuts `w` down; the bytes are
@@ -216,6 +239,9 @@ impl Half {
                         self.pos = 0;
                         self.end = u32::try_from(n).unwrap_or(u32::MAX);
                         if n == 0 {
+                            if self.eof_is_reset {
+                                return Poll::Ready(Err(Self::reset()));
+                            }
                             self.read_done = true;
                         }
                     }
@@ -234,6 +260,9 @@ impl Half {
                 Poll::Ready(Ok(())) => rb.filled().len(),
             };
             if n == 0 {
+                if self.eof_is_reset {
+                    return Poll::Ready(Err(Self::reset()));
+                }
                 self.read_done = true;
                 continue;
             }
@@ -281,8 +310,12 @@ pin_project! {
     /// `aegis_mqtt`'s does, with "server unavailable") answers this one too, and the
     /// client's stream is read once more after it: a wrapper that reports why through
     /// its read (a refusal) gives the transfer's error. Otherwise the upstream's error
-    /// is returned. After the upstream's first byte a failed read ends the transfer at
-    /// once: the client's connection closes, with what it was sent cut short.
+    /// is returned. The same holds for a reset that the write of the client's bytes
+    /// finds first (they came with it): what the upstream sent before it reset is still
+    /// passed on, and if there was nothing, the client's stream is shut down; the
+    /// client's bytes are not counted as copied. After the upstream's first byte a
+    /// failure ends the transfer at once: the client's connection closes, with what it
+    /// was sent cut short.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
     pub struct Transfer<A, B> {
@@ -294,7 +327,8 @@ pin_project! {
         down: Half,
         bulk: u32,
         bytes: Handles<ByteCounters>,
-        // The upstream's read error, while the client's stream is shut down.
+        // The upstream's error before its first byte, while what it sent before it is
+        // read and the client's stream is shut down.
         upstream_failed: Option<io::Error>,
     }
 
@@ -350,18 +384,36 @@ where
         let mut this = self.project();
         let bulk = *this.bulk as usize;
         let bytes = this.bytes.get_or_register(ByteCounters::register);
-        if let Poll::Ready(Err((side, source))) = this.up.poll_copy(
-            cx,
-            bulk,
-            &bytes.to_upstream,
-            this.client.as_mut(),
-            this.upstream.as_mut(),
-        ) {
-            return Poll::Ready(Err(if side == Side::Read {
-                ProxyError::ClientIo(source)
-            } else {
-                ProxyError::UpstreamIo(source)
-            }));
+        // Once the upstream has failed before its first byte, the client's bytes have
+        // nowhere to go: they are no longer copied (the client's stream is read once
+        // more below, after its shutdown).
+        if this.upstream_failed.is_none() {
+            match this.up.poll_copy(
+                cx,
+                bulk,
+                &bytes.to_upstream,
+                this.client.as_mut(),
+                this.upstream.as_mut(),
+            ) {
+                Poll::Ready(Err((Side::Write, source))) if this.down.nothing_read() => {
+                    // The upstream failed under the client's bytes before anything of
+                    // its own was read (a reset that the write finds first, the client's
+                    // bytes having come in the same wake-up). What it sent before it
+                    // failed is still read and passed on, as a read would have found
+                    // it; its end is its reset (the write took the socket's error, and
+                    // the reads that follow end without one).
+                    *this.upstream_failed = Some(source);
+                    this.down.reset_at_eof();
+                }
+                Poll::Ready(Err((side, source))) => {
+                    return Poll::Ready(Err(if side == Side::Read {
+                        ProxyError::ClientIo(source)
+                    } else {
+                        ProxyError::UpstreamIo(source)
+                    }));
+                }
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
         }
         loop {
             match this.down.poll_copy(
@@ -372,19 +424,30 @@ where
                 this.client.as_mut(),
             ) {
                 Poll::Ready(Err((Side::Read, source)))
-                    if this.down.total() == 0 && this.upstream_failed.is_none() =>
+                    if this.down.nothing_read() && !this.down.reads_ended() =>
                 {
                     // Nothing of the upstream's reached the client: shut the client's
                     // stream down as at the upstream's EOF, for a wrapper to answer.
-                    *this.upstream_failed = Some(source);
+                    this.upstream_failed.get_or_insert(source);
                     this.down.end_reads();
                 }
                 Poll::Ready(Err((side, source))) => {
                     return Poll::Ready(Err(if side == Side::Write {
                         ProxyError::ClientIo(source)
                     } else {
-                        ProxyError::UpstreamIo(source)
+                        ProxyError::UpstreamIo(this.upstream_failed.take().unwrap_or(source))
                     }));
+                }
+                Poll::Pending if this.upstream_failed.is_some() && !this.down.reads_ended() => {
+                    // After the failed write, the upstream has nothing more to read now.
+                    // Its end is not waited for (a socket's comes at once, but another
+                    // stream's might never): with nothing of it read, the client's
+                    // stream is shut down; after its first byte, the transfer ends.
+                    if this.down.nothing_read() {
+                        this.down.end_reads();
+                    } else if let Some(source) = this.upstream_failed.take() {
+                        return Poll::Ready(Err(ProxyError::UpstreamIo(source)));
+                    }
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => break,
             }
@@ -393,14 +456,14 @@ where
             && let Some(source) = this.upstream_failed.take()
         {
             // The client's stream is shut down. One more read of it, for a wrapper that
-            // reports why it answered (the upstream's end is of no more use).
-            if let Poll::Ready(Err((Side::Read, e))) = this.up.poll_copy(
-                cx,
-                bulk,
-                &bytes.to_upstream,
-                this.client.as_mut(),
-                this.upstream.as_mut(),
-            ) {
+            // reports why it answered; what it reads is dropped (bytes of the client's
+            // still waiting for the upstream included: its end is of no more use).
+            let mut rest = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+            if let Poll::Ready(Err(e)) = this
+                .client
+                .as_mut()
+                .poll_read(cx, &mut ReadBuf::uninit(&mut rest))
+            {
                 return Poll::Ready(Err(ProxyError::ClientIo(e)));
             }
             return Poll::Ready(Err(ProxyError::UpstreamIo(source)));

@@ -9,8 +9,10 @@
 //!   first bytes unread) gets the client's side shut down as at its EOF, so that a
 //!   wrapper of the client's stream can answer in its place (`aegis_mqtt` answers
 //!   "server unavailable"); the service returns the upstream's error, or the error the
-//!   wrapper's next read gives. After the upstream's first byte a failed read closes
-//!   the client's connection at once, with what was sent cut short.
+//!   wrapper's next read gives. So does a reset found by the write of the client's
+//!   bytes (what the upstream sent before it is still passed on). After the upstream's
+//!   first byte a failure closes the client's connection at once, with what was sent
+//!   cut short.
 //! - **Bytes arrive exactly**, in order, and are counted per direction in
 //!   `aegis_proxy_bytes_total{direction}` and in the [`Transferred`] the service returns.
 //! - **An idle connection holds no copy buffer.** Each direction reads onto the stack
