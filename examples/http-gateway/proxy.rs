@@ -547,7 +547,8 @@ fn upstream_error(
 ///
 /// - the connection was opened before the call (the pool reused it) and has read no byte
 ///   since ([`ConnUse::unanswered_since`], from the error's `connect_info`): no answer
-///   began, so the backend did not start to serve the request;
+///   began, so the backend did not start to serve the request (any byte, a partial
+///   status line or a `100 Continue`, makes the close the backend's failure);
 /// - hyper says the connection ended: the end of the stream before a response
 ///   (`is_incomplete_message`), a canceled request, or a reset (`ECONNRESET`,
 ///   `EPIPE`, `ECONNABORTED`, a write to or read from a socket the backend closed with

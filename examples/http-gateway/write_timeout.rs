@@ -11,7 +11,8 @@
 //! backend connection and its task stayed until the backend read or closed, possibly
 //! for ever, one per such request.
 //!
-//! Each connection of a [`WriteTimeout`] connector is a [`WriteTimeoutIo`]: a write
+//! Each connection of a [`WriteTimeout`] connector is a [`WriteTimeoutIo`] (under the
+//! [`TokioIo`] that hyper reads and writes through): a write
 //! (`poll_write`, `poll_write_vectored`, `poll_flush`, `poll_shutdown`) that stays
 //! pending, with no write finished in between, for longer than its limit fails with
 //! [`io::ErrorKind::TimedOut`] (its source a [`WriteStalled`]), and hyper closes the
@@ -27,10 +28,12 @@
 //!
 //! Each connection also carries a [`ConnUse`] (in its [`Connected`] extras, which
 //! hyper-util's errors carry: `Error::connect_info`): [`stamp`]s of when it was opened
-//! and of its last two reads that returned, so that
+//! and of its last read that returned bytes, so that
 //! [`Upstream`](crate::proxy::Upstream) can tell a call that failed on a reused
 //! connection before any byte of its answer (the keep-alive race:
-//! [`ConnUse::unanswered_since`]).
+//! [`ConnUse::unanswered_since`]). It wraps the connector's stream below hyper's
+//! [`TokioIo`] because there a read shows how many bytes it returned (tokio's `ReadBuf`,
+//! filled before and after); hyper's `ReadBufCursor` does not, without `unsafe`.
 
 use std::error::Error;
 use std::fmt;
@@ -44,9 +47,10 @@ use std::time::Duration;
 
 use aegis_core::time::deadline;
 use hyper::Uri;
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -65,11 +69,11 @@ impl<C> WriteTimeout<C> {
     }
 }
 
-impl<C> Service<Uri> for WriteTimeout<C>
+impl<C, I> Service<Uri> for WriteTimeout<C>
 where
-    C: Service<Uri>,
+    C: Service<Uri, Response = TokioIo<I>>,
 {
-    type Response = WriteTimeoutIo<C::Response>;
+    type Response = TokioIo<WriteTimeoutIo<I>>;
     type Error = C::Error;
     type Future = ResponseFuture<C::Future>;
 
@@ -86,7 +90,7 @@ where
 }
 
 pin_project! {
-    /// A connection on its way: the inner connector's, then wrapped in a
+    /// A connection on its way: the inner connector's, then its stream wrapped in a
     /// [`WriteTimeoutIo`].
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
@@ -99,16 +103,16 @@ pin_project! {
 
 impl<F, I, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<I, E>>,
+    F: Future<Output = Result<TokioIo<I>, E>>,
 {
-    type Output = Result<WriteTimeoutIo<I>, E>;
+    type Output = Result<TokioIo<WriteTimeoutIo<I>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let limit = *this.limit;
         this.inner
             .poll(cx)
-            .map(|io| io.map(|io| WriteTimeoutIo::new(io, limit)))
+            .map(|io| io.map(|io| TokioIo::new(WriteTimeoutIo::new(io.into_inner(), limit))))
     }
 }
 
@@ -122,32 +126,28 @@ pub fn stamp() -> u64 {
     EVENTS.fetch_add(1, Ordering::SeqCst)
 }
 
-/// What a connection's reads tell of its use: when it was opened, and its last two
-/// reads that returned (data or the end of the stream), as [`stamp`]s. Shared by the
-/// connection and its [`Connected`] info.
+/// What a connection's reads tell of its use: when it was opened, and its last read that
+/// returned bytes, as [`stamp`]s. Shared by the connection and its [`Connected`] info.
 #[derive(Debug, Clone)]
 pub struct ConnUse(Arc<Stamps>);
 
 #[derive(Debug)]
 struct Stamps {
     opened: u64,
-    last_read: AtomicU64,
-    previous_read: AtomicU64,
+    bytes_read: AtomicU64,
 }
 
 impl ConnUse {
     fn new() -> Self {
         Self(Arc::new(Stamps {
             opened: stamp(),
-            last_read: AtomicU64::new(0),
-            previous_read: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
         }))
     }
 
-    /// A read into a non-empty buffer returned `Ok`: bytes, or the end of the stream.
-    fn read(&self) {
-        let last = self.0.last_read.swap(stamp(), Ordering::SeqCst);
-        self.0.previous_read.store(last, Ordering::SeqCst);
+    /// A read returned bytes (not the end of the stream, nor an error).
+    fn read_bytes(&self) {
+        self.0.bytes_read.store(stamp(), Ordering::SeqCst);
     }
 
     /// The `ConnUse` of the connection `connected` describes, if it is one of a
@@ -160,18 +160,20 @@ impl ConnUse {
 
     /// Whether the connection was opened before `start` (a call's [`stamp`]: the pool
     /// gave the call a connection that had served before) and has read no byte since:
-    /// at most one read returned after `start`, and it was the last. A read of bytes and
-    /// one of the end are two; a read that failed (a reset) is none; after the end of
-    /// the stream hyper reads no more. So a call that failed on this connection failed
-    /// before any byte of its answer came.
+    /// no read that returned bytes happened after `start` (the end of the stream and a
+    /// failed read, a reset, return none). So a call that failed on this connection
+    /// failed before any byte of its answer came. (A read of the previous answer that
+    /// raced `start` may count as one since: the call is then the backend's failure,
+    /// as every call that failed after part of its answer is.)
     pub fn unanswered_since(&self, start: u64) -> bool {
-        self.0.opened < start && self.0.previous_read.load(Ordering::SeqCst) < start
+        self.0.opened < start && self.0.bytes_read.load(Ordering::SeqCst) < start
     }
 }
 
 pin_project! {
     /// A connection whose writes fail once they have waited longer than a limit without
-    /// progress. Reads pass through. See the [module docs](self).
+    /// progress. Reads pass through, those that return bytes noted in its [`ConnUse`].
+    /// See the [module docs](self).
     #[derive(Debug)]
     pub struct WriteTimeoutIo<I> {
         #[pin]
@@ -228,23 +230,23 @@ fn check<T>(
     Poll::Pending
 }
 
-impl<I: Read> Read for WriteTimeoutIo<I> {
+impl<I: AsyncRead> AsyncRead for WriteTimeoutIo<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        let room = buf.remaining() > 0;
+        let filled = buf.filled().len();
         let poll = this.io.poll_read(cx, buf);
-        if room && matches!(poll, Poll::Ready(Ok(()))) {
-            this.conn_use.read();
+        if buf.filled().len() > filled {
+            this.conn_use.read_bytes();
         }
         poll
     }
 }
 
-impl<I: Write> Write for WriteTimeoutIo<I> {
+impl<I: AsyncWrite> AsyncWrite for WriteTimeoutIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -305,20 +307,19 @@ impl Error for WriteStalled {}
 
 #[cfg(test)]
 mod tests {
-    use hyper_util::rt::TokioIo;
-    use tokio::io::{AsyncReadExt, DuplexStream};
+    use hyper::rt::{Read, Write};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
     const LIMIT: Duration = Duration::from_secs(5);
 
     /// A [`WriteTimeoutIo`] over one end of a pipe that holds 64 bytes, filled up.
-    async fn full_pipe() -> (
-        Pin<Box<WriteTimeoutIo<TokioIo<DuplexStream>>>>,
-        DuplexStream,
-    ) {
+    async fn full_pipe() -> (Pin<Box<WriteTimeoutIo<DuplexStream>>>, DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(64);
-        let mut io = Box::pin(WriteTimeoutIo::new(TokioIo::new(ours), LIMIT));
+        let mut io = Box::pin(WriteTimeoutIo::new(ours, LIMIT));
         let n = std::future::poll_fn(|cx| io.as_mut().poll_write(cx, &[0; 64]))
             .await
             .unwrap();
@@ -326,9 +327,93 @@ mod tests {
         (io, theirs)
     }
 
-    fn write(io: &mut Pin<Box<WriteTimeoutIo<TokioIo<DuplexStream>>>>) -> Poll<io::Result<usize>> {
+    fn write(io: &mut Pin<Box<WriteTimeoutIo<DuplexStream>>>) -> Poll<io::Result<usize>> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         io.as_mut().poll_write(&mut cx, b"x")
+    }
+
+    /// A connection of a [`WriteTimeout`] connector to a loopback listener, its
+    /// [`ConnUse`], and the listener's end.
+    async fn connection() -> (impl Read + Write + Unpin, ConnUse, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let mut connector = WriteTimeout::new(HttpConnector::new(), LIMIT);
+        let io = connector.call(uri.parse().unwrap()).await.unwrap();
+        let conn_use = ConnUse::of(&io.connected()).unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        (io, conn_use, peer)
+    }
+
+    /// One read of `io` through hyper's `Read`, as hyper's client reads: how many bytes.
+    async fn read(io: &mut (impl Read + Unpin)) -> io::Result<usize> {
+        let mut mem = [std::mem::MaybeUninit::uninit(); 64];
+        let mut buf = hyper::rt::ReadBuf::uninit(&mut mem);
+        std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, buf.unfilled())).await?;
+        Ok(buf.filled().len())
+    }
+
+    /// A connection that served one answer, read whole: what the pool reuses.
+    async fn reused() -> (impl Read + Write + Unpin, ConnUse, TcpStream) {
+        let (mut io, conn_use, mut peer) = connection().await;
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+        peer.write_all(answer).await.unwrap();
+        let mut got = 0;
+        while got < answer.len() {
+            got += read(&mut io).await.unwrap();
+        }
+        (io, conn_use, peer)
+    }
+
+    /// A backend that sent part of its answer on a reused connection and then reset it
+    /// was taken for the keep-alive race (a call failed before any byte of its answer):
+    /// a read of data and the reset's failed read made one read that returned, as a
+    /// lone end of stream does.
+    #[tokio::test]
+    async fn a_read_of_data_then_a_reset_is_an_answer() {
+        for part in [
+            &b"HTTP/1.1 200 OK\r\nContent-Le"[..],
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+        ] {
+            let (mut io, conn_use, mut peer) = reused().await;
+            let start = stamp();
+            assert!(conn_use.unanswered_since(start), "nothing read yet");
+            peer.write_all(part).await.unwrap();
+            peer.set_zero_linger().unwrap();
+            drop(peer);
+            assert_eq!(read(&mut io).await.unwrap(), part.len());
+            let part = String::from_utf8_lossy(part);
+            assert!(!conn_use.unanswered_since(start), "{part:?} read");
+            let e = read(&mut io).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+            assert!(
+                !conn_use.unanswered_since(start),
+                "{part:?}, then the reset"
+            );
+        }
+    }
+
+    /// A reused connection closed or reset before any byte since the call is
+    /// unanswered; a connection opened after the call is not (it was not reused).
+    #[tokio::test]
+    async fn a_close_or_reset_before_any_byte_is_unanswered() {
+        for reset in [false, true] {
+            let (mut io, conn_use, peer) = reused().await;
+            let start = stamp();
+            if reset {
+                peer.set_zero_linger().unwrap();
+            }
+            drop(peer);
+            match read(&mut io).await {
+                Ok(n) => assert!(!reset && n == 0, "reset {reset}: {n} bytes"),
+                Err(e) => assert!(reset, "{e}"),
+            }
+            assert!(conn_use.unanswered_since(start), "reset {reset}");
+        }
+        let start = stamp();
+        let (mut io, conn_use, peer) = connection().await;
+        drop(peer);
+        assert_eq!(read(&mut io).await.unwrap(), 0);
+        assert!(!conn_use.unanswered_since(start), "a new connection");
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

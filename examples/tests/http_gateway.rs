@@ -1227,6 +1227,88 @@ fn a_reused_connection_closed_before_any_answer_does_not_count_against_the_break
     });
 }
 
+/// A raw keep-alive backend: the first request on each connection is answered `200`
+/// in full (kept alive); the second one gets `part`, the start of an answer, and then a
+/// reset (`SO_LINGER` 0). `/healthz` is answered `200` and closed.
+async fn partly_answering_backend(part: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut tasks = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tasks.spawn(async move {
+                for n in 0..2 {
+                    let head = read_head(&mut stream).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if head.starts_with(b"GET /healthz ") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    let answer: &[u8] = if n == 0 {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+                    } else {
+                        part
+                    };
+                    let _ = stream.write_all(answer).await;
+                }
+                stream.set_zero_linger().unwrap();
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A backend that began its answer on a reused keep-alive connection (part of the
+/// status line and headers, or a `100 Continue`) and then reset it was labelled
+/// `stale_connection`, the keep-alive race, which its breaker ignores: the connection
+/// use counted the reads that returned after the call, and a read of data followed by
+/// a reset was one, as a lone end of stream is. Only an answer of no byte at all is the
+/// race; this one is the backend's failure (`failed`, its breaker counts it).
+#[test]
+fn a_reused_connection_reset_after_part_of_an_answer_counts_against_the_breaker() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let parts: [&'static [u8]; 2] = [
+            b"HTTP/1.1 200 OK\r\nContent-Le",
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+        ];
+        for part in parts {
+            let what = String::from_utf8_lossy(part);
+            let (backend, _backend) = partly_answering_backend(part).await;
+            let mut cfg = config_over(backend);
+            cfg.health_interval = Duration::MAX;
+            cfg.breaker_failures = 1;
+            let gw = start(&cfg).await;
+            // A new connection is served in full; a reused one gets `part` and a reset
+            // (when the pool has it back before the next request comes, as it mostly
+            // has).
+            let mut cut = false;
+            for i in 0..40 {
+                let status = status_of(gw.addr, "/").await;
+                if status == StatusCode::BAD_GATEWAY {
+                    cut = true;
+                    break;
+                }
+                assert_eq!(status, StatusCode::OK, "{what:?}, {i}");
+            }
+            assert!(cut, "{what:?}: the pool reused no connection");
+            assert_eq!(
+                gw.breakers[0].state(),
+                CircuitState::Open,
+                "{what:?}: counted against the breaker"
+            );
+        }
+        let text = scrape(endpoint).await;
+        let errors = by_reason(&text, "aegis_http_backend_errors_total", "");
+        assert_eq!(errors.get("stale_connection"), None, "/metrics:\n{text}");
+        assert_eq!(errors.get("failed"), Some(&2), "/metrics:\n{text}");
+    });
+}
+
 /// The pool kept an idle backend connection 30 s, longer than most backends keep one
 /// (5 s for Node.js, uvicorn, Apache httpd), so requests after a pause met the
 /// backend's close. It keeps one `backend_idle_timeout`, 4 s by default, then connects
