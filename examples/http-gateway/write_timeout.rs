@@ -118,16 +118,28 @@ where
 
 /// The sequence of the events [`ConnUse`] compares: one counter for the process, so
 /// that events on different tasks and threads are ordered (a clock can read the same
-/// twice, and does when paused).
+/// twice, and does when paused). A call and a connection's opening add to it
+/// ([`stamp`]); a read of bytes only loads it ([`ConnUse::read_bytes`]), so the reads,
+/// the hot path, leave its cache line shared.
+///
+/// `Relaxed` is enough: every access to one atomic, whatever its ordering, has its place
+/// in that atomic's one modification order, and that order agrees with happens-before
+/// (coherence). So an event that happens after a [`stamp`] `s` (a read of the answer to
+/// a call: the request was written after the call's stamp, and handed to the
+/// connection's task through hyper's channel) sees more than `s`, and one that happens
+/// before it sees `s` at most. Events that neither happens before the other are a race
+/// either way; the stamps order no other memory.
 static EVENTS: AtomicU64 = AtomicU64::new(1);
 
-/// The next event's number, greater than every earlier one's.
+/// The next event's number, greater than every earlier one's, and than every value of
+/// the counter an event that happened before it saw.
 pub fn stamp() -> u64 {
-    EVENTS.fetch_add(1, Ordering::SeqCst)
+    EVENTS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// What a connection's reads tell of its use: when it was opened, and its last read that
-/// returned bytes, as [`stamp`]s. Shared by the connection and its [`Connected`] info.
+/// What a connection's reads tell of its use: when it was opened (a [`stamp`]), and its
+/// last read that returned bytes (the counter's value then: more than the stamp of a
+/// call it happened after). Shared by the connection and its [`Connected`] info.
 #[derive(Debug, Clone)]
 pub struct ConnUse(Arc<Stamps>);
 
@@ -145,9 +157,13 @@ impl ConnUse {
         }))
     }
 
-    /// A read returned bytes (not the end of the stream, nor an error).
+    /// A read returned bytes (not the end of the stream, nor an error). Only the
+    /// connection's task reads, one read after another, so the values stored grow.
+    /// `Relaxed`: the caller that looks ([`Self::unanswered_since`]) has the error from
+    /// that task through hyper's channel, which makes the store happen before its load.
     fn read_bytes(&self) {
-        self.0.bytes_read.store(stamp(), Ordering::SeqCst);
+        let now = EVENTS.load(Ordering::Relaxed);
+        self.0.bytes_read.store(now, Ordering::Relaxed);
     }
 
     /// The `ConnUse` of the connection `connected` describes, if it is one of a
@@ -160,13 +176,14 @@ impl ConnUse {
 
     /// Whether the connection was opened before `start` (a call's [`stamp`]: the pool
     /// gave the call a connection that had served before) and has read no byte since:
-    /// no read that returned bytes happened after `start` (the end of the stream and a
-    /// failed read, a reset, return none). So a call that failed on this connection
-    /// failed before any byte of its answer came. (A read of the previous answer that
-    /// raced `start` may count as one since: the call is then the backend's failure,
-    /// as every call that failed after part of its answer is.)
+    /// no read that returned bytes happened after `start` (the last one saw the counter
+    /// at `start` at most; the end of the stream and a failed read, a reset, return no
+    /// bytes). So a call that failed on this connection failed before any byte of its
+    /// answer came. (A read of the previous answer that raced `start` may count as one
+    /// since: the call is then the backend's failure, as every call that failed after
+    /// part of its answer is.)
     pub fn unanswered_since(&self, start: u64) -> bool {
-        self.0.opened < start && self.0.bytes_read.load(Ordering::SeqCst) < start
+        self.0.opened < start && self.0.bytes_read.load(Ordering::Relaxed) <= start
     }
 }
 
