@@ -759,6 +759,131 @@ async fn failures_only_lets_reported_outcomes_decide() {
     assert_eq!(circuit.state(), CircuitState::Open);
 }
 
+/// The breaker of the marks tests: two failures in a row trip it, for 10 s; one probe
+/// at a time, which closes it alone; a probe fails after 3 s.
+fn marked_layer() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(2))
+        .open_for(Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(3))
+        .half_open_permits(1)
+        .success_threshold(1)
+        .build()
+}
+
+/// An outcome recorded against a mark taken while closed (a download begun while the
+/// backend was healthy) counts nothing once the circuit has opened and gone half-open:
+/// its success does not close the circuit with no probe sent, nor its failure re-open
+/// it. Recorded without the mark, a client holding such downloads closed a recovering
+/// circuit for each one it dropped.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_mark_taken_while_closed_counts_nothing_once_the_circuit_changed() {
+    let layer = marked_layer();
+    let circuit = layer.handle();
+    let closed = circuit.mark();
+    circuit.record_failure();
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Open);
+    // While open: nothing, as ever.
+    circuit.record_success_since(closed);
+    assert_eq!(circuit.state(), CircuitState::Open);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+
+    circuit.record_success_since(closed);
+    assert_eq!(
+        circuit.state(),
+        CircuitState::HalfOpen,
+        "closed by no probe"
+    );
+    circuit.record_failure_since(closed);
+    assert_eq!(
+        circuit.state(),
+        CircuitState::HalfOpen,
+        "re-opened by no probe"
+    );
+
+    // A mark of this half-open period counts: its success closes the circuit...
+    let half_open = circuit.mark();
+    circuit.record_success_since(half_open);
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // ...and then neither it nor the first closed period's mark counts in the new closed
+    // period: two failures would trip it.
+    circuit.record_failure_since(half_open);
+    circuit.record_failure_since(closed);
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+/// A mark of the state the circuit is still in counts as `record_success` and
+/// `record_failure` do: while closed, a success resets the failure run and a failure
+/// trips the circuit; while half-open, a failure re-opens it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_mark_of_the_current_state_counts() {
+    let layer = marked_layer();
+    let circuit = layer.handle();
+    let mark = circuit.mark();
+    circuit.record_failure();
+    circuit.record_success_since(mark); // resets the run
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    circuit.record_failure_since(mark);
+    assert_eq!(circuit.state(), CircuitState::Open);
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    let half_open = circuit.mark();
+    circuit.record_failure_since(half_open);
+    assert_eq!(circuit.state(), CircuitState::Open, "a failed probe");
+    // The next half-open period is another state: that mark is spent.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    circuit.record_success_since(half_open);
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+}
+
+/// A half-open period whose probe passed its timeout unnoticed (nobody looked) is over:
+/// the outcome recorded against its mark sees the clock first, as a call's own outcome
+/// does, and the probe's failure re-opens the circuit rather than the late success
+/// closing it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_mark_sees_a_probe_timed_out_before_it_counts() {
+    let layer = marked_layer();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    circuit.record_failure();
+    circuit.record_failure();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    let mark = circuit.mark();
+    let _probe = svc.ready().await.unwrap().call(()); // never answered
+    let _request = next_request(&mut handle);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    circuit.record_success_since(mark);
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+/// A forced state changes the state: a mark taken before it counts nothing after the
+/// release, and nothing counts while forced.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_mark_counts_nothing_across_a_forced_state() {
+    let layer = marked_layer();
+    let circuit = layer.handle();
+    let before = circuit.mark();
+    circuit.force_closed();
+    let forced = circuit.mark();
+    circuit.record_failure_since(forced);
+    circuit.record_failure_since(forced);
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    circuit.release();
+    circuit.record_failure_since(before);
+    circuit.record_failure_since(forced);
+    circuit.record_failure();
+    assert_eq!(circuit.state(), CircuitState::Closed);
+}
+
 #[test]
 fn failures_only_ignores_successes_and_classifies_errors_as_the_default_does() {
     let ok: Result<&(), &(dyn Error + 'static)> = Ok(&());

@@ -65,6 +65,12 @@
 //! tested. A failure the protocol sees later (its own timeout for the server's answer)
 //! is reported with [`CircuitHandle::record_failure`].
 //!
+//! An outcome known only well after its call (a response body that fails or ends
+//! minutes after its head) is best recorded against a [`Mark`] taken at the call
+//! ([`CircuitHandle::mark`], [`CircuitHandle::record_success_since`],
+//! [`CircuitHandle::record_failure_since`]): like a call's own outcome, it is ignored if
+//! the circuit changed state in between.
+//!
 //! # One circuit per backend
 //!
 //! One [`CircuitBreakerLayer`] is one circuit: every service it builds and every clone
@@ -136,4 +142,6 @@ pub use self::classify::{
 pub use self::io::FirstRead;
 pub use self::layer::{Builder, CircuitBreakerLayer, FirstReadLayer, MAX_WINDOW};
 pub use self::service::{CircuitBreaker, FirstReadBreaker};
-pub use self::state::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState};
+pub use self::state::{
+    CIRCUIT_STATE, CIRCUIT_TRANSITIONS_TOTAL, CircuitHandle, CircuitState, Mark,
+};

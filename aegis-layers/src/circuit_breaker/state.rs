@@ -370,37 +370,40 @@ impl Shared {
         }
     }
 
-    /// A failure reported outside any call: counted as a failed call of the current state
-    /// (closed: towards the trips; half-open: as a failed probe, re-opening); ignored while
-    /// open or forced.
-    fn record_failure(&self) {
+    /// An outcome reported outside any call (`failed`, or a success): counted as a call
+    /// of the current state that failed (closed: towards the trips; half-open: as a
+    /// failed probe, re-opening) or succeeded (closed: resets the consecutive count and
+    /// enters the failure-rate window; half-open: towards the success threshold, closing
+    /// the circuit when reached); ignored while open or forced.
+    ///
+    /// With `since`, a [`Mark`]'s generation, only if the circuit is still in the state it
+    /// was in then: the clock is looked at first (a half-open probe past its deadline
+    /// re-opens the circuit, an open circuit whose time is up goes half-open), as for the
+    /// outcome of an admitted call.
+    fn record_reported(&self, failed: bool, since: Option<u64>) {
         let mut guard = self.machine.lock();
         let m = &mut *guard;
         if m.forced.is_some() {
             return;
         }
-        match m.phase {
-            Phase::Closed => self.fail_closed(m),
-            Phase::HalfOpen { .. } => self.open(m),
-            Phase::Open { .. } => {}
+        if let Some(generation) = since {
+            self.poll_timer(m);
+            if m.generation != generation {
+                return; // an outcome of an earlier state
+            }
+        }
+        match (&m.phase, failed) {
+            (Phase::Closed, true) => self.fail_closed(m),
+            (Phase::Closed, false) => self.succeed_closed(m),
+            (Phase::HalfOpen { .. }, true) => self.open(m),
+            (Phase::HalfOpen { .. }, false) => self.probe_succeeded(m),
+            (Phase::Open { .. }, _) => {}
         }
     }
 
-    /// A success reported outside any call: counted as a successful call of the current
-    /// state (closed: resets the consecutive count and enters the failure-rate window;
-    /// half-open: towards the success threshold, closing the circuit when reached);
-    /// ignored while open or forced.
-    fn record_success(&self) {
-        let mut guard = self.machine.lock();
-        let m = &mut *guard;
-        if m.forced.is_some() {
-            return;
-        }
-        match m.phase {
-            Phase::Closed => self.succeed_closed(m),
-            Phase::HalfOpen { .. } => self.probe_succeeded(m),
-            Phase::Open { .. } => {}
-        }
+    /// The generation of the circuit now: it changes with every change of state.
+    fn generation(&self) -> u64 {
+        self.word.load(Ordering::Acquire) >> 2
     }
 
     fn push(&self, m: &mut Machine, failed: bool) {
@@ -479,7 +482,7 @@ fn state_of(phase: &Phase) -> CircuitState {
 impl Guard {
     /// Whether the circuit changed state since this admission was made.
     pub(crate) fn is_stale(&self) -> bool {
-        self.shared.word.load(Ordering::Acquire) >> 2 != self.generation
+        self.shared.generation() != self.generation
     }
 
     /// Records the outcome of the completed call.
@@ -583,7 +586,7 @@ impl CircuitHandle {
     /// between these failures (connects that succeed, each followed later by a failure),
     /// only the failure rate can trip.
     pub fn record_failure(&self) {
-        self.shared.record_failure();
+        self.shared.record_reported(true, None);
     }
 
     /// Records a success of the inner service seen outside a call: the counterpart of
@@ -599,6 +602,78 @@ impl CircuitHandle {
     /// [`success_threshold`](super::Builder::success_threshold) and closes the circuit
     /// when that is reached. While open or forced it is ignored.
     pub fn record_success(&self) {
-        self.shared.record_success();
+        self.shared.record_reported(false, None);
     }
+
+    /// The circuit's state now, as a [`Mark`] to record an outcome against later with
+    /// [`record_success_since`](Self::record_success_since) or
+    /// [`record_failure_since`](Self::record_failure_since).
+    ///
+    /// Take it when the work whose outcome comes later begins: right after the breaker
+    /// admitted the call (in the inner service's `call`, say), for a response whose
+    /// body, read long after, is the real verdict.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreakerLayer::builder("upstream")
+    ///     .consecutive_failures(Some(1))
+    ///     .open_for(Duration::from_secs(10))
+    ///     .build();
+    /// let circuit = breaker.handle();
+    ///
+    /// // A download starts while the circuit is closed...
+    /// let download = circuit.mark();
+    /// // ...other calls fail meanwhile, the circuit opens, and after `open_for` it is
+    /// // half-open, waiting for a probe to succeed.
+    /// circuit.record_failure();
+    /// tokio::time::sleep(Duration::from_secs(10)).await;
+    /// assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    ///
+    /// // The old download's end says nothing of the backend now: ignored.
+    /// circuit.record_success_since(download);
+    /// assert_eq!(circuit.state(), CircuitState::HalfOpen);
+    ///
+    /// // A probe's download, marked now, decides.
+    /// let probe = circuit.mark();
+    /// circuit.record_success_since(probe);
+    /// assert_eq!(circuit.state(), CircuitState::Closed);
+    /// # }
+    /// ```
+    pub fn mark(&self) -> Mark {
+        Mark {
+            generation: self.shared.generation(),
+        }
+    }
+
+    /// [`record_success`](Self::record_success), only if the circuit has not changed
+    /// state since `mark` was taken ([`mark`](Self::mark)): a success of work begun in
+    /// an earlier state (closed before the circuit opened, or an earlier half-open
+    /// period) says nothing of the state now, and is ignored, as the outcome of a call
+    /// admitted in an earlier state is. Ignored too while open or forced.
+    ///
+    /// Without the mark, a download begun while the backend was healthy and ended after
+    /// its circuit went half-open closed the circuit with no probe ever sent.
+    pub fn record_success_since(&self, mark: Mark) {
+        self.shared.record_reported(false, Some(mark.generation));
+    }
+
+    /// [`record_failure`](Self::record_failure), only if the circuit has not changed
+    /// state since `mark` was taken ([`mark`](Self::mark)); ignored otherwise, and while
+    /// open or forced, as [`record_success_since`](Self::record_success_since) is.
+    pub fn record_failure_since(&self, mark: Mark) {
+        self.shared.record_reported(true, Some(mark.generation));
+    }
+}
+
+/// The state of one circuit at a moment ([`CircuitHandle::mark`]): an outcome recorded
+/// against it ([`CircuitHandle::record_success_since`],
+/// [`CircuitHandle::record_failure_since`]) counts only if the circuit has not changed
+/// state since. Opaque and `Copy`; meaningful only to the circuit that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    generation: u64,
 }
