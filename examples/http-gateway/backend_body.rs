@@ -9,9 +9,8 @@
 //!
 //! - **The success of an answer with a body is the body's**: [`Upstream`] gives the
 //!   body a [`Verdict::Pending`], the classifier ([`GatewayClassifier`]) ignores the
-//!   head, and the body records the success on the breaker once it ends, or is dropped
-//!   (the client went away: nothing showed the backend failing). A body error from the
-//!   backend records a failure instead, once, and counts
+//!   head, and the body records the success on the breaker once it ends. A body error
+//!   from the backend records a failure instead, once, and counts
 //!   `aegis_http_backend_errors_total{reason="truncated"}`. (Recorded at the head, the
 //!   success reset the consecutive-failure count before each body's failure, and a
 //!   backend truncating every answer never reached the threshold.)
@@ -19,6 +18,19 @@
 //!   `504` of the backend's own was a failure at the head, and its truncated body is
 //!   counted in the metric only; another `5xx`, ignored at the head, records a failure
 //!   if its body fails ([`Verdict::FailOnly`]).
+//! - **Only in the breaker's state of the call**: the outcome is recorded against the
+//!   [`Mark`] [`Upstream`] took when the breaker admitted the call
+//!   ([`CircuitHandle::record_success_since`]), and is ignored if the circuit changed
+//!   state since, as the outcome of a call admitted in an earlier state is. A download
+//!   begun while the circuit was closed says nothing of the backend once the circuit
+//!   has opened: recorded as it was (`record_success`, whatever the state), each such
+//!   download a client held and then dropped closed a half-open circuit with no probe
+//!   ever reaching the backend.
+//! - **A dropped body is a cancellation**: the client went away, or its timeout fired,
+//!   before the end; nothing showed the backend failing, nor succeeding, so nothing is
+//!   recorded. (Recorded as a success, it reset the consecutive-failure count: a client
+//!   that gave up on a hung download after every four `503`s kept a backend failing
+//!   every request in rotation.)
 //! - **The client's doing is not counted**: an error while the client's request body
 //!   has not gone out whole ([`Progress::sent`]) may be hyper closing the connection
 //!   because that body failed or stalled ([`crate::client_body`]), so it records
@@ -29,8 +41,8 @@
 //! chunk).
 //!
 //! The wrapper is the boxed body's only allocation; it holds the call's [`Progress`] and
-//! its breaker's [`CircuitHandle`] (reference counts, no allocation), and counts with the
-//! `metrics` macro only on the error path.
+//! its breaker's [`CircuitHandle`] and [`Mark`] (a reference count and a number, no
+//! allocation), and counts with the `metrics` macro only on the error path.
 //!
 //! [`Upstream`]: crate::proxy::Upstream
 //! [`GatewayClassifier`]: crate::proxy::GatewayClassifier
@@ -38,7 +50,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use aegis_layers::circuit_breaker::CircuitHandle;
+use aegis_layers::circuit_breaker::{CircuitHandle, Mark};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
@@ -49,8 +61,8 @@ use crate::refusal::{BackendError, count_backend_error};
 /// What a [`BackendBody`] still has to tell its breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The head was a success left to the body: a success when it ends or is dropped, a
-    /// failure if the backend fails it.
+    /// The head was a success left to the body: a success when it ends, a failure if
+    /// the backend fails it, nothing if it is dropped.
     Pending,
     /// The head was ignored: a failure if the backend fails the body, else nothing.
     FailOnly,
@@ -60,32 +72,27 @@ pub enum Verdict {
 }
 
 pin_project! {
-    /// A backend's response body: see the [module docs](self).
+    /// A backend's response body (hyper's [`Incoming`]; another body in the tests): see
+    /// the [module docs](self). Dropped before its end it records nothing.
     #[derive(Debug)]
     #[project = BackendBodyProj]
-    pub struct BackendBody {
+    pub struct BackendBody<B = Incoming> {
         #[pin]
-        inner: Incoming,
+        inner: B,
         progress: Progress,
-        breaker: Option<CircuitHandle>,
+        breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
-    }
-
-    impl PinnedDrop for BackendBody {
-        fn drop(this: Pin<&mut Self>) {
-            // Dropped before its end: the client went away, or stopped reading.
-            this.project().settle(false);
-        }
     }
 }
 
-impl BackendBody {
+impl<B: Body> BackendBody<B> {
     /// `inner`, of the call whose client's body is `progress`, judged for `breaker`
-    /// (`None`: nothing to tell; the error is still counted) as `verdict` says.
+    /// against the [`Mark`] taken when it admitted the call (`None`: nothing to tell;
+    /// the error is still counted) as `verdict` says.
     pub fn new(
-        inner: Incoming,
+        inner: B,
         progress: Progress,
-        breaker: Option<CircuitHandle>,
+        breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
     ) -> Self {
         let verdict = if breaker.is_some() && !inner.is_end_stream() {
@@ -108,29 +115,34 @@ impl BackendBody {
     }
 }
 
-impl BackendBodyProj<'_> {
-    /// Tells the breaker how the body ended, once: `failed` by the backend, or not.
+impl<B> BackendBodyProj<'_, B> {
+    /// Tells the breaker how the body ended, once: `failed` by the backend, or not; only
+    /// if the circuit is still in the state of the call's mark.
     fn settle(&mut self, failed: bool) {
         let verdict = std::mem::replace(self.verdict, Verdict::Done);
-        let Some(breaker) = self.breaker.as_ref() else {
+        let Some((breaker, mark)) = self.breaker.as_ref() else {
             return;
         };
         match (verdict, failed) {
-            (Verdict::Pending | Verdict::FailOnly, true) => breaker.record_failure(),
-            (Verdict::Pending, false) => breaker.record_success(),
+            (Verdict::Pending | Verdict::FailOnly, true) => breaker.record_failure_since(*mark),
+            (Verdict::Pending, false) => breaker.record_success_since(*mark),
             (Verdict::FailOnly, false) | (Verdict::Done, _) => {}
         }
     }
 }
 
-impl Body for BackendBody {
+impl<B> Body for BackendBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         let poll = this.inner.as_mut().poll_frame(cx);
         match &poll {
@@ -159,5 +171,102 @@ impl Body for BackendBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    use http_body_util::Empty;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::client_body::ClientBody;
+
+    /// A backend's body that plays a script: `Some(chunk)` is a frame, `None` a pending
+    /// poll; it ends after its last frame.
+    struct Script(VecDeque<Option<&'static str>>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            match self.0.pop_front() {
+                Some(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk))))),
+                Some(None) => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    /// The progress of a request without a body: sent.
+    fn sent() -> Progress {
+        ClientBody::new(Empty::<Bytes>::new(), Instant::now()).1
+    }
+
+    /// One poll of `body`.
+    async fn poll(
+        body: &mut BackendBody<Script>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+    }
+
+    /// A dropped body is a cancellation: it records nothing, for `Pending` and `FailOnly`
+    /// alike (it recorded a success, which closed a half-open circuit with no probe).
+    /// An ended body's success counts only in the state its call was admitted in.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_dropped_body_records_nothing_and_an_ended_one_counts_in_its_calls_state_only() {
+        let layer = CircuitBreakerLayer::builder("backend0")
+            .consecutive_failures(Some(1))
+            .open_for(Duration::from_secs(10))
+            .build();
+        let circuit = layer.handle();
+        let closed = circuit.mark();
+        circuit.record_failure();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        let body = |script: &[Option<&'static str>], mark, verdict| {
+            let script = Script(script.iter().copied().collect());
+            BackendBody::new(script, sent(), Some((circuit.clone(), mark)), verdict)
+        };
+
+        for verdict in [Verdict::Pending, Verdict::FailOnly] {
+            let mut held = body(&[Some("0123456789"), None], circuit.mark(), verdict);
+            assert!(matches!(poll(&mut held).await, Poll::Ready(Some(Ok(_)))));
+            assert!(poll(&mut held).await.is_pending());
+            drop(held);
+            assert_eq!(circuit.state(), CircuitState::HalfOpen, "{verdict:?}");
+        }
+
+        // A body of a call admitted while closed ends: an earlier state's outcome.
+        let mut old = body(&[Some("0123456789")], closed, Verdict::Pending);
+        assert!(matches!(poll(&mut old).await, Poll::Ready(Some(Ok(_)))));
+        assert_eq!(
+            circuit.state(),
+            CircuitState::HalfOpen,
+            "closed by an old call"
+        );
+
+        // The probe's body ends: closed.
+        let mut probe = body(
+            &[Some("01234"), Some("56789")],
+            circuit.mark(),
+            Verdict::Pending,
+        );
+        assert!(matches!(poll(&mut probe).await, Poll::Ready(Some(Ok(_)))));
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        assert!(matches!(poll(&mut probe).await, Poll::Ready(Some(Ok(_)))));
+        assert_eq!(circuit.state(), CircuitState::Closed);
     }
 }

@@ -31,7 +31,7 @@
 //! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
-//! | the backend's body failed after its head was relayed (a close or reset short of its length: [`crate::backend_body`]) | the head and the bytes that came, then the connection is closed (its breaker counts it, unless the client's body had not gone out whole) | as answered |
+//! | the backend's body failed after its head was relayed (a close or reset short of its length: [`crate::backend_body`]) | the head and the bytes that came, then the connection is closed (its breaker counts it, unless the client's body had not gone out whole, or the circuit changed state since the call) | as answered |
 //! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
 //! | the connection to the backend failed (closed, reset) after hyper began sending the request body and before it had all of it ([`UploadCut`], see [`crate::client_body`]) | `502` | no (nor does its breaker count it: a slow client, or the backend's early refusal of the body) |
 //! | a reused keep-alive connection was closed (or reset) by the backend before any byte of its answer: the keep-alive race, the backend's idle timeout crossing the request ([`StaleConnection`], [`is_stale`]) | `502` | no (nor does its breaker count it) |
@@ -436,8 +436,13 @@ impl Service<Request<GatewayBody>> for Upstream {
         let sent = stamp();
         let res = self.client.request(req);
         let latency = self.latency.clone();
-        // The breaker this client is wrapped in judges the answer's body too.
-        let breaker = self.probes.as_ref().map(|p| p.breaker.clone());
+        // The breaker this client is wrapped in judges the answer's body too, in the
+        // state it admitted the call in (just now, see above): a body's outcome after
+        // the circuit changed state is one of an earlier state (`crate::backend_body`).
+        let breaker = self
+            .probes
+            .as_ref()
+            .map(|p| (p.breaker.clone(), p.breaker.mark()));
         Box::pin(async move {
             let res: Result<Response<Incoming>, BoxError> = async {
                 let mut res = std::pin::pin!(res);
@@ -693,9 +698,10 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 ///   sent: the client's slow upload, or the backend's early refusal of it), and a
 ///   [`StaleConnection`] (a reused keep-alive connection the backend closed before any
 ///   byte of its answer: the keep-alive race, see [`is_stale`]);
-/// - **successes**: every other answer; an answer with a body, once the body ends, or
-///   its client drops it (its head is ignored, and the body records the success on the
-///   breaker, or a failure if the backend cuts it off: [`crate::backend_body`]).
+/// - **successes**: every other answer; an answer with a body, once the body ends (its
+///   head is ignored, and the body records the success on the breaker, a failure if the
+///   backend cuts it off, and nothing if its client drops it or the circuit changed
+///   state since the call: [`crate::backend_body`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayClassifier;
 

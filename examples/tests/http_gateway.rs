@@ -1473,7 +1473,8 @@ fn post_streamed(b0: &Backend, len: usize) -> (Request<proxy::GatewayBody>, mpsc
     (req, tx)
 }
 
-/// `GET /` to `b0` through `backend`: its status.
+/// `GET /` to `b0` through `backend`: its status, once its body is read (the body's end
+/// is the answer's success to the breaker; dropped, it counts nothing).
 async fn get_through(b0: &Backend, backend: &proxy::Backend) -> StatusCode {
     let req = Request::get(format!("http://{}/", b0.addr))
         .header("host", "gw")
@@ -1483,10 +1484,12 @@ async fn get_through(b0: &Backend, backend: &proxy::Backend) -> StatusCode {
                 .boxed_unsync(),
         )
         .unwrap();
-    tower::ServiceExt::oneshot(backend.clone(), req)
+    let res = tower::ServiceExt::oneshot(backend.clone(), req)
         .await
-        .unwrap()
-        .status()
+        .unwrap();
+    let status = res.status();
+    res.into_body().collect().await.unwrap();
+    status
 }
 
 /// Whether `res` is the stall of the client's body ([`client_body::ClientBodyError`]).
@@ -2934,6 +2937,151 @@ fn a_client_leaving_in_the_middle_of_a_body_counts_nothing_against_the_backend()
             BTreeMap::new(),
             "/metrics:\n{text}"
         );
+    });
+}
+
+/// A raw backend answering by path: `/503` with `503`, `/ok` with `200` and a body of
+/// two bytes, `/held` with `200`, `Content-Length: 1000` and ten bytes, then nothing
+/// until the gateway closes the connection (counted in the returned counter), and
+/// `/healthz` with `200`. Every connection is closed after its answer.
+async fn held_body_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn({
+        let closed = Arc::clone(&closed);
+        async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let closed = Arc::clone(&closed);
+                conns.spawn(async move {
+                    let head = read_head(&mut stream).await;
+                    let answer: &[u8] = if head.starts_with(b"GET /503 ") {
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    } else if head.starts_with(b"GET /ok ") {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    } else if head.starts_with(b"GET /held ") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                            .await;
+                        // The gateway's close (or reset) ends the read.
+                        while stream.read(&mut [0; 64]).await.is_ok_and(|n| n > 0) {}
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    };
+                    let _ = stream.write_all(answer).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        }
+    });
+    (addr, closed, task)
+}
+
+/// `GET /held` through the gateway at `addr`: the connection, once the head and the
+/// first ten bytes of the body are in (the rest never comes).
+async fn hold_body(addr: SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /held HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0; 1024];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n0123456789") {
+        let n = timeout(WAIT, client.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0, "closed early: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    client
+}
+
+/// A client that gives up on a body (its timeout) is no success of the backend: the
+/// dropped body recorded one, which reset the consecutive-failure count, and a backend
+/// failing every other request never opened its breaker (four `503`s, a dropped body,
+/// over and over). Now the drop counts nothing, and the fifth `503` opens it.
+#[tokio::test]
+async fn a_body_the_client_drops_does_not_reset_the_failure_count() {
+    let (backend, closed, _backend) = held_body_backend().await;
+    let mut cfg = config_over(backend);
+    cfg.breaker_failures = 5;
+    let gw = start(&cfg).await;
+    for _ in 0..4 {
+        assert_eq!(
+            status_of(gw.addr, "/503").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    let client = hold_body(gw.addr).await;
+    drop(client);
+    until("the gateway dropped the backend's body", || {
+        closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    assert_eq!(
+        status_of(gw.addr, "/503").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        gw.breakers[0].state(),
+        CircuitState::Open,
+        "five failures in a row"
+    );
+}
+
+/// A download begun while the backend was healthy and dropped after its breaker went
+/// half-open closed the breaker, with no probe ever reaching the backend: a client
+/// holding such downloads closed the circuit of a failing backend once per open period
+/// (one dropped connection each). Now the dropped body counts nothing (and its outcome
+/// would be one of an earlier state anyway): the circuit stays half-open until a probe
+/// succeeds.
+#[test]
+fn a_body_begun_before_the_breaker_opened_does_not_close_it_when_dropped() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, closed, _backend) = held_body_backend().await;
+        let mut cfg = config_over(backend);
+        cfg.breaker_failures = 1;
+        cfg.breaker_open_for = Duration::from_millis(300);
+        let gw = start(&cfg).await;
+        let held = hold_body(gw.addr).await;
+        assert_eq!(
+            status_of(gw.addr, "/503").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(gw.breakers[0].state(), CircuitState::Open);
+        until("half-open", || {
+            gw.breakers[0].state() == CircuitState::HalfOpen
+        })
+        .await;
+
+        drop(held);
+        until("the gateway dropped the backend's body", || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(
+            gw.breakers[0].state(),
+            CircuitState::HalfOpen,
+            "closed by no probe"
+        );
+        let text = scrape(endpoint).await;
+        assert_eq!(
+            sample(
+                &text,
+                r#"aegis_circuit_transitions_total{name="backend0",to="closed"}"#
+            ),
+            None,
+            "/metrics:\n{text}"
+        );
+
+        // A probe whose body ends closes it.
+        assert_eq!(status_of(gw.addr, "/ok").await, StatusCode::OK);
+        assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
     });
 }
 
