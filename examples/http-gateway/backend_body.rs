@@ -35,6 +35,16 @@
 //!   has not gone out whole ([`Progress::sent`]) may be hyper closing the connection
 //!   because that body failed or stalled ([`crate::client_body`]), so it records
 //!   nothing and counts nothing; a body the client stops reading is dropped, not failed.
+//! - **Nor a send timeout the client caused**: a client that stops reading a download
+//!   stops hyper polling the body, the gateway stops reading the backend's socket, and
+//!   the backend's writes stall once the socket buffers are full; a real backend gives
+//!   up on them (nginx's `send_timeout`, 60 s; the gateway itself lets a silent client
+//!   sit 75 s) and closes, and when the client reads on, the body ends short of its
+//!   length. So a body error after the client held the body back ([`ClientHold`]: a
+//!   frame, or the head, waited over [`CLIENT_HOLD_BOUND`] for hyper's next poll) is
+//!   counted `truncated_held` and records nothing on the breaker. (Counted as the
+//!   backend's failure, a few clients pausing their downloads opened its breaker, and
+//!   every other client got `503`: the download-side twin of `during_upload`.)
 //!
 //! Either way the client sees the truncation: the error reaches hyper's server, which
 //! closes the client's connection short of the announced length (or without the last
@@ -42,18 +52,21 @@
 //!
 //! The wrapper is the boxed body's only allocation; it holds the call's [`Progress`] and
 //! its breaker's [`CircuitHandle`] and [`Mark`] (a reference count and a number, no
-//! allocation), and counts with the `metrics` macro only on the error path.
+//! allocation), reads the clock once per poll for its [`ClientHold`], and counts with the
+//! `metrics` macro only on the error path.
 //!
 //! [`Upstream`]: crate::proxy::Upstream
 //! [`GatewayClassifier`]: crate::proxy::GatewayClassifier
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use aegis_layers::circuit_breaker::{CircuitHandle, Mark};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
 use crate::client_body::Progress;
 use crate::refusal::{BackendError, count_backend_error};
@@ -71,6 +84,61 @@ pub enum Verdict {
     Done,
 }
 
+/// The longest a frame of a backend's body (or its head) may wait for hyper's next poll
+/// of the body before the client counts as holding the body back ([`ClientHold`]): 1 s.
+///
+/// hyper polls the body again as soon as the client's socket has taken the last frame,
+/// so a client reading at any steady pace leaves gaps of milliseconds; a gap of a second
+/// is a client that stopped reading (or the gateway stalled for a second, which is not
+/// the backend's doing either). It must be shorter than any backend's send timeout, so
+/// that a hold long enough for the backend to give up is always seen: those are tens of
+/// seconds (nginx's `send_timeout` and Apache's `Timeout`, 60 s), and a write stalls only
+/// once the socket buffers between the client and the backend, megabytes, are full.
+/// The price: a backend that fails a body for its own reasons after such a pause is
+/// counted in the metric only (`truncated_held`), not against its breaker.
+pub const CLIENT_HOLD_BOUND: Duration = Duration::from_secs(1);
+
+/// Whether the client held a backend's body back: a frame (or the head) it was handed
+/// waited over [`CLIENT_HOLD_BOUND`] for hyper's next poll of the body. hyper polls the
+/// body when the client's socket can take more, so the wait is the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientHold {
+    /// Since when a frame waits for hyper's next poll (none while a poll waits on the
+    /// backend).
+    since: Option<Instant>,
+    /// A wait was longer than the bound.
+    held: bool,
+}
+
+impl ClientHold {
+    /// The head was handed on at `now`: the first poll is awaited.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            since: Some(now),
+            held: false,
+        }
+    }
+
+    /// hyper polls the body at `now`: the wait since the last frame ends.
+    pub fn polled(&mut self, now: Instant) {
+        if let Some(since) = self.since.take()
+            && now.saturating_duration_since(since) > CLIENT_HOLD_BOUND
+        {
+            self.held = true;
+        }
+    }
+
+    /// A frame was handed on at `now`.
+    pub fn handed(&mut self, now: Instant) {
+        self.since = Some(now);
+    }
+
+    /// Whether any wait was longer than [`CLIENT_HOLD_BOUND`].
+    pub fn held(&self) -> bool {
+        self.held
+    }
+}
+
 pin_project! {
     /// A backend's response body (hyper's [`Incoming`]; another body in the tests): see
     /// the [module docs](self). Dropped before its end it records nothing.
@@ -82,6 +150,7 @@ pin_project! {
         progress: Progress,
         breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
+        hold: ClientHold,
     }
 }
 
@@ -105,6 +174,7 @@ impl<B: Body> BackendBody<B> {
             progress,
             breaker,
             verdict,
+            hold: ClientHold::new(Instant::now()),
         }
     }
 
@@ -144,23 +214,31 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
+        let now = Instant::now();
+        this.hold.polled(now);
         let poll = this.inner.as_mut().poll_frame(cx);
         match &poll {
             Poll::Ready(None) => this.settle(false),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.settle(false),
-            Poll::Ready(Some(Err(e))) => {
-                if this.progress.sent() {
-                    tracing::debug!(error = %e, "backend answer cut off");
-                    count_backend_error(BackendError::Truncated);
-                    this.settle(true);
-                } else {
-                    // Maybe the client's body failing (hyper then closes the connection):
-                    // not the backend's to answer for.
-                    tracing::debug!(error = %e, "backend answer cut off before the request body was sent");
-                    *this.verdict = Verdict::Done;
-                }
+            Poll::Ready(Some(Ok(_))) => this.hold.handed(now),
+            Poll::Ready(Some(Err(e))) if !this.progress.sent() => {
+                // Maybe the client's body failing (hyper then closes the connection): not
+                // the backend's to answer for.
+                tracing::debug!(error = %e, "backend answer cut off before the request body was sent");
+                *this.verdict = Verdict::Done;
             }
-            _ => {}
+            Poll::Ready(Some(Err(e))) if this.hold.held() => {
+                // Maybe the backend's send timeout, the client having stopped reading.
+                tracing::debug!(error = %e, "backend answer cut off after the client held it back");
+                count_backend_error(BackendError::TruncatedHeld);
+                *this.verdict = Verdict::Done;
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "backend answer cut off");
+                count_backend_error(BackendError::Truncated);
+                this.settle(true);
+            }
+            Poll::Pending => {}
         }
         poll
     }
@@ -177,18 +255,26 @@ where
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::time::Duration;
 
     use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
     use http_body_util::Empty;
-    use tokio::time::Instant;
 
     use super::*;
     use crate::client_body::ClientBody;
 
-    /// A backend's body that plays a script: `Some(chunk)` is a frame, `None` a pending
-    /// poll; it ends after its last frame.
-    struct Script(VecDeque<Option<&'static str>>);
+    /// A step of a [`Script`].
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// A data frame.
+        Data(&'static str),
+        /// A pending poll.
+        Wait,
+        /// An error: the backend cut the body off.
+        Cut,
+    }
+
+    /// A backend's body that plays a script; it ends after its last step.
+    struct Script(VecDeque<Step>);
 
     impl Body for Script {
         type Data = Bytes;
@@ -199,8 +285,9 @@ mod tests {
             _cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
             match self.0.pop_front() {
-                Some(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk))))),
-                Some(None) => Poll::Pending,
+                Some(Step::Data(chunk)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk))))),
+                Some(Step::Wait) => Poll::Pending,
+                Some(Step::Cut) => Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into()))),
                 None => Poll::Ready(None),
             }
         }
@@ -215,6 +302,17 @@ mod tests {
         ClientBody::new(Empty::<Bytes>::new(), Instant::now()).1
     }
 
+    /// `script` as the body of a call to `circuit` admitted at `mark`.
+    fn body(
+        circuit: &CircuitHandle,
+        script: &[Step],
+        mark: Mark,
+        verdict: Verdict,
+    ) -> BackendBody<Script> {
+        let script = Script(script.iter().copied().collect());
+        BackendBody::new(script, sent(), Some((circuit.clone(), mark)), verdict)
+    }
+
     /// One poll of `body`.
     async fn poll(
         body: &mut BackendBody<Script>,
@@ -222,27 +320,29 @@ mod tests {
         std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
     }
 
+    /// A breaker that opens at the first failure, for 10 s.
+    fn circuit() -> CircuitHandle {
+        CircuitBreakerLayer::builder("backend0")
+            .consecutive_failures(Some(1))
+            .open_for(Duration::from_secs(10))
+            .build()
+            .handle()
+    }
+
     /// A dropped body is a cancellation: it records nothing, for `Pending` and `FailOnly`
     /// alike (it recorded a success, which closed a half-open circuit with no probe).
     /// An ended body's success counts only in the state its call was admitted in.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_dropped_body_records_nothing_and_an_ended_one_counts_in_its_calls_state_only() {
-        let layer = CircuitBreakerLayer::builder("backend0")
-            .consecutive_failures(Some(1))
-            .open_for(Duration::from_secs(10))
-            .build();
-        let circuit = layer.handle();
+        let circuit = circuit();
         let closed = circuit.mark();
         circuit.record_failure();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(circuit.state(), CircuitState::HalfOpen);
-        let body = |script: &[Option<&'static str>], mark, verdict| {
-            let script = Script(script.iter().copied().collect());
-            BackendBody::new(script, sent(), Some((circuit.clone(), mark)), verdict)
-        };
 
         for verdict in [Verdict::Pending, Verdict::FailOnly] {
-            let mut held = body(&[Some("0123456789"), None], circuit.mark(), verdict);
+            let script = [Step::Data("0123456789"), Step::Wait];
+            let mut held = body(&circuit, &script, circuit.mark(), verdict);
             assert!(matches!(poll(&mut held).await, Poll::Ready(Some(Ok(_)))));
             assert!(poll(&mut held).await.is_pending());
             drop(held);
@@ -250,7 +350,12 @@ mod tests {
         }
 
         // A body of a call admitted while closed ends: an earlier state's outcome.
-        let mut old = body(&[Some("0123456789")], closed, Verdict::Pending);
+        let mut old = body(
+            &circuit,
+            &[Step::Data("0123456789")],
+            closed,
+            Verdict::Pending,
+        );
         assert!(matches!(poll(&mut old).await, Poll::Ready(Some(Ok(_)))));
         assert_eq!(
             circuit.state(),
@@ -259,14 +364,75 @@ mod tests {
         );
 
         // The probe's body ends: closed.
-        let mut probe = body(
-            &[Some("01234"), Some("56789")],
-            circuit.mark(),
-            Verdict::Pending,
-        );
+        let script = [Step::Data("01234"), Step::Data("56789")];
+        let mut probe = body(&circuit, &script, circuit.mark(), Verdict::Pending);
         assert!(matches!(poll(&mut probe).await, Poll::Ready(Some(Ok(_)))));
         assert_eq!(circuit.state(), CircuitState::HalfOpen);
         assert!(matches!(poll(&mut probe).await, Poll::Ready(Some(Ok(_)))));
         assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+
+    /// A wait of a frame for hyper's next poll longer than the bound is a hold, and stays
+    /// one; waits on the backend (from a pending poll to the next) are not.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_frame_waiting_past_the_bound_for_the_next_poll_is_a_hold() {
+        let step = |d| tokio::time::advance(d);
+        let mut hold = ClientHold::new(Instant::now());
+        step(CLIENT_HOLD_BOUND).await;
+        hold.polled(Instant::now()); // the head waited the bound exactly: no hold
+        assert!(!hold.held());
+        // The poll waits on the backend for long: not the client's.
+        step(CLIENT_HOLD_BOUND * 10).await;
+        hold.polled(Instant::now());
+        hold.handed(Instant::now());
+        assert!(!hold.held());
+        step(CLIENT_HOLD_BOUND / 2).await;
+        hold.polled(Instant::now());
+        hold.handed(Instant::now());
+        assert!(!hold.held());
+        step(CLIENT_HOLD_BOUND + Duration::from_millis(1)).await;
+        hold.polled(Instant::now());
+        assert!(hold.held());
+        hold.handed(Instant::now());
+        hold.polled(Instant::now());
+        assert!(hold.held(), "once held, the body stays held");
+
+        let mut late = ClientHold::new(Instant::now());
+        step(CLIENT_HOLD_BOUND * 2).await;
+        late.polled(Instant::now());
+        assert!(late.held(), "the head waited for the first poll");
+    }
+
+    /// A body the backend cuts off after the client held it back (the backend's send
+    /// timeout, maybe) records nothing on the breaker; one cut off while the client read
+    /// on, with pauses under the bound, is the backend's failure.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_body_cut_off_after_the_client_held_it_is_no_failure_of_the_backend() {
+        let circuit = circuit();
+        let script = [Step::Data("0123456789"), Step::Cut];
+        let mut held = body(&circuit, &script, circuit.mark(), Verdict::Pending);
+        assert!(matches!(poll(&mut held).await, Poll::Ready(Some(Ok(_)))));
+        tokio::time::advance(CLIENT_HOLD_BOUND * 2).await;
+        assert!(matches!(poll(&mut held).await, Poll::Ready(Some(Err(_)))));
+        assert!(!held.is_pending(), "judged");
+        drop(held);
+        assert_eq!(circuit.state(), CircuitState::Closed);
+
+        let script = [
+            Step::Data("0123456789"),
+            Step::Data("0123456789"),
+            Step::Cut,
+        ];
+        let mut read_on = body(&circuit, &script, circuit.mark(), Verdict::Pending);
+        for _ in 0..2 {
+            tokio::time::advance(CLIENT_HOLD_BOUND / 2).await;
+            assert!(matches!(poll(&mut read_on).await, Poll::Ready(Some(Ok(_)))));
+        }
+        tokio::time::advance(CLIENT_HOLD_BOUND / 2).await;
+        assert!(matches!(
+            poll(&mut read_on).await,
+            Poll::Ready(Some(Err(_)))
+        ));
+        assert_eq!(circuit.state(), CircuitState::Open);
     }
 }

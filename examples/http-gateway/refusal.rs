@@ -162,6 +162,11 @@ pub enum BackendError {
     /// breaker counts it ([`crate::backend_body`]). Its [`status`](Self::status), `502`,
     /// is never sent.
     Truncated,
+    /// As [`Truncated`](Self::Truncated), after the client held the body back (it stopped
+    /// reading for over `backend_body::CLIENT_HOLD_BOUND`): maybe the backend's send
+    /// timeout, which the client caused, so its breaker does not count it
+    /// ([`crate::backend_body`]).
+    TruncatedHeld,
 }
 
 impl BackendError {
@@ -179,6 +184,7 @@ impl BackendError {
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
             Self::Truncated => "truncated",
+            Self::TruncatedHeld => "truncated_held",
         }
     }
 
@@ -195,7 +201,8 @@ impl BackendError {
             | Self::StaleConnection
             | Self::Informational
             | Self::Failed
-            | Self::Truncated => StatusCode::BAD_GATEWAY,
+            | Self::Truncated
+            | Self::TruncatedHeld => StatusCode::BAD_GATEWAY,
         }
     }
 }

@@ -3085,6 +3085,107 @@ fn a_body_begun_before_the_breaker_opened_does_not_close_it_when_dropped() {
     });
 }
 
+/// A raw backend that answers every request (but `/healthz`, `200`) with `200` and a
+/// body of [`BIG`] bytes, and gives up on a write that makes no progress for 2 s, as a
+/// real server's send timeout does (nginx's `send_timeout`): it closes the connection,
+/// short of the body, and sets the returned flag.
+async fn send_timeout_backend() -> (SocketAddr, Arc<AtomicBool>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn({
+        let timed_out = Arc::clone(&timed_out);
+        async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let timed_out = Arc::clone(&timed_out);
+                conns.spawn(async move {
+                    let head = read_head(&mut stream).await;
+                    if head.starts_with(b"GET /healthz ") {
+                        let ok =
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                        let _ = stream.write_all(ok).await;
+                        return;
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let chunk = [b'x'; 64 * 1024];
+                    for _ in 0..BIG / chunk.len() {
+                        match timeout(Duration::from_secs(2), stream.write_all(&chunk)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                timed_out.store(true, Ordering::SeqCst);
+                                return; // closes the connection
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, timed_out, task)
+}
+
+/// The body of [`send_timeout_backend`]'s answers: more than the socket buffers on the
+/// way to a client that stops reading can hold.
+const BIG: usize = 64 * 1024 * 1024;
+
+/// A client that stops reading a download makes the backend's writes stall, and a real
+/// backend gives up on them (its send timeout) and closes: when the client reads on,
+/// the body ends short of its length. That was counted `truncated` and as a failure of
+/// the backend's breaker, so a few such clients opened it and every other client got
+/// `503`. Now a body error after the client held the body back (the gateway had a frame
+/// waiting for it for over `CLIENT_HOLD_BOUND`) is counted `truncated_held`, and not
+/// against the breaker: the download-side twin of `during_upload`.
+#[test]
+fn a_body_cut_by_the_backends_send_timeout_while_the_client_held_it_is_not_a_backend_failure() {
+    with_prometheus(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, timed_out, _backend) = send_timeout_backend().await;
+        let mut cfg = config_over(backend);
+        cfg.breaker_failures = 1;
+        let gw = start(&cfg).await;
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = timeout(WAIT, client.read(&mut buf)).await.unwrap().unwrap();
+            assert_ne!(n, 0, "closed early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        // The client stops reading until the backend gave up on its writes.
+        until("the backend's send timed out", || {
+            timed_out.load(Ordering::SeqCst)
+        })
+        .await;
+        got.extend(read_to_close(&mut client).await);
+        let body = got.len() - raw_body_start(&got);
+        assert!(body < BIG, "the whole body came: {body}");
+
+        assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+        let text = scrape(endpoint).await;
+        let expected: BTreeMap<String, u64> = [("truncated_held".to_string(), 1)].into();
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            expected,
+            "/metrics:\n{text}"
+        );
+    });
+}
+
+/// Where the body of the raw answer `out` starts (after its head).
+fn raw_body_start(out: &[u8]) -> usize {
+    out.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |i| i + 4)
+}
+
 /// `target/<profile>/examples/http-gateway`, checked to be newer than its sources.
 fn gateway_bin() -> std::path::PathBuf {
     common::example_bin(
