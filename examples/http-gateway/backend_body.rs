@@ -46,9 +46,14 @@
 //!   backend's failure, a few clients pausing their downloads opened its breaker, and
 //!   every other client got `503`: the download-side twin of `during_upload`.)
 //!
-//! Either way the client sees the truncation: the error reaches hyper's server, which
-//! closes the client's connection short of the announced length (or without the last
-//! chunk).
+//! Either way the error reaches hyper's server, which closes the client's connection
+//! short of the announced length (or without the last chunk), so that an HTTP/1.1
+//! client sees the truncation. **An HTTP/1.0 client may not**: an answer without a
+//! `Content-Length` (the backend's chunked answer) goes to it delimited by the close of
+//! the connection, and the gateway closes it with a FIN as at the body's end, so the
+//! client takes the cut body for whole (the metric still counts it). Only a reset would
+//! tell it, and the gateway does not reach the socket under its generic stream to send
+//! one.
 //!
 //! The wrapper is the boxed body's only allocation; it holds the call's [`Progress`] and
 //! its breaker's [`CircuitHandle`] and [`Mark`] (a reference count and a number, no
