@@ -21,7 +21,7 @@ use aegis_core::proxy::{ConnectFuture, Proxy, ProxyError, TcpConnect};
 use aegis_core::{Conn, Param, PeerAddr, serve};
 use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use aegis_mqtt::layer::{MqttLayer, Unavailable};
-use common::{Mosquitto, connect, read_packet};
+use common::{Mosquitto, connect, connect_scram, read_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -359,15 +359,6 @@ async fn stalled_broker_behind_a_gateway() -> (Mosquitto, SocketAddr, Outcomes, 
     let (addr, outcomes) = start(gateway).await;
     broker.signal("STOP");
     (broker, addr, outcomes, timeouts)
-}
-
-/// An MQTT 5 CONNECT of `client_id` with the Authentication Method "SCRAM-X".
-fn connect_scram(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
-    let props = [&[0x15][..], &common::string("SCRAM-X")].concat();
-    body.extend_from_slice(&common::packet(0, &props)[1..]); // its length, then it
-    body.extend_from_slice(&common::string(client_id));
-    common::packet(0x10, &body)
 }
 
 /// An MQTT 5 client with an Authentication Method that floods AUTH packets at a stalled

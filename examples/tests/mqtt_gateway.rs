@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aegis_core::testing::dead_port;
-use common::{Mosquitto, connect, free_ports, read_packet, skipped};
+use common::{Mosquitto, connect, connect_scram, free_ports, read_packet, skipped};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
@@ -3654,6 +3654,84 @@ async fn upstream_closed_events(gw: &Gateway) -> Vec<serde_json::Value> {
         .filter(|e| e["rule"] == "upstream_closed")
         .cloned()
         .collect()
+}
+
+/// With `mqtt.connack_timeout = "0s"` (no CONNACK timeout), an MQTT 5 client that leaves
+/// an enhanced authentication (its FIN after the broker's AUTH challenge) is let go: the
+/// broker, which waits for the client's answer, gets the FIN and closes; the client gets
+/// nothing of the gateway's (no CONNACK, nothing counted as `upstream_closed`: it left),
+/// and the gateway holds neither of the connection's sockets nor the client's place
+/// under `limits.concurrent_per_ip`: a second client from the same address (`max = 1`)
+/// is served. The client's EOF was held for a CONNACK timer that did not run: the broker
+/// never got the FIN, and the gateway kept the client's socket (in CLOSE-WAIT), the
+/// upstream one and the place for ever.
+#[tokio::test]
+async fn without_a_connack_timeout_a_client_leaving_an_enhanced_authentication_is_let_go() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    // The broker's AUTH "continue authentication" (0x18), method SCRAM-X.
+    let props = [
+        &[0x15][..],
+        &common::string("SCRAM-X"),
+        &[0x16, 0, 4],
+        b"salt",
+    ]
+    .concat();
+    let challenge = common::packet(
+        0xF0,
+        &[&[0x18][..], &common::packet(0, &props)[1..]].concat(),
+    );
+    // Each connection's CONNECT as the broker read it, whether the client's end came
+    // (within WAIT), and what came before it.
+    let (tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    let broker = {
+        let challenge = challenge.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = upstream.accept().await else {
+                    return;
+                };
+                let (tx, challenge) = (tx.clone(), challenge.clone());
+                tokio::spawn(async move {
+                    // The CONNECT, the challenge, then the wait for the client's answer;
+                    // then the socket is dropped (FIN).
+                    let connect = timeout(WAIT, read_packet(&mut s)).await;
+                    s.write_all(&challenge).await.unwrap();
+                    let mut rest = Vec::new();
+                    let end = timeout(WAIT, s.read_to_end(&mut rest)).await;
+                    let _ = tx.send((connect.ok().and_then(Result::ok), end.is_ok(), rest));
+                });
+            }
+        })
+    };
+    let config = "[mqtt]\nconnack_timeout = \"0s\"\n[limits.concurrent_per_ip]\nmax = 1\n";
+    let gw = Gateway::start("auth-leaving", config, &["--upstream", &addr.to_string()]).await;
+    for i in 0..2 {
+        let mut s = connect_from("127.0.0.31", gw.mqtt).await;
+        let connect = connect_scram(&format!("leaving-{i}"));
+        s.write_all(&connect).await.unwrap();
+        let got = timeout(WAIT, read_packet(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("client {i}: no challenge"))
+            .unwrap_or_else(|e| panic!("client {i}: no challenge ({e})"));
+        assert_eq!(got, (0xF0, challenge[2..].to_vec()), "client {i}");
+        // The client leaves.
+        s.shutdown().await.unwrap();
+        let (read, ended, rest) = timeout(WAIT * 2, ends.recv()).await.unwrap().unwrap();
+        assert_eq!(read, Some((0x10, connect[2..].to_vec())), "client {i}");
+        assert!(ended, "client {i}: the broker never got the client's FIN");
+        assert_eq!(rest, b"", "client {i}");
+        assert!(
+            closed_silently(&mut s).await,
+            "client {i}: more after the challenge"
+        );
+        // Its place is free for the next one.
+        gw.wait_metric_below("aegis_active_connections", 1.0).await;
+    }
+    wait_connections(gw.pid(), 0).await;
+    let upstream_closed = "aegis_rejections_total{layer=\"mqtt\",reason=\"upstream_closed\"}";
+    assert_eq!(gw.metric(upstream_closed).await.unwrap_or(0.0), 0.0);
+    broker.abort();
 }
 
 /// `/readyz` connects to the upstream at most once a second: ten requests in a row

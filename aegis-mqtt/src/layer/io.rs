@@ -52,14 +52,16 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// too), the read held as before the CONNACK; a client flooding AUTH at a stalled broker
 /// then fills neither the broker's socket nor the proxy's copy, and the CONNACK timeout
 /// still fires. Its EOF before the CONNACK (a half-close, after a DISCONNECT or not) is
-/// held too: the read stays pending until the broker's CONNACK (EOF then) or a refusal
-/// (the CONNACK timeout's, say), as it does for a client without an Authentication
-/// Method, whose EOF is not read before the CONNACK; returned at once, it would end a
-/// proxy's reads of the client and with them the CONNACK timer. Refused before any
-/// CONNACK, such a client gets a CONNACK with the reason code; if the broker's accepting
-/// CONNACK goes out before the refusal's answer does, it gets the DISCONNECT instead
-/// (never a second CONNACK). The first invalid packet is never returned: the read fails
-/// with [`io::ErrorKind::InvalidData`]
+/// held too while a CONNACK timer runs: the read stays pending until the broker's CONNACK
+/// (EOF then) or a refusal (the CONNACK timeout's, say), as it does for a client without
+/// an Authentication Method, whose EOF is not read before the CONNACK; returned at once,
+/// it would end a proxy's reads of the client and with them the CONNACK timer. With no
+/// CONNACK timeout, nothing would ever end a held EOF (a broker that sent its challenge
+/// waits for the client's answer): it is returned at once, and the broker gets the FIN.
+/// Refused before any CONNACK, such a client gets a CONNACK with the reason code; if the
+/// broker's accepting CONNACK goes out before the refusal's answer does, it gets the
+/// DISCONNECT instead (never a second CONNACK). The first invalid packet is never
+/// returned: the read fails with [`io::ErrorKind::InvalidData`]
 /// wrapping the [`MqttError`] in an [`aegis_core::error::Rejected`] (counted once in
 /// `aegis_rejections_total{layer="mqtt"}`), and so does every read after it: a proxy's
 /// connection error then carries the rejection, which
@@ -152,10 +154,14 @@ pub struct MqttIo<I> {
     policy: Option<ConnPolicy>,
     /// Whether `ready` still holds the whole CONNECT (nothing read yet).
     connect_unread: bool,
-    /// Whether the client's EOF came under [`Gate::Auth`]: held, as the client's bytes
-    /// are under [`Gate::Held`], until the broker's CONNACK or a refusal, so that the
-    /// read stays pending and keeps the CONNACK timer running.
-    eof_held: bool,
+    /// Whether the client's EOF came under [`Gate::Auth`], before the broker's CONNACK:
+    /// the client ended its side, so the broker's end after it is no outage
+    /// ([`poll_shutdown`](AsyncWrite::poll_shutdown) adds no CONNACK). While a CONNACK
+    /// timer runs, the EOF is held, as the client's bytes are under [`Gate::Held`], until
+    /// the broker's CONNACK or a refusal, so that the read stays pending and keeps the
+    /// timer running; with none, it is returned at once (nothing would end the wait: a
+    /// broker that sent its AUTH challenge waits for the client, and must get the FIN).
+    client_eof: bool,
     /// Whether the client's packets after its CONNECT may be read yet.
     gate: Gate,
     /// Under [`Gate::Auth`], how many more AUTH packets of the client's may be read: one
@@ -184,8 +190,9 @@ enum Gate {
     /// ([`MqttIo::auth_credit`]); an AUTH beyond that waits, with everything behind it, as
     /// under [`Gate::Held`]: a client flooding AUTH at a stalled broker holds neither more
     /// than a few packets of the broker's socket nor the proxy's copy, whose held read keeps
-    /// the CONNACK timer running. The client's EOF waits too ([`MqttIo::eof_held`]):
-    /// the read that finds it is held until the CONNACK, or a refusal.
+    /// the CONNACK timer running. The client's EOF waits too while a CONNACK timer runs
+    /// ([`MqttIo::client_eof`]): the read that finds it is held until the CONNACK, or a
+    /// refusal.
     Auth,
     /// The broker's CONNACK accepted the connection.
     Open,
@@ -612,7 +619,7 @@ impl<I> MqttIo<I> {
             out: OutBoundary::default(),
             writes: Writes::Open,
             connect_unread: true,
-            eof_held: false,
+            client_eof: false,
             gate: if session.auth_method() {
                 Gate::Auth
             } else {
@@ -778,6 +785,13 @@ impl<I> MqttIo<I> {
             w.on_timeout = None;
         }
         self.drop_connack_watch_if_done();
+    }
+
+    /// Whether a CONNACK timer runs: the layer's `connack_timeout`, until the broker's
+    /// CONNACK or a refusal. Only then is the client's EOF held before the CONNACK, to
+    /// keep polling it; without one, nothing would ever end the wait.
+    fn connack_timer_armed(&self) -> bool {
+        self.connack.as_ref().is_some_and(|w| w.due.is_some())
     }
 
     /// Frees the CONNACK watch once it has neither a timeout nor a latency to report.
@@ -1190,8 +1204,8 @@ impl<I: AsyncRead + Unpin> MqttIo<I> {
         match Pin::new(&mut self.io).poll_read(cx, out) {
             Poll::Ready(Ok(())) if out.filled().len() == start => {
                 if self.gate == Gate::Auth {
-                    // EOF before the CONNACK: held (the read loop parks).
-                    self.eof_held = true;
+                    // EOF before the CONNACK: the read loop holds it, or returns it.
+                    self.client_eof = true;
                     return None;
                 }
                 Some(Poll::Ready(Ok(()))) // EOF
@@ -1352,18 +1366,27 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
                 return this.poll_refusal(cx, e, answers);
             }
             match this.gate {
-                Gate::Open | Gate::Auth if !this.eof_held => {}
-                Gate::Held | Gate::Auth => {
-                    // Woken when the broker's CONNACK goes out (or a refusal comes). The
-                    // client's EOF waits as its packets do: returned now, it would end
-                    // a proxy's reads of the client, and with them the CONNACK timer,
-                    // polled only here (a stalled broker writes nothing).
+                Gate::Open | Gate::Auth if !this.client_eof => {}
+                Gate::Held => {
+                    // Woken when the broker's CONNACK goes out (or a refusal comes).
+                    park(&mut this.held, cx);
+                    return Poll::Pending;
+                }
+                Gate::Auth if this.connack_timer_armed() => {
+                    // The client's EOF waits as its packets do while a CONNACK timer
+                    // runs: returned now, it would end a proxy's reads of the client, and
+                    // with them the timer, polled only here (a stalled broker writes
+                    // nothing). Woken as under `Gate::Held`.
                     park(&mut this.held, cx);
                     return Poll::Pending;
                 }
                 // The broker refused the CONNECT: nothing sent after it is read. Or it
-                // accepted it, and the client's EOF was held until then.
-                Gate::Open | Gate::Refused => return Poll::Ready(Ok(())),
+                // accepted it, and the client's EOF was held until then. Or the client's
+                // EOF came before the CONNACK with no CONNACK timer to keep running:
+                // held, it would wait for ever for a broker that waits for the client
+                // (its AUTH challenge sent); the broker gets the FIN, and its close after
+                // it adds nothing (`client_eof`).
+                Gate::Open | Gate::Refused | Gate::Auth => return Poll::Ready(Ok(())),
             }
             // Release every whole, valid packet buffered (and within the rate), in one
             // piece.
@@ -1411,9 +1434,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttIo<I> {
             }
             match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) if this.gate == Gate::Auth => {
-                    // EOF before the CONNACK: held (parked above). A packet begun will
+                    // EOF before the CONNACK: held or returned above. A packet begun will
                     // never be whole.
-                    this.eof_held = true;
+                    this.client_eof = true;
                     this.buf = BytesMut::new();
                 }
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())), // EOF
@@ -1508,7 +1531,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
                 && !this.out.connack_seen
                 && !this.out.disconnect_seen
                 && this.out.at_boundary()
-                && !this.eof_held
+                && !this.client_eof
                 && !this.session.disconnected()
             {
                 // Nothing of a CONNACK went out, and the broker's last packet (an MQTT 5
@@ -2697,10 +2720,83 @@ mod tests {
         }
     }
 
+    /// Without a CONNACK timeout (the layer's default; `connack_timeout = "0s"` in the
+    /// gateway), a client that ends its side of an enhanced authentication before the
+    /// CONNACK (a FIN after its CONNECT, after the broker's challenge, after its own AUTH
+    /// or DISCONNECT) is let go: the broker gets its FIN, closes as a healthy broker does,
+    /// and the connection ends, with no CONNACK of the gateway's and nothing counted (the
+    /// client left: no `upstream_closed`). Its EOF was held for a CONNACK timer that did
+    /// not run: a broker that had sent its AUTH challenge waited for the client's answer,
+    /// never got the FIN, and the connection, its upstream socket and the client's slot
+    /// were held for ever. (With a CONNACK timeout the EOF is still held, and the timeout
+    /// answers: [`a_client_that_half_closes_before_the_connack_still_gets_the_connack_timeout`].)
+    /// The same holds with only a CONNACK latency to report (no timer either).
+    #[test]
+    fn without_a_connack_timeout_a_client_that_leaves_an_enhanced_authentication_is_let_go() {
+        let challenge = auth(5);
+        let client_auth = auth(1);
+        // What the broker sends first (its challenge, or nothing), and what the client
+        // sends after its CONNECT before its FIN.
+        let cases: [(&[u8], &[u8]); 5] = [
+            (&challenge, &[]),
+            (&[], &[]),
+            (&challenge, &client_auth),
+            (&[], &[0xE0, 0x00]),
+            (&challenge, &[0xE0, 0x00]),
+        ];
+        for latency in [false, true] {
+            for (broker_auth, after) in cases {
+                let what =
+                    format!("broker {broker_auth:02x?}, client {after:02x?}, latency {latency}");
+                let ((), snap) = aegis_core::metrics::testing::run(true, || async {
+                    let opts = IoOptions {
+                        connack_latency: latency.then(|| super::super::ConnackLatency::new(|_| {})),
+                        ..IoOptions::default()
+                    };
+                    let (client, io) = connected_as(&CONNECT_AUTH, Config::new(), 4096, opts);
+                    let (mut from_gateway, mut to_gateway) = tokio::io::split(client);
+                    let (gateway_side, mut broker) = tokio::io::duplex(64 * 1024);
+                    let transfer =
+                        tokio::spawn(aegis_core::proxy::Transfer::new(io, gateway_side, 8192));
+                    let mut seen = vec![0; broker_auth.len()];
+                    let mut forwarded = vec![0; CONNECT_AUTH.len()];
+                    broker.read_exact(&mut forwarded).await.unwrap();
+                    if !broker_auth.is_empty() {
+                        broker.write_all(broker_auth).await.unwrap();
+                        from_gateway.read_exact(&mut seen).await.unwrap();
+                    }
+                    to_gateway.write_all(after).await.unwrap();
+                    to_gateway.shutdown().await.unwrap();
+                    // The broker gets what the client sent, then its FIN.
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(600),
+                        broker.read_to_end(&mut forwarded),
+                    );
+                    read.await
+                        .unwrap_or_else(|_| panic!("the broker never got the client's FIN: {what}"))
+                        .unwrap();
+                    assert_eq!(forwarded, [&CONNECT_AUTH[..], after].concat(), "{what}");
+                    // It closes: the client gets nothing more, and the connection ends.
+                    drop(broker);
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        from_gateway.read_to_end(&mut seen),
+                    );
+                    read.await.expect("no EOF").unwrap();
+                    assert_eq!(seen, broker_auth, "{what}");
+                    let done = tokio::time::timeout(Duration::from_secs(60), transfer).await;
+                    done.expect("the transfer never ended").unwrap().unwrap();
+                });
+                assert_eq!(upstream_closed(&snap), 0, "{what}");
+            }
+        }
+    }
+
     /// Under enhanced authentication the broker leads (§4.12): each of its AUTH packets
     /// lets one more of the client's through, besides one the client may send ahead of
     /// the broker's first; the others wait in its socket. A DISCONNECT is read when no
-    /// held AUTH is in front of it; the client's EOF waits for the broker's CONNACK.
+    /// held AUTH is in front of it; the client's EOF waits for the broker's CONNACK while
+    /// a CONNACK timer runs, and is read at once without one.
     #[tokio::test(start_paused = true)]
     async fn a_client_gets_one_auth_through_per_auth_of_the_broker() {
         let (mut client, mut io) = authenticating().await;
@@ -2744,26 +2840,44 @@ mod tests {
         assert_eq!(rest, [&auths[2][..], &[0xE0, 0x00]].concat());
 
         // With no AUTH held, a DISCONNECT is read at once, however far ahead the client is.
-        let (mut client, mut io) = authenticating().await;
-        client
-            .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
-            .await
-            .unwrap();
-        client.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        while let Some(read) = read_once(&mut io, 8192) {
-            let read = read.unwrap();
-            assert!(
-                !read.is_empty(),
-                "the client's EOF before the broker's CONNACK"
+        // With a CONNACK timeout, its EOF waits for the broker's CONNACK, as a client's
+        // packets do before it (a proxy that got it would read the client no more, nor
+        // poll the CONNACK timer); without one, nothing would end that wait, and the EOF
+        // follows at once.
+        for timeout in [Some(Duration::from_secs(5)), None] {
+            let opts = IoOptions {
+                connack_timeout: timeout,
+                ..IoOptions::default()
+            };
+            let (mut client, mut io) = connected_as(&CONNECT_AUTH, Config::new(), 64 * 1024, opts);
+            let mut got = [0; CONNECT_AUTH.len()];
+            io.read_exact(&mut got).await.unwrap();
+            client
+                .write_all(&[&auths[0][..], &[0xE0, 0x00]].concat())
+                .await
+                .unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let mut eof = false;
+            while let Some(read) = read_once(&mut io, 8192) {
+                let read = read.unwrap();
+                if read.is_empty() {
+                    eof = true;
+                    break;
+                }
+                rest.extend_from_slice(&read);
+            }
+            assert_eq!(rest, [&auths[0][..], &[0xE0, 0x00]].concat());
+            assert_eq!(
+                eof,
+                timeout.is_none(),
+                "EOF before the CONNACK, timeout {timeout:?}"
             );
-            rest.extend_from_slice(&read);
+            if !eof {
+                broker_writes(&mut io, &[0x20, 0x03, 0x00, 0x00, 0x00]);
+                assert_eq!(read_once(&mut io, 8192).unwrap().unwrap(), b"");
+            }
         }
-        // Its EOF waits for the broker's CONNACK, as a client's packets do before it (a
-        // proxy that got it would read the client no more, nor poll the CONNACK timer).
-        broker_writes(&mut io, &[0x20, 0x03, 0x00, 0x00, 0x00]);
-        io.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, [&auths[0][..], &[0xE0, 0x00]].concat());
     }
 
     /// How many of the client's AUTH packets are read, under enhanced authentication,

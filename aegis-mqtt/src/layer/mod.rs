@@ -62,11 +62,15 @@
 //! AUTH or its CONNACK. A client flooding AUTH packets thus puts at most a few packets
 //! into the broker's socket (see [below](#when-the-broker-is-stalled)). A DISCONNECT is
 //! read at once when no held AUTH is before it; one behind a held AUTH waits with it,
-//! and the connection then ends at the CONNACK timeout at the latest. The client's EOF
-//! before the CONNACK (a half-close, after its DISCONNECT or not) waits too: the read
-//! that finds it stays pending until the broker's CONNACK (then EOF) or a refusal, as a
-//! read of any other client does before the CONNACK, so the broker gets that FIN only
-//! then, and a stalled broker still gets the client the CONNACK timeout's answer.
+//! and the connection then ends at the CONNACK timeout at the latest. With a CONNACK
+//! timeout, the client's EOF before the CONNACK (a half-close, after its DISCONNECT or
+//! not) waits too: the read that finds it stays pending until the broker's CONNACK (then
+//! EOF) or a refusal, as a read of any other client does before the CONNACK, so the
+//! broker gets that FIN only then, and a stalled broker still gets the client the
+//! CONNACK timeout's answer. Without one, nothing would end that wait (a broker that
+//! sent its AUTH challenge waits for the client's answer): the EOF is read at once, the
+//! broker gets the FIN and closes, and the connection ends (with no CONNACK of the
+//! gateway's, [below](#when-the-broker-closes-before-its-connack)).
 //! Every refusing CONNACK of the broker is counted in
 //! `aegis_mqtt_broker_refusals_total{reason}` (see [Metrics](#metrics)); one that
 //! refuses the client's login (3.x return code 4 or 5, 5.0 reason code 0x86, 0x87 or
@@ -186,12 +190,12 @@
 //! an enhanced authentication, one AUTH of the client's per AUTH of the broker's, plus
 //! one (each under the CONNECT size cap), and holds the rest of the client's bytes in
 //! its socket, with the read pending and the timer polled. The client's EOF is held the
-//! same way: a read that returned it before the CONNACK would end the copy's reads of
-//! the client, and with them the timer (a client of an enhanced authentication that
-//! half-closed after its CONNECT, or after a DISCONNECT, got no answer and held its
-//! connection for as long as the broker stalled). (Polling the timer from the
-//! writes as well would not help: a stalled broker writes nothing, so a proxy calls
-//! neither `poll_write` nor `poll_flush` of the [`MqttIo`] while it stalls.)
+//! same way while the timer runs: a read that returned it before the CONNACK would end
+//! the copy's reads of the client, and with them the timer (a client of an enhanced
+//! authentication that half-closed after its CONNECT, or after a DISCONNECT, got no
+//! answer and held its connection for as long as the broker stalled). (Polling the
+//! timer from the writes as well would not help: a stalled broker writes nothing, so a
+//! proxy calls neither `poll_write` nor `poll_flush` of the [`MqttIo`] while it stalls.)
 //! [`MqttLayer::on_connack_timeout`] tells someone else, such as a circuit breaker.
 //!
 //! An MQTT 5 client that chose an Authentication Method may go through AUTH rounds with
