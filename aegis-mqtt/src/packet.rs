@@ -125,6 +125,8 @@ pub(crate) struct Ctx5 {
     pub(crate) auth_method: Option<AuthMethod>,
     /// What the broker's CONNACK announced, once seen.
     pub(crate) limits: Option<ServerLimits>,
+    /// Whether the broker's CONNACK has gone to the client.
+    pub(crate) connack_sent: bool,
 }
 
 /// A packet's reason codes (MQTT 5.0), split by who may send them: every code of the
@@ -153,7 +155,8 @@ const REL_CODES: Codes = Codes {
     server_only_error: "",
 };
 /// AUTH (§3.15.2.1, Table 3-11): 0x00 Success is sent by the server, 0x18 Continue
-/// authentication by either, 0x19 Re-authenticate by the client.
+/// authentication by either, 0x19 Re-authenticate by the client (only after the
+/// CONNACK: checked in [`validate`]).
 const AUTH_CODES: Codes = Codes {
     client: &[0x18, 0x19],
     server_only: &[0x00],
@@ -251,6 +254,13 @@ pub(crate) fn validate(first: u8, body: &[u8], ctx: Ctx5) -> Result<Packet<'_>, 
             if AuthMethod::of(method) != expected {
                 return Err(MqttError::ProtocolError(
                     "AUTH with an authentication method other than the CONNECT's",
+                ));
+            }
+            // A re-authentication starts only after the CONNACK (§4.12.1); before it, the
+            // client's AUTH answers the server's, with 0x18 [MQTT-4.12.0-3].
+            if code == 0x19 && !ctx.connack_sent {
+                return Err(MqttError::ProtocolError(
+                    "AUTH reason code 0x19 (Re-authenticate) before the CONNACK",
                 ));
             }
             Ok(Packet::Auth(code))

@@ -219,6 +219,7 @@ impl Session {
                     session_expiry_zero: self.expiry_zero,
                     auth_method: self.auth_method,
                     limits: self.limits,
+                    connack_sent: self.connack_sent,
                 };
                 let r =
                     split_frame(frame).and_then(|(first, body)| packet::validate(first, body, ctx));

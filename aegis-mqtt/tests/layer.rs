@@ -299,6 +299,44 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
     assert_eq!(answer, CONNACK_V5);
 }
 
+/// An AUTH with reason code 0x19 (Re-authenticate) and the CONNECT's method, before the
+/// broker's CONNACK, is refused as one with another method is: a re-authentication
+/// starts only after the CONNACK (5.0 §4.12.1), and during the enhanced authentication
+/// the client's AUTH is 0x18 [MQTT-4.12.0-3]. The client gets CONNACK 0x82, the AUTH never
+/// reaches the inner service (the broker), and each is counted once as `protocol_error`.
+/// It went on to the broker. After the CONNACK, 0x19 goes through (the test above).
+#[test]
+fn v5_auth_re_authenticate_before_the_connack_gets_0x82_and_never_reaches_the_inner_service() {
+    let connect = head("MQTT", 5, 2)
+        .props(&[0x15, 0, 4, b'S', b'C', b'R', b'M'])
+        .s("c")
+        .frame(0x10);
+    let auth = |code: u8, method: &[u8; 4]| {
+        B::new()
+            .u8(code)
+            .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
+            .frame(0xF0)
+    };
+    let ((), snap) = aegis_core::metrics::testing::run(false, || async {
+        for refused in [auth(0x19, b"SCRM"), auth(0x18, b"PLAN")] {
+            let bytes = [connect.clone(), refused.clone()].concat();
+            let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
+            assert!(result.is_ok());
+            assert_eq!(
+                seen.unwrap(),
+                (connect.clone(), Err(io::ErrorKind::InvalidData)),
+                "{refused:02x?}"
+            );
+            assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00], "{refused:02x?}");
+        }
+    });
+    let count = aegis_core::metrics::testing::capture(&snap).counter(
+        aegis_core::metrics::REJECTIONS_TOTAL,
+        &[("layer", "mqtt"), ("reason", "protocol_error")],
+    );
+    assert_eq!(count, 2);
+}
+
 /// A DISCONNECT reason code only a server may send (0x8B Server shutting down, 5.0
 /// Table 3-10) from a client is a protocol error [MQTT-3.14.2-1]: DISCONNECT 0x82 after
 /// the broker's CONNACK, and the broker never gets the client's DISCONNECT (it would

@@ -541,6 +541,10 @@ fn nothing_after_disconnect() {
     );
 }
 
+/// A client's AUTH 0x19 (Re-authenticate) before the CONNACK.
+const RE_AUTH_BEFORE_CONNACK: MqttError =
+    MqttError::ProtocolError("AUTH reason code 0x19 (Re-authenticate) before the CONNACK");
+
 #[test]
 fn auth_v5() {
     let c = head("MQTT", 5, 2)
@@ -561,9 +565,14 @@ fn auth_v5() {
     let f = B::new().u8(0x01).props(&[0x15, 0, 1, b'm']).frame(0xF0);
     assert_eq!(label(session_after(&c).validate(&f)), "protocol_error");
     // Table 3-11: 0x18 from either side, 0x19 from the client, 0x00 (Success) from
-    // the server alone, also when it is implied by an empty AUTH
+    // the server alone, also when it is implied by an empty AUTH. 0x19 (Re-authenticate)
+    // only after the CONNACK (§4.12.1); before it, the client's AUTH continues the
+    // exchange, 0x18 [MQTT-4.12.0-3]
     let f = B::new().u8(0x19).props(&[0x15, 0, 1, b'm']).frame(0xF0);
-    assert_eq!(session_after(&c).validate(&f), Ok(Packet::Auth(0x19)));
+    assert_eq!(session_after(&c).validate(&f), Err(RE_AUTH_BEFORE_CONNACK));
+    let mut s = session_after(&c);
+    s.connack_sent();
+    assert_eq!(s.validate(&f), Ok(Packet::Auth(0x19)));
     let success = MqttError::ProtocolError("AUTH reason code 0x00 (Success) is the server's");
     let f = B::new().u8(0x00).props(&[0x15, 0, 1, b'm']).frame(0xF0);
     assert_eq!(session_after(&c).validate(&f), Err(success));
@@ -662,6 +671,22 @@ fn auth_method_must_be_the_connects() {
         // the session stays closed, with the same error
         assert_eq!(s.validate(&auth(0x18, "SCRAM-SHA-1")), Err(OTHER));
     }
+    // ... and so is a re-authentication with the same method, which may only come after
+    // the CONNACK (§4.12.1): during the exchange the client's AUTH is 0x18
+    // [MQTT-4.12.0-3]
+    let mut s = session_after(&c);
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-1")),
+        Ok(Packet::Auth(0x18))
+    );
+    assert_eq!(
+        s.validate(&auth(0x19, "SCRAM-SHA-1")),
+        Err(RE_AUTH_BEFORE_CONNACK)
+    );
+    assert_eq!(
+        s.validate(&auth(0x18, "SCRAM-SHA-1")),
+        Err(RE_AUTH_BEFORE_CONNACK)
+    );
     // after the CONNACK, a re-authentication [MQTT-4.12.1-1]
     let mut s = session_after(&c);
     s.connack_sent();
