@@ -555,29 +555,49 @@ impl BanTable {
         self.covering(key).is_some()
     }
 
-    /// The bans in force, soonest-ending first.
-    pub(super) fn list(&mut self, now: Instant) -> Vec<Ban> {
+    /// The bans in force, copied, in no order: [`Listed::soonest_first`] sorts them
+    /// after the table's lock is let go. The lock is taken by every connection's and every
+    /// CONNECT's ban check: a table of `max_bans` (100,000 by default) is only copied
+    /// under it, in one pass over each class's bans, not sorted.
+    pub(super) fn list(&mut self, now: Instant) -> Listed {
         self.purge(now);
-        let mut all: Vec<_> = self.by_expiry.iter().flatten().collect();
-        all.sort_unstable_by_key(|(at, _)| *at);
-        all.into_iter()
-            .filter_map(|((until, _), key)| {
-                let e = match key {
-                    BanKey::Addr(net) => self.nets.get(net)?,
-                    names => self.names.get(names)?,
-                };
-                Some(Ban {
+        let mut all = Vec::with_capacity(self.len());
+        for (&(until, id), key) in self.by_expiry.iter().flatten() {
+            let e = match key {
+                BanKey::Addr(net) => self.nets.get(net),
+                names => self.names.get(names),
+            };
+            let Some(e) = e else { continue };
+            all.push((
+                (until, id),
+                Ban {
                     key: key.clone(),
                     until: e.wall,
                     remaining: until.saturating_duration_since(now),
                     reason: e.reason,
-                })
-            })
-            .collect()
+                },
+            ));
+        }
+        Listed(all)
     }
 
     pub(super) fn len(&self) -> usize {
         self.nets.len() + self.names.len()
+    }
+}
+
+/// The bans [`BanTable::list`] copied, each with its place in the order of their ends.
+#[derive(Debug)]
+pub(super) struct Listed(Vec<((Instant, u64), Ban)>);
+
+impl Listed {
+    /// The bans, the soonest-ending first (bans that end at the same instant, in the
+    /// order they were put in place). Outside the table's lock.
+    pub(super) fn soonest_first(self) -> Vec<Ban> {
+        let mut all = self.0;
+        // Two runs, each class's bans in order: a stable sort merges them in one pass.
+        all.sort_by_key(|(at, _)| *at);
+        all.into_iter().map(|(_, ban)| ban).collect()
     }
 }
 
@@ -741,7 +761,7 @@ mod tests {
         );
         assert_eq!(t.len(), 2);
         let later = now + Duration::from_secs(30);
-        assert_eq!(t.list(later).len(), 1);
+        assert_eq!(t.list(later).soonest_first().len(), 1);
         assert!(t.remove(&addr("192.0.2.3"), later));
         assert!(!t.remove(&addr("192.0.2.3"), later));
         assert_eq!(t.len(), 0);
@@ -750,6 +770,48 @@ mod tests {
             !none
                 .insert(addr("192.0.2.1"), now, Duration::from_secs(1), "manual")
                 .in_force()
+        );
+    }
+
+    /// The list is the soonest-ending first across both classes (the detector's and
+    /// bans by hand, each kept in its own order), names and networks alike, ended bans
+    /// left out; bans that end together in the order they were put in place.
+    #[tokio::test(start_paused = true)]
+    async fn the_list_is_the_soonest_ending_first_across_both_classes() {
+        let mut t = BanTable::new(100);
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let bans = [
+            (addr("192.0.2.1"), 50, "manual"),
+            (net("198.51.100.0/24"), 10, "connects"),
+            (BanKey::client_id("c1"), 40, "rejections"),
+            (BanKey::username("u1"), 5, "manual"),
+            (addr("192.0.2.2"), 30, "manual"),
+            (addr("192.0.2.3"), 1, "auth_failures"),
+            (BanKey::username("u2"), 30, "connects"),
+            (addr("192.0.2.4"), 20, "manual"),
+        ];
+        for (key, secs, reason) in &bans {
+            assert!(t.insert(key.clone(), now, s(*secs), reason).in_force());
+        }
+        let later = now + s(2);
+        let listed: Vec<_> = t
+            .list(later)
+            .soonest_first()
+            .into_iter()
+            .map(|b| (b.key.to_string(), b.remaining.as_secs(), b.reason))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("username:\"u1\"".to_string(), 3, "manual"),
+                ("addr:198.51.100.0/24".to_string(), 8, "connects"),
+                ("addr:192.0.2.4/32".to_string(), 18, "manual"),
+                ("addr:192.0.2.2/32".to_string(), 28, "manual"),
+                ("username:\"u2\"".to_string(), 28, "connects"),
+                ("client_id:\"c1\"".to_string(), 38, "rejections"),
+                ("addr:192.0.2.1/32".to_string(), 48, "manual"),
+            ]
         );
     }
 
@@ -762,7 +824,7 @@ mod tests {
         let (week, five) = (Duration::from_secs(7 * 86_400), Duration::from_secs(300));
         let key = addr("192.0.2.7");
         let ban = |t: &mut BanTable| {
-            let b = t.list(now).pop().unwrap();
+            let b = t.list(now).soonest_first().pop().unwrap();
             (b.remaining, b.reason)
         };
         assert_eq!(t.insert(key.clone(), now, week, "manual"), Inserted::Placed);
@@ -797,7 +859,7 @@ mod tests {
             t.insert(other.clone(), now, five, "rejections"),
             Inserted::Stands
         );
-        let b = t.list(now).pop().unwrap();
+        let b = t.list(now).soonest_first().pop().unwrap();
         assert_eq!(
             (b.key, b.remaining, b.reason),
             (other, week, "auth_failures")
@@ -807,7 +869,10 @@ mod tests {
             t.insert(key.clone(), now, Duration::from_secs(10), "manual"),
             Inserted::Placed
         );
-        assert_eq!(t.list(now)[0].remaining, Duration::from_secs(10));
+        assert_eq!(
+            t.list(now).soonest_first()[0].remaining,
+            Duration::from_secs(10)
+        );
         assert_eq!(t.len(), 2);
     }
 
@@ -841,7 +906,12 @@ mod tests {
             assert_eq!(t.len(), 3);
             // A manual ban pushes out the one detector ban left, then the soonest manual.
             assert!(t.insert(addr("192.0.2.4"), now, s(40), "manual").in_force());
-            let manual: Vec<_> = t.list(now).into_iter().map(|b| b.key.to_string()).collect();
+            let manual: Vec<_> = t
+                .list(now)
+                .soonest_first()
+                .into_iter()
+                .map(|b| b.key.to_string())
+                .collect();
             assert_eq!(
                 manual,
                 [

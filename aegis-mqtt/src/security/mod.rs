@@ -239,7 +239,10 @@
 //!   hand: a detector's ban that finds the table full of them is not put in place. So an
 //!   attacker who earns bans from many addresses on purpose can push out detector bans
 //!   (their own earlier ones too), never an operator's; size `max_bans` for the
-//!   addresses you expect to ban.
+//!   addresses you expect to ban. [`Security::bans`] lists them all: it holds the
+//!   table's lock (which each connection's ban check takes) only to copy them, sorts
+//!   them after, and is best called off the async runtime (`spawn_blocking`) on a large
+//!   table.
 //! - The detector tracks at most [`max_tracked`](SecurityBuilder::max_tracked) keys
 //!   (100,000 by default) of each class: IPv4 networks, IPv6 networks, names (client
 //!   ids and usernames); it only tracks keys for thresholds that are set. When a class
@@ -829,9 +832,12 @@ impl Security {
         SecurityLayer::new(self.clone())
     }
 
-    /// The bans in force, the soonest-ending first.
+    /// The bans in force, the soonest-ending first. The ban table's lock, which every
+    /// connection's ban check takes, is held only to copy them: they are sorted after.
+    /// Each call copies, sorts and allocates every ban (up to `max_bans`): call it off
+    /// an async runtime's worker threads when the table may be large.
     pub fn bans(&self) -> Vec<Ban> {
-        self.with_bans(BanTable::list)
+        self.with_bans(BanTable::list).soonest_first()
     }
 
     /// Bans `key` for `duration` from now (replacing a ban of the same key), and closes
