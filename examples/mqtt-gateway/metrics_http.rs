@@ -31,7 +31,13 @@
 //!   a stream of connects to the broker past the gateway's rate limits.
 //! - `/events?limit=N`: the latest `N` security events (default 50, at most 1000), a JSON
 //!   array, oldest first, in the schema of `aegis_mqtt::security::Event`.
-//! - `/bans`: the bans in force, a JSON array. With `security.admin = true`,
+//! - `/bans?limit=N`: the `N` bans in force that end last (default 1000, at most
+//!   10,000), a JSON array, the soonest-ending first, and in an `X-Total-Count` header
+//!   how many are in force (more than the array holds when the list was cut: the bans
+//!   file holds them all). Listed and encoded off the runtime, on a blocking thread:
+//!   the main runtime accepts every MQTT connection (in `server.runtime = "per-core"`
+//!   its only acceptor), and a full table (`security.max_bans`) takes a while to list.
+//!   With `security.admin = true`,
 //!   `POST /bans?key=addr&value=192.0.2.7&for=10m` adds one and
 //!   `DELETE /bans?key=client_id&value=c1` lifts one (`key` is `addr`, `username` or
 //!   `client_id`); otherwise those answer `403`. `POST` refuses (`400`) a network wider
@@ -184,6 +190,18 @@ fn addressed_by_ip(req: &Request<Incoming>) -> bool {
 /// The most events one `/events` answer holds.
 const MAX_EVENTS: usize = 1000;
 
+/// The bans one `/bans` answer holds without `?limit=`.
+const DEFAULT_BANS: usize = 1000;
+
+/// The most bans one `/bans` answer holds, whatever `?limit=` asks: a full table
+/// (`security.max_bans`, 100,000 by default, which an attacker with many addresses can
+/// fill) is some 12 MB of JSON. The bans file holds them all.
+const MAX_BANS: usize = 10_000;
+
+/// The header of a `/bans` answer that gives how many bans are in force: more than the
+/// answer lists when `?limit=` (or its default) cut the list.
+const TOTAL_COUNT: &str = "x-total-count";
+
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut res = text(status, body);
     res.headers_mut()
@@ -272,8 +290,36 @@ fn blank_name(key: &BanKey) -> Option<String> {
     })
 }
 
+/// `GET /bans?limit=N`: the `N` bans that end last, the soonest-ending first, and how
+/// many are in force in [`TOTAL_COUNT`]. Listed (the ban table copied, then sorted)
+/// and encoded on a blocking thread: on the runtime, it would hold up the connections
+/// the runtime accepts and serves (in `server.runtime = "per-core"`, the main runtime
+/// accepts them all) for as long as a full table takes.
+async fn list_bans(security: &Security, limit: usize) -> Response<Full<Bytes>> {
+    let security = security.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let bans = security.bans();
+        let shown = &bans[bans.len().saturating_sub(limit)..];
+        serde_json::to_string(shown).map(|json| (json, bans.len()))
+    })
+    .await;
+    match listed {
+        Ok(Ok((body, total))) => {
+            let mut res = json(StatusCode::OK, body);
+            res.headers_mut()
+                .insert(TOTAL_COUNT, HeaderValue::from(total));
+            res
+        }
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing the bans failed: {e}\n"),
+        ),
+    }
+}
+
 /// `/events` and `/bans`; `None` for any other path.
-fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>> {
+async fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     if path != "/events" && path != "/bans" {
         return None;
@@ -325,7 +371,14 @@ fn admin(req: &Request<Incoming>, admin: &Admin) -> Option<Response<Full<Bytes>>
             };
             to_json(serde_json::to_string(&security.events(limit)))
         }
-        ("/bans", &Method::GET | &Method::HEAD) => to_json(serde_json::to_string(&security.bans())),
+        ("/bans", &Method::GET | &Method::HEAD) => {
+            let limit = match query(req, "limit").map(|l| l.parse::<usize>()) {
+                None => DEFAULT_BANS,
+                Some(Ok(n)) => n.min(MAX_BANS),
+                Some(Err(_)) => return Some(bad("limit must be a number")),
+            };
+            list_bans(security, limit).await
+        }
         ("/bans", &Method::POST | &Method::DELETE) if !admin.writable => text(
             StatusCode::FORBIDDEN,
             "bans are read-only here (security.admin = false)\n",
@@ -447,7 +500,7 @@ async fn route(
     ready: Readiness,
     admin: Admin,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if let Some(res) = self::admin(&req, &admin) {
+    if let Some(res) = self::admin(&req, &admin).await {
         return Ok(res);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {

@@ -504,6 +504,18 @@ async fn http_request_with(
     path: &str,
     headers: &str,
 ) -> std::io::Result<(u16, String)> {
+    let (status, _, body) = http_exchange(addr, method, path, headers).await?;
+    Ok((status, body))
+}
+
+/// [`http_request_with`], the answer's head too (status line and headers): the status,
+/// the head and the body.
+async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String, String)> {
     timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
@@ -520,11 +532,8 @@ async fn http_request_with(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        Ok((status, body))
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        Ok((status, head.to_string(), body.to_string()))
     })
     .await
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -2126,6 +2135,62 @@ async fn bans_outlive_a_restart_through_the_bans_file() {
     let (status, stderr) = run_to_exit("bans-file-bad", &config(""));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("security.bans_file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `/bans?limit=N` lists the `N` bans that end last (1000 without `limit`, at most
+/// 10,000 whatever it asks), the soonest-ending first, and says in `X-Total-Count` how
+/// many are in force: 10,001 bans restored from `security.bans_file`, in no order.
+#[tokio::test]
+async fn bans_lists_at_most_its_limit_and_the_total_in_a_header() {
+    let dir = scratch("bans-limit-file");
+    let file = dir.join("bans.json");
+    let start = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    // Each `u<i>` ends `i` seconds after the first; written from the last.
+    let records: Vec<String> = (0..10_001u64)
+        .rev()
+        .map(|i| {
+            let until = humantime::format_rfc3339(start + Duration::from_secs(i));
+            format!(r#"{{"key":"username","value":"u{i:05}","until":"{until}","reason":"manual"}}"#)
+        })
+        .collect();
+    std::fs::write(&file, format!("[{}]", records.join(","))).unwrap();
+    let config = format!("[security]\nbans_file = {:?}\n", file.display().to_string());
+    let gw = Gateway::start("bans-limit", &config, &[]).await;
+    assert!(gw.log().contains("restored=10001"), "{}", gw.log());
+    let metrics = gw.metrics;
+    let list = |path: &'static str| async move {
+        let (status, head, body) = http_exchange(metrics, "GET", path, "").await.unwrap();
+        assert_eq!(status, 200, "{path}: {head}");
+        let total = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("x-total-count")
+                .then(|| value.trim().to_string())
+        });
+        let bans: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let values: Vec<String> = bans
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["value"].as_str().unwrap().to_string())
+            .collect();
+        (total.as_deref() == Some("10001"), values)
+    };
+    let ends = |v: &[String]| (v.len(), v[0].clone(), v[v.len() - 1].clone());
+
+    let (total, default) = list("/bans").await;
+    assert!(total, "no X-Total-Count: 10001");
+    assert_eq!(ends(&default), (1000, "u09001".into(), "u10000".into()));
+    let (total, two) = list("/bans?limit=2").await;
+    assert!(total);
+    assert_eq!(two, ["u09999", "u10000"]);
+    let (total, most) = list("/bans?limit=50000").await;
+    assert!(total);
+    assert_eq!(ends(&most), (10_000, "u00001".into(), "u10000".into()));
+    let (total, none) = list("/bans?limit=0").await;
+    assert!(total && none.is_empty(), "{none:?}");
+    assert_eq!(http_get(gw.metrics, "/bans?limit=x").await.unwrap().0, 400);
+    drop(gw);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
