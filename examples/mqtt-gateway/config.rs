@@ -165,7 +165,7 @@ impl Default for Server {
             upstream: "embedded".into(),
             upstream_connect_timeout: Duration::from_secs(3),
             max_connections: 10_000,
-            drain_timeout: Duration::from_secs(25),
+            drain_timeout: Duration::from_secs(22),
             nodelay: true,
             proxy_buffer: 64 * 1024,
             runtime: Runtime::PerCore,
