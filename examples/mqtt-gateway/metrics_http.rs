@@ -25,7 +25,12 @@
 //! - `/healthz`: `200 ok` while the process runs.
 //! - `/readyz`: `200 ready` when the circuit breaker (if on) is not open and a TCP
 //!   connect to the upstream succeeds within `metrics.readiness_timeout`; else `503`
-//!   with the reason. Also `503` once a shutdown has begun, so a balancer stops sending.
+//!   with the reason. Also `503` once a shutdown has begun; but the MQTT listener is
+//!   closed in the same instant (new connections are refused at once), so the `503`
+//!   cannot warn a balancer before the gateway stops accepting. To have a balancer stop
+//!   routing first, delay the signal (Kubernetes: a `preStop` hook such as
+//!   `sleep 5`, with `terminationGracePeriodSeconds` raised by as much, since the grace
+//!   period counts from the hook's start).
 //!   It connects to the upstream at most once in [`PROBE_EVERY`]: requests in between
 //!   get the last connect's result, so that requests to `/readyz` cannot be turned into
 //!   a stream of connects to the broker past the gateway's rate limits.
