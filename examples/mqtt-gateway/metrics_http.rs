@@ -296,16 +296,15 @@ fn blank_name(key: &BanKey) -> Option<String> {
 }
 
 /// `GET /bans?limit=N`: the `N` bans that end last, the soonest-ending first, and how
-/// many are in force in [`TOTAL_COUNT`]. Listed (the ban table copied, then sorted)
-/// and encoded on a blocking thread: on the runtime, it would hold up the connections
+/// many are in force in [`TOTAL_COUNT`]. Listed (only those bans copied under the ban
+/// table's lock: [`Security::bans_ending_last`], then sorted) and encoded on a blocking thread: on the runtime, it would hold up the connections
 /// the runtime accepts and serves (in `server.runtime = "per-core"`, the main runtime
 /// accepts them all) for as long as a full table takes.
 async fn list_bans(security: &Security, limit: usize) -> Response<Full<Bytes>> {
     let security = security.clone();
     let listed = tokio::task::spawn_blocking(move || {
-        let bans = security.bans();
-        let shown = &bans[bans.len().saturating_sub(limit)..];
-        serde_json::to_string(shown).map(|json| (json, bans.len()))
+        let (shown, total) = security.bans_ending_last(limit);
+        serde_json::to_string(&shown).map(|json| (json, total))
     })
     .await;
     match listed {

@@ -563,22 +563,41 @@ impl BanTable {
         self.purge(now);
         let mut all = Vec::with_capacity(self.len());
         for (&(until, id), key) in self.by_expiry.iter().flatten() {
-            let e = match key {
-                BanKey::Addr(net) => self.nets.get(net),
-                names => self.names.get(names),
-            };
-            let Some(e) = e else { continue };
-            all.push((
-                (until, id),
-                Ban {
-                    key: key.clone(),
-                    until: e.wall,
-                    remaining: until.saturating_duration_since(now),
-                    reason: e.reason,
-                },
-            ));
+            if let Some(ban) = self.copy(key, until, now) {
+                all.push(((until, id), ban));
+            }
         }
         Listed(all)
+    }
+
+    /// The `limit` bans in force that end last, copied, in no order, and how many are
+    /// in force: only the last `limit` of each class are looked at, so the lock is held
+    /// for the answer's size, not the table's.
+    pub(super) fn list_last(&mut self, now: Instant, limit: usize) -> (Listed, usize) {
+        self.purge(now);
+        let mut some = Vec::with_capacity(limit.min(self.len()).saturating_mul(2));
+        for class in &self.by_expiry {
+            for (&(until, id), key) in class.iter().rev().take(limit) {
+                if let Some(ban) = self.copy(key, until, now) {
+                    some.push(((until, id), ban));
+                }
+            }
+        }
+        (Listed(some), self.len())
+    }
+
+    /// The ban of `key`, ending at `until`, as listed.
+    fn copy(&self, key: &BanKey, until: Instant, now: Instant) -> Option<Ban> {
+        let e = match key {
+            BanKey::Addr(net) => self.nets.get(net),
+            names => self.names.get(names),
+        }?;
+        Some(Ban {
+            key: key.clone(),
+            until: e.wall,
+            remaining: until.saturating_duration_since(now),
+            reason: e.reason,
+        })
     }
 
     pub(super) fn len(&self) -> usize {
@@ -813,6 +832,28 @@ mod tests {
                 ("addr:192.0.2.1/32".to_string(), 48, "manual"),
             ]
         );
+        // The last `limit` of them, whatever the limit, copying only as many of each
+        // class.
+        for limit in 0..=9 {
+            let (last, total) = t.list_last(later, limit);
+            assert!(
+                last.0.len() <= 2 * limit,
+                "limit {limit}: copied {}",
+                last.0.len()
+            );
+            let mut last: Vec<_> = last
+                .soonest_first()
+                .into_iter()
+                .map(|b| (b.key.to_string(), b.remaining.as_secs(), b.reason))
+                .collect();
+            last.drain(..last.len().saturating_sub(limit));
+            assert_eq!(
+                last,
+                listed[listed.len().saturating_sub(limit)..],
+                "limit {limit}"
+            );
+            assert_eq!(total, 7, "limit {limit}");
+        }
     }
 
     /// A detector's ban of a key banned already never shortens its ban nor makes a ban

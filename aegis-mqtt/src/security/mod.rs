@@ -840,6 +840,18 @@ impl Security {
         self.with_bans(BanTable::list).soonest_first()
     }
 
+    /// The `limit` bans in force that end last (those [`bans`](Self::bans) lists last),
+    /// the soonest-ending first, and how many bans are in force. For an answer of a few:
+    /// under the ban table's lock, which every connection's ban check takes, it copies
+    /// only the `limit` bans that end last of each kind (by hand, the detector's), where
+    /// `bans` copies the whole table (`max_bans`, 100,000 by default).
+    pub fn bans_ending_last(&self, limit: usize) -> (Vec<Ban>, usize) {
+        let (listed, total) = self.with_bans(|t, now| t.list_last(now, limit));
+        let mut some = listed.soonest_first();
+        some.drain(..some.len().saturating_sub(limit));
+        (some, total)
+    }
+
     /// Bans `key` for `duration` from now (replacing a ban of the same key), and closes
     /// the open connections it matches unless built with
     /// [`close_on_ban(false)`](SecurityBuilder::close_on_ban). Logs a `ban` event (rule
