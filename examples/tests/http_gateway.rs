@@ -2911,18 +2911,7 @@ fn a_client_leaving_in_the_middle_of_a_body_counts_nothing_against_the_backend()
         let mut cfg = config_over(backend);
         cfg.breaker_failures = 1;
         let gw = start(&cfg).await;
-        let mut client = TcpStream::connect(gw.addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0; 1024];
-        while !String::from_utf8_lossy(&got).contains("\r\n\r\n0123456789") {
-            let n = timeout(WAIT, client.read(&mut buf)).await.unwrap().unwrap();
-            assert_ne!(n, 0, "closed early: {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
+        let client = hold_body(gw.addr, "/").await;
         client.set_zero_linger().unwrap();
         drop(client);
         until("the backend's answer ended", || {
@@ -2980,12 +2969,12 @@ async fn held_body_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
     (addr, closed, task)
 }
 
-/// `GET /held` through the gateway at `addr`: the connection, once the head and the
-/// first ten bytes of the body are in (the rest never comes).
-async fn hold_body(addr: SocketAddr) -> TcpStream {
+/// `GET path` through the gateway at `addr`: the connection, once a `200` head and the
+/// first ten bytes of the body (`0123456789`) are in (the rest is not read).
+async fn hold_body(addr: SocketAddr, path: &str) -> TcpStream {
     let mut client = TcpStream::connect(addr).await.unwrap();
     client
-        .write_all(b"GET /held HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -3015,7 +3004,7 @@ async fn a_body_the_client_drops_does_not_reset_the_failure_count() {
             StatusCode::SERVICE_UNAVAILABLE
         );
     }
-    let client = hold_body(gw.addr).await;
+    let client = hold_body(gw.addr, "/held").await;
     drop(client);
     until("the gateway dropped the backend's body", || {
         closed.load(Ordering::SeqCst) == 1
@@ -3048,7 +3037,7 @@ fn a_body_begun_before_the_breaker_opened_does_not_close_it_when_dropped() {
         cfg.breaker_failures = 1;
         cfg.breaker_open_for = Duration::from_millis(300);
         let gw = start(&cfg).await;
-        let held = hold_body(gw.addr).await;
+        let held = hold_body(gw.addr, "/held").await;
         assert_eq!(
             status_of(gw.addr, "/503").await,
             StatusCode::SERVICE_UNAVAILABLE
