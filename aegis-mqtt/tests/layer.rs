@@ -254,24 +254,32 @@ async fn v5_later_violation_gets_a_disconnect_then_close() {
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
 }
 
+/// An MQTT 5 CONNECT of client `c` with the Authentication Method `SCRM`.
+fn connect_with_method() -> Vec<u8> {
+    head("MQTT", 5, 2)
+        .props(&[0x15, 0, 4, b'S', b'C', b'R', b'M'])
+        .s("c")
+        .frame(0x10)
+}
+
+/// An AUTH with reason code `code`, the Authentication Method `method` and one byte of
+/// Authentication Data.
+fn auth_with(code: u8, method: &[u8; 4]) -> Vec<u8> {
+    B::new()
+        .u8(code)
+        .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
+        .frame(0xF0)
+}
+
 /// An AUTH whose Authentication Method is not the CONNECT's [MQTT-4.12.0-5] never
 /// reaches the broker: before the CONNACK it is answered by CONNACK 0x82; as a
 /// re-authentication after it [MQTT-4.12.1-1], by DISCONNECT 0x82. The CONNECT's own
 /// method goes through.
 #[tokio::test]
 async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_service() {
-    let connect = head("MQTT", 5, 2)
-        .props(&[0x15, 0, 4, b'S', b'C', b'R', b'M'])
-        .s("c")
-        .frame(0x10);
-    let auth = |code: u8, method: &[u8; 4]| {
-        B::new()
-            .u8(code)
-            .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
-            .frame(0xF0)
-    };
+    let connect = connect_with_method();
     // before the broker's CONNACK
-    let bytes = [connect.clone(), auth(0x18, b"PLAN")].concat();
+    let bytes = [connect.clone(), auth_with(0x18, b"PLAN")].concat();
     let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
     assert!(result.is_ok());
     assert_eq!(
@@ -280,7 +288,7 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
     );
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
     // a re-authentication after it
-    let bytes = [connect.clone(), auth(0x19, b"PLAN")].concat();
+    let bytes = [connect.clone(), auth_with(0x19, b"PLAN")].concat();
     let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
     assert!(result.is_ok());
     assert_eq!(
@@ -292,7 +300,7 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
         [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
     );
     // the CONNECT's method
-    let bytes = [connect, auth(0x19, b"SCRM")].concat();
+    let bytes = [connect, auth_with(0x19, b"SCRM")].concat();
     let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes.clone()).await;
     assert!(result.is_ok());
     assert_eq!(seen.unwrap(), (bytes, Ok(())));
@@ -307,18 +315,9 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
 /// It went on to the broker. After the CONNACK, 0x19 goes through (the test above).
 #[test]
 fn v5_auth_re_authenticate_before_the_connack_gets_0x82_and_never_reaches_the_inner_service() {
-    let connect = head("MQTT", 5, 2)
-        .props(&[0x15, 0, 4, b'S', b'C', b'R', b'M'])
-        .s("c")
-        .frame(0x10);
-    let auth = |code: u8, method: &[u8; 4]| {
-        B::new()
-            .u8(code)
-            .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
-            .frame(0xF0)
-    };
+    let connect = connect_with_method();
     let ((), snap) = aegis_core::metrics::testing::run(false, || async {
-        for refused in [auth(0x19, b"SCRM"), auth(0x18, b"PLAN")] {
+        for refused in [auth_with(0x19, b"SCRM"), auth_with(0x18, b"PLAN")] {
             let bytes = [connect.clone(), refused.clone()].concat();
             let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
             assert!(result.is_ok());
