@@ -264,10 +264,10 @@ fn connect_with_method() -> Vec<u8> {
 
 /// An AUTH with reason code `code`, the Authentication Method `method` and one byte of
 /// Authentication Data.
-fn auth_with(code: u8, method: &[u8; 4]) -> Vec<u8> {
+fn auth_with(code: u8, method: [u8; 4]) -> Vec<u8> {
     B::new()
         .u8(code)
-        .props(&[&[0x15, 0, 4][..], method, &[0x16, 0, 1, 9]].concat())
+        .props(&[&[0x15, 0, 4][..], &method, &[0x16, 0, 1, 9]].concat())
         .frame(0xF0)
 }
 
@@ -279,7 +279,7 @@ fn auth_with(code: u8, method: &[u8; 4]) -> Vec<u8> {
 async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_service() {
     let connect = connect_with_method();
     // before the broker's CONNACK
-    let bytes = [connect.clone(), auth_with(0x18, b"PLAN")].concat();
+    let bytes = [connect.clone(), auth_with(0x18, *b"PLAN")].concat();
     let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
     assert!(result.is_ok());
     assert_eq!(
@@ -288,7 +288,7 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
     );
     assert_eq!(answer, [0x20, 0x03, 0x00, 0x82, 0x00]);
     // a re-authentication after it
-    let bytes = [connect.clone(), auth_with(0x19, b"PLAN")].concat();
+    let bytes = [connect.clone(), auth_with(0x19, *b"PLAN")].concat();
     let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes).await;
     assert!(result.is_ok());
     assert_eq!(
@@ -300,7 +300,7 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
         [&CONNACK_V5[..], &[0xE0, 0x02, 0x82, 0x00]].concat()
     );
     // the CONNECT's method
-    let bytes = [connect, auth_with(0x19, b"SCRM")].concat();
+    let bytes = [connect, auth_with(0x19, *b"SCRM")].concat();
     let (answer, result, seen, _) = serve_accepted(MqttLayer::default(), bytes.clone()).await;
     assert!(result.is_ok());
     assert_eq!(seen.unwrap(), (bytes, Ok(())));
@@ -317,7 +317,7 @@ async fn v5_auth_with_another_method_than_the_connects_never_reaches_the_inner_s
 fn v5_auth_re_authenticate_before_the_connack_gets_0x82_and_never_reaches_the_inner_service() {
     let connect = connect_with_method();
     let ((), snap) = aegis_core::metrics::testing::run(false, || async {
-        for refused in [auth_with(0x19, b"SCRM"), auth_with(0x18, b"PLAN")] {
+        for refused in [auth_with(0x19, *b"SCRM"), auth_with(0x18, *b"PLAN")] {
             let bytes = [connect.clone(), refused.clone()].concat();
             let (answer, result, seen, _) = serve(MqttLayer::default(), bytes).await;
             assert!(result.is_ok());
