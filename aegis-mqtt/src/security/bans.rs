@@ -560,14 +560,7 @@ impl BanTable {
     /// CONNECT's ban check: a table of `max_bans` (100,000 by default) is only copied
     /// under it, in one pass over each class's bans, not sorted.
     pub(super) fn list(&mut self, now: Instant) -> Listed {
-        self.purge(now);
-        let mut all = Vec::with_capacity(self.len());
-        for (&(until, id), key) in self.by_expiry.iter().flatten() {
-            if let Some(ban) = self.copy(key, until, now) {
-                all.push(((until, id), ban));
-            }
-        }
-        Listed(all)
+        self.list_last(now, usize::MAX).0
     }
 
     /// The `limit` bans in force that end last, copied, in no order, and how many are
@@ -575,13 +568,21 @@ impl BanTable {
     /// for the answer's size, not the table's.
     pub(super) fn list_last(&mut self, now: Instant, limit: usize) -> (Listed, usize) {
         self.purge(now);
-        let mut some = Vec::with_capacity(limit.min(self.len()).saturating_mul(2));
+        let len = self
+            .by_expiry
+            .iter()
+            .map(|class| class.len().min(limit))
+            .sum();
+        let mut some = Vec::with_capacity(len);
         for class in &self.by_expiry {
+            let start = some.len();
             for (&(until, id), key) in class.iter().rev().take(limit) {
                 if let Some(ban) = self.copy(key, until, now) {
                     some.push(((until, id), ban));
                 }
             }
+            // Each class's run in its order, for `soonest_first`'s merge.
+            some[start..].reverse();
         }
         (Listed(some), self.len())
     }
