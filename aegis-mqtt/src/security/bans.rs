@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -376,7 +377,7 @@ pub(super) struct BanTable {
     nets: NetMap<Entry>,
     names: HashMap<BanKey, Entry>,
     /// By expiry: `[detector bans, bans by hand]` (see [`expiry_kind`]).
-    by_expiry: [BTreeMap<(Instant, u64), BanKey>; 2],
+    by_expiry: [BTreeMap<(Instant, u64), BanKey>; EXPIRY_CLASSES],
     next_id: u64,
 }
 
@@ -555,36 +556,69 @@ impl BanTable {
         self.covering(key).is_some()
     }
 
-    /// The bans in force, copied, in no order: [`Listed::soonest_first`] sorts them
-    /// after the table's lock is let go. The lock is taken by every connection's and every
-    /// CONNECT's ban check: a table of `max_bans` (100,000 by default) is only copied
-    /// under it, in one pass over each class's bans, not sorted.
+    /// The bans in force, copied, in no order, under one hold of the table: the
+    /// reference [`Security::bans`](super::Security::bans) copies the same bans in runs of
+    /// [`LIST_RUN`], letting the lock go between them.
+    #[cfg(test)]
     pub(super) fn list(&mut self, now: Instant) -> Listed {
         self.list_last(now, usize::MAX).0
     }
 
-    /// The `limit` bans in force that end last, copied, in no order, and how many are
-    /// in force: only the last `limit` of each class are looked at, so the lock is held
-    /// for the answer's size, not the table's.
+    /// The `limit` bans in force that end last, copied, in no order, and how many are in
+    /// force, under one hold of the table (the reference of
+    /// [`Security::bans_ending_last`](super::Security::bans_ending_last)).
+    #[cfg(test)]
     pub(super) fn list_last(&mut self, now: Instant, limit: usize) -> (Listed, usize) {
-        self.purge(now);
-        let len = self
-            .by_expiry
-            .iter()
-            .map(|class| class.len().min(limit))
-            .sum();
-        let mut some = Vec::with_capacity(len);
-        for class in &self.by_expiry {
-            let start = some.len();
-            for (&(until, id), key) in class.iter().rev().take(limit) {
-                if let Some(ban) = self.copy(key, until, now) {
-                    some.push(((until, id), ban));
-                }
+        let mut some = Vec::new();
+        for class in 0..EXPIRY_CLASSES {
+            if let Some(start) = self.start_of_last(now, class, limit) {
+                self.copy_run(now, class, Bound::Included(start), limit, &mut some);
             }
-            // Each class's run in its order, for `soonest_first`'s merge.
-            some[start..].reverse();
         }
         (Listed(some), self.len())
+    }
+
+    /// Where the `limit` bans of expiry class `class` that end last begin in its order
+    /// (its first ban when it has no more than `limit`); `None` when it has none or
+    /// `limit` is 0. Walks `limit` places of the order, copying nothing.
+    pub(super) fn start_of_last(
+        &mut self,
+        now: Instant,
+        class: usize,
+        limit: usize,
+    ) -> Option<(Instant, u64)> {
+        self.purge(now);
+        let order = &self.by_expiry[class];
+        match limit {
+            0 => None,
+            l if l >= order.len() => order.keys().next().copied(),
+            l => order.keys().nth_back(l - 1).copied(),
+        }
+    }
+
+    /// Copies into `out` the bans of expiry class `class` from `from` on in its order,
+    /// at most `max`, each with its place; returns the place of the last one looked at
+    /// and how many were (fewer than `max`: the class has no more).
+    pub(super) fn copy_run(
+        &mut self,
+        now: Instant,
+        class: usize,
+        from: Bound<(Instant, u64)>,
+        max: usize,
+        out: &mut Vec<((Instant, u64), Ban)>,
+    ) -> (Option<(Instant, u64)>, usize) {
+        self.purge(now);
+        let (mut last, mut looked) = (None, 0);
+        for (&at, key) in self.by_expiry[class]
+            .range((from, Bound::Unbounded))
+            .take(max)
+        {
+            (last, looked) = (Some(at), looked + 1);
+            if let Some(ban) = self.copy(key, at.0, now) {
+                out.push((at, ban));
+            }
+        }
+        (last, looked)
     }
 
     /// The ban of `key`, ending at `until`, as listed.
@@ -606,20 +640,39 @@ impl BanTable {
     }
 }
 
-/// The bans [`BanTable::list`] copied, each with its place in the order of their ends.
-#[derive(Debug)]
-pub(super) struct Listed(Vec<((Instant, u64), Ban)>);
+/// Bans copied from the table, each with its place in the order of their ends.
+#[derive(Debug, Default)]
+pub(super) struct Listed(pub(super) Vec<((Instant, u64), Ban)>);
 
 impl Listed {
     /// The bans, the soonest-ending first (bans that end at the same instant, in the
-    /// order they were put in place). Outside the table's lock.
+    /// order they were put in place), each key once: copied in runs with the lock let go
+    /// between them, a ban lengthened or replaced meanwhile can be copied at its old
+    /// place and at its new one, and only the new one, which ends later, is kept.
+    /// Outside the table's lock.
     pub(super) fn soonest_first(self) -> Vec<Ban> {
         let mut all = self.0;
-        // Two runs, each class's bans in order: a stable sort merges them in one pass.
+        // Each class's bans come in runs in order: a stable sort merges them.
         all.sort_by_key(|(at, _)| *at);
-        all.into_iter().map(|(_, ban)| ban).collect()
+        let mut seen = std::collections::HashSet::with_capacity(all.len());
+        let mut kept: Vec<Ban> = all
+            .into_iter()
+            .rev()
+            .filter_map(|(_, ban)| seen.insert(ban.key.clone()).then_some(ban))
+            .collect();
+        kept.reverse();
+        kept
     }
 }
+
+/// How many bans a listing ([`Security::bans`](super::Security::bans),
+/// [`Security::bans_ending_last`](super::Security::bans_ending_last)) copies per hold of
+/// the ban table's lock, which every connection's and every CONNECT's ban check takes:
+/// copying a full table of 100,000 at once held it for some 50 ms.
+pub(super) const LIST_RUN: usize = 512;
+
+/// The number of expiry classes ([`expiry_kind`]).
+pub(super) const EXPIRY_CLASSES: usize = 2;
 
 /// The detector's thresholds.
 #[derive(Debug, Clone, Copy)]
@@ -753,6 +806,48 @@ mod tests {
 
     fn net(s: &str) -> BanKey {
         BanKey::Addr(s.parse().unwrap())
+    }
+
+    /// Copied in runs, a ban lengthened between two runs is copied at its old place and
+    /// at its new one; the list keeps it once, with its new end.
+    #[tokio::test(start_paused = true)]
+    async fn a_ban_lengthened_between_runs_is_listed_once_with_its_new_end() {
+        let mut t = BanTable::new(10);
+        let now = Instant::now();
+        for (ip, secs) in [("192.0.2.1", 10), ("192.0.2.2", 20), ("192.0.2.3", 30)] {
+            assert!(
+                t.insert(addr(ip), now, Duration::from_secs(secs), "manual")
+                    .in_force()
+            );
+        }
+        let class = expiry_kind("manual");
+        let mut out = Vec::new();
+        let (last, looked) = t.copy_run(now, class, Bound::Unbounded, 1, &mut out);
+        assert_eq!(looked, 1);
+        // The first copied is lengthened past the others before the next run.
+        assert!(
+            t.insert(addr("192.0.2.1"), now, Duration::from_secs(40), "manual")
+                .in_force()
+        );
+        let (_, looked) = t.copy_run(now, class, Bound::Excluded(last.unwrap()), 10, &mut out);
+        assert_eq!(
+            looked, 3,
+            "the rest, and the lengthened ban at its new place"
+        );
+        assert_eq!(out.len(), 4);
+        let listed: Vec<_> = Listed(out)
+            .soonest_first()
+            .into_iter()
+            .map(|b| (b.key.to_string(), b.remaining.as_secs()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("addr:192.0.2.2/32".to_string(), 20),
+                ("addr:192.0.2.3/32".to_string(), 30),
+                ("addr:192.0.2.1/32".to_string(), 40),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -276,6 +276,7 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Waker};
@@ -833,23 +834,59 @@ impl Security {
     }
 
     /// The bans in force, the soonest-ending first. The ban table's lock, which every
-    /// connection's ban check takes, is held only to copy them: they are sorted after.
-    /// Each call copies, sorts and allocates every ban (up to `max_bans`): call it off
-    /// an async runtime's worker threads when the table may be large.
+    /// connection's ban check takes, is held only to copy them, and for no more than 512
+    /// at a time: they are sorted after. So the list is not one instant's: a ban put in
+    /// place or lifted while it is made may be in it or not, and a ban lengthened
+    /// meanwhile is listed once, with its new end. Each call copies, sorts and allocates
+    /// every ban (up to `max_bans`): call it off an async runtime's worker threads when
+    /// the table may be large.
     pub fn bans(&self) -> Vec<Ban> {
-        self.with_bans(BanTable::list).soonest_first()
+        self.listed(usize::MAX).0.soonest_first()
     }
 
     /// The `limit` bans in force that end last (those [`bans`](Self::bans) lists last),
     /// the soonest-ending first, and how many bans are in force. For an answer of a few:
-    /// under the ban table's lock, which every connection's ban check takes, it copies
-    /// only the `limit` bans that end last of each kind (by hand, the detector's), where
-    /// `bans` copies the whole table (`max_bans`, 100,000 by default).
+    /// it copies only the `limit` bans that end last of each kind (by hand, the
+    /// detector's), where `bans` copies the whole table (`max_bans`, 100,000 by
+    /// default), under the ban table's lock no more than 512 at a time, as `bans` does.
     pub fn bans_ending_last(&self, limit: usize) -> (Vec<Ban>, usize) {
-        let (listed, total) = self.with_bans(|t, now| t.list_last(now, limit));
+        let (listed, total) = self.listed(limit);
         let mut some = listed.soonest_first();
         some.drain(..some.len().saturating_sub(limit));
         (some, total)
+    }
+
+    /// The `limit` bans that end last of each kind, copied in runs of
+    /// [`bans::LIST_RUN`], the lock let go between runs; and how many bans were in force
+    /// when it began.
+    fn listed(&self, limit: usize) -> (bans::Listed, usize) {
+        let mut listed = bans::Listed::default();
+        let mut total = 0;
+        for class in 0..bans::EXPIRY_CLASSES {
+            let (start, len) =
+                self.with_bans(|t, now| (t.start_of_last(now, class, limit), t.len()));
+            if class == 0 {
+                total = len;
+            }
+            let (mut from, mut left) = match start {
+                Some(start) => (Bound::Included(start), limit),
+                None => continue,
+            };
+            while left > 0 {
+                let run = left.min(bans::LIST_RUN);
+                let (last, looked) =
+                    self.with_bans(|t, now| t.copy_run(now, class, from, run, &mut listed.0));
+                match last {
+                    Some(last) if looked == run => {
+                        from = Bound::Excluded(last);
+                        left -= run;
+                    }
+                    // The class has no more.
+                    _ => break,
+                }
+            }
+        }
+        (listed, total)
     }
 
     /// Bans `key` for `duration` from now (replacing a ban of the same key), and closes
@@ -1000,6 +1037,8 @@ impl Security {
 
     /// Runs `f` on the ban table and keeps the `aegis_security_bans` gauge up to date.
     fn with_bans<R>(&self, f: impl FnOnce(&mut BanTable, Instant) -> R) -> R {
+        #[cfg(test)]
+        tests::BAN_LOCKS.with(|n| n.set(n.get() + 1));
         let (r, before, after) = {
             let mut t = self.shared.bans.lock();
             let before = t.len();
@@ -1575,6 +1614,72 @@ mod tests {
 
     fn ctx(sec: &Security) -> Arc<ConnCtx> {
         ctx_from(sec, "192.0.2.7:1000")
+    }
+
+    thread_local! {
+        /// How many times this thread took the ban table's lock through `with_bans`.
+        pub(super) static BAN_LOCKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The bans are listed in runs of `LIST_RUN`, the lock let go between them, and the
+    /// runs put together are what one hold of the lock copies: the whole table, or its
+    /// last `limit`, whatever the limit against the runs' length.
+    #[tokio::test(start_paused = true)]
+    async fn bans_are_listed_in_runs_with_the_lock_let_go_between() {
+        let run = bans::LIST_RUN;
+        let sec = Security::builder().max_bans(10_000).build();
+        let by_hand = 2 * run + 5;
+        for i in 0..by_hand {
+            let secs = 60 + u64::try_from(i).unwrap();
+            sec.ban(
+                BanKey::username(&format!("u{i}")),
+                Duration::from_secs(secs),
+            );
+        }
+        let detector = run + 3;
+        let restored = sec.restore((0..detector).map(|i| {
+            let d = Duration::from_secs(30 + 2 * u64::try_from(i).unwrap());
+            Ban {
+                key: BanKey::client_id(&format!("c{i}")),
+                until: SystemTime::now() + d,
+                remaining: d,
+                reason: "connects",
+            }
+        }));
+        assert_eq!(restored, detector);
+        let reference = sec.with_bans(BanTable::list).soonest_first();
+        assert_eq!(reference.len(), by_hand + detector);
+
+        let before = BAN_LOCKS.with(std::cell::Cell::get);
+        let all = sec.bans();
+        let locks = BAN_LOCKS.with(std::cell::Cell::get) - before;
+        assert_eq!(all, reference);
+        // One hold per class to find where to start, then the detector's two runs
+        // (512 + 3) and the three by hand (512 + 512 + 5).
+        assert_eq!(locks, 2 + 2 + 3);
+
+        for limit in [
+            0,
+            1,
+            run - 1,
+            run,
+            run + 1,
+            run + 3,
+            2 * run + 4,
+            2 * run + 5,
+            5_000,
+        ] {
+            let (want, want_total) = sec.with_bans(|t, now| t.list_last(now, limit));
+            let mut want = want.soonest_first();
+            want.drain(..want.len().saturating_sub(limit));
+            let (last, total) = sec.bans_ending_last(limit);
+            assert_eq!(last, want, "limit {limit}");
+            assert_eq!(last.len(), limit.min(by_hand + detector), "limit {limit}");
+            assert_eq!(
+                (total, want_total),
+                (by_hand + detector, by_hand + detector)
+            );
+        }
     }
 
     fn ctx_from(sec: &Security, peer: &str) -> Arc<ConnCtx> {
