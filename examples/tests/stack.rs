@@ -65,9 +65,18 @@ fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
         1,
         "protocol level 9 refused by the MQTT layer"
     );
+    // mosquitto would take keep-alive 0 (no keep-alive at all): `max_keep_alive` refuses it.
+    assert_eq!(
+        m.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "mqtt"), ("reason", "keep_alive")]
+        ),
+        1,
+        "keep-alive 0 refused by the MQTT layer"
+    );
     assert_eq!(
         m.counter(REJECTIONS_TOTAL, &[("layer", "mqtt")]),
-        2,
+        3,
         "nothing else refused by the MQTT layer"
     );
     assert_eq!(
@@ -88,10 +97,11 @@ fn the_readme_stack_carries_real_mqtt_and_refuses_what_it_should() {
 async fn readme_stack() {
     let broker = Mosquitto::start().await;
     let stack = ServiceBuilder::new()
-        .layer(ProxyProtocolLayer::new(["127.0.0.0/8".parse().unwrap()]))
+        .layer(ProxyProtocolLayer::new(["127.0.0.1/32".parse().unwrap()]))
         .layer(
             RateLimitLayer::builder()
                 .per_client(Quota::per_minute(NonZeroU32::new(1).unwrap()))
+                .max_concurrent_per_client(64)
                 .build(),
         )
         .layer(
@@ -100,7 +110,7 @@ async fn readme_stack() {
                 .handshake_timeout(SECS(10)),
         )
         .layer(SniffLayer::new(Protocols::MQTT))
-        .layer(MqttLayer::new(aegis_mqtt::Config::new()))
+        .layer(MqttLayer::new(aegis_mqtt::Config::new().max_keep_alive(600)).enforce_keep_alive())
         .service(Proxy::new(broker.addr()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -197,6 +207,15 @@ async fn readme_stack() {
         read_packet(&mut version).await.unwrap(),
         (0x20, vec![0x00, 0x01])
     );
+
+    // A CONNECT without a keep-alive (0) is closed without a CONNACK: such a session,
+    // silent after its CONNECT, would be held for ever.
+    let mut forever = TcpStream::connect(addr).await.unwrap();
+    forever
+        .write_all(&[proxy_v1("203.0.113.23"), connect(4, "forever", 0)].concat())
+        .await
+        .unwrap();
+    assert!(closed_silently(&mut forever, SECS(5)).await);
 
     // The first two sessions are still alive: PINGREQ / PINGRESP.
     for s in [&mut sub, &mut publ] {

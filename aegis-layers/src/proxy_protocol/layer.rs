@@ -64,6 +64,11 @@ impl ProxyProtocolLayer {
     ///
     /// Write IPv4 networks as IPv4 (`10.0.0.0/8`): peers are matched after folding
     /// IPv4-mapped IPv6 addresses to IPv4.
+    ///
+    /// List your balancers' own addresses (`10.1.2.3/32`), not the network they share
+    /// with clients: a trusted peer can name any client address, and every limit and ban
+    /// keyed on the client's address then keys on what it names. A network of prefix
+    /// length 0 (`0.0.0.0/0`, `::/0`) trusts every peer, so that any client can.
     pub fn new<T: IntoIterator<Item = IpNet>>(trusted: T) -> Self {
         let trusted: Arc<[IpNet]> = trusted.into_iter().map(|net| net.trunc()).collect();
         Self {

@@ -95,8 +95,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), aegis_core::BoxError> {
-//! // Trust the load balancers' subnet, and nobody else.
-//! let layer = ProxyProtocolLayer::new(["10.0.0.0/8".parse()?]);
+//! // Trust the load balancer, and nobody else.
+//! let layer = ProxyProtocolLayer::new(["10.1.2.3/32".parse()?]);
 //! let svc = layer.layer(service_fn(|mut io: ProxiedIo<Conn<DuplexStream>>| async move {
 //!     let client = Param::<ClientAddr>::param(&io);
 //!     let mut data = String::new();
