@@ -133,6 +133,7 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
     let (json, left_out) = bans_json::encode(&bans, max_len)?;
     if left_out > 0 {
         tracing::warn!(
+            file = %path.display(),
             left_out,
             kept = bans.len() - left_out,
             "security.bans_file: the bans that end soonest are left out of the file, \
@@ -211,14 +212,22 @@ pub(crate) async fn keep(
         };
         let changes = security.ban_changes();
         if changes != written || now {
-            let (path, security) = (path.clone(), security.clone());
-            match tokio::task::spawn_blocking(move || write(&path, &security)).await {
+            let (file, security) = (path.clone(), security.clone());
+            match tokio::task::spawn_blocking(move || write(&file, &security)).await {
                 Ok(Ok(bans)) => {
-                    tracing::debug!(bans, "bans written to security.bans_file");
+                    tracing::debug!(bans, file = %path.display(), "bans written to security.bans_file");
                     written = changes;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write security.bans_file"),
-                Err(e) => tracing::warn!(error = %e, "the bans file writer failed"),
+                Ok(Err(e)) => tracing::warn!(
+                    file = %path.display(),
+                    error = %e,
+                    "cannot write security.bans_file"
+                ),
+                Err(e) => tracing::warn!(
+                    file = %path.display(),
+                    error = %e,
+                    "the bans file writer failed"
+                ),
             }
         }
         if last {

@@ -285,6 +285,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let bans_writer = bans_file.map(|(path, security)| {
+        let file = path.clone();
         let (every, loaded) = (c.security.bans_save_every, security.ban_changes());
         let signalled = async {
             let _ = signalled_rx.await;
@@ -292,9 +293,10 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         let drained = async {
             let _ = drained_rx.await;
         };
-        tokio::spawn(bans_file::keep(
+        let writer = tokio::spawn(bans_file::keep(
             path, security, loaded, every, signalled, drained,
-        ))
+        ));
+        (file, writer)
     });
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -415,14 +417,16 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
     // not keep a stopping gateway past its supervisor's grace period (the file is
     // replaced by a rename, so a write cut short leaves the previous one whole).
     let _ = drained_tx.send(());
-    if let Some(writer) = bans_writer {
+    if let Some((file, writer)) = bans_writer {
         match tokio::time::timeout(LAST_BANS_WRITE, writer).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(
+                file = %file.display(),
                 error = %e,
                 "the bans file writer failed: the last bans are not written"
             ),
             Err(_) => tracing::warn!(
+                file = %file.display(),
                 timeout = ?LAST_BANS_WRITE,
                 "the last bans file write did not finish in time: the last bans may not be written"
             ),

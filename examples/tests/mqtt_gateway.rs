@@ -1481,6 +1481,29 @@ async fn stale_temporary_bans_files_are_removed_at_start() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A write of the bans file that fails names the file: with its directory removed while
+/// the gateway runs, the write at the signal warns `file=<path>`.
+#[tokio::test]
+async fn a_failed_bans_file_write_names_the_file() {
+    let dir = scratch("bans-file-gone-dir");
+    let file = dir.join("bans.json");
+    let config = format!(
+        "[security]\nbans_file = {:?}\nbans_save_every = \"1h\"\n",
+        file.display().to_string()
+    );
+    let mut gw = Gateway::start("bans-file-gone", &config, &[]).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    gw.terminate();
+    gw.wait_log("cannot write security.bans_file").await;
+    assert_eq!(gw.exit_status().await.code(), Some(0), "{}", gw.log());
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot write security.bans_file"))
+        .unwrap();
+    assert!(line.contains(&format!("file={}", file.display())), "{line}");
+}
+
 /// The last write of the bans file, after the drain, is bounded (3 s): with every
 /// `fsync` held back for ten minutes, as by a disk that hangs, the stopping gateway
 /// still ends in time, says the last bans may not be written, and the file it started
