@@ -1,8 +1,10 @@
 //! `security.bans_file`: the bans in force, kept in a file so that they outlive a
 //! restart.
 //!
-//! At start-up the gateway puts the file's bans in place again (each until its own end;
-//! ended ones are skipped), before it accepts a connection. While it runs it writes the
+//! The file is read, and its directory checked to take it, with the configuration
+//! ([`read`], from `Config::validate`, so by `--check` too); at start-up the gateway
+//! puts its bans in place again (each until its own end; ended ones are skipped), before
+//! it accepts a connection. While it runs it writes the
 //! bans every `security.bans_save_every` (a minute by default) when they changed, once
 //! as soon as a shutdown signal arrives (a supervisor such as Kubernetes may kill the
 //! process before its drain ends), and once more after the drain: a crash loses at
@@ -26,21 +28,57 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 /// file within it, so that a file it wrote never stops the next start.
 const MAX_LEN: u64 = 128 << 20;
 
-/// Puts the bans of `path` in place in `security`, at most `max` of them (those that
-/// end last, as a full table keeps); returns how many, or `None` when there is no file
-/// yet.
-pub(crate) fn load(path: &Path, security: &Security, max: usize) -> Result<Option<usize>, String> {
-    let err = |e: &dyn fmt::Display| format!("security.bans_file {}: {e}", path.display());
-    remove_stale_temporaries(path);
+/// Reads the bans of `path`, at most `max` of them (those that end last, as a full table
+/// keeps), after checking that its directory can take the file ([`check_dir`]); `None`
+/// when there is no file yet. Nothing is put in place ([`restore`] does, at start-up):
+/// `--check` reads the file so too, through the configuration's validation.
+pub(crate) fn read(path: &Path, max: usize) -> Result<Option<Vec<Ban>>, String> {
+    check_dir(path)?;
     let text = match crate::config::read_bounded(path, MAX_LEN) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(&e)),
+        Err(e) => return Err(e.to_string()),
     };
     let mut de = serde_json::Deserializer::from_str(&text);
-    let bans = Latest(max).deserialize(&mut de).map_err(|e| err(&e))?;
-    de.end().map_err(|e| err(&e))?;
-    Ok(Some(security.restore(bans)))
+    let bans = Latest(max)
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(Some(bans))
+}
+
+/// Puts `bans` ([`read`] from `path`) in place in `security`, once the stale temporary
+/// files beside `path` are removed; returns how many, or `None` when there was no file
+/// yet.
+pub(crate) fn restore(path: &Path, security: &Security, bans: Option<Vec<Ban>>) -> Option<usize> {
+    remove_stale_temporaries(path);
+    bans.map(|bans| security.restore(bans))
+}
+
+/// Checks that the directory of `path` can take the file, so that a path it cannot (a
+/// typo) stops the start rather than lose every ban at the first write: it exists, is a
+/// directory, and a temporary file can be made in it as [`write()`] makes one (and removed
+/// at once; one left by a process killed in between is removed as stale by a later
+/// start).
+fn check_dir(path: &Path) -> Result<(), String> {
+    let dir = dir_of(path);
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("its directory {} does not exist", dir.display()));
+        }
+        Err(e) => return Err(format!("its directory {}: {e}", dir.display())),
+    }
+    let (tmp, file) = temporary(path).map_err(|e| {
+        format!(
+            "cannot create a file in its directory {} (the bans are written through \
+             one): {e}",
+            dir.display()
+        )
+    })?;
+    drop(file);
+    std::fs::remove_file(&tmp).map_err(|e| format!("cannot remove {}: {e}", tmp.display()))
 }
 
 /// The directory that holds `path`: its parent, or `.` for a bare file name.
@@ -123,11 +161,10 @@ impl<'de> Visitor<'de> for Latest {
     }
 }
 
-/// Writes the bans of `security` to `path`: through a new file beside it (named after
-/// this process), synced, then renamed over `path`, and the directory synced. The file
+/// Writes the bans of `security` to `path`: through a new file beside it
+/// ([`temporary`]), synced, then renamed over `path`, and the directory synced. The file
 /// is the owner's alone (mode 0600): it lists client ids and usernames.
 fn write(path: &Path, security: &Security) -> io::Result<usize> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let bans = security.bans();
     let max_len = usize::try_from(MAX_LEN).unwrap_or(usize::MAX);
     let (json, left_out) = bans_json::encode(&bans, max_len)?;
@@ -140,28 +177,8 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
              which would be over the {MAX_LEN} bytes read back at start-up"
         );
     }
-    // A name no other writer uses: the PID alone is not (two gateways sharing the file
-    // from two containers may both be PID 1), so a random part too, and `create_new`
-    // refuses any file already there (or a link put in its place) rather than remove
-    // it: it may be another writer's.
-    let (tmp, file) = (0..8)
-        .find_map(|_| {
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(format!(".{}.{:016x}.tmp", std::process::id(), random()));
-            let tmp = PathBuf::from(tmp);
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-            {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-                file => Some((tmp, file)),
-            }
-        })
-        .ok_or_else(|| io::Error::other("no free name for the temporary bans file"))?;
     // Only a file this call created is removed on failure.
-    let mut file = file?;
+    let (tmp, mut file) = temporary(path)?;
     let written = file
         .write_all(&json)
         .and_then(|()| file.sync_all())
@@ -172,6 +189,30 @@ fn write(path: &Path, security: &Security) -> io::Result<usize> {
     written?;
     std::fs::File::open(dir_of(path))?.sync_all()?;
     Ok(bans.len() - left_out)
+}
+
+/// A new file beside `path` for a write of it, the owner's alone (mode 0600):
+/// `<path>.<pid>.<random>.tmp`, a name no other writer uses. The PID alone is not (two
+/// gateways sharing the file from two containers may both be PID 1), so a random part
+/// too, and `create_new` refuses any file already there (or a link put in its place)
+/// rather than remove it: it may be another writer's.
+fn temporary(path: &Path) -> io::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    for _ in 0..8 {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.{:016x}.tmp", std::process::id(), random()));
+        let tmp = PathBuf::from(tmp);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            file => return file.map(|file| (tmp, file)),
+        }
+    }
+    Err(io::Error::other("no free name for the temporary bans file"))
 }
 
 /// A random number, different in each call and each process (std's hasher keys, drawn

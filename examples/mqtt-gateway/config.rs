@@ -893,6 +893,9 @@ pub(crate) struct Settings {
     pub(crate) inspector: Option<Inspector>,
     /// The `[auth]` layer (its password file read), `None` when off.
     pub(crate) auth: Option<aegis_mqtt::auth::AuthLayer<crate::stack::Authenticator>>,
+    /// The bans of `security.bans_file`, read (not yet in place); `None` when it is not
+    /// set or there is no file yet.
+    pub(crate) bans: Option<Vec<aegis_mqtt::security::Ban>>,
     pub(crate) raw: Config,
 }
 
@@ -1431,6 +1434,15 @@ impl Config {
         let compiled = inspector(ins)?;
         let inspector = (ins.enabled && self.mqtt.enabled).then_some(compiled);
 
+        // Own value, whatever security.enabled says (a start with the layer off ignores
+        // the file, with a warning): read last, as a start reads it, so that `--check`
+        // refuses a file or a directory that would stop the start or lose the bans.
+        let bans = match self.security.bans_file.as_str() {
+            "" => None,
+            path => crate::bans_file::read(std::path::Path::new(path), self.security.max_bans)
+                .map_err(|why| ConfigError::new("security.bans_file", format!("{path}: {why}")))?,
+        };
+
         Ok(Settings {
             listen,
             upstream,
@@ -1444,6 +1456,7 @@ impl Config {
             max_keep_alive,
             inspector,
             auth: crate::stack::auth(&self.auth)?,
+            bans,
             raw: self,
         })
     }

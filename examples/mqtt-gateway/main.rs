@@ -201,7 +201,9 @@ async fn run(settings: Settings) -> u8 {
     }
 }
 
-async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
+async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
+    // Read with the configuration; put in place once the stack is built.
+    let saved_bans = settings.bans.take();
     // Signals first, so a SIGTERM right after start-up already drains.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
@@ -276,7 +278,7 @@ async fn serve_until_signal(settings: Settings) -> Result<u8, String> {
         .filter(|_| !c.security.bans_file.is_empty())
         .map(|security| (PathBuf::from(&c.security.bans_file), security));
     if let Some((path, security)) = &bans_file {
-        match bans_file::load(path, security, c.security.max_bans)? {
+        match bans_file::restore(path, security, saved_bans) {
             Some(n) => tracing::info!(restored = n, file = %path.display(), "bans restored"),
             None => tracing::info!(file = %path.display(), "no bans file yet"),
         }

@@ -1481,6 +1481,99 @@ async fn stale_temporary_bans_files_are_removed_at_start() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A bans file whose directory is missing, is not a directory or takes no new file is
+/// refused at start-up and by `--check`, with status 2 and a line naming the key and the
+/// file: before, the gateway started, said "no bans file yet", and lost every ban at its
+/// first write (a typo in the path). A missing file in a writable directory is a first
+/// start's: valid, and the check leaves nothing behind in the directory.
+#[test]
+fn a_bans_file_whose_directory_cannot_take_it_is_refused() {
+    let dir = scratch("bans-file-dir");
+    let a_file = dir.join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let config =
+        |path: &Path| format!("[security]\nbans_file = {:?}\n", path.display().to_string());
+    for (path, why) in [
+        (dir.join("missing/dir/bans.json"), "does not exist"),
+        (a_file.join("bans.json"), "not a directory"),
+        // sysfs makes no regular file, whoever asks (root too).
+        (
+            PathBuf::from("/sys/aegis-bans.json"),
+            "cannot create a file",
+        ),
+    ] {
+        let config = config(&path);
+        let named = |out: &str| {
+            out.contains("config error: security.bans_file")
+                && out.contains(&path.display().to_string())
+                && out.contains(why)
+        };
+        let (code, out) = check_config("bans-file-dir-check", &config);
+        assert_eq!(code, Some(2), "--check {}: {out}", path.display());
+        assert!(named(&out), "--check: {out}");
+        let (status, stderr) = run_to_exit("bans-file-dir-start", &config);
+        assert_eq!(status.code(), Some(2), "start {}: {stderr}", path.display());
+        assert!(named(&stderr), "start: {stderr}");
+    }
+    let (code, out) = check_config("bans-file-dir-fresh", &config(&dir.join("bans.json")));
+    assert_eq!(code, Some(0), "{out}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["a-file"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--check` reads the bans file as a start does: a FIFO, a directory, a file over
+/// 128 MiB and one that is not a list of bans are refused (status 2, naming the key, the
+/// file and why), where before `--check` passed them and the start failed. A list of
+/// bans is valid, and so is a missing file.
+#[test]
+fn check_reads_the_bans_file_as_a_start_does() {
+    let dir = scratch("bans-file-read");
+    let fifo = dir.join("fifo.json");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let a_dir = dir.join("a-dir.json");
+    std::fs::create_dir(&a_dir).unwrap();
+    let long = dir.join("long.json");
+    // Sparse: no disk taken.
+    std::fs::File::create(&long)
+        .unwrap()
+        .set_len((128 << 20) + 1)
+        .unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{not a list").unwrap();
+    let good = dir.join("good.json");
+    let ban = r#"{"key":"username","value":"u","until":"2099-01-01T00:00:00Z","reason":"manual"}"#;
+    std::fs::write(&good, format!("[{ban}]")).unwrap();
+    let config =
+        |path: &Path| format!("[security]\nbans_file = {:?}\n", path.display().to_string());
+    for (path, why) in [
+        (&fifo, "not a regular file"),
+        (&a_dir, "not a regular file"),
+        (&long, "longer than 134217728 bytes"),
+        (&bad, "a list of bans"),
+    ] {
+        let (code, out) = check_config("bans-file-read-check", &config(path));
+        assert_eq!(code, Some(2), "{}: {out}", path.display());
+        assert!(
+            out.contains("config error: security.bans_file")
+                && out.contains(&path.display().to_string())
+                && out.contains(why),
+            "{}: {out}",
+            path.display()
+        );
+    }
+    for path in [&good, &dir.join("none.json")] {
+        let (code, out) = check_config("bans-file-read-ok", &config(path));
+        assert_eq!(code, Some(0), "{}: {out}", path.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A write of the bans file that fails names the file: with its directory removed while
 /// the gateway runs, the write at the signal warns `file=<path>`.
 #[tokio::test]
@@ -2058,7 +2151,8 @@ async fn an_exempt_network_is_never_banned_by_the_detector() {
 /// on the same file refuses both over real sockets before it serves anyone, lists them
 /// with the same ends, serves the next network, writes a new ban while it runs and
 /// leaves out one lifted before its stop. A third with `max_bans = 2` keeps the two
-/// that end last of three; a file that is not a list of bans stops the start, naming it.
+/// that end last of three; a file that is not a list of bans stops the start (a
+/// configuration error: status 2), naming it.
 #[tokio::test]
 async fn bans_outlive_a_restart_through_the_bans_file() {
     let dir = scratch("bans-file-kept");
@@ -2156,8 +2250,11 @@ async fn bans_outlive_a_restart_through_the_bans_file() {
 
     std::fs::write(&file, "{not a list").unwrap();
     let (status, stderr) = run_to_exit("bans-file-bad", &config(""));
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("security.bans_file"), "{stderr}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("config error: security.bans_file") && stderr.contains("bans.json"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
