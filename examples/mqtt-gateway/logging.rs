@@ -16,6 +16,13 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Log, LogFormat};
 
+/// `RUST_LOG`, when set (and not blank): the filter [`init`] uses instead of `log.level`.
+pub(crate) fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// Installs the global subscriber. The filter is `RUST_LOG` when set, else `log.level`.
 /// Unless the filter names `rumqttd`, the embedded broker logs errors only, and none of
 /// one connection's ([`in_broker_link`]): it logs every readiness probe, a connection
@@ -24,10 +31,7 @@ use crate::config::{Log, LogFormat};
 /// off, and so are the debug and trace lines and spans of `aegis_core` and
 /// `aegis_mqtt` ([`names_clients`]), whatever the filter says.
 pub(crate) fn init(log: &Log) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| log.level.clone());
+    let filter = rust_log().unwrap_or_else(|| log.level.clone());
     let fixed = |directives: &str| {
         let mut directives = directives.to_owned();
         if !directives.contains("rumqttd") {

@@ -90,7 +90,7 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
     /// Check the configuration, print the effective settings as TOML and exit (0 if
-    /// valid).
+    /// valid). See CONFIG.md for what "effective" covers.
     #[arg(long)]
     check: bool,
 }
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        print!("{}", settings.raw.to_toml());
+        print!("{}", effective(&settings).to_toml());
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.raw.log);
@@ -163,6 +163,50 @@ fn main() -> ExitCode {
     // The embedded broker's threads and the metrics endpoint end with the process.
     runtime.shutdown_background();
     ExitCode::from(code)
+}
+
+/// What `--check` prints: the configuration as the gateway would run it, where that
+/// differs from the file. `inspect.enabled` is off without the MQTT layer (inspection
+/// runs inside it), and `server.max_connections` is cut to what the open-files limit
+/// allows, as [`serve_until_signal`] cuts it (the soft limit raised to the hard one
+/// first): this process's limit, which a service manager's (`LimitNOFILE=`) may not be.
+/// A cut is said on stderr, and so is a set `RUST_LOG`, which replaces `log.level` at
+/// start-up: stdout stays a configuration file, with `log.level` as configured.
+fn effective(settings: &Settings) -> Config {
+    let mut c = settings.raw.clone();
+    c.inspect.enabled = settings.inspector.is_some();
+    let configured = c.server.max_connections;
+    let per_client = descriptors_per_client(settings.upstream);
+    let limit = nofile::raise();
+    let cap = nofile::connection_cap("server.max_connections", configured, limit, per_client);
+    if let Some(limit) = limit.filter(|_| cap < configured) {
+        eprintln!(
+            "note: server.max_connections = {cap}, cut from {configured}: this process's \
+             open-files limit is {limit} ({} kept for the gateway, {per_client} a client); \
+             the gateway started under another limit gets another cap",
+            nofile::FD_RESERVE
+        );
+        c.server.max_connections = cap;
+    }
+    if let Some(filter) = logging::rust_log() {
+        let falls_back = if tracing_subscriber::EnvFilter::try_new(&filter).is_ok() {
+            ""
+        } else {
+            ", and is not a tracing filter: the gateway would log at \"info\""
+        };
+        eprintln!(
+            "note: log.level: RUST_LOG is set ({filter:?}) and replaces it at start-up{falls_back}"
+        );
+    }
+    c
+}
+
+/// The descriptors of this process each proxied client holds, with `upstream`.
+fn descriptors_per_client(upstream: Upstream) -> u64 {
+    match upstream {
+        Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
+        Upstream::Addr(_) => nofile::DESCRIPTORS_PER_CLIENT,
+    }
 }
 
 /// Reads the file (if any), applies the flags over it and validates the result.
@@ -242,16 +286,13 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
         None => None,
     };
 
-    // The soft open-files limit raised to the hard one, and the cap kept within it.
-    let per_client = match settings.upstream {
-        Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
-        Upstream::Addr(_) => nofile::DESCRIPTORS_PER_CLIENT,
-    };
+    // The soft open-files limit raised to the hard one, and the cap kept within it (as
+    // `effective` computes it for --check).
     let max_connections = nofile::connection_cap(
         "server.max_connections",
         c.server.max_connections,
         nofile::raise(),
-        per_client,
+        descriptors_per_client(settings.upstream),
     );
     let upstream = match settings.upstream {
         Upstream::Embedded => {

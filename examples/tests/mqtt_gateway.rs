@@ -3146,6 +3146,95 @@ fn the_shipped_example_config_is_the_defaults() {
     assert_eq!(again, defaults);
 }
 
+/// `--check` prints the effective settings: with `mqtt.enabled = false`,
+/// `inspect.enabled = false` (inspection runs inside the MQTT layer, so it is off), and
+/// `server.max_connections` as the open-files limit cuts it at start, `(200 - 128) / 3 =
+/// 24` with the embedded broker and `/ 2 = 36` with a real one, saying so on stderr. A
+/// set `RUST_LOG`, which replaces `log.level` at start, is named on stderr (stdout keeps
+/// `log.level`: it is a configuration file). Before, it printed the file's values.
+#[test]
+fn check_prints_the_effective_settings() {
+    let dir = scratch("check-effective");
+    let file = dir.join("gateway.toml");
+    let check = |config: &str, args: &[&str], nofile: Option<&str>, rust_log: Option<&str>| {
+        std::fs::write(&file, config).unwrap();
+        let mut command = match nofile {
+            Some(limit) => {
+                let mut prlimit = Command::new(PRLIMIT);
+                prlimit.arg(format!("--nofile={limit}")).arg(gateway_bin());
+                prlimit
+            }
+            None => Command::new(gateway_bin()),
+        };
+        command
+            .arg("--check")
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let out = command.output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{config}: {stderr}");
+        let table: toml::Table = toml::from_str(&stdout).unwrap();
+        (table, stderr)
+    };
+    let value = |t: &toml::Table, section: &str, key: &str| t[section][key].clone();
+
+    let (on, _) = check("", &[], None, None);
+    assert_eq!(value(&on, "inspect", "enabled"), toml::Value::Boolean(true));
+    let mqtt_off = "[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n";
+    let (off, _) = check(mqtt_off, &[], None, None);
+    assert_eq!(
+        value(&off, "inspect", "enabled"),
+        toml::Value::Boolean(false)
+    );
+
+    let (_, quiet) = check("", &[], None, None);
+    assert!(!quiet.contains("RUST_LOG"), "{quiet}");
+    let (logged, stderr) = check("", &[], None, Some("debug,aegis_core=trace"));
+    assert_eq!(value(&logged, "log", "level"), toml::Value::from("info"));
+    assert!(
+        stderr.contains("RUST_LOG") && stderr.contains("debug,aegis_core=trace"),
+        "{stderr}"
+    );
+
+    if Path::new(PRLIMIT).exists() {
+        for (args, cap) in [(&[][..], 24), (&["--upstream", "127.0.0.1:1884"][..], 36)] {
+            let (cut, stderr) = check("", args, Some("150:200"), None);
+            let max = value(&cut, "server", "max_connections");
+            assert_eq!(max, toml::Value::Integer(cap), "{args:?}");
+            assert!(
+                stderr.contains("server.max_connections")
+                    && stderr.contains("10000")
+                    && stderr.contains("200"),
+                "{stderr}"
+            );
+        }
+        let (fits, stderr) = check(
+            "[server]\nmax_connections = 20\n",
+            &[],
+            Some("200:200"),
+            None,
+        );
+        assert_eq!(
+            value(&fits, "server", "max_connections"),
+            toml::Value::Integer(20)
+        );
+        assert!(!stderr.contains("max_connections"), "{stderr}");
+    } else {
+        skipped(
+            "check_prints_the_effective_settings (max_connections)",
+            "no /usr/bin/prlimit",
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A tier's table needs only what it changes: `enabled = false` alone turns a tier
 /// that is on by default off, an empty table turns one on at its defaults, and a
 /// mistyped key is still refused.
