@@ -13,6 +13,13 @@
 //! without a word). rumqttd also delivers a message at the subscription's `QoS`
 //! rather than at the lower of the two. Point `--upstream` at a full broker (mosquitto)
 //! for MQTT 5 and 3.1.
+//! rumqttd's router refuses a client id with `+`, `$`, `#` or `/`, and fails on it: the
+//! refused connection leaves its entry in rumqttd's table of will handlers, and the next
+//! CONNECT with the same id panics on that entry while holding the table's lock, which
+//! poisons it, so that every later CONNECT of every client panics too (the gateway
+//! answers each "server unavailable"). The gateway therefore refuses those client ids
+//! itself, with CONNACK 0x02 (identifier rejected), whatever `mqtt.client_id_chars`
+//! allows (`stack::EMBEDDED_REFUSED_CHARS`).
 //! rumqttd has no way to stop its threads: they end with the process.
 //!
 //! **For trying the gateway, not for production.** rumqttd runs here without

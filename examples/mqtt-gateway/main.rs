@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        print!("{}", effective(&settings).to_toml());
+        print!("{}", checked(&settings));
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.raw.log);
@@ -165,8 +165,8 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// What `--check` prints: the configuration as the gateway would run it, where that
-/// differs from the file. `inspect.enabled` is off without the MQTT layer (inspection
+/// The configuration `--check` prints ([`checked`]): as the gateway would run it, where
+/// that differs from the file. `inspect.enabled` is off without the MQTT layer (inspection
 /// runs inside it), and `server.max_connections` is cut to what the open-files limit
 /// allows, as [`serve_until_signal`] cuts it (the soft limit raised to the hard one
 /// first): this process's limit, which a service manager's (`LimitNOFILE=`) may not be.
@@ -207,6 +207,32 @@ fn descriptors_per_client(upstream: Upstream) -> u64 {
         Upstream::Embedded => broker::DESCRIPTORS_PER_CLIENT,
         Upstream::Addr(_) => nofile::DESCRIPTORS_PER_CLIENT,
     }
+}
+
+/// What `--check` prints: the [`effective`] configuration as TOML, with a comment on
+/// `mqtt.client_id_chars` when the embedded broker narrows it (`stack.rs`,
+/// `EMBEDDED_REFUSED_CHARS`). Still a configuration file that gives the same settings.
+fn checked(settings: &Settings) -> String {
+    let toml = effective(settings).to_toml();
+    if settings.upstream != Upstream::Embedded || !settings.raw.mqtt.enabled {
+        return toml;
+    }
+    let mut out = String::with_capacity(toml.len() + 128);
+    let mut section = "";
+    for line in toml.lines() {
+        if line.starts_with('[') {
+            section = line;
+        }
+        out.push_str(line);
+        if section == "[mqtt]" && line.starts_with("client_id_chars = ") {
+            out.push_str(
+                "  # with upstream \"embedded\": and none of + $ # / (rumqttd refuses them, \
+                 and then fails every client's CONNECT)",
+            );
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Reads the file (if any), applies the flags over it and validates the result.

@@ -292,6 +292,39 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for Observed<F> {
     }
 }
 
+/// The characters rumqttd 0.20's router refuses in a client id (`validate_clientid` in
+/// its `router/routing.rs`).
+///
+/// Its refusal is not a clean one: the connection's entry in rumqttd's table of will
+/// handlers stays behind with its receiver gone, and the next CONNECT with the same id
+/// panics on it while holding that table's lock, which poisons it; from then on every
+/// CONNECT of every client panics (the gateway answers each "server unavailable"). So
+/// with the embedded broker the MQTT layer refuses these itself (CONNACK 0x02 / 0x85,
+/// `client_id`), whatever `mqtt.client_id_chars` allows (see [`client_id_chars`]).
+pub(crate) const EMBEDDED_REFUSED_CHARS: [char; 4] = ['+', '$', '#', '/'];
+
+/// Whether the embedded broker takes `c` in a client id: not one of
+/// [`EMBEDDED_REFUSED_CHARS`].
+fn embedded_takes(c: char) -> bool {
+    !EMBEDDED_REFUSED_CHARS.contains(&c)
+}
+
+/// The MQTT layer's class of client id characters for `mqtt.client_id_chars`; with the
+/// embedded broker, that class without [`EMBEDDED_REFUSED_CHARS`].
+fn client_id_chars(class: config::ClientIdChars, embedded: bool) -> aegis_mqtt::ClientIdChars {
+    use aegis_mqtt::ClientIdChars as C;
+    match (class, embedded) {
+        // None of the four is alphanumeric.
+        (config::ClientIdChars::Alphanumeric, _) => C::Alphanumeric,
+        (config::ClientIdChars::AsciiGraphic, false) => C::AsciiGraphic,
+        (config::ClientIdChars::Any, false) => C::Any,
+        (config::ClientIdChars::AsciiGraphic, true) => {
+            C::Custom(|c| c.is_ascii_graphic() && embedded_takes(c))
+        }
+        (config::ClientIdChars::Any, true) => C::Custom(embedded_takes),
+    }
+}
+
 /// The built stack and the handles the rest of the gateway needs.
 pub(crate) struct Built<S> {
     pub(crate) service: S,
@@ -520,11 +553,8 @@ pub(crate) fn build(
             .max_connect_size(m.max_connect_size)
             .max_packet_size(m.max_packet_size)
             .client_id_max_len(m.client_id_max_len)
-            .client_id_chars(match m.client_id_chars {
-                config::ClientIdChars::Alphanumeric => aegis_mqtt::ClientIdChars::Alphanumeric,
-                config::ClientIdChars::AsciiGraphic => aegis_mqtt::ClientIdChars::AsciiGraphic,
-                config::ClientIdChars::Any => aegis_mqtt::ClientIdChars::Any,
-            })
+            // With the embedded broker, without the characters its router fails on.
+            .client_id_chars(client_id_chars(m.client_id_chars, embedded))
             .allow_empty_client_id(m.allow_empty_client_id);
         if embedded {
             // rumqttd 0.20 speaks MQTT 3.1.1 only and closes any other version without a

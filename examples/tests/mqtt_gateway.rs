@@ -1027,6 +1027,69 @@ async fn embedded_broker_carries_mqtt_3_1_1_at_every_qos_and_is_ready() {
     }
 }
 
+/// rumqttd 0.20's router refuses a client id with `+`, `$`, `#` or `/`, and that
+/// refusal left a stale entry in its table of will handlers: the next CONNECT with the
+/// same id panicked on it while holding the table's lock, which poisoned it, and every
+/// later CONNECT of any client panicked too (the gateway answering each "server
+/// unavailable", for good). With the embedded broker the gateway refuses those ids
+/// itself (CONNACK 0x02, identifier rejected), whatever `mqtt.client_id_chars` allows,
+/// and the broker keeps serving.
+#[tokio::test]
+async fn client_ids_the_embedded_broker_refuses_are_refused_by_the_gateway() {
+    for chars in ["ascii_graphic", "any"] {
+        let config = format!("[mqtt]\nclient_id_chars = \"{chars}\"\n");
+        let gw = Gateway::start(&format!("embedded-ids-{chars}"), &config, &[]).await;
+        // Twice the same id: the second CONNECT was the one that panicked.
+        let mut answers = Vec::new();
+        for id in ["x/y", "x/y", "a+b", "$SYS", "#"] {
+            let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+            s.write_all(&connect_311(id)).await.unwrap();
+            let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap();
+            answers.push((id, answer.ok()));
+        }
+        // A well-behaved client is served after them (it got "server unavailable" from
+        // the gateway, for good, once rumqttd's lock was poisoned).
+        assert!(
+            mqtt_session("127.0.0.1", gw.mqtt, "well-behaved")
+                .await
+                .is_some(),
+            "{chars}: a client with a plain id is refused after {answers:?}:\n{}",
+            gw.log()
+        );
+        for (id, answer) in answers {
+            assert_eq!(
+                answer,
+                Some((0x20, vec![0x00, 0x02])),
+                "{chars}: client id {id:?}"
+            );
+        }
+        gw.wait_metric(
+            "aegis_rejections_total{layer=\"mqtt\",reason=\"client_id\"}",
+            5.0,
+        )
+        .await;
+        // The broker still serves: a client connects, and a message reaches a subscriber.
+        let mut sub = Client::v311(gw.mqtt, "sub-after").await;
+        let publ = Client::v311(gw.mqtt, "pub-after").await;
+        let _ = (sub.subscribe)("after/ids", 1).await;
+        sub.expect("SUBACK", |e| matches!(e, Ev::SubAck).then_some(()))
+            .await;
+        let _ = (publ.publish)("after/ids", 1, b"still here".to_vec()).await;
+        let got = sub
+            .expect("PUBLISH", |e| match e {
+                Ev::Publish(m) => Some(m),
+                _ => None,
+            })
+            .await;
+        assert_eq!(
+            (got.0.as_str(), got.2.as_slice()),
+            ("after/ids", &b"still here"[..])
+        );
+        assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+        assert!(!gw.log().contains("panicked"), "{}", gw.log());
+    }
+}
+
 #[tokio::test]
 async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
     let broker = Mosquitto::start().await;
@@ -3235,6 +3298,23 @@ fn check_prints_the_effective_settings() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// With the embedded broker, `--check` says beside `mqtt.client_id_chars` that the
+/// four characters rumqttd refuses are refused whatever the class; not with another
+/// upstream.
+#[test]
+fn check_notes_the_client_id_characters_the_embedded_broker_refuses() {
+    let note = "client_id_chars = \"any\"  # with upstream \"embedded\": and none of + $ # /";
+    let (code, out) = check_config("ids-embedded", "[mqtt]\nclient_id_chars = \"any\"\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(note), "{out}");
+    let (code, out) = check_config(
+        "ids-mosquitto",
+        "[server]\nupstream = \"127.0.0.1:1884\"\n[mqtt]\nclient_id_chars = \"any\"\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("client_id_chars = \"any\"\n"), "{out}");
+}
+
 /// A tier's table needs only what it changes: `enabled = false` alone turns a tier
 /// that is on by default off, an empty table turns one on at its defaults, and a
 /// mistyped key is still refused.
@@ -3604,17 +3684,19 @@ async fn rejections_ban_an_address_and_events_and_bans_are_served() {
         404
     );
 
-    // Ban a client id by hand: its CONNECT gets CONNACK 0x05 (3.1.1).
+    // Ban a client id by hand (percent-encoded in the query): its CONNECT gets CONNACK
+    // 0x05 (3.1.1). Not one with a `/`: the embedded broker's gateway refuses those
+    // before any ban is looked at (CONNACK 0x02).
     let (status, _) = http_request(
         gw.metrics,
         "POST",
-        "/bans?key=client_id&value=evil%2F1&for=10m",
+        "/bans?key=client_id&value=evil%3A1&for=10m",
     )
     .await
     .unwrap();
     assert_eq!(status, 200);
     let mut s = connect_from("127.0.0.11", gw.mqtt).await;
-    s.write_all(&connect_311("evil/1")).await.unwrap();
+    s.write_all(&connect_311("evil:1")).await.unwrap();
     assert_eq!(
         timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap(),
         (0x20, vec![0x00, 0x05])
