@@ -19,7 +19,8 @@
 //! poisons it, so that every later CONNECT of every client panics too (the gateway
 //! answers each "server unavailable"). The gateway therefore refuses those client ids
 //! itself, with CONNACK 0x02 (identifier rejected), whatever `mqtt.client_id_chars`
-//! allows (`stack::EMBEDDED_REFUSED_CHARS`).
+//! allows (`stack::EMBEDDED_REFUSED_CHARS`). With `[mqtt] enabled = false` nothing
+//! checks them: the gateway then warns at start-up ([`UNCHECKED_CLIENT_IDS`]).
 //! rumqttd has no way to stop its threads: they end with the process.
 //!
 //! **For trying the gateway, not for production.** rumqttd runs here without
@@ -185,6 +186,17 @@ fn holder(addr: SocketAddr) -> Holder {
 fn holder(_: SocketAddr) -> Holder {
     Holder::Unknown
 }
+
+/// The warning (at start-up, and beside `mqtt.enabled` in `--check`'s output) for
+/// `upstream = "embedded"` with `[mqtt] enabled = false`: then nothing keeps the client
+/// ids that rumqttd fails on from it (see the module docs). The combination stays
+/// allowed: without the MQTT layer the gateway is a plain TCP proxy, and that is what
+/// some trials want.
+pub(crate) const UNCHECKED_CLIENT_IDS: &str = "upstream = \"embedded\" with mqtt.enabled = \
+    false: nothing checks client ids, and one client that connects twice with a client id \
+    holding +, $, # or / breaks the embedded broker for every client until the gateway is \
+    restarted (rumqttd 0.20 panics on every CONNECT from then on); turn [mqtt] on, or point \
+    server.upstream at a real broker";
 
 /// Descriptors of this process each proxied client holds with the embedded broker: the
 /// client's socket, the upstream one, and rumqttd's end of it (see [`crate::nofile`]).

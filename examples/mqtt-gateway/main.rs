@@ -209,26 +209,34 @@ fn descriptors_per_client(upstream: Upstream) -> u64 {
     }
 }
 
-/// What `--check` prints: the [`effective`] configuration as TOML, with a comment on
-/// `mqtt.client_id_chars` when the embedded broker narrows it (`stack.rs`,
-/// `EMBEDDED_REFUSED_CHARS`). Still a configuration file that gives the same settings.
+/// What `--check` prints: the [`effective`] configuration as TOML, with comments where
+/// the embedded broker changes what a key means: on `mqtt.client_id_chars`, which it
+/// narrows (`stack.rs`, `EMBEDDED_REFUSED_CHARS`), and on `mqtt.enabled = false`, which
+/// leaves client ids unchecked ([`broker::UNCHECKED_CLIENT_IDS`]). Still a configuration
+/// file that gives the same settings.
 fn checked(settings: &Settings) -> String {
     let toml = effective(settings).to_toml();
-    if settings.upstream != Upstream::Embedded || !settings.raw.mqtt.enabled {
+    if settings.upstream != Upstream::Embedded {
         return toml;
     }
-    let mut out = String::with_capacity(toml.len() + 128);
+    let mqtt = settings.raw.mqtt.enabled;
+    let mut out = String::with_capacity(toml.len() + 256);
     let mut section = "";
     for line in toml.lines() {
         if line.starts_with('[') {
             section = line;
         }
         out.push_str(line);
-        if section == "[mqtt]" && line.starts_with("client_id_chars = ") {
-            out.push_str(
-                "  # with upstream \"embedded\": and none of + $ # / (rumqttd refuses them, \
-                 and then fails every client's CONNECT)",
-            );
+        if section == "[mqtt]" {
+            if mqtt && line.starts_with("client_id_chars = ") {
+                out.push_str(
+                    "  # with upstream \"embedded\": and none of + $ # / (rumqttd refuses \
+                     them, and then fails every client's CONNECT)",
+                );
+            } else if !mqtt && line == "enabled = false" {
+                out.push_str("  # warning: ");
+                out.push_str(broker::UNCHECKED_CLIENT_IDS);
+            }
         }
         out.push('\n');
     }
@@ -330,6 +338,9 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
                  to it directly, and it keeps every topic filter's messages in memory; point \
                  server.upstream at a real broker"
             );
+            if !c.mqtt.enabled {
+                tracing::warn!(broker = %addr, "{}", broker::UNCHECKED_CLIENT_IDS);
+            }
             addr
         }
         Upstream::Addr(addr) => addr,

@@ -1090,6 +1090,37 @@ async fn client_ids_the_embedded_broker_refuses_are_refused_by_the_gateway() {
     }
 }
 
+/// `[mqtt] enabled = false` in front of the embedded broker: nothing checks client ids
+/// then, so the combination, still accepted (a plain TCP proxy in front of it, which
+/// other tests use), is warned about at start-up and in `--check`'s output; not with
+/// the MQTT layer on.
+#[tokio::test]
+async fn the_embedded_broker_without_the_mqtt_layer_is_warned_about() {
+    const WARNING: &str = "nothing checks client ids";
+    let off = "[mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n";
+    let gw = Gateway::start("embedded-unchecked-ids", off, &[]).await;
+    gw.wait_log("mqtt-gateway listening").await;
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains(WARNING)),
+        "{log}"
+    );
+    let (code, out) = check_config("embedded-unchecked-ids", off);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("enabled = false  # warning: ") && l.contains(WARNING)),
+        "{out}"
+    );
+    let (code, out) = check_config("embedded-checked-ids", "");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains(WARNING), "{out}");
+    let on = Gateway::start("embedded-checked-ids", "", &[]).await;
+    on.wait_log("mqtt-gateway listening").await;
+    assert!(!on.log().contains(WARNING), "{}", on.log());
+}
+
 #[tokio::test]
 async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
     let broker = Mosquitto::start().await;
