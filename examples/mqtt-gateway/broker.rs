@@ -21,6 +21,16 @@
 //! itself, with CONNACK 0x02 (identifier rejected), whatever `mqtt.client_id_chars`
 //! allows (`stack::EMBEDDED_REFUSED_CHARS`). With `[mqtt] enabled = false` nothing
 //! checks them: the gateway then warns at start-up ([`UNCHECKED_CLIENT_IDS`]).
+//! Any other failure of rumqttd's between that entry and its CONNACK leaves the entry
+//! behind the same way: its router's `max_connections` (100,000 here, above the
+//! gateway's `server.max_connections` by default, but a local process can connect to
+//! rumqttd directly), or a CONNACK write that fails because the connection was reset
+//! (reproduced directly against rumqttd: a client that sends its CONNECT and resets at
+//! once; through the gateway the upstream connection is closed, not reset, and the
+//! CONNACK write succeeds). So a panic of rumqttd's is not silent: it is logged through
+//! `tracing` (one line a second at most), counted in
+//! `aegis_embedded_broker_panics_total`, and turns `/readyz` to 503 for good
+//! ([`crate::panics`]); restart the gateway.
 //! rumqttd has no way to stop its threads: they end with the process.
 //!
 //! **For trying the gateway, not for production.** rumqttd runs here without
@@ -50,6 +60,22 @@ use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
+/// The thread that starts rumqttd and then joins its server thread.
+const BROKER_THREAD: &str = "embedded-broker";
+
+/// rumqttd's server thread, named after its listener's settings.
+const SERVER_THREAD: &str = "embedded-v4";
+
+/// rumqttd's broker id; its router's thread is `router-<id>`, [`ROUTER_THREAD`].
+const ROUTER_ID: usize = 0;
+
+/// rumqttd's router thread: `router-` and [`ROUTER_ID`].
+const ROUTER_THREAD: &str = "router-0";
+
+/// The threads the embedded broker runs on (none of the gateway's own code runs there):
+/// a panic on one of them is the broker's ([`crate::panics`]).
+pub(crate) const THREADS: [&str; 3] = [BROKER_THREAD, SERVER_THREAD, ROUTER_THREAD];
+
 /// Starts the broker on a free loopback port and waits (bounded) until its own listener
 /// is up there.
 pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
@@ -61,7 +87,7 @@ pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
         .map_err(|e| format!("embedded broker: no free loopback port: {e}"))?;
 
     let server = ServerSettings {
-        name: "embedded-v4".into(),
+        name: SERVER_THREAD.into(),
         listen: addr,
         tls: None,
         next_connection_delay_ms: 0,
@@ -75,7 +101,7 @@ pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
         },
     };
     let config = Config {
-        id: 0,
+        id: ROUTER_ID,
         router: RouterConfig {
             max_connections: 100_000,
             max_outgoing_packet_count: 200,
@@ -90,7 +116,7 @@ pub(crate) async fn start(max_payload: usize) -> Result<SocketAddr, String> {
     };
 
     let broker = std::thread::Builder::new()
-        .name("embedded-broker".into())
+        .name(BROKER_THREAD.into())
         .spawn(move || {
             // Blocks for the life of the process: it joins the server thread, which ends
             // only when its listener does (a failed bind, say, logged by rumqttd).
@@ -195,8 +221,8 @@ fn holder(_: SocketAddr) -> Holder {
 pub(crate) const UNCHECKED_CLIENT_IDS: &str = "upstream = \"embedded\" with mqtt.enabled = \
     false: nothing checks client ids, and one client that connects twice with a client id \
     holding +, $, # or / breaks the embedded broker for every client until the gateway is \
-    restarted (rumqttd 0.20 panics on every CONNECT from then on); turn [mqtt] on, or point \
-    server.upstream at a real broker";
+    restarted (rumqttd 0.20 panics on every CONNECT from then on, and /readyz answers 503); \
+    turn [mqtt] on, or point server.upstream at a real broker";
 
 /// Descriptors of this process each proxied client holds with the embedded broker: the
 /// client's socket, the upstream one, and rumqttd's end of it (see [`crate::nofile`]).

@@ -55,6 +55,7 @@ mod metrics_endpoint;
 mod metrics_http;
 #[path = "../shared/nofile.rs"]
 mod nofile;
+mod panics;
 mod stack;
 
 use std::future::{Future, IntoFuture};
@@ -147,6 +148,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.raw.log);
+    // Panics through `tracing` from now on (JSON logs stay JSON), and a panic of the
+    // embedded broker's turns /readyz to 503.
+    panics::install();
     // Per core: this thread's runtime accepts and serves its share; `serve_per_core`
     // starts the others.
     let runtime = match match settings.raw.server.runtime {
@@ -330,6 +334,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
     );
     let upstream = match settings.upstream {
         Upstream::Embedded => {
+            panics::register_broker_counter();
             let addr = broker::start(c.mqtt.max_packet_size).await?;
             tracing::warn!(
                 broker = %addr,
@@ -385,6 +390,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
             let bound = listener.local_addr().unwrap_or(addr);
             let ready = metrics_http::Readiness {
                 upstream,
+                embedded: settings.upstream == Upstream::Embedded,
                 timeout: c.metrics.readiness_timeout,
                 breaker: built.breaker.clone(),
                 stopping: Arc::clone(&stopping),

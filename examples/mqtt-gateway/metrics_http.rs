@@ -25,7 +25,8 @@
 //! - `/healthz`: `200 ok` while the process runs.
 //! - `/readyz`: `200 ready` when the circuit breaker (if on) is not open and a TCP
 //!   connect to the upstream succeeds within `metrics.readiness_timeout`; else `503`
-//!   with the reason. Also `503` once a shutdown has begun; but the MQTT listener is
+//!   with the reason. With the embedded broker, `503` for good once rumqttd has
+//!   panicked ([`crate::panics`]). Also `503` once a shutdown has begun; but the MQTT listener is
 //!   closed in the same instant (new connections are refused at once), so the `503`
 //!   cannot warn a balancer before the gateway stops accepting. To have a balancer stop
 //!   routing first, delay the signal (Kubernetes: a `preStop` hook such as
@@ -437,6 +438,9 @@ type Probe = Option<(Instant, Result<(), &'static str>)>;
 #[derive(Clone, Debug)]
 pub(crate) struct Readiness {
     pub(crate) upstream: SocketAddr,
+    /// Whether the upstream is the embedded broker, not ready once it has panicked
+    /// ([`crate::panics`]).
+    pub(crate) embedded: bool,
     pub(crate) timeout: Duration,
     pub(crate) breaker: Option<CircuitHandle>,
     pub(crate) stopping: Arc<AtomicBool>,
@@ -450,6 +454,12 @@ impl Readiness {
     async fn check(&self) -> Result<(), &'static str> {
         if self.stopping.load(Ordering::Acquire) {
             return Err("shutting down");
+        }
+        if self.embedded && crate::panics::broker_panics() > 0 {
+            return Err(
+                "the embedded broker failed (rumqttd panicked: see the log and \
+                 aegis_embedded_broker_panics_total); restart the gateway",
+            );
         }
         if self
             .breaker

@@ -1121,6 +1121,106 @@ async fn the_embedded_broker_without_the_mqtt_layer_is_warned_about() {
     assert!(!on.log().contains(WARNING), "{}", on.log());
 }
 
+/// Sends `connect` on a fresh connection and reads until the gateway closes it (bounded);
+/// what it answered.
+async fn answer_to(gw: SocketAddr, connect: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(connect).await.unwrap();
+    let mut got = Vec::new();
+    let _ = timeout(WAIT, s.read_to_end(&mut got)).await.unwrap();
+    got
+}
+
+/// A panic of the embedded broker's is not silent. Driven here through the gateway
+/// without the MQTT layer (nothing checks client ids then): two CONNECTs with the id
+/// `x/y` poison rumqttd 0.20 (see `broker.rs`), and every later CONNECT panics in it.
+/// Each panic is counted in `aegis_embedded_broker_panics_total`, `/readyz` answers 503
+/// naming the embedded broker, and the panics are logged through `tracing`: with
+/// `log.format = "json"` every line of stderr is still JSON, and they are logged one
+/// line a second at most, the next one saying how many were left out.
+#[tokio::test]
+async fn a_panic_of_the_embedded_broker_makes_readyz_fail_and_is_logged_as_json() {
+    const PANICS: &str = "aegis_embedded_broker_panics_total";
+    const LINE: &str = "the embedded broker (rumqttd) panicked";
+    let config = "[log]\nformat = \"json\"\n[limits]\nenabled = false\n\
+                  [mqtt]\nenabled = false\n[slowloris]\nhandshake = \"0s\"\n";
+    let gw = Gateway::start("embedded-panics", config, &[]).await;
+    assert_eq!(gw.metric(PANICS).await, Some(0.0));
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 200);
+
+    let started = Instant::now();
+    // The first is refused by rumqttd's router, the second panics, and so do the others.
+    for _ in 0..2 {
+        assert_eq!(answer_to(gw.mqtt, &connect_311("x/y")).await, b"");
+    }
+    for i in 0..20 {
+        let answer = answer_to(gw.mqtt, &connect_311(&format!("plain-{i}"))).await;
+        assert_eq!(answer, b"", "plain-{i}: the broker still answers");
+    }
+    gw.wait_metric(PANICS, 21.0).await;
+    let elapsed = Instant::now().saturating_duration_since(started);
+    let (status, body) = http_get(gw.metrics, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the embedded broker failed"), "{body}");
+
+    let json_lines = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{log}"))
+            })
+            .collect()
+    };
+    let panic_lines = |lines: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(LINE)))
+            .cloned()
+            .collect()
+    };
+    let log = gw.log();
+    let logged = panic_lines(&json_lines(&log));
+    // One line a second at most (and the first at once).
+    let most = usize::try_from(elapsed.as_secs()).unwrap() + 1;
+    assert!(
+        !logged.is_empty() && logged.len() <= most,
+        "{} lines for 21 panics in {elapsed:?}:\n{log}",
+        logged.len()
+    );
+    assert_eq!(logged[0]["level"], "ERROR", "{log}");
+    assert!(
+        logged[0]["location"]
+            .as_str()
+            .is_some_and(|l| l.contains("rumqttd")),
+        "{log}"
+    );
+
+    // A second later the next panic is logged, with the count of those left out.
+    sleep(Duration::from_millis(1100)).await;
+    assert_eq!(answer_to(gw.mqtt, &connect_311("later")).await, b"");
+    gw.wait_metric(PANICS, 22.0).await;
+    let deadline = Instant::now() + WAIT;
+    let last = loop {
+        let logged = panic_lines(&json_lines(&gw.log()));
+        let total: u64 = logged.len() as u64
+            + logged
+                .iter()
+                .map(|l| l["suppressed"].as_u64().unwrap())
+                .sum::<u64>();
+        if total == 22 {
+            break logged.last().cloned().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{total} panics logged or counted as suppressed, not 22:\n{}",
+            gw.log()
+        );
+        sleep(Duration::from_millis(20)).await;
+    };
+    assert!(last["suppressed"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(http_get(gw.metrics, "/readyz").await.unwrap().0, 503);
+}
+
 #[tokio::test]
 async fn mqtt_5_and_3_1_1_through_the_gateway_to_mosquitto() {
     let broker = Mosquitto::start().await;
