@@ -12,7 +12,7 @@ use aegis_core::testing::dead_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 /// Writes `sorry` to the client, closes it, and reports the error's labels.
 #[derive(Clone)]
@@ -113,6 +113,48 @@ async fn any_connector_error_reaches_the_responder_unchanged() {
         .unwrap_err();
     assert!(err.is::<NoRoute>(), "{err:?}");
     assert_eq!(rx.try_recv(), Ok(("unknown", "unexpected")));
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"sorry");
+}
+
+/// A connector whose readiness fails, as a layer's around the connector can.
+#[derive(Clone)]
+struct NeverReady;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the connector cannot be used")]
+struct Unusable;
+
+impl tower::Service<()> for NeverReady {
+    type Response = TcpStream;
+    type Error = Unusable;
+    type Future = std::future::Ready<Result<TcpStream, Unusable>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Unusable>> {
+        std::task::Poll::Ready(Err(Unusable))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        panic!("called while not ready")
+    }
+}
+
+#[tokio::test]
+async fn a_connector_that_is_not_ready_is_answered_like_a_failed_connect() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (mut client, conn) = client_pair().await;
+    let mut proxy = Proxy::with_connector(NeverReady).on_connect_error(Sorry(tx));
+    // The connector's readiness is the connection's, taken when it connects: the proxy
+    // itself is ready.
+    let ready = proxy.ready().await.expect("the proxy is ready");
+    let err = ready.call(conn).await.unwrap_err();
+    assert!(err.is::<Unusable>(), "{err:?}");
+    assert_eq!(rx.try_recv(), Ok(("unknown", "unexpected")));
+    assert!(rx.try_recv().is_err());
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"sorry");

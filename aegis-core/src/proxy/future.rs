@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tower_service::Service;
 
 use super::OnConnectError;
 use super::copy::{ByteCounters, Transfer, Transferred};
@@ -13,27 +14,40 @@ use crate::BoxError;
 use crate::metrics::Handles;
 
 pin_project! {
-    /// Connects to the upstream, then copies both directions until both have ended; if
-    /// the connect fails, first lets the [`OnConnectError`] responder answer the client.
+    /// Drives its own clone of the connector `C` ready and calls it, then copies both
+    /// directions until both have ended; if the connector fails (its readiness or its
+    /// call), first lets the [`OnConnectError`] responder answer the client.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<F, I, U, R = ()>
+    pub struct ResponseFuture<C, I, U, R = ()>
     where
+        C: Service<()>,
         R: OnConnectError<I>,
     {
         #[pin]
-        state: State<F, I, U, R>,
+        state: State<C, I, U, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, I, U, R>
+    #[project_replace = StateProjReplace]
+    enum State<C, I, U, R>
     where
+        C: Service<()>,
         R: OnConnectError<I>,
     {
+        // The connector, not yet ready: its readiness is taken here, when the proxy
+        // connects, not when the connection was accepted.
+        Ready {
+            connect: C,
+            io: I,
+            max_buffer: usize,
+            responder: R,
+            bytes: Handles<ByteCounters>,
+        },
         Connecting {
-            #[pin] fut: F,
-            io: Option<I>,
+            #[pin] fut: C::Future,
+            io: I,
             max_buffer: usize,
             responder: R,
             bytes: Handles<ByteCounters>,
@@ -41,21 +55,27 @@ pin_project! {
         Copying { #[pin] transfer: Transfer<I, U> },
         // Only after a failed connect: the answer to the client, then the connect error.
         Responding { #[pin] fut: R::Future, err: Option<BoxError> },
+        // Only for the moment between two states.
+        Moving,
     }
 }
 
-impl<F, I, U, R: OnConnectError<I>> ResponseFuture<F, I, U, R> {
+impl<C, I, U, R> ResponseFuture<C, I, U, R>
+where
+    C: Service<()>,
+    R: OnConnectError<I>,
+{
     pub(crate) fn new(
-        fut: F,
+        connect: C,
         io: I,
         max_buffer: usize,
         responder: R,
         bytes: Handles<ByteCounters>,
     ) -> Self {
         Self {
-            state: State::Connecting {
-                fut,
-                io: Some(io),
+            state: State::Ready {
+                connect,
+                io,
                 max_buffer,
                 responder,
                 bytes,
@@ -64,16 +84,20 @@ impl<F, I, U, R: OnConnectError<I>> ResponseFuture<F, I, U, R> {
     }
 }
 
-impl<F, I, U, R: OnConnectError<I>> std::fmt::Debug for ResponseFuture<F, I, U, R> {
+impl<C, I, U, R> std::fmt::Debug for ResponseFuture<C, I, U, R>
+where
+    C: Service<()>,
+    R: OnConnectError<I>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, E, I, U, R> Future for ResponseFuture<F, I, U, R>
+impl<C, I, U, R> Future for ResponseFuture<C, I, U, R>
 where
-    F: Future<Output = Result<U, E>>,
-    E: Into<BoxError>,
+    C: Service<(), Response = U>,
+    C::Error: Into<BoxError>,
     I: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
     R: OnConnectError<I>,
@@ -82,35 +106,51 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            let this = self.as_mut().project();
-            match this.state.project() {
-                StateProj::Connecting {
-                    fut,
-                    io,
-                    max_buffer,
-                    responder,
-                    bytes,
-                } => {
-                    let res = ready!(fut.poll(cx));
-                    let io = io.take().expect("polled after completion");
-                    let next = match res {
-                        Ok(upstream) => State::Copying {
-                            transfer: Transfer::with_counters(
-                                io,
-                                upstream,
-                                *max_buffer,
-                                bytes.clone(),
-                            ),
-                        },
-                        Err(e) => {
-                            let err: BoxError = e.into();
-                            State::Responding {
-                                fut: responder.respond(io, &*err),
-                                err: Some(err),
-                            }
-                        }
+            let mut state = self.as_mut().project().state;
+            let next = match state.as_mut().project() {
+                StateProj::Ready { connect, .. } => {
+                    let call = ready!(connect.poll_ready(cx)).map(|()| connect.call(()));
+                    // The connector's clone goes once called, as `oneshot`'s does.
+                    let StateProjReplace::Ready {
+                        connect: _,
+                        io,
+                        max_buffer,
+                        responder,
+                        bytes,
+                    } = state.as_mut().project_replace(State::Moving)
+                    else {
+                        unreachable!("the state was Ready")
                     };
-                    self.as_mut().project().state.set(next);
+                    match call {
+                        Ok(fut) => State::Connecting {
+                            fut,
+                            io,
+                            max_buffer,
+                            responder,
+                            bytes,
+                        },
+                        // Not ready: the client is answered as after a failed call.
+                        Err(e) => responding(&responder, io, e.into()),
+                    }
+                }
+                StateProj::Connecting { fut, .. } => {
+                    let res = ready!(fut.poll(cx));
+                    let StateProjReplace::Connecting {
+                        fut: _,
+                        io,
+                        max_buffer,
+                        responder,
+                        bytes,
+                    } = state.as_mut().project_replace(State::Moving)
+                    else {
+                        unreachable!("the state was Connecting")
+                    };
+                    match res {
+                        Ok(upstream) => State::Copying {
+                            transfer: Transfer::with_counters(io, upstream, max_buffer, bytes),
+                        },
+                        Err(e) => responding(&responder, io, e.into()),
+                    }
                 }
                 StateProj::Copying { transfer } => {
                     return transfer.poll(cx).map_err(Into::into);
@@ -119,7 +159,21 @@ where
                     ready!(fut.poll(cx));
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
-            }
+                StateProj::Moving => unreachable!("polled after a panic"),
+            };
+            state.set(next);
         }
+    }
+}
+
+/// The state that answers the client after the connector failed with `err`.
+fn responding<C, I, U, R>(responder: &R, io: I, err: BoxError) -> State<C, I, U, R>
+where
+    C: Service<()>,
+    R: OnConnectError<I>,
+{
+    State::Responding {
+        fut: responder.respond(io, &*err),
+        err: Some(err),
     }
 }

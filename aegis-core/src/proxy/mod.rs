@@ -22,10 +22,20 @@
 //!   the sockets and the task.
 //! - **Failures are typed**: [`ProxyError`] with a stable `label()`; connect failures are
 //!   also counted in `aegis_upstream_errors_total{reason}`.
+//! - **The connector is polled ready when the proxy connects**, not when the connection
+//!   is accepted. The proxy's own `poll_ready` is always ready; each connection's future
+//!   drives its own clone of the connector ready and calls it, as
+//!   `tower::ServiceExt::oneshot` does. So a stack that is polled ready at the accept
+//!   (as `serve` does) and calls the proxy only once the client has sent its first
+//!   request (as the MQTT layer does) holds nothing of the connector's meanwhile: a
+//!   circuit breaker around the connector admits the connection, and takes a half-open
+//!   probe, when it connects upstream, and a client that stays silent takes none. A
+//!   connector that is not ready (a concurrency limit) makes that connection wait, not
+//!   the accept loop; an error from its readiness is a failed connect, as below.
 //! - **A client whose upstream is down can get an answer.** By default a failed connect
 //!   just closes the client's connection; [`Proxy::on_connect_error`] sets an
 //!   [`OnConnectError`] responder that gets the client's IO and the connector's error
-//!   first (an MQTT gateway answers "server unavailable" this way). Either way the
+//!   (from its readiness or its call) first (an MQTT gateway answers "server unavailable" this way). Either way the
 //!   service returns the connector's error.
 //!
 //! # Example
@@ -86,6 +96,8 @@ use crate::metrics::Handles;
 /// Proxies each connection to an upstream. See the [module docs](self).
 ///
 /// `C` is the connector, `R` the [`OnConnectError`] responder (`()`: close the client).
+/// The proxy is always ready; the connector is polled ready by each connection's future,
+/// when it connects.
 #[derive(Clone, Debug)]
 pub struct Proxy<C = TcpConnect, R = ()> {
     connect: C,
@@ -117,6 +129,11 @@ impl<C> Proxy<C> {
     /// Proxies through `connect`, any `Service<()>` that returns a byte stream: wrap the
     /// connect step with other layers (a circuit breaker, a TLS client) this way.
     ///
+    /// The connector must be `Clone`: each connection's future gets a clone, polls it
+    /// ready and calls it when it connects (see the [module docs](self)), so keep it
+    /// cheap to clone (reference counts and an address, as [`TcpConnect`] and a circuit
+    /// breaker around it are).
+    ///
     /// `aegis_proxy_bytes_total` is registered with the recorder at the first connection,
     /// once for this proxy and its clones.
     pub fn with_connector(connect: C) -> Self {
@@ -131,8 +148,8 @@ impl<C> Proxy<C> {
 
 impl<C, R> Proxy<C, R> {
     /// Answers a client whose upstream could not be reached with `responder` before its
-    /// connection closes; see [`OnConnectError`]. It gets the connector's error as is:
-    /// a [`ProxyError`] from [`TcpConnect`], or what a layer around the connector
+    /// connection closes; see [`OnConnectError`]. It gets the connector's error as is,
+    /// from the connector's readiness or its call: a [`ProxyError`] from [`TcpConnect`], or what a layer around the connector
     /// returned (a circuit breaker's fast-fail rejection, for example).
     ///
     /// The responder is cloned into each connection's future.
@@ -179,22 +196,24 @@ impl<C, R> Proxy<C, R> {
 impl<I, C, U, R> Service<I> for Proxy<C, R>
 where
     I: AsyncRead + AsyncWrite,
-    C: Service<(), Response = U>,
+    C: Service<(), Response = U> + Clone,
     C::Error: Into<BoxError>,
     U: AsyncRead + AsyncWrite,
     R: OnConnectError<I> + Clone,
 {
     type Response = Transferred;
     type Error = BoxError;
-    type Future = future::ResponseFuture<C::Future, I, U, R>;
+    type Future = future::ResponseFuture<C, I, U, R>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.connect.poll_ready(cx).map_err(Into::into)
+    /// Always ready: the connector is polled ready by the connection's future, when it
+    /// connects (see [`Proxy`]).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, io: I) -> Self::Future {
         future::ResponseFuture::new(
-            self.connect.call(()),
+            self.connect.clone(),
             io,
             self.max_buffer,
             self.on_connect_error.clone(),

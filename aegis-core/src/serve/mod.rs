@@ -755,7 +755,7 @@ fn accept_error_kind(e: &io::Error) -> &'static str {
 #[cfg(all(test, feature = "proxy"))]
 mod tests {
     use super::*;
-    use crate::proxy::{ConnectFuture, Proxy};
+    use crate::proxy::{Proxy, TcpConnect};
     use tokio::net::TcpStream;
 
     /// The connection task's future lives for the connection's whole life inside a
@@ -764,7 +764,7 @@ mod tests {
     fn connection_task_stays_small() {
         type Io = Conn<TcpStream>;
         type Task =
-            ConnTask<Proxy, Io, crate::proxy::future::ResponseFuture<ConnectFuture, Io, TcpStream>>;
+            ConnTask<Proxy, Io, crate::proxy::future::ResponseFuture<TcpConnect, Io, TcpStream>>;
         let size = std::mem::size_of::<Task>();
         assert!(size <= 288, "connection task future grew to {size} bytes");
         eprintln!("connection task future: {size} bytes");
