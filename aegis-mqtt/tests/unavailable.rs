@@ -227,3 +227,68 @@ fn an_open_circuit_answers_at_once_without_a_connect_and_recovery_connects_again
         2
     );
 }
+
+/// The stack of the circuit breaker's docs, polled ready when a client connects as
+/// `serve` does: the breaker (around the connector, judged by the broker's first byte)
+/// admits a client when the proxy connects for it, after its CONNECT. A client that
+/// connects and never sends a CONNECT takes no half-open probe, so its silence past the
+/// probe timeout is no broker failure, and the next real client closes the circuit.
+#[test]
+fn a_silent_client_takes_no_half_open_probe_and_a_connect_closes_the_circuit() {
+    let ((), _) = run(true, || async {
+        let (dead, broker) = dead_port();
+        let breaker = CircuitBreakerLayer::builder("broker")
+            .consecutive_failures(Some(1))
+            .open_for(Duration::from_secs(2)) // and the probe timeout
+            .build();
+        let handle = breaker.handle();
+        let connector = breaker.judge_by_first_read().layer(TcpConnect::new(broker));
+        let svc = MqttLayer::default()
+            .layer(Proxy::with_connector(connector).on_connect_error(Unavailable::new()));
+
+        // A refused connect trips the circuit; open, it answers at once.
+        let (answer, _) = client(svc.clone(), &connect_v4()).await;
+        assert_eq!(answer, V3_UNAVAILABLE);
+        assert_eq!(handle.state(), CircuitState::Open);
+        let (answer, res) = client(svc.clone(), &connect_v4()).await;
+        assert_eq!(answer, V3_UNAVAILABLE);
+        assert_eq!(label_of(&*res.unwrap_err()), ("circuit_breaker", "open"));
+
+        // The broker comes back and answers each CONNECT; the open period ends.
+        let up = dead.listen(16).expect("listen on the broker's port");
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = up.accept().await.unwrap();
+                let mut connect = vec![0u8; connect_v4().len()];
+                s.read_exact(&mut connect).await.unwrap();
+                s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        tokio::time::advance(Duration::from_secs(2)).await;
+
+        // A client connects, is polled ready and called, and sends nothing for longer
+        // than the probe timeout.
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let silent = TcpStream::connect(front_addr).await.unwrap();
+        let (io, peer) = front.accept().await.unwrap();
+        let mut accepted = svc.clone();
+        let ready = ServiceExt::<Conn<TcpStream>>::ready(&mut accepted);
+        let held = tokio::spawn(ready.await.unwrap().call(Conn::new(io, peer, front_addr)));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            handle.state(),
+            CircuitState::HalfOpen,
+            "the silent client's probe"
+        );
+
+        // A real client is the probe: the broker's CONNACK, and the circuit closes.
+        let (answer, res) = client(svc, &connect_v4()).await;
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x00], "the broker's CONNACK");
+        res.unwrap();
+        assert_eq!(handle.state(), CircuitState::Closed);
+        held.abort();
+        drop(silent);
+    });
+}
