@@ -184,7 +184,9 @@ type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, BoxError>> + S
 /// function that clones the connector (reference counts and a socket address) into each
 /// connect's future, which is boxed anyway. The connector is called when the proxy
 /// connects, readiness included: the circuit breaker admits a connection (and takes a
-/// half-open probe) then, not when the client connected to the gateway.
+/// half-open probe) then, not when the client connected to the gateway. aegis-core's
+/// `Proxy` now polls its connector ready when it connects too, so that part is
+/// redundant here; the type erasure is what this type is for.
 #[derive(Clone)]
 pub(crate) struct Connector(std::sync::Arc<dyn Fn() -> ConnectFuture + Send + Sync>);
 

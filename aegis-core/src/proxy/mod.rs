@@ -35,8 +35,8 @@
 //! - **A client whose upstream is down can get an answer.** By default a failed connect
 //!   just closes the client's connection; [`Proxy::on_connect_error`] sets an
 //!   [`OnConnectError`] responder that gets the client's IO and the connector's error
-//!   (from its readiness or its call) first (an MQTT gateway answers "server unavailable" this way). Either way the
-//!   service returns the connector's error.
+//!   (from its readiness or its call) first (an MQTT gateway answers "server
+//!   unavailable" this way). Either way the service returns the connector's error.
 //!
 //! # Example
 //!
@@ -149,8 +149,9 @@ impl<C> Proxy<C> {
 impl<C, R> Proxy<C, R> {
     /// Answers a client whose upstream could not be reached with `responder` before its
     /// connection closes; see [`OnConnectError`]. It gets the connector's error as is,
-    /// from the connector's readiness or its call: a [`ProxyError`] from [`TcpConnect`], or what a layer around the connector
-    /// returned (a circuit breaker's fast-fail rejection, for example).
+    /// from the connector's readiness or its call: a [`ProxyError`] from [`TcpConnect`],
+    /// or what a layer around the connector returned (a circuit breaker's fast-fail
+    /// rejection, for example).
     ///
     /// The responder is cloned into each connection's future.
     #[must_use]

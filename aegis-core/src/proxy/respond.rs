@@ -6,10 +6,11 @@ use std::future::{Future, Ready, ready};
 /// Answers a client when [`Proxy`](super::Proxy) cannot reach the upstream.
 ///
 /// When the connector fails, in its readiness or its call (refused, timed out, a
-/// circuit breaker failing fast, ...), the proxy hands the client's IO to [`respond`](Self::respond) together with the
-/// connector's error, drives the returned future to its end, and then returns that same
-/// error, so [`label_of`](crate::error::label_of) still names the cause
-/// (`connect_refused`, `connect_timeout`, the breaker's `open`, ...).
+/// circuit breaker failing fast, ...), the proxy hands the client's IO to
+/// [`respond`](Self::respond) together with the connector's error, drives the returned
+/// future to its end, and then returns that same error, so
+/// [`label_of`](crate::error::label_of) still names the cause (`connect_refused`,
+/// `connect_timeout`, the breaker's `open`, ...).
 ///
 /// A protocol layer knows what its clients expect: an MQTT gateway writes a "server
 /// unavailable" CONNACK (`aegis_mqtt::layer::Unavailable`), an HTTP one a `503`. The

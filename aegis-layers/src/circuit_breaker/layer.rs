@@ -68,6 +68,11 @@ impl<C> CircuitBreakerLayer<C> {
     /// [`half_open_permits`](Builder::half_open_permits) clients wait on the server
     /// while it is tested.
     ///
+    /// Wrap the proxy's connector with it, as below: the proxy polls the connector ready
+    /// (and the breaker admits, taking a half-open probe) when it connects upstream for a
+    /// client, after the layers above have read what they wait for (the MQTT layer, the
+    /// CONNECT), so a client that connects and stays silent holds no probe.
+    ///
     /// The returned layer shares this circuit. Failed calls are classified at once, as
     /// this layer's classifier says. A failure seen later, such as the protocol's own
     /// timeout for the server's answer, is reported with
@@ -87,6 +92,7 @@ impl<C> CircuitBreakerLayer<C> {
     /// let connector = breaker
     ///     .judge_by_first_read()
     ///     .layer(TcpConnect::new("127.0.0.1:1883".parse().unwrap()));
+    /// // Admitted per connection when the proxy connects, whatever polled the proxy ready.
     /// let proxy = Proxy::with_connector(connector);
     /// # let _ = (proxy, circuit);
     /// ```
@@ -202,8 +208,9 @@ impl<C> Builder<C> {
     }
 
     /// How long a half-open probe may take: a probe (counted from its admission in
-    /// `poll_ready`) that has not ended after `timeout` is a **failed probe**, and
-    /// re-opens the circuit for another [`open_for`](Self::open_for) from that moment.
+    /// `poll_ready`; around a proxy's connector, when the proxy connects) that has not
+    /// ended after `timeout` is a **failed probe**, and re-opens the circuit for another
+    /// [`open_for`](Self::open_for) from that moment.
     /// Its call is not cancelled; its outcome, whenever it comes, is ignored. Default:
     /// the open period, `open_for`. A duration past what a `tokio::time::Instant` holds
     /// (`Duration::MAX`) means some thirty years.

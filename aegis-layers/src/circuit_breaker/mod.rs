@@ -37,12 +37,18 @@
 //!
 //! Admission happens in `poll_ready`, so a service polled ready long before it is called
 //! holds its admission (in half-open, one of the few probe permits) in between. Poll it
-//! right before the call: `ServiceExt::oneshot` on a clone, for example. A proxy whose
-//! whole stack is polled ready when a client connects, and which connects upstream only
-//! once the client has sent its first request, should wrap its connector that way (the
-//! mqtt-gateway's `Connector` does). A rejection holds nothing and is decided again by
-//! the next `poll_ready`, so a service polled ready while the circuit was open is not
-//! refused after it recovers.
+//! right before the call: `ServiceExt::oneshot` on a clone, for example. aegis-core's
+//! [`Proxy`](aegis_core::proxy::Proxy) does so with its connector: the proxy itself is
+//! always ready, and each connection polls its own clone of the connector ready when it
+//! connects upstream. So a breaker around the connector
+//! ([`Proxy::with_connector`](aegis_core::proxy::Proxy::with_connector)) admits a client
+//! when the proxy connects for it, not when its connection was accepted, even when the
+//! whole stack is polled ready at the accept and a protocol layer calls the proxy only
+//! once the client has sent its first request (the MQTT layer, after the CONNECT): a
+//! client that connects and says nothing takes no probe. A breaker between such a
+//! protocol layer and the proxy would be admitted at the accept; wrap the connector
+//! instead. A rejection holds nothing and is decided again by the next `poll_ready`, so
+//! a service polled ready while the circuit was open is not refused after it recovers.
 //!
 //! # Classifiers
 //!

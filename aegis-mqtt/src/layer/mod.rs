@@ -134,7 +134,12 @@
 //! whatever the connector's error: refused, the proxy's connect timeout, or a circuit
 //! breaker around the connector failing fast (`aegis_layers::circuit_breaker`, wrapped
 //! with [`Proxy::with_connector`](aegis_core::proxy::Proxy::with_connector)), which
-//! spares the broker the connects while it recovers.
+//! spares the broker the connects while it recovers. The proxy polls its connector ready
+//! when it connects, that is once this layer has accepted the CONNECT, not when the
+//! client's connection was accepted (this layer passes `poll_ready` through and calls the
+//! proxy later): the breaker admits a client that has sent its CONNECT, and one that
+//! connects and says nothing takes no half-open probe. Put the breaker around the
+//! connector, not between this layer and the proxy, where it would admit at the accept.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

@@ -14,7 +14,9 @@ use super::policy::ConnPolicy;
 /// [`MqttIo`] that validates every later client packet. See the [module docs](super).
 ///
 /// `poll_ready` is the inner service's; the ready service moves into the connection's
-/// future (a clone stays behind) and is called once the CONNECT is accepted.
+/// future (a clone stays behind) and is called once the CONNECT is accepted. An
+/// aegis-core [`Proxy`](aegis_core::proxy::Proxy) is always ready and polls its connector
+/// only when called, so a circuit breaker around its connector admits the client then.
 ///
 /// With a `Policy` (`P`, feature `policy`), the stream must also give its
 /// [`ClientAddr`](aegis_core::ClientAddr).
