@@ -310,6 +310,64 @@ fn teredo_clients_of_one_server_are_limited_apart() {
     });
 }
 
+/// With every slot taken, a new client is limited in the shared overflow bucket, and a
+/// refusal there is `overflow`, not `per_client`: other clients drained that budget, so
+/// it says nothing of this client's own rate (a ban detector must not count it). A
+/// tracked client over its own budget is still `per_client`. Before, both were
+/// `per_client`.
+#[test]
+fn a_refusal_by_the_overflow_bucket_is_overflow_not_per_client() {
+    let ((), snap) = run(true, || async {
+        let layer = RateLimitLayer::builder()
+            .per_client(Quota::per_second(nz(1)).allow_burst(nz(2)))
+            .max_keys(2)
+            .build();
+        let handle = layer.handle();
+        let mut svc = layer.layer(ok_service());
+        for ip in ["192.0.2.1", "192.0.2.2"] {
+            assert_eq!(try_conn(&mut svc, ip).await, Ok(()));
+        }
+        assert_eq!(handle.tracked_clients(), 2);
+        // The flood: new clients drain the shared bucket's burst of 2.
+        assert_eq!(try_conn(&mut svc, "198.51.100.1").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "198.51.100.2").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "198.51.100.3").await, Err("overflow"));
+        // A new client that never connected before is refused by the others' use.
+        assert_eq!(try_conn(&mut svc, "203.0.113.9").await, Err("overflow"));
+        assert_eq!(handle.tracked_clients(), 2);
+        // A tracked client over its own burst is refused for its own rate.
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Ok(()));
+        assert_eq!(try_conn(&mut svc, "192.0.2.1").await, Err("per_client"));
+    });
+    let c = capture(&snap);
+    assert_eq!(rejections(&c, "overflow"), 2);
+    assert_eq!(rejections(&c, "per_client"), 1);
+}
+
+/// [`Throttled::overflow`](aegis_layers::rate_limit::Throttled::overflow) tells the
+/// overflow bucket's refusals from a key's own, for `check` and `check_n`.
+#[test]
+fn keyed_limiter_tells_an_overflow_refusal_from_the_keys_own() {
+    run(true, || async {
+        let limiter = KeyedLimiter::new(Quota::per_second(nz(1)).allow_burst(nz(3)), 1, "of");
+        assert!(limiter.check(&1_u8).is_ok());
+        assert!(limiter.check_n(&1_u8, nz(2)).is_ok());
+        let own = limiter.check(&1_u8).unwrap_err();
+        assert!(!own.overflow());
+        // 2 is new, and the one slot is taken: the overflow bucket decides.
+        assert!(limiter.check_n(&2_u8, nz(3)).is_ok());
+        assert!(limiter.check(&2_u8).unwrap_err().overflow());
+        assert!(limiter.check_n(&3_u8, nz(2)).unwrap_err().overflow());
+        // A check the overflow bucket admitted leaves no trace on the next refusal.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(limiter.check(&1_u8).is_ok());
+        assert!(limiter.check(&3_u8).is_ok());
+        assert!(!limiter.check(&1_u8).unwrap_err().overflow());
+        // More cells than any burst: no budget could take them, no overflow.
+        assert!(!limiter.check_n(&4_u8, nz(4)).unwrap_err().overflow());
+    });
+}
+
 #[test]
 fn a_flood_of_a_million_addresses_stays_under_the_key_cap() {
     const CAP: usize = 1_000;

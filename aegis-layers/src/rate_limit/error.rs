@@ -16,6 +16,15 @@ pub enum RateLimited {
     /// Over the client's connection rate.
     #[error("client connection rate exceeded")]
     PerClient,
+    /// A client not tracked, refused by the per-client tier's shared **overflow
+    /// bucket**: all `max_keys` slots were taken, so every new client shares one
+    /// client's budget until idle clients are evicted (see the
+    /// [module docs](super#bounded-state)). Others' connections may have drained it:
+    /// this says nothing about the client's own rate.
+    #[error(
+        "client connection rate exceeded in the shared overflow bucket (too many clients tracked)"
+    )]
+    Overflow,
     /// The client already has its maximum of concurrent connections open.
     #[error("too many concurrent connections from this client")]
     Concurrency,
@@ -25,11 +34,12 @@ impl RateLimited {
     /// The layer name in metrics: `rate_limit`.
     pub const LAYER: &'static str = "rate_limit";
 
-    /// The stable reason label: `global`, `per_client` or `concurrency`.
+    /// The stable reason label: `global`, `per_client`, `overflow` or `concurrency`.
     pub const fn label(&self) -> &'static str {
         match self {
             Self::Global => "global",
             Self::PerClient => "per_client",
+            Self::Overflow => "overflow",
             Self::Concurrency => "concurrency",
         }
     }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::clock::{GovClock, TokioClock, since};
-use super::store::{Rescale, SharedStore};
+use super::store::{Rescale, SharedStore, clear_overflowed, overflowed};
 use crate::time::deadline;
 
 /// How often idle keys are evicted by default.
@@ -93,12 +93,22 @@ struct Inner<K: Hash + Eq + Clone, C: Clock> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Throttled {
     wait: Duration,
+    overflow: bool,
 }
 
 impl Throttled {
     /// How long until the key's next request would conform to the current quota.
     pub const fn wait(&self) -> Duration {
         self.wait
+    }
+
+    /// Whether the shared overflow bucket refused the request, not the key's own
+    /// budget: the key was not tracked and all `max_keys` slots were taken (see the
+    /// [module docs](super#bounded-state)). Every untracked key shares that bucket, so
+    /// such a refusal says nothing about this key's own rate: a flood of other keys
+    /// may have drained it.
+    pub const fn overflow(&self) -> bool {
+        self.overflow
     }
 }
 
@@ -193,15 +203,18 @@ where
     /// # Errors
     ///
     /// [`Throttled`] if the request is over the key's quota; it was not counted.
+    /// [`Throttled::overflow`] tells a refusal by the shared overflow bucket.
     #[inline]
     pub fn check(&self, key: &K) -> Result<(), Throttled> {
         self.ensure_sweeper();
         let current = self.inner.current.load();
+        clear_overflowed();
         current
             .limiter
             .check_key(key)
             .map_err(|not_until| Throttled {
                 wait: not_until.wait_time_from(since(&self.inner.clock, self.inner.epoch)),
+                overflow: overflowed(),
             })
     }
 
@@ -213,7 +226,8 @@ where
     ///
     /// [`Throttled`] if the `n` cells are over the key's quota; none was counted. When
     /// `n` is larger than the burst size, the cells can never conform: the error's
-    /// [`wait`](Throttled::wait) is [`Duration::MAX`].
+    /// [`wait`](Throttled::wait) is [`Duration::MAX`] (and it is no
+    /// [`overflow`](Throttled::overflow): no key's budget could take them).
     #[inline]
     pub fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Throttled> {
         self.ensure_sweeper();
@@ -223,15 +237,19 @@ where
         if n > current.quota.burst_size() {
             return Err(Throttled {
                 wait: Duration::MAX,
+                overflow: false,
             });
         }
+        clear_overflowed();
         match current.limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(Throttled {
                 wait: not_until.wait_time_from(since(&self.inner.clock, self.inner.epoch)),
+                overflow: overflowed(),
             }),
             Err(_) => Err(Throttled {
                 wait: Duration::MAX,
+                overflow: false,
             }),
         }
     }

@@ -15,7 +15,7 @@
 //! | tier | builder | what it counts | reason label |
 //! |---|---|---|---|
 //! | concurrency | [`max_concurrent_per_client`](RateLimitBuilder::max_concurrent_per_client) | connections a client has open now (a count, not a rate) | `concurrency` |
-//! | per client | [`per_client`](RateLimitBuilder::per_client) | new connections per client, as a GCRA [`Quota`] (rate and burst) | `per_client` |
+//! | per client | [`per_client`](RateLimitBuilder::per_client) | new connections per client, as a GCRA [`Quota`] (rate and burst) | `per_client`; `overflow` for a client beyond [`max_keys`](RateLimitBuilder::max_keys), see [Bounded state](#bounded-state) |
 //! | global | [`global`](RateLimitBuilder::global) | new connections from everyone together, as a [`Quota`] | `global` |
 //!
 //! They are checked in that order. A connection refused for concurrency consumes no
@@ -76,15 +76,23 @@
 //!   [`RateLimitHandle::evict_idle`] (or [`KeyedLimiter::evict_idle`]) yourself.
 //! - **A hard cap.** At most [`max_keys`](RateLimitBuilder::max_keys) clients (100,000
 //!   by default) are tracked. A *new* client beyond the cap is limited in one shared
-//!   **overflow bucket** with the per-client quota, until eviction frees slots.
+//!   **overflow bucket** with the per-client quota, until eviction frees slots. A
+//!   refusal there is [`RateLimited::Overflow`] (reason label `overflow`), not
+//!   `per_client`: every untracked client shares that bucket, so the refusal says
+//!   nothing about the client's own rate ([`Throttled::overflow`] tells it for a
+//!   [`KeyedLimiter`]). A ban detector must not count it against the client, as it
+//!   must not count `global` (`aegis_mqtt::security` counts neither).
 //!
 //! The trade-off of the overflow bucket: memory stays bounded whatever the flood (a
 //! million spoofed or rotating addresses add nothing beyond the cap), and clients already
 //! tracked keep their own budget, so known legitimate clients are not hurt. The cost is
 //! that during such a flood all *new* clients share one client's budget, so a new
-//! legitimate client may be refused until the flood ends and eviction catches up. The
-//! alternatives were worse: refusing every new client outright, or evicting busy
-//! clients to make room, which would reset an attacker's own limit.
+//! legitimate client may be refused (`overflow`) until the flood ends and eviction
+//! catches up. "New" includes a known client that stayed idle past an eviction: its
+//! state was dropped (it decided exactly like no state), so while the table is full it
+//! comes back on the overflow bucket too. The alternatives were worse: refusing every
+//! new client outright, or evicting busy clients to make room, which would reset an
+//! attacker's own limit.
 //!
 //! The concurrency tier keeps an entry only while a client has a connection open, so
 //! it never holds more entries than there are live connections (bounded by the accept
@@ -128,7 +136,7 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
-//! | `aegis_rejections_total` | counter | `layer="rate_limit"`, `reason`: `global`, `per_client`, `concurrency` | refused connections |
+//! | `aegis_rejections_total` | counter | `layer="rate_limit"`, `reason`: `global`, `per_client`, `overflow`, `concurrency` | refused connections |
 //! | `aegis_rate_limit_keys` | gauge | `limiter` (`per_client` here) | keys tracked, set when a key is added and after each eviction |
 //! | `aegis_rate_limit_evictions_total` | counter | `limiter` | idle keys evicted |
 //! | `aegis_rate_limit_overflow_total` | counter | `limiter` | checks of new keys that went to the overflow bucket because the cap was reached |

@@ -71,9 +71,18 @@ where
             },
             None => None,
         };
-        if shared.per_client_on.load(Ordering::Relaxed) && shared.per_client.check(&key).is_err() {
-            // Dropping `slot` and `io` here gives the slot back and closes the socket.
-            return ResponseFuture::rejected(reject(RateLimited::PerClient));
+        if shared.per_client_on.load(Ordering::Relaxed)
+            && let Err(over) = shared.per_client.check(&key)
+        {
+            // A refusal by the shared overflow bucket is told apart: it is no measure
+            // of this client's rate. Dropping `slot` and `io` here gives the slot back
+            // and closes the socket.
+            let why = if over.overflow() {
+                RateLimited::Overflow
+            } else {
+                RateLimited::PerClient
+            };
+            return ResponseFuture::rejected(reject(why));
         }
         if shared.global_on.load(Ordering::Relaxed) && !shared.global.check() {
             // The per-client cell spent above is not given back (see the module docs).

@@ -14,6 +14,28 @@ use governor::state::{NotKeyed, StateStore};
 
 use super::metrics;
 
+thread_local! {
+    /// Whether this thread's last check of a keyed store went to the overflow cell: set
+    /// by [`SharedStore`]'s `measure_and_replace`, which governor calls synchronously
+    /// inside a check, read by the check right after (see [`overflowed`]).
+    static OVERFLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the last keyed check on this thread was decided by the overflow cell (the
+/// key was not tracked and every slot was taken). Valid right after a check that
+/// reached the store; a check governor refuses before reading any state (more cells
+/// than the burst) leaves it as it was, so [`clear_overflowed`] first.
+#[inline]
+pub(super) fn overflowed() -> bool {
+    OVERFLOWED.with(std::cell::Cell::get)
+}
+
+/// Resets what [`overflowed`] reports, before a check.
+#[inline]
+pub(super) fn clear_overflowed() {
+    OVERFLOWED.with(|o| o.set(false));
+}
+
 /// One GCRA state: the theoretical arrival time (TAT) in nanoseconds since the store's
 /// epoch, 0 meaning "never seen". Updated with a compare-and-swap loop, as governor's
 /// own `InMemoryState` does.
@@ -228,6 +250,7 @@ impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
         }
         if !store.reserve() {
             metrics::overflow(store.name);
+            OVERFLOWED.with(|o| o.set(true));
             return store.overflow.measure_and_replace(f);
         }
         match store.map.entry(key.clone()) {
