@@ -286,6 +286,73 @@ async fn client_id_and_username_bans_get_the_banned_connack() {
     assert_eq!(labels(&r.result), ("ok", "ok"));
 }
 
+/// The reviewer's attack, in small: once the rate limiter tracks `max_keys` clients, a
+/// flood of new addresses drains the overflow bucket every new client shares, and a
+/// victim that never went over its own rate is refused there. Those refusals
+/// (`rate_limit` / `overflow`) ban nobody; a tracked client over its own rate
+/// (`per_client`) is still banned. Before, the victim was refused as `per_client` and
+/// banned at its second refusal.
+#[cfg(feature = "policy")]
+#[test]
+fn a_flood_from_others_draining_the_overflow_bucket_bans_no_victim() {
+    use aegis_layers::rate_limit::{Quota, RateLimitLayer};
+    use std::num::NonZeroU32;
+    let ((), snap) = run(true, || async {
+        let sec = Security::builder()
+            .max_rejections(1)
+            .window(Duration::from_secs(60))
+            .build();
+        let nz = |n| NonZeroU32::new(n).unwrap();
+        let limit = RateLimitLayer::builder()
+            .per_client(Quota::per_minute(nz(1)).allow_burst(nz(2)))
+            .max_keys(1)
+            .build();
+        let inner = service_fn(|_: Conn<DuplexStream>| async { Ok::<_, io::Error>(()) });
+        let svc = sec.layer().layer(limit.layer(inner));
+        let through = |peer: &str| {
+            let (_client, server) = tokio::io::duplex(64);
+            svc.clone().oneshot(conn(server, peer))
+        };
+        // The one slot goes to the attacker's first address.
+        assert_eq!(labels(&through("198.51.100.1:1").await), ("ok", "ok"));
+        // Its flood of new addresses: the overflow bucket's burst of 2, then refusals.
+        for i in 2..10 {
+            let _ = through(&format!("198.51.100.{i}:1")).await;
+        }
+        // The victim's first connections ever: refused, by the others' flood.
+        for port in 0..5 {
+            assert_eq!(
+                labels(&through(&format!("192.0.2.9:{port}")).await),
+                ("rate_limit", "overflow")
+            );
+        }
+        assert!(!sec.is_banned(&addr("192.0.2.9")), "{:?}", sec.bans());
+        assert!(sec.bans().is_empty(), "{:?}", sec.bans());
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(
+            (e.severity, e.rule.as_deref()),
+            (Severity::Low, Some("overflow"))
+        );
+        // The tracked client over its own rate is the client's doing: counted, banned.
+        assert_eq!(labels(&through("198.51.100.1:2").await), ("ok", "ok"));
+        for port in 3..5 {
+            assert_eq!(
+                labels(&through(&format!("198.51.100.1:{port}")).await),
+                ("rate_limit", "per_client")
+            );
+        }
+        assert!(sec.is_banned(&addr("198.51.100.1")));
+    });
+    let c = capture(&snap);
+    assert_eq!(
+        c.counter(
+            REJECTIONS_TOTAL,
+            &[("layer", "rate_limit"), ("reason", "overflow")]
+        ),
+        6 + 5
+    );
+}
+
 #[test]
 fn a_connect_flood_bans_the_address_until_ban_for_ends() {
     let ((), snap) = run(true, || async {

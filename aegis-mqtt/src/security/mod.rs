@@ -45,7 +45,9 @@
 //! `upstream_closed`: the broker closed the connection before its CONNACK,
 //! `server_busy`, `auth_error`: the authenticator could not decide; any refusal of the
 //! `circuit_breaker` layer: its circuit is open; the `rate_limit` layer's `global`
-//! tier, which every client shares; and its `per_client` tier with
+//! tier, which every client shares; its `overflow`, the shared bucket every client
+//! beyond its `max_keys` is limited in, which others' flood drains; and its
+//! `per_client` tier with
 //! [`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate), when an
 //! adaptive controller sets that rate for the broker's sake) are logged with severity
 //! `low` but never counted
@@ -713,7 +715,8 @@ impl SecurityBuilder {
     /// Whether the rate limiter's per-client refusals (`rate_limit` / `per_client`)
     /// count toward [`max_rejections`](Self::max_rejections) (on by default: a client
     /// over its own rate is the client's doing). Off, they are logged with severity
-    /// `low` and never counted, as the `global` tier's always are: for when the
+    /// `low` and never counted, as the `global` tier's and the overflow bucket's
+    /// (`overflow`) always are: for when the
     /// per-client rate is not the client's to keep, such as an adaptive controller
     /// (`aegis_layers::adaptive`) lowering it for a slow broker, which would otherwise
     /// get clients banned for the broker's state.
@@ -1182,10 +1185,13 @@ impl Security {
             "circuit_breaker" => true,
             // The global tier is shared by every client: a flood from others, or an
             // adaptive controller lowering it for a slow broker, uses it up. So is the
-            // per-client tier when that controller drives it
+            // overflow bucket, which every client beyond `max_keys` shares (a flood of
+            // new addresses fills the table and drains it). So is the per-client tier
+            // when that controller drives it
             // ([`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate)).
             "rate_limit" => {
-                label == "global" || (label == "per_client" && !self.shared.count_per_client_rate)
+                matches!(label, "global" | "overflow")
+                    || (label == "per_client" && !self.shared.count_per_client_rate)
             }
             // A connection closed (or reset) before the sniffer saw enough to decide: a
             // TCP health check, or a client that gave up. Without the sniffer the MQTT
@@ -1957,6 +1963,25 @@ mod tests {
         let tls = SniffError::NotAllowed(aegis_layers::sniff::Protocol::Tls);
         ctx(&sec).on_error(&aegis_core::error::reject(tls));
         assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
+    }
+
+    /// A refusal by the rate limiter's shared overflow bucket (every client beyond its
+    /// `max_keys` shares it, so a flood of new addresses drains it) is logged (low) and
+    /// never counted. It was counted as a client's own refusal: a flood got every new
+    /// client banned.
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_overflow_refusal_is_not_counted() {
+        let sec = Security::builder().max_rejections(0).build();
+        ctx(&sec).on_error(&aegis_core::error::reject(Refusal(
+            "rate_limit",
+            "overflow",
+        )));
+        let e = sec.events(1).pop().unwrap();
+        assert_eq!(
+            (e.severity, e.rule.as_deref()),
+            (Severity::Low, Some("overflow"))
+        );
+        assert!(sec.bans().is_empty());
     }
 
     /// A client's own rate-limit refusal (the per-client tier) counts.
