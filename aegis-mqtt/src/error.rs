@@ -103,9 +103,26 @@ pub enum MqttError {
     /// "not authorized", which a client does not retry blindly, MQTT 5 gets 0x9F.
     #[error("CONNECT rate of this client address exceeded")]
     ConnectRate,
+    /// A CONNECT from a client address the `Policy`'s `connect` tier does not track,
+    /// refused by the tier's shared overflow bucket: the tier tracks its `max_keys`
+    /// addresses already, and every other address shares one address's budget, which
+    /// others' CONNECTs may have drained. Answered as [`ConnectRate`](Self::ConnectRate);
+    /// not the client's own rate, so `aegis_mqtt::security` counts it toward no ban.
+    #[error(
+        "CONNECT rate exceeded in the shared overflow bucket (too many client addresses tracked)"
+    )]
+    ConnectOverflow,
     /// Too many packets or bytes per second from this client.
     #[error("message rate too high")]
     MessageRate,
+    /// A packet of a client id the `Policy`'s tier does not track, over the tier's
+    /// shared overflow bucket where the packet cannot just be dropped (as for
+    /// [`MessageRate`](Self::MessageRate)): the tier tracks its `max_keys` ids already,
+    /// and every other id shares one id's budget. Answered as
+    /// [`MessageRate`](Self::MessageRate); not the client's own rate, so
+    /// `aegis_mqtt::security` counts it toward no ban.
+    #[error("message rate exceeded in the shared overflow bucket (too many client ids tracked)")]
+    MessageOverflow,
     /// Nothing arrived within 1.5 times the keep-alive.
     #[error("keep-alive timeout")]
     KeepAliveTimeout,
@@ -150,7 +167,9 @@ impl aegis_core::error::Reject for MqttError {
             Self::QuotaExceeded => "quota_exceeded",
             Self::ConnectionRate => "connection_rate",
             Self::ConnectRate => "connect_rate",
+            Self::ConnectOverflow => "connect_overflow",
             Self::MessageRate => "message_rate",
+            Self::MessageOverflow => "message_overflow",
             Self::KeepAliveTimeout => "keep_alive_timeout",
             Self::PacketTimeout => "packet_timeout",
             Self::ConnectTimeout => "connect_timeout",
@@ -263,7 +282,8 @@ impl MqttError {
                         | Self::AuthTimeout
                         | Self::Banned
                         | Self::PayloadBlocked
-                        | Self::ConnectRate => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
+                        | Self::ConnectRate
+                        | Self::ConnectOverflow => Answer::ConnackV3(r::V3_NOT_AUTHORIZED),
                         Self::ServerUnavailable
                         | Self::ConnackTimeout
                         | Self::UpstreamClosed
@@ -299,9 +319,11 @@ impl MqttError {
             Self::ServerUnavailable | Self::ConnackTimeout | Self::UpstreamClosed => {
                 r::SERVER_UNAVAILABLE
             }
-            Self::ServerBusy | Self::MessageRate => r::SERVER_BUSY,
+            Self::ServerBusy | Self::MessageRate | Self::MessageOverflow => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
-            Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
+            Self::ConnectionRate | Self::ConnectRate | Self::ConnectOverflow => {
+                r::CONNECTION_RATE_EXCEEDED
+            }
             Self::UnknownProtocol
             | Self::KeepAliveTimeout
             | Self::PacketTimeout
@@ -332,8 +354,10 @@ impl MqttError {
             | Self::UpstreamClosed
             | Self::ServerBusy => r::SERVER_BUSY,
             Self::QuotaExceeded => r::QUOTA_EXCEEDED,
-            Self::ConnectionRate | Self::ConnectRate => r::CONNECTION_RATE_EXCEEDED,
-            Self::MessageRate => r::MESSAGE_RATE_TOO_HIGH,
+            Self::ConnectionRate | Self::ConnectRate | Self::ConnectOverflow => {
+                r::CONNECTION_RATE_EXCEEDED
+            }
+            Self::MessageRate | Self::MessageOverflow => r::MESSAGE_RATE_TOO_HIGH,
             // A connect timeout comes before any CONNACK: never a DISCONNECT.
             Self::KeepAliveTimeout | Self::PacketTimeout | Self::ConnectTimeout => {
                 r::KEEP_ALIVE_TIMEOUT

@@ -66,7 +66,9 @@
 //! | `quota_exceeded` | CONNACK 0x03 | CONNACK 0x97 | close | DISCONNECT 0x97 |
 //! | `connection_rate` | CONNACK 0x03 | CONNACK 0x9F | close | DISCONNECT 0x9F |
 //! | `connect_rate` | CONNACK 0x05 (the per-packet policy's CONNECT brake) | CONNACK 0x9F | close | DISCONNECT 0x9F |
+//! | `connect_overflow` (the CONNECT brake's shared overflow bucket, see `layer::Policy`) | CONNACK 0x05 | CONNACK 0x9F | close | DISCONNECT 0x9F |
 //! | `message_rate` | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
+//! | `message_overflow` (a per-client-id tier's shared overflow bucket) | close | CONNACK 0x89 | close | DISCONNECT 0x96 |
 //! | `keep_alive_timeout` | close | close | close | DISCONNECT 0x8D |
 //! | `packet_timeout` (a packet begun and not finished in time) | close | close | close | DISCONNECT 0x8D |
 //! | `connect_timeout` (no complete CONNECT in time) | close | close | - | - |

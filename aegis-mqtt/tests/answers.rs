@@ -98,6 +98,15 @@ fn v3_connect_answers() {
         at_connect(v, MqttError::NotAuthorized),
         [0x20, 0x02, 0x00, 0x05]
     );
+    // The policy's CONNECT brake, over the client's own budget or the shared overflow
+    // bucket: "not authorized", which a client does not retry blindly.
+    for e in [MqttError::ConnectRate, MqttError::ConnectOverflow] {
+        assert_eq!(at_connect(v, e), [0x20, 0x02, 0x00, 0x05], "{e:?}");
+    }
+    // A message rate has no 3.x CONNACK code: close.
+    for e in [MqttError::MessageRate, MqttError::MessageOverflow] {
+        assert_eq!(at_connect(v, e), Vec::<u8>::new(), "{e:?}");
+    }
     // Only MQTT 5 has an AUTH exchange to time out; 3.x would get "not authorized".
     assert_eq!(
         at_connect(v, MqttError::AuthTimeout),
@@ -150,6 +159,9 @@ fn v5_connect_answers() {
         (MqttError::PacketTooLarge { size: 9, max: 8 }, 0x95),
         (MqttError::QuotaExceeded, 0x97),
         (MqttError::ConnectionRate, 0x9F),
+        (MqttError::ConnectRate, 0x9F),
+        (MqttError::ConnectOverflow, 0x9F),
+        (MqttError::MessageOverflow, 0x89),
         (MqttError::TopicName("x"), 0x90),
         (
             MqttError::KeepAlive {
@@ -176,10 +188,9 @@ fn answers_after_connect() {
             MqttError::Malformed("x").answer(Phase::Connected(v)),
             Answer::Close
         );
-        assert_eq!(
-            MqttError::MessageRate.answer(Phase::Connected(v)),
-            Answer::Close
-        );
+        for e in [MqttError::MessageRate, MqttError::MessageOverflow] {
+            assert_eq!(e.answer(Phase::Connected(v)), Answer::Close);
+        }
         assert_eq!(
             MqttError::PacketTimeout.answer(Phase::Connected(v)),
             Answer::Close
@@ -194,6 +205,8 @@ fn answers_after_connect() {
         (MqttError::TopicName("x"), 0x90),
         (MqttError::PacketTooLarge { size: 9, max: 8 }, 0x95),
         (MqttError::MessageRate, 0x96),
+        (MqttError::MessageOverflow, 0x96),
+        (MqttError::ConnectOverflow, 0x9F),
         (MqttError::QuotaExceeded, 0x97),
         (MqttError::NotAuthorized, 0x87),
         (MqttError::AuthTimeout, 0x87),
@@ -296,7 +309,7 @@ fn session_picks_the_phase_and_version() {
 
 #[test]
 fn labels_are_stable_and_the_layer_is_mqtt() {
-    let cases: [(MqttError, &str); 22] = [
+    let cases: [(MqttError, &str); 25] = [
         (MqttError::ServerLimit(Limit::QoS), "server_limit"),
         (MqttError::Malformed("x"), "malformed"),
         (MqttError::ProtocolError("x"), "protocol_error"),
@@ -327,7 +340,10 @@ fn labels_are_stable_and_the_layer_is_mqtt() {
         (MqttError::ServerBusy, "server_busy"),
         (MqttError::QuotaExceeded, "quota_exceeded"),
         (MqttError::ConnectionRate, "connection_rate"),
+        (MqttError::ConnectRate, "connect_rate"),
+        (MqttError::ConnectOverflow, "connect_overflow"),
         (MqttError::MessageRate, "message_rate"),
+        (MqttError::MessageOverflow, "message_overflow"),
         (MqttError::KeepAliveTimeout, "keep_alive_timeout"),
         (MqttError::PacketTimeout, "packet_timeout"),
         (MqttError::ConnectTimeout, "connect_timeout"),

@@ -353,6 +353,65 @@ fn a_flood_from_others_draining_the_overflow_bucket_bans_no_victim() {
     );
 }
 
+/// The same through the MQTT policy's `connect` tier, which keys addresses in the same
+/// kind of store: with its `max_keys` taken, a victim's CONNECTs refused by the shared
+/// overflow bucket get the `connect_rate` answer (CONNACK 0x05) but are
+/// `connect_overflow`, which bans nobody; the tracked address over its own rate
+/// (`connect_rate`) is banned. Before, the victim was banned at its second refusal.
+#[cfg(feature = "policy")]
+#[test]
+fn connects_refused_by_the_policys_overflow_bucket_ban_no_victim() {
+    use aegis_mqtt::layer::Policy;
+    use aegis_mqtt::layer::policy::Quota;
+    use std::num::NonZeroU32;
+    run(true, || async {
+        let sec = Security::builder()
+            .max_rejections(1)
+            .window(Duration::from_secs(60))
+            .build();
+        let policy = Policy::builder()
+            .connect_per_addr(Quota::per_minute(NonZeroU32::new(1).unwrap()))
+            .max_keys(1)
+            .build();
+        let broker = service_fn(|mut io: MqttIo<Conn<DuplexStream>>| async move {
+            io.write_all(&common::connack_accepting(&io)).await?;
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await?;
+            Ok::<_, io::Error>(())
+        });
+        let svc = SecurityLayer::new(sec.clone())
+            .layer(MqttLayer::new(Config::new()).policy(policy).layer(broker));
+        let through = |peer: &str, id: &str| {
+            let (server, client) = common::client(1 << 12, connect(false, id, None));
+            let svc = svc.clone();
+            let conn = conn(server, peer);
+            async move {
+                let result = svc.oneshot(conn).await;
+                (labels(&result), client.await.unwrap())
+            }
+        };
+        // The tier's one slot, then the overflow bucket's one CONNECT.
+        for peer in ["198.51.100.1:1", "198.51.100.2:1"] {
+            let (result, got) = through(peer, "x").await;
+            assert_eq!(result, ("ok", "ok"), "{peer}");
+            assert_eq!(got, [0x20, 0x02, 0x00, 0x00]);
+        }
+        // The victim's first CONNECTs ever.
+        for port in 0..4 {
+            let (result, got) = through(&format!("192.0.2.9:{port}"), "victim").await;
+            assert_eq!(result, ("mqtt", "connect_overflow"));
+            assert_eq!(got, [0x20, 0x02, 0x00, 0x05]);
+        }
+        assert!(sec.bans().is_empty(), "{:?}", sec.bans());
+        // The tracked address over its own rate: counted, banned at its second refusal.
+        for port in 2..4 {
+            let (result, _) = through(&format!("198.51.100.1:{port}"), "x").await;
+            assert_eq!(result, ("mqtt", "connect_rate"));
+        }
+        assert!(sec.is_banned(&addr("198.51.100.1")));
+    });
+}
+
 #[test]
 fn a_connect_flood_bans_the_address_until_ban_for_ends() {
     let ((), snap) = run(true, || async {

@@ -65,7 +65,12 @@
 //! Each tier tracks at most [`max_keys`](PolicyBuilder::max_keys) keys (100,000 by
 //! default); a new key beyond the cap shares one overflow budget until idle keys are
 //! evicted (every [`evict_every`](PolicyBuilder::evict_every), 30 s by default), as in
-//! `aegis_layers::rate_limit`.
+//! `aegis_layers::rate_limit`. A key idle past an eviction is new again. A refusal by
+//! that shared budget gets the same answer as the tier's own, but its own label:
+//! `connect_overflow` for the `connect` tier, `message_overflow` where the others
+//! close the connection (a dropped packet keeps its tier's reason in
+//! `aegis_mqtt_dropped_total`). Others' flood may have drained that budget, so
+//! `aegis_mqtt::security` counts neither toward a ban.
 //!
 //! # Answers from the gateway
 //!
@@ -90,7 +95,7 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
-//! | `aegis_rejections_total` | counter | `layer="mqtt"`, `reason`: `connect_rate`, `message_rate` | connections refused by the policy |
+//! | `aegis_rejections_total` | counter | `layer="mqtt"`, `reason`: `connect_rate`, `message_rate`; `connect_overflow`, `message_overflow` for a key beyond `max_keys` refused by the shared overflow budget (see [Keys](#keys)) | connections refused by the policy |
 //! | `aegis_mqtt_dropped_total` | counter | `packet`: `publish`, `subscribe`; `reason`: `publish_rate`, `subscribe_rate`, `packet_rate`, `byte_rate`, `inspection` | packets kept from the broker |
 //! | `aegis_mqtt_inspection_total` | counter | `rule`, `action` | with `PolicyBuilder::inspect`: see the `inspect` module |
 //! | `aegis_mqtt_synthesized_total` | counter | `packet`: `suback`, `puback`, `pubrec` | answers written by the gateway |
@@ -518,15 +523,22 @@ impl ConnPolicy {
         self.version = version;
         self.max_packet_size = connect.max_packet_size;
         if let Some(limiter) = &tiers.connect
-            && limiter.check(&tiers.key_by.key(ip)).is_err()
+            && let Err(over) = limiter.check(&tiers.key_by.key(ip))
         {
+            // An address not tracked, refused by the overflow bucket that every such
+            // address shares, is told apart: others' CONNECTs may have drained it.
+            let refusal = if over.overflow() {
+                MqttError::ConnectOverflow
+            } else {
+                MqttError::ConnectRate
+            };
             tracing::debug!(
                 client_id = ?client_id,
                 client_addr = %self.addr,
-                reason = Tier::Connect.label(),
+                reason = aegis_core::error::Reject::label(&refusal),
                 "mqtt CONNECT over the policy's connect rate"
             );
-            return Err(MqttError::ConnectRate);
+            return Err(refusal);
         }
         self.key = Some(if client_id.is_empty() {
             IdKey::Anonymous(tiers.key_by.key(ip))
@@ -576,31 +588,38 @@ impl ConnPolicy {
             Packet::PingReq => ("pingreq", None),
             _ => return Verdict::Forward,
         };
-        let own_over = own.and_then(|(tier, limiter)| {
-            limiter
-                .as_ref()
-                .is_some_and(|l| l.check(key).is_err())
-                .then_some(tier)
-        });
-        let over = if let Some(tier) = own_over {
-            tier
-        } else if tiers
-            .packets
-            .as_ref()
-            .is_some_and(|l| l.check(key).is_err())
-        {
-            Tier::Packets
-        } else if tiers.bytes.as_ref().is_some_and(|l| {
-            let n = u32::try_from(len).ok().and_then(NonZeroU32::new);
-            n.is_none_or(|n| l.check_n(key, n).is_err())
-        }) {
-            Tier::Bytes
-        } else {
+        // The first tier over its limit, and whether its shared overflow bucket (the
+        // key not tracked) refused rather than the key's own budget. Each tier is
+        // checked only when those before it let the packet through.
+        let over = own
+            .and_then(|(tier, limiter)| {
+                Some((tier, limiter.as_ref()?.check(key).err()?.overflow()))
+            })
+            .or_else(|| {
+                let over = tiers.packets.as_ref()?.check(key).err()?;
+                Some((Tier::Packets, over.overflow()))
+            })
+            .or_else(|| {
+                let l = tiers.bytes.as_ref()?;
+                match u32::try_from(len).ok().and_then(NonZeroU32::new) {
+                    Some(n) => Some((Tier::Bytes, l.check_n(key, n).err()?.overflow())),
+                    // Past `u32` cells: over any burst.
+                    None => Some((Tier::Bytes, false)),
+                }
+            });
+        let Some((over, overflow)) = over else {
             #[cfg(feature = "inspect")]
             if let Packet::Publish(p) = packet {
                 return self.inspect_publish(p);
             }
             return Verdict::Forward;
+        };
+        // Where the packet cannot be dropped, the connection is refused; by the overflow
+        // bucket, that is no measure of this client's rate.
+        let refusal = if overflow {
+            MqttError::MessageOverflow
+        } else {
+            MqttError::MessageRate
         };
         let client_id = match key {
             IdKey::Id(id) => &**id,
@@ -612,9 +631,10 @@ impl ConnPolicy {
                 client_id = ?client_id,
                 client_addr = %client_addr,
                 reason = over.label(),
+                overflow,
                 "mqtt {why} over the policy's limits: refused"
             );
-            return Verdict::Refuse(MqttError::MessageRate);
+            return Verdict::Refuse(refusal);
         }
         let answer = match packet {
             Packet::Publish(p) => {
@@ -639,9 +659,10 @@ impl ConnPolicy {
                     client_addr = %client_addr,
                     packet = name,
                     reason = over.label(),
+                    overflow,
                     "mqtt client over the policy's packet limits"
                 );
-                return Verdict::Refuse(MqttError::MessageRate);
+                return Verdict::Refuse(refusal);
             }
         };
         let over = OverLimit {
@@ -654,6 +675,7 @@ impl ConnPolicy {
             client_addr = %client_addr,
             error = %over,
             reason = over.label(),
+            overflow,
             "mqtt packet dropped by policy"
         );
         if let Some((kind, bytes)) = answer {
@@ -931,6 +953,71 @@ mod tests {
         let later = |v| e.answer(Phase::Connected(v)).bytes();
         assert_eq!(later(Version::V5), [0xE0, 0x02, 0x9F, 0x00]);
         assert!(later(Version::V3_1_1).is_empty());
+    }
+
+    /// With `max_keys` reached, a new address's CONNECT and a new client id's packet
+    /// are limited in the tier's shared overflow bucket; refused there, they are
+    /// `connect_overflow` and `message_overflow` (answered as `connect_rate` and
+    /// `message_rate`), which a ban detector does not count. A tracked key over its own
+    /// budget is still `connect_rate` / `message_rate`. Before, both were the latter.
+    #[tokio::test(start_paused = true)]
+    async fn overflow_refusals_are_told_apart_and_answered_as_the_rate_refusals() {
+        use aegis_core::error::Reject;
+
+        use crate::Phase;
+        let policy = Policy::builder()
+            .connect_per_addr(Quota::per_minute(nz(1)))
+            .packets_per_client(Quota::per_minute(nz(1)))
+            .max_keys(1)
+            .build();
+        let connected = |addr: &str, id: &'static str| {
+            let mut c = ConnPolicy::new(policy.clone(), ClientAddr(addr.parse().unwrap()));
+            let r = c.on_connect(&connect(id, Version::V5), &mut SharedId::new(id));
+            (c, r)
+        };
+        // The one slot of each tier goes to 192.0.2.1 and to client id "a".
+        let (mut a, r) = connected("192.0.2.1:1", "a");
+        assert_eq!(r, Ok(()));
+        assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));
+        // A new address: the overflow bucket's one CONNECT, then it is drained.
+        let (mut b, r) = connected("192.0.2.2:1", "b");
+        assert_eq!(r, Ok(()));
+        assert_eq!(
+            connected("192.0.2.3:1", "c").1,
+            Err(MqttError::ConnectOverflow)
+        );
+        // The tracked address over its own budget.
+        assert_eq!(connected("192.0.2.1:2", "d").1, Err(MqttError::ConnectRate));
+        // Client id "b" is not tracked: its packets share the overflow bucket.
+        assert!(matches!(b.check(&Packet::PingReq, 2), Verdict::Forward));
+        assert!(matches!(
+            b.check(&Packet::PingReq, 2),
+            Verdict::Refuse(MqttError::MessageOverflow)
+        ));
+        assert!(matches!(
+            a.check(&Packet::PingReq, 2),
+            Verdict::Refuse(MqttError::MessageRate)
+        ));
+        assert_eq!(policy.tracked_keys(Tier::Connect), 1);
+        assert_eq!(policy.tracked_keys(Tier::Packets), 1);
+        // Labelled apart, answered alike.
+        assert_eq!(MqttError::ConnectOverflow.label(), "connect_overflow");
+        assert_eq!(MqttError::MessageOverflow.label(), "message_overflow");
+        for v in [Version::V3_1, Version::V3_1_1, Version::V5] {
+            for phase in [Phase::Connect(Some(v)), Phase::Connected(v)] {
+                let pairs = [
+                    (MqttError::ConnectOverflow, MqttError::ConnectRate),
+                    (MqttError::MessageOverflow, MqttError::MessageRate),
+                ];
+                for (overflow, rate) in pairs {
+                    assert_eq!(
+                        overflow.answer(phase),
+                        rate.answer(phase),
+                        "{v:?} {phase:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -46,7 +46,8 @@
 //! `server_busy`, `auth_error`: the authenticator could not decide; any refusal of the
 //! `circuit_breaker` layer: its circuit is open; the `rate_limit` layer's `global`
 //! tier, which every client shares; its `overflow`, the shared bucket every client
-//! beyond its `max_keys` is limited in, which others' flood drains; and its
+//! beyond its `max_keys` is limited in, which others' flood drains (and likewise the
+//! MQTT policy's `connect_overflow` and `message_overflow`); and its
 //! `per_client` tier with
 //! [`count_per_client_rate(false)`](SecurityBuilder::count_per_client_rate), when an
 //! adaptive controller sets that rate for the broker's sake) are logged with severity
@@ -1197,6 +1198,9 @@ impl Security {
             // TCP health check, or a client that gave up. Without the sniffer the MQTT
             // layer sees the same end as an IO error, which is no rejection.
             "sniff" => matches!(label, "eof" | "io"),
+            // The MQTT policy's overflow buckets, shared as the rate limiter's is by
+            // every address or client id beyond the tier's `max_keys`.
+            "mqtt" if matches!(label, "connect_overflow" | "message_overflow") => true,
             _ => matches!(
                 label,
                 "server_unavailable"
@@ -1982,6 +1986,28 @@ mod tests {
             (Severity::Low, Some("overflow"))
         );
         assert!(sec.bans().is_empty());
+    }
+
+    /// The MQTT policy's overflow refusals (`connect_overflow`, `message_overflow`) are
+    /// logged (low) and never counted, as the rate limiter's `overflow`; its own rate
+    /// refusals (`connect_rate`) count.
+    #[tokio::test(start_paused = true)]
+    async fn mqtt_policy_overflow_refusals_are_not_counted() {
+        let sec = Security::builder().max_rejections(0).build();
+        for (err, label) in [
+            (crate::MqttError::ConnectOverflow, "connect_overflow"),
+            (crate::MqttError::MessageOverflow, "message_overflow"),
+        ] {
+            ctx(&sec).on_error(&aegis_core::error::reject(err));
+            let e = sec.events(1).pop().unwrap();
+            assert_eq!(
+                (e.layer, e.severity, e.rule.as_deref()),
+                ("mqtt", Severity::Low, Some(label))
+            );
+        }
+        assert!(sec.bans().is_empty());
+        ctx(&sec).on_error(&aegis_core::error::reject(crate::MqttError::ConnectRate));
+        assert!(sec.is_banned(&BanKey::addr("192.0.2.7".parse().unwrap())));
     }
 
     /// A client's own rate-limit refusal (the per-client tier) counts.
