@@ -299,6 +299,79 @@ fn ipv4_mapped_peer_is_matched_as_ipv4() {
     );
 }
 
+/// A trusted network written in IPv4-mapped form, as a dual-stack socket shows its
+/// peers, is the IPv4 network it holds: peers are folded to IPv4 before they are
+/// matched, so the mapped form never matched, and every connection of the balancer was
+/// taken for its own client, its header for data.
+#[test]
+fn a_trusted_network_in_ipv4_mapped_form_is_matched_as_ipv4() {
+    let layer = ProxyProtocolLayer::new([
+        "::ffff:10.1.2.3/128".parse().unwrap(),
+        "::ffff:192.0.2.0/120".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ]);
+    assert_eq!(
+        layer.trusted(),
+        [
+            "10.1.2.3/32".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ]
+    );
+    for peer in [
+        LB,
+        "[::ffff:10.1.2.3]:40000",
+        "192.0.2.200:1",
+        "[2001:db8::9]:1",
+    ] {
+        let (res, _) = run(false, || async {
+            let io = Builder::new().read(&header_with_payload(V1_TCP4)).build();
+            serve(&layer, conn(io, peer)).await
+        });
+        let seen = res.unwrap();
+        assert_eq!(
+            (seen.client, &seen.data[..]),
+            (addr("203.0.113.7:51000"), PAYLOAD),
+            "{peer}"
+        );
+    }
+    // Another peer stays untrusted: its header is data.
+    let (res, _) = run(false, || async {
+        let io = Builder::new().read(V1_TCP4).build();
+        serve(&layer, conn(io, "10.1.2.4:40000")).await
+    });
+    let seen = res.unwrap();
+    assert_eq!(
+        (seen.client, seen.version, &seen.data[..]),
+        (addr("10.1.2.4:40000"), None, V1_TCP4)
+    );
+}
+
+/// The same over a real loopback socket: the peer 127.0.0.1, trusted as
+/// `::ffff:127.0.0.1/128`, sends a header that is believed.
+#[tokio::test]
+async fn a_loopback_balancer_trusted_in_ipv4_mapped_form_is_believed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let layer = ProxyProtocolLayer::new(["::ffff:127.0.0.1/128".parse().unwrap()]);
+    let task = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.unwrap();
+        let local = stream.local_addr().unwrap();
+        serve(&layer, Conn::new(stream, peer, local)).await
+    });
+    let mut client = tokio::net::TcpStream::connect(server).await.unwrap();
+    client
+        .write_all(&header_with_payload(&v2_ipv4([203, 0, 113, 7], &[])))
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let seen = task.await.unwrap().unwrap();
+    assert_eq!(
+        (seen.client, seen.version, &seen.data[..]),
+        (addr("203.0.113.7:51000"), Some(2), PAYLOAD)
+    );
+}
+
 #[test]
 fn trusted_peer_without_header_is_missing_unless_optional() {
     let (res, snap) = run(false, || async {

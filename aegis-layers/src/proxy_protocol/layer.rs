@@ -2,7 +2,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use tower_layer::Layer;
 
 use super::header::{V1_MAX_LEN, V2_MAX_LEN};
@@ -50,6 +50,19 @@ impl Config {
     }
 }
 
+/// `net` as IPv4 when it is an IPv4-mapped IPv6 network (`::ffff:0:0/96` or narrower):
+/// a peer is folded to IPv4 before it is matched, so in mapped form it would never
+/// match. Any other network is returned as it is.
+fn fold_mapped(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && let Some(prefix) = v6.prefix_len().checked_sub(96)
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+    {
+        return IpNet::V4(Ipv4Net::new(v4, prefix).expect("a prefix of at most 32"));
+    }
+    net
+}
+
 /// Applies [`ProxyProtocol`] to a byte-stream service: reads PROXY v1/v2 headers from
 /// trusted networks only. See the [module docs](super) for an example.
 #[derive(Debug, Clone)]
@@ -62,15 +75,22 @@ impl ProxyProtocolLayer {
     /// Trusts the proxies in `trusted` (only them: an empty list trusts no one), with a
     /// required header, a 3 s deadline and a 512-byte cap.
     ///
-    /// Write IPv4 networks as IPv4 (`10.0.0.0/8`): peers are matched after folding
-    /// IPv4-mapped IPv6 addresses to IPv4.
+    /// Peers are matched after folding IPv4-mapped IPv6 addresses to IPv4, and so are
+    /// the networks: one written in IPv4-mapped form, as a dual-stack socket shows its
+    /// peers (`::ffff:10.0.0.5/128`, `::ffff:10.0.0.0/104`), is taken as the IPv4
+    /// network it holds (`10.0.0.5/32`, `10.0.0.0/8`), which [`trusted`](Self::trusted)
+    /// then lists. An IPv6 network wider than a `/96` is kept as it is: it matches IPv6
+    /// peers only (`::/0` trusts no IPv4 peer).
     ///
     /// List your balancers' own addresses (`10.1.2.3/32`), not the network they share
     /// with clients: a trusted peer can name any client address, and every limit and ban
     /// keyed on the client's address then keys on what it names. A network of prefix
     /// length 0 (`0.0.0.0/0`, `::/0`) trusts every peer, so that any client can.
     pub fn new<T: IntoIterator<Item = IpNet>>(trusted: T) -> Self {
-        let trusted: Arc<[IpNet]> = trusted.into_iter().map(|net| net.trunc()).collect();
+        let trusted: Arc<[IpNet]> = trusted
+            .into_iter()
+            .map(|net| fold_mapped(net.trunc()))
+            .collect();
         Self {
             config: Config {
                 trusted,
