@@ -3545,6 +3545,58 @@ async fn per_ip_refusals_ban_nobody_while_the_adaptive_controller_drives_them() 
     );
 }
 
+/// With `limits.max_keys` client addresses tracked, every new one shares one overflow
+/// budget of `limits.per_ip`: once others drained it, a client that never connected
+/// before is refused (`rate_limit` / `overflow`), logged with severity `low`, and
+/// banned for none of it, whatever `max_rejections`. Before, those refusals were
+/// `per_client` and got the client banned at its second.
+#[tokio::test]
+async fn overflow_refusals_from_others_flood_ban_nobody() {
+    let config = r#"
+        [limits]
+        max_keys = 1
+        [limits.per_ip]
+        rate = "1/m"
+        burst = 1
+        [security]
+        admin = true
+        max_rejections = 1
+    "#;
+    let gw = Gateway::start("overflow-bans-nobody", config, &[]).await;
+    // The one slot, then the overflow budget's one connection, both taken by others.
+    for from in ["127.0.0.21", "127.0.0.22"] {
+        assert!(
+            mqtt_session(from, gw.mqtt, from).await.is_some(),
+            "{from} refused"
+        );
+    }
+    for _ in 0..3 {
+        assert!(
+            refused_from("127.0.0.23", gw.mqtt, &connect_311("victim")).await,
+            "the victim served past the drained overflow budget"
+        );
+    }
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"rate_limit\",reason=\"overflow\"}",
+        3.0,
+    )
+    .await;
+    gw.wait_metric(
+        "aegis_security_events_total{kind=\"rejection\",layer=\"rate_limit\",severity=\"low\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("aegis_rejections_total{layer=\"rate_limit\",reason=\"per_client\"}")
+            .await,
+        None
+    );
+    assert_eq!(
+        http_get(gw.metrics, "/bans").await.unwrap(),
+        (200, "[]".into())
+    );
+}
+
 /// The gateway binds its own ports before the embedded broker takes a free one, so the
 /// kernel never gives the broker a fixed `listen` or `metrics.listen` port (inside the
 /// ephemeral range it could, and the gateway then failed to bind): with either port
