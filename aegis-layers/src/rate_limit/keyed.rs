@@ -302,8 +302,10 @@ where
     /// Evicts every key whose burst is fully replenished now and returns how many.
     ///
     /// The eviction task calls this every `evict_every`; call it yourself outside a
-    /// tokio runtime. Evicting such a key changes no decision: a fully replenished key
-    /// and an unknown key are limited alike.
+    /// tokio runtime. Evicting such a key changes no decision while a slot is free: a
+    /// fully replenished key and an unknown key are limited alike. With every slot
+    /// taken, an evicted key that comes back is new, limited in the overflow bucket
+    /// (see the [module docs](super#bounded-state)).
     pub fn evict_idle(&self) -> usize {
         self.inner
             .store

@@ -66,9 +66,10 @@
 //! theoretical arrival time (TAT) in a [`dashmap`] shard. Memory is bounded in two ways.
 //!
 //! - **Eviction.** A client whose burst is fully replenished (TAT in the past) is idle:
-//!   its state decides exactly like no state, so dropping it changes no decision. The
-//!   limiter evicts idle clients every [`evict_every`](RateLimitBuilder::evict_every)
-//!   (30 s by default) from a tokio task it spawns on first use. The task holds only a
+//!   its state decides exactly like no state, so dropping it changes no decision (but
+//!   for a full table, below). The limiter evicts idle clients every
+//!   [`evict_every`](RateLimitBuilder::evict_every) (30 s by default) from a tokio task
+//!   it spawns on first use. The task holds only a
 //!   `Weak` reference and ends at the first tick after the layer, its services and
 //!   handles are all dropped. The task runs on the runtime of the first call; if that
 //!   runtime shuts down while the limiter lives on, the next call on another runtime
@@ -85,7 +86,8 @@
 //!
 //! The trade-off of the overflow bucket: memory stays bounded whatever the flood (a
 //! million spoofed or rotating addresses add nothing beyond the cap), and clients already
-//! tracked keep their own budget, so known legitimate clients are not hurt. The cost is
+//! tracked keep their own budget, so known legitimate clients active since the last
+//! eviction are not hurt. The cost is
 //! that during such a flood all *new* clients share one client's budget, so a new
 //! legitimate client may be refused (`overflow`) until the flood ends and eviction
 //! catches up. "New" includes a known client that stayed idle past an eviction: its
