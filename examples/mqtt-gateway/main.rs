@@ -66,6 +66,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use aegis_core::serve;
+use aegis_layers::proxy_protocol::ProxyProtocolLayer;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -472,7 +473,11 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
     let admit = built.security.clone().map(|security| Admit {
         security,
         trusted: if c.proxy_protocol.enabled {
-            settings.trusted.iter().copied().collect()
+            // As the PROXY layer holds them: an IPv4-mapped network as its IPv4 one, the
+            // form a peer is matched in.
+            ProxyProtocolLayer::new(settings.trusted.iter().copied())
+                .trusted()
+                .into()
         } else {
             Arc::default()
         },

@@ -2543,6 +2543,36 @@ async fn denied_networks_from_the_config_and_a_file_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A trusted network written in IPv4-mapped form (`::ffff:127.0.0.5/128`, as a
+/// dual-stack socket shows its peers) is taken as its IPv4 network by the accept loop's
+/// check as by the PROXY layer: the balancer is a trusted sender, not a client checked
+/// against `security.deny` at accept (its clients are, after the header). Before, the
+/// accept loop matched the peer, folded to IPv4, against the network as written, and
+/// refused the balancer whose address a deny entry also held.
+#[tokio::test]
+async fn a_trusted_network_in_ipv4_mapped_form_is_trusted_at_accept_too() {
+    let config = r#"
+        [proxy_protocol]
+        enabled = true
+        trusted = ["::ffff:127.0.0.5/128"]
+        [security]
+        deny = ["127.0.0.5/32"]
+    "#;
+    let gw = Gateway::start("pp-mapped", config, &[]).await;
+    let mut s = connect_from("127.0.0.5", gw.mqtt).await;
+    s.write_all(&[proxy_v1("203.0.113.9", gw.mqtt), connect_311("mapped")].concat())
+        .await
+        .unwrap();
+    let connack = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(connack, (0x20, vec![0x00, 0x00]));
+    s.write_all(&[0xE0, 0x00]).await.unwrap();
+    gw.wait_metric(
+        "aegis_proxy_protocol_connections_total{outcome=\"proxied_v1\"}",
+        1.0,
+    )
+    .await;
+}
+
 /// With `proxy_protocol` on, a peer outside `proxy_protocol.trusted` is its own client
 /// from its first moment: a banned or denied address is refused at accept (reset), as
 /// without the PROXY protocol, and the per-IP cap holds its silent connections at once.
