@@ -110,7 +110,9 @@ pub struct Config {
     /// for them: the accept for the first request, the end of the previous response for
     /// each later one. So it is also the **keep-alive idle limit**: hyper closes a
     /// connection that sends no next request within it (hyper starts this clock
-    /// whenever it waits for a request head). `Duration::MAX`: some thirty years.
+    /// whenever it waits for a request head), and the connection counts as ended well
+    /// (`aegis_connections_total{outcome="ok"}`; a first request head cut so is refused,
+    /// `header_timeout`). `Duration::MAX`: some thirty years.
     pub header_read_timeout: Duration,
     /// Slowloris: the time to the first byte.
     pub first_byte_timeout: Duration,

@@ -53,6 +53,9 @@ pub enum Refusal {
     TransferCoding,
     /// `400`, answered by hyper: a request head that does not parse.
     Parse,
+    /// None: the connection's first request head was not in within hyper's header read
+    /// timeout, and hyper closed it without an answer (`408` is what the status says).
+    HeaderTimeout,
 }
 
 impl Refusal {
@@ -70,6 +73,7 @@ impl Refusal {
             Self::HeadersTooLarge => "headers_too_large",
             Self::TransferCoding => "transfer_coding",
             Self::Parse => "parse",
+            Self::HeaderTimeout => "header_timeout",
         }
     }
 
@@ -81,7 +85,7 @@ impl Refusal {
             }
             Self::UnknownMethod => StatusCode::NOT_IMPLEMENTED,
             Self::Method => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BodyStall => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyStall | Self::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::TransferCoding => StatusCode::NOT_IMPLEMENTED,

@@ -23,11 +23,14 @@
 //!
 //! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
 //! which hyper ignores it; hyper starts it whenever it waits for a request head, so it
-//! also closes a keep-alive connection idle between requests), `max_buf_size`, and a `max_headers` backstop above the
-//! stack's own count limit; a request head it refuses (`400`, `431`) ends the connection
-//! with a [`HeadRefused`], counted. When hyper has read the first request's headers, the
-//! connection's [`Handshake`] is marked complete, which ends the slowloris layer's
-//! handshake clocks.
+//! also closes a keep-alive connection idle between requests), `max_buf_size`, and a
+//! `max_headers` backstop above the stack's own count limit; a request head it refuses
+//! (`400`, `431`) ends the connection with a [`HeadRefused`], counted, and so does a
+//! first request head its timeout cuts (`header_timeout`; the slowloris deadline cuts it
+//! first with the gateway's defaults). Its timeout after a request was served is the
+//! keep-alive idle close: the connection ends well (`outcome="ok"`). When hyper has read
+//! the first request's headers, the connection's [`Handshake`] is marked complete, which
+//! ends the slowloris layer's handshake clocks.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -156,25 +159,34 @@ where
 
     fn call(&mut self, io: I) -> Self::Future {
         let ClientAddr(client) = io.param();
+        // The connection's own record that hyper has read a request head (the stream's
+        // `Handshake` is untracked without a slowloris layer).
+        let served = Handshake::tracked();
         // Marks the handshake complete when hyper has read a request's headers.
         let service = CompleteOnRequest::new(
-            TowerToHyperService::new(self.stack.build(client.ip())),
+            CompleteOnRequest::new(
+                TowerToHyperService::new(self.stack.build(client.ip())),
+                served.clone(),
+            ),
             Param::<Handshake>::param(&io),
         );
         let conn = self.http.serve_connection(TokioIo::new(io), service);
         // A named future, not an `async` block: rustc cannot prove an `async` block
         // over hyper's connection `Send` for every lifetime of the boxed error.
-        Box::pin(ConnFuture { conn })
+        Box::pin(ConnFuture { conn, served })
     }
 }
 
 pin_project! {
-    /// One connection served by hyper, its error boxed; a request head hyper refused is
-    /// a [`HeadRefused`].
+    /// One connection served by hyper, its error boxed; a request head hyper refused (or
+    /// a first one it timed out) is a [`HeadRefused`], and a header timeout after a
+    /// request was served is the keep-alive idle close, the connection's good end.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     struct ConnFuture<F> {
         #[pin]
         conn: F,
+        // Complete once hyper has read a request head on this connection.
+        served: Handshake,
     }
 }
 
@@ -185,23 +197,39 @@ where
     type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().conn.poll(cx).map_err(|e| {
-            // A header timeout is no refusal here: between requests it is the keep-alive
-            // idle limit, and the slowloris layer times the first request's headers.
-            let refusal = if e.is_parse_too_large() {
+        let this = self.project();
+        let served = &*this.served;
+        this.conn.poll(cx).map(|res| {
+            let e = match res {
+                Ok(()) => return Ok(()),
+                // hyper waits for each next head under its header timeout: after a
+                // request, that is the keep-alive idle limit, and the close ends a
+                // connection that was served (as an error, it was counted so for every
+                // browser connection left idle). A next head begun and not finished in
+                // time ends so too: it cannot be told apart here.
+                Err(e) if e.is_timeout() && served.is_complete() => return Ok(()),
+                Err(e) => e,
+            };
+            let refusal = if e.is_timeout() {
+                // The first request's head, not in within hyper's timeout: the slowloris
+                // deadline cuts it first with the gateway's defaults (see `Config`),
+                // hyper's timeout only when set shorter.
+                Refusal::HeaderTimeout
+            } else if e.is_parse_too_large() {
                 Refusal::HeadersTooLarge
             } else if e.is_parse() {
                 Refusal::Parse
             } else {
-                return e.into();
+                return Err(e.into());
             };
-            reject(HeadRefused { refusal, source: e }).into()
+            Err(reject(HeadRefused { refusal, source: e }).into())
         })
     }
 }
 
 /// A request head hyper refused, answering `400` (it does not parse) or `431` (past
-/// `max_buf_size`) before closing: the connection's error, counted in
+/// `max_buf_size`) before closing, or a first request head not in within its header
+/// timeout, closed without an answer: the connection's error, counted in
 /// `aegis_rejections_total{layer="http"}` ([`reject`]) as `aegis-layers`' `sniff::Http1`
 /// counts the same.
 #[derive(Debug)]

@@ -2512,10 +2512,25 @@ async fn a_silent_client_is_cut_by_the_first_byte_timeout() {
 /// installs, but local to this thread (the gateway's tasks run on it), so that the tests
 /// running beside record elsewhere.
 fn with_prometheus<F: std::future::Future<Output = ()>>(f: impl FnOnce(PrometheusHandle) -> F) {
+    with_prometheus_on(false, f);
+}
+
+/// [`with_prometheus`] on tokio's paused clock (`start_paused`).
+fn with_prometheus_paused<F: std::future::Future<Output = ()>>(
+    f: impl FnOnce(PrometheusHandle) -> F,
+) {
+    with_prometheus_on(true, f);
+}
+
+fn with_prometheus_on<F: std::future::Future<Output = ()>>(
+    paused: bool,
+    f: impl FnOnce(PrometheusHandle) -> F,
+) {
     let recorder = metrics_http::recorder().build_recorder();
     let handle = recorder.handle();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .start_paused(paused)
         .build()
         .unwrap();
     metrics::with_local_recorder(&recorder, || rt.block_on(f(handle)));
@@ -2560,6 +2575,76 @@ fn by_reason(text: &str, name: &str, labels: &str) -> BTreeMap<String, u64> {
             Some((reason.to_string(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// An idle keep-alive connection, closed by hyper's header read timeout after its
+/// requests were served, ended as an error: `aegis_connections_total{outcome="error"}`
+/// and a `connection failed ... reason="unexpected"` log for every browser connection
+/// left idle past the timeout. It is a connection that ended well now (`ok`). The first
+/// request's head cut by hyper's timeout (here the only clock, the slowloris deadline
+/// being far later) is a refusal: `rejected`, counted `header_timeout` as `aegis-layers`'
+/// `sniff::Http1` counts it.
+///
+/// Paused clock over loopback, as the keep-alive test above.
+#[test]
+fn an_idle_keep_alive_connection_ends_ok_and_a_first_head_past_hypers_timeout_is_refused() {
+    with_prometheus_paused(|prometheus| async move {
+        let b0 = Backend::start().await;
+        let mut cfg = config(&[&b0]);
+        cfg.health_interval = Duration::MAX; // one round at start-up
+        let gw = start(&cfg).await;
+        let endpoint = serve_metrics(prometheus).await;
+        let limit = cfg.header_read_timeout;
+
+        // Two requests, then silence: closed at the header read timeout.
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        for i in 0..2 {
+            let out = get_kept_alive(&mut stream).await;
+            assert!(out.starts_with("HTTP/1.1 200"), "request {i}: {out}");
+        }
+        sleep(limit + Duration::from_secs(1)).await;
+        let out = read_to_close(&mut stream).await;
+        assert!(out.is_empty(), "closed without an answer: {out:?}");
+
+        // A first request head cut by hyper's clock alone.
+        let mut cfg = config(&[&b0]);
+        cfg.health_interval = Duration::MAX;
+        cfg.header_read_timeout = Duration::from_secs(2);
+        cfg.handshake_timeout = Duration::from_secs(60); // only hyper's clock can cut
+        let slow = start(&cfg).await;
+        let mut stream = TcpStream::connect(slow.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(&mut stream).await;
+        assert!(out.is_empty(), "closed without an answer: {out:?}");
+
+        let text = scrape(endpoint).await;
+        // Registered at start: 0 until counted.
+        let series = |s: &str| sample(&text, s).unwrap_or(0.0);
+        assert_eq!(
+            series(r#"aegis_connections_total{outcome="error"}"#),
+            0.0,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            series(r#"aegis_connections_total{outcome="ok"}"#),
+            1.0,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            series(r#"aegis_connections_total{outcome="rejected"}"#),
+            1.0,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            series(r#"aegis_rejections_total{layer="http",reason="header_timeout"}"#),
+            1.0,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(b0.hits(), 2);
+    });
 }
 
 /// Each refusal of the gateway, made once or twice, read from one scrape of the
