@@ -62,6 +62,19 @@ impl std::str::FromStr for BackendSpec {
     }
 }
 
+/// How much longer hyper's header read timeout is by default than the slowloris
+/// handshake deadline (10 s and 11 s): 1 s.
+///
+/// Both bound the first request's head from the accept. When they were equal, a slow
+/// first head was cut by whichever fired first, and with a jitter draw of zero (the
+/// slowloris deadlines come up to 50 ms early, by a per-connection draw) they fired
+/// together: hyper's future, polled first inside the slowloris layer's, ended the
+/// connection on its own timeout, an unexpected error instead of the slowloris
+/// layer's `total` rejection. With the margin the slowloris clock fires first unless
+/// the runtime stalls a whole second. Later requests, and so the keep-alive idle limit,
+/// have hyper's 11 s.
+pub const HEADER_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
 /// [`Config::backend_idle_timeout`]'s default: below the 5 s keep-alive timeout of
 /// Node.js, uvicorn and Apache httpd.
 pub const DEFAULT_BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -118,8 +131,9 @@ pub struct Config {
     pub first_byte_timeout: Duration,
     /// Slowloris: the time to the end of the first request's headers. hyper's
     /// `header_read_timeout` bounds the same wait from the accept, so a longer deadline
-    /// never fires; the default equals it, so that the slowloris clock (up to its jitter
-    /// early) cuts a slow first request no later than hyper's, and counts the cut.
+    /// never fires; the default is [`HEADER_TIMEOUT_MARGIN`] shorter than hyper's, so
+    /// that the slowloris clock cuts a slow first request, and counts the cut
+    /// (`layer="slowloris", reason="total"`).
     pub handshake_timeout: Duration,
     /// Slowloris: the most silence from the client after the first request's headers
     /// while a request is in progress: gaps in a request body, or a long response to a
@@ -191,7 +205,7 @@ impl Config {
                 max_header_bytes: 8 * 1024,
             },
             max_buf_size: 16 * 1024,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10) + HEADER_TIMEOUT_MARGIN,
             first_byte_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),

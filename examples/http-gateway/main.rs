@@ -13,9 +13,11 @@
 //! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
 //! slowloris deadlines (first byte 5 s, first request's headers 10 s, each up to 50 ms
 //! early by a per-connection draw, 75 s of silence within a request), hyper's header
-//! read timeout of 10 s for each later request, counted from the end of the previous
-//! response (so an idle keep-alive connection is closed after 10 s, a connection that
-//! ended well: `outcome="ok"`), and the 30 s
+//! read timeout of 11 s for each later request, counted from the end of the previous
+//! response (so an idle keep-alive connection is closed after 11 s, a connection that
+//! ended well: `outcome="ok"`; 1 s over the first request's 10 s, so that the slowloris
+//! deadline cuts a slow first request and counts it, never hyper's clock in a tie),
+//! and the 30 s
 //! backend timeout for both the client's whole request body (from the call to the
 //! backend) and a backend's response headers (30 s of the backend's own time, the time
 //! spent waiting on the client's body left out), which also closes a backend connection whose writes have made no progress for

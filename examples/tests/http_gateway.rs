@@ -2404,7 +2404,7 @@ async fn get_kept_alive(stream: &mut TcpStream) -> String {
 
 /// hyper starts its header read clock whenever it waits for a request head, after a
 /// response on a keep-alive connection too: an idle keep-alive connection is closed at
-/// `header_read_timeout` (10 s by default), long before the slowloris `idle_timeout`
+/// `header_read_timeout` (11 s by default), long before the slowloris `idle_timeout`
 /// (75 s), which bounds silence within a request only. The defaults are checked, and
 /// the cut is timed on the paused clock (a write over loopback is in the peer's socket
 /// when the syscall returns, so every socket event is seen before the clock moves).
@@ -2417,7 +2417,7 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_header_read_timeout() {
     assert_eq!(cfg.header_read_timeout, defaults.header_read_timeout);
     assert_eq!(cfg.idle_timeout, defaults.idle_timeout);
     let limit = cfg.header_read_timeout;
-    assert_eq!(limit, Duration::from_secs(10));
+    assert_eq!(limit, Duration::from_secs(11));
     assert!(cfg.idle_timeout > 2 * limit, "{:?}", cfg.idle_timeout);
     assert!(
         defaults.handshake_timeout <= limit,
@@ -2644,6 +2644,58 @@ fn an_idle_keep_alive_connection_ends_ok_and_a_first_head_past_hypers_timeout_is
             "/metrics:\n{text}"
         );
         assert_eq!(b0.hits(), 2);
+    });
+}
+
+/// With the defaults, a slow first request head must be cut by the slowloris handshake
+/// deadline and counted there (`aegis_rejections_total{layer="slowloris",
+/// reason="total"}`). hyper's header read timeout was as long, 10 s: both clocks start at
+/// the accept, and with a jitter draw of zero they fired together; hyper's future, polled
+/// first inside the slowloris one, then ended the connection with its own timeout, an
+/// error (a refusal since). hyper's timeout now has a margin over the deadline.
+///
+/// The jitter is set to zero here, a draw the defaults can make: the tie the margin
+/// must break. Paused clock over loopback, as above.
+#[test]
+fn a_slow_first_head_is_cut_by_the_slowloris_deadline_not_hypers_timeout() {
+    with_prometheus_paused(|prometheus| async move {
+        let b0 = Backend::start().await;
+        let mut cfg = config(&[&b0]);
+        cfg.health_interval = Duration::MAX; // one round at start-up
+        let defaults = Config::new(Vec::new());
+        assert_eq!(cfg.header_read_timeout, defaults.header_read_timeout);
+        assert_eq!(cfg.handshake_timeout, defaults.handshake_timeout);
+        cfg.slowloris_jitter = Duration::ZERO;
+        let gw = start(&cfg).await;
+        let endpoint = serve_metrics(prometheus).await;
+
+        let t0 = Instant::now();
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n")
+            .await
+            .unwrap();
+        sleep(cfg.handshake_timeout - Duration::from_secs(1)).await;
+        let out = read_to_close(&mut stream).await;
+        assert!(out.is_empty(), "closed without an answer: {out:?}");
+        assert_eq!(since(t0), cfg.handshake_timeout, "cut at the deadline");
+
+        let text = scrape(endpoint).await;
+        let series = |s: &str| sample(&text, s).unwrap_or(0.0);
+        for (s, n) in [
+            (
+                r#"aegis_rejections_total{layer="slowloris",reason="total"}"#,
+                1.0,
+            ),
+            (
+                r#"aegis_rejections_total{layer="http",reason="header_timeout"}"#,
+                0.0,
+            ),
+            (r#"aegis_connections_total{outcome="rejected"}"#, 1.0),
+            (r#"aegis_connections_total{outcome="error"}"#, 0.0),
+        ] {
+            assert_eq!(series(s), n, "{s}: /metrics:\n{text}");
+        }
     });
 }
 
