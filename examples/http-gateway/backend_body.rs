@@ -146,7 +146,9 @@ impl ClientHold {
 
 pin_project! {
     /// A backend's response body (hyper's [`Incoming`]; another body in the tests): see
-    /// the [module docs](self). Dropped before its end it records nothing.
+    /// the [module docs](self). Dropped before its end it records nothing. Dropped at
+    /// all, the answer is over: a client's body not sent whole by then is abandoned
+    /// ([`Progress::abandon`]).
     #[derive(Debug)]
     #[project = BackendBodyProj]
     pub struct BackendBody<B = Incoming> {
@@ -156,6 +158,14 @@ pin_project! {
         breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
         hold: ClientHold,
+    }
+
+    impl<B> PinnedDrop for BackendBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // hyper's server drops the body when it has had its end (or the client
+            // went away): nobody reads the rest of the client's body now.
+            this.progress.abandon();
+        }
     }
 }
 
@@ -187,6 +197,13 @@ impl<B: Body> BackendBody<B> {
     /// ignores the head).
     pub fn is_pending(&self) -> bool {
         self.verdict == Verdict::Pending
+    }
+
+    /// Whether the client's request body has gone out whole ([`Progress::sent`]): if
+    /// not, the client's connection is closed after this answer (see
+    /// [`crate::client_body`]).
+    pub fn request_sent(&self) -> bool {
+        self.progress.sent()
     }
 }
 
@@ -262,7 +279,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use aegis_layers::circuit_breaker::{CircuitBreakerLayer, CircuitState};
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
 
     use super::*;
     use crate::client_body::ClientBody;
@@ -304,7 +321,8 @@ mod tests {
 
     /// The progress of a request without a body: sent.
     fn sent() -> Progress {
-        ClientBody::new(Empty::<Bytes>::new(), Instant::now()).1
+        let empty = Empty::<Bytes>::new().map_err(|never| match never {});
+        ClientBody::new(empty.boxed_unsync(), Instant::now()).1
     }
 
     /// `script` as the body of a call to `circuit` admitted at `mark`.

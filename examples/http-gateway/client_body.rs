@@ -39,6 +39,25 @@
 //! the time is the backend's. The deadline's timer is armed at the first poll that waits
 //! on the client, so a body that never waits costs no timer.
 //!
+//! **An answer that is over ends the body.** A backend may answer before it has read
+//! the body (an early `401` or `413`; with `Expect: 100-continue`, before it asked for
+//! the body), and never read it. The answer went out at once, but hyper's server frames
+//! a connection's next request only after the body's end, so it kept the client's
+//! connection open, and hyper's client the backend's, until the deadline above, for a
+//! body nobody would read. Now an answer that comes before the body has gone out whole
+//! says `Connection: close` ([`crate::proxy`]), and when it is over (the
+//! [`BackendBody`](crate::backend_body::BackendBody) dropped: hyper's server had its
+//! end, or the client went away) the body is abandoned ([`Progress::abandon`]): the
+//! client's body is dropped, so hyper's server stops reading it and closes the
+//! connection after the answer, as servers do with a body they leave unread (hyper's own,
+//! Go's net/http past 256 KiB), and the next poll of the [`ClientBody`] fails, so
+//! hyper's client closes the backend's connection (one whose socket is full, hyper's
+//! client does not poll the body, is closed by the write-stall limit). The rest of the
+//! body is not sent to the backend: the exchange is over. An answer still streaming
+//! keeps the body going (a backend may read it as it answers) up to its deadline. A
+//! client still sending when the connection closes may see a reset, and lose the end of
+//! the answer if it had not read it yet: the gateway does no lingering close.
+//!
 //! The same [`Progress`] adds up the time the gateway spent waiting on the client's
 //! body ([`client_time`](Progress::client_time)): [`Upstream`](crate::proxy::Upstream)
 //! leaves it out of the latency samples it gives the adaptive controller, which must
@@ -83,33 +102,38 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use aegis_core::BoxError;
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
-use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-pin_project! {
-    /// Marks the errors of the body it wraps as [`ClientBodyError`]s, records when it
-    /// waits on the client, and fails as stalled when it still waits on the client past
-    /// its deadline. See the [module docs](self).
-    #[derive(Debug)]
-    pub struct ClientBody<B> {
-        #[pin]
-        inner: B,
-        waits: Arc<Mutex<Waits>>,
-        deadline: Instant,
-        // Armed at the first poll that waits on the client.
-        timer: Option<Pin<Box<Sleep>>>,
-    }
+use crate::proxy::GatewayBody;
+
+/// Marks the errors of the client's body it holds as [`ClientBodyError`]s, records when
+/// it waits on the client, fails as stalled when it still waits on the client past its
+/// deadline, and fails once the body was abandoned ([`Progress::abandon`]). See the
+/// [module docs](self).
+#[derive(Debug)]
+pub struct ClientBody {
+    // The client's body is in `waits`, where `Progress::abandon` can drop it.
+    waits: Arc<Mutex<Waits>>,
+    deadline: Instant,
+    // Armed at the first poll that waits on the client.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-/// The gateway's waits on the client's body, and how far the body got.
+/// The client's body, the gateway's waits on it, and how far it got.
 #[derive(Debug, Default)]
 struct Waits {
+    /// The client's body; `None` once abandoned.
+    body: Option<GatewayBody>,
+    /// The task of the last poll that waited on the client: woken when the body is
+    /// abandoned.
+    waker: Option<Waker>,
     /// Since when it waits: the body's last poll was pending.
     since: Option<Instant>,
     /// The waits that ended.
@@ -120,17 +144,17 @@ struct Waits {
     done: bool,
 }
 
-impl<B: Body> ClientBody<B> {
+impl ClientBody {
     /// Wraps `inner`, which must be in by `deadline` (see the [module docs](self)); the
-    /// [`Progress`] tells whether and how long it waits on the client.
-    pub fn new(inner: B, deadline: Instant) -> (Self, Progress) {
+    /// [`Progress`] tells whether and how long it waits on the client, and abandons it.
+    pub fn new(inner: GatewayBody, deadline: Instant) -> (Self, Progress) {
         let waits = Arc::new(Mutex::new(Waits {
             done: inner.is_end_stream(),
+            body: Some(inner),
             ..Waits::default()
         }));
         let progress = Progress(Arc::clone(&waits));
         let body = Self {
-            inner,
             waits,
             deadline,
             timer: None,
@@ -139,24 +163,24 @@ impl<B: Body> ClientBody<B> {
     }
 }
 
-impl<B> Body for ClientBody<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
+impl Body for ClientBody {
+    type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
-        let mut this = self.project();
-        let poll = this.inner.as_mut().poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
         let mut waits = this.waits.lock();
+        let waits = &mut *waits;
+        let Some(inner) = waits.body.as_mut() else {
+            return Poll::Ready(Some(Err(ClientBodyError::failed(Abandoned.into()).into())));
+        };
+        let poll = Pin::new(&mut *inner).poll_frame(cx);
         waits.started = true;
         if matches!(poll, Poll::Ready(None))
-            || matches!(poll, Poll::Ready(Some(Ok(_)))) && this.inner.is_end_stream()
+            || matches!(poll, Poll::Ready(Some(Ok(_)))) && inner.is_end_stream()
         {
             waits.done = true;
         }
@@ -168,9 +192,12 @@ where
             }
             _ => {}
         }
-        drop(waits);
         if poll.is_pending() {
-            let deadline = *this.deadline;
+            match &mut waits.waker {
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => waits.waker = Some(cx.waker().clone()),
+            }
+            let deadline = this.deadline;
             let timer = this
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -179,19 +206,21 @@ where
                 return Poll::Ready(Some(Err(ClientBodyError::stalled().into())));
             }
         }
-        poll.map(|frame| frame.map(|r| r.map_err(|e| ClientBodyError::failed(e.into()).into())))
+        poll.map(|frame| frame.map(|r| r.map_err(|e| ClientBodyError::failed(e).into())))
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
+        let mut waits = self.waits.lock();
+        let end = waits.body.as_ref().is_some_and(Body::is_end_stream);
         if end {
-            self.waits.lock().done = true;
+            waits.done = true;
         }
         end
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let waits = self.waits.lock();
+        waits.body.as_ref().map(Body::size_hint).unwrap_or_default()
     }
 }
 
@@ -219,6 +248,29 @@ impl Progress {
     /// [`BackendBody`](crate::backend_body::BackendBody) does not count it.
     pub fn sent(&self) -> bool {
         self.0.lock().done
+    }
+
+    /// The answer to the request is over (its body ended, or was dropped): if the body
+    /// has not gone out whole, nobody will read the rest. The client's body is dropped,
+    /// so that hyper's server stops reading it and closes the client's connection once
+    /// the answer is out (the answer says `Connection: close`, see
+    /// [`crate::proxy`]), and the next poll of the [`ClientBody`] fails, so that
+    /// hyper's client closes the backend's connection. See the [module docs](self).
+    pub fn abandon(&self) {
+        let (body, waker) = {
+            let mut waits = self.0.lock();
+            if waits.done {
+                return;
+            }
+            (waits.body.take(), waits.waker.take())
+        };
+        if body.is_some() {
+            tracing::debug!("request body abandoned: the answer is over before it was sent");
+        }
+        drop(body); // outside the lock: it wakes hyper's server
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// The time the body spent waiting on the client up to `now`: from each poll that
@@ -260,6 +312,19 @@ impl Error for UploadCut {
         Some(&*self.source)
     }
 }
+
+/// A [`ClientBody`] polled after it was abandoned ([`Progress::abandon`]): the answer
+/// to the request was over before the body had gone out whole.
+#[derive(Debug)]
+pub struct Abandoned;
+
+impl fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body abandoned: the answer was over before it was sent")
+    }
+}
+
+impl Error for Abandoned {}
 
 /// The client's request body failed or stalled: the client's fault, not the backend's.
 #[derive(Debug)]
@@ -308,7 +373,7 @@ impl Error for ClientBodyError {
 mod tests {
     use std::collections::VecDeque;
 
-    use bytes::Bytes;
+    use http_body_util::BodyExt;
 
     use super::*;
 
@@ -335,7 +400,7 @@ mod tests {
     async fn past_its_deadline_a_body_waiting_on_the_client_stalls_one_with_data_does_not() {
         let deadline = Instant::now() + Duration::from_secs(5);
         let script = Script([None, Some("a"), None].into());
-        let (body, progress) = ClientBody::new(script, deadline);
+        let (body, progress) = ClientBody::new(script.boxed_unsync(), deadline);
         let mut body = std::pin::pin!(body);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut poll = || match body.as_mut().poll_frame(&mut cx) {
@@ -367,7 +432,7 @@ mod tests {
         let step = |ms| tokio::time::advance(Duration::from_millis(ms));
         let script = Script([None, Some("a"), None, Some("b")].into());
         let far = Instant::now() + Duration::from_secs(3600);
-        let (body, progress) = ClientBody::new(script, far);
+        let (body, progress) = ClientBody::new(script.boxed_unsync(), far);
         let mut body = std::pin::pin!(body);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut poll = || body.as_mut().poll_frame(&mut cx).is_pending();

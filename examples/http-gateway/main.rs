@@ -57,6 +57,14 @@
 //! server answers `501` to an unknown method), and five of them opened the circuit for
 //! every client.
 //!
+//! A request with `Expect: 100-continue` is forwarded with the header, and the gateway
+//! answers `100 Continue` itself as soon as the request has gone on to a backend, without
+//! waiting for the backend's decision (nor relaying its own `100`); a request the gateway
+//! refuses itself gets no `100`. A backend's answer that comes before the request body
+//! has been sent whole (an early `401`, say) is relayed with `Connection: close`, and
+//! once it is over the rest of the body is dropped unread and both connections are
+//! closed (`client_body.rs`), instead of waiting up to 30 s for a body nobody reads.
+//!
 //! Backend connections are kept alive for reuse, idle at most `--backend-idle-timeout`
 //! (default 4 s). Keep it below the backends' own keep-alive timeout (5 s for Node.js,
 //! uvicorn and Apache httpd; 2 s for gunicorn): a backend closes an idle connection at

@@ -30,6 +30,7 @@
 //! | the response timeout fired while the client's body was still awaited (for the probe of a half-open breaker, shortly before its probe timeout: [`Upstream::watch_probes`]) | `408` | no |
 //! | the probe of a half-open breaker, shortly before its probe timeout, whose backend has had less of its own time than the probe window gives it, because the client's body took the rest ([`Upstream::watch_probes`]) | `408` | no |
 //! | the backend did not answer within the response timeout of its own time (the call's time less the time spent waiting on the client's body) | `504` | yes: the timeout |
+//! | the backend answered before the client's body had gone out whole (an early refusal, say) | the backend's answer, with `Connection: close`; once it is over, the rest of the body is dropped unread and both connections are closed ([`crate::client_body`]) | as answered |
 //! | the backend answered, and the client's body was still awaited at the response timeout ([`crate::client_body`]) | the backend's answer, then the connection is closed | as answered |
 //! | the backend's body failed after its head was relayed (a close or reset short of its length: [`crate::backend_body`]) | the head and the bytes that came, then the connection is closed (an HTTP/1.0 client of an answer without a length cannot tell it from the end: [`crate::backend_body`]; its breaker counts it, unless the client's body had not gone out whole, the client held the body back for over a second, `truncated_held`, or the circuit changed state since the call) | as answered |
 //! | connecting to the backend failed for lack of the gateway's own descriptors, memory or local ports (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EADDRNOTAVAIL`: `ProxyError::LocalResources`) | `503` | no (nor does its breaker count it: the gateway's state, not the backend's) |
@@ -66,6 +67,20 @@
 //! circuit re-opened) while the body came in, the request goes to the pool's next pick:
 //! nothing has been sent anywhere yet.
 //!
+//! **`Expect: 100-continue`** is not awaited from the backend. The header is forwarded
+//! (it is not hop-by-hop, and RFC 9110 §10.1.1 has a proxy pass the request on), and
+//! hyper's server answers the client `100 Continue` itself the first time the body is
+//! read, which is when the request has gone on to a backend (its head written on a
+//! backend connection, and hyper's client polling the body): before the backend has
+//! decided anything. A `100 Continue` of the backend's own is dropped by hyper's client,
+//! which relays no interim answer. A request the gateway answers without reading its
+//! body (`413` on its `Content-Length`, any refusal in the table above, `503` with no
+//! backend) gets no `100`: hyper closes the connection after the answer, the body
+//! unread. A backend's final answer before the body (an early `401` or `417`) is relayed
+//! with `Connection: close`, and the body is dropped once the answer is over (table
+//! above). Waiting for the backend's `100` would need the body held back until it came,
+//! with a timer for backends that never send one (curl waits 1 s): not done.
+//!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
 
@@ -91,7 +106,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    ALLOW as ALLOW_HEADER, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, MAX_FORWARDS,
+    ALLOW as ALLOW_HEADER, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, MAX_FORWARDS,
     TRANSFER_ENCODING,
 };
 use hyper::http::uri::Scheme;
@@ -900,12 +915,24 @@ where
 /// (An answer with a `Transfer-Encoding` other than one `chunked` never comes here:
 /// [`Upstream`] fails it, and the client gets `502`.) The body is a [`BackendBody`]: a
 /// failure of it is the backend's ([`crate::backend_body`]).
+///
+/// An answer that comes before the client's request body has gone out whole (an early
+/// `401` or `413`, say) gets `Connection: close`: once it is over, the rest of the
+/// client's body is dropped unread and the connection closed ([`crate::client_body`]).
 fn from_backend(res: Response<BackendBody>) -> Response<GatewayBody> {
     let (mut parts, body) = res.into_parts();
     if parts.headers.contains_key(TRANSFER_ENCODING) {
         parts.headers.remove(CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);
+    if !body.request_sent() {
+        // An answer before the client's body went out whole: the rest of that body is
+        // dropped unread once the answer is over, and the connection closed after it
+        // (`crate::client_body`); the client is told so with the answer.
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     parts.version = Version::HTTP_11; // hyper answers a 1.0 client in 1.0 itself
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
 }

@@ -1533,10 +1533,32 @@ async fn a_stalled_body_on_the_half_open_probe_does_not_reopen_the_breaker() {
     drop(tx);
 }
 
+/// An answer's body: `ok`, then open until `end` resolves (or its sender is dropped).
+struct OpenUntil {
+    first: Option<Bytes>,
+    end: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl hyper::body::Body for OpenUntil {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first))));
+        }
+        std::pin::Pin::new(&mut self.end).poll(cx).map(|_| None)
+    }
+}
+
 /// A hyper backend that answers `200` at once, before reading the body, and then reads
 /// and discards the body (as nginx does after an early answer), keeping the connection
-/// for as long as the body comes. Counts the bodies that ended with an error: their
-/// connection was closed under them.
+/// for as long as the body comes; its answer's body (`ok`) stays open until the request
+/// body has been read: the answer is not over while the body comes. Counts the bodies
+/// that ended with an error: their connection was closed under them.
 async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1548,12 +1570,18 @@ async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>
             let cut = Arc::clone(&counter);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let cut = Arc::clone(&cut);
+                let (read, end) = tokio::sync::oneshot::channel::<()>();
                 tokio::spawn(async move {
                     if req.into_body().collect().await.is_err() {
                         cut.fetch_add(1, Ordering::SeqCst);
                     }
+                    drop(read);
                 });
-                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+                let body = OpenUntil {
+                    first: Some(Bytes::from_static(b"ok")),
+                    end,
+                };
+                async { Ok::<_, Infallible>(Response::new(body)) }
             });
             conns.spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -1569,7 +1597,8 @@ async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>
 /// idle clock, to a backend that answered at once: the response timeout ended at the
 /// answer, and nothing bounded the rest of the body, so the client's connection and the
 /// backend's stayed open for as long as the trickle went on. The body must now be in
-/// within the backend timeout of the call.
+/// within the backend timeout of the call. (The backend's answer stays open meanwhile:
+/// an answer that is over ends the body sooner, see the next test.)
 ///
 /// Paused clock over loopback: a write is in the peer's socket when the syscall returns,
 /// so every socket event is seen before the clock moves.
@@ -1630,10 +1659,151 @@ async fn a_body_trickled_after_the_backends_answer_is_cut_at_the_backend_timeout
     .await;
 }
 
-/// A raw backend that reads a request head, answers `200` with an empty body at once,
-/// and then never reads again, keeping the connection open (as a backend stopped after
-/// answering does). `/healthz` is answered and closed; every other connection is handed
-/// to the test.
+/// A raw backend that reads a request head and, but for `/healthz` (`200`, closed),
+/// hands the connection and the head to the test, which answers ([`REFUSAL`]) and
+/// never reads the request's body nor closes (as a backend refusing an upload on its
+/// headers may).
+async fn unread_backend() -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<(TcpStream, Vec<u8>)>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let head = read_head(&mut stream).await;
+            if head.starts_with(b"GET /healthz ") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                continue;
+            }
+            let _ = tx.send((stream, head));
+        }
+    });
+    (addr, rx, task)
+}
+
+/// The answer of [`unread_backend`]'s connections.
+const REFUSAL: &[u8] = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope!";
+
+/// A client sent `Expect: 100-continue` and a `Content-Length`, and the backend answered
+/// `401` without reading the body: the gateway relayed the `401` at once, and then kept
+/// the client's connection (and the backend's) open until the body's deadline, 30 s,
+/// for a body nobody would read. Now the answer says `Connection: close`, and once it is
+/// over the rest of the body is dropped: both connections close at once.
+///
+/// What the gateway does with `Expect: 100-continue` is checked too, as documented: it
+/// forwards the header, and hyper's server answers `100 Continue` itself when the body
+/// is first read, which is when the request has gone on to the backend (not when the
+/// backend asks for the body). Paused clock over loopback, as above.
+#[tokio::test(start_paused = true)]
+async fn an_answer_before_the_body_closes_both_connections_once_it_is_over() {
+    let (backend, mut conns, _backend) = unread_backend().await;
+    let mut cfg = config_over(backend);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    cfg.backend_timeout = Duration::from_secs(5);
+    let gw = start(&cfg).await;
+
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    let t0 = Instant::now();
+    client
+        .write_all(
+            b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (mut conn, head) = timeout(WAIT, conns.recv()).await.unwrap().unwrap();
+    conn.write_all(REFUSAL).await.unwrap();
+    let out = read_to_close(&mut client).await;
+    let took = since(t0);
+    let out = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(
+        took < Duration::from_secs(1),
+        "closed after the answer, not at the body's deadline: {took:?}; got {out}"
+    );
+    let (interim, last) = out
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(interim, "http/1.1 100 continue", "{out}");
+    assert!(
+        last.starts_with("http/1.1 401"),
+        "the backend's answer: {out}"
+    );
+    assert!(last.contains("\r\nconnection: close\r\n"), "{out}");
+    assert!(last.ends_with("\r\n\r\nnope!"), "{out}");
+
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        head.contains("\r\nexpect: 100-continue\r\n"),
+        "forwarded: {head}"
+    );
+    let mut buf = [0; 16];
+    let read = timeout(Duration::from_secs(1), conn.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the backend's connection is closed at once: {read:?}"
+    );
+}
+
+/// As above, the client sending its body meanwhile, more than the sockets hold, so
+/// that hyper's client waits on the backend's full socket and polls the client's body no
+/// more when the answer ends: the client's body is dropped all the same, and the
+/// client's connection closed at once (the backend's is left to the write-stall limit,
+/// the backend timeout). Paused clock over loopback, as above.
+#[tokio::test(start_paused = true)]
+async fn an_answer_before_a_blocked_upload_closes_the_clients_connection_once_it_is_over() {
+    const BODY: usize = 64 << 20; // more than the four sockets' buffers hold
+    let (backend, mut conns, _backend) = unread_backend().await;
+    let mut cfg = config_over(backend);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    cfg.backend_timeout = Duration::from_secs(5);
+    cfg.max_body = BODY;
+    let gw = start(&cfg).await;
+
+    let client = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = client.into_split();
+    let head = format!("POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: {BODY}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'a'; 64 * 1024];
+        let mut sent = 0;
+        while sent < BODY && wr.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+        }
+        (sent, wr) // kept open
+    });
+    let (mut conn, _head) = timeout(WAIT, conns.recv()).await.unwrap().unwrap();
+    // Every task waits on a full socket when the paused clock moves.
+    sleep(Duration::from_millis(100)).await;
+    assert!(!writer.is_finished(), "the sockets hold the whole body");
+
+    let t0 = Instant::now();
+    conn.write_all(REFUSAL).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0; 4096];
+    let took = loop {
+        match timeout(WAIT, rd.read(&mut buf)).await {
+            Err(_) => panic!("still open after {WAIT:?}; got {out:?}"),
+            // Closed, or reset: the body's rest was unread.
+            Ok(Ok(0) | Err(_)) => break since(t0),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    assert!(
+        took < Duration::from_secs(1),
+        "closed after the answer, not at the backend timeout: {took:?}; got {:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// A raw backend that reads a request head, answers `200` at once with the head of a
+/// one-byte body it never sends (an answer still going on: one that is over ends the
+/// request body, see above), and then never reads again, keeping the connection open
+/// (as a backend stopped after answering does). `/healthz` is answered and closed; every
+/// other connection is handed to the test.
 async fn answer_then_stop_reading_backend() -> (
     SocketAddr,
     mpsc::UnboundedReceiver<TcpStream>,
@@ -1646,12 +1816,16 @@ async fn answer_then_stop_reading_backend() -> (
         while let Ok((mut stream, _)) = listener.accept().await {
             // A byte at a time: nothing of the body is read.
             let head = read_head(&mut stream).await;
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                .await;
-            if !head.starts_with(b"GET /healthz ") {
-                let _ = tx.send(stream);
+            if head.starts_with(b"GET /healthz ") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                continue;
             }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n")
+                .await;
+            let _ = tx.send(stream);
         }
     });
     (addr, rx, task)
