@@ -65,6 +65,11 @@
 //! once it is over the rest of the body is dropped unread and both connections are
 //! closed (`client_body.rs`), instead of waiting up to 30 s for a body nobody reads.
 //!
+//! A backend connection reads into a buffer of at most 64 KiB: a backend's answer head
+//! must fit in it (a larger one is answered `502`), and a client that asks for a large
+//! answer and does not read it holds some 240 KB of the gateway's memory, not 1 MB
+//! (`proxy::BACKEND_MAX_BUF_SIZE`).
+//!
 //! Backend connections are kept alive for reuse, idle at most `--backend-idle-timeout`
 //! (default 4 s). Keep it below the backends' own keep-alive timeout (5 s for Node.js,
 //! uvicorn and Apache httpd; 2 s for gunicorn): a backend closes an idle connection at

@@ -339,6 +339,23 @@ impl ProbeWindow {
     }
 }
 
+/// The most a backend connection's read buffer holds (hyper's client `max_buf_size`):
+/// 64 KiB, so also the largest answer head a backend may send (a larger one fails the
+/// call: `502`, `failed`). Four times the 16 KiB of a client's request head, so that a
+/// backend echoing request headers into its answer stays within it; Envoy's default
+/// limit on answer heads is 60 KiB, HAProxy's buffer 16 KiB, nginx's 4 or 8 KiB.
+///
+/// hyper's default, some 400 KiB, was filled by a client asking for a large answer and
+/// reading none of it, and the server side queued a frame as large to it: some 1 MB of
+/// the gateway's memory for each such client, 9.4 GB for the 9,936 connections of the
+/// cap. Measured with the release binary, 40 such clients (`SO_RCVBUF` 4096, a 200 MB
+/// answer each; the reviewer's `t13.py`) took its RSS from 5.6 MB to 45 MB, some
+/// 990 KB each; with 64 KiB to 15 MB, some 240 KB each (16 KiB: 9.7 MB, some 100 KB
+/// each; a client idle on a keep-alive connection holds some 19 KB). The test
+/// `a_client_not_reading_a_large_answer_holds_a_bounded_share_of_the_gateways_memory`
+/// keeps it under 500 KB.
+pub const BACKEND_MAX_BUF_SIZE: usize = 64 * 1024;
+
 /// The most time left between a probe's stall answer and the breaker's probe timeout:
 /// the answer must reach the breaker before its timer counts the probe as failed, and
 /// a timer may fire late on a loaded machine.
@@ -357,7 +374,8 @@ impl Upstream {
         let mut builder = Client::builder(hyper_util::rt::TokioExecutor::new());
         builder
             .pool_idle_timeout(idle_timeout)
-            .pool_timer(hyper_util::rt::TokioTimer::new());
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http1_max_buf_size(BACKEND_MAX_BUF_SIZE);
         if idle_timeout.is_zero() {
             builder.pool_max_idle_per_host(0);
         }

@@ -4032,3 +4032,132 @@ async fn a_health_check_out_of_descriptors_leaves_the_backend_healthy() {
     );
     assert_eq!(checked("failed"), None, "/metrics:\n{text}");
 }
+
+/// A raw backend that answers every request but `/healthz` (`200`, closed) with a body
+/// of [`BIG`] bytes, written as fast as the connection takes them. Counts the answers
+/// begun, and adds up the bytes of their bodies written so far.
+async fn endless_backend() -> (SocketAddr, Arc<(AtomicUsize, AtomicUsize)>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let shared = Arc::clone(&counts);
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counts = Arc::clone(&shared);
+            conns.spawn(async move {
+                let head = read_head(&mut stream).await;
+                if head.starts_with(b"GET /healthz ") {
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                    let _ = stream.write_all(ok).await;
+                    return;
+                }
+                let (answers, written) = &*counts;
+                answers.fetch_add(1, Ordering::SeqCst);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+                let _ = stream.write_all(head.as_bytes()).await;
+                let chunk = [b'x'; 16 * 1024];
+                for _ in 0..BIG / chunk.len() {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    written.fetch_add(chunk.len(), Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, counts, task)
+}
+
+/// The resident memory of process `pid`, in bytes (`VmRSS` of `/proc/PID/status`).
+fn rss(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kb * 1024
+}
+
+/// A client that asks for a large answer and reads none of it holds the gateway's
+/// buffers on the way: some 1 MB of the gateway's memory each, as measured with the
+/// release binary (40 such clients, `SO_RCVBUF` 4096: 5.6 MB to 45 MB of RSS), so that
+/// the 9,936 connections the cap allowed could take some 9.4 GB. hyper's client read
+/// the backend's answer into a buffer of up to some 400 KiB (its default `max_buf_size`),
+/// and the server side queued a frame as large. With the backend connections' buffer at
+/// 64 KiB ([`proxy::BACKEND_MAX_BUF_SIZE`]), the same 40 clients take the release binary
+/// from 5.7 MB to 15 MB, some 240 KB each (16 KiB would make it some 100 KB, and cut
+/// off answer heads over 16 KiB).
+///
+/// The binary here is the debug one `cargo test` builds; the buffers are the same, and so
+/// were the figures (850 KB to 1 MB a client before, 220 to 250 KB after). The bound,
+/// 500 KB a client, is twice the new figure and half the old one.
+#[tokio::test]
+async fn a_client_not_reading_a_large_answer_holds_a_bounded_share_of_the_gateways_memory() {
+    const CLIENTS: usize = 40;
+    const BOUND: usize = 500 * 1024;
+    let (backend, counts, _backend) = endless_backend().await;
+    let (answers, written) = &*counts;
+    let backend = backend.to_string();
+    let mut gw = Process::start(
+        "unread",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--backend",
+            &backend,
+        ],
+    );
+    let (addr, _) = gw.listening().await;
+    let pid = gw.child.id();
+    // The first health check's connection and the first timers: in the baseline.
+    until("the first health check", || {
+        gw.log().contains("backend status")
+    })
+    .await;
+    let before = rss(pid);
+
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket
+            .bind(format!("127.8.{i}.1:0").parse().unwrap())
+            .unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(stream);
+    }
+    // Every request answered, every buffer on the way full: the backend's writes stop.
+    until("every request at the backend", || {
+        answers.load(Ordering::SeqCst) == CLIENTS
+    })
+    .await;
+    let mut last = (written.load(Ordering::SeqCst), Instant::now());
+    until("the backend's writes stopped", || {
+        let now = written.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        since(last.1) > Duration::from_millis(500)
+    })
+    .await;
+    let after = rss(pid);
+    let each = after.saturating_sub(before) / CLIENTS;
+    eprintln!(
+        "RSS {before} -> {after} bytes, {each} a client; the backend wrote {} bytes",
+        last.0
+    );
+    assert!(
+        each < BOUND,
+        "{each} bytes a client not reading (RSS {before} -> {after})"
+    );
+    drop(clients);
+}
