@@ -52,6 +52,12 @@ impl ByteCounters {
 /// a worker thread's stack.
 pub(crate) const STACK_BUF: usize = 8 * 1024;
 
+/// The largest heap buffer a direction holds while data streams: 16 MiB, whatever was
+/// asked for ([`Proxy::max_buffer`](super::Proxy::max_buffer)). A larger one moves no
+/// more data per system call than a socket's buffers hold, and `usize::MAX` was one
+/// 4 GiB allocation per direction of every streaming connection.
+pub const MAX_BULK: usize = 16 << 20;
+
 /// Bytes copied by each direction of a finished proxied connection.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -347,7 +353,7 @@ pin_project! {
 
 impl<A, B> Transfer<A, B> {
     /// Copies between `client` and `upstream`; `bulk` is the size of the heap buffer
-    /// each direction uses while data streams (at least 8 KiB).
+    /// each direction uses while data streams (at least 8 KiB, at most [`MAX_BULK`]).
     pub fn new(client: A, upstream: B, bulk: usize) -> Self {
         Self::with_counters(client, upstream, bulk, Handles::new())
     }
@@ -365,8 +371,8 @@ impl<A, B> Transfer<A, B> {
             upstream,
             up: Half::new(),
             down: Half::new(),
-            // Clamped to what a u32 offset can address; 8 KiB at least.
-            bulk: u32::try_from(bulk.max(STACK_BUF)).unwrap_or(u32::MAX),
+            // 8 KiB at least, `MAX_BULK` at most (which a u32 offset addresses).
+            bulk: u32::try_from(bulk.clamp(STACK_BUF, MAX_BULK)).unwrap_or(u32::MAX),
             bytes,
             upstream_failed: None,
         }
@@ -497,6 +503,24 @@ mod tests {
             drop(Transfer::new(client, upstream, 64 * 1024));
         });
         assert_eq!(registered.of(crate::metrics::PROXY_BYTES_TOTAL), 0);
+    }
+
+    /// The buffer asked for is held between 8 KiB and `MAX_BULK`: `usize::MAX` was one
+    /// 4 GiB allocation per direction once data streamed.
+    #[test]
+    fn the_bulk_buffer_is_bounded_both_ways() {
+        for (asked, held) in [
+            (0, STACK_BUF),
+            (64 * 1024, 64 * 1024),
+            (MAX_BULK, MAX_BULK),
+            (MAX_BULK + 1, MAX_BULK),
+            (usize::MAX, MAX_BULK),
+        ] {
+            let (client, _c) = tokio::io::duplex(64);
+            let (upstream, _u) = tokio::io::duplex(64);
+            let t = Transfer::new(client, upstream, asked);
+            assert_eq!(t.bulk as usize, held, "asked for {asked}");
+        }
     }
 
     #[tokio::test]

@@ -87,7 +87,7 @@ use tower_service::Service;
 
 pub use self::connect::{ConnectFuture, TcpConnect};
 use self::copy::ByteCounters;
-pub use self::copy::{Transfer, Transferred};
+pub use self::copy::{MAX_BULK, Transfer, Transferred};
 pub use self::error::ProxyError;
 pub use self::respond::OnConnectError;
 use crate::BoxError;
@@ -170,8 +170,8 @@ impl<C, R> Proxy<C, R> {
     }
 
     /// Sets the size of the heap buffer each direction holds while data streams (at
-    /// least 8 KiB). Larger buffers move bulk data with fewer system calls; an idle
-    /// connection holds none either way.
+    /// least 8 KiB, at most [`MAX_BULK`], 16 MiB). Larger buffers move
+    /// bulk data with fewer system calls; an idle connection holds none either way.
     #[must_use]
     pub const fn max_buffer(mut self, bytes: usize) -> Self {
         self.max_buffer = bytes;
