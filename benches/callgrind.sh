@@ -18,8 +18,11 @@
 # on the same cores and evict the gateway's code from the caches, so a session fetches
 # most of these lines again. Both counts matter for the time a session
 # takes: the layers cost about 1 ns per instruction, well over one cycle, and a
-# profile-guided build with 23 % fewer instructions in as many lines takes 5 % off the
-# CPU (BENCHMARKS.md).
+# profile-guided build (19 % fewer instructions in 21 % fewer lines, counted as here on
+# 2026-11-28) takes 5 % off the CPU (BENCHMARKS.md). The last column is the bytes of those hot instructions in the
+# target's executable (`objdump` gives their lengths; shared libraries' not counted) and
+# their density, bytes over 64 per code line: how much of each line a session fetches
+# is code it runs (cold blocks inlined between hot ones lower it).
 #
 # Installs valgrind, mosquitto and haproxy from Debian when missing. Uses the release
 # binaries in CARGO_TARGET_DIR (default target/), built unless NO_BUILD=1; GATEWAY=PATH
@@ -53,7 +56,7 @@ CPU=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*\([0-9]*\).*/\1/p' /proc/self/sta
 # summary: the table, from the outputs in OUT of the targets named.
 summary() {
     python3 - "$OUT" "${TARGETS[@]}" <<'EOF'
-import glob, json, os, re, subprocess, sys
+import bisect, glob, json, os, re, subprocess, sys
 
 out, targets = sys.argv[1], sys.argv[2:]
 # The allocators' entry points: glibc's (HAProxy's, and the gateway's off Linux/glibc),
@@ -93,16 +96,42 @@ def code_lines(path, sessions):
     hottest = {}
     for a, n in ir.items():
         hottest[a >> 6] = max(hottest.get(a >> 6, 0), n)
-    return sum(1 for n in hottest.values() if n >= sessions / 2)
+    lines = sum(1 for n in hottest.values() if n >= sessions / 2)
+    return lines, hot_bytes(path, [a for a, n in ir.items() if n >= sessions / 2])
+
+def hot_bytes(path, hot):
+    """The bytes of the hot instructions (run at least sessions / 2 times) that lie in
+    the profiled executable, from `objdump`'s instruction addresses (an instruction's
+    length is the distance to the next one); None without objdump. Against the code
+    lines it gives the density of the session's code: how much of each 64-byte line
+    fetched is code the session runs. Instructions of shared libraries (glibc's memcpy)
+    are not counted."""
+    exe = None
+    for line in open(path, errors="replace"):
+        if line.startswith("cmd:"):
+            exe = line.split()[1]
+            break
+    try:
+        dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", exe],
+                              capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError, TypeError):
+        return None
+    addrs = sorted(int(m.group(1), 16) for m in re.finditer(r"^ *([0-9a-f]+):", dump, re.M))
+    total = 0
+    for a in hot:
+        i = bisect.bisect_left(addrs, a)
+        if i + 1 < len(addrs) and addrs[i] == a:
+            total += min(addrs[i + 1] - a, 15)
+    return total
 
 print("| target | sessions | instructions per session | heap allocations per session "
-      "| 64-byte code lines per session |")
-print("|---|---|---|---|---|")
+      "| 64-byte code lines per session | hot code bytes (density) |")
+print("|---|---|---|---|---|---|")
 for t in targets:
     # The dump taken after the counted run (part 1; part 2 is the exit).
     dumps = sorted(glob.glob(f"{out}/{t}.*.out.1"), key=os.path.getmtime)
     if not dumps:
-        print(f"| {t} | - | - | - |")
+        print(f"| {t} | - | - | - | - | - |")
         continue
     sessions = json.load(open(f"{out}/{t}.json"))["ok"]
     if not sessions:
@@ -121,8 +150,10 @@ for t in targets:
                 m = re.search(r"<\s+(\S+).*\(([\d,]+)x\)", line)
                 if m and not any(a in line for a in ("libc.so", "./malloc/", "tikv-jemalloc-sys")):
                     allocs += int(m.group(2).replace(",", ""))
-    lines = code_lines(dumps[-1], sessions)
-    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} | {lines:,} |")
+    lines, hot = code_lines(dumps[-1], sessions)
+    dense = "-" if hot is None else f"{hot:,} ({hot / (64 * lines):.2f})"
+    print(f"| {t} | {sessions} | {total / sessions:,.0f} | {allocs / sessions:.1f} | {lines:,} "
+          f"| {dense} |")
 EOF
 }
 
