@@ -2,7 +2,7 @@
 
 use std::error::Error;
 
-use aegis_core::error::{Rejected, find};
+use aegis_core::error::{Rejected, chain, find};
 use aegis_core::proxy::ProxyError;
 
 /// What one completed call tells the breaker about the inner service.
@@ -116,9 +116,21 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
 ///   or memory ([`ProxyError::LocalResources`]: counted, it would open the circuit for
 ///   every client while the upstream is fine, and keep it open after the flood that
 ///   used the descriptors up has gone);
+/// - otherwise a [`hyper::Error`] anywhere in the chain for which
+///   [`is_user`](hyper::Error::is_user) holds is ignored: the caller's own input failed,
+///   not the backend. The case it is made for: hyper-util's client, behind a proxy,
+///   sending a request whose body is the client's upload; a client that hangs up half
+///   way fails the call with `User(Body)` (the body's error), and counted, five such
+///   clients opened the circuit against a healthy backend for everyone;
 /// - anything else, tokio's `Elapsed` timeout and IO errors included, is a failure.
 pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
     if find::<Rejected>(err).is_some() {
+        return Outcome::Ignore;
+    }
+    if chain(err).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+    }) {
         return Outcome::Ignore;
     }
     match find::<ProxyError>(err) {

@@ -54,7 +54,7 @@
 //!
 //! | classifier | success | failure | ignored |
 //! |---|---|---|---|
-//! | [`DefaultClassifier`] | every `Ok` | errors, including tokio's `Elapsed` and upstream [`ProxyError`](aegis_core::proxy::ProxyError)s (connect timeout/refused/error, upstream IO) | client-side `ProxyError::ClientIo` and `ProxyError::LocalResources` (this host out of descriptors or memory); an `aegis_core` [`Rejected`](aegis_core::error::Rejected) from a layer below or an IO wrapper (found even inside an `io::Error`) |
+//! | [`DefaultClassifier`] | every `Ok` | errors, including tokio's `Elapsed` and upstream [`ProxyError`](aegis_core::proxy::ProxyError)s (connect timeout/refused/error, upstream IO) | client-side `ProxyError::ClientIo` and `ProxyError::LocalResources` (this host out of descriptors or memory); an `aegis_core` [`Rejected`](aegis_core::error::Rejected) from a layer below or an IO wrapper (found even inside an `io::Error`); a [`hyper::Error`] that [`is_user`](hyper::Error::is_user) (the caller's own request failed, such as a client's upload aborted half way under hyper-util's client) |
 //! | [`HttpClassifier`] | `http::Response` with a status below 500 | `5xx` responses but `501` and `505`, and errors as above | as above, and `501` and `505` responses (they answer the request's method or version, RFC 9110 §15.6.2, §15.6.6) |
 //!
 //! Write your own by implementing [`Classify`].
