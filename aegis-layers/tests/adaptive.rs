@@ -2,6 +2,7 @@
 //! rejections and cancellations, the gradient mode, the controller's lifetime, metrics.
 #![cfg(feature = "adaptive")]
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -852,6 +853,9 @@ async fn success_or_timeout_records_successes_and_timeouts_only() {
             ProxyError::ConnectTimeout { addr, timeout: SEC },
         )))),
         Box::new(io::Error::from(io::ErrorKind::TimedOut)),
+        // tower's own timeout (`ServiceBuilder::timeout`), not tokio's.
+        Box::new(tower::timeout::error::Elapsed::new()),
+        Box::new(io::Error::other(tower::timeout::error::Elapsed::new())),
         Box::new(Wrapped(Box::new(ProxyError::ConnectTimeout {
             addr,
             timeout: SEC,
@@ -915,4 +919,76 @@ fn refused_connects_are_no_samples_with_success_or_timeout() {
             assert!(p95.is_some(), "the default classifier records them");
         }
     }
+}
+
+/// A backend whose even calls answer in 10 ms and whose odd calls stall for a minute.
+fn half_stalling() -> impl tower::Service<
+    (),
+    Response = (),
+    Error = io::Error,
+    Future = impl Future<Output = Result<(), io::Error>> + Send,
+> + Clone
++ Send
++ 'static {
+    let n = Arc::new(AtomicU64::new(0));
+    service_fn(move |()| {
+        let stall = n.fetch_add(1, Ordering::Relaxed) % 2 == 1;
+        async move {
+            sleep(Duration::from_millis(if stall { 60_000 } else { 10 })).await;
+            Ok(())
+        }
+    })
+}
+
+/// A rate controller (100 ms threshold, 1 s interval, 20 samples, from 100/s) and the
+/// rates it published.
+fn stall_controller() -> (AdaptiveHandle, Arc<Mutex<Vec<f64>>>) {
+    let (log, sink) = rate_log();
+    let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0)
+        .initial_rate(100.0)
+        .min_samples(20)
+        .spawn(sink);
+    (handle, log)
+}
+
+/// 100 calls a second (the controller's starting rate) for 5 s, each on its own task,
+/// then 10 ms for the controller's tick at 5 s.
+async fn five_seconds_of_calls<S>(svc: S)
+where
+    S: tower::Service<()> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let t0 = Instant::now();
+    for i in 0..500 {
+        sleep_until(t0 + Duration::from_millis(10 * i)).await;
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let _ = svc.oneshot(()).await;
+        });
+    }
+    sleep_until(t0 + SEC * 5 + Duration::from_millis(10)).await;
+}
+
+/// Whether the controller ever lowered its rate.
+fn cut(log: &Mutex<Vec<f64>>) -> bool {
+    let log = log.lock();
+    log.windows(2).any(|w| w[1] < w[0]) || log.first().is_some_and(|&r| r < 100.0)
+}
+
+/// Half the calls stall and `ServiceBuilder::timeout` (tower's own timeout, whose error
+/// is tower's `Elapsed`, not tokio's), below the layer, ends them at 2 s: with
+/// `SuccessOrTimeout` those timeouts are samples, and the rate goes down.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn success_or_timeout_counts_towers_timeout_below_the_layer() {
+    let (control, log) = stall_controller();
+    let svc = tower::ServiceBuilder::new()
+        .layer(control.layer_with(SuccessOrTimeout))
+        .timeout(2 * SEC)
+        .service(half_stalling());
+    five_seconds_of_calls(svc).await;
+    assert!(
+        cut(&log),
+        "half the calls time out at 2 s, yet the rates were {:?}",
+        log.lock()
+    );
 }

@@ -48,9 +48,13 @@ impl<Res> Classify<Res> for DefaultClassifier {
 /// breaker counts those). A timeout is recorded, its length standing for a stalled
 /// upstream's longer true latency. Timeouts are an error whose chain (as
 /// [`aegis_core::error::find`] walks it, into an [`io::Error`]'s wrapped error) holds a
-/// [`ProxyError::ConnectTimeout`], a `tokio::time::error::Elapsed` or an
-/// [`io::Error`] of kind [`TimedOut`](io::ErrorKind::TimedOut); rejections
-/// ([`Rejected`]) are never samples.
+/// [`ProxyError::ConnectTimeout`], a `tokio::time::error::Elapsed`, a
+/// `tower::timeout::error::Elapsed` (what `tower::ServiceBuilder::timeout` and
+/// `tower::timeout::Timeout` fail with) or an [`io::Error`] of kind
+/// [`TimedOut`](io::ErrorKind::TimedOut); rejections ([`Rejected`]) are never samples.
+/// Put the timeout **below** this layer (between it and the backend), so that a timed
+/// out call completes through it with its error; a timeout above the layer drops the
+/// call's future before it completes, and a cancelled call is no sample.
 ///
 /// ```
 /// use aegis_core::proxy::TcpConnect;
@@ -77,6 +81,7 @@ impl SuccessOrTimeout {
         }
         chain(e).any(|err| {
             err.is::<tokio::time::error::Elapsed>()
+                || err.is::<tower::timeout::error::Elapsed>()
                 || err
                     .downcast_ref::<ProxyError>()
                     .is_some_and(ProxyError::is_timeout)
