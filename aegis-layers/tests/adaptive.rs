@@ -992,3 +992,87 @@ async fn success_or_timeout_counts_towers_timeout_below_the_layer() {
         log.lock()
     );
 }
+/// Half the calls stall and a timeout ABOVE the layer drops their response futures at
+/// 2 s, before they complete: a call dropped after the threshold is a sample (its age,
+/// a lower bound of its latency), and the rate goes down. (A call cancelled before the
+/// threshold is none: `rejected_and_cancelled_calls_are_not_samples`.)
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn calls_dropped_by_a_timeout_above_the_layer_after_the_threshold_are_samples() {
+    for success_or_timeout in [false, true] {
+        let (control, log) = stall_controller();
+        let timeout = tower::timeout::TimeoutLayer::new(2 * SEC);
+        if success_or_timeout {
+            let measured = control.layer_with(SuccessOrTimeout).layer(half_stalling());
+            five_seconds_of_calls(timeout.layer(measured)).await;
+        } else {
+            five_seconds_of_calls(timeout.layer(control.layer().layer(half_stalling()))).await;
+        }
+        assert!(
+            cut(&log),
+            "half the calls are dropped at 2 s, yet the rates were {:?} \
+             (SuccessOrTimeout: {success_or_timeout})",
+            log.lock()
+        );
+    }
+}
+
+/// Gradient mode: once the minimum RTT is measured (10 ms), half the calls start to
+/// stall and a timeout above the layer drops them at 2 s, far past twice the buffered
+/// minimum RTT (25 ms), where the gradient is at its lowest: those dropped calls are
+/// samples, and the limit goes down. (Seeing only the fast half, it rose for good.)
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_gradient_controller_counts_calls_dropped_above_the_layer() {
+    let (log, sink) = {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = Arc::clone(&log);
+        (log, move |v: usize| l.lock().push((Instant::now(), v)))
+    };
+    let control = GradientConfig::new(4, 1000)
+        .min_rtt_samples(20)
+        .min_rtt_interval(Duration::from_secs(3600))
+        .spawn(sink);
+    let stalling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let n = Arc::new(AtomicU64::new(0));
+    let backend = {
+        let stalling = Arc::clone(&stalling);
+        service_fn(move |()| {
+            let stall =
+                stalling.load(Ordering::Relaxed) && n.fetch_add(1, Ordering::Relaxed) % 2 == 1;
+            async move {
+                sleep(Duration::from_millis(if stall { 60_000 } else { 10 })).await;
+                Ok::<_, io::Error>(())
+            }
+        })
+    };
+    let svc = tower::timeout::TimeoutLayer::new(2 * SEC).layer(control.layer().layer(backend));
+    let t0 = Instant::now();
+    let spawn_calls = |from: u64| {
+        let svc = svc.clone();
+        async move {
+            for i in 0..300 {
+                sleep_until(t0 + Duration::from_millis(from + 10 * i)).await;
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let _ = svc.oneshot(()).await;
+                });
+            }
+        }
+    };
+    spawn_calls(0).await; // 3 s of fast calls: the minimum RTT is measured
+    let healthy = log.lock().last().unwrap().1;
+    assert!(healthy > 4, "off the floor: {:?}", log.lock());
+    stalling.store(true, Ordering::Relaxed);
+    spawn_calls(3000).await; // 3 s of half stalls, then 2 s for the last ones to drop
+    sleep_until(t0 + SEC * 8 + Duration::from_millis(10)).await;
+    let log = log.lock();
+    let after: Vec<usize> = log
+        .iter()
+        .filter(|(t, _)| *t > t0 + SEC * 3)
+        .map(|&(_, v)| v)
+        .collect();
+    // The fast half raises it until the first stalls drop (2 s in), then it comes down.
+    assert!(
+        after.windows(2).any(|w| w[1] < w[0]),
+        "half the calls dropped at 2 s, yet the limit went from {healthy} to {after:?}"
+    );
+}

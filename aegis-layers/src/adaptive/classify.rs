@@ -15,8 +15,9 @@ pub enum Sample {
     Ignore,
 }
 
-/// Decides which completed calls are latency samples. Cancelled calls (a response
-/// future dropped before it completes) are never samples.
+/// Decides which completed calls are latency samples. A cancelled call (a response
+/// future dropped before it completes) has no result and is not classified: it is a
+/// sample only when dropped late (see [Cancelled calls](super#cancelled-calls)).
 ///
 /// Implementations should be cheap to clone: the service clones its classifier into
 /// every response future.
@@ -54,7 +55,8 @@ impl<Res> Classify<Res> for DefaultClassifier {
 /// [`TimedOut`](io::ErrorKind::TimedOut); rejections ([`Rejected`]) are never samples.
 /// Put the timeout **below** this layer (between it and the backend), so that a timed
 /// out call completes through it with its error; a timeout above the layer drops the
-/// call's future before it completes, and a cancelled call is no sample.
+/// call's future before it completes, which counts only when late (see
+/// [Cancelled calls](super#cancelled-calls)).
 ///
 /// ```
 /// use aegis_core::proxy::TcpConnect;

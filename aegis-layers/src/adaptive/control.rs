@@ -217,6 +217,8 @@ impl RateConfig {
             .unwrap_or(self.max_rate)
             .clamp(self.min_rate, self.max_rate);
         let shared = Shared::new(rate);
+        // A call dropped after the threshold is over it however long it would have run.
+        shared.set_drop_floor(self.threshold);
         sink.set_rate(rate);
         metrics::gauge!(ADAPTIVE_RATE, "name" => self.name).set(rate);
         let interval = self.interval;
@@ -636,6 +638,10 @@ impl<K: LimitSink> GradientLaw<K> {
         if let Some(min_rtt) = measured {
             let min_rtt = min_rtt.max(MIN_RTT_FLOOR);
             self.min_rtt = Some(min_rtt);
+            // From twice the buffered minimum RTT on, the gradient is at its floor (0.5)
+            // whatever the sample: a call dropped that old is a sample (its age).
+            let floor = min_rtt.as_secs_f64() * 2.0 * (1.0 + self.cfg.buffer);
+            shared.set_drop_floor(Duration::try_from_secs_f64(floor).unwrap_or(Duration::MAX));
             metrics::gauge!(ADAPTIVE_MIN_RTT_SECONDS, "name" => name).set(min_rtt.as_secs_f64());
             tracing::info!(
                 controller = name,

@@ -15,7 +15,9 @@ use super::window::Shared;
 
 pin_project! {
     /// The response future of [`Adaptive`](super::Adaptive): records the call's latency
-    /// when the inner future completes. Dropping it first records nothing.
+    /// when the inner future completes. Dropped before that (cancelled), it records its
+    /// age when that is at least the controller's floor for dropped calls (see
+    /// [Cancelled calls](super#cancelled-calls)), and nothing otherwise.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C> {
         #[pin]
@@ -23,6 +25,18 @@ pin_project! {
         start: Instant,
         shared: Arc<Shared>,
         classifier: C,
+        // The inner future completed (and was classified): nothing to do on drop.
+        done: bool,
+    }
+
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done {
+                let age = Instant::now().saturating_duration_since(*this.start);
+                this.shared.record_dropped(age);
+            }
+        }
     }
 }
 
@@ -33,6 +47,7 @@ impl<F, C> ResponseFuture<F, C> {
             start,
             shared,
             classifier,
+            done: false,
         }
     }
 }
@@ -56,6 +71,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.fut.poll(cx)).map_err(Into::into);
+        *this.done = true;
         let sample = this
             .classifier
             .classify(res.as_ref().map_err(|e| &**e as &(dyn Error + 'static)));

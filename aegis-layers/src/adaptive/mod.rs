@@ -8,11 +8,32 @@
 //! and a measured quantile is rounded down (never read over the recorded latencies, so
 //! ones just under a threshold do not cross it). They are kept up to one minute: a
 //! longer one counts as one minute, which is why a rate-mode threshold is at most
-//! [`MAX_THRESHOLD`] (30 s), so that a stalled call always reads over it. Calls whose future is dropped before
-//! completion (cancelled) are not recorded, nor are rejections: the
+//! [`MAX_THRESHOLD`] (30 s), so that a stalled call that ends (or is dropped, below)
+//! after a minute or more reads over it. Rejections are not recorded: the
 //! [`DefaultClassifier`] skips any error holding an [`aegis_core::error::Rejected`],
 //! since a fast "no" says nothing about the backend's latency. Write your own
 //! [`Classify`] for other rules.
+//!
+//! # Cancelled calls
+//!
+//! A call is seen when it ends, never while it runs:
+//!
+//! - a call that **completes** (with a response or an error) is classified, and its
+//!   latency recorded when its classifier says so;
+//! - a call whose response future is **dropped** before it completes (a timeout above
+//!   the layer, a caller that went away) is recorded, with its age as its latency (a
+//!   lower bound), only when that age is at least the controller's floor: in rate mode
+//!   the threshold, in gradient mode twice the buffered minimum RTT
+//!   (`2 × min_rtt × (1 + buffer)`, where the gradient is at its lowest; none until
+//!   the first minimum RTT is measured). Past that floor the decision is the same
+//!   however much longer the call would have run. A call dropped sooner says too
+//!   little and is no sample; classifiers are not asked (there is no result);
+//! - a call **still in flight** gives no sample until it ends or is dropped. A backend
+//!   that hangs every call, with no timeout anywhere, leaves the controller without
+//!   samples: it holds. Bound the calls with a timeout, best **below** the layer
+//!   (between it and the backend), so that a timed-out call completes through the
+//!   layer with its error (with [`SuccessOrTimeout`], recorded as a timeout); a
+//!   timeout above the layer works through the drop rule above.
 //!
 //! A controller runs as its own tokio task, started by [`RateConfig::spawn`] or
 //! [`GradientConfig::spawn`]. On each interval it closes the window, computes the

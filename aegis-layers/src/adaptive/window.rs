@@ -29,6 +29,9 @@ const SIGFIG: u8 = 2;
 /// decision reaches back over several windows.
 pub(crate) const MAX_WINDOWS: usize = 8;
 
+/// No dropped call is a sample (also any floor of `u64::MAX` microseconds or more).
+const NO_DROP_FLOOR: u64 = u64::MAX;
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_max(MAX_MICROS, SIGFIG).expect("valid histogram bounds")
 }
@@ -46,6 +49,9 @@ pub(crate) struct Shared {
     current: Mutex<Histogram<u64>>,
     /// The current rate or limit, as `f64` bits.
     value: AtomicU64,
+    /// The age in microseconds from which a call dropped before it completed is a
+    /// sample ([`NO_DROP_FLOOR`]: none is). See [`record_dropped`](Self::record_dropped).
+    drop_floor: AtomicU64,
     pub(crate) control: Arc<Control>,
 }
 
@@ -77,6 +83,7 @@ impl Shared {
         Arc::new(Self {
             current: Mutex::new(histogram()),
             value: AtomicU64::new(initial.to_bits()),
+            drop_floor: AtomicU64::new(NO_DROP_FLOOR),
             control: Arc::new(Control::default()),
         })
     }
@@ -84,6 +91,26 @@ impl Shared {
     pub(crate) fn record(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.current.lock().saturating_record(micros);
+    }
+
+    /// Records a call dropped before it completed, `age` after it started, when that
+    /// is at least the floor the controller set: its latency is at least its age, over
+    /// the floor, where the controller's decision no longer depends on how far over it
+    /// is (the rate threshold; twice the buffered minimum RTT, where the gradient is at
+    /// its lowest). Below the floor (a cancelled fast call, or no floor set) it says too
+    /// little, and is no sample. Long ages saturate as completed calls' do.
+    pub(crate) fn record_dropped(&self, age: Duration) {
+        let floor = self.drop_floor.load(Ordering::Relaxed);
+        let micros = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
+        if floor != NO_DROP_FLOOR && micros >= floor {
+            self.current.lock().saturating_record(micros);
+        }
+    }
+
+    /// Sets the floor of [`record_dropped`](Self::record_dropped).
+    pub(crate) fn set_drop_floor(&self, floor: Duration) {
+        let micros = u64::try_from(floor.as_micros()).unwrap_or(u64::MAX);
+        self.drop_floor.store(micros, Ordering::Relaxed);
     }
 
     /// Closes the open window: returns its samples and leaves `empty` in its place.
@@ -235,6 +262,31 @@ mod tests {
             Measured::Latency(d) => (Some(round(d)), true),
             Measured::TooFew { latency, full, .. } => (latency.map(round), full),
         }
+    }
+
+    #[test]
+    fn dropped_calls_are_samples_from_the_floor_on_and_saturate() {
+        // What one call dropped at `age` gives, with `floor` set (or none).
+        let dropped = |floor: Option<Duration>, age: Duration| {
+            let shared = Shared::new(0.0);
+            if let Some(floor) = floor {
+                shared.set_drop_floor(floor);
+            }
+            shared.record_dropped(age);
+            ms(Windows::new().rotate(&shared, 0.95, 1))
+        };
+        let floor = Some(Duration::from_millis(100));
+        // No floor set (gradient mode before its first minimum RTT): never a sample.
+        assert_eq!(dropped(None, Duration::MAX), (None, false));
+        assert_eq!(dropped(floor, Duration::from_millis(99)), (None, false));
+        assert_eq!(
+            dropped(floor, Duration::from_millis(100)),
+            (Some(100), true)
+        );
+        // Any age, however long, counts as the histogram's top, as completed calls do.
+        assert_eq!(dropped(floor, Duration::MAX), (Some(59_769), true));
+        // A floor past any age: never.
+        assert_eq!(dropped(Some(Duration::MAX), Duration::MAX), (None, false));
     }
 
     #[test]
