@@ -8,7 +8,9 @@ use hyper::http::uri::Authority;
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1 (plus the obsolete `Keep-Alive` and
 /// `Proxy-Connection`): they describe one connection and must not be forwarded. Every
-/// `Proxy-*` header and every header named in `Connection` go too.
+/// `Proxy-*` header and every header named in `Connection` go too. (`Expect` is not
+/// hop-by-hop, but the proxy removes it from the request it sends on, having answered
+/// `100-continue` itself: `crate::proxy`.)
 pub const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",

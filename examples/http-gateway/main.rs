@@ -28,7 +28,7 @@
 //! several or an invalid one; `400` too when an HTTP/1.0 request has none, which RFC 9112
 //! allows: the gateway has no name of its own to give the backend, and hyper's client
 //! would fill in the backend's own address, which the backend could put in a redirect;
-//! Envoy refuses it too unless given a default host), a body limit (`413`), hop-by-hop header stripping,
+//! Envoy refuses it too unless given a default host), a body limit (`413`), hop-by-hop header stripping (and `Expect`, see below),
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
 //! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other
 //! `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and client-IP header such as
@@ -57,10 +57,12 @@
 //! server answers `501` to an unknown method), and five of them opened the circuit for
 //! every client.
 //!
-//! A request with `Expect: 100-continue` is forwarded with the header, and the gateway
+//! A request with `Expect: 100-continue` is forwarded without the header: the gateway
 //! answers `100 Continue` itself as soon as the request has gone on to a backend, without
-//! waiting for the backend's decision (nor relaying its own `100`); a request the gateway
-//! refuses itself gets no `100`. A backend's answer that comes before the request body
+//! waiting for the backend's decision (nor relaying its own `100`), and sends the body at
+//! once; a request the gateway refuses itself gets no `100`. (Forwarded, the header let a
+//! backend that answers it early, and takes the body as unsent, read the body as its
+//! next request on a pooled connection: request smuggling, `proxy.rs`.) A backend's answer that comes before the request body
 //! has been sent whole (an early `401`, say) is relayed with `Connection: close`, and
 //! once it is over the rest of the body is dropped unread and both connections are
 //! closed (`client_body.rs`), instead of waiting up to 30 s for a body nobody reads.

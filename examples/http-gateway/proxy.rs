@@ -67,19 +67,29 @@
 //! circuit re-opened) while the body came in, the request goes to the pool's next pick:
 //! nothing has been sent anywhere yet.
 //!
-//! **`Expect: 100-continue`** is not awaited from the backend. The header is forwarded
-//! (it is not hop-by-hop, and RFC 9110 §10.1.1 has a proxy pass the request on), and
-//! hyper's server answers the client `100 Continue` itself the first time the body is
-//! read, which is when the request has gone on to a backend (its head written on a
-//! backend connection, and hyper's client polling the body): before the backend has
-//! decided anything. A `100 Continue` of the backend's own is dropped by hyper's client,
-//! which relays no interim answer. A request the gateway answers without reading its
-//! body (`413` on its `Content-Length`, any refusal in the table above, `503` with no
-//! backend) gets no `100`: hyper closes the connection after the answer, the body
-//! unread. A backend's final answer before the body (an early `401` or `417`) is relayed
-//! with `Connection: close`, and the body is dropped once the answer is over (table
-//! above). Waiting for the backend's `100` would need the body held back until it came,
-//! with a timer for backends that never send one (curl waits 1 s): not done.
+//! **`Expect: 100-continue`** is the gateway's own business, and the header is removed
+//! from the request it sends on ([`to_backend`]). hyper's server answers the client
+//! `100 Continue` itself the first time the body is read, which is when the request has
+//! gone on to a backend (its head written on a backend connection, and hyper's client
+//! polling the body): before the backend has decided anything, and the body follows at
+//! once. Forwarded, the header told the backend that the body would wait for its word
+//! while it was already on the way: a backend that answers such a request early (a
+//! `401` on its headers) and takes the body as never sent, keeping the connection, read
+//! the body as its next request; when the body had all gone out before that answer, the
+//! pool kept the connection, and the request the client had written as a body reached
+//! the backend past every rule of the gateway, and took in (as a header) the next
+//! request sent on that connection, another client's, cookies and all, whose answer it
+//! got. The header is not hop-by-hop (RFC 9110 §10.1.1 has a proxy pass it on), but a
+//! proxy that does not wait for the backend's `100` has answered the expectation itself;
+//! without it the backend reads the body as the body. A `100 Continue` of the backend's
+//! own is dropped by hyper's client, which relays no interim answer. A request the
+//! gateway answers without reading its body (`413` on its `Content-Length`, any refusal
+//! in the table above, `503` with no backend) gets no `100`: hyper closes the connection
+//! after the answer, the body unread. A backend's final answer before the body (an early
+//! `401` or `413`) is relayed with `Connection: close`, and the body is dropped once the
+//! answer is over (table above). Waiting for the backend's `100` would need the body held
+//! back until it came, with a timer for backends that never send one (curl waits 1 s):
+//! not done.
 //!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
@@ -106,8 +116,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    ALLOW as ALLOW_HEADER, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, MAX_FORWARDS,
-    TRANSFER_ENCODING,
+    ALLOW as ALLOW_HEADER, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HeaderValue,
+    MAX_FORWARDS, TRANSFER_ENCODING,
 };
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -887,8 +897,13 @@ where
 }
 
 /// The request as sent to `addr`: absolute `http://addr/path?query` URI (the client's
-/// `Host` header is kept), HTTP/1.1, the body boxed. Fails, rather than sending the
-/// request anywhere else, if its target is not origin-form or the URI does not build.
+/// `Host` header is kept), HTTP/1.1, without `Expect`, the body boxed. Fails, rather
+/// than sending the request anywhere else, if its target is not origin-form or the URI
+/// does not build.
+///
+/// `Expect` is removed: the gateway has answered a `100-continue` itself and sends the
+/// body at once, and a backend told to expect it only on its word may answer early and
+/// read the body as its next request (request smuggling; see the [module docs](self)).
 ///
 /// A body of unknown length (the client's was chunked; its `Transfer-Encoding` is
 /// hop-by-hop and was stripped) is sent with `Transfer-Encoding: chunked` set here:
@@ -912,6 +927,7 @@ where
         .path_and_query(target)
         .build()?;
     parts.version = Version::HTTP_11;
+    parts.headers.remove(EXPECT);
     if !body.is_end_stream() && body.size_hint().exact().is_none() {
         parts
             .headers
