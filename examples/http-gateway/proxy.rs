@@ -116,8 +116,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    ALLOW as ALLOW_HEADER, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HeaderValue,
-    MAX_FORWARDS, TRANSFER_ENCODING,
+    ALLOW as ALLOW_HEADER, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HeaderMap,
+    HeaderValue, MAX_FORWARDS, TRANSFER_ENCODING,
 };
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -950,6 +950,11 @@ where
 /// [`Upstream`] fails it, and the client gets `502`.) The body is a [`BackendBody`]: a
 /// failure of it is the backend's ([`crate::backend_body`]).
 ///
+/// Otherwise `Content-Length` is left one line of one value ([`one_content_length`]):
+/// hyper's client takes several lines (or a list) of the same length, and relayed as
+/// they came, hyper's server could not encode the answer to a `HEAD` ("user sent
+/// unexpected header"), and the client got no answer at all, its connection closed.
+///
 /// An answer that comes before the client's request body has gone out whole (an early
 /// `401` or `413`, say) gets `Connection: close`: once it is over, the rest of the
 /// client's body is dropped unread and the connection closed ([`crate::client_body`]).
@@ -957,6 +962,8 @@ fn from_backend(res: Response<BackendBody>) -> Response<GatewayBody> {
     let (mut parts, body) = res.into_parts();
     if parts.headers.contains_key(TRANSFER_ENCODING) {
         parts.headers.remove(CONTENT_LENGTH);
+    } else {
+        one_content_length(&mut parts.headers);
     }
     strip_hop_by_hop(&mut parts.headers);
     if !body.request_sent() {
@@ -969,6 +976,61 @@ fn from_backend(res: Response<BackendBody>) -> Response<GatewayBody> {
     }
     parts.version = Version::HTTP_11; // hyper answers a 1.0 client in 1.0 itself
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+/// What a message's `Content-Length` says ([`declared_length`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declared {
+    /// No `Content-Length`.
+    None,
+    /// Every line and every comma-separated value of it is this number.
+    Length(u64),
+    /// A value that is no number, or two that differ.
+    Invalid,
+}
+
+/// What `headers`' `Content-Length` says: one number however many lines and
+/// comma-separated values repeat it (RFC 9110 §8.6 lets a recipient take such a list as
+/// the one value; hyper's client does), [`Declared::Invalid`] if they differ or one is
+/// not `1*DIGIT`.
+fn declared_length(headers: &HeaderMap) -> Declared {
+    let mut declared = Declared::None;
+    for value in headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    {
+        let digits = value.trim_ascii();
+        let len = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok());
+        declared = match (declared, len) {
+            (Declared::None, Some(len)) => Declared::Length(len),
+            (Declared::Length(prev), Some(len)) if prev == len => declared,
+            _ => return Declared::Invalid,
+        };
+    }
+    declared
+}
+
+/// Leaves the `Content-Length` of a backend's answer one line of one value: the length
+/// that every line and value of it says ([`declared_length`]; hyper's client checked it
+/// for an answer with a body, and framed the body by it), or none when they differ or
+/// one is no number (which hyper's client lets through only where the answer has no
+/// body: a `HEAD`'s, a `204`'s or a `304`'s, where the length says nothing the client
+/// needs). hyper's server relays the lines as they are, and a `HEAD`'s answer with two
+/// it failed to encode: the client got no answer.
+fn one_content_length(headers: &mut HeaderMap) {
+    match declared_length(headers) {
+        Declared::None => {}
+        Declared::Length(len) => {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Declared::Invalid => {
+            headers.remove(CONTENT_LENGTH);
+        }
+    }
 }
 
 fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
@@ -1041,6 +1103,26 @@ mod tests {
         for secret in ["alice", "s3cret", "gw.test", "token"] {
             assert!(!out.contains(secret), "{secret:?} logged: {out}");
         }
+    }
+
+    #[test]
+    fn a_content_length_repeated_alike_is_one_length_and_any_other_is_invalid() {
+        let declared = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(CONTENT_LENGTH, HeaderValue::from_str(line).unwrap());
+            }
+            declared_length(&headers)
+        };
+        assert_eq!(declared(&[]), Declared::None);
+        assert_eq!(declared(&["2"]), Declared::Length(2));
+        assert_eq!(declared(&["2", "2"]), Declared::Length(2));
+        assert_eq!(declared(&["2, 2", " 2 "]), Declared::Length(2));
+        assert_eq!(declared(&["002"]), Declared::Length(2));
+        for bad in [&["2", "3"][..], &["2, 3"], &["+2"], &["2,"], &[""], &["x"]] {
+            assert_eq!(declared(bad), Declared::Invalid, "{bad:?}");
+        }
+        assert_eq!(declared(&["18446744073709551616"]), Declared::Invalid);
     }
 
     #[test]

@@ -2049,6 +2049,43 @@ async fn a_chunked_answer_with_a_content_length_reaches_the_client_whole() {
     assert_eq!(&res.body()[..], b"abcdef");
 }
 
+/// A backend's answer with its `Content-Length` twice (or as a list, `2, 2`), which
+/// hyper's client takes when the values agree: relayed as it came, hyper's server could
+/// not encode the answer to a `HEAD` ("user sent unexpected header") and closed the
+/// client's connection without one, and a `GET` got the list. Both get one
+/// `Content-Length: 2` now.
+#[tokio::test]
+async fn a_repeated_content_length_is_relayed_once() {
+    for lines in [
+        "Content-Length: 2\r\nContent-Length: 2",
+        "Content-Length: 2, 2",
+    ] {
+        for method in [hyper::Method::HEAD, hyper::Method::GET] {
+            let body = if method == hyper::Method::HEAD {
+                ""
+            } else {
+                "ok"
+            };
+            let answer = format!("HTTP/1.1 200 OK\r\n{lines}\r\n\r\n{body}");
+            let (backend, _backend) = raw_backend(answer.leak().as_bytes()).await;
+            let gw = start_over(backend).await;
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/")
+                .header("host", "gw.test")
+                .body(Full::default())
+                .unwrap();
+            let res = send(gw.addr, req)
+                .await
+                .unwrap_or_else(|e| panic!("{method} with {lines:?}: no answer: {e}"));
+            assert_eq!(res.status(), StatusCode::OK, "{method} with {lines:?}");
+            let lengths: Vec<_> = res.headers().get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["2"], "{method} with {lines:?}");
+            assert_eq!(res.body(), body, "{method} with {lines:?}");
+        }
+    }
+}
+
 /// The request heads [`keep_alive_backend`] read, lower-cased, each with the number of
 /// its connection (from 0, in the order accepted).
 type Heads = Arc<Mutex<Vec<(usize, String)>>>;
