@@ -39,6 +39,7 @@
 //! | any other upstream failure (refused, reset) | `502` | no: it ends at once, and says nothing of the backend's latency (its breaker counts it) |
 //! | the backend answered with a `Transfer-Encoding` other than one `chunked` ([`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
 //! | the backend's final answer was a `1xx`, such as a `101 Switching Protocols` the gateway never asked for ([`InformationalAnswer`]: [`Upstream`] fails it) | `502` (its breaker counts it) | yes: it answered |
+//! | the backend answered `204` with a `Transfer-Encoding` or a `Content-Length` other than `0` ([`NoContentBody`]: [`Upstream`] fails it, and the connection is not reused) | `502` (its breaker counts it) | yes: it answered |
 //!
 //! Only origin-form targets (RFC 9112 §3.2.1) are proxied: the backend URI is the
 //! backend's address plus the target's path and query, built with [`Uri::builder`], and
@@ -91,6 +92,24 @@
 //! back until it came, with a timer for backends that never send one (curl waits 1 s):
 //! not done.
 //!
+//! **A body after a bodiless answer.** An answer to a `HEAD`, and a `204` or `304`, has
+//! no body whatever its headers say (RFC 9112 §6.3), and hyper's client hands the
+//! connection back to the pool at the end of its head. A backend that writes a body
+//! after such a head anyway, in a write of its own that comes after the next request
+//! was sent on the connection, has that body read as the next request's answer: another
+//! client's, which can be made to get an answer of the backend's choosing (a body in
+//! the same write as the head is seen by hyper's client on an idle connection, which
+//! it closes). A `204` that says it has a body (a `Transfer-Encoding`, which RFC 9112
+//! §6.1 forbids in it, or a `Content-Length` other than `0`, which RFC 9110 §8.6 forbids)
+//! is failed ([`NoContentBody`]): the client gets `502`, and the connection is marked
+//! not to be reused (hyper-util's `Connected::poison`, through
+//! [`capture_connection`]: the pool may have taken the connection back as the head
+//! came, and drops it at the next checkout instead of handing it out; a request taking
+//! it in the microseconds between is not covered). The answer to a `HEAD` and a `304`
+//! carry such headers rightly (the length the body would have had), so there is no such
+//! sign there, and a backend that writes a body after their heads is not caught: a risk
+//! of every HTTP/1 connection pool, which needs a backend broken in that way.
+//!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
 
@@ -122,7 +141,7 @@ use hyper::header::{
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 use tower::{Service, ServiceExt};
@@ -464,7 +483,10 @@ impl Service<Request<GatewayBody>> for Upstream {
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
         let (body, progress) = ClientBody::new(body, until);
-        let req = Request::from_parts(parts, body.boxed_unsync());
+        let mut req = Request::from_parts(parts, body.boxed_unsync());
+        // The connection the request goes on, to be kept from reuse after a `204` that
+        // says it has a body ([`NoContentBody`]).
+        let conn = capture_connection(&mut req);
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
         // and a half-open breaker admits only probes (a forced state reads as itself).
         // A call lasts at most twice the timeout: the client's waits end at `until`, the
@@ -537,10 +559,18 @@ impl Service<Request<GatewayBody>> for Upstream {
             // backend's failure: the breaker counts the error, and the client gets
             // `502` (hyper undoes the chunked framing alone, and the other codings'
             // bytes would reach the client as the body with nothing saying so). So is a
-            // `1xx` as the final answer ([`InformationalAnswer`]).
+            // `1xx` as the final answer ([`InformationalAnswer`]), and a `204` that says
+            // it has a body ([`NoContentBody`]), whose connection is not to be reused:
+            // the body may follow on it, and be read as the next request's answer.
             let res = match res {
                 Ok(answer) if answer.status().is_informational() => {
                     Err(InformationalAnswer(answer.status()).into())
+                }
+                Ok(answer) if NoContentBody::says_so(&answer) => {
+                    if let Some(connected) = conn.connection_metadata().as_ref() {
+                        connected.poison();
+                    }
+                    Err(NoContentBody.into())
                 }
                 Ok(answer) => match check_transfer_coding(answer.headers()) {
                     Ok(()) => Ok(answer),
@@ -662,6 +692,37 @@ impl std::fmt::Display for InformationalAnswer {
 
 impl Error for InformationalAnswer {}
 
+/// A backend's `204 No Content` with a `Transfer-Encoding` (RFC 9112 §6.1: a server
+/// must not send one in a `204`) or a `Content-Length` other than `0` (RFC 9110 §8.6:
+/// nor that): a body it says it has, which hyper's client does not read (a `204` has
+/// none), and which, written after the head, is read as the answer to the next request
+/// on the connection. [`Upstream`] fails it and keeps the connection from reuse: the
+/// breaker counts it, and the client gets `502` (`no_content_body` in
+/// `aegis_http_backend_errors_total`). See the [module docs](self) for `HEAD` and `304`,
+/// where no such sign is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoContentBody;
+
+impl NoContentBody {
+    /// Whether `answer` is a `204` that says it has a body.
+    fn says_so<B>(answer: &Response<B>) -> bool {
+        answer.status() == StatusCode::NO_CONTENT
+            && (answer.headers().contains_key(TRANSFER_ENCODING)
+                || !matches!(
+                    declared_length(answer.headers()),
+                    Declared::None | Declared::Length(0)
+                ))
+    }
+}
+
+impl std::fmt::Display for NoContentBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a 204 answer with a Transfer-Encoding or a non-zero Content-Length")
+    }
+}
+
+impl Error for NoContentBody {}
+
 /// `err`, a failed call of a backend's client, as [`ProxyError::LocalResources`] when
 /// connecting to the backend at `addr` failed for lack of this host's descriptors, memory
 /// or local ports ([`as_local_resources`]): the breaker's classifier ignores it, and the
@@ -726,7 +787,8 @@ pub fn is_backend_sample<T>(result: Result<&T, &(dyn Error + 'static)>) -> bool 
 /// - **failures**: upstream errors as [`classify_error`] counts them (refused, reset,
 ///   the response timeout's `504`, an answer in a transfer coding the gateway does not
 ///   implement: [`check_transfer_coding`], and a `1xx` final answer:
-///   [`InformationalAnswer`], errors of [`Upstream`]), and the backend's
+///   [`InformationalAnswer`], and a `204` that says it has a body: [`NoContentBody`],
+///   errors of [`Upstream`]), and the backend's
 ///   own `502`, `503` and `504` (it is down, overloaded, or a proxy whose upstream is);
 ///   not a connect that failed for lack of the gateway's own descriptors or memory
 ///   ([`ProxyError::LocalResources`], which [`classify_error`] ignores);
@@ -1066,6 +1128,8 @@ fn error_response(err: &(dyn Error + 'static)) -> Response<GatewayBody> {
         BackendError::TransferCoding
     } else if find::<InformationalAnswer>(err).is_some() {
         BackendError::Informational
+    } else if find::<NoContentBody>(err).is_some() {
+        BackendError::NoContentBody
     } else if find::<hyper_util::client::legacy::Error>(err).is_some_and(|e| e.is_connect()) {
         BackendError::Connect
     } else {

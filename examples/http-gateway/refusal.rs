@@ -156,6 +156,10 @@ pub enum BackendError {
     /// `502`: a `1xx` as the final answer, such as a `101 Switching Protocols` the
     /// gateway never asked for (it strips `Upgrade`).
     Informational,
+    /// `502`: a `204` with a `Transfer-Encoding` or a `Content-Length` other than `0`
+    /// (a body it must not have, which could reach the next client on the connection:
+    /// `proxy::NoContentBody`); the connection is not reused.
+    NoContentBody,
     /// `502`: any other failure of the backend (reset, a malformed answer).
     Failed,
     /// `503`: the gateway could not connect for want of its own resources (descriptors,
@@ -185,6 +189,7 @@ impl BackendError {
             Self::DuringUpload => "during_upload",
             Self::StaleConnection => "stale_connection",
             Self::Informational => "informational",
+            Self::NoContentBody => "no_content_body",
             Self::Failed => "failed",
             Self::LocalResources => "local_resources",
             Self::Truncated => "truncated",
@@ -204,6 +209,7 @@ impl BackendError {
             | Self::DuringUpload
             | Self::StaleConnection
             | Self::Informational
+            | Self::NoContentBody
             | Self::Failed
             | Self::Truncated
             | Self::TruncatedHeld => StatusCode::BAD_GATEWAY,

@@ -2192,6 +2192,43 @@ fn conn_of(heads: &[(usize, String)], start: &str) -> usize {
         .0
 }
 
+/// A backend that answered `204` with a `Content-Length` and wrote the body it must not
+/// have in a write of its own, after the next request on the connection (hyper's client
+/// had it back in the pool at the end of the head), had that body read as the next
+/// request's answer: another client got an answer of the backend's choosing. A `204`
+/// that says it has a body is `502` now, and its connection is not reused.
+///
+/// Paused clock over loopback, as below.
+#[tokio::test(start_paused = true)]
+async fn a_204_saying_it_has_a_body_is_502_and_its_connection_is_not_reused() {
+    let (backend, heads, _backend) = keep_alive_backend().await;
+    let mut cfg = config_over(backend);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    let gw = start(&cfg).await;
+
+    assert_eq!(
+        status_of(gw.addr, "/no-content").await,
+        StatusCode::BAD_GATEWAY
+    );
+    sleep(Duration::from_millis(100)).await;
+    let req = Request::get("/next")
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    let res = send(gw.addr, req).await.unwrap();
+    let heads = heads.lock().clone();
+    assert_eq!(
+        res.body(),
+        "/next",
+        "the second client's own answer; the backend read: {heads:#?}"
+    );
+    assert_ne!(
+        conn_of(&heads, "get /next"),
+        conn_of(&heads, "get /no-content"),
+        "{heads:#?}"
+    );
+}
+
 /// A request's `Expect: 100-continue` was forwarded, though the gateway answers the
 /// client `100 Continue` itself and sends the body at once. A backend that answered such
 /// a request early (`401`) and took the body as never sent read the body as its next
@@ -3208,8 +3245,8 @@ fn each_refusal_is_counted_once_under_its_reason_and_served_on_metrics() {
 }
 
 /// A raw backend that answers by path: `/te` in a transfer coding the gateway does not
-/// implement, `/garbage` with bytes that are no HTTP, `/slow` not within [`WAIT`], and
-/// `/healthz` `200`.
+/// implement, `/garbage` with bytes that are no HTTP, `/no-content` `204` with a body,
+/// `/slow` not within [`WAIT`], and `/healthz` `200`.
 async fn scripted_backend() -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -3222,6 +3259,11 @@ async fn scripted_backend() -> (SocketAddr, JoinHandle<()>) {
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                 } else if head.starts_with(b"GET /garbage ") {
                     b"garbage\r\n\r\n"
+                } else if head.starts_with(b"GET /no-content ") {
+                    b"HTTP/1.1 204 No Content
+Content-Length: 5
+
+hello"
                 } else if head.starts_with(b"GET /slow ") {
                     sleep(WAIT).await;
                     b""
@@ -3262,6 +3304,10 @@ fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
             StatusCode::BAD_GATEWAY
         );
         assert_eq!(
+            status_of(gw.addr, "/no-content").await,
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
             status_of(gw.addr, "/slow").await,
             StatusCode::GATEWAY_TIMEOUT
         );
@@ -3286,6 +3332,7 @@ fn each_answer_in_place_of_a_backends_is_counted_under_its_reason() {
             ("connect", 1),
             ("failed", 1),
             ("no_backend", 1),
+            ("no_content_body", 1),
             ("timeout", 1),
             ("transfer_coding", 1),
         ];
