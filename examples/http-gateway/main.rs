@@ -230,6 +230,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         u64::try_from(config.max_connections).unwrap_or(u64::MAX),
         nofile::raise(),
         nofile::DESCRIPTORS_PER_CLIENT,
+        0,
     );
     config.max_connections = usize::try_from(cap).unwrap_or(usize::MAX);
 

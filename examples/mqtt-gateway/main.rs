@@ -114,6 +114,36 @@ const LAST_BANS_WRITE: std::time::Duration = std::time::Duration::from_secs(3);
 /// The MQTT listener's backlog, as `TcpListener::bind`'s.
 const BACKLOG: u32 = 1024;
 
+/// With `server.runtime = "per-core"`, the sockets the accepting runtime may have handed
+/// to each other runtime and not yet seen taken (`aegis_core::serve::share_out`'s queue):
+/// a runtime that is slow to take them (busy, or its thread descheduled) gets no more,
+/// and the acceptor serves what comes itself. A queued socket holds a descriptor that the
+/// connection cap counts only once its runtime takes it, so the queues' descriptors are
+/// kept out of the cap's budget ([`held_descriptors`]). It was the listen backlog
+/// (1,024 a runtime) and uncounted: with one runtime stalled, the process ran out of
+/// descriptors below `max_connections`, and clients admitted under the cap failed
+/// their upstream connect (a reviewer, proved with one runtime's thread stopped).
+const SHARD_QUEUE: usize = 64;
+
+/// The cores besides the first, where `server.runtime = "per-core"` runs a runtime each;
+/// `None` on one core (per core is then one runtime, served as usual).
+fn other_cores() -> Option<std::num::NonZeroUsize> {
+    std::thread::available_parallelism()
+        .ok()
+        .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1))
+}
+
+/// The descriptors held outside the connection cap under `runtime`: the sockets queued
+/// for the other runtimes, [`SHARD_QUEUE`] each, with `"per-core"` on more than one core.
+fn held_descriptors(runtime: config::Runtime) -> u64 {
+    match (runtime, other_cores()) {
+        (config::Runtime::PerCore, Some(others)) => u64::try_from(others.get())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(SHARD_QUEUE as u64),
+        _ => 0,
+    }
+}
+
 /// Binds the MQTT listener as `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
 /// [`BACKLOG`]), with `TCP_NODELAY` set before it listens when asked: the sockets it accepts
 /// inherit it (Linux), and `serve` skips setting it on each.
@@ -183,12 +213,20 @@ fn effective(settings: &Settings) -> Config {
     let configured = c.server.max_connections;
     let per_client = descriptors_per_client(settings.upstream);
     let limit = nofile::raise();
-    let cap = nofile::connection_cap("server.max_connections", configured, limit, per_client);
+    let held = held_descriptors(c.server.runtime);
+    let cap = nofile::connection_cap(
+        "server.max_connections",
+        configured,
+        limit,
+        per_client,
+        held,
+    );
     if let Some(limit) = limit.filter(|_| cap < configured) {
         eprintln!(
             "note: server.max_connections = {cap}, cut from {configured}: this process's \
-             open-files limit is {limit} ({} kept for the gateway, {per_client} a client); \
-             the gateway started under another limit gets another cap",
+             open-files limit is {limit} ({} kept for the gateway, {held} for connections \
+             queued for its other runtimes, {per_client} a client); the gateway started \
+             under another limit gets another cap",
             nofile::FD_RESERVE
         );
         c.server.max_connections = cap;
@@ -332,6 +370,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
         c.server.max_connections,
         nofile::raise(),
         descriptors_per_client(settings.upstream),
+        held_descriptors(c.server.runtime),
     );
     let upstream = match settings.upstream {
         Upstream::Embedded => {
@@ -483,10 +522,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
         },
     });
     // Per core on one core is one runtime, served as usual.
-    let other_cores = std::thread::available_parallelism()
-        .ok()
-        .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1));
-    let (drained, aborted) = match (c.server.runtime, other_cores) {
+    let (drained, aborted) = match (c.server.runtime, other_cores()) {
         (config::Runtime::PerCore, Some(others)) => {
             serve_per_core(
                 listener,
@@ -598,9 +634,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<aegis_core::BoxError>,
 {
-    // A queue per runtime of what one accept burst brings at most (the listen backlog).
-    let queue = usize::try_from(BACKLOG).unwrap_or(usize::MAX);
-    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, queue);
+    // Small, and counted in the descriptors the cap leaves free (`SHARD_QUEUE`).
+    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, SHARD_QUEUE);
     // By load (all the runtimes share `cap`): at low load every connection stays here,
     // with no wake-up of another core.
     let acceptor = acceptor.by_load();

@@ -13,7 +13,10 @@
 //!
 //! So at start the soft limit is raised to the hard one (as Go's runtime does), and the
 //! connection cap is kept within what it allows, with a warning when that cuts it:
-//! `(limit - FD_RESERVE) / per_client`, at least 1.
+//! `(limit - FD_RESERVE - held) / per_client`, at least 1, where `held` is what
+//! connections not under the cap may hold (the mqtt-gateway's sockets queued for another
+//! runtime: `SHARD_QUEUE` for each runtime but the accepting one; 0 for the
+//! http-gateway).
 
 /// Descriptors the process holds besides its connections' (standard streams, the
 /// runtimes' epoll and event descriptors, the listeners, the metrics endpoint's
@@ -39,18 +42,21 @@ pub(crate) fn raise() -> Option<u64> {
 }
 
 /// `requested`, the connection cap that `setting` configures, kept within what an
-/// open-files `limit` allows at `per_client` descriptors a client, with a warning when
-/// that cuts it; `requested` when the limit is unknown.
+/// open-files `limit` allows at `per_client` descriptors a client, besides
+/// [`FD_RESERVE`] and `held` more that connections not under the cap may hold (the
+/// mqtt-gateway's sockets queued for another runtime), with a warning when that cuts
+/// it; `requested` when the limit is unknown.
 pub(crate) fn connection_cap(
     setting: &'static str,
     requested: u64,
     limit: Option<u64>,
     per_client: u64,
+    held: u64,
 ) -> u64 {
     let Some(limit) = limit else {
         return requested;
     };
-    let fits = (limit.saturating_sub(FD_RESERVE) / per_client.max(1)).max(1);
+    let fits = (limit.saturating_sub(FD_RESERVE.saturating_add(held)) / per_client.max(1)).max(1);
     if requested > fits {
         tracing::warn!(
             setting,
@@ -58,6 +64,7 @@ pub(crate) fn connection_cap(
             configured = requested,
             open_files_limit = limit,
             descriptors_per_client = per_client,
+            held_descriptors = held,
             "connection cap cut to what the open-files limit allows"
         );
         return fits;

@@ -87,6 +87,21 @@ fn gateway_bin() -> PathBuf {
 /// util-linux's `prlimit`, in every Debian install.
 const PRLIMIT: &str = "/usr/bin/prlimit";
 
+/// The descriptors the gateway keeps out of its connection cap's budget, besides its own
+/// 128: under the default `server.runtime = "per-core"`, 64 for each core but the first
+/// (`SHARD_QUEUE`: the sockets the accepting runtime may have queued for each other
+/// runtime, which the cap counts only once taken).
+fn held_descriptors() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    (cores - 1) * 64
+}
+
+/// The open-files limit under which the gateway's cap comes to `cap` clients of
+/// `per_client` descriptors: `128 + held + cap * per_client` ([`held_descriptors`]).
+fn limit_for(cap: u64, per_client: u64) -> u64 {
+    128 + held_descriptors() + cap * per_client
+}
+
 /// `strace`, for [`Launch::fsync_delay`].
 const STRACE: &str = "/usr/bin/strace";
 
@@ -3372,8 +3387,9 @@ fn the_shipped_example_config_is_the_defaults() {
 
 /// `--check` prints the effective settings: with `mqtt.enabled = false`,
 /// `inspect.enabled = false` (inspection runs inside the MQTT layer, so it is off), and
-/// `server.max_connections` as the open-files limit cuts it at start, `(200 - 128) / 3 =
-/// 24` with the embedded broker and `/ 2 = 36` with a real one, saying so on stderr. A
+/// `server.max_connections` as the open-files limit cuts it at start, `(limit - 128 -
+/// held) / 3 = 24` with the embedded broker and `/ 2 = 36` with a real one (the limit
+/// chosen so: [`limit_for`]), saying so on stderr. A
 /// set `RUST_LOG`, which replaces `log.level` at start, is named on stderr (stdout keeps
 /// `log.level`: it is a configuration file). Before, it printed the file's values.
 #[test]
@@ -3428,21 +3444,23 @@ fn check_prints_the_effective_settings() {
     );
 
     if Path::new(PRLIMIT).exists() {
+        let limit = limit_for(24, 3);
+        let nofile = format!("150:{limit}");
         for (args, cap) in [(&[][..], 24), (&["--upstream", "127.0.0.1:1884"][..], 36)] {
-            let (cut, stderr) = check("", args, Some("150:200"), None);
+            let (cut, stderr) = check("", args, Some(&nofile), None);
             let max = value(&cut, "server", "max_connections");
             assert_eq!(max, toml::Value::Integer(cap), "{args:?}");
             assert!(
                 stderr.contains("server.max_connections")
                     && stderr.contains("10000")
-                    && stderr.contains("200"),
+                    && stderr.contains(&limit.to_string()),
                 "{stderr}"
             );
         }
         let (fits, stderr) = check(
             "[server]\nmax_connections = 20\n",
             &[],
-            Some("200:200"),
+            Some(&format!("{limit}:{limit}")),
             None,
         );
         assert_eq!(
@@ -3658,7 +3676,8 @@ fn the_gateway_binds_its_ports_before_the_embedded_broker_starts() {
 /// With the embedded broker each client holds three of the process's descriptors, and
 /// rumqttd retries a failed accept at once (out of descriptors it would spin a core and
 /// log an error per try): the gateway keeps its connection cap within the open-files
-/// limit, `(200 - 128) / 3 = 24` here, so the broker never runs out.
+/// limit, `(limit - 128 - held) / 3 = 24` here ([`limit_for`]: the sockets queued for
+/// other runtimes counted too), so the broker never runs out.
 #[tokio::test]
 async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
     if !Path::new(PRLIMIT).exists() {
@@ -3668,14 +3687,17 @@ async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
         );
         return;
     }
+    let limit = limit_for(24, 3);
     let launch = Launch {
-        nofile: Some((200, 200)),
+        nofile: Some((limit, limit)),
         ..Launch::default()
     };
     let gw = Gateway::start_with("embedded-fds", "", &[], launch).await;
     let log = gw.log();
     assert!(
-        log.contains("max_connections=24 configured=10000 open_files_limit=200"),
+        log.contains(&format!(
+            "max_connections=24 configured=10000 open_files_limit={limit}"
+        )),
         "{log}"
     );
     let mut held = Vec::new();
@@ -3697,7 +3719,8 @@ async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
 /// `accept()` would fail with `EMFILE`, new clients would wait in the backlog and time
 /// out, and the metrics endpoint would stop answering. The gateway raises its soft
 /// open-files limit to the hard one, and keeps its connection cap within the limit,
-/// `(200 - 128) / 2 = 36` here: the 37th client is reset at accept, counted.
+/// `(limit - 128 - held) / 2 = 36` here ([`limit_for`]): the 37th client is reset at
+/// accept, counted.
 #[tokio::test]
 async fn the_connection_cap_is_kept_within_the_open_files_limit() {
     if !Path::new(PRLIMIT).exists() {
@@ -3710,8 +3733,9 @@ async fn the_connection_cap_is_kept_within_the_open_files_limit() {
     let broker = Mosquitto::start().await;
     let upstream = broker.addr().to_string();
     // A soft limit under the hard one is raised to it.
+    let limit = limit_for(36, 2);
     let raised = Launch {
-        nofile: Some((150, 200)),
+        nofile: Some((150, limit)),
         ..Launch::default()
     };
     let gw = Gateway::start_with("nofile", "", &["--upstream", &upstream], raised).await;
@@ -3720,14 +3744,17 @@ async fn the_connection_cap_is_kept_within_the_open_files_limit() {
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
+    let limit_text = limit.to_string();
     assert_eq!(
         open_files.split_whitespace().collect::<Vec<_>>()[3..5],
-        ["200", "200"],
+        [limit_text.as_str(), limit_text.as_str()],
         "{open_files}"
     );
     let log = gw.log();
     assert!(
-        log.contains("max_connections=36 configured=10000 open_files_limit=200"),
+        log.contains(&format!(
+            "max_connections=36 configured=10000 open_files_limit={limit}"
+        )),
         "{log}"
     );
     let mut held = Vec::new();
