@@ -750,8 +750,10 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
     assert_eq!(seen, [connect_v5_as("c1"), PINGREQ.repeat(2)].concat());
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
     assert_eq!(after_connack(&r.got), [0xE0, 0x02, 0x96, 0x00]);
-    // A PUBLISH over the same tier is dropped, not refused; acks are never limited.
+    // A PUBLISH over the same tier is dropped, not refused; the PUBACK answering the
+    // broker's `QoS` 1 PUBLISH is never limited.
     let puback = vec![0x40, 0x02, 0x00, 0x01];
+    let broker_publish = B::new().s("t").u16(1).raw(b"m").frame(0x32);
     let bytes = [
         connect_v4_as("c2"),
         PINGREQ.to_vec(),
@@ -761,7 +763,14 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
         B::new().u16(3).s("a").frame(0xA2), // UNSUBSCRIBE: refused
     ]
     .concat();
-    let r = send(&layer, "192.0.2.1:1", bytes).await;
+    let before = [connack_for(&bytes), broker_publish.clone()].concat();
+    let r = run(
+        &layer,
+        "192.0.2.1:1",
+        vec![(Duration::ZERO, bytes)],
+        (before, vec![]),
+    )
+    .await;
     let (seen, end) = r.seen.unwrap();
     assert_eq!(
         seen,
@@ -774,10 +783,56 @@ async fn packets_tier_refuses_pingreq_and_unsubscribe_with_message_rate() {
         .concat()
     );
     assert_eq!(end, Err(io::ErrorKind::InvalidData));
-    assert!(
-        after_connack(&r.got).is_empty(),
+    assert_eq!(
+        after_connack(&r.got),
+        broker_publish,
         "3.1.1 has no DISCONNECT from the server"
     );
+}
+
+/// Through the layer: the acknowledgements answering what the broker wrote to the client
+/// (its `QoS` 1 and 2 PUBLISH, its PUBREC) are free, counted as its bytes go out; a
+/// PUBCOMP for a PUBREL the broker never sent is charged to `packets` like a PINGREQ,
+/// and over the burst (taken by one PINGREQ) refused as one: DISCONNECT 0x96, not
+/// forwarded. Before, every acknowledgement went to the broker, without limit.
+#[tokio::test(start_paused = true)]
+async fn acks_beyond_what_the_broker_sent_are_charged_to_the_packets_tier() {
+    let layer = layer(
+        Policy::builder()
+            .packets_per_client(Quota::per_minute(nz(1)))
+            .build(),
+    );
+    let acks = [
+        vec![0x40, 0x02, 0x00, 0x01], // PUBACK of the broker's QoS 1 PUBLISH
+        vec![0x50, 0x02, 0x00, 0x02], // PUBREC of its QoS 2 PUBLISH
+        vec![0x62, 0x02, 0x00, 0x09], // PUBREL for its PUBREC
+    ]
+    .concat();
+    let bytes = [
+        connect_v5_as("c3"),
+        acks.clone(),
+        PINGREQ.to_vec(),
+        vec![0x70, 0x02, 0x00, 0x02], // PUBCOMP: no PUBREL came
+    ]
+    .concat();
+    let broker = [
+        connack_for(&bytes),
+        publish_v5(1, 1, b"one"),
+        publish_v5(2, 2, b"two"),
+        vec![0x50, 0x02, 0x00, 0x09],
+    ]
+    .concat();
+    let r = run(
+        &layer,
+        "192.0.2.1:1",
+        vec![(Duration::ZERO, bytes)],
+        (broker.clone(), vec![]),
+    )
+    .await;
+    let (seen, end) = r.seen.unwrap();
+    assert_eq!(seen, [connect_v5_as("c3"), acks, PINGREQ.to_vec()].concat());
+    assert_eq!(end, Err(io::ErrorKind::InvalidData));
+    assert_eq!(r.got, [&broker[..], &[0xE0, 0x02, 0x96, 0x00]].concat());
 }
 
 #[tokio::test(start_paused = true)]

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use aegis_core::{proxy::Proxy, serve};
 use aegis_mqtt::Config;
-use aegis_mqtt::layer::MqttLayer;
+use aegis_mqtt::layer::policy::Quota;
+use aegis_mqtt::layer::{MqttLayer, Policy};
 use common::{Mosquitto, packet, string};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -863,8 +864,136 @@ async fn packets_split_byte_by_byte(v: V) {
     assert_eq!(broker.count("Received PUBLISH from trickle "), 1);
 }
 
+/// The gateway with a per-packet policy: `packets_per_client` with a burst of `burst`
+/// (refilled at one an hour: never within a test).
+async fn policy_gateway(broker: SocketAddr, burst: u32) -> SocketAddr {
+    let nz = |n| std::num::NonZeroU32::new(n).unwrap();
+    let policy = Policy::builder()
+        .packets_per_client(Quota::per_hour(nz(1)).allow_burst(nz(burst)))
+        .build();
+    let svc = ServiceBuilder::new()
+        .layer(MqttLayer::new(Config::new()).policy(policy))
+        .service(Proxy::new(broker));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, svc).into_future());
+    addr
+}
+
+/// Waits (bounded) until the broker has logged `needle` `n` times.
+async fn wait_for_count(broker: &Mosquitto, needle: &str, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while broker.count(needle) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the broker logged {needle:?} {} times, not {n}, within {WAIT:?}",
+            broker.count(needle)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client that sends acknowledgements the broker never asked for (10,000 PUBRECs for
+/// identifiers it never used, in one write) is charged for them as for any packet:
+/// past its `packets` burst of 5 it is refused as a PINGREQ would be (3.1.1: closed;
+/// 5.0: DISCONNECT 0x96 first), and the broker gets the first 5 at most. Before, each
+/// cost the broker a lookup, a PUBREL and a warning line, without limit.
+async fn unsolicited_acks_are_charged(v: V) {
+    const BURST: usize = 5;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = policy_gateway(broker.addr(), 5).await;
+    let mut s = raw_session(v, gw, "ackflood", 60).await;
+    let mut flood = Vec::new();
+    for id in 1..=10_000u16 {
+        flood.extend_from_slice(&packet(0x50, &id.to_be_bytes()));
+    }
+    s.write_all(&flood).await.unwrap();
+    // The broker answers the PUBRECs it gets with PUBRELs: at most the burst's.
+    let mut pubrels = 0;
+    let ended = loop {
+        match timeout(WAIT, common::read_packet(&mut s)).await {
+            Ok(Ok((0x62, _))) => {
+                pubrels += 1;
+                assert!(
+                    pubrels <= BURST,
+                    "more than {BURST} PUBRECs reached the broker: it answered {pubrels}"
+                );
+            }
+            Ok(Ok(p)) => break Some(p),
+            Ok(Err(_)) => break None,
+            Err(_) => panic!("still open after {WAIT:?}, {pubrels} PUBRELs read"),
+        }
+    };
+    match v {
+        V::V5 => {
+            assert_eq!(ended, Some((0xE0, vec![0x96, 0x00])), "DISCONNECT 0x96");
+            expect_closed(&mut s, "after the DISCONNECT").await;
+        }
+        V::V311 => assert_eq!(ended, None, "closed without a packet"),
+    }
+    // "closed its connection", or "disconnected: Broken pipe" if a PUBREL was on its way.
+    broker.wait_for_log("Client ackflood ").await;
+    // The gateway forwarded the first 5; the broker may not have read them all before
+    // the close (its PUBREL to a closed socket ends its session first).
+    let received = broker.count("Received PUBREC from ackflood (Mid");
+    assert!(received <= BURST, "{received} PUBRECs reached the broker");
+}
+
+/// A real subscriber at `QoS` 1 and 2 that gets far more messages than its `packets`
+/// burst (3, all taken by its two SUBSCRIBEs and one `QoS` 2 PUBLISH of its own) answers
+/// every one (PUBACK; PUBREC, then PUBCOMP for the broker's PUBREL), and its PUBREL for
+/// its own PUBLISH's PUBREC, all free: none is refused, and all reach the broker.
+async fn acks_the_broker_asked_for_are_free(v: V) {
+    const N: usize = 40;
+    let broker = Mosquitto::start_logging_everything().await;
+    let gw = policy_gateway(broker.addr(), 3).await;
+    let mut sub = Client::connect(v, gw, "acker", Opts::default()).await;
+    assert_eq!(
+        sub.subscribe("e2e/acks/1", 1).await,
+        ["Success(AtLeastOnce)"]
+    );
+    assert_eq!(
+        sub.subscribe("e2e/acks/2", 2).await,
+        ["Success(ExactlyOnce)"]
+    );
+    sub.publish("e2e/elsewhere", 2, b"own".to_vec()).await;
+    for qos in [1u8, 2] {
+        let status = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.addr().port().to_string()])
+            .args(["-i", "ackpub", "-t", &format!("e2e/acks/{qos}")])
+            .args(["-q", &qos.to_string(), "-m", "payload", "--repeat"])
+            .arg(N.to_string())
+            .stdin(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("mosquitto_pub runs");
+        assert!(status.success(), "mosquitto_pub: {status}");
+    }
+    for i in 0..2 * N {
+        let m = sub.expect_publish().await;
+        assert_eq!(m.payload, b"payload", "message {i}");
+    }
+    // In order on one connection: a refused acknowledgement would have kept the later
+    // ones from the broker.
+    wait_for_count(&broker, "Received PUBCOMP from acker (Mid", N).await;
+    assert_eq!(broker.count("Received PUBACK from acker (Mid"), N);
+    assert_eq!(broker.count("Received PUBREC from acker (Mid"), N);
+    assert_eq!(broker.count("Received PUBREL from acker (Mid"), 1);
+    assert_eq!(
+        broker.count("Client acker "),
+        0,
+        "the subscriber is still connected"
+    );
+}
+
 // Each test body above, once per protocol version.
 both_versions! {
+    unsolicited_acks_are_charged =>
+        v311_unsolicited_acks_are_charged_to_the_packets_tier,
+        v5_unsolicited_acks_are_charged_to_the_packets_tier;
+    acks_the_broker_asked_for_are_free =>
+        v311_acks_the_broker_asked_for_are_free,
+        v5_acks_the_broker_asked_for_are_free;
     publish_at_each_qos => v311_publish_at_each_qos, v5_publish_at_each_qos;
     will_message => v311_will_message, v5_will_message;
     pings_keep_a_session_alive => v311_pings_keep_a_session_alive, v5_pings_keep_a_session_alive;

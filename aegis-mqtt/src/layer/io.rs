@@ -393,8 +393,11 @@ impl OutBoundary {
         i
     }
 
-    /// Follows `data` as written.
-    fn advance<'a>(&mut self, mut data: &'a [u8]) -> Seen<'a> {
+    /// Follows `data` as written, adding to `acks` (the policy's acknowledgement credit,
+    /// if it keeps one) one per packet the client answers: a `QoS` 1 or 2 PUBLISH (with
+    /// PUBACK or PUBREC), a PUBREC (PUBREL) and a PUBREL (PUBCOMP), counted at its first
+    /// byte.
+    fn advance<'a>(&mut self, mut data: &'a [u8], mut acks: Option<&mut u16>) -> Seen<'a> {
         let mut seen = Seen::Nothing;
         while !data.is_empty() {
             if self.at_boundary()
@@ -440,6 +443,10 @@ impl OutBoundary {
                     self.auths_seen = self.auths_seen.saturating_add(1);
                 } else if b >> 4 == 14 {
                     self.disconnect_seen = true;
+                } else if let Some(credit) = acks.as_deref_mut()
+                    && answered(b)
+                {
+                    *credit = credit.saturating_add(1);
                 }
                 self.header_len = 1;
                 self.value = 0;
@@ -471,6 +478,16 @@ impl OutBoundary {
         } else {
             Seen::Connack(Cow::Owned(*c))
         })
+    }
+}
+
+/// Whether the client answers a packet of the broker's whose first byte is `b`: a
+/// PUBLISH with `QoS` 1 or 2 (the flags' bits 1 and 2), a PUBREC or a PUBREL.
+const fn answered(b: u8) -> bool {
+    match b >> 4 {
+        3 => b & 0b0110 != 0,
+        5 | 6 => true,
+        _ => false,
     }
 }
 
@@ -1468,7 +1485,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         std::task::ready!(this.poll_answers(cx));
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            let seen = this.out.advance(&buf[..n.min(buf.len())]);
+            let acks = this.policy.as_mut().and_then(ConnPolicy::ack_credit);
+            let seen = this.out.advance(&buf[..n.min(buf.len())], acks);
             this.on_written(seen);
             this.after_write();
             // At a boundary now: answers waiting for it go out if the client takes them.
@@ -1496,7 +1514,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for MqttIo<I> {
         if let Poll::Ready(Ok(mut n)) = res {
             for b in bufs {
                 let k = n.min(b.len());
-                let seen = this.out.advance(&b[..k]);
+                let acks = this.policy.as_mut().and_then(ConnPolicy::ack_credit);
+                let seen = this.out.advance(&b[..k], acks);
                 this.on_written(seen);
                 n -= k;
                 if n == 0 {
@@ -1594,7 +1613,7 @@ mod tests {
         let mut out = OutBoundary::default();
         let (mut connack, mut long) = (None, false);
         for w in writes {
-            match out.advance(w) {
+            match out.advance(w, None) {
                 Seen::Nothing => {}
                 Seen::Connack(c) => {
                     connack = Some((c.to_vec(), matches!(c, Cow::Borrowed(_))));
@@ -1603,6 +1622,51 @@ mod tests {
             }
         }
         (connack, long, out.at_boundary(), out.connack_seen)
+    }
+
+    /// Following the broker's stream adds one acknowledgement credit per packet the
+    /// client answers (a `QoS` 1 or 2 PUBLISH, a PUBREC, a PUBREL), at its first byte,
+    /// however the writes cut or join the packets, and none for the others; the credit
+    /// saturates at `u16::MAX`, and nothing is counted without one.
+    #[test]
+    fn the_broker_packets_the_client_answers_add_ack_credit() {
+        let connack: &[u8] = &[0x20, 0x02, 0x00, 0x00];
+        let qos0: &[u8] = &[0x30, 0x04, 0x00, 0x01, b't', b'x'];
+        let qos1: &[u8] = &[0x32, 0x06, 0x00, 0x01, b't', 0x00, 0x01, b'x'];
+        let qos2_dup: &[u8] = &[0x3d, 0x06, 0x00, 0x01, b't', 0x00, 0x02, b'x'];
+        let acked: &[u8] = &[0x40, 0x02, 0x00, 0x01];
+        let received: &[u8] = &[0x50, 0x02, 0x00, 0x02];
+        let released: &[u8] = &[0x62, 0x02, 0x00, 0x03];
+        let completed: &[u8] = &[0x70, 0x02, 0x00, 0x04];
+        let suback: &[u8] = &[0x90, 0x03, 0x00, 0x01, 0x00];
+        let pingresp: &[u8] = &[0xd0, 0x00];
+        let stream = [
+            connack, qos0, qos1, qos2_dup, acked, received, released, completed, suback, pingresp,
+        ]
+        .concat();
+        for size in [1, 2, 3, 5, 7, stream.len()] {
+            let mut out = OutBoundary::default();
+            let mut credit = 0u16;
+            for piece in stream.chunks(size) {
+                out.advance(piece, Some(&mut credit));
+            }
+            assert!(out.at_boundary());
+            assert_eq!(credit, 4, "writes of {size} bytes");
+        }
+        // Only the packets' first bytes count: a payload of PUBREL-like bytes does not.
+        let mut payload = vec![0x30, 0x7f, 0x00, 0x01, b't'];
+        payload.resize(2 + 0x7f, 0x62);
+        let mut out = OutBoundary::default();
+        let mut credit = u16::MAX - 1;
+        out.advance(
+            &[&payload[..], qos1, received, released].concat(),
+            Some(&mut credit),
+        );
+        assert_eq!(credit, u16::MAX);
+        // No credit kept: nothing counted, the boundaries followed as before.
+        let mut out = OutBoundary::default();
+        out.advance(&stream, None);
+        assert!(out.at_boundary());
     }
 
     /// The broker's CONNACK is read where it is written when one write holds all of it,
@@ -1663,7 +1727,7 @@ mod tests {
                 let mut out = OutBoundary::default();
                 let mut seen = Vec::new();
                 for piece in [&long[..cut], &long[cut..]] {
-                    match out.advance(piece) {
+                    match out.advance(piece, None) {
                         Seen::LongConnack(c) => seen.push(c),
                         Seen::Nothing => {}
                         Seen::Connack(_) => panic!("kept whole"),

@@ -496,6 +496,10 @@ mod policy {
         pub(crate) fn answers(&mut self) -> &mut super::Answers {
             match *self {}
         }
+
+        pub(crate) fn ack_credit(&mut self) -> Option<&mut u16> {
+            match *self {}
+        }
     }
 
     pub(crate) fn written(_: &mut super::Answers, _: usize) {}

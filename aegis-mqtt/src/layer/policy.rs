@@ -12,7 +12,7 @@
 //! | `connect` | [`connect_per_addr`](PolicyBuilder::connect_per_addr) | client address ([`KeyBy`]) | valid CONNECTs | CONNACK `20 02 00 05` (3.x) / `20 03 00 9F 00` (5.0), close (`connect_rate`) |
 //! | `publish` | [`publish_per_client`](PolicyBuilder::publish_per_client) | client id | PUBLISH | dropped (see below) |
 //! | `subscribe` | [`subscribe_per_client`](PolicyBuilder::subscribe_per_client) | client id | SUBSCRIBE | SUBACK from the gateway, 0x80 (3.1.1) / 0x97 (5.0) per filter, not forwarded; 3.1, whose SUBACK has no failure code: close (`message_rate`) |
-//! | `packets` | [`packets_per_client`](PolicyBuilder::packets_per_client) | client id | PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ | as above; UNSUBSCRIBE and PINGREQ: close (`message_rate`, 5.0: DISCONNECT 0x96) |
+//! | `packets` | [`packets_per_client`](PolicyBuilder::packets_per_client) | client id | PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ; PUBACK, PUBREC, PUBREL, PUBCOMP beyond the [acknowledgement credit](#acknowledgements) | as above; UNSUBSCRIBE, PINGREQ and acknowledgements: close (`message_rate`, 5.0: DISCONNECT 0x96) |
 //! | `bytes` | [`bytes_per_client`](PolicyBuilder::bytes_per_client) | client id | the whole packet's length, in cells | as for `packets` |
 //!
 //! A PUBLISH over a limit never reaches the inner service: `QoS` 0 is just dropped;
@@ -41,8 +41,24 @@
 //! alias). Over a limit it ends the connection instead (`message_rate`, DISCONNECT
 //! 0x96); blocked by inspection too (`not_authorized` or `payload_blocked`, DISCONNECT
 //! 0x87). A PUBLISH that only uses an alias is dropped as any other. Every other packet
-//! is forwarded byte-exact. Acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP), DISCONNECT and AUTH
-//! are never limited and count in no tier: they answer the broker or end the session.
+//! is forwarded byte-exact. DISCONNECT and AUTH are never limited and count in no tier:
+//! they end the session or answer the broker's authentication.
+//!
+//! # Acknowledgements
+//!
+//! A PUBACK, PUBREC, PUBREL or PUBCOMP that answers the broker is never limited either,
+//! and counts in no tier. Each connection keeps an acknowledgement credit: one per
+//! `QoS` 1 or 2 PUBLISH, PUBREC and PUBREL that the broker has written to the client
+//! (the packets a client answers with PUBACK or PUBREC, PUBREL, PUBCOMP), counted as
+//! the layer writes them, at most 65,535 (packet identifiers are 16-bit). An
+//! acknowledgement within the credit takes one. One beyond it answers nothing the
+//! broker sent on this connection (an identifier never used, say: each costs the broker
+//! a lookup, often a PUBREL or PUBCOMP back, and a warning in its log), and is charged to
+//! `packets` and `bytes` like a PINGREQ, and refused as one over them (`message_rate`;
+//! MQTT 5: DISCONNECT 0x96). Charged, not refused outright: after a reconnect a client
+//! rightly sends again the PUBREL of a `QoS` 2 message whose PUBREC came on its previous
+//! connection. The credit is kept only with a `packets` or `bytes` tier; without one,
+//! acknowledgements are forwarded uncounted, as any packet no tier limits.
 //!
 //! With `PolicyBuilder::inspect` (feature `inspect`), a PUBLISH within the
 //! tiers is then inspected, and so is the will of each CONNECT; a blocked PUBLISH gets
@@ -146,6 +162,33 @@ struct Tiers {
     v5_publish_answer: bool,
     #[cfg(feature = "inspect")]
     inspector: Option<Inspector>,
+}
+
+impl Tiers {
+    /// The first tier over its limit for a packet of `len` bytes from `key` (the packet
+    /// type's own tier, if any, then `packets`, then `bytes`), and whether its shared
+    /// overflow bucket (the key not tracked) refused rather than the key's own budget.
+    /// Each tier is checked only when those before it let the packet through.
+    fn first_over(
+        &self,
+        key: &IdKey,
+        own: Option<(Tier, &Option<KeyedLimiter<IdKey>>)>,
+        len: usize,
+    ) -> Option<(Tier, bool)> {
+        own.and_then(|(tier, limiter)| Some((tier, limiter.as_ref()?.check(key).err()?.overflow())))
+            .or_else(|| {
+                let over = self.packets.as_ref()?.check(key).err()?;
+                Some((Tier::Packets, over.overflow()))
+            })
+            .or_else(|| {
+                let l = self.bytes.as_ref()?;
+                match u32::try_from(len).ok().and_then(NonZeroU32::new) {
+                    Some(n) => Some((Tier::Bytes, l.check_n(key, n).err()?.overflow())),
+                    // Past `u32` cells: over any burst.
+                    None => Some((Tier::Bytes, false)),
+                }
+            })
+    }
 }
 
 /// What the per-client tiers key on.
@@ -324,7 +367,8 @@ impl PolicyBuilder {
     }
 
     /// Limits PUBLISH, SUBSCRIBE, UNSUBSCRIBE and PINGREQ packets together, per client
-    /// id.
+    /// id, and the acknowledgements that answer nothing the broker sent (see
+    /// [Acknowledgements](self#acknowledgements)).
     pub fn packets_per_client(mut self, quota: Quota) -> Self {
         self.packets = Some(quota);
         self
@@ -437,6 +481,13 @@ pub(crate) struct ConnPolicy {
     max_packet_size: Option<NonZeroU32>,
     /// Gateway answers not written yet: whole packets, at most [`MAX_QUEUED_ANSWERS`].
     answers: Answers,
+    /// How many acknowledgements the client owes the broker: one per `QoS` 1 or 2
+    /// PUBLISH, PUBREC and PUBREL the broker has written to it (counted by the layer
+    /// through `ack_credit()`, saturating: a connection has at most 65,535
+    /// packet identifiers in flight). A PUBACK, PUBREC, PUBREL or PUBCOMP within it takes
+    /// one and is free; one beyond it answers nothing and is charged to the `packets`
+    /// and `bytes` tiers.
+    ack_credit: u16,
     /// The CONNECT's username, kept only for an inspector.
     #[cfg(feature = "inspect")]
     username: Option<Box<str>>,
@@ -503,6 +554,7 @@ impl ConnPolicy {
             version: Version::V3_1_1,
             max_packet_size: None,
             answers: None,
+            ack_credit: 0,
             #[cfg(feature = "inspect")]
             username: None,
             #[cfg(feature = "inspect")]
@@ -586,28 +638,19 @@ impl ConnPolicy {
             Packet::Subscribe(_) => ("subscribe", Some((Tier::Subscribe, &tiers.subscribe))),
             Packet::Unsubscribe(_) => ("unsubscribe", None),
             Packet::PingReq => ("pingreq", None),
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                // An answer to a packet of the broker's is free; one to nothing (an
+                // identifier never used, say) costs the broker a lookup, often a reply
+                // and a log line, and is charged as any other packet.
+                if let Some(credit) = self.ack_credit.checked_sub(1) {
+                    self.ack_credit = credit;
+                    return Verdict::Forward;
+                }
+                (ack_label(packet), None)
+            }
             _ => return Verdict::Forward,
         };
-        // The first tier over its limit, and whether its shared overflow bucket (the
-        // key not tracked) refused rather than the key's own budget. Each tier is
-        // checked only when those before it let the packet through.
-        let over = own
-            .and_then(|(tier, limiter)| {
-                Some((tier, limiter.as_ref()?.check(key).err()?.overflow()))
-            })
-            .or_else(|| {
-                let over = tiers.packets.as_ref()?.check(key).err()?;
-                Some((Tier::Packets, over.overflow()))
-            })
-            .or_else(|| {
-                let l = tiers.bytes.as_ref()?;
-                match u32::try_from(len).ok().and_then(NonZeroU32::new) {
-                    Some(n) => Some((Tier::Bytes, l.check_n(key, n).err()?.overflow())),
-                    // Past `u32` cells: over any burst.
-                    None => Some((Tier::Bytes, false)),
-                }
-            });
-        let Some((over, overflow)) = over else {
+        let Some((over, overflow)) = tiers.first_over(key, own, len) else {
             #[cfg(feature = "inspect")]
             if let Packet::Publish(p) = packet {
                 return self.inspect_publish(p);
@@ -695,6 +738,7 @@ impl ConnPolicy {
             version,
             max_packet_size,
             answers,
+            ack_credit: _,
             username,
             aliases,
         } = self;
@@ -765,6 +809,25 @@ impl ConnPolicy {
     /// The gateway's answers waiting to be written.
     pub(crate) fn answers(&mut self) -> &mut Answers {
         &mut self.answers
+    }
+
+    /// The acknowledgement credit, for the layer to add one per `QoS` 1 or 2 PUBLISH,
+    /// PUBREC and PUBREL the broker writes to the client; `None` without a `packets` or
+    /// `bytes` tier, which are all an acknowledgement beyond it is charged to (nothing
+    /// is counted then).
+    pub(crate) fn ack_credit(&mut self) -> Option<&mut u16> {
+        let tiers = &*self.policy.tiers;
+        (tiers.packets.is_some() || tiers.bytes.is_some()).then_some(&mut self.ack_credit)
+    }
+}
+
+/// The label of an acknowledgement in the policy's logs.
+fn ack_label(packet: &Packet<'_>) -> &'static str {
+    match packet {
+        Packet::PubAck(_) => "puback",
+        Packet::PubRec(_) => "pubrec",
+        Packet::PubRel(_) => "pubrel",
+        _ => "pubcomp",
     }
 }
 
@@ -1111,23 +1174,90 @@ mod tests {
         assert!(a.0.as_ref().unwrap().bytes <= MAX_ALIAS_BYTES);
     }
 
+    /// The acknowledgements that answer the broker's packets (within the credit that
+    /// the layer counts from them) are free; one beyond the credit (an identifier the
+    /// broker never used) is charged to `packets` and `bytes` as a PINGREQ is, and
+    /// refused as a PINGREQ over them is. DISCONNECT and AUTH are never limited. Before,
+    /// every acknowledgement was forwarded free: 100,000 PUBRECs for unused identifiers
+    /// went to the broker past a `packets` burst of 5.
     #[test]
-    fn acks_and_disconnect_are_never_limited() {
+    fn acks_within_the_credit_are_free_and_beyond_it_charged() {
+        use crate::Phase;
         let policy = Policy::builder()
-            .packets_per_client(Quota::per_hour(nz(1)))
-            .bytes_per_client(Quota::per_hour(nz(1)))
+            .packets_per_client(Quota::per_hour(nz(2)))
+            .bytes_per_client(Quota::per_hour(nz(1000)))
+            .build();
+        let conn = |id: &str| {
+            let mut p = ConnPolicy::new(policy.clone(), ClientAddr("192.0.2.1:1".parse().unwrap()));
+            p.key = Some(IdKey::Id(Arc::from(id)));
+            p
+        };
+        let acks = [
+            Packet::PubAck(1),
+            Packet::PubRec(2),
+            Packet::PubRel(3),
+            Packet::PubComp(4),
+        ];
+        // Credit for four of the broker's packets: four acknowledgements, uncharged.
+        let mut a = conn("a");
+        *a.ack_credit().unwrap() += 4;
+        for packet in &acks {
+            assert!(matches!(a.check(packet, 4), Verdict::Forward));
+        }
+        assert_eq!(a.ack_credit, 0);
+        // The burst is whole: two PINGREQs pass.
+        assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));
+        assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Forward));
+        // No credit left, nor budget: every acknowledgement is refused, as a PINGREQ,
+        // while DISCONNECT and AUTH still pass.
+        for packet in &acks {
+            match a.check(packet, 4) {
+                Verdict::Refuse(e) => {
+                    assert_eq!(e, MqttError::MessageRate);
+                    assert_eq!(
+                        e.answer(Phase::Connected(Version::V5)).bytes(),
+                        [0xE0, 0x02, 0x96, 0x00]
+                    );
+                    assert!(
+                        e.answer(Phase::Connected(Version::V3_1_1))
+                            .bytes()
+                            .is_empty()
+                    );
+                }
+                v => panic!("{packet:?} beyond the credit and the burst: {v:?}"),
+            }
+        }
+        assert!(matches!(a.check(&Packet::PingReq, 2), Verdict::Refuse(_)));
+        for packet in [Packet::Disconnect(0), Packet::Auth(0x18)] {
+            assert!(matches!(a.check(&packet, 4), Verdict::Forward));
+        }
+        // Without credit, acknowledgements take the burst (a resumed session's PUBREL is
+        // charged, not refused): two pass, then no PINGREQ does.
+        let mut b = conn("b");
+        assert!(matches!(b.check(&Packet::PubRel(7), 4), Verdict::Forward));
+        assert!(matches!(b.check(&Packet::PubRel(8), 4), Verdict::Forward));
+        assert!(matches!(b.check(&Packet::PingReq, 2), Verdict::Refuse(_)));
+        // Charged to `bytes` too: within the packets burst, over the bytes one.
+        let mut c = conn("c");
+        assert!(matches!(
+            c.check(&Packet::PubAck(1), 1001),
+            Verdict::Refuse(_)
+        ));
+    }
+
+    /// Without a `packets` or `bytes` tier nothing is counted, and acknowledgements stay
+    /// free: the other tiers do not count them.
+    #[test]
+    fn without_packets_or_bytes_tiers_acks_are_not_counted() {
+        let policy = Policy::builder()
+            .publish_per_client(Quota::per_hour(nz(1)))
+            .subscribe_per_client(Quota::per_hour(nz(1)))
             .build();
         let mut p = ConnPolicy::new(policy, ClientAddr("192.0.2.1:1".parse().unwrap()));
         p.key = Some(IdKey::Id(Arc::from("c")));
-        for packet in [
-            Packet::PubAck(1),
-            Packet::PubRec(1),
-            Packet::PubRel(1),
-            Packet::PubComp(1),
-            Packet::Disconnect(0),
-            Packet::Auth(0x18),
-        ] {
-            assert!(matches!(p.check(&packet, 4), Verdict::Forward));
+        assert!(p.ack_credit().is_none());
+        for id in 1..=1000 {
+            assert!(matches!(p.check(&Packet::PubRec(id), 4), Verdict::Forward));
         }
     }
 }
