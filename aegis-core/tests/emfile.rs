@@ -17,7 +17,24 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[test]
 fn accept_loop_keeps_serving_after_emfile() {
-    testing::run_watching(true, |snap| async move {
+    let ((), logs) = aegis_core::testing::capture_logs(tracing::Level::WARN, || {
+        testing::run_watching(true, run);
+    });
+    // Nine errors in the first 300 ms and one at 511 ms, one warning for them; the next,
+    // at 1,023 ms, says how many were not logged (at most one a second: a churn of
+    // clients at the limit, each accept resetting the back-off, logged one an error
+    // before).
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{logs}");
+    assert!(warnings[0].contains("suppressed=0"), "{logs}");
+    assert!(warnings[1].contains("suppressed=9"), "{logs}");
+}
+
+async fn run(snap: metrics_util::debugging::Snapshotter) {
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = tower::service_fn(|conn: Conn<TcpStream>| async move {
@@ -58,6 +75,12 @@ fn accept_loop_keeps_serving_after_emfile() {
         other += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "other")]);
         assert_eq!(emfile, 1 + 8, "EMFILE errors in 300 ms");
         assert_eq!(other, 0);
+        // The retries at 511 ms (not logged either) and at 1,023 ms, a second after the
+        // first warning: logged, saying nine were not.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let got = testing::capture(&snap);
+        emfile += got.counter(m::ACCEPT_ERRORS_TOTAL, &[("kind", "emfile")]);
+        assert_eq!(emfile, 1 + 8 + 2, "EMFILE errors in 1.1 s");
 
         // Give the descriptors back: the waiting client is served, and new ones too.
         drop(exhausted);
@@ -71,5 +94,5 @@ fn accept_loop_keeps_serving_after_emfile() {
         again.write_all(b"again").await.unwrap();
         again.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"again");
-    });
+    }
 }

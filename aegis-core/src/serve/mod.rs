@@ -11,7 +11,9 @@
 //! - **Accept errors never stop the loop.** Running out of descriptors (`EMFILE`,
 //!   `ENFILE`) or memory (`ENOBUFS`, `ENOMEM`) backs off (1 ms, doubling up to 1 s) so the
 //!   loop neither exits nor spins; errors about one connection (`ECONNABORTED`, ...) are
-//!   skipped at once. Each is counted in `aegis_accept_errors_total{kind}`.
+//!   skipped at once. Each is counted in `aegis_accept_errors_total{kind}`; those that
+//!   back off are logged at `warn`, at most one line a second, saying how many since the
+//!   last were not (`suppressed`).
 //! - **Admission before a task.** [`Serve::admit`] decides on each accepted connection
 //!   from its peer address before any task, buffer or span is made for it (an address
 //!   ban, say): a refused one is reset at once ([`Listener::refuse`]) and counted as
@@ -340,6 +342,12 @@ where
 const BACKOFF_MIN: Duration = Duration::from_millis(1);
 /// The longest back-off: the loop retries at least once a second.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one warning this often for accept errors: out of descriptors under a churn of
+/// connections, each accept that succeeds (a descriptor freed) starts the back-off again
+/// at `BACKOFF_MIN`, and the errors came at the clients' pace, a warning each (some 380
+/// a second, measured). Every error is still counted (`aegis_accept_errors_total`); a
+/// warning says how many were not logged since the last (`suppressed`).
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the accept loop as a task of its own and waits for it.
 ///
@@ -558,6 +566,7 @@ where
     let max_connections = cap.max();
     let registry = Registry::new(cap);
     let mut backoff = BACKOFF_MIN;
+    let mut warnings = AcceptWarnings::default();
     tokio::pin!(signal);
     let bound = listener.local_addr();
     if let Ok(addr) = bound {
@@ -589,7 +598,7 @@ where
                     tracing::debug!(error = %e, "accept: connection failed before it was accepted");
                     continue;
                 }
-                tracing::warn!(error = %e, kind, ?backoff, "accept failed; backing off");
+                warnings.warn(&e, kind, backoff);
                 tokio::select! {
                     biased;
                     () = &mut signal => break,
@@ -638,6 +647,33 @@ where
         open
     };
     Shutdown::after_drain(aborted + cut)
+}
+
+/// The warnings of the accept errors that back off: at most one every [`WARN_EVERY`].
+#[derive(Default)]
+struct AcceptWarnings {
+    /// When the last was logged, and how many errors since were not.
+    last: Option<(tokio::time::Instant, u64)>,
+}
+
+impl AcceptWarnings {
+    fn warn(&mut self, e: &io::Error, kind: &'static str, backoff: Duration) {
+        let now = tokio::time::Instant::now();
+        match &mut self.last {
+            Some((last, suppressed)) if now < *last + WARN_EVERY => *suppressed += 1,
+            _ => {
+                let suppressed = self.last.map_or(0, |(_, n)| n);
+                tracing::warn!(
+                    error = %e,
+                    kind,
+                    ?backoff,
+                    suppressed,
+                    "accept failed; backing off"
+                );
+                self.last = Some((now, 0));
+            }
+        }
+    }
 }
 
 /// At stop, serves the connections admitted before the signal and waiting for this loop
