@@ -396,7 +396,8 @@ fn concurrent_connects_share_one_call() {
     let ((), snap) = testing::run(false, || async {
         let server = AuthServer::start().await;
         server.open.send_replace(false);
-        let layer = AuthLayer::new(HttpAuth::new(server.url.clone()));
+        // All N from one address: room for them all.
+        let layer = AuthLayer::new(HttpAuth::new(server.url.clone())).max_checks_per_addr(N);
         let inner = Arc::new(AtomicUsize::new(0));
         let alice = connect(false, "c1", "alice", "secret");
 
@@ -605,7 +606,10 @@ async fn http_auth_runs_at_most_max_concurrent_callouts() {
     })
     .await;
     let authn = HttpAuth::new(url).max_concurrent(MAX);
-    let layer = AuthLayer::new(authn).timeout(Duration::from_secs(60));
+    // All the checks from one address: room for them all.
+    let layer = AuthLayer::new(authn)
+        .timeout(Duration::from_secs(60))
+        .max_checks_per_addr(CHECKS);
     let mut checks = JoinSet::new();
     for creds in guesses(CHECKS) {
         checks.spawn(layer.check(creds));
@@ -1014,4 +1018,184 @@ async fn refusals_are_security_events_and_denials_count_toward_a_ban() {
             .any(|e| matches!(e.rule.as_deref(), Some("not_authorized" | "auth_error"))),
         "{events:#?}"
     );
+}
+
+/// Lets the spawned tasks run until they wait (on the authenticator, or the clock): with
+/// the clock paused, a sleep ends only once every task is idle.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[test]
+fn each_address_has_at_most_max_checks_per_addr_in_flight() {
+    let ((), snap) = testing::run(true, || async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        // Password "good" is allowed at once; any other never gets an answer.
+        let authn = service_fn(move |creds: Credentials| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if creds.password.as_deref() != Some(b"good") {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(Decision::Allow)
+            }
+        });
+        let layer = AuthLayer::new(authn)
+            .max_checks_per_addr(2)
+            .timeout(Duration::from_secs(60));
+        let guess = |pass: &str, peer: &str| {
+            Credentials::new("c", Some("u"), Some(pass.as_bytes()), peer.parse().unwrap())
+        };
+        // A decision cached for PEER before the flood.
+        assert_eq!(
+            layer.check(guess("good", PEER)).await.unwrap(),
+            Decision::Allow
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // Two guesses from PEER wait on the authenticator.
+        let mut waiting: Vec<_> = ["g1", "g2"]
+            .into_iter()
+            .map(|p| tokio::spawn(layer.check(guess(p, PEER))))
+            .collect();
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(layer.pending(), 2);
+        assert_eq!(layer.addrs_checking(), 1);
+
+        // A third, from another port of the same IP, is refused at once, unqueued.
+        let start = tokio::time::Instant::now();
+        let err = layer
+            .check(guess("g3", "192.0.2.1:5000"))
+            .await
+            .unwrap_err();
+        assert!(err.is_too_many_checks(), "{err:?}");
+        assert_eq!(err.label(), "too_many_checks");
+        assert_eq!(
+            tokio::time::Instant::now().saturating_duration_since(start),
+            Duration::ZERO
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // A cache hit needs no turn.
+        assert_eq!(
+            layer.check(guess("good", PEER)).await.unwrap(),
+            Decision::Allow
+        );
+        // Another address still reaches the authenticator.
+        waiting.push(tokio::spawn(layer.check(guess("g1", "192.0.2.2:4000"))));
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(layer.addrs_checking(), 2);
+
+        // IPv6 clients are keyed by /64.
+        for peer in ["[2001:db8::1]:1", "[2001:db8::2]:2"] {
+            waiting.push(tokio::spawn(layer.check(guess("g", peer))));
+        }
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        let err = layer
+            .check(guess("g", "[2001:db8::3]:3"))
+            .await
+            .unwrap_err();
+        assert!(err.is_too_many_checks(), "{err:?}");
+        waiting.push(tokio::spawn(layer.check(guess("g", "[2001:db8:0:1::1]:1"))));
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
+        assert_eq!(layer.addrs_checking(), 4);
+
+        // A dropped check gives its turn back: PEER is admitted again.
+        waiting.remove(0).abort();
+        settle().await;
+        assert_eq!(layer.pending(), 5);
+        waiting.push(tokio::spawn(layer.check(guess("g4", PEER))));
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 8);
+        let err = layer.check(guess("g5", PEER)).await.unwrap_err();
+        assert!(err.is_too_many_checks(), "{err:?}");
+
+        // Once every check has timed out, no address is left and PEER is admitted again.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for w in waiting {
+            assert!(w.await.unwrap().unwrap_err().is_timeout());
+        }
+        assert_eq!(layer.pending(), 0);
+        assert_eq!(layer.addrs_checking(), 0);
+        let again = tokio::spawn(layer.check(guess("g6", PEER)));
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 9);
+        assert_eq!(layer.addrs_checking(), 1);
+        again.abort();
+        settle().await;
+        assert_eq!(layer.addrs_checking(), 0);
+    });
+    let seen = Seen::take(&snap);
+    assert_eq!(seen.auth("too_many_checks", "refused"), 3);
+    assert_eq!(seen.auth("allow", "hit"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_checks_are_reported_with_medium_severity_and_count_toward_a_ban() {
+    use aegis_mqtt::security::{BanKey, EventKind, Security, SecurityLayer, Severity};
+
+    let sec = Security::builder().max_auth_failures(1).build();
+    // An authenticator that never answers.
+    let authn = service_fn(|_: Credentials| async {
+        std::future::pending::<()>().await;
+        Ok::<_, Infallible>(Decision::Allow)
+    });
+    let layer = AuthLayer::new(authn).max_checks_per_addr(1);
+    let broker = service_fn(|_: MqttIo<Conn<DuplexStream>>| async { Ok::<_, BoxError>(()) });
+    let svc = SecurityLayer::new(sec.clone())
+        .layer(MqttLayer::new(Config::new()).layer(layer.clone().layer(broker)));
+    let open = |port: u16, pass: &str, v5: bool| {
+        let svc = svc.clone();
+        let peer = SocketAddr::new("192.0.2.1".parse().unwrap(), port);
+        let bytes = connect(v5, "c1", "alice", pass);
+        async move {
+            let (mut client, server) = tokio::io::duplex(4096);
+            let conn = tokio::spawn(svc.oneshot(Conn::new(server, peer, LOCAL.parse().unwrap())));
+            let _ = client.write_all(&bytes).await;
+            (client, conn)
+        }
+    };
+
+    // The first check waits on the authenticator.
+    let (_first_client, first) = open(4000, "g0", false).await;
+    until("the first check", || layer.pending() == 1).await;
+    // Two more from the same address are refused at once, the version-correct way.
+    for (port, v5, connack) in [
+        (4001, false, &[0x20, 0x02, 0x00, 0x05][..]),
+        (4002, true, &[0x20, 0x03, 0x00, 0x87, 0x00][..]),
+    ] {
+        assert_eq!(layer.pending(), 1);
+        assert!(!sec.is_banned(&BanKey::addr("192.0.2.1".parse().unwrap())));
+        let (mut client, conn) = open(port, "g", v5).await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        assert_eq!(got, connack);
+        let err = conn.await.unwrap().unwrap_err();
+        assert_eq!(aegis_core::error::label_of(&*err), ("mqtt", "auth_error"));
+    }
+    // Two refusals over the limit of 1: the address is banned for flooding.
+    assert!(sec.is_banned(&BanKey::addr("192.0.2.1".parse().unwrap())));
+    // The ban closes the connection still waiting, and its check gives its turn back.
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(
+        aegis_core::error::label_of(&*err),
+        ("security", "closed_by_ban")
+    );
+    assert_eq!(layer.pending(), 0);
+
+    let events = sec.events(100);
+    let auth: Vec<_> = events.iter().filter(|e| e.layer == "auth").collect();
+    assert_eq!(auth.len(), 2, "{events:#?}");
+    for e in auth {
+        assert_eq!(e.kind, EventKind::AuthFailure);
+        assert_eq!(e.rule.as_deref(), Some("too_many_checks"));
+        assert_eq!(e.severity, Severity::Medium);
+    }
+    assert_eq!(layer.addrs_checking(), 0);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use aegis_core::BoxError;
+use aegis_core::{BoxError, ClientKey, KeyBy};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -44,6 +44,10 @@ struct Inner {
     entries: Bounded<Key, Entry>,
     /// The callout in flight for each key: its id and where its outcome goes.
     flights: HashMap<Key, (u64, watch::Receiver<Outcome>)>,
+    /// The checks in flight (waiting for or running a callout) of each client address
+    /// ([`KeyBy::default`]: IPv4 by address, IPv6 by /64). An address is removed when its
+    /// count returns to 0, so there are never more entries than checks in flight.
+    checks: HashMap<ClientKey, usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +63,7 @@ pub(crate) struct Settings {
     pub(crate) deny_ttl: Duration,
     pub(crate) max_entries: usize,
     pub(crate) timeout: Duration,
+    pub(crate) max_checks_per_addr: usize,
 }
 
 impl Cache {
@@ -73,6 +78,7 @@ impl Cache {
             inner: Mutex::new(Inner {
                 entries: Bounded::default(),
                 flights: HashMap::new(),
+                checks: HashMap::new(),
             }),
             pending: AtomicUsize::new(0),
             next_flight: AtomicU64::new(0),
@@ -113,6 +119,11 @@ impl Cache {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// How many client addresses have checks in flight now.
+    pub(crate) fn addrs_checking(&self) -> usize {
+        self.inner.lock().checks.len()
+    }
+
     /// How many decisions are cached (expired ones included until purged).
     pub(crate) fn len(&self) -> usize {
         self.inner.lock().entries.map.len()
@@ -131,10 +142,25 @@ impl Cache {
         A::Error: Into<BoxError>,
     {
         let key = self.key(&creds);
+        let addr = KeyBy::default().key(creds.client_addr.ip());
+        // The address's turn, taken by the first lookup that needs a callout and kept
+        // (across takeovers) until the check ends or is dropped.
+        let mut slot = None;
         loop {
-            let step = self.lookup(&key);
+            let step = self.lookup(&key, addr, &mut slot, settings.max_checks_per_addr);
             let rx = match step {
                 Lookup::Hit(d) => return count(Ok(d), "hit"),
+                Lookup::Refused => {
+                    tracing::debug!(
+                        client_addr = %creds.client_addr,
+                        max = settings.max_checks_per_addr,
+                        "auth: too many checks in flight from this address; refused"
+                    );
+                    return count(
+                        Err(AuthError::TooManyChecks(settings.max_checks_per_addr)),
+                        "refused",
+                    );
+                }
                 Lookup::Lead(tx, id) => {
                     let _pending = Pending::new(&self.pending);
                     let lead = Lead {
@@ -161,8 +187,16 @@ impl Cache {
         }
     }
 
-    /// A cached decision, the callout in flight to wait on, or the lead of a new one.
-    fn lookup(&self, key: &Key) -> Lookup {
+    /// A cached decision, the callout in flight to wait on, or the lead of a new one;
+    /// or a refusal, if the check needs a callout but `addr` has `max` checks in flight
+    /// already. A check that needs a callout takes a turn of `addr` into `slot` (once).
+    fn lookup<'a>(
+        &'a self,
+        key: &Key,
+        addr: ClientKey,
+        slot: &mut Option<Slot<'a>>,
+        max: usize,
+    ) -> Lookup {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         match inner.entries.map.get(key) {
@@ -171,6 +205,18 @@ impl Cache {
                 inner.entries.map.remove(key);
             }
             None => {}
+        }
+        if slot.is_none() {
+            let n = inner.checks.entry(addr).or_insert(0);
+            if *n >= max {
+                if *n == 0 {
+                    // Not reached (`max` is at least 1), but never leave a 0 behind.
+                    inner.checks.remove(&addr);
+                }
+                return Lookup::Refused;
+            }
+            *n += 1;
+            *slot = Some(Slot { cache: self, addr });
         }
         if let Some((_, rx)) = inner.flights.get(key) {
             return Lookup::Wait(rx.clone());
@@ -184,6 +230,7 @@ impl Cache {
 
 enum Lookup {
     Hit(Decision),
+    Refused,
     Wait(watch::Receiver<Outcome>),
     Lead(watch::Sender<Outcome>, u64),
 }
@@ -193,6 +240,7 @@ fn count(outcome: Result<Decision, AuthError>, cache: &'static str) -> Result<De
     let result = match &outcome {
         Ok(Decision::Allow) => "allow",
         Ok(Decision::Deny) => "deny",
+        Err(AuthError::TooManyChecks(_)) => "too_many_checks",
         Err(_) => "error",
     };
     metrics::counter!(m::AUTH_TOTAL, "result" => result, "cache" => cache).increment(1);
@@ -242,6 +290,26 @@ impl<'a> Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One of a client address's turns: a check of it waiting for or running a callout.
+/// Dropped (the check ended, or was dropped), it gives the turn back, and removes the
+/// address once it has none left.
+struct Slot<'a> {
+    cache: &'a Cache,
+    addr: ClientKey,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.cache.inner.lock();
+        if let Some(n) = inner.checks.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                inner.checks.remove(&self.addr);
+            }
+        }
     }
 }
 

@@ -31,11 +31,18 @@ pub enum AuthError {
     /// Any other failure of the authenticator.
     #[error("authenticator failed")]
     Failed(#[source] SharedError),
+    /// The client's address had the most checks in flight already (the layer's
+    /// [`max_checks_per_addr`](super::AuthLayer::max_checks_per_addr), the number given
+    /// here): the check was refused at once, without reaching the authenticator. Unlike
+    /// the other errors this is the client's doing (a flood of new credentials), and it is
+    /// reported with severity `medium`, counted toward a ban.
+    #[error("too many checks in flight from the client's address (at most {0})")]
+    TooManyChecks(usize),
 }
 
 impl AuthError {
-    /// A stable, low-cardinality label: `timeout`, `unavailable`, `status`, `invalid` or
-    /// `failed`.
+    /// A stable, low-cardinality label: `timeout`, `unavailable`, `status`, `invalid`,
+    /// `failed` or `too_many_checks`.
     pub const fn label(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "timeout",
@@ -43,12 +50,19 @@ impl AuthError {
             Self::Status(_) => "status",
             Self::Invalid(_) => "invalid",
             Self::Failed(_) => "failed",
+            Self::TooManyChecks(_) => "too_many_checks",
         }
     }
 
     /// Whether this is a [`Timeout`](Self::Timeout).
     pub const fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout(_))
+    }
+
+    /// Whether this is [`TooManyChecks`](Self::TooManyChecks): the client's doing, not
+    /// the authenticator's.
+    pub const fn is_too_many_checks(&self) -> bool {
+        matches!(self, Self::TooManyChecks(_))
     }
 
     /// An authenticator's error as an `AuthError`: itself if it is one, else

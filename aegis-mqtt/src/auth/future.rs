@@ -95,14 +95,16 @@ impl<I, S, F> ResponseFuture<I, S, F> {
 /// Reports a refusal as a security event and a debug log line; the refusal itself is
 /// counted in `aegis_rejections_total` when it is written.
 fn report(outcome: &Result<Decision, AuthError>, client_id: &str, client_addr: SocketAddr) {
-    // A denial is the client's doing; an authenticator that could not decide is not
-    // (the security layer logs it without counting it toward a ban).
+    // A denial is the client's doing, and so is a flood of checks from one address; an
+    // authenticator that could not decide is not (the security layer logs it without
+    // counting it toward a ban).
     let (rule, severity, details) = match outcome {
         Ok(_) => (
             "denied",
             Severity::Medium,
             "the authenticator denied the credentials".to_owned(),
         ),
+        Err(e @ AuthError::TooManyChecks(_)) => (e.label(), Severity::Medium, e.to_string()),
         Err(e) => (
             e.label(),
             Severity::Low,

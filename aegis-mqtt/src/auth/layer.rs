@@ -24,7 +24,8 @@ pub struct AuthLayer<A> {
 
 impl<A> AuthLayer<A> {
     /// Authenticates with `authn`; allows are cached for 60 s and denies for 5 s, at most
-    /// 10,000 decisions in all, and a callout gets 5 s.
+    /// 10,000 decisions in all, a callout gets 5 s, and each client address has at most 4
+    /// checks in flight.
     pub fn new(authn: A) -> Self {
         Self {
             authn,
@@ -33,6 +34,7 @@ impl<A> AuthLayer<A> {
                 deny_ttl: super::DEFAULT_DENY_TTL,
                 max_entries: super::DEFAULT_MAX_ENTRIES,
                 timeout: super::DEFAULT_TIMEOUT,
+                max_checks_per_addr: super::DEFAULT_MAX_CHECKS_PER_ADDR,
             },
             cache: Arc::new(Cache::new()),
         }
@@ -65,6 +67,28 @@ impl<A> AuthLayer<A> {
     pub const fn timeout(mut self, timeout: Duration) -> Self {
         self.settings.timeout = timeout;
         self
+    }
+
+    /// The most checks a client address may have in flight, waiting for or running a
+    /// callout (4 by default); IPv4 clients are keyed by address, IPv6 clients by /64.
+    /// A check over it is refused at once with [`AuthError::TooManyChecks`], without
+    /// reaching the authenticator, and reported with severity `medium` (counted toward a
+    /// ban). A check answered from the cache takes no turn. See the
+    /// [module docs](super#checks-per-address).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    pub const fn max_checks_per_addr(mut self, n: usize) -> Self {
+        assert!(n > 0, "max_checks_per_addr must be at least 1");
+        self.settings.max_checks_per_addr = n;
+        self
+    }
+
+    /// How many client addresses have checks in flight right now (each at most
+    /// [`max_checks_per_addr`](Self::max_checks_per_addr)). For tests and diagnostics.
+    pub fn addrs_checking(&self) -> usize {
+        self.cache.addrs_checking()
     }
 
     /// The authenticator.

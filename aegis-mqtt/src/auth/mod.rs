@@ -32,6 +32,7 @@
 //! |---|---|---|---|
 //! | [`Decision::Deny`] | `not_authorized` | CONNACK `20 02 00 05` | CONNACK `20 03 00 87 00` |
 //! | any [`AuthError`]: timeout, unreachable service, unexpected status, other error | `auth_error` | CONNACK `20 02 00 05` | CONNACK `20 03 00 87 00` |
+//! | [`AuthError::TooManyChecks`]: too many checks in flight from the client's address ([below](#checks-per-address)) | `auth_error` | CONNACK `20 02 00 05` | CONNACK `20 03 00 87 00` |
 //!
 //! The service's future then fails with the [`MqttError`](crate::MqttError)
 //! (`NotAuthorized` or `AuthError`) wrapped in an [`aegis_core::error::Rejected`] (counted
@@ -40,7 +41,8 @@
 //! `SecurityLayer` around the stack, if any ([`crate::security`]): kind `auth_failure`,
 //! layer `auth`, rule `denied` (severity `medium`, counted toward `max_auth_failures`)
 //! or the error's [label](AuthError::label) (severity `low`, logged but not counted: an
-//! outage of the authenticator must not ban every client). A cached deny is reported
+//! outage of the authenticator must not ban every client), except `too_many_checks`
+//! (severity `medium`, counted: a flood from the client's address). A cached deny is reported
 //! like any other, so a brute force still counts. Each refusal is also a `debug` log
 //! line with the client id (Debug-quoted) and address; the password is
 //! never logged, and [`Credentials`]' `Debug` redacts it.
@@ -65,6 +67,39 @@
 //!   over with a callout of its own; none hangs.
 //! - A callout has [`timeout`](AuthLayer::timeout) (5 s by default) to decide.
 //!
+//! # Checks per address
+//!
+//! A client that tries a new password on each CONNECT is never answered from the cache,
+//! and the authenticators run only so many callouts at once
+//! ([`StaticAuth::max_concurrent`], one argon2 verification per CPU;
+//! [`HttpAuth::max_concurrent`]): the other checks wait for a turn, in one queue shared by
+//! every client, and that wait counts toward the [`timeout`](AuthLayer::timeout). Without
+//! a bound per client, a few addresses sending new passwords, each under any connection
+//! rate limit, fill that queue: a real user's check times out in it
+//! ([`AuthError::Timeout`], CONNACK 0x05), and so do the attackers' own, which as
+//! authenticator errors are not counted toward a ban.
+//!
+//! So each client address has at most
+//! [`max_checks_per_addr`](AuthLayer::max_checks_per_addr) checks in flight (4 by
+//! default): waiting for or running a callout, its own or one it shares. IPv4 clients
+//! are keyed by address, IPv6 clients by /64 (the default of the other per-client limits,
+//! [`KeyBy::default`](aegis_core::KeyBy)); this layer has no setting of its own for it.
+//! A check over the cap is refused at once, without queueing and without reaching the
+//! authenticator, with [`AuthError::TooManyChecks`] (CONNACK 0x05 / 0x87, counted in
+//! `aegis_mqtt_auth_total{result="too_many_checks", cache="refused"}`), and reported to
+//! the `SecurityLayer` with severity `medium`, rule `too_many_checks`: it counts toward
+//! `max_auth_failures`, so a flooding address is banned (and the ban closes its
+//! connections still waiting). A check answered from the cache takes no turn and is never
+//! refused. The count of an address is kept under the cache's lock and given back when
+//! its check ends or is dropped; an address with none in flight is forgotten, so the
+//! layer never keeps more addresses than checks in flight.
+//!
+//! What the cap does not do: many addresses (a botnet, or an IPv6 attacker with many
+//! /64s) can still fill the queue, `max_checks_per_addr` checks each; every one of them
+//! is now held to that many and banned for flooding, but an authenticator's capacity is
+//! still shared by all clients. Many legitimate clients behind one NAT address share
+//! one count too: raise the cap for them.
+//!
 //! [`AuthLayer::check`] runs the same check without a connection.
 //!
 //! # Metrics
@@ -72,7 +107,7 @@
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
 //! | `aegis_mqtt_auth_callout_seconds` | histogram | | latency of each callout to the authenticator, whatever its outcome (timeouts included) |
-//! | `aegis_mqtt_auth_total` | counter | `result`: `allow`, `deny`, `error`; `cache`: `hit`, `miss`, `shared` | checks by result; `hit`: decided by the cache, `miss`: by a callout of its own, `shared`: by a callout another check made for the same key |
+//! | `aegis_mqtt_auth_total` | counter | `result`: `allow`, `deny`, `error`, `too_many_checks`; `cache`: `hit`, `miss`, `shared`, `refused` | checks by result; `hit`: decided by the cache, `miss`: by a callout of its own, `shared`: by a callout another check made for the same key, `refused` (with `result="too_many_checks"`): refused without a callout, its address having [`max_checks_per_addr`](AuthLayer::max_checks_per_addr) checks in flight |
 //! | `aegis_mqtt_auth_cache_full_total` | counter | | decisions not cached because the cache was full |
 //!
 //! Refusals are counted in `aegis_rejections_total{layer="mqtt", reason="not_authorized"
@@ -241,6 +276,8 @@ pub const DEFAULT_DENY_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 /// How long a callout may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many checks a client address may have in flight by default.
+pub const DEFAULT_MAX_CHECKS_PER_ADDR: usize = 4;
 
 /// The metric names of the auth layer (see the [module docs](super#metrics)).
 pub mod metrics {

@@ -63,7 +63,9 @@
 //! same reason an `auth_failure` event whose rule says
 //! the authenticator failed (`timeout`, `unavailable`, `status`, `invalid`, `failed`) is
 //! logged but not counted; only a denial (rule `denied`) counts as an authentication
-//! failure. A denial is the auth layer's (`aegis_mqtt::auth`, layer `auth`), or the broker's
+//! failure, and so does the auth layer's `too_many_checks` (an address with more
+//! checks in flight than the auth layer's `max_checks_per_addr`: a flood of new
+//! credentials, the client's doing). A denial is the auth layer's (`aegis_mqtt::auth`, layer `auth`), or the broker's
 //! own: its CONNACK refusing the client's login (3.x return code 4 or 5, 5.0 reason
 //! code 0x86, 0x87 or 0x8C), reported by the MQTT layer (layer `mqtt`), so that a
 //! brute force through a gateway that leaves authentication to the broker counts too
@@ -1485,10 +1487,11 @@ impl ConnCtx {
             EventKind::Block | EventKind::Rejection => Some(Cause::Rejections),
             EventKind::Flag | EventKind::Ban => None,
         };
-        // An authentication failure counts only as a denial (rule `denied`): any other
-        // rule is the authenticator failing to decide (the auth layer's error labels).
+        // An authentication failure counts only as a denial (rule `denied`) or a flood of
+        // checks from one address (`too_many_checks`): any other rule is the
+        // authenticator failing to decide (the auth layer's other error labels).
         let not_counted = if r.kind == EventKind::AuthFailure {
-            r.rule != Some("denied")
+            !matches!(r.rule, Some("denied" | "too_many_checks"))
         } else {
             r.rule
                 .is_some_and(|rule| self.security.not_the_clients_doing(r.layer, rule))
