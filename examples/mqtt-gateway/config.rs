@@ -747,6 +747,7 @@ pub(crate) struct Auth {
     #[serde(with = "duration")]
     pub(crate) timeout: Duration,
     pub(crate) max_entries: usize,
+    pub(crate) max_checks_per_addr: usize,
 }
 
 impl Default for Auth {
@@ -759,6 +760,7 @@ impl Default for Auth {
             deny_ttl: Duration::from_secs(5),
             timeout: Duration::from_secs(2),
             max_entries: 10_000,
+            max_checks_per_addr: aegis_mqtt::auth::DEFAULT_MAX_CHECKS_PER_ADDR,
         }
     }
 }
@@ -1419,6 +1421,12 @@ impl Config {
         // Own range, whatever auth.kind says. Not bound by mqtt.connack_timeout: the
         // CONNACK clock restarts when the callout allows the CONNECT.
         positive("auth.timeout", au.timeout)?;
+        at_least("auth.max_checks_per_addr", au.max_checks_per_addr, 1)?;
+        at_most(
+            "auth.max_checks_per_addr",
+            au.max_checks_per_addr,
+            MAX_AUTH_CHECKS_PER_ADDR,
+        )?;
         // Only with an authenticator: relates it to the MQTT layer.
         if au.kind != AuthKind::None && !self.mqtt.enabled {
             return Err(ConfigError::new(
@@ -1720,6 +1728,10 @@ const MAX_REFILL: Duration = aegis_layers::rate_limit::MAX_BURST_REFILL;
 
 /// [`MAX_REFILL`] in whole years of 365.25 days, for messages.
 const MAX_REFILL_YEARS: u64 = MAX_REFILL.as_secs() / MAX_DURATION.as_secs();
+
+/// The most `auth.max_checks_per_addr`: far more than any client needs in flight, yet a
+/// bound on one address's share of the authenticator's queue.
+const MAX_AUTH_CHECKS_PER_ADDR: u64 = 1_000;
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {

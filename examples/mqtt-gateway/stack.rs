@@ -386,7 +386,8 @@ pub(crate) fn auth(
             .ttl(c.ttl)
             .deny_ttl(c.deny_ttl)
             .timeout(c.timeout)
-            .max_entries(c.max_entries),
+            .max_entries(c.max_entries)
+            .max_checks_per_addr(c.max_checks_per_addr),
     ))
 }
 

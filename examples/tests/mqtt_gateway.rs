@@ -3133,6 +3133,16 @@ fn config_errors_exit_2_and_name_the_key() {
             "auth.url",
         ),
         (
+            "no auth checks per address",
+            "[auth]\nkind = \"none\"\nmax_checks_per_addr = 0\n",
+            "auth.max_checks_per_addr",
+        ),
+        (
+            "too many auth checks per address",
+            "[auth]\nkind = \"none\"\nmax_checks_per_addr = 1001\n",
+            "auth.max_checks_per_addr",
+        ),
+        (
             "missing password file",
             "[auth]\nkind = \"file\"\nfile = \"/nonexistent/aegis-users\"\n",
             "auth.file",
