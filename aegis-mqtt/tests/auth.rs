@@ -1199,3 +1199,45 @@ async fn too_many_checks_are_reported_with_medium_severity_and_count_toward_a_ba
     }
     assert_eq!(layer.addrs_checking(), 0);
 }
+
+#[test]
+fn max_checks_per_addr_keys_clients_by_key_by() {
+    let ((), snap) = testing::run(true, || async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        // An authenticator that never answers.
+        let authn = service_fn(move |_: Credentials| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(Decision::Allow)
+            }
+        });
+        let layer = AuthLayer::new(authn)
+            .max_checks_per_addr(1)
+            .key_by(aegis_core::KeyBy::new(24, 48));
+        let from = |peer: &str| Credentials::new("c", Some("u"), Some(b"p"), peer.parse().unwrap());
+        let mut waiting = vec![
+            tokio::spawn(layer.check(from("192.0.2.1:1"))),
+            tokio::spawn(layer.check(from("[2001:db8:0:1::1]:1"))),
+        ];
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The same /24 and the same /48: one client each.
+        for peer in ["192.0.2.200:2", "[2001:db8:0:2::1]:2"] {
+            let err = layer.check(from(peer)).await.unwrap_err();
+            assert!(err.is_too_many_checks(), "{peer}: {err:?}");
+        }
+        // Another /24 is another client.
+        waiting.push(tokio::spawn(layer.check(from("192.0.3.1:1"))));
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(layer.addrs_checking(), 3);
+        for w in &waiting {
+            w.abort();
+        }
+        settle().await;
+        assert_eq!(layer.addrs_checking(), 0);
+    });
+    assert_eq!(Seen::take(&snap).auth("too_many_checks", "refused"), 2);
+}

@@ -45,7 +45,7 @@ struct Inner {
     /// The callout in flight for each key: its id and where its outcome goes.
     flights: HashMap<Key, (u64, watch::Receiver<Outcome>)>,
     /// The checks in flight (waiting for or running a callout) of each client address
-    /// ([`KeyBy::default`]: IPv4 by address, IPv6 by /64). An address is removed when its
+    /// (keyed by [`Settings::key_by`]). An address is removed when its
     /// count returns to 0, so there are never more entries than checks in flight.
     checks: HashMap<ClientKey, usize>,
 }
@@ -64,6 +64,7 @@ pub(crate) struct Settings {
     pub(crate) max_entries: usize,
     pub(crate) timeout: Duration,
     pub(crate) max_checks_per_addr: usize,
+    pub(crate) key_by: KeyBy,
 }
 
 impl Cache {
@@ -142,7 +143,7 @@ impl Cache {
         A::Error: Into<BoxError>,
     {
         let key = self.key(&creds);
-        let addr = KeyBy::default().key(creds.client_addr.ip());
+        let addr = settings.key_by.key(creds.client_addr.ip());
         // The address's turn, taken by the first lookup that needs a callout and kept
         // (across takeovers) until the check ends or is dropped.
         let mut slot = None;

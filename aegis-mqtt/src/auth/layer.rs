@@ -2,7 +2,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aegis_core::BoxError;
+use aegis_core::{BoxError, KeyBy};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -35,6 +35,7 @@ impl<A> AuthLayer<A> {
                 max_entries: super::DEFAULT_MAX_ENTRIES,
                 timeout: super::DEFAULT_TIMEOUT,
                 max_checks_per_addr: super::DEFAULT_MAX_CHECKS_PER_ADDR,
+                key_by: KeyBy::new(32, 64),
             },
             cache: Arc::new(Cache::new()),
         }
@@ -70,7 +71,8 @@ impl<A> AuthLayer<A> {
     }
 
     /// The most checks a client address may have in flight, waiting for or running a
-    /// callout (4 by default); IPv4 clients are keyed by address, IPv6 clients by /64.
+    /// callout (4 by default); clients are keyed by [`key_by`](Self::key_by) (IPv4 by
+    /// address, IPv6 by /64).
     /// A check over it is refused at once with [`AuthError::TooManyChecks`], without
     /// reaching the authenticator, and reported with severity `medium` (counted toward a
     /// ban). A check answered from the cache takes no turn. See the
@@ -82,6 +84,15 @@ impl<A> AuthLayer<A> {
     pub const fn max_checks_per_addr(mut self, n: usize) -> Self {
         assert!(n > 0, "max_checks_per_addr must be at least 1");
         self.settings.max_checks_per_addr = n;
+        self
+    }
+
+    /// How client addresses are keyed for
+    /// [`max_checks_per_addr`](Self::max_checks_per_addr) ([`KeyBy::default`]: IPv4 by
+    /// /32, IPv6 by /64). Give it the `KeyBy` of the rest of the stack (its rate limits and
+    /// security layer), so that a client is one client to all of them.
+    pub const fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.settings.key_by = key_by;
         self
     }
 

@@ -81,9 +81,9 @@
 //!
 //! So each client address has at most
 //! [`max_checks_per_addr`](AuthLayer::max_checks_per_addr) checks in flight (4 by
-//! default): waiting for or running a callout, its own or one it shares. IPv4 clients
-//! are keyed by address, IPv6 clients by /64 (the default of the other per-client limits,
-//! [`KeyBy::default`](aegis_core::KeyBy)); this layer has no setting of its own for it.
+//! default): waiting for or running a callout, its own or one it shares. Clients are
+//! keyed by [`key_by`](AuthLayer::key_by): IPv4 by address, IPv6 by /64 by default, as
+//! the other per-client limits (give it theirs).
 //! A check over the cap is refused at once, without queueing and without reaching the
 //! authenticator, with [`AuthError::TooManyChecks`] (CONNACK 0x05 / 0x87, counted in
 //! `aegis_mqtt_auth_total{result="too_many_checks", cache="refused"}`), and reported to
