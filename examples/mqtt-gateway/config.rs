@@ -1463,7 +1463,13 @@ impl Config {
             policy,
             max_keep_alive,
             inspector,
-            auth: crate::stack::auth(&self.auth)?,
+            auth: crate::stack::auth(
+                &self.auth,
+                aegis_layers::rate_limit::KeyBy::new(
+                    self.limits.ipv4_prefix,
+                    self.limits.ipv6_prefix,
+                ),
+            )?,
             bans,
             raw: self,
         })

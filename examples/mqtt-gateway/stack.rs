@@ -342,9 +342,11 @@ pub(crate) struct Built<S> {
 /// Any authenticator: the HTTP or the file one.
 pub(crate) type Authenticator = BoxCloneSyncService<Credentials, Decision, BoxError>;
 
-/// The `AuthLayer` of `[auth]`, `None` when off. Reads the password file.
+/// The `AuthLayer` of `[auth]`, `None` when off, keying clients by `key_by` (that of
+/// `[limits]`). Reads the password file.
 pub(crate) fn auth(
     c: &config::Auth,
+    key_by: KeyBy,
 ) -> Result<Option<AuthLayer<Authenticator>>, config::ConfigError> {
     use config::ConfigError;
     let authn = match c.kind {
@@ -387,7 +389,8 @@ pub(crate) fn auth(
             .deny_ttl(c.deny_ttl)
             .timeout(c.timeout)
             .max_entries(c.max_entries)
-            .max_checks_per_addr(c.max_checks_per_addr),
+            .max_checks_per_addr(c.max_checks_per_addr)
+            .key_by(key_by),
     ))
 }
 
