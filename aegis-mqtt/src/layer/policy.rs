@@ -638,16 +638,19 @@ impl ConnPolicy {
             Packet::Subscribe(_) => ("subscribe", Some((Tier::Subscribe, &tiers.subscribe))),
             Packet::Unsubscribe(_) => ("unsubscribe", None),
             Packet::PingReq => ("pingreq", None),
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
-                // An answer to a packet of the broker's is free; one to nothing (an
-                // identifier never used, say) costs the broker a lookup, often a reply
-                // and a log line, and is charged as any other packet.
-                if let Some(credit) = self.ack_credit.checked_sub(1) {
-                    self.ack_credit = credit;
-                    return Verdict::Forward;
-                }
-                (ack_label(packet), None)
+            // An answer to a packet of the broker's is free; one to nothing (an identifier
+            // never used, say) costs the broker a lookup, often a reply and a log line,
+            // and is charged as any other packet.
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_)
+                if self.ack_credit > 0 =>
+            {
+                self.ack_credit -= 1;
+                return Verdict::Forward;
             }
+            Packet::PubAck(_) => ("puback", None),
+            Packet::PubRec(_) => ("pubrec", None),
+            Packet::PubRel(_) => ("pubrel", None),
+            Packet::PubComp(_) => ("pubcomp", None),
             _ => return Verdict::Forward,
         };
         let Some((over, overflow)) = tiers.first_over(key, own, len) else {
@@ -818,16 +821,6 @@ impl ConnPolicy {
     pub(crate) fn ack_credit(&mut self) -> Option<&mut u16> {
         let tiers = &*self.policy.tiers;
         (tiers.packets.is_some() || tiers.bytes.is_some()).then_some(&mut self.ack_credit)
-    }
-}
-
-/// The label of an acknowledgement in the policy's logs.
-fn ack_label(packet: &Packet<'_>) -> &'static str {
-    match packet {
-        Packet::PubAck(_) => "puback",
-        Packet::PubRec(_) => "pubrec",
-        Packet::PubRel(_) => "pubrel",
-        _ => "pubcomp",
     }
 }
 
