@@ -208,15 +208,10 @@ impl Cache {
             None => {}
         }
         if slot.is_none() {
-            let n = inner.checks.entry(addr).or_insert(0);
-            if *n >= max {
-                if *n == 0 {
-                    // Not reached (`max` is at least 1), but never leave a 0 behind.
-                    inner.checks.remove(&addr);
-                }
+            if inner.checks.get(&addr).is_some_and(|&n| n >= max) {
                 return Lookup::Refused;
             }
-            *n += 1;
+            *inner.checks.entry(addr).or_insert(0) += 1;
             *slot = Some(Slot { cache: self, addr });
         }
         if let Some((_, rx)) = inner.flights.get(key) {
