@@ -125,23 +125,26 @@ const BACKLOG: u32 = 1024;
 /// their upstream connect (a reviewer, proved with one runtime's thread stopped).
 const SHARD_QUEUE: usize = 64;
 
-/// The cores besides the first, where `server.runtime = "per-core"` runs a runtime each;
-/// `None` on one core (per core is then one runtime, served as usual).
-fn other_cores() -> Option<std::num::NonZeroUsize> {
-    std::thread::available_parallelism()
-        .ok()
-        .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1))
+/// The runtimes besides the accepting one that `runtime` serves from: one for each core
+/// but the first with `"per-core"`; `None` with `"work-stealing"`, or on one core (per
+/// core is then one runtime, served as usual).
+fn other_runtimes(runtime: config::Runtime) -> Option<std::num::NonZeroUsize> {
+    match runtime {
+        config::Runtime::PerCore => std::thread::available_parallelism()
+            .ok()
+            .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1)),
+        config::Runtime::WorkStealing => None,
+    }
 }
 
-/// The descriptors held outside the connection cap under `runtime`: the sockets queued
-/// for the other runtimes, [`SHARD_QUEUE`] each, with `"per-core"` on more than one core.
-fn held_descriptors(runtime: config::Runtime) -> u64 {
-    match (runtime, other_cores()) {
-        (config::Runtime::PerCore, Some(others)) => u64::try_from(others.get())
+/// The descriptors held outside the connection cap with `others` runtimes besides the
+/// accepting one ([`other_runtimes`]): the sockets queued for them, [`SHARD_QUEUE`] each.
+fn held_descriptors(others: Option<std::num::NonZeroUsize>) -> u64 {
+    others.map_or(0, |others| {
+        u64::try_from(others.get())
             .unwrap_or(u64::MAX)
-            .saturating_mul(SHARD_QUEUE as u64),
-        _ => 0,
-    }
+            .saturating_mul(SHARD_QUEUE as u64)
+    })
 }
 
 /// Binds the MQTT listener as `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
@@ -213,7 +216,7 @@ fn effective(settings: &Settings) -> Config {
     let configured = c.server.max_connections;
     let per_client = descriptors_per_client(settings.upstream);
     let limit = nofile::raise();
-    let held = held_descriptors(c.server.runtime);
+    let held = held_descriptors(other_runtimes(c.server.runtime));
     let cap = nofile::connection_cap(
         "server.max_connections",
         configured,
@@ -363,14 +366,16 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
         None => None,
     };
 
-    // The soft open-files limit raised to the hard one, and the cap kept within it (as
+    // The runtimes to serve from, and the soft open-files limit raised to the hard one,
+    // the cap kept within it, the sockets queued for those runtimes counted (as
     // `effective` computes it for --check).
+    let others = other_runtimes(c.server.runtime);
     let max_connections = nofile::connection_cap(
         "server.max_connections",
         c.server.max_connections,
         nofile::raise(),
         descriptors_per_client(settings.upstream),
-        held_descriptors(c.server.runtime),
+        held_descriptors(others),
     );
     let upstream = match settings.upstream {
         Upstream::Embedded => {
@@ -521,9 +526,8 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
             Arc::default()
         },
     });
-    // Per core on one core is one runtime, served as usual.
-    let (drained, aborted) = match (c.server.runtime, other_cores()) {
-        (config::Runtime::PerCore, Some(others)) => {
+    let (drained, aborted) = match others {
+        Some(others) => {
             serve_per_core(
                 listener,
                 built.service,
@@ -535,7 +539,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
             )
             .await?
         }
-        _ => {
+        None => {
             let report = serve_with(listener, built.service, &c.server, cap, admit, shutdown).await;
             (report.drained(), report.aborted())
         }
