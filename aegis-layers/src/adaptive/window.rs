@@ -103,7 +103,7 @@ impl Shared {
         let floor = self.drop_floor.load(Ordering::Relaxed);
         let micros = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
         if floor != NO_DROP_FLOOR && micros >= floor {
-            self.current.lock().saturating_record(micros);
+            self.record(age);
         }
     }
 
