@@ -31,8 +31,8 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Headers that carry a client address (or what a proxy saw of the client) to some
 /// backend, framework or CDN, beside the `X-Forwarded-*` family (which covers
 /// `X-Forwarded` itself): the standard `Forwarded`, nginx's `X-Real-IP`, Akamai's and
-/// Cloudflare's `True-Client-IP`, Cloudflare's `CF-Connecting-IP` and
-/// `CF-Pseudo-IPv4`, Fastly's `Fastly-Client-IP`, ingress-nginx's
+/// Cloudflare's `True-Client-IP`, Cloudflare's `CF-Connecting-IP`, `CF-Connecting-IPv6`
+/// and `CF-Pseudo-IPv4`, Fastly's `Fastly-Client-IP`, ingress-nginx's
 /// `X-Original-Forwarded-For`, DigitalOcean's `DO-Connecting-IP`, Google App Engine's
 /// `X-AppEngine-User-IP`, Envoy's `X-Envoy-External-Address`, Fly.io's
 /// `Fly-Client-IP`, Azure Front Door's `X-Azure-ClientIP` and `X-Azure-SocketIP`,
@@ -40,13 +40,20 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// and the older or unofficial `X-Client-IP`, `X-Cluster-Client-IP`, `Client-IP` (PHP's
 /// `HTTP_CLIENT_IP`), `Forwarded-For`, `X-Originating-IP`, `X-Remote-IP` and
 /// `X-Remote-Addr`, which client-address helpers of PHP, Java and Node.js frameworks
-/// still read. `Proxy-Client-IP`, which the Java helpers read beside
-/// `WL-Proxy-Client-IP`, goes with every `Proxy-*` header ([`strip_hop_by_hop`]).
-pub const CLIENT_ADDRESS_HEADERS: [&str; 22] = [
+/// still read; and `X-Host` and `X-Original-Host`, which some frameworks take for the
+/// request's host as they take `X-Forwarded-Host` (a client's own would pick the host a
+/// backend puts in its links and redirects). `Proxy-Client-IP`, which the Java helpers
+/// read beside `WL-Proxy-Client-IP`, goes with every `Proxy-*` header
+/// ([`strip_hop_by_hop`]). The list is what the gateway knows of; a backend that reads
+/// a client address or host from a header not on it gets the client's own value
+/// (headers that override the request's path, such as IIS's `X-Original-URL` or
+/// `X-Rewrite-URL`, are not the gateway's to remove: it has no rules on paths).
+pub const CLIENT_ADDRESS_HEADERS: [&str; 25] = [
     "forwarded",
     "x-real-ip",
     "true-client-ip",
     "cf-connecting-ip",
+    "cf-connecting-ipv6",
     "cf-pseudo-ipv4",
     "fastly-client-ip",
     "x-original-forwarded-for",
@@ -65,6 +72,8 @@ pub const CLIENT_ADDRESS_HEADERS: [&str; 22] = [
     "x-originating-ip",
     "x-remote-ip",
     "x-remote-addr",
+    "x-host",
+    "x-original-host",
 ];
 
 /// Headers that `Connection` cannot name away: `Host`, checked before the stripping and
