@@ -78,6 +78,11 @@ pub(crate) enum Measured {
     },
 }
 
+/// `d` in whole microseconds, saturating at `u64::MAX` (some 584,000 years).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Shared {
     pub(crate) fn new(initial: f64) -> Arc<Self> {
         Arc::new(Self {
@@ -89,8 +94,7 @@ impl Shared {
     }
 
     pub(crate) fn record(&self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.current.lock().saturating_record(micros);
+        self.current.lock().saturating_record(micros(latency));
     }
 
     /// Records a call dropped before it completed, `age` after it started, when that
@@ -101,16 +105,14 @@ impl Shared {
     /// little, and is no sample. Long ages saturate as completed calls' do.
     pub(crate) fn record_dropped(&self, age: Duration) {
         let floor = self.drop_floor.load(Ordering::Relaxed);
-        let micros = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
-        if floor != NO_DROP_FLOOR && micros >= floor {
+        if floor != NO_DROP_FLOOR && micros(age) >= floor {
             self.record(age);
         }
     }
 
     /// Sets the floor of [`record_dropped`](Self::record_dropped).
     pub(crate) fn set_drop_floor(&self, floor: Duration) {
-        let micros = u64::try_from(floor.as_micros()).unwrap_or(u64::MAX);
-        self.drop_floor.store(micros, Ordering::Relaxed);
+        self.drop_floor.store(micros(floor), Ordering::Relaxed);
     }
 
     /// Closes the open window: returns its samples and leaves `empty` in its place.
