@@ -68,6 +68,14 @@
 //! once it is over the rest of the body is dropped unread and both connections are
 //! closed (`client_body.rs`), instead of waiting up to 30 s for a body nobody reads.
 //!
+//! A client's read EOF ends its connection, as nginx does (its `499`): the gateway drops
+//! the backend's request or answer at once when a client goes away, since at the TCP
+//! level a client that closed and one that only shut its write side look the same
+//! until the next write. So a client that half-closes once its request is sent (`nc
+//! -N`, some scripts) gets no answer, though the backend may have run the request;
+//! HAProxy, which serves half-closed clients, holds a vanished client's backend work
+//! until its answer is written.
+//!
 //! A backend connection reads into a buffer of at most 64 KiB: a backend's answer head
 //! must fit in it (a larger one is answered `502`), and a client that asks for a large
 //! answer and does not read it holds some 240 KB of the gateway's memory, not 1 MB
