@@ -6,9 +6,12 @@
 Below the table, warnings for runs that did not measure what their rows say: a hold that
 held fewer sessions than it asked for (left out of the memory rows: its growth would be
 divided by the sessions held, under a limit, not by the target), churn and latency runs
-with failed sessions, publish runs with errors (counted in their percentiles or missing
-from their rates), and a flood of gw_all that no attacker got through (its addresses
-were banned before it began: the figures are of a ban in place).
+with failed sessions (counted in their percentiles) or with sessions whose DISCONNECT the
+target did not close (missing from their rates), publish runs with errors (counted in
+their percentiles or missing from their rates), runs in which mqtt-load itself failed to
+open connections (`local_errors`: the load it offered was smaller), and a flood of
+gw_all that no attacker got through (its addresses were banned before it began: the
+figures are of a ban in place).
 """
 import json
 import math
@@ -114,11 +117,23 @@ def warnings(runs):
                 if r.get("failed"):
                     out.append(f"{scenario} {t} rep {r['rep']}: {r['failed']:,} failed sessions"
                                f" (of {r['failed'] + r.get('ok', 0):,}; each counted as 3 s in the percentiles)")
+                if r.get("disconnect_failed"):
+                    out.append(f"{scenario} {t} rep {r['rep']}: {r['disconnect_failed']:,} sessions whose"
+                               " DISCONNECT the target did not close in 1 s (or reset): not in `ok`"
+                               " nor in sessions/s")
         for scenario in ("pub_qos0", "pub_qos1", "bytes"):
             for r in runs.get((scenario, t), []):
                 if r.get("errors"):
                     out.append(f"{scenario} {t} rep {r['rep']}: {r['errors']} of {r.get('clients', '?')}"
                                " publishers failed (no session, closed, or unacknowledged by the end)")
+    # mqtt-load's own failures (no socket, source port or address: EMFILE, EADDRINUSE,
+    # ...), counted apart from the target's refusals from its `local_errors` on.
+    for (scenario, t), rs in sorted(runs.items()):
+        for r in rs:
+            if r.get("local_errors"):
+                out.append(f"{scenario} {t} rep {r['rep']}: {r['local_errors']:,} connections mqtt-load"
+                           " itself failed to open (`local_errors`: not the target's refusals; the load"
+                           " it offered was smaller)")
     for r in runs.get(("flood", "gw_all"), []):
         if r.get("accepted") == 0:
             since = f" (attackers from {r['attackers_from']})" if "attackers_from" in r else ""
@@ -160,8 +175,15 @@ ROWS = [
     # runs it first (from run s on), on fresh processes; before, after the other
     # scenarios, whose freed memory it partly reused.
     # A hold that held fewer sessions than asked for is left out (a warning names it).
-    ("idle session: RSS growth per connection, first hold (bytes)", "hold",
+    # Anonymous memory (RssAnon + RssShmem, from mqtt-load's `anon_*` on): VmRSS also
+    # counts the code the first sessions page in (file-backed, once per process), which
+    # its row divides by the sessions as if theirs; it stays for files from before.
+    ("idle session: anonymous memory growth per connection, first hold (bytes)", "hold",
+     lambda r: r.get("anon_bytes_per_conn") if r["rep"] == 1 and not short_hold(r) else None, False),
+    ("idle session: VmRSS growth per connection, first hold, code paged in included (bytes)", "hold",
      lambda r: r.get("bytes_per_conn") if r["rep"] == 1 and not short_hold(r) else None, False),
+    ("idle sessions: anonymous memory while holding them (MiB)", "hold",
+     lambda r: None if short_hold(r) else r["anon_during"] / 1048576, False),
     ("idle sessions: RSS while holding them (MiB)", "hold",
      lambda r: None if short_hold(r) else r["rss_during"] / 1048576, False),
     ("flood: rejected conns/s", "flood", lambda r: r["rejected_per_s"], True),

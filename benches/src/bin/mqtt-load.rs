@@ -32,6 +32,13 @@
 //! session is given: a target that drops its slowest sessions does not show a better p99
 //! for it.
 //!
+//! Failures of this process's own (no socket, source port or address: `EMFILE`,
+//! `EADDRINUSE`, `EADDRNOTAVAIL`, ...) are counted in every mode's `local_errors`, never
+//! as the target's refusals or failures, nor in the percentiles. A `churn` cycle is `ok`
+//! once the target has closed after its DISCONNECT; one whose DISCONNECT failed counts in
+//! `disconnect_failed`. `hold` reports the target's anonymous memory
+//! (`RssAnon` + `RssShmem`: `anon_*`) beside its `VmRSS` (`rss_*`, `bytes_per_conn`).
+//!
 //! `publish` gives up on a connection whose PUBACK or PINGRESP has not come (or whose
 //! write has not gone out) by the end of the run plus [`GRACE`], and counts it in
 //! `errors`: a target that drops a QoS 1 PUBLISH unanswered ends the run instead of
@@ -331,11 +338,46 @@ fn attacker_range(from: Ipv4Addr, n: u8) -> Result<(), &'static str> {
     Ok(())
 }
 
-async fn connect_from(src: Ipv4Addr, target: SocketAddr) -> io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(src.into(), 0))?;
-    let stream = socket.connect(target).await?;
-    stream.set_nodelay(true)?;
+/// Why a connection failed: on this side or on the target's.
+#[derive(Debug)]
+enum ConnectError {
+    /// This process's own failure, before the target had a say: no socket (`EMFILE`,
+    /// `ENFILE`, `ENOBUFS`, `ENOMEM`), no source address or port (`EADDRINUSE`,
+    /// `EADDRNOTAVAIL`), at `socket`, `bind` or `connect` (see [`is_local`]).
+    Local,
+    /// The target's doing (or the network's): refused, reset, unreachable.
+    Target,
+}
+
+// Linux's errno values of the local failures io::ErrorKind has no stable kind for.
+const ENFILE: i32 = 23;
+const EMFILE: i32 = 24;
+const ENOBUFS: i32 = 105;
+
+/// Whether a `connect` error is this side's: out of source ports or addresses, of file
+/// descriptors, or of kernel memory, rather than the target's answer.
+fn is_local(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable | io::ErrorKind::OutOfMemory
+    ) || matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS))
+}
+
+/// A TCP connection from `src` (bound before the connect) to `target`. Failures to
+/// create, bind or set up the socket are always [`ConnectError::Local`]; `connect`'s
+/// errors as [`is_local`] says.
+async fn connect_from(src: Ipv4Addr, target: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let local = |_| ConnectError::Local;
+    let socket = TcpSocket::new_v4().map_err(local)?;
+    socket.bind(SocketAddr::new(src.into(), 0)).map_err(local)?;
+    let stream = socket.connect(target).await.map_err(|e| {
+        if is_local(&e) {
+            ConnectError::Local
+        } else {
+            ConnectError::Target
+        }
+    })?;
+    stream.set_nodelay(true).map_err(local)?;
     Ok(stream)
 }
 
@@ -348,6 +390,9 @@ enum Outcome {
     Refused,
     /// No answer in time.
     TimedOut,
+    /// This process failed before the target was involved ([`ConnectError::Local`]):
+    /// counted in `local_errors`, never as the target's refusal or success.
+    LocalError,
 }
 
 /// TCP connect + CONNECT (keep-alive off) until the CONNACK. Returns the stream when
@@ -370,32 +415,45 @@ async fn session_with(
     keep_alive: u16,
 ) -> (Outcome, Option<TcpStream>) {
     let attempt = async {
-        let mut s = connect_from(src, target).await?;
-        s.write_all(&connect_packet(id, keep_alive)).await?;
-        let (first, body) = read_packet(&mut s).await?;
-        if first == 0x20 && body.len() == 2 && body[1] == 0 {
-            Ok::<_, io::Error>(Some(s))
-        } else {
-            Ok(None)
+        let mut s = match connect_from(src, target).await {
+            Ok(s) => s,
+            Err(ConnectError::Local) => return Err(Outcome::LocalError),
+            Err(ConnectError::Target) => return Err(Outcome::Refused),
+        };
+        let answered = async {
+            s.write_all(&connect_packet(id, keep_alive)).await?;
+            read_packet(&mut s).await
+        };
+        match answered.await {
+            Ok((0x20, body)) if body.len() == 2 && body[1] == 0 => Ok(s),
+            // A refusing CONNACK, another packet, or the connection closed or reset.
+            _ => Err(Outcome::Refused),
         }
     };
     match tokio::time::timeout(limit, attempt).await {
-        Ok(Ok(Some(s))) => (Outcome::Accepted, Some(s)),
-        Ok(Ok(None) | Err(_)) => (Outcome::Refused, None),
+        Ok(Ok(s)) => (Outcome::Accepted, Some(s)),
+        Ok(Err(o)) => (o, None),
         Err(_) => (Outcome::TimedOut, None),
     }
 }
 
-/// DISCONNECT, then wait (briefly) for the broker to close first: the server side keeps
-/// the TIME_WAIT, not our source ports.
-async fn disconnect(mut s: TcpStream) {
+/// How long [`disconnect`] waits for the broker to close.
+const DISCONNECT_LIMIT: Duration = Duration::from_secs(1);
+
+/// DISCONNECT, then wait (at most [`DISCONNECT_LIMIT`]) for the broker to close first:
+/// the server side keeps the TIME_WAIT, not our source ports. Whether the session ended
+/// as MQTT says: the DISCONNECT was written and the broker then closed the connection
+/// (EOF) in time; not when the write failed, the connection was reset, or it was still
+/// open at the limit.
+async fn disconnect(mut s: TcpStream) -> bool {
     let mut buf = [0u8; 64];
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if s.write_all(&DISCONNECT).await.is_ok() {
-            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-        }
+    let closed = tokio::time::timeout(DISCONNECT_LIMIT, async {
+        s.write_all(&DISCONNECT).await?;
+        while s.read(&mut buf).await? > 0 {}
+        Ok::<_, io::Error>(())
     })
     .await;
+    matches!(closed, Ok(Ok(())))
 }
 
 /// Time since `t`; never panics.
@@ -489,12 +547,58 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     sum
 }
 
-/// `VmRSS` in bytes.
-fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+/// A process's resident memory, in bytes, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memory {
+    /// `VmRSS`: every resident page, file-backed ones (code, mapped files) too.
+    rss: u64,
+    /// `RssAnon` + `RssShmem`: the process's own memory (heap, stacks, shared
+    /// anonymous), without the code and files it has paged in. `None` where the kernel
+    /// does not give them (before Linux 4.5).
+    anon: Option<u64>,
+}
+
+/// The `KEY:` line of a `/proc/PID/status` text, in bytes (the file gives kB).
+fn status_bytes(status: &str, key: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+fn parse_memory(status: &str) -> Option<Memory> {
+    Some(Memory {
+        rss: status_bytes(status, "VmRSS")?,
+        anon: status_bytes(status, "RssAnon")
+            .and_then(|anon| Some(anon + status_bytes(status, "RssShmem")?)),
+    })
+}
+
+fn memory(pid: u32) -> Option<Memory> {
+    parse_memory(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `hold`'s memory fields from the target's memory before and while it holds `count`
+/// sessions. The per-connection figure (`anon_bytes_per_conn`) is the growth of
+/// anonymous memory: the first sessions a fresh proxy sees also page in the code that
+/// serves them (file-backed, once per process), which `VmRSS` counts and would divide
+/// by the sessions as if theirs. `VmRSS` stays under its old keys (`rss_before`,
+/// `rss_during`, `bytes_per_conn`), comparable with files from before.
+fn memory_fields(before: Memory, during: Memory, count: usize) -> Fields {
+    #[allow(clippy::cast_precision_loss)]
+    let per = |b: u64, d: u64| f3(d.saturating_sub(b) as f64 / count.max(1) as f64);
+    let mut fields = vec![
+        ("rss_before", before.rss.to_string()),
+        ("rss_during", during.rss.to_string()),
+        ("bytes_per_conn", per(before.rss, during.rss)),
+    ];
+    if let (Some(b), Some(d)) = (before.anon, during.anon) {
+        fields.push(("anon_before", b.to_string()));
+        fields.push(("anon_during", d.to_string()));
+        fields.push(("anon_bytes_per_conn", per(b, d)));
+    }
+    fields
 }
 
 // ---------------------------------------------------------------------------------------
@@ -508,7 +612,10 @@ const SESSION_LIMIT: Duration = Duration::from_secs(3);
 /// see whether they gather at some moment (a periodic stall) or spread over the run.
 const CHURN_SLOWEST: usize = 40;
 
-/// CONNECT, CONNACK, DISCONNECT cycles from `concurrency` workers.
+/// CONNECT, CONNACK, DISCONNECT cycles from `concurrency` workers. A cycle is `ok` once
+/// the broker has closed after its DISCONNECT ([`disconnect`]); one accepted whose
+/// disconnect failed counts in `disconnect_failed` (its CONNACK latency in the
+/// percentiles), not in `ok`, `ops` or `per_s`.
 async fn churn(a: &Args) -> Fields {
     let start = Instant::now();
     let end = start + a.duration;
@@ -517,7 +624,8 @@ async fn churn(a: &Args) -> Fields {
     for _ in 0..a.concurrency {
         let (next, target) = (next.clone(), a.target);
         set.spawn(async move {
-            let (mut h, mut ok, mut failed) = (new_hist(), 0u64, 0u64);
+            let (mut h, mut ok, mut failed, mut local) = (new_hist(), 0u64, 0u64, 0u64);
+            let mut disconnect_failed = 0u64;
             let mut all = Vec::new();
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -531,24 +639,32 @@ async fn churn(a: &Args) -> Fields {
                         if all.len() == 2 * CHURN_SLOWEST {
                             all = slowest(std::mem::take(&mut all), CHURN_SLOWEST);
                         }
-                        disconnect(s).await;
-                        ok += 1;
+                        if disconnect(s).await {
+                            ok += 1;
+                        } else {
+                            disconnect_failed += 1;
+                        }
                     }
+                    // Not the target's: neither in `failed` nor in the percentiles.
+                    (Outcome::LocalError, _) => local += 1,
                     _ => {
                         let _ = h.record(micros(SESSION_LIMIT));
                         failed += 1;
                     }
                 }
             }
-            (h, ok, failed, all)
+            (h, ok, failed, local, disconnect_failed, all)
         });
     }
-    let (mut h, mut ok, mut failed) = (new_hist(), 0, 0);
+    let (mut h, mut ok, mut failed, mut local) = (new_hist(), 0, 0, 0);
+    let mut disconnect_failed = 0;
     let mut all = Vec::new();
-    while let Some(Ok((wh, wok, wf, wall))) = set.join_next().await {
+    while let Some(Ok((wh, wok, wf, wl, wd, wall))) = set.join_next().await {
         let _ = h.add(&wh);
         ok += wok;
+        disconnect_failed += wd;
         failed += wf;
+        local += wl;
         all.extend(wall);
     }
     let slow = pairs_json(&slowest(all, CHURN_SLOWEST));
@@ -559,6 +675,8 @@ async fn churn(a: &Args) -> Fields {
         ("concurrency", a.concurrency.to_string()),
         ("ok", ok.to_string()),
         ("failed", failed.to_string()),
+        ("disconnect_failed", disconnect_failed.to_string()),
+        ("local_errors", local.to_string()),
         ("ops", ok.to_string()),
         ("per_s", f3(rate)),
         ("p50_us", pct(&h, 0.5).to_string()),
@@ -567,16 +685,19 @@ async fn churn(a: &Args) -> Fields {
     ]
 }
 
-/// N idle sessions; RSS of `--rss-pid` before and while they are held.
+/// N idle sessions; memory of `--rss-pid` before and while they are held
+/// ([`memory_fields`]).
 async fn hold(a: &Args) -> Fields {
-    let before = a.rss_pid.and_then(rss);
+    let before = a.rss_pid.and_then(memory);
     let next = Arc::new(AtomicU64::new(0));
     let held = Arc::new(Mutex::new(Vec::with_capacity(a.n)));
     let n = a.n as u64;
     let failed = Arc::new(AtomicU64::new(0));
+    let local = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for _ in 0..a.concurrency.max(64) {
         let (next, held, failed, target) = (next.clone(), held.clone(), failed.clone(), a.target);
+        let local = local.clone();
         let keep_alive = a.keep_alive;
         set.spawn(async move {
             loop {
@@ -588,6 +709,9 @@ async fn hold(a: &Args) -> Fields {
                 match session_with(spread(i), target, &id, Duration::from_secs(5), keep_alive).await
                 {
                     (Outcome::Accepted, Some(s)) => held.lock().await.push(s),
+                    (Outcome::LocalError, _) => {
+                        local.fetch_add(1, Ordering::Relaxed);
+                    }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -601,7 +725,7 @@ async fn hold(a: &Args) -> Fields {
     // Let the proxy settle, then read its RSS; then hold for the rest of the duration
     // (or until SIGINT / SIGTERM) so that it can also be read from outside.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let during = a.rss_pid.and_then(rss);
+    let during = a.rss_pid.and_then(memory);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     tokio::select! {
@@ -613,14 +737,11 @@ async fn hold(a: &Args) -> Fields {
         ("requested", a.n.to_string()),
         ("held", count.to_string()),
         ("failed", failed.load(Ordering::Relaxed).to_string()),
+        ("local_errors", local.load(Ordering::Relaxed).to_string()),
         ("keep_alive", a.keep_alive.to_string()),
     ];
     if let (Some(b), Some(d)) = (before, during) {
-        #[allow(clippy::cast_precision_loss)]
-        let per = (d.saturating_sub(b)) as f64 / count.max(1) as f64;
-        fields.push(("rss_before", b.to_string()));
-        fields.push(("rss_during", d.to_string()));
-        fields.push(("bytes_per_conn", f3(per)));
+        fields.extend(memory_fields(b, d, count));
     }
     fields
 }
@@ -636,14 +757,21 @@ async fn publish(a: &Args) -> Fields {
     for w in 0..a.concurrency.min(64) {
         let (qos, size, target) = (a.qos, a.payload, a.target);
         set.spawn(async move {
-            let (_, s) = session(
+            let (o, s) = session(
                 spread(w as u64),
                 target,
                 &format!("p{w}"),
                 Duration::from_secs(5),
             )
             .await;
-            let Some(mut s) = s else { return (0u64, 1u64) };
+            let Some(mut s) = s else {
+                // (sent, errors, local errors)
+                return if o == Outcome::LocalError {
+                    (0u64, 0u64, 1u64)
+                } else {
+                    (0, 1, 0)
+                };
+            };
             let payload = vec![b'x'; size];
             let batch: u16 = if qos == 0 {
                 u16::try_from((256 * 1024 / (size + 16)).clamp(1, 1000)).expect("<= 1000")
@@ -666,7 +794,7 @@ async fn publish(a: &Args) -> Fields {
                     tokio::time::timeout_at(give_up, s.write_all(&buf)).await,
                     Ok(Ok(()))
                 ) {
-                    return (sent, 1);
+                    return (sent, 1, 0);
                 }
                 let want = if qos == 0 { 1 } else { batch };
                 let mut got = 0;
@@ -675,19 +803,20 @@ async fn publish(a: &Args) -> Fields {
                         Ok(Ok((0xD0 | 0x40, _))) => got += 1,
                         Ok(Ok(_)) => {}
                         // Closed, reset, or no acknowledgement in time.
-                        Ok(Err(_)) | Err(_) => return (sent, 1),
+                        Ok(Err(_)) | Err(_) => return (sent, 1, 0),
                     }
                 }
                 sent += u64::from(batch);
             }
             disconnect(s).await;
-            (sent, 0)
+            (sent, 0, 0)
         });
     }
-    let (mut sent, mut errors) = (0, 0);
-    while let Some(Ok((s, e))) = set.join_next().await {
+    let (mut sent, mut errors, mut local) = (0, 0, 0);
+    while let Some(Ok((s, e, l))) = set.join_next().await {
         sent += s;
         errors += e;
+        local += l;
     }
     let secs = a.duration.as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
@@ -699,6 +828,7 @@ async fn publish(a: &Args) -> Fields {
         ("msgs", sent.to_string()),
         ("ops", sent.to_string()),
         ("errors", errors.to_string()),
+        ("local_errors", local.to_string()),
         ("per_s", f3(msgs)),
         ("mib_per_s", f3(bytes / 1_048_576.0)),
     ]
@@ -726,6 +856,8 @@ struct Legit {
     refused: u64,
     /// Attempts with no CONNACK within 3 s.
     timed_out: u64,
+    /// Attempts that failed on this side ([`Outcome::LocalError`]): not in `total`.
+    local_errors: u64,
     /// The [`SLOWEST`] slowest successful sessions, slowest first: when each started
     /// (ms after the clients started) and how long it took (us).
     slowest: Vec<(u64, u64)>,
@@ -742,6 +874,7 @@ impl Legit {
             total: 0,
             refused: 0,
             timed_out: 0,
+            local_errors: 0,
             slowest: Vec::new(),
         }
     }
@@ -791,6 +924,7 @@ async fn legit(clients: usize, target: SocketAddr, every: Duration, end: Instant
                             Ok((millis_after(start, t0), micros(took)))
                         }
                         (Outcome::TimedOut, _) => Err(Outcome::TimedOut),
+                        (Outcome::LocalError, _) => Err(Outcome::LocalError),
                         _ => Err(Outcome::Refused),
                     }
                 });
@@ -802,6 +936,11 @@ async fn legit(clients: usize, target: SocketAddr, every: Duration, end: Instant
     let mut all = Vec::new();
     while let Some(Ok(results)) = clients_set.join_next().await {
         for r in results {
+            if r == Err(Outcome::LocalError) {
+                // Not the target's: neither a success nor a failure of it.
+                l.local_errors += 1;
+                continue;
+            }
             l.total += 1;
             match r {
                 Ok((at, us)) => {
@@ -859,6 +998,8 @@ enum Attack {
     Uncut,
     /// The connect failed, or had not completed by the end of the window.
     ConnectFailed,
+    /// This process could not open the connection ([`ConnectError::Local`]).
+    LocalError,
 }
 
 /// Counts an open attacking connection while it lives.
@@ -897,8 +1038,10 @@ async fn attack_once(
     if let Some(connected) = connected {
         connected.fetch_add(1, Ordering::Relaxed);
     }
-    let Ok(Ok(s)) = s else {
-        return Attack::ConnectFailed;
+    let s = match s {
+        Ok(Ok(s)) => s,
+        Ok(Err(ConnectError::Local)) => return Attack::LocalError,
+        Ok(Err(ConnectError::Target)) | Err(_) => return Attack::ConnectFailed,
     };
     let (mut r, mut w) = s.into_split();
     let trickle = async move {
@@ -1063,6 +1206,7 @@ async fn slowloris(a: &Args) -> Fields {
         ));
     }
     let (mut cut_at, mut uncut, mut connect_failed) = (Vec::new(), 0u64, 0u64);
+    let mut local = 0u64;
     let (mut re_cut_at, mut re_uncut, mut re_failed, mut reconnects) =
         (Vec::new(), 0u64, 0u64, 0u64);
     while let Some(Ok((first, later))) = set.join_next().await {
@@ -1070,6 +1214,7 @@ async fn slowloris(a: &Args) -> Fields {
             Attack::Cut(d) => cut_at.push(d),
             Attack::Uncut => uncut += 1,
             Attack::ConnectFailed => connect_failed += 1,
+            Attack::LocalError => local += 1,
         }
         for r in later {
             reconnects += 1;
@@ -1077,6 +1222,7 @@ async fn slowloris(a: &Args) -> Fields {
                 Attack::Cut(d) => re_cut_at.push(d),
                 Attack::Uncut => re_uncut += 1,
                 Attack::ConnectFailed => re_failed += 1,
+                Attack::LocalError => local += 1,
             }
         }
     }
@@ -1096,6 +1242,12 @@ async fn slowloris(a: &Args) -> Fields {
         ("cut", cut_at.len().to_string()),
         ("uncut", uncut.to_string()),
         ("connect_failed", connect_failed.to_string()),
+        // Every attacking and legitimate connection of the run that this process failed
+        // to open (the attackers' are in neither `cut`, `uncut` nor `connect_failed`).
+        (
+            "local_errors",
+            (local + base.local_errors + l.local_errors).to_string(),
+        ),
         ("cut_within_100ms", within(&late).to_string()),
         ("late_min_ms", first_or_null(&late)),
         ("late_p50_ms", quantile(&late, 0.5)),
@@ -1139,7 +1291,7 @@ async fn flood(a: &Args) -> Fields {
         let (next, target) = (next.clone(), a.target);
         let (from, n) = (a.attackers_from, a.attackers);
         set.spawn(async move {
-            let (mut acc, mut rej, mut to) = (0u64, 0u64, 0u64);
+            let (mut acc, mut rej, mut to, mut local) = (0u64, 0u64, 0u64, 0u64);
             while Instant::now() < end {
                 // `attacker` takes it round the `n` addresses.
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -1156,17 +1308,25 @@ async fn flood(a: &Args) -> Fields {
                         disconnect(s).await;
                     }
                     (Outcome::TimedOut, _) => to += 1,
+                    // This process's failure: not a rejection by the target (`rejected`
+                    // divides its CPU).
+                    (Outcome::LocalError, _) => {
+                        local += 1;
+                        // An attacker that fails at once would otherwise spin.
+                        tokio::task::yield_now().await;
+                    }
                     _ => rej += 1,
                 }
             }
-            (acc, rej, to)
+            (acc, rej, to, local)
         });
     }
-    let (mut acc, mut rej, mut to) = (0, 0, 0);
-    while let Some(Ok((x, y, z))) = set.join_next().await {
+    let (mut acc, mut rej, mut to, mut local) = (0, 0, 0, 0);
+    while let Some(Ok((x, y, z, w))) = set.join_next().await {
         acc += x;
         rej += y;
         to += z;
+        local += w;
     }
     let l = legit_task.await.unwrap_or_else(|_| Legit::none());
     let secs = a.duration.as_secs_f64();
@@ -1182,6 +1342,8 @@ async fn flood(a: &Args) -> Fields {
         ("accepted", acc.to_string()),
         ("rejected", rej.to_string()),
         ("timed_out", to.to_string()),
+        // The attackers' and the legitimate clients' (the latter in no `legit_*`).
+        ("local_errors", (local + l.local_errors).to_string()),
         ("ops", rej.to_string()),
         ("rejected_per_s", f3(rej_rate)),
         ("legit_clients", a.legit_clients.to_string()),
@@ -1313,6 +1475,14 @@ async fn stall(a: &Args) -> Result<Fields, StallError> {
         ("stalled_answered_after_1s", slow.to_string()),
         ("stalled_refused", during(Outcome::Refused).to_string()),
         ("stalled_timed_out", during(Outcome::TimedOut).to_string()),
+        (
+            "local_errors",
+            results
+                .iter()
+                .filter(|(_, _, o)| *o == Outcome::LocalError)
+                .count()
+                .to_string(),
+        ),
         ("fast_refusal_after_ms", ms(fast)),
         ("recovery_after_cont_ms", ms(recovered)),
     ])
@@ -1354,6 +1524,137 @@ mod tests {
         addr
     }
 
+    /// What [`broker`] does after the client's DISCONNECT.
+    #[derive(Clone, Copy, Debug)]
+    enum AfterDisconnect {
+        /// Closes (as MQTT says the server does).
+        Close,
+        /// Resets the connection.
+        Reset,
+        /// Keeps it open until the client closes.
+        StayOpen,
+    }
+
+    /// A broker that answers every CONNECT with CONNACK 0, then does `after` once the
+    /// DISCONNECT comes.
+    async fn broker(after: AfterDisconnect) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if read_packet(&mut s).await.is_err()
+                        || s.write_all(&[0x20, 2, 0, 0]).await.is_err()
+                    {
+                        return;
+                    }
+                    while let Ok((first, _)) = read_packet(&mut s).await {
+                        if first == DISCONNECT[0] {
+                            match after {
+                                AfterDisconnect::Close => return,
+                                AfterDisconnect::Reset => {
+                                    s.set_zero_linger().unwrap();
+                                    return;
+                                }
+                                AfterDisconnect::StayOpen => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disconnect_says_whether_the_broker_closed_after_it() {
+        for (after, closed) in [
+            (AfterDisconnect::Close, true),
+            (AfterDisconnect::Reset, false),
+            (AfterDisconnect::StayOpen, false),
+        ] {
+            let target = broker(after).await;
+            let (o, s) = session(LEGIT, target, "d", SESSION_LIMIT).await;
+            assert_eq!(o, Outcome::Accepted, "{after:?}");
+            assert_eq!(disconnect(s.unwrap()).await, closed, "{after:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_counts_no_cycle_ok_whose_disconnect_failed() {
+        // Not a broker that resets: its cycles would never wait, nor let the paused clock
+        // reach the end of the run (`disconnect_says_whether_...` has it).
+        for after in [AfterDisconnect::StayOpen] {
+            let mut a = Args::new("churn", broker(after).await);
+            a.concurrency = 1;
+            a.duration = Duration::from_secs(3);
+            let fields = churn(&a).await;
+            assert_eq!(field(&fields, "ok"), "0", "{after:?}: {fields:?}");
+            assert_eq!(field(&fields, "ops"), "0", "{after:?}: {fields:?}");
+            assert_eq!(field(&fields, "failed"), "0", "{after:?}: {fields:?}");
+            let failed: u64 = field(&fields, "disconnect_failed").parse().unwrap();
+            assert!(failed >= 1, "{after:?}: {fields:?}");
+        }
+    }
+
+    #[test]
+    fn local_failures_are_told_from_the_targets() {
+        use io::{Error, ErrorKind};
+        const EADDRINUSE: i32 = 98;
+        const EADDRNOTAVAIL: i32 = 99;
+        const ENOMEM: i32 = 12;
+        for errno in [EADDRINUSE, EADDRNOTAVAIL, EMFILE, ENFILE, ENOBUFS, ENOMEM] {
+            assert!(is_local(&Error::from_raw_os_error(errno)), "errno {errno}");
+        }
+        // ECONNREFUSED, ECONNRESET, ETIMEDOUT, ENETUNREACH, EHOSTUNREACH.
+        for errno in [111, 104, 110, 101, 113] {
+            assert!(!is_local(&Error::from_raw_os_error(errno)), "errno {errno}");
+        }
+        assert!(!is_local(&Error::from(ErrorKind::ConnectionRefused)));
+    }
+
+    /// An address no interface here has (TEST-NET-2; a host may have one of TEST-NET-1,
+    /// this one has 192.0.2.2): binding to it fails with `EADDRNOTAVAIL`, this side's
+    /// failure, as running out of ports or descriptors is.
+    const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+    #[tokio::test]
+    async fn a_session_that_cannot_bind_is_a_local_error_not_a_refusal() {
+        let target = broker(AfterDisconnect::Close).await;
+        let (o, s) = session(UNASSIGNED, target, "l", SESSION_LIMIT).await;
+        assert!(s.is_none());
+        assert_eq!(o, Outcome::LocalError);
+        // A refusal by the target stays one: nothing listens on a closed port.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert_eq!(
+            session(LEGIT, closed_addr, "r", SESSION_LIMIT).await.0,
+            Outcome::Refused
+        );
+    }
+
+    /// On the real clock: attackers that fail at once never let a paused clock move.
+    #[tokio::test]
+    async fn flood_counts_its_own_failures_apart_from_rejections() {
+        let mut a = Args::new("flood", broker(AfterDisconnect::Close).await);
+        a.attackers_from = UNASSIGNED;
+        a.attackers = 1;
+        a.concurrency = 2;
+        a.legit_clients = 1;
+        a.duration = Duration::from_millis(300);
+        let fields = flood(&a).await;
+        assert_eq!(field(&fields, "rejected"), "0", "{fields:?}");
+        assert_eq!(field(&fields, "accepted"), "0", "{fields:?}");
+        let local: u64 = field(&fields, "local_errors").parse().unwrap();
+        assert!(local >= 2, "{fields:?}");
+        // The legitimate client, from a local address, is served.
+        assert_ne!(field(&fields, "legit_ok"), "0", "{fields:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn publish_ends_when_the_target_never_acknowledges() {
         for qos in [1, 0] {
@@ -1389,6 +1690,36 @@ mod tests {
         assert!(
             matches!(err, StallError::Signal { signal: "STOP", .. }),
             "{err}"
+        );
+    }
+
+    /// A `/proc/PID/status` text with these kB figures.
+    fn status(rss: u64, anon: u64, file: u64, shmem: u64) -> String {
+        format!(
+            "Name:\tmqtt-gateway\nVmHWM:\t{rss} kB\nVmRSS:\t{rss} kB\nRssAnon:\t{anon} kB\n\
+             RssFile:\t{file} kB\nRssShmem:\t{shmem} kB\nVmData:\t9 kB\n"
+        )
+    }
+
+    #[test]
+    fn hold_counts_anonymous_memory_per_connection_not_code_paged_in() {
+        // The reviewer's gw_all over a `hold 4000`: RssFile 7,992 -> 8,184 kB, the code
+        // the first sessions paged in; the anonymous memory grew by 7,860 kB.
+        let before = parse_memory(&status(7_992 + 1_000 + 4, 1_000, 7_992, 4)).unwrap();
+        let during = parse_memory(&status(8_184 + 8_860 + 4, 8_860, 8_184, 4)).unwrap();
+        assert_eq!(before.anon, Some(1_004 * 1024));
+        let fields = memory_fields(before, during, 4000);
+        assert_eq!(field(&fields, "anon_bytes_per_conn"), "2012.160");
+        // VmRSS stays, under its old keys.
+        assert_eq!(field(&fields, "bytes_per_conn"), "2061.312");
+        assert_eq!(field(&fields, "rss_during"), (17_048 * 1024).to_string());
+        // No RssAnon (before Linux 4.5): no anonymous figure, rather than a wrong one.
+        let old = parse_memory("VmRSS:\t100 kB\n").unwrap();
+        assert_eq!(old.anon, None);
+        assert!(
+            !memory_fields(old, old, 1)
+                .iter()
+                .any(|(k, _)| k.starts_with("anon"))
         );
     }
 
