@@ -155,7 +155,11 @@ def median(runs, scenario, target, f):
     return statistics.median(vals) if vals else None
 
 
-# (row label, scenario, function of one run, higher is better?)
+# How a row's targets are compared in the last three columns: a ratio (the default), a
+# difference (values that can be negative), or not at all (times of occurrence).
+RATIO, DIFF, WHEN = "ratio", "diff", "when"
+
+# (row label, scenario, function of one run, higher is better?[, RATIO | DIFF | WHEN])
 ROWS = [
     ("latency p50, connect->CONNACK, 1 client (us)", "latency", lambda r: r["p50_us"], False),
     ("latency p99, connect->CONNACK, 1 client (us)", "latency", lambda r: r["p99_us"], False),
@@ -202,8 +206,9 @@ ROWS = [
     ("slowloris: first connections cut within 100 ms of 3 s deadline (of 500)", "slowloris",
      lambda r: r["cut_within_100ms"], True),
     ("slowloris: first connections never cut within 4.5 s", "slowloris", lambda r: r["uncut"], False),
-    ("slowloris: cut lateness p50 (ms)", "slowloris", lambda r: r["late_p50_ms"], False),
-    ("slowloris: cut lateness max (ms)", "slowloris", lambda r: r["late_max_ms"], False),
+    # Negative when cut early: a ratio of two of them means nothing, their difference does.
+    ("slowloris: cut lateness p50 (ms)", "slowloris", lambda r: r["late_p50_ms"], False, DIFF),
+    ("slowloris: cut lateness max (ms)", "slowloris", lambda r: r["late_max_ms"], False, DIFF),
     ("slowloris: reconnections after a cut", "slowloris", lambda r: r["reconnects"], False),
     ("slowloris: attacking connections open, least after the first burst (of 500)", "slowloris",
      lambda r: r["open_min"], True),
@@ -222,7 +227,7 @@ ROWS = [
     ("slowloris: legit slowest under attack (us)", "slowloris",
      lambda r: r["legit_slowest"][0][1] if r.get("legit_slowest") else None, False),
     ("slowloris: legit slowest under attack started at (ms)", "slowloris",
-     lambda r: r["legit_slowest"][0][0] if r.get("legit_slowest") else None, False),
+     lambda r: r["legit_slowest"][0][0] if r.get("legit_slowest") else None, False, WHEN),
     ("slowloris: legit success (%)", "slowloris", lambda r: 100.0 * r["legit_ok"] / max(r["legit_total"], 1), True),
     ("stall: first fast refusal after SIGSTOP (ms)", "stall", lambda r: r["fast_refusal_after_ms"], False),
     ("stall: attempts while stopped", "stall", lambda r: r["stalled_accepted"] + r["stalled_refused"] + r["stalled_timed_out"], False),
@@ -247,6 +252,18 @@ def ratio(a, b):
     return f"{a / b:.2f}"
 
 
+def compare(a, b, how):
+    """The cell comparing a with b in the last columns: a / b, a - b ("diff +5.00", for
+    rows of values that can be negative), or "-" (for times of occurrence)."""
+    if how == WHEN:
+        return "-"
+    if how == DIFF:
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            return "-"
+        return f"diff {a - b:+.2f}"
+    return ratio(a, b)
+
+
 def main():
     runs = load(sys.argv[1])
     reps = max((r["rep"] for rs in runs.values() for r in rs), default=0)
@@ -257,7 +274,8 @@ def main():
     head = ["metric"] + TARGETS + ["gw_all / haproxy_hard", "gw_off / haproxy_plain", "gw_all / direct"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for label, scenario, f, _ in ROWS:
+    for label, scenario, f, _, *how in ROWS:
+        how = how[0] if how else RATIO
         if f is None:
             # The attackers a limiter admits are proxied sessions: take each one's CPU
             # (the churn median of that target) out before dividing by the rejections.
@@ -280,9 +298,9 @@ def main():
         if all(v is None for v in vals.values()):
             continue
         cells = [label] + [v if isinstance(v, str) else fmt(v) for v in (vals[t] for t in TARGETS)]
-        cells += [ratio(vals["gw_all"], vals["haproxy_hard"]),
-                  ratio(vals["gw_off"], vals["haproxy_plain"]),
-                  ratio(vals["gw_all"], vals["direct"])]
+        cells += [compare(vals["gw_all"], vals["haproxy_hard"], how),
+                  compare(vals["gw_off"], vals["haproxy_plain"], how),
+                  compare(vals["gw_all"], vals["direct"], how)]
         print("| " + " | ".join(cells) + " |")
     print()
     for w in warnings(runs):
