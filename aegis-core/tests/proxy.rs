@@ -588,3 +588,167 @@ async fn a_reset_under_waiting_client_bytes_still_reads_the_refusal() {
     assert_eq!(got, b"unavailable");
     let _ = upload.await.unwrap();
 }
+
+/// An upstream connection that a test watches while a transfer owns it: the transfer
+/// reads and writes through this, counting what it read, and the test peeks at what
+/// still waits in the socket and waits for its error.
+struct Watched {
+    io: std::sync::Arc<TcpStream>,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            match self.io.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_write_ready(cx))?;
+            match self.io.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                res => return std::task::Poll::Ready(res),
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(
+            socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write),
+        )
+    }
+}
+
+/// The upstream sent more than the client's side of the copy holds, then closed (a
+/// FIN), every byte of it past its own kernel; the client, reading nothing yet, sends
+/// a byte, which the closed upstream's kernel answers with a reset, and then another,
+/// whose write to the upstream fails. What the upstream sent (held in the copy, and
+/// still unread at the upstream's socket) still reaches the client, all of it, before
+/// its connection ends: the transfer stopped only the client's direction. It returned
+/// every byte after the upstream's first at once, as if the upstream had cut them.
+#[tokio::test]
+async fn a_failed_write_to_the_upstream_after_its_first_byte_still_delivers_what_it_sent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // More than the copy's buffer (64 KiB) and the socket buffers to the client hold,
+    // less than those and the upstream connection's receive buffer (128 KiB by default
+    // on Linux) hold: every byte leaves the upstream before it closes (the bytes a
+    // closed socket still holds are lost at its reset, a direct connection's too).
+    const LEN: usize = 128 * 1024 + 13;
+    // Small socket buffers between the copy and the client (the accepted stream's send
+    // buffer, inherited from the listener, and the client's receive buffer): the copy
+    // soon holds bytes it cannot deliver.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let front = sock.listen(1).unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut client = sock.connect(front.local_addr().unwrap()).await.unwrap();
+    let (io, _) = front.accept().await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = Arc::new(
+        TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap(),
+    );
+    let (mut far, _) = listener.accept().await.unwrap();
+    let sent = random(LEN);
+    let data = sent.clone();
+    // The upstream sends it all, then closes: a FIN, as it read nothing.
+    let far_task = tokio::spawn(async move {
+        far.write_all(&data).await.unwrap();
+        drop(far);
+    });
+    let read = Arc::new(AtomicUsize::new(0));
+    let watched = Watched {
+        io: upstream.clone(),
+        read: read.clone(),
+    };
+    let transfer = tokio::spawn(Transfer::new(io, watched, 64 * 1024));
+    // Until every byte has left the upstream: read by the copy, or waiting in the
+    // socket (a peek, which leaves them there).
+    let mut peek = vec![0u8; LEN];
+    let queued = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let queued = upstream.peek(&mut peek).await.unwrap();
+            if read.load(Ordering::Relaxed) + queued == LEN {
+                break queued;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every byte of the upstream's left it");
+    assert!(
+        queued > 0,
+        "the copy read everything: nothing waits at the upstream"
+    );
+    far_task.await.unwrap();
+    // The first byte reaches the closed upstream, whose kernel answers with a reset.
+    client.write_all(b"x").await.unwrap();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the upstream's reset came")
+    .unwrap();
+    assert!(ready.is_error());
+    // The second byte's write to the upstream fails.
+    client.write_all(b"y").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended")
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        LEN,
+        "the client got {} of {LEN} bytes",
+        got.len()
+    );
+    assert!(got == sent, "the upstream's bytes differ");
+    // The transfer's error is the failed write's, as before there was a drain.
+    match transfer.await.unwrap().unwrap_err() {
+        ProxyError::UpstreamIo(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}

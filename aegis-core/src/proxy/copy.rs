@@ -52,6 +52,14 @@ impl ByteCounters {
 /// a worker thread's stack.
 pub(crate) const STACK_BUF: usize = 8 * 1024;
 
+/// Bytes of the client's read per read once they have nowhere to go (the upstream's
+/// write failed), and dropped.
+const DISCARD_BUF: usize = 1024;
+
+/// Reads of the client's bytes to drop in one poll; if it has more, the task is woken
+/// again instead of reading on, so a client that sends fast holds no worker.
+const DISCARD_READS: usize = 16;
+
 /// The largest heap buffer a direction holds while data streams: 16 MiB, whatever was
 /// asked for ([`Proxy::max_buffer`](super::Proxy::max_buffer)). A larger one moves no
 /// more data per system call than a socket's buffers hold, and `usize::MAX` was one
@@ -319,9 +327,15 @@ pin_project! {
     /// is returned. The same holds for a reset that the write of the client's bytes
     /// finds first (they came with it): what the upstream sent before it reset is still
     /// passed on, and if there was nothing, the client's stream is shut down; the
-    /// client's bytes are not counted as copied. After the upstream's first byte a
+    /// client's bytes are not counted as copied. After the upstream's first byte a read
     /// failure ends the transfer at once: the client's connection closes, with what it
-    /// was sent cut short.
+    /// was sent cut short. A write failure does not: the upstream may have sent more
+    /// than the client has taken yet (a closed upstream's kernel resets at the client's
+    /// next bytes, with what it sent before all handed over). The client's bytes are
+    /// then read and dropped, and what the upstream sent (held in the copy, and still
+    /// to be read from it) goes on to the client until the upstream's end or its read
+    /// error, as through a direct connection, and then the write's error is returned.
+    /// A client that takes nothing holds the drain up, as it holds up any copy to it.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
     pub struct Transfer<A, B> {
@@ -334,7 +348,8 @@ pin_project! {
         bulk: u32,
         bytes: Handles<ByteCounters>,
         // The upstream's error before its first byte, while what it sent before it is
-        // read and the client's stream is shut down.
+        // read and the client's stream is shut down; or the error of a write to it,
+        // while what it sent is passed on (the drain).
         upstream_failed: Option<io::Error>,
     }
 
@@ -390,9 +405,9 @@ where
         let mut this = self.project();
         let bulk = *this.bulk as usize;
         let bytes = this.bytes.get_or_register(ByteCounters::register);
-        // Once the upstream has failed before its first byte, the client's bytes have
-        // nowhere to go: they are no longer copied (the client's stream is read once
-        // more below, after its shutdown).
+        // Once the upstream has failed, the client's bytes have nowhere to go: they are
+        // no longer copied (before the upstream's first byte, the client's stream is read
+        // once more below, after its shutdown; after it, they are dropped).
         if this.upstream_failed.is_none() {
             match this.up.poll_copy(
                 cx,
@@ -401,22 +416,19 @@ where
                 this.client.as_mut(),
                 this.upstream.as_mut(),
             ) {
-                Poll::Ready(Err((Side::Write, source))) if this.down.nothing_read() => {
-                    // The upstream failed under the client's bytes before anything of
-                    // its own was read (a reset that the write finds first, the client's
-                    // bytes having come in the same wake-up). What it sent before it
-                    // failed is still read and passed on, as a read would have found
-                    // it; its end is its reset (the write took the socket's error, and
-                    // the reads that follow end without one).
+                Poll::Ready(Err((Side::Write, source))) => {
+                    // The upstream failed under the client's bytes: a reset that the
+                    // write finds first (before the upstream's first byte, the client's
+                    // bytes having come in the same wake-up; after it, the reset a
+                    // closed upstream's kernel answers the client's bytes with). What it
+                    // sent before it failed is still read and passed on, as a read would
+                    // have found it; its end is its reset (the write took the socket's
+                    // error, and the reads that follow end without one).
                     *this.upstream_failed = Some(source);
                     this.down.reset_at_eof();
                 }
-                Poll::Ready(Err((side, source))) => {
-                    return Poll::Ready(Err(if side == Side::Read {
-                        ProxyError::ClientIo(source)
-                    } else {
-                        ProxyError::UpstreamIo(source)
-                    }));
+                Poll::Ready(Err((_, source))) => {
+                    return Poll::Ready(Err(ProxyError::ClientIo(source)));
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
@@ -438,24 +450,42 @@ where
                     this.down.end_reads();
                 }
                 Poll::Ready(Err((side, source))) => {
-                    return Poll::Ready(Err(if side == Side::Write {
-                        ProxyError::ClientIo(source)
-                    } else {
-                        ProxyError::UpstreamIo(this.upstream_failed.take().unwrap_or(source))
-                    }));
+                    // In the drain, the upstream's failed write came first, and is the
+                    // transfer's error whatever ends the drain, as it was before there was
+                    // a drain.
+                    return Poll::Ready(Err(
+                        if side == Side::Write
+                            && !draining(this.upstream_failed.as_ref(), this.down)
+                        {
+                            ProxyError::ClientIo(source)
+                        } else {
+                            ProxyError::UpstreamIo(this.upstream_failed.take().unwrap_or(source))
+                        },
+                    ));
                 }
-                Poll::Pending if this.upstream_failed.is_some() && !this.down.reads_ended() => {
-                    // After the failed write, the upstream has nothing more to read now.
-                    // Its end is not waited for (a socket's comes at once, but another
-                    // stream's might never): with nothing of it read, the client's
-                    // stream is shut down; after its first byte, the transfer ends.
-                    if this.down.nothing_read() {
-                        this.down.end_reads();
-                    } else if let Some(source) = this.upstream_failed.take() {
-                        return Poll::Ready(Err(ProxyError::UpstreamIo(source)));
-                    }
+                Poll::Pending
+                    if this.upstream_failed.is_some()
+                        && !this.down.reads_ended()
+                        && this.down.nothing_read() =>
+                {
+                    // After the failed write, the upstream has nothing to read now, and
+                    // nothing of it was read: the client's stream is shut down. Its end
+                    // is not waited for (a socket's comes at once, but another stream's
+                    // might never). After its first byte, the drain waits for its end.
+                    this.down.end_reads();
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => break,
+            }
+        }
+        if draining(this.upstream_failed.as_ref(), this.down) {
+            // The client's bytes have nowhere to go: read and dropped, so that they do
+            // not wait unread in its socket, whose close would then be a reset that
+            // throws away what it still had to send the client. A client gone (or its
+            // stream refusing) ends the drain, of no more use, with the upstream's error.
+            if discard(cx, this.client.as_mut()).is_err()
+                && let Some(source) = this.upstream_failed.take()
+            {
+                return Poll::Ready(Err(ProxyError::UpstreamIo(source)));
             }
         }
         if this.down.is_done()
@@ -483,6 +513,29 @@ where
             Poll::Pending
         }
     }
+}
+
+/// Whether the transfer drains the upstream after a failed write to it: the write failed,
+/// and something of the upstream's was read, before or since. (An upstream whose read
+/// failed before its first byte has its reads ended at once: nothing more is read.)
+fn draining(upstream_failed: Option<&io::Error>, down: &Half) -> bool {
+    upstream_failed.is_some() && !down.nothing_read()
+}
+
+/// Reads the client's bytes and drops them, until it has nothing now or has ended.
+fn discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>) -> io::Result<()> {
+    let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); DISCARD_BUF];
+    for _ in 0..DISCARD_READS {
+        let mut rb = ReadBuf::uninit(&mut sink);
+        match r.as_mut().poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Ok(()),
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(()),
+        }
+    }
+    cx.waker().wake_by_ref();
+    Ok(())
 }
 
 #[cfg(test)]
