@@ -11,8 +11,14 @@
 //!   "server unavailable"); the service returns the upstream's error, or the error the
 //!   wrapper's next read gives. So does a reset found by the write of the client's
 //!   bytes (what the upstream sent before it is still passed on). After the upstream's
-//!   first byte a failure closes the client's connection at once, with what was sent
-//!   cut short.
+//!   first byte a read failure closes the client's connection at once, with what was
+//!   sent cut short; a write failure (a closed upstream's kernel resets at the client's
+//!   next bytes) first passes on what the upstream had sent, as a direct connection
+//!   would, dropping the client's bytes meanwhile. A failure on one side closes the
+//!   other with a FIN, not a reset: a peer of a protocol whose messages end at the
+//!   close (not MQTT, whose packets carry their length) cannot tell a stream cut short
+//!   from a whole one. HAProxy resets it; a reset here would need every stream wrapper
+//!   to forward a way to set `SO_LINGER` 0 on the socket beneath.
 //! - **Bytes arrive exactly**, in order, and are counted per direction in
 //!   `aegis_proxy_bytes_total{direction}` and in the [`Transferred`] the service returns.
 //! - **An idle connection holds no copy buffer.** Each direction reads onto the stack
