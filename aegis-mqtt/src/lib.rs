@@ -168,7 +168,8 @@ pub enum ClientIdChars {
     Alphanumeric,
     /// Printable ASCII without space (0x21 to 0x7E): the default.
     AsciiGraphic,
-    /// Any valid MQTT string (well-formed UTF-8 without U+0000).
+    /// Any valid MQTT string (well-formed UTF-8 without U+0000, control characters or
+    /// non-characters).
     Any,
     /// A custom predicate over each character.
     Custom(fn(char) -> bool),

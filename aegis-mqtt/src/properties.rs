@@ -226,10 +226,10 @@ pub(crate) fn connack_limits(body: &[u8]) -> Option<ServerLimits> {
             0x28 => l.wildcard = list.u8().ok()? != 0,
             0x29 => l.subscription_ids = list.u8().ok()? != 0,
             0x2A => l.shared = list.u8().ok()? != 0,
-            0x12 | 0x15 | 0x1A | 0x1C | 0x1F => {
-                list.string().ok()?;
-            }
-            0x16 => {
+            // Strings (skipped, not checked: the broker's own strings are its business,
+            // and a reason string with a control character must not leave the limits
+            // unenforced) and binary data, which the limits do not need.
+            0x12 | 0x15 | 0x1A | 0x1C | 0x1F | 0x16 => {
                 list.binary().ok()?;
             }
             0x26 => {

@@ -64,7 +64,8 @@ impl<'a> Reader<'a> {
         self.bytes(usize::from(n))
     }
 
-    /// A UTF-8 Encoded String: well-formed, no surrogates (guaranteed by `str`), no U+0000.
+    /// A UTF-8 Encoded String: well-formed, no surrogates (guaranteed by `str`), no U+0000,
+    /// no control characters or non-characters (see [`utf8`]).
     pub(crate) fn string(&mut self) -> Result<&'a str, MqttError> {
         utf8(self.binary()?)
     }
@@ -90,12 +91,43 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Checks the MQTT string rules on raw bytes.
+/// Checks the MQTT string rules on raw bytes: well-formed UTF-8 (no surrogates, no overlong
+/// forms), no U+0000 ([MQTT-1.5.3-2] / [MQTT-1.5.4-2]), and none of the code points a
+/// sender SHOULD NOT put in a string and a receiver MAY close for (3.1.1 §1.5.3, 5.0
+/// §1.5.4, no normative ids): the control characters U+0001..U+001F and U+007F..U+009F
+/// and the non-characters U+FDD0..U+FDEF and U+xFFFE / U+xFFFF of every plane. A broker
+/// such as mosquitto closes the connection for them; refused here as `malformed`, so that
+/// a client cannot make the broker drop it behind the gateway's back.
 pub(crate) fn utf8(b: &[u8]) -> Result<&str, MqttError> {
     let s = std::str::from_utf8(b).map_err(|_| MqttError::Malformed("ill-formed UTF-8 string"))?;
-    // In well-formed UTF-8 a zero byte can only be U+0000.
-    if b.contains(&0) {
-        return Err(MqttError::Malformed("U+0000 in a UTF-8 string"));
+    // Every refused code point is a control byte (< 0x20, 0x7F) or not ASCII, so a string
+    // of printable ASCII (almost all) is not decoded: one subtraction and compare per
+    // byte, folded with `|` rather than `any` so that the loop has no early exit and
+    // vectorises. Other strings are decoded and checked char by char.
+    if b.iter()
+        .fold(false, |hit, &c| hit | (c.wrapping_sub(0x20) >= 0x5F))
+    {
+        check_code_points(s)?;
     }
     Ok(s)
+}
+
+#[inline(never)]
+fn check_code_points(s: &str) -> Result<(), MqttError> {
+    for c in s.chars() {
+        match c {
+            '\0' => return Err(MqttError::Malformed("U+0000 in a UTF-8 string")),
+            '\u{1}'..='\u{1f}' | '\u{7f}'..='\u{9f}' => {
+                return Err(MqttError::Malformed("control character in a UTF-8 string"));
+            }
+            '\u{fdd0}'..='\u{fdef}' => {
+                return Err(MqttError::Malformed("non-character in a UTF-8 string"));
+            }
+            c if u32::from(c) & 0xFFFE == 0xFFFE => {
+                return Err(MqttError::Malformed("non-character in a UTF-8 string"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
