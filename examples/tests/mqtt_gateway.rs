@@ -1481,6 +1481,67 @@ async fn malformed_connects_get_the_answer_the_spec_gives() {
     .await;
 }
 
+/// A CONNECT string with a control character ([MQTT-1.5.3] / [MQTT-1.5.4]: a client
+/// SHOULD NOT send one, a receiver MAY close) is refused by the gateway as malformed,
+/// with the answer a malformed CONNECT gets (3.1.1: the close without a CONNACK; 5.0:
+/// CONNACK 0x81), and counted under `malformed`. It never reaches mosquitto, which would
+/// close for it before any CONNACK, and the gateway would then answer "server
+/// unavailable" and count `upstream_closed`: a broker-outage signal any client could
+/// raise, and one that never counts toward a ban.
+#[tokio::test]
+async fn control_characters_in_connect_strings_are_refused_as_malformed() {
+    let broker = Mosquitto::start_logging_everything().await;
+    let upstream = broker.addr().to_string();
+    let gw = Gateway::start("ctrlchar", "", &["--upstream", &upstream]).await;
+
+    // 3.1.1, client id "c1", user name "u\u{1}".
+    let user = [
+        0x10, 0x12, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x82, 0x00, 0x3c, 0x00, 0x02, b'c',
+        b'1', 0x00, 0x02, b'u', 0x01,
+    ];
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&user).await.unwrap();
+    assert!(
+        closed_silently(&mut s).await,
+        "3.1.1: closed without a CONNACK"
+    );
+
+    // 5.0, client id "c1", a User Property "a\u{1}" = "b".
+    let property = [
+        0x10, 0x17, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x08, 0x26, 0x00,
+        0x02, b'a', 0x01, 0x00, 0x01, b'b', 0x00, 0x02, b'c', b'1',
+    ];
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&property).await.unwrap();
+    let (first, body) = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(
+        (first, body),
+        (0x20, vec![0x00, 0x81, 0x00]),
+        "CONNACK 0x81"
+    );
+    assert!(closed_silently(&mut s).await);
+
+    gw.wait_metric(
+        "aegis_rejections_total{layer=\"mqtt\",reason=\"malformed\"}",
+        2.0,
+    )
+    .await;
+    // A valid CONNECT afterwards: the first connection the broker ever saw.
+    let mut s = TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&connect_311("afterwards")).await.unwrap();
+    let answer = timeout(WAIT, read_packet(&mut s)).await.unwrap().unwrap();
+    assert_eq!(answer, (0x20, vec![0x00, 0x00]));
+    broker.wait_for_log(" as afterwards ").await;
+    assert_eq!(
+        broker.log().matches("New connection from").count(),
+        1,
+        "only the valid client reached the broker:\n{}",
+        broker.log()
+    );
+    let upstream_closed = "aegis_rejections_total{layer=\"mqtt\",reason=\"upstream_closed\"}";
+    assert_eq!(gw.metric(upstream_closed).await.unwrap_or(0.0), 0.0);
+}
+
 #[tokio::test]
 async fn sigterm_drains_open_sessions_and_exits_0() {
     let mut gw = Gateway::start("drain", "", &[]).await;

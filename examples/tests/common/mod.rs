@@ -123,7 +123,7 @@ impl Mosquitto {
 
     /// Starts a broker on a free port that logs everything (`log_type all`: each
     /// connection and each packet it receives), for tests that read [`Mosquitto::log`].
-    #[allow(dead_code)] // mqtt_e2e
+    #[allow(dead_code)] // mqtt_e2e, mqtt_gateway
     pub async fn start_logging_everything() -> Self {
         Self::start_fresh(true).await
     }
@@ -259,7 +259,7 @@ impl Mosquitto {
     }
 
     /// Waits (bounded) until the broker logs a line containing `needle`.
-    #[allow(dead_code)] // mqtt_e2e
+    #[allow(dead_code)] // mqtt_e2e, mqtt_gateway
     pub async fn wait_for_log(&self, needle: &str) {
         let found = timeout(BROKER_WAIT, async {
             while !self.log().contains(needle) {
