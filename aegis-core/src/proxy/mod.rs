@@ -17,7 +17,7 @@
 //!   would, dropping the client's bytes meanwhile. A failure on one side closes the
 //!   other with a FIN, not a reset: a peer of a protocol whose messages end at the
 //!   close (not MQTT, whose packets carry their length) cannot tell a stream cut short
-//!   from a whole one. HAProxy resets it; a reset here would need every stream wrapper
+//!   from a whole one. `HAProxy` resets it; a reset here would need every stream wrapper
 //!   to forward a way to set `SO_LINGER` 0 on the socket beneath.
 //! - **Bytes arrive exactly**, in order, and are counted per direction in
 //!   `aegis_proxy_bytes_total{direction}` and in the [`Transferred`] the service returns.
