@@ -62,6 +62,16 @@
 //!   [`Session`] of the layer's configuration (told of a CONNACK right after the
 //!   CONNECT, with no MQTT 5 limits: it accepts all that the layer's session may),
 //!   is accepted, across throttling, drops, the CONNACK gate and partial reads.
+//! - **Inspection decisions hold** (policy and inspection on: flags 0 and 7). No whole
+//!   PUBLISH the proxy read breaks a blocking rule of the setup's inspector, judged on
+//!   its topic as the broker knows it: an empty topic name stands for the topic that the
+//!   last PUBLISH the proxy read with that MQTT 5 Topic Alias set (the broker's alias
+//!   map, rebuilt from the forwarded packets alone). The topic is neither under
+//!   `deny/#` nor a `$` topic (`allow("#")` does not cover those), the alias is one the
+//!   broker knows, the payload has no `evil` in any case and is at most 256 bytes. The
+//!   same for the will of the CONNECT. The rules are restated here, not asked of the
+//!   [`Inspector`]: a policy that looked up the wrong topic (an alias's old one, or none)
+//!   for a forwarded PUBLISH fails this check.
 //! - **The client gets the broker's bytes, and the gateway's answers between two of its
 //!   packets.** What the client reads is a prefix of what the broker wrote, with whole
 //!   packets of the gateway's own inserted at the broker's packet boundaries (the last
@@ -73,6 +83,7 @@
 //!   latency hooks each fire at most once.
 //! - Once the connection has ended, both pipes are closed: the layer kept no end open.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::num::NonZeroU32;
@@ -176,14 +187,15 @@ impl Setup {
     }
 }
 
-/// The inspection rules, compiled once for every input.
+/// The inspection rules, compiled once for every input. [`kept_the_rules`] restates the
+/// blocking ones: change both together.
 fn inspector() -> &'static Inspector {
     static INSPECTOR: OnceLock<Inspector> = OnceLock::new();
     INSPECTOR.get_or_init(|| {
         Inspector::builder()
             .pattern("evil", "(?i)evil", Action::Block, Severity::High)
             .pattern("odd", "xx+", Action::Flag, Severity::Low)
-            .max_payload(256, Action::Block, Severity::Low)
+            .max_payload(MAX_PAYLOAD, Action::Block, Severity::Low)
             .topics(TopicRule::new(ClientMatch::Any).allow("#").deny("deny/#"))
             .build()
             .expect("the fuzz rules compile")
@@ -594,7 +606,7 @@ fn check(setup: &Setup, log: &Log, reads: &Reads) {
         );
     }
     forwarded(&log.sent, &reads.bytes, setup.policy, reads.ended);
-    validated(setup.config, &reads.bytes);
+    validated(setup.config, &reads.bytes, setup.policy && setup.inspect);
     assert!(
         reads.bytes.starts_with(&log.to_broker),
         "the broker got bytes the proxy never read from the layer"
@@ -653,13 +665,20 @@ fn forwarded(sent: &[u8], forwarded: &[u8], may_drop: bool, ended: bool) {
 ///   accepted them) are not here, but they change nothing in a session: only the
 ///   CONNECT, a DISCONNECT and an error do.
 ///
+/// With `inspected` (the policy inspects with [`inspector`]), each packet must also keep
+/// the inspection rules ([`kept_the_rules`]).
+///
 /// A last packet cut short (see [`forwarded`]) is not judged.
-fn validated(config: Config, forwarded: &[u8]) {
+fn validated(config: Config, forwarded: &[u8], inspected: bool) {
     let mut session = Session::new(config);
+    let mut aliases = inspected.then(HashMap::new);
     let mut rest = forwarded;
     while !rest.is_empty() {
         match session.next(rest) {
             Ok(Next::Packet { len, packet }) => {
+                if let Some(aliases) = &mut aliases {
+                    kept_the_rules(&packet, aliases);
+                }
                 if matches!(packet, Packet::Connect(_)) {
                     session.connack_sent();
                 }
@@ -672,6 +691,75 @@ fn validated(config: Config, forwarded: &[u8]) {
             ),
         }
     }
+}
+
+/// The payload size cap of [`inspector`], a blocking rule.
+const MAX_PAYLOAD: usize = 256;
+
+/// Checks that `packet`, released by a layer whose policy inspects with [`inspector`],
+/// breaks none of its blocking rules, restated here: a PUBLISH's topic as the broker
+/// knows it (`aliases`: each MQTT 5 Topic Alias set by a PUBLISH released before, to its
+/// topic, as the broker records it) is known, not under `deny/#` and not a `$` topic
+/// (`allow("#")` leaves those out); its payload does not match `(?i)evil` and is at
+/// most [`MAX_PAYLOAD`] bytes. The same for a CONNECT's will.
+///
+/// `(?i)evil` is matched as ASCII letters in any case: in the simple case folding that
+/// `regex` uses, no other character folds to `e`, `v`, `i` or `l` (`ı` and `İ` do not;
+/// a test holds the two readings together).
+fn kept_the_rules(packet: &Packet<'_>, aliases: &mut HashMap<u16, String>) {
+    let (what, topic, payload) = match packet {
+        Packet::Connect(c) => match &c.will {
+            Some(will) => ("the will of a CONNECT", will.topic, will.payload),
+            None => return,
+        },
+        Packet::Publish(p) => {
+            let topic = match p.topic_alias {
+                Some(alias) if p.topic.is_empty() => {
+                    let Some(topic) = aliases.get(&alias) else {
+                        panic!(
+                            "the layer released a PUBLISH on topic alias {alias}, which no \
+                             PUBLISH released before set: the broker does not know it"
+                        );
+                    };
+                    topic.as_str()
+                }
+                Some(alias) => {
+                    aliases.insert(alias, p.topic.to_owned());
+                    p.topic
+                }
+                None => p.topic,
+            };
+            (
+                if p.topic_alias.is_some() {
+                    "a PUBLISH with a topic alias"
+                } else {
+                    "a PUBLISH"
+                },
+                topic,
+                p.payload,
+            )
+        }
+        _ => return,
+    };
+    assert!(
+        topic != "deny" && !topic.starts_with("deny/"),
+        "the layer released {what} to {topic:?}, which deny(\"deny/#\") blocks"
+    );
+    assert!(
+        !topic.starts_with('$'),
+        "the layer released {what} to {topic:?}, which allow(\"#\") does not cover"
+    );
+    assert!(
+        !payload.windows(4).any(|w| w.eq_ignore_ascii_case(b"evil")),
+        "the layer released {what} to {topic:?} whose payload matches the blocking \
+         pattern (?i)evil"
+    );
+    assert!(
+        payload.len() <= MAX_PAYLOAD,
+        "the layer released {what} to {topic:?} with a payload of {} bytes, over the \
+         blocking cap of {MAX_PAYLOAD}",
+        payload.len()
+    );
 }
 
 /// Checks that `delivered` is a prefix of `written` with whole packets of the gateway's

@@ -235,6 +235,7 @@ fn policy_seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     s = s.read().close_client().read().close_broker();
     out.push(("v5_policy_inspect", s.0));
+    out.push(("v5_policy_alias_set_again", alias_set_again()));
 
     // MQTT 3.1.1 under the policy and a throttling packet rate: a burst of PINGREQs
     // released over time, through the small copier (16-byte buffers).
@@ -287,6 +288,30 @@ fn policy_seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     out.push(("v311_policy_refuses_ping", s.read().0));
     out
+}
+
+/// MQTT 5 under the policy with inspection: topic alias 1 set to `a/c` and used, then
+/// set again to `deny/x` (refused: the broker would have learnt it), then used. A
+/// second between two PUBLISH packets keeps them within the rate.
+fn alias_set_again() -> Vec<u8> {
+    let alias = [0x23, 0x00, 0x01];
+    Script::new(0x81, BIG)
+        .client(&connect(5, 60, "c1"))
+        .read()
+        .broker(&CONNACK_V5)
+        .read()
+        .client(&publish(true, "a/c", 0, 0, &alias, b"set"))
+        .sleep(S_1)
+        .client(&publish(true, "", 0, 0, &alias, b"use"))
+        .sleep(S_1)
+        .client(&publish(true, "deny/x", 0, 0, &alias, b"set again"))
+        .sleep(S_1)
+        .client(&publish(true, "", 0, 0, &alias, b"use again"))
+        .read()
+        .close_client()
+        .read()
+        .close_broker()
+        .0
 }
 
 /// Seeds for the CONNACK timeout and the keep-alive.
@@ -516,6 +541,21 @@ fn seeds_reach_what_they_are_named_for() {
     let log = run("v5_policy_refuses_alias");
     assert!(log.to_client.ends_with(&[0xE0, 0x02, 0x96, 0x00]));
     assert_eq!(log.to_broker.len(), log.sent.len() - 14); // all but the third PUBLISH
+    let log = run("v5_policy_alias_set_again");
+    assert_eq!(
+        log.to_client,
+        [&CONNACK_V5[..], &[0xE0, 0x02, 0x87, 0x00]].concat()
+    );
+    let set_again = publish(true, "deny/x", 0, 0, &[0x23, 0x00, 0x01], b"set again");
+    let at = log
+        .sent
+        .windows(set_again.len())
+        .position(|w| w == set_again);
+    assert_eq!(
+        Some(log.to_broker.len()),
+        at,
+        "all before the PUBLISH to deny/x"
+    );
     let log = run("v311_policy_refuses_ping");
     assert_eq!(log.to_client, CONNACK_V3);
     assert_eq!(log.to_broker.len(), 16 + 8 * 2);
@@ -607,7 +647,7 @@ mod checks {
     fn valid_packets() {
         let sub = super::subscribe(false, 1, "a/+");
         let bytes = [&super::connect(4, 60, "c1")[..], &sub, &sub[..5]].concat();
-        validated(Config::new(), &bytes);
+        validated(Config::new(), &bytes, false);
     }
 
     #[test]
@@ -618,7 +658,124 @@ mod checks {
         validated(
             Config::new(),
             &[&super::connect(4, 60, "c1")[..], &sub].concat(),
+            false,
         );
+    }
+
+    /// An MQTT 5 CONNECT, then `packets`.
+    fn v5(packets: &[Vec<u8>]) -> Vec<u8> {
+        [&[super::connect(5, 60, "c1")][..], packets]
+            .concat()
+            .concat()
+    }
+
+    /// An MQTT 5 PUBLISH to `topic` with topic alias `alias`, if any.
+    fn publish(topic: &str, alias: Option<u8>, payload: &[u8]) -> Vec<u8> {
+        let props = alias.map_or(vec![], |a| vec![0x23, 0x00, a]);
+        super::publish(true, topic, 0, 0, &props, payload)
+    }
+
+    /// What the inspection rules let through: a topic alias set and used, set again and
+    /// used, payloads of 256 bytes, `ev il`, `xxx` (a flag only), a will to `a/w`.
+    #[test]
+    fn packets_that_keep_the_rules() {
+        let bytes = v5(&[
+            publish("a/c", Some(1), b"set"),
+            publish("", Some(1), &[b'e'; 256]),
+            publish("a/d", Some(1), b"ev il"),
+            publish("", Some(1), b"xxx"),
+            publish("a/b", None, b"EVI"),
+        ]);
+        validated(Config::new(), &bytes, true);
+        let mut will = super::s("MQTT");
+        will.extend_from_slice(&[4, 0x06, 0, 60]);
+        for field in ["c1", "a/w", "gone"] {
+            will.extend_from_slice(&super::s(field));
+        }
+        validated(Config::new(), &super::frame(0x10, &will), true);
+    }
+
+    /// The rules are checked only with `inspected`.
+    #[test]
+    fn without_inspection_anything_valid_passes() {
+        let bytes = v5(&[publish("deny/x", None, b"evil"), publish("", Some(9), b"")]);
+        validated(Config::new(), &bytes, false);
+    }
+
+    /// The bypass a policy would leave if it looked a PUBLISH's topic up by its alias
+    /// while the PUBLISH sets the alias again: the broker delivers it to `deny/x`.
+    #[test]
+    #[should_panic(expected = r#"to "deny/x", which deny("deny/#") blocks"#)]
+    fn an_alias_set_again_to_a_denied_topic() {
+        let bytes = v5(&[
+            publish("a/c", Some(1), b"set"),
+            publish("deny/x", Some(1), b"set again"),
+        ]);
+        validated(Config::new(), &bytes, true);
+    }
+
+    /// A policy that took an empty topic name for the topic, ignoring the alias.
+    #[test]
+    #[should_panic(expected = "the broker does not know it")]
+    fn an_alias_never_set() {
+        let bytes = v5(&[publish("a/c", Some(1), b"set"), publish("", Some(2), b"")]);
+        validated(Config::new(), &bytes, true);
+    }
+
+    #[test]
+    #[should_panic(expected = r#"to "a/c" whose payload matches"#)]
+    fn a_blocked_payload_on_an_alias() {
+        let bytes = v5(&[
+            publish("a/c", Some(1), b"set"),
+            publish("", Some(1), b"so EvIl"),
+        ]);
+        validated(Config::new(), &bytes, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "a payload of 257 bytes, over the blocking cap of 256")]
+    fn a_payload_over_the_cap() {
+        validated(Config::new(), &v5(&[publish("a/b", None, &[0; 257])]), true);
+    }
+
+    #[test]
+    #[should_panic(expected = r##"to "$SYS/x", which allow("#") does not cover"##)]
+    fn a_dollar_topic() {
+        validated(Config::new(), &v5(&[publish("$SYS/x", None, b"")]), true);
+    }
+
+    #[test]
+    #[should_panic(expected = r#"the will of a CONNECT to "deny""#)]
+    fn a_will_to_a_denied_topic() {
+        let mut connect = super::s("MQTT");
+        connect.extend_from_slice(&[4, 0x06, 0, 60]);
+        for field in ["c1", "deny", "gone"] {
+            connect.extend_from_slice(&super::s(field));
+        }
+        validated(Config::new(), &super::frame(0x10, &connect), true);
+    }
+
+    /// The check's reading of `(?i)evil` (ASCII letters in any case) is the inspector's.
+    #[test]
+    fn the_pattern_reading_is_the_regexs() {
+        let re = regex::bytes::Regex::new("(?i)evil").unwrap();
+        for payload in [
+            "evil",
+            "EVIL",
+            "eVIl",
+            "ev il",
+            "evıl",
+            "evİl",
+            "ｅvil",
+            "evi\u{17f}",
+            "e\u{301}vil",
+        ] {
+            let ascii = payload
+                .as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"evil"));
+            assert_eq!(re.is_match(payload.as_bytes()), ascii, "{payload:?}");
+        }
     }
 
     const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
