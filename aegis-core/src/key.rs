@@ -777,4 +777,166 @@ mod tests {
             assert!(err.to_string().contains("CIDR"), "{bad}: {err}");
         }
     }
+
+    /// [`KeyBy::key`] against the promise of its docs ("the key holds `ip`") and a
+    /// reading of the address formats of its own (segments and octets, as the RFCs lay
+    /// them out; networks truncated by `ipnet`), over arbitrary addresses and prefixes:
+    /// an error in a prefix mask or in where a format's IPv4 client sits, which
+    /// [`ClientKey::contains`] would share with the key, shows as a key other than the
+    /// reference's.
+    mod props {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+        use proptest::prelude::*;
+
+        use super::super::KeyBy;
+
+        /// The IPv4 client `ip` carries, read from its segments: itself, the last 32
+        /// bits of `::ffff:0:0/96` (RFC 4291) and `64:ff9b::/96` (RFC 6052), bits
+        /// 16..48 of `2002::/16` (RFC 3056), the last 32 bits inverted of `2001::/32`
+        /// (RFC 4380).
+        fn v4_client(ip: IpAddr) -> Option<Ipv4Addr> {
+            let v6 = match ip {
+                IpAddr::V4(v4) => return Some(v4),
+                IpAddr::V6(v6) => v6,
+            };
+            let o = v6.octets();
+            let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+            match v6.segments() {
+                [0, 0, 0, 0, 0, 0xffff, ..] | [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(last),
+                [0x2002, ..] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
+                [0x2001, 0, ..] => Some(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15])),
+                _ => None,
+            }
+        }
+
+        /// The key `by` should give `ip`: the network and prefix length.
+        fn reference(by: KeyBy, ip: IpAddr) -> (IpAddr, u8) {
+            match (v4_client(ip), ip) {
+                (Some(v4), _) => {
+                    let net = ipnet::Ipv4Net::new(v4, by.v4_prefix()).unwrap().trunc();
+                    (IpAddr::V4(net.network()), by.v4_prefix())
+                }
+                (None, IpAddr::V6(v6)) => {
+                    let net = ipnet::Ipv6Net::new(v6, by.v6_prefix()).unwrap().trunc();
+                    (IpAddr::V6(net.network()), by.v6_prefix())
+                }
+                (None, IpAddr::V4(_)) => unreachable!("an IPv4 address is its own client"),
+            }
+        }
+
+        fn v6(bits: u128) -> IpAddr {
+            IpAddr::V6(Ipv6Addr::from_bits(bits))
+        }
+
+        /// `client` as an IPv4 address, or carried in each IPv6 format, with the
+        /// format's other bits (6to4 subnet and host, Teredo server, flags and port)
+        /// arbitrary.
+        fn carrying(client: u32) -> impl Strategy<Value = IpAddr> {
+            let c = u128::from(client);
+            prop_oneof![
+                Just(IpAddr::V4(Ipv4Addr::from_bits(client))),
+                Just(v6(0xffff << 32 | c)),
+                any::<u128>().prop_map(move |r| v6(0x2002 << 112 | c << 80 | r >> 48)),
+                any::<u64>().prop_map(move |r| v6(0x2001_0000 << 96
+                    | u128::from(r) << 32
+                    | u128::from(!client))),
+                Just(v6(0x0064_ff9b << 96 | c)),
+            ]
+        }
+
+        /// IPv6 addresses that carry no IPv4 client: arbitrary ones, and the
+        /// neighbours of the formats that do (one bit off their prefixes).
+        fn plain_v6() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![
+                any::<u128>(),
+                any::<u128>().prop_map(|r| 0x2003 << 112 | r >> 16),
+                any::<u128>().prop_map(|r| 0x2000 << 112 | r >> 16),
+                any::<u128>().prop_map(|r| 0x2001_0001 << 96 | r >> 32),
+                any::<u128>().prop_map(|r| 0x2001_8000 << 96 | r >> 32),
+                any::<u32>().prop_map(|r| 0x0064_ff9b_0000_0000_0000_0001 << 32 | u128::from(r)),
+                any::<u32>().prop_map(|r| 0x0064_ff9a << 96 | u128::from(r)),
+                any::<u32>().prop_map(|r| 0xfffe << 32 | u128::from(r)),
+                any::<u32>().prop_map(|r| 0x1_ffff << 32 | u128::from(r)),
+            ]
+            .prop_map(v6)
+            .prop_filter("carries no IPv4 client", |ip| v4_client(*ip).is_none())
+        }
+
+        fn any_addr() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![any::<u32>().prop_flat_map(carrying), plain_v6()]
+        }
+
+        /// The first `prefix` bits of a `width`-bit value set, one by one.
+        fn mask(prefix: u8, width: u32) -> u128 {
+            (0..u32::from(prefix)).map(|i| 1 << (width - 1 - i)).sum()
+        }
+
+        proptest! {
+            /// The key holds the address it was made of (`KeyBy::key`'s docs), and is
+            /// the network of the address, or of the IPv4 client it carries, by the
+            /// family's prefix.
+            #[test]
+            fn a_key_holds_its_address_and_is_its_clients_network(
+                ip in any_addr(),
+                v4_prefix in 0..=32u8,
+                v6_prefix in 0..=128u8,
+            ) {
+                let by = KeyBy::new(v4_prefix, v6_prefix);
+                let key = by.key(ip);
+                prop_assert!(key.contains(ip), "{key} does not hold {ip}");
+                prop_assert_eq!((key.network(), key.prefix_len()), reference(by, ip));
+            }
+
+            /// Two addresses whose IPv4 clients share the IPv4 prefix get one key, in
+            /// whatever format each comes; clients one bit apart within it, two keys.
+            #[test]
+            fn one_ipv4_network_one_key(
+                (a, b, c) in (any::<u32>(), any::<u32>(), 0..=32u8, any::<u8>())
+                    .prop_flat_map(|(client, other, prefix, bit)| {
+                        let m = u32::try_from(mask(prefix, 32)).unwrap();
+                        let same = client & m | other & !m;
+                        // A bit within the prefix (the client itself at /0).
+                        let apart = if prefix == 0 {
+                            client
+                        } else {
+                            client ^ 1 << (31 - u32::from(bit % prefix))
+                        };
+                        (Just(prefix), carrying(client), carrying(same), carrying(apart))
+                    })
+                    .prop_map(|(prefix, a, b, c)| ((prefix, a), b, c)),
+                v6_prefix in 0..=128u8,
+            ) {
+                let (prefix, a) = a;
+                let by = KeyBy::new(prefix, v6_prefix);
+                prop_assert_eq!(by.key(a), by.key(b), "{} and {}", a, b);
+                if prefix > 0 {
+                    prop_assert_ne!(by.key(a), by.key(c), "{} and {}", a, c);
+                }
+            }
+
+            /// The same for IPv6 addresses that carry no IPv4 client, by the IPv6
+            /// prefix.
+            #[test]
+            fn one_ipv6_network_one_key(
+                a in plain_v6(),
+                host in any::<u128>(),
+                prefix in 0..=128u8,
+                bit in any::<u8>(),
+            ) {
+                let IpAddr::V6(v6a) = a else { unreachable!() };
+                let m = mask(prefix, 128);
+                let b = v6(v6a.to_bits() & m | host & !m);
+                let by = KeyBy::new(32, prefix);
+                prop_assume!(v4_client(b).is_none());
+                prop_assert_eq!(by.key(a), by.key(b), "{} and {}", a, b);
+                if prefix > 0 {
+                    let c = v6(v6a.to_bits() ^ 1 << (127 - u32::from(bit % prefix)));
+                    if v4_client(c).is_none() {
+                        prop_assert_ne!(by.key(a), by.key(c), "{} and {}", a, c);
+                    }
+                }
+            }
+        }
+    }
 }
