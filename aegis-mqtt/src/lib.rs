@@ -36,9 +36,12 @@
 //! reserved fixed-header flags, the CONNECT reserved bit, a password without a user name,
 //! bytes after the CONNECT payload, non-minimal Remaining Lengths, SUBSCRIBE with packet
 //! identifier 0 or reserved option bits, PUBLISH topics with wildcards, U+0000 or no
-//! characters, and DUP on `QoS` 0; it refuses MQTT 3.1, a zero-length v5 DISCONNECT and
-//! AUTH; its UNSUBSCRIBE parser writes to stderr; and it copies every string into a
-//! `String`. Each of these is proven by a test in `tests/mqttbytes_gaps.rs`. This crate
+//! characters, and DUP on `QoS` 0; it refuses MQTT 3.1, a zero-length v5 DISCONNECT, a
+//! v5 DISCONNECT with a reason code and no Property Length (`e0 01 04`, which 5.0
+//! §3.14.2.2.1 allows: the length is 0 when the Remaining Length is under 2), AUTH, and a
+//! 3.1.1 or 5.0 CONNECT whose password is not UTF-8 (as `TopicNotUtf8`: the Password is
+//! Binary Data); its UNSUBSCRIBE parser writes to stderr; and it copies every string into
+//! a `String`. Each of these is proven by a test in `tests/mqttbytes_gaps.rs`. This crate
 //! therefore frames and validates on its own over `&[u8]`, with no allocation, and uses
 //! mqttbytes only as the baseline of the benchmarks and tests (it is re-exported, hidden,
 //! for `benches/mqtt.rs`).

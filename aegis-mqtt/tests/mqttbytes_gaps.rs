@@ -6,9 +6,9 @@
 
 mod common;
 
-use aegis_mqtt::{Config, MqttError, validate_connect};
+use aegis_mqtt::{Config, MqttError, Packet, validate_connect};
 use bytes::BytesMut;
-use common::{B, connect_v4, head, label, v4, v5};
+use common::{B, connect_v4, connect_v5, head, label, session_after, v4, v5};
 
 fn mb_v4(b: &[u8]) -> Result<mqttbytes::v4::Packet, mqttbytes::Error> {
     mqttbytes::v4::read(&mut BytesMut::from(b), 1 << 20)
@@ -139,6 +139,42 @@ fn v5_zero_length_disconnect_is_refused_by_mqttbytes_and_accepted_here() {
     assert_eq!(v5(&[0xE0, 0x00]), Ok(()));
 }
 
+/// A reason code and no Property Length: a Remaining Length under 2 means a Property
+/// Length of 0 (5.0 §3.14.2.2.1). mqttbytes reads the missing byte as truncation.
+#[test]
+fn v5_disconnect_with_a_reason_code_and_no_property_length() {
+    let f = [0xE0, 0x01, 0x04];
+    assert!(matches!(
+        mb_v5(&f),
+        Err(mqttbytes::Error::InsufficientBytes(1))
+    ));
+    assert_eq!(
+        session_after(&connect_v5()).validate(&f),
+        Ok(Packet::Disconnect(0x04))
+    );
+}
+
+/// The Password is Binary Data (3.1.1 §3.1.3.5, 5.0 §3.1.3.6), not a UTF-8 string:
+/// mqttbytes refuses one that is not UTF-8 as if it were a topic.
+#[test]
+fn a_password_that_is_not_utf8_is_refused_by_mqttbytes_and_accepted_here() {
+    let password = [0xFF, 0xFE, 0x00, 0xC3];
+    let f4 = head("MQTT", 4, 0xC2).s("c").s("u").s(password).frame(0x10);
+    assert!(matches!(mb_v4(&f4), Err(mqttbytes::Error::TopicNotUtf8)));
+    let f5 = head("MQTT", 5, 0xC2)
+        .props(&[])
+        .s("c")
+        .s("u")
+        .s(password)
+        .frame(0x10);
+    assert!(matches!(mb_v5(&f5), Err(mqttbytes::Error::TopicNotUtf8)));
+    for f in [f4, f5] {
+        let connect = validate_connect(&f, &Config::new()).unwrap();
+        assert_eq!(connect.username, Some("u"));
+        assert_eq!(connect.password, Some(&password[..]));
+    }
+}
+
 #[test]
 fn v5_auth_is_unknown_to_mqttbytes_and_validated_here() {
     let c = head("MQTT", 5, 2)
@@ -147,10 +183,7 @@ fn v5_auth_is_unknown_to_mqttbytes_and_validated_here() {
         .frame(0x10);
     let f = B::new().u8(0x18).props(&[0x15, 0, 1, b'm']).frame(0xF0);
     assert!(mb_v5(&f).is_err());
-    assert_eq!(
-        common::session_after(&c).validate(&f),
-        Ok(aegis_mqtt::Packet::Auth(0x18))
-    );
+    assert_eq!(session_after(&c).validate(&f), Ok(Packet::Auth(0x18)));
 }
 
 #[test]
