@@ -1504,21 +1504,26 @@ mod tests {
     /// A broker that answers CONNECT and then reads every PUBLISH and PINGREQ without
     /// ever answering one (as the gateway's publish tier drops a QoS 1 PUBLISH).
     async fn mute_broker() -> SocketAddr {
+        serve_each(|mut s| async move {
+            if read_packet(&mut s).await.is_ok() && s.write_all(&[0x20, 2, 0, 0]).await.is_ok() {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        })
+        .await
+    }
+
+    /// A loopback listener whose every connection `serve` drives in a task of its own.
+    async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    if read_packet(&mut s).await.is_ok()
-                        && s.write_all(&[0x20, 2, 0, 0]).await.is_ok()
-                    {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                    }
-                });
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s));
             }
         });
         addr
@@ -1538,35 +1543,24 @@ mod tests {
     /// A broker that answers every CONNECT with CONNACK 0, then does `after` once the
     /// DISCONNECT comes.
     async fn broker(after: AfterDisconnect) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    if read_packet(&mut s).await.is_err()
-                        || s.write_all(&[0x20, 2, 0, 0]).await.is_err()
-                    {
-                        return;
-                    }
-                    while let Ok((first, _)) = read_packet(&mut s).await {
-                        if first == DISCONNECT[0] {
-                            match after {
-                                AfterDisconnect::Close => return,
-                                AfterDisconnect::Reset => {
-                                    s.set_zero_linger().unwrap();
-                                    return;
-                                }
-                                AfterDisconnect::StayOpen => {}
-                            }
-                        }
-                    }
-                });
+        serve_each(move |mut s| async move {
+            if read_packet(&mut s).await.is_err() || s.write_all(&[0x20, 2, 0, 0]).await.is_err() {
+                return;
             }
-        });
-        addr
+            while let Ok((first, _)) = read_packet(&mut s).await {
+                if first == DISCONNECT[0] {
+                    match after {
+                        AfterDisconnect::Close => return,
+                        AfterDisconnect::Reset => {
+                            s.set_zero_linger().unwrap();
+                            return;
+                        }
+                        AfterDisconnect::StayOpen => {}
+                    }
+                }
+            }
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
