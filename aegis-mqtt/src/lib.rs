@@ -174,7 +174,8 @@ pub enum ClientIdChars {
     /// Any valid MQTT string (well-formed UTF-8 without U+0000, control characters or
     /// non-characters).
     Any,
-    /// A custom predicate over each character.
+    /// A custom predicate over each character, of a valid MQTT string: it cannot let
+    /// through what the string rules refuse (U+0000, control characters, non-characters).
     Custom(fn(char) -> bool),
 }
 

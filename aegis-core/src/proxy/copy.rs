@@ -335,7 +335,13 @@ pin_project! {
     /// then read and dropped, and what the upstream sent (held in the copy, and still
     /// to be read from it) goes on to the client until the upstream's end or its read
     /// error, as through a direct connection, and then the write's error is returned.
-    /// A client that takes nothing holds the drain up, as it holds up any copy to it.
+    /// A client that takes nothing holds the drain up, as it holds up any copy to it, and
+    /// meanwhile what it sends is read and dropped as fast as it comes. Not covered: the
+    /// drain reads the client's bytes at most 16 KiB a poll, and stops reading them when
+    /// the upstream's end has been passed on; bytes of the client's still unread when the
+    /// transfer returns make the close of its socket a reset, which throws away what the
+    /// kernel still had to send it (a client that sends more than about 24 KiB once the
+    /// upstream's end was passed on, or keeps sending while the drain ends).
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
     pub struct Transfer<A, B> {
