@@ -752,3 +752,70 @@ async fn a_failed_write_to_the_upstream_after_its_first_byte_still_delivers_what
         other => panic!("{other:?}"),
     }
 }
+
+/// The same drain, ended with the client's bytes unread: the upstream's whole answer and
+/// its end were passed on (they wait in the client's socket), then the client sends one
+/// byte, which the closed upstream answers with a reset, and a burst of 64 KiB, whose
+/// write to the upstream fails. Closing the client's socket with that burst unread
+/// would be a reset, and the kernel would throw away the answer it still held for the
+/// client; so the transfer drops the client's bytes before it returns. It had read some
+/// 16 KiB of them, and the client got a reset and a few KiB of its answer.
+#[tokio::test]
+async fn a_drain_that_ends_drops_the_clients_unread_bytes_before_the_close() {
+    const LEN: usize = 256 * 1024 + 7;
+    // A large send buffer towards the client and a small receive buffer at the client:
+    // the copy hands the whole answer and its end to its socket at once, and most of it
+    // waits there, in the gateway's kernel, for the client to read it.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(1 << 20).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let front = sock.listen(1).unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut client = sock.connect(front.local_addr().unwrap()).await.unwrap();
+    let (io, _) = front.accept().await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut far, _) = listener.accept().await.unwrap();
+    let sent = random(LEN);
+    far.write_all(&sent).await.unwrap();
+    drop(far);
+    let watched = std::sync::Arc::new(upstream);
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = Watched {
+        io: watched.clone(),
+        read: read.clone(),
+    };
+    let transfer = tokio::spawn(Transfer::new(io, upstream, 64 * 1024));
+    // Until the copy has read the whole answer (it hands it and the end to the client's
+    // socket in the same poll: the send buffer holds it all).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while read.load(std::sync::atomic::Ordering::Relaxed) < LEN {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the copy read the upstream's answer");
+    client.write_all(b"x").await.unwrap();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(10),
+        watched.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the upstream's reset came")
+    .unwrap();
+    assert!(ready.is_error());
+    client.write_all(&vec![b'y'; 64 * 1024]).await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client's connection ended");
+    assert!(end.is_ok(), "{end:?} after {} of {LEN} bytes", got.len());
+    assert!(got == sent, "the client got {} of {LEN} bytes", got.len());
+    assert!(matches!(
+        transfer.await.unwrap(),
+        Err(ProxyError::UpstreamIo(_))
+    ));
+}

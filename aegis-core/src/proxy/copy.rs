@@ -60,6 +60,10 @@ const DISCARD_BUF: usize = 1024;
 /// again instead of reading on, so a client that sends fast holds no worker.
 const DISCARD_READS: usize = 16;
 
+/// Reads of the client's bytes to drop once the drain has ended, before its socket is
+/// closed: 1 MiB at most, in the last poll.
+const ENDING_READS: usize = 1024;
+
 /// The largest heap buffer a direction holds while data streams: 16 MiB, whatever was
 /// asked for ([`Proxy::max_buffer`](super::Proxy::max_buffer)). A larger one moves no
 /// more data per system call than a socket's buffers hold, and `usize::MAX` was one
@@ -336,12 +340,11 @@ pin_project! {
     /// to be read from it) goes on to the client until the upstream's end or its read
     /// error, as through a direct connection, and then the write's error is returned.
     /// A client that takes nothing holds the drain up, as it holds up any copy to it, and
-    /// meanwhile what it sends is read and dropped as fast as it comes. Not covered: the
-    /// drain reads the client's bytes at most 16 KiB a poll, and stops reading them when
-    /// the upstream's end has been passed on; bytes of the client's still unread when the
-    /// transfer returns make the close of its socket a reset, which throws away what the
-    /// kernel still had to send it (a client that sends more than about 24 KiB once the
-    /// upstream's end was passed on, or keeps sending while the drain ends).
+    /// meanwhile what it sends is read and dropped as fast as it comes. When the drain
+    /// ends, the client's bytes still unread are read and dropped too, up to 1 MiB,
+    /// before the transfer returns: bytes unread at the close of its socket would make
+    /// the close a reset, which throws away what the kernel still had to send it. A
+    /// client that sends more than that at that moment, or after it, still gets the reset.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     #[derive(Debug)]
     pub struct Transfer<A, B> {
@@ -455,6 +458,14 @@ where
                     this.upstream_failed.get_or_insert(source);
                     this.down.end_reads();
                 }
+                Poll::Ready(Err((Side::Read, _)))
+                    if draining(this.upstream_failed.as_ref(), this.down) =>
+                {
+                    // The drain's end (the upstream's end or reset): its error is the
+                    // failed write's, once the client's unread bytes are dropped.
+                    let source = this.upstream_failed.take().expect("draining");
+                    return end_drain(cx, this.client.as_mut(), source);
+                }
                 Poll::Ready(Err((side, source))) => {
                     // In the drain, the upstream's failed write came first, and is the
                     // transfer's error whatever ends the drain, as it was before there was
@@ -488,10 +499,15 @@ where
             // not wait unread in its socket, whose close would then be a reset that
             // throws away what it still had to send the client. A client gone (or its
             // stream refusing) ends the drain, of no more use, with the upstream's error.
-            if discard(cx, this.client.as_mut()).is_err()
+            if let Poll::Ready(Err(_)) = discard(cx, this.client.as_mut())
                 && let Some(source) = this.upstream_failed.take()
             {
                 return Poll::Ready(Err(ProxyError::UpstreamIo(source)));
+            }
+            if this.down.is_done() {
+                // The upstream's end was passed on: the drain is over.
+                let source = this.upstream_failed.take().expect("draining");
+                return end_drain(cx, this.client.as_mut(), source);
             }
         }
         if this.down.is_done()
@@ -528,20 +544,44 @@ fn draining(upstream_failed: Option<&io::Error>, down: &Half) -> bool {
     upstream_failed.is_some() && !down.nothing_read()
 }
 
-/// Reads the client's bytes and drops them, until it has nothing now or has ended.
-fn discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>) -> io::Result<()> {
+/// Reads the client's bytes and drops them: `Ready(Ok)` once it has nothing now or has
+/// ended, `Ready(Err)` if its read fails, `Pending` (the task woken again) when it had
+/// more than `DISCARD_READS` reads' worth.
+fn discard<R: AsyncRead + ?Sized>(
+    cx: &mut Context<'_>,
+    mut r: Pin<&mut R>,
+) -> Poll<io::Result<()>> {
     let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); DISCARD_BUF];
     for _ in 0..DISCARD_READS {
         let mut rb = ReadBuf::uninit(&mut sink);
         match r.as_mut().poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Ok(()),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(()),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Ready(Ok(())),
         }
     }
     cx.waker().wake_by_ref();
-    Ok(())
+    Poll::Pending
+}
+
+/// The drain's end: drops the client's unread bytes (a close with bytes unread is a
+/// reset, which throws away what its socket still had to send), at most
+/// `ENDING_READS` reads, then returns the drain's error, the failed write's `source`.
+fn end_drain<R: AsyncRead + ?Sized>(
+    cx: &mut Context<'_>,
+    mut client: Pin<&mut R>,
+    source: io::Error,
+) -> Poll<Result<Transferred, ProxyError>> {
+    let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); DISCARD_BUF];
+    for _ in 0..ENDING_READS {
+        let mut rb = ReadBuf::uninit(&mut sink);
+        match client.as_mut().poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
+            _ => break,
+        }
+    }
+    Poll::Ready(Err(ProxyError::UpstreamIo(source)))
 }
 
 #[cfg(test)]
