@@ -716,16 +716,7 @@ async fn a_failed_write_to_the_upstream_after_its_first_byte_still_delivers_what
         "the copy read everything: nothing waits at the upstream"
     );
     far_task.await.unwrap();
-    // The first byte reaches the closed upstream, whose kernel answers with a reset.
-    client.write_all(b"x").await.unwrap();
-    let ready = tokio::time::timeout(
-        Duration::from_secs(10),
-        upstream.ready(tokio::io::Interest::ERROR),
-    )
-    .await
-    .expect("the upstream's reset came")
-    .unwrap();
-    assert!(ready.is_error());
+    reset_by_the_closed_upstream(&mut client, &upstream).await;
     // The second byte's write to the upstream fails.
     client.write_all(b"y").await.unwrap();
     let mut got = Vec::new();
@@ -798,15 +789,7 @@ async fn a_drain_that_ends_drops_the_clients_unread_bytes_before_the_close() {
     })
     .await
     .expect("the copy read the upstream's answer");
-    client.write_all(b"x").await.unwrap();
-    let ready = tokio::time::timeout(
-        Duration::from_secs(10),
-        watched.ready(tokio::io::Interest::ERROR),
-    )
-    .await
-    .expect("the upstream's reset came")
-    .unwrap();
-    assert!(ready.is_error());
+    reset_by_the_closed_upstream(&mut client, &watched).await;
     client.write_all(&vec![b'y'; 64 * 1024]).await.unwrap();
     let mut got = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
@@ -818,4 +801,19 @@ async fn a_drain_that_ends_drops_the_clients_unread_bytes_before_the_close() {
         transfer.await.unwrap(),
         Err(ProxyError::UpstreamIo(_))
     ));
+}
+
+/// Sends the client's first byte, which the copy writes to the closed `upstream`, whose
+/// kernel answers with a reset; returns once the reset is at the upstream's socket, so
+/// that the copy's next write to it fails.
+async fn reset_by_the_closed_upstream(client: &mut TcpStream, upstream: &TcpStream) {
+    client.write_all(b"x").await.unwrap();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the upstream's reset came")
+    .unwrap();
+    assert!(ready.is_error());
 }
