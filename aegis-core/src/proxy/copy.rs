@@ -544,15 +544,16 @@ fn draining(upstream_failed: Option<&io::Error>, down: &Half) -> bool {
     upstream_failed.is_some() && !down.nothing_read()
 }
 
-/// Reads the client's bytes and drops them: `Ready(Ok)` once it has nothing now or has
-/// ended, `Ready(Err)` if its read fails, `Pending` (the task woken again) when it had
-/// more than `DISCARD_READS` reads' worth.
-fn discard<R: AsyncRead + ?Sized>(
+/// Reads the client's bytes and drops them, at most `reads` reads of `DISCARD_BUF`:
+/// `Ready(Ok)` once it has nothing now or has ended, `Ready(Err)` if a read fails,
+/// `Pending` when it had more (the task is not woken for it: the caller decides).
+fn drop_reads<R: AsyncRead + ?Sized>(
     cx: &mut Context<'_>,
     mut r: Pin<&mut R>,
+    reads: usize,
 ) -> Poll<io::Result<()>> {
     let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); DISCARD_BUF];
-    for _ in 0..DISCARD_READS {
+    for _ in 0..reads {
         let mut rb = ReadBuf::uninit(&mut sink);
         match r.as_mut().poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
@@ -561,8 +562,18 @@ fn discard<R: AsyncRead + ?Sized>(
             Poll::Pending => return Poll::Ready(Ok(())),
         }
     }
-    cx.waker().wake_by_ref();
     Poll::Pending
+}
+
+/// During the drain: [`drop_reads`], `DISCARD_READS` at most a poll; when the client had
+/// more, the task is woken again instead of reading on, so a client that sends fast
+/// holds no worker.
+fn discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, r: Pin<&mut R>) -> Poll<io::Result<()>> {
+    let res = drop_reads(cx, r, DISCARD_READS);
+    if res.is_pending() {
+        cx.waker().wake_by_ref();
+    }
+    res
 }
 
 /// The drain's end: drops the client's unread bytes (a close with bytes unread is a
@@ -570,17 +581,12 @@ fn discard<R: AsyncRead + ?Sized>(
 /// `ENDING_READS` reads, then returns the drain's error, the failed write's `source`.
 fn end_drain<R: AsyncRead + ?Sized>(
     cx: &mut Context<'_>,
-    mut client: Pin<&mut R>,
+    client: Pin<&mut R>,
     source: io::Error,
 ) -> Poll<Result<Transferred, ProxyError>> {
-    let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); DISCARD_BUF];
-    for _ in 0..ENDING_READS {
-        let mut rb = ReadBuf::uninit(&mut sink);
-        match client.as_mut().poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
-            _ => break,
-        }
-    }
+    // Whatever it finds (nothing more now, an end, an error, or more than the bound),
+    // the transfer ends here.
+    let _ = drop_reads(cx, client, ENDING_READS);
     Poll::Ready(Err(ProxyError::UpstreamIo(source)))
 }
 
