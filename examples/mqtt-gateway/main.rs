@@ -214,16 +214,12 @@ fn effective(settings: &Settings) -> Config {
     let mut c = settings.raw.clone();
     c.inspect.enabled = settings.inspector.is_some();
     let configured = c.server.max_connections;
-    let per_client = descriptors_per_client(settings.upstream);
-    let limit = nofile::raise();
-    let held = held_descriptors(other_runtimes(c.server.runtime));
-    let cap = nofile::connection_cap(
-        "server.max_connections",
-        configured,
+    let Budget {
         limit,
         per_client,
         held,
-    );
+        cap,
+    } = budget(&c, settings.upstream, other_runtimes(c.server.runtime));
     if let Some(limit) = limit.filter(|_| cap < configured) {
         eprintln!(
             "note: server.max_connections = {cap}, cut from {configured}: this process's \
@@ -245,6 +241,39 @@ fn effective(settings: &Settings) -> Config {
         );
     }
     c
+}
+
+/// The open-files budget of a gateway run with `c` and `upstream`, serving from the
+/// accepting runtime and `others`: the same for `--check` ([`effective`]) as for the run
+/// ([`serve_until_signal`]).
+struct Budget {
+    /// The open-files limit, the soft one raised to the hard one first ([`nofile::raise`]).
+    limit: Option<u64>,
+    /// The descriptors each client holds ([`descriptors_per_client`]).
+    per_client: u64,
+    /// The descriptors held by sockets queued for the other runtimes ([`held_descriptors`]).
+    held: u64,
+    /// `server.max_connections`, cut to fit the limit ([`nofile::connection_cap`]).
+    cap: u64,
+}
+
+fn budget(c: &Config, upstream: Upstream, others: Option<std::num::NonZeroUsize>) -> Budget {
+    let limit = nofile::raise();
+    let per_client = descriptors_per_client(upstream);
+    let held = held_descriptors(others);
+    let cap = nofile::connection_cap(
+        "server.max_connections",
+        c.server.max_connections,
+        limit,
+        per_client,
+        held,
+    );
+    Budget {
+        limit,
+        per_client,
+        held,
+        cap,
+    }
 }
 
 /// The descriptors of this process each proxied client holds, with `upstream`.
@@ -370,13 +399,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
     // the cap kept within it, the sockets queued for those runtimes counted (as
     // `effective` computes it for --check).
     let others = other_runtimes(c.server.runtime);
-    let max_connections = nofile::connection_cap(
-        "server.max_connections",
-        c.server.max_connections,
-        nofile::raise(),
-        descriptors_per_client(settings.upstream),
-        held_descriptors(others),
-    );
+    let max_connections = budget(c, settings.upstream, others).cap;
     let upstream = match settings.upstream {
         Upstream::Embedded => {
             panics::register_broker_counter();
