@@ -2187,6 +2187,27 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
 
 /// The number of the connection [`keep_alive_backend`] read the request `start` (method
 /// and path, lower-cased) on.
+/// Sends `req` (to `path`) as a second client and asserts that it gets its own answer
+/// (the keep-alive backend answers with the path it read); returns the heads the
+/// backend read.
+async fn second_client_gets_its_own_answer(
+    addr: SocketAddr,
+    req: hyper::http::request::Builder,
+    path: &str,
+    heads: &Heads,
+) -> Vec<(usize, String)> {
+    let res = send(addr, req.body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    let heads = heads.lock().clone();
+    assert_eq!(
+        res.body(),
+        path,
+        "the second client's own answer; the backend read: {heads:#?}"
+    );
+    heads
+}
+
 fn conn_of(heads: &[(usize, String)], start: &str) -> usize {
     heads
         .iter()
@@ -2214,17 +2235,8 @@ async fn a_204_saying_it_has_a_body_is_502_and_its_connection_is_not_reused() {
         StatusCode::BAD_GATEWAY
     );
     sleep(Duration::from_millis(100)).await;
-    let req = Request::get("/next")
-        .header("host", "gw")
-        .body(Full::default())
-        .unwrap();
-    let res = send(gw.addr, req).await.unwrap();
-    let heads = heads.lock().clone();
-    assert_eq!(
-        res.body(),
-        "/next",
-        "the second client's own answer; the backend read: {heads:#?}"
-    );
+    let req = Request::get("/next").header("host", "gw");
+    let heads = second_client_gets_its_own_answer(gw.addr, req, "/next", &heads).await;
     assert_ne!(
         conn_of(&heads, "get /next"),
         conn_of(&heads, "get /no-content"),
@@ -2264,16 +2276,8 @@ async fn expect_100_continue_is_not_forwarded_so_a_body_cannot_smuggle_a_request
 
     let req = Request::get("/victim")
         .header("host", "gw")
-        .header("cookie", "session=victim")
-        .body(Full::default())
-        .unwrap();
-    let res = send(gw.addr, req).await.unwrap();
-    let heads = heads.lock().clone();
-    assert_eq!(
-        res.body(),
-        "/victim",
-        "the second client's own answer; the backend read: {heads:#?}"
-    );
+        .header("cookie", "session=victim");
+    let heads = second_client_gets_its_own_answer(gw.addr, req, "/victim", &heads).await;
     assert!(
         heads.iter().all(|(_, head)| !head.contains("\r\nexpect:")),
         "{heads:#?}"
