@@ -669,14 +669,7 @@ async fn a_failed_write_to_the_upstream_after_its_first_byte_still_delivers_what
     // Small socket buffers between the copy and the client (the accepted stream's send
     // buffer, inherited from the listener, and the client's receive buffer): the copy
     // soon holds bytes it cannot deliver.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_send_buffer_size(4096).unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let front = sock.listen(1).unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut client = sock.connect(front.local_addr().unwrap()).await.unwrap();
-    let (io, _) = front.accept().await.unwrap();
+    let (mut client, io) = client_pair(4096, 4096).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = Arc::new(
         TcpStream::connect(listener.local_addr().unwrap())
@@ -757,14 +750,7 @@ async fn a_drain_that_ends_drops_the_clients_unread_bytes_before_the_close() {
     // A large send buffer towards the client and a small receive buffer at the client:
     // the copy hands the whole answer and its end to its socket at once, and most of it
     // waits there, in the gateway's kernel, for the client to read it.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_send_buffer_size(1 << 20).unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let front = sock.listen(1).unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut client = sock.connect(front.local_addr().unwrap()).await.unwrap();
-    let (io, _) = front.accept().await.unwrap();
+    let (mut client, io) = client_pair(1 << 20, 4096).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = TcpStream::connect(listener.local_addr().unwrap())
         .await
@@ -801,6 +787,21 @@ async fn a_drain_that_ends_drops_the_clients_unread_bytes_before_the_close() {
         transfer.await.unwrap(),
         Err(ProxyError::UpstreamIo(_))
     ));
+}
+
+/// A client connection over loopback: the client's end (with a receive buffer of
+/// `client_recv` bytes) and the accepted end (with a send buffer of `accepted_send`,
+/// inherited from its listener), the copy's side.
+async fn client_pair(accepted_send: u32, client_recv: u32) -> (TcpStream, TcpStream) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(accepted_send).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let front = sock.listen(1).unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(client_recv).unwrap();
+    let client = sock.connect(front.local_addr().unwrap()).await.unwrap();
+    let (accepted, _) = front.accept().await.unwrap();
+    (client, accepted)
 }
 
 /// Sends the client's first byte, which the copy writes to the closed `upstream`, whose
