@@ -36,17 +36,11 @@ pin_project! {
         C: Service<()>,
         R: OnConnectError<I>,
     {
-        // The connector, not yet ready: its readiness is taken here, when the proxy
-        // connects, not when the connection was accepted.
-        Ready {
-            connect: C,
-            io: I,
-            max_buffer: usize,
-            responder: R,
-            bytes: Handles<ByteCounters>,
-        },
+        // The connector's readiness and its call change `connect` alone: the client's
+        // stream moves once, into the copy (a state holding it is hundreds of bytes,
+        // copied whole at each change of state).
         Connecting {
-            #[pin] fut: C::Future,
+            #[pin] connect: Connect<C>,
             io: I,
             max_buffer: usize,
             responder: R,
@@ -57,6 +51,21 @@ pin_project! {
         Responding { #[pin] fut: R::Future, err: Option<BoxError> },
         // Only for the moment between two states.
         Moving,
+    }
+}
+
+pin_project! {
+    /// The connector's side of [`State::Connecting`].
+    #[project = ConnectProj]
+    enum Connect<C>
+    where
+        C: Service<()>,
+    {
+        // Not yet ready: its readiness is taken here, when the proxy connects, not when
+        // the connection was accepted.
+        Ready { connect: C },
+        // The connector's clone went once called, as `oneshot`'s does.
+        Called { #[pin] fut: C::Future },
     }
 }
 
@@ -73,8 +82,8 @@ where
         bytes: Handles<ByteCounters>,
     ) -> Self {
         Self {
-            state: State::Ready {
-                connect,
+            state: State::Connecting {
+                connect: Connect::Ready { connect },
                 io,
                 max_buffer,
                 responder,
@@ -107,36 +116,22 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut state = self.as_mut().project().state;
-            let next = match state.as_mut().project() {
-                StateProj::Ready { connect, .. } => {
-                    let call = ready!(connect.poll_ready(cx)).map(|()| connect.call(()));
-                    // The connector's clone goes once called, as `oneshot`'s does.
-                    let StateProjReplace::Ready {
-                        connect: _,
-                        io,
-                        max_buffer,
-                        responder,
-                        bytes,
-                    } = state.as_mut().project_replace(State::Moving)
-                    else {
-                        unreachable!("the state was Ready")
-                    };
-                    match call {
-                        Ok(fut) => State::Connecting {
-                            fut,
-                            io,
-                            max_buffer,
-                            responder,
-                            bytes,
+            let failed = match state.as_mut().project() {
+                StateProj::Connecting { mut connect, .. } => {
+                    let res = match connect.as_mut().project() {
+                        ConnectProj::Ready { connect: c } => match ready!(c.poll_ready(cx)) {
+                            Ok(()) => {
+                                let fut = c.call(());
+                                connect.set(Connect::Called { fut });
+                                continue;
+                            }
+                            // Not ready: the client is answered as after a failed call.
+                            Err(e) => Err(e),
                         },
-                        // Not ready: the client is answered as after a failed call.
-                        Err(e) => responding(&responder, io, e.into()),
-                    }
-                }
-                StateProj::Connecting { fut, .. } => {
-                    let res = ready!(fut.poll(cx));
+                        ConnectProj::Called { fut } => ready!(fut.poll(cx)),
+                    };
                     let StateProjReplace::Connecting {
-                        fut: _,
+                        connect: _,
                         io,
                         max_buffer,
                         responder,
@@ -146,9 +141,12 @@ where
                         unreachable!("the state was Connecting")
                     };
                     match res {
-                        Ok(upstream) => State::Copying {
-                            transfer: Transfer::with_counters(io, upstream, max_buffer, bytes),
-                        },
+                        Ok(upstream) => {
+                            state.set(State::Copying {
+                                transfer: Transfer::with_counters(io, upstream, max_buffer, bytes),
+                            });
+                            continue;
+                        }
                         Err(e) => responding(&responder, io, e.into()),
                     }
                 }
@@ -161,7 +159,7 @@ where
                 }
                 StateProj::Moving => unreachable!("polled after a panic"),
             };
-            state.set(next);
+            state.set(failed);
         }
     }
 }
