@@ -55,6 +55,7 @@ mod metrics_endpoint;
 mod metrics_http;
 #[path = "../shared/nofile.rs"]
 mod nofile;
+mod open_files;
 mod panics;
 mod stack;
 
@@ -114,17 +115,6 @@ const LAST_BANS_WRITE: std::time::Duration = std::time::Duration::from_secs(3);
 /// The MQTT listener's backlog, as `TcpListener::bind`'s.
 const BACKLOG: u32 = 1024;
 
-/// With `server.runtime = "per-core"`, the sockets the accepting runtime may have handed
-/// to each other runtime and not yet seen taken (`aegis_core::serve::share_out`'s queue):
-/// a runtime that is slow to take them (busy, or its thread descheduled) gets no more,
-/// and the acceptor serves what comes itself. A queued socket holds a descriptor that the
-/// connection cap counts only once its runtime takes it, so the queues' descriptors are
-/// kept out of the cap's budget ([`held_descriptors`]). It was the listen backlog
-/// (1,024 a runtime) and uncounted: with one runtime stalled, the process ran out of
-/// descriptors below `max_connections`, and clients admitted under the cap failed
-/// their upstream connect (a reviewer, proved with one runtime's thread stopped).
-const SHARD_QUEUE: usize = 64;
-
 /// The runtimes besides the accepting one that `runtime` serves from: one for each core
 /// but the first with `"per-core"`; `None` with `"work-stealing"`, or on one core (per
 /// core is then one runtime, served as usual).
@@ -135,16 +125,6 @@ fn other_runtimes(runtime: config::Runtime) -> Option<std::num::NonZeroUsize> {
             .and_then(|n| std::num::NonZeroUsize::new(n.get() - 1)),
         config::Runtime::WorkStealing => None,
     }
-}
-
-/// The descriptors held outside the connection cap with `others` runtimes besides the
-/// accepting one ([`other_runtimes`]): the sockets queued for them, [`SHARD_QUEUE`] each.
-fn held_descriptors(others: Option<std::num::NonZeroUsize>) -> u64 {
-    others.map_or(0, |others| {
-        u64::try_from(others.get())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(SHARD_QUEUE as u64)
-    })
 }
 
 /// Binds the MQTT listener as `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
@@ -214,18 +194,19 @@ fn effective(settings: &Settings) -> Config {
     let mut c = settings.raw.clone();
     c.inspect.enabled = settings.inspector.is_some();
     let configured = c.server.max_connections;
-    let Budget {
+    let open_files::Budget {
         limit,
         per_client,
         held,
         cap,
+        ..
     } = budget(&c, settings.upstream, other_runtimes(c.server.runtime));
     if let Some(limit) = limit.filter(|_| cap < configured) {
         eprintln!(
             "note: server.max_connections = {cap}, cut from {configured}: this process's \
-             open-files limit is {limit} ({} kept for the gateway, {held} for connections \
-             queued for its other runtimes, {per_client} a client); the gateway started \
-             under another limit gets another cap",
+             open-files limit is {limit} ({} kept for the gateway, {held} for its other \
+             runtimes and the connections queued for them, {per_client} a client); the \
+             gateway started under another limit gets another cap",
             nofile::FD_RESERVE
         );
         c.server.max_connections = cap;
@@ -244,36 +225,21 @@ fn effective(settings: &Settings) -> Config {
 }
 
 /// The open-files budget of a gateway run with `c` and `upstream`, serving from the
-/// accepting runtime and `others`: the same for `--check` ([`effective`]) as for the run
-/// ([`serve_until_signal`]).
-struct Budget {
-    /// The open-files limit, the soft one raised to the hard one first ([`nofile::raise`]).
-    limit: Option<u64>,
-    /// The descriptors each client holds ([`descriptors_per_client`]).
-    per_client: u64,
-    /// The descriptors held by sockets queued for the other runtimes ([`held_descriptors`]).
-    held: u64,
-    /// `server.max_connections`, cut to fit the limit ([`nofile::connection_cap`]).
-    cap: u64,
-}
-
-fn budget(c: &Config, upstream: Upstream, others: Option<std::num::NonZeroUsize>) -> Budget {
-    let limit = nofile::raise();
-    let per_client = descriptors_per_client(upstream);
-    let held = held_descriptors(others);
-    let cap = nofile::connection_cap(
-        "server.max_connections",
+/// accepting runtime and `others` ([`other_runtimes`]), under this process's open-files
+/// limit, the soft one raised to the hard one first ([`nofile::raise`]): the same for
+/// `--check` ([`effective`]) as for the run ([`serve_until_signal`]), and the same
+/// function of the limit, the runtimes and the configuration ([`open_files::budget`]).
+fn budget(
+    c: &Config,
+    upstream: Upstream,
+    others: Option<std::num::NonZeroUsize>,
+) -> open_files::Budget {
+    open_files::budget(
         c.server.max_connections,
-        limit,
-        per_client,
-        held,
-    );
-    Budget {
-        limit,
-        per_client,
-        held,
-        cap,
-    }
+        descriptors_per_client(upstream),
+        nofile::raise(),
+        others,
+    )
 }
 
 /// The descriptors of this process each proxied client holds, with `upstream`.
@@ -396,10 +362,14 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
     };
 
     // The runtimes to serve from, and the soft open-files limit raised to the hard one,
-    // the cap kept within it, the sockets queued for those runtimes counted (as
-    // `effective` computes it for --check).
+    // the cap kept within it, those runtimes' own descriptors and the sockets queued for
+    // them counted, the queues sized to the limit (as `effective` computes it for --check).
     let others = other_runtimes(c.server.runtime);
-    let max_connections = budget(c, settings.upstream, others).cap;
+    let open_files::Budget {
+        cap: max_connections,
+        queue,
+        ..
+    } = budget(c, settings.upstream, others);
     let upstream = match settings.upstream {
         Upstream::Embedded => {
             panics::register_broker_counter();
@@ -555,7 +525,7 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
                 listener,
                 built.service,
                 &c.server,
-                others,
+                (others, queue),
                 cap,
                 admit,
                 shutdown,
@@ -644,14 +614,15 @@ where
 
 /// `server.runtime = "per-core"`: this runtime accepts, keeps a connection while it
 /// serves no more than its share, and hands the others out in turn to current-thread
-/// runtimes on threads of their own (`aegis_core::serve::share_out`, by load). All
+/// runtimes on threads of their own (`aegis_core::serve::share_out`, by load), at most
+/// `queue` sockets waiting for each (`others`: the runtimes and that queue). All
 /// share the one connection cap `cap`; one signal stops them all. Returns whether every
 /// runtime drained, and how many connections were aborted in all.
 async fn serve_per_core<S>(
     listener: TcpListener,
     service: S,
     server: &config::Server,
-    others: std::num::NonZeroUsize,
+    (others, queue): (std::num::NonZeroUsize, usize),
     cap: aegis_core::serve::ConnectionCap,
     admit: Option<Admit>,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -661,8 +632,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<aegis_core::BoxError>,
 {
-    // Small, and counted in the descriptors the cap leaves free (`SHARD_QUEUE`).
-    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, SHARD_QUEUE);
+    // Small, and counted in the descriptors the cap leaves free (`open_files::queue_len`).
+    let (acceptor, shards) = aegis_core::serve::share_out(listener, others, queue);
     // By load (all the runtimes share `cap`): at low load every connection stays here,
     // with no wake-up of another core.
     let acceptor = acceptor.by_load();

@@ -13,13 +13,13 @@
 //!
 //! So at start the soft limit is raised to the hard one (as Go's runtime does), and the
 //! connection cap is kept within what it allows, with a warning when that cuts it:
-//! `(limit - FD_RESERVE - held) / per_client`, at least 1, where `held` is what
-//! connections not under the cap may hold (the mqtt-gateway's sockets queued for another
-//! runtime: `SHARD_QUEUE` for each runtime but the accepting one; 0 for the
-//! http-gateway).
+//! `(limit - FD_RESERVE - held) / per_client`, at least 1, where `held` is what the
+//! connections not under the cap and the runtimes beyond the first may hold (the
+//! mqtt-gateway's, for each runtime but the accepting one: its own descriptors and the
+//! sockets queued for it, its `open_files.rs`; 0 for the http-gateway).
 
 /// Descriptors the process holds besides its connections' (standard streams, the
-/// runtimes' epoll and event descriptors, the listeners, the metrics endpoint's
+/// first runtime's epoll and event descriptors, the listeners, the metrics endpoint's
 /// connections, the bans file, auth callouts), kept free by [`connection_cap`].
 pub(crate) const FD_RESERVE: u64 = 128;
 
@@ -43,9 +43,9 @@ pub(crate) fn raise() -> Option<u64> {
 
 /// `requested`, the connection cap that `setting` configures, kept within what an
 /// open-files `limit` allows at `per_client` descriptors a client, besides
-/// [`FD_RESERVE`] and `held` more that connections not under the cap may hold (the
-/// mqtt-gateway's sockets queued for another runtime), with a warning when that cuts
-/// it; `requested` when the limit is unknown.
+/// [`FD_RESERVE`] and `held` more that connections not under the cap and runtimes beyond
+/// the first may hold (the mqtt-gateway's other runtimes and the sockets queued for
+/// them), with a warning when that cuts it; `requested` when the limit is unknown.
 pub(crate) fn connection_cap(
     setting: &'static str,
     requested: u64,

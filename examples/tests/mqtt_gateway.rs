@@ -87,19 +87,29 @@ fn gateway_bin() -> PathBuf {
 /// util-linux's `prlimit`, in every Debian install.
 const PRLIMIT: &str = "/usr/bin/prlimit";
 
-/// The descriptors the gateway keeps out of its connection cap's budget, besides its own
-/// 128: under the default `server.runtime = "per-core"`, 64 for each core but the first
-/// (`SHARD_QUEUE`: the sockets the accepting runtime may have queued for each other
-/// runtime, which the cap counts only once taken).
-fn held_descriptors() -> u64 {
+/// The descriptors the gateway keeps out of its connection cap's budget under the
+/// open-files limit `limit`, besides its own 128: under the default `server.runtime =
+/// "per-core"`, for each core but the first, that runtime's own 4 and the sockets the
+/// accepting runtime may have queued for it, which the cap counts only once taken: 64
+/// (`SHARD_QUEUE`), or fewer, at least 1, so that the queues take at most a quarter of
+/// what the 128 and the runtimes' own leave (`examples/mqtt-gateway/open_files.rs`).
+fn held_descriptors(limit: u64) -> u64 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    (cores - 1) * 64
+    let others = cores - 1;
+    if others == 0 {
+        return 0;
+    }
+    let queue = (limit.saturating_sub(128 + 4 * others) / (4 * others)).clamp(1, 64);
+    others * (4 + queue)
 }
 
-/// The open-files limit under which the gateway's cap comes to `cap` clients of
-/// `per_client` descriptors: `128 + held + cap * per_client` ([`held_descriptors`]).
+/// The smallest open-files limit under which the gateway's cap comes to `cap` clients
+/// of `per_client` descriptors: `limit - 128 - held = cap * per_client`
+/// ([`held_descriptors`], which grows with the limit).
 fn limit_for(cap: u64, per_client: u64) -> u64 {
-    128 + held_descriptors() + cap * per_client
+    (128_u64..1 << 20)
+        .find(|&limit| limit.saturating_sub(128 + held_descriptors(limit)) == cap * per_client)
+        .expect("a limit for the cap")
 }
 
 /// `strace`, for [`Launch::fsync_delay`].
@@ -3762,8 +3772,8 @@ fn the_gateway_binds_its_ports_before_the_embedded_broker_starts() {
 /// With the embedded broker each client holds three of the process's descriptors, and
 /// rumqttd retries a failed accept at once (out of descriptors it would spin a core and
 /// log an error per try): the gateway keeps its connection cap within the open-files
-/// limit, `(limit - 128 - held) / 3 = 24` here ([`limit_for`]: the sockets queued for
-/// other runtimes counted too), so the broker never runs out.
+/// limit, `(limit - 128 - held) / 3 = 24` here ([`limit_for`]: the other runtimes' own
+/// descriptors and the sockets queued for them counted too), so the broker never runs out.
 #[tokio::test]
 async fn the_embedded_broker_is_kept_within_the_open_files_limit() {
     if !Path::new(PRLIMIT).exists() {
