@@ -92,23 +92,33 @@
 //! back until it came, with a timer for backends that never send one (curl waits 1 s):
 //! not done.
 //!
-//! **A body after a bodiless answer.** An answer to a `HEAD`, and a `204` or `304`, has
-//! no body whatever its headers say (RFC 9112 §6.3), and hyper's client hands the
-//! connection back to the pool at the end of its head. A backend that writes a body
-//! after such a head anyway, in a write of its own that comes after the next request
-//! was sent on the connection, has that body read as the next request's answer: another
-//! client's, which can be made to get an answer of the backend's choosing (a body in
-//! the same write as the head is seen by hyper's client on an idle connection, which
-//! it closes). A `204` that says it has a body (a `Transfer-Encoding`, which RFC 9112
-//! §6.1 forbids in it, or a `Content-Length` other than `0`, which RFC 9110 §8.6 forbids)
-//! is failed ([`NoContentBody`]): the client gets `502`, and the connection is marked
-//! not to be reused (hyper-util's `Connected::poison`, through
-//! [`capture_connection`]: the pool may have taken the connection back as the head
-//! came, and drops it at the next checkout instead of handing it out; a request taking
-//! it in the microseconds between is not covered). The answer to a `HEAD` and a `304`
-//! carry such headers rightly (the length the body would have had), so there is no such
-//! sign there, and a backend that writes a body after their heads is not caught: a risk
-//! of every HTTP/1 connection pool, which needs a backend broken in that way.
+//! **A body after a bodiless answer, and any bytes past an answer's framing.** An
+//! answer to a `HEAD`, and a `204` or `304`, has no body whatever its headers say (RFC
+//! 9112 §6.3), and hyper's client hands the connection back to the pool at the end of
+//! its head. A backend that writes a body after such a head anyway, in a write of its
+//! own that comes after the next request was sent on the connection, has that body read
+//! as the next request's answer: another client's, which can be made to get an answer
+//! of the backend's choosing (a body in the same write as the head is seen by hyper's
+//! client on an idle connection, which it closes). The same holds for any answer a
+//! backend writes past its own framing, in a later write: a `Content-Length: 26` answer
+//! whose 26 bytes are followed, a moment later, by a whole second answer hands the pool
+//! back a connection with that answer still to come. A `204` that says it has a body (a
+//! `Transfer-Encoding`, which RFC 9112 §6.1 forbids in it, or a `Content-Length` other
+//! than `0`, which RFC 9110 §8.6 forbids) is failed ([`NoContentBody`]): the client gets
+//! `502`, and the connection is marked not to be reused (hyper-util's
+//! `Connected::poison`, through [`capture_connection`]: the pool may have taken the
+//! connection back as the head came, and drops it at the next checkout instead of
+//! handing it out; a request taking it in the microseconds between is not covered). An
+//! answer with both a `Content-Length` and a `Transfer-Encoding` (RFC 9112 §6.3: "ought
+//! to be handled as an error", the textbook sign of response splitting: the length
+//! says more bytes than the chunked body has, and they follow it) is relayed as RFC
+//! 9112 §6.3 lets an intermediary, framed by the coding with the `Content-Length`
+//! removed ([`from_backend`]), and its connection is marked not to be reused in the same
+//! way: what the client gets is sound, and the connection was the only harm. The
+//! answer to a `HEAD` and a `304` carry such headers rightly (the length the body would
+//! have had), and an answer that ends where its framing says carries no sign at all, so
+//! a backend that writes more after them is not caught: a risk of every HTTP/1
+//! connection pool, which needs a backend broken in that way.
 //!
 //! Not handled: protocol upgrades (`Upgrade` is hop-by-hop and stripped, so WebSocket
 //! handshakes reach the backend as plain requests), HTTP/2, TLS to the backends.
@@ -485,7 +495,8 @@ impl Service<Request<GatewayBody>> for Upstream {
         let (body, progress) = ClientBody::new(body, until);
         let mut req = Request::from_parts(parts, body.boxed_unsync());
         // The connection the request goes on, to be kept from reuse after a `204` that
-        // says it has a body ([`NoContentBody`]).
+        // says it has a body ([`NoContentBody`]) or an answer with both a
+        // `Content-Length` and a `Transfer-Encoding`.
         let conn = capture_connection(&mut req);
         // The breaker admitted this call just now (`oneshot`: `poll_ready`, then `call`),
         // and a half-open breaker admits only probes (a forced state reads as itself).
@@ -561,21 +572,37 @@ impl Service<Request<GatewayBody>> for Upstream {
             // bytes would reach the client as the body with nothing saying so). So is a
             // `1xx` as the final answer ([`InformationalAnswer`]), and a `204` that says
             // it has a body ([`NoContentBody`]), whose connection is not to be reused:
-            // the body may follow on it, and be read as the next request's answer.
+            // the body may follow on it, and be read as the next request's answer. An
+            // answer with both a `Content-Length` and a `Transfer-Encoding` (RFC 9112
+            // §6.3: a sign of response splitting) is relayed, framed by the coding and
+            // its length removed (`from_backend`), but its connection is not reused
+            // either: the bytes its length says past the chunked body may follow on it
+            // in the same way.
+            let poison = || {
+                if let Some(connected) = conn.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+            };
             let res = match res {
                 Ok(answer) if answer.status().is_informational() => {
                     Err(InformationalAnswer(answer.status()).into())
                 }
                 Ok(answer) if NoContentBody::says_so(&answer) => {
-                    if let Some(connected) = conn.connection_metadata().as_ref() {
-                        connected.poison();
-                    }
+                    poison();
                     Err(NoContentBody.into())
                 }
-                Ok(answer) => match check_transfer_coding(answer.headers()) {
-                    Ok(()) => Ok(answer),
-                    Err(e) => Err(e.into()),
-                },
+                Ok(answer) => {
+                    let headers = answer.headers();
+                    if headers.contains_key(CONTENT_LENGTH)
+                        && headers.contains_key(TRANSFER_ENCODING)
+                    {
+                        poison();
+                    }
+                    match check_transfer_coding(headers) {
+                        Ok(()) => Ok(answer),
+                        Err(e) => Err(e.into()),
+                    }
+                }
                 Err(e) => Err(e),
             };
             // The body's failure is the backend's too (`crate::backend_body`).
@@ -1007,7 +1034,10 @@ where
 /// A `Content-Length` beside a `Transfer-Encoding` is removed too (RFC 9112 §6.3: an
 /// intermediary must): hyper's client frames such a body by the transfer coding and
 /// leaves both headers, and once the stripping took the `Transfer-Encoding`, hyper's
-/// server sent the body with the stale length, cutting a longer one short.
+/// server sent the body with the stale length, cutting a longer one short. The
+/// connection such an answer came on is not reused ([`Upstream`] marks it): the bytes
+/// the length says past the chunked body may follow on it (the module docs, "any bytes
+/// past an answer's framing").
 /// (An answer with a `Transfer-Encoding` other than one `chunked` never comes here:
 /// [`Upstream`] fails it, and the client gets `502`.) The body is a [`BackendBody`]: a
 /// failure of it is the backend's ([`crate::backend_body`]).

@@ -2105,7 +2105,11 @@ const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled";
 ///   server that answers an expectation early and takes the body as never sent);
 /// - `/no-content`: `204` with a `Content-Length` of [`SMUGGLED`], which follows in a
 ///   write of its own when the next request head on the connection has come in, before
-///   that request's answer (a backend writing a body after a `204`'s head).
+///   that request's answer (a backend writing a body after a `204`'s head);
+/// - `/clte`: `200` with both a `Transfer-Encoding: chunked` and a `Content-Length` of
+///   5 more than [`SMUGGLED`]'s, the chunked body empty (`0\r\n\r\n`), and
+///   [`SMUGGLED`] after it as `/no-content` has it (the bytes the length says are left:
+///   response splitting, by a backend or what it relays).
 ///
 /// Every head read goes into the returned [`Heads`].
 async fn keep_alive_backend() -> (SocketAddr, Heads, JoinHandle<()>) {
@@ -2157,6 +2161,15 @@ async fn keep_alive_backend() -> (SocketAddr, Heads, JoinHandle<()>) {
                             let len = SMUGGLED.len();
                             format!("HTTP/1.1 204 No Content\r\nContent-Length: {len}\r\n\r\n")
                                 .into_bytes()
+                        } else if path == "/clte" {
+                            buf.drain(..len);
+                            tail = Some(SMUGGLED);
+                            let len = 5 + SMUGGLED.len();
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\
+                                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                            )
+                            .into_bytes()
                         } else {
                             buf.drain(..len);
                             let len = path.len();
@@ -2185,8 +2198,6 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-/// The number of the connection [`keep_alive_backend`] read the request `start` (method
-/// and path, lower-cased) on.
 /// Sends `req` (to `path`) as a second client and asserts that it gets its own answer
 /// (the keep-alive backend answers with the path it read); returns the heads the
 /// backend read.
@@ -2208,6 +2219,8 @@ async fn second_client_gets_its_own_answer(
     heads
 }
 
+/// The number of the connection [`keep_alive_backend`] read the request `start` (method
+/// and path, lower-cased) on.
 fn conn_of(heads: &[(usize, String)], start: &str) -> usize {
     heads
         .iter()
@@ -2240,6 +2253,40 @@ async fn a_204_saying_it_has_a_body_is_502_and_its_connection_is_not_reused() {
     assert_ne!(
         conn_of(&heads, "get /next"),
         conn_of(&heads, "get /no-content"),
+        "{heads:#?}"
+    );
+}
+
+/// A backend's answer with both a `Content-Length` and a `Transfer-Encoding: chunked`
+/// (RFC 9112 §6.3: a sign of response splitting, which "ought to be handled as an
+/// error") was relayed framed by the chunked coding, and its connection went back to
+/// the pool with the bytes past that framing still to come: written after the next
+/// request on the connection, they were read as that request's answer, and another
+/// client got an answer of the backend's choosing. The answer is still relayed (the
+/// `Content-Length` removed, as before), and its connection is not reused.
+///
+/// Paused clock over loopback, as below.
+#[tokio::test(start_paused = true)]
+async fn an_answer_with_a_content_length_and_chunked_does_not_leave_its_connection_pooled() {
+    let (backend, heads, _backend) = keep_alive_backend().await;
+    let mut cfg = config_over(backend);
+    cfg.health_interval = Duration::MAX; // one round at start-up
+    let gw = start(&cfg).await;
+
+    let req = Request::get("/clte")
+        .header("host", "gw")
+        .body(Full::default())
+        .unwrap();
+    let res = send(gw.addr, req).await.expect("the answer relayed");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.body().is_empty(), "{:?}", res.body());
+    assert!(res.headers().get("content-length").is_none_or(|v| v == "0"));
+    sleep(Duration::from_millis(100)).await;
+    let req = Request::get("/next").header("host", "gw");
+    let heads = second_client_gets_its_own_answer(gw.addr, req, "/next", &heads).await;
+    assert_ne!(
+        conn_of(&heads, "get /next"),
+        conn_of(&heads, "get /clte"),
         "{heads:#?}"
     );
 }
