@@ -28,8 +28,8 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 /// `X-Forwarded-Host`.
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that carry a client address (or what a proxy saw of the client) to some
-/// backend, framework or CDN, beside the `X-Forwarded-*` family (which covers
+/// Headers that carry a client address (or what a proxy saw of the client: its host,
+/// the path it asked for) to some backend, framework or CDN, beside the `X-Forwarded-*` family (which covers
 /// `X-Forwarded` itself): the standard `Forwarded`, nginx's `X-Real-IP`, Akamai's and
 /// Cloudflare's `True-Client-IP`, Cloudflare's `CF-Connecting-IP`, `CF-Connecting-IPv6`
 /// and `CF-Pseudo-IPv4`, Fastly's `Fastly-Client-IP`, ingress-nginx's
@@ -37,18 +37,25 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// `X-AppEngine-User-IP`, Envoy's `X-Envoy-External-Address`, Fly.io's
 /// `Fly-Client-IP`, Azure Front Door's `X-Azure-ClientIP` and `X-Azure-SocketIP`,
 /// Oracle WebLogic's proxy plug-in's `WL-Proxy-Client-IP`, Google's `X-ProxyUser-Ip`,
-/// and the older or unofficial `X-Client-IP`, `X-Cluster-Client-IP`, `Client-IP` (PHP's
-/// `HTTP_CLIENT_IP`), `Forwarded-For`, `X-Originating-IP`, `X-Remote-IP` and
-/// `X-Remote-Addr`, which client-address helpers of PHP, Java and Node.js frameworks
-/// still read; and `X-Host` and `X-Original-Host`, which some frameworks take for the
-/// request's host as they take `X-Forwarded-Host` (a client's own would pick the host a
-/// backend puts in its links and redirects). `Proxy-Client-IP`, which the Java helpers
-/// read beside `WL-Proxy-Client-IP`, goes with every `Proxy-*` header
-/// ([`strip_hop_by_hop`]). The list is what the gateway knows of; a backend that reads
-/// a client address or host from a header not on it gets the client's own value
-/// (headers that override the request's path, such as IIS's `X-Original-URL` or
-/// `X-Rewrite-URL`, are not the gateway's to remove: it has no rules on paths).
-pub const CLIENT_ADDRESS_HEADERS: [&str; 25] = [
+/// Akamai's `Akamai-Client-IP`, and the older or unofficial `X-Client-IP`,
+/// `X-Cluster-Client-IP`, `Client-IP` (PHP's `HTTP_CLIENT_IP`), `Forwarded-For`,
+/// `X-Originating-IP`, `X-Remote-IP`, `X-Remote-Addr`, `Remote-Addr` (a CGI-style
+/// backend's `HTTP_REMOTE_ADDR`, beside its own `REMOTE_ADDR`), `X-True-IP`,
+/// `X-Real-Client-IP`, `X-Client-Addr` and `X-Custom-IP-Authorization` (which some
+/// applications trust to let an address past an IP allow-list), which client-address
+/// helpers of PHP, Java and Node.js frameworks still read; `X-Host` and
+/// `X-Original-Host`, which some frameworks take for the request's host as they take
+/// `X-Forwarded-Host` (a client's own would pick the host a backend puts in its links
+/// and redirects); and `X-Original-URL` and `X-Rewrite-URL`, which IIS's URL rewriting
+/// sets and some frameworks (Symfony and Zend Framework until their 2018 fixes,
+/// CVE-2018-14773 and ZF2018-01) take for the request's path: a client's own routes the request to a path that access rules on
+/// the request line (a WAF's, a front proxy's, the framework's own) never saw. The
+/// gateway has no rules on paths itself, but nothing behind it should take a path from
+/// the client's headers. `Proxy-Client-IP`, which the Java helpers read beside
+/// `WL-Proxy-Client-IP`, goes with every `Proxy-*` header ([`strip_hop_by_hop`]). The
+/// list is what the gateway knows of (a deny-list): a backend that reads a client
+/// address, host or path from a header not on it gets the client's own value.
+pub const CLIENT_ADDRESS_HEADERS: [&str; 33] = [
     "forwarded",
     "x-real-ip",
     "true-client-ip",
@@ -72,8 +79,16 @@ pub const CLIENT_ADDRESS_HEADERS: [&str; 25] = [
     "x-originating-ip",
     "x-remote-ip",
     "x-remote-addr",
+    "remote-addr",
+    "x-true-ip",
+    "x-real-client-ip",
+    "x-client-addr",
+    "akamai-client-ip",
+    "x-custom-ip-authorization",
     "x-host",
     "x-original-host",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// Headers that `Connection` cannot name away: `Host`, checked before the stripping and

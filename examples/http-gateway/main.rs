@@ -31,8 +31,9 @@
 //! Envoy refuses it too unless given a default host), a body limit (`413`), hop-by-hop header stripping (and `Expect`, see below),
 //! forwarding headers replaced (`X-Forwarded-For` set to the client,
 //! `X-Forwarded-Proto: http`, `X-Forwarded-Host` from `Host`; every other
-//! `X-Forwarded-*`, `Forwarded`, `X-Real-IP`, the other client-IP and host headers the
-//! gateway knows of, such as `True-Client-IP`, `CF-Connecting-IP` or `X-Host`, removed
+//! `X-Forwarded-*`, `Forwarded`, `X-Real-IP`, the other client-IP, host and path
+//! headers the gateway knows of, such as `True-Client-IP`, `CF-Connecting-IP`,
+//! `X-Host` or `X-Original-URL` (a deny-list), removed
 //! ([`CLIENT_ADDRESS_HEADERS`](crate::headers::CLIENT_ADDRESS_HEADERS)), and every header whose name has an
 //! underscore, as nginx does), security response headers, only origin-form request targets (`/path`;
 //! `OPTIONS *` is answered `200` by the gateway, `CONNECT` `405`, any other form `400`),

@@ -8,8 +8,9 @@
 //! hop-by-hop headers are removed, and so is every header whose name has an underscore
 //! (as nginx does by default: see
 //! [`remove_underscored`](crate::headers::remove_underscored)); the client's forwarding
-//! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and the other client-IP and host
-//! headers of [`CLIENT_ADDRESS_HEADERS`](crate::headers::CLIENT_ADDRESS_HEADERS)) are
+//! headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and the other client-IP, host and
+//! path headers of [`CLIENT_ADDRESS_HEADERS`](crate::headers::CLIENT_ADDRESS_HEADERS),
+//! such as `Remote-Addr` or `X-Original-URL`) are removed and
 //! replaced with the gateway's `X-Forwarded-For` (the connection's effective client
 //! address), `X-Forwarded-Proto` and `X-Forwarded-Host` (see
 //! [`set_forwarded`](crate::headers::set_forwarded)). The rules and their order are

@@ -716,6 +716,15 @@ async fn the_backend_sees_no_forwarding_header_the_client_wrote() {
         ("wl-proxy-client-ip", "6.6.6.6"),
         ("proxy-client-ip", "6.6.6.6"), // a `Proxy-*` header
         ("x-proxyuser-ip", "6.6.6.6"),
+        ("remote-addr", "6.6.6.6"),
+        ("x-true-ip", "6.6.6.6"),
+        ("x-real-client-ip", "6.6.6.6"),
+        ("x-client-addr", "6.6.6.6"),
+        ("akamai-client-ip", "6.6.6.6"),
+        ("x-custom-ip-authorization", "6.6.6.6"),
+        // Paths that some frameworks take over the request line's (IIS's rewriting).
+        ("x-original-url", "/evil"),
+        ("x-rewrite-url", "/evil"),
         // One variable with `X-Forwarded-For` (`HTTP_X_FORWARDED_FOR`) to a CGI-style
         // backend, and the same for the others.
         ("x_forwarded_for", "6.6.6.6"),
