@@ -1076,3 +1076,83 @@ async fn a_gradient_controller_counts_calls_dropped_above_the_layer() {
         "half the calls dropped at 2 s, yet the limit went from {healthy} to {after:?}"
     );
 }
+
+/// Records, for each of `secs` one-second windows from `t0`, `slow` samples of 700 ms
+/// (threshold 500 ms) from each of the `slow_keys`, and 8 samples of 5 ms from key
+/// `"victim"`; returns the rate after each window's decision.
+async fn keyed_windows(
+    control: &AdaptiveHandle,
+    t0: Instant,
+    secs: u32,
+    slow_keys: &[String],
+    slow: u32,
+) -> Vec<f64> {
+    let mut rates = Vec::new();
+    for k in 1..=secs {
+        for key in slow_keys {
+            for _ in 0..slow {
+                control.record_keyed(key.as_str(), Duration::from_millis(700));
+            }
+        }
+        for _ in 0..8 {
+            control.record_keyed("victim", Duration::from_millis(5));
+        }
+        sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+        rates.push(control.value());
+    }
+    rates
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn one_client_owning_the_slow_tail_does_not_lower_the_rate_many_clients_do() {
+    // The http-gateway's setting: P95 over 500 ms cuts the per-client rate, 1 to 20/s,
+    // 20 samples a decision. One client asks over and over for a URL the backend takes
+    // 700 ms on (6 answers a second: 43 % of the samples), another makes 8 fast calls a
+    // second. Keyed, that one client's tail is its own: the rate does not fall, and
+    // from a cut it recovers.
+    let control = RateConfig::new(Duration::from_millis(500), 1.0, 20.0)
+        .min_samples(20)
+        .initial_rate(10.0)
+        .spawn(|_: f64| {});
+    let t0 = Instant::now();
+    let attacker = vec!["attacker".to_owned()];
+    let rates = keyed_windows(&control, t0, 10, &attacker, 6).await;
+    assert!(
+        rates.windows(2).all(|w| w[1] >= w[0]) && rates[9] > 10.0,
+        "one client's slow URL moved every client's rate: {rates:?}"
+    );
+
+    // Unkeyed (or all one key), the same samples are a tail like any other: the rate
+    // falls (what the keyed samples were before).
+    let control = RateConfig::new(Duration::from_millis(500), 1.0, 20.0)
+        .min_samples(20)
+        .initial_rate(10.0)
+        .spawn(|_: f64| {});
+    let t0 = Instant::now();
+    let mut rates = Vec::new();
+    for k in 1..=4 {
+        for _ in 0..6 {
+            control.record(Duration::from_millis(700));
+        }
+        for _ in 0..8 {
+            control.record(Duration::from_millis(5));
+        }
+        sleep_until(t0 + SEC * k + Duration::from_millis(10)).await;
+        rates.push(control.value());
+    }
+    assert!(rates[3] < 10.0, "{rates:?}");
+
+    // The same slow answers spread over 24 clients, one each a window, with the fast
+    // client's 8: a tail that does not hang on any one client. The rate falls.
+    let control = RateConfig::new(Duration::from_millis(500), 1.0, 20.0)
+        .min_samples(20)
+        .initial_rate(10.0)
+        .spawn(|_: f64| {});
+    let t0 = Instant::now();
+    let many: Vec<String> = (0..24).map(|i| format!("client{i}")).collect();
+    let rates = keyed_windows(&control, t0, 4, &many, 1).await;
+    assert!(
+        rates[0] < 10.0 && rates[3] < rates[0],
+        "a slow backend for many clients must still lower the rate: {rates:?}"
+    );
+}

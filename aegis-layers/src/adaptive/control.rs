@@ -1,6 +1,7 @@
 //! The control loops: rate mode and gradient mode.
 
 use std::fmt;
+use std::hash::Hash;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 use super::AdaptiveLayer;
 use super::classify::DefaultClassifier;
 use super::sink::{LimitSink, RateSink};
-use super::window::{Control, Measured, Shared, Windows};
+use super::window::{Control, Measured, Shared, TailClass, Windows};
 use crate::time::deadline;
 
 /// `aegis_adaptive_rate{name}`: the admitted rate (rate mode), per second.
@@ -219,6 +220,7 @@ impl RateConfig {
         let shared = Shared::new(rate);
         // A call dropped after the threshold is over it however long it would have run.
         shared.set_drop_floor(self.threshold);
+        shared.set_tail(self.threshold);
         sink.set_rate(rate);
         metrics::gauge!(ADAPTIVE_RATE, "name" => self.name).set(rate);
         let interval = self.interval;
@@ -487,7 +489,10 @@ impl<K: RateSink> Law for RateLaw<K> {
                 // (never lower it).
                 let up = latency
                     .filter(|_| full)
-                    .map(|p95| self.cfg.decide(self.rate, p95, self.after_reduction))
+                    .map(|p95| {
+                        let p95 = self.without_one_client(p95);
+                        self.cfg.decide(self.rate, p95, self.after_reduction)
+                    })
                     .filter(|&(_, dir)| dir == Direction::Up);
                 tracing::debug!(
                     controller = name,
@@ -507,7 +512,8 @@ impl<K: RateSink> Law for RateLaw<K> {
                 // by themselves) measured the rate before it: on them, as right after a
                 // reduction, no other, or one overload would cut twice.
                 let after_reduction = self.after_reduction || self.windows.reaches_past_mark();
-                let (next, dir) = self.cfg.decide(self.rate, p95, after_reduction);
+                let decided = self.without_one_client(p95);
+                let (next, dir) = self.cfg.decide(self.rate, decided, after_reduction);
                 (next, dir, Some(p95))
             }
         };
@@ -533,6 +539,22 @@ impl<K: RateSink> Law for RateLaw<K> {
             self.rate = next;
             shared.set_value(next);
             self.sink.set_rate(next);
+        }
+    }
+}
+
+impl<K> RateLaw<K> {
+    /// The P95 the law decides on: the measured `p95`, but no higher than the
+    /// measurement's samples stand without the one client (key bucket) holding the
+    /// most of their tail ([`Windows::tail_without_worst_key`]; only with samples
+    /// recorded by [`AdaptiveHandle::record_keyed`]). One client asking over and over
+    /// for what the backend is slow at made the slowest 5 % by itself, and the rate of
+    /// every client was cut to the floor.
+    fn without_one_client(&self, p95: Duration) -> Duration {
+        match self.windows.tail_without_worst_key() {
+            None | Some(TailClass::Over) => p95,
+            Some(TailClass::Between) => p95.min(self.cfg.threshold),
+            Some(TailClass::Under) => Duration::ZERO,
         }
     }
 }
@@ -778,6 +800,30 @@ impl AdaptiveHandle {
     /// ```
     pub fn record(&self, latency: Duration) {
         self.shared.record(latency);
+    }
+
+    /// [`record`](Self::record)s one latency of the client `key` (such as its
+    /// [`ClientKey`](aegis_core::ClientKey)). In rate mode, the samples of one client
+    /// cannot lower the rate by themselves: a decision takes the P95 as it stands
+    /// without the client holding the most of the slowest samples, so that one client
+    /// asking over and over for what the backend is slow at (its slowest 5 % by
+    /// itself) does not cut every client's rate. Latencies over the threshold that many
+    /// clients see still do. Keys are counted in 64 buckets by a hash with a random
+    /// seed (a fixed 768 bytes a window), so clients sharing the worst one's bucket are
+    /// left out with it. The gradient mode measures them as any other sample.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # use std::time::Duration;
+    /// # use aegis_layers::adaptive::RateConfig;
+    /// let handle = RateConfig::new(Duration::from_millis(100), 10.0, 1000.0).spawn(|_rate: f64| {});
+    /// let client: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    /// handle.record_keyed(&client, Duration::from_millis(12));
+    /// # }
+    /// ```
+    pub fn record_keyed<K: Hash + ?Sized>(&self, key: &K, latency: Duration) {
+        self.shared.record_keyed(key, latency);
     }
 
     /// The current admitted rate (rate mode) or concurrency limit (gradient mode; the

@@ -111,6 +111,14 @@
 //!   the controller then cuts the rate at which **everyone** is admitted, down to
 //!   `min_rate`, for as long as they keep it up: a handful of idle connections becomes
 //!   a denial of service for all clients.
+//!
+//!   Give each sample its client with [`AdaptiveHandle::record_keyed`] where there
+//!   is one: in rate mode a decision then takes the P95 as it stands without the one
+//!   client holding the most of the slowest samples (counted in 64 hashed buckets a
+//!   window, a fixed 768 bytes). Unkeyed, one client asking over and over for what
+//!   the backend is slow at (a slow URL) is the slowest 5 % by itself, and every
+//!   client's rate falls to `min_rate`; keyed, only a tail that more than one client
+//!   sees lowers the rate (a client alone, or all traffic as one key, never does).
 //! - **Gradient mode for concurrency.** For requests in flight to a backend (calls
 //!   through an upstream connector or HTTP client), the limit that matters is how many
 //!   are outstanding at once. The gradient needs no threshold: it finds the queueing

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,6 +37,83 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_max(MAX_MICROS, SIGFIG).expect("valid histogram bounds")
 }
 
+/// The buckets keyed samples are counted in, by a hash of their key
+/// ([`Shared::record_keyed`]) under a per-controller random seed: a fixed 3 x 64
+/// `u32` counts a window (768 bytes) however many clients there are. A client cannot
+/// pick whose bucket it shares; sharing one only costs the other client's samples in
+/// the one bucket [left out](Windows::tail_without_worst_key).
+pub(crate) const KEY_BUCKETS: usize = 64;
+
+/// What the rate law's tail rule counts, from [`Shared::set_tail`]: samples over the
+/// threshold (`slow`) and at 0.7 x the threshold or over (`warm`), per key bucket
+/// and in all.
+#[derive(Clone, Copy)]
+struct Tail {
+    /// Keyed samples per bucket.
+    all: [u32; KEY_BUCKETS],
+    /// Keyed samples over the threshold per bucket.
+    slow: [u32; KEY_BUCKETS],
+    /// Keyed samples at `0.7 x threshold` or over per bucket.
+    warm: [u32; KEY_BUCKETS],
+    /// Every sample over the threshold, keyed or not.
+    slow_total: u64,
+    /// Every sample at `0.7 x threshold` or over, keyed or not.
+    warm_total: u64,
+}
+
+impl Tail {
+    const EMPTY: Self = Self {
+        all: [0; KEY_BUCKETS],
+        slow: [0; KEY_BUCKETS],
+        warm: [0; KEY_BUCKETS],
+        slow_total: 0,
+        warm_total: 0,
+    };
+
+    fn add(&mut self, other: &Self) {
+        for i in 0..KEY_BUCKETS {
+            self.all[i] = self.all[i].saturating_add(other.all[i]);
+            self.slow[i] = self.slow[i].saturating_add(other.slow[i]);
+            self.warm[i] = self.warm[i].saturating_add(other.warm[i]);
+        }
+        self.slow_total = self.slow_total.saturating_add(other.slow_total);
+        self.warm_total = self.warm_total.saturating_add(other.warm_total);
+    }
+}
+
+/// One window: its latencies and its tail counts.
+struct Window {
+    hist: Histogram<u64>,
+    tail: Tail,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            hist: histogram(),
+            tail: Tail::EMPTY,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.hist.reset();
+        self.tail = Tail::EMPTY;
+    }
+}
+
+/// Where the measured windows' P95 stands against the rate law's bounds once the
+/// samples of the one key bucket holding the most of the tail are left out: see
+/// [`Windows::tail_without_worst_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TailClass {
+    /// Over the threshold.
+    Over,
+    /// From `0.7 x threshold` to the threshold.
+    Between,
+    /// Under `0.7 x threshold`.
+    Under,
+}
+
 /// The controller's side: its shutdown signal, alive as long as the task is.
 #[derive(Debug, Default)]
 pub(crate) struct Control {
@@ -46,7 +124,13 @@ pub(crate) struct Control {
 /// Shared by the controller, its handles, layers and services.
 pub(crate) struct Shared {
     /// The open window, recorded into by every call.
-    current: Mutex<Histogram<u64>>,
+    current: Mutex<Window>,
+    /// Seeds the hash of [`record_keyed`](Self::record_keyed)'s keys.
+    seed: RandomState,
+    /// The rate law's threshold and `0.7 x` it, in microseconds: the tail bounds
+    /// ([`set_tail`](Self::set_tail); `u64::MAX`: none, nothing is counted).
+    slow_over: AtomicU64,
+    warm_from: AtomicU64,
     /// The current rate or limit, as `f64` bits.
     value: AtomicU64,
     /// The age in microseconds from which a call dropped before it completed is a
@@ -86,7 +170,10 @@ fn micros(d: Duration) -> u64 {
 impl Shared {
     pub(crate) fn new(initial: f64) -> Arc<Self> {
         Arc::new(Self {
-            current: Mutex::new(histogram()),
+            current: Mutex::new(Window::new()),
+            seed: RandomState::new(),
+            slow_over: AtomicU64::new(u64::MAX),
+            warm_from: AtomicU64::new(u64::MAX),
             value: AtomicU64::new(initial.to_bits()),
             drop_floor: AtomicU64::new(NO_DROP_FLOOR),
             control: Arc::new(Control::default()),
@@ -94,7 +181,46 @@ impl Shared {
     }
 
     pub(crate) fn record(&self, latency: Duration) {
-        self.current.lock().saturating_record(micros(latency));
+        self.record_in(None, latency);
+    }
+
+    /// Records a sample of the client `key`: counted in its key bucket too, so that
+    /// the rate law can tell a tail that one client makes by itself
+    /// ([`Windows::tail_without_worst_key`]).
+    pub(crate) fn record_keyed<K: Hash + ?Sized>(&self, key: &K, latency: Duration) {
+        self.record_in(Some(self.bucket(key)), latency);
+    }
+
+    /// The bucket `key`'s samples are counted in.
+    fn bucket<K: Hash + ?Sized>(&self, key: &K) -> usize {
+        // The remainder is under KEY_BUCKETS: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        let bucket = (self.seed.hash_one(key) % KEY_BUCKETS as u64) as usize;
+        bucket
+    }
+
+    fn record_in(&self, bucket: Option<usize>, latency: Duration) {
+        let us = micros(latency);
+        let slow = us > self.slow_over.load(Ordering::Relaxed);
+        let warm = us >= self.warm_from.load(Ordering::Relaxed);
+        let mut w = self.current.lock();
+        w.hist.saturating_record(us);
+        let t = &mut w.tail;
+        t.slow_total += u64::from(slow);
+        t.warm_total += u64::from(warm);
+        if let Some(b) = bucket {
+            t.all[b] = t.all[b].saturating_add(1);
+            t.slow[b] = t.slow[b].saturating_add(u32::from(slow));
+            t.warm[b] = t.warm[b].saturating_add(u32::from(warm));
+        }
+    }
+
+    /// Sets the rate law's bounds the samples are counted against: over `threshold`
+    /// and at `0.7 x threshold` or over.
+    pub(crate) fn set_tail(&self, threshold: Duration) {
+        self.slow_over.store(micros(threshold), Ordering::Relaxed);
+        let warm = Duration::from_secs_f64(threshold.as_secs_f64() * 0.7);
+        self.warm_from.store(micros(warm), Ordering::Relaxed);
     }
 
     /// Records a call dropped before it completed, `age` after it started, when that
@@ -116,7 +242,7 @@ impl Shared {
     }
 
     /// Closes the open window: returns its samples and leaves `empty` in its place.
-    fn take(&self, empty: Histogram<u64>) -> Histogram<u64> {
+    fn take(&self, empty: Window) -> Window {
         std::mem::replace(&mut *self.current.lock(), empty)
     }
 
@@ -140,7 +266,7 @@ impl Drop for Shared {
 /// The closed windows, newest first, at most [`MAX_WINDOWS`]: the controller task's
 /// own, so that measuring over them never holds the lock the services record under.
 pub(crate) struct Windows {
-    closed: VecDeque<Histogram<u64>>,
+    closed: VecDeque<Window>,
     /// How many windows were closed since the last [`mark`](Self::mark) (all of them
     /// when there was none).
     since_mark: usize,
@@ -190,7 +316,7 @@ impl Windows {
             oldest.reset();
             oldest
         } else {
-            histogram()
+            Window::new()
         };
         self.closed.push_front(shared.take(empty));
         self.since_mark = self.since_mark.saturating_add(1);
@@ -198,7 +324,7 @@ impl Windows {
         let mut samples = 0;
         let mut used = 0;
         for w in &self.closed {
-            samples += w.len();
+            samples += w.hist.len();
             used += 1;
             if samples >= min_samples {
                 break;
@@ -226,16 +352,57 @@ impl Windows {
     fn quantile(&self, used: usize, quantile: f64) -> Duration {
         let merged;
         let h = if used == 1 {
-            &self.closed[0]
+            &self.closed[0].hist
         } else {
-            let mut all = self.closed[0].clone();
+            let mut all = self.closed[0].hist.clone();
             for w in self.closed.iter().take(used).skip(1) {
-                all.add(w).expect("same bounds");
+                all.add(&w.hist).expect("same bounds");
             }
             merged = all;
             &merged
         };
         Duration::from_micros(h.lowest_equivalent(h.value_at_quantile(quantile)))
+    }
+
+    /// Where the P95 of the last measurement's windows stands against the rate law's
+    /// bounds ([`Shared::set_tail`]) without the key bucket that holds the most of its
+    /// tail: over the threshold when more than 5 % of the samples left are over it
+    /// with the bucket holding the most of those left out, under `0.7 x threshold`
+    /// when at most 5 % are at it or over with the bucket holding the most of those
+    /// left out, else between. (With the histogram's rounding, the P95 of the samples
+    /// itself may read a hair under where these counts put it.)
+    ///
+    /// One client's samples are in one bucket: a tail it makes by itself (a slow URL it
+    /// asks for over and over) is not over the threshold here, however large a share of
+    /// the samples it has, while one that many clients see is.
+    ///
+    /// `None` when none of the samples was keyed (only [`Shared::record`]): then there
+    /// is no client to tell.
+    pub(crate) fn tail_without_worst_key(&self) -> Option<TailClass> {
+        let mut t = Tail::EMPTY;
+        let mut samples = 0;
+        for w in self.closed.iter().take(self.used) {
+            t.add(&w.tail);
+            samples += w.hist.len();
+        }
+        if t.all.iter().all(|&n| n == 0) {
+            return None;
+        }
+        // More than 5 % of the samples left, with the bucket holding the most of
+        // `part` (the keyed ones of it, per bucket) left out, are in `part`.
+        let over_5pct = |part: &[u32; KEY_BUCKETS], total: u64| {
+            let worst = (0..KEY_BUCKETS).max_by_key(|&b| part[b]).expect("buckets");
+            let left = samples.saturating_sub(u64::from(t.all[worst]));
+            let part_left = total.saturating_sub(u64::from(part[worst]));
+            part_left.saturating_mul(20) > left
+        };
+        Some(if over_5pct(&t.slow, t.slow_total) {
+            TailClass::Over
+        } else if over_5pct(&t.warm, t.warm_total) {
+            TailClass::Between
+        } else {
+            TailClass::Under
+        })
     }
 
     /// Forgets every sample, in the open window and the closed ones.
@@ -325,6 +492,59 @@ mod tests {
             Duration::from_micros(59_768_832),
             "the top bucket's lowest"
         );
+    }
+
+    #[test]
+    fn the_tail_is_measured_without_the_key_holding_the_most_of_it() {
+        let shared = Shared::new(0.0);
+        shared.set_tail(Duration::from_millis(100));
+        let mut w = Windows::new();
+        let ms = Duration::from_millis;
+        // Unkeyed samples only: no client to tell.
+        window(&shared, 20, 300);
+        w.rotate(&shared, 0.95, 1);
+        assert_eq!(w.tail_without_worst_key(), None);
+        // Three keys in three buckets (the seed is random).
+        let key = |not: &[usize]| {
+            (0..u32::MAX)
+                .find(|k: &u32| !not.contains(&shared.bucket(k)))
+                .expect("a free bucket")
+        };
+        let slow = key(&[]);
+        let fast = key(&[shared.bucket(&slow)]);
+        let warm = key(&[shared.bucket(&slow), shared.bucket(&fast)]);
+        // One key's slow samples and another's fast ones: under without the first.
+        for _ in 0..10 {
+            shared.record_keyed(&slow, ms(300));
+            shared.record_keyed(&fast, ms(5));
+        }
+        assert!(ms_of(w.rotate(&shared, 0.95, 1)) > Some(100));
+        assert_eq!(w.tail_without_worst_key(), Some(TailClass::Under));
+        // Between 70 and 100 ms for one key: the same.
+        for _ in 0..10 {
+            shared.record_keyed(&warm, ms(80));
+            shared.record_keyed(&fast, ms(5));
+        }
+        w.rotate(&shared, 0.95, 1);
+        assert_eq!(w.tail_without_worst_key(), Some(TailClass::Under));
+        // Slow for one key, between for the other: between without the first.
+        for _ in 0..10 {
+            shared.record_keyed(&slow, ms(300));
+            shared.record_keyed(&warm, ms(80));
+        }
+        w.rotate(&shared, 0.95, 1);
+        assert_eq!(w.tail_without_worst_key(), Some(TailClass::Between));
+        // Slow for 30 keys, one sample each: over (some may share a bucket, never 30).
+        for i in 100..130_u32 {
+            shared.record_keyed(&i, ms(300));
+            shared.record_keyed(&fast, ms(5));
+        }
+        w.rotate(&shared, 0.95, 1);
+        assert_eq!(w.tail_without_worst_key(), Some(TailClass::Over));
+    }
+
+    fn ms_of(m: Measured) -> Option<u64> {
+        ms(m).0
     }
 
     #[test]
