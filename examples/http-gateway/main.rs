@@ -10,7 +10,11 @@
 //! from `--trusted-proxy` networks (otherwise the client is the socket's peer, and
 //! `X-Forwarded-For` from clients is never believed), a cap on the connections one
 //! client address has open at once (64 by default), a per-client connection rate that
-//! an adaptive controller lowers when the backends' P95 latency passes 500 ms, and
+//! an adaptive controller lowers when the backends' P95 latency passes 500 ms (each
+//! sample counted as its client's: the P95 is taken without the one client address
+//! holding the most of the slow answers, so that a client asking over and over for a
+//! URL the backend is slow at cannot cut everyone's rate by itself; only a slowness
+//! more than one client sees does, see `proxy::Upstream::record_latency`), and
 //! slowloris deadlines (first byte 5 s, first request's headers 10 s, each up to 50 ms
 //! early by a per-connection draw, 75 s of silence within a request), hyper's header
 //! read timeout of 11 s for each later request, counted from the end of the previous

@@ -19,7 +19,8 @@
 //! 4. the [`Proxy`]. The adaptive controller's latency samples are taken further down,
 //!    around each backend's HTTP client
 //!    ([`Upstream::record_latency`](crate::proxy::Upstream::record_latency)), where the
-//!    time spent waiting on the client's body can be left out.
+//!    time spent waiting on the client's body can be left out, each as its client's
+//!    ([`SampleKey`](crate::proxy::SampleKey), put on the request here).
 //!
 //! hyper itself bounds the connection: `header_read_timeout` (with a timer set, without
 //! which hyper ignores it; hyper starts it whenever it waits for a request head, so it
@@ -55,7 +56,7 @@ use tower::{Service, ServiceBuilder};
 use tower_http::limit::{RequestBodyLimitLayer, ResponseBody};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::proxy::{GatewayBody, Proxy};
+use crate::proxy::{GatewayBody, Proxy, SampleKey};
 use crate::refusal::{Refusal, count};
 use crate::sanitize::{Limits, SanitizeLayer};
 
@@ -101,6 +102,7 @@ impl Stack {
             .map_request(count_declared_too_large(self.max_body))
             .layer(RequestBodyLimitLayer::new(self.max_body))
             .layer(SanitizeLayer::new(client, self.limits))
+            .map_request(SampleKey::of(client))
             .service(self.proxy.clone());
         BoxCloneService::new(svc)
     }

@@ -188,7 +188,8 @@ impl Drop for Backend {
     }
 }
 
-/// `/healthz`: `200`. Anything else: counted, headers recorded, body read in full, then
+/// `/healthz`: `200`. Anything else: counted, headers recorded, `/slow/NNN` NNN ms
+/// late, body read in full, then
 /// `503` when failing, the status `NNN` for a path `/status/NNN`, or `200` with hop-by-hop
 /// and framing headers a proxy must drop.
 async fn answer(
@@ -209,6 +210,10 @@ async fn answer(
     let path = req.uri().path().to_owned();
     let delay = seen.delay_ms.load(Ordering::SeqCst);
     sleep(Duration::from_millis(u64::try_from(delay).unwrap())).await;
+    // `/slow/NNN`: NNN ms more, a URL the backend is slow at.
+    if let Some(ms) = path.strip_prefix("/slow/").and_then(|s| s.parse().ok()) {
+        sleep(Duration::from_millis(ms)).await;
+    }
     let body = req
         .into_body()
         .collect()
@@ -2515,14 +2520,20 @@ async fn slow_backends_lower_the_rate(snap: &Snapshotter) {
         "no backend latency yet"
     );
 
-    // 60 ms answers against a 20 ms target: 1000/s × 0.8 at the next decision.
+    // 60 ms answers against a 20 ms target, to several clients (one client's tail is
+    // its own: `one_client_asking_for_a_slow_url_does_not_lower_everyones_rate`):
+    // 1000/s × 0.8 at the next decision.
     let deadline = Instant::now() + WAIT;
-    while interval(&gw) == Duration::from_millis(1) {
+    for from in CLIENTS.iter().cycle() {
+        if interval(&gw) != Duration::from_millis(1) {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "the controller never lowered the rate"
         );
-        assert_eq!(get(gw.addr).await.status(), StatusCode::OK);
+        let out = raw_get_from(from, gw.addr).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     }
     assert_eq!(interval(&gw), Duration::from_micros(1250), "800/s");
     assert!(
@@ -2548,22 +2559,46 @@ async fn a_hung_backend_makes_the_controller_lower_the_per_client_rate() {
     let gw = start(&cfg).await;
 
     // Every answer is the gateway's 504: each one a sample of 100 ms, the backend's
-    // timeout, against a 50 ms target.
+    // timeout, against a 50 ms target, for several clients.
     let deadline = Instant::now() + WAIT;
-    while gw.control.value() >= 1_000.0 {
+    for from in CLIENTS.iter().cycle() {
+        if gw.control.value() < 1_000.0 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "the controller never heard of the hung backend"
         );
-        assert_eq!(get(gw.addr).await.status(), StatusCode::GATEWAY_TIMEOUT);
+        let out = raw_get_from(from, gw.addr).await;
+        assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     }
     assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
 }
 
+/// Client addresses on the loopback: the controller lowers the rate only on a tail that
+/// more than one client sees.
+const CLIENTS: [&str; 8] = [
+    "127.0.5.1",
+    "127.0.5.2",
+    "127.0.5.3",
+    "127.0.5.4",
+    "127.0.5.5",
+    "127.0.5.6",
+    "127.0.5.7",
+    "127.0.5.8",
+];
+
 /// `POST /` with a 2-byte body whose second byte comes `pause` after the first; the
 /// whole answer.
 async fn post_split_body(addr: SocketAddr, pause: Duration) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    post_split_body_from("127.0.0.1", addr, pause).await
+}
+
+/// [`post_split_body`] from the loopback address `from`.
+async fn post_split_body_from(from: &str, addr: SocketAddr, pause: Duration) -> String {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
     stream
         .write_all(
             b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nConnection: close\r\n\r\na",
@@ -2592,8 +2627,8 @@ async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controlle
     // A fast backend, and clients that pause three targets inside their bodies: ten
     // answers, one per control interval or so, so that some seven decisions have their
     // three samples (a measurement reaches back up to eight intervals for them).
-    for _ in 0..10 {
-        let out = post_split_body(gw.addr, pause).await;
+    for from in CLIENTS.iter().cycle().take(10) {
+        let out = post_split_body_from(from, gw.addr, pause).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         assert!(out.ends_with("read 2 bytes"), "{out}");
         assert!(
@@ -2608,13 +2643,102 @@ async fn a_client_sending_its_body_slowly_is_not_a_slow_backend_to_the_controlle
     // controller hears of it.
     b0.seen.delay_ms.store(750, Ordering::SeqCst);
     let deadline = Instant::now() + WAIT;
-    while !lowered(&gw) {
+    for from in CLIENTS.iter().cycle() {
+        if lowered(&gw) {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "the controller never lowered the rate"
         );
-        let out = post_split_body(gw.addr, pause).await;
+        let out = post_split_body_from(from, gw.addr, pause).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+}
+
+/// `GET path` on the keep-alive connection `tx`; its status within [`WAIT`].
+async fn get_path_on(tx: &mut SendRequest<Full<Bytes>>, path: &str) -> StatusCode {
+    let req = Request::get(path)
+        .header("host", "gw.test")
+        .body(Full::default())
+        .unwrap();
+    timeout(WAIT, async {
+        tx.ready().await.unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        let status = res.status();
+        res.into_body().collect().await.unwrap();
+        status
+    })
+    .await
+    .unwrap()
+}
+
+/// A reviewer: every backend answer was a latency sample, anyone's, so one client asking
+/// over and over for a URL the backend is slow at made the slowest 5 % by itself: 4
+/// keep-alive connections on a 0.7 s URL took the per-client rate from 20 to 2.15/s in
+/// 20 s, and another client opening 8 connections a second was refused 6 of them a
+/// second. Each sample is now its client's, and the P95 is taken without the client
+/// holding the most of the slow ones: the rate holds. The same URL asked by several
+/// clients still lowers it.
+#[tokio::test]
+async fn one_client_asking_for_a_slow_url_does_not_lower_everyones_rate() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.per_client_rate = NonZeroU32::new(1_000).unwrap();
+    // A fast answer is a few milliseconds, a slow one 150 ms: three targets.
+    cfg.latency_target = Duration::from_millis(50);
+    cfg.control_interval = Duration::from_millis(300);
+    cfg.control_min_samples = 3;
+    let gw = start(&cfg).await;
+    let lowered = |gw: &Gateway| gw.control.value() < 1_000.0;
+
+    // The attacker: 4 keep-alive connections on `/slow/150` (some 26 answers a second);
+    // the victim: one fast request a connection, 10 a second or so.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = JoinSet::new();
+    for _ in 0..4 {
+        let mut tx = connect_from("127.0.0.2", gw.addr).await;
+        let stop = Arc::clone(&stop);
+        attackers.spawn(async move {
+            let mut slow = 0;
+            while !stop.load(Ordering::SeqCst) {
+                assert_eq!(get_path_on(&mut tx, "/slow/150").await, StatusCode::OK);
+                slow += 1;
+            }
+            slow
+        });
+    }
+    // Ten control intervals.
+    let t0 = Instant::now();
+    let mut fast = 0;
+    while since(t0) < Duration::from_secs(3) {
+        let out = raw_get_from("127.0.0.3", gw.addr).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        fast += 1;
+        assert!(
+            !lowered(&gw),
+            "one client's slow URL cut every client's rate: {} ({fast} fast answers)",
+            gw.control.value()
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let slow: usize = attackers.join_all().await.into_iter().sum();
+    // The slow answers were over 5 % of the samples: unkeyed, a tail.
+    assert!(slow * 19 > fast, "{slow} slow answers, {fast} fast");
+
+    // The same URL for several clients: a tail that is no one client's.
+    let deadline = Instant::now() + WAIT;
+    for from in CLIENTS.iter().cycle() {
+        if lowered(&gw) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a URL slow for every client never lowered the rate"
+        );
+        let mut tx = connect_from(from, gw.addr).await;
+        assert_eq!(get_path_on(&mut tx, "/slow/150").await, StatusCode::OK);
     }
 }
 
