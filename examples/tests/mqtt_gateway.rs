@@ -17,6 +17,8 @@
 //! every wait is a poll with a deadline.
 
 mod common;
+#[path = "../mqtt-gateway/drain_reports.rs"]
+mod drain_reports;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -1657,6 +1659,66 @@ async fn a_second_signal_during_the_drain_exits_at_once_with_status_1() {
     assert!(took < Duration::from_secs(5), "exited only after {took:?}");
     assert_eq!(status.code(), Some(1), "{}", gw.log());
     assert!(gw.log().contains("second signal"), "{}", gw.log());
+}
+
+/// With `server.runtime = "per-core"`, a runtime that never reports its drain (its thread
+/// stalled) does not hold the stop past the deadline: the wait ends there, the runtime
+/// counts as not drained and is named, and the reports of the others (before it, after
+/// it, and one that ended without a report) are counted. When all report in time, the
+/// wait ends with the last report.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_runtime_does_not_hold_the_stop_past_the_drain_deadline() {
+    use tokio::sync::oneshot;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    let (first, first_rx) = oneshot::channel();
+    first.send((true, 0)).unwrap();
+    // Never sends, and is not dropped: the runtime's thread is stalled.
+    let (_stalled, stalled_rx) = oneshot::channel::<(bool, usize)>();
+    let (later, later_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        let _ = later.send((false, 3));
+    });
+    let (panicked, panicked_rx) = oneshot::channel::<(bool, usize)>();
+    drop(panicked);
+    let reports = [first_rx, stalled_rx, later_rx, panicked_rx];
+    // Bounded here too: unbounded, the wait would never end (the clock is paused).
+    let gathered = timeout(
+        Duration::from_secs(600),
+        drain_reports::gather((true, 1), reports, deadline),
+    )
+    .await
+    .expect("the wait for the drain reports outlived its deadline by 10 minutes");
+    assert_eq!(Instant::now() - start, Duration::from_secs(5));
+    assert_eq!(
+        gathered,
+        drain_reports::Gathered {
+            drained: false,
+            aborted: 4,
+            late: vec![2],
+        }
+    );
+
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    let (first, first_rx) = oneshot::channel();
+    first.send((true, 0)).unwrap();
+    let (later, later_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        let _ = later.send((true, 0));
+    });
+    let gathered = drain_reports::gather((true, 0), [first_rx, later_rx], deadline).await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(
+        gathered,
+        drain_reports::Gathered {
+            drained: true,
+            aborted: 0,
+            late: vec![],
+        }
+    );
 }
 
 /// `security.bans_file` is written as soon as the first signal arrives, while a
