@@ -148,6 +148,8 @@ mod client_body;
 mod gateway;
 mod headers;
 mod health;
+#[path = "../shared/log_writer.rs"]
+mod log_writer;
 #[path = "../shared/metrics_endpoint.rs"]
 mod metrics_endpoint;
 mod metrics_http;
@@ -218,13 +220,39 @@ impl std::str::FromStr for MetricsAddr {
     }
 }
 
+/// How long the gateway waits at its end for the queued log lines to reach stdout.
+const LAST_LINES: Duration = Duration::from_secs(1);
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Lines are queued for a thread of their own (`log_writer`): a stdout nobody reads
+    // loses lines, counted, instead of blocking every task that logs, and the ctrl-c
+    // wait with them.
+    let (writer, failed) = log_writer::Lossy::spawn(std::io::stdout(), log_writer::QUEUE);
+    if let Some(e) = failed {
+        eprintln!("http-gateway: cannot start the log writer thread, no lines will be logged: {e}");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(writer.clone())
         .init();
+    let result = run().await;
+    let dropped = writer.dropped();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "log lines dropped: stdout was not read fast enough ({} lines queued at most)",
+            log_writer::QUEUE
+        );
+    }
+    writer.flush(LAST_LINES);
+    result
+}
+
+/// The gateway, from its command line to ctrl-c.
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let mut config = Config::new(args.backends);
     config.trusted_proxies = args.trusted_proxies;

@@ -1,8 +1,13 @@
-//! Logs: plain or JSON lines on stderr, and client addresses masked on request.
+//! Logs: plain or JSON lines on stderr, and client addresses masked on request. Lines
+//! are written by a thread of their own through a bounded queue (`log_writer::Lossy`):
+//! a stderr that nobody reads (a stalled log pipe) loses lines, counted, but never
+//! blocks the runtimes or the signal handling.
 
 use std::fmt;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use aegis_core::{ClientKey, KeyBy};
 use aegis_mqtt::security::BanKey;
@@ -15,6 +20,14 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Log, LogFormat};
+use crate::log_writer::{self, Lossy};
+
+/// The log writer [`init`] installed, for [`flush`] and [`finish`].
+static WRITER: OnceLock<Lossy> = OnceLock::new();
+
+/// How long [`finish`] waits for the queued lines to reach stderr at the end of the
+/// process.
+const LAST_LINES: Duration = Duration::from_secs(1);
 
 /// `RUST_LOG`, when set (and not blank): the filter [`init`] uses instead of `log.level`.
 pub(crate) fn rust_log() -> Option<String> {
@@ -54,9 +67,14 @@ pub(crate) fn init(log: &Log) {
     let masked = log
         .mask_client_addresses
         .then(|| filter_fn(|meta| !names_clients(meta)));
+    let (writer, failed) = Lossy::spawn(std::io::stderr(), log_writer::QUEUE);
+    if let Some(e) = failed {
+        eprintln!("mqtt-gateway: cannot start the log writer thread, no lines will be logged: {e}");
+    }
+    let _ = WRITER.set(writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match log.format {
         LogFormat::Plain => {
@@ -69,6 +87,26 @@ pub(crate) fn init(log: &Log) {
             json.with(links).with(masked).init();
         }
     }
+}
+
+/// Waits up to `within` for the lines logged so far to reach stderr (not at all before
+/// [`init`]); whether they did.
+pub(crate) fn flush(within: Duration) -> bool {
+    WRITER.get().is_none_or(|w| w.flush(within))
+}
+
+/// At the end of the process: logs how many lines were dropped, if any, and waits (a
+/// second at most) for the queued lines to reach stderr.
+pub(crate) fn finish() {
+    let dropped = WRITER.get().map_or(0, Lossy::dropped);
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "log lines dropped: stderr was not read fast enough ({} lines queued at most)",
+            log_writer::QUEUE
+        );
+    }
+    flush(LAST_LINES);
 }
 
 /// Whether `meta` is a line or span that names whole client addresses, which masking

@@ -50,6 +50,8 @@ mod bans_json;
 mod broker;
 mod config;
 mod drain_reports;
+#[path = "../shared/log_writer.rs"]
+mod log_writer;
 mod logging;
 #[path = "../shared/metrics_endpoint.rs"]
 mod metrics_endpoint;
@@ -106,12 +108,16 @@ const EXIT_CONFIG: u8 = 2;
 /// drain runs out of time.
 const EXIT_FORCED: u8 = 1;
 
+/// How long a second signal's exit waits for its log line to reach stderr.
+const SECOND_SIGNAL_LOG: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How long the stopping gateway waits for the last write of the bans file, after the
 /// drain. A stop takes `server.drain_timeout` (22 s by default), then the time to abort
 /// the connections still open (2.1 s for some 9,600, measured; the other runtimes of
 /// `"per-core"` are waited for [`REPORT_MARGIN`] at most), then up to this: about 27 s by
-/// default, under Kubernetes' default grace period of 30 s. A longer drain needs a longer
-/// grace period (`terminationGracePeriodSeconds`), by at least 8 s.
+/// default, under Kubernetes' default grace period of 30 s (and up to a second more to
+/// write out the last log lines, when stderr is slow). A longer drain needs a longer grace
+/// period (`terminationGracePeriodSeconds`), by at least 8 s.
 const LAST_BANS_WRITE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// With `server.runtime = "per-core"`, how long past the drain deadline the stopping
@@ -189,6 +195,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(run(settings));
     // The embedded broker's threads and the metrics endpoint end with the process.
     runtime.shutdown_background();
+    logging::finish();
     ExitCode::from(code)
 }
 
@@ -498,11 +505,14 @@ async fn serve_until_signal(mut settings: Settings) -> Result<u8, String> {
                     _ = term.recv() => "SIGTERM",
                     _ = int.recv() => "SIGINT",
                 };
+                // Queued, never blocking (`logging`); the line is given a moment to
+                // reach stderr, no more: a stderr nobody reads must not keep the process.
                 tracing::warn!(
                     signal = which,
                     status = EXIT_FORCED,
                     "second signal: exiting at once, open connections cut"
                 );
+                logging::flush(SECOND_SIGNAL_LOG);
                 std::process::exit(EXIT_FORCED.into());
             });
         }

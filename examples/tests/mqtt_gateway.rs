@@ -183,6 +183,9 @@ struct Launch {
     /// `"600s"`), as a disk that hangs would: `strace -D` traces it from a process of its
     /// own, so that the child is still the gateway. Check [`no_strace`] first.
     fsync_delay: Option<&'static str>,
+    /// The gateway's stderr is a pipe that the test never reads (as a stalled log pipe
+    /// would be), instead of `stderr.log` (and [`Gateway::log`] reads nothing).
+    unread_stderr: bool,
 }
 
 impl Default for Launch {
@@ -193,6 +196,7 @@ impl Default for Launch {
             cpus: None,
             nofile: None,
             fsync_delay: None,
+            unread_stderr: false,
         }
     }
 }
@@ -298,6 +302,10 @@ impl Gateway {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr);
+            if launch.unread_stderr {
+                // The read end is held in `Child::stderr`, never read.
+                command.stderr(Stdio::piped());
+            }
             if let Some(filter) = launch.rust_log {
                 command.env("RUST_LOG", filter);
             }
@@ -1719,6 +1727,98 @@ async fn a_stalled_runtime_does_not_hold_the_stop_past_the_drain_deadline() {
             late: vec![],
         }
     );
+}
+
+/// Whether a thread of process `pid` is in a `write` to its stderr (fd 2), which it is
+/// only while the pipe is full: `/proc/PID/task/TID/syscall` starts with the syscall's
+/// number (x86-64 and aarch64 differ) and its first argument.
+fn blocked_writing_stderr(pid: u32) -> bool {
+    let write = if cfg!(target_arch = "aarch64") {
+        "64"
+    } else {
+        "1"
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("syscall"))
+            .is_ok_and(|s| s.starts_with(&format!("{write} 0x2 ")))
+    })
+}
+
+/// Starts the gateway at debug level with its stderr a pipe the test never reads.
+async fn gateway_with_an_unread_stderr(name: &str, config: &str) -> Gateway {
+    let launch = Launch {
+        rust_log: Some("debug"),
+        unread_stderr: true,
+        ..Launch::default()
+    };
+    Gateway::start_with(name, config, &[], launch).await
+}
+
+/// Opens and closes sessions (each logged) until the gateway's unread stderr is full: a
+/// thread of the gateway's is blocked writing to it.
+async fn fill_stderr(gw: &Gateway) {
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    while !blocked_writing_stderr(gw.pid()) {
+        assert!(
+            Instant::now() < deadline,
+            "stderr not full after {n} sessions in {WAIT:?}"
+        );
+        // A gateway blocked on its stderr stops answering: the pipe is full then.
+        let session = timeout(
+            Duration::from_millis(500),
+            mqtt_session("127.0.0.1", gw.mqtt, &format!("filler-{n}")),
+        )
+        .await;
+        if let Ok(Some(mut s)) = session {
+            let _ = s.write_all(&[0xE0, 0x00]).await;
+        } else {
+            sleep(Duration::from_millis(25)).await;
+        }
+        n += 1;
+    }
+}
+
+/// A stderr that nobody reads (a stalled log pipe) does not keep the gateway from
+/// stopping: lines that do not fit are dropped, and SIGINT drains and ends it. It wrote
+/// its logs synchronously: the signal handler's first line blocked, and the process
+/// could not be stopped by signals at all.
+#[tokio::test]
+async fn a_full_stderr_does_not_keep_the_gateway_from_stopping() {
+    let config = "[server]\ndrain_timeout = \"1s\"\n";
+    let mut gw = gateway_with_an_unread_stderr("full-stderr", config).await;
+    fill_stderr(&gw).await;
+    let signalled = Instant::now();
+    gw.signal("INT");
+    let status = gw.exit_status().await;
+    let took = Instant::now().saturating_duration_since(signalled);
+    assert!(took < Duration::from_secs(10), "exited only after {took:?}");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// With a full stderr and a drain held open by a client, the second SIGINT still ends
+/// the process at once: its line is given a moment to be logged, no more.
+#[tokio::test]
+async fn a_full_stderr_does_not_keep_a_second_signal_from_ending_the_gateway() {
+    let config = "[server]\ndrain_timeout = \"1h\"\n";
+    let mut gw = gateway_with_an_unread_stderr("full-stderr-second", config).await;
+    let held = mqtt_session("127.0.0.1", gw.mqtt, "holds-the-drain")
+        .await
+        .unwrap();
+    fill_stderr(&gw).await;
+    gw.signal("INT");
+    sleep(Duration::from_millis(500)).await;
+    assert!(gw.running(), "the drain ended early");
+    let second = Instant::now();
+    gw.signal("INT");
+    let status = gw.exit_status().await;
+    let took = Instant::now().saturating_duration_since(second);
+    assert!(took < Duration::from_secs(5), "exited only after {took:?}");
+    assert_eq!(status.code(), Some(1));
+    drop(held);
 }
 
 /// `security.bans_file` is written as soon as the first signal arrives, while a
