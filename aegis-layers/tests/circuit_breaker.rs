@@ -414,6 +414,31 @@ async fn outcomes_from_an_earlier_state_are_ignored() {
     assert_eq!(layer.handle().state(), CircuitState::HalfOpen);
 }
 
+/// An admission held from `poll_ready` (made while closed) is not used by a `call` made
+/// after the circuit opened: the call fails fast without reaching the inner service.
+/// It was used as it was, and the call went through the open circuit.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_held_admission_calls_through_an_open_circuit() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(1))
+        .open_for(Duration::from_secs(60))
+        .build();
+    let (mut svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+    svc.ready().await.unwrap(); // admitted while closed, and held
+    circuit.record_failure(); // the circuit opens meanwhile
+    assert_eq!(circuit.state(), CircuitState::Open);
+    let mut fut = task::spawn(svc.call(()));
+    let mut next = task::spawn(handle.next_request());
+    assert_pending!(
+        next.poll(),
+        "the inner service must not be called while open"
+    );
+    let err = assert_ready!(fut.poll(), "fails fast").unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn handle_forces_open_and_closed_and_releases() {
     let layer = CircuitBreakerLayer::builder("upstream")

@@ -49,6 +49,9 @@
 //! protocol layer and the proxy would be admitted at the accept; wrap the connector
 //! instead. A rejection holds nothing and is decided again by the next `poll_ready`, so
 //! a service polled ready while the circuit was open is not refused after it recovers.
+//! An admission the circuit has moved past by the time of the `call` (polled ready while
+//! closed, called after the circuit opened) is decided again in `call`, so the call
+//! fails fast rather than reach the inner service through an open circuit.
 //!
 //! # Classifiers
 //!

@@ -119,11 +119,22 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self
+        let ticket = match self
             .ticket
             .take()
             .expect("service not ready; poll_ready must be called first")
         {
+            // An admission the circuit has moved past since `poll_ready` (polled ready
+            // while closed, called after it opened) is decided again: used as it was,
+            // the call reached the inner service through an open circuit. The inner
+            // service was polled ready for it, so a new admission may call it.
+            Ticket::Admit(guard) if guard.is_stale() => {
+                drop(guard);
+                self.shared.admit()
+            }
+            ticket => ticket,
+        };
+        match ticket {
             Ticket::Reject => ResponseFuture::open(reject(CircuitOpen::new(self.shared.name()))),
             Ticket::Admit(guard) => {
                 ResponseFuture::called(self.inner.call(req), guard, self.classifier.clone())
