@@ -439,6 +439,125 @@ async fn a_held_admission_calls_through_an_open_circuit() {
     assert_eq!(circuit.state(), CircuitState::Open);
 }
 
+/// `n` calls started now on clones of `svc`, each with the inner service's end of it.
+fn start_calls(
+    svc: &Svc,
+    handle: &mut Handle<(), ()>,
+    n: usize,
+) -> Vec<(
+    <Svc as Service<()>>::Future,
+    tower_test::mock::SendResponse<()>,
+)> {
+    (0..n)
+        .map(|_| {
+            let mut clone = svc.clone();
+            let mut ready = task::spawn(clone.ready());
+            assert_ready!(ready.poll()).unwrap();
+            drop(ready);
+            let fut = clone.call(());
+            let ((), send) = next_request(handle);
+            (fut, send)
+        })
+        .collect()
+}
+
+/// A failure counts towards `consecutive_failures` only if no call started after it has
+/// succeeded: five slow calls start, a call started after them succeeds, then the five
+/// fail (a backend slow on one URL, five requests for it timing out together): the
+/// circuit stays closed. Counted, one client opened the circuit for every client whose
+/// requests, started later, were being answered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failures_of_calls_started_before_a_success_do_not_trip() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(5))
+        .build();
+    let (svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    let slow = start_calls(&svc, &mut handle, 5);
+    let [(fast, send)] = start_calls(&svc, &mut handle, 1).try_into().ok().unwrap();
+    send.send_response(());
+    fast.await.unwrap();
+    for (fut, send) in slow {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+    }
+    assert_eq!(circuit.state(), CircuitState::Closed);
+
+    // The run starts again with the calls started after that success: five more trip.
+    for (fut, send) in start_calls(&svc, &mut handle, 5) {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+    }
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+/// Five failures with no success of a call started after them still trip, even when a
+/// success of a call started before them lands among them: the order is the calls'
+/// start, not their end.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failures_trip_when_only_earlier_started_calls_succeed() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(5))
+        .build();
+    let (svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    let [(early, early_send)] = start_calls(&svc, &mut handle, 1).try_into().ok().unwrap();
+    let mut slow = start_calls(&svc, &mut handle, 5).into_iter();
+    for (fut, send) in slow.by_ref().take(2) {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+    }
+    // Ended after two failures, it resets the run as ever...
+    early_send.send_response(());
+    early.await.unwrap();
+    for (fut, send) in slow {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+    // ...and the next two failures, with the three after it, make five in a row.
+    for (fut, send) in start_calls(&svc, &mut handle, 2) {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+    }
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
+/// The same ordering for outcomes recorded against a [`Mark`]: a success recorded
+/// against a mark taken after some calls started makes their failures not count (the
+/// http-gateway records a response's success when its body ends, against the mark it
+/// took at the call); a failure recorded against a mark counts unless work started
+/// later succeeded.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn marks_order_outcomes_as_calls_do() {
+    let layer = CircuitBreakerLayer::builder("upstream")
+        .consecutive_failures(Some(2))
+        .build();
+    let (svc, mut handle) = breaker(&layer);
+    let circuit = layer.handle();
+
+    let slow = start_calls(&svc, &mut handle, 2);
+    let marked_failures = [circuit.mark(), circuit.mark()];
+    let success = circuit.mark();
+    circuit.record_success_since(success);
+    for (fut, send) in slow {
+        send.send_error(refused());
+        fut.await.unwrap_err();
+    }
+    for mark in marked_failures {
+        circuit.record_failure_since(mark);
+    }
+    assert_eq!(circuit.state(), CircuitState::Closed);
+    // Marked after that success: two failures trip.
+    let after = [circuit.mark(), circuit.mark()];
+    for mark in after {
+        circuit.record_failure_since(mark);
+    }
+    assert_eq!(circuit.state(), CircuitState::Open);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn handle_forces_open_and_closed_and_releases() {
     let layer = CircuitBreakerLayer::builder("upstream")

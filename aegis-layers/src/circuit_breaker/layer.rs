@@ -152,7 +152,8 @@ pub struct Builder<C = DefaultClassifier> {
 
 impl<C> Builder<C> {
     /// Trips after `n` failures in a row (a success resets the count); `None` turns
-    /// this trip off.
+    /// this trip off. A failure of a call started before the latest-started success is
+    /// not counted: see [Failures in a row](super#failures-in-a-row).
     ///
     /// # Panics
     ///

@@ -31,6 +31,24 @@
 //! failure. Outcomes of calls admitted under an earlier state (a slow call started
 //! while closed that ends after the circuit opened) are ignored.
 //!
+//! # Failures in a row
+//!
+//! "In a row" is in the order the calls **started**: each call is numbered when `call`
+//! passes it to the inner service, the circuit keeps the number of the latest-started
+//! call that succeeded, and a failure of a call started before it does not count towards
+//! `consecutive_failures` (it still enters the failure-rate window: a rate is a share of
+//! calls, not a run). A call started later that succeeded has shown the backend up
+//! since the failed one started. Counted by their end, five requests for one URL the
+//! backend is slow on, sent together by one client, timed out together with no success
+//! ending between them, and opened the circuit for every client, whose requests,
+//! started later, were being answered; one client could repeat it every `open_for`.
+//! Five failures with no later-started success still trip, and a success of a call
+//! started before them resets the run when it ends, as ever. Outcomes recorded against a
+//! [`Mark`] are ordered by the mark's taking
+//! ([`CircuitHandle::record_success_since`]); those recorded without one
+//! ([`CircuitHandle::record_failure`]) always count. Half-open probes are judged each on
+//! its own: any failed probe re-opens the circuit.
+//!
 //! The circuit is checked *before* the inner service's readiness, as tower's `LoadShed`
 //! does: when open, `poll_ready` returns ready without touching the inner service, so
 //! `call` can fail fast even when the backend would make callers wait.
@@ -52,6 +70,15 @@
 //! An admission the circuit has moved past by the time of the `call` (polled ready while
 //! closed, called after the circuit opened) is decided again in `call`, so the call
 //! fails fast rather than reach the inner service through an open circuit.
+//!
+//! **Combinators that hold readiness without calling** (tower's `Steer`, which polls
+//! every route ready before each call and calls one; a ready cache) are a poor fit in
+//! front of a breaker: half-open, such a route takes a probe permit in `poll_ready` and
+//! holds it, uncalled, until [`probe_timeout`](Builder::probe_timeout), which counts
+//! as a failed probe and re-opens the circuit; a route whose requests come less often
+//! than that stays open for ever though its backend recovered. Give each request its
+//! own clone polled right before its call (`oneshot`), as aegis-core's proxy and the
+//! gateways do.
 //!
 //! # Classifiers
 //!

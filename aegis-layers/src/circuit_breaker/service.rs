@@ -136,7 +136,8 @@ where
         };
         match ticket {
             Ticket::Reject => ResponseFuture::open(reject(CircuitOpen::new(self.shared.name()))),
-            Ticket::Admit(guard) => {
+            Ticket::Admit(mut guard) => {
+                guard.start();
                 ResponseFuture::called(self.inner.call(req), guard, self.classifier.clone())
             }
         }

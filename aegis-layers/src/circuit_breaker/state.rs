@@ -104,6 +104,13 @@ pub(crate) struct Shared {
     /// no failure run to reset and no failure-rate window to feed. Successes then skip
     /// the lock, the common case of a healthy backend.
     success_is_noop: AtomicBool,
+    /// The start number of the last call started (or [`Mark`] taken): calls are numbered
+    /// in the order they start, from 1.
+    starts: AtomicU64,
+    /// The start number of the latest-started call that succeeded (0: none yet). A
+    /// failure of a call started before it does not count towards
+    /// `consecutive_failures`: a call started later has shown the backend up since.
+    latest_success: AtomicU64,
     machine: Mutex<Machine>,
 }
 
@@ -128,6 +135,8 @@ pub(crate) enum Ticket {
 pub(crate) struct Guard {
     shared: Arc<Shared>,
     generation: u64,
+    /// The call's start number, from [`start`](Self::start); 0 until then.
+    start: u64,
     kind: Kind,
 }
 
@@ -146,6 +155,7 @@ impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
             .field("generation", &self.generation)
+            .field("start", &self.start)
             .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
@@ -160,6 +170,8 @@ impl Shared {
             cfg,
             word: AtomicU64::new(CODE_CLOSED),
             success_is_noop: AtomicBool::new(no_window),
+            starts: AtomicU64::new(0),
+            latest_success: AtomicU64::new(0),
             machine: Mutex::new(Machine {
                 phase: Phase::Closed,
                 forced: None,
@@ -186,6 +198,7 @@ impl Shared {
         Ticket::Admit(Guard {
             shared: Arc::clone(self),
             generation: word >> 2,
+            start: 0,
             kind,
         })
     }
@@ -211,6 +224,7 @@ impl Shared {
         Ticket::Admit(Guard {
             shared: Arc::clone(self),
             generation: m.generation,
+            start: 0,
             kind,
         })
     }
@@ -302,14 +316,31 @@ impl Shared {
         self.transition(m, Phase::Open { until });
     }
 
-    fn record(&self, generation: u64, kind: Kind, outcome: Option<Outcome>) {
+    /// The number of a call starting now, or of a [`Mark`] taken now: larger than that
+    /// of every call started before.
+    fn next_start(&self) -> u64 {
+        self.starts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A call (or marked work) with start number `start` succeeded.
+    fn succeeded_from(&self, start: u64) {
+        self.latest_success.fetch_max(start, Ordering::Relaxed);
+    }
+
+    /// Whether a call started after the one numbered `start` has succeeded already: a
+    /// failure of this one then says nothing of the backend now.
+    fn overtaken(&self, start: u64) -> bool {
+        start < self.latest_success.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, generation: u64, start: u64, kind: Kind, outcome: Option<Outcome>) {
         let mut m = self.machine.lock();
         if m.generation != generation || m.forced.is_some() {
             return; // a call from an earlier state, or the circuit is forced
         }
         match (kind, outcome) {
             (Kind::Counted, Some(Outcome::Failure)) if matches!(m.phase, Phase::Closed) => {
-                self.fail_closed(&mut m);
+                self.fail_closed(&mut m, !self.overtaken(start));
             }
             (Kind::Counted, Some(Outcome::Success)) if matches!(m.phase, Phase::Closed) => {
                 self.succeed_closed(&mut m);
@@ -360,9 +391,14 @@ impl Shared {
         }
     }
 
-    /// A failure while closed: counts towards both trips, and trips if one is reached.
-    fn fail_closed(&self, m: &mut Machine) {
-        m.consecutive += 1;
+    /// A failure while closed: counts towards the failure rate, and towards
+    /// `consecutive_failures` only if `in_run` (no call started later has succeeded
+    /// already: such a success broke the run before this failure ended it); trips if
+    /// one is reached.
+    fn fail_closed(&self, m: &mut Machine, in_run: bool) {
+        if in_run {
+            m.consecutive += 1;
+        }
         self.success_is_noop.store(false, Ordering::Relaxed);
         self.push(m, true);
         if self.should_trip(m) {
@@ -380,20 +416,31 @@ impl Shared {
     /// was in then: the clock is looked at first (a half-open probe past its deadline
     /// re-opens the circuit, an open circuit whose time is up goes half-open), as for the
     /// outcome of an admitted call.
-    fn record_reported(&self, failed: bool, since: Option<u64>) {
+    ///
+    /// A mark's start number orders its work among the calls, as a call's own does: a
+    /// success records it as the latest-started success, and a failure does not count
+    /// towards `consecutive_failures` if a call or marked work started later has
+    /// succeeded. Without a mark, a failure always counts, and a success orders nothing.
+    fn record_reported(&self, failed: bool, since: Option<Mark>) {
+        if let Some(mark) = since
+            && !failed
+        {
+            self.succeeded_from(mark.start);
+        }
         let mut guard = self.machine.lock();
         let m = &mut *guard;
         if m.forced.is_some() {
             return;
         }
-        if let Some(generation) = since {
+        if let Some(mark) = since {
             self.poll_timer(m);
-            if m.generation != generation {
+            if m.generation != mark.generation {
                 return; // an outcome of an earlier state
             }
         }
+        let in_run = since.is_none_or(|mark| !self.overtaken(mark.start));
         match (&m.phase, failed) {
-            (Phase::Closed, true) => self.fail_closed(m),
+            (Phase::Closed, true) => self.fail_closed(m, in_run),
             (Phase::Closed, false) => self.succeed_closed(m),
             (Phase::HalfOpen { .. }, true) => self.open(m),
             (Phase::HalfOpen { .. }, false) => self.probe_succeeded(m),
@@ -485,14 +532,23 @@ impl Guard {
         self.shared.generation() != self.generation
     }
 
+    /// The admitted call starts now: numbers it among the calls, in the order they start.
+    pub(crate) fn start(&mut self) {
+        self.start = self.shared.next_start();
+    }
+
     /// Records the outcome of the completed call.
     pub(crate) fn record(mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, Kind::Done);
+        if outcome == Outcome::Success && matches!(kind, Kind::Counted | Kind::Probe { .. }) {
+            self.shared.succeeded_from(self.start);
+        }
         let noop = kind == Kind::Counted
             && outcome == Outcome::Success
             && self.shared.success_is_noop.load(Ordering::Relaxed);
         if matches!(kind, Kind::Counted | Kind::Probe { .. }) && !noop {
-            self.shared.record(self.generation, kind, Some(outcome));
+            self.shared
+                .record(self.generation, self.start, kind, Some(outcome));
         }
     }
 }
@@ -502,7 +558,8 @@ impl Drop for Guard {
         // Only a probe holds something to give back; a cancelled counted call is simply
         // not counted.
         if let Kind::Probe { .. } = self.kind {
-            self.shared.record(self.generation, self.kind, None);
+            self.shared
+                .record(self.generation, self.start, self.kind, None);
         }
     }
 }
@@ -609,6 +666,11 @@ impl CircuitHandle {
     /// [`record_success_since`](Self::record_success_since) or
     /// [`record_failure_since`](Self::record_failure_since).
     ///
+    /// It also numbers the work among the calls, as a call's start does: a success
+    /// recorded against it makes failures of calls started before it not count towards
+    /// [`consecutive_failures`](super::Builder::consecutive_failures) (see [Failures in a
+    /// row](super#failures-in-a-row)).
+    ///
     /// Take it when the work whose outcome comes later begins: right after the breaker
     /// admitted the call (in the inner service's `call`, say), for a response whose
     /// body, read long after, is the real verdict.
@@ -646,6 +708,7 @@ impl CircuitHandle {
     pub fn mark(&self) -> Mark {
         Mark {
             generation: self.shared.generation(),
+            start: self.shared.next_start(),
         }
     }
 
@@ -658,14 +721,14 @@ impl CircuitHandle {
     /// Without the mark, a download begun while the backend was healthy and ended after
     /// its circuit went half-open closed the circuit with no probe ever sent.
     pub fn record_success_since(&self, mark: Mark) {
-        self.shared.record_reported(false, Some(mark.generation));
+        self.shared.record_reported(false, Some(mark));
     }
 
     /// [`record_failure`](Self::record_failure), only if the circuit has not changed
     /// state since `mark` was taken ([`mark`](Self::mark)); ignored otherwise, and while
     /// open or forced, as [`record_success_since`](Self::record_success_since) is.
     pub fn record_failure_since(&self, mark: Mark) {
-        self.shared.record_reported(true, Some(mark.generation));
+        self.shared.record_reported(true, Some(mark));
     }
 }
 
@@ -676,4 +739,5 @@ impl CircuitHandle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
     generation: u64,
+    start: u64,
 }
