@@ -188,8 +188,8 @@ impl Drop for Backend {
     }
 }
 
-/// `/healthz`: `200`. Anything else: counted, headers recorded, `/slow/NNN` NNN ms
-/// late, body read in full, then
+/// `/healthz`: `200`. `/hang`: an hour's wait first. Anything else: counted, headers
+/// recorded, `/slow/NNN` NNN ms late, body read in full, then
 /// `503` when failing, the status `NNN` for a path `/status/NNN`, or `200` with hop-by-hop
 /// and framing headers a proxy must drop.
 async fn answer(
@@ -208,6 +208,9 @@ async fn answer(
     seen.hits.fetch_add(1, Ordering::SeqCst);
     *seen.last_headers.lock() = Some(req.headers().clone());
     let path = req.uri().path().to_owned();
+    if path == "/hang" {
+        sleep(Duration::from_secs(3_600)).await; // past any backend timeout
+    }
     let delay = seen.delay_ms.load(Ordering::SeqCst);
     sleep(Duration::from_millis(u64::try_from(delay).unwrap())).await;
     // `/slow/NNN`: NNN ms more, a URL the backend is slow at.
@@ -537,6 +540,47 @@ async fn a_probe_slower_than_open_for_but_within_the_backend_timeout_closes_the_
     );
     b0.seen.delay_ms.store(0, Ordering::SeqCst);
     still_served(&gw, &b0).await;
+}
+
+/// One client's requests for a URL the backend is slow on time out together; five of
+/// them were five failures in a row, with no success ending between them, and opened
+/// the backend's circuit for every client, whose requests, started after them, were
+/// being answered: `503` for everyone for `open_for`, again and again. A failure now
+/// counts only if no request started after it has succeeded; five timeouts with nothing
+/// answered since they started still open the circuit.
+///
+/// Paused clock over loopback, as above.
+#[tokio::test(start_paused = true)]
+async fn one_clients_timeouts_do_not_open_the_circuit_while_later_requests_are_answered() {
+    let b0 = Backend::start().await;
+    let mut cfg = config(&[&b0]);
+    cfg.breaker_failures = 5;
+    cfg.breaker_open_for = Duration::from_secs(10);
+    cfg.backend_timeout = Duration::from_secs(2);
+    let gw = start(&cfg).await;
+    let hang = |addr| async move {
+        let req = Request::get("/hang")
+            .header("host", "gw.test")
+            .body(Full::default())
+            .unwrap();
+        send(addr, req).await.unwrap().status()
+    };
+
+    let attack: Vec<_> = (0..5).map(|_| tokio::spawn(hang(gw.addr))).collect();
+    sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(gw.addr).await.status(), StatusCode::OK, "started later");
+    for a in attack {
+        assert_eq!(a.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(gw.breakers[0].state(), CircuitState::Closed);
+    still_served(&gw, &b0).await;
+
+    // Five timeouts with no request answered since they started: the backend is down.
+    let attack: Vec<_> = (0..5).map(|_| tokio::spawn(hang(gw.addr))).collect();
+    for a in attack {
+        assert_eq!(a.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(gw.breakers[0].state(), CircuitState::Open);
 }
 
 #[tokio::test]
