@@ -330,6 +330,137 @@ async fn an_idle_clock_after_the_handshake_alone_starts_at_its_end() {
     );
 }
 
+/// Reads a 5-byte handshake, completes it, writes `count` chunks of `chunk` bytes to
+/// the client `every` apart (a long response to a client that sends nothing), then
+/// reads until EOF.
+fn respond_slowly<I>(
+    every: Duration,
+    count: usize,
+    chunk: usize,
+) -> impl Fn(I) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send>> + Clone
+where
+    I: AsyncRead + AsyncWrite + Param<Handshake> + Unpin + Send + 'static,
+{
+    move |mut io: I| {
+        Box::pin(async move {
+            let mut hello = [0; 5];
+            io.read_exact(&mut hello).await?;
+            Param::<Handshake>::param(&io).complete();
+            for _ in 0..count {
+                sleep(every).await;
+                io.write_all(&vec![b'x'; chunk]).await?;
+            }
+            drain(io).await
+        })
+    }
+}
+
+/// Reads `client` to its end in a task: the bytes.
+fn read_all(mut client: DuplexStream) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut buf = [0; 256];
+        let mut n = 0;
+        while let Ok(k @ 1..) = client.read(&mut buf).await {
+            n += k;
+        }
+        n
+    })
+}
+
+/// After the handshake, a server writing a long response to a client that reads it and
+/// sends nothing was cut at the idle timeout: only reads counted. With
+/// `writes_are_activity` each write resets the idle clock, and the clock cuts 60 s after
+/// the last one; without it (the default) the first 60 s cut, as before.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn with_writes_as_activity_a_long_response_keeps_the_connection_after_the_handshake() {
+    for on in [true, false] {
+        let svc = SlowlorisLayer::new()
+            .first_byte_timeout(5 * S)
+            .handshake_timeout(10 * S)
+            .idle_timeout_after_handshake(60 * S)
+            .writes_are_activity(on)
+            .layer(service_fn(
+                respond_slowly::<SlowlorisIo<Conn<DuplexStream>>>(25 * S, 10, 1),
+            ));
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"hello").await.unwrap();
+        let start = Instant::now();
+        let task = tokio::spawn(svc.oneshot(conn(server)));
+        let read = read_all(client);
+        let err = task.await.unwrap().unwrap_err();
+        let took = Instant::now().saturating_duration_since(start);
+        let e = elapsed(&err);
+        assert_eq!(
+            (e.clock(), e.after_handshake(), e.received()),
+            (Clock::Idle, true, 5),
+            "writes_are_activity({on})"
+        );
+        if on {
+            // Ten writes 25 s apart kept it; 60 s after the last (at 250 s) cut.
+            assert_eq!(took, 310 * S, "writes_are_activity(true)");
+            assert_eq!(read.await.unwrap(), 10);
+        } else {
+            // Cut 60 s after the handshake, after the writes at 25 s and 50 s.
+            assert_eq!(took, 60 * S, "writes_are_activity(false)");
+            assert_eq!(read.await.unwrap(), 2);
+        }
+    }
+}
+
+/// Writes count only when they make progress: a client that stops reading stalls them
+/// once the pipe is full, and is cut 60 s after the last write that took bytes. And
+/// during the handshake writes do not count: the handshake's idle clock cuts a client
+/// that sends nothing, however much the server writes to it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn writes_as_activity_need_progress_and_do_not_count_during_the_handshake() {
+    let svc = SlowlorisLayer::new()
+        .idle_timeout_after_handshake(60 * S)
+        .writes_are_activity(true)
+        .layer(service_fn(
+            respond_slowly::<SlowlorisIo<Conn<DuplexStream>>>(10 * S, 10, 32),
+        ));
+    let (mut client, server) = tokio::io::duplex(64);
+    client.write_all(b"hello").await.unwrap();
+    let start = Instant::now();
+    // The client never reads: the writes at 10 s and 20 s fill the pipe, the third stalls.
+    let err = svc.oneshot(conn(server)).await.unwrap_err();
+    assert_eq!(Instant::now().saturating_duration_since(start), 80 * S);
+    assert_eq!(
+        (elapsed(&err).clock(), elapsed(&err).after_handshake()),
+        (Clock::Idle, true)
+    );
+    drop(client);
+
+    let svc = SlowlorisLayer::new()
+        .idle_timeout(S * 7 / 2)
+        .idle_timeout_after_handshake(60 * S)
+        .writes_are_activity(true)
+        .layer(service_fn(
+            |mut io: SlowlorisIo<Conn<DuplexStream>>| async move {
+                // Writes every second and never reads the handshake.
+                loop {
+                    sleep(S).await;
+                    io.write_all(b"x").await?;
+                }
+                #[allow(unreachable_code)]
+                Ok::<_, io::Error>(())
+            },
+        ));
+    let (client, server) = tokio::io::duplex(64);
+    let read = read_all(client);
+    let start = Instant::now();
+    let err = timeout(3600 * S, svc.oneshot(conn(server)))
+        .await
+        .expect("the server's writes kept the handshake alive")
+        .unwrap_err();
+    assert_eq!(Instant::now().saturating_duration_since(start), S * 7 / 2);
+    assert_eq!(
+        (elapsed(&err).clock(), elapsed(&err).after_handshake()),
+        (Clock::Idle, false)
+    );
+    assert_eq!(read.await.unwrap(), 3, "the writes before the cut went out");
+}
+
 /// Starts `n` connections at once, each a held-open silent client of `svc`, and
 /// returns when each was cut (from the start) with the cut's error.
 async fn cut_together<S>(svc: S, n: usize) -> Vec<(Duration, BoxError)>

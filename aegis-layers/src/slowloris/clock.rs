@@ -109,7 +109,8 @@ pub(crate) struct Clocks {
 pub(crate) struct Progress {
     /// When the layer was called.
     pub(crate) start: Instant,
-    /// When the future last saw new bytes (or the handshake end); `start` before that.
+    /// When the future last saw new bytes (or the handshake end, or with
+    /// `writes_are_activity` a write after it); `start` before that.
     pub(crate) last_read: Instant,
     /// Bytes read from the client so far.
     pub(crate) received: u64,

@@ -138,6 +138,12 @@ impl Watch {
             }
             changed = true;
         }
+        // With `writes_are_activity`, a write to the client after the handshake counts
+        // as a read does (one taken during the handshake only clears the mark).
+        if self.shared.take_wrote() && p.handshake_done {
+            p.last_read = Instant::now();
+            changed = true;
+        }
 
         loop {
             let Some((deadline, clock)) = self.clocks.next(p) else {
@@ -197,8 +203,9 @@ mod tests {
         // The clocks and their timer are boxed (dropped when no clock is left), not
         // inline: an idle session keeps one pointer of them.
         assert!(added <= 16, "adds {added} bytes");
-        // The state shared with the stream: a byte count and the handshake handle.
-        assert_eq!(size_of::<Shared>(), 16);
+        // The state shared with the stream: a byte count, the handshake handle and the
+        // write mark.
+        assert_eq!(size_of::<Shared>(), 24);
         // The watch the module docs size: the jitter's draw fits in the progress's padding.
         assert_eq!(size_of::<Watch>(), 112);
     }

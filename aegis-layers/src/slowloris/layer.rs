@@ -14,6 +14,7 @@ use super::clock::{Clocks, Limit, MinRate};
 pub struct SlowlorisLayer {
     clocks: Clocks,
     jitter: Duration,
+    writes_are_activity: bool,
 }
 
 impl SlowlorisLayer {
@@ -28,6 +29,7 @@ impl SlowlorisLayer {
                 idle_after_handshake: Limit::OFF,
             },
             jitter: Duration::ZERO,
+            writes_are_activity: false,
         }
     }
 
@@ -73,6 +75,24 @@ impl SlowlorisLayer {
         self
     }
 
+    /// After the handshake, counts a write to the client as activity too: a write that
+    /// takes at least one byte resets the [idle clock after the
+    /// handshake](Self::idle_timeout_after_handshake), as a read does. Off by default,
+    /// where only reads count.
+    ///
+    /// Turn it on where the server may write for long while the client, rightly, sends
+    /// nothing: an HTTP download or a stream of server-sent events is all writes, and
+    /// with reads alone every response was cut at the idle timeout, however fast the
+    /// client took it. The idle clock then cuts a connection on which neither side made
+    /// progress for the timeout: a client that stops reading stalls the writes once the
+    /// socket buffers are full (nginx's `send_timeout` times writes so). The handshake
+    /// clocks still count only reads: a server writing during the handshake gives the
+    /// client no more time. Does nothing without an idle clock after the handshake.
+    pub const fn writes_are_activity(mut self, on: bool) -> Self {
+        self.writes_are_activity = on;
+        self
+    }
+
     /// Spreads the handshake cuts: each connection's handshake deadlines (first byte,
     /// idle, total, minimum rate) come a random amount between zero and `jitter`
     /// early, drawn once per connection. Off (zero) by default.
@@ -93,6 +113,11 @@ impl<S> Layer<S> for SlowlorisLayer {
     type Service = Slowloris<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Slowloris::new(inner, self.clocks, self.clocks.jitter_cap(self.jitter))
+        Slowloris::new(
+            inner,
+            self.clocks,
+            self.clocks.jitter_cap(self.jitter),
+            self.writes_are_activity,
+        )
     }
 }

@@ -13,7 +13,8 @@
 //! # The clocks
 //!
 //! Every clock is off until set, and only bytes read from the client count as progress
-//! (writes to it do not). During the handshake:
+//! (writes to it do not, unless [`writes_are_activity`](SlowlorisLayer::writes_are_activity)
+//! is on, and then only after the handshake). During the handshake:
 //!
 //! | clock | setter | runs from | label | `mod_reqtimeout` / Kestrel |
 //! |---|---|---|---|---|
@@ -27,6 +28,15 @@
 //! | clock | setter | runs from | label | Kestrel |
 //! |---|---|---|---|---|
 //! | idle after handshake | [`idle_timeout_after_handshake`](SlowlorisLayer::idle_timeout_after_handshake) | the end of the handshake, then the last byte received | `idle` | `KeepAliveTimeout` |
+//!
+//! With [`writes_are_activity`](SlowlorisLayer::writes_are_activity) on, a write of at
+//! least one byte to the client after the handshake resets this clock too, as nginx's
+//! `send_timeout` times a response's writes: a server writing a long response (a
+//! download, a stream of events) to a client that rightly sends nothing meanwhile is not
+//! cut while the client takes the bytes, and is cut once neither side has made
+//! progress for the timeout (a client that stops reading stalls the writes as soon as
+//! the socket buffers are full). Off by default: a protocol whose server pushes on its
+//! own (MQTT's publishes to a subscriber) would otherwise keep a silent client alive.
 //!
 //! # Which clock to use, and how they compose
 //!
@@ -171,7 +181,8 @@
 //!   once no clock can apply any more (the handshake is over and no idle clock is set
 //!   after it), and when the future ends;
 //! - for the whole connection, two small heap blocks: the state shared with the stream
-//!   (an `Arc` of 32 bytes: the byte count and the handshake handle) and the tracked
+//!   (an `Arc` of 40 bytes: the byte count, the handshake handle and the mark of a
+//!   write for [`writes_are_activity`](SlowlorisLayer::writes_are_activity)) and the tracked
 //!   handshake flag (an `Arc<AtomicBool>`, 24 bytes), unless an outer layer already
 //!   tracks the handshake. The stream, a [`SlowlorisIo`], adds a pointer to the shared
 //!   state to the stream it wraps.
@@ -180,7 +191,8 @@
 //! its future and the two small blocks; with that idle clock it also keeps the watch
 //! and its timer.
 //!
-//! CPU: a read costs one relaxed load and store. A poll of the future that saw new
+//! CPU: a read costs one relaxed load and store; a write, a test of a flag (and a
+//! relaxed store with `writes_are_activity` on). A poll of the future that saw new
 //! bytes reads the clock once if an idle clock is on. The timer is created when the
 //! first deadline is armed and then reset in place: reads only move deadlines later, so
 //! it is left where it is and re-armed when it fires early; it moves earlier only at

@@ -21,14 +21,22 @@ pub struct Slowloris<S> {
     clocks: Clocks,
     /// The most a connection's handshake deadlines come early, in nanoseconds (capped).
     jitter_ns: u32,
+    /// Whether writes to the client reset the idle clock after the handshake.
+    writes_are_activity: bool,
 }
 
 impl<S> Slowloris<S> {
-    pub(crate) const fn new(inner: S, clocks: Clocks, jitter_ns: u32) -> Self {
+    pub(crate) const fn new(
+        inner: S,
+        clocks: Clocks,
+        jitter_ns: u32,
+        writes_are_activity: bool,
+    ) -> Self {
         Self {
             inner,
             clocks,
             jitter_ns,
+            writes_are_activity,
         }
     }
 
@@ -72,7 +80,10 @@ where
         } else {
             Handshake::tracked()
         };
-        let shared = Arc::new(Shared::new(handshake));
+        // Writes matter only to the idle clock after the handshake: without it, none is
+        // marked.
+        let mark_writes = self.writes_are_activity && self.clocks.tracks_reads(true);
+        let shared = Arc::new(Shared::new(handshake, mark_writes));
         let early_ns = if self.jitter_ns == 0 {
             0
         } else {
