@@ -46,6 +46,21 @@
 //!   backend's failure, a few clients pausing their downloads opened its breaker, and
 //!   every other client got `503`: the download-side twin of `during_upload`.)
 //!
+//! - **A backend that stalls mid-body fails it**: each wait for the backend's next
+//!   frame (from a poll of the body that found nothing, to the frame) has the backend
+//!   timeout, 30 s by default, as nginx's `proxy_read_timeout` times each read. On
+//!   expiry the body fails with [`BodyTimeout`], counted
+//!   `aegis_http_backend_errors_total{reason="body_timeout"}` and a failure of the
+//!   breaker as a cut body is (with the same exception: nothing while the client's
+//!   request body has not gone out whole). Before, the backend's head timeout ended at
+//!   the head and nothing bounded the body: a backend that sent `Content-Length: 100`,
+//!   five bytes and then nothing held the client until the client's own idle clock cut
+//!   it, which blamed the client (a slowloris `idle` cut) and left the breaker closed;
+//!   and once writes to the client count as its activity (see `gateway`), a backend
+//!   trickling a byte now and then held it for ever. Only the backend's time counts:
+//!   the wait begins when hyper polls the body and the backend has nothing for it, so a
+//!   client holding the body back (hyper not polling) is not timed.
+//!
 //! Either way the error reaches hyper's server, which closes the client's connection
 //! short of the announced length (or without the last chunk), so that an HTTP/1.1
 //! client sees the truncation. **An HTTP/1.0 client may not**: an answer without a
@@ -57,21 +72,26 @@
 //!
 //! The wrapper is the boxed body's only allocation; it holds the call's [`Progress`] and
 //! its breaker's [`CircuitHandle`] and [`Mark`] (a reference count and a number, no
-//! allocation), reads the clock once per poll for its [`ClientHold`], and counts with the
-//! `metrics` macro only on the error path.
+//! allocation) and its timer inline (a tokio `Sleep`, armed at the first wait on the
+//! backend and then moved only when it fires early, so a frame costs no timer
+//! operation), reads the clock once per poll for its [`ClientHold`] and its timer, and
+//! counts with the `metrics` macro only on the error path.
 //!
 //! [`Upstream`]: crate::proxy::Upstream
 //! [`GatewayClassifier`]: crate::proxy::GatewayClassifier
 
+use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aegis_core::BoxError;
 use aegis_layers::circuit_breaker::{CircuitHandle, Mark};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::client_body::Progress;
 use crate::refusal::{BackendError, count_backend_error};
@@ -144,6 +164,29 @@ impl ClientHold {
     }
 }
 
+/// The error of a backend's body that sent nothing for the backend timeout (see the
+/// [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTimeout(pub Duration);
+
+impl fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the backend sent nothing of its body for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// The wait on the backend for its next frame, bounded by the backend timeout.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// The backend timeout.
+    timeout: Duration,
+    /// Since when a poll of the body waits on the backend (none while the last poll
+    /// had a frame).
+    since: Option<Instant>,
+}
+
 pin_project! {
     /// A backend's response body (hyper's [`Incoming`]; another body in the tests): see
     /// the [module docs](self). Dropped before its end it records nothing. Dropped at
@@ -158,6 +201,11 @@ pin_project! {
         breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
         hold: ClientHold,
+        wait: Wait,
+        // Armed at or before the end of the current wait; made at the first wait and
+        // reset in place (only moved when it fires early).
+        #[pin]
+        timer: Option<Sleep>,
     }
 
     impl<B> PinnedDrop for BackendBody<B> {
@@ -172,12 +220,14 @@ pin_project! {
 impl<B: Body> BackendBody<B> {
     /// `inner`, of the call whose client's body is `progress`, judged for `breaker`
     /// against the [`Mark`] taken when it admitted the call (`None`: nothing to tell;
-    /// the error is still counted) as `verdict` says.
+    /// the error is still counted) as `verdict` says; each wait for its next frame has
+    /// `timeout` (the backend timeout).
     pub fn new(
         inner: B,
         progress: Progress,
         breaker: Option<(CircuitHandle, Mark)>,
         verdict: Verdict,
+        timeout: Duration,
     ) -> Self {
         let verdict = if breaker.is_some() && !inner.is_end_stream() {
             verdict
@@ -190,6 +240,11 @@ impl<B: Body> BackendBody<B> {
             breaker,
             verdict,
             hold: ClientHold::new(Instant::now()),
+            wait: Wait {
+                timeout,
+                since: None,
+            },
+            timer: None,
         }
     }
 
@@ -208,6 +263,38 @@ impl<B: Body> BackendBody<B> {
 }
 
 impl<B> BackendBodyProj<'_, B> {
+    /// A poll at `now` found no frame: whether the wait on the backend, begun then or
+    /// earlier, has reached the timeout. If not, the timer is armed for its end.
+    fn waited_out(&mut self, now: Instant, cx: &mut Context<'_>) -> bool {
+        let since = *self.wait.since.get_or_insert(now);
+        let Some(end) = since.checked_add(self.wait.timeout) else {
+            return false; // some thirty years: no end
+        };
+        if now >= end {
+            return true;
+        }
+        if self.timer.is_none() {
+            self.timer.set(Some(sleep_until(end)));
+        }
+        let Some(mut timer) = self.timer.as_mut().as_pin_mut() else {
+            return false;
+        };
+        loop {
+            // Waits only begin later, so the timer is at or before this one's end; it
+            // fired early when it was armed for an earlier wait.
+            if timer.deadline() > end {
+                timer.as_mut().reset(end);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= end {
+                return true;
+            }
+            timer.as_mut().reset(end);
+        }
+    }
+
     /// Tells the breaker how the body ended, once: `failed` by the backend, or not; only
     /// if the circuit is still in the state of the call's mark.
     fn settle(&mut self, failed: bool) {
@@ -226,19 +313,43 @@ impl<B> BackendBodyProj<'_, B> {
 impl<B> Body for BackendBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let now = Instant::now();
         this.hold.polled(now);
-        let poll = this.inner.as_mut().poll_frame(cx);
+        let poll = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending if this.waited_out(now, cx) => {
+                let timeout = this.wait.timeout;
+                this.wait.since = None;
+                this.timer.set(None);
+                if this.progress.sent() {
+                    tracing::debug!(?timeout, "backend answer stalled mid-body: cut off");
+                    count_backend_error(BackendError::BodyTimeout);
+                    this.settle(true);
+                } else {
+                    // As for a cut body: maybe waiting on the client's body.
+                    tracing::debug!(
+                        ?timeout,
+                        "backend answer stalled before the request body was sent"
+                    );
+                    *this.verdict = Verdict::Done;
+                }
+                return Poll::Ready(Some(Err(BodyTimeout(timeout).into())));
+            }
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(frame) => {
+                this.wait.since = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        };
         match &poll {
             Poll::Ready(None) => this.settle(false),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.settle(false),
@@ -325,22 +436,32 @@ mod tests {
         ClientBody::new(empty.boxed_unsync(), Instant::now()).1
     }
 
-    /// `script` as the body of a call to `circuit` admitted at `mark`.
+    /// `script` as the body of a call to `circuit` admitted at `mark` (pinned: its
+    /// timer is inline).
     fn body(
         circuit: &CircuitHandle,
         script: &[Step],
         mark: Mark,
         verdict: Verdict,
-    ) -> BackendBody<Script> {
+    ) -> Pin<Box<BackendBody<Script>>> {
         let script = Script(script.iter().copied().collect());
-        BackendBody::new(script, sent(), Some((circuit.clone(), mark)), verdict)
+        Box::pin(BackendBody::new(
+            script,
+            sent(),
+            Some((circuit.clone(), mark)),
+            verdict,
+            TIMEOUT,
+        ))
     }
+
+    /// The backend timeout of the bodies here.
+    const TIMEOUT: Duration = Duration::from_secs(30);
 
     /// One poll of `body`.
     async fn poll(
-        body: &mut BackendBody<Script>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+        body: &mut Pin<Box<BackendBody<Script>>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await
     }
 
     /// A breaker that opens at the first failure, for 10 s.
@@ -457,5 +578,45 @@ mod tests {
             Poll::Ready(Some(Err(_)))
         ));
         assert_eq!(circuit.state(), CircuitState::Open);
+    }
+
+    /// A backend that stalls mid-body was bounded by nothing of the gateway's (the
+    /// client's idle clock cut it, and blamed the client). Each wait for its next frame
+    /// now has the backend timeout: waits under it, however many, pass; one that reaches
+    /// it fails the body with `BodyTimeout`, a failure of the backend's breaker.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_wait_on_the_backend_for_its_next_frame_is_bounded_by_the_backend_timeout() {
+        let circuit = circuit();
+        let short = TIMEOUT - Duration::from_millis(1);
+        let mut script = vec![Step::Data("0123456789")];
+        for _ in 0..3 {
+            script.extend([Step::Wait, Step::Wait, Step::Data("0123456789")]);
+        }
+        script.extend([Step::Wait, Step::Wait, Step::Wait]);
+        let mut stalling = body(&circuit, &script, circuit.mark(), Verdict::Pending);
+        assert!(matches!(
+            poll(&mut stalling).await,
+            Poll::Ready(Some(Ok(_)))
+        ));
+        for _ in 0..3 {
+            // A wait just under the timeout, then a frame: a new wait starts after it.
+            assert!(poll(&mut stalling).await.is_pending());
+            tokio::time::advance(short).await;
+            assert!(poll(&mut stalling).await.is_pending());
+            assert!(matches!(
+                poll(&mut stalling).await,
+                Poll::Ready(Some(Ok(_)))
+            ));
+        }
+        assert!(poll(&mut stalling).await.is_pending());
+        tokio::time::advance(short).await;
+        assert!(poll(&mut stalling).await.is_pending());
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let Poll::Ready(Some(Err(e))) = poll(&mut stalling).await else {
+            panic!("not cut at the backend timeout");
+        };
+        assert_eq!(e.downcast_ref::<BodyTimeout>(), Some(&BodyTimeout(TIMEOUT)));
+        assert_eq!(circuit.state(), CircuitState::Open, "the backend's failure");
     }
 }

@@ -5,7 +5,7 @@
 //! serve (max connections)
 //!  └─ ProxyProtocolLayer      only with trusted proxies: the client address from their PROXY header
 //!      └─ RateLimitLayer      per client address: open connections capped, adaptive rate
-//!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle within requests
+//!          └─ SlowlorisLayer  first byte, total (until the first request's headers), idle within requests (reads and writes)
 //!              └─ HttpServer  hyper HTTP/1 + the per-request stack (see `server`)
 //!                  └─ Proxy   pool pick -> CircuitBreaker -> Upstream (hyper-util Client) -> backend
 //! ```
@@ -135,11 +135,16 @@ pub struct Config {
     /// that the slowloris clock cuts a slow first request, and counts the cut
     /// (`layer="slowloris", reason="total"`).
     pub handshake_timeout: Duration,
-    /// Slowloris: the most silence from the client after the first request's headers
-    /// while a request is in progress: gaps in a request body, or a long response to a
-    /// client that sends nothing meanwhile. Between requests hyper's
-    /// `header_read_timeout` closes an idle keep-alive connection first unless it is the
-    /// longer of the two.
+    /// Slowloris: the longest a connection may go without progress either way after
+    /// the first request's headers, while a request is in progress: no byte read from
+    /// the client (gaps in a request body) and none of the response written to it (a
+    /// client that stopped reading its download, whose socket buffers are full). A
+    /// write counts as a read does (`SlowlorisLayer::writes_are_activity`), so a long
+    /// response to a client that reads it and sends nothing meanwhile (a download, a
+    /// stream of server-sent events) is never cut for it; a backend that stalls
+    /// mid-body is cut at `backend_timeout` (see `backend_body`). Between requests
+    /// hyper's `header_read_timeout` closes an idle keep-alive connection first unless
+    /// it is the longer of the two.
     pub idle_timeout: Duration,
     /// Slowloris: the first-byte and total deadlines of each connection come up to this
     /// early, by a per-connection draw, so that connections opened together are not
@@ -333,6 +338,9 @@ impl Gateway {
             .first_byte_timeout(config.first_byte_timeout)
             .handshake_timeout(config.handshake_timeout)
             .idle_timeout_after_handshake(config.idle_timeout)
+            // A response the client takes is progress: without it every response
+            // longer than the idle timeout (a download, server-sent events) was cut.
+            .writes_are_activity(true)
             .jitter(config.slowloris_jitter);
         let conn_stack = ServiceBuilder::new()
             .layer(rate_limit)

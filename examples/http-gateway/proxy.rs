@@ -643,7 +643,7 @@ impl Service<Request<GatewayBody>> for Upstream {
                     Outcome::Ignore => Verdict::FailOnly,
                     Outcome::Failure => Verdict::Done,
                 };
-                answer.map(|body| BackendBody::new(body, progress, breaker, verdict))
+                answer.map(|body| BackendBody::new(body, progress, breaker, verdict, timeout))
             })
         })
     }

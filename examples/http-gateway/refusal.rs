@@ -8,7 +8,8 @@
 //! `503` or `504`, is a [`BackendError`] in `aegis_http_backend_errors_total{reason}`:
 //! the client did nothing wrong there, and the breakers and health checks say which
 //! backend failed. So is a backend's answer cut off after its head was relayed
-//! ([`BackendError::Truncated`], see [`crate::backend_body`]).
+//! ([`BackendError::Truncated`], see [`crate::backend_body`]), or stalled mid-body
+//! ([`BackendError::BodyTimeout`]).
 
 use std::fmt;
 
@@ -175,6 +176,12 @@ pub enum BackendError {
     /// timeout, which the client caused, so its breaker does not count it
     /// ([`crate::backend_body`]).
     TruncatedHeld,
+    /// No answer of the gateway's either: the backend's head was relayed, and then it
+    /// sent nothing of its body for the backend timeout (a backend that stalls
+    /// mid-body); the body is cut there and the client's connection closed, as for
+    /// [`Truncated`](Self::Truncated), and its breaker counts a failure
+    /// ([`crate::backend_body`]). Its [`status`](Self::status), `504`, is never sent.
+    BodyTimeout,
 }
 
 impl BackendError {
@@ -194,6 +201,7 @@ impl BackendError {
             Self::LocalResources => "local_resources",
             Self::Truncated => "truncated",
             Self::TruncatedHeld => "truncated_held",
+            Self::BodyTimeout => "body_timeout",
         }
     }
 
@@ -203,7 +211,7 @@ impl BackendError {
             Self::NoBackend | Self::BreakerOpen | Self::LocalResources => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout | Self::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect
             | Self::TransferCoding
             | Self::DuringUpload

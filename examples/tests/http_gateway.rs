@@ -3663,6 +3663,141 @@ fn a_backend_cutting_its_answers_short_is_counted_and_opens_its_breaker() {
     });
 }
 
+/// A raw backend that answers each request but `/healthz` (`200`, closed) with `200`,
+/// `Content-Length: 100` and `pieces` of ten bytes `every` apart, then sends nothing
+/// more and holds the connection until the gateway closes it (a backend that stalls
+/// mid-body when `pieces` is under ten).
+async fn slow_body_backend(pieces: usize, every: Duration) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let head = read_head(&mut stream).await;
+            if head.starts_with(b"GET /healthz ") {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = stream.write_all(ok).await;
+                continue;
+            }
+            conns.spawn(async move {
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+                let _ = stream.write_all(head).await;
+                for _ in 0..pieces {
+                    sleep(every).await;
+                    if stream.write_all(b"0123456789").await.is_err() {
+                        return;
+                    }
+                }
+                let _ = read_to_close(&mut stream).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Every response was cut at the slowloris idle timeout, however fast the client took
+/// it: only bytes read from the client counted as its activity, and a client sends
+/// nothing while it reads a response (a 100 MB download at 320 kB/s was cut at 75 s,
+/// a stream of server-sent events ended at 75 s without its last chunk, each counted as
+/// a slowloris cut). Writes to the client count now: a body slower in all than the idle
+/// timeout, with gaps shorter than it, reaches the client whole.
+///
+/// Paused clock over loopback: a write is in the peer's socket when the syscall returns.
+#[test]
+fn a_response_longer_than_the_idle_timeout_reaches_a_silent_client_whole() {
+    with_prometheus_paused(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        // 100 bytes in ten pieces a second apart: 10 s of a 3 s idle timeout.
+        let (backend, _backend) = slow_body_backend(10, Duration::from_secs(1)).await;
+        let mut cfg = config_over(backend);
+        cfg.health_interval = Duration::MAX;
+        cfg.idle_timeout = Duration::from_secs(3);
+        assert!(
+            cfg.backend_timeout > Duration::from_secs(1),
+            "no wait is the backend's timeout"
+        );
+        let gw = start(&cfg).await;
+        let t0 = Instant::now();
+        let out = raw(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert_eq!(
+            raw_body(&out),
+            "0123456789".repeat(10),
+            "cut at {:?}",
+            since(t0)
+        );
+        assert!(since(t0) >= Duration::from_secs(10), "{:?}", since(t0));
+
+        let text = scrape(endpoint).await;
+        assert_eq!(
+            by_reason(&text, "aegis_rejections_total", "layer=\"slowloris\","),
+            BTreeMap::new(),
+            "no slowloris cut: /metrics:\n{text}"
+        );
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            BTreeMap::new(),
+            "/metrics:\n{text}"
+        );
+    });
+}
+
+/// A backend that stalled mid-body (`Content-Length: 100`, ten bytes, then nothing) was
+/// bounded only by the client's idle clock (75 s), and blamed on the client: a slowloris
+/// `idle` cut, no backend error, the breaker closed. Each wait for the backend's next
+/// piece of body now has the backend timeout: the client's connection is closed short
+/// of the body at it, `body_timeout` is counted, and the breaker counts a failure.
+///
+/// Paused clock over loopback.
+#[test]
+fn a_backend_stalling_mid_body_is_cut_at_the_backend_timeout_and_counted() {
+    with_prometheus_paused(|prometheus| async move {
+        let endpoint = serve_metrics(prometheus).await;
+        let (backend, _backend) = slow_body_backend(1, Duration::ZERO).await;
+        let mut cfg = config_over(backend);
+        cfg.health_interval = Duration::MAX;
+        cfg.breaker_failures = 1;
+        cfg.backend_timeout = Duration::from_secs(5);
+        assert!(
+            cfg.idle_timeout > 2 * cfg.backend_timeout,
+            "{:?}",
+            cfg.idle_timeout
+        );
+        let gw = start(&cfg).await;
+        let t0 = Instant::now();
+        let out = raw(gw.addr, b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n").await;
+        let took = since(t0);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert_eq!(raw_body(&out), "0123456789", "cut short");
+        assert!(
+            took >= cfg.backend_timeout && took < cfg.backend_timeout + Duration::from_secs(1),
+            "closed at the backend timeout: {took:?}"
+        );
+        assert_eq!(
+            gw.breakers[0].state(),
+            CircuitState::Open,
+            "the backend's failure"
+        );
+
+        let text = scrape(endpoint).await;
+        let expected: BTreeMap<String, u64> = [("body_timeout".to_string(), 1)].into();
+        assert_eq!(
+            by_reason(&text, "aegis_http_backend_errors_total", ""),
+            expected,
+            "/metrics:\n{text}"
+        );
+        assert_eq!(
+            by_reason(&text, "aegis_rejections_total", "layer=\"slowloris\","),
+            BTreeMap::new(),
+            "not the client's: /metrics:\n{text}"
+        );
+    });
+}
+
 /// A client that goes away in the middle of a healthy backend's body is no failure of
 /// the backend: nothing is counted, and its breaker (threshold 1) stays closed.
 #[test]
