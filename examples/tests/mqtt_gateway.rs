@@ -328,7 +328,13 @@ impl Gateway {
                 }
                 // The gateway binds the MQTT port before the metrics port, so a healthy
                 // endpoint means both listen (and no probe eats a client's rate budget).
-                if let Ok((200, _)) = http_get(metrics, "/healthz").await {
+                // Its log lines are written by a thread of their own, behind the
+                // process: the start-up line, logged after every line of the start
+                // (restored bans, a cut cap...), says those are in the file too (when
+                // there is one).
+                if let Ok((200, _)) = http_get(metrics, "/healthz").await
+                    && (launch.unread_stderr || gw.log().contains("mqtt-gateway listening"))
+                {
                     return gw;
                 }
                 assert!(
@@ -1213,6 +1219,7 @@ async fn a_panic_of_the_embedded_broker_makes_readyz_fail_and_is_logged_as_json(
             .cloned()
             .collect()
     };
+    gw.wait_log(LINE).await;
     let log = gw.log();
     let logged = panic_lines(&json_lines(&log));
     // One line a second at most (and the first at once).
@@ -1305,6 +1312,8 @@ async fn http_tls_and_garbage_are_refused_and_counted_under_their_own_labels() {
     gw.wait_metric("aegis_connections_total{outcome=\"rejected\"}", 3.0)
         .await;
     // The gateway's own lines name the client by its /24 only.
+    gw.wait_log("peer=127.0.0.0/24 layer=\"sniff\" reason=\"tls\"")
+        .await;
     let log = gw.log();
     assert!(
         log.contains("peer=127.0.0.0/24 layer=\"sniff\" reason=\"tls\""),
@@ -2099,11 +2108,7 @@ async fn per_core_runtimes_serve_sessions_and_drain_together() {
         runtime = "per-core"
     "#;
     let mut gw = Gateway::start_with("per-core", config, &[], launch).await;
-    assert!(
-        gw.log().contains("runtimes=2"),
-        "not two runtimes: {}",
-        gw.log()
-    );
+    gw.wait_log("runtimes=2").await;
     let mut first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
     let mut second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     gw.terminate();
@@ -2138,18 +2143,19 @@ async fn the_work_stealing_runtime_serves_sessions_and_drains() {
     for client_id in ["first", "second"] {
         sessions.push(mqtt_session("127.0.0.1", gw.mqtt, client_id).await.unwrap());
     }
-    assert!(
-        !gw.log().contains("serving from one runtime per core"),
-        "{}",
-        gw.log()
-    );
     for mut session in sessions {
         session.write_all(&[0xE0, 0x00]).await.unwrap();
     }
     gw.terminate();
     let status = gw.exit_status().await;
     assert_eq!(status.code(), Some(0), "{}", gw.log());
+    // Read once the process has ended: its log lines are all written by then.
     assert!(gw.log().contains("drained=true"), "{}", gw.log());
+    assert!(
+        !gw.log().contains("serving from one runtime per core"),
+        "{}",
+        gw.log()
+    );
 }
 
 /// The drain counts every runtime: a session left open on the second one (the second
@@ -2173,11 +2179,7 @@ async fn per_core_a_session_left_on_another_runtime_fails_the_drain() {
         drain_timeout = "300ms"
     "#;
     let mut gw = Gateway::start_with("per-core-abort", config, &[], launch).await;
-    assert!(
-        gw.log().contains("runtimes=2"),
-        "not two runtimes: {}",
-        gw.log()
-    );
+    gw.wait_log("runtimes=2").await;
     let mut first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
     let _second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     first.write_all(&[0xE0, 0x00]).await.unwrap();
@@ -2220,11 +2222,7 @@ async fn per_core_runtimes_share_one_connection_cap() {
         max_connections = 2
     "#;
     let gw = Gateway::start_with("per-core-cap", config, &[], launch).await;
-    assert!(
-        gw.log().contains("runtimes=2"),
-        "not two runtimes: {}",
-        gw.log()
-    );
+    gw.wait_log("runtimes=2").await;
     let _first = mqtt_session("127.0.0.1", gw.mqtt, "first").await.unwrap();
     let mut second = mqtt_session("127.0.0.1", gw.mqtt, "second").await.unwrap();
     assert!(mqtt_session("127.0.0.1", gw.mqtt, "third").await.is_none());
@@ -2266,11 +2264,7 @@ async fn per_core_a_banned_address_is_refused_on_every_runtime() {
         admin = true
     "#;
     let gw = Gateway::start_with("per-core-ban", config, &[], launch).await;
-    assert!(
-        gw.log().contains("runtimes=2"),
-        "not two runtimes: {}",
-        gw.log()
-    );
+    gw.wait_log("runtimes=2").await;
     let (status, _) = http_request(gw.metrics, "POST", "/bans?key=addr&value=127.0.0.9&for=10m")
         .await
         .unwrap();
@@ -2311,11 +2305,7 @@ async fn a_ban_closes_the_open_sessions_it_matches_on_every_runtime() {
     };
     let config = "[server]\nruntime = \"per-core\"\n[security]\nadmin = true\n";
     let gw = Gateway::start_with("ban-closes-open", config, &[], launch).await;
-    assert!(
-        gw.log().contains("runtimes=2"),
-        "not two runtimes: {}",
-        gw.log()
-    );
+    gw.wait_log("runtimes=2").await;
     let mut banned = Vec::new();
     for i in 0..4 {
         let s = mqtt_session("127.0.0.11", gw.mqtt, &format!("banned-{i}")).await;
@@ -2719,7 +2709,7 @@ async fn bans_lists_at_most_its_limit_and_the_total_in_a_header() {
     std::fs::write(&file, format!("[{}]", records.join(","))).unwrap();
     let config = format!("[security]\nbans_file = {:?}\n", file.display().to_string());
     let gw = Gateway::start("bans-limit", &config, &[]).await;
-    assert!(gw.log().contains("restored=10001"), "{}", gw.log());
+    gw.wait_log("restored=10001").await;
     let metrics = gw.metrics;
     let list = |path: &'static str| async move {
         let (status, head, body) = http_exchange(metrics, "GET", path, "").await.unwrap();
@@ -4160,6 +4150,7 @@ async fn rejections_ban_an_address_and_events_and_bans_are_served() {
     assert_eq!(one.as_array().unwrap().len(), 1);
     assert_eq!(one[0]["rule"], "banned", "newest last");
     // Each event is a log line too (target aegis::security).
+    gw.wait_log("client_addr=127.0.0.9:").await;
     let log = gw.log();
     assert!(log.contains("security event"), "{log}");
     assert!(log.contains("client_addr=127.0.0.9:"), "{log}");
