@@ -81,7 +81,6 @@
 //! [`GatewayClassifier`]: crate::proxy::GatewayClassifier
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,6 +94,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::client_body::Progress;
 use crate::refusal::{BackendError, count_backend_error};
+use crate::write_timeout::wait_reached;
 
 /// What a [`BackendBody`] still has to tell its breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,23 +276,12 @@ impl<B> BackendBodyProj<'_, B> {
         if self.timer.is_none() {
             self.timer.set(Some(sleep_until(end)));
         }
-        let Some(mut timer) = self.timer.as_mut().as_pin_mut() else {
-            return false;
-        };
-        loop {
-            // Waits only begin later, so the timer is at or before this one's end; it
-            // fired early when it was armed for an earlier wait.
-            if timer.deadline() > end {
-                timer.as_mut().reset(end);
-            }
-            if timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if timer.deadline() >= end {
-                return true;
-            }
-            timer.as_mut().reset(end);
-        }
+        // Waits only begin later, so the timer is at or before this one's end; it fires
+        // early when it was armed for an earlier wait.
+        self.timer
+            .as_mut()
+            .as_pin_mut()
+            .is_some_and(|timer| wait_reached(timer, end, cx))
     }
 
     /// Tells the breaker how the body ended, once: `failed` by the backend, or not; only

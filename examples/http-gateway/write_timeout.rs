@@ -232,19 +232,36 @@ fn check<T>(
     }
     let until = deadline(*since.get_or_insert_with(Instant::now), limit);
     let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-    // Moved only when it fires before `until` (set for an earlier wait), rather than at
-    // each wait: writes that finish leave it alone.
+    if wait_reached(timer.as_mut(), until, cx) {
+        tracing::debug!(?limit, "backend write stalled past its limit");
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            WriteStalled { limit },
+        )));
+    }
+    Poll::Pending
+}
+
+/// Whether a wait that ends at `until` is over, polling `timer` for it (so `cx` is woken
+/// at its end). The timer is kept from wait to wait: it may be armed for an earlier
+/// wait's end, and is moved to `until` only when it fires before it (or is armed past
+/// it), rather than at each wait, so that waits that end early leave it alone. Also
+/// the backend body's wait for its next frame (`crate::backend_body`).
+pub(crate) fn wait_reached(
+    mut timer: Pin<&mut Sleep>,
+    until: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    if timer.deadline() > until {
+        timer.as_mut().reset(until);
+    }
     while timer.as_mut().poll(cx).is_ready() {
         if timer.deadline() >= until {
-            tracing::debug!(?limit, "backend write stalled past its limit");
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                WriteStalled { limit },
-            )));
+            return true;
         }
         timer.as_mut().reset(until);
     }
-    Poll::Pending
+    false
 }
 
 impl<I: AsyncRead> AsyncRead for WriteTimeoutIo<I> {
