@@ -224,18 +224,12 @@ impl std::str::FromStr for MetricsAddr {
     }
 }
 
-/// How long the gateway waits at its end for the queued log lines to reach stdout.
-const LAST_LINES: Duration = Duration::from_secs(1);
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Lines are queued for a thread of their own (`log_writer`): a stdout nobody reads
     // loses lines, counted, instead of blocking every task that logs, and the ctrl-c
     // wait with them.
-    let (writer, failed) = log_writer::Lossy::spawn(std::io::stdout(), log_writer::QUEUE);
-    if let Some(e) = failed {
-        eprintln!("http-gateway: cannot start the log writer thread, no lines will be logged: {e}");
-    }
+    let writer = log_writer::Lossy::start(std::io::stdout(), "http-gateway");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -243,15 +237,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(writer.clone())
         .init();
     let result = run().await;
-    let dropped = writer.dropped();
-    if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            "log lines dropped: stdout was not read fast enough ({} lines queued at most)",
-            log_writer::QUEUE
-        );
-    }
-    writer.flush(LAST_LINES);
+    writer.finish("stdout");
     result
 }
 

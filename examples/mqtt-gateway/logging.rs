@@ -20,14 +20,10 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Log, LogFormat};
-use crate::log_writer::{self, Lossy};
+use crate::log_writer::Lossy;
 
 /// The log writer [`init`] installed, for [`flush`] and [`finish`].
 static WRITER: OnceLock<Lossy> = OnceLock::new();
-
-/// How long [`finish`] waits for the queued lines to reach stderr at the end of the
-/// process.
-const LAST_LINES: Duration = Duration::from_secs(1);
 
 /// `RUST_LOG`, when set (and not blank): the filter [`init`] uses instead of `log.level`.
 pub(crate) fn rust_log() -> Option<String> {
@@ -67,10 +63,7 @@ pub(crate) fn init(log: &Log) {
     let masked = log
         .mask_client_addresses
         .then(|| filter_fn(|meta| !names_clients(meta)));
-    let (writer, failed) = Lossy::spawn(std::io::stderr(), log_writer::QUEUE);
-    if let Some(e) = failed {
-        eprintln!("mqtt-gateway: cannot start the log writer thread, no lines will be logged: {e}");
-    }
+    let writer = Lossy::start(std::io::stderr(), "mqtt-gateway");
     let _ = WRITER.set(writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -96,17 +89,11 @@ pub(crate) fn flush(within: Duration) -> bool {
 }
 
 /// At the end of the process: logs how many lines were dropped, if any, and waits (a
-/// second at most) for the queued lines to reach stderr.
+/// second at most) for the queued lines to reach stderr ([`Lossy::finish`]).
 pub(crate) fn finish() {
-    let dropped = WRITER.get().map_or(0, Lossy::dropped);
-    if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            "log lines dropped: stderr was not read fast enough ({} lines queued at most)",
-            log_writer::QUEUE
-        );
+    if let Some(w) = WRITER.get() {
+        w.finish("stderr");
     }
-    flush(LAST_LINES);
 }
 
 /// Whether `meta` is a line or span that names whole client addresses, which masking

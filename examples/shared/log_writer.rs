@@ -22,6 +22,10 @@ use tracing_subscriber::fmt::MakeWriter;
 /// sink is slow, some megabytes at most.
 pub(crate) const QUEUE: usize = 8_192;
 
+/// How long [`Lossy::finish`] waits at the end of the process for the queued lines to
+/// reach the sink.
+pub(crate) const LAST_LINES: Duration = Duration::from_secs(1);
+
 enum Message {
     Line(Vec<u8>),
     /// Answered once every line queued before it is written out.
@@ -64,6 +68,35 @@ impl Lossy {
             dropped: Arc::default(),
         };
         (writer, started.err())
+    }
+
+    /// [`spawn`](Self::spawn) with [`QUEUE`] lines for `program` (its name in the line
+    /// that says, on the process's stderr, when the thread cannot be started).
+    pub(crate) fn start<W>(sink: W, program: &str) -> Self
+    where
+        W: Write + Send + 'static,
+    {
+        let (writer, failed) = Self::spawn(sink, QUEUE);
+        if let Some(e) = failed {
+            eprintln!(
+                "{program}: cannot start the log writer thread, no lines will be logged: {e}"
+            );
+        }
+        writer
+    }
+
+    /// At the end of the process: logs how many lines were dropped, if any (`sink`
+    /// names where they went), and waits [`LAST_LINES`] at most for the queued lines to
+    /// be written out.
+    pub(crate) fn finish(&self, sink: &str) {
+        let dropped = self.dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log lines dropped: {sink} was not read fast enough ({QUEUE} lines queued at most)"
+            );
+        }
+        self.flush(LAST_LINES);
     }
 
     /// How many lines were dropped so far: the queue was full (the sink not read fast
