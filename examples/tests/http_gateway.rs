@@ -2277,6 +2277,20 @@ async fn second_client_gets_its_own_answer(
     heads
 }
 
+/// After an answer whose connection must not be reused, to the request `first` (method
+/// and path, lower-cased): a pause that lets the pool have the connection back, then a
+/// second client's `GET /next`, which gets its own answer, on another connection.
+async fn next_client_not_on_the_connection_of(addr: SocketAddr, heads: &Heads, first: &str) {
+    sleep(Duration::from_millis(100)).await;
+    let req = Request::get("/next").header("host", "gw");
+    let heads = second_client_gets_its_own_answer(addr, req, "/next", heads).await;
+    assert_ne!(
+        conn_of(&heads, "get /next"),
+        conn_of(&heads, first),
+        "{heads:#?}"
+    );
+}
+
 /// The number of the connection [`keep_alive_backend`] read the request `start` (method
 /// and path, lower-cased) on.
 fn conn_of(heads: &[(usize, String)], start: &str) -> usize {
@@ -2305,14 +2319,7 @@ async fn a_204_saying_it_has_a_body_is_502_and_its_connection_is_not_reused() {
         status_of(gw.addr, "/no-content").await,
         StatusCode::BAD_GATEWAY
     );
-    sleep(Duration::from_millis(100)).await;
-    let req = Request::get("/next").header("host", "gw");
-    let heads = second_client_gets_its_own_answer(gw.addr, req, "/next", &heads).await;
-    assert_ne!(
-        conn_of(&heads, "get /next"),
-        conn_of(&heads, "get /no-content"),
-        "{heads:#?}"
-    );
+    next_client_not_on_the_connection_of(gw.addr, &heads, "get /no-content").await;
 }
 
 /// A backend's answer with both a `Content-Length` and a `Transfer-Encoding: chunked`
@@ -2339,14 +2346,7 @@ async fn an_answer_with_a_content_length_and_chunked_does_not_leave_its_connecti
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.body().is_empty(), "{:?}", res.body());
     assert!(res.headers().get("content-length").is_none_or(|v| v == "0"));
-    sleep(Duration::from_millis(100)).await;
-    let req = Request::get("/next").header("host", "gw");
-    let heads = second_client_gets_its_own_answer(gw.addr, req, "/next", &heads).await;
-    assert_ne!(
-        conn_of(&heads, "get /next"),
-        conn_of(&heads, "get /clte"),
-        "{heads:#?}"
-    );
+    next_client_not_on_the_connection_of(gw.addr, &heads, "get /clte").await;
 }
 
 /// A request's `Expect: 100-continue` was forwarded, though the gateway answers the
